@@ -1,0 +1,11 @@
+//! Shoal's core library: data formats, the GPU context and (as the engine grows) the
+//! model, training engine, protocol types and learning algorithm.
+//!
+//! This crate compiles for `wasm32-unknown-unknown` and natively from the same code. It
+//! knows nothing of browsers, sockets, axum or tokio: platform code lives in
+//! `web-client` and `signaling-server`.
+
+pub mod dataset;
+pub mod gpu;
+pub mod idx;
+pub mod rng;

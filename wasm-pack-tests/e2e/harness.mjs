@@ -1,0 +1,54 @@
+// Shared setup for the end-to-end tests: a real Shoal server on a free loopback port and
+// Debian's Chromium driven by Playwright. `cargo xtask test` runs these inside a network
+// namespace whose only interface is loopback.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
+const serverBin = process.env.SHOAL_SERVER_BIN ?? join(root, 'target/release/shoal-signaling-server');
+
+/** Starts the server on 127.0.0.1:0 and resolves once it prints its address. */
+export async function startServer(extraArgs = []) {
+  const child = spawn(serverBin, ['--bind', '127.0.0.1', '--port', '0',
+    '--www', join(root, 'www'), '--data', join(root, 'data'), ...extraArgs],
+  { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start: ${out}`)), 30_000);
+    child.stdout.on('data', (chunk) => {
+      out += chunk;
+      const m = out.match(/listening on (http:\/\/[0-9.:]+)/);
+      if (m) { clearTimeout(timer); resolve(m[1]); }
+    });
+    child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`server exited with ${code}: ${out}`)); });
+  });
+  return {
+    url,
+    async stop() {
+      if (child.exitCode !== null) return child.exitCode;
+      child.kill('SIGTERM');
+      const [code] = await once(child, 'exit');
+      return code;
+    },
+  };
+}
+
+/** Flags every test browser needs: headless, WebGPU on, no background network chatter,
+ *  and loopback ICE candidates for the WebRTC tests. */
+export const CHROMIUM_ARGS = [
+  '--no-sandbox', '--enable-unsafe-webgpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  '--disable-dev-shm-usage', '--allow-loopback-in-peer-connection',
+];
+
+export async function launchBrowser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    headless: true,
+    args: [...CHROMIUM_ARGS, `--user-data-dir=${mkdtempSync(join(tmpdir(), 'shoal-e2e-'))}`],
+  });
+}

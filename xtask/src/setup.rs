@@ -1,0 +1,97 @@
+//! Installs what the commands need when it is missing, or says exactly how to.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::run_cmd;
+
+/// Debian packages the test suites need: the browser, its WebDriver, and the lavapipe
+/// Vulkan driver so that native wgpu has an adapter on a machine without a GPU.
+pub(crate) const TEST_PACKAGES: [&str; 3] = ["chromium", "chromium-driver", "mesa-vulkan-drivers"];
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn deb_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs missing Debian packages when running as root; otherwise stops with the exact
+/// command to run.
+pub(crate) fn ensure_debs(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !deb_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing system packages: {}\ninstall them with:\n  sudo apt-get update && sudo apt-get install -y {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+/// Adds the wasm32 target with rustup if it is not installed.
+pub(crate) fn ensure_wasm_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    match out {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("wasm32-unknown-unknown") => Ok(()),
+        Ok(_) => run_cmd(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"])),
+        Err(_) => bail!(
+            "rustup not found; install the wasm target another way:\n  rustup target add wasm32-unknown-unknown"
+        ),
+    }
+}
+
+/// Node.js and npm fetch the demo data and run the end-to-end tests.
+pub(crate) fn ensure_node() -> Result<()> {
+    let ok = |c: &str| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ok("node") && ok("npm") {
+        return Ok(());
+    }
+    ensure_debs(&["nodejs", "npm"])
+}
+
+/// Installs the end-to-end tests' npm packages (Playwright's driver, no browser download)
+/// into `wasm-pack-tests/node_modules` from the committed lock file.
+pub(crate) fn ensure_npm_packages(root: &Path) -> Result<()> {
+    let dir = root.join("wasm-pack-tests");
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return Ok(());
+    }
+    run_cmd(
+        Command::new("npm")
+            .current_dir(&dir)
+            .args(["ci", "--no-audit", "--no-fund"]),
+    )
+}

@@ -1,0 +1,252 @@
+//! `cargo xtask test`: installs what is missing, then runs every check and test suite and
+//! ends with one line `N passed, N failed` over all of them.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Result, bail};
+
+use crate::{data, root, setup, web};
+
+/// Counts over every suite.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    /// A check that passes or fails as a whole (formatting, lints, a build step).
+    fn check(&mut self, name: &str, cmd: &mut Command) {
+        eprintln!("\n== {name}");
+        match cmd.status() {
+            Ok(s) if s.success() => self.passed += 1,
+            other => {
+                eprintln!("xtask: {name} failed: {other:?}");
+                self.failed += 1;
+                self.failures.push(name.to_string());
+            }
+        }
+    }
+
+    /// A test suite whose output states its own counts: cargo's libtest lines
+    /// (`test result: ok. N passed; M failed; ...`) or node's TAP summary (`# pass N`,
+    /// `# fail N`). Output is echoed as it arrives. A suite that fails without reporting
+    /// a failed test (a build error, a crash) counts as one failure.
+    fn suite(&mut self, name: &str, cmd: &mut Command) {
+        eprintln!("\n== {name}");
+        let (mut passed, mut failed) = (0, 0);
+        let status = cmd.stdout(Stdio::piped()).spawn().and_then(|mut child| {
+            let stdout = child.stdout.take().expect("stdout was piped");
+            for line in BufReader::new(stdout).lines() {
+                let line = line?;
+                println!("{line}");
+                let (p, f) = parse_counts(&line);
+                passed += p;
+                failed += f;
+            }
+            child.wait()
+        });
+        self.passed += passed;
+        self.failed += failed;
+        let ok = matches!(status, Ok(s) if s.success());
+        if !ok || failed > 0 {
+            if failed == 0 {
+                self.failed += 1;
+            }
+            eprintln!("xtask: {name} failed ({status:?})");
+            self.failures.push(name.to_string());
+        }
+    }
+}
+
+/// Pulls pass/fail counts out of one line of libtest or TAP output.
+fn parse_counts(line: &str) -> (usize, usize) {
+    let num_before = |s: &str, word: &str| -> usize {
+        s.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .strip_suffix(word)?
+                    .trim()
+                    .rsplit(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    if let Some(rest) = line.trim_start().strip_prefix("test result:") {
+        return (num_before(rest, "passed"), num_before(rest, "failed"));
+    }
+    let tap = |prefix: &str| {
+        line.strip_prefix(prefix)
+            .and_then(|n| n.trim().parse().ok())
+    };
+    match (tap("# pass "), tap("# fail ")) {
+        (Some(p), _) => (p, 0),
+        (_, Some(f)) => (0, f),
+        _ => (0, 0),
+    }
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root);
+    c
+}
+
+/// The WebDriver settings for wasm-bindgen-test: Debian's Chromium, headless, WebGPU on.
+const WEBDRIVER_JSON: &str = "wasm-pack-tests/webdriver.json";
+
+pub(crate) fn run_all() -> Result<()> {
+    let root = root();
+    setup::ensure_debs(&setup::TEST_PACKAGES)?;
+    setup::ensure_node()?;
+    setup::ensure_wasm_target()?;
+    setup::ensure_npm_packages(&root)?;
+    data::prepare(&root)?;
+
+    let mut t = Tally::default();
+    t.check("rustfmt", cargo(&root).args(["fmt", "--all", "--check"]));
+    t.check(
+        "clippy (native)",
+        cargo(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
+    t.check(
+        "clippy (wasm32)",
+        cargo(&root).args([
+            "clippy",
+            "--target",
+            "wasm32-unknown-unknown",
+            "-p",
+            "shoal-shared",
+            "-p",
+            "shoal-web-client",
+            "-p",
+            "shoal-wasm-pack-tests",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
+    t.suite(
+        "native unit and integration tests",
+        cargo(&root)
+            .args(["test", "--release", "--workspace"])
+            .env("SHOAL_DATA", root.join("data")),
+    );
+
+    let runner = std::env::current_exe()?;
+    t.suite(
+        "browser tests (wasm-bindgen-test, headless Chromium + WebGPU)",
+        cargo(&root)
+            .args([
+                "test",
+                "--release",
+                "--target",
+                "wasm32-unknown-unknown",
+                "-p",
+                "shoal-wasm-pack-tests",
+            ])
+            .env(
+                "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
+                format!("{} wasm-test-runner", runner.display()),
+            )
+            .env(
+                "WASM_BINDGEN_TEST_WEBDRIVER_JSON",
+                root.join(WEBDRIVER_JSON),
+            )
+            .env("CHROMEDRIVER", "/usr/bin/chromedriver")
+            .env("WASM_BINDGEN_TEST_TIMEOUT", "600"),
+    );
+
+    // End-to-end: the real bundle, the real server, Playwright driving Chromium, all
+    // inside a network namespace whose only interface is loopback.
+    let built = web::build(&root).and_then(|_| {
+        crate::run_cmd(cargo(&root).args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "shoal-signaling-server",
+        ]))
+    });
+    match built {
+        Ok(()) => t.suite(
+            "end-to-end tests (Playwright, loopback-only network namespace)",
+            loopback_namespace(
+                "node --test --test-reporter=tap --test-concurrency=1 wasm-pack-tests/e2e/",
+            )
+            .current_dir(&root)
+            .env(
+                "SHOAL_SERVER_BIN",
+                root.join("target/release/shoal-signaling-server"),
+            )
+            .env("SHOAL_ROOT", &root),
+        ),
+        Err(e) => {
+            eprintln!("xtask: building for the end-to-end tests failed: {e:#}");
+            t.failed += 1;
+            t.failures.push("end-to-end build".into());
+        }
+    }
+
+    if !t.failures.is_empty() {
+        eprintln!("\nfailed: {}", t.failures.join(", "));
+    }
+    println!("{} passed, {} failed", t.passed, t.failed);
+    if t.failed > 0 {
+        bail!("{} failed", t.failed);
+    }
+    Ok(())
+}
+
+/// A shell command run in a fresh network namespace with only `lo`, up. As root this is
+/// `unshare -n`; otherwise a user namespace maps us to root inside it.
+pub(crate) fn loopback_namespace(script: &str) -> Command {
+    let mut c = Command::new("unshare");
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root_user {
+        c.arg("-r");
+    }
+    c.args([
+        "-n",
+        "bash",
+        "-c",
+        &format!("ip link set lo up && {script}"),
+    ]);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_counts;
+
+    #[test]
+    fn reads_libtest_and_tap_summaries() {
+        assert_eq!(
+            parse_counts("test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured"),
+            (12, 0)
+        );
+        assert_eq!(
+            parse_counts("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            (3, 2)
+        );
+        assert_eq!(parse_counts("# pass 4"), (4, 0));
+        assert_eq!(parse_counts("# fail 1"), (0, 1));
+        assert_eq!(parse_counts("running 3 tests"), (0, 0));
+    }
+}

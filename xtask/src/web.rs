@@ -1,0 +1,47 @@
+//! Builds the web-client wasm bundle and its JS glue into `www/pkg`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::run_cmd;
+
+/// Builds the release wasm and generates its glue with the wasm-bindgen that Cargo.lock
+/// pins (linked into xtask, so no separately installed binary can drift). Skips the glue
+/// step when `www/pkg` is newer than the wasm. Returns the path of the final `.wasm`.
+pub(crate) fn build(root: &Path) -> Result<PathBuf> {
+    run_cmd(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--quiet",
+        "--profile",
+        "wasm-release",
+        "--target",
+        "wasm32-unknown-unknown",
+        "-p",
+        "shoal-web-client",
+    ]))?;
+    let wasm = root.join("target/wasm32-unknown-unknown/wasm-release/shoal_web_client.wasm");
+    let out_dir = root.join("www/pkg");
+    let out_wasm = out_dir.join("shoal_web_client_bg.wasm");
+    if is_newer(&out_wasm, &wasm) {
+        return Ok(out_wasm);
+    }
+    std::fs::create_dir_all(&out_dir)?;
+    let args = [
+        "wasm-bindgen".into(),
+        "--target".into(),
+        "web".into(),
+        "--no-typescript".into(),
+        "--out-dir".into(),
+        out_dir.clone().into_os_string(),
+        wasm.clone().into_os_string(),
+    ];
+    wasm_bindgen_cli::wasm_bindgen::run_cli_with_args(args).context("wasm-bindgen failed")?;
+    Ok(out_wasm)
+}
+
+fn is_newer(a: &Path, b: &Path) -> bool {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    matches!((m(a), m(b)), (Some(x), Some(y)) if x >= y)
+}
