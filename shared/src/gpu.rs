@@ -24,7 +24,7 @@ pub enum GpuError {
 pub struct AdapterSummary {
     /// A human-readable description ("NVIDIA GeForce RTX 4090", "llvmpipe", "swiftshader").
     pub description: String,
-    /// The graphics API underneath ("vulkan", "browser-webgpu", ...).
+    /// The graphics API underneath ("vulkan", "webgpu", ...).
     pub backend: String,
     /// "discrete-gpu", "integrated-gpu", "virtual-gpu", "cpu" or "other".
     pub device_type: String,

@@ -6,6 +6,7 @@
 //! `web-client` and `signaling-server`.
 
 pub mod dataset;
+pub mod engine;
 pub mod gpu;
 pub mod idx;
 pub mod rng;

@@ -11,7 +11,7 @@ async fn axpy_kernel_matches_the_cpu_on_browser_webgpu() {
     let gpu = Gpu::new()
         .await
         .expect("headless Chromium runs with WebGPU enabled");
-    assert_eq!(gpu.adapter.backend, "browser-webgpu");
+    assert_eq!(gpu.adapter.backend, "webgpu");
     let n = 1000; // not a multiple of the workgroup size: the bounds check matters
     let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
     let y: Vec<f32> = (0..n).map(|i| 3.0 - i as f32).collect();

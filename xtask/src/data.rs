@@ -131,7 +131,7 @@ fn read_digits(tarball: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
         let digit: Digit =
             serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
         ensure!(
-            digit.data.len() % (SIDE * SIDE) == 0,
+            digit.data.len().is_multiple_of(SIDE * SIDE),
             "{path}: length is not a multiple of 784"
         );
         let bytes = digit

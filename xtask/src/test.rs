@@ -142,7 +142,7 @@ pub(crate) fn run_all() -> Result<()> {
     t.suite(
         "native unit and integration tests",
         cargo(&root)
-            .args(["test", "--release", "--workspace"])
+            .args(["test", "--release", "--no-fail-fast", "--workspace"])
             .env("SHOAL_DATA", root.join("data")),
     );
 

@@ -1,0 +1,548 @@
+//! The CPU backend: a clear reference implementation of every op (forward and backward),
+//! fast enough to be the fallback when there is no GPU. Matrix products go through the
+//! blocked [`gemm`](super::gemm); everything else is a plain loop over NHWC data.
+
+use super::gemm::{MatRef, gemm};
+use super::{Backend, EngineError, Model, Op, Optimizer, check_batch, check_params};
+
+/// Trains a [`Model`] on the CPU.
+pub struct CpuBackend {
+    model: Model,
+    opt: Optimizer,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    /// Optimizer state: momentum (SGD) or first moment (Adam).
+    m: Vec<f32>,
+    /// Second moment (Adam only).
+    v: Vec<f32>,
+    /// Steps taken since the optimizer state was reset.
+    t: u32,
+    ws: Workspace,
+    last_loss: f32,
+}
+
+/// Per-batch scratch space, grown on demand and reused across steps.
+#[derive(Default)]
+struct Workspace {
+    /// Activation `i` for the current batch (0 is the input).
+    acts: Vec<Vec<f32>>,
+    /// im2col patches per op (convolutions only).
+    cols: Vec<Vec<f32>>,
+    /// Arg-max input index per pooled output (pools only).
+    argmax: Vec<Vec<u32>>,
+    /// Gradient flowing backwards, and a second buffer to swap with.
+    grad: Vec<f32>,
+    grad_next: Vec<f32>,
+}
+
+impl CpuBackend {
+    /// A backend for `model` with the given optimizer and initial parameters.
+    pub fn new(model: Model, opt: Optimizer, params: Vec<f32>) -> Result<Self, EngineError> {
+        opt.validate()?;
+        check_params(&model, &params)?;
+        let len = model.param_len();
+        let n_ops = model.ops.len();
+        Ok(Self {
+            model,
+            opt,
+            params,
+            grads: vec![0.0; len],
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+            t: 0,
+            ws: Workspace {
+                acts: vec![Vec::new(); n_ops + 1],
+                cols: vec![Vec::new(); n_ops],
+                argmax: vec![Vec::new(); n_ops],
+                ..Workspace::default()
+            },
+            last_loss: f32::NAN,
+        })
+    }
+
+    /// The current parameters, without copying.
+    pub fn params_slice(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// Logits for a batch (`labels` only sizes it), computed with the current parameters.
+    pub fn logits(&mut self, inputs: &[f32], n: usize) -> &[f32] {
+        self.forward(inputs, n);
+        &self.ws.acts[self.model.ops.len()]
+    }
+
+    /// Mean loss and accuracy over a data set, in batches of `batch`.
+    pub fn evaluate(
+        &mut self,
+        inputs: &[f32],
+        labels: &[u8],
+        batch: usize,
+    ) -> Result<(f32, f32), EngineError> {
+        check_batch(&self.model, inputs, labels)?;
+        let (d, c) = (self.model.input_len(), self.model.classes());
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        for (xs, ys) in inputs.chunks(batch * d).zip(labels.chunks(batch)) {
+            self.forward(xs, ys.len());
+            let logits = &self.ws.acts[self.model.ops.len()];
+            for (row, &y) in logits.chunks_exact(c).zip(ys) {
+                let (l, _) = softmax_ce_row(row, y, None);
+                loss += f64::from(l);
+                correct += usize::from(argmax(row) == usize::from(y));
+            }
+        }
+        let n = labels.len() as f64;
+        let loss = (loss / n) as f32;
+        if !loss.is_finite() {
+            return Err(EngineError::NonFinite("evaluation loss"));
+        }
+        Ok((loss, (correct as f64 / n) as f32))
+    }
+
+    fn forward(&mut self, inputs: &[f32], n: usize) {
+        let Self {
+            model, params, ws, ..
+        } = self;
+        ws.acts[0].clear();
+        ws.acts[0].extend_from_slice(inputs);
+        for (i, op) in model.ops.iter().enumerate() {
+            let (before, after) = ws.acts.split_at_mut(i + 1);
+            let x = &before[i];
+            let y = &mut after[0];
+            y.resize(n * op.out_len(), 0.0);
+            match *op {
+                Op::Dense {
+                    inp,
+                    out,
+                    weight,
+                    relu,
+                } => {
+                    let w = &params[model.tensors[weight].range()];
+                    let b = &params[model.tensors[weight + 1].range()];
+                    gemm(MatRef::new(x, n, inp), MatRef::new(w, inp, out), y, false);
+                    bias_act(y, b, relu);
+                }
+                Op::Conv {
+                    input,
+                    output,
+                    kernel,
+                    stride,
+                    padding,
+                    weight,
+                    relu,
+                } => {
+                    let kkc = kernel * kernel * input[2];
+                    let rows = n * output[0] * output[1];
+                    let cols = &mut ws.cols[i];
+                    cols.resize(rows * kkc, 0.0);
+                    im2col(x, n, input, output, kernel, stride, padding, cols);
+                    let w = &params[model.tensors[weight].range()];
+                    let b = &params[model.tensors[weight + 1].range()];
+                    gemm(
+                        MatRef::new(cols, rows, kkc),
+                        MatRef::new(w, kkc, output[2]),
+                        y,
+                        false,
+                    );
+                    bias_act(y, b, relu);
+                }
+                Op::Pool {
+                    input,
+                    output,
+                    size,
+                } => {
+                    let idx = &mut ws.argmax[i];
+                    idx.resize(y.len(), 0);
+                    max_pool(x, n, input, output, size, y, idx);
+                }
+                Op::Relu { .. } => {
+                    for (o, &v) in y.iter_mut().zip(x.iter()) {
+                        *o = v.max(0.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forward, loss, backward into `self.grads`; returns the mean loss.
+    fn forward_backward(&mut self, inputs: &[f32], labels: &[u8]) -> f32 {
+        let n = labels.len();
+        self.forward(inputs, n);
+        let Self {
+            model,
+            params,
+            grads,
+            ws,
+            ..
+        } = self;
+        let c = model.classes();
+        let n_ops = model.ops.len();
+        ws.grad.resize(n * c, 0.0);
+        let mut loss = 0.0f64;
+        let scale = 1.0 / n as f32;
+        for ((row, g), &y) in ws.acts[n_ops]
+            .chunks_exact(c)
+            .zip(ws.grad.chunks_exact_mut(c))
+            .zip(labels)
+        {
+            let (l, _) = softmax_ce_row(row, y, Some((g, scale)));
+            loss += f64::from(l);
+        }
+        for (i, op) in model.ops.iter().enumerate().rev() {
+            let x = &ws.acts[i];
+            let y = &ws.acts[i + 1];
+            let need_dx = i > 0;
+            match *op {
+                Op::Dense {
+                    inp,
+                    out,
+                    weight,
+                    relu,
+                } => {
+                    if relu {
+                        mask_relu(&mut ws.grad, y);
+                    }
+                    let (wr, br) = (
+                        model.tensors[weight].range(),
+                        model.tensors[weight + 1].range(),
+                    );
+                    gemm(
+                        MatRef::new(x, n, inp).t(),
+                        MatRef::new(&ws.grad, n, out),
+                        &mut grads[wr.clone()],
+                        false,
+                    );
+                    column_sums(&ws.grad, out, &mut grads[br]);
+                    if need_dx {
+                        ws.grad_next.resize(n * inp, 0.0);
+                        gemm(
+                            MatRef::new(&ws.grad, n, out),
+                            MatRef::new(&params[wr], inp, out).t(),
+                            &mut ws.grad_next,
+                            false,
+                        );
+                    }
+                }
+                Op::Conv {
+                    input,
+                    output,
+                    kernel,
+                    stride,
+                    padding,
+                    weight,
+                    relu,
+                } => {
+                    if relu {
+                        mask_relu(&mut ws.grad, y);
+                    }
+                    let kkc = kernel * kernel * input[2];
+                    let rows = n * output[0] * output[1];
+                    let f = output[2];
+                    let (wr, br) = (
+                        model.tensors[weight].range(),
+                        model.tensors[weight + 1].range(),
+                    );
+                    let cols = &ws.cols[i];
+                    gemm(
+                        MatRef::new(cols, rows, kkc).t(),
+                        MatRef::new(&ws.grad, rows, f),
+                        &mut grads[wr.clone()],
+                        false,
+                    );
+                    column_sums(&ws.grad, f, &mut grads[br]);
+                    if need_dx {
+                        let mut dcols = vec![0.0f32; rows * kkc];
+                        gemm(
+                            MatRef::new(&ws.grad, rows, f),
+                            MatRef::new(&params[wr], kkc, f).t(),
+                            &mut dcols,
+                            false,
+                        );
+                        ws.grad_next
+                            .resize(n * input.iter().product::<usize>(), 0.0);
+                        col2im(
+                            &dcols,
+                            n,
+                            input,
+                            output,
+                            kernel,
+                            stride,
+                            padding,
+                            &mut ws.grad_next,
+                        );
+                    }
+                }
+                Op::Pool { input, .. } => {
+                    ws.grad_next.clear();
+                    ws.grad_next
+                        .resize(n * input.iter().product::<usize>(), 0.0);
+                    for (&src, &g) in ws.argmax[i].iter().zip(&ws.grad) {
+                        ws.grad_next[src as usize] += g;
+                    }
+                }
+                Op::Relu { .. } => {
+                    mask_relu(&mut ws.grad, y);
+                    ws.grad_next.clear();
+                    ws.grad_next.extend_from_slice(&ws.grad);
+                }
+            }
+            std::mem::swap(&mut ws.grad, &mut ws.grad_next);
+        }
+        (loss / n as f64) as f32
+    }
+
+    fn apply_optimizer(&mut self) {
+        self.t += 1;
+        match self.opt {
+            Optimizer::Sgd { lr, momentum } => {
+                for ((w, g), m) in self.params.iter_mut().zip(&self.grads).zip(&mut self.m) {
+                    *m = momentum * *m + g;
+                    *w -= lr * *m;
+                }
+            }
+            Optimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                let c1 = 1.0 - beta1.powi(self.t as i32);
+                let c2 = 1.0 - beta2.powi(self.t as i32);
+                for (((w, g), m), v) in self
+                    .params
+                    .iter_mut()
+                    .zip(&self.grads)
+                    .zip(&mut self.m)
+                    .zip(&mut self.v)
+                {
+                    *m = beta1 * *m + (1.0 - beta1) * g;
+                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                }
+            }
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn model(&self) -> &Model {
+        &self.model
+    }
+
+    fn step(&mut self, inputs: &[f32], labels: &[u8]) -> Result<(), EngineError> {
+        check_batch(&self.model, inputs, labels)?;
+        let loss = self.forward_backward(inputs, labels);
+        self.last_loss = loss;
+        if !loss.is_finite() {
+            return Err(EngineError::NonFinite("loss"));
+        }
+        self.apply_optimizer();
+        Ok(())
+    }
+
+    async fn loss(&mut self) -> Result<f32, EngineError> {
+        if self.last_loss.is_finite() {
+            Ok(self.last_loss)
+        } else {
+            Err(EngineError::NonFinite("loss"))
+        }
+    }
+
+    async fn params(&mut self) -> Result<Vec<f32>, EngineError> {
+        Ok(self.params.clone())
+    }
+
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), EngineError> {
+        self.opt = self.opt.with_lr(lr)?;
+        Ok(())
+    }
+
+    fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        check_params(&self.model, params)?;
+        self.params.copy_from_slice(params);
+        self.m.fill(0.0);
+        self.v.fill(0.0);
+        self.t = 0;
+        Ok(())
+    }
+
+    async fn gradients(
+        &mut self,
+        inputs: &[f32],
+        labels: &[u8],
+    ) -> Result<(f32, Vec<f32>), EngineError> {
+        check_batch(&self.model, inputs, labels)?;
+        let loss = self.forward_backward(inputs, labels);
+        if !loss.is_finite() {
+            return Err(EngineError::NonFinite("loss"));
+        }
+        Ok((loss, self.grads.clone()))
+    }
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+}
+
+/// Softmax cross-entropy of one row of logits against `label`; when `grad` is given,
+/// writes `scale * (softmax - onehot)` into it.
+fn softmax_ce_row(row: &[f32], label: u8, grad: Option<(&mut [f32], f32)>) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+    let log_sum = sum.ln();
+    let y = usize::from(label);
+    let loss = log_sum - (row[y] - max);
+    if let Some((g, scale)) = grad {
+        for (j, (gj, &v)) in g.iter_mut().zip(row).enumerate() {
+            let p = (v - max - log_sum).exp();
+            *gj = scale * (p - if j == y { 1.0 } else { 0.0 });
+        }
+    }
+    (loss, sum)
+}
+
+fn bias_act(y: &mut [f32], b: &[f32], relu: bool) {
+    for row in y.chunks_exact_mut(b.len()) {
+        for (v, &bb) in row.iter_mut().zip(b) {
+            let s = *v + bb;
+            *v = if relu { s.max(0.0) } else { s };
+        }
+    }
+}
+
+fn mask_relu(grad: &mut [f32], y: &[f32]) {
+    for (g, &v) in grad.iter_mut().zip(y) {
+        if v <= 0.0 {
+            *g = 0.0;
+        }
+    }
+}
+
+fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for row in m.chunks_exact(cols) {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+}
+
+/// Gathers convolution patches: row `(s, oy, ox)` holds `x[s, oy*stride+ky-pad,
+/// ox*stride+kx-pad, c]` at column `(ky*k + kx)*c_in + c`, zero outside the image.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn im2col(
+    x: &[f32],
+    n: usize,
+    input: [usize; 3],
+    output: [usize; 3],
+    k: usize,
+    stride: usize,
+    pad: usize,
+    cols: &mut [f32],
+) {
+    let [ih, iw, ic] = input;
+    let [oh, ow, _] = output;
+    let kkc = k * k * ic;
+    for s in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let row = &mut cols[((s * oh + oy) * ow + ox) * kkc..][..kkc];
+                for ky in 0..k {
+                    let iy = (oy * stride + ky) as isize - pad as isize;
+                    for kx in 0..k {
+                        let ix = (ox * stride + kx) as isize - pad as isize;
+                        let dst = &mut row[(ky * k + kx) * ic..][..ic];
+                        if iy < 0 || ix < 0 || iy as usize >= ih || ix as usize >= iw {
+                            dst.fill(0.0);
+                        } else {
+                            let src = ((s * ih + iy as usize) * iw + ix as usize) * ic;
+                            dst.copy_from_slice(&x[src..src + ic]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: scatters patch gradients back onto the input.
+#[allow(clippy::too_many_arguments)]
+fn col2im(
+    cols: &[f32],
+    n: usize,
+    input: [usize; 3],
+    output: [usize; 3],
+    k: usize,
+    stride: usize,
+    pad: usize,
+    dx: &mut [f32],
+) {
+    let [ih, iw, ic] = input;
+    let [oh, ow, _] = output;
+    let kkc = k * k * ic;
+    dx.fill(0.0);
+    for s in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let row = &cols[((s * oh + oy) * ow + ox) * kkc..][..kkc];
+                for ky in 0..k {
+                    let iy = (oy * stride + ky) as isize - pad as isize;
+                    for kx in 0..k {
+                        let ix = (ox * stride + kx) as isize - pad as isize;
+                        if iy < 0 || ix < 0 || iy as usize >= ih || ix as usize >= iw {
+                            continue;
+                        }
+                        let dst = ((s * ih + iy as usize) * iw + ix as usize) * ic;
+                        for (d, &g) in dx[dst..dst + ic]
+                            .iter_mut()
+                            .zip(&row[(ky * k + kx) * ic..][..ic])
+                        {
+                            *d += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn max_pool(
+    x: &[f32],
+    n: usize,
+    input: [usize; 3],
+    output: [usize; 3],
+    size: usize,
+    y: &mut [f32],
+    idx: &mut [u32],
+) {
+    let [ih, iw, c] = input;
+    let [oh, ow, _] = output;
+    for s in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    let mut best = f32::NEG_INFINITY;
+                    let mut at = 0usize;
+                    for ky in 0..size {
+                        for kx in 0..size {
+                            let i = ((s * ih + oy * size + ky) * iw + ox * size + kx) * c + ch;
+                            if x[i] > best || (ky == 0 && kx == 0) {
+                                best = x[i];
+                                at = i;
+                            }
+                        }
+                    }
+                    let o = ((s * oh + oy) * ow + ox) * c + ch;
+                    y[o] = best;
+                    idx[o] = at as u32;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The training engine: a sequential model described as data, its parameters in one flat
+//! `f32` buffer with a named layout, and two backends that train it — a CPU reference
+//! (`cpu`) and WGSL compute kernels on wgpu (`gpu`) — behind one [`Backend`] trait.
+//!
+//! Activations are laid out NHWC (sample, row, column, channel), so a convolution is an
+//! im2col gather followed by one matrix product whose result is already NHWC, and
+//! `flatten` is free. Dense weights are `[inputs, outputs]`, convolution weights
+//! `[kernel_h, kernel_w, in_channels, filters]` (HWIO); both are row-major.
+
+pub mod cpu;
+pub mod gemm;
+pub mod gpu;
+mod spec;
+pub mod train;
+
+pub use spec::{
+    LayerSpec, MAX_ACTIVATION, MAX_PARAMS, Model, ModelSpec, Op, PARAM_ALIGN, ParamTensor,
+    SpecError,
+};
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The inner optimizer that one training step applies.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Optimizer {
+    /// SGD with (heavy-ball) momentum: `v = m v + g; w -= lr v`.
+    Sgd {
+        /// Learning rate.
+        lr: f32,
+        /// Momentum coefficient in `[0, 1)`.
+        momentum: f32,
+    },
+    /// Adam with bias correction.
+    Adam {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Denominator epsilon.
+        eps: f32,
+    },
+}
+
+impl Optimizer {
+    /// Adam with the usual defaults and learning rate `lr`.
+    pub fn adam(lr: f32) -> Self {
+        Self::Adam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+
+    /// Checks that every coefficient is finite and in range.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let ok = match *self {
+            Self::Sgd { lr, momentum } => {
+                lr > 0.0 && lr.is_finite() && (0.0..1.0).contains(&momentum)
+            }
+            Self::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                lr > 0.0
+                    && lr.is_finite()
+                    && (0.0..1.0).contains(&beta1)
+                    && (0.0..1.0).contains(&beta2)
+                    && eps > 0.0
+                    && eps.is_finite()
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(EngineError::BadOptimizer(*self))
+        }
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f32 {
+        match *self {
+            Self::Sgd { lr, .. } | Self::Adam { lr, .. } => lr,
+        }
+    }
+
+    /// The same optimizer with learning rate `new_lr`, validated.
+    pub fn with_lr(mut self, new_lr: f32) -> Result<Self, EngineError> {
+        match &mut self {
+            Self::Sgd { lr, .. } | Self::Adam { lr, .. } => *lr = new_lr,
+        }
+        self.validate()?;
+        Ok(self)
+    }
+}
+
+/// Why a training or evaluation call failed.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The model description is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Optimizer coefficients out of range.
+    #[error("optimizer coefficients out of range: {0:?}")]
+    BadOptimizer(Optimizer),
+    /// A batch's inputs or labels do not fit the model.
+    #[error("batch does not fit the model: {0}")]
+    BadBatch(String),
+    /// A parameter vector of the wrong length, or with non-finite values.
+    #[error("parameters rejected: {0}")]
+    BadParams(String),
+    /// The loss or the parameters became NaN or infinite: the step is refused, and the
+    /// caller should restore the last good weights or lower the learning rate.
+    #[error("training diverged: {0} is not finite")]
+    NonFinite(&'static str),
+    /// A GPU call failed.
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+}
+
+/// What every backend does: train steps, and move parameters in and out.
+///
+/// `step` only enqueues work on a GPU backend; results come back (asynchronously) only
+/// when asked for with `loss` or `params`.
+pub trait Backend {
+    /// Short name shown to users ("cpu", "webgpu").
+    fn name(&self) -> &'static str;
+
+    /// The model this backend trains.
+    fn model(&self) -> &Model;
+
+    /// Runs one training step on a batch: `inputs` holds `labels.len()` samples of
+    /// `model().input_len()` values each.
+    fn step(&mut self, inputs: &[f32], labels: &[u8]) -> Result<(), EngineError>;
+
+    /// Mean loss of the most recent step (a readback on a GPU backend); an error if it is
+    /// not finite.
+    fn loss(&mut self) -> impl Future<Output = Result<f32, EngineError>>;
+
+    /// Copies the parameters out.
+    fn params(&mut self) -> impl Future<Output = Result<Vec<f32>, EngineError>>;
+
+    /// Changes the optimizer's learning rate from the next step on (for schedules).
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), EngineError>;
+
+    /// Replaces the parameters (and resets the optimizer state) after validating them.
+    fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError>;
+
+    /// Loss and parameter gradients for one batch, without updating anything (used by the
+    /// conformance suite and by gradient checks).
+    fn gradients(
+        &mut self,
+        inputs: &[f32],
+        labels: &[u8],
+    ) -> impl Future<Output = Result<(f32, Vec<f32>), EngineError>>;
+}
+
+/// Checks a batch against a model before any backend touches it.
+pub(crate) fn check_batch(model: &Model, inputs: &[f32], labels: &[u8]) -> Result<(), EngineError> {
+    let n = labels.len();
+    if n == 0 {
+        return Err(EngineError::BadBatch("empty batch".into()));
+    }
+    if inputs.len() != n * model.input_len() {
+        return Err(EngineError::BadBatch(format!(
+            "{} input values for {n} samples of {}",
+            inputs.len(),
+            model.input_len()
+        )));
+    }
+    if let Some(&l) = labels.iter().find(|&&l| usize::from(l) >= model.classes()) {
+        return Err(EngineError::BadBatch(format!(
+            "label {l} outside 0..{}",
+            model.classes()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a parameter vector before it replaces a model's weights.
+pub(crate) fn check_params(model: &Model, params: &[f32]) -> Result<(), EngineError> {
+    if params.len() != model.param_len() {
+        return Err(EngineError::BadParams(format!(
+            "{} values, model has {}",
+            params.len(),
+            model.param_len()
+        )));
+    }
+    if let Some(i) = params.iter().position(|v| !v.is_finite()) {
+        return Err(EngineError::BadParams(format!(
+            "value {i} is {}",
+            params[i]
+        )));
+    }
+    Ok(())
+}
+
+/// Scales grey-scale bytes to `[0, 1]` floats, the input the demo models expect.
+pub fn normalize_pixels(bytes: &[u8]) -> Vec<f32> {
+    bytes.iter().map(|&b| f32::from(b) / 255.0).collect()
+}

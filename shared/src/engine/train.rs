@@ -1,0 +1,150 @@
+//! The plain training loop shared by tests, benchmarks and peers: shuffled mini-batches
+//! over a data set held in memory.
+
+use super::{Backend, EngineError};
+use crate::dataset::Dataset;
+use crate::rng::SplitMix64;
+
+/// A data set as the engine consumes it: normalized inputs and labels.
+#[derive(Clone, Debug)]
+pub struct Samples {
+    /// `len() * dim` inputs.
+    pub inputs: Vec<f32>,
+    /// One label per sample.
+    pub labels: Vec<u8>,
+    /// Values per sample.
+    pub dim: usize,
+    /// Sample shape `[height, width, channels]` (its product is `dim`).
+    pub shape: [usize; 3],
+}
+
+impl Samples {
+    /// Pixels scaled to `[0, 1]`.
+    pub fn from_dataset(d: &Dataset) -> Self {
+        Self {
+            inputs: super::normalize_pixels(&d.pixels),
+            labels: d.labels.clone(),
+            dim: d.rows * d.cols,
+            shape: [d.rows, d.cols, 1],
+        }
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The first `n` samples.
+    pub fn take(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        Self {
+            inputs: self.inputs[..n * self.dim].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            ..*self
+        }
+    }
+
+    /// Copies the samples at `idx` into `x` and `y` (cleared first).
+    pub fn gather(&self, idx: &[usize], x: &mut Vec<f32>, y: &mut Vec<u8>) {
+        x.clear();
+        y.clear();
+        for &i in idx {
+            x.extend_from_slice(&self.inputs[i * self.dim..(i + 1) * self.dim]);
+            y.push(self.labels[i]);
+        }
+    }
+
+    /// Like [`gather`](Self::gather), but each image is translated by a random offset of
+    /// up to `max_shift` pixels in each direction (zero fill): the classic augmentation
+    /// that keeps a small training set from being memorized.
+    pub fn gather_shifted(
+        &self,
+        idx: &[usize],
+        max_shift: usize,
+        rng: &mut SplitMix64,
+        x: &mut Vec<f32>,
+        y: &mut Vec<u8>,
+    ) {
+        let [h, w, c] = self.shape;
+        x.clear();
+        x.resize(idx.len() * self.dim, 0.0);
+        y.clear();
+        let span = 2 * max_shift + 1;
+        for (k, &i) in idx.iter().enumerate() {
+            let dy = rng.below(span) as isize - max_shift as isize;
+            let dx = rng.below(span) as isize - max_shift as isize;
+            let src = &self.inputs[i * self.dim..(i + 1) * self.dim];
+            let dst = &mut x[k * self.dim..(k + 1) * self.dim];
+            for r in 0..h {
+                let sr = r as isize - dy;
+                if sr < 0 || sr >= h as isize {
+                    continue;
+                }
+                for col in 0..w {
+                    let sc = col as isize - dx;
+                    if sc < 0 || sc >= w as isize {
+                        continue;
+                    }
+                    let (d, s) = ((r * w + col) * c, (sr as usize * w + sc as usize) * c);
+                    dst[d..d + c].copy_from_slice(&src[s..s + c]);
+                }
+            }
+            y.push(self.labels[i]);
+        }
+    }
+}
+
+/// How a training run is shaped.
+#[derive(Clone, Copy, Debug)]
+pub struct FitConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Samples per step.
+    pub batch: usize,
+    /// Peak learning rate; it follows a half-cosine from here down to 2% of it over the
+    /// run, which settles the weights at the end instead of leaving them noisy.
+    pub lr: f32,
+    /// Seed of the batch order and augmentation.
+    pub seed: u64,
+    /// Random translation of up to this many pixels (0: none).
+    pub shift: usize,
+}
+
+/// Runs `cfg.epochs` passes over `data` in shuffled batches (the last partial batch of
+/// each epoch is dropped, so every step has the same shape). Reads the loss back once
+/// per epoch and returns the last one.
+pub async fn fit<B: Backend>(
+    backend: &mut B,
+    data: &Samples,
+    cfg: FitConfig,
+) -> Result<f32, EngineError> {
+    let mut rng = SplitMix64::new(cfg.seed);
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut loss = f32::NAN;
+    let steps_per_epoch = data.len() / cfg.batch;
+    let total = (cfg.epochs * steps_per_epoch).max(1) as f32;
+    let mut step = 0usize;
+    for _ in 0..cfg.epochs {
+        rng.shuffle(&mut order);
+        for idx in order.chunks_exact(cfg.batch) {
+            let progress = step as f32 / total;
+            let lr = cfg.lr * (0.02 + 0.98 * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos()));
+            backend.set_learning_rate(lr)?;
+            if cfg.shift > 0 {
+                data.gather_shifted(idx, cfg.shift, &mut rng, &mut x, &mut y);
+            } else {
+                data.gather(idx, &mut x, &mut y);
+            }
+            backend.step(&x, &y)?;
+            step += 1;
+        }
+        loss = backend.loss().await?;
+    }
+    Ok(loss)
+}
