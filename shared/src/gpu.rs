@@ -65,7 +65,8 @@ impl AdapterSummary {
     }
 }
 
-/// One device and queue on one adapter.
+/// One device and queue on one adapter. Cloning shares them.
+#[derive(Clone)]
 pub struct Gpu {
     /// The device every buffer and pipeline is created on.
     pub device: wgpu::Device,

@@ -339,6 +339,10 @@ impl Backend for CpuBackend {
         if !loss.is_finite() {
             return Err(EngineError::NonFinite("loss"));
         }
+        if self.grads.iter().any(|g| !g.is_finite()) {
+            self.last_loss = f32::NAN;
+            return Err(EngineError::NonFinite("gradient"));
+        }
         self.apply_optimizer();
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! `flatten` is free. Dense weights are `[inputs, outputs]`, convolution weights
 //! `[kernel_h, kernel_w, in_channels, filters]` (HWIO); both are row-major.
 
+pub mod conformance;
 pub mod cpu;
 pub mod gemm;
 pub mod gpu;

@@ -1,0 +1,344 @@
+//! The conformance suite: the same checks run natively (wgpu on Vulkan, lavapipe in CI)
+//! and in headless Chromium's WebGPU (from `wasm-pack-tests`). Each function panics with
+//! a message that names the op, the shape and the error when a check fails.
+//!
+//! Error bounds are relative to the largest magnitude of the reference result:
+//! matmul 1e-4, loss and gradients 1e-3, parameters after several steps 1e-3. Shapes
+//! stay small because emulated GPUs are slow.
+
+use super::cpu::CpuBackend;
+use super::gemm::{MatRef, gemm_reference};
+use super::gpu::{GpuBackend, matmul_once};
+use super::{Backend, EngineError, LayerSpec, Model, ModelSpec, Optimizer};
+use crate::gpu::Gpu;
+use crate::rng::SplitMix64;
+
+/// Samples per batch in the suite.
+pub const BATCH: usize = 4;
+
+fn conv(filters: usize, kernel: usize, stride: usize, padding: usize) -> LayerSpec {
+    LayerSpec::Conv2d {
+        filters,
+        kernel,
+        stride,
+        padding,
+    }
+}
+
+/// Small models that, between them, exercise every op forward and backward: dense with
+/// and without a fused rectifier, convolution with padding and with stride (first layer
+/// and deeper, so col2im runs), max pooling, a standalone rectifier, the loss.
+pub fn models() -> Vec<(&'static str, ModelSpec)> {
+    use LayerSpec::{Dense, Flatten, MaxPool, Relu};
+    vec![
+        (
+            "dense",
+            ModelSpec {
+                input: [1, 1, 12],
+                layers: vec![Dense { units: 7 }],
+            },
+        ),
+        (
+            "dense+relu",
+            ModelSpec {
+                input: [1, 1, 13],
+                layers: vec![Dense { units: 9 }, Relu, Dense { units: 5 }],
+            },
+        ),
+        (
+            "conv(pad)+relu",
+            ModelSpec {
+                input: [6, 6, 2],
+                layers: vec![conv(3, 3, 1, 1), Relu, Flatten, Dense { units: 4 }],
+            },
+        ),
+        (
+            "conv(stride)",
+            ModelSpec {
+                input: [7, 7, 3],
+                layers: vec![conv(4, 3, 2, 0), Flatten, Dense { units: 3 }],
+            },
+        ),
+        (
+            "conv+pool+conv+pool",
+            ModelSpec {
+                input: [8, 8, 1],
+                layers: vec![
+                    conv(4, 3, 1, 1),
+                    Relu,
+                    MaxPool { size: 2 },
+                    conv(5, 3, 1, 1),
+                    Relu,
+                    MaxPool { size: 2 },
+                    Flatten,
+                    Dense { units: 3 },
+                ],
+            },
+        ),
+        (
+            "pool+relu",
+            ModelSpec {
+                input: [4, 4, 2],
+                layers: vec![
+                    conv(3, 1, 1, 0),
+                    MaxPool { size: 2 },
+                    Relu,
+                    Flatten,
+                    Dense { units: 3 },
+                ],
+            },
+        ),
+    ]
+}
+
+fn random(len: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    (0..len).map(|_| rng.normal_f32()).collect()
+}
+
+fn batch_for(model: &Model, seed: u64) -> (Vec<f32>, Vec<u8>) {
+    let mut rng = SplitMix64::new(seed);
+    let x = random(BATCH * model.input_len(), &mut rng);
+    let y = (0..BATCH)
+        .map(|_| rng.below(model.classes()) as u8)
+        .collect();
+    (x, y)
+}
+
+/// Largest difference relative to the largest magnitude in `want`.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(
+            0.0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
+        / scale
+}
+
+/// The matmul kernel against the f64 reference, every transpose and load variant, on
+/// shapes that straddle tile edges.
+pub async fn matmul_matches_reference(gpu: &Gpu) {
+    let mut rng = SplitMix64::new(11);
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (5, 7, 3),
+        (64, 16, 64),
+        (65, 33, 17),
+        (8, 12, 20),
+        (70, 130, 68),
+    ] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a = random(m * k, &mut rng);
+            let b = random(k * n, &mut rng);
+            let ar = if ta {
+                MatRef::new(&a, k, m).t()
+            } else {
+                MatRef::new(&a, m, k)
+            };
+            let br = if tb {
+                MatRef::new(&b, n, k).t()
+            } else {
+                MatRef::new(&b, k, n)
+            };
+            let want = gemm_reference(ar, br);
+            let got = matmul_once(gpu, &a, &b, (m, k, n), (ta, tb))
+                .await
+                .expect("matmul runs");
+            let err = rel_err(&got, &want);
+            assert!(
+                err < 1e-4,
+                "matmul {m}x{k}x{n} ta={ta} tb={tb}: relative error {err}"
+            );
+        }
+    }
+}
+
+/// Loss and every parameter gradient, GPU against CPU, for each model of [`models`].
+pub async fn gradients_match_cpu(gpu: &Gpu) {
+    for (name, spec) in models() {
+        let model = Model::new(spec).expect("valid model");
+        let params = model.init_params(5);
+        let (x, y) = batch_for(&model, 6);
+        let opt = Optimizer::adam(1e-3);
+        let mut cpu = CpuBackend::new(model.clone(), opt, params.clone()).expect("cpu backend");
+        let mut gpu_b = GpuBackend::new(gpu, model, opt, &params, BATCH).expect("gpu backend");
+        let (cl, cg) = cpu.gradients(&x, &y).await.expect("cpu gradients");
+        let (gl, gg) = gpu_b.gradients(&x, &y).await.expect("gpu gradients");
+        let loss_err = (cl - gl).abs() / cl.abs().max(1e-6);
+        assert!(loss_err < 1e-3, "{name}: loss cpu {cl} gpu {gl}");
+        for t in &gpu_b.model().tensors {
+            let err = rel_err(&gg[t.range()], &cg[t.range()]);
+            assert!(
+                err < 1e-3,
+                "{name}: gradient of {} differs, relative error {err}",
+                t.name
+            );
+        }
+    }
+}
+
+/// Several whole training steps, SGD-momentum and Adam: the GPU's parameters stay with
+/// the CPU's.
+pub async fn training_steps_match_cpu(gpu: &Gpu) {
+    let (_, spec) = models().into_iter().nth(4).expect("conv+pool model");
+    let model = Model::new(spec).expect("valid model");
+    for opt in [
+        Optimizer::Sgd {
+            lr: 0.05,
+            momentum: 0.9,
+        },
+        Optimizer::adam(1e-3),
+    ] {
+        let params = model.init_params(8);
+        let mut cpu = CpuBackend::new(model.clone(), opt, params.clone()).expect("cpu backend");
+        let mut gpu_b =
+            GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
+        for s in 0..5 {
+            let (x, y) = batch_for(&model, 100 + s);
+            cpu.step(&x, &y).expect("cpu step");
+            gpu_b.step(&x, &y).expect("gpu step");
+        }
+        let (cl, gl) = (
+            cpu.loss().await.expect("cpu loss"),
+            gpu_b.loss().await.expect("gpu loss"),
+        );
+        assert!(
+            (cl - gl).abs() / cl.abs().max(1e-6) < 1e-3,
+            "{opt:?}: last loss cpu {cl} gpu {gl}"
+        );
+        let (cp, gp) = (
+            cpu.params().await.expect("cpu params"),
+            gpu_b.params().await.expect("gpu params"),
+        );
+        let moved = rel_err(&cp, &params);
+        assert!(
+            moved > 1e-3,
+            "{opt:?}: training did not move the parameters"
+        );
+        let err = rel_err(&gp, &cp);
+        assert!(
+            err < 1e-3,
+            "{opt:?}: parameters after 5 steps differ, relative error {err}"
+        );
+    }
+}
+
+/// A batch with NaN or infinity makes the step fail loudly and leaves the weights as
+/// they were, on the given backend; NaN weights are refused outright.
+pub async fn non_finite_never_passes<B: Backend>(backend: &mut B) {
+    let model = backend.model().clone();
+    let before = backend.params().await.expect("params");
+    let mut bad = before.clone();
+    bad[0] = f32::NAN;
+    assert!(
+        matches!(backend.set_params(&bad), Err(EngineError::BadParams(_))),
+        "NaN weights accepted"
+    );
+    for poison in [f32::NAN, f32::INFINITY] {
+        let (mut x, y) = batch_for(&model, 9);
+        x[1] = poison;
+        // The CPU refuses at once; the GPU skips the update on the device and reports it
+        // when the loss is read.
+        let stepped = backend.step(&x, &y);
+        let loss = backend.loss().await;
+        assert!(
+            matches!(stepped, Err(EngineError::NonFinite(_)))
+                || matches!(loss, Err(EngineError::NonFinite(_))),
+            "{}: a {poison} input passed silently (step {stepped:?}, loss {loss:?})",
+            backend.name()
+        );
+        let after = backend.params().await.expect("params");
+        assert_eq!(
+            before,
+            after,
+            "{}: a {poison} input changed the weights",
+            backend.name()
+        );
+    }
+}
+
+/// The GPU side of [`non_finite_never_passes`], for the first test model.
+pub async fn gpu_non_finite_never_passes(gpu: &Gpu) {
+    let (_, spec) = models().into_iter().nth(2).expect("conv model");
+    let model = Model::new(spec).expect("valid model");
+    let params = model.init_params(3);
+    let mut b =
+        GpuBackend::new(gpu, model, Optimizer::adam(1e-3), &params, BATCH).expect("gpu backend");
+    non_finite_never_passes(&mut b).await;
+}
+
+/// The CPU side of [`non_finite_never_passes`].
+pub async fn cpu_non_finite_never_passes() {
+    let (_, spec) = models().into_iter().nth(2).expect("conv model");
+    let model = Model::new(spec).expect("valid model");
+    let params = model.init_params(3);
+    let mut b = CpuBackend::new(model, Optimizer::adam(1e-3), params).expect("cpu backend");
+    non_finite_never_passes(&mut b).await;
+}
+
+/// The CPU reference's analytic gradients against central finite differences (in f64
+/// over the f32 loss), on every model, at 24 random coordinates each.
+pub async fn cpu_gradients_match_finite_differences() {
+    for (name, spec) in models() {
+        let model = Model::new(spec).expect("valid model");
+        let params = model.init_params(21);
+        let (x, y) = batch_for(&model, 22);
+        let mut cpu =
+            CpuBackend::new(model.clone(), Optimizer::adam(1e-3), params.clone()).expect("cpu");
+        let (_, grads) = cpu.gradients(&x, &y).await.expect("gradients");
+        let gmax = grads.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let mut rng = SplitMix64::new(23);
+        let real: Vec<usize> = model.tensors.iter().flat_map(|t| t.range()).collect();
+        for _ in 0..24 {
+            let i = real[rng.below(real.len())];
+            let h = 1e-3f32;
+            let mut loss_at = |v: f32| {
+                let mut p = params.clone();
+                p[i] = v;
+                cpu.set_params(&p).expect("finite");
+                pollster_free_loss(&mut cpu, &x, &y)
+            };
+            let fd = (f64::from(loss_at(params[i] + h)) - f64::from(loss_at(params[i] - h)))
+                / (2.0 * f64::from(h));
+            let err = (fd as f32 - grads[i]).abs();
+            assert!(
+                err <= 2e-3 * gmax.max(1e-3) + 1e-3 * grads[i].abs(),
+                "{name}: parameter {i}: analytic {} vs finite difference {fd}",
+                grads[i]
+            );
+        }
+    }
+}
+
+fn pollster_free_loss(cpu: &mut CpuBackend, x: &[f32], y: &[u8]) -> f32 {
+    let n = y.len();
+    let classes = cpu.model().classes();
+    let logits = cpu.logits(x, n).to_vec();
+    let mut total = 0.0f64;
+    for (row, &label) in logits.chunks_exact(classes).zip(y) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+        total += sum.ln() - f64::from(row[usize::from(label)] - max);
+    }
+    (total / n as f64) as f32
+}
+
+/// The same seed gives bit-identical parameters after a CPU training step; another seed
+/// does not.
+pub async fn cpu_step_is_deterministic() {
+    let (_, spec) = models().into_iter().nth(4).expect("model");
+    let model = Model::new(spec).expect("valid model");
+    let run = |seed: u64| {
+        let params = model.init_params(seed);
+        let mut cpu = CpuBackend::new(model.clone(), Optimizer::adam(1e-2), params).expect("cpu");
+        let (x, y) = batch_for(&model, seed);
+        cpu.step(&x, &y).expect("step");
+        cpu.params_slice().to_vec()
+    };
+    let (a, b, c) = (run(1), run(1), run(2));
+    assert_eq!(a, b, "same seed, different result");
+    assert_ne!(a, c, "different seeds, same result");
+}
