@@ -53,3 +53,38 @@ fn cnn_reaches_97_5_percent_on_held_out_digits() {
     println!("CNN held-out accuracy: {:.2}%", acc * 100.0);
     assert!(acc >= 0.975, "CNN accuracy {acc}");
 }
+
+#[test]
+fn gpu_backend_mlp_reaches_90_percent_after_one_epoch() {
+    use shoal_shared::engine::gpu::GpuBackend;
+    let (train, test) = (load("train"), load("test"));
+    let gpu =
+        pollster::block_on(shoal_shared::gpu::Gpu::new()).expect("a wgpu adapter (lavapipe in CI)");
+    let model = Model::new(ModelSpec::mlp_digits()).expect("valid model");
+    let params = model.init_params(42);
+    let lr = 3e-3;
+    let mut backend = GpuBackend::new(&gpu, model.clone(), Optimizer::adam(lr), &params, 64)
+        .expect("gpu backend");
+    let t = std::time::Instant::now();
+    let cfg = FitConfig {
+        epochs: 1,
+        batch: 64,
+        lr,
+        seed: 7,
+        shift: 0,
+    };
+    pollster::block_on(fit(&mut backend, &train, cfg)).expect("training does not diverge");
+    let trained =
+        pollster::block_on(shoal_shared::engine::Backend::params(&mut backend)).expect("readback");
+    let mut eval = CpuBackend::new(model, Optimizer::adam(lr), trained).expect("valid weights");
+    let (_, acc) = eval
+        .evaluate(&test.inputs, &test.labels, 500)
+        .expect("evaluates");
+    println!(
+        "GPU ({}) MLP, one epoch: {:.2}% in {:?}",
+        gpu.adapter.description,
+        acc * 100.0,
+        t.elapsed()
+    );
+    assert!(acc >= 0.90, "GPU MLP accuracy after one epoch {acc}");
+}

@@ -36,8 +36,16 @@ impl MatmulVariant {
     /// The variant for an `m x k` by `k x n` product: vec4 loads wherever the contiguous
     /// dimension allows.
     pub fn for_shape(m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Self {
-        let va = if ta { m.is_multiple_of(4) } else { k.is_multiple_of(4) };
-        let vb = if tb { k.is_multiple_of(4) } else { n.is_multiple_of(4) };
+        let va = if ta {
+            m.is_multiple_of(4)
+        } else {
+            k.is_multiple_of(4)
+        };
+        let vb = if tb {
+            k.is_multiple_of(4)
+        } else {
+            n.is_multiple_of(4)
+        };
         Self { ta, tb, va, vb }
     }
 

@@ -1,0 +1,50 @@
+//! The engine's conformance suite on the browser's WebGPU, in a dedicated Web Worker
+//! (where Shoal trains): the same checks as `shared/tests/conformance.rs` natively.
+#![cfg(target_arch = "wasm32")]
+
+use shoal_shared::engine::conformance as suite;
+use shoal_shared::gpu::Gpu;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_dedicated_worker);
+
+async fn gpu() -> Gpu {
+    Gpu::new()
+        .await
+        .expect("headless Chromium runs with WebGPU enabled")
+}
+
+#[wasm_bindgen_test]
+async fn matmul_kernel_matches_reference() {
+    suite::matmul_matches_reference(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn every_op_forward_and_backward_matches_cpu() {
+    suite::gradients_match_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn training_steps_match_cpu() {
+    suite::training_steps_match_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn gpu_never_lets_non_finite_values_pass() {
+    suite::gpu_non_finite_never_passes(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn cpu_never_lets_non_finite_values_pass() {
+    suite::cpu_non_finite_never_passes().await;
+}
+
+#[wasm_bindgen_test]
+async fn cpu_gradients_match_finite_differences() {
+    suite::cpu_gradients_match_finite_differences().await;
+}
+
+#[wasm_bindgen_test]
+async fn cpu_step_is_deterministic() {
+    suite::cpu_step_is_deterministic().await;
+}
