@@ -3,7 +3,11 @@
 //! module boundary.
 
 use serde::Serialize;
+use shoal_shared::dataset::Dataset;
+use shoal_shared::engine::train::{self, Samples, Trainer};
+use shoal_shared::engine::{AnyBackend, ModelSpec};
 use shoal_shared::gpu::{AdapterSummary, Gpu, GpuError};
+use shoal_shared::idx::IdxLimits;
 
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
@@ -43,6 +47,42 @@ pub async fn probe_backend() -> (BackendChoice, Option<Gpu>) {
     let gpu = Gpu::new().await;
     let choice = BackendChoice::from_request(gpu.as_ref());
     (choice, gpu.ok())
+}
+
+/// The demo models by name: `"mlp"` (784-128-64-10) or `"cnn"` (conv 8, pool, conv 16,
+/// pool, dense 10).
+pub fn demo_model(name: &str) -> Result<ModelSpec, String> {
+    match name {
+        "mlp" => Ok(ModelSpec::mlp_digits()),
+        "cnn" => Ok(ModelSpec::cnn_digits()),
+        other => Err(format!(
+            "unknown demo model {other:?} (expected \"mlp\" or \"cnn\")"
+        )),
+    }
+}
+
+/// Builds a trainer for a demo model on IDX digits: on the GPU when `gpu` is given,
+/// otherwise on the CPU, with Adam at `lr` and the model initialized from `seed`.
+pub fn digits_trainer(
+    model: &str,
+    gpu: Option<&Gpu>,
+    images: &[u8],
+    labels: &[u8],
+    batch: usize,
+    lr: f32,
+    seed: u64,
+) -> Result<Trainer<AnyBackend>, String> {
+    let data =
+        Dataset::from_idx(images, labels, 10, &IdxLimits::default()).map_err(|e| e.to_string())?;
+    train::trainer(
+        demo_model(model)?,
+        gpu,
+        Samples::from_dataset(&data),
+        batch,
+        lr,
+        seed,
+    )
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -1,11 +1,36 @@
 //! `cargo xtask bench NAME`: benchmarks that print a table and write
 //! `target/bench/NAME.json` with a top-level `ratios` object (Shoal relative to the named
-//! competitor, higher is better) beside the raw medians.
+//! competitor, oriented so that higher is better) beside the raw medians.
+//!
+//! - `matmul`: GFLOP/s at 256/512/1024. Shoal's CPU kernel vs the `matrixmultiply` crate
+//!   natively (`cpu-512`); Shoal's WGSL kernel vs TF.js's `matMul` in the same headless
+//!   Chromium (`webgpu-512`); Shoal's WGSL kernel on the native wgpu adapter (reported).
+//! - `train-throughput`: training samples/s at batch 64, MLP and CNN. Shoal's CPU backend
+//!   (wasm) vs TF.js's wasm backend (`mlp-cpu`, `cnn-cpu`) and Shoal's WebGPU backend vs
+//!   TF.js's webgpu backend (`mlp-webgpu`, `cnn-webgpu`), in one browser; Shoal's CPU
+//!   backend natively vs PyTorch on the CPU with the same single thread (`mlp-native`,
+//!   `cnn-native`); Shoal on the native wgpu adapter (reported).
 
-use anyhow::{Result, bail};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use shoal_shared::engine::gemm::{MatRef, gemm};
+use shoal_shared::engine::gpu::MatmulRunner;
+use shoal_shared::engine::train::{self, Samples, Trainer};
+use shoal_shared::engine::{AnyBackend, Backend, ModelSpec};
+use shoal_shared::gpu::Gpu;
+use shoal_shared::rng::SplitMix64;
+
+use crate::{data, root, run_cmd, setup, web};
 
 /// Every benchmark this runner knows.
-pub(crate) const NAMES: [&str; 0] = [];
+pub(crate) const NAMES: [&str; 2] = ["matmul", "train-throughput"];
+
+const BATCH: usize = 64;
+const LR: f32 = 1e-3;
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let Some(name) = args.first() else {
@@ -14,5 +39,327 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             NAMES.join(", ")
         );
     };
-    bail!("unknown benchmark {name:?}; known: {}", NAMES.join(", "))
+    let root = root();
+    let report = match name.as_str() {
+        "matmul" => matmul(&root)?,
+        "train-throughput" => train_throughput(&root)?,
+        other => bail!("unknown benchmark {other:?}; known: {}", NAMES.join(", ")),
+    };
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
+    println!("\nratios (Shoal / competitor, higher is better):");
+    if let Some(r) = report["ratios"].as_object() {
+        for (k, v) in r {
+            println!(
+                "  {k:<14} {}",
+                v.as_f64().map_or("n/a".into(), |x| format!("{x:.2}"))
+            );
+        }
+    }
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() {
+        f64::NAN
+    } else {
+        xs[xs.len() / 2]
+    }
+}
+
+fn ratio(a: &Value, b: &Value) -> Value {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+        _ => Value::Null,
+    }
+}
+
+/// Median GFLOP/s of `f` (one n³ product per call) over `runs` timed runs after a warm-up.
+fn gflops(n: usize, runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let flop = 2.0 * (n as f64).powi(3);
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                flop / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect(),
+    )
+}
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut r = SplitMix64::new(seed);
+    (0..len).map(|_| r.normal_f32()).collect()
+}
+
+fn matmul(root: &Path) -> Result<Value> {
+    println!(
+        "{:<6} {:>14} {:>18} {:>8}",
+        "n", "Shoal GFLOP/s", "matrixmultiply", "ratio"
+    );
+    let mut native = serde_json::Map::new();
+    for n in [256usize, 512, 1024] {
+        let (a, b) = (random(n * n, 1), random(n * n, 2));
+        let mut c = vec![0.0f32; n * n];
+        let runs = if n >= 1024 { 5 } else { 9 };
+        let shoal = gflops(n, runs, || {
+            gemm(MatRef::new(&a, n, n), MatRef::new(&b, n, n), &mut c, false)
+        });
+        let mm = gflops(n, runs, || {
+            #[allow(unsafe_code)]
+            // SAFETY: a, b and c are n x n row-major buffers of exactly n*n elements, and
+            // the strides passed describe that layout.
+            unsafe {
+                matrixmultiply::sgemm(
+                    n,
+                    n,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    n as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        });
+        println!("{n:<6} {shoal:>14.1} {mm:>18.1} {:>8.2}", shoal / mm);
+        native.insert(
+            n.to_string(),
+            json!({ "shoal_cpu_gflops": shoal, "matrixmultiply_gflops": mm }),
+        );
+    }
+    let gpu = native_gpu_matmul();
+    let browser =
+        browser_bench(root, "matmul").unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    println!("browser (WebGPU, same Chromium): {browser}");
+    let ratios = json!({
+        "cpu-512": ratio(&native["512"]["shoal_cpu_gflops"], &native["512"]["matrixmultiply_gflops"]),
+        "webgpu-512": ratio(&browser["512"]["shoal_gflops"], &browser["512"]["tfjs_gflops"]),
+    });
+    Ok(json!({ "ratios": ratios, "native_cpu": native, "native_gpu": gpu, "browser": browser }))
+}
+
+/// The WGSL kernel on the native adapter (lavapipe here; a real GPU elsewhere).
+pub(crate) fn native_gpu_matmul() -> Value {
+    let gpu = match pollster::block_on(Gpu::new()) {
+        Ok(g) => g,
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("adapter".into(), json!(gpu.adapter.description));
+    let big = !gpu.adapter.software;
+    for n in [256usize, 512, 1024, 2048, 4096] {
+        if !big && n > 512 {
+            break;
+        }
+        let runner = MatmulRunner::new(
+            &gpu,
+            &random(n * n, 1),
+            &random(n * n, 2),
+            (n, n, n),
+            (false, false),
+        );
+        let reps = if big {
+            (1usize << 33).div_ceil(n * n * n).clamp(1, 200)
+        } else {
+            1
+        };
+        let g = gflops(n, 3, || {
+            runner.run(reps);
+            pollster::block_on(runner.result()).expect("readback");
+        }) * reps as f64;
+        println!(
+            "native wgpu ({}) {n}: {g:.1} GFLOP/s",
+            gpu.adapter.description
+        );
+        out.insert(n.to_string(), json!({ "shoal_wgsl_gflops": g }));
+    }
+    Value::Object(out)
+}
+
+fn load_train(root: &Path) -> Result<Samples> {
+    let dir = data::prepare(root)?;
+    let images = std::fs::read(dir.join("train-images.idx"))?;
+    let labels = std::fs::read(dir.join("train-labels.idx"))?;
+    let d = shoal_shared::dataset::Dataset::from_idx(&images, &labels, 10, &Default::default())?;
+    Ok(Samples::from_dataset(&d))
+}
+
+/// Median samples/s of a trainer over `runs` runs of `steps` steps after `warm` steps.
+fn samples_per_s(
+    t: &mut Trainer<AnyBackend>,
+    warm: usize,
+    steps: usize,
+    runs: usize,
+) -> Result<f64> {
+    t.run(warm)?;
+    pollster::block_on(t.backend.loss())?;
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        t.run(steps)?;
+        pollster::block_on(t.backend.loss())?;
+        rates.push((steps * BATCH) as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(median(rates))
+}
+
+fn trainer(spec: ModelSpec, gpu: Option<&Gpu>, data: &Samples) -> Result<Trainer<AnyBackend>> {
+    Ok(train::trainer(spec, gpu, data.clone(), BATCH, LR, 1)?)
+}
+
+fn models() -> [(&'static str, ModelSpec); 2] {
+    [
+        ("mlp", ModelSpec::mlp_digits()),
+        ("cnn", ModelSpec::cnn_digits()),
+    ]
+}
+
+/// Shoal's training throughput on the native wgpu adapter.
+pub(crate) fn native_gpu_train(data: &Samples) -> Value {
+    let gpu = match pollster::block_on(Gpu::new()) {
+        Ok(g) => g,
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("adapter".into(), json!(gpu.adapter.description));
+    for (name, spec) in models() {
+        let rate =
+            trainer(spec, Some(&gpu), data).and_then(|mut t| samples_per_s(&mut t, 10, 50, 5));
+        match rate {
+            Ok(r) => {
+                println!(
+                    "native wgpu ({}) {name}: {r:.0} samples/s",
+                    gpu.adapter.description
+                );
+                out.insert(name.into(), json!(r));
+            }
+            Err(e) => {
+                out.insert(name.into(), json!({ "error": format!("{e:#}") }));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+fn train_throughput(root: &Path) -> Result<Value> {
+    let data = load_train(root)?;
+    let mut shoal = serde_json::Map::new();
+    for (name, spec) in models() {
+        let mut t = trainer(spec, None, &data)?;
+        let (warm, steps) = if name == "mlp" { (20, 100) } else { (10, 30) };
+        let r = samples_per_s(&mut t, warm, steps, 5)?;
+        println!("Shoal CPU native {name}: {r:.0} samples/s");
+        shoal.insert(name.into(), json!(r));
+    }
+    let torch = torch_bench(root).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    println!("PyTorch CPU (1 thread): {torch}");
+    let gpu = native_gpu_train(&data);
+    let browser =
+        browser_bench(root, "train").unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    println!("browser: {browser}");
+    let b = |m: &str, who: &str, backend: &str| browser[m][format!("{who}_{backend}")].clone();
+    let ratios = json!({
+        "mlp-cpu": ratio(&b("mlp", "shoal", "cpu"), &b("mlp", "tfjs", "wasm")),
+        "cnn-cpu": ratio(&b("cnn", "shoal", "cpu"), &b("cnn", "tfjs", "wasm")),
+        "mlp-webgpu": ratio(&b("mlp", "shoal", "webgpu"), &b("mlp", "tfjs", "webgpu")),
+        "cnn-webgpu": ratio(&b("cnn", "shoal", "webgpu"), &b("cnn", "tfjs", "webgpu")),
+        "mlp-native": ratio(&shoal["mlp"], &torch["mlp"]),
+        "cnn-native": ratio(&shoal["cnn"], &torch["cnn"]),
+    });
+    Ok(json!({
+        "ratios": ratios,
+        "batch": BATCH,
+        "unit": "training samples per second (median)",
+        "native_cpu": { "shoal": shoal, "pytorch": torch, "threads": 1 },
+        "native_gpu": gpu,
+        "browser": browser,
+    }))
+}
+
+/// PyTorch on the CPU with one thread, installed on demand into target/bench/venv.
+fn torch_bench(root: &Path) -> Result<Value> {
+    let venv = root.join("target/bench/venv");
+    let python = venv.join("bin/python");
+    let has_torch = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import torch"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has_torch(&python) {
+        eprintln!(
+            "xtask: installing PyTorch from PyPI into {} (large, once)",
+            venv.display()
+        );
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "torch"]))?;
+    }
+    let out = Command::new(&python)
+        .arg(root.join("xtask/bench/torch_train.py"))
+        .arg(root.join("data/digits"))
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .context("running the PyTorch benchmark")?;
+    if !out.status.success() {
+        bail!(
+            "PyTorch benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8(out.stdout)?;
+    Ok(serde_json::from_str(text.lines().last().unwrap_or("{}"))?)
+}
+
+/// Runs the browser half of a benchmark: Shoal's bundle and TF.js in one headless
+/// Chromium page, inside a loopback-only network namespace.
+fn browser_bench(root: &Path, kind: &str) -> Result<Value> {
+    setup::ensure_debs(&setup::TEST_PACKAGES)?;
+    let dir = root.join("xtask/bench-web");
+    if !dir
+        .join("node_modules/@tensorflow/tfjs/package.json")
+        .exists()
+    {
+        run_cmd(
+            Command::new("npm")
+                .current_dir(&dir)
+                .args(["ci", "--no-audit", "--no-fund"]),
+        )?;
+    }
+    web::build(root)?;
+    data::prepare(root)?;
+    let out = crate::test::loopback_namespace(&format!("node xtask/bench-web/bench.mjs {kind}"))
+        .current_dir(root)
+        .output()
+        .context("running the browser benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "browser benchmark failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            text
+        );
+    }
+    Ok(serde_json::from_str(text.lines().last().unwrap_or("{}"))?)
+}
+
+/// `xtask bench-native-gpu`: the native wgpu numbers alone (matmul and training), for a
+/// GPU machine that has this binary and the demo data but no toolchain.
+pub(crate) fn native_gpu() -> Result<()> {
+    let data = load_train(&std::env::current_dir()?)?;
+    let report = json!({ "matmul": native_gpu_matmul(), "train": native_gpu_train(&data) });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }

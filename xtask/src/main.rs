@@ -26,6 +26,8 @@ fn main() {
         Some("run") => run(&args[1..]),
         Some("test") => test::run_all(),
         Some("bench") => bench::run(&args[1..]),
+        // The native GPU half of the benchmarks alone, for a machine with a GPU and no toolchain.
+        Some("bench-native-gpu") => bench::native_gpu(),
         Some("data") => data::prepare(&root()).map(|_| ()),
         Some("build-web") => web::build(&root()).map(|_| ()),
         // Used by `cargo test --target wasm32-unknown-unknown` as its runner, so that the

@@ -834,46 +834,88 @@ impl Backend for GpuBackend {
     }
 }
 
-/// Runs one matrix product on the GPU and reads it back: the matmul kernel on its own,
-/// for the conformance suite and the benchmark. `a` is `m x k` (stored `k x m` if `ta`),
-/// `b` is `k x n` (stored `n x k` if `tb`).
+/// One matrix product set up on the GPU (buffers, pipeline, bindings), ready to be run
+/// many times: the matmul kernel on its own, for the conformance suite and benchmarks.
+pub struct MatmulRunner {
+    gpu: Gpu,
+    c: wgpu::Buffer,
+    dispatch: Dispatch,
+    len: usize,
+    _inputs: [wgpu::Buffer; 3],
+}
+
+impl MatmulRunner {
+    /// Uploads `a` (`m x k`, stored `k x m` if `ta`) and `b` (`k x n`, stored `n x k` if
+    /// `tb`) and records `c = a · b`.
+    pub fn new(
+        gpu: &Gpu,
+        a: &[f32],
+        b: &[f32],
+        (m, k, n): (usize, usize, usize),
+        (ta, tb): (bool, bool),
+    ) -> Self {
+        let device = &gpu.device;
+        let (ab, bb, cb) = (
+            storage(device, "a", m * k),
+            storage(device, "b", k * n),
+            storage(device, "c", m * n),
+        );
+        gpu.queue.write_buffer(&ab, 0, bytemuck::cast_slice(a));
+        gpu.queue.write_buffer(&bb, 0, bytemuck::cast_slice(b));
+        let mut kernels = Kernels::new(device);
+        let mut rec = Recorder {
+            device,
+            kernels: &mut kernels,
+            dummy: storage(device, "dummy", 4),
+        };
+        let dispatch = rec.matmul(
+            View::all(&ab),
+            View::all(&bb),
+            View::all(&cb),
+            None,
+            (m, k, n),
+            (ta, tb),
+            false,
+        );
+        Self {
+            gpu: gpu.clone(),
+            c: cb,
+            dispatch,
+            len: m * n,
+            _inputs: [ab, bb, rec.dummy],
+        }
+    }
+
+    /// Enqueues `reps` products (one submit).
+    pub fn run(&self, reps: usize) {
+        let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.dispatch.pipeline);
+            pass.set_bind_group(0, &self.dispatch.bind, &[]);
+            for _ in 0..reps {
+                let [x, y, z] = self.dispatch.groups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        self.gpu.queue.submit([encoder.finish()]);
+    }
+
+    /// Waits for everything enqueued and returns the product.
+    pub async fn result(&self) -> Result<Vec<f32>, EngineError> {
+        Ok(self.gpu.read_f32(&self.c, self.len).await?)
+    }
+}
+
+/// Runs one matrix product on the GPU and reads it back (see [`MatmulRunner::new`]).
 pub async fn matmul_once(
     gpu: &Gpu,
     a: &[f32],
     b: &[f32],
-    (m, k, n): (usize, usize, usize),
-    (ta, tb): (bool, bool),
+    shape: (usize, usize, usize),
+    trans: (bool, bool),
 ) -> Result<Vec<f32>, EngineError> {
-    let device = &gpu.device;
-    let (ab, bb, cb) = (
-        storage(device, "a", m * k),
-        storage(device, "b", k * n),
-        storage(device, "c", m * n),
-    );
-    gpu.queue.write_buffer(&ab, 0, bytemuck::cast_slice(a));
-    gpu.queue.write_buffer(&bb, 0, bytemuck::cast_slice(b));
-    let mut kernels = Kernels::new(device);
-    let mut rec = Recorder {
-        device,
-        kernels: &mut kernels,
-        dummy: storage(device, "dummy", 4),
-    };
-    let d = rec.matmul(
-        View::all(&ab),
-        View::all(&bb),
-        View::all(&cb),
-        None,
-        (m, k, n),
-        (ta, tb),
-        false,
-    );
-    let mut encoder = device.create_command_encoder(&Default::default());
-    {
-        let mut pass = encoder.begin_compute_pass(&Default::default());
-        pass.set_pipeline(&d.pipeline);
-        pass.set_bind_group(0, &d.bind, &[]);
-        pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
-    }
-    gpu.queue.submit([encoder.finish()]);
-    Ok(gpu.read_f32(&cb, m * n).await?)
+    let runner = MatmulRunner::new(gpu, a, b, shape, trans);
+    runner.run(1);
+    runner.result().await
 }

@@ -208,3 +208,73 @@ pub(crate) fn check_params(model: &Model, params: &[f32]) -> Result<(), EngineEr
 pub fn normalize_pixels(bytes: &[u8]) -> Vec<f32> {
     bytes.iter().map(|&b| f32::from(b) / 255.0).collect()
 }
+
+/// Either backend, chosen at run time (GPU when an adapter exists, CPU otherwise).
+pub enum AnyBackend {
+    /// The CPU reference backend.
+    Cpu(Box<cpu::CpuBackend>),
+    /// The WGSL backend.
+    Gpu(Box<gpu::GpuBackend>),
+}
+
+impl Backend for AnyBackend {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Cpu(b) => b.name(),
+            Self::Gpu(b) => b.name(),
+        }
+    }
+
+    fn model(&self) -> &Model {
+        match self {
+            Self::Cpu(b) => b.model(),
+            Self::Gpu(b) => b.model(),
+        }
+    }
+
+    fn step(&mut self, inputs: &[f32], labels: &[u8]) -> Result<(), EngineError> {
+        match self {
+            Self::Cpu(b) => b.step(inputs, labels),
+            Self::Gpu(b) => b.step(inputs, labels),
+        }
+    }
+
+    async fn loss(&mut self) -> Result<f32, EngineError> {
+        match self {
+            Self::Cpu(b) => b.loss().await,
+            Self::Gpu(b) => b.loss().await,
+        }
+    }
+
+    async fn params(&mut self) -> Result<Vec<f32>, EngineError> {
+        match self {
+            Self::Cpu(b) => b.params().await,
+            Self::Gpu(b) => b.params().await,
+        }
+    }
+
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), EngineError> {
+        match self {
+            Self::Cpu(b) => b.set_learning_rate(lr),
+            Self::Gpu(b) => b.set_learning_rate(lr),
+        }
+    }
+
+    fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        match self {
+            Self::Cpu(b) => b.set_params(params),
+            Self::Gpu(b) => b.set_params(params),
+        }
+    }
+
+    async fn gradients(
+        &mut self,
+        inputs: &[f32],
+        labels: &[u8],
+    ) -> Result<(f32, Vec<f32>), EngineError> {
+        match self {
+            Self::Cpu(b) => b.gradients(inputs, labels).await,
+            Self::Gpu(b) => b.gradients(inputs, labels).await,
+        }
+    }
+}

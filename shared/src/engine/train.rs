@@ -1,8 +1,11 @@
 //! The plain training loop shared by tests, benchmarks and peers: shuffled mini-batches
 //! over a data set held in memory.
 
-use super::{Backend, EngineError};
+use super::cpu::CpuBackend;
+use super::gpu::GpuBackend;
+use super::{AnyBackend, Backend, EngineError, Model, ModelSpec, Optimizer};
 use crate::dataset::Dataset;
+use crate::gpu::Gpu;
 use crate::rng::SplitMix64;
 
 /// A data set as the engine consumes it: normalized inputs and labels.
@@ -147,4 +150,80 @@ pub async fn fit<B: Backend>(
         loss = backend.loss().await?;
     }
     Ok(loss)
+}
+
+/// An endless stream of training steps over one data set: reshuffles at each epoch's end.
+/// This is what a peer's training loop (and the throughput benchmark) drives.
+pub struct Trainer<B: Backend> {
+    /// The backend being trained.
+    pub backend: B,
+    data: Samples,
+    batch: usize,
+    rng: SplitMix64,
+    order: Vec<usize>,
+    cursor: usize,
+    x: Vec<f32>,
+    y: Vec<u8>,
+    /// Steps taken so far.
+    pub steps: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// A trainer drawing batches of `batch` from `data` in an order seeded by `seed`.
+    pub fn new(backend: B, data: Samples, batch: usize, seed: u64) -> Result<Self, EngineError> {
+        if batch == 0 || batch > data.len() {
+            return Err(EngineError::BadBatch(format!(
+                "batch {batch} for {} samples",
+                data.len()
+            )));
+        }
+        let order = (0..data.len()).collect();
+        Ok(Self {
+            backend,
+            data,
+            batch,
+            rng: SplitMix64::new(seed),
+            order,
+            cursor: usize::MAX,
+            x: Vec::new(),
+            y: Vec::new(),
+            steps: 0,
+        })
+    }
+
+    /// Runs `n` steps (enqueued only, on a GPU backend).
+    pub fn run(&mut self, n: usize) -> Result<(), EngineError> {
+        for _ in 0..n {
+            if self.cursor.saturating_add(self.batch) > self.order.len() {
+                self.rng.shuffle(&mut self.order);
+                self.cursor = 0;
+            }
+            let idx = &self.order[self.cursor..self.cursor + self.batch];
+            self.cursor += self.batch;
+            self.data.gather(idx, &mut self.x, &mut self.y);
+            self.backend.step(&self.x, &self.y)?;
+            self.steps += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A trainer for `spec` with Adam at `lr`, weights initialized from `seed`: on the GPU
+/// when `gpu` is given, on the CPU otherwise.
+pub fn trainer(
+    spec: ModelSpec,
+    gpu: Option<&Gpu>,
+    data: Samples,
+    batch: usize,
+    lr: f32,
+    seed: u64,
+) -> Result<Trainer<AnyBackend>, EngineError> {
+    let model = Model::new(spec)?;
+    let params = model.init_params(seed);
+    let opt = Optimizer::adam(lr);
+    let backend = match gpu {
+        Some(g) => AnyBackend::Gpu(Box::new(GpuBackend::new(g, model, opt, &params, batch)?)),
+        None => AnyBackend::Cpu(Box::new(CpuBackend::new(model, opt, params)?)),
+    };
+    Trainer::new(backend, data, batch, seed)
 }
