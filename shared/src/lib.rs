@@ -9,4 +9,5 @@ pub mod dataset;
 pub mod engine;
 pub mod gpu;
 pub mod idx;
+pub mod protocol;
 pub mod rng;

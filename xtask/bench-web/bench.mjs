@@ -169,12 +169,16 @@ const result = await page.evaluate(async ({ kind }) => {
     return median(rates);
   }
 
+  // A framework that cannot run a configuration is recorded with its error, not skipped.
+  const attempt = async (f) => {
+    try { return await f(); } catch (e) { return { error: String(e?.message ?? e) }; }
+  };
   for (const model of ['mlp', 'cnn']) {
     out[model] = {
-      shoal_cpu: await shoalRate(model, 'cpu'),
-      tfjs_wasm: await tfRate(model, 'wasm', 'cpu'),
-      shoal_webgpu: await shoalRate(model, 'webgpu'),
-      tfjs_webgpu: await tfRate(model, 'webgpu', 'webgpu'),
+      shoal_cpu: await attempt(() => shoalRate(model, 'cpu')),
+      tfjs_wasm: await attempt(() => tfRate(model, 'wasm', 'cpu')),
+      shoal_webgpu: await attempt(() => shoalRate(model, 'webgpu')),
+      tfjs_webgpu: await attempt(() => tfRate(model, 'webgpu', 'webgpu')),
     };
     log(`${model}: ${JSON.stringify(out[model])}`);
   }

@@ -1,0 +1,296 @@
+//! The signaling protocol between peers and the signaling server, version 1: JSON text
+//! frames over one websocket per peer. `docs/protocol.md` is the normative description;
+//! these types are its single implementation, shared by the server and every peer.
+//!
+//! The server only introduces peers: it assigns ids, hands out neighbour sets and relays
+//! WebRTC session descriptions and ICE candidates between neighbours. Model data never
+//! passes through it.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this code speaks; a client asks for it with `?v=1`.
+pub const VERSION: u32 = 1;
+
+/// Largest signaling message, in bytes, the server accepts (a session description with
+/// many candidates stays far below this).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// A peer's id within one task, assigned by the server: 16 lowercase hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PeerId(#[serde(with = "hex_u64")] pub u64);
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+mod hex_u64 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{v:016x}"))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        if s.len() != 16
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(D::Error::custom("peer id must be 16 lowercase hex digits"));
+        }
+        u64::from_str_radix(s, 16).map_err(D::Error::custom)
+    }
+}
+
+/// One entry of the ICE server list, in the shape of the browser's `RTCIceServer`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    /// `stun:` or `turn:` URLs.
+    pub urls: Vec<String>,
+    /// TURN user name (`expiry:peer` for time-limited credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN password (base64 HMAC-SHA1 for time-limited credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// What one WebRTC peer tells another through the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Signal {
+    /// An SDP offer.
+    Offer {
+        /// The session description.
+        sdp: String,
+    },
+    /// An SDP answer.
+    Answer {
+        /// The session description.
+        sdp: String,
+    },
+    /// A trickled ICE candidate.
+    Candidate {
+        /// The candidate line (`candidate:...`).
+        candidate: String,
+        /// Media stream id the candidate belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sdp_mid: Option<String>,
+        /// Index of the media description.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sdp_m_line_index: Option<u16>,
+    },
+}
+
+/// Messages a peer sends to the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Relay `signal` to neighbour `to`.
+    Signal {
+        /// The neighbour.
+        to: PeerId,
+        /// What to tell it.
+        signal: Signal,
+    },
+}
+
+/// Messages the server sends to a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerMessage {
+    /// First message on every connection.
+    Welcome {
+        /// Protocol version.
+        version: u32,
+        /// This peer's id.
+        peer: PeerId,
+        /// The task joined.
+        task: String,
+        /// ICE servers to configure `RTCPeerConnection` with.
+        ice_servers: Vec<IceServer>,
+        /// Largest message the server accepts, in bytes.
+        max_message_bytes: usize,
+    },
+    /// The peer's current neighbour set (replaces the previous one). The peer with the
+    /// smaller id makes the WebRTC offer.
+    Neighbours {
+        /// Current neighbours.
+        peers: Vec<PeerId>,
+    },
+    /// A peer joined the task (sent to its new neighbours).
+    Joined {
+        /// Who.
+        peer: PeerId,
+    },
+    /// A neighbour left the task.
+    Left {
+        /// Who.
+        peer: PeerId,
+    },
+    /// A relayed signal from a neighbour.
+    Signal {
+        /// The sender.
+        from: PeerId,
+        /// What it said.
+        signal: Signal,
+    },
+    /// The last message was refused (and, for some codes, the connection will close).
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Why the server refused a message or a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not valid JSON, or not a valid message.
+    Malformed,
+    /// A `type` this server does not know.
+    UnknownType,
+    /// The addressee is not (or no longer) a neighbour of the sender.
+    NotNeighbour,
+    /// Larger than `max_message_bytes`; the connection closes.
+    TooLarge,
+    /// Sending faster than the rate limit; repeated, the connection closes.
+    RateLimited,
+    /// The task has its maximum number of peers.
+    TaskFull,
+    /// The server has its maximum number of connections.
+    ServerFull,
+    /// No such task.
+    UnknownTask,
+    /// The client asked for a protocol version the server does not speak.
+    BadVersion,
+    /// Binary frames are not part of the protocol.
+    Binary,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire and in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownType => "unknown_type",
+            Self::NotNeighbour => "not_neighbour",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::TaskFull => "task_full",
+            Self::ServerFull => "server_full",
+            Self::UnknownTask => "unknown_task",
+            Self::BadVersion => "bad_version",
+            Self::Binary => "binary",
+        }
+    }
+
+    /// Every code, for metrics.
+    pub const ALL: [ErrorCode; 10] = [
+        Self::Malformed,
+        Self::UnknownType,
+        Self::NotNeighbour,
+        Self::TooLarge,
+        Self::RateLimited,
+        Self::TaskFull,
+        Self::ServerFull,
+        Self::UnknownTask,
+        Self::BadVersion,
+        Self::Binary,
+    ];
+}
+
+/// Decodes a client message, telling an unknown `type` apart from other malformations.
+pub fn decode_client(text: &str) -> Result<ClientMessage, (ErrorCode, String)> {
+    match serde_json::from_str::<ClientMessage>(text) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            let known = ["signal"];
+            let kind = serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
+            match kind {
+                Some(t) if !known.contains(&t.as_str()) => Err((
+                    ErrorCode::UnknownType,
+                    format!("unknown message type {t:?}"),
+                )),
+                _ => Err((ErrorCode::Malformed, e.to_string())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_the_documented_wire_form() {
+        let m = ClientMessage::Signal {
+            to: PeerId(0xab),
+            signal: Signal::Offer { sdp: "v=0".into() },
+        };
+        assert_eq!(
+            serde_json::to_string(&m).expect("serializes"),
+            r#"{"type":"signal","to":"00000000000000ab","signal":{"kind":"offer","sdp":"v=0"}}"#
+        );
+        let w = ServerMessage::Neighbours {
+            peers: vec![PeerId(1)],
+        };
+        assert_eq!(
+            serde_json::to_string(&w).expect("serializes"),
+            r#"{"type":"neighbours","peers":["0000000000000001"]}"#
+        );
+        let e = ServerMessage::Error {
+            code: ErrorCode::NotNeighbour,
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("serializes"),
+            r#"{"type":"error","code":"not_neighbour","message":"x"}"#
+        );
+    }
+
+    #[test]
+    fn decoding_tells_unknown_types_from_garbage() {
+        assert!(matches!(
+            decode_client("{nope"),
+            Err((ErrorCode::Malformed, _))
+        ));
+        assert!(matches!(
+            decode_client(r#"{"type":"dance"}"#),
+            Err((ErrorCode::UnknownType, _))
+        ));
+        assert!(matches!(
+            decode_client(r#"{"type":"signal","to":"XYZ","signal":{"kind":"offer","sdp":""}}"#),
+            Err((ErrorCode::Malformed, _))
+        ));
+        assert!(matches!(
+            decode_client(
+                r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"s"},"extra":1}"#
+            ),
+            Err((ErrorCode::Malformed, _))
+        ));
+        let ok = decode_client(
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"candidate","candidate":"c","sdp_mid":"0","sdp_m_line_index":0}}"#,
+        );
+        assert!(matches!(
+            ok,
+            Ok(ClientMessage::Signal { to: PeerId(1), .. })
+        ));
+    }
+
+    #[test]
+    fn error_codes_round_trip_through_their_wire_names() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).expect("serializes");
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}
