@@ -172,6 +172,9 @@ pub enum ErrorCode {
     BadVersion,
     /// Binary frames are not part of the protocol.
     Binary,
+    /// The page's origin is not on the server's allowlist (answered with HTTP 403 before
+    /// the websocket opens; listed here for the metrics).
+    ForbiddenOrigin,
 }
 
 impl ErrorCode {
@@ -188,11 +191,12 @@ impl ErrorCode {
             Self::UnknownTask => "unknown_task",
             Self::BadVersion => "bad_version",
             Self::Binary => "binary",
+            Self::ForbiddenOrigin => "forbidden_origin",
         }
     }
 
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         Self::Malformed,
         Self::UnknownType,
         Self::NotNeighbour,
@@ -203,6 +207,7 @@ impl ErrorCode {
         Self::UnknownTask,
         Self::BadVersion,
         Self::Binary,
+        Self::ForbiddenOrigin,
     ];
 }
 

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use shoal_signaling_server::{Config, router, serve};
+use shoal_signaling_server::ice::IceConfig;
+use shoal_signaling_server::{Config, Limits, SignalingConfig, app, serve};
 
 /// Shoal's signaling server: introduces peers, serves the pages and the task.
 #[derive(Parser, Debug)]
@@ -29,6 +30,47 @@ struct Args {
     /// Folder of task data, served under /data/.
     #[arg(long, env = "SHOAL_DATA", default_value = "data")]
     data: PathBuf,
+    /// Neighbours per peer (k): each peer keeps about k WebRTC connections.
+    #[arg(long, env = "SHOAL_NEIGHBOURS", default_value_t = 6)]
+    neighbours: usize,
+    /// Origin allowed to open signaling websockets (repeat, or comma-separate in the env
+    /// variable); `*` allows any. Without one, only pages from this server may connect.
+    #[arg(
+        long = "allowed-origin",
+        env = "SHOAL_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
+    /// Largest signaling message, in bytes.
+    #[arg(long, env = "SHOAL_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024)]
+    max_message_bytes: usize,
+    /// Most peers per task.
+    #[arg(long, env = "SHOAL_MAX_PEERS_PER_TASK", default_value_t = 10_000)]
+    max_peers_per_task: usize,
+    /// Most open websocket connections.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 19_000)]
+    max_connections: usize,
+    /// Sustained signaling messages per second per connection.
+    #[arg(long, env = "SHOAL_RATE", default_value_t = 50.0)]
+    rate: f64,
+    /// Burst of the per-connection rate limit.
+    #[arg(long, env = "SHOAL_BURST", default_value_t = 200.0)]
+    burst: f64,
+    /// Close connections silent (no pong either) for this many seconds.
+    #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout: u64,
+    /// STUN URL handed to peers (repeatable).
+    #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
+    stun: Vec<String>,
+    /// TURN URL handed to peers (repeatable); needs --turn-secret.
+    #[arg(long, env = "SHOAL_TURN", value_delimiter = ',')]
+    turn: Vec<String>,
+    /// Secret shared with coturn's `static-auth-secret` (prefer the env variable).
+    #[arg(long, env = "SHOAL_TURN_SECRET", hide_env_values = true)]
+    turn_secret: Option<String>,
+    /// Lifetime of TURN credentials, in seconds.
+    #[arg(long, env = "SHOAL_TURN_TTL", default_value_t = 3600)]
+    turn_ttl: u64,
 }
 
 #[tokio::main]
@@ -54,14 +96,49 @@ async fn main() -> anyhow::Result<()> {
     println!("Shoal is listening on {base}");
     println!("  contributor page: {base}/");
     println!("  health:           {base}/healthz");
+    println!("  metrics:          {base}/metrics");
+    println!("  signaling:        ws://{addr}/ws/digits?v=1");
     println!("Press Ctrl-C to stop.");
+    if !args.turn.is_empty() && args.turn_secret.is_none() {
+        anyhow::bail!("--turn needs --turn-secret (or SHOAL_TURN_SECRET)");
+    }
+    if args.neighbours == 0 || args.max_message_bytes < 1024 || args.rate <= 0.0 || args.burst < 1.0
+    {
+        anyhow::bail!(
+            "--neighbours must be >= 1, --max-message-bytes >= 1024, --rate > 0, --burst >= 1"
+        );
+    }
+    let limits = Limits {
+        max_message_bytes: args.max_message_bytes,
+        max_peers_per_task: args.max_peers_per_task,
+        max_connections: args.max_connections,
+        rate_per_sec: args.rate,
+        burst: args.burst,
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        ping_interval: Duration::from_secs((args.idle_timeout / 3).max(1)),
+        ..Limits::default()
+    };
+    let ice = IceConfig {
+        stun: args.stun,
+        turn: args.turn,
+        turn_secret: args.turn_secret,
+        turn_ttl_secs: args.turn_ttl,
+    };
+    let signaling = SignalingConfig {
+        limits,
+        neighbours: args.neighbours,
+        allowed_origins: args.allowed_origins,
+        ice,
+        ..SignalingConfig::default()
+    };
     let config = Config {
         www: args.www,
         data: args.data,
+        signaling,
     };
     serve(
         listener,
-        router(&config),
+        app(&config),
         shutdown_signal(),
         Duration::from_secs(5),
     )

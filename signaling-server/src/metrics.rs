@@ -1,0 +1,111 @@
+//! Counters for `/metrics`, in the Prometheus text exposition format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use shoal_shared::protocol::ErrorCode;
+
+/// Process-wide counters; gauges (peers per task, connections) are read from the live
+/// state when scraped.
+#[derive(Default)]
+pub struct Metrics {
+    /// Signals relayed from one peer to another.
+    pub relayed: AtomicU64,
+    /// Signals dropped because the addressee's queue was full.
+    pub dropped: AtomicU64,
+    /// Bytes received in text frames.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent in text frames.
+    pub bytes_out: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+    rejected: [AtomicU64; ErrorCode::ALL.len()],
+}
+
+impl Metrics {
+    /// Counts one refused message or connection.
+    pub fn reject(&self, code: ErrorCode) {
+        let i = ErrorCode::ALL.iter().position(|&c| c == code).unwrap_or(0);
+        self.rejected[i].fetch_add(1, Relaxed);
+    }
+
+    /// How many were refused for `code`.
+    pub fn rejected(&self, code: ErrorCode) -> u64 {
+        ErrorCode::ALL
+            .iter()
+            .position(|&c| c == code)
+            .map_or(0, |i| self.rejected[i].load(Relaxed))
+    }
+
+    /// Renders every metric; `peers` is (task, peers online), `connections` the open ones.
+    pub fn render(&self, peers: &[(String, usize)], connections: usize) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# HELP shoal_peers_online Peers connected, per task.");
+        let _ = writeln!(s, "# TYPE shoal_peers_online gauge");
+        for (task, n) in peers {
+            let _ = writeln!(s, "shoal_peers_online{{task=\"{}\"}} {n}", escape(task));
+        }
+        let simple: [(&str, &str, &str, u64); 6] = [
+            (
+                "shoal_connections",
+                "gauge",
+                "Open websocket connections.",
+                connections as u64,
+            ),
+            (
+                "shoal_connections_total",
+                "counter",
+                "Websocket connections accepted.",
+                self.connections_total.load(Relaxed),
+            ),
+            (
+                "shoal_messages_relayed_total",
+                "counter",
+                "Signals relayed between neighbours.",
+                self.relayed.load(Relaxed),
+            ),
+            (
+                "shoal_messages_dropped_total",
+                "counter",
+                "Signals dropped because the addressee's queue was full.",
+                self.dropped.load(Relaxed),
+            ),
+            (
+                "shoal_bytes_received_total",
+                "counter",
+                "Bytes of text frames received.",
+                self.bytes_in.load(Relaxed),
+            ),
+            (
+                "shoal_bytes_sent_total",
+                "counter",
+                "Bytes of text frames sent.",
+                self.bytes_out.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, v) in simple {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP shoal_messages_rejected_total Messages or connections refused, by reason."
+        );
+        let _ = writeln!(s, "# TYPE shoal_messages_rejected_total counter");
+        for (code, n) in ErrorCode::ALL.iter().zip(&self.rejected) {
+            let _ = writeln!(
+                s,
+                "shoal_messages_rejected_total{{reason=\"{}\"}} {}",
+                code.as_str(),
+                n.load(Relaxed)
+            );
+        }
+        s
+    }
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,536 @@
+//! The websocket side of the server: admission, the per-task neighbour graph, relaying
+//! signals between neighbours, and every limit.
+//!
+//! Each connection is one task that owns its socket and a small bounded queue of
+//! outgoing messages; all shared state sits behind one mutex that is held only for
+//! bookkeeping (never across an await).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use shoal_shared::protocol::{
+    ClientMessage, ErrorCode, PeerId, ServerMessage, Signal, VERSION, decode_client,
+};
+use shoal_shared::rng::SplitMix64;
+use tokio::sync::{mpsc, watch};
+
+use crate::ice::IceConfig;
+use crate::metrics::Metrics;
+
+/// Every bound the server enforces.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest text message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Most peers in one task.
+    pub max_peers_per_task: usize,
+    /// Most open websocket connections.
+    pub max_connections: usize,
+    /// Sustained messages per second per connection.
+    pub rate_per_sec: f64,
+    /// Burst allowance of the rate limit.
+    pub burst: f64,
+    /// Rate-limit violations after which the connection is closed.
+    pub strikes: u32,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    pub idle_timeout: Duration,
+    /// How often the server pings.
+    pub ping_interval: Duration,
+    /// Websocket read buffer per connection, in bytes.
+    pub read_buffer: usize,
+    /// Outgoing messages queued per connection before new ones are dropped.
+    pub queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: shoal_shared::protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            max_peers_per_task: 10_000,
+            max_connections: 19_000,
+            rate_per_sec: 50.0,
+            burst: 200.0,
+            strikes: 20,
+            idle_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(20),
+            read_buffer: 4096,
+            queue: 64,
+        }
+    }
+}
+
+/// Configuration of the signaling side.
+#[derive(Clone, Debug)]
+pub struct SignalingConfig {
+    /// Bounds.
+    pub limits: Limits,
+    /// Neighbours per peer (k); a peer may temporarily hold up to 2k.
+    pub neighbours: usize,
+    /// Tasks peers may join.
+    pub tasks: Vec<String>,
+    /// Origins whose pages may connect. Empty: same origin only. `*`: any.
+    pub allowed_origins: Vec<String>,
+    /// ICE servers handed to peers.
+    pub ice: IceConfig,
+}
+
+impl Default for SignalingConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            neighbours: 6,
+            tasks: vec!["digits".into()],
+            allowed_origins: Vec::new(),
+            ice: IceConfig {
+                turn_ttl_secs: 3600,
+                ..IceConfig::default()
+            },
+        }
+    }
+}
+
+struct Peer {
+    tx: mpsc::Sender<String>,
+    neighbours: BTreeSet<PeerId>,
+    /// Index in `Task::ids`.
+    slot: usize,
+}
+
+#[derive(Default)]
+struct Task {
+    peers: HashMap<PeerId, Peer>,
+    /// Every peer id, for O(1) random draws.
+    ids: Vec<PeerId>,
+}
+
+struct HubState {
+    tasks: HashMap<String, Task>,
+    rng: SplitMix64,
+}
+
+/// The shared state of the signaling server.
+pub struct Hub {
+    config: SignalingConfig,
+    state: Mutex<HubState>,
+    connections: AtomicUsize,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    shutdown: watch::Sender<bool>,
+}
+
+fn encode(m: &ServerMessage) -> String {
+    // Serializing these plain types cannot fail.
+    serde_json::to_string(m).unwrap_or_default()
+}
+
+impl Hub {
+    /// A hub for `config`.
+    pub fn new(config: SignalingConfig) -> Arc<Self> {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let tasks = config
+            .tasks
+            .iter()
+            .map(|t| (t.clone(), Task::default()))
+            .collect();
+        Arc::new(Self {
+            config,
+            state: Mutex::new(HubState {
+                tasks,
+                rng: SplitMix64::new(seed),
+            }),
+            connections: AtomicUsize::new(0),
+            metrics: Metrics::default(),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // A panic while holding the lock would be a bug; keep serving with the state as is.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Tells every connection to close (graceful shutdown).
+    pub fn shut_down(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// (task, peers online) for every task.
+    pub fn peers_online(&self) -> Vec<(String, usize)> {
+        let st = self.lock();
+        let mut v: Vec<_> = st
+            .tasks
+            .iter()
+            .map(|(k, t)| (k.clone(), t.peers.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The current neighbours of `peer` in `task` (for tests and diagnostics).
+    pub fn neighbours_of(&self, task: &str, peer: PeerId) -> Option<Vec<PeerId>> {
+        let st = self.lock();
+        st.tasks
+            .get(task)?
+            .peers
+            .get(&peer)
+            .map(|p| p.neighbours.iter().copied().collect())
+    }
+
+    fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+            // Native peers send no Origin; browsers always do.
+            return true;
+        };
+        let list = &self.config.allowed_origins;
+        if list.iter().any(|o| o == "*" || o == origin) {
+            return true;
+        }
+        if list.is_empty() {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
+            return !host.is_empty() && origin_host == host;
+        }
+        false
+    }
+
+    /// Adds a peer to a task and links it to up to k random peers.
+    fn join(&self, task: &str, tx: mpsc::Sender<String>) -> Result<PeerId, ErrorCode> {
+        let k = self.config.neighbours;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let t = st.tasks.get_mut(task).ok_or(ErrorCode::UnknownTask)?;
+        if t.peers.len() >= self.config.limits.max_peers_per_task {
+            return Err(ErrorCode::TaskFull);
+        }
+        let id = loop {
+            let id = PeerId(st.rng.next_u64());
+            if !t.peers.contains_key(&id) {
+                break id;
+            }
+        };
+        let mut chosen = BTreeSet::new();
+        for _ in 0..8 * k.max(1) {
+            if chosen.len() >= k || t.ids.is_empty() {
+                break;
+            }
+            let cand = t.ids[st.rng.below(t.ids.len())];
+            if t.peers[&cand].neighbours.len() < 2 * k {
+                chosen.insert(cand);
+            }
+        }
+        t.ids.push(id);
+        t.peers.insert(
+            id,
+            Peer {
+                tx,
+                neighbours: BTreeSet::new(),
+                slot: t.ids.len() - 1,
+            },
+        );
+        for &c in &chosen {
+            link(t, id, c);
+            notify(t, c, &ServerMessage::Joined { peer: id }, &self.metrics);
+            send_neighbours(t, c, &self.metrics);
+        }
+        send_neighbours(t, id, &self.metrics);
+        Ok(id)
+    }
+
+    /// Removes a peer, tells its neighbours, and gives each neighbour left with fewer
+    /// than k a replacement.
+    fn leave(&self, task: &str, id: PeerId) {
+        let k = self.config.neighbours;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(t) = st.tasks.get_mut(task) else {
+            return;
+        };
+        let Some(gone) = t.peers.remove(&id) else {
+            return;
+        };
+        let last = t.ids.pop();
+        if let Some(moved) = last.filter(|&m| m != id) {
+            t.ids[gone.slot] = moved;
+            if let Some(p) = t.peers.get_mut(&moved) {
+                p.slot = gone.slot;
+            }
+        }
+        for q in gone.neighbours {
+            let Some(qp) = t.peers.get_mut(&q) else {
+                continue;
+            };
+            qp.neighbours.remove(&id);
+            notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
+            if t.peers[&q].neighbours.len() < k {
+                for _ in 0..8 * k.max(1) {
+                    let r = t.ids[st.rng.below(t.ids.len())];
+                    let rp = &t.peers[&r];
+                    if r != q && !rp.neighbours.contains(&q) && rp.neighbours.len() < 2 * k {
+                        link(t, q, r);
+                        notify(t, r, &ServerMessage::Joined { peer: q }, &self.metrics);
+                        send_neighbours(t, r, &self.metrics);
+                        break;
+                    }
+                }
+            }
+            send_neighbours(t, q, &self.metrics);
+        }
+    }
+
+    /// Relays a signal between neighbours.
+    fn relay(&self, task: &str, from: PeerId, to: PeerId, signal: Signal) -> Result<(), ErrorCode> {
+        let text = encode(&ServerMessage::Signal { from, signal });
+        let st = self.lock();
+        let t = st.tasks.get(task).ok_or(ErrorCode::UnknownTask)?;
+        let introduced = t
+            .peers
+            .get(&from)
+            .is_some_and(|p| p.neighbours.contains(&to));
+        if !introduced {
+            return Err(ErrorCode::NotNeighbour);
+        }
+        let target = t.peers.get(&to).ok_or(ErrorCode::NotNeighbour)?;
+        match target.tx.try_send(text) {
+            Ok(()) => {
+                self.metrics.relayed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn link(t: &mut Task, a: PeerId, b: PeerId) {
+    if let Some(p) = t.peers.get_mut(&a) {
+        p.neighbours.insert(b);
+    }
+    if let Some(p) = t.peers.get_mut(&b) {
+        p.neighbours.insert(a);
+    }
+}
+
+fn notify(t: &Task, to: PeerId, m: &ServerMessage, metrics: &Metrics) {
+    if let Some(p) = t.peers.get(&to)
+        && p.tx.try_send(encode(m)).is_err()
+    {
+        metrics.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn send_neighbours(t: &Task, to: PeerId, metrics: &Metrics) {
+    if let Some(p) = t.peers.get(&to) {
+        let m = ServerMessage::Neighbours {
+            peers: p.neighbours.iter().copied().collect(),
+        };
+        notify(t, to, &m, metrics);
+    }
+}
+
+/// Query string of the websocket endpoint.
+#[derive(Deserialize)]
+pub struct WsQuery {
+    /// Protocol version the client speaks.
+    v: Option<u32>,
+}
+
+/// `GET /ws/{task}?v=1`: checks the origin, then upgrades with small buffers.
+pub async fn ws_handler(
+    State(hub): State<Arc<Hub>>,
+    Path(task): Path<String>,
+    Query(q): Query<WsQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !hub.origin_allowed(&headers) {
+        hub.metrics.reject(ErrorCode::ForbiddenOrigin);
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    let limits = &hub.config.limits;
+    // Frames past this hard cap fail in the codec without being buffered; between the
+    // soft limit and the cap the peer gets a typed `too_large` error first.
+    let hard_cap = limits.max_message_bytes * 2 + 1024;
+    let hub2 = Arc::clone(&hub);
+    ws.read_buffer_size(limits.read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| connection(hub2, socket, task, q.v))
+}
+
+/// Decrements the connection count when the connection ends, however it ends.
+struct ConnectionSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn send(socket: &mut WebSocket, hub: &Hub, text: String) -> bool {
+    hub.metrics
+        .bytes_out
+        .fetch_add(text.len() as u64, Ordering::Relaxed);
+    socket.send(Message::Text(text.into())).await.is_ok()
+}
+
+async fn refuse(socket: &mut WebSocket, hub: &Hub, code: ErrorCode, message: String) -> bool {
+    hub.metrics.reject(code);
+    send(socket, hub, encode(&ServerMessage::Error { code, message })).await
+}
+
+async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version: Option<u32>) {
+    hub.metrics
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    let open = hub.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    let _slot = ConnectionSlot(&hub.connections);
+    let limits = hub.config.limits.clone();
+    if open > limits.max_connections {
+        refuse(
+            &mut socket,
+            &hub,
+            ErrorCode::ServerFull,
+            "server is at its connection limit".into(),
+        )
+        .await;
+        return close(socket, 1013, "server full").await;
+    }
+    if version != Some(VERSION) {
+        let msg =
+            format!("this server speaks protocol version {VERSION}; connect with ?v={VERSION}");
+        refuse(&mut socket, &hub, ErrorCode::BadVersion, msg).await;
+        return close(socket, 1002, "bad version").await;
+    }
+    let (tx, mut rx) = mpsc::channel::<String>(limits.queue);
+    let id = match hub.join(&task, tx) {
+        Ok(id) => id,
+        Err(code) => {
+            refuse(
+                &mut socket,
+                &hub,
+                code,
+                format!("cannot join task {task:?}"),
+            )
+            .await;
+            return close(socket, 1008, "refused").await;
+        }
+    };
+    let welcome = ServerMessage::Welcome {
+        version: VERSION,
+        peer: id,
+        task: task.clone(),
+        ice_servers: hub.config.ice.servers_for(
+            id,
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        ),
+        max_message_bytes: limits.max_message_bytes,
+    };
+    let mut shutdown = hub.shutdown.subscribe();
+    let ok = send(&mut socket, &hub, encode(&welcome)).await;
+    let mut tokens = limits.burst;
+    let mut refilled = Instant::now();
+    let mut strikes = 0u32;
+    let mut last_seen = Instant::now();
+    let mut ping = tokio::time::interval(limits.ping_interval);
+    ping.tick().await;
+    let reason: (u16, &'static str) = if !ok {
+        (1011, "send failed")
+    } else {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break (1001, "server shutting down"),
+                out = rx.recv() => match out {
+                    Some(text) => if !send(&mut socket, &hub, text).await { break (1011, "send failed") },
+                    None => break (1011, "queue closed"),
+                },
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > limits.idle_timeout {
+                        break (1001, "idle timeout");
+                    }
+                    if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        break (1011, "send failed");
+                    }
+                }
+                msg = socket.recv() => {
+                    last_seen = Instant::now();
+                    let text = match msg {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Binary(_))) => {
+                            refuse(&mut socket, &hub, ErrorCode::Binary, "binary frames are not part of the protocol".into()).await;
+                            continue;
+                        }
+                        Some(Ok(Message::Close(_))) | None => break (1000, "bye"),
+                        Some(Ok(_)) => continue,
+                        Some(Err(_)) => {
+                            // Past the hard size cap, or a protocol violation.
+                            hub.metrics.reject(ErrorCode::TooLarge);
+                            break (1009, "frame error");
+                        }
+                    };
+                    hub.metrics.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
+                    if text.len() > limits.max_message_bytes {
+                        let msg = format!("{} bytes; the limit is {}", text.len(), limits.max_message_bytes);
+                        refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
+                        break (1009, "message too large");
+                    }
+                    let now = Instant::now();
+                    tokens = (tokens + now.duration_since(refilled).as_secs_f64() * limits.rate_per_sec).min(limits.burst);
+                    refilled = now;
+                    if tokens < 1.0 {
+                        strikes += 1;
+                        refuse(&mut socket, &hub, ErrorCode::RateLimited, format!("more than {} messages per second", limits.rate_per_sec)).await;
+                        if strikes >= limits.strikes {
+                            break (1008, "rate limit");
+                        }
+                        continue;
+                    }
+                    tokens -= 1.0;
+                    match decode_client(&text) {
+                        Ok(ClientMessage::Signal { to, signal }) => {
+                            if let Err(code) = hub.relay(&task, id, to, signal) {
+                                refuse(&mut socket, &hub, code, format!("{to} is not your neighbour")).await;
+                            }
+                        }
+                        Err((code, message)) => {
+                            refuse(&mut socket, &hub, code, message).await;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    hub.leave(&task, id);
+    close(socket, reason.0, reason.1).await;
+}

@@ -1,0 +1,425 @@
+//! The signaling server over real websockets: a server on 127.0.0.1:0, clients from
+//! tokio-tungstenite, every limit and every kind of bad input.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use shoal_signaling_server::{Config, Limits, SignalingConfig, app, serve};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Server {
+    addr: SocketAddr,
+    hub: std::sync::Arc<shoal_signaling_server::Hub>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(signaling: SignalingConfig) -> Server {
+    let dir = std::env::temp_dir();
+    let config = Config {
+        www: dir.clone(),
+        data: dir,
+        signaling,
+    };
+    let app = app(&config);
+    let hub = std::sync::Arc::clone(&app.hub);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(serve(
+        listener,
+        app,
+        async {
+            let _ = rx.await;
+        },
+        Duration::from_secs(2),
+    ));
+    Server {
+        addr,
+        hub,
+        stop: Some(stop),
+        done,
+    }
+}
+
+fn config() -> SignalingConfig {
+    SignalingConfig {
+        neighbours: 2,
+        ..SignalingConfig::default()
+    }
+}
+
+async fn connect(s: &Server, task: &str) -> Ws {
+    connect_async(format!("ws://{}/ws/{task}?v=1", s.addr))
+        .await
+        .expect("connect")
+        .0
+}
+
+/// Next text message as JSON (skipping pings), or None on close / timeout.
+async fn next(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Some(serde_json::from_str(&t).expect("server sends JSON"));
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Reads until a message of `kind` arrives.
+async fn until(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let m = next(ws)
+            .await
+            .unwrap_or_else(|| panic!("connection ended waiting for {kind}"));
+        if m["type"] == kind {
+            return m;
+        }
+    }
+}
+
+async fn join(s: &Server) -> (Ws, String) {
+    let mut ws = connect(s, "digits").await;
+    let w = until(&mut ws, "welcome").await;
+    assert_eq!(w["version"], 1);
+    (ws, w["peer"].as_str().expect("peer id").to_string())
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send");
+}
+
+fn offer(to: &str) -> Value {
+    json!({"type": "signal", "to": to, "signal": {"kind": "offer", "sdp": "v=0 test"}})
+}
+
+#[tokio::test]
+async fn introduces_neighbours_and_relays_between_them() {
+    let s = start(config()).await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, idb) = join(&s).await;
+    let nb = until(&mut b, "neighbours").await;
+    assert_eq!(nb["peers"], json!([ida]));
+    assert_eq!(until(&mut a, "joined").await["peer"], json!(idb));
+    send(&mut b, offer(&ida)).await;
+    let got = until(&mut a, "signal").await;
+    assert_eq!(got["from"], json!(idb));
+    assert_eq!(got["signal"], json!({"kind": "offer", "sdp": "v=0 test"}));
+    drop(b);
+    assert_eq!(until(&mut a, "left").await["peer"], json!(idb));
+}
+
+#[tokio::test]
+async fn bad_input_gets_typed_errors_and_leaves_other_peers_unaffected() {
+    let s = start(config()).await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, idb) = join(&s).await;
+    b.send(Message::Text("{not json".into()))
+        .await
+        .expect("send");
+    assert_eq!(until(&mut b, "error").await["code"], "malformed");
+    send(&mut b, json!({"type": "teleport"})).await;
+    assert_eq!(until(&mut b, "error").await["code"], "unknown_type");
+    send(
+        &mut b,
+        json!({"type": "signal", "to": "zz", "signal": {"kind": "offer", "sdp": ""}}),
+    )
+    .await;
+    assert_eq!(until(&mut b, "error").await["code"], "malformed");
+    send(&mut b, offer("00000000deadbeef")).await;
+    assert_eq!(until(&mut b, "error").await["code"], "not_neighbour");
+    b.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .expect("send");
+    assert_eq!(until(&mut b, "error").await["code"], "binary");
+    // b is still connected and a still hears it.
+    send(&mut b, offer(&ida)).await;
+    assert_eq!(until(&mut a, "signal").await["from"], json!(idb));
+    assert_eq!(
+        s.hub
+            .metrics
+            .rejected(shoal_shared::protocol::ErrorCode::Malformed),
+        2
+    );
+}
+
+#[tokio::test]
+async fn relays_only_between_peers_it_introduced() {
+    // k = 1: with three peers, at least one pair is not linked.
+    let s = start(SignalingConfig {
+        neighbours: 1,
+        ..config()
+    })
+    .await;
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        peers.push(join(&s).await);
+    }
+    let ids: Vec<String> = peers.iter().map(|(_, id)| id.clone()).collect();
+    let parse =
+        |id: &str| shoal_shared::protocol::PeerId(u64::from_str_radix(id, 16).expect("hex"));
+    let (i, j) = (0..3)
+        .flat_map(|i| (0..3).map(move |j| (i, j)))
+        .find(|&(i, j)| {
+            i != j
+                && !s
+                    .hub
+                    .neighbours_of("digits", parse(&ids[i]))
+                    .expect("peer")
+                    .contains(&parse(&ids[j]))
+        })
+        .expect("some pair is not linked with k = 1");
+    send(&mut peers[i].0, offer(&ids[j])).await;
+    assert_eq!(
+        until(&mut peers[i].0, "error").await["code"],
+        "not_neighbour"
+    );
+}
+
+#[tokio::test]
+async fn oversize_messages_are_refused_and_the_sender_disconnected() {
+    let s = start(config()).await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, _) = join(&s).await;
+    let sdp = "x".repeat(20_000);
+    let big = json!({"type": "signal", "to": ida, "signal": {"kind": "offer", "sdp": sdp}});
+    send(&mut b, big).await;
+    assert_eq!(until(&mut b, "error").await["code"], "too_large");
+    assert!(
+        next(&mut b).await.is_none(),
+        "connection closes after too_large"
+    );
+    // The other peer is unaffected: a newcomer is linked to it and reaches it.
+    let (mut c, idc) = join(&s).await;
+    send(&mut c, offer(&ida)).await;
+    assert_eq!(until(&mut a, "signal").await["from"], json!(idc));
+    // Far past the hard cap the frame is refused by the codec, unbuffered.
+    let _ = c.send(Message::Text("y".repeat(1 << 20).into())).await;
+    while let Some(m) = next(&mut c).await {
+        assert_ne!(m["type"], "signal", "nothing is relayed from a huge frame");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.hub.connections(), 1, "only the well-behaved peer remains");
+}
+
+#[tokio::test]
+async fn floods_are_rate_limited_then_disconnected() {
+    let limits = Limits {
+        rate_per_sec: 5.0,
+        burst: 5.0,
+        strikes: 3,
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig { limits, ..config() }).await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, idb) = join(&s).await;
+    for _ in 0..20 {
+        if b.send(Message::Text(offer(&ida).to_string().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(until(&mut b, "error").await["code"], "rate_limited");
+    while let Some(m) = next(&mut b).await {
+        assert!(m["type"] == "error" || m["type"] == "neighbours", "{m}");
+    }
+    // a received the first burst and is still served.
+    assert_eq!(until(&mut a, "signal").await["from"], json!(idb));
+    let (mut c, _) = join(&s).await;
+    let _ = until(&mut c, "neighbours").await;
+}
+
+#[tokio::test]
+async fn task_and_server_capacity_are_enforced() {
+    let limits = Limits {
+        max_peers_per_task: 2,
+        max_connections: 3,
+        ..Limits::default()
+    };
+    let tasks = vec!["digits".to_string(), "other".to_string()];
+    let s = start(SignalingConfig {
+        limits,
+        tasks,
+        ..config()
+    })
+    .await;
+    let _a = join(&s).await;
+    let _b = join(&s).await;
+    let mut c = connect(&s, "digits").await;
+    assert_eq!(until(&mut c, "error").await["code"], "task_full");
+    let mut d = connect(&s, "nope").await;
+    assert_eq!(until(&mut d, "error").await["code"], "unknown_task");
+    let mut other = connect(&s, "other").await;
+    until(&mut other, "welcome").await;
+    // Three connections are open now: the fourth is refused whatever its task.
+    let mut e = connect(&s, "other").await;
+    assert_eq!(until(&mut e, "error").await["code"], "server_full");
+}
+
+#[tokio::test]
+async fn wrong_protocol_version_is_refused() {
+    let s = start(config()).await;
+    let mut ws = connect_async(format!("ws://{}/ws/digits?v=9", s.addr))
+        .await
+        .expect("connect")
+        .0;
+    assert_eq!(until(&mut ws, "error").await["code"], "bad_version");
+}
+
+#[tokio::test]
+async fn origins_off_the_allowlist_are_refused() {
+    let s = start(SignalingConfig {
+        allowed_origins: vec!["https://good.example".into()],
+        ..config()
+    })
+    .await;
+    let mut req = format!("ws://{}/ws/digits?v=1", s.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    let err = connect_async(req).await.expect_err("refused");
+    assert!(err.to_string().contains("403"), "{err}");
+    let mut req = format!("ws://{}/ws/digits?v=1", s.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("origin", "https://good.example".parse().expect("header"));
+    let (mut ws, _) = connect_async(req).await.expect("allowed origin");
+    until(&mut ws, "welcome").await;
+    // Without an allowlist only same-origin pages may connect.
+    let s2 = start(config()).await;
+    let mut req = format!("ws://{}/ws/digits?v=1", s2.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "origin",
+        format!("http://{}", s2.addr).parse().expect("header"),
+    );
+    assert!(connect_async(req).await.is_ok());
+    let mut req = format!("ws://{}/ws/digits?v=1", s2.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("origin", "http://other.example".parse().expect("header"));
+    assert!(connect_async(req).await.is_err());
+}
+
+#[tokio::test]
+async fn silent_connections_time_out() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(600),
+        ping_interval: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig { limits, ..config() }).await;
+    let (ws, _) = join(&s).await;
+    // Never read: pings go unanswered (tungstenite answers them only while reading).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.hub.connections(), 0, "idle connection was not closed");
+    drop(ws);
+}
+
+#[tokio::test]
+async fn neighbour_sets_stay_bounded_and_are_repaired_on_leave() {
+    let s = start(SignalingConfig {
+        neighbours: 3,
+        ..config()
+    })
+    .await;
+    let mut peers = Vec::new();
+    for _ in 0..12 {
+        peers.push(join(&s).await);
+    }
+    let pid = |id: &str| shoal_shared::protocol::PeerId(u64::from_str_radix(id, 16).expect("hex"));
+    for (_, id) in &peers {
+        let n = s.hub.neighbours_of("digits", pid(id)).expect("peer").len();
+        assert!(n <= 6, "peer has {n} neighbours, more than 2k");
+    }
+    // Remove a third; everyone left still has neighbours, all of them alive.
+    let gone: Vec<_> = peers.drain(..4).collect();
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (_, id) in &peers {
+        let n = s.hub.neighbours_of("digits", pid(id)).expect("peer");
+        assert!(!n.is_empty(), "peer {id} was left without neighbours");
+        for m in &n {
+            assert!(
+                peers.iter().any(|(_, x)| pid(x) == *m),
+                "neighbour {m} has left"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn metrics_health_and_graceful_shutdown() {
+    let mut s = start(config()).await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, _) = join(&s).await;
+    send(&mut b, offer(&ida)).await;
+    until(&mut a, "signal").await;
+    b.send(Message::Text("nope".into())).await.expect("send");
+    until(&mut b, "error").await;
+    let body = http_get(s.addr, "/metrics").await;
+    assert!(
+        body.contains("shoal_peers_online{task=\"digits\"} 2"),
+        "{body}"
+    );
+    assert!(body.contains("shoal_messages_relayed_total 1"), "{body}");
+    assert!(
+        body.contains("shoal_messages_rejected_total{reason=\"malformed\"} 1"),
+        "{body}"
+    );
+    assert!(http_get(s.addr, "/healthz").await.ends_with("ok\n"));
+    assert!(
+        http_get(s.addr, "/api/tasks/digits")
+            .await
+            .contains("\"train_images\"")
+    );
+    // Shutdown closes the websockets with "going away" and the server returns.
+    let _ = s.stop.take().expect("stop").send(());
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), a.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) => break u16::from(f.code),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(closed, 1001);
+    drop((a, b));
+    tokio::time::timeout(Duration::from_secs(5), s.done)
+        .await
+        .expect("server stops")
+        .expect("join")
+        .expect("serve");
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
