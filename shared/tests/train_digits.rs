@@ -3,7 +3,7 @@
 
 use shoal_shared::dataset::Dataset;
 use shoal_shared::engine::cpu::CpuBackend;
-use shoal_shared::engine::train::{FitConfig, Samples, fit};
+use shoal_shared::engine::train::{FitConfig, Samples, cpu_accuracy, fit};
 use shoal_shared::engine::{Model, ModelSpec, Optimizer};
 use shoal_shared::idx::IdxLimits;
 
@@ -23,21 +23,8 @@ fn load(split: &str) -> Samples {
 fn train_and_test(spec: ModelSpec, lr: f32, epochs: usize, shift: usize) -> f32 {
     let (train, test) = (load("train"), load("test"));
     assert_eq!((train.len(), test.len()), (8000, 2000));
-    let model = Model::new(spec).expect("valid model");
-    let params = model.init_params(42);
-    let mut cpu = CpuBackend::new(model, Optimizer::adam(lr), params).expect("valid backend");
-    let cfg = FitConfig {
-        epochs,
-        batch: 64,
-        lr,
-        seed: 7,
-        shift,
-    };
-    pollster::block_on(fit(&mut cpu, &train, cfg)).expect("training does not diverge");
-    let (_, acc) = cpu
-        .evaluate(&test.inputs, &test.labels, 500)
-        .expect("evaluates");
-    acc
+    pollster::block_on(cpu_accuracy(spec, lr, epochs, shift, &train, &test))
+        .expect("training does not diverge")
 }
 
 #[test]

@@ -7,7 +7,7 @@
 use shoal_shared::dataset::Dataset;
 use shoal_shared::engine::cpu::CpuBackend;
 use shoal_shared::engine::gpu::GpuBackend;
-use shoal_shared::engine::train::{FitConfig, Samples, fit};
+use shoal_shared::engine::train::{FitConfig, Samples, cpu_accuracy, fit};
 use shoal_shared::engine::{Backend, Model, ModelSpec, Optimizer};
 use shoal_shared::gpu::Gpu;
 use shoal_shared::idx::IdxLimits;
@@ -34,35 +34,19 @@ fn test() -> Samples {
     )
 }
 
-async fn cpu_accuracy(spec: ModelSpec, lr: f32, epochs: usize, shift: usize) -> f32 {
-    let (train, test) = (train(), test());
-    let model = Model::new(spec).expect("valid model");
-    let params = model.init_params(42);
-    let mut cpu = CpuBackend::new(model, Optimizer::adam(lr), params).expect("valid backend");
-    let cfg = FitConfig {
-        epochs,
-        batch: 64,
-        lr,
-        seed: 7,
-        shift,
-    };
-    fit(&mut cpu, &train, cfg)
-        .await
-        .expect("training does not diverge");
-    cpu.evaluate(&test.inputs, &test.labels, 500)
-        .expect("evaluates")
-        .1
-}
-
 #[wasm_bindgen_test]
 async fn cpu_mlp_reaches_95_percent_in_wasm() {
-    let acc = cpu_accuracy(ModelSpec::mlp_digits(), 2e-3, 20, 2).await;
+    let acc = cpu_accuracy(ModelSpec::mlp_digits(), 2e-3, 20, 2, &train(), &test())
+        .await
+        .expect("training does not diverge");
     assert!(acc >= 0.95, "MLP accuracy {acc}");
 }
 
 #[wasm_bindgen_test]
 async fn cpu_cnn_reaches_97_5_percent_in_wasm() {
-    let acc = cpu_accuracy(ModelSpec::cnn_digits(), 3e-3, 12, 1).await;
+    let acc = cpu_accuracy(ModelSpec::cnn_digits(), 3e-3, 12, 1, &train(), &test())
+        .await
+        .expect("training does not diverge");
     assert!(acc >= 0.975, "CNN accuracy {acc}");
 }
 

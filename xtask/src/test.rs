@@ -94,6 +94,13 @@ fn parse_counts(line: &str) -> (usize, usize) {
 fn cargo(root: &Path) -> Command {
     let mut c = Command::new("cargo");
     c.current_dir(root);
+    // Native wgpu (Vulkan) wants a runtime directory; headless machines often lack one.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = root.join("target/xdg-runtime");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            c.env("XDG_RUNTIME_DIR", dir);
+        }
+    }
     c
 }
 

@@ -201,26 +201,9 @@ impl CpuBackend {
                     if relu {
                         mask_relu(&mut ws.grad, y);
                     }
-                    let (wr, br) = (
-                        model.tensors[weight].range(),
-                        model.tensors[weight + 1].range(),
-                    );
-                    gemm(
-                        MatRef::new(x, n, inp).t(),
-                        MatRef::new(&ws.grad, n, out),
-                        &mut grads[wr.clone()],
-                        false,
-                    );
-                    column_sums(&ws.grad, out, &mut grads[br]);
-                    if need_dx {
-                        ws.grad_next.resize(n * inp, 0.0);
-                        gemm(
-                            MatRef::new(&ws.grad, n, out),
-                            MatRef::new(&params[wr], inp, out).t(),
-                            &mut ws.grad_next,
-                            false,
-                        );
-                    }
+                    let (w, gw, gb) = weight_views(model, weight, params, grads);
+                    let dx = need_dx.then_some(&mut ws.grad_next);
+                    linear_backward(x, &ws.grad, w, (n, inp, out), gw, gb, dx);
                 }
                 Op::Conv {
                     input,
@@ -236,27 +219,11 @@ impl CpuBackend {
                     }
                     let kkc = kernel * kernel * input[2];
                     let rows = n * output[0] * output[1];
-                    let f = output[2];
-                    let (wr, br) = (
-                        model.tensors[weight].range(),
-                        model.tensors[weight + 1].range(),
-                    );
-                    let cols = &ws.cols[i];
-                    gemm(
-                        MatRef::new(cols, rows, kkc).t(),
-                        MatRef::new(&ws.grad, rows, f),
-                        &mut grads[wr.clone()],
-                        false,
-                    );
-                    column_sums(&ws.grad, f, &mut grads[br]);
+                    let (w, gw, gb) = weight_views(model, weight, params, grads);
+                    let mut dcols = Vec::new();
+                    let dx = need_dx.then_some(&mut dcols);
+                    linear_backward(&ws.cols[i], &ws.grad, w, (rows, kkc, output[2]), gw, gb, dx);
                     if need_dx {
-                        let mut dcols = vec![0.0f32; rows * kkc];
-                        gemm(
-                            MatRef::new(&ws.grad, rows, f),
-                            MatRef::new(&params[wr], kkc, f).t(),
-                            &mut dcols,
-                            false,
-                        );
                         ws.grad_next
                             .resize(n * input.iter().product::<usize>(), 0.0);
                         col2im(
@@ -384,6 +351,52 @@ impl Backend for CpuBackend {
             return Err(EngineError::NonFinite("loss"));
         }
         Ok((loss, self.grads.clone()))
+    }
+}
+
+/// The weights of the layer whose weight tensor is `weight` (its bias follows it), and
+/// its weight and bias gradients.
+fn weight_views<'a>(
+    model: &Model,
+    weight: usize,
+    params: &'a [f32],
+    grads: &'a mut [f32],
+) -> (&'a [f32], &'a mut [f32], &'a mut [f32]) {
+    let (wr, br) = (
+        model.tensors[weight].range(),
+        model.tensors[weight + 1].range(),
+    );
+    let (head, tail) = grads.split_at_mut(br.start);
+    (&params[wr.clone()], &mut head[wr], &mut tail[..br.len()])
+}
+
+/// Backward of `y = a · w + b` over `rows` rows of `inp` inputs and `out` outputs, given
+/// `g = dL/dy`: the weight and bias gradients, and `da = g · wᵀ` when asked for. Dense
+/// layers use it on their input, convolutions on their im2col patches.
+fn linear_backward(
+    a: &[f32],
+    g: &[f32],
+    w: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    gw: &mut [f32],
+    gb: &mut [f32],
+    da: Option<&mut Vec<f32>>,
+) {
+    gemm(
+        MatRef::new(a, rows, inp).t(),
+        MatRef::new(g, rows, out),
+        gw,
+        false,
+    );
+    column_sums(g, out, gb);
+    if let Some(da) = da {
+        da.resize(rows * inp, 0.0);
+        gemm(
+            MatRef::new(g, rows, out),
+            MatRef::new(w, inp, out).t(),
+            da,
+            false,
+        );
     }
 }
 

@@ -297,6 +297,31 @@ impl Recorder<'_> {
     }
 }
 
+impl Recorder<'_> {
+    /// Backward of `y = a · w + b` over `rows` rows, given `g = dL/dy`: the weight
+    /// gradient `aᵀ · g`, the bias gradient (column sums of `g`) and, when `da` is given,
+    /// `g · wᵀ` into it. `w` is (weights, weight gradient, bias gradient). Dense layers
+    /// use it on their input, convolutions on their im2col patches.
+    fn linear_backward(
+        &mut self,
+        a: View<'_>,
+        g: View<'_>,
+        (w, gw, gb): (View<'_>, View<'_>, View<'_>),
+        (rows, inp, out): (usize, usize, usize),
+        da: Option<View<'_>>,
+    ) -> Vec<Dispatch> {
+        let mut out_d = vec![self.matmul(a, g, gw, None, (inp, rows, out), (true, false), false)];
+        let k = self.kernels.colsum.clone();
+        let mut sums = self.op(&k, 1, &[rows, out], &[g, gb]);
+        sums.groups = [out as u32, 1, 1];
+        out_d.push(sums);
+        if let Some(da) = da {
+            out_d.push(self.matmul(g, w, da, None, (rows, out, inp), (false, true), false));
+        }
+        out_d
+    }
+}
+
 fn storage(device: &wgpu::Device, label: &str, floats: usize) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
@@ -512,29 +537,14 @@ impl GpuBackend {
                     if relu {
                         pass.push(mask(&mut rec, batch * out));
                     }
-                    pass.push(rec.matmul(
-                        x,
-                        gc,
+                    let w = (
+                        tensor(weight, &p_buf),
                         tensor(weight, &grads),
-                        None,
-                        (inp, batch, out),
-                        (true, false),
-                        false,
-                    ));
-                    let k = rec.kernels.colsum.clone();
-                    let mut d = rec.op(&k, 1, &[batch, out], &[gc, tensor(weight + 1, &grads)]);
-                    d.groups = [out as u32, 1, 1];
-                    pass.push(d);
+                        tensor(weight + 1, &grads),
+                    );
+                    let dx = (i > 0).then_some(go);
+                    pass.extend(rec.linear_backward(x, gc, w, (batch, inp, out), dx));
                     if i > 0 {
-                        pass.push(rec.matmul(
-                            gc,
-                            tensor(weight, &p_buf),
-                            go,
-                            None,
-                            (batch, out, inp),
-                            (false, true),
-                            false,
-                        ));
                         cur = 1 - cur;
                     }
                 }
@@ -553,30 +563,15 @@ impl GpuBackend {
                         pass.push(mask(&mut rec, rows * f));
                     }
                     let c = View::all(cols[i].as_ref().expect("conv has cols"));
-                    pass.push(rec.matmul(
-                        c,
-                        gc,
+                    let w = (
+                        tensor(weight, &p_buf),
                         tensor(weight, &grads),
-                        None,
-                        (kkc, rows, f),
-                        (true, false),
-                        false,
-                    ));
-                    let k = rec.kernels.colsum.clone();
-                    let mut d = rec.op(&k, 1, &[rows, f], &[gc, tensor(weight + 1, &grads)]);
-                    d.groups = [f as u32, 1, 1];
-                    pass.push(d);
+                        tensor(weight + 1, &grads),
+                    );
+                    let dc = View::all(&dcols);
+                    let dx = (i > 0).then_some(dc);
+                    pass.extend(rec.linear_backward(c, gc, w, (rows, kkc, f), dx));
                     if i > 0 {
-                        let dc = View::all(&dcols);
-                        pass.push(rec.matmul(
-                            gc,
-                            tensor(weight, &p_buf),
-                            dc,
-                            None,
-                            (rows, f, kkc),
-                            (false, true),
-                            false,
-                        ));
                         let k = rec.kernels.col2im.clone();
                         let n_in = batch * input.iter().product::<usize>();
                         pass.push(rec.op(

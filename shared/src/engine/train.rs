@@ -227,3 +227,28 @@ pub fn trainer(
     };
     Trainer::new(backend, data, batch, seed)
 }
+
+/// Trains `spec` on the CPU from seed 42 with Adam at peak rate `lr` (batch 64, cosine
+/// schedule, shift augmentation) and returns its accuracy on `test`: the recipe behind
+/// the accuracy targets, shared by the native and the browser tests.
+pub async fn cpu_accuracy(
+    spec: ModelSpec,
+    lr: f32,
+    epochs: usize,
+    shift: usize,
+    train: &Samples,
+    test: &Samples,
+) -> Result<f32, EngineError> {
+    let model = Model::new(spec)?;
+    let params = model.init_params(42);
+    let mut cpu = CpuBackend::new(model, Optimizer::adam(lr), params)?;
+    let cfg = FitConfig {
+        epochs,
+        batch: 64,
+        lr,
+        seed: 7,
+        shift,
+    };
+    fit(&mut cpu, train, cfg).await?;
+    Ok(cpu.evaluate(&test.inputs, &test.labels, 500)?.1)
+}
