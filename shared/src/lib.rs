@@ -7,6 +7,7 @@
 
 pub mod dataset;
 pub mod engine;
+pub mod framing;
 pub mod gpu;
 pub mod idx;
 pub mod protocol;

@@ -1,0 +1,510 @@
+//! Framing for WebRTC data channels: messages of any size travel as chunks that fit the
+//! channel's message limit, are reassembled in order and checked with a CRC-32 of the
+//! whole message. A corrupted, truncated, inconsistent or oversized frame drops that one
+//! message and is counted; it never takes the peer down.
+//!
+//! Also here: the sending side's bounded queue and its backpressure policy, shared by the
+//! browser and native transports (each waits for its channel's buffered-amount-low event
+//! when [`SendQueue::next_frame`] says the channel is full).
+//!
+//! Frame layout (little-endian), 24 bytes of header then the chunk's payload:
+//!
+//! | bytes | field |
+//! | --- | --- |
+//! | 0..2 | magic `S` `H` |
+//! | 2 | version (1) |
+//! | 3 | flags (0) |
+//! | 4..8 | message id |
+//! | 8..12 | chunk index |
+//! | 12..16 | chunk count |
+//! | 16..20 | message length in bytes |
+//! | 20..24 | CRC-32 (IEEE) of the whole message |
+
+use std::collections::{HashMap, VecDeque};
+
+use thiserror::Error;
+
+/// Header bytes in front of every chunk.
+pub const HEADER: usize = 24;
+/// Default chunk payload: safe across browsers.
+pub const DEFAULT_CHUNK: usize = 16 * 1024;
+/// Largest chunk payload a sender may configure.
+pub const MAX_CHUNK: usize = 256 * 1024;
+const MAGIC: [u8; 2] = *b"SH";
+const VERSION: u8 = 1;
+
+/// Why a frame (and with it, its message) was dropped.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq, Hash)]
+pub enum FrameError {
+    /// Shorter than a header.
+    #[error("frame shorter than its header")]
+    Truncated,
+    /// Not a Shoal frame, another version, or reserved flags set.
+    #[error("bad magic, version or flags")]
+    BadMagic,
+    /// The message would exceed the receiver's size limit.
+    #[error("message larger than the limit")]
+    TooLarge,
+    /// Chunk fields disagree (index out of range or order, length or count mismatch).
+    #[error("inconsistent chunk")]
+    Inconsistent,
+    /// The reassembled message does not match its checksum.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// Too many messages partially received at once.
+    #[error("too many messages in flight")]
+    TooManyInFlight,
+}
+
+impl FrameError {
+    /// Every reason, for counters.
+    pub const ALL: [FrameError; 6] = [
+        Self::Truncated,
+        Self::BadMagic,
+        Self::TooLarge,
+        Self::Inconsistent,
+        Self::Checksum,
+        Self::TooManyInFlight,
+    ];
+}
+
+const fn crc_table() -> [u32; 256] {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+}
+
+static CRC_TABLE: [u32; 256] = crc_table();
+
+/// Incremental CRC-32 (IEEE 802.3, as in zip and PNG).
+#[derive(Clone, Copy, Debug)]
+pub struct Crc32(u32);
+
+impl Default for Crc32 {
+    fn default() -> Self {
+        Self(0xFFFF_FFFF)
+    }
+}
+
+impl Crc32 {
+    /// Feeds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        let mut c = self.0;
+        for &b in bytes {
+            c = CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+        }
+        self.0 = c;
+    }
+
+    /// The checksum of everything fed.
+    pub fn finish(self) -> u32 {
+        self.0 ^ 0xFFFF_FFFF
+    }
+
+    /// Checksum of one buffer.
+    pub fn of(bytes: &[u8]) -> u32 {
+        let mut c = Self::default();
+        c.update(bytes);
+        c.finish()
+    }
+}
+
+/// Splits a message into frames of at most `chunk` payload bytes.
+///
+/// # Panics
+/// If `chunk` is 0 or above [`MAX_CHUNK`], or the message is 4 GiB or more.
+pub fn split(id: u32, msg: &[u8], chunk: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+    assert!((1..=MAX_CHUNK).contains(&chunk), "chunk size out of range");
+    let total = u32::try_from(msg.len()).expect("messages are below 4 GiB");
+    let count = msg.len().div_ceil(chunk).max(1) as u32;
+    let crc = Crc32::of(msg);
+    (0..count).map(move |i| {
+        let start = i as usize * chunk;
+        let body = &msg[start.min(msg.len())..(start + chunk).min(msg.len())];
+        let mut f = Vec::with_capacity(HEADER + body.len());
+        f.extend_from_slice(&MAGIC);
+        f.push(VERSION);
+        f.push(0);
+        for v in [id, i, count, total, crc] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(body);
+        f
+    })
+}
+
+struct Header {
+    id: u32,
+    index: u32,
+    count: u32,
+    total: u32,
+    crc: u32,
+}
+
+fn parse(frame: &[u8]) -> Result<(Header, &[u8]), FrameError> {
+    if frame.len() < HEADER {
+        return Err(FrameError::Truncated);
+    }
+    if frame[0..2] != MAGIC || frame[2] != VERSION || frame[3] != 0 {
+        return Err(FrameError::BadMagic);
+    }
+    let word = |i: usize| u32::from_le_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+    let h = Header {
+        id: word(4),
+        index: word(8),
+        count: word(12),
+        total: word(16),
+        crc: word(20),
+    };
+    if h.count == 0 || h.index >= h.count || h.count > h.total.max(1) {
+        return Err(FrameError::Inconsistent);
+    }
+    Ok((h, &frame[HEADER..]))
+}
+
+struct Partial {
+    next: u32,
+    count: u32,
+    total: u32,
+    crc: u32,
+    data: Vec<u8>,
+}
+
+/// Reassembles messages from frames, with limits and error counters.
+pub struct Reassembler {
+    max_message: usize,
+    max_in_flight: usize,
+    partial: HashMap<u32, Partial>,
+    /// Messages completed.
+    pub delivered: u64,
+    dropped: HashMap<FrameError, u64>,
+}
+
+impl Reassembler {
+    /// Accepts messages up to `max_message` bytes, at most `max_in_flight` at a time.
+    pub fn new(max_message: usize, max_in_flight: usize) -> Self {
+        Self {
+            max_message,
+            max_in_flight,
+            partial: HashMap::new(),
+            delivered: 0,
+            dropped: HashMap::new(),
+        }
+    }
+
+    /// Messages dropped for `reason` so far.
+    pub fn dropped(&self, reason: FrameError) -> u64 {
+        self.dropped.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// Bytes held in partially received messages.
+    pub fn buffered(&self) -> usize {
+        self.partial.values().map(|p| p.data.len()).sum()
+    }
+
+    /// Takes one frame; returns a message when its last chunk arrives. On error the
+    /// message the frame belongs to is discarded and the error counted.
+    pub fn push(&mut self, frame: &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
+        let r = self.accept(frame);
+        if let Err(e) = r {
+            *self.dropped.entry(e).or_default() += 1;
+        }
+        r
+    }
+
+    fn accept(&mut self, frame: &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
+        let (h, body) = parse(frame)?;
+        if h.total as usize > self.max_message {
+            self.partial.remove(&h.id);
+            return Err(FrameError::TooLarge);
+        }
+        if h.index == 0 {
+            if self.partial.remove(&h.id).is_some() {
+                // A restarted id abandons the older partial message.
+                *self.dropped.entry(FrameError::Inconsistent).or_default() += 1;
+            }
+            if self.partial.len() >= self.max_in_flight {
+                return Err(FrameError::TooManyInFlight);
+            }
+            let p = Partial {
+                next: 0,
+                count: h.count,
+                total: h.total,
+                crc: h.crc,
+                data: Vec::new(),
+            };
+            self.partial.insert(h.id, p);
+        }
+        let Some(p) = self.partial.get_mut(&h.id) else {
+            return Err(FrameError::Inconsistent);
+        };
+        let fits = p.data.len() + body.len() <= p.total as usize;
+        if h.index != p.next || h.count != p.count || h.total != p.total || h.crc != p.crc || !fits
+        {
+            self.partial.remove(&h.id);
+            return Err(FrameError::Inconsistent);
+        }
+        p.data.extend_from_slice(body);
+        p.next += 1;
+        if p.next < p.count {
+            return Ok(None);
+        }
+        let p = self.partial.remove(&h.id).expect("present");
+        if p.data.len() != p.total as usize {
+            return Err(FrameError::Inconsistent);
+        }
+        if Crc32::of(&p.data) != p.crc {
+            return Err(FrameError::Checksum);
+        }
+        self.delivered += 1;
+        Ok(Some(p.data))
+    }
+}
+
+/// Above this many bytes buffered in the channel, stop sending until it drains.
+/// (Chromium closes a data channel whose send buffer passes 16 MiB.)
+pub const HIGH_WATER: usize = 1 << 20;
+/// The buffered-amount-low threshold to set on the channel: resume below this.
+pub const LOW_WATER: usize = 256 << 10;
+
+/// Why a message could not be queued.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum QueueError {
+    /// Queuing it would exceed the queue's byte bound; try again after it drains.
+    #[error("send queue full")]
+    Full,
+    /// Larger than the channel's peer accepts.
+    #[error("message larger than the limit")]
+    TooLarge,
+}
+
+/// A bounded queue of outgoing frames for one channel.
+pub struct SendQueue {
+    frames: VecDeque<Vec<u8>>,
+    queued: usize,
+    max_queued: usize,
+    max_message: usize,
+    chunk: usize,
+    next_id: u32,
+}
+
+impl SendQueue {
+    /// A queue holding at most `max_queued` bytes, splitting messages of at most
+    /// `max_message` bytes into `chunk`-byte chunks.
+    pub fn new(chunk: usize, max_message: usize, max_queued: usize) -> Self {
+        assert!((1..=MAX_CHUNK).contains(&chunk), "chunk size out of range");
+        Self {
+            frames: VecDeque::new(),
+            queued: 0,
+            max_queued,
+            max_message,
+            chunk,
+            next_id: 0,
+        }
+    }
+
+    /// Splits and queues a message, or refuses it whole.
+    pub fn push(&mut self, msg: &[u8]) -> Result<(), QueueError> {
+        if msg.len() > self.max_message {
+            return Err(QueueError::TooLarge);
+        }
+        let framed = msg.len() + HEADER * msg.len().div_ceil(self.chunk).max(1);
+        if self.queued + framed > self.max_queued {
+            return Err(QueueError::Full);
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.frames.extend(split(id, msg, self.chunk));
+        self.queued += framed;
+        Ok(())
+    }
+
+    /// The next frame to send, if the channel has room (`buffered` is its
+    /// `bufferedAmount`); `None` means: wait for buffered-amount-low (or for more data).
+    pub fn next_frame(&mut self, buffered: usize) -> Option<Vec<u8>> {
+        if buffered >= HIGH_WATER {
+            return None;
+        }
+        let f = self.frames.pop_front()?;
+        self.queued -= f.len();
+        Some(f)
+    }
+
+    /// Bytes waiting.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn message(len: usize, seed: u64) -> Vec<u8> {
+        let mut r = SplitMix64::new(seed);
+        (0..len).map(|_| r.next_u64() as u8).collect()
+    }
+
+    fn deliver(r: &mut Reassembler, frames: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
+        frames
+            .into_iter()
+            .filter_map(|f| r.push(&f).ok().flatten())
+            .collect()
+    }
+
+    #[test]
+    fn crc_matches_the_standard_check_value() {
+        assert_eq!(Crc32::of(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn round_trips_messages_of_every_awkward_size() {
+        for len in [
+            0,
+            1,
+            100,
+            DEFAULT_CHUNK - 1,
+            DEFAULT_CHUNK,
+            DEFAULT_CHUNK + 1,
+            3 * DEFAULT_CHUNK,
+            1 << 20,
+        ] {
+            let msg = message(len, len as u64);
+            let mut r = Reassembler::new(2 << 20, 4);
+            let got = deliver(&mut r, split(7, &msg, DEFAULT_CHUNK));
+            assert_eq!(got, vec![msg], "length {len}");
+        }
+    }
+
+    #[test]
+    fn interleaved_messages_reassemble_independently() {
+        let (a, b) = (message(50_000, 1), message(40_000, 2));
+        let fa: Vec<_> = split(1, &a, 4096).collect();
+        let fb: Vec<_> = split(2, &b, 4096).collect();
+        let mut mixed = Vec::new();
+        for i in 0..fa.len().max(fb.len()) {
+            mixed.extend(fa.get(i).cloned());
+            mixed.extend(fb.get(i).cloned());
+        }
+        let mut r = Reassembler::new(1 << 20, 4);
+        // b has fewer chunks, so it completes first.
+        assert_eq!(deliver(&mut r, mixed), vec![b, a]);
+    }
+
+    #[test]
+    fn a_corrupted_chunk_drops_that_message_only() {
+        let (a, b) = (message(70_000, 3), message(9_000, 4));
+        let mut frames: Vec<_> = split(1, &a, DEFAULT_CHUNK).collect();
+        frames[2][HEADER + 5] ^= 0x40;
+        frames.extend(split(2, &b, DEFAULT_CHUNK));
+        let mut r = Reassembler::new(1 << 20, 4);
+        assert_eq!(deliver(&mut r, frames), vec![b]);
+        assert_eq!(r.dropped(FrameError::Checksum), 1);
+        assert_eq!(r.buffered(), 0);
+    }
+
+    #[test]
+    fn truncated_missing_or_reordered_chunks_are_counted_not_fatal() {
+        let a = message(40_000, 5);
+        let mut r = Reassembler::new(1 << 20, 4);
+        assert_eq!(r.push(&[1, 2, 3]), Err(FrameError::Truncated));
+        assert_eq!(r.push(&[0u8; 30]), Err(FrameError::BadMagic));
+        let frames: Vec<_> = split(9, &a, DEFAULT_CHUNK).collect();
+        r.push(&frames[0]).expect("first chunk");
+        assert_eq!(
+            r.push(&frames[2]),
+            Err(FrameError::Inconsistent),
+            "chunk 1 skipped"
+        );
+        assert_eq!(
+            r.push(&frames[1]),
+            Err(FrameError::Inconsistent),
+            "message already dropped"
+        );
+        let mut short = frames[2].clone();
+        short.truncate(HEADER + 10);
+        let again: Vec<_> = split(10, &a, DEFAULT_CHUNK).collect();
+        let mut tail_cut = again.clone();
+        tail_cut[2].truncate(HEADER + 10);
+        assert_eq!(deliver(&mut r, tail_cut), Vec::<Vec<u8>>::new());
+        assert_eq!(deliver(&mut r, again), vec![a]);
+        assert!(r.dropped(FrameError::Inconsistent) >= 3);
+    }
+
+    #[test]
+    fn oversized_and_too_many_messages_are_refused_up_front() {
+        let mut r = Reassembler::new(1000, 2);
+        let big = message(5000, 6);
+        let first = split(1, &big, 512).next().expect("a frame");
+        assert_eq!(r.push(&first), Err(FrameError::TooLarge));
+        assert_eq!(r.buffered(), 0);
+        let m = message(900, 7);
+        for id in 0..2 {
+            r.push(&split(id, &m, 100).next().expect("frame"))
+                .expect("accepted");
+        }
+        assert_eq!(
+            r.push(&split(5, &m, 100).next().expect("frame")),
+            Err(FrameError::TooManyInFlight)
+        );
+    }
+
+    #[test]
+    fn random_garbage_never_panics_and_never_delivers() {
+        let mut rng = SplitMix64::new(11);
+        let mut r = Reassembler::new(1 << 16, 4);
+        let valid: Vec<_> = split(3, &message(30_000, 8), 1000).collect();
+        for round in 0..5000 {
+            let mut f = valid[rng.below(valid.len())].clone();
+            let flips = 1 + rng.below(4);
+            for _ in 0..flips {
+                let i = rng.below(f.len());
+                f[i] ^= 1 << rng.below(8);
+            }
+            if round % 7 == 0 {
+                f.truncate(rng.below(f.len() + 1));
+            }
+            if let Ok(Some(m)) = r.push(&f) {
+                panic!("delivered a corrupted message of {} bytes", m.len());
+            }
+        }
+        assert!(r.buffered() <= 4 << 16);
+    }
+
+    #[test]
+    fn send_queue_is_bounded_and_respects_the_high_water_mark() {
+        let mut q = SendQueue::new(1000, 1 << 20, 10_000);
+        q.push(&message(5000, 1)).expect("fits");
+        assert_eq!(q.push(&message(5000, 2)), Err(QueueError::Full));
+        assert_eq!(q.push(&message(2 << 20, 3)), Err(QueueError::TooLarge));
+        assert!(q.next_frame(HIGH_WATER).is_none(), "channel full: wait");
+        let mut r = Reassembler::new(1 << 20, 1);
+        let mut got = None;
+        while let Some(f) = q.next_frame(0) {
+            got = r.push(&f).expect("valid").or(got);
+        }
+        assert_eq!(got, Some(message(5000, 1)));
+        assert_eq!(q.queued(), 0);
+        q.push(&message(5000, 2)).expect("room again");
+    }
+}
