@@ -26,6 +26,21 @@ impl std::fmt::Display for PeerId {
     }
 }
 
+impl std::str::FromStr for PeerId {
+    type Err = &'static str;
+
+    /// Parses the wire form: exactly 16 lowercase hex digits.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if s.len() != 16 || !s.bytes().all(hex) {
+            return Err("peer id must be 16 lowercase hex digits");
+        }
+        u64::from_str_radix(s, 16)
+            .map(PeerId)
+            .map_err(|_| "peer id must be 16 lowercase hex digits")
+    }
+}
+
 mod hex_u64 {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
@@ -34,15 +49,10 @@ mod hex_u64 {
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        let s = <&str>::deserialize(d)?;
-        if s.len() != 16
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(D::Error::custom("peer id must be 16 lowercase hex digits"));
-        }
-        u64::from_str_radix(s, 16).map_err(D::Error::custom)
+        let s = String::deserialize(d)?;
+        s.parse::<super::PeerId>()
+            .map(|p| p.0)
+            .map_err(D::Error::custom)
     }
 }
 

@@ -26,6 +26,13 @@ export async function startServer(extraArgs = []) {
   });
   return {
     url,
+    ws: `${url.replace('http://', 'ws://')}/ws/digits?v=1`,
+    /** Kills the server abruptly (SIGKILL), as a crash would. */
+    async kill() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill('SIGKILL');
+      await once(child, 'exit');
+    },
     async stop() {
       if (child.exitCode !== null) return child.exitCode;
       child.kill('SIGTERM');
@@ -49,4 +56,41 @@ export async function launchBrowser() {
     headless: true,
     args: CHROMIUM_ARGS,
   });
+}
+
+/** A fresh browser context with the media permission Chromium requires before it will
+ *  gather loopback ICE candidates (a test-harness need only: Shoal never asks for media). */
+export async function webrtcPage(browser, url) {
+  const context = await browser.newContext();
+  await context.grantPermissions(['microphone', 'camera']);
+  const page = await context.newPage();
+  page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
+  await page.goto(url);
+  return page;
+}
+
+/** In the page: loads the bundle, joins the swarm at `ws`, and records every event in
+ *  `window.shoalEvents`. */
+export async function joinSwarm(page, ws) {
+  await page.evaluate(async (ws) => {
+    const shoal = await import('/pkg/shoal_web_client.js');
+    await shoal.default();
+    window.shoalEvents = [];
+    window.swarm = shoal.Swarm.connect(ws);
+    (async () => {
+      for (;;) {
+        const e = await window.swarm.next();
+        window.shoalEvents.push(e);
+      }
+    })();
+  }, ws);
+}
+
+/** Waits until the page's swarm has an open channel and returns that peer's id. */
+export async function firstPeer(page, timeout = 60_000) {
+  const handle = await page.waitForFunction(() => {
+    const up = window.shoalEvents.find((e) => e.type === 'peer_up');
+    return up ? up.peer : false;
+  }, null, { timeout, polling: 100 });
+  return handle.jsonValue();
 }

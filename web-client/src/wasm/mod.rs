@@ -11,6 +11,9 @@ use shoal_shared::gpu::Gpu;
 use shoal_shared::rng::SplitMix64;
 use wasm_bindgen::prelude::*;
 
+mod transport;
+pub use transport::Swarm;
+
 /// Runs once when the module is instantiated.
 #[wasm_bindgen(start)]
 fn start() {

@@ -1,0 +1,78 @@
+// Browser to browser over real WebRTC: two headless Chromium contexts join the swarm
+// through the real signaling server, open a data channel, and move a 10 MB message
+// through Shoal's framing, checked by SHA-256 on both sides. A second transfer runs
+// while the signaling server is killed: the connection that is up carries on.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer } from './harness.mjs';
+
+let server;
+let browser;
+let a;
+let b;
+
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser();
+  a = await webrtcPage(browser, server.url);
+  b = await webrtcPage(browser, server.url);
+  await joinSwarm(a, server.ws);
+  await joinSwarm(b, server.ws);
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.kill();
+});
+
+/** In page `from`: sends `mb` MB of random bytes to its first peer; returns the hash. */
+async function sendRandom(from, peer, mb) {
+  return from.evaluate(async ({ peer, mb }) => {
+    const data = new Uint8Array(mb * 1024 * 1024);
+    for (let i = 0; i < data.length; i += 65536) crypto.getRandomValues(data.subarray(i, i + 65536));
+    const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', data));
+    window.swarm.send(peer, data);
+    return Array.from(digest, (x) => x.toString(16).padStart(2, '0')).join('');
+  }, { peer, mb });
+}
+
+/** In page `to`: waits for the `n`th message and returns its length and hash. */
+async function receive(to, n, timeout = 120_000) {
+  await to.waitForFunction((n) => window.shoalEvents.filter((e) => e.type === 'message').length >= n,
+    n, { timeout, polling: 200 });
+  return to.evaluate(async (n) => {
+    const m = window.shoalEvents.filter((e) => e.type === 'message')[n - 1];
+    const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', m.data));
+    return { from: m.from, length: m.data.length, hash: Array.from(digest, (x) => x.toString(16).padStart(2, '0')).join('') };
+  }, n);
+}
+
+test('two browsers connect through the server and move 10 MB intact', async () => {
+  const [peerOfA, peerOfB] = await Promise.all([firstPeer(a), firstPeer(b)]);
+  const idA = await a.evaluate(() => window.swarm.id());
+  const idB = await b.evaluate(() => window.swarm.id());
+  assert.equal(peerOfA, idB);
+  assert.equal(peerOfB, idA);
+  const started = Date.now();
+  const sent = await sendRandom(a, idB, 10);
+  const got = await receive(b, 1);
+  const seconds = (Date.now() - started) / 1000;
+  console.log(`10 MB browser to browser in ${seconds.toFixed(1)} s (${(10 / seconds).toFixed(1)} MB/s)`);
+  assert.equal(got.length, 10 * 1024 * 1024);
+  assert.equal(got.hash, sent);
+  assert.equal(got.from, idA);
+  assert.equal(await b.evaluate(() => window.swarm.frameErrors()), 0);
+});
+
+test('a transfer completes while the signaling server is killed', async () => {
+  const idB = await b.evaluate(() => window.swarm.id());
+  const sent = await sendRandom(a, idB, 10);
+  await server.kill();
+  const arrived = await b.evaluate(() => window.shoalEvents.filter((e) => e.type === 'message').length);
+  assert.equal(arrived, 1, 'the server was killed before the second message arrived');
+  const got = await receive(b, 2);
+  assert.equal(got.hash, sent);
+  // Both pages noticed the server go, and the channel is still up.
+  await b.waitForFunction(() => window.shoalEvents.some((e) => e.type === 'signaling' && e.state === 'down'));
+  assert.equal((await a.evaluate(() => window.swarm.peers())).length, 1);
+});

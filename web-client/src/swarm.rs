@@ -1,0 +1,84 @@
+//! Platform-neutral rules of the swarm transport, used by the browser and the native
+//! implementations alike: who makes the WebRTC offer, how reconnection backs off, and the
+//! sizes that bound every queue.
+
+use shoal_shared::protocol::PeerId;
+use shoal_shared::rng::SplitMix64;
+
+/// Largest message a peer sends or accepts over a data channel (a model of a few million
+/// parameters in fp32, with room to spare).
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Messages a receiver reassembles at once per channel.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Bytes one channel's send queue may hold.
+pub const MAX_QUEUED: usize = 2 * MAX_MESSAGE;
+/// Seconds a new peer connection has to open its channel before it is dropped.
+pub const CONNECT_DEADLINE_SECS: u32 = 20;
+
+/// For each pair of neighbours, the one with the smaller id offers.
+pub fn should_offer(me: PeerId, other: PeerId) -> bool {
+    me < other
+}
+
+/// Capped exponential backoff with jitter for reconnecting to the signaling server.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    attempt: u32,
+    base_ms: u32,
+    max_ms: u32,
+    rng: SplitMix64,
+}
+
+impl Backoff {
+    /// Starts at `base_ms`, doubles per attempt, never exceeds `max_ms`.
+    pub fn new(base_ms: u32, max_ms: u32, seed: u64) -> Self {
+        Self {
+            attempt: 0,
+            base_ms,
+            max_ms,
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    /// The delay before the next attempt: a uniform draw from the upper half of the
+    /// capped exponential, so that peers that lost the server together do not return
+    /// together.
+    pub fn next_delay_ms(&mut self) -> u32 {
+        let exp = u64::from(self.base_ms) << self.attempt.min(20);
+        let cap = exp.min(u64::from(self.max_ms)) as f32;
+        self.attempt = self.attempt.saturating_add(1);
+        (cap * (0.5 + 0.5 * self.rng.unit_f32())) as u32
+    }
+
+    /// After a successful connection.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_side_of_each_pair_offers() {
+        let (a, b) = (PeerId(3), PeerId(9));
+        assert!(should_offer(a, b));
+        assert!(!should_offer(b, a));
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_jittered_and_resets() {
+        let mut b = Backoff::new(250, 10_000, 1);
+        let delays: Vec<u32> = (0..10).map(|_| b.next_delay_ms()).collect();
+        assert!((125..=250).contains(&delays[0]), "{delays:?}");
+        assert!((250..=500).contains(&delays[1]), "{delays:?}");
+        assert!(delays.iter().all(|&d| d <= 10_000), "{delays:?}");
+        assert!(delays[9] >= 5_000, "capped, not stuck low: {delays:?}");
+        let mut other = Backoff::new(250, 10_000, 2);
+        let theirs: Vec<u32> = (0..10).map(|_| other.next_delay_ms()).collect();
+        assert_ne!(delays, theirs, "jitter differs between peers");
+        b.reset();
+        assert!(b.next_delay_ms() <= 250);
+    }
+}

@@ -1,0 +1,613 @@
+//! The browser transport: a websocket to the signaling server and one WebRTC peer
+//! connection per neighbour, each with one reliable, ordered data channel carrying framed
+//! messages (`shoal_shared::framing`).
+//!
+//! Everything runs on the worker's (or page's) single thread, so the state is an
+//! `Rc<RefCell<_>>` that callbacks borrow briefly and never across an await.
+//! Every `Closure` is owned by the connection it serves and detached from its JS object
+//! before it is dropped; none is leaked.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::{Rc, Weak};
+
+use futures_channel::mpsc;
+use futures_core::Stream;
+use js_sys::{Array, Function, Object, Reflect, Uint8Array};
+use shoal_shared::framing::{DEFAULT_CHUNK, LOW_WATER, Reassembler, SendQueue};
+use shoal_shared::protocol::{ClientMessage, PeerId, ServerMessage, Signal};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, spawn_local};
+use web_sys::{
+    MessageEvent, RtcConfiguration, RtcDataChannel, RtcDataChannelInit, RtcDataChannelState,
+    RtcDataChannelType, RtcIceCandidateInit, RtcPeerConnection, RtcPeerConnectionIceEvent,
+    RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit, WebSocket,
+};
+
+use crate::swarm::{Backoff, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED, should_offer};
+
+type Shared = Rc<RefCell<Inner>>;
+
+struct Conn {
+    pc: RtcPeerConnection,
+    dc: RtcDataChannel,
+    queue: SendQueue,
+    rx: Reassembler,
+    open: bool,
+    /// Handlers attached to `pc` and `dc`; detached in `Drop`.
+    _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.pc.set_onicecandidate(None);
+        self.pc.set_onconnectionstatechange(None);
+        self.dc.set_onopen(None);
+        self.dc.set_onclose(None);
+        self.dc.set_onmessage(None);
+        self.dc.set_onbufferedamountlow(None);
+        self.dc.close();
+        self.pc.close();
+    }
+}
+
+struct Inner {
+    url: String,
+    me: Option<PeerId>,
+    ws: Option<WebSocket>,
+    ws_handlers: Vec<Closure<dyn FnMut(JsValue)>>,
+    ice_servers: JsValue,
+    peers: HashMap<PeerId, Conn>,
+    neighbours: BTreeSet<PeerId>,
+    events: mpsc::UnboundedSender<JsValue>,
+    backoff: Backoff,
+    closed: bool,
+    /// Frames dropped by the reassemblers (corrupt, truncated, oversized).
+    frame_errors: u64,
+}
+
+fn event(kind: &str, fields: &[(&str, JsValue)]) -> JsValue {
+    let o = Object::new();
+    let _ = Reflect::set(&o, &"type".into(), &kind.into());
+    for (k, v) in fields {
+        let _ = Reflect::set(&o, &(*k).into(), v);
+    }
+    o.into()
+}
+
+fn emit(inner: &Inner, ev: JsValue) {
+    let _ = inner.events.unbounded_send(ev);
+}
+
+fn set_timeout(f: &Function, ms: u32) {
+    let global = js_sys::global();
+    if let Ok(st) = Reflect::get(&global, &"setTimeout".into())
+        && let Ok(st) = st.dyn_into::<Function>()
+    {
+        let _ = st.call2(&global, f, &JsValue::from(ms));
+    }
+}
+
+/// A member of a swarm, as seen from JavaScript.
+#[wasm_bindgen]
+pub struct Swarm {
+    inner: Shared,
+    events: Rc<RefCell<Option<mpsc::UnboundedReceiver<JsValue>>>>,
+}
+
+#[wasm_bindgen]
+impl Swarm {
+    /// Connects to `url` (`ws://host/ws/TASK?v=1`). Events arrive through `next()`:
+    /// `{type:"signaling", state:"up"|"down", peer?}`, `{type:"peer_up", peer}`,
+    /// `{type:"peer_down", peer}`, `{type:"message", from, data: Uint8Array}`.
+    pub fn connect(url: String) -> Swarm {
+        let (tx, rx) = mpsc::unbounded();
+        let seed = (js_sys::Math::random() * 2f64.powi(53)) as u64;
+        let inner = Rc::new(RefCell::new(Inner {
+            url,
+            me: None,
+            ws: None,
+            ws_handlers: Vec::new(),
+            ice_servers: Array::new().into(),
+            peers: HashMap::new(),
+            neighbours: BTreeSet::new(),
+            events: tx,
+            backoff: Backoff::new(250, 10_000, seed),
+            closed: false,
+            frame_errors: 0,
+        }));
+        open_signaling(&inner);
+        Swarm {
+            inner,
+            events: Rc::new(RefCell::new(Some(rx))),
+        }
+    }
+
+    /// This peer's id in the current signaling session, if connected.
+    pub fn id(&self) -> Option<String> {
+        self.inner.borrow().me.map(|p| p.to_string())
+    }
+
+    /// Peers with an open data channel.
+    pub fn peers(&self) -> Vec<String> {
+        let inner = self.inner.borrow();
+        inner
+            .peers
+            .iter()
+            .filter(|(_, c)| c.open)
+            .map(|(p, _)| p.to_string())
+            .collect()
+    }
+
+    /// Frames dropped as corrupt, truncated or oversized.
+    #[wasm_bindgen(js_name = frameErrors)]
+    pub fn frame_errors(&self) -> f64 {
+        self.inner.borrow().frame_errors as f64
+    }
+
+    /// Queues a message for a connected peer; throws if the peer is unknown, the message
+    /// too large, or the queue full (retry after some `message` events or a delay).
+    pub fn send(&self, peer: String, data: &[u8]) -> Result<(), JsError> {
+        let id = parse_peer(&peer)?;
+        {
+            let mut inner = self.inner.borrow_mut();
+            let conn = inner
+                .peers
+                .get_mut(&id)
+                .ok_or_else(|| JsError::new("no such peer"))?;
+            conn.queue
+                .push(data)
+                .map_err(|e| JsError::new(&e.to_string()))?;
+        }
+        pump(&self.inner, id);
+        Ok(())
+    }
+
+    /// Resolves to the next event.
+    pub fn next(&self) -> js_sys::Promise {
+        let slot = Rc::clone(&self.events);
+        wasm_bindgen_futures::future_to_promise(async move {
+            let taken = slot.borrow_mut().take();
+            let mut rx = taken.ok_or_else(|| JsError::new("next() is already pending"))?;
+            let ev = std::future::poll_fn(|cx| std::pin::Pin::new(&mut rx).poll_next(cx)).await;
+            *slot.borrow_mut() = Some(rx);
+            ev.ok_or_else(|| JsError::new("swarm closed").into())
+        })
+    }
+
+    /// Leaves the swarm: closes every connection and the websocket.
+    pub fn close(&self) {
+        let mut inner = self.inner.borrow_mut();
+        inner.closed = true;
+        inner.peers.clear();
+        if let Some(ws) = inner.ws.take() {
+            ws.set_onmessage(None);
+            ws.set_onclose(None);
+            let _ = ws.close();
+        }
+        inner.ws_handlers.clear();
+    }
+}
+
+fn parse_peer(s: &str) -> Result<PeerId, JsError> {
+    s.parse().map_err(JsError::new)
+}
+
+fn send_signal(inner: &Inner, to: PeerId, signal: Signal) {
+    if let Some(ws) = &inner.ws
+        && ws.ready_state() == WebSocket::OPEN
+    {
+        let text = serde_json::to_string(&ClientMessage::Signal { to, signal }).unwrap_or_default();
+        let _ = ws.send_with_str(&text);
+    }
+}
+
+fn open_signaling(shared: &Shared) {
+    let url = shared.borrow().url.clone();
+    let ws = match WebSocket::new(&url) {
+        Ok(ws) => ws,
+        Err(_) => return schedule_reconnect(shared),
+    };
+    let weak = Rc::downgrade(shared);
+    let on_message = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+        let Some(shared) = weak.upgrade() else { return };
+        let Some(text) = e
+            .dyn_into::<MessageEvent>()
+            .ok()
+            .and_then(|m| m.data().as_string())
+        else {
+            return;
+        };
+        match serde_json::from_str::<ServerMessage>(&text) {
+            Ok(m) => on_server_message(&shared, m),
+            Err(e) => {
+                web_sys::console::warn_1(&format!("shoal: bad signaling message: {e}").into())
+            }
+        }
+    });
+    let weak = Rc::downgrade(shared);
+    let on_close = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        let Some(shared) = weak.upgrade() else { return };
+        {
+            let mut inner = shared.borrow_mut();
+            inner.ws = None;
+            inner.me = None;
+            emit(&inner, event("signaling", &[("state", "down".into())]));
+            if inner.closed {
+                return;
+            }
+        }
+        schedule_reconnect(&shared);
+    });
+    ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    let mut inner = shared.borrow_mut();
+    // Drop the previous socket's handlers only after detaching them from it.
+    inner.ws_handlers = vec![on_message, on_close];
+    inner.ws = Some(ws);
+}
+
+fn schedule_reconnect(shared: &Shared) {
+    let delay = shared.borrow_mut().backoff.next_delay_ms();
+    let weak: Weak<RefCell<Inner>> = Rc::downgrade(shared);
+    let cb = Closure::once_into_js(move || {
+        if let Some(shared) = weak.upgrade()
+            && !shared.borrow().closed
+        {
+            open_signaling(&shared);
+        }
+    });
+    set_timeout(cb.unchecked_ref(), delay);
+}
+
+fn on_server_message(shared: &Shared, m: ServerMessage) {
+    match m {
+        ServerMessage::Welcome {
+            peer, ice_servers, ..
+        } => {
+            let mut inner = shared.borrow_mut();
+            inner.me = Some(peer);
+            inner.backoff.reset();
+            inner.ice_servers = serde_wasm_ice(&ice_servers);
+            emit(
+                &inner,
+                event(
+                    "signaling",
+                    &[("state", "up".into()), ("peer", peer.to_string().into())],
+                ),
+            );
+        }
+        ServerMessage::Neighbours { peers } => {
+            let me = shared.borrow().me;
+            let Some(me) = me else { return };
+            let set: BTreeSet<PeerId> = peers.into_iter().collect();
+            let (to_open, to_drop): (Vec<PeerId>, Vec<PeerId>) = {
+                let mut inner = shared.borrow_mut();
+                inner.neighbours = set.clone();
+                let open = set
+                    .iter()
+                    .copied()
+                    .filter(|p| !inner.peers.contains_key(p))
+                    .collect();
+                // Connections that are up stay up (they may predate a signaling
+                // reconnect); pending ones to former neighbours are abandoned.
+                let drop = inner
+                    .peers
+                    .iter()
+                    .filter(|(p, c)| !set.contains(p) && !c.open)
+                    .map(|(p, _)| *p)
+                    .collect();
+                (open, drop)
+            };
+            for p in to_drop {
+                shared.borrow_mut().peers.remove(&p);
+            }
+            for p in to_open {
+                if should_offer(me, p) {
+                    start_connection(shared, p, true);
+                }
+            }
+        }
+        ServerMessage::Left { peer } => {
+            let mut inner = shared.borrow_mut();
+            inner.neighbours.remove(&peer);
+            if inner.peers.remove(&peer).is_some() {
+                emit(
+                    &inner,
+                    event("peer_down", &[("peer", peer.to_string().into())]),
+                );
+            }
+        }
+        ServerMessage::Joined { .. } => {}
+        ServerMessage::Signal { from, signal } => on_signal(shared, from, signal),
+        ServerMessage::Error { code, message } => {
+            web_sys::console::warn_1(
+                &format!("shoal: signaling error {}: {message}", code.as_str()).into(),
+            );
+        }
+    }
+}
+
+fn serde_wasm_ice(list: &[shoal_shared::protocol::IceServer]) -> JsValue {
+    let arr = Array::new();
+    for s in list {
+        let o = Object::new();
+        let urls = Array::new();
+        for u in &s.urls {
+            urls.push(&u.into());
+        }
+        let _ = Reflect::set(&o, &"urls".into(), &urls);
+        if let Some(u) = &s.username {
+            let _ = Reflect::set(&o, &"username".into(), &u.into());
+        }
+        if let Some(c) = &s.credential {
+            let _ = Reflect::set(&o, &"credential".into(), &c.into());
+        }
+        arr.push(&o);
+    }
+    arr.into()
+}
+
+fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
+    match signal {
+        Signal::Offer { sdp } => {
+            if !shared.borrow().peers.contains_key(&from) {
+                start_connection(shared, from, false);
+            }
+            let Some(pc) = shared.borrow().peers.get(&from).map(|c| c.pc.clone()) else {
+                return;
+            };
+            let weak = Rc::downgrade(shared);
+            spawn_local(async move {
+                let desc = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
+                desc.set_sdp(&sdp);
+                if JsFuture::from(pc.set_remote_description(&desc))
+                    .await
+                    .is_err()
+                {
+                    return drop_peer(&weak, from);
+                }
+                let Ok(answer) = JsFuture::from(pc.create_answer()).await else {
+                    return drop_peer(&weak, from);
+                };
+                let sdp = Reflect::get(&answer, &"sdp".into())
+                    .ok()
+                    .and_then(|s| s.as_string())
+                    .unwrap_or_default();
+                let local = RtcSessionDescriptionInit::new(RtcSdpType::Answer);
+                local.set_sdp(&sdp);
+                if JsFuture::from(pc.set_local_description(&local))
+                    .await
+                    .is_err()
+                {
+                    return drop_peer(&weak, from);
+                }
+                if let Some(shared) = weak.upgrade() {
+                    send_signal(&shared.borrow(), from, Signal::Answer { sdp });
+                }
+            });
+        }
+        Signal::Answer { sdp } => {
+            let Some(pc) = shared.borrow().peers.get(&from).map(|c| c.pc.clone()) else {
+                return;
+            };
+            let weak = Rc::downgrade(shared);
+            spawn_local(async move {
+                let desc = RtcSessionDescriptionInit::new(RtcSdpType::Answer);
+                desc.set_sdp(&sdp);
+                if JsFuture::from(pc.set_remote_description(&desc))
+                    .await
+                    .is_err()
+                {
+                    drop_peer(&weak, from);
+                }
+            });
+        }
+        Signal::Candidate {
+            candidate,
+            sdp_mid,
+            sdp_m_line_index,
+        } => {
+            let Some(pc) = shared.borrow().peers.get(&from).map(|c| c.pc.clone()) else {
+                return;
+            };
+            let init = RtcIceCandidateInit::new(&candidate);
+            init.set_sdp_mid(sdp_mid.as_deref());
+            init.set_sdp_m_line_index(sdp_m_line_index);
+            spawn_local(async move {
+                // A candidate that does not apply (stale, or for a closed session) is
+                // harmless to ignore.
+                let _ = JsFuture::from(
+                    pc.add_ice_candidate_with_opt_rtc_ice_candidate_init(Some(&init)),
+                )
+                .await;
+            });
+        }
+    }
+}
+
+/// [`drop_peer`] from inside one of the connection's own handlers: deferred to a
+/// microtask, so that the handler is not dropped while it runs.
+fn drop_peer_later(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
+    let weak = weak.clone();
+    spawn_local(async move { drop_peer(&weak, peer) });
+}
+
+fn drop_peer(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
+    if let Some(shared) = weak.upgrade() {
+        let mut inner = shared.borrow_mut();
+        if let Some(c) = inner.peers.remove(&peer)
+            && c.open
+        {
+            emit(
+                &inner,
+                event("peer_down", &[("peer", peer.to_string().into())]),
+            );
+        }
+    }
+}
+
+fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
+    let config = RtcConfiguration::new();
+    config.set_ice_servers(&shared.borrow().ice_servers);
+    let Ok(pc) = RtcPeerConnection::new_with_configuration(&config) else {
+        return;
+    };
+    // One pre-negotiated, reliable, ordered channel (id 0) on both sides: no
+    // ondatachannel round trip, and either side may start sending once it opens.
+    let init = RtcDataChannelInit::new();
+    init.set_negotiated(true);
+    init.set_id(0);
+    init.set_ordered(true);
+    let dc = pc.create_data_channel_with_data_channel_dict("shoal", &init);
+    dc.set_binary_type(RtcDataChannelType::Arraybuffer);
+    dc.set_buffered_amount_low_threshold(LOW_WATER as u32);
+
+    let mut handlers: Vec<Closure<dyn FnMut(JsValue)>> = Vec::new();
+    let weak = Rc::downgrade(shared);
+    let on_ice = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+        let Some(shared) = weak.upgrade() else { return };
+        let Ok(e) = e.dyn_into::<RtcPeerConnectionIceEvent>() else {
+            return;
+        };
+        if let Some(c) = e.candidate() {
+            let signal = Signal::Candidate {
+                candidate: c.candidate(),
+                sdp_mid: c.sdp_mid(),
+                sdp_m_line_index: c.sdp_m_line_index(),
+            };
+            send_signal(&shared.borrow(), peer, signal);
+        }
+    });
+    pc.set_onicecandidate(Some(on_ice.as_ref().unchecked_ref()));
+    handlers.push(on_ice);
+
+    let weak = Rc::downgrade(shared);
+    let pc2 = pc.clone();
+    let on_state = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        if matches!(
+            pc2.connection_state(),
+            RtcPeerConnectionState::Failed | RtcPeerConnectionState::Closed
+        ) {
+            // Dropped, not retried: the neighbour set will bring another peer.
+            drop_peer_later(&weak, peer);
+        }
+    });
+    pc.set_onconnectionstatechange(Some(on_state.as_ref().unchecked_ref()));
+    handlers.push(on_state);
+
+    let weak = Rc::downgrade(shared);
+    let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        let Some(shared) = weak.upgrade() else { return };
+        {
+            let mut inner = shared.borrow_mut();
+            let Some(c) = inner.peers.get_mut(&peer) else {
+                return;
+            };
+            c.open = true;
+            emit(
+                &inner,
+                event("peer_up", &[("peer", peer.to_string().into())]),
+            );
+        }
+        pump(&shared, peer);
+    });
+    dc.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+    handlers.push(on_open);
+
+    let weak = Rc::downgrade(shared);
+    let on_close =
+        Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| drop_peer_later(&weak, peer));
+    dc.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    handlers.push(on_close);
+
+    let weak = Rc::downgrade(shared);
+    let on_low = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        if let Some(shared) = weak.upgrade() {
+            pump(&shared, peer);
+        }
+    });
+    dc.set_onbufferedamountlow(Some(on_low.as_ref().unchecked_ref()));
+    handlers.push(on_low);
+
+    let weak = Rc::downgrade(shared);
+    let on_msg = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+        let Some(shared) = weak.upgrade() else { return };
+        let Ok(e) = e.dyn_into::<MessageEvent>() else {
+            return;
+        };
+        let frame = Uint8Array::new(&e.data()).to_vec();
+        let mut inner = shared.borrow_mut();
+        let Some(c) = inner.peers.get_mut(&peer) else {
+            return;
+        };
+        match c.rx.push(&frame) {
+            Ok(Some(msg)) => {
+                let data = Uint8Array::from(&msg[..]);
+                emit(
+                    &inner,
+                    event(
+                        "message",
+                        &[("from", peer.to_string().into()), ("data", data.into())],
+                    ),
+                );
+            }
+            Ok(None) => {}
+            Err(_) => inner.frame_errors += 1,
+        }
+    });
+    dc.set_onmessage(Some(on_msg.as_ref().unchecked_ref()));
+    handlers.push(on_msg);
+
+    let conn = Conn {
+        pc: pc.clone(),
+        dc,
+        queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
+        rx: Reassembler::new(MAX_MESSAGE, MAX_IN_FLIGHT),
+        open: false,
+        _handlers: handlers,
+    };
+    shared.borrow_mut().peers.insert(peer, conn);
+
+    if offer {
+        let weak = Rc::downgrade(shared);
+        spawn_local(async move {
+            let Ok(offer) = JsFuture::from(pc.create_offer()).await else {
+                return drop_peer(&weak, peer);
+            };
+            let sdp = Reflect::get(&offer, &"sdp".into())
+                .ok()
+                .and_then(|s| s.as_string())
+                .unwrap_or_default();
+            let local = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
+            local.set_sdp(&sdp);
+            if JsFuture::from(pc.set_local_description(&local))
+                .await
+                .is_err()
+            {
+                return drop_peer(&weak, peer);
+            }
+            if let Some(shared) = weak.upgrade() {
+                send_signal(&shared.borrow(), peer, Signal::Offer { sdp });
+            }
+        });
+    }
+}
+
+/// Sends queued frames while the channel has room; the buffered-amount-low event calls
+/// it again.
+fn pump(shared: &Shared, peer: PeerId) {
+    let mut inner = shared.borrow_mut();
+    let Some(c) = inner.peers.get_mut(&peer) else {
+        return;
+    };
+    if !c.open || c.dc.ready_state() != RtcDataChannelState::Open {
+        return;
+    }
+    while let Some(frame) = c.queue.next_frame(c.dc.buffered_amount() as usize) {
+        if c.dc.send_with_u8_array(&frame).is_err() {
+            break;
+        }
+    }
+}
