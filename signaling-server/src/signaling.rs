@@ -110,6 +110,20 @@ struct Task {
     ids: Vec<PeerId>,
 }
 
+impl Task {
+    /// Removes a peer, keeping `ids` dense (the last id moves into the freed slot).
+    fn remove(&mut self, id: PeerId) -> Option<Peer> {
+        let gone = self.peers.remove(&id)?;
+        self.ids.swap_remove(gone.slot);
+        if let Some(&moved) = self.ids.get(gone.slot)
+            && let Some(p) = self.peers.get_mut(&moved)
+        {
+            p.slot = gone.slot;
+        }
+        Some(gone)
+    }
+}
+
 struct HubState {
     tasks: HashMap<String, Task>,
     rng: SplitMix64,
@@ -256,23 +270,19 @@ impl Hub {
     }
 
     /// Removes a peer, tells its neighbours, and gives each neighbour left with fewer
-    /// than k a replacement.
+    /// than k a replacement. During shutdown nobody is told: the peers have not left,
+    /// the server has, and their WebRTC connections carry on without it.
     fn leave(&self, task: &str, id: PeerId) {
         let k = self.config.neighbours;
+        let quiet = *self.shutdown.borrow();
         let mut guard = self.lock();
         let st = &mut *guard;
         let Some(t) = st.tasks.get_mut(task) else {
             return;
         };
-        let Some(gone) = t.peers.remove(&id) else {
+        let Some(gone) = t.remove(id) else { return };
+        if quiet {
             return;
-        };
-        let last = t.ids.pop();
-        if let Some(moved) = last.filter(|&m| m != id) {
-            t.ids[gone.slot] = moved;
-            if let Some(p) = t.peers.get_mut(&moved) {
-                p.slot = gone.slot;
-            }
         }
         for q in gone.neighbours {
             let Some(qp) = t.peers.get_mut(&q) else {

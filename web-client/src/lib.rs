@@ -9,6 +9,8 @@ use shoal_shared::engine::{AnyBackend, ModelSpec};
 use shoal_shared::gpu::{AdapterSummary, Gpu, GpuError};
 use shoal_shared::idx::IdxLimits;
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
 pub mod swarm;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

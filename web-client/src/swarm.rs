@@ -15,6 +15,27 @@ pub const MAX_QUEUED: usize = 2 * MAX_MESSAGE;
 /// Seconds a new peer connection has to open its channel before it is dropped.
 pub const CONNECT_DEADLINE_SECS: u32 = 20;
 
+/// What a swarm transport reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SwarmEvent {
+    /// The signaling connection came up (with this peer's id) or went down.
+    Signaling {
+        /// This peer's id in the new session; `None` when the connection went down.
+        me: Option<PeerId>,
+    },
+    /// A data channel to this neighbour opened.
+    PeerUp(PeerId),
+    /// The connection to this neighbour closed or failed.
+    PeerDown(PeerId),
+    /// A whole, checksummed message from a neighbour.
+    Message {
+        /// Who sent it.
+        from: PeerId,
+        /// Its bytes.
+        data: Vec<u8>,
+    },
+}
+
 /// For each pair of neighbours, the one with the smaller id offers.
 pub fn should_offer(me: PeerId, other: PeerId) -> bool {
     me < other

@@ -186,6 +186,12 @@ pub(crate) fn run_all() -> Result<()> {
             "--release",
             "-p",
             "shoal-signaling-server",
+            "--bin",
+            "shoal-signaling-server",
+            "-p",
+            "shoal-web-client",
+            "--bin",
+            "shoal-peer",
         ]))
     });
     match built {

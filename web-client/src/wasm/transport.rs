@@ -310,13 +310,12 @@ fn on_server_message(shared: &Shared, m: ServerMessage) {
             }
         }
         ServerMessage::Left { peer } => {
+            // The peer's websocket is gone; its data channel may not be (the server may
+            // be restarting). An open channel stays until it closes by itself.
             let mut inner = shared.borrow_mut();
             inner.neighbours.remove(&peer);
-            if inner.peers.remove(&peer).is_some() {
-                emit(
-                    &inner,
-                    event("peer_down", &[("peer", peer.to_string().into())]),
-                );
+            if inner.peers.get(&peer).is_some_and(|c| !c.open) {
+                inner.peers.remove(&peer);
             }
         }
         ServerMessage::Joined { .. } => {}

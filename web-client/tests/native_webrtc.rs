@@ -1,0 +1,158 @@
+//! Native to native over real WebRTC (the `webrtc` crate) through the real signaling
+//! server: two peers move a 10 MB message and check its hash, and a second transfer
+//! completes although the server is stopped mid-way.
+//!
+//! WebRTC tests must only ever see loopback: this test re-runs itself inside a fresh
+//! network namespace whose only interface is `lo` (`unshare -n`, or `unshare -rn` when
+//! not root), and binds ICE to 127.0.0.1 with mDNS off.
+
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::process::Command;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use shoal_shared::protocol::PeerId;
+use shoal_signaling_server::{Config, SignalingConfig, app, serve};
+use shoal_web_client::native::{NativeOptions, NativeSwarm};
+use shoal_web_client::swarm::SwarmEvent;
+
+const MARK: &str = "SHOAL_IN_LOOPBACK_NETNS";
+
+/// Runs `name` of this test binary inside a loopback-only network namespace; returns
+/// false when already inside one (then the caller runs the test body).
+fn reexec_in_netns(name: &str) -> bool {
+    if std::env::var_os(MARK).is_some() {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let status = Command::new("unshare")
+        .args(if root { &["-n"][..] } else { &["-rn"][..] })
+        .args(["bash", "-c", "ip link set lo up && exec \"$@\"", "netns"])
+        .arg(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(MARK, "1")
+        .status()
+        .expect("unshare runs");
+    assert!(
+        status.success(),
+        "{name} failed inside the loopback namespace"
+    );
+    true
+}
+
+async fn start_server() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let dir = std::env::temp_dir();
+    let config = Config {
+        www: dir.clone(),
+        data: dir,
+        signaling: SignalingConfig::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(
+        listener,
+        app(&config),
+        async {
+            let _ = rx.await;
+        },
+        Duration::from_millis(200),
+    ));
+    (format!("ws://{addr}/ws/digits?v=1"), stop)
+}
+
+fn peer(url: &str) -> NativeSwarm {
+    NativeSwarm::connect(NativeOptions {
+        url: url.into(),
+        udp_addrs: vec!["127.0.0.1:0".into()],
+        mdns: false,
+    })
+}
+
+async fn until<T>(
+    swarm: &mut NativeSwarm,
+    what: &str,
+    mut f: impl FnMut(SwarmEvent) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, swarm.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("swarm open");
+        if let Some(v) = f(ev) {
+            return v;
+        }
+    }
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut r = shoal_shared::rng::SplitMix64::new(seed);
+    (0..len).map(|_| r.next_u64() as u8).collect()
+}
+
+#[test]
+fn two_native_peers_move_10_mb_even_while_the_server_dies() {
+    if reexec_in_netns("two_native_peers_move_10_mb_even_while_the_server_dies") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (url, stop) = start_server().await;
+        let mut stop = Some(stop);
+        let mut a = peer(&url);
+        let mut b = peer(&url);
+        let b_of_a: PeerId = until(&mut a, "a's channel", |e| match e {
+            SwarmEvent::PeerUp(p) => Some(p),
+            _ => None,
+        })
+        .await;
+        let a_of_b: PeerId = until(&mut b, "b's channel", |e| match e {
+            SwarmEvent::PeerUp(p) => Some(p),
+            _ => None,
+        })
+        .await;
+        assert_eq!(Some(b_of_a), b.id());
+        assert_eq!(Some(a_of_b), a.id());
+
+        for (round, kill_server) in [(1u64, false), (2, true)] {
+            let msg = random(10 << 20, round);
+            let want = Sha256::digest(&msg);
+            let started = std::time::Instant::now();
+            a.send(b_of_a, msg).expect("queued");
+            if kill_server {
+                let _ = stop.take().expect("server still up").send(());
+            }
+            let (from, got) = until(&mut b, "the 10 MB message", |e| match e {
+                SwarmEvent::Message { from, data } => Some((from, data)),
+                _ => None,
+            })
+            .await;
+            println!(
+                "round {round}: 10 MB native to native in {:.2?}",
+                started.elapsed()
+            );
+            assert_eq!(from, a_of_b);
+            assert_eq!(got.len(), 10 << 20);
+            assert_eq!(Sha256::digest(&got), want, "round {round}: hash differs");
+        }
+        // The server is gone, the channel is not.
+        until(&mut a, "the server's departure", |e| {
+            matches!(e, SwarmEvent::Signaling { me: None }).then_some(())
+        })
+        .await;
+        assert_eq!(a.peers(), vec![b_of_a], "the channel outlived the server");
+        a.close().await;
+        b.close().await;
+    });
+}
