@@ -10,6 +10,7 @@
 //!   TF.js's webgpu backend (`mlp-webgpu`, `cnn-webgpu`), in one browser; Shoal's CPU
 //!   backend natively vs PyTorch on the CPU with the same single thread (`mlp-native`,
 //!   `cnn-native`); Shoal on the native wgpu adapter (reported).
+//! - `signaling`: Shoal's signaling server vs the PeerJS server (`bench_signaling.rs`).
 
 use std::path::Path;
 use std::process::Command;
@@ -27,7 +28,7 @@ use shoal_shared::rng::SplitMix64;
 use crate::{data, root, run_cmd, setup, web};
 
 /// Every benchmark this runner knows.
-pub(crate) const NAMES: [&str; 2] = ["matmul", "train-throughput"];
+pub(crate) const NAMES: [&str; 3] = ["matmul", "train-throughput", "signaling"];
 
 const BATCH: usize = 64;
 const LR: f32 = 1e-3;
@@ -43,6 +44,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let report = match name.as_str() {
         "matmul" => matmul(&root)?,
         "train-throughput" => train_throughput(&root)?,
+        "signaling" => crate::bench_signaling::signaling(&root)?,
         other => bail!("unknown benchmark {other:?}; known: {}", NAMES.join(", ")),
     };
     let dir = root.join("target/bench");

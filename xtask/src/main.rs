@@ -10,6 +10,7 @@
 //! a developer runs.
 
 mod bench;
+mod bench_signaling;
 mod data;
 mod setup;
 mod test;
@@ -28,6 +29,8 @@ fn main() {
         Some("bench") => bench::run(&args[1..]),
         // The native GPU half of the benchmarks alone, for a machine with a GPU and no toolchain.
         Some("bench-native-gpu") => bench::native_gpu(),
+        // The load client of `bench signaling`, run as a child with a raised fd limit.
+        Some("bench-signaling-load") => bench_signaling::load(&args[1..]),
         Some("data") => data::prepare(&root()).map(|_| ()),
         Some("build-web") => web::build(&root()).map(|_| ()),
         // Used by `cargo test --target wasm32-unknown-unknown` as its runner, so that the
