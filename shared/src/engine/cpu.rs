@@ -33,6 +33,8 @@ struct Workspace {
     /// Gradient flowing backwards, and a second buffer to swap with.
     grad: Vec<f32>,
     grad_next: Vec<f32>,
+    /// Patch gradients of a convolution, before col2im.
+    dcols: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -220,7 +222,7 @@ impl CpuBackend {
                     let kkc = kernel * kernel * input[2];
                     let rows = n * output[0] * output[1];
                     let (w, gw, gb) = weight_views(model, weight, params, grads);
-                    let mut dcols = Vec::new();
+                    let mut dcols = std::mem::take(&mut ws.dcols);
                     let dx = need_dx.then_some(&mut dcols);
                     linear_backward(&ws.cols[i], &ws.grad, w, (rows, kkc, output[2]), gw, gb, dx);
                     if need_dx {
@@ -237,6 +239,7 @@ impl CpuBackend {
                             &mut ws.grad_next,
                         );
                     }
+                    ws.dcols = dcols;
                 }
                 Op::Pool { input, .. } => {
                     ws.grad_next.clear();
@@ -479,7 +482,11 @@ pub(crate) fn im2col(
                             dst.fill(0.0);
                         } else {
                             let src = ((s * ih + iy as usize) * iw + ix as usize) * ic;
-                            dst.copy_from_slice(&x[src..src + ic]);
+                            // An element loop: for the few channels of early layers it
+                            // beats a memcpy call per pixel.
+                            for (d, &v) in dst.iter_mut().zip(&x[src..src + ic]) {
+                                *d = v;
+                            }
                         }
                     }
                 }
@@ -540,24 +547,33 @@ fn max_pool(
 ) {
     let [ih, iw, c] = input;
     let [oh, ow, _] = output;
+    // Channels are contiguous in NHWC: compare whole channel vectors, window position by
+    // window position; the first maximum wins, as on the GPU.
     for s in 0..n {
         for oy in 0..oh {
             for ox in 0..ow {
-                for ch in 0..c {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = 0usize;
-                    for ky in 0..size {
-                        for kx in 0..size {
-                            let i = ((s * ih + oy * size + ky) * iw + ox * size + kx) * c + ch;
-                            if x[i] > best || (ky == 0 && kx == 0) {
-                                best = x[i];
-                                at = i;
+                let o = ((s * oh + oy) * ow + ox) * c;
+                let (yo, io) = (&mut y[o..o + c], &mut idx[o..o + c]);
+                for ky in 0..size {
+                    for kx in 0..size {
+                        let i = ((s * ih + oy * size + ky) * iw + ox * size + kx) * c;
+                        let xs = &x[i..i + c];
+                        if ky == 0 && kx == 0 {
+                            yo.copy_from_slice(xs);
+                            for (ch, slot) in io.iter_mut().enumerate() {
+                                *slot = (i + ch) as u32;
+                            }
+                            continue;
+                        }
+                        for (ch, ((best, at), &v)) in
+                            yo.iter_mut().zip(io.iter_mut()).zip(xs).enumerate()
+                        {
+                            if v > *best {
+                                *best = v;
+                                *at = (i + ch) as u32;
                             }
                         }
                     }
-                    let o = ((s * oh + oy) * ow + ox) * c + ch;
-                    y[o] = best;
-                    idx[o] = at as u32;
                 }
             }
         }

@@ -78,10 +78,10 @@ pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
     assert_eq!(a.cols, b.rows, "inner dimensions disagree");
     let (m, n) = (a.rows, b.cols);
     assert!(c.len() >= m * n, "output too short");
-    if !accumulate {
-        c[..m * n].fill(0.0);
-    }
     if m == 0 || n == 0 || a.cols == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -92,24 +92,25 @@ pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is the only
             // requirement `gemm_avx2_fma` adds to the safe `gemm_blocked`.
             unsafe {
-                gemm_avx2_fma(a, b, c);
+                gemm_avx2_fma(a, b, c, accumulate);
             }
             return;
         }
     }
-    gemm_blocked::<false>(a, b, c);
+    gemm_blocked::<false>(a, b, c, accumulate);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gemm_avx2_fma(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) {
-    gemm_blocked::<true>(a, b, c);
+fn gemm_avx2_fma(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
+    gemm_blocked::<true>(a, b, c, accumulate);
 }
 
 /// The blocked loop nest; `FMA` selects fused multiply-add in the micro-kernel (only
-/// worth it where the target has a hardware FMA instruction).
+/// worth it where the target has a hardware FMA instruction). Unless `accumulate`, the
+/// first depth block stores into `c` instead of adding (no separate zeroing pass).
 #[inline(always)]
-fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) {
+fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let mut pa = vec![0.0f32; MC.div_ceil(MR) * MR * KC];
     let mut pb = vec![0.0f32; NC.div_ceil(NR) * NR * KC];
@@ -128,10 +129,16 @@ fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) {
                         let mr = MR.min(mc - ir);
                         let ap = &pa[ir * kc..(ir + MR) * kc];
                         let acc = micro::<FMA>(ap, bp, kc);
+                        let store = pc == 0 && !accumulate;
                         for (i, row) in acc.iter().enumerate().take(mr) {
                             let off = (ic + ir + i) * n + jc + jr;
-                            for (dst, &v) in c[off..off + nr].iter_mut().zip(row) {
-                                *dst += v;
+                            let dst = &mut c[off..off + nr];
+                            if store {
+                                dst.copy_from_slice(&row[..nr]);
+                            } else {
+                                for (d, &v) in dst.iter_mut().zip(row) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
