@@ -79,8 +79,10 @@ pub struct Gpu {
 impl Gpu {
     /// Asks the platform for its preferred high-performance adapter and opens a device
     /// with the adapter's own limits (compute kernels want its storage-buffer sizes).
+    /// Natively, `WGPU_BACKEND` (e.g. `vulkan`, `gl`) restricts the backends tried.
     pub async fn new() -> Result<Self, GpuError> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        let instance = wgpu::Instance::new(desc);
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
@@ -89,20 +91,28 @@ impl Gpu {
             .await
             .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
         let summary = AdapterSummary::from_info(&adapter.get_info());
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
+        // The adapter's own limits first (large storage buffers); if a driver refuses
+        // them, the portable defaults.
+        let mut last_err = String::new();
+        for limits in [adapter.limits(), wgpu::Limits::downlevel_defaults()] {
+            let desc = wgpu::DeviceDescriptor {
                 label: Some("shoal"),
                 required_features: wgpu::Features::empty(),
-                required_limits: adapter.limits(),
+                required_limits: limits,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| GpuError::Device(e.to_string()))?;
-        Ok(Self {
-            device,
-            queue,
-            adapter: summary,
-        })
+            };
+            match adapter.request_device(&desc).await {
+                Ok((device, queue)) => {
+                    return Ok(Self {
+                        device,
+                        queue,
+                        adapter: summary,
+                    });
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        Err(GpuError::Device(last_err))
     }
 
     /// Copies `len` f32 values of `src` (from its start) back to the CPU. Asynchronous on
