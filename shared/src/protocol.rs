@@ -107,6 +107,12 @@ pub enum ClientMessage {
         /// What to tell it.
         signal: Signal,
     },
+    /// A WebRTC connection to this neighbour could not be opened: unlink the pair and
+    /// give both sides other neighbours.
+    Unreachable {
+        /// The neighbour.
+        peer: PeerId,
+    },
 }
 
 /// Messages the server sends to a peer.
@@ -226,7 +232,7 @@ pub fn decode_client(text: &str) -> Result<ClientMessage, (ErrorCode, String)> {
     match serde_json::from_str::<ClientMessage>(text) {
         Ok(m) => Ok(m),
         Err(e) => {
-            let known = ["signal"];
+            let known = ["signal", "unreachable"];
             let kind = serde_json::from_str::<serde_json::Value>(text)
                 .ok()
                 .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
@@ -291,6 +297,10 @@ mod tests {
                 r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"s"},"extra":1}"#
             ),
             Err((ErrorCode::Malformed, _))
+        ));
+        assert!(matches!(
+            decode_client(r#"{"type":"unreachable","peer":"00000000000000ff"}"#),
+            Ok(ClientMessage::Unreachable { peer: PeerId(255) })
         ));
         let ok = decode_client(
             r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"candidate","candidate":"c","sdp_mid":"0","sdp_m_line_index":0}}"#,

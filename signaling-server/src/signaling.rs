@@ -292,19 +292,38 @@ impl Hub {
             qp.neighbours.remove(&id);
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
             if t.peers[&q].neighbours.len() < k {
-                for _ in 0..8 * k.max(1) {
-                    let r = t.ids[st.rng.below(t.ids.len())];
-                    let rp = &t.peers[&r];
-                    if r != q && !rp.neighbours.contains(&q) && rp.neighbours.len() < 2 * k {
-                        link(t, q, r);
-                        notify(t, r, &ServerMessage::Joined { peer: q }, &self.metrics);
-                        send_neighbours(t, r, &self.metrics);
-                        break;
-                    }
-                }
+                relink(t, &mut st.rng, q, id, k, &self.metrics);
             }
             send_neighbours(t, q, &self.metrics);
         }
+    }
+
+    /// Unlinks a pair that could not connect and gives each side a replacement (never
+    /// each other).
+    fn unreachable(&self, task: &str, from: PeerId, to: PeerId) -> Result<(), ErrorCode> {
+        let k = self.config.neighbours;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let t = st.tasks.get_mut(task).ok_or(ErrorCode::UnknownTask)?;
+        if !t
+            .peers
+            .get(&from)
+            .is_some_and(|p| p.neighbours.contains(&to))
+        {
+            return Err(ErrorCode::NotNeighbour);
+        }
+        for (a, b) in [(from, to), (to, from)] {
+            if let Some(p) = t.peers.get_mut(&a) {
+                p.neighbours.remove(&b);
+            }
+        }
+        for (q, avoid) in [(from, to), (to, from)] {
+            if t.peers.get(&q).is_some_and(|p| p.neighbours.len() < k) {
+                relink(t, &mut st.rng, q, avoid, k, &self.metrics);
+            }
+            send_neighbours(t, q, &self.metrics);
+        }
+        Ok(())
     }
 
     /// Relays a signal between neighbours.
@@ -329,6 +348,28 @@ impl Hub {
             }
         }
         Ok(())
+    }
+}
+
+/// Links `q` to one random peer other than itself and `avoid` that is not yet its
+/// neighbour and has room (fewer than 2k), if one is found in a few draws.
+fn relink(
+    t: &mut Task,
+    rng: &mut SplitMix64,
+    q: PeerId,
+    avoid: PeerId,
+    k: usize,
+    metrics: &Metrics,
+) {
+    for _ in 0..8 * k.max(1) {
+        let r = t.ids[rng.below(t.ids.len())];
+        let rp = &t.peers[&r];
+        if r != q && r != avoid && !rp.neighbours.contains(&q) && rp.neighbours.len() < 2 * k {
+            link(t, q, r);
+            notify(t, r, &ServerMessage::Joined { peer: q }, metrics);
+            send_neighbours(t, r, metrics);
+            return;
+        }
     }
 }
 
@@ -528,15 +569,18 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
                         continue;
                     }
                     tokens -= 1.0;
-                    match decode_client(&text) {
+                    let not_neighbour = |to: PeerId| move |c| (c, format!("{to} is not your neighbour"));
+                    let outcome = match decode_client(&text) {
                         Ok(ClientMessage::Signal { to, signal }) => {
-                            if let Err(code) = hub.relay(&task, id, to, signal) {
-                                refuse(&mut socket, &hub, code, format!("{to} is not your neighbour")).await;
-                            }
+                            hub.relay(&task, id, to, signal).map_err(not_neighbour(to))
                         }
-                        Err((code, message)) => {
-                            refuse(&mut socket, &hub, code, message).await;
+                        Ok(ClientMessage::Unreachable { peer }) => {
+                            hub.unreachable(&task, id, peer).map_err(not_neighbour(peer))
                         }
+                        Err(e) => Err(e),
+                    };
+                    if let Err((code, message)) = outcome {
+                        refuse(&mut socket, &hub, code, message).await;
                     }
                 }
             }

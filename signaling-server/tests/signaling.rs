@@ -423,3 +423,39 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.expect("read");
     out
 }
+
+#[tokio::test]
+async fn an_unreachable_pair_is_unlinked_and_both_get_other_neighbours() {
+    let s = start(SignalingConfig {
+        neighbours: 1,
+        ..config()
+    })
+    .await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, idb) = join(&s).await;
+    assert_eq!(until(&mut b, "neighbours").await["peers"], json!([ida]));
+    let (_c, idc) = join(&s).await;
+    let pid = |id: &str| shoal_shared::protocol::PeerId(u64::from_str_radix(id, 16).expect("hex"));
+    // Make sure a and b are linked (k = 1, so c joined someone else or one of them).
+    assert!(
+        s.hub
+            .neighbours_of("digits", pid(&ida))
+            .expect("a")
+            .contains(&pid(&idb))
+    );
+    send(&mut a, json!({"type": "unreachable", "peer": idb})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let na = s.hub.neighbours_of("digits", pid(&ida)).expect("a");
+    let nb = s.hub.neighbours_of("digits", pid(&idb)).expect("b");
+    assert!(
+        !na.contains(&pid(&idb)) && !nb.contains(&pid(&ida)),
+        "pair unlinked: {na:?} {nb:?}"
+    );
+    assert!(
+        na.contains(&pid(&idc)) || nb.contains(&pid(&idc)),
+        "a replacement was drawn"
+    );
+    // Naming a peer that is not a neighbour is refused.
+    send(&mut a, json!({"type": "unreachable", "peer": idb})).await;
+    assert_eq!(until(&mut a, "error").await["code"], "not_neighbour");
+}

@@ -22,7 +22,9 @@ use webrtc::peer_connection::{
     RTCSessionDescription, SettingEngineBuilder,
 };
 
-use crate::swarm::{Backoff, MAX_IN_FLIGHT, MAX_MESSAGE, SwarmEvent, should_offer};
+use crate::swarm::{
+    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, SwarmEvent, should_offer,
+};
 
 /// How a native peer connects.
 #[derive(Clone, Debug)]
@@ -62,6 +64,9 @@ struct State {
     ice: Vec<IceServer>,
     neighbours: BTreeSet<PeerId>,
     peers: HashMap<PeerId, Conn>,
+    /// Candidates gathered before this side's offer or answer was sent, per peer: they
+    /// must not reach the other side before the session description does.
+    outbox: HashMap<PeerId, Vec<Signal>>,
     closed: bool,
 }
 
@@ -69,6 +74,9 @@ struct Shared {
     opts: NativeOptions,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<SwarmEvent>,
+    /// Relayed signals, handled one at a time in arrival order (a candidate must not be
+    /// applied before the description it belongs to).
+    signals: mpsc::UnboundedSender<(PeerId, Signal)>,
 }
 
 impl Shared {
@@ -89,8 +97,49 @@ impl Shared {
         }
     }
 
+    /// Sends this side's offer or answer, then the candidates gathered meanwhile; from
+    /// then on candidates go out as they come.
+    fn send_description(&self, to: PeerId, description: Signal) {
+        self.signal(to, description);
+        let held = self.lock().outbox.remove(&to).unwrap_or_default();
+        for c in held {
+            self.signal(to, c);
+        }
+    }
+
+    /// Sends a local candidate, or holds it until the description has gone out.
+    fn send_candidate(&self, to: PeerId, candidate: Signal) {
+        let mut st = self.lock();
+        if let Some(held) = st.outbox.get_mut(&to) {
+            if held.len() < 64 {
+                held.push(candidate);
+            }
+            return;
+        }
+        drop(st);
+        self.signal(to, candidate);
+    }
+
+    /// Drops a connection that failed before its channel opened and asks the server for
+    /// another neighbour instead of retrying.
+    fn fail_peer(&self, peer: PeerId) {
+        let pending = self.lock().peers.get(&peer).is_some_and(|c| !c.open);
+        self.drop_peer(peer);
+        if pending {
+            let text =
+                serde_json::to_string(&ClientMessage::Unreachable { peer }).unwrap_or_default();
+            if let Some(ws) = &self.lock().ws {
+                let _ = ws.send(text);
+            }
+        }
+    }
+
     fn drop_peer(&self, peer: PeerId) {
-        let conn = self.lock().peers.remove(&peer);
+        let conn = {
+            let mut st = self.lock();
+            st.outbox.remove(&peer);
+            st.peers.remove(&peer)
+        };
         if let Some(c) = conn {
             if c.open {
                 self.emit(SwarmEvent::PeerDown(peer));
@@ -114,6 +163,7 @@ impl NativeSwarm {
     /// Must be called inside a tokio runtime.
     pub fn connect(opts: NativeOptions) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (signals, mut signals_rx) = mpsc::unbounded_channel::<(PeerId, Signal)>();
         let shared = Arc::new(Shared {
             opts,
             state: Mutex::new(State {
@@ -122,9 +172,18 @@ impl NativeSwarm {
                 ice: Vec::new(),
                 neighbours: BTreeSet::new(),
                 peers: HashMap::new(),
+                outbox: HashMap::new(),
                 closed: false,
             }),
             events: tx,
+            signals,
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            while let Some((from, signal)) = signals_rx.recv().await {
+                let Some(shared) = weak.upgrade() else { return };
+                on_signal(shared, from, signal).await;
+            }
         });
         let task = tokio::spawn(signaling_loop(Arc::clone(&shared)));
         Self {
@@ -281,8 +340,7 @@ fn on_server_message(shared: &Arc<Shared>, m: ServerMessage) {
         }
         ServerMessage::Joined { .. } => {}
         ServerMessage::Signal { from, signal } => {
-            let shared = Arc::clone(shared);
-            tokio::spawn(async move { on_signal(shared, from, signal).await });
+            let _ = shared.signals.send((from, signal));
         }
         ServerMessage::Error { code, message } => {
             eprintln!("shoal: signaling error {}: {message}", code.as_str());
@@ -339,7 +397,7 @@ impl PeerConnectionEventHandler for Handler {
                 sdp_mid: init.sdp_mid,
                 sdp_m_line_index: init.sdp_mline_index,
             };
-            self.shared.signal(self.peer, signal);
+            self.shared.send_candidate(self.peer, signal);
         }
     }
 
@@ -359,7 +417,7 @@ impl PeerConnectionEventHandler for Handler {
 async fn connect_peer(shared: Arc<Shared>, peer: PeerId, offer: Option<String>) {
     if let Err(e) = try_connect_peer(&shared, peer, offer).await {
         eprintln!("shoal: connection to {peer} failed: {e}");
-        shared.drop_peer(peer);
+        shared.fail_peer(peer);
     }
 }
 
@@ -420,6 +478,7 @@ async fn try_connect_peer(
                     open: false,
                 },
             );
+            st.outbox.insert(peer, Vec::new());
         }
         fresh
     };
@@ -428,6 +487,18 @@ async fn try_connect_peer(
         return Ok(());
     }
     let (open_tx, open_rx) = watch::channel(false);
+    // A connection that has not opened by the deadline is dropped, never retried; the
+    // neighbour set brings others.
+    let (watchdog, mut opened) = (Arc::clone(shared), open_rx.clone());
+    tokio::spawn(async move {
+        let deadline = Duration::from_secs(u64::from(CONNECT_DEADLINE_SECS));
+        if tokio::time::timeout(deadline, opened.wait_for(|&o| o))
+            .await
+            .is_err()
+        {
+            watchdog.drop_peer(peer);
+        }
+    });
     tokio::spawn(read_channel(
         Arc::clone(shared),
         peer,
@@ -439,14 +510,14 @@ async fn try_connect_peer(
         None => {
             let offer = pc.create_offer(None).await?;
             pc.set_local_description(offer.clone()).await?;
-            shared.signal(peer, Signal::Offer { sdp: offer.sdp });
+            shared.send_description(peer, Signal::Offer { sdp: offer.sdp });
         }
         Some(sdp) => {
             pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
                 .await?;
             let answer = pc.create_answer(None).await?;
             pc.set_local_description(answer.clone()).await?;
-            shared.signal(peer, Signal::Answer { sdp: answer.sdp });
+            shared.send_description(peer, Signal::Answer { sdp: answer.sdp });
         }
     }
     Ok(())

@@ -25,7 +25,9 @@ use web_sys::{
     RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit, WebSocket,
 };
 
-use crate::swarm::{Backoff, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED, should_offer};
+use crate::swarm::{
+    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED, should_offer,
+};
 
 type Shared = Rc<RefCell<Inner>>;
 
@@ -365,10 +367,10 @@ fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
                     .await
                     .is_err()
                 {
-                    return drop_peer(&weak, from);
+                    return fail_peer(&weak, from);
                 }
                 let Ok(answer) = JsFuture::from(pc.create_answer()).await else {
-                    return drop_peer(&weak, from);
+                    return fail_peer(&weak, from);
                 };
                 let sdp = Reflect::get(&answer, &"sdp".into())
                     .ok()
@@ -380,7 +382,7 @@ fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
                     .await
                     .is_err()
                 {
-                    return drop_peer(&weak, from);
+                    return fail_peer(&weak, from);
                 }
                 if let Some(shared) = weak.upgrade() {
                     send_signal(&shared.borrow(), from, Signal::Answer { sdp });
@@ -399,7 +401,7 @@ fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
                     .await
                     .is_err()
                 {
-                    drop_peer(&weak, from);
+                    fail_peer(&weak, from);
                 }
             });
         }
@@ -426,11 +428,27 @@ fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
     }
 }
 
-/// [`drop_peer`] from inside one of the connection's own handlers: deferred to a
+/// [`fail_peer`] from inside one of the connection's own handlers: deferred to a
 /// microtask, so that the handler is not dropped while it runs.
-fn drop_peer_later(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
+fn fail_peer_later(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
     let weak = weak.clone();
-    spawn_local(async move { drop_peer(&weak, peer) });
+    spawn_local(async move { fail_peer(&weak, peer) });
+}
+
+/// Drops a connection; if its channel never opened, asks the server for another
+/// neighbour instead of retrying.
+fn fail_peer(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
+    let Some(shared) = weak.upgrade() else { return };
+    let pending = shared.borrow().peers.get(&peer).is_some_and(|c| !c.open);
+    drop_peer(weak, peer);
+    let inner = shared.borrow();
+    if pending
+        && let Some(ws) = &inner.ws
+        && ws.ready_state() == WebSocket::OPEN
+    {
+        let text = serde_json::to_string(&ClientMessage::Unreachable { peer }).unwrap_or_default();
+        let _ = ws.send_with_str(&text);
+    }
 }
 
 fn drop_peer(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
@@ -490,7 +508,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
             RtcPeerConnectionState::Failed | RtcPeerConnectionState::Closed
         ) {
             // Dropped, not retried: the neighbour set will bring another peer.
-            drop_peer_later(&weak, peer);
+            fail_peer_later(&weak, peer);
         }
     });
     pc.set_onconnectionstatechange(Some(on_state.as_ref().unchecked_ref()));
@@ -517,7 +535,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
 
     let weak = Rc::downgrade(shared);
     let on_close =
-        Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| drop_peer_later(&weak, peer));
+        Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| fail_peer_later(&weak, peer));
     dc.set_onclose(Some(on_close.as_ref().unchecked_ref()));
     handlers.push(on_close);
 
@@ -568,12 +586,24 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
         _handlers: handlers,
     };
     shared.borrow_mut().peers.insert(peer, conn);
+    // A connection that has not opened by the deadline is dropped, never retried; the
+    // neighbour set brings others.
+    let weak = Rc::downgrade(shared);
+    let watchdog = Closure::once_into_js(move || {
+        let pending = weak
+            .upgrade()
+            .is_some_and(|s| s.borrow().peers.get(&peer).is_some_and(|c| !c.open));
+        if pending {
+            fail_peer(&weak, peer);
+        }
+    });
+    set_timeout(watchdog.unchecked_ref(), CONNECT_DEADLINE_SECS * 1000);
 
     if offer {
         let weak = Rc::downgrade(shared);
         spawn_local(async move {
             let Ok(offer) = JsFuture::from(pc.create_offer()).await else {
-                return drop_peer(&weak, peer);
+                return fail_peer(&weak, peer);
             };
             let sdp = Reflect::get(&offer, &"sdp".into())
                 .ok()
@@ -585,7 +615,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
                 .await
                 .is_err()
             {
-                return drop_peer(&weak, peer);
+                return fail_peer(&weak, peer);
             }
             if let Some(shared) = weak.upgrade() {
                 send_signal(&shared.borrow(), peer, Signal::Offer { sdp });
