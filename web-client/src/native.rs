@@ -23,7 +23,8 @@ use webrtc::peer_connection::{
 };
 
 use crate::swarm::{
-    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, SwarmEvent, should_offer,
+    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, SendError, SwarmEvent, Transport,
+    should_offer,
 };
 
 /// How a native peer connects.
@@ -36,20 +37,6 @@ pub struct NativeOptions {
     pub udp_addrs: Vec<String>,
     /// Multicast DNS for host candidates (off in tests and on servers).
     pub mdns: bool,
-}
-
-/// Why a message could not be sent.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SendError {
-    /// No open channel to that peer.
-    #[error("no open channel to {0}")]
-    NoSuchPeer(PeerId),
-    /// Larger than the swarm's message limit.
-    #[error("message larger than {MAX_MESSAGE} bytes")]
-    TooLarge,
-    /// The channel's queue is full; try again later.
-    #[error("send queue to {0} is full")]
-    Full(PeerId),
 }
 
 struct Conn {
@@ -193,13 +180,29 @@ impl NativeSwarm {
         }
     }
 
+    /// Leaves the swarm.
+    pub async fn close(self) {
+        let peers: Vec<Conn> = {
+            let mut st = self.shared.lock();
+            st.closed = true;
+            st.ws = None;
+            st.peers.drain().map(|(_, c)| c).collect()
+        };
+        self.task.abort();
+        for c in peers {
+            let _ = c.pc.close().await;
+        }
+    }
+}
+
+impl Transport for NativeSwarm {
     /// This peer's id in the current signaling session.
-    pub fn id(&self) -> Option<PeerId> {
+    fn id(&self) -> Option<PeerId> {
         self.shared.lock().me
     }
 
     /// Neighbours with an open channel.
-    pub fn peers(&self) -> Vec<PeerId> {
+    fn peers(&self) -> Vec<PeerId> {
         self.shared
             .lock()
             .peers
@@ -210,7 +213,7 @@ impl NativeSwarm {
     }
 
     /// Queues a whole message for a neighbour.
-    pub fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError> {
+    fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError> {
         if data.len() > MAX_MESSAGE {
             return Err(SendError::TooLarge);
         }
@@ -224,22 +227,8 @@ impl NativeSwarm {
     }
 
     /// The next event, or `None` once the swarm is closed.
-    pub async fn next_event(&mut self) -> Option<SwarmEvent> {
+    async fn next_event(&mut self) -> Option<SwarmEvent> {
         self.events.recv().await
-    }
-
-    /// Leaves the swarm.
-    pub async fn close(self) {
-        let peers: Vec<Conn> = {
-            let mut st = self.shared.lock();
-            st.closed = true;
-            st.ws = None;
-            st.peers.drain().map(|(_, c)| c).collect()
-        };
-        self.task.abort();
-        for c in peers {
-            let _ = c.pc.close().await;
-        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! implementations alike: who makes the WebRTC offer, how reconnection backs off, and the
 //! sizes that bound every queue.
 
+use std::future::Future;
+
 use shoal_shared::protocol::PeerId;
 use shoal_shared::rng::SplitMix64;
 
@@ -34,6 +36,34 @@ pub enum SwarmEvent {
         /// Its bytes.
         data: Vec<u8>,
     },
+}
+
+/// Why a message could not be sent.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SendError {
+    /// No open channel to that peer.
+    #[error("no open channel to {0}")]
+    NoSuchPeer(PeerId),
+    /// Larger than the swarm's message limit.
+    #[error("message larger than {MAX_MESSAGE} bytes")]
+    TooLarge,
+    /// The channel's queue is full; try again later.
+    #[error("send queue to {0} is full")]
+    Full(PeerId),
+}
+
+/// The one seam between the swarm logic and the platform: the browser's web-sys
+/// transport (`wasm/transport.rs`) and the native `webrtc`-crate transport (`native.rs`)
+/// both implement it.
+pub trait Transport {
+    /// This peer's id in the current signaling session.
+    fn id(&self) -> Option<PeerId>;
+    /// Neighbours with an open data channel.
+    fn peers(&self) -> Vec<PeerId>;
+    /// Queues a whole message for a neighbour (framed, checksummed, backpressured).
+    fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError>;
+    /// The next event, or `None` once the transport is closed.
+    fn next_event(&mut self) -> impl Future<Output = Option<SwarmEvent>>;
 }
 
 /// For each pair of neighbours, the one with the smaller id offers.

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use shoal_shared::protocol::PeerId;
 use shoal_signaling_server::{Config, SignalingConfig, app, serve};
 use shoal_web_client::native::{NativeOptions, NativeSwarm};
-use shoal_web_client::swarm::SwarmEvent;
+use shoal_web_client::swarm::{SwarmEvent, Transport};
 
 const MARK: &str = "SHOAL_IN_LOOPBACK_NETNS";
 

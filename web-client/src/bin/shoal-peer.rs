@@ -26,7 +26,7 @@ mod peer {
     use clap::Parser;
     use sha2::{Digest, Sha256};
     use shoal_web_client::native::{NativeOptions, NativeSwarm};
-    use shoal_web_client::swarm::SwarmEvent;
+    use shoal_web_client::swarm::{SwarmEvent, Transport};
 
     /// A native Shoal peer.
     #[derive(Parser, Debug)]

@@ -14,7 +14,7 @@ use std::rc::{Rc, Weak};
 use futures_channel::mpsc;
 use futures_core::Stream;
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
-use shoal_shared::framing::{DEFAULT_CHUNK, LOW_WATER, Reassembler, SendQueue};
+use shoal_shared::framing::{DEFAULT_CHUNK, LOW_WATER, QueueError, Reassembler, SendQueue};
 use shoal_shared::protocol::{ClientMessage, PeerId, ServerMessage, Signal};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -26,7 +26,8 @@ use web_sys::{
 };
 
 use crate::swarm::{
-    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED, should_offer,
+    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED, SendError, SwarmEvent,
+    Transport, should_offer,
 };
 
 type Shared = Rc<RefCell<Inner>>;
@@ -62,7 +63,7 @@ struct Inner {
     ice_servers: JsValue,
     peers: HashMap<PeerId, Conn>,
     neighbours: BTreeSet<PeerId>,
-    events: mpsc::UnboundedSender<JsValue>,
+    events: mpsc::UnboundedSender<SwarmEvent>,
     backoff: Backoff,
     closed: bool,
     /// Frames dropped by the reassemblers (corrupt, truncated, oversized).
@@ -78,8 +79,28 @@ fn event(kind: &str, fields: &[(&str, JsValue)]) -> JsValue {
     o.into()
 }
 
-fn emit(inner: &Inner, ev: JsValue) {
+fn emit(inner: &Inner, ev: SwarmEvent) {
     let _ = inner.events.unbounded_send(ev);
+}
+
+/// The JavaScript form of an event.
+fn to_js(ev: SwarmEvent) -> JsValue {
+    match ev {
+        SwarmEvent::Signaling { me: Some(me) } => event(
+            "signaling",
+            &[("state", "up".into()), ("peer", me.to_string().into())],
+        ),
+        SwarmEvent::Signaling { me: None } => event("signaling", &[("state", "down".into())]),
+        SwarmEvent::PeerUp(p) => event("peer_up", &[("peer", p.to_string().into())]),
+        SwarmEvent::PeerDown(p) => event("peer_down", &[("peer", p.to_string().into())]),
+        SwarmEvent::Message { from, data } => event(
+            "message",
+            &[
+                ("from", from.to_string().into()),
+                ("data", Uint8Array::from(&data[..]).into()),
+            ],
+        ),
+    }
 }
 
 fn set_timeout(f: &Function, ms: u32) {
@@ -95,7 +116,7 @@ fn set_timeout(f: &Function, ms: u32) {
 #[wasm_bindgen]
 pub struct Swarm {
     inner: Shared,
-    events: Rc<RefCell<Option<mpsc::UnboundedReceiver<JsValue>>>>,
+    events: Rc<RefCell<Option<mpsc::UnboundedReceiver<SwarmEvent>>>>,
 }
 
 #[wasm_bindgen]
@@ -128,17 +149,14 @@ impl Swarm {
 
     /// This peer's id in the current signaling session, if connected.
     pub fn id(&self) -> Option<String> {
-        self.inner.borrow().me.map(|p| p.to_string())
+        Transport::id(self).map(|p| p.to_string())
     }
 
     /// Peers with an open data channel.
     pub fn peers(&self) -> Vec<String> {
-        let inner = self.inner.borrow();
-        inner
-            .peers
+        Transport::peers(self)
             .iter()
-            .filter(|(_, c)| c.open)
-            .map(|(p, _)| p.to_string())
+            .map(PeerId::to_string)
             .collect()
     }
 
@@ -152,18 +170,7 @@ impl Swarm {
     /// too large, or the queue full (retry after some `message` events or a delay).
     pub fn send(&self, peer: String, data: &[u8]) -> Result<(), JsError> {
         let id = parse_peer(&peer)?;
-        {
-            let mut inner = self.inner.borrow_mut();
-            let conn = inner
-                .peers
-                .get_mut(&id)
-                .ok_or_else(|| JsError::new("no such peer"))?;
-            conn.queue
-                .push(data)
-                .map_err(|e| JsError::new(&e.to_string()))?;
-        }
-        pump(&self.inner, id);
-        Ok(())
+        Transport::send(self, id, data.to_vec()).map_err(|e| JsError::new(&e.to_string()))
     }
 
     /// Resolves to the next event.
@@ -174,7 +181,8 @@ impl Swarm {
             let mut rx = taken.ok_or_else(|| JsError::new("next() is already pending"))?;
             let ev = std::future::poll_fn(|cx| std::pin::Pin::new(&mut rx).poll_next(cx)).await;
             *slot.borrow_mut() = Some(rx);
-            ev.ok_or_else(|| JsError::new("swarm closed").into())
+            ev.map(to_js)
+                .ok_or_else(|| JsError::new("swarm closed").into())
         })
     }
 
@@ -189,6 +197,46 @@ impl Swarm {
             let _ = ws.close();
         }
         inner.ws_handlers.clear();
+    }
+}
+
+impl Transport for Swarm {
+    fn id(&self) -> Option<PeerId> {
+        self.inner.borrow().me
+    }
+
+    fn peers(&self) -> Vec<PeerId> {
+        let inner = self.inner.borrow();
+        inner
+            .peers
+            .iter()
+            .filter(|(_, c)| c.open)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError> {
+        {
+            let mut inner = self.inner.borrow_mut();
+            let conn = inner
+                .peers
+                .get_mut(&peer)
+                .filter(|c| c.open)
+                .ok_or(SendError::NoSuchPeer(peer))?;
+            conn.queue.push(&data).map_err(|e| match e {
+                QueueError::Full => SendError::Full(peer),
+                QueueError::TooLarge => SendError::TooLarge,
+            })?;
+        }
+        pump(&self.inner, peer);
+        Ok(())
+    }
+
+    async fn next_event(&mut self) -> Option<SwarmEvent> {
+        let mut rx = self.events.borrow_mut().take()?;
+        let ev = std::future::poll_fn(|cx| std::pin::Pin::new(&mut rx).poll_next(cx)).await;
+        *self.events.borrow_mut() = Some(rx);
+        ev
     }
 }
 
@@ -235,7 +283,7 @@ fn open_signaling(shared: &Shared) {
             let mut inner = shared.borrow_mut();
             inner.ws = None;
             inner.me = None;
-            emit(&inner, event("signaling", &[("state", "down".into())]));
+            emit(&inner, SwarmEvent::Signaling { me: None });
             if inner.closed {
                 return;
             }
@@ -272,13 +320,7 @@ fn on_server_message(shared: &Shared, m: ServerMessage) {
             inner.me = Some(peer);
             inner.backoff.reset();
             inner.ice_servers = serde_wasm_ice(&ice_servers);
-            emit(
-                &inner,
-                event(
-                    "signaling",
-                    &[("state", "up".into()), ("peer", peer.to_string().into())],
-                ),
-            );
+            emit(&inner, SwarmEvent::Signaling { me: Some(peer) });
         }
         ServerMessage::Neighbours { peers } => {
             let me = shared.borrow().me;
@@ -457,10 +499,7 @@ fn drop_peer(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
         if let Some(c) = inner.peers.remove(&peer)
             && c.open
         {
-            emit(
-                &inner,
-                event("peer_down", &[("peer", peer.to_string().into())]),
-            );
+            emit(&inner, SwarmEvent::PeerDown(peer));
         }
     }
 }
@@ -523,10 +562,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
                 return;
             };
             c.open = true;
-            emit(
-                &inner,
-                event("peer_up", &[("peer", peer.to_string().into())]),
-            );
+            emit(&inner, SwarmEvent::PeerUp(peer));
         }
         pump(&shared, peer);
     });
@@ -561,13 +597,12 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
         };
         match c.rx.push(&frame) {
             Ok(Some(msg)) => {
-                let data = Uint8Array::from(&msg[..]);
                 emit(
                     &inner,
-                    event(
-                        "message",
-                        &[("from", peer.to_string().into()), ("data", data.into())],
-                    ),
+                    SwarmEvent::Message {
+                        from: peer,
+                        data: msg,
+                    },
                 );
             }
             Ok(None) => {}
