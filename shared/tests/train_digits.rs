@@ -2,9 +2,8 @@
 //! held-out test), CPU backend, natively. The data comes from `cargo xtask data`.
 
 use shoal_shared::dataset::Dataset;
-use shoal_shared::engine::cpu::CpuBackend;
-use shoal_shared::engine::train::{FitConfig, Samples, cpu_accuracy, fit};
-use shoal_shared::engine::{Model, ModelSpec, Optimizer};
+use shoal_shared::engine::ModelSpec;
+use shoal_shared::engine::train::{Samples, cpu_accuracy, gpu_mlp_one_epoch_accuracy};
 use shoal_shared::idx::IdxLimits;
 
 fn load(split: &str) -> Samples {
@@ -43,30 +42,12 @@ fn cnn_reaches_97_5_percent_on_held_out_digits() {
 
 #[test]
 fn gpu_backend_mlp_reaches_90_percent_after_one_epoch() {
-    use shoal_shared::engine::gpu::GpuBackend;
     let (train, test) = (load("train"), load("test"));
     let gpu =
         pollster::block_on(shoal_shared::gpu::Gpu::new()).expect("a wgpu adapter (lavapipe in CI)");
-    let model = Model::new(ModelSpec::mlp_digits()).expect("valid model");
-    let params = model.init_params(42);
-    let lr = 3e-3;
-    let mut backend = GpuBackend::new(&gpu, model.clone(), Optimizer::adam(lr), &params, 64)
-        .expect("gpu backend");
     let t = std::time::Instant::now();
-    let cfg = FitConfig {
-        epochs: 1,
-        batch: 64,
-        lr,
-        seed: 7,
-        shift: 0,
-    };
-    pollster::block_on(fit(&mut backend, &train, cfg)).expect("training does not diverge");
-    let trained =
-        pollster::block_on(shoal_shared::engine::Backend::params(&mut backend)).expect("readback");
-    let mut eval = CpuBackend::new(model, Optimizer::adam(lr), trained).expect("valid weights");
-    let (_, acc) = eval
-        .evaluate(&test.inputs, &test.labels, 500)
-        .expect("evaluates");
+    let acc = pollster::block_on(gpu_mlp_one_epoch_accuracy(&gpu, &train, &test))
+        .expect("training does not diverge");
     println!(
         "GPU ({}) MLP, one epoch: {:.2}% in {:?}",
         gpu.adapter.description,

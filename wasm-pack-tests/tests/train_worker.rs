@@ -5,10 +5,8 @@
 #![cfg(target_arch = "wasm32")]
 
 use shoal_shared::dataset::Dataset;
-use shoal_shared::engine::cpu::CpuBackend;
-use shoal_shared::engine::gpu::GpuBackend;
-use shoal_shared::engine::train::{FitConfig, Samples, cpu_accuracy, fit};
-use shoal_shared::engine::{Backend, Model, ModelSpec, Optimizer};
+use shoal_shared::engine::ModelSpec;
+use shoal_shared::engine::train::{Samples, cpu_accuracy, gpu_mlp_one_epoch_accuracy};
 use shoal_shared::gpu::Gpu;
 use shoal_shared::idx::IdxLimits;
 use wasm_bindgen_test::*;
@@ -52,28 +50,9 @@ async fn cpu_cnn_reaches_97_5_percent_in_wasm() {
 
 #[wasm_bindgen_test]
 async fn webgpu_mlp_reaches_90_percent_after_one_epoch() {
-    let (train, test) = (train(), test());
     let gpu = Gpu::new().await.expect("WebGPU in the worker");
-    let model = Model::new(ModelSpec::mlp_digits()).expect("valid model");
-    let params = model.init_params(42);
-    let lr = 3e-3;
-    let mut backend = GpuBackend::new(&gpu, model.clone(), Optimizer::adam(lr), &params, 64)
-        .expect("gpu backend");
-    let cfg = FitConfig {
-        epochs: 1,
-        batch: 64,
-        lr,
-        seed: 7,
-        shift: 0,
-    };
-    fit(&mut backend, &train, cfg)
+    let acc = gpu_mlp_one_epoch_accuracy(&gpu, &train(), &test())
         .await
         .expect("training does not diverge");
-    let trained = backend.params().await.expect("readback");
-    let mut eval = CpuBackend::new(model, Optimizer::adam(lr), trained).expect("valid weights");
-    let acc = eval
-        .evaluate(&test.inputs, &test.labels, 500)
-        .expect("evaluates")
-        .1;
     assert!(acc >= 0.90, "WebGPU MLP accuracy after one epoch {acc}");
 }

@@ -228,6 +228,20 @@ pub fn trainer(
     Trainer::new(backend, data, batch, seed)
 }
 
+/// Trains `backend` with `cfg` and returns the accuracy of its weights on `test`, judged
+/// by the CPU reference so that every backend is measured the same way.
+pub async fn fit_and_evaluate<B: Backend>(
+    backend: &mut B,
+    train: &Samples,
+    test: &Samples,
+    cfg: FitConfig,
+) -> Result<f32, EngineError> {
+    fit(backend, train, cfg).await?;
+    let params = backend.params().await?;
+    let mut eval = CpuBackend::new(backend.model().clone(), Optimizer::adam(cfg.lr), params)?;
+    Ok(eval.evaluate(&test.inputs, &test.labels, 500)?.1)
+}
+
 /// Trains `spec` on the CPU from seed 42 with Adam at peak rate `lr` (batch 64, cosine
 /// schedule, shift augmentation) and returns its accuracy on `test`: the recipe behind
 /// the accuracy targets, shared by the native and the browser tests.
@@ -249,6 +263,26 @@ pub async fn cpu_accuracy(
         seed: 7,
         shift,
     };
-    fit(&mut cpu, train, cfg).await?;
-    Ok(cpu.evaluate(&test.inputs, &test.labels, 500)?.1)
+    fit_and_evaluate(&mut cpu, train, test, cfg).await
+}
+
+/// The GPU target's recipe: the demo MLP from seed 42, Adam at 3e-3, one epoch at batch
+/// 64, no augmentation; returns its held-out accuracy.
+pub async fn gpu_mlp_one_epoch_accuracy(
+    gpu: &Gpu,
+    train: &Samples,
+    test: &Samples,
+) -> Result<f32, EngineError> {
+    let model = Model::new(ModelSpec::mlp_digits())?;
+    let params = model.init_params(42);
+    let lr = 3e-3;
+    let mut backend = GpuBackend::new(gpu, model, Optimizer::adam(lr), &params, 64)?;
+    let cfg = FitConfig {
+        epochs: 1,
+        batch: 64,
+        lr,
+        seed: 7,
+        shift: 0,
+    };
+    fit_and_evaluate(&mut backend, train, test, cfg).await
 }
