@@ -403,31 +403,16 @@ fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
             };
             let weak = Rc::downgrade(shared);
             spawn_local(async move {
-                let desc = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
-                desc.set_sdp(&sdp);
-                if JsFuture::from(pc.set_remote_description(&desc))
-                    .await
-                    .is_err()
-                {
-                    return fail_peer(&weak, from);
-                }
-                let Ok(answer) = JsFuture::from(pc.create_answer()).await else {
-                    return fail_peer(&weak, from);
+                let answered = match set_remote(&pc, RtcSdpType::Offer, &sdp).await {
+                    Ok(()) => describe(&pc, RtcSdpType::Answer).await,
+                    Err(e) => Err(e),
                 };
-                let sdp = Reflect::get(&answer, &"sdp".into())
-                    .ok()
-                    .and_then(|s| s.as_string())
-                    .unwrap_or_default();
-                let local = RtcSessionDescriptionInit::new(RtcSdpType::Answer);
-                local.set_sdp(&sdp);
-                if JsFuture::from(pc.set_local_description(&local))
-                    .await
-                    .is_err()
-                {
-                    return fail_peer(&weak, from);
-                }
-                if let Some(shared) = weak.upgrade() {
-                    send_signal(&shared.borrow(), from, Signal::Answer { sdp });
+                match (answered, weak.upgrade()) {
+                    (Ok(sdp), Some(shared)) => {
+                        send_signal(&shared.borrow(), from, Signal::Answer { sdp })
+                    }
+                    (Err(_), _) => fail_peer(&weak, from),
+                    (Ok(_), None) => {}
                 }
             });
         }
@@ -437,12 +422,7 @@ fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
             };
             let weak = Rc::downgrade(shared);
             spawn_local(async move {
-                let desc = RtcSessionDescriptionInit::new(RtcSdpType::Answer);
-                desc.set_sdp(&sdp);
-                if JsFuture::from(pc.set_remote_description(&desc))
-                    .await
-                    .is_err()
-                {
+                if set_remote(&pc, RtcSdpType::Answer, &sdp).await.is_err() {
                     fail_peer(&weak, from);
                 }
             });
@@ -637,26 +617,40 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
     if offer {
         let weak = Rc::downgrade(shared);
         spawn_local(async move {
-            let Ok(offer) = JsFuture::from(pc.create_offer()).await else {
-                return fail_peer(&weak, peer);
-            };
-            let sdp = Reflect::get(&offer, &"sdp".into())
-                .ok()
-                .and_then(|s| s.as_string())
-                .unwrap_or_default();
-            let local = RtcSessionDescriptionInit::new(RtcSdpType::Offer);
-            local.set_sdp(&sdp);
-            if JsFuture::from(pc.set_local_description(&local))
-                .await
-                .is_err()
-            {
-                return fail_peer(&weak, peer);
-            }
-            if let Some(shared) = weak.upgrade() {
-                send_signal(&shared.borrow(), peer, Signal::Offer { sdp });
+            match (describe(&pc, RtcSdpType::Offer).await, weak.upgrade()) {
+                (Ok(sdp), Some(shared)) => {
+                    send_signal(&shared.borrow(), peer, Signal::Offer { sdp })
+                }
+                (Err(_), _) => fail_peer(&weak, peer),
+                (Ok(_), None) => {}
             }
         });
     }
+}
+
+/// Creates this side's offer or answer, sets it as the local description and returns
+/// its SDP.
+async fn describe(pc: &RtcPeerConnection, kind: RtcSdpType) -> Result<String, JsValue> {
+    let created = match kind {
+        RtcSdpType::Offer => JsFuture::from(pc.create_offer()).await?,
+        _ => JsFuture::from(pc.create_answer()).await?,
+    };
+    let sdp = Reflect::get(&created, &"sdp".into())?
+        .as_string()
+        .unwrap_or_default();
+    let local = RtcSessionDescriptionInit::new(kind);
+    local.set_sdp(&sdp);
+    JsFuture::from(pc.set_local_description(&local)).await?;
+    Ok(sdp)
+}
+
+/// Applies the other side's offer or answer.
+async fn set_remote(pc: &RtcPeerConnection, kind: RtcSdpType, sdp: &str) -> Result<(), JsValue> {
+    let desc = RtcSessionDescriptionInit::new(kind);
+    desc.set_sdp(sdp);
+    JsFuture::from(pc.set_remote_description(&desc))
+        .await
+        .map(|_| ())
 }
 
 /// Sends queued frames while the channel has room; the buffered-amount-low event calls
