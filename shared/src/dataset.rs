@@ -57,6 +57,23 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Reads and validates an images/labels pair of IDX files from disk.
+    pub fn read_idx_files(
+        images: &std::path::Path,
+        labels: &std::path::Path,
+        classes: usize,
+    ) -> Result<Self, String> {
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        Self::from_idx(
+            &read(images)?,
+            &read(labels)?,
+            classes,
+            &IdxLimits::default(),
+        )
+        .map_err(|e| format!("{}: {e}", images.display()))
+    }
+
     /// Builds a data set from the bytes of an IDX images file and an IDX labels file,
     /// validating both and their agreement.
     pub fn from_idx(

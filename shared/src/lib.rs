@@ -10,5 +10,6 @@ pub mod engine;
 pub mod framing;
 pub mod gpu;
 pub mod idx;
+pub mod learn;
 pub mod protocol;
 pub mod rng;

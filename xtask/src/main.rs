@@ -4,6 +4,7 @@
 //! cargo xtask run [--port 8080] [--bind 127.0.0.1]   build, prepare the demo task, serve
 //! cargo xtask test                                     install what is missing, run every check
 //! cargo xtask bench NAME                               run a benchmark, write target/bench/NAME.json
+//! cargo xtask sim SCENARIO                             run a swarm scenario in the simulator
 //! ```
 //!
 //! Every build step lives here so that users type short commands and CI runs exactly what
@@ -13,6 +14,7 @@ mod bench;
 mod bench_signaling;
 mod data;
 mod setup;
+mod sim;
 mod test;
 mod web;
 
@@ -31,6 +33,7 @@ fn main() {
         Some("bench-native-gpu") => bench::native_gpu(),
         // The load client of `bench signaling`, run as a child with a raised fd limit.
         Some("bench-signaling-load") => bench_signaling::load(&args[1..]),
+        Some("sim") => sim::run(&args[1..]),
         Some("data") => data::prepare(&root()).map(|_| ()),
         Some("build-web") => web::build(&root()).map(|_| ()),
         // Used by `cargo test --target wasm32-unknown-unknown` as its runner, so that the
@@ -47,6 +50,7 @@ fn main() {
                  run [--port P] [--bind ADDR]   build the web bundle, prepare the demo data, serve\n  \
                  test                           install what is missing, run every check and test\n  \
                  bench NAME                     run benchmark NAME ({}), write target/bench/NAME.json\n  \
+                 sim SCENARIO                   run a swarm scenario in the simulator (scenarios/*.toml)\n  \
                  data                           fetch and convert the demo digits only\n  \
                  build-web                      build the wasm bundle into www/pkg only",
                 bench::NAMES.join(", ")

@@ -343,6 +343,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn load_weights(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        check_params(&self.model, params)?;
+        self.params.copy_from_slice(params);
+        Ok(())
+    }
+
     async fn gradients(
         &mut self,
         inputs: &[f32],

@@ -814,6 +814,14 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
+    fn load_weights(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        check_params(&self.model, params)?;
+        self.gpu
+            .queue
+            .write_buffer(&self.params, 0, bytemuck::cast_slice(params));
+        Ok(())
+    }
+
     async fn gradients(
         &mut self,
         inputs: &[f32],

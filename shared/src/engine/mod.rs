@@ -155,6 +155,10 @@ pub trait Backend {
     /// Replaces the parameters (and resets the optimizer state) after validating them.
     fn set_params(&mut self, params: &[f32]) -> Result<(), EngineError>;
 
+    /// Replaces the parameters after validating them but keeps the optimizer state: a
+    /// swarm peer moves to the new round's weights and its inner optimizer carries on.
+    fn load_weights(&mut self, params: &[f32]) -> Result<(), EngineError>;
+
     /// Loss and parameter gradients for one batch, without updating anything (used by the
     /// conformance suite and by gradient checks).
     fn gradients(
@@ -264,6 +268,13 @@ impl Backend for AnyBackend {
         match self {
             Self::Cpu(b) => b.set_params(params),
             Self::Gpu(b) => b.set_params(params),
+        }
+    }
+
+    fn load_weights(&mut self, params: &[f32]) -> Result<(), EngineError> {
+        match self {
+            Self::Cpu(b) => b.load_weights(params),
+            Self::Gpu(b) => b.load_weights(params),
         }
     }
 

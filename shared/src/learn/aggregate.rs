@@ -1,0 +1,224 @@
+//! Robust aggregation of the pseudo-gradients a peer holds at the end of a round: its own
+//! and its neighbours', each with a weight (1 for fresh ones, less for late ones).
+
+use serde::{Deserialize, Serialize};
+
+/// How a task combines updates.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Aggregation {
+    /// Weighted mean: fast, and defenceless against a single liar.
+    Mean,
+    /// Per coordinate, drops the `trim` share of the lowest and of the highest values
+    /// (at least one each when there are three or more updates) and takes the weighted
+    /// mean of the rest.
+    TrimmedMean {
+        /// Share trimmed from each side, in `[0, 0.5)`.
+        trim: f32,
+    },
+    /// Per-coordinate median.
+    Median,
+    /// Centered clipping (Karimireddy et al., 2021): start at the coordinate-wise median
+    /// and move `iters` times by the weighted mean of the differences, each clipped to
+    /// `tau` times the median distance of the updates to the centre.
+    CenteredClip {
+        /// Clipping radius as a multiple of the median distance, `> 0`.
+        tau: f32,
+        /// Iterations, 1 to 10.
+        iters: u32,
+    },
+}
+
+impl Aggregation {
+    /// Checks the parameters, naming the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            Self::Mean | Self::Median => Ok(()),
+            Self::TrimmedMean { trim } if (0.0..0.5).contains(&trim) => Ok(()),
+            Self::TrimmedMean { trim } => Err(format!("trim {trim} outside [0, 0.5)")),
+            Self::CenteredClip { tau, iters } => {
+                if !(tau > 0.0 && tau.is_finite()) {
+                    Err(format!("tau {tau} must be positive"))
+                } else if !(1..=10).contains(&iters) {
+                    Err(format!("iters {iters} outside 1..=10"))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Combines `updates` (vectors of equal length, each with a positive weight) into `out`.
+/// With no updates, `out` is zeroed.
+pub fn aggregate(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) {
+    out.fill(0.0);
+    let m = updates.len();
+    if m == 0 {
+        return;
+    }
+    debug_assert!(updates.iter().all(|(u, _)| u.len() == out.len()));
+    match rule {
+        Aggregation::Mean => mean(updates, out),
+        Aggregation::TrimmedMean { trim } => {
+            let mut cut = (trim * m as f32).floor() as usize;
+            if trim > 0.0 && m >= 3 {
+                cut = cut.max(1);
+            }
+            let cut = cut.min((m - 1) / 2);
+            per_coordinate(updates, out, |vals| {
+                let kept = &vals[cut..m - cut];
+                let w: f32 = kept.iter().map(|p| p.1).sum();
+                kept.iter().map(|p| p.0 * p.1).sum::<f32>() / w
+            });
+        }
+        Aggregation::Median => per_coordinate(updates, out, median_of_sorted),
+        Aggregation::CenteredClip { tau, iters } => {
+            per_coordinate(updates, out, median_of_sorted);
+            let total: f32 = updates.iter().map(|p| p.1).sum();
+            let mut step = vec![0.0; out.len()];
+            for _ in 0..iters {
+                let dist: Vec<f32> = updates.iter().map(|(u, _)| distance(u, out)).collect();
+                let mut sorted = dist.clone();
+                sorted.sort_by(f32::total_cmp);
+                let radius = tau * sorted[m / 2];
+                if radius <= 0.0 {
+                    break;
+                }
+                step.fill(0.0);
+                for ((u, w), d) in updates.iter().zip(&dist) {
+                    let scale = w * (radius / d).min(1.0) / total;
+                    for ((s, x), c) in step.iter_mut().zip(*u).zip(out.iter()) {
+                        *s += scale * (x - c);
+                    }
+                }
+                for (c, s) in out.iter_mut().zip(&step) {
+                    *c += s;
+                }
+            }
+        }
+    }
+}
+
+fn mean(updates: &[(&[f32], f32)], out: &mut [f32]) {
+    let total: f32 = updates.iter().map(|p| p.1).sum();
+    for (u, w) in updates {
+        let s = w / total;
+        for (o, x) in out.iter_mut().zip(*u) {
+            *o += s * x;
+        }
+    }
+}
+
+/// Applies `f` to each coordinate's (value, weight) pairs, sorted by value.
+fn per_coordinate(updates: &[(&[f32], f32)], out: &mut [f32], f: impl Fn(&[(f32, f32)]) -> f32) {
+    let mut vals: Vec<(f32, f32)> = Vec::with_capacity(updates.len());
+    for (i, o) in out.iter_mut().enumerate() {
+        vals.clear();
+        vals.extend(updates.iter().map(|(u, w)| (u[i], *w)));
+        vals.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        *o = f(&vals);
+    }
+}
+
+fn median_of_sorted(vals: &[(f32, f32)]) -> f32 {
+    let m = vals.len();
+    if m % 2 == 1 {
+        vals[m / 2].0
+    } else {
+        0.5 * (vals[m / 2 - 1].0 + vals[m / 2].0)
+    }
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32
+}
+
+/// Euclidean norm.
+pub fn norm(a: &[f32]) -> f32 {
+    a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rule: Aggregation, ups: &[Vec<f32>]) -> Vec<f32> {
+        let pairs: Vec<(&[f32], f32)> = ups.iter().map(|u| (&u[..], 1.0)).collect();
+        let mut out = vec![0.0; ups[0].len()];
+        aggregate(rule, &pairs, &mut out);
+        out
+    }
+
+    /// Six honest updates near (1, -1) and two liars far away.
+    fn poisoned() -> Vec<Vec<f32>> {
+        let mut ups: Vec<Vec<f32>> = (0..6)
+            .map(|i| vec![1.0 + 0.01 * i as f32, -1.0 - 0.01 * i as f32])
+            .collect();
+        ups.push(vec![-50.0, 50.0]);
+        ups.push(vec![-40.0, 60.0]);
+        ups
+    }
+
+    #[test]
+    fn mean_is_weighted_and_follows_liars() {
+        let a = [1.0, 2.0];
+        let b = [3.0, 6.0];
+        let mut out = [0.0; 2];
+        aggregate(Aggregation::Mean, &[(&a, 1.0), (&b, 0.5)], &mut out);
+        assert!((out[0] - 5.0 / 3.0).abs() < 1e-6 && (out[1] - 10.0 / 3.0).abs() < 1e-6);
+        let m = run(Aggregation::Mean, &poisoned());
+        assert!(m[0] < -5.0, "the mean is dragged away: {m:?}");
+    }
+
+    #[test]
+    fn robust_rules_ignore_a_quarter_of_liars() {
+        for rule in [
+            Aggregation::TrimmedMean { trim: 0.25 },
+            Aggregation::Median,
+            Aggregation::CenteredClip { tau: 1.0, iters: 3 },
+        ] {
+            let out = run(rule, &poisoned());
+            assert!(
+                (out[0] - 1.03).abs() < 0.3 && (out[1] + 1.03).abs() < 0.3,
+                "{rule:?}: {out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn trimmed_mean_and_median_agree_with_hand_computation() {
+        let ups = vec![vec![1.0], vec![2.0], vec![3.0], vec![4.0], vec![100.0]];
+        assert_eq!(run(Aggregation::TrimmedMean { trim: 0.2 }, &ups), vec![3.0]);
+        assert_eq!(run(Aggregation::Median, &ups), vec![3.0]);
+        assert_eq!(run(Aggregation::Median, &ups[..4]), vec![2.5]);
+        // Too few updates to trim leaves the mean.
+        assert_eq!(
+            run(Aggregation::TrimmedMean { trim: 0.25 }, &ups[..2]),
+            vec![1.5]
+        );
+    }
+
+    #[test]
+    fn no_updates_aggregate_to_zero_and_settings_are_checked() {
+        let mut out = [7.0; 3];
+        aggregate(Aggregation::Median, &[], &mut out);
+        assert_eq!(out, [0.0; 3]);
+        assert!(Aggregation::TrimmedMean { trim: 0.5 }.validate().is_err());
+        assert!(
+            Aggregation::CenteredClip { tau: 0.0, iters: 3 }
+                .validate()
+                .is_err()
+        );
+        assert!(
+            Aggregation::CenteredClip { tau: 1.0, iters: 0 }
+                .validate()
+                .is_err()
+        );
+        assert!(Aggregation::Median.validate().is_ok());
+    }
+}

@@ -1,0 +1,439 @@
+//! Compression of pseudo-gradients for the wire: none (fp32), block-wise int8, and top-k
+//! with int8 values. Lossy codecs keep an error-feedback residual, so what one round
+//! leaves out is added back the next round instead of being lost.
+//!
+//! Payload layout (little-endian), validated field by field by [`decode`]:
+//! - tag `0` fp32: `u32 n`, then `n` f32.
+//! - tag `1` int8: `u32 n`, `u32 block`, `ceil(n / block)` f32 scales, `n` i8.
+//! - tag `2` top-k: `u32 n`, `u32 k`, `u32 block`, `ceil(k / block)` f32 scales, `k` i8
+//!   values, then `k` indices as LEB128 gaps (the first from 0, each later one from the
+//!   previous index plus one), strictly increasing and below `n`.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// How a task compresses the updates its peers exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Compression {
+    /// Raw fp32: 4 bytes per parameter.
+    None,
+    /// Block-wise int8: one f32 scale per `block` values (max-abs / 127).
+    Int8 {
+        /// Values per scale; 256 keeps the overhead under 2%.
+        block: usize,
+    },
+    /// The `fraction` of coordinates with the largest magnitude (after error feedback),
+    /// their values in block-wise int8.
+    TopK {
+        /// Share of coordinates sent, in `(0, 1]`.
+        fraction: f32,
+    },
+}
+
+/// Smallest and largest int8 block a payload may declare.
+pub const BLOCK_RANGE: std::ops::RangeInclusive<usize> = 8..=65_536;
+
+impl Compression {
+    /// The first byte of this codec's payloads.
+    pub fn tag(&self) -> u8 {
+        match self {
+            Self::None => 0,
+            Self::Int8 { .. } => 1,
+            Self::TopK { .. } => 2,
+        }
+    }
+
+    /// Checks the parameters, naming the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            Self::None => Ok(()),
+            Self::Int8 { block } if BLOCK_RANGE.contains(&block) => Ok(()),
+            Self::Int8 { block } => Err(format!(
+                "int8 block {block} outside {}..={}",
+                BLOCK_RANGE.start(),
+                BLOCK_RANGE.end()
+            )),
+            Self::TopK { fraction } if fraction > 0.0 && fraction <= 1.0 => Ok(()),
+            Self::TopK { fraction } => Err(format!("top-k fraction {fraction} outside (0, 1]")),
+        }
+    }
+}
+
+/// Why a payload was refused.
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum CodecError {
+    /// The first byte names no codec.
+    #[error("unknown codec tag {0}")]
+    UnknownCodec(u8),
+    /// The payload is for a model of another size.
+    #[error("payload has {got} values, the model has {want}")]
+    WrongLength {
+        /// Declared count.
+        got: usize,
+        /// The receiver's model size.
+        want: usize,
+    },
+    /// Shorter or longer than its header says.
+    #[error("payload is {0}")]
+    Malformed(&'static str),
+    /// A scale or a value is NaN or infinite.
+    #[error("payload holds a non-finite value")]
+    NonFinite,
+}
+
+/// A codec with its error-feedback residual: one per peer, kept across rounds.
+#[derive(Clone, Debug)]
+pub struct Compressor {
+    kind: Compression,
+    residual: Vec<f32>,
+}
+
+impl Compressor {
+    /// A compressor for vectors of `len` values.
+    pub fn new(kind: Compression, len: usize) -> Self {
+        let residual = match kind {
+            Compression::None => Vec::new(),
+            _ => vec![0.0; len],
+        };
+        Self { kind, residual }
+    }
+
+    /// The codec.
+    pub fn kind(&self) -> Compression {
+        self.kind
+    }
+
+    /// Encodes `delta` (plus the residual of earlier rounds) and returns the payload and
+    /// exactly what a receiver will decode from it; the residual keeps the difference.
+    pub fn encode(&mut self, delta: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        let input: Vec<f32> = if self.residual.len() == delta.len() {
+            delta
+                .iter()
+                .zip(&self.residual)
+                .map(|(d, r)| d + r)
+                .collect()
+        } else {
+            delta.to_vec()
+        };
+        let bytes = match self.kind {
+            Compression::None => encode_fp32(&input),
+            Compression::Int8 { block } => encode_int8(&input, block),
+            Compression::TopK { fraction } => encode_topk(&input, fraction),
+        };
+        // Only a non-finite input fails to decode; it then counts as sending nothing.
+        let decoded = decode(&bytes, input.len()).unwrap_or_else(|_| vec![0.0; input.len()]);
+        if self.residual.len() == input.len() {
+            for ((r, x), d) in self.residual.iter_mut().zip(&input).zip(&decoded) {
+                *r = x - d;
+            }
+        }
+        (bytes, decoded)
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, v: usize) {
+    out.extend_from_slice(&(v as u32).to_le_bytes());
+}
+
+fn encode_fp32(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + 4 * x.len());
+    out.push(0);
+    put_u32(&mut out, x.len());
+    for v in x {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Appends block scales, then the int8 values of `x`.
+fn put_int8(out: &mut Vec<u8>, x: &[f32], block: usize) {
+    let scales: Vec<f32> = x
+        .chunks(block)
+        .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0)
+        .collect();
+    for s in &scales {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    for (b, &s) in x.chunks(block).zip(&scales) {
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        out.extend(
+            b.iter()
+                .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
+    }
+}
+
+fn encode_int8(x: &[f32], block: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + x.len() + 4 * x.len().div_ceil(block));
+    out.push(1);
+    put_u32(&mut out, x.len());
+    put_u32(&mut out, block);
+    put_int8(&mut out, x, block);
+    out
+}
+
+/// The block the top-k codec uses for its values.
+const TOPK_BLOCK: usize = 256;
+
+fn encode_topk(x: &[f32], fraction: f32) -> Vec<u8> {
+    let n = x.len();
+    let k = ((n as f64 * f64::from(fraction)).ceil() as usize).clamp(1.min(n), n);
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    if k < n {
+        idx.select_nth_unstable_by(k, |&a, &b| {
+            x[b as usize].abs().total_cmp(&x[a as usize].abs())
+        });
+        idx.truncate(k);
+    }
+    idx.sort_unstable();
+    let values: Vec<f32> = idx.iter().map(|&i| x[i as usize]).collect();
+    let mut out = Vec::with_capacity(13 + 3 * k);
+    out.push(2);
+    put_u32(&mut out, n);
+    put_u32(&mut out, k);
+    put_u32(&mut out, TOPK_BLOCK);
+    put_int8(&mut out, &values, TOPK_BLOCK);
+    let mut next = 0u32;
+    for &i in &idx {
+        let mut gap = i - next;
+        loop {
+            let byte = (gap & 0x7f) as u8;
+            gap >>= 7;
+            if gap == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+        next = i + 1;
+    }
+    out
+}
+
+/// A cursor over a payload that refuses to read past its end.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        if n > self.0.len() {
+            return Err(CodecError::Malformed("truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<usize, CodecError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+
+    fn block(&mut self) -> Result<usize, CodecError> {
+        let block = self.u32()?;
+        if BLOCK_RANGE.contains(&block) {
+            Ok(block)
+        } else {
+            Err(CodecError::Malformed("declaring an impossible block size"))
+        }
+    }
+
+    /// `count` int8 values with their block scales.
+    fn int8(&mut self, count: usize, block: usize) -> Result<Vec<f32>, CodecError> {
+        let scales = self.take(4 * count.div_ceil(block))?;
+        let scales: Vec<f32> = scales
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
+            return Err(CodecError::NonFinite);
+        }
+        let q = self.take(count)?;
+        Ok(q.chunks(block)
+            .zip(&scales)
+            .flat_map(|(b, &s)| b.iter().map(move |&v| f32::from(v as i8) * s))
+            .collect())
+    }
+}
+
+/// Decodes a payload for a model of `len` parameters, validating every field; the result
+/// has exactly `len` finite values.
+pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
+    let mut r = Reader(bytes);
+    let tag = r.take(1)?[0];
+    if tag > 2 {
+        return Err(CodecError::UnknownCodec(tag));
+    }
+    let n = r.u32()?;
+    if n != len {
+        return Err(CodecError::WrongLength { got: n, want: len });
+    }
+    let out = match tag {
+        0 => {
+            let raw = r.take(4 * n)?;
+            let v: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(CodecError::NonFinite);
+            }
+            v
+        }
+        1 => {
+            let block = r.block()?;
+            r.int8(n, block)?
+        }
+        _ => {
+            let k = r.u32()?;
+            if k > n {
+                return Err(CodecError::Malformed("selecting more values than exist"));
+            }
+            let block = r.block()?;
+            let values = r.int8(k, block)?;
+            let mut out = vec![0.0; n];
+            let mut next: u64 = 0;
+            for v in values {
+                let mut gap: u64 = 0;
+                for shift in (0..35).step_by(7) {
+                    let byte = r.take(1)?[0];
+                    gap |= u64::from(byte & 0x7f) << shift;
+                    if byte & 0x80 == 0 {
+                        break;
+                    }
+                    if shift == 28 {
+                        return Err(CodecError::Malformed("holding an overlong index"));
+                    }
+                }
+                let i = next + gap;
+                if i >= n as u64 {
+                    return Err(CodecError::Malformed("indexing past the model"));
+                }
+                out[i as usize] = v;
+                next = i + 1;
+            }
+            out
+        }
+    };
+    if !r.0.is_empty() {
+        return Err(CodecError::Malformed("longer than its header says"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        (0..n).map(|_| r.normal_f32() * 0.01).collect()
+    }
+
+    #[test]
+    fn fp32_round_trips_exactly() {
+        let x = noise(1000, 1);
+        let (bytes, dec) = Compressor::new(Compression::None, x.len()).encode(&x);
+        assert_eq!(dec, x);
+        assert_eq!(decode(&bytes, 1000), Ok(x));
+        assert_eq!(bytes.len(), 5 + 4000);
+    }
+
+    #[test]
+    fn int8_is_close_and_nearly_four_times_smaller() {
+        let x = noise(100_000, 2);
+        let mut c = Compressor::new(Compression::Int8 { block: 256 }, x.len());
+        let (bytes, dec) = c.encode(&x);
+        let ratio = (4 * x.len()) as f64 / bytes.len() as f64;
+        assert!(ratio >= 3.9, "ratio {ratio}");
+        for (chunk, dchunk) in x.chunks(256).zip(dec.chunks(256)) {
+            let max = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (a, b) in chunk.iter().zip(dchunk) {
+                assert!((a - b).abs() <= max / 254.0 + 1e-9, "{a} vs {b}");
+            }
+        }
+        assert_eq!(decode(&bytes, x.len()).as_deref(), Ok(&dec[..]));
+    }
+
+    #[test]
+    fn topk_keeps_the_largest_and_feeds_the_rest_back() {
+        let mut x = noise(10_000, 3);
+        x[17] = 5.0;
+        x[9_999] = -4.0;
+        let mut c = Compressor::new(Compression::TopK { fraction: 0.01 }, x.len());
+        let (bytes, dec) = c.encode(&x);
+        assert!(bytes.len() * 50 <= 4 * x.len(), "{} bytes", bytes.len());
+        assert_eq!(dec.iter().filter(|v| **v != 0.0).count(), 100);
+        assert!((dec[17] - 5.0).abs() < 0.03 && (dec[9_999] + 4.0).abs() < 0.03);
+        // Error feedback: what was left out this time is sent later, so the sum of what
+        // goes out converges to the sum of what came in.
+        let zeros = vec![0.0; x.len()];
+        let mut sent = dec.clone();
+        for _ in 0..200 {
+            let (_, d) = c.encode(&zeros);
+            for (s, v) in sent.iter_mut().zip(&d) {
+                *s += v;
+            }
+        }
+        let err: f32 = sent
+            .iter()
+            .zip(&x)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-3, "max error after feedback {err}");
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused_not_trusted() {
+        let x = noise(600, 4);
+        for kind in [
+            Compression::None,
+            Compression::Int8 { block: 64 },
+            Compression::TopK { fraction: 0.1 },
+        ] {
+            let (bytes, _) = Compressor::new(kind, x.len()).encode(&x);
+            for cut in [0, 1, 5, bytes.len() / 2, bytes.len() - 1] {
+                assert!(decode(&bytes[..cut], 600).is_err(), "{kind:?} cut at {cut}");
+            }
+            let mut long = bytes.clone();
+            long.push(0);
+            assert!(decode(&long, 600).is_err(), "{kind:?} trailing byte");
+            assert_eq!(
+                decode(&bytes, 601),
+                Err(CodecError::WrongLength {
+                    got: 600,
+                    want: 601
+                })
+            );
+        }
+        assert_eq!(
+            decode(&[9, 0, 0, 0, 0], 0),
+            Err(CodecError::UnknownCodec(9))
+        );
+        // A NaN scale.
+        let (mut bytes, _) = Compressor::new(Compression::Int8 { block: 64 }, 600).encode(&x);
+        bytes[9..13].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(decode(&bytes, 600), Err(CodecError::NonFinite));
+        // An fp32 infinity.
+        let (mut bytes, _) = Compressor::new(Compression::None, 600).encode(&x);
+        bytes[5..9].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        assert_eq!(decode(&bytes, 600), Err(CodecError::NonFinite));
+        // A top-k index past the end, and a block size of zero.
+        let (mut bytes, _) =
+            Compressor::new(Compression::TopK { fraction: 0.5 }, 2).encode(&[1.0, 2.0]);
+        *bytes.last_mut().expect("has indices") = 0x7f;
+        assert!(decode(&bytes, 2).is_err());
+        let mut zero_block = vec![1, 4, 0, 0, 0];
+        zero_block.extend_from_slice(&0u32.to_le_bytes());
+        assert!(decode(&zero_block, 4).is_err());
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        assert!(Compression::Int8 { block: 0 }.validate().is_err());
+        assert!(Compression::TopK { fraction: 0.0 }.validate().is_err());
+        assert!(Compression::TopK { fraction: f32::NAN }.validate().is_err());
+        assert!(Compression::TopK { fraction: 0.01 }.validate().is_ok());
+    }
+}

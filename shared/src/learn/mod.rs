@@ -1,0 +1,521 @@
+//! Decentralized training, DiLoCo-style, with no peer in charge.
+//!
+//! Each round a peer runs `local_steps` steps of its inner optimizer from the round-start
+//! weights, forms the pseudo-gradient (start weights minus local weights), compresses and
+//! signs it, and sends it to its neighbours. When it has heard from every neighbour for
+//! this round, or its deadline passes, it aggregates what it holds (robustly) and applies
+//! an outer Nesterov-momentum step. The round number is the model version.
+//!
+//! Asynchrony, by rule:
+//! - No barrier: a peer closes its round on its own deadline and never waits for a
+//!   neighbour that left.
+//! - A late update (sender's round `r` below the receiver's round `R`) counts with weight
+//!   `1 / (1 + R - r)` while `R - r <= max_staleness`, and is dropped (counted `stale`)
+//!   beyond that. An update from a peer that is ahead counts with weight 1.
+//! - Each signer contributes at most one update per round, and never one older than or
+//!   equal to a round already accepted from it (`replay`).
+//! - A peer that receives an update more than `max_staleness` rounds ahead of its own
+//!   round is lagging: it downloads the sender's model ([`Learner::adopt`]).
+//! - Before aggregation every update must have the model's shape, finite values, and a
+//!   norm at most `max_norm_ratio` times the receiver's own update's norm (or the median
+//!   of the received norms for a peer that did not train this round).
+
+pub mod aggregate;
+pub mod compress;
+pub mod identity;
+pub mod sim;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use aggregate::Aggregation;
+pub use compress::{CodecError, Compression, Compressor};
+pub use identity::{Identity, PublicKey};
+pub use wire::{PeerMessage, Snapshot, Update, WireError};
+
+/// The swarm-learning settings of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnConfig {
+    /// Inner steps per round (H).
+    pub local_steps: u32,
+    /// Outer learning rate.
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum, in `[0, 1)`.
+    pub outer_momentum: f32,
+    /// WebRTC neighbours per peer (the signaling server's k).
+    pub neighbours: usize,
+    /// How updates are combined.
+    pub aggregation: Aggregation,
+    /// How updates are compressed.
+    pub compression: Compression,
+    /// Rounds an update may be late and still count.
+    pub max_staleness: u32,
+    /// Largest accepted update norm, relative to the receiver's own.
+    pub max_norm_ratio: f32,
+    /// Longest a peer waits for its neighbours after sending its update, in milliseconds.
+    pub round_deadline_ms: u32,
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        Self {
+            local_steps: 20,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            neighbours: 6,
+            aggregation: Aggregation::TrimmedMean { trim: 0.2 },
+            compression: Compression::Int8 { block: 256 },
+            max_staleness: 2,
+            max_norm_ratio: 3.0,
+            round_deadline_ms: 10_000,
+        }
+    }
+}
+
+impl LearnConfig {
+    /// Checks every field, naming the field and the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, field: &str, why: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{field}: {why}"))
+            }
+        };
+        check(
+            (1..=100_000).contains(&self.local_steps),
+            "local_steps",
+            format!("{} outside 1..=100000", self.local_steps),
+        )?;
+        check(
+            self.outer_lr > 0.0 && self.outer_lr <= 10.0,
+            "outer_lr",
+            format!("{} outside (0, 10]", self.outer_lr),
+        )?;
+        check(
+            (0.0..1.0).contains(&self.outer_momentum),
+            "outer_momentum",
+            format!("{} outside [0, 1)", self.outer_momentum),
+        )?;
+        check(
+            self.neighbours <= 64,
+            "neighbours",
+            format!("{} above 64", self.neighbours),
+        )?;
+        self.aggregation
+            .validate()
+            .map_err(|e| format!("aggregation: {e}"))?;
+        self.compression
+            .validate()
+            .map_err(|e| format!("compression: {e}"))?;
+        check(
+            self.max_staleness <= 100,
+            "max_staleness",
+            format!("{} above 100", self.max_staleness),
+        )?;
+        check(
+            self.max_norm_ratio >= 1.0 && self.max_norm_ratio.is_finite(),
+            "max_norm_ratio",
+            format!("{} below 1", self.max_norm_ratio),
+        )?;
+        check(
+            (100..=3_600_000).contains(&self.round_deadline_ms),
+            "round_deadline_ms",
+            format!("{} outside 100..=3600000", self.round_deadline_ms),
+        )
+    }
+}
+
+/// Why an incoming message was not used. Each is counted in [`LearnStats::rejected`].
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rejection {
+    /// Undecodable: bad framing, kind, lengths or checksum.
+    #[error("malformed")]
+    Malformed,
+    /// The signature does not verify for this task.
+    #[error("bad_signature")]
+    BadSignature,
+    /// A round already accepted from this signer (or an older one).
+    #[error("replay")]
+    Replay,
+    /// More than `max_staleness` rounds behind.
+    #[error("stale")]
+    Stale,
+    /// A payload for another model size, or malformed.
+    #[error("shape")]
+    Shape,
+    /// NaN or infinite values.
+    #[error("non_finite")]
+    NonFinite,
+    /// A norm above the bound.
+    #[error("norm")]
+    Norm,
+    /// Our own update, echoed back.
+    #[error("own")]
+    Own,
+}
+
+impl Rejection {
+    /// The reason's name in metrics and on the dashboard.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::BadSignature => "bad_signature",
+            Self::Replay => "replay",
+            Self::Stale => "stale",
+            Self::Shape => "shape",
+            Self::NonFinite => "non_finite",
+            Self::Norm => "norm",
+            Self::Own => "own",
+        }
+    }
+}
+
+/// What an accepted message asks of the caller.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Received {
+    /// An update for `round`, held for aggregation. When `round` is more than
+    /// `max_staleness` ahead of ours, the caller should download the sender's model.
+    Update {
+        /// The sender's round.
+        round: u64,
+        /// Whether we are so far behind that we should resynchronize.
+        lagging: bool,
+    },
+    /// The sender wants our model: reply with [`Learner::snapshot`].
+    ModelRequest,
+    /// A model: a joining or lagging peer passes it to [`Learner::adopt`].
+    Model(Snapshot),
+}
+
+/// Counters a peer keeps about its swarm traffic.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LearnStats {
+    /// Updates accepted and used.
+    pub used: u64,
+    /// Rejected messages by reason.
+    pub rejected: BTreeMap<Rejection, u64>,
+    /// Rounds completed by this peer.
+    pub rounds: u64,
+    /// Norm of the last aggregated step.
+    pub last_step_norm: f32,
+}
+
+impl LearnStats {
+    fn reject(&mut self, why: Rejection) -> Rejection {
+        *self.rejected.entry(why).or_default() += 1;
+        why
+    }
+
+    /// Total rejected messages.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// Why a local operation failed.
+#[derive(Debug, Error, PartialEq)]
+pub enum LearnError {
+    /// The settings are invalid.
+    #[error("invalid learning settings: {0}")]
+    Config(String),
+    /// Local weights of the wrong length or not finite: the round is abandoned and the
+    /// model is left as it was.
+    #[error("local weights rejected: {0}")]
+    BadLocal(String),
+}
+
+/// Signers remembered for replay protection; the oldest are forgotten beyond this (their
+/// old rounds are then refused as stale instead).
+const MAX_REMEMBERED: usize = 65_536;
+
+#[derive(Clone, Debug)]
+struct Pending {
+    key: PublicKey,
+    round: u64,
+    delta: Vec<f32>,
+}
+
+/// One peer's state of the swarm's model and its learning protocol. Platform-neutral:
+/// the simulator, the native peer and the browser worker all drive this.
+pub struct Learner {
+    cfg: LearnConfig,
+    task: String,
+    id: Identity,
+    round: u64,
+    weights: Vec<f32>,
+    momentum: Vec<f32>,
+    compressor: Compressor,
+    own: Option<Vec<f32>>,
+    inbox: Vec<Pending>,
+    last_round: HashMap<PublicKey, u64>,
+    /// Traffic and rejection counters.
+    pub stats: LearnStats,
+}
+
+impl Learner {
+    /// A peer that starts (or restarts) the swarm from `weights` at round 0.
+    pub fn new(
+        cfg: LearnConfig,
+        task: &str,
+        id: Identity,
+        weights: Vec<f32>,
+    ) -> Result<Self, LearnError> {
+        cfg.validate().map_err(LearnError::Config)?;
+        check_finite(&weights).map_err(LearnError::BadLocal)?;
+        let n = weights.len();
+        Ok(Self {
+            compressor: Compressor::new(cfg.compression, n),
+            cfg,
+            task: task.to_string(),
+            id,
+            round: 0,
+            momentum: vec![0.0; n],
+            weights,
+            own: None,
+            inbox: Vec::new(),
+            last_round: HashMap::new(),
+            stats: LearnStats::default(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LearnConfig {
+        &self.cfg
+    }
+
+    /// Our public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.id.public()
+    }
+
+    /// Rounds completed: the version of [`weights`](Self::weights).
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The current round-start weights: what local training starts from.
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// Whether this round's own update has been made.
+    pub fn has_local_update(&self) -> bool {
+        self.own.is_some()
+    }
+
+    /// Makes this round's update from the weights local training ended with, and returns
+    /// the signed message to send to every neighbour.
+    pub fn local_update(
+        &mut self,
+        local: &[f32],
+        samples: u32,
+        loss: f32,
+    ) -> Result<Vec<u8>, LearnError> {
+        if local.len() != self.weights.len() {
+            return Err(LearnError::BadLocal(format!(
+                "{} values, model has {}",
+                local.len(),
+                self.weights.len()
+            )));
+        }
+        check_finite(local).map_err(LearnError::BadLocal)?;
+        let delta: Vec<f32> = self.weights.iter().zip(local).map(|(w, l)| w - l).collect();
+        Ok(self.update_from_delta(&delta, samples, loss))
+    }
+
+    /// Compresses and signs a pseudo-gradient. (The simulator's attackers call this with
+    /// a forged delta: a lie is still a validly signed message.)
+    pub fn update_from_delta(&mut self, delta: &[f32], samples: u32, loss: f32) -> Vec<u8> {
+        let (payload, decoded) = self.compressor.encode(delta);
+        self.own = Some(decoded);
+        PeerMessage::Update(Update::signed(
+            &self.id, &self.task, self.round, samples, loss, payload,
+        ))
+        .encode()
+    }
+
+    /// Whether an update from `key` for this round or later is held.
+    pub fn has_fresh_from(&self, key: &PublicKey) -> bool {
+        self.inbox
+            .iter()
+            .any(|p| &p.key == key && p.round >= self.round)
+    }
+
+    /// Validates and takes in one message from a neighbour.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
+        let n = self.weights.len();
+        let msg = PeerMessage::decode(bytes, n).map_err(|e| {
+            self.stats.reject(match e {
+                WireError::NonFinite => Rejection::NonFinite,
+                WireError::Malformed("a model of another size") => Rejection::Shape,
+                _ => Rejection::Malformed,
+            })
+        })?;
+        let u = match msg {
+            PeerMessage::ModelRequest => return Ok(Received::ModelRequest),
+            PeerMessage::Model(s) => return Ok(Received::Model(s)),
+            PeerMessage::Update(u) => u,
+        };
+        if u.key == self.id.public() {
+            return Err(self.stats.reject(Rejection::Own));
+        }
+        if !u.verify(&self.task) {
+            return Err(self.stats.reject(Rejection::BadSignature));
+        }
+        if self.last_round.get(&u.key).is_some_and(|&r| u.round <= r) {
+            return Err(self.stats.reject(Rejection::Replay));
+        }
+        if u.round + u64::from(self.cfg.max_staleness) < self.round {
+            return Err(self.stats.reject(Rejection::Stale));
+        }
+        if u.payload.first() != Some(&self.cfg.compression.tag()) {
+            // Another codec than the task's: refused, so that bytes on the wire stay
+            // what the task promises.
+            return Err(self.stats.reject(Rejection::Shape));
+        }
+        let delta = compress::decode(&u.payload, n).map_err(|e| {
+            self.stats.reject(match e {
+                CodecError::NonFinite => Rejection::NonFinite,
+                _ => Rejection::Shape,
+            })
+        })?;
+        self.remember(u.key, u.round);
+        self.inbox.retain(|p| p.key != u.key);
+        self.inbox.push(Pending {
+            key: u.key,
+            round: u.round,
+            delta,
+        });
+        Ok(Received::Update {
+            round: u.round,
+            lagging: u.round > self.round + u64::from(self.cfg.max_staleness),
+        })
+    }
+
+    fn remember(&mut self, key: PublicKey, round: u64) {
+        if self.last_round.len() >= MAX_REMEMBERED && !self.last_round.contains_key(&key) {
+            let oldest = self
+                .last_round
+                .iter()
+                .min_by_key(|(_, r)| **r)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.last_round.remove(&k);
+            }
+        }
+        self.last_round.insert(key, round);
+    }
+
+    /// Closes the round: validates norms, aggregates our update and the held ones with
+    /// their staleness weights, applies the outer Nesterov step and advances the round.
+    pub fn finish_round(&mut self) -> RoundSummary {
+        let own = self.own.take();
+        let mut held = std::mem::take(&mut self.inbox);
+        let mut summary = RoundSummary {
+            round: self.round,
+            ..RoundSummary::default()
+        };
+        // Each held update is used once: a peer contributes once per round of its own.
+        held.retain(|p| {
+            let fresh = p.round + u64::from(self.cfg.max_staleness) >= self.round;
+            if !fresh {
+                self.stats.reject(Rejection::Stale);
+            }
+            fresh
+        });
+        let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
+        let reference = match &own {
+            Some(d) => aggregate::norm(d),
+            None => {
+                let mut s = norms.clone();
+                s.sort_by(f32::total_cmp);
+                s.get(s.len() / 2).copied().unwrap_or(0.0)
+            }
+        };
+        let bound = reference * self.cfg.max_norm_ratio;
+        let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
+        if let Some(d) = &own {
+            updates.push((d, 1.0));
+        }
+        for (p, &norm) in held.iter().zip(&norms) {
+            if norm > bound {
+                self.stats.reject(Rejection::Norm);
+                summary.rejected += 1;
+                continue;
+            }
+            let late = self.round.saturating_sub(p.round);
+            updates.push((&p.delta, 1.0 / (1.0 + late as f32)));
+            summary.used += 1;
+        }
+        self.stats.used += summary.used as u64;
+        if !updates.is_empty() {
+            let mut g = vec![0.0; self.weights.len()];
+            aggregate::aggregate(self.cfg.aggregation, &updates, &mut g);
+            let (lr, mu) = (self.cfg.outer_lr, self.cfg.outer_momentum);
+            for ((w, m), g) in self.weights.iter_mut().zip(&mut self.momentum).zip(&g) {
+                *m = mu * *m + g;
+                *w -= lr * (g + mu * *m);
+            }
+            summary.step_norm = lr * aggregate::norm(&g);
+            self.stats.last_step_norm = summary.step_norm;
+        }
+        self.round += 1;
+        self.stats.rounds += 1;
+        summary
+    }
+
+    /// The current model for a joining or lagging neighbour.
+    pub fn snapshot(&self) -> Vec<u8> {
+        PeerMessage::Model(Snapshot {
+            round: self.round,
+            weights: self.weights.clone(),
+            momentum: self.momentum.clone(),
+        })
+        .encode()
+    }
+
+    /// Replaces our model with a downloaded one (already validated by decoding) when it
+    /// is newer than ours; returns whether it was adopted. Held updates older than the
+    /// new round's window are dropped; the compressor's residual is cleared.
+    pub fn adopt(&mut self, s: Snapshot) -> bool {
+        if s.round <= self.round && self.stats.rounds > 0 || s.weights.len() != self.weights.len() {
+            return false;
+        }
+        self.round = s.round;
+        self.weights = s.weights;
+        self.momentum = s.momentum;
+        self.own = None;
+        self.compressor = Compressor::new(self.cfg.compression, self.weights.len());
+        let window = u64::from(self.cfg.max_staleness);
+        self.inbox.retain(|p| p.round + window >= s.round);
+        true
+    }
+}
+
+/// What one round's aggregation did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundSummary {
+    /// The round that closed.
+    pub round: u64,
+    /// Neighbours' updates used.
+    pub used: usize,
+    /// Updates refused at aggregation (norm bound).
+    pub rejected: usize,
+    /// Norm of the outer step.
+    pub step_norm: f32,
+}
+
+fn check_finite(v: &[f32]) -> Result<(), String> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(format!("value {i} is {}", v[i])),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

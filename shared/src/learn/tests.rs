@@ -1,0 +1,204 @@
+//! The learner's protocol rules, one peer talking to another.
+
+use super::*;
+
+fn cfg() -> LearnConfig {
+    LearnConfig {
+        aggregation: Aggregation::Mean,
+        compression: Compression::None,
+        outer_lr: 1.0,
+        outer_momentum: 0.0,
+        ..LearnConfig::default()
+    }
+}
+
+fn peer(seed: u8, weights: Vec<f32>) -> Learner {
+    Learner::new(cfg(), "digits", Identity::from_seed([seed; 32]), weights).expect("valid")
+}
+
+#[test]
+fn two_peers_average_their_pseudo_gradients() {
+    let mut a = peer(1, vec![1.0, 1.0]);
+    let mut b = peer(2, vec![1.0, 1.0]);
+    let ua = a.local_update(&[0.0, 1.0], 64, 0.5).expect("finite");
+    let ub = b.local_update(&[1.0, 0.0], 64, 0.5).expect("finite");
+    assert_eq!(
+        a.receive(&ub),
+        Ok(Received::Update {
+            round: 0,
+            lagging: false
+        })
+    );
+    assert!(a.has_fresh_from(&b.public_key()));
+    b.receive(&ua).expect("valid update");
+    let sa = a.finish_round();
+    b.finish_round();
+    // Mean of (1, 0) and (0, 1), outer lr 1, no momentum: plain model averaging.
+    assert_eq!(a.weights(), &[0.5, 0.5]);
+    assert_eq!(a.weights(), b.weights());
+    assert_eq!((a.round(), sa.used), (1, 1));
+}
+
+#[test]
+fn nesterov_momentum_accumulates_across_rounds() {
+    let mut c = cfg();
+    c.outer_lr = 0.5;
+    c.outer_momentum = 0.9;
+    let mut a = Learner::new(c, "t", Identity::from_seed([1; 32]), vec![0.0]).expect("valid");
+    a.local_update(&[-1.0], 1, 0.0).expect("finite"); // g = 1
+    a.finish_round(); // m = 1; w -= 0.5 (1 + 0.9)
+    assert!((a.weights()[0] + 0.95).abs() < 1e-6);
+    let w = a.weights()[0];
+    a.local_update(&[w - 1.0], 1, 0.0).expect("finite"); // g = 1
+    a.finish_round(); // m = 1.9; w -= 0.5 (1 + 1.71)
+    assert!(
+        (a.weights()[0] - (w - 1.355)).abs() < 1e-5,
+        "{}",
+        a.weights()[0]
+    );
+}
+
+#[test]
+fn forged_replayed_stale_and_poisoned_updates_are_rejected_and_counted() {
+    let mut a = peer(1, vec![0.0; 4]);
+    let mut b = peer(2, vec![0.0; 4]);
+    let good = b.local_update(&[0.1; 4], 1, 0.0).expect("finite");
+    a.receive(&good).expect("valid");
+    assert_eq!(
+        a.receive(&good),
+        Err(Rejection::Replay),
+        "the same update twice"
+    );
+
+    let mut forged = good.clone();
+    let last = forged.len() - 70;
+    forged[last] ^= 0x40; // a payload byte
+    assert_eq!(a.receive(&forged), Err(Rejection::BadSignature));
+
+    // Signed for another task.
+    let mut other =
+        Learner::new(cfg(), "cifar", Identity::from_seed([3; 32]), vec![0.0; 4]).expect("valid");
+    let wrong_task = other.local_update(&[0.1; 4], 1, 0.0).expect("finite");
+    assert_eq!(a.receive(&wrong_task), Err(Rejection::BadSignature));
+
+    // A NaN in an fp32 payload, validly signed.
+    let liar = Identity::from_seed([4; 32]);
+    let mut payload = vec![0u8];
+    payload.extend_from_slice(&4u32.to_le_bytes());
+    for v in [f32::NAN, 0.0, 0.0, 0.0] {
+        payload.extend_from_slice(&v.to_le_bytes());
+    }
+    let nan = PeerMessage::Update(Update::signed(&liar, "digits", 0, 1, 0.0, payload)).encode();
+    assert_eq!(a.receive(&nan), Err(Rejection::NonFinite));
+    // A model of another size.
+    let mut big = peer(5, vec![0.0; 5]);
+    let wrong = big.local_update(&[0.0; 5], 1, 0.0).expect("finite");
+    assert_eq!(a.receive(&wrong), Err(Rejection::Shape));
+    assert_eq!(a.receive(b"junk"), Err(Rejection::Malformed));
+    // Our own update echoed back.
+    let mine = a.local_update(&[-0.1; 4], 1, 0.0).expect("finite");
+    assert_eq!(a.receive(&mine), Err(Rejection::Own));
+
+    // A scaled update far beyond our own norm is refused at aggregation.
+    let mut scaler = peer(6, vec![0.0; 4]);
+    let scaled = scaler.update_from_delta(&[10.0; 4], 1, 0.0);
+    a.receive(&scaled).expect("decodes");
+    let s = a.finish_round();
+    assert_eq!((s.used, s.rejected), (1, 1));
+    // Own delta (0.1) and b's (-0.1) cancel; the scaled one was left out.
+    assert!(
+        a.weights().iter().all(|w| w.abs() < 1e-6),
+        "{:?}",
+        a.weights()
+    );
+
+    // Three rounds later an update from round 0 is stale.
+    for _ in 0..3 {
+        a.local_update(a.weights().to_vec().as_slice(), 1, 0.0)
+            .expect("finite");
+        a.finish_round();
+    }
+    let mut late = peer(7, vec![0.0; 4]);
+    let old = late.local_update(&[0.0; 4], 1, 0.0).expect("finite");
+    assert_eq!(a.receive(&old), Err(Rejection::Stale));
+    let r = &a.stats.rejected;
+    for why in [
+        Rejection::Replay,
+        Rejection::NonFinite,
+        Rejection::Shape,
+        Rejection::Malformed,
+        Rejection::Own,
+        Rejection::Norm,
+        Rejection::Stale,
+    ] {
+        assert_eq!(r.get(&why), Some(&1), "{why:?} in {r:?}");
+    }
+    assert_eq!(r.get(&Rejection::BadSignature), Some(&2));
+}
+
+#[test]
+fn late_updates_count_less_and_a_far_ahead_sender_marks_us_lagging() {
+    let mut a = peer(1, vec![0.0]);
+    let mut b = peer(2, vec![0.0]);
+    // b's round-0 update reaches a after a closed round 0 alone.
+    let late = b.local_update(&[-3.0], 1, 0.0).expect("finite");
+    a.local_update(&[0.0], 1, 0.0).expect("finite");
+    a.finish_round();
+    a.receive(&late)
+        .expect("one round late is within the window");
+    a.local_update(&[-1.0], 1, 0.0).expect("finite");
+    a.finish_round();
+    // Weighted mean of 1 (own, weight 1) and 3 (weight 1/2) = 5/3.
+    assert!(
+        (a.weights()[0] + 5.0 / 3.0).abs() < 1e-6,
+        "{}",
+        a.weights()[0]
+    );
+
+    // A peer far ahead.
+    let mut ahead = peer(3, vec![0.0]);
+    for _ in 0..6 {
+        ahead.local_update(&[0.0], 1, 0.0).expect("finite");
+        ahead.finish_round();
+    }
+    let msg = ahead.local_update(&[0.0], 1, 0.0).expect("finite");
+    assert_eq!(
+        a.receive(&msg),
+        Ok(Received::Update {
+            round: 6,
+            lagging: true
+        })
+    );
+    let Ok(Received::Model(snap)) = a.receive(&ahead.snapshot()) else {
+        panic!("a model message decodes");
+    };
+    assert!(a.adopt(snap));
+    assert_eq!(a.round(), 6);
+    assert_eq!(a.weights(), ahead.weights());
+}
+
+#[test]
+fn a_joiner_adopts_the_current_model_and_bad_settings_are_named() {
+    let mut a = peer(1, vec![2.0, 3.0]);
+    a.local_update(&[1.0, 1.0], 1, 0.0).expect("finite");
+    a.finish_round();
+    let mut joiner = peer(2, vec![0.0, 0.0]);
+    let Ok(Received::Model(s)) = joiner.receive(&a.snapshot()) else {
+        panic!("a model message decodes");
+    };
+    assert!(joiner.adopt(s));
+    assert_eq!((joiner.round(), joiner.weights()), (1, a.weights()));
+
+    assert!(
+        peer(3, vec![0.0])
+            .local_update(&[f32::NAN], 1, 0.0)
+            .is_err()
+    );
+    let mut bad = cfg();
+    bad.outer_momentum = 1.0;
+    let err = Learner::new(bad, "t", Identity::from_seed([1; 32]), vec![0.0]).err();
+    assert!(
+        matches!(err, Some(LearnError::Config(ref m)) if m.starts_with("outer_momentum")),
+        "{err:?}"
+    );
+}

@@ -1,0 +1,325 @@
+//! The messages peers send each other over a data channel (after framing), in a small
+//! versioned binary layout. Every field is checked on decode; the signature check and
+//! everything that needs the receiver's state happen in [`Learner`](super::Learner).
+//!
+//! ```text
+//! message  = "SHL" version:u8(1) kind:u8 body
+//! kind 1   update:   key[32] round:u64 samples:u32 loss:f32 len:u32 payload[len] sig[64]
+//! kind 2   request:  (empty)                    — "send me the current model"
+//! kind 3   model:    round:u64 n:u32 weights:f32[n] momentum:f32[n] sha256[32]
+//! ```
+//! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
+//! message up to the signature, so an update cannot be replayed into another task.
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use super::identity::{Identity, PublicKey};
+
+const MAGIC: [u8; 3] = *b"SHL";
+const VERSION: u8 = 1;
+
+/// Why a peer message could not be decoded.
+#[derive(Debug, Error, PartialEq, Eq, Clone)]
+pub enum WireError {
+    /// Not a Shoal peer message, or another version.
+    #[error("not a Shoal v1 peer message")]
+    Magic,
+    /// A kind this version does not know.
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// Shorter or longer than its fields say.
+    #[error("message is {0}")]
+    Malformed(&'static str),
+    /// The model's checksum does not match its contents.
+    #[error("model checksum mismatch")]
+    Checksum,
+    /// The model holds a NaN or an infinity.
+    #[error("model holds a non-finite value")]
+    NonFinite,
+}
+
+/// A signed pseudo-gradient for one round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Update {
+    /// The signer.
+    pub key: PublicKey,
+    /// The sender's round (model version) this update belongs to.
+    pub round: u64,
+    /// Samples the sender trained on this round.
+    pub samples: u32,
+    /// The sender's mean local training loss this round.
+    pub loss: f32,
+    /// The compressed pseudo-gradient (see `compress`).
+    pub payload: Vec<u8>,
+    /// ed25519 signature.
+    pub signature: [u8; 64],
+}
+
+/// A model, as a joining or lagging peer downloads it from a neighbour.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Rounds completed: the model version.
+    pub round: u64,
+    /// The weights at the start of that round.
+    pub weights: Vec<f32>,
+    /// The outer optimizer's momentum.
+    pub momentum: Vec<f32>,
+}
+
+/// One message between peers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeerMessage {
+    /// A round's update.
+    Update(Update),
+    /// A request for the current model.
+    ModelRequest,
+    /// The current model.
+    Model(Snapshot),
+}
+
+fn header(kind: u8) -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.push(VERSION);
+    v.push(kind);
+    v
+}
+
+/// The bytes an update's signature covers.
+fn signed_bytes(task: &str, unsigned: &[u8]) -> Vec<u8> {
+    let mut m = b"shoal-update-v1".to_vec();
+    m.extend_from_slice(&(task.len() as u32).to_le_bytes());
+    m.extend_from_slice(task.as_bytes());
+    m.extend_from_slice(unsigned);
+    m
+}
+
+impl Update {
+    /// Builds and signs an update for `task`.
+    pub fn signed(
+        id: &Identity,
+        task: &str,
+        round: u64,
+        samples: u32,
+        loss: f32,
+        payload: Vec<u8>,
+    ) -> Self {
+        let mut u = Self {
+            key: id.public(),
+            round,
+            samples,
+            loss,
+            payload,
+            signature: [0; 64],
+        };
+        let bytes = u.unsigned_bytes();
+        u.signature = id.sign(&signed_bytes(task, &bytes));
+        u
+    }
+
+    fn unsigned_bytes(&self) -> Vec<u8> {
+        let mut v = header(1);
+        v.extend_from_slice(&self.key);
+        v.extend_from_slice(&self.round.to_le_bytes());
+        v.extend_from_slice(&self.samples.to_le_bytes());
+        v.extend_from_slice(&self.loss.to_le_bytes());
+        v.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    /// Whether the signature is the key's, for this task.
+    pub fn verify(&self, task: &str) -> bool {
+        super::identity::verify(
+            &self.key,
+            &signed_bytes(task, &self.unsigned_bytes()),
+            &self.signature,
+        )
+    }
+}
+
+impl PeerMessage {
+    /// The wire bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Update(u) => {
+                let mut v = u.unsigned_bytes();
+                v.extend_from_slice(&u.signature);
+                v
+            }
+            Self::ModelRequest => header(2),
+            Self::Model(s) => {
+                let mut v = header(3);
+                v.extend_from_slice(&s.round.to_le_bytes());
+                v.extend_from_slice(&(s.weights.len() as u32).to_le_bytes());
+                for x in s.weights.iter().chain(&s.momentum) {
+                    v.extend_from_slice(&x.to_le_bytes());
+                }
+                let digest = Sha256::digest(&v[5..]);
+                v.extend_from_slice(&digest);
+                v
+            }
+        }
+    }
+
+    /// Decodes a message for a model of `params` parameters.
+    pub fn decode(bytes: &[u8], params: usize) -> Result<Self, WireError> {
+        if bytes.len() < 5 || bytes[..3] != MAGIC || bytes[3] != VERSION {
+            return Err(WireError::Magic);
+        }
+        let mut r = Cursor(&bytes[5..]);
+        let msg = match bytes[4] {
+            1 => {
+                let key: PublicKey = r.array()?;
+                let round = u64::from_le_bytes(r.array()?);
+                let samples = u32::from_le_bytes(r.array()?);
+                let loss = f32::from_le_bytes(r.array()?);
+                let len = u32::from_le_bytes(r.array()?) as usize;
+                let payload = r.take(len)?.to_vec();
+                let signature: [u8; 64] = r.array()?;
+                Self::Update(Update {
+                    key,
+                    round,
+                    samples,
+                    loss,
+                    payload,
+                    signature,
+                })
+            }
+            2 => Self::ModelRequest,
+            3 => {
+                let round = u64::from_le_bytes(r.array()?);
+                let n = u32::from_le_bytes(r.array()?) as usize;
+                if n != params {
+                    return Err(WireError::Malformed("a model of another size"));
+                }
+                let body_end = bytes
+                    .len()
+                    .checked_sub(32)
+                    .ok_or(WireError::Malformed("truncated"))?;
+                if body_end < 5 || Sha256::digest(&bytes[5..body_end])[..] != bytes[body_end..] {
+                    return Err(WireError::Checksum);
+                }
+                let floats = |r: &mut Cursor<'_>| -> Result<Vec<f32>, WireError> {
+                    let raw = r.take(4 * n)?;
+                    let v: Vec<f32> = raw
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    if v.iter().all(|x| x.is_finite()) {
+                        Ok(v)
+                    } else {
+                        Err(WireError::NonFinite)
+                    }
+                };
+                let weights = floats(&mut r)?;
+                let momentum = floats(&mut r)?;
+                r.take(32)?;
+                Self::Model(Snapshot {
+                    round,
+                    weights,
+                    momentum,
+                })
+            }
+            k => return Err(WireError::Kind(k)),
+        };
+        if !r.0.is_empty() {
+            return Err(WireError::Malformed("longer than its fields"));
+        }
+        Ok(msg)
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if n > self.0.len() {
+            return Err(WireError::Malformed("truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_updates_are_bound_to_their_task() {
+        let id = Identity::from_seed([3; 32]);
+        let u = Update::signed(&id, "digits", 12, 640, 0.25, vec![1, 2, 3]);
+        assert!(u.verify("digits"));
+        assert!(
+            !u.verify("cifar"),
+            "a signature does not carry over to another task"
+        );
+        let msg = PeerMessage::Update(u.clone());
+        assert_eq!(PeerMessage::decode(&msg.encode(), 4), Ok(msg));
+        let mut tampered = u;
+        tampered.round = 13;
+        assert!(!tampered.verify("digits"));
+        let snap = PeerMessage::Model(Snapshot {
+            round: 5,
+            weights: vec![0.5, -1.0],
+            momentum: vec![0.0, 0.1],
+        });
+        assert_eq!(PeerMessage::decode(&snap.encode(), 2), Ok(snap.clone()));
+        assert_eq!(
+            PeerMessage::decode(&PeerMessage::ModelRequest.encode(), 2),
+            Ok(PeerMessage::ModelRequest)
+        );
+    }
+
+    #[test]
+    fn damaged_messages_are_refused() {
+        let id = Identity::from_seed([3; 32]);
+        let bytes = PeerMessage::Update(Update::signed(&id, "t", 1, 1, 0.0, vec![7; 10])).encode();
+        for cut in [0, 4, 5, 40, bytes.len() - 1] {
+            assert!(
+                PeerMessage::decode(&bytes[..cut], 2).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(PeerMessage::decode(&long, 2).is_err());
+        let mut kind = bytes.clone();
+        kind[4] = 9;
+        assert_eq!(PeerMessage::decode(&kind, 2), Err(WireError::Kind(9)));
+        assert_eq!(
+            PeerMessage::decode(b"GET / HTTP/1.1", 2),
+            Err(WireError::Magic)
+        );
+        // A payload length that points past the end.
+        let mut huge = bytes.clone();
+        huge[5 + 32 + 16..5 + 32 + 20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(PeerMessage::decode(&huge, 2).is_err());
+
+        let snap = PeerMessage::Model(Snapshot {
+            round: 1,
+            weights: vec![1.0; 3],
+            momentum: vec![0.0; 3],
+        })
+        .encode();
+        let mut flipped = snap.clone();
+        flipped[20] ^= 1;
+        assert_eq!(PeerMessage::decode(&flipped, 3), Err(WireError::Checksum));
+        assert!(PeerMessage::decode(&snap, 4).is_err(), "another model size");
+        let nan = PeerMessage::Model(Snapshot {
+            round: 1,
+            weights: vec![f32::NAN; 3],
+            momentum: vec![0.0; 3],
+        })
+        .encode();
+        assert_eq!(PeerMessage::decode(&nan, 3), Err(WireError::NonFinite));
+    }
+}

@@ -1,0 +1,101 @@
+//! `cargo xtask sim SCENARIO`: runs a swarm scenario (a TOML file; a bare name means
+//! `scenarios/NAME.toml`) in the in-process simulator on the demo digits, prints accuracy
+//! and bytes per peer over rounds, and writes `target/sim/NAME.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use shoal_shared::dataset::Dataset;
+use shoal_shared::engine::train::Samples;
+use shoal_shared::learn::sim::{self, Scenario};
+
+use crate::{data, root};
+
+/// The demo digits' training and test splits.
+pub(crate) fn digits(root: &Path) -> Result<(Samples, Samples)> {
+    let dir = data::prepare(root)?;
+    let load = |split: &str| -> Result<Samples> {
+        let d = Dataset::read_idx_files(
+            &dir.join(format!("{split}-images.idx")),
+            &dir.join(format!("{split}-labels.idx")),
+            10,
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(Samples::from_dataset(&d))
+    };
+    Ok((load("train")?, load("test")?))
+}
+
+/// Resolves a scenario argument to a file.
+fn scenario_path(root: &Path, arg: &str) -> PathBuf {
+    let p = PathBuf::from(arg);
+    if p.exists() {
+        p
+    } else {
+        root.join("scenarios").join(format!("{arg}.toml"))
+    }
+}
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let Some(arg) = args.first() else {
+        let names: Vec<String> = std::fs::read_dir(root().join("scenarios"))?
+            .filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(String::from))
+            .collect();
+        bail!(
+            "usage: cargo xtask sim SCENARIO (one of: {})",
+            names.join(", ")
+        );
+    };
+    let root = root();
+    let path = scenario_path(&root, arg);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let sc = Scenario::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (train, test) = digits(&root)?;
+    println!(
+        "scenario {}: {} peers, {} rounds, H = {}, {:?}, {:?}",
+        sc.name,
+        sc.peers,
+        sc.rounds,
+        sc.learn.local_steps,
+        sc.learn.aggregation,
+        sc.learn.compression
+    );
+    let t = std::time::Instant::now();
+    let report = sim::run(&sc, &train, &test).map_err(anyhow::Error::msg)?;
+    println!(
+        "{:>6} {:>9} {:>10} {:>9} {:>8} {:>14} {:>5}",
+        "round", "time s", "samples", "accuracy", "loss", "bytes/peer", "live"
+    );
+    for r in &report.rows {
+        println!(
+            "{:>6} {:>9.1} {:>10} {:>8.2}% {:>8.4} {:>14.0} {:>5}",
+            r.round,
+            r.time_s,
+            r.samples,
+            r.accuracy * 100.0,
+            r.loss,
+            r.bytes_per_peer,
+            r.live
+        );
+    }
+    match (report.samples_to_target, report.bytes_to_target) {
+        (Some(s), Some(b)) => println!(
+            "target {:.1}% reached after {s} samples, {b:.0} bytes per peer",
+            sc.target * 100.0
+        ),
+        _ => println!("target {:.1}% not reached", sc.target * 100.0),
+    }
+    println!(
+        "rejected: {:?}; model versions spread {} rounds; {:.1} s",
+        report.rejected,
+        report.version_spread,
+        t.elapsed().as_secs_f64()
+    );
+    let out = root.join("target/sim");
+    std::fs::create_dir_all(&out)?;
+    let file = out.join(format!("{}.json", sc.name));
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", file.display());
+    Ok(())
+}
