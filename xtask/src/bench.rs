@@ -28,7 +28,7 @@ use shoal_shared::rng::SplitMix64;
 use crate::{data, root, run_cmd, setup, web};
 
 /// Every benchmark this runner knows.
-pub(crate) const NAMES: [&str; 3] = ["matmul", "train-throughput", "signaling"];
+pub(crate) const NAMES: [&str; 4] = ["matmul", "train-throughput", "signaling", "communication"];
 
 const BATCH: usize = 64;
 const LR: f32 = 1e-3;
@@ -45,6 +45,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "matmul" => matmul(&root)?,
         "train-throughput" => train_throughput(&root)?,
         "signaling" => crate::bench_signaling::signaling(&root)?,
+        "communication" => crate::sim::communication(&root)?,
         other => bail!("unknown benchmark {other:?}; known: {}", NAMES.join(", ")),
     };
     let dir = root.join("target/bench");

@@ -99,3 +99,75 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     println!("wrote {}", file.display());
     Ok(())
 }
+
+/// `cargo xtask bench communication`: bytes each peer sends until the swarm reaches the
+/// target accuracy (the `iid-8` scenario), Shoal's DiLoCo rounds with int8 and with
+/// top-k 1% updates against exchanging full fp32 weights after every step, as DISCO
+/// does (the same swarm with one local step per round and plain averaging).
+pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
+    use serde_json::json;
+    use shoal_shared::learn::{Aggregation, Compression};
+
+    let text = std::fs::read_to_string(root.join("scenarios/iid-8.toml"))?;
+    let base = Scenario::from_toml(&text).map_err(anyhow::Error::msg)?;
+    let (train, test) = digits(root)?;
+    let mut disco = base.clone();
+    disco.name = "disco-fp32-every-step".into();
+    disco.learn.local_steps = 1;
+    disco.learn.outer_lr = 1.0;
+    disco.learn.outer_momentum = 0.0;
+    disco.learn.aggregation = Aggregation::Mean;
+    disco.learn.compression = Compression::None;
+    // Three times the samples Shoal's runs get: one step per exchange learns slower.
+    disco.rounds = 3 * base.rounds * u64::from(base.learn.local_steps);
+    disco.eval_every = u64::from(base.learn.local_steps);
+    let mut int8 = base.clone();
+    int8.name = "shoal-diloco-int8".into();
+    int8.learn.compression = Compression::Int8 { block: 256 };
+    let mut topk = base.clone();
+    topk.name = "shoal-diloco-topk1%".into();
+    topk.learn.compression = Compression::TopK { fraction: 0.01 };
+
+    let mut out = serde_json::Map::new();
+    let mut bytes = Vec::new();
+    println!(
+        "{:<24} {:>12} {:>16} {:>10}",
+        "", "samples", "bytes/peer", "accuracy"
+    );
+    for sc in [&disco, &int8, &topk] {
+        let r = sim::run(sc, &train, &test).map_err(anyhow::Error::msg)?;
+        let b = r.bytes_to_target;
+        println!(
+            "{:<24} {:>12} {:>16} {:>9.2}%",
+            sc.name,
+            r.samples_to_target.map_or("-".into(), |s| s.to_string()),
+            b.map_or("not reached".into(), |b| format!("{b:.0}")),
+            r.final_accuracy() * 100.0
+        );
+        bytes.push(b);
+        out.insert(
+            sc.name.clone(),
+            json!({
+                "samples_to_target": r.samples_to_target,
+                "bytes_per_peer_to_target": b,
+                "final_accuracy": r.final_accuracy(),
+                "target": sc.target,
+            }),
+        );
+    }
+    let best = bytes[1..]
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    let ratio = match bytes[0] {
+        Some(d) if best.is_finite() => json!(d / best),
+        _ => serde_json::Value::Null,
+    };
+    if let Some(d) = bytes[0] {
+        println!(
+            "DISCO-style exchange sends {d:.0} bytes per peer to the target; Shoal's best {best:.0}"
+        );
+    }
+    Ok(json!({ "ratios": { "bytes-to-target-best": ratio }, "runs": out }))
+}

@@ -253,6 +253,8 @@ pub struct Learner {
     own: Option<Vec<f32>>,
     inbox: Vec<Pending>,
     last_round: HashMap<PublicKey, u64>,
+    /// Whether this model has been trained or adopted (a blank joiner takes any model).
+    started: bool,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -279,6 +281,7 @@ impl Learner {
             own: None,
             inbox: Vec::new(),
             last_round: HashMap::new(),
+            started: false,
             stats: LearnStats::default(),
         })
     }
@@ -465,6 +468,7 @@ impl Learner {
             self.stats.last_step_norm = summary.step_norm;
         }
         self.round += 1;
+        self.started = true;
         self.stats.rounds += 1;
         summary
     }
@@ -483,9 +487,10 @@ impl Learner {
     /// is newer than ours; returns whether it was adopted. Held updates older than the
     /// new round's window are dropped; the compressor's residual is cleared.
     pub fn adopt(&mut self, s: Snapshot) -> bool {
-        if s.round <= self.round && self.stats.rounds > 0 || s.weights.len() != self.weights.len() {
+        if (self.started && s.round <= self.round) || s.weights.len() != self.weights.len() {
             return false;
         }
+        self.started = true;
         self.round = s.round;
         self.weights = s.weights;
         self.momentum = s.momentum;

@@ -35,6 +35,9 @@ pub struct Scenario {
     pub rounds: u64,
     /// Held-out accuracy the report measures samples and bytes to.
     pub target: f32,
+    /// Evaluate every this many swarm rounds (1: every round).
+    #[serde(default = "one")]
+    pub eval_every: u64,
     /// How the training data is spread over peers.
     #[serde(default)]
     pub data: DataSplit,
@@ -81,6 +84,10 @@ pub struct TrainSettings {
     /// `"mlp"` or `"cnn"` (the demo models).
     #[serde(default = "default_model")]
     pub model: String,
+}
+
+fn one() -> u64 {
+    1
 }
 
 fn default_model() -> String {
@@ -719,7 +726,9 @@ impl Sim<'_> {
         if self.rounds_done >= live {
             self.rounds_done = 0;
             self.swarm_round += 1;
-            self.record();
+            if self.swarm_round.is_multiple_of(self.sc.eval_every.max(1)) {
+                self.record();
+            }
             self.churn();
         }
     }
