@@ -10,6 +10,9 @@ use shoal_shared::gpu::{AdapterSummary, Gpu, GpuError};
 use shoal_shared::idx::IdxLimits;
 
 #[cfg(not(target_arch = "wasm32"))]
+pub mod keeper;
+pub mod learning;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 pub mod swarm;
 #[cfg(target_arch = "wasm32")]

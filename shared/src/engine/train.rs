@@ -164,6 +164,7 @@ pub struct Trainer<B: Backend> {
     cursor: usize,
     x: Vec<f32>,
     y: Vec<u8>,
+    shift: usize,
     /// Steps taken so far.
     pub steps: u64,
 }
@@ -187,8 +188,16 @@ impl<B: Backend> Trainer<B> {
             cursor: usize::MAX,
             x: Vec::new(),
             y: Vec::new(),
+            shift: 0,
             steps: 0,
         })
+    }
+
+    /// Translates every image by up to `pixels` in each direction (see
+    /// [`Samples::gather_shifted`]); 0 turns augmentation off.
+    pub fn with_shift(mut self, pixels: usize) -> Self {
+        self.shift = pixels;
+        self
     }
 
     /// Runs `n` steps (enqueued only, on a GPU backend).
@@ -200,7 +209,12 @@ impl<B: Backend> Trainer<B> {
             }
             let idx = &self.order[self.cursor..self.cursor + self.batch];
             self.cursor += self.batch;
-            self.data.gather(idx, &mut self.x, &mut self.y);
+            if self.shift > 0 {
+                self.data
+                    .gather_shifted(idx, self.shift, &mut self.rng, &mut self.x, &mut self.y);
+            } else {
+                self.data.gather(idx, &mut self.x, &mut self.y);
+            }
             self.backend.step(&self.x, &self.y)?;
             self.steps += 1;
         }

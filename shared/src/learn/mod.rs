@@ -16,6 +16,11 @@
 //!   equal to a round already accepted from it (`replay`).
 //! - A peer that receives an update more than `max_staleness` rounds ahead of its own
 //!   round is lagging: it downloads the sender's model ([`Learner::adopt`]).
+//! - Gossip averaging keeps peers' models together where they do not all see the same
+//!   updates (a partial mesh, a late neighbour): every `sync_every` rounds a peer sends
+//!   its round-start weights (int8) to one neighbour, which averages them half and half
+//!   with its own before its next outer step, if they are within `max_staleness` rounds
+//!   and closer than a quarter of its own weights' norm.
 //! - Before aggregation every update must have the model's shape, finite values, and a
 //!   norm at most `max_norm_ratio` times the receiver's own update's norm (or the median
 //!   of the received norms for a peer that did not train this round).
@@ -58,6 +63,13 @@ pub struct LearnConfig {
     pub max_norm_ratio: f32,
     /// Longest a peer waits for its neighbours after sending its update, in milliseconds.
     pub round_deadline_ms: u32,
+    /// Rounds between gossip-averaging messages (0: never).
+    #[serde(default = "default_sync_every")]
+    pub sync_every: u32,
+}
+
+fn default_sync_every() -> u32 {
+    5
 }
 
 impl Default for LearnConfig {
@@ -72,6 +84,7 @@ impl Default for LearnConfig {
             max_staleness: 2,
             max_norm_ratio: 3.0,
             round_deadline_ms: 10_000,
+            sync_every: default_sync_every(),
         }
     }
 }
@@ -181,6 +194,8 @@ pub enum Received {
     /// An update for `round`, held for aggregation. When `round` is more than
     /// `max_staleness` ahead of ours, the caller should download the sender's model.
     Update {
+        /// The signer.
+        key: PublicKey,
         /// The sender's round.
         round: u64,
         /// Whether we are so far behind that we should resynchronize.
@@ -190,6 +205,8 @@ pub enum Received {
     ModelRequest,
     /// A model: a joining or lagging peer passes it to [`Learner::adopt`].
     Model(Snapshot),
+    /// A neighbour's weights, held for averaging at the end of this round.
+    Mix,
 }
 
 /// Counters a peer keeps about its swarm traffic.
@@ -255,6 +272,8 @@ pub struct Learner {
     last_round: HashMap<PublicKey, u64>,
     /// Whether this model has been trained or adopted (a blank joiner takes any model).
     started: bool,
+    /// A neighbour's weights to average with ours when the round closes.
+    mix: Option<Vec<f32>>,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -282,6 +301,7 @@ impl Learner {
             inbox: Vec::new(),
             last_round: HashMap::new(),
             started: false,
+            mix: None,
             stats: LearnStats::default(),
         })
     }
@@ -362,6 +382,7 @@ impl Learner {
         let u = match msg {
             PeerMessage::ModelRequest => return Ok(Received::ModelRequest),
             PeerMessage::Model(s) => return Ok(Received::Model(s)),
+            PeerMessage::Mix { round, payload } => return self.take_mix(round, &payload),
             PeerMessage::Update(u) => u,
         };
         if u.key == self.id.public() {
@@ -395,9 +416,48 @@ impl Learner {
             delta,
         });
         Ok(Received::Update {
+            key: u.key,
             round: u.round,
             lagging: u.round > self.round + u64::from(self.cfg.max_staleness),
         })
+    }
+
+    fn take_mix(&mut self, round: u64, payload: &[u8]) -> Result<Received, Rejection> {
+        let window = u64::from(self.cfg.max_staleness);
+        if round + window < self.round || round > self.round + window {
+            return Err(self.stats.reject(Rejection::Stale));
+        }
+        if payload.first() != Some(&1) {
+            return Err(self.stats.reject(Rejection::Shape));
+        }
+        let w = compress::decode(payload, self.weights.len()).map_err(|e| {
+            self.stats.reject(match e {
+                CodecError::NonFinite => Rejection::NonFinite,
+                _ => Rejection::Shape,
+            })
+        })?;
+        let dist = aggregate::norm(
+            &w.iter()
+                .zip(&self.weights)
+                .map(|(a, b)| a - b)
+                .collect::<Vec<_>>(),
+        );
+        if dist > 0.25 * aggregate::norm(&self.weights) {
+            return Err(self.stats.reject(Rejection::Norm));
+        }
+        self.mix = Some(w);
+        Ok(Received::Mix)
+    }
+
+    /// The gossip-averaging message for this round: our round-start weights, int8.
+    pub fn mix_message(&self) -> Vec<u8> {
+        let (payload, _) =
+            Compressor::new(Compression::Int8 { block: 256 }, 0).encode(&self.weights);
+        PeerMessage::Mix {
+            round: self.round,
+            payload,
+        }
+        .encode()
     }
 
     fn remember(&mut self, key: PublicKey, round: u64) {
@@ -456,6 +516,12 @@ impl Learner {
             summary.used += 1;
         }
         self.stats.used += summary.used as u64;
+        if let Some(theirs) = self.mix.take() {
+            for (w, t) in self.weights.iter_mut().zip(&theirs) {
+                *w = 0.5 * (*w + t);
+            }
+            summary.mixed = true;
+        }
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
             aggregate::aggregate(self.cfg.aggregation, &updates, &mut g);
@@ -470,6 +536,8 @@ impl Learner {
         self.round += 1;
         self.started = true;
         self.stats.rounds += 1;
+        let every = u64::from(self.cfg.sync_every);
+        summary.sync = (every > 0 && self.round.is_multiple_of(every)).then(|| self.mix_message());
         summary
     }
 
@@ -513,6 +581,10 @@ pub struct RoundSummary {
     pub rejected: usize,
     /// Norm of the outer step.
     pub step_norm: f32,
+    /// Whether a neighbour's weights were averaged in.
+    pub mixed: bool,
+    /// A gossip-averaging message to send to one neighbour (every `sync_every` rounds).
+    pub sync: Option<Vec<u8>>,
 }
 
 fn check_finite(v: &[f32]) -> Result<(), String> {

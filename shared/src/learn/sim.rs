@@ -63,6 +63,9 @@ pub enum DataSplit {
     /// A random equal share each.
     #[default]
     Iid,
+    /// Every peer samples the whole set (as the demo task's real peers do: each
+    /// downloads all 8,000 digits).
+    Full,
     /// Each peer sees only `classes` of the labels (consecutive, wrapping).
     LabelSkew {
         /// Classes per peer.
@@ -417,6 +420,7 @@ fn split(train: &Samples, sc: &Scenario) -> Vec<Vec<usize>> {
         DataSplit::Iid => (0..n)
             .map(|s| idx[s * idx.len() / n..(s + 1) * idx.len() / n].to_vec())
             .collect(),
+        DataSplit::Full => vec![idx; n],
         DataSplit::LabelSkew { classes } => {
             // Slot s holds classes s*c .. s*c+c (mod 10); each class's samples are dealt
             // round-robin to the slots that hold it.
@@ -670,7 +674,7 @@ impl Sim<'_> {
         let p = self.peers[to].as_mut().expect("alive");
         match p.learner.receive(bytes) {
             Ok(Received::Update { lagging: true, .. }) => self.request_model(to, from),
-            Ok(Received::Update { .. } | Received::ModelRequest) => {}
+            Ok(Received::Update { .. } | Received::ModelRequest | Received::Mix) => {}
             Ok(Received::Model(s)) => {
                 let p = self.peers[to].as_mut().expect("alive");
                 if p.learner.adopt(s) && !p.training {
@@ -712,8 +716,18 @@ impl Sim<'_> {
     fn finish(&mut self, slot: usize) {
         let p = self.peers[slot].as_mut().expect("alive");
         p.waiting = None;
-        p.learner.finish_round();
+        let sync = p.learner.finish_round().sync;
         let epoch = p.epoch;
+        if let Some(msg) = sync {
+            let n = self.links[slot].len();
+            if n > 0 {
+                let to = *self.links[slot]
+                    .iter()
+                    .nth(self.rng.below(n))
+                    .expect("in range");
+                self.send(slot, to, Rc::new(msg));
+            }
+        }
         self.at(0.0, Ev::Start(slot, epoch));
         self.rounds_done += 1;
         let live = self

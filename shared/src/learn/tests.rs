@@ -25,6 +25,7 @@ fn two_peers_average_their_pseudo_gradients() {
     assert_eq!(
         a.receive(&ub),
         Ok(Received::Update {
+            key: b.public_key(),
             round: 0,
             lagging: false
         })
@@ -165,6 +166,7 @@ fn late_updates_count_less_and_a_far_ahead_sender_marks_us_lagging() {
     assert_eq!(
         a.receive(&msg),
         Ok(Received::Update {
+            key: ahead.public_key(),
             round: 6,
             lagging: true
         })
@@ -201,4 +203,37 @@ fn a_joiner_adopts_the_current_model_and_bad_settings_are_named() {
         matches!(err, Some(LearnError::Config(ref m)) if m.starts_with("outer_momentum")),
         "{err:?}"
     );
+}
+
+#[test]
+fn gossip_averaging_pulls_two_models_together_and_refuses_far_or_stale_ones() {
+    let mut c = cfg();
+    c.sync_every = 1;
+    let mut a =
+        Learner::new(c.clone(), "t", Identity::from_seed([1; 32]), vec![1.0; 300]).expect("valid");
+    let b = Learner::new(c, "t", Identity::from_seed([2; 32]), vec![1.2; 300]).expect("valid");
+    let msg = b.mix_message();
+    assert_eq!(a.receive(&msg), Ok(Received::Mix));
+    a.local_update(&vec![1.0; 300], 1, 0.0).expect("finite"); // a zero update
+    let s = a.finish_round();
+    assert!(s.mixed && s.sync.is_some());
+    assert!(
+        a.weights().iter().all(|w| (w - 1.1).abs() < 2e-3),
+        "{:?}",
+        &a.weights()[..3]
+    );
+
+    // Weights far from ours are refused (a poisoned model cannot drag us).
+    let mut liar =
+        Learner::new(cfg(), "t", Identity::from_seed([3; 32]), vec![50.0; 300]).expect("valid");
+    liar.local_update(&vec![50.0; 300], 1, 0.0).expect("finite");
+    liar.finish_round();
+    assert_eq!(a.receive(&liar.mix_message()), Err(Rejection::Norm));
+    // And so are weights from rounds outside the staleness window.
+    for _ in 0..3 {
+        let w = a.weights().to_vec();
+        a.local_update(&w, 1, 0.0).expect("finite");
+        a.finish_round();
+    }
+    assert_eq!(a.receive(&b.mix_message()), Err(Rejection::Stale));
 }

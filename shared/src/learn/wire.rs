@@ -7,6 +7,7 @@
 //! kind 1   update:   key[32] round:u64 samples:u32 loss:f32 len:u32 payload[len] sig[64]
 //! kind 2   request:  (empty)                    — "send me the current model"
 //! kind 3   model:    round:u64 n:u32 weights:f32[n] momentum:f32[n] sha256[32]
+//! kind 4   mix:      round:u64 payload          — int8 weights for gossip averaging
 //! ```
 //! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
 //! message up to the signature, so an update cannot be replayed into another task.
@@ -76,6 +77,14 @@ pub enum PeerMessage {
     ModelRequest,
     /// The current model.
     Model(Snapshot),
+    /// The sender's round-start weights for `round`, int8-compressed (see `compress`),
+    /// offered for gossip averaging.
+    Mix {
+        /// The sender's round.
+        round: u64,
+        /// An int8 payload of the weights.
+        payload: Vec<u8>,
+    },
 }
 
 fn header(kind: u8) -> Vec<u8> {
@@ -159,6 +168,12 @@ impl PeerMessage {
                 v.extend_from_slice(&digest);
                 v
             }
+            Self::Mix { round, payload } => {
+                let mut v = header(4);
+                v.extend_from_slice(&round.to_le_bytes());
+                v.extend_from_slice(payload);
+                v
+            }
         }
     }
 
@@ -220,6 +235,11 @@ impl PeerMessage {
                     weights,
                     momentum,
                 })
+            }
+            4 => {
+                let round = u64::from_le_bytes(r.array()?);
+                let payload = r.take(r.0.len())?.to_vec();
+                Self::Mix { round, payload }
             }
             k => return Err(WireError::Kind(k)),
         };

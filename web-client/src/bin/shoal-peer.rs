@@ -1,14 +1,16 @@
-//! The native Shoal peer: joins a task's swarm like a browser does and reports what
-//! happens. (Training and keeping checkpoints come with the swarm-learning work.)
+//! The native Shoal peer: joins a task's swarm like a browser does and trains with it,
+//! on the GPU when wgpu finds an adapter and on the CPU otherwise. As a keeper it also
+//! checkpoints the model, so that the model survives when every browser has left.
 //!
 //! ```text
 //! cargo run --release -p shoal-web-client --bin shoal-peer -- \
-//!     --server ws://127.0.0.1:8080 --task digits [--bind 127.0.0.1] [--echo]
+//!     --server ws://127.0.0.1:8080 --task digits [--keeper DIR] [--identity FILE]
 //! ```
 //!
-//! Each event is printed as one line: `up <id>`, `down`, `peer-up <id>`, `peer-down <id>`,
-//! `message <from> <bytes> <sha256>`. With `--echo` every message is sent back to its
-//! sender (the end-to-end tests use this).
+//! It prints one progress line per round: `round R loss L acc A% peers N up U down D
+//! rejected X`. With `--echo` it does not train: every message is sent back to its
+//! sender and events are printed as `up <id>`, `peer-up <id>`, `message <from> <bytes>
+//! <sha256>`, ... (the transport tests use this).
 
 #[cfg(not(target_arch = "wasm32"))]
 fn main() -> anyhow::Result<()> {
@@ -22,9 +24,17 @@ fn main() {}
 #[cfg(not(target_arch = "wasm32"))]
 mod peer {
     use std::net::IpAddr;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
 
+    use anyhow::{Context, Result, bail};
     use clap::Parser;
     use sha2::{Digest, Sha256};
+    use shoal_shared::dataset::Dataset;
+    use shoal_shared::engine::train::{self, Samples};
+    use shoal_shared::learn::Identity;
+    use shoal_web_client::keeper::Keeper;
+    use shoal_web_client::learning::{PeerTask, SwarmTrainer};
     use shoal_web_client::native::{NativeOptions, NativeSwarm};
     use shoal_web_client::swarm::{SwarmEvent, Transport};
 
@@ -41,13 +51,34 @@ mod peer {
         /// Local address for WebRTC (ICE) sockets; 0.0.0.0 uses every interface.
         #[arg(long, env = "SHOAL_BIND", default_value = "0.0.0.0")]
         bind: IpAddr,
-        /// Answer every message by sending it back.
+        /// Directory with the task's data (`digits/train-images.idx`, ...).
+        #[arg(long, env = "SHOAL_DATA", default_value = "data")]
+        data: PathBuf,
+        /// This peer's ed25519 key file; created (mode 0600) when missing.
+        #[arg(long, env = "SHOAL_IDENTITY", default_value = "shoal-peer.key")]
+        identity: PathBuf,
+        /// Keep checkpoints of the model in this directory and resume from the newest.
+        #[arg(long, env = "SHOAL_KEEPER")]
+        keeper: Option<PathBuf>,
+        /// Rounds between checkpoints.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every: u64,
+        /// Stop after this many rounds of the model (0: run until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        rounds: u64,
+        /// Train on the CPU even when a GPU adapter exists.
+        #[arg(long)]
+        cpu: bool,
+        /// Do not train: answer every message by sending it back.
         #[arg(long)]
         echo: bool,
+        /// Test hook: pause this many milliseconds in the middle of each checkpoint write.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pause_mid_checkpoint_ms: u64,
     }
 
     #[tokio::main]
-    pub(crate) async fn main() -> anyhow::Result<()> {
+    pub(crate) async fn main() -> Result<()> {
         let args = Args::parse();
         let url = format!(
             "{}/ws/{}?v={}",
@@ -55,11 +86,19 @@ mod peer {
             args.task,
             shoal_shared::protocol::VERSION
         );
-        let mut swarm = NativeSwarm::connect(NativeOptions {
+        let swarm = NativeSwarm::connect(NativeOptions {
             url,
             udp_addrs: vec![format!("{}:0", args.bind)],
             mdns: false,
         });
+        if args.echo {
+            echo(swarm).await
+        } else {
+            train(&args, swarm).await
+        }
+    }
+
+    async fn echo(mut swarm: NativeSwarm) -> Result<()> {
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
@@ -73,14 +112,143 @@ mod peer {
                         SwarmEvent::Message { from, data } => {
                             let hash: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
                             println!("message {from} {} {hash}", data.len());
-                            if args.echo
-                                && let Err(e) = swarm.send(from, data)
-                            {
+                            if let Err(e) = swarm.send(from, data) {
                                 eprintln!("echo to {from} failed: {e}");
                             }
                         }
                     }
                 }
+            }
+        }
+        swarm.close().await;
+        Ok(())
+    }
+
+    /// Reads the key file, or creates one from the OS's random generator.
+    fn identity(path: &Path) -> Result<Identity> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                Identity::from_key_file(&text).with_context(|| format!("{}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+                let id = Identity::from_seed(seed);
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                let mut f = opts
+                    .open(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                std::io::Write::write_all(&mut f, id.to_key_file().as_bytes())?;
+                eprintln!("created identity {}", path.display());
+                Ok(id)
+            }
+            Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+        }
+    }
+
+    fn load(dir: &Path, split: &str) -> Result<Samples> {
+        let d = Dataset::read_idx_files(
+            &dir.join(format!("digits/{split}-images.idx")),
+            &dir.join(format!("digits/{split}-labels.idx")),
+            10,
+        )
+        .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?;
+        Ok(Samples::from_dataset(&d))
+    }
+
+    async fn train(args: &Args, mut swarm: NativeSwarm) -> Result<()> {
+        if args.task != "digits" {
+            bail!(
+                "this peer knows the demo task `digits` only (task files come with the researcher's tools)"
+            );
+        }
+        let task = PeerTask::digits();
+        let id = identity(&args.identity)?;
+        let key = shoal_shared::learn::identity::hex(&id.public());
+        let gpu = if args.cpu {
+            None
+        } else {
+            shoal_shared::gpu::Gpu::new().await.ok()
+        };
+        let seed = u64::from_le_bytes(id.public()[..8].try_into().expect("8 bytes"));
+        let trainer = train::trainer(
+            task.spec().map_err(anyhow::Error::msg)?,
+            gpu.as_ref(),
+            load(&args.data, "train")?,
+            task.batch,
+            task.lr,
+            seed,
+        )?
+        .with_shift(task.shift);
+        eprintln!(
+            "peer {} training on {}",
+            &key[..16],
+            gpu.as_ref()
+                .map_or("the CPU".to_string(), |g| g.adapter.description.clone())
+        );
+        let clock = Instant::now();
+        let now = || clock.elapsed().as_secs_f64() * 1e3;
+        let mut peer = SwarmTrainer::new(task, id, trainer, Some(load(&args.data, "test")?), now())
+            .map_err(anyhow::Error::msg)?;
+        let keeper = match &args.keeper {
+            Some(dir) => {
+                let mut k = Keeper::open(dir)
+                    .with_context(|| format!("keeper directory {}", dir.display()))?;
+                k.pause_mid_write = Duration::from_millis(args.pause_mid_checkpoint_ms);
+                let params = peer.learner().weights().len();
+                let (snap, skipped) = k.latest(params)?;
+                for s in skipped {
+                    eprintln!("skipped damaged checkpoint {s}");
+                }
+                if let Some(s) = snap {
+                    let round = s.round;
+                    if peer.resume(s) {
+                        println!("resumed round {round}");
+                    }
+                }
+                Some(k)
+            }
+            None => None,
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                ev = swarm.next_event() => {
+                    let Some(ev) = ev else { break };
+                    peer.handle(ev, &swarm, now());
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            let Some(summary) = peer.tick(&swarm, now()).await? else {
+                continue;
+            };
+            let p = peer.progress();
+            println!(
+                "round {} loss {:.4} acc {} peers {} up {} down {} used {} rejected {}",
+                p.round,
+                p.loss,
+                p.accuracy
+                    .map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+                p.peers,
+                p.bytes_up,
+                p.bytes_down,
+                summary.used,
+                p.rejected.values().sum::<u64>()
+            );
+            if let Some(k) = &keeper
+                && p.round.is_multiple_of(args.checkpoint_every)
+            {
+                let path = k.save(p.round, &peer.learner().snapshot())?;
+                println!("checkpoint {} {}", p.round, path.display());
+            }
+            if args.rounds > 0 && p.round >= args.rounds {
+                break;
             }
         }
         swarm.close().await;

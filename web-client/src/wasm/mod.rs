@@ -11,7 +11,9 @@ use shoal_shared::gpu::Gpu;
 use shoal_shared::rng::SplitMix64;
 use wasm_bindgen::prelude::*;
 
+mod peer;
 mod transport;
+pub use peer::SwarmPeer;
 pub use transport::Swarm;
 
 /// Runs once when the module is instantiated.

@@ -240,7 +240,7 @@ impl Transport for Swarm {
     }
 }
 
-fn parse_peer(s: &str) -> Result<PeerId, JsError> {
+pub(crate) fn parse_peer(s: &str) -> Result<PeerId, JsError> {
     s.parse().map_err(JsError::new)
 }
 

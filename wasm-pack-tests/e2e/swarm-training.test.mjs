@@ -1,0 +1,104 @@
+// The real swarm: the signaling server, three native peers (`shoal-peer`, WebRTC on the
+// `webrtc` crate) and two contributor pages in headless Chromium (the wasm peer in its Web
+// Worker, WebRTC in the browser) train the demo digits together after one consent click
+// each. Every peer must end above the accuracy target on the same model version.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startServer, launchBrowser, webrtcPage } from './harness.mjs';
+
+const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
+const peerBin = process.env.SHOAL_PEER_BIN ?? join(root, 'target/release/shoal-peer');
+const ROUNDS = Number(process.env.SHOAL_SWARM_ROUNDS ?? 120);
+const TARGET = 0.95;
+
+let server;
+let browser;
+let dir;
+const natives = [];
+
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser();
+  dir = mkdtempSync(join(tmpdir(), 'shoal-swarm-'));
+});
+
+after(async () => {
+  await browser?.close();
+  for (const n of natives) {
+    if (n.child.exitCode === null) {
+      n.child.kill('SIGINT');
+      await once(n.child, 'exit');
+    }
+  }
+  await server?.stop();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+/** Parses `round R loss L acc A% peers N ...`. */
+function roundLine(line) {
+  const m = line.match(/^round (\d+) .* acc ([0-9.]+)% peers (\d+)/);
+  return m ? { round: Number(m[1]), accuracy: Number(m[2]) / 100, peers: Number(m[3]) } : null;
+}
+
+function startNative(i) {
+  const child = spawn(peerBin, ['--server', server.url.replace('http://', 'ws://'), '--task', 'digits',
+    '--bind', '127.0.0.1', '--cpu', '--rounds', String(ROUNDS), '--data', join(root, 'data'),
+    '--identity', join(dir, `native${i}.key`)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const n = { child, rounds: [], out: '' };
+  child.stdout.on('data', (d) => {
+    n.out += d;
+    const lines = n.out.split('\n');
+    n.out = lines.pop();
+    for (const l of lines) {
+      const r = roundLine(l);
+      if (r) n.rounds.push(r);
+    }
+  });
+  natives.push(n);
+  return n;
+}
+
+test('three native and two browser peers train the digits past the target on one version', async () => {
+  const pages = [];
+  for (let i = 0; i < 2; i++) {
+    // The CPU backend: SwiftShader, the software WebGPU adapter here, is too slow to train
+    // 100+ rounds in a test (the WebGPU backend has its own browser tests).
+    const page = await webrtcPage(browser, `${server.url}/?backend=cpu`);
+    await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+    await page.click('#consent');
+    pages.push(page);
+  }
+  for (let i = 0; i < 3; i++) startNative(i);
+
+  const exits = natives.map((n) => once(n.child, 'exit'));
+  const [codes] = await Promise.all([
+    Promise.all(exits),
+    ...pages.map((p) => p.waitForFunction((r) => window.shoalProgress.some((e) => e.round >= r), ROUNDS,
+      { timeout: 900_000, polling: 500 })),
+  ]);
+  for (const [code] of codes) assert.equal(code, 0, 'native peers exit cleanly');
+
+  const finals = [];
+  for (const [i, n] of natives.entries()) {
+    const last = n.rounds.at(-1);
+    finals.push({ who: `native ${i}`, ...last, maxPeers: Math.max(...n.rounds.map((r) => r.peers)) });
+  }
+  for (const [i, page] of pages.entries()) {
+    const history = await page.evaluate(() => window.shoalProgress);
+    const at = history.find((e) => e.round === ROUNDS);
+    finals.push({ who: `browser ${i}`, ...at, maxPeers: Math.max(...history.map((e) => e.peers)) });
+    const shown = await page.textContent('#stats dd[data-key="held-out accuracy"]');
+    assert.match(shown, /^\d+\.\d\d%$/, 'the page shows the accuracy');
+  }
+  console.log(finals.map((f) => `${f.who}: version ${f.round}, ${(f.accuracy * 100).toFixed(2)}%, up to ${f.maxPeers} neighbours`).join('\n'));
+  for (const f of finals) {
+    assert.equal(f.round, ROUNDS, `${f.who} holds the swarm's model version`);
+    assert.ok(f.maxPeers >= 3, `${f.who} trained with the swarm (${f.maxPeers} neighbours)`);
+    assert.ok(f.accuracy >= TARGET, `${f.who} ended at ${f.accuracy}`);
+  }
+});

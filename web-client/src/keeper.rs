@@ -1,0 +1,143 @@
+//! A keeper's checkpoints: the swarm's model on disk, so that it survives when every
+//! browser has left. Each checkpoint is a model message (weights, outer momentum, round,
+//! SHA-256), written atomically: a temporary file, fsync, rename, fsync of the directory.
+//! A crash mid-write leaves a `.tmp` file that is ignored and removed; a damaged
+//! checkpoint fails its checksum and the next older one is used.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use shoal_shared::learn::{PeerMessage, Snapshot};
+
+/// Checkpoints kept; older ones are deleted after each successful write.
+const KEEP: usize = 3;
+
+/// A directory of checkpoints.
+pub struct Keeper {
+    dir: PathBuf,
+    /// Test hook: pause this long half-way through writing (so that a test can kill the
+    /// process mid-write). Zero in normal use.
+    pub pause_mid_write: Duration,
+}
+
+impl Keeper {
+    /// Opens (creating) `dir` and removes temporary files a crash left behind.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        for e in fs::read_dir(dir)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "tmp") {
+                fs::remove_file(&p)?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            pause_mid_write: Duration::ZERO,
+        })
+    }
+
+    fn checkpoints(&self) -> io::Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
+            .collect();
+        v.sort(); // names carry the zero-padded round
+        Ok(v)
+    }
+
+    /// The newest checkpoint that decodes to a valid model of `params` parameters; the
+    /// damaged ones it skips are returned with the reason.
+    pub fn latest(&self, params: usize) -> io::Result<(Option<Snapshot>, Vec<String>)> {
+        let mut skipped = Vec::new();
+        for p in self.checkpoints()?.into_iter().rev() {
+            match fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| PeerMessage::decode(&b, params).map_err(|e| e.to_string()))
+            {
+                Ok(PeerMessage::Model(s)) => return Ok((Some(s), skipped)),
+                Ok(_) => skipped.push(format!("{}: not a model", p.display())),
+                Err(e) => skipped.push(format!("{}: {e}", p.display())),
+            }
+        }
+        Ok((None, skipped))
+    }
+
+    /// Writes the model message `bytes` for `round` atomically and prunes old ones.
+    pub fn save(&self, round: u64, bytes: &[u8]) -> io::Result<PathBuf> {
+        let name = format!("model-{round:012}.ckpt");
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let dst = self.dir.join(&name);
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            let half = bytes.len() / 2;
+            f.write_all(&bytes[..half])?;
+            if !self.pause_mid_write.is_zero() {
+                f.flush()?;
+                println!("checkpoint-writing {round}");
+                std::thread::sleep(self.pause_mid_write);
+            }
+            f.write_all(&bytes[half..])?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &dst)?;
+        File::open(&self.dir)?.sync_all()?;
+        let all = self.checkpoints()?;
+        for old in all.iter().take(all.len().saturating_sub(KEEP)) {
+            fs::remove_file(old)?;
+        }
+        Ok(dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(round: u64) -> Snapshot {
+        Snapshot {
+            round,
+            weights: vec![round as f32; 4],
+            momentum: vec![0.5; 4],
+        }
+    }
+
+    #[test]
+    fn newest_valid_checkpoint_wins_and_damage_is_skipped() {
+        let dir = std::env::temp_dir().join(format!("shoal-keeper-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let k = Keeper::open(&dir).expect("dir");
+        assert_eq!(k.latest(4).expect("readable").0, None);
+        for r in 1..=5 {
+            k.save(r, &PeerMessage::Model(snap(r)).encode())
+                .expect("saved");
+        }
+        assert_eq!(
+            k.checkpoints().expect("list").len(),
+            KEEP,
+            "old ones pruned"
+        );
+        assert_eq!(k.latest(4).expect("readable").0, Some(snap(5)));
+        // Damage the newest: the one before it is used, and the damage is reported.
+        let newest = k.checkpoints().expect("list").pop().expect("one");
+        let mut b = fs::read(&newest).expect("read");
+        b[20] ^= 0xff;
+        fs::write(&newest, b).expect("write");
+        let (s, skipped) = k.latest(4).expect("readable");
+        assert_eq!(s, Some(snap(4)));
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        // A leftover temporary file is removed on open and never read.
+        fs::write(dir.join("model-000000000009.ckpt.tmp"), b"half").expect("write");
+        let k = Keeper::open(&dir).expect("dir");
+        assert!(!dir.join("model-000000000009.ckpt.tmp").exists());
+        assert_eq!(k.latest(4).expect("readable").0, Some(snap(4)));
+        // Another model size is refused.
+        assert_eq!(k.latest(5).expect("readable").0, None);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,235 @@
+//! The native peer binary as users run it: `shoal-peer` processes training the demo
+//! digits together over real WebRTC through the real signaling server (inside a
+//! loopback-only network namespace), and a keeper that is killed in the middle of a
+//! checkpoint write and resumes from the last complete one.
+
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{reexec_in_netns, start_server};
+
+const PEER: &str = env!("CARGO_BIN_EXE_shoal-peer");
+
+fn data_dir() -> String {
+    std::env::var("SHOAL_DATA")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../data").into())
+}
+
+fn temp(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("shoal-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).expect("temp dir");
+    p
+}
+
+/// Starts a peer; its stdout lines arrive on the returned channel.
+fn spawn(server: &str, key: &Path, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(PEER)
+        .args([
+            "--server",
+            server,
+            "--bind",
+            "127.0.0.1",
+            "--cpu",
+            "--data",
+            &data_dir(),
+            "--identity",
+        ])
+        .arg(key)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("shoal-peer starts");
+    let out = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a line that `f` accepts, failing after `secs`.
+fn expect_line<T>(
+    rx: &mpsc::Receiver<String>,
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut(&str) -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(v) = f(&line) {
+                    return v;
+                }
+            }
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// `round R ... acc A% ...` -> (R, A).
+fn round_line(line: &str) -> Option<(u64, Option<f32>)> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "round" {
+        return None;
+    }
+    let round = words.next()?.parse().ok()?;
+    let acc = line
+        .split_whitespace()
+        .skip_while(|w| *w != "acc")
+        .nth(1)
+        .and_then(|a| a.strip_suffix('%')?.parse::<f32>().ok())
+        .map(|a| a / 100.0);
+    Some((round, acc))
+}
+
+#[test]
+fn three_native_peers_train_the_digits_past_the_target_on_one_model_version() {
+    if reexec_in_netns("three_native_peers_train_the_digits_past_the_target_on_one_model_version") {
+        return;
+    }
+    const ROUNDS: u64 = 150;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (url, stop) = rt.block_on(start_server());
+    let server = url.split("/ws/").next().expect("ws url").to_string();
+    let dir = temp("swarm");
+    let rounds = ROUNDS.to_string();
+    let mut peers: Vec<(Child, mpsc::Receiver<String>)> = (0..3)
+        .map(|i| {
+            spawn(
+                &server,
+                &dir.join(format!("peer{i}.key")),
+                &["--rounds", &rounds],
+            )
+        })
+        .collect();
+    for (i, (child, rx)) in peers.iter_mut().enumerate() {
+        let mut last = (0, None);
+        let mut max_peers = 0;
+        expect_line(
+            rx,
+            600,
+            &format!("peer {i} to finish {ROUNDS} rounds"),
+            |line| {
+                if let Some(r) = round_line(line) {
+                    last = r;
+                    let n = line.split_whitespace().skip_while(|w| *w != "peers").nth(1);
+                    max_peers = max_peers.max(n.and_then(|n| n.parse().ok()).unwrap_or(0));
+                }
+                (last.0 >= ROUNDS).then_some(())
+            },
+        );
+        let acc = last.1.expect("accuracy is reported");
+        println!(
+            "peer {i}: version {} at {:.2}% held-out accuracy, up to {max_peers} neighbours",
+            last.0,
+            acc * 100.0
+        );
+        assert_eq!(last.0, ROUNDS, "peer {i} holds the swarm's version");
+        assert_eq!(max_peers, 2, "peer {i} trained with both others");
+        assert!(acc >= 0.95, "peer {i} ended at {acc}");
+        assert!(
+            child.wait().expect("exits").success(),
+            "peer {i} exits cleanly"
+        );
+    }
+    let _ = stop.send(());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn a_keeper_killed_mid_checkpoint_resumes_from_the_last_complete_one() {
+    // No signaling server here (the port is closed): the keeper trains alone, so no
+    // WebRTC connection is ever made.
+    let dir = temp("keeper");
+    let key = dir.join("keeper.key");
+    let ckpt = dir.join("checkpoints");
+    let server = "ws://127.0.0.1:9";
+    let keeper = ckpt.to_str().expect("utf-8 path");
+    let (mut child, rx) = spawn(
+        server,
+        &key,
+        &[
+            "--keeper",
+            keeper,
+            "--checkpoint-every",
+            "2",
+            "--pause-mid-checkpoint-ms",
+            "4000",
+        ],
+    );
+    let writing = expect_line(&rx, 120, "the third checkpoint write", |line| {
+        line.strip_prefix("checkpoint-writing ")
+            .and_then(|r| r.parse::<u64>().ok())
+            .filter(|&r| r >= 6)
+    });
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let names: Vec<String> = std::fs::read_dir(&ckpt)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let complete = writing - 2;
+    assert!(
+        names.iter().any(|n| n.ends_with(".tmp")),
+        "killed mid-write: {names:?}"
+    );
+    assert!(
+        names.contains(&format!("model-{complete:012}.ckpt")),
+        "{names:?}"
+    );
+
+    let until = (writing + 2).to_string();
+    let (mut child, rx) = spawn(
+        server,
+        &key,
+        &[
+            "--keeper",
+            keeper,
+            "--checkpoint-every",
+            "2",
+            "--rounds",
+            &until,
+        ],
+    );
+    let resumed = expect_line(&rx, 60, "the resume line", |line| {
+        line.strip_prefix("resumed round ")
+            .and_then(|r| r.parse::<u64>().ok())
+    });
+    assert_eq!(
+        resumed, complete,
+        "resumed from the newest complete checkpoint"
+    );
+    let first = expect_line(&rx, 120, "a round after resuming", round_line);
+    assert_eq!(first.0, complete + 1, "training continued from there");
+    assert!(child.wait().expect("exits").success());
+    let names: Vec<String> = std::fs::read_dir(&ckpt)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".tmp")),
+        "the half-written file is gone: {names:?}"
+    );
+    assert!(
+        names.contains(&format!("model-{:012}.ckpt", writing + 2)),
+        "{names:?}"
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
