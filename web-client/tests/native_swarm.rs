@@ -97,11 +97,11 @@ fn round_line(line: &str) -> Option<(u64, Option<f32>)> {
 }
 
 #[test]
-fn three_native_peers_train_the_digits_past_the_target_on_one_model_version() {
-    if reexec_in_netns("three_native_peers_train_the_digits_past_the_target_on_one_model_version") {
+fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
+    if reexec_in_netns("three_native_peers_train_together_over_webrtc_on_one_model_version") {
         return;
     }
-    const ROUNDS: u64 = 150;
+    const ROUNDS: u64 = 100;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,6 +122,7 @@ fn three_native_peers_train_the_digits_past_the_target_on_one_model_version() {
     for (i, (child, rx)) in peers.iter_mut().enumerate() {
         let mut last = (0, None);
         let mut max_peers = 0;
+        let mut used = 0u64;
         expect_line(
             rx,
             600,
@@ -131,6 +132,8 @@ fn three_native_peers_train_the_digits_past_the_target_on_one_model_version() {
                     last = r;
                     let n = line.split_whitespace().skip_while(|w| *w != "peers").nth(1);
                     max_peers = max_peers.max(n.and_then(|n| n.parse().ok()).unwrap_or(0));
+                    let u = line.split_whitespace().skip_while(|w| *w != "used").nth(1);
+                    used += u.and_then(|u| u.parse::<u64>().ok()).unwrap_or(0);
                 }
                 (last.0 >= ROUNDS).then_some(())
             },
@@ -143,7 +146,13 @@ fn three_native_peers_train_the_digits_past_the_target_on_one_model_version() {
         );
         assert_eq!(last.0, ROUNDS, "peer {i} holds the swarm's version");
         assert_eq!(max_peers, 2, "peer {i} trained with both others");
-        assert!(acc >= 0.95, "peer {i} ended at {acc}");
+        assert!(
+            used >= ROUNDS,
+            "peer {i} used only {used} neighbour updates"
+        );
+        // The swarm's accuracy target (95%) is asserted for the five-peer swarm of the
+        // end-to-end tests; three peers get there too, in more rounds than CI should spend.
+        assert!(acc >= 0.9, "peer {i} ended at {acc}");
         assert!(
             child.wait().expect("exits").success(),
             "peer {i} exits cleanly"

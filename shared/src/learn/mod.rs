@@ -18,7 +18,7 @@
 //!   round is lagging: it downloads the sender's model ([`Learner::adopt`]).
 //! - Gossip averaging keeps peers' models together where they do not all see the same
 //!   updates (a partial mesh, a late neighbour): every `sync_every` rounds a peer sends
-//!   its round-start weights (int8) to one neighbour, which averages them half and half
+//!   its round-start weights (int8, or fp32 for an fp32 task) to one neighbour, which averages them half and half
 //!   with its own before its next outer step, if they are within `max_staleness` rounds
 //!   and closer than a quarter of its own weights' norm.
 //! - Before aggregation every update must have the model's shape, finite values, and a
@@ -427,7 +427,7 @@ impl Learner {
         if round + window < self.round || round > self.round + window {
             return Err(self.stats.reject(Rejection::Stale));
         }
-        if payload.first() != Some(&1) {
+        if payload.first() != Some(&self.mix_codec().tag()) {
             return Err(self.stats.reject(Rejection::Shape));
         }
         let w = compress::decode(payload, self.weights.len()).map_err(|e| {
@@ -449,10 +449,18 @@ impl Learner {
         Ok(Received::Mix)
     }
 
-    /// The gossip-averaging message for this round: our round-start weights, int8.
+    /// Weights for gossip averaging go out in fp32 when the task sends fp32 updates and
+    /// in int8 otherwise (top-k cannot carry a whole model).
+    fn mix_codec(&self) -> Compression {
+        match self.cfg.compression {
+            Compression::None => Compression::None,
+            _ => Compression::Int8 { block: 256 },
+        }
+    }
+
+    /// The gossip-averaging message for this round: our round-start weights.
     pub fn mix_message(&self) -> Vec<u8> {
-        let (payload, _) =
-            Compressor::new(Compression::Int8 { block: 256 }, 0).encode(&self.weights);
+        let (payload, _) = Compressor::new(self.mix_codec(), 0).encode(&self.weights);
         PeerMessage::Mix {
             round: self.round,
             payload,
