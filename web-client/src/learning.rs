@@ -15,8 +15,7 @@ use shoal_shared::engine::cpu::CpuBackend;
 use shoal_shared::engine::train::{Samples, Trainer};
 use shoal_shared::engine::{AnyBackend, Backend, EngineError, Model, ModelSpec, Optimizer};
 use shoal_shared::learn::{
-    Aggregation, Compression, Identity, LearnConfig, Learner, PeerMessage, PublicKey, Received,
-    RoundSummary, Snapshot,
+    Identity, LearnConfig, Learner, PeerMessage, PublicKey, Received, RoundSummary, Snapshot,
 };
 use shoal_shared::protocol::PeerId;
 use shoal_shared::rng::SplitMix64;
@@ -39,13 +38,17 @@ pub struct PeerTask {
     pub lr: f32,
     /// Random shift augmentation in pixels.
     pub shift: usize,
+    /// The inner learning rate follows a half-cosine from `lr` down to 10% of it over
+    /// this many rounds of the model, then stays there (0: constant). Every peer derives
+    /// it from the model version, so the swarm settles together.
+    pub lr_decay_rounds: u64,
     /// Swarm settings.
     pub learn: LearnConfig,
 }
 
 impl PeerTask {
-    /// The demo digits task: the MLP with the settings the simulator validated
-    /// (`scenarios/iid-8.toml`), int8 updates and trimmed-mean aggregation.
+    /// The demo digits task: the MLP, batch 8, Adam 1e-3, and the default swarm settings
+    /// (validated in the simulator: `scenarios/iid-8.toml`).
     pub fn digits() -> Self {
         Self {
             name: "digits".into(),
@@ -54,19 +57,18 @@ impl PeerTask {
             batch: 8,
             lr: 1e-3,
             shift: 2,
-            learn: LearnConfig {
-                local_steps: 20,
-                outer_lr: 0.8,
-                outer_momentum: 0.9,
-                neighbours: 6,
-                aggregation: Aggregation::TrimmedMean { trim: 0.2 },
-                compression: Compression::Int8 { block: 256 },
-                max_staleness: 2,
-                max_norm_ratio: 3.0,
-                round_deadline_ms: 5_000,
-                sync_every: 5,
-            },
+            lr_decay_rounds: 150,
+            learn: LearnConfig::default(),
         }
+    }
+
+    /// The inner learning rate for a round of the model.
+    pub fn lr_at(&self, round: u64) -> f32 {
+        if self.lr_decay_rounds == 0 {
+            return self.lr;
+        }
+        let t = (round as f32 / self.lr_decay_rounds as f32).min(1.0);
+        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * t).cos()))
     }
 
     /// The model's description.
@@ -334,6 +336,9 @@ impl SwarmTrainer {
     async fn train_round(&mut self, net: &impl Transport) -> Result<(), EngineError> {
         let h = self.task.learn.local_steps as usize;
         self.trainer.backend.load_weights(self.learner.weights())?;
+        self.trainer
+            .backend
+            .set_learning_rate(self.task.lr_at(self.learner.round()))?;
         self.trainer.run(h)?;
         let loss = self.trainer.backend.loss().await?;
         let local = self.trainer.backend.params().await?;

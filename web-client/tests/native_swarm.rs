@@ -162,6 +162,13 @@ fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
+fn names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 #[test]
 fn a_keeper_killed_mid_checkpoint_resumes_from_the_last_complete_one() {
     // No signaling server here (the port is closed): the keeper trains alone, so no
@@ -190,18 +197,15 @@ fn a_keeper_killed_mid_checkpoint_resumes_from_the_last_complete_one() {
     });
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
-    let names: Vec<String> = std::fs::read_dir(&ckpt)
-        .expect("dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
+    let listed = names(&ckpt);
     let complete = writing - 2;
     assert!(
-        names.iter().any(|n| n.ends_with(".tmp")),
-        "killed mid-write: {names:?}"
+        listed.iter().any(|n| n.ends_with(".tmp")),
+        "killed mid-write: {listed:?}"
     );
     assert!(
-        names.contains(&format!("model-{complete:012}.ckpt")),
-        "{names:?}"
+        listed.contains(&format!("model-{complete:012}.ckpt")),
+        "{listed:?}"
     );
 
     let until = (writing + 2).to_string();
@@ -228,17 +232,14 @@ fn a_keeper_killed_mid_checkpoint_resumes_from_the_last_complete_one() {
     let first = expect_line(&rx, 120, "a round after resuming", round_line);
     assert_eq!(first.0, complete + 1, "training continued from there");
     assert!(child.wait().expect("exits").success());
-    let names: Vec<String> = std::fs::read_dir(&ckpt)
-        .expect("dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
+    let listed = names(&ckpt);
     assert!(
-        !names.iter().any(|n| n.ends_with(".tmp")),
-        "the half-written file is gone: {names:?}"
+        !listed.iter().any(|n| n.ends_with(".tmp")),
+        "the half-written file is gone: {listed:?}"
     );
     assert!(
-        names.contains(&format!("model-{:012}.ckpt", writing + 2)),
-        "{names:?}"
+        listed.contains(&format!("model-{:012}.ckpt", writing + 2)),
+        "{listed:?}"
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
