@@ -5,7 +5,6 @@
 
 use std::sync::OnceLock;
 
-use shoal_shared::dataset::Dataset;
 use shoal_shared::engine::train::Samples;
 use shoal_shared::learn::sim::{self, AttackKind, Report, Scenario};
 use shoal_shared::learn::{Aggregation, Compression, Rejection};
@@ -13,16 +12,11 @@ use shoal_shared::learn::{Aggregation, Compression, Rejection};
 fn digits() -> &'static (Samples, Samples) {
     static DATA: OnceLock<(Samples, Samples)> = OnceLock::new();
     DATA.get_or_init(|| {
-        let dir = std::env::var("SHOAL_DATA")
+        let dir: String = std::env::var("SHOAL_DATA")
             .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../data").into());
         let load = |split: &str| {
-            let d = Dataset::read_idx_files(
-                format!("{dir}/digits/{split}-images.idx").as_ref(),
-                format!("{dir}/digits/{split}-labels.idx").as_ref(),
-                10,
-            )
-            .unwrap_or_else(|e| panic!("{e} (run `cargo xtask data` first)"));
-            Samples::from_dataset(&d)
+            Samples::read_split(dir.as_ref(), "digits", split)
+                .unwrap_or_else(|e| panic!("{e} (run `cargo xtask data` first)"))
         };
         (load("train"), load("test"))
     })

@@ -1,22 +1,14 @@
 //! Training really learns: the demo models on the demo digits (8,000 train / 2,000
 //! held-out test), CPU backend, natively. The data comes from `cargo xtask data`.
 
-use shoal_shared::dataset::Dataset;
 use shoal_shared::engine::ModelSpec;
 use shoal_shared::engine::train::{Samples, cpu_accuracy, gpu_mlp_one_epoch_accuracy};
-use shoal_shared::idx::IdxLimits;
 
 fn load(split: &str) -> Samples {
-    let dir = std::env::var("SHOAL_DATA")
+    let dir: String = std::env::var("SHOAL_DATA")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../data").into());
-    let read = |what: &str| {
-        let path = format!("{dir}/digits/{split}-{what}.idx");
-        std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("{path}: {e} (run `cargo xtask data` first)"))
-    };
-    let d = Dataset::from_idx(&read("images"), &read("labels"), 10, &IdxLimits::default())
-        .expect("valid demo data");
-    Samples::from_dataset(&d)
+    Samples::read_split(dir.as_ref(), "digits", split)
+        .unwrap_or_else(|e| panic!("{e} (run `cargo xtask data` first)"))
 }
 
 fn train_and_test(spec: ModelSpec, lr: f32, epochs: usize, shift: usize) -> f32 {

@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use shoal_shared::engine::cpu::CpuBackend;
-use shoal_shared::engine::train::{Samples, Trainer};
+use shoal_shared::engine::train::{self, Samples, Trainer};
 use shoal_shared::engine::{AnyBackend, Backend, EngineError, Model, ModelSpec, Optimizer};
+use shoal_shared::gpu::Gpu;
 use shoal_shared::learn::{
     Identity, LearnConfig, Learner, PeerMessage, PublicKey, Received, RoundSummary, Snapshot,
 };
@@ -98,7 +99,7 @@ pub struct Progress {
     pub bytes_down: u64,
     /// Neighbours' updates used so far.
     pub used: u64,
-    /// Rejected messages by reason.
+    /// Rejected messages by reason (as of the last closed round).
     pub rejected: BTreeMap<String, u64>,
     /// `"joining"`, `"training"` or `"waiting"`.
     pub phase: &'static str,
@@ -136,20 +137,32 @@ pub struct SwarmTrainer {
 
 impl SwarmTrainer {
     /// A peer that will join the swarm: it asks a neighbour for the current model and
-    /// starts from the task's initial weights if it finds itself alone. `test`, when
-    /// given, is evaluated after every round (CPU).
+    /// starts from the task's initial weights if it finds itself alone. It trains on
+    /// `train` (on the GPU when `gpu` is given), in an order of its own drawn from its
+    /// key; `test`, when given, is evaluated after every round (CPU).
     pub fn new(
         task: PeerTask,
         id: Identity,
-        trainer: Trainer<AnyBackend>,
+        gpu: Option<&Gpu>,
+        train: Samples,
         test: Option<Samples>,
         now_ms: f64,
     ) -> Result<Self, String> {
         let model = Model::new(task.spec()?).map_err(|e| e.to_string())?;
         let init = model.init_params(task.seed);
-        let rng = SplitMix64::new(u64::from_le_bytes(
-            id.public()[..8].try_into().unwrap_or([7; 8]),
-        ));
+        let own_seed = u64::from_le_bytes(id.public()[..8].try_into().unwrap_or([7; 8]));
+        let rng = SplitMix64::new(own_seed);
+        let backend = train::backend(
+            model.clone(),
+            gpu,
+            Optimizer::adam(task.lr),
+            init.clone(),
+            task.batch,
+        )
+        .map_err(|e| e.to_string())?;
+        let trainer = Trainer::new(backend, train, task.batch, own_seed)
+            .map_err(|e| e.to_string())?
+            .with_shift(task.shift);
         let learner = Learner::new(task.learn.clone(), &task.name, id, init.clone())
             .map_err(|e| e.to_string())?;
         let eval = match test {
@@ -242,7 +255,7 @@ impl SwarmTrainer {
                         self.send(net, from, snap);
                     }
                     Ok(Received::Model(s)) => {
-                        if self.learner.adopt(s) && !matches!(self.phase, Phase::Ready) {
+                        if self.learner.adopt(s) {
                             self.phase = Phase::Ready;
                         }
                     }
@@ -252,13 +265,6 @@ impl SwarmTrainer {
         }
         self.progress.peers = net.peers().len();
         self.progress.round = self.learner.round();
-        self.progress.rejected = self
-            .learner
-            .stats
-            .rejected
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), *v))
-            .collect();
     }
 
     /// Advances the loop by one step; returns the round's summary when a round closed.
@@ -318,6 +324,13 @@ impl SwarmTrainer {
                 }
                 self.progress.round = self.learner.round();
                 self.progress.used = self.learner.stats.used;
+                self.progress.rejected = self
+                    .learner
+                    .stats
+                    .rejected
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), *v))
+                    .collect();
                 if let Some((cpu, test)) = &mut self.eval
                     && cpu.set_params(self.learner.weights()).is_ok()
                 {

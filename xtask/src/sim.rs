@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use shoal_shared::dataset::Dataset;
 use shoal_shared::engine::train::Samples;
 use shoal_shared::learn::sim::{self, Scenario};
 
@@ -14,15 +13,8 @@ use crate::{data, root};
 /// The demo digits' training and test splits.
 pub(crate) fn digits(root: &Path) -> Result<(Samples, Samples)> {
     let dir = data::prepare(root)?;
-    let load = |split: &str| -> Result<Samples> {
-        let d = Dataset::read_idx_files(
-            &dir.join(format!("{split}-images.idx")),
-            &dir.join(format!("{split}-labels.idx")),
-            10,
-        )
-        .map_err(anyhow::Error::msg)?;
-        Ok(Samples::from_dataset(&d))
-    };
+    let data = dir.parent().context("the data directory")?;
+    let load = |split| Samples::read_split(data, "digits", split).map_err(anyhow::Error::msg);
     Ok((load("train")?, load("test")?))
 }
 

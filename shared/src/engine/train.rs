@@ -32,6 +32,17 @@ impl Samples {
         }
     }
 
+    /// Reads one split of a task's IDX data: `DIR/TASK/SPLIT-images.idx` and
+    /// `DIR/TASK/SPLIT-labels.idx` (the layout `cargo xtask data` writes), validated.
+    pub fn read_split(dir: &std::path::Path, task: &str, split: &str) -> Result<Self, String> {
+        let d = Dataset::read_idx_files(
+            &dir.join(format!("{task}/{split}-images.idx")),
+            &dir.join(format!("{task}/{split}-labels.idx")),
+            10,
+        )?;
+        Ok(Self::from_dataset(&d))
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -234,12 +245,23 @@ pub fn trainer(
 ) -> Result<Trainer<AnyBackend>, EngineError> {
     let model = Model::new(spec)?;
     let params = model.init_params(seed);
-    let opt = Optimizer::adam(lr);
-    let backend = match gpu {
+    let backend = backend(model, gpu, Optimizer::adam(lr), params, batch)?;
+    Trainer::new(backend, data, batch, seed)
+}
+
+/// A backend for `model` starting from `params`: on the GPU (recorded for steps of
+/// `batch` samples) when `gpu` is given, on the CPU otherwise.
+pub fn backend(
+    model: Model,
+    gpu: Option<&Gpu>,
+    opt: Optimizer,
+    params: Vec<f32>,
+    batch: usize,
+) -> Result<AnyBackend, EngineError> {
+    Ok(match gpu {
         Some(g) => AnyBackend::Gpu(Box::new(GpuBackend::new(g, model, opt, &params, batch)?)),
         None => AnyBackend::Cpu(Box::new(CpuBackend::new(model, opt, params)?)),
-    };
-    Trainer::new(backend, data, batch, seed)
+    })
 }
 
 /// Trains `backend` with `cfg` and returns the accuracy of its weights on `test`, judged

@@ -130,7 +130,8 @@ fn median_of_sorted(vals: &[(f32, f32)]) -> f32 {
     }
 }
 
-fn distance(a: &[f32], b: &[f32]) -> f32 {
+/// Euclidean distance.
+pub(crate) fn distance(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| f64::from(x - y).powi(2))

@@ -12,6 +12,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::bytes::Cursor;
+
 /// How a task compresses the updates its peers exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -211,86 +213,62 @@ fn encode_topk(x: &[f32], fraction: f32) -> Vec<u8> {
     out
 }
 
-/// A cursor over a payload that refuses to read past its end.
-struct Reader<'a>(&'a [u8]);
+type Reader<'a> = Cursor<'a, CodecError>;
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
-        if n > self.0.len() {
-            return Err(CodecError::Malformed("truncated"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+/// An int8 block size, checked against [`BLOCK_RANGE`].
+fn block(r: &mut Reader<'_>) -> Result<usize, CodecError> {
+    let block = r.u32()? as usize;
+    if BLOCK_RANGE.contains(&block) {
+        Ok(block)
+    } else {
+        Err(CodecError::Malformed("declaring an impossible block size"))
     }
+}
 
-    fn u32(&mut self) -> Result<usize, CodecError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+/// `count` int8 values with their block scales.
+fn int8(r: &mut Reader<'_>, count: usize, block: usize) -> Result<Vec<f32>, CodecError> {
+    let scales = r.f32s(count.div_ceil(block))?;
+    if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
+        return Err(CodecError::NonFinite);
     }
-
-    fn block(&mut self) -> Result<usize, CodecError> {
-        let block = self.u32()?;
-        if BLOCK_RANGE.contains(&block) {
-            Ok(block)
-        } else {
-            Err(CodecError::Malformed("declaring an impossible block size"))
-        }
-    }
-
-    /// `count` int8 values with their block scales.
-    fn int8(&mut self, count: usize, block: usize) -> Result<Vec<f32>, CodecError> {
-        let scales = self.take(4 * count.div_ceil(block))?;
-        let scales: Vec<f32> = scales
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
-            return Err(CodecError::NonFinite);
-        }
-        let q = self.take(count)?;
-        Ok(q.chunks(block)
-            .zip(&scales)
-            .flat_map(|(b, &s)| b.iter().map(move |&v| f32::from(v as i8) * s))
-            .collect())
-    }
+    let q = r.take(count)?;
+    Ok(q.chunks(block)
+        .zip(&scales)
+        .flat_map(|(b, &s)| b.iter().map(move |&v| f32::from(v as i8) * s))
+        .collect())
 }
 
 /// Decodes a payload for a model of `len` parameters, validating every field; the result
 /// has exactly `len` finite values.
 pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
-    let mut r = Reader(bytes);
+    let mut r = Reader::new(bytes, CodecError::Malformed("truncated"));
     let tag = r.take(1)?[0];
     if tag > 2 {
         return Err(CodecError::UnknownCodec(tag));
     }
-    let n = r.u32()?;
+    let n = r.u32()? as usize;
     if n != len {
         return Err(CodecError::WrongLength { got: n, want: len });
     }
     let out = match tag {
         0 => {
-            let raw = r.take(4 * n)?;
-            let v: Vec<f32> = raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let v = r.f32s(n)?;
             if v.iter().any(|x| !x.is_finite()) {
                 return Err(CodecError::NonFinite);
             }
             v
         }
         1 => {
-            let block = r.block()?;
-            r.int8(n, block)?
+            let block = block(&mut r)?;
+            int8(&mut r, n, block)?
         }
         _ => {
-            let k = r.u32()?;
+            let k = r.u32()? as usize;
             if k > n {
                 return Err(CodecError::Malformed("selecting more values than exist"));
             }
-            let block = r.block()?;
-            let values = r.int8(k, block)?;
+            let block = block(&mut r)?;
+            let values = int8(&mut r, k, block)?;
             let mut out = vec![0.0; n];
             let mut next: u64 = 0;
             for v in values {
@@ -315,7 +293,7 @@ pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
             out
         }
     };
-    if !r.0.is_empty() {
+    if !r.is_empty() {
         return Err(CodecError::Malformed("longer than its header says"));
     }
     Ok(out)

@@ -18,14 +18,15 @@
 //!   round is lagging: it downloads the sender's model ([`Learner::adopt`]).
 //! - Gossip averaging keeps peers' models together where they do not all see the same
 //!   updates (a partial mesh, a late neighbour): every `sync_every` rounds a peer sends
-//!   its round-start weights (int8, or fp32 for an fp32 task) to one neighbour, which averages them half and half
-//!   with its own before its next outer step, if they are within `max_staleness` rounds
-//!   and closer than a quarter of its own weights' norm.
+//!   its round-start weights (int8, or fp32 for an fp32 task) to one neighbour, which
+//!   averages them half and half with its own before its next outer step, if they are
+//!   within `max_staleness` rounds and closer than a quarter of its own weights' norm.
 //! - Before aggregation every update must have the model's shape, finite values, and a
 //!   norm at most `max_norm_ratio` times the receiver's own update's norm (or the median
 //!   of the received norms for a peer that did not train this round).
 
 pub mod aggregate;
+mod bytes;
 pub mod compress;
 pub mod identity;
 pub mod sim;
@@ -220,19 +221,12 @@ pub struct LearnStats {
     pub rejected: BTreeMap<Rejection, u64>,
     /// Rounds completed by this peer.
     pub rounds: u64,
-    /// Norm of the last aggregated step.
-    pub last_step_norm: f32,
 }
 
 impl LearnStats {
     fn reject(&mut self, why: Rejection) -> Rejection {
         *self.rejected.entry(why).or_default() += 1;
         why
-    }
-
-    /// Total rejected messages.
-    pub fn rejected_total(&self) -> u64 {
-        self.rejected.values().sum()
     }
 }
 
@@ -308,11 +302,6 @@ impl Learner {
         })
     }
 
-    /// The settings.
-    pub fn config(&self) -> &LearnConfig {
-        &self.cfg
-    }
-
     /// Our public key.
     pub fn public_key(&self) -> PublicKey {
         self.id.public()
@@ -326,11 +315,6 @@ impl Learner {
     /// The current round-start weights: what local training starts from.
     pub fn weights(&self) -> &[f32] {
         &self.weights
-    }
-
-    /// Whether this round's own update has been made.
-    pub fn has_local_update(&self) -> bool {
-        self.own.is_some()
     }
 
     /// Makes this round's update from the weights local training ended with, and returns
@@ -377,7 +361,7 @@ impl Learner {
         let msg = PeerMessage::decode(bytes, n).map_err(|e| {
             self.stats.reject(match e {
                 WireError::NonFinite => Rejection::NonFinite,
-                WireError::Malformed("a model of another size") => Rejection::Shape,
+                WireError::WrongSize { .. } => Rejection::Shape,
                 _ => Rejection::Malformed,
             })
         })?;
@@ -399,17 +383,7 @@ impl Learner {
         if u.round + u64::from(self.cfg.max_staleness) < self.round {
             return Err(self.stats.reject(Rejection::Stale));
         }
-        if u.payload.first() != Some(&self.cfg.compression.tag()) {
-            // Another codec than the task's: refused, so that bytes on the wire stay
-            // what the task promises.
-            return Err(self.stats.reject(Rejection::Shape));
-        }
-        let delta = compress::decode(&u.payload, n).map_err(|e| {
-            self.stats.reject(match e {
-                CodecError::NonFinite => Rejection::NonFinite,
-                _ => Rejection::Shape,
-            })
-        })?;
+        let delta = self.decode_payload(&u.payload, self.cfg.compression)?;
         self.remember(u.key, u.round);
         self.inbox.retain(|p| p.key != u.key);
         self.inbox.push(Pending {
@@ -429,26 +403,30 @@ impl Learner {
         if round + window < self.round || round > self.round + window {
             return Err(self.stats.reject(Rejection::Stale));
         }
-        if payload.first() != Some(&self.mix_codec().tag()) {
-            return Err(self.stats.reject(Rejection::Shape));
-        }
-        let w = compress::decode(payload, self.weights.len()).map_err(|e| {
-            self.stats.reject(match e {
-                CodecError::NonFinite => Rejection::NonFinite,
-                _ => Rejection::Shape,
-            })
-        })?;
-        let dist = aggregate::norm(
-            &w.iter()
-                .zip(&self.weights)
-                .map(|(a, b)| a - b)
-                .collect::<Vec<_>>(),
-        );
-        if dist > 0.25 * aggregate::norm(&self.weights) {
+        let w = self.decode_payload(payload, self.mix_codec())?;
+        if aggregate::distance(&w, &self.weights) > 0.25 * aggregate::norm(&self.weights) {
             return Err(self.stats.reject(Rejection::Norm));
         }
         self.mix = Some(w);
         Ok(Received::Mix)
+    }
+
+    /// Decodes a payload that must use `codec` (another codec is refused, so that bytes
+    /// on the wire stay what the task promises) into a vector of the model's size.
+    fn decode_payload(
+        &mut self,
+        payload: &[u8],
+        codec: Compression,
+    ) -> Result<Vec<f32>, Rejection> {
+        if payload.first() != Some(&codec.tag()) {
+            return Err(self.stats.reject(Rejection::Shape));
+        }
+        compress::decode(payload, self.weights.len()).map_err(|e| {
+            self.stats.reject(match e {
+                CodecError::NonFinite => Rejection::NonFinite,
+                _ => Rejection::Shape,
+            })
+        })
     }
 
     /// Weights for gossip averaging go out in fp32 when the task sends fp32 updates and
@@ -541,7 +519,6 @@ impl Learner {
                 *w -= lr * (g + mu * *m);
             }
             summary.step_norm = lr * aggregate::norm(&g);
-            self.stats.last_step_norm = summary.step_norm;
         }
         self.round += 1;
         self.started = true;

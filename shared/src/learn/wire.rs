@@ -15,6 +15,7 @@
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use super::bytes::Cursor;
 use super::identity::{Identity, PublicKey};
 
 const MAGIC: [u8; 3] = *b"SHL";
@@ -32,6 +33,14 @@ pub enum WireError {
     /// Shorter or longer than its fields say.
     #[error("message is {0}")]
     Malformed(&'static str),
+    /// A model for another number of parameters.
+    #[error("a model of {got} parameters, this task's has {want}")]
+    WrongSize {
+        /// Declared parameter count.
+        got: usize,
+        /// The receiver's model size.
+        want: usize,
+    },
     /// The model's checksum does not match its contents.
     #[error("model checksum mismatch")]
     Checksum,
@@ -182,14 +191,14 @@ impl PeerMessage {
         if bytes.len() < 5 || bytes[..3] != MAGIC || bytes[3] != VERSION {
             return Err(WireError::Magic);
         }
-        let mut r = Cursor(&bytes[5..]);
+        let mut r = Cursor::new(&bytes[5..], WireError::Malformed("truncated"));
         let msg = match bytes[4] {
             1 => {
                 let key: PublicKey = r.array()?;
-                let round = u64::from_le_bytes(r.array()?);
-                let samples = u32::from_le_bytes(r.array()?);
+                let round = r.u64()?;
+                let samples = r.u32()?;
                 let loss = f32::from_le_bytes(r.array()?);
-                let len = u32::from_le_bytes(r.array()?) as usize;
+                let len = r.u32()? as usize;
                 let payload = r.take(len)?.to_vec();
                 let signature: [u8; 64] = r.array()?;
                 Self::Update(Update {
@@ -203,10 +212,13 @@ impl PeerMessage {
             }
             2 => Self::ModelRequest,
             3 => {
-                let round = u64::from_le_bytes(r.array()?);
-                let n = u32::from_le_bytes(r.array()?) as usize;
+                let round = r.u64()?;
+                let n = r.u32()? as usize;
                 if n != params {
-                    return Err(WireError::Malformed("a model of another size"));
+                    return Err(WireError::WrongSize {
+                        got: n,
+                        want: params,
+                    });
                 }
                 let body_end = bytes
                     .len()
@@ -215,12 +227,8 @@ impl PeerMessage {
                 if body_end < 5 || Sha256::digest(&bytes[5..body_end])[..] != bytes[body_end..] {
                     return Err(WireError::Checksum);
                 }
-                let floats = |r: &mut Cursor<'_>| -> Result<Vec<f32>, WireError> {
-                    let raw = r.take(4 * n)?;
-                    let v: Vec<f32> = raw
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect();
+                let floats = |r: &mut Cursor<'_, WireError>| -> Result<Vec<f32>, WireError> {
+                    let v = r.f32s(n)?;
                     if v.iter().all(|x| x.is_finite()) {
                         Ok(v)
                     } else {
@@ -237,35 +245,16 @@ impl PeerMessage {
                 })
             }
             4 => {
-                let round = u64::from_le_bytes(r.array()?);
-                let payload = r.take(r.0.len())?.to_vec();
+                let round = r.u64()?;
+                let payload = r.rest().to_vec();
                 Self::Mix { round, payload }
             }
             k => return Err(WireError::Kind(k)),
         };
-        if !r.0.is_empty() {
+        if !r.is_empty() {
             return Err(WireError::Malformed("longer than its fields"));
         }
         Ok(msg)
-    }
-}
-
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if n > self.0.len() {
-            return Err(WireError::Malformed("truncated"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
     }
 }
 
@@ -333,7 +322,10 @@ mod tests {
         let mut flipped = snap.clone();
         flipped[20] ^= 1;
         assert_eq!(PeerMessage::decode(&flipped, 3), Err(WireError::Checksum));
-        assert!(PeerMessage::decode(&snap, 4).is_err(), "another model size");
+        assert_eq!(
+            PeerMessage::decode(&snap, 4),
+            Err(WireError::WrongSize { got: 3, want: 4 })
+        );
         let nan = PeerMessage::Model(Snapshot {
             round: 1,
             weights: vec![f32::NAN; 3],

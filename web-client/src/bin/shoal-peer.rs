@@ -30,8 +30,7 @@ mod peer {
     use anyhow::{Context, Result, bail};
     use clap::Parser;
     use sha2::{Digest, Sha256};
-    use shoal_shared::dataset::Dataset;
-    use shoal_shared::engine::train::{self, Samples};
+    use shoal_shared::engine::train::Samples;
     use shoal_shared::learn::Identity;
     use shoal_web_client::keeper::Keeper;
     use shoal_web_client::learning::{PeerTask, SwarmTrainer};
@@ -150,13 +149,8 @@ mod peer {
     }
 
     fn load(dir: &Path, split: &str) -> Result<Samples> {
-        let d = Dataset::read_idx_files(
-            &dir.join(format!("digits/{split}-images.idx")),
-            &dir.join(format!("digits/{split}-labels.idx")),
-            10,
-        )
-        .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?;
-        Ok(Samples::from_dataset(&d))
+        Samples::read_split(dir, "digits", split)
+            .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))
     }
 
     async fn train(args: &Args, mut swarm: NativeSwarm) -> Result<()> {
@@ -173,16 +167,6 @@ mod peer {
         } else {
             shoal_shared::gpu::Gpu::new().await.ok()
         };
-        let seed = u64::from_le_bytes(id.public()[..8].try_into().expect("8 bytes"));
-        let trainer = train::trainer(
-            task.spec().map_err(anyhow::Error::msg)?,
-            gpu.as_ref(),
-            load(&args.data, "train")?,
-            task.batch,
-            task.lr,
-            seed,
-        )?
-        .with_shift(task.shift);
         eprintln!(
             "peer {} training on {}",
             &key[..16],
@@ -191,7 +175,8 @@ mod peer {
         );
         let clock = Instant::now();
         let now = || clock.elapsed().as_secs_f64() * 1e3;
-        let mut peer = SwarmTrainer::new(task, id, trainer, Some(load(&args.data, "test")?), now())
+        let (train, test) = (load(&args.data, "train")?, load(&args.data, "test")?);
+        let mut peer = SwarmTrainer::new(task, id, gpu.as_ref(), train, Some(test), now())
             .map_err(anyhow::Error::msg)?;
         let keeper = match &args.keeper {
             Some(dir) => {

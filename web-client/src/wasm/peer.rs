@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use js_sys::{Array, Uint8Array};
 use shoal_shared::dataset::Dataset;
-use shoal_shared::engine::train::{self, Samples};
+use shoal_shared::engine::train::Samples;
 use shoal_shared::gpu::Gpu;
 use shoal_shared::idx::IdxLimits;
 use shoal_shared::learn::Identity;
@@ -105,25 +105,18 @@ impl SwarmPeer {
             "cpu" => None,
             other => return Err(JsError::new(&format!("unknown backend {other:?}"))),
         };
-        let task = PeerTask::digits();
-        let spec = task.spec().map_err(|e| JsError::new(&e))?;
-        let mut seed = [0u8; 8];
-        seed.copy_from_slice(&id.public()[..8]);
-        let data = samples(&train_images, &train_labels)?;
-        let trainer = train::trainer(
-            spec,
-            gpu.as_ref(),
-            data,
-            task.batch,
-            task.lr,
-            u64::from_le_bytes(seed),
-        )
-        .map_err(|e| JsError::new(&e.to_string()))?
-        .with_shift(task.shift);
+        let train = samples(&train_images, &train_labels)?;
         let test = samples(&test_images, &test_labels)?;
         let key = hex(&id.public());
-        let peer = SwarmTrainer::new(task, id, trainer, Some(test), now_ms())
-            .map_err(|e| JsError::new(&e))?;
+        let peer = SwarmTrainer::new(
+            PeerTask::digits(),
+            id,
+            gpu.as_ref(),
+            train,
+            Some(test),
+            now_ms(),
+        )
+        .map_err(|e| JsError::new(&e))?;
         Ok(Self {
             relay: Rc::new(Relay::default()),
             inner: Rc::new(RefCell::new(Some(peer))),
