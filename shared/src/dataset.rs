@@ -123,6 +123,82 @@ impl Dataset {
         })
     }
 
+    /// Builds a data set from CSV text: on each line a label, then `rows * cols` pixel
+    /// values in 0..=255. A first line that does not start with a number is a header.
+    /// Refuses files over `max_bytes`, and names the line of any bad value.
+    pub fn from_csv(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        classes: usize,
+        max_bytes: usize,
+    ) -> Result<Self, String> {
+        if bytes.len() > max_bytes {
+            return Err(format!(
+                "{} bytes, more than the limit {max_bytes}",
+                bytes.len()
+            ));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+        let n = rows * cols;
+        let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut fields = line.split(',').map(str::trim);
+            let first = fields.next().unwrap_or_default();
+            let Ok(label) = first.parse::<u8>() else {
+                if i == 0 {
+                    continue; // header
+                }
+                return Err(format!("line {}: label {first:?} is not 0..=255", i + 1));
+            };
+            if usize::from(label) >= classes {
+                return Err(format!(
+                    "line {}: label {label} outside 0..{classes}",
+                    i + 1
+                ));
+            }
+            let start = pixels.len();
+            for f in fields {
+                let v = f
+                    .parse::<u8>()
+                    .map_err(|_| format!("line {}: pixel {f:?} is not 0..=255", i + 1))?;
+                pixels.push(v);
+            }
+            if pixels.len() - start != n {
+                return Err(format!(
+                    "line {}: {} pixels, expected {rows}x{cols} = {n}",
+                    i + 1,
+                    pixels.len() - start
+                ));
+            }
+            labels.push(label);
+        }
+        Ok(Self {
+            rows,
+            cols,
+            classes,
+            pixels,
+            labels,
+        })
+    }
+
+    /// Splits off the last `n` samples as a second set (for a held-out split).
+    pub fn split_off_tail(mut self, n: usize) -> (Self, Self) {
+        let keep = self.len().saturating_sub(n);
+        let tail = Self {
+            rows: self.rows,
+            cols: self.cols,
+            classes: self.classes,
+            pixels: self.pixels.split_off(keep * self.rows * self.cols),
+            labels: self.labels.split_off(keep),
+        };
+        (self, tail)
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.labels.len()

@@ -7,9 +7,11 @@
 
 pub mod dataset;
 pub mod engine;
+pub mod export;
 pub mod framing;
 pub mod gpu;
 pub mod idx;
 pub mod learn;
 pub mod protocol;
 pub mod rng;
+pub mod task;

@@ -96,8 +96,81 @@ pub enum Signal {
     },
 }
 
+/// What a peer is in the swarm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Trains and sends updates.
+    #[default]
+    Trainer,
+    /// Watches (a dashboard): downloads the model, never sends updates.
+    Observer,
+}
+
+/// A peer's numbers for the dashboard, sent about once per round. Counters only: never
+/// weights, gradients or data.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerReport {
+    /// Trainer or observer.
+    pub role: Role,
+    /// The model version (rounds completed) the peer holds.
+    pub version: u64,
+    /// Samples trained on since the peer joined.
+    pub samples: u64,
+    /// Recent training throughput.
+    pub samples_per_s: f32,
+    /// Last round's local training loss (0 before the first).
+    pub loss: f32,
+    /// Held-out accuracy of its model, when the peer evaluates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f32>,
+    /// Bytes sent to neighbours.
+    pub bytes_up: u64,
+    /// Bytes received from neighbours.
+    pub bytes_down: u64,
+    /// Neighbours' updates it aggregated.
+    pub used: u64,
+    /// Updates it rejected, by reason.
+    #[serde(default)]
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    /// Whether its visitor (or the task) paused it.
+    pub paused: bool,
+    /// What it trains on (`webgpu`, `cpu`, an adapter name).
+    pub backend: String,
+}
+
+impl PeerReport {
+    /// Checks every field; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |x: f32| x.is_finite() && x >= 0.0;
+        if !finite(self.samples_per_s) || self.samples_per_s > 1e9 {
+            return Err("samples_per_s: must be finite, 0..1e9".into());
+        }
+        if !finite(self.loss) || self.loss > 1e6 {
+            return Err("loss: must be finite, 0..1e6".into());
+        }
+        if self.accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+            return Err("accuracy: must be within 0..=1".into());
+        }
+        if self.rejected.len() > 16
+            || self.rejected.keys().any(|k| {
+                k.is_empty()
+                    || k.len() > 32
+                    || !k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            })
+        {
+            return Err("rejected: at most 16 reasons of 1 to 32 of a-z and _".into());
+        }
+        if self.backend.len() > 64 || self.backend.chars().any(char::is_control) {
+            return Err("backend: at most 64 printable characters".into());
+        }
+        Ok(())
+    }
+}
+
 /// Messages a peer sends to the server.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMessage {
     /// Relay `signal` to neighbour `to`.
@@ -112,6 +185,11 @@ pub enum ClientMessage {
     Unreachable {
         /// The neighbour.
         peer: PeerId,
+    },
+    /// The peer's numbers for the dashboard (replaces its previous report).
+    Report {
+        /// The numbers.
+        report: PeerReport,
     },
 }
 
@@ -154,6 +232,13 @@ pub enum ServerMessage {
         from: PeerId,
         /// What it said.
         signal: Signal,
+    },
+    /// Whether the researcher paused the task (sent after `welcome` while the task is
+    /// paused, and to every peer on each change):
+    /// a paused task's peers stop training and keep their connections.
+    TaskState {
+        /// Paused or running.
+        paused: bool,
     },
     /// The last message was refused (and, for some codes, the connection will close).
     Error {
@@ -232,7 +317,7 @@ pub fn decode_client(text: &str) -> Result<ClientMessage, (ErrorCode, String)> {
     match serde_json::from_str::<ClientMessage>(text) {
         Ok(m) => Ok(m),
         Err(e) => {
-            let known = ["signal", "unreachable"];
+            let known = ["signal", "unreachable", "report"];
             let kind = serde_json::from_str::<serde_json::Value>(text)
                 .ok()
                 .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
@@ -309,6 +394,55 @@ mod tests {
             ok,
             Ok(ClientMessage::Signal { to: PeerId(1), .. })
         ));
+    }
+
+    #[test]
+    fn reports_are_validated_field_by_field() {
+        let ok = r#"{"type":"report","report":{"role":"trainer","version":3,"samples":480,"samples_per_s":120.5,"loss":0.4,"accuracy":0.91,"bytes_up":10,"bytes_down":20,"used":4,"rejected":{"norm":1},"paused":false,"backend":"webgpu"}}"#;
+        let Ok(ClientMessage::Report { report }) = decode_client(ok) else {
+            panic!("a valid report decodes");
+        };
+        assert_eq!(report.validate(), Ok(()));
+        for (field, bad) in [
+            (
+                "accuracy",
+                PeerReport {
+                    accuracy: Some(1.5),
+                    ..report.clone()
+                },
+            ),
+            (
+                "loss",
+                PeerReport {
+                    loss: f32::NAN,
+                    ..report.clone()
+                },
+            ),
+            (
+                "samples_per_s",
+                PeerReport {
+                    samples_per_s: -1.0,
+                    ..report.clone()
+                },
+            ),
+            (
+                "backend",
+                PeerReport {
+                    backend: "x".repeat(65),
+                    ..report.clone()
+                },
+            ),
+            (
+                "rejected",
+                PeerReport {
+                    rejected: [("Bad Key!".to_string(), 1)].into(),
+                    ..report.clone()
+                },
+            ),
+        ] {
+            let e = bad.validate().expect_err(field);
+            assert!(e.starts_with(field), "{e}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! data, and reports `/healthz` and Prometheus `/metrics`. It never sees model weights:
 //! peers exchange those directly.
 
+pub mod admin;
 pub mod ice;
 pub mod metrics;
 pub mod signaling;
@@ -19,9 +20,10 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use shoal_shared::engine::ModelSpec;
+use shoal_shared::engine::Model;
+use shoal_shared::task::TaskSpec;
 use tower_http::compression::CompressionLayer;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -37,6 +39,20 @@ pub struct Config {
     pub data: PathBuf,
     /// Signaling: limits, neighbours, tasks, origins, ICE.
     pub signaling: SignalingConfig,
+    /// The tasks, validated ([`load_task`]); served at `/api/tasks/{name}`.
+    pub tasks: Vec<TaskSpec>,
+    /// The token the researcher's control actions need; `None` refuses them all.
+    pub admin_token: Option<String>,
+}
+
+/// Reads a task file and validates it, its data files included (paths relative to
+/// `data`). The error names the file, the field and the problem.
+pub fn load_task(path: &std::path::Path, data: &std::path::Path) -> Result<TaskSpec, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let task = TaskSpec::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    task.load_datasets(data)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(task)
 }
 
 /// The router plus the state its websockets share.
@@ -69,9 +85,25 @@ pub fn app(config: &Config) -> App {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .route("/api/tasks/{task}", get(task_description))
         .route("/ws/{task}", get(signaling::ws_handler))
         .with_state(Arc::clone(&hub))
+        .merge(
+            Router::new()
+                .route("/api/tasks/{task}", get(task_description))
+                .with_state((
+                    Arc::new(config.tasks.clone()),
+                    Arc::new(config.data.clone()),
+                )),
+        )
+        .merge(
+            Router::new()
+                .route("/api/tasks/{task}/swarm", get(admin::swarm))
+                .route("/api/tasks/{task}/{action}", post(admin::pause))
+                .with_state(admin::AdminState {
+                    hub: Arc::clone(&hub),
+                    token: config.admin_token.as_deref().map(Arc::from),
+                }),
+        )
         .merge(files)
         .layer(nosniff);
     App { router, hub }
@@ -88,30 +120,43 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     )
 }
 
-/// What a peer needs to know to train on a task. (Task files come with the task
-/// definition work; the demo task is built in.)
+/// What a peer needs to know to train on a task: the task as its file describes it, and
+/// the URLs of its data files in the order `TaskSpec::datasets` takes them.
 async fn task_description(
-    State(hub): State<Arc<Hub>>,
-    Path(task): Path<String>,
+    State((tasks, data)): State<(Arc<Vec<TaskSpec>>, Arc<PathBuf>)>,
+    Path(name): Path<String>,
 ) -> impl IntoResponse {
-    if task != "digits" || hub.peers_online().iter().all(|(t, _)| t != &task) {
+    let Some(task) = tasks.iter().find(|t| t.name == name) else {
         return (
             StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "error": format!("no task {task:?}") })),
+            Json(serde_json::json!({ "error": format!("no task {name:?}") })),
         );
-    }
+    };
+    let paths: Vec<&str> = std::iter::once(&task.data.train)
+        .chain(task.data.test.as_ref())
+        .flat_map(|f| f.paths())
+        .collect();
+    let download: u64 = paths
+        .iter()
+        .filter_map(|p| std::fs::metadata(data.join(p)).ok())
+        .map(|m| m.len())
+        .sum();
+    let files: Vec<String> = paths.iter().map(|p| format!("/data/{p}")).collect();
+    // What contributing costs, for the consent text.
+    let params = Model::new(task.model.clone()).map_or(0, |m| m.param_len());
+    let update = task.learn.compression.approx_bytes(params);
     (
         StatusCode::OK,
         Json(serde_json::json!({
-            "name": "digits",
-            "title": "Handwritten digits (MNIST)",
-            "model": ModelSpec::mlp_digits(),
-            "classes": 10,
-            "data": {
-                "train_images": "/data/digits/train-images.idx",
-                "train_labels": "/data/digits/train-labels.idx",
-                "test_images": "/data/digits/test-images.idx",
-                "test_labels": "/data/digits/test-labels.idx",
+            "task": task,
+            "files": files,
+            "cost": {
+                "parameters": params,
+                "download_bytes": download,
+                "update_bytes": update,
+                "bytes_per_round": update * task.learn.neighbours as usize,
+                "local_steps_per_round": task.learn.local_steps,
+                "batch": task.train.batch,
             },
         })),
     )

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use shoal_shared::task::TaskSpec;
 use shoal_signaling_server::ice::IceConfig;
-use shoal_signaling_server::{Config, Limits, SignalingConfig, app, serve};
+use shoal_signaling_server::{Config, Limits, SignalingConfig, app, load_task, serve};
 
 /// Shoal's signaling server: introduces peers, serves the pages and the task.
 #[derive(Parser, Debug)]
@@ -30,6 +31,19 @@ struct Args {
     /// Folder of task data, served under /data/.
     #[arg(long, env = "SHOAL_DATA", default_value = "data")]
     data: PathBuf,
+    /// A task file (TOML; repeat for several tasks). Each is validated at start, data
+    /// files included; an error names the file, the field and the problem.
+    #[arg(
+        long = "task-file",
+        env = "SHOAL_TASK_FILES",
+        value_delimiter = ',',
+        default_value = "tasks/digits.toml"
+    )]
+    task_files: Vec<PathBuf>,
+    /// Token for the researcher's control actions (pause, resume, export); without one
+    /// they are refused. Prefer the env variable: command lines are visible to others.
+    #[arg(long, env = "SHOAL_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Neighbours per peer (k): each peer keeps about k WebRTC connections.
     #[arg(long, env = "SHOAL_NEIGHBOURS", default_value_t = 6)]
     neighbours: usize,
@@ -88,6 +102,21 @@ async fn main() -> anyhow::Result<()> {
             args.www.display()
         );
     }
+    if args.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        anyhow::bail!("--admin-token must be at least 16 characters");
+    }
+    let mut tasks = Vec::new();
+    for path in &args.task_files {
+        let task = load_task(path, &args.data).map_err(anyhow::Error::msg)?;
+        if tasks.iter().any(|t: &TaskSpec| t.name == task.name) {
+            anyhow::bail!(
+                "{}: a task named {:?} is already loaded",
+                path.display(),
+                task.name
+            );
+        }
+        tasks.push(task);
+    }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port))
         .await
         .with_context(|| format!("could not listen on {}:{}", args.bind, args.port))?;
@@ -97,7 +126,12 @@ async fn main() -> anyhow::Result<()> {
     println!("  contributor page: {base}/");
     println!("  health:           {base}/healthz");
     println!("  metrics:          {base}/metrics");
-    println!("  signaling:        ws://{addr}/ws/digits?v=1");
+    for t in &tasks {
+        println!(
+            "  task {:<12} {base}/api/tasks/{}  ws://{addr}/ws/{}?v=1",
+            t.name, t.name, t.name
+        );
+    }
     println!("Press Ctrl-C to stop.");
     if !args.turn.is_empty() && args.turn_secret.is_none() {
         anyhow::bail!("--turn needs --turn-secret (or SHOAL_TURN_SECRET)");
@@ -129,12 +163,14 @@ async fn main() -> anyhow::Result<()> {
         neighbours: args.neighbours,
         allowed_origins: args.allowed_origins,
         ice,
-        ..SignalingConfig::default()
+        tasks: tasks.iter().map(|t| t.name.clone()).collect(),
     };
     let config = Config {
         www: args.www,
         data: args.data,
         signaling,
+        tasks,
+        admin_token: args.admin_token,
     };
     serve(
         listener,

@@ -14,9 +14,9 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shoal_shared::protocol::{
-    ClientMessage, ErrorCode, PeerId, ServerMessage, Signal, VERSION, decode_client,
+    ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, Signal, VERSION, decode_client,
 };
 use shoal_shared::rng::SplitMix64;
 use tokio::sync::{mpsc, watch};
@@ -102,6 +102,9 @@ struct Peer {
     neighbours: BTreeSet<PeerId>,
     /// Index in `Task::ids`.
     slot: usize,
+    /// The peer's latest numbers for the dashboard (boxed: most idle connections never
+    /// send one, and the slot costs them a pointer).
+    report: Option<Box<(Instant, PeerReport)>>,
 }
 
 #[derive(Default)]
@@ -109,6 +112,35 @@ struct Task {
     peers: HashMap<PeerId, Peer>,
     /// Every peer id, for O(1) random draws.
     ids: Vec<PeerId>,
+    /// Paused by the researcher.
+    paused: bool,
+}
+
+/// One peer as the dashboard sees it.
+#[derive(Debug, Serialize)]
+pub struct PeerView {
+    /// The peer's id.
+    pub id: PeerId,
+    /// Its neighbours (the graph's edges).
+    pub neighbours: Vec<PeerId>,
+    /// Its latest report, if it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<PeerReport>,
+    /// Seconds since that report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_age_s: Option<f64>,
+}
+
+/// A task's swarm as the dashboard sees it: who is online, the neighbour graph, and
+/// each peer's latest numbers. Never weights.
+#[derive(Debug, Serialize)]
+pub struct SwarmView {
+    /// The task.
+    pub task: String,
+    /// Paused by the researcher.
+    pub paused: bool,
+    /// Every peer online.
+    pub peers: Vec<PeerView>,
 }
 
 impl Task {
@@ -197,6 +229,58 @@ impl Hub {
         v
     }
 
+    /// The swarm of `task` for the dashboard, or `None` for an unknown task. Peers are
+    /// listed at most `limit` (the largest swarms are summarized by their first peers).
+    pub fn swarm_view(&self, task: &str, limit: usize) -> Option<SwarmView> {
+        let st = self.lock();
+        let t = st.tasks.get(task)?;
+        let mut peers: Vec<PeerView> = t
+            .ids
+            .iter()
+            .take(limit)
+            .filter_map(|id| {
+                let p = t.peers.get(id)?;
+                Some(PeerView {
+                    id: *id,
+                    neighbours: p.neighbours.iter().copied().collect(),
+                    report: p.report.as_ref().map(|r| r.1.clone()),
+                    report_age_s: p.report.as_ref().map(|r| r.0.elapsed().as_secs_f64()),
+                })
+            })
+            .collect();
+        peers.sort_by_key(|p| p.id);
+        Some(SwarmView {
+            task: task.to_string(),
+            paused: t.paused,
+            peers,
+        })
+    }
+
+    /// Pauses or resumes a task and tells every peer. `false` for an unknown task.
+    pub fn set_paused(&self, task: &str, paused: bool) -> bool {
+        let mut st = self.lock();
+        let Some(t) = st.tasks.get_mut(task) else {
+            return false;
+        };
+        if t.paused != paused {
+            t.paused = paused;
+            let m = ServerMessage::TaskState { paused };
+            for &id in &t.ids {
+                notify(t, id, &m, &self.metrics);
+            }
+        }
+        true
+    }
+
+    fn store_report(&self, task: &str, id: PeerId, report: PeerReport) -> Result<(), String> {
+        report.validate()?;
+        let mut st = self.lock();
+        if let Some(p) = st.tasks.get_mut(task).and_then(|t| t.peers.get_mut(&id)) {
+            p.report = Some(Box::new((Instant::now(), report)));
+        }
+        Ok(())
+    }
+
     /// The current neighbours of `peer` in `task` (for tests and diagnostics).
     pub fn neighbours_of(&self, task: &str, peer: PeerId) -> Option<Vec<PeerId>> {
         let st = self.lock();
@@ -259,8 +343,17 @@ impl Hub {
                 tx,
                 neighbours: BTreeSet::new(),
                 slot: t.ids.len() - 1,
+                report: None,
             },
         );
+        if t.paused {
+            notify(
+                t,
+                id,
+                &ServerMessage::TaskState { paused: true },
+                &self.metrics,
+            );
+        }
         for &c in &chosen {
             link(t, id, c);
             notify(t, c, &ServerMessage::Joined { peer: id }, &self.metrics);
@@ -577,6 +670,9 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
                         Ok(ClientMessage::Unreachable { peer }) => {
                             hub.unreachable(&task, id, peer).map_err(not_neighbour(peer))
                         }
+                        Ok(ClientMessage::Report { report }) => hub
+                            .store_report(&task, id, report)
+                            .map_err(|e| (ErrorCode::Malformed, format!("report: {e}"))),
                         Err(e) => Err(e),
                     };
                     if let Err((code, message)) = outcome {

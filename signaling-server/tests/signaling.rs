@@ -22,11 +22,17 @@ struct Server {
 }
 
 async fn start(signaling: SignalingConfig) -> Server {
+    start_with(signaling, None).await
+}
+
+async fn start_with(signaling: SignalingConfig, admin_token: Option<&str>) -> Server {
     let dir = std::env::temp_dir();
     let config = Config {
         www: dir.clone(),
         data: dir,
         signaling,
+        tasks: vec![shoal_shared::task::TaskSpec::digits()],
+        admin_token: admin_token.map(str::to_string),
     };
     let app = app(&config);
     let hub = std::sync::Arc::clone(&app.hub);
@@ -391,7 +397,7 @@ async fn metrics_health_and_graceful_shutdown() {
     assert!(
         http_get(s.addr, "/api/tasks/digits")
             .await
-            .contains("\"train_images\"")
+            .contains("\"/data/digits/train-images.idx\"")
     );
     // Shutdown closes the websockets with "going away" and the server returns.
     let _ = s.stop.take().expect("stop").send(());
@@ -412,10 +418,17 @@ async fn metrics_health_and_graceful_shutdown() {
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http(addr, "GET", path, "").await
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str, headers: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n{headers}Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .expect("write");
@@ -458,4 +471,124 @@ async fn an_unreachable_pair_is_unlinked_and_both_get_other_neighbours() {
     // Naming a peer that is not a neighbour is refused.
     send(&mut a, json!({"type": "unreachable", "peer": idb})).await;
     assert_eq!(until(&mut a, "error").await["code"], "not_neighbour");
+}
+
+fn report(version: u64, accuracy: f64) -> Value {
+    json!({"type": "report", "report": {
+        "role": "trainer", "version": version, "samples": 640, "samples_per_s": 210.0,
+        "loss": 0.3, "accuracy": accuracy, "bytes_up": 1000, "bytes_down": 2000, "used": 3,
+        "rejected": {"norm": 2}, "paused": false, "backend": "cpu"
+    }})
+}
+
+#[tokio::test]
+async fn reports_reach_the_swarm_view_and_bad_ones_are_refused() {
+    let s = start(config()).await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, idb) = join(&s).await;
+    send(&mut a, report(7, 0.93)).await;
+    send(&mut b, report(8, 1.5)).await; // accuracy above 1
+    let e = until(&mut b, "error").await;
+    assert_eq!(e["code"], "malformed");
+    assert!(
+        e["message"].as_str().expect("text").contains("accuracy"),
+        "{e}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let body = http_get(s.addr, "/api/tasks/digits/swarm").await;
+    let json: Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body"))
+        .expect("swarm view is JSON");
+    let peers = json["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 2);
+    let pa = peers
+        .iter()
+        .find(|p| p["id"] == json!(ida))
+        .expect("a listed");
+    assert_eq!(pa["report"]["version"], 7);
+    assert_eq!(pa["neighbours"], json!([idb]), "the graph's edge");
+    let pb = peers
+        .iter()
+        .find(|p| p["id"] == json!(idb))
+        .expect("b listed");
+    assert!(
+        pb.get("report").is_none(),
+        "the refused report was not stored"
+    );
+    assert!(
+        http_get(s.addr, "/api/tasks/nope/swarm")
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+}
+
+#[tokio::test]
+async fn control_actions_need_the_admin_token() {
+    let token = "0123456789abcdef-admin";
+    let s = start_with(config(), Some(token)).await;
+    let (mut a, _) = join(&s).await;
+    let addr = s.addr;
+    let post =
+        |path: &'static str, auth: String| async move { http(addr, "POST", path, &auth).await };
+    assert!(
+        post("/api/tasks/digits/pause", String::new())
+            .await
+            .starts_with("HTTP/1.1 401")
+    );
+    assert!(
+        post(
+            "/api/tasks/digits/pause",
+            "Authorization: Bearer wrong\r\n".into()
+        )
+        .await
+        .starts_with("HTTP/1.1 401")
+    );
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    assert!(
+        post("/api/tasks/digits/pause", auth.clone())
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert_eq!(until(&mut a, "task_state").await["paused"], true);
+    // A peer joining a paused task hears so right after its welcome.
+    let (mut b, _) = join(&s).await;
+    assert_eq!(until(&mut b, "task_state").await["paused"], true);
+    assert!(
+        http_get(s.addr, "/api/tasks/digits/swarm")
+            .await
+            .contains("\"paused\":true")
+    );
+    assert!(
+        post("/api/tasks/digits/resume", auth.clone())
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert_eq!(until(&mut a, "task_state").await["paused"], false);
+    assert!(
+        post("/api/tasks/digits/export", auth.clone())
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        post("/api/tasks/nope/pause", auth.clone())
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+    assert!(
+        post("/api/tasks/digits/explode", auth)
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+    // A server without a token refuses every control action.
+    let open = start(config()).await;
+    let r = http(
+        open.addr,
+        "POST",
+        "/api/tasks/digits/pause",
+        "Authorization: Bearer x\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 403") && r.contains("no admin token"),
+        "{r}"
+    );
 }

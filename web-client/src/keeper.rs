@@ -66,9 +66,27 @@ impl Keeper {
 
     /// Writes the model message `bytes` for `round` atomically and prunes old ones.
     pub fn save(&self, round: u64, bytes: &[u8]) -> io::Result<PathBuf> {
-        let name = format!("model-{round:012}.ckpt");
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let dst = self.dir.join(&name);
+        let dst = self.dir.join(format!("model-{round:012}.ckpt"));
+        self.write_atomic(&dst, bytes, round)?;
+        let all = self.checkpoints()?;
+        for old in all.iter().take(all.len().saturating_sub(KEEP)) {
+            fs::remove_file(old)?;
+        }
+        Ok(dst)
+    }
+
+    /// Replaces `model.safetensors` (the export researchers load) atomically.
+    pub fn save_export(&self, bytes: &[u8]) -> io::Result<PathBuf> {
+        let dst = self.dir.join("model.safetensors");
+        self.write_atomic(&dst, bytes, 0)?;
+        Ok(dst)
+    }
+
+    /// Temporary file, fsync, rename, fsync of the directory.
+    fn write_atomic(&self, dst: &Path, bytes: &[u8], round: u64) -> io::Result<()> {
+        let mut tmp = dst.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -77,7 +95,7 @@ impl Keeper {
                 .open(&tmp)?;
             let half = bytes.len() / 2;
             f.write_all(&bytes[..half])?;
-            if !self.pause_mid_write.is_zero() {
+            if !self.pause_mid_write.is_zero() && round > 0 {
                 f.flush()?;
                 println!("checkpoint-writing {round}");
                 std::thread::sleep(self.pause_mid_write);
@@ -85,13 +103,8 @@ impl Keeper {
             f.write_all(&bytes[half..])?;
             f.sync_all()?;
         }
-        fs::rename(&tmp, &dst)?;
-        File::open(&self.dir)?.sync_all()?;
-        let all = self.checkpoints()?;
-        for old in all.iter().take(all.len().saturating_sub(KEEP)) {
-            fs::remove_file(old)?;
-        }
-        Ok(dst)
+        fs::rename(&tmp, dst)?;
+        File::open(&self.dir)?.sync_all()
     }
 }
 

@@ -8,75 +8,21 @@
 //! the round once every neighbour has answered or the deadline has passed, or does
 //! nothing while the peer waits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use shoal_shared::engine::cpu::CpuBackend;
 use shoal_shared::engine::train::{self, Samples, Trainer};
-use shoal_shared::engine::{AnyBackend, Backend, EngineError, Model, ModelSpec, Optimizer};
+use shoal_shared::engine::{AnyBackend, Backend, EngineError, Model, Optimizer};
 use shoal_shared::gpu::Gpu;
 use shoal_shared::learn::{
-    Identity, LearnConfig, Learner, PeerMessage, PublicKey, Received, RoundSummary, Snapshot,
+    Identity, Learner, PeerMessage, PublicKey, Received, RoundSummary, Snapshot,
 };
-use shoal_shared::protocol::PeerId;
+use shoal_shared::protocol::{PeerId, PeerReport, Role};
 use shoal_shared::rng::SplitMix64;
+use shoal_shared::task::TaskSpec;
 
 use crate::swarm::Transport;
-
-/// What a peer needs to know about the task it trains.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeerTask {
-    /// The task's name (updates are signed for it).
-    pub name: String,
-    /// `"mlp"` or `"cnn"`.
-    pub model: String,
-    /// Seed of the initial weights: every peer starts from the same model.
-    pub seed: u64,
-    /// Samples per inner step.
-    pub batch: usize,
-    /// Inner Adam learning rate.
-    pub lr: f32,
-    /// Random shift augmentation in pixels.
-    pub shift: usize,
-    /// The inner learning rate follows a half-cosine from `lr` down to 10% of it over
-    /// this many rounds of the model, then stays there (0: constant). Every peer derives
-    /// it from the model version, so the swarm settles together.
-    pub lr_decay_rounds: u64,
-    /// Swarm settings.
-    pub learn: LearnConfig,
-}
-
-impl PeerTask {
-    /// The demo digits task: the MLP, batch 8, Adam 1e-3, and the default swarm settings
-    /// (validated in the simulator: `scenarios/iid-8.toml`).
-    pub fn digits() -> Self {
-        Self {
-            name: "digits".into(),
-            model: "mlp".into(),
-            seed: 42,
-            batch: 8,
-            lr: 1e-3,
-            shift: 2,
-            lr_decay_rounds: 150,
-            learn: LearnConfig::default(),
-        }
-    }
-
-    /// The inner learning rate for a round of the model.
-    pub fn lr_at(&self, round: u64) -> f32 {
-        if self.lr_decay_rounds == 0 {
-            return self.lr;
-        }
-        let t = (round as f32 / self.lr_decay_rounds as f32).min(1.0);
-        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * t).cos()))
-    }
-
-    /// The model's description.
-    pub fn spec(&self) -> Result<ModelSpec, String> {
-        crate::demo_model(&self.model)
-    }
-}
 
 /// What the person running a peer sees.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -101,8 +47,14 @@ pub struct Progress {
     pub used: u64,
     /// Rejected messages by reason (as of the last closed round).
     pub rejected: BTreeMap<String, u64>,
-    /// `"joining"`, `"training"` or `"waiting"`.
+    /// `"joining"`, `"training"`, `"waiting"` or `"paused"`.
     pub phase: &'static str,
+    /// Training throughput over the last rounds (samples per second of wall time).
+    pub samples_per_s: f32,
+    /// Paused by the visitor.
+    pub paused: bool,
+    /// Paused by the researcher (the whole task).
+    pub task_paused: bool,
 }
 
 enum Phase {
@@ -124,7 +76,7 @@ const MODEL_WAIT_MS: f64 = 10_000.0;
 
 /// One swarm peer's training loop.
 pub struct SwarmTrainer {
-    task: PeerTask,
+    task: TaskSpec,
     learner: Learner,
     trainer: Trainer<AnyBackend>,
     eval: Option<(CpuBackend, Samples)>,
@@ -133,6 +85,13 @@ pub struct SwarmTrainer {
     phase: Phase,
     progress: Progress,
     rng: SplitMix64,
+    /// Neighbours that said they send no updates (observers, paused peers): nobody
+    /// waits for them or asks them for the model.
+    idle: HashSet<PeerId>,
+    /// When the last round's training started (for the throughput).
+    last_train_at: Option<f64>,
+    /// What it trains on, for the dashboard.
+    backend: String,
 }
 
 impl SwarmTrainer {
@@ -141,33 +100,33 @@ impl SwarmTrainer {
     /// `train` (on the GPU when `gpu` is given), in an order of its own drawn from its
     /// key; `test`, when given, is evaluated after every round (CPU).
     pub fn new(
-        task: PeerTask,
+        task: TaskSpec,
         id: Identity,
         gpu: Option<&Gpu>,
         train: Samples,
         test: Option<Samples>,
         now_ms: f64,
     ) -> Result<Self, String> {
-        let model = Model::new(task.spec()?).map_err(|e| e.to_string())?;
-        let init = model.init_params(task.seed);
+        let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
+        let init = model.init_params(task.train.seed);
         let own_seed = u64::from_le_bytes(id.public()[..8].try_into().unwrap_or([7; 8]));
         let rng = SplitMix64::new(own_seed);
         let backend = train::backend(
             model.clone(),
             gpu,
-            Optimizer::adam(task.lr),
+            Optimizer::adam(task.train.lr),
             init.clone(),
-            task.batch,
+            task.train.batch,
         )
         .map_err(|e| e.to_string())?;
-        let trainer = Trainer::new(backend, train, task.batch, own_seed)
+        let trainer = Trainer::new(backend, train, task.train.batch, own_seed)
             .map_err(|e| e.to_string())?
-            .with_shift(task.shift);
+            .with_shift(task.train.shift);
         let learner = Learner::new(task.learn.clone(), &task.name, id, init.clone())
             .map_err(|e| e.to_string())?;
         let eval = match test {
             Some(t) => Some((
-                CpuBackend::new(model, Optimizer::adam(task.lr), init)
+                CpuBackend::new(model, Optimizer::adam(task.train.lr), init)
                     .map_err(|e| e.to_string())?,
                 t,
             )),
@@ -188,6 +147,9 @@ impl SwarmTrainer {
                 ..Progress::default()
             },
             rng,
+            idle: HashSet::new(),
+            last_train_at: None,
+            backend: gpu.map_or("cpu".to_string(), |g| g.adapter.description.clone()),
         })
     }
 
@@ -207,13 +169,71 @@ impl SwarmTrainer {
     }
 
     /// The task.
-    pub fn task(&self) -> &PeerTask {
+    pub fn task(&self) -> &TaskSpec {
         &self.task
     }
 
     /// What to show.
     pub fn progress(&self) -> &Progress {
         &self.progress
+    }
+
+    /// Whether training is paused (by the visitor or the researcher).
+    pub fn is_paused(&self) -> bool {
+        self.progress.paused || self.progress.task_paused
+    }
+
+    /// Pauses or resumes this peer (the visitor's choice: a button, a hidden tab, a
+    /// battery). A paused peer finishes nothing new, keeps its connections, answers model
+    /// requests, and tells its neighbours not to wait for its updates.
+    pub fn set_paused(&mut self, net: &impl Transport, paused: bool) {
+        let was = self.is_paused();
+        self.progress.paused = paused;
+        self.announce(net, was);
+    }
+
+    fn announce(&mut self, net: &impl Transport, was_paused: bool) {
+        let now = self.is_paused();
+        if now != was_paused {
+            let msg = PeerMessage::Status { contributing: !now }.encode();
+            for p in net.peers() {
+                self.send(net, p, msg.clone());
+            }
+            self.last_train_at = None;
+            if now {
+                self.progress.samples_per_s = 0.0;
+            }
+        }
+    }
+
+    /// The numbers the dashboard shows for this peer.
+    pub fn report(&self) -> PeerReport {
+        let p = &self.progress;
+        PeerReport {
+            role: Role::Trainer,
+            version: p.round,
+            samples: p.samples,
+            samples_per_s: p.samples_per_s,
+            loss: if p.loss.is_finite() {
+                p.loss.max(0.0)
+            } else {
+                0.0
+            },
+            accuracy: p.accuracy,
+            bytes_up: p.bytes_up,
+            bytes_down: p.bytes_down,
+            used: p.used,
+            rejected: p.rejected.clone(),
+            paused: self.is_paused(),
+            backend: self.backend.chars().take(64).collect(),
+        }
+    }
+
+    /// Neighbours that send updates.
+    fn contributors(&self, net: &impl Transport) -> Vec<PeerId> {
+        let mut v = net.peers();
+        v.retain(|p| !self.idle.contains(p));
+        v
     }
 
     fn send(&mut self, net: &impl Transport, to: PeerId, msg: Vec<u8>) {
@@ -228,7 +248,22 @@ impl SwarmTrainer {
         use crate::swarm::SwarmEvent as E;
         match ev {
             E::Signaling { .. } => {}
+            E::TaskState { paused } => {
+                let was = self.is_paused();
+                self.progress.task_paused = paused;
+                self.announce(net, was);
+            }
             E::PeerUp(p) => {
+                if self.is_paused() {
+                    self.send(
+                        net,
+                        p,
+                        PeerMessage::Status {
+                            contributing: false,
+                        }
+                        .encode(),
+                    );
+                }
                 if let Phase::Joining {
                     asked: asked @ None,
                     ..
@@ -240,6 +275,7 @@ impl SwarmTrainer {
             }
             E::PeerDown(p) => {
                 self.keys.remove(&p);
+                self.idle.remove(&p);
             }
             E::Message { from, data } => {
                 self.progress.bytes_down += data.len() as u64;
@@ -259,6 +295,13 @@ impl SwarmTrainer {
                             self.phase = Phase::Ready;
                         }
                     }
+                    Ok(Received::Status { contributing }) => {
+                        if contributing {
+                            self.idle.remove(&from);
+                        } else {
+                            self.idle.insert(from);
+                        }
+                    }
                     Ok(Received::Mix) | Err(_) => {} // held / counted by the learner
                 }
             }
@@ -276,7 +319,7 @@ impl SwarmTrainer {
         self.progress.peers = net.peers().len();
         match self.phase {
             Phase::Joining { since, asked } => {
-                let peers = net.peers();
+                let peers = self.contributors(net);
                 let alone = peers.is_empty() && now_ms - since >= JOIN_GRACE_MS;
                 let unanswered = asked.is_some_and(|(_, at)| now_ms - at >= MODEL_WAIT_MS);
                 if alone || (unanswered && peers.len() <= 1) {
@@ -294,9 +337,26 @@ impl SwarmTrainer {
                 self.progress.phase = "joining";
                 Ok(None)
             }
+            Phase::Ready if self.is_paused() => {
+                self.progress.phase = "paused";
+                Ok(None)
+            }
             Phase::Ready => {
                 self.progress.phase = "training";
+                let before = self.progress.samples;
                 self.train_round(net).await?;
+                if let Some(t) = self.last_train_at
+                    && now_ms > t
+                {
+                    let rate = (self.progress.samples - before) as f64 / ((now_ms - t) / 1e3);
+                    let s = &mut self.progress.samples_per_s;
+                    *s = if *s == 0.0 {
+                        rate as f32
+                    } else {
+                        0.7 * *s + 0.3 * rate as f32
+                    };
+                }
+                self.last_train_at = Some(now_ms);
                 self.phase = Phase::Waiting { since: now_ms };
                 self.progress.phase = "waiting";
                 Ok(None)
@@ -305,7 +365,7 @@ impl SwarmTrainer {
                 // Done when every neighbour's update for this round (or a later one) is
                 // held and not yet used; a neighbour that never sent one is waited for
                 // until the deadline.
-                let all = net.peers().iter().all(|p| {
+                let all = self.contributors(net).iter().all(|p| {
                     self.keys
                         .get(p)
                         .is_some_and(|k| self.learner.has_fresh_from(k))
@@ -316,7 +376,7 @@ impl SwarmTrainer {
                 }
                 let summary = self.learner.finish_round();
                 if let Some(msg) = &summary.sync {
-                    let peers = net.peers();
+                    let peers = self.contributors(net);
                     if !peers.is_empty() {
                         let to = peers[self.rng.below(peers.len())];
                         self.send(net, to, msg.clone());
@@ -340,6 +400,7 @@ impl SwarmTrainer {
                         .map(|r| r.1);
                 }
                 self.phase = Phase::Ready;
+                net.report(&self.report());
                 Ok(Some(summary))
             }
         }
@@ -355,7 +416,7 @@ impl SwarmTrainer {
         self.trainer.run(h)?;
         let loss = self.trainer.backend.loss().await?;
         let local = self.trainer.backend.params().await?;
-        let samples = (h * self.task.batch) as u32;
+        let samples = (h * self.task.train.batch) as u32;
         let msg = self
             .learner
             .local_update(&local, samples, loss)
@@ -363,7 +424,7 @@ impl SwarmTrainer {
         self.progress.loss = loss;
         self.progress.local_steps += h as u64;
         self.progress.samples += u64::from(samples);
-        for p in net.peers() {
+        for p in self.contributors(net) {
             self.send(net, p, msg.clone());
         }
         Ok(())

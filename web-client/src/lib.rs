@@ -14,6 +14,7 @@ pub mod keeper;
 pub mod learning;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
+pub mod observe;
 pub mod swarm;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;

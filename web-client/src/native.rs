@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use rtc::ice::mdns::MulticastDnsMode;
 use shoal_shared::framing::{DEFAULT_CHUNK, HIGH_WATER, Reassembler, split};
-use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, ServerMessage, Signal};
+use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
@@ -230,6 +230,16 @@ impl Transport for NativeSwarm {
     async fn next_event(&mut self) -> Option<SwarmEvent> {
         self.events.recv().await
     }
+
+    fn report(&self, report: &PeerReport) {
+        let text = serde_json::to_string(&ClientMessage::Report {
+            report: report.clone(),
+        })
+        .unwrap_or_default();
+        if let Some(ws) = &self.shared.lock().ws {
+            let _ = ws.send(text);
+        }
+    }
 }
 
 async fn signaling_loop(shared: Arc<Shared>) {
@@ -331,6 +341,7 @@ fn on_server_message(shared: &Arc<Shared>, m: ServerMessage) {
         ServerMessage::Signal { from, signal } => {
             let _ = shared.signals.send((from, signal));
         }
+        ServerMessage::TaskState { paused } => shared.emit(SwarmEvent::TaskState { paused }),
         ServerMessage::Error { code, message } => {
             eprintln!("shoal: signaling error {}: {message}", code.as_str());
         }

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use shoal_shared::protocol::PeerId;
+use shoal_shared::protocol::{PeerId, PeerReport};
 use shoal_shared::rng::SplitMix64;
 
 /// Largest message a peer sends or accepts over a data channel (a model of a few million
@@ -36,6 +36,11 @@ pub enum SwarmEvent {
         /// Its bytes.
         data: Vec<u8>,
     },
+    /// The researcher paused or resumed the task.
+    TaskState {
+        /// Paused.
+        paused: bool,
+    },
 }
 
 /// Why a message could not be sent.
@@ -64,6 +69,9 @@ pub trait Transport {
     fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError>;
     /// The next event, or `None` once the transport is closed.
     fn next_event(&mut self) -> impl Future<Output = Option<SwarmEvent>>;
+    /// Sends this peer's numbers to the server for the dashboard (dropped while the
+    /// server is unreachable: the next report replaces it).
+    fn report(&self, report: &PeerReport);
 }
 
 /// For each pair of neighbours, the one with the smaller id offers.

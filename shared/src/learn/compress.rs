@@ -46,6 +46,18 @@ impl Compression {
         }
     }
 
+    /// About how many bytes one update of `params` parameters takes (for telling
+    /// contributors what a round costs; top-k counts about 2.5 bytes per kept value).
+    pub fn approx_bytes(&self, params: usize) -> usize {
+        let p = params as f64;
+        let b = match *self {
+            Self::None => 4.0 * p,
+            Self::Int8 { block } => p * (1.0 + 4.0 / block.max(1) as f64),
+            Self::TopK { fraction } => p * f64::from(fraction) * 2.5,
+        };
+        b.ceil() as usize + 16
+    }
+
     /// Checks the parameters, naming the problem.
     pub fn validate(&self) -> Result<(), String> {
         match *self {

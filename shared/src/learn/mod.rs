@@ -210,6 +210,11 @@ pub enum Received {
     Model(Snapshot),
     /// A neighbour's weights, held for averaging at the end of this round.
     Mix,
+    /// Whether the sender will send updates (observers and paused peers will not).
+    Status {
+        /// It contributes.
+        contributing: bool,
+    },
 }
 
 /// Counters a peer keeps about its swarm traffic.
@@ -369,6 +374,7 @@ impl Learner {
             PeerMessage::ModelRequest => return Ok(Received::ModelRequest),
             PeerMessage::Model(s) => return Ok(Received::Model(s)),
             PeerMessage::Mix { round, payload } => return self.take_mix(round, &payload),
+            PeerMessage::Status { contributing } => return Ok(Received::Status { contributing }),
             PeerMessage::Update(u) => u,
         };
         if u.key == self.id.public() {

@@ -674,7 +674,12 @@ impl Sim<'_> {
         let p = self.peers[to].as_mut().expect("alive");
         match p.learner.receive(bytes) {
             Ok(Received::Update { lagging: true, .. }) => self.request_model(to, from),
-            Ok(Received::Update { .. } | Received::ModelRequest | Received::Mix) => {}
+            Ok(
+                Received::Update { .. }
+                | Received::ModelRequest
+                | Received::Mix
+                | Received::Status { .. },
+            ) => {}
             Ok(Received::Model(s)) => {
                 let p = self.peers[to].as_mut().expect("alive");
                 if p.learner.adopt(s) && !p.training {

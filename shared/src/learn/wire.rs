@@ -8,6 +8,7 @@
 //! kind 2   request:  (empty)                    — "send me the current model"
 //! kind 3   model:    round:u64 n:u32 weights:f32[n] momentum:f32[n] sha256[32]
 //! kind 4   mix:      round:u64 payload          — int8 weights for gossip averaging
+//! kind 5   status:   flags:u8 (bit 0: contributing; other bits 0)
 //! ```
 //! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
 //! message up to the signature, so an update cannot be replayed into another task.
@@ -93,6 +94,13 @@ pub enum PeerMessage {
         round: u64,
         /// An int8 payload of the weights.
         payload: Vec<u8>,
+    },
+    /// Whether the sender contributes updates: an observer (a dashboard) or a paused
+    /// peer says `false`, so its neighbours do not wait for its updates; `true` again on
+    /// resume.
+    Status {
+        /// Sends updates.
+        contributing: bool,
     },
 }
 
@@ -183,6 +191,11 @@ impl PeerMessage {
                 v.extend_from_slice(payload);
                 v
             }
+            Self::Status { contributing } => {
+                let mut v = header(5);
+                v.push(u8::from(*contributing));
+                v
+            }
         }
     }
 
@@ -249,6 +262,12 @@ impl PeerMessage {
                 let payload = r.rest().to_vec();
                 Self::Mix { round, payload }
             }
+            5 => match r.array::<1>()?[0] {
+                f @ (0 | 1) => Self::Status {
+                    contributing: f == 1,
+                },
+                _ => return Err(WireError::Malformed("status flags unknown")),
+            },
             k => return Err(WireError::Kind(k)),
         };
         if !r.is_empty() {
@@ -285,6 +304,16 @@ mod tests {
         assert_eq!(
             PeerMessage::decode(&PeerMessage::ModelRequest.encode(), 2),
             Ok(PeerMessage::ModelRequest)
+        );
+        for contributing in [false, true] {
+            let m = PeerMessage::Status { contributing };
+            assert_eq!(PeerMessage::decode(&m.encode(), 2), Ok(m));
+        }
+        let mut bad = PeerMessage::Status { contributing: true }.encode();
+        bad[5] = 2;
+        assert!(
+            PeerMessage::decode(&bad, 2).is_err(),
+            "unknown flags refused"
         );
     }
 

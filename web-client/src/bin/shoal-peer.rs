@@ -1,6 +1,6 @@
 //! The native Shoal peer: joins a task's swarm like a browser does and trains with it,
 //! on the GPU when wgpu finds an adapter and on the CPU otherwise. As a keeper it also
-//! checkpoints the model, so that the model survives when every browser has left.
+//! checkpoints the model (and exports it as `model.safetensors`), so that the model survives when every browser has left.
 //!
 //! ```text
 //! cargo run --release -p shoal-web-client --bin shoal-peer -- \
@@ -32,8 +32,9 @@ mod peer {
     use sha2::{Digest, Sha256};
     use shoal_shared::engine::train::Samples;
     use shoal_shared::learn::Identity;
+    use shoal_shared::task::TaskSpec;
     use shoal_web_client::keeper::Keeper;
-    use shoal_web_client::learning::{PeerTask, SwarmTrainer};
+    use shoal_web_client::learning::SwarmTrainer;
     use shoal_web_client::native::{NativeOptions, NativeSwarm};
     use shoal_web_client::swarm::{SwarmEvent, Transport};
 
@@ -47,10 +48,13 @@ mod peer {
         /// The task to join.
         #[arg(long, env = "SHOAL_TASK", default_value = "digits")]
         task: String,
+        /// The task file (TOML, as the server's); without it, the built-in demo `digits`.
+        #[arg(long, env = "SHOAL_TASK_FILE")]
+        task_file: Option<PathBuf>,
         /// Local address for WebRTC (ICE) sockets; 0.0.0.0 uses every interface.
         #[arg(long, env = "SHOAL_BIND", default_value = "0.0.0.0")]
         bind: IpAddr,
-        /// Directory with the task's data (`digits/train-images.idx`, ...).
+        /// Directory with the task's data (the task file's paths are relative to it).
         #[arg(long, env = "SHOAL_DATA", default_value = "data")]
         data: PathBuf,
         /// This peer's ed25519 key file; created (mode 0600) when missing.
@@ -108,6 +112,7 @@ mod peer {
                         SwarmEvent::Signaling { me: None } => println!("down"),
                         SwarmEvent::PeerUp(p) => println!("peer-up {p}"),
                         SwarmEvent::PeerDown(p) => println!("peer-down {p}"),
+                        SwarmEvent::TaskState { paused } => println!("task-state {paused}"),
                         SwarmEvent::Message { from, data } => {
                             let hash: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
                             println!("message {from} {} {hash}", data.len());
@@ -148,18 +153,36 @@ mod peer {
         }
     }
 
-    fn load(dir: &Path, split: &str) -> Result<Samples> {
-        Samples::read_split(dir, "digits", split)
-            .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))
+    /// The task: from `--task-file`, or the built-in demo for `--task digits`.
+    fn task(args: &Args) -> Result<TaskSpec> {
+        let task = match &args.task_file {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                TaskSpec::from_toml(&text).with_context(|| format!("{}", path.display()))?
+            }
+            None if args.task == "digits" => TaskSpec::digits(),
+            None => bail!("no task file for {:?}: pass --task-file", args.task),
+        };
+        if task.name != args.task {
+            bail!(
+                "the task file describes {:?}, not --task {:?}",
+                task.name,
+                args.task
+            );
+        }
+        Ok(task)
+    }
+
+    /// The model as safetensors, with the held-out accuracy Shoal measured for it.
+    fn export(peer: &SwarmTrainer) -> Result<Vec<u8>> {
+        let p = peer.progress();
+        shoal_shared::export::task_model(peer.task(), peer.learner().weights(), p.round, p.accuracy)
+            .map_err(anyhow::Error::msg)
     }
 
     async fn train(args: &Args, mut swarm: NativeSwarm) -> Result<()> {
-        if args.task != "digits" {
-            bail!(
-                "this peer knows the demo task `digits` only (task files come with the researcher's tools)"
-            );
-        }
-        let task = PeerTask::digits();
+        let task = task(args)?;
         let id = identity(&args.identity)?;
         let key = shoal_shared::learn::identity::hex(&id.public());
         let gpu = if args.cpu {
@@ -175,7 +198,10 @@ mod peer {
         );
         let clock = Instant::now();
         let now = || clock.elapsed().as_secs_f64() * 1e3;
-        let (train, test) = (load(&args.data, "train")?, load(&args.data, "test")?);
+        let (train, test) = task
+            .load_datasets(&args.data)
+            .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?;
+        let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
         let mut peer = SwarmTrainer::new(task, id, gpu.as_ref(), train, Some(test), now())
             .map_err(anyhow::Error::msg)?;
         let keeper = match &args.keeper {
@@ -231,6 +257,8 @@ mod peer {
             {
                 let path = k.save(p.round, &peer.learner().snapshot())?;
                 println!("checkpoint {} {}", p.round, path.display());
+                let path = k.save_export(&export(&peer)?)?;
+                println!("exported {}", path.display());
             }
             if args.rounds > 0 && p.round >= args.rounds {
                 break;

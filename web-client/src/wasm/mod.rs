@@ -11,8 +11,10 @@ use shoal_shared::gpu::Gpu;
 use shoal_shared::rng::SplitMix64;
 use wasm_bindgen::prelude::*;
 
+mod observer;
 mod peer;
 mod transport;
+pub use observer::SwarmObserver;
 pub use peer::SwarmPeer;
 pub use transport::Swarm;
 

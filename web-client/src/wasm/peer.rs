@@ -9,30 +9,68 @@ use std::collections::{BTreeSet, VecDeque};
 use std::rc::Rc;
 
 use js_sys::{Array, Uint8Array};
-use shoal_shared::dataset::Dataset;
 use shoal_shared::engine::train::Samples;
 use shoal_shared::gpu::Gpu;
-use shoal_shared::idx::IdxLimits;
 use shoal_shared::learn::Identity;
 use shoal_shared::learn::identity::{hex, parse_seed};
-use shoal_shared::protocol::PeerId;
+use shoal_shared::protocol::{PeerId, PeerReport};
 use wasm_bindgen::prelude::*;
 
 use super::transport::parse_peer;
-use crate::learning::{PeerTask, SwarmTrainer};
+use crate::learning::SwarmTrainer;
 use crate::swarm::{MAX_MESSAGE, MAX_QUEUED, SendError, SwarmEvent, Transport};
+use shoal_shared::task::TaskSpec;
 
 /// The worker's side of the transport.
 #[derive(Default)]
-struct Relay {
-    peers: RefCell<BTreeSet<PeerId>>,
-    events: RefCell<VecDeque<SwarmEvent>>,
-    outbox: RefCell<VecDeque<(PeerId, Vec<u8>)>>,
+pub(super) struct Relay {
+    pub(super) peers: RefCell<BTreeSet<PeerId>>,
+    pub(super) events: RefCell<VecDeque<SwarmEvent>>,
+    pub(super) outbox: RefCell<VecDeque<(PeerId, Vec<u8>)>>,
+    /// A visitor's pause that arrived while a tick held the peer.
+    pending_pause: std::cell::Cell<Option<bool>>,
+    /// The latest report for the server, until the page takes it.
+    pub(super) report: RefCell<Option<PeerReport>>,
 }
 
 impl Relay {
     fn queued(&self) -> usize {
         self.outbox.borrow().iter().map(|(_, d)| d.len()).sum()
+    }
+
+    /// Queues a transport event from the page: `kind` is "peer_up", "peer_down" or
+    /// "message" (with `data`). Unknown kinds and bad peer ids are refused.
+    pub(super) fn event(
+        &self,
+        kind: &str,
+        peer: &str,
+        data: Option<Vec<u8>>,
+    ) -> Result<(), JsError> {
+        let p = parse_peer(peer)?;
+        let ev = match (kind, data) {
+            ("peer_up", _) => {
+                self.peers.borrow_mut().insert(p);
+                SwarmEvent::PeerUp(p)
+            }
+            ("peer_down", _) => {
+                self.peers.borrow_mut().remove(&p);
+                self.outbox.borrow_mut().retain(|(to, _)| *to != p);
+                SwarmEvent::PeerDown(p)
+            }
+            ("message", Some(data)) => SwarmEvent::Message { from: p, data },
+            _ => return Err(JsError::new(&format!("unknown event {kind:?}"))),
+        };
+        self.events.borrow_mut().push_back(ev);
+        Ok(())
+    }
+
+    /// The messages to send, as `[peer, Uint8Array]` pairs, oldest first.
+    pub(super) fn drain(&self) -> Array {
+        self.outbox
+            .borrow_mut()
+            .drain(..)
+            .map(|(p, d)| Array::of2(&p.to_string().into(), &Uint8Array::from(&d[..])))
+            .collect()
     }
 }
 
@@ -59,6 +97,10 @@ impl Transport for Relay {
         Ok(())
     }
 
+    fn report(&self, report: &PeerReport) {
+        *self.report.borrow_mut() = Some(report.clone());
+    }
+
     async fn next_event(&mut self) -> Option<SwarmEvent> {
         self.events.borrow_mut().pop_front()
     }
@@ -74,30 +116,24 @@ pub struct SwarmPeer {
     key: String,
 }
 
-fn samples(images: &[u8], labels: &[u8]) -> Result<Samples, JsError> {
-    let d = Dataset::from_idx(images, labels, 10, &IdxLimits::default())
-        .map_err(|e| JsError::new(&e.to_string()))?;
-    Ok(Samples::from_dataset(&d))
-}
-
 fn now_ms() -> f64 {
     js_sys::Date::now()
 }
 
 #[wasm_bindgen]
 impl SwarmPeer {
-    /// A peer for the demo digits task. `secret` is this visitor's identity: 64 hex digits
-    /// kept in browser storage (the page makes them with `crypto.getRandomValues` on the
-    /// first visit). `backend` is "webgpu" or "cpu"; the byte arrays are the task's IDX
-    /// files.
+    /// A peer for a task. `task` is the task's JSON from `/api/tasks/{name}`; `files`
+    /// the bytes of its data files in the order the description lists them (`files.train`
+    /// then `files.test`). `secret` is this visitor's identity: 64 hex digits kept in
+    /// browser storage (the page makes them with `crypto.getRandomValues` on the first
+    /// visit). `backend` is "webgpu" or "cpu".
     pub async fn create(
         backend: String,
         secret: String,
-        train_images: Vec<u8>,
-        train_labels: Vec<u8>,
-        test_images: Vec<u8>,
-        test_labels: Vec<u8>,
+        task: String,
+        files: Vec<Uint8Array>,
     ) -> Result<SwarmPeer, JsError> {
+        let task = TaskSpec::from_json(&task).map_err(|e| JsError::new(&e.to_string()))?;
         let id =
             Identity::from_seed(parse_seed(&secret).map_err(|e| JsError::new(&e.to_string()))?);
         let gpu = match backend.as_str() {
@@ -105,18 +141,15 @@ impl SwarmPeer {
             "cpu" => None,
             other => return Err(JsError::new(&format!("unknown backend {other:?}"))),
         };
-        let train = samples(&train_images, &train_labels)?;
-        let test = samples(&test_images, &test_labels)?;
+        let bytes: Vec<Vec<u8>> = files.iter().map(Uint8Array::to_vec).collect();
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let (train, test) = task
+            .datasets(&refs)
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
         let key = hex(&id.public());
-        let peer = SwarmTrainer::new(
-            PeerTask::digits(),
-            id,
-            gpu.as_ref(),
-            train,
-            Some(test),
-            now_ms(),
-        )
-        .map_err(|e| JsError::new(&e))?;
+        let peer = SwarmTrainer::new(task, id, gpu.as_ref(), train, Some(test), now_ms())
+            .map_err(|e| JsError::new(&e))?;
         Ok(Self {
             relay: Rc::new(Relay::default()),
             inner: Rc::new(RefCell::new(Some(peer))),
@@ -133,32 +166,35 @@ impl SwarmPeer {
     /// A transport event from the page: `kind` is "peer_up", "peer_down" or "message"
     /// (with `data`). Unknown kinds and bad peer ids are refused.
     pub fn event(&self, kind: &str, peer: &str, data: Option<Vec<u8>>) -> Result<(), JsError> {
-        let p = parse_peer(peer)?;
-        let ev = match (kind, data) {
-            ("peer_up", _) => {
-                self.relay.peers.borrow_mut().insert(p);
-                SwarmEvent::PeerUp(p)
-            }
-            ("peer_down", _) => {
-                self.relay.peers.borrow_mut().remove(&p);
-                self.relay.outbox.borrow_mut().retain(|(to, _)| *to != p);
-                SwarmEvent::PeerDown(p)
-            }
-            ("message", Some(data)) => SwarmEvent::Message { from: p, data },
-            _ => return Err(JsError::new(&format!("unknown event {kind:?}"))),
+        self.relay.event(kind, peer, data)
+    }
+
+    /// Pauses or resumes training: `by` is "visitor" (a button, a hidden tab, a battery)
+    /// or "task" (the researcher, relayed from the server's `task_state`).
+    #[wasm_bindgen(js_name = setPaused)]
+    pub fn set_paused(&self, by: &str, paused: bool) -> Result<(), JsError> {
+        let ev = match by {
+            "visitor" => None,
+            "task" => Some(SwarmEvent::TaskState { paused }),
+            other => return Err(JsError::new(&format!("unknown pause source {other:?}"))),
         };
-        self.relay.events.borrow_mut().push_back(ev);
+        match ev {
+            // Through the event queue, so that a tick in progress sees it next.
+            Some(ev) => self.relay.events.borrow_mut().push_back(ev),
+            None => {
+                let mut inner = self.inner.borrow_mut();
+                match inner.as_mut() {
+                    Some(peer) => peer.set_paused(&*self.relay, paused),
+                    None => self.relay.pending_pause.set(Some(paused)),
+                }
+            }
+        }
         Ok(())
     }
 
     /// The messages to send, as `[peer, Uint8Array]` pairs, oldest first.
     pub fn outgoing(&self) -> Array {
-        self.relay
-            .outbox
-            .borrow_mut()
-            .drain(..)
-            .map(|(p, d)| Array::of2(&p.to_string().into(), &Uint8Array::from(&d[..])))
-            .collect()
+        self.relay.drain()
     }
 
     /// Takes in the events received so far, then advances training by one step (a whole
@@ -170,6 +206,9 @@ impl SwarmPeer {
         wasm_bindgen_futures::future_to_promise(async move {
             let taken = inner.borrow_mut().take();
             let mut peer = taken.ok_or_else(|| JsError::new("tick() is already running"))?;
+            if let Some(p) = relay.pending_pause.take() {
+                peer.set_paused(&*relay, p);
+            }
             loop {
                 let ev = relay.events.borrow_mut().pop_front();
                 let Some(ev) = ev else { break };
@@ -177,6 +216,9 @@ impl SwarmPeer {
             }
             let closed = peer.tick(&*relay, now_ms()).await;
             let mut progress = serde_json::to_value(peer.progress()).unwrap_or_default();
+            if let Some(r) = relay.report.borrow_mut().take() {
+                progress["report"] = serde_json::to_value(r).unwrap_or_default();
+            }
             *inner.borrow_mut() = Some(peer);
             let closed = closed.map_err(|e| JsError::new(&e.to_string()))?;
             progress["closed"] = closed.is_some().into();

@@ -15,7 +15,7 @@ use futures_channel::mpsc;
 use futures_core::Stream;
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use shoal_shared::framing::{DEFAULT_CHUNK, LOW_WATER, QueueError, Reassembler, SendQueue};
-use shoal_shared::protocol::{ClientMessage, PeerId, ServerMessage, Signal};
+use shoal_shared::protocol::{ClientMessage, PeerId, PeerReport, ServerMessage, Signal};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
@@ -93,6 +93,7 @@ fn to_js(ev: SwarmEvent) -> JsValue {
         SwarmEvent::Signaling { me: None } => event("signaling", &[("state", "down".into())]),
         SwarmEvent::PeerUp(p) => event("peer_up", &[("peer", p.to_string().into())]),
         SwarmEvent::PeerDown(p) => event("peer_down", &[("peer", p.to_string().into())]),
+        SwarmEvent::TaskState { paused } => event("task_state", &[("paused", paused.into())]),
         SwarmEvent::Message { from, data } => event(
             "message",
             &[
@@ -123,7 +124,8 @@ pub struct Swarm {
 impl Swarm {
     /// Connects to `url` (`ws://host/ws/TASK?v=1`). Events arrive through `next()`:
     /// `{type:"signaling", state:"up"|"down", peer?}`, `{type:"peer_up", peer}`,
-    /// `{type:"peer_down", peer}`, `{type:"message", from, data: Uint8Array}`.
+    /// `{type:"peer_down", peer}`, `{type:"message", from, data: Uint8Array}`,
+    /// `{type:"task_state", paused}`.
     pub fn connect(url: String) -> Swarm {
         let (tx, rx) = mpsc::unbounded();
         let seed = (js_sys::Math::random() * 2f64.powi(53)) as u64;
@@ -171,6 +173,15 @@ impl Swarm {
     pub fn send(&self, peer: String, data: &[u8]) -> Result<(), JsError> {
         let id = parse_peer(&peer)?;
         Transport::send(self, id, data.to_vec()).map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// Sends this peer's numbers (a `PeerReport` as JSON) to the server for the
+    /// dashboard; throws on a report that does not validate.
+    pub fn report(&self, json: &str) -> Result<(), JsError> {
+        let r: PeerReport = serde_json::from_str(json).map_err(|e| JsError::new(&e.to_string()))?;
+        r.validate().map_err(|e| JsError::new(&e))?;
+        Transport::report(self, &r);
+        Ok(())
     }
 
     /// Resolves to the next event.
@@ -230,6 +241,19 @@ impl Transport for Swarm {
         }
         pump(&self.inner, peer);
         Ok(())
+    }
+
+    fn report(&self, report: &PeerReport) {
+        let inner = self.inner.borrow();
+        if let Some(ws) = &inner.ws
+            && ws.ready_state() == WebSocket::OPEN
+        {
+            let text = serde_json::to_string(&ClientMessage::Report {
+                report: report.clone(),
+            })
+            .unwrap_or_default();
+            let _ = ws.send_with_str(&text);
+        }
     }
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {
@@ -364,6 +388,9 @@ fn on_server_message(shared: &Shared, m: ServerMessage) {
         }
         ServerMessage::Joined { .. } => {}
         ServerMessage::Signal { from, signal } => on_signal(shared, from, signal),
+        ServerMessage::TaskState { paused } => {
+            emit(&shared.borrow(), SwarmEvent::TaskState { paused });
+        }
         ServerMessage::Error { code, message } => {
             web_sys::console::warn_1(
                 &format!("shoal: signaling error {}: {message}", code.as_str()).into(),

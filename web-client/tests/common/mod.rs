@@ -48,6 +48,8 @@ pub async fn start_server() -> (String, tokio::sync::oneshot::Sender<()>) {
         www: dir.clone(),
         data: dir,
         signaling: SignalingConfig::default(),
+        tasks: vec![shoal_shared::task::TaskSpec::digits()],
+        admin_token: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -1,0 +1,122 @@
+//! Model export as [safetensors](https://huggingface.co/docs/safetensors): an 8-byte
+//! little-endian header length, a JSON header (each tensor's dtype, shape and byte range,
+//! plus a `__metadata__` map of strings), then the raw little-endian data.
+//!
+//! Tensors are named as in the model's layout (`layer1.weight`, `layer1.bias`, ...) and
+//! stored as f32: dense weights are `[inputs, outputs]`, convolution weights
+//! `[kernel, kernel, in_channels, filters]` (NHWC activations). The metadata carries the
+//! task, the model description (JSON) and how inputs are scaled, so that someone can run
+//! the model without Shoal.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use crate::engine::Model;
+use crate::task::TaskSpec;
+
+/// Serializes `params` (the model's flat parameter buffer) as safetensors with
+/// `metadata` added to the header. Fails when `params` does not match the model.
+pub fn safetensors(
+    model: &Model,
+    params: &[f32],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    if params.len() != model.param_len() {
+        return Err(format!(
+            "{} parameters for a model of {}",
+            params.len(),
+            model.param_len()
+        ));
+    }
+    let mut header = Map::new();
+    let mut meta: Map<String, Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    meta.insert(
+        "model".into(),
+        Value::String(serde_json::to_string(&model.spec).unwrap_or_default()),
+    );
+    meta.insert("format".into(), Value::String("shoal".into()));
+    header.insert("__metadata__".into(), Value::Object(meta));
+    let mut at = 0usize;
+    for t in &model.tensors {
+        let bytes = t.len() * 4;
+        header.insert(
+            t.name.clone(),
+            json!({ "dtype": "F32", "shape": t.shape, "data_offsets": [at, at + bytes] }),
+        );
+        at += bytes;
+    }
+    let mut head = Value::Object(header).to_string().into_bytes();
+    // The data starts 8-byte aligned; the format pads the header with spaces.
+    while (8 + head.len()) % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + at);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for t in &model.tensors {
+        for v in &params[t.range()] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// A task's model as safetensors, with what someone needs to run it without Shoal in
+/// the metadata: the task, the model version, the input scaling, the class count and,
+/// when known, the held-out accuracy Shoal measured for exactly these weights.
+pub fn task_model(
+    task: &TaskSpec,
+    weights: &[f32],
+    version: u64,
+    test_accuracy: Option<f32>,
+) -> Result<Vec<u8>, String> {
+    let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
+    let mut meta = BTreeMap::from([
+        ("task".to_string(), task.name.clone()),
+        ("version".to_string(), version.to_string()),
+        ("input_scale".to_string(), "pixels / 255, NHWC".to_string()),
+        ("classes".to_string(), task.data.classes.to_string()),
+    ]);
+    if let Some(a) = test_accuracy {
+        meta.insert("test_accuracy".to_string(), a.to_string());
+    }
+    safetensors(&model, weights, &meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ModelSpec;
+
+    #[test]
+    fn header_names_every_tensor_and_ranges_tile_the_data() {
+        let model = Model::new(ModelSpec::mlp_digits()).expect("model");
+        let params = model.init_params(3);
+        let meta = BTreeMap::from([("task".to_string(), "digits".to_string())]);
+        let out = safetensors(&model, &params, &meta).expect("export");
+        let n = u64::from_le_bytes(out[..8].try_into().expect("8 bytes")) as usize;
+        assert_eq!((8 + n) % 8, 0, "data aligned");
+        let header: Value = serde_json::from_slice(&out[8..8 + n]).expect("json header");
+        assert_eq!(header["__metadata__"]["task"], "digits");
+        let data = &out[8 + n..];
+        let mut end = 0;
+        for t in &model.tensors {
+            let h = &header[&t.name];
+            assert_eq!(h["dtype"], "F32");
+            let shape: Vec<usize> = serde_json::from_value(h["shape"].clone()).expect("shape");
+            assert_eq!(shape, t.shape);
+            let [a, b]: [usize; 2] =
+                serde_json::from_value(h["data_offsets"].clone()).expect("offsets");
+            assert_eq!((a, b - a), (end, t.len() * 4), "{}", t.name);
+            end = b;
+            let first = f32::from_le_bytes(data[a..a + 4].try_into().expect("4"));
+            assert_eq!(first, params[t.offset], "{}", t.name);
+        }
+        assert_eq!(end, data.len(), "no gaps, nothing after");
+        assert!(safetensors(&model, &params[1..], &meta).is_err());
+    }
+}

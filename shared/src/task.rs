@@ -1,0 +1,513 @@
+//! A researcher's task: the model, the data, the training recipe and the swarm settings,
+//! written as a TOML file (`tasks/digits.toml` is the demo) and validated field by field.
+//!
+//! The server reads and validates task files at start; peers receive the same
+//! description as JSON from `/api/tasks/{name}`. Every error names the field and the
+//! problem, e.g. `train.batch: 0 outside 1..=4096`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Dataset;
+use crate::engine::{Model, ModelSpec};
+use crate::idx::IdxLimits;
+use crate::learn::LearnConfig;
+
+/// Largest CSV data file accepted, in bytes.
+pub const MAX_CSV_BYTES: usize = 256 << 20;
+
+/// A whole task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Short name: lowercase letters, digits and `-`, 1 to 32 characters. Peers sign
+    /// their updates for it and connect to `/ws/{name}`.
+    pub name: String,
+    /// Human title shown on the pages.
+    pub title: String,
+    /// What contributors help with, in a sentence or two.
+    #[serde(default)]
+    pub description: String,
+    /// The model (layers as data).
+    pub model: ModelSpec,
+    /// Where the data is and how it is split.
+    pub data: DataSpec,
+    /// The local training recipe.
+    pub train: TrainSpec,
+    /// The swarm's settings (rounds, aggregation, compression, deadlines).
+    #[serde(default)]
+    pub learn: LearnConfig,
+    /// Reserved for privacy settings (differential privacy, secure aggregation); no
+    /// knob exists yet, so the table must be empty.
+    #[serde(default)]
+    pub privacy: PrivacySpec,
+}
+
+/// Reserved: privacy knobs to come.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySpec {}
+
+/// The task's data: grey-scale images with integer labels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Number of classes; every label must be below it, and the model's last layer must
+    /// have this many units.
+    pub classes: usize,
+    /// The training split.
+    pub train: Files,
+    /// The held-out split; without it, the last `holdout` fraction of `train` is held out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<Files>,
+    /// Fraction of `train` held out when `test` is absent (0 < holdout < 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<f32>,
+}
+
+/// One split's files, relative to the server's data folder (served under `/data/`):
+/// either an IDX pair (`images`, `labels`) or one CSV file (`csv`: a label then the
+/// pixels 0..=255 on each line; a header line is allowed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Files {
+    /// IDX images file (`[count, rows, cols]` of u8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
+    /// IDX labels file (`[count]` of u8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<String>,
+    /// CSV file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csv: Option<String>,
+}
+
+impl Files {
+    /// The paths to fetch, in order: `[images, labels]` or `[csv]`.
+    pub fn paths(&self) -> Vec<&str> {
+        match (&self.images, &self.labels, &self.csv) {
+            (Some(i), Some(l), None) => vec![i, l],
+            (None, None, Some(c)) => vec![c],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The local training recipe every peer follows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Seed of the initial weights: every peer starts from the same model.
+    pub seed: u64,
+    /// Samples per inner step.
+    pub batch: usize,
+    /// Inner Adam learning rate.
+    pub lr: f32,
+    /// Random shift augmentation in pixels (0: none).
+    #[serde(default)]
+    pub shift: usize,
+    /// The inner learning rate follows a half-cosine from `lr` down to 10% of it over
+    /// this many rounds of the model, then stays there (0: constant). Every peer derives
+    /// it from the model version, so the swarm settles together.
+    #[serde(default)]
+    pub lr_decay_rounds: u64,
+    /// Held-out accuracy the researcher aims for (shown on the dashboard).
+    pub target_accuracy: f32,
+}
+
+/// Why a task was refused: the field and the problem.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct TaskError {
+    /// Dotted path of the field, e.g. `train.batch`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+fn err(field: &str, problem: impl Into<String>) -> TaskError {
+    TaskError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Whether `p` is a safe relative path inside the data folder.
+fn check_path(field: &str, p: &str) -> Result<(), TaskError> {
+    let ok_chars = p
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    if p.is_empty() || p.len() > 200 || !ok_chars {
+        return Err(err(
+            field,
+            format!("{p:?} must be 1 to 200 characters of letters, digits, '.', '_', '-', '/'"),
+        ));
+    }
+    if p.starts_with('/') || p.split('/').any(|part| part.is_empty() || part == "..") {
+        return Err(err(
+            field,
+            format!("{p:?} must be relative to the data folder, without '..' or empty parts"),
+        ));
+    }
+    Ok(())
+}
+
+impl Files {
+    fn validate(&self, field: &str) -> Result<(), TaskError> {
+        match (&self.images, &self.labels, &self.csv) {
+            (Some(i), Some(l), None) => {
+                check_path(&format!("{field}.images"), i)?;
+                check_path(&format!("{field}.labels"), l)
+            }
+            (None, None, Some(c)) => check_path(&format!("{field}.csv"), c),
+            _ => Err(err(
+                field,
+                "give either `images` and `labels` (IDX) or `csv`, not both or neither",
+            )),
+        }
+    }
+}
+
+impl TaskSpec {
+    /// The demo task (the same as `tasks/digits.toml`): the MLP on the MNIST digits,
+    /// batch 8, Adam 1e-3 with a half-cosine over 150 rounds, shift augmentation, and the
+    /// swarm settings the simulator validated.
+    pub fn digits() -> Self {
+        let files = |split: &str| Files {
+            images: Some(format!("digits/{split}-images.idx")),
+            labels: Some(format!("digits/{split}-labels.idx")),
+            csv: None,
+        };
+        Self {
+            name: "digits".into(),
+            title: "Handwritten digits (MNIST)".into(),
+            description: "Teach a small neural network to read handwritten digits.".into(),
+            model: ModelSpec::mlp_digits(),
+            data: DataSpec {
+                classes: 10,
+                train: files("train"),
+                test: Some(files("test")),
+                holdout: None,
+            },
+            train: TrainSpec {
+                seed: 42,
+                batch: 8,
+                lr: 1e-3,
+                shift: 2,
+                lr_decay_rounds: 150,
+                target_accuracy: 0.95,
+            },
+            learn: LearnConfig::default(),
+            privacy: PrivacySpec {},
+        }
+    }
+
+    /// Parses and validates a task file's text.
+    pub fn from_toml(text: &str) -> Result<Self, TaskError> {
+        let spec: Self = toml::from_str(text).map_err(|e| {
+            // toml names the key and the line; keep its message on one line.
+            let msg = e.message().to_string();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            err("task file", format!("{msg}{at}"))
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses and validates a task received as JSON (from `/api/tasks/{name}`).
+    pub fn from_json(text: &str) -> Result<Self, TaskError> {
+        let spec: Self =
+            serde_json::from_str(text).map_err(|e| err("task description", e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks every field that can be checked without the data files.
+    pub fn validate(&self) -> Result<(), TaskError> {
+        let n = &self.name;
+        if n.is_empty()
+            || n.len() > 32
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(err(
+                "name",
+                format!("{n:?} must be 1 to 32 of a-z, 0-9 and '-'"),
+            ));
+        }
+        if self.title.trim().is_empty() || self.title.len() > 100 {
+            return Err(err("title", "must be 1 to 100 characters"));
+        }
+        if self.description.len() > 2000 {
+            return Err(err("description", "longer than 2000 characters"));
+        }
+        let model = Model::new(self.model.clone()).map_err(|e| err("model", e.to_string()))?;
+        let d = &self.data;
+        if !(2..=256).contains(&d.classes) {
+            return Err(err(
+                "data.classes",
+                format!("{} outside 2..=256", d.classes),
+            ));
+        }
+        if model.classes() != d.classes {
+            return Err(err(
+                "model.layers",
+                format!(
+                    "the last layer has {} units but data.classes is {}",
+                    model.classes(),
+                    d.classes
+                ),
+            ));
+        }
+        if self.model.input[2] != 1 {
+            return Err(err(
+                "model.input",
+                "the data are grey-scale images: the input must have 1 channel",
+            ));
+        }
+        d.train.validate("data.train")?;
+        match (&d.test, d.holdout) {
+            (Some(t), None) => t.validate("data.test")?,
+            (None, Some(h)) if h > 0.0 && h < 1.0 => {}
+            (None, Some(h)) => return Err(err("data.holdout", format!("{h} outside (0, 1)"))),
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "data.holdout",
+                    "give `test` files or `holdout`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    "data.test",
+                    "missing: give `test` files, or `holdout` (a fraction of train)",
+                ));
+            }
+        }
+        let t = &self.train;
+        if !(1..=4096).contains(&t.batch) {
+            return Err(err("train.batch", format!("{} outside 1..=4096", t.batch)));
+        }
+        if !(t.lr > 0.0 && t.lr <= 1.0) {
+            return Err(err("train.lr", format!("{} outside (0, 1]", t.lr)));
+        }
+        if t.shift > 8 {
+            return Err(err("train.shift", format!("{} above 8 pixels", t.shift)));
+        }
+        if t.lr_decay_rounds > 1_000_000 {
+            return Err(err(
+                "train.lr_decay_rounds",
+                format!("{} above 1000000", t.lr_decay_rounds),
+            ));
+        }
+        if !(t.target_accuracy > 0.0 && t.target_accuracy <= 1.0) {
+            return Err(err(
+                "train.target_accuracy",
+                format!("{} outside (0, 1]", t.target_accuracy),
+            ));
+        }
+        self.learn.validate().map_err(|e| {
+            let (field, problem) = e.split_once(": ").unwrap_or(("", &e));
+            err(&format!("learn.{field}"), problem)
+        })
+    }
+
+    /// The inner learning rate for a round of the model.
+    pub fn lr_at(&self, round: u64) -> f32 {
+        let t = &self.train;
+        if t.lr_decay_rounds == 0 {
+            return t.lr;
+        }
+        let x = (round as f32 / t.lr_decay_rounds as f32).min(1.0);
+        t.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * x).cos()))
+    }
+
+    /// Builds the train and held-out data sets from the bytes of the files, in the order
+    /// of [`Files::paths`] for `data.train` and then `data.test` (when present).
+    pub fn datasets(&self, files: &[&[u8]]) -> Result<(Dataset, Dataset), TaskError> {
+        let [h, w, _] = self.model.input;
+        let d = &self.data;
+        let train_n = d.train.paths().len();
+        let one = |field: &str, f: &Files, bytes: &[&[u8]]| -> Result<Dataset, TaskError> {
+            let set = match (f.csv.is_some(), bytes) {
+                (false, [images, labels]) => {
+                    Dataset::from_idx(images, labels, d.classes, &IdxLimits::default())
+                        .map_err(|e| err(field, e.to_string()))?
+                }
+                (true, [csv]) => Dataset::from_csv(csv, h, w, d.classes, MAX_CSV_BYTES)
+                    .map_err(|e| err(&format!("{field}.csv"), e))?,
+                _ => return Err(err(field, "wrong number of files")),
+            };
+            if (set.rows, set.cols) != (h, w) {
+                return Err(err(
+                    field,
+                    format!(
+                        "images are {}x{} but model.input is {h}x{w}",
+                        set.rows, set.cols
+                    ),
+                ));
+            }
+            if set.is_empty() {
+                return Err(err(field, "holds no samples"));
+            }
+            Ok(set)
+        };
+        if files.len() < train_n {
+            return Err(err("data.train", "wrong number of files"));
+        }
+        let train = one("data.train", &d.train, &files[..train_n])?;
+        match (&d.test, d.holdout) {
+            (Some(t), _) => Ok((train, one("data.test", t, &files[train_n..])?)),
+            (None, Some(frac)) => {
+                let held = ((train.len() as f64) * f64::from(frac)).round() as usize;
+                if held == 0 || held >= train.len() {
+                    return Err(err(
+                        "data.holdout",
+                        format!("{frac} of {} samples leaves a split empty", train.len()),
+                    ));
+                }
+                Ok(train.split_off_tail(held))
+            }
+            (None, None) => Err(err("data.test", "missing")),
+        }
+    }
+
+    /// Reads, validates and loads the task's data from `dir` (the server's data folder).
+    pub fn load_datasets(&self, dir: &std::path::Path) -> Result<(Dataset, Dataset), TaskError> {
+        let mut named: Vec<(String, &str)> = Vec::new();
+        for (split, f) in std::iter::once(("data.train", &self.data.train))
+            .chain(self.data.test.as_ref().map(|t| ("data.test", t)))
+        {
+            let fields: &[&str] = if f.csv.is_some() {
+                &["csv"]
+            } else {
+                &["images", "labels"]
+            };
+            for (field, path) in fields.iter().zip(f.paths()) {
+                named.push((format!("{split}.{field}"), path));
+            }
+        }
+        let mut bytes = Vec::new();
+        for (field, path) in &named {
+            let full = dir.join(path);
+            bytes.push(
+                std::fs::read(&full).map_err(|e| err(field, format!("{}: {e}", full.display())))?,
+            );
+        }
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        self.datasets(&refs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo_file() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml"))
+            .expect("tasks/digits.toml")
+    }
+
+    #[test]
+    fn the_demo_task_file_is_the_built_in_demo() {
+        assert_eq!(TaskSpec::from_toml(&demo_file()), Ok(TaskSpec::digits()));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let t = TaskSpec::digits();
+        let json = serde_json::to_string(&t).expect("json");
+        assert_eq!(TaskSpec::from_json(&json), Ok(t));
+    }
+
+    fn with(find: &str, replace: &str) -> Result<TaskSpec, TaskError> {
+        let text = demo_file();
+        assert!(text.contains(find), "{find:?} not in the demo file");
+        TaskSpec::from_toml(&text.replacen(find, replace, 1))
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_problem() {
+        let cases = [
+            ("batch = 8", "batch = 0", "train.batch", "0 outside"),
+            ("lr = 0.001", "lr = -1.0", "train.lr", "outside (0, 1]"),
+            ("name = \"digits\"", "name = \"Digits!\"", "name", "a-z"),
+            (
+                "units = 10",
+                "units = 7",
+                "model.layers",
+                "data.classes is 10",
+            ),
+            (
+                "target_accuracy = 0.95",
+                "target_accuracy = 2.0",
+                "train.target_accuracy",
+                "outside",
+            ),
+            (
+                "images = \"digits/train-images.idx\"",
+                "images = \"../etc/passwd\"",
+                "data.train.images",
+                "'..'",
+            ),
+            (
+                "local_steps = 20",
+                "local_steps = 0",
+                "learn.local_steps",
+                "outside 1..=100000",
+            ),
+            ("trim = 0.2", "trim = 0.7", "learn.aggregation", ""),
+        ];
+        for (find, replace, field, problem) in cases {
+            let e = with(find, replace).expect_err(replace);
+            assert_eq!(e.field, field, "{replace}: {e}");
+            assert!(e.problem.contains(problem), "{replace}: {e}");
+        }
+        // Unknown and mistyped keys: toml names the key and the line.
+        let e = with("shift = 2", "shfit = 2").expect_err("typo");
+        assert!(
+            e.problem.contains("shfit") && e.problem.contains("line"),
+            "{e}"
+        );
+        let e = with("batch = 8", "batch = \"eight\"").expect_err("type");
+        assert!(e.problem.contains("line"), "{e}");
+        let e = with("[privacy]", "[privacy]\nepsilon = 1.0").expect_err("reserved");
+        assert!(e.problem.contains("epsilon"), "{e}");
+    }
+
+    #[test]
+    fn test_files_or_a_holdout_fraction() {
+        let mut t = TaskSpec::digits();
+        t.data.test = None;
+        assert_eq!(t.validate().expect_err("neither").field, "data.test");
+        t.data.holdout = Some(1.5);
+        assert_eq!(t.validate().expect_err("bad").field, "data.holdout");
+        t.data.holdout = Some(0.25);
+        t.validate().expect("holdout");
+        // 8 CSV samples of 28x28: the last quarter is held out.
+        t.data.train = Files {
+            csv: Some("digits/train.csv".into()),
+            ..Files::default()
+        };
+        let mut csv = String::from("label,pixels...\n");
+        for i in 0..8u8 {
+            csv.push_str(&i.to_string());
+            for p in 0..784 {
+                csv.push_str(&format!(",{}", (p + usize::from(i)) % 256));
+            }
+            csv.push('\n');
+        }
+        let (train, test) = t.datasets(&[csv.as_bytes()]).expect("csv task");
+        assert_eq!((train.len(), test.len()), (6, 2));
+        assert_eq!(test.labels, vec![6, 7]);
+        assert_eq!(test.image(1)[..3], [7, 8, 9]);
+        // A wrong pixel count is refused, naming the field.
+        let e = t.datasets(&[b"3,1,2,3\n"]).expect_err("short row");
+        assert_eq!(e.field, "data.train.csv");
+    }
+}

@@ -1,0 +1,115 @@
+//! The researcher's endpoints: the swarm as the dashboard sees it (open to anyone who can
+//! reach the server; it holds counters, never weights), and the control actions, which
+//! need the admin token from the server's configuration (`Authorization: Bearer TOKEN`).
+//!
+//! Without a configured token every control action is refused: a server is never
+//! controllable by default.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::signaling::Hub;
+
+/// Most peers listed in one swarm view.
+const VIEW_LIMIT: usize = 2_000;
+
+/// Shared by the admin routes.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The signaling state.
+    pub hub: Arc<Hub>,
+    /// The token control actions need; `None` disables them.
+    pub token: Option<Arc<str>>,
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks the bearer token; the error response says what is missing.
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &state.token else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "control actions are disabled: the server has no admin token (--admin-token)",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(refuse(StatusCode::UNAUTHORIZED, "wrong admin token")),
+        None => Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "this action needs the admin token (Authorization: Bearer TOKEN)",
+        )),
+    }
+}
+
+fn refuse(code: StatusCode, message: &str) -> Response {
+    (code, Json(json!({ "error": message }))).into_response()
+}
+
+fn unknown(task: &str) -> Response {
+    refuse(StatusCode::NOT_FOUND, &format!("no task {task:?}"))
+}
+
+/// `GET /api/tasks/{task}/swarm`: peers, neighbour graph, latest reports.
+pub async fn swarm(State(s): State<AdminState>, Path(task): Path<String>) -> Response {
+    match s.hub.swarm_view(&task, VIEW_LIMIT) {
+        Some(v) => Json(v).into_response(),
+        None => unknown(&task),
+    }
+}
+
+/// `POST /api/tasks/{task}/pause` and `/resume`.
+pub async fn pause(
+    State(s): State<AdminState>,
+    Path((task, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        "export" => {
+            // The model lives in the peers, not here: the dashboard downloads it from a
+            // neighbour and writes the file itself once the server says yes.
+            return if s.hub.swarm_view(&task, 0).is_some() {
+                tracing::info!(task, "model export authorized");
+                Json(json!({ "ok": true })).into_response()
+            } else {
+                unknown(&task)
+            };
+        }
+        other => return refuse(StatusCode::NOT_FOUND, &format!("no action {other:?}")),
+    };
+    if !s.hub.set_paused(&task, paused) {
+        return unknown(&task);
+    }
+    tracing::info!(task, paused, "task state changed by the admin");
+    Json(json!({ "ok": true, "paused": paused })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn token_comparison_is_exact() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret2"));
+        assert!(!same(b"", b"x"));
+    }
+}

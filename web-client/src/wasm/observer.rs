@@ -1,0 +1,95 @@
+//! The dashboard's observer peer in the browser worker: [`Observer`] behind the same
+//! relay transport as the training peer (the page holds the WebRTC connections).
+
+use std::rc::Rc;
+
+use js_sys::{Array, Uint8Array};
+use shoal_shared::engine::train::Samples;
+use shoal_shared::task::TaskSpec;
+use wasm_bindgen::prelude::*;
+
+use super::peer::Relay;
+use crate::observe::Observer;
+use crate::swarm::Transport;
+
+/// An observer of a task's swarm, driven from JavaScript.
+#[wasm_bindgen]
+pub struct SwarmObserver {
+    relay: Rc<Relay>,
+    inner: Observer,
+}
+
+fn now_ms() -> f64 {
+    js_sys::Date::now()
+}
+
+#[wasm_bindgen]
+impl SwarmObserver {
+    /// An observer of `task` (its JSON from `/api/tasks/{name}`), evaluating on the
+    /// held-out split built from `files` (the task's data files, in the order listed),
+    /// asking for the model every `every_ms` milliseconds.
+    pub fn create(
+        task: String,
+        files: Vec<Uint8Array>,
+        every_ms: f64,
+    ) -> Result<SwarmObserver, JsError> {
+        let task = TaskSpec::from_json(&task).map_err(|e| JsError::new(&e.to_string()))?;
+        let bytes: Vec<Vec<u8>> = files.iter().map(Uint8Array::to_vec).collect();
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let (_, test) = task
+            .datasets(&refs)
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        let inner = Observer::new(task, Samples::from_dataset(&test), every_ms.max(500.0))
+            .map_err(|e| JsError::new(&e))?;
+        Ok(Self {
+            relay: Rc::new(Relay::default()),
+            inner,
+        })
+    }
+
+    /// A transport event from the page (as for `SwarmPeer.event`).
+    pub fn event(&self, kind: &str, peer: &str, data: Option<Vec<u8>>) -> Result<(), JsError> {
+        self.relay.event(kind, peer, data)
+    }
+
+    /// Takes in the events so far and asks for the model when due. Returns the new
+    /// evaluations as JSON (`[{version, accuracy, loss, at_ms}]`, often empty).
+    pub fn tick(&mut self) -> String {
+        let mut points = Vec::new();
+        loop {
+            let ev = self.relay.events.borrow_mut().pop_front();
+            let Some(ev) = ev else { break };
+            if let Some(p) = self.inner.handle(ev, &*self.relay, now_ms()) {
+                points.push(p);
+            }
+        }
+        self.inner.tick(&*self.relay, now_ms());
+        if !points.is_empty() {
+            self.relay.report(&self.inner.report());
+        }
+        serde_json::to_string(&points).unwrap_or_else(|_| "[]".into())
+    }
+
+    /// The messages to send, as `[peer, Uint8Array]` pairs.
+    pub fn outgoing(&self) -> Array {
+        self.relay.drain()
+    }
+
+    /// The latest report for the server as JSON, if a new one is due.
+    #[wasm_bindgen(js_name = takeReport)]
+    pub fn take_report(&self) -> Option<String> {
+        let r = self.relay.report.borrow_mut().take()?;
+        serde_json::to_string(&r).ok()
+    }
+
+    /// The newest model as a safetensors file (throws before the first download).
+    #[wasm_bindgen(js_name = exportSafetensors)]
+    pub fn export_safetensors(&self) -> Result<Vec<u8>, JsError> {
+        self.inner.export().map_err(|e| JsError::new(&e))
+    }
+
+    /// The newest model version held, if any.
+    pub fn version(&self) -> Option<f64> {
+        self.inner.version().map(|v| v as f64)
+    }
+}
