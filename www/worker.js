@@ -1,21 +1,30 @@
-// Shoal's Web Worker: loads the wasm module and runs everything heavy off the main thread:
-// the WebGPU probe, then (after the visitor's consent) the swarm peer's training loop. The
-// WebRTC connections live on the page's main thread (browsers have none in workers).
+// Shoal's training worker: loads the wasm module and runs everything heavy off the main
+// thread: the WebGPU probe, then (after the visitor's consent) the swarm peer's training
+// loop. The WebRTC connections live on the page's main thread (browsers have none in
+// workers); messages pass through `postMessage`.
 import init, { probe, SwarmPeer } from './pkg/shoal_web_client.js';
 
 let backend = 'cpu';
 let peer = null;
 // Transport events that arrive while the peer is still being created.
 let early = [];
+// Share of wall time spent training (the visitor's throttle), and pause states that
+// arrive before the peer exists.
+let duty = 1;
+let visitorPaused = false;
+let taskPaused = null;
+
+const post = (m, transfer) => self.postMessage(m, transfer ?? []);
+const errorText = (e) => String(e && e.message ? e.message : e);
 
 async function main() {
   try {
     await init();
     const result = JSON.parse(await probe());
     backend = result.backend === 'gpu' && result.check === 'ok' ? 'webgpu' : 'cpu';
-    self.postMessage({ type: 'probe', result });
+    post({ type: 'probe', result });
   } catch (e) {
-    self.postMessage({ type: 'error', message: String(e && e.message ? e.message : e) });
+    post({ type: 'error', message: errorText(e) });
   }
 }
 
@@ -25,51 +34,69 @@ async function fetchBytes(path) {
   return new Uint8Array(await r.arrayBuffer());
 }
 
-const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function netEvent(m) {
+  if (m.kind === 'task_state') peer.setPaused('task', m.paused);
+  else peer.event(m.kind, m.peer, m.data);
+}
 
 // Joins the swarm and trains until the page says stop. Each tick either trains one
-// round, closes one, or finds nothing to do (then the worker sleeps briefly).
+// round, closes one, or finds nothing to do (then the worker sleeps briefly). After a
+// round's training the throttle rests for the time the duty cycle asks.
 async function contribute(task, secret) {
-  const [trainImages, trainLabels, testImages, testLabels] = await Promise.all([
-    fetchBytes(`/data/${task}/train-images.idx`),
-    fetchBytes(`/data/${task}/train-labels.idx`),
-    fetchBytes(`/data/${task}/test-images.idx`),
-    fetchBytes(`/data/${task}/test-labels.idx`),
-  ]);
-  peer = await SwarmPeer.create(backend, secret, trainImages, trainLabels, testImages, testLabels);
-  for (const m of early) peer.event(m.kind, m.peer, m.data);
+  const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
+  if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
+  const desc = await r.json();
+  const files = await Promise.all(desc.files.map(fetchBytes));
+  peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files);
+  for (const m of early) netEvent(m);
   early = [];
-  self.postMessage({ type: 'joined', key: peer.publicKey(), backend });
+  if (visitorPaused) peer.setPaused('visitor', true);
+  if (taskPaused !== null) peer.setPaused('task', taskPaused);
+  post({ type: 'joined', key: peer.publicKey(), backend });
+  let phase = '';
   while (peer) {
+    const started = performance.now();
     const p = JSON.parse(await peer.tick());
-    // WebRTC lives on the page's main thread: hand it what to send.
-    for (const [to, data] of peer.outgoing()) {
-      self.postMessage({ type: 'send', peer: to, data }, [data.buffer]);
+    const spent = performance.now() - started;
+    for (const [to, data] of peer.outgoing()) post({ type: 'send', peer: to, data }, [data.buffer]);
+    if (p.report) {
+      post({ type: 'report', report: JSON.stringify(p.report) });
+      delete p.report;
     }
-    self.postMessage({ type: 'progress', progress: p });
-    if (!p.closed && p.phase !== 'training') await pause(25);
+    post({ type: 'progress', progress: p });
+    const trained = p.phase === 'waiting' && phase !== 'waiting' && !p.closed;
+    phase = p.phase;
+    if (trained && duty < 1) await sleep(spent * (1 / duty - 1));
+    else if (!p.closed && p.phase !== 'training') await sleep(25);
   }
 }
 
 self.addEventListener('message', (event) => {
   const msg = event.data;
-  if (msg.type === 'start' && !peer) {
-    if (msg.backend === 'cpu') backend = 'cpu';
-    contribute(msg.task, msg.secret).catch((e) => {
+  try {
+    if (msg.type === 'start' && !peer) {
+      if (msg.backend === 'cpu') backend = 'cpu';
+      if (msg.duty) duty = msg.duty;
+      contribute(msg.task, msg.secret).catch((e) => {
+        peer = null;
+        post({ type: 'error', message: errorText(e) });
+      });
+    } else if (msg.type === 'net') {
+      if (peer) netEvent(msg);
+      else if (msg.kind === 'task_state') taskPaused = msg.paused;
+      else early.push(msg);
+    } else if (msg.type === 'pause') {
+      visitorPaused = msg.paused;
+      peer?.setPaused('visitor', msg.paused);
+    } else if (msg.type === 'throttle') {
+      duty = Math.min(1, Math.max(0.05, msg.duty));
+    } else if (msg.type === 'stop') {
       peer = null;
-      self.postMessage({ type: 'error', message: String(e && e.message ? e.message : e) });
-    });
-  } else if (msg.type === 'net' && !peer) {
-    early.push(msg);
-  } else if (msg.type === 'net') {
-    // A transport event from the page's swarm connection.
-    try {
-      peer.event(msg.kind, msg.peer, msg.data);
-    } catch (e) {
-      self.postMessage({ type: 'error', message: String(e && e.message ? e.message : e) });
     }
-  } else if (msg.type === 'stop') {
-    peer = null;
+  } catch (e) {
+    post({ type: 'error', message: errorText(e) });
   }
 });
 

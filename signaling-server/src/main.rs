@@ -124,6 +124,10 @@ async fn main() -> anyhow::Result<()> {
     let base = format!("http://{addr}");
     println!("Shoal is listening on {base}");
     println!("  contributor page: {base}/");
+    println!("  dashboard:        {base}/dashboard/");
+    println!(
+        "  embed snippet:    <script src=\"{base}/embed.js\" data-task=\"digits\" async></script>"
+    );
     println!("  health:           {base}/healthz");
     println!("  metrics:          {base}/metrics");
     for t in &tasks {

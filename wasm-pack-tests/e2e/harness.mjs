@@ -12,7 +12,8 @@ const serverBin = process.env.SHOAL_SERVER_BIN ?? join(root, 'target/release/sho
 /** Starts the server on 127.0.0.1:0 and resolves once it prints its address. */
 export async function startServer(extraArgs = []) {
   const child = spawn(serverBin, ['--bind', '127.0.0.1', '--port', '0',
-    '--www', join(root, 'www'), '--data', join(root, 'data'), ...extraArgs],
+    '--www', join(root, 'www'), '--data', join(root, 'data'),
+    '--task-file', join(root, 'tasks/digits.toml'), ...extraArgs],
   { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   const url = await new Promise((resolve, reject) => {

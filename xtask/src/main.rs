@@ -110,10 +110,32 @@ fn run(args: &[String]) -> Result<()> {
     let server = root.join("target/release/shoal-signaling-server");
     // The server prints the URLs it serves; Ctrl-C reaches it (same process group) and it
     // shuts down gracefully, after which we exit with its status.
+    // The dashboard's control actions need a token: the researcher's own, or one made
+    // for this run and printed here (never stored).
+    let token = match std::env::var("SHOAL_ADMIN_TOKEN") {
+        Ok(t) if !t.is_empty() => t,
+        _ => {
+            let mut bytes = [0u8; 16];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .context("no randomness for the admin token")?;
+            let t: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            println!("Admin token for the dashboard's controls (this run only): {t}");
+            t
+        }
+    };
     let status = Command::new(server)
         .current_dir(&root)
         .args(["--bind", &bind, "--port", &port])
-        .args(["--www", "www", "--data", "data"])
+        .args([
+            "--www",
+            "www",
+            "--data",
+            "data",
+            "--task-file",
+            "tasks/digits.toml",
+        ])
+        .env("SHOAL_ADMIN_TOKEN", token)
         .status()
         .context("could not start the signaling server")?;
     if !status.success() {

@@ -1,0 +1,207 @@
+// The contributor's controls, shared by the contributor page (index.html) and the
+// embedded widget's frame (embed.html): the worker that trains, consent, pause/resume,
+// the throttle, automatic pauses (hidden tab, battery), and live progress. All
+// computation happens in the worker, so the page stays responsive.
+import { relaySwarm, fetchTask, fmtBytes } from './relay.js';
+
+// Long main-thread tasks (over 50 ms), for anyone (and the end-to-end test) who wants to
+// check that Shoal keeps the page responsive.
+window.shoalLongTasks = [];
+try {
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) {
+      window.shoalLongTasks.push({ start: e.startTime, duration: e.duration, name: e.name });
+    }
+  }).observe({ type: 'longtask', buffered: true });
+} catch {
+  // No long-task timing in this browser.
+}
+
+// Every closed round's progress, for anyone who wants the history.
+window.shoalProgress = [];
+
+// The visitor's identity: an ed25519 secret made once and kept in this browser, so that
+// contributions across visits are signed by the same key.
+function secret() {
+  let s = localStorage.getItem('shoal-identity');
+  if (!/^[0-9a-f]{64}$/.test(s ?? '')) {
+    const bytes = crypto.getRandomValues(new Uint8Array(32));
+    s = Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+    localStorage.setItem('shoal-identity', s);
+  }
+  return s;
+}
+
+const $ = (id) => document.getElementById(id);
+
+const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery: 'on battery', task: 'the researcher paused the task' };
+
+/**
+ * Runs the contributor UI. `task`: the task's name; `autoStart`: consent was already
+ * given (the widget's click); `duty`: the throttle (0.25, 0.5 or 1); `compact`: fewer
+ * rows (the widget).
+ */
+export function contributor({ task, autoStart = false, duty = 1, compact = false }) {
+  const backend = $('backend');
+  const detail = $('detail');
+  const consent = $('consent');
+  const pauseButton = $('pause');
+  const throttle = $('throttle');
+  const status = $('status');
+  const stats = $('stats');
+  const paused = new Set();
+  let started = false;
+  let probed = false;
+  let description = null;
+
+  const show = (state, text, more = '') => {
+    backend.dataset.state = state;
+    backend.textContent = text;
+    if (detail) detail.textContent = more;
+  };
+  const say = (state, text) => {
+    status.dataset.state = state;
+    status.textContent = text;
+  };
+
+  const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+
+  function applyPause() {
+    worker.postMessage({ type: 'pause', paused: [...paused].some((r) => r !== 'task') });
+    if (pauseButton) pauseButton.textContent = paused.has('button') ? 'Resume' : 'Pause';
+    if (!started) return;
+    if (paused.size) say('paused', `Paused: ${[...paused].map((r) => REASONS[r]).join(', ')}.`);
+    else say('running', 'Contributing. Thank you!');
+  }
+
+  function render(p) {
+    const acc = p.accuracy == null ? '–' : `${(p.accuracy * 100).toFixed(2)}%`;
+    const rows = compact
+      ? { round: p.round, 'samples/s': p.samples_per_s.toFixed(0), 'held-out accuracy': acc, peers: p.peers }
+      : {
+        round: p.round, phase: p.phase, 'local steps': p.local_steps,
+        'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
+        loss: p.loss.toFixed(4), 'held-out accuracy': acc, peers: p.peers,
+        'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
+      };
+    stats.replaceChildren(...Object.entries(rows).flatMap(([k, v]) => {
+      const dt = document.createElement('dt');
+      dt.textContent = k;
+      const dd = document.createElement('dd');
+      dd.textContent = String(v);
+      dd.dataset.key = k;
+      return [dt, dd];
+    }));
+  }
+
+  function start() {
+    if (started || !probed || !description) return;
+    started = true;
+    if (consent) {
+      consent.disabled = true;
+      consent.textContent = 'Joining the swarm…';
+    }
+    if (pauseButton) pauseButton.hidden = false;
+    say('joining', 'Downloading the task and joining the swarm…');
+    // `?backend=cpu` trains on the CPU even where WebGPU exists (slow software adapters).
+    const only = new URLSearchParams(location.search).get('backend');
+    worker.postMessage({ type: 'start', task, secret: secret(), backend: only === 'cpu' ? 'cpu' : null, duty });
+    applyPause();
+    relaySwarm(worker, task, {
+      onSignaling: (up) => {
+        if (up) {
+          if (status.dataset.state === 'offline') applyPause();
+        } else {
+          say('offline', 'Lost the connection to the Shoal server; reconnecting. Peers already connected keep training together.');
+        }
+      },
+    }).catch((e) => say('error', `Shoal could not join the swarm: ${e.message ?? e}`));
+  }
+
+  worker.addEventListener('message', (event) => {
+    const msg = event.data;
+    if (msg.type === 'probe') {
+      const r = msg.result;
+      if (r.backend === 'gpu' && r.check === 'ok') {
+        const soft = r.adapter.software ? ' (a software emulation: training will be slow)' : '';
+        show('gpu', `WebGPU: ${r.adapter.description}${soft}`,
+          `Backend ${r.adapter.backend}, device type ${r.adapter.device_type}; compute check: ${r.check}.`);
+      } else if (r.backend === 'gpu') {
+        show('cpu', 'Your GPU failed a compute check: Shoal will train on your CPU.', r.check);
+      } else {
+        show('cpu', 'No WebGPU in this browser: Shoal will train on your CPU instead.', r.reason);
+      }
+      if (new URLSearchParams(location.search).get('backend') === 'cpu' && detail) {
+        detail.textContent += ' This page was opened with ?backend=cpu: training runs on the CPU.';
+      }
+      probed = true;
+      if (consent) consent.disabled = !description;
+      if (autoStart) start();
+    } else if (msg.type === 'joined') {
+      if (consent) consent.textContent = 'Contributing — thank you';
+      applyPause();
+    } else if (msg.type === 'progress') {
+      const p = msg.progress;
+      if (p.task_paused !== paused.has('task')) {
+        if (p.task_paused) paused.add('task'); else paused.delete('task');
+        applyPause();
+      }
+      if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, peers: p.peers, samples_per_s: p.samples_per_s });
+      render(p);
+    } else if (msg.type === 'error') {
+      say('error', `Shoal stopped: ${msg.message}`);
+    }
+  });
+  worker.addEventListener('error', (e) => show('error', 'Shoal could not start in this browser.', e.message));
+
+  // What the task is and what contributing costs.
+  fetchTask(task).then((d) => {
+    description = d;
+    const title = $('task-title');
+    if (title) title.textContent = d.task.title;
+    const about = $('task-description');
+    if (about) about.textContent = d.task.description;
+    const cost = $('cost');
+    if (cost) {
+      const c = d.cost;
+      cost.textContent = `Joining downloads ${fmtBytes(c.download_bytes)} of training data once. `
+        + `Each round your device runs ${c.local_steps_per_round} training steps of ${c.batch} samples on a model of `
+        + `${c.parameters.toLocaleString('en')} parameters, then sends about ${fmtBytes(c.bytes_per_round)} of compressed `
+        + 'updates to a few other visitors and receives as much. Use the throttle to train less often.';
+    }
+    if (consent) consent.disabled = !probed;
+    if (autoStart) start();
+  }).catch((e) => {
+    if (consent) consent.disabled = true;
+    say('error', `Cannot start: ${e.message}. Please try again later.`);
+  });
+
+  consent?.addEventListener('click', start);
+  pauseButton?.addEventListener('click', () => {
+    if (paused.has('button')) paused.delete('button'); else paused.add('button');
+    applyPause();
+  });
+  if (throttle) {
+    throttle.value = String(Math.round(duty * 100));
+    throttle.addEventListener('change', () => {
+      duty = Number(throttle.value) / 100;
+      worker.postMessage({ type: 'throttle', duty });
+    });
+  }
+
+  // Automatic pauses: a hidden tab, and a battery that is discharging.
+  const onVisibility = () => {
+    if (document.hidden) paused.add('hidden'); else paused.delete('hidden');
+    applyPause();
+  };
+  document.addEventListener('visibilitychange', onVisibility);
+  if (document.hidden) paused.add('hidden');
+  navigator.getBattery?.().then((battery) => {
+    const onBattery = () => {
+      if (battery.charging) paused.delete('battery'); else paused.add('battery');
+      applyPause();
+    };
+    battery.addEventListener('chargingchange', onBattery);
+    onBattery();
+  }).catch(() => {});
+}

@@ -1,0 +1,162 @@
+// The researcher's dashboard: an observer peer in a worker (it downloads the model from
+// the swarm and evaluates it on the held-out split; it never trains), plus the server's
+// view of the swarm (peers, neighbour graph, each peer's latest numbers; never weights).
+import { relaySwarm, fetchTask, fmtBytes } from '../relay.js';
+import { lineChart, barChart, graphChart, COLORS } from '../charts.js';
+
+const q = new URLSearchParams(location.search);
+const TASK = /^[a-z0-9-]{1,32}$/.test(q.get('task') ?? '') ? q.get('task') : 'digits';
+const $ = (id) => document.getElementById(id);
+const short = (id) => id.slice(0, 6);
+const pct = (v) => `${(v * 100).toFixed(2)}%`;
+
+// What the page shows, also read by the end-to-end test.
+const state = { evals: [], rate: [], peers: [], version: null, round: null, target: null, started: performance.now() };
+window.shoalDashboard = state;
+
+const observer = new Worker(new URL('../observer-worker.js', import.meta.url), { type: 'module' });
+observer.addEventListener('message', (e) => {
+  const m = e.data;
+  if (m.type === 'eval') {
+    state.evals.push(...m.points);
+    state.evals.sort((a, b) => a.version - b.version);
+    drawModel();
+  } else if (m.type === 'exported') {
+    const blob = new Blob([m.bytes], { type: 'application/octet-stream' });
+    const a = document.createElement('a');
+    a.href = URL.createObjectURL(blob);
+    a.download = `shoal-${TASK}-v${m.version}.safetensors`;
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+    result('ok', `Exported model version ${m.version} (${fmtBytes(m.bytes.length)}).`);
+  } else if (m.type === 'error') {
+    result('error', m.message);
+  }
+});
+
+function setState(kind, text) {
+  $('state').dataset.state = kind;
+  $('state').textContent = text;
+}
+
+function result(kind, text) {
+  $('control-result').dataset.state = kind;
+  $('control-result').textContent = text;
+}
+
+function drawModel() {
+  const target = state.target ?? 0;
+  const acc = state.evals.map((p) => [p.version, p.accuracy * 100]);
+  const x = acc.map((p) => p[0]);
+  const targetLine = x.length ? [[Math.min(...x), target * 100], [Math.max(...x), target * 100]] : [];
+  lineChart($('chart-accuracy'), [
+    { name: 'held-out accuracy', points: acc },
+    { name: `target ${pct(target)}`, points: targetLine, color: COLORS[1], dashed: true },
+  ], { xLabel: 'model version (rounds)', yLabel: 'accuracy (%)', yMin: 0, yMax: 100, format: (v) => `${v}%` });
+  lineChart($('chart-loss'), [
+    { name: 'held-out loss', points: state.evals.map((p) => [p.version, p.loss]), color: COLORS[2] },
+  ], { xLabel: 'model version (rounds)', yLabel: 'cross-entropy', yMin: 0, format: (v) => v.toFixed(2) });
+  const last = state.evals.at(-1);
+  if (last) {
+    $('n-accuracy').textContent = pct(last.accuracy);
+    $('n-version').textContent = String(last.version);
+    state.version = last.version;
+  }
+}
+
+function drawSwarm(view) {
+  const fresh = (p) => p.report && p.report_age_s < 30;
+  // Contributors are the peers that reported as trainers; the others are joining (or
+  // observers, like this page).
+  const trainers = view.peers.filter((p) => p.report?.role === 'trainer');
+  const observers = new Set(view.peers.filter((p) => p.report?.role === 'observer').map((p) => p.id));
+  state.peers = trainers;
+  const rate = trainers.filter(fresh).reduce((s, p) => s + (p.report.paused ? 0 : p.report.samples_per_s), 0);
+  const bytes = trainers.reduce((s, p) => s + (p.report ? p.report.bytes_up + p.report.bytes_down : 0), 0);
+  const rejected = {};
+  for (const p of trainers) for (const [k, v] of Object.entries(p.report?.rejected ?? {})) rejected[k] = (rejected[k] ?? 0) + v;
+  const versions = trainers.filter((p) => p.report).map((p) => p.report.version).sort((a, b) => a - b);
+  state.round = versions.length ? versions[Math.floor(versions.length / 2)] : null;
+  const t = (performance.now() - state.started) / 1000;
+  state.rate.push([Math.round(t), Math.round(rate)]);
+  if (state.rate.length > 600) state.rate.shift();
+
+  setState(view.paused ? 'paused' : 'running', view.paused ? 'Task paused' : 'Task running');
+  $('n-peers').textContent = String(trainers.length);
+  $('n-round').textContent = state.round == null ? '–' : String(state.round);
+  $('n-rate').textContent = rate.toFixed(0);
+  $('n-bytes').textContent = fmtBytes(bytes);
+  $('n-rejected').textContent = String(Object.values(rejected).reduce((a, b) => a + b, 0));
+
+  lineChart($('chart-rate'), [{ name: 'samples/s, all peers', points: state.rate }],
+    { xLabel: 'seconds since this page opened', yLabel: 'samples/s', yMin: 0 });
+  graphChart($('chart-graph'),
+    view.peers.map((p) => ({
+      id: p.id, label: short(p.id), kind: observers.has(p.id) ? 'observer' : (p.report?.paused ? 'paused' : 'trainer'),
+    })),
+    view.peers.flatMap((p) => p.neighbours.map((n) => [p.id, n])));
+  barChart($('chart-peer-rate'), trainers.map((p) => ({ label: short(p.id), value: fresh(p) ? p.report.samples_per_s : 0 })),
+    { yLabel: 'samples/s', empty: 'no reports yet', format: (v) => v.toFixed(0) });
+  barChart($('chart-contrib'), trainers.map((p) => ({ label: short(p.id), value: p.report?.samples ?? 0, color: COLORS[4] })),
+    { yLabel: 'samples', empty: 'no reports yet', format: (v) => (v >= 1000 ? `${(v / 1000).toFixed(0)}k` : String(v)) });
+  barChart($('chart-rejected'), Object.entries(rejected).map(([k, v]) => ({ label: k, value: v, color: COLORS[3] })),
+    { yLabel: 'updates', empty: 'no update rejected', format: (v) => v.toFixed(0) });
+
+  $('peers').tBodies[0].replaceChildren(...trainers.map((p) => {
+    const r = p.report;
+    const cells = r
+      ? [short(p.id), r.backend, r.version, r.samples_per_s.toFixed(0), r.samples, r.loss.toFixed(3),
+        r.accuracy == null ? '–' : pct(r.accuracy), fmtBytes(r.bytes_up), fmtBytes(r.bytes_down), r.paused ? 'paused' : 'training']
+      : [short(p.id), '–', '–', '–', '–', '–', '–', '–', '–', 'joining'];
+    const tr = document.createElement('tr');
+    for (const c of cells) {
+      const td = document.createElement('td');
+      td.textContent = String(c);
+      tr.append(td);
+    }
+    return tr;
+  }));
+}
+
+async function poll() {
+  try {
+    const r = await fetch(`/api/tasks/${TASK}/swarm`);
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    drawSwarm(await r.json());
+  } catch (e) {
+    setState('error', `Server unreachable (${e.message})`);
+  }
+}
+
+async function control(action) {
+  const token = $('token').value;
+  sessionStorage.setItem('shoal-admin-token', token);
+  const r = await fetch(`/api/tasks/${TASK}/${action}`, { method: 'POST', headers: token ? { authorization: `Bearer ${token}` } : {} });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    result('error', `Refused: ${body.error ?? `HTTP ${r.status}`}`);
+    return false;
+  }
+  return true;
+}
+
+$('token').value = sessionStorage.getItem('shoal-admin-token') ?? '';
+$('pause-task').addEventListener('click', async () => { if (await control('pause')) { result('ok', 'Task paused: peers stop training.'); poll(); } });
+$('resume-task').addEventListener('click', async () => { if (await control('resume')) { result('ok', 'Task resumed.'); poll(); } });
+$('export').addEventListener('click', async () => {
+  if (state.version == null) { result('error', 'No model downloaded yet.'); return; }
+  if (await control('export')) observer.postMessage({ type: 'export' });
+});
+
+fetchTask(TASK).then((d) => {
+  $('task-title').textContent = `${d.task.title}: target held-out accuracy ${pct(d.task.train.target_accuracy)}`;
+  state.target = d.task.train.target_accuracy;
+  drawModel();
+}).catch((e) => setState('error', `Cannot load the task: ${e.message}`));
+
+observer.postMessage({ type: 'start', task: TASK, everyMs: 3000 });
+relaySwarm(observer, TASK, { onSignaling: (up) => { if (!up) setState('error', 'Lost the signaling server; reconnecting…'); } })
+  .catch((e) => setState('error', `Cannot join the swarm: ${e.message}`));
+drawModel();
+poll();
+setInterval(poll, 2000);

@@ -1,0 +1,87 @@
+// Shoal's embed for site owners:
+//   <script src="https://HOST/embed.js" data-task="digits" async></script>
+// shows a small consent widget. Only after the visitor's click does it load Shoal, in an
+// iframe from Shoal's own origin, isolated from the host page (the host page never
+// touches the model, the worker or the connections). Options as data- attributes:
+// data-task, data-position (bottom-right, bottom-left, top-right, top-left),
+// data-throttle (25, 50, 100: share of the time spent training), data-theme (light, dark).
+(function () {
+  'use strict';
+  var me = document.currentScript;
+  if (!me || !me.src) return;
+  var origin = new URL(me.src).origin;
+  var d = me.dataset;
+  var pick = function (v, allowed, fallback) { return allowed.indexOf(v) >= 0 ? v : fallback; };
+  var task = /^[a-z0-9-]{1,32}$/.test(d.task || '') ? d.task : 'digits';
+  var position = pick(d.position, ['bottom-right', 'bottom-left', 'top-right', 'top-left'], 'bottom-right');
+  var throttle = pick(d.throttle, ['25', '50', '100'], '50');
+  var theme = pick(d.theme, ['light', 'dark'], 'light');
+  var dark = theme === 'dark';
+  var fg = dark ? '#f3f4f6' : '#111827';
+  var bg = dark ? '#1f2937' : '#ffffff';
+  var accent = '#0a7d8c';
+  var sides = position.split('-');
+
+  function mount() {
+    if (sessionStorage.getItem('shoal-declined') === task) return;
+    var host = document.createElement('div');
+    host.setAttribute('data-shoal-widget', task);
+    host.style.cssText = 'position:fixed;z-index:2147483000;' + sides[0] + ':16px;' + sides[1] + ':16px;';
+    // A shadow root keeps the host page's styles out of the widget and ours out of it.
+    var root = host.attachShadow({ mode: 'open' });
+    var card = document.createElement('div');
+    card.setAttribute('role', 'dialog');
+    card.setAttribute('aria-label', 'Shoal: help train a model');
+    card.style.cssText = 'font:14px/1.4 system-ui,sans-serif;color:' + fg + ';background:' + bg +
+      ';border:1px solid ' + accent + ';border-radius:10px;padding:12px 14px;width:280px;' +
+      'box-shadow:0 4px 16px rgba(0,0,0,.18)';
+    var title = document.createElement('strong');
+    title.textContent = 'Help train an AI model';
+    var text = document.createElement('p');
+    text.style.margin = '6px 0 10px';
+    text.textContent = 'While you read, your browser can train a small model together with other ' +
+      'visitors (about ' + throttle + '% of the time, paused when the tab is hidden). Nothing ' +
+      'about you or this page is shared.';
+    var more = document.createElement('a');
+    more.href = origin + '/?task=' + task;
+    more.target = '_blank';
+    more.rel = 'noopener';
+    more.textContent = 'What is this?';
+    more.style.color = accent;
+    var row = document.createElement('div');
+    row.style.cssText = 'display:flex;gap:8px;margin-top:10px';
+    var yes = button('Contribute', true);
+    var no = button('No thanks', false);
+    row.append(yes, no);
+    card.append(title, text, more, row);
+    root.append(card);
+    document.body.append(host);
+
+    no.addEventListener('click', function () {
+      sessionStorage.setItem('shoal-declined', task);
+      host.remove();
+    });
+    yes.addEventListener('click', function () {
+      var frame = document.createElement('iframe');
+      frame.title = 'Shoal contributor';
+      frame.src = origin + '/embed.html?task=' + task + '&throttle=' + throttle + '&theme=' + theme;
+      frame.style.cssText = 'border:0;width:280px;height:190px;display:block';
+      var stop = button('Stop', false);
+      stop.style.marginTop = '8px';
+      stop.addEventListener('click', function () { host.remove(); });
+      card.replaceChildren(frame, stop);
+    });
+  }
+
+  function button(label, primary) {
+    var b = document.createElement('button');
+    b.type = 'button';
+    b.textContent = label;
+    b.style.cssText = 'font:inherit;font-weight:600;padding:6px 12px;border-radius:6px;cursor:pointer;' +
+      (primary ? 'border:0;background:' + accent + ';color:#fff' : 'background:transparent;color:' + fg + ';border:1px solid #9ca3af');
+    return b;
+  }
+
+  if (document.body) mount();
+  else document.addEventListener('DOMContentLoaded', mount);
+})();

@@ -1,0 +1,53 @@
+// The dashboard's worker: an observer peer of the swarm. It downloads the current model
+// from a neighbour every few seconds, evaluates it on the task's held-out split, and
+// writes the safetensors export on request. It never trains or sends updates.
+import init, { SwarmObserver } from './pkg/shoal_web_client.js';
+
+let observer = null;
+let early = [];
+const post = (m, transfer) => self.postMessage(m, transfer ?? []);
+const errorText = (e) => String(e && e.message ? e.message : e);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function fetchBytes(path) {
+  const r = await fetch(new URL(path, self.location.origin));
+  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+  return new Uint8Array(await r.arrayBuffer());
+}
+
+async function observe(task, everyMs) {
+  await init();
+  const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
+  if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
+  const desc = await r.json();
+  const files = await Promise.all(desc.files.map(fetchBytes));
+  observer = SwarmObserver.create(JSON.stringify(desc.task), files, everyMs);
+  for (const m of early) observer.event(m.kind, m.peer, m.data);
+  early = [];
+  post({ type: 'ready' });
+  for (;;) {
+    const points = JSON.parse(observer.tick());
+    for (const [to, data] of observer.outgoing()) post({ type: 'send', peer: to, data }, [data.buffer]);
+    const report = observer.takeReport();
+    if (report) post({ type: 'report', report });
+    if (points.length) post({ type: 'eval', points });
+    await sleep(100);
+  }
+}
+
+self.addEventListener('message', (event) => {
+  const m = event.data;
+  try {
+    if (m.type === 'start' && !observer) {
+      observe(m.task, m.everyMs ?? 3000).catch((e) => post({ type: 'error', message: errorText(e) }));
+    } else if (m.type === 'net' && m.kind !== 'task_state') {
+      if (observer) observer.event(m.kind, m.peer, m.data);
+      else early.push(m);
+    } else if (m.type === 'export') {
+      const bytes = observer.exportSafetensors();
+      post({ type: 'exported', bytes, version: observer.version() }, [bytes.buffer]);
+    }
+  } catch (e) {
+    post({ type: 'error', message: errorText(e) });
+  }
+});

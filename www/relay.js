@@ -1,0 +1,61 @@
+// The WebRTC side of a browser peer. Browsers offer RTCPeerConnection only on the main
+// thread, so the page holds the swarm connection and relays bytes between it and the
+// worker that trains (or observes). Nothing here computes; it only moves bytes.
+
+const pkg = new URL('./pkg/shoal_web_client.js', import.meta.url).href;
+
+/**
+ * Joins `task`'s swarm and wires it to `worker`: transport events go to the worker as
+ * `{type:'net', kind, peer, data}` (and `{type:'net', kind:'task_state', paused}`); the
+ * worker's `{type:'send'}` and `{type:'report'}` messages go out. `onSignaling(up)` is
+ * told when the signaling server connection comes and goes.
+ */
+export async function relaySwarm(worker, task, { onSignaling = () => {} } = {}) {
+  const shoal = await import(pkg);
+  await shoal.default();
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1`);
+  worker.addEventListener('message', (event) => {
+    const m = event.data;
+    try {
+      if (m.type === 'send') swarm.send(m.peer, m.data);
+      else if (m.type === 'report') swarm.report(m.report);
+    } catch {
+      // A full queue or a neighbour that just left: the message is dropped, and the
+      // swarm's deadlines make sure nobody waits for it.
+    }
+  });
+  (async () => {
+    for (;;) {
+      const e = await swarm.next();
+      if (e.type === 'signaling') onSignaling(e.state === 'up');
+      else if (e.type === 'peer_up' || e.type === 'peer_down') {
+        worker.postMessage({ type: 'net', kind: e.type, peer: e.peer });
+      } else if (e.type === 'message') {
+        worker.postMessage({ type: 'net', kind: 'message', peer: e.from, data: e.data }, [e.data.buffer]);
+      } else if (e.type === 'task_state') {
+        worker.postMessage({ type: 'net', kind: 'task_state', paused: e.paused });
+      }
+    }
+  })().catch(() => onSignaling(false));
+  return swarm;
+}
+
+/** Fetches a task's description (`{task, files, cost}`) with a clear error. */
+export async function fetchTask(task) {
+  let r;
+  try {
+    r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
+  } catch {
+    throw new Error('the Shoal server cannot be reached');
+  }
+  if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
+  return r.json();
+}
+
+export const fmtBytes = (n) => {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(0)} kB`;
+  return `${n} B`;
+};
