@@ -243,3 +243,81 @@ fn a_keeper_killed_mid_checkpoint_resumes_from_the_last_complete_one() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// The interpreter with `safetensors` and `numpy` that `cargo xtask test` installs.
+fn python() -> PathBuf {
+    let p = std::env::var("SHOAL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python").into());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask test` (it installs safetensors and numpy from PyPI)",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn a_keepers_export_runs_in_numpy_with_shoals_held_out_accuracy() {
+    // A keeper alone (closed signaling port), from the demo task file, exporting after
+    // 12 rounds; then Python loads the file with `safetensors`, runs the forward pass in
+    // numpy on the held-out split and must match the accuracy Shoal recorded.
+    let dir = temp("export");
+    let ckpt = dir.join("keeper");
+    let task_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml");
+    let (mut child, rx) = spawn(
+        "ws://127.0.0.1:9",
+        &dir.join("k.key"),
+        &[
+            "--task-file",
+            task_file,
+            "--keeper",
+            ckpt.to_str().expect("utf-8"),
+            "--checkpoint-every",
+            "12",
+            "--rounds",
+            "12",
+        ],
+    );
+    let exported = expect_line(&rx, 120, "the export line", |l| {
+        l.strip_prefix("exported ").map(PathBuf::from)
+    });
+    assert!(child.wait().expect("exits").success());
+    assert_eq!(exported, ckpt.join("model.safetensors"));
+    let data = data_dir();
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/export_check.py"
+        ))
+        .arg(&exported)
+        .arg(format!("{data}/digits/test-images.idx"))
+        .arg(format!("{data}/digits/test-labels.idx"))
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON line");
+    let numpy = r["accuracy"].as_f64().expect("accuracy");
+    let shoal = r["shoal_accuracy"]
+        .as_f64()
+        .expect("Shoal's accuracy in the metadata");
+    println!(
+        "numpy {numpy:.4} vs Shoal {shoal:.4} at version {}",
+        r["version"]
+    );
+    assert!(
+        (numpy - shoal).abs() <= 0.001,
+        "numpy {numpy} vs Shoal {shoal}"
+    );
+    assert!(shoal > 0.5, "12 rounds alone learn something: {shoal}");
+    assert_eq!(r["version"], 12);
+    assert_eq!(r["task"], "digits");
+    assert_eq!(r["dtypes"], serde_json::json!(["float32"]));
+    assert_eq!(r["tensors"]["layer1.weight"], serde_json::json!([784, 128]));
+    assert_eq!(r["tensors"]["layer5.bias"], serde_json::json!([10]));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

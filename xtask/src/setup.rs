@@ -7,9 +7,41 @@ use anyhow::{Result, bail};
 
 use crate::run_cmd;
 
-/// Debian packages the test suites need: the browser, its WebDriver, and the lavapipe
-/// Vulkan driver so that native wgpu has an adapter on a machine without a GPU.
-pub(crate) const TEST_PACKAGES: [&str; 3] = ["chromium", "chromium-driver", "mesa-vulkan-drivers"];
+/// Debian packages the test suites need: the browser, its WebDriver, the lavapipe
+/// Vulkan driver so that native wgpu has an adapter on a machine without a GPU, and
+/// Python's venv (the export test runs the model in numpy).
+pub(crate) const TEST_PACKAGES: [&str; 4] = [
+    "chromium",
+    "chromium-driver",
+    "mesa-vulkan-drivers",
+    "python3-venv",
+];
+
+/// A Python with `safetensors` and `numpy` from PyPI, in `target/py`, for the test that
+/// loads an exported model without Shoal. Returns its interpreter.
+pub(crate) fn ensure_python(root: &Path) -> Result<std::path::PathBuf> {
+    let venv = root.join("target/py");
+    let python = venv.join("bin/python");
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", "import safetensors, numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready() {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing safetensors and numpy into {}",
+        venv.display()
+    );
+    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "safetensors", "numpy"]))?;
+    if !ready() {
+        bail!("{} cannot import safetensors and numpy", python.display());
+    }
+    Ok(python)
+}
 
 fn is_root() -> bool {
     Command::new("id")

@@ -114,6 +114,7 @@ pub(crate) fn run_all() -> Result<()> {
     setup::ensure_wasm_target()?;
     setup::ensure_npm_packages(&root)?;
     data::prepare(&root)?;
+    let python = setup::ensure_python(&root)?;
 
     let mut t = Tally::default();
     t.check("rustfmt", cargo(&root).args(["fmt", "--all", "--check"]));
@@ -150,7 +151,8 @@ pub(crate) fn run_all() -> Result<()> {
         "native unit and integration tests",
         cargo(&root)
             .args(["test", "--release", "--no-fail-fast", "--workspace"])
-            .env("SHOAL_DATA", root.join("data")),
+            .env("SHOAL_DATA", root.join("data"))
+            .env("SHOAL_PYTHON", &python),
     );
 
     let runner = std::env::current_exe()?;
@@ -205,7 +207,8 @@ pub(crate) fn run_all() -> Result<()> {
                 "SHOAL_SERVER_BIN",
                 root.join("target/release/shoal-signaling-server"),
             )
-            .env("SHOAL_ROOT", &root),
+            .env("SHOAL_ROOT", &root)
+            .env("SHOAL_PYTHON", &python),
         ),
         Err(e) => {
             eprintln!("xtask: building for the end-to-end tests failed: {e:#}");
