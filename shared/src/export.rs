@@ -51,7 +51,7 @@ pub fn safetensors(
     }
     let mut head = Value::Object(header).to_string().into_bytes();
     // The data starts 8-byte aligned; the format pads the header with spaces.
-    while (8 + head.len()) % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + at);
@@ -99,7 +99,7 @@ mod tests {
         let meta = BTreeMap::from([("task".to_string(), "digits".to_string())]);
         let out = safetensors(&model, &params, &meta).expect("export");
         let n = u64::from_le_bytes(out[..8].try_into().expect("8 bytes")) as usize;
-        assert_eq!((8 + n) % 8, 0, "data aligned");
+        assert!(n.is_multiple_of(8), "data aligned");
         let header: Value = serde_json::from_slice(&out[8..8 + n]).expect("json header");
         assert_eq!(header["__metadata__"]["task"], "digits");
         let data = &out[8 + n..];

@@ -33,9 +33,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Checks the bearer token; the error response says what is missing.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
     let Some(token) = &state.token else {
-        return Err(refuse(
+        return Err((
             StatusCode::FORBIDDEN,
             "control actions are disabled: the server has no admin token (--admin-token)",
         ));
@@ -46,8 +46,8 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(g) if same(g.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(refuse(StatusCode::UNAUTHORIZED, "wrong admin token")),
-        None => Err(refuse(
+        Some(_) => Err((StatusCode::UNAUTHORIZED, "wrong admin token")),
+        None => Err((
             StatusCode::UNAUTHORIZED,
             "this action needs the admin token (Authorization: Bearer TOKEN)",
         )),
@@ -76,8 +76,8 @@ pub async fn pause(
     Path((task, action)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
+    if let Err((code, why)) = authorize(&s, &headers) {
+        return refuse(code, why);
     }
     let paused = match action.as_str() {
         "pause" => true,

@@ -154,7 +154,7 @@ async fn task_description(
                 "parameters": params,
                 "download_bytes": download,
                 "update_bytes": update,
-                "bytes_per_round": update * task.learn.neighbours as usize,
+                "bytes_per_round": update * task.learn.neighbours,
                 "local_steps_per_round": task.learn.local_steps,
                 "batch": task.train.batch,
             },

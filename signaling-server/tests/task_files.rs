@@ -1,0 +1,85 @@
+//! The server validates its task files at start: a broken one stops it with an error that
+//! names the file, the field and the problem.
+
+use std::process::Command;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_shoal-signaling-server");
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml");
+
+fn start_with(task: &str, data: &std::path::Path) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("shoal-taskfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("index.html"), "<!doctype html>").expect("www");
+    let file = dir.join("task.toml");
+    std::fs::write(&file, task).expect("task file");
+    let out = Command::new(SERVER)
+        .args(["--port", "0", "--www"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(data)
+        .arg("--task-file")
+        .arg(&file)
+        // Succeeding would serve forever: a closed stdin is not a stop signal, so give
+        // the valid case nothing to do but fail on the port instead.
+        .args(["--bind", "203.0.113.1"])
+        .output()
+        .expect("server runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn demo() -> String {
+    std::fs::read_to_string(DEMO).expect("demo task file")
+}
+
+fn data() -> std::path::PathBuf {
+    std::env::var("SHOAL_DATA")
+        .map(Into::into)
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../data").into())
+}
+
+#[test]
+fn a_broken_task_file_stops_the_server_naming_the_field() {
+    let (ok, err) = start_with(&demo().replace("batch = 8", "batch = 0"), &data());
+    assert!(!ok);
+    assert!(
+        err.contains("task.toml: train.batch: 0 outside 1..=4096"),
+        "{err}"
+    );
+
+    let (ok, err) = start_with(&demo().replace("units = 10", "units = 12"), &data());
+    assert!(!ok);
+    assert!(
+        err.contains("model.layers") && err.contains("data.classes is 10"),
+        "{err}"
+    );
+
+    // A data file that is not there.
+    let (ok, err) = start_with(&demo().replace("train-labels.idx", "no-such.idx"), &data());
+    assert!(!ok);
+    assert!(
+        err.contains("data.train.labels") && err.contains("no-such.idx"),
+        "{err}"
+    );
+
+    // Labels that do not fit the declared classes: the data are checked too.
+    let (ok, err) = start_with(
+        &demo()
+            .replace("classes = 10", "classes = 5")
+            .replace("units = 10", "units = 5"),
+        &data(),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("data.train") && err.contains("outside 0..5"),
+        "{err}"
+    );
+
+    // The valid demo passes validation and gets as far as binding the address.
+    let (ok, err) = start_with(&demo(), &data());
+    assert!(!ok);
+    assert!(err.contains("could not listen"), "validation passed: {err}");
+}
