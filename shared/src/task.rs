@@ -319,12 +319,7 @@ impl TaskSpec {
 
     /// The inner learning rate for a round of the model.
     pub fn lr_at(&self, round: u64) -> f32 {
-        let t = &self.train;
-        if t.lr_decay_rounds == 0 {
-            return t.lr;
-        }
-        let x = (round as f32 / t.lr_decay_rounds as f32).min(1.0);
-        t.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * x).cos()))
+        crate::engine::train::swarm_lr(self.train.lr, round, self.train.lr_decay_rounds)
     }
 
     /// Builds the train and held-out data sets from the bytes of the files, in the order

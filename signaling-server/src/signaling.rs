@@ -14,6 +14,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use shoal_shared::protocol::{
     ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, Signal, VERSION, decode_client,
@@ -539,6 +540,31 @@ async fn send(socket: &mut WebSocket, hub: &Hub, text: String) -> bool {
     socket.send(Message::Text(text.into())).await.is_ok()
 }
 
+/// Writes `first` and whatever else is already queued for this peer, then flushes once:
+/// under load one write system call carries many messages.
+async fn send_queued(
+    socket: &mut WebSocket,
+    hub: &Hub,
+    first: String,
+    rx: &mut mpsc::Receiver<String>,
+) -> bool {
+    let mut bytes = first.len();
+    if socket.feed(Message::Text(first.into())).await.is_err() {
+        return false;
+    }
+    for _ in 0..64 {
+        let Ok(text) = rx.try_recv() else { break };
+        bytes += text.len();
+        if socket.feed(Message::Text(text.into())).await.is_err() {
+            return false;
+        }
+    }
+    hub.metrics
+        .bytes_out
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+    socket.flush().await.is_ok()
+}
+
 async fn refuse(socket: &mut WebSocket, hub: &Hub, code: ErrorCode, message: String) -> bool {
     hub.metrics.reject(code);
     send(socket, hub, encode(&ServerMessage::Error { code, message })).await
@@ -617,7 +643,7 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
             tokio::select! {
                 _ = shutdown.changed() => break (1001, "server shutting down"),
                 out = rx.recv() => match out {
-                    Some(text) => if !send(&mut socket, &hub, text).await { break (1011, "send failed") },
+                    Some(text) => if !send_queued(&mut socket, &hub, text, &mut rx).await { break (1011, "send failed") },
                     None => break (1011, "queue closed"),
                 },
                 _ = ping.tick() => {

@@ -231,6 +231,13 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
     const r = JSON.parse(stdout);
     assert.ok(Math.abs(r.accuracy - r.shoal_accuracy) <= 0.001, `numpy ${r.accuracy} vs Shoal ${r.shoal_accuracy}`);
   }
+  // The visitor's own pause button: the peer stops and says why; again resumes it.
+  await pages[1].click('#pause');
+  await pages[1].waitForFunction(() => /Paused: you paused it/.test(document.getElementById('status').textContent));
+  await pages[1].waitForFunction(() => document.querySelector('#stats [data-key="phase"]')?.textContent === 'paused', null, { timeout: 30_000 });
+  assert.equal(await pages[1].locator('#pause').textContent(), 'Resume');
+  await pages[1].click('#pause');
+  await pages[1].waitForFunction(() => document.querySelector('#stats [data-key="phase"]')?.textContent !== 'paused', null, { timeout: 30_000 });
   writeFileSync(join(shots, 'summary.json'), JSON.stringify({ ...done, charts }, null, 2));
   for (const p of [...pages, reader, dash]) await p.context().close();
 });
@@ -251,4 +258,27 @@ test('on battery the page pauses itself and says so', async () => {
   await page.waitForTimeout(3000);
   assert.equal(await page.locator('#stats [data-key="samples contributed"]').textContent(), '0', 'nothing trained on battery');
   await page.context().close();
+});
+
+test('the page says so when the server cannot be reached', async () => {
+  // The task description cannot be fetched: the page explains and offers nothing to click.
+  const page = await newPage();
+  await page.route('**/api/tasks/**', (route) => route.abort('connectionrefused'));
+  await page.goto(`${server.url}/?backend=cpu`);
+  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error', null, { timeout: 30_000 });
+  assert.match(await page.locator('#status').textContent(), /Cannot start: the Shoal server cannot be reached/);
+  assert.equal(await page.locator('#consent').isDisabled(), true);
+  await page.context().close();
+
+  // The server goes away while a visitor contributes: the page says it lost the server.
+  const own = await startServer();
+  const visitor = await newPage();
+  await visitor.goto(`${own.url}/?backend=cpu`);
+  await visitor.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await visitor.click('#consent');
+  await visitor.waitForFunction(() => document.querySelector('#stats [data-key="round"]'), null, { timeout: 60_000 });
+  await own.kill();
+  await visitor.waitForFunction(() => document.getElementById('status').dataset.state === 'offline', null, { timeout: 30_000 });
+  assert.match(await visitor.locator('#status').textContent(), /Lost the connection to the Shoal server/);
+  await visitor.context().close();
 });

@@ -11,6 +11,11 @@
 //!   backend natively vs PyTorch on the CPU with the same single thread (`mlp-native`,
 //!   `cnn-native`); Shoal on the native wgpu adapter (reported).
 //! - `signaling`: Shoal's signaling server vs the PeerJS server (`bench_signaling.rs`).
+//! - `communication`: bytes per peer to the target, Shoal vs DISCO-style (`sim.rs`).
+//! - `datachannel`: MB/s of a 20 MB message through Shoal's framing layer vs raw 16 KiB
+//!   sends on the same kind of data channel, natively (`web-client/examples/
+//!   datachannel_bench.rs`) and in Chromium (`bench-web/datachannel.mjs`), both on
+//!   loopback inside a network namespace (`framing-vs-raw-native`, `framing-vs-raw-browser`).
 
 use std::path::Path;
 use std::process::Command;
@@ -28,7 +33,13 @@ use shoal_shared::rng::SplitMix64;
 use crate::{data, root, run_cmd, setup, web};
 
 /// Every benchmark this runner knows.
-pub(crate) const NAMES: [&str; 4] = ["matmul", "train-throughput", "signaling", "communication"];
+pub(crate) const NAMES: [&str; 5] = [
+    "matmul",
+    "train-throughput",
+    "signaling",
+    "communication",
+    "datachannel",
+];
 
 const BATCH: usize = 64;
 const LR: f32 = 1e-3;
@@ -46,6 +57,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "train-throughput" => train_throughput(&root)?,
         "signaling" => crate::bench_signaling::signaling(&root)?,
         "communication" => crate::sim::communication(&root)?,
+        "datachannel" => datachannel(&root)?,
         other => bail!("unknown benchmark {other:?}; known: {}", NAMES.join(", ")),
     };
     let dir = root.join("target/bench");
@@ -343,19 +355,89 @@ fn browser_bench(root: &Path, kind: &str) -> Result<Value> {
     }
     web::build(root)?;
     data::prepare(root)?;
-    let out = crate::test::loopback_namespace(&format!("node xtask/bench-web/bench.mjs {kind}"))
+    json_in_namespace(
+        root,
+        &format!("node xtask/bench-web/bench.mjs {kind}"),
+        "browser benchmark",
+    )
+}
+
+/// Runs a command inside a loopback-only network namespace; its last stdout line is JSON.
+fn json_in_namespace(root: &Path, script: &str, what: &str) -> Result<Value> {
+    let out = crate::test::loopback_namespace(script)
         .current_dir(root)
         .output()
-        .context("running the browser benchmark")?;
+        .with_context(|| format!("running the {what}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
-            "browser benchmark failed: {}\n{}",
+            "{what} failed: {}\n{}",
             String::from_utf8_lossy(&out.stderr),
             text
         );
     }
     Ok(serde_json::from_str(text.lines().last().unwrap_or("{}"))?)
+}
+
+fn datachannel(root: &Path) -> Result<Value> {
+    setup::ensure_debs(&setup::TEST_PACKAGES)?;
+    let dir = root.join("xtask/bench-web");
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        run_cmd(
+            Command::new("npm")
+                .current_dir(&dir)
+                .args(["ci", "--no-audit", "--no-fund"]),
+        )?;
+    }
+    web::build(root)?;
+    data::prepare(root)?;
+    run_cmd(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "shoal-signaling-server",
+        "--bin",
+        "shoal-signaling-server",
+        "-p",
+        "shoal-web-client",
+        "--example",
+        "datachannel_bench",
+    ]))?;
+    println!("datachannel: 20 MB, 5 trials each, median MB/s (loopback)");
+    let native = json_in_namespace(
+        root,
+        "target/release/examples/datachannel_bench",
+        "native datachannel benchmark",
+    )?;
+    let browser = json_in_namespace(
+        root,
+        "node xtask/bench-web/datachannel.mjs",
+        "browser datachannel benchmark",
+    )?;
+    let med = |v: &Value, k: &str| {
+        median(
+            v[k].as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default(),
+        )
+    };
+    let mut report = json!({});
+    let mut ratios = serde_json::Map::new();
+    for (name, v) in [("native", &native), ("browser", &browser)] {
+        let (raw, framed) = (med(v, "raw_mb_s"), med(v, "framed_mb_s"));
+        println!(
+            "  {name:<8} raw {raw:>8.1} MB/s   framed {framed:>8.1} MB/s   ratio {:.2}",
+            framed / raw
+        );
+        report[name] = json!({ "raw_mb_s": raw, "framed_mb_s": framed, "trials": v });
+        ratios.insert(format!("framing-vs-raw-{name}"), json!(framed / raw));
+    }
+    report["ratios"] = Value::Object(ratios);
+    Ok(report)
 }
 
 /// `xtask bench-native-gpu`: the native wgpu numbers alone (matmul and training), for a

@@ -8,6 +8,17 @@ use crate::dataset::Dataset;
 use crate::gpu::Gpu;
 use crate::rng::SplitMix64;
 
+/// The swarm's inner learning-rate schedule: a half-cosine from `lr` down to 10% of it
+/// over `decay_rounds` rounds of the model, then flat (0: constant). Every peer derives
+/// it from the model version, so the swarm settles together.
+pub fn swarm_lr(lr: f32, round: u64, decay_rounds: u64) -> f32 {
+    if decay_rounds == 0 {
+        return lr;
+    }
+    let x = (round as f32 / decay_rounds as f32).min(1.0);
+    lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * x).cos()))
+}
+
 /// A data set as the engine consumes it: normalized inputs and labels.
 #[derive(Clone, Debug)]
 pub struct Samples {

@@ -84,6 +84,10 @@ pub struct TrainSettings {
     /// Random shift augmentation in pixels.
     #[serde(default)]
     pub shift: usize,
+    /// Rounds of the inner learning rate's half-cosine decay (0: constant), as in a
+    /// task's `train.lr_decay_rounds`.
+    #[serde(default)]
+    pub lr_decay_rounds: u64,
     /// `"mlp"` or `"cnn"` (the demo models).
     #[serde(default = "default_model")]
     pub model: String,
@@ -586,10 +590,14 @@ impl Sim<'_> {
             self.sc.train.shift,
         );
         let train = self.train;
+        let (lr, decay) = (self.sc.train.lr, self.sc.train.lr_decay_rounds);
         let p = self.peers[slot].as_mut().expect("alive");
         p.training = true;
         p.backend
             .load_weights(p.learner.weights())
+            .map_err(|e| e.to_string())?;
+        p.backend
+            .set_learning_rate(crate::engine::train::swarm_lr(lr, p.learner.round(), decay))
             .map_err(|e| e.to_string())?;
         let (mut x, mut y, mut idx) = (Vec::new(), Vec::new(), Vec::with_capacity(batch));
         let mut loss = 0.0;
