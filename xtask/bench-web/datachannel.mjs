@@ -105,9 +105,15 @@ try {
     }
 
     const out = { raw_mb_s: [], framed_mb_s: [] };
+    // ABBA order, so that neither kind always runs first.
     for (let t = 0; t < trials; t++) {
-      out.raw_mb_s.push(await raw());
-      out.framed_mb_s.push(await framed());
+      if (t % 2 === 0) {
+        out.raw_mb_s.push(await raw());
+        out.framed_mb_s.push(await framed());
+      } else {
+        out.framed_mb_s.push(await framed());
+        out.raw_mb_s.push(await raw());
+      }
     }
     s1.close();
     s2.close();

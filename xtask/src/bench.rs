@@ -407,7 +407,9 @@ fn datachannel(root: &Path) -> Result<Value> {
         "--example",
         "datachannel_bench",
     ]))?;
-    println!("datachannel: 20 MB, 5 trials each, median MB/s (loopback)");
+    println!(
+        "datachannel: 20 MB; median MB/s of 15 native and 5 browser transfers each (loopback)"
+    );
     let native = json_in_namespace(
         root,
         "target/release/examples/datachannel_bench",

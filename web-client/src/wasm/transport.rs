@@ -172,7 +172,9 @@ impl Swarm {
     /// too large, or the queue full (retry after some `message` events or a delay).
     pub fn send(&self, peer: String, data: &[u8]) -> Result<(), JsError> {
         let id = parse_peer(&peer)?;
-        Transport::send(self, id, data.to_vec()).map_err(|e| JsError::new(&e.to_string()))
+        // Straight from the caller's bytes into the frames: no intermediate copy.
+        self.queue(id, data)
+            .map_err(|e| JsError::new(&e.to_string()))
     }
 
     /// Sends this peer's numbers (a `PeerReport` as JSON) to the server for the
@@ -211,6 +213,26 @@ impl Swarm {
     }
 }
 
+impl Swarm {
+    /// Splits a message into frames on the peer's send queue and starts pumping.
+    fn queue(&self, peer: PeerId, data: &[u8]) -> Result<(), SendError> {
+        {
+            let mut inner = self.inner.borrow_mut();
+            let conn = inner
+                .peers
+                .get_mut(&peer)
+                .filter(|c| c.open)
+                .ok_or(SendError::NoSuchPeer(peer))?;
+            conn.queue.push(data).map_err(|e| match e {
+                QueueError::Full => SendError::Full(peer),
+                QueueError::TooLarge => SendError::TooLarge,
+            })?;
+        }
+        pump(&self.inner, peer);
+        Ok(())
+    }
+}
+
 impl Transport for Swarm {
     fn id(&self) -> Option<PeerId> {
         self.inner.borrow().me
@@ -227,20 +249,7 @@ impl Transport for Swarm {
     }
 
     fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError> {
-        {
-            let mut inner = self.inner.borrow_mut();
-            let conn = inner
-                .peers
-                .get_mut(&peer)
-                .filter(|c| c.open)
-                .ok_or(SendError::NoSuchPeer(peer))?;
-            conn.queue.push(&data).map_err(|e| match e {
-                QueueError::Full => SendError::Full(peer),
-                QueueError::TooLarge => SendError::TooLarge,
-            })?;
-        }
-        pump(&self.inner, peer);
-        Ok(())
+        self.queue(peer, &data)
     }
 
     fn report(&self, report: &PeerReport) {
