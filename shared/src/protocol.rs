@@ -312,6 +312,83 @@ impl ErrorCode {
     ];
 }
 
+/// A `signal` message read without building it: the addressee, and the signal's JSON
+/// text exactly as the sender wrote it, already checked to be a valid [`Signal`]. The
+/// server forwards that text unchanged, so it never copies or re-escapes a description.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SignalRef<'a> {
+    /// The addressee.
+    pub to: PeerId,
+    /// The signal, as JSON text.
+    pub signal: &'a str,
+}
+
+/// The fast path for the message the server relays most: `Some` only for a `signal`
+/// message that [`decode_client`] would accept (anything else, valid or not, is `None`
+/// and goes through `decode_client`, which names the problem).
+pub fn decode_signal(text: &str) -> Option<SignalRef<'_>> {
+    use serde_json::value::RawValue;
+    use std::borrow::Cow;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Envelope<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+        to: PeerId,
+        #[serde(borrow)]
+        signal: &'a RawValue,
+    }
+    // Fields are taken raw, `null` included, so that "absent" and "null" stay apart as
+    // they do for `Signal`.
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+        <&'de RawValue>::deserialize(d).map(Some)
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Fields<'a> {
+        #[serde(borrow)]
+        kind: Cow<'a, str>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        sdp: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        candidate: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        sdp_mid: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        sdp_m_line_index: Option<&'a RawValue>,
+    }
+    fn string(v: &RawValue) -> bool {
+        serde_json::from_str::<Cow<'_, str>>(v.get()).is_ok()
+    }
+    let e: Envelope<'_> = serde_json::from_str(text).ok()?;
+    if e.kind != "signal" {
+        return None;
+    }
+    let f: Fields<'_> = serde_json::from_str(e.signal.get()).ok()?;
+    let ok = match &*f.kind {
+        "offer" | "answer" => {
+            f.sdp.is_some_and(string)
+                && f.candidate.is_none()
+                && f.sdp_mid.is_none()
+                && f.sdp_m_line_index.is_none()
+        }
+        "candidate" => {
+            f.candidate.is_some_and(string)
+                && f.sdp.is_none()
+                && f.sdp_mid
+                    .is_none_or(|v| serde_json::from_str::<Option<Cow<'_, str>>>(v.get()).is_ok())
+                && f.sdp_m_line_index
+                    .is_none_or(|v| serde_json::from_str::<Option<u16>>(v.get()).is_ok())
+        }
+        _ => false,
+    };
+    ok.then_some(SignalRef {
+        to: e.to,
+        signal: e.signal.get(),
+    })
+}
+
 /// Decodes a client message, telling an unknown `type` apart from other malformations.
 pub fn decode_client(text: &str) -> Result<ClientMessage, (ErrorCode, String)> {
     match serde_json::from_str::<ClientMessage>(text) {
@@ -394,6 +471,46 @@ mod tests {
             ok,
             Ok(ClientMessage::Signal { to: PeerId(1), .. })
         ));
+    }
+
+    #[test]
+    fn the_signal_fast_path_accepts_exactly_what_the_full_decoder_accepts() {
+        let cases = [
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"v=0\r\no=- 1"}}"#,
+            r#"{"signal":{"sdp":"a","kind":"answer"},"to":"0000000000000002","type":"signal"}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"candidate","candidate":"c","sdp_mid":"0","sdp_m_line_index":0}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"candidate","candidate":"c","sdp_mid":null}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"candidate","candidate":"c"}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"s","sdp_mid":null}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":null}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer"}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"candidate","candidate":"c","sdp_m_line_index":70000}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"candidate","candidate":"c","sdp":"x"}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"dance","sdp":"x"}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"x","extra":1}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"x"},"extra":1}"#,
+            r#"{"type":"signal","to":"XYZ","signal":{"kind":"offer","sdp":"x"}}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":"offer"}"#,
+            r#"{"type":"unreachable","peer":"0000000000000001"}"#,
+            r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"x"}"#,
+        ];
+        let mut fast = 0;
+        for text in cases {
+            match (decode_signal(text), decode_client(text)) {
+                (Some(r), Ok(ClientMessage::Signal { to, signal })) => {
+                    fast += 1;
+                    assert_eq!(r.to, to, "{text}");
+                    let again: Signal = serde_json::from_str(r.signal).expect("valid signal");
+                    assert_eq!(again, signal, "{text}");
+                }
+                (Some(_), other) => panic!("fast path took {text}, the decoder says {other:?}"),
+                (None, Ok(ClientMessage::Signal { .. })) => {
+                    panic!("the fast path refused a valid signal: {text}")
+                }
+                (None, _) => {}
+            }
+        }
+        assert_eq!(fast, 5, "the valid signals above");
     }
 
     #[test]

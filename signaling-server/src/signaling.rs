@@ -5,7 +5,7 @@
 //! outgoing messages; all shared state sits behind one mutex that is held only for
 //! bookkeeping (never across an await).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,10 +17,11 @@ use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use shoal_shared::protocol::{
-    ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, Signal, VERSION, decode_client,
+    ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, VERSION, decode_client,
+    decode_signal,
 };
 use shoal_shared::rng::SplitMix64;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::ice::IceConfig;
 use crate::metrics::Metrics;
@@ -98,8 +99,58 @@ impl Default for SignalingConfig {
     }
 }
 
+/// A connection's queue of outgoing messages. Lighter than a channel for the common case
+/// of an idle peer: the queue allocates nothing until a message is waiting, and the
+/// connection's task sleeps on the `Notify`.
+pub(crate) struct Outbox {
+    queue: Mutex<VecDeque<String>>,
+    ready: Notify,
+    cap: usize,
+}
+
+impl Outbox {
+    fn new(cap: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            cap,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<String>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a message, or refuses it when `cap` are already waiting.
+    fn push(&self, text: String) -> Result<(), String> {
+        {
+            let mut q = self.lock();
+            if q.len() >= self.cap {
+                return Err(text);
+            }
+            q.push_back(text);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Takes up to `n` waiting messages.
+    fn take(&self, n: usize) -> Vec<String> {
+        let mut q = self.lock();
+        let k = n.min(q.len());
+        let v = q.drain(..k).collect();
+        if q.is_empty() && q.capacity() > 8 {
+            // A burst is over: give its memory back.
+            *q = VecDeque::new();
+        }
+        v
+    }
+}
+
 struct Peer {
-    tx: mpsc::Sender<String>,
+    tx: Arc<Outbox>,
     neighbours: BTreeSet<PeerId>,
     /// Index in `Task::ids`.
     slot: usize,
@@ -313,7 +364,7 @@ impl Hub {
     }
 
     /// Adds a peer to a task and links it to up to k random peers.
-    fn join(&self, task: &str, tx: mpsc::Sender<String>) -> Result<PeerId, ErrorCode> {
+    fn join(&self, task: &str, tx: Arc<Outbox>) -> Result<PeerId, ErrorCode> {
         let k = self.config.neighbours;
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -421,8 +472,9 @@ impl Hub {
     }
 
     /// Relays a signal between neighbours.
-    fn relay(&self, task: &str, from: PeerId, to: PeerId, signal: Signal) -> Result<(), ErrorCode> {
-        let text = encode(&ServerMessage::Signal { from, signal });
+    fn relay(&self, task: &str, from: PeerId, to: PeerId, signal: &str) -> Result<(), ErrorCode> {
+        // `signal` is validated JSON (`decode_signal`), forwarded as the sender wrote it.
+        let text = format!(r#"{{"type":"signal","from":"{from}","signal":{signal}}}"#);
         let st = self.lock();
         let t = st.tasks.get(task).ok_or(ErrorCode::UnknownTask)?;
         let introduced = t
@@ -433,7 +485,7 @@ impl Hub {
             return Err(ErrorCode::NotNeighbour);
         }
         let target = t.peers.get(&to).ok_or(ErrorCode::NotNeighbour)?;
-        match target.tx.try_send(text) {
+        match target.tx.push(text) {
             Ok(()) => {
                 self.metrics.relayed.fetch_add(1, Ordering::Relaxed);
             }
@@ -478,7 +530,7 @@ fn link(t: &mut Task, a: PeerId, b: PeerId) {
 
 fn notify(t: &Task, to: PeerId, m: &ServerMessage, metrics: &Metrics) {
     if let Some(p) = t.peers.get(&to)
-        && p.tx.try_send(encode(m)).is_err()
+        && p.tx.push(encode(m)).is_err()
     {
         metrics.dropped.fetch_add(1, Ordering::Relaxed);
     }
@@ -542,18 +594,9 @@ async fn send(socket: &mut WebSocket, hub: &Hub, text: String) -> bool {
 
 /// Writes `first` and whatever else is already queued for this peer, then flushes once:
 /// under load one write system call carries many messages.
-async fn send_queued(
-    socket: &mut WebSocket,
-    hub: &Hub,
-    first: String,
-    rx: &mut mpsc::Receiver<String>,
-) -> bool {
-    let mut bytes = first.len();
-    if socket.feed(Message::Text(first.into())).await.is_err() {
-        return false;
-    }
-    for _ in 0..64 {
-        let Ok(text) = rx.try_recv() else { break };
+async fn send_queued(socket: &mut WebSocket, hub: &Hub, first: String, outbox: &Outbox) -> bool {
+    let mut bytes = 0;
+    for text in std::iter::once(first).chain(outbox.take(64)) {
         bytes += text.len();
         if socket.feed(Message::Text(text.into())).await.is_err() {
             return false;
@@ -585,7 +628,7 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
         .fetch_add(1, Ordering::Relaxed);
     let open = hub.connections.fetch_add(1, Ordering::Relaxed) + 1;
     let _slot = ConnectionSlot(&hub.connections);
-    let limits = hub.config.limits.clone();
+    let limits = &hub.config.limits;
     if open > limits.max_connections {
         refuse(
             &mut socket,
@@ -602,8 +645,8 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
         refuse(&mut socket, &hub, ErrorCode::BadVersion, msg).await;
         return close(socket, 1002, "bad version").await;
     }
-    let (tx, mut rx) = mpsc::channel::<String>(limits.queue);
-    let id = match hub.join(&task, tx) {
+    let outbox = Arc::new(Outbox::new(limits.queue));
+    let id = match hub.join(&task, Arc::clone(&outbox)) {
         Ok(id) => id,
         Err(code) => {
             refuse(
@@ -642,10 +685,14 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break (1001, "server shutting down"),
-                out = rx.recv() => match out {
-                    Some(text) => if !send_queued(&mut socket, &hub, text, &mut rx).await { break (1011, "send failed") },
-                    None => break (1011, "queue closed"),
-                },
+                () = outbox.ready.notified() => {
+                    let first = outbox.take(1).pop();
+                    if let Some(text) = first
+                        && !send_queued(&mut socket, &hub, text, &outbox).await
+                    {
+                        break (1011, "send failed");
+                    }
+                }
                 _ = ping.tick() => {
                     if last_seen.elapsed() > limits.idle_timeout {
                         break (1001, "idle timeout");
@@ -689,9 +736,18 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
                     }
                     tokens -= 1.0;
                     let not_neighbour = |to: PeerId| move |c| (c, format!("{to} is not your neighbour"));
+                    if let Some(s) = decode_signal(&text) {
+                        if let Err(e) = hub.relay(&task, id, s.to, s.signal).map_err(not_neighbour(s.to)) {
+                            refuse(&mut socket, &hub, e.0, e.1).await;
+                        }
+                        continue;
+                    }
                     let outcome = match decode_client(&text) {
                         Ok(ClientMessage::Signal { to, signal }) => {
-                            hub.relay(&task, id, to, signal).map_err(not_neighbour(to))
+                            // decode_signal takes every valid signal (a test checks);
+                            // should one slip past it, relay the re-encoded form.
+                            let raw = serde_json::to_string(&signal).unwrap_or_default();
+                            hub.relay(&task, id, to, &raw).map_err(not_neighbour(to))
                         }
                         Ok(ClientMessage::Unreachable { peer }) => {
                             hub.unreachable(&task, id, peer).map_err(not_neighbour(peer))
