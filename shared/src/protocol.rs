@@ -42,17 +42,25 @@ impl std::str::FromStr for PeerId {
 }
 
 mod hex_u64 {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use serde::{Deserializer, Serializer, de::Error};
 
     pub(super) fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&format_args!("{v:016x}"))
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse::<super::PeerId>()
-            .map(|p| p.0)
-            .map_err(D::Error::custom)
+        // Parsed from the borrowed text where the input allows: no allocation per id.
+        struct Hex;
+        impl serde::de::Visitor<'_> for Hex {
+            type Value = u64;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a peer id (16 lowercase hex digits)")
+            }
+            fn visit_str<E: Error>(self, s: &str) -> Result<u64, E> {
+                s.parse::<super::PeerId>().map(|p| p.0).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Hex)
     }
 }
 

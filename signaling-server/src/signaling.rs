@@ -136,16 +136,15 @@ impl Outbox {
         Ok(())
     }
 
-    /// Takes up to `n` waiting messages.
-    fn take(&self, n: usize) -> Vec<String> {
+    /// The oldest waiting message.
+    fn pop(&self) -> Option<String> {
         let mut q = self.lock();
-        let k = n.min(q.len());
-        let v = q.drain(..k).collect();
+        let m = q.pop_front();
         if q.is_empty() && q.capacity() > 8 {
             // A burst is over: give its memory back.
             *q = VecDeque::new();
         }
-        v
+        m
     }
 }
 
@@ -596,7 +595,11 @@ async fn send(socket: &mut WebSocket, hub: &Hub, text: String) -> bool {
 /// under load one write system call carries many messages.
 async fn send_queued(socket: &mut WebSocket, hub: &Hub, first: String, outbox: &Outbox) -> bool {
     let mut bytes = 0;
-    for text in std::iter::once(first).chain(outbox.take(64)) {
+    let mut next = Some(first);
+    for _ in 0..64 {
+        let Some(text) = next.take().or_else(|| outbox.pop()) else {
+            break;
+        };
         bytes += text.len();
         if socket.feed(Message::Text(text.into())).await.is_err() {
             return false;
@@ -686,7 +689,7 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
             tokio::select! {
                 _ = shutdown.changed() => break (1001, "server shutting down"),
                 () = outbox.ready.notified() => {
-                    let first = outbox.take(1).pop();
+                    let first = outbox.pop();
                     if let Some(text) = first
                         && !send_queued(&mut socket, &hub, text, &outbox).await
                     {
