@@ -221,3 +221,33 @@ fn scenario_files_are_validated_with_the_field_named() {
     let err = Scenario::from_toml(&format!("{good}\nbogus = 1\n")).expect_err("unknown field");
     assert!(err.contains("bogus"), "{err}");
 }
+
+#[test]
+fn thirty_percent_churn_per_round_still_reaches_the_target_and_holds_it() {
+    let sc = scenario("churn-30");
+    assert!(
+        sc.churn.per_round >= 0.3,
+        "30% of peers replaced each round"
+    );
+    let r = run(&sc);
+    let reached = r
+        .samples_to_target
+        .expect("the target is reached under churn");
+    let at = r
+        .rows
+        .iter()
+        .position(|row| row.samples >= reached)
+        .expect("a row at the target");
+    // No stall and no slide: every round completes, and the model stays near the target
+    // from then to the end.
+    assert_eq!(r.rows.len() as u64, sc.rounds, "every round completed");
+    let worst = r.rows[at..]
+        .iter()
+        .map(|row| row.accuracy)
+        .fold(f32::INFINITY, f32::min);
+    assert!(
+        worst >= sc.target - 0.01,
+        "after reaching the target the swarm fell to {worst}"
+    );
+    assert!(settled(&r) >= sc.target, "settled at {}", settled(&r));
+}
