@@ -234,6 +234,10 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
     let epoch = Instant::now();
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..PEERS).map(|_| AtomicU64::new(0)).collect());
     let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..PEERS).map(|_| AtomicU64::new(0)).collect());
+    // A sender whose window is full sleeps until one of its messages arrives (spinning
+    // would take CPU from the server under test, which shares the machine).
+    let arrived: Arc<Vec<tokio::sync::Notify>> =
+        Arc::new((0..PEERS).map(|_| tokio::sync::Notify::new()).collect());
     let received = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -246,6 +250,7 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
         // Read until the server's greeting (and, for Shoal, the first neighbour list).
         let (tx_n, rx_n) = tokio::sync::watch::channel(Vec::<String>::new());
         let (tx_id, mut rx_id) = tokio::sync::mpsc::channel::<String>(1);
+        let arrived_r = Arc::clone(&arrived);
         let (delivered, received, latencies, measuring) = (
             Arc::clone(&delivered),
             Arc::clone(&received),
@@ -321,6 +326,7 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                     .unwrap_or(0);
                 if s < PEERS {
                     delivered[s].fetch_add(1, Ordering::Relaxed);
+                    arrived_r[s].notify_one();
                 }
                 if measuring.load(Ordering::Relaxed) {
                     received.fetch_add(1, Ordering::Relaxed);
@@ -347,8 +353,12 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut senders = Vec::new();
     for (i, mut sink) in sinks.into_iter().enumerate() {
-        let (sent, delivered, stop) =
-            (Arc::clone(&sent), Arc::clone(&delivered), Arc::clone(&stop));
+        let (sent, delivered, stop, arrived) = (
+            Arc::clone(&sent),
+            Arc::clone(&delivered),
+            Arc::clone(&stop),
+            Arc::clone(&arrived),
+        );
         let ids = ids.clone();
         let neighbours = neighbour_lists[i].clone();
         let kind = kind.to_string();
@@ -358,7 +368,12 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
             while !stop.load(Ordering::Relaxed) {
                 if sent[i].load(Ordering::Relaxed) >= delivered[i].load(Ordering::Relaxed) + WINDOW
                 {
-                    tokio::task::yield_now().await;
+                    // Bounded, in case a message was dropped: the window then reopens.
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(50),
+                        arrived[i].notified(),
+                    )
+                    .await;
                     continue;
                 }
                 n += 1;
