@@ -611,18 +611,31 @@ async fn send_queued(socket: &mut WebSocket, hub: &Hub, first: String, outbox: &
     socket.flush().await.is_ok()
 }
 
-async fn refuse(socket: &mut WebSocket, hub: &Hub, code: ErrorCode, message: String) -> bool {
-    hub.metrics.reject(code);
-    send(socket, hub, encode(&ServerMessage::Error { code, message })).await
+/// A future on the heap. The paths that use it are cold (errors, the greeting, the
+/// goodbye); boxing them keeps their state out of every idle connection's task.
+type Cold<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+fn refuse<'a>(
+    socket: &'a mut WebSocket,
+    hub: &'a Hub,
+    code: ErrorCode,
+    message: String,
+) -> Cold<'a, bool> {
+    Box::pin(async move {
+        hub.metrics.reject(code);
+        send(socket, hub, encode(&ServerMessage::Error { code, message })).await
+    })
 }
 
-async fn close(mut socket: WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+fn close(mut socket: WebSocket, code: u16, reason: &'static str) -> Cold<'static, ()> {
+    Box::pin(async move {
+        let _ = socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+    })
 }
 
 async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version: Option<u32>) {
@@ -662,7 +675,7 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
             return close(socket, 1008, "refused").await;
         }
     };
-    let welcome = ServerMessage::Welcome {
+    let welcome = encode(&ServerMessage::Welcome {
         version: VERSION,
         peer: id,
         task: task.clone(),
@@ -673,9 +686,9 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
                 .map_or(0, |d| d.as_secs()),
         ),
         max_message_bytes: limits.max_message_bytes,
-    };
+    });
     let mut shutdown = hub.shutdown.subscribe();
-    let ok = send(&mut socket, &hub, encode(&welcome)).await;
+    let ok = Box::pin(send(&mut socket, &hub, welcome)).await;
     let mut tokens = limits.burst;
     let mut refilled = Instant::now();
     let mut strikes = 0u32;
@@ -691,7 +704,7 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
                 () = outbox.ready.notified() => {
                     let first = outbox.pop();
                     if let Some(text) = first
-                        && !send_queued(&mut socket, &hub, text, &outbox).await
+                        && !Box::pin(send_queued(&mut socket, &hub, text, &outbox)).await
                     {
                         break (1011, "send failed");
                     }
@@ -700,7 +713,7 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
                     if last_seen.elapsed() > limits.idle_timeout {
                         break (1001, "idle timeout");
                     }
-                    if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    if Box::pin(socket.send(Message::Ping(Vec::new().into()))).await.is_err() {
                         break (1011, "send failed");
                     }
                 }
