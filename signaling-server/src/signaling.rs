@@ -608,6 +608,10 @@ async fn send_queued(socket: &mut WebSocket, hub: &Hub, first: String, outbox: &
     hub.metrics
         .bytes_out
         .fetch_add(bytes as u64, Ordering::Relaxed);
+    if !outbox.lock().is_empty() {
+        // More came than one batch takes: come back for it after this flush.
+        outbox.ready.notify_one();
+    }
     socket.flush().await.is_ok()
 }
 
@@ -695,13 +699,21 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
     let mut last_seen = Instant::now();
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
+    // Waiting for shutdown and for queued messages are kept across iterations: only the
+    // one that fired is renewed, so a busy connection does not re-register every waiter
+    // on every message.
+    let stopping = shutdown.changed();
+    tokio::pin!(stopping);
+    let queued = outbox.ready.notified();
+    tokio::pin!(queued);
     let reason: (u16, &'static str) = if !ok {
         (1011, "send failed")
     } else {
         loop {
             tokio::select! {
-                _ = shutdown.changed() => break (1001, "server shutting down"),
-                () = outbox.ready.notified() => {
+                _ = &mut stopping => break (1001, "server shutting down"),
+                () = &mut queued => {
+                    queued.set(outbox.ready.notified());
                     let first = outbox.pop();
                     if let Some(text) = first
                         && !Box::pin(send_queued(&mut socket, &hub, text, &outbox)).await
