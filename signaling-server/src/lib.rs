@@ -25,8 +25,8 @@ use axum::{Json, Router};
 use shoal_shared::engine::Model;
 use shoal_shared::task::TaskSpec;
 use tower_http::compression::CompressionLayer;
-use tower_http::services::ServeDir;
-use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::services::{ServeDir, ServeFile};
+use tower_http::set_header::{SetResponseHeader, SetResponseHeaderLayer};
 
 pub use signaling::{Hub, Limits, SignalingConfig};
 
@@ -77,9 +77,18 @@ pub fn app(config: &Config) -> App {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Only the widget's frame may be framed (by any site: that is its job). Every other
+    // page refuses to be, so no site can lay its own content over Shoal's consent button
+    // or controls (clickjacking).
+    let site = SetResponseHeader::overriding(
+        ServeDir::new(&config.www).append_index_html_on_directories(true),
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'self'"),
+    );
     let files = Router::new()
         .nest_service("/data", ServeDir::new(&config.data))
-        .fallback_service(ServeDir::new(&config.www).append_index_html_on_directories(true))
+        .route_service("/embed.html", ServeFile::new(config.www.join("embed.html")))
+        .fallback_service(site)
         .layer(revalidate)
         .layer(CompressionLayer::new());
     let router = Router::new()

@@ -592,3 +592,17 @@ async fn control_actions_need_the_admin_token() {
         "{r}"
     );
 }
+
+#[tokio::test]
+async fn only_the_widget_frame_may_be_framed_by_other_sites() {
+    let s = start(config()).await;
+    let page = http_get(s.addr, "/").await.to_ascii_lowercase();
+    assert!(
+        page.contains("content-security-policy: frame-ancestors 'self'"),
+        "{page}"
+    );
+    let dash = http_get(s.addr, "/dashboard/").await.to_ascii_lowercase();
+    assert!(dash.contains("frame-ancestors 'self'"), "{dash}");
+    let widget = http_get(s.addr, "/embed.html").await.to_ascii_lowercase();
+    assert!(!widget.contains("frame-ancestors"), "{widget}");
+}
