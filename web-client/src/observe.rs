@@ -12,7 +12,7 @@ use serde::Serialize;
 use shoal_shared::engine::cpu::CpuBackend;
 use shoal_shared::engine::train::Samples;
 use shoal_shared::engine::{Backend, Model, Optimizer};
-use shoal_shared::learn::{PeerMessage, Snapshot};
+use shoal_shared::learn::{PeerMessage, Rejection, Snapshot};
 use shoal_shared::protocol::{PeerId, PeerReport, Role};
 use shoal_shared::task::TaskSpec;
 
@@ -115,11 +115,7 @@ impl Observer {
                     // Updates and mixes are not for observers; requests it cannot answer.
                     Ok(_) => None,
                     Err(e) => {
-                        let reason = match e {
-                            shoal_shared::learn::WireError::NonFinite => "non_finite",
-                            shoal_shared::learn::WireError::WrongSize { .. } => "shape",
-                            _ => "malformed",
-                        };
+                        let reason = Rejection::from(&e).as_str();
                         *self.refused.entry(reason.to_string()).or_default() += 1;
                         None
                     }

@@ -342,17 +342,7 @@ fn torch_bench(root: &Path) -> Result<Value> {
 /// Chromium page, inside a loopback-only network namespace.
 fn browser_bench(root: &Path, kind: &str) -> Result<Value> {
     setup::ensure_debs(&setup::TEST_PACKAGES)?;
-    let dir = root.join("xtask/bench-web");
-    if !dir
-        .join("node_modules/@tensorflow/tfjs/package.json")
-        .exists()
-    {
-        run_cmd(
-            Command::new("npm")
-                .current_dir(&dir)
-                .args(["ci", "--no-audit", "--no-fund"]),
-        )?;
-    }
+    setup::ensure_bench_web(root)?;
     web::build(root)?;
     data::prepare(root)?;
     json_in_namespace(
@@ -381,32 +371,22 @@ fn json_in_namespace(root: &Path, script: &str, what: &str) -> Result<Value> {
 
 fn datachannel(root: &Path) -> Result<Value> {
     setup::ensure_debs(&setup::TEST_PACKAGES)?;
-    let dir = root.join("xtask/bench-web");
-    if !dir
-        .join("node_modules/playwright-core/package.json")
-        .exists()
-    {
-        run_cmd(
-            Command::new("npm")
-                .current_dir(&dir)
-                .args(["ci", "--no-audit", "--no-fund"]),
-        )?;
-    }
+    setup::ensure_bench_web(root)?;
     web::build(root)?;
     data::prepare(root)?;
-    run_cmd(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "shoal-signaling-server",
-        "--bin",
-        "shoal-signaling-server",
-        "-p",
-        "shoal-web-client",
-        "--example",
-        "datachannel_bench",
-    ]))?;
+    crate::build_release(
+        root,
+        &[
+            "-p",
+            "shoal-signaling-server",
+            "--bin",
+            "shoal-signaling-server",
+            "-p",
+            "shoal-web-client",
+            "--example",
+            "datachannel_bench",
+        ],
+    )?;
     println!(
         "datachannel: 20 MB; median MB/s of 15 native and 5 browser transfers each (loopback)"
     );

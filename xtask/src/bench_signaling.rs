@@ -18,8 +18,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::run_cmd;
-
 const IDLE: usize = 10_000;
 const PEERS: usize = 100;
 const WINDOW: u64 = 16;
@@ -69,23 +67,17 @@ impl Drop for Server {
 }
 
 pub(crate) fn signaling(root: &Path) -> Result<Value> {
-    run_cmd(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "shoal-signaling-server",
-        "--bin",
-        "shoal-signaling-server",
-    ]))?;
+    crate::build_release(
+        root,
+        &[
+            "-p",
+            "shoal-signaling-server",
+            "--bin",
+            "shoal-signaling-server",
+        ],
+    )?;
+    crate::setup::ensure_bench_web(root)?;
     let web = root.join("xtask/bench-web");
-    if !web.join("node_modules/peer/package.json").exists() {
-        run_cmd(
-            Command::new("npm")
-                .current_dir(&web)
-                .args(["ci", "--no-audit", "--no-fund"]),
-        )?;
-    }
     let me = std::env::current_exe()?;
     let mut results = serde_json::Map::new();
     for kind in ["shoal", "peerjs"] {

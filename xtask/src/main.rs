@@ -83,6 +83,16 @@ pub(crate) fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo build --quiet --release` with `targets` (`-p`, `--bin`, `--example` arguments).
+pub(crate) fn build_release(root: &Path, targets: &[&str]) -> Result<()> {
+    run_cmd(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["build", "--quiet", "--release"])
+            .args(targets),
+    )
+}
+
 /// `cargo xtask run`: everything a user needs to see Shoal in a browser.
 fn run(args: &[String]) -> Result<()> {
     let mut port = "8080".to_string();
@@ -100,13 +110,7 @@ fn run(args: &[String]) -> Result<()> {
     setup::ensure_node()?;
     web::build(&root)?;
     data::prepare(&root)?;
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "shoal-signaling-server",
-    ]))?;
+    build_release(&root, &["-p", "shoal-signaling-server"])?;
     let server = root.join("target/release/shoal-signaling-server");
     // The server prints the URLs it serves; Ctrl-C reaches it (same process group) and it
     // shuts down gracefully, after which we exit with its status.

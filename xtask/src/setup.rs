@@ -17,6 +17,24 @@ pub(crate) const TEST_PACKAGES: [&str; 4] = [
     "python3-venv",
 ];
 
+/// The benchmarks' npm packages (TF.js, the PeerJS server, playwright-core), installed
+/// from `xtask/bench-web/package-lock.json` when any is missing.
+pub(crate) fn ensure_bench_web(root: &Path) -> Result<()> {
+    let dir = root.join("xtask/bench-web/node_modules");
+    let markers = ["@tensorflow/tfjs", "peer", "playwright-core"];
+    if markers
+        .iter()
+        .all(|m| dir.join(m).join("package.json").exists())
+    {
+        return Ok(());
+    }
+    run_cmd(
+        Command::new("npm")
+            .current_dir(root.join("xtask/bench-web"))
+            .args(["ci", "--no-audit", "--no-fund"]),
+    )
+}
+
 /// A Python with `safetensors` and `numpy` from PyPI, in `target/py`, for the test that
 /// loads an exported model without Shoal. Returns its interpreter.
 pub(crate) fn ensure_python(root: &Path) -> Result<std::path::PathBuf> {

@@ -182,19 +182,19 @@ pub(crate) fn run_all() -> Result<()> {
     // End-to-end: the real bundle, the real server, Playwright driving Chromium, all
     // inside a network namespace whose only interface is loopback.
     let built = web::build(&root).and_then(|_| {
-        crate::run_cmd(cargo(&root).args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "shoal-signaling-server",
-            "--bin",
-            "shoal-signaling-server",
-            "-p",
-            "shoal-web-client",
-            "--bin",
-            "shoal-peer",
-        ]))
+        crate::build_release(
+            &root,
+            &[
+                "-p",
+                "shoal-signaling-server",
+                "--bin",
+                "shoal-signaling-server",
+                "-p",
+                "shoal-web-client",
+                "--bin",
+                "shoal-peer",
+            ],
+        )
     });
     match built {
         Ok(()) => t.suite(

@@ -175,6 +175,17 @@ pub enum Rejection {
     Own,
 }
 
+impl From<&WireError> for Rejection {
+    /// The reason a message that does not decode is counted under.
+    fn from(e: &WireError) -> Self {
+        match e {
+            WireError::NonFinite => Self::NonFinite,
+            WireError::WrongSize { .. } => Self::Shape,
+            _ => Self::Malformed,
+        }
+    }
+}
+
 impl Rejection {
     /// The reason's name in metrics and on the dashboard.
     pub fn as_str(self) -> &'static str {
@@ -363,13 +374,7 @@ impl Learner {
     /// Validates and takes in one message from a neighbour.
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
         let n = self.weights.len();
-        let msg = PeerMessage::decode(bytes, n).map_err(|e| {
-            self.stats.reject(match e {
-                WireError::NonFinite => Rejection::NonFinite,
-                WireError::WrongSize { .. } => Rejection::Shape,
-                _ => Rejection::Malformed,
-            })
-        })?;
+        let msg = PeerMessage::decode(bytes, n).map_err(|e| self.stats.reject((&e).into()))?;
         let u = match msg {
             PeerMessage::ModelRequest => return Ok(Received::ModelRequest),
             PeerMessage::Model(s) => return Ok(Received::Model(s)),
