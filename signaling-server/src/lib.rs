@@ -37,7 +37,7 @@ pub struct Config {
     pub www: PathBuf,
     /// The task data (IDX files) served under `/data/`.
     pub data: PathBuf,
-    /// Signaling: limits, neighbours, tasks, origins, ICE.
+    /// Signaling: limits, neighbours, origins, ICE.
     pub signaling: SignalingConfig,
     /// The tasks, validated ([`load_task`]); served at `/api/tasks/{name}`.
     pub tasks: Vec<TaskSpec>,
@@ -66,7 +66,9 @@ pub struct App {
 /// Builds the application: `/ws/{task}`, `/api/tasks/{task}`, `/metrics`, `/healthz`,
 /// `/data/*` and the static site at `/`.
 pub fn app(config: &Config) -> App {
-    let hub = Hub::new(config.signaling.clone());
+    // Peers may join exactly the tasks that are described (and validated).
+    let names: Vec<String> = config.tasks.iter().map(|t| t.name.clone()).collect();
+    let hub = Hub::new(config.signaling.clone(), &names);
     // Bundle file names carry no content hash, so browsers must revalidate every time
     // (cheap: ServeDir answers conditional requests with 304).
     let revalidate = SetResponseHeaderLayer::overriding(

@@ -167,7 +167,6 @@ async fn main() -> anyhow::Result<()> {
         neighbours: args.neighbours,
         allowed_origins: args.allowed_origins,
         ice,
-        tasks: tasks.iter().map(|t| t.name.clone()).collect(),
     };
     let config = Config {
         www: args.www,

@@ -76,8 +76,6 @@ pub struct SignalingConfig {
     pub limits: Limits,
     /// Neighbours per peer (k); a peer may temporarily hold up to 2k.
     pub neighbours: usize,
-    /// Tasks peers may join.
-    pub tasks: Vec<String>,
     /// Origins whose pages may connect. Empty: same origin only. `*`: any.
     pub allowed_origins: Vec<String>,
     /// ICE servers handed to peers.
@@ -89,7 +87,6 @@ impl Default for SignalingConfig {
         Self {
             limits: Limits::default(),
             neighbours: 6,
-            tasks: vec!["digits".into()],
             allowed_origins: Vec::new(),
             ice: IceConfig {
                 turn_ttl_secs: 3600,
@@ -229,16 +226,12 @@ fn encode(m: &ServerMessage) -> String {
 }
 
 impl Hub {
-    /// A hub for `config`.
-    pub fn new(config: SignalingConfig) -> Arc<Self> {
+    /// A hub for `config`, where peers may join the tasks named `tasks`.
+    pub fn new(config: SignalingConfig, tasks: &[String]) -> Arc<Self> {
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        let tasks = config
-            .tasks
-            .iter()
-            .map(|t| (t.clone(), Task::default()))
-            .collect();
+        let tasks = tasks.iter().map(|t| (t.clone(), Task::default())).collect();
         Arc::new(Self {
             config,
             state: Mutex::new(HubState {

@@ -22,16 +22,28 @@ struct Server {
 }
 
 async fn start(signaling: SignalingConfig) -> Server {
-    start_with(signaling, None).await
+    start_with(signaling, None, &["digits"]).await
 }
 
-async fn start_with(signaling: SignalingConfig, admin_token: Option<&str>) -> Server {
+/// A server with an admin token (or none) and tasks of these names (the demo task's
+/// settings under each name).
+async fn start_with(
+    signaling: SignalingConfig,
+    admin_token: Option<&str>,
+    tasks: &[&str],
+) -> Server {
     let dir = std::env::temp_dir();
     let config = Config {
         www: dir.clone(),
         data: dir,
         signaling,
-        tasks: vec![shoal_shared::task::TaskSpec::digits()],
+        tasks: tasks
+            .iter()
+            .map(|&name| shoal_shared::task::TaskSpec {
+                name: name.into(),
+                ..shoal_shared::task::TaskSpec::digits()
+            })
+            .collect(),
         admin_token: admin_token.map(str::to_string),
     };
     let app = app(&config);
@@ -258,12 +270,11 @@ async fn task_and_server_capacity_are_enforced() {
         max_connections: 3,
         ..Limits::default()
     };
-    let tasks = vec!["digits".to_string(), "other".to_string()];
-    let s = start(SignalingConfig {
-        limits,
-        tasks,
-        ..config()
-    })
+    let s = start_with(
+        SignalingConfig { limits, ..config() },
+        None,
+        &["digits", "other"],
+    )
     .await;
     let _a = join(&s).await;
     let _b = join(&s).await;
@@ -524,7 +535,7 @@ async fn reports_reach_the_swarm_view_and_bad_ones_are_refused() {
 #[tokio::test]
 async fn control_actions_need_the_admin_token() {
     let token = "0123456789abcdef-admin";
-    let s = start_with(config(), Some(token)).await;
+    let s = start_with(config(), Some(token), &["digits"]).await;
     let (mut a, _) = join(&s).await;
     let addr = s.addr;
     let post =
