@@ -56,19 +56,21 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let t = std::time::Instant::now();
     let report = sim::run(&sc, &train, &test).map_err(anyhow::Error::msg)?;
     println!(
-        "{:>6} {:>9} {:>10} {:>9} {:>8} {:>14} {:>5}",
-        "round", "time s", "samples", "accuracy", "loss", "bytes/peer", "live"
+        "{:>6} {:>9} {:>10} {:>9} {:>8} {:>14} {:>5} {:>8}",
+        "round", "time s", "samples", "accuracy", "loss", "bytes/peer", "live", "apart"
     );
+    // `apart`: how far honest peers' models are from their mean, relative to its norm.
     for r in &report.rows {
         println!(
-            "{:>6} {:>9.1} {:>10} {:>8.2}% {:>8.4} {:>14.0} {:>5}",
+            "{:>6} {:>9.1} {:>10} {:>8.2}% {:>8.4} {:>14.0} {:>5} {:>7.3}%",
             r.round,
             r.time_s,
             r.samples,
             r.accuracy * 100.0,
             r.loss,
             r.bytes_per_peer,
-            r.live
+            r.live,
+            r.disagreement * 100.0
         );
     }
     match (report.samples_to_target, report.bytes_to_target) {

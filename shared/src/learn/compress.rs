@@ -190,17 +190,32 @@ fn encode_int8(x: &[f32], block: usize) -> Vec<u8> {
 /// The block the top-k codec uses for its values.
 const TOPK_BLOCK: usize = 256;
 
+/// Top-k selects within chunks of this many coordinates.
+const TOPK_CHUNK: usize = 1024;
+
 fn encode_topk(x: &[f32], fraction: f32) -> Vec<u8> {
     let n = x.len();
     let k = ((n as f64 * f64::from(fraction)).ceil() as usize).clamp(1.min(n), n);
-    let mut idx: Vec<u32> = (0..n as u32).collect();
-    if k < n {
-        idx.select_nth_unstable_by(k, |&a, &b| {
-            x[b as usize].abs().total_cmp(&x[a as usize].abs())
-        });
-        idx.truncate(k);
+    // The largest values of each chunk of the vector, `k` spread over the chunks in
+    // proportion to their length: a global selection starves whole layers whose values
+    // are small (biases, the last layer) until their residual grows huge.
+    let chunks = n.div_ceil(TOPK_CHUNK).max(1);
+    let mut idx: Vec<u32> = Vec::with_capacity(k);
+    let mut order: Vec<u32> = Vec::with_capacity(TOPK_CHUNK);
+    for c in 0..chunks {
+        let (lo, hi) = (c * n / chunks, (c + 1) * n / chunks);
+        let take = (c + 1) * k / chunks - c * k / chunks;
+        order.clear();
+        order.extend(lo as u32..hi as u32);
+        if take < order.len() {
+            order.select_nth_unstable_by(take, |&a, &b| {
+                x[b as usize].abs().total_cmp(&x[a as usize].abs())
+            });
+            order.truncate(take);
+        }
+        order.sort_unstable();
+        idx.extend_from_slice(&order);
     }
-    idx.sort_unstable();
     let values: Vec<f32> = idx.iter().map(|&i| x[i as usize]).collect();
     let mut out = Vec::with_capacity(13 + 3 * k);
     out.push(2);

@@ -22,8 +22,9 @@
 //!   averages them half and half with its own before its next outer step, if they are
 //!   within `max_staleness` rounds and closer than a quarter of its own weights' norm.
 //! - Before aggregation every update must have the model's shape, finite values, and a
-//!   norm at most `max_norm_ratio` times the receiver's own update's norm (or the median
-//!   of the received norms for a peer that did not train this round).
+//!   norm at most `max_norm_ratio` times the larger of the receiver's own update's norm
+//!   and the lower median of the held updates' norms (so that a peer whose own update
+//!   is small, as under label skew, does not refuse its neighbours' honest ones).
 
 pub mod aggregate;
 mod bytes;
@@ -67,6 +68,27 @@ pub struct LearnConfig {
     /// Rounds between gossip-averaging messages (0: never).
     #[serde(default = "default_sync_every")]
     pub sync_every: u32,
+    /// What an update carries: the pseudo-gradient, or the weights local training ended
+    /// with (for partial meshes, see [`Exchange`]).
+    #[serde(default)]
+    pub exchange: Exchange,
+}
+
+/// What peers put in their updates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Exchange {
+    /// The pseudo-gradient (round-start weights minus local weights), with the codec's
+    /// error feedback. Right where every peer hears every other (a full mesh): all apply
+    /// the same aggregate and stay one model.
+    #[default]
+    Delta,
+    /// The local weights themselves (no error feedback). A receiver turns each into
+    /// `own round-start weights - theirs`, which is the sender's pseudo-gradient plus the
+    /// distance between the two models, so the outer step also pulls neighbours' models
+    /// together. Needed in a partial mesh, where neighbourhoods differ and models drift
+    /// apart without it. Not with top-k (a few coordinates cannot carry weights).
+    Weights,
 }
 
 fn default_sync_every() -> u32 {
@@ -88,6 +110,7 @@ impl Default for LearnConfig {
             max_norm_ratio: 3.0,
             round_deadline_ms: 5_000,
             sync_every: default_sync_every(),
+            exchange: Exchange::Delta,
         }
     }
 }
@@ -137,6 +160,12 @@ impl LearnConfig {
             self.max_norm_ratio >= 1.0 && self.max_norm_ratio.is_finite(),
             "max_norm_ratio",
             format!("{} below 1", self.max_norm_ratio),
+        )?;
+        check(
+            !(self.exchange == Exchange::Weights
+                && matches!(self.compression, Compression::TopK { .. })),
+            "exchange",
+            "weights cannot be sent top-k compressed".into(),
         )?;
         check(
             (100..=3_600_000).contains(&self.round_deadline_ms),
@@ -356,8 +385,25 @@ impl Learner {
     /// Compresses and signs a pseudo-gradient. (The simulator's attackers call this with
     /// a forged delta: a lie is still a validly signed message.)
     pub fn update_from_delta(&mut self, delta: &[f32], samples: u32, loss: f32) -> Vec<u8> {
-        let (payload, decoded) = self.compressor.encode(delta);
-        self.own = Some(decoded);
+        let payload = match self.cfg.exchange {
+            Exchange::Delta => {
+                let (payload, decoded) = self.compressor.encode(delta);
+                self.own = Some(decoded);
+                payload
+            }
+            Exchange::Weights => {
+                let local: Vec<f32> = self.weights.iter().zip(delta).map(|(w, d)| w - d).collect();
+                let (payload, decoded) = self.compressor.encode(&local);
+                self.own = Some(
+                    self.weights
+                        .iter()
+                        .zip(&decoded)
+                        .map(|(w, l)| w - l)
+                        .collect(),
+                );
+                payload
+            }
+        };
         PeerMessage::Update(Update::signed(
             &self.id, &self.task, self.round, samples, loss, payload,
         ))
@@ -396,7 +442,14 @@ impl Learner {
         }
         let delta = self.decode_payload(&u.payload, self.cfg.compression)?;
         self.remember(u.key, u.round);
-        self.inbox.retain(|p| p.key != u.key);
+        match self.cfg.exchange {
+            Exchange::Delta => self.inbox.retain(|p| p.key != u.key),
+            // Weights are used in the round they belong to: a neighbour that is ahead
+            // may have sent its next round's before we used its current one.
+            Exchange::Weights => self
+                .inbox
+                .retain(|p| p.key != u.key || p.round >= self.round),
+        }
         self.inbox.push(Pending {
             key: u.key,
             round: u.round,
@@ -478,28 +531,42 @@ impl Learner {
     pub fn finish_round(&mut self) -> RoundSummary {
         let own = self.own.take();
         let mut held = std::mem::take(&mut self.inbox);
+        if self.cfg.exchange == Exchange::Weights {
+            // A neighbour's weights for a later round wait for that round: they already
+            // hold an outer step we have not taken, and pulling toward them now would take
+            // it twice (through the momentum, which diverges).
+            let later;
+            (later, held) = held.into_iter().partition(|p| p.round > self.round);
+            self.inbox = later;
+            // Held values are neighbours' local weights: from here on, pseudo-gradients
+            // relative to our own round-start weights.
+            for p in &mut held {
+                for (d, w) in p.delta.iter_mut().zip(&self.weights) {
+                    *d = w - *d;
+                }
+            }
+        }
         let mut summary = RoundSummary {
             round: self.round,
             ..RoundSummary::default()
         };
         // Each held update is used once: a peer contributes once per round of its own.
+        // Weights from a round behind ours are an older model (pulling toward it through
+        // the outer momentum is a delayed feedback), so in weights mode only this round's
+        // count.
+        let window = match self.cfg.exchange {
+            Exchange::Delta => u64::from(self.cfg.max_staleness),
+            Exchange::Weights => 0,
+        };
         held.retain(|p| {
-            let fresh = p.round + u64::from(self.cfg.max_staleness) >= self.round;
+            let fresh = p.round + window >= self.round;
             if !fresh {
                 self.stats.reject(Rejection::Stale);
             }
             fresh
         });
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
-        let reference = match &own {
-            Some(d) => aggregate::norm(d),
-            None => {
-                let mut s = norms.clone();
-                s.sort_by(f32::total_cmp);
-                s.get(s.len() / 2).copied().unwrap_or(0.0)
-            }
-        };
-        let bound = reference * self.cfg.max_norm_ratio;
+        let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
         if let Some(d) = &own {
             updates.push((d, 1.0));
@@ -583,6 +650,20 @@ pub struct RoundSummary {
     pub mixed: bool,
     /// A gossip-averaging message to send to one neighbour (every `sync_every` rounds).
     pub sync: Option<Vec<u8>>,
+}
+
+/// The norm updates are bounded relative to: the larger of our own update's norm and
+/// the lower median of the held updates' norms. Our own alone fails where peers' data
+/// differ: a peer whose classes the model already fits moves little (plain SGD scales
+/// its step with its gradient) and would refuse its neighbours' honest, larger updates,
+/// dropping whole classes. The median of the held ones alone could be raised by
+/// attackers among few neighbours; while they are fewer than half it stays an honest
+/// norm.
+fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
+    let mut s = held.to_vec();
+    s.sort_by(f32::total_cmp);
+    let median = s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
+    own.map_or(median, |d| aggregate::norm(d).max(median))
 }
 
 fn check_finite(v: &[f32]) -> Result<(), String> {

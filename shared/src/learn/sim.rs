@@ -20,6 +20,7 @@ use crate::engine::cpu::CpuBackend;
 use crate::engine::train::Samples;
 use crate::engine::{Backend, Model, ModelSpec, Optimizer};
 use crate::rng::SplitMix64;
+use crate::task::InnerOptimizer;
 
 /// A scripted swarm.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,6 +92,12 @@ pub struct TrainSettings {
     /// `"mlp"` or `"cnn"` (the demo models).
     #[serde(default = "default_model")]
     pub model: String,
+    /// The inner optimizer, as in a task's `train.optimizer` (default Adam).
+    #[serde(default)]
+    pub optimizer: InnerOptimizer,
+    /// SGD's momentum, as in a task's `train.momentum`.
+    #[serde(default)]
+    pub momentum: f32,
 }
 
 fn one() -> u64 {
@@ -190,7 +197,10 @@ impl Scenario {
                 self.train.batch
             ));
         }
-        Optimizer::adam(self.train.lr)
+        self.train
+            .optimizer
+            .build(self.train.lr, self.train.momentum)
+            .map_err(|e| format!("train.momentum: {e}"))?
             .validate()
             .map_err(|_| format!("train.lr: {} is not a learning rate", self.train.lr))?;
         self.model_spec()?;
@@ -251,6 +261,9 @@ pub struct Row {
     pub bytes_per_peer: f64,
     /// Peers online and holding a model.
     pub live: usize,
+    /// How far apart honest peers' models are: the root-mean-square distance of their
+    /// weights from the mean of their weights, relative to that mean's norm.
+    pub disagreement: f32,
 }
 
 /// What a run measured.
@@ -483,7 +496,10 @@ impl Sim<'_> {
         .map_err(|e| e.to_string())?;
         let backend = CpuBackend::new(
             self.model.clone(),
-            Optimizer::adam(self.sc.train.lr),
+            self.sc
+                .train
+                .optimizer
+                .build(self.sc.train.lr, self.sc.train.momentum)?,
             weights,
         )
         .map_err(|e| e.to_string())?;
@@ -780,6 +796,7 @@ impl Sim<'_> {
                 Err(_) => 0.0, // a diverged model counts as wrong everywhere
             };
         }
+        let disagreement = self.disagreement();
         let losses = std::mem::take(&mut self.round_losses);
         self.rows.push(Row {
             round: self.swarm_round,
@@ -789,7 +806,39 @@ impl Sim<'_> {
             loss: losses.iter().sum::<f32>() / losses.len().max(1) as f32,
             bytes_per_peer: self.sent.iter().sum::<u64>() as f64 / self.sc.peers as f64,
             live: self.peers.iter().flatten().filter(|p| p.joined).count(),
+            disagreement,
         });
+    }
+
+    fn disagreement(&self) -> f32 {
+        let models: Vec<&[f32]> = self
+            .peers
+            .iter()
+            .flatten()
+            .filter(|p| p.joined && !p.attacker)
+            .map(|p| p.learner.weights())
+            .collect();
+        let Some(first) = models.first() else {
+            return 0.0;
+        };
+        let mut mean = vec![0.0f64; first.len()];
+        for w in &models {
+            for (m, x) in mean.iter_mut().zip(*w) {
+                *m += f64::from(*x) / models.len() as f64;
+            }
+        }
+        let spread: f64 = models
+            .iter()
+            .map(|w| {
+                w.iter()
+                    .zip(&mean)
+                    .map(|(x, m)| (f64::from(*x) - m).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / models.len() as f64;
+        let norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt().max(1e-12);
+        (spread.sqrt() / norm) as f32
     }
 
     /// Replaces `churn.per_round` of the peers with newcomers, who download the model

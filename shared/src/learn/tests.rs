@@ -237,3 +237,95 @@ fn gossip_averaging_pulls_two_models_together_and_refuses_far_or_stale_ones() {
     }
     assert_eq!(a.receive(&b.mix_message()), Err(Rejection::Stale));
 }
+
+fn weights_peer(seed: u8, weights: Vec<f32>) -> Learner {
+    let c = LearnConfig {
+        exchange: Exchange::Weights,
+        sync_every: 0,
+        ..cfg()
+    };
+    Learner::new(c, "digits", Identity::from_seed([seed; 32]), weights).expect("valid")
+}
+
+/// One round: each trains to `local`, then they swap updates and aggregate.
+fn round(a: &mut Learner, b: &mut Learner, la: &[f32], lb: &[f32]) {
+    let ua = a.local_update(la, 1, 0.0).expect("finite");
+    let ub = b.local_update(lb, 1, 0.0).expect("finite");
+    a.receive(&ub).expect("valid update");
+    b.receive(&ua).expect("valid update");
+    a.finish_round();
+    b.finish_round();
+}
+
+#[test]
+fn exchanging_weights_pulls_two_different_models_together_and_deltas_do_not() {
+    // Two models one apart in each coordinate; each trains a step of its own.
+    let (la, lb) = ([1.0, 0.0], [1.0, 2.0]);
+    // Exchanging pseudo-gradients (outer lr 1, no momentum), both take the mean step
+    // (-0.5, -0.5) from where they were: they stay exactly as far apart.
+    let (mut a, mut b) = (peer(1, vec![0.0, 0.0]), peer(2, vec![1.0, 1.0]));
+    round(&mut a, &mut b, &la, &lb);
+    assert_eq!(
+        (a.weights(), b.weights()),
+        (&[0.5, 0.5][..], &[1.5, 1.5][..])
+    );
+    // Exchanging weights, both land on the mean of the two local models.
+    let (mut a, mut b) = (
+        weights_peer(1, vec![0.0, 0.0]),
+        weights_peer(2, vec![1.0, 1.0]),
+    );
+    round(&mut a, &mut b, &la, &lb);
+    assert_eq!(a.weights(), &[1.0, 1.0]);
+    assert_eq!(a.weights(), b.weights());
+}
+
+#[test]
+fn a_neighbours_weights_for_a_later_round_wait_for_that_round() {
+    let mut a = weights_peer(1, vec![0.0]);
+    let mut b = weights_peer(2, vec![0.0]);
+    // b runs a round alone and is one ahead; its round-1 weights reach a at round 0.
+    b.local_update(&[1.0], 1, 0.0).expect("finite");
+    b.finish_round();
+    assert_eq!((b.round(), b.weights()), (1, &[1.0][..]));
+    let ub = b.local_update(&[1.0], 1, 0.0).expect("finite");
+    assert!(a.receive(&ub).is_ok());
+    a.local_update(&[0.0], 1, 0.0).expect("finite");
+    let s = a.finish_round();
+    assert_eq!(
+        (s.used, a.weights()),
+        (0, &[0.0][..]),
+        "not used in round 0"
+    );
+    // In round 1 it counts: a lands on the mean of its local model (-0.5) and b's (1).
+    assert!(a.has_fresh_from(&b.public_key()));
+    a.local_update(&[-0.5], 1, 0.0).expect("finite");
+    let s = a.finish_round();
+    assert_eq!((s.used, a.weights()), (1, &[0.25][..]));
+    // Weights from a round behind ours (within the staleness window) are not used.
+    let mut c = weights_peer(3, vec![0.0]);
+    let late = c.local_update(&[0.5], 1, 0.0).expect("finite");
+    assert!(
+        a.receive(&late).is_ok(),
+        "round 0 is within two rounds of 2"
+    );
+    a.local_update(&[0.0], 1, 0.0).expect("finite");
+    let stale = a
+        .stats
+        .rejected
+        .get(&Rejection::Stale)
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(a.finish_round().used, 0);
+    assert_eq!(a.stats.rejected[&Rejection::Stale], stale + 1);
+}
+
+#[test]
+fn weights_cannot_be_sent_top_k() {
+    let c = LearnConfig {
+        exchange: Exchange::Weights,
+        compression: Compression::TopK { fraction: 0.01 },
+        ..cfg()
+    };
+    let err = c.validate().expect_err("top-k weights");
+    assert!(err.starts_with("exchange"), "{err}");
+}
