@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 const IDLE: usize = 10_000;
 const PEERS: usize = 100;
-const WINDOW: u64 = 16;
+const WINDOW: u64 = 64;
 const SECONDS: u64 = 5;
 /// Messages a load-client peer writes per system call at most.
 const FLUSH_EVERY: usize = 4;
@@ -359,6 +359,8 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
         senders.push(tokio::spawn(async move {
             let mut n = 0usize;
             let mut rng = shoal_shared::rng::SplitMix64::new(i as u64 + 1);
+            // Offer-sized (1 in 8) and candidate-sized padding, built once.
+            let (long, short) = ("a".repeat(1400), "a".repeat(200));
             // Messages are written in batches of up to FLUSH_EVERY per system call (and
             // whatever is pending before the sender waits), so that the client, which
             // shares the machine with the server under test, spends little CPU on
@@ -382,12 +384,8 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                     continue;
                 }
                 n += 1;
-                let pad = if n.is_multiple_of(8) { 1400 } else { 200 };
-                let payload = format!(
-                    "t={};s={i};{}",
-                    epoch.elapsed().as_micros(),
-                    "a".repeat(pad)
-                );
+                let pad = if n.is_multiple_of(8) { &long } else { &short };
+                let payload = format!("t={};s={i};{pad}", epoch.elapsed().as_micros());
                 let text = if kind == "shoal" {
                     let list = neighbours.borrow().clone();
                     if list.is_empty() {
