@@ -97,7 +97,11 @@ fn default_sync_every() -> u32 {
 
 impl Default for LearnConfig {
     /// The settings the simulator validated on the demo digits (`scenarios/iid-8.toml`),
-    /// with int8 updates and trimmed-mean aggregation.
+    /// with int8 updates, trimmed-mean aggregation and weights exchanged: a public swarm
+    /// outgrows `neighbours` as soon as an eighth visitor arrives, and only exchanging
+    /// weights keeps a partial mesh one model (`scenarios/mesh-50.toml`). In a full mesh
+    /// it costs little: `iid-8` with int8 and trimmed mean reaches 95% after 57,440
+    /// samples (pseudo-gradients: 53,600) and ends at 95.7% (95.2%).
     fn default() -> Self {
         Self {
             local_steps: 20,
@@ -110,7 +114,7 @@ impl Default for LearnConfig {
             max_norm_ratio: 3.0,
             round_deadline_ms: 5_000,
             sync_every: default_sync_every(),
-            exchange: Exchange::Delta,
+            exchange: Exchange::Weights,
         }
     }
 }

@@ -8,6 +8,7 @@ fn cfg() -> LearnConfig {
         compression: Compression::None,
         outer_lr: 1.0,
         outer_momentum: 0.0,
+        exchange: Exchange::Delta,
         ..LearnConfig::default()
     }
 }
