@@ -16,6 +16,9 @@
 //!   equal to a round already accepted from it (`replay`).
 //! - A peer that receives an update more than `max_staleness` rounds ahead of its own
 //!   round is lagging: it downloads the sender's model ([`Learner::adopt`]).
+//! - With `exchange = "weights"` an update carries the sender's local weights, and counts
+//!   only in the round it was sent for: a later round's waits in the inbox (at most one
+//!   per signer besides the current round's), an earlier round's is dropped as stale.
 //! - Gossip averaging keeps peers' models together where they do not all see the same
 //!   updates (a partial mesh, a late neighbour): every `sync_every` rounds a peer sends
 //!   its round-start weights (int8, or fp32 for an fp32 task) to one neighbour, which
@@ -83,7 +86,8 @@ pub enum Exchange {
     /// the same aggregate and stay one model.
     #[default]
     Delta,
-    /// The local weights themselves (no error feedback). A receiver turns each into
+    /// The local weights themselves (with the codec's error feedback, so that what
+    /// neighbours decode tracks the weights over rounds). A receiver turns each into
     /// `own round-start weights - theirs`, which is the sender's pseudo-gradient plus the
     /// distance between the two models, so the outer step also pulls neighbours' models
     /// together. Needed in a partial mesh, where neighbourhoods differ and models drift
@@ -449,10 +453,11 @@ impl Learner {
         match self.cfg.exchange {
             Exchange::Delta => self.inbox.retain(|p| p.key != u.key),
             // Weights are used in the round they belong to: a neighbour that is ahead
-            // may have sent its next round's before we used its current one.
+            // may have sent its next round's before we used its current one. At most two
+            // per signer: this round's and the newest later one.
             Exchange::Weights => self
                 .inbox
-                .retain(|p| p.key != u.key || p.round >= self.round),
+                .retain(|p| p.key != u.key || p.round == self.round),
         }
         self.inbox.push(Pending {
             key: u.key,

@@ -321,6 +321,23 @@ fn a_neighbours_weights_for_a_later_round_wait_for_that_round() {
 }
 
 #[test]
+fn a_neighbour_far_ahead_holds_at_most_two_updates_in_the_inbox() {
+    let mut a = weights_peer(1, vec![0.0; 64]);
+    let mut b = weights_peer(2, vec![0.0; 64]);
+    let ub = b.local_update(&[0.0; 64], 1, 0.0).expect("finite");
+    a.receive(&ub).expect("this round's");
+    // b races ahead (alone), each round sending a later round's weights to a.
+    for _ in 0..10 {
+        b.finish_round();
+        let later = b.local_update(&[0.0; 64], 1, 0.0).expect("finite");
+        a.receive(&later).expect("a later round");
+    }
+    assert_eq!(b.round(), 10);
+    let rounds: Vec<u64> = a.inbox.iter().map(|p| p.round).collect();
+    assert_eq!(rounds, [0, 10], "this round's and the newest");
+}
+
+#[test]
 fn weights_cannot_be_sent_top_k() {
     let c = LearnConfig {
         exchange: Exchange::Weights,
