@@ -360,15 +360,11 @@ impl TaskSpec {
     }
 
     /// The inner optimizer at the learning rate of `round`.
-    pub fn optimizer_at(&self, round: u64) -> Optimizer {
+    pub fn optimizer_at(&self, round: u64) -> Result<Optimizer, String> {
         let t = &self.train;
-        // Validated with the task; an unvalidated momentum falls back to plain SGD.
         t.optimizer
             .build(self.lr_at(round), t.momentum)
-            .unwrap_or(Optimizer::Sgd {
-                lr: self.lr_at(round),
-                momentum: 0.0,
-            })
+            .map_err(|e| format!("train.momentum: {e}"))
     }
 
     /// The inner learning rate for a round of the model.
@@ -488,13 +484,15 @@ mod tests {
         )
         .expect("a valid sgd task");
         assert_eq!(
-            t.optimizer_at(0),
+            t.optimizer_at(0).expect("valid"),
             Optimizer::Sgd {
                 lr: 0.001,
                 momentum: 0.5
             }
         );
-        let Optimizer::Sgd { lr, momentum } = t.optimizer_at(t.train.lr_decay_rounds) else {
+        let Optimizer::Sgd { lr, momentum } =
+            t.optimizer_at(t.train.lr_decay_rounds).expect("valid")
+        else {
             panic!("still sgd at the end of the schedule");
         };
         assert!(
@@ -502,7 +500,7 @@ mod tests {
             "{lr} {momentum}"
         );
         assert!(matches!(
-            TaskSpec::digits().optimizer_at(0),
+            TaskSpec::digits().optimizer_at(0).expect("valid"),
             Optimizer::Adam { .. }
         ));
     }

@@ -114,7 +114,7 @@ impl SwarmTrainer {
         let backend = train::backend(
             model.clone(),
             gpu,
-            task.optimizer_at(0),
+            task.optimizer_at(0)?,
             init.clone(),
             task.train.batch,
         )

@@ -26,6 +26,7 @@ pub enum Compression {
         block: usize,
     },
     /// The `fraction` of coordinates with the largest magnitude (after error feedback),
+    /// chosen within equal chunks of at most 1,024 coordinates, in proportion to length,
     /// their values in block-wise int8.
     TopK {
         /// Share of coordinates sent, in `(0, 1]`.
@@ -371,6 +372,14 @@ mod tests {
         assert!(bytes.len() * 50 <= 4 * x.len(), "{} bytes", bytes.len());
         assert_eq!(dec.iter().filter(|v| **v != 0.0).count(), 100);
         assert!((dec[17] - 5.0).abs() < 0.03 && (dec[9_999] + 4.0).abs() < 0.03);
+        // A stretch of tiny values (a layer of biases, say) still gets its share: the
+        // vector is cut into equal chunks of at most 1,024 (here ten of 1,000), and each
+        // sends 1% of its own coordinates. A global pick would send none of these.
+        let mut y = noise(10_000, 4);
+        y[2_000..3_000].iter_mut().for_each(|v| *v *= 0.1);
+        let (_, spread) = Compressor::new(Compression::TopK { fraction: 0.01 }, y.len()).encode(&y);
+        let quiet = spread[2_000..3_000].iter().filter(|v| **v != 0.0).count();
+        assert_eq!(quiet, 10, "of the quiet chunk sent");
         // Error feedback: what was left out this time is sent later, so the sum of what
         // goes out converges to the sum of what came in.
         let zeros = vec![0.0; x.len()];

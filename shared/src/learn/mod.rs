@@ -386,32 +386,47 @@ impl Learner {
             )));
         }
         check_finite(local).map_err(LearnError::BadLocal)?;
-        let delta: Vec<f32> = self.weights.iter().zip(local).map(|(w, l)| w - l).collect();
-        Ok(self.update_from_delta(&delta, samples, loss))
+        Ok(match self.cfg.exchange {
+            Exchange::Delta => {
+                let delta: Vec<f32> = self.weights.iter().zip(local).map(|(w, l)| w - l).collect();
+                self.update_from_delta(&delta, samples, loss)
+            }
+            Exchange::Weights => self.update_from_local(local, samples, loss),
+        })
     }
 
-    /// Compresses and signs a pseudo-gradient. (The simulator's attackers call this with
-    /// a forged delta: a lie is still a validly signed message.)
+    /// Compresses and signs a pseudo-gradient (as local weights, `start - delta`, when the
+    /// task exchanges weights). The simulator's attackers call this with a forged delta: a
+    /// lie is still a validly signed message.
     pub fn update_from_delta(&mut self, delta: &[f32], samples: u32, loss: f32) -> Vec<u8> {
-        let payload = match self.cfg.exchange {
+        match self.cfg.exchange {
             Exchange::Delta => {
                 let (payload, decoded) = self.compressor.encode(delta);
                 self.own = Some(decoded);
-                payload
+                self.sign(payload, samples, loss)
             }
             Exchange::Weights => {
                 let local: Vec<f32> = self.weights.iter().zip(delta).map(|(w, d)| w - d).collect();
-                let (payload, decoded) = self.compressor.encode(&local);
-                self.own = Some(
-                    self.weights
-                        .iter()
-                        .zip(&decoded)
-                        .map(|(w, l)| w - l)
-                        .collect(),
-                );
-                payload
+                self.update_from_local(&local, samples, loss)
             }
-        };
+        }
+    }
+
+    /// Compresses and signs local weights (`exchange = "weights"`); our own part in the
+    /// aggregate is what neighbours will compute from them.
+    fn update_from_local(&mut self, local: &[f32], samples: u32, loss: f32) -> Vec<u8> {
+        let (payload, decoded) = self.compressor.encode(local);
+        self.own = Some(
+            self.weights
+                .iter()
+                .zip(&decoded)
+                .map(|(w, l)| w - l)
+                .collect(),
+        );
+        self.sign(payload, samples, loss)
+    }
+
+    fn sign(&self, payload: Vec<u8>, samples: u32, loss: f32) -> Vec<u8> {
         PeerMessage::Update(Update::signed(
             &self.id, &self.task, self.round, samples, loss, payload,
         ))
