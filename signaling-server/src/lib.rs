@@ -11,6 +11,7 @@ pub mod admin;
 pub mod ice;
 pub mod metrics;
 pub mod signaling;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

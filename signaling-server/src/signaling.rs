@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_shared::protocol::{
     ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, VERSION, decode_client,
@@ -22,9 +21,13 @@ use shoal_shared::protocol::{
 };
 use shoal_shared::rng::SplitMix64;
 use tokio::sync::{Notify, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 
 use crate::ice::IceConfig;
 use crate::metrics::Metrics;
+use crate::upgrade::{self, Socket};
 
 /// Every bound the server enforces.
 #[derive(Clone, Debug)]
@@ -549,10 +552,10 @@ pub async fn ws_handler(
     State(hub): State<Arc<Hub>>,
     Path(task): Path<String>,
     Query(q): Query<WsQuery>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    request: Request,
 ) -> Response {
-    if !hub.origin_allowed(&headers) {
+    let (mut parts, _) = request.into_parts();
+    if !hub.origin_allowed(&parts.headers) {
         hub.metrics.reject(ErrorCode::ForbiddenOrigin);
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
@@ -560,12 +563,26 @@ pub async fn ws_handler(
     // Frames past this hard cap fail in the codec without being buffered; between the
     // soft limit and the cap the peer gets a typed `too_large` error first.
     let hard_cap = limits.max_message_bytes * 2 + 1024;
-    let hub2 = Arc::clone(&hub);
-    ws.read_buffer_size(limits.read_buffer)
+    // tungstenite writes each frame at once; `upgrade::Buffered` collects them until the
+    // flush that ends a burst (`send_queued`), so a burst leaves in few system calls.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(limits.read_buffer)
         .write_buffer_size(0)
-        .max_message_size(hard_cap)
-        .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| connection(hub2, socket, task, q.v))
+        .max_message_size(Some(hard_cap))
+        .max_frame_size(Some(hard_cap));
+    let (response, pending) = match upgrade::accept(&mut parts) {
+        Ok(accepted) => accepted,
+        Err(refusal) => {
+            hub.metrics.reject(ErrorCode::Malformed);
+            return refusal.into_response();
+        }
+    };
+    let hub2 = Arc::clone(&hub);
+    // The upgrade is boxed and awaited inside the connection's task, so that the socket
+    // lives in that task's state once (not also as a value handed between two futures).
+    let upgrading: Cold<'static, Option<Socket>> = Box::pin(upgrade::socket(pending, config));
+    tokio::spawn(connection(hub2, upgrading, task, q.v));
+    response
 }
 
 /// Decrements the connection count when the connection ends, however it ends.
@@ -577,7 +594,7 @@ impl Drop for ConnectionSlot<'_> {
     }
 }
 
-async fn send(socket: &mut WebSocket, hub: &Hub, text: String) -> bool {
+async fn send(socket: &mut Socket, hub: &Hub, text: String) -> bool {
     hub.metrics
         .bytes_out
         .fetch_add(text.len() as u64, Ordering::Relaxed);
@@ -586,7 +603,7 @@ async fn send(socket: &mut WebSocket, hub: &Hub, text: String) -> bool {
 
 /// Writes `first` and whatever else is already queued for this peer, then flushes once:
 /// under load one write system call carries many messages.
-async fn send_queued(socket: &mut WebSocket, hub: &Hub, first: String, outbox: &Outbox) -> bool {
+async fn send_queued(socket: &mut Socket, hub: &Hub, first: String, outbox: &Outbox) -> bool {
     let mut bytes = 0;
     let mut next = Some(first);
     for _ in 0..64 {
@@ -613,7 +630,7 @@ async fn send_queued(socket: &mut WebSocket, hub: &Hub, first: String, outbox: &
 type Cold<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 fn refuse<'a>(
-    socket: &'a mut WebSocket,
+    socket: &'a mut Socket,
     hub: &'a Hub,
     code: ErrorCode,
     message: String,
@@ -624,18 +641,26 @@ fn refuse<'a>(
     })
 }
 
-fn close(mut socket: WebSocket, code: u16, reason: &'static str) -> Cold<'static, ()> {
+fn close(mut socket: Socket, code: u16, reason: &'static str) -> Cold<'static, ()> {
     Box::pin(async move {
         let _ = socket
             .send(Message::Close(Some(CloseFrame {
-                code,
+                code: code.into(),
                 reason: reason.into(),
             })))
             .await;
     })
 }
 
-async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version: Option<u32>) {
+async fn connection(
+    hub: Arc<Hub>,
+    upgrading: Cold<'static, Option<Socket>>,
+    task: String,
+    version: Option<u32>,
+) {
+    let Some(mut socket) = upgrading.await else {
+        return;
+    };
     hub.metrics
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
@@ -722,7 +747,7 @@ async fn connection(hub: Arc<Hub>, mut socket: WebSocket, task: String, version:
                         break (1011, "send failed");
                     }
                 }
-                msg = socket.recv() => {
+                msg = socket.next() => {
                     last_seen = Instant::now();
                     let text = match msg {
                         Some(Ok(Message::Text(t))) => t,

@@ -449,6 +449,59 @@ async fn http(addr: SocketAddr, method: &str, path: &str, headers: &str) -> Stri
 }
 
 #[tokio::test]
+async fn malformed_websocket_handshakes_are_refused_with_a_reason() {
+    let s = start(config()).await;
+    let ws = "/ws/digits?v=1";
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+    // A plain GET: not a websocket.
+    let r = http_get(s.addr, ws).await;
+    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
+    assert!(r.contains("websocket only"), "{r}");
+    assert!(
+        r.to_lowercase().contains("sec-websocket-version: 13"),
+        "{r}"
+    );
+    // An older protocol version.
+    let r = http(
+        s.addr,
+        "GET",
+        ws,
+        &format!("{upgrade}Sec-WebSocket-Version: 8\r\n{key}"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
+    assert!(r.contains("version 13 is required"), "{r}");
+    // A key that is not 16 bytes of base64.
+    let r = http(
+        s.addr,
+        "GET",
+        ws,
+        &format!("{upgrade}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("Sec-WebSocket-Key"), "{r}");
+    // Another method (refused by the router, before the handshake is looked at).
+    let r = http(
+        s.addr,
+        "POST",
+        ws,
+        &format!("{upgrade}Sec-WebSocket-Version: 13\r\n{key}"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    let metrics = http_get(s.addr, "/metrics").await;
+    assert!(
+        metrics.contains("shoal_messages_rejected_total{reason=\"malformed\"} 3"),
+        "{metrics}"
+    );
+    // A well-formed handshake still gets in, answered with the RFC 6455 accept key.
+    let (mut a, _) = join(&s).await;
+    assert!(a.close(None).await.is_ok());
+}
+
+#[tokio::test]
 async fn an_unreachable_pair_is_unlinked_and_both_get_other_neighbours() {
     let s = start(SignalingConfig {
         neighbours: 1,

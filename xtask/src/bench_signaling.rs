@@ -258,12 +258,9 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                 // Relayed messages carry our own payload; find it without building a JSON
                 // tree, so that the client spends as little CPU as it can (it shares the
                 // machine with the server under test).
-                let payload = if let Some(at) = t.find("\"t=") {
-                    t[at + 1..]
-                        .split('"')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string()
+                let owned;
+                let payload: &str = if let Some(at) = t.find("\"t=") {
+                    t[at + 1..].split('"').next().unwrap_or_default()
                 } else {
                     let Ok(v) = serde_json::from_str::<Value>(&t) else {
                         continue;
@@ -289,7 +286,8 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                                 continue;
                             }
                             Some("signal") => {
-                                v["signal"]["sdp"].as_str().unwrap_or_default().to_string()
+                                owned = v["signal"]["sdp"].as_str().unwrap_or_default().to_string();
+                                &owned
                             }
                             _ => continue,
                         }
@@ -300,7 +298,9 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                                 continue;
                             }
                             Some("CANDIDATE" | "OFFER") => {
-                                v["payload"]["sdp"].as_str().unwrap_or_default().to_string()
+                                owned =
+                                    v["payload"]["sdp"].as_str().unwrap_or_default().to_string();
+                                &owned
                             }
                             _ => continue,
                         }
@@ -354,7 +354,7 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
             Arc::clone(&arrived),
         );
         let ids = ids.clone();
-        let neighbours = neighbour_lists[i].clone();
+        let mut neighbours = neighbour_lists[i].clone();
         let kind = kind.to_string();
         senders.push(tokio::spawn(async move {
             let mut n = 0usize;
@@ -366,6 +366,7 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
             // shares the machine with the server under test, spends little CPU on
             // syscalls. Both servers get exactly the same stream of frames.
             let mut unflushed = 0;
+            let mut list = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 if sent[i].load(Ordering::Relaxed) >= delivered[i].load(Ordering::Relaxed) + WINDOW
                 {
@@ -385,9 +386,12 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                 }
                 n += 1;
                 let pad = if n.is_multiple_of(8) { &long } else { &short };
-                let payload = format!("t={};s={i};{pad}", epoch.elapsed().as_micros());
+                let t = epoch.elapsed().as_micros();
                 let text = if kind == "shoal" {
-                    let list = neighbours.borrow().clone();
+                    // The neighbour list is copied only when the server changed it.
+                    if neighbours.has_changed().unwrap_or(false) {
+                        list = neighbours.borrow_and_update().clone();
+                    }
                     if list.is_empty() {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
@@ -400,7 +404,7 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                     };
                     // The payload is [a-z0-9=;]: no escaping needed.
                     format!(
-                        r#"{{"type":"signal","to":"{to}","signal":{{"kind":"{kind}","sdp":"{payload}"}}}}"#
+                        r#"{{"type":"signal","to":"{to}","signal":{{"kind":"{kind}","sdp":"t={t};s={i};{pad}"}}}}"#
                     )
                 } else {
                     let mut j = rng.below(PEERS);
@@ -413,7 +417,7 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
                         "CANDIDATE"
                     };
                     format!(
-                        r#"{{"type":"{kind}","dst":"{}","payload":{{"sdp":"{payload}"}}}}"#,
+                        r#"{{"type":"{kind}","dst":"{}","payload":{{"sdp":"t={t};s={i};{pad}"}}}}"#,
                         ids[j]
                     )
                 };
