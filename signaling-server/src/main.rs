@@ -85,10 +85,14 @@ struct Args {
     /// Lifetime of TURN credentials, in seconds.
     #[arg(long, env = "SHOAL_TURN_TTL", default_value_t = 3600)]
     turn_ttl: u64,
+    /// Threads serving connections (default: one per CPU). Give the server the cores it
+    /// has to itself: threads that share a core with another busy process hand work back
+    /// and forth instead of doing it. 1 runs everything on one thread.
+    #[arg(long, env = "SHOAL_THREADS")]
+    threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -96,6 +100,23 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let runtime = match args.threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .context("could not start the runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if !args.www.join("index.html").exists() {
         anyhow::bail!(
             "{} has no index.html (run `cargo xtask run` to build the site)",

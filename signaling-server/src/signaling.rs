@@ -469,7 +469,12 @@ impl Hub {
     /// Relays a signal between neighbours.
     fn relay(&self, task: &str, from: PeerId, to: PeerId, signal: &str) -> Result<(), ErrorCode> {
         // `signal` is validated JSON (`decode_signal`), forwarded as the sender wrote it.
-        let text = format!(r#"{{"type":"signal","from":"{from}","signal":{signal}}}"#);
+        use std::fmt::Write;
+        let mut text = String::with_capacity(signal.len() + 64);
+        let _ = write!(
+            text,
+            r#"{{"type":"signal","from":"{from}","signal":{signal}}}"#
+        );
         let st = self.lock();
         let t = st.tasks.get(task).ok_or(ErrorCode::UnknownTask)?;
         let introduced = t
@@ -748,7 +753,8 @@ async fn connection(
                     }
                 }
                 msg = socket.next() => {
-                    last_seen = Instant::now();
+                    let now = Instant::now();
+                    last_seen = now;
                     let text = match msg {
                         Some(Ok(Message::Text(t))) => t,
                         Some(Ok(Message::Binary(_))) => {
@@ -769,7 +775,6 @@ async fn connection(
                         refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
                         break (1009, "message too large");
                     }
-                    let now = Instant::now();
                     tokens = (tokens + now.duration_since(refilled).as_secs_f64() * limits.rate_per_sec).min(limits.burst);
                     refilled = now;
                     if tokens < 1.0 {

@@ -146,6 +146,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Buffered<S> {
         if this.out.is_empty() && data.len() >= this.batch {
             return Pin::new(&mut this.inner).poll_write(cx, data);
         }
+        if this.out.capacity() == 0 {
+            // One allocation for the whole burst, not a doubling series.
+            this.out = Vec::with_capacity(this.batch);
+        }
         this.out.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }

@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 const IDLE: usize = 10_000;
 const PEERS: usize = 100;
@@ -82,7 +83,14 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
     let web = root.join("xtask/bench-web");
     let me = std::env::current_exe()?;
     let mut results = serde_json::Map::new();
-    for kind in ["shoal", "peerjs"] {
+    // Node runs PeerJS on one thread, and the load client takes the machine's other core:
+    // Shoal's server is measured on one thread too (`--threads 1`), which sets the
+    // ratios, and with its default of one thread per CPU, reported beside them.
+    for (name, kind, threads) in [
+        ("shoal", "shoal", Some("1")),
+        ("shoal_threads_per_cpu", "shoal", None),
+        ("peerjs", "peerjs", None),
+    ] {
         let port = free_port()?;
         let server = match kind {
             "shoal" => with_fd_limit(
@@ -105,7 +113,10 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
                     "--burst",
                     "1000000",
                 ]
-                .map(String::from),
+                .into_iter()
+                .chain(threads.map(|n| ["--threads", n]).into_iter().flatten())
+                .map(String::from)
+                .collect::<Vec<_>>(),
             )
             .current_dir(root)
             .stdout(Stdio::null())
@@ -144,11 +155,11 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
         .stderr(Stdio::inherit())
         .output()?;
         if !out.status.success() {
-            bail!("load client against {kind} failed");
+            bail!("load client against {name} failed");
         }
         let v: Value = serde_json::from_slice(&out.stdout)?;
-        println!("{kind}: {v}");
-        results.insert(kind.into(), v);
+        println!("{name}: {v}");
+        results.insert(name.into(), v);
         drop(server);
     }
     let r = |k: &str, f: &str| results[k][f].as_f64();
@@ -156,6 +167,8 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
         "rss-per-conn": match (r("peerjs", "rss_bytes_per_conn"), r("shoal", "rss_bytes_per_conn")) {
             (Some(p), Some(s)) if s > 0.0 => json!(p / s), _ => Value::Null },
         "relay-msgs-per-s": match (r("shoal", "relayed_per_s"), r("peerjs", "relayed_per_s")) {
+            (Some(s), Some(p)) if p > 0.0 => json!(s / p), _ => Value::Null },
+        "relay-msgs-per-s-threads-per-cpu": match (r("shoal_threads_per_cpu", "relayed_per_s"), r("peerjs", "relayed_per_s")) {
             (Some(s), Some(p)) if p > 0.0 => json!(s / p), _ => Value::Null },
     });
     Ok(
@@ -239,7 +252,12 @@ async fn relay(kind: &str, port: u16) -> Result<(f64, f64, f64)> {
     let mut ids = Vec::new();
     let mut neighbour_lists = Vec::new();
     for i in 0..PEERS {
-        let (ws, _) = tokio_tungstenite::connect_async(url(kind, port, i)).await?;
+        // tungstenite zero-fills its whole read buffer before every read: 128 KiB by
+        // default, which made memset the client's largest cost. 16 KiB holds a burst.
+        let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(url(kind, port, i), Some(config), false)
+                .await?;
         let (sink, mut stream) = ws.split();
         // Read until the server's greeting (and, for Shoal, the first neighbour list).
         let (tx_n, rx_n) = tokio::sync::watch::channel(Vec::<String>::new());
