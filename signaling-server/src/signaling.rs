@@ -603,12 +603,35 @@ async fn send(socket: &mut Socket, hub: &Hub, text: String) -> bool {
     hub.metrics
         .bytes_out
         .fetch_add(text.len() as u64, Ordering::Relaxed);
-    socket.send(Message::Text(text.into())).await.is_ok()
+    write(
+        socket,
+        hub.config.limits.idle_timeout,
+        Message::Text(text.into()),
+    )
+    .await
+}
+
+/// Writes and flushes `message`, giving up after `within`: a peer that stops reading
+/// must not hold its connection, and the task serving it, forever.
+async fn write(socket: &mut Socket, within: Duration, message: Message) -> bool {
+    tokio::time::timeout(within, socket.send(message))
+        .await
+        .is_ok_and(|sent| sent.is_ok())
 }
 
 /// Writes `first` and whatever else is already queued for this peer, then flushes once:
 /// under load one write system call carries many messages.
 async fn send_queued(socket: &mut Socket, hub: &Hub, first: String, outbox: &Outbox) -> bool {
+    // Bounded like `write`: a peer that stops reading is dropped after the idle timeout.
+    tokio::time::timeout(
+        hub.config.limits.idle_timeout,
+        write_queued(socket, hub, first, outbox),
+    )
+    .await
+    .unwrap_or(false)
+}
+
+async fn write_queued(socket: &mut Socket, hub: &Hub, first: String, outbox: &Outbox) -> bool {
     let mut bytes = 0;
     let mut next = Some(first);
     for _ in 0..64 {
@@ -646,14 +669,18 @@ fn refuse<'a>(
     })
 }
 
-fn close(mut socket: Socket, code: u16, reason: &'static str) -> Cold<'static, ()> {
+fn close(
+    mut socket: Socket,
+    within: Duration,
+    code: u16,
+    reason: &'static str,
+) -> Cold<'static, ()> {
     Box::pin(async move {
-        let _ = socket
-            .send(Message::Close(Some(CloseFrame {
-                code: code.into(),
-                reason: reason.into(),
-            })))
-            .await;
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: reason.into(),
+        };
+        write(&mut socket, within, Message::Close(Some(frame))).await;
     })
 }
 
@@ -680,13 +707,13 @@ async fn connection(
             "server is at its connection limit".into(),
         )
         .await;
-        return close(socket, 1013, "server full").await;
+        return close(socket, limits.idle_timeout, 1013, "server full").await;
     }
     if version != Some(VERSION) {
         let msg =
             format!("this server speaks protocol version {VERSION}; connect with ?v={VERSION}");
         refuse(&mut socket, &hub, ErrorCode::BadVersion, msg).await;
-        return close(socket, 1002, "bad version").await;
+        return close(socket, limits.idle_timeout, 1002, "bad version").await;
     }
     let outbox = Arc::new(Outbox::new(limits.queue));
     let id = match hub.join(&task, Arc::clone(&outbox)) {
@@ -699,7 +726,7 @@ async fn connection(
                 format!("cannot join task {task:?}"),
             )
             .await;
-            return close(socket, 1008, "refused").await;
+            return close(socket, limits.idle_timeout, 1008, "refused").await;
         }
     };
     let welcome = encode(&ServerMessage::Welcome {
@@ -748,7 +775,7 @@ async fn connection(
                     if last_seen.elapsed() > limits.idle_timeout {
                         break (1001, "idle timeout");
                     }
-                    if Box::pin(socket.send(Message::Ping(Vec::new().into()))).await.is_err() {
+                    if !Box::pin(write(&mut socket, limits.idle_timeout, Message::Ping(Vec::new().into()))).await {
                         break (1011, "send failed");
                     }
                 }
@@ -816,5 +843,5 @@ async fn connection(
         }
     };
     hub.leave(&task, id);
-    close(socket, reason.0, reason.1).await;
+    close(socket, limits.idle_timeout, reason.0, reason.1).await;
 }

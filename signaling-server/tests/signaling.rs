@@ -354,6 +354,41 @@ async fn silent_connections_time_out() {
 }
 
 #[tokio::test]
+async fn a_peer_that_stops_reading_is_dropped_and_its_neighbour_told() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(1000),
+        ping_interval: Duration::from_millis(250),
+        rate_per_sec: 1e6,
+        burst: 1e6,
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig { limits, ..config() }).await;
+    let (stuck, id_stuck) = join(&s).await;
+    let (mut b, _) = join(&s).await;
+    // Offers of nearly the largest size, far more than the socket buffers between the
+    // server and the peer that never reads: the server's writes to it stop completing.
+    let sdp = "a".repeat(shoal_shared::protocol::DEFAULT_MAX_MESSAGE_BYTES - 200);
+    let big = json!({"type": "signal", "to": id_stuck, "signal": {"kind": "offer", "sdp": sdp}});
+    for _ in 0..3000 {
+        send(&mut b, big.clone()).await;
+    }
+    // Its writes time out after the idle timeout: it is dropped and its neighbour (which
+    // reads, and so answers pings) hears that it left.
+    let left = tokio::time::timeout(Duration::from_secs(10), until(&mut b, "left"))
+        .await
+        .expect("the peer that stopped reading is dropped");
+    assert_eq!(left["peer"], id_stuck.as_str());
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while s.hub.connections() > 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the stuck connection is closed");
+    drop(stuck);
+}
+
+#[tokio::test]
 async fn neighbour_sets_stay_bounded_and_are_repaired_on_leave() {
     let s = start(SignalingConfig {
         neighbours: 3,
