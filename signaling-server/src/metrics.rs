@@ -20,6 +20,66 @@ pub struct Metrics {
     /// Connections accepted since start.
     pub connections_total: AtomicU64,
     rejected: [AtomicU64; ErrorCode::ALL.len()],
+    disconnects: [AtomicU64; Disconnect::ALL.len()],
+}
+
+/// Why the server ended a peer's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The peer closed it.
+    Bye,
+    /// Nothing (not even a pong) came for the idle timeout.
+    IdleTimeout,
+    /// A write failed, or did not complete within the idle timeout (the peer stopped
+    /// reading).
+    SendFailed,
+    /// A frame past the hard size cap, or a websocket protocol violation.
+    FrameError,
+    /// A message over the size limit.
+    TooLarge,
+    /// Too many rate-limit strikes.
+    RateLimit,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl Disconnect {
+    /// Every reason, in `/metrics` order.
+    pub const ALL: [Self; 7] = [
+        Self::Bye,
+        Self::IdleTimeout,
+        Self::SendFailed,
+        Self::FrameError,
+        Self::TooLarge,
+        Self::RateLimit,
+        Self::Shutdown,
+    ];
+
+    /// The `reason` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Bye => "bye",
+            Self::IdleTimeout => "idle_timeout",
+            Self::SendFailed => "send_failed",
+            Self::FrameError => "frame_error",
+            Self::TooLarge => "too_large",
+            Self::RateLimit => "rate_limit",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// The websocket close code and reason the peer is sent.
+    pub fn close_frame(self) -> (u16, &'static str) {
+        match self {
+            Self::Bye => (1000, "bye"),
+            Self::IdleTimeout => (1001, "idle timeout"),
+            Self::SendFailed => (1011, "send failed"),
+            Self::FrameError => (1009, "frame error"),
+            Self::TooLarge => (1009, "message too large"),
+            Self::RateLimit => (1008, "rate limit"),
+            Self::Shutdown => (1001, "server shutting down"),
+        }
+    }
 }
 
 impl Metrics {
@@ -27,6 +87,12 @@ impl Metrics {
     pub fn reject(&self, code: ErrorCode) {
         let i = ErrorCode::ALL.iter().position(|&c| c == code).unwrap_or(0);
         self.rejected[i].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one joined peer's connection that ended, by why.
+    pub fn disconnected(&self, why: Disconnect) {
+        let i = Disconnect::ALL.iter().position(|&d| d == why).unwrap_or(0);
+        self.disconnects[i].fetch_add(1, Relaxed);
     }
 
     /// How many were refused for `code`.
@@ -96,6 +162,19 @@ impl Metrics {
                 s,
                 "shoal_messages_rejected_total{{reason=\"{}\"}} {}",
                 code.as_str(),
+                n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP shoal_disconnects_total Peer connections ended, by reason."
+        );
+        let _ = writeln!(s, "# TYPE shoal_disconnects_total counter");
+        for (why, n) in Disconnect::ALL.iter().zip(&self.disconnects) {
+            let _ = writeln!(
+                s,
+                "shoal_disconnects_total{{reason=\"{}\"}} {}",
+                why.label(),
                 n.load(Relaxed)
             );
         }

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 
 use crate::ice::IceConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Disconnect, Metrics};
 use crate::upgrade::{self, Socket};
 
 /// Every bound the server enforces.
@@ -756,27 +756,27 @@ async fn connection(
     tokio::pin!(stopping);
     let queued = outbox.ready.notified();
     tokio::pin!(queued);
-    let reason: (u16, &'static str) = if !ok {
-        (1011, "send failed")
+    let reason = if !ok {
+        Disconnect::SendFailed
     } else {
         loop {
             tokio::select! {
-                _ = &mut stopping => break (1001, "server shutting down"),
+                _ = &mut stopping => break Disconnect::Shutdown,
                 () = &mut queued => {
                     queued.set(outbox.ready.notified());
                     let first = outbox.pop();
                     if let Some(text) = first
                         && !Box::pin(send_queued(&mut socket, &hub, text, &outbox)).await
                     {
-                        break (1011, "send failed");
+                        break Disconnect::SendFailed;
                     }
                 }
                 _ = ping.tick() => {
                     if last_seen.elapsed() > limits.idle_timeout {
-                        break (1001, "idle timeout");
+                        break Disconnect::IdleTimeout;
                     }
                     if !Box::pin(write(&mut socket, limits.idle_timeout, Message::Ping(Vec::new().into()))).await {
-                        break (1011, "send failed");
+                        break Disconnect::SendFailed;
                     }
                 }
                 msg = socket.next() => {
@@ -788,19 +788,19 @@ async fn connection(
                             refuse(&mut socket, &hub, ErrorCode::Binary, "binary frames are not part of the protocol".into()).await;
                             continue;
                         }
-                        Some(Ok(Message::Close(_))) | None => break (1000, "bye"),
+                        Some(Ok(Message::Close(_))) | None => break Disconnect::Bye,
                         Some(Ok(_)) => continue,
                         Some(Err(_)) => {
                             // Past the hard size cap, or a protocol violation.
                             hub.metrics.reject(ErrorCode::TooLarge);
-                            break (1009, "frame error");
+                            break Disconnect::FrameError;
                         }
                     };
                     hub.metrics.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
                     if text.len() > limits.max_message_bytes {
                         let msg = format!("{} bytes; the limit is {}", text.len(), limits.max_message_bytes);
                         refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
-                        break (1009, "message too large");
+                        break Disconnect::TooLarge;
                     }
                     tokens = (tokens + now.duration_since(refilled).as_secs_f64() * limits.rate_per_sec).min(limits.burst);
                     refilled = now;
@@ -808,7 +808,7 @@ async fn connection(
                         strikes += 1;
                         refuse(&mut socket, &hub, ErrorCode::RateLimited, format!("more than {} messages per second", limits.rate_per_sec)).await;
                         if strikes >= limits.strikes {
-                            break (1008, "rate limit");
+                            break Disconnect::RateLimit;
                         }
                         continue;
                     }
@@ -843,5 +843,7 @@ async fn connection(
         }
     };
     hub.leave(&task, id);
-    close(socket, limits.idle_timeout, reason.0, reason.1).await;
+    hub.metrics.disconnected(reason);
+    let (code, text) = reason.close_frame();
+    close(socket, limits.idle_timeout, code, text).await;
 }

@@ -350,6 +350,11 @@ async fn silent_connections_time_out() {
     // Never read: pings go unanswered (tungstenite answers them only while reading).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(s.hub.connections(), 0, "idle connection was not closed");
+    let metrics = http_get(s.addr, "/metrics").await;
+    assert!(
+        metrics.contains("shoal_disconnects_total{reason=\"idle_timeout\"} 1"),
+        "{metrics}"
+    );
     drop(ws);
 }
 
@@ -385,6 +390,11 @@ async fn a_peer_that_stops_reading_is_dropped_and_its_neighbour_told() {
     })
     .await
     .expect("the stuck connection is closed");
+    let metrics = http_get(s.addr, "/metrics").await;
+    assert!(
+        metrics.contains("shoal_disconnects_total{reason=\"send_failed\"} 1"),
+        "{metrics}"
+    );
     drop(stuck);
 }
 
