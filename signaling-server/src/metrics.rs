@@ -152,33 +152,38 @@ impl Metrics {
         for (name, kind, help, v) in simple {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
-        let _ = writeln!(
-            s,
-            "# HELP shoal_messages_rejected_total Messages or connections refused, by reason."
+        by_reason(
+            &mut s,
+            "shoal_messages_rejected_total",
+            "Messages or connections refused, by reason.",
+            ErrorCode::ALL
+                .iter()
+                .map(|c| c.as_str())
+                .zip(&self.rejected),
         );
-        let _ = writeln!(s, "# TYPE shoal_messages_rejected_total counter");
-        for (code, n) in ErrorCode::ALL.iter().zip(&self.rejected) {
-            let _ = writeln!(
-                s,
-                "shoal_messages_rejected_total{{reason=\"{}\"}} {}",
-                code.as_str(),
-                n.load(Relaxed)
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP shoal_disconnects_total Peer connections ended, by reason."
+        by_reason(
+            &mut s,
+            "shoal_disconnects_total",
+            "Peer connections ended, by reason.",
+            Disconnect::ALL
+                .iter()
+                .map(|d| d.label())
+                .zip(&self.disconnects),
         );
-        let _ = writeln!(s, "# TYPE shoal_disconnects_total counter");
-        for (why, n) in Disconnect::ALL.iter().zip(&self.disconnects) {
-            let _ = writeln!(
-                s,
-                "shoal_disconnects_total{{reason=\"{}\"}} {}",
-                why.label(),
-                n.load(Relaxed)
-            );
-        }
         s
+    }
+}
+
+/// A counter with one series per `reason` label.
+fn by_reason<'a>(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (&'static str, &'a AtomicU64)>,
+) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, n) in rows {
+        let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {}", n.load(Relaxed));
     }
 }
 
