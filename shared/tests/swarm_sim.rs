@@ -132,6 +132,39 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
 }
 
 #[test]
+fn stealthy_attackers_cost_the_robust_rules_under_three_points_and_the_mean_more() {
+    // Attackers that keep honest models of their own: every lie stays at 2.5x an honest
+    // update's norm, under the norm bound, for the whole run (see `AttackSettings`).
+    let mut base = scenario("attack-25");
+    base.rounds = 150;
+    base.attack.stealthy = true;
+    let with = |agg: Aggregation, attackers: bool| {
+        let mut sc = base.clone();
+        sc.learn.aggregation = agg;
+        if !attackers {
+            sc.attack.fraction = 0.0;
+        }
+        sc.name = format!("{}-stealthy-{agg:?}-{attackers}", sc.name);
+        settled(&run(&sc))
+    };
+    let clean = with(Aggregation::Mean, false);
+    let mean = with(Aggregation::Mean, true);
+    let trimmed = with(Aggregation::TrimmedMean { trim: 0.25 }, true);
+    let clipped = with(Aggregation::CenteredClip { tau: 1.0, iters: 3 }, true);
+    println!(
+        "clean {clean:.4}, stealthy attackers: mean {mean:.4}, trimmed {trimmed:.4}, clipped {clipped:.4}"
+    );
+    // Measured: clean 96.49%; last rounds mean 90.3-90.7%, trimmed 94.6-94.8%, clipped
+    // 94.2-94.5%. The robust rules hold, but not within the one point they keep against
+    // attackers that wreck their own models.
+    for (name, acc) in [("trimmed mean", trimmed), ("centered clipping", clipped)] {
+        assert!(acc >= clean - 0.03, "{name} {acc} vs clean {clean}");
+        assert!(acc >= mean + 0.03, "{name} {acc} vs the plain mean {mean}");
+    }
+    assert!(mean < clean - 0.04, "plain mean {mean} vs clean {clean}");
+}
+
+#[test]
 fn nan_scaled_noise_and_replayed_updates_are_rejected_or_outvoted() {
     let base = scenario("attack-25");
     for (kind, reason) in [

@@ -155,6 +155,12 @@ pub struct AttackSettings {
     pub kind: AttackKind,
     /// Strength: multiple of an honest update's norm.
     pub scale: f32,
+    /// The attackers lie to their neighbours only and keep their own models as honest
+    /// peers would (their part in their own aggregate is their honest update): they stay
+    /// in step with the swarm and every lie stays `scale` times an honest update. Without
+    /// this an attacker applies its lie to itself too; its model drifts away and its
+    /// later lies grow until the norm bound refuses them, which flatters the defence.
+    pub stealthy: bool,
 }
 
 /// What an attacker sends instead of its honest update (always validly signed).
@@ -928,7 +934,8 @@ impl Sim<'_> {
     }
 }
 
-/// An attacker's message for this round.
+/// An attacker's message for this round (a stealthy attacker then takes its honest
+/// update back as its own part in its aggregate).
 fn forge(
     p: &mut SimPeer,
     attack: &AttackSettings,
@@ -936,7 +943,21 @@ fn forge(
     delta: Vec<f32>,
     samples: u32,
 ) -> Vec<u8> {
-    let norm = super::aggregate::norm(&delta).max(1e-12);
+    let msg = forge_message(p, attack, task, &delta, samples);
+    if attack.stealthy {
+        p.learner.own = Some(delta);
+    }
+    msg
+}
+
+fn forge_message(
+    p: &mut SimPeer,
+    attack: &AttackSettings,
+    task: &str,
+    delta: &[f32],
+    samples: u32,
+) -> Vec<u8> {
+    let norm = super::aggregate::norm(delta).max(1e-12);
     let s = attack.scale;
     match attack.kind {
         AttackKind::SignFlip => p.learner.update_from_delta(
@@ -957,7 +978,7 @@ fn forge(
         AttackKind::Nan => {
             // Encode honestly, then poison the first float of the payload (a value for
             // fp32, the first block scale for int8 and top-k) and sign the result.
-            let msg = p.learner.update_from_delta(&delta, samples, 0.0);
+            let msg = p.learner.update_from_delta(delta, samples, 0.0);
             let Ok(PeerMessage::Update(u)) = PeerMessage::decode(&msg, delta.len()) else {
                 return msg;
             };
@@ -976,7 +997,7 @@ fn forge(
         AttackKind::Replay => {
             let first = p
                 .first_update
-                .get_or_insert_with(|| p.learner.update_from_delta(&delta, samples, 0.0));
+                .get_or_insert_with(|| p.learner.update_from_delta(delta, samples, 0.0));
             first.clone()
         }
     }
