@@ -91,11 +91,14 @@ fn eight_peers_that_each_see_three_of_the_ten_digits_still_reach_the_target() {
     assert_eq!(r.version_spread, 0, "every peer holds the same version");
 }
 
-#[test]
-fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_attack() {
+/// Settled accuracy of `attack-25` over 150 rounds: without attackers (plain mean), then
+/// with a quarter of the peers flipping their updates at 2.5x, under the plain mean,
+/// trimmed mean and centered clipping.
+fn under_attack(stealthy: bool) -> [f32; 4] {
     let mut base = scenario("attack-25");
     // Compared near convergence: six honest peers need more rounds than eight.
     base.rounds = 150;
+    base.attack.stealthy = stealthy;
     assert!((base.attack.fraction - 0.25).abs() < 1e-6 && base.attack.kind == AttackKind::SignFlip);
     let with = |agg: Aggregation, attackers: bool| {
         let mut sc = base.clone();
@@ -103,16 +106,27 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
         if !attackers {
             sc.attack.fraction = 0.0;
         }
-        sc.name = format!("{}-{agg:?}-{attackers}", sc.name);
+        sc.name = format!("{}-{stealthy}-{agg:?}-{attackers}", sc.name);
         settled(&run(&sc))
     };
-    let clean = with(Aggregation::Mean, false);
-    let mean = with(Aggregation::Mean, true);
-    let trimmed = with(Aggregation::TrimmedMean { trim: 0.25 }, true);
-    let clipped = with(Aggregation::CenteredClip { tau: 1.0, iters: 3 }, true);
+    let r = [
+        with(Aggregation::Mean, false),
+        with(Aggregation::Mean, true),
+        with(Aggregation::TrimmedMean { trim: 0.25 }, true),
+        with(Aggregation::CenteredClip { tau: 1.0, iters: 3 }, true),
+    ];
     println!(
-        "clean {clean:.4}, attacked: mean {mean:.4}, trimmed {trimmed:.4}, clipped {clipped:.4}"
+        "stealthy {stealthy}: clean {:.4}, attacked: mean {:.4}, trimmed {:.4}, clipped {:.4}",
+        r[0], r[1], r[2], r[3]
     );
+    r
+}
+
+#[test]
+fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_attack() {
+    // These attackers apply their lies to their own models too: the models drift, their
+    // lies grow about tenfold after 40 rounds and the norm bound refuses most of them.
+    let [clean, mean, trimmed, clipped] = under_attack(false);
     assert!(
         trimmed >= clean - 0.01,
         "trimmed mean {trimmed} vs clean {clean}"
@@ -122,9 +136,7 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
         "centered clipping {clipped} vs clean {clean}"
     );
     // The same criterion fails for the plain mean: what the robust rules pass is real.
-    // (Measured: clean 96.49%, trimmed 95.68%, clipped 95.51%, mean 95.33%; attackers
-    // at 2x, which pass the norm bound every time, take the mean to 66% and the robust
-    // rules to 93.2-93.5%.)
+    // (Measured: clean 96.49%, trimmed 95.68%, clipped 95.51%, mean 95.33%.)
     assert!(
         mean < clean - 0.01,
         "plain mean should degrade: {mean} vs clean {clean}"
@@ -135,25 +147,7 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
 fn stealthy_attackers_cost_the_robust_rules_under_three_points_and_the_mean_more() {
     // Attackers that keep honest models of their own: every lie stays at 2.5x an honest
     // update's norm, under the norm bound, for the whole run (see `AttackSettings`).
-    let mut base = scenario("attack-25");
-    base.rounds = 150;
-    base.attack.stealthy = true;
-    let with = |agg: Aggregation, attackers: bool| {
-        let mut sc = base.clone();
-        sc.learn.aggregation = agg;
-        if !attackers {
-            sc.attack.fraction = 0.0;
-        }
-        sc.name = format!("{}-stealthy-{agg:?}-{attackers}", sc.name);
-        settled(&run(&sc))
-    };
-    let clean = with(Aggregation::Mean, false);
-    let mean = with(Aggregation::Mean, true);
-    let trimmed = with(Aggregation::TrimmedMean { trim: 0.25 }, true);
-    let clipped = with(Aggregation::CenteredClip { tau: 1.0, iters: 3 }, true);
-    println!(
-        "clean {clean:.4}, stealthy attackers: mean {mean:.4}, trimmed {trimmed:.4}, clipped {clipped:.4}"
-    );
+    let [clean, mean, trimmed, clipped] = under_attack(true);
     // Measured: clean 96.49%; last rounds mean 90.3-90.7%, trimmed 94.6-94.8%, clipped
     // 94.2-94.5%. The robust rules hold, but not within the one point they keep against
     // attackers that wreck their own models.
