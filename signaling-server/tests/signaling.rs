@@ -499,43 +499,42 @@ async fn malformed_websocket_handshakes_are_refused_with_a_reason() {
     let ws = "/ws/digits?v=1";
     let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
     let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
-    // A plain GET: not a websocket.
-    let r = http_get(s.addr, ws).await;
-    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
-    assert!(r.contains("websocket only"), "{r}");
-    assert!(
-        r.to_lowercase().contains("sec-websocket-version: 13"),
-        "{r}"
-    );
-    // An older protocol version.
-    let r = http(
-        s.addr,
-        "GET",
-        ws,
-        &format!("{upgrade}Sec-WebSocket-Version: 8\r\n{key}"),
-    )
-    .await;
-    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
-    assert!(r.contains("version 13 is required"), "{r}");
-    // A key that is not 16 bytes of base64.
-    let r = http(
-        s.addr,
-        "GET",
-        ws,
-        &format!("{upgrade}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n"),
-    )
-    .await;
-    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
-    assert!(r.contains("Sec-WebSocket-Key"), "{r}");
-    // Another method (refused by the router, before the handshake is looked at).
-    let r = http(
-        s.addr,
-        "POST",
-        ws,
-        &format!("{upgrade}Sec-WebSocket-Version: 13\r\n{key}"),
-    )
-    .await;
-    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    let cases = [
+        ("GET", String::new(), "426", "websocket only", "a plain GET"),
+        (
+            "GET",
+            format!("{upgrade}Sec-WebSocket-Version: 8\r\n{key}"),
+            "426",
+            "version 13 is required",
+            "an older protocol version",
+        ),
+        (
+            "GET",
+            format!("{upgrade}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n"),
+            "400",
+            "Sec-WebSocket-Key",
+            "a key that is not 16 bytes of base64",
+        ),
+        // Refused by the router, before the handshake is looked at (not counted).
+        (
+            "POST",
+            format!("{upgrade}Sec-WebSocket-Version: 13\r\n{key}"),
+            "405",
+            "",
+            "another method",
+        ),
+    ];
+    for (method, headers, status, why, case) in cases {
+        let r = http(s.addr, method, ws, &headers).await;
+        assert!(r.starts_with(&format!("HTTP/1.1 {status}")), "{case}: {r}");
+        assert!(r.contains(why), "{case}: {r}");
+        if status == "426" {
+            assert!(
+                r.to_lowercase().contains("sec-websocket-version: 13"),
+                "{case}: {r}"
+            );
+        }
+    }
     let metrics = http_get(s.addr, "/metrics").await;
     assert!(
         metrics.contains("shoal_messages_rejected_total{reason=\"malformed\"} 3"),
