@@ -1,7 +1,8 @@
 // Browser to browser over real WebRTC: two headless Chromium contexts join the swarm
 // through the real signaling server, open a data channel, and move a 10 MB message
-// through Shoal's framing, checked by SHA-256 on both sides. A second transfer runs
-// while the signaling server is killed: the connection that is up carries on.
+// through Shoal's framing, checked by SHA-256 on both sides. A second transfer (40 MB)
+// runs while the signaling server is killed, and a third starts after: the connection
+// that is up carries on.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer } from './harness.mjs';
@@ -66,12 +67,20 @@ test('two browsers connect through the server and move 10 MB intact', async () =
 
 test('a transfer completes while the signaling server is killed', async () => {
   const idB = await b.evaluate(() => window.swarm.id());
-  const sent = await sendRandom(a, idB, 10);
+  // 40 MB: on the warmed-up channel 10 MB could arrive before the kill had landed (seen
+  // once: the whole test took 0.4 s), and then nothing was killed mid-transfer.
+  const sent = await sendRandom(a, idB, 40);
+  const started = Date.now();
   await server.kill();
+  const killedAfter = Date.now() - started;
   const arrived = await b.evaluate(() => window.shoalEvents.filter((e) => e.type === 'message').length);
   assert.equal(arrived, 1, 'the server was killed before the second message arrived');
   const got = await receive(b, 2);
+  console.log(`server killed ${killedAfter} ms into a 40 MB transfer that took ${((Date.now() - started) / 1000).toFixed(1)} s`);
   assert.equal(got.hash, sent);
+  // A transfer started after the kill goes through as well.
+  const after = await sendRandom(a, idB, 1);
+  assert.equal((await receive(b, 3)).hash, after);
   // Both pages noticed the server go, and the channel is still up.
   await b.waitForFunction(() => window.shoalEvents.some((e) => e.type === 'signaling' && e.state === 'down'));
   assert.equal((await a.evaluate(() => window.swarm.peers())).length, 1);
