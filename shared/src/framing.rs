@@ -1,7 +1,10 @@
 //! Framing for WebRTC data channels: messages of any size travel as chunks that fit the
 //! channel's message limit, are reassembled in order and checked with a CRC-32 of the
 //! whole message. A corrupted, truncated, inconsistent or oversized frame drops that one
-//! message and is counted; it never takes the peer down.
+//! message and is counted; it never takes the peer down. The reassembler is sans-IO: the
+//! caller passes the time with every frame, and a message that stops making progress
+//! expires (or is evicted by a newer one when every slot is taken), so a sender that
+//! starts messages and never finishes them cannot wedge the channel.
 //!
 //! Also here: the sending side's bounded queue and its backpressure policy, shared by the
 //! browser and native transports (each waits for its channel's buffered-amount-low event
@@ -31,6 +34,11 @@ pub const HEADER: usize = 24;
 pub const DEFAULT_CHUNK: usize = 16 * 1024 - HEADER;
 /// Largest chunk payload a sender may configure.
 pub const MAX_CHUNK: usize = 256 * 1024;
+/// A partially received message that got no new chunk for this long is dropped
+/// ([`FrameError::Expired`]). Frames of one message arrive back to back on an ordered,
+/// reliable channel, so a pause this long means its sender gave up on it (or never meant
+/// to finish it).
+pub const PARTIAL_EXPIRY_MS: u64 = 30_000;
 const MAGIC: [u8; 2] = *b"SH";
 const VERSION: u8 = 1;
 
@@ -52,20 +60,25 @@ pub enum FrameError {
     /// The reassembled message does not match its checksum.
     #[error("checksum mismatch")]
     Checksum,
-    /// Too many messages partially received at once.
-    #[error("too many messages in flight")]
-    TooManyInFlight,
+    /// A partial message made no progress for [`PARTIAL_EXPIRY_MS`].
+    #[error("message not completed in time")]
+    Expired,
+    /// Every in-flight slot was taken when a new message began: the partial message that
+    /// progressed least recently was dropped to make room.
+    #[error("message evicted by a newer one")]
+    Evicted,
 }
 
 impl FrameError {
     /// Every reason, for counters.
-    pub const ALL: [FrameError; 6] = [
+    pub const ALL: [FrameError; 7] = [
         Self::Truncated,
         Self::BadMagic,
         Self::TooLarge,
         Self::Inconsistent,
         Self::Checksum,
-        Self::TooManyInFlight,
+        Self::Expired,
+        Self::Evicted,
     ];
 }
 
@@ -209,25 +222,35 @@ struct Partial {
     total: u32,
     crc: u32,
     data: Vec<u8>,
+    /// When its last chunk arrived, in the caller's milliseconds.
+    touched_ms: u64,
+    /// Order of its last progress among all partial messages (larger is more recent).
+    touched_seq: u64,
 }
 
 /// Reassembles messages from frames, with limits and error counters.
+///
+/// Time is injected: every [`push`](Self::push) carries the caller's clock in
+/// milliseconds (any monotonic origin), so the rules are testable without waiting.
 pub struct Reassembler {
     max_message: usize,
     max_in_flight: usize,
     partial: HashMap<u32, Partial>,
+    seq: u64,
     /// Messages completed.
     pub delivered: u64,
     dropped: HashMap<FrameError, u64>,
 }
 
 impl Reassembler {
-    /// Accepts messages up to `max_message` bytes, at most `max_in_flight` at a time.
+    /// Accepts messages up to `max_message` bytes, at most `max_in_flight` (at least one)
+    /// partially received at a time.
     pub fn new(max_message: usize, max_in_flight: usize) -> Self {
         Self {
             max_message,
-            max_in_flight,
+            max_in_flight: max_in_flight.max(1),
             partial: HashMap::new(),
+            seq: 0,
             delivered: 0,
             dropped: HashMap::new(),
         }
@@ -238,22 +261,72 @@ impl Reassembler {
         self.dropped.get(&reason).copied().unwrap_or(0)
     }
 
+    /// Messages dropped for any reason so far (a transport watches it grow to tell a
+    /// misbehaving neighbour from a transient fault).
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+
+    /// Messages partially received right now.
+    pub fn in_flight(&self) -> usize {
+        self.partial.len()
+    }
+
+    fn count(&mut self, reason: FrameError, n: u64) {
+        if n > 0 {
+            *self.dropped.entry(reason).or_default() += n;
+        }
+    }
+
+    /// Drops (and counts as [`FrameError::Expired`]) every partial message that made no
+    /// progress for [`PARTIAL_EXPIRY_MS`] before `now_ms`; returns how many. [`push`]
+    /// does this itself; call it from a timer to free a silent sender's memory sooner.
+    ///
+    /// [`push`]: Self::push
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let before = self.partial.len();
+        self.partial
+            .retain(|_, p| now_ms.saturating_sub(p.touched_ms) < PARTIAL_EXPIRY_MS);
+        let gone = before - self.partial.len();
+        self.count(FrameError::Expired, gone as u64);
+        gone
+    }
+
+    /// Makes room for a new message when every slot is taken: the partial message that
+    /// progressed least recently goes (counted as [`FrameError::Evicted`]).
+    fn evict_for_new(&mut self) {
+        while self.partial.len() >= self.max_in_flight {
+            let oldest = self
+                .partial
+                .iter()
+                .min_by_key(|(_, p)| p.touched_seq)
+                .map(|(&id, _)| id);
+            let Some(id) = oldest else { return };
+            self.partial.remove(&id);
+            self.count(FrameError::Evicted, 1);
+        }
+    }
+
     /// Bytes held in partially received messages.
     pub fn buffered(&self) -> usize {
         self.partial.values().map(|p| p.data.len()).sum()
     }
 
-    /// Takes one frame; returns a message when its last chunk arrives. On error the
-    /// message the frame belongs to is discarded and the error counted.
-    pub fn push(&mut self, frame: &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
-        let r = self.accept(frame);
+    /// Takes one frame that arrived at `now_ms`; returns a message when its last chunk
+    /// arrives. On error the message the frame belongs to is discarded and the error
+    /// counted. Partial messages that expired by `now_ms` are dropped first, and a new
+    /// message that finds every slot taken evicts the least recently progressed one:
+    /// both are counted (see [`dropped`](Self::dropped)), not returned.
+    pub fn push(&mut self, frame: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, FrameError> {
+        self.expire(now_ms);
+        let r = self.accept(frame, now_ms);
         if let Err(e) = r {
-            *self.dropped.entry(e).or_default() += 1;
+            self.count(e, 1);
         }
         r
     }
 
-    fn accept(&mut self, frame: &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
+    fn accept(&mut self, frame: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, FrameError> {
         let (h, body) = parse(frame)?;
         if h.total as usize > self.max_message {
             self.partial.remove(&h.id);
@@ -262,20 +335,22 @@ impl Reassembler {
         if h.index == 0 {
             if self.partial.remove(&h.id).is_some() {
                 // A restarted id abandons the older partial message.
-                *self.dropped.entry(FrameError::Inconsistent).or_default() += 1;
+                self.count(FrameError::Inconsistent, 1);
             }
-            if self.partial.len() >= self.max_in_flight {
-                return Err(FrameError::TooManyInFlight);
-            }
+            self.evict_for_new();
             let p = Partial {
                 next: 0,
                 count: h.count,
                 total: h.total,
                 crc: h.crc,
                 data: Vec::new(),
+                touched_ms: now_ms,
+                touched_seq: 0,
             };
             self.partial.insert(h.id, p);
         }
+        self.seq += 1;
+        let seq = self.seq;
         let Some(p) = self.partial.get_mut(&h.id) else {
             return Err(FrameError::Inconsistent);
         };
@@ -287,10 +362,14 @@ impl Reassembler {
         }
         p.data.extend_from_slice(body);
         p.next += 1;
+        p.touched_ms = now_ms;
+        p.touched_seq = seq;
         if p.next < p.count {
             return Ok(None);
         }
-        let p = self.partial.remove(&h.id).expect("present");
+        let Some(p) = self.partial.remove(&h.id) else {
+            return Err(FrameError::Inconsistent);
+        };
         if p.data.len() != p.total as usize {
             return Err(FrameError::Inconsistent);
         }
@@ -395,7 +474,7 @@ mod tests {
     fn deliver(r: &mut Reassembler, frames: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
         frames
             .into_iter()
-            .filter_map(|f| r.push(&f).ok().flatten())
+            .filter_map(|f| r.push(&f, 0).ok().flatten())
             .collect()
     }
 
@@ -481,17 +560,17 @@ mod tests {
     fn truncated_missing_or_reordered_chunks_are_counted_not_fatal() {
         let a = message(40_000, 5);
         let mut r = Reassembler::new(1 << 20, 4);
-        assert_eq!(r.push(&[1, 2, 3]), Err(FrameError::Truncated));
-        assert_eq!(r.push(&[0u8; 30]), Err(FrameError::BadMagic));
+        assert_eq!(r.push(&[1, 2, 3], 0), Err(FrameError::Truncated));
+        assert_eq!(r.push(&[0u8; 30], 0), Err(FrameError::BadMagic));
         let frames: Vec<_> = split(9, &a, DEFAULT_CHUNK).collect();
-        r.push(&frames[0]).expect("first chunk");
+        r.push(&frames[0], 0).expect("first chunk");
         assert_eq!(
-            r.push(&frames[2]),
+            r.push(&frames[2], 0),
             Err(FrameError::Inconsistent),
             "chunk 1 skipped"
         );
         assert_eq!(
-            r.push(&frames[1]),
+            r.push(&frames[1], 0),
             Err(FrameError::Inconsistent),
             "message already dropped"
         );
@@ -506,21 +585,96 @@ mod tests {
     }
 
     #[test]
-    fn oversized_and_too_many_messages_are_refused_up_front() {
+    fn oversized_messages_are_refused_up_front() {
         let mut r = Reassembler::new(1000, 2);
         let big = message(5000, 6);
         let first = split(1, &big, 512).next().expect("a frame");
-        assert_eq!(r.push(&first), Err(FrameError::TooLarge));
+        assert_eq!(r.push(&first, 0), Err(FrameError::TooLarge));
         assert_eq!(r.buffered(), 0);
-        let m = message(900, 7);
-        for id in 0..2 {
-            r.push(&split(id, &m, 100).next().expect("frame"))
-                .expect("accepted");
+        assert_eq!(r.in_flight(), 0);
+    }
+
+    /// The first chunk of a message, which opens a slot and never completes it.
+    fn opening(id: u32, len: usize) -> Vec<u8> {
+        split(id, &message(len, u64::from(id)), 100)
+            .next()
+            .expect("a frame")
+    }
+
+    #[test]
+    fn a_sender_that_never_finishes_its_messages_cannot_wedge_the_channel() {
+        let mut r = Reassembler::new(1 << 20, 4);
+        for id in 0..4 {
+            assert_eq!(r.push(&opening(id, 900), 0), Ok(None));
         }
+        assert_eq!(r.in_flight(), 4, "every slot taken");
+        // Later messages still get through, in the same instant and without any timer.
+        for id in 10..20 {
+            let m = message(2000, u64::from(id));
+            assert_eq!(deliver(&mut r, split(id, &m, 300)), vec![m], "message {id}");
+        }
+        // One stuck message made room; the other three wait out their time.
+        assert_eq!(r.dropped(FrameError::Evicted), 1);
+        assert_eq!(r.in_flight(), 3);
+        assert_eq!(r.expire(PARTIAL_EXPIRY_MS), 3);
+        assert_eq!(r.dropped(FrameError::Expired), 3);
+        assert_eq!(r.in_flight(), 0);
+        assert_eq!(r.dropped_total(), 4, "every unfinished message is counted");
+    }
+
+    #[test]
+    fn a_partial_message_that_stops_progressing_expires_and_is_counted() {
+        let mut r = Reassembler::new(1 << 20, 4);
+        let stuck: Vec<_> = split(1, &message(900, 1), 100).collect();
+        r.push(&stuck[0], 1_000).expect("first chunk");
+        r.push(&stuck[1], 2_000).expect("second chunk");
+        // Not yet: the clock counts from its last progress.
+        assert_eq!(r.expire(2_000 + PARTIAL_EXPIRY_MS - 1), 0);
+        assert_eq!(r.in_flight(), 1);
+        // Any frame (here another whole message) at the expiry drops it.
+        let other = message(10, 2);
+        let at = 2_000 + PARTIAL_EXPIRY_MS;
+        let frame = split(2, &other, 100).next().expect("frame");
+        assert_eq!(r.push(&frame, at), Ok(Some(other)));
+        assert_eq!(r.in_flight(), 0);
+        assert_eq!(r.buffered(), 0);
+        assert_eq!(r.dropped(FrameError::Expired), 1);
+        // Its late chunks belong to nothing now.
+        assert_eq!(r.push(&stuck[2], at + 1), Err(FrameError::Inconsistent));
+        // A slow message that keeps making progress never expires.
+        let slow = message(500, 3);
+        let mut got = None;
+        for (i, f) in split(3, &slow, 100).enumerate() {
+            let now = at + (i as u64 + 1) * (PARTIAL_EXPIRY_MS - 1);
+            got = r.push(&f, now).expect("in time").or(got);
+        }
+        assert_eq!(got, Some(slow));
+        assert_eq!(r.dropped(FrameError::Expired), 1);
+    }
+
+    #[test]
+    fn a_new_message_evicts_the_partial_that_progressed_least_recently() {
+        let mut r = Reassembler::new(1 << 20, 2);
+        let (a, b, c) = (message(300, 1), message(300, 2), message(300, 3));
+        let fa: Vec<_> = split(1, &a, 100).collect();
+        let fb: Vec<_> = split(2, &b, 100).collect();
+        let fc: Vec<_> = split(3, &c, 100).collect();
+        r.push(&fa[0], 0).expect("a starts");
+        r.push(&fb[0], 0).expect("b starts");
+        r.push(&fa[1], 0)
+            .expect("a progresses, so b is now the older");
+        assert_eq!(r.push(&fc[0], 0), Ok(None), "c is taken, not refused");
+        assert_eq!(r.dropped(FrameError::Evicted), 1);
         assert_eq!(
-            r.push(&split(5, &m, 100).next().expect("frame")),
-            Err(FrameError::TooManyInFlight)
+            r.push(&fb[1], 0),
+            Err(FrameError::Inconsistent),
+            "b was evicted"
         );
+        assert_eq!(deliver(&mut r, [fa[2].clone()]), vec![a]);
+        assert_eq!(deliver(&mut r, fc[1..].iter().cloned()), vec![c]);
+        assert_eq!(FrameError::ALL.len(), 7);
+        assert!(FrameError::ALL.contains(&FrameError::Evicted));
+        assert!(FrameError::ALL.contains(&FrameError::Expired));
     }
 
     #[test]
@@ -538,7 +692,7 @@ mod tests {
             if round % 7 == 0 {
                 f.truncate(rng.below(f.len() + 1));
             }
-            if let Ok(Some(m)) = r.push(&f) {
+            if let Ok(Some(m)) = r.push(&f, 0) {
                 panic!("delivered a corrupted message of {} bytes", m.len());
             }
         }
@@ -555,7 +709,7 @@ mod tests {
         let mut r = Reassembler::new(1 << 20, 1);
         let mut got = None;
         while let Some(f) = q.next_frame(0) {
-            got = r.push(&f).expect("valid").or(got);
+            got = r.push(&f, 0).expect("valid").or(got);
         }
         assert_eq!(got, Some(message(5000, 1)));
         assert_eq!(q.queued(), 0);

@@ -132,11 +132,14 @@ mod bench {
         let state = Arc::clone(&rx);
         tokio::spawn(async move {
             let mut reassembler = Reassembler::new(SIZE + 1024, 4);
+            let epoch = std::time::Instant::now();
             let mut raw = 0usize;
             while let Some(ev) = db.poll().await {
                 if let DataChannelEvent::OnMessage(m) = ev {
                     if state.framed.load(Ordering::Relaxed) {
-                        if let Ok(Some(msg)) = reassembler.push(&m.data) {
+                        if let Ok(Some(msg)) =
+                            reassembler.push(&m.data, epoch.elapsed().as_millis() as u64)
+                        {
                             let _ = state.done.send(msg.len());
                         }
                     } else {

@@ -12,6 +12,7 @@ use shoal_shared::idx::IdxLimits;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod keeper;
 pub mod learning;
+pub mod links;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 pub mod observe;

@@ -1,21 +1,24 @@
 //! The dashboard's peer: it joins the swarm as an observer, says so to its neighbours
-//! (so nobody waits for its updates), downloads the current model from one of them every
-//! few seconds, and evaluates it on the task's held-out split. It never trains and never
-//! sends an update; the model it holds is what the dashboard exports.
+//! (so nobody waits for its updates), downloads the current model every few seconds, and
+//! evaluates it on the task's held-out split. It never trains and never sends an update;
+//! the model it holds is what the dashboard exports.
 //!
-//! Platform-neutral like the training loop: the browser worker drives it through
-//! `wasm/observer.rs`, and a native test can drive it over the native transport.
-
-use std::collections::{BTreeMap, HashSet};
+//! The protocol is the sans-IO [`Peer`] in its observer role: it downloads from several
+//! neighbours at once and keeps the answer they agree on (the same adoption rule as a
+//! joining peer), so one lying neighbour cannot put its model on the researcher's
+//! dashboard or into the export. Platform-neutral like the training loop: the browser
+//! worker drives it through `wasm/observer.rs`, and a native test can drive it over the
+//! native transport.
 
 use serde::Serialize;
 use shoal_shared::engine::cpu::CpuBackend;
 use shoal_shared::engine::train::Samples;
 use shoal_shared::engine::{Backend, Model, Optimizer};
-use shoal_shared::learn::{PeerMessage, Rejection, Snapshot};
-use shoal_shared::protocol::{PeerId, PeerReport, Role};
+use shoal_shared::learn::{Identity, Output, Peer, PeerRole};
+use shoal_shared::protocol::{PeerReport, Role};
 use shoal_shared::task::TaskSpec;
 
+use crate::learning::peer_event;
 use crate::swarm::{SwarmEvent, Transport};
 
 /// One evaluation of the swarm's model.
@@ -34,50 +37,67 @@ pub struct EvalPoint {
 /// The dashboard's view of the model.
 pub struct Observer {
     task: TaskSpec,
-    model: Model,
+    peer: Peer,
     eval: CpuBackend,
     test: Samples,
-    /// Neighbours that said they send no updates (other observers, paused peers).
-    idle: HashSet<PeerId>,
-    every_ms: f64,
-    last_ask: f64,
-    next: usize,
-    latest: Option<Snapshot>,
     latest_accuracy: Option<f32>,
-    bytes_down: u64,
-    bytes_up: u64,
-    refused: BTreeMap<String, u64>,
 }
 
 impl Observer {
-    /// An observer of `task` that asks for the model every `every_ms`.
+    /// An observer of `task` that downloads the model every `every_ms`.
     pub fn new(task: TaskSpec, test: Samples, every_ms: f64) -> Result<Self, String> {
         let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
         let init = model.init_params(task.train.seed);
-        let eval = CpuBackend::new(model.clone(), Optimizer::adam(task.train.lr), init)
+        let eval = CpuBackend::new(model, Optimizer::adam(task.train.lr), init.clone())
             .map_err(|e| e.to_string())?;
+        // An observer signs nothing; its key only tells its own messages apart.
+        let id = Identity::from_seed(*b"shoal observer: never signs.....");
+        let peer = Peer::new(
+            task.learn.clone(),
+            &task.name,
+            id,
+            init,
+            PeerRole::Observer { every_ms },
+            0.0,
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Self {
             task,
-            model,
+            peer,
             eval,
             test,
-            idle: HashSet::new(),
-            every_ms,
-            last_ask: f64::NEG_INFINITY,
-            next: 0,
-            latest: None,
             latest_accuracy: None,
-            bytes_down: 0,
-            bytes_up: 0,
-            refused: BTreeMap::new(),
         })
     }
 
-    fn send(&mut self, net: &impl Transport, to: PeerId, msg: Vec<u8>) {
-        let n = msg.len() as u64;
-        if net.send(to, msg).is_ok() {
-            self.bytes_up += n;
+    /// Sends what the peer queued and evaluates a model it adopted.
+    fn flush(&mut self, net: &impl Transport, now_ms: f64) -> Option<EvalPoint> {
+        let mut point = None;
+        while let Some(o) = self.peer.poll_output() {
+            match o {
+                Output::Send { to, data } => {
+                    let _ = net.send(to, data);
+                }
+                Output::Adopted { round } => point = self.evaluate(round, now_ms),
+                Output::Train { .. } | Output::RoundClosed(_) => {} // never for an observer
+            }
         }
+        point
+    }
+
+    fn evaluate(&mut self, version: u64, now_ms: f64) -> Option<EvalPoint> {
+        self.eval.set_params(self.peer.weights()).ok()?;
+        let (loss, accuracy) = self
+            .eval
+            .evaluate(&self.test.inputs, &self.test.labels, 500)
+            .ok()?;
+        self.latest_accuracy = Some(accuracy);
+        Some(EvalPoint {
+            version,
+            accuracy,
+            loss,
+            at_ms: now_ms,
+        })
     }
 
     /// Takes in one transport event; returns a new evaluation when a newer model came.
@@ -87,98 +107,35 @@ impl Observer {
         net: &impl Transport,
         now_ms: f64,
     ) -> Option<EvalPoint> {
-        match ev {
-            SwarmEvent::PeerUp(p) => {
-                let msg = PeerMessage::Status {
-                    contributing: false,
-                }
-                .encode();
-                self.send(net, p, msg);
-                None
-            }
-            SwarmEvent::PeerDown(p) => {
-                self.idle.remove(&p);
-                None
-            }
-            SwarmEvent::Message { from, data } => {
-                self.bytes_down += data.len() as u64;
-                match PeerMessage::decode(&data, self.model.param_len()) {
-                    Ok(PeerMessage::Model(s)) => self.take_model(s, now_ms),
-                    Ok(PeerMessage::Status { contributing }) => {
-                        if contributing {
-                            self.idle.remove(&from);
-                        } else {
-                            self.idle.insert(from);
-                        }
-                        None
-                    }
-                    // Updates and mixes are not for observers; requests it cannot answer.
-                    Ok(_) => None,
-                    Err(e) => {
-                        let reason = Rejection::from(&e).as_str();
-                        *self.refused.entry(reason.to_string()).or_default() += 1;
-                        None
-                    }
-                }
-            }
-            SwarmEvent::Signaling { .. } | SwarmEvent::TaskState { .. } => None,
+        if let Some(ev) = peer_event(ev) {
+            self.peer.handle(ev, now_ms);
         }
+        self.flush(net, now_ms)
     }
 
-    fn take_model(&mut self, s: Snapshot, now_ms: f64) -> Option<EvalPoint> {
-        if self.latest.as_ref().is_some_and(|l| l.round >= s.round) {
-            return None;
-        }
-        self.eval.set_params(&s.weights).ok()?;
-        let (loss, accuracy) = self
-            .eval
-            .evaluate(&self.test.inputs, &self.test.labels, 500)
-            .ok()?;
-        let point = EvalPoint {
-            version: s.round,
-            accuracy,
-            loss,
-            at_ms: now_ms,
-        };
-        self.latest_accuracy = Some(accuracy);
-        self.latest = Some(s);
-        Some(point)
-    }
-
-    /// Asks the next contributing neighbour for the model when it is time.
-    pub fn tick(&mut self, net: &impl Transport, now_ms: f64) {
-        if now_ms - self.last_ask < self.every_ms {
-            return;
-        }
-        let peers: Vec<PeerId> = net
-            .peers()
-            .into_iter()
-            .filter(|p| !self.idle.contains(p))
-            .collect();
-        if peers.is_empty() {
-            return;
-        }
-        let to = peers[self.next % peers.len()];
-        self.next = self.next.wrapping_add(1);
-        self.last_ask = now_ms;
-        self.send(net, to, PeerMessage::ModelRequest.encode());
+    /// Starts a download when it is time, ends one whose wait is over; returns a new
+    /// evaluation when that adopted a newer model.
+    pub fn tick(&mut self, net: &impl Transport, now_ms: f64) -> Option<EvalPoint> {
+        self.peer.tick(now_ms);
+        self.flush(net, now_ms)
     }
 
     /// The newest model version held.
     pub fn version(&self) -> Option<u64> {
-        self.latest.as_ref().map(|s| s.round)
+        self.peer.has_model().then(|| self.peer.learner().round())
     }
 
     /// The observer's numbers for the server (role: observer, so the dashboard does not
     /// count it as a contributor).
     pub fn report(&self) -> PeerReport {
+        let p = self.peer.progress();
         PeerReport {
             role: Role::Observer,
             version: self.version().unwrap_or(0),
             accuracy: self.latest_accuracy,
-            bytes_up: self.bytes_up,
-            bytes_down: self.bytes_down,
-            rejected: self.refused.clone(),
+            bytes_up: p.bytes_up,
+            bytes_down: p.bytes_down,
+            rejected: p.rejected.clone(),
             backend: "observer".into(),
             ..PeerReport::default()
         }
@@ -186,7 +143,12 @@ impl Observer {
 
     /// The newest model as safetensors, with the held-out accuracy measured here.
     pub fn export(&self) -> Result<Vec<u8>, String> {
-        let s = self.latest.as_ref().ok_or("no model downloaded yet")?;
-        shoal_shared::export::task_model(&self.task, &s.weights, s.round, self.latest_accuracy)
+        let round = self.version().ok_or("no model downloaded yet")?;
+        shoal_shared::export::task_model(
+            &self.task,
+            self.peer.weights(),
+            round,
+            self.latest_accuracy,
+        )
     }
 }

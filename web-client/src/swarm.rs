@@ -14,8 +14,12 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 pub const MAX_IN_FLIGHT: usize = 4;
 /// Bytes one channel's send queue may hold.
 pub const MAX_QUEUED: usize = 2 * MAX_MESSAGE;
-/// Seconds a new peer connection has to open its channel before it is dropped.
+/// Seconds a new peer connection has to open its channel before it is dropped (and the
+/// neighbour reported `unreachable`).
 pub const CONNECT_DEADLINE_SECS: u32 = 20;
+/// Local ICE candidates held per connection until its offer or answer has been sent
+/// (a candidate must not reach the other side before the description it belongs to).
+pub const MAX_HELD_CANDIDATES: usize = 64;
 
 /// What a swarm transport reports.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -55,6 +55,50 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     );
     let t = std::time::Instant::now();
     let report = sim::run(&sc, &train, &test).map_err(anyhow::Error::msg)?;
+    print_rows(&sc, &report);
+    println!(
+        "rejected: {:?}; models adopted {}; model versions spread {} rounds; {:.1} s",
+        report.rejected,
+        report.adopted,
+        report.version_spread,
+        t.elapsed().as_secs_f64()
+    );
+    // A scenario with attackers is measured against itself with the attackers honest,
+    // in the same invocation.
+    let clean = if sc.attack.fraction > 0.0 {
+        let c = sim::run(&sc.clean(), &train, &test).map_err(anyhow::Error::msg)?;
+        println!(
+            "with the attackers honest: final {:.2}%; under attack {:.2}% ({:+.2} points)",
+            c.final_accuracy() * 100.0,
+            report.final_accuracy() * 100.0,
+            (report.final_accuracy() - c.final_accuracy()) * 100.0
+        );
+        Some(c)
+    } else {
+        None
+    };
+    let summary = serde_json::json!({
+        "name": sc.name,
+        "final_accuracy": report.final_accuracy(),
+        "rounds": report.rows.last().map_or(0, |r| r.round),
+        "samples_to_target": report.samples_to_target,
+        "bytes_per_peer": report.final_bytes_per_peer(),
+        "rejected_by_reason": report.rejected,
+        "models_adopted": report.adopted,
+        "version_spread": report.version_spread,
+        "clean_final_accuracy": clean.as_ref().map(|c| c.final_accuracy()),
+        "clean_samples_to_target": clean.as_ref().map(|c| c.samples_to_target),
+        "rows": report.rows,
+    });
+    let out = root.join("target/sim");
+    std::fs::create_dir_all(&out)?;
+    let file = out.join(format!("{}.json", sc.name));
+    std::fs::write(&file, serde_json::to_string_pretty(&summary)?)?;
+    println!("wrote {}", file.display());
+    Ok(())
+}
+
+fn print_rows(sc: &Scenario, report: &sim::Report) {
     println!(
         "{:>6} {:>9} {:>10} {:>9} {:>8} {:>14} {:>5} {:>8}",
         "round", "time s", "samples", "accuracy", "loss", "bytes/peer", "live", "apart"
@@ -80,18 +124,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         ),
         _ => println!("target {:.1}% not reached", sc.target * 100.0),
     }
-    println!(
-        "rejected: {:?}; model versions spread {} rounds; {:.1} s",
-        report.rejected,
-        report.version_spread,
-        t.elapsed().as_secs_f64()
-    );
-    let out = root.join("target/sim");
-    std::fs::create_dir_all(&out)?;
-    let file = out.join(format!("{}.json", sc.name));
-    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    println!("wrote {}", file.display());
-    Ok(())
 }
 
 /// `cargo xtask bench communication`: bytes each peer sends until the swarm reaches the

@@ -33,6 +33,7 @@ pub mod aggregate;
 mod bytes;
 pub mod compress;
 pub mod identity;
+pub mod peer;
 pub mod sim;
 pub mod wire;
 
@@ -44,6 +45,7 @@ use thiserror::Error;
 pub use aggregate::Aggregation;
 pub use compress::{CodecError, Compression, Compressor};
 pub use identity::{Identity, PublicKey};
+pub use peer::{Event, Output, Peer, PeerRole, Progress};
 pub use wire::{PeerMessage, Snapshot, Update, WireError};
 
 /// The swarm-learning settings of a task.
@@ -210,6 +212,30 @@ pub enum Rejection {
     /// Our own update, echoed back.
     #[error("own")]
     Own,
+    /// A model nobody asked this neighbour for.
+    #[error("unasked")]
+    Unasked,
+    /// An update signed by another key than the one this connection announced first.
+    #[error("key_changed")]
+    KeyChanged,
+    /// An update signed by a key another connection already uses.
+    #[error("key_in_use")]
+    KeyInUse,
+    /// A round number no swarm can have reached (at or above [`wire::MAX_ROUND`]).
+    #[error("implausible_round")]
+    ImplausibleRound,
+    /// A model answer whose round is far from the other answers' median.
+    #[error("round_outlier")]
+    RoundOutlier,
+    /// Too few usable model answers to choose one.
+    #[error("no_quorum")]
+    NoQuorum,
+    /// A model request sooner than the neighbour may ask again.
+    #[error("request_rate")]
+    RequestRate,
+    /// A second gossip mix from the same sender in one round.
+    #[error("mix_repeat")]
+    MixRepeat,
 }
 
 impl From<&WireError> for Rejection {
@@ -218,6 +244,7 @@ impl From<&WireError> for Rejection {
         match e {
             WireError::NonFinite => Self::NonFinite,
             WireError::WrongSize { .. } => Self::Shape,
+            WireError::Round(_) => Self::ImplausibleRound,
             _ => Self::Malformed,
         }
     }
@@ -235,6 +262,14 @@ impl Rejection {
             Self::NonFinite => "non_finite",
             Self::Norm => "norm",
             Self::Own => "own",
+            Self::Unasked => "unasked",
+            Self::KeyChanged => "key_changed",
+            Self::KeyInUse => "key_in_use",
+            Self::ImplausibleRound => "implausible_round",
+            Self::RoundOutlier => "round_outlier",
+            Self::NoQuorum => "no_quorum",
+            Self::RequestRate => "request_rate",
+            Self::MixRepeat => "mix_repeat",
         }
     }
 }
@@ -295,6 +330,9 @@ pub enum LearnError {
     BadLocal(String),
 }
 
+/// Gossip mixes held for one round, from different senders.
+const MAX_MIXES: usize = 16;
+
 /// Signers remembered for replay protection; the oldest are forgotten beyond this (their
 /// old rounds are then refused as stale instead).
 const MAX_REMEMBERED: usize = 65_536;
@@ -321,8 +359,9 @@ pub struct Learner {
     last_round: HashMap<PublicKey, u64>,
     /// Whether this model has been trained or adopted (a blank joiner takes any model).
     started: bool,
-    /// A neighbour's weights to average with ours when the round closes.
-    mix: Option<Vec<f32>>,
+    /// Neighbours' weights to average with ours when the round closes: at most one per
+    /// sender (the transport's connection) and round, at most [`MAX_MIXES`] in all.
+    mixes: Vec<(u64, Vec<f32>)>,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -350,7 +389,7 @@ impl Learner {
             inbox: Vec::new(),
             last_round: HashMap::new(),
             started: false,
-            mix: None,
+            mixes: Vec::new(),
             stats: LearnStats::default(),
         })
     }
@@ -440,14 +479,22 @@ impl Learner {
             .any(|p| &p.key == key && p.round >= self.round)
     }
 
-    /// Validates and takes in one message from a neighbour.
+    /// Validates and takes in one message from a neighbour (a mix counts as sender 0:
+    /// see [`receive_from`](Self::receive_from)).
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
+        self.receive_from(0, bytes)
+    }
+
+    /// Validates and takes in one message from the neighbour the transport knows as
+    /// `sender` (its connection: gossip mixes are unsigned, and each sender gets one per
+    /// round).
+    pub fn receive_from(&mut self, sender: u64, bytes: &[u8]) -> Result<Received, Rejection> {
         let n = self.weights.len();
         let msg = PeerMessage::decode(bytes, n).map_err(|e| self.stats.reject((&e).into()))?;
         let u = match msg {
             PeerMessage::ModelRequest => return Ok(Received::ModelRequest),
             PeerMessage::Model(s) => return Ok(Received::Model(s)),
-            PeerMessage::Mix { round, payload } => return self.take_mix(round, &payload),
+            PeerMessage::Mix { round, payload } => return self.take_mix(sender, round, &payload),
             PeerMessage::Status { contributing } => return Ok(Received::Status { contributing }),
             PeerMessage::Update(u) => u,
         };
@@ -486,17 +533,45 @@ impl Learner {
         })
     }
 
-    fn take_mix(&mut self, round: u64, payload: &[u8]) -> Result<Received, Rejection> {
+    fn take_mix(&mut self, sender: u64, round: u64, payload: &[u8]) -> Result<Received, Rejection> {
         let window = u64::from(self.cfg.max_staleness);
         if round + window < self.round || round > self.round + window {
             return Err(self.stats.reject(Rejection::Stale));
+        }
+        if self.mixes.len() >= MAX_MIXES || self.mixes.iter().any(|(s, _)| *s == sender) {
+            return Err(self.stats.reject(Rejection::MixRepeat));
         }
         let w = self.decode_payload(payload, self.mix_codec())?;
         if aggregate::distance(&w, &self.weights) > 0.25 * aggregate::norm(&self.weights) {
             return Err(self.stats.reject(Rejection::Norm));
         }
-        self.mix = Some(w);
+        self.mixes.push((sender, w));
         Ok(Received::Mix)
+    }
+
+    /// Counts a message the caller refused for `why` (the peer's own rules: unasked
+    /// models, key changes, request rates).
+    pub fn reject(&mut self, why: Rejection) -> Rejection {
+        self.stats.reject(why)
+    }
+
+    /// Whether this model was trained, adopted or started from the seed (a joiner's is
+    /// not until then).
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// Starts the swarm from the current (seed) weights: the first peer of a task.
+    pub fn start(&mut self) {
+        self.started = true;
+    }
+
+    /// Replaces our part in this round's aggregate. For the simulator's attackers, which
+    /// apply their own lies to themselves unless they are stealthy.
+    pub fn replace_own(&mut self, delta: Vec<f32>) {
+        if delta.len() == self.weights.len() {
+            self.own = Some(delta);
+        }
     }
 
     /// Decodes a payload that must use `codec` (another codec is refused, so that bytes
@@ -606,9 +681,33 @@ impl Learner {
             summary.used += 1;
         }
         self.stats.used += summary.used as u64;
-        if let Some(theirs) = self.mix.take() {
-            for (w, t) in self.weights.iter_mut().zip(&theirs) {
-                *w = 0.5 * (*w + t);
+        let mixes = std::mem::take(&mut self.mixes);
+        if !mixes.is_empty() {
+            // Half of the way toward the mean of the neighbours' weights, each one's pull
+            // clipped to an honest update's size (a quarter of our weights' norm while
+            // there is none to compare with): a liar moves us at most that far per round.
+            let quarter = 0.25 * aggregate::norm(&self.weights);
+            let radius = if bound > 0.0 {
+                bound.min(quarter)
+            } else {
+                quarter
+            };
+            let share = 0.5 / mixes.len() as f32;
+            let mut pull = vec![0.0f32; self.weights.len()];
+            for (_, theirs) in &mixes {
+                let dev: Vec<f32> = theirs
+                    .iter()
+                    .zip(&self.weights)
+                    .map(|(t, w)| t - w)
+                    .collect();
+                let n = aggregate::norm(&dev);
+                let clip = if n > radius { radius / n } else { 1.0 };
+                for (p, d) in pull.iter_mut().zip(&dev) {
+                    *p += share * clip * d;
+                }
+            }
+            for (w, p) in self.weights.iter_mut().zip(&pull) {
+                *w += p;
             }
             summary.mixed = true;
         }
@@ -648,6 +747,7 @@ impl Learner {
             return false;
         }
         self.started = true;
+        self.mixes.clear();
         self.round = s.round;
         self.weights = s.weights;
         self.momentum = s.momentum;

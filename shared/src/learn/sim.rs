@@ -1,8 +1,11 @@
-//! An in-process swarm: the same [`Learner`] code as real peers, over simulated links
-//! (latency, jitter, loss, uplink bandwidth) instead of WebRTC, deterministic from a
-//! seed. Peers train for real (CPU backend) on their shard of the data; time is virtual:
-//! a peer's local round takes `samples / speed` seconds and a message arrives after its
-//! serialization on the sender's uplink plus latency.
+//! An in-process swarm: every peer is the shipped [`Peer`] state machine (the code the
+//! native peer and the browser worker drive), over simulated links (latency, jitter,
+//! loss, uplink bandwidth) instead of WebRTC, deterministic from a seed. Peers train for
+//! real (CPU backend) on their shard of the data when their `Peer` asks for it; time is
+//! virtual: local training takes `samples / speed` seconds and a message arrives after
+//! its serialization on the sender's uplink plus latency. Attackers run the same `Peer`
+//! and lie in what they send (every message kind: updates, model answers, unasked models,
+//! round claims, gossip mixes), optionally together and under fresh identities.
 //!
 //! A scenario (TOML, see `scenarios/` at the repository root) scripts the swarm: peers,
 //! rounds, data split, learning settings, network, churn and attackers.
@@ -15,10 +18,14 @@ use std::task::{Context, Poll, Waker};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Identity, LearnConfig, Learner, PeerMessage, Received, Rejection, Update};
+use super::peer::{Event, Output, Peer, PeerRole};
+use super::{
+    Compressor, Exchange, Identity, LearnConfig, PeerMessage, Rejection, Snapshot, Update,
+};
 use crate::engine::cpu::CpuBackend;
 use crate::engine::train::Samples;
 use crate::engine::{Backend, Model, ModelSpec, Optimizer};
+use crate::protocol::PeerId;
 use crate::rng::SplitMix64;
 use crate::task::InnerOptimizer;
 
@@ -146,7 +153,7 @@ pub struct ChurnSettings {
 }
 
 /// Attackers.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttackSettings {
     /// Share of peer slots held by attackers.
@@ -161,6 +168,31 @@ pub struct AttackSettings {
     /// this an attacker applies its lie to itself too; its model drifts away and its
     /// later lies grow until the norm bound refuses them, which flatters the defence.
     pub stealthy: bool,
+    /// Lies in the other message kinds, on top of the update lie (`kind`).
+    pub also: Vec<MessageAttack>,
+    /// The attackers' poisoned models are one and the same (they agree with each other,
+    /// as colluders would), instead of each its own.
+    pub collude: bool,
+    /// Every this many swarm rounds each attacker leaves and comes back under a fresh
+    /// key, as a newcomer (0: never). Sybils hope to be asked for the model first.
+    pub sybil_every: u64,
+}
+
+/// A lie in a message other than the update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageAttack {
+    /// Answer every model request with a poisoned model of the attacker's round.
+    PoisonAnswers,
+    /// After every round, send each neighbour a poisoned model with a round a million
+    /// ahead, unasked.
+    UnaskedModels,
+    /// Half of the attackers (every second one) sign their updates for a round a million
+    /// ahead of theirs, to make neighbours think they lag.
+    FarAhead,
+    /// Every round, send each neighbour a gossip mix of poisoned weights, just inside
+    /// the distance a receiver accepts.
+    PoisonMix,
 }
 
 /// What an attacker sends instead of its honest update (always validly signed).
@@ -232,6 +264,12 @@ impl Scenario {
                 self.churn.per_round
             ));
         }
+        if self.attack.sybil_every > 100_000 {
+            return Err(format!(
+                "attack.sybil_every: {} above 100000",
+                self.attack.sybil_every
+            ));
+        }
         if !(0.0..0.5).contains(&self.attack.fraction) {
             return Err(format!(
                 "attack.fraction: {} outside [0, 0.5)",
@@ -288,6 +326,8 @@ pub struct Report {
     pub rejected: BTreeMap<String, u64>,
     /// Spread of model versions among live peers at the end (max - min round).
     pub version_spread: u64,
+    /// Models honest peers adopted from downloads (joining, lagging).
+    pub adopted: u64,
 }
 
 impl Report {
@@ -307,33 +347,56 @@ impl Report {
     }
 }
 
+impl Scenario {
+    /// The same scenario with its attackers honest (the baseline an attack is measured
+    /// against).
+    pub fn clean(&self) -> Self {
+        let mut c = self.clone();
+        c.attack = AttackSettings::default();
+        c
+    }
+}
+
+/// The round offset of the attackers' far-ahead claims and unasked models.
+const FAR: u64 = 1_000_000;
+
 struct SimPeer {
     epoch: u64,
     id: Identity,
-    learner: Learner,
+    peer: Peer,
     backend: CpuBackend,
     rng: SplitMix64,
     order: Vec<usize>,
     cursor: usize,
     speed: f64,
     attacker: bool,
+    /// The index among the attackers (every second one claims far-ahead rounds).
+    attacker_index: usize,
+    /// The forged update for the round being sent (attackers).
+    lie: Option<Vec<u8>>,
+    /// The first update an attacker sent (the replay attack).
     first_update: Option<Vec<u8>>,
-    joined: bool,
-    training: bool,
-    waiting: Option<u64>,
+    /// The time a wake-up is scheduled for, if any.
+    wake_at: Option<u64>,
 }
 
 enum Ev {
-    Start(usize, u64),
-    LocalDone(usize, u64, Rc<Vec<u8>>),
+    Wake(usize, u64),
+    TrainDone {
+        slot: usize,
+        epoch: u64,
+        round: u64,
+        local: Vec<f32>,
+        loss: f32,
+        samples: u32,
+    },
     Deliver {
         to: usize,
         epoch: u64,
         from: usize,
+        from_epoch: u64,
         bytes: Rc<Vec<u8>>,
     },
-    Deadline(usize, u64, u64),
-    Check(usize, u64),
 }
 
 struct Scheduled {
@@ -373,6 +436,7 @@ struct Sim<'a> {
     train: &'a Samples,
     test: &'a Samples,
     model: Model,
+    init: Vec<f32>,
     rng: SplitMix64,
     peers: Vec<Option<SimPeer>>,
     links: Vec<BTreeSet<usize>>,
@@ -386,7 +450,9 @@ struct Sim<'a> {
     rounds_done: u64,
     swarm_round: u64,
     round_losses: Vec<f32>,
+    /// Counters of peers that have left.
     rejected: BTreeMap<String, u64>,
+    adopted: u64,
     eval: CpuBackend,
     rows: Vec<Row>,
 }
@@ -398,13 +464,14 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
     sc.validate()?;
     let model = Model::new(sc.model_spec()?).map_err(|e| e.to_string())?;
     let init = model.init_params(sc.seed);
-    let eval =
-        CpuBackend::new(model.clone(), Optimizer::adam(1e-3), init).map_err(|e| e.to_string())?;
+    let eval = CpuBackend::new(model.clone(), Optimizer::adam(1e-3), init.clone())
+        .map_err(|e| e.to_string())?;
     let mut sim = Sim {
         sc,
         train,
         test,
         model,
+        init,
         rng: SplitMix64::new(sc.seed ^ 0x5eed),
         peers: (0..sc.peers).map(|_| None).collect(),
         links: vec![BTreeSet::new(); sc.peers],
@@ -419,6 +486,7 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         swarm_round: 0,
         round_losses: Vec::new(),
         rejected: BTreeMap::new(),
+        adopted: 0,
         eval,
         rows: Vec::new(),
     };
@@ -470,10 +538,22 @@ fn split(train: &Samples, sc: &Scenario) -> Vec<Vec<usize>> {
     }
 }
 
+/// The transport's name for a slot's peer in one of its lives.
+fn peer_id(slot: usize, epoch: u64) -> PeerId {
+    PeerId(((slot as u64) << 32) | (epoch & 0xffff_ffff))
+}
+
+fn slot_of(p: PeerId) -> usize {
+    (p.0 >> 32) as usize
+}
+
 impl Sim<'_> {
     fn at(&mut self, delay_s: f64, ev: Ev) {
+        self.at_us(self.t + (delay_s * US).round() as u64, ev);
+    }
+
+    fn at_us(&mut self, t: u64, ev: Ev) {
         self.seq += 1;
-        let t = self.t + (delay_s * US).round() as u64;
         self.queue.push(Scheduled {
             t,
             seq: self.seq,
@@ -481,23 +561,32 @@ impl Sim<'_> {
         });
     }
 
-    fn is_attacker(&self, slot: usize) -> bool {
-        // The last slots are the attackers' (the split gives them ordinary shards).
-        let bad = (self.sc.attack.fraction * self.sc.peers as f32).round() as usize;
-        slot >= self.sc.peers - bad
+    fn now_ms(&self) -> f64 {
+        self.t as f64 / 1e3
     }
 
-    fn new_peer(&mut self, slot: usize, epoch: u64, weights: Vec<f32>) -> Result<SimPeer, String> {
+    fn attackers(&self) -> usize {
+        (self.sc.attack.fraction * self.sc.peers as f32).round() as usize
+    }
+
+    fn is_attacker(&self, slot: usize) -> bool {
+        // The last slots are the attackers' (the split gives them ordinary shards).
+        slot >= self.sc.peers - self.attackers()
+    }
+
+    fn new_peer(&mut self, slot: usize, epoch: u64) -> Result<SimPeer, String> {
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&self.sc.seed.to_le_bytes());
         seed[8..16].copy_from_slice(&(slot as u64).to_le_bytes());
         seed[16..24].copy_from_slice(&epoch.to_le_bytes());
         let id = Identity::from_seed(seed);
-        let learner = Learner::new(
+        let peer = Peer::new(
             self.sc.learn.clone(),
             &self.sc.name,
             id.clone(),
-            weights.clone(),
+            self.init.clone(),
+            PeerRole::Trainer,
+            self.now_ms(),
         )
         .map_err(|e| e.to_string())?;
         let backend = CpuBackend::new(
@@ -506,46 +595,51 @@ impl Sim<'_> {
                 .train
                 .optimizer
                 .build(self.sc.train.lr, self.sc.train.momentum)?,
-            weights,
+            self.init.clone(),
         )
         .map_err(|e| e.to_string())?;
         let [lo, hi] = self.sc.network.samples_per_s;
         let speed = lo + (hi - lo) * f64::from(self.rng.unit_f32());
+        let attacker = self.is_attacker(slot);
         Ok(SimPeer {
             epoch,
             id,
-            learner,
+            peer,
             backend,
             rng: SplitMix64::new(self.sc.seed ^ (slot as u64) << 20 ^ epoch),
             order: self.shards[slot].clone(),
             cursor: usize::MAX,
             speed,
-            attacker: self.is_attacker(slot),
+            attacker,
+            attacker_index: slot.saturating_sub(self.sc.peers - self.attackers()),
+            lie: None,
             first_update: None,
-            joined: false,
-            training: false,
-            waiting: None,
+            wake_at: None,
         })
     }
 
+    /// Every peer starts from the task's seed at round 0, linked at random.
     fn start(&mut self) -> Result<(), String> {
-        let init = self.model.init_params(self.sc.seed);
         for slot in 0..self.sc.peers {
-            let mut p = self.new_peer(slot, 0, init.clone())?;
-            p.joined = true;
+            let mut p = self.new_peer(slot, 0)?;
+            p.peer.resume(Snapshot {
+                round: 0,
+                weights: self.init.clone(),
+                momentum: vec![0.0; self.init.len()],
+            });
             self.peers[slot] = Some(p);
         }
         for slot in 0..self.sc.peers {
             self.link(slot);
         }
         for slot in 0..self.sc.peers {
-            self.at(0.0, Ev::Start(slot, 0));
+            self.drive(slot)?;
         }
         Ok(())
     }
 
     /// Links `slot` to random live peers until it has k neighbours, never giving any
-    /// peer more than 2k (the signaling server's rule).
+    /// peer more than 2k (the signaling server's rule); both sides see the channel open.
     fn link(&mut self, slot: usize) {
         let k = self.sc.learn.neighbours.min(self.sc.peers - 1);
         let mut candidates: Vec<usize> = (0..self.sc.peers)
@@ -557,13 +651,27 @@ impl Sim<'_> {
             })
             .collect();
         self.rng.shuffle(&mut candidates);
+        let now = self.now_ms();
         for o in candidates {
             if self.links[slot].len() >= k {
                 break;
             }
             self.links[slot].insert(o);
             self.links[o].insert(slot);
+            let (a, b) = (self.id_of(slot), self.id_of(o));
+            if let (Some(a), Some(b)) = (a, b) {
+                self.peer_mut(slot).handle(Event::Up(b), now);
+                self.peer_mut(o).handle(Event::Up(a), now);
+            }
         }
+    }
+
+    fn id_of(&self, slot: usize) -> Option<PeerId> {
+        self.peers[slot].as_ref().map(|p| peer_id(slot, p.epoch))
+    }
+
+    fn peer_mut(&mut self, slot: usize) -> &mut Peer {
+        &mut self.peers[slot].as_mut().expect("alive").peer
     }
 
     fn alive(&self, slot: usize, epoch: u64) -> bool {
@@ -572,58 +680,150 @@ impl Sim<'_> {
 
     fn handle(&mut self, ev: Ev) -> Result<(), String> {
         match ev {
-            Ev::Start(slot, epoch) if self.alive(slot, epoch) => self.train_round(slot),
-            Ev::LocalDone(slot, epoch, msg) if self.alive(slot, epoch) => {
-                self.broadcast(slot, &msg);
+            Ev::Wake(slot, epoch) if self.alive(slot, epoch) => {
                 let p = self.peers[slot].as_mut().expect("alive");
-                p.training = false;
-                let round = p.learner.round();
-                p.waiting = Some(round);
-                let deadline = f64::from(self.sc.learn.round_deadline_ms) / 1e3;
-                self.at(deadline, Ev::Deadline(slot, epoch, round));
-                self.maybe_finish(slot);
-                Ok(())
+                if p.wake_at == Some(self.t) {
+                    p.wake_at = None;
+                }
+                self.drive(slot)
+            }
+            Ev::TrainDone {
+                slot,
+                epoch,
+                round,
+                local,
+                loss,
+                samples,
+            } if self.alive(slot, epoch) => {
+                let now = self.now_ms();
+                if self.is_attacker(slot) {
+                    self.forge(slot, &local, samples);
+                } else {
+                    self.samples += u64::from(samples);
+                    self.round_losses.push(loss);
+                }
+                let p = self.peers[slot].as_mut().expect("alive");
+                p.peer
+                    .trained(round, &local, loss, samples, now)
+                    .map_err(|e| e.to_string())?;
+                self.drive(slot)
             }
             Ev::Deliver {
                 to,
                 epoch,
                 from,
+                from_epoch,
                 bytes,
-            } if self.alive(to, epoch) => self.deliver(to, from, &bytes),
-            Ev::Deadline(slot, epoch, round) if self.alive(slot, epoch) => {
-                if self.peers[slot].as_ref().and_then(|p| p.waiting) == Some(round) {
-                    self.finish(slot);
-                }
-                Ok(())
+            } if self.alive(to, epoch)
+                && self.alive(from, from_epoch)
+                && self.links[to].contains(&from) =>
+            {
+                let now = self.now_ms();
+                let data = bytes.as_ref().clone();
+                self.peer_mut(to).handle(
+                    Event::Message {
+                        from: peer_id(from, from_epoch),
+                        data,
+                    },
+                    now,
+                );
+                self.drive(to)
             }
-            Ev::Check(slot, epoch) if self.alive(slot, epoch) => {
-                self.maybe_finish(slot);
-                Ok(())
-            }
-            _ => Ok(()), // for a peer that has left since
+            _ => Ok(()), // for a peer (or a channel) that is gone
         }
     }
 
-    /// Local training from the round-start weights, then the (honest or forged) update.
-    fn train_round(&mut self, slot: usize) -> Result<(), String> {
-        let (h, batch, shift) = (
-            self.sc.learn.local_steps as usize,
-            self.sc.train.batch,
-            self.sc.train.shift,
-        );
+    /// Carries out what a peer asks for until it asks nothing more, then schedules its
+    /// next wake-up.
+    fn drive(&mut self, slot: usize) -> Result<(), String> {
+        let now = self.now_ms();
+        loop {
+            let mut outs = Vec::new();
+            {
+                let p = self.peer_mut(slot);
+                while let Some(o) = p.poll_output() {
+                    outs.push(o);
+                }
+                if outs.is_empty() {
+                    p.tick(now);
+                    while let Some(o) = p.poll_output() {
+                        outs.push(o);
+                    }
+                }
+            }
+            if outs.is_empty() {
+                break;
+            }
+            for o in outs {
+                self.act(slot, o)?;
+                if self.peers[slot].is_none() {
+                    return Ok(()); // replaced by churn while acting
+                }
+            }
+        }
+        let p = self.peers[slot].as_mut().expect("alive");
+        if let Some(t) = p.peer.next_wake() {
+            let t = ((t * 1e3).ceil() as u64).max(self.t + 1);
+            if p.wake_at.is_none_or(|w| t < w || w < self.t) {
+                p.wake_at = Some(t);
+                let epoch = p.epoch;
+                self.at_us(t, Ev::Wake(slot, epoch));
+            }
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, slot: usize, o: Output) -> Result<(), String> {
+        match o {
+            Output::Send { to, data } => {
+                let data = if self.is_attacker(slot) {
+                    self.tamper(slot, data)
+                } else {
+                    data
+                };
+                self.send(slot, slot_of(to), Rc::new(data));
+            }
+            Output::Train { round, steps } => self.train_round(slot, round, steps)?,
+            Output::RoundClosed(_) => {
+                if self.is_attacker(slot)
+                    && self.sc.attack.also.contains(&MessageAttack::UnaskedModels)
+                {
+                    let p = self.peers[slot].as_ref().expect("alive");
+                    let msg = Rc::new(
+                        PeerMessage::Model(self.poison(slot, p.peer.learner().round() + FAR))
+                            .encode(),
+                    );
+                    for to in self.links[slot].clone() {
+                        self.send(slot, to, Rc::clone(&msg));
+                    }
+                }
+                self.round_closed()?;
+            }
+            Output::Adopted { .. } => {
+                if !self.is_attacker(slot) {
+                    self.adopted += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Local training from the round-start weights; the result arrives after the time
+    /// the peer's speed needs for it.
+    fn train_round(&mut self, slot: usize, round: u64, steps: u32) -> Result<(), String> {
+        let (batch, shift) = (self.sc.train.batch, self.sc.train.shift);
         let train = self.train;
         let (lr, decay) = (self.sc.train.lr, self.sc.train.lr_decay_rounds);
         let p = self.peers[slot].as_mut().expect("alive");
-        p.training = true;
         p.backend
-            .load_weights(p.learner.weights())
+            .load_weights(p.peer.weights())
             .map_err(|e| e.to_string())?;
         p.backend
-            .set_learning_rate(crate::engine::train::swarm_lr(lr, p.learner.round(), decay))
+            .set_learning_rate(crate::engine::train::swarm_lr(lr, round, decay))
             .map_err(|e| e.to_string())?;
         let (mut x, mut y, mut idx) = (Vec::new(), Vec::new(), Vec::with_capacity(batch));
         let mut loss = 0.0;
-        for _ in 0..h {
+        for _ in 0..steps {
             idx.clear();
             while idx.len() < batch {
                 if p.cursor >= p.order.len() {
@@ -641,41 +841,31 @@ impl Sim<'_> {
             p.backend.step(&x, &y).map_err(|e| e.to_string())?;
             loss += now(p.backend.loss()).map_err(|e| e.to_string())?;
         }
-        loss /= h as f32;
-        let samples = (h * batch) as u32;
-        let local = p.backend.params_slice();
-        let msg = if p.attacker {
-            let delta: Vec<f32> = p
-                .learner
-                .weights()
-                .iter()
-                .zip(local)
-                .map(|(w, l)| w - l)
-                .collect();
-            forge(p, &self.sc.attack, &self.sc.name, delta, samples)
-        } else {
-            self.samples += u64::from(samples);
-            self.round_losses.push(loss);
-            p.learner
-                .local_update(local, samples, loss)
-                .map_err(|e| e.to_string())?
-        };
+        loss /= steps.max(1) as f32;
+        let samples = (steps as usize * batch) as u32;
+        let local = p.backend.params_slice().to_vec();
         let epoch = p.epoch;
         let secs = f64::from(samples) / p.speed;
-        self.at(secs, Ev::LocalDone(slot, epoch, Rc::new(msg)));
+        self.at(
+            secs,
+            Ev::TrainDone {
+                slot,
+                epoch,
+                round,
+                local,
+                loss,
+                samples,
+            },
+        );
         Ok(())
     }
 
-    /// Sends `msg` to every neighbour over the sender's uplink, one copy after another.
-    fn broadcast(&mut self, slot: usize, msg: &Rc<Vec<u8>>) {
-        let neighbours: Vec<usize> = self.links[slot].iter().copied().collect();
-        for to in neighbours {
-            self.send(slot, to, Rc::clone(msg));
-        }
-    }
-
+    /// Sends `bytes` over the sender's uplink, after what it is already sending.
     fn send(&mut self, from: usize, to: usize, bytes: Rc<Vec<u8>>) {
-        let Some(epoch) = self.peers[to].as_ref().map(|p| p.epoch) else {
+        let (Some(epoch), Some(from_epoch)) = (
+            self.peers[to].as_ref().map(|p| p.epoch),
+            self.peers[from].as_ref().map(|p| p.epoch),
+        ) else {
             return;
         };
         let net = self.sc.network;
@@ -695,81 +885,20 @@ impl Sim<'_> {
                 to,
                 epoch,
                 from,
+                from_epoch,
                 bytes,
             },
         );
     }
 
-    fn deliver(&mut self, to: usize, from: usize, bytes: &[u8]) -> Result<(), String> {
-        let p = self.peers[to].as_mut().expect("alive");
-        match p.learner.receive(bytes) {
-            Ok(Received::Update { lagging: true, .. }) => self.request_model(to, from),
-            Ok(
-                Received::Update { .. }
-                | Received::ModelRequest
-                | Received::Mix
-                | Received::Status { .. },
-            ) => {}
-            Ok(Received::Model(s)) => {
-                let p = self.peers[to].as_mut().expect("alive");
-                if p.learner.adopt(s) && !p.training {
-                    p.joined = true;
-                    p.waiting = None;
-                    let epoch = p.epoch;
-                    self.at(0.0, Ev::Start(to, epoch));
-                }
-            }
-            Err(why) => *self.rejected.entry(why.as_str().to_string()).or_default() += 1,
-        }
-        self.maybe_finish(to);
-        Ok(())
-    }
-
-    /// The neighbour sends its model (the request itself is a few bytes; its latency is
-    /// counted in the reply's).
-    fn request_model(&mut self, to: usize, from: usize) {
-        if let Some(src) = self.peers[from].as_ref().filter(|p| !p.attacker) {
-            let snap = Rc::new(src.learner.snapshot());
-            self.send(from, to, snap);
-        }
-    }
-
-    fn maybe_finish(&mut self, slot: usize) {
-        let p = self.peers[slot].as_ref().expect("alive");
-        if p.waiting.is_none() {
-            return;
-        }
-        let all = self.links[slot].iter().all(|&o| match &self.peers[o] {
-            Some(q) if q.joined => p.learner.has_fresh_from(&q.id.public()),
-            _ => true,
-        });
-        if all {
-            self.finish(slot);
-        }
-    }
-
-    fn finish(&mut self, slot: usize) {
-        let p = self.peers[slot].as_mut().expect("alive");
-        p.waiting = None;
-        let sync = p.learner.finish_round().sync;
-        let epoch = p.epoch;
-        if let Some(msg) = sync {
-            let n = self.links[slot].len();
-            if n > 0 {
-                let to = *self.links[slot]
-                    .iter()
-                    .nth(self.rng.below(n))
-                    .expect("in range");
-                self.send(slot, to, Rc::new(msg));
-            }
-        }
-        self.at(0.0, Ev::Start(slot, epoch));
+    /// One peer closed a round; every `live` closes make a swarm round.
+    fn round_closed(&mut self) -> Result<(), String> {
         self.rounds_done += 1;
         let live = self
             .peers
             .iter()
             .flatten()
-            .filter(|p| p.joined)
+            .filter(|p| p.peer.has_model())
             .count()
             .max(1) as u64;
         if self.rounds_done >= live {
@@ -778,22 +907,26 @@ impl Sim<'_> {
             if self.swarm_round.is_multiple_of(self.sc.eval_every.max(1)) {
                 self.record();
             }
-            self.churn();
+            self.churn()?;
         }
+        Ok(())
+    }
+
+    fn honest_models(&self) -> impl Iterator<Item = &SimPeer> {
+        self.peers
+            .iter()
+            .flatten()
+            .filter(|p| p.peer.has_model() && !p.attacker)
     }
 
     fn record(&mut self) {
-        let honest: Vec<usize> = (0..self.sc.peers)
-            .filter(|&s| {
-                self.peers[s]
-                    .as_ref()
-                    .is_some_and(|p| p.joined && !p.attacker)
-            })
+        let honest: Vec<Vec<f32>> = self
+            .honest_models()
             .take(3)
+            .map(|p| p.peer.weights().to_vec())
             .collect();
         let mut acc = 0.0;
-        for &s in &honest {
-            let w = self.peers[s].as_ref().expect("live").learner.weights();
+        for w in &honest {
             acc += match self.eval.set_params(w).and_then(|_| {
                 self.eval
                     .evaluate(&self.test.inputs, &self.test.labels, 500)
@@ -811,19 +944,18 @@ impl Sim<'_> {
             accuracy: acc / honest.len().max(1) as f32,
             loss: losses.iter().sum::<f32>() / losses.len().max(1) as f32,
             bytes_per_peer: self.sent.iter().sum::<u64>() as f64 / self.sc.peers as f64,
-            live: self.peers.iter().flatten().filter(|p| p.joined).count(),
+            live: self
+                .peers
+                .iter()
+                .flatten()
+                .filter(|p| p.peer.has_model())
+                .count(),
             disagreement,
         });
     }
 
     fn disagreement(&self) -> f32 {
-        let models: Vec<&[f32]> = self
-            .peers
-            .iter()
-            .flatten()
-            .filter(|p| p.joined && !p.attacker)
-            .map(|p| p.learner.weights())
-            .collect();
+        let models: Vec<&[f32]> = self.honest_models().map(|p| p.peer.weights()).collect();
         let Some(first) = models.first() else {
             return 0.0;
         };
@@ -847,30 +979,45 @@ impl Sim<'_> {
         (spread.sqrt() / norm) as f32
     }
 
-    /// Replaces `churn.per_round` of the peers with newcomers, who download the model
-    /// from a neighbour before they train.
-    fn churn(&mut self) {
+    /// Replaces `churn.per_round` of the peers with newcomers (and, every `sybil_every`
+    /// rounds, every attacker with a fresh one), who download the model from their
+    /// neighbours through the peer protocol before they train.
+    fn churn(&mut self) -> Result<(), String> {
         let n = (self.sc.churn.per_round * self.sc.peers as f32).round() as usize;
-        if n == 0 || self.sc.peers < 2 {
-            return;
+        let mut leaving: Vec<usize> = (0..self.sc.peers).collect();
+        self.rng.shuffle(&mut leaving);
+        leaving.truncate(if self.sc.peers < 2 { 0 } else { n });
+        let every = self.sc.attack.sybil_every;
+        if every > 0 && self.swarm_round.is_multiple_of(every) {
+            for slot in (0..self.sc.peers).filter(|&s| self.is_attacker(s)) {
+                if !leaving.contains(&slot) {
+                    leaving.push(slot);
+                }
+            }
         }
-        let mut slots: Vec<usize> = (0..self.sc.peers).collect();
-        self.rng.shuffle(&mut slots);
-        for &slot in &slots[..n] {
+        if leaving.is_empty() {
+            return Ok(());
+        }
+        let now = self.now_ms();
+        for &slot in &leaving {
             let Some(old) = self.peers[slot].take() else {
                 continue;
             };
+            for (why, n) in &old.peer.learner().stats.rejected {
+                *self.rejected.entry(why.as_str().to_string()).or_default() += n;
+            }
+            let gone = peer_id(slot, old.epoch);
             for o in std::mem::take(&mut self.links[slot]) {
                 self.links[o].remove(&slot);
+                if self.peers[o].is_some() {
+                    self.peer_mut(o).handle(Event::Down(gone), now);
+                }
             }
-            let init = self.model.init_params(self.sc.seed);
-            let Ok(fresh) = self.new_peer(slot, old.epoch + 1, init) else {
-                continue;
-            };
+            let fresh = self.new_peer(slot, old.epoch + 1)?;
             self.peers[slot] = Some(fresh);
         }
         // Repair: the newcomers link first, then anyone left short.
-        for &slot in &slots[..n] {
+        for &slot in &leaving {
             self.link(slot);
         }
         for slot in 0..self.sc.peers {
@@ -878,24 +1025,108 @@ impl Sim<'_> {
                 self.link(slot);
             }
         }
-        let source = |sim: &Self, o: usize| {
-            sim.peers[o]
-                .as_ref()
-                .is_some_and(|p| p.joined && !p.attacker)
-        };
-        for &slot in &slots[..n] {
-            // A neighbour if one holds the model, else anyone who does.
-            let src = self.links[slot].iter().copied().find(|&o| source(self, o));
-            if let Some(src) =
-                src.or_else(|| (0..self.sc.peers).find(|&o| o != slot && source(self, o)))
-            {
-                self.request_model(slot, src);
+        for slot in 0..self.sc.peers {
+            if self.peers[slot].is_some() {
+                self.drive(slot)?;
             }
         }
-        // Anyone now waiting on a peer that left stops waiting for it.
-        for slot in 0..self.sc.peers {
-            if let Some(epoch) = self.peers[slot].as_ref().map(|p| p.epoch) {
-                self.at(0.0, Ev::Check(slot, epoch));
+        Ok(())
+    }
+
+    /// An attacker's poisoned model: the task's seed weights negated and tripled (the
+    /// same for every attacker when they collude), or its own weights plus noise of
+    /// their norm.
+    fn poison(&mut self, slot: usize, round: u64) -> Snapshot {
+        let weights: Vec<f32> = if self.sc.attack.collude {
+            self.init.iter().map(|w| -3.0 * w).collect()
+        } else {
+            let p = self.peers[slot].as_mut().expect("alive");
+            let w = p.peer.weights().to_vec();
+            let sigma = super::aggregate::norm(&w) / (w.len() as f32).sqrt();
+            w.iter().map(|x| x + sigma * p.rng.normal_f32()).collect()
+        };
+        let n = weights.len();
+        Snapshot {
+            round,
+            weights,
+            momentum: vec![0.0; n],
+        }
+    }
+
+    /// What an attacker sends instead of an honest message.
+    fn tamper(&mut self, slot: usize, data: Vec<u8>) -> Vec<u8> {
+        let also = self.sc.attack.also.clone();
+        let n = self.init.len();
+        match PeerMessage::decode(&data, n) {
+            Ok(PeerMessage::Update(_)) => {
+                let p = self.peers[slot].as_ref().expect("alive");
+                p.lie.clone().unwrap_or(data)
+            }
+            Ok(PeerMessage::Model(s)) if also.contains(&MessageAttack::PoisonAnswers) => {
+                PeerMessage::Model(self.poison(slot, s.round)).encode()
+            }
+            Ok(PeerMessage::Mix { round, .. }) if also.contains(&MessageAttack::PoisonMix) => {
+                let p = self.peers[slot].as_ref().expect("alive");
+                // Toward zero, just inside a quarter of the weights' norm.
+                let w: Vec<f32> = p.peer.weights().iter().map(|x| 0.76 * x).collect();
+                let (payload, _) =
+                    Compressor::new(super::Compression::Int8 { block: 256 }, 0).encode(&w);
+                PeerMessage::Mix { round, payload }.encode()
+            }
+            _ => data,
+        }
+    }
+
+    /// Forges the attacker's update for the round it just trained (sent in place of the
+    /// honest one), and sends poisoned mixes; a non-stealthy attacker applies its lie to
+    /// itself too.
+    fn forge(&mut self, slot: usize, local: &[f32], samples: u32) {
+        let attack = self.sc.attack.clone();
+        let (task, cfg) = (self.sc.name.clone(), self.sc.learn.clone());
+        let p = self.peers[slot].as_mut().expect("alive");
+        let start = p.peer.weights().to_vec();
+        let round = p.peer.learner().round();
+        let delta: Vec<f32> = start.iter().zip(local).map(|(w, l)| w - l).collect();
+        let far = attack.also.contains(&MessageAttack::FarAhead) && p.attacker_index % 2 == 1;
+        let claimed = if far { round + FAR } else { round };
+        let lie = lie_delta(p, &attack, &delta);
+        let values: Vec<f32> = match cfg.exchange {
+            Exchange::Delta => lie.clone(),
+            Exchange::Weights => start.iter().zip(&lie).map(|(w, d)| w - d).collect(),
+        };
+        let (mut payload, decoded) = Compressor::new(cfg.compression, values.len()).encode(&values);
+        if attack.kind == AttackKind::Nan {
+            // Poison the first float of the payload (a value for fp32, the first block
+            // scale for int8 and top-k).
+            let at = match payload.first() {
+                Some(0) => 5,
+                Some(1) => 9,
+                _ => 13,
+            };
+            if payload.len() >= at + 4 {
+                payload[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+        }
+        let msg = PeerMessage::Update(Update::signed(&p.id, &task, claimed, samples, 0.0, payload))
+            .encode();
+        let msg = if attack.kind == AttackKind::Replay {
+            p.first_update.get_or_insert(msg).clone()
+        } else {
+            msg
+        };
+        p.lie = Some(msg);
+        if !attack.stealthy {
+            // Our part in our own aggregate is the lie, as receivers decode it.
+            let own: Vec<f32> = match cfg.exchange {
+                Exchange::Delta => decoded,
+                Exchange::Weights => start.iter().zip(&decoded).map(|(w, l)| w - l).collect(),
+            };
+            p.peer.learner_mut().replace_own(own);
+        }
+        if attack.also.contains(&MessageAttack::PoisonMix) {
+            let mix = p.peer.learner().mix_message();
+            for to in self.links[slot].clone() {
+                self.send(slot, to, Rc::new(mix.clone()));
             }
         }
     }
@@ -909,18 +1140,13 @@ impl Sim<'_> {
             .find(|w| w.iter().map(|r| r.accuracy).sum::<f32>() / 3.0 >= self.sc.target)
             .map(|w| &w[2]);
         let rounds: Vec<u64> = self
-            .peers
-            .iter()
-            .flatten()
-            .filter(|p| p.joined)
-            .map(|p| p.learner.round())
+            .honest_models()
+            .map(|p| p.peer.learner().round())
             .collect();
         let mut rejected = self.rejected.clone();
-        for p in self.peers.iter().flatten() {
-            for (why, n) in &p.learner.stats.rejected {
-                if *why == Rejection::Norm || *why == Rejection::Stale {
-                    *rejected.entry(why.as_str().to_string()).or_default() += n;
-                }
+        for p in self.peers.iter().flatten().filter(|p| !p.attacker) {
+            for (why, n) in &p.peer.learner().stats.rejected {
+                *rejected.entry(why.as_str().to_string()).or_default() += n;
             }
         }
         Report {
@@ -930,75 +1156,22 @@ impl Sim<'_> {
             bytes_to_target: hit.map(|r| r.bytes_per_peer),
             rejected,
             version_spread: rounds.iter().max().unwrap_or(&0) - rounds.iter().min().unwrap_or(&0),
+            adopted: self.adopted,
         }
     }
 }
 
-/// An attacker's message for this round (a stealthy attacker then takes its honest
-/// update back as its own part in its aggregate).
-fn forge(
-    p: &mut SimPeer,
-    attack: &AttackSettings,
-    task: &str,
-    delta: Vec<f32>,
-    samples: u32,
-) -> Vec<u8> {
-    let msg = forge_message(p, attack, task, &delta, samples);
-    if attack.stealthy {
-        p.learner.own = Some(delta);
-    }
-    msg
-}
-
-fn forge_message(
-    p: &mut SimPeer,
-    attack: &AttackSettings,
-    task: &str,
-    delta: &[f32],
-    samples: u32,
-) -> Vec<u8> {
+/// The pseudo-gradient an attacker claims instead of its honest `delta`.
+fn lie_delta(p: &mut SimPeer, attack: &AttackSettings, delta: &[f32]) -> Vec<f32> {
     let norm = super::aggregate::norm(delta).max(1e-12);
     let s = attack.scale;
     match attack.kind {
-        AttackKind::SignFlip => p.learner.update_from_delta(
-            &delta.iter().map(|d| -s * d).collect::<Vec<_>>(),
-            samples,
-            0.0,
-        ),
-        AttackKind::Scaled => p.learner.update_from_delta(
-            &delta.iter().map(|d| s * d).collect::<Vec<_>>(),
-            samples,
-            0.0,
-        ),
+        AttackKind::SignFlip => delta.iter().map(|d| -s * d).collect(),
+        AttackKind::Scaled => delta.iter().map(|d| s * d).collect(),
         AttackKind::Noise => {
             let sigma = s * norm / (delta.len() as f32).sqrt();
-            let noise: Vec<f32> = delta.iter().map(|_| sigma * p.rng.normal_f32()).collect();
-            p.learner.update_from_delta(&noise, samples, 0.0)
+            delta.iter().map(|_| sigma * p.rng.normal_f32()).collect()
         }
-        AttackKind::Nan => {
-            // Encode honestly, then poison the first float of the payload (a value for
-            // fp32, the first block scale for int8 and top-k) and sign the result.
-            let msg = p.learner.update_from_delta(delta, samples, 0.0);
-            let Ok(PeerMessage::Update(u)) = PeerMessage::decode(&msg, delta.len()) else {
-                return msg;
-            };
-            let mut payload = u.payload;
-            let at = match payload.first() {
-                Some(0) => 5,
-                Some(1) => 9,
-                _ => 13,
-            };
-            if payload.len() >= at + 4 {
-                payload[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-            }
-            PeerMessage::Update(Update::signed(&p.id, task, u.round, samples, 0.0, payload))
-                .encode()
-        }
-        AttackKind::Replay => {
-            let first = p
-                .first_update
-                .get_or_insert_with(|| p.learner.update_from_delta(delta, samples, 0.0));
-            first.clone()
-        }
+        AttackKind::Nan | AttackKind::Replay => delta.to_vec(),
     }
 }

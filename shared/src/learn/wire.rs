@@ -20,6 +20,10 @@ use super::bytes::Cursor;
 use super::identity::{Identity, PublicKey};
 
 const MAGIC: [u8; 3] = *b"SHL";
+
+/// Rounds at or above this (2^40: a round a second for 35,000 years) are implausible
+/// claims: a message carrying one is refused before anything else reads it.
+pub const MAX_ROUND: u64 = 1 << 40;
 const VERSION: u8 = 1;
 
 /// Why a peer message could not be decoded.
@@ -48,6 +52,9 @@ pub enum WireError {
     /// The model holds a NaN or an infinity.
     #[error("model holds a non-finite value")]
     NonFinite,
+    /// A round number at or above [`MAX_ROUND`].
+    #[error("round {0} is implausible")]
+    Round(u64),
 }
 
 /// A signed pseudo-gradient for one round.
@@ -273,6 +280,15 @@ impl PeerMessage {
         if !r.is_empty() {
             return Err(WireError::Malformed("longer than its fields"));
         }
+        let round = match &msg {
+            Self::Update(u) => u.round,
+            Self::Model(s) => s.round,
+            Self::Mix { round, .. } => *round,
+            Self::ModelRequest | Self::Status { .. } => 0,
+        };
+        if round >= MAX_ROUND {
+            return Err(WireError::Round(round));
+        }
         Ok(msg)
     }
 }
@@ -315,6 +331,34 @@ mod tests {
             PeerMessage::decode(&bad, 2).is_err(),
             "unknown flags refused"
         );
+    }
+
+    #[test]
+    fn implausible_rounds_are_refused_on_every_message_kind() {
+        let id = Identity::from_seed([3; 32]);
+        let snap = |round| {
+            PeerMessage::Model(Snapshot {
+                round,
+                weights: vec![1.0; 2],
+                momentum: vec![0.0; 2],
+            })
+        };
+        let mix = |round| PeerMessage::Mix {
+            round,
+            payload: vec![0],
+        };
+        let update = |round| PeerMessage::Update(Update::signed(&id, "t", round, 1, 0.0, vec![0]));
+        for make in [&snap as &dyn Fn(u64) -> PeerMessage, &mix, &update] {
+            assert!(PeerMessage::decode(&make(MAX_ROUND - 1).encode(), 2).is_ok());
+            assert_eq!(
+                PeerMessage::decode(&make(MAX_ROUND).encode(), 2),
+                Err(WireError::Round(MAX_ROUND))
+            );
+            assert_eq!(
+                PeerMessage::decode(&make(u64::MAX).encode(), 2),
+                Err(WireError::Round(u64::MAX))
+            );
+        }
     }
 
     #[test]

@@ -66,7 +66,9 @@ impl SwarmObserver {
             }
         }
         let now = now_ms();
-        self.inner.tick(&*self.relay, now);
+        if let Some(p) = self.inner.tick(&*self.relay, now) {
+            points.push(p);
+        }
         // Report on news, and every few seconds so the server lists it as an observer.
         if !points.is_empty() || now - self.last_report > 5_000.0 {
             self.last_report = now;

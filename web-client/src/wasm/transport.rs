@@ -1,6 +1,9 @@
 //! The browser transport: a websocket to the signaling server and one WebRTC peer
 //! connection per neighbour, each with one reliable, ordered data channel carrying framed
-//! messages (`shoal_shared::framing`).
+//! messages (`shoal_shared::framing`). What a channel receives goes through
+//! [`InboundLink`]: messages that arrive before the channel's open event are delivered
+//! right after `peer_up`, never before it, and a neighbour whose messages keep being
+//! dropped is disconnected.
 //!
 //! Everything runs on the worker's (or page's) single thread, so the state is an
 //! `Rc<RefCell<_>>` that callbacks borrow briefly and never across an await.
@@ -14,7 +17,7 @@ use std::rc::{Rc, Weak};
 use futures_channel::mpsc;
 use futures_core::Stream;
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
-use shoal_shared::framing::{DEFAULT_CHUNK, LOW_WATER, QueueError, Reassembler, SendQueue};
+use shoal_shared::framing::{DEFAULT_CHUNK, LOW_WATER, QueueError, SendQueue};
 use shoal_shared::protocol::{ClientMessage, PeerId, PeerReport, ServerMessage, Signal};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -25,9 +28,10 @@ use web_sys::{
     RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit, WebSocket,
 };
 
+use crate::links::InboundLink;
 use crate::swarm::{
-    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED, SendError, SwarmEvent,
-    Transport, should_offer,
+    Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED,
+    SendError, SwarmEvent, Transport, should_offer,
 };
 
 type Shared = Rc<RefCell<Inner>>;
@@ -36,8 +40,11 @@ struct Conn {
     pc: RtcPeerConnection,
     dc: RtcDataChannel,
     queue: SendQueue,
-    rx: Reassembler,
+    link: InboundLink,
     open: bool,
+    /// Local candidates gathered before this side's offer or answer was sent (`None`
+    /// once it was): they must not reach the other side before the description does.
+    held: Option<Vec<Signal>>,
     /// Handlers attached to `pc` and `dc`; detached in `Drop`.
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
 }
@@ -66,7 +73,7 @@ struct Inner {
     events: mpsc::UnboundedSender<SwarmEvent>,
     backoff: Backoff,
     closed: bool,
-    /// Frames dropped by the reassemblers (corrupt, truncated, oversized).
+    /// Messages dropped by the reassemblers (corrupt, truncated, oversized, unfinished).
     frame_errors: u64,
 }
 
@@ -162,7 +169,7 @@ impl Swarm {
             .collect()
     }
 
-    /// Frames dropped as corrupt, truncated or oversized.
+    /// Messages dropped as corrupt, truncated, oversized or unfinished.
     #[wasm_bindgen(js_name = frameErrors)]
     pub fn frame_errors(&self) -> f64 {
         self.inner.borrow().frame_errors as f64
@@ -283,6 +290,21 @@ fn send_signal(inner: &Inner, to: PeerId, signal: Signal) {
     {
         let text = serde_json::to_string(&ClientMessage::Signal { to, signal }).unwrap_or_default();
         let _ = ws.send_with_str(&text);
+    }
+}
+
+/// Sends this side's offer or answer, then the candidates gathered meanwhile; from then on
+/// candidates go out as they come.
+fn send_description(shared: &Shared, to: PeerId, description: Signal) {
+    let mut inner = shared.borrow_mut();
+    send_signal(&inner, to, description);
+    let held = inner
+        .peers
+        .get_mut(&to)
+        .and_then(|c| c.held.take())
+        .unwrap_or_default();
+    for c in held {
+        send_signal(&inner, to, c);
     }
 }
 
@@ -445,7 +467,7 @@ fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
                 };
                 match (answered, weak.upgrade()) {
                     (Ok(sdp), Some(shared)) => {
-                        send_signal(&shared.borrow(), from, Signal::Answer { sdp })
+                        send_description(&shared, from, Signal::Answer { sdp })
                     }
                     (Err(_), _) => fail_peer(&weak, from),
                     (Ok(_), None) => {}
@@ -549,7 +571,14 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
                 sdp_mid: c.sdp_mid(),
                 sdp_m_line_index: c.sdp_m_line_index(),
             };
-            send_signal(&shared.borrow(), peer, signal);
+            let mut inner = shared.borrow_mut();
+            if let Some(held) = inner.peers.get_mut(&peer).and_then(|c| c.held.as_mut()) {
+                if held.len() < MAX_HELD_CANDIDATES {
+                    held.push(signal);
+                }
+                return;
+            }
+            send_signal(&inner, peer, signal);
         }
     });
     pc.set_onicecandidate(Some(on_ice.as_ref().unchecked_ref()));
@@ -577,8 +606,16 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
             let Some(c) = inner.peers.get_mut(&peer) else {
                 return;
             };
+            if c.open {
+                return;
+            }
             c.open = true;
+            let early = c.link.on_open();
+            // Whatever arrived before the open event goes out right behind `peer_up`.
             emit(&inner, SwarmEvent::PeerUp(peer));
+            for data in early {
+                emit(&inner, SwarmEvent::Message { from: peer, data });
+            }
         }
         pump(&shared, peer);
     });
@@ -611,18 +648,20 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
         let Some(c) = inner.peers.get_mut(&peer) else {
             return;
         };
-        match c.rx.push(&frame) {
-            Ok(Some(msg)) => {
-                emit(
-                    &inner,
-                    SwarmEvent::Message {
-                        from: peer,
-                        data: msg,
-                    },
-                );
-            }
+        let before = c.link.dropped();
+        let outcome = c.link.on_frame(&frame, js_sys::Date::now() as u64);
+        let dropped = c.link.dropped() - before;
+        inner.frame_errors += dropped;
+        match outcome {
+            Ok(Some(data)) => emit(&inner, SwarmEvent::Message { from: peer, data }),
+            // A bad frame drops its message (counted), not the peer...
             Ok(None) => {}
-            Err(_) => inner.frame_errors += 1,
+            // ...unless that keeps happening.
+            Err(e) => {
+                web_sys::console::warn_1(&format!("shoal: dropping neighbour {peer}: {e}").into());
+                drop(inner);
+                fail_peer_later(&weak, peer);
+            }
         }
     });
     dc.set_onmessage(Some(on_msg.as_ref().unchecked_ref()));
@@ -632,8 +671,9 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
         pc: pc.clone(),
         dc,
         queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
-        rx: Reassembler::new(MAX_MESSAGE, MAX_IN_FLIGHT),
+        link: InboundLink::new(MAX_MESSAGE, MAX_IN_FLIGHT),
         open: false,
+        held: Some(Vec::new()),
         _handlers: handlers,
     };
     shared.borrow_mut().peers.insert(peer, conn);
@@ -654,9 +694,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
         let weak = Rc::downgrade(shared);
         spawn_local(async move {
             match (describe(&pc, RtcSdpType::Offer).await, weak.upgrade()) {
-                (Ok(sdp), Some(shared)) => {
-                    send_signal(&shared.borrow(), peer, Signal::Offer { sdp })
-                }
+                (Ok(sdp), Some(shared)) => send_description(&shared, peer, Signal::Offer { sdp }),
                 (Err(_), _) => fail_peer(&weak, peer),
                 (Ok(_), None) => {}
             }

@@ -1,7 +1,7 @@
 //! What the native integration tests share: running a test inside a loopback-only
 //! network namespace, and the real signaling server on port 0.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_macros, unused_imports)]
 
 use std::process::Command;
 use std::time::Duration;
@@ -10,8 +10,34 @@ use shoal_signaling_server::{Config, SignalingConfig, app, serve};
 
 const MARK: &str = "SHOAL_IN_LOOPBACK_NETNS";
 
+/// The name libtest knows the enclosing test function by (its path inside the test
+/// crate), so that a re-executed run names exactly that test even after a rename.
+macro_rules! test_name {
+    () => {{
+        fn here() {}
+        fn name_of<T>(_: T) -> &'static str {
+            std::any::type_name::<T>()
+        }
+        let path = name_of(here);
+        let path = path.strip_suffix("::here").unwrap_or(path);
+        // Drop the crate's name: libtest's names start below it.
+        path.split_once("::").map_or(path, |(_, rest)| rest)
+    }};
+}
+pub(crate) use test_name;
+
+/// Whether libtest's report (its stdout) says that exactly one test ran and passed.
+pub fn ran_exactly_one_test(report: &str) -> bool {
+    report.lines().any(|l| l.trim() == "running 1 test")
+        && report
+            .lines()
+            .any(|l| l.trim().starts_with("test result: ok. 1 passed;"))
+}
+
 /// Runs `name` of this test binary inside a loopback-only network namespace; returns
-/// false when already inside one (then the caller runs the test body).
+/// false when already inside one (then the caller runs the test body). Fails unless the
+/// inner run ran exactly that one test and it passed (a name that matches nothing would
+/// otherwise pass silently). Pass `common::test_name!()` rather than a literal.
 pub fn reexec_in_netns(name: &str) -> bool {
     if std::env::var_os(MARK).is_some() {
         return false;
@@ -38,6 +64,10 @@ pub fn reexec_in_netns(name: &str) -> bool {
     assert!(
         out.status.success(),
         "{name} failed inside the loopback namespace"
+    );
+    assert!(
+        ran_exactly_one_test(&o),
+        "the run inside the loopback namespace did not run exactly one test named {name}"
     );
     true
 }

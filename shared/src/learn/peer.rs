@@ -1,0 +1,816 @@
+//! One swarm peer as a sans-IO state machine: the training peer and the dashboard's
+//! observer. It owns the [`Learner`] (the model and the update rules) and every rule of
+//! the peer protocol that is not inside an update: who is waited for, when a round
+//! closes, when and from whom a model is downloaded, which key a connection signs with,
+//! how often a neighbour may ask for the model.
+//!
+//! Nothing here does I/O or reads a clock. A driver feeds it [`Event`]s with the time
+//! (`handle(event, now_ms)`), calls [`Peer::tick`] when the time given by
+//! [`Peer::next_wake`] has come (or simply often), and carries out what
+//! [`Peer::poll_output`] returns: messages to send, and local training to run, whose
+//! result comes back through [`Peer::trained`]. The simulator (virtual time, CPU
+//! backend), the native peer (tokio) and the browser worker (`postMessage`) all drive
+//! this same code.
+//!
+//! Model adoption, the rule no minority may abuse (docs/protocol.md states it
+//! normatively):
+//! - A peer downloads a model only while it is joining, lagging or observing, and only
+//!   from neighbours it asked: it asks up to [`FETCH_ASK`] contributing neighbours at
+//!   once, drawn at random (so that arriving first buys nothing). A model nobody asked
+//!   for is dropped and counted `unasked`.
+//! - Lagging needs several witnesses: at least two contributing neighbours, and more
+//!   than half of those whose round we know, must have sent a validly signed update for a
+//!   round more than `max_staleness` ahead of ours.
+//! - From the answers it keeps those whose round is within `max_staleness` of the
+//!   answers' (lower) median round; it needs at least two of them (one when it asked a
+//!   single neighbour while joining), and takes the one nearest the coordinate-wise median
+//!   of their weights (ties: nearest its own weights), with the coordinate-wise median of
+//!   their momenta. A lagging peer only takes a model ahead of its own round.
+//! - Round numbers at or above [`MAX_ROUND`](super::wire::MAX_ROUND) are refused on
+//!   decode; every other round is only ever a claim that moves nothing on its own.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::Serialize;
+
+use super::wire::{PeerMessage, Snapshot};
+use super::{
+    Identity, LearnConfig, LearnError, Learner, PublicKey, Received, Rejection, RoundSummary,
+};
+use crate::protocol::PeerId;
+use crate::rng::SplitMix64;
+
+/// How long a joiner waits for any contributing neighbour before it starts the swarm
+/// from the task's seed.
+pub const JOIN_GRACE_MS: f64 = 3_000.0;
+/// How long a model download waits for the neighbours it asked.
+pub const MODEL_WAIT_MS: f64 = 10_000.0;
+/// Neighbours asked for the model at once: with a task's usual 6 to 8 neighbours, a
+/// majority of those asked is honest whenever fewer than a third of the neighbours lie.
+pub const FETCH_ASK: usize = 5;
+/// Pause after a model download that found nothing to adopt.
+pub const FETCH_RETRY_MS: f64 = 5_000.0;
+/// Failed downloads after which a joiner starts from the seed instead.
+pub const JOIN_ATTEMPTS: u32 = 3;
+/// The shortest interval between two model answers to the same neighbour (a request
+/// is a few bytes, the answer the whole model).
+pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
+
+/// What a peer is for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PeerRole {
+    /// Trains and exchanges updates.
+    Trainer,
+    /// Downloads the model every `every_ms` and never sends an update (the dashboard).
+    Observer {
+        /// Milliseconds between downloads.
+        every_ms: f64,
+    },
+}
+
+/// What the transport reports, and what the person running the peer decides.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A data channel to this neighbour opened.
+    Up(PeerId),
+    /// The connection to this neighbour closed.
+    Down(PeerId),
+    /// A whole message from a neighbour.
+    Message {
+        /// The neighbour (its connection).
+        from: PeerId,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The researcher paused or resumed the task.
+    TaskPaused(bool),
+    /// The visitor paused or resumed this peer.
+    Paused(bool),
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send these bytes to a neighbour.
+    Send {
+        /// The neighbour.
+        to: PeerId,
+        /// The message.
+        data: Vec<u8>,
+    },
+    /// Train `steps` inner steps from [`Peer::weights`] at learning rate for `round`
+    /// (the task's schedule), then call [`Peer::trained`] with `round`.
+    Train {
+        /// The model version training starts from.
+        round: u64,
+        /// Inner steps.
+        steps: u32,
+    },
+    /// A round closed.
+    RoundClosed(RoundSummary),
+    /// A downloaded model replaced ours.
+    Adopted {
+        /// Its round.
+        round: u64,
+    },
+}
+
+/// What the person running a peer sees.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Progress {
+    /// The model version (rounds completed).
+    pub round: u64,
+    /// Inner steps trained by this peer.
+    pub local_steps: u64,
+    /// Samples trained on by this peer.
+    pub samples: u64,
+    /// Mean local loss of the last round.
+    pub loss: f32,
+    /// Held-out accuracy of the current model, when evaluated.
+    pub accuracy: Option<f32>,
+    /// Neighbours with an open channel that contribute updates.
+    pub peers: usize,
+    /// Bytes sent over data channels.
+    pub bytes_up: u64,
+    /// Bytes received.
+    pub bytes_down: u64,
+    /// Neighbours' updates used so far.
+    pub used: u64,
+    /// Rejected messages by reason.
+    pub rejected: BTreeMap<String, u64>,
+    /// `"joining"`, `"training"`, `"waiting"`, `"paused"` or `"observing"`.
+    pub phase: &'static str,
+    /// Training throughput over the last rounds (samples per second of wall time).
+    pub samples_per_s: f32,
+    /// Paused by the visitor.
+    pub paused: bool,
+    /// Paused by the researcher (the whole task).
+    pub task_paused: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// No model yet (since when).
+    Joining { since: f64 },
+    /// Ready to train the next round.
+    Ready,
+    /// Local training of `round` asked for at `since`.
+    Training { round: u64, since: f64 },
+    /// Update sent at `since`; waiting for the neighbours' updates.
+    Waiting { since: f64 },
+    /// An observer: never trains.
+    Observing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Join,
+    Lag,
+    Observe,
+}
+
+struct Fetch {
+    purpose: Purpose,
+    started: f64,
+    asked: BTreeSet<PeerId>,
+    answers: BTreeMap<PeerId, Snapshot>,
+}
+
+#[derive(Default)]
+struct Neighbour {
+    /// The key this connection signs updates with, fixed by its first valid update.
+    key: Option<PublicKey>,
+    /// Said it sends no updates (observer, paused, joining).
+    idle: bool,
+    /// The highest round of a valid update it sent: a claim, used only as one witness.
+    claim: Option<u64>,
+    /// When we last sent it our model.
+    answered_at: Option<f64>,
+}
+
+/// One peer of the swarm, sans-IO.
+pub struct Peer {
+    role: PeerRole,
+    learner: Learner,
+    cfg: LearnConfig,
+    phase: Phase,
+    nbrs: BTreeMap<PeerId, Neighbour>,
+    fetch: Option<Fetch>,
+    /// No new download before this time.
+    next_fetch_at: f64,
+    join_attempts: u32,
+    rng: SplitMix64,
+    out: VecDeque<Output>,
+    progress: Progress,
+    last_train_at: Option<f64>,
+    /// Whether neighbours were last told that we contribute.
+    announced: Option<bool>,
+}
+
+impl Peer {
+    /// A peer that joins the swarm: it downloads the model from its neighbours, or
+    /// starts from `seed_weights` (the task's) when it finds itself alone.
+    pub fn new(
+        cfg: LearnConfig,
+        task: &str,
+        id: Identity,
+        seed_weights: Vec<f32>,
+        role: PeerRole,
+        now_ms: f64,
+    ) -> Result<Self, LearnError> {
+        let seed = u64::from_le_bytes(id.public()[..8].try_into().unwrap_or([7; 8]));
+        let learner = Learner::new(cfg.clone(), task, id, seed_weights)?;
+        let phase = match role {
+            PeerRole::Trainer => Phase::Joining { since: now_ms },
+            PeerRole::Observer { .. } => Phase::Observing,
+        };
+        Ok(Self {
+            role,
+            learner,
+            cfg,
+            phase,
+            nbrs: BTreeMap::new(),
+            fetch: None,
+            next_fetch_at: f64::NEG_INFINITY,
+            join_attempts: 0,
+            rng: SplitMix64::new(seed ^ 0x9e37_79b9),
+            out: VecDeque::new(),
+            progress: Progress {
+                phase: if phase == Phase::Observing {
+                    "observing"
+                } else {
+                    "joining"
+                },
+                ..Progress::default()
+            },
+            last_train_at: None,
+            announced: None,
+        })
+    }
+
+    /// Starts from a model of our own (a keeper's checkpoint, or the simulator's common
+    /// start) instead of downloading one; returns whether it was taken.
+    pub fn resume(&mut self, snapshot: Snapshot) -> bool {
+        if self.role != PeerRole::Trainer || !self.learner.adopt(snapshot) {
+            return false;
+        }
+        self.phase = Phase::Ready;
+        self.progress.round = self.learner.round();
+        true
+    }
+
+    /// The protocol state (model, round, counters).
+    pub fn learner(&self) -> &Learner {
+        &self.learner
+    }
+
+    /// The protocol state, mutable: for the simulator's attackers only.
+    pub fn learner_mut(&mut self) -> &mut Learner {
+        &mut self.learner
+    }
+
+    /// The round-start weights: what local training starts from.
+    pub fn weights(&self) -> &[f32] {
+        self.learner.weights()
+    }
+
+    /// What to show.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// Sets the held-out accuracy the driver measured for the current model.
+    pub fn set_accuracy(&mut self, accuracy: Option<f32>) {
+        self.progress.accuracy = accuracy;
+    }
+
+    /// Whether training is paused (by the visitor or the researcher).
+    pub fn is_paused(&self) -> bool {
+        self.progress.paused || self.progress.task_paused
+    }
+
+    /// Whether the peer holds a model (trained, adopted or started from the seed).
+    pub fn has_model(&self) -> bool {
+        self.learner.is_started()
+    }
+
+    /// The next thing the driver must do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`tick`](Self::tick) next has something to do (a deadline, a download's
+    /// end, a join grace), or `None` when only an event can move the peer.
+    pub fn next_wake(&self) -> Option<f64> {
+        let mut t: Option<f64> = None;
+        let mut at = |x: f64| t = Some(t.map_or(x, |y: f64| y.min(x)));
+        if let Some(f) = &self.fetch {
+            at(f.started + MODEL_WAIT_MS);
+        }
+        match self.phase {
+            Phase::Joining { since } => at((since + JOIN_GRACE_MS).max(self.next_fetch_at)),
+            Phase::Waiting { since } => at(since + f64::from(self.cfg.round_deadline_ms)),
+            Phase::Observing => {
+                if let PeerRole::Observer { .. } = self.role {
+                    at(self.next_fetch_at);
+                }
+            }
+            Phase::Ready | Phase::Training { .. } => {}
+        }
+        t
+    }
+
+    /// Neighbours with an open channel that send updates.
+    fn contributors(&self) -> Vec<PeerId> {
+        self.nbrs
+            .iter()
+            .filter(|(_, n)| !n.idle)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    fn send(&mut self, to: PeerId, data: Vec<u8>) {
+        self.progress.bytes_up += data.len() as u64;
+        self.out.push_back(Output::Send { to, data });
+    }
+
+    /// Whether we send updates now.
+    fn contributing(&self) -> bool {
+        self.role == PeerRole::Trainer && self.learner.is_started() && !self.is_paused()
+    }
+
+    /// Tells every neighbour whether we contribute, when that changed.
+    fn announce(&mut self) {
+        let now = self.contributing();
+        if self.announced == Some(now) {
+            return;
+        }
+        self.announced = Some(now);
+        let msg = PeerMessage::Status { contributing: now }.encode();
+        for p in self.nbrs.keys().copied().collect::<Vec<_>>() {
+            self.send(p, msg.clone());
+        }
+        self.last_train_at = None;
+        if !now {
+            self.progress.samples_per_s = 0.0;
+        }
+    }
+
+    /// Takes in one event.
+    pub fn handle(&mut self, ev: Event, now_ms: f64) {
+        match ev {
+            Event::Up(p) => {
+                self.nbrs.entry(p).or_default();
+                // Until it says otherwise, a neighbour is expected to contribute; we say
+                // what we do (a joiner, an observer or a paused peer does not).
+                let msg = PeerMessage::Status {
+                    contributing: self.contributing(),
+                }
+                .encode();
+                if self.announced.is_none() {
+                    self.announced = Some(self.contributing());
+                }
+                self.send(p, msg);
+            }
+            Event::Down(p) => {
+                self.nbrs.remove(&p);
+                // A download stops waiting for a neighbour that left.
+                if let Some(f) = &mut self.fetch
+                    && !f.answers.contains_key(&p)
+                    && f.asked.remove(&p)
+                    && !f.answers.is_empty()
+                    && f.answers.len() == f.asked.len()
+                {
+                    self.conclude(now_ms);
+                }
+            }
+            Event::TaskPaused(paused) => {
+                self.progress.task_paused = paused;
+                self.announce();
+            }
+            Event::Paused(paused) => {
+                self.progress.paused = paused;
+                self.announce();
+            }
+            Event::Message { from, data } => self.message(from, &data, now_ms),
+        }
+        self.refresh();
+    }
+
+    fn message(&mut self, from: PeerId, data: &[u8], now_ms: f64) {
+        self.progress.bytes_down += data.len() as u64;
+        self.nbrs.entry(from).or_default();
+        if let Some(key) = update_key(data)
+            && let Err(why) = self.bind_key(from, key)
+        {
+            self.learner.reject(why);
+            return;
+        }
+        match self.learner.receive_from(from.0, data) {
+            Ok(Received::Update { key, round, .. }) => {
+                let n = self.nbrs.entry(from).or_default();
+                n.key = Some(key);
+                n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
+                n.idle = false;
+            }
+            Ok(Received::ModelRequest) => self.answer(from, now_ms),
+            Ok(Received::Model(s)) => self.model_answer(from, s, now_ms),
+            Ok(Received::Status { contributing }) => {
+                if let Some(n) = self.nbrs.get_mut(&from) {
+                    n.idle = !contributing;
+                }
+            }
+            Ok(Received::Mix) | Err(_) => {} // held or counted by the learner
+        }
+    }
+
+    /// A connection signs with one key for its life, and no two connections share one.
+    fn bind_key(&self, from: PeerId, key: PublicKey) -> Result<(), Rejection> {
+        match self.nbrs.get(&from).and_then(|n| n.key) {
+            Some(k) if k != key => Err(Rejection::KeyChanged),
+            Some(_) => Ok(()),
+            None if self
+                .nbrs
+                .iter()
+                .any(|(p, n)| *p != from && n.key == Some(key)) =>
+            {
+                Err(Rejection::KeyInUse)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn answer(&mut self, from: PeerId, now_ms: f64) {
+        if self.role != PeerRole::Trainer || !self.learner.is_started() {
+            return; // nothing to give: it asks someone else when its wait ends
+        }
+        let n = self.nbrs.entry(from).or_default();
+        if n.answered_at
+            .is_some_and(|t| now_ms - t < ANSWER_INTERVAL_MS)
+        {
+            self.learner.reject(Rejection::RequestRate);
+            return;
+        }
+        n.answered_at = Some(now_ms);
+        let snap = self.learner.snapshot();
+        self.send(from, snap);
+    }
+
+    fn model_answer(&mut self, from: PeerId, s: Snapshot, now_ms: f64) {
+        let Some(f) = self
+            .fetch
+            .as_mut()
+            .filter(|f| f.asked.contains(&from) && !f.answers.contains_key(&from))
+        else {
+            self.learner.reject(Rejection::Unasked);
+            return;
+        };
+        f.answers.insert(from, s);
+        if f.answers.len() == f.asked.len() {
+            self.conclude(now_ms);
+        }
+    }
+
+    /// Starts a download from up to [`FETCH_ASK`] of `from`, drawn at random.
+    fn start_fetch(&mut self, purpose: Purpose, mut from: Vec<PeerId>, now_ms: f64) {
+        self.rng.shuffle(&mut from);
+        from.truncate(FETCH_ASK);
+        let req = PeerMessage::ModelRequest.encode();
+        for &p in &from {
+            self.send(p, req.clone());
+        }
+        self.fetch = Some(Fetch {
+            purpose,
+            started: now_ms,
+            asked: from.into_iter().collect(),
+            answers: BTreeMap::new(),
+        });
+    }
+
+    /// Ends a download: adopts the model the answers agree on, if any.
+    fn conclude(&mut self, now_ms: f64) {
+        let Some(f) = self.fetch.take() else {
+            return;
+        };
+        let started = self.learner.is_started();
+        let (quorum, min_round) = match f.purpose {
+            // After failed tries a joiner takes a lone answer (neighbours that stay silent
+            // must not keep it out of the swarm forever).
+            Purpose::Join if self.join_attempts + 1 >= JOIN_ATTEMPTS => (1, None),
+            Purpose::Join => (f.asked.len().min(2), None),
+            Purpose::Lag => (2, Some(self.learner.round() + 1)),
+            Purpose::Observe => (
+                f.asked.len().min(2),
+                started.then(|| self.learner.round() + 1),
+            ),
+        };
+        let answered = !f.answers.is_empty();
+        let answers: Vec<Snapshot> = f.answers.into_values().collect();
+        match choose(
+            answers,
+            quorum,
+            min_round,
+            u64::from(self.cfg.max_staleness),
+            self.learner.weights(),
+        ) {
+            Ok((s, outliers)) => {
+                for _ in 0..outliers {
+                    self.learner.reject(Rejection::RoundOutlier);
+                }
+                let round = s.round;
+                if self.learner.adopt(s) {
+                    self.out.push_back(Output::Adopted { round });
+                    if let Phase::Joining { .. } | Phase::Waiting { .. } = self.phase {
+                        self.phase = Phase::Ready;
+                    }
+                    // Training in progress started from the old model: its result is
+                    // dropped when it comes back (its round no longer matches).
+                    self.progress.round = round;
+                    self.announce();
+                }
+                self.next_fetch_at = now_ms;
+            }
+            Err((why, outliers)) => {
+                for _ in 0..outliers {
+                    self.learner.reject(Rejection::RoundOutlier);
+                }
+                // An observer already holding the newest model has nothing to adopt:
+                // that is no failure.
+                if !(f.purpose == Purpose::Observe && answered && why == Rejection::NoQuorum) {
+                    self.learner.reject(why);
+                }
+                self.next_fetch_at = now_ms + FETCH_RETRY_MS;
+                if f.purpose == Purpose::Join {
+                    self.join_attempts += 1;
+                    if !answered && self.join_attempts >= JOIN_ATTEMPTS {
+                        self.start_from_seed();
+                    }
+                }
+            }
+        }
+        if let PeerRole::Observer { every_ms } = self.role {
+            self.next_fetch_at = self.next_fetch_at.max(f.started + every_ms);
+        }
+    }
+
+    fn start_from_seed(&mut self) {
+        self.learner.start();
+        self.phase = Phase::Ready;
+        self.announce();
+    }
+
+    /// Whether enough contributing neighbours witness that the swarm is far ahead.
+    fn lagging(&self) -> Option<Vec<PeerId>> {
+        let ahead_of = self.learner.round() + u64::from(self.cfg.max_staleness);
+        let known: Vec<(PeerId, u64)> = self
+            .nbrs
+            .iter()
+            .filter(|(_, n)| !n.idle)
+            .filter_map(|(p, n)| Some((*p, n.claim?)))
+            .collect();
+        let ahead: Vec<PeerId> = known
+            .iter()
+            .filter(|(_, c)| *c > ahead_of)
+            .map(|(p, _)| *p)
+            .collect();
+        (ahead.len() >= 2 && 2 * ahead.len() > known.len()).then_some(ahead)
+    }
+
+    /// Advances time: starts or ends downloads, asks for training, closes rounds.
+    pub fn tick(&mut self, now_ms: f64) {
+        if self
+            .fetch
+            .as_ref()
+            .is_some_and(|f| now_ms - f.started >= MODEL_WAIT_MS)
+        {
+            self.conclude(now_ms);
+        }
+        if self.phase == Phase::Observing
+            && self.fetch.is_none()
+            && now_ms >= self.next_fetch_at
+        {
+            let peers = self.contributors();
+            if !peers.is_empty() {
+                self.start_fetch(Purpose::Observe, peers, now_ms);
+            }
+        }
+        if let Phase::Joining { since } = self.phase
+            && self.fetch.is_none()
+        {
+            let peers = self.contributors();
+            if peers.is_empty() {
+                if now_ms - since >= JOIN_GRACE_MS {
+                    self.start_from_seed(); // first in the swarm
+                }
+            } else if now_ms >= self.next_fetch_at {
+                self.start_fetch(Purpose::Join, peers, now_ms);
+            }
+        }
+        if let Phase::Waiting { since } = self.phase {
+            // Done when every contributing neighbour's update for this round (or a later
+            // one) is held; one that never sends is waited for until the deadline.
+            let all = self
+                .nbrs
+                .values()
+                .filter(|n| !n.idle)
+                .all(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)));
+            if all || now_ms - since >= f64::from(self.cfg.round_deadline_ms) {
+                self.close_round();
+            }
+        }
+        if self.phase == Phase::Ready {
+            if self.is_paused() {
+                self.progress.phase = "paused";
+            } else {
+                self.phase = Phase::Training {
+                    round: self.learner.round(),
+                    since: now_ms,
+                };
+                self.out.push_back(Output::Train {
+                    round: self.learner.round(),
+                    steps: self.cfg.local_steps,
+                });
+            }
+        }
+        if self.fetch.is_none()
+            && now_ms >= self.next_fetch_at
+            && matches!(
+                self.phase,
+                Phase::Ready | Phase::Training { .. } | Phase::Waiting { .. }
+            )
+            && let Some(ahead) = self.lagging()
+        {
+            self.start_fetch(Purpose::Lag, ahead, now_ms);
+        }
+        self.refresh();
+    }
+
+    fn close_round(&mut self) {
+        let summary = self.learner.finish_round();
+        if let Some(msg) = &summary.sync {
+            let peers = self.contributors();
+            if !peers.is_empty() {
+                let to = peers[self.rng.below(peers.len())];
+                self.send(to, msg.clone());
+            }
+        }
+        self.phase = Phase::Ready;
+        self.out.push_back(Output::RoundClosed(summary));
+    }
+
+    /// Local training of `round` ended with `local` weights: signs the update and sends
+    /// it to every contributing neighbour. A result for a round the peer has left (it
+    /// adopted a model meanwhile) is dropped.
+    pub fn trained(
+        &mut self,
+        round: u64,
+        local: &[f32],
+        loss: f32,
+        samples: u32,
+        now_ms: f64,
+    ) -> Result<(), LearnError> {
+        let Phase::Training { round: r, since } = self.phase else {
+            return Ok(());
+        };
+        if r != round {
+            return Ok(()); // not the training in progress
+        }
+        if round != self.learner.round() {
+            self.phase = Phase::Ready; // adopted a model meanwhile: train from it
+            return Ok(());
+        }
+        let msg = match self.learner.local_update(local, samples, loss) {
+            Ok(m) => m,
+            Err(e) => {
+                self.phase = Phase::Ready;
+                return Err(e);
+            }
+        };
+        for p in self.contributors() {
+            self.send(p, msg.clone());
+        }
+        self.progress.loss = loss;
+        self.progress.local_steps += u64::from(self.cfg.local_steps);
+        self.progress.samples += u64::from(samples);
+        if let Some(t) = self.last_train_at
+            && now_ms > t
+        {
+            let rate = (f64::from(samples) / ((now_ms - t) / 1e3)) as f32;
+            let s = &mut self.progress.samples_per_s;
+            *s = if *s == 0.0 {
+                rate
+            } else {
+                0.7 * *s + 0.3 * rate
+            };
+        }
+        self.last_train_at = Some(since);
+        self.phase = Phase::Waiting { since: now_ms };
+        self.refresh();
+        Ok(())
+    }
+
+    /// The learner's counters into what people see.
+    fn refresh(&mut self) {
+        let p = &mut self.progress;
+        p.round = self.learner.round();
+        p.peers = self.nbrs.values().filter(|n| !n.idle).count();
+        p.used = self.learner.stats.used;
+        p.rejected = self
+            .learner
+            .stats
+            .rejected
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), *v))
+            .collect();
+        let paused = p.paused || p.task_paused;
+        p.phase = match self.phase {
+            Phase::Joining { .. } => "joining",
+            Phase::Ready if paused => "paused",
+            Phase::Ready | Phase::Training { .. } => "training",
+            Phase::Waiting { .. } => "waiting",
+            Phase::Observing => "observing",
+        };
+    }
+}
+
+/// The signer of an update, read without decoding the rest.
+fn update_key(data: &[u8]) -> Option<PublicKey> {
+    if data.len() < 5 + 32 || &data[..3] != b"SHL" || data[3] != 1 || data[4] != 1 {
+        return None;
+    }
+    data[5..37].try_into().ok()
+}
+
+/// Picks the model to adopt from the answers of one download (see the module's rule).
+/// Returns it with the number of answers dropped as round outliers, or why none.
+fn choose(
+    answers: Vec<Snapshot>,
+    quorum: usize,
+    min_round: Option<u64>,
+    window: u64,
+    own: &[f32],
+) -> Result<(Snapshot, usize), (Rejection, usize)> {
+    let quorum = quorum.max(1);
+    if answers.len() < quorum {
+        return Err((Rejection::NoQuorum, 0));
+    }
+    let mut rounds: Vec<u64> = answers.iter().map(|s| s.round).collect();
+    rounds.sort_unstable();
+    let median = rounds[(rounds.len() - 1) / 2];
+    let total = answers.len();
+    let mut kept: Vec<Snapshot> = answers
+        .into_iter()
+        .filter(|s| s.round.abs_diff(median) <= window)
+        .collect();
+    let outliers = total - kept.len();
+    if let Some(min) = min_round {
+        kept.retain(|s| s.round >= min);
+    }
+    if kept.len() < quorum {
+        return Err((Rejection::NoQuorum, outliers));
+    }
+    let center = coordinate_median(kept.iter().map(|s| s.weights.as_slice()));
+    let momentum = coordinate_median(kept.iter().map(|s| s.momentum.as_slice()));
+    let score = |s: &Snapshot| {
+        (
+            super::aggregate::distance(&s.weights, &center),
+            super::aggregate::distance(&s.weights, own),
+        )
+    };
+    let mut best = 0;
+    for i in 1..kept.len() {
+        let (a, b) = (score(&kept[i]), score(&kept[best]));
+        // Equal distances to the center (two answers): the one nearer our own weights.
+        let tie = (a.0 - b.0).abs() <= 1e-6 * a.0.max(b.0).max(1e-12);
+        if (tie && a.1 < b.1) || (!tie && a.0 < b.0) {
+            best = i;
+        }
+    }
+    let mut s = kept.swap_remove(best);
+    s.momentum = momentum;
+    Ok((s, outliers))
+}
+
+/// The coordinate-wise median of equally long vectors (the mean of the middle two for an
+/// even count).
+fn coordinate_median<'a>(vs: impl Iterator<Item = &'a [f32]>) -> Vec<f32> {
+    let vs: Vec<&[f32]> = vs.collect();
+    let n = vs.first().map_or(0, |v| v.len());
+    let mut col = Vec::with_capacity(vs.len());
+    (0..n)
+        .map(|i| {
+            col.clear();
+            col.extend(vs.iter().map(|v| v[i]));
+            col.sort_by(f32::total_cmp);
+            let m = col.len();
+            if m % 2 == 1 {
+                col[m / 2]
+            } else {
+                0.5 * (col[m / 2 - 1] + col[m / 2])
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,339 @@
+//! The peer state machine against hostile neighbours, one rule per test. Where a test
+//! shows an attack, it also shows what the bare adoption rule the peers used before
+//! (`Learner::adopt` on any newer model) would have done with the same message.
+
+use super::*;
+use crate::learn::{Aggregation, Compression, Compressor, Exchange, Update};
+
+const N: usize = 64;
+
+fn cfg() -> LearnConfig {
+    LearnConfig {
+        aggregation: Aggregation::Mean,
+        compression: Compression::None,
+        exchange: Exchange::Weights,
+        local_steps: 1,
+        round_deadline_ms: 1_000,
+        max_staleness: 2,
+        sync_every: 0,
+        ..LearnConfig::default()
+    }
+}
+
+fn id(seed: u8) -> Identity {
+    Identity::from_seed([seed; 32])
+}
+
+fn joiner() -> Peer {
+    Peer::new(cfg(), "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid")
+}
+
+/// A peer that holds the model at `round`, with neighbours 10, 11 and 12.
+fn running(round: u64) -> Peer {
+    let mut p = joiner();
+    assert!(p.resume(snapshot(round, 0.5)));
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    drain(&mut p);
+    p
+}
+
+fn snapshot(round: u64, w: f32) -> Snapshot {
+    Snapshot {
+        round,
+        weights: vec![w; N],
+        momentum: vec![0.0; N],
+    }
+}
+
+fn model(round: u64, w: f32) -> Vec<u8> {
+    PeerMessage::Model(snapshot(round, w)).encode()
+}
+
+/// A validly signed update by `signer` for `round` (weights 0.5 everywhere).
+fn update(signer: u8, round: u64) -> Vec<u8> {
+    let (payload, _) = Compressor::new(Compression::None, N).encode(&[0.5; N]);
+    PeerMessage::Update(Update::signed(&id(signer), "t", round, 8, 0.1, payload)).encode()
+}
+
+fn msg(from: u64, data: Vec<u8>) -> Event {
+    Event::Message {
+        from: PeerId(from),
+        data,
+    }
+}
+
+fn drain(p: &mut Peer) -> Vec<Output> {
+    std::iter::from_fn(|| p.poll_output()).collect()
+}
+
+/// The neighbours a peer sent a model request to.
+fn asked(outs: &[Output]) -> Vec<u64> {
+    let req = PeerMessage::ModelRequest.encode();
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send { to, data } if *data == req => Some(to.0),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rejected(p: &Peer, why: Rejection) -> u64 {
+    p.learner().stats.rejected.get(&why).copied().unwrap_or(0)
+}
+
+#[test]
+fn an_unasked_model_with_a_huge_round_is_dropped_and_counted() {
+    let mut p = running(5);
+    p.handle(msg(10, model(1_000_000, -9.0)), 100.0);
+    p.tick(200.0);
+    assert_eq!(p.learner().round(), 5);
+    assert!(p.weights().iter().all(|w| *w == 0.5), "model untouched");
+    assert_eq!(rejected(&p, Rejection::Unasked), 1);
+
+    // The old rule (adopt any newer model from anyone) takes it whole.
+    let mut bare = Learner::new(cfg(), "t", id(1), vec![0.5; N]).expect("valid");
+    assert!(bare.adopt(snapshot(5, 0.5)));
+    assert!(
+        bare.adopt(snapshot(1_000_000, -9.0)),
+        "today's peer is corrupted"
+    );
+}
+
+#[test]
+fn a_poisoned_model_answer_loses_to_the_answers_that_agree() {
+    let mut p = joiner();
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    let outs = drain(&mut p);
+    // While joining it tells its neighbours it does not contribute yet.
+    let idle = PeerMessage::Status {
+        contributing: false,
+    }
+    .encode();
+    assert_eq!(
+        outs.iter()
+            .filter(|o| matches!(o, Output::Send { data, .. } if *data == idle))
+            .count(),
+        3
+    );
+    p.tick(10.0);
+    let mut who = asked(&drain(&mut p));
+    who.sort_unstable();
+    assert_eq!(
+        who,
+        [10, 11, 12],
+        "asks its neighbours (up to five) at once"
+    );
+    // The liar answers first, with a model of a plausible round.
+    p.handle(msg(12, model(10, -5.0)), 20.0);
+    p.handle(msg(10, model(10, 0.30)), 30.0);
+    assert_eq!(p.learner().round(), 0, "waits for the others");
+    p.handle(msg(11, model(11, 0.31)), 40.0);
+    let outs = drain(&mut p);
+    assert!(
+        outs.contains(&Output::Adopted { round: 10 })
+            || outs.contains(&Output::Adopted { round: 11 }),
+        "{outs:?}"
+    );
+    assert!(
+        p.weights().iter().all(|w| (0.29..=0.32).contains(w)),
+        "an honest model: {:?}",
+        &p.weights()[..2]
+    );
+    assert_eq!(p.progress().phase, "training");
+    let on = PeerMessage::Status { contributing: true }.encode();
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Send { data, .. } if *data == on)),
+        "says it contributes once it holds the model"
+    );
+
+    // The old rule took the first answer.
+    let mut bare = Learner::new(cfg(), "t", id(1), vec![0.5; N]).expect("valid");
+    assert!(bare.adopt(snapshot(10, -5.0)), "today's joiner is poisoned");
+}
+
+#[test]
+fn an_answer_with_an_outlying_round_is_dropped() {
+    let mut p = joiner();
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(10.0);
+    drain(&mut p);
+    p.handle(msg(12, model(900_000, 0.3)), 20.0);
+    p.handle(msg(10, model(10, 0.3)), 30.0);
+    p.handle(msg(11, model(10, 0.3)), 40.0);
+    assert_eq!(p.learner().round(), 10);
+    assert_eq!(rejected(&p, Rejection::RoundOutlier), 1);
+}
+
+#[test]
+fn one_far_ahead_round_claim_moves_nothing_and_a_majority_starts_a_checked_download() {
+    let mut p = running(5);
+    p.handle(msg(10, update(20, 5_000)), 100.0);
+    p.tick(200.0);
+    assert!(
+        asked(&drain(&mut p)).is_empty(),
+        "one neighbour's claim is not lagging"
+    );
+    p.handle(msg(11, update(21, 5_001)), 300.0);
+    p.tick(400.0);
+    let mut who = asked(&drain(&mut p));
+    who.sort_unstable();
+    assert_eq!(who, [10, 11], "two of the three say we lag: ask them");
+    // Only one answers: no quorum, nothing adopted, counted.
+    p.handle(msg(10, model(5_000, -1.0)), 500.0);
+    p.tick(500.0 + MODEL_WAIT_MS);
+    assert_eq!(p.learner().round(), 5);
+    assert_eq!(rejected(&p, Rejection::NoQuorum), 1);
+
+    // The old rule: an update more than `max_staleness` ahead made the receiver ask its
+    // sender, and adopt what came back.
+    let mut bare = Learner::new(cfg(), "t", id(1), vec![0.5; N]).expect("valid");
+    assert!(bare.adopt(snapshot(5, 0.5)));
+    assert!(matches!(
+        bare.receive(&update(20, 5_000)),
+        Ok(Received::Update { lagging: true, .. })
+    ));
+    assert!(
+        bare.adopt(snapshot(5_000, -1.0)),
+        "today's peer follows one liar"
+    );
+}
+
+#[test]
+fn a_connection_signs_with_one_key_for_its_life() {
+    let mut p = running(5);
+    p.handle(msg(10, update(20, 5)), 0.0);
+    p.handle(msg(10, update(21, 6)), 10.0);
+    assert_eq!(rejected(&p, Rejection::KeyChanged), 1);
+    p.handle(msg(11, update(20, 6)), 20.0);
+    assert_eq!(rejected(&p, Rejection::KeyInUse), 1);
+    // A bad signature binds nothing: the neighbour's real key still works after it.
+    let mut forged = update(22, 5);
+    let at = forged.len() - 1;
+    forged[at] ^= 1;
+    p.handle(msg(12, forged), 30.0);
+    p.handle(msg(12, update(22, 5)), 40.0);
+    assert_eq!(rejected(&p, Rejection::KeyChanged), 1);
+    assert_eq!(rejected(&p, Rejection::BadSignature), 1);
+}
+
+#[test]
+fn model_requests_are_answered_at_a_bounded_rate() {
+    let mut p = running(5);
+    let req = PeerMessage::ModelRequest.encode();
+    p.handle(msg(10, req.clone()), 0.0);
+    p.handle(msg(10, req.clone()), 100.0);
+    p.handle(msg(10, req.clone()), ANSWER_INTERVAL_MS + 1.0);
+    let answers = drain(&mut p)
+        .iter()
+        .filter(|o| matches!(o, Output::Send { data, .. } if data.len() > 100))
+        .count();
+    assert_eq!(answers, 2);
+    assert_eq!(rejected(&p, Rejection::RequestRate), 1);
+    // A joiner has nothing to give.
+    let mut j = joiner();
+    j.handle(Event::Up(PeerId(10)), 0.0);
+    drain(&mut j);
+    j.handle(msg(10, req), 0.0);
+    assert!(drain(&mut j).is_empty());
+}
+
+#[test]
+fn a_lone_joiner_starts_from_the_seed_after_the_grace() {
+    let mut p = joiner();
+    p.tick(JOIN_GRACE_MS - 1.0);
+    assert_eq!(p.progress().phase, "joining");
+    p.tick(JOIN_GRACE_MS);
+    assert!(p.has_model());
+    let outs = drain(&mut p);
+    assert!(
+        outs.contains(&Output::Train { round: 0, steps: 1 }),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_round_closes_when_every_contributor_sent_or_at_the_deadline() {
+    let mut p = running(5);
+    p.tick(0.0);
+    assert!(drain(&mut p).contains(&Output::Train { round: 5, steps: 1 }));
+    p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
+    let sent = drain(&mut p);
+    assert_eq!(
+        sent.iter()
+            .filter(|o| matches!(o, Output::Send { .. }))
+            .count(),
+        3,
+        "the update goes to every contributing neighbour"
+    );
+    p.handle(msg(10, update(20, 5)), 60.0);
+    p.handle(
+        msg(
+            11,
+            PeerMessage::Status {
+                contributing: false,
+            }
+            .encode(),
+        ),
+        60.0,
+    );
+    p.tick(70.0);
+    assert_eq!(p.learner().round(), 5, "12 has not sent yet");
+    p.handle(msg(12, update(22, 5)), 80.0);
+    p.tick(90.0);
+    assert_eq!(p.learner().round(), 6);
+    assert!(
+        drain(&mut p)
+            .iter()
+            .any(|o| matches!(o, Output::RoundClosed(s) if s.used == 2))
+    );
+    // The next round: nobody sends, the deadline closes it.
+    p.tick(100.0);
+    p.trained(6, &[0.49; N], 0.3, 8, 110.0).expect("finite");
+    p.tick(110.0 + 999.0);
+    assert_eq!(p.learner().round(), 6);
+    p.tick(110.0 + 1_000.0);
+    assert_eq!(p.learner().round(), 7);
+    // A training result for a round the peer has left is dropped.
+    p.tick(1_200.0);
+    drain(&mut p);
+    p.trained(3, &[9.0; N], 0.3, 8, 1_300.0).expect("ignored");
+    assert!(p.weights().iter().all(|w| *w < 1.0));
+}
+
+#[test]
+fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
+    let mut c = cfg();
+    c.sync_every = 1;
+    let mut p =
+        Peer::new(c.clone(), "t", id(1), vec![1.0; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(Snapshot {
+        round: 3,
+        weights: vec![1.0; N],
+        momentum: vec![0.0; N]
+    }));
+    p.handle(Event::Up(PeerId(10)), 0.0);
+    // A neighbour's weights a fifth away (inside the quarter a receiver accepts).
+    let far = Learner::new(c.clone(), "t", id(9), vec![1.2; N]).expect("valid");
+    let mut mix = far.mix_message();
+    mix[5..13].copy_from_slice(&3u64.to_le_bytes());
+    p.handle(msg(10, mix.clone()), 0.0);
+    p.handle(msg(10, mix), 0.0);
+    assert_eq!(rejected(&p, Rejection::MixRepeat), 1);
+    p.tick(0.0);
+    // Our own update is tiny: the mix may pull us only by about that much.
+    p.trained(3, &[0.999; N], 0.1, 8, 10.0).expect("finite");
+    p.tick(10.0 + 1_000.0);
+    assert_eq!(p.learner().round(), 4);
+    let moved = p.weights()[0] - 1.0;
+    assert!(
+        moved.abs() < 0.01,
+        "pulled by {moved}; half way would have been 0.1"
+    );
+}

@@ -1,0 +1,285 @@
+//! The receiving half of one neighbour's data channel, platform-neutral and sans-IO: both
+//! transports feed it frames (with the time) and the channel's open event, and it decides
+//! what to deliver, what to hold until the channel is announced, and when the neighbour
+//! has sent so much broken traffic that it must be dropped.
+
+use std::collections::VecDeque;
+
+use shoal_shared::framing::{FrameError, Reassembler};
+use thiserror::Error;
+
+/// A neighbour whose channel drops this many messages (corrupt, inconsistent, oversized,
+/// never finished) within [`STRIKE_WINDOW_MS`] is disconnected.
+pub const STRIKE_LIMIT: usize = 8;
+/// The window over which [`STRIKE_LIMIT`] is counted.
+pub const STRIKE_WINDOW_MS: u64 = 60_000;
+/// Whole messages held while a channel is not yet announced as open; a neighbour that
+/// sends more before its channel opens is dropped.
+pub const MAX_EARLY_MESSAGES: usize = 64;
+
+/// Why a neighbour's channel is given up.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum LinkError {
+    /// Too many of its messages were dropped within the window.
+    #[error(
+        "{dropped} messages dropped within {window_s} s (the last: {last})",
+        window_s = STRIKE_WINDOW_MS / 1000
+    )]
+    Misbehaving {
+        /// Messages dropped within the window.
+        dropped: usize,
+        /// Why the last of them was dropped.
+        last: FrameError,
+    },
+    /// It sent more than can be held before its channel was announced.
+    #[error(
+        "more than {MAX_EARLY_MESSAGES} messages or {max_bytes} bytes before the channel opened"
+    )]
+    TooMuchTooEarly {
+        /// The byte bound that was passed (or would have been).
+        max_bytes: usize,
+    },
+}
+
+/// One channel's receiving side: reassembly, the strike count, and the messages that
+/// arrived before the channel's open event.
+///
+/// A message never overtakes the announcement of its channel: what arrives before
+/// [`on_open`](Self::on_open) is held and handed back by it, in order, for the transport
+/// to deliver right after it reports the neighbour up.
+pub struct InboundLink {
+    rx: Reassembler,
+    /// When each recent dropped message was noticed (at most [`STRIKE_LIMIT`], oldest
+    /// first).
+    strikes: VecDeque<u64>,
+    /// Per-reason drop counts already turned into strikes, in [`FrameError::ALL`] order.
+    counted: [u64; FrameError::ALL.len()],
+    open: bool,
+    early: Vec<Vec<u8>>,
+    early_bytes: usize,
+    max_early_bytes: usize,
+    /// Set once an error was returned: the neighbour is being dropped, and what it still
+    /// sends is ignored.
+    failed: bool,
+}
+
+impl InboundLink {
+    /// Accepts messages of up to `max_message` bytes, `max_in_flight` partially received
+    /// at a time; holds at most `max_message` bytes before the channel opens.
+    pub fn new(max_message: usize, max_in_flight: usize) -> Self {
+        Self {
+            rx: Reassembler::new(max_message, max_in_flight),
+            strikes: VecDeque::with_capacity(STRIKE_LIMIT),
+            counted: [0; FrameError::ALL.len()],
+            open: false,
+            early: Vec::new(),
+            early_bytes: 0,
+            max_early_bytes: max_message,
+            failed: false,
+        }
+    }
+
+    /// Whether [`on_open`](Self::on_open) has run.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Messages dropped so far, for any reason.
+    pub fn dropped(&self) -> u64 {
+        self.rx.dropped_total()
+    }
+
+    /// The channel opened: returns the messages that arrived before, in order, to be
+    /// delivered right after the neighbour is reported up (empty on a repeated call).
+    pub fn on_open(&mut self) -> Vec<Vec<u8>> {
+        self.open = true;
+        self.early_bytes = 0;
+        std::mem::take(&mut self.early)
+    }
+
+    /// Takes one frame received at `now_ms` (any monotonic milliseconds). Returns a whole
+    /// message to deliver now, `None` when there is none yet (or it is held until the
+    /// channel opens), or the reason to drop this neighbour (once: after that, frames are
+    /// ignored while the transport tears the connection down).
+    pub fn on_frame(&mut self, frame: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, LinkError> {
+        if self.failed {
+            return Ok(None);
+        }
+        let result = self.rx.push(frame, now_ms);
+        let verdict = self.judge(result, now_ms);
+        self.failed = verdict.is_err();
+        verdict
+    }
+
+    fn judge(
+        &mut self,
+        result: Result<Option<Vec<u8>>, FrameError>,
+        now_ms: u64,
+    ) -> Result<Option<Vec<u8>>, LinkError> {
+        self.count_strikes(now_ms)?;
+        let Ok(Some(message)) = result else {
+            return Ok(None);
+        };
+        if self.open {
+            return Ok(Some(message));
+        }
+        self.early_bytes += message.len();
+        if self.early.len() >= MAX_EARLY_MESSAGES || self.early_bytes > self.max_early_bytes {
+            return Err(LinkError::TooMuchTooEarly {
+                max_bytes: self.max_early_bytes,
+            });
+        }
+        self.early.push(message);
+        Ok(None)
+    }
+
+    /// Turns messages the reassembler dropped since the last call into strikes.
+    fn count_strikes(&mut self, now_ms: u64) -> Result<(), LinkError> {
+        let mut last = None;
+        for (i, reason) in FrameError::ALL.into_iter().enumerate() {
+            let total = self.rx.dropped(reason);
+            for _ in self.counted[i]..total {
+                if self.strikes.len() == STRIKE_LIMIT {
+                    self.strikes.pop_front();
+                }
+                self.strikes.push_back(now_ms);
+                last = Some(reason);
+            }
+            self.counted[i] = total;
+        }
+        while self
+            .strikes
+            .front()
+            .is_some_and(|&t| now_ms.saturating_sub(t) >= STRIKE_WINDOW_MS)
+        {
+            self.strikes.pop_front();
+        }
+        match last {
+            Some(last) if self.strikes.len() >= STRIKE_LIMIT => Err(LinkError::Misbehaving {
+                dropped: self.strikes.len(),
+                last,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_shared::framing::{PARTIAL_EXPIRY_MS, split};
+
+    use super::*;
+
+    fn frames(id: u32, len: usize) -> Vec<Vec<u8>> {
+        let msg: Vec<u8> = (0..len).map(|i| (i * 7 + id as usize) as u8).collect();
+        split(id, &msg, 100).collect()
+    }
+
+    fn opened() -> InboundLink {
+        let mut link = InboundLink::new(1 << 20, 4);
+        assert!(link.on_open().is_empty());
+        link
+    }
+
+    #[test]
+    fn messages_before_the_open_event_are_held_then_handed_back_in_order() {
+        let mut link = InboundLink::new(1 << 20, 4);
+        let (a, b) = (frames(1, 250), frames(2, 30));
+        for f in a.iter().chain(&b) {
+            assert_eq!(link.on_frame(f, 0), Ok(None), "nothing before the open");
+        }
+        let held = link.on_open();
+        assert_eq!(held.len(), 2);
+        assert_eq!(
+            (held[0].len(), held[1].len()),
+            (250, 30),
+            "in arrival order"
+        );
+        assert!(link.on_open().is_empty(), "handed back once");
+        let c = frames(3, 10);
+        assert_eq!(
+            link.on_frame(&c[0], 0).map(|m| m.map(|m| m.len())),
+            Ok(Some(10))
+        );
+    }
+
+    #[test]
+    fn a_flood_before_the_open_event_drops_the_neighbour() {
+        let mut link = InboundLink::new(1 << 20, 4);
+        for id in 0..MAX_EARLY_MESSAGES as u32 {
+            assert_eq!(link.on_frame(&frames(id, 5)[0], 0), Ok(None));
+        }
+        assert!(matches!(
+            link.on_frame(&frames(99, 5)[0], 0),
+            Err(LinkError::TooMuchTooEarly { .. })
+        ));
+    }
+
+    #[test]
+    fn a_neighbour_that_keeps_sending_broken_messages_is_dropped() {
+        let mut link = opened();
+        let mut broken = frames(1, 50)[0].clone();
+        broken[30] ^= 1;
+        for i in 0..STRIKE_LIMIT - 1 {
+            assert_eq!(link.on_frame(&broken, i as u64), Ok(None), "strike {i}");
+        }
+        // Good messages in between neither heal nor hurt.
+        assert!(
+            link.on_frame(&frames(2, 50)[0], 10)
+                .expect("fine")
+                .is_some()
+        );
+        assert_eq!(
+            link.on_frame(&broken, 20),
+            Err(LinkError::Misbehaving {
+                dropped: STRIKE_LIMIT,
+                last: FrameError::Checksum
+            })
+        );
+        // Reported once; what it sends while it is being dropped is ignored.
+        assert_eq!(link.on_frame(&broken, 21), Ok(None));
+        assert_eq!(link.on_frame(&frames(3, 50)[0], 22), Ok(None));
+    }
+
+    #[test]
+    fn strikes_older_than_the_window_are_forgotten() {
+        let mut link = opened();
+        let mut broken = frames(1, 50)[0].clone();
+        broken[30] ^= 1;
+        for round in 0..5u64 {
+            for i in 0..STRIKE_LIMIT as u64 - 1 {
+                let now = round * STRIKE_WINDOW_MS + i;
+                assert_eq!(link.on_frame(&broken, now), Ok(None), "round {round}");
+            }
+        }
+        assert_eq!(link.dropped(), 5 * (STRIKE_LIMIT as u64 - 1));
+    }
+
+    #[test]
+    fn messages_that_are_started_and_never_finished_count_as_strikes() {
+        let mut link = opened();
+        // Each new message evicts an unfinished one once the four slots are taken, and
+        // whatever is left expires: a neighbour that only ever starts messages is dropped.
+        let mut outcome = Ok(None);
+        for id in 0..(4 + STRIKE_LIMIT) as u32 {
+            outcome = link.on_frame(&frames(id, 500)[0], 0);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        assert_eq!(
+            outcome,
+            Err(LinkError::Misbehaving {
+                dropped: STRIKE_LIMIT,
+                last: FrameError::Evicted
+            })
+        );
+        let mut slow = opened();
+        for id in 0..4 {
+            assert_eq!(slow.on_frame(&frames(id, 500)[0], 0), Ok(None));
+        }
+        let late = slow.on_frame(&frames(9, 5)[0], PARTIAL_EXPIRY_MS);
+        assert_eq!(late.map(|m| m.map(|m| m.len())), Ok(Some(5)));
+        assert_eq!(slow.dropped(), 4, "the four expired, below the limit");
+    }
+}
