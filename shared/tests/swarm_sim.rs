@@ -340,3 +340,43 @@ fn in_a_partial_mesh_exchanging_weights_keeps_one_model_and_deltas_fall_apart() 
         settled(&d)
     );
 }
+
+#[test]
+fn attackers_on_every_message_kind_never_get_a_poisoned_model_adopted() {
+    // A quarter of the peers lie in every message kind at once (see the scenario file):
+    // updates (stealthy, 2.5x), model answers (one poisoned model they agree on),
+    // unasked models a million rounds ahead, far-ahead round claims, gossip mixes, and
+    // fresh identities every 10 rounds; one honest peer in eight rejoins every round.
+    let mut sc = scenario("byzantine-25");
+    sc.rounds = 40;
+    let attacked = run(&sc);
+    let clean = run(&sc.clean());
+    println!(
+        "byzantine-25 ({} rounds): attacked {:.2}%, clean {:.2}%, models adopted {}, poisoned {}",
+        sc.rounds,
+        settled(&attacked) * 100.0,
+        settled(&clean) * 100.0,
+        attacked.adopted,
+        attacked.poisoned_adoptions
+    );
+    assert!(
+        attacked.adopted > 10,
+        "joiners downloaded models: {}",
+        attacked.adopted
+    );
+    assert_eq!(
+        attacked.poisoned_adoptions, 0,
+        "no honest peer took a poisoned model"
+    );
+    assert!(
+        attacked.rejected(Rejection::Unasked) > 0,
+        "unasked models were dropped: {:?}",
+        attacked.rejected
+    );
+    assert!(
+        settled(&attacked) >= settled(&clean) - 0.03,
+        "attacked {} vs clean {}",
+        settled(&attacked),
+        settled(&clean)
+    );
+}

@@ -57,9 +57,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let report = sim::run(&sc, &train, &test).map_err(anyhow::Error::msg)?;
     print_rows(&sc, &report);
     println!(
-        "rejected: {:?}; models adopted {}; model versions spread {} rounds; {:.1} s",
+        "rejected: {:?}; models adopted {} (poisoned {}); model versions spread {} rounds; {:.1} s",
         report.rejected,
         report.adopted,
+        report.poisoned_adoptions,
         report.version_spread,
         t.elapsed().as_secs_f64()
     );
@@ -85,6 +86,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "bytes_per_peer": report.final_bytes_per_peer(),
         "rejected_by_reason": report.rejected,
         "models_adopted": report.adopted,
+        "poisoned_adoptions": report.poisoned_adoptions,
         "version_spread": report.version_spread,
         "clean_final_accuracy": clean.as_ref().map(|c| c.final_accuracy()),
         "clean_samples_to_target": clean.as_ref().map(|c| c.samples_to_target),

@@ -330,8 +330,15 @@ pub enum LearnError {
     BadLocal(String),
 }
 
-/// Gossip mixes held for one round, from different senders.
+/// Gossip mixes held at once.
 const MAX_MIXES: usize = 16;
+
+/// A neighbour's round-start weights, held until our own round reaches theirs.
+struct Mix {
+    sender: u64,
+    round: u64,
+    weights: Vec<f32>,
+}
 
 /// Signers remembered for replay protection; the oldest are forgotten beyond this (their
 /// old rounds are then refused as stale instead).
@@ -361,7 +368,7 @@ pub struct Learner {
     started: bool,
     /// Neighbours' weights to average with ours when the round closes: at most one per
     /// sender (the transport's connection) and round, at most [`MAX_MIXES`] in all.
-    mixes: Vec<(u64, Vec<f32>)>,
+    mixes: Vec<Mix>,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -538,14 +545,26 @@ impl Learner {
         if round + window < self.round || round > self.round + window {
             return Err(self.stats.reject(Rejection::Stale));
         }
-        if self.mixes.len() >= MAX_MIXES || self.mixes.iter().any(|(s, _)| *s == sender) {
+        if round < self.round {
+            return Err(self.stats.reject(Rejection::Stale));
+        }
+        if self.mixes.len() >= MAX_MIXES
+            || self
+                .mixes
+                .iter()
+                .any(|m| m.sender == sender && m.round == round)
+        {
             return Err(self.stats.reject(Rejection::MixRepeat));
         }
         let w = self.decode_payload(payload, self.mix_codec())?;
         if aggregate::distance(&w, &self.weights) > 0.25 * aggregate::norm(&self.weights) {
             return Err(self.stats.reject(Rejection::Norm));
         }
-        self.mixes.push((sender, w));
+        self.mixes.push(Mix {
+            sender,
+            round,
+            weights: w,
+        });
         Ok(Received::Mix)
     }
 
@@ -681,21 +700,38 @@ impl Learner {
             summary.used += 1;
         }
         self.stats.used += summary.used as u64;
-        let mixes = std::mem::take(&mut self.mixes);
-        if !mixes.is_empty() {
-            // Half of the way toward the mean of the neighbours' weights, each one's pull
-            // clipped to an honest update's size (a quarter of our weights' norm while
-            // there is none to compare with): a liar moves us at most that far per round.
+        if !updates.is_empty() {
+            let mut g = vec![0.0; self.weights.len()];
+            aggregate::aggregate(self.cfg.aggregation, &updates, &mut g);
+            let (lr, mu) = (self.cfg.outer_lr, self.cfg.outer_momentum);
+            for ((w, m), g) in self.weights.iter_mut().zip(&mut self.momentum).zip(&g) {
+                *m = mu * *m + g;
+                *w -= lr * (g + mu * *m);
+            }
+            summary.step_norm = lr * aggregate::norm(&g);
+        }
+        self.round += 1;
+        // Neighbours' round-start weights for the round we now start: half of the way
+        // toward their mean, each one's pull clipped to an honest update's size (a
+        // quarter of our weights' norm while there is none to compare with), so a liar
+        // moves us at most that far. Later rounds' wait; earlier ones are dropped.
+        let (now, rest): (Vec<Mix>, Vec<Mix>) = std::mem::take(&mut self.mixes)
+            .into_iter()
+            .filter(|m| m.round >= self.round)
+            .partition(|m| m.round == self.round);
+        self.mixes = rest;
+        if !now.is_empty() {
             let quarter = 0.25 * aggregate::norm(&self.weights);
             let radius = if bound > 0.0 {
                 bound.min(quarter)
             } else {
                 quarter
             };
-            let share = 0.5 / mixes.len() as f32;
+            let share = 0.5 / now.len() as f32;
             let mut pull = vec![0.0f32; self.weights.len()];
-            for (_, theirs) in &mixes {
-                let dev: Vec<f32> = theirs
+            for m in &now {
+                let dev: Vec<f32> = m
+                    .weights
                     .iter()
                     .zip(&self.weights)
                     .map(|(t, w)| t - w)
@@ -711,17 +747,6 @@ impl Learner {
             }
             summary.mixed = true;
         }
-        if !updates.is_empty() {
-            let mut g = vec![0.0; self.weights.len()];
-            aggregate::aggregate(self.cfg.aggregation, &updates, &mut g);
-            let (lr, mu) = (self.cfg.outer_lr, self.cfg.outer_momentum);
-            for ((w, m), g) in self.weights.iter_mut().zip(&mut self.momentum).zip(&g) {
-                *m = mu * *m + g;
-                *w -= lr * (g + mu * *m);
-            }
-            summary.step_norm = lr * aggregate::norm(&g);
-        }
-        self.round += 1;
         self.started = true;
         self.stats.rounds += 1;
         let every = u64::from(self.cfg.sync_every);

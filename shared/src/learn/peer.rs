@@ -374,15 +374,7 @@ impl Peer {
             }
             Event::Down(p) => {
                 self.nbrs.remove(&p);
-                // A download stops waiting for a neighbour that left.
-                if let Some(f) = &mut self.fetch
-                    && !f.answers.contains_key(&p)
-                    && f.asked.remove(&p)
-                    && !f.answers.is_empty()
-                    && f.answers.len() == f.asked.len()
-                {
-                    self.conclude(now_ms);
-                }
+                self.stop_waiting_for(p, now_ms);
             }
             Event::TaskPaused(paused) => {
                 self.progress.task_paused = paused;
@@ -419,8 +411,22 @@ impl Peer {
                 if let Some(n) = self.nbrs.get_mut(&from) {
                     n.idle = !contributing;
                 }
+                if !contributing {
+                    self.stop_waiting_for(from, now_ms);
+                }
             }
             Ok(Received::Mix) | Err(_) => {} // held or counted by the learner
+        }
+    }
+
+    /// A download stops waiting for a neighbour that left or said it has no model.
+    fn stop_waiting_for(&mut self, p: PeerId, now_ms: f64) {
+        if let Some(f) = &mut self.fetch
+            && !f.answers.contains_key(&p)
+            && f.asked.remove(&p)
+            && f.answers.len() == f.asked.len()
+        {
+            self.conclude(now_ms);
         }
     }
 
@@ -442,7 +448,13 @@ impl Peer {
 
     fn answer(&mut self, from: PeerId, now_ms: f64) {
         if self.role != PeerRole::Trainer || !self.learner.is_started() {
-            return; // nothing to give: it asks someone else when its wait ends
+            // Nothing to give: say so, so that the asker stops waiting for us.
+            let msg = PeerMessage::Status {
+                contributing: false,
+            }
+            .encode();
+            self.send(from, msg);
+            return;
         }
         let n = self.nbrs.entry(from).or_default();
         if n.answered_at
@@ -585,10 +597,7 @@ impl Peer {
         {
             self.conclude(now_ms);
         }
-        if self.phase == Phase::Observing
-            && self.fetch.is_none()
-            && now_ms >= self.next_fetch_at
-        {
+        if self.phase == Phase::Observing && self.fetch.is_none() && now_ms >= self.next_fetch_at {
             let peers = self.contributors();
             if !peers.is_empty() {
                 self.start_fetch(Purpose::Observe, peers, now_ms);

@@ -328,6 +328,9 @@ pub struct Report {
     pub version_spread: u64,
     /// Models honest peers adopted from downloads (joining, lagging).
     pub adopted: u64,
+    /// Of those, models far from every other honest peer's (farther from their mean
+    /// than half its norm): a poisoned model got through.
+    pub poisoned_adoptions: u64,
 }
 
 impl Report {
@@ -453,6 +456,7 @@ struct Sim<'a> {
     /// Counters of peers that have left.
     rejected: BTreeMap<String, u64>,
     adopted: u64,
+    poisoned: u64,
     eval: CpuBackend,
     rows: Vec<Row>,
 }
@@ -487,6 +491,7 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         round_losses: Vec::new(),
         rejected: BTreeMap::new(),
         adopted: 0,
+        poisoned: 0,
         eval,
         rows: Vec::new(),
     };
@@ -670,6 +675,10 @@ impl Sim<'_> {
         self.peers[slot].as_ref().map(|p| peer_id(slot, p.epoch))
     }
 
+    fn peer_ref(&self, slot: usize) -> &Peer {
+        &self.peers[slot].as_ref().expect("alive").peer
+    }
+
     fn peer_mut(&mut self, slot: usize) -> &mut Peer {
         &mut self.peers[slot].as_mut().expect("alive").peer
     }
@@ -802,6 +811,25 @@ impl Sim<'_> {
             Output::Adopted { .. } => {
                 if !self.is_attacker(slot) {
                     self.adopted += 1;
+                    // Poisoned: farther from the other honest peers' mean model than half
+                    // that model's norm (honest models differ by a few percent).
+                    let others: Vec<&[f32]> = self
+                        .honest_models()
+                        .filter(|p| !std::ptr::eq(&p.peer, self.peer_ref(slot)))
+                        .map(|p| p.peer.weights())
+                        .collect();
+                    if let Some(first) = others.first() {
+                        let mut mean = vec![0.0f32; first.len()];
+                        for w in &others {
+                            for (m, x) in mean.iter_mut().zip(*w) {
+                                *m += x / others.len() as f32;
+                            }
+                        }
+                        let d = super::aggregate::distance(self.peer_ref(slot).weights(), &mean);
+                        if d > 0.5 * super::aggregate::norm(&mean) {
+                            self.poisoned += 1;
+                        }
+                    }
                 }
             }
         }
@@ -1157,6 +1185,7 @@ impl Sim<'_> {
             rejected,
             version_spread: rounds.iter().max().unwrap_or(&0) - rounds.iter().min().unwrap_or(&0),
             adopted: self.adopted,
+            poisoned_adoptions: self.poisoned,
         }
     }
 }

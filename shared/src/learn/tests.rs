@@ -213,7 +213,9 @@ fn gossip_averaging_pulls_two_models_together_and_refuses_far_or_stale_ones() {
     let mut a =
         Learner::new(c.clone(), "t", Identity::from_seed([1; 32]), vec![1.0; 300]).expect("valid");
     let b = Learner::new(c, "t", Identity::from_seed([2; 32]), vec![1.2; 300]).expect("valid");
-    let msg = b.mix_message();
+    // Weights for the round `a` starts next (a mix waits for its round).
+    let mut msg = b.mix_message();
+    msg[5..13].copy_from_slice(&1u64.to_le_bytes());
     assert_eq!(a.receive(&msg), Ok(Received::Mix));
     a.local_update(&vec![1.0; 300], 1, 0.0).expect("finite"); // a zero update
     let s = a.finish_round();

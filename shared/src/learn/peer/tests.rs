@@ -236,12 +236,22 @@ fn model_requests_are_answered_at_a_bounded_rate() {
         .count();
     assert_eq!(answers, 2);
     assert_eq!(rejected(&p, Rejection::RequestRate), 1);
-    // A joiner has nothing to give.
+    // A joiner has nothing to give, and says so.
     let mut j = joiner();
     j.handle(Event::Up(PeerId(10)), 0.0);
     drain(&mut j);
     j.handle(msg(10, req), 0.0);
-    assert!(drain(&mut j).is_empty());
+    let idle = PeerMessage::Status {
+        contributing: false,
+    }
+    .encode();
+    assert_eq!(
+        drain(&mut j),
+        [Output::Send {
+            to: PeerId(10),
+            data: idle
+        }]
+    );
 }
 
 #[test]
@@ -322,7 +332,8 @@ fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
     // A neighbour's weights a fifth away (inside the quarter a receiver accepts).
     let far = Learner::new(c.clone(), "t", id(9), vec![1.2; N]).expect("valid");
     let mut mix = far.mix_message();
-    mix[5..13].copy_from_slice(&3u64.to_le_bytes());
+    // For round 4, the round the peer starts next.
+    mix[5..13].copy_from_slice(&4u64.to_le_bytes());
     p.handle(msg(10, mix.clone()), 0.0);
     p.handle(msg(10, mix), 0.0);
     assert_eq!(rejected(&p, Rejection::MixRepeat), 1);
