@@ -1,24 +1,19 @@
 //! The native transport: the same swarm protocol as the browser's, on tokio with
 //! `tokio-tungstenite` for signaling and the `webrtc` crate for peer connections. Each
 //! neighbour gets one pre-negotiated, reliable, ordered data channel carrying framed
-//! messages. Outgoing messages wait in the same bounded `SendQueue` as the browser's, and
-//! the channel's send-buffer limit ([`HIGH_WATER`]) paces the writer when the peer is slow.
-//! What a channel receives goes through [`InboundLink`]: messages that arrive before the
-//! channel's open event are delivered right after `PeerUp`, never before it, and a
-//! neighbour whose messages keep being dropped is disconnected.
+//! messages; the channel's send-buffer limit makes `send` wait when the peer is slow.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::peer_connection::transport::RTCDtlsRole;
-use shoal_shared::framing::{DEFAULT_CHUNK, HIGH_WATER, QueueError, SendQueue};
+use shoal_shared::framing::{DEFAULT_CHUNK, HIGH_WATER, Reassembler, split};
 use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
@@ -27,21 +22,10 @@ use webrtc::peer_connection::{
     RTCSessionDescription, SettingEngineBuilder,
 };
 
-use crate::links::InboundLink;
 use crate::swarm::{
-    Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED,
-    SendError, SwarmEvent, Transport, should_offer,
+    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, SendError, SwarmEvent, Transport,
+    should_offer,
 };
-
-/// How long the writer waits after its channel opens before the first frame goes out.
-///
-/// The `webrtc` crate (0.21) loses a message that reaches the side completing the SCTP
-/// handshake (the DTLS client) in the same read as the handshake's last packet: its data
-/// channel is not wired until the handshake event that follows, and the message is
-/// discarded. A peer that sends the moment its channel opens can hit that window; this
-/// short pause keeps a native sender out of it. (On the receiving side, native peers
-/// answer as the DTLS server, which never completes the handshake that way.)
-const OPEN_SETTLE: Duration = Duration::from_millis(100);
 
 /// How a native peer connects.
 #[derive(Clone, Debug)]
@@ -57,14 +41,8 @@ pub struct NativeOptions {
 
 struct Conn {
     pc: Arc<dyn PeerConnection>,
-    /// Frames waiting for the channel, bounded in bytes.
-    queue: SendQueue,
-    /// Wakes the channel's writer when frames are queued.
-    queued: Arc<Notify>,
+    out: mpsc::Sender<Vec<u8>>,
     open: bool,
-    /// Which connection to this peer this is: callbacks of an older connection to the
-    /// same peer must not tear down a newer one.
-    serial: u64,
 }
 
 struct State {
@@ -77,14 +55,10 @@ struct State {
     /// must not reach the other side before the session description does.
     outbox: HashMap<PeerId, Vec<Signal>>,
     closed: bool,
-    /// The last connection serial handed out.
-    serial: u64,
 }
 
 struct Shared {
     opts: NativeOptions,
-    /// The origin of the milliseconds the reassemblers see.
-    epoch: Instant,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<SwarmEvent>,
     /// Relayed signals, handled one at a time in arrival order (a candidate must not be
@@ -101,51 +75,6 @@ impl Shared {
 
     fn emit(&self, e: SwarmEvent) {
         let _ = self.events.send(e);
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn next_serial(&self) -> u64 {
-        let mut st = self.lock();
-        st.serial += 1;
-        st.serial
-    }
-
-    /// Marks connection `serial` to `peer` open; false if it is gone (or replaced).
-    fn mark_open(&self, peer: PeerId, serial: u64) -> bool {
-        match self.lock().peers.get_mut(&peer) {
-            Some(c) if c.serial == serial => {
-                c.open = true;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// [`fail_peer`](Self::fail_peer), if connection `serial` is still the one to `peer`.
-    fn fail_conn(&self, peer: PeerId, serial: u64) {
-        let current = self
-            .lock()
-            .peers
-            .get(&peer)
-            .is_some_and(|c| c.serial == serial);
-        if current {
-            self.fail_peer(peer);
-        }
-    }
-
-    /// [`drop_peer`](Self::drop_peer), if connection `serial` is still the one to `peer`.
-    fn drop_conn(&self, peer: PeerId, serial: u64) {
-        let current = self
-            .lock()
-            .peers
-            .get(&peer)
-            .is_some_and(|c| c.serial == serial);
-        if current {
-            self.drop_peer(peer);
-        }
     }
 
     fn signal(&self, to: PeerId, signal: Signal) {
@@ -169,7 +98,7 @@ impl Shared {
     fn send_candidate(&self, to: PeerId, candidate: Signal) {
         let mut st = self.lock();
         if let Some(held) = st.outbox.get_mut(&to) {
-            if held.len() < MAX_HELD_CANDIDATES {
+            if held.len() < 64 {
                 held.push(candidate);
             }
             return;
@@ -199,7 +128,6 @@ impl Shared {
             st.peers.remove(&peer)
         };
         if let Some(c) = conn {
-            c.queued.notify_one();
             if c.open {
                 self.emit(SwarmEvent::PeerDown(peer));
             }
@@ -233,9 +161,7 @@ impl NativeSwarm {
                 peers: HashMap::new(),
                 outbox: HashMap::new(),
                 closed: false,
-                serial: 0,
             }),
-            epoch: Instant::now(),
             events: tx,
             signals,
         });
@@ -264,7 +190,6 @@ impl NativeSwarm {
         };
         self.task.abort();
         for c in peers {
-            c.queued.notify_one();
             let _ = c.pc.close().await;
         }
     }
@@ -289,18 +214,16 @@ impl Transport for NativeSwarm {
 
     /// Queues a whole message for a neighbour.
     fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError> {
-        let mut st = self.shared.lock();
+        if data.len() > MAX_MESSAGE {
+            return Err(SendError::TooLarge);
+        }
+        let st = self.shared.lock();
         let c = st
             .peers
-            .get_mut(&peer)
+            .get(&peer)
             .filter(|c| c.open)
             .ok_or(SendError::NoSuchPeer(peer))?;
-        c.queue.push(&data).map_err(|e| match e {
-            QueueError::Full => SendError::Full(peer),
-            QueueError::TooLarge => SendError::TooLarge,
-        })?;
-        c.queued.notify_one();
-        Ok(())
+        c.out.try_send(data).map_err(|_| SendError::Full(peer))
     }
 
     /// The next event, or `None` once the swarm is closed.
@@ -436,7 +359,7 @@ async fn on_signal(shared: Arc<Shared>, from: PeerId, signal: Signal) {
                 Err(_) => false,
             };
             if !ok {
-                shared.fail_peer(from);
+                shared.drop_peer(from);
             }
         }
         (
@@ -463,7 +386,6 @@ async fn on_signal(shared: Arc<Shared>, from: PeerId, signal: Signal) {
 struct Handler {
     shared: Arc<Shared>,
     peer: PeerId,
-    serial: u64,
 }
 
 #[async_trait]
@@ -484,9 +406,8 @@ impl PeerConnectionEventHandler for Handler {
             state,
             RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
         ) {
-            // Dropped, not retried: the neighbour set brings another peer (and, if the
-            // channel never opened, the server is told so that it does).
-            self.shared.fail_conn(self.peer, self.serial);
+            // Dropped, not retried: the neighbour set brings another peer.
+            self.shared.drop_peer(self.peer);
         }
     }
 }
@@ -522,22 +443,16 @@ async fn try_connect_peer(
     };
     let runtime =
         webrtc::runtime::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
-    let serial = shared.next_serial();
     let pc = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(ice).build())
         .with_setting_engine(
             SettingEngineBuilder::new()
                 .with_multicast_dns_mode(mdns)
-                // As the DTLS server this side is not the one that completes the SCTP
-                // handshake, so a message sent the instant the other side opens is not lost
-                // (see `OPEN_SETTLE`).
-                .with_answering_dtls_role(RTCDtlsRole::Server)
                 .build(),
         )
         .with_handler(Arc::new(Handler {
             shared: Arc::clone(shared),
             peer,
-            serial,
         }))
         .with_runtime(runtime)
         .with_udp_addrs(shared.opts.udp_addrs.clone())
@@ -550,7 +465,7 @@ async fn try_connect_peer(
         ..Default::default()
     };
     let dc = pc.create_data_channel("shoal", Some(init)).await?;
-    let queued = Arc::new(Notify::new());
+    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(4);
     let inserted = {
         let mut st = shared.lock();
         let fresh = !st.closed && !st.peers.contains_key(&peer);
@@ -559,10 +474,8 @@ async fn try_connect_peer(
                 peer,
                 Conn {
                     pc: Arc::clone(&pc),
-                    queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
-                    queued: Arc::clone(&queued),
+                    out: out_tx,
                     open: false,
-                    serial,
                 },
             );
             st.outbox.insert(peer, Vec::new());
@@ -574,8 +487,8 @@ async fn try_connect_peer(
         return Ok(());
     }
     let (open_tx, open_rx) = watch::channel(false);
-    // A connection that has not opened by the deadline is dropped and reported
-    // unreachable, never retried; the server draws another neighbour.
+    // A connection that has not opened by the deadline is dropped, never retried; the
+    // neighbour set brings others.
     let (watchdog, mut opened) = (Arc::clone(shared), open_rx.clone());
     tokio::spawn(async move {
         let deadline = Duration::from_secs(u64::from(CONNECT_DEADLINE_SECS));
@@ -583,24 +496,16 @@ async fn try_connect_peer(
             .await
             .is_err()
         {
-            watchdog.fail_conn(peer, serial);
+            watchdog.drop_peer(peer);
         }
     });
     tokio::spawn(read_channel(
         Arc::clone(shared),
         peer,
-        serial,
         Arc::clone(&dc),
         open_tx,
     ));
-    tokio::spawn(write_channel(
-        Arc::clone(shared),
-        peer,
-        serial,
-        dc,
-        queued,
-        open_rx,
-    ));
+    tokio::spawn(write_channel(dc, out_rx, open_rx));
     match offer {
         None => {
             let offer = pc.create_offer(None).await?;
@@ -618,81 +523,51 @@ async fn try_connect_peer(
     Ok(())
 }
 
-/// Reads connection `serial`'s channel until it closes: reports the neighbour up when
-/// the channel opens, then the messages that came before the open event, then each
-/// message as it completes; drops the neighbour when its traffic keeps breaking.
 async fn read_channel(
     shared: Arc<Shared>,
     peer: PeerId,
-    serial: u64,
     dc: Arc<dyn DataChannel>,
     open: watch::Sender<bool>,
 ) {
-    let mut link = InboundLink::new(MAX_MESSAGE, MAX_IN_FLIGHT);
+    let mut rx = Reassembler::new(MAX_MESSAGE, MAX_IN_FLIGHT);
+    let clock = std::time::Instant::now();
     while let Some(ev) = dc.poll().await {
         match ev {
             DataChannelEvent::OnOpen => {
-                if link.is_open() {
-                    continue;
-                }
-                let early = link.on_open();
-                if !shared.mark_open(peer, serial) {
-                    break;
+                if let Some(c) = shared.lock().peers.get_mut(&peer) {
+                    c.open = true;
                 }
                 let _ = open.send(true);
-                // One task emits all of this channel's events, so nothing it received
-                // before the open overtakes `PeerUp`, and nothing after overtakes those.
                 shared.emit(SwarmEvent::PeerUp(peer));
-                for data in early {
+            }
+            DataChannelEvent::OnMessage(msg) => {
+                // A bad frame drops its message (counted by the reassembler), never the peer.
+                if let Ok(Some(data)) = rx.push(&msg.data, clock.elapsed().as_millis() as u64) {
                     shared.emit(SwarmEvent::Message { from: peer, data });
                 }
             }
-            DataChannelEvent::OnMessage(msg) => match link.on_frame(&msg.data, shared.now_ms()) {
-                Ok(Some(data)) => shared.emit(SwarmEvent::Message { from: peer, data }),
-                // A bad frame drops its message (counted), not the peer...
-                Ok(None) => {}
-                // ...unless that keeps happening.
-                Err(e) => {
-                    eprintln!("shoal: dropping neighbour {peer}: {e}");
-                    break;
-                }
-            },
             DataChannelEvent::OnClose => break,
             _ => {}
         }
     }
-    shared.drop_conn(peer, serial);
+    shared.drop_peer(peer);
 }
 
-/// Writes connection `serial`'s queued frames once its channel is open, until the
-/// connection goes. `send` on the channel waits while more than [`HIGH_WATER`] bytes are
-/// outstanding (the limit it was built with): the native form of waiting for the
-/// browser's buffered-amount-low event.
 async fn write_channel(
-    shared: Arc<Shared>,
-    peer: PeerId,
-    serial: u64,
     dc: Arc<dyn DataChannel>,
-    queued: Arc<Notify>,
+    mut out: mpsc::Receiver<Vec<u8>>,
     mut open: watch::Receiver<bool>,
 ) {
     if open.wait_for(|&o| o).await.is_err() {
         return;
     }
-    tokio::time::sleep(OPEN_SETTLE).await;
-    loop {
-        let next = match shared.lock().peers.get_mut(&peer) {
-            Some(c) if c.serial == serial => c.queue.next_frame(0),
-            _ => return,
-        };
-        match next {
-            Some(frame) => {
-                if dc.send(BytesMut::from(&frame[..])).await.is_err() {
-                    return;
-                }
+    let mut id = 0u32;
+    while let Some(msg) = out.recv().await {
+        for frame in split(id, &msg, DEFAULT_CHUNK) {
+            if dc.send(BytesMut::from(&frame[..])).await.is_err() {
+                return;
             }
-            // Woken by `send`, or by the connection's end (then the lookup above fails).
-            None => queued.notified().await,
         }
+        id = id.wrapping_add(1);
     }
 }

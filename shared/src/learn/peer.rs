@@ -52,6 +52,10 @@ pub const FETCH_ASK: usize = 5;
 pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
 pub const JOIN_ATTEMPTS: u32 = 3;
+/// How long after a channel opens a peer first writes to it. The `webrtc` crate (0.21)
+/// can lose a message that arrives in the same read as the last packet of the handshake,
+/// and a lost message wedges a reliable ordered channel for good.
+pub const GREET_AFTER_MS: f64 = 500.0;
 /// The shortest interval between two model answers to the same neighbour (a request
 /// is a few bytes, the answer the whole model).
 pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
@@ -186,6 +190,10 @@ struct Neighbour {
     claim: Option<u64>,
     /// When we last sent it our model.
     answered_at: Option<f64>,
+    /// When its channel opened.
+    up_at: f64,
+    /// Whether we told it our status yet.
+    greeted: bool,
 }
 
 /// One peer of the swarm, sans-IO.
@@ -205,6 +213,9 @@ pub struct Peer {
     last_train_at: Option<f64>,
     /// Whether neighbours were last told that we contribute.
     announced: Option<bool>,
+    /// Our update for the round in progress, for neighbours that start contributing
+    /// after we sent it.
+    sent_update: Option<(u64, Vec<u8>)>,
 }
 
 impl Peer {
@@ -245,6 +256,7 @@ impl Peer {
             },
             last_train_at: None,
             announced: None,
+            sent_update: None,
         })
     }
 
@@ -307,6 +319,9 @@ impl Peer {
         if let Some(f) = &self.fetch {
             at(f.started + MODEL_WAIT_MS);
         }
+        for n in self.nbrs.values().filter(|n| !n.greeted) {
+            at(n.up_at + GREET_AFTER_MS);
+        }
         match self.phase {
             Phase::Joining { since } => at((since + JOIN_GRACE_MS).max(self.next_fetch_at)),
             Phase::Waiting { since } => at(since + f64::from(self.cfg.round_deadline_ms)),
@@ -320,13 +335,33 @@ impl Peer {
         t
     }
 
-    /// Neighbours with an open channel that send updates.
+    /// Neighbours with a settled channel that send updates.
     fn contributors(&self) -> Vec<PeerId> {
         self.nbrs
             .iter()
-            .filter(|(_, n)| !n.idle)
+            .filter(|(_, n)| !n.idle && n.greeted)
             .map(|(p, _)| *p)
             .collect()
+    }
+
+    /// Tells neighbours whose channel has settled what we do.
+    fn greet(&mut self, now_ms: f64) {
+        let due: Vec<PeerId> = self
+            .nbrs
+            .iter()
+            .filter(|(_, n)| !n.greeted && now_ms - n.up_at >= GREET_AFTER_MS)
+            .map(|(p, _)| *p)
+            .collect();
+        let msg = PeerMessage::Status {
+            contributing: self.contributing(),
+        }
+        .encode();
+        for p in due {
+            if let Some(n) = self.nbrs.get_mut(&p) {
+                n.greeted = true;
+            }
+            self.send(p, msg.clone());
+        }
     }
 
     fn send(&mut self, to: PeerId, data: Vec<u8>) {
@@ -347,7 +382,13 @@ impl Peer {
         }
         self.announced = Some(now);
         let msg = PeerMessage::Status { contributing: now }.encode();
-        for p in self.nbrs.keys().copied().collect::<Vec<_>>() {
+        let greeted: Vec<PeerId> = self
+            .nbrs
+            .iter()
+            .filter(|(_, n)| n.greeted)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in greeted {
             self.send(p, msg.clone());
         }
         self.last_train_at = None;
@@ -360,17 +401,15 @@ impl Peer {
     pub fn handle(&mut self, ev: Event, now_ms: f64) {
         match ev {
             Event::Up(p) => {
-                self.nbrs.entry(p).or_default();
                 // Until it says otherwise, a neighbour is expected to contribute; we say
-                // what we do (a joiner, an observer or a paused peer does not).
-                let msg = PeerMessage::Status {
-                    contributing: self.contributing(),
-                }
-                .encode();
+                // what we do (a joiner, an observer or a paused peer does not) once the
+                // channel has settled (see `GREET_AFTER_MS`).
+                let n = self.nbrs.entry(p).or_default();
+                n.up_at = now_ms;
+                n.greeted = false;
                 if self.announced.is_none() {
                     self.announced = Some(self.contributing());
                 }
-                self.send(p, msg);
             }
             Event::Down(p) => {
                 self.nbrs.remove(&p);
@@ -408,11 +447,22 @@ impl Peer {
             Ok(Received::ModelRequest) => self.answer(from, now_ms),
             Ok(Received::Model(s)) => self.model_answer(from, s, now_ms),
             Ok(Received::Status { contributing }) => {
+                let was_idle = self.nbrs.get(&from).is_some_and(|n| n.idle);
                 if let Some(n) = self.nbrs.get_mut(&from) {
                     n.idle = !contributing;
                 }
                 if !contributing {
                     self.stop_waiting_for(from, now_ms);
+                } else if was_idle
+                    && let Some((round, msg)) = &self.sent_update
+                    && *round == self.learner.round()
+                    && matches!(self.phase, Phase::Waiting { .. })
+                {
+                    // It starts contributing in a round we already sent our update for:
+                    // it gets it too, or it would wait for it until its deadline and the
+                    // two of us would stay a round apart.
+                    let msg = msg.clone();
+                    self.send(from, msg);
                 }
             }
             Ok(Received::Mix) | Err(_) => {} // held or counted by the learner
@@ -590,6 +640,7 @@ impl Peer {
 
     /// Advances time: starts or ends downloads, asks for training, closes rounds.
     pub fn tick(&mut self, now_ms: f64) {
+        self.greet(now_ms);
         if self
             .fetch
             .as_ref()
@@ -618,11 +669,14 @@ impl Peer {
         if let Phase::Waiting { since } = self.phase {
             // Done when every contributing neighbour's update for this round (or a later
             // one) is held; one that never sends is waited for until the deadline.
+            // With neighbours but none contributing yet (they are joining), it waits the
+            // deadline too rather than racing ahead alone.
             let all = self
                 .nbrs
                 .values()
                 .filter(|n| !n.idle)
-                .all(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)));
+                .all(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
+                && (self.nbrs.is_empty() || !self.contributors().is_empty());
             if all || now_ms - since >= f64::from(self.cfg.round_deadline_ms) {
                 self.close_round();
             }
@@ -655,6 +709,21 @@ impl Peer {
     }
 
     fn close_round(&mut self) {
+        // Every round we say again that we contribute, to neighbours that think we do
+        // not: a status lost at a channel's opening must not leave two peers each
+        // waiting for the other to speak first.
+        if self.contributing() {
+            let msg = PeerMessage::Status { contributing: true }.encode();
+            let quiet: Vec<PeerId> = self
+                .nbrs
+                .iter()
+                .filter(|(_, n)| n.greeted && n.key.is_none())
+                .map(|(p, _)| *p)
+                .collect();
+            for p in quiet {
+                self.send(p, msg.clone());
+            }
+        }
         let summary = self.learner.finish_round();
         if let Some(msg) = &summary.sync {
             let peers = self.contributors();
@@ -698,6 +767,7 @@ impl Peer {
         for p in self.contributors() {
             self.send(p, msg.clone());
         }
+        self.sent_update = Some((round, msg));
         self.progress.loss = loss;
         self.progress.local_steps += u64::from(self.cfg.local_steps);
         self.progress.samples += u64::from(samples);

@@ -377,6 +377,8 @@ struct SimPeer {
     attacker_index: usize,
     /// The forged update for the round being sent (attackers).
     lie: Option<Vec<u8>>,
+    /// A non-stealthy attacker's lie as its own part in its aggregate.
+    own_lie: Option<Vec<f32>>,
     /// The first update an attacker sent (the replay attack).
     first_update: Option<Vec<u8>>,
     /// The time a wake-up is scheduled for, if any.
@@ -618,6 +620,7 @@ impl Sim<'_> {
             attacker,
             attacker_index: slot.saturating_sub(self.sc.peers - self.attackers()),
             lie: None,
+            own_lie: None,
             first_update: None,
             wake_at: None,
         })
@@ -715,6 +718,10 @@ impl Sim<'_> {
                 p.peer
                     .trained(round, &local, loss, samples, now)
                     .map_err(|e| e.to_string())?;
+                if let Some(own) = p.own_lie.take() {
+                    // A non-stealthy attacker's part in its own aggregate is its lie.
+                    p.peer.learner_mut().replace_own(own);
+                }
                 self.drive(slot)
             }
             Ev::Deliver {
@@ -1149,7 +1156,7 @@ impl Sim<'_> {
                 Exchange::Delta => decoded,
                 Exchange::Weights => start.iter().zip(&decoded).map(|(w, l)| w - l).collect(),
             };
-            p.peer.learner_mut().replace_own(own);
+            p.own_lie = Some(own);
         }
         if attack.also.contains(&MessageAttack::PoisonMix) {
             let mix = p.peer.learner().mix_message();

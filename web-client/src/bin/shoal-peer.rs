@@ -231,6 +231,12 @@ mod peer {
                 _ = tokio::signal::ctrl_c() => break,
                 ev = swarm.next_event() => {
                     let Some(ev) = ev else { break };
+                    if std::env::var_os("SHOAL_VERBOSE").is_some() {
+                        match &ev {
+                            SwarmEvent::Message { from, data } => eprintln!("{:.0} msg {from} {} kind {:?}", now(), data.len(), data.get(4)),
+                            other => eprintln!("{:.0} {other:?}", now()),
+                        }
+                    }
                     peer.handle(ev, &swarm, now());
                     continue;
                 }
@@ -252,6 +258,9 @@ mod peer {
                 summary.used,
                 p.rejected.values().sum::<u64>()
             );
+            if !p.rejected.is_empty() && std::env::var_os("SHOAL_VERBOSE").is_some() {
+                eprintln!("rejected by reason: {:?}", p.rejected);
+            }
             if let Some(k) = &keeper
                 && p.round.is_multiple_of(args.checkpoint_every)
             {
