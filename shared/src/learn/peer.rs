@@ -356,11 +356,23 @@ impl Peer {
             contributing: self.contributing(),
         }
         .encode();
-        for p in due {
-            if let Some(n) = self.nbrs.get_mut(&p) {
-                n.greeted = true;
+        let update = match (&self.sent_update, self.phase) {
+            (Some((round, u)), Phase::Waiting { .. }) if *round == self.learner.round() => {
+                Some(u.clone())
             }
+            _ => None,
+        };
+        for p in due {
+            let idle = self.nbrs.get_mut(&p).is_some_and(|n| {
+                n.greeted = true;
+                n.idle
+            });
             self.send(p, msg.clone());
+            // Our update for the round in progress, if it went out before this channel
+            // settled.
+            if let Some(u) = update.as_ref().filter(|_| !idle) {
+                self.send(p, u.clone());
+            }
         }
     }
 

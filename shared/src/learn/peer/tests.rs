@@ -35,7 +35,13 @@ fn running(round: u64) -> Peer {
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
-    drain(&mut p);
+    // It greets them once the channels have settled, and starts training.
+    p.tick(GREET_AFTER_MS);
+    let outs = drain(&mut p);
+    assert!(
+        outs.contains(&Output::Train { round, steps: 1 }),
+        "{outs:?}"
+    );
     p
 }
 
@@ -107,6 +113,11 @@ fn a_poisoned_model_answer_loses_to_the_answers_that_agree() {
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
+    assert!(
+        drain(&mut p).is_empty(),
+        "nothing is written to a channel that just opened"
+    );
+    p.tick(GREET_AFTER_MS);
     let outs = drain(&mut p);
     // While joining it tells its neighbours it does not contribute yet.
     let idle = PeerMessage::Status {
@@ -119,8 +130,7 @@ fn a_poisoned_model_answer_loses_to_the_answers_that_agree() {
             .count(),
         3
     );
-    p.tick(10.0);
-    let mut who = asked(&drain(&mut p));
+    let mut who = asked(&outs);
     who.sort_unstable();
     assert_eq!(
         who,
@@ -162,7 +172,7 @@ fn an_answer_with_an_outlying_round_is_dropped() {
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
-    p.tick(10.0);
+    p.tick(GREET_AFTER_MS);
     drain(&mut p);
     p.handle(msg(12, model(900_000, 0.3)), 20.0);
     p.handle(msg(10, model(10, 0.3)), 30.0);
@@ -271,8 +281,6 @@ fn a_lone_joiner_starts_from_the_seed_after_the_grace() {
 #[test]
 fn a_round_closes_when_every_contributor_sent_or_at_the_deadline() {
     let mut p = running(5);
-    p.tick(0.0);
-    assert!(drain(&mut p).contains(&Output::Train { round: 5, steps: 1 }));
     p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
     let sent = drain(&mut p);
     assert_eq!(
