@@ -136,7 +136,7 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
         "centered clipping {clipped} vs clean {clean}"
     );
     // The same criterion fails for the plain mean: what the robust rules pass is real.
-    // (Measured: clean 96.49%, trimmed 95.68%, clipped 95.51%, mean 95.33%.)
+    // (Measured on the one peer: clean 96.17%, trimmed 95.40%, mean 33.32%.)
     assert!(
         mean < clean - 0.01,
         "plain mean should degrade: {mean} vs clean {clean}"
