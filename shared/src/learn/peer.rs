@@ -48,6 +48,10 @@ pub const MODEL_WAIT_MS: f64 = 10_000.0;
 /// Neighbours asked for the model at once: with a task's usual 6 to 8 neighbours, a
 /// majority of those asked is honest whenever fewer than a third of the neighbours lie.
 pub const FETCH_ASK: usize = 5;
+/// Neighbours an observer asks each time: it holds a model already (the one of two
+/// answers nearer it wins), and every answer is a whole model a volunteer's page uploads
+/// every few seconds.
+pub const OBSERVE_ASK: usize = 2;
 /// Pause after a model download that found nothing to adopt.
 pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
@@ -545,10 +549,15 @@ impl Peer {
         }
     }
 
-    /// Starts a download from up to [`FETCH_ASK`] of `from`, drawn at random.
+    /// Starts a download from up to [`FETCH_ASK`] of `from` ([`OBSERVE_ASK`] for an
+    /// observer), drawn at random.
     fn start_fetch(&mut self, purpose: Purpose, mut from: Vec<PeerId>, now_ms: f64) {
         self.rng.shuffle(&mut from);
-        from.truncate(FETCH_ASK);
+        from.truncate(if purpose == Purpose::Observe {
+            OBSERVE_ASK
+        } else {
+            FETCH_ASK
+        });
         let req = PeerMessage::ModelRequest.encode();
         for &p in &from {
             self.send(p, req.clone());
@@ -678,6 +687,10 @@ impl Peer {
                 self.start_fetch(Purpose::Join, peers, now_ms);
             }
         }
+        // A tick that closes a round does not also train the next one: a driver paces its
+        // volunteer's CPU between ticks (the browser worker's duty cycle), and a tick that
+        // did both would never let it rest.
+        let mut closed = false;
         if let Phase::Waiting { since } = self.phase {
             // Done when every contributing neighbour's update for this round (or a later
             // one) is held; one that never sends is waited for until the deadline.
@@ -691,9 +704,10 @@ impl Peer {
                 && (self.nbrs.is_empty() || !self.contributors().is_empty());
             if all || now_ms - since >= f64::from(self.cfg.round_deadline_ms) {
                 self.close_round();
+                closed = true;
             }
         }
-        if self.phase == Phase::Ready {
+        if self.phase == Phase::Ready && !closed {
             if self.is_paused() {
                 self.progress.phase = "paused";
             } else {
