@@ -74,7 +74,17 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     else say('running', 'Contributing. Thank you!');
   }
 
+  // The progress rows, drawn at most once a frame and in place (the same elements, new
+  // text), so that progress costs the page next to nothing.
+  let pending = null;
+  const cells = new Map();
   function render(p) {
+    if (!pending) requestAnimationFrame(draw);
+    pending = p;
+  }
+  function draw() {
+    const p = pending;
+    pending = null;
     const acc = p.accuracy == null ? '–' : `${(p.accuracy * 100).toFixed(2)}%`;
     const rows = compact
       ? { round: p.round, 'samples/s': p.samples_per_s.toFixed(0), 'held-out accuracy': acc, peers: p.peers }
@@ -84,14 +94,19 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         loss: p.loss.toFixed(4), 'held-out accuracy': acc, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
       };
-    stats.replaceChildren(...Object.entries(rows).flatMap(([k, v]) => {
-      const dt = document.createElement('dt');
-      dt.textContent = k;
-      const dd = document.createElement('dd');
-      dd.textContent = String(v);
-      dd.dataset.key = k;
-      return [dt, dd];
-    }));
+    for (const [k, v] of Object.entries(rows)) {
+      let dd = cells.get(k);
+      if (!dd) {
+        const dt = document.createElement('dt');
+        dt.textContent = k;
+        dd = document.createElement('dd');
+        dd.dataset.key = k;
+        stats.append(dt, dd);
+        cells.set(k, dd);
+      }
+      const text = String(v);
+      if (dd.textContent !== text) dd.textContent = text;
+    }
   }
 
   function start() {

@@ -56,6 +56,7 @@ async function contribute(task, secret) {
   if (taskPaused !== null) peer.setPaused('task', taskPaused);
   post({ type: 'joined', key: peer.publicKey(), backend });
   let phase = '';
+  let shown = 0;
   while (peer) {
     const started = performance.now();
     const p = JSON.parse(await peer.tick());
@@ -65,7 +66,13 @@ async function contribute(task, secret) {
       post({ type: 'report', report: JSON.stringify(p.report) });
       delete p.report;
     }
-    post({ type: 'progress', progress: p });
+    // The page hears of every phase change and closed round, and otherwise at most four
+    // times a second: each message is a task on the visitor's main thread.
+    const now = performance.now();
+    if (p.closed || p.phase !== phase || now - shown >= 250) {
+      post({ type: 'progress', progress: p });
+      shown = now;
+    }
     const trained = p.phase === 'waiting' && phase !== 'waiting' && !p.closed;
     phase = p.phase;
     if (trained && duty < 1) await sleep(spent * (1 / duty - 1));

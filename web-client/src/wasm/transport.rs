@@ -42,6 +42,8 @@ struct Conn {
     queue: SendQueue,
     link: InboundLink,
     open: bool,
+    /// A zero-delay timer will pump this channel again (the last task's slice ran out).
+    pump_scheduled: bool,
     /// Local candidates gathered before this side's offer or answer was sent (`None`
     /// once it was): they must not reach the other side before the description does.
     held: Option<Vec<Signal>>,
@@ -673,6 +675,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
         queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
         link: InboundLink::new(MAX_MESSAGE, MAX_IN_FLIGHT),
         open: false,
+        pump_scheduled: false,
         held: Some(Vec::new()),
         _handlers: handlers,
     };
@@ -727,19 +730,44 @@ async fn set_remote(pc: &RtcPeerConnection, kind: RtcSdpType, sdp: &str) -> Resu
         .map(|_| ())
 }
 
-/// Sends queued frames while the channel has room; the buffered-amount-low event calls
-/// it again.
+/// Bytes one task hands to a channel before it yields: the page's main thread runs this,
+/// so an 875 KB model goes out over several short tasks instead of one long one (which
+/// the visitor would feel as a stutter).
+const PUMP_SLICE: usize = 192 << 10;
+
+/// Sends queued frames while the channel has room, at most `PUMP_SLICE` bytes per task;
+/// the buffered-amount-low event, or a zero-delay timer when the slice ran out first,
+/// calls it again.
 fn pump(shared: &Shared, peer: PeerId) {
     let mut inner = shared.borrow_mut();
     let Some(c) = inner.peers.get_mut(&peer) else {
         return;
     };
-    if !c.open || c.dc.ready_state() != RtcDataChannelState::Open {
+    if !c.open || c.dc.ready_state() != RtcDataChannelState::Open || c.pump_scheduled {
         return;
     }
-    while let Some(frame) = c.queue.next_frame(c.dc.buffered_amount() as usize) {
+    let mut sent = 0;
+    while sent < PUMP_SLICE {
+        let Some(frame) = c.queue.next_frame(c.dc.buffered_amount() as usize) else {
+            return;
+        };
         if c.dc.send_with_u8_array(&frame).is_err() {
-            break;
+            return;
         }
+        sent += frame.len();
     }
+    if c.queue.is_empty() {
+        return;
+    }
+    c.pump_scheduled = true;
+    let weak = Rc::downgrade(shared);
+    let again = Closure::once_into_js(move || {
+        if let Some(shared) = weak.upgrade() {
+            if let Some(c) = shared.borrow_mut().peers.get_mut(&peer) {
+                c.pump_scheduled = false;
+            }
+            pump(&shared, peer);
+        }
+    });
+    set_timeout(again.unchecked_ref(), 0);
 }
