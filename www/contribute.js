@@ -21,16 +21,25 @@ try {
 window.shoalProgress = [];
 
 // The visitor's identity: an ed25519 secret made once and kept in this browser, so that
-// contributions across visits are signed by the same key.
-function secret() {
-  let s = localStorage.getItem('shoal-identity');
-  if (!/^[0-9a-f]{64}$/.test(s ?? '')) {
-    const bytes = crypto.getRandomValues(new Uint8Array(32));
-    s = Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
-    localStorage.setItem('shoal-identity', s);
+// contributions across visits are signed by the same key. A browser may deny a frame on
+// another site its storage (third-party storage blocking): then the identity lasts for
+// this visit only, and the page says so, instead of failing to start.
+function identity() {
+  const fresh = () => Array.from(crypto.getRandomValues(new Uint8Array(32)), (b) => b.toString(16).padStart(2, '0')).join('');
+  try {
+    let s = localStorage.getItem('shoal-identity');
+    if (!/^[0-9a-f]{64}$/.test(s ?? '')) {
+      s = fresh();
+      localStorage.setItem('shoal-identity', s);
+    }
+    return { secret: s, lasting: true };
+  } catch {
+    return { secret: fresh(), lasting: false };
   }
-  return s;
 }
+
+// A start that has not reached the swarm after this long says so (it keeps trying).
+const SLOW_JOIN_MS = 60_000;
 
 const $ = (id) => document.getElementById(id);
 
@@ -66,12 +75,18 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
 
   const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
 
+  // The visitor is told "contributing" only once this device has trained: before that it
+  // is joining (downloading the task, the model, waiting for its first round).
+  let working = false;
+  let lasting = true;
   function applyPause() {
     worker.postMessage({ type: 'pause', paused: [...paused].some((r) => r !== 'task') });
     if (pauseButton) pauseButton.textContent = paused.has('button') ? 'Resume' : 'Pause';
-    if (!started) return;
+    if (!started || status.dataset.state === 'error') return;
+    const visit = lasting ? '' : ' This browser keeps no storage for Shoal here, so your identity lasts for this visit only.';
     if (paused.size) say('paused', `Paused: ${[...paused].map((r) => REASONS[r]).join(', ')}.`);
-    else say('running', 'Contributing. Thank you!');
+    else if (!working) say('joining', `Joining the swarm: downloading the task and the model…${visit}`);
+    else say('running', `Contributing. Thank you!${visit}`);
   }
 
   // The progress rows, drawn at most once a frame and in place (the same elements, new
@@ -91,7 +106,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       : {
         round: p.round, phase: p.phase, 'local steps': p.local_steps,
         'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
-        loss: p.loss.toFixed(4), 'held-out accuracy': acc, peers: p.peers,
+        loss: p.samples > 0 ? p.loss.toFixed(4) : '–', 'held-out accuracy': acc, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
       };
     for (const [k, v] of Object.entries(rows)) {
@@ -117,20 +132,31 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       consent.textContent = 'Joining the swarm…';
     }
     if (pauseButton) pauseButton.hidden = false;
-    say('joining', 'Downloading the task and joining the swarm…');
-    // `?backend=cpu` trains on the CPU even where WebGPU exists (slow software adapters).
-    const only = new URLSearchParams(location.search).get('backend');
-    worker.postMessage({ type: 'start', task, secret: secret(), backend: only === 'cpu' ? 'cpu' : null, duty });
-    applyPause();
-    relaySwarm(worker, task, {
-      onSignaling: (up) => {
-        if (up) {
-          if (status.dataset.state === 'offline') applyPause();
-        } else {
-          say('offline', 'Lost the connection to the Shoal server; reconnecting. Peers already connected keep training together.');
-        }
-      },
-    }).catch((e) => say('error', `Shoal could not join the swarm: ${e.message ?? e}`));
+    try {
+      const id = identity();
+      lasting = id.lasting;
+      // `?backend=cpu` trains on the CPU even where WebGPU exists (slow software adapters).
+      const only = new URLSearchParams(location.search).get('backend');
+      worker.postMessage({ type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty });
+      applyPause();
+      relaySwarm(worker, task, {
+        onSignaling: (up) => {
+          if (up) {
+            if (status.dataset.state === 'offline') applyPause();
+          } else if (status.dataset.state !== 'error') {
+            say('offline', 'Lost the connection to the Shoal server; reconnecting. Peers already connected keep training together.');
+          }
+        },
+      }).catch((e) => say('error', `Shoal could not join the swarm: ${e.message ?? e}`));
+    } catch (e) {
+      say('error', `Shoal could not start here: ${e.message ?? e}`);
+      return;
+    }
+    setTimeout(() => {
+      if (!working && status.dataset.state === 'joining') {
+        say('joining', 'Still joining after a minute: the task\'s data or the model is slow to arrive. Shoal keeps trying.');
+      }
+    }, SLOW_JOIN_MS);
   }
 
   worker.addEventListener('message', (event) => {
@@ -159,6 +185,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       const p = msg.progress;
       if (p.task_paused !== paused.has('task')) {
         if (p.task_paused) paused.add('task'); else paused.delete('task');
+        applyPause();
+      }
+      if (!working && p.samples > 0) {
+        working = true;
         applyPause();
       }
       if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, peers: p.peers, samples_per_s: p.samples_per_s });

@@ -22,8 +22,14 @@
   var accent = '#0a7d8c';
   var sides = position.split('-');
 
+  // Session storage may be denied (sandboxed or opaque-origin pages): then "No thanks"
+  // lasts until the page is left.
+  function declined() {
+    try { return sessionStorage.getItem('shoal-declined') === task; } catch (e) { return false; }
+  }
+
   function mount() {
-    if (sessionStorage.getItem('shoal-declined') === task) return;
+    if (declined()) return;
     var host = document.createElement('div');
     host.setAttribute('data-shoal-widget', task);
     host.style.cssText = 'position:fixed;z-index:2147483000;' + sides[0] + ':16px;' + sides[1] + ':16px;';
@@ -58,7 +64,7 @@
     document.body.append(host);
 
     no.addEventListener('click', function () {
-      sessionStorage.setItem('shoal-declined', task);
+      try { sessionStorage.setItem('shoal-declined', task); } catch (e) { /* see declined() */ }
       host.remove();
     });
     yes.addEventListener('click', function () {

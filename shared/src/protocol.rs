@@ -148,12 +148,22 @@ pub struct PeerReport {
     pub backend: String,
 }
 
+/// The largest count a report may carry (samples, bytes, updates): about 10^15, more
+/// than any peer reaches, and exact in a JavaScript number.
+pub const MAX_REPORT_COUNT: u64 = 1 << 50;
+/// The highest training throughput a report may claim, in samples per second.
+pub const MAX_REPORT_RATE: f32 = 1e7;
+
 impl PeerReport {
-    /// Checks every field; the error names the field.
+    /// Checks every field against what a real peer can report; the error names the
+    /// field. Reports are claims: these bounds keep one liar's numbers finite and its
+    /// reason names among the known ones, and the dashboard's medians do the rest.
     pub fn validate(&self) -> Result<(), String> {
         let finite = |x: f32| x.is_finite() && x >= 0.0;
-        if !finite(self.samples_per_s) || self.samples_per_s > 1e9 {
-            return Err("samples_per_s: must be finite, 0..1e9".into());
+        if !finite(self.samples_per_s) || self.samples_per_s > MAX_REPORT_RATE {
+            return Err(format!(
+                "samples_per_s: must be finite, 0..={MAX_REPORT_RATE}"
+            ));
         }
         if !finite(self.loss) || self.loss > 1e6 {
             return Err("loss: must be finite, 0..1e6".into());
@@ -161,14 +171,33 @@ impl PeerReport {
         if self.accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
             return Err("accuracy: must be within 0..=1".into());
         }
-        if self.rejected.len() > 16
-            || self.rejected.keys().any(|k| {
-                k.is_empty()
-                    || k.len() > 32
-                    || !k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-            })
-        {
-            return Err("rejected: at most 16 reasons of 1 to 32 of a-z and _".into());
+        if self.version >= crate::learn::wire::MAX_ROUND {
+            return Err(format!(
+                "version: must be below {}",
+                crate::learn::wire::MAX_ROUND
+            ));
+        }
+        for (name, v) in [
+            ("samples", self.samples),
+            ("bytes_up", self.bytes_up),
+            ("bytes_down", self.bytes_down),
+            ("used", self.used),
+        ] {
+            if v > MAX_REPORT_COUNT {
+                return Err(format!("{name}: at most {MAX_REPORT_COUNT}"));
+            }
+        }
+        if let Some((k, _)) = self.rejected.iter().find(|(k, v)| {
+            crate::learn::Rejection::from_name(k).is_none() || **v > MAX_REPORT_COUNT
+        }) {
+            let known: Vec<&str> = crate::learn::Rejection::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .collect();
+            return Err(format!(
+                "rejected: {k:.32?} is not a reason name ({}) or its count is above {MAX_REPORT_COUNT}",
+                known.join(", ")
+            ));
         }
         if self.backend.len() > 64 || self.backend.chars().any(char::is_control) {
             return Err("backend: at most 64 printable characters".into());
@@ -563,6 +592,50 @@ mod tests {
                 "rejected",
                 PeerReport {
                     rejected: [("Bad Key!".to_string(), 1)].into(),
+                    ..report.clone()
+                },
+            ),
+            // A name the dashboard would look up on an object's prototype.
+            (
+                "rejected",
+                PeerReport {
+                    rejected: [("constructor".to_string(), 5)].into(),
+                    ..report.clone()
+                },
+            ),
+            (
+                "rejected",
+                PeerReport {
+                    rejected: [("norm".to_string(), u64::MAX)].into(),
+                    ..report.clone()
+                },
+            ),
+            // The round that moved the dashboard's median to 1.8e19.
+            (
+                "version",
+                PeerReport {
+                    version: u64::MAX,
+                    ..report.clone()
+                },
+            ),
+            (
+                "samples_per_s",
+                PeerReport {
+                    samples_per_s: 6e9,
+                    ..report.clone()
+                },
+            ),
+            (
+                "samples",
+                PeerReport {
+                    samples: u64::MAX,
+                    ..report.clone()
+                },
+            ),
+            (
+                "bytes_down",
+                PeerReport {
+                    bytes_down: 1 << 60,
                     ..report.clone()
                 },
             ),

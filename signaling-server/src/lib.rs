@@ -117,8 +117,32 @@ pub fn app(config: &Config) -> App {
                 }),
         )
         .merge(files)
-        .layer(nosniff);
+        .layer(nosniff)
+        .layer(axum::middleware::from_fn(refuse_long_uris));
     App { router, hub }
+}
+
+/// The longest request target (path and query) served; no Shoal URL comes near it.
+pub const MAX_URI_BYTES: usize = 2048;
+
+/// Answers a request target longer than [`MAX_URI_BYTES`] with 414 before any handler
+/// (or the file system) sees it.
+async fn refuse_long_uris(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        return (
+            StatusCode::URI_TOO_LONG,
+            format!("request target of {len} bytes; the limit is {MAX_URI_BYTES}\n"),
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {

@@ -73,6 +73,10 @@ struct Args {
     /// Close connections silent (no pong either) for this many seconds.
     #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// Drop a peer whose writes do not complete within this many seconds (it stopped
+    /// reading).
+    #[arg(long, env = "SHOAL_WRITE_TIMEOUT", default_value_t = 10)]
+    write_timeout: u64,
     /// STUN URL handed to peers (repeatable).
     #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
     stun: Vec<String>,
@@ -138,6 +142,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tasks.push(task);
     }
+    if args.allowed_origins.is_empty() && !args.bind.is_loopback() {
+        tracing::warn!(
+            "no --allowed-origin: browsers may connect only from pages addressed by IP or as \
+             localhost; list the origin your visitors use (e.g. https://shoal.example.org)"
+        );
+    }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port))
         .await
         .with_context(|| format!("could not listen on {}:{}", args.bind, args.port))?;
@@ -174,6 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate_per_sec: args.rate,
         burst: args.burst,
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        write_timeout: Duration::from_secs(args.write_timeout.max(1)),
         ping_interval: Duration::from_secs((args.idle_timeout / 3).max(1)),
         ..Limits::default()
     };

@@ -28,13 +28,17 @@ pub struct Metrics {
 pub enum Disconnect {
     /// The peer closed it.
     Bye,
+    /// The connection broke without a close frame (reset, end of stream).
+    Gone,
     /// Nothing (not even a pong) came for the idle timeout.
     IdleTimeout,
     /// A write failed, or did not complete within the idle timeout (the peer stopped
     /// reading).
     SendFailed,
-    /// A frame past the hard size cap, or a websocket protocol violation.
+    /// A websocket protocol violation (bad framing, masking, opcodes).
     FrameError,
+    /// A text frame that is not UTF-8.
+    InvalidText,
     /// A message over the size limit.
     TooLarge,
     /// Too many rate-limit strikes.
@@ -45,11 +49,13 @@ pub enum Disconnect {
 
 impl Disconnect {
     /// Every reason, in `/metrics` order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Bye,
+        Self::Gone,
         Self::IdleTimeout,
         Self::SendFailed,
         Self::FrameError,
+        Self::InvalidText,
         Self::TooLarge,
         Self::RateLimit,
         Self::Shutdown,
@@ -59,26 +65,31 @@ impl Disconnect {
     pub fn label(self) -> &'static str {
         match self {
             Self::Bye => "bye",
+            Self::Gone => "gone",
             Self::IdleTimeout => "idle_timeout",
             Self::SendFailed => "send_failed",
             Self::FrameError => "frame_error",
+            Self::InvalidText => "invalid_text",
             Self::TooLarge => "too_large",
             Self::RateLimit => "rate_limit",
             Self::Shutdown => "shutdown",
         }
     }
 
-    /// The websocket close code and reason the peer is sent.
-    pub fn close_frame(self) -> (u16, &'static str) {
-        match self {
+    /// The websocket close code (RFC 6455 section 7.4.1) and reason the peer is sent;
+    /// `None` when there is nobody left to send it to.
+    pub fn close_frame(self) -> Option<(u16, &'static str)> {
+        Some(match self {
+            Self::Gone => return None,
             Self::Bye => (1000, "bye"),
             Self::IdleTimeout => (1001, "idle timeout"),
             Self::SendFailed => (1011, "send failed"),
-            Self::FrameError => (1009, "frame error"),
+            Self::FrameError => (1002, "protocol error"),
+            Self::InvalidText => (1007, "text is not UTF-8"),
             Self::TooLarge => (1009, "message too large"),
             Self::RateLimit => (1008, "rate limit"),
             Self::Shutdown => (1001, "server shutting down"),
-        }
+        })
     }
 }
 

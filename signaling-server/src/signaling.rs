@@ -46,6 +46,9 @@ pub struct Limits {
     pub strikes: u32,
     /// A connection that sends nothing (not even a pong) for this long is closed.
     pub idle_timeout: Duration,
+    /// A write (with its flush) to a peer that does not complete within this long drops
+    /// the peer: it stopped reading, and must not hold its task or its buffers.
+    pub write_timeout: Duration,
     /// How often the server pings.
     pub ping_interval: Duration,
     /// tungstenite's read buffer per connection, in bytes: every connection holds one,
@@ -67,6 +70,7 @@ impl Default for Limits {
             burst: 200.0,
             strikes: 20,
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
             read_buffer: 256,
             queue: 64,
@@ -341,23 +345,31 @@ impl Hub {
     }
 
     fn origin_allowed(&self, headers: &HeaderMap) -> bool {
-        let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        let Some(origin) = headers.get(header::ORIGIN) else {
             // Native peers send no Origin; browsers always do.
             return true;
         };
+        let Some(origin) = origin.to_str().ok().and_then(Origin::parse) else {
+            return false;
+        };
         let list = &self.config.allowed_origins;
-        if list.iter().any(|o| o == "*" || o == origin) {
-            return true;
+        if !list.is_empty() {
+            return list
+                .iter()
+                .any(|o| o == "*" || Origin::parse(o).is_some_and(|o| o == origin));
         }
-        if list.is_empty() {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("");
-            let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
-            return !host.is_empty() && origin_host == host;
-        }
-        false
+        // No allowlist: pages this server served, recognized by an Origin that names the
+        // host and port the request was sent to. The Host header is the page's own claim,
+        // so only hosts that no page can rebind to another address count: IP literals and
+        // `localhost` (a page on evil.example that resolves to this server sends Host and
+        // Origin evil.example, and is refused). A server reached by a domain name lists
+        // its origin with --allowed-origin.
+        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+            return false;
+        };
+        let scheme = origin.scheme.clone();
+        Origin::parse(&format!("{scheme}://{host}")).is_some_and(|h| h == origin)
+            && origin.host_cannot_rebind()
     }
 
     /// Adds a peer to a task and links it to up to k random peers.
@@ -499,6 +511,59 @@ impl Hub {
     }
 }
 
+/// A web origin (RFC 6454): scheme, host and port, compared after lowercasing and
+/// filling in the scheme's default port.
+#[derive(Debug, PartialEq, Eq)]
+struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    /// Parses `scheme://host[:port]` (an `Origin` header or an allowlist entry); `None`
+    /// for anything else, `null` included.
+    fn parse(text: &str) -> Option<Self> {
+        let (scheme, rest) = text.split_once("://")?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return None,
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (addr, after) = v6.split_once(']')?;
+            let port = match after {
+                "" => default,
+                p => p.strip_prefix(':')?.parse().ok()?,
+            };
+            (format!("[{addr}]"), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().ok()?),
+                None => (rest.to_string(), default),
+            }
+        };
+        let ok = !host.is_empty()
+            && host.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+            });
+        ok.then(|| Self {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// Whether no DNS answer can make this host name another address: an IP literal,
+    /// or `localhost` (which browsers resolve to loopback themselves).
+    fn host_cannot_rebind(&self) -> bool {
+        let bare = self.host.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<std::net::IpAddr>().is_ok() || self.host == "localhost"
+    }
+}
+
 /// Links `q` to one random peer other than itself and `avoid` that is not yet its
 /// neighbour and has room (fewer than 2k), if one is found in a few draws.
 fn relink(
@@ -575,6 +640,7 @@ pub async fn ws_handler(
     let config = WebSocketConfig::default()
         .read_buffer_size(limits.read_buffer)
         .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(hard_cap))
         .max_frame_size(Some(hard_cap));
     let (response, pending) = match upgrade::accept(&mut parts) {
@@ -607,7 +673,7 @@ async fn send(socket: &mut Socket, hub: &Hub, text: String) -> bool {
         .fetch_add(text.len() as u64, Ordering::Relaxed);
     write(
         socket,
-        hub.config.limits.idle_timeout,
+        hub.config.limits.write_timeout,
         Message::Text(text.into()),
     )
     .await
@@ -621,12 +687,19 @@ async fn write(socket: &mut Socket, within: Duration, message: Message) -> bool 
         .is_ok_and(|sent| sent.is_ok())
 }
 
+/// Bytes one batch of queued messages carries before its flush.
+const BATCH_BYTES: usize = 128 << 10;
+/// The most bytes tungstenite may hold for one connection waiting to be written: a batch,
+/// its last message, and the one pong it keeps (a peer that pings without reading gets
+/// its pongs replaced, not queued).
+const MAX_WRITE_BUFFER: usize = 256 << 10;
+
 /// Writes `first` and whatever else is already queued for this peer, then flushes once:
 /// under load one write system call carries many messages.
 async fn send_queued(socket: &mut Socket, hub: &Hub, first: String, outbox: &Outbox) -> bool {
-    // Bounded like `write`: a peer that stops reading is dropped after the idle timeout.
+    // Bounded like `write`: a peer that stops reading is dropped after the write timeout.
     tokio::time::timeout(
-        hub.config.limits.idle_timeout,
+        hub.config.limits.write_timeout,
         write_queued(socket, hub, first, outbox),
     )
     .await
@@ -637,6 +710,9 @@ async fn write_queued(socket: &mut Socket, hub: &Hub, first: String, outbox: &Ou
     let mut bytes = 0;
     let mut next = Some(first);
     for _ in 0..64 {
+        if bytes >= BATCH_BYTES {
+            break;
+        }
         let Some(text) = next.take().or_else(|| outbox.pop()) else {
             break;
         };
@@ -709,13 +785,13 @@ async fn connection(
             "server is at its connection limit".into(),
         )
         .await;
-        return close(socket, limits.idle_timeout, 1013, "server full").await;
+        return close(socket, limits.write_timeout, 1013, "server full").await;
     }
     if version != Some(VERSION) {
         let msg =
             format!("this server speaks protocol version {VERSION}; connect with ?v={VERSION}");
         refuse(&mut socket, &hub, ErrorCode::BadVersion, msg).await;
-        return close(socket, limits.idle_timeout, 1002, "bad version").await;
+        return close(socket, limits.write_timeout, 1002, "bad version").await;
     }
     let outbox = Arc::new(Outbox::new(limits.queue));
     let id = match hub.join(&task, Arc::clone(&outbox)) {
@@ -728,7 +804,7 @@ async fn connection(
                 format!("cannot join task {task:?}"),
             )
             .await;
-            return close(socket, limits.idle_timeout, 1008, "refused").await;
+            return close(socket, limits.write_timeout, 1008, "refused").await;
         }
     };
     let welcome = encode(&ServerMessage::Welcome {
@@ -777,26 +853,43 @@ async fn connection(
                     if last_seen.elapsed() > limits.idle_timeout {
                         break Disconnect::IdleTimeout;
                     }
-                    if !Box::pin(write(&mut socket, limits.idle_timeout, Message::Ping(Vec::new().into()))).await {
+                    if !Box::pin(write(&mut socket, limits.write_timeout, Message::Ping(Vec::new().into()))).await {
                         break Disconnect::SendFailed;
                     }
                 }
                 msg = socket.next() => {
                     let now = Instant::now();
                     last_seen = now;
+                    let msg = match msg {
+                        Some(Ok(Message::Close(_))) => break Disconnect::Bye,
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => break broken(&hub, &e),
+                        None => break Disconnect::Gone,
+                    };
+                    // Every frame costs a token, pings and pongs too: a peer that pings
+                    // without reading would otherwise pile up pongs at no cost to itself.
+                    tokens = (tokens + now.duration_since(refilled).as_secs_f64() * limits.rate_per_sec).min(limits.burst);
+                    refilled = now;
+                    if tokens < 1.0 {
+                        strikes += 1;
+                        if strikes >= limits.strikes {
+                            hub.metrics.reject(ErrorCode::RateLimited);
+                            break Disconnect::RateLimit;
+                        }
+                        if !refuse(&mut socket, &hub, ErrorCode::RateLimited, format!("more than {} messages per second", limits.rate_per_sec)).await {
+                            break Disconnect::SendFailed;
+                        }
+                        continue;
+                    }
+                    tokens -= 1.0;
                     let text = match msg {
-                        Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(Message::Binary(_))) => {
+                        Message::Text(t) => t,
+                        Message::Binary(_) => {
                             refuse(&mut socket, &hub, ErrorCode::Binary, "binary frames are not part of the protocol".into()).await;
                             continue;
                         }
-                        Some(Ok(Message::Close(_))) | None => break Disconnect::Bye,
-                        Some(Ok(_)) => continue,
-                        Some(Err(_)) => {
-                            // Past the hard size cap, or a protocol violation.
-                            hub.metrics.reject(ErrorCode::TooLarge);
-                            break Disconnect::FrameError;
-                        }
+                        // Pings (answered by the codec) and pongs.
+                        _ => continue,
                     };
                     hub.metrics.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
                     if text.len() > limits.max_message_bytes {
@@ -804,17 +897,6 @@ async fn connection(
                         refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
                         break Disconnect::TooLarge;
                     }
-                    tokens = (tokens + now.duration_since(refilled).as_secs_f64() * limits.rate_per_sec).min(limits.burst);
-                    refilled = now;
-                    if tokens < 1.0 {
-                        strikes += 1;
-                        refuse(&mut socket, &hub, ErrorCode::RateLimited, format!("more than {} messages per second", limits.rate_per_sec)).await;
-                        if strikes >= limits.strikes {
-                            break Disconnect::RateLimit;
-                        }
-                        continue;
-                    }
-                    tokens -= 1.0;
                     let not_neighbour = |to: PeerId| move |c| (c, format!("{to} is not your neighbour"));
                     if let Some(s) = decode_signal(&text) {
                         if let Err(e) = hub.relay(&task, id, s.to, s.signal).map_err(not_neighbour(s.to)) {
@@ -846,6 +928,27 @@ async fn connection(
     };
     hub.leave(&task, id);
     hub.metrics.disconnected(reason);
-    let (code, text) = reason.close_frame();
-    close(socket, limits.idle_timeout, code, text).await;
+    if let Some((code, text)) = reason.close_frame() {
+        close(socket, limits.write_timeout, code, text).await;
+    }
+}
+
+/// Why a read failed, as a disconnect reason.
+fn broken(hub: &Hub, e: &tokio_tungstenite::tungstenite::Error) -> Disconnect {
+    use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    match e {
+        Error::Capacity(_) => {
+            // Past the hard size cap: the codec refused it without buffering it.
+            hub.metrics.reject(ErrorCode::TooLarge);
+            Disconnect::TooLarge
+        }
+        Error::Utf8(_) => Disconnect::InvalidText,
+        Error::Io(_)
+        | Error::ConnectionClosed
+        | Error::AlreadyClosed
+        | Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Disconnect::Gone,
+        Error::WriteBufferFull(_) => Disconnect::SendFailed,
+        _ => Disconnect::FrameError,
+    }
 }

@@ -336,6 +336,183 @@ async fn origins_off_the_allowlist_are_refused() {
     req.headers_mut()
         .insert("origin", "http://other.example".parse().expect("header"));
     assert!(connect_async(req).await.is_err());
+    // DNS rebinding: a page on a name its owner points at this server sends a Host and
+    // an Origin that agree. A name is not this server's to vouch for: refused.
+    let port = s2.addr.port();
+    let here = s2.addr.to_string();
+    let cases = [
+        (
+            s2.addr,
+            format!("evil.example:{port}"),
+            format!("http://evil.example:{port}"),
+            403,
+        ),
+        (
+            s2.addr,
+            format!("localhost:{port}"),
+            format!("http://localhost:{port}"),
+            101,
+        ),
+        // The same host on another port is another origin.
+        (
+            s2.addr,
+            here.clone(),
+            format!("http://127.0.0.1:{}", port ^ 1),
+            403,
+        ),
+        (s2.addr, here.clone(), format!("https://{here}"), 101),
+        // Allowlist entries match by scheme, host and port, whatever their spelling.
+        (
+            s.addr,
+            s.addr.to_string(),
+            "HTTPS://Good.Example:443".into(),
+            101,
+        ),
+        (
+            s.addr,
+            s.addr.to_string(),
+            "https://good.example:8443".into(),
+            403,
+        ),
+    ];
+    for (addr, host, origin, status) in cases {
+        let answer = http_raw(
+            addr,
+            &format!(
+                "GET /ws/digits?v=1 HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n\
+                 Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "Host {host}, Origin {origin}: {answer}"
+        );
+    }
+}
+
+/// How many peer connections `/metrics` says ended for `reason`.
+async fn disconnects(s: &Server, reason: &str) -> u64 {
+    let metrics = http_get(s.addr, "/metrics").await;
+    let series = format!("shoal_disconnects_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+}
+
+/// Whether the server's open connections fall to `n` within 5 s.
+async fn open_connections_fall_to(s: &Server, n: usize) -> bool {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while s.hub.connections() > n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Sends `request` as written and reads the answer's head (the connection may stay
+/// open after a 101, so this reads what comes within a moment).
+async fn http_raw(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+        .await
+        .expect("an answer")
+        .expect("read");
+    String::from_utf8_lossy(&out[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn a_ping_flood_is_rate_limited_like_any_message() {
+    let s = start(config()).await;
+    let (mut a, _) = join(&s).await;
+    // Pings as fast as the socket takes them, never reading: every ping is answered with
+    // a pong, and pongs that nobody reads used to pile up in the server's write buffer
+    // (1.4-2 GB in 10 s). Pings count against the rate limit like any other message.
+    let flood = std::time::Instant::now();
+    let mut sent = 0;
+    while flood.elapsed() < Duration::from_secs(3) {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            a.send(Message::Ping(vec![7u8; 125].into())),
+        )
+        .await
+        {
+            Ok(Ok(())) => sent += 1,
+            _ => break,
+        }
+    }
+    assert!(
+        open_connections_fall_to(&s, 0).await,
+        "the flooding connection is still open after {sent} pings"
+    );
+    assert_eq!(disconnects(&s, "rate_limit").await, 1);
+}
+
+#[tokio::test]
+async fn close_codes_say_why_and_vanished_peers_are_counted_as_gone() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, coding::CloseCode};
+    let s = start(config()).await;
+    // Why did the server close? Read until its close frame.
+    async fn close_code(ws: &mut Ws) -> Option<CloseCode> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code),
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
+    }
+    // A text frame that is not UTF-8: 1007.
+    let (mut a, _) = join(&s).await;
+    let frame = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
+    a.send(Message::Frame(frame)).await.expect("send");
+    assert_eq!(close_code(&mut a).await, Some(CloseCode::Invalid));
+    // Larger than the limit: 1009.
+    let (mut b, _) = join(&s).await;
+    send(&mut b, json!({"type": "report", "pad": "x".repeat(20_000)})).await;
+    assert_eq!(close_code(&mut b).await, Some(CloseCode::Size));
+    // A protocol violation (a reserved opcode): 1002.
+    let (mut c, _) = join(&s).await;
+    let frame = Frame::message(vec![1, 2, 3], OpCode::Data(Data::Reserved(3)), true);
+    let _ = c.send(Message::Frame(frame)).await;
+    assert_eq!(close_code(&mut c).await, Some(CloseCode::Protocol));
+    // A peer whose connection just breaks (no close frame) is `gone`, not an error.
+    let (d, _) = join(&s).await;
+    drop(d);
+    assert!(
+        open_connections_fall_to(&s, 0).await,
+        "every connection ended"
+    );
+    for reason in ["invalid_text", "too_large", "frame_error", "gone"] {
+        assert_eq!(disconnects(&s, reason).await, 1, "{reason}");
+    }
+}
+
+#[tokio::test]
+async fn long_request_targets_get_414_not_an_error() {
+    let s = start(config()).await;
+    for len in [8 << 10, 64 << 10] {
+        let path = format!("/{}", "a".repeat(len));
+        let answer = http_get(s.addr, &path).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 414"),
+            "{len}: {}",
+            &answer[..answer.len().min(200)]
+        );
+    }
+    assert!(
+        http_get(s.addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
 }
 
 #[tokio::test]
@@ -350,11 +527,7 @@ async fn silent_connections_time_out() {
     // Never read: pings go unanswered (tungstenite answers them only while reading).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(s.hub.connections(), 0, "idle connection was not closed");
-    let metrics = http_get(s.addr, "/metrics").await;
-    assert!(
-        metrics.contains("shoal_disconnects_total{reason=\"idle_timeout\"} 1"),
-        "{metrics}"
-    );
+    assert_eq!(disconnects(&s, "idle_timeout").await, 1);
     drop(ws);
 }
 
@@ -362,6 +535,7 @@ async fn silent_connections_time_out() {
 async fn a_peer_that_stops_reading_is_dropped_and_its_neighbour_told() {
     let limits = Limits {
         idle_timeout: Duration::from_millis(1000),
+        write_timeout: Duration::from_millis(1000),
         ping_interval: Duration::from_millis(250),
         rate_per_sec: 1e6,
         burst: 1e6,
@@ -377,24 +551,17 @@ async fn a_peer_that_stops_reading_is_dropped_and_its_neighbour_told() {
     for _ in 0..3000 {
         send(&mut b, big.clone()).await;
     }
-    // Its writes time out after the idle timeout: it is dropped and its neighbour (which
+    // Its writes time out after the write timeout: it is dropped and its neighbour (which
     // reads, and so answers pings) hears that it left.
     let left = tokio::time::timeout(Duration::from_secs(10), until(&mut b, "left"))
         .await
         .expect("the peer that stopped reading is dropped");
     assert_eq!(left["peer"], id_stuck.as_str());
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while s.hub.connections() > 1 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the stuck connection is closed");
-    let metrics = http_get(s.addr, "/metrics").await;
     assert!(
-        metrics.contains("shoal_disconnects_total{reason=\"send_failed\"} 1"),
-        "{metrics}"
+        open_connections_fall_to(&s, 1).await,
+        "the stuck connection is closed"
     );
+    assert_eq!(disconnects(&s, "send_failed").await, 1);
     drop(stuck);
 }
 
@@ -602,6 +769,20 @@ async fn reports_reach_the_swarm_view_and_bad_ones_are_refused() {
         e["message"].as_str().expect("text").contains("accuracy"),
         "{e}"
     );
+    // What fake peers sent the dashboard: a round near 2^64, six billion samples a
+    // second, and a reason named after an Object prototype property.
+    for (field, lie, named) in [
+        ("version", json!(u64::MAX), "version"),
+        ("samples_per_s", json!(6e9), "samples_per_s"),
+        ("rejected", json!({"constructor": 5}), "not a reason name"),
+    ] {
+        let mut liar = report(8, 0.9);
+        liar["report"][field] = lie;
+        send(&mut b, liar).await;
+        let e = until(&mut b, "error").await;
+        let message = e["message"].as_str().expect("text");
+        assert!(message.contains(named), "{field}: {e}");
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let body = http_get(s.addr, "/api/tasks/digits/swarm").await;
     let json: Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body"))

@@ -6,13 +6,11 @@
 // screenshots land in target/e2e/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import http from 'node:http';
-import { once } from 'node:events';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser } from './harness.mjs';
+import { startSites, startServer, visitorPage, withoutWebGpu } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const shots = join(root, 'target/e2e');
@@ -24,47 +22,18 @@ let host;
 let hostUrl;
 let browser;
 
+let sites;
 before(async () => {
   mkdirSync(shots, { recursive: true });
-  server = await startServer(['--admin-token', TOKEN]);
   // The site that embeds Shoal: another origin (another port), serving one article.
-  const page = readFileSync(join(root, 'examples/embed-host/index.html'), 'utf8').replaceAll('{{SHOAL}}', server.url);
-  host = http.createServer((req, res) => {
-    res.writeHead(req.url === '/' ? 200 : 404, { 'content-type': 'text/html; charset=utf-8' });
-    res.end(req.url === '/' ? page : 'not found');
-  });
-  host.listen(0, '127.0.0.1');
-  await once(host, 'listening');
+  sites = await startSites(['--admin-token', TOKEN]);
+  ({ server, host, browser } = sites);
   hostUrl = `http://127.0.0.1:${host.address().port}/`;
-  browser = await launchBrowser();
 });
 
-after(async () => {
-  await browser?.close();
-  host?.close();
-  assert.equal(await server?.stop(), 0);
-});
+after(async () => assert.equal(await sites?.stop(), 0));
 
-// Each visitor is a context of its own. The media permission is what Chromium wants
-// before it gathers loopback ICE candidates (a test-harness need: Shoal never asks for
-// media); granted for every origin, it covers the widget's cross-origin frame too.
-async function newPage() {
-  const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
-  await context.grantPermissions(['microphone', 'camera']);
-  const page = await context.newPage();
-  page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
-  return page;
-}
-
-// A visitor without WebGPU: the worker's navigator has no `gpu` (the CPU backend, and
-// the page's words for it).
-async function withoutWebGpu(page) {
-  await page.route('**/worker.js', async (route) => {
-    const res = await route.fetch();
-    const body = `Object.defineProperty(WorkerNavigator.prototype, 'gpu', { get: () => undefined });\n${await res.text()}`;
-    await route.fulfill({ response: res, body });
-  });
-}
+const newPage = () => visitorPage(browser);
 
 async function pngIsReal(path, minBytes) {
   const png = readFileSync(path);

@@ -3,6 +3,8 @@
 // namespace whose only interface is loopback.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import http from 'node:http';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -56,6 +58,57 @@ export async function launchBrowser() {
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
     headless: true,
     args: CHROMIUM_ARGS,
+  });
+}
+
+/** Serves the demo article that embeds Shoal (`examples/embed-host`), its script tag
+ *  pointing at `shoalUrl`, on a free loopback port; resolves to the HTTP server. */
+export async function startEmbedHost(shoalUrl) {
+  const page = readFileSync(join(root, 'examples/embed-host/index.html'), 'utf8').replaceAll('{{SHOAL}}', shoalUrl);
+  const host = http.createServer((req, res) => {
+    res.writeHead(req.url === '/' ? 200 : 404, { 'content-type': 'text/html; charset=utf-8' });
+    res.end(req.url === '/' ? page : 'not found');
+  });
+  host.listen(0, '127.0.0.1');
+  await once(host, 'listening');
+  return host;
+}
+
+/** A Shoal server, the demo site that embeds it and a browser; `stop()` ends all three
+ *  and resolves to the server's exit code. */
+export async function startSites(serverArgs = []) {
+  const server = await startServer(serverArgs);
+  const host = await startEmbedHost(server.url);
+  const browser = await launchBrowser();
+  return {
+    server, host, browser,
+    async stop() {
+      await browser.close();
+      host.close();
+      return server.stop();
+    },
+  };
+}
+
+/** A visitor: a browser context of its own (1200x900) with the media permission that
+ *  Chromium wants before it gathers loopback ICE candidates (a test-harness need: Shoal
+ *  never asks for media), granted for every origin so that it covers the widget's
+ *  cross-origin frame too. Page errors are logged. */
+export async function visitorPage(browser) {
+  const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
+  await context.grantPermissions(['microphone', 'camera']);
+  const page = await context.newPage();
+  page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
+  return page;
+}
+
+/** A visitor without WebGPU: the worker's navigator has no `gpu` (the CPU backend, and
+ *  the page's words for it). */
+export async function withoutWebGpu(page) {
+  await page.route('**/worker.js', async (route) => {
+    const res = await route.fetch();
+    const body = `Object.defineProperty(WorkerNavigator.prototype, 'gpu', { get: () => undefined });\n${await res.text()}`;
+    await route.fulfill({ response: res, body });
   });
 }
 

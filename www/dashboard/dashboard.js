@@ -64,6 +64,18 @@ function drawModel() {
   }
 }
 
+// Reports are claims by peers, some of which may lie. The round shown is the median
+// peer's; in the totals no peer counts for more than OUTLIER times the median peer, and
+// the table marks those that claim more.
+const OUTLIER = 10;
+const median = (xs) => {
+  if (!xs.length) return null;
+  const sorted = [...xs].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
+};
+const capAt = (xs) => OUTLIER * Math.max(median(xs) ?? 0, 1);
+const num = (v) => (Number.isFinite(v) && v >= 0 ? v : 0);
+
 function drawSwarm(view) {
   const fresh = (p) => p.report && p.report_age_s < 30;
   // Contributors are the peers that reported as trainers; the others are joining (or
@@ -71,12 +83,27 @@ function drawSwarm(view) {
   const trainers = view.peers.filter((p) => p.report?.role === 'trainer');
   const observers = new Set(view.peers.filter((p) => p.report?.role === 'observer').map((p) => p.id));
   state.peers = trainers;
-  const rate = trainers.filter(fresh).reduce((s, p) => s + (p.report.paused ? 0 : p.report.samples_per_s), 0);
-  const bytes = trainers.reduce((s, p) => s + (p.report ? p.report.bytes_up + p.report.bytes_down : 0), 0);
-  const rejected = {};
-  for (const p of trainers) for (const [k, v] of Object.entries(p.report?.rejected ?? {})) rejected[k] = (rejected[k] ?? 0) + v;
-  const versions = trainers.filter((p) => p.report).map((p) => p.report.version).sort((a, b) => a - b);
-  state.round = versions.length ? versions[Math.floor(versions.length / 2)] : null;
+  const reporting = trainers.filter((p) => p.report);
+  const rateOf = (p) => (fresh(p) && !p.report.paused ? num(p.report.samples_per_s) : 0);
+  const bytesOf = (p) => num(p.report.bytes_up) + num(p.report.bytes_down);
+  const samplesOf = (p) => num(p.report.samples);
+  const caps = {
+    rate: capAt(reporting.filter((p) => rateOf(p) > 0).map(rateOf)),
+    bytes: capAt(reporting.map(bytesOf)),
+    samples: capAt(reporting.map(samplesOf)),
+  };
+  const outliers = new Set(reporting
+    .filter((p) => rateOf(p) > caps.rate || bytesOf(p) > caps.bytes || samplesOf(p) > caps.samples)
+    .map((p) => p.id));
+  state.outliers = [...outliers];
+  const rate = reporting.reduce((s, p) => s + Math.min(rateOf(p), caps.rate), 0);
+  const bytes = reporting.reduce((s, p) => s + Math.min(bytesOf(p), caps.bytes), 0);
+  // Reason names are text from peers: a Map, never an object's keys.
+  const rejected = new Map();
+  for (const p of reporting) {
+    for (const [k, v] of Object.entries(p.report.rejected ?? {})) rejected.set(k, (rejected.get(k) ?? 0) + num(v));
+  }
+  state.round = median(reporting.map((p) => num(p.report.version)));
   const t = (performance.now() - state.started) / 1000;
   state.rate.push([Math.round(t), Math.round(rate)]);
   if (state.rate.length > 600) state.rate.shift();
@@ -86,7 +113,7 @@ function drawSwarm(view) {
   $('n-round').textContent = state.round == null ? '–' : String(state.round);
   $('n-rate').textContent = rate.toFixed(0);
   $('n-bytes').textContent = fmtBytes(bytes);
-  $('n-rejected').textContent = String(Object.values(rejected).reduce((a, b) => a + b, 0));
+  $('n-rejected').textContent = String([...rejected.values()].reduce((a, b) => a + b, 0));
 
   lineChart($('chart-rate'), [{ name: 'samples/s, all peers', points: state.rate }],
     { xLabel: 'seconds since this page opened', yLabel: 'samples/s', yMin: 0 });
@@ -95,20 +122,22 @@ function drawSwarm(view) {
       id: p.id, label: short(p.id), kind: observers.has(p.id) ? 'observer' : (p.report?.paused ? 'paused' : 'trainer'),
     })),
     view.peers.flatMap((p) => p.neighbours.map((n) => [p.id, n])));
-  barChart($('chart-peer-rate'), trainers.map((p) => ({ label: short(p.id), value: fresh(p) ? p.report.samples_per_s : 0 })),
+  barChart($('chart-peer-rate'), trainers.map((p) => ({ label: short(p.id), value: p.report ? Math.min(rateOf(p), caps.rate) : 0 })),
     { yLabel: 'samples/s', empty: 'no reports yet', format: (v) => v.toFixed(0) });
-  barChart($('chart-contrib'), trainers.map((p) => ({ label: short(p.id), value: p.report?.samples ?? 0, color: COLORS[4] })),
+  barChart($('chart-contrib'), trainers.map((p) => ({ label: short(p.id), value: p.report ? Math.min(samplesOf(p), caps.samples) : 0, color: COLORS[4] })),
     { yLabel: 'samples', empty: 'no reports yet', format: (v) => (v >= 1000 ? `${(v / 1000).toFixed(0)}k` : String(v)) });
-  barChart($('chart-rejected'), Object.entries(rejected).map(([k, v]) => ({ label: k, value: v, color: COLORS[3] })),
+  barChart($('chart-rejected'), [...rejected].map(([k, v]) => ({ label: k, value: v, color: COLORS[3] })),
     { yLabel: 'updates', empty: 'no update rejected', format: (v) => v.toFixed(0) });
 
   $('peers').tBodies[0].replaceChildren(...trainers.map((p) => {
     const r = p.report;
     const cells = r
       ? [short(p.id), r.backend, r.version, r.samples_per_s.toFixed(0), r.samples, r.loss.toFixed(3),
-        r.accuracy == null ? '–' : pct(r.accuracy), fmtBytes(r.bytes_up), fmtBytes(r.bytes_down), r.paused ? 'paused' : 'training']
+        r.accuracy == null ? '–' : pct(r.accuracy), fmtBytes(r.bytes_up), fmtBytes(r.bytes_down),
+        outliers.has(p.id) ? `outlier (claims over ${OUTLIER}x the median peer)` : (r.paused ? 'paused' : 'training')]
       : [short(p.id), '–', '–', '–', '–', '–', '–', '–', '–', 'joining'];
     const tr = document.createElement('tr');
+    if (outliers.has(p.id)) tr.dataset.outlier = 'true';
     for (const c of cells) {
       const td = document.createElement('td');
       td.textContent = String(c);

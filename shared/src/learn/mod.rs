@@ -251,6 +251,31 @@ impl From<&WireError> for Rejection {
 }
 
 impl Rejection {
+    /// Every reason.
+    pub const ALL: [Self; 16] = [
+        Self::Malformed,
+        Self::BadSignature,
+        Self::Replay,
+        Self::Stale,
+        Self::Shape,
+        Self::NonFinite,
+        Self::Norm,
+        Self::Own,
+        Self::Unasked,
+        Self::KeyChanged,
+        Self::KeyInUse,
+        Self::ImplausibleRound,
+        Self::RoundOutlier,
+        Self::NoQuorum,
+        Self::RequestRate,
+        Self::MixRepeat,
+    ];
+
+    /// The reason named `name` ([`Rejection::as_str`]), if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     /// The reason's name in metrics and on the dashboard.
     pub fn as_str(self) -> &'static str {
         match self {

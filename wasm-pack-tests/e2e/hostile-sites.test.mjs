@@ -1,0 +1,114 @@
+// Shoal on sites it does not control, and against peers that lie to the dashboard: the
+// widget embedded by a page on another site (localhost versus 127.0.0.1: another site,
+// not only another port) in a browser that denies the widget's frame its storage, and
+// the dashboard fed reports by a peer that claims absurd numbers.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startSites, visitorPage, withoutWebGpu } from './harness.mjs';
+
+let server;
+let host;
+let browser;
+let sites;
+before(async () => {
+  sites = await startSites();
+  ({ server, host, browser } = sites);
+});
+
+after(async () => assert.equal(await sites?.stop(), 0));
+
+const newPage = () => visitorPage(browser);
+
+test('the widget on another site trains even where the browser denies its frame storage', async () => {
+  // A neighbour to train with: a contributor page on Shoal's own site.
+  const neighbour = await newPage();
+  await neighbour.goto(`${server.url}/?backend=cpu`);
+  await neighbour.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await neighbour.click('#consent');
+
+  const reader = await newPage();
+  // What Chromium does to a cross-site frame when third-party storage is blocked: any
+  // touch of localStorage throws. And this reader has no WebGPU (the CPU backend).
+  await reader.route('**/embed.html*', async (route) => {
+    const res = await route.fetch();
+    const deny = `<script>Object.defineProperty(window, 'localStorage', { get() {
+      throw new DOMException("Failed to read the 'localStorage' property from 'Window': Access is denied for this document.", 'SecurityError'); } });</script>`;
+    await route.fulfill({ response: res, body: (await res.text()).replace('<head>', `<head>${deny}`) });
+  });
+  await withoutWebGpu(reader);
+  const port = host.address().port;
+  await reader.goto(`http://localhost:${port}/`);
+  await reader.locator('[data-shoal-widget="digits"]').getByRole('button', { name: 'Contribute' }).click();
+  const frame = reader.frameLocator('iframe[title="Shoal contributor"]');
+  await frame.locator('#status').waitFor({ timeout: 30_000 });
+  const frameUrl = new URL(await reader.locator('iframe[title="Shoal contributor"]').getAttribute('src'));
+  assert.equal(new URL(reader.url()).hostname, 'localhost', 'the host page is on localhost');
+  assert.equal(frameUrl.hostname, '127.0.0.1', 'and the widget on another site');
+  const denied = await reader.frames().find((f) => f.url().includes('/embed.html'))
+    .evaluate(() => { try { localStorage.length; return false; } catch { return true; } });
+  assert.ok(denied, 'the frame has no storage');
+
+  // It joins, says the identity lasts this visit only, and the rounds advance.
+  const status = frame.locator('#status');
+  await frame.locator('#status[data-state="running"]').waitFor({ timeout: 120_000 });
+  assert.match(await status.textContent(), /this visit only/);
+  const round = frame.locator('#stats [data-key="round"]');
+  const first = Number(await round.textContent());
+  // The frame is cross-origin to the host page: read it through Playwright.
+  const deadline = Date.now() + 120_000;
+  while (Number(await round.textContent()) < first + 2) {
+    assert.ok(Date.now() < deadline, `rounds advance in the widget (still ${await round.textContent()})`);
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}`);
+  await reader.context().close();
+  await neighbour.context().close();
+});
+
+test('a peer that lies in its reports cannot inflate the dashboard', async () => {
+  const dash = await newPage();
+  await dash.goto(`${server.url}/dashboard/`);
+  // Three peers from a page on Shoal's site (so that the origin check lets them in): two
+  // report honest numbers, one claims a round near 2^40, 9 million samples a second,
+  // 10^15 samples and as many bytes; all within what the server accepts.
+  const peers = await newPage();
+  await peers.goto(`${server.url}/healthz`);
+  const sent = await peers.evaluate(async (ws) => {
+    const report = (version, rate, samples, bytes) => ({
+      type: 'report',
+      report: { role: 'trainer', version, samples, samples_per_s: rate, loss: 0.3, accuracy: 0.9,
+        bytes_up: bytes, bytes_down: bytes, used: 3, rejected: { norm: 1 }, paused: false, backend: 'cpu' },
+    });
+    const reports = [report(12, 200, 5000, 1e6), report(12, 220, 5200, 1.1e6), report(2 ** 40 - 1, 9e6, 2 ** 50, 2 ** 50)];
+    window.sockets = [];
+    const errors = [];
+    for (const r of reports) {
+      const s = new WebSocket(ws);
+      window.sockets.push(s);
+      await new Promise((resolve) => s.addEventListener('open', resolve));
+      s.addEventListener('message', (e) => { const m = JSON.parse(e.data); if (m.type === 'error') errors.push(m); });
+      s.send(JSON.stringify(r));
+    }
+    await new Promise((r) => setTimeout(r, 500));
+    return errors;
+  }, server.ws);
+  assert.deepEqual(sent, [], 'the server accepts all three reports');
+  const seen = await dash.waitForFunction(() => {
+    const s = window.shoalDashboard;
+    return s.peers.filter((p) => p.report).length >= 3 ? {
+      round: s.round,
+      rate: Number(document.getElementById('n-rate').textContent),
+      rejected: document.getElementById('n-rejected').textContent,
+      outliers: s.outliers.length,
+      marked: document.querySelectorAll('#peers tr[data-outlier]').length,
+    } : false;
+  }, null, { timeout: 30_000, polling: 250 }).then((h) => h.jsonValue());
+  console.log(`dashboard with one liar: ${JSON.stringify(seen)}`);
+  assert.equal(seen.round, 12, 'the round is the median peer\'s');
+  assert.ok(seen.rate >= 420 && seen.rate <= 420 + 10 * 220, `the liar's rate counts at most 10x the median: ${seen.rate}`);
+  assert.equal(seen.rejected, '3', 'rejections are counted per known reason');
+  assert.equal(seen.outliers, 1, 'one peer is an outlier');
+  assert.equal(seen.marked, 1, 'and its row says so');
+  await peers.context().close();
+  await dash.context().close();
+});
