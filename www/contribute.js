@@ -97,6 +97,15 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     if (!pending) requestAnimationFrame(draw);
     pending = p;
   }
+  // Data exchanged per hour, measured since this device started training.
+  let since = null;
+  function perHour(p) {
+    if (p.samples === 0) return '–';
+    since ??= { t: performance.now(), bytes: p.bytes_up + p.bytes_down };
+    const hours = (performance.now() - since.t) / 3.6e6;
+    return hours < 1 / 360 ? '–' : `${fmtBytes((p.bytes_up + p.bytes_down - since.bytes) / hours)}`;
+  }
+
   function draw() {
     const p = pending;
     pending = null;
@@ -108,6 +117,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
         loss: p.samples > 0 ? p.loss.toFixed(4) : '–', 'held-out accuracy': acc, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
+        'data per hour': perHour(p),
       };
     for (const [k, v] of Object.entries(rows)) {
       let dd = cells.get(k);
@@ -172,8 +182,11 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       } else {
         show('cpu', 'No WebGPU in this browser: Shoal will train on your CPU instead.', r.reason);
       }
-      if (new URLSearchParams(location.search).get('backend') === 'cpu' && detail) {
-        detail.textContent += ' This page was opened with ?backend=cpu: training runs on the CPU.';
+      // The headline says where training runs: on the CPU when the page asks for it,
+      // whatever adapter exists.
+      if (new URLSearchParams(location.search).get('backend') === 'cpu' && r.backend === 'gpu') {
+        const found = r.check === 'ok' ? `WebGPU adapter found (${r.adapter.description}), ` : '';
+        show('cpu', 'Training on your CPU.', `${found}but this page was opened with ?backend=cpu.`);
       }
       probed = true;
       if (consent) consent.disabled = !description;
@@ -211,8 +224,9 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       const c = d.cost;
       cost.textContent = `Joining downloads ${fmtBytes(c.download_bytes)} of training data once. `
         + `Each round your device runs ${c.local_steps_per_round} training steps of ${c.batch} samples on a model of `
-        + `${c.parameters.toLocaleString('en')} parameters, then sends about ${fmtBytes(c.bytes_per_round)} of compressed `
-        + 'updates to a few other visitors and receives as much. Use the throttle to train less often.';
+        + `${c.parameters.toLocaleString('en')} parameters, then sends up to ${fmtBytes(c.bytes_per_round)} of compressed `
+        + `updates to up to ${c.max_neighbours} other visitors and receives as much; the page shows the data per hour `
+        + 'once it runs. Use the throttle to train less often.';
     }
     if (consent) consent.disabled = !probed;
     if (autoStart) start();

@@ -7,6 +7,9 @@
 // data-throttle (25, 50, 100: share of the time spent training), data-theme (light, dark).
 (function () {
   'use strict';
+  // What contributing to each task costs; the Shoal server writes it in when it serves
+  // this file (served from elsewhere, the card states the cost in general terms).
+  var COSTS = {};
   var me = document.currentScript;
   if (!me || !me.src) return;
   var origin = new URL(me.src).origin;
@@ -39,15 +42,19 @@
     card.setAttribute('role', 'dialog');
     card.setAttribute('aria-label', 'Shoal: help train a model');
     card.style.cssText = 'font:14px/1.4 system-ui,sans-serif;color:' + fg + ';background:' + bg +
-      ';border:1px solid ' + accent + ';border-radius:10px;padding:12px 14px;width:280px;' +
+      ';border:1px solid ' + accent + ';border-radius:10px;padding:12px 14px;width:280px;max-width:calc(100vw - 60px);' +
       'box-shadow:0 4px 16px rgba(0,0,0,.18)';
     var title = document.createElement('strong');
     title.textContent = 'Help train an AI model';
     var text = document.createElement('p');
     text.style.margin = '6px 0 10px';
+    var cost = COSTS[task];
+    var mb = function (n) { return (n / 1e6).toFixed(n < 1e7 ? 1 : 0) + ' MB'; };
     text.textContent = 'While you read, your browser can train a small model together with other ' +
-      'visitors (about ' + throttle + '% of the time, paused when the tab is hidden). Nothing ' +
-      'about you or this page is shared.';
+      'visitors (about ' + throttle + '% of the time, paused when the tab is hidden). ' +
+      (cost ? 'It downloads ' + mb(cost.download_bytes) + ' once, then sends and receives up to ' +
+        mb(cost.bytes_per_round) + ' per training round. ' : 'It downloads the training data once, then exchanges small updates. ') +
+      'Nothing about you or this page is shared.';
     var more = document.createElement('a');
     more.href = origin + '/?task=' + task;
     more.target = '_blank';

@@ -304,6 +304,8 @@ pub enum ErrorCode {
     TaskFull,
     /// The server has its maximum number of connections.
     ServerFull,
+    /// The task has its maximum number of peers from the sender's network address.
+    AddressFull,
     /// No such task.
     UnknownTask,
     /// The client asked for a protocol version the server does not speak.
@@ -326,6 +328,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::TaskFull => "task_full",
             Self::ServerFull => "server_full",
+            Self::AddressFull => "address_full",
             Self::UnknownTask => "unknown_task",
             Self::BadVersion => "bad_version",
             Self::Binary => "binary",
@@ -334,7 +337,7 @@ impl ErrorCode {
     }
 
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         Self::Malformed,
         Self::UnknownType,
         Self::NotNeighbour,
@@ -342,6 +345,7 @@ impl ErrorCode {
         Self::RateLimited,
         Self::TaskFull,
         Self::ServerFull,
+        Self::AddressFull,
         Self::UnknownTask,
         Self::BadVersion,
         Self::Binary,

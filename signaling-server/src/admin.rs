@@ -15,8 +15,8 @@ use serde_json::json;
 
 use crate::signaling::Hub;
 
-/// Most peers listed in one swarm view.
-const VIEW_LIMIT: usize = 2_000;
+/// Most peers listed in one swarm view (about 300 KB); `total` says how many there are.
+const VIEW_LIMIT: usize = 256;
 
 /// Shared by the admin routes.
 #[derive(Clone)]
@@ -94,8 +94,18 @@ pub async fn pause(
         }
         other => return refuse(StatusCode::NOT_FOUND, &format!("no action {other:?}")),
     };
-    if !s.hub.set_paused(&task, paused) {
-        return unknown(&task);
+    match s.hub.set_paused(&task, paused) {
+        Ok(true) => {}
+        Ok(false) => return unknown(&task),
+        Err(e) => {
+            tracing::error!(task, paused, "could not save the task state: {e}");
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!(
+                    "the peers were told, but the state could not be saved for a restart: {e}"
+                ),
+            );
+        }
     }
     tracing::info!(task, paused, "task state changed by the admin");
     Json(json!({ "ok": true, "paused": paused })).into_response()

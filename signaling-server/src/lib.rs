@@ -8,12 +8,14 @@
 //! peers exchange those directly.
 
 pub mod admin;
+pub mod http;
 pub mod ice;
 pub mod metrics;
+pub mod precompress;
 pub mod signaling;
+pub mod state;
 mod upgrade;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::set_header::{SetResponseHeader, SetResponseHeaderLayer};
 
+pub use http::HttpLimits;
 pub use signaling::{Hub, Limits, SignalingConfig};
 
 /// Everything the server needs to know at start.
@@ -44,6 +47,11 @@ pub struct Config {
     pub tasks: Vec<TaskSpec>,
     /// The token the researcher's control actions need; `None` refuses them all.
     pub admin_token: Option<String>,
+    /// Bounds on every TCP connection.
+    pub http: HttpLimits,
+    /// Where the researcher's pauses are kept across restarts ([`state`]); `None` keeps
+    /// them in memory only.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Reads a task file and validates it, its data files included (paths relative to
@@ -62,6 +70,8 @@ pub struct App {
     pub router: Router,
     /// The signaling state (for shutdown, metrics and tests).
     pub hub: Arc<Hub>,
+    /// Bounds on every TCP connection.
+    pub http: HttpLimits,
 }
 
 /// Builds the application: `/ws/{task}`, `/api/tasks/{task}`, `/metrics`, `/healthz`,
@@ -69,7 +79,20 @@ pub struct App {
 pub fn app(config: &Config) -> App {
     // Peers may join exactly the tasks that are described (and validated).
     let names: Vec<String> = config.tasks.iter().map(|t| t.name.clone()).collect();
-    let hub = Hub::new(config.signaling.clone(), &names);
+    let paused = match &config.state_file {
+        Some(path) => state::load_paused(path).unwrap_or_else(|e| {
+            // `main` checks the file before it gets here; this is a file changed since.
+            tracing::error!("{e}: starting with every task running");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
+    let hub = Hub::new(
+        config.signaling.clone(),
+        &names,
+        &paused,
+        config.state_file.clone(),
+    );
     // Bundle file names carry no content hash, so browsers must revalidate every time
     // (cheap: ServeDir answers conditional requests with 304).
     let revalidate = SetResponseHeaderLayer::overriding(
@@ -88,8 +111,25 @@ pub fn app(config: &Config) -> App {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("frame-ancestors 'self'"),
     );
-    let files = Router::new()
-        .nest_service("/data", ServeDir::new(&config.data))
+    let embed: Router = match embed_script(config) {
+        Some(script) => Router::new().route(
+            "/embed.js",
+            get(move || {
+                let script = script.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                        script,
+                    )
+                }
+            }),
+        ),
+        None => Router::new(),
+    };
+    let files = embed
+        // The data's `.gz` siblings, written once at start (`precompress`), go to
+        // clients that accept gzip: downloads cost no compression.
+        .nest_service("/data", ServeDir::new(&config.data).precompressed_gzip())
         .route_service("/embed.html", ServeFile::new(config.www.join("embed.html")))
         .fallback_service(site)
         .layer(revalidate)
@@ -105,6 +145,7 @@ pub fn app(config: &Config) -> App {
                 .with_state((
                     Arc::new(config.tasks.clone()),
                     Arc::new(config.data.clone()),
+                    2 * config.signaling.neighbours,
                 )),
         )
         .merge(
@@ -119,7 +160,11 @@ pub fn app(config: &Config) -> App {
         .merge(files)
         .layer(nosniff)
         .layer(axum::middleware::from_fn(refuse_long_uris));
-    App { router, hub }
+    App {
+        router,
+        hub,
+        http: config.http.clone(),
+    }
 }
 
 /// The longest request target (path and query) served; no Shoal URL comes near it.
@@ -156,10 +201,11 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     )
 }
 
-/// What a peer needs to know to train on a task: the task as its file describes it, and
-/// the URLs of its data files in the order `TaskSpec::datasets` takes them.
+/// What a peer needs to know to train on a task: the task as its file describes it, the
+/// URLs of its data files in the order `TaskSpec::datasets` takes them, and what
+/// contributing costs.
 async fn task_description(
-    State((tasks, data)): State<(Arc<Vec<TaskSpec>>, Arc<PathBuf>)>,
+    State((tasks, data, max_neighbours)): State<(Arc<Vec<TaskSpec>>, Arc<PathBuf>, usize)>,
     Path(name): Path<String>,
 ) -> impl IntoResponse {
     let Some(task) = tasks.iter().find(|t| t.name == name) else {
@@ -168,64 +214,85 @@ async fn task_description(
             Json(serde_json::json!({ "error": format!("no task {name:?}") })),
         );
     };
-    let paths: Vec<&str> = std::iter::once(&task.data.train)
-        .chain(task.data.test.as_ref())
-        .flat_map(|f| f.paths())
-        .collect();
-    let download: u64 = paths
+    let files: Vec<String> = task_paths(task)
         .iter()
-        .filter_map(|p| std::fs::metadata(data.join(p)).ok())
-        .map(|m| m.len())
-        .sum();
-    let files: Vec<String> = paths.iter().map(|p| format!("/data/{p}")).collect();
-    // What contributing costs, for the consent text.
-    let params = Model::new(task.model.clone()).map_or(0, |m| m.param_len());
-    let update = task.learn.compression.approx_bytes(params);
+        .map(|p| format!("/data/{p}"))
+        .collect();
     (
         StatusCode::OK,
         Json(serde_json::json!({
             "task": task,
             "files": files,
-            "cost": {
-                "parameters": params,
-                "download_bytes": download,
-                "update_bytes": update,
-                "bytes_per_round": update * task.learn.neighbours,
-                "local_steps_per_round": task.learn.local_steps,
-                "batch": task.train.batch,
-            },
+            "cost": cost(task, &data, max_neighbours),
         })),
     )
 }
 
+/// The task's data files, relative to the data folder, in the order peers read them.
+fn task_paths(task: &TaskSpec) -> Vec<&str> {
+    std::iter::once(&task.data.train)
+        .chain(task.data.test.as_ref())
+        .flat_map(|f| f.paths())
+        .collect()
+}
+
+/// What contributing to `task` costs a visitor, for consent texts: a peer sends its
+/// update to each neighbour, and holds up to `max_neighbours` (2k) of them.
+fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde_json::Value {
+    let download: u64 = task_paths(task)
+        .iter()
+        .filter_map(|p| std::fs::metadata(data.join(p)).ok())
+        .map(|m| m.len())
+        .sum();
+    let params = Model::new(task.model.clone()).map_or(0, |m| m.param_len());
+    let update = task.learn.compression.approx_bytes(params);
+    serde_json::json!({
+        "parameters": params,
+        "download_bytes": download,
+        "update_bytes": update,
+        "max_neighbours": max_neighbours,
+        "bytes_per_round": update * max_neighbours,
+        "local_steps_per_round": task.learn.local_steps,
+        "batch": task.train.batch,
+    })
+}
+
+/// The embed script with every task's cost written into it (its `var COSTS = {};`), so
+/// that the consent card can state the cost before the visitor agrees to anything, and
+/// without a second request. `None` if the file cannot be read.
+fn embed_script(config: &Config) -> Option<String> {
+    let text = std::fs::read_to_string(config.www.join("embed.js")).ok()?;
+    let max_neighbours = 2 * config.signaling.neighbours;
+    let costs: serde_json::Map<String, serde_json::Value> = config
+        .tasks
+        .iter()
+        .map(|t| {
+            let c = cost(t, &config.data, max_neighbours);
+            let brief = serde_json::json!({
+                "download_bytes": c["download_bytes"],
+                "bytes_per_round": c["bytes_per_round"],
+            });
+            (t.name.clone(), brief)
+        })
+        .collect();
+    let json = serde_json::Value::Object(costs).to_string();
+    // JSON in a script: no `</script>` or comment tricks can come from task names (they
+    // are a-z, 0-9 and -), and `<` is escaped anyway.
+    Some(text.replacen(
+        "var COSTS = {};",
+        &format!("var COSTS = {};", json.replace('<', "\\u003c")),
+        1,
+    ))
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves; then tells every websocket to
-/// close, finishes in-flight requests (for at most `grace`) and returns.
+/// close, finishes in-flight requests (for at most `grace`) and returns. Every
+/// connection is held to `app.http`'s bounds.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: App,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let hub = Arc::clone(&app.hub);
-    let server = axum::serve(
-        listener,
-        app.router
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        hub.shut_down();
-        let _ = done_tx.send(());
-    });
-    tokio::select! {
-        r = server => r,
-        () = async {
-            let _ = done_rx.await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!("connections still open after {grace:?}; closing them");
-            Ok(())
-        }
-    }
+    http::serve(listener, app.router, app.hub, app.http, shutdown, grace).await
 }

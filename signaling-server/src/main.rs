@@ -12,8 +12,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use shoal_shared::task::TaskSpec;
+use shoal_signaling_server::http::raise_open_file_limit;
 use shoal_signaling_server::ice::IceConfig;
-use shoal_signaling_server::{Config, Limits, SignalingConfig, app, load_task, serve};
+use shoal_signaling_server::precompress::precompress;
+use shoal_signaling_server::{Config, HttpLimits, Limits, SignalingConfig, app, load_task, serve};
 
 /// Shoal's signaling server: introduces peers, serves the pages and the task.
 #[derive(Parser, Debug)]
@@ -77,6 +79,24 @@ struct Args {
     /// reading).
     #[arg(long, env = "SHOAL_WRITE_TIMEOUT", default_value_t = 10)]
     write_timeout: u64,
+    /// Most TCP connections open at once, websockets and downloads included (default:
+    /// the open-file limit, raised to its hard maximum at start, less 64). Past it a
+    /// connection is answered 503 and closed.
+    #[arg(long, env = "SHOAL_MAX_TCP_CONNECTIONS")]
+    max_tcp_connections: Option<usize>,
+    /// Close a connection whose request head (or next request, kept alive) does not
+    /// arrive within this many seconds.
+    #[arg(long, env = "SHOAL_HEADER_TIMEOUT", default_value_t = 10)]
+    header_timeout: u64,
+    /// Most peers in one task from one network address (IPv4 address or IPv6 /64); 0
+    /// for no cap. Behind a reverse proxy every peer has the proxy's address: raise it
+    /// or set 0 there.
+    #[arg(long, env = "SHOAL_MAX_PEERS_PER_ADDRESS", default_value_t = 32)]
+    max_peers_per_address: usize,
+    /// The file where the researcher's pauses are kept across restarts (written
+    /// atomically on every change).
+    #[arg(long, env = "SHOAL_STATE_FILE", default_value = "shoal-state.json")]
+    state_file: PathBuf,
     /// STUN URL handed to peers (repeatable).
     #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
     stun: Vec<String>,
@@ -148,6 +168,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
              localhost; list the origin your visitors use (e.g. https://shoal.example.org)"
         );
     }
+    // Data downloads cost no compression: the files are compressed once, here.
+    let written = precompress(&args.data);
+    if written > 0 {
+        tracing::info!("compressed {written} static file(s) once for gzip downloads");
+    }
+    // A state file that cannot be read stops the start: guessing would undo a pause.
+    let paused = shoal_signaling_server::state::load_paused(&args.state_file)
+        .map_err(|e| anyhow::anyhow!("the state file: {e}"))?;
+    for task in &paused {
+        if !tasks.iter().any(|t| &t.name == task) {
+            tracing::warn!("the state file pauses {task:?}, which no task file describes");
+        }
+    }
     let listener = tokio::net::TcpListener::bind((args.bind, args.port))
         .await
         .with_context(|| format!("could not listen on {}:{}", args.bind, args.port))?;
@@ -185,6 +218,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         burst: args.burst,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         write_timeout: Duration::from_secs(args.write_timeout.max(1)),
+        max_peers_per_address: args.max_peers_per_address,
         ping_interval: Duration::from_secs((args.idle_timeout / 3).max(1)),
         ..Limits::default()
     };
@@ -200,12 +234,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
         allowed_origins: args.allowed_origins,
         ice,
     };
+    // Every connection is a file descriptor; keep 64 for everything else.
+    let files = raise_open_file_limit();
+    let fd_cap = files.map_or(usize::MAX, |n| {
+        usize::try_from(n.saturating_sub(64)).unwrap_or(usize::MAX)
+    });
+    let max_tcp = args.max_tcp_connections.unwrap_or(fd_cap).min(fd_cap);
+    if max_tcp == 0 {
+        anyhow::bail!("the open-file limit ({files:?}) leaves no room for connections");
+    }
+    if args.max_tcp_connections.is_some_and(|n| n > fd_cap) {
+        tracing::warn!(
+            "--max-tcp-connections lowered to {max_tcp}: the open-file limit is {files:?}"
+        );
+    }
+    let http = HttpLimits {
+        header_read_timeout: Duration::from_secs(args.header_timeout.max(1)),
+        write_stall_timeout: Duration::from_secs(args.write_timeout.max(1)),
+        max_connections: max_tcp,
+    };
     let config = Config {
         www: args.www,
         data: args.data,
         signaling,
         tasks,
         admin_token: args.admin_token,
+        http,
+        state_file: Some(args.state_file),
     };
     serve(
         listener,

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Connections accepted since start.
     pub connections_total: AtomicU64,
+    /// TCP connections refused at the connection cap.
+    pub refused_connections: AtomicU64,
     rejected: [AtomicU64; ErrorCode::ALL.len()],
     disconnects: [AtomicU64; Disconnect::ALL.len()],
 }
@@ -122,7 +124,7 @@ impl Metrics {
         for (task, n) in peers {
             let _ = writeln!(s, "shoal_peers_online{{task=\"{}\"}} {n}", escape(task));
         }
-        let simple: [(&str, &str, &str, u64); 6] = [
+        let simple: [(&str, &str, &str, u64); 7] = [
             (
                 "shoal_connections",
                 "gauge",
@@ -134,6 +136,12 @@ impl Metrics {
                 "counter",
                 "Websocket connections accepted.",
                 self.connections_total.load(Relaxed),
+            ),
+            (
+                "shoal_connections_refused_total",
+                "counter",
+                "TCP connections refused at the connection cap.",
+                self.refused_connections.load(Relaxed),
             ),
             (
                 "shoal_messages_relayed_total",

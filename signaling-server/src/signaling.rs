@@ -58,6 +58,12 @@ pub struct Limits {
     pub read_buffer: usize,
     /// Outgoing messages queued per connection before new ones are dropped.
     pub queue: usize,
+    /// Most peers in one task from one network address (an IPv4 address or an IPv6
+    /// /64); 0 for no cap (a server behind a proxy sees one address for everyone).
+    pub max_peers_per_address: usize,
+    /// A peer that has sent nothing this long after joining (no signal, no report) is
+    /// not given to newcomers as a neighbour: it is dead or pretending.
+    pub quiet_after: Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +80,8 @@ impl Default for Limits {
             ping_interval: Duration::from_secs(20),
             read_buffer: 256,
             queue: 64,
+            max_peers_per_address: 32,
+            quiet_after: Duration::from_secs(10),
         }
     }
 }
@@ -162,6 +170,12 @@ struct Peer {
     /// The peer's latest numbers for the dashboard (boxed: most idle connections never
     /// send one, and the slot costs them a pointer).
     report: Option<Box<(Instant, PeerReport)>>,
+    /// The network it connects from ([`address_group`]).
+    group: u128,
+    /// When it joined.
+    joined: Instant,
+    /// Whether it has sent anything since (a live peer signals its neighbours at once).
+    spoke: bool,
 }
 
 #[derive(Default)]
@@ -169,6 +183,8 @@ struct Task {
     peers: HashMap<PeerId, Peer>,
     /// Every peer id, for O(1) random draws.
     ids: Vec<PeerId>,
+    /// Peers per network address.
+    per_group: HashMap<u128, usize>,
     /// Paused by the researcher.
     paused: bool,
 }
@@ -196,7 +212,9 @@ pub struct SwarmView {
     pub task: String,
     /// Paused by the researcher.
     pub paused: bool,
-    /// Every peer online.
+    /// Peers online.
+    pub total: usize,
+    /// Up to the view's limit of them.
     pub peers: Vec<PeerView>,
 }
 
@@ -204,6 +222,12 @@ impl Task {
     /// Removes a peer, keeping `ids` dense (the last id moves into the freed slot).
     fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let gone = self.peers.remove(&id)?;
+        if let Some(n) = self.per_group.get_mut(&gone.group) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_group.remove(&gone.group);
+            }
+        }
         self.ids.swap_remove(gone.slot);
         if let Some(&moved) = self.ids.get(gone.slot)
             && let Some(p) = self.peers.get_mut(&moved)
@@ -227,6 +251,10 @@ pub struct Hub {
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     shutdown: watch::Sender<bool>,
+    /// Where the paused tasks are saved, if anywhere.
+    state_file: Option<std::path::PathBuf>,
+    /// Held while a state change is saved.
+    saving: Mutex<()>,
 }
 
 fn encode(m: &ServerMessage) -> String {
@@ -235,12 +263,27 @@ fn encode(m: &ServerMessage) -> String {
 }
 
 impl Hub {
-    /// A hub for `config`, where peers may join the tasks named `tasks`.
-    pub fn new(config: SignalingConfig, tasks: &[String]) -> Arc<Self> {
+    /// A hub for `config`, where peers may join the tasks named `tasks`; those named in
+    /// `paused` start paused, and changes are saved to `state_file` when there is one.
+    pub fn new(
+        config: SignalingConfig,
+        tasks: &[String],
+        paused: &[String],
+        state_file: Option<std::path::PathBuf>,
+    ) -> Arc<Self> {
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        let tasks = tasks.iter().map(|t| (t.clone(), Task::default())).collect();
+        let tasks = tasks
+            .iter()
+            .map(|t| {
+                let task = Task {
+                    paused: paused.contains(t),
+                    ..Task::default()
+                };
+                (t.clone(), task)
+            })
+            .collect();
         Arc::new(Self {
             config,
             state: Mutex::new(HubState {
@@ -250,6 +293,8 @@ impl Hub {
             connections: AtomicUsize::new(0),
             metrics: Metrics::default(),
             shutdown: watch::channel(false).0,
+            state_file,
+            saving: Mutex::new(()),
         })
     }
 
@@ -305,24 +350,45 @@ impl Hub {
         Some(SwarmView {
             task: task.to_string(),
             paused: t.paused,
+            total: t.ids.len(),
             peers,
         })
     }
 
-    /// Pauses or resumes a task and tells every peer. `false` for an unknown task.
-    pub fn set_paused(&self, task: &str, paused: bool) -> bool {
-        let mut st = self.lock();
-        let Some(t) = st.tasks.get_mut(task) else {
-            return false;
-        };
-        if t.paused != paused {
-            t.paused = paused;
-            let m = ServerMessage::TaskState { paused };
-            for &id in &t.ids {
-                notify(t, id, &m, &self.metrics);
+    /// Pauses or resumes a task and tells every peer. `Ok(false)` for an unknown task;
+    /// with a state file, the new state is saved before this returns (an error if it
+    /// could not be: the change holds until the server stops, not across a restart).
+    pub fn set_paused(&self, task: &str, paused: bool) -> std::io::Result<bool> {
+        // One change at a time is saved, so the file ends with the last one.
+        let _saving = self
+            .saving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let all_paused = {
+            let mut st = self.lock();
+            let Some(t) = st.tasks.get_mut(task) else {
+                return Ok(false);
+            };
+            if t.paused != paused {
+                t.paused = paused;
+                let m = ServerMessage::TaskState { paused };
+                for &id in &t.ids {
+                    notify(t, id, &m, &self.metrics);
+                }
             }
+            let mut names: Vec<String> = st
+                .tasks
+                .iter()
+                .filter(|(_, t)| t.paused)
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.sort();
+            names
+        };
+        if let Some(path) = &self.state_file {
+            crate::state::save_paused(path, &all_paused)?;
         }
-        true
+        Ok(true)
     }
 
     fn store_report(&self, task: &str, id: PeerId, report: PeerReport) -> Result<(), String> {
@@ -332,6 +398,15 @@ impl Hub {
             p.report = Some(Box::new((Instant::now(), report)));
         }
         Ok(())
+    }
+
+    /// Notes that a peer has sent something: it is live, and may be given to newcomers
+    /// as a neighbour after `quiet_after`.
+    fn spoke(&self, task: &str, id: PeerId) {
+        let mut st = self.lock();
+        if let Some(p) = st.tasks.get_mut(task).and_then(|t| t.peers.get_mut(&id)) {
+            p.spoke = true;
+        }
     }
 
     /// The current neighbours of `peer` in `task` (for tests and diagnostics).
@@ -372,14 +447,20 @@ impl Hub {
             && origin.host_cannot_rebind()
     }
 
-    /// Adds a peer to a task and links it to up to k random peers.
-    fn join(&self, task: &str, tx: Arc<Outbox>) -> Result<PeerId, ErrorCode> {
+    /// Adds a peer from network `group` to a task and links it to up to k random peers
+    /// (see [`choose_neighbours`]).
+    fn join(&self, task: &str, tx: Arc<Outbox>, group: u128) -> Result<PeerId, ErrorCode> {
         let k = self.config.neighbours;
+        let limits = &self.config.limits;
         let mut guard = self.lock();
         let st = &mut *guard;
         let t = st.tasks.get_mut(task).ok_or(ErrorCode::UnknownTask)?;
-        if t.peers.len() >= self.config.limits.max_peers_per_task {
+        if t.peers.len() >= limits.max_peers_per_task {
             return Err(ErrorCode::TaskFull);
+        }
+        let from_group = t.per_group.get(&group).copied().unwrap_or(0);
+        if limits.max_peers_per_address > 0 && from_group >= limits.max_peers_per_address {
+            return Err(ErrorCode::AddressFull);
         }
         let id = loop {
             let id = PeerId(st.rng.next_u64());
@@ -387,16 +468,7 @@ impl Hub {
                 break id;
             }
         };
-        let mut chosen = BTreeSet::new();
-        for _ in 0..8 * k.max(1) {
-            if chosen.len() >= k || t.ids.is_empty() {
-                break;
-            }
-            let cand = t.ids[st.rng.below(t.ids.len())];
-            if t.peers[&cand].neighbours.len() < 2 * k {
-                chosen.insert(cand);
-            }
-        }
+        let chosen = choose_neighbours(t, &mut st.rng, k, limits.quiet_after);
         t.ids.push(id);
         t.peers.insert(
             id,
@@ -405,16 +477,16 @@ impl Hub {
                 neighbours: BTreeSet::new(),
                 slot: t.ids.len() - 1,
                 report: None,
+                group,
+                joined: Instant::now(),
+                spoke: false,
             },
         );
-        if t.paused {
-            notify(
-                t,
-                id,
-                &ServerMessage::TaskState { paused: true },
-                &self.metrics,
-            );
-        }
+        *t.per_group.entry(group).or_default() += 1;
+        // Every newcomer hears the task's state, running or paused: a peer that was
+        // paused before a server restart learns that it may train again.
+        let paused = t.paused;
+        notify(t, id, &ServerMessage::TaskState { paused }, &self.metrics);
         for &c in &chosen {
             link(t, id, c);
             notify(t, c, &ServerMessage::Joined { peer: id }, &self.metrics);
@@ -446,7 +518,15 @@ impl Hub {
             qp.neighbours.remove(&id);
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
             if t.peers[&q].neighbours.len() < k {
-                relink(t, &mut st.rng, q, id, k, &self.metrics);
+                relink(
+                    t,
+                    &mut st.rng,
+                    q,
+                    id,
+                    k,
+                    self.config.limits.quiet_after,
+                    &self.metrics,
+                );
             }
             send_neighbours(t, q, &self.metrics);
         }
@@ -473,7 +553,15 @@ impl Hub {
         }
         for (q, avoid) in [(from, to), (to, from)] {
             if t.peers.get(&q).is_some_and(|p| p.neighbours.len() < k) {
-                relink(t, &mut st.rng, q, avoid, k, &self.metrics);
+                relink(
+                    t,
+                    &mut st.rng,
+                    q,
+                    avoid,
+                    k,
+                    self.config.limits.quiet_after,
+                    &self.metrics,
+                );
             }
             send_neighbours(t, q, &self.metrics);
         }
@@ -564,6 +652,55 @@ impl Origin {
     }
 }
 
+/// Up to `k` random neighbours for a newcomer to `t`: peers with room (fewer than 2k
+/// neighbours) that are live (they have sent something, or joined less than
+/// `quiet_after` ago). First at most a third of `k` from any one network address, so
+/// that one client with many peers cannot surround a newcomer; then, if slots are left
+/// (few addresses in the task), from any.
+fn choose_neighbours(
+    t: &Task,
+    rng: &mut SplitMix64,
+    k: usize,
+    quiet_after: Duration,
+) -> BTreeSet<PeerId> {
+    let mut chosen = BTreeSet::new();
+    if t.ids.is_empty() {
+        return chosen;
+    }
+    let per_group_cap = (k / 3).max(1);
+    let mut per_group: HashMap<u128, usize> = HashMap::new();
+    // Capped draws are many (a few peers of other addresses among a crowd must not be
+    // missed by chance); the fill draws are the usual few.
+    for (capped, draws) in [(true, 32 * k.max(1)), (false, 8 * k.max(1))] {
+        for _ in 0..draws {
+            if chosen.len() >= k {
+                return chosen;
+            }
+            let cand = t.ids[rng.below(t.ids.len())];
+            let p = &t.peers[&cand];
+            let live = p.spoke || p.joined.elapsed() < quiet_after;
+            let room = p.neighbours.len() < 2 * k;
+            let crowded = capped && per_group.get(&p.group).is_some_and(|&n| n >= per_group_cap);
+            if live && room && !crowded && chosen.insert(cand) {
+                *per_group.entry(p.group).or_default() += 1;
+            }
+        }
+    }
+    chosen
+}
+
+/// The network a peer connects from, for the per-address cap and neighbour choice: its
+/// IPv4 address, or the /64 prefix of its IPv6 address (one subscriber's network).
+pub(crate) fn address_group(ip: std::net::IpAddr) -> u128 {
+    match ip {
+        std::net::IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => u128::from(v4.to_ipv6_mapped()),
+            None => u128::from(a) & !((1u128 << 64) - 1),
+        },
+    }
+}
+
 /// Links `q` to one random peer other than itself and `avoid` that is not yet its
 /// neighbour and has room (fewer than 2k), if one is found in a few draws.
 fn relink(
@@ -572,12 +709,19 @@ fn relink(
     q: PeerId,
     avoid: PeerId,
     k: usize,
+    quiet_after: Duration,
     metrics: &Metrics,
 ) {
     for _ in 0..8 * k.max(1) {
         let r = t.ids[rng.below(t.ids.len())];
         let rp = &t.peers[&r];
-        if r != q && r != avoid && !rp.neighbours.contains(&q) && rp.neighbours.len() < 2 * k {
+        let live = rp.spoke || rp.joined.elapsed() < quiet_after;
+        if r != q
+            && r != avoid
+            && live
+            && !rp.neighbours.contains(&q)
+            && rp.neighbours.len() < 2 * k
+        {
             link(t, q, r);
             notify(t, r, &ServerMessage::Joined { peer: q }, metrics);
             send_neighbours(t, r, metrics);
@@ -627,6 +771,12 @@ pub async fn ws_handler(
     request: Request,
 ) -> Response {
     let (mut parts, _) = request.into_parts();
+    // Without the address (a router served by something other than `serve`), all such
+    // peers share one group.
+    let group = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(0, |c| address_group(c.0.ip()));
     if !hub.origin_allowed(&parts.headers) {
         hub.metrics.reject(ErrorCode::ForbiddenOrigin);
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
@@ -654,7 +804,7 @@ pub async fn ws_handler(
     // The upgrade is boxed and awaited inside the connection's task, so that the socket
     // lives in that task's state once (not also as a value handed between two futures).
     let upgrading: Cold<'static, Option<Socket>> = Box::pin(upgrade::socket(pending, config));
-    tokio::spawn(connection(hub2, upgrading, task, q.v));
+    tokio::spawn(connection(hub2, upgrading, task, q.v, group));
     response
 }
 
@@ -767,6 +917,7 @@ async fn connection(
     upgrading: Cold<'static, Option<Socket>>,
     task: String,
     version: Option<u32>,
+    group: u128,
 ) {
     let Some(mut socket) = upgrading.await else {
         return;
@@ -794,7 +945,7 @@ async fn connection(
         return close(socket, limits.write_timeout, 1002, "bad version").await;
     }
     let outbox = Arc::new(Outbox::new(limits.queue));
-    let id = match hub.join(&task, Arc::clone(&outbox)) {
+    let id = match hub.join(&task, Arc::clone(&outbox), group) {
         Ok(id) => id,
         Err(code) => {
             refuse(
@@ -825,6 +976,7 @@ async fn connection(
     let mut refilled = Instant::now();
     let mut strikes = 0u32;
     let mut last_seen = Instant::now();
+    let mut spoke = false;
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
     // Waiting for shutdown and for queued messages are kept across iterations: only the
@@ -899,8 +1051,15 @@ async fn connection(
                     }
                     let not_neighbour = |to: PeerId| move |c| (c, format!("{to} is not your neighbour"));
                     if let Some(s) = decode_signal(&text) {
-                        if let Err(e) = hub.relay(&task, id, s.to, s.signal).map_err(not_neighbour(s.to)) {
-                            refuse(&mut socket, &hub, e.0, e.1).await;
+                        match hub.relay(&task, id, s.to, s.signal).map_err(not_neighbour(s.to)) {
+                            Err(e) => {
+                                refuse(&mut socket, &hub, e.0, e.1).await;
+                            }
+                            Ok(()) if !spoke => {
+                                spoke = true;
+                                hub.spoke(&task, id);
+                            }
+                            Ok(()) => {}
                         }
                         continue;
                     }
@@ -919,8 +1078,15 @@ async fn connection(
                             .map_err(|e| (ErrorCode::Malformed, format!("report: {e}"))),
                         Err(e) => Err(e),
                     };
-                    if let Err((code, message)) = outcome {
-                        refuse(&mut socket, &hub, code, message).await;
+                    match outcome {
+                        Err((code, message)) => {
+                            refuse(&mut socket, &hub, code, message).await;
+                        }
+                        Ok(()) if !spoke => {
+                            spoke = true;
+                            hub.spoke(&task, id);
+                        }
+                        Ok(()) => {}
                     }
                 }
             }

@@ -32,8 +32,13 @@ async fn start_with(
     admin_token: Option<&str>,
     tasks: &[&str],
 ) -> Server {
+    start_config(base(signaling, admin_token, tasks)).await
+}
+
+/// The configuration [`start_with`] uses.
+fn base(signaling: SignalingConfig, admin_token: Option<&str>, tasks: &[&str]) -> Config {
     let dir = std::env::temp_dir();
-    let config = Config {
+    Config {
         www: dir.clone(),
         data: dir,
         signaling,
@@ -45,7 +50,12 @@ async fn start_with(
             })
             .collect(),
         admin_token: admin_token.map(str::to_string),
-    };
+        http: shoal_signaling_server::HttpLimits::default(),
+        state_file: None,
+    }
+}
+
+async fn start_config(config: Config) -> Server {
     let app = app(&config);
     let hub = std::sync::Arc::clone(&app.hub);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -815,6 +825,8 @@ async fn control_actions_need_the_admin_token() {
     let token = "0123456789abcdef-admin";
     let s = start_with(config(), Some(token), &["digits"]).await;
     let (mut a, _) = join(&s).await;
+    // Every peer hears the task's state on joining: running.
+    assert_eq!(until(&mut a, "task_state").await["paused"], false);
     let addr = s.addr;
     let post =
         |path: &'static str, auth: String| async move { http(addr, "POST", path, &auth).await };
@@ -894,4 +906,266 @@ async fn only_the_widget_frame_may_be_framed_by_other_sites() {
     assert!(dash.contains("frame-ancestors 'self'"), "{dash}");
     let widget = http_get(s.addr, "/embed.html").await.to_ascii_lowercase();
     assert!(!widget.contains("frame-ancestors"), "{widget}");
+}
+
+/// A client connection from a loopback address of our choosing (127.0.0.0/8 is all
+/// loopback on Linux): a peer from another network address.
+async fn connect_from(s: &Server, from: [u8; 4]) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback address");
+    let tcp = socket.connect(s.addr).await.expect("connect");
+    let url = format!("ws://{}/ws/digits?v=1", s.addr);
+    tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+        .await
+        .expect("upgrade")
+        .0
+}
+
+/// Joins from `from` and says something (a report), as a live peer does.
+async fn join_live(s: &Server, from: [u8; 4]) -> (Ws, String) {
+    let mut ws = connect_from(s, from).await;
+    let id = until(&mut ws, "welcome").await["peer"]
+        .as_str()
+        .expect("peer id")
+        .to_string();
+    send(&mut ws, report(1, 0.5)).await;
+    (ws, id)
+}
+
+#[tokio::test]
+async fn one_address_can_neither_fill_a_task_nor_surround_a_newcomer() {
+    let limits = Limits {
+        max_peers_per_address: 12,
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig {
+        limits,
+        neighbours: 6,
+        ..config()
+    })
+    .await;
+    // One client with twelve peers, the cap for its address, and four honest visitors.
+    let mut crowd = Vec::new();
+    for _ in 0..12 {
+        crowd.push(join_live(&s, [127, 0, 0, 2]).await);
+    }
+    let mut extra = connect_from(&s, [127, 0, 0, 2]).await;
+    assert_eq!(until(&mut extra, "error").await["code"], "address_full");
+    let mut honest = Vec::new();
+    for i in 3..7 {
+        honest.push(join_live(&s, [127, 0, 0, i]).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Newcomers get at most a third of their neighbours from that one address.
+    let crowd_ids: std::collections::HashSet<String> =
+        crowd.iter().map(|(_, id)| id.clone()).collect();
+    for n in 0..5 {
+        let mut newcomer = connect_from(&s, [127, 0, 0, 20 + n]).await;
+        let peers = until(&mut newcomer, "neighbours").await["peers"]
+            .as_array()
+            .expect("peers")
+            .clone();
+        let from_crowd = peers
+            .iter()
+            .filter(|p| crowd_ids.contains(p.as_str().expect("id")))
+            .count();
+        assert!(peers.len() >= 4, "a newcomer gets neighbours: {peers:?}");
+        assert!(
+            from_crowd <= 2,
+            "{from_crowd} of {} neighbours from one address",
+            peers.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn silent_peers_are_not_given_to_newcomers() {
+    let limits = Limits {
+        quiet_after: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig {
+        limits,
+        neighbours: 4,
+        ..config()
+    })
+    .await;
+    // Upgraded, then silent: no signal, no report.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(join(&s).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_live, live_id) = join_live(&s, [127, 0, 0, 1]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut newcomer = connect(&s, "digits").await;
+    let peers = until(&mut newcomer, "neighbours").await["peers"].clone();
+    assert_eq!(peers, json!([live_id]), "only the live peer is a neighbour");
+}
+
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = base(config(), None, &["digits"]);
+    config.http.header_read_timeout = Duration::from_millis(500);
+    let s = start_config(config).await;
+    // A request head that never ends (slowloris), a connection that sends nothing, and
+    // one kept alive after a request: each is closed after the header timeout.
+    let mut slow = TcpStream::connect(s.addr).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut idle = TcpStream::connect(s.addr).await.expect("connect");
+    let mut kept = TcpStream::connect(s.addr).await.expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = [0u8; 256];
+    let n = kept.read(&mut first).await.expect("read");
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "the kept-alive request is served"
+    );
+    for (name, conn) in [
+        ("slow", &mut slow),
+        ("idle", &mut idle),
+        ("kept alive", &mut kept),
+    ] {
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the {name} connection is still open");
+    }
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_get_503_and_the_server_stays_up() {
+    let mut config = base(config(), None, &["digits"]);
+    config.http.max_connections = 20;
+    config.http.header_read_timeout = Duration::from_millis(700);
+    let s = start_config(config).await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(s.addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = http_get(s.addr, "/healthz").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    // The idle ones time out; then everyone is served again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        http_get(s.addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    let metrics = http_get(s.addr, "/metrics").await;
+    assert!(
+        metrics.contains("shoal_connections_refused_total 1"),
+        "{metrics}"
+    );
+    drop(idle);
+}
+
+#[tokio::test]
+async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = std::env::temp_dir().join(format!("shoal-http-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // 32 MB that compress (digits-like bytes), far more than socket buffers hold.
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8 & 0xf0).collect();
+    std::fs::write(dir.join("big.bin"), &big).expect("write");
+    assert_eq!(shoal_signaling_server::precompress::precompress(&dir), 1);
+    assert_eq!(
+        shoal_signaling_server::precompress::precompress(&dir),
+        0,
+        "an up-to-date .gz is not written again"
+    );
+    let gz_len = std::fs::metadata(dir.join("big.bin.gz")).expect("gz").len();
+    let mut config = base(config(), None, &["digits"]);
+    config.data = dir.clone();
+    config.http.write_stall_timeout = Duration::from_millis(500);
+    let s = start_config(config).await;
+    // Gzip clients get the file compressed once, with its length (not compressed again
+    // per request, which streams without one).
+    let head = http(s.addr, "HEAD", "/data/big.bin", "Accept-Encoding: gzip\r\n").await;
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {gz_len}")),
+        "{head}"
+    );
+    // A client that asks for the whole file and never reads: dropped.
+    let mut stuck = TcpStream::connect(s.addr).await.expect("connect");
+    stuck
+        .write_all(b"GET /data/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stuck.read_to_end(&mut got)).await;
+    assert!(
+        got.len() < big.len(),
+        "the server waited for a reader that never read ({} bytes came)",
+        got.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_pause_survives_a_restart_and_a_resume_reaches_everyone() {
+    let dir = std::env::temp_dir().join(format!("shoal-state-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let state = dir.join("state.json");
+    let _ = std::fs::remove_file(&state);
+    let token = "admin-token-0123456789";
+    let with_state = || {
+        let mut c = base(config(), Some(token), &["digits"]);
+        c.state_file = Some(state.clone());
+        c
+    };
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let mut first = start_config(with_state()).await;
+    let (mut a, _) = join(&first).await;
+    assert_eq!(
+        until(&mut a, "task_state").await["paused"],
+        false,
+        "told on join: running"
+    );
+    let answer = http(first.addr, "POST", "/api/tasks/digits/pause", &auth).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(until(&mut a, "task_state").await["paused"], true);
+    let _ = first.stop.take().expect("stop").send(());
+    let _ = first.done.await;
+    // The restarted server remembers, and tells every peer that joins.
+    let second = start_config(with_state()).await;
+    let (mut b, _) = join(&second).await;
+    let (mut c, _) = join(&second).await;
+    assert_eq!(until(&mut b, "task_state").await["paused"], true);
+    assert_eq!(until(&mut c, "task_state").await["paused"], true);
+    let answer = http(second.addr, "POST", "/api/tasks/digits/resume", &auth).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(until(&mut b, "task_state").await["paused"], false);
+    assert_eq!(until(&mut c, "task_state").await["paused"], false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_swarm_view_is_bounded() {
+    let limits = Limits {
+        max_peers_per_address: 0,
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig { limits, ..config() }).await;
+    let mut peers = Vec::new();
+    for _ in 0..300 {
+        peers.push(connect(&s, "digits").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = http_get(s.addr, "/api/tasks/digits/swarm").await;
+    let json: Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body"))
+        .expect("swarm view is JSON");
+    assert_eq!(json["total"], 300);
+    assert_eq!(json["peers"].as_array().expect("peers").len(), 256);
+    drop(peers);
 }

@@ -4,7 +4,8 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import http from 'node:http';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -13,9 +14,11 @@ const serverBin = process.env.SHOAL_SERVER_BIN ?? join(root, 'target/release/sho
 
 /** Starts the server on 127.0.0.1:0 and resolves once it prints its address. */
 export async function startServer(extraArgs = []) {
+  // Each server remembers its own pauses: a test never inherits another's.
+  const state = join(mkdtempSync(join(tmpdir(), 'shoal-e2e-')), 'state.json');
   const child = spawn(serverBin, ['--bind', '127.0.0.1', '--port', '0',
     '--www', join(root, 'www'), '--data', join(root, 'data'),
-    '--task-file', join(root, 'tasks/digits.toml'), ...extraArgs],
+    '--task-file', join(root, 'tasks/digits.toml'), '--state-file', state, ...extraArgs],
   { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   const url = await new Promise((resolve, reject) => {

@@ -24,7 +24,13 @@ test('the widget on another site trains even where the browser denies its frame 
   const neighbour = await newPage();
   await neighbour.goto(`${server.url}/?backend=cpu`);
   await neighbour.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  // It says where it trains (the CPU, as the URL asks, whatever adapter exists) and,
+  // until this device has trained, that it is joining: no thanks for work not done.
+  assert.equal(await neighbour.locator('#backend').getAttribute('data-state'), 'cpu');
+  assert.match(await neighbour.locator('#backend').textContent(), /CPU/);
   await neighbour.click('#consent');
+  assert.equal(await neighbour.locator('#status').getAttribute('data-state'), 'joining');
+  assert.doesNotMatch(await neighbour.locator('#status').textContent(), /Thank you/);
 
   const reader = await newPage();
   // What Chromium does to a cross-site frame when third-party storage is blocked: any
@@ -111,4 +117,20 @@ test('a peer that lies in its reports cannot inflate the dashboard', async () =>
   assert.equal(seen.marked, 1, 'and its row says so');
   await peers.context().close();
   await dash.context().close();
+});
+
+test('on a phone the consent card states the cost and its buttons are on screen', async () => {
+  const context = await browser.newContext({ viewport: { width: 390, height: 844 } });
+  const phone = await context.newPage();
+  await phone.goto(`http://localhost:${host.address().port}/`);
+  const widget = phone.locator('[data-shoal-widget="digits"]');
+  await widget.waitFor();
+  // The cost, from the server, in the script itself (before consent nothing else loads).
+  assert.match(await widget.locator('[role="dialog"]').textContent(), /downloads \d+(\.\d)? MB once, then sends and receives up to \d+(\.\d)? MB per training round/);
+  for (const name of ['Contribute', 'No thanks']) {
+    const box = await widget.getByRole('button', { name }).boundingBox();
+    assert.ok(box && box.x >= 0 && box.y >= 0 && box.x + box.width <= 390 && box.y + box.height <= 844,
+      `${name} is on a 390x844 screen: ${JSON.stringify(box)}`);
+  }
+  await context.close();
 });

@@ -112,6 +112,11 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
                     "1000000",
                     "--burst",
                     "1000000",
+                    // Every load client connects from 127.0.0.1.
+                    "--max-peers-per-address",
+                    "0",
+                    "--state-file",
+                    "target/bench/shoal-state.json",
                 ]
                 .into_iter()
                 .chain(threads.map(|n| ["--threads", n]).into_iter().flatten())

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo xtask run [--port 8080] [--bind 127.0.0.1]   build, prepare the demo task, serve
-//! cargo xtask test                                     install what is missing, run every check
+//! cargo xtask test [PART...]                           install what is missing, run every check
+//! cargo xtask peer [ARGS...]                           the native peer from the release build
 //! cargo xtask bench NAME                               run a benchmark, write target/bench/NAME.json
 //! cargo xtask sim SCENARIO                             run a swarm scenario in the simulator
 //! ```
@@ -23,19 +24,112 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+/// Each command with its usage line and what it does (`cargo xtask help COMMAND`).
+const COMMANDS: &[(&str, &str, &str)] = &[
+    (
+        "run",
+        "run [--port P] [--bind ADDR]",
+        "Builds the web bundle, prepares the demo data and the server (showing cargo's \
+         progress), then becomes the server: Ctrl-C, or SIGINT or SIGTERM sent to this \
+         process, stops it gracefully. Defaults: port 8080, bind 127.0.0.1. The admin \
+         token is SHOAL_ADMIN_TOKEN, or one made for this run and printed.",
+    ),
+    (
+        "test",
+        "test [PART...]",
+        "Installs what is missing, then runs every check and test suite, ending with \
+         'N passed, N failed'. PART runs only some: checks (rustfmt, clippy), native \
+         (cargo test), browser (wasm-bindgen-test in Chromium), e2e (Playwright, loopback \
+         namespace). CI runs the bare command.",
+    ),
+    (
+        "peer",
+        "peer [ARGS...]",
+        "Runs the native peer (shoal-peer) with ARGS from the release build, building it \
+         first only if it is missing or out of date. `cargo xtask peer --help` passes \
+         --help to the peer.",
+    ),
+    (
+        "bench",
+        "bench NAME",
+        "Runs a benchmark and writes target/bench/NAME.json with its ratios to the named \
+         competitor.",
+    ),
+    (
+        "sim",
+        "sim SCENARIO",
+        "Runs a swarm scenario (scenarios/SCENARIO.toml) in the simulator and writes \
+         target/sim/SCENARIO.json.",
+    ),
+    ("data", "data", "Fetches and converts the demo digits only."),
+    (
+        "build-web",
+        "build-web",
+        "Builds the wasm bundle into www/pkg only.",
+    ),
+];
+
+fn usage() -> String {
+    let mut u = String::from("usage: cargo xtask <COMMAND> [ARGS]\n\ncommands:\n");
+    for (_, line, _) in COMMANDS {
+        u.push_str(&format!("  {line}\n"));
+    }
+    u.push_str(&format!(
+        "\nbenchmarks: {}\n`cargo xtask help COMMAND` or `cargo xtask COMMAND --help` says more.",
+        bench::NAMES.join(", ")
+    ));
+    u
+}
+
+/// The help of one command, if there is such a command.
+fn command_help(name: &str) -> Option<String> {
+    COMMANDS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, line, about)| format!("usage: cargo xtask {line}\n\n{about}"))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let wants_help = |a: &[String]| a.iter().any(|a| a == "--help" || a == "-h");
     let result = match args.first().map(String::as_str) {
+        None => {
+            eprintln!("{}", usage());
+            std::process::exit(2);
+        }
+        Some("help" | "--help" | "-h") => {
+            match args.get(1) {
+                None => println!("{}", usage()),
+                Some(c) => match command_help(c) {
+                    Some(h) => println!("{h}"),
+                    None => {
+                        eprintln!("error: no command {c:?}\n\n{}", usage());
+                        std::process::exit(2);
+                    }
+                },
+            }
+            return;
+        }
+        // The peer takes its own flags, --help included.
+        Some("peer") => peer(&args[1..]),
+        Some(c) if wants_help(&args[1..]) && command_help(c).is_some() => {
+            println!("{}", command_help(c).unwrap_or_default());
+            return;
+        }
         Some("run") => run(&args[1..]),
-        Some("test") => test::run_all(),
+        Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         // The native GPU half of the benchmarks alone, for a machine with a GPU and no toolchain.
         Some("bench-native-gpu") => bench::native_gpu(),
         // The load client of `bench signaling`, run as a child with a raised fd limit.
         Some("bench-signaling-load") => bench_signaling::load(&args[1..]),
         Some("sim") => sim::run(&args[1..]),
-        Some("data") => data::prepare(&root()).map(|_| ()),
-        Some("build-web") => web::build(&root()).map(|_| ()),
+        Some("data") => {
+            no_args("data", &args[1..]).and_then(|()| data::prepare(&root()).map(|_| ()))
+        }
+        Some("build-web") => {
+            no_args("build-web", &args[1..]).and_then(|()| web::build(&root()).map(|_| ()))
+        }
         // Used by `cargo test --target wasm32-unknown-unknown` as its runner, so that the
         // browser tests use exactly the wasm-bindgen that Cargo.lock pins.
         Some("wasm-test-runner") => {
@@ -43,18 +137,8 @@ fn main() {
                 .chain(args[1..].iter().cloned());
             wasm_bindgen_cli::wasm_bindgen_test_runner::run_cli_with_args(runner_args)
         }
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <command>\n\n\
-                 commands:\n  \
-                 run [--port P] [--bind ADDR]   build the web bundle, prepare the demo data, serve\n  \
-                 test                           install what is missing, run every check and test\n  \
-                 bench NAME                     run benchmark NAME ({}), write target/bench/NAME.json\n  \
-                 sim SCENARIO                   run a swarm scenario in the simulator (scenarios/*.toml)\n  \
-                 data                           fetch and convert the demo digits only\n  \
-                 build-web                      build the wasm bundle into www/pkg only",
-                bench::NAMES.join(", ")
-            );
+        Some(other) => {
+            eprintln!("error: no command {other:?}\n\n{}", usage());
             std::process::exit(2);
         }
     };
@@ -62,6 +146,47 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Refuses arguments to a command that takes none.
+fn no_args(command: &str, args: &[String]) -> Result<()> {
+    match args.first() {
+        None => Ok(()),
+        Some(a) => bail!("`cargo xtask {command}` takes no arguments (got {a:?})"),
+    }
+}
+
+/// Replaces this process with `cmd` (Unix), so that signals sent to `cargo xtask ...`
+/// reach the program itself; elsewhere runs it and exits with its status.
+fn become_program(cmd: &mut Command) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let e = cmd.exec();
+        bail!("could not start {cmd:?}: {e}");
+    }
+    #[cfg(not(unix))]
+    {
+        let status = cmd
+            .status()
+            .with_context(|| format!("could not start {cmd:?}"))?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+}
+
+/// `cargo xtask peer ARGS`: the native peer from the release build.
+fn peer(args: &[String]) -> Result<()> {
+    let root = root();
+    eprintln!("xtask: checking the native peer's build (target/release/shoal-peer)");
+    run_cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "shoal-web-client",
+        "--bin",
+        "shoal-peer",
+    ]))?;
+    become_program(Command::new(root.join("target/release/shoal-peer")).args(args))
 }
 
 /// The workspace root (the parent of this crate's manifest directory).
@@ -108,12 +233,21 @@ fn run(args: &[String]) -> Result<()> {
     let root = root();
     setup::ensure_wasm_target()?;
     setup::ensure_node()?;
+    eprintln!("xtask: building the web bundle (www/pkg)");
     web::build(&root)?;
+    eprintln!("xtask: preparing the demo data (data/)");
     data::prepare(&root)?;
-    build_release(&root, &["-p", "shoal-signaling-server"])?;
+    eprintln!("xtask: building the signaling server");
+    run_cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "shoal-signaling-server",
+    ]))?;
     let server = root.join("target/release/shoal-signaling-server");
-    // The server prints the URLs it serves; Ctrl-C reaches it (same process group) and it
-    // shuts down gracefully, after which we exit with its status.
+    // This process becomes the server (cargo's `run` does the same with us): it prints
+    // the URLs it serves, and Ctrl-C or a signal sent to this process reaches it and it
+    // shuts down gracefully.
     // The dashboard's control actions need a token: the researcher's own, or one made
     // for this run and printed here (never stored).
     let token = match std::env::var("SHOAL_ADMIN_TOKEN") {
@@ -128,22 +262,21 @@ fn run(args: &[String]) -> Result<()> {
             t
         }
     };
-    let status = Command::new(server)
-        .current_dir(&root)
-        .args(["--bind", &bind, "--port", &port])
-        .args([
-            "--www",
-            "www",
-            "--data",
-            "data",
-            "--task-file",
-            "tasks/digits.toml",
-        ])
-        .env("SHOAL_ADMIN_TOKEN", token)
-        .status()
-        .context("could not start the signaling server")?;
-    if !status.success() {
-        bail!("the signaling server exited with {status}");
-    }
-    Ok(())
+    become_program(
+        Command::new(server)
+            .current_dir(&root)
+            .args(["--bind", &bind, "--port", &port])
+            .args([
+                "--www",
+                "www",
+                "--data",
+                "data",
+                "--task-file",
+                "tasks/digits.toml",
+                // The researcher's pauses survive a restart of `cargo xtask run`.
+                "--state-file",
+                "target/shoal-state.json",
+            ])
+            .env("SHOAL_ADMIN_TOKEN", token),
+    )
 }

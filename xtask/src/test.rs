@@ -107,7 +107,24 @@ fn cargo(root: &Path) -> Command {
 /// The WebDriver settings for wasm-bindgen-test: Debian's Chromium, headless, WebGPU on.
 const WEBDRIVER_JSON: &str = "wasm-pack-tests/webdriver.json";
 
-pub(crate) fn run_all() -> Result<()> {
+/// The parts `cargo xtask test PART...` can run alone.
+const PARTS: [&str; 4] = ["checks", "native", "browser", "e2e"];
+
+/// `cargo xtask test [PART...]`: every part, or those named.
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    for a in args {
+        if !PARTS.contains(&a.as_str()) {
+            bail!(
+                "unknown part {a:?} of `cargo xtask test` (parts: {})",
+                PARTS.join(", ")
+            );
+        }
+    }
+    let want = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
+    run_parts(&want)
+}
+
+fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     let root = root();
     setup::ensure_debs(&setup::TEST_PACKAGES)?;
     setup::ensure_node()?;
@@ -117,10 +134,41 @@ pub(crate) fn run_all() -> Result<()> {
     let python = setup::ensure_python(&root)?;
 
     let mut t = Tally::default();
-    t.check("rustfmt", cargo(&root).args(["fmt", "--all", "--check"]));
+    if want("checks") {
+        checks(&root, &mut t);
+    }
+    if want("native") {
+        t.suite(
+            "native unit and integration tests",
+            cargo(&root)
+                .args(["test", "--release", "--no-fail-fast", "--workspace"])
+                .env("SHOAL_DATA", root.join("data"))
+                .env("SHOAL_PYTHON", &python),
+        );
+    }
+    if want("browser") {
+        browser(&root, &mut t)?;
+    }
+    if want("e2e") {
+        e2e(&root, &python, &mut t);
+    }
+
+    if !t.failures.is_empty() {
+        eprintln!("\nfailed: {}", t.failures.join(", "));
+    }
+    println!("{} passed, {} failed", t.passed, t.failed);
+    if t.failed > 0 {
+        bail!("{} failed", t.failed);
+    }
+    Ok(())
+}
+
+/// Formatting and lints, native and wasm32.
+fn checks(root: &Path, t: &mut Tally) {
+    t.check("rustfmt", cargo(root).args(["fmt", "--all", "--check"]));
     t.check(
         "clippy (native)",
-        cargo(&root).args([
+        cargo(root).args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -131,7 +179,7 @@ pub(crate) fn run_all() -> Result<()> {
     );
     t.check(
         "clippy (wasm32)",
-        cargo(&root).args([
+        cargo(root).args([
             "clippy",
             "--target",
             "wasm32-unknown-unknown",
@@ -147,18 +195,14 @@ pub(crate) fn run_all() -> Result<()> {
             "warnings",
         ]),
     );
-    t.suite(
-        "native unit and integration tests",
-        cargo(&root)
-            .args(["test", "--release", "--no-fail-fast", "--workspace"])
-            .env("SHOAL_DATA", root.join("data"))
-            .env("SHOAL_PYTHON", &python),
-    );
+}
 
+/// The browser tests: wasm-bindgen-test in headless Chromium with WebGPU.
+fn browser(root: &Path, t: &mut Tally) -> Result<()> {
     let runner = std::env::current_exe()?;
     t.suite(
         "browser tests (wasm-bindgen-test, headless Chromium + WebGPU)",
-        cargo(&root)
+        cargo(root)
             .args([
                 "test",
                 "--release",
@@ -179,11 +223,15 @@ pub(crate) fn run_all() -> Result<()> {
             .env("WASM_BINDGEN_TEST_TIMEOUT", "600"),
     );
 
-    // End-to-end: the real bundle, the real server, Playwright driving Chromium, all
-    // inside a network namespace whose only interface is loopback.
-    let built = web::build(&root).and_then(|_| {
+    Ok(())
+}
+
+/// End-to-end: the real bundle, the real server, Playwright driving Chromium, all inside
+/// a network namespace whose only interface is loopback.
+fn e2e(root: &Path, python: &Path, t: &mut Tally) {
+    let built = web::build(root).and_then(|_| {
         crate::build_release(
-            &root,
+            root,
             &[
                 "-p",
                 "shoal-signaling-server",
@@ -202,13 +250,13 @@ pub(crate) fn run_all() -> Result<()> {
             loopback_namespace(
                 "node --test --test-reporter=tap --test-concurrency=1 wasm-pack-tests/e2e/",
             )
-            .current_dir(&root)
+            .current_dir(root)
             .env(
                 "SHOAL_SERVER_BIN",
                 root.join("target/release/shoal-signaling-server"),
             )
-            .env("SHOAL_ROOT", &root)
-            .env("SHOAL_PYTHON", &python),
+            .env("SHOAL_ROOT", root)
+            .env("SHOAL_PYTHON", python),
         ),
         Err(e) => {
             eprintln!("xtask: building for the end-to-end tests failed: {e:#}");
@@ -216,15 +264,6 @@ pub(crate) fn run_all() -> Result<()> {
             t.failures.push("end-to-end build".into());
         }
     }
-
-    if !t.failures.is_empty() {
-        eprintln!("\nfailed: {}", t.failures.join(", "));
-    }
-    println!("{} passed, {} failed", t.passed, t.failed);
-    if t.failed > 0 {
-        bail!("{} failed", t.failed);
-    }
-    Ok(())
 }
 
 /// A shell command run in a fresh network namespace with only `lo`, up. As root this is

@@ -80,6 +80,8 @@ pub async fn start_server() -> (String, tokio::sync::oneshot::Sender<()>) {
         signaling: SignalingConfig::default(),
         tasks: vec![shoal_shared::task::TaskSpec::digits()],
         admin_token: None,
+        http: shoal_signaling_server::HttpLimits::default(),
+        state_file: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -1,0 +1,288 @@
+//! The server's TCP and HTTP layer, bounded below the websocket: every connection counts
+//! against one cap (set below the open-file limit), a request's head must arrive within
+//! a deadline (slow headers and idle keep-alive connections are closed), and a write that
+//! makes no progress for too long ends its connection (a download nobody reads).
+//!
+//! axum's `serve` offers none of these, so the accept loop is here: hyper's HTTP/1
+//! connection with its header-read timer, over a socket wrapper that keeps the
+//! connection's slot for as long as the socket lives, upgraded to a websocket or not.
+
+use std::future::Future;
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::Hub;
+
+/// Bounds on every TCP connection, whatever it carries.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// A request's head must arrive within this, and so must the next request on a
+    /// kept-alive connection: slow senders (slowloris) and idle connections are closed.
+    pub header_read_timeout: Duration,
+    /// A write that makes no progress for this long fails and ends its connection.
+    pub write_stall_timeout: Duration,
+    /// Most TCP connections open at once, websockets included. Past it a connection is
+    /// answered `503` and closed at once; keep it below the open-file limit.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            write_stall_timeout: Duration::from_secs(10),
+            max_connections: 20_000,
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one and returns the limit in force (`None`
+/// where it cannot be read). Every connection is a file descriptor: without this the
+/// server runs out of them long before its connection cap.
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let now = getrlimit(Resource::Nofile);
+        if now.current < now.maximum {
+            let raised = Rlimit {
+                current: now.maximum,
+                maximum: now.maximum,
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                return Some(now.maximum.unwrap_or(u64::MAX));
+            }
+        }
+        Some(now.current.unwrap_or(u64::MAX))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Holds one of the server's connection slots until dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A TCP stream whose writes must make progress: one pending longer than `stall` fails
+/// with `TimedOut`. It holds its connection's slot for as long as it lives.
+struct Guarded {
+    inner: TcpStream,
+    stall: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+    _slot: Slot,
+}
+
+impl Guarded {
+    /// What a write that returned `result` means once the stall rule is applied.
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.stalled = None;
+            return result;
+        }
+        let stall = self.stall;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer read nothing for the write-stall timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The answer to a connection past the cap, written without waiting (and not at all if
+/// the socket cannot take it at once).
+const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+content-length: 27\r\nretry-after: 5\r\nconnection: close\r\n\r\nserver at connection limit\n";
+
+/// Connections past the cap that are being answered at once; past this many more are
+/// closed without an answer.
+const MAX_REFUSING: usize = 64;
+
+/// Answers a connection past the cap with `503` and closes it. Closing a socket with the
+/// client's request still unread would reset the connection and could destroy the
+/// answer, so the request is read and dropped first, for at most a second.
+fn refuse(stream: TcpStream, refusing: &Arc<AtomicUsize>) {
+    if refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let slot = Slot(Arc::clone(refusing));
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _slot = slot;
+        let mut stream = stream;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            stream.write_all(FULL).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<(), io::Error>(())
+        })
+        .await;
+    });
+}
+
+/// Accepts connections on `listener` and serves `router` on each until `shutdown`
+/// resolves; then tells every websocket to close, lets in-flight requests finish for at
+/// most `grace`, and returns.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    hub: Arc<Hub>,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> io::Result<()> {
+    let open = Arc::new(AtomicUsize::new(0));
+    let refusing = Arc::new(AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut shutdown = pin!(shutdown);
+    let mut refused = 0u64;
+    let mut last_said = None::<Instant>;
+    loop {
+        let (stream, addr) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors or memory: say so, and let some close.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if open.load(Ordering::Relaxed) >= limits.max_connections {
+            refuse(stream, &refusing);
+            hub.metrics
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            refused += 1;
+            if last_said.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    "at the connection limit ({}): refused {refused} connection(s) since the last warning",
+                    limits.max_connections
+                );
+                refused = 0;
+                last_said = Some(Instant::now());
+            }
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let io = Guarded {
+            inner: stream,
+            stall: limits.write_stall_timeout,
+            stalled: None,
+            _slot: Slot(Arc::clone(&open)),
+        };
+        let router = router.clone();
+        let mut stopped = stopped.clone();
+        let header_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(addr));
+                    let mut router = router.clone();
+                    async move { tower_service::Service::call(&mut router, request).await }
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let mut connection = pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = async { drop(stopped.wait_for(|s| *s).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    hub.shut_down();
+    stop.send_replace(true);
+    let deadline = Instant::now() + grace;
+    while open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = open.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!("{left} connection(s) still open after {grace:?}; closing them");
+    }
+    Ok(())
+}
