@@ -225,8 +225,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       cost.textContent = `Joining downloads ${fmtBytes(c.download_bytes)} of training data once. `
         + `Each round your device runs ${c.local_steps_per_round} training steps of ${c.batch} samples on a model of `
         + `${c.parameters.toLocaleString('en')} parameters, then sends up to ${fmtBytes(c.bytes_per_round)} of compressed `
-        + `updates to up to ${c.max_neighbours} other visitors and receives as much; the page shows the data per hour `
-        + 'once it runs. Use the throttle to train less often.';
+        + `updates to up to ${c.max_neighbours} other visitors and receives as much`
+        + (c.bytes_per_hour == null ? '; the page shows the data per hour once it runs. '
+          : ` (at the swarm's current pace, up to ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
+        + 'Use the throttle to train less often.';
     }
     if (consent) consent.disabled = !probed;
     if (autoStart) start();

@@ -93,6 +93,20 @@ pub fn app(config: &Config) -> App {
         &paused,
         config.state_file.clone(),
     );
+    // Silent peers are unlinked a few times per `quiet_after`, for as long as the hub
+    // lives.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let weak = Arc::downgrade(&hub);
+        let every = (config.signaling.limits.quiet_after / 2).max(Duration::from_millis(50));
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(hub) = weak.upgrade() else { return };
+                hub.unlink_silent();
+            }
+        });
+    }
     // Bundle file names carry no content hash, so browsers must revalidate every time
     // (cheap: ServeDir answers conditional requests with 304).
     let revalidate = SetResponseHeaderLayer::overriding(
@@ -146,6 +160,7 @@ pub fn app(config: &Config) -> App {
                     Arc::new(config.tasks.clone()),
                     Arc::new(config.data.clone()),
                     2 * config.signaling.neighbours,
+                    Arc::clone(&hub),
                 )),
         )
         .merge(
@@ -201,11 +216,15 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     )
 }
 
+/// What `/api/tasks/{task}` needs: the tasks, the data folder, the most neighbours a peer
+/// holds, and the hub (for the swarm's pace).
+type TaskState = (Arc<Vec<TaskSpec>>, Arc<PathBuf>, usize, Arc<Hub>);
+
 /// What a peer needs to know to train on a task: the task as its file describes it, the
 /// URLs of its data files in the order `TaskSpec::datasets` takes them, and what
 /// contributing costs.
 async fn task_description(
-    State((tasks, data, max_neighbours)): State<(Arc<Vec<TaskSpec>>, Arc<PathBuf>, usize)>,
+    State((tasks, data, max_neighbours, hub)): State<TaskState>,
     Path(name): Path<String>,
 ) -> impl IntoResponse {
     let Some(task) = tasks.iter().find(|t| t.name == name) else {
@@ -223,7 +242,7 @@ async fn task_description(
         Json(serde_json::json!({
             "task": task,
             "files": files,
-            "cost": cost(task, &data, max_neighbours),
+            "cost": with_pace(cost(task, &data, max_neighbours), task, hub.pace(&name)),
         })),
     )
 }
@@ -255,6 +274,24 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         "local_steps_per_round": task.learn.local_steps,
         "batch": task.train.batch,
     })
+}
+
+/// Adds the swarm's current pace to a task's cost: rounds per hour at the median peer's
+/// throughput (`samples_per_s` / (local steps x batch)), and the upload per hour that
+/// makes at most; `null` while no peer reports training.
+fn with_pace(
+    mut cost: serde_json::Value,
+    task: &TaskSpec,
+    samples_per_s: Option<f64>,
+) -> serde_json::Value {
+    let per_round = (task.learn.local_steps as f64 * task.train.batch as f64).max(1.0);
+    let rounds = samples_per_s.map(|r| (3600.0 * r / per_round).round());
+    let bytes = rounds
+        .zip(cost["bytes_per_round"].as_f64())
+        .map(|(n, b)| (n * b).round());
+    cost["rounds_per_hour"] = serde_json::json!(rounds);
+    cost["bytes_per_hour"] = serde_json::json!(bytes);
+    cost
 }
 
 /// The embed script with every task's cost written into it (its `var COSTS = {};`), so

@@ -1169,3 +1169,68 @@ async fn the_swarm_view_is_bounded() {
     assert_eq!(json["peers"].as_array().expect("peers").len(), 256);
     drop(peers);
 }
+
+#[tokio::test]
+async fn a_peer_that_never_speaks_is_unlinked_from_its_neighbours() {
+    let limits = Limits {
+        quiet_after: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig { limits, ..config() }).await;
+    let (mut live, _) = join_live(&s, [127, 0, 0, 1]).await;
+    // Joins, is linked to the live peer, and never says a word.
+    let mut silent = connect(&s, "digits").await;
+    let silent_id = until(&mut silent, "welcome").await["peer"].clone();
+    loop {
+        let n = until(&mut live, "neighbours").await;
+        if n["peers"].as_array().expect("peers").contains(&silent_id) {
+            break;
+        }
+    }
+    // Three quiet periods later the live peer hears a set without it.
+    let dropped = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let n = until(&mut live, "neighbours").await;
+            if !n["peers"].as_array().expect("peers").contains(&silent_id) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(dropped.is_ok(), "the silent peer is still a neighbour");
+}
+
+#[tokio::test]
+async fn the_task_description_states_the_swarms_pace() {
+    let s = start(config()).await;
+    let cost = |body: String| -> Value {
+        let json: Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body"))
+            .expect("task description is JSON");
+        json["cost"].clone()
+    };
+    let idle = cost(http_get(s.addr, "/api/tasks/digits").await);
+    assert_eq!(
+        idle["rounds_per_hour"],
+        Value::Null,
+        "no pace without reports"
+    );
+    // Two peers report 210 samples/s (`report`), a third lies with 9 million: the median
+    // sets the pace.
+    let mut peers = Vec::new();
+    for rate in [210.0, 210.0, 9e6] {
+        let (mut ws, _) = join(&s).await;
+        let mut r = report(3, 0.5);
+        r["report"]["samples_per_s"] = json!(rate);
+        send(&mut ws, r).await;
+        peers.push(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy = cost(http_get(s.addr, "/api/tasks/digits").await);
+    let task = shoal_shared::task::TaskSpec::digits();
+    let per_round = f64::from(task.learn.local_steps) * task.train.batch as f64;
+    let rounds = (3600.0 * 210.0 / per_round).round();
+    assert_eq!(busy["rounds_per_hour"].as_f64(), Some(rounds), "{busy}");
+    let per_hour = busy["bytes_per_hour"].as_f64().expect("bytes per hour");
+    let per_round_bytes = busy["bytes_per_round"].as_f64().expect("bytes per round");
+    assert_eq!(per_hour, (rounds * per_round_bytes).round());
+}

@@ -126,6 +126,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 
 fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     let root = root();
+    // This program, found now: the native tests rebuild it (the command-line tests need
+    // the binary), after which the kernel names the running one "... (deleted)".
+    let runner = this_program()?;
     setup::ensure_debs(&setup::TEST_PACKAGES)?;
     setup::ensure_node()?;
     setup::ensure_wasm_target()?;
@@ -147,7 +150,7 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
         );
     }
     if want("browser") {
-        browser(&root, &mut t)?;
+        browser(&root, &runner, &mut t);
     }
     if want("e2e") {
         e2e(&root, &python, &mut t);
@@ -197,9 +200,20 @@ fn checks(root: &Path, t: &mut Tally) {
     );
 }
 
-/// The browser tests: wasm-bindgen-test in headless Chromium with WebGPU.
-fn browser(root: &Path, t: &mut Tally) -> Result<()> {
-    let runner = std::env::current_exe()?;
+/// The path of this program's binary (without the " (deleted)" Linux appends once the
+/// file was replaced by a rebuild: the new binary is at the same path).
+fn this_program() -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let text = exe.to_string_lossy();
+    Ok(match text.strip_suffix(" (deleted)") {
+        Some(path) => path.into(),
+        None => exe,
+    })
+}
+
+/// The browser tests: wasm-bindgen-test in headless Chromium with WebGPU, run by
+/// `runner` (this program) as cargo's test runner for wasm32.
+fn browser(root: &Path, runner: &Path, t: &mut Tally) {
     t.suite(
         "browser tests (wasm-bindgen-test, headless Chromium + WebGPU)",
         cargo(root)
@@ -222,8 +236,6 @@ fn browser(root: &Path, t: &mut Tally) -> Result<()> {
             .env("CHROMEDRIVER", "/usr/bin/chromedriver")
             .env("WASM_BINDGEN_TEST_TIMEOUT", "600"),
     );
-
-    Ok(())
 }
 
 /// End-to-end: the real bundle, the real server, Playwright driving Chromium, all inside
