@@ -93,20 +93,6 @@ pub fn app(config: &Config) -> App {
         &paused,
         config.state_file.clone(),
     );
-    // Silent peers are unlinked a few times per `quiet_after`, for as long as the hub
-    // lives.
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        let weak = Arc::downgrade(&hub);
-        let every = (config.signaling.limits.quiet_after / 2).max(Duration::from_millis(50));
-        runtime.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let Some(hub) = weak.upgrade() else { return };
-                hub.unlink_silent();
-            }
-        });
-    }
     // Bundle file names carry no content hash, so browsers must revalidate every time
     // (cheap: ServeDir answers conditional requests with 304).
     let revalidate = SetResponseHeaderLayer::overriding(

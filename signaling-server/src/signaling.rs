@@ -496,47 +496,6 @@ impl Hub {
         Ok(id)
     }
 
-    /// Unlinks every peer that has said nothing for three times `quiet_after` since it
-    /// joined (a live peer signals its neighbours within a second or two): its neighbours
-    /// get fresh `neighbours` sets and, below k, replacements. It stays connected and is
-    /// linked again only once it speaks. Returns how many peers were unlinked.
-    pub fn unlink_silent(&self) -> usize {
-        let k = self.config.neighbours;
-        let quiet_after = self.config.limits.quiet_after;
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let mut unlinked = 0;
-        for t in st.tasks.values_mut() {
-            let silent: Vec<PeerId> = t
-                .peers
-                .iter()
-                .filter(|(_, p)| {
-                    !p.spoke && !p.neighbours.is_empty() && p.joined.elapsed() > 3 * quiet_after
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            for id in silent {
-                let Some(p) = t.peers.get_mut(&id) else {
-                    continue;
-                };
-                let former = std::mem::take(&mut p.neighbours);
-                unlinked += 1;
-                for q in former {
-                    let Some(qp) = t.peers.get_mut(&q) else {
-                        continue;
-                    };
-                    qp.neighbours.remove(&id);
-                    if qp.neighbours.len() < k {
-                        relink(t, &mut st.rng, q, id, k, quiet_after, &self.metrics);
-                    }
-                    send_neighbours(t, q, &self.metrics);
-                }
-                send_neighbours(t, id, &self.metrics);
-            }
-        }
-        unlinked
-    }
-
     /// The current pace of `task`: the median training throughput (samples per second)
     /// of the peers that reported as training in the last 30 s; `None` without any.
     pub fn pace(&self, task: &str) -> Option<f64> {

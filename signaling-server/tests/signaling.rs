@@ -1171,36 +1171,6 @@ async fn the_swarm_view_is_bounded() {
 }
 
 #[tokio::test]
-async fn a_peer_that_never_speaks_is_unlinked_from_its_neighbours() {
-    let limits = Limits {
-        quiet_after: Duration::from_millis(100),
-        ..Limits::default()
-    };
-    let s = start(SignalingConfig { limits, ..config() }).await;
-    let (mut live, _) = join_live(&s, [127, 0, 0, 1]).await;
-    // Joins, is linked to the live peer, and never says a word.
-    let mut silent = connect(&s, "digits").await;
-    let silent_id = until(&mut silent, "welcome").await["peer"].clone();
-    loop {
-        let n = until(&mut live, "neighbours").await;
-        if n["peers"].as_array().expect("peers").contains(&silent_id) {
-            break;
-        }
-    }
-    // Three quiet periods later the live peer hears a set without it.
-    let dropped = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            let n = until(&mut live, "neighbours").await;
-            if !n["peers"].as_array().expect("peers").contains(&silent_id) {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(dropped.is_ok(), "the silent peer is still a neighbour");
-}
-
-#[tokio::test]
 async fn the_task_description_states_the_swarms_pace() {
     let s = start(config()).await;
     let cost = |body: String| -> Value {

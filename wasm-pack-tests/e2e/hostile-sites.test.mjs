@@ -19,9 +19,10 @@ after(async () => assert.equal(await sites?.stop(), 0));
 
 const newPage = () => visitorPage(browser);
 
-test('the widget on another site trains even where the browser denies its frame storage', async () => {
+test('the widget on another site trains even where the browser denies its frame storage', async (t) => {
   // A neighbour to train with: a contributor page on Shoal's own site.
   const neighbour = await newPage();
+  t.after(() => neighbour.context().close());
   await neighbour.goto(`${server.url}/?backend=cpu`);
   await neighbour.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
   // It says where it trains (the CPU, as the URL asks, whatever adapter exists) and,
@@ -33,6 +34,7 @@ test('the widget on another site trains even where the browser denies its frame 
   assert.doesNotMatch(await neighbour.locator('#status').textContent(), /Thank you/);
 
   const reader = await newPage();
+  t.after(() => reader.context().close());
   // What Chromium does to a cross-site frame when third-party storage is blocked: any
   // touch of localStorage throws. And this reader has no WebGPU (the CPU backend).
   await reader.route('**/embed.html*', async (route) => {
@@ -56,7 +58,10 @@ test('the widget on another site trains even where the browser denies its frame 
 
   // It joins, says the identity lasts this visit only, and the rounds advance.
   const status = frame.locator('#status');
-  await frame.locator('#status[data-state="running"]').waitFor({ timeout: 120_000 });
+  await frame.locator('#status[data-state="running"]').waitFor({ timeout: 120_000 }).catch(async (e) => {
+    const stats = await frame.locator('#stats').textContent().catch(() => '?');
+    throw new Error(`${e.message}\nwidget status: ${await status.textContent()}; stats: ${stats}`);
+  });
   assert.match(await status.textContent(), /this visit only/);
   const round = frame.locator('#stats [data-key="round"]');
   const first = Number(await round.textContent());
@@ -67,17 +72,17 @@ test('the widget on another site trains even where the browser denies its frame 
     await new Promise((r) => setTimeout(r, 500));
   }
   console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}`);
-  await reader.context().close();
-  await neighbour.context().close();
 });
 
-test('a peer that lies in its reports cannot inflate the dashboard', async () => {
+test('a peer that lies in its reports cannot inflate the dashboard', async (t) => {
   const dash = await newPage();
+  t.after(() => dash.context().close());
   await dash.goto(`${server.url}/dashboard/`);
   // Three peers from a page on Shoal's site (so that the origin check lets them in): two
   // report honest numbers, one claims a round near 2^40, 9 million samples a second,
   // 10^15 samples and as many bytes; all within what the server accepts.
   const peers = await newPage();
+  t.after(() => peers.context().close());
   await peers.goto(`${server.url}/healthz`);
   const sent = await peers.evaluate(async (ws) => {
     const report = (version, rate, samples, bytes) => ({
@@ -115,8 +120,6 @@ test('a peer that lies in its reports cannot inflate the dashboard', async () =>
   assert.equal(seen.rejected, '3', 'rejections are counted per known reason');
   assert.equal(seen.outliers, 1, 'one peer is an outlier');
   assert.equal(seen.marked, 1, 'and its row says so');
-  await peers.context().close();
-  await dash.context().close();
 });
 
 test('on a phone the consent card states the cost and its buttons are on screen', async () => {
