@@ -28,16 +28,25 @@ export async function relaySwarm(worker, task, { onSignaling = () => {} } = {}) 
   (async () => {
     for (;;) {
       const e = await swarm.next();
-      if (e.type === 'signaling') onSignaling(e.state === 'up');
-      else if (e.type === 'peer_up' || e.type === 'peer_down') {
-        worker.postMessage({ type: 'net', kind: e.type, peer: e.peer });
-      } else if (e.type === 'message') {
-        worker.postMessage({ type: 'net', kind: 'message', peer: e.from, data: e.data }, [e.data.buffer]);
-      } else if (e.type === 'task_state') {
-        worker.postMessage({ type: 'net', kind: 'task_state', paused: e.paused });
+      // One event that cannot be handed on must not stop the relay: the worker would
+      // train on alone, hearing nothing more from its neighbours.
+      try {
+        if (e.type === 'signaling') onSignaling(e.state === 'up');
+        else if (e.type === 'peer_up' || e.type === 'peer_down') {
+          worker.postMessage({ type: 'net', kind: e.type, peer: e.peer });
+        } else if (e.type === 'message') {
+          worker.postMessage({ type: 'net', kind: 'message', peer: e.from, data: e.data }, [e.data.buffer]);
+        } else if (e.type === 'task_state') {
+          worker.postMessage({ type: 'net', kind: 'task_state', paused: e.paused });
+        }
+      } catch (err) {
+        console.error(`shoal: relaying a ${e.type} event failed: ${err?.message ?? err}`);
       }
     }
-  })().catch(() => onSignaling(false));
+  })().catch((err) => {
+    console.error(`shoal: the relay stopped: ${err?.message ?? err}`);
+    onSignaling(false);
+  });
   return swarm;
 }
 

@@ -1118,6 +1118,7 @@ async fn connection(
     };
     hub.leave(&task, id);
     hub.metrics.disconnected(reason);
+    tracing::debug!(task, peer = %id, reason = reason.label(), "peer disconnected");
     if let Some((code, text)) = reason.close_frame() {
         close(socket, limits.write_timeout, code, text).await;
     }

@@ -54,6 +54,11 @@ export const CHROMIUM_ARGS = [
   '--no-sandbox', '--enable-unsafe-webgpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
   '--disable-dev-shm-usage', '--allow-loopback-in-peer-connection',
+  // Every site of these tests is on loopback, which no deployment is: Chromium's Local
+  // Network Access checks would block the cross-site widget frame's websocket to the
+  // loopback server (ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS). On the internet both
+  // the host page and the Shoal server are public, where those checks do not apply.
+  '--disable-features=LocalNetworkAccessChecks',
 ];
 
 export async function launchBrowser() {
@@ -102,6 +107,7 @@ export async function visitorPage(browser) {
   await context.grantPermissions(['microphone', 'camera']);
   const page = await context.newPage();
   page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error') console.error(`[page console] ${m.text()}`); });
   return page;
 }
 

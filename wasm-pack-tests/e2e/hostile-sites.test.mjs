@@ -71,7 +71,14 @@ test('the widget on another site trains even where the browser denies its frame 
     assert.ok(Date.now() < deadline, `rounds advance in the widget (still ${await round.textContent()})`);
     await new Promise((r) => setTimeout(r, 500));
   }
-  console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}`);
+  // And it trains with the swarm, not alone: its signaling crossed sites.
+  const peers = frame.locator('#stats [data-key="peers"]');
+  while (Number(await peers.textContent()) < 1) {
+    assert.ok(Date.now() < deadline, 'the widget trains with a neighbour');
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  assert.match(await status.textContent(), /Contributing.*this visit only/);
+  console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}, ${await peers.textContent()} neighbour(s)`);
 });
 
 test('a peer that lies in its reports cannot inflate the dashboard', async (t) => {

@@ -40,7 +40,14 @@ pub struct SwarmTrainer {
     backend: String,
     /// What the peer asked for during `handle`, carried out by the next `tick`.
     pending: Vec<Output>,
+    /// When the last report went to the server.
+    reported_ms: f64,
 }
+
+/// Reports go to the server at most this often: a peer alone closes many rounds a
+/// second, and one report each would run into the server's rate limit (50 messages a
+/// second) and get it disconnected.
+pub const REPORT_EVERY_MS: f64 = 1000.0;
 
 impl SwarmTrainer {
     /// A peer that will join the swarm: it downloads the current model from its
@@ -93,6 +100,7 @@ impl SwarmTrainer {
             eval,
             backend: gpu.map_or("cpu".to_string(), |g| g.adapter.description.clone()),
             pending: Vec::new(),
+            reported_ms: f64::NEG_INFINITY,
         })
     }
 
@@ -200,7 +208,10 @@ impl SwarmTrainer {
                     }
                     Output::RoundClosed(summary) => {
                         self.evaluate();
-                        net.report(&self.report());
+                        if now_ms - self.reported_ms >= REPORT_EVERY_MS {
+                            net.report(&self.report());
+                            self.reported_ms = now_ms;
+                        }
                         closed = Some(summary);
                     }
                     Output::Adopted { .. } => self.evaluate(),
