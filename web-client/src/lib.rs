@@ -13,6 +13,7 @@ use shoal_shared::idx::IdxLimits;
 pub mod keeper;
 pub mod learning;
 pub mod links;
+pub mod mesh;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 pub mod observe;

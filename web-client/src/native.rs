@@ -1,19 +1,22 @@
 //! The native transport: the same swarm protocol as the browser's, on tokio with
-//! `tokio-tungstenite` for signaling and the `webrtc` crate for peer connections. Each
-//! neighbour gets one pre-negotiated, reliable, ordered data channel carrying framed
-//! messages; the channel's send-buffer limit makes `send` wait when the peer is slow.
+//! `tokio-tungstenite` for signaling and the `webrtc` crate for peer connections. Every
+//! decision is [`Mesh`]'s (the connection state machine both transports share); this
+//! adapter feeds it the websocket's messages, the WebRTC stack's events and the time,
+//! and carries out its actions in order on one task. Each neighbour gets one
+//! pre-negotiated, reliable, ordered data channel; the channel's send-buffer limit makes
+//! its writer wait when the peer is slow, and the mesh's send queue bounds the rest.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use rtc::ice::mdns::MulticastDnsMode;
-use shoal_shared::framing::{DEFAULT_CHUNK, HIGH_WATER, Reassembler, split};
-use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal};
-use tokio::sync::{mpsc, watch};
+use shoal_shared::framing::HIGH_WATER;
+use shoal_shared::protocol::{PeerId, PeerReport, ServerMessage, Signal};
+use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
@@ -22,10 +25,8 @@ use webrtc::peer_connection::{
     RTCSessionDescription, SettingEngineBuilder,
 };
 
-use crate::swarm::{
-    Backoff, CONNECT_DEADLINE_SECS, MAX_IN_FLIGHT, MAX_MESSAGE, SendError, SwarmEvent, Transport,
-    should_offer,
-};
+use crate::mesh::{Action, Mesh};
+use crate::swarm::{CONNECT_DEADLINE_SECS, SendError, SwarmEvent, Transport};
 
 /// How a native peer connects.
 #[derive(Clone, Debug)]
@@ -39,31 +40,31 @@ pub struct NativeOptions {
     pub mdns: bool,
 }
 
+/// One live connection's platform objects.
 struct Conn {
+    /// Tells callbacks of an older connection to the same peer apart.
+    generation: u64,
     pc: Arc<dyn PeerConnection>,
-    out: mpsc::Sender<Vec<u8>>,
-    open: bool,
+    /// Wakes the channel's writer: frames are queued.
+    wake: Arc<Notify>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct State {
-    me: Option<PeerId>,
+    mesh: Mesh,
     ws: Option<mpsc::UnboundedSender<String>>,
-    ice: Vec<IceServer>,
-    neighbours: BTreeSet<PeerId>,
-    peers: HashMap<PeerId, Conn>,
-    /// Candidates gathered before this side's offer or answer was sent, per peer: they
-    /// must not reach the other side before the session description does.
-    outbox: HashMap<PeerId, Vec<Signal>>,
-    closed: bool,
+    conns: HashMap<PeerId, Conn>,
+    next_generation: u64,
 }
 
 struct Shared {
     opts: NativeOptions,
     state: Mutex<State>,
+    clock: Instant,
     events: mpsc::UnboundedSender<SwarmEvent>,
-    /// Relayed signals, handled one at a time in arrival order (a candidate must not be
-    /// applied before the description it belongs to).
-    signals: mpsc::UnboundedSender<(PeerId, Signal)>,
+    /// The mesh's actions, carried out one at a time in order by one task (a candidate
+    /// must not be applied before the description it belongs to).
+    actions: mpsc::UnboundedSender<Action>,
 }
 
 impl Shared {
@@ -73,67 +74,32 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn emit(&self, e: SwarmEvent) {
-        let _ = self.events.send(e);
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
     }
 
-    fn signal(&self, to: PeerId, signal: Signal) {
-        let text = serde_json::to_string(&ClientMessage::Signal { to, signal }).unwrap_or_default();
-        if let Some(ws) = &self.lock().ws {
-            let _ = ws.send(text);
-        }
-    }
-
-    /// Sends this side's offer or answer, then the candidates gathered meanwhile; from
-    /// then on candidates go out as they come.
-    fn send_description(&self, to: PeerId, description: Signal) {
-        self.signal(to, description);
-        let held = self.lock().outbox.remove(&to).unwrap_or_default();
-        for c in held {
-            self.signal(to, c);
-        }
-    }
-
-    /// Sends a local candidate, or holds it until the description has gone out.
-    fn send_candidate(&self, to: PeerId, candidate: Signal) {
+    /// Feeds the mesh (under the lock) and hands its actions to the executor.
+    fn with_mesh<R>(&self, f: impl FnOnce(&mut Mesh, u64) -> R) -> R {
+        let now = self.now_ms();
         let mut st = self.lock();
-        if let Some(held) = st.outbox.get_mut(&to) {
-            if held.len() < 64 {
-                held.push(candidate);
-            }
+        let r = f(&mut st.mesh, now);
+        while let Some(a) = st.mesh.poll_action() {
+            let _ = self.actions.send(a);
+        }
+        r
+    }
+
+    /// Like [`with_mesh`](Self::with_mesh), for an event of the connection of this
+    /// `generation`: ignored once that connection was replaced or closed.
+    fn from_conn(&self, peer: PeerId, generation: u64, f: impl FnOnce(&mut Mesh, u64)) {
+        let now = self.now_ms();
+        let mut st = self.lock();
+        if st.conns.get(&peer).map(|c| c.generation) != Some(generation) {
             return;
         }
-        drop(st);
-        self.signal(to, candidate);
-    }
-
-    /// Drops a connection that failed before its channel opened and asks the server for
-    /// another neighbour instead of retrying.
-    fn fail_peer(&self, peer: PeerId) {
-        let pending = self.lock().peers.get(&peer).is_some_and(|c| !c.open);
-        self.drop_peer(peer);
-        if pending {
-            let text =
-                serde_json::to_string(&ClientMessage::Unreachable { peer }).unwrap_or_default();
-            if let Some(ws) = &self.lock().ws {
-                let _ = ws.send(text);
-            }
-        }
-    }
-
-    fn drop_peer(&self, peer: PeerId) {
-        let conn = {
-            let mut st = self.lock();
-            st.outbox.remove(&peer);
-            st.peers.remove(&peer)
-        };
-        if let Some(c) = conn {
-            if c.open {
-                self.emit(SwarmEvent::PeerDown(peer));
-            }
-            tokio::spawn(async move {
-                let _ = c.pc.close().await;
-            });
+        f(&mut st.mesh, now);
+        while let Some(a) = st.mesh.poll_action() {
+            let _ = self.actions.send(a);
         }
     }
 }
@@ -142,54 +108,57 @@ impl Shared {
 pub struct NativeSwarm {
     shared: Arc<Shared>,
     events: mpsc::UnboundedReceiver<SwarmEvent>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl NativeSwarm {
     /// Starts connecting (and reconnecting, with backoff) to the signaling server.
     /// Must be called inside a tokio runtime.
     pub fn connect(opts: NativeOptions) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (signals, mut signals_rx) = mpsc::unbounded_channel::<(PeerId, Signal)>();
+        let (events, rx) = mpsc::unbounded_channel();
+        let (actions, actions_rx) = mpsc::unbounded_channel();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
         let shared = Arc::new(Shared {
             opts,
             state: Mutex::new(State {
-                me: None,
+                mesh: Mesh::new(seed),
                 ws: None,
-                ice: Vec::new(),
-                neighbours: BTreeSet::new(),
-                peers: HashMap::new(),
-                outbox: HashMap::new(),
-                closed: false,
+                conns: HashMap::new(),
+                next_generation: 0,
             }),
-            events: tx,
-            signals,
+            clock: Instant::now(),
+            events,
+            actions,
         });
-        let weak = Arc::downgrade(&shared);
-        tokio::spawn(async move {
-            while let Some((from, signal)) = signals_rx.recv().await {
-                let Some(shared) = weak.upgrade() else { return };
-                on_signal(shared, from, signal).await;
-            }
-        });
-        let task = tokio::spawn(signaling_loop(Arc::clone(&shared)));
+        let tasks = vec![
+            tokio::spawn(execute(Arc::downgrade(&shared), actions_rx)),
+            tokio::spawn(signaling_loop(Arc::clone(&shared))),
+        ];
         Self {
             shared,
             events: rx,
-            task,
+            tasks,
         }
     }
 
     /// Leaves the swarm.
     pub async fn close(self) {
-        let peers: Vec<Conn> = {
+        let conns: Vec<Conn> = {
             let mut st = self.shared.lock();
-            st.closed = true;
+            st.mesh.close();
+            while st.mesh.poll_action().is_some() {}
             st.ws = None;
-            st.peers.drain().map(|(_, c)| c).collect()
+            st.conns.drain().map(|(_, c)| c).collect()
         };
-        self.task.abort();
-        for c in peers {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for c in conns {
+            for t in &c.tasks {
+                t.abort();
+            }
             let _ = c.pc.close().await;
         }
     }
@@ -198,32 +167,17 @@ impl NativeSwarm {
 impl Transport for NativeSwarm {
     /// This peer's id in the current signaling session.
     fn id(&self) -> Option<PeerId> {
-        self.shared.lock().me
+        self.shared.lock().mesh.id()
     }
 
     /// Neighbours with an open channel.
     fn peers(&self) -> Vec<PeerId> {
-        self.shared
-            .lock()
-            .peers
-            .iter()
-            .filter(|(_, c)| c.open)
-            .map(|(p, _)| *p)
-            .collect()
+        self.shared.lock().mesh.peers()
     }
 
     /// Queues a whole message for a neighbour.
     fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError> {
-        if data.len() > MAX_MESSAGE {
-            return Err(SendError::TooLarge);
-        }
-        let st = self.shared.lock();
-        let c = st
-            .peers
-            .get(&peer)
-            .filter(|c| c.open)
-            .ok_or(SendError::NoSuchPeer(peer))?;
-        c.out.try_send(data).map_err(|_| SendError::Full(peer))
+        self.shared.with_mesh(|mesh, _| mesh.send(peer, &data))
     }
 
     /// The next event, or `None` once the swarm is closed.
@@ -232,21 +186,11 @@ impl Transport for NativeSwarm {
     }
 
     fn report(&self, report: &PeerReport) {
-        let text = serde_json::to_string(&ClientMessage::Report {
-            report: report.clone(),
-        })
-        .unwrap_or_default();
-        if let Some(ws) = &self.shared.lock().ws {
-            let _ = ws.send(text);
-        }
+        self.shared.with_mesh(|mesh, _| mesh.report(report));
     }
 }
 
 async fn signaling_loop(shared: Arc<Shared>) {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    let mut backoff = Backoff::new(250, 10_000, seed);
     loop {
         if let Ok((ws, _)) = tokio_tungstenite::connect_async(&shared.opts.url).await {
             let (mut sink, mut stream) = ws.split();
@@ -262,142 +206,143 @@ async fn signaling_loop(shared: Arc<Shared>) {
             while let Some(Ok(msg)) = stream.next().await {
                 if let Message::Text(text) = msg {
                     match serde_json::from_str::<ServerMessage>(&text) {
-                        Ok(m) => {
-                            if matches!(m, ServerMessage::Welcome { .. }) {
-                                backoff.reset();
-                            }
-                            on_server_message(&shared, m);
-                        }
+                        Ok(m) => shared.with_mesh(|mesh, now| mesh.on_server(m, now)),
                         Err(e) => eprintln!("shoal: bad signaling message: {e}"),
                     }
                 }
             }
             writer.abort();
-            {
-                let mut st = shared.lock();
-                st.ws = None;
-                st.me = None;
-            }
-            shared.emit(SwarmEvent::Signaling { me: None });
+            shared.lock().ws = None;
+            shared.with_mesh(|mesh, _| mesh.signaling_down());
         }
-        if shared.lock().closed {
+        let delay = {
+            let mut st = shared.lock();
+            if st.mesh.is_closed() {
+                return;
+            }
+            st.mesh.reconnect_delay_ms()
+        };
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+    }
+}
+
+/// Carries out the mesh's actions, in order.
+async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedReceiver<Action>) {
+    while let Some(action) = actions.recv().await {
+        let Some(shared) = shared.upgrade() else {
             return;
+        };
+        match action {
+            Action::Signal(m) => {
+                let text = serde_json::to_string(&m).unwrap_or_default();
+                if let Some(ws) = &shared.lock().ws {
+                    let _ = ws.send(text);
+                }
+            }
+            Action::Emit(e) => {
+                let _ = shared.events.send(e);
+            }
+            Action::Connect { peer, offer } => {
+                if let Err(e) = connect(&shared, peer, offer).await {
+                    eprintln!("shoal: connection to {peer} failed: {e}");
+                    shared.with_mesh(|mesh, _| mesh.failed(peer));
+                }
+            }
+            Action::Answer { peer, sdp } => {
+                let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
+                let Some(pc) = pc else { continue };
+                match answer(&*pc, sdp).await {
+                    Ok(sdp) => {
+                        shared.with_mesh(|mesh, _| mesh.described(peer, Signal::Answer { sdp }))
+                    }
+                    Err(e) => {
+                        eprintln!("shoal: answering {peer} failed: {e}");
+                        shared.with_mesh(|mesh, _| mesh.failed(peer));
+                    }
+                }
+            }
+            Action::Accept { peer, sdp } => {
+                let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
+                let Some(pc) = pc else { continue };
+                let ok = match RTCSessionDescription::answer(sdp) {
+                    Ok(d) => pc.set_remote_description(d).await.is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
+                    shared.with_mesh(|mesh, _| mesh.failed(peer));
+                }
+            }
+            Action::AddCandidate { peer, candidate } => {
+                let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
+                if let (
+                    Some(pc),
+                    Signal::Candidate {
+                        candidate,
+                        sdp_mid,
+                        sdp_m_line_index,
+                    },
+                ) = (pc, candidate)
+                {
+                    let init = RTCIceCandidateInit {
+                        candidate,
+                        sdp_mid,
+                        sdp_mline_index: sdp_m_line_index,
+                        ..Default::default()
+                    };
+                    // A candidate that does not apply is harmless to ignore.
+                    let _ = pc.add_ice_candidate(init).await;
+                }
+            }
+            Action::Pump(peer) => {
+                if let Some(c) = shared.lock().conns.get(&peer) {
+                    c.wake.notify_one();
+                }
+            }
+            Action::Close(peer) => {
+                let conn = shared.lock().conns.remove(&peer);
+                if let Some(c) = conn {
+                    for t in &c.tasks {
+                        t.abort();
+                    }
+                    tokio::spawn(async move {
+                        let _ = c.pc.close().await;
+                    });
+                }
+            }
+            Action::Warn(w) => eprintln!("shoal: {w}"),
         }
-        tokio::time::sleep(Duration::from_millis(u64::from(backoff.next_delay_ms()))).await;
     }
 }
 
-fn on_server_message(shared: &Arc<Shared>, m: ServerMessage) {
-    match m {
-        ServerMessage::Welcome {
-            peer, ice_servers, ..
-        } => {
-            {
-                let mut st = shared.lock();
-                st.me = Some(peer);
-                st.ice = ice_servers;
-            }
-            shared.emit(SwarmEvent::Signaling { me: Some(peer) });
-        }
-        ServerMessage::Neighbours { peers } => {
-            let (me, to_open, to_drop) = {
-                let mut st = shared.lock();
-                let Some(me) = st.me else { return };
-                st.neighbours = peers.iter().copied().collect();
-                let open: Vec<PeerId> = peers
-                    .iter()
-                    .copied()
-                    .filter(|p| !st.peers.contains_key(p))
-                    .collect();
-                // Open connections stay (they may predate a signaling reconnect).
-                let drop: Vec<PeerId> = st
-                    .peers
-                    .iter()
-                    .filter(|(p, c)| !st.neighbours.contains(p) && !c.open)
-                    .map(|(p, _)| *p)
-                    .collect();
-                (me, open, drop)
-            };
-            for p in to_drop {
-                shared.drop_peer(p);
-            }
-            for p in to_open.into_iter().filter(|&p| should_offer(me, p)) {
-                tokio::spawn(connect_peer(Arc::clone(shared), p, None));
-            }
-        }
-        ServerMessage::Left { peer } => {
-            // The peer's websocket is gone; its data channel may not be (the server may
-            // be restarting). An open channel stays until it closes by itself.
-            let pending = {
-                let mut st = shared.lock();
-                st.neighbours.remove(&peer);
-                st.peers.get(&peer).is_some_and(|c| !c.open)
-            };
-            if pending {
-                shared.drop_peer(peer);
-            }
-        }
-        ServerMessage::Joined { .. } => {}
-        ServerMessage::Signal { from, signal } => {
-            let _ = shared.signals.send((from, signal));
-        }
-        ServerMessage::TaskState { paused } => shared.emit(SwarmEvent::TaskState { paused }),
-        ServerMessage::Error { code, message } => {
-            eprintln!("shoal: signaling error {}: {message}", code.as_str());
-        }
-    }
-}
-
-async fn on_signal(shared: Arc<Shared>, from: PeerId, signal: Signal) {
-    let pc = shared.lock().peers.get(&from).map(|c| Arc::clone(&c.pc));
-    match (signal, pc) {
-        (Signal::Offer { sdp }, None) => connect_peer(shared, from, Some(sdp)).await,
-        (Signal::Offer { .. }, Some(_)) => {}
-        (Signal::Answer { sdp }, Some(pc)) => {
-            let ok = match RTCSessionDescription::answer(sdp) {
-                Ok(d) => pc.set_remote_description(d).await.is_ok(),
-                Err(_) => false,
-            };
-            if !ok {
-                shared.drop_peer(from);
-            }
-        }
-        (
-            Signal::Candidate {
-                candidate,
-                sdp_mid,
-                sdp_m_line_index,
-            },
-            Some(pc),
-        ) => {
-            let init = RTCIceCandidateInit {
-                candidate,
-                sdp_mid,
-                sdp_mline_index: sdp_m_line_index,
-                ..Default::default()
-            };
-            // A candidate that does not apply is harmless to ignore.
-            let _ = pc.add_ice_candidate(init).await;
-        }
-        (_, None) => {}
-    }
+async fn answer(pc: &dyn PeerConnection, offer: String) -> anyhow::Result<String> {
+    pc.set_remote_description(RTCSessionDescription::offer(offer)?)
+        .await?;
+    let answer = pc.create_answer(None).await?;
+    pc.set_local_description(answer.clone()).await?;
+    Ok(answer.sdp)
 }
 
 struct Handler {
-    shared: Arc<Shared>,
+    shared: std::sync::Weak<Shared>,
     peer: PeerId,
+    generation: u64,
 }
 
 #[async_trait]
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
         if let Ok(init) = event.candidate.to_json() {
             let signal = Signal::Candidate {
                 candidate: init.candidate,
                 sdp_mid: init.sdp_mid,
                 sdp_m_line_index: init.sdp_mline_index,
             };
-            self.shared.send_candidate(self.peer, signal);
+            shared.from_conn(self.peer, self.generation, |mesh, _| {
+                mesh.local_candidate(self.peer, signal);
+            });
         }
     }
 
@@ -405,37 +350,34 @@ impl PeerConnectionEventHandler for Handler {
         if matches!(
             state,
             RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
-        ) {
-            // Dropped, not retried: the neighbour set brings another peer.
-            self.shared.drop_peer(self.peer);
+        ) && let Some(shared) = self.shared.upgrade()
+        {
+            shared.from_conn(self.peer, self.generation, |mesh, _| mesh.failed(self.peer));
         }
     }
 }
 
-/// Opens a connection to `peer`: as the offerer when `offer` is `None`, otherwise as the
-/// answerer of that offer.
-async fn connect_peer(shared: Arc<Shared>, peer: PeerId, offer: Option<String>) {
-    if let Err(e) = try_connect_peer(&shared, peer, offer).await {
-        eprintln!("shoal: connection to {peer} failed: {e}");
-        shared.fail_peer(peer);
-    }
-}
-
-async fn try_connect_peer(
-    shared: &Arc<Shared>,
-    peer: PeerId,
-    offer: Option<String>,
-) -> anyhow::Result<()> {
-    let ice: Vec<RTCIceServer> = shared
-        .lock()
-        .ice
-        .iter()
-        .map(|s| RTCIceServer {
-            urls: s.urls.clone(),
-            username: s.username.clone().unwrap_or_default(),
-            credential: s.credential.clone().unwrap_or_default(),
-        })
-        .collect();
+/// Creates the connection to `peer` with its channel; as the offerer, also its offer.
+async fn connect(shared: &Arc<Shared>, peer: PeerId, offer: bool) -> anyhow::Result<()> {
+    let (ice, generation) = {
+        let mut st = shared.lock();
+        if !st.mesh.has(peer) {
+            // Forgotten while this action waited.
+            return Ok(());
+        }
+        st.next_generation += 1;
+        let ice: Vec<RTCIceServer> = st
+            .mesh
+            .ice_servers()
+            .iter()
+            .map(|s| RTCIceServer {
+                urls: s.urls.clone(),
+                username: s.username.clone().unwrap_or_default(),
+                credential: s.credential.clone().unwrap_or_default(),
+            })
+            .collect();
+        (ice, st.next_generation)
+    };
     let mdns = if shared.opts.mdns {
         MulticastDnsMode::QueryOnly
     } else {
@@ -451,8 +393,9 @@ async fn try_connect_peer(
                 .build(),
         )
         .with_handler(Arc::new(Handler {
-            shared: Arc::clone(shared),
+            shared: Arc::downgrade(shared),
             peer,
+            generation,
         }))
         .with_runtime(runtime)
         .with_udp_addrs(shared.opts.udp_addrs.clone())
@@ -460,114 +403,120 @@ async fn try_connect_peer(
         .build()
         .await?;
     let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+    // One pre-negotiated, reliable, ordered channel (id 0) on both sides.
     let init = RTCDataChannelInit {
         negotiated: Some(0),
         ..Default::default()
     };
     let dc = pc.create_data_channel("shoal", Some(init)).await?;
-    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(4);
-    let inserted = {
+    let wake = Arc::new(Notify::new());
+    let tasks = vec![
+        tokio::spawn(read_channel(
+            Arc::downgrade(shared),
+            peer,
+            generation,
+            Arc::clone(&dc),
+        )),
+        tokio::spawn(write_channel(
+            Arc::downgrade(shared),
+            peer,
+            dc,
+            Arc::clone(&wake),
+        )),
+        // The mesh drops a connection that misses its deadline; wake it then.
+        tokio::spawn({
+            let shared = Arc::downgrade(shared);
+            async move {
+                let deadline = u64::from(CONNECT_DEADLINE_SECS) * 1000 + 50;
+                tokio::time::sleep(Duration::from_millis(deadline)).await;
+                if let Some(shared) = shared.upgrade() {
+                    shared.with_mesh(|mesh, now| mesh.tick(now));
+                }
+            }
+        }),
+    ];
+    let gone = {
         let mut st = shared.lock();
-        let fresh = !st.closed && !st.peers.contains_key(&peer);
-        if fresh {
-            st.peers.insert(
+        let gone = st.mesh.is_closed() || !st.mesh.has(peer);
+        if !gone {
+            st.conns.insert(
                 peer,
                 Conn {
+                    generation,
                     pc: Arc::clone(&pc),
-                    out: out_tx,
-                    open: false,
+                    wake,
+                    tasks: Vec::new(),
                 },
             );
-            st.outbox.insert(peer, Vec::new());
         }
-        fresh
+        gone
     };
-    if !inserted {
+    if gone {
+        for t in &tasks {
+            t.abort();
+        }
         let _ = pc.close().await;
         return Ok(());
     }
-    let (open_tx, open_rx) = watch::channel(false);
-    // A connection that has not opened by the deadline is dropped, never retried; the
-    // neighbour set brings others.
-    let (watchdog, mut opened) = (Arc::clone(shared), open_rx.clone());
-    tokio::spawn(async move {
-        let deadline = Duration::from_secs(u64::from(CONNECT_DEADLINE_SECS));
-        if tokio::time::timeout(deadline, opened.wait_for(|&o| o))
-            .await
-            .is_err()
-        {
-            watchdog.drop_peer(peer);
-        }
-    });
-    tokio::spawn(read_channel(
-        Arc::clone(shared),
-        peer,
-        Arc::clone(&dc),
-        open_tx,
-    ));
-    tokio::spawn(write_channel(dc, out_rx, open_rx));
-    match offer {
-        None => {
-            let offer = pc.create_offer(None).await?;
-            pc.set_local_description(offer.clone()).await?;
-            shared.send_description(peer, Signal::Offer { sdp: offer.sdp });
-        }
-        Some(sdp) => {
-            pc.set_remote_description(RTCSessionDescription::offer(sdp)?)
-                .await?;
-            let answer = pc.create_answer(None).await?;
-            pc.set_local_description(answer.clone()).await?;
-            shared.send_description(peer, Signal::Answer { sdp: answer.sdp });
-        }
+    if let Some(c) = shared.lock().conns.get_mut(&peer) {
+        c.tasks = tasks;
+    }
+    if offer {
+        let offer = pc.create_offer(None).await?;
+        pc.set_local_description(offer.clone()).await?;
+        shared.with_mesh(|mesh, _| mesh.described(peer, Signal::Offer { sdp: offer.sdp }));
     }
     Ok(())
 }
 
 async fn read_channel(
-    shared: Arc<Shared>,
+    shared: std::sync::Weak<Shared>,
     peer: PeerId,
+    generation: u64,
     dc: Arc<dyn DataChannel>,
-    open: watch::Sender<bool>,
 ) {
-    let mut rx = Reassembler::new(MAX_MESSAGE, MAX_IN_FLIGHT);
-    let clock = std::time::Instant::now();
     while let Some(ev) = dc.poll().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         match ev {
             DataChannelEvent::OnOpen => {
-                if let Some(c) = shared.lock().peers.get_mut(&peer) {
-                    c.open = true;
-                }
-                let _ = open.send(true);
-                shared.emit(SwarmEvent::PeerUp(peer));
+                shared.from_conn(peer, generation, |mesh, _| mesh.channel_open(peer));
             }
             DataChannelEvent::OnMessage(msg) => {
-                // A bad frame drops its message (counted by the reassembler), never the peer.
-                if let Ok(Some(data)) = rx.push(&msg.data, clock.elapsed().as_millis() as u64) {
-                    shared.emit(SwarmEvent::Message { from: peer, data });
-                }
+                shared.from_conn(peer, generation, |mesh, now| {
+                    mesh.frame(peer, &msg.data, now);
+                });
             }
             DataChannelEvent::OnClose => break,
             _ => {}
         }
     }
-    shared.drop_peer(peer);
+    if let Some(shared) = shared.upgrade() {
+        shared.from_conn(peer, generation, |mesh, _| mesh.failed(peer));
+    }
 }
 
+/// Sends the mesh's queued frames for `peer` whenever woken; the channel's send-buffer
+/// limit makes `send` wait while the other side is slow.
 async fn write_channel(
+    shared: std::sync::Weak<Shared>,
+    peer: PeerId,
     dc: Arc<dyn DataChannel>,
-    mut out: mpsc::Receiver<Vec<u8>>,
-    mut open: watch::Receiver<bool>,
+    wake: Arc<Notify>,
 ) {
-    if open.wait_for(|&o| o).await.is_err() {
-        return;
-    }
-    let mut id = 0u32;
-    while let Some(msg) = out.recv().await {
-        for frame in split(id, &msg, DEFAULT_CHUNK) {
+    loop {
+        wake.notified().await;
+        loop {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let frame = shared.lock().mesh.next_frame(peer, 0);
+            drop(shared);
+            let Some(frame) = frame else { break };
             if dc.send(BytesMut::from(&frame[..])).await.is_err() {
                 return;
             }
         }
-        id = id.wrapping_add(1);
     }
 }

@@ -45,6 +45,13 @@ async fn until<T>(
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn random(len: usize, seed: u64) -> Vec<u8> {
     let mut r = shoal_shared::rng::SplitMix64::new(seed);
     (0..len).map(|_| r.next_u64() as u8).collect()
@@ -55,11 +62,7 @@ fn two_native_peers_move_10_mb_even_while_the_server_dies() {
     if reexec_in_netns(common::test_name!()) {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    runtime().block_on(async {
         let (url, stop) = start_server().await;
         let mut stop = Some(stop);
         let mut a = peer(&url);
@@ -106,6 +109,56 @@ fn two_native_peers_move_10_mb_even_while_the_server_dies() {
         assert_eq!(a.peers(), vec![b_of_a], "the channel outlived the server");
         a.close().await;
         b.close().await;
+    });
+}
+
+#[test]
+fn a_message_sent_the_moment_a_channel_opens_arrives_after_peer_up() {
+    if reexec_in_netns(common::test_name!()) {
+        return;
+    }
+    runtime().block_on(async {
+        let (url, _stop) = start_server().await;
+        // Fresh pairs, both sides writing the instant they see the channel up: whatever
+        // arrives before the receiver's own open event must be held, not lost.
+        for pair in 0..12u64 {
+            let mut a = peer(&url);
+            let mut b = peer(&url);
+            let mut got = 0;
+            let mut up = [None, None];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while got < 2 {
+                let ev = tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        e = a.next_event() => (0, e),
+                        e = b.next_event() => (1, e),
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("pair {pair}: {got} of 2 greetings arrived"));
+                let (side, ev) = (ev.0, ev.1.expect("swarm open"));
+                let me = if side == 0 { &a } else { &b };
+                match ev {
+                    SwarmEvent::PeerUp(p) => {
+                        up[side] = Some(p);
+                        me.send(p, format!("hello {pair}").into_bytes())
+                            .expect("queued at open");
+                    }
+                    SwarmEvent::Message { from, data } => {
+                        assert_eq!(
+                            up[side],
+                            Some(from),
+                            "pair {pair}: a message before peer_up"
+                        );
+                        assert_eq!(data, format!("hello {pair}").into_bytes());
+                        got += 1;
+                    }
+                    _ => {}
+                }
+            }
+            a.close().await;
+            b.close().await;
+        }
     });
 }
 

@@ -112,8 +112,11 @@ fn gemm_avx2_fma(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) 
 #[inline(always)]
 fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let mut pa = vec![0.0f32; MC.div_ceil(MR) * MR * KC];
-    let mut pb = vec![0.0f32; NC.div_ceil(NR) * NR * KC];
+    // Packing buffers sized to this product, not to the largest block: zeroing a full
+    // `NC x KC` panel (2 MiB) per call cost more than the arithmetic of a small batch.
+    let kcap = KC.min(k);
+    let mut pa = vec![0.0f32; MC.min(m).div_ceil(MR) * MR * kcap];
+    let mut pb = vec![0.0f32; NC.min(n).div_ceil(NR) * NR * kcap];
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {

@@ -49,15 +49,63 @@ impl Aggregation {
     }
 }
 
-/// Combines `updates` (vectors of equal length, each with a positive weight) into `out`.
-/// With no updates, `out` is zeroed.
-pub fn aggregate(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) {
+/// The robust rules first drop every update farther than this many times the median
+/// distance from the updates' coordinate-wise median (at least half are always kept).
+/// Honest updates of a round lie at nearly equal distances from the median (in many
+/// dimensions their noise concentrates), so this drops no honest update in practice;
+/// a lie at twice an honest update's size or more, or pointing against the others, is
+/// farther. Per-coordinate rules alone let such lies shift every coordinate a little,
+/// and the shifts add up over rounds.
+pub const SCREEN_RADIUS: f32 = 2.0;
+
+/// Combines `updates` (vectors of equal length, each with a positive weight) into `out`
+/// and returns the indices of the updates screened out (see [`SCREEN_RADIUS`]; only the
+/// robust rules screen). With no updates, `out` is zeroed.
+pub fn aggregate(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) -> Vec<usize> {
+    out.fill(0.0);
+    if updates.is_empty() {
+        return Vec::new();
+    }
+    debug_assert!(updates.iter().all(|(u, _)| u.len() == out.len()));
+    let screened = match rule {
+        Aggregation::Mean => Vec::new(),
+        _ => screen(updates, out),
+    };
+    let kept: Vec<(&[f32], f32)> = updates
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !screened.contains(i))
+        .map(|(_, u)| *u)
+        .collect();
+    combine(rule, &kept, out);
+    screened
+}
+
+/// The indices of the updates farther than [`SCREEN_RADIUS`] times the median distance
+/// from the coordinate-wise median (`scratch` holds that median afterwards).
+fn screen(updates: &[(&[f32], f32)], scratch: &mut [f32]) -> Vec<usize> {
+    let m = updates.len();
+    if m < 3 {
+        return Vec::new();
+    }
+    per_coordinate(updates, scratch, median_of_sorted);
+    let dist: Vec<f32> = updates.iter().map(|(u, _)| distance(u, scratch)).collect();
+    let mut sorted = dist.clone();
+    sorted.sort_by(f32::total_cmp);
+    let limit = SCREEN_RADIUS * sorted[(m - 1) / 2];
+    dist.iter()
+        .enumerate()
+        .filter(|&(_, &d)| d > limit)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn combine(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) {
     out.fill(0.0);
     let m = updates.len();
     if m == 0 {
         return;
     }
-    debug_assert!(updates.iter().all(|(u, _)| u.len() == out.len()));
     match rule {
         Aggregation::Mean => mean(updates, out),
         Aggregation::TrimmedMean { trim } => {
@@ -191,12 +239,60 @@ mod tests {
         }
     }
 
+    /// Honest updates: one direction plus as much noise again, in many dimensions (as a
+    /// round's pseudo-gradients are); `liars` of them negated at 2.5 times their size.
+    fn noisy_round(honest: usize, liars: usize) -> Vec<Vec<f32>> {
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let dim = 2000;
+        let signal: Vec<f32> = (0..dim).map(|_| rng.normal_f32()).collect();
+        (0..honest + liars)
+            .map(|i| {
+                let u: Vec<f32> = signal.iter().map(|s| s + rng.normal_f32()).collect();
+                if i < honest {
+                    u
+                } else {
+                    u.iter().map(|x| -2.5 * x).collect()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_screen_drops_lies_and_keeps_every_honest_update() {
+        for (honest, liars) in [(8, 0), (6, 2), (5, 3), (3, 0)] {
+            let ups = noisy_round(honest, liars);
+            let refs: Vec<(&[f32], f32)> = ups.iter().map(|u| (&u[..], 1.0)).collect();
+            let mut out = vec![0.0; ups[0].len()];
+            let screened = aggregate(Aggregation::TrimmedMean { trim: 0.25 }, &refs, &mut out);
+            assert_eq!(
+                screened,
+                (honest..honest + liars).collect::<Vec<_>>(),
+                "{honest} honest, {liars} liars"
+            );
+            // What is left is the honest updates' trimmed mean: close to their mean.
+            let mut honest_mean = vec![0.0; out.len()];
+            aggregate(Aggregation::Mean, &refs[..honest], &mut honest_mean);
+            let off = distance(&out, &honest_mean) / norm(&honest_mean);
+            assert!(off < 0.35, "{honest} honest, {liars} liars: {off}");
+        }
+        // The plain mean never screens.
+        let ups = noisy_round(6, 2);
+        let refs: Vec<(&[f32], f32)> = ups.iter().map(|u| (&u[..], 1.0)).collect();
+        let mut out = vec![0.0; ups[0].len()];
+        assert!(aggregate(Aggregation::Mean, &refs, &mut out).is_empty());
+    }
+
     #[test]
     fn trimmed_mean_and_median_agree_with_hand_computation() {
-        let ups = vec![vec![1.0], vec![2.0], vec![3.0], vec![4.0], vec![100.0]];
+        let ups = vec![vec![1.0], vec![2.0], vec![3.0], vec![4.0], vec![5.0]];
         assert_eq!(run(Aggregation::TrimmedMean { trim: 0.2 }, &ups), vec![3.0]);
         assert_eq!(run(Aggregation::Median, &ups), vec![3.0]);
         assert_eq!(run(Aggregation::Median, &ups[..4]), vec![2.5]);
+        // 100 is 97 from the median 3, where the median distance is 1: screened out,
+        // then the trimmed mean of 1..4 drops 1 and 4.
+        let mut far = ups.clone();
+        far[4] = vec![100.0];
+        assert_eq!(run(Aggregation::TrimmedMean { trim: 0.2 }, &far), vec![2.5]);
         // Too few updates to trim leaves the mean.
         assert_eq!(
             run(Aggregation::TrimmedMean { trim: 0.25 }, &ups[..2]),

@@ -236,6 +236,13 @@ pub enum Rejection {
     /// A second gossip mix from the same sender in one round.
     #[error("mix_repeat")]
     MixRepeat,
+    /// An update far from the coordinate-wise median of the round's updates (see
+    /// [`aggregate::SCREEN_RADIUS`]).
+    #[error("outlier")]
+    Outlier,
+    /// A gossip mix for a round that is not a multiple of `sync_every`.
+    #[error("off_schedule")]
+    OffSchedule,
 }
 
 impl From<&WireError> for Rejection {
@@ -252,7 +259,7 @@ impl From<&WireError> for Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 18] = [
         Self::Malformed,
         Self::BadSignature,
         Self::Replay,
@@ -269,6 +276,8 @@ impl Rejection {
         Self::NoQuorum,
         Self::RequestRate,
         Self::MixRepeat,
+        Self::Outlier,
+        Self::OffSchedule,
     ];
 
     /// The reason named `name` ([`Rejection::as_str`]), if there is one.
@@ -295,6 +304,8 @@ impl Rejection {
             Self::NoQuorum => "no_quorum",
             Self::RequestRate => "request_rate",
             Self::MixRepeat => "mix_repeat",
+            Self::Outlier => "outlier",
+            Self::OffSchedule => "off_schedule",
         }
     }
 }
@@ -573,6 +584,11 @@ impl Learner {
         if round < self.round {
             return Err(self.stats.reject(Rejection::Stale));
         }
+        // Honest peers send mixes only for rounds that are multiples of `sync_every`.
+        let every = u64::from(self.cfg.sync_every);
+        if every == 0 || !round.is_multiple_of(every) {
+            return Err(self.stats.reject(Rejection::OffSchedule));
+        }
         if self.mixes.len() >= MAX_MIXES
             || self
                 .mixes
@@ -724,10 +740,17 @@ impl Learner {
             updates.push((&p.delta, 1.0 / (1.0 + late as f32)));
             summary.used += 1;
         }
-        self.stats.used += summary.used as u64;
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
-            aggregate::aggregate(self.cfg.aggregation, &updates, &mut g);
+            let screened = aggregate::aggregate(self.cfg.aggregation, &updates, &mut g);
+            for i in screened {
+                // Our own update can be the outlier too; it is not a neighbour's to count.
+                if own.is_none() || i > 0 {
+                    self.stats.reject(Rejection::Outlier);
+                    summary.rejected += 1;
+                    summary.used -= 1;
+                }
+            }
             let (lr, mu) = (self.cfg.outer_lr, self.cfg.outer_momentum);
             for ((w, m), g) in self.weights.iter_mut().zip(&mut self.momentum).zip(&g) {
                 *m = mu * *m + g;
@@ -735,40 +758,34 @@ impl Learner {
             }
             summary.step_norm = lr * aggregate::norm(&g);
         }
+        self.stats.used += summary.used as u64;
         self.round += 1;
-        // Neighbours' round-start weights for the round we now start: half of the way
-        // toward their mean, each one's pull clipped to an honest update's size (a
-        // quarter of our weights' norm while there is none to compare with), so a liar
-        // moves us at most that far. Later rounds' wait; earlier ones are dropped.
+        // Neighbours' round-start weights for the round we now start: of those held, the
+        // one nearest our own weights (an honest neighbour's model is a few percent away;
+        // a poisoned one has to be farther to do harm, so it loses to any honest one),
+        // half of the way, its pull clipped to an honest update's size (a quarter of our
+        // weights' norm while there is none to compare with). A liar moves us at most
+        // that far, once per `sync_every` rounds. Later rounds' wait; earlier ones are
+        // dropped.
         let (now, rest): (Vec<Mix>, Vec<Mix>) = std::mem::take(&mut self.mixes)
             .into_iter()
             .filter(|m| m.round >= self.round)
             .partition(|m| m.round == self.round);
         self.mixes = rest;
-        if !now.is_empty() {
+        let nearest = now
+            .iter()
+            .map(|m| (aggregate::distance(&m.weights, &self.weights), m))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((n, m)) = nearest {
             let quarter = 0.25 * aggregate::norm(&self.weights);
             let radius = if bound > 0.0 {
                 bound.min(quarter)
             } else {
                 quarter
             };
-            let share = 0.5 / now.len() as f32;
-            let mut pull = vec![0.0f32; self.weights.len()];
-            for m in &now {
-                let dev: Vec<f32> = m
-                    .weights
-                    .iter()
-                    .zip(&self.weights)
-                    .map(|(t, w)| t - w)
-                    .collect();
-                let n = aggregate::norm(&dev);
-                let clip = if n > radius { radius / n } else { 1.0 };
-                for (p, d) in pull.iter_mut().zip(&dev) {
-                    *p += share * clip * d;
-                }
-            }
-            for (w, p) in self.weights.iter_mut().zip(&pull) {
-                *w += p;
+            let clip = if n > radius { radius / n } else { 1.0 };
+            for (w, t) in self.weights.iter_mut().zip(&m.weights) {
+                *w += 0.5 * clip * (t - *w);
             }
             summary.mixed = true;
         }

@@ -22,10 +22,14 @@
 //!   than half of those whose round we know, must have sent a validly signed update for a
 //!   round more than `max_staleness` ahead of ours.
 //! - From the answers it keeps those whose round is within `max_staleness` of the
-//!   answers' (lower) median round; it needs at least two of them (one when it asked a
-//!   single neighbour while joining), and takes the one nearest the coordinate-wise median
-//!   of their weights (ties: nearest its own weights), with the coordinate-wise median of
-//!   their momenta. A lagging peer only takes a model ahead of its own round.
+//!   answers' (lower) median round (a lagging peer: only those ahead of its own round).
+//!   Two answers agree when their weights are within [`AGREE_RATIO`] of the smaller
+//!   norm. It takes only an answer that more than half of the neighbours it asked (a
+//!   silent one counts against; one answer after failed tries to join), and more than
+//!   half of the kept answers, agree with (itself included): of those, the one nearest
+//!   the coordinate-wise median of all kept answers' weights (ties: nearest its own
+//!   weights), with the coordinate-wise median of the momenta of the answers that agree
+//!   with it.
 //! - Round numbers at or above [`MAX_ROUND`](super::wire::MAX_ROUND) are refused on
 //!   decode; every other round is only ever a claim that moves nothing on its own.
 
@@ -56,6 +60,10 @@ pub const OBSERVE_ASK: usize = 2;
 pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
 pub const JOIN_ATTEMPTS: u32 = 3;
+/// Two model answers agree when their weights are within this share of the smaller of
+/// their norms (honest models of one swarm differ by a few percent; a model that far
+/// from the others is another model).
+pub const AGREE_RATIO: f32 = 0.5;
 /// How long after a channel opens a peer first writes to it. The `webrtc` crate (0.21)
 /// can lose a message that arrives in the same read as the last packet of the handshake,
 /// and a lost message wedges a reliable ordered channel for good.
@@ -576,16 +584,17 @@ impl Peer {
             return;
         };
         let started = self.learner.is_started();
+        // Answers that must agree on the model: more than half of the neighbours asked
+        // (a silent one counts against adoption), so colluders win only where they are
+        // the majority of those asked.
+        let majority = f.asked.len() / 2 + 1;
         let (quorum, min_round) = match f.purpose {
             // After failed tries a joiner takes a lone answer (neighbours that stay silent
             // must not keep it out of the swarm forever).
             Purpose::Join if self.join_attempts + 1 >= JOIN_ATTEMPTS => (1, None),
-            Purpose::Join => (f.asked.len().min(2), None),
-            Purpose::Lag => (2, Some(self.learner.round() + 1)),
-            Purpose::Observe => (
-                f.asked.len().min(2),
-                started.then(|| self.learner.round() + 1),
-            ),
+            Purpose::Join => (majority, None),
+            Purpose::Lag => (majority, Some(self.learner.round() + 1)),
+            Purpose::Observe => (majority, started.then(|| self.learner.round() + 1)),
         };
         let answered = !f.answers.is_empty();
         let answers: Vec<Snapshot> = f.answers.into_values().collect();
@@ -874,23 +883,46 @@ fn choose(
     if kept.len() < quorum {
         return Err((Rejection::NoQuorum, outliers));
     }
+    // Which answers agree with which: a model is only taken when `quorum` answers and
+    // more than half of those kept agree with it.
+    let norms: Vec<f32> = kept
+        .iter()
+        .map(|s| super::aggregate::norm(&s.weights))
+        .collect();
+    let agree = |i: usize, j: usize| {
+        super::aggregate::distance(&kept[i].weights, &kept[j].weights)
+            <= AGREE_RATIO * norms[i].min(norms[j])
+    };
+    let support: Vec<usize> = (0..kept.len())
+        .map(|i| (0..kept.len()).filter(|&j| agree(i, j)).count())
+        .collect();
+    let eligible: Vec<usize> = (0..kept.len())
+        .filter(|&i| 2 * support[i] > kept.len() && support[i] >= quorum)
+        .collect();
+    if eligible.is_empty() {
+        return Err((Rejection::NoQuorum, outliers));
+    }
     let center = coordinate_median(kept.iter().map(|s| s.weights.as_slice()));
-    let momentum = coordinate_median(kept.iter().map(|s| s.momentum.as_slice()));
-    let score = |s: &Snapshot| {
+    let score = |i: usize| {
         (
-            super::aggregate::distance(&s.weights, &center),
-            super::aggregate::distance(&s.weights, own),
+            super::aggregate::distance(&kept[i].weights, &center),
+            super::aggregate::distance(&kept[i].weights, own),
         )
     };
-    let mut best = 0;
-    for i in 1..kept.len() {
-        let (a, b) = (score(&kept[i]), score(&kept[best]));
+    let mut best = eligible[0];
+    for &i in &eligible[1..] {
+        let (a, b) = (score(i), score(best));
         // Equal distances to the center (two answers): the one nearer our own weights.
         let tie = (a.0 - b.0).abs() <= 1e-6 * a.0.max(b.0).max(1e-12);
         if (tie && a.1 < b.1) || (!tie && a.0 < b.0) {
             best = i;
         }
     }
+    let momentum = coordinate_median(
+        (0..kept.len())
+            .filter(|&j| agree(best, j))
+            .map(|j| kept[j].momentum.as_slice()),
+    );
     let mut s = kept.swap_remove(best);
     s.momentum = momentum;
     Ok((s, outliers))

@@ -1,24 +1,23 @@
 //! The browser transport: a websocket to the signaling server and one WebRTC peer
-//! connection per neighbour, each with one reliable, ordered data channel carrying framed
-//! messages (`shoal_shared::framing`). What a channel receives goes through
-//! [`InboundLink`]: messages that arrive before the channel's open event are delivered
-//! right after `peer_up`, never before it, and a neighbour whose messages keep being
-//! dropped is disconnected.
+//! connection per neighbour, each with one pre-negotiated, reliable, ordered data channel
+//! carrying framed messages (`shoal_shared::framing`). Every decision is [`Mesh`]'s (the
+//! connection state machine both transports share): this adapter feeds it the socket's
+//! messages, the browser's WebRTC events and the time, and carries out its actions.
 //!
 //! Everything runs on the worker's (or page's) single thread, so the state is an
-//! `Rc<RefCell<_>>` that callbacks borrow briefly and never across an await.
-//! Every `Closure` is owned by the connection it serves and detached from its JS object
-//! before it is dropped; none is leaked.
+//! `Rc<RefCell<_>>` that callbacks borrow briefly and never across an await; actions run
+//! after the borrow that produced them ends. Every `Closure` is owned by the connection
+//! it serves and detached from its JS object before it is dropped; none is leaked.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
 use futures_channel::mpsc;
 use futures_core::Stream;
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
-use shoal_shared::framing::{DEFAULT_CHUNK, LOW_WATER, QueueError, SendQueue};
-use shoal_shared::protocol::{ClientMessage, PeerId, PeerReport, ServerMessage, Signal};
+use shoal_shared::framing::LOW_WATER;
+use shoal_shared::protocol::{PeerId, PeerReport, ServerMessage, Signal};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
@@ -28,25 +27,17 @@ use web_sys::{
     RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit, WebSocket,
 };
 
-use crate::links::InboundLink;
-use crate::swarm::{
-    Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED,
-    SendError, SwarmEvent, Transport, should_offer,
-};
+use crate::mesh::{Action, Mesh};
+use crate::swarm::{CONNECT_DEADLINE_SECS, SendError, SwarmEvent, Transport};
 
 type Shared = Rc<RefCell<Inner>>;
 
+/// One connection's browser objects.
 struct Conn {
     pc: RtcPeerConnection,
     dc: RtcDataChannel,
-    queue: SendQueue,
-    link: InboundLink,
-    open: bool,
     /// A zero-delay timer will pump this channel again (the last task's slice ran out).
     pump_scheduled: bool,
-    /// Local candidates gathered before this side's offer or answer was sent (`None`
-    /// once it was): they must not reach the other side before the description does.
-    held: Option<Vec<Signal>>,
     /// Handlers attached to `pc` and `dc`; detached in `Drop`.
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
 }
@@ -66,17 +57,113 @@ impl Drop for Conn {
 
 struct Inner {
     url: String,
-    me: Option<PeerId>,
+    mesh: Mesh,
     ws: Option<WebSocket>,
     ws_handlers: Vec<Closure<dyn FnMut(JsValue)>>,
-    ice_servers: JsValue,
-    peers: HashMap<PeerId, Conn>,
-    neighbours: BTreeSet<PeerId>,
+    conns: HashMap<PeerId, Conn>,
     events: mpsc::UnboundedSender<SwarmEvent>,
-    backoff: Backoff,
-    closed: bool,
-    /// Messages dropped by the reassemblers (corrupt, truncated, oversized, unfinished).
-    frame_errors: u64,
+}
+
+fn now_ms() -> u64 {
+    js_sys::Date::now() as u64
+}
+
+/// Feeds the mesh, then carries out what it asks, each action after the borrow that
+/// produced it has ended (an action may feed the mesh again).
+fn with_mesh<R>(shared: &Shared, f: impl FnOnce(&mut Mesh, u64) -> R) -> R {
+    let r = f(&mut shared.borrow_mut().mesh, now_ms());
+    run_actions(shared);
+    r
+}
+
+fn run_actions(shared: &Shared) {
+    loop {
+        let Some(action) = shared.borrow_mut().mesh.poll_action() else {
+            return;
+        };
+        act(shared, action);
+    }
+}
+
+fn act(shared: &Shared, action: Action) {
+    match action {
+        Action::Signal(m) => {
+            let inner = shared.borrow();
+            if let Some(ws) = &inner.ws
+                && ws.ready_state() == WebSocket::OPEN
+            {
+                let text = serde_json::to_string(&m).unwrap_or_default();
+                let _ = ws.send_with_str(&text);
+            }
+        }
+        Action::Emit(e) => {
+            let _ = shared.borrow().events.unbounded_send(e);
+        }
+        Action::Connect { peer, offer } => connect(shared, peer, offer),
+        Action::Answer { peer, sdp } => {
+            let Some(pc) = shared.borrow().conns.get(&peer).map(|c| c.pc.clone()) else {
+                return;
+            };
+            let weak = Rc::downgrade(shared);
+            spawn_local(async move {
+                let answered = match set_remote(&pc, RtcSdpType::Offer, &sdp).await {
+                    Ok(()) => describe(&pc, RtcSdpType::Answer).await,
+                    Err(e) => Err(e),
+                };
+                if let Some(shared) = weak.upgrade() {
+                    with_mesh(&shared, |mesh, _| match answered {
+                        Ok(sdp) => mesh.described(peer, Signal::Answer { sdp }),
+                        Err(_) => mesh.failed(peer),
+                    });
+                }
+            });
+        }
+        Action::Accept { peer, sdp } => {
+            let Some(pc) = shared.borrow().conns.get(&peer).map(|c| c.pc.clone()) else {
+                return;
+            };
+            let weak = Rc::downgrade(shared);
+            spawn_local(async move {
+                if set_remote(&pc, RtcSdpType::Answer, &sdp).await.is_err()
+                    && let Some(shared) = weak.upgrade()
+                {
+                    with_mesh(&shared, |mesh, _| mesh.failed(peer));
+                }
+            });
+        }
+        Action::AddCandidate { peer, candidate } => {
+            let Some(pc) = shared.borrow().conns.get(&peer).map(|c| c.pc.clone()) else {
+                return;
+            };
+            let Signal::Candidate {
+                candidate,
+                sdp_mid,
+                sdp_m_line_index,
+            } = candidate
+            else {
+                return;
+            };
+            let init = RtcIceCandidateInit::new(&candidate);
+            init.set_sdp_mid(sdp_mid.as_deref());
+            init.set_sdp_m_line_index(sdp_m_line_index);
+            spawn_local(async move {
+                // A candidate that does not apply (stale, or for a closed session) is
+                // harmless to ignore.
+                let _ = JsFuture::from(
+                    pc.add_ice_candidate_with_opt_rtc_ice_candidate_init(Some(&init)),
+                )
+                .await;
+            });
+        }
+        Action::Pump(peer) => pump(shared, peer),
+        Action::Close(peer) => {
+            // Dropping the connection detaches its handlers and closes it; deferred to a
+            // microtask, since the handler that caused this may be one of them.
+            let conn = shared.borrow_mut().conns.remove(&peer);
+            spawn_local(async move { drop(conn) });
+        }
+        Action::Warn(w) => web_sys::console::warn_1(&format!("shoal: {w}").into()),
+    }
 }
 
 fn event(kind: &str, fields: &[(&str, JsValue)]) -> JsValue {
@@ -86,10 +173,6 @@ fn event(kind: &str, fields: &[(&str, JsValue)]) -> JsValue {
         let _ = Reflect::set(&o, &(*k).into(), v);
     }
     o.into()
-}
-
-fn emit(inner: &Inner, ev: SwarmEvent) {
-    let _ = inner.events.unbounded_send(ev);
 }
 
 /// The JavaScript form of an event.
@@ -140,16 +223,11 @@ impl Swarm {
         let seed = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let inner = Rc::new(RefCell::new(Inner {
             url,
-            me: None,
+            mesh: Mesh::new(seed),
             ws: None,
             ws_handlers: Vec::new(),
-            ice_servers: Array::new().into(),
-            peers: HashMap::new(),
-            neighbours: BTreeSet::new(),
+            conns: HashMap::new(),
             events: tx,
-            backoff: Backoff::new(250, 10_000, seed),
-            closed: false,
-            frame_errors: 0,
         }));
         open_signaling(&inner);
         Swarm {
@@ -174,15 +252,14 @@ impl Swarm {
     /// Messages dropped as corrupt, truncated, oversized or unfinished.
     #[wasm_bindgen(js_name = frameErrors)]
     pub fn frame_errors(&self) -> f64 {
-        self.inner.borrow().frame_errors as f64
+        self.inner.borrow().mesh.frame_errors() as f64
     }
 
     /// Queues a message for a connected peer; throws if the peer is unknown, the message
     /// too large, or the queue full (retry after some `message` events or a delay).
     pub fn send(&self, peer: String, data: &[u8]) -> Result<(), JsError> {
         let id = parse_peer(&peer)?;
-        // Straight from the caller's bytes into the frames: no intermediate copy.
-        self.queue(id, data)
+        with_mesh(&self.inner, |mesh, _| mesh.send(id, data))
             .map_err(|e| JsError::new(&e.to_string()))
     }
 
@@ -210,68 +287,36 @@ impl Swarm {
 
     /// Leaves the swarm: closes every connection and the websocket.
     pub fn close(&self) {
-        let mut inner = self.inner.borrow_mut();
-        inner.closed = true;
-        inner.peers.clear();
-        if let Some(ws) = inner.ws.take() {
-            ws.set_onmessage(None);
-            ws.set_onclose(None);
-            let _ = ws.close();
-        }
-        inner.ws_handlers.clear();
-    }
-}
-
-impl Swarm {
-    /// Splits a message into frames on the peer's send queue and starts pumping.
-    fn queue(&self, peer: PeerId, data: &[u8]) -> Result<(), SendError> {
         {
             let mut inner = self.inner.borrow_mut();
-            let conn = inner
-                .peers
-                .get_mut(&peer)
-                .filter(|c| c.open)
-                .ok_or(SendError::NoSuchPeer(peer))?;
-            conn.queue.push(data).map_err(|e| match e {
-                QueueError::Full => SendError::Full(peer),
-                QueueError::TooLarge => SendError::TooLarge,
-            })?;
+            inner.mesh.close();
+            while inner.mesh.poll_action().is_some() {}
+            inner.conns.clear();
+            if let Some(ws) = inner.ws.take() {
+                ws.set_onmessage(None);
+                ws.set_onclose(None);
+                let _ = ws.close();
+            }
+            inner.ws_handlers.clear();
         }
-        pump(&self.inner, peer);
-        Ok(())
     }
 }
 
 impl Transport for Swarm {
     fn id(&self) -> Option<PeerId> {
-        self.inner.borrow().me
+        self.inner.borrow().mesh.id()
     }
 
     fn peers(&self) -> Vec<PeerId> {
-        let inner = self.inner.borrow();
-        inner
-            .peers
-            .iter()
-            .filter(|(_, c)| c.open)
-            .map(|(p, _)| *p)
-            .collect()
+        self.inner.borrow().mesh.peers()
     }
 
     fn send(&self, peer: PeerId, data: Vec<u8>) -> Result<(), SendError> {
-        self.queue(peer, &data)
+        with_mesh(&self.inner, |mesh, _| mesh.send(peer, &data))
     }
 
     fn report(&self, report: &PeerReport) {
-        let inner = self.inner.borrow();
-        if let Some(ws) = &inner.ws
-            && ws.ready_state() == WebSocket::OPEN
-        {
-            let text = serde_json::to_string(&ClientMessage::Report {
-                report: report.clone(),
-            })
-            .unwrap_or_default();
-            let _ = ws.send_with_str(&text);
-        }
+        with_mesh(&self.inner, |mesh, _| mesh.report(report));
     }
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {
@@ -284,30 +329,6 @@ impl Transport for Swarm {
 
 pub(crate) fn parse_peer(s: &str) -> Result<PeerId, JsError> {
     s.parse().map_err(JsError::new)
-}
-
-fn send_signal(inner: &Inner, to: PeerId, signal: Signal) {
-    if let Some(ws) = &inner.ws
-        && ws.ready_state() == WebSocket::OPEN
-    {
-        let text = serde_json::to_string(&ClientMessage::Signal { to, signal }).unwrap_or_default();
-        let _ = ws.send_with_str(&text);
-    }
-}
-
-/// Sends this side's offer or answer, then the candidates gathered meanwhile; from then on
-/// candidates go out as they come.
-fn send_description(shared: &Shared, to: PeerId, description: Signal) {
-    let mut inner = shared.borrow_mut();
-    send_signal(&inner, to, description);
-    let held = inner
-        .peers
-        .get_mut(&to)
-        .and_then(|c| c.held.take())
-        .unwrap_or_default();
-    for c in held {
-        send_signal(&inner, to, c);
-    }
 }
 
 fn open_signaling(shared: &Shared) {
@@ -327,7 +348,7 @@ fn open_signaling(shared: &Shared) {
             return;
         };
         match serde_json::from_str::<ServerMessage>(&text) {
-            Ok(m) => on_server_message(&shared, m),
+            Ok(m) => with_mesh(&shared, |mesh, now| mesh.on_server(m, now)),
             Err(e) => {
                 web_sys::console::warn_1(&format!("shoal: bad signaling message: {e}").into())
             }
@@ -336,16 +357,11 @@ fn open_signaling(shared: &Shared) {
     let weak = Rc::downgrade(shared);
     let on_close = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
         let Some(shared) = weak.upgrade() else { return };
-        {
-            let mut inner = shared.borrow_mut();
-            inner.ws = None;
-            inner.me = None;
-            emit(&inner, SwarmEvent::Signaling { me: None });
-            if inner.closed {
-                return;
-            }
+        shared.borrow_mut().ws = None;
+        with_mesh(&shared, |mesh, _| mesh.signaling_down());
+        if !shared.borrow().mesh.is_closed() {
+            schedule_reconnect(&shared);
         }
-        schedule_reconnect(&shared);
     });
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
@@ -356,80 +372,16 @@ fn open_signaling(shared: &Shared) {
 }
 
 fn schedule_reconnect(shared: &Shared) {
-    let delay = shared.borrow_mut().backoff.next_delay_ms();
+    let delay = shared.borrow_mut().mesh.reconnect_delay_ms();
     let weak: Weak<RefCell<Inner>> = Rc::downgrade(shared);
     let cb = Closure::once_into_js(move || {
         if let Some(shared) = weak.upgrade()
-            && !shared.borrow().closed
+            && !shared.borrow().mesh.is_closed()
         {
             open_signaling(&shared);
         }
     });
     set_timeout(cb.unchecked_ref(), delay);
-}
-
-fn on_server_message(shared: &Shared, m: ServerMessage) {
-    match m {
-        ServerMessage::Welcome {
-            peer, ice_servers, ..
-        } => {
-            let mut inner = shared.borrow_mut();
-            inner.me = Some(peer);
-            inner.backoff.reset();
-            inner.ice_servers = serde_wasm_ice(&ice_servers);
-            emit(&inner, SwarmEvent::Signaling { me: Some(peer) });
-        }
-        ServerMessage::Neighbours { peers } => {
-            let me = shared.borrow().me;
-            let Some(me) = me else { return };
-            let set: BTreeSet<PeerId> = peers.into_iter().collect();
-            let (to_open, to_drop): (Vec<PeerId>, Vec<PeerId>) = {
-                let mut inner = shared.borrow_mut();
-                inner.neighbours = set.clone();
-                let open = set
-                    .iter()
-                    .copied()
-                    .filter(|p| !inner.peers.contains_key(p))
-                    .collect();
-                // Connections that are up stay up (they may predate a signaling
-                // reconnect); pending ones to former neighbours are abandoned.
-                let drop = inner
-                    .peers
-                    .iter()
-                    .filter(|(p, c)| !set.contains(p) && !c.open)
-                    .map(|(p, _)| *p)
-                    .collect();
-                (open, drop)
-            };
-            for p in to_drop {
-                shared.borrow_mut().peers.remove(&p);
-            }
-            for p in to_open {
-                if should_offer(me, p) {
-                    start_connection(shared, p, true);
-                }
-            }
-        }
-        ServerMessage::Left { peer } => {
-            // The peer's websocket is gone; its data channel may not be (the server may
-            // be restarting). An open channel stays until it closes by itself.
-            let mut inner = shared.borrow_mut();
-            inner.neighbours.remove(&peer);
-            if inner.peers.get(&peer).is_some_and(|c| !c.open) {
-                inner.peers.remove(&peer);
-            }
-        }
-        ServerMessage::Joined { .. } => {}
-        ServerMessage::Signal { from, signal } => on_signal(shared, from, signal),
-        ServerMessage::TaskState { paused } => {
-            emit(&shared.borrow(), SwarmEvent::TaskState { paused });
-        }
-        ServerMessage::Error { code, message } => {
-            web_sys::console::warn_1(
-                &format!("shoal: signaling error {}: {message}", code.as_str()).into(),
-            );
-        }
-    }
 }
 
 fn serde_wasm_ice(list: &[shoal_shared::protocol::IceServer]) -> JsValue {
@@ -452,103 +404,26 @@ fn serde_wasm_ice(list: &[shoal_shared::protocol::IceServer]) -> JsValue {
     arr.into()
 }
 
-fn on_signal(shared: &Shared, from: PeerId, signal: Signal) {
-    match signal {
-        Signal::Offer { sdp } => {
-            if !shared.borrow().peers.contains_key(&from) {
-                start_connection(shared, from, false);
-            }
-            let Some(pc) = shared.borrow().peers.get(&from).map(|c| c.pc.clone()) else {
-                return;
-            };
-            let weak = Rc::downgrade(shared);
-            spawn_local(async move {
-                let answered = match set_remote(&pc, RtcSdpType::Offer, &sdp).await {
-                    Ok(()) => describe(&pc, RtcSdpType::Answer).await,
-                    Err(e) => Err(e),
-                };
-                match (answered, weak.upgrade()) {
-                    (Ok(sdp), Some(shared)) => {
-                        send_description(&shared, from, Signal::Answer { sdp })
-                    }
-                    (Err(_), _) => fail_peer(&weak, from),
-                    (Ok(_), None) => {}
-                }
-            });
-        }
-        Signal::Answer { sdp } => {
-            let Some(pc) = shared.borrow().peers.get(&from).map(|c| c.pc.clone()) else {
-                return;
-            };
-            let weak = Rc::downgrade(shared);
-            spawn_local(async move {
-                if set_remote(&pc, RtcSdpType::Answer, &sdp).await.is_err() {
-                    fail_peer(&weak, from);
-                }
-            });
-        }
-        Signal::Candidate {
-            candidate,
-            sdp_mid,
-            sdp_m_line_index,
-        } => {
-            let Some(pc) = shared.borrow().peers.get(&from).map(|c| c.pc.clone()) else {
-                return;
-            };
-            let init = RtcIceCandidateInit::new(&candidate);
-            init.set_sdp_mid(sdp_mid.as_deref());
-            init.set_sdp_m_line_index(sdp_m_line_index);
-            spawn_local(async move {
-                // A candidate that does not apply (stale, or for a closed session) is
-                // harmless to ignore.
-                let _ = JsFuture::from(
-                    pc.add_ice_candidate_with_opt_rtc_ice_candidate_init(Some(&init)),
-                )
-                .await;
-            });
-        }
-    }
-}
-
-/// [`fail_peer`] from inside one of the connection's own handlers: deferred to a
-/// microtask, so that the handler is not dropped while it runs.
-fn fail_peer_later(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
+/// An event of `peer`'s connection, from one of its own handlers: deferred to a
+/// microtask, so that the handler is not dropped (by a `Close` it causes) while it runs.
+fn later(weak: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Mesh, u64) + 'static) {
     let weak = weak.clone();
-    spawn_local(async move { fail_peer(&weak, peer) });
-}
-
-/// Drops a connection; if its channel never opened, asks the server for another
-/// neighbour instead of retrying.
-fn fail_peer(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
-    let Some(shared) = weak.upgrade() else { return };
-    let pending = shared.borrow().peers.get(&peer).is_some_and(|c| !c.open);
-    drop_peer(weak, peer);
-    let inner = shared.borrow();
-    if pending
-        && let Some(ws) = &inner.ws
-        && ws.ready_state() == WebSocket::OPEN
-    {
-        let text = serde_json::to_string(&ClientMessage::Unreachable { peer }).unwrap_or_default();
-        let _ = ws.send_with_str(&text);
-    }
-}
-
-fn drop_peer(weak: &Weak<RefCell<Inner>>, peer: PeerId) {
-    if let Some(shared) = weak.upgrade() {
-        let mut inner = shared.borrow_mut();
-        if let Some(c) = inner.peers.remove(&peer)
-            && c.open
-        {
-            emit(&inner, SwarmEvent::PeerDown(peer));
+    spawn_local(async move {
+        if let Some(shared) = weak.upgrade() {
+            with_mesh(&shared, f);
         }
-    }
+    });
 }
 
-fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
+/// Creates the connection to `peer` with its channel; as the offerer, also its offer.
+fn connect(shared: &Shared, peer: PeerId, offer: bool) {
+    let fail = |shared: &Shared| {
+        with_mesh(shared, |mesh, _| mesh.failed(peer));
+    };
     let config = RtcConfiguration::new();
-    config.set_ice_servers(&shared.borrow().ice_servers);
+    config.set_ice_servers(&serde_wasm_ice(shared.borrow().mesh.ice_servers()));
     let Ok(pc) = RtcPeerConnection::new_with_configuration(&config) else {
-        return;
+        return fail(shared);
     };
     // One pre-negotiated, reliable, ordered channel (id 0) on both sides: no
     // ondatachannel round trip, and either side may start sending once it opens.
@@ -573,14 +448,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
                 sdp_mid: c.sdp_mid(),
                 sdp_m_line_index: c.sdp_m_line_index(),
             };
-            let mut inner = shared.borrow_mut();
-            if let Some(held) = inner.peers.get_mut(&peer).and_then(|c| c.held.as_mut()) {
-                if held.len() < MAX_HELD_CANDIDATES {
-                    held.push(signal);
-                }
-                return;
-            }
-            send_signal(&inner, peer, signal);
+            with_mesh(&shared, |mesh, _| mesh.local_candidate(peer, signal));
         }
     });
     pc.set_onicecandidate(Some(on_ice.as_ref().unchecked_ref()));
@@ -593,8 +461,7 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
             pc2.connection_state(),
             RtcPeerConnectionState::Failed | RtcPeerConnectionState::Closed
         ) {
-            // Dropped, not retried: the neighbour set will bring another peer.
-            fail_peer_later(&weak, peer);
+            later(&weak, move |mesh, _| mesh.failed(peer));
         }
     });
     pc.set_onconnectionstatechange(Some(on_state.as_ref().unchecked_ref()));
@@ -602,31 +469,17 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
 
     let weak = Rc::downgrade(shared);
     let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
-        let Some(shared) = weak.upgrade() else { return };
-        {
-            let mut inner = shared.borrow_mut();
-            let Some(c) = inner.peers.get_mut(&peer) else {
-                return;
-            };
-            if c.open {
-                return;
-            }
-            c.open = true;
-            let early = c.link.on_open();
-            // Whatever arrived before the open event goes out right behind `peer_up`.
-            emit(&inner, SwarmEvent::PeerUp(peer));
-            for data in early {
-                emit(&inner, SwarmEvent::Message { from: peer, data });
-            }
+        if let Some(shared) = weak.upgrade() {
+            with_mesh(&shared, |mesh, _| mesh.channel_open(peer));
         }
-        pump(&shared, peer);
     });
     dc.set_onopen(Some(on_open.as_ref().unchecked_ref()));
     handlers.push(on_open);
 
     let weak = Rc::downgrade(shared);
-    let on_close =
-        Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| fail_peer_later(&weak, peer));
+    let on_close = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        later(&weak, move |mesh, _| mesh.failed(peer));
+    });
     dc.set_onclose(Some(on_close.as_ref().unchecked_ref()));
     handlers.push(on_close);
 
@@ -641,65 +494,44 @@ fn start_connection(shared: &Shared, peer: PeerId, offer: bool) {
 
     let weak = Rc::downgrade(shared);
     let on_msg = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
-        let Some(shared) = weak.upgrade() else { return };
         let Ok(e) = e.dyn_into::<MessageEvent>() else {
             return;
         };
         let frame = Uint8Array::new(&e.data()).to_vec();
-        let mut inner = shared.borrow_mut();
-        let Some(c) = inner.peers.get_mut(&peer) else {
-            return;
-        };
-        let before = c.link.dropped();
-        let outcome = c.link.on_frame(&frame, js_sys::Date::now() as u64);
-        let dropped = c.link.dropped() - before;
-        inner.frame_errors += dropped;
-        match outcome {
-            Ok(Some(data)) => emit(&inner, SwarmEvent::Message { from: peer, data }),
-            // A bad frame drops its message (counted), not the peer...
-            Ok(None) => {}
-            // ...unless that keeps happening.
-            Err(e) => {
-                web_sys::console::warn_1(&format!("shoal: dropping neighbour {peer}: {e}").into());
-                drop(inner);
-                fail_peer_later(&weak, peer);
-            }
+        if let Some(shared) = weak.upgrade() {
+            with_mesh(&shared, |mesh, now| mesh.frame(peer, &frame, now));
         }
     });
     dc.set_onmessage(Some(on_msg.as_ref().unchecked_ref()));
     handlers.push(on_msg);
 
-    let conn = Conn {
-        pc: pc.clone(),
-        dc,
-        queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
-        link: InboundLink::new(MAX_MESSAGE, MAX_IN_FLIGHT),
-        open: false,
-        pump_scheduled: false,
-        held: Some(Vec::new()),
-        _handlers: handlers,
-    };
-    shared.borrow_mut().peers.insert(peer, conn);
-    // A connection that has not opened by the deadline is dropped, never retried; the
-    // neighbour set brings others.
+    shared.borrow_mut().conns.insert(
+        peer,
+        Conn {
+            pc: pc.clone(),
+            dc,
+            pump_scheduled: false,
+            _handlers: handlers,
+        },
+    );
+    // The mesh drops a connection that misses its deadline; wake it then.
     let weak = Rc::downgrade(shared);
-    let watchdog = Closure::once_into_js(move || {
-        let pending = weak
-            .upgrade()
-            .is_some_and(|s| s.borrow().peers.get(&peer).is_some_and(|c| !c.open));
-        if pending {
-            fail_peer(&weak, peer);
+    let deadline = Closure::once_into_js(move || {
+        if let Some(shared) = weak.upgrade() {
+            with_mesh(&shared, |mesh, now| mesh.tick(now));
         }
     });
-    set_timeout(watchdog.unchecked_ref(), CONNECT_DEADLINE_SECS * 1000);
+    set_timeout(deadline.unchecked_ref(), CONNECT_DEADLINE_SECS * 1000 + 50);
 
     if offer {
         let weak = Rc::downgrade(shared);
         spawn_local(async move {
-            match (describe(&pc, RtcSdpType::Offer).await, weak.upgrade()) {
-                (Ok(sdp), Some(shared)) => send_description(&shared, peer, Signal::Offer { sdp }),
-                (Err(_), _) => fail_peer(&weak, peer),
-                (Ok(_), None) => {}
+            let described = describe(&pc, RtcSdpType::Offer).await;
+            if let Some(shared) = weak.upgrade() {
+                with_mesh(&shared, |mesh, _| match described {
+                    Ok(sdp) => mesh.described(peer, Signal::Offer { sdp }),
+                    Err(_) => mesh.failed(peer),
+                });
             }
         });
     }
@@ -739,16 +571,17 @@ const PUMP_SLICE: usize = 192 << 10;
 /// the buffered-amount-low event, or a zero-delay timer when the slice ran out first,
 /// calls it again.
 fn pump(shared: &Shared, peer: PeerId) {
-    let mut inner = shared.borrow_mut();
-    let Some(c) = inner.peers.get_mut(&peer) else {
+    let mut guard = shared.borrow_mut();
+    let Inner { mesh, conns, .. } = &mut *guard;
+    let Some(c) = conns.get_mut(&peer) else {
         return;
     };
-    if !c.open || c.dc.ready_state() != RtcDataChannelState::Open || c.pump_scheduled {
+    if c.dc.ready_state() != RtcDataChannelState::Open || c.pump_scheduled {
         return;
     }
     let mut sent = 0;
     while sent < PUMP_SLICE {
-        let Some(frame) = c.queue.next_frame(c.dc.buffered_amount() as usize) else {
+        let Some(frame) = mesh.next_frame(peer, c.dc.buffered_amount() as usize) else {
             return;
         };
         if c.dc.send_with_u8_array(&frame).is_err() {
@@ -756,14 +589,14 @@ fn pump(shared: &Shared, peer: PeerId) {
         }
         sent += frame.len();
     }
-    if c.queue.is_empty() {
+    if !mesh.has_queued(peer) {
         return;
     }
     c.pump_scheduled = true;
     let weak = Rc::downgrade(shared);
     let again = Closure::once_into_js(move || {
         if let Some(shared) = weak.upgrade() {
-            if let Some(c) = shared.borrow_mut().peers.get_mut(&peer) {
+            if let Some(c) = shared.borrow_mut().conns.get_mut(&peer) {
                 c.pump_scheduled = false;
             }
             pump(&shared, peer);

@@ -325,10 +325,8 @@ fn a_round_closes_when_every_contributor_sent_or_at_the_deadline() {
     assert!(p.weights().iter().all(|w| *w < 1.0));
 }
 
-#[test]
-fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
-    let mut c = cfg();
-    c.sync_every = 1;
+/// A peer holding weights 1.0 at round 3.
+fn at_round_3(c: &LearnConfig) -> Peer {
     let mut p =
         Peer::new(c.clone(), "t", id(1), vec![1.0; N], PeerRole::Trainer, 0.0).expect("valid");
     assert!(p.resume(Snapshot {
@@ -336,6 +334,14 @@ fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
         weights: vec![1.0; N],
         momentum: vec![0.0; N]
     }));
+    p
+}
+
+#[test]
+fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
+    let mut c = cfg();
+    c.sync_every = 1;
+    let mut p = at_round_3(&c);
     p.handle(Event::Up(PeerId(10)), 0.0);
     // A neighbour's weights a fifth away (inside the quarter a receiver accepts).
     let far = Learner::new(c.clone(), "t", id(9), vec![1.2; N]).expect("valid");
@@ -355,4 +361,86 @@ fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
         moved.abs() < 0.01,
         "pulled by {moved}; half way would have been 0.1"
     );
+}
+
+#[test]
+fn of_the_mixes_held_only_the_nearest_pulls_and_only_on_schedule() {
+    let mut c = cfg();
+    c.sync_every = 2;
+    let mut p = at_round_3(&c);
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    let mix_for = |w: f32, round: u64| {
+        let mut m = Learner::new(c.clone(), "t", id(9), vec![w; N])
+            .expect("valid")
+            .mix_message();
+        m[5..13].copy_from_slice(&round.to_le_bytes());
+        m
+    };
+    // Two colluders pull toward 0.78 (inside the accepted quarter); one honest
+    // neighbour's model is where ours will be after this round's step (0.848). Round 5
+    // is off the schedule of every 2 rounds.
+    p.handle(msg(10, mix_for(0.78, 4)), 0.0);
+    p.handle(msg(11, mix_for(0.78, 4)), 0.0);
+    p.handle(msg(12, mix_for(0.85, 4)), 0.0);
+    p.handle(msg(12, mix_for(0.78, 5)), 0.0);
+    assert_eq!(rejected(&p, Rejection::OffSchedule), 1);
+    p.tick(0.0);
+    p.trained(3, &[0.9; N], 0.1, 8, 10.0).expect("finite");
+    p.tick(10.0 + 1_000.0);
+    assert_eq!(p.learner().round(), 4);
+    // The outer step moved the weights by the update; the mix only toward 0.85, never
+    // toward the colluders' 0.78 (the mean of the three would have pulled down).
+    let mut alone = at_round_3(&c);
+    alone.tick(0.0);
+    alone.trained(3, &[0.9; N], 0.1, 8, 10.0).expect("finite");
+    alone.tick(10.0 + 1_000.0);
+    let (mixed, unmixed) = (p.weights()[0], alone.weights()[0]);
+    assert!(
+        (mixed - unmixed).abs() < 2e-3,
+        "pulled toward the colluders: {mixed} vs {unmixed} without mixes"
+    );
+}
+
+#[test]
+fn colluders_that_agree_are_outvoted_and_silence_counts_against_adoption() {
+    // Five neighbours asked; two colluders send one poisoned model.
+    let start = |answers: &[(u64, u64, f32)]| {
+        let mut p = joiner();
+        for n in 10..15 {
+            p.handle(Event::Up(PeerId(n)), 0.0);
+        }
+        p.tick(GREET_AFTER_MS);
+        let mut who = asked(&drain(&mut p));
+        who.sort_unstable();
+        assert_eq!(who, [10, 11, 12, 13, 14]);
+        for &(from, round, w) in answers {
+            p.handle(msg(from, model(round, w)), 600.0);
+        }
+        p.tick(600.0 + MODEL_WAIT_MS);
+        p
+    };
+    let p = start(&[
+        (10, 10, -3.0),
+        (11, 10, -3.0),
+        (12, 10, 0.30),
+        (13, 10, 0.31),
+        (14, 11, 0.305),
+    ]);
+    assert!(
+        p.weights().iter().all(|w| (0.29..=0.32).contains(w)),
+        "the three that agree win: {:?}",
+        &p.weights()[..2]
+    );
+    // Two honest neighbours stay silent: two colluders and one honest answer are not a
+    // majority of the five asked, whoever agrees with whom.
+    let p = start(&[(10, 10, -3.0), (11, 10, -3.0), (12, 10, 0.30)]);
+    assert_eq!(p.learner().round(), 0, "nothing adopted");
+    assert!(p.weights().iter().all(|w| *w == 0.5));
+    assert_eq!(rejected(&p, Rejection::NoQuorum), 1);
+    // The rule before agreement counting took the answer nearest the coordinate-wise
+    // median, which two identical answers of three always are.
+    let median = coordinate_median([[-3.0f32; 4], [-3.0; 4], [0.3; 4]].iter().map(|v| &v[..]));
+    assert_eq!(median, vec![-3.0; 4]);
 }

@@ -1,0 +1,753 @@
+//! The one connection state machine of a swarm member, platform-neutral and sans-IO. The
+//! browser transport (`wasm/transport.rs`) and the native one (`native.rs`) feed it what
+//! the signaling server says, what their WebRTC stacks report and the time, and carry out
+//! the [`Action`]s it returns: they create connections and move bytes, and decide
+//! nothing.
+//!
+//! What it decides:
+//! - **Neighbour set reconciliation.** Each `neighbours` message replaces the set: a
+//!   connection is started to every new neighbour this side offers to ([`should_offer`]);
+//!   pending connections to former neighbours are abandoned; open channels stay until
+//!   they close by themselves (they may predate a signaling reconnect).
+//! - **Who offers:** the smaller id. An offer from a peer this side should offer to is
+//!   still answered when no connection to it exists yet (the two sides may disagree
+//!   about the neighbour set for a moment); a second offer on a live connection is
+//!   ignored.
+//! - **Candidate holding:** local ICE candidates gathered before this side's offer or
+//!   answer went out are held (at most [`MAX_HELD_CANDIDATES`]) and sent right behind
+//!   it: a candidate must not reach the other side before its description.
+//! - **Connect deadline:** a connection whose channel has not opened
+//!   [`CONNECT_DEADLINE_SECS`] after it started is dropped and the neighbour reported
+//!   `unreachable` (the server then gives both sides others); so is one whose setup fails
+//!   before it opened. Nothing is retried: the neighbour set brings another peer.
+//! - **Reconnect:** signaling reconnects with [`Backoff`]; open channels survive it.
+//! - **Inbound:** every channel's frames go through an [`InboundLink`]: whole messages
+//!   only, nothing before `peer_up` (what arrives before the open event is delivered right
+//!   behind it), and a neighbour that keeps sending broken traffic is dropped.
+//! - **Outbound backpressure:** each channel has one [`SendQueue`]; the transport takes
+//!   frames from it with [`Mesh::next_frame`] while its channel has room.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use shoal_shared::framing::{DEFAULT_CHUNK, QueueError, SendQueue};
+use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal};
+
+use crate::links::InboundLink;
+use crate::swarm::{
+    Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED,
+    SendError, SwarmEvent, should_offer,
+};
+
+/// What the transport must do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send this on the signaling websocket (dropped if it is not open).
+    Signal(ClientMessage),
+    /// Hand this to the peer logic.
+    Emit(SwarmEvent),
+    /// Create a peer connection to `peer` with the ICE servers of the session and its one
+    /// pre-negotiated data channel (`negotiated`, id 0, ordered, reliable). With `offer`,
+    /// then create an offer, set it as the local description and report its SDP with
+    /// [`Mesh::described`].
+    Connect {
+        /// The neighbour.
+        peer: PeerId,
+        /// This side offers.
+        offer: bool,
+    },
+    /// Apply this offer as the remote description, create an answer, set it as the local
+    /// description and report its SDP with [`Mesh::described`].
+    Answer {
+        /// The neighbour.
+        peer: PeerId,
+        /// The offer's SDP.
+        sdp: String,
+    },
+    /// Apply this answer as the remote description.
+    Accept {
+        /// The neighbour.
+        peer: PeerId,
+        /// The answer's SDP.
+        sdp: String,
+    },
+    /// Add this remote ICE candidate (one that does not apply is ignored).
+    AddCandidate {
+        /// The neighbour.
+        peer: PeerId,
+        /// A [`Signal::Candidate`].
+        candidate: Signal,
+    },
+    /// Frames are queued for `peer`: send them while its channel has room.
+    Pump(PeerId),
+    /// Close the connection to `peer` and forget it (its events no longer matter).
+    Close(PeerId),
+    /// Worth a line in the log.
+    Warn(String),
+}
+
+struct Link {
+    /// When the connection was started (the connect deadline counts from here).
+    started_ms: u64,
+    inbound: InboundLink,
+    queue: SendQueue,
+    /// Local candidates gathered before this side's description was sent (`None` once
+    /// it was).
+    held: Option<Vec<Signal>>,
+}
+
+impl Link {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            started_ms: now_ms,
+            inbound: InboundLink::new(MAX_MESSAGE, MAX_IN_FLIGHT),
+            queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
+            held: Some(Vec::new()),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.inbound.is_open()
+    }
+}
+
+/// Every connection of one swarm member. Time is any monotonic count of milliseconds.
+pub struct Mesh {
+    me: Option<PeerId>,
+    ice_servers: Vec<IceServer>,
+    neighbours: BTreeSet<PeerId>,
+    links: BTreeMap<PeerId, Link>,
+    actions: VecDeque<Action>,
+    backoff: Backoff,
+    frame_errors: u64,
+    closed: bool,
+}
+
+impl Mesh {
+    /// A member not yet connected; `seed` jitters its reconnect backoff.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            me: None,
+            ice_servers: Vec::new(),
+            neighbours: BTreeSet::new(),
+            links: BTreeMap::new(),
+            actions: VecDeque::new(),
+            backoff: Backoff::new(250, 10_000, seed),
+            frame_errors: 0,
+            closed: false,
+        }
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// This peer's id in the current signaling session.
+    pub fn id(&self) -> Option<PeerId> {
+        self.me
+    }
+
+    /// The ICE servers of the current session.
+    pub fn ice_servers(&self) -> &[IceServer] {
+        &self.ice_servers
+    }
+
+    /// Neighbours with an open channel.
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.links
+            .iter()
+            .filter(|(_, l)| l.is_open())
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Whether a connection to `peer` exists (pending or open).
+    pub fn has(&self, peer: PeerId) -> bool {
+        self.links.contains_key(&peer)
+    }
+
+    /// Messages dropped as corrupt, truncated, oversized or unfinished, over all channels.
+    pub fn frame_errors(&self) -> u64 {
+        self.frame_errors
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The delay before the next signaling attempt.
+    pub fn reconnect_delay_ms(&mut self) -> u32 {
+        self.backoff.next_delay_ms()
+    }
+
+    /// A message from the signaling server.
+    pub fn on_server(&mut self, m: ServerMessage, now_ms: u64) {
+        match m {
+            ServerMessage::Welcome {
+                peer, ice_servers, ..
+            } => {
+                self.me = Some(peer);
+                self.ice_servers = ice_servers;
+                self.backoff.reset();
+                self.emit(SwarmEvent::Signaling { me: Some(peer) });
+            }
+            ServerMessage::Neighbours { peers } => self.on_neighbours(peers, now_ms),
+            ServerMessage::Left { peer } => {
+                // Its websocket is gone; its channel may not be (the server may be
+                // restarting). An open channel stays until it closes by itself.
+                self.neighbours.remove(&peer);
+                if self.links.get(&peer).is_some_and(|l| !l.is_open()) {
+                    self.forget(peer);
+                }
+            }
+            ServerMessage::Joined { .. } => {}
+            ServerMessage::Signal { from, signal } => self.on_signal(from, signal, now_ms),
+            ServerMessage::TaskState { paused } => self.emit(SwarmEvent::TaskState { paused }),
+            ServerMessage::Error { code, message } => self.actions.push_back(Action::Warn(
+                format!("signaling error {}: {message}", code.as_str()),
+            )),
+        }
+    }
+
+    /// The signaling websocket closed (open channels stay).
+    pub fn signaling_down(&mut self) {
+        self.me = None;
+        self.emit(SwarmEvent::Signaling { me: None });
+    }
+
+    fn on_neighbours(&mut self, peers: Vec<PeerId>, now_ms: u64) {
+        let Some(me) = self.me else { return };
+        self.neighbours = peers.into_iter().filter(|&p| p != me).collect();
+        let stale: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(p, l)| !self.neighbours.contains(p) && !l.is_open())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in stale {
+            self.forget(p);
+        }
+        let new: Vec<PeerId> = self
+            .neighbours
+            .iter()
+            .copied()
+            .filter(|p| !self.links.contains_key(p) && should_offer(me, *p))
+            .collect();
+        for p in new {
+            self.links.insert(p, Link::new(now_ms));
+            self.actions.push_back(Action::Connect {
+                peer: p,
+                offer: true,
+            });
+        }
+    }
+
+    fn on_signal(&mut self, from: PeerId, signal: Signal, now_ms: u64) {
+        let Some(me) = self.me else { return };
+        if from == me {
+            return;
+        }
+        match signal {
+            Signal::Offer { sdp } => {
+                if self.links.contains_key(&from) {
+                    // Glare or a repeat: the live connection stands.
+                    return;
+                }
+                self.links.insert(from, Link::new(now_ms));
+                self.actions.push_back(Action::Connect {
+                    peer: from,
+                    offer: false,
+                });
+                self.actions.push_back(Action::Answer { peer: from, sdp });
+            }
+            Signal::Answer { sdp } => {
+                if self.links.contains_key(&from) {
+                    self.actions.push_back(Action::Accept { peer: from, sdp });
+                }
+            }
+            candidate @ Signal::Candidate { .. } => {
+                if self.links.contains_key(&from) {
+                    self.actions.push_back(Action::AddCandidate {
+                        peer: from,
+                        candidate,
+                    });
+                }
+            }
+        }
+    }
+
+    /// This side's offer or answer for `peer` is set as its local description: send it,
+    /// then the candidates held meanwhile.
+    pub fn described(&mut self, peer: PeerId, description: Signal) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let held = link.held.take().unwrap_or_default();
+        self.send_signal(peer, description);
+        for c in held {
+            self.send_signal(peer, c);
+        }
+    }
+
+    /// The local ICE agent gathered a candidate for `peer`.
+    pub fn local_candidate(&mut self, peer: PeerId, candidate: Signal) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        match &mut link.held {
+            Some(held) => {
+                if held.len() < MAX_HELD_CANDIDATES {
+                    held.push(candidate);
+                }
+            }
+            None => self.send_signal(peer, candidate),
+        }
+    }
+
+    /// The channel to `peer` opened: `peer_up`, then whatever arrived before, then what
+    /// was queued meanwhile goes out.
+    pub fn channel_open(&mut self, peer: PeerId) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if link.is_open() {
+            return;
+        }
+        let early = link.inbound.on_open();
+        self.emit(SwarmEvent::PeerUp(peer));
+        for data in early {
+            self.emit(SwarmEvent::Message { from: peer, data });
+        }
+        self.actions.push_back(Action::Pump(peer));
+    }
+
+    /// One frame from `peer`'s channel.
+    pub fn frame(&mut self, peer: PeerId, frame: &[u8], now_ms: u64) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let before = link.inbound.dropped();
+        let outcome = link.inbound.on_frame(frame, now_ms);
+        self.frame_errors += link.inbound.dropped() - before;
+        match outcome {
+            Ok(Some(data)) => self.emit(SwarmEvent::Message { from: peer, data }),
+            // A bad frame drops its message (counted), not the neighbour...
+            Ok(None) => {}
+            // ...unless that keeps happening.
+            Err(e) => {
+                self.actions
+                    .push_back(Action::Warn(format!("dropping neighbour {peer}: {e}")));
+                self.failed(peer);
+            }
+        }
+    }
+
+    /// The connection to `peer` failed, closed, or could not be set up. One that never
+    /// opened is reported `unreachable`; one that was open is reported down.
+    pub fn failed(&mut self, peer: PeerId) {
+        let Some(link) = self.links.get(&peer) else {
+            return;
+        };
+        let pending = !link.is_open();
+        self.forget(peer);
+        if pending && self.me.is_some() {
+            self.actions
+                .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
+        }
+    }
+
+    /// Drops every pending connection past its deadline.
+    pub fn tick(&mut self, now_ms: u64) {
+        let deadline = u64::from(CONNECT_DEADLINE_SECS) * 1000;
+        let late: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !l.is_open() && now_ms.saturating_sub(l.started_ms) >= deadline)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in late {
+            self.failed(p);
+        }
+    }
+
+    /// Queues a whole message for an open neighbour.
+    pub fn send(&mut self, peer: PeerId, data: &[u8]) -> Result<(), SendError> {
+        let link = self
+            .links
+            .get_mut(&peer)
+            .filter(|l| l.is_open())
+            .ok_or(SendError::NoSuchPeer(peer))?;
+        link.queue.push(data).map_err(|e| match e {
+            QueueError::Full => SendError::Full(peer),
+            QueueError::TooLarge => SendError::TooLarge,
+        })?;
+        self.actions.push_back(Action::Pump(peer));
+        Ok(())
+    }
+
+    /// The next frame for `peer`'s channel, which holds `buffered` bytes not yet sent;
+    /// `None`: wait for its buffered-amount-low event (or for more data).
+    pub fn next_frame(&mut self, peer: PeerId, buffered: usize) -> Option<Vec<u8>> {
+        let link = self.links.get_mut(&peer).filter(|l| l.is_open())?;
+        link.queue.next_frame(buffered)
+    }
+
+    /// Whether frames wait for `peer`'s channel.
+    pub fn has_queued(&self, peer: PeerId) -> bool {
+        self.links.get(&peer).is_some_and(|l| !l.queue.is_empty())
+    }
+
+    /// Sends this peer's numbers to the server (a report that does not validate is
+    /// dropped with a warning).
+    pub fn report(&mut self, report: &PeerReport) {
+        match report.validate() {
+            Ok(()) => self
+                .actions
+                .push_back(Action::Signal(ClientMessage::Report {
+                    report: report.clone(),
+                })),
+            Err(e) => self
+                .actions
+                .push_back(Action::Warn(format!("report not sent: {e}"))),
+        }
+    }
+
+    /// Leaves the swarm: every connection is closed.
+    pub fn close(&mut self) {
+        self.closed = true;
+        let all: Vec<PeerId> = self.links.keys().copied().collect();
+        for p in all {
+            self.forget(p);
+        }
+    }
+
+    fn forget(&mut self, peer: PeerId) {
+        if let Some(link) = self.links.remove(&peer) {
+            if link.is_open() {
+                self.emit(SwarmEvent::PeerDown(peer));
+            }
+            self.actions.push_back(Action::Close(peer));
+        }
+    }
+
+    fn send_signal(&mut self, to: PeerId, signal: Signal) {
+        self.actions
+            .push_back(Action::Signal(ClientMessage::Signal { to, signal }));
+    }
+
+    fn emit(&mut self, e: SwarmEvent) {
+        self.actions.push_back(Action::Emit(e));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_shared::framing::split;
+
+    use super::*;
+
+    fn welcome(peer: u64) -> ServerMessage {
+        ServerMessage::Welcome {
+            version: 1,
+            peer: PeerId(peer),
+            task: "t".into(),
+            ice_servers: Vec::new(),
+            max_message_bytes: 1 << 16,
+        }
+    }
+
+    fn drain(m: &mut Mesh) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    fn candidate(n: u32) -> Signal {
+        Signal::Candidate {
+            candidate: format!("candidate:{n} 1 udp 1 127.0.0.1 {n} typ host"),
+            sdp_mid: Some("0".into()),
+            sdp_m_line_index: Some(0),
+        }
+    }
+
+    fn signal(to: u64, signal: Signal) -> Action {
+        Action::Signal(ClientMessage::Signal {
+            to: PeerId(to),
+            signal,
+        })
+    }
+
+    fn member(me: u64, neighbours: &[u64]) -> Mesh {
+        let mut m = Mesh::new(1);
+        m.on_server(welcome(me), 0);
+        m.on_server(
+            ServerMessage::Neighbours {
+                peers: neighbours.iter().map(|&p| PeerId(p)).collect(),
+            },
+            0,
+        );
+        m
+    }
+
+    #[test]
+    fn the_smaller_id_offers_and_the_set_is_reconciled() {
+        let mut m = member(5, &[3, 7, 9]);
+        let acts = drain(&mut m);
+        assert_eq!(
+            acts[1..],
+            [
+                Action::Connect {
+                    peer: PeerId(7),
+                    offer: true
+                },
+                Action::Connect {
+                    peer: PeerId(9),
+                    offer: true
+                },
+            ]
+        );
+        // 9 leaves the set before its channel opened: abandoned. 7 opened and stays
+        // though it left the set too; 11 is new.
+        m.channel_open(PeerId(7));
+        drain(&mut m);
+        m.on_server(
+            ServerMessage::Neighbours {
+                peers: vec![PeerId(3), PeerId(11)],
+            },
+            10,
+        );
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Close(PeerId(9)),
+                Action::Connect {
+                    peer: PeerId(11),
+                    offer: true
+                }
+            ]
+        );
+        assert_eq!(m.peers(), [PeerId(7)]);
+    }
+
+    #[test]
+    fn candidates_wait_for_the_description_then_flow() {
+        let mut m = member(1, &[2]);
+        drain(&mut m);
+        m.local_candidate(PeerId(2), candidate(1));
+        m.local_candidate(PeerId(2), candidate(2));
+        assert!(drain(&mut m).is_empty(), "held before the offer is out");
+        let offer = Signal::Offer { sdp: "o".into() };
+        m.described(PeerId(2), offer.clone());
+        m.local_candidate(PeerId(2), candidate(3));
+        assert_eq!(
+            drain(&mut m),
+            [
+                signal(2, offer),
+                signal(2, candidate(1)),
+                signal(2, candidate(2)),
+                signal(2, candidate(3)),
+            ]
+        );
+        // Bounded while held.
+        let mut m = member(1, &[2]);
+        for n in 0..1000 {
+            m.local_candidate(PeerId(2), candidate(n));
+        }
+        m.described(PeerId(2), Signal::Offer { sdp: "o".into() });
+        let sent = drain(&mut m).len();
+        assert_eq!(
+            sent,
+            2 + 1 + MAX_HELD_CANDIDATES,
+            "welcome, connect, offer, held"
+        );
+    }
+
+    #[test]
+    fn an_offer_is_answered_once_and_remote_signals_need_a_connection() {
+        let mut m = member(9, &[]);
+        drain(&mut m);
+        // No connection: an answer or a candidate is ignored.
+        for s in [Signal::Answer { sdp: "a".into() }, candidate(1)] {
+            m.on_server(
+                ServerMessage::Signal {
+                    from: PeerId(3),
+                    signal: s,
+                },
+                0,
+            );
+        }
+        assert!(drain(&mut m).is_empty());
+        let offer = |m: &mut Mesh| {
+            m.on_server(
+                ServerMessage::Signal {
+                    from: PeerId(3),
+                    signal: Signal::Offer { sdp: "o".into() },
+                },
+                0,
+            );
+        };
+        offer(&mut m);
+        offer(&mut m);
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Connect {
+                    peer: PeerId(3),
+                    offer: false
+                },
+                Action::Answer {
+                    peer: PeerId(3),
+                    sdp: "o".into()
+                }
+            ],
+            "the repeated offer is ignored"
+        );
+    }
+
+    #[test]
+    fn a_connection_that_misses_its_deadline_is_dropped_and_reported_unreachable() {
+        let mut m = member(1, &[2, 3]);
+        drain(&mut m);
+        let deadline = u64::from(CONNECT_DEADLINE_SECS) * 1000;
+        m.channel_open(PeerId(3));
+        drain(&mut m);
+        m.tick(deadline - 1);
+        assert!(drain(&mut m).is_empty());
+        m.tick(deadline);
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Close(PeerId(2)),
+                Action::Signal(ClientMessage::Unreachable { peer: PeerId(2) })
+            ]
+        );
+        // An open channel that fails is reported down, not unreachable.
+        m.failed(PeerId(3));
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Emit(SwarmEvent::PeerDown(PeerId(3))),
+                Action::Close(PeerId(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn messages_before_the_open_event_are_delivered_right_behind_peer_up() {
+        let mut m = member(1, &[2]);
+        drain(&mut m);
+        let msg = b"status sent at open".to_vec();
+        for f in split(0, &msg, 8) {
+            m.frame(PeerId(2), &f, 5);
+        }
+        assert!(drain(&mut m).is_empty(), "nothing before peer_up");
+        assert_eq!(
+            m.send(PeerId(2), b"x"),
+            Err(SendError::NoSuchPeer(PeerId(2)))
+        );
+        m.channel_open(PeerId(2));
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Emit(SwarmEvent::PeerUp(PeerId(2))),
+                Action::Emit(SwarmEvent::Message {
+                    from: PeerId(2),
+                    data: msg
+                }),
+                Action::Pump(PeerId(2)),
+            ]
+        );
+    }
+
+    #[test]
+    fn sends_are_queued_in_frames_and_bounded() {
+        let mut m = member(1, &[2]);
+        m.channel_open(PeerId(2));
+        drain(&mut m);
+        let msg = vec![7u8; 3 * DEFAULT_CHUNK];
+        m.send(PeerId(2), &msg).expect("queued");
+        assert_eq!(drain(&mut m), [Action::Pump(PeerId(2))]);
+        let mut frames = Vec::new();
+        while let Some(f) = m.next_frame(PeerId(2), 0) {
+            frames.push(f);
+        }
+        assert_eq!(frames.len(), 3);
+        // The other side reassembles exactly what was sent.
+        let mut other = member(2, &[]);
+        other.on_server(
+            ServerMessage::Signal {
+                from: PeerId(1),
+                signal: Signal::Offer { sdp: "o".into() },
+            },
+            0,
+        );
+        other.channel_open(PeerId(1));
+        drain(&mut other);
+        for f in &frames {
+            other.frame(PeerId(1), f, 0);
+        }
+        assert_eq!(
+            drain(&mut other),
+            [Action::Emit(SwarmEvent::Message {
+                from: PeerId(1),
+                data: msg
+            })]
+        );
+        // A full channel holds frames back; a full queue refuses whole messages.
+        m.send(PeerId(2), b"x").expect("queued");
+        assert_eq!(m.next_frame(PeerId(2), usize::MAX), None);
+        assert!(m.has_queued(PeerId(2)));
+        let big = vec![0u8; MAX_MESSAGE];
+        assert_eq!(m.send(PeerId(2), &big), Ok(()));
+        // Two whole messages' frames (headers included) do not fit behind the first.
+        assert_eq!(m.send(PeerId(2), &big), Err(SendError::Full(PeerId(2))));
+        assert_eq!(
+            m.send(PeerId(2), &vec![0u8; MAX_MESSAGE + 1]),
+            Err(SendError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn a_neighbour_sending_broken_frames_is_dropped() {
+        let mut m = member(1, &[2]);
+        m.channel_open(PeerId(2));
+        drain(&mut m);
+        let mut broken: Vec<u8> = split(0, &[1u8; 50], 100).next().expect("a frame");
+        broken[30] ^= 1;
+        for i in 0..crate::links::STRIKE_LIMIT {
+            m.frame(PeerId(2), &broken, i as u64);
+        }
+        let acts = drain(&mut m);
+        assert!(matches!(acts[0], Action::Warn(_)), "{acts:?}");
+        assert_eq!(
+            acts[1..],
+            [
+                Action::Emit(SwarmEvent::PeerDown(PeerId(2))),
+                Action::Close(PeerId(2))
+            ]
+        );
+        assert_eq!(m.frame_errors(), crate::links::STRIKE_LIMIT as u64);
+        assert!(!m.has(PeerId(2)));
+    }
+
+    #[test]
+    fn signaling_down_keeps_open_channels_and_left_drops_pending_ones() {
+        let mut m = member(1, &[2, 3]);
+        m.channel_open(PeerId(2));
+        drain(&mut m);
+        m.signaling_down();
+        assert_eq!(m.peers(), [PeerId(2)]);
+        m.on_server(welcome(1), 0);
+        m.on_server(ServerMessage::Left { peer: PeerId(3) }, 0);
+        m.on_server(ServerMessage::Left { peer: PeerId(2) }, 0);
+        let acts = drain(&mut m);
+        assert!(acts.contains(&Action::Close(PeerId(3))));
+        assert!(!acts.contains(&Action::Close(PeerId(2))));
+        // No unreachable while signaling is down.
+        let mut m = member(1, &[2]);
+        drain(&mut m);
+        m.signaling_down();
+        drain(&mut m);
+        m.failed(PeerId(2));
+        assert_eq!(drain(&mut m), [Action::Close(PeerId(2))]);
+    }
+}
