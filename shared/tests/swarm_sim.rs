@@ -109,8 +109,10 @@ fn under_attack(stealthy: bool) -> [f32; 4] {
         sc.name = format!("{}-{stealthy}-{agg:?}-{attackers}", sc.name);
         settled(&run(&sc))
     };
+    // The clean run is the same for both tests: computed once.
+    static CLEAN: std::sync::OnceLock<f32> = std::sync::OnceLock::new();
     let r = [
-        with(Aggregation::Mean, false),
+        *CLEAN.get_or_init(|| with(Aggregation::Mean, false)),
         with(Aggregation::Mean, true),
         with(Aggregation::TrimmedMean { trim: 0.25 }, true),
         with(Aggregation::CenteredClip { tau: 1.0, iters: 3 }, true),
@@ -136,7 +138,7 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
         "centered clipping {clipped} vs clean {clean}"
     );
     // The same criterion fails for the plain mean: what the robust rules pass is real.
-    // (Measured on the one peer: clean 96.17%, trimmed 95.40%, mean 33.32%.)
+    // (Measured: clean 96.17%, trimmed 95.36%, mean 34.52%.)
     assert!(
         mean < clean - 0.01,
         "plain mean should degrade: {mean} vs clean {clean}"
@@ -144,16 +146,16 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
 }
 
 #[test]
-fn stealthy_attackers_cost_the_robust_rules_under_four_points() {
+fn stealthy_attackers_cost_the_robust_rules_under_a_point() {
     // Attackers that keep honest models of their own: every lie stays at 2.5x an honest
-    // update's norm for the whole run (see `AttackSettings`). Measured on the one peer:
-    // clean 96.17%, trimmed mean 93.08% (118 lies refused by the norm bound). The plain
-    // mean ends at 95.35%: with the lies in its held updates its norm reference stays an
-    // honest one and the bound refuses most of them (1,767). The robust rules do not yet
-    // hold within the one point issue 13 asks for.
+    // update's norm for the whole run (see `AttackSettings`). Per-coordinate rules alone
+    // let these lies shift every coordinate a little (trimmed mean ended 3.1 points
+    // below the clean run); the screen around the coordinate-wise median
+    // (`aggregate::SCREEN_RADIUS`) drops them first. Measured: clean 96.17%, trimmed mean
+    // 95.74%.
     let [clean, _mean, trimmed, clipped] = under_attack(true);
     for (name, acc) in [("trimmed mean", trimmed), ("centered clipping", clipped)] {
-        assert!(acc >= clean - 0.04, "{name} {acc} vs clean {clean}");
+        assert!(acc >= clean - 0.01, "{name} {acc} vs clean {clean}");
     }
 }
 

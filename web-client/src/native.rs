@@ -91,7 +91,7 @@ impl Shared {
 
     /// Like [`with_mesh`](Self::with_mesh), for an event of the connection of this
     /// `generation`: ignored once that connection was replaced or closed.
-    fn from_conn(&self, peer: PeerId, generation: u64, f: impl FnOnce(&mut Mesh, u64)) {
+    fn with_conn(&self, peer: PeerId, generation: u64, f: impl FnOnce(&mut Mesh, u64)) {
         let now = self.now_ms();
         let mut st = self.lock();
         if st.conns.get(&peer).map(|c| c.generation) != Some(generation) {
@@ -340,7 +340,7 @@ impl PeerConnectionEventHandler for Handler {
                 sdp_mid: init.sdp_mid,
                 sdp_m_line_index: init.sdp_mline_index,
             };
-            shared.from_conn(self.peer, self.generation, |mesh, _| {
+            shared.with_conn(self.peer, self.generation, |mesh, _| {
                 mesh.local_candidate(self.peer, signal);
             });
         }
@@ -352,7 +352,7 @@ impl PeerConnectionEventHandler for Handler {
             RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
         ) && let Some(shared) = self.shared.upgrade()
         {
-            shared.from_conn(self.peer, self.generation, |mesh, _| mesh.failed(self.peer));
+            shared.with_conn(self.peer, self.generation, |mesh, _| mesh.failed(self.peer));
         }
     }
 }
@@ -481,10 +481,10 @@ async fn read_channel(
         };
         match ev {
             DataChannelEvent::OnOpen => {
-                shared.from_conn(peer, generation, |mesh, _| mesh.channel_open(peer));
+                shared.with_conn(peer, generation, |mesh, _| mesh.channel_open(peer));
             }
             DataChannelEvent::OnMessage(msg) => {
-                shared.from_conn(peer, generation, |mesh, now| {
+                shared.with_conn(peer, generation, |mesh, now| {
                     mesh.frame(peer, &msg.data, now);
                 });
             }
@@ -493,7 +493,7 @@ async fn read_channel(
         }
     }
     if let Some(shared) = shared.upgrade() {
-        shared.from_conn(peer, generation, |mesh, _| mesh.failed(peer));
+        shared.with_conn(peer, generation, |mesh, _| mesh.failed(peer));
     }
 }
 

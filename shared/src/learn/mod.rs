@@ -584,8 +584,9 @@ impl Learner {
         if round < self.round {
             return Err(self.stats.reject(Rejection::Stale));
         }
-        // Honest peers send mixes only for rounds that are multiples of `sync_every`.
-        let every = u64::from(self.cfg.sync_every);
+        // Honest peers send mixes only for rounds that are multiples of `sync_every`, and
+        // none when exchanging weights.
+        let every = self.sync_every();
         if every == 0 || !round.is_multiple_of(every) {
             return Err(self.stats.reject(Rejection::OffSchedule));
         }
@@ -607,6 +608,15 @@ impl Learner {
             weights: w,
         });
         Ok(Received::Mix)
+    }
+
+    /// Rounds between gossip mixes; 0 (none) when exchanging weights, where every update
+    /// already pulls the two models together and a mix would only add a way to push.
+    fn sync_every(&self) -> u64 {
+        match self.cfg.exchange {
+            Exchange::Weights => 0,
+            Exchange::Delta => u64::from(self.cfg.sync_every),
+        }
     }
 
     /// Counts a message the caller refused for `why` (the peer's own rules: unasked
@@ -763,7 +773,7 @@ impl Learner {
         // Neighbours' round-start weights for the round we now start: of those held, the
         // one nearest our own weights (an honest neighbour's model is a few percent away;
         // a poisoned one has to be farther to do harm, so it loses to any honest one),
-        // half of the way, its pull clipped to an honest update's size (a quarter of our
+        // half of the way, the move clipped to an honest update's norm (a quarter of our
         // weights' norm while there is none to compare with). A liar moves us at most
         // that far, once per `sync_every` rounds. Later rounds' wait; earlier ones are
         // dropped.
@@ -777,13 +787,21 @@ impl Learner {
             .map(|m| (aggregate::distance(&m.weights, &self.weights), m))
             .min_by(|a, b| a.0.total_cmp(&b.0));
         if let Some((n, m)) = nearest {
+            // The pull is at most one honest update's norm (the reference the norm bound
+            // is a multiple of), not the bound itself: a poisoned mix may be the only one
+            // held, and then it pulls that far.
             let quarter = 0.25 * aggregate::norm(&self.weights);
-            let radius = if bound > 0.0 {
-                bound.min(quarter)
+            let reference = bound / self.cfg.max_norm_ratio;
+            let radius = if reference > 0.0 {
+                reference.min(quarter)
             } else {
                 quarter
             };
-            let clip = if n > radius { radius / n } else { 1.0 };
+            let clip = if n > 2.0 * radius {
+                2.0 * radius / n
+            } else {
+                1.0
+            };
             for (w, t) in self.weights.iter_mut().zip(&m.weights) {
                 *w += 0.5 * clip * (t - *w);
             }
@@ -791,7 +809,7 @@ impl Learner {
         }
         self.started = true;
         self.stats.rounds += 1;
-        let every = u64::from(self.cfg.sync_every);
+        let every = self.sync_every();
         summary.sync = (every > 0 && self.round.is_multiple_of(every)).then(|| self.mix_message());
         summary
     }

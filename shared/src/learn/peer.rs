@@ -188,7 +188,12 @@ enum Purpose {
 struct Fetch {
     purpose: Purpose,
     started: f64,
+    /// Asked and still expected to answer.
     asked: BTreeSet<PeerId>,
+    /// How many were asked: the count a majority is taken of (one that then left or said
+    /// it holds no model still counts, or a download that lost its honest answers would
+    /// need fewer agreeing ones).
+    n_asked: usize,
     answers: BTreeMap<PeerId, Snapshot>,
 }
 
@@ -206,6 +211,9 @@ struct Neighbour {
     up_at: f64,
     /// Whether we told it our status yet.
     greeted: bool,
+    /// Whether its own status has had time to arrive (`2 * GREET_AFTER_MS` after the
+    /// channel opened): a joiner asks only such neighbours.
+    settled: bool,
 }
 
 /// One peer of the swarm, sans-IO.
@@ -335,7 +343,12 @@ impl Peer {
             at(n.up_at + GREET_AFTER_MS);
         }
         match self.phase {
-            Phase::Joining { since } => at((since + JOIN_GRACE_MS).max(self.next_fetch_at)),
+            Phase::Joining { since } => {
+                at((since + JOIN_GRACE_MS).max(self.next_fetch_at));
+                for n in self.nbrs.values().filter(|n| !n.settled && !n.idle) {
+                    at((n.up_at + 2.0 * GREET_AFTER_MS).max(self.next_fetch_at));
+                }
+            }
             Phase::Waiting { since } => at(since + f64::from(self.cfg.round_deadline_ms)),
             Phase::Observing => {
                 if let PeerRole::Observer { .. } = self.role {
@@ -431,13 +444,14 @@ impl Peer {
                 let n = self.nbrs.entry(p).or_default();
                 n.up_at = now_ms;
                 n.greeted = false;
+                n.settled = false;
                 if self.announced.is_none() {
                     self.announced = Some(self.contributing());
                 }
             }
             Event::Down(p) => {
                 self.nbrs.remove(&p);
-                self.stop_waiting_for(p, now_ms);
+                self.stop_waiting_for(p, true, now_ms);
             }
             Event::TaskPaused(paused) => {
                 self.progress.task_paused = paused;
@@ -476,7 +490,7 @@ impl Peer {
                     n.idle = !contributing;
                 }
                 if !contributing {
-                    self.stop_waiting_for(from, now_ms);
+                    self.stop_waiting_for(from, false, now_ms);
                 } else if was_idle
                     && let Some((round, msg)) = &self.sent_update
                     && *round == self.learner.round()
@@ -494,13 +508,21 @@ impl Peer {
     }
 
     /// A download stops waiting for a neighbour that left or said it has no model.
-    fn stop_waiting_for(&mut self, p: PeerId, now_ms: f64) {
+    /// One whose channel closed no longer counts among those asked (it is gone; under
+    /// churn, counting it would keep joiners out); one that said it holds no model still
+    /// does (a neighbour that was a contributor when asked and says that is not one to
+    /// discount).
+    fn stop_waiting_for(&mut self, p: PeerId, gone: bool, now_ms: f64) {
         if let Some(f) = &mut self.fetch
             && !f.answers.contains_key(&p)
             && f.asked.remove(&p)
-            && f.answers.len() == f.asked.len()
         {
-            self.conclude(now_ms);
+            if gone {
+                f.n_asked -= 1;
+            }
+            if f.answers.len() == f.asked.len() {
+                self.conclude(now_ms);
+            }
         }
     }
 
@@ -554,6 +576,45 @@ impl Peer {
         f.answers.insert(from, s);
         if f.answers.len() == f.asked.len() {
             self.conclude(now_ms);
+            return;
+        }
+        // Once a majority of those asked agree, the rest cannot change the outcome: no
+        // waiting for a neighbour that is slow (or silent on purpose).
+        let (quorum, min_round) = self.adoption_rule();
+        let f = self.fetch.as_ref().expect("checked above");
+        if quorum > 1
+            && f.answers.len() >= quorum
+            && choose(
+                f.answers.values().cloned().collect(),
+                quorum,
+                min_round,
+                u64::from(self.cfg.max_staleness),
+                self.learner.weights(),
+            )
+            .is_ok()
+        {
+            self.conclude(now_ms);
+        }
+    }
+
+    /// How many answers of the current download must agree, and the lowest round one
+    /// may have.
+    fn adoption_rule(&self) -> (usize, Option<u64>) {
+        let Some(f) = &self.fetch else {
+            return (1, None);
+        };
+        // Answers that must agree on the model: more than half of the neighbours asked
+        // (a silent one counts against adoption), so colluders win only where they are
+        // the majority of those asked.
+        let majority = f.n_asked / 2 + 1;
+        let ahead = Some(self.learner.round() + 1);
+        match f.purpose {
+            // After failed tries a joiner takes a lone answer (neighbours that stay silent
+            // must not keep it out of the swarm forever).
+            Purpose::Join if self.join_attempts + 1 >= JOIN_ATTEMPTS => (1, None),
+            Purpose::Join => (majority, None),
+            Purpose::Lag => (majority, ahead),
+            Purpose::Observe => (majority, ahead.filter(|_| self.learner.is_started())),
         }
     }
 
@@ -573,6 +634,7 @@ impl Peer {
         self.fetch = Some(Fetch {
             purpose,
             started: now_ms,
+            n_asked: from.len(),
             asked: from.into_iter().collect(),
             answers: BTreeMap::new(),
         });
@@ -580,21 +642,9 @@ impl Peer {
 
     /// Ends a download: adopts the model the answers agree on, if any.
     fn conclude(&mut self, now_ms: f64) {
+        let (quorum, min_round) = self.adoption_rule();
         let Some(f) = self.fetch.take() else {
             return;
-        };
-        let started = self.learner.is_started();
-        // Answers that must agree on the model: more than half of the neighbours asked
-        // (a silent one counts against adoption), so colluders win only where they are
-        // the majority of those asked.
-        let majority = f.asked.len() / 2 + 1;
-        let (quorum, min_round) = match f.purpose {
-            // After failed tries a joiner takes a lone answer (neighbours that stay silent
-            // must not keep it out of the swarm forever).
-            Purpose::Join if self.join_attempts + 1 >= JOIN_ATTEMPTS => (1, None),
-            Purpose::Join => (majority, None),
-            Purpose::Lag => (majority, Some(self.learner.round() + 1)),
-            Purpose::Observe => (majority, started.then(|| self.learner.round() + 1)),
         };
         let answered = !f.answers.is_empty();
         let answers: Vec<Snapshot> = f.answers.into_values().collect();
@@ -688,12 +738,24 @@ impl Peer {
             && self.fetch.is_none()
         {
             let peers = self.contributors();
+            // Asked only once their own status had time to arrive (they greet
+            // `GREET_AFTER_MS` after the channel opens, as we do): a joiner among them
+            // would otherwise be asked, say it holds no model, and leave the answers to
+            // whoever was quickest.
+            for n in self.nbrs.values_mut() {
+                n.settled |= now_ms - n.up_at >= 2.0 * GREET_AFTER_MS;
+            }
+            let settled: Vec<PeerId> = peers
+                .iter()
+                .copied()
+                .filter(|p| self.nbrs.get(p).is_some_and(|n| n.settled))
+                .collect();
             if peers.is_empty() {
                 if now_ms - since >= JOIN_GRACE_MS {
                     self.start_from_seed(); // first in the swarm
                 }
-            } else if now_ms >= self.next_fetch_at {
-                self.start_fetch(Purpose::Join, peers, now_ms);
+            } else if now_ms >= self.next_fetch_at && !settled.is_empty() {
+                self.start_fetch(Purpose::Join, settled, now_ms);
             }
         }
         // A tick that closes a round does not also train the next one: a driver paces its

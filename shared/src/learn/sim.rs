@@ -288,7 +288,7 @@ impl Scenario {
     }
 }
 
-/// The swarm's state after one swarm round (the mean round advanced by one).
+/// The swarm's state after one swarm round (as many rounds closed as the swarm has peers).
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     /// Swarm round.
@@ -927,16 +927,13 @@ impl Sim<'_> {
     }
 
     /// One peer closed a round; every `live` closes make a swarm round.
+    /// A swarm round is as many closed rounds as the swarm has peers: one round's work of
+    /// the whole swarm. (Counting only the peers holding a model made rounds, and with
+    /// them churn, come faster the fewer peers were left: slow joins then fed on
+    /// themselves until one peer was left.)
     fn round_closed(&mut self) -> Result<(), String> {
         self.rounds_done += 1;
-        let live = self
-            .peers
-            .iter()
-            .flatten()
-            .filter(|p| p.peer.has_model())
-            .count()
-            .max(1) as u64;
-        if self.rounds_done >= live {
+        if self.rounds_done >= self.sc.peers as u64 {
             self.rounds_done = 0;
             self.swarm_round += 1;
             if self.swarm_round.is_multiple_of(self.sc.eval_every.max(1)) {

@@ -118,7 +118,14 @@ fn a_poisoned_model_answer_loses_to_the_answers_that_agree() {
         "nothing is written to a channel that just opened"
     );
     p.tick(GREET_AFTER_MS);
-    let outs = drain(&mut p);
+    let mut outs = drain(&mut p);
+    assert!(
+        asked(&outs).is_empty(),
+        "their status has not had time to come"
+    );
+    // Once it has, it asks.
+    p.tick(2.0 * GREET_AFTER_MS);
+    outs.extend(drain(&mut p));
     // While joining it tells its neighbours it does not contribute yet.
     let idle = PeerMessage::Status {
         contributing: false,
@@ -172,7 +179,7 @@ fn an_answer_with_an_outlying_round_is_dropped() {
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
-    p.tick(GREET_AFTER_MS);
+    p.tick(2.0 * GREET_AFTER_MS);
     drain(&mut p);
     p.handle(msg(12, model(900_000, 0.3)), 20.0);
     p.handle(msg(10, model(10, 0.3)), 30.0);
@@ -341,6 +348,8 @@ fn at_round_3(c: &LearnConfig) -> Peer {
 fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
     let mut c = cfg();
     c.sync_every = 1;
+    // Weights exchange sends no mixes: every update pulls the models together.
+    c.exchange = Exchange::Delta;
     let mut p = at_round_3(&c);
     p.handle(Event::Up(PeerId(10)), 0.0);
     // A neighbour's weights a fifth away (inside the quarter a receiver accepts).
@@ -367,6 +376,7 @@ fn gossip_mixes_count_once_per_sender_and_pull_at_most_an_update_s_size() {
 fn of_the_mixes_held_only_the_nearest_pulls_and_only_on_schedule() {
     let mut c = cfg();
     c.sync_every = 2;
+    c.exchange = Exchange::Delta;
     let mut p = at_round_3(&c);
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
@@ -412,13 +422,14 @@ fn colluders_that_agree_are_outvoted_and_silence_counts_against_adoption() {
             p.handle(Event::Up(PeerId(n)), 0.0);
         }
         p.tick(GREET_AFTER_MS);
+        p.tick(2.0 * GREET_AFTER_MS);
         let mut who = asked(&drain(&mut p));
         who.sort_unstable();
         assert_eq!(who, [10, 11, 12, 13, 14]);
         for &(from, round, w) in answers {
             p.handle(msg(from, model(round, w)), 600.0);
         }
-        p.tick(600.0 + MODEL_WAIT_MS);
+        p.tick(2.0 * GREET_AFTER_MS + MODEL_WAIT_MS);
         p
     };
     let p = start(&[
