@@ -114,7 +114,6 @@ impl Link {
 pub struct Mesh {
     me: Option<PeerId>,
     ice_servers: Vec<IceServer>,
-    neighbours: BTreeSet<PeerId>,
     links: BTreeMap<PeerId, Link>,
     actions: VecDeque<Action>,
     backoff: Backoff,
@@ -128,7 +127,6 @@ impl Mesh {
         Self {
             me: None,
             ice_servers: Vec::new(),
-            neighbours: BTreeSet::new(),
             links: BTreeMap::new(),
             actions: VecDeque::new(),
             backoff: Backoff::new(250, 10_000, seed),
@@ -196,7 +194,6 @@ impl Mesh {
             ServerMessage::Left { peer } => {
                 // Its websocket is gone; its channel may not be (the server may be
                 // restarting). An open channel stays until it closes by itself.
-                self.neighbours.remove(&peer);
                 if self.links.get(&peer).is_some_and(|l| !l.is_open()) {
                     self.forget(peer);
                 }
@@ -218,18 +215,17 @@ impl Mesh {
 
     fn on_neighbours(&mut self, peers: Vec<PeerId>, now_ms: u64) {
         let Some(me) = self.me else { return };
-        self.neighbours = peers.into_iter().filter(|&p| p != me).collect();
+        let neighbours: BTreeSet<PeerId> = peers.into_iter().filter(|&p| p != me).collect();
         let stale: Vec<PeerId> = self
             .links
             .iter()
-            .filter(|(p, l)| !self.neighbours.contains(p) && !l.is_open())
+            .filter(|(p, l)| !neighbours.contains(p) && !l.is_open())
             .map(|(p, _)| *p)
             .collect();
         for p in stale {
             self.forget(p);
         }
-        let new: Vec<PeerId> = self
-            .neighbours
+        let new: Vec<PeerId> = neighbours
             .iter()
             .copied()
             .filter(|p| !self.links.contains_key(p) && should_offer(me, *p))

@@ -80,27 +80,32 @@ impl Shared {
 
     /// Feeds the mesh (under the lock) and hands its actions to the executor.
     fn with_mesh<R>(&self, f: impl FnOnce(&mut Mesh, u64) -> R) -> R {
-        let now = self.now_ms();
-        let mut st = self.lock();
-        let r = f(&mut st.mesh, now);
-        while let Some(a) = st.mesh.poll_action() {
-            let _ = self.actions.send(a);
-        }
-        r
+        self.feed(None, f).expect("no generation to check")
     }
 
     /// Like [`with_mesh`](Self::with_mesh), for an event of the connection of this
     /// `generation`: ignored once that connection was replaced or closed.
     fn with_conn(&self, peer: PeerId, generation: u64, f: impl FnOnce(&mut Mesh, u64)) {
+        self.feed(Some((peer, generation)), f);
+    }
+
+    fn feed<R>(
+        &self,
+        conn: Option<(PeerId, u64)>,
+        f: impl FnOnce(&mut Mesh, u64) -> R,
+    ) -> Option<R> {
         let now = self.now_ms();
         let mut st = self.lock();
-        if st.conns.get(&peer).map(|c| c.generation) != Some(generation) {
-            return;
+        if let Some((peer, generation)) = conn
+            && st.conns.get(&peer).map(|c| c.generation) != Some(generation)
+        {
+            return None;
         }
-        f(&mut st.mesh, now);
+        let r = f(&mut st.mesh, now);
         while let Some(a) = st.mesh.poll_action() {
             let _ = self.actions.send(a);
         }
+        Some(r)
     }
 }
 

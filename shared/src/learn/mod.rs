@@ -797,13 +797,14 @@ impl Learner {
             } else {
                 quarter
             };
-            let clip = if n > 2.0 * radius {
-                2.0 * radius / n
+            // Half of the way, at most `radius` far.
+            let share = if n > 0.0 {
+                (0.5 * n).min(radius) / n
             } else {
-                1.0
+                0.0
             };
             for (w, t) in self.weights.iter_mut().zip(&m.weights) {
-                *w += 0.5 * clip * (t - *w);
+                *w += share * (t - *w);
             }
             summary.mixed = true;
         }

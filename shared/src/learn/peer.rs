@@ -574,27 +574,29 @@ impl Peer {
             return;
         };
         f.answers.insert(from, s);
-        if f.answers.len() == f.asked.len() {
-            self.conclude(now_ms);
-            return;
-        }
+        let all = f.answers.len() == f.asked.len();
         // Once a majority of those asked agree, the rest cannot change the outcome: no
         // waiting for a neighbour that is slow (or silent on purpose).
-        let (quorum, min_round) = self.adoption_rule();
-        let f = self.fetch.as_ref().expect("checked above");
-        if quorum > 1
-            && f.answers.len() >= quorum
-            && choose(
-                f.answers.values().cloned().collect(),
-                quorum,
-                min_round,
-                u64::from(self.cfg.max_staleness),
-                self.learner.weights(),
-            )
-            .is_ok()
-        {
-            self.conclude(now_ms);
+        let verdict = self.judge();
+        if all || (self.adoption_rule().0 > 1 && verdict.is_ok()) {
+            self.conclude_with(verdict, now_ms);
         }
+    }
+
+    /// What the current download's answers so far would adopt (see [`choose`]).
+    fn judge(&self) -> Result<(Snapshot, usize), (Rejection, usize)> {
+        let Some(f) = &self.fetch else {
+            return Err((Rejection::NoQuorum, 0));
+        };
+        let (quorum, min_round) = self.adoption_rule();
+        let answers: Vec<&Snapshot> = f.answers.values().collect();
+        choose(
+            &answers,
+            quorum,
+            min_round,
+            u64::from(self.cfg.max_staleness),
+            self.learner.weights(),
+        )
     }
 
     /// How many answers of the current download must agree, and the lowest round one
@@ -642,19 +644,21 @@ impl Peer {
 
     /// Ends a download: adopts the model the answers agree on, if any.
     fn conclude(&mut self, now_ms: f64) {
-        let (quorum, min_round) = self.adoption_rule();
+        let verdict = self.judge();
+        self.conclude_with(verdict, now_ms);
+    }
+
+    /// Ends a download with the verdict [`judge`](Self::judge) gave on its answers.
+    fn conclude_with(
+        &mut self,
+        verdict: Result<(Snapshot, usize), (Rejection, usize)>,
+        now_ms: f64,
+    ) {
         let Some(f) = self.fetch.take() else {
             return;
         };
         let answered = !f.answers.is_empty();
-        let answers: Vec<Snapshot> = f.answers.into_values().collect();
-        match choose(
-            answers,
-            quorum,
-            min_round,
-            u64::from(self.cfg.max_staleness),
-            self.learner.weights(),
-        ) {
+        match verdict {
             Ok((s, outliers)) => {
                 for _ in 0..outliers {
                     self.learner.reject(Rejection::RoundOutlier);
@@ -920,7 +924,7 @@ fn update_key(data: &[u8]) -> Option<PublicKey> {
 /// Picks the model to adopt from the answers of one download (see the module's rule).
 /// Returns it with the number of answers dropped as round outliers, or why none.
 fn choose(
-    answers: Vec<Snapshot>,
+    answers: &[&Snapshot],
     quorum: usize,
     min_round: Option<u64>,
     window: u64,
@@ -934,8 +938,9 @@ fn choose(
     rounds.sort_unstable();
     let median = rounds[(rounds.len() - 1) / 2];
     let total = answers.len();
-    let mut kept: Vec<Snapshot> = answers
-        .into_iter()
+    let mut kept: Vec<&Snapshot> = answers
+        .iter()
+        .copied()
         .filter(|s| s.round.abs_diff(median) <= window)
         .collect();
     let outliers = total - kept.len();
@@ -985,8 +990,11 @@ fn choose(
             .filter(|&j| agree(best, j))
             .map(|j| kept[j].momentum.as_slice()),
     );
-    let mut s = kept.swap_remove(best);
-    s.momentum = momentum;
+    let s = Snapshot {
+        round: kept[best].round,
+        weights: kept[best].weights.clone(),
+        momentum,
+    };
     Ok((s, outliers))
 }
 
