@@ -21,9 +21,15 @@
 //!   `unreachable` (the server then gives both sides others); so is one whose setup fails
 //!   before it opened. Nothing is retried: the neighbour set brings another peer.
 //! - **Reconnect:** signaling reconnects with [`Backoff`]; open channels survive it.
+//! - **When a channel is up:** `peer_up` (and with it the right to send) comes
+//!   [`SETTLE_MS`] after this side's channel opened, or as soon as the other side's first
+//!   frame arrives, whichever is first. A WebRTC stack can drop a message that arrives
+//!   with the last packet of the SCTP handshake (the `webrtc` crate 0.21 does: its side of
+//!   a pre-negotiated channel is not attached until it has processed that packet); a
+//!   frame from the other side proves its side is attached, and nothing is sent before.
 //! - **Inbound:** every channel's frames go through an [`InboundLink`]: whole messages
-//!   only, nothing before `peer_up` (what arrives before the open event is delivered right
-//!   behind it), and a neighbour that keeps sending broken traffic is dropped.
+//!   only, nothing before `peer_up` (what arrives earlier is delivered right behind it),
+//!   and a neighbour that keeps sending broken traffic is dropped.
 //! - **Outbound backpressure:** each channel has one [`SendQueue`]; the transport takes
 //!   frames from it with [`Mesh::next_frame`] while its channel has room.
 
@@ -33,6 +39,10 @@ use shoal_shared::framing::{DEFAULT_CHUNK, QueueError, SendQueue};
 use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal};
 
 use crate::links::InboundLink;
+/// How long after its channel opened a neighbour is announced (`peer_up`) if it has sent
+/// nothing meanwhile.
+pub const SETTLE_MS: u64 = 500;
+
 use crate::swarm::{
     Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED,
     SendError, SwarmEvent, should_offer,
@@ -81,6 +91,9 @@ pub enum Action {
     Pump(PeerId),
     /// Close the connection to `peer` and forget it (its events no longer matter).
     Close(PeerId),
+    /// Call [`Mesh::tick`] this many milliseconds from now (deadlines and settling are
+    /// kept by `tick`; nothing else calls it reliably).
+    WakeIn(u64),
     /// Worth a line in the log.
     Warn(String),
 }
@@ -88,6 +101,10 @@ pub enum Action {
 struct Link {
     /// When the connection was started (the connect deadline counts from here).
     started_ms: u64,
+    /// When this side's channel opened.
+    opened_ms: Option<u64>,
+    /// A frame came from the other side (its end of the channel is attached).
+    heard: bool,
     inbound: InboundLink,
     queue: SendQueue,
     /// Local candidates gathered before this side's description was sent (`None` once
@@ -99,14 +116,22 @@ impl Link {
     fn new(now_ms: u64) -> Self {
         Self {
             started_ms: now_ms,
+            opened_ms: None,
+            heard: false,
             inbound: InboundLink::new(MAX_MESSAGE, MAX_IN_FLIGHT),
             queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
             held: Some(Vec::new()),
         }
     }
 
-    fn is_open(&self) -> bool {
+    /// Announced with `peer_up`: messages flow both ways.
+    fn is_up(&self) -> bool {
         self.inbound.is_open()
+    }
+
+    /// The channel has not opened yet.
+    fn is_pending(&self) -> bool {
+        self.opened_ms.is_none()
     }
 }
 
@@ -150,11 +175,11 @@ impl Mesh {
         &self.ice_servers
     }
 
-    /// Neighbours with an open channel.
+    /// Neighbours announced with `peer_up` and not down since.
     pub fn peers(&self) -> Vec<PeerId> {
         self.links
             .iter()
-            .filter(|(_, l)| l.is_open())
+            .filter(|(_, l)| l.is_up())
             .map(|(p, _)| *p)
             .collect()
     }
@@ -194,7 +219,7 @@ impl Mesh {
             ServerMessage::Left { peer } => {
                 // Its websocket is gone; its channel may not be (the server may be
                 // restarting). An open channel stays until it closes by itself.
-                if self.links.get(&peer).is_some_and(|l| !l.is_open()) {
+                if self.links.get(&peer).is_some_and(Link::is_pending) {
                     self.forget(peer);
                 }
             }
@@ -219,7 +244,7 @@ impl Mesh {
         let stale: Vec<PeerId> = self
             .links
             .iter()
-            .filter(|(p, l)| !neighbours.contains(p) && !l.is_open())
+            .filter(|(p, l)| !neighbours.contains(p) && l.is_pending())
             .map(|(p, _)| *p)
             .collect();
         for p in stale {
@@ -231,11 +256,7 @@ impl Mesh {
             .filter(|p| !self.links.contains_key(p) && should_offer(me, *p))
             .collect();
         for p in new {
-            self.links.insert(p, Link::new(now_ms));
-            self.actions.push_back(Action::Connect {
-                peer: p,
-                offer: true,
-            });
+            self.start(p, now_ms, true);
         }
     }
 
@@ -250,11 +271,7 @@ impl Mesh {
                     // Glare or a repeat: the live connection stands.
                     return;
                 }
-                self.links.insert(from, Link::new(now_ms));
-                self.actions.push_back(Action::Connect {
-                    peer: from,
-                    offer: false,
-                });
+                self.start(from, now_ms, false);
                 self.actions.push_back(Action::Answer { peer: from, sdp });
             }
             Signal::Answer { sdp } => {
@@ -301,13 +318,30 @@ impl Mesh {
         }
     }
 
-    /// The channel to `peer` opened: `peer_up`, then whatever arrived before, then what
-    /// was queued meanwhile goes out.
-    pub fn channel_open(&mut self, peer: PeerId) {
+    /// This side's channel to `peer` opened: `peer_up` follows once the other side is
+    /// heard from or after [`SETTLE_MS`].
+    pub fn channel_open(&mut self, peer: PeerId, now_ms: u64) {
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
-        if link.is_open() {
+        if !link.is_pending() {
+            return;
+        }
+        link.opened_ms = Some(now_ms);
+        if link.heard {
+            self.up(peer);
+        } else {
+            self.actions.push_back(Action::WakeIn(SETTLE_MS));
+        }
+    }
+
+    /// Announces `peer`: `peer_up`, then whatever arrived before, then what was queued
+    /// meanwhile goes out.
+    fn up(&mut self, peer: PeerId) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if link.is_up() {
             return;
         }
         let early = link.inbound.on_open();
@@ -320,6 +354,13 @@ impl Mesh {
 
     /// One frame from `peer`'s channel.
     pub fn frame(&mut self, peer: PeerId, frame: &[u8], now_ms: u64) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.heard = true;
+        if !link.is_pending() && !link.is_up() {
+            self.up(peer);
+        }
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
@@ -345,7 +386,7 @@ impl Mesh {
         let Some(link) = self.links.get(&peer) else {
             return;
         };
-        let pending = !link.is_open();
+        let pending = link.is_pending();
         self.forget(peer);
         if pending && self.me.is_some() {
             self.actions
@@ -353,17 +394,31 @@ impl Mesh {
         }
     }
 
-    /// Drops every pending connection past its deadline.
+    /// Drops every pending connection past its deadline and announces every open one
+    /// that has settled.
     pub fn tick(&mut self, now_ms: u64) {
         let deadline = u64::from(CONNECT_DEADLINE_SECS) * 1000;
         let late: Vec<PeerId> = self
             .links
             .iter()
-            .filter(|(_, l)| !l.is_open() && now_ms.saturating_sub(l.started_ms) >= deadline)
+            .filter(|(_, l)| l.is_pending() && now_ms.saturating_sub(l.started_ms) >= deadline)
             .map(|(p, _)| *p)
             .collect();
         for p in late {
             self.failed(p);
+        }
+        let settled: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                !l.is_up()
+                    && l.opened_ms
+                        .is_some_and(|t| now_ms.saturating_sub(t) >= SETTLE_MS)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in settled {
+            self.up(p);
         }
     }
 
@@ -372,7 +427,7 @@ impl Mesh {
         let link = self
             .links
             .get_mut(&peer)
-            .filter(|l| l.is_open())
+            .filter(|l| l.is_up())
             .ok_or(SendError::NoSuchPeer(peer))?;
         link.queue.push(data).map_err(|e| match e {
             QueueError::Full => SendError::Full(peer),
@@ -385,7 +440,7 @@ impl Mesh {
     /// The next frame for `peer`'s channel, which holds `buffered` bytes not yet sent;
     /// `None`: wait for its buffered-amount-low event (or for more data).
     pub fn next_frame(&mut self, peer: PeerId, buffered: usize) -> Option<Vec<u8>> {
-        let link = self.links.get_mut(&peer).filter(|l| l.is_open())?;
+        let link = self.links.get_mut(&peer).filter(|l| l.is_up())?;
         link.queue.next_frame(buffered)
     }
 
@@ -418,9 +473,17 @@ impl Mesh {
         }
     }
 
+    /// A connection to `peer` begins (the deadline counts from now).
+    fn start(&mut self, peer: PeerId, now_ms: u64, offer: bool) {
+        self.links.insert(peer, Link::new(now_ms));
+        self.actions.push_back(Action::Connect { peer, offer });
+        self.actions
+            .push_back(Action::WakeIn(u64::from(CONNECT_DEADLINE_SECS) * 1000 + 1));
+    }
+
     fn forget(&mut self, peer: PeerId) {
         if let Some(link) = self.links.remove(&peer) {
-            if link.is_open() {
+            if link.is_up() {
                 self.emit(SwarmEvent::PeerDown(peer));
             }
             self.actions.push_back(Action::Close(peer));
@@ -472,6 +535,12 @@ mod tests {
         })
     }
 
+    /// Opens the channel to `peer` at 0 and lets it settle.
+    fn up(m: &mut Mesh, peer: u64) {
+        m.channel_open(PeerId(peer), 0);
+        m.tick(SETTLE_MS);
+    }
+
     fn member(me: u64, neighbours: &[u64]) -> Mesh {
         let mut m = Mesh::new(1);
         m.on_server(welcome(me), 0);
@@ -488,6 +557,7 @@ mod tests {
     fn the_smaller_id_offers_and_the_set_is_reconciled() {
         let mut m = member(5, &[3, 7, 9]);
         let acts = drain(&mut m);
+        let deadline = Action::WakeIn(u64::from(CONNECT_DEADLINE_SECS) * 1000 + 1);
         assert_eq!(
             acts[1..],
             [
@@ -495,15 +565,17 @@ mod tests {
                     peer: PeerId(7),
                     offer: true
                 },
+                deadline.clone(),
                 Action::Connect {
                     peer: PeerId(9),
                     offer: true
                 },
+                deadline.clone(),
             ]
         );
         // 9 leaves the set before its channel opened: abandoned. 7 opened and stays
         // though it left the set too; 11 is new.
-        m.channel_open(PeerId(7));
+        up(&mut m, 7);
         drain(&mut m);
         m.on_server(
             ServerMessage::Neighbours {
@@ -518,7 +590,8 @@ mod tests {
                 Action::Connect {
                     peer: PeerId(11),
                     offer: true
-                }
+                },
+                deadline,
             ]
         );
         assert_eq!(m.peers(), [PeerId(7)]);
@@ -552,8 +625,8 @@ mod tests {
         let sent = drain(&mut m).len();
         assert_eq!(
             sent,
-            2 + 1 + MAX_HELD_CANDIDATES,
-            "welcome, connect, offer, held"
+            2 + 1 + 1 + MAX_HELD_CANDIDATES,
+            "welcome, connect, its deadline, offer, held"
         );
     }
 
@@ -590,6 +663,7 @@ mod tests {
                     peer: PeerId(3),
                     offer: false
                 },
+                Action::WakeIn(u64::from(CONNECT_DEADLINE_SECS) * 1000 + 1),
                 Action::Answer {
                     peer: PeerId(3),
                     sdp: "o".into()
@@ -604,7 +678,7 @@ mod tests {
         let mut m = member(1, &[2, 3]);
         drain(&mut m);
         let deadline = u64::from(CONNECT_DEADLINE_SECS) * 1000;
-        m.channel_open(PeerId(3));
+        up(&mut m, 3);
         drain(&mut m);
         m.tick(deadline - 1);
         assert!(drain(&mut m).is_empty());
@@ -640,7 +714,8 @@ mod tests {
             m.send(PeerId(2), b"x"),
             Err(SendError::NoSuchPeer(PeerId(2)))
         );
-        m.channel_open(PeerId(2));
+        // Those frames prove the other side's end is attached: up at once.
+        m.channel_open(PeerId(2), 6);
         assert_eq!(
             drain(&mut m),
             [
@@ -655,9 +730,61 @@ mod tests {
     }
 
     #[test]
+    fn peer_up_waits_for_the_other_sides_first_frame_or_the_settle_time() {
+        // Silent other side: up SETTLE_MS after the open, not before.
+        let mut m = member(1, &[2, 3]);
+        drain(&mut m);
+        m.channel_open(PeerId(2), 100);
+        assert_eq!(drain(&mut m), [Action::WakeIn(SETTLE_MS)]);
+        assert_eq!(
+            m.send(PeerId(2), b"x"),
+            Err(SendError::NoSuchPeer(PeerId(2))),
+            "nothing is written before the other side can take it"
+        );
+        m.tick(100 + SETTLE_MS - 1);
+        assert!(drain(&mut m).is_empty());
+        assert!(m.peers().is_empty());
+        m.tick(100 + SETTLE_MS);
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Emit(SwarmEvent::PeerUp(PeerId(2))),
+                Action::Pump(PeerId(2))
+            ]
+        );
+        assert_eq!(m.send(PeerId(2), b"x"), Ok(()));
+        // The other side writes first: up at its first frame, which follows peer_up.
+        m.channel_open(PeerId(3), 1000);
+        drain(&mut m);
+        for f in split(0, b"hello", 8) {
+            m.frame(PeerId(3), &f, 1010);
+        }
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Emit(SwarmEvent::PeerUp(PeerId(3))),
+                Action::Pump(PeerId(3)),
+                Action::Emit(SwarmEvent::Message {
+                    from: PeerId(3),
+                    data: b"hello".to_vec()
+                }),
+            ]
+        );
+        m.tick(1000 + SETTLE_MS);
+        assert!(drain(&mut m).is_empty(), "announced once");
+        // A channel that opened is not unreachable, and one never announced never goes
+        // down.
+        let mut m = member(1, &[2]);
+        m.channel_open(PeerId(2), 0);
+        drain(&mut m);
+        m.failed(PeerId(2));
+        assert_eq!(drain(&mut m), [Action::Close(PeerId(2))]);
+    }
+
+    #[test]
     fn sends_are_queued_in_frames_and_bounded() {
         let mut m = member(1, &[2]);
-        m.channel_open(PeerId(2));
+        up(&mut m, 2);
         drain(&mut m);
         let msg = vec![7u8; 3 * DEFAULT_CHUNK];
         m.send(PeerId(2), &msg).expect("queued");
@@ -676,7 +803,7 @@ mod tests {
             },
             0,
         );
-        other.channel_open(PeerId(1));
+        up(&mut other, 1);
         drain(&mut other);
         for f in &frames {
             other.frame(PeerId(1), f, 0);
@@ -705,7 +832,7 @@ mod tests {
     #[test]
     fn a_neighbour_sending_broken_frames_is_dropped() {
         let mut m = member(1, &[2]);
-        m.channel_open(PeerId(2));
+        up(&mut m, 2);
         drain(&mut m);
         let mut broken: Vec<u8> = split(0, &[1u8; 50], 100).next().expect("a frame");
         broken[30] ^= 1;
@@ -728,7 +855,7 @@ mod tests {
     #[test]
     fn signaling_down_keeps_open_channels_and_left_drops_pending_ones() {
         let mut m = member(1, &[2, 3]);
-        m.channel_open(PeerId(2));
+        up(&mut m, 2);
         drain(&mut m);
         m.signaling_down();
         assert_eq!(m.peers(), [PeerId(2)]);

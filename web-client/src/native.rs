@@ -26,7 +26,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::mesh::{Action, Mesh};
-use crate::swarm::{CONNECT_DEADLINE_SECS, SendError, SwarmEvent, Transport};
+use crate::swarm::{SendError, SwarmEvent, Transport};
 
 /// How a native peer connects.
 #[derive(Clone, Debug)]
@@ -314,6 +314,15 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                     });
                 }
             }
+            Action::WakeIn(ms) => {
+                let shared = Arc::downgrade(&shared);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    if let Some(shared) = shared.upgrade() {
+                        shared.with_mesh(|mesh, now| mesh.tick(now));
+                    }
+                });
+            }
             Action::Warn(w) => eprintln!("shoal: {w}"),
         }
     }
@@ -428,17 +437,6 @@ async fn connect(shared: &Arc<Shared>, peer: PeerId, offer: bool) -> anyhow::Res
             dc,
             Arc::clone(&wake),
         )),
-        // The mesh drops a connection that misses its deadline; wake it then.
-        tokio::spawn({
-            let shared = Arc::downgrade(shared);
-            async move {
-                let deadline = u64::from(CONNECT_DEADLINE_SECS) * 1000 + 50;
-                tokio::time::sleep(Duration::from_millis(deadline)).await;
-                if let Some(shared) = shared.upgrade() {
-                    shared.with_mesh(|mesh, now| mesh.tick(now));
-                }
-            }
-        }),
     ];
     let gone = {
         let mut st = shared.lock();
@@ -486,7 +484,7 @@ async fn read_channel(
         };
         match ev {
             DataChannelEvent::OnOpen => {
-                shared.with_conn(peer, generation, |mesh, _| mesh.channel_open(peer));
+                shared.with_conn(peer, generation, |mesh, now| mesh.channel_open(peer, now));
             }
             DataChannelEvent::OnMessage(msg) => {
                 shared.with_conn(peer, generation, |mesh, now| {

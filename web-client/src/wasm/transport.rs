@@ -28,7 +28,7 @@ use web_sys::{
 };
 
 use crate::mesh::{Action, Mesh};
-use crate::swarm::{CONNECT_DEADLINE_SECS, SendError, SwarmEvent, Transport};
+use crate::swarm::{SendError, SwarmEvent, Transport};
 
 type Shared = Rc<RefCell<Inner>>;
 
@@ -161,6 +161,15 @@ fn act(shared: &Shared, action: Action) {
             // microtask, since the handler that caused this may be one of them.
             let conn = shared.borrow_mut().conns.remove(&peer);
             spawn_local(async move { drop(conn) });
+        }
+        Action::WakeIn(ms) => {
+            let weak = Rc::downgrade(shared);
+            let wake = Closure::once_into_js(move || {
+                if let Some(shared) = weak.upgrade() {
+                    with_mesh(&shared, |mesh, now| mesh.tick(now));
+                }
+            });
+            set_timeout(wake.unchecked_ref(), u32::try_from(ms).unwrap_or(u32::MAX));
         }
         Action::Warn(w) => web_sys::console::warn_1(&format!("shoal: {w}").into()),
     }
@@ -470,7 +479,7 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
     let weak = Rc::downgrade(shared);
     let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
         if let Some(shared) = weak.upgrade() {
-            with_mesh(&shared, |mesh, _| mesh.channel_open(peer));
+            with_mesh(&shared, |mesh, now| mesh.channel_open(peer, now));
         }
     });
     dc.set_onopen(Some(on_open.as_ref().unchecked_ref()));
@@ -514,15 +523,6 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
             _handlers: handlers,
         },
     );
-    // The mesh drops a connection that misses its deadline; wake it then.
-    let weak = Rc::downgrade(shared);
-    let deadline = Closure::once_into_js(move || {
-        if let Some(shared) = weak.upgrade() {
-            with_mesh(&shared, |mesh, now| mesh.tick(now));
-        }
-    });
-    set_timeout(deadline.unchecked_ref(), CONNECT_DEADLINE_SECS * 1000 + 50);
-
     if offer {
         let weak = Rc::downgrade(shared);
         spawn_local(async move {
