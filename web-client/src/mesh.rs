@@ -39,14 +39,16 @@ use shoal_shared::framing::{DEFAULT_CHUNK, QueueError, SendQueue};
 use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal};
 
 use crate::links::InboundLink;
-/// How long after its channel opened a neighbour is announced (`peer_up`) if it has sent
-/// nothing meanwhile.
-pub const SETTLE_MS: u64 = 500;
-
 use crate::swarm::{
     Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED,
     SendError, SwarmEvent, should_offer,
 };
+
+/// How long after its channel opened a neighbour is announced (`peer_up`) if it has sent
+/// nothing meanwhile.
+pub const SETTLE_MS: u64 = 500;
+/// [`CONNECT_DEADLINE_SECS`] in the mesh's unit of time.
+const CONNECT_DEADLINE_MS: u64 = CONNECT_DEADLINE_SECS as u64 * 1000;
 
 /// What the transport must do, in order.
 #[derive(Clone, Debug, PartialEq)]
@@ -397,11 +399,12 @@ impl Mesh {
     /// Drops every pending connection past its deadline and announces every open one
     /// that has settled.
     pub fn tick(&mut self, now_ms: u64) {
-        let deadline = u64::from(CONNECT_DEADLINE_SECS) * 1000;
         let late: Vec<PeerId> = self
             .links
             .iter()
-            .filter(|(_, l)| l.is_pending() && now_ms.saturating_sub(l.started_ms) >= deadline)
+            .filter(|(_, l)| {
+                l.is_pending() && now_ms.saturating_sub(l.started_ms) >= CONNECT_DEADLINE_MS
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in late {
@@ -478,7 +481,7 @@ impl Mesh {
         self.links.insert(peer, Link::new(now_ms));
         self.actions.push_back(Action::Connect { peer, offer });
         self.actions
-            .push_back(Action::WakeIn(u64::from(CONNECT_DEADLINE_SECS) * 1000 + 1));
+            .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
     }
 
     fn forget(&mut self, peer: PeerId) {
