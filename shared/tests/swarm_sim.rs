@@ -146,21 +146,22 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
 }
 
 #[test]
-fn stealthy_attackers_cost_trimmed_mean_under_a_point() {
+fn stealthy_attackers_cost_the_robust_rules_under_a_point() {
     // Attackers that keep honest models of their own: every lie stays at 2.5x an honest
     // update's norm for the whole run (see `AttackSettings`). Per-coordinate rules alone
     // let these lies shift every coordinate a little (trimmed mean ended 3.1 points
     // below the clean run); the screen around the coordinate-wise median
-    // (`aggregate::SCREEN_RADIUS`) drops them first. Measured: clean 96.17%, trimmed mean
-    // 95.74%, centered clipping 94.89% (it clips what the screen lets through instead of
-    // trimming it, and stays 1.3 points short of the clean run).
+    // (`aggregate::SCREEN_RADIUS`) drops them first, and the per-signer record drops a
+    // liar's update the screen lets through. Measured: clean 96.17%, trimmed mean 95.67%,
+    // centered clipping 95.57% (94.89% without the record: it clipped what the screen
+    // let through instead of trimming it).
     let [clean, _mean, trimmed, clipped] = under_attack(true);
     assert!(
         trimmed >= clean - 0.01,
         "trimmed mean {trimmed} vs clean {clean}"
     );
     assert!(
-        clipped >= clean - 0.02,
+        clipped >= clean - 0.01,
         "centered clipping {clipped} vs clean {clean}"
     );
 }
@@ -381,8 +382,8 @@ fn attackers_on_every_message_kind_never_get_a_poisoned_model_adopted() {
         "unasked models were dropped: {:?}",
         attacked.rejected
     );
-    // Measured: attacked 89.4%, clean 94.0% after 40 rounds. What costs the points is
-    // the stealthy update lie and the slower joins, not a poisoned model.
+    // Measured: attacked 91.6%, clean 94.5% after 40 rounds (89.4% before the
+    // per-signer screening record). No point is lost to a poisoned model.
     assert!(
         settled(&attacked) >= settled(&clean) - 0.06,
         "attacked {} vs clean {}",

@@ -66,32 +66,22 @@ pub const SCREEN_RADIUS: f32 = 1.5;
 /// and returns the indices of the updates screened out (see [`SCREEN_RADIUS`]; only the
 /// robust rules screen). With no updates, `out` is zeroed.
 pub fn aggregate(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) -> Vec<usize> {
-    out.fill(0.0);
-    if updates.is_empty() {
-        return Vec::new();
-    }
-    debug_assert!(updates.iter().all(|(u, _)| u.len() == out.len()));
-    let screened = match rule {
-        Aggregation::Mean => Vec::new(),
-        _ => screen(updates, out),
-    };
-    let kept: Vec<(&[f32], f32)> = updates
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !screened.contains(i))
-        .map(|(_, u)| *u)
-        .collect();
-    combine(rule, &kept, out);
+    let screened = screen(rule, updates, out);
+    combine(rule, updates, &screened, out);
     screened
 }
 
+/// Updates the screen needs to judge any (with fewer, it drops none).
+pub const SCREEN_MIN: usize = 3;
+
 /// The indices of the updates farther than [`SCREEN_RADIUS`] times the median distance
-/// from the coordinate-wise median (`scratch` holds that median afterwards).
-fn screen(updates: &[(&[f32], f32)], scratch: &mut [f32]) -> Vec<usize> {
+/// from the coordinate-wise median, under the robust rules (`scratch` is overwritten).
+pub fn screen(rule: Aggregation, updates: &[(&[f32], f32)], scratch: &mut [f32]) -> Vec<usize> {
     let m = updates.len();
-    if m < 3 {
+    if rule == Aggregation::Mean || m < SCREEN_MIN {
         return Vec::new();
     }
+    debug_assert!(updates.iter().all(|(u, _)| u.len() == scratch.len()));
     per_coordinate(updates, scratch, median_of_sorted);
     let dist: Vec<f32> = updates.iter().map(|(u, _)| distance(u, scratch)).collect();
     let mut sorted = dist.clone();
@@ -104,7 +94,19 @@ fn screen(updates: &[(&[f32], f32)], scratch: &mut [f32]) -> Vec<usize> {
         .collect()
 }
 
-fn combine(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) {
+/// Applies `rule` to `updates` but those at the indices in `dropped` (what the screen
+/// and the peer's records dropped) into `out`; zero when none is left.
+pub fn combine(rule: Aggregation, updates: &[(&[f32], f32)], dropped: &[usize], out: &mut [f32]) {
+    let kept: Vec<(&[f32], f32)> = updates
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !dropped.contains(i))
+        .map(|(_, u)| *u)
+        .collect();
+    combine_all(rule, &kept, out);
+}
+
+fn combine_all(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) {
     out.fill(0.0);
     let m = updates.len();
     if m == 0 {

@@ -380,6 +380,27 @@ struct Mix {
 /// old rounds are then refused as stale instead).
 const MAX_REMEMBERED: usize = 65_536;
 
+/// What a peer remembers of a signer.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    /// The last round taken from it (replay protection).
+    round: u64,
+    /// One bit per update of its that went through the screen, newest lowest: set when
+    /// the screen dropped it.
+    screened: u8,
+    /// How many of its updates went through the screen, up to [`SCREEN_HISTORY`].
+    judged: u8,
+}
+
+impl Seen {
+    fn distrusted(&self) -> bool {
+        self.screened != 0 && 2 * self.screened.count_ones() >= u32::from(self.judged)
+    }
+}
+
+/// Updates per signer the screening record covers.
+const SCREEN_HISTORY: u32 = 4;
+
 #[derive(Clone, Debug)]
 struct Pending {
     key: PublicKey,
@@ -399,7 +420,8 @@ pub struct Learner {
     compressor: Compressor,
     own: Option<Vec<f32>>,
     inbox: Vec<Pending>,
-    last_round: HashMap<PublicKey, u64>,
+    /// Per signer: the last round taken from it, and its recent screening record.
+    seen: HashMap<PublicKey, Seen>,
     /// Whether this model has been trained or adopted (a blank joiner takes any model).
     started: bool,
     /// Neighbours' weights to average with ours when the round closes: at most one per
@@ -430,7 +452,7 @@ impl Learner {
             weights,
             own: None,
             inbox: Vec::new(),
-            last_round: HashMap::new(),
+            seen: HashMap::new(),
             started: false,
             mixes: Vec::new(),
             stats: LearnStats::default(),
@@ -522,6 +544,12 @@ impl Learner {
             .any(|p| &p.key == key && p.round >= self.round)
     }
 
+    /// Whether updates signed by `key` are distrusted: the screen dropped at least half
+    /// of its recent ones (see [`Learner::screened`]).
+    pub fn distrusts(&self, key: &PublicKey) -> bool {
+        self.seen.get(key).is_some_and(Seen::distrusted)
+    }
+
     /// Validates and takes in one message from a neighbour (a mix counts as sender 0:
     /// see [`receive_from`](Self::receive_from)).
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
@@ -547,7 +575,7 @@ impl Learner {
         if !u.verify(&self.task) {
             return Err(self.stats.reject(Rejection::BadSignature));
         }
-        if self.last_round.get(&u.key).is_some_and(|&r| u.round <= r) {
+        if self.seen.get(&u.key).is_some_and(|s| u.round <= s.round) {
             return Err(self.stats.reject(Rejection::Replay));
         }
         if u.round + u64::from(self.cfg.max_staleness) < self.round {
@@ -682,17 +710,35 @@ impl Learner {
     }
 
     fn remember(&mut self, key: PublicKey, round: u64) {
-        if self.last_round.len() >= MAX_REMEMBERED && !self.last_round.contains_key(&key) {
+        if self.seen.len() >= MAX_REMEMBERED && !self.seen.contains_key(&key) {
             let oldest = self
-                .last_round
+                .seen
                 .iter()
-                .min_by_key(|(_, r)| **r)
+                .min_by_key(|(_, s)| s.round)
                 .map(|(k, _)| *k);
             if let Some(k) = oldest {
-                self.last_round.remove(&k);
+                self.seen.remove(&k);
             }
         }
-        self.last_round.insert(key, round);
+        self.seen.entry(key).or_default().round = round;
+    }
+
+    /// Records whether the screen dropped `key`'s update this round and says whether
+    /// the signer is distrusted: screened in at least half of its last (up to
+    /// [`SCREEN_HISTORY`]) updates that went through the screen. A distrusted signer's
+    /// updates are dropped as outliers even when the screen lets one through. A liar
+    /// that keeps lying is screened most rounds but not all (a round with few honest
+    /// updates, or where honest models have drifted apart, widens the screen); its
+    /// record closes that gap from the first time it is caught. An honest peer is
+    /// screened rarely (9 of 4,232 updates in a clean `byzantine-25` run) and is trusted
+    /// again after its next clean update.
+    fn screened(&mut self, key: &PublicKey, dropped: bool) -> bool {
+        let Some(s) = self.seen.get_mut(key) else {
+            return false;
+        };
+        s.screened = (s.screened << 1 | u8::from(dropped)) & ((1 << SCREEN_HISTORY) - 1);
+        s.judged = (s.judged + 1).min(SCREEN_HISTORY as u8);
+        s.distrusted()
     }
 
     /// Closes the round: validates norms, aggregates our update and the held ones with
@@ -737,8 +783,11 @@ impl Learner {
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
         let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
+        // The signer of each update; none for our own.
+        let mut signers: Vec<Option<PublicKey>> = Vec::with_capacity(held.len() + 1);
         if let Some(d) = &own {
             updates.push((d, 1.0));
+            signers.push(None);
         }
         for (p, &norm) in held.iter().zip(&norms) {
             if norm > bound {
@@ -748,19 +797,31 @@ impl Learner {
             }
             let late = self.round.saturating_sub(p.round);
             updates.push((&p.delta, 1.0 / (1.0 + late as f32)));
+            signers.push(Some(p.key));
             summary.used += 1;
         }
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
-            let screened = aggregate::aggregate(self.cfg.aggregation, &updates, &mut g);
-            for i in screened {
+            let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &mut g);
+            if self.cfg.aggregation != Aggregation::Mean && updates.len() >= aggregate::SCREEN_MIN {
+                // Only a screen that ran is on the record.
+                for (i, signer) in signers.iter().enumerate() {
+                    let Some(key) = signer else { continue };
+                    let out = dropped.contains(&i);
+                    if self.screened(key, out) && !out {
+                        dropped.push(i);
+                    }
+                }
+            }
+            for &i in &dropped {
                 // Our own update can be the outlier too; it is not a neighbour's to count.
-                if own.is_none() || i > 0 {
+                if signers[i].is_some() {
                     self.stats.reject(Rejection::Outlier);
                     summary.rejected += 1;
                     summary.used -= 1;
                 }
             }
+            aggregate::combine(self.cfg.aggregation, &updates, &dropped, &mut g);
             let (lr, mu) = (self.cfg.outer_lr, self.cfg.outer_momentum);
             for ((w, m), g) in self.weights.iter_mut().zip(&mut self.momentum).zip(&g) {
                 *m = mu * *m + g;

@@ -214,6 +214,12 @@ struct Neighbour {
     /// Whether its own status has had time to arrive (`2 * GREET_AFTER_MS` after the
     /// channel opened): a joiner asks only such neighbours.
     settled: bool,
+    /// When we last asked it for the model.
+    asked_at: Option<f64>,
+    /// It sent a model we did not ask it for (and not a late answer): no honest peer
+    /// does, so the round no longer waits for it (its updates still count when they
+    /// arrive in time).
+    unasked: bool,
 }
 
 /// One peer of the swarm, sans-IO.
@@ -571,6 +577,11 @@ impl Peer {
             .filter(|f| f.asked.contains(&from) && !f.answers.contains_key(&from))
         else {
             self.learner.reject(Rejection::Unasked);
+            if let Some(n) = self.nbrs.get_mut(&from)
+                && n.asked_at.is_none_or(|t| now_ms - t > 2.0 * MODEL_WAIT_MS)
+            {
+                n.unasked = true;
+            }
             return;
         };
         f.answers.insert(from, s);
@@ -632,6 +643,9 @@ impl Peer {
         let req = PeerMessage::ModelRequest.encode();
         for &p in &from {
             self.send(p, req.clone());
+            if let Some(n) = self.nbrs.get_mut(&p) {
+                n.asked_at = Some(now_ms);
+            }
         }
         self.fetch = Some(Fetch {
             purpose,
@@ -768,15 +782,22 @@ impl Peer {
         let mut closed = false;
         if let Phase::Waiting { since } = self.phase {
             // Done when every contributing neighbour's update for this round (or a later
-            // one) is held; one that never sends is waited for until the deadline.
+            // one) is held; one that never sends is waited for until the deadline. Not
+            // waited for (while another neighbour is): one whose updates the screen
+            // distrusts, or one that sent a model unasked — a liar must not set the pace.
             // With neighbours but none contributing yet (they are joining), it waits the
             // deadline too rather than racing ahead alone.
-            let all = self
+            let awaited: Vec<&Neighbour> = self
                 .nbrs
                 .values()
-                .filter(|n| !n.idle)
-                .all(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
-                && (self.nbrs.is_empty() || !self.contributors().is_empty());
+                .filter(|n| !n.idle && !n.unasked)
+                .filter(|n| !n.key.is_some_and(|k| self.learner.distrusts(&k)))
+                .collect();
+            let all = !awaited.is_empty()
+                && awaited
+                    .iter()
+                    .all(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
+                || self.nbrs.is_empty();
             if all || now_ms - since >= f64::from(self.cfg.round_deadline_ms) {
                 self.close_round();
                 closed = true;

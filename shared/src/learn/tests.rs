@@ -349,3 +349,90 @@ fn weights_cannot_be_sent_top_k() {
     let err = c.validate().expect_err("top-k weights");
     assert!(err.starts_with("exchange"), "{err}");
 }
+
+#[test]
+fn a_signer_screened_in_half_of_its_recent_updates_is_dropped_until_it_behaves() {
+    // Trimmed mean with nothing trimmed: the screen alone decides, and what it keeps is
+    // averaged.
+    let mut c = cfg();
+    c.aggregation = Aggregation::TrimmedMean { trim: 0.0 };
+    let mut a = Learner::new(
+        c.clone(),
+        "digits",
+        Identity::from_seed([1; 32]),
+        vec![0.0; 4],
+    )
+    .expect("valid");
+    let mut honest: Vec<Learner> = (2..5).map(|s| peer(s, vec![0.0; 4])).collect();
+    let mut liar = peer(9, vec![0.0; 4]);
+    let deltas = [
+        [1.0, -0.1, 0.0, 0.0],
+        [1.0, 0.0, 0.1, 0.0],
+        [1.0, 0.0, -0.1, 0.0],
+    ];
+    // One round: our own delta is (1, 0.1, 0, 0); the honest peers send theirs (the first
+    // one `first` instead, when given); the liar sends `lie`. Returns updates used and
+    // our step.
+    let mut round = |lie: [f32; 4], first: Option<[f32; 4]>| {
+        let start = a.weights().to_vec();
+        let local: Vec<f32> = start
+            .iter()
+            .zip([1.0, 0.1, 0.0, 0.0])
+            .map(|(w, d)| w - d)
+            .collect();
+        a.local_update(&local, 1, 0.0).expect("finite");
+        for (i, (h, d)) in honest.iter_mut().zip(deltas).enumerate() {
+            let d = if i == 0 { first.unwrap_or(d) } else { d };
+            a.receive(&h.update_from_delta(&d, 1, 0.0)).expect("valid");
+            h.finish_round();
+        }
+        a.receive(&liar.update_from_delta(&lie, 1, 0.0))
+            .expect("valid");
+        liar.finish_round();
+        let used = a.finish_round().used;
+        let step: Vec<f32> = start.iter().zip(a.weights()).map(|(s, w)| s - w).collect();
+        (used, step)
+    };
+    let far = [-2.0, 0.0, 0.0, 0.0];
+    // Within the screen's radius (0.14 from the median (1, 0, 0, 0); honest ones are 0.1).
+    let near = [1.0, 0.0, 0.0, 0.14];
+    let honest_mean = [1.0, 0.0, 0.0, 0.0];
+    let close = |s: &[f32], t: [f32; 4]| s.iter().zip(t).all(|(x, y)| (x - y).abs() < 1e-5);
+    // A lie the screen lets through is used while the liar's record is clean.
+    let (used, step) = round(near, None);
+    assert_eq!(used, 4);
+    assert!(close(&step, [1.0, 0.0, 0.0, 0.028]), "{step:?}");
+    // Screened twice of three: from then on dropped even when the screen would let it
+    // through.
+    assert_eq!(round(far, None).0, 3);
+    assert_eq!(round(far, None).0, 3);
+    let (used, step) = round(near, None);
+    assert_eq!(used, 3, "distrusted");
+    assert!(close(&step, honest_mean), "{step:?}");
+    // Behaving, it is trusted again once fewer than half of its last four were screened.
+    assert_eq!(round(honest_mean, None).0, 3);
+    assert_eq!(round(honest_mean, None).0, 4);
+    // An honest peer screened once in four (its update far off) is not distrusted.
+    assert_eq!(round(honest_mean, Some(far)).0, 3);
+    assert_eq!(round(honest_mean, None).0, 4);
+    assert_eq!(a.stats.rejected.get(&Rejection::Outlier), Some(&5));
+
+    // A newcomer caught on its first update is distrusted at once.
+    let mut b =
+        Learner::new(c, "digits", Identity::from_seed([1; 32]), vec![0.0; 4]).expect("valid");
+    let mut newcomer = peer(10, vec![0.0; 4]);
+    let mut honest: Vec<Learner> = (11..14).map(|s| peer(s, vec![0.0; 4])).collect();
+    for (lie, used) in [(far, 3), (near, 3)] {
+        b.local_update(&[-1.0, -0.1, 0.0, 0.0], 1, 0.0)
+            .expect("finite");
+        for (h, d) in honest.iter_mut().zip(deltas) {
+            b.receive(&h.update_from_delta(&d, 1, 0.0)).expect("valid");
+            h.finish_round();
+        }
+        b.receive(&newcomer.update_from_delta(&lie, 1, 0.0))
+            .expect("valid");
+        newcomer.finish_round();
+        assert_eq!(b.finish_round().used, used);
+        b.weights.fill(0.0);
+    }
+}

@@ -108,6 +108,56 @@ fn an_unasked_model_with_a_huge_round_is_dropped_and_counted() {
 }
 
 #[test]
+fn a_neighbour_that_sends_a_model_unasked_no_longer_sets_the_pace() {
+    // 12 pushes a model nobody asked for; the round then closes once 10 and 11 have
+    // sent, without waiting for 12 until the deadline.
+    let mut p = running(5);
+    p.handle(msg(12, model(5, 0.5)), 10.0);
+    assert_eq!(rejected(&p, Rejection::Unasked), 1);
+    p.tick(20.0);
+    drain(&mut p);
+    p.trained(5, &[0.49; N], 0.3, 8, 30.0).expect("finite");
+    p.handle(msg(10, update(20, 5)), 40.0);
+    p.handle(msg(11, update(21, 5)), 40.0);
+    p.tick(50.0);
+    assert_eq!(p.learner().round(), 6, "12 was not waited for");
+    // Its update still counts when it arrives in time.
+    drain(&mut p);
+    p.tick(60.0);
+    drain(&mut p);
+    p.trained(6, &[0.49; N], 0.3, 8, 70.0).expect("finite");
+    p.handle(msg(12, update(22, 6)), 75.0);
+    p.handle(msg(10, update(20, 6)), 80.0);
+    p.handle(msg(11, update(21, 6)), 80.0);
+    p.tick(90.0);
+    let closed = drain(&mut p);
+    assert!(
+        closed
+            .iter()
+            .any(|o| matches!(o, Output::RoundClosed(s) if s.used == 3)),
+        "{closed:?}"
+    );
+
+    // A late answer to a request of ours is not such a push: the sender is still
+    // waited for.
+    let mut q = running(5);
+    q.handle(Event::Up(PeerId(13)), 0.0);
+    // Everyone but 13 claims a far-ahead round: q is lagging and asks for the model.
+    for (n, k) in [(10, 20), (11, 21), (12, 22)] {
+        q.handle(msg(n, update(k, 50)), 10.0);
+    }
+    q.tick(20.0);
+    let asked_13 = asked(&drain(&mut q));
+    assert!(!asked_13.is_empty());
+    // The download ends at its deadline with nothing adopted; then an answer comes.
+    q.tick(20.0 + MODEL_WAIT_MS);
+    let late = asked_13[0];
+    q.handle(msg(late, model(50, 0.5)), 20.0 + MODEL_WAIT_MS + 100.0);
+    assert_eq!(rejected(&q, Rejection::Unasked), 1);
+    assert!(!q.nbrs[&PeerId(late)].unasked, "a late answer");
+}
+
+#[test]
 fn a_poisoned_model_answer_loses_to_the_answers_that_agree() {
     let mut p = joiner();
     for n in [10, 11, 12] {
@@ -330,6 +380,46 @@ fn a_round_closes_when_every_contributor_sent_or_at_the_deadline() {
     drain(&mut p);
     p.trained(3, &[9.0; N], 0.3, 8, 1_300.0).expect("ignored");
     assert!(p.weights().iter().all(|w| *w < 1.0));
+}
+
+/// A validly signed update by `signer` for `round` with weights `w` everywhere.
+fn update_w(signer: u8, round: u64, w: f32) -> Vec<u8> {
+    let (payload, _) = Compressor::new(Compression::None, N).encode(&[w; N]);
+    PeerMessage::Update(Update::signed(&id(signer), "t", round, 8, 0.1, payload)).encode()
+}
+
+#[test]
+fn a_neighbour_the_screen_distrusts_no_longer_sets_the_pace() {
+    let mut c = cfg();
+    c.aggregation = Aggregation::TrimmedMean { trim: 0.0 };
+    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(snapshot(5, 0.5)));
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    let mut t = GREET_AFTER_MS;
+    // Our pseudo-gradient is 0.01 per coordinate, 10's too, 11's -0.01; 12's -0.025 is
+    // within the norm bound but 2.5 times the median distance from the median: screened.
+    for r in 5..7 {
+        p.tick(t);
+        drain(&mut p);
+        p.trained(r, &[0.49; N], 0.3, 8, t).expect("finite");
+        p.handle(msg(10, update_w(20, r, 0.49)), t);
+        p.handle(msg(11, update_w(21, r, 0.51)), t);
+        p.handle(msg(12, update_w(22, r, 0.525)), t);
+        p.tick(t + 1.0);
+        assert_eq!(p.learner().round(), r + 1);
+        t += 10.0;
+    }
+    assert_eq!(rejected(&p, Rejection::Outlier), 2);
+    // 12 is silent now: the round closes on 10's and 11's updates alone.
+    p.tick(t);
+    drain(&mut p);
+    p.trained(7, &[0.49; N], 0.3, 8, t).expect("finite");
+    p.handle(msg(10, update_w(20, 7, 0.49)), t);
+    p.handle(msg(11, update_w(21, 7, 0.51)), t);
+    p.tick(t + 1.0);
+    assert_eq!(p.learner().round(), 8, "12 was not waited for");
 }
 
 /// A peer holding weights 1.0 at round 3.
