@@ -38,6 +38,9 @@ struct Conn {
     dc: RtcDataChannel,
     /// A zero-delay timer will pump this channel again (the last task's slice ran out).
     pump_scheduled: bool,
+    /// Which of this peer's connections it is: a callback or a continuation of an
+    /// earlier one (closed, then the peer connected again) must not act on this one.
+    generation: u64,
     /// Handlers attached to `pc` and `dc`; detached in `Drop`.
     _handlers: Vec<Closure<dyn FnMut(JsValue)>>,
 }
@@ -61,7 +64,27 @@ struct Inner {
     ws: Option<WebSocket>,
     ws_handlers: Vec<Closure<dyn FnMut(JsValue)>>,
     conns: HashMap<PeerId, Conn>,
+    /// The generation the next connection gets.
+    next_generation: u64,
     events: mpsc::UnboundedSender<SwarmEvent>,
+}
+
+/// Whether `peer`'s connection is still the one of `generation`.
+fn current(shared: &Shared, peer: PeerId, generation: u64) -> bool {
+    shared
+        .borrow()
+        .conns
+        .get(&peer)
+        .is_some_and(|c| c.generation == generation)
+}
+
+/// The connection to `peer`: its `RtcPeerConnection` and generation.
+fn conn_of(shared: &Shared, peer: PeerId) -> Option<(RtcPeerConnection, u64)> {
+    shared
+        .borrow()
+        .conns
+        .get(&peer)
+        .map(|c| (c.pc.clone(), c.generation))
 }
 
 fn now_ms() -> u64 {
@@ -101,7 +124,7 @@ fn act(shared: &Shared, action: Action) {
         }
         Action::Connect { peer, offer } => connect(shared, peer, offer),
         Action::Answer { peer, sdp } => {
-            let Some(pc) = shared.borrow().conns.get(&peer).map(|c| c.pc.clone()) else {
+            let Some((pc, generation)) = conn_of(shared, peer) else {
                 return;
             };
             let weak = Rc::downgrade(shared);
@@ -110,7 +133,9 @@ fn act(shared: &Shared, action: Action) {
                     Ok(()) => describe(&pc, RtcSdpType::Answer).await,
                     Err(e) => Err(e),
                 };
-                if let Some(shared) = weak.upgrade() {
+                if let Some(shared) = weak.upgrade()
+                    && current(&shared, peer, generation)
+                {
                     with_mesh(&shared, |mesh, _| match answered {
                         Ok(sdp) => mesh.described(peer, Signal::Answer { sdp }),
                         Err(_) => mesh.failed(peer),
@@ -119,20 +144,21 @@ fn act(shared: &Shared, action: Action) {
             });
         }
         Action::Accept { peer, sdp } => {
-            let Some(pc) = shared.borrow().conns.get(&peer).map(|c| c.pc.clone()) else {
+            let Some((pc, generation)) = conn_of(shared, peer) else {
                 return;
             };
             let weak = Rc::downgrade(shared);
             spawn_local(async move {
                 if set_remote(&pc, RtcSdpType::Answer, &sdp).await.is_err()
                     && let Some(shared) = weak.upgrade()
+                    && current(&shared, peer, generation)
                 {
                     with_mesh(&shared, |mesh, _| mesh.failed(peer));
                 }
             });
         }
         Action::AddCandidate { peer, candidate } => {
-            let Some(pc) = shared.borrow().conns.get(&peer).map(|c| c.pc.clone()) else {
+            let Some((pc, _)) = conn_of(shared, peer) else {
                 return;
             };
             let Signal::Candidate {
@@ -236,6 +262,7 @@ impl Swarm {
             ws: None,
             ws_handlers: Vec::new(),
             conns: HashMap::new(),
+            next_generation: 0,
             events: tx,
         }));
         open_signaling(&inner);
@@ -413,12 +440,20 @@ fn serde_wasm_ice(list: &[shoal_shared::protocol::IceServer]) -> JsValue {
     arr.into()
 }
 
-/// An event of `peer`'s connection, from one of its own handlers: deferred to a
-/// microtask, so that the handler is not dropped (by a `Close` it causes) while it runs.
-fn later(weak: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Mesh, u64) + 'static) {
+/// An event of `peer`'s connection of `generation`, from one of its own handlers:
+/// deferred to a microtask, so that the handler is not dropped (by a `Close` it causes)
+/// while it runs; dropped if that connection is gone by then.
+fn later(
+    weak: &Weak<RefCell<Inner>>,
+    peer: PeerId,
+    generation: u64,
+    f: impl FnOnce(&mut Mesh, u64) + 'static,
+) {
     let weak = weak.clone();
     spawn_local(async move {
-        if let Some(shared) = weak.upgrade() {
+        if let Some(shared) = weak.upgrade()
+            && current(&shared, peer, generation)
+        {
             with_mesh(&shared, f);
         }
     });
@@ -444,10 +479,18 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
     dc.set_binary_type(RtcDataChannelType::Arraybuffer);
     dc.set_buffered_amount_low_threshold(LOW_WATER as u32);
 
+    let generation = {
+        let mut inner = shared.borrow_mut();
+        inner.next_generation += 1;
+        inner.next_generation
+    };
     let mut handlers: Vec<Closure<dyn FnMut(JsValue)>> = Vec::new();
     let weak = Rc::downgrade(shared);
     let on_ice = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
         let Some(shared) = weak.upgrade() else { return };
+        if !current(&shared, peer, generation) {
+            return;
+        }
         let Ok(e) = e.dyn_into::<RtcPeerConnectionIceEvent>() else {
             return;
         };
@@ -470,7 +513,7 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
             pc2.connection_state(),
             RtcPeerConnectionState::Failed | RtcPeerConnectionState::Closed
         ) {
-            later(&weak, move |mesh, _| mesh.failed(peer));
+            later(&weak, peer, generation, move |mesh, _| mesh.failed(peer));
         }
     });
     pc.set_onconnectionstatechange(Some(on_state.as_ref().unchecked_ref()));
@@ -478,7 +521,9 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
 
     let weak = Rc::downgrade(shared);
     let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
-        if let Some(shared) = weak.upgrade() {
+        if let Some(shared) = weak.upgrade()
+            && current(&shared, peer, generation)
+        {
             with_mesh(&shared, |mesh, now| mesh.channel_open(peer, now));
         }
     });
@@ -487,14 +532,16 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
 
     let weak = Rc::downgrade(shared);
     let on_close = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
-        later(&weak, move |mesh, _| mesh.failed(peer));
+        later(&weak, peer, generation, move |mesh, _| mesh.failed(peer));
     });
     dc.set_onclose(Some(on_close.as_ref().unchecked_ref()));
     handlers.push(on_close);
 
     let weak = Rc::downgrade(shared);
     let on_low = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
-        if let Some(shared) = weak.upgrade() {
+        if let Some(shared) = weak.upgrade()
+            && current(&shared, peer, generation)
+        {
             pump(&shared, peer);
         }
     });
@@ -507,7 +554,9 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
             return;
         };
         let frame = Uint8Array::new(&e.data()).to_vec();
-        if let Some(shared) = weak.upgrade() {
+        if let Some(shared) = weak.upgrade()
+            && current(&shared, peer, generation)
+        {
             with_mesh(&shared, |mesh, now| mesh.frame(peer, &frame, now));
         }
     });
@@ -520,6 +569,7 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
             pc: pc.clone(),
             dc,
             pump_scheduled: false,
+            generation,
             _handlers: handlers,
         },
     );
@@ -527,7 +577,9 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
         let weak = Rc::downgrade(shared);
         spawn_local(async move {
             let described = describe(&pc, RtcSdpType::Offer).await;
-            if let Some(shared) = weak.upgrade() {
+            if let Some(shared) = weak.upgrade()
+                && current(&shared, peer, generation)
+            {
                 with_mesh(&shared, |mesh, _| match described {
                     Ok(sdp) => mesh.described(peer, Signal::Offer { sdp }),
                     Err(_) => mesh.failed(peer),
