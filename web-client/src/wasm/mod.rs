@@ -18,6 +18,27 @@ pub use observer::SwarmObserver;
 pub use peer::SwarmPeer;
 pub use transport::Swarm;
 
+/// Milliseconds on a clock that only moves forward: the global `performance` clock
+/// (`timeOrigin + now()`, in the range of `Date.now()`), where the wall clock can jump
+/// (a synchronization, a suspended laptop) and would fire or hold every deadline the
+/// peer and the mesh keep. `Date.now()` only where there is no `performance`.
+pub(crate) fn now_ms() -> f64 {
+    let global = js_sys::global();
+    let perf = js_sys::Reflect::get(&global, &"performance".into()).ok();
+    let read = |name: &str| -> Option<f64> {
+        let perf = perf.as_ref()?;
+        let v = js_sys::Reflect::get(perf, &name.into()).ok()?;
+        match v.dyn_ref::<js_sys::Function>() {
+            Some(f) => f.call0(perf).ok()?.as_f64(),
+            None => v.as_f64(),
+        }
+    };
+    match (read("timeOrigin"), read("now")) {
+        (Some(origin), Some(now)) => origin + now,
+        _ => js_sys::Date::now(),
+    }
+}
+
 /// Runs once when the module is instantiated.
 #[wasm_bindgen(start)]
 fn start() {

@@ -8,6 +8,7 @@ use shoal_shared::engine::train::Samples;
 use shoal_shared::task::TaskSpec;
 use wasm_bindgen::prelude::*;
 
+use super::now_ms;
 use super::peer::Relay;
 use crate::observe::Observer;
 use crate::swarm::Transport;
@@ -18,10 +19,6 @@ pub struct SwarmObserver {
     relay: Rc<Relay>,
     inner: Observer,
     last_report: f64,
-}
-
-fn now_ms() -> f64 {
-    js_sys::Date::now()
 }
 
 #[wasm_bindgen]

@@ -16,6 +16,7 @@ use shoal_shared::learn::identity::{hex, parse_seed};
 use shoal_shared::protocol::{PeerId, PeerReport};
 use wasm_bindgen::prelude::*;
 
+use super::now_ms;
 use super::transport::parse_peer;
 use crate::learning::SwarmTrainer;
 use crate::swarm::{MAX_MESSAGE, MAX_QUEUED, SendError, SwarmEvent, Transport};
@@ -114,10 +115,6 @@ pub struct SwarmPeer {
     /// `None` while a `tick()` has it (across its awaits).
     inner: Rc<RefCell<Option<SwarmTrainer>>>,
     key: String,
-}
-
-fn now_ms() -> f64 {
-    js_sys::Date::now()
 }
 
 #[wasm_bindgen]

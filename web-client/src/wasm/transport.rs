@@ -88,7 +88,7 @@ fn conn_of(shared: &Shared, peer: PeerId) -> Option<(RtcPeerConnection, u64)> {
 }
 
 fn now_ms() -> u64 {
-    js_sys::Date::now() as u64
+    super::now_ms() as u64
 }
 
 /// Feeds the mesh, then carries out what it asks, each action after the borrow that
