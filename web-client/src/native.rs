@@ -231,6 +231,22 @@ async fn signaling_loop(shared: Arc<Shared>) {
     }
 }
 
+/// The longest one WebRTC step (building a connection with its offer, answering,
+/// applying an answer, adding a candidate) may take. The actions run one after another,
+/// so a step that never completes would hold every other neighbour's; past this it
+/// counts as the connection failing.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `step`, failed with `what` named once [`STEP_TIMEOUT`] has passed.
+async fn bounded<T>(
+    what: &str,
+    step: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(STEP_TIMEOUT, step)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("{what} took over {STEP_TIMEOUT:?}")))
+}
+
 /// Carries out the mesh's actions, in order.
 async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedReceiver<Action>) {
     while let Some(action) = actions.recv().await {
@@ -248,7 +264,7 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                 let _ = shared.events.send(e);
             }
             Action::Connect { peer, offer } => {
-                if let Err(e) = connect(&shared, peer, offer).await {
+                if let Err(e) = bounded("connecting", connect(&shared, peer, offer)).await {
                     eprintln!("shoal: connection to {peer} failed: {e}");
                     shared.with_mesh(|mesh, _| mesh.failed(peer));
                 }
@@ -256,7 +272,7 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
             Action::Answer { peer, sdp } => {
                 let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
                 let Some(pc) = pc else { continue };
-                match answer(&*pc, sdp).await {
+                match bounded("answering", answer(&*pc, sdp)).await {
                     Ok(sdp) => {
                         shared.with_mesh(|mesh, _| mesh.described(peer, Signal::Answer { sdp }))
                     }
@@ -270,7 +286,11 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                 let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
                 let Some(pc) = pc else { continue };
                 let ok = match RTCSessionDescription::answer(sdp) {
-                    Ok(d) => pc.set_remote_description(d).await.is_ok(),
+                    Ok(d) => bounded("applying the answer", async {
+                        Ok(pc.set_remote_description(d).await?)
+                    })
+                    .await
+                    .is_ok(),
                     Err(_) => false,
                 };
                 if !ok {
@@ -295,7 +315,7 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                         ..Default::default()
                     };
                     // A candidate that does not apply is harmless to ignore.
-                    let _ = pc.add_ice_candidate(init).await;
+                    let _ = tokio::time::timeout(STEP_TIMEOUT, pc.add_ice_candidate(init)).await;
                 }
             }
             Action::Pump(peer) => {
