@@ -83,6 +83,14 @@ impl Shared {
         self.feed(None, f).expect("no generation to check")
     }
 
+    /// The connection to `peer`: its peer connection and generation.
+    fn conn(&self, peer: PeerId) -> Option<(Arc<dyn PeerConnection>, u64)> {
+        self.lock()
+            .conns
+            .get(&peer)
+            .map(|c| (Arc::clone(&c.pc), c.generation))
+    }
+
     /// Like [`with_mesh`](Self::with_mesh), for an event of the connection of this
     /// `generation`: ignored once that connection was replaced or closed.
     fn with_conn(&self, peer: PeerId, generation: u64, f: impl FnOnce(&mut Mesh, u64)) {
@@ -270,21 +278,24 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                 }
             }
             Action::Answer { peer, sdp } => {
-                let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
-                let Some(pc) = pc else { continue };
+                let Some((pc, generation)) = shared.conn(peer) else {
+                    continue;
+                };
+                // Applied only to the connection it was made for.
                 match bounded("answering", answer(&*pc, sdp)).await {
-                    Ok(sdp) => {
-                        shared.with_mesh(|mesh, _| mesh.described(peer, Signal::Answer { sdp }))
-                    }
+                    Ok(sdp) => shared.with_conn(peer, generation, |mesh, _| {
+                        mesh.described(peer, Signal::Answer { sdp })
+                    }),
                     Err(e) => {
                         eprintln!("shoal: answering {peer} failed: {e}");
-                        shared.with_mesh(|mesh, _| mesh.failed(peer));
+                        shared.with_conn(peer, generation, |mesh, _| mesh.failed(peer));
                     }
                 }
             }
             Action::Accept { peer, sdp } => {
-                let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
-                let Some(pc) = pc else { continue };
+                let Some((pc, generation)) = shared.conn(peer) else {
+                    continue;
+                };
                 let ok = match RTCSessionDescription::answer(sdp) {
                     Ok(d) => bounded("applying the answer", async {
                         Ok(pc.set_remote_description(d).await?)
@@ -294,11 +305,11 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                     Err(_) => false,
                 };
                 if !ok {
-                    shared.with_mesh(|mesh, _| mesh.failed(peer));
+                    shared.with_conn(peer, generation, |mesh, _| mesh.failed(peer));
                 }
             }
             Action::AddCandidate { peer, candidate } => {
-                let pc = shared.lock().conns.get(&peer).map(|c| Arc::clone(&c.pc));
+                let pc = shared.conn(peer).map(|(pc, _)| pc);
                 if let (
                     Some(pc),
                     Signal::Candidate {

@@ -390,11 +390,18 @@ struct Seen {
     screened: u8,
     /// How many of its updates went through the screen, up to [`SCREEN_HISTORY`].
     judged: u8,
+    /// Our round when the screen last dropped one of its updates.
+    screened_at: u64,
 }
 
 impl Seen {
-    fn distrusted(&self) -> bool {
-        self.screened != 0 && 2 * self.screened.count_ones() >= u32::from(self.judged)
+    /// Screened out in at least half of its recorded updates, the last time no more
+    /// than [`SCREEN_HISTORY`] rounds ago: a signer whose updates stop reaching the
+    /// screen (they come after we close the round) is not distrusted for ever.
+    fn distrusted(&self, round: u64) -> bool {
+        self.screened != 0
+            && 2 * self.screened.count_ones() >= u32::from(self.judged)
+            && round <= self.screened_at + u64::from(SCREEN_HISTORY)
     }
 }
 
@@ -547,7 +554,7 @@ impl Learner {
     /// Whether updates signed by `key` are distrusted: the screen dropped at least half
     /// of its recent ones (see [`Learner::screened`]).
     pub fn distrusts(&self, key: &PublicKey) -> bool {
-        self.seen.get(key).is_some_and(Seen::distrusted)
+        self.seen.get(key).is_some_and(|s| s.distrusted(self.round))
     }
 
     /// Validates and takes in one message from a neighbour (a mix counts as sender 0:
@@ -730,15 +737,21 @@ impl Learner {
     /// that keeps lying is screened most rounds but not all (a round with few honest
     /// updates, or where honest models have drifted apart, widens the screen); its
     /// record closes that gap from the first time it is caught. An honest peer is
-    /// screened rarely (9 of 4,232 updates in a clean `byzantine-25` run) and is trusted
-    /// again after its next clean update.
+    /// screened rarely (9 of 4,232 updates in a clean `byzantine-25` run): once in its
+    /// last four, it is trusted again after its next clean update (a newcomer screened
+    /// on its first update, after two), and in any case four rounds after the last time
+    /// it was screened out.
     fn screened(&mut self, key: &PublicKey, dropped: bool) -> bool {
+        let round = self.round;
         let Some(s) = self.seen.get_mut(key) else {
             return false;
         };
         s.screened = (s.screened << 1 | u8::from(dropped)) & ((1 << SCREEN_HISTORY) - 1);
         s.judged = (s.judged + 1).min(SCREEN_HISTORY as u8);
-        s.distrusted()
+        if dropped {
+            s.screened_at = round;
+        }
+        s.distrusted(round)
     }
 
     /// Closes the round: validates norms, aggregates our update and the held ones with
@@ -803,14 +816,21 @@ impl Learner {
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
             let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &mut g);
-            if self.cfg.aggregation != Aggregation::Mean && updates.len() >= aggregate::SCREEN_MIN {
-                // Only a screen that ran is on the record.
-                for (i, signer) in signers.iter().enumerate() {
-                    let Some(key) = signer else { continue };
-                    let out = dropped.contains(&i);
-                    if self.screened(key, out) && !out {
-                        dropped.push(i);
-                    }
+            let ran =
+                self.cfg.aggregation != Aggregation::Mean && updates.len() >= aggregate::SCREEN_MIN;
+            for (i, signer) in signers.iter().enumerate() {
+                let Some(key) = signer else { continue };
+                let out = dropped.contains(&i);
+                // Only a screen that ran is on the record; a distrusted signer is
+                // dropped either way (with own and one update held, the robust rules
+                // would average a lie in).
+                let distrusted = if ran {
+                    self.screened(key, out)
+                } else {
+                    self.cfg.aggregation != Aggregation::Mean && self.distrusts(key)
+                };
+                if distrusted && !out {
+                    dropped.push(i);
                 }
             }
             for &i in &dropped {

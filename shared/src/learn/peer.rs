@@ -214,8 +214,9 @@ struct Neighbour {
     /// Whether its own status has had time to arrive (`2 * GREET_AFTER_MS` after the
     /// channel opened): a joiner asks only such neighbours.
     settled: bool,
-    /// When we last asked it for the model.
-    asked_at: Option<f64>,
+    /// We asked it for the model and its answer has not come yet (a late answer, after
+    /// the download ended, is not a push).
+    owes_answer: bool,
     /// It sent a model we did not ask it for (and not a late answer): no honest peer
     /// does, so the round no longer waits for it (its updates still count when they
     /// arrive in time).
@@ -577,13 +578,15 @@ impl Peer {
             .filter(|f| f.asked.contains(&from) && !f.answers.contains_key(&from))
         else {
             self.learner.reject(Rejection::Unasked);
-            if let Some(n) = self.nbrs.get_mut(&from)
-                && n.asked_at.is_none_or(|t| now_ms - t > 2.0 * MODEL_WAIT_MS)
-            {
-                n.unasked = true;
+            if let Some(n) = self.nbrs.get_mut(&from) {
+                n.unasked |= !n.owes_answer;
+                n.owes_answer = false;
             }
             return;
         };
+        if let Some(n) = self.nbrs.get_mut(&from) {
+            n.owes_answer = false;
+        }
         f.answers.insert(from, s);
         let all = f.answers.len() == f.asked.len();
         // Once a majority of those asked agree, the rest cannot change the outcome: no
@@ -644,7 +647,7 @@ impl Peer {
         for &p in &from {
             self.send(p, req.clone());
             if let Some(n) = self.nbrs.get_mut(&p) {
-                n.asked_at = Some(now_ms);
+                n.owes_answer = true;
             }
         }
         self.fetch = Some(Fetch {

@@ -435,4 +435,20 @@ fn a_signer_screened_in_half_of_its_recent_updates_is_dropped_until_it_behaves()
         assert_eq!(b.finish_round().used, used);
         b.weights.fill(0.0);
     }
+    // With only our own update and its held, the screen does not run; it is dropped
+    // anyway.
+    b.local_update(&[-1.0, -0.1, 0.0, 0.0], 1, 0.0)
+        .expect("finite");
+    b.receive(&newcomer.update_from_delta(&near, 1, 0.0))
+        .expect("valid");
+    assert_eq!(b.finish_round().used, 0);
+    // Not judged again (its updates stop coming in time), the distrust lapses four
+    // rounds after it was last screened out.
+    let key = newcomer.public_key();
+    assert!(b.distrusts(&key));
+    for _ in 0..4 {
+        b.local_update(&[0.0; 4], 1, 0.0).expect("finite");
+        b.finish_round();
+    }
+    assert!(!b.distrusts(&key));
 }

@@ -645,9 +645,12 @@ fn pump(shared: &Shared, peer: PeerId) {
         return;
     }
     c.pump_scheduled = true;
+    let generation = c.generation;
     let weak = Rc::downgrade(shared);
     let again = Closure::once_into_js(move || {
-        if let Some(shared) = weak.upgrade() {
+        if let Some(shared) = weak.upgrade()
+            && current(&shared, peer, generation)
+        {
             if let Some(c) = shared.borrow_mut().conns.get_mut(&peer) {
                 c.pump_scheduled = false;
             }

@@ -155,6 +155,9 @@ fn a_neighbour_that_sends_a_model_unasked_no_longer_sets_the_pace() {
     q.handle(msg(late, model(50, 0.5)), 20.0 + MODEL_WAIT_MS + 100.0);
     assert_eq!(rejected(&q, Rejection::Unasked), 1);
     assert!(!q.nbrs[&PeerId(late)].unasked, "a late answer");
+    // A second model from it was never asked for.
+    q.handle(msg(late, model(50, 0.5)), 20.0 + MODEL_WAIT_MS + 200.0);
+    assert!(q.nbrs[&PeerId(late)].unasked, "a push");
 }
 
 #[test]
