@@ -138,7 +138,7 @@ fn trimmed_mean_and_centered_clipping_end_within_a_point_of_the_clean_run_under_
         "centered clipping {clipped} vs clean {clean}"
     );
     // The same criterion fails for the plain mean: what the robust rules pass is real.
-    // (Measured: clean 96.17%, trimmed 95.36%, mean 34.52%.)
+    // (Measured: clean 96.17%, trimmed 95.67%, clipped 95.63%, mean 34.52%.)
     assert!(
         mean < clean - 0.01,
         "plain mean should degrade: {mean} vs clean {clean}"
@@ -382,10 +382,17 @@ fn attackers_on_every_message_kind_never_get_a_poisoned_model_adopted() {
         "unasked models were dropped: {:?}",
         attacked.rejected
     );
-    // Measured: attacked 91.6%, clean 94.5% after 40 rounds (89.4% before the
-    // per-signer screening record). No point is lost to a poisoned model.
+    // Measured: attacked 94.22%, clean 94.97% after 40 rounds. Before peers shunned
+    // connections that break the protocol and held rounds for most of their neighbours,
+    // 91.6% (89.4% before the per-signer screening record). No point is lost to a
+    // poisoned model.
     assert!(
-        settled(&attacked) >= settled(&clean) - 0.06,
+        attacked.rejected(Rejection::Shunned) > 0,
+        "connections that pushed models were shunned: {:?}",
+        attacked.rejected
+    );
+    assert!(
+        settled(&attacked) >= settled(&clean) - 0.01,
         "attacked {} vs clean {}",
         settled(&attacked),
         settled(&clean)

@@ -243,6 +243,10 @@ pub enum Rejection {
     /// A gossip mix for a round that is not a multiple of `sync_every`.
     #[error("off_schedule")]
     OffSchedule,
+    /// Anything from a connection that broke the protocol in a way no honest peer does
+    /// (see [`peer`]): it is ignored for the rest of the connection.
+    #[error("shunned")]
+    Shunned,
 }
 
 impl From<&WireError> for Rejection {
@@ -259,7 +263,7 @@ impl From<&WireError> for Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::Malformed,
         Self::BadSignature,
         Self::Replay,
@@ -278,6 +282,7 @@ impl Rejection {
         Self::MixRepeat,
         Self::Outlier,
         Self::OffSchedule,
+        Self::Shunned,
     ];
 
     /// The reason named `name` ([`Rejection::as_str`]), if there is one.
@@ -306,6 +311,7 @@ impl Rejection {
             Self::MixRepeat => "mix_repeat",
             Self::Outlier => "outlier",
             Self::OffSchedule => "off_schedule",
+            Self::Shunned => "shunned",
         }
     }
 }
@@ -652,6 +658,15 @@ impl Learner {
             Exchange::Weights => 0,
             Exchange::Delta => u64::from(self.cfg.sync_every),
         }
+    }
+
+    /// Drops every update signed by `key` and every gossip mix from the connection
+    /// `sender` not yet used (it was caught breaking the protocol).
+    pub fn discard(&mut self, key: Option<&PublicKey>, sender: u64) {
+        if let Some(key) = key {
+            self.inbox.retain(|p| &p.key != key);
+        }
+        self.mixes.retain(|m| m.sender != sender);
     }
 
     /// Counts a message the caller refused for `why` (the peer's own rules: unasked

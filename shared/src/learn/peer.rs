@@ -18,6 +18,13 @@
 //!   from neighbours it asked: it asks up to [`FETCH_ASK`] contributing neighbours at
 //!   once, drawn at random (so that arriving first buys nothing). A model nobody asked
 //!   for is dropped and counted `unasked`.
+//! - A connection that breaks the protocol in a way no honest peer does is shunned for
+//!   the rest of its life: a model it was neither asked for nor owed as a late answer,
+//!   an update whose signature does not verify, a gossip mix off the schedule (any mix
+//!   when the task exchanges weights) or a second one for a round. Everything it sends
+//!   afterwards is dropped unread (counted `shunned`), its updates and mixes not yet
+//!   used are discarded, its answer to a download in progress no longer counts (it is counted as
+//!   silent), and it is never again waited for, asked for the model or answered.
 //! - Lagging needs several witnesses: at least two contributing neighbours, and more
 //!   than half of those whose round we know, must have sent a validly signed update for a
 //!   round more than `max_staleness` ahead of ours.
@@ -71,6 +78,10 @@ pub const GREET_AFTER_MS: f64 = 500.0;
 /// The shortest interval between two model answers to the same neighbour (a request
 /// is a few bytes, the answer the whole model).
 pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
+
+/// How many times `round_deadline_ms` a round waits while most of the neighbours it
+/// waits for have not sent their update for it (see [`Peer::round_limit_ms`]).
+pub const HOLD_FACTOR: f64 = 3.0;
 
 /// What a peer is for.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -217,10 +228,9 @@ struct Neighbour {
     /// We asked it for the model and its answer has not come yet (a late answer, after
     /// the download ended, is not a push).
     owes_answer: bool,
-    /// It sent a model we did not ask it for (and not a late answer): no honest peer
-    /// does, so the round no longer waits for it (its updates still count when they
-    /// arrive in time).
-    unasked: bool,
+    /// It broke the protocol as no honest peer does (see the module's rules): nothing it
+    /// sends counts any more.
+    shunned: bool,
 }
 
 /// One peer of the swarm, sans-IO.
@@ -356,7 +366,7 @@ impl Peer {
                     at((n.up_at + 2.0 * GREET_AFTER_MS).max(self.next_fetch_at));
                 }
             }
-            Phase::Waiting { since } => at(since + f64::from(self.cfg.round_deadline_ms)),
+            Phase::Waiting { since } => at(since + self.round_limit_ms()),
             Phase::Observing => {
                 if let PeerRole::Observer { .. } = self.role {
                     at(self.next_fetch_at);
@@ -367,11 +377,42 @@ impl Peer {
         t
     }
 
+    /// The neighbours a round waits for: contributing ones, except one whose updates the
+    /// screen distrusts (a liar must not set the pace) and a shunned one (it counts as
+    /// idle).
+    fn awaited(&self) -> Vec<&Neighbour> {
+        self.nbrs
+            .values()
+            .filter(|n| !n.idle)
+            .filter(|n| !n.key.is_some_and(|k| self.learner.distrusts(&k)))
+            .collect()
+    }
+
+    /// How long the open round waits for the neighbours' updates: `round_deadline_ms`
+    /// once at least half of the awaited neighbours' updates for it are in (the rest are
+    /// stragglers: the round does not wait for a minority), else up to [`HOLD_FACTOR`]
+    /// times that. A peer that moved on at the deadline without most of its neighbours
+    /// would get their updates for rounds it has left (stale, with weights), train alone
+    /// and drift away from the swarm.
+    fn round_limit_ms(&self) -> f64 {
+        let deadline = f64::from(self.cfg.round_deadline_ms);
+        let awaited = self.awaited();
+        let missing = awaited
+            .iter()
+            .filter(|n| !n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
+            .count();
+        if 2 * missing > awaited.len() {
+            HOLD_FACTOR * deadline
+        } else {
+            deadline
+        }
+    }
+
     /// Neighbours with a settled channel that send updates.
     fn contributors(&self) -> Vec<PeerId> {
         self.nbrs
             .iter()
-            .filter(|(_, n)| !n.idle && n.greeted)
+            .filter(|(_, n)| !n.idle && n.greeted && !n.shunned)
             .map(|(p, _)| *p)
             .collect()
     }
@@ -475,7 +516,10 @@ impl Peer {
 
     fn message(&mut self, from: PeerId, data: &[u8], now_ms: f64) {
         self.progress.bytes_down += data.len() as u64;
-        self.nbrs.entry(from).or_default();
+        if self.nbrs.entry(from).or_default().shunned {
+            self.learner.reject(Rejection::Shunned);
+            return;
+        }
         if let Some(key) = update_key(data)
             && let Err(why) = self.bind_key(from, key)
         {
@@ -510,8 +554,35 @@ impl Peer {
                     self.send(from, msg);
                 }
             }
+            Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
+                self.shun(from, now_ms);
+            }
             Ok(Received::Mix) | Err(_) => {} // held or counted by the learner
         }
+    }
+
+    /// Ignores a connection that broke the protocol for the rest of its life (see the
+    /// module's rules).
+    fn shun(&mut self, p: PeerId, now_ms: f64) {
+        let Some(n) = self.nbrs.get_mut(&p) else {
+            return;
+        };
+        n.shunned = true;
+        n.idle = true;
+        n.claim = None;
+        let key = n.key;
+        self.learner.discard(key.as_ref(), p.0);
+        if let Some(f) = &mut self.fetch
+            && f.answers.remove(&p).is_some()
+        {
+            // Its answer no longer counts; it still counts among those asked, as silent.
+            f.asked.remove(&p);
+            if f.answers.len() == f.asked.len() {
+                self.conclude(now_ms);
+            }
+            return;
+        }
+        self.stop_waiting_for(p, false, now_ms);
     }
 
     /// A download stops waiting for a neighbour that left or said it has no model.
@@ -578,8 +649,9 @@ impl Peer {
             .filter(|f| f.asked.contains(&from) && !f.answers.contains_key(&from))
         else {
             self.learner.reject(Rejection::Unasked);
-            if let Some(n) = self.nbrs.get_mut(&from) {
-                n.unasked |= !n.owes_answer;
+            if self.nbrs.get(&from).is_some_and(|n| !n.owes_answer) {
+                self.shun(from, now_ms);
+            } else if let Some(n) = self.nbrs.get_mut(&from) {
                 n.owes_answer = false;
             }
             return;
@@ -787,21 +859,16 @@ impl Peer {
             // Done when every contributing neighbour's update for this round (or a later
             // one) is held; one that never sends is waited for until the deadline. Not
             // waited for (while another neighbour is): one whose updates the screen
-            // distrusts, or one that sent a model unasked — a liar must not set the pace.
-            // With neighbours but none contributing yet (they are joining), it waits the
-            // deadline too rather than racing ahead alone.
-            let awaited: Vec<&Neighbour> = self
-                .nbrs
-                .values()
-                .filter(|n| !n.idle && !n.unasked)
-                .filter(|n| !n.key.is_some_and(|k| self.learner.distrusts(&k)))
-                .collect();
+            // distrusts — a liar must not set the pace — nor a shunned one (it counts as
+            // idle). With neighbours but none contributing yet (they are joining), it
+            // waits the deadline too rather than racing ahead alone.
+            let awaited = self.awaited();
             let all = !awaited.is_empty()
                 && awaited
                     .iter()
                     .all(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
                 || self.nbrs.is_empty();
-            if all || now_ms - since >= f64::from(self.cfg.round_deadline_ms) {
+            if all || now_ms - since >= self.round_limit_ms() {
                 self.close_round();
                 closed = true;
             }

@@ -3,7 +3,8 @@
 //! loss, uplink bandwidth) instead of WebRTC, deterministic from a seed. Peers train for
 //! real (CPU backend) on their shard of the data when their `Peer` asks for it; time is
 //! virtual: local training takes `samples / speed` seconds and a message arrives after
-//! its serialization on the sender's uplink plus latency. Attackers run the same `Peer`
+//! its serialization on the sender's uplink (one queue per peer, in order; a peer that
+//! leaves takes what it had not yet sent with it) plus latency. Attackers run the same `Peer`
 //! and lie in what they send (every message kind: updates, model answers, unasked models,
 //! round claims, gossip mixes), optionally together and under fresh identities.
 //!
@@ -1047,6 +1048,9 @@ impl Sim<'_> {
             }
             let fresh = self.new_peer(slot, old.epoch + 1)?;
             self.peers[slot] = Some(fresh);
+            // What the leaver had not yet sent went with its connections: the newcomer
+            // starts with an idle uplink.
+            self.uplink_free[slot] = self.t;
         }
         // Repair: the newcomers link first, then anyone left short.
         for &slot in &leaving {

@@ -45,6 +45,18 @@ fn running(round: u64) -> Peer {
     p
 }
 
+/// A joiner with neighbours 10, 11 and 12 once it has asked them for the model, and
+/// whom it asked.
+fn asking_joiner() -> (Peer, Vec<u64>) {
+    let mut p = joiner();
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(2.0 * GREET_AFTER_MS);
+    let who = asked(&drain(&mut p));
+    (p, who)
+}
+
 fn snapshot(round: u64, w: f32) -> Snapshot {
     Snapshot {
         round,
@@ -85,6 +97,16 @@ fn asked(outs: &[Output]) -> Vec<u64> {
         .collect()
 }
 
+/// Asserts that the peer closed a round using `used` neighbours' updates.
+fn assert_closed_using(p: &mut Peer, used: usize) {
+    let outs = drain(p);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::RoundClosed(s) if s.used == used)),
+        "{outs:?}"
+    );
+}
+
 fn rejected(p: &Peer, why: Rejection) -> u64 {
     p.learner().stats.rejected.get(&why).copied().unwrap_or(0)
 }
@@ -108,38 +130,61 @@ fn an_unasked_model_with_a_huge_round_is_dropped_and_counted() {
 }
 
 #[test]
-fn a_neighbour_that_sends_a_model_unasked_no_longer_sets_the_pace() {
-    // 12 pushes a model nobody asked for; the round then closes once 10 and 11 have
-    // sent, without waiting for 12 until the deadline.
+fn a_neighbour_that_breaks_the_protocol_is_shunned_for_the_life_of_its_connection() {
+    // 12 pushes a model nobody asked for; 11 sends a gossip mix although the task
+    // exchanges weights (no honest peer sends either).
     let mut p = running(5);
+    p.trained(5, &[0.49; N], 0.3, 8, 5.0).expect("finite");
+    drain(&mut p);
+    // 12's update for this round came first; it is discarded with the rest of 12.
+    p.handle(msg(12, update(22, 5)), 8.0);
     p.handle(msg(12, model(5, 0.5)), 10.0);
     assert_eq!(rejected(&p, Rejection::Unasked), 1);
-    p.tick(20.0);
-    drain(&mut p);
-    p.trained(5, &[0.49; N], 0.3, 8, 30.0).expect("finite");
+    let (mix, _) = Compressor::new(Compression::None, N).encode(&[0.5; N]);
+    p.handle(
+        msg(
+            11,
+            PeerMessage::Mix {
+                round: 5,
+                payload: mix,
+            }
+            .encode(),
+        ),
+        12.0,
+    );
+    assert_eq!(rejected(&p, Rejection::OffSchedule), 1);
+    // The round then closes on 10's update alone, without waiting for 11 or 12 until
+    // the deadline, and uses neither.
     p.handle(msg(10, update(20, 5)), 40.0);
-    p.handle(msg(11, update(21, 5)), 40.0);
     p.tick(50.0);
-    assert_eq!(p.learner().round(), 6, "12 was not waited for");
-    // Its update still counts when it arrives in time.
-    drain(&mut p);
+    assert_closed_using(&mut p, 1);
+    assert_eq!(p.learner().round(), 6, "11 and 12 were not waited for");
+    // From then on everything they send is dropped unread: updates, requests, status.
     p.tick(60.0);
     drain(&mut p);
     p.trained(6, &[0.49; N], 0.3, 8, 70.0).expect("finite");
+    drain(&mut p);
     p.handle(msg(12, update(22, 6)), 75.0);
-    p.handle(msg(10, update(20, 6)), 80.0);
-    p.handle(msg(11, update(21, 6)), 80.0);
-    p.tick(90.0);
-    let closed = drain(&mut p);
-    assert!(
-        closed
-            .iter()
-            .any(|o| matches!(o, Output::RoundClosed(s) if s.used == 3)),
-        "{closed:?}"
+    p.handle(msg(11, update(21, 6)), 75.0);
+    p.handle(msg(11, PeerMessage::ModelRequest.encode()), 76.0);
+    p.handle(
+        msg(12, PeerMessage::Status { contributing: true }.encode()),
+        77.0,
     );
+    assert_eq!(rejected(&p, Rejection::Shunned), 4);
+    let outs = drain(&mut p);
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Output::Send { to, .. } if to.0 == 11)),
+        "a shunned neighbour's request is not answered: {outs:?}"
+    );
+    p.handle(msg(10, update(20, 6)), 80.0);
+    p.tick(90.0);
+    assert_closed_using(&mut p, 1);
 
     // A late answer to a request of ours is not such a push: the sender is still
-    // waited for.
+    // heard.
     let mut q = running(5);
     q.handle(Event::Up(PeerId(13)), 0.0);
     // Everyone but 13 claims a far-ahead round: q is lagging and asks for the model.
@@ -154,10 +199,29 @@ fn a_neighbour_that_sends_a_model_unasked_no_longer_sets_the_pace() {
     let late = asked_13[0];
     q.handle(msg(late, model(50, 0.5)), 20.0 + MODEL_WAIT_MS + 100.0);
     assert_eq!(rejected(&q, Rejection::Unasked), 1);
-    assert!(!q.nbrs[&PeerId(late)].unasked, "a late answer");
+    assert!(!q.nbrs[&PeerId(late)].shunned, "a late answer");
     // A second model from it was never asked for.
     q.handle(msg(late, model(50, 0.5)), 20.0 + MODEL_WAIT_MS + 200.0);
-    assert!(q.nbrs[&PeerId(late)].unasked, "a push");
+    assert!(q.nbrs[&PeerId(late)].shunned, "a push");
+}
+
+#[test]
+fn a_neighbour_caught_lying_loses_its_answer_to_the_download_in_progress() {
+    // A joiner asks 10, 11 and 12; 12 answers with a model, then pushes another one: its
+    // answer no longer counts, so the two honest ones decide.
+    let (mut p, asked_all) = asking_joiner();
+    assert_eq!(asked_all.len(), 3, "{asked_all:?}");
+    p.handle(msg(12, model(5, -3.0)), 1_100.0);
+    p.handle(msg(12, model(5, -3.0)), 1_150.0);
+    assert!(p.nbrs[&PeerId(12)].shunned);
+    p.handle(msg(10, model(5, 0.5)), 1_200.0);
+    p.handle(msg(11, model(5, 0.52)), 1_200.0);
+    p.tick(1_300.0);
+    assert!(p.learner().is_started());
+    assert!(
+        p.weights().iter().all(|w| (*w - 0.5).abs() < 0.05),
+        "an honest model"
+    );
 }
 
 #[test]
@@ -228,12 +292,7 @@ fn a_poisoned_model_answer_loses_to_the_answers_that_agree() {
 
 #[test]
 fn an_answer_with_an_outlying_round_is_dropped() {
-    let mut p = joiner();
-    for n in [10, 11, 12] {
-        p.handle(Event::Up(PeerId(n)), 0.0);
-    }
-    p.tick(2.0 * GREET_AFTER_MS);
-    drain(&mut p);
+    let (mut p, _) = asking_joiner();
     p.handle(msg(12, model(900_000, 0.3)), 20.0);
     p.handle(msg(10, model(10, 0.3)), 30.0);
     p.handle(msg(11, model(10, 0.3)), 40.0);
@@ -371,9 +430,10 @@ fn a_round_closes_when_every_contributor_sent_or_at_the_deadline() {
             .iter()
             .any(|o| matches!(o, Output::RoundClosed(s) if s.used == 2))
     );
-    // The next round: nobody sends, the deadline closes it.
+    // The next round: only 12 sends, the deadline closes it without 10.
     p.tick(100.0);
     p.trained(6, &[0.49; N], 0.3, 8, 110.0).expect("finite");
+    p.handle(msg(12, update(22, 6)), 120.0);
     p.tick(110.0 + 999.0);
     assert_eq!(p.learner().round(), 6);
     p.tick(110.0 + 1_000.0);
@@ -487,18 +547,18 @@ fn of_the_mixes_held_only_the_nearest_pulls_and_only_on_schedule() {
     p.handle(msg(10, mix_for(0.78, 4)), 0.0);
     p.handle(msg(11, mix_for(0.78, 4)), 0.0);
     p.handle(msg(12, mix_for(0.85, 4)), 0.0);
-    p.handle(msg(12, mix_for(0.78, 5)), 0.0);
+    p.handle(msg(11, mix_for(0.78, 5)), 0.0);
     assert_eq!(rejected(&p, Rejection::OffSchedule), 1);
     p.tick(0.0);
     p.trained(3, &[0.9; N], 0.1, 8, 10.0).expect("finite");
-    p.tick(10.0 + 1_000.0);
+    p.tick(10.0 + HOLD_FACTOR * 1_000.0);
     assert_eq!(p.learner().round(), 4);
     // The outer step moved the weights by the update; the mix only toward 0.85, never
     // toward the colluders' 0.78 (the mean of the three would have pulled down).
     let mut alone = at_round_3(&c);
     alone.tick(0.0);
     alone.trained(3, &[0.9; N], 0.1, 8, 10.0).expect("finite");
-    alone.tick(10.0 + 1_000.0);
+    alone.tick(10.0 + HOLD_FACTOR * 1_000.0);
     let (mixed, unmixed) = (p.weights()[0], alone.weights()[0]);
     assert!(
         (mixed - unmixed).abs() < 2e-3,
@@ -547,4 +607,36 @@ fn colluders_that_agree_are_outvoted_and_silence_counts_against_adoption() {
     // median, which two identical answers of three always are.
     let median = coordinate_median([[-3.0f32; 4], [-3.0; 4], [0.3; 4]].iter().map(|v| &v[..]));
     assert_eq!(median, vec![-3.0; 4]);
+}
+
+#[test]
+fn the_deadline_drops_a_minority_of_stragglers_not_most_of_the_neighbours() {
+    // A round closes at the deadline only once at least half of the neighbours it waits
+    // for have sent their update for it; without that, a peer that moved on would find
+    // the others' updates stale from then on and train alone.
+    let deadline = f64::from(cfg().round_deadline_ms);
+    let mut p = running(5);
+    p.trained(5, &[0.49; N], 0.3, 8, 10.0).expect("finite");
+    drain(&mut p);
+    assert_eq!(p.next_wake(), Some(10.0 + HOLD_FACTOR * deadline));
+    p.handle(msg(10, update(20, 5)), 20.0);
+    p.tick(10.0 + deadline);
+    assert_eq!(p.learner().round(), 5, "two of three missing: held");
+    p.handle(msg(11, update(21, 5)), 20.0 + deadline);
+    assert_eq!(p.next_wake(), Some(10.0 + deadline));
+    p.tick(20.0 + deadline);
+    assert_eq!(
+        p.learner().round(),
+        6,
+        "one straggler of three: not waited for"
+    );
+
+    // Nobody sends: held at most HOLD_FACTOR deadlines.
+    let mut q = running(5);
+    q.trained(5, &[0.49; N], 0.3, 8, 10.0).expect("finite");
+    drain(&mut q);
+    q.tick(10.0 + HOLD_FACTOR * deadline - 1.0);
+    assert_eq!(q.learner().round(), 5);
+    q.tick(10.0 + HOLD_FACTOR * deadline);
+    assert_eq!(q.learner().round(), 6);
 }
