@@ -243,6 +243,9 @@ pub enum Rejection {
     /// A gossip mix for a round that is not a multiple of `sync_every`.
     #[error("off_schedule")]
     OffSchedule,
+    /// A gossip mix beyond the [`MAX_MIXES`] a peer holds at once.
+    #[error("mix_overflow")]
+    MixOverflow,
     /// Anything from a connection that broke the protocol in a way no honest peer does
     /// (see [`peer`]): it is ignored for the rest of the connection.
     #[error("shunned")]
@@ -263,7 +266,7 @@ impl From<&WireError> for Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 20] = [
         Self::Malformed,
         Self::BadSignature,
         Self::Replay,
@@ -282,6 +285,7 @@ impl Rejection {
         Self::MixRepeat,
         Self::Outlier,
         Self::OffSchedule,
+        Self::MixOverflow,
         Self::Shunned,
     ];
 
@@ -311,6 +315,7 @@ impl Rejection {
             Self::MixRepeat => "mix_repeat",
             Self::Outlier => "outlier",
             Self::OffSchedule => "off_schedule",
+            Self::MixOverflow => "mix_overflow",
             Self::Shunned => "shunned",
         }
     }
@@ -631,13 +636,15 @@ impl Learner {
         if every == 0 || !round.is_multiple_of(every) {
             return Err(self.stats.reject(Rejection::OffSchedule));
         }
-        if self.mixes.len() >= MAX_MIXES
-            || self
-                .mixes
-                .iter()
-                .any(|m| m.sender == sender && m.round == round)
+        if self
+            .mixes
+            .iter()
+            .any(|m| m.sender == sender && m.round == round)
         {
             return Err(self.stats.reject(Rejection::MixRepeat));
+        }
+        if self.mixes.len() >= MAX_MIXES {
+            return Err(self.stats.reject(Rejection::MixOverflow));
         }
         let w = self.decode_payload(payload, self.mix_codec())?;
         if aggregate::distance(&w, &self.weights) > 0.25 * aggregate::norm(&self.weights) {

@@ -207,20 +207,44 @@ fn a_neighbour_that_breaks_the_protocol_is_shunned_for_the_life_of_its_connectio
 
 #[test]
 fn a_neighbour_caught_lying_loses_its_answer_to_the_download_in_progress() {
-    // A joiner asks 10, 11 and 12; 12 answers with a model, then pushes another one: its
-    // answer no longer counts, so the two honest ones decide.
+    // A joiner asks 10, 11 and 12. Colluders 11 and 12 answer with one poisoned model,
+    // which would be a majority of the three; but 12 also pushes a second model, so its
+    // answer no longer counts, and one poisoned answer against one honest one adopts
+    // nothing.
     let (mut p, asked_all) = asking_joiner();
     assert_eq!(asked_all.len(), 3, "{asked_all:?}");
     p.handle(msg(12, model(5, -3.0)), 1_100.0);
     p.handle(msg(12, model(5, -3.0)), 1_150.0);
     assert!(p.nbrs[&PeerId(12)].shunned);
+    p.handle(msg(11, model(5, -3.0)), 1_200.0);
     p.handle(msg(10, model(5, 0.5)), 1_200.0);
-    p.handle(msg(11, model(5, 0.52)), 1_200.0);
     p.tick(1_300.0);
-    assert!(p.learner().is_started());
+    assert!(!p.learner().is_started(), "nothing adopted");
+    assert_eq!(rejected(&p, Rejection::NoQuorum), 1);
+}
+
+#[test]
+fn a_neighbour_asked_twice_may_answer_twice() {
+    // A download times out before 10 answers; the retry asks 10 again. Both of its
+    // answers are answers (the first one late); only a third model is a push.
+    let (mut p, first) = asking_joiner();
+    assert!(first.contains(&10));
+    let t = 2.0 * GREET_AFTER_MS + MODEL_WAIT_MS;
+    p.tick(t);
+    p.tick(t + FETCH_RETRY_MS);
+    let again = asked(&drain(&mut p));
+    assert!(again.contains(&10), "{again:?}");
+    p.handle(msg(10, model(5, 0.5)), t + FETCH_RETRY_MS + 100.0);
+    p.handle(msg(10, model(5, 0.5)), t + FETCH_RETRY_MS + 200.0);
+    assert!(!p.nbrs[&PeerId(10)].shunned, "two answers to two requests");
+    p.handle(msg(10, model(5, 0.5)), t + FETCH_RETRY_MS + 300.0);
+    assert!(p.nbrs[&PeerId(10)].shunned, "a third is a push");
+    // Nothing more goes to it.
+    p.tick(t + FETCH_RETRY_MS + MODEL_WAIT_MS);
     assert!(
-        p.weights().iter().all(|w| (*w - 0.5).abs() < 0.05),
-        "an honest model"
+        !drain(&mut p)
+            .iter()
+            .any(|o| matches!(o, Output::Send { to, .. } if to.0 == 10))
     );
 }
 
@@ -609,13 +633,22 @@ fn colluders_that_agree_are_outvoted_and_silence_counts_against_adoption() {
     assert_eq!(median, vec![-3.0; 4]);
 }
 
+/// A peer at round 5 whose neighbours 10, 11 and 12 all sent their round-4 updates.
+fn running_with_recent_neighbours() -> Peer {
+    let mut p = running(5);
+    for (n, k) in [(10, 20), (11, 21), (12, 22)] {
+        p.handle(msg(n, update(k, 4)), 1.0);
+    }
+    p
+}
+
 #[test]
 fn the_deadline_drops_a_minority_of_stragglers_not_most_of_the_neighbours() {
     // A round closes at the deadline only once at least half of the neighbours it waits
-    // for have sent their update for it; without that, a peer that moved on would find
-    // the others' updates stale from then on and train alone.
+    // for have sent their update for it; without that, a peer that
+    // moved on would find the others' updates stale from then on and train alone.
     let deadline = f64::from(cfg().round_deadline_ms);
-    let mut p = running(5);
+    let mut p = running_with_recent_neighbours();
     p.trained(5, &[0.49; N], 0.3, 8, 10.0).expect("finite");
     drain(&mut p);
     assert_eq!(p.next_wake(), Some(10.0 + HOLD_FACTOR * deadline));
@@ -632,7 +665,7 @@ fn the_deadline_drops_a_minority_of_stragglers_not_most_of_the_neighbours() {
     );
 
     // Nobody sends: held at most HOLD_FACTOR deadlines.
-    let mut q = running(5);
+    let mut q = running_with_recent_neighbours();
     q.trained(5, &[0.49; N], 0.3, 8, 10.0).expect("finite");
     drain(&mut q);
     q.tick(10.0 + HOLD_FACTOR * deadline - 1.0);
