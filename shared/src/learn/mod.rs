@@ -838,8 +838,8 @@ impl Learner {
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
             let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &mut g);
-            let ran =
-                self.cfg.aggregation != Aggregation::Mean && updates.len() >= aggregate::SCREEN_MIN;
+            let robust = self.cfg.aggregation != Aggregation::Mean;
+            let ran = robust && updates.len() >= aggregate::SCREEN_MIN;
             for (i, signer) in signers.iter().enumerate() {
                 let Some(key) = signer else { continue };
                 let out = dropped.contains(&i);
@@ -849,7 +849,7 @@ impl Learner {
                 let distrusted = if ran {
                     self.screened(key, out)
                 } else {
-                    self.cfg.aggregation != Aggregation::Mean && self.distrusts(key)
+                    robust && self.distrusts(key)
                 };
                 if distrusted && !out {
                     dropped.push(i);

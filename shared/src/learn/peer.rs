@@ -23,8 +23,9 @@
 //!   an update whose signature does not verify, a gossip mix off the schedule (any mix
 //!   when the task exchanges weights) or a second one for a round. Everything it sends
 //!   afterwards is dropped unread (counted `shunned`), its updates and mixes not yet
-//!   used are discarded, its answer to a download in progress no longer counts (it is counted as
-//!   silent), and it is never again waited for, asked for the model or answered.
+//!   used are discarded, its answer to a download in progress no longer counts (it is
+//!   counted as silent), and it is never again waited for, asked for the model or
+//!   answered.
 //! - Lagging needs several witnesses: at least two contributing neighbours, and more
 //!   than half of those whose round we know, must have sent a validly signed update for a
 //!   round more than `max_staleness` ahead of ours.
@@ -80,7 +81,7 @@ pub const GREET_AFTER_MS: f64 = 500.0;
 pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
 
 /// How many times `round_deadline_ms` a round waits while most of the neighbours it
-/// waits for have not sent their update for it (see [`Peer::round_limit_ms`]).
+/// waits for have not sent their update for it (see [`Peer::round_wait`]).
 pub const HOLD_FACTOR: f64 = 3.0;
 
 /// What a peer is for.
@@ -366,7 +367,7 @@ impl Peer {
                     at((n.up_at + 2.0 * GREET_AFTER_MS).max(self.next_fetch_at));
                 }
             }
-            Phase::Waiting { since } => at(since + self.round_limit_ms()),
+            Phase::Waiting { since } => at(since + self.round_wait().1),
             Phase::Observing => {
                 if let PeerRole::Observer { .. } = self.role {
                     at(self.next_fetch_at);
@@ -395,21 +396,27 @@ impl Peer {
     /// nothing counts as missing: a minority of such neighbours holds nothing past the
     /// deadline, a majority holds every round up to the limit. (Counting only neighbours
     /// that sent recently ended byzantine-25 up to 1.5 points below its clean run, this
-    /// rule 0.5 to 0.9.) A peer that moved on at the deadline without most of its neighbours
-    /// would get their updates for rounds it has left (stale, with weights), train alone
-    /// and drift away from the swarm.
-    fn round_limit_ms(&self) -> f64 {
+    /// rule 0.5 to 0.9.) A peer that moved on at the deadline without most of its
+    /// neighbours would get their updates for rounds it has left (stale, with weights),
+    /// train alone and drift away from the swarm.
+    ///
+    /// Returns whether every awaited neighbour's update is in (none awaited counts as
+    /// not: a round with neighbours none of which contributes yet waits its limit), or
+    /// there are no neighbours at all, and that limit.
+    fn round_wait(&self) -> (bool, f64) {
         let deadline = f64::from(self.cfg.round_deadline_ms);
         let awaited = self.awaited();
         let missing = awaited
             .iter()
             .filter(|n| !n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
             .count();
-        if 2 * missing > awaited.len() {
+        let all_in = !awaited.is_empty() && missing == 0 || self.nbrs.is_empty();
+        let limit = if 2 * missing > awaited.len() {
             HOLD_FACTOR * deadline
         } else {
             deadline
-        }
+        };
+        (all_in, limit)
     }
 
     /// Neighbours with a settled channel that send updates.
@@ -574,6 +581,7 @@ impl Peer {
         n.shunned = true;
         n.idle = true;
         n.claim = None;
+        // Never to be greeted: no greeting is due to it (nor a wake-up for one).
         n.greeted = true;
         let key = n.key;
         self.learner.discard(key.as_ref(), p.0);
@@ -860,19 +868,12 @@ impl Peer {
         // did both would never let it rest.
         let mut closed = false;
         if let Phase::Waiting { since } = self.phase {
-            // Done when every contributing neighbour's update for this round (or a later
-            // one) is held; one that never sends is waited for until the deadline. Not
-            // waited for (while another neighbour is): one whose updates the screen
-            // distrusts — a liar must not set the pace — nor a shunned one (it counts as
-            // idle). With neighbours but none contributing yet (they are joining), it
-            // waits the deadline too rather than racing ahead alone.
-            let awaited = self.awaited();
-            let all = !awaited.is_empty()
-                && awaited
-                    .iter()
-                    .all(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
-                || self.nbrs.is_empty();
-            if all || now_ms - since >= self.round_limit_ms() {
+            // Done when every awaited neighbour's update for this round (or a later one)
+            // is held, else at the limit (see `round_wait`). With neighbours but none
+            // contributing yet (they are joining), it waits the deadline rather than
+            // racing ahead alone.
+            let (all, limit) = self.round_wait();
+            if all || now_ms - since >= limit {
                 self.close_round();
                 closed = true;
             }
