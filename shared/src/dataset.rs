@@ -1,4 +1,5 @@
-//! Labelled image data sets assembled from a pair of IDX files (images and labels).
+//! Labelled data sets: grey-scale images with a class each (from a pair of IDX files or
+//! a CSV file), or byte-level text cut into windows for a language model.
 
 use thiserror::Error;
 
@@ -41,7 +42,8 @@ pub enum DatasetError {
     },
 }
 
-/// Grey-scale images with one class label each.
+/// Grey-scale images with one class label each, or text: windows of `cols` bytes, each
+/// with the `cols` bytes that follow its positions as labels.
 #[derive(Clone, Debug)]
 pub struct Dataset {
     /// Pixel rows per image.
@@ -52,8 +54,35 @@ pub struct Dataset {
     pub classes: usize,
     /// `len() * rows * cols` pixels, image after image.
     pub pixels: Vec<u8>,
-    /// One label per image.
+    /// One label per image; `cols` per window of text.
     pub labels: Vec<u8>,
+    /// Whether this is text: `pixels` are byte tokens, not grey values.
+    pub text: bool,
+}
+
+/// Largest text file a task may train on (the browser downloads it whole).
+pub const MAX_TEXT_BYTES: usize = 64 << 20;
+
+/// Why a text file was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TextError {
+    /// Not valid UTF-8.
+    #[error("is not UTF-8 text (invalid byte at offset {0})")]
+    NotUtf8(usize),
+    /// No bytes at all.
+    #[error("is empty")]
+    Empty,
+    /// Larger than [`MAX_TEXT_BYTES`].
+    #[error("is {0} bytes, more than the limit of {MAX_TEXT_BYTES}")]
+    TooLarge(usize),
+    /// Too short for two windows of the model's context.
+    #[error("holds {bytes} bytes, too few for two windows of context {context} (needs at least {})", 2 * context + 1)]
+    TooShort {
+        /// Bytes in the file.
+        bytes: usize,
+        /// The model's context.
+        context: usize,
+    },
 }
 
 impl Dataset {
@@ -120,6 +149,7 @@ impl Dataset {
             classes,
             pixels: images.data,
             labels: labels.data,
+            text: false,
         })
     }
 
@@ -183,25 +213,66 @@ impl Dataset {
             classes,
             pixels,
             labels,
+            text: false,
         })
+    }
+
+    /// Byte-level text for a model of context `context`: UTF-8, not empty, at most
+    /// [`MAX_TEXT_BYTES`], cut into consecutive windows of `context` bytes (the last
+    /// partial window is dropped); window `i` reads bytes `i*context ..` and its labels
+    /// are the same positions shifted by one byte (the next byte at each position).
+    pub fn from_text(bytes: &[u8], context: usize) -> Result<Self, TextError> {
+        if bytes.is_empty() {
+            return Err(TextError::Empty);
+        }
+        if bytes.len() > MAX_TEXT_BYTES {
+            return Err(TextError::TooLarge(bytes.len()));
+        }
+        if let Err(e) = std::str::from_utf8(bytes) {
+            return Err(TextError::NotUtf8(e.valid_up_to()));
+        }
+        let context = context.max(1);
+        let windows = (bytes.len() - 1) / context;
+        if windows < 2 {
+            return Err(TextError::TooShort {
+                bytes: bytes.len(),
+                context,
+            });
+        }
+        let len = windows * context;
+        Ok(Self {
+            rows: 1,
+            cols: context,
+            classes: 256,
+            pixels: bytes[..len].to_vec(),
+            labels: bytes[1..=len].to_vec(),
+            text: true,
+        })
+    }
+
+    /// Labels per sample: the window's length for text, 1 for images.
+    pub fn positions(&self) -> usize {
+        if self.text { self.cols } else { 1 }
     }
 
     /// Splits off the last `n` samples as a second set (for a held-out split).
     pub fn split_off_tail(mut self, n: usize) -> (Self, Self) {
         let keep = self.len().saturating_sub(n);
+        let per = self.positions();
         let tail = Self {
             rows: self.rows,
             cols: self.cols,
             classes: self.classes,
             pixels: self.pixels.split_off(keep * self.rows * self.cols),
-            labels: self.labels.split_off(keep),
+            labels: self.labels.split_off(keep * per),
+            text: self.text,
         };
         (self, tail)
     }
 
-    /// Number of samples.
+    /// Number of samples (images, or windows of text).
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.labels.len() / self.positions()
     }
 
     /// Whether the data set holds no samples.
@@ -271,6 +342,45 @@ mod tests {
         assert!(matches!(
             err,
             Some(DatasetError::Idx { file: "images", .. })
+        ));
+    }
+
+    #[test]
+    fn text_becomes_windows_whose_labels_are_the_next_bytes() {
+        let d = Dataset::from_text("hello, world".as_bytes(), 4).expect("text");
+        assert_eq!((d.len(), d.positions(), d.cols), (2, 4, 4));
+        assert_eq!(d.image(0), b"hell");
+        assert_eq!(&d.labels[..4], b"ello");
+        assert_eq!(d.image(1), b"o, w");
+        assert_eq!(&d.labels[4..], b", wo");
+        let (train, test) = d.split_off_tail(1);
+        assert_eq!((train.len(), test.len()), (1, 1));
+        assert_eq!(test.labels, b", wo");
+    }
+
+    #[test]
+    fn refuses_text_that_is_not_utf8_empty_or_too_short() {
+        assert_eq!(
+            Dataset::from_text(b"ok \xff\xfe", 1).expect_err("not UTF-8"),
+            TextError::NotUtf8(3)
+        );
+        assert_eq!(
+            Dataset::from_text(b"", 4).expect_err("empty"),
+            TextError::Empty
+        );
+        let e = Dataset::from_text(b"short text", 8).expect_err("short");
+        assert_eq!(
+            e,
+            TextError::TooShort {
+                bytes: 10,
+                context: 8
+            }
+        );
+        assert!(e.to_string().contains("context 8"), "{e}");
+        let big = vec![b'a'; MAX_TEXT_BYTES + 1];
+        assert!(matches!(
+            Dataset::from_text(&big, 8),
+            Err(TextError::TooLarge(_))
         ));
     }
 }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
-use crate::engine::{Model, ModelSpec, Optimizer};
+use crate::engine::{Model, ModelSpec, Optimizer, WEBGPU_MAX_BINDING};
 use crate::idx::IdxLimits;
 use crate::learn::LearnConfig;
 
@@ -47,12 +47,13 @@ pub struct TaskSpec {
 #[serde(deny_unknown_fields)]
 pub struct PrivacySpec {}
 
-/// The task's data: grey-scale images with integer labels.
+/// The task's data: grey-scale images with integer labels, or text for a language model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// Number of classes; every label must be below it, and the model's last layer must
-    /// have this many units.
+    /// have this many units. Text is bytes: 256, which may be left out.
+    #[serde(default)]
     pub classes: usize,
     /// The training split.
     pub train: Files,
@@ -65,8 +66,9 @@ pub struct DataSpec {
 }
 
 /// One split's files, relative to the server's data folder (served under `/data/`):
-/// either an IDX pair (`images`, `labels`) or one CSV file (`csv`: a label then the
-/// pixels 0..=255 on each line; a header line is allowed).
+/// an IDX pair (`images`, `labels`), one CSV file (`csv`: a label then the pixels
+/// 0..=255 on each line; a header line is allowed), or one UTF-8 text file (`text`) for
+/// a language model.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Files {
@@ -79,15 +81,30 @@ pub struct Files {
     /// CSV file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csv: Option<String>,
+    /// UTF-8 text file (at most [`MAX_TEXT_BYTES`](crate::dataset::MAX_TEXT_BYTES)), read as bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 impl Files {
-    /// The paths to fetch, in order: `[images, labels]` or `[csv]`.
+    /// The paths to fetch, in order: `[images, labels]`, `[csv]` or `[text]`.
     pub fn paths(&self) -> Vec<&str> {
-        match (&self.images, &self.labels, &self.csv) {
-            (Some(i), Some(l), None) => vec![i, l],
-            (None, None, Some(c)) => vec![c],
+        match (&self.images, &self.labels, &self.csv, &self.text) {
+            (Some(i), Some(l), None, None) => vec![i, l],
+            (None, None, Some(c), None) => vec![c],
+            (None, None, None, Some(t)) => vec![t],
             _ => Vec::new(),
+        }
+    }
+
+    /// The field names of [`paths`](Self::paths), in the same order.
+    fn fields(&self) -> &'static [&'static str] {
+        if self.text.is_some() {
+            &["text"]
+        } else if self.csv.is_some() {
+            &["csv"]
+        } else {
+            &["images", "labels"]
         }
     }
 }
@@ -116,8 +133,18 @@ pub struct TrainSpec {
     /// it from the model version, so the swarm settles together.
     #[serde(default)]
     pub lr_decay_rounds: u64,
-    /// Held-out accuracy the researcher aims for (shown on the dashboard).
+    /// Held-out accuracy the researcher aims for (shown on the dashboard); image tasks.
+    #[serde(default)]
     pub target_accuracy: f32,
+    /// Held-out loss in bits per byte the researcher aims for; text tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_bits_per_byte: Option<f32>,
+    /// Decoupled weight decay of `adamw` (matrices and embeddings only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f32>,
+    /// Global gradient-norm clipping of `adamw` (0 or absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<f32>,
 }
 
 /// The optimizer of a peer's local steps. Adam converges fastest where every peer sees
@@ -133,20 +160,55 @@ pub enum InnerOptimizer {
     Adam,
     /// SGD with optional heavy-ball momentum.
     Sgd,
+    /// AdamW (beta1 0.9, beta2 0.95) with `weight_decay` and global-norm `clip`: the
+    /// recipe for transformers.
+    Adamw,
 }
 
 impl InnerOptimizer {
-    /// The engine's optimizer at learning rate `lr`, or what is wrong with `momentum`.
+    /// The engine's optimizer at learning rate `lr` with `momentum` (sgd only), or what
+    /// is wrong; AdamW without decay or clipping.
     pub fn build(self, lr: f32, momentum: f32) -> Result<Optimizer, String> {
+        self.build_with(lr, momentum, None, None)
+            .map_err(|(_, problem)| problem)
+    }
+
+    /// The engine's optimizer at learning rate `lr` with the recipe's settings, or the
+    /// field that is wrong and why.
+    pub fn build_with(
+        self,
+        lr: f32,
+        momentum: f32,
+        weight_decay: Option<f32>,
+        clip: Option<f32>,
+    ) -> Result<Optimizer, (&'static str, String)> {
+        if self != Self::Adamw && (weight_decay.is_some() || clip.is_some()) {
+            return Err((
+                "train.weight_decay",
+                "weight_decay and clip are settings of optimizer = \"adamw\"".into(),
+            ));
+        }
         match self {
-            Self::Adam if momentum != 0.0 => {
-                Err(format!("{momentum} given, but only sgd takes a momentum"))
-            }
+            Self::Adam | Self::Adamw if momentum != 0.0 => Err((
+                "train.momentum",
+                format!("{momentum} given, but only sgd takes a momentum"),
+            )),
             Self::Adam => Ok(Optimizer::adam(lr)),
             Self::Sgd if !(0.0..1.0).contains(&momentum) => {
-                Err(format!("{momentum} outside [0, 1)"))
+                Err(("train.momentum", format!("{momentum} outside [0, 1)")))
             }
             Self::Sgd => Ok(Optimizer::Sgd { lr, momentum }),
+            Self::Adamw => {
+                let wd = weight_decay.unwrap_or(0.0);
+                let clip = clip.unwrap_or(0.0);
+                if !(0.0..1.0).contains(&wd) {
+                    return Err(("train.weight_decay", format!("{wd} outside [0, 1)")));
+                }
+                if !(0.0..=1e6).contains(&clip) {
+                    return Err(("train.clip", format!("{clip} outside [0, 1e6]")));
+                }
+                Ok(Optimizer::adamw(lr, wd, clip))
+            }
         }
     }
 }
@@ -190,15 +252,16 @@ fn check_path(field: &str, p: &str) -> Result<(), TaskError> {
 
 impl Files {
     fn validate(&self, field: &str) -> Result<(), TaskError> {
-        match (&self.images, &self.labels, &self.csv) {
-            (Some(i), Some(l), None) => {
+        match (&self.images, &self.labels, &self.csv, &self.text) {
+            (Some(i), Some(l), None, None) => {
                 check_path(&format!("{field}.images"), i)?;
                 check_path(&format!("{field}.labels"), l)
             }
-            (None, None, Some(c)) => check_path(&format!("{field}.csv"), c),
+            (None, None, Some(c), None) => check_path(&format!("{field}.csv"), c),
+            (None, None, None, Some(t)) => check_path(&format!("{field}.text"), t),
             _ => Err(err(
                 field,
-                "give either `images` and `labels` (IDX) or `csv`, not both or neither",
+                "give one of: `images` and `labels` (IDX), `csv`, or `text`",
             )),
         }
     }
@@ -213,6 +276,7 @@ impl TaskSpec {
             images: Some(format!("digits/{split}-images.idx")),
             labels: Some(format!("digits/{split}-labels.idx")),
             csv: None,
+            text: None,
         };
         Self {
             name: "digits".into(),
@@ -234,6 +298,9 @@ impl TaskSpec {
                 shift: 2,
                 lr_decay_rounds: 150,
                 target_accuracy: 0.95,
+                target_bits_per_byte: None,
+                weight_decay: None,
+                clip: None,
             },
             learn: LearnConfig::default(),
             privacy: PrivacySpec {},
@@ -288,13 +355,34 @@ impl TaskSpec {
         }
         let model = Model::new(self.model.clone()).map_err(|e| err("model", e.to_string()))?;
         let d = &self.data;
-        if !(2..=256).contains(&d.classes) {
+        let text = d.train.text.is_some();
+        if text != model.is_language_model() {
+            return Err(err(
+                "data.train",
+                if text {
+                    "text data needs a language model (an embedding layer first, lm_head last)"
+                } else {
+                    "a language model needs text data (`text = \"file.txt\"`)"
+                },
+            ));
+        }
+        if let Some(t) = &d.test
+            && t.text.is_some() != text
+        {
+            return Err(err(
+                "data.test",
+                "must be the same kind of data as data.train",
+            ));
+        }
+        if text {
+            self.validate_text(&model)?;
+        } else if !(2..=256).contains(&d.classes) {
             return Err(err(
                 "data.classes",
                 format!("{} outside 2..=256", d.classes),
             ));
         }
-        if model.classes() != d.classes {
+        if !text && model.classes() != d.classes {
             return Err(err(
                 "model.layers",
                 format!(
@@ -336,10 +424,23 @@ impl TaskSpec {
             return Err(err("train.lr", format!("{} outside (0, 1]", t.lr)));
         }
         t.optimizer
-            .build(t.lr, t.momentum)
-            .map_err(|e| err("train.momentum", e))?;
+            .build_with(t.lr, t.momentum, t.weight_decay, t.clip)
+            .map_err(|(field, problem)| err(field, problem))?;
         if t.shift > 8 {
             return Err(err("train.shift", format!("{} above 8 pixels", t.shift)));
+        }
+        let binding = model.largest_binding(t.batch);
+        if binding > WEBGPU_MAX_BINDING {
+            return Err(err(
+                "train.batch",
+                format!(
+                    "a batch of {} needs a {} MiB buffer (parameters, an activation or a \
+                     block's attention), more than WebGPU's default maxStorageBufferBindingSize \
+                     of 128 MiB",
+                    t.batch,
+                    binding >> 20
+                ),
+            ));
         }
         if t.lr_decay_rounds > 1_000_000 {
             return Err(err(
@@ -347,7 +448,8 @@ impl TaskSpec {
                 format!("{} above 1000000", t.lr_decay_rounds),
             ));
         }
-        if !(t.target_accuracy > 0.0 && t.target_accuracy <= 1.0) {
+        let accuracy_ok = t.target_accuracy > 0.0 && t.target_accuracy <= 1.0;
+        if !text && !accuracy_ok {
             return Err(err(
                 "train.target_accuracy",
                 format!("{} outside (0, 1]", t.target_accuracy),
@@ -359,12 +461,55 @@ impl TaskSpec {
         })
     }
 
+    /// The checks of a text task: bytes as tokens (vocabulary 256), no image settings, a
+    /// target in bits per byte.
+    fn validate_text(&self, model: &Model) -> Result<(), TaskError> {
+        let (d, t) = (&self.data, &self.train);
+        if model.vocab() != Some(256) {
+            return Err(err(
+                "model.layers",
+                "text is read as bytes: the embedding's vocab must be 256",
+            ));
+        }
+        if d.classes != 0 && d.classes != 256 {
+            return Err(err(
+                "data.classes",
+                format!("{}: text has 256 classes (bytes); leave it out", d.classes),
+            ));
+        }
+        if t.shift != 0 {
+            return Err(err("train.shift", "shift augmentation is for images"));
+        }
+        if t.target_accuracy != 0.0 {
+            return Err(err(
+                "train.target_accuracy",
+                "a text task states its target as target_bits_per_byte",
+            ));
+        }
+        match t.target_bits_per_byte {
+            Some(b) if b > 0.0 && b <= 8.0 => Ok(()),
+            Some(b) => Err(err(
+                "train.target_bits_per_byte",
+                format!("{b} outside (0, 8]"),
+            )),
+            None => Err(err(
+                "train.target_bits_per_byte",
+                "missing: the held-out loss (bits per byte) the task aims for",
+            )),
+        }
+    }
+
+    /// Whether this is a text task (a language model on bytes).
+    pub fn is_text(&self) -> bool {
+        self.data.train.text.is_some()
+    }
+
     /// The inner optimizer at the learning rate of `round`.
     pub fn optimizer_at(&self, round: u64) -> Result<Optimizer, String> {
         let t = &self.train;
         t.optimizer
-            .build(self.lr_at(round), t.momentum)
-            .map_err(|e| format!("train.momentum: {e}"))
+            .build_with(self.lr_at(round), t.momentum, t.weight_decay, t.clip)
+            .map_err(|(field, problem)| format!("{field}: {problem}"))
     }
 
     /// The inner learning rate for a round of the model.
@@ -379,6 +524,10 @@ impl TaskSpec {
         let d = &self.data;
         let train_n = d.train.paths().len();
         let one = |field: &str, f: &Files, bytes: &[&[u8]]| -> Result<Dataset, TaskError> {
+            if let (Some(path), [text]) = (&f.text, bytes) {
+                return Dataset::from_text(text, w)
+                    .map_err(|e| err(&format!("{field}.text"), format!("{path} {e}")));
+            }
             let set = match (f.csv.is_some(), bytes) {
                 (false, [images, labels]) => {
                     Dataset::from_idx(images, labels, d.classes, &IdxLimits::default())
@@ -428,12 +577,7 @@ impl TaskSpec {
         for (split, f) in std::iter::once(("data.train", &self.data.train))
             .chain(self.data.test.as_ref().map(|t| ("data.test", t)))
         {
-            let fields: &[&str] = if f.csv.is_some() {
-                &["csv"]
-            } else {
-                &["images", "labels"]
-            };
-            for (field, path) in fields.iter().zip(f.paths()) {
+            for (field, path) in f.fields().iter().zip(f.paths()) {
                 named.push((format!("{split}.{field}"), path));
             }
         }
@@ -595,5 +739,127 @@ mod tests {
         // A wrong pixel count is refused, naming the field.
         let e = t.datasets(&[b"3,1,2,3\n"]).expect_err("short row");
         assert_eq!(e.field, "data.train.csv");
+    }
+
+    fn text_task() -> String {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tasks/fortunes.toml"
+        ))
+        .expect("tasks/fortunes.toml")
+    }
+
+    fn text_with(find: &str, replace: &str) -> Result<TaskSpec, TaskError> {
+        let text = text_task();
+        assert!(text.contains(find), "{find:?} not in the text task file");
+        TaskSpec::from_toml(&text.replacen(find, replace, 1))
+    }
+
+    #[test]
+    fn the_demo_text_task_is_a_language_model_on_bytes_with_adamw() {
+        let t = TaskSpec::from_toml(&text_task()).expect("valid");
+        assert!(t.is_text());
+        assert_eq!(t.data.train.paths(), ["text/fortunes.txt"]);
+        assert!(matches!(
+            t.optimizer_at(0).expect("valid"),
+            Optimizer::AdamW {
+                weight_decay: 0.1,
+                clip: 1.0,
+                ..
+            }
+        ));
+        let json = serde_json::to_string(&t).expect("json");
+        assert_eq!(TaskSpec::from_json(&json), Ok(t));
+    }
+
+    #[test]
+    fn text_tasks_refuse_what_does_not_fit_naming_the_field() {
+        let cases = [
+            (
+                "vocab = 256",
+                "vocab = 128",
+                "model.layers",
+                "vocab must be 256",
+            ),
+            ("heads = 4, mlp", "heads = 5, mlp", "model", "divide"),
+            (
+                "holdout = 0.05",
+                "holdout = 0.05\nclasses = 10",
+                "data.classes",
+                "256",
+            ),
+            (
+                "batch = 16",
+                "batch = 16\nshift = 2",
+                "train.shift",
+                "images",
+            ),
+            (
+                "target_bits_per_byte = 2.6",
+                "target_bits_per_byte = 9.0",
+                "train.target_bits_per_byte",
+                "outside",
+            ),
+            (
+                "target_bits_per_byte = 2.6",
+                "target_accuracy = 0.5",
+                "train.target_accuracy",
+                "bits_per_byte",
+            ),
+            ("clip = 1.0", "clip = -1.0", "train.clip", "outside"),
+            (
+                "optimizer = \"adamw\"",
+                "optimizer = \"adam\"",
+                "train.weight_decay",
+                "adamw",
+            ),
+            (
+                "text = \"text/fortunes.txt\"",
+                "images = \"a.idx\"\nlabels = \"b.idx\"",
+                "data.train",
+                "needs text data",
+            ),
+            // One block's attention for a batch of 4096 at context 64 and 4 heads is
+            // 4096 * 4 * 64 * 64 floats = 256 MiB: over WebGPU's binding limit.
+            (
+                "batch = 16",
+                "batch = 4096",
+                "train.batch",
+                "maxStorageBufferBindingSize",
+            ),
+        ];
+        for (find, replace, field, problem) in cases {
+            let e = text_with(find, replace).expect_err(replace);
+            assert_eq!(e.field, field, "{replace}: {e}");
+            assert!(e.problem.contains(problem), "{replace}: {e}");
+        }
+        // An image task pointed at text.
+        let e = with(
+            "images = \"digits/train-images.idx\"\nlabels = \"digits/train-labels.idx\"",
+            "text = \"t.txt\"",
+        )
+        .expect_err("text for an MLP");
+        assert_eq!(e.field, "data.train", "{e}");
+    }
+
+    #[test]
+    fn bad_text_files_are_refused_naming_the_file() {
+        let t = TaskSpec::from_toml(&text_task()).expect("valid");
+        for (bytes, problem) in [
+            (&b"caf\xc3"[..], "not UTF-8"),
+            (&b""[..], "empty"),
+            (&b"far too short for a context of 64"[..], "context 64"),
+        ] {
+            let e = t.datasets(&[bytes]).expect_err(problem);
+            assert_eq!(e.field, "data.train.text", "{e}");
+            assert!(
+                e.problem.contains("text/fortunes.txt") && e.problem.contains(problem),
+                "{e}"
+            );
+        }
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(100);
+        let (train, test) = t.datasets(&[text.as_bytes()]).expect("text");
+        assert_eq!(train.len() + test.len(), (text.len() - 1) / 64);
+        assert_eq!(test.len(), 4, "5% of 70 windows held out, rounded");
     }
 }

@@ -41,6 +41,11 @@ fn cpu_gradients_match_finite_differences() {
 }
 
 #[test]
+fn cpu_lm_gradients_match_finite_differences() {
+    pollster::block_on(suite::cpu_lm_gradients_match_finite_differences());
+}
+
+#[test]
 fn cpu_step_is_deterministic() {
     pollster::block_on(suite::cpu_step_is_deterministic());
 }

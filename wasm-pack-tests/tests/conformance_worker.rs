@@ -45,6 +45,11 @@ async fn cpu_gradients_match_finite_differences() {
 }
 
 #[wasm_bindgen_test]
+async fn cpu_lm_gradients_match_finite_differences() {
+    suite::cpu_lm_gradients_match_finite_differences().await;
+}
+
+#[wasm_bindgen_test]
 async fn cpu_step_is_deterministic() {
     suite::cpu_step_is_deterministic().await;
 }

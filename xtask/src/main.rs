@@ -17,6 +17,7 @@ mod data;
 mod setup;
 mod sim;
 mod test;
+mod text;
 mod web;
 
 use std::path::{Path, PathBuf};
@@ -124,9 +125,10 @@ fn main() {
         // The load client of `bench signaling`, run as a child with a raised fd limit.
         Some("bench-signaling-load") => bench_signaling::load(&args[1..]),
         Some("sim") => sim::run(&args[1..]),
-        Some("data") => {
-            no_args("data", &args[1..]).and_then(|()| data::prepare(&root()).map(|_| ()))
-        }
+        Some("data") => no_args("data", &args[1..]).and_then(|()| {
+            data::prepare(&root())?;
+            text::prepare(&root()).map(|_| ())
+        }),
         Some("build-web") => {
             no_args("build-web", &args[1..]).and_then(|()| web::build(&root()).map(|_| ()))
         }
@@ -237,6 +239,7 @@ fn run(args: &[String]) -> Result<()> {
     web::build(&root)?;
     eprintln!("xtask: preparing the demo data (data/)");
     data::prepare(&root)?;
+    text::prepare(&root)?;
     eprintln!("xtask: building the signaling server");
     run_cmd(Command::new("cargo").current_dir(&root).args([
         "build",

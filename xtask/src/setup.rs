@@ -61,7 +61,7 @@ pub(crate) fn ensure_python(root: &Path) -> Result<std::path::PathBuf> {
     Ok(python)
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -134,6 +134,7 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     setup::ensure_wasm_target()?;
     setup::ensure_npm_packages(&root)?;
     data::prepare(&root)?;
+    crate::text::prepare(&root)?;
     let python = setup::ensure_python(&root)?;
 
     let mut t = Tally::default();

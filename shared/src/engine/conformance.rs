@@ -91,14 +91,63 @@ pub fn models() -> Vec<(&'static str, ModelSpec)> {
     ]
 }
 
+/// Small language models that exercise every transformer op forward and backward: one
+/// and two blocks, one and several heads, an untied and a tied head (whose token table
+/// gets gradient from both ends), a final layer norm.
+pub fn lm_models() -> Vec<(&'static str, ModelSpec)> {
+    use LayerSpec::{Embedding, LayerNorm, LmHead, TransformerBlock};
+    vec![
+        (
+            "lm(1 block, 1 head, untied)",
+            ModelSpec {
+                input: [1, 5, 1],
+                layers: vec![
+                    Embedding { vocab: 11, dim: 8 },
+                    TransformerBlock {
+                        heads: 1,
+                        mlp_ratio: 2,
+                    },
+                    LayerNorm,
+                    LmHead { tied: false },
+                ],
+            },
+        ),
+        (
+            "lm(2 blocks, 4 heads, tied)",
+            ModelSpec {
+                input: [1, 6, 1],
+                layers: vec![
+                    Embedding { vocab: 13, dim: 16 },
+                    TransformerBlock {
+                        heads: 4,
+                        mlp_ratio: 4,
+                    },
+                    TransformerBlock {
+                        heads: 4,
+                        mlp_ratio: 4,
+                    },
+                    LayerNorm,
+                    LmHead { tied: true },
+                ],
+            },
+        ),
+    ]
+}
+
 fn random(len: usize, rng: &mut SplitMix64) -> Vec<f32> {
     (0..len).map(|_| rng.normal_f32()).collect()
 }
 
-fn batch_for(model: &Model, seed: u64) -> (Vec<f32>, Vec<u8>) {
+/// A random batch: normal inputs (token ids for a language model) and labels.
+pub fn batch_for(model: &Model, seed: u64) -> (Vec<f32>, Vec<u8>) {
     let mut rng = SplitMix64::new(seed);
-    let x = random(BATCH * model.input_len(), &mut rng);
-    let y = (0..BATCH)
+    let x = match model.vocab() {
+        Some(vocab) => (0..BATCH * model.input_len())
+            .map(|_| rng.below(vocab) as f32)
+            .collect(),
+        None => random(BATCH * model.input_len(), &mut rng),
+    };
+    let y = (0..BATCH * model.positions())
         .map(|_| rng.below(model.classes()) as u8)
         .collect();
     (x, y)
@@ -280,7 +329,8 @@ pub async fn cpu_non_finite_never_passes() {
 }
 
 /// The CPU reference's analytic gradients against central finite differences (in f64
-/// over the f32 loss), on every model, at 24 random coordinates each.
+/// over the f32 loss), on every model at 24 random coordinates each; language models
+/// are checked tensor by tensor (see [`cpu_lm_gradients_match_finite_differences`]).
 pub async fn cpu_gradients_match_finite_differences() {
     for (name, spec) in models() {
         let model = Model::new(spec).expect("valid model");
@@ -313,10 +363,71 @@ pub async fn cpu_gradients_match_finite_differences() {
     }
 }
 
+/// Language models, tensor by tensor: at random parameters (the initialization plus
+/// noise of 0.3, so that attention is far from uniform and every tensor's gradient is
+/// well above the f32 loss's rounding), the derivative along a random direction within
+/// each tensor against a central difference, within 2% of the tensor's gradient norm;
+/// and three single coordinates per tensor within 3% of the tensor's largest gradient.
+pub async fn cpu_lm_gradients_match_finite_differences() {
+    for (name, spec) in lm_models() {
+        let model = Model::new(spec).expect("valid model");
+        let mut rng = SplitMix64::new(31);
+        let mut params = model.init_params(30);
+        for t in &model.tensors {
+            params[t.range()]
+                .iter_mut()
+                .for_each(|v| *v += 0.3 * rng.normal_f32());
+        }
+        let (x, y) = batch_for(&model, 32);
+        let mut cpu =
+            CpuBackend::new(model.clone(), Optimizer::adam(1e-3), params.clone()).expect("cpu");
+        let (_, grads) = cpu.gradients(&x, &y).await.expect("gradients");
+        let mut loss_along = |dir: &[(usize, f32)], h: f32| {
+            let mut p = params.clone();
+            for &(i, v) in dir {
+                p[i] += h * v;
+            }
+            cpu.set_params(&p).expect("finite");
+            f64::from(pollster_free_loss(&mut cpu, &x, &y))
+        };
+        for t in &model.tensors {
+            let g = &grads[t.range()];
+            let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let gmax = g.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(norm > 1e-3, "{name}: {} has no gradient ({norm})", t.name);
+            // A unit random direction within the tensor.
+            let mut dir: Vec<(usize, f32)> = t.range().map(|i| (i, rng.normal_f32())).collect();
+            let len = dir.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
+            dir.iter_mut().for_each(|(_, v)| *v /= len);
+            let h = 1e-2f32;
+            let fd = (loss_along(&dir, h) - loss_along(&dir, -h)) / (2.0 * f64::from(h));
+            let analytic: f32 = dir.iter().map(|&(i, v)| grads[i] * v).sum();
+            assert!(
+                (fd as f32 - analytic).abs() <= 0.02 * norm,
+                "{name}: {} along a random direction: analytic {analytic} vs finite \
+                 difference {fd} (gradient norm {norm})",
+                t.name
+            );
+            for _ in 0..3 {
+                let i = t.offset + rng.below(t.len());
+                let fd = (loss_along(&[(i, 1.0)], h) - loss_along(&[(i, 1.0)], -h))
+                    / (2.0 * f64::from(h));
+                assert!(
+                    (fd as f32 - grads[i]).abs() <= 0.03 * gmax,
+                    "{name}: {} element {}: analytic {} vs finite difference {fd}",
+                    t.name,
+                    i - t.offset,
+                    grads[i]
+                );
+            }
+        }
+    }
+}
+
 fn pollster_free_loss(cpu: &mut CpuBackend, x: &[f32], y: &[u8]) -> f32 {
     let n = y.len();
     let classes = cpu.model().classes();
-    let logits = cpu.logits(x, n).to_vec();
+    let logits = cpu.logits(x, n / cpu.model().positions()).to_vec();
     let mut total = 0.0f64;
     for (row, &label) in logits.chunks_exact(classes).zip(y) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

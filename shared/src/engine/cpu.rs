@@ -3,7 +3,11 @@
 //! blocked [`gemm`](super::gemm); everything else is a plain loop over NHWC data.
 
 use super::gemm::{MatRef, gemm};
-use super::{Backend, EngineError, Model, Op, Optimizer, check_batch, check_params};
+use super::transformer::{
+    BlockScratch, BlockShape, block_backward, block_forward, column_sums, embed, embed_backward,
+    layer_norm, layer_norm_backward, split_ranges,
+};
+use super::{BLOCK_TENSORS, Backend, EngineError, Model, Op, Optimizer, check_batch, check_params};
 
 /// Trains a [`Model`] on the CPU.
 pub struct CpuBackend {
@@ -35,6 +39,10 @@ struct Workspace {
     grad_next: Vec<f32>,
     /// Patch gradients of a convolution, before col2im.
     dcols: Vec<f32>,
+    /// What a transformer block or layer norm keeps for its backward pass, per op.
+    saved: Vec<Vec<f32>>,
+    /// Scratch of the transformer blocks' backward pass.
+    block: BlockScratch,
 }
 
 impl CpuBackend {
@@ -56,6 +64,7 @@ impl CpuBackend {
                 acts: vec![Vec::new(); n_ops + 1],
                 cols: vec![Vec::new(); n_ops],
                 argmax: vec![Vec::new(); n_ops],
+                saved: vec![Vec::new(); n_ops],
                 ..Workspace::default()
             },
             last_loss: f32::NAN,
@@ -67,13 +76,15 @@ impl CpuBackend {
         &self.params
     }
 
-    /// Logits for a batch (`labels` only sizes it), computed with the current parameters.
+    /// Logits for `n` samples (`n * positions` rows of `classes`), computed with the
+    /// current parameters.
     pub fn logits(&mut self, inputs: &[f32], n: usize) -> &[f32] {
         self.forward(inputs, n);
         &self.ws.acts[self.model.ops.len()]
     }
 
-    /// Mean loss and accuracy over a data set, in batches of `batch`.
+    /// Mean loss (in nats per prediction) and accuracy over a data set, in batches of
+    /// `batch` samples; a language model's predictions are its next tokens.
     pub fn evaluate(
         &mut self,
         inputs: &[f32],
@@ -81,10 +92,15 @@ impl CpuBackend {
         batch: usize,
     ) -> Result<(f32, f32), EngineError> {
         check_batch(&self.model, inputs, labels)?;
-        let (d, c) = (self.model.input_len(), self.model.classes());
+        let (d, c, per) = (
+            self.model.input_len(),
+            self.model.classes(),
+            self.model.positions(),
+        );
+        let batch = batch.max(1);
         let (mut loss, mut correct) = (0.0f64, 0usize);
-        for (xs, ys) in inputs.chunks(batch * d).zip(labels.chunks(batch)) {
-            self.forward(xs, ys.len());
+        for (xs, ys) in inputs.chunks(batch * d).zip(labels.chunks(batch * per)) {
+            self.forward(xs, ys.len() / per);
             let logits = &self.ws.acts[self.model.ops.len()];
             for (row, &y) in logits.chunks_exact(c).zip(ys) {
                 let (l, _) = softmax_ce_row(row, y, None);
@@ -161,13 +177,47 @@ impl CpuBackend {
                         *o = v.max(0.0);
                     }
                 }
+                Op::Embed { ctx, dim, tok, .. } => {
+                    let table = &params[model.tensors[tok].range()];
+                    let pos = &params[model.tensors[tok + 1].range()];
+                    embed(x, ctx, dim, table, pos, y);
+                }
+                Op::Block { .. } => {
+                    let (sh, p) = block_parts(model, params, op, n);
+                    let saved = &mut ws.saved[i];
+                    saved.resize(sh.saved_len(), 0.0);
+                    block_forward(&sh, &p, x, saved, y, &mut ws.block);
+                }
+                Op::Norm { rows, dim, gain } => {
+                    let stats = &mut ws.saved[i];
+                    stats.resize(2 * n * rows, 0.0);
+                    let g = &params[model.tensors[gain].range()];
+                    let b = &params[model.tensors[gain + 1].range()];
+                    layer_norm(x, dim, g, b, y, stats);
+                }
+                Op::Head {
+                    ctx,
+                    dim,
+                    vocab,
+                    weight,
+                    tied,
+                } => {
+                    let w = &params[model.tensors[weight].range()];
+                    let wm = if tied {
+                        MatRef::new(w, vocab, dim).t()
+                    } else {
+                        MatRef::new(w, dim, vocab)
+                    };
+                    gemm(MatRef::new(x, n * ctx, dim), wm, y, false);
+                }
             }
         }
     }
 
-    /// Forward, loss, backward into `self.grads`; returns the mean loss.
+    /// Forward, loss, backward into `self.grads`; returns the mean loss over every
+    /// prediction (every position of a language model).
     fn forward_backward(&mut self, inputs: &[f32], labels: &[u8]) -> f32 {
-        let n = labels.len();
+        let n = labels.len() / self.model.positions();
         self.forward(inputs, n);
         let Self {
             model,
@@ -178,9 +228,10 @@ impl CpuBackend {
         } = self;
         let c = model.classes();
         let n_ops = model.ops.len();
-        ws.grad.resize(n * c, 0.0);
+        let rows = labels.len();
+        ws.grad.resize(rows * c, 0.0);
         let mut loss = 0.0f64;
-        let scale = 1.0 / n as f32;
+        let scale = 1.0 / rows as f32;
         for ((row, g), &y) in ws.acts[n_ops]
             .chunks_exact(c)
             .zip(ws.grad.chunks_exact_mut(c))
@@ -254,10 +305,84 @@ impl CpuBackend {
                     ws.grad_next.clear();
                     ws.grad_next.extend_from_slice(&ws.grad);
                 }
+                Op::Embed {
+                    ctx,
+                    dim,
+                    tok,
+                    tied,
+                    ..
+                } => {
+                    let t = &model.tensors;
+                    let [dtok, dpos] = split_ranges(grads, [t[tok].range(), t[tok + 1].range()]);
+                    embed_backward(x, ctx, dim, &ws.grad, dtok, dpos, tied);
+                }
+                Op::Block { first, .. } => {
+                    let (sh, p) = block_parts(model, params, op, n);
+                    let t = &model.tensors;
+                    let gr = split_ranges(grads, std::array::from_fn(|k| t[first + k].range()));
+                    block_backward(
+                        &sh,
+                        &p,
+                        gr,
+                        x,
+                        &ws.saved[i],
+                        &ws.grad,
+                        &mut ws.grad_next,
+                        &mut ws.block,
+                    );
+                }
+                Op::Norm { dim, gain, .. } => {
+                    let t = &model.tensors;
+                    let [dg, db] = split_ranges(grads, [t[gain].range(), t[gain + 1].range()]);
+                    ws.grad_next.clear();
+                    ws.grad_next.resize(ws.grad.len(), 0.0);
+                    let g = &params[t[gain].range()];
+                    layer_norm_backward(
+                        x,
+                        &ws.saved[i],
+                        g,
+                        &ws.grad,
+                        dim,
+                        dg,
+                        db,
+                        &mut ws.grad_next,
+                    );
+                }
+                Op::Head {
+                    ctx,
+                    dim,
+                    vocab,
+                    weight,
+                    tied,
+                } => {
+                    let r = n * ctx;
+                    let range = model.tensors[weight].range();
+                    let (w, gw) = (&params[range.clone()], &mut grads[range]);
+                    let dlogits = MatRef::new(&ws.grad, r, vocab);
+                    ws.grad_next.resize(r * dim, 0.0);
+                    if tied {
+                        // The token table [vocab, dim]: its embedding gradient adds later.
+                        gemm(dlogits.t(), MatRef::new(x, r, dim), gw, false);
+                        gemm(
+                            dlogits,
+                            MatRef::new(w, vocab, dim),
+                            &mut ws.grad_next,
+                            false,
+                        );
+                    } else {
+                        gemm(MatRef::new(x, r, dim).t(), dlogits, gw, false);
+                        gemm(
+                            dlogits,
+                            MatRef::new(w, dim, vocab).t(),
+                            &mut ws.grad_next,
+                            false,
+                        );
+                    }
+                }
             }
             std::mem::swap(&mut ws.grad, &mut ws.grad_next);
         }
-        (loss / n as f64) as f32
+        (loss / rows as f64) as f32
     }
 
     fn apply_optimizer(&mut self) {
@@ -274,21 +399,52 @@ impl CpuBackend {
                 beta1,
                 beta2,
                 eps,
+            } => self.adam(lr, beta1, beta2, eps, 1.0),
+            Optimizer::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                clip,
             } => {
-                let c1 = 1.0 - beta1.powi(self.t as i32);
-                let c2 = 1.0 - beta2.powi(self.t as i32);
-                for (((w, g), m), v) in self
-                    .params
-                    .iter_mut()
-                    .zip(&self.grads)
-                    .zip(&mut self.m)
-                    .zip(&mut self.v)
-                {
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                let norm = self
+                    .grads
+                    .iter()
+                    .map(|&g| f64::from(g) * f64::from(g))
+                    .sum::<f64>()
+                    .sqrt() as f32;
+                let gscale = if clip > 0.0 && norm > clip {
+                    clip / norm
+                } else {
+                    1.0
+                };
+                if weight_decay > 0.0 {
+                    let keep = 1.0 - lr * weight_decay;
+                    for t in self.model.tensors.iter().filter(|t| t.shape.len() >= 2) {
+                        self.params[t.range()].iter_mut().for_each(|w| *w *= keep);
+                    }
                 }
+                self.adam(lr, beta1, beta2, eps, gscale);
             }
+        }
+    }
+
+    /// The Adam update with bias correction, on the gradients scaled by `gscale`.
+    fn adam(&mut self, lr: f32, beta1: f32, beta2: f32, eps: f32, gscale: f32) {
+        let c1 = 1.0 - beta1.powi(self.t as i32);
+        let c2 = 1.0 - beta2.powi(self.t as i32);
+        for (((w, &g), m), v) in self
+            .params
+            .iter_mut()
+            .zip(&self.grads)
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+        {
+            let g = g * gscale;
+            *m = beta1 * *m + (1.0 - beta1) * g;
+            *v = beta2 * *v + (1.0 - beta2) * g * g;
+            *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
         }
     }
 }
@@ -361,6 +517,34 @@ impl Backend for CpuBackend {
         }
         Ok((loss, self.grads.clone()))
     }
+}
+
+/// A transformer block's shape for `n` samples and its twelve parameter tensors.
+fn block_parts<'a>(
+    model: &Model,
+    params: &'a [f32],
+    op: &Op,
+    n: usize,
+) -> (BlockShape, [&'a [f32]; BLOCK_TENSORS]) {
+    let Op::Block {
+        ctx,
+        dim,
+        heads,
+        hidden,
+        first,
+    } = *op
+    else {
+        unreachable!("block_parts is only called on a block")
+    };
+    let shape = BlockShape {
+        n,
+        ctx,
+        dim,
+        heads,
+        hidden,
+    };
+    let p = std::array::from_fn(|k| &params[model.tensors[first + k].range()]);
+    (shape, p)
 }
 
 /// The weights of the layer whose weight tensor is `weight` (its bias follows it), and
@@ -446,15 +630,6 @@ fn mask_relu(grad: &mut [f32], y: &[f32]) {
     for (g, &v) in grad.iter_mut().zip(y) {
         if v <= 0.0 {
             *g = 0.0;
-        }
-    }
-}
-
-fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
-    out.fill(0.0);
-    for row in m.chunks_exact(cols) {
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o += v;
         }
     }
 }

@@ -42,6 +42,23 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// A `rows x cols` matrix whose rows start `row_stride` values apart (a column block
+    /// of a wider row-major matrix, such as one attention head's slice of the packed
+    /// query-key-value rows).
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(
+            rows == 0 || data.len() >= (rows - 1) * row_stride + cols,
+            "matrix data too short"
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            rs: row_stride,
+            cs: 1,
+        }
+    }
+
     /// The transpose (no copy).
     pub fn t(self) -> Self {
         Self {

@@ -371,6 +371,17 @@ impl GpuBackend {
         if batch == 0 {
             return Err(EngineError::BadBatch("batch size 0".into()));
         }
+        if model.is_language_model() {
+            return Err(EngineError::Unsupported(
+                "the WGSL backend has no transformer kernels yet; language models train on \
+                 the CPU backend",
+            ));
+        }
+        if matches!(opt, Optimizer::AdamW { .. }) {
+            return Err(EngineError::Unsupported(
+                "the WGSL backend has no AdamW yet; it trains on the CPU backend",
+            ));
+        }
         let device = &gpu.device;
         let plen = model.param_len();
         let p_buf = storage(device, "params", plen);
@@ -503,6 +514,9 @@ impl GpuBackend {
                     let k = &rec.kernels.relu_fwd.clone();
                     pass.push(rec.op(k, batch * len, &[], &[x, y]));
                 }
+                Op::Embed { .. } | Op::Block { .. } | Op::Norm { .. } | Op::Head { .. } => {
+                    return Err(EngineError::Unsupported("transformer ops"));
+                }
             }
         }
         // Loss.
@@ -607,6 +621,9 @@ impl GpuBackend {
                     if i > 0 {
                         pass.push(mask(&mut rec, batch * len));
                     }
+                }
+                Op::Embed { .. } | Op::Block { .. } | Op::Norm { .. } | Op::Head { .. } => {
+                    return Err(EngineError::Unsupported("transformer ops"));
                 }
             }
         }
@@ -750,6 +767,8 @@ impl GpuBackend {
                 1.0 - beta1.powi(t),
                 1.0 - beta2.powi(t),
             ),
+            // Refused in `new`.
+            Optimizer::AdamW { .. } => unreachable!("AdamW is refused when the backend is made"),
         };
         let mut out = [0u8; 32];
         let words: [u32; 8] = [

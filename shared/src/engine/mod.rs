@@ -13,10 +13,11 @@ pub mod gemm;
 pub mod gpu;
 mod spec;
 pub mod train;
+pub mod transformer;
 
 pub use spec::{
-    LayerSpec, MAX_ACTIVATION, MAX_PARAMS, Model, ModelSpec, Op, PARAM_ALIGN, ParamTensor,
-    SpecError,
+    BLOCK_TENSORS, LayerSpec, MAX_ACTIVATION, MAX_BLOCKS, MAX_CONTEXT, MAX_PARAMS, MAX_VOCAB,
+    MAX_WIDTH, Model, ModelSpec, Op, PARAM_ALIGN, ParamTensor, SpecError, WEBGPU_MAX_BINDING,
 };
 
 use std::future::Future;
@@ -46,9 +47,40 @@ pub enum Optimizer {
         /// Denominator epsilon.
         eps: f32,
     },
+    /// Adam with decoupled weight decay (AdamW, Loshchilov and Hutter) and global-norm
+    /// gradient clipping: if the gradient's L2 norm over all parameters exceeds `clip`
+    /// (0: never), every gradient is scaled by `clip / norm` first; then the Adam update,
+    /// and `w -= lr * weight_decay * w` for tensors of two or more dimensions (matrices
+    /// and embeddings, not biases or layer-norm gains).
+    AdamW {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Denominator epsilon.
+        eps: f32,
+        /// Decoupled weight decay per unit of learning rate.
+        weight_decay: f32,
+        /// Largest global gradient norm (0: no clipping).
+        clip: f32,
+    },
 }
 
 impl Optimizer {
+    /// AdamW with betas (0.9, 0.95), eps 1e-8: the usual recipe for transformers.
+    pub fn adamw(lr: f32, weight_decay: f32, clip: f32) -> Self {
+        Self::AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay,
+            clip,
+        }
+    }
+
     /// Adam with the usual defaults and learning rate `lr`.
     pub fn adam(lr: f32) -> Self {
         Self::Adam {
@@ -70,13 +102,19 @@ impl Optimizer {
                 beta1,
                 beta2,
                 eps,
+            } => adam_ok(lr, beta1, beta2, eps),
+            Self::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                clip,
             } => {
-                lr > 0.0
-                    && lr.is_finite()
-                    && (0.0..1.0).contains(&beta1)
-                    && (0.0..1.0).contains(&beta2)
-                    && eps > 0.0
-                    && eps.is_finite()
+                adam_ok(lr, beta1, beta2, eps)
+                    && (0.0..1.0).contains(&weight_decay)
+                    && clip >= 0.0
+                    && clip.is_finite()
             }
         };
         if ok {
@@ -89,18 +127,27 @@ impl Optimizer {
     /// The learning rate.
     pub fn lr(&self) -> f32 {
         match *self {
-            Self::Sgd { lr, .. } | Self::Adam { lr, .. } => lr,
+            Self::Sgd { lr, .. } | Self::Adam { lr, .. } | Self::AdamW { lr, .. } => lr,
         }
     }
 
     /// The same optimizer with learning rate `new_lr`, validated.
     pub fn with_lr(mut self, new_lr: f32) -> Result<Self, EngineError> {
         match &mut self {
-            Self::Sgd { lr, .. } | Self::Adam { lr, .. } => *lr = new_lr,
+            Self::Sgd { lr, .. } | Self::Adam { lr, .. } | Self::AdamW { lr, .. } => *lr = new_lr,
         }
         self.validate()?;
         Ok(self)
     }
+}
+
+fn adam_ok(lr: f32, beta1: f32, beta2: f32, eps: f32) -> bool {
+    lr > 0.0
+        && lr.is_finite()
+        && (0.0..1.0).contains(&beta1)
+        && (0.0..1.0).contains(&beta2)
+        && eps > 0.0
+        && eps.is_finite()
 }
 
 /// Why a training or evaluation call failed.
@@ -125,6 +172,10 @@ pub enum EngineError {
     /// A GPU call failed.
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+    /// This backend cannot train this model or optimizer (the caller falls back to the
+    /// CPU backend, which runs everything).
+    #[error("not supported by this backend: {0}")]
+    Unsupported(&'static str),
 }
 
 /// What every backend does: train steps, and move parameters in and out.
@@ -168,12 +219,21 @@ pub trait Backend {
     ) -> impl Future<Output = Result<(f32, Vec<f32>), EngineError>>;
 }
 
-/// Checks a batch against a model before any backend touches it.
+/// Checks a batch against a model before any backend touches it: `labels` holds
+/// [`Model::positions`] labels per sample (one for a classifier, the next token at every
+/// position for a language model, whose inputs must be token ids).
 pub(crate) fn check_batch(model: &Model, inputs: &[f32], labels: &[u8]) -> Result<(), EngineError> {
-    let n = labels.len();
-    if n == 0 {
+    let per = model.positions();
+    if labels.is_empty() {
         return Err(EngineError::BadBatch("empty batch".into()));
     }
+    if !labels.len().is_multiple_of(per) {
+        return Err(EngineError::BadBatch(format!(
+            "{} labels is not a whole number of samples of {per} positions",
+            labels.len()
+        )));
+    }
+    let n = labels.len() / per;
     if inputs.len() != n * model.input_len() {
         return Err(EngineError::BadBatch(format!(
             "{} input values for {n} samples of {}",
@@ -185,6 +245,15 @@ pub(crate) fn check_batch(model: &Model, inputs: &[f32], labels: &[u8]) -> Resul
         return Err(EngineError::BadBatch(format!(
             "label {l} outside 0..{}",
             model.classes()
+        )));
+    }
+    if let Some(vocab) = model.vocab()
+        && let Some(&t) = inputs
+            .iter()
+            .find(|&&t| !(t >= 0.0 && t < vocab as f32 && t.fract() == 0.0))
+    {
+        return Err(EngineError::BadBatch(format!(
+            "input {t} is not a token id in 0..{vocab}"
         )));
     }
     Ok(())

@@ -10,8 +10,10 @@ use crate::rng::SplitMix64;
 /// each tensor as its own storage-buffer range.
 pub const PARAM_ALIGN: usize = 64;
 
-/// Largest model, in parameters, that a task may declare (64 Mi floats, 256 MiB).
-pub const MAX_PARAMS: usize = 64 << 20;
+/// Largest model, in parameters, that a task may declare: 32 Mi floats, 128 MiB, the
+/// largest storage buffer binding WebGPU guarantees (the GPU backend binds the parameter
+/// buffer, its gradient and the optimizer's moments each whole).
+pub const MAX_PARAMS: usize = 32 << 20;
 /// Largest activation, in values per sample, that a layer may produce.
 pub const MAX_ACTIVATION: usize = 1 << 22;
 
@@ -46,11 +48,72 @@ pub enum LayerSpec {
     Relu,
     /// Makes a 3-D activation flat (free in NHWC).
     Flatten,
+    /// Token and learned positional embeddings: the first layer of a language model, whose
+    /// input `[1, context, 1]` holds token ids (bytes, so `vocab` is at most 256). Writes
+    /// a sequence of `context` vectors of `dim` values.
+    Embedding {
+        /// Number of distinct tokens (256 for bytes).
+        vocab: usize,
+        /// Width of every vector of the sequence.
+        dim: usize,
+    },
+    /// A pre-norm transformer block over a sequence: `x + attn(ln1(x))`, then
+    /// `x + mlp(ln2(x))` with causal multi-head self-attention and a GELU MLP.
+    TransformerBlock {
+        /// Attention heads; must divide the width.
+        heads: usize,
+        /// Hidden width of the MLP as a multiple of the model width.
+        #[serde(default = "four")]
+        mlp_ratio: usize,
+    },
+    /// Layer normalization over each vector of a sequence, with gain and bias.
+    LayerNorm,
+    /// The language-model head: logits over the vocabulary at every position, from a
+    /// `[dim, vocab]` matrix or (`tied`) from the token embedding itself. The loss is the
+    /// cross-entropy of each position against the next token.
+    LmHead {
+        /// Reuse the token embedding as the output matrix.
+        #[serde(default)]
+        tied: bool,
+    },
+}
+
+impl LayerSpec {
+    /// The layer's `type` as written in a task file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Dense { .. } => "dense",
+            Self::Conv2d { .. } => "conv2d",
+            Self::MaxPool { .. } => "max_pool",
+            Self::Relu => "relu",
+            Self::Flatten => "flatten",
+            Self::Embedding { .. } => "embedding",
+            Self::TransformerBlock { .. } => "transformer_block",
+            Self::LayerNorm => "layer_norm",
+            Self::LmHead { .. } => "lm_head",
+        }
+    }
 }
 
 fn one() -> usize {
     1
 }
+
+fn four() -> usize {
+    4
+}
+
+/// Largest vocabulary of an [`LayerSpec::Embedding`]: tokens are bytes.
+pub const MAX_VOCAB: usize = 256;
+/// Largest context (positions per sample) of a language model.
+pub const MAX_CONTEXT: usize = 2048;
+/// Largest width of a language model's vectors.
+pub const MAX_WIDTH: usize = 4096;
+/// Largest storage buffer binding that WebGPU guarantees (`maxStorageBufferBindingSize`,
+/// 128 MiB): no single parameter tensor or per-layer activation of a batch may exceed it.
+pub const WEBGPU_MAX_BINDING: usize = 128 << 20;
+/// Largest number of transformer blocks.
+pub const MAX_BLOCKS: usize = 64;
 
 /// A sequential model: input shape, layers, and (implicitly) a softmax cross-entropy loss
 /// over the last layer's outputs, which must come from a dense layer.
@@ -123,7 +186,10 @@ pub enum SpecError {
     #[error("input shape {0:?} is empty or too large")]
     BadInput([usize; 3]),
     /// More parameters than [`MAX_PARAMS`].
-    #[error("model has {0} parameters, more than the limit of {MAX_PARAMS}")]
+    #[error(
+        "model has {0} parameters, more than the limit of {MAX_PARAMS} (128 MiB, WebGPU's \
+         default maxStorageBufferBindingSize)"
+    )]
     TooLarge(usize),
 }
 
@@ -201,7 +267,64 @@ pub enum Op {
         /// Values per sample.
         len: usize,
     },
+    /// Token plus positional embedding: `y[t] = tok[x[t]] + pos[t]`.
+    Embed {
+        /// Positions per sample.
+        ctx: usize,
+        /// Tokens.
+        vocab: usize,
+        /// Width.
+        dim: usize,
+        /// Index of the token table `[vocab, dim]`; the position table `[ctx, dim]`
+        /// follows it.
+        tok: usize,
+        /// Whether the head reuses the token table (its gradient then adds to the head's).
+        tied: bool,
+    },
+    /// A pre-norm transformer block (see [`LayerSpec::TransformerBlock`]).
+    Block {
+        /// Positions per sample.
+        ctx: usize,
+        /// Width.
+        dim: usize,
+        /// Attention heads.
+        heads: usize,
+        /// MLP hidden width.
+        hidden: usize,
+        /// Index of its first tensor; the twelve are, in order: `ln1.gain`, `ln1.bias`,
+        /// `attn.qkv.weight` `[dim, 3 dim]`, `attn.qkv.bias`, `attn.out.weight`
+        /// `[dim, dim]`, `attn.out.bias`, `ln2.gain`, `ln2.bias`, `mlp.up.weight`
+        /// `[dim, hidden]`, `mlp.up.bias`, `mlp.down.weight` `[hidden, dim]`,
+        /// `mlp.down.bias`.
+        first: usize,
+    },
+    /// Layer normalization of each of `rows` vectors of `dim` per sample.
+    Norm {
+        /// Vectors per sample.
+        rows: usize,
+        /// Width.
+        dim: usize,
+        /// Index of the gain tensor; the bias follows it.
+        gain: usize,
+    },
+    /// Logits at every position: `y[t] = x[t] · w` with `w` `[dim, vocab]`, or
+    /// `x[t] · tokᵀ` when tied to the embedding.
+    Head {
+        /// Positions per sample.
+        ctx: usize,
+        /// Width.
+        dim: usize,
+        /// Tokens.
+        vocab: usize,
+        /// Index of the output matrix, or of the token table when `tied`.
+        weight: usize,
+        /// Whether `weight` is the embedding's token table `[vocab, dim]`.
+        tied: bool,
+    },
 }
+
+/// Tensors per transformer block.
+pub const BLOCK_TENSORS: usize = 12;
 
 impl Op {
     /// Values per sample this op writes.
@@ -210,6 +333,9 @@ impl Op {
             Op::Dense { out, .. } => out,
             Op::Conv { output, .. } | Op::Pool { output, .. } => output.iter().product(),
             Op::Relu { len } => len,
+            Op::Embed { ctx, dim, .. } | Op::Block { ctx, dim, .. } => ctx * dim,
+            Op::Norm { rows, dim, .. } => rows * dim,
+            Op::Head { ctx, vocab, .. } => ctx * vocab,
         }
     }
 }
@@ -234,8 +360,20 @@ impl Model {
             return Err(SpecError::BadInput(spec.input));
         }
         match spec.layers.last() {
-            Some(LayerSpec::Dense { .. }) => {}
+            Some(LayerSpec::Dense { .. } | LayerSpec::LmHead { .. }) => {}
             other => return Err(SpecError::BadHead(format!("{other:?}"))),
+        }
+        let blocks = spec
+            .layers
+            .iter()
+            .filter(|l| matches!(l, LayerSpec::TransformerBlock { .. }))
+            .count();
+        if blocks > MAX_BLOCKS {
+            return Err(SpecError::BadLayer {
+                layer: 0,
+                kind: "transformer_block",
+                problem: format!("{blocks} blocks, more than {MAX_BLOCKS}"),
+            });
         }
         let mut ops: Vec<Op> = Vec::new();
         let mut tensors: Vec<ParamTensor> = Vec::new();
@@ -253,13 +391,149 @@ impl Model {
         // Current activation shape; `flat` once flattened (or after a dense layer).
         let mut shape = spec.input;
         let mut flat = h == 1 && w == 1;
+        // A language model's sequence: (positions, width, vocabulary, token table).
+        let mut seq: Option<(usize, usize, usize, usize)> = None;
         for (i, layer) in spec.layers.iter().enumerate() {
             let bad = |kind: &'static str, problem: String| SpecError::BadLayer {
                 layer: i,
                 kind,
                 problem,
             };
+            let sequence_layer = matches!(
+                layer,
+                LayerSpec::Embedding { .. }
+                    | LayerSpec::TransformerBlock { .. }
+                    | LayerSpec::LayerNorm
+                    | LayerSpec::LmHead { .. }
+            );
+            if seq.is_some() && !sequence_layer {
+                return Err(bad(
+                    layer.kind(),
+                    "a language model takes only transformer_block, layer_norm and lm_head \
+                     after its embedding"
+                        .into(),
+                ));
+            }
+            if seq.is_none() && sequence_layer && !matches!(layer, LayerSpec::Embedding { .. }) {
+                return Err(bad(
+                    layer.kind(),
+                    "needs a sequence: the model must start with an embedding layer".into(),
+                ));
+            }
             match *layer {
+                LayerSpec::Embedding { vocab, dim } => {
+                    let ctx = spec.input[1];
+                    if i != 0 {
+                        return Err(bad("embedding", "must be the first layer".into()));
+                    }
+                    if spec.input[0] != 1 || spec.input[2] != 1 || ctx > MAX_CONTEXT {
+                        return Err(bad(
+                            "embedding",
+                            format!(
+                                "input must be [1, context, 1] (token ids) with context at \
+                                 most {MAX_CONTEXT}; got {:?}",
+                                spec.input
+                            ),
+                        ));
+                    }
+                    if vocab == 0 || vocab > MAX_VOCAB || dim == 0 || dim > MAX_WIDTH {
+                        return Err(bad(
+                            "embedding",
+                            format!("vocab must be in 1..={MAX_VOCAB}, dim in 1..={MAX_WIDTH}"),
+                        ));
+                    }
+                    let tok = tensors.len();
+                    add(format!("layer{i}.token"), vec![vocab, dim], &mut tensors);
+                    add(format!("layer{i}.position"), vec![ctx, dim], &mut tensors);
+                    ops.push(Op::Embed {
+                        ctx,
+                        vocab,
+                        dim,
+                        tok,
+                        tied: false,
+                    });
+                    seq = Some((ctx, dim, vocab, tok));
+                }
+                LayerSpec::TransformerBlock { heads, mlp_ratio } => {
+                    let Some((ctx, dim, _, _)) = seq else {
+                        unreachable!("checked above")
+                    };
+                    if heads == 0 || dim % heads != 0 {
+                        return Err(bad(
+                            "transformer_block",
+                            format!("heads ({heads}) must divide the width {dim}"),
+                        ));
+                    }
+                    if mlp_ratio == 0 || mlp_ratio > 8 {
+                        return Err(bad(
+                            "transformer_block",
+                            "mlp_ratio must be in 1..=8".into(),
+                        ));
+                    }
+                    let hidden = dim * mlp_ratio;
+                    let first = tensors.len();
+                    for (name, shape) in [
+                        ("ln1.gain", vec![dim]),
+                        ("ln1.bias", vec![dim]),
+                        ("attn.qkv.weight", vec![dim, 3 * dim]),
+                        ("attn.qkv.bias", vec![3 * dim]),
+                        ("attn.out.weight", vec![dim, dim]),
+                        ("attn.out.bias", vec![dim]),
+                        ("ln2.gain", vec![dim]),
+                        ("ln2.bias", vec![dim]),
+                        ("mlp.up.weight", vec![dim, hidden]),
+                        ("mlp.up.bias", vec![hidden]),
+                        ("mlp.down.weight", vec![hidden, dim]),
+                        ("mlp.down.bias", vec![dim]),
+                    ] {
+                        add(format!("layer{i}.{name}"), shape, &mut tensors);
+                    }
+                    ops.push(Op::Block {
+                        ctx,
+                        dim,
+                        heads,
+                        hidden,
+                        first,
+                    });
+                }
+                LayerSpec::LayerNorm => {
+                    let Some((ctx, dim, _, _)) = seq else {
+                        unreachable!("checked above")
+                    };
+                    let gain = tensors.len();
+                    add(format!("layer{i}.gain"), vec![dim], &mut tensors);
+                    add(format!("layer{i}.bias"), vec![dim], &mut tensors);
+                    ops.push(Op::Norm {
+                        rows: ctx,
+                        dim,
+                        gain,
+                    });
+                }
+                LayerSpec::LmHead { tied } => {
+                    let Some((ctx, dim, vocab, tok)) = seq else {
+                        unreachable!("checked above")
+                    };
+                    if i + 1 != spec.layers.len() {
+                        return Err(bad("lm_head", "must be the last layer".into()));
+                    }
+                    let weight = if tied {
+                        if let Some(Op::Embed { tied, .. }) = ops.first_mut() {
+                            *tied = true;
+                        }
+                        tok
+                    } else {
+                        let weight = tensors.len();
+                        add(format!("layer{i}.weight"), vec![dim, vocab], &mut tensors);
+                        weight
+                    };
+                    ops.push(Op::Head {
+                        ctx,
+                        dim,
+                        vocab,
+                        weight,
+                        tied,
+                    });
+                }
                 LayerSpec::Dense { units } => {
                     if !flat {
                         return Err(bad(
@@ -380,6 +654,9 @@ impl Model {
             }
         }
         let param_len = tensors.last().map_or(0, |t| t.offset + t.len());
+        if param_len > MAX_PARAMS {
+            return Err(SpecError::TooLarge(param_len));
+        }
         Ok(Self {
             spec,
             ops,
@@ -393,9 +670,51 @@ impl Model {
         self.spec.input.iter().product()
     }
 
-    /// Number of classes (outputs of the last layer).
+    /// Number of classes (outputs of the last layer per position): the vocabulary of a
+    /// language model.
     pub fn classes(&self) -> usize {
-        self.ops.last().map_or(0, Op::out_len)
+        self.ops.last().map_or(0, Op::out_len) / self.positions()
+    }
+
+    /// Predictions (and labels) per sample: the context of a language model, which
+    /// predicts the next token at every position; 1 for a classifier.
+    pub fn positions(&self) -> usize {
+        match self.ops.first() {
+            Some(&Op::Embed { ctx, .. }) => ctx,
+            _ => 1,
+        }
+    }
+
+    /// Whether this is a language model (its inputs are token ids).
+    pub fn is_language_model(&self) -> bool {
+        matches!(self.ops.first(), Some(Op::Embed { .. }))
+    }
+
+    /// The vocabulary when this is a language model.
+    pub fn vocab(&self) -> Option<usize> {
+        match self.ops.first() {
+            Some(&Op::Embed { vocab, .. }) => Some(vocab),
+            _ => None,
+        }
+    }
+
+    /// The largest single buffer, in bytes, that training a batch of `batch` samples
+    /// binds on a GPU: the parameters, one activation, or the attention probabilities of
+    /// a block. A task refuses a model and batch where this exceeds
+    /// [`WEBGPU_MAX_BINDING`].
+    pub fn largest_binding(&self, batch: usize) -> usize {
+        let params = self.param_len;
+        let mut largest = params.max(batch.saturating_mul(self.input_len()));
+        for op in &self.ops {
+            let per_sample = match *op {
+                Op::Block {
+                    ctx, heads, hidden, ..
+                } => (heads * ctx * ctx).max(ctx * hidden),
+                _ => op.out_len(),
+            };
+            largest = largest.max(batch.saturating_mul(per_sample));
+        }
+        largest.saturating_mul(4)
     }
 
     /// Length of the flat parameter buffer (including alignment padding, which stays 0).
@@ -413,10 +732,49 @@ impl Model {
     }
 
     /// Seeded initialization: He-normal weights for layers followed by a rectifier,
-    /// Glorot-uniform for the others (the logits), zero biases and padding.
+    /// Glorot-uniform for the others (the logits), zero biases and padding. Language
+    /// models as GPT-2: every matrix and embedding normal with standard deviation 0.02,
+    /// the two projections back into the residual stream 0.02 / sqrt(2 blocks),
+    /// layer-norm gains 1.
     pub fn init_params(&self, seed: u64) -> Vec<f32> {
         let mut rng = SplitMix64::new(seed);
         let mut p = vec![0.0f32; self.param_len];
+        let blocks = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Op::Block { .. }))
+            .count()
+            .max(1);
+        let residual = 0.02 / (2.0 * blocks as f32).sqrt();
+        let mut normal = |p: &mut [f32], t: &ParamTensor, std: f32| {
+            p[t.range()]
+                .iter_mut()
+                .for_each(|v| *v = std * rng.normal_f32());
+        };
+        for op in &self.ops {
+            match *op {
+                Op::Embed { tok, .. } => {
+                    normal(&mut p, &self.tensors[tok], 0.02);
+                    normal(&mut p, &self.tensors[tok + 1], 0.02);
+                }
+                Op::Block { first, .. } => {
+                    let t = &self.tensors[first..first + BLOCK_TENSORS];
+                    p[t[0].range()].fill(1.0);
+                    p[t[6].range()].fill(1.0);
+                    normal(&mut p, &t[2], 0.02);
+                    normal(&mut p, &t[4], residual);
+                    normal(&mut p, &t[8], 0.02);
+                    normal(&mut p, &t[10], residual);
+                }
+                Op::Norm { gain, .. } => p[self.tensors[gain].range()].fill(1.0),
+                Op::Head {
+                    weight,
+                    tied: false,
+                    ..
+                } => normal(&mut p, &self.tensors[weight], 0.02),
+                _ => {}
+            }
+        }
         for op in &self.ops {
             let (weight, fan_in, fan_out, relu) = match *op {
                 Op::Dense {
@@ -586,5 +944,148 @@ mod tests {
             "He variance {var}"
         );
         assert!(a[m.tensors[1].range()].iter().all(|&b| b == 0.0));
+    }
+
+    fn lm(layers: Vec<LayerSpec>) -> ModelSpec {
+        ModelSpec {
+            input: [1, 32, 1],
+            layers,
+        }
+    }
+
+    fn block(heads: usize) -> LayerSpec {
+        LayerSpec::TransformerBlock {
+            heads,
+            mlp_ratio: 4,
+        }
+    }
+
+    #[test]
+    fn compiles_a_language_model_with_named_tensors_and_a_tied_head() {
+        use LayerSpec::{Embedding, LayerNorm, LmHead};
+        let layers = |tied| {
+            vec![
+                Embedding {
+                    vocab: 256,
+                    dim: 64,
+                },
+                block(4),
+                block(4),
+                LayerNorm,
+                LmHead { tied },
+            ]
+        };
+        let m = Model::new(lm(layers(false))).expect("valid");
+        assert!(m.is_language_model());
+        assert_eq!(
+            (m.positions(), m.classes(), m.vocab()),
+            (32, 256, Some(256))
+        );
+        assert_eq!(m.input_len(), 32);
+        let real: usize = m.tensors.iter().map(ParamTensor::len).sum();
+        let per_block =
+            2 * 64 + 64 * 192 + 192 + 64 * 64 + 64 + 2 * 64 + 64 * 256 + 256 + 256 * 64 + 64;
+        assert_eq!(real, 256 * 64 + 32 * 64 + 2 * per_block + 2 * 64 + 64 * 256);
+        assert_eq!(m.tensors[2].name, "layer1.ln1.gain");
+        assert_eq!(m.tensors[4].shape, vec![64, 192]);
+        let tied = Model::new(lm(layers(true))).expect("valid");
+        assert_eq!(
+            tied.tensors.len(),
+            m.tensors.len() - 1,
+            "a tied head has no matrix"
+        );
+        assert!(matches!(tied.ops[0], Op::Embed { tied: true, .. }));
+        assert!(matches!(
+            tied.ops[4],
+            Op::Head {
+                weight: 0,
+                tied: true,
+                ..
+            }
+        ));
+        let p = tied.init_params(1);
+        assert!(
+            p[tied.tensors[2].range()].iter().all(|&g| g == 1.0),
+            "ln gain 1"
+        );
+        let std = |t: &ParamTensor| {
+            (p[t.range()].iter().map(|v| v * v).sum::<f32>() / t.len() as f32).sqrt()
+        };
+        assert!((std(&tied.tensors[0]) - 0.02).abs() < 0.002);
+        assert!(
+            (std(&tied.tensors[6]) - 0.01).abs() < 0.002,
+            "residual projection 0.02/sqrt(4)"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_language_models_naming_the_layer() {
+        use LayerSpec::{Dense, Embedding, LayerNorm, LmHead, Relu};
+        let emb = Embedding {
+            vocab: 256,
+            dim: 48,
+        };
+        let refused =
+            |layers: Vec<LayerSpec>, layer: usize, kind: &str| match Model::new(lm(layers.clone()))
+            {
+                Err(SpecError::BadLayer {
+                    layer: l,
+                    kind: k,
+                    problem,
+                }) => {
+                    assert_eq!((l, k), (layer, kind), "{problem}");
+                    problem
+                }
+                other => panic!("{layers:?}: {other:?}"),
+            };
+        let p = refused(
+            vec![emb, block(5), LmHead { tied: false }],
+            1,
+            "transformer_block",
+        );
+        assert!(p.contains("divide"), "{p}");
+        refused(vec![emb, Relu, LmHead { tied: false }], 1, "relu");
+        refused(vec![emb, Dense { units: 3 }], 1, "dense");
+        refused(
+            vec![
+                LayerSpec::Flatten,
+                Dense { units: 3 },
+                LayerNorm,
+                Dense { units: 3 },
+            ],
+            2,
+            "layer_norm",
+        );
+        refused(
+            vec![emb, LmHead { tied: true }, LmHead { tied: true }],
+            1,
+            "lm_head",
+        );
+        refused(
+            vec![Embedding { vocab: 300, dim: 8 }, LmHead { tied: false }],
+            0,
+            "embedding",
+        );
+        let s = ModelSpec {
+            input: [2, 16, 1],
+            layers: vec![emb, LmHead { tied: false }],
+        };
+        assert!(matches!(
+            Model::new(s),
+            Err(SpecError::BadLayer { layer: 0, .. })
+        ));
+        // Too large for one WebGPU storage binding: the error names the limit.
+        let wide = lm(vec![
+            Embedding {
+                vocab: 256,
+                dim: 4096,
+            },
+            block(32),
+            block(32),
+            LmHead { tied: false },
+        ]);
+        let e = Model::new(wide).expect_err("too large");
+        assert!(matches!(e, SpecError::TooLarge(_)));
+        assert!(e.to_string().contains("maxStorageBufferBindingSize"), "{e}");
     }
 }

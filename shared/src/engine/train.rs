@@ -19,27 +19,36 @@ pub fn swarm_lr(lr: f32, round: u64, decay_rounds: u64) -> f32 {
     lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * x).cos()))
 }
 
-/// A data set as the engine consumes it: normalized inputs and labels.
+/// A data set as the engine consumes it: normalized inputs (or token ids) and labels.
 #[derive(Clone, Debug)]
 pub struct Samples {
     /// `len() * dim` inputs.
     pub inputs: Vec<f32>,
-    /// One label per sample.
+    /// `positions` labels per sample.
     pub labels: Vec<u8>,
     /// Values per sample.
     pub dim: usize,
     /// Sample shape `[height, width, channels]` (its product is `dim`).
     pub shape: [usize; 3],
+    /// Labels per sample: 1 for images, the context for text (the next byte at every
+    /// position).
+    pub positions: usize,
 }
 
 impl Samples {
-    /// Pixels scaled to `[0, 1]`.
+    /// Pixels scaled to `[0, 1]`; text bytes as token ids.
     pub fn from_dataset(d: &Dataset) -> Self {
+        let inputs = if d.text {
+            d.pixels.iter().map(|&b| f32::from(b)).collect()
+        } else {
+            super::normalize_pixels(&d.pixels)
+        };
         Self {
-            inputs: super::normalize_pixels(&d.pixels),
+            inputs,
             labels: d.labels.clone(),
             dim: d.rows * d.cols,
             shape: [d.rows, d.cols, 1],
+            positions: d.positions(),
         }
     }
 
@@ -56,7 +65,7 @@ impl Samples {
 
     /// Number of samples.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.labels.len() / self.positions.max(1)
     }
 
     /// Whether there are none.
@@ -69,7 +78,7 @@ impl Samples {
         let n = n.min(self.len());
         Self {
             inputs: self.inputs[..n * self.dim].to_vec(),
-            labels: self.labels[..n].to_vec(),
+            labels: self.labels[..n * self.positions].to_vec(),
             ..*self
         }
     }
@@ -78,9 +87,10 @@ impl Samples {
     pub fn gather(&self, idx: &[usize], x: &mut Vec<f32>, y: &mut Vec<u8>) {
         x.clear();
         y.clear();
+        let per = self.positions;
         for &i in idx {
             x.extend_from_slice(&self.inputs[i * self.dim..(i + 1) * self.dim]);
-            y.push(self.labels[i]);
+            y.extend_from_slice(&self.labels[i * per..(i + 1) * per]);
         }
     }
 
@@ -95,6 +105,11 @@ impl Samples {
         x: &mut Vec<f32>,
         y: &mut Vec<u8>,
     ) {
+        if self.positions != 1 {
+            // Text: nothing to translate.
+            self.gather(idx, x, y);
+            return;
+        }
         let [h, w, c] = self.shape;
         x.clear();
         x.resize(idx.len() * self.dim, 0.0);

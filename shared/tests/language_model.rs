@@ -1,0 +1,133 @@
+//! The CPU backend trains a byte-level transformer: AdamW's decay and clipping do what
+//! the docs say, a small model learns text, and batches that are not token ids are
+//! refused.
+
+use shoal_shared::dataset::Dataset;
+use shoal_shared::engine::cpu::CpuBackend;
+use shoal_shared::engine::train::{Samples, Trainer};
+use shoal_shared::engine::{Backend, EngineError, LayerSpec, Model, ModelSpec, Optimizer};
+
+fn small_lm(context: usize) -> ModelSpec {
+    ModelSpec {
+        input: [1, context, 1],
+        layers: vec![
+            LayerSpec::Embedding {
+                vocab: 256,
+                dim: 32,
+            },
+            LayerSpec::TransformerBlock {
+                heads: 2,
+                mlp_ratio: 4,
+            },
+            LayerSpec::LayerNorm,
+            LayerSpec::LmHead { tied: true },
+        ],
+    }
+}
+
+fn text_samples(text: &str, context: usize) -> Samples {
+    Samples::from_dataset(&Dataset::from_text(text.as_bytes(), context).expect("text"))
+}
+
+#[test]
+fn one_adamw_step_clips_the_global_norm_then_decays_only_matrices() {
+    let model = Model::new(small_lm(8)).expect("valid");
+    let params = model.init_params(3);
+    let data = text_samples(&"shoal trains in browsers. ".repeat(8), 8);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    data.gather(&[0, 1], &mut x, &mut y);
+    let mut probe =
+        CpuBackend::new(model.clone(), Optimizer::adam(1e-3), params.clone()).expect("cpu");
+    let (_, g) = pollster::block_on(probe.gradients(&x, &y)).expect("gradients");
+    let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
+    // With eps = 1, the first Adam step is lr * g / (|g| + 1): it shows the clipped
+    // gradient's size (with the usual tiny eps it would be lr * sign(g) either way).
+    let (lr, wd, clip) = (0.01f32, 0.1f32, 0.25 * norm);
+    let opt = Optimizer::AdamW {
+        lr,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1.0,
+        weight_decay: wd,
+        clip,
+    };
+    let mut cpu = CpuBackend::new(model.clone(), opt, params.clone()).expect("cpu");
+    cpu.step(&x, &y).expect("step");
+    let got = cpu.params_slice();
+    for t in &model.tensors {
+        let decays = t.shape.len() >= 2;
+        for i in t.range() {
+            let gc = g[i] * 0.25;
+            let mut want = params[i];
+            if decays {
+                want *= 1.0 - lr * wd;
+            }
+            want -= lr * gc / (gc.abs() + 1.0);
+            assert!(
+                (got[i] - want).abs() <= 1e-6 + 1e-5 * want.abs(),
+                "{} element {}: got {} want {want} (decays: {decays})",
+                t.name,
+                i - t.offset,
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_small_transformer_learns_text_on_the_cpu() {
+    let text = "It was the best of times, it was the worst of times, it was the age of \
+                wisdom, it was the age of foolishness. "
+        .repeat(40);
+    let context = 16;
+    let data = text_samples(&text, context);
+    let (train, test) = (data.take(data.len() - 8), {
+        let all = Dataset::from_text(text.as_bytes(), context).expect("text");
+        let (_, tail) = all.split_off_tail(8);
+        Samples::from_dataset(&tail)
+    });
+    let model = Model::new(small_lm(context)).expect("valid");
+    let init = model.init_params(7);
+    let bits = |params: Vec<f32>| {
+        let mut eval = CpuBackend::new(model.clone(), Optimizer::adam(1e-3), params).expect("cpu");
+        let (nats, _) = eval
+            .evaluate(&test.inputs, &test.labels, 4)
+            .expect("evaluate");
+        nats / std::f32::consts::LN_2
+    };
+    let before = bits(init.clone());
+    assert!(
+        before > 7.0,
+        "an untrained model is near 8 bits per byte: {before}"
+    );
+    let cpu = CpuBackend::new(model.clone(), Optimizer::adamw(3e-3, 0.1, 1.0), init).expect("cpu");
+    let mut trainer = Trainer::new(cpu, train, 8, 1).expect("trainer");
+    trainer.run(300).expect("train");
+    let after = bits(pollster::block_on(trainer.backend.params()).expect("params"));
+    assert!(
+        after < 1.0,
+        "300 steps on a repeated sentence: {before:.2} -> {after:.2} bits per byte"
+    );
+}
+
+#[test]
+fn batches_that_are_not_token_ids_are_refused() {
+    let model = Model::new(small_lm(4)).expect("valid");
+    let mut cpu =
+        CpuBackend::new(model.clone(), Optimizer::adam(1e-3), model.init_params(1)).expect("cpu");
+    let labels = [1u8, 2, 3, 4];
+    for bad in [3.5f32, 256.0, -1.0, f32::NAN] {
+        let x = [65.0, bad, 66.0, 67.0];
+        assert!(
+            matches!(cpu.step(&x, &labels), Err(EngineError::BadBatch(_))),
+            "input {bad} accepted"
+        );
+    }
+    // One label per position: three labels for a context of four is refused.
+    assert!(matches!(
+        cpu.step(&[65.0, 66.0, 67.0, 68.0], &labels[..3]),
+        Err(EngineError::BadBatch(_))
+    ));
+    cpu.step(&[65.0, 66.0, 67.0, 68.0], &labels)
+        .expect("a good batch");
+}
