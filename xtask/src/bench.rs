@@ -33,9 +33,10 @@ use shoal_shared::rng::SplitMix64;
 use crate::{data, root, run_cmd, setup, web};
 
 /// Every benchmark this runner knows.
-pub(crate) const NAMES: [&str; 5] = [
+pub(crate) const NAMES: [&str; 6] = [
     "matmul",
     "train-throughput",
+    "train-lm",
     "signaling",
     "communication",
     "datachannel",
@@ -55,6 +56,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let report = match name.as_str() {
         "matmul" => matmul(&root)?,
         "train-throughput" => train_throughput(&root)?,
+        "train-lm" => train_lm(&root)?,
         "signaling" => crate::bench_signaling::signaling(&root)?,
         "communication" => crate::sim::communication(&root)?,
         "datachannel" => datachannel(&root)?,
@@ -279,7 +281,9 @@ fn train_throughput(root: &Path) -> Result<Value> {
         println!("Shoal CPU native {name}: {r:.0} samples/s");
         shoal.insert(name.into(), json!(r));
     }
-    let torch = torch_bench(root).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    let digits = root.join("data/digits").display().to_string();
+    let torch = torch_bench(root, "xtask/bench/torch_train.py", &[digits])
+        .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     println!("PyTorch CPU (1 thread): {torch}");
     let gpu = native_gpu_train(&data);
     let browser =
@@ -304,8 +308,83 @@ fn train_throughput(root: &Path) -> Result<Value> {
     }))
 }
 
-/// PyTorch on the CPU with one thread, installed on demand into target/bench/venv.
-fn torch_bench(root: &Path) -> Result<Value> {
+/// `train-lm`: training tokens/s of the demo language model (`tasks/fortunes.toml`) at
+/// its batch and context with its AdamW recipe, Shoal's CPU backend natively against
+/// PyTorch on the CPU, both on one thread (Shoal's CPU backend uses one).
+fn train_lm(root: &Path) -> Result<Value> {
+    let corpus = crate::text::prepare(root)?;
+    let task = shoal_shared::task::TaskSpec::from_toml(&std::fs::read_to_string(
+        root.join("tasks/fortunes.toml"),
+    )?)
+    .map_err(anyhow::Error::msg)?;
+    let model = shoal_shared::engine::Model::new(task.model.clone())?;
+    let bytes = std::fs::read(&corpus)?;
+    let ctx = model.positions();
+    let data = Samples::from_dataset(&shoal_shared::dataset::Dataset::from_text(&bytes, ctx)?);
+    let batch = task.train.batch;
+    let opt = task.optimizer_at(0).map_err(anyhow::Error::msg)?;
+    let backend = train::backend(model.clone(), None, opt, model.init_params(1), batch)?;
+    let mut t = Trainer::new(backend, data, batch, 1)?;
+    let tokens_per_step = (batch * ctx) as f64;
+    t.run(5)?;
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        t.run(20)?;
+        pollster::block_on(t.backend.loss())?;
+        rates.push(20.0 * tokens_per_step / start.elapsed().as_secs_f64());
+    }
+    let shoal = median(rates);
+    println!(
+        "Shoal CPU native, demo LM ({} parameters, batch {batch}, context {ctx}): {shoal:.0} tokens/s",
+        model.param_len()
+    );
+    let (blocks, dim, heads) = lm_shape(&task.model);
+    let torch = torch_bench(
+        root,
+        "xtask/bench/torch_lm.py",
+        &[
+            corpus.display().to_string(),
+            ctx.to_string(),
+            dim.to_string(),
+            blocks.to_string(),
+            heads.to_string(),
+            batch.to_string(),
+        ],
+    )
+    .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    println!("PyTorch CPU (1 thread): {torch}");
+    Ok(json!({
+        "ratios": { "lm-native": ratio(&json!(shoal), &torch["tokens_per_s"]) },
+        "unit": "training tokens per second (median of 5 runs of 20 steps)",
+        "model": { "parameters": model.param_len(), "blocks": blocks, "dim": dim, "heads": heads,
+                   "context": ctx, "batch": batch },
+        "native_cpu": { "shoal": shoal, "pytorch": torch, "threads": 1 },
+        "not_measured": "the WGSL backend has no transformer kernels yet (language models \
+                         train on the CPU backend there); browser figures are not taken yet",
+    }))
+}
+
+/// Blocks, width and heads of a language model description.
+fn lm_shape(spec: &ModelSpec) -> (usize, usize, usize) {
+    use shoal_shared::engine::LayerSpec;
+    let (mut blocks, mut dim, mut heads) = (0, 0, 0);
+    for l in &spec.layers {
+        match *l {
+            LayerSpec::Embedding { dim: d, .. } => dim = d,
+            LayerSpec::TransformerBlock { heads: h, .. } => {
+                blocks += 1;
+                heads = h;
+            }
+            _ => {}
+        }
+    }
+    (blocks, dim, heads)
+}
+
+/// PyTorch on the CPU with one thread, installed on demand into target/bench/venv:
+/// runs `script` with `args` and reads the JSON of its last line.
+fn torch_bench(root: &Path, script: &str, args: &[String]) -> Result<Value> {
     let venv = root.join("target/bench/venv");
     let python = venv.join("bin/python");
     let has_torch = |p: &Path| {
@@ -323,8 +402,8 @@ fn torch_bench(root: &Path) -> Result<Value> {
         run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "torch"]))?;
     }
     let out = Command::new(&python)
-        .arg(root.join("xtask/bench/torch_train.py"))
-        .arg(root.join("data/digits"))
+        .arg(root.join(script))
+        .args(args)
         .env("OMP_NUM_THREADS", "1")
         .output()
         .context("running the PyTorch benchmark")?;

@@ -276,7 +276,8 @@ pub fn trainer(
 }
 
 /// A backend for `model` starting from `params`: on the GPU (recorded for steps of
-/// `batch` samples) when `gpu` is given, on the CPU otherwise.
+/// `batch` samples) when `gpu` is given and the WGSL backend runs this model and
+/// optimizer, on the CPU otherwise (its `name()` says which).
 pub fn backend(
     model: Model,
     gpu: Option<&Gpu>,
@@ -284,10 +285,16 @@ pub fn backend(
     params: Vec<f32>,
     batch: usize,
 ) -> Result<AnyBackend, EngineError> {
-    Ok(match gpu {
-        Some(g) => AnyBackend::Gpu(Box::new(GpuBackend::new(g, model, opt, &params, batch)?)),
-        None => AnyBackend::Cpu(Box::new(CpuBackend::new(model, opt, params)?)),
-    })
+    if let Some(g) = gpu {
+        match GpuBackend::new(g, model.clone(), opt, &params, batch) {
+            Ok(b) => return Ok(AnyBackend::Gpu(Box::new(b))),
+            Err(EngineError::Unsupported(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(AnyBackend::Cpu(Box::new(CpuBackend::new(
+        model, opt, params,
+    )?)))
 }
 
 /// Trains `backend` with `cfg` and returns the accuracy of its weights on `test`, judged
