@@ -67,22 +67,66 @@ pub fn safetensors(
 
 /// A task's model as safetensors, with what someone needs to run it without Shoal in
 /// the metadata: the task, the model version, the input scaling, the class count and,
-/// when known, the held-out accuracy Shoal measured for exactly these weights.
+/// when known, the held-out `(loss, accuracy)` Shoal measured for exactly these weights.
+/// A language model's metadata also states its tokenization, its held-out split and the
+/// constants of its math (the README's "Language models" gives the rest).
 pub fn task_model(
     task: &TaskSpec,
     weights: &[f32],
     version: u64,
-    test_accuracy: Option<f32>,
+    evaluation: Option<(f32, f32)>,
 ) -> Result<Vec<u8>, String> {
     let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
     let mut meta = BTreeMap::from([
         ("task".to_string(), task.name.clone()),
         ("version".to_string(), version.to_string()),
-        ("input_scale".to_string(), "pixels / 255, NHWC".to_string()),
-        ("classes".to_string(), task.data.classes.to_string()),
     ]);
-    if let Some(a) = test_accuracy {
-        meta.insert("test_accuracy".to_string(), a.to_string());
+    let text = model.is_language_model();
+    let entries: Vec<(&str, String)> = if text {
+        vec![
+            (
+                "input_scale",
+                "token ids: the UTF-8 bytes of the text".into(),
+            ),
+            ("classes", "256".into()),
+            ("context", model.positions().to_string()),
+            (
+                "held_out",
+                "the last round(holdout * windows) windows of the text; window i holds \
+                 bytes i*context .. (i+1)*context, its labels the same positions shifted \
+                 by one byte"
+                    .into(),
+            ),
+            ("holdout", task.data.holdout.unwrap_or(0.0).to_string()),
+            (
+                "layer_norm_eps",
+                crate::engine::transformer::LN_EPS.to_string(),
+            ),
+            ("gelu", "tanh approximation".into()),
+            (
+                "attention",
+                "pre-norm blocks; causal; scores q·k / sqrt(dim / heads); heads side by side"
+                    .into(),
+            ),
+            (
+                "layout",
+                "row-major; y = x · W + b with W [inputs, outputs]".into(),
+            ),
+        ]
+    } else {
+        vec![
+            ("input_scale", "pixels / 255, NHWC".into()),
+            ("classes", task.data.classes.to_string()),
+        ]
+    };
+    meta.extend(entries.into_iter().map(|(k, v)| (k.to_string(), v)));
+    if let Some((loss, accuracy)) = evaluation {
+        meta.insert("test_accuracy".to_string(), accuracy.to_string());
+        meta.insert("test_loss".to_string(), loss.to_string());
+        if text {
+            let bits = loss / std::f32::consts::LN_2;
+            meta.insert("test_bits_per_byte".to_string(), bits.to_string());
+        }
     }
     safetensors(&model, weights, &meta)
 }

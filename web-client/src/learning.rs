@@ -240,11 +240,8 @@ impl SwarmTrainer {
         if let Some((cpu, test)) = &mut self.eval
             && cpu.set_params(self.peer.weights()).is_ok()
         {
-            let acc = cpu
-                .evaluate(&test.inputs, &test.labels, 500)
-                .ok()
-                .map(|r| r.1);
-            self.peer.set_accuracy(acc);
+            let eval = cpu.evaluate(&test.inputs, &test.labels, 500).ok();
+            self.peer.set_evaluation(eval);
         }
     }
 }

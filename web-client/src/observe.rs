@@ -40,7 +40,8 @@ pub struct Observer {
     peer: Peer,
     eval: CpuBackend,
     test: Samples,
-    latest_accuracy: Option<f32>,
+    /// The newest model's held-out `(loss, accuracy)`.
+    latest: Option<(f32, f32)>,
 }
 
 impl Observer {
@@ -66,7 +67,7 @@ impl Observer {
             peer,
             eval,
             test,
-            latest_accuracy: None,
+            latest: None,
         })
     }
 
@@ -91,7 +92,7 @@ impl Observer {
             .eval
             .evaluate(&self.test.inputs, &self.test.labels, 500)
             .ok()?;
-        self.latest_accuracy = Some(accuracy);
+        self.latest = Some((loss, accuracy));
         Some(EvalPoint {
             version,
             accuracy,
@@ -132,7 +133,7 @@ impl Observer {
         PeerReport {
             role: Role::Observer,
             version: self.version().unwrap_or(0),
-            accuracy: self.latest_accuracy,
+            accuracy: self.latest.map(|e| e.1),
             bytes_up: p.bytes_up,
             bytes_down: p.bytes_down,
             rejected: p.rejected.clone(),
@@ -141,14 +142,9 @@ impl Observer {
         }
     }
 
-    /// The newest model as safetensors, with the held-out accuracy measured here.
+    /// The newest model as safetensors, with the held-out loss and accuracy measured here.
     pub fn export(&self) -> Result<Vec<u8>, String> {
         let round = self.version().ok_or("no model downloaded yet")?;
-        shoal_shared::export::task_model(
-            &self.task,
-            self.peer.weights(),
-            round,
-            self.latest_accuracy,
-        )
+        shoal_shared::export::task_model(&self.task, self.peer.weights(), round, self.latest)
     }
 }

@@ -321,3 +321,75 @@ fn a_keepers_export_runs_in_numpy_with_shoals_held_out_accuracy() {
     assert_eq!(r["tensors"]["layer5.bias"], serde_json::json!([10]));
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn a_language_models_export_recomputes_shoals_held_out_loss_in_numpy() {
+    // A keeper alone on the demo text task, exporting after 2 rounds (40 AdamW steps);
+    // numpy then runs the transformer exactly as the README states it (layer norm,
+    // tanh GELU, causal attention, tied head) on the held-out windows of the corpus and
+    // must match the loss Shoal recorded within 1e-3 relative.
+    let dir = temp("export-lm");
+    let ckpt = dir.join("keeper");
+    let task_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/fortunes.toml");
+    let (mut child, rx) = spawn(
+        "ws://127.0.0.1:9",
+        &dir.join("k.key"),
+        &[
+            "--task",
+            "fortunes",
+            "--task-file",
+            task_file,
+            "--keeper",
+            ckpt.to_str().expect("utf-8"),
+            "--checkpoint-every",
+            "2",
+            "--rounds",
+            "2",
+        ],
+    );
+    let exported = expect_line(&rx, 180, "the export line", |l| {
+        l.strip_prefix("exported ").map(PathBuf::from)
+    });
+    assert!(child.wait().expect("exits").success());
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/export_check.py"
+        ))
+        .arg(&exported)
+        .arg(format!("{}/text/fortunes.txt", data_dir()))
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON line");
+    let numpy = r["loss"].as_f64().expect("loss");
+    let shoal = r["shoal_loss"]
+        .as_f64()
+        .expect("Shoal's loss in the metadata");
+    println!(
+        "held-out loss numpy {numpy:.5} vs Shoal {shoal:.5} nats ({:.4} bits per byte, {} windows)",
+        r["bits_per_byte"], r["held_out_windows"]
+    );
+    assert!(
+        (numpy - shoal).abs() <= 1e-3 * shoal,
+        "numpy {numpy} vs Shoal {shoal}"
+    );
+    let bits = r["shoal_bits_per_byte"].as_f64().expect("bits per byte");
+    assert!((bits - shoal / std::f64::consts::LN_2).abs() < 1e-4);
+    assert!(bits < 6.0, "40 steps learn something: {bits} bits per byte");
+    assert!(
+        (r["accuracy"].as_f64().expect("acc") - r["shoal_accuracy"].as_f64().expect("acc")).abs()
+            <= 0.002
+    );
+    assert_eq!(r["task"], "fortunes");
+    assert_eq!(r["tensors"]["layer0.token"], serde_json::json!([256, 64]));
+    assert_eq!(
+        r["tensors"]["layer1.attn.qkv.weight"],
+        serde_json::json!([64, 192])
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

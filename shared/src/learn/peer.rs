@@ -154,8 +154,11 @@ pub struct Progress {
     pub samples: u64,
     /// Mean local loss of the last round.
     pub loss: f32,
-    /// Held-out accuracy of the current model, when evaluated.
+    /// Held-out accuracy of the current model, when evaluated (per next byte for a
+    /// language model).
     pub accuracy: Option<f32>,
+    /// Held-out loss of the current model (mean nats per prediction), when evaluated.
+    pub test_loss: Option<f32>,
     /// Neighbours with an open channel that contribute updates.
     pub peers: usize,
     /// Bytes sent over data channels.
@@ -329,9 +332,10 @@ impl Peer {
         &self.progress
     }
 
-    /// Sets the held-out accuracy the driver measured for the current model.
-    pub fn set_accuracy(&mut self, accuracy: Option<f32>) {
-        self.progress.accuracy = accuracy;
+    /// Sets the held-out `(loss, accuracy)` the driver measured for the current model.
+    pub fn set_evaluation(&mut self, evaluation: Option<(f32, f32)>) {
+        self.progress.test_loss = evaluation.map(|e| e.0);
+        self.progress.accuracy = evaluation.map(|e| e.1);
     }
 
     /// Whether training is paused (by the visitor or the researcher).

@@ -174,10 +174,12 @@ mod peer {
         Ok(task)
     }
 
-    /// The model as safetensors, with the held-out accuracy Shoal measured for it.
+    /// The model as safetensors, with the held-out loss and accuracy Shoal measured for
+    /// it.
     fn export(peer: &SwarmTrainer) -> Result<Vec<u8>> {
         let p = peer.progress();
-        shoal_shared::export::task_model(peer.task(), peer.learner().weights(), p.round, p.accuracy)
+        let eval = p.test_loss.zip(p.accuracy);
+        shoal_shared::export::task_model(peer.task(), peer.learner().weights(), p.round, eval)
             .map_err(anyhow::Error::msg)
     }
 
