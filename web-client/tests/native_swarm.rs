@@ -257,42 +257,41 @@ fn python() -> PathBuf {
     p
 }
 
-#[test]
-fn a_keepers_export_runs_in_numpy_with_shoals_held_out_accuracy() {
-    // A keeper alone (closed signaling port), from the demo task file, exporting after
-    // 12 rounds; then Python loads the file with `safetensors`, runs the forward pass in
-    // numpy on the held-out split and must match the accuracy Shoal recorded.
-    let dir = temp("export");
+/// A keeper alone (closed signaling port) on `task` from its task file, exporting after
+/// `rounds` rounds; then `export_check.py` on the export and `data` (paths under the data
+/// folder). Returns the keeper's folder and the checker's JSON.
+fn keeper_export_check(task: &str, rounds: &str, data: &[&str]) -> (PathBuf, serde_json::Value) {
+    let dir = temp(&format!("export-{task}"));
     let ckpt = dir.join("keeper");
-    let task_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml");
+    let task_file = format!("{}/../tasks/{task}.toml", env!("CARGO_MANIFEST_DIR"));
     let (mut child, rx) = spawn(
         "ws://127.0.0.1:9",
         &dir.join("k.key"),
         &[
+            "--task",
+            task,
             "--task-file",
-            task_file,
+            &task_file,
             "--keeper",
             ckpt.to_str().expect("utf-8"),
             "--checkpoint-every",
-            "12",
+            rounds,
             "--rounds",
-            "12",
+            rounds,
         ],
     );
-    let exported = expect_line(&rx, 120, "the export line", |l| {
+    let exported = expect_line(&rx, 180, "the export line", |l| {
         l.strip_prefix("exported ").map(PathBuf::from)
     });
     assert!(child.wait().expect("exits").success());
     assert_eq!(exported, ckpt.join("model.safetensors"));
-    let data = data_dir();
     let out = Command::new(python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/export_check.py"
         ))
         .arg(&exported)
-        .arg(format!("{data}/digits/test-images.idx"))
-        .arg(format!("{data}/digits/test-labels.idx"))
+        .args(data.iter().map(|d| format!("{}/{d}", data_dir())))
         .output()
         .expect("python runs");
     assert!(
@@ -300,7 +299,20 @@ fn a_keepers_export_runs_in_numpy_with_shoals_held_out_accuracy() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON line");
+    let r = serde_json::from_slice(&out.stdout).expect("JSON line");
+    (dir, r)
+}
+
+#[test]
+fn a_keepers_export_runs_in_numpy_with_shoals_held_out_accuracy() {
+    // A keeper alone, from the demo task file, exporting after 12 rounds; then Python
+    // loads the file with `safetensors`, runs the forward pass in numpy on the held-out
+    // split and must match the accuracy Shoal recorded.
+    let (dir, r) = keeper_export_check(
+        "digits",
+        "12",
+        &["digits/test-images.idx", "digits/test-labels.idx"],
+    );
     let numpy = r["accuracy"].as_f64().expect("accuracy");
     let shoal = r["shoal_accuracy"]
         .as_f64()
@@ -328,44 +340,7 @@ fn a_language_models_export_recomputes_shoals_held_out_loss_in_numpy() {
     // numpy then runs the transformer exactly as the README states it (layer norm,
     // tanh GELU, causal attention, tied head) on the held-out windows of the corpus and
     // must match the loss Shoal recorded within 1e-3 relative.
-    let dir = temp("export-lm");
-    let ckpt = dir.join("keeper");
-    let task_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/fortunes.toml");
-    let (mut child, rx) = spawn(
-        "ws://127.0.0.1:9",
-        &dir.join("k.key"),
-        &[
-            "--task",
-            "fortunes",
-            "--task-file",
-            task_file,
-            "--keeper",
-            ckpt.to_str().expect("utf-8"),
-            "--checkpoint-every",
-            "2",
-            "--rounds",
-            "2",
-        ],
-    );
-    let exported = expect_line(&rx, 180, "the export line", |l| {
-        l.strip_prefix("exported ").map(PathBuf::from)
-    });
-    assert!(child.wait().expect("exits").success());
-    let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/export_check.py"
-        ))
-        .arg(&exported)
-        .arg(format!("{}/text/fortunes.txt", data_dir()))
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON line");
+    let (dir, r) = keeper_export_check("fortunes", "2", &["text/fortunes.txt"]);
     let numpy = r["loss"].as_f64().expect("loss");
     let shoal = r["shoal_loss"]
         .as_f64()
