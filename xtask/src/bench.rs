@@ -323,18 +323,21 @@ fn train_lm(root: &Path) -> Result<Value> {
     let data = Samples::from_dataset(&shoal_shared::dataset::Dataset::from_text(&bytes, ctx)?);
     let batch = task.train.batch;
     let opt = task.optimizer_at(0).map_err(anyhow::Error::msg)?;
-    let backend = train::backend(model.clone(), None, opt, model.init_params(1), batch)?;
-    let mut t = Trainer::new(backend, data, batch, 1)?;
-    let tokens_per_step = (batch * ctx) as f64;
-    t.run(5)?;
-    let mut rates = Vec::new();
-    for _ in 0..5 {
-        let start = Instant::now();
-        t.run(20)?;
+    let tokens_per_s = |gpu: Option<&Gpu>, steps: usize| -> Result<f64> {
+        let backend = train::backend(model.clone(), gpu, opt, model.init_params(1), batch)?;
+        let mut t = Trainer::new(backend, data.clone(), batch, 1)?;
+        t.run(3)?;
         pollster::block_on(t.backend.loss())?;
-        rates.push(20.0 * tokens_per_step / start.elapsed().as_secs_f64());
-    }
-    let shoal = median(rates);
+        let mut rates = Vec::new();
+        for _ in 0..5 {
+            let start = Instant::now();
+            t.run(steps)?;
+            pollster::block_on(t.backend.loss())?;
+            rates.push((steps * batch * ctx) as f64 / start.elapsed().as_secs_f64());
+        }
+        Ok(median(rates))
+    };
+    let shoal = tokens_per_s(None, 20)?;
     println!(
         "Shoal CPU native, demo LM ({} parameters, batch {batch}, context {ctx}): {shoal:.0} tokens/s",
         model.param_len()
@@ -354,14 +357,28 @@ fn train_lm(root: &Path) -> Result<Value> {
     )
     .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     println!("PyTorch CPU (1 thread): {torch}");
+    let gpu = match pollster::block_on(Gpu::new()) {
+        Ok(g) => match tokens_per_s(Some(&g), 5) {
+            Ok(r) => {
+                println!(
+                    "Shoal native wgpu ({}): {r:.0} tokens/s",
+                    g.adapter.description
+                );
+                json!({ "adapter": g.adapter.description, "tokens_per_s": r })
+            }
+            Err(e) => json!({ "error": format!("{e:#}") }),
+        },
+        Err(e) => json!({ "error": e.to_string() }),
+    };
     Ok(json!({
         "ratios": { "lm-native": ratio(&json!(shoal), &torch["tokens_per_s"]) },
+        "native_gpu": gpu,
         "unit": "training tokens per second (median of 5 runs of 20 steps)",
         "model": { "parameters": model.param_len(), "blocks": blocks, "dim": dim, "heads": heads,
                    "context": ctx, "batch": batch },
         "native_cpu": { "shoal": shoal, "pytorch": torch, "threads": 1 },
-        "not_measured": "the WGSL backend has no transformer kernels yet (language models \
-                         train on the CPU backend there); browser figures are not taken yet",
+        "not_measured": "the browser (wasm CPU, WebGPU) and PyTorch on a GPU are not \
+                         taken by this benchmark yet",
     }))
 }
 

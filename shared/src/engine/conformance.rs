@@ -134,6 +134,16 @@ pub fn lm_models() -> Vec<(&'static str, ModelSpec)> {
     ]
 }
 
+/// Adds normal noise of standard deviation `std` to every parameter of every tensor.
+fn perturb(model: &Model, params: &mut [f32], std: f32, seed: u64) {
+    let mut rng = SplitMix64::new(seed);
+    for t in &model.tensors {
+        params[t.range()]
+            .iter_mut()
+            .for_each(|v| *v += std * rng.normal_f32());
+    }
+}
+
 fn random(len: usize, rng: &mut SplitMix64) -> Vec<f32> {
     (0..len).map(|_| rng.normal_f32()).collect()
 }
@@ -205,11 +215,16 @@ pub async fn matmul_matches_reference(gpu: &Gpu) {
     }
 }
 
-/// Loss and every parameter gradient, GPU against CPU, for each model of [`models`].
+/// Loss and every parameter gradient, GPU against CPU, for each model of [`models`] and
+/// [`lm_models`].
 pub async fn gradients_match_cpu(gpu: &Gpu) {
-    for (name, spec) in models() {
+    for (name, spec) in models().into_iter().chain(lm_models()) {
         let model = Model::new(spec).expect("valid model");
-        let params = model.init_params(5);
+        let mut params = model.init_params(5);
+        if model.is_language_model() {
+            // Also away from initialization, where attention is far from uniform.
+            perturb(&model, &mut params, 0.3, 7);
+        }
         let (x, y) = batch_for(&model, 6);
         let opt = Optimizer::adam(1e-3);
         let mut cpu = CpuBackend::new(model.clone(), opt, params.clone()).expect("cpu backend");
@@ -229,19 +244,44 @@ pub async fn gradients_match_cpu(gpu: &Gpu) {
     }
 }
 
-/// Several whole training steps, SGD-momentum and Adam: the GPU's parameters stay with
-/// the CPU's.
+/// Several whole training steps, SGD-momentum and Adam on a convolutional model, AdamW
+/// with weight decay and an active gradient clip on a language model: the GPU's
+/// parameters stay with the CPU's.
 pub async fn training_steps_match_cpu(gpu: &Gpu) {
-    let (_, spec) = models().into_iter().nth(4).expect("conv+pool model");
-    let model = Model::new(spec).expect("valid model");
-    for opt in [
-        Optimizer::Sgd {
-            lr: 0.05,
-            momentum: 0.9,
-        },
-        Optimizer::adam(1e-3),
+    let (_, conv) = models().into_iter().nth(4).expect("conv+pool model");
+    let (_, lm) = lm_models().into_iter().nth(1).expect("tied language model");
+    for (spec, opt) in [
+        (
+            conv.clone(),
+            Optimizer::Sgd {
+                lr: 0.05,
+                momentum: 0.9,
+            },
+        ),
+        (conv, Optimizer::adam(1e-3)),
+        // A clip of 0.05 is below this model's gradient norm: every step is clipped. An
+        // epsilon of 1e-3: coordinates whose gradient is at the rounding level (Adam would
+        // move them by a full step of either sign, on either backend) stay put.
+        (
+            lm,
+            Optimizer::AdamW {
+                lr: 3e-3,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-3,
+                weight_decay: 0.1,
+                clip: 0.05,
+            },
+        ),
     ] {
-        let params = model.init_params(8);
+        let model = Model::new(spec).expect("valid model");
+        let mut params = model.init_params(8);
+        if model.is_language_model() {
+            // Away from initialization, where attention is nearly uniform and the query
+            // and key gradients are so small that Adam's sign-like first steps would
+            // follow rounding noise on either backend.
+            perturb(&model, &mut params, 0.3, 9);
+        }
         let mut cpu = CpuBackend::new(model.clone(), opt, params.clone()).expect("cpu backend");
         let mut gpu_b =
             GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
@@ -373,11 +413,7 @@ pub async fn cpu_lm_gradients_match_finite_differences() {
         let model = Model::new(spec).expect("valid model");
         let mut rng = SplitMix64::new(31);
         let mut params = model.init_params(30);
-        for t in &model.tensors {
-            params[t.range()]
-                .iter_mut()
-                .for_each(|v| *v += 0.3 * rng.normal_f32());
-        }
+        perturb(&model, &mut params, 0.3, 33);
         let (x, y) = batch_for(&model, 32);
         let mut cpu =
             CpuBackend::new(model.clone(), Optimizer::adam(1e-3), params.clone()).expect("cpu");

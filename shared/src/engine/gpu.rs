@@ -126,8 +126,33 @@ struct Kernels {
     softmax_ce: wgpu::ComputePipeline,
     finite_check: wgpu::ComputePipeline,
     optimizer: wgpu::ComputePipeline,
+    embed_fwd: wgpu::ComputePipeline,
+    embed_bwd_pos: wgpu::ComputePipeline,
+    embed_bwd_tok: wgpu::ComputePipeline,
+    ln_fwd: wgpu::ComputePipeline,
+    ln_bwd: wgpu::ComputePipeline,
+    ln_dgain: wgpu::ComputePipeline,
+    gelu_fwd: wgpu::ComputePipeline,
+    gelu_bwd: wgpu::ComputePipeline,
+    add: wgpu::ComputePipeline,
+    attn_rowdot: wgpu::ComputePipeline,
+    sumsq: wgpu::ComputePipeline,
     matmul: HashMap<MatmulVariant, wgpu::ComputePipeline>,
+    /// Attention kernels per (kind, head width): forward, dq, dk/dv.
+    attention: HashMap<(Attention, usize), wgpu::ComputePipeline>,
 }
+
+/// The three attention kernels, specialized per head width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Attention {
+    Forward,
+    BackwardQ,
+    BackwardKv,
+}
+
+/// Widest attention head the WGSL kernels take (each thread keeps up to four head-wide
+/// rows in registers).
+pub const MAX_HEAD_DIM: usize = 128;
 
 fn pipeline(device: &wgpu::Device, label: &str, source: &str) -> wgpu::ComputePipeline {
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -158,8 +183,46 @@ impl Kernels {
             softmax_ce: op("softmax_ce", include_str!("kernels/softmax_ce.wgsl")),
             finite_check: op("finite_check", include_str!("kernels/finite_check.wgsl")),
             optimizer: pipeline(device, "optimizer", include_str!("kernels/optimizer.wgsl")),
+            embed_fwd: op("embed_fwd", include_str!("kernels/embed_fwd.wgsl")),
+            embed_bwd_pos: op("embed_bwd_pos", include_str!("kernels/embed_bwd_pos.wgsl")),
+            embed_bwd_tok: op("embed_bwd_tok", include_str!("kernels/embed_bwd_tok.wgsl")),
+            ln_fwd: op("ln_fwd", include_str!("kernels/ln_fwd.wgsl")),
+            ln_bwd: op("ln_bwd", include_str!("kernels/ln_bwd.wgsl")),
+            ln_dgain: op("ln_dgain", include_str!("kernels/ln_dgain.wgsl")),
+            gelu_fwd: op("gelu_fwd", include_str!("kernels/gelu_fwd.wgsl")),
+            gelu_bwd: op("gelu_bwd", include_str!("kernels/gelu_bwd.wgsl")),
+            add: op("add", include_str!("kernels/add.wgsl")),
+            attn_rowdot: op("attn_rowdot", include_str!("kernels/attn_rowdot.wgsl")),
+            sumsq: op("sumsq", include_str!("kernels/sumsq.wgsl")),
             matmul: HashMap::new(),
+            attention: HashMap::new(),
         }
+    }
+
+    fn attention(
+        &mut self,
+        device: &wgpu::Device,
+        kind: Attention,
+        head_dim: usize,
+    ) -> wgpu::ComputePipeline {
+        self.attention
+            .entry((kind, head_dim))
+            .or_insert_with(|| {
+                let body = match kind {
+                    Attention::Forward => include_str!("kernels/attn_fwd.wgsl"),
+                    Attention::BackwardQ => include_str!("kernels/attn_bwd_dq.wgsl"),
+                    Attention::BackwardKv => include_str!("kernels/attn_bwd_dkv.wgsl"),
+                };
+                // Rows of keys (or queries) staged per tile: two tiles of KT x HD floats
+                // stay within WebGPU's default 16 KiB of workgroup memory.
+                let kt = (1024 / head_dim).clamp(1, 16);
+                let src = body
+                    .replace("{{HD}}", &head_dim.to_string())
+                    .replace("{{KTHD}}", &(kt * head_dim).to_string())
+                    .replace("{{KT}}", &kt.to_string());
+                pipeline(device, "attention", &format!("{PRELUDE}\n{src}"))
+            })
+            .clone()
     }
 
     fn matmul(&mut self, device: &wgpu::Device, v: MatmulVariant) -> wgpu::ComputePipeline {
@@ -322,6 +385,94 @@ impl Recorder<'_> {
     }
 }
 
+impl Recorder<'_> {
+    /// `c = a · b` without bias or rectifier.
+    fn product(
+        &mut self,
+        a: View<'_>,
+        b: View<'_>,
+        c: View<'_>,
+        shape: (usize, usize, usize),
+        trans: (bool, bool),
+    ) -> Dispatch {
+        self.matmul(a, b, c, None, shape, trans, false)
+    }
+
+    /// `c = a · w + bias` for `(w, bias)`.
+    fn linear(
+        &mut self,
+        a: View<'_>,
+        (w, bias): (View<'_>, View<'_>),
+        c: View<'_>,
+        shape: (usize, usize, usize),
+    ) -> Dispatch {
+        self.matmul(a, w, c, Some(bias), shape, (false, false), false)
+    }
+
+    /// One of the attention kernels over `n` samples of `ctx` positions: a workgroup per
+    /// 64 positions of one (sample, head).
+    fn attention(
+        &mut self,
+        kind: Attention,
+        head_dim: usize,
+        (n, ctx, dim, heads): (usize, usize, usize, usize),
+        views: &[View<'_>],
+    ) -> Dispatch {
+        let pipeline = self.kernels.attention(self.device, kind, head_dim);
+        let mut words = [0u32; 12];
+        words[1] = ctx as u32;
+        words[2] = dim as u32;
+        words[3] = heads as u32;
+        let uniform = self.uniform(&words);
+        let bind = self.bind(&pipeline, &uniform, views);
+        Dispatch {
+            pipeline,
+            bind,
+            groups: [ctx.div_ceil(64) as u32, heads as u32, n as u32],
+        }
+    }
+
+    /// Backward of a layer norm over `rows` rows of `dim`: the input gradient into `dx`
+    /// (plus `res`, a residual path's gradient, when given), and the gain and bias
+    /// gradients. `t` is (gain, gain gradient, bias gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &mut self,
+        x: View<'_>,
+        stats: View<'_>,
+        (gain, dgain, dbias): (View<'_>, View<'_>, View<'_>),
+        dy: View<'_>,
+        dx: View<'_>,
+        res: Option<View<'_>>,
+        (rows, dim): (usize, usize),
+    ) -> Vec<Dispatch> {
+        let k = self.kernels.ln_bwd.clone();
+        let residual = res.unwrap_or(View::all(&self.dummy));
+        let mut out = vec![self.op(
+            &k,
+            rows,
+            &[dim, usize::from(res.is_some())],
+            &[x, stats, gain, dy, dx, residual],
+        )];
+        let k = self.kernels.ln_dgain.clone();
+        let mut d = self.op(&k, 1, &[rows, dim], &[x, stats, dy, dgain]);
+        d.groups = [dim as u32, 1, 1];
+        out.push(d);
+        let k = self.kernels.colsum.clone();
+        let mut d = self.op(&k, 1, &[rows, dim], &[dy, dbias]);
+        d.groups = [dim as u32, 1, 1];
+        out.push(d);
+        out
+    }
+}
+
+/// A transformer block's saved buffers as views: ln1 output, ln1 statistics, packed
+/// q/k/v, attention output, log-sum-exps, h1, ln2 output, ln2 statistics, MLP
+/// pre-activation, MLP activation.
+fn block_views(saved: &[wgpu::Buffer]) -> [View<'_>; 10] {
+    std::array::from_fn(|k| View::all(&saved[k]))
+}
+
 fn storage(device: &wgpu::Device, label: &str, floats: usize) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
@@ -351,7 +502,8 @@ pub struct GpuBackend {
     opt_uniform: wgpu::Buffer,
     /// Forward, loss and backward dispatches of one step.
     pass: Vec<Dispatch>,
-    opt_dispatch: Dispatch,
+    /// The update: the gradient's global norm (AdamW), then the optimizer.
+    opt_dispatch: Vec<Dispatch>,
     t: u32,
     /// Activations and scratch: referenced by the bind groups, kept alive here.
     _scratch: Vec<wgpu::Buffer>,
@@ -371,18 +523,18 @@ impl GpuBackend {
         if batch == 0 {
             return Err(EngineError::BadBatch("batch size 0".into()));
         }
-        if model.is_language_model() {
+        if model
+            .ops
+            .iter()
+            .any(|op| matches!(*op, Op::Block { dim, heads, .. } if dim / heads > MAX_HEAD_DIM))
+        {
             return Err(EngineError::Unsupported(
-                "the WGSL backend has no transformer kernels yet; language models train on \
-                 the CPU backend",
-            ));
-        }
-        if matches!(opt, Optimizer::AdamW { .. }) {
-            return Err(EngineError::Unsupported(
-                "the WGSL backend has no AdamW yet; it trains on the CPU backend",
+                "attention heads wider than 128 (the WGSL kernels keep a head's rows in \
+                 registers)",
             ));
         }
         let device = &gpu.device;
+        let rows = batch * model.positions();
         let plen = model.param_len();
         let p_buf = storage(device, "params", plen);
         gpu.queue
@@ -399,8 +551,57 @@ impl GpuBackend {
             storage(device, "grad-a", batch * max_act),
             storage(device, "grad-b", batch * max_act),
         ];
-        let labels = storage(device, "labels", batch);
-        let loss = storage(device, "loss", batch + 1);
+        let labels = storage(device, "labels", rows);
+        let loss = storage(device, "loss", rows + 1);
+        // What transformer blocks and layer norms keep for their backward pass, per op,
+        // and the blocks' shared backward scratch.
+        let mut saved: Vec<Vec<wgpu::Buffer>> = Vec::new();
+        let mut block_scratch = [1usize; 4];
+        for op in &model.ops {
+            saved.push(match *op {
+                Op::Block {
+                    ctx,
+                    dim,
+                    heads,
+                    hidden,
+                    ..
+                } => {
+                    let r = batch * ctx;
+                    let lse = batch * heads * ctx;
+                    block_scratch = [
+                        block_scratch[0].max(r * hidden),
+                        block_scratch[1].max(r * dim),
+                        block_scratch[2].max(3 * r * dim),
+                        block_scratch[3].max(lse),
+                    ];
+                    [
+                        ("ln1", r * dim),
+                        ("ln1-stats", 2 * r),
+                        ("qkv", 3 * r * dim),
+                        ("attention", r * dim),
+                        ("lse", lse),
+                        ("h1", r * dim),
+                        ("ln2", r * dim),
+                        ("ln2-stats", 2 * r),
+                        ("mlp-pre", r * hidden),
+                        ("mlp-act", r * hidden),
+                    ]
+                    .iter()
+                    .map(|&(label, len)| storage(device, label, len))
+                    .collect()
+                }
+                Op::Norm { rows: per, .. } => vec![storage(device, "ln-stats", 2 * batch * per)],
+                _ => Vec::new(),
+            });
+        }
+        let [wide, narrow, dqkv, row_dots] = [
+            ("d-mlp", block_scratch[0]),
+            ("d-narrow", block_scratch[1]),
+            ("d-qkv", block_scratch[2]),
+            ("d-rowdot", block_scratch[3]),
+        ]
+        .map(|(label, len)| storage(device, label, len));
+        let dh1 = storage(device, "d-h1", block_scratch[1]);
         let mut cols: Vec<Option<wgpu::Buffer>> = Vec::new();
         let mut argmax: Vec<Option<wgpu::Buffer>> = Vec::new();
         let mut dcols_len = 1;
@@ -514,16 +715,83 @@ impl GpuBackend {
                     let k = &rec.kernels.relu_fwd.clone();
                     pass.push(rec.op(k, batch * len, &[], &[x, y]));
                 }
-                Op::Embed { .. } | Op::Block { .. } | Op::Norm { .. } | Op::Head { .. } => {
-                    return Err(EngineError::Unsupported("transformer ops"));
+                Op::Embed { ctx, dim, tok, .. } => {
+                    let k = rec.kernels.embed_fwd.clone();
+                    pass.push(rec.op(
+                        &k,
+                        batch * ctx * dim,
+                        &[dim, ctx],
+                        &[x, tensor(tok, &p_buf), tensor(tok + 1, &p_buf), y],
+                    ));
                 }
+                Op::Block {
+                    ctx,
+                    dim,
+                    heads,
+                    hidden,
+                    first,
+                } => {
+                    let w = |k: usize| tensor(first + k, &p_buf);
+                    let [a, st1, qkv, o, lse, h1, b, st2, u, act] = block_views(&saved[i]);
+                    let r = batch * ctx;
+                    let hd = dim / heads;
+                    let k = rec.kernels.ln_fwd.clone();
+                    pass.push(rec.op(&k, r, &[dim], &[x, w(0), w(1), a, st1]));
+                    pass.push(rec.linear(a, (w(2), w(3)), qkv, (r, dim, 3 * dim)));
+                    pass.push(rec.attention(
+                        Attention::Forward,
+                        hd,
+                        (batch, ctx, dim, heads),
+                        &[qkv, o, lse],
+                    ));
+                    pass.push(rec.linear(o, (w(4), w(5)), h1, (r, dim, dim)));
+                    let k = rec.kernels.add.clone();
+                    pass.push(rec.op(&k, r * dim, &[], &[x, h1]));
+                    let k = rec.kernels.ln_fwd.clone();
+                    pass.push(rec.op(&k, r, &[dim], &[h1, w(6), w(7), b, st2]));
+                    pass.push(rec.linear(b, (w(8), w(9)), u, (r, dim, hidden)));
+                    let k = rec.kernels.gelu_fwd.clone();
+                    pass.push(rec.op(&k, r * hidden, &[], &[u, act]));
+                    pass.push(rec.linear(act, (w(10), w(11)), y, (r, hidden, dim)));
+                    let k = rec.kernels.add.clone();
+                    pass.push(rec.op(&k, r * dim, &[], &[h1, y]));
+                }
+                Op::Norm {
+                    rows: per,
+                    dim,
+                    gain,
+                } => {
+                    let stats = View::all(&saved[i][0]);
+                    let k = rec.kernels.ln_fwd.clone();
+                    pass.push(rec.op(
+                        &k,
+                        batch * per,
+                        &[dim],
+                        &[x, tensor(gain, &p_buf), tensor(gain + 1, &p_buf), y, stats],
+                    ));
+                }
+                Op::Head {
+                    ctx,
+                    dim,
+                    vocab,
+                    weight,
+                    tied,
+                } => pass.push(rec.matmul(
+                    x,
+                    tensor(weight, &p_buf),
+                    y,
+                    None,
+                    (batch * ctx, dim, vocab),
+                    (false, tied),
+                    false,
+                )),
             }
         }
         // Loss.
         let k = &rec.kernels.softmax_ce.clone();
         pass.push(rec.op(
             k,
-            batch,
+            rows,
             &[model.classes()],
             &[
                 View::all(&acts[n_ops]),
@@ -622,8 +890,163 @@ impl GpuBackend {
                         pass.push(mask(&mut rec, batch * len));
                     }
                 }
-                Op::Embed { .. } | Op::Block { .. } | Op::Norm { .. } | Op::Head { .. } => {
-                    return Err(EngineError::Unsupported("transformer ops"));
+                Op::Embed {
+                    ctx,
+                    vocab,
+                    dim,
+                    tok,
+                    tied,
+                } => {
+                    let k = rec.kernels.embed_bwd_pos.clone();
+                    pass.push(rec.op(
+                        &k,
+                        ctx * dim,
+                        &[dim, ctx, batch],
+                        &[gc, tensor(tok + 1, &grads)],
+                    ));
+                    let k = rec.kernels.embed_bwd_tok.clone();
+                    pass.push(rec.op(
+                        &k,
+                        vocab * dim,
+                        &[dim, batch * ctx, usize::from(tied)],
+                        &[x, gc, tensor(tok, &grads)],
+                    ));
+                }
+                Op::Block {
+                    ctx,
+                    dim,
+                    heads,
+                    hidden,
+                    first,
+                } => {
+                    let w = |k: usize| tensor(first + k, &p_buf);
+                    let gw = |k: usize| tensor(first + k, &grads);
+                    let [a, st1, qkv, o, lse, h1, b, st2, u, act] = block_views(&saved[i]);
+                    let (wide, narrow, dqkv, dd, dh1) = (
+                        View::all(&wide),
+                        View::all(&narrow),
+                        View::all(&dqkv),
+                        View::all(&row_dots),
+                        View::all(&dh1),
+                    );
+                    let r = batch * ctx;
+                    let hd = dim / heads;
+                    // MLP: y = h1 + act · W2 + b2, act = gelu(u), u = b · W1 + b1.
+                    pass.extend(rec.linear_backward(
+                        act,
+                        gc,
+                        (w(10), gw(10), gw(11)),
+                        (r, hidden, dim),
+                        Some(wide),
+                    ));
+                    let k = rec.kernels.gelu_bwd.clone();
+                    pass.push(rec.op(&k, r * hidden, &[], &[u, wide]));
+                    pass.extend(rec.linear_backward(
+                        b,
+                        wide,
+                        (w(8), gw(8), gw(9)),
+                        (r, dim, hidden),
+                        Some(narrow),
+                    ));
+                    // h1's gradient: the residual path plus ln2's backward.
+                    pass.extend(rec.layer_norm_backward(
+                        h1,
+                        st2,
+                        (w(6), gw(6), gw(7)),
+                        narrow,
+                        dh1,
+                        Some(gc),
+                        (r, dim),
+                    ));
+                    // Attention: h1 = x + o · Wo + bo.
+                    pass.extend(rec.linear_backward(
+                        o,
+                        dh1,
+                        (w(4), gw(4), gw(5)),
+                        (r, dim, dim),
+                        Some(narrow),
+                    ));
+                    let k = rec.kernels.attn_rowdot.clone();
+                    pass.push(rec.op(
+                        &k,
+                        batch * heads * ctx,
+                        &[ctx, dim, heads, hd],
+                        &[o, narrow, dd],
+                    ));
+                    let views = [qkv, narrow, lse, dd, dqkv];
+                    pass.push(rec.attention(
+                        Attention::BackwardQ,
+                        hd,
+                        (batch, ctx, dim, heads),
+                        &views,
+                    ));
+                    pass.push(rec.attention(
+                        Attention::BackwardKv,
+                        hd,
+                        (batch, ctx, dim, heads),
+                        &views,
+                    ));
+                    pass.extend(rec.linear_backward(
+                        a,
+                        dqkv,
+                        (w(2), gw(2), gw(3)),
+                        (r, dim, 3 * dim),
+                        Some(narrow),
+                    ));
+                    // x's gradient: the residual path plus ln1's backward.
+                    pass.extend(rec.layer_norm_backward(
+                        x,
+                        st1,
+                        (w(0), gw(0), gw(1)),
+                        narrow,
+                        go,
+                        Some(dh1),
+                        (r, dim),
+                    ));
+                    cur = 1 - cur;
+                }
+                Op::Norm {
+                    rows: per,
+                    dim,
+                    gain,
+                } => {
+                    let stats = View::all(&saved[i][0]);
+                    let t = (
+                        tensor(gain, &p_buf),
+                        tensor(gain, &grads),
+                        tensor(gain + 1, &grads),
+                    );
+                    pass.extend(rec.layer_norm_backward(
+                        x,
+                        stats,
+                        t,
+                        gc,
+                        go,
+                        None,
+                        (batch * per, dim),
+                    ));
+                    cur = 1 - cur;
+                }
+                Op::Head {
+                    ctx,
+                    dim,
+                    vocab,
+                    weight,
+                    tied,
+                } => {
+                    let r = batch * ctx;
+                    let (wv, gwv) = (tensor(weight, &p_buf), tensor(weight, &grads));
+                    // Tied, the matrix is the token table [vocab, dim]: dtok = dlogitsᵀ · z
+                    // (the embedding's own gradient adds to it later), dz = dlogits · tok.
+                    // Untied: dW = zᵀ · dlogits, dz = dlogits · Wᵀ.
+                    let (dw, dz) = if tied {
+                        ((gc, x, (vocab, r, dim)), (false, false))
+                    } else {
+                        ((x, gc, (dim, r, vocab)), (false, true))
+                    };
+                    pass.push(rec.product(dw.0, dw.1, gwv, dw.2, (true, false)));
+                    pass.push(rec.product(gc, wv, go, (r, vocab, dim), dz));
+                    cur = 1 - cur;
                 }
             }
         }
@@ -641,9 +1064,46 @@ impl GpuBackend {
                 View::all(&loss),
             ],
         ));
+        // AdamW: the squared global gradient norm (one partial per workgroup, then their
+        // sum in gnorm[0]) and a mask of the parameters that decay.
+        let adamw = matches!(opt, Optimizer::AdamW { .. });
+        let norm_groups = plen.div_ceil(256).clamp(1, 1024);
+        let partials = storage(device, "gnorm-partials", norm_groups);
+        let gnorm = storage(device, "gnorm", 1);
+        let decay = if adamw {
+            let mut mask = vec![0.0f32; plen];
+            for t in model.tensors.iter().filter(|t| t.shape.len() >= 2) {
+                mask[t.range()].fill(1.0);
+            }
+            let b = storage(device, "decay-mask", plen);
+            gpu.queue.write_buffer(&b, 0, bytemuck::cast_slice(&mask));
+            b
+        } else {
+            storage(device, "decay-mask", 1)
+        };
+        let mut opt_dispatch = Vec::new();
+        if adamw {
+            let k = rec.kernels.sumsq.clone();
+            let all_grads = View {
+                buf: &grads,
+                offset: 0,
+                len: plen,
+            };
+            let mut d = rec.op(&k, plen, &[norm_groups], &[all_grads, View::all(&partials)]);
+            d.groups = [norm_groups as u32, 1, 1];
+            opt_dispatch.push(d);
+            let mut d = rec.op(
+                &k,
+                norm_groups,
+                &[1],
+                &[View::all(&partials), View::all(&gnorm)],
+            );
+            d.groups = [1, 1, 1];
+            opt_dispatch.push(d);
+        }
         let opt_uniform = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("optimizer"),
-            size: 32,
+            size: 48,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -673,19 +1133,23 @@ impl GpuBackend {
                     len: plen,
                 },
                 View::all(&loss),
+                View::all(&gnorm),
+                View::all(&decay),
             ],
         );
-        let opt_dispatch = Dispatch {
+        opt_dispatch.push(Dispatch {
             pipeline: opt_pipeline,
             bind: opt_bind,
             groups: grid(plen),
-        };
+        });
         let input = acts[0].clone();
         let mut scratch = acts;
         scratch.extend(g);
         scratch.extend(cols.into_iter().flatten());
         scratch.extend(argmax.into_iter().flatten());
         scratch.push(dcols);
+        scratch.extend(saved.into_iter().flatten());
+        scratch.extend([wide, narrow, dqkv, row_dots, dh1, partials, gnorm, decay]);
         scratch.push(rec.dummy);
         Ok(Self {
             gpu: gpu.clone(),
@@ -715,10 +1179,11 @@ impl GpuBackend {
     /// Uploads a batch and records forward + backward (+ the optimizer) into one submit.
     fn encode(&mut self, inputs: &[f32], labels: &[u8], update: bool) -> Result<(), EngineError> {
         check_batch(&self.model, inputs, labels)?;
-        if labels.len() != self.batch {
+        let per = self.model.positions();
+        if labels.len() != self.batch * per {
             return Err(EngineError::BadBatch(format!(
                 "{} samples; this GPU backend was built for batches of {}",
-                labels.len(),
+                labels.len() / per,
                 self.batch
             )));
         }
@@ -734,11 +1199,7 @@ impl GpuBackend {
         encoder.clear_buffer(&self.loss, 0, None);
         {
             let mut cpass = encoder.begin_compute_pass(&Default::default());
-            let tail = if update {
-                Some(&self.opt_dispatch)
-            } else {
-                None
-            };
+            let tail: &[Dispatch] = if update { &self.opt_dispatch } else { &[] };
             for d in self.pass.iter().chain(tail) {
                 cpass.set_pipeline(&d.pipeline);
                 cpass.set_bind_group(0, &d.bind, &[]);
@@ -749,29 +1210,32 @@ impl GpuBackend {
         Ok(())
     }
 
-    fn opt_words(&self) -> [u8; 32] {
+    fn opt_words(&self) -> [u8; 48] {
         let t = self.t as i32;
-        let (kind, lr, b1, b2, eps, c1, c2) = match self.opt {
-            Optimizer::Sgd { lr, momentum } => (0u32, lr, momentum, 0.0, 0.0, 1.0, 1.0),
+        let (kind, lr, b1, b2, eps, wd, clip) = match self.opt {
+            Optimizer::Sgd { lr, momentum } => (0u32, lr, momentum, 0.0, 0.0, 0.0, 0.0),
             Optimizer::Adam {
                 lr,
                 beta1,
                 beta2,
                 eps,
-            } => (
-                1u32,
+            } => (1u32, lr, beta1, beta2, eps, 0.0, 0.0),
+            Optimizer::AdamW {
                 lr,
                 beta1,
                 beta2,
                 eps,
-                1.0 - beta1.powi(t),
-                1.0 - beta2.powi(t),
-            ),
-            // Refused in `new`.
-            Optimizer::AdamW { .. } => unreachable!("AdamW is refused when the backend is made"),
+                weight_decay,
+                clip,
+            } => (2u32, lr, beta1, beta2, eps, weight_decay, clip),
         };
-        let mut out = [0u8; 32];
-        let words: [u32; 8] = [
+        let (c1, c2) = if kind == 0 {
+            (1.0f32, 1.0f32)
+        } else {
+            (1.0 - b1.powi(t), 1.0 - b2.powi(t))
+        };
+        let mut out = [0u8; 48];
+        let words: [u32; 12] = [
             self.model.param_len() as u32,
             kind,
             lr.to_bits(),
@@ -780,6 +1244,10 @@ impl GpuBackend {
             eps.to_bits(),
             c1.to_bits(),
             c2.to_bits(),
+            wd.to_bits(),
+            clip.to_bits(),
+            0,
+            0,
         ];
         out.copy_from_slice(bytemuck::cast_slice(&words));
         out
@@ -800,8 +1268,9 @@ impl Backend for GpuBackend {
     }
 
     async fn loss(&mut self) -> Result<f32, EngineError> {
-        let v = self.gpu.read_f32(&self.loss, self.batch + 1).await?;
-        let mean = v[1..].iter().map(|&l| f64::from(l)).sum::<f64>() / self.batch as f64;
+        let rows = self.batch * self.model.positions();
+        let v = self.gpu.read_f32(&self.loss, rows + 1).await?;
+        let mean = v[1..].iter().map(|&l| f64::from(l)).sum::<f64>() / rows as f64;
         if v[0] != 0.0 || !mean.is_finite() {
             return Err(EngineError::NonFinite("loss"));
         }
