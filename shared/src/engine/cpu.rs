@@ -5,7 +5,7 @@
 use super::gemm::{MatRef, gemm};
 use super::transformer::{
     BlockScratch, BlockShape, block_backward, block_forward, column_sums, embed, embed_backward,
-    layer_norm, layer_norm_backward, split_ranges,
+    exp_approx, layer_norm, layer_norm_backward, split_ranges,
 };
 use super::{BLOCK_TENSORS, Backend, EngineError, Model, Op, Optimizer, check_batch, check_params};
 
@@ -601,20 +601,25 @@ pub fn argmax(row: &[f32]) -> usize {
 }
 
 /// Softmax cross-entropy of one row of logits against `label`; when `grad` is given,
-/// writes `scale * (softmax - onehot)` into it.
+/// writes `scale * (softmax - onehot)` into it. Exponentials in two passes (exponentiate,
+/// then sum) with the vectorizable [`exp_approx`].
 fn softmax_ce_row(row: &[f32], label: u8, grad: Option<(&mut [f32], f32)>) -> (f32, f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-    let log_sum = sum.ln();
     let y = usize::from(label);
-    let loss = log_sum - (row[y] - max);
-    if let Some((g, scale)) = grad {
-        for (j, (gj, &v)) in g.iter_mut().zip(row).enumerate() {
-            let p = (v - max - log_sum).exp();
-            *gj = scale * (p - if j == y { 1.0 } else { 0.0 });
+    let sum: f32 = match grad {
+        Some((g, scale)) => {
+            for (gj, &v) in g.iter_mut().zip(row) {
+                *gj = exp_approx(v - max);
+            }
+            let sum: f32 = g.iter().sum();
+            let inv = scale / sum;
+            g.iter_mut().for_each(|gj| *gj *= inv);
+            g[y] -= scale;
+            sum
         }
-    }
-    (loss, sum)
+        None => row.iter().map(|&v| exp_approx(v - max)).sum(),
+    };
+    (sum.ln() - (row[y] - max), sum)
 }
 
 fn bias_act(y: &mut [f32], b: &[f32], relu: bool) {

@@ -195,6 +195,23 @@ fn pack_a(a: MatRef<'_>, ic: usize, mc: usize, pc: usize, kc: usize, out: &mut [
     for (s, ir) in (0..mc).step_by(MR).enumerate() {
         let sliver = &mut out[s * MR * kc..(s + 1) * MR * kc];
         let rows = MR.min(mc - ir);
+        if a.cs == 1 {
+            // Rows of A are contiguous: read each along its length (the strided side is
+            // the write into the small sliver, which stays in L1).
+            for i in 0..MR {
+                if i < rows {
+                    let start = (ic + ir + i) * a.rs + pc;
+                    for (p, &v) in a.data[start..start + kc].iter().enumerate() {
+                        sliver[p * MR + i] = v;
+                    }
+                } else {
+                    for p in 0..kc {
+                        sliver[p * MR + i] = 0.0;
+                    }
+                }
+            }
+            continue;
+        }
         for p in 0..kc {
             for i in 0..MR {
                 sliver[p * MR + i] = if i < rows {

@@ -182,13 +182,41 @@ pub(crate) fn layer_norm_backward(
     }
 }
 
+/// `exp(x)` for `x` in about `[-87, 87]`, in plain arithmetic that the compiler
+/// vectorizes (a libm call per element cost a third of a language model's CPU step):
+/// `x = k ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by its Taylor series to `r^7` (relative
+/// error below 2e-7), and `2^k` built in the exponent bits.
+#[inline(always)]
+pub(crate) fn exp_approx(x: f32) -> f32 {
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in float
+    // arithmetic.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 87.0);
+    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // ln 2 split in two so that k * LN2_HI is exact.
+    let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((k as i32 + 127) << 23) as u32)
+}
+
+/// `tanh(z)` as `1 - 2 / (e^{2z} + 1)` with [`exp_approx`] (absolute error about 1e-7).
+#[inline(always)]
+fn tanh_approx(z: f32) -> f32 {
+    1.0 - 2.0 / (exp_approx(2.0 * z) + 1.0)
+}
+
 /// GELU, tanh form.
 pub fn gelu(u: f32) -> f32 {
-    0.5 * u * (1.0 + (GELU_C * (u + GELU_A * u * u * u)).tanh())
+    0.5 * u * (1.0 + tanh_approx(GELU_C * (u + GELU_A * u * u * u)))
 }
 
 fn gelu_grad(u: f32) -> f32 {
-    let t = (GELU_C * (u + GELU_A * u * u * u)).tanh();
+    let t = tanh_approx(GELU_C * (u + GELU_A * u * u * u));
     0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * u * u)
 }
 
@@ -220,11 +248,10 @@ pub(crate) fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
 fn causal_softmax(row: &mut [f32], i: usize, scale: f32) {
     let (live, masked) = row.split_at_mut(i + 1);
     let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-    let mut sum = 0.0;
     for v in live.iter_mut() {
-        *v = (*v * scale - max).exp();
-        sum += *v;
+        *v = exp_approx(*v * scale - max);
     }
+    let sum: f32 = live.iter().sum();
     let inv = 1.0 / sum;
     live.iter_mut().for_each(|v| *v *= inv);
     masked.fill(0.0);
@@ -520,6 +547,21 @@ mod tests {
             );
         }
         assert!((gelu(1.0) - 0.841_192).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_vectorizable_exp_and_tanh_match_libm() {
+        let mut worst = (0.0f32, 0.0f32);
+        for i in -4000..=4000 {
+            let x = i as f32 * 0.02;
+            let rel = (exp_approx(x) - x.exp()).abs() / x.exp();
+            worst.0 = worst.0.max(rel);
+            worst.1 = worst.1.max((tanh_approx(x) - x.tanh()).abs());
+        }
+        assert!(worst.0 < 1e-6, "exp relative error {}", worst.0);
+        assert!(worst.1 < 1e-6, "tanh absolute error {}", worst.1);
+        assert_eq!(tanh_approx(50.0), 1.0);
+        assert_eq!(tanh_approx(-50.0), -1.0);
     }
 
     #[test]
