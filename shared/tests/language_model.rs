@@ -131,3 +131,47 @@ fn batches_that_are_not_token_ids_are_refused() {
     cpu.step(&[65.0, 66.0, 67.0, 68.0], &labels)
         .expect("a good batch");
 }
+
+#[test]
+fn a_trained_model_continues_its_text_and_sampling_is_seeded() {
+    let sentence = "It was the best of times, it was the worst of times. ";
+    let text = sentence.repeat(60);
+    let context = 16;
+    let data = text_samples(&text, context);
+    let model = Model::new(small_lm(context)).expect("valid");
+    let cpu = CpuBackend::new(
+        model.clone(),
+        Optimizer::adamw(3e-3, 0.1, 1.0),
+        model.init_params(7),
+    )
+    .expect("cpu");
+    let mut trainer = Trainer::new(cpu, data, 8, 1).expect("trainer");
+    trainer.run(300).expect("train");
+    let mut cpu = trainer.backend;
+    // Greedy, from a prompt that fills the context: the continuation is the training
+    // text's.
+    let prompt = "best of times, it was the";
+    let out = cpu
+        .generate(prompt.as_bytes(), 16, 0.0, 1)
+        .expect("generate");
+    let whole = format!("{prompt}{}", String::from_utf8_lossy(&out));
+    assert!(
+        text.contains(&whole),
+        "greedy continuation {whole:?} is not in the training text"
+    );
+    // Sampling: the same seed gives the same bytes; the prompt may be longer than the
+    // context or empty.
+    let long = sentence.repeat(2);
+    let a = cpu.generate(long.as_bytes(), 30, 0.8, 5).expect("sample");
+    assert_eq!(
+        a,
+        cpu.generate(long.as_bytes(), 30, 0.8, 5).expect("sample")
+    );
+    assert_eq!(a.len(), 30);
+    assert_eq!(cpu.generate(b"", 5, 1.0, 9).expect("sample").len(), 5);
+    // A classifier does not generate.
+    let mlp = Model::new(ModelSpec::mlp_digits()).expect("mlp");
+    let mut c =
+        CpuBackend::new(mlp.clone(), Optimizer::adam(1e-3), mlp.init_params(1)).expect("cpu");
+    assert!(c.generate(b"x", 3, 0.0, 1).is_err());
+}

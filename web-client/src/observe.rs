@@ -30,9 +30,29 @@ pub struct EvalPoint {
     pub accuracy: f32,
     /// Held-out mean cross-entropy.
     pub loss: f32,
+    /// A language model's held-out loss in bits per byte (`loss / ln 2`).
+    pub bits_per_byte: Option<f32>,
+    /// A language model's continuation of the start of the held-out text: its first
+    /// [`SAMPLE_PROMPT`] bytes, then [`SAMPLE_BYTES`] sampled at temperature 0.8 with the
+    /// version as the seed (lossy UTF-8).
+    pub sample: Option<SampleText>,
     /// When (the platform's clock, milliseconds).
     pub at_ms: f64,
 }
+
+/// A prompt and the model's continuation of it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct SampleText {
+    /// The prompt.
+    pub prompt: String,
+    /// What the model wrote after it.
+    pub text: String,
+}
+
+/// Bytes of the held-out text a dashboard sample starts from.
+pub const SAMPLE_PROMPT: usize = 48;
+/// Bytes a dashboard sample generates.
+pub const SAMPLE_BYTES: usize = 160;
 
 /// The dashboard's view of the model.
 pub struct Observer {
@@ -93,10 +113,32 @@ impl Observer {
             .evaluate(&self.test.inputs, &self.test.labels, 500)
             .ok()?;
         self.latest = Some((loss, accuracy));
+        let text = self.task.is_text();
+        let sample = if text {
+            // The held-out windows are consecutive bytes of the text.
+            let prompt: Vec<u8> = self
+                .test
+                .inputs
+                .iter()
+                .take(SAMPLE_PROMPT)
+                .map(|&t| t as u8)
+                .collect();
+            self.eval
+                .generate(&prompt, SAMPLE_BYTES, 0.8, version)
+                .ok()
+                .map(|out| SampleText {
+                    prompt: String::from_utf8_lossy(&prompt).into_owned(),
+                    text: String::from_utf8_lossy(&out).into_owned(),
+                })
+        } else {
+            None
+        };
         Some(EvalPoint {
             version,
             accuracy,
             loss,
+            bits_per_byte: text.then_some(loss / std::f32::consts::LN_2),
+            sample,
             at_ms: now_ms,
         })
     }

@@ -11,7 +11,7 @@ const short = (id) => id.slice(0, 6);
 const pct = (v) => `${(v * 100).toFixed(2)}%`;
 
 // What the page shows, also read by the end-to-end test.
-const state = { evals: [], rate: [], peers: [], version: null, round: null, target: null, started: performance.now() };
+const state = { evals: [], rate: [], peers: [], version: null, round: null, target: null, text: false, started: performance.now() };
 window.shoalDashboard = state;
 
 const observer = new Worker(new URL('../observer-worker.js', import.meta.url), { type: 'module' });
@@ -46,21 +46,36 @@ function result(kind, text) {
 
 function drawModel() {
   const target = state.target ?? 0;
-  const acc = state.evals.map((p) => [p.version, p.accuracy * 100]);
-  const x = acc.map((p) => p[0]);
-  const targetLine = x.length ? [[Math.min(...x), target * 100], [Math.max(...x), target * 100]] : [];
-  lineChart($('chart-accuracy'), [
-    { name: 'held-out accuracy', points: acc },
-    { name: `target ${pct(target)}`, points: targetLine, color: COLORS[1], dashed: true },
-  ], { xLabel: 'model version (rounds)', yLabel: 'accuracy (%)', yMin: 0, yMax: 100, format: (v) => `${v}%` });
+  const x = state.evals.map((p) => p.version);
+  const line = (y) => (x.length ? [[Math.min(...x), y], [Math.max(...x), y]] : []);
+  if (state.text) {
+    // A language model: its held-out loss in bits per byte, against the task's target.
+    const bits = state.evals.filter((p) => p.bits_per_byte != null).map((p) => [p.version, p.bits_per_byte]);
+    lineChart($('chart-accuracy'), [
+      { name: 'held-out bits per byte', points: bits },
+      { name: `target ${target.toFixed(2)}`, points: line(target), color: COLORS[1], dashed: true },
+    ], { xLabel: 'model version (rounds)', yLabel: 'bits per byte', yMin: 0, format: (v) => v.toFixed(2) });
+  } else {
+    lineChart($('chart-accuracy'), [
+      { name: 'held-out accuracy', points: state.evals.map((p) => [p.version, p.accuracy * 100]) },
+      { name: `target ${pct(target)}`, points: line(target * 100), color: COLORS[1], dashed: true },
+    ], { xLabel: 'model version (rounds)', yLabel: 'accuracy (%)', yMin: 0, yMax: 100, format: (v) => `${v}%` });
+  }
   lineChart($('chart-loss'), [
     { name: 'held-out loss', points: state.evals.map((p) => [p.version, p.loss]), color: COLORS[2] },
   ], { xLabel: 'model version (rounds)', yLabel: 'cross-entropy', yMin: 0, format: (v) => v.toFixed(2) });
   const last = state.evals.at(-1);
   if (last) {
-    $('n-accuracy').textContent = pct(last.accuracy);
+    $('n-accuracy').textContent = last.bits_per_byte != null ? last.bits_per_byte.toFixed(3) : pct(last.accuracy);
     $('n-version').textContent = String(last.version);
     state.version = last.version;
+    if (last.sample) {
+      // Model output is text from the swarm: shown as text, never as markup.
+      $('sample-card').hidden = false;
+      $('sample-version').textContent = String(last.version);
+      $('sample-prompt').textContent = last.sample.prompt;
+      $('sample-text').textContent = last.sample.text;
+    }
   }
 }
 
@@ -178,8 +193,16 @@ $('export').addEventListener('click', async () => {
 });
 
 fetchTask(TASK).then((d) => {
-  $('task-title').textContent = `${d.task.title}: target held-out accuracy ${pct(d.task.train.target_accuracy)}`;
-  state.target = d.task.train.target_accuracy;
+  state.text = d.task.train.target_bits_per_byte != null;
+  if (state.text) {
+    state.target = d.task.train.target_bits_per_byte;
+    $('task-title').textContent = `${d.task.title}: target held-out loss ${state.target.toFixed(2)} bits per byte`;
+    $('l-accuracy').textContent = 'Held-out bits per byte';
+    $('c-accuracy').textContent = 'Held-out loss (bits per byte) by model version';
+  } else {
+    state.target = d.task.train.target_accuracy;
+    $('task-title').textContent = `${d.task.title}: target held-out accuracy ${pct(state.target)}`;
+  }
   drawModel();
 }).catch((e) => setState('error', `Cannot load the task: ${e.message}`));
 

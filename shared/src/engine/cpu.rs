@@ -765,3 +765,66 @@ fn max_pool(
         }
     }
 }
+
+impl CpuBackend {
+    /// Continues `prompt` by `n` bytes with this language model, sampling each next byte
+    /// from the softmax of its logits divided by `temperature` (0: the most likely byte)
+    /// with a generator seeded by `seed`. The model sees the last `context` bytes; a
+    /// shorter text is padded after its end, which causal attention never looks at.
+    /// Returns the new bytes only (they need not be valid UTF-8). An error if this is
+    /// not a language model.
+    pub fn generate(
+        &mut self,
+        prompt: &[u8],
+        n: usize,
+        temperature: f32,
+        seed: u64,
+    ) -> Result<Vec<u8>, EngineError> {
+        let Some(vocab) = self.model.vocab() else {
+            return Err(EngineError::BadBatch(
+                "only a language model generates text".into(),
+            ));
+        };
+        let ctx = self.model.positions();
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let mut text: Vec<u8> = prompt.to_vec();
+        if text.is_empty() {
+            text.push(b'\n');
+        }
+        let start = text.len();
+        let mut window = vec![0.0f32; ctx];
+        let mut probs = vec![0.0f32; vocab];
+        for _ in 0..n {
+            let seen = &text[text.len().saturating_sub(ctx)..];
+            for (w, i) in window.iter_mut().zip(0..) {
+                *w = f32::from(seen.get(i).copied().unwrap_or(b' ').min((vocab - 1) as u8));
+            }
+            let at = seen.len() - 1;
+            let row = &self.logits(&window, 1)[at * vocab..(at + 1) * vocab];
+            let next = if temperature <= 0.0 {
+                argmax(row)
+            } else {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for (p, &l) in probs.iter_mut().zip(row) {
+                    *p = exp_approx((l - max) / temperature);
+                }
+                let total: f32 = probs.iter().sum();
+                let mut pick = rng.unit_f32() * total;
+                let mut chosen = vocab - 1;
+                for (b, &p) in probs.iter().enumerate() {
+                    if pick < p {
+                        chosen = b;
+                        break;
+                    }
+                    pick -= p;
+                }
+                chosen
+            };
+            if !row.iter().all(|v| v.is_finite()) {
+                return Err(EngineError::NonFinite("logits"));
+            }
+            text.push(next as u8);
+        }
+        Ok(text.split_off(start))
+    }
+}
