@@ -368,3 +368,38 @@ fn a_language_models_export_recomputes_shoals_held_out_loss_in_numpy() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn a_training_peer_stops_on_ctrl_c() {
+    // Alone (closed signaling port), training the text task's rounds back to back (most
+    // of its time is spent training): a SIGINT that arrives while it trains must stop
+    // it, promptly and cleanly.
+    let dir = temp("ctrl-c");
+    let task_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/fortunes.toml");
+    let (mut child, rx) = spawn(
+        "ws://127.0.0.1:9",
+        &dir.join("k.key"),
+        &["--task", "fortunes", "--task-file", task_file],
+    );
+    expect_line(&rx, 120, "round 2", |l| {
+        round_line(l).filter(|&(r, _)| r >= 2).map(|_| ())
+    });
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the peer did not stop within 15 s of Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

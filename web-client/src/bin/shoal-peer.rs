@@ -102,9 +102,13 @@ mod peer {
     }
 
     async fn echo(mut swarm: NativeSwarm) -> Result<()> {
+        // One listener for the whole run: a `ctrl_c()` made anew each turn of the loop
+        // misses a Ctrl-C that arrives between turns.
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = &mut ctrl_c => break,
                 ev = swarm.next_event() => {
                     let Some(ev) = ev else { break };
                     match ev {
@@ -228,9 +232,14 @@ mod peer {
         };
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
+        // Ctrl-C that arrived while the peer trained (most of the time), and the peer
+        // never stopped.
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = &mut ctrl_c => break,
                 ev = swarm.next_event() => {
                     let Some(ev) = ev else { break };
                     if std::env::var_os("SHOAL_VERBOSE").is_some() {
