@@ -126,6 +126,16 @@ struct Kernels {
     softmax_ce: wgpu::ComputePipeline,
     finite_check: wgpu::ComputePipeline,
     optimizer: wgpu::ComputePipeline,
+    /// The language models' kernels (and the clip's norm), compiled only when a model or
+    /// optimizer needs them.
+    lm: Option<LmKernels>,
+    matmul: HashMap<MatmulVariant, wgpu::ComputePipeline>,
+    /// Attention kernels per (kind, head width): forward, dq, dk/dv.
+    attention: HashMap<(Attention, usize), wgpu::ComputePipeline>,
+}
+
+/// The element-wise and reduction kernels of language models and of AdamW's clip.
+struct LmKernels {
     embed_fwd: wgpu::ComputePipeline,
     embed_bwd_pos: wgpu::ComputePipeline,
     embed_bwd_tok: wgpu::ComputePipeline,
@@ -137,9 +147,25 @@ struct Kernels {
     add: wgpu::ComputePipeline,
     attn_rowdot: wgpu::ComputePipeline,
     sumsq: wgpu::ComputePipeline,
-    matmul: HashMap<MatmulVariant, wgpu::ComputePipeline>,
-    /// Attention kernels per (kind, head width): forward, dq, dk/dv.
-    attention: HashMap<(Attention, usize), wgpu::ComputePipeline>,
+}
+
+impl LmKernels {
+    fn new(device: &wgpu::Device) -> Self {
+        let op = |label: &str, body: &str| pipeline(device, label, &format!("{PRELUDE}\n{body}"));
+        Self {
+            embed_fwd: op("embed_fwd", include_str!("kernels/embed_fwd.wgsl")),
+            embed_bwd_pos: op("embed_bwd_pos", include_str!("kernels/embed_bwd_pos.wgsl")),
+            embed_bwd_tok: op("embed_bwd_tok", include_str!("kernels/embed_bwd_tok.wgsl")),
+            ln_fwd: op("ln_fwd", include_str!("kernels/ln_fwd.wgsl")),
+            ln_bwd: op("ln_bwd", include_str!("kernels/ln_bwd.wgsl")),
+            ln_dgain: op("ln_dgain", include_str!("kernels/ln_dgain.wgsl")),
+            gelu_fwd: op("gelu_fwd", include_str!("kernels/gelu_fwd.wgsl")),
+            gelu_bwd: op("gelu_bwd", include_str!("kernels/gelu_bwd.wgsl")),
+            add: op("add", include_str!("kernels/add.wgsl")),
+            attn_rowdot: op("attn_rowdot", include_str!("kernels/attn_rowdot.wgsl")),
+            sumsq: op("sumsq", include_str!("kernels/sumsq.wgsl")),
+        }
+    }
 }
 
 /// The three attention kernels, specialized per head width.
@@ -183,20 +209,14 @@ impl Kernels {
             softmax_ce: op("softmax_ce", include_str!("kernels/softmax_ce.wgsl")),
             finite_check: op("finite_check", include_str!("kernels/finite_check.wgsl")),
             optimizer: pipeline(device, "optimizer", include_str!("kernels/optimizer.wgsl")),
-            embed_fwd: op("embed_fwd", include_str!("kernels/embed_fwd.wgsl")),
-            embed_bwd_pos: op("embed_bwd_pos", include_str!("kernels/embed_bwd_pos.wgsl")),
-            embed_bwd_tok: op("embed_bwd_tok", include_str!("kernels/embed_bwd_tok.wgsl")),
-            ln_fwd: op("ln_fwd", include_str!("kernels/ln_fwd.wgsl")),
-            ln_bwd: op("ln_bwd", include_str!("kernels/ln_bwd.wgsl")),
-            ln_dgain: op("ln_dgain", include_str!("kernels/ln_dgain.wgsl")),
-            gelu_fwd: op("gelu_fwd", include_str!("kernels/gelu_fwd.wgsl")),
-            gelu_bwd: op("gelu_bwd", include_str!("kernels/gelu_bwd.wgsl")),
-            add: op("add", include_str!("kernels/add.wgsl")),
-            attn_rowdot: op("attn_rowdot", include_str!("kernels/attn_rowdot.wgsl")),
-            sumsq: op("sumsq", include_str!("kernels/sumsq.wgsl")),
+            lm: None,
             matmul: HashMap::new(),
             attention: HashMap::new(),
         }
+    }
+
+    fn lm(&mut self, device: &wgpu::Device) -> &LmKernels {
+        self.lm.get_or_insert_with(|| LmKernels::new(device))
     }
 
     fn attention(
@@ -283,6 +303,10 @@ struct Recorder<'d> {
 }
 
 impl Recorder<'_> {
+    fn lm(&mut self) -> &LmKernels {
+        self.kernels.lm(self.device)
+    }
+
     fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
         let mut padded = words.to_vec();
         padded.resize(words.len().div_ceil(4).max(1) * 4, 0);
@@ -446,7 +470,7 @@ impl Recorder<'_> {
         res: Option<View<'_>>,
         (rows, dim): (usize, usize),
     ) -> Vec<Dispatch> {
-        let k = self.kernels.ln_bwd.clone();
+        let k = self.lm().ln_bwd.clone();
         let residual = res.unwrap_or(View::all(&self.dummy));
         let mut out = vec![self.op(
             &k,
@@ -454,7 +478,7 @@ impl Recorder<'_> {
             &[dim, usize::from(res.is_some())],
             &[x, stats, gain, dy, dx, residual],
         )];
-        let k = self.kernels.ln_dgain.clone();
+        let k = self.lm().ln_dgain.clone();
         let mut d = self.op(&k, 1, &[rows, dim], &[x, stats, dy, dgain]);
         d.groups = [dim as u32, 1, 1];
         out.push(d);
@@ -716,7 +740,7 @@ impl GpuBackend {
                     pass.push(rec.op(k, batch * len, &[], &[x, y]));
                 }
                 Op::Embed { ctx, dim, tok, .. } => {
-                    let k = rec.kernels.embed_fwd.clone();
+                    let k = rec.lm().embed_fwd.clone();
                     pass.push(rec.op(
                         &k,
                         batch * ctx * dim,
@@ -735,7 +759,7 @@ impl GpuBackend {
                     let [a, st1, qkv, o, lse, h1, b, st2, u, act] = block_views(&saved[i]);
                     let r = batch * ctx;
                     let hd = dim / heads;
-                    let k = rec.kernels.ln_fwd.clone();
+                    let k = rec.lm().ln_fwd.clone();
                     pass.push(rec.op(&k, r, &[dim], &[x, w(0), w(1), a, st1]));
                     pass.push(rec.linear(a, (w(2), w(3)), qkv, (r, dim, 3 * dim)));
                     pass.push(rec.attention(
@@ -745,15 +769,15 @@ impl GpuBackend {
                         &[qkv, o, lse],
                     ));
                     pass.push(rec.linear(o, (w(4), w(5)), h1, (r, dim, dim)));
-                    let k = rec.kernels.add.clone();
+                    let k = rec.lm().add.clone();
                     pass.push(rec.op(&k, r * dim, &[], &[x, h1]));
-                    let k = rec.kernels.ln_fwd.clone();
+                    let k = rec.lm().ln_fwd.clone();
                     pass.push(rec.op(&k, r, &[dim], &[h1, w(6), w(7), b, st2]));
                     pass.push(rec.linear(b, (w(8), w(9)), u, (r, dim, hidden)));
-                    let k = rec.kernels.gelu_fwd.clone();
+                    let k = rec.lm().gelu_fwd.clone();
                     pass.push(rec.op(&k, r * hidden, &[], &[u, act]));
                     pass.push(rec.linear(act, (w(10), w(11)), y, (r, hidden, dim)));
-                    let k = rec.kernels.add.clone();
+                    let k = rec.lm().add.clone();
                     pass.push(rec.op(&k, r * dim, &[], &[h1, y]));
                 }
                 Op::Norm {
@@ -762,7 +786,7 @@ impl GpuBackend {
                     gain,
                 } => {
                     let stats = View::all(&saved[i][0]);
-                    let k = rec.kernels.ln_fwd.clone();
+                    let k = rec.lm().ln_fwd.clone();
                     pass.push(rec.op(
                         &k,
                         batch * per,
@@ -897,14 +921,14 @@ impl GpuBackend {
                     tok,
                     tied,
                 } => {
-                    let k = rec.kernels.embed_bwd_pos.clone();
+                    let k = rec.lm().embed_bwd_pos.clone();
                     pass.push(rec.op(
                         &k,
                         ctx * dim,
                         &[dim, ctx, batch],
                         &[gc, tensor(tok + 1, &grads)],
                     ));
-                    let k = rec.kernels.embed_bwd_tok.clone();
+                    let k = rec.lm().embed_bwd_tok.clone();
                     pass.push(rec.op(
                         &k,
                         vocab * dim,
@@ -939,7 +963,7 @@ impl GpuBackend {
                         (r, hidden, dim),
                         Some(wide),
                     ));
-                    let k = rec.kernels.gelu_bwd.clone();
+                    let k = rec.lm().gelu_bwd.clone();
                     pass.push(rec.op(&k, r * hidden, &[], &[u, wide]));
                     pass.extend(rec.linear_backward(
                         b,
@@ -966,7 +990,7 @@ impl GpuBackend {
                         (r, dim, dim),
                         Some(narrow),
                     ));
-                    let k = rec.kernels.attn_rowdot.clone();
+                    let k = rec.lm().attn_rowdot.clone();
                     pass.push(rec.op(
                         &k,
                         batch * heads * ctx,
@@ -1083,7 +1107,7 @@ impl GpuBackend {
         };
         let mut opt_dispatch = Vec::new();
         if adamw {
-            let k = rec.kernels.sumsq.clone();
+            let k = rec.lm().sumsq.clone();
             let all_grads = View {
                 buf: &grads,
                 offset: 0,
