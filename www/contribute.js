@@ -106,16 +106,22 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     return hours < 1 / 360 ? '–' : `${fmtBytes((p.bytes_up + p.bytes_down - since.bytes) / hours)}`;
   }
 
+  const text = () => Boolean(description?.task?.data?.train?.text);
+
   function draw() {
     const p = pending;
     pending = null;
-    const acc = p.accuracy == null ? '–' : `${(p.accuracy * 100).toFixed(2)}%`;
+    // A language model's quality is its held-out loss in bits per byte (lower is
+    // better); an image model's, its held-out accuracy.
+    const [qualityKey, quality] = text()
+      ? ['held-out bits per byte', p.test_loss == null ? '–' : (p.test_loss / Math.LN2).toFixed(3)]
+      : ['held-out accuracy', p.accuracy == null ? '–' : `${(p.accuracy * 100).toFixed(2)}%`];
     const rows = compact
-      ? { round: p.round, 'samples/s': p.samples_per_s.toFixed(0), 'held-out accuracy': acc, peers: p.peers }
+      ? { round: p.round, 'samples/s': p.samples_per_s.toFixed(0), [qualityKey]: quality, peers: p.peers }
       : {
         round: p.round, phase: p.phase, 'local steps': p.local_steps,
         'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
-        loss: p.samples > 0 ? p.loss.toFixed(4) : '–', 'held-out accuracy': acc, peers: p.peers,
+        loss: p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
         'data per hour': perHour(p),
       };
@@ -204,7 +210,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         working = true;
         applyPause();
       }
-      if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, peers: p.peers, samples_per_s: p.samples_per_s });
+      if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s });
       render(p);
     } else if (msg.type === 'error') {
       say('error', `Shoal stopped: ${msg.message}`);

@@ -175,3 +175,110 @@ fn a_trained_model_continues_its_text_and_sampling_is_seeded() {
         CpuBackend::new(mlp.clone(), Optimizer::adam(1e-3), mlp.init_params(1)).expect("cpu");
     assert!(c.generate(b"x", 3, 0.0, 1).is_err());
 }
+
+/// A simulated swarm of a language model: `[model]` given inline, a target in bits per
+/// byte, the task's AdamW recipe.
+fn lm_scenario(extra: &str) -> String {
+    format!(
+        r#"
+name = "lm-test"
+seed = 3
+peers = 3
+rounds = 12
+target_bits_per_byte = 3.0
+eval_every = 4
+{extra}
+
+[model]
+input = [1, 16, 1]
+layers = [
+  {{ type = "embedding", vocab = 256, dim = 32 }},
+  {{ type = "transformer_block", heads = 2, mlp_ratio = 4 }},
+  {{ type = "layer_norm" }},
+  {{ type = "lm_head", tied = true }},
+]
+
+[train]
+batch = 8
+optimizer = "adamw"
+lr = 0.003
+weight_decay = 0.1
+clip = 1.0
+
+[learn]
+local_steps = 10
+outer_lr = 1.0
+outer_momentum = 0.0
+neighbours = 2
+aggregation = {{ type = "mean" }}
+compression = {{ type = "int8", block = 256 }}
+max_staleness = 2
+max_norm_ratio = 3.0
+round_deadline_ms = 2000
+
+[network]
+samples_per_s = [200, 400]
+"#
+    )
+}
+
+#[test]
+fn a_simulated_swarm_trains_a_language_model_to_its_bits_per_byte_target() {
+    use shoal_shared::learn::sim::{self, Scenario};
+    let text = "It was the best of times, it was the worst of times, it was the age of \
+                wisdom, it was the age of foolishness. "
+        .repeat(40);
+    let all = Dataset::from_text(text.as_bytes(), 16).expect("text");
+    let (train, test) = all.split_off_tail(8);
+    let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
+    let sc = Scenario::from_toml(&lm_scenario("")).expect("valid");
+    let r = sim::run(&sc, &train, &test).expect("runs");
+    let bits: Vec<f32> = r
+        .rows
+        .iter()
+        .map(|r| r.bits_per_byte.expect("text"))
+        .collect();
+    assert!(bits[0] > bits[bits.len() - 1], "the swarm learns: {bits:?}");
+    assert!(
+        r.samples_to_target.is_some(),
+        "a repeated sentence falls below 3 bits per byte: {bits:?}"
+    );
+}
+
+#[test]
+fn text_scenarios_are_validated_with_the_field_named() {
+    use shoal_shared::learn::sim::Scenario;
+    let no_target = lm_scenario("").replace("target_bits_per_byte = 3.0", "");
+    let e = Scenario::from_toml(&no_target).expect_err("an LM needs a bits target");
+    assert!(e.contains("target_bits_per_byte"), "{e}");
+    let e = Scenario::from_toml(&lm_scenario("").replace("= 3.0", "= 9.0")).expect_err("9 bits");
+    assert!(e.contains("target_bits_per_byte"), "{e}");
+    let skew = lm_scenario("\n[data]\ntype = \"label_skew\"\nclasses = 2\n");
+    let e = Scenario::from_toml(&skew).expect_err("label skew of text");
+    assert!(e.contains("label_skew"), "{e}");
+    let e = Scenario::from_toml(
+        &lm_scenario("").replace("weight_decay = 0.1", "weight_decay = 0.1\nmomentum = 0.5"),
+    )
+    .expect_err("momentum for adamw");
+    assert!(e.contains("train.momentum"), "{e}");
+}
+
+#[test]
+fn a_spread_subset_is_evenly_spaced_and_keeps_whole_windows() {
+    let data = text_samples(&"abcdefgh".repeat(40), 8);
+    let n = data.len();
+    let sub = data.spread(4);
+    assert_eq!(sub.len(), 4);
+    assert_eq!(sub.positions, 8);
+    for (k, i) in [0, n / 4, n / 2, 3 * n / 4].into_iter().enumerate() {
+        assert_eq!(
+            sub.inputs[k * 8..(k + 1) * 8],
+            data.inputs[i * 8..(i + 1) * 8]
+        );
+        assert_eq!(
+            sub.labels[k * 8..(k + 1) * 8],
+            data.labels[i * 8..(i + 1) * 8]
+        );
+    }
+    assert_eq!(data.spread(10 * n).len(), n, "never more than the set");
+}

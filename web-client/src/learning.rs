@@ -35,7 +35,7 @@ pub struct SwarmTrainer {
     task: TaskSpec,
     peer: Peer,
     trainer: Trainer<AnyBackend>,
-    eval: Option<(CpuBackend, Samples)>,
+    eval: Option<Eval>,
     /// What it trains on, for the dashboard.
     backend: String,
     /// What the peer asked for during `handle`, carried out by the next `tick`.
@@ -43,6 +43,19 @@ pub struct SwarmTrainer {
     /// When the last report went to the server.
     reported_ms: f64,
 }
+
+/// The held-out evaluation: the whole split, and the fixed subset a peer measures after
+/// every round.
+struct Eval {
+    cpu: CpuBackend,
+    full: Samples,
+    each_round: Samples,
+}
+
+/// Held-out predictions a peer evaluates after each round (a text window holds one per
+/// position: 256 windows of the demo LM; the digits' 2,000 test images all fit). The whole
+/// split would cost a text peer more time than its round's training.
+pub const ROUND_EVAL_PREDICTIONS: usize = 16_384;
 
 /// Reports go to the server at most this often: a peer alone closes many rounds a
 /// second, and one report each would run into the server's rate limit (50 messages a
@@ -86,11 +99,12 @@ impl SwarmTrainer {
         )
         .map_err(|e| e.to_string())?;
         let eval = match test {
-            Some(t) => Some((
-                CpuBackend::new(model, Optimizer::adam(task.train.lr), init)
+            Some(full) => Some(Eval {
+                cpu: CpuBackend::new(model, Optimizer::adam(task.train.lr), init)
                     .map_err(|e| e.to_string())?,
-                t,
-            )),
+                each_round: full.spread(ROUND_EVAL_PREDICTIONS / full.positions.max(1)),
+                full,
+            }),
             None => None,
         };
         Ok(Self {
@@ -236,12 +250,22 @@ impl SwarmTrainer {
         Ok((local, loss, samples))
     }
 
+    /// Measures the current model on the fixed held-out subset.
     fn evaluate(&mut self) {
-        if let Some((cpu, test)) = &mut self.eval
-            && cpu.set_params(self.peer.weights()).is_ok()
+        if let Some(e) = &mut self.eval
+            && e.cpu.set_params(self.peer.weights()).is_ok()
         {
-            let eval = cpu.evaluate(&test.inputs, &test.labels, 500).ok();
+            let t = &e.each_round;
+            let eval = e.cpu.evaluate(&t.inputs, &t.labels, 64).ok();
             self.peer.set_evaluation(eval);
         }
+    }
+
+    /// The current model's held-out loss and accuracy over the whole held-out split (what
+    /// an export states), when this peer has one.
+    pub fn evaluate_all(&mut self) -> Option<(f32, f32)> {
+        let e = self.eval.as_mut()?;
+        e.cpu.set_params(self.peer.weights()).ok()?;
+        e.cpu.evaluate(&e.full.inputs, &e.full.labels, 64).ok()
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use shoal_shared::engine::train::Samples;
 use shoal_shared::learn::sim::{self, Scenario};
+use shoal_shared::task::TaskSpec;
 
 use crate::{data, root};
 
@@ -16,6 +17,28 @@ pub(crate) fn digits(root: &Path) -> Result<(Samples, Samples)> {
     let data = dir.parent().context("the data directory")?;
     let load = |split| Samples::read_split(data, "digits", split).map_err(anyhow::Error::msg);
     Ok((load("train")?, load("test")?))
+}
+
+/// A task of `tasks/`: its training and held-out data; its model becomes the scenario's
+/// unless the scenario gives one.
+fn task_data(root: &Path, name: &str, sc: &mut Scenario) -> Result<(Samples, Samples)> {
+    let file = root.join("tasks").join(format!("{name}.toml"));
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let task =
+        TaskSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if task.is_text() {
+        crate::text::prepare(root)?;
+    } else {
+        data::prepare(root)?;
+    }
+    let (train, test) = task
+        .load_datasets(&root.join("data"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    sc.model.get_or_insert(task.model);
+    sc.validate()
+        .map_err(|e| anyhow::anyhow!("scenario {} with task {name}: {e}", sc.name))?;
+    Ok((Samples::from_dataset(&train), Samples::from_dataset(&test)))
 }
 
 /// Resolves a scenario argument to a file.
@@ -42,8 +65,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let path = scenario_path(&root, arg);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let sc = Scenario::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let (train, test) = digits(&root)?;
+    let mut sc =
+        Scenario::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (train, test) = match sc.task.clone() {
+        Some(name) => task_data(&root, &name, &mut sc)?,
+        None => digits(&root)?,
+    };
     println!(
         "scenario {}: {} peers, {} rounds, H = {}, {:?}, {:?}",
         sc.name,
@@ -81,6 +108,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let summary = serde_json::json!({
         "name": sc.name,
         "final_accuracy": report.final_accuracy(),
+        "final_bits_per_byte": report.rows.last().and_then(|r| r.bits_per_byte),
         "rounds": report.rows.last().map_or(0, |r| r.round),
         "samples_to_target": report.samples_to_target,
         "bytes_per_peer": report.final_bytes_per_peer(),
@@ -101,30 +129,45 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 }
 
 fn print_rows(sc: &Scenario, report: &sim::Report) {
+    let text = sc.target_bits_per_byte.is_some();
     println!(
         "{:>6} {:>9} {:>10} {:>9} {:>8} {:>14} {:>5} {:>8}",
-        "round", "time s", "samples", "accuracy", "loss", "bytes/peer", "live", "apart"
+        "round",
+        "time s",
+        "samples",
+        if text { "bits/B" } else { "accuracy" },
+        "loss",
+        "bytes/peer",
+        "live",
+        "apart"
     );
     // `apart`: how far honest peers' models are from their mean, relative to its norm.
     for r in &report.rows {
+        let quality = match r.bits_per_byte {
+            Some(b) => format!("{b:.3}"),
+            None => format!("{:.2}%", r.accuracy * 100.0),
+        };
         println!(
-            "{:>6} {:>9.1} {:>10} {:>8.2}% {:>8.4} {:>14.0} {:>5} {:>7.3}%",
+            "{:>6} {:>9.1} {:>10} {:>9} {:>8.4} {:>14.0} {:>5} {:>7.3}%",
             r.round,
             r.time_s,
             r.samples,
-            r.accuracy * 100.0,
+            quality,
             r.loss,
             r.bytes_per_peer,
             r.live,
             r.disagreement * 100.0
         );
     }
+    let target = match sc.target_bits_per_byte {
+        Some(b) => format!("{b:.2} bits/byte"),
+        None => format!("{:.1}%", sc.target * 100.0),
+    };
     match (report.samples_to_target, report.bytes_to_target) {
-        (Some(s), Some(b)) => println!(
-            "target {:.1}% reached after {s} samples, {b:.0} bytes per peer",
-            sc.target * 100.0
-        ),
-        _ => println!("target {:.1}% not reached", sc.target * 100.0),
+        (Some(s), Some(b)) => {
+            println!("target {target} reached after {s} samples, {b:.0} bytes per peer")
+        }
+        _ => println!("target {target} not reached"),
     }
 }
 

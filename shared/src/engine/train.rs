@@ -94,6 +94,22 @@ impl Samples {
         }
     }
 
+    /// At most `max` samples, evenly spaced over the set in order (all of them when there
+    /// are no more): a fixed, representative subset, so that evaluations of successive
+    /// models on it are comparable.
+    pub fn spread(&self, max: usize) -> Samples {
+        let n = self.len();
+        let k = n.min(max.max(1));
+        let idx: Vec<usize> = (0..k).map(|i| i * n / k).collect();
+        let (mut inputs, mut labels) = (Vec::new(), Vec::new());
+        self.gather(&idx, &mut inputs, &mut labels);
+        Samples {
+            inputs,
+            labels,
+            ..*self
+        }
+    }
+
     /// Like [`gather`](Self::gather), but each image is translated by a random offset of
     /// up to `max_shift` pixels in each direction (zero fill): the classic augmentation
     /// that keeps a small training set from being memorized.

@@ -42,8 +42,22 @@ pub struct Scenario {
     pub peers: usize,
     /// The run ends when the swarm's mean round reaches this.
     pub rounds: u64,
-    /// Held-out accuracy the report measures samples and bytes to.
+    /// Held-out accuracy the report measures samples and bytes to (image tasks).
+    #[serde(default)]
     pub target: f32,
+    /// Held-out loss in bits per byte the report measures samples and bytes to (text
+    /// tasks: a model whose last layer is an `lm_head`).
+    #[serde(default)]
+    pub target_bits_per_byte: Option<f32>,
+    /// A task of the repository's `tasks/` folder whose data (and model, unless `model`
+    /// is given) the scenario trains on, instead of the demo digits. The driver (`cargo
+    /// xtask sim`) loads it; the scenario's own `train` and `learn` settings apply.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// The model, in a task file's `[model]` syntax; replaces `train.model` and the
+    /// task's model.
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
     /// Evaluate every this many swarm rounds (1: every round).
     #[serde(default = "one")]
     pub eval_every: u64,
@@ -106,6 +120,21 @@ pub struct TrainSettings {
     /// SGD's momentum, as in a task's `train.momentum`.
     #[serde(default)]
     pub momentum: f32,
+    /// AdamW's decoupled weight decay, as in a task's `train.weight_decay`.
+    #[serde(default)]
+    pub weight_decay: Option<f32>,
+    /// AdamW's global-norm gradient clipping, as in a task's `train.clip`.
+    #[serde(default)]
+    pub clip: Option<f32>,
+}
+
+impl TrainSettings {
+    /// The inner optimizer at the base learning rate, or the field that is wrong.
+    fn optimizer(&self) -> Result<Optimizer, String> {
+        self.optimizer
+            .build_with(self.lr, self.momentum, self.weight_decay, self.clip)
+            .map_err(|(field, problem)| format!("{field}: {problem}"))
+    }
 }
 
 fn one() -> u64 {
@@ -237,12 +266,9 @@ impl Scenario {
             ));
         }
         self.train
-            .optimizer
-            .build(self.train.lr, self.train.momentum)
-            .map_err(|e| format!("train.momentum: {e}"))?
+            .optimizer()?
             .validate()
             .map_err(|_| format!("train.lr: {} is not a learning rate", self.train.lr))?;
-        self.model_spec()?;
         if let DataSplit::LabelSkew { classes } = self.data
             && !(1..=10).contains(&classes)
         {
@@ -277,10 +303,39 @@ impl Scenario {
                 self.attack.fraction
             ));
         }
+        // A task's model is checked once the driver has loaded it.
+        if self.task.is_none() || self.model.is_some() {
+            self.validate_model()?;
+        }
         Ok(())
     }
 
-    fn model_spec(&self) -> Result<ModelSpec, String> {
+    fn validate_model(&self) -> Result<(), String> {
+        let model = Model::new(self.model_spec()?).map_err(|e| format!("model: {e}"))?;
+        match (model.is_language_model(), self.target_bits_per_byte) {
+            (true, Some(t)) if t > 0.0 && t < 8.0 => {}
+            (true, Some(t)) => return Err(format!("target_bits_per_byte: {t} outside (0, 8)")),
+            (true, None) => {
+                return Err("a language model's target is target_bits_per_byte".into());
+            }
+            (false, Some(_)) => {
+                return Err("target_bits_per_byte: only for a language model".into());
+            }
+            (false, None) => {}
+        }
+        if let DataSplit::LabelSkew { .. } = self.data
+            && model.is_language_model()
+        {
+            return Err("data: label_skew splits images by class, not text".into());
+        }
+        Ok(())
+    }
+
+    /// The model the peers train.
+    pub fn model_spec(&self) -> Result<ModelSpec, String> {
+        if let Some(m) = &self.model {
+            return Ok(m.clone());
+        }
         match self.train.model.as_str() {
             "mlp" => Ok(ModelSpec::mlp_digits()),
             "cnn" => Ok(ModelSpec::cnn_digits()),
@@ -298,8 +353,11 @@ pub struct Row {
     pub time_s: f64,
     /// Samples trained on by honest peers so far.
     pub samples: u64,
-    /// Mean held-out accuracy of a few honest peers' current models.
+    /// Mean held-out accuracy of a few honest peers' current models (per next byte for
+    /// a language model).
     pub accuracy: f32,
+    /// A language model's mean held-out loss in bits per byte over the same models.
+    pub bits_per_byte: Option<f32>,
     /// Mean local training loss of the round's updates.
     pub loss: f32,
     /// Bytes sent per peer slot so far (mean).
@@ -440,7 +498,6 @@ fn now<F: Future>(f: F) -> F::Output {
 struct Sim<'a> {
     sc: &'a Scenario,
     train: &'a Samples,
-    test: &'a Samples,
     model: Model,
     init: Vec<f32>,
     rng: SplitMix64,
@@ -461,8 +518,13 @@ struct Sim<'a> {
     adopted: u64,
     poisoned: u64,
     eval: CpuBackend,
+    /// The held-out samples evaluated (a language model's: a spread subset of windows).
+    held_out: Samples,
     rows: Vec<Row>,
 }
+
+/// Held-out predictions evaluated per model (a text window holds one per position).
+const EVAL_PREDICTIONS: usize = 16_384;
 
 const US: f64 = 1e6;
 
@@ -476,7 +538,6 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
     let mut sim = Sim {
         sc,
         train,
-        test,
         model,
         init,
         rng: SplitMix64::new(sc.seed ^ 0x5eed),
@@ -496,6 +557,7 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         adopted: 0,
         poisoned: 0,
         eval,
+        held_out: test.spread(EVAL_PREDICTIONS / test.positions.max(1)),
         rows: Vec::new(),
     };
     sim.start()?;
@@ -599,10 +661,7 @@ impl Sim<'_> {
         .map_err(|e| e.to_string())?;
         let backend = CpuBackend::new(
             self.model.clone(),
-            self.sc
-                .train
-                .optimizer
-                .build(self.sc.train.lr, self.sc.train.momentum)?,
+            self.sc.train.optimizer()?,
             self.init.clone(),
         )
         .map_err(|e| e.to_string())?;
@@ -958,23 +1017,33 @@ impl Sim<'_> {
             .take(3)
             .map(|p| p.peer.weights().to_vec())
             .collect();
-        let mut acc = 0.0;
+        let (mut acc, mut bits) = (0.0, 0.0);
+        let text = self.model.is_language_model();
+        let batch = if text { 64 } else { 500 };
         for w in &honest {
-            acc += match self.eval.set_params(w).and_then(|_| {
-                self.eval
-                    .evaluate(&self.test.inputs, &self.test.labels, 500)
-            }) {
-                Ok((_, a)) => a,
-                Err(_) => 0.0, // a diverged model counts as wrong everywhere
-            };
+            let held = &self.held_out;
+            match self
+                .eval
+                .set_params(w)
+                .and_then(|_| self.eval.evaluate(&held.inputs, &held.labels, batch))
+            {
+                Ok((l, a)) => {
+                    acc += a;
+                    bits += l / std::f32::consts::LN_2;
+                }
+                // A diverged model counts as wrong everywhere, and as knowing nothing.
+                Err(_) => bits += 8.0,
+            }
         }
+        let n = honest.len().max(1) as f32;
         let disagreement = self.disagreement();
         let losses = std::mem::take(&mut self.round_losses);
         self.rows.push(Row {
             round: self.swarm_round,
             time_s: self.t as f64 / US,
             samples: self.samples,
-            accuracy: acc / honest.len().max(1) as f32,
+            accuracy: acc / n,
+            bits_per_byte: text.then_some(bits / n),
             loss: losses.iter().sum::<f32>() / losses.len().max(1) as f32,
             bytes_per_peer: self.sent.iter().sum::<u64>() as f64 / self.sc.peers as f64,
             live: self
@@ -1170,11 +1239,17 @@ impl Sim<'_> {
     fn report(&self) -> Report {
         // The target counts as reached when the mean of three consecutive evaluations
         // reaches it, so that one lucky evaluation does not decide.
-        let hit = self
-            .rows
-            .windows(3)
-            .find(|w| w.iter().map(|r| r.accuracy).sum::<f32>() / 3.0 >= self.sc.target)
-            .map(|w| &w[2]);
+        let reached = |w: &[Row]| match self.sc.target_bits_per_byte {
+            Some(t) => {
+                w.iter()
+                    .map(|r| r.bits_per_byte.unwrap_or(8.0))
+                    .sum::<f32>()
+                    / 3.0
+                    <= t
+            }
+            None => w.iter().map(|r| r.accuracy).sum::<f32>() / 3.0 >= self.sc.target,
+        };
+        let hit = self.rows.windows(3).find(|w| reached(w)).map(|w| &w[2]);
         let rounds: Vec<u64> = self
             .honest_models()
             .map(|p| p.peer.learner().round())

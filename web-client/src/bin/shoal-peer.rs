@@ -8,7 +8,8 @@
 //! ```
 //!
 //! It prints one progress line per round: `round R loss L acc A% peers N up U down D
-//! rejected X`. With `--echo` it does not train: every message is sent back to its
+//! used K rejected X`, and for a text task ` bits/byte B` after it (the held-out loss of
+//! the current model on a fixed subset of the held-out split). With `--echo` it does not train: every message is sent back to its
 //! sender and events are printed as `up <id>`, `peer-up <id>`, `message <from> <bytes>
 //! <sha256>`, ... (the transport tests use this).
 
@@ -180,10 +181,10 @@ mod peer {
 
     /// The model as safetensors, with the held-out loss and accuracy Shoal measured for
     /// it.
-    fn export(peer: &SwarmTrainer) -> Result<Vec<u8>> {
-        let p = peer.progress();
-        let eval = p.test_loss.zip(p.accuracy);
-        shoal_shared::export::task_model(peer.task(), peer.learner().weights(), p.round, eval)
+    fn export(peer: &mut SwarmTrainer) -> Result<Vec<u8>> {
+        let eval = peer.evaluate_all();
+        let round = peer.progress().round;
+        shoal_shared::export::task_model(peer.task(), peer.learner().weights(), round, eval)
             .map_err(anyhow::Error::msg)
     }
 
@@ -257,8 +258,13 @@ mod peer {
                 continue;
             };
             let p = peer.progress();
+            // A language model's held-out loss, in bits per byte.
+            let bits = match (peer.task().is_text(), p.test_loss) {
+                (true, Some(l)) => format!(" bits/byte {:.4}", l / std::f32::consts::LN_2),
+                _ => String::new(),
+            };
             println!(
-                "round {} loss {:.4} acc {} peers {} up {} down {} used {} rejected {}",
+                "round {} loss {:.4} acc {} peers {} up {} down {} used {} rejected {}{bits}",
                 p.round,
                 p.loss,
                 p.accuracy
@@ -269,18 +275,20 @@ mod peer {
                 summary.used,
                 p.rejected.values().sum::<u64>()
             );
+
             if !p.rejected.is_empty() && std::env::var_os("SHOAL_VERBOSE").is_some() {
                 eprintln!("rejected by reason: {:?}", p.rejected);
             }
+            let round = p.round;
             if let Some(k) = &keeper
-                && p.round.is_multiple_of(args.checkpoint_every)
+                && round.is_multiple_of(args.checkpoint_every)
             {
-                let path = k.save(p.round, &peer.learner().snapshot())?;
-                println!("checkpoint {} {}", p.round, path.display());
-                let path = k.save_export(&export(&peer)?)?;
+                let path = k.save(round, &peer.learner().snapshot())?;
+                println!("checkpoint {} {}", round, path.display());
+                let path = k.save_export(&export(&mut peer)?)?;
                 println!("exported {}", path.display());
             }
-            if args.rounds > 0 && p.round >= args.rounds {
+            if args.rounds > 0 && round >= args.rounds {
                 break;
             }
         }
