@@ -3,6 +3,7 @@
 // the throttle, automatic pauses (hidden tab, battery), and live progress. All
 // computation happens in the worker, so the page stays responsive.
 import { relaySwarm, fetchTask, fmtBytes } from './relay.js';
+import { tryTheModel } from './try.js';
 
 // Long main-thread tasks (over 50 ms), for anyone (and the end-to-end test) who wants to
 // check that Shoal keeps the page responsive.
@@ -236,6 +237,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           : ` (at the swarm's current pace, up to ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
         + 'Use the throttle to train less often.';
     }
+    tryTheModel(worker, d);
     if (consent) consent.disabled = !probed;
     if (autoStart) start();
   }).catch((e) => {

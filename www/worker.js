@@ -14,6 +14,10 @@ let duty = 1;
 let visitorPaused = false;
 let taskPaused = null;
 
+// The visitor's latest request to try the model (a prompt, a drawing), answered between
+// two ticks; a newer request replaces one not yet answered.
+let tryRequest = null;
+
 const post = (m, transfer) => self.postMessage(m, transfer ?? []);
 const errorText = (e) => String(e && e.message ? e.message : e);
 
@@ -73,10 +77,23 @@ async function contribute(task, secret) {
       post({ type: 'progress', progress: p });
       shown = now;
     }
+    if (tryRequest) answerTry();
     const trained = p.phase === 'waiting' && phase !== 'waiting' && !p.closed;
     phase = p.phase;
     if (trained && duty < 1) await sleep(spent * (1 / duty - 1));
     else if (!p.closed && p.phase !== 'training') await sleep(25);
+  }
+}
+
+function answerTry() {
+  const { id, kind, input } = tryRequest;
+  tryRequest = null;
+  try {
+    const started = performance.now();
+    const result = JSON.parse(peer.tryModel(kind, input, Math.floor(Math.random() * 2 ** 32)));
+    post({ type: 'tried', id, result, ms: performance.now() - started });
+  } catch (e) {
+    post({ type: 'tried', id, error: errorText(e) });
   }
 }
 
@@ -94,6 +111,14 @@ self.addEventListener('message', (event) => {
       if (peer) netEvent(msg);
       else if (msg.kind === 'task_state') taskPaused = msg.paused;
       else early.push(msg);
+    } else if (msg.type === 'try') {
+      if (!(msg.input instanceof Uint8Array) || msg.input.length > 4096) {
+        post({ type: 'tried', id: msg.id, error: 'the input is not bytes, or longer than 4 KiB' });
+      } else if (!peer) {
+        post({ type: 'tried', id: msg.id, error: 'Shoal has no model here yet: contribute first, and try it once it has joined.' });
+      } else {
+        tryRequest = { id: msg.id, kind: msg.kind, input: msg.input };
+      }
     } else if (msg.type === 'pause') {
       visitorPaused = msg.paused;
       peer?.setPaused('visitor', msg.paused);

@@ -1,8 +1,9 @@
 // The contributor page in headless Chromium: served by the real server, the wasm module
-// starts in a Web Worker, finds the WebGPU adapter and proves it with a compute kernel.
+// starts in a Web Worker, finds the WebGPU adapter and proves it with a compute kernel;
+// a visitor tries the model their browser trains on the drawing pad.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser } from './harness.mjs';
+import { startServer, launchBrowser, webrtcPage } from './harness.mjs';
 
 let server;
 let browser;
@@ -70,4 +71,45 @@ test('without WebGPU the page says it will train on the CPU', async () => {
   assert.equal(await page.locator('#backend').getAttribute('data-state'), 'cpu');
   assert.match(await page.locator('#backend').textContent(), /train on your CPU/);
   await page.close();
+});
+
+/** Draws a stroke through `points` (fractions of the pad) with the mouse. */
+async function stroke(page, points) {
+  const pad = page.locator('#pad');
+  await pad.scrollIntoViewIfNeeded();
+  const b = await pad.boundingBox();
+  const at = ([x, y]) => [b.x + b.width * x, b.y + b.height * y];
+  await page.mouse.move(...at(points[0]));
+  await page.mouse.down();
+  for (const p of points.slice(1)) await page.mouse.move(...at(p), { steps: 4 });
+  await page.mouse.up();
+}
+
+test('a visitor draws digits on the pad and the model their browser trains reads them', async () => {
+  const page = await webrtcPage(browser, `${server.url}/?backend=cpu`);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  assert.equal(await page.$eval('#try-card', (e) => e.hidden), false, 'an image task offers the pad');
+  assert.equal(await page.$eval('#try-text', (e) => e.hidden), true, 'and no prompt box');
+  await page.click('#consent');
+  // Alone, the visitor's peer trains the digits by itself; 20 rounds reach ~85%.
+  await page.waitForFunction(() => window.shoalProgress.some((e) => e.round >= 20), null,
+    { timeout: 300_000, polling: 500 });
+  const read = async (drawn) => {
+    await page.waitForFunction(() => document.getElementById('try-guess').textContent !== '', null, { timeout: 30_000 });
+    const guess = await page.textContent('#try-guess');
+    const status = await page.textContent('#try-status');
+    console.log(`${drawn}: ${guess} (${await page.textContent('#try-probs')}); ${status}`);
+    assert.match(status, /^Model version \d+, answered in \d+ ms in the worker\.$/);
+    return Number(guess.match(/reads a (\d)/)[1]);
+  };
+  await stroke(page, [[0.5, 0.2], [0.49, 0.8]]);
+  assert.equal(await read('a vertical bar'), 1);
+  await page.click('#pad-clear');
+  assert.equal(await page.textContent('#try-guess'), '', 'clearing the pad clears the answer');
+  const circle = Array.from({ length: 25 }, (_, i) => {
+    const a = (i / 24) * 2 * Math.PI;
+    return [0.5 + 0.22 * Math.sin(a), 0.5 - 0.32 * Math.cos(a)];
+  });
+  await stroke(page, circle);
+  assert.equal(await read('an oval'), 0);
 });

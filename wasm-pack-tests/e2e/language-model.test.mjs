@@ -4,7 +4,7 @@
 // the same model version, and that version's held-out loss is below the task's target (in
 // bits per byte). Meanwhile the researcher's dashboard evaluates the swarm's model in its
 // own worker: it shows the held-out loss against the target and a text the current model
-// wrote, updating as new versions arrive.
+// wrote, updating as new versions arrive; and the visitor tries the model in a prompt box.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -123,6 +123,23 @@ test('native and browser peers train the text task to its target on one version;
     maxPeers: Math.max(...history.map((e) => e.peers)) });
   const shown = await visitor.textContent('#stats dd[data-key="held-out bits per byte"]');
   assert.match(shown, /^\d\.\d{3}$/, 'the contributor page shows the held-out loss in bits per byte');
+
+  // The visitor tries the model their browser holds: a prompt box, answered in the worker.
+  assert.equal(await visitor.$eval('#try-image', (e) => e.hidden), true, 'a text task offers no drawing pad');
+  await visitor.fill('#try-prompt', 'The secret of a happy life is');
+  await visitor.click('#try-go');
+  await visitor.waitForFunction(() => document.getElementById('try-output-text').textContent.length > 0, null,
+    { timeout: 60_000 });
+  const tried = await visitor.evaluate(() => ({
+    prompt: document.getElementById('try-output-prompt').textContent,
+    text: document.getElementById('try-output-text').textContent,
+    status: document.getElementById('try-status').textContent,
+  }));
+  console.log(`the visitor's try: ${JSON.stringify(tried)}`);
+  assert.equal(tried.prompt, 'The secret of a happy life is');
+  assert.ok(tried.text.length >= 200, `the model wrote its 240 bytes: ${JSON.stringify(tried.text)}`);
+  const version = Number(tried.status.match(/^Model version (\d+), answered in \d+ ms in the worker\.$/)?.[1]);
+  assert.ok(version >= ROUNDS, `the swarm's trained model answered: ${tried.status}`);
 
   // The dashboard catches up with the final version.
   await dash.waitForFunction((v) => Number(document.getElementById('n-version').textContent) >= v, ROUNDS,

@@ -57,6 +57,11 @@ struct Eval {
 /// split would cost a text peer more time than its round's training.
 pub const ROUND_EVAL_PREDICTIONS: usize = 16_384;
 
+/// The longest prompt a visitor's try uses (its end).
+pub const TRY_PROMPT_BYTES: usize = 1024;
+/// Bytes a visitor's try writes.
+pub const TRY_BYTES: usize = 240;
+
 /// Reports go to the server at most this often: a peer alone closes many rounds a
 /// second, and one report each would run into the server's rate limit (50 messages a
 /// second) and get it disconnected.
@@ -259,6 +264,58 @@ impl SwarmTrainer {
             let eval = e.cpu.evaluate(&t.inputs, &t.labels, 64).ok();
             self.peer.set_evaluation(eval);
         }
+    }
+
+    /// The current model continues a visitor's `prompt` (at most [`TRY_PROMPT_BYTES`]; a
+    /// longer one keeps its end) by [`TRY_BYTES`] bytes, sampled at temperature 0.8 with
+    /// `seed`. An error for an image task, or before the peer holds a model.
+    pub fn try_text(&mut self, prompt: &[u8], seed: u64) -> Result<Vec<u8>, String> {
+        let cpu = self.try_backend()?;
+        let prompt = &prompt[prompt.len().saturating_sub(TRY_PROMPT_BYTES)..];
+        cpu.generate(prompt, TRY_BYTES, 0.8, seed)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The current model's class probabilities for one image given as bytes (0 black
+    /// .. 255 white, row-major, the task's input shape). An error for a language model,
+    /// an image of the wrong size, or before the peer holds a model.
+    pub fn classify(&mut self, pixels: &[u8]) -> Result<Vec<f32>, String> {
+        let cpu = self.try_backend()?;
+        let model = cpu.model().clone();
+        if model.is_language_model() {
+            return Err("a language model continues text; it does not classify images".into());
+        }
+        if pixels.len() != model.input_len() {
+            return Err(format!(
+                "an image of {} values, where the model takes {}",
+                pixels.len(),
+                model.input_len()
+            ));
+        }
+        let x = shoal_shared::engine::normalize_pixels(pixels);
+        let logits = cpu.logits(&x, 1);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return Err("the model's outputs are not finite".into());
+        }
+        let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+        let total: f32 = exp.iter().sum();
+        Ok(exp.iter().map(|e| e / total).collect())
+    }
+
+    /// The CPU backend loaded with the current model.
+    fn try_backend(&mut self) -> Result<&mut CpuBackend, String> {
+        if !self.peer.has_model() {
+            return Err("the peer holds no model yet: it is still joining the swarm".into());
+        }
+        let e = self
+            .eval
+            .as_mut()
+            .ok_or("this peer was started without the task's held-out data")?;
+        e.cpu
+            .set_params(self.peer.weights())
+            .map_err(|e| e.to_string())?;
+        Ok(&mut e.cpu)
     }
 
     /// The current model's held-out loss and accuracy over the whole held-out split (what

@@ -194,6 +194,38 @@ impl SwarmPeer {
         self.relay.drain()
     }
 
+    /// Tries the current model on a visitor's input, here in the worker (call it between
+    /// ticks). `kind` "text": `input` is the prompt's UTF-8 bytes; resolves to JSON
+    /// `{"version", "text"}`, the model's continuation. `kind` "image": `input` is the
+    /// picture's grey levels (0 black .. 255 white, row-major, the task's input shape);
+    /// JSON `{"version", "probabilities"}`, one per class. Nothing leaves the worker.
+    #[wasm_bindgen(js_name = tryModel)]
+    pub fn try_model(&self, kind: &str, input: Vec<u8>, seed: f64) -> Result<String, JsError> {
+        let mut inner = self.inner.borrow_mut();
+        let peer = inner
+            .as_mut()
+            .ok_or_else(|| JsError::new("the peer is busy with a round; try again"))?;
+        let version = peer.progress().round;
+        let out = match kind {
+            "text" => {
+                let text = peer
+                    .try_text(&input, seed as u64)
+                    .map_err(|e| JsError::new(&e))?;
+                serde_json::json!({ "version": version, "text": String::from_utf8_lossy(&text) })
+            }
+            "image" => {
+                let p = peer.classify(&input).map_err(|e| JsError::new(&e))?;
+                serde_json::json!({ "version": version, "probabilities": p })
+            }
+            other => {
+                return Err(JsError::new(&format!(
+                    "unknown kind {other:?} (text, image)"
+                )));
+            }
+        };
+        Ok(out.to_string())
+    }
+
     /// Takes in the events received so far, then advances training by one step (a whole
     /// round's local steps, or closing the round, or nothing while waiting). Resolves to
     /// the progress as JSON, with `"closed": true` when a round closed.
