@@ -121,6 +121,10 @@ test('native and browser peers train the text task to its target on one version;
   assert.ok(at, `the browser peer closed round ${ROUNDS}: ${JSON.stringify(history.slice(-3))}`);
   finals.push({ who: 'browser', round: at.round, bits: at.test_loss / Math.LN2,
     maxPeers: Math.max(...history.map((e) => e.peers)) });
+  // The worker's wasm memory only grows: its last size is its peak.
+  const peak = Math.max(...history.map((e) => e.wasm_memory_bytes));
+  console.log(`the browser peer's worker: wasm memory peak ${(peak / 2 ** 20).toFixed(1)} MiB`);
+  assert.ok(peak > 0 && peak < 256 * 2 ** 20, `the worker stays under 256 MiB of wasm memory: ${peak}`);
   const shown = await visitor.textContent('#stats dd[data-key="held-out bits per byte"]');
   assert.match(shown, /^\d\.\d{3}$/, 'the contributor page shows the held-out loss in bits per byte');
 

@@ -2,7 +2,7 @@
 // headless Chromium page, on the same data, batch and optimizer. Prints progress to
 // stderr and one JSON line of medians to stdout.
 //
-//   node xtask/bench-web/bench.mjs matmul|train
+//   node xtask/bench-web/bench.mjs matmul|train|lm
 //
 // Files are served from disk by request interception on http://localhost (a secure
 // context, so WebGPU is exposed); nothing goes to the network.
@@ -18,6 +18,7 @@ const ORIGIN = 'http://localhost:9';
 const mounts = {
   '/pkg/': join(root, 'www/pkg'),
   '/data/': join(root, 'data'),
+  '/tasks/': join(root, 'tasks'),
   '/tfjs/': join(here, 'node_modules/@tensorflow/tfjs/dist'),
   '/tfjs-wasm/': join(here, 'node_modules/@tensorflow/tfjs-backend-wasm/dist'),
   '/tfjs-webgpu/': join(here, 'node_modules/@tensorflow/tfjs-backend-webgpu/dist'),
@@ -95,6 +96,36 @@ const result = await page.evaluate(async ({ kind }) => {
     return out;
   }
 
+  if (kind === 'lm') {
+    // The demo language model (tasks/fortunes.toml) on its own data, batch and AdamW:
+    // training tokens per second on Shoal's wasm CPU backend and its WebGPU backend, and
+    // the module's linear memory (its peak: wasm memory only grows) after the CPU run.
+    const taskToml = await (await fetch('/tasks/fortunes.toml')).text();
+    const text = new Uint8Array(await (await fetch('/data/text/fortunes.txt')).arrayBuffer());
+    const plan = { cpu: [2, 5, 3], webgpu: [1, 1, 2] };
+    for (const backend of ['cpu', 'webgpu']) {
+      const before = shoal.wasmMemoryBytes();
+      try {
+        const [warm, steps, runs] = plan[backend];
+        const t = await shoal.BenchTrainer.task(taskToml, backend, [text]);
+        const tokens = t.predictionsPerStep();
+        t.run(warm); await t.loss();
+        const rates = [];
+        for (let r = 0; r < runs; r++) {
+          const t0 = performance.now(); t.run(steps); await t.loss();
+          rates.push(steps * tokens / ((performance.now() - t0) / 1000));
+        }
+        out[backend] = { tokens_per_s: median(rates), ran_on: t.backend(), wasm_memory_before: before,
+          wasm_memory_after: shoal.wasmMemoryBytes() };
+        t.free();
+      } catch (e) {
+        out[backend] = { error: String(e) };
+      }
+      log(`lm ${backend}: ${JSON.stringify(out[backend])}`);
+    }
+    return out;
+  }
+
   const images = new Uint8Array(await (await fetch('/data/digits/train-images.idx')).arrayBuffer());
   const labels = new Uint8Array(await (await fetch('/data/digits/train-labels.idx')).arrayBuffer());
   const n = labels.length - 8;
@@ -106,7 +137,7 @@ const result = await page.evaluate(async ({ kind }) => {
 
   async function shoalRate(model, backend) {
     const [warm, steps, runs] = plan[backend][model];
-    const t = await shoal.DigitsTrainer.create(model, backend, images, labels, BATCH, 1e-3);
+    const t = await shoal.BenchTrainer.digits(model, backend, images, labels, BATCH, 1e-3);
     t.run(warm); await t.loss();
     const rates = [];
     for (let r = 0; r < runs; r++) {

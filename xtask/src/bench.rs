@@ -370,15 +370,18 @@ fn train_lm(root: &Path) -> Result<Value> {
         },
         Err(e) => json!({ "error": e.to_string() }),
     };
+    let browser =
+        browser_bench(root, "lm").unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    println!("browser (Chromium, wasm CPU and WebGPU): {browser}");
     Ok(json!({
         "ratios": { "lm-native": ratio(&json!(shoal), &torch["tokens_per_s"]) },
         "native_gpu": gpu,
+        "browser": browser,
         "unit": "training tokens per second (median of 5 runs of 20 steps)",
         "model": { "parameters": model.param_len(), "blocks": blocks, "dim": dim, "heads": heads,
                    "context": ctx, "batch": batch },
         "native_cpu": { "shoal": shoal, "pytorch": torch, "threads": 1 },
-        "not_measured": "the browser (wasm CPU, WebGPU) and PyTorch on a GPU are not \
-                         taken by this benchmark yet",
+        "not_measured": "PyTorch on a GPU (lm-gpu): only where a GPU machine is lent",
     }))
 }
 

@@ -5,10 +5,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use shoal_shared::engine::gpu::MatmulRunner;
-use shoal_shared::engine::train::Trainer;
-use shoal_shared::engine::{AnyBackend, Backend};
+use shoal_shared::engine::train::{self, Samples, Trainer};
+use shoal_shared::engine::{AnyBackend, Backend, Model};
 use shoal_shared::gpu::Gpu;
 use shoal_shared::rng::SplitMix64;
+use shoal_shared::task::TaskSpec;
 use wasm_bindgen::prelude::*;
 
 mod observer;
@@ -37,6 +38,19 @@ pub(crate) fn now_ms() -> f64 {
         (Some(origin), Some(now)) => origin + now,
         _ => js_sys::Date::now(),
     }
+}
+
+/// The size of this module's linear memory in bytes: its peak, since wasm memory only
+/// grows.
+#[wasm_bindgen(js_name = wasmMemoryBytes)]
+pub fn wasm_memory_bytes() -> f64 {
+    wasm_bindgen::memory()
+        .dyn_into::<js_sys::WebAssembly::Memory>()
+        .map_or(0.0, |m| {
+            m.buffer()
+                .dyn_into::<js_sys::ArrayBuffer>()
+                .map_or(0.0, |b| f64::from(b.byte_length()))
+        })
 }
 
 /// Runs once when the module is instantiated.
@@ -74,36 +88,86 @@ pub async fn probe() -> String {
     value.to_string()
 }
 
-/// A training loop over the demo digits, driven from JavaScript: `run(steps)` enqueues
-/// steps, `loss()` waits for them and reads the loss back.
+/// A training loop for benchmarks, driven from JavaScript: `run(steps)` enqueues steps,
+/// `loss()` waits for them and reads the loss back.
 #[wasm_bindgen]
-pub struct DigitsTrainer {
+pub struct BenchTrainer {
     /// `None` while a `loss()` readback has the trainer (across its await).
     inner: Rc<RefCell<Option<Trainer<AnyBackend>>>>,
+    /// Predictions per training step (batch x positions).
+    predictions: usize,
+}
+
+async fn bench_gpu(backend: &str) -> Result<Option<Gpu>, JsError> {
+    match backend {
+        "webgpu" => Ok(Some(
+            Gpu::new().await.map_err(|e| JsError::new(&e.to_string()))?,
+        )),
+        "cpu" => Ok(None),
+        other => Err(JsError::new(&format!("unknown backend {other:?}"))),
+    }
 }
 
 #[wasm_bindgen]
-impl DigitsTrainer {
-    /// `model` is "mlp" or "cnn"; `backend` is "webgpu" or "cpu"; `images` and `labels`
-    /// are IDX files.
-    pub async fn create(
+impl BenchTrainer {
+    /// The demo digits: `model` is "mlp" or "cnn"; `backend` is "webgpu" or "cpu";
+    /// `images` and `labels` are IDX files.
+    pub async fn digits(
         model: String,
         backend: String,
         images: Vec<u8>,
         labels: Vec<u8>,
         batch: usize,
         lr: f32,
-    ) -> Result<DigitsTrainer, JsError> {
-        let gpu = match backend.as_str() {
-            "webgpu" => Some(Gpu::new().await.map_err(|e| JsError::new(&e.to_string()))?),
-            "cpu" => None,
-            other => return Err(JsError::new(&format!("unknown backend {other:?}"))),
-        };
+    ) -> Result<BenchTrainer, JsError> {
+        let gpu = bench_gpu(&backend).await?;
         let trainer = crate::digits_trainer(&model, gpu.as_ref(), &images, &labels, batch, lr, 1)
             .map_err(|e| JsError::new(&e))?;
         Ok(Self {
             inner: Rc::new(RefCell::new(Some(trainer))),
+            predictions: batch,
         })
+    }
+
+    /// A task file's model, data, batch and optimizer: `task` is the file's TOML, `files`
+    /// the bytes of its data files in the order the task lists them (`data.train`, then
+    /// `data.test`). The GPU backend falls back to the CPU for what WGSL does not cover,
+    /// as a peer does; `backend()` says which ran.
+    pub async fn task(
+        task: String,
+        backend: String,
+        files: Vec<js_sys::Uint8Array>,
+    ) -> Result<BenchTrainer, JsError> {
+        let task = TaskSpec::from_toml(&task).map_err(|e| JsError::new(&e.to_string()))?;
+        let gpu = bench_gpu(&backend).await?;
+        let bytes: Vec<Vec<u8>> = files.iter().map(js_sys::Uint8Array::to_vec).collect();
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let (data, _) = task
+            .datasets(&refs)
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        let model = Model::new(task.model.clone()).map_err(|e| JsError::new(&e.to_string()))?;
+        let batch = task.train.batch;
+        let backend = train::backend(
+            model.clone(),
+            gpu.as_ref(),
+            task.optimizer_at(0).map_err(|e| JsError::new(&e))?,
+            model.init_params(task.train.seed),
+            batch,
+        )
+        .map_err(|e| JsError::new(&e.to_string()))?;
+        let trainer = Trainer::new(backend, Samples::from_dataset(&data), batch, 1)
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(Self {
+            inner: Rc::new(RefCell::new(Some(trainer))),
+            predictions: batch * model.positions(),
+        })
+    }
+
+    /// Predictions per training step: the batch times the positions per sample (a
+    /// language model's context; 1 for images). Tokens per step for a language model.
+    #[wasm_bindgen(js_name = predictionsPerStep)]
+    pub fn predictions_per_step(&self) -> usize {
+        self.predictions
     }
 
     /// Runs (on WebGPU: enqueues) `steps` training steps.

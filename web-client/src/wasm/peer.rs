@@ -245,6 +245,7 @@ impl SwarmPeer {
             }
             let closed = peer.tick(&*relay, now_ms()).await;
             let mut progress = serde_json::to_value(peer.progress()).unwrap_or_default();
+            progress["wasm_memory_bytes"] = super::wasm_memory_bytes().into();
             if let Some(r) = relay.report.borrow_mut().take() {
                 progress["report"] = serde_json::to_value(r).unwrap_or_default();
             }
