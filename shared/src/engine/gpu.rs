@@ -228,10 +228,15 @@ impl Kernels {
         self.attention
             .entry((kind, head_dim))
             .or_insert_with(|| {
+                const STAGE_KV: &str = include_str!("kernels/attn_stage_kv.wgsl");
                 let body = match kind {
-                    Attention::Forward => include_str!("kernels/attn_fwd.wgsl"),
-                    Attention::BackwardQ => include_str!("kernels/attn_bwd_dq.wgsl"),
-                    Attention::BackwardKv => include_str!("kernels/attn_bwd_dkv.wgsl"),
+                    Attention::Forward => {
+                        format!("{}\n{STAGE_KV}", include_str!("kernels/attn_fwd.wgsl"))
+                    }
+                    Attention::BackwardQ => {
+                        format!("{}\n{STAGE_KV}", include_str!("kernels/attn_bwd_dq.wgsl"))
+                    }
+                    Attention::BackwardKv => include_str!("kernels/attn_bwd_dkv.wgsl").into(),
                 };
                 // Rows of keys (or queries) staged per tile: two tiles of KT x HD floats
                 // stay within WebGPU's default 16 KiB of workgroup memory.

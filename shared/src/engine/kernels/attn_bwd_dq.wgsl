@@ -39,18 +39,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let di = dd[row];
     let end = min(ctx, wid.x * 64u + 64u);
     for (var j0 = 0u; j0 < end; j0 += KT) {
-        for (var e = lid.x; e < KT * HD; e += 64u) {
-            let j = j0 + e / HD;
-            var kv = 0.0;
-            var vv = 0.0;
-            if (j < ctx) {
-                let at = (s * ctx + j) * 3u * dim + h * HD + e % HD;
-                kv = qkv[at + dim];
-                vv = qkv[at + 2u * dim];
-            }
-            kt[e] = kv;
-            vt[e] = vv;
-        }
+        stage_kv(j0, s, h, ctx, dim, lid.x);
         workgroupBarrier();
         for (var jj = 0u; jj < KT; jj++) {
             let j = j0 + jj;
