@@ -404,3 +404,31 @@ fn attackers_on_every_message_kind_never_get_a_poisoned_model_adopted() {
         settled(&clean)
     );
 }
+
+#[test]
+fn utilization_is_time_training_over_time_online() {
+    // A peer alone never waits for anyone: it trains all the time.
+    let mut single = scenario("single");
+    single.rounds = 5;
+    let r = run(&single);
+    assert!(r.utilization > 0.99, "alone: {}", r.utilization);
+    // In the swarm every peer trains the same steps per round and then waits for its
+    // neighbours: the slow peers' share of time training is the larger one.
+    let mut sc = scenario("iid-8");
+    sc.rounds = 5;
+    let r = run(&sc);
+    assert!(
+        r.utilization > 0.0 && r.utilization < 1.0,
+        "{}",
+        r.utilization
+    );
+    let mut by_speed = r.utilization_by_peer.clone();
+    by_speed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (slow, fast) = (by_speed[0], by_speed[by_speed.len() - 1]);
+    assert!(fast.0 > slow.0 && slow.1 > fast.1, "{by_speed:?}");
+    let t = r.rows.last().expect("rows").utilization;
+    assert!(
+        (t - r.utilization).abs() < 1e-9,
+        "the last row is the run's"
+    );
+}

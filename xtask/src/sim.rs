@@ -111,6 +111,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "final_bits_per_byte": report.rows.last().and_then(|r| r.bits_per_byte),
         "rounds": report.rows.last().map_or(0, |r| r.round),
         "samples_to_target": report.samples_to_target,
+        "time_to_target_s": report.time_to_target_s,
+        "utilization": report.utilization,
+        "utilization_by_peer": report.utilization_by_peer,
         "bytes_per_peer": report.final_bytes_per_peer(),
         "rejected_by_reason": report.rejected,
         "models_adopted": report.adopted,
@@ -131,7 +134,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 fn print_rows(sc: &Scenario, report: &sim::Report) {
     let text = sc.target_bits_per_byte.is_some();
     println!(
-        "{:>6} {:>9} {:>10} {:>9} {:>8} {:>14} {:>5} {:>8}",
+        "{:>6} {:>9} {:>10} {:>9} {:>8} {:>14} {:>5} {:>8} {:>6}",
         "round",
         "time s",
         "samples",
@@ -139,7 +142,8 @@ fn print_rows(sc: &Scenario, report: &sim::Report) {
         "loss",
         "bytes/peer",
         "live",
-        "apart"
+        "apart",
+        "busy"
     );
     // `apart`: how far honest peers' models are from their mean, relative to its norm.
     for r in &report.rows {
@@ -148,7 +152,7 @@ fn print_rows(sc: &Scenario, report: &sim::Report) {
             None => format!("{:.2}%", r.accuracy * 100.0),
         };
         println!(
-            "{:>6} {:>9.1} {:>10} {:>9} {:>8.4} {:>14.0} {:>5} {:>7.3}%",
+            "{:>6} {:>9.1} {:>10} {:>9} {:>8.4} {:>14.0} {:>5} {:>7.3}% {:>5.1}%",
             r.round,
             r.time_s,
             r.samples,
@@ -156,18 +160,39 @@ fn print_rows(sc: &Scenario, report: &sim::Report) {
             r.loss,
             r.bytes_per_peer,
             r.live,
-            r.disagreement * 100.0
+            r.disagreement * 100.0,
+            r.utilization * 100.0
         );
     }
     let target = match sc.target_bits_per_byte {
         Some(b) => format!("{b:.2} bits/byte"),
         None => format!("{:.1}%", sc.target * 100.0),
     };
-    match (report.samples_to_target, report.bytes_to_target) {
-        (Some(s), Some(b)) => {
-            println!("target {target} reached after {s} samples, {b:.0} bytes per peer")
+    match (
+        report.samples_to_target,
+        report.bytes_to_target,
+        report.time_to_target_s,
+    ) {
+        (Some(s), Some(b), Some(t)) => {
+            println!("target {target} reached after {s} samples, {b:.0} bytes per peer, {t:.1} s")
         }
         _ => println!("target {target} not reached"),
+    }
+    // `busy`: the honest peers' time training over their time online (utilization).
+    let by_peer = &report.utilization_by_peer;
+    let (slow, fast) = (
+        by_peer.iter().min_by(|a, b| a.0.total_cmp(&b.0)),
+        by_peer.iter().max_by(|a, b| a.0.total_cmp(&b.0)),
+    );
+    if let (Some(slow), Some(fast)) = (slow, fast) {
+        println!(
+            "utilization {:.1}% (slowest peer, {:.0} samples/s: {:.1}%; fastest, {:.0} samples/s: {:.1}%)",
+            report.utilization * 100.0,
+            slow.0,
+            slow.1 * 100.0,
+            fast.0,
+            fast.1 * 100.0
+        );
     }
 }
 

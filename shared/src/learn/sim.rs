@@ -367,6 +367,9 @@ pub struct Row {
     /// How far apart honest peers' models are: the root-mean-square distance of their
     /// weights from the mean of their weights, relative to that mean's norm.
     pub disagreement: f32,
+    /// Utilization so far: the honest peers' time training over their time online (all
+    /// their lives, departed ones included).
+    pub utilization: f64,
 }
 
 /// What a run measured.
@@ -390,6 +393,12 @@ pub struct Report {
     /// Of those, models far from every other honest peer's (farther from their mean
     /// than half its norm): a poisoned model got through.
     pub poisoned_adoptions: u64,
+    /// Virtual seconds until the target was first reached.
+    pub time_to_target_s: Option<f64>,
+    /// Utilization over the whole run (time training / time online, honest peers).
+    pub utilization: f64,
+    /// Each honest peer online at the end: its speed (samples/s) and utilization.
+    pub utilization_by_peer: Vec<(f64, f64)>,
 }
 
 impl Report {
@@ -442,6 +451,19 @@ struct SimPeer {
     first_update: Option<Vec<u8>>,
     /// The time a wake-up is scheduled for, if any.
     wake_at: Option<u64>,
+    /// When this life of the slot began (virtual microseconds).
+    born: u64,
+    /// Virtual time spent training, including the training under way.
+    busy: u64,
+    /// When the training under way ends.
+    busy_until: u64,
+}
+
+impl SimPeer {
+    /// Time spent training up to `t` (what is under way counts up to `t`).
+    fn busy_at(&self, t: u64) -> u64 {
+        self.busy - self.busy_until.saturating_sub(t)
+    }
 }
 
 enum Ev {
@@ -521,6 +543,8 @@ struct Sim<'a> {
     /// The held-out samples evaluated (a language model's: a spread subset of windows).
     held_out: Samples,
     rows: Vec<Row>,
+    /// Training time and time online of honest peers that have left.
+    departed: (u64, u64),
 }
 
 /// Held-out predictions evaluated per model (a text window holds one per position).
@@ -559,6 +583,7 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         eval,
         held_out: test.spread(EVAL_PREDICTIONS / test.positions.max(1)),
         rows: Vec::new(),
+        departed: (0, 0),
     };
     sim.start()?;
     while let Some(s) = sim.queue.pop() {
@@ -683,6 +708,9 @@ impl Sim<'_> {
             own_lie: None,
             first_update: None,
             wake_at: None,
+            born: self.t,
+            busy: 0,
+            busy_until: 0,
         })
     }
 
@@ -941,6 +969,9 @@ impl Sim<'_> {
         let local = p.backend.params_slice().to_vec();
         let epoch = p.epoch;
         let secs = f64::from(samples) / p.speed;
+        let us = (secs * US).round() as u64;
+        p.busy += us;
+        p.busy_until = self.t + us;
         self.at(
             secs,
             Ev::TrainDone {
@@ -1053,6 +1084,7 @@ impl Sim<'_> {
                 .filter(|p| p.peer.has_model())
                 .count(),
             disagreement,
+            utilization: self.utilization(),
         });
     }
 
@@ -1105,6 +1137,10 @@ impl Sim<'_> {
             let Some(old) = self.peers[slot].take() else {
                 continue;
             };
+            if !old.attacker {
+                self.departed.0 += old.busy_at(self.t);
+                self.departed.1 += self.t - old.born;
+            }
             for (why, n) in &old.peer.learner().stats.rejected {
                 *self.rejected.entry(why.as_str().to_string()).or_default() += n;
             }
@@ -1236,6 +1272,16 @@ impl Sim<'_> {
         }
     }
 
+    /// Honest peers' time training over their time online, so far.
+    fn utilization(&self) -> f64 {
+        let (mut busy, mut online) = self.departed;
+        for p in self.peers.iter().flatten().filter(|p| !p.attacker) {
+            busy += p.busy_at(self.t);
+            online += self.t - p.born;
+        }
+        busy as f64 / online.max(1) as f64
+    }
+
     fn report(&self) -> Report {
         // The target counts as reached when the mean of three consecutive evaluations
         // reaches it, so that one lucky evaluation does not decide.
@@ -1269,6 +1315,18 @@ impl Sim<'_> {
             version_spread: rounds.iter().max().unwrap_or(&0) - rounds.iter().min().unwrap_or(&0),
             adopted: self.adopted,
             poisoned_adoptions: self.poisoned,
+            time_to_target_s: hit.map(|r| r.time_s),
+            utilization: self.utilization(),
+            utilization_by_peer: self
+                .peers
+                .iter()
+                .flatten()
+                .filter(|p| !p.attacker)
+                .map(|p| {
+                    let online = (self.t - p.born).max(1) as f64;
+                    (p.speed, p.busy_at(self.t) as f64 / online)
+                })
+                .collect(),
         }
     }
 }
