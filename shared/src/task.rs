@@ -795,13 +795,13 @@ mod tests {
                 "images",
             ),
             (
-                "target_bits_per_byte = 2.6",
+                "target_bits_per_byte = 3.2",
                 "target_bits_per_byte = 9.0",
                 "train.target_bits_per_byte",
                 "outside",
             ),
             (
-                "target_bits_per_byte = 2.6",
+                "target_bits_per_byte = 3.2",
                 "target_accuracy = 0.5",
                 "train.target_accuracy",
                 "bits_per_byte",
