@@ -452,3 +452,42 @@ fn a_signer_screened_in_half_of_its_recent_updates_is_dropped_until_it_behaves()
     }
     assert!(!b.distrusts(&key));
 }
+
+#[test]
+fn peers_holding_one_set_of_updates_compute_one_model_bit_for_bit() {
+    // Four peers at one version, each trained to its own local weights; each receives the
+    // other three updates in its own order. Floating-point sums depend on their order,
+    // so this holds only because every peer aggregates in one order (by signer).
+    let start: Vec<f32> = vec![0.5; 64];
+    let mut rng = crate::rng::SplitMix64::new(9);
+    let locals: Vec<Vec<f32>> = (0..4)
+        .map(|_| {
+            (0..64)
+                .map(|_| 0.5 + 1e3 * (rng.unit_f32() - 0.5) * rng.unit_f32().powi(8))
+                .collect()
+        })
+        .collect();
+    let mut peers: Vec<Learner> = (0..4)
+        .map(|i| weights_peer(10 + i as u8, start.clone()))
+        .collect();
+    let updates: Vec<Vec<u8>> = peers
+        .iter_mut()
+        .zip(&locals)
+        .map(|(p, l)| p.local_update(l, 64, 0.0).expect("finite"))
+        .collect();
+    for (i, p) in peers.iter_mut().enumerate() {
+        // Peer i hears from i+1, i+2, i+3 in that order (a different order each).
+        for k in 1..4 {
+            p.receive(&updates[(i + k) % 4]).expect("valid update");
+        }
+        assert_eq!(p.finish_round().used, 3);
+    }
+    for p in &peers[1..] {
+        let same = p
+            .weights()
+            .iter()
+            .zip(peers[0].weights())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "one set of updates, one model");
+    }
+}
