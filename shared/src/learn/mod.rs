@@ -835,15 +835,6 @@ impl Learner {
             signers.push(Some(p.key));
             summary.used += 1;
         }
-        // Every peer aggregates the same updates in the same order: by signer, our own
-        // key among them. Floating-point sums depend on their order, so peers that hold
-        // one set of updates (in weights mode: one version) then compute one model, bit
-        // for bit, whatever order the updates arrived in.
-        let own_key = self.id.public();
-        let mut order: Vec<usize> = (0..updates.len()).collect();
-        order.sort_by_key(|&i| signers[i].unwrap_or(own_key));
-        let updates: Vec<(&[f32], f32)> = order.iter().map(|&i| updates[i]).collect();
-        let signers: Vec<Option<PublicKey>> = order.iter().map(|&i| signers[i]).collect();
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
             let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &mut g);
