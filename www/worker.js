@@ -105,6 +105,10 @@ self.addEventListener('message', (event) => {
       if (msg.duty) duty = msg.duty;
       contribute(msg.task, msg.secret).catch((e) => {
         peer = null;
+        if (tryRequest) {
+          post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });
+          tryRequest = null;
+        }
         post({ type: 'error', message: errorText(e) });
       });
     } else if (msg.type === 'net') {
@@ -112,8 +116,8 @@ self.addEventListener('message', (event) => {
       else if (msg.kind === 'task_state') taskPaused = msg.paused;
       else early.push(msg);
     } else if (msg.type === 'try') {
-      if (!(msg.input instanceof Uint8Array) || msg.input.length > 4096) {
-        post({ type: 'tried', id: msg.id, error: 'the input is not bytes, or longer than 4 KiB' });
+      if (!(msg.input instanceof Uint8Array) || msg.input.length > 1 << 20) {
+        post({ type: 'tried', id: msg.id, error: 'the input is not bytes, or longer than 1 MiB' });
       } else if (!peer) {
         post({ type: 'tried', id: msg.id, error: 'Shoal has no model here yet: contribute first, and try it once it has joined.' });
       } else {
@@ -126,6 +130,10 @@ self.addEventListener('message', (event) => {
       duty = Math.min(1, Math.max(0.05, msg.duty));
     } else if (msg.type === 'stop') {
       peer = null;
+      if (tryRequest) {
+        post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });
+        tryRequest = null;
+      }
     }
   } catch (e) {
     post({ type: 'error', message: errorText(e) });

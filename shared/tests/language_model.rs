@@ -265,7 +265,11 @@ fn text_scenarios_are_validated_with_the_field_named() {
 
 #[test]
 fn a_spread_subset_is_evenly_spaced_and_keeps_whole_windows() {
-    let data = text_samples(&"abcdefgh".repeat(40), 8);
+    // Forty different windows: window i is eight copies of the letter i (mod 26).
+    let text: String = (0..320)
+        .map(|i| char::from(b'a' + (i / 8 % 26) as u8))
+        .collect();
+    let data = text_samples(&text, 8);
     let n = data.len();
     let sub = data.spread(4);
     assert_eq!(sub.len(), 4);

@@ -275,6 +275,8 @@ fn scenario_files_are_validated_with_the_field_named() {
     assert!(err.contains("peers"), "{err}");
     let err = Scenario::from_toml(&format!("{good}\nbogus = 1\n")).expect_err("unknown field");
     assert!(err.contains("bogus"), "{err}");
+    let err = Scenario::from_toml(&good.replace("target = 0.95", "")).expect_err("no target");
+    assert!(err.contains("target"), "{err}");
 }
 
 #[test]

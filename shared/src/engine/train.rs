@@ -94,8 +94,8 @@ impl Samples {
         }
     }
 
-    /// At most `max` samples, evenly spaced over the set in order (all of them when there
-    /// are no more): a fixed, representative subset, so that evaluations of successive
+    /// At most `max` samples (at least one), evenly spaced over the set in order (all
+    /// of them when there are no more): a fixed, representative subset, so that evaluations of successive
     /// models on it are comparable.
     pub fn spread(&self, max: usize) -> Samples {
         let n = self.len();

@@ -42,7 +42,8 @@ pub struct Scenario {
     pub peers: usize,
     /// The run ends when the swarm's mean round reaches this.
     pub rounds: u64,
-    /// Held-out accuracy the report measures samples and bytes to (image tasks).
+    /// Held-out accuracy the report measures samples and bytes to (image tasks:
+    /// required there, in (0, 1]).
     #[serde(default)]
     pub target: f32,
     /// Held-out loss in bits per byte the report measures samples and bytes to (text
@@ -321,7 +322,16 @@ impl Scenario {
             (false, Some(_)) => {
                 return Err("target_bits_per_byte: only for a language model".into());
             }
-            (false, None) => {}
+            (false, None) if self.target > 0.0 && self.target <= 1.0 => {}
+            (false, None) => {
+                return Err(format!(
+                    "target: {} outside (0, 1] (an image model's target accuracy)",
+                    self.target
+                ));
+            }
+        }
+        if model.is_language_model() && self.train.shift > 0 {
+            return Err("train.shift: shifts images, not text".into());
         }
         if let DataSplit::LabelSkew { .. } = self.data
             && model.is_language_model()
