@@ -52,11 +52,6 @@ struct Eval {
     each_round: Samples,
 }
 
-/// Held-out predictions a peer evaluates after each round (a text window holds one per
-/// position: 256 windows of the demo LM; the digits' 2,000 test images all fit). The whole
-/// split would cost a text peer more time than its round's training.
-pub const ROUND_EVAL_PREDICTIONS: usize = 16_384;
-
 /// The longest prompt a visitor's try uses (its end).
 pub const TRY_PROMPT_BYTES: usize = 1024;
 /// Bytes a visitor's try writes.
@@ -107,7 +102,7 @@ impl SwarmTrainer {
             Some(full) => Some(Eval {
                 cpu: CpuBackend::new(model, Optimizer::adam(task.train.lr), init)
                     .map_err(|e| e.to_string())?,
-                each_round: full.spread(ROUND_EVAL_PREDICTIONS / full.positions.max(1)),
+                each_round: full.round_eval_subset(),
                 full,
             }),
             None => None,

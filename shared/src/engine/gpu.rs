@@ -151,19 +151,34 @@ struct LmKernels {
 
 impl LmKernels {
     fn new(device: &wgpu::Device) -> Self {
-        let op = |label: &str, body: &str| pipeline(device, label, &format!("{PRELUDE}\n{body}"));
         Self {
-            embed_fwd: op("embed_fwd", include_str!("kernels/embed_fwd.wgsl")),
-            embed_bwd_pos: op("embed_bwd_pos", include_str!("kernels/embed_bwd_pos.wgsl")),
-            embed_bwd_tok: op("embed_bwd_tok", include_str!("kernels/embed_bwd_tok.wgsl")),
-            ln_fwd: op("ln_fwd", include_str!("kernels/ln_fwd.wgsl")),
-            ln_bwd: op("ln_bwd", include_str!("kernels/ln_bwd.wgsl")),
-            ln_dgain: op("ln_dgain", include_str!("kernels/ln_dgain.wgsl")),
-            gelu_fwd: op("gelu_fwd", include_str!("kernels/gelu_fwd.wgsl")),
-            gelu_bwd: op("gelu_bwd", include_str!("kernels/gelu_bwd.wgsl")),
-            add: op("add", include_str!("kernels/add.wgsl")),
-            attn_rowdot: op("attn_rowdot", include_str!("kernels/attn_rowdot.wgsl")),
-            sumsq: op("sumsq", include_str!("kernels/sumsq.wgsl")),
+            embed_fwd: prelude_pipeline(
+                device,
+                "embed_fwd",
+                include_str!("kernels/embed_fwd.wgsl"),
+            ),
+            embed_bwd_pos: prelude_pipeline(
+                device,
+                "embed_bwd_pos",
+                include_str!("kernels/embed_bwd_pos.wgsl"),
+            ),
+            embed_bwd_tok: prelude_pipeline(
+                device,
+                "embed_bwd_tok",
+                include_str!("kernels/embed_bwd_tok.wgsl"),
+            ),
+            ln_fwd: prelude_pipeline(device, "ln_fwd", include_str!("kernels/ln_fwd.wgsl")),
+            ln_bwd: prelude_pipeline(device, "ln_bwd", include_str!("kernels/ln_bwd.wgsl")),
+            ln_dgain: prelude_pipeline(device, "ln_dgain", include_str!("kernels/ln_dgain.wgsl")),
+            gelu_fwd: prelude_pipeline(device, "gelu_fwd", include_str!("kernels/gelu_fwd.wgsl")),
+            gelu_bwd: prelude_pipeline(device, "gelu_bwd", include_str!("kernels/gelu_bwd.wgsl")),
+            add: prelude_pipeline(device, "add", include_str!("kernels/add.wgsl")),
+            attn_rowdot: prelude_pipeline(
+                device,
+                "attn_rowdot",
+                include_str!("kernels/attn_rowdot.wgsl"),
+            ),
+            sumsq: prelude_pipeline(device, "sumsq", include_str!("kernels/sumsq.wgsl")),
         }
     }
 }
@@ -195,19 +210,35 @@ fn pipeline(device: &wgpu::Device, label: &str, source: &str) -> wgpu::ComputePi
     })
 }
 
+/// A kernel from `body` after the shared prelude (`ops.wgsl`: the uniform block, helpers).
+fn prelude_pipeline(device: &wgpu::Device, label: &str, body: &str) -> wgpu::ComputePipeline {
+    pipeline(device, label, &format!("{PRELUDE}\n{body}"))
+}
+
 impl Kernels {
     fn new(device: &wgpu::Device) -> Self {
-        let op = |label: &str, body: &str| pipeline(device, label, &format!("{PRELUDE}\n{body}"));
         Self {
-            im2col: op("im2col", include_str!("kernels/im2col.wgsl")),
-            col2im: op("col2im", include_str!("kernels/col2im.wgsl")),
-            pool_fwd: op("pool_fwd", include_str!("kernels/pool_fwd.wgsl")),
-            pool_bwd: op("pool_bwd", include_str!("kernels/pool_bwd.wgsl")),
-            relu_fwd: op("relu_fwd", include_str!("kernels/relu_fwd.wgsl")),
-            relu_mask: op("relu_mask", include_str!("kernels/relu_mask.wgsl")),
-            colsum: op("colsum", include_str!("kernels/colsum.wgsl")),
-            softmax_ce: op("softmax_ce", include_str!("kernels/softmax_ce.wgsl")),
-            finite_check: op("finite_check", include_str!("kernels/finite_check.wgsl")),
+            im2col: prelude_pipeline(device, "im2col", include_str!("kernels/im2col.wgsl")),
+            col2im: prelude_pipeline(device, "col2im", include_str!("kernels/col2im.wgsl")),
+            pool_fwd: prelude_pipeline(device, "pool_fwd", include_str!("kernels/pool_fwd.wgsl")),
+            pool_bwd: prelude_pipeline(device, "pool_bwd", include_str!("kernels/pool_bwd.wgsl")),
+            relu_fwd: prelude_pipeline(device, "relu_fwd", include_str!("kernels/relu_fwd.wgsl")),
+            relu_mask: prelude_pipeline(
+                device,
+                "relu_mask",
+                include_str!("kernels/relu_mask.wgsl"),
+            ),
+            colsum: prelude_pipeline(device, "colsum", include_str!("kernels/colsum.wgsl")),
+            softmax_ce: prelude_pipeline(
+                device,
+                "softmax_ce",
+                include_str!("kernels/softmax_ce.wgsl"),
+            ),
+            finite_check: prelude_pipeline(
+                device,
+                "finite_check",
+                include_str!("kernels/finite_check.wgsl"),
+            ),
             optimizer: pipeline(device, "optimizer", include_str!("kernels/optimizer.wgsl")),
             lm: None,
             matmul: HashMap::new(),
@@ -245,7 +276,7 @@ impl Kernels {
                     .replace("{{HD}}", &head_dim.to_string())
                     .replace("{{KTHD}}", &(kt * head_dim).to_string())
                     .replace("{{KT}}", &kt.to_string());
-                pipeline(device, "attention", &format!("{PRELUDE}\n{src}"))
+                prelude_pipeline(device, "attention", &src)
             })
             .clone()
     }

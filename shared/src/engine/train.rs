@@ -19,6 +19,11 @@ pub fn swarm_lr(lr: f32, round: u64, decay_rounds: u64) -> f32 {
     lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * x).cos()))
 }
 
+/// Held-out predictions a peer evaluates after each round (a text window holds one per
+/// position: 256 windows of the demo LM; the digits' 2,000 test images all fit). The whole
+/// split would cost a text peer more time than its round's training.
+pub const ROUND_EVAL_PREDICTIONS: usize = 16_384;
+
 /// A data set as the engine consumes it: normalized inputs (or token ids) and labels.
 #[derive(Clone, Debug)]
 pub struct Samples {
@@ -92,6 +97,12 @@ impl Samples {
             x.extend_from_slice(&self.inputs[i * self.dim..(i + 1) * self.dim]);
             y.extend_from_slice(&self.labels[i * per..(i + 1) * per]);
         }
+    }
+
+    /// The fixed held-out subset a peer evaluates after every round: at most
+    /// [`ROUND_EVAL_PREDICTIONS`] predictions, evenly spaced (see [`spread`](Self::spread)).
+    pub fn round_eval_subset(&self) -> Samples {
+        self.spread(ROUND_EVAL_PREDICTIONS / self.positions.max(1))
     }
 
     /// At most `max` samples (at least one), evenly spaced over the set in order (all

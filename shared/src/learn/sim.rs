@@ -557,9 +557,6 @@ struct Sim<'a> {
     departed: (u64, u64),
 }
 
-/// Held-out predictions evaluated per model (a text window holds one per position).
-const EVAL_PREDICTIONS: usize = 16_384;
-
 const US: f64 = 1e6;
 
 /// Runs a scenario on `train`, measuring held-out accuracy on `test`.
@@ -591,7 +588,8 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         adopted: 0,
         poisoned: 0,
         eval,
-        held_out: test.spread(EVAL_PREDICTIONS / test.positions.max(1)),
+        // The subset real peers evaluate after each round.
+        held_out: test.round_eval_subset(),
         rows: Vec::new(),
         departed: (0, 0),
     };
