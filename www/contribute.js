@@ -230,12 +230,15 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     const cost = $('cost');
     if (cost) {
       const c = d.cost;
-      cost.textContent = `Joining downloads ${fmtBytes(c.download_bytes)} of training data once. `
-        + `Each round your device runs ${c.local_steps_per_round} training steps of ${c.batch} samples on a model of `
-        + `${c.parameters.toLocaleString('en')} parameters, then sends up to ${fmtBytes(c.bytes_per_round)} of compressed `
+      const model = `a model of ${c.parameters.toLocaleString('en')} parameters`;
+      const round = c.round_ms > 0
+        ? `Your device trains ${model} without pause, at its own pace, and every ${c.round_ms / 1000} s of training `
+        : `Each round your device runs ${c.local_steps_per_round} training steps of ${c.batch} samples on ${model}, then `;
+      cost.textContent = `Joining downloads ${fmtBytes(c.download_bytes)} of training data once. ${round}`
+        + `sends up to ${fmtBytes(c.bytes_per_round)} of compressed `
         + `updates to up to ${c.max_neighbours} other visitors and receives as much`
         + (c.bytes_per_hour == null ? '; the page shows the data per hour once it runs. '
-          : ` (at the swarm's current pace, up to ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
+          : ` (${c.round_ms > 0 ? 'at most' : "at the swarm's current pace, up to"} ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
         + 'Use the throttle to train less often.';
     }
     tryTheModel(worker, d);

@@ -296,13 +296,16 @@ impl TaskSpec {
                 momentum: 0.0,
                 lr: 1e-3,
                 shift: 2,
-                lr_decay_rounds: 150,
+                lr_decay_rounds: 30,
                 target_accuracy: 0.95,
                 target_bits_per_byte: None,
                 weight_decay: None,
                 clip: None,
             },
-            learn: LearnConfig::default(),
+            learn: LearnConfig {
+                round_ms: 1_000,
+                ..LearnConfig::default()
+            },
             privacy: PrivacySpec {},
         }
     }

@@ -434,3 +434,29 @@ fn utilization_is_time_training_over_time_online() {
         "the last row is the run's"
     );
 }
+
+#[test]
+fn rounds_sized_in_time_keep_every_peer_training_and_reach_the_target_sooner() {
+    // A 10x spread of speeds on home links (uplinks 1-20 Mbit/s, one-way latency
+    // 25-150 ms): in rounds of 20 steps every peer waits for the slowest link and trains
+    // a few percent of the time; in rounds sized in time none waits.
+    let mut timed = scenario("hetero-8");
+    timed.rounds = 4;
+    let t = run(&timed);
+    for (speed, share) in &t.utilization_by_peer {
+        assert!(*share >= 0.9, "a peer at {speed} samples/s: {share}");
+    }
+    let mut steps = scenario("hetero-8-steps");
+    steps.rounds = 40;
+    let s = run(&steps);
+    assert!(s.utilization < 0.1, "{}", s.utilization);
+    let (tt, ts) = (
+        t.time_to_target_s.expect("rounds in time reach the target"),
+        s.time_to_target_s
+            .expect("rounds in steps reach the target"),
+    );
+    assert!(
+        tt * 3.0 < ts,
+        "time to target: {tt} s in time, {ts} s in steps"
+    );
+}

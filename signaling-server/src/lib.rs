@@ -258,20 +258,26 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         "max_neighbours": max_neighbours,
         "bytes_per_round": update * max_neighbours,
         "local_steps_per_round": task.learn.local_steps,
+        "round_ms": task.learn.round_ms,
         "batch": task.train.batch,
     })
 }
 
-/// Adds the swarm's current pace to a task's cost: rounds per hour at the median peer's
-/// throughput (`samples_per_s` / (local steps x batch)), and the upload per hour that
-/// makes at most; `null` while no peer reports training.
+/// Adds the swarm's pace to a task's cost: rounds per hour at the median peer's
+/// throughput (`samples_per_s` / (local steps x batch)), `null` while no peer reports
+/// training; for rounds sized in time at most one per `round_ms`, whatever the pace. And
+/// the upload per hour that makes at most.
 fn with_pace(
     mut cost: serde_json::Value,
     task: &TaskSpec,
     samples_per_s: Option<f64>,
 ) -> serde_json::Value {
     let per_round = (task.learn.local_steps as f64 * task.train.batch as f64).max(1.0);
-    let rounds = samples_per_s.map(|r| (3600.0 * r / per_round).round());
+    let rounds = if task.learn.timed() {
+        Some((3_600_000.0 / f64::from(task.learn.round_ms)).floor())
+    } else {
+        samples_per_s.map(|r| (3600.0 * r / per_round).round())
+    };
     let bytes = rounds
         .zip(cost["bytes_per_round"].as_f64())
         .map(|(n, b)| (n * b).round());

@@ -1172,7 +1172,10 @@ async fn the_swarm_view_is_bounded() {
 
 #[tokio::test]
 async fn the_task_description_states_the_swarms_pace() {
-    let s = start(config()).await;
+    // The demo task in rounds of 20 steps: its pace is the swarm's.
+    let mut c = base(config(), None, &["digits"]);
+    c.tasks[0].learn.round_ms = 0;
+    let s = start_config(c).await;
     let cost = |body: String| -> Value {
         let json: Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body"))
             .expect("task description is JSON");
@@ -1203,4 +1206,19 @@ async fn the_task_description_states_the_swarms_pace() {
     let per_hour = busy["bytes_per_hour"].as_f64().expect("bytes per hour");
     let per_round_bytes = busy["bytes_per_round"].as_f64().expect("bytes per round");
     assert_eq!(per_hour, (rounds * per_round_bytes).round());
+}
+
+#[tokio::test]
+async fn rounds_sized_in_time_bound_the_cost_per_hour_before_anyone_trains() {
+    // The demo task sends an update at most once per `round_ms` (1 s): 3,600 rounds an
+    // hour at most, whatever peers report.
+    let s = start(config()).await;
+    let body = http_get(s.addr, "/api/tasks/digits").await;
+    let json: Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON");
+    let cost = &json["cost"];
+    assert_eq!(cost["round_ms"], 1000);
+    assert_eq!(cost["rounds_per_hour"].as_f64(), Some(3600.0), "{cost}");
+    let per_round = cost["bytes_per_round"].as_f64().expect("bytes per round");
+    assert_eq!(cost["bytes_per_hour"].as_f64(), Some(3600.0 * per_round));
 }

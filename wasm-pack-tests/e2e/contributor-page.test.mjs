@@ -91,8 +91,9 @@ test('a visitor draws digits on the pad and the model their browser trains reads
   assert.equal(await page.$eval('#try-card', (e) => e.hidden), false, 'an image task offers the pad');
   assert.equal(await page.$eval('#try-text', (e) => e.hidden), true, 'and no prompt box');
   await page.click('#consent');
-  // Alone, the visitor's peer trains the digits by itself; 20 rounds reach ~85%.
-  await page.waitForFunction(() => window.shoalProgress.some((e) => e.round >= 20), null,
+  // Alone, the visitor's peer trains the digits by itself; 5 rounds (5 s of training)
+  // reach about 90%.
+  await page.waitForFunction(() => window.shoalProgress.some((e) => e.round >= 5), null,
     { timeout: 300_000, polling: 500 });
   const read = async (drawn) => {
     await page.waitForFunction(() => document.getElementById('try-guess').textContent !== '', null, { timeout: 30_000 });

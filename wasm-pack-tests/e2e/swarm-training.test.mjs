@@ -13,8 +13,9 @@ import { startServer, launchBrowser, webrtcPage } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const peerBin = process.env.SHOAL_PEER_BIN ?? join(root, 'target/release/shoal-peer');
-// The demo task's learning rate settles over 150 rounds; a few more to finish there.
-const ROUNDS = Number(process.env.SHOAL_SWARM_ROUNDS ?? 160);
+// The demo task's learning rate settles over 30 rounds (of a second's training each);
+// a few more to finish there.
+const ROUNDS = Number(process.env.SHOAL_SWARM_ROUNDS ?? 35);
 const TARGET = 0.95;
 
 let server;

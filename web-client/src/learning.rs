@@ -201,12 +201,14 @@ impl SwarmTrainer {
     }
 
     /// Advances the peer: runs the local training it asks for and closes rounds; returns
-    /// the round's summary when a round closed.
+    /// the round's summary when a round closed. `clock` gives the time in milliseconds
+    /// (read again after training, which takes a while).
     pub async fn tick(
         &mut self,
         net: &impl Transport,
-        now_ms: f64,
+        clock: impl Fn() -> f64,
     ) -> Result<Option<RoundSummary>, EngineError> {
+        let now_ms = clock();
         self.peer.tick(now_ms);
         let mut todo: Vec<Output> = std::mem::take(&mut self.pending);
         todo.extend(self.flush(net));
@@ -214,9 +216,13 @@ impl SwarmTrainer {
         while !todo.is_empty() {
             for o in std::mem::take(&mut todo) {
                 match o {
-                    Output::Train { round, steps } => {
-                        let (local, loss, samples) = self.train(round, steps).await?;
-                        if let Err(e) = self.peer.trained(round, &local, loss, samples, now_ms) {
+                    Output::Train {
+                        round,
+                        steps,
+                        resume,
+                    } => {
+                        let (local, loss, samples) = self.train(round, steps, resume).await?;
+                        if let Err(e) = self.peer.trained(round, &local, loss, samples, clock()) {
                             return Err(EngineError::BadParams(e.to_string()));
                         }
                     }
@@ -237,9 +243,17 @@ impl SwarmTrainer {
         Ok(closed)
     }
 
-    /// `steps` inner steps from the round-start weights at the round's learning rate.
-    async fn train(&mut self, round: u64, steps: u32) -> Result<(Vec<f32>, f32, u32), EngineError> {
-        self.trainer.backend.load_weights(self.peer.weights())?;
+    /// `steps` inner steps at the round's learning rate, from what the peer says (or on
+    /// from where the last ones ended, `resume`).
+    async fn train(
+        &mut self,
+        round: u64,
+        steps: u32,
+        resume: bool,
+    ) -> Result<(Vec<f32>, f32, u32), EngineError> {
+        if !resume {
+            self.trainer.backend.load_weights(self.peer.train_from())?;
+        }
         self.trainer
             .backend
             .set_learning_rate(self.task.lr_at(round))?;

@@ -101,7 +101,7 @@ fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
     if reexec_in_netns("three_native_peers_train_together_over_webrtc_on_one_model_version") {
         return;
     }
-    const ROUNDS: u64 = 100;
+    const ROUNDS: u64 = 20;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -150,9 +150,9 @@ fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
             used >= ROUNDS,
             "peer {i} used only {used} neighbour updates"
         );
-        // The swarm's accuracy target (95%) is asserted for the five-peer swarm of the
-        // end-to-end tests; three peers get there too, in more rounds than CI should spend.
-        assert!(acc >= 0.9, "peer {i} ended at {acc}");
+        // The task's target: 20 rounds sized in time (a second of training each) get
+        // three peers there (96.1% in the last run here).
+        assert!(acc >= 0.95, "peer {i} ended at {acc}");
         assert!(
             child.wait().expect("exits").success(),
             "peer {i} exits cleanly"

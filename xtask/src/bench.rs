@@ -16,6 +16,11 @@
 //!   sends on the same kind of data channel, natively (`web-client/examples/
 //!   datachannel_bench.rs`) and in Chromium (`bench-web/datachannel.mjs`), both on
 //!   loopback inside a network namespace (`framing-vs-raw-native`, `framing-vs-raw-browser`).
+//! - `swarm`: how much of its peers' compute the real swarm uses (`bench-web/swarm.mjs`):
+//!   native peers on the demo task, first each alone (its own server) all at once, then
+//!   together; `swarm-utilization` (swarm samples/s over solo samples/s) and
+//!   `time-to-target` (one peer's time to the task's target over the swarm's), with
+//!   bytes per peer per hour.
 
 use std::path::Path;
 use std::process::Command;
@@ -33,13 +38,14 @@ use shoal_shared::rng::SplitMix64;
 use crate::{data, root, run_cmd, setup, web};
 
 /// Every benchmark this runner knows.
-pub(crate) const NAMES: [&str; 6] = [
+pub(crate) const NAMES: [&str; 7] = [
     "matmul",
     "train-throughput",
     "train-lm",
     "signaling",
     "communication",
     "datachannel",
+    "swarm",
 ];
 
 const BATCH: usize = 64;
@@ -60,6 +66,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "signaling" => crate::bench_signaling::signaling(&root)?,
         "communication" => crate::sim::communication(&root)?,
         "datachannel" => datachannel(&root)?,
+        "swarm" => swarm(&root)?,
         other => bail!("unknown benchmark {other:?}; known: {}", NAMES.join(", ")),
     };
     let dir = root.join("target/bench");
@@ -473,19 +480,7 @@ fn datachannel(root: &Path) -> Result<Value> {
     setup::ensure_bench_web(root)?;
     web::build(root)?;
     data::prepare(root)?;
-    crate::build_release(
-        root,
-        &[
-            "-p",
-            "shoal-signaling-server",
-            "--bin",
-            "shoal-signaling-server",
-            "-p",
-            "shoal-web-client",
-            "--example",
-            "datachannel_bench",
-        ],
-    )?;
+    crate::build_server_with(root, &["--example", "datachannel_bench"])?;
     println!(
         "datachannel: 20 MB; median MB/s of 15 native and 5 browser transfers each (loopback)"
     );
@@ -519,6 +514,37 @@ fn datachannel(root: &Path) -> Result<Value> {
     }
     report["ratios"] = Value::Object(ratios);
     Ok(report)
+}
+
+fn swarm(root: &Path) -> Result<Value> {
+    setup::ensure_debs(&setup::TEST_PACKAGES)?;
+    data::prepare(root)?;
+    crate::build_server_with(root, &["--bin", "shoal-peer"])?;
+    println!("swarm: 3 native peers, 60 s alone (each its own server) then 60 s together");
+    let v = json_in_namespace(root, "node xtask/bench-web/swarm.mjs", "swarm benchmark")?;
+    let f = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+    let r = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
+    println!(
+        "  solo  {:>9} samples/s in all   time to {} {:>6} s",
+        f(&v["solo_samples_per_s"]),
+        v["target"],
+        f(&v["solo_time_to_target_s"])
+    );
+    println!(
+        "  swarm {:>9} samples/s in all   time to {} {:>6} s   {} MB up per peer-hour",
+        f(&v["swarm_samples_per_s"]),
+        v["target"],
+        f(&v["swarm_time_to_target_s"]),
+        v["swarm_bytes_up_per_hour"]
+            .as_f64()
+            .map_or("-".into(), |b| format!("{:.0}", b / 1e6))
+    );
+    println!(
+        "  swarm-utilization {}   time-to-target {}",
+        r(&v["ratios"]["swarm-utilization"]),
+        r(&v["ratios"]["time-to-target"])
+    );
+    Ok(v)
 }
 
 /// `xtask bench-native-gpu`: the native wgpu numbers alone (matmul and training), for a

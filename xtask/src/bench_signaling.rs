@@ -70,15 +70,7 @@ impl Drop for Server {
 }
 
 pub(crate) fn signaling(root: &Path) -> Result<Value> {
-    crate::build_release(
-        root,
-        &[
-            "-p",
-            "shoal-signaling-server",
-            "--bin",
-            "shoal-signaling-server",
-        ],
-    )?;
+    crate::build_server_with(root, &[])?;
     crate::setup::ensure_bench_web(root)?;
     let web = root.join("xtask/bench-web");
     let me = std::env::current_exe()?;

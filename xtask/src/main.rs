@@ -220,6 +220,22 @@ pub(crate) fn build_release(root: &Path, targets: &[&str]) -> Result<()> {
     )
 }
 
+/// Builds the signaling server in release, and of `shoal-web-client` the targets `client`
+/// names (such as `["--bin", "shoal-peer"]`; none when empty).
+pub(crate) fn build_server_with(root: &Path, client: &[&str]) -> Result<()> {
+    let mut targets = vec![
+        "-p",
+        "shoal-signaling-server",
+        "--bin",
+        "shoal-signaling-server",
+    ];
+    if !client.is_empty() {
+        targets.extend(["-p", "shoal-web-client"]);
+        targets.extend(client);
+    }
+    build_release(root, &targets)
+}
+
 /// `cargo xtask run`: everything a user needs to see Shoal in a browser.
 fn run(args: &[String]) -> Result<()> {
     let mut port = "8080".to_string();

@@ -242,21 +242,8 @@ fn browser(root: &Path, runner: &Path, t: &mut Tally) {
 /// End-to-end: the real bundle, the real server, Playwright driving Chromium, all inside
 /// a network namespace whose only interface is loopback.
 fn e2e(root: &Path, python: &Path, t: &mut Tally) {
-    let built = web::build(root).and_then(|_| {
-        crate::build_release(
-            root,
-            &[
-                "-p",
-                "shoal-signaling-server",
-                "--bin",
-                "shoal-signaling-server",
-                "-p",
-                "shoal-web-client",
-                "--bin",
-                "shoal-peer",
-            ],
-        )
-    });
+    let built =
+        web::build(root).and_then(|_| crate::build_server_with(root, &["--bin", "shoal-peer"]));
     match built {
         Ok(()) => t.suite(
             "end-to-end tests (Playwright, loopback-only network namespace)",

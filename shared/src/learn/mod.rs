@@ -77,6 +77,14 @@ pub struct LearnConfig {
     /// with (for partial meshes, see [`Exchange`]).
     #[serde(default)]
     pub exchange: Exchange,
+    /// Rounds sized in time (0: in steps). With a duration, a peer trains without pause
+    /// in chunks of about [`peer::CHUNK_MS`], sends its update once this many
+    /// milliseconds of training have passed since the previous one (and its previous
+    /// round has closed), keeps training while its round is open, and carries that work
+    /// into the next round; aggregation weights updates by their (bounded) sample counts.
+    /// See `docs/protocol.md`, "Rounds in time".
+    #[serde(default)]
+    pub round_ms: u32,
 }
 
 /// What peers put in their updates.
@@ -121,6 +129,7 @@ impl Default for LearnConfig {
             round_deadline_ms: 5_000,
             sync_every: default_sync_every(),
             exchange: Exchange::Weights,
+            round_ms: 0,
         }
     }
 }
@@ -181,7 +190,17 @@ impl LearnConfig {
             (100..=3_600_000).contains(&self.round_deadline_ms),
             "round_deadline_ms",
             format!("{} outside 100..=3600000", self.round_deadline_ms),
+        )?;
+        check(
+            self.round_ms == 0 || (100..=3_600_000).contains(&self.round_ms),
+            "round_ms",
+            format!("{} is neither 0 nor within 100..=3600000", self.round_ms),
         )
+    }
+
+    /// Whether rounds are sized in time (`round_ms` > 0).
+    pub fn timed(&self) -> bool {
+        self.round_ms > 0
     }
 }
 
@@ -250,6 +269,10 @@ pub enum Rejection {
     /// (see [`peer`]): it is ignored for the rest of the connection.
     #[error("shunned")]
     Shunned,
+    /// An update that claims to have trained on no sample (every run has at least one
+    /// step).
+    #[error("samples")]
+    Samples,
 }
 
 impl From<&WireError> for Rejection {
@@ -266,7 +289,7 @@ impl From<&WireError> for Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 21] = [
         Self::Malformed,
         Self::BadSignature,
         Self::Replay,
@@ -287,6 +310,7 @@ impl Rejection {
         Self::OffSchedule,
         Self::MixOverflow,
         Self::Shunned,
+        Self::Samples,
     ];
 
     /// The reason named `name` ([`Rejection::as_str`]), if there is one.
@@ -317,6 +341,7 @@ impl Rejection {
             Self::OffSchedule => "off_schedule",
             Self::MixOverflow => "mix_overflow",
             Self::Shunned => "shunned",
+            Self::Samples => "samples",
         }
     }
 }
@@ -423,8 +448,15 @@ const SCREEN_HISTORY: u32 = 4;
 struct Pending {
     key: PublicKey,
     round: u64,
+    /// The samples the signer claims (weighs the update in rounds sized in time).
+    samples: u32,
     delta: Vec<f32>,
 }
+
+/// In rounds sized in time, how far a sample claim counts from the round's lower median
+/// claim `rho`: it is clamped to `[rho / SAMPLE_SPREAD, rho * SAMPLE_SPREAD]`, so no
+/// update weighs more than `SAMPLE_SPREAD` times a median one, whatever it claims.
+pub const SAMPLE_SPREAD: f32 = 4.0;
 
 /// One peer's state of the swarm's model and its learning protocol. Platform-neutral:
 /// the simulator, the native peer and the browser worker all drive this.
@@ -437,6 +469,8 @@ pub struct Learner {
     momentum: Vec<f32>,
     compressor: Compressor,
     own: Option<Vec<f32>>,
+    /// The samples our own update claims.
+    own_samples: u32,
     inbox: Vec<Pending>,
     /// Per signer: the last round taken from it, and its recent screening record.
     seen: HashMap<PublicKey, Seen>,
@@ -469,6 +503,7 @@ impl Learner {
             momentum: vec![0.0; n],
             weights,
             own: None,
+            own_samples: 0,
             inbox: Vec::new(),
             seen: HashMap::new(),
             started: false,
@@ -548,7 +583,8 @@ impl Learner {
         self.sign(payload, samples, loss)
     }
 
-    fn sign(&self, payload: Vec<u8>, samples: u32, loss: f32) -> Vec<u8> {
+    fn sign(&mut self, payload: Vec<u8>, samples: u32, loss: f32) -> Vec<u8> {
+        self.own_samples = samples;
         PeerMessage::Update(Update::signed(
             &self.id, &self.task, self.round, samples, loss, payload,
         ))
@@ -593,6 +629,9 @@ impl Learner {
         if !u.verify(&self.task) {
             return Err(self.stats.reject(Rejection::BadSignature));
         }
+        if u.samples == 0 {
+            return Err(self.stats.reject(Rejection::Samples));
+        }
         if self.seen.get(&u.key).is_some_and(|s| u.round <= s.round) {
             return Err(self.stats.reject(Rejection::Replay));
         }
@@ -613,6 +652,7 @@ impl Learner {
         self.inbox.push(Pending {
             key: u.key,
             round: u.round,
+            samples: u.samples,
             delta,
         });
         Ok(Received::Update {
@@ -779,7 +819,7 @@ impl Learner {
     /// Closes the round: validates norms, aggregates our update and the held ones with
     /// their staleness weights, applies the outer Nesterov step and advances the round.
     pub fn finish_round(&mut self) -> RoundSummary {
-        let own = self.own.take();
+        let mut own = self.own.take();
         let mut held = std::mem::take(&mut self.inbox);
         if self.cfg.exchange == Exchange::Weights {
             // A neighbour's weights for a later round wait for that round: they already
@@ -815,23 +855,49 @@ impl Learner {
             }
             fresh
         });
+        // Rounds in time: each update in units of the round's median claim, weighed by
+        // its claim (both bounded); in steps every weight is 1.
+        let (own_weight, weights) = if self.cfg.timed() {
+            let own_claim = own.as_ref().map(|_| self.own_samples);
+            let claims: Vec<u32> = own_claim
+                .into_iter()
+                .chain(held.iter().map(|p| p.samples))
+                .collect();
+            let weigh = sample_weigher(&claims);
+            let scale = |d: &mut [f32], samples: u32| {
+                let (s, w) = weigh(samples);
+                d.iter_mut().for_each(|x| *x *= s);
+                w
+            };
+            let own_weight = match own.as_mut() {
+                Some(d) => scale(d, self.own_samples),
+                None => 1.0,
+            };
+            let weights: Vec<f32> = held
+                .iter_mut()
+                .map(|p| scale(&mut p.delta, p.samples))
+                .collect();
+            (own_weight, weights)
+        } else {
+            (1.0, vec![1.0; held.len()])
+        };
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
         let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
         // The signer of each update; none for our own.
         let mut signers: Vec<Option<PublicKey>> = Vec::with_capacity(held.len() + 1);
         if let Some(d) = &own {
-            updates.push((d, 1.0));
+            updates.push((d, own_weight));
             signers.push(None);
         }
-        for (p, &norm) in held.iter().zip(&norms) {
+        for ((p, &norm), &weight) in held.iter().zip(&norms).zip(&weights) {
             if norm > bound {
                 self.stats.reject(Rejection::Norm);
                 summary.rejected += 1;
                 continue;
             }
             let late = self.round.saturating_sub(p.round);
-            updates.push((&p.delta, 1.0 / (1.0 + late as f32)));
+            updates.push((&p.delta, weight / (1.0 + late as f32)));
             signers.push(Some(p.key));
             summary.used += 1;
         }
@@ -972,6 +1038,25 @@ pub struct RoundSummary {
 /// dropping whole classes. The median of the held ones alone could be raised by
 /// attackers among few neighbours; while they are fewer than half it stays an honest
 /// norm.
+/// For the sample claims of one round (own and held), a function from a claim to the
+/// factor its update is scaled by and its weight: with `rho` the lower median claim and
+/// `c` the claim clamped to `[rho / SAMPLE_SPREAD, rho * SAMPLE_SPREAD]`, the update is
+/// scaled by `rho / c` (to the progress of a median run) and weighs `c / rho`, so that the
+/// weighted mean is the sum of the runs' progress over their (bounded) sample counts.
+fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32) {
+    let mut sorted = claims.to_vec();
+    sorted.sort_unstable();
+    let rho = sorted
+        .get(sorted.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(1)
+        .max(1) as f32;
+    move |c: u32| {
+        let c = (c.max(1) as f32).clamp(rho / SAMPLE_SPREAD, rho * SAMPLE_SPREAD);
+        (rho / c, c / rho)
+    }
+}
+
 fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
     let mut s = held.to_vec();
     s.sort_by(f32::total_cmp);

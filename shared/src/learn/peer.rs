@@ -84,6 +84,11 @@ pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
 /// waits for have not sent their update for it (see [`Peer::round_wait`]).
 pub const HOLD_FACTOR: f64 = 3.0;
 
+/// In rounds sized in time (`round_ms` > 0), how long one chunk of local training lasts
+/// at the peer's measured step rate: the granularity at which it notices that its round
+/// closed or its run is done, and at which a driver may rest between chunks.
+pub const CHUNK_MS: f64 = 200.0;
+
 /// What a peer is for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum PeerRole {
@@ -126,13 +131,16 @@ pub enum Output {
         /// The message.
         data: Vec<u8>,
     },
-    /// Train `steps` inner steps from [`Peer::weights`] at learning rate for `round`
-    /// (the task's schedule), then call [`Peer::trained`] with `round`.
+    /// Train `steps` inner steps at the learning rate for `round` (the task's schedule),
+    /// from [`Peer::train_from`] (or, with `resume`, on from the weights the previous
+    /// chunk ended with), then call [`Peer::trained`] with `round` and the time then.
     Train {
-        /// The model version training starts from.
+        /// The round the training is for (the update it makes).
         round: u64,
         /// Inner steps.
         steps: u32,
+        /// Continue from the trainer's own current weights instead of loading.
+        resume: bool,
     },
     /// A round closed.
     RoundClosed(RoundSummary),
@@ -185,8 +193,8 @@ enum Phase {
     Joining { since: f64 },
     /// Ready to train the next round.
     Ready,
-    /// Local training of `round` asked for at `since`.
-    Training { round: u64, since: f64 },
+    /// Local training of `round` (`steps` steps) asked for at `since`.
+    Training { round: u64, since: f64, steps: u32 },
     /// Update sent at `since`; waiting for the neighbours' updates.
     Waiting { since: f64 },
     /// An observer: never trains.
@@ -237,6 +245,26 @@ struct Neighbour {
     shunned: bool,
 }
 
+/// Rounds in time: the training toward our next update.
+struct Run {
+    /// The round its update is for.
+    round: u64,
+    /// When it started (our previous update went out, or training began).
+    started: f64,
+    samples: u64,
+    steps: u64,
+    /// Sum of the chunks' mean losses times their steps.
+    loss: f64,
+    /// Where training continues from: the weights the last chunk ended with (after a
+    /// rebase, the rebased ones).
+    work: Vec<f32>,
+    /// Set while the previous round is open: the weights the run started from. Once that
+    /// round closes, the run's work so far (`work - from`) moves onto the new model.
+    carry_from: Option<Vec<f32>>,
+    /// The trainer must load `work` before the next chunk.
+    reload: bool,
+}
+
 /// One peer of the swarm, sans-IO.
 pub struct Peer {
     role: PeerRole,
@@ -257,6 +285,13 @@ pub struct Peer {
     /// Our update for the round in progress, for neighbours that start contributing
     /// after we sent it.
     sent_update: Option<(u64, Vec<u8>)>,
+    /// Rounds in time: the run in progress.
+    run: Option<Run>,
+    /// Rounds in time: when our update for the open round went out (`None`: no round
+    /// open). In steps, `Phase::Waiting` holds this.
+    open_since: Option<f64>,
+    /// Rounds in time: measured inner steps per millisecond.
+    step_rate: Option<f64>,
 }
 
 impl Peer {
@@ -298,6 +333,9 @@ impl Peer {
             last_train_at: None,
             announced: None,
             sent_update: None,
+            run: None,
+            open_since: None,
+            step_rate: None,
         })
     }
 
@@ -308,6 +346,8 @@ impl Peer {
             return false;
         }
         self.phase = Phase::Ready;
+        self.run = None;
+        self.open_since = None;
         self.progress.round = self.learner.round();
         true
     }
@@ -322,9 +362,18 @@ impl Peer {
         &mut self.learner
     }
 
-    /// The round-start weights: what local training starts from.
+    /// The current model (the round-start weights).
     pub fn weights(&self) -> &[f32] {
         self.learner.weights()
+    }
+
+    /// What the trainer loads for an [`Output::Train`] without `resume`: the round-start
+    /// weights, or in rounds sized in time the run's (rebased) weights.
+    pub fn train_from(&self) -> &[f32] {
+        match &self.run {
+            Some(r) if self.cfg.timed() => &r.work,
+            _ => self.learner.weights(),
+        }
     }
 
     /// What to show.
@@ -372,6 +421,9 @@ impl Peer {
                 }
             }
             Phase::Waiting { since } => at(since + self.round_wait().1),
+            _ if self.open_since.is_some() => {
+                at(self.open_since.unwrap_or_default() + self.round_wait().1)
+            }
             Phase::Observing => {
                 if let PeerRole::Observer { .. } = self.role {
                     at(self.next_fetch_at);
@@ -444,10 +496,9 @@ impl Peer {
             contributing: self.contributing(),
         }
         .encode();
-        let update = match (&self.sent_update, self.phase) {
-            (Some((round, u)), Phase::Waiting { .. }) if *round == self.learner.round() => {
-                Some(u.clone())
-            }
+        let open = matches!(self.phase, Phase::Waiting { .. }) || self.open_since.is_some();
+        let update = match &self.sent_update {
+            Some((round, u)) if open && *round == self.learner.round() => Some(u.clone()),
             _ => None,
         };
         for p in due {
@@ -774,6 +825,10 @@ impl Peer {
                     if let Phase::Joining { .. } | Phase::Waiting { .. } = self.phase {
                         self.phase = Phase::Ready;
                     }
+                    // A run toward an update of the old model is dropped, its round no
+                    // longer open.
+                    self.run = None;
+                    self.open_since = None;
                     // Training in progress started from the old model: its result is
                     // dropped when it comes back (its round no longer matches).
                     self.progress.round = round;
@@ -871,7 +926,11 @@ impl Peer {
         // volunteer's CPU between ticks (the browser worker's duty cycle), and a tick that
         // did both would never let it rest.
         let mut closed = false;
-        if let Phase::Waiting { since } = self.phase {
+        let open = match self.phase {
+            Phase::Waiting { since } => Some(since),
+            _ => self.open_since,
+        };
+        if let Some(since) = open {
             // Done when every awaited neighbour's update for this round (or a later one)
             // is held, else at the limit (see `round_wait`). With neighbours but none
             // contributing yet (they are joining), it waits the deadline rather than
@@ -885,14 +944,18 @@ impl Peer {
         if self.phase == Phase::Ready && !closed {
             if self.is_paused() {
                 self.progress.phase = "paused";
+            } else if self.cfg.timed() {
+                self.train_chunk(now_ms);
             } else {
                 self.phase = Phase::Training {
                     round: self.learner.round(),
                     since: now_ms,
+                    steps: self.cfg.local_steps,
                 };
                 self.out.push_back(Output::Train {
                     round: self.learner.round(),
                     steps: self.cfg.local_steps,
+                    resume: false,
                 });
             }
         }
@@ -933,7 +996,13 @@ impl Peer {
                 self.send(to, msg.clone());
             }
         }
-        self.phase = Phase::Ready;
+        if self.cfg.timed() {
+            // Training goes on: the run in progress moves onto the new model at its next
+            // chunk boundary.
+            self.open_since = None;
+        } else {
+            self.phase = Phase::Ready;
+        }
         self.out.push_back(Output::RoundClosed(summary));
     }
 
@@ -948,11 +1017,22 @@ impl Peer {
         samples: u32,
         now_ms: f64,
     ) -> Result<(), LearnError> {
-        let Phase::Training { round: r, since } = self.phase else {
+        let Phase::Training {
+            round: r,
+            since,
+            steps,
+        } = self.phase
+        else {
             return Ok(());
         };
         if r != round {
             return Ok(()); // not the training in progress
+        }
+        if self.cfg.timed() {
+            self.phase = Phase::Ready;
+            let result = self.trained_chunk(round, local, loss, samples, steps, since, now_ms);
+            self.refresh();
+            return result;
         }
         if round != self.learner.round() {
             self.phase = Phase::Ready; // adopted a model meanwhile: train from it
@@ -970,7 +1050,7 @@ impl Peer {
         }
         self.sent_update = Some((round, msg));
         self.progress.loss = loss;
-        self.progress.local_steps += u64::from(self.cfg.local_steps);
+        self.progress.local_steps += u64::from(steps);
         self.progress.samples += u64::from(samples);
         if let Some(t) = self.last_train_at
             && now_ms > t
@@ -986,6 +1066,145 @@ impl Peer {
         self.last_train_at = Some(since);
         self.phase = Phase::Waiting { since: now_ms };
         self.refresh();
+        Ok(())
+    }
+
+    /// Rounds in time: asks for the next chunk of the run (starting one from the current
+    /// model when there is none, or when the model changed under it by adoption).
+    fn train_chunk(&mut self, now_ms: f64) {
+        let round = self.learner.round();
+        if self.run.as_ref().is_none_or(|r| r.round < round) {
+            self.run = Some(Run {
+                round,
+                started: now_ms,
+                samples: 0,
+                steps: 0,
+                loss: 0.0,
+                work: self.learner.weights().to_vec(),
+                carry_from: None,
+                reload: true,
+            });
+        }
+        self.rebase();
+        let steps = match self.step_rate {
+            Some(rate) => (CHUNK_MS * rate).round().clamp(1.0, 100_000.0) as u32,
+            None => self.cfg.local_steps,
+        };
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        let resume = !std::mem::take(&mut run.reload);
+        self.phase = Phase::Training {
+            round: run.round,
+            since: now_ms,
+            steps,
+        };
+        self.out.push_back(Output::Train {
+            round: run.round,
+            steps,
+            resume,
+        });
+    }
+
+    /// Rounds in time: once the round that was open when the run started has closed,
+    /// moves the run's work so far onto the new model (`new + work - from`).
+    fn rebase(&mut self) {
+        let round = self.learner.round();
+        if self.open_since.is_some() {
+            return;
+        }
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        if run.round != round {
+            return;
+        }
+        if let Some(from) = run.carry_from.take() {
+            for ((x, w), f) in run.work.iter_mut().zip(self.learner.weights()).zip(&from) {
+                *x = w + (*x - f);
+            }
+            run.reload = true;
+        }
+    }
+
+    /// Rounds in time: one chunk of the run came back. Sends the run's update when its
+    /// time is up and the previous round has closed, and starts the next run from where
+    /// this one ended.
+    #[allow(clippy::too_many_arguments)]
+    fn trained_chunk(
+        &mut self,
+        round: u64,
+        local: &[f32],
+        loss: f32,
+        samples: u32,
+        steps: u32,
+        since: f64,
+        now_ms: f64,
+    ) -> Result<(), LearnError> {
+        let n = self.learner.weights().len();
+        let Some(run) = self.run.as_mut().filter(|r| r.round == round) else {
+            return Ok(()); // a run dropped by an adoption
+        };
+        if local.len() != n || local.iter().any(|x| !x.is_finite()) || !loss.is_finite() {
+            // Nothing of a broken run is sent: it starts again from the current model.
+            self.run = None;
+            return Err(LearnError::BadLocal(format!(
+                "a chunk of local training ended with {} values (model: {n}) or a value \
+                 that is not finite",
+                local.len()
+            )));
+        }
+        run.work.copy_from_slice(local);
+        run.samples += u64::from(samples);
+        run.steps += u64::from(steps);
+        run.loss += f64::from(loss) * f64::from(steps);
+        self.progress.local_steps += u64::from(steps);
+        self.progress.samples += u64::from(samples);
+        self.progress.loss = loss;
+        let dt = now_ms - since;
+        if dt > 0.0 {
+            let rate = f64::from(steps) / dt;
+            self.step_rate = Some(self.step_rate.map_or(rate, |r| 0.5 * r + 0.5 * rate));
+            let per_s = (f64::from(samples) / (dt / 1e3)) as f32;
+            let s = &mut self.progress.samples_per_s;
+            *s = if *s == 0.0 {
+                per_s
+            } else {
+                0.7 * *s + 0.3 * per_s
+            };
+        }
+        self.rebase();
+        let Some(run) = self.run.as_ref() else {
+            return Ok(());
+        };
+        let due = self.open_since.is_none()
+            && run.carry_from.is_none()
+            && run.round == self.learner.round()
+            && now_ms - run.started >= f64::from(self.cfg.round_ms)
+            && run.samples > 0;
+        if !due {
+            return Ok(());
+        }
+        let claim = u32::try_from(run.samples).unwrap_or(u32::MAX);
+        let mean_loss = (run.loss / run.steps.max(1) as f64) as f32;
+        let (work, reload) = (run.work.clone(), run.reload);
+        let msg = self.learner.local_update(&work, claim, mean_loss)?;
+        for p in self.contributors() {
+            self.send(p, msg.clone());
+        }
+        self.sent_update = Some((round, msg));
+        self.open_since = Some(now_ms);
+        self.run = Some(Run {
+            round: round + 1,
+            started: now_ms,
+            samples: 0,
+            steps: 0,
+            loss: 0.0,
+            carry_from: Some(work.clone()),
+            work,
+            // A rebase in this chunk: the trainer does not hold `work` yet.
+            reload,
+        });
         Ok(())
     }
 

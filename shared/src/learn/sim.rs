@@ -156,6 +156,9 @@ pub struct NetworkSettings {
     pub jitter_ms: f64,
     /// Each peer's uplink in megabits per second.
     pub uplink_mbps: f64,
+    /// Instead, a range: each peer draws its uplink log-uniformly from it (home links
+    /// span 1 to 20 Mbit/s and more).
+    pub uplinks_mbps: Option<[f64; 2]>,
     /// Probability that a message needs a retransmission (the channels are reliable:
     /// loss costs time, not data).
     pub loss: f64,
@@ -169,6 +172,7 @@ impl Default for NetworkSettings {
             latency_ms: 40.0,
             jitter_ms: 20.0,
             uplink_mbps: 20.0,
+            uplinks_mbps: None,
             loss: 0.01,
             samples_per_s: [2_000.0, 8_000.0],
         }
@@ -280,6 +284,7 @@ impl Scenario {
         if !(n.latency_ms >= 0.0
             && n.jitter_ms >= 0.0
             && n.uplink_mbps > 0.0
+            && n.uplinks_mbps.is_none_or(|[a, b]| a > 0.0 && b >= a)
             && (0.0..1.0).contains(&n.loss)
             && lo > 0.0
             && hi >= lo)
@@ -537,6 +542,8 @@ struct Sim<'a> {
     links: Vec<BTreeSet<usize>>,
     shards: Vec<Vec<usize>>,
     uplink_free: Vec<u64>,
+    /// Each slot's uplink in megabits per second.
+    uplink_mbps: Vec<f64>,
     sent: Vec<u64>,
     queue: BinaryHeap<Scheduled>,
     seq: u64,
@@ -576,6 +583,15 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         links: vec![BTreeSet::new(); sc.peers],
         shards: split(train, sc),
         uplink_free: vec![0; sc.peers],
+        uplink_mbps: {
+            let mut rng = SplitMix64::new(sc.seed ^ 0x00f1_ce5e);
+            (0..sc.peers)
+                .map(|_| match sc.network.uplinks_mbps {
+                    Some([lo, hi]) => lo * (hi / lo).powf(f64::from(rng.unit_f32())),
+                    None => sc.network.uplink_mbps,
+                })
+                .collect()
+        },
         sent: vec![0; sc.peers],
         queue: BinaryHeap::new(),
         seq: 0,
@@ -895,7 +911,11 @@ impl Sim<'_> {
                 };
                 self.send(slot, slot_of(to), Rc::new(data));
             }
-            Output::Train { round, steps } => self.train_round(slot, round, steps)?,
+            Output::Train {
+                round,
+                steps,
+                resume,
+            } => self.train_round(slot, round, steps, resume)?,
             Output::RoundClosed(_) => {
                 if self.is_attacker(slot)
                     && self.sc.attack.also.contains(&MessageAttack::UnaskedModels)
@@ -939,16 +959,24 @@ impl Sim<'_> {
         Ok(())
     }
 
-    /// Local training from the round-start weights; the result arrives after the time
-    /// the peer's speed needs for it.
-    fn train_round(&mut self, slot: usize, round: u64, steps: u32) -> Result<(), String> {
+    /// Local training from what the peer says (or on from the last chunk, `resume`); the
+    /// result arrives after the time the peer's speed needs for it.
+    fn train_round(
+        &mut self,
+        slot: usize,
+        round: u64,
+        steps: u32,
+        resume: bool,
+    ) -> Result<(), String> {
         let (batch, shift) = (self.sc.train.batch, self.sc.train.shift);
         let train = self.train;
         let (lr, decay) = (self.sc.train.lr, self.sc.train.lr_decay_rounds);
         let p = self.peers[slot].as_mut().expect("alive");
-        p.backend
-            .load_weights(p.peer.weights())
-            .map_err(|e| e.to_string())?;
+        if !resume {
+            p.backend
+                .load_weights(p.peer.train_from())
+                .map_err(|e| e.to_string())?;
+        }
         p.backend
             .set_learning_rate(crate::engine::train::swarm_lr(lr, round, decay))
             .map_err(|e| e.to_string())?;
@@ -1003,7 +1031,7 @@ impl Sim<'_> {
             return;
         };
         let net = self.sc.network;
-        let wire = bytes.len() as f64 * 8.0 / (net.uplink_mbps * 1e6);
+        let wire = bytes.len() as f64 * 8.0 / (self.uplink_mbps[from] * 1e6);
         let start = self.uplink_free[from].max(self.t);
         let done = start + (wire * US) as u64;
         self.uplink_free[from] = done;

@@ -452,3 +452,54 @@ fn a_signer_screened_in_half_of_its_recent_updates_is_dropped_until_it_behaves()
     }
     assert!(!b.distrusts(&key));
 }
+
+/// One round of a learner in rounds sized in time (mean, outer lr 1, no momentum) whose
+/// own run moved its one weight by `own` over `own_samples`, with neighbours' updates
+/// `(delta, samples)`; returns the outer step.
+fn timed_step(own: (f32, u32), others: &[(f32, u32)]) -> f32 {
+    let c = LearnConfig {
+        round_ms: 1_000,
+        max_norm_ratio: 100.0,
+        ..cfg()
+    };
+    let mut a =
+        Learner::new(c.clone(), "t", Identity::from_seed([1; 32]), vec![1.0]).expect("valid");
+    a.local_update(&[1.0 - own.0], own.1, 0.0).expect("finite");
+    for (i, &(d, samples)) in others.iter().enumerate() {
+        let mut b = Learner::new(
+            c.clone(),
+            "t",
+            Identity::from_seed([i as u8 + 2; 32]),
+            vec![1.0],
+        )
+        .expect("valid");
+        a.receive(&b.local_update(&[1.0 - d], samples, 0.0).expect("finite"))
+            .expect("valid update");
+    }
+    a.finish_round();
+    1.0 - a.weights()[0]
+}
+
+#[test]
+fn in_rounds_sized_in_time_updates_weigh_by_their_bounded_sample_claims() {
+    // Equal claims: the plain mean, as in rounds sized in steps.
+    let even = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 100)]);
+    assert!((even - 0.2).abs() < 1e-6, "{even}");
+    // A peer that trained 4 times as many samples (and moved 4 times as far) counts
+    // fully: the step is the runs' summed progress over their summed samples, in units
+    // of the median run (100 samples): (0.1 + 0.1 + 0.1 + 0.4) / (1 + 1 + 1 + 4) = 0.1.
+    let fast = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.4, 400)]);
+    assert!((fast - 0.1).abs() < 1e-6, "{fast}");
+    // A liar's claim counts at most 4 times the median one: claiming 4e9 samples does
+    // exactly what claiming 400 does, and adds weight, not progress.
+    let huge = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, u32::MAX)]);
+    let capped = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 400)]);
+    assert!((huge - capped).abs() < 1e-6, "{huge} vs {capped}");
+    assert!(huge < even, "{huge} vs {even}");
+    // Claiming 1 sample makes its update at most 4 times longer (for the norm bound and
+    // the screen to judge) and shrinks the total weight by at most 3/4.
+    let tiny = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 1)]);
+    let quarter = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 25)]);
+    assert!((tiny - quarter).abs() < 1e-6, "{tiny} vs {quarter}");
+    assert!((tiny - 0.8 / 3.25).abs() < 1e-6, "{tiny}");
+}

@@ -254,7 +254,7 @@ mod peer {
                 }
                 _ = tick.tick() => {}
             }
-            let Some(summary) = peer.tick(&swarm, now()).await? else {
+            let Some(summary) = peer.tick(&swarm, now).await? else {
                 continue;
             };
             let p = peer.progress();
@@ -264,7 +264,7 @@ mod peer {
                 _ => String::new(),
             };
             println!(
-                "round {} loss {:.4} acc {} peers {} up {} down {} used {} rejected {}{bits}",
+                "round {} loss {:.4} acc {} peers {} up {} down {} used {} rejected {} samples {}{bits}",
                 p.round,
                 p.loss,
                 p.accuracy
@@ -273,7 +273,8 @@ mod peer {
                 p.bytes_up,
                 p.bytes_down,
                 summary.used,
-                p.rejected.values().sum::<u64>()
+                p.rejected.values().sum::<u64>(),
+                p.samples
             );
 
             if !p.rejected.is_empty() && std::env::var_os("SHOAL_VERBOSE").is_some() {

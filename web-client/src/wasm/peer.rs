@@ -227,8 +227,9 @@ impl SwarmPeer {
     }
 
     /// Takes in the events received so far, then advances training by one step (a whole
-    /// round's local steps, or closing the round, or nothing while waiting). Resolves to
-    /// the progress as JSON, with `"closed": true` when a round closed.
+    /// round's local steps, or in rounds sized in time one chunk of about 200 ms; or
+    /// closing the round; or nothing while waiting). Resolves to the progress as JSON,
+    /// with `"closed": true` when a round closed and `"trained": true` when it trained.
     pub fn tick(&self) -> js_sys::Promise {
         let inner = Rc::clone(&self.inner);
         let relay = Rc::clone(&self.relay);
@@ -243,8 +244,11 @@ impl SwarmPeer {
                 let Some(ev) = ev else { break };
                 peer.handle(ev, &*relay, now_ms());
             }
-            let closed = peer.tick(&*relay, now_ms()).await;
+            let steps = peer.progress().local_steps;
+            let closed = peer.tick(&*relay, now_ms).await;
             let mut progress = serde_json::to_value(peer.progress()).unwrap_or_default();
+            // Whether this tick trained (the worker's throttle rests after training).
+            progress["trained"] = (peer.progress().local_steps > steps).into();
             progress["wasm_memory_bytes"] = super::wasm_memory_bytes().into();
             if let Some(r) = relay.report.borrow_mut().take() {
                 progress["report"] = serde_json::to_value(r).unwrap_or_default();

@@ -39,7 +39,11 @@ fn running(round: u64) -> Peer {
     p.tick(GREET_AFTER_MS);
     let outs = drain(&mut p);
     assert!(
-        outs.contains(&Output::Train { round, steps: 1 }),
+        outs.contains(&Output::Train {
+            round,
+            steps: 1,
+            resume: false
+        }),
         "{outs:?}"
     );
     p
@@ -416,7 +420,11 @@ fn a_lone_joiner_starts_from_the_seed_after_the_grace() {
     assert!(p.has_model());
     let outs = drain(&mut p);
     assert!(
-        outs.contains(&Output::Train { round: 0, steps: 1 }),
+        outs.contains(&Output::Train {
+            round: 0,
+            steps: 1,
+            resume: false
+        }),
         "{outs:?}"
     );
 }
@@ -672,4 +680,109 @@ fn the_deadline_drops_a_minority_of_stragglers_not_most_of_the_neighbours() {
     assert_eq!(q.learner().round(), 5);
     q.tick(10.0 + HOLD_FACTOR * deadline);
     assert_eq!(q.learner().round(), 6);
+}
+
+/// A peer in rounds sized in time (1 s), at `round`, with neighbours 10, 11 and 12.
+fn timed_running(round: u64) -> Peer {
+    let c = LearnConfig {
+        round_ms: 1_000,
+        ..cfg()
+    };
+    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(snapshot(round, 0.5)));
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p
+}
+
+fn trains(outs: &[Output]) -> Vec<(u64, bool)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Train { round, resume, .. } => Some((*round, *resume)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The updates among `outs`, decoded: (round, samples).
+fn updates_sent(outs: &[Output]) -> Vec<(u64, u32)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send { data, .. } => match PeerMessage::decode(data, N) {
+                Ok(PeerMessage::Update(u)) => Some((u.round, u.samples)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn in_rounds_sized_in_time_a_peer_trains_on_while_its_round_is_open_and_carries_the_work() {
+    let mut p = timed_running(5);
+    p.tick(500.0); // greets, starts the run for round 5 from the model
+    assert_eq!(trains(&drain(&mut p)), vec![(5, false)]);
+    // Chunks come back; the update goes out only once 1 s of training has passed.
+    p.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
+    assert!(updates_sent(&drain(&mut p)).is_empty(), "too early");
+    p.tick(700.0);
+    assert_eq!(
+        trains(&drain(&mut p)),
+        vec![(5, true)],
+        "on from its own weights"
+    );
+    p.trained(5, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
+    let sent = updates_sent(&drain(&mut p));
+    assert_eq!(
+        sent,
+        vec![(5, 16); 3],
+        "to each neighbour, claiming both chunks"
+    );
+    // Round 5 is open: the peer does not wait, it trains toward round 6 on its own
+    // weights.
+    p.tick(1_500.0);
+    assert_eq!(trains(&drain(&mut p)), vec![(6, true)]);
+    assert_eq!(p.progress().phase, "training");
+    // Time for update 6 passes while round 5 is still open: no update 6 before round 5
+    // closes, and training goes on.
+    p.trained(6, &[0.47; N], 0.3, 8, 2_600.0).expect("finite");
+    assert!(updates_sent(&drain(&mut p)).is_empty());
+    p.tick(2_600.0);
+    assert_eq!(trains(&drain(&mut p)), vec![(6, true)]);
+    // The neighbours' updates close round 5 (its model moves) while a chunk runs.
+    for n in [10u8, 11, 12] {
+        p.handle(msg(u64::from(n), update_w(n + 10, 5, 0.46)), 2_650.0);
+    }
+    p.tick(2_700.0);
+    assert_eq!(p.learner().round(), 6);
+    let theta: Vec<f32> = p.weights().to_vec();
+    assert!(
+        theta.iter().all(|w| (w - 0.5).abs() > 1e-3),
+        "the outer step moved it"
+    );
+    // The chunk comes back: the work since update 5 (0.48 -> 0.45) moves onto the new
+    // model, and update 6 goes out at once, claiming every sample since update 5.
+    p.trained(6, &[0.45; N], 0.3, 8, 2_800.0).expect("finite");
+    for (x, w) in p.train_from().iter().zip(&theta) {
+        assert!((x - (w - 0.03)).abs() < 1e-5, "{x} vs {w} - 0.03");
+    }
+    let sent = updates_sent(&drain(&mut p));
+    assert_eq!(sent, vec![(6, 16); 3]);
+    p.tick(2_800.0);
+    assert_eq!(
+        trains(&drain(&mut p)),
+        vec![(7, false)],
+        "the trainer loads the rebased weights"
+    );
+}
+
+#[test]
+fn an_update_that_claims_no_sample_is_refused() {
+    let mut p = running(5);
+    let (payload, _) = Compressor::new(Compression::None, N).encode(&[0.5; N]);
+    let zero = PeerMessage::Update(Update::signed(&id(20), "t", 5, 0, 0.1, payload)).encode();
+    p.handle(msg(10, zero), 10.0);
+    assert_eq!(rejected(&p, Rejection::Samples), 1);
+    assert!(!p.learner().has_fresh_from(&id(20).public()));
 }

@@ -1,0 +1,133 @@
+// `cargo xtask bench swarm`: how much of its volunteers' compute the real swarm uses.
+// Run inside a network namespace with only loopback (xtask does that). Native peers
+// (`shoal-peer`, WebRTC on the `webrtc` crate, CPU backend) on a task file:
+//   1. solo: each peer alone with its own signaling server, all training at once for a
+//      fixed time (same batch, same contention for the machine's cores);
+//   2. swarm: the same peers on one server, training together for the same time.
+// Prints one JSON line: per phase each peer's samples/s (after a warm-up), the time to
+// the task's target accuracy, bytes sent per hour; and the ratios
+// `swarm-utilization` (swarm samples/s over solo samples/s) and `time-to-target` (solo
+// time over the swarm's: above 1, the swarm is faster).
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
+const serverBin = join(root, 'target/release/shoal-signaling-server');
+const peerBin = join(root, 'target/release/shoal-peer');
+const taskFile = process.env.SHOAL_BENCH_TASK ?? join(root, 'tasks/digits.toml');
+const PEERS = Number(process.env.SHOAL_BENCH_PEERS ?? 3);
+const SECONDS = Number(process.env.SHOAL_BENCH_SECONDS ?? 60);
+const WARMUP_S = 10;
+
+const taskText = readFileSync(taskFile, 'utf8');
+const taskName = taskText.match(/^name\s*=\s*"([^"]+)"/m)?.[1] ?? 'digits';
+const target = Number(taskText.match(/^target_accuracy\s*=\s*([0-9.]+)/m)?.[1] ?? 0.95);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function startServer(dir, i) {
+  const child = spawn(serverBin, ['--bind', '127.0.0.1', '--port', '0', '--www', join(root, 'www'),
+    '--data', join(root, 'data'), '--task-file', taskFile, '--state-file', join(dir, `state${i}.json`)],
+  { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start: ${out}`)), 30_000);
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = out.match(/listening on (http:\/\/[0-9.:]+)/);
+      if (m) { clearTimeout(timer); resolve(m[1]); }
+    });
+  });
+  return { child, url };
+}
+
+/** Parses `round R loss L acc A% peers N up U down D used K rejected J samples S`. */
+function roundLine(line) {
+  const m = line.match(/^round (\d+) .* acc ([0-9.]+|-)%? peers (\d+) up (\d+) down (\d+) .* samples (\d+)/);
+  if (!m) return null;
+  return {
+    round: Number(m[1]), accuracy: m[2] === '-' ? null : Number(m[2]) / 100, peers: Number(m[3]),
+    up: Number(m[4]), down: Number(m[5]), samples: Number(m[6]),
+  };
+}
+
+function startPeer(server, dir, name) {
+  const child = spawn(peerBin, ['--server', server.url.replace('http://', 'ws://'), '--task', taskName,
+    '--task-file', taskFile, '--bind', '127.0.0.1', '--cpu', '--data', join(root, 'data'),
+    '--identity', join(dir, `${name}.key`)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const p = { child, started: performance.now(), lines: [], out: '' };
+  child.stdout.on('data', (d) => {
+    p.out += d;
+    const lines = p.out.split('\n');
+    p.out = lines.pop();
+    for (const l of lines) {
+      const r = roundLine(l);
+      if (r) p.lines.push({ t: (performance.now() - p.started) / 1e3, ...r });
+    }
+  });
+  return p;
+}
+
+async function stop(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  child.kill('SIGINT');
+  await Promise.race([once(child, 'exit'), sleep(5_000).then(() => child.kill('SIGKILL'))]);
+}
+
+/** One peer's numbers over the phase. */
+function measure(p) {
+  const after = p.lines.filter((l) => l.t >= WARMUP_S);
+  const [a, b] = [after[0], after.at(-1)];
+  const rate = a && b && b.t > a.t ? (b.samples - a.samples) / (b.t - a.t) : 0;
+  const hit = p.lines.find((l) => l.accuracy !== null && l.accuracy >= target);
+  const last = p.lines.at(-1);
+  return {
+    samples_per_s: rate,
+    rounds: last?.round ?? 0,
+    accuracy: last?.accuracy ?? null,
+    time_to_target_s: hit ? hit.t : null,
+    bytes_up_per_hour: last && last.t > 0 ? (last.up / last.t) * 3600 : 0,
+    bytes_down_per_hour: last && last.t > 0 ? (last.down / last.t) * 3600 : 0,
+    neighbours: Math.max(0, ...p.lines.map((l) => l.peers)),
+  };
+}
+
+async function phase(kind, dir) {
+  const servers = [];
+  for (let i = 0; i < (kind === 'solo' ? PEERS : 1); i++) servers.push(await startServer(dir, `${kind}${i}`));
+  const peers = [];
+  for (let i = 0; i < PEERS; i++) peers.push(startPeer(servers[kind === 'solo' ? i : 0], dir, `${kind}${i}`));
+  await sleep(SECONDS * 1e3);
+  for (const p of peers) await stop(p.child);
+  for (const s of servers) await stop(s.child);
+  return peers.map(measure);
+}
+
+const median = (xs) => {
+  const s = xs.filter((x) => x !== null).sort((a, b) => a - b);
+  return s.length ? s[(s.length - 1) >> 1] : null;
+};
+
+const dir = mkdtempSync(join(tmpdir(), 'shoal-bench-swarm-'));
+try {
+  const solo = await phase('solo', dir);
+  const swarm = await phase('swarm', dir);
+  const sum = (ps) => ps.reduce((s, p) => s + p.samples_per_s, 0);
+  const soloT = median(solo.map((p) => p.time_to_target_s));
+  const swarmT = median(swarm.map((p) => p.time_to_target_s));
+  console.log(JSON.stringify({
+    task: taskName, peers: PEERS, seconds: SECONDS, warmup_s: WARMUP_S, target,
+    solo, swarm,
+    solo_samples_per_s: sum(solo), swarm_samples_per_s: sum(swarm),
+    solo_time_to_target_s: soloT, swarm_time_to_target_s: swarmT,
+    swarm_bytes_up_per_hour: median(swarm.map((p) => p.bytes_up_per_hour)),
+    ratios: {
+      'swarm-utilization': sum(solo) > 0 ? sum(swarm) / sum(solo) : 0,
+      'time-to-target': soloT !== null && swarmT !== null ? soloT / swarmT : null,
+    },
+  }));
+} finally {
+  rmSync(dir, { recursive: true, force: true });
+}
