@@ -39,7 +39,7 @@ self.addEventListener('message', (event) => {
   const m = event.data;
   try {
     if (m.type === 'start' && !observer) {
-      observe(m.task, m.everyMs ?? 3000).catch((e) => post({ type: 'error', message: errorText(e) }));
+      observe(m.task, m.everyMs ?? 10_000).catch((e) => post({ type: 'error', message: errorText(e) }));
     } else if (m.type === 'net' && m.kind !== 'task_state') {
       if (observer) observer.event(m.kind, m.peer, m.data);
       else early.push(m);

@@ -228,7 +228,10 @@ async fn task_description(
         Json(serde_json::json!({
             "task": task,
             "files": files,
-            "cost": with_pace(cost(task, &data, max_neighbours), task, hub.pace(&name)),
+            "cost": with_observers(
+                with_pace(cost(task, &data, max_neighbours), task, hub.pace(&name)),
+                hub.roles(&name),
+            ),
         })),
     )
 }
@@ -260,7 +263,27 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         "local_steps_per_round": task.learn.local_steps,
         "round_ms": task.learn.round_ms,
         "batch": task.train.batch,
+        // A `model` message: header, round, count, weights and momentum, digest.
+        "model_bytes": 5 + 8 + 4 + 8 * params + 32,
     })
+}
+
+/// Adds what open dashboards take from each training peer: every observer asks
+/// [`OBSERVE_ASK`](shoal_shared::learn::peer::OBSERVE_ASK) trainers for the whole model
+/// every [`OBSERVE_EVERY_MS`](shoal_shared::learn::peer::OBSERVE_EVERY_MS), spread over
+/// the trainers (`observers` and `observer_bytes_per_hour`, per trainer).
+fn with_observers(
+    mut cost: serde_json::Value,
+    (trainers, observers): (usize, usize),
+) -> serde_json::Value {
+    use shoal_shared::learn::peer::{OBSERVE_ASK, OBSERVE_EVERY_MS};
+    let model = cost["model_bytes"].as_f64().unwrap_or(0.0);
+    let asks = (OBSERVE_ASK.min(trainers.max(1))) as f64;
+    let per_hour =
+        observers as f64 * asks * model * (3_600_000.0 / OBSERVE_EVERY_MS) / trainers.max(1) as f64;
+    cost["observers"] = serde_json::json!(observers);
+    cost["observer_bytes_per_hour"] = serde_json::json!(per_hour.round());
+    cost
 }
 
 /// Adds the swarm's pace to a task's cost: rounds per hour at the median peer's

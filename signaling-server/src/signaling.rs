@@ -496,6 +496,25 @@ impl Hub {
         Ok(id)
     }
 
+    /// Peers of `task` that reported in the last 30 s as training (not paused) and as
+    /// observing: `(trainers, observers)`.
+    pub fn roles(&self, task: &str) -> (usize, usize) {
+        let st = self.lock();
+        let Some(t) = st.tasks.get(task) else {
+            return (0, 0);
+        };
+        let recent = t
+            .peers
+            .values()
+            .filter_map(|p| p.report.as_deref())
+            .filter(|(at, _)| at.elapsed() < Duration::from_secs(30));
+        recent.fold((0, 0), |(tr, ob), (_, r)| match r.role {
+            shoal_shared::protocol::Role::Trainer if !r.paused => (tr + 1, ob),
+            shoal_shared::protocol::Role::Observer => (tr, ob + 1),
+            shoal_shared::protocol::Role::Trainer => (tr, ob),
+        })
+    }
+
     /// The current pace of `task`: the median training throughput (samples per second)
     /// of the peers that reported as training in the last 30 s; `None` without any.
     pub fn pace(&self, task: &str) -> Option<f64> {

@@ -1222,3 +1222,32 @@ async fn rounds_sized_in_time_bound_the_cost_per_hour_before_anyone_trains() {
     let per_round = cost["bytes_per_round"].as_f64().expect("bytes per round");
     assert_eq!(cost["bytes_per_hour"].as_f64(), Some(3600.0 * per_round));
 }
+
+#[tokio::test]
+async fn the_cost_states_what_open_dashboards_take_from_each_trainer() {
+    let s = start(config()).await;
+    let mut peers = Vec::new();
+    for role in ["trainer", "trainer", "observer"] {
+        let (mut ws, _) = join(&s).await;
+        let mut r = report(3, 0.5);
+        r["report"]["role"] = json!(role);
+        send(&mut ws, r).await;
+        peers.push(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = http_get(s.addr, "/api/tasks/digits").await;
+    let json: Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON");
+    let cost = &json["cost"];
+    // The demo MLP: a model message is 8 bytes per parameter and 49 more.
+    assert_eq!(cost["model_bytes"], 8 * 109_386 + 49);
+    assert_eq!(cost["observers"], 1);
+    // One dashboard asks two trainers every 10 s: 360 models an hour each, here all
+    // from these two.
+    let model = cost["model_bytes"].as_f64().expect("bytes");
+    assert_eq!(
+        cost["observer_bytes_per_hour"].as_f64(),
+        Some((2.0 * model * 360.0 / 2.0).round()),
+        "{cost}"
+    );
+}

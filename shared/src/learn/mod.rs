@@ -79,7 +79,7 @@ pub struct LearnConfig {
     pub exchange: Exchange,
     /// Rounds sized in time (0: in steps). With a duration, a peer trains without pause
     /// in chunks of about [`peer::CHUNK_MS`], sends its update once this many
-    /// milliseconds of training have passed since the previous one (and its previous
+    /// milliseconds (wall-clock) have passed since the previous one (and its previous
     /// round has closed), keeps training while its round is open, and carries that work
     /// into the next round; aggregation weights updates by their (bounded) sample counts.
     /// See `docs/protocol.md`, "Rounds in time".
@@ -453,10 +453,16 @@ struct Pending {
     delta: Vec<f32>,
 }
 
-/// In rounds sized in time, how far a sample claim counts from the round's lower median
-/// claim `rho`: it is clamped to `[rho / SAMPLE_SPREAD, rho * SAMPLE_SPREAD]`, so no
-/// update weighs more than `SAMPLE_SPREAD` times a median one, whatever it claims.
-pub const SAMPLE_SPREAD: f32 = 4.0;
+/// In rounds sized in time, how far below the round's lower median claim `rho` a sample
+/// claim counts: down to `rho / SAMPLE_SPREAD_DOWN` (a claim below makes the update no
+/// longer: it is scaled up at most this much before the norm bound and the screen).
+pub const SAMPLE_SPREAD_DOWN: f32 = 4.0;
+/// And how far above: up to `rho * SAMPLE_SPREAD_UP`, so that no update weighs more than
+/// twice a median one, whatever it claims. A liar that claims this much may send an
+/// update up to this many times the norm bound (it is scaled down before it is judged):
+/// its part in the weighted sum is then at most `SAMPLE_SPREAD_UP` times the bound, over
+/// a total weight that its claim also raises.
+pub const SAMPLE_SPREAD_UP: f32 = 2.0;
 
 /// One peer's state of the swarm's model and its learning protocol. Platform-neutral:
 /// the simulator, the native peer and the browser worker all drive this.
@@ -1031,18 +1037,12 @@ pub struct RoundSummary {
     pub sync: Option<Vec<u8>>,
 }
 
-/// The norm updates are bounded relative to: the larger of our own update's norm and
-/// the lower median of the held updates' norms. Our own alone fails where peers' data
-/// differ: a peer whose classes the model already fits moves little (plain SGD scales
-/// its step with its gradient) and would refuse its neighbours' honest, larger updates,
-/// dropping whole classes. The median of the held ones alone could be raised by
-/// attackers among few neighbours; while they are fewer than half it stays an honest
-/// norm.
 /// For the sample claims of one round (own and held), a function from a claim to the
 /// factor its update is scaled by and its weight: with `rho` the lower median claim and
-/// `c` the claim clamped to `[rho / SAMPLE_SPREAD, rho * SAMPLE_SPREAD]`, the update is
-/// scaled by `rho / c` (to the progress of a median run) and weighs `c / rho`, so that the
-/// weighted mean is the sum of the runs' progress over their (bounded) sample counts.
+/// `c` the claim clamped to `[rho / SAMPLE_SPREAD_DOWN, rho * SAMPLE_SPREAD_UP]`, the
+/// update is scaled by `rho / c` (to the progress of a median run) and weighs `c / rho`,
+/// so that the weighted mean is the sum of the runs' progress over their (bounded) sample
+/// counts.
 fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32) {
     let mut sorted = claims.to_vec();
     sorted.sort_unstable();
@@ -1052,11 +1052,18 @@ fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32) {
         .unwrap_or(1)
         .max(1) as f32;
     move |c: u32| {
-        let c = (c.max(1) as f32).clamp(rho / SAMPLE_SPREAD, rho * SAMPLE_SPREAD);
+        let c = (c.max(1) as f32).clamp(rho / SAMPLE_SPREAD_DOWN, rho * SAMPLE_SPREAD_UP);
         (rho / c, c / rho)
     }
 }
 
+/// The norm updates are bounded relative to: the larger of our own update's norm and
+/// the lower median of the held updates' norms. Our own alone fails where peers' data
+/// differ: a peer whose classes the model already fits moves little (plain SGD scales
+/// its step with its gradient) and would refuse its neighbours' honest, larger updates,
+/// dropping whole classes. The median of the held ones alone could be raised by
+/// attackers among few neighbours; while they are fewer than half it stays an honest
+/// norm.
 fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
     let mut s = held.to_vec();
     s.sort_by(f32::total_cmp);

@@ -64,6 +64,11 @@ pub const FETCH_ASK: usize = 5;
 /// answers nearer it wins), and every answer is a whole model a volunteer's page uploads
 /// every few seconds.
 pub const OBSERVE_ASK: usize = 2;
+/// How often Shoal's dashboard asks for the model: each time [`OBSERVE_ASK`] volunteers
+/// upload the whole model (weights and outer momentum, fp32) to it, so an open dashboard
+/// costs the swarm `OBSERVE_ASK * model bytes` per interval. Any neighbour may ask more
+/// often; a peer answers one neighbour at most once per [`ANSWER_INTERVAL_MS`].
+pub const OBSERVE_EVERY_MS: f64 = 10_000.0;
 /// Pause after a model download that found nothing to adopt.
 pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
@@ -496,9 +501,10 @@ impl Peer {
             contributing: self.contributing(),
         }
         .encode();
-        let open = matches!(self.phase, Phase::Waiting { .. }) || self.open_since.is_some();
         let update = match &self.sent_update {
-            Some((round, u)) if open && *round == self.learner.round() => Some(u.clone()),
+            Some((round, u)) if self.round_open() && *round == self.learner.round() => {
+                Some(u.clone())
+            }
             _ => None,
         };
         for p in due {
@@ -513,6 +519,11 @@ impl Peer {
                 self.send(p, u.clone());
             }
         }
+    }
+
+    /// Whether our update for the current round went out and the round is still open.
+    fn round_open(&self) -> bool {
+        matches!(self.phase, Phase::Waiting { .. }) || self.open_since.is_some()
     }
 
     fn send(&mut self, to: PeerId, data: Vec<u8>) {
@@ -609,9 +620,9 @@ impl Peer {
                 if !contributing {
                     self.stop_waiting_for(from, false, now_ms);
                 } else if was_idle
+                    && self.round_open()
                     && let Some((round, msg)) = &self.sent_update
                     && *round == self.learner.round()
-                    && matches!(self.phase, Phase::Waiting { .. })
                 {
                     // It starts contributing in a round we already sent our update for:
                     // it gets it too, or it would wait for it until its deadline and the
@@ -1070,18 +1081,22 @@ impl Peer {
     }
 
     /// Rounds in time: asks for the next chunk of the run (starting one from the current
-    /// model when there is none, or when the model changed under it by adoption).
+    /// model when there is none: at the start, after an adoption, after a broken chunk).
     fn train_chunk(&mut self, now_ms: f64) {
         let round = self.learner.round();
         if self.run.as_ref().is_none_or(|r| r.round < round) {
+            // While our update for this round is out, the new run is for the next round,
+            // its work carried onto the model that round ends with.
+            let open = self.open_since.is_some();
+            let start = self.learner.weights().to_vec();
             self.run = Some(Run {
-                round,
+                round: round + u64::from(open),
                 started: now_ms,
                 samples: 0,
                 steps: 0,
                 loss: 0.0,
-                work: self.learner.weights().to_vec(),
-                carry_from: None,
+                carry_from: open.then(|| start.clone()),
+                work: start,
                 reload: true,
             });
         }

@@ -485,15 +485,15 @@ fn in_rounds_sized_in_time_updates_weigh_by_their_bounded_sample_claims() {
     // Equal claims: the plain mean, as in rounds sized in steps.
     let even = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 100)]);
     assert!((even - 0.2).abs() < 1e-6, "{even}");
-    // A peer that trained 4 times as many samples (and moved 4 times as far) counts
-    // fully: the step is the runs' summed progress over their summed samples, in units
-    // of the median run (100 samples): (0.1 + 0.1 + 0.1 + 0.4) / (1 + 1 + 1 + 4) = 0.1.
-    let fast = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.4, 400)]);
+    // A peer that trained twice as many samples (and moved twice as far) counts fully:
+    // the step is the runs' summed progress over their summed samples, in units of the
+    // median run (100 samples): (0.1 + 0.1 + 0.1 + 0.2) / (1 + 1 + 1 + 2) = 0.1 ...
+    let fast = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.2, 200)]);
     assert!((fast - 0.1).abs() < 1e-6, "{fast}");
-    // A liar's claim counts at most 4 times the median one: claiming 4e9 samples does
-    // exactly what claiming 400 does, and adds weight, not progress.
+    // ... and a claim counts at most twice the median one: claiming 4e9 samples does
+    // exactly what claiming 200 does.
     let huge = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, u32::MAX)]);
-    let capped = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 400)]);
+    let capped = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 200)]);
     assert!((huge - capped).abs() < 1e-6, "{huge} vs {capped}");
     assert!(huge < even, "{huge} vs {even}");
     // Claiming 1 sample makes its update at most 4 times longer (for the norm bound and

@@ -786,3 +786,57 @@ fn an_update_that_claims_no_sample_is_refused() {
     assert_eq!(rejected(&p, Rejection::Samples), 1);
     assert!(!p.learner().has_fresh_from(&id(20).public()));
 }
+
+#[test]
+fn in_rounds_sized_in_time_a_neighbour_that_starts_contributing_gets_the_open_rounds_update() {
+    let mut p = timed_running(5);
+    p.tick(500.0);
+    drain(&mut p);
+    let idle = PeerMessage::Status {
+        contributing: false,
+    };
+    p.handle(msg(12, idle.encode()), 600.0);
+    p.trained(5, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
+    let to: Vec<u64> = drain(&mut p)
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send { to, data }
+                if PeerMessage::decode(data, N)
+                    .is_ok_and(|m| matches!(m, PeerMessage::Update(_))) =>
+            {
+                Some(to.0)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(to, vec![10, 11], "not to the idle neighbour");
+    // Round 5 is open (training goes on) when 12 resumes: it gets our update for it.
+    p.tick(1_500.0);
+    drain(&mut p);
+    let back = PeerMessage::Status { contributing: true };
+    p.handle(msg(12, back.encode()), 1_600.0);
+    let sent = drain(&mut p);
+    assert!(
+        sent.iter().any(|o| matches!(o, Output::Send { to, data } if to.0 == 12
+            && PeerMessage::decode(data, N).is_ok_and(|m| matches!(m, PeerMessage::Update(u) if u.round == 5)))),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn in_rounds_sized_in_time_a_broken_chunk_restarts_the_run_toward_the_next_update() {
+    let mut p = timed_running(5);
+    p.tick(500.0);
+    drain(&mut p);
+    p.trained(5, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
+    assert_eq!(updates_sent(&drain(&mut p)).len(), 3);
+    p.tick(1_500.0);
+    assert_eq!(trains(&drain(&mut p)), vec![(6, true)]);
+    // The trainer returns garbage while round 5 is open: nothing is sent, and training
+    // starts again from the model, toward update 6 (update 5 is out already).
+    assert!(p.trained(6, &[f32::NAN; N], 0.3, 8, 1_700.0).is_err());
+    assert!(updates_sent(&drain(&mut p)).is_empty());
+    p.tick(1_700.0);
+    assert_eq!(trains(&drain(&mut p)), vec![(6, false)]);
+    assert!(p.train_from().iter().all(|w| (w - 0.5).abs() < 1e-6));
+}
