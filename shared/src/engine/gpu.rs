@@ -149,36 +149,31 @@ struct LmKernels {
     sumsq: wgpu::ComputePipeline,
 }
 
+/// The kernel `kernels/NAME.wgsl` after the shared prelude, labelled NAME.
+macro_rules! prelude_kernel {
+    ($device:expr, $name:ident) => {
+        prelude_pipeline(
+            $device,
+            stringify!($name),
+            include_str!(concat!("kernels/", stringify!($name), ".wgsl")),
+        )
+    };
+}
+
 impl LmKernels {
     fn new(device: &wgpu::Device) -> Self {
         Self {
-            embed_fwd: prelude_pipeline(
-                device,
-                "embed_fwd",
-                include_str!("kernels/embed_fwd.wgsl"),
-            ),
-            embed_bwd_pos: prelude_pipeline(
-                device,
-                "embed_bwd_pos",
-                include_str!("kernels/embed_bwd_pos.wgsl"),
-            ),
-            embed_bwd_tok: prelude_pipeline(
-                device,
-                "embed_bwd_tok",
-                include_str!("kernels/embed_bwd_tok.wgsl"),
-            ),
-            ln_fwd: prelude_pipeline(device, "ln_fwd", include_str!("kernels/ln_fwd.wgsl")),
-            ln_bwd: prelude_pipeline(device, "ln_bwd", include_str!("kernels/ln_bwd.wgsl")),
-            ln_dgain: prelude_pipeline(device, "ln_dgain", include_str!("kernels/ln_dgain.wgsl")),
-            gelu_fwd: prelude_pipeline(device, "gelu_fwd", include_str!("kernels/gelu_fwd.wgsl")),
-            gelu_bwd: prelude_pipeline(device, "gelu_bwd", include_str!("kernels/gelu_bwd.wgsl")),
-            add: prelude_pipeline(device, "add", include_str!("kernels/add.wgsl")),
-            attn_rowdot: prelude_pipeline(
-                device,
-                "attn_rowdot",
-                include_str!("kernels/attn_rowdot.wgsl"),
-            ),
-            sumsq: prelude_pipeline(device, "sumsq", include_str!("kernels/sumsq.wgsl")),
+            embed_fwd: prelude_kernel!(device, embed_fwd),
+            embed_bwd_pos: prelude_kernel!(device, embed_bwd_pos),
+            embed_bwd_tok: prelude_kernel!(device, embed_bwd_tok),
+            ln_fwd: prelude_kernel!(device, ln_fwd),
+            ln_bwd: prelude_kernel!(device, ln_bwd),
+            ln_dgain: prelude_kernel!(device, ln_dgain),
+            gelu_fwd: prelude_kernel!(device, gelu_fwd),
+            gelu_bwd: prelude_kernel!(device, gelu_bwd),
+            add: prelude_kernel!(device, add),
+            attn_rowdot: prelude_kernel!(device, attn_rowdot),
+            sumsq: prelude_kernel!(device, sumsq),
         }
     }
 }
@@ -218,27 +213,15 @@ fn prelude_pipeline(device: &wgpu::Device, label: &str, body: &str) -> wgpu::Com
 impl Kernels {
     fn new(device: &wgpu::Device) -> Self {
         Self {
-            im2col: prelude_pipeline(device, "im2col", include_str!("kernels/im2col.wgsl")),
-            col2im: prelude_pipeline(device, "col2im", include_str!("kernels/col2im.wgsl")),
-            pool_fwd: prelude_pipeline(device, "pool_fwd", include_str!("kernels/pool_fwd.wgsl")),
-            pool_bwd: prelude_pipeline(device, "pool_bwd", include_str!("kernels/pool_bwd.wgsl")),
-            relu_fwd: prelude_pipeline(device, "relu_fwd", include_str!("kernels/relu_fwd.wgsl")),
-            relu_mask: prelude_pipeline(
-                device,
-                "relu_mask",
-                include_str!("kernels/relu_mask.wgsl"),
-            ),
-            colsum: prelude_pipeline(device, "colsum", include_str!("kernels/colsum.wgsl")),
-            softmax_ce: prelude_pipeline(
-                device,
-                "softmax_ce",
-                include_str!("kernels/softmax_ce.wgsl"),
-            ),
-            finite_check: prelude_pipeline(
-                device,
-                "finite_check",
-                include_str!("kernels/finite_check.wgsl"),
-            ),
+            im2col: prelude_kernel!(device, im2col),
+            col2im: prelude_kernel!(device, col2im),
+            pool_fwd: prelude_kernel!(device, pool_fwd),
+            pool_bwd: prelude_kernel!(device, pool_bwd),
+            relu_fwd: prelude_kernel!(device, relu_fwd),
+            relu_mask: prelude_kernel!(device, relu_mask),
+            colsum: prelude_kernel!(device, colsum),
+            softmax_ce: prelude_kernel!(device, softmax_ce),
+            finite_check: prelude_kernel!(device, finite_check),
             optimizer: pipeline(device, "optimizer", include_str!("kernels/optimizer.wgsl")),
             lm: None,
             matmul: HashMap::new(),

@@ -192,6 +192,15 @@ pub struct Progress {
     pub task_paused: bool,
 }
 
+impl Progress {
+    /// Takes in one measurement of the training throughput (samples per second) into
+    /// `samples_per_s`, a moving average.
+    fn note_rate(&mut self, per_s: f64) {
+        let (s, r) = (&mut self.samples_per_s, per_s as f32);
+        *s = if *s == 0.0 { r } else { 0.7 * *s + 0.3 * r };
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Phase {
     /// No model yet (since when).
@@ -268,6 +277,30 @@ struct Run {
     carry_from: Option<Vec<f32>>,
     /// The trainer must load `work` before the next chunk.
     reload: bool,
+}
+
+impl Run {
+    /// A run toward the update for `round`, from `work` (which the trainer must load
+    /// unless `reload` is false), carrying its work from `carry_from` onto the model that
+    /// the open round ends with, if one is open.
+    fn new(
+        round: u64,
+        started: f64,
+        work: Vec<f32>,
+        carry_from: Option<Vec<f32>>,
+        reload: bool,
+    ) -> Self {
+        Self {
+            round,
+            started,
+            samples: 0,
+            steps: 0,
+            loss: 0.0,
+            work,
+            carry_from,
+            reload,
+        }
+    }
 }
 
 /// One peer of the swarm, sans-IO.
@@ -1066,13 +1099,8 @@ impl Peer {
         if let Some(t) = self.last_train_at
             && now_ms > t
         {
-            let rate = (f64::from(samples) / ((now_ms - t) / 1e3)) as f32;
-            let s = &mut self.progress.samples_per_s;
-            *s = if *s == 0.0 {
-                rate
-            } else {
-                0.7 * *s + 0.3 * rate
-            };
+            self.progress
+                .note_rate(f64::from(samples) / ((now_ms - t) / 1e3));
         }
         self.last_train_at = Some(since);
         self.phase = Phase::Waiting { since: now_ms };
@@ -1089,16 +1117,14 @@ impl Peer {
             // its work carried onto the model that round ends with.
             let open = self.open_since.is_some();
             let start = self.learner.weights().to_vec();
-            self.run = Some(Run {
-                round: round + u64::from(open),
-                started: now_ms,
-                samples: 0,
-                steps: 0,
-                loss: 0.0,
-                carry_from: open.then(|| start.clone()),
-                work: start,
-                reload: true,
-            });
+            let carry = open.then(|| start.clone());
+            self.run = Some(Run::new(
+                round + u64::from(open),
+                now_ms,
+                start,
+                carry,
+                true,
+            ));
         }
         self.rebase();
         let steps = match self.step_rate {
@@ -1160,14 +1186,17 @@ impl Peer {
         let Some(run) = self.run.as_mut().filter(|r| r.round == round) else {
             return Ok(()); // a run dropped by an adoption
         };
-        if local.len() != n || local.iter().any(|x| !x.is_finite()) || !loss.is_finite() {
+        let broken = if local.len() != n {
+            Some(format!("{} values, model has {n}", local.len()))
+        } else if !loss.is_finite() {
+            Some(format!("loss {loss}"))
+        } else {
+            super::check_finite(local).err()
+        };
+        if let Some(why) = broken {
             // Nothing of a broken run is sent: it starts again from the current model.
             self.run = None;
-            return Err(LearnError::BadLocal(format!(
-                "a chunk of local training ended with {} values (model: {n}) or a value \
-                 that is not finite",
-                local.len()
-            )));
+            return Err(LearnError::BadLocal(why));
         }
         run.work.copy_from_slice(local);
         run.samples += u64::from(samples);
@@ -1180,13 +1209,7 @@ impl Peer {
         if dt > 0.0 {
             let rate = f64::from(steps) / dt;
             self.step_rate = Some(self.step_rate.map_or(rate, |r| 0.5 * r + 0.5 * rate));
-            let per_s = (f64::from(samples) / (dt / 1e3)) as f32;
-            let s = &mut self.progress.samples_per_s;
-            *s = if *s == 0.0 {
-                per_s
-            } else {
-                0.7 * *s + 0.3 * per_s
-            };
+            self.progress.note_rate(f64::from(samples) / (dt / 1e3));
         }
         self.rebase();
         let Some(run) = self.run.as_ref() else {
@@ -1209,17 +1232,9 @@ impl Peer {
         }
         self.sent_update = Some((round, msg));
         self.open_since = Some(now_ms);
-        self.run = Some(Run {
-            round: round + 1,
-            started: now_ms,
-            samples: 0,
-            steps: 0,
-            loss: 0.0,
-            carry_from: Some(work.clone()),
-            work,
-            // A rebase in this chunk: the trainer does not hold `work` yet.
-            reload,
-        });
+        // After a rebase in this chunk the trainer does not hold `work` yet (`reload`).
+        let carry = Some(work.clone());
+        self.run = Some(Run::new(round + 1, now_ms, work, carry, reload));
         Ok(())
     }
 
