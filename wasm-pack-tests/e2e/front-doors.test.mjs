@@ -144,7 +144,10 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
   console.log(`dashboard: held-out ${(done.accuracy * 100).toFixed(2)}% at version ${done.version} (${done.evals} evaluations)`);
   assert.ok(done.round > seen.round, `the round advanced (${seen.round} -> ${done.round})`);
   const evals = await dash.evaluate(() => window.shoalDashboard.evals);
-  assert.ok(evals[0].accuracy < done.accuracy, 'accuracy rose over the run');
+  // The chart starts where every peer started: the seed model at version 0, near chance
+  // (the swarm can pass the target before the dashboard's first download).
+  assert.equal(evals[0].version, 0, 'the chart starts at the seed model');
+  assert.ok(evals[0].accuracy < 0.5 && evals[0].accuracy < done.accuracy, 'accuracy rose over the run');
 
   // Every page stayed responsive: no main-thread task of any page (contributor pages, the
   // widget's frame, its host, the dashboard) used 50 ms of CPU while the swarm trained;

@@ -62,6 +62,10 @@ pub struct Observer {
     test: Samples,
     /// The newest model's held-out `(loss, accuracy)`.
     latest: Option<(f32, f32)>,
+    /// Whether the starting point (the seed model every peer starts from, version 0) is
+    /// still to be evaluated: the chart then shows where training began even when the
+    /// swarm is far along before the first download.
+    baseline_due: bool,
 }
 
 impl Observer {
@@ -88,6 +92,7 @@ impl Observer {
             eval,
             test,
             latest: None,
+            baseline_due: true,
         })
     }
 
@@ -107,12 +112,23 @@ impl Observer {
     }
 
     fn evaluate(&mut self, version: u64, now_ms: f64) -> Option<EvalPoint> {
-        self.eval.set_params(self.peer.weights()).ok()?;
+        let point = self.evaluate_weights(self.peer.weights().to_vec(), version, now_ms)?;
+        self.latest = Some((point.loss, point.accuracy));
+        Some(point)
+    }
+
+    /// Held-out loss and accuracy of `weights` (and a text sample for a text task).
+    fn evaluate_weights(
+        &mut self,
+        weights: Vec<f32>,
+        version: u64,
+        now_ms: f64,
+    ) -> Option<EvalPoint> {
+        self.eval.set_params(&weights).ok()?;
         let (loss, accuracy) = self
             .eval
             .evaluate(&self.test.inputs, &self.test.labels, 500)
             .ok()?;
-        self.latest = Some((loss, accuracy));
         let text = self.task.is_text();
         let sample = if text {
             // The held-out windows are consecutive bytes of the text.
@@ -160,7 +176,15 @@ impl Observer {
     /// evaluation when that adopted a newer model.
     pub fn tick(&mut self, net: &impl Transport, now_ms: f64) -> Option<EvalPoint> {
         self.peer.tick(now_ms);
-        self.flush(net, now_ms)
+        let adopted = self.flush(net, now_ms);
+        if adopted.is_none() && self.baseline_due {
+            self.baseline_due = false;
+            let seed = Model::new(self.task.model.clone())
+                .ok()?
+                .init_params(self.task.train.seed);
+            return self.evaluate_weights(seed, 0, now_ms);
+        }
+        adopted
     }
 
     /// The newest model version held.
