@@ -15,3 +15,4 @@ pub mod learn;
 pub mod protocol;
 pub mod rng;
 pub mod task;
+pub mod trust;

@@ -30,7 +30,7 @@
 //!   is small, as under label skew, does not refuse its neighbours' honest ones).
 
 pub mod aggregate;
-mod bytes;
+pub(crate) mod bytes;
 pub mod compress;
 pub mod identity;
 pub mod peer;
