@@ -109,6 +109,22 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
 
   const text = () => Boolean(description?.task?.data?.train?.text);
 
+  // The visitor's credits, from the task's ledger: samples of theirs that neighbours the
+  // server drew at random receipted (not what this page counts itself).
+  let credits = '–';
+  async function fetchCredits(key) {
+    try {
+      const r = await fetch(`/api/tasks/${encodeURIComponent(task)}/credits?key=${key}`);
+      if (!r.ok) return;
+      const c = await r.json();
+      credits = c.me.credit > 0
+        ? `${c.me.credit.toLocaleString('en')} samples (#${c.me.rank} of ${c.ranked})`
+        : 'none yet';
+    } catch {
+      // The next try will tell.
+    }
+  }
+
   function draw() {
     const p = pending;
     pending = null;
@@ -118,13 +134,14 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       ? ['held-out bits per byte', p.test_loss == null ? '–' : (p.test_loss / Math.LN2).toFixed(3)]
       : ['held-out accuracy', p.accuracy == null ? '–' : `${(p.accuracy * 100).toFixed(2)}%`];
     const rows = compact
-      ? { round: p.round, 'samples/s': p.samples_per_s.toFixed(0), [qualityKey]: quality, peers: p.peers }
+      ? { round: p.round, 'samples/s': p.samples_per_s.toFixed(0), [qualityKey]: quality, peers: p.peers, credits }
       : {
         round: p.round, phase: p.phase, 'local steps': p.local_steps,
         'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
         loss: p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
         'data per hour': perHour(p),
+        receipts: p.receipts, credits,
       };
     for (const [k, v] of Object.entries(rows)) {
       let dd = cells.get(k);
@@ -157,6 +174,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       worker.postMessage({ type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty });
       applyPause();
       relaySwarm(worker, task, {
+        secret: id.secret,
         onSignaling: (up) => {
           if (up) {
             if (status.dataset.state === 'offline') applyPause();
@@ -200,6 +218,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       if (autoStart) start();
     } else if (msg.type === 'joined') {
       if (consent) consent.textContent = 'Contributing — thank you';
+      fetchCredits(msg.key);
+      setInterval(() => fetchCredits(msg.key), 15_000);
       applyPause();
     } else if (msg.type === 'progress') {
       const p = msg.progress;

@@ -44,7 +44,7 @@ self.addEventListener('message', (event) => {
       if (observer) observer.event(m.kind, m.peer, m.data);
       else early.push(m);
     } else if (m.type === 'export') {
-      const bytes = observer.exportSafetensors();
+      const bytes = observer.exportSafetensors(m.ledgerHead ?? undefined);
       post({ type: 'exported', bytes, version: observer.version() }, [bytes.buffer]);
     }
   } catch (e) {

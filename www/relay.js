@@ -7,19 +7,25 @@ const pkg = new URL('./pkg/shoal_web_client.js', import.meta.url).href;
 /**
  * Joins `task`'s swarm and wires it to `worker`: transport events go to the worker as
  * `{type:'net', kind, peer, data}` (and `{type:'net', kind:'task_state', paused}`); the
- * worker's `{type:'send'}` and `{type:'report'}` messages go out. `onSignaling(up)` is
- * told when the signaling server connection comes and goes.
+ * worker's `{type:'send'}`, `{type:'report'}` and `{type:'receipt'}` messages go out.
+ * `onSignaling(up)` is told when the signaling server connection comes and goes. With
+ * `secret` (the visitor's key, 64 hex digits) the connection proves that key to the
+ * server, so that the receipts the visitor signs and earns count in the task's ledger.
  */
-export async function relaySwarm(worker, task, { onSignaling = () => {} } = {}) {
+export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null } = {}) {
   const shoal = await import(pkg);
   await shoal.default();
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1`);
+  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}`);
+  // Before any message is read (this task has not yielded yet): the welcome's nonce is
+  // signed as soon as it arrives.
+  if (secret) swarm.setIdentity(Uint8Array.from(secret.match(/../g), (h) => parseInt(h, 16)));
   worker.addEventListener('message', (event) => {
     const m = event.data;
     try {
       if (m.type === 'send') swarm.send(m.peer, m.data);
       else if (m.type === 'report') swarm.report(m.report);
+      else if (m.type === 'receipt') swarm.receipt(m.receipt);
     } catch {
       // A full queue or a neighbour that just left: the message is dropped, and the
       // swarm's deadlines make sure nobody waits for it.
@@ -48,6 +54,21 @@ export async function relaySwarm(worker, task, { onSignaling = () => {} } = {}) 
     onSignaling(false);
   });
   return swarm;
+}
+
+/**
+ * In the widget's frame, the site it is embedded in, as the browser reports it (not as
+ * the host page says): `&site=HOST` for the server's ledger; nothing on Shoal's own page.
+ */
+function siteParam() {
+  if (window === window.top) return '';
+  const parent = location.ancestorOrigins?.[0];
+  try {
+    const host = new URL(parent).host.toLowerCase();
+    return /^[a-z0-9.:-]{1,253}$/.test(host) ? `&site=${encodeURIComponent(host)}` : '';
+  } catch {
+    return '';
+  }
 }
 
 /** Fetches a task's description (`{task, files, cost}`) with a clear error. */

@@ -79,6 +79,8 @@ async function contribute(task, secret) {
       post({ type: 'report', report: JSON.stringify(p.report) });
       delete p.report;
     }
+    for (const receipt of p.signed_receipts ?? []) post({ type: 'receipt', receipt });
+    delete p.signed_receipts;
     // The page hears of every phase change and closed round, and otherwise at most four
     // times a second: each message is a task on the visitor's main thread.
     const now = performance.now();

@@ -75,6 +75,7 @@ pub fn task_model(
     weights: &[f32],
     version: u64,
     evaluation: Option<(f32, f32)>,
+    ledger_head: Option<&str>,
 ) -> Result<Vec<u8>, String> {
     let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
     let mut meta = BTreeMap::from([
@@ -127,6 +128,13 @@ pub fn task_model(
             let bits = loss / std::f32::consts::LN_2;
             meta.insert("test_bits_per_byte".to_string(), bits.to_string());
         }
+    }
+    if let Some(head) = ledger_head {
+        // Provenance: the task's ledger (receipts of the contributions) as it stood.
+        if head.len() != 64 || !head.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("ledger head: 64 hex digits".into());
+        }
+        meta.insert("ledger_head".to_string(), head.to_ascii_lowercase());
     }
     safetensors(&model, weights, &meta)
 }

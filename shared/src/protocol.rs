@@ -228,6 +228,42 @@ pub enum ClientMessage {
         /// The numbers.
         report: PeerReport,
     },
+    /// Proves the key this connection signs with (see [`identify_message`]).
+    Identify {
+        /// The ed25519 public key, 64 hex digits.
+        key: String,
+        /// Its signature of [`identify_message`], 128 hex digits.
+        signature: String,
+    },
+    /// A receipt this peer signed for a neighbour's update it used (hex of its bytes,
+    /// see [`crate::trust::receipt`]).
+    Receipt {
+        /// The receipt.
+        receipt: String,
+    },
+}
+
+/// What `identify` signs: `"shoal-identify-v1"`, the task name's length (`u32`), the
+/// task name, the peer id (`u64`) and the welcome's 32 nonce bytes; integers
+/// little-endian.
+pub fn identify_message(task: &str, peer: PeerId, nonce: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"shoal-identify-v1".to_vec();
+    m.extend_from_slice(&(task.len() as u32).to_le_bytes());
+    m.extend_from_slice(task.as_bytes());
+    m.extend_from_slice(&peer.0.to_le_bytes());
+    m.extend_from_slice(nonce);
+    m
+}
+
+/// Bytes from lower-case (or upper-case) hex; `None` for anything else.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
 }
 
 /// Messages the server sends to a peer.
@@ -246,6 +282,10 @@ pub enum ServerMessage {
         ice_servers: Vec<IceServer>,
         /// Largest message the server accepts, in bytes.
         max_message_bytes: usize,
+        /// 32 random bytes (64 hex digits) for `identify` to sign; empty from a server
+        /// without receipts.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        nonce: String,
     },
     /// The peer's current neighbour set (replaces the previous one). The peer with the
     /// smaller id makes the WebRTC offer.
@@ -315,6 +355,11 @@ pub enum ErrorCode {
     /// The page's origin is not on the server's allowlist (answered with HTTP 403 before
     /// the websocket opens; listed here for the metrics).
     ForbiddenOrigin,
+    /// An `identify` that does not prove its key, repeats, or names a key another
+    /// connection of the task holds.
+    BadIdentity,
+    /// A `receipt` the server refused (the message names the reason).
+    BadReceipt,
 }
 
 impl ErrorCode {
@@ -333,11 +378,13 @@ impl ErrorCode {
             Self::BadVersion => "bad_version",
             Self::Binary => "binary",
             Self::ForbiddenOrigin => "forbidden_origin",
+            Self::BadIdentity => "bad_identity",
+            Self::BadReceipt => "bad_receipt",
         }
     }
 
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         Self::Malformed,
         Self::UnknownType,
         Self::NotNeighbour,
@@ -350,6 +397,8 @@ impl ErrorCode {
         Self::BadVersion,
         Self::Binary,
         Self::ForbiddenOrigin,
+        Self::BadIdentity,
+        Self::BadReceipt,
     ];
 }
 

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod http;
 pub mod ice;
+pub mod ledger;
 pub mod metrics;
 pub mod precompress;
 pub mod signaling;
@@ -148,6 +149,16 @@ pub fn app(config: &Config) -> App {
                     2 * config.signaling.neighbours,
                     Arc::clone(&hub),
                 )),
+        )
+        .merge(
+            Router::new()
+                .route("/api/tasks/{task}/ledger", get(ledger::page))
+                .route("/api/tasks/{task}/ledger/file", get(ledger::file))
+                .route("/api/tasks/{task}/credits", get(ledger::credits))
+                .with_state(ledger::LedgerState {
+                    hub: Arc::clone(&hub),
+                    cache: Arc::default(),
+                }),
         )
         .merge(
             Router::new()

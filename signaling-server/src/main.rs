@@ -97,6 +97,10 @@ struct Args {
     /// atomically on every change).
     #[arg(long, env = "SHOAL_STATE_FILE", default_value = "shoal-state.json")]
     state_file: PathBuf,
+    /// The folder of each task's ledger of receipts (`{task}.ledger`, append-only,
+    /// hash-chained; created when missing).
+    #[arg(long, env = "SHOAL_LEDGER_DIR", default_value = "ledger")]
+    ledger_dir: PathBuf,
     /// STUN URL handed to peers (repeatable).
     #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
     stun: Vec<String>,
@@ -233,7 +237,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         neighbours: args.neighbours,
         allowed_origins: args.allowed_origins,
         ice,
+        ledger_dir: Some(args.ledger_dir.clone()),
     };
+    // A ledger folder that cannot be made stops the start: receipts would be lost.
+    std::fs::create_dir_all(&args.ledger_dir)
+        .map_err(|e| anyhow::anyhow!("the ledger folder {}: {e}", args.ledger_dir.display()))?;
     // Every connection is a file descriptor; keep 64 for everything else.
     let files = raise_open_file_limit();
     let fd_cap = files.map_or(usize::MAX, |n| {

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use shoal_shared::protocol::ErrorCode;
 
+use crate::signaling::ReceiptOutcome;
+
 /// Process-wide counters; gauges (peers per task, connections) are read from the live
 /// state when scraped.
 #[derive(Default)]
@@ -23,6 +25,7 @@ pub struct Metrics {
     pub refused_connections: AtomicU64,
     rejected: [AtomicU64; ErrorCode::ALL.len()],
     disconnects: [AtomicU64; Disconnect::ALL.len()],
+    receipts: [AtomicU64; ReceiptOutcome::ALL.len()],
 }
 
 /// Why the server ended a peer's connection.
@@ -108,6 +111,23 @@ impl Metrics {
         self.disconnects[i].fetch_add(1, Relaxed);
     }
 
+    /// Counts one receipt, appended or refused.
+    pub fn receipt(&self, outcome: ReceiptOutcome) {
+        let i = ReceiptOutcome::ALL
+            .iter()
+            .position(|&o| o == outcome)
+            .unwrap_or(0);
+        self.receipts[i].fetch_add(1, Relaxed);
+    }
+
+    /// Receipts counted with `outcome`.
+    pub fn receipts(&self, outcome: ReceiptOutcome) -> u64 {
+        ReceiptOutcome::ALL
+            .iter()
+            .position(|&o| o == outcome)
+            .map_or(0, |i| self.receipts[i].load(Relaxed))
+    }
+
     /// How many were refused for `code`.
     pub fn rejected(&self, code: ErrorCode) -> u64 {
         ErrorCode::ALL
@@ -179,6 +199,15 @@ impl Metrics {
                 .iter()
                 .map(|c| c.as_str())
                 .zip(&self.rejected),
+        );
+        by_reason(
+            &mut s,
+            "shoal_receipts_total",
+            "Receipts appended to a ledger (appended) or refused, by reason.",
+            ReceiptOutcome::ALL
+                .iter()
+                .map(|o| o.label())
+                .zip(&self.receipts),
         );
         by_reason(
             &mut s,

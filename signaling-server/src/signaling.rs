@@ -15,11 +15,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use shoal_shared::learn::identity::{PublicKey, verify};
 use shoal_shared::protocol::{
     ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, VERSION, decode_client,
     decode_signal,
 };
 use shoal_shared::rng::SplitMix64;
+use shoal_shared::trust::ledger::LedgerFile;
+use shoal_shared::trust::receipt::{MAX_RECEIPT_BYTES, Receipt, ReceiptError};
 use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -97,6 +100,9 @@ pub struct SignalingConfig {
     pub allowed_origins: Vec<String>,
     /// ICE servers handed to peers.
     pub ice: IceConfig,
+    /// Where each task's ledger of receipts is kept (`{dir}/{task}.ledger`); `None`
+    /// keeps none, and receipts are refused.
+    pub ledger_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SignalingConfig {
@@ -109,6 +115,7 @@ impl Default for SignalingConfig {
                 turn_ttl_secs: 3600,
                 ..IceConfig::default()
             },
+            ledger_dir: None,
         }
     }
 }
@@ -176,7 +183,21 @@ struct Peer {
     joined: Instant,
     /// Whether it has sent anything since (a live peer signals its neighbours at once).
     spoke: bool,
+    /// The key it proved with `identify`, if it did.
+    key: Option<PublicKey>,
+    /// The site it said it contributes from (`site` in the websocket URL; empty: none).
+    site: Box<str>,
+    /// The welcome's nonce, for `identify` to sign.
+    nonce: [u8; 32],
+    /// Identified neighbours that left, with when and their site, for
+    /// [`LINK_MEMORY`]: receipts for their last updates still count.
+    former: VecDeque<(Instant, PublicKey, Box<str>)>,
 }
+
+/// How long after a neighbour left a receipt for its update still counts as linked.
+pub const LINK_MEMORY: Duration = Duration::from_secs(600);
+/// Former neighbours remembered per peer (the oldest are forgotten first).
+const MAX_FORMER: usize = 64;
 
 #[derive(Default)]
 struct Task {
@@ -255,6 +276,65 @@ pub struct Hub {
     state_file: Option<std::path::PathBuf>,
     /// Held while a state change is saved.
     saving: Mutex<()>,
+    /// Each task's ledger of receipts (tasks whose ledger could not be opened have none).
+    pub(crate) ledgers: HashMap<String, Arc<Mutex<LedgerFile>>>,
+}
+
+/// Why a receipt was refused, or `Appended`: the `reason` label of
+/// `shoal_receipts_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReceiptOutcome {
+    /// In the ledger.
+    Appended,
+    /// Not hex, not a receipt, or for another task.
+    Malformed,
+    /// Sent before `identify`, or its receiver is not the connection's key.
+    NotYours,
+    /// The receiver's signature fails.
+    BadSignature,
+    /// Its sender's key was not on a connection linked to this one (now or within
+    /// [`LINK_MEMORY`]).
+    NotLinked,
+    /// Not above the last receipted round of the same sender and receiver.
+    Replay,
+    /// The server keeps no ledger for the task, or could not write it.
+    Unavailable,
+}
+
+impl ReceiptOutcome {
+    /// Every outcome, in `/metrics` order.
+    pub const ALL: [Self; 7] = [
+        Self::Appended,
+        Self::Malformed,
+        Self::NotYours,
+        Self::BadSignature,
+        Self::NotLinked,
+        Self::Replay,
+        Self::Unavailable,
+    ];
+
+    /// The label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Appended => "appended",
+            Self::Malformed => "malformed",
+            Self::NotYours => "not_yours",
+            Self::BadSignature => "bad_signature",
+            Self::NotLinked => "not_linked",
+            Self::Replay => "replay",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A receipt that passed the checks: its bytes, decoded, and its sender's site.
+type CheckedReceipt = (Vec<u8>, Receipt, Box<str>);
+
+/// The current Unix time in milliseconds.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn encode(m: &ServerMessage) -> String {
@@ -274,6 +354,28 @@ impl Hub {
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
+        let mut ledgers = HashMap::new();
+        if let Some(dir) = &config.ledger_dir {
+            for t in tasks {
+                match LedgerFile::open(dir, t, unix_ms()) {
+                    Ok((ledger, note)) => {
+                        if let Some(note) = note {
+                            tracing::error!("the ledger of {t:?}: {note}");
+                        }
+                        tracing::info!(
+                            "ledger {}: {} entries",
+                            ledger.path().display(),
+                            ledger.count()
+                        );
+                        ledgers.insert(t.clone(), Arc::new(Mutex::new(ledger)));
+                    }
+                    Err(e) => tracing::error!(
+                        "the ledger of {t:?} in {}: {e}; its receipts are refused",
+                        dir.display()
+                    ),
+                }
+            }
+        }
         let tasks = tasks
             .iter()
             .map(|t| {
@@ -285,6 +387,7 @@ impl Hub {
             })
             .collect();
         Arc::new(Self {
+            ledgers,
             config,
             state: Mutex::new(HubState {
                 tasks,
@@ -449,7 +552,13 @@ impl Hub {
 
     /// Adds a peer from network `group` to a task and links it to up to k random peers
     /// (see [`choose_neighbours`]).
-    fn join(&self, task: &str, tx: Arc<Outbox>, group: u128) -> Result<PeerId, ErrorCode> {
+    fn join(
+        &self,
+        task: &str,
+        tx: Arc<Outbox>,
+        group: u128,
+        site: &str,
+    ) -> Result<(PeerId, [u8; 32]), ErrorCode> {
         let k = self.config.neighbours;
         let limits = &self.config.limits;
         let mut guard = self.lock();
@@ -469,6 +578,10 @@ impl Hub {
             }
         };
         let chosen = choose_neighbours(t, &mut st.rng, k, limits.quiet_after);
+        let mut nonce = [0u8; 32];
+        for c in nonce.chunks_mut(8) {
+            c.copy_from_slice(&st.rng.next_u64().to_le_bytes());
+        }
         t.ids.push(id);
         t.peers.insert(
             id,
@@ -480,6 +593,10 @@ impl Hub {
                 group,
                 joined: Instant::now(),
                 spoke: false,
+                key: None,
+                site: site.into(),
+                nonce,
+                former: VecDeque::new(),
             },
         );
         *t.per_group.entry(group).or_default() += 1;
@@ -493,7 +610,120 @@ impl Hub {
             send_neighbours(t, c, &self.metrics);
         }
         send_neighbours(t, id, &self.metrics);
-        Ok(id)
+        Ok((id, nonce))
+    }
+
+    /// `identify`: binds the key `key` proves to the connection `id`.
+    fn identify(&self, task: &str, id: PeerId, key: &str, signature: &str) -> Result<(), String> {
+        let key: PublicKey = shoal_shared::protocol::from_hex(key)
+            .and_then(|k| k.try_into().ok())
+            .ok_or("key: 64 hex digits")?;
+        let sig: [u8; 64] = shoal_shared::protocol::from_hex(signature)
+            .and_then(|s| s.try_into().ok())
+            .ok_or("signature: 128 hex digits")?;
+        let mut st = self.lock();
+        let t = st.tasks.get_mut(task).ok_or("no such task")?;
+        let p = t.peers.get(&id).ok_or("not joined")?;
+        if p.key.is_some() {
+            return Err("this connection identified already".into());
+        }
+        let msg = shoal_shared::protocol::identify_message(task, id, &p.nonce);
+        if !verify(&key, &msg, &sig) {
+            return Err("the signature does not prove the key".into());
+        }
+        if t.peers.values().any(|q| q.key == Some(key)) {
+            return Err("another connection of the task holds this key".into());
+        }
+        if let Some(p) = t.peers.get_mut(&id) {
+            p.key = Some(key);
+        }
+        Ok(())
+    }
+
+    /// Checks a `receipt` from the connection `id`: decoded, signed by the connection's
+    /// key, for an update by a key on a linked connection. Returns it with the sender's
+    /// site, for [`append_receipt`](Self::append_receipt).
+    fn check_receipt(
+        &self,
+        task: &str,
+        id: PeerId,
+        hex: &str,
+    ) -> Result<CheckedReceipt, (ReceiptOutcome, String)> {
+        use ReceiptOutcome as O;
+        let bytes = (hex.len() <= 2 * MAX_RECEIPT_BYTES)
+            .then(|| shoal_shared::protocol::from_hex(hex))
+            .flatten()
+            .ok_or((O::Malformed, "not hex of a receipt's length".into()))?;
+        let r = Receipt::decode(&bytes).map_err(|e| match e {
+            ReceiptError::Malformed(why) => (O::Malformed, why.to_string()),
+            ReceiptError::BadSignature => (O::BadSignature, e.to_string()),
+        })?;
+        if r.task != task {
+            return Err((O::Malformed, format!("a receipt for task {:?}", r.task)));
+        }
+        let st = self.lock();
+        let t = st
+            .tasks
+            .get(task)
+            .ok_or((O::Malformed, "no such task".into()))?;
+        let p = t.peers.get(&id).ok_or((O::NotYours, "not joined".into()))?;
+        if p.key != Some(r.receiver) {
+            return Err((
+                O::NotYours,
+                "its receiver is not the key this connection identified with".into(),
+            ));
+        }
+        let now = Instant::now();
+        let site = p
+            .neighbours
+            .iter()
+            .filter_map(|n| t.peers.get(n))
+            .find(|n| n.key == Some(r.sender))
+            .map(|n| n.site.clone())
+            .or_else(|| {
+                p.former
+                    .iter()
+                    .find(|(at, k, _)| *k == r.sender && now.duration_since(*at) < LINK_MEMORY)
+                    .map(|(_, _, site)| site.clone())
+            })
+            .ok_or((
+                O::NotLinked,
+                "its sender's key is on no connection linked to this one".into(),
+            ))?;
+        Ok((bytes, r, site))
+    }
+
+    /// Appends a checked receipt to the task's ledger (a write and an `fsync`: call it
+    /// off the async threads).
+    fn append_receipt(
+        &self,
+        task: &str,
+        bytes: &[u8],
+        r: &Receipt,
+        site: &str,
+    ) -> Result<(), (ReceiptOutcome, String)> {
+        use ReceiptOutcome as O;
+        let ledger = self.ledgers.get(task).ok_or((
+            O::Unavailable,
+            "this server keeps no ledger for the task".into(),
+        ))?;
+        let mut ledger = ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ledger
+            .last_round(&r.sender, &r.receiver)
+            .is_some_and(|last| r.round <= last)
+        {
+            return Err((
+                O::Replay,
+                format!("round {} is not above the last receipted one", r.round),
+            ));
+        }
+        ledger.append(unix_ms(), site, bytes).map_err(|e| {
+            tracing::error!("the ledger of {task:?}: {e}");
+            (O::Unavailable, "the ledger could not be written".into())
+        })?;
+        Ok(())
     }
 
     /// Peers of `task` that reported in the last 30 s as training (not paused) and as
@@ -554,11 +784,20 @@ impl Hub {
         if quiet {
             return;
         }
+        let now = Instant::now();
         for q in gone.neighbours {
             let Some(qp) = t.peers.get_mut(&q) else {
                 continue;
             };
             qp.neighbours.remove(&id);
+            if let Some(key) = gone.key {
+                qp.former
+                    .retain(|(at, _, _)| now.duration_since(*at) < LINK_MEMORY);
+                if qp.former.len() >= MAX_FORMER {
+                    qp.former.pop_front();
+                }
+                qp.former.push_back((now, key, gone.site.clone()));
+            }
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
             if t.peers[&q].neighbours.len() < k {
                 relink(
@@ -804,6 +1043,9 @@ fn send_neighbours(t: &Task, to: PeerId, metrics: &Metrics) {
 pub struct WsQuery {
     /// Protocol version the client speaks.
     v: Option<u32>,
+    /// The site the peer contributes from (Shoal's widget: the host page's host); one
+    /// that is not a lowercase host name is recorded as none.
+    site: Option<String>,
 }
 
 /// `GET /ws/{task}?v=1`: checks the origin, then upgrades with small buffers.
@@ -847,7 +1089,11 @@ pub async fn ws_handler(
     // The upgrade is boxed and awaited inside the connection's task, so that the socket
     // lives in that task's state once (not also as a value handed between two futures).
     let upgrading: Cold<'static, Option<Socket>> = Box::pin(upgrade::socket(pending, config));
-    tokio::spawn(connection(hub2, upgrading, task, q.v, group));
+    let site = q
+        .site
+        .filter(|s| shoal_shared::trust::ledger::valid_site(s))
+        .unwrap_or_default();
+    tokio::spawn(connection(hub2, upgrading, task, q.v, group, site));
     response
 }
 
@@ -961,6 +1207,7 @@ async fn connection(
     task: String,
     version: Option<u32>,
     group: u128,
+    site: String,
 ) {
     let Some(mut socket) = upgrading.await else {
         return;
@@ -988,8 +1235,8 @@ async fn connection(
         return close(socket, limits.write_timeout, 1002, "bad version").await;
     }
     let outbox = Arc::new(Outbox::new(limits.queue));
-    let id = match hub.join(&task, Arc::clone(&outbox), group) {
-        Ok(id) => id,
+    let (id, nonce) = match hub.join(&task, Arc::clone(&outbox), group, &site) {
+        Ok(joined) => joined,
         Err(code) => {
             refuse(
                 &mut socket,
@@ -1012,6 +1259,7 @@ async fn connection(
                 .map_or(0, |d| d.as_secs()),
         ),
         max_message_bytes: limits.max_message_bytes,
+        nonce: shoal_shared::learn::identity::hex(&nonce),
     });
     let mut shutdown = hub.shutdown.subscribe();
     let ok = Box::pin(send(&mut socket, &hub, welcome)).await;
@@ -1119,6 +1367,12 @@ async fn connection(
                         Ok(ClientMessage::Report { report }) => hub
                             .store_report(&task, id, report)
                             .map_err(|e| (ErrorCode::Malformed, format!("report: {e}"))),
+                        Ok(ClientMessage::Identify { key, signature }) => hub
+                            .identify(&task, id, &key, &signature)
+                            .map_err(|e| (ErrorCode::BadIdentity, format!("identify: {e}"))),
+                        Ok(ClientMessage::Receipt { receipt }) => {
+                            Box::pin(take_receipt(&hub, &task, id, &receipt)).await
+                        }
                         Err(e) => Err(e),
                     };
                     match outcome {
@@ -1140,6 +1394,41 @@ async fn connection(
     tracing::debug!(task, peer = %id, reason = reason.label(), "peer disconnected");
     if let Some((code, text)) = reason.close_frame() {
         close(socket, limits.write_timeout, code, text).await;
+    }
+}
+
+/// Checks a receipt and appends it to the task's ledger (the write and its `fsync` on a
+/// blocking thread); counts the outcome.
+async fn take_receipt(
+    hub: &Arc<Hub>,
+    task: &str,
+    id: PeerId,
+    hex: &str,
+) -> Result<(), (ErrorCode, String)> {
+    let checked = hub.check_receipt(task, id, hex);
+    let outcome = match checked {
+        Err(e) => Err(e),
+        Ok((bytes, r, site)) => {
+            let (hub2, task2) = (Arc::clone(hub), task.to_string());
+            tokio::task::spawn_blocking(move || hub2.append_receipt(&task2, &bytes, &r, &site))
+                .await
+                .unwrap_or_else(|_| {
+                    Err((
+                        ReceiptOutcome::Unavailable,
+                        "the ledger write failed".into(),
+                    ))
+                })
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            hub.metrics.receipt(ReceiptOutcome::Appended);
+            Ok(())
+        }
+        Err((why, detail)) => {
+            hub.metrics.receipt(why);
+            Err((ErrorCode::BadReceipt, format!("{}: {detail}", why.label())))
+        }
     }
 }
 

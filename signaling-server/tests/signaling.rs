@@ -1251,3 +1251,210 @@ async fn the_cost_states_what_open_dashboards_take_from_each_trainer() {
         "{cost}"
     );
 }
+
+/// A client that joined and proved a key: its socket, id and identity.
+struct Member {
+    ws: Ws,
+    id: Identity,
+}
+
+use shoal_shared::learn::Identity;
+use shoal_shared::learn::identity::hex;
+use shoal_shared::trust::receipt::{Receipt, sha256};
+
+async fn member(s: &Server, seed: u8, prove: bool) -> Member {
+    let mut ws = connect(s, "digits").await;
+    let w = until(&mut ws, "welcome").await;
+    let id = Identity::from_seed([seed; 32]);
+    if prove {
+        identify(&mut ws, &w, &id).await;
+    }
+    Member { ws, id }
+}
+
+async fn identify(ws: &mut Ws, welcome: &Value, id: &Identity) {
+    let nonce: [u8; 32] =
+        shoal_shared::protocol::from_hex(welcome["nonce"].as_str().expect("nonce"))
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes");
+    let peer = shoal_shared::protocol::PeerId(
+        u64::from_str_radix(welcome["peer"].as_str().expect("peer"), 16).expect("hex id"),
+    );
+    let sig = id.sign(&shoal_shared::protocol::identify_message(
+        "digits", peer, &nonce,
+    ));
+    send(
+        ws,
+        json!({"type": "identify", "key": hex(&id.public()), "signature": hex(&sig)}),
+    )
+    .await;
+}
+
+fn receipt(by: &Identity, sender: &Identity, round: u64, samples: u32) -> Value {
+    let r = Receipt::sign(
+        by,
+        "digits",
+        round,
+        sender.public(),
+        samples,
+        sha256(&round.to_le_bytes()),
+        0,
+    );
+    json!({"type": "receipt", "receipt": hex(&r.encode())})
+}
+
+/// Waits until the server counted `n` receipts appended.
+async fn appended(s: &Server, n: u64) {
+    use shoal_signaling_server::signaling::ReceiptOutcome;
+    for _ in 0..200 {
+        if s.hub.metrics.receipts(ReceiptOutcome::Appended) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{n} receipts were not appended");
+}
+
+async fn refused(ws: &mut Ws, code: &str, reason: &str) {
+    let e = until(ws, "error").await;
+    assert_eq!(e["code"], code, "{e}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains(reason)),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("shoal-ledger-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = || {
+        base(
+            SignalingConfig {
+                neighbours: 2,
+                ledger_dir: Some(dir.clone()),
+                ..SignalingConfig::default()
+            },
+            None,
+            &["digits"],
+        )
+    };
+    let mut s = start_config(cfg()).await;
+    // Three members, all linked to each other (k = 2); a fourth key never connects.
+    let mut a = member(&s, 1, false).await;
+    let b = member(&s, 2, true).await;
+    let mut c = member(&s, 3, true).await;
+    let stranger = Identity::from_seed([4; 32]);
+
+    // Before `identify` a receipt is nobody's.
+    send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "not_yours").await;
+    // A proof by another key, a key another connection holds, a second identify.
+    let w = json!({"nonce": hex(&[0u8; 32]), "peer": "0000000000000001"});
+    identify(&mut a.ws, &w, &a.id).await;
+    refused(&mut a.ws, "bad_identity", "does not prove").await;
+    let mut dup = connect(&s, "digits").await;
+    let wd = until(&mut dup, "welcome").await;
+    identify(&mut dup, &wd, &b.id).await;
+    refused(&mut dup, "bad_identity", "another connection").await;
+    drop(dup);
+    // a identifies properly now (its welcome is long read: reconnect).
+    drop(a);
+    a = member(&s, 1, true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // a used b's update of round 1: appended. Again: a replay.
+    send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
+    appended(&s, 1).await;
+    send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "replay").await;
+    // Signed by c but sent on a's connection; for a key never linked; tampered.
+    send(&mut a.ws, receipt(&c.id, &b.id, 2, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "not_yours").await;
+    send(&mut a.ws, receipt(&a.id, &stranger, 2, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "not_linked").await;
+    let mut forged = receipt(&a.id, &b.id, 2, 640);
+    let text = forged["receipt"].as_str().expect("hex").to_string();
+    forged["receipt"] = json!(format!(
+        "{}{}",
+        &text[..text.len() - 1],
+        if text.ends_with('0') { "1" } else { "0" }
+    ));
+    send(&mut a.ws, forged).await;
+    refused(&mut a.ws, "bad_receipt", "bad_signature").await;
+    send(&mut a.ws, json!({"type": "receipt", "receipt": "zz"})).await;
+    refused(&mut a.ws, "bad_receipt", "malformed").await;
+
+    // c used b's round 1 too: two distinct receivers, so b's round counts.
+    send(&mut c.ws, receipt(&c.id, &b.id, 1, 640)).await;
+    appended(&s, 2).await;
+    let credits = http_get(
+        s.addr,
+        &format!("/api/tasks/digits/credits?key={}", hex(&b.id.public())),
+    )
+    .await;
+    let body: Value =
+        serde_json::from_str(credits.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    assert_eq!(body["me"]["credit"], 640, "{body}");
+    assert_eq!(body["me"]["rank"], 1, "{body}");
+    assert_eq!(body["count"], 2);
+    let page = http_get(s.addr, "/api/tasks/digits/ledger?from=1&limit=5").await;
+    let page: Value =
+        serde_json::from_str(page.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    assert_eq!(page["entries"][0]["index"], 1);
+    assert_eq!(page["entries"][0]["receiver"], hex(&c.id.public()));
+    let head = page["head"].clone();
+    assert!(
+        http_get(s.addr, "/api/tasks/digits/ledger?limit=501")
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+
+    // b leaves; a's receipt for b's last update still counts (it was linked).
+    drop(b);
+    until(&mut a.ws, "left").await;
+    send(
+        &mut a.ws,
+        receipt(&a.id, &Identity::from_seed([2; 32]), 2, 640),
+    )
+    .await;
+    appended(&s, 3).await;
+
+    // The file verifies offline, then the server restarts and the chain goes on.
+    let file = dir.join("digits.ledger");
+    let v =
+        shoal_shared::trust::ledger::verify(&std::fs::read(&file).expect("file")).expect("valid");
+    assert_eq!(v.entries.len(), 3);
+    assert_ne!(
+        hex(&v.head),
+        head.as_str().expect("head"),
+        "a third entry moved the head"
+    );
+    drop((a, c));
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.done).await;
+    let mut s = start_config(cfg()).await;
+    let page = http_get(s.addr, "/api/tasks/digits/ledger?limit=1").await;
+    let page: Value =
+        serde_json::from_str(page.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    assert_eq!(
+        (page["count"].clone(), page["head"].clone()),
+        (json!(3), json!(hex(&v.head)))
+    );
+    let mut a = member(&s, 1, true).await;
+    let mut c = member(&s, 3, true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut a.ws, receipt(&a.id, &c.id, 7, 320)).await;
+    appended(&s, 1).await;
+    let v =
+        shoal_shared::trust::ledger::verify(&std::fs::read(&file).expect("file")).expect("valid");
+    assert_eq!(
+        v.entries.len(),
+        4,
+        "appended after the restart, on the same chain"
+    );
+    let _ = c.ws.close(None).await;
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}

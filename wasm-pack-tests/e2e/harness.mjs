@@ -15,10 +15,13 @@ const serverBin = process.env.SHOAL_SERVER_BIN ?? join(root, 'target/release/sho
 /** Starts the server on 127.0.0.1:0 and resolves once it prints its address. */
 export async function startServer(extraArgs = []) {
   // Each server remembers its own pauses: a test never inherits another's.
-  const state = join(mkdtempSync(join(tmpdir(), 'shoal-e2e-')), 'state.json');
+  const dir = mkdtempSync(join(tmpdir(), 'shoal-e2e-'));
+  const state = join(dir, 'state.json');
+  const ledgerDir = join(dir, 'ledger');
   const child = spawn(serverBin, ['--bind', '127.0.0.1', '--port', '0',
     '--www', join(root, 'www'), '--data', join(root, 'data'),
-    '--task-file', join(root, 'tasks/digits.toml'), '--state-file', state, ...extraArgs],
+    '--task-file', join(root, 'tasks/digits.toml'), '--state-file', state,
+    '--ledger-dir', ledgerDir, ...extraArgs],
   { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   const url = await new Promise((resolve, reject) => {
@@ -32,6 +35,8 @@ export async function startServer(extraArgs = []) {
   });
   return {
     url,
+    /** Where each task's ledger is (`{task}.ledger`). */
+    ledgerDir,
     ws: `${url.replace('http://', 'ws://')}/ws/digits?v=1`,
     /** Kills the server abruptly (SIGKILL), as a crash would. */
     async kill() {

@@ -185,6 +185,7 @@ impl SwarmTrainer {
                     // copes (deadlines, the next round's update), as with a lost link.
                     let _ = net.send(to, data);
                 }
+                Output::Receipt(r) => net.receipt(&r),
                 other => rest.push(other),
             }
         }
@@ -235,7 +236,7 @@ impl SwarmTrainer {
                         closed = Some(summary);
                     }
                     Output::Adopted { .. } => self.evaluate(),
-                    Output::Send { .. } => {}
+                    Output::Send { .. } | Output::Receipt(_) => {}
                 }
             }
             todo = self.flush(net);

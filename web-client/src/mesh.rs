@@ -36,7 +36,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use shoal_shared::framing::{DEFAULT_CHUNK, QueueError, SendQueue};
-use shoal_shared::protocol::{ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal};
+use shoal_shared::learn::identity::{Identity, hex};
+use shoal_shared::protocol::{
+    ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal, from_hex, identify_message,
+};
 
 use crate::links::InboundLink;
 use crate::swarm::{
@@ -146,6 +149,9 @@ pub struct Mesh {
     backoff: Backoff,
     frame_errors: u64,
     closed: bool,
+    /// The key this member signs updates with: proven to the server on each `welcome`
+    /// (`identify`), so that its receipts count. `None`: an observer, or receipts off.
+    identity: Option<Identity>,
 }
 
 impl Mesh {
@@ -159,6 +165,24 @@ impl Mesh {
             backoff: Backoff::new(250, 10_000, seed),
             frame_errors: 0,
             closed: false,
+            identity: None,
+        }
+    }
+
+    /// Proves `identity` to the server on every (re)connection, so that the receipts
+    /// this member signs and gets count in the task's ledger.
+    pub fn set_identity(&mut self, identity: Identity) {
+        self.identity = Some(identity);
+    }
+
+    /// Sends a receipt this member signed to the server (dropped while the server is
+    /// unreachable).
+    pub fn receipt(&mut self, receipt: &[u8]) {
+        if self.me.is_some() {
+            self.actions
+                .push_back(Action::Signal(ClientMessage::Receipt {
+                    receipt: hex(receipt),
+                }));
         }
     }
 
@@ -210,11 +234,24 @@ impl Mesh {
     pub fn on_server(&mut self, m: ServerMessage, now_ms: u64) {
         match m {
             ServerMessage::Welcome {
-                peer, ice_servers, ..
+                peer,
+                ice_servers,
+                task,
+                nonce,
+                ..
             } => {
                 self.me = Some(peer);
                 self.ice_servers = ice_servers;
                 self.backoff.reset();
+                let nonce = from_hex(&nonce).and_then(|n| <[u8; 32]>::try_from(n).ok());
+                if let (Some(id), Some(nonce)) = (&self.identity, nonce) {
+                    let sig = id.sign(&identify_message(&task, peer, &nonce));
+                    self.actions
+                        .push_back(Action::Signal(ClientMessage::Identify {
+                            key: hex(&id.public()),
+                            signature: hex(&sig),
+                        }));
+                }
                 self.emit(SwarmEvent::Signaling { me: Some(peer) });
             }
             ServerMessage::Neighbours { peers } => self.on_neighbours(peers, now_ms),
@@ -516,7 +553,75 @@ mod tests {
             task: "t".into(),
             ice_servers: Vec::new(),
             max_message_bytes: 1 << 16,
+            nonce: String::new(),
         }
+    }
+
+    #[test]
+    fn a_member_with_a_key_proves_it_on_every_welcome_and_sends_its_receipts() {
+        use shoal_shared::learn::identity::verify;
+        let id = Identity::from_seed([7; 32]);
+        let mut m = Mesh::new(1);
+        m.set_identity(id.clone());
+        // No nonce (a server without receipts): nothing to prove.
+        m.on_server(welcome(5), 0);
+        assert!(
+            !drain(&mut m)
+                .iter()
+                .any(|a| matches!(a, Action::Signal(ClientMessage::Identify { .. })))
+        );
+        for (peer, nonce) in [(5u64, [1u8; 32]), (9, [2; 32])] {
+            let ServerMessage::Welcome {
+                version,
+                task,
+                ice_servers,
+                max_message_bytes,
+                ..
+            } = welcome(peer)
+            else {
+                unreachable!()
+            };
+            m.on_server(
+                ServerMessage::Welcome {
+                    version,
+                    peer: PeerId(peer),
+                    task,
+                    ice_servers,
+                    max_message_bytes,
+                    nonce: hex(&nonce),
+                },
+                0,
+            );
+            let proof = drain(&mut m).into_iter().find_map(|a| match a {
+                Action::Signal(ClientMessage::Identify { key, signature }) => {
+                    Some((key, signature))
+                }
+                _ => None,
+            });
+            let (key, sig) = proof.expect("identify sent");
+            assert_eq!(key, hex(&id.public()));
+            let sig: [u8; 64] = from_hex(&sig).expect("hex").try_into().expect("64 bytes");
+            assert!(verify(
+                &id.public(),
+                &identify_message("t", PeerId(peer), &nonce),
+                &sig
+            ));
+            assert!(
+                !verify(
+                    &id.public(),
+                    &identify_message("t", PeerId(peer + 1), &nonce),
+                    &sig
+                ),
+                "bound to the session's id"
+            );
+        }
+        m.receipt(&[1, 2, 3]);
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Signal(ClientMessage::Receipt {
+                receipt: "010203".into()
+            })]
+        );
     }
 
     fn drain(m: &mut Mesh) -> Vec<Action> {

@@ -38,6 +38,9 @@ pub struct NativeOptions {
     pub udp_addrs: Vec<String>,
     /// Multicast DNS for host candidates (off in tests and on servers).
     pub mdns: bool,
+    /// The key the peer signs updates with, proven to the server on every connection
+    /// (`identify`) so that its receipts count; `None` for a peer that signs nothing.
+    pub identity: Option<shoal_shared::learn::Identity>,
 }
 
 /// One live connection's platform objects.
@@ -133,10 +136,14 @@ impl NativeSwarm {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
+        let mut mesh = Mesh::new(seed);
+        if let Some(id) = opts.identity.clone() {
+            mesh.set_identity(id);
+        }
         let shared = Arc::new(Shared {
             opts,
             state: Mutex::new(State {
-                mesh: Mesh::new(seed),
+                mesh,
                 ws: None,
                 conns: HashMap::new(),
                 next_generation: 0,
@@ -200,6 +207,10 @@ impl Transport for NativeSwarm {
 
     fn report(&self, report: &PeerReport) {
         self.shared.with_mesh(|mesh, _| mesh.report(report));
+    }
+
+    fn receipt(&self, receipt: &[u8]) {
+        self.shared.with_mesh(|mesh, _| mesh.receipt(receipt));
     }
 }
 

@@ -105,7 +105,8 @@ impl Observer {
                     let _ = net.send(to, data);
                 }
                 Output::Adopted { round } => point = self.evaluate(round, now_ms),
-                Output::Train { .. } | Output::RoundClosed(_) => {} // never for an observer
+                // Never for an observer.
+                Output::Train { .. } | Output::RoundClosed(_) | Output::Receipt(_) => {}
             }
         }
         point
@@ -209,8 +210,16 @@ impl Observer {
     }
 
     /// The newest model as safetensors, with the held-out loss and accuracy measured here.
-    pub fn export(&self) -> Result<Vec<u8>, String> {
+    /// `ledger_head` (the task's ledger head when exported, 64 hex digits) goes into the
+    /// metadata as `ledger_head`: which receipted contributions built the model.
+    pub fn export(&self, ledger_head: Option<&str>) -> Result<Vec<u8>, String> {
         let round = self.version().ok_or("no model downloaded yet")?;
-        shoal_shared::export::task_model(&self.task, self.peer.weights(), round, self.latest)
+        shoal_shared::export::task_model(
+            &self.task,
+            self.peer.weights(),
+            round,
+            self.latest,
+            ledger_head,
+        )
     }
 }

@@ -76,6 +76,9 @@ pub trait Transport {
     /// Sends this peer's numbers to the server for the dashboard (dropped while the
     /// server is unreachable: the next report replaces it).
     fn report(&self, report: &PeerReport);
+    /// Sends a receipt this peer signed (see `trust::receipt`) to the server for the
+    /// task's ledger (dropped while the server is unreachable).
+    fn receipt(&self, receipt: &[u8]);
 }
 
 /// For each pair of neighbours, the one with the smaller id offers.

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{reexec_in_netns, start_server};
+use common::{reexec_in_netns, start_server_with_ledger};
 
 const PEER: &str = env!("CARGO_BIN_EXE_shoal-peer");
 
@@ -106,9 +106,11 @@ fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (url, stop) = rt.block_on(start_server());
-    let server = url.split("/ws/").next().expect("ws url").to_string();
     let dir = temp("swarm");
+    let ledger = dir.join("ledger");
+    let (url, stop) = rt.block_on(start_server_with_ledger(Some(ledger.clone())));
+    let server = url.split("/ws/").next().expect("ws url").to_string();
+    let started = std::time::Instant::now();
     let rounds = ROUNDS.to_string();
     let mut peers: Vec<(Child, mpsc::Receiver<String>)> = (0..3)
         .map(|i| {
@@ -159,6 +161,32 @@ fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
         );
     }
     let _ = stop.send(());
+    // The server's ledger: every receipt verifies and chains, and each peer earned
+    // credit for most of its rounds (each of its updates was receipted by both others).
+    let hours = started.elapsed().as_secs_f64() / 3600.0;
+    let bytes = std::fs::read(ledger.join("digits.ledger")).expect("the ledger file");
+    let v = shoal_shared::trust::ledger::verify(&bytes).expect("a valid ledger");
+    let credits = shoal_shared::trust::credits::compute(&v.entries);
+    println!(
+        "ledger: {} receipts ({:.1} per round), {} bytes, {:.0} bytes per peer-hour",
+        v.entries.len(),
+        v.entries.len() as f64 / ROUNDS as f64,
+        bytes.len(),
+        bytes.len() as f64 / 3.0 / hours
+    );
+    for i in 0..3 {
+        let text = std::fs::read_to_string(dir.join(format!("peer{i}.key"))).expect("key");
+        let key = shoal_shared::learn::Identity::from_key_file(&text)
+            .expect("key file")
+            .public();
+        let mine = credits.by_key.iter().find(|k| k.key == key);
+        let (credit, rounds) = mine.map_or((0, 0), |k| (k.credit, k.rounds));
+        println!("peer {i}: credit {credit} samples over {rounds} rounds");
+        assert!(
+            rounds >= ROUNDS / 2,
+            "peer {i}'s credited rounds: {rounds} of {ROUNDS}"
+        );
+    }
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 

@@ -25,6 +25,7 @@ fn peer(url: &str) -> NativeSwarm {
         url: url.into(),
         udp_addrs: vec!["127.0.0.1:0".into()],
         mdns: false,
+        identity: None,
     })
 }
 

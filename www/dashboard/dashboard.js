@@ -11,7 +11,7 @@ const short = (id) => id.slice(0, 6);
 const pct = (v) => `${(v * 100).toFixed(2)}%`;
 
 // What the page shows, also read by the end-to-end test.
-const state = { evals: [], rate: [], peers: [], version: null, round: null, target: null, text: false, started: performance.now() };
+const state = { evals: [], rate: [], peers: [], version: null, round: null, target: null, text: false, started: performance.now(), ledger: null };
 window.shoalDashboard = state;
 
 const observer = new Worker(new URL('../observer-worker.js', import.meta.url), { type: 'module' });
@@ -189,7 +189,10 @@ $('pause-task').addEventListener('click', async () => { if (await control('pause
 $('resume-task').addEventListener('click', async () => { if (await control('resume')) { result('ok', 'Task resumed.'); poll(); } });
 $('export').addEventListener('click', async () => {
   if (state.version == null) { result('error', 'No model downloaded yet.'); return; }
-  if (await control('export')) observer.postMessage({ type: 'export' });
+  if (!(await control('export'))) return;
+  // Provenance: the export's metadata names the ledger head as it stands now.
+  await pollCredits();
+  observer.postMessage({ type: 'export', ledgerHead: state.ledger?.head ?? null });
 });
 
 fetchTask(TASK).then((d) => {
@@ -210,6 +213,37 @@ fetchTask(TASK).then((d) => {
 observer.postMessage({ type: 'start', task: TASK, everyMs: 10_000 });
 relaySwarm(observer, TASK, { onSignaling: (up) => { if (!up) setState('error', 'Lost the signaling server; reconnecting…'); } })
   .catch((e) => setState('error', `Cannot join the swarm: ${e.message}`));
+// The leaderboard: credits per visitor key and per site, from the ledger.
+async function pollCredits() {
+  try {
+    const r = await fetch(`/api/tasks/${encodeURIComponent(TASK)}/credits`);
+    if (!r.ok) return;
+    const c = await r.json();
+    state.ledger = { head: c.head, count: c.count, keys: c.keys, sites: c.sites };
+    $('ledger-count').textContent = c.count.toLocaleString('en');
+    $('ledger-head').textContent = c.head;
+    $('ledger-file').href = `/api/tasks/${encodeURIComponent(TASK)}/ledger/file`;
+    const rows = (id, items, cells) => {
+      const body = document.querySelector(`#${id} tbody`);
+      body.replaceChildren(...items.map((item, i) => {
+        const tr = document.createElement('tr');
+        for (const v of cells(item, i)) {
+          const td = document.createElement('td');
+          td.textContent = v;
+          tr.append(td);
+        }
+        return tr;
+      }));
+    };
+    rows('credits-keys', c.keys.slice(0, 20), (k, i) => [i + 1, k.key.slice(0, 16), k.credit.toLocaleString('en'), k.rounds]);
+    rows('credits-sites', c.sites.slice(0, 20), (s) => [s.site || '(Shoal\'s own page, native peers)', s.credit.toLocaleString('en')]);
+  } catch {
+    // The next poll will tell.
+  }
+}
+
 drawModel();
 poll();
 setInterval(poll, 2000);
+pollCredits();
+setInterval(pollCredits, 10_000);

@@ -29,7 +29,8 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 async function startServer(dir, i) {
   const child = spawn(serverBin, ['--bind', '127.0.0.1', '--port', '0', '--www', join(root, 'www'),
-    '--data', join(root, 'data'), '--task-file', taskFile, '--state-file', join(dir, `state${i}.json`)],
+    '--data', join(root, 'data'), '--task-file', taskFile, '--state-file', join(dir, `state${i}.json`),
+    '--ledger-dir', join(dir, `ledger${i}`)],
   { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   const url = await new Promise((resolve, reject) => {

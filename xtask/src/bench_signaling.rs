@@ -109,6 +109,8 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
                     "0",
                     "--state-file",
                     "target/bench/shoal-state.json",
+                    "--ledger-dir",
+                    "target/bench/ledger",
                 ]
                 .into_iter()
                 .chain(threads.map(|n| ["--threads", n]).into_iter().flatten())

@@ -6,6 +6,7 @@
 //! cargo xtask peer [ARGS...]                           the native peer from the release build
 //! cargo xtask bench NAME                               run a benchmark, write target/bench/NAME.json
 //! cargo xtask sim SCENARIO                             run a swarm scenario in the simulator
+//! cargo xtask ledger verify FILE [--credits]           check a task's ledger, recompute credits
 //! ```
 //!
 //! Every build step lives here so that users type short commands and CI runs exactly what
@@ -14,6 +15,7 @@
 mod bench;
 mod bench_signaling;
 mod data;
+mod ledger;
 mod setup;
 mod sim;
 mod test;
@@ -61,6 +63,15 @@ const COMMANDS: &[(&str, &str, &str)] = &[
         "sim SCENARIO",
         "Runs a swarm scenario (scenarios/SCENARIO.toml) in the simulator and writes \
          target/sim/SCENARIO.json.",
+    ),
+    (
+        "ledger",
+        "ledger verify FILE [--credits]",
+        "Checks a task's ledger file (LEDGER_DIR/TASK.ledger, or GET \
+         /api/tasks/TASK/ledger/file) entry by entry: its hash chain, every receipt's \
+         signature, task, site, time order and uniqueness. Prints the entry count and head \
+         hash, or the first bad entry (index, byte offset, reason) and fails. --credits \
+         also recomputes the credits per key and per site from the ledger alone.",
     ),
     ("data", "data", "Fetches and converts the demo digits only."),
     (
@@ -125,6 +136,7 @@ fn main() {
         // The load client of `bench signaling`, run as a child with a raised fd limit.
         Some("bench-signaling-load") => bench_signaling::load(&args[1..]),
         Some("sim") => sim::run(&args[1..]),
+        Some("ledger") => ledger::run(&args[1..]),
         Some("data") => no_args("data", &args[1..]).and_then(|()| {
             data::prepare(&root())?;
             text::prepare(&root()).map(|_| ())
@@ -295,6 +307,9 @@ fn run(args: &[String]) -> Result<()> {
                 // The researcher's pauses survive a restart of `cargo xtask run`.
                 "--state-file",
                 "target/shoal-state.json",
+                // The receipts' ledger, kept across restarts too.
+                "--ledger-dir",
+                "target/ledger",
             ])
             .env("SHOAL_ADMIN_TOKEN", token),
     )

@@ -42,6 +42,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::trust::receipt::{FLAG_CLAIM_BOUNDED, FLAG_ROBUST, Receipt};
+
 pub use aggregate::Aggregation;
 pub use compress::{CodecError, Compression, Compressor};
 pub use identity::{Identity, PublicKey};
@@ -370,6 +372,8 @@ pub enum Received {
         /// It contributes.
         contributing: bool,
     },
+    /// A valid receipt for one of our updates (counted in [`LearnStats::receipts`]).
+    Receipt,
 }
 
 /// Counters a peer keeps about its swarm traffic.
@@ -381,6 +385,8 @@ pub struct LearnStats {
     pub rejected: BTreeMap<Rejection, u64>,
     /// Rounds completed by this peer.
     pub rounds: u64,
+    /// Valid receipts neighbours signed for our updates.
+    pub receipts: u64,
 }
 
 impl LearnStats {
@@ -450,6 +456,8 @@ struct Pending {
     round: u64,
     /// The samples the signer claims (weighs the update in rounds sized in time).
     samples: u32,
+    /// SHA-256 of the update message as it arrived (what a receipt names).
+    hash: [u8; 32],
     delta: Vec<f32>,
 }
 
@@ -627,6 +635,7 @@ impl Learner {
             PeerMessage::Model(s) => return Ok(Received::Model(s)),
             PeerMessage::Mix { round, payload } => return self.take_mix(sender, round, &payload),
             PeerMessage::Status { contributing } => return Ok(Received::Status { contributing }),
+            PeerMessage::Receipt(r) => return self.take_receipt(&r),
             PeerMessage::Update(u) => u,
         };
         if u.key == self.id.public() {
@@ -659,6 +668,7 @@ impl Learner {
             key: u.key,
             round: u.round,
             samples: u.samples,
+            hash: crate::trust::receipt::sha256(bytes),
             delta,
         });
         Ok(Received::Update {
@@ -666,6 +676,20 @@ impl Learner {
             round: u.round,
             lagging: u.round > self.round + u64::from(self.cfg.max_staleness),
         })
+    }
+
+    /// A neighbour's receipt for one of our updates: counted when it names us as the
+    /// sender, this task, and its signature verifies.
+    fn take_receipt(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
+        use crate::trust::receipt::{Receipt, ReceiptError};
+        match Receipt::decode(bytes) {
+            Ok(r) if r.sender == self.id.public() && r.task == self.task => {
+                self.stats.receipts += 1;
+                Ok(Received::Receipt)
+            }
+            Ok(_) | Err(ReceiptError::Malformed(_)) => Err(self.stats.reject(Rejection::Malformed)),
+            Err(ReceiptError::BadSignature) => Err(self.stats.reject(Rejection::BadSignature)),
+        }
     }
 
     fn take_mix(&mut self, sender: u64, round: u64, payload: &[u8]) -> Result<Received, Rejection> {
@@ -863,6 +887,7 @@ impl Learner {
         });
         // Rounds in time: each update in units of the round's median claim, weighed by
         // its claim (both bounded); in steps every weight is 1.
+        let mut bounded = vec![false; held.len()];
         let (own_weight, weights) = if self.cfg.timed() {
             let own_claim = own.as_ref().map(|_| self.own_samples);
             let claims: Vec<u32> = own_claim
@@ -871,17 +896,22 @@ impl Learner {
                 .collect();
             let weigh = sample_weigher(&claims);
             let scale = |d: &mut [f32], samples: u32| {
-                let (s, w) = weigh(samples);
+                let (s, w, capped) = weigh(samples);
                 d.iter_mut().for_each(|x| *x *= s);
-                w
+                (w, capped)
             };
             let own_weight = match own.as_mut() {
-                Some(d) => scale(d, self.own_samples),
+                Some(d) => scale(d, self.own_samples).0,
                 None => 1.0,
             };
             let weights: Vec<f32> = held
                 .iter_mut()
-                .map(|p| scale(&mut p.delta, p.samples))
+                .zip(&mut bounded)
+                .map(|(p, b)| {
+                    let (w, capped) = scale(&mut p.delta, p.samples);
+                    *b = capped;
+                    w
+                })
                 .collect();
             (own_weight, weights)
         } else {
@@ -892,11 +922,14 @@ impl Learner {
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
         // The signer of each update; none for our own.
         let mut signers: Vec<Option<PublicKey>> = Vec::with_capacity(held.len() + 1);
+        // Which held update each is (none for our own).
+        let mut sources: Vec<Option<usize>> = Vec::with_capacity(held.len() + 1);
         if let Some(d) = &own {
             updates.push((d, own_weight));
             signers.push(None);
+            sources.push(None);
         }
-        for ((p, &norm), &weight) in held.iter().zip(&norms).zip(&weights) {
+        for (i, ((p, &norm), &weight)) in held.iter().zip(&norms).zip(&weights).enumerate() {
             if norm > bound {
                 self.stats.reject(Rejection::Norm);
                 summary.rejected += 1;
@@ -905,6 +938,7 @@ impl Learner {
             let late = self.round.saturating_sub(p.round);
             updates.push((&p.delta, weight / (1.0 + late as f32)));
             signers.push(Some(p.key));
+            sources.push(Some(i));
             summary.used += 1;
         }
         if !updates.is_empty() {
@@ -934,6 +968,25 @@ impl Learner {
                     summary.rejected += 1;
                     summary.used -= 1;
                 }
+            }
+            // A receipt for each neighbour's update that went into the aggregate.
+            let flags = if ran { FLAG_ROBUST } else { 0 };
+            for (i, source) in sources.iter().enumerate() {
+                let Some(h) = *source else { continue };
+                if dropped.contains(&i) {
+                    continue;
+                }
+                let p = &held[h];
+                let bounded = if bounded[h] { FLAG_CLAIM_BOUNDED } else { 0 };
+                summary.receipts.push(Receipt::sign(
+                    &self.id,
+                    &self.task,
+                    p.round,
+                    p.key,
+                    p.samples,
+                    p.hash,
+                    flags | bounded,
+                ));
             }
             aggregate::combine(self.cfg.aggregation, &updates, &dropped, &mut g);
             let (lr, mu) = (self.cfg.outer_lr, self.cfg.outer_momentum);
@@ -1035,6 +1088,8 @@ pub struct RoundSummary {
     pub mixed: bool,
     /// A gossip-averaging message to send to one neighbour (every `sync_every` rounds).
     pub sync: Option<Vec<u8>>,
+    /// Receipts this peer signed for the neighbours' updates it used.
+    pub receipts: Vec<Receipt>,
 }
 
 /// For the sample claims of one round (own and held), a function from a claim to the
@@ -1043,7 +1098,8 @@ pub struct RoundSummary {
 /// update is scaled by `rho / c` (to the progress of a median run) and weighs `c / rho`,
 /// so that the weighted mean is the sum of the runs' progress over their (bounded) sample
 /// counts.
-fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32) {
+/// The third value says whether the claim was cut down (it said more than it counts for).
+fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32, bool) {
     let mut sorted = claims.to_vec();
     sorted.sort_unstable();
     let rho = sorted
@@ -1052,8 +1108,9 @@ fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32) {
         .unwrap_or(1)
         .max(1) as f32;
     move |c: u32| {
-        let c = (c.max(1) as f32).clamp(rho / SAMPLE_SPREAD_DOWN, rho * SAMPLE_SPREAD_UP);
-        (rho / c, c / rho)
+        let claimed = c.max(1) as f32;
+        let c = claimed.clamp(rho / SAMPLE_SPREAD_DOWN, rho * SAMPLE_SPREAD_UP);
+        (rho / c, c / rho, claimed > c)
     }
 }
 

@@ -149,6 +149,9 @@ pub enum Output {
     },
     /// A round closed.
     RoundClosed(RoundSummary),
+    /// A receipt this peer signed for a neighbour's update it used: send it to the
+    /// server (`receipt`, hex). The neighbour gets it over its data channel already.
+    Receipt(Vec<u8>),
     /// A downloaded model replaced ours.
     Adopted {
         /// Its round.
@@ -180,6 +183,8 @@ pub struct Progress {
     pub bytes_down: u64,
     /// Neighbours' updates used so far.
     pub used: u64,
+    /// Receipts neighbours signed for our updates (each says one of them used one).
+    pub receipts: u64,
     /// Rejected messages by reason.
     pub rejected: BTreeMap<String, u64>,
     /// `"joining"`, `"training"`, `"waiting"`, `"paused"` or `"observing"`.
@@ -667,7 +672,7 @@ impl Peer {
             Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
                 self.shun(from, now_ms);
             }
-            Ok(Received::Mix) | Err(_) => {} // held or counted by the learner
+            Ok(Received::Mix | Received::Receipt) | Err(_) => {} // held or counted by the learner
         }
     }
 
@@ -1040,6 +1045,18 @@ impl Peer {
                 self.send(to, msg.clone());
             }
         }
+        for r in &summary.receipts {
+            let bytes = r.encode();
+            let to = self
+                .nbrs
+                .iter()
+                .find(|(_, n)| n.key == Some(r.sender))
+                .map(|(p, _)| *p);
+            if let Some(to) = to {
+                self.send(to, PeerMessage::Receipt(bytes.clone()).encode());
+            }
+            self.out.push_back(Output::Receipt(bytes));
+        }
         if self.cfg.timed() {
             // Training goes on: the run in progress moves onto the new model at its next
             // chunk boundary.
@@ -1244,6 +1261,7 @@ impl Peer {
         p.round = self.learner.round();
         p.peers = self.nbrs.values().filter(|n| !n.idle).count();
         p.used = self.learner.stats.used;
+        p.receipts = self.learner.stats.receipts;
         p.rejected = self
             .learner
             .stats

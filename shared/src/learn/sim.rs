@@ -414,6 +414,10 @@ pub struct Report {
     pub utilization: f64,
     /// Each honest peer online at the end: its speed (samples/s) and utilization.
     pub utilization_by_peer: Vec<(f64, f64)>,
+    /// Every receipt a peer signed, with the virtual time (ms) it was signed at, in order:
+    /// what a server would append to the task's ledger (`cargo xtask sim` writes it).
+    #[serde(skip)]
+    pub receipts: Vec<(u64, Vec<u8>)>,
 }
 
 impl Report {
@@ -556,6 +560,7 @@ struct Sim<'a> {
     rejected: BTreeMap<String, u64>,
     adopted: u64,
     poisoned: u64,
+    receipts: Vec<(u64, Vec<u8>)>,
     eval: CpuBackend,
     /// The held-out samples evaluated (a language model's: a spread subset of windows).
     held_out: Samples,
@@ -602,6 +607,7 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         round_losses: Vec::new(),
         rejected: BTreeMap::new(),
         adopted: 0,
+        receipts: Vec::new(),
         poisoned: 0,
         eval,
         // The subset real peers evaluate after each round.
@@ -916,6 +922,7 @@ impl Sim<'_> {
                 steps,
                 resume,
             } => self.train_round(slot, round, steps, resume)?,
+            Output::Receipt(bytes) => self.receipts.push((self.t / 1000, bytes)),
             Output::RoundClosed(_) => {
                 if self.is_attacker(slot)
                     && self.sc.attack.also.contains(&MessageAttack::UnaskedModels)
@@ -1351,6 +1358,7 @@ impl Sim<'_> {
             version_spread: rounds.iter().max().unwrap_or(&0) - rounds.iter().min().unwrap_or(&0),
             adopted: self.adopted,
             poisoned_adoptions: self.poisoned,
+            receipts: self.receipts.clone(),
             time_to_target_s: hit.map(|r| r.time_s),
             utilization: self.utilization(),
             utilization_by_peer: self

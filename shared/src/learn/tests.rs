@@ -503,3 +503,65 @@ fn in_rounds_sized_in_time_updates_weigh_by_their_bounded_sample_claims() {
     assert!((tiny - quarter).abs() < 1e-6, "{tiny} vs {quarter}");
     assert!((tiny - 0.8 / 3.25).abs() < 1e-6, "{tiny}");
 }
+
+#[test]
+fn a_receipt_is_signed_for_each_update_used_and_only_its_sender_counts_it() {
+    use crate::trust::receipt::{Receipt, sha256};
+    let mut c = cfg();
+    c.aggregation = Aggregation::TrimmedMean { trim: 0.25 };
+    let learner = |seed: u8| {
+        Learner::new(
+            c.clone(),
+            "digits",
+            Identity::from_seed([seed; 32]),
+            vec![0.0; 4],
+        )
+        .expect("valid")
+    };
+    let mut a = learner(1);
+    let mut b = learner(2);
+    let mut d = learner(4);
+    a.local_update(&[-0.1; 4], 64, 0.0).expect("finite");
+    let ub = b.local_update(&[-0.11; 4], 80, 0.0).expect("finite");
+    a.receive(&ub).expect("valid");
+    // A poisoned update far outside the others: refused at the norm bound, no receipt.
+    let mut e = learner(5);
+    let ue = e.local_update(&[-100.0; 4], 64, 0.0).expect("finite");
+    a.receive(&ue).expect("valid until aggregation");
+    let ud = d.local_update(&[-0.09; 4], 64, 0.0).expect("finite");
+    a.receive(&ud).expect("valid");
+    let s = a.finish_round();
+    assert_eq!(s.used, 2);
+    let mut senders: Vec<PublicKey> = s.receipts.iter().map(|r| r.sender).collect();
+    senders.sort_unstable();
+    let mut want = vec![b.public_key(), d.public_key()];
+    want.sort_unstable();
+    assert_eq!(senders, want, "receipts for exactly the updates used");
+    let rb = s
+        .receipts
+        .iter()
+        .find(|r| r.sender == b.public_key())
+        .expect("b's");
+    assert_eq!(
+        (
+            rb.round,
+            rb.samples,
+            rb.receiver,
+            rb.update_sha256,
+            rb.flags
+        ),
+        (0, 80, a.public_key(), sha256(&ub), FLAG_ROBUST),
+        "it names the update's round, claim and bytes, and the robust rule"
+    );
+    // b counts it; d refuses a receipt that is not for it; a tampered one is refused.
+    let msg = PeerMessage::Receipt(rb.encode()).encode();
+    assert_eq!(b.receive(&msg), Ok(Received::Receipt));
+    assert_eq!(b.stats.receipts, 1);
+    assert_eq!(d.receive(&msg), Err(Rejection::Malformed));
+    let mut forged = rb.clone();
+    forged.samples = 8000;
+    let forged = PeerMessage::Receipt(forged.encode()).encode();
+    assert_eq!(b.receive(&forged), Err(Rejection::BadSignature));
+    assert_eq!(b.stats.receipts, 1);
+    assert!(Receipt::decode(&rb.encode()).is_ok());
+}

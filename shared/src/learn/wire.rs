@@ -9,6 +9,7 @@
 //! kind 3   model:    round:u64 n:u32 weights:f32[n] momentum:f32[n] sha256[32]
 //! kind 4   mix:      round:u64 payload          — int8 weights for gossip averaging
 //! kind 5   status:   flags:u8 (bit 0: contributing; other bits 0)
+//! kind 6   receipt:  receipt (see `trust::receipt`) — for an update of the recipient's
 //! ```
 //! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
 //! message up to the signature, so an update cannot be replayed into another task.
@@ -109,6 +110,9 @@ pub enum PeerMessage {
         /// Sends updates.
         contributing: bool,
     },
+    /// A receipt a neighbour signed for one of our updates it used (its bytes; the
+    /// receiver of this message decodes and verifies them).
+    Receipt(Vec<u8>),
 }
 
 fn header(kind: u8) -> Vec<u8> {
@@ -203,6 +207,11 @@ impl PeerMessage {
                 v.push(u8::from(*contributing));
                 v
             }
+            Self::Receipt(r) => {
+                let mut v = header(6);
+                v.extend_from_slice(r);
+                v
+            }
         }
     }
 
@@ -275,6 +284,13 @@ impl PeerMessage {
                 },
                 _ => return Err(WireError::Malformed("status flags unknown")),
             },
+            6 => {
+                let r = r.rest();
+                if r.len() > crate::trust::receipt::MAX_RECEIPT_BYTES {
+                    return Err(WireError::Malformed("a receipt longer than any"));
+                }
+                Self::Receipt(r.to_vec())
+            }
             k => return Err(WireError::Kind(k)),
         };
         if !r.is_empty() {
@@ -284,7 +300,7 @@ impl PeerMessage {
             Self::Update(u) => u.round,
             Self::Model(s) => s.round,
             Self::Mix { round, .. } => *round,
-            Self::ModelRequest | Self::Status { .. } => 0,
+            Self::ModelRequest | Self::Status { .. } | Self::Receipt(_) => 0,
         };
         if round >= MAX_ROUND {
             return Err(WireError::Round(round));

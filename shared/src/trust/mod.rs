@@ -2,4 +2,6 @@
 //! the server's hash-chained ledger of them, and the credits anyone can recompute from it
 //! (docs/protocol.md, "Receipts, the ledger and credits").
 
+pub mod credits;
+pub mod ledger;
 pub mod receipt;

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::learn::bytes::Cursor;
-use crate::learn::identity::{verify, Identity, PublicKey};
+use crate::learn::identity::{Identity, PublicKey, verify};
 use crate::learn::wire::MAX_ROUND;
 
 const MAGIC: [u8; 8] = *b"SHOALRC1";
@@ -129,7 +129,9 @@ impl Receipt {
         }
         let len = usize::from(c.array::<1>()?[0]);
         if len == 0 || len > MAX_TASK_BYTES {
-            return Err(ReceiptError::Malformed("task name of 0 or more than 64 bytes"));
+            return Err(ReceiptError::Malformed(
+                "task name of 0 or more than 64 bytes",
+            ));
         }
         let task = std::str::from_utf8(c.take(len)?)
             .map_err(|_| ReceiptError::Malformed("task name is not UTF-8"))?
@@ -176,7 +178,15 @@ mod tests {
     fn sample() -> Receipt {
         let rx = Identity::from_seed([3; 32]);
         let tx = Identity::from_seed([4; 32]);
-        Receipt::sign(&rx, "digits", 17, tx.public(), 640, sha256(b"update"), FLAG_ROBUST)
+        Receipt::sign(
+            &rx,
+            "digits",
+            17,
+            tx.public(),
+            640,
+            sha256(b"update"),
+            FLAG_ROBUST,
+        )
     }
 
     #[test]
@@ -189,7 +199,10 @@ mod tests {
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x01;
-            assert!(Receipt::decode(&bad).is_err(), "byte {i} flipped was accepted");
+            assert!(
+                Receipt::decode(&bad).is_err(),
+                "byte {i} flipped was accepted"
+            );
         }
     }
 

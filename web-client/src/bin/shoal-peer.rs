@@ -90,10 +90,17 @@ mod peer {
             args.task,
             shoal_shared::protocol::VERSION
         );
+        // A training peer proves its key to the server, so that its receipts count.
+        let identity = if args.echo {
+            None
+        } else {
+            Some(identity(&args.identity)?)
+        };
         let swarm = NativeSwarm::connect(NativeOptions {
             url,
             udp_addrs: vec![format!("{}:0", args.bind)],
             mdns: false,
+            identity,
         });
         if args.echo {
             echo(swarm).await
@@ -184,7 +191,7 @@ mod peer {
     fn export(peer: &mut SwarmTrainer) -> Result<Vec<u8>> {
         let eval = peer.evaluate_all();
         let round = peer.progress().round;
-        shoal_shared::export::task_model(peer.task(), peer.learner().weights(), round, eval)
+        shoal_shared::export::task_model(peer.task(), peer.learner().weights(), round, eval, None)
             .map_err(anyhow::Error::msg)
     }
 
@@ -264,7 +271,7 @@ mod peer {
                 _ => String::new(),
             };
             println!(
-                "round {} loss {:.4} acc {} peers {} up {} down {} used {} rejected {} samples {}{bits}",
+                "round {} loss {:.4} acc {} peers {} up {} down {} used {} rejected {} samples {} receipts {}{bits}",
                 p.round,
                 p.loss,
                 p.accuracy
@@ -274,7 +281,8 @@ mod peer {
                 p.bytes_down,
                 summary.used,
                 p.rejected.values().sum::<u64>(),
-                p.samples
+                p.samples,
+                p.receipts
             );
 
             if !p.rejected.is_empty() && std::env::var_os("SHOAL_VERBOSE").is_some() {

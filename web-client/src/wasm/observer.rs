@@ -86,10 +86,14 @@ impl SwarmObserver {
         serde_json::to_string(&r).ok()
     }
 
-    /// The newest model as a safetensors file (throws before the first download).
+    /// The newest model as a safetensors file (throws before the first download), with
+    /// the task's ledger head at export time (`ledger_head`, 64 hex digits) in its
+    /// metadata when given.
     #[wasm_bindgen(js_name = exportSafetensors)]
-    pub fn export_safetensors(&self) -> Result<Vec<u8>, JsError> {
-        self.inner.export().map_err(|e| JsError::new(&e))
+    pub fn export_safetensors(&self, ledger_head: Option<String>) -> Result<Vec<u8>, JsError> {
+        self.inner
+            .export(ledger_head.as_deref())
+            .map_err(|e| JsError::new(&e))
     }
 
     /// The newest model version held, if any.

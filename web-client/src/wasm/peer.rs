@@ -32,6 +32,8 @@ pub(super) struct Relay {
     pending_pause: std::cell::Cell<Option<bool>>,
     /// The latest report for the server, until the page takes it.
     pub(super) report: RefCell<Option<PeerReport>>,
+    /// Receipts for the server, until the page takes them.
+    pub(super) receipts: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Relay {
@@ -100,6 +102,16 @@ impl Transport for Relay {
 
     fn report(&self, report: &PeerReport) {
         *self.report.borrow_mut() = Some(report.clone());
+    }
+
+    fn receipt(&self, receipt: &[u8]) {
+        let mut r = self.receipts.borrow_mut();
+        // The page takes them every tick; a page that stopped taking them loses the
+        // oldest, not the worker's memory.
+        if r.len() >= 256 {
+            r.remove(0);
+        }
+        r.push(receipt.to_vec());
     }
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {
@@ -250,6 +262,15 @@ impl SwarmPeer {
             // Whether this tick trained (the worker's throttle rests after training).
             progress["trained"] = (peer.progress().local_steps > steps).into();
             progress["wasm_memory_bytes"] = super::wasm_memory_bytes().into();
+            let receipts: Vec<String> = relay
+                .receipts
+                .borrow_mut()
+                .drain(..)
+                .map(|r| shoal_shared::learn::identity::hex(&r))
+                .collect();
+            if !receipts.is_empty() {
+                progress["signed_receipts"] = serde_json::to_value(receipts).unwrap_or_default();
+            }
             if let Some(r) = relay.report.borrow_mut().take() {
                 progress["report"] = serde_json::to_value(r).unwrap_or_default();
             }

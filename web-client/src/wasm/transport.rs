@@ -308,6 +308,28 @@ impl Swarm {
         Ok(())
     }
 
+    /// Sends a receipt the worker's peer signed (hex of its bytes) to the server for
+    /// the task's ledger; throws on anything but hex of at most a receipt's length.
+    pub fn receipt(&self, hex: &str) -> Result<(), JsError> {
+        let bytes = shoal_shared::protocol::from_hex(hex)
+            .filter(|b| b.len() <= shoal_shared::trust::receipt::MAX_RECEIPT_BYTES)
+            .ok_or_else(|| JsError::new("a receipt is hex of at most its length"))?;
+        Transport::receipt(self, &bytes);
+        Ok(())
+    }
+
+    /// Proves the key the worker's peer signs with (its 32-byte secret seed) to the
+    /// server on every (re)connection, so that its receipts count.
+    #[wasm_bindgen(js_name = setIdentity)]
+    pub fn set_identity(&self, secret: &[u8]) -> Result<(), JsError> {
+        let seed: [u8; 32] = secret
+            .try_into()
+            .map_err(|_| JsError::new("the secret is 32 bytes"))?;
+        let id = shoal_shared::learn::Identity::from_seed(seed);
+        with_mesh(&self.inner, |mesh, _| mesh.set_identity(id));
+        Ok(())
+    }
+
     /// Resolves to the next event.
     pub fn next(&self) -> js_sys::Promise {
         let slot = Rc::clone(&self.events);
@@ -353,6 +375,10 @@ impl Transport for Swarm {
 
     fn report(&self, report: &PeerReport) {
         with_mesh(&self.inner, |mesh, _| mesh.report(report));
+    }
+
+    fn receipt(&self, receipt: &[u8]) {
+        with_mesh(&self.inner, |mesh, _| mesh.receipt(receipt));
     }
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {

@@ -73,11 +73,21 @@ pub fn reexec_in_netns(name: &str) -> bool {
 }
 
 pub async fn start_server() -> (String, tokio::sync::oneshot::Sender<()>) {
+    start_server_with_ledger(None).await
+}
+
+/// A server that keeps the task's ledger of receipts in `ledger_dir`.
+pub async fn start_server_with_ledger(
+    ledger_dir: Option<std::path::PathBuf>,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let dir = std::env::temp_dir();
     let config = Config {
         www: dir.clone(),
         data: dir,
-        signaling: SignalingConfig::default(),
+        signaling: SignalingConfig {
+            ledger_dir,
+            ..SignalingConfig::default()
+        },
         tasks: vec![shoal_shared::task::TaskSpec::digits()],
         admin_token: None,
         http: shoal_signaling_server::HttpLimits::default(),

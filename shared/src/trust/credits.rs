@@ -1,0 +1,284 @@
+//! Credits: what each key and each site contributed, computed from the ledger alone by a
+//! fixed rule that anyone can rerun (see "Credits" in docs/protocol.md):
+//!
+//! 1. Group entries by `(sender, round)`. A group counts when receipts from at least
+//!    [`QUORUM`] distinct receivers are in it.
+//! 2. Its claim is the lower median of its receipts' `samples`.
+//! 3. Per round, with `m` the lower median of the counted groups' claims, a group is
+//!    credited `min(claim, 2 m)` samples.
+//! 4. A key's credit is the sum over its groups; a site's, the sum over groups whose first
+//!    entry carries that site. Rank: by credit, then key.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::ledger::Entry;
+use crate::learn::identity::PublicKey;
+
+/// The distinct receivers a `(sender, round)` group needs to count.
+pub const QUORUM: usize = 2;
+
+/// One key's credit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyCredit {
+    /// The key that signed the updates.
+    pub key: PublicKey,
+    /// Samples credited, summed over its counted groups.
+    pub credit: u64,
+    /// How many of its `(sender, round)` groups counted.
+    pub rounds: u64,
+}
+
+/// One site's credit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteCredit {
+    /// The site (empty: Shoal's own pages or native peers).
+    pub site: String,
+    /// Samples credited to groups whose first entry carries the site.
+    pub credit: u64,
+}
+
+/// Every key's and site's credit, highest first (ties by key or site, ascending). Only
+/// keys and sites with a counted group are listed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Credits {
+    /// Per key, highest credit first.
+    pub by_key: Vec<KeyCredit>,
+    /// Per site, highest credit first.
+    pub by_site: Vec<SiteCredit>,
+}
+
+impl Credits {
+    /// `key`'s rank (1 for the highest credit), if it has any credit.
+    pub fn rank_of(&self, key: &PublicKey) -> Option<usize> {
+        self.by_key
+            .iter()
+            .position(|k| &k.key == key)
+            .map(|i| i + 1)
+    }
+}
+
+/// The lower median of `values` (not empty): the element at `(len - 1) / 2` once sorted.
+fn lower_median(values: &mut [u64]) -> u64 {
+    values.sort_unstable();
+    values[(values.len() - 1) / 2]
+}
+
+/// One `(sender, round)` group of entries.
+struct Group<'a> {
+    /// The site of its first entry.
+    site: &'a str,
+    samples: Vec<u64>,
+    receivers: Vec<PublicKey>,
+}
+
+/// The credits of a ledger's entries (in ledger order; see the module's rule).
+pub fn compute(entries: &[Entry]) -> Credits {
+    // Ordered by round, so that each round's groups are together.
+    let mut groups: BTreeMap<(u64, PublicKey), Group<'_>> = BTreeMap::new();
+    for e in entries {
+        let r = &e.receipt;
+        let g = groups.entry((r.round, r.sender)).or_insert_with(|| Group {
+            site: &e.site,
+            samples: Vec::new(),
+            receivers: Vec::new(),
+        });
+        g.samples.push(u64::from(r.samples));
+        if !g.receivers.contains(&r.receiver) {
+            g.receivers.push(r.receiver);
+        }
+    }
+    // The counted groups' claims, per round.
+    let mut rounds: BTreeMap<u64, Vec<(PublicKey, &str, u64)>> = BTreeMap::new();
+    for ((round, sender), mut g) in groups {
+        if g.receivers.len() >= QUORUM {
+            let claim = lower_median(&mut g.samples);
+            rounds
+                .entry(round)
+                .or_default()
+                .push((sender, g.site, claim));
+        }
+    }
+    let mut keys: HashMap<PublicKey, (u64, u64)> = HashMap::new();
+    let mut sites: HashMap<&str, u64> = HashMap::new();
+    for counted in rounds.values() {
+        let mut claims: Vec<u64> = counted.iter().map(|&(_, _, claim)| claim).collect();
+        let cap = lower_median(&mut claims).saturating_mul(2);
+        for &(sender, site, claim) in counted {
+            let credit = claim.min(cap);
+            let k = keys.entry(sender).or_default();
+            k.0 = k.0.saturating_add(credit);
+            k.1 += 1;
+            let s = sites.entry(site).or_default();
+            *s = s.saturating_add(credit);
+        }
+    }
+    let mut by_key: Vec<KeyCredit> = keys
+        .into_iter()
+        .map(|(key, (credit, rounds))| KeyCredit {
+            key,
+            credit,
+            rounds,
+        })
+        .collect();
+    by_key.sort_by(|a, b| b.credit.cmp(&a.credit).then(a.key.cmp(&b.key)));
+    let mut by_site: Vec<SiteCredit> = sites
+        .into_iter()
+        .map(|(site, credit)| SiteCredit {
+            site: site.to_string(),
+            credit,
+        })
+        .collect();
+    by_site.sort_by(|a, b| b.credit.cmp(&a.credit).then(a.site.cmp(&b.site)));
+    Credits { by_key, by_site }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learn::identity::Identity;
+    use crate::trust::receipt::{Receipt, sha256};
+
+    fn key(seed: u8) -> PublicKey {
+        Identity::from_seed([seed; 32]).public()
+    }
+
+    /// An entry for a receipt by `receiver` of `sender`'s update of `round`, claiming
+    /// `samples`, from `site` (hashes are not checked here).
+    fn entry(site: &str, sender: u8, receiver: u8, round: u64, samples: u32) -> Entry {
+        let rx = Identity::from_seed([receiver; 32]);
+        let receipt = Receipt::sign(
+            &rx,
+            "digits",
+            round,
+            key(sender),
+            samples,
+            sha256(&[sender]),
+            0,
+        );
+        Entry {
+            index: 0,
+            time_ms: 0,
+            site: site.to_string(),
+            receipt_bytes: receipt.encode(),
+            receipt,
+            hash: [0; 32],
+        }
+    }
+
+    fn credit_of(c: &Credits, seed: u8) -> Option<(u64, u64)> {
+        c.by_key
+            .iter()
+            .find(|k| k.key == key(seed))
+            .map(|k| (k.credit, k.rounds))
+    }
+
+    #[test]
+    fn a_group_needs_two_distinct_receivers() {
+        // One receiver, even twice: nothing.
+        let alone = [entry("", 1, 2, 5, 640), entry("", 1, 2, 5, 640)];
+        let c = compute(&alone);
+        assert_eq!(c, Credits::default());
+        assert_eq!(c.rank_of(&key(1)), None);
+        // A second receiver makes it count.
+        let two = [entry("", 1, 2, 5, 640), entry("", 1, 3, 5, 640)];
+        let c = compute(&two);
+        assert_eq!(credit_of(&c, 1), Some((640, 1)));
+        assert_eq!(c.rank_of(&key(1)), Some(1));
+        // Receipts of different rounds or senders do not add up to a quorum.
+        let apart = [
+            entry("", 1, 2, 5, 640),
+            entry("", 1, 3, 6, 640),
+            entry("", 4, 3, 5, 640),
+        ];
+        assert_eq!(compute(&apart), Credits::default());
+    }
+
+    #[test]
+    fn a_group_claims_the_lower_median_of_its_receipts() {
+        // One receiver that signs an inflated claim moves nothing.
+        let c = compute(&[entry("", 1, 2, 5, 640), entry("", 1, 3, 5, 64_000)]);
+        assert_eq!(credit_of(&c, 1), Some((640, 1)));
+        let c = compute(&[
+            entry("", 1, 2, 5, 700),
+            entry("", 1, 3, 5, 64_000),
+            entry("", 1, 4, 5, 600),
+        ]);
+        assert_eq!(credit_of(&c, 1), Some((700, 1)));
+    }
+
+    #[test]
+    fn a_claim_is_capped_at_twice_the_rounds_lower_median() {
+        let mut entries = Vec::new();
+        for (sender, samples) in [(1, 100), (2, 120), (3, 1200)] {
+            for receiver in [7, 8] {
+                entries.push(entry("", sender, receiver, 5, samples));
+            }
+        }
+        let c = compute(&entries);
+        // m = lower median of 100, 120, 1200 = 120: the 10x claim gets 240.
+        assert_eq!(credit_of(&c, 3), Some((240, 1)));
+        assert_eq!(credit_of(&c, 2), Some((120, 1)));
+        assert_eq!(credit_of(&c, 1), Some((100, 1)));
+        // With an even count, the lower of the two middle claims: m = 100.
+        let c = compute(
+            &entries[..2]
+                .iter()
+                .chain(&entries[4..])
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(credit_of(&c, 3), Some((200, 1)));
+        // Each round has its own m; a key's credit and rounds add up across rounds.
+        for receiver in [7, 8] {
+            entries.push(entry("", 3, receiver, 6, 50));
+            entries.push(entry("", 1, receiver, 6, 10));
+        }
+        let c = compute(&entries);
+        // Round 6: m = lower median of 10, 50 = 10, so 3 gets min(50, 20).
+        assert_eq!(credit_of(&c, 3), Some((260, 2)));
+        assert_eq!(credit_of(&c, 1), Some((110, 2)));
+        let order: Vec<PublicKey> = c.by_key.iter().map(|k| k.key).collect();
+        assert_eq!(order, [key(3), key(2), key(1)]);
+        assert_eq!(c.rank_of(&key(2)), Some(2));
+    }
+
+    #[test]
+    fn sites_sum_their_groups_by_the_first_entry() {
+        let entries = [
+            entry("a.example", 1, 2, 5, 100),
+            // Later entries of the group naming another site do not move it.
+            entry("b.example", 1, 3, 5, 100),
+            entry("b.example", 2, 1, 5, 100),
+            entry("b.example", 2, 3, 5, 100),
+            entry("a.example", 1, 2, 6, 50),
+            entry("a.example", 1, 3, 6, 50),
+            entry("", 3, 1, 6, 50),
+            entry("", 3, 2, 6, 50),
+            // Not counted: one receiver.
+            entry("c.example", 4, 1, 6, 1000),
+        ];
+        let c = compute(&entries);
+        let sites: Vec<(&str, u64)> = c
+            .by_site
+            .iter()
+            .map(|s| (s.site.as_str(), s.credit))
+            .collect();
+        assert_eq!(sites, [("a.example", 150), ("b.example", 100), ("", 50)]);
+        let (k1, k2) = (key(1), key(2));
+        assert_eq!(credit_of(&c, 1), Some((150, 2)));
+        assert_eq!(credit_of(&c, 2), Some((100, 1)));
+        assert_eq!(credit_of(&c, 3), Some((50, 1)));
+        assert_eq!(c.by_key.len(), 3);
+        assert!(c.rank_of(&k1) < c.rank_of(&k2));
+        // Equal credits rank by key, ascending.
+        let ties = compute(&[
+            entry("", 2, 5, 1, 10),
+            entry("", 2, 6, 1, 10),
+            entry("", 1, 5, 1, 10),
+            entry("", 1, 6, 1, 10),
+        ]);
+        let first = k1.min(k2);
+        assert_eq!(ties.by_key[0].key, first);
+        assert_eq!(ties.rank_of(&first), Some(1));
+    }
+}

@@ -1,0 +1,1036 @@
+//! The ledger: one append-only file per task in which the server chains the receipts it
+//! accepted, so that it cannot rewrite them unnoticed (see "The ledger file" in
+//! docs/protocol.md). Integers little-endian:
+//!
+//! ```text
+//! file   = "shoal-ledger-v1 " task "\n" entry*
+//! entry  = len:u32 body[len] hash[32]
+//! body   = time_ms:u64 site_len:u8 site[site_len] receipt
+//! hash   = SHA-256(prev || body)
+//! ```
+//!
+//! [`read`] and [`verify`] check a ledger's bytes (anyone can, with `cargo xtask ledger
+//! verify FILE`); [`LedgerFile`] is the server's appender, which keeps its file valid.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use super::receipt::{FIXED_BYTES, MAX_RECEIPT_BYTES, MAX_TASK_BYTES, Receipt};
+use crate::learn::identity::{PublicKey, hex};
+
+/// The first bytes of a ledger file, and of the genesis hash's input.
+const MAGIC: &[u8] = b"shoal-ledger-v1";
+/// The longest site name an entry carries.
+pub const MAX_SITE_BYTES: usize = 253;
+/// The shortest entry body: no site, and a receipt with a one-byte task name.
+pub const MIN_BODY_BYTES: usize = 8 + 1 + FIXED_BYTES + 1;
+/// The longest entry body: the longest site and the longest receipt.
+pub const MAX_BODY_BYTES: usize = 8 + 1 + MAX_SITE_BYTES + MAX_RECEIPT_BYTES;
+
+/// The hash an empty ledger of `task` has as its head, which its first entry chains to:
+/// SHA-256(`"shoal-ledger-v1"` task_len:u32 task).
+pub fn genesis(task: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(MAGIC);
+    h.update((task.len() as u32).to_le_bytes());
+    h.update(task.as_bytes());
+    h.finalize().into()
+}
+
+/// The first line of `task`'s ledger file: `"shoal-ledger-v1 " task "\n"`.
+pub fn header(task: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(MAGIC.len() + task.len() + 2);
+    b.extend_from_slice(MAGIC);
+    b.push(b' ');
+    b.extend_from_slice(task.as_bytes());
+    b.push(b'\n');
+    b
+}
+
+/// Whether `site` may be an entry's site: 0 to 253 bytes of lowercase ASCII letters,
+/// digits, `-` and `.`, and `:` for a port. Empty: Shoal's own pages or a native peer.
+pub fn valid_site(site: &str) -> bool {
+    site.len() <= MAX_SITE_BYTES
+        && site.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b':')
+        })
+}
+
+/// One entry of a ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its place in the ledger, from 0.
+    pub index: u64,
+    /// The server's clock (Unix milliseconds) when it appended the entry.
+    pub time_ms: u64,
+    /// The site the receipt's sender said it contributes from (empty: none).
+    pub site: String,
+    /// The receipt, decoded.
+    pub receipt: Receipt,
+    /// The receipt's bytes as the ledger holds them.
+    pub receipt_bytes: Vec<u8>,
+    /// SHA-256 of the previous entry's hash (or the genesis) and this entry's body.
+    pub hash: [u8; 32],
+}
+
+/// The bytes of one entry that follows the hash `prev` (the previous entry's, or the
+/// [`genesis`]), ready to append to a ledger, and its hash. It checks nothing: a caller
+/// that wants a valid ledger checks the site ([`valid_site`]) and the receipt first, as
+/// [`LedgerFile::append`] does.
+///
+/// # Panics
+///
+/// When `site` is longer than 255 bytes, which its one-byte length cannot say.
+pub fn encode_entry(
+    prev: &[u8; 32],
+    time_ms: u64,
+    site: &str,
+    receipt_bytes: &[u8],
+) -> (Vec<u8>, [u8; 32]) {
+    let site_len = u8::try_from(site.len()).expect("an entry's site is at most 255 bytes");
+    let body_len = 8 + 1 + site.len() + receipt_bytes.len();
+    let mut b = Vec::with_capacity(4 + body_len + 32);
+    b.extend_from_slice(&(body_len as u32).to_le_bytes());
+    b.extend_from_slice(&time_ms.to_le_bytes());
+    b.push(site_len);
+    b.extend_from_slice(site.as_bytes());
+    b.extend_from_slice(receipt_bytes);
+    let hash = chain(prev, &b[4..]);
+    b.extend_from_slice(&hash);
+    (b, hash)
+}
+
+/// SHA-256(prev || body).
+fn chain(prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body);
+    h.finalize().into()
+}
+
+/// The valid prefix of a ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The task its header names (empty when the header itself is bad).
+    pub task: String,
+    /// Its entries, in order.
+    pub entries: Vec<Entry>,
+    /// The last entry's hash; the [`genesis`] while there are none (all zeros when the
+    /// header is bad).
+    pub head: [u8; 32],
+    /// The bytes of the valid prefix, header included (0 when the header is bad).
+    pub good_len: usize,
+}
+
+/// Where and why a ledger stops being valid.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("entry {index} at byte {offset}: {reason}")]
+pub struct LedgerError {
+    /// The first bad entry's index (0 also when the header is bad).
+    pub index: u64,
+    /// The byte where that entry starts (0 when the header is bad).
+    pub offset: usize,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The task named by a ledger's header, and the header's length.
+fn parse_header(bytes: &[u8]) -> Result<(String, usize), String> {
+    let prefix_len = MAGIC.len() + 1;
+    if bytes.len() < prefix_len || &bytes[..MAGIC.len()] != MAGIC || bytes[MAGIC.len()] != b' ' {
+        return Err("bad header: not a Shoal v1 ledger (expected \"shoal-ledger-v1 \")".into());
+    }
+    let window = &bytes[prefix_len..bytes.len().min(prefix_len + MAX_TASK_BYTES + 1)];
+    let Some(n) = window.iter().position(|&b| b == b'\n') else {
+        return Err("bad header: no newline after a task name of at most 64 bytes".into());
+    };
+    if n == 0 {
+        return Err("bad header: empty task name".into());
+    }
+    let task = std::str::from_utf8(&window[..n])
+        .map_err(|_| "bad header: the task name is not UTF-8".to_string())?;
+    Ok((task.to_string(), prefix_len + n + 1))
+}
+
+/// What a reader has seen so far, to check the next entry against.
+struct Chain {
+    task: String,
+    head: [u8; 32],
+    last_time: u64,
+    seen: HashSet<(PublicKey, PublicKey, u64)>,
+}
+
+impl Chain {
+    fn new(task: &str) -> Self {
+        Self {
+            task: task.to_string(),
+            head: genesis(task),
+            last_time: 0,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Parses and checks the entry at the start of `rest` as entry `index`; on success
+    /// returns it and its length in bytes (the caller then calls [`Self::accept`]).
+    fn parse(&self, rest: &[u8], index: u64) -> Result<(Entry, usize), String> {
+        let Some(len) = rest.first_chunk::<4>() else {
+            return Err(format!(
+                "truncated: {} bytes where an entry's length belongs",
+                rest.len()
+            ));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if !(MIN_BODY_BYTES..=MAX_BODY_BYTES).contains(&len) {
+            return Err(format!(
+                "entry length {len} outside {MIN_BODY_BYTES}..={MAX_BODY_BYTES}"
+            ));
+        }
+        let total = 4 + len + 32;
+        if rest.len() < total {
+            return Err(format!(
+                "truncated: the entry needs {total} bytes, {} remain",
+                rest.len()
+            ));
+        }
+        let body = &rest[4..4 + len];
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&rest[4 + len..total]);
+        if chain(&self.head, body) != hash {
+            return Err(
+                "its hash does not chain (this entry or the file before it was altered)".into(),
+            );
+        }
+        let mut time = [0u8; 8];
+        time.copy_from_slice(&body[..8]);
+        let time_ms = u64::from_le_bytes(time);
+        let site_len = usize::from(body[8]);
+        if site_len > MAX_SITE_BYTES {
+            return Err(format!(
+                "a site of {site_len} bytes (at most {MAX_SITE_BYTES})"
+            ));
+        }
+        if 9 + site_len > len {
+            return Err(format!("a site of {site_len} bytes runs past the entry"));
+        }
+        let site_bytes = &body[9..9 + site_len];
+        let site = match std::str::from_utf8(site_bytes) {
+            Ok(s) if valid_site(s) => s.to_string(),
+            _ => {
+                return Err(format!(
+                    "site \"{}\" is not a lowercase host name",
+                    site_bytes.escape_ascii()
+                ));
+            }
+        };
+        let receipt_bytes = &body[9 + site_len..];
+        if receipt_bytes.len() > MAX_RECEIPT_BYTES {
+            return Err(format!(
+                "a receipt of {} bytes (at most {MAX_RECEIPT_BYTES})",
+                receipt_bytes.len()
+            ));
+        }
+        let receipt = Receipt::decode(receipt_bytes).map_err(|e| e.to_string())?;
+        if receipt.task != self.task {
+            return Err(format!(
+                "a receipt for task {:?} in the ledger of {:?}",
+                receipt.task, self.task
+            ));
+        }
+        if time_ms < self.last_time {
+            return Err(format!(
+                "time {time_ms} ms is before the previous entry's {} ms",
+                self.last_time
+            ));
+        }
+        if self
+            .seen
+            .contains(&(receipt.sender, receipt.receiver, receipt.round))
+        {
+            return Err(format!(
+                "a second receipt of sender {}, receiver {}, round {}",
+                hex(&receipt.sender),
+                hex(&receipt.receiver),
+                receipt.round
+            ));
+        }
+        let entry = Entry {
+            index,
+            time_ms,
+            site,
+            receipt,
+            receipt_bytes: receipt_bytes.to_vec(),
+            hash,
+        };
+        Ok((entry, total))
+    }
+
+    /// Takes `entry` (checked by [`Self::parse`]) as the new head.
+    fn accept(&mut self, entry: &Entry) {
+        self.head = entry.hash;
+        self.last_time = entry.time_ms;
+        let r = &entry.receipt;
+        self.seen.insert((r.sender, r.receiver, r.round));
+    }
+}
+
+/// Reads a ledger's bytes: always its longest valid prefix, and where and why the rest is
+/// not valid, if there is a rest. Valid: the header names a task of 1 to 64 bytes, and
+/// every entry has a length in bounds, a hash that chains, a valid site, a receipt that
+/// decodes and verifies and is for the header's task, a time no earlier than the previous
+/// entry's, and a `(sender, receiver, round)` no earlier entry has.
+pub fn read(bytes: &[u8]) -> (Verified, Option<LedgerError>) {
+    let (task, header_len) = match parse_header(bytes) {
+        Ok(h) => h,
+        Err(reason) => {
+            let empty = Verified {
+                task: String::new(),
+                entries: Vec::new(),
+                head: [0; 32],
+                good_len: 0,
+            };
+            let error = LedgerError {
+                index: 0,
+                offset: 0,
+                reason,
+            };
+            return (empty, Some(error));
+        }
+    };
+    let mut chain = Chain::new(&task);
+    let mut entries = Vec::new();
+    let mut offset = header_len;
+    let mut error = None;
+    while offset < bytes.len() {
+        let index = entries.len() as u64;
+        match chain.parse(&bytes[offset..], index) {
+            Ok((entry, len)) => {
+                chain.accept(&entry);
+                entries.push(entry);
+                offset += len;
+            }
+            Err(reason) => {
+                error = Some(LedgerError {
+                    index,
+                    offset,
+                    reason,
+                });
+                break;
+            }
+        }
+    }
+    let verified = Verified {
+        task,
+        entries,
+        head: chain.head,
+        good_len: offset,
+    };
+    (verified, error)
+}
+
+/// Reads a ledger that must be valid to its end (see [`read`]).
+pub fn verify(bytes: &[u8]) -> Result<Verified, LedgerError> {
+    match read(bytes) {
+        (v, None) => Ok(v),
+        (_, Some(e)) => Err(e),
+    }
+}
+
+/// Whether `task` can name a ledger file: 1 to 64 ASCII letters, digits, `-` and `_`
+/// (task names are lowercase letters, digits and `-`), so that it never leaves the
+/// directory.
+fn valid_file_task(task: &str) -> bool {
+    (1..=MAX_TASK_BYTES).contains(&task.len())
+        && task
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `fsync`s a directory, so that a file created or renamed in it stays (Unix only).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// The server's ledger of one task: `{dir}/{task}.ledger`, opened for appending. Every
+/// entry it appends is checked as [`read`] checks it and is on disk (`fsync`) before
+/// [`append`](Self::append) returns, so the file stays valid.
+#[derive(Debug)]
+pub struct LedgerFile {
+    path: PathBuf,
+    file: File,
+    task: String,
+    /// The file's length: the header and every entry written.
+    len: u64,
+    head: [u8; 32],
+    entries: Vec<Entry>,
+    seen: HashSet<(PublicKey, PublicKey, u64)>,
+    last_rounds: HashMap<(PublicKey, PublicKey), u64>,
+    /// A write failed and could not be undone: refuse further appends.
+    broken: bool,
+}
+
+impl LedgerFile {
+    /// Opens `{dir}/{task}.ledger`, creating `dir` and the file (with its header, synced
+    /// with its directory) when missing. An existing file is read; if it is not valid to
+    /// its end (or its header names another task), the whole file is first copied to
+    /// `{task}.ledger.bad-{now_ms}` and then cut to its longest valid prefix, both synced,
+    /// and the second value says so (where it broke, what was kept, where the original
+    /// went) for the log.
+    pub fn open(dir: &Path, task: &str, now_ms: u64) -> io::Result<(Self, Option<String>)> {
+        if !valid_file_task(task) {
+            return Err(invalid(format!(
+                "task name {task:?} cannot name a ledger file (1 to 64 letters, digits, - and _)"
+            )));
+        }
+        fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{task}.ledger"));
+        let fresh = || Verified {
+            task: task.to_string(),
+            entries: Vec::new(),
+            head: genesis(task),
+            good_len: header(task).len(),
+        };
+        let mut note = None;
+        let verified = match fs::read(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Written aside and renamed, so that the ledger never exists without its
+                // whole header.
+                let tmp = dir.join(format!("{task}.ledger.new"));
+                {
+                    let mut f = File::create(&tmp)?;
+                    f.write_all(&header(task))?;
+                    f.sync_all()?;
+                }
+                fs::rename(&tmp, &path)?;
+                sync_dir(dir)?;
+                fresh()
+            }
+            Err(e) => return Err(e),
+            Ok(bytes) => {
+                let (mut verified, mut error) = read(&bytes);
+                if error.is_none() && verified.task != task {
+                    error = Some(LedgerError {
+                        index: 0,
+                        offset: 0,
+                        reason: format!("the header names task {:?}", verified.task),
+                    });
+                    verified.good_len = 0;
+                }
+                if let Some(error) = error {
+                    let bad = Self::quarantine(dir, task, now_ms, &bytes)?;
+                    let f = OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(verified.good_len as u64)?;
+                    if verified.good_len == 0 {
+                        verified = fresh();
+                        (&f).write_all(&header(task))?;
+                    }
+                    f.sync_all()?;
+                    note = Some(format!(
+                        "ledger {} broke at {error}; kept {} entries ({} of {} bytes), \
+                         moved the original to {}",
+                        path.display(),
+                        verified.entries.len(),
+                        verified.good_len,
+                        bytes.len(),
+                        bad.display()
+                    ));
+                }
+                verified
+            }
+        };
+        let file = OpenOptions::new().append(true).open(&path)?;
+        let mut ledger = Self {
+            path,
+            file,
+            task: task.to_string(),
+            len: verified.good_len as u64,
+            head: verified.head,
+            entries: Vec::with_capacity(verified.entries.len()),
+            seen: HashSet::new(),
+            last_rounds: HashMap::new(),
+            broken: false,
+        };
+        for entry in verified.entries {
+            ledger.remember(entry);
+        }
+        Ok((ledger, note))
+    }
+
+    /// Copies `bytes` (a whole ledger file) to `{task}.ledger.bad-{now_ms}` (with `-N`
+    /// added if that exists), synced; returns its path.
+    fn quarantine(dir: &Path, task: &str, now_ms: u64, bytes: &[u8]) -> io::Result<PathBuf> {
+        for n in 0u32.. {
+            let name = match n {
+                0 => format!("{task}.ledger.bad-{now_ms}"),
+                n => format!("{task}.ledger.bad-{now_ms}-{n}"),
+            };
+            let path = dir.join(name);
+            let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            };
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            sync_dir(dir)?;
+            return Ok(path);
+        }
+        Err(io::Error::other("no free name for the quarantined ledger"))
+    }
+
+    fn remember(&mut self, entry: Entry) {
+        let r = &entry.receipt;
+        self.seen.insert((r.sender, r.receiver, r.round));
+        let last = self
+            .last_rounds
+            .entry((r.sender, r.receiver))
+            .or_insert(r.round);
+        *last = (*last).max(r.round);
+        self.head = entry.hash;
+        self.entries.push(entry);
+    }
+
+    /// Appends a receipt (its bytes) with the server's clock `time_ms` (raised to the
+    /// last entry's time if earlier) and the sender's `site`: one write of the whole
+    /// entry, then `fsync`. Refused (`InvalidInput`, or `AlreadyExists` for a second
+    /// receipt of the same sender, receiver and round) when the entry would make the
+    /// ledger invalid. If the write fails, the file is cut back to what it was.
+    pub fn append(&mut self, time_ms: u64, site: &str, receipt_bytes: &[u8]) -> io::Result<Entry> {
+        if self.broken {
+            return Err(io::Error::other(
+                "an earlier write to the ledger failed and could not be undone; reopen it",
+            ));
+        }
+        if !valid_site(site) {
+            return Err(invalid(format!(
+                "site \"{}\" is not a lowercase host name",
+                site.escape_default()
+            )));
+        }
+        if receipt_bytes.len() > MAX_RECEIPT_BYTES {
+            return Err(invalid(format!(
+                "a receipt of {} bytes (at most {MAX_RECEIPT_BYTES})",
+                receipt_bytes.len()
+            )));
+        }
+        let receipt = Receipt::decode(receipt_bytes).map_err(|e| invalid(e.to_string()))?;
+        if receipt.task != self.task {
+            return Err(invalid(format!(
+                "a receipt for task {:?} in the ledger of {:?}",
+                receipt.task, self.task
+            )));
+        }
+        if self.has(&receipt.sender, &receipt.receiver, receipt.round) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "the ledger has this receipt's round {} already",
+                    receipt.round
+                ),
+            ));
+        }
+        let time_ms = time_ms.max(self.entries.last().map_or(0, |e| e.time_ms));
+        let (bytes, hash) = encode_entry(&self.head, time_ms, site, receipt_bytes);
+        let written = self
+            .file
+            .write_all(&bytes)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Cut back any part of the entry that made it, so that the file stays valid.
+            let undone = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data());
+            if undone.is_err() {
+                self.broken = true;
+            }
+            return Err(e);
+        }
+        self.len += bytes.len() as u64;
+        let entry = Entry {
+            index: self.entries.len() as u64,
+            time_ms,
+            site: site.to_string(),
+            receipt,
+            receipt_bytes: receipt_bytes.to_vec(),
+            hash,
+        };
+        self.remember(entry.clone());
+        Ok(entry)
+    }
+
+    /// The last entry's hash (the [`genesis`] while empty).
+    pub fn head(&self) -> [u8; 32] {
+        self.head
+    }
+
+    /// How many entries the ledger has.
+    pub fn count(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    /// Every entry, in order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The task whose ledger this is.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The file's length in bytes: its header and every entry appended (and synced).
+    pub fn byte_len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the ledger has a receipt of `sender`'s update for `round` by `receiver`.
+    pub fn has(&self, sender: &PublicKey, receiver: &PublicKey, round: u64) -> bool {
+        self.seen.contains(&(*sender, *receiver, round))
+    }
+
+    /// The highest round the ledger has a receipt of by `receiver` for `sender`.
+    pub fn last_round(&self, sender: &PublicKey, receiver: &PublicKey) -> Option<u64> {
+        self.last_rounds.get(&(*sender, *receiver)).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learn::identity::Identity;
+    use crate::trust::receipt::sha256;
+
+    fn key(seed: u8) -> Identity {
+        Identity::from_seed([seed; 32])
+    }
+
+    /// The bytes of a receipt by `receiver` for `sender`'s update of `round`.
+    fn receipt(task: &str, receiver: u8, sender: u8, round: u64, samples: u32) -> Vec<u8> {
+        let update = sha256(&[sender, receiver, round as u8]);
+        Receipt::sign(
+            &key(receiver),
+            task,
+            round,
+            key(sender).public(),
+            samples,
+            update,
+            0,
+        )
+        .encode()
+    }
+
+    /// A ledger of `digits` with the given (time, site, receipt) entries, written without
+    /// any check; returns its bytes and where each entry ends.
+    fn ledger(entries: &[(u64, &str, Vec<u8>)]) -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = header("digits");
+        let mut ends = Vec::new();
+        let mut head = genesis("digits");
+        for (time, site, r) in entries {
+            let (e, h) = encode_entry(&head, *time, site, r);
+            bytes.extend_from_slice(&e);
+            ends.push(bytes.len());
+            head = h;
+        }
+        (bytes, ends)
+    }
+
+    fn three() -> Vec<(u64, &'static str, Vec<u8>)> {
+        vec![
+            (1000, "example.org", receipt("digits", 1, 2, 5, 640)),
+            (1000, "", receipt("digits", 3, 2, 5, 640)),
+            (1500, "school.example:8443", receipt("digits", 2, 1, 6, 320)),
+        ]
+    }
+
+    /// A fresh directory for one test, removed when dropped (also when the test fails).
+    struct Temp(PathBuf);
+
+    impl Temp {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("shoal-ledger-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            Self(dir)
+        }
+    }
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_genesis_and_header_have_the_documented_bytes() {
+        // printf 'shoal-ledger-v1\x06\x00\x00\x00digits' | sha256sum
+        assert_eq!(
+            hex(&genesis("digits")),
+            "59e95f40aa196f8f4a95b8840485df28182ef0343e1f78c65961351047c2152a"
+        );
+        assert_eq!(header("digits"), b"shoal-ledger-v1 digits\n");
+        let (v, e) = read(&header("digits"));
+        assert_eq!(e, None);
+        assert_eq!(
+            (v.task.as_str(), v.head, v.good_len),
+            ("digits", genesis("digits"), 23)
+        );
+        assert!(v.entries.is_empty());
+    }
+
+    #[test]
+    fn a_ledger_round_trips() {
+        let input = three();
+        let (bytes, ends) = ledger(&input);
+        let v = verify(&bytes).expect("valid");
+        assert_eq!(v.task, "digits");
+        assert_eq!(v.good_len, bytes.len());
+        assert_eq!(v.entries.len(), 3);
+        let mut prev = genesis("digits");
+        let mut start = header("digits").len();
+        for (i, (e, (time, site, r))) in v.entries.iter().zip(&input).enumerate() {
+            assert_eq!(e.index, i as u64);
+            assert_eq!((e.time_ms, e.site.as_str()), (*time, *site));
+            assert_eq!(&e.receipt_bytes, r);
+            assert_eq!(e.receipt, Receipt::decode(r).expect("receipt"));
+            assert_eq!(e.hash, chain(&prev, &bytes[start + 4..ends[i] - 32]));
+            assert_eq!(&bytes[ends[i] - 32..ends[i]], &e.hash);
+            prev = e.hash;
+            start = ends[i];
+        }
+        assert_eq!(v.head, prev);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_caught_and_only_the_prefix_before_it_kept() {
+        let (bytes, ends) = ledger(&three());
+        let header_len = header("digits").len();
+        for i in 0..bytes.len() {
+            for bit in [0x01, 0x80] {
+                let mut bad = bytes.clone();
+                bad[i] ^= bit;
+                let (v, e) = read(&bad);
+                let e = e.unwrap_or_else(|| panic!("byte {i} ^ {bit:#x} was accepted"));
+                // The entry the byte belongs to (the header counts as entry 0) is the
+                // first bad one; everything before it is kept.
+                let hit = ends.iter().position(|&end| i < end).expect("in the file");
+                assert_eq!(e.index, hit as u64, "byte {i}: {e}");
+                assert_eq!(v.entries.len(), hit, "byte {i}");
+                if i >= header_len {
+                    let start = if hit == 0 { header_len } else { ends[hit - 1] };
+                    assert_eq!((e.offset, v.good_len), (start, start), "byte {i}");
+                }
+                assert!(v.good_len <= bad.len());
+                if v.good_len > 0 {
+                    let (again, e) = read(&bad[..v.good_len]);
+                    assert_eq!(e, None, "byte {i}: the prefix kept is valid");
+                    assert_eq!(again.entries, v.entries);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_cut_anywhere_keeps_the_whole_entries_before_it() {
+        let (bytes, ends) = ledger(&three());
+        let header_len = header("digits").len();
+        for cut in 0..=bytes.len() {
+            let (v, e) = read(&bytes[..cut]);
+            if cut < header_len {
+                assert_eq!(v.good_len, 0, "cut {cut}");
+                assert_eq!(
+                    e.as_ref().map(|e| (e.index, e.offset)),
+                    Some((0, 0)),
+                    "cut {cut}"
+                );
+                continue;
+            }
+            let whole = ends.iter().filter(|&&end| end <= cut).count();
+            let kept = if whole == 0 {
+                header_len
+            } else {
+                ends[whole - 1]
+            };
+            assert_eq!((v.entries.len(), v.good_len), (whole, kept), "cut {cut}");
+            assert_eq!(e.is_none(), cut == kept, "cut {cut}: {e:?}");
+            if let Some(e) = e {
+                assert_eq!((e.index, e.offset), (whole as u64, kept), "cut {cut}");
+                assert!(e.reason.contains("truncated"), "cut {cut}: {e}");
+            }
+        }
+    }
+
+    /// The first error of a ledger written without checks.
+    fn error_of(entries: &[(u64, &str, Vec<u8>)]) -> LedgerError {
+        let (bytes, _) = ledger(entries);
+        let (v, e) = read(&bytes);
+        let e = e.expect("refused");
+        assert_eq!(v.entries.len() as u64, e.index);
+        e
+    }
+
+    #[test]
+    fn a_second_receipt_of_the_same_sender_receiver_and_round_is_refused() {
+        let e = error_of(&[
+            (1, "", receipt("digits", 1, 2, 5, 640)),
+            (2, "", receipt("digits", 3, 2, 5, 640)),
+            // The same triple with another claim: other bytes, the same receipt.
+            (3, "", receipt("digits", 1, 2, 5, 9999)),
+        ]);
+        assert_eq!(e.index, 2);
+        assert!(e.reason.contains("second receipt"), "{e}");
+        // Another round of the same pair is fine.
+        let (bytes, _) = ledger(&[
+            (1, "", receipt("digits", 1, 2, 5, 640)),
+            (2, "", receipt("digits", 1, 2, 6, 640)),
+        ]);
+        assert!(verify(&bytes).is_ok());
+    }
+
+    #[test]
+    fn a_receipt_for_another_task_is_refused() {
+        let e = error_of(&[
+            (1, "", receipt("digits", 1, 2, 5, 640)),
+            (2, "", receipt("letters", 1, 2, 6, 640)),
+        ]);
+        assert_eq!(e.index, 1);
+        assert!(e.reason.contains("letters"), "{e}");
+    }
+
+    #[test]
+    fn time_going_backwards_is_refused() {
+        let e = error_of(&[
+            (100, "", receipt("digits", 1, 2, 5, 640)),
+            (100, "", receipt("digits", 1, 2, 6, 640)),
+            (99, "", receipt("digits", 1, 2, 7, 640)),
+        ]);
+        assert_eq!(e.index, 2);
+        assert!(e.reason.contains("before the previous"), "{e}");
+    }
+
+    #[test]
+    fn bad_sites_receipts_lengths_and_headers_are_refused() {
+        let e = error_of(&[(1, "Example.org", receipt("digits", 1, 2, 5, 640))]);
+        assert!(e.reason.contains("site"), "{e}");
+        let long = "a".repeat(254);
+        let e = error_of(&[(1, &long, receipt("digits", 1, 2, 5, 640))]);
+        assert!(e.reason.contains("site"), "{e}");
+        // A receipt whose signature fails, chained correctly.
+        let mut forged = receipt("digits", 1, 2, 5, 640);
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let e = error_of(&[(1, "", receipt("digits", 1, 2, 4, 640)), (2, "", forged)]);
+        assert_eq!(e.index, 1);
+        assert!(e.reason.contains("signature"), "{e}");
+        // Lengths out of bounds are refused as such, before anything is read.
+        for len in [
+            0u32,
+            MIN_BODY_BYTES as u32 - 1,
+            MAX_BODY_BYTES as u32 + 1,
+            u32::MAX,
+        ] {
+            let mut bytes = header("digits");
+            bytes.extend_from_slice(&len.to_le_bytes());
+            bytes.extend_from_slice(&[0; 600]);
+            let (_, e) = read(&bytes);
+            let e = e.expect("refused");
+            assert_eq!((e.index, e.offset), (0, 23));
+            assert!(e.reason.contains("length"), "{len}: {e}");
+        }
+        for bad in [
+            &b""[..],
+            b"shoal-ledger-v2 digits\n",
+            b"shoal-ledger-v1 \n",
+            b"shoal-ledger-v1digits\n",
+            b"shoal-ledger-v1 digits",
+            b"shoal-ledger-v1 \xff\n",
+        ] {
+            let (v, e) = read(bad);
+            assert_eq!(v.good_len, 0);
+            let e = e.expect("refused");
+            assert_eq!((e.index, e.offset), (0, 0));
+            assert!(e.reason.contains("header"), "{e}");
+        }
+        let long_task = format!("shoal-ledger-v1 {}\n", "t".repeat(65));
+        assert!(read(long_task.as_bytes()).1.is_some());
+        let max_task = format!("shoal-ledger-v1 {}\n", "t".repeat(64));
+        assert!(read(max_task.as_bytes()).1.is_none());
+    }
+
+    #[test]
+    fn sites_are_lowercase_host_names() {
+        for ok in [
+            "",
+            "example.org",
+            "a-b.example.org:8080",
+            "127.0.0.1:3000",
+            &"a".repeat(253),
+        ] {
+            assert!(valid_site(ok), "{ok:?}");
+        }
+        for bad in [
+            "Example.org",
+            "https://example.org",
+            "a b",
+            "a/b",
+            "é.org",
+            &"a".repeat(254),
+        ] {
+            assert!(!valid_site(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_file_is_created_appended_and_reopened() {
+        let temp = Temp::new("reopen");
+        let dir = temp.0.clone();
+        let (mut l, note) = LedgerFile::open(&dir, "digits", 1).expect("open");
+        assert_eq!(note, None);
+        assert_eq!(fs::read(l.path()).expect("file"), header("digits"));
+        assert_eq!((l.count(), l.head()), (0, genesis("digits")));
+        let a = l
+            .append(500, "example.org", &receipt("digits", 1, 2, 5, 640))
+            .expect("a");
+        // The clock going back is clamped to the last entry's time.
+        let b = l
+            .append(400, "", &receipt("digits", 3, 2, 5, 640))
+            .expect("b");
+        assert_eq!((a.index, b.index, b.time_ms), (0, 1, 500));
+        l.append(600, "", &receipt("digits", 1, 2, 7, 640))
+            .expect("c");
+        assert!(l.has(&key(2).public(), &key(1).public(), 5));
+        assert!(!l.has(&key(2).public(), &key(1).public(), 6));
+        assert_eq!(l.last_round(&key(2).public(), &key(1).public()), Some(7));
+        assert_eq!(l.last_round(&key(1).public(), &key(2).public()), None);
+        // What would make the ledger invalid is refused, and the file stays as it was.
+        let len = l.byte_len();
+        let dup = l
+            .append(700, "", &receipt("digits", 1, 2, 5, 1))
+            .expect_err("duplicate");
+        assert_eq!(dup.kind(), io::ErrorKind::AlreadyExists);
+        for (site, r) in [
+            ("", receipt("letters", 1, 2, 8, 640)),
+            ("Example.org", receipt("digits", 1, 2, 8, 640)),
+            ("", b"SHOALRC1".to_vec()),
+        ] {
+            let e = l.append(700, site, &r).expect_err("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        }
+        assert_eq!((l.count(), l.byte_len()), (3, len));
+        let bytes = fs::read(l.path()).expect("file");
+        assert_eq!(bytes.len() as u64, len);
+        let v = verify(&bytes).expect("valid");
+        assert_eq!(v.entries, l.entries());
+        assert_eq!(v.head, l.head());
+        let head = l.head();
+        drop(l);
+        let (l, note) = LedgerFile::open(&dir, "digits", 2).expect("reopen");
+        assert_eq!(note, None);
+        assert_eq!((l.count(), l.head()), (3, head));
+        assert_eq!(l.last_round(&key(2).public(), &key(1).public()), Some(7));
+        assert!(LedgerFile::open(&dir, "../digits", 3).is_err());
+        assert!(LedgerFile::open(&dir, "", 3).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_quarantined_whole_cut_to_its_valid_prefix_and_continued() {
+        let temp = Temp::new("corrupt");
+        let dir = temp.0.clone();
+        let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
+        for (round, rx) in [(5, 1), (5, 3), (6, 1), (6, 3)] {
+            l.append(round * 100, "", &receipt("digits", rx, 2, round, 640))
+                .expect("append");
+        }
+        let path = l.path().to_path_buf();
+        drop(l);
+        let good = fs::read(&path).expect("file");
+        let v = verify(&good).expect("valid");
+        assert_eq!(v.entries.len(), 4);
+        // Entry 2's receipt altered, and a torn write at the end.
+        let entry_len = (good.len() - header("digits").len()) / 4;
+        let start2 = header("digits").len() + 2 * entry_len;
+        let mut bad = good.clone();
+        bad[start2 + 100] ^= 0x40;
+        bad.extend_from_slice(&[7, 0, 0]);
+        fs::write(&path, &bad).expect("write");
+
+        let (mut l, note) = LedgerFile::open(&dir, "digits", 1234).expect("reopen");
+        let note = note.expect("quarantine is reported");
+        assert!(note.contains("entry 2"), "{note}");
+        assert!(note.contains("digits.ledger.bad-1234"), "{note}");
+        assert_eq!(
+            fs::read(dir.join("digits.ledger.bad-1234")).expect("bad"),
+            bad
+        );
+        assert_eq!(fs::read(&path).expect("file"), good[..start2]);
+        assert_eq!((l.count(), l.head()), (2, v.entries[1].hash));
+        // Appends continue the chain from the kept prefix: the result is valid.
+        l.append(50, "", &receipt("digits", 1, 2, 6, 640))
+            .expect("append");
+        l.append(900, "", &receipt("digits", 3, 2, 6, 640))
+            .expect("append");
+        let after = verify(&fs::read(&path).expect("file")).expect("valid");
+        assert_eq!(after.entries.len(), 4);
+        assert_eq!(
+            after.entries[2].time_ms, 500,
+            "clamped to the kept head's time"
+        );
+        assert_eq!(after.head, l.head());
+        drop(l);
+
+        // A second quarantine in the same millisecond does not overwrite the first.
+        let mut bad2 = fs::read(&path).expect("file");
+        bad2.push(0);
+        fs::write(&path, &bad2).expect("write");
+        let (l, note) = LedgerFile::open(&dir, "digits", 1234).expect("reopen");
+        assert!(note.expect("reported").contains("bad-1234-1"));
+        assert_eq!(
+            fs::read(dir.join("digits.ledger.bad-1234")).expect("first"),
+            bad
+        );
+        assert_eq!(
+            fs::read(dir.join("digits.ledger.bad-1234-1")).expect("second"),
+            bad2
+        );
+        assert_eq!(l.count(), 4);
+        drop(l);
+
+        // A header naming another task, or no header: the whole file goes aside.
+        for (i, content) in [header("letters"), b"garbage".to_vec()]
+            .into_iter()
+            .enumerate()
+        {
+            fs::write(&path, &content).expect("write");
+            let now = 2000 + i as u64;
+            let (l, note) = LedgerFile::open(&dir, "digits", now).expect("reopen");
+            assert!(note.expect("reported").contains("entry 0 at byte 0"));
+            assert_eq!(
+                fs::read(dir.join(format!("digits.ledger.bad-{now}"))).expect("bad"),
+                content
+            );
+            assert_eq!(fs::read(&path).expect("file"), header("digits"));
+            assert_eq!((l.count(), l.head()), (0, genesis("digits")));
+        }
+    }
+}
