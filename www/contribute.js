@@ -218,6 +218,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       if (autoStart) start();
     } else if (msg.type === 'joined') {
       if (consent) consent.textContent = 'Contributing — thank you';
+      // The visitor's public key, for anyone who wants to look it up in the ledger.
+      window.shoalKey = msg.key;
       fetchCredits(msg.key);
       setInterval(() => fetchCredits(msg.key), 15_000);
       applyPause();

@@ -180,6 +180,33 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
   const samplesPerS = await pages[0].locator('#stats [data-key="samples/s"]').textContent();
   assert.ok(Number(samplesPerS) > 0, `samples/s shown: ${samplesPerS}`);
 
+  // Trust: every contributor's receipts reached the server's ledger; the widget's work is
+  // credited to the site it is embedded in (as the browser names it, not the host page);
+  // each page shows its visitor's credits; the ledger file verifies offline.
+  // The widget joined last and trains half of the time (its default throttle): its
+  // first receipted rounds may come after the target; the swarm trains on meanwhile.
+  const hostSite = new URL(hostUrl).host;
+  let credits;
+  for (let tries = 0; ; tries++) {
+    credits = await (await fetch(`${server.url}/api/tasks/digits/credits`)).json();
+    if ((credits.ranked >= 4 && credits.sites.some((x) => x.site === hostSite && x.credit > 0)) || tries >= 45) break;
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+  const view = await (await fetch(`${server.url}/api/tasks/digits/swarm`)).json();
+  console.log(`ledger: ${credits.count} receipts, ${credits.ranked} keys credited, sites ${JSON.stringify(credits.sites)}; `
+    + `used and rejected per peer: ${JSON.stringify(view.peers.map((p) => [p.id.slice(0, 4), p.report?.used, p.report?.rejected]))}`);
+  assert.ok(credits.ranked >= 4, `four contributors credited: ${JSON.stringify(credits.keys)}`);
+  assert.ok(credits.sites.some((x) => x.site === hostSite && x.credit > 0), `the widget's site ${hostSite} is credited`);
+  for (const page of pages) {
+    await page.waitForFunction(() => /samples \(#\d+ of \d+\)/.test(document.querySelector('#stats [data-key="credits"]')?.textContent ?? ''),
+      null, { timeout: 30_000 });
+  }
+  await dash.waitForFunction(() => /^[0-9a-f]{64}$/.test(document.getElementById('ledger-head').textContent)
+    && document.querySelectorAll('#credits-keys tbody tr').length >= 4, null, { timeout: 30_000 });
+  const ledgerFile = join(server.ledgerDir, 'digits.ledger');
+  const verified = await promisify(execFile)(join(root, 'target/release/xtask'), ['ledger', 'verify', ledgerFile, '--credits']);
+  assert.match(verified.stdout, /entries, head [0-9a-f]{64}, valid/);
+
   // Screenshots, and what they must show.
   await pages[0].screenshot({ path: join(shots, 'contributor.png'), fullPage: true });
   await reader.screenshot({ path: join(shots, 'widget.png') });

@@ -103,4 +103,15 @@ test('three native and two browser peers train the digits past the target on one
     assert.ok(f.maxPeers >= 3, `${f.who} trained with the swarm (${f.maxPeers} neighbours)`);
     assert.ok(f.accuracy >= TARGET, `${f.who} ended at ${f.accuracy}`);
   }
+
+  // The ledger: every peer, native or browser, was credited for most of its rounds by
+  // the receipts its neighbours signed.
+  const credits = await (await fetch(`${server.url}/api/tasks/digits/credits`)).json();
+  const browserKeys = await Promise.all(pages.map((p) => p.evaluate(() => window.shoalKey)));
+  const credited = (pub) => credits.keys.find((k) => k.key === pub);
+  const rows = [];
+  for (const [i, page] of pages.entries()) rows.push([`browser ${i}`, credited(browserKeys[i])]);
+  console.log(`ledger: ${credits.count} receipts; ${rows.map(([w, c]) => `${w}: ${c?.credit ?? 0} samples over ${c?.rounds ?? 0} rounds`).join(', ')}; keys ${JSON.stringify(credits.keys.map((k) => [k.key.slice(0, 8), k.credit, k.rounds]))}`);
+  assert.equal(credits.ranked, 5, 'every peer has credit');
+  for (const [who, c] of rows) assert.ok(c && c.rounds >= ROUNDS / 3, `${who} credited for ${c?.rounds ?? 0} rounds`);
 });
