@@ -460,3 +460,40 @@ fn rounds_sized_in_time_keep_every_peer_training_and_reach_the_target_sooner() {
         "time to target: {tt} s in time, {ts} s in steps"
     );
 }
+
+#[test]
+fn sybils_vouching_for_each_other_earn_no_credit_and_honest_credit_tracks_samples() {
+    // Two of eight attack (sign-flipped updates, screened out by the trimmed mean) and
+    // sign receipts for each other every round claiming ten times a round's samples.
+    let sc = scenario("attack-vouch");
+    let r = run(&sc);
+    let dir = std::env::temp_dir().join(format!("shoal-sim-ledger-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let entries = r.ledger(&dir).expect("the ledger is written");
+    let bytes = std::fs::read(dir.join("attack-vouch.ledger")).expect("file");
+    let v = shoal_shared::trust::ledger::verify(&bytes).expect("the simulator's ledger verifies");
+    assert_eq!(v.entries.len(), entries.len());
+    let vouches = entries
+        .iter()
+        .filter(|e| e.receipt.update_sha256 == [0; 32])
+        .count();
+    let s = r.credit_study(&entries);
+    println!(
+        "ledger: {} receipts ({vouches} vouches); honest credit / samples {:.2} (per key {:.2}-{:.2}); attackers' share {:.4}",
+        s.receipts, s.honest_ratio, s.honest_range.0, s.honest_range.1, s.attacker_share
+    );
+    assert!(vouches > 0, "the sybils did vouch");
+    assert!(
+        s.attacker_share < 0.01,
+        "sybils earned {:.3} of all credit",
+        s.attacker_share
+    );
+    // Honest keys are credited for what they trained, within a stated tolerance: a run
+    // cut short by an adoption or a round whose update came too late earns nothing.
+    assert!(
+        s.honest_range.0 >= 0.6 && s.honest_range.1 <= 1.2,
+        "honest credit / samples per key {:?}",
+        s.honest_range
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

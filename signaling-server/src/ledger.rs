@@ -89,6 +89,7 @@ pub async fn page(
                 "index": e.index,
                 "hash": hex(&e.hash),
                 "time_ms": e.time_ms,
+                "links": e.links,
                 "site": e.site,
                 "round": e.receipt.round,
                 "sender": hex(&e.receipt.sender),

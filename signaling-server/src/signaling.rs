@@ -191,8 +191,12 @@ struct Peer {
     nonce: [u8; 32],
     /// Identified neighbours that left, with when and their site, for
     /// [`LINK_MEMORY`]: receipts for their last updates still count.
-    former: VecDeque<(Instant, PublicKey, Box<str>)>,
+    former: VecDeque<Former>,
 }
+
+/// A neighbour that left: when, its key, its site and how many identified neighbours it
+/// had then.
+type Former = (Instant, PublicKey, Box<str>, u8);
 
 /// How long after a neighbour left a receipt for its update still counts as linked.
 pub const LINK_MEMORY: Duration = Duration::from_secs(600);
@@ -327,8 +331,19 @@ impl ReceiptOutcome {
     }
 }
 
-/// A receipt that passed the checks: its bytes, decoded, and its sender's site.
-type CheckedReceipt = (Vec<u8>, Receipt, Box<str>);
+/// A receipt that passed the checks: its bytes, decoded, its sender's site and how many
+/// identified neighbours the sender has (or had when it left).
+type CheckedReceipt = (Vec<u8>, Receipt, Box<str>, u8);
+
+/// How many of `p`'s neighbours proved a key (the `links` of a ledger entry).
+fn identified_links(t: &Task, p: &Peer) -> u8 {
+    let n = p
+        .neighbours
+        .iter()
+        .filter(|q| t.peers.get(q).is_some_and(|q| q.key.is_some()))
+        .count();
+    u8::try_from(n).unwrap_or(u8::MAX)
+}
 
 /// The current Unix time in milliseconds.
 fn unix_ms() -> u64 {
@@ -674,23 +689,23 @@ impl Hub {
             ));
         }
         let now = Instant::now();
-        let site = p
+        let (site, links) = p
             .neighbours
             .iter()
             .filter_map(|n| t.peers.get(n))
             .find(|n| n.key == Some(r.sender))
-            .map(|n| n.site.clone())
+            .map(|n| (n.site.clone(), identified_links(t, n)))
             .or_else(|| {
                 p.former
                     .iter()
-                    .find(|(at, k, _)| *k == r.sender && now.duration_since(*at) < LINK_MEMORY)
-                    .map(|(_, _, site)| site.clone())
+                    .find(|(at, k, _, _)| *k == r.sender && now.duration_since(*at) < LINK_MEMORY)
+                    .map(|(_, _, site, links)| (site.clone(), *links))
             })
             .ok_or((
                 O::NotLinked,
                 "its sender's key is on no connection linked to this one".into(),
             ))?;
-        Ok((bytes, r, site))
+        Ok((bytes, r, site, links))
     }
 
     /// Appends a checked receipt to the task's ledger (a write and an `fsync`: call it
@@ -701,6 +716,7 @@ impl Hub {
         bytes: &[u8],
         r: &Receipt,
         site: &str,
+        links: u8,
     ) -> Result<(), (ReceiptOutcome, String)> {
         use ReceiptOutcome as O;
         let ledger = self.ledgers.get(task).ok_or((
@@ -719,7 +735,7 @@ impl Hub {
                 format!("round {} is not above the last receipted one", r.round),
             ));
         }
-        ledger.append(unix_ms(), site, bytes).map_err(|e| {
+        ledger.append(unix_ms(), links, site, bytes).map_err(|e| {
             tracing::error!("the ledger of {task:?}: {e}");
             (O::Unavailable, "the ledger could not be written".into())
         })?;
@@ -785,18 +801,19 @@ impl Hub {
             return;
         }
         let now = Instant::now();
-        for q in gone.neighbours {
+        let links = identified_links(t, &gone);
+        for q in gone.neighbours.clone() {
             let Some(qp) = t.peers.get_mut(&q) else {
                 continue;
             };
             qp.neighbours.remove(&id);
             if let Some(key) = gone.key {
                 qp.former
-                    .retain(|(at, _, _)| now.duration_since(*at) < LINK_MEMORY);
+                    .retain(|(at, _, _, _)| now.duration_since(*at) < LINK_MEMORY);
                 if qp.former.len() >= MAX_FORMER {
                     qp.former.pop_front();
                 }
-                qp.former.push_back((now, key, gone.site.clone()));
+                qp.former.push_back((now, key, gone.site.clone(), links));
             }
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
             if t.peers[&q].neighbours.len() < k {
@@ -1408,16 +1425,18 @@ async fn take_receipt(
     let checked = hub.check_receipt(task, id, hex);
     let outcome = match checked {
         Err(e) => Err(e),
-        Ok((bytes, r, site)) => {
+        Ok((bytes, r, site, links)) => {
             let (hub2, task2) = (Arc::clone(hub), task.to_string());
-            tokio::task::spawn_blocking(move || hub2.append_receipt(&task2, &bytes, &r, &site))
-                .await
-                .unwrap_or_else(|_| {
-                    Err((
-                        ReceiptOutcome::Unavailable,
-                        "the ledger write failed".into(),
-                    ))
-                })
+            tokio::task::spawn_blocking(move || {
+                hub2.append_receipt(&task2, &bytes, &r, &site, links)
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err((
+                    ReceiptOutcome::Unavailable,
+                    "the ledger write failed".into(),
+                ))
+            })
         }
     };
     match outcome {

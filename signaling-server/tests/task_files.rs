@@ -19,6 +19,8 @@ fn start_with(task: &str, data: &std::path::Path) -> (bool, String) {
         .arg(data)
         .arg("--task-file")
         .arg(&file)
+        .arg("--ledger-dir")
+        .arg(dir.join("ledger"))
         // Succeeding would serve forever: a closed stdin is not a stop signal, so give
         // the valid case nothing to do but fail on the port instead.
         .args(["--bind", "203.0.113.1"])

@@ -17,7 +17,9 @@ fn server(threads: &str) -> Command {
         .arg("--www")
         .arg(&www)
         .arg("--task-file")
-        .arg(format!("{ROOT}/tasks/digits.toml"));
+        .arg(format!("{ROOT}/tasks/digits.toml"))
+        .arg("--ledger-dir")
+        .arg(www.join("ledger"));
     c
 }
 

@@ -120,7 +120,7 @@ mod tests {
                 sha256(b"u"),
                 0,
             );
-            l.append(round * 100, "example.org", &r.encode())
+            l.append(round * 100, 4, "example.org", &r.encode())
                 .expect("append");
         }
         let path = l.path().to_path_buf();

@@ -105,7 +105,31 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     } else {
         None
     };
+    // The run's ledger, written with the server's code, and its credits against what
+    // each key really trained.
+    let out = root.join("target/sim");
+    std::fs::create_dir_all(&out)?;
+    let entries = report.ledger(&out).with_context(|| {
+        format!(
+            "writing {}",
+            out.join(format!("{}.ledger", sc.name)).display()
+        )
+    })?;
+    let credits = report.credit_study(&entries);
+    println!(
+        "ledger: {} receipts ({:.1} per peer-round); honest credit / samples trained {:.2} (per key {:.2}-{:.2}); attackers' share of credit {:.3} ({:.2} of their samples); wrote {}",
+        credits.receipts,
+        credits.receipts as f64
+            / (sc.peers as f64 * report.rows.last().map_or(1, |r| r.round.max(1)) as f64),
+        credits.honest_ratio,
+        credits.honest_range.0,
+        credits.honest_range.1,
+        credits.attacker_share,
+        credits.attacker_ratio,
+        out.join(format!("{}.ledger", sc.name)).display()
+    );
     let summary = serde_json::json!({
+        "credits": credits,
         "name": sc.name,
         "final_accuracy": report.final_accuracy(),
         "final_bits_per_byte": report.rows.last().and_then(|r| r.bits_per_byte),
@@ -123,8 +147,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "clean_samples_to_target": clean.as_ref().map(|c| c.samples_to_target),
         "rows": report.rows,
     });
-    let out = root.join("target/sim");
-    std::fs::create_dir_all(&out)?;
     let file = out.join(format!("{}.json", sc.name));
     std::fs::write(&file, serde_json::to_string_pretty(&summary)?)?;
     println!("wrote {}", file.display());

@@ -99,7 +99,7 @@ fn ledger_verify_exits_0_for_a_valid_ledger_and_1_naming_the_first_bad_entry() {
             sha256(b"u"),
             0,
         );
-        l.append(100, "", &r.encode()).expect("append");
+        l.append(100, 2, "", &r.encode()).expect("append");
     }
     let path = l.path().to_path_buf();
     drop(l);

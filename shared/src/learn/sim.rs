@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::peer::{Event, Output, Peer, PeerRole};
 use super::{
-    Compressor, Exchange, Identity, LearnConfig, PeerMessage, Rejection, Snapshot, Update,
+    Compressor, Exchange, Identity, LearnConfig, PeerMessage, PublicKey, Rejection, Snapshot,
+    Update,
 };
 use crate::engine::cpu::CpuBackend;
 use crate::engine::train::Samples;
@@ -228,6 +229,10 @@ pub enum MessageAttack {
     /// Every round, send each neighbour a gossip mix of poisoned weights, just inside
     /// the distance a receiver accepts.
     PoisonMix,
+    /// Every round, sign a receipt for each fellow attacker among its neighbours,
+    /// claiming ten times a round's samples, whether or not it used anything (sybils
+    /// vouching for each other in the ledger).
+    Vouch,
 }
 
 /// What an attacker sends instead of its honest update (always validly signed).
@@ -414,10 +419,99 @@ pub struct Report {
     pub utilization: f64,
     /// Each honest peer online at the end: its speed (samples/s) and utilization.
     pub utilization_by_peer: Vec<(f64, f64)>,
-    /// Every receipt a peer signed, with the virtual time (ms) it was signed at, in order:
-    /// what a server would append to the task's ledger (`cargo xtask sim` writes it).
+    /// Every receipt a peer signed, in order, with the virtual time (ms) it was signed at
+    /// and how many neighbours its sender had: what a server would append to the task's
+    /// ledger ([`Report::ledger`]; `cargo xtask sim` writes it).
     #[serde(skip)]
-    pub receipts: Vec<(u64, Vec<u8>)>,
+    pub receipts: Vec<(u64, u8, Vec<u8>)>,
+    /// Every key that trained: the samples it trained on and whether it attacked.
+    #[serde(skip)]
+    pub trained: BTreeMap<PublicKey, (u64, bool)>,
+}
+
+/// How the credits of a run's ledger compare with what the peers really trained.
+#[derive(Clone, Debug, Serialize)]
+pub struct CreditStudy {
+    /// Receipts in the ledger.
+    pub receipts: usize,
+    /// Honest keys' credits over the samples they trained on.
+    pub honest_ratio: f64,
+    /// The lowest and highest of that ratio over honest keys that trained for at least a
+    /// tenth of the run's mean.
+    pub honest_range: (f64, f64),
+    /// Attackers' share of all credit.
+    pub attacker_share: f64,
+    /// Attackers' credits over the samples they trained on.
+    pub attacker_ratio: f64,
+}
+
+impl Report {
+    /// Writes the run's receipts to `dir/{name}.ledger` with the server's code (a fresh
+    /// file; any old one is replaced) and returns its entries.
+    pub fn ledger(
+        &self,
+        dir: &std::path::Path,
+    ) -> std::io::Result<Vec<crate::trust::ledger::Entry>> {
+        let path = dir.join(format!("{}.ledger", self.name));
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let (mut ledger, _) = crate::trust::ledger::LedgerFile::open(dir, &self.name, 0)?;
+        for (ms, links, bytes) in &self.receipts {
+            match ledger.append(*ms, *links, "", bytes) {
+                // A receipt the server would refuse (a replay) is refused here too.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                other => {
+                    other?;
+                }
+            }
+        }
+        Ok(ledger.entries().to_vec())
+    }
+
+    /// The credits of `entries` (this run's ledger) against what each key trained.
+    pub fn credit_study(&self, entries: &[crate::trust::ledger::Entry]) -> CreditStudy {
+        let credits = crate::trust::credits::compute(entries);
+        let credit_of = |k: &PublicKey| {
+            credits
+                .by_key
+                .iter()
+                .find(|c| &c.key == k)
+                .map_or(0, |c| c.credit)
+        };
+        let total: u64 = credits.by_key.iter().map(|c| c.credit).sum();
+        let (mut hc, mut hs, mut ac, mut asamples) = (0u64, 0u64, 0u64, 0u64);
+        let mean = self.trained.values().map(|t| t.0).sum::<u64>() as f64
+            / self.trained.len().max(1) as f64;
+        let mut range = (f64::INFINITY, 0.0f64);
+        for (k, &(samples, attacker)) in &self.trained {
+            let c = credit_of(k);
+            if attacker {
+                ac += c;
+                asamples += samples;
+            } else {
+                hc += c;
+                hs += samples;
+                if samples as f64 >= 0.1 * mean {
+                    let r = c as f64 / samples as f64;
+                    range = (range.0.min(r), range.1.max(r));
+                }
+            }
+        }
+        let ratio = |c: u64, s: u64| if s == 0 { 0.0 } else { c as f64 / s as f64 };
+        CreditStudy {
+            receipts: entries.len(),
+            honest_ratio: ratio(hc, hs),
+            honest_range: if range.0.is_finite() {
+                range
+            } else {
+                (0.0, 0.0)
+            },
+            attacker_share: ratio(ac, total),
+            attacker_ratio: ratio(ac, asamples),
+        }
+    }
 }
 
 impl Report {
@@ -560,7 +654,8 @@ struct Sim<'a> {
     rejected: BTreeMap<String, u64>,
     adopted: u64,
     poisoned: u64,
-    receipts: Vec<(u64, Vec<u8>)>,
+    receipts: Vec<(u64, u8, Vec<u8>)>,
+    trained: BTreeMap<PublicKey, (u64, bool)>,
     eval: CpuBackend,
     /// The held-out samples evaluated (a language model's: a spread subset of windows).
     held_out: Samples,
@@ -608,6 +703,7 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         rejected: BTreeMap::new(),
         adopted: 0,
         receipts: Vec::new(),
+        trained: BTreeMap::new(),
         poisoned: 0,
         eval,
         // The subset real peers evaluate after each round.
@@ -826,7 +922,10 @@ impl Sim<'_> {
                 samples,
             } if self.alive(slot, epoch) => {
                 let now = self.now_ms();
-                if self.is_attacker(slot) {
+                let key = self.peers[slot].as_ref().expect("alive").id.public();
+                let attacker = self.is_attacker(slot);
+                self.trained.entry(key).or_insert((0, attacker)).0 += u64::from(samples);
+                if attacker {
                     self.forge(slot, &local, samples);
                 } else {
                     self.samples += u64::from(samples);
@@ -922,8 +1021,14 @@ impl Sim<'_> {
                 steps,
                 resume,
             } => self.train_round(slot, round, steps, resume)?,
-            Output::Receipt(bytes) => self.receipts.push((self.t / 1000, bytes)),
-            Output::RoundClosed(_) => {
+            Output::Receipt(bytes) => {
+                let links = self.links_of_sender(&bytes);
+                self.receipts.push((self.t / 1000, links, bytes));
+            }
+            Output::RoundClosed(summary) => {
+                if self.is_attacker(slot) && self.sc.attack.also.contains(&MessageAttack::Vouch) {
+                    self.vouch(slot, summary.round);
+                }
                 if self.is_attacker(slot)
                     && self.sc.attack.also.contains(&MessageAttack::UnaskedModels)
                 {
@@ -1264,6 +1369,50 @@ impl Sim<'_> {
     /// Forges the attacker's update for the round it just trained (sent in place of the
     /// honest one), and sends poisoned mixes; a non-stealthy attacker applies its lie to
     /// itself too.
+    /// How many neighbours the sender of a receipt (its bytes) has now (0 once it left).
+    fn links_of_sender(&self, receipt: &[u8]) -> u8 {
+        let Some(&len) = receipt.get(8) else { return 0 };
+        let at = 9 + usize::from(len) + 8;
+        let Some(sender) = receipt.get(at..at + 32) else {
+            return 0;
+        };
+        self.peers
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.id.public()[..] == *sender))
+            .map_or(0, |s| u8::try_from(self.links[s].len()).unwrap_or(u8::MAX))
+    }
+
+    /// A sybil's receipts for its fellow attackers among its neighbours: never used,
+    /// claiming ten times a round's samples.
+    fn vouch(&mut self, slot: usize, round: u64) {
+        let claim = (10 * self.sc.learn.local_steps.max(1) as usize * self.sc.train.batch.max(1))
+            .min(u32::MAX as usize) as u32;
+        let Some(me) = self.peers[slot].as_ref().map(|p| p.id.clone()) else {
+            return;
+        };
+        let fellows: Vec<usize> = self.links[slot]
+            .iter()
+            .copied()
+            .filter(|&s| self.is_attacker(s))
+            .collect();
+        for s in fellows {
+            let Some(key) = self.peers[s].as_ref().map(|p| p.id.public()) else {
+                continue;
+            };
+            let r = crate::trust::receipt::Receipt::sign(
+                &me,
+                &self.sc.name,
+                round,
+                key,
+                claim,
+                [0; 32],
+                0,
+            );
+            let links = u8::try_from(self.links[s].len()).unwrap_or(u8::MAX);
+            self.receipts.push((self.t / 1000, links, r.encode()));
+        }
+    }
+
     fn forge(&mut self, slot: usize, local: &[f32], samples: u32) {
         let attack = self.sc.attack.clone();
         let (task, cfg) = (self.sc.name.clone(), self.sc.learn.clone());
@@ -1359,6 +1508,7 @@ impl Sim<'_> {
             adopted: self.adopted,
             poisoned_adoptions: self.poisoned,
             receipts: self.receipts.clone(),
+            trained: self.trained.clone(),
             time_to_target_s: hit.map(|r| r.time_s),
             utilization: self.utilization(),
             utilization_by_peer: self

@@ -2,20 +2,34 @@
 //! fixed rule that anyone can rerun (see "Credits" in docs/protocol.md):
 //!
 //! 1. Group entries by `(sender, round)`. A group counts when receipts from at least
-//!    [`QUORUM`] distinct receivers are in it.
+//!    `max(`[`QUORUM`]`, ceil(L / 2))` distinct receivers are in it, `L` being the
+//!    largest `links` (the sender's identified neighbours) among its entries.
 //! 2. Its claim is the lower median of its receipts' `samples`.
 //! 3. Per round, with `m` the lower median of the counted groups' claims, a group is
 //!    credited `min(claim, 2 m)` samples.
 //! 4. A key's credit is the sum over its groups; a site's, the sum over groups whose first
 //!    entry carries that site. Rank: by credit, then key.
+//!
+//! Why half of the links: the server draws neighbours at random, so colluders are a
+//! minority of almost every sender's neighbours. An honest sender's update is used, and
+//! receipted, by most of its honest neighbours; sybils that only vouch for each other
+//! are rarely half of one another's neighbours, so their receipts alone reach no quorum
+//! (two colluders among six neighbours credit nothing). [`QUORUM`] still holds for a
+//! sender with few links: one liar alone never credits anything.
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::ledger::Entry;
 use crate::learn::identity::PublicKey;
 
-/// The distinct receivers a `(sender, round)` group needs to count.
+/// The fewest distinct receivers a `(sender, round)` group needs to count.
 pub const QUORUM: usize = 2;
+
+/// The distinct receivers a `(sender, round)` group needs to count when the largest
+/// `links` among its entries is `links`: `max(QUORUM, ceil(links / 2))`.
+pub fn quorum(links: u8) -> usize {
+    QUORUM.max(usize::from(links).div_ceil(2))
+}
 
 /// One key's credit.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +83,8 @@ struct Group<'a> {
     site: &'a str,
     samples: Vec<u64>,
     receivers: Vec<PublicKey>,
+    /// The largest `links` among its entries.
+    links: u8,
 }
 
 /// The credits of a ledger's entries (in ledger order; see the module's rule).
@@ -81,8 +97,10 @@ pub fn compute(entries: &[Entry]) -> Credits {
             site: &e.site,
             samples: Vec::new(),
             receivers: Vec::new(),
+            links: 0,
         });
         g.samples.push(u64::from(r.samples));
+        g.links = g.links.max(e.links);
         if !g.receivers.contains(&r.receiver) {
             g.receivers.push(r.receiver);
         }
@@ -90,7 +108,7 @@ pub fn compute(entries: &[Entry]) -> Credits {
     // The counted groups' claims, per round.
     let mut rounds: BTreeMap<u64, Vec<(PublicKey, &str, u64)>> = BTreeMap::new();
     for ((round, sender), mut g) in groups {
-        if g.receivers.len() >= QUORUM {
+        if g.receivers.len() >= quorum(g.links) {
             let claim = lower_median(&mut g.samples);
             rounds
                 .entry(round)
@@ -143,8 +161,15 @@ mod tests {
     }
 
     /// An entry for a receipt by `receiver` of `sender`'s update of `round`, claiming
-    /// `samples`, from `site` (hashes are not checked here).
+    /// `samples`, from `site`, appended while the sender had no identified neighbours
+    /// recorded (`links` 0; hashes are not checked here).
     fn entry(site: &str, sender: u8, receiver: u8, round: u64, samples: u32) -> Entry {
+        linked(0, site, sender, receiver, round, samples)
+    }
+
+    /// [`entry`], appended while the server linked `links` identified neighbours to the
+    /// sender.
+    fn linked(links: u8, site: &str, sender: u8, receiver: u8, round: u64, samples: u32) -> Entry {
         let rx = Identity::from_seed([receiver; 32]);
         let receipt = Receipt::sign(
             &rx,
@@ -158,6 +183,7 @@ mod tests {
         Entry {
             index: 0,
             time_ms: 0,
+            links,
             site: site.to_string(),
             receipt_bytes: receipt.encode(),
             receipt,
@@ -280,5 +306,55 @@ mod tests {
         let first = k1.min(k2);
         assert_eq!(ties.by_key[0].key, first);
         assert_eq!(ties.rank_of(&first), Some(1));
+    }
+
+    #[test]
+    fn the_quorum_is_half_the_senders_links_and_at_least_two() {
+        let q: Vec<usize> = [0, 1, 2, 3, 4, 5, 6, 7, 254, 255]
+            .into_iter()
+            .map(quorum)
+            .collect();
+        assert_eq!(q, [2, 2, 2, 2, 2, 3, 3, 4, 127, 128]);
+    }
+
+    #[test]
+    fn sybils_vouching_for_each_other_among_many_links_get_nothing() {
+        // A sender with six identified neighbours, receipted by two of them: nothing.
+        let two = [linked(6, "", 1, 2, 5, 640), linked(6, "", 1, 3, 5, 640)];
+        assert_eq!(compute(&two), Credits::default());
+        // A third receiver makes half of six: it counts.
+        let three = [
+            linked(6, "", 1, 2, 5, 640),
+            linked(6, "", 1, 3, 5, 640),
+            linked(6, "", 1, 4, 5, 640),
+        ];
+        assert_eq!(credit_of(&compute(&three), 1), Some((640, 1)));
+        // The largest links among the group's entries sets its quorum, wherever it is.
+        let mut more = three.to_vec();
+        more.insert(1, linked(8, "", 1, 3, 5, 640));
+        assert_eq!(compute(&more), Credits::default());
+        more.push(linked(0, "", 1, 5, 5, 640));
+        assert_eq!(credit_of(&compute(&more), 1), Some((640, 1)));
+        // An odd count rounds up: five links need three receivers.
+        let five = [linked(5, "", 1, 2, 5, 640), linked(5, "", 1, 3, 5, 640)];
+        assert_eq!(compute(&five), Credits::default());
+        // Few links keep the quorum of two.
+        let few = [linked(4, "", 1, 2, 5, 640), linked(4, "", 1, 3, 5, 640)];
+        assert_eq!(credit_of(&compute(&few), 1), Some((640, 1)));
+        // Groups that fail their quorum take no part in the round's median either: here
+        // m is 100 (not 10_000), so the honest sender 9 gets min(300, 200).
+        let mut round = Vec::new();
+        for rx in [2, 3, 4] {
+            round.push(linked(6, "", 1, rx, 7, 100));
+            round.push(linked(6, "", 9, rx, 7, 300));
+        }
+        for sybil in [20, 21, 22] {
+            round.push(linked(6, "", sybil, sybil + 10, 7, 10_000));
+            round.push(linked(6, "", sybil, sybil + 11, 7, 10_000));
+        }
+        let c = compute(&round);
+        assert_eq!(credit_of(&c, 9), Some((200, 1)));
+        assert_eq!(credit_of(&c, 1), Some((100, 1)));
+        assert_eq!(c.by_key.len(), 2);
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! file   = "shoal-ledger-v1 " task "\n" entry*
 //! entry  = len:u32 body[len] hash[32]
-//! body   = time_ms:u64 site_len:u8 site[site_len] receipt
+//! body   = time_ms:u64 links:u8 site_len:u8 site[site_len] receipt
 //! hash   = SHA-256(prev || body)
 //! ```
 //!
@@ -27,10 +27,12 @@ use crate::learn::identity::{PublicKey, hex};
 const MAGIC: &[u8] = b"shoal-ledger-v1";
 /// The longest site name an entry carries.
 pub const MAX_SITE_BYTES: usize = 253;
+/// The bytes of an entry body before its site: `time_ms`, `links` and `site_len`.
+const BODY_PREFIX_BYTES: usize = 8 + 1 + 1;
 /// The shortest entry body: no site, and a receipt with a one-byte task name.
-pub const MIN_BODY_BYTES: usize = 8 + 1 + FIXED_BYTES + 1;
+pub const MIN_BODY_BYTES: usize = BODY_PREFIX_BYTES + FIXED_BYTES + 1;
 /// The longest entry body: the longest site and the longest receipt.
-pub const MAX_BODY_BYTES: usize = 8 + 1 + MAX_SITE_BYTES + MAX_RECEIPT_BYTES;
+pub const MAX_BODY_BYTES: usize = BODY_PREFIX_BYTES + MAX_SITE_BYTES + MAX_RECEIPT_BYTES;
 
 /// The hash an empty ledger of `task` has as its head, which its first entry chains to:
 /// SHA-256(`"shoal-ledger-v1"` task_len:u32 task).
@@ -68,6 +70,10 @@ pub struct Entry {
     pub index: u64,
     /// The server's clock (Unix milliseconds) when it appended the entry.
     pub time_ms: u64,
+    /// How many identified neighbours the server had linked to the receipt's sender when
+    /// it appended the entry (saturating at 255). The server's record, like `site`; the
+    /// credit rule needs receipts from half of them (see [`super::credits`]).
+    pub links: u8,
     /// The site the receipt's sender said it contributes from (empty: none).
     pub site: String,
     /// The receipt, decoded.
@@ -79,7 +85,8 @@ pub struct Entry {
 }
 
 /// The bytes of one entry that follows the hash `prev` (the previous entry's, or the
-/// [`genesis`]), ready to append to a ledger, and its hash. It checks nothing: a caller
+/// [`genesis`]), ready to append to a ledger, and its hash. It checks nothing (any `links`
+/// is valid): a caller
 /// that wants a valid ledger checks the site ([`valid_site`]) and the receipt first, as
 /// [`LedgerFile::append`] does.
 ///
@@ -89,14 +96,16 @@ pub struct Entry {
 pub fn encode_entry(
     prev: &[u8; 32],
     time_ms: u64,
+    links: u8,
     site: &str,
     receipt_bytes: &[u8],
 ) -> (Vec<u8>, [u8; 32]) {
     let site_len = u8::try_from(site.len()).expect("an entry's site is at most 255 bytes");
-    let body_len = 8 + 1 + site.len() + receipt_bytes.len();
+    let body_len = BODY_PREFIX_BYTES + site.len() + receipt_bytes.len();
     let mut b = Vec::with_capacity(4 + body_len + 32);
     b.extend_from_slice(&(body_len as u32).to_le_bytes());
     b.extend_from_slice(&time_ms.to_le_bytes());
+    b.push(links);
     b.push(site_len);
     b.extend_from_slice(site.as_bytes());
     b.extend_from_slice(receipt_bytes);
@@ -208,16 +217,17 @@ impl Chain {
         let mut time = [0u8; 8];
         time.copy_from_slice(&body[..8]);
         let time_ms = u64::from_le_bytes(time);
-        let site_len = usize::from(body[8]);
+        let links = body[8];
+        let site_len = usize::from(body[9]);
         if site_len > MAX_SITE_BYTES {
             return Err(format!(
                 "a site of {site_len} bytes (at most {MAX_SITE_BYTES})"
             ));
         }
-        if 9 + site_len > len {
+        if BODY_PREFIX_BYTES + site_len > len {
             return Err(format!("a site of {site_len} bytes runs past the entry"));
         }
-        let site_bytes = &body[9..9 + site_len];
+        let site_bytes = &body[BODY_PREFIX_BYTES..BODY_PREFIX_BYTES + site_len];
         let site = match std::str::from_utf8(site_bytes) {
             Ok(s) if valid_site(s) => s.to_string(),
             _ => {
@@ -227,7 +237,7 @@ impl Chain {
                 ));
             }
         };
-        let receipt_bytes = &body[9 + site_len..];
+        let receipt_bytes = &body[BODY_PREFIX_BYTES + site_len..];
         if receipt_bytes.len() > MAX_RECEIPT_BYTES {
             return Err(format!(
                 "a receipt of {} bytes (at most {MAX_RECEIPT_BYTES})",
@@ -261,6 +271,7 @@ impl Chain {
         let entry = Entry {
             index,
             time_ms,
+            links,
             site,
             receipt,
             receipt_bytes: receipt_bytes.to_vec(),
@@ -507,11 +518,18 @@ impl LedgerFile {
     }
 
     /// Appends a receipt (its bytes) with the server's clock `time_ms` (raised to the
-    /// last entry's time if earlier) and the sender's `site`: one write of the whole
-    /// entry, then `fsync`. Refused (`InvalidInput`, or `AlreadyExists` for a second
+    /// last entry's time if earlier), `links` (how many identified neighbours the server
+    /// links to the receipt's sender now, saturated at 255) and the sender's `site`: one
+    /// write of the whole entry, then `fsync`. Refused (`InvalidInput`, or `AlreadyExists` for a second
     /// receipt of the same sender, receiver and round) when the entry would make the
     /// ledger invalid. If the write fails, the file is cut back to what it was.
-    pub fn append(&mut self, time_ms: u64, site: &str, receipt_bytes: &[u8]) -> io::Result<Entry> {
+    pub fn append(
+        &mut self,
+        time_ms: u64,
+        links: u8,
+        site: &str,
+        receipt_bytes: &[u8],
+    ) -> io::Result<Entry> {
         if self.broken {
             return Err(io::Error::other(
                 "an earlier write to the ledger failed and could not be undone; reopen it",
@@ -546,7 +564,7 @@ impl LedgerFile {
             ));
         }
         let time_ms = time_ms.max(self.entries.last().map_or(0, |e| e.time_ms));
-        let (bytes, hash) = encode_entry(&self.head, time_ms, site, receipt_bytes);
+        let (bytes, hash) = encode_entry(&self.head, time_ms, links, site, receipt_bytes);
         let written = self
             .file
             .write_all(&bytes)
@@ -566,6 +584,7 @@ impl LedgerFile {
         let entry = Entry {
             index: self.entries.len() as u64,
             time_ms,
+            links,
             site: site.to_string(),
             receipt,
             receipt_bytes: receipt_bytes.to_vec(),
@@ -641,14 +660,14 @@ mod tests {
         .encode()
     }
 
-    /// A ledger of `digits` with the given (time, site, receipt) entries, written without
-    /// any check; returns its bytes and where each entry ends.
-    fn ledger(entries: &[(u64, &str, Vec<u8>)]) -> (Vec<u8>, Vec<usize>) {
+    /// A ledger of `digits` with the given (time, links, site, receipt) entries, written
+    /// without any check; returns its bytes and where each entry ends.
+    fn ledger(entries: &[(u64, u8, &str, Vec<u8>)]) -> (Vec<u8>, Vec<usize>) {
         let mut bytes = header("digits");
         let mut ends = Vec::new();
         let mut head = genesis("digits");
-        for (time, site, r) in entries {
-            let (e, h) = encode_entry(&head, *time, site, r);
+        for (time, links, site, r) in entries {
+            let (e, h) = encode_entry(&head, *time, *links, site, r);
             bytes.extend_from_slice(&e);
             ends.push(bytes.len());
             head = h;
@@ -656,11 +675,16 @@ mod tests {
         (bytes, ends)
     }
 
-    fn three() -> Vec<(u64, &'static str, Vec<u8>)> {
+    fn three() -> Vec<(u64, u8, &'static str, Vec<u8>)> {
         vec![
-            (1000, "example.org", receipt("digits", 1, 2, 5, 640)),
-            (1000, "", receipt("digits", 3, 2, 5, 640)),
-            (1500, "school.example:8443", receipt("digits", 2, 1, 6, 320)),
+            (1000, 6, "example.org", receipt("digits", 1, 2, 5, 640)),
+            (1000, 0, "", receipt("digits", 3, 2, 5, 640)),
+            (
+                1500,
+                255,
+                "school.example:8443",
+                receipt("digits", 2, 1, 6, 320),
+            ),
         ]
     }
 
@@ -709,9 +733,18 @@ mod tests {
         assert_eq!(v.entries.len(), 3);
         let mut prev = genesis("digits");
         let mut start = header("digits").len();
-        for (i, (e, (time, site, r))) in v.entries.iter().zip(&input).enumerate() {
+        for (i, (e, (time, links, site, r))) in v.entries.iter().zip(&input).enumerate() {
             assert_eq!(e.index, i as u64);
-            assert_eq!((e.time_ms, e.site.as_str()), (*time, *site));
+            assert_eq!(
+                (e.time_ms, e.links, e.site.as_str()),
+                (*time, *links, *site)
+            );
+            // The body's bytes as documented: time_ms, links, site_len, site, receipt.
+            let body = &bytes[start + 4..ends[i] - 32];
+            assert_eq!(body[..8], time.to_le_bytes());
+            assert_eq!((body[8], usize::from(body[9])), (*links, site.len()));
+            assert_eq!(&body[10..10 + site.len()], site.as_bytes());
+            assert_eq!(&body[10 + site.len()..], &r[..]);
             assert_eq!(&e.receipt_bytes, r);
             assert_eq!(e.receipt, Receipt::decode(r).expect("receipt"));
             assert_eq!(e.hash, chain(&prev, &bytes[start + 4..ends[i] - 32]));
@@ -782,7 +815,7 @@ mod tests {
     }
 
     /// The first error of a ledger written without checks.
-    fn error_of(entries: &[(u64, &str, Vec<u8>)]) -> LedgerError {
+    fn error_of(entries: &[(u64, u8, &str, Vec<u8>)]) -> LedgerError {
         let (bytes, _) = ledger(entries);
         let (v, e) = read(&bytes);
         let e = e.expect("refused");
@@ -793,17 +826,17 @@ mod tests {
     #[test]
     fn a_second_receipt_of_the_same_sender_receiver_and_round_is_refused() {
         let e = error_of(&[
-            (1, "", receipt("digits", 1, 2, 5, 640)),
-            (2, "", receipt("digits", 3, 2, 5, 640)),
+            (1, 0, "", receipt("digits", 1, 2, 5, 640)),
+            (2, 0, "", receipt("digits", 3, 2, 5, 640)),
             // The same triple with another claim: other bytes, the same receipt.
-            (3, "", receipt("digits", 1, 2, 5, 9999)),
+            (3, 0, "", receipt("digits", 1, 2, 5, 9999)),
         ]);
         assert_eq!(e.index, 2);
         assert!(e.reason.contains("second receipt"), "{e}");
         // Another round of the same pair is fine.
         let (bytes, _) = ledger(&[
-            (1, "", receipt("digits", 1, 2, 5, 640)),
-            (2, "", receipt("digits", 1, 2, 6, 640)),
+            (1, 0, "", receipt("digits", 1, 2, 5, 640)),
+            (2, 0, "", receipt("digits", 1, 2, 6, 640)),
         ]);
         assert!(verify(&bytes).is_ok());
     }
@@ -811,8 +844,8 @@ mod tests {
     #[test]
     fn a_receipt_for_another_task_is_refused() {
         let e = error_of(&[
-            (1, "", receipt("digits", 1, 2, 5, 640)),
-            (2, "", receipt("letters", 1, 2, 6, 640)),
+            (1, 0, "", receipt("digits", 1, 2, 5, 640)),
+            (2, 0, "", receipt("letters", 1, 2, 6, 640)),
         ]);
         assert_eq!(e.index, 1);
         assert!(e.reason.contains("letters"), "{e}");
@@ -821,9 +854,9 @@ mod tests {
     #[test]
     fn time_going_backwards_is_refused() {
         let e = error_of(&[
-            (100, "", receipt("digits", 1, 2, 5, 640)),
-            (100, "", receipt("digits", 1, 2, 6, 640)),
-            (99, "", receipt("digits", 1, 2, 7, 640)),
+            (100, 0, "", receipt("digits", 1, 2, 5, 640)),
+            (100, 0, "", receipt("digits", 1, 2, 6, 640)),
+            (99, 0, "", receipt("digits", 1, 2, 7, 640)),
         ]);
         assert_eq!(e.index, 2);
         assert!(e.reason.contains("before the previous"), "{e}");
@@ -831,19 +864,27 @@ mod tests {
 
     #[test]
     fn bad_sites_receipts_lengths_and_headers_are_refused() {
-        let e = error_of(&[(1, "Example.org", receipt("digits", 1, 2, 5, 640))]);
+        let e = error_of(&[(1, 0, "Example.org", receipt("digits", 1, 2, 5, 640))]);
         assert!(e.reason.contains("site"), "{e}");
         let long = "a".repeat(254);
-        let e = error_of(&[(1, &long, receipt("digits", 1, 2, 5, 640))]);
+        let e = error_of(&[(1, 0, &long, receipt("digits", 1, 2, 5, 640))]);
         assert!(e.reason.contains("site"), "{e}");
         // A receipt whose signature fails, chained correctly.
         let mut forged = receipt("digits", 1, 2, 5, 640);
         let last = forged.len() - 1;
         forged[last] ^= 1;
-        let e = error_of(&[(1, "", receipt("digits", 1, 2, 4, 640)), (2, "", forged)]);
+        let e = error_of(&[
+            (1, 0, "", receipt("digits", 1, 2, 4, 640)),
+            (2, 0, "", forged),
+        ]);
         assert_eq!(e.index, 1);
         assert!(e.reason.contains("signature"), "{e}");
-        // Lengths out of bounds are refused as such, before anything is read.
+        // Lengths out of bounds are refused as such, before anything is read. A body has
+        // 8 + 1 + 1 bytes before its site, a receipt 182 bytes and its task.
+        assert_eq!(
+            (MIN_BODY_BYTES, MAX_BODY_BYTES),
+            (10 + 182 + 1, 10 + 253 + 182 + 64)
+        );
         for len in [
             0u32,
             MIN_BODY_BYTES as u32 - 1,
@@ -910,15 +951,17 @@ mod tests {
         assert_eq!(fs::read(l.path()).expect("file"), header("digits"));
         assert_eq!((l.count(), l.head()), (0, genesis("digits")));
         let a = l
-            .append(500, "example.org", &receipt("digits", 1, 2, 5, 640))
+            .append(500, 3, "example.org", &receipt("digits", 1, 2, 5, 640))
             .expect("a");
         // The clock going back is clamped to the last entry's time.
         let b = l
-            .append(400, "", &receipt("digits", 3, 2, 5, 640))
+            .append(400, 0, "", &receipt("digits", 3, 2, 5, 640))
             .expect("b");
         assert_eq!((a.index, b.index, b.time_ms), (0, 1, 500));
-        l.append(600, "", &receipt("digits", 1, 2, 7, 640))
+        l.append(600, 255, "", &receipt("digits", 1, 2, 7, 640))
             .expect("c");
+        let links: Vec<u8> = l.entries().iter().map(|e| e.links).collect();
+        assert_eq!(links, [3, 0, 255]);
         assert!(l.has(&key(2).public(), &key(1).public(), 5));
         assert!(!l.has(&key(2).public(), &key(1).public(), 6));
         assert_eq!(l.last_round(&key(2).public(), &key(1).public()), Some(7));
@@ -926,7 +969,7 @@ mod tests {
         // What would make the ledger invalid is refused, and the file stays as it was.
         let len = l.byte_len();
         let dup = l
-            .append(700, "", &receipt("digits", 1, 2, 5, 1))
+            .append(700, 0, "", &receipt("digits", 1, 2, 5, 1))
             .expect_err("duplicate");
         assert_eq!(dup.kind(), io::ErrorKind::AlreadyExists);
         for (site, r) in [
@@ -934,7 +977,7 @@ mod tests {
             ("Example.org", receipt("digits", 1, 2, 8, 640)),
             ("", b"SHOALRC1".to_vec()),
         ] {
-            let e = l.append(700, site, &r).expect_err("refused");
+            let e = l.append(700, 0, site, &r).expect_err("refused");
             assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         }
         assert_eq!((l.count(), l.byte_len()), (3, len));
@@ -948,6 +991,7 @@ mod tests {
         let (l, note) = LedgerFile::open(&dir, "digits", 2).expect("reopen");
         assert_eq!(note, None);
         assert_eq!((l.count(), l.head()), (3, head));
+        assert_eq!(l.entries()[0].links, 3);
         assert_eq!(l.last_round(&key(2).public(), &key(1).public()), Some(7));
         assert!(LedgerFile::open(&dir, "../digits", 3).is_err());
         assert!(LedgerFile::open(&dir, "", 3).is_err());
@@ -959,7 +1003,7 @@ mod tests {
         let dir = temp.0.clone();
         let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
         for (round, rx) in [(5, 1), (5, 3), (6, 1), (6, 3)] {
-            l.append(round * 100, "", &receipt("digits", rx, 2, round, 640))
+            l.append(round * 100, 0, "", &receipt("digits", rx, 2, round, 640))
                 .expect("append");
         }
         let path = l.path().to_path_buf();
@@ -986,9 +1030,9 @@ mod tests {
         assert_eq!(fs::read(&path).expect("file"), good[..start2]);
         assert_eq!((l.count(), l.head()), (2, v.entries[1].hash));
         // Appends continue the chain from the kept prefix: the result is valid.
-        l.append(50, "", &receipt("digits", 1, 2, 6, 640))
+        l.append(50, 0, "", &receipt("digits", 1, 2, 6, 640))
             .expect("append");
-        l.append(900, "", &receipt("digits", 3, 2, 6, 640))
+        l.append(900, 0, "", &receipt("digits", 3, 2, 6, 640))
             .expect("append");
         let after = verify(&fs::read(&path).expect("file")).expect("valid");
         assert_eq!(after.entries.len(), 4);
