@@ -2,7 +2,7 @@
 // embedded widget's frame (embed.html): the worker that trains, consent, pause/resume,
 // the throttle, automatic pauses (hidden tab, battery), and live progress. All
 // computation happens in the worker, so the page stays responsive.
-import { relaySwarm, fetchTask, fmtBytes } from './relay.js';
+import { relaySwarm, fetchTask, fmtBytes, witnessLedger } from './relay.js';
 import { tryTheModel } from './try.js';
 
 // Long main-thread tasks (over 50 ms), for anyone (and the end-to-end test) who wants to
@@ -112,6 +112,20 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   // The visitor's credits, from the task's ledger: samples of theirs that neighbours the
   // server drew at random receipted (not what this page counts itself).
   let credits = '–';
+  // What this browser witnessed of the ledger (see `witnessLedger`).
+  let ledger = '–';
+  async function witness() {
+    try {
+      const w = await witnessLedger(task);
+      if (w?.ok) ledger = `${w.count.toLocaleString('en')} receipts, history intact`;
+      else if (w) {
+        ledger = `history changed: ${w.reason}`;
+        console.error(`shoal: the server's ledger changed its history: ${w.reason}`);
+      }
+    } catch {
+      // The next try will tell.
+    }
+  }
   async function fetchCredits(key) {
     try {
       const r = await fetch(`/api/tasks/${encodeURIComponent(task)}/credits?key=${key}`);
@@ -141,7 +155,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         loss: p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
         'data per hour': perHour(p),
-        receipts: p.receipts, credits,
+        receipts: p.receipts, credits, ledger,
       };
     for (const [k, v] of Object.entries(rows)) {
       let dd = cells.get(k);
@@ -221,7 +235,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       // The visitor's public key, for anyone who wants to look it up in the ledger.
       window.shoalKey = msg.key;
       fetchCredits(msg.key);
-      setInterval(() => fetchCredits(msg.key), 15_000);
+      witness();
+      setInterval(() => { fetchCredits(msg.key); witness(); }, 15_000);
       applyPause();
     } else if (msg.type === 'progress') {
       const p = msg.progress;

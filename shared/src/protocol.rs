@@ -257,7 +257,8 @@ pub fn identify_message(task: &str, peer: PeerId, nonce: &[u8; 32]) -> Vec<u8> {
 
 /// Bytes from lower-case (or upper-case) hex; `None` for anything else.
 pub fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+    // Digits only: `from_str_radix` alone would take a sign (`"+f"`).
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())

@@ -79,8 +79,21 @@ pub async fn page(
     if limit == 0 || limit > MAX_PAGE {
         return refuse(StatusCode::BAD_REQUEST, &format!("limit: 1..={MAX_PAGE}"));
     }
-    let l = lock(&ledger);
-    let from = q.from.unwrap_or(0).min(l.count()) as usize;
+    // The ledger's lock may be held by an append's fsync: wait for it off the async
+    // threads.
+    let body =
+        tokio::task::spawn_blocking(move || page_body(&task, &lock(&ledger), q.from, limit)).await;
+    match body {
+        Ok(b) => Json(b).into_response(),
+        Err(_) => refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the ledger could not be read",
+        ),
+    }
+}
+
+fn page_body(task: &str, l: &LedgerFile, from: Option<u64>, limit: usize) -> serde_json::Value {
+    let from = from.unwrap_or(0).min(l.count()) as usize;
     let entries: Vec<_> = l.entries()[from..]
         .iter()
         .take(limit)
@@ -100,13 +113,12 @@ pub async fn page(
             })
         })
         .collect();
-    Json(json!({
+    json!({
         "task": task,
         "count": l.count(),
         "head": hex(&l.head()),
         "entries": entries,
-    }))
-    .into_response()
+    })
 }
 
 /// `GET /api/tasks/{task}/ledger/file`: the ledger file as written and synced so far.
@@ -162,30 +174,29 @@ pub async fn credits(
         Some(Some(k)) if k.len() == 32 => Some(<[u8; 32]>::try_from(k).unwrap_or([0; 32])),
         Some(_) => return refuse(StatusCode::BAD_REQUEST, "key: 64 hex digits"),
     };
-    let (count, head) = {
-        let l = lock(&ledger);
-        (l.count(), l.head())
-    };
-    let cached = {
-        let cache = s.cache.0.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.get(&task).cloned()
-    };
-    let c = match cached {
-        Some((at, n, c)) if n == count || at.elapsed() < CREDITS_EVERY => c,
-        _ => {
-            let task2 = task.clone();
-            let computed = tokio::task::spawn_blocking(move || {
-                let l = lock(&ledger);
-                Arc::new(credits::compute(l.entries()))
-            })
-            .await;
-            let Ok(c) = computed else {
-                return refuse(StatusCode::INTERNAL_SERVER_ERROR, "credits failed");
-            };
-            let mut cache = s.cache.0.lock().unwrap_or_else(PoisonError::into_inner);
-            cache.insert(task2, (Instant::now(), count, Arc::clone(&c)));
-            c
-        }
+    // Off the async threads: the ledger's lock may be held by an fsync. The cache's lock
+    // is held while credits are computed, so concurrent requests wait for one
+    // computation instead of each running its own.
+    let (cache, task2) = (Arc::clone(&s.cache), task.clone());
+    let computed = tokio::task::spawn_blocking(move || {
+        let mut cache = cache.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (count, head) = {
+            let l = lock(&ledger);
+            (l.count(), l.head())
+        };
+        let c = match cache.get(&task2) {
+            Some((at, n, c)) if *n == count || at.elapsed() < CREDITS_EVERY => Arc::clone(c),
+            _ => {
+                let c = Arc::new(credits::compute(lock(&ledger).entries()));
+                cache.insert(task2, (Instant::now(), count, Arc::clone(&c)));
+                c
+            }
+        };
+        (count, head, c)
+    })
+    .await;
+    let Ok((count, head, c)) = computed else {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "credits failed");
     };
     let keys: Vec<_> = c
         .by_key

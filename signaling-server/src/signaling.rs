@@ -20,8 +20,8 @@ use shoal_shared::protocol::{
     ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, VERSION, decode_client,
     decode_signal,
 };
-use shoal_shared::rng::SplitMix64;
 use shoal_shared::trust::ledger::LedgerFile;
+use shoal_shared::trust::receipt::sha256;
 use shoal_shared::trust::receipt::{MAX_RECEIPT_BYTES, Receipt, ReceiptError};
 use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -186,17 +186,34 @@ struct Peer {
     /// The key it proved with `identify`, if it did.
     key: Option<PublicKey>,
     /// The site it said it contributes from (`site` in the websocket URL; empty: none).
-    site: Box<str>,
+    site: Arc<str>,
     /// The welcome's nonce, for `identify` to sign.
     nonce: [u8; 32],
     /// Identified neighbours that left, with when and their site, for
     /// [`LINK_MEMORY`]: receipts for their last updates still count.
     former: VecDeque<Former>,
+    /// `identify` messages that failed (after [`MAX_IDENTIFY_FAILURES`] no more are
+    /// checked).
+    identify_failures: u8,
+    /// `unreachable` reports taken (at most `2k` per connection).
+    unreachable: usize,
+    /// Receipts this connection may still send now (a token bucket), and when it was
+    /// last refilled.
+    receipt_tokens: f64,
+    receipt_refilled: Instant,
 }
+
+/// Failed `identify` messages a connection may send; later ones are refused unchecked.
+const MAX_IDENTIFY_FAILURES: u8 = 3;
+/// How far behind the swarm's round (the median reported version) a receipt's round may
+/// be: a receiver uses updates at most a few rounds old, and reports lag a round.
+pub const RECEIPT_ROUNDS_BEHIND: u64 = 32;
+/// And how far ahead.
+pub const RECEIPT_ROUNDS_AHEAD: u64 = 4;
 
 /// A neighbour that left: when, its key, its site and how many identified neighbours it
 /// had then.
-type Former = (Instant, PublicKey, Box<str>, u8);
+type Former = (Instant, PublicKey, Arc<str>, u8);
 
 /// How long after a neighbour left a receipt for its update still counts as linked.
 pub const LINK_MEMORY: Duration = Duration::from_secs(600);
@@ -265,7 +282,50 @@ impl Task {
 
 struct HubState {
     tasks: HashMap<String, Task>,
-    rng: SplitMix64,
+    rng: Draws,
+}
+
+/// Unpredictable draws for peer ids, nonces and neighbours: SHA-256 of a secret seed from
+/// the operating system and a counter. (A plain generator's outputs — the ids it hands
+/// out — would let a client work out its state and predict whom later peers are linked
+/// with; credits rest on neighbours that nobody can choose.)
+struct Draws {
+    seed: [u8; 32],
+    counter: u64,
+}
+
+impl Draws {
+    /// Seeded from `/dev/urandom`; elsewhere (or if it cannot be read) from the clock,
+    /// with a warning.
+    fn from_os() -> Self {
+        use std::io::Read;
+        let mut seed = [0u8; 32];
+        let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
+        if read.is_err() {
+            tracing::warn!(
+                "no /dev/urandom: peer ids and neighbour draws are seeded from the clock"
+            );
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            seed = sha256(&nanos.to_le_bytes());
+        }
+        Self { seed, counter: 0 }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut input = [0u8; 40];
+        input[..32].copy_from_slice(&self.seed);
+        input[32..].copy_from_slice(&self.counter.to_le_bytes());
+        self.counter += 1;
+        let h = sha256(&input);
+        u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+    }
+
+    /// Uniform in `0..n` (the modulo bias is below 2^-40 for any `n` a server holds).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
 }
 
 /// The shared state of the signaling server.
@@ -301,19 +361,25 @@ pub enum ReceiptOutcome {
     NotLinked,
     /// Not above the last receipted round of the same sender and receiver.
     Replay,
+    /// Its round is far from the swarm's (or no peer has reported a round yet).
+    Implausible,
+    /// The connection sent receipts faster than its budget.
+    TooMany,
     /// The server keeps no ledger for the task, or could not write it.
     Unavailable,
 }
 
 impl ReceiptOutcome {
     /// Every outcome, in `/metrics` order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Appended,
         Self::Malformed,
         Self::NotYours,
         Self::BadSignature,
         Self::NotLinked,
         Self::Replay,
+        Self::Implausible,
+        Self::TooMany,
         Self::Unavailable,
     ];
 
@@ -326,6 +392,8 @@ impl ReceiptOutcome {
             Self::BadSignature => "bad_signature",
             Self::NotLinked => "not_linked",
             Self::Replay => "replay",
+            Self::Implausible => "implausible_round",
+            Self::TooMany => "too_many",
             Self::Unavailable => "unavailable",
         }
     }
@@ -333,14 +401,41 @@ impl ReceiptOutcome {
 
 /// A receipt that passed the checks: its bytes, decoded, its sender's site and how many
 /// identified neighbours the sender has (or had when it left).
-type CheckedReceipt = (Vec<u8>, Receipt, Box<str>, u8);
+type CheckedReceipt = (Vec<u8>, Receipt, Arc<str>, u8);
 
-/// How many of `p`'s neighbours proved a key (the `links` of a ledger entry).
+/// The swarm's round: the median model version that training peers reported in the last
+/// 30 s (reports are claims; a minority cannot move the median far).
+fn median_version(t: &Task) -> Option<u64> {
+    let mut v: Vec<u64> = trainer_reports(t).map(|r| r.version).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[(v.len() - 1) / 2])
+}
+
+/// The reports of the last 30 s from peers that said they train.
+fn trainer_reports(t: &Task) -> impl Iterator<Item = &PeerReport> {
+    t.peers.values().filter_map(|p| recent_trainer_report(p))
+}
+
+/// `p`'s report if it came in the last 30 s and says it trains.
+fn recent_trainer_report(p: &Peer) -> Option<&PeerReport> {
+    let (at, r) = p.report.as_deref()?;
+    (at.elapsed() < Duration::from_secs(30) && r.role == shoal_shared::protocol::Role::Trainer)
+        .then_some(r)
+}
+
+/// How many of `p`'s neighbours proved a key and contribute (their report in the last
+/// 30 s says training, not paused): the `links` of a ledger entry. Joiners, observers and
+/// paused visitors sign no receipts and do not raise the quorum.
 fn identified_links(t: &Task, p: &Peer) -> u8 {
+    let contributing =
+        |q: &Peer| q.key.is_some() && recent_trainer_report(q).is_some_and(|r| !r.paused);
     let n = p
         .neighbours
         .iter()
-        .filter(|q| t.peers.get(q).is_some_and(|q| q.key.is_some()))
+        .filter(|q| t.peers.get(q).is_some_and(contributing))
         .count();
     u8::try_from(n).unwrap_or(u8::MAX)
 }
@@ -366,9 +461,6 @@ impl Hub {
         paused: &[String],
         state_file: Option<std::path::PathBuf>,
     ) -> Arc<Self> {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
         let mut ledgers = HashMap::new();
         if let Some(dir) = &config.ledger_dir {
             for t in tasks {
@@ -406,7 +498,7 @@ impl Hub {
             config,
             state: Mutex::new(HubState {
                 tasks,
-                rng: SplitMix64::new(seed),
+                rng: Draws::from_os(),
             }),
             connections: AtomicUsize::new(0),
             metrics: Metrics::default(),
@@ -612,6 +704,10 @@ impl Hub {
                 site: site.into(),
                 nonce,
                 former: VecDeque::new(),
+                identify_failures: 0,
+                unreachable: 0,
+                receipt_tokens: 4.0 * k as f64,
+                receipt_refilled: Instant::now(),
             },
         );
         *t.per_group.entry(group).or_default() += 1;
@@ -636,18 +732,41 @@ impl Hub {
         let sig: [u8; 64] = shoal_shared::protocol::from_hex(signature)
             .and_then(|s| s.try_into().ok())
             .ok_or("signature: 128 hex digits")?;
+        let nonce = {
+            let st = self.lock();
+            let p = st
+                .tasks
+                .get(task)
+                .and_then(|t| t.peers.get(&id))
+                .ok_or("not joined")?;
+            if p.key.is_some() {
+                return Err("this connection identified already".into());
+            }
+            if p.identify_failures >= MAX_IDENTIFY_FAILURES {
+                return Err(format!(
+                    "{MAX_IDENTIFY_FAILURES} failed already; no more are checked on this connection"
+                ));
+            }
+            p.nonce
+        };
+        // The signature is checked without holding the hub's lock.
+        let msg = shoal_shared::protocol::identify_message(task, id, &nonce);
+        let proven = verify(&key, &msg, &sig);
         let mut st = self.lock();
         let t = st.tasks.get_mut(task).ok_or("no such task")?;
-        let p = t.peers.get(&id).ok_or("not joined")?;
-        if p.key.is_some() {
-            return Err("this connection identified already".into());
-        }
-        let msg = shoal_shared::protocol::identify_message(task, id, &p.nonce);
-        if !verify(&key, &msg, &sig) {
+        if !proven {
+            if let Some(p) = t.peers.get_mut(&id) {
+                p.identify_failures += 1;
+            }
             return Err("the signature does not prove the key".into());
         }
-        if t.peers.values().any(|q| q.key == Some(key)) {
-            return Err("another connection of the task holds this key".into());
+        // A fresh proof takes the key over from an older connection (a peer that
+        // reconnected while its old connection has not timed out yet): only the key's
+        // holder can make one.
+        for q in t.peers.values_mut() {
+            if q.key == Some(key) {
+                q.key = None;
+            }
         }
         if let Some(p) = t.peers.get_mut(&id) {
             p.key = Some(key);
@@ -665,6 +784,28 @@ impl Hub {
         hex: &str,
     ) -> Result<CheckedReceipt, (ReceiptOutcome, String)> {
         use ReceiptOutcome as O;
+        // At most 2k receipts a second per connection, in bursts of 4k (an honest peer
+        // signs one per neighbour per round): every one costs the server an fsync.
+        {
+            let k = self.config.neighbours as f64;
+            let mut st = self.lock();
+            let p = st
+                .tasks
+                .get_mut(task)
+                .and_then(|t| t.peers.get_mut(&id))
+                .ok_or((O::NotYours, "not joined".into()))?;
+            let now = Instant::now();
+            let refill = now.duration_since(p.receipt_refilled).as_secs_f64() * 2.0 * k;
+            p.receipt_tokens = (p.receipt_tokens + refill).min(4.0 * k);
+            p.receipt_refilled = now;
+            if p.receipt_tokens < 1.0 {
+                return Err((
+                    O::TooMany,
+                    format!("more than {} receipts a second", 2.0 * k),
+                ));
+            }
+            p.receipt_tokens -= 1.0;
+        }
         let bytes = (hex.len() <= 2 * MAX_RECEIPT_BYTES)
             .then(|| shoal_shared::protocol::from_hex(hex))
             .flatten()
@@ -686,6 +827,18 @@ impl Hub {
             return Err((
                 O::NotYours,
                 "its receiver is not the key this connection identified with".into(),
+            ));
+        }
+        // Only rounds near the swarm's: a round nobody else is in would let colluders set
+        // the round's median claim (the credit cap) themselves.
+        let swarm = median_version(t).ok_or((
+            O::Implausible,
+            "no peer of the task has reported its round yet".into(),
+        ))?;
+        if r.round + RECEIPT_ROUNDS_BEHIND < swarm || r.round > swarm + RECEIPT_ROUNDS_AHEAD {
+            return Err((
+                O::Implausible,
+                format!("round {} is far from the swarm's ({swarm})", r.round),
             ));
         }
         let now = Instant::now();
@@ -766,17 +919,9 @@ impl Hub {
     pub fn pace(&self, task: &str) -> Option<f64> {
         let st = self.lock();
         let t = st.tasks.get(task)?;
-        let mut rates: Vec<f64> = t
-            .peers
-            .values()
-            .filter_map(|p| p.report.as_deref())
-            .filter(|(at, r)| {
-                at.elapsed() < Duration::from_secs(30)
-                    && r.role == shoal_shared::protocol::Role::Trainer
-                    && !r.paused
-                    && r.samples_per_s > 0.0
-            })
-            .map(|(_, r)| f64::from(r.samples_per_s))
+        let mut rates: Vec<f64> = trainer_reports(t)
+            .filter(|r| !r.paused && r.samples_per_s > 0.0)
+            .map(|r| f64::from(r.samples_per_s))
             .collect();
         if rates.is_empty() {
             return None;
@@ -844,6 +989,12 @@ impl Hub {
             .is_some_and(|p| p.neighbours.contains(&to))
         {
             return Err(ErrorCode::NotNeighbour);
+        }
+        // Each report redraws a neighbour: a connection gets 2k of them, or it could
+        // redraw until colluders are most of its neighbours.
+        match t.peers.get_mut(&from) {
+            Some(p) if p.unreachable < 2 * k => p.unreachable += 1,
+            _ => return Err(ErrorCode::RateLimited),
         }
         for (a, b) in [(from, to), (to, from)] {
             if let Some(p) = t.peers.get_mut(&a) {
@@ -958,7 +1109,7 @@ impl Origin {
 /// (few addresses in the task), from any.
 fn choose_neighbours(
     t: &Task,
-    rng: &mut SplitMix64,
+    rng: &mut Draws,
     k: usize,
     quiet_after: Duration,
 ) -> BTreeSet<PeerId> {
@@ -1004,7 +1155,7 @@ pub(crate) fn address_group(ip: std::net::IpAddr) -> u128 {
 /// neighbour and has room (fewer than 2k), if one is found in a few draws.
 fn relink(
     t: &mut Task,
-    rng: &mut SplitMix64,
+    rng: &mut Draws,
     q: PeerId,
     avoid: PeerId,
     k: usize,
@@ -1379,7 +1530,13 @@ async fn connection(
                             hub.relay(&task, id, to, &raw).map_err(not_neighbour(to))
                         }
                         Ok(ClientMessage::Unreachable { peer }) => {
-                            hub.unreachable(&task, id, peer).map_err(not_neighbour(peer))
+                            hub.unreachable(&task, id, peer).map_err(|c| match c {
+                                ErrorCode::RateLimited => (c, format!(
+                                    "at most {} unreachable reports per connection",
+                                    2 * hub.config.neighbours
+                                )),
+                                c => not_neighbour(peer)(c),
+                            })
                         }
                         Ok(ClientMessage::Report { report }) => hub
                             .store_report(&task, id, report)

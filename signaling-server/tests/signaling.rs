@@ -1354,15 +1354,27 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     let w = json!({"nonce": hex(&[0u8; 32]), "peer": "0000000000000001"});
     identify(&mut a.ws, &w, &a.id).await;
     refused(&mut a.ws, "bad_identity", "does not prove").await;
-    let mut dup = connect(&s, "digits").await;
-    let wd = until(&mut dup, "welcome").await;
-    identify(&mut dup, &wd, &b.id).await;
-    refused(&mut dup, "bad_identity", "another connection").await;
-    drop(dup);
+    // After three failures no more proofs are checked on that connection.
+    for _ in 0..2 {
+        identify(&mut a.ws, &w, &a.id).await;
+        refused(&mut a.ws, "bad_identity", "does not prove").await;
+    }
+    identify(&mut a.ws, &w, &a.id).await;
+    refused(&mut a.ws, "bad_identity", "no more are checked").await;
     // a identifies properly now (its welcome is long read: reconnect).
     drop(a);
     a = member(&s, 1, true).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // No receipt counts before a peer of the task has reported its round; then only
+    // rounds near it.
+    send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "implausible_round").await;
+    for m in [&mut a, &mut c] {
+        send(&mut m.ws, report(2, 0.5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut a.ws, receipt(&a.id, &b.id, 40, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "implausible_round").await;
 
     // a used b's update of round 1: appended. Again: a replay.
     send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
@@ -1411,6 +1423,38 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
             .starts_with("HTTP/1.1 400")
     );
 
+    // Receipts beyond the budget (2k a second, bursts of 4k; k = 2 here) are refused
+    // before anything else is checked: each would cost an fsync.
+    let mut b = b;
+    for _ in 0..12 {
+        send(&mut b.ws, json!({"type": "receipt", "receipt": "zz"})).await;
+    }
+    let mut reasons = Vec::new();
+    for _ in 0..12 {
+        let e = until(&mut b.ws, "error").await;
+        reasons.push(
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "malformed").count(),
+        8,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "too_many").count(),
+        4,
+        "{reasons:?}"
+    );
+    // a's budget refills meanwhile.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
     // b leaves; a's receipt for b's last update still counts (it was linked).
     drop(b);
     until(&mut a.ws, "left").await;
@@ -1420,6 +1464,17 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     )
     .await;
     appended(&s, 3).await;
+
+    // A fresh proof of a key takes it over from an older connection (a peer that
+    // reconnected before its old connection timed out): the old one's receipts are no
+    // longer its own.
+    let mut c2 = connect(&s, "digits").await;
+    let w2 = until(&mut c2, "welcome").await;
+    identify(&mut c2, &w2, &c.id).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut c.ws, receipt(&c.id, &a.id, 2, 640)).await;
+    refused(&mut c.ws, "bad_receipt", "not_yours").await;
+    drop(c2);
 
     // The file verifies offline, then the server restarts and the chain goes on.
     let file = dir.join("digits.ledger");
@@ -1444,6 +1499,7 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     );
     let mut a = member(&s, 1, true).await;
     let mut c = member(&s, 3, true).await;
+    send(&mut c.ws, report(6, 0.5)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     send(&mut a.ws, receipt(&a.id, &c.id, 7, 320)).await;
     appended(&s, 1).await;

@@ -203,6 +203,25 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
   }
   await dash.waitForFunction(() => /^[0-9a-f]{64}$/.test(document.getElementById('ledger-head').textContent)
     && document.querySelectorAll('#credits-keys tbody tr').length >= 4, null, { timeout: 30_000 });
+  // Each browser witnesses the ledger across visits: the head it saw last must still be
+  // where it was (the server may only append); a rewritten history is shown, not hidden.
+  await pages[0].waitForFunction(() => /history intact/.test(document.querySelector('#stats [data-key="ledger"]')?.textContent ?? ''),
+    null, { timeout: 30_000 });
+  const witnessed = await pages[0].evaluate(async () => {
+    const { witnessLedger } = await import('/relay.js');
+    const first = await witnessLedger('digits');
+    // A head this browser saw that the server's ledger no longer holds.
+    localStorage.setItem('shoal-ledger-head-digits', JSON.stringify({ count: 1, head: 'ab'.repeat(32) }));
+    const rewritten = await witnessLedger('digits');
+    const kept = JSON.parse(localStorage.getItem('shoal-ledger-head-digits')).head;
+    localStorage.setItem('shoal-ledger-head-digits', JSON.stringify({ count: first.count, head: first.head }));
+    const later = await witnessLedger('digits');
+    return { first, rewritten, kept, later };
+  });
+  assert.ok(witnessed.first.ok && witnessed.later.ok && witnessed.later.count >= witnessed.first.count, JSON.stringify(witnessed));
+  assert.equal(witnessed.rewritten.ok, false, 'a rewritten history is caught');
+  assert.match(witnessed.rewritten.reason, /no longer the one this browser saw/);
+  assert.equal(witnessed.kept, 'ab'.repeat(32), 'the head witnessed is kept, not replaced by the new history');
   const ledgerFile = join(server.ledgerDir, 'digits.ledger');
   const verified = await promisify(execFile)(join(root, 'target/release/xtask'), ['ledger', 'verify', ledgerFile, '--credits']);
   assert.match(verified.stdout, /entries, head [0-9a-f]{64}, valid/);

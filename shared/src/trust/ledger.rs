@@ -565,11 +565,7 @@ impl LedgerFile {
         }
         let time_ms = time_ms.max(self.entries.last().map_or(0, |e| e.time_ms));
         let (bytes, hash) = encode_entry(&self.head, time_ms, links, site, receipt_bytes);
-        let written = self
-            .file
-            .write_all(&bytes)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
+        if let Err(e) = self.file.write_all(&bytes) {
             // Cut back any part of the entry that made it, so that the file stays valid.
             let undone = self
                 .file
@@ -578,6 +574,13 @@ impl LedgerFile {
             if undone.is_err() {
                 self.broken = true;
             }
+            return Err(e);
+        }
+        if let Err(e) = self.file.sync_data() {
+            // After a failed fsync what is on the disk cannot be known: cut back, and
+            // append nothing more until the file is opened (and checked) again.
+            let _ = self.file.set_len(self.len);
+            self.broken = true;
             return Err(e);
         }
         self.len += bytes.len() as u64;
