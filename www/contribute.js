@@ -249,7 +249,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         applyPause();
       }
       if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
-        wasm_memory_bytes: p.wasm_memory_bytes });
+        used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes });
       render(p);
     } else if (msg.type === 'error') {
       say('error', `Shoal stopped: ${msg.message}`);

@@ -41,10 +41,11 @@ after(async () => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-/** Parses `round R loss L acc A% peers N ...`. */
+/** Parses `round R loss L acc A% peers N ... used U rejected X samples S ...`. */
 function roundLine(line) {
-  const m = line.match(/^round (\d+) .* acc ([0-9.]+)% peers (\d+)/);
-  return m ? { round: Number(m[1]), accuracy: Number(m[2]) / 100, peers: Number(m[3]) } : null;
+  const m = line.match(/^round (\d+) .* acc ([0-9.]+)% peers (\d+) .* used (\d+) rejected (\d+) samples (\d+)/);
+  return m ? { round: Number(m[1]), accuracy: Number(m[2]) / 100, peers: Number(m[3]), used: Number(m[4]),
+    rejected: Number(m[5]), samples: Number(m[6]) } : null;
 }
 
 function startNative(i) {
@@ -88,24 +89,28 @@ test('three native and two browser peers train the digits past the target on one
   const finals = [];
   for (const [i, n] of natives.entries()) {
     const last = n.rounds.at(-1);
-    finals.push({ who: `native ${i}`, ...last, maxPeers: Math.max(...n.rounds.map((r) => r.peers)) });
+    finals.push({ who: `native ${i}`, ...last, maxPeers: Math.max(...n.rounds.map((r) => r.peers)),
+      usage: `used ${last.used} in its last round, rejected ${last.rejected}, ${last.samples} samples` });
   }
   for (const [i, page] of pages.entries()) {
     const history = await page.evaluate(() => window.shoalProgress);
     const at = history.find((e) => e.round === ROUNDS);
-    finals.push({ who: `browser ${i}`, ...at, maxPeers: Math.max(...history.map((e) => e.peers)) });
+    const end = history.at(-1);
+    finals.push({ who: `browser ${i}`, ...at, maxPeers: Math.max(...history.map((e) => e.peers)),
+      usage: `used ${end.used}, rejected ${JSON.stringify(end.rejected)}, ${Math.round(end.samples_per_s)} samples/s` });
     const shown = await page.textContent('#stats dd[data-key="held-out accuracy"]');
     assert.match(shown, /^\d+\.\d\d%$/, 'the page shows the accuracy');
   }
-  console.log(finals.map((f) => `${f.who}: version ${f.round}, ${(f.accuracy * 100).toFixed(2)}%, up to ${f.maxPeers} neighbours`).join('\n'));
+  console.log(finals.map((f) => `${f.who}: version ${f.round}, ${(f.accuracy * 100).toFixed(2)}%, up to ${f.maxPeers} neighbours; ${f.usage}`).join('\n'));
   for (const f of finals) {
     assert.equal(f.round, ROUNDS, `${f.who} holds the swarm's model version`);
     assert.ok(f.maxPeers >= 3, `${f.who} trained with the swarm (${f.maxPeers} neighbours)`);
     assert.ok(f.accuracy >= TARGET, `${f.who} ended at ${f.accuracy}`);
   }
 
-  // The ledger: every peer, native or browser, was credited for most of its rounds by
-  // the receipts its neighbours signed.
+  // The ledger: every peer, native or browser, was credited by the receipts its
+  // neighbours signed, the browsers (slower here than the native peers, so their updates
+  // are the noisier ones the screen judges) for at least a quarter of the rounds.
   const credits = await (await fetch(`${server.url}/api/tasks/digits/credits`)).json();
   const browserKeys = await Promise.all(pages.map((p) => p.evaluate(() => window.shoalKey)));
   const credited = (pub) => credits.keys.find((k) => k.key === pub);
@@ -113,5 +118,5 @@ test('three native and two browser peers train the digits past the target on one
   for (const [i, page] of pages.entries()) rows.push([`browser ${i}`, credited(browserKeys[i])]);
   console.log(`ledger: ${credits.count} receipts; ${rows.map(([w, c]) => `${w}: ${c?.credit ?? 0} samples over ${c?.rounds ?? 0} rounds`).join(', ')}; keys ${JSON.stringify(credits.keys.map((k) => [k.key.slice(0, 8), k.credit, k.rounds]))}`);
   assert.equal(credits.ranked, 5, 'every peer has credit');
-  for (const [who, c] of rows) assert.ok(c && c.rounds >= ROUNDS / 3, `${who} credited for ${c?.rounds ?? 0} rounds`);
+  for (const [who, c] of rows) assert.ok(c && c.rounds >= ROUNDS / 4, `${who} credited for ${c?.rounds ?? 0} rounds`);
 });

@@ -66,7 +66,7 @@ pub const SCREEN_RADIUS: f32 = 1.5;
 /// and returns the indices of the updates screened out (see [`SCREEN_RADIUS`]; only the
 /// robust rules screen). With no updates, `out` is zeroed.
 pub fn aggregate(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) -> Vec<usize> {
-    let screened = screen(rule, updates, out);
+    let screened = screen(rule, updates, &vec![1.0; updates.len()], out);
     combine(rule, updates, &screened, out);
     screened
 }
@@ -76,14 +76,33 @@ pub const SCREEN_MIN: usize = 3;
 
 /// The indices of the updates farther than [`SCREEN_RADIUS`] times the median distance
 /// from the coordinate-wise median, under the robust rules (`scratch` is overwritten).
-pub fn screen(rule: Aggregation, updates: &[(&[f32], f32)], scratch: &mut [f32]) -> Vec<usize> {
+///
+/// `noise[i]` is how much noisier update `i` is expected to be than a typical one, and
+/// its distance is divided by it (all 1 where every update stands for the same work).
+/// With rounds in time an update of `c` samples is scaled to the round's median claim
+/// `rho` before it is judged; its sampling noise grows like `sqrt(rho / c)` while its
+/// signal does not, so a slow, honest peer's scaled-up update lies farther from the
+/// median and would be screened out every round for being slow (in `hetero-8`, the
+/// slowest two of eight got no receipt in 15 rounds). The learner passes
+/// `sqrt(rho / c)` with `c` the bounded claim (so at most 2, at least `1/sqrt(2)`).
+pub fn screen(
+    rule: Aggregation,
+    updates: &[(&[f32], f32)],
+    noise: &[f32],
+    scratch: &mut [f32],
+) -> Vec<usize> {
     let m = updates.len();
     if rule == Aggregation::Mean || m < SCREEN_MIN {
         return Vec::new();
     }
     debug_assert!(updates.iter().all(|(u, _)| u.len() == scratch.len()));
+    debug_assert_eq!(noise.len(), m);
     per_coordinate(updates, scratch, median_of_sorted);
-    let dist: Vec<f32> = updates.iter().map(|(u, _)| distance(u, scratch)).collect();
+    let dist: Vec<f32> = updates
+        .iter()
+        .zip(noise)
+        .map(|((u, _), &n)| distance(u, scratch) / n.max(f32::MIN_POSITIVE))
+        .collect();
     let mut sorted = dist.clone();
     sorted.sort_by(f32::total_cmp);
     let limit = SCREEN_RADIUS * sorted[(m - 1) / 2];
@@ -286,6 +305,36 @@ mod tests {
         let refs: Vec<(&[f32], f32)> = ups.iter().map(|u| (&u[..], 1.0)).collect();
         let mut out = vec![0.0; ups[0].len()];
         assert!(aggregate(Aggregation::Mean, &refs, &mut out).is_empty());
+    }
+
+    /// Rounds in time: a slow, honest peer's update (a quarter of the samples, scaled up
+    /// to a median run) carries twice the noise; with its noise stated it is kept, while
+    /// a lie is still dropped, even one that claims few samples to be judged leniently.
+    #[test]
+    fn the_screen_keeps_a_slow_peers_noisier_update_when_told_its_noise() {
+        let mut rng = crate::rng::SplitMix64::new(11);
+        let dim = 2000;
+        let signal: Vec<f32> = (0..dim).map(|_| rng.normal_f32()).collect();
+        // Six median runs, one run of a quarter of the samples (noise x2 once scaled up),
+        // one liar pointing against the swarm while claiming a quarter too.
+        let mut ups: Vec<Vec<f32>> = (0..7)
+            .map(|i| {
+                let spread = if i == 6 { 2.0 } else { 1.0 };
+                signal
+                    .iter()
+                    .map(|s| s + spread * rng.normal_f32())
+                    .collect()
+            })
+            .collect();
+        ups.push(signal.iter().map(|s| -2.5 * s).collect());
+        let noise = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0];
+        let weights = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.25, 0.25];
+        let refs: Vec<(&[f32], f32)> = ups.iter().zip(weights).map(|(u, w)| (&u[..], w)).collect();
+        let rule = Aggregation::TrimmedMean { trim: 0.2 };
+        let mut scratch = vec![0.0; dim];
+        assert_eq!(screen(rule, &refs, &noise, &mut scratch), vec![7]);
+        // Judged as if every update stood for the same work, the slow peer is dropped too.
+        assert_eq!(screen(rule, &refs, &[1.0; 8], &mut scratch), vec![6, 7]);
     }
 
     #[test]

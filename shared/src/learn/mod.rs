@@ -888,6 +888,8 @@ impl Learner {
         // Rounds in time: each update in units of the round's median claim, weighed by
         // its claim (both bounded); in steps every weight is 1.
         let mut bounded = vec![false; held.len()];
+        // Each update's weight is its bounded claim in units of the median claim; its
+        // expected noise relative to a median run, for the screen, `1 / sqrt(weight)`.
         let (own_weight, weights) = if self.cfg.timed() {
             let own_claim = own.as_ref().map(|_| self.own_samples);
             let claims: Vec<u32> = own_claim
@@ -920,12 +922,14 @@ impl Learner {
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
         let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
+        let mut noise: Vec<f32> = Vec::with_capacity(held.len() + 1);
         // The signer of each update; none for our own.
         let mut signers: Vec<Option<PublicKey>> = Vec::with_capacity(held.len() + 1);
         // Which held update each is (none for our own).
         let mut sources: Vec<Option<usize>> = Vec::with_capacity(held.len() + 1);
         if let Some(d) = &own {
             updates.push((d, own_weight));
+            noise.push(own_weight.sqrt().recip());
             signers.push(None);
             sources.push(None);
         }
@@ -937,13 +941,14 @@ impl Learner {
             }
             let late = self.round.saturating_sub(p.round);
             updates.push((&p.delta, weight / (1.0 + late as f32)));
+            noise.push(weight.sqrt().recip());
             signers.push(Some(p.key));
             sources.push(Some(i));
             summary.used += 1;
         }
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
-            let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &mut g);
+            let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &noise, &mut g);
             let robust = self.cfg.aggregation != Aggregation::Mean;
             let ran = robust && updates.len() >= aggregate::SCREEN_MIN;
             for (i, signer) in signers.iter().enumerate() {

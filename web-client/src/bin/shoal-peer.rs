@@ -298,6 +298,8 @@ mod peer {
                 println!("exported {}", path.display());
             }
             if args.rounds > 0 && round >= args.rounds {
+                // Where neighbours' updates went unused, and why.
+                eprintln!("rejected by reason: {:?}", peer.progress().rejected);
                 break;
             }
         }
