@@ -15,13 +15,18 @@ struct Tally {
     passed: usize,
     failed: usize,
     failures: Vec<String>,
+    /// Each step and the seconds it took, printed at the end (CI keeps the tail).
+    took: Vec<(String, f64)>,
 }
 
 impl Tally {
     /// A check that passes or fails as a whole (formatting, lints, a build step).
     fn check(&mut self, name: &str, cmd: &mut Command) {
         eprintln!("\n== {name}");
-        match cmd.status() {
+        let start = std::time::Instant::now();
+        let status = cmd.status();
+        self.took.push((name.into(), start.elapsed().as_secs_f64()));
+        match status {
             Ok(s) if s.success() => self.passed += 1,
             other => {
                 eprintln!("xtask: {name} failed: {other:?}");
@@ -37,6 +42,7 @@ impl Tally {
     /// a failed test (a build error, a crash) counts as one failure.
     fn suite(&mut self, name: &str, cmd: &mut Command) {
         eprintln!("\n== {name}");
+        let start = std::time::Instant::now();
         let (mut passed, mut failed) = (0, 0);
         let status = cmd.stdout(Stdio::piped()).spawn().and_then(|mut child| {
             let stdout = child.stdout.take().expect("stdout was piped");
@@ -49,6 +55,7 @@ impl Tally {
             }
             child.wait()
         });
+        self.took.push((name.into(), start.elapsed().as_secs_f64()));
         self.passed += passed;
         self.failed += failed;
         let ok = matches!(status, Ok(s) if s.success());
@@ -129,6 +136,7 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     // This program, found now: the native tests rebuild it (the command-line tests need
     // the binary), after which the kernel names the running one "... (deleted)".
     let runner = this_program()?;
+    let start = std::time::Instant::now();
     setup::ensure_debs(&setup::TEST_PACKAGES)?;
     setup::ensure_node()?;
     setup::ensure_wasm_target()?;
@@ -138,6 +146,8 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     let python = setup::ensure_python(&root)?;
 
     let mut t = Tally::default();
+    t.took
+        .push(("setup and data".into(), start.elapsed().as_secs_f64()));
     if want("checks") {
         checks(&root, &mut t);
     }
@@ -157,6 +167,11 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
         e2e(&root, &python, &mut t);
     }
 
+    eprintln!("\ntime per step:");
+    for (name, secs) in &t.took {
+        eprintln!("  {secs:7.0} s  {name}");
+    }
+    eprintln!("  {:7.0} s  in all", start.elapsed().as_secs_f64());
     if !t.failures.is_empty() {
         eprintln!("\nfailed: {}", t.failures.join(", "));
     }
@@ -242,8 +257,11 @@ fn browser(root: &Path, runner: &Path, t: &mut Tally) {
 /// End-to-end: the real bundle, the real server, Playwright driving Chromium, all inside
 /// a network namespace whose only interface is loopback.
 fn e2e(root: &Path, python: &Path, t: &mut Tally) {
+    let start = std::time::Instant::now();
     let built =
         web::build(root).and_then(|_| crate::build_server_with(root, &["--bin", "shoal-peer"]));
+    t.took
+        .push(("end-to-end build".into(), start.elapsed().as_secs_f64()));
     match built {
         Ok(()) => t.suite(
             "end-to-end tests (Playwright, loopback-only network namespace)",
