@@ -464,18 +464,25 @@ fn rounds_sized_in_time_keep_every_peer_training_and_reach_the_target_sooner() {
     );
 }
 
+/// Writes a run's ledger with the server's code, checks that the file verifies, and
+/// returns its entries.
+fn ledger_of(r: &Report) -> Vec<shoal_shared::trust::ledger::Entry> {
+    let dir = std::env::temp_dir().join(format!("shoal-sim-{}-{}", r.name, std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let entries = r.ledger(&dir).expect("the ledger is written");
+    let bytes = std::fs::read(dir.join(format!("{}.ledger", r.name))).expect("file");
+    let v = shoal_shared::trust::ledger::verify(&bytes).expect("the simulator's ledger verifies");
+    assert_eq!(v.entries.len(), entries.len());
+    let _ = std::fs::remove_dir_all(&dir);
+    entries
+}
+
 #[test]
 fn sybils_vouching_for_each_other_earn_no_credit_and_honest_credit_tracks_samples() {
     // Two of eight attack (sign-flipped updates, screened out by the trimmed mean) and
     // sign receipts for each other every round claiming ten times a round's samples.
-    let sc = scenario("attack-vouch");
-    let r = run(&sc);
-    let dir = std::env::temp_dir().join(format!("shoal-sim-ledger-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let entries = r.ledger(&dir).expect("the ledger is written");
-    let bytes = std::fs::read(dir.join("attack-vouch.ledger")).expect("file");
-    let v = shoal_shared::trust::ledger::verify(&bytes).expect("the simulator's ledger verifies");
-    assert_eq!(v.entries.len(), entries.len());
+    let r = run(&scenario("attack-vouch"));
+    let entries = ledger_of(&r);
     let vouches = entries
         .iter()
         .filter(|e| e.receipt.update_sha256 == [0; 32])
@@ -491,12 +498,51 @@ fn sybils_vouching_for_each_other_earn_no_credit_and_honest_credit_tracks_sample
         "sybils earned {:.3} of all credit",
         s.attacker_share
     );
-    // Honest keys are credited for what they trained, within a stated tolerance: a run
-    // cut short by an adoption or a round whose update came too late earns nothing.
+    honest_credit_tracks_samples(&s);
+}
+
+#[test]
+fn inflated_claims_earn_at_most_twice_a_median_round_and_replayed_receipts_nothing() {
+    // Two of eight train honestly, claim ten times their samples and replay every receipt
+    // they were sent, every round. In rounds of steps every run is 160 samples.
+    let r = run(&scenario("attack-inflate"));
+    let entries = ledger_of(&r);
+    let s = r.credit_study(&entries);
+    println!(
+        "ledger: {} receipts, {} replays; attackers' credit / samples {:.2}, share {:.3}; honest per key {:.2}-{:.2}",
+        s.receipts,
+        r.replayed,
+        s.attacker_ratio,
+        s.attacker_share,
+        s.honest_range.0,
+        s.honest_range.1
+    );
+    assert!(r.replayed > 0, "the attackers did replay");
+    assert_eq!(
+        entries.len(),
+        r.receipts.len() - r.replayed,
+        "every replayed receipt is refused by the ledger"
+    );
+    // Claims of 10x are cut to twice the round's median claim: at most 2x what they did.
+    assert!(
+        s.attacker_ratio <= 2.0 + 1e-9,
+        "inflators credited {:.2} times their samples",
+        s.attacker_ratio
+    );
+    assert!(
+        s.attacker_share < 0.45,
+        "inflators' share {:.3}",
+        s.attacker_share
+    );
+    honest_credit_tracks_samples(&s);
+}
+
+/// Honest keys are credited for what they trained, within a stated tolerance: a run cut
+/// short by an adoption or a round whose update came too late earns nothing.
+fn honest_credit_tracks_samples(s: &sim::CreditStudy) {
     assert!(
         s.honest_range.0 >= 0.6 && s.honest_range.1 <= 1.2,
         "honest credit / samples per key {:?}",
         s.honest_range
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

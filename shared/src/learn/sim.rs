@@ -233,6 +233,11 @@ pub enum MessageAttack {
     /// claiming ten times a round's samples, whether or not it used anything (sybils
     /// vouching for each other in the ledger).
     Vouch,
+    /// Claim ten times the samples trained in every update (signed as such).
+    Inflate,
+    /// Every round, submit again every receipt a neighbour ever sent it (the ledger
+    /// refuses a second receipt for the same round of the same pair).
+    ReplayReceipts,
 }
 
 /// What an attacker sends instead of its honest update (always validly signed).
@@ -424,6 +429,8 @@ pub struct Report {
     /// ledger ([`Report::ledger`]; `cargo xtask sim` writes it).
     #[serde(skip)]
     pub receipts: Vec<(u64, u8, Vec<u8>)>,
+    /// How many of those the attackers submitted again (`replay_receipts`).
+    pub replayed: usize,
     /// Every key that trained: the samples it trained on and whether it attacked.
     #[serde(skip)]
     pub trained: BTreeMap<PublicKey, (u64, bool)>,
@@ -562,6 +569,8 @@ struct SimPeer {
     own_lie: Option<Vec<f32>>,
     /// The first update an attacker sent (the replay attack).
     first_update: Option<Vec<u8>>,
+    /// The receipts its neighbours sent it (an attacker's, for the receipt replay).
+    got_receipts: Vec<Vec<u8>>,
     /// The time a wake-up is scheduled for, if any.
     wake_at: Option<u64>,
     /// When this life of the slot began (virtual microseconds).
@@ -655,6 +664,8 @@ struct Sim<'a> {
     adopted: u64,
     poisoned: u64,
     receipts: Vec<(u64, u8, Vec<u8>)>,
+    /// Receipts the attackers submitted again (`replay_receipts`).
+    replayed: usize,
     trained: BTreeMap<PublicKey, (u64, bool)>,
     eval: CpuBackend,
     /// The held-out samples evaluated (a language model's: a spread subset of windows).
@@ -703,6 +714,7 @@ pub fn run(sc: &Scenario, train: &Samples, test: &Samples) -> Result<Report, Str
         rejected: BTreeMap::new(),
         adopted: 0,
         receipts: Vec::new(),
+        replayed: 0,
         trained: BTreeMap::new(),
         poisoned: 0,
         eval,
@@ -833,6 +845,7 @@ impl Sim<'_> {
             lie: None,
             own_lie: None,
             first_update: None,
+            got_receipts: Vec::new(),
             wake_at: None,
             born: self.t,
             busy: 0,
@@ -953,6 +966,12 @@ impl Sim<'_> {
             {
                 let now = self.now_ms();
                 let data = bytes.as_ref().clone();
+                if self.is_attacker(to)
+                    && self.sc.attack.also.contains(&MessageAttack::ReplayReceipts)
+                    && let Ok(PeerMessage::Receipt(r)) = PeerMessage::decode(&data, self.init.len())
+                {
+                    self.peers[to].as_mut().expect("alive").got_receipts.push(r);
+                }
                 self.peer_mut(to).handle(
                     Event::Message {
                         from: peer_id(from, from_epoch),
@@ -1028,6 +1047,17 @@ impl Sim<'_> {
             Output::RoundClosed(summary) => {
                 if self.is_attacker(slot) && self.sc.attack.also.contains(&MessageAttack::Vouch) {
                     self.vouch(slot, summary.round);
+                }
+                if self.is_attacker(slot)
+                    && self.sc.attack.also.contains(&MessageAttack::ReplayReceipts)
+                {
+                    let p = self.peers[slot].as_ref().expect("alive");
+                    let again: Vec<Vec<u8>> = p.got_receipts.clone();
+                    for r in again {
+                        let links = self.links_of_sender(&r);
+                        self.receipts.push((self.t / 1000, links, r));
+                        self.replayed += 1;
+                    }
                 }
                 if self.is_attacker(slot)
                     && self.sc.attack.also.contains(&MessageAttack::UnaskedModels)
@@ -1366,9 +1396,6 @@ impl Sim<'_> {
         }
     }
 
-    /// Forges the attacker's update for the round it just trained (sent in place of the
-    /// honest one), and sends poisoned mixes; a non-stealthy attacker applies its lie to
-    /// itself too.
     /// How many neighbours the sender of a receipt (its bytes) has now (0 once it left).
     fn links_of_sender(&self, receipt: &[u8]) -> u8 {
         let Some(&len) = receipt.get(8) else { return 0 };
@@ -1413,6 +1440,9 @@ impl Sim<'_> {
         }
     }
 
+    /// Forges the attacker's update for the round it just trained (sent in place of the
+    /// honest one), and sends poisoned mixes; a non-stealthy attacker applies its lie to
+    /// itself too.
     fn forge(&mut self, slot: usize, local: &[f32], samples: u32) {
         let attack = self.sc.attack.clone();
         let (task, cfg) = (self.sc.name.clone(), self.sc.learn.clone());
@@ -1422,6 +1452,11 @@ impl Sim<'_> {
         let delta: Vec<f32> = start.iter().zip(local).map(|(w, l)| w - l).collect();
         let far = attack.also.contains(&MessageAttack::FarAhead) && p.attacker_index % 2 == 1;
         let claimed = if far { round + FAR } else { round };
+        let samples = if attack.also.contains(&MessageAttack::Inflate) {
+            samples.saturating_mul(10)
+        } else {
+            samples
+        };
         let lie = lie_delta(p, &attack, &delta);
         let values: Vec<f32> = match cfg.exchange {
             Exchange::Delta => lie.clone(),
@@ -1508,6 +1543,7 @@ impl Sim<'_> {
             adopted: self.adopted,
             poisoned_adoptions: self.poisoned,
             receipts: self.receipts.clone(),
+            replayed: self.replayed,
             trained: self.trained.clone(),
             time_to_target_s: hit.map(|r| r.time_s),
             utilization: self.utilization(),
