@@ -12,8 +12,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
-use shoal_shared::learn::identity::hex;
+use shoal_shared::learn::identity::{Identity, hex};
 use shoal_shared::trust::credits::{self, Credits};
+use shoal_shared::trust::head::SignedHead;
 use shoal_shared::trust::ledger::LedgerFile;
 
 use crate::signaling::Hub;
@@ -81,8 +82,11 @@ pub async fn page(
     }
     // The ledger's lock may be held by an append's fsync: wait for it off the async
     // threads.
-    let body =
-        tokio::task::spawn_blocking(move || page_body(&task, &lock(&ledger), q.from, limit)).await;
+    let key = s.hub.head_key.clone();
+    let body = tokio::task::spawn_blocking(move || {
+        page_body(&task, &lock(&ledger), key.as_ref(), q.from, limit)
+    })
+    .await;
     match body {
         Ok(b) => Json(b).into_response(),
         Err(_) => refuse(
@@ -92,7 +96,13 @@ pub async fn page(
     }
 }
 
-fn page_body(task: &str, l: &LedgerFile, from: Option<u64>, limit: usize) -> serde_json::Value {
+fn page_body(
+    task: &str,
+    l: &LedgerFile,
+    key: Option<&Identity>,
+    from: Option<u64>,
+    limit: usize,
+) -> serde_json::Value {
     let from = from.unwrap_or(0).min(l.count()) as usize;
     let entries: Vec<_> = l.entries()[from..]
         .iter()
@@ -113,10 +123,19 @@ fn page_body(task: &str, l: &LedgerFile, from: Option<u64>, limit: usize) -> ser
             })
         })
         .collect();
+    // The head, signed by the server's key: what peers remember and gossip.
+    let signed = key.filter(|_| l.count() > 0).map(|k| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        hex(&SignedHead::sign(k, task, l.count(), l.head(), now).encode())
+    });
     json!({
         "task": task,
         "count": l.count(),
         "head": hex(&l.head()),
+        "signed_head": signed,
+        "server_key": key.map(|k| hex(&k.public())),
         "entries": entries,
     })
 }

@@ -342,6 +342,8 @@ pub struct Hub {
     saving: Mutex<()>,
     /// Each task's ledger of receipts (tasks whose ledger could not be opened have none).
     pub(crate) ledgers: HashMap<String, Arc<Mutex<LedgerFile>>>,
+    /// The key the server signs its ledgers' heads with (`{ledger_dir}/server.key`).
+    pub(crate) head_key: Option<shoal_shared::learn::identity::Identity>,
 }
 
 /// Why a receipt was refused, or `Appended`: the `reason` label of
@@ -462,7 +464,33 @@ impl Hub {
         state_file: Option<std::path::PathBuf>,
     ) -> Arc<Self> {
         let mut ledgers = HashMap::new();
+        let mut head_key = None;
         if let Some(dir) = &config.ledger_dir {
+            // The server's own key: peers remember the heads it signs, so it must
+            // outlive restarts; without OS randomness no key is made and no head signed.
+            let seed = || {
+                let mut seed = [0u8; 32];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))?;
+                Ok(seed)
+            };
+            let key = std::fs::create_dir_all(dir).and_then(|()| {
+                shoal_shared::learn::identity::load_or_create(&dir.join("server.key"), seed)
+            });
+            match key {
+                Ok((key, created)) => {
+                    tracing::info!(
+                        "ledger heads signed by {}{}",
+                        shoal_shared::learn::identity::hex(&key.public()),
+                        if created { " (a new key)" } else { "" }
+                    );
+                    head_key = Some(key);
+                }
+                Err(e) => tracing::error!(
+                    "the server's key in {}: {e}; heads go unsigned",
+                    dir.display()
+                ),
+            }
             for t in tasks {
                 match LedgerFile::open(dir, t, unix_ms()) {
                     Ok((ledger, note)) => {
@@ -495,6 +523,7 @@ impl Hub {
             .collect();
         Arc::new(Self {
             ledgers,
+            head_key,
             config,
             state: Mutex::new(HubState {
                 tasks,

@@ -1260,6 +1260,8 @@ struct Member {
 
 use shoal_shared::learn::Identity;
 use shoal_shared::learn::identity::hex;
+use shoal_shared::protocol::from_hex;
+use shoal_shared::trust::head::{SignedHead, Verdict, Witness};
 use shoal_shared::trust::receipt::{Receipt, sha256};
 
 async fn member(s: &Server, seed: u8, prove: bool) -> Member {
@@ -1323,6 +1325,29 @@ async fn refused(ws: &mut Ws, code: &str, reason: &str) {
         e["message"].as_str().is_some_and(|m| m.contains(reason)),
         "{e}"
     );
+}
+
+/// The server's signed head now (its bytes) and the hash of entry `at`, if it has one.
+async fn ledger_now(s: &Server, at: u64) -> (Vec<u8>, Vec<(u64, [u8; 32])>) {
+    let page = http_get(
+        s.addr,
+        &format!("/api/tasks/digits/ledger?from={at}&limit=1"),
+    )
+    .await;
+    let page: Value =
+        serde_json::from_str(page.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    let now = from_hex(page["signed_head"].as_str().expect("signed")).expect("hex");
+    let entries = page["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["index"] == at)
+        .map(|e| {
+            let h = from_hex(e["hash"].as_str().expect("hash")).expect("hex");
+            (at, h.try_into().expect("32 bytes"))
+        })
+        .collect();
+    (now, entries)
 }
 
 #[tokio::test]
@@ -1417,6 +1442,15 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     assert_eq!(page["entries"][0]["index"], 1);
     assert_eq!(page["entries"][0]["receiver"], hex(&c.id.public()));
     let head = page["head"].clone();
+    // The head comes signed by the server's key, as peers remember and gossip it.
+    let signed =
+        SignedHead::decode(&from_hex(page["signed_head"].as_str().expect("signed")).expect("hex"))
+            .expect("a valid signed head");
+    assert_eq!(
+        (signed.count, hex(&signed.hash)),
+        (2, head.as_str().expect("head").to_string())
+    );
+    assert_eq!(page["server_key"], json!(hex(&signed.server)));
     assert!(
         http_get(s.addr, "/api/tasks/digits/ledger?limit=501")
             .await
@@ -1478,8 +1512,8 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
 
     // The file verifies offline, then the server restarts and the chain goes on.
     let file = dir.join("digits.ledger");
-    let v =
-        shoal_shared::trust::ledger::verify(&std::fs::read(&file).expect("file")).expect("valid");
+    let three = std::fs::read(&file).expect("file");
+    let v = shoal_shared::trust::ledger::verify(&three).expect("valid");
     assert_eq!(v.entries.len(), 3);
     assert_ne!(
         hex(&v.head),
@@ -1497,6 +1531,12 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
         (page["count"].clone(), page["head"].clone()),
         (json!(3), json!(hex(&v.head)))
     );
+    // Same key after the restart, and the head signed before it is still in the ledger.
+    assert_eq!(page["server_key"], json!(hex(&signed.server)));
+    let mut witness = Witness::new("digits", Some(signed.clone()));
+    assert_eq!(witness.lookups(), vec![1]);
+    let (now, at) = ledger_now(&s, 1).await;
+    assert_eq!(witness.check(&now, &at), Ok(Verdict::Intact { count: 3 }));
     let mut a = member(&s, 1, true).await;
     let mut c = member(&s, 3, true).await;
     send(&mut c.ws, report(6, 0.5)).await;
@@ -1510,7 +1550,20 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
         4,
         "appended after the restart, on the same chain"
     );
+    // A peer that saw the fourth entry's head catches a server whose ledger lost it.
+    assert_eq!(witness.lookups(), vec![2]);
+    let (now, at) = ledger_now(&s, 2).await;
+    assert_eq!(witness.check(&now, &at), Ok(Verdict::Intact { count: 4 }));
     let _ = c.ws.close(None).await;
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.done).await;
+    std::fs::write(&file, &three).expect("history cut back to three entries");
+    let mut s = start_config(cfg()).await;
+    let (now, at) = ledger_now(&s, 3).await;
+    assert!(
+        matches!(witness.check(&now, &at), Ok(Verdict::Rewritten { head, .. }) if head.count == 4),
+        "the cut is caught"
+    );
     s.stop.take().expect("stop").send(()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }

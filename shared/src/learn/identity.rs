@@ -64,6 +64,36 @@ impl Identity {
     }
 }
 
+/// The identity in the key file at `path`, or a new one from `seed()` written there
+/// (readable by its owner only) when there is none; says whether it was created.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_or_create(
+    path: &std::path::Path,
+    seed: impl FnOnce() -> std::io::Result<[u8; 32]>,
+) -> std::io::Result<(Identity, bool)> {
+    let invalid = |e: IdentityError| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((Identity::from_key_file(&text).map_err(invalid)?, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = Identity::from_seed(seed()?);
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(path)?;
+            std::io::Write::write_all(&mut f, id.to_key_file().as_bytes())?;
+            f.sync_all()?;
+            Ok((id, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Parses 64 hex digits.
 pub fn parse_seed(text: &str) -> Result<[u8; 32], IdentityError> {
     if text.len() != 64 || !text.is_ascii() {

@@ -3,5 +3,6 @@
 //! (docs/protocol.md, "Receipts, the ledger and credits").
 
 pub mod credits;
+pub mod head;
 pub mod ledger;
 pub mod receipt;

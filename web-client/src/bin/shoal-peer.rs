@@ -142,27 +142,17 @@ mod peer {
 
     /// Reads the key file, or creates one from the OS's random generator.
     fn identity(path: &Path) -> Result<Identity> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                Identity::from_key_file(&text).with_context(|| format!("{}", path.display()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = [0u8; 32];
-                getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
-                let id = Identity::from_seed(seed);
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                let mut f = opts
-                    .open(path)
-                    .with_context(|| format!("creating {}", path.display()))?;
-                std::io::Write::write_all(&mut f, id.to_key_file().as_bytes())?;
-                eprintln!("created identity {}", path.display());
-                Ok(id)
-            }
-            Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+        let (id, created) = shoal_shared::learn::identity::load_or_create(path, || {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed)
+                .map_err(|e| std::io::Error::other(format!("no OS randomness: {e}")))?;
+            Ok(seed)
+        })
+        .with_context(|| format!("{}", path.display()))?;
+        if created {
+            eprintln!("created identity {}", path.display());
         }
+        Ok(id)
     }
 
     /// The task: from `--task-file`, or the built-in demo for `--task digits`.
