@@ -2,7 +2,7 @@
 // embedded widget's frame (embed.html): the worker that trains, consent, pause/resume,
 // the throttle, automatic pauses (hidden tab, battery), and live progress. All
 // computation happens in the worker, so the page stays responsive.
-import { relaySwarm, fetchTask, fmtBytes, witnessLedger } from './relay.js';
+import { relaySwarm, fetchTask, fmtBytes } from './relay.js';
 import { tryTheModel } from './try.js';
 
 // Long main-thread tasks (over 50 ms), for anyone (and the end-to-end test) who wants to
@@ -112,19 +112,34 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   // The visitor's credits, from the task's ledger: samples of theirs that neighbours the
   // server drew at random receipted (not what this page counts itself).
   let credits = '–';
-  // What this browser witnessed of the ledger (see `witnessLedger`).
+  // What this browser witnessed of the ledger: the worker checks the newest head the
+  // server signed that this browser saw (on this visit or an earlier one, kept in
+  // storage) or that a neighbour gossiped, against the server's ledger now.
   let ledger = '–';
-  async function witness() {
+  const headSlot = `shoal-ledger-signed-${task}`;
+  const storedHead = () => {
     try {
-      const w = await witnessLedger(task);
-      if (w?.ok) ledger = `${w.count.toLocaleString('en')} receipts, history intact`;
-      else if (w) {
-        ledger = `history changed: ${w.reason}`;
-        console.error(`shoal: the server's ledger changed its history: ${w.reason}`);
-      }
+      return localStorage.getItem(headSlot);
     } catch {
-      // The next try will tell.
+      return null; // a browser that denies storage witnesses this visit only
     }
+  };
+  function witnessed(v) {
+    if (v.ok) {
+      ledger = `${v.count.toLocaleString('en')} receipts, history intact`;
+      try {
+        if (v.head) localStorage.setItem(headSlot, v.head);
+      } catch {
+        // As above.
+      }
+    } else {
+      // The head kept is not replaced: it is the evidence.
+      if (!ledger.startsWith('history changed')) {
+        console.error(`shoal: the server's ledger changed its history: ${v.reason}${v.evidence ? ` (signed head ${v.evidence})` : ''}`);
+      }
+      ledger = `history changed: ${v.reason}`;
+    }
+    window.shoalLedger = v;
   }
   async function fetchCredits(key) {
     try {
@@ -185,7 +200,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       lasting = id.lasting;
       // `?backend=cpu` trains on the CPU even where WebGPU exists (slow software adapters).
       const only = new URLSearchParams(location.search).get('backend');
-      worker.postMessage({ type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty });
+      worker.postMessage({ type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty, head: storedHead() });
       applyPause();
       relaySwarm(worker, task, {
         secret: id.secret,
@@ -235,8 +250,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       // The visitor's public key, for anyone who wants to look it up in the ledger.
       window.shoalKey = msg.key;
       fetchCredits(msg.key);
-      witness();
-      setInterval(() => { fetchCredits(msg.key); witness(); }, 15_000);
+      setInterval(() => fetchCredits(msg.key), 15_000);
       applyPause();
     } else if (msg.type === 'progress') {
       const p = msg.progress;
@@ -251,6 +265,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
         used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes });
       render(p);
+    } else if (msg.type === 'ledger') {
+      witnessed(msg.verdict);
     } else if (msg.type === 'error') {
       say('error', `Shoal stopped: ${msg.message}`);
     }

@@ -71,43 +71,6 @@ function siteParam() {
   }
 }
 
-/**
- * Witnesses the task's ledger: the server must still hold, at the same place, the head
- * this browser saw last time (kept in `localStorage` across visits), and may only have
- * appended since. Resolves to `{ok: true, count, head}` (and remembers the new head) or
- * `{ok: false, reason}` (and keeps the old one): a server that rewrote its history
- * cannot hide it from a returning visitor. `null` when there is nothing to check
- * (no ledger on this server, no storage).
- */
-export async function witnessLedger(task) {
-  const slot = `shoal-ledger-head-${task}`;
-  let seen = null;
-  try {
-    seen = JSON.parse(localStorage.getItem(slot) ?? 'null');
-  } catch {
-    return null;
-  }
-  const valid = seen && Number.isSafeInteger(seen.count) && seen.count > 0 && /^[0-9a-f]{64}$/.test(seen.head ?? '');
-  const from = valid ? seen.count - 1 : 0;
-  const r = await fetch(`/api/tasks/${encodeURIComponent(task)}/ledger?from=${from}&limit=1`);
-  if (!r.ok) return null;
-  const now = await r.json();
-  if (valid) {
-    if (now.count < seen.count) {
-      return { ok: false, reason: `the ledger now has ${now.count} receipts; this browser saw ${seen.count}` };
-    }
-    if (now.entries[0]?.hash !== seen.head) {
-      return { ok: false, reason: `receipt ${seen.count - 1} is no longer the one this browser saw (head ${seen.head.slice(0, 16)}…)` };
-    }
-  }
-  try {
-    localStorage.setItem(slot, JSON.stringify({ count: now.count, head: now.head }));
-  } catch {
-    // A browser that denies storage witnesses this visit only.
-  }
-  return { ok: true, count: now.count, head: now.head };
-}
-
 /** Fetches a task's description (`{task, files, cost}`) with a clear error. */
 export async function fetchTask(task) {
   let r;

@@ -57,7 +57,40 @@ function netEvent(m) {
 // or a chunk of a round sized in time), closes a round, or finds nothing to do (then the
 // worker sleeps briefly). After each tick that trained, the throttle rests for the time
 // the duty cycle asks.
-async function contribute(task, secret) {
+// The ledger's witness (docs/protocol.md, "Signed heads and gossip"): every 15 s, between
+// two ticks, the heads this peer holds (kept from an earlier visit, or gossiped by a
+// neighbour) are checked against the server's ledger; the page shows the verdict and
+// keeps the newest head that checked out.
+const WITNESS_EVERY_MS = 15_000;
+
+async function witness(task) {
+  try {
+    const at = Array.from(peer.ledgerLookups());
+    const base = `/api/tasks/${encodeURIComponent(task)}/ledger`;
+    const pages = await Promise.all((at.length ? at : [null]).map(async (i) => {
+      const r = await fetch(i === null ? `${base}?limit=1` : `${base}?from=${i}&limit=1`);
+      if (!r.ok) throw new Error(`HTTP ${r.status}`);
+      return r.json();
+    }));
+    // The server's head now, signed (none while its ledger is empty).
+    const now = pages.at(-1).signed_head;
+    if (!now || !peer) return;
+    const indexes = [];
+    const hashes = [];
+    at.forEach((i, k) => {
+      const e = pages[k].entries.find((x) => x.index === i);
+      if (e) {
+        indexes.push(i);
+        hashes.push(e.hash);
+      }
+    });
+    post({ type: 'ledger', verdict: JSON.parse(peer.checkLedger(now, indexes, hashes)) });
+  } catch {
+    // The server is unreachable or busy: the next check will tell.
+  }
+}
+
+async function contribute(task, secret, head) {
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
@@ -65,6 +98,14 @@ async function contribute(task, secret) {
   peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files);
   for (const m of early) netEvent(m);
   early = [];
+  if (head) {
+    try {
+      peer.rememberHead(head);
+    } catch (e) {
+      post({ type: 'ledger', verdict: { ok: false, reason: `the head kept from an earlier visit was refused: ${errorText(e)}` } });
+    }
+  }
+  let witnessed = -Infinity;
   if (visitorPaused) peer.setPaused('visitor', true);
   if (taskPaused !== null) peer.setPaused('task', taskPaused);
   post({ type: 'joined', key: peer.publicKey(), backend });
@@ -89,6 +130,10 @@ async function contribute(task, secret) {
       shown = now;
     }
     if (tryRequest) answerTry();
+    if (now - witnessed >= WITNESS_EVERY_MS) {
+      witnessed = now;
+      await witness(task);
+    }
     phase = p.phase;
     if (p.trained && duty < 1) await sleep(spent * (1 / duty - 1));
     else if (!p.closed && p.phase !== 'training') await sleep(25);
@@ -114,7 +159,7 @@ self.addEventListener('message', (event) => {
     if (msg.type === 'start' && !peer) {
       if (msg.backend === 'cpu') backend = 'cpu';
       if (msg.duty) duty = msg.duty;
-      contribute(msg.task, msg.secret).catch((e) => {
+      contribute(msg.task, msg.secret, msg.head).catch((e) => {
         peer = null;
         if (tryRequest) {
           post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });

@@ -128,6 +128,11 @@ impl SwarmTrainer {
         self.peer.learner()
     }
 
+    /// The ledger heads this peer holds (see `shoal_shared::trust::head`).
+    pub fn witness_mut(&mut self) -> &mut shoal_shared::trust::head::Witness {
+        self.peer.learner_mut().witness_mut()
+    }
+
     /// The task.
     pub fn task(&self) -> &TaskSpec {
         &self.task

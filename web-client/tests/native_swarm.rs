@@ -125,11 +125,15 @@ fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
         let mut last = (0, None);
         let mut max_peers = 0;
         let mut used = 0u64;
+        let mut witnessed = None;
         expect_line(
             rx,
             600,
             &format!("peer {i} to finish {ROUNDS} rounds"),
             |line| {
+                if let Some(n) = line.strip_prefix("ledger intact ") {
+                    witnessed = n.parse::<u64>().ok();
+                }
                 if let Some(r) = round_line(line) {
                     last = r;
                     let n = line.split_whitespace().skip_while(|w| *w != "peers").nth(1);
@@ -147,6 +151,11 @@ fn three_native_peers_train_together_over_webrtc_on_one_model_version() {
             acc * 100.0
         );
         assert_eq!(last.0, ROUNDS, "peer {i} holds the swarm's version");
+        // It checked the server's signed ledger head (docs/protocol.md, "Signed heads").
+        assert!(
+            witnessed.is_some_and(|n| n > 0),
+            "peer {i} witnessed the ledger: {witnessed:?}"
+        );
         assert_eq!(max_peers, 2, "peer {i} trained with both others");
         assert!(
             used >= ROUNDS,

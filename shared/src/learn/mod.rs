@@ -374,6 +374,12 @@ pub enum Received {
     },
     /// A valid receipt for one of our updates (counted in [`LearnStats::receipts`]).
     Receipt,
+    /// A ledger head (kept by [`Learner::witness`] when it is newer than any held):
+    /// the sender holds a head of `count` entries (0 for another server's).
+    Head {
+        /// The head's entry count.
+        count: u64,
+    },
 }
 
 /// Counters a peer keeps about its swarm traffic.
@@ -493,6 +499,8 @@ pub struct Learner {
     /// Neighbours' weights to average with ours when the round closes: at most one per
     /// sender (the transport's connection) and round, at most [`MAX_MIXES`] in all.
     mixes: Vec<Mix>,
+    /// The ledger heads held: checked against the server, or gossiped by neighbours.
+    witness: crate::trust::head::Witness,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -522,6 +530,7 @@ impl Learner {
             seen: HashMap::new(),
             started: false,
             mixes: Vec::new(),
+            witness: crate::trust::head::Witness::new(task, None),
             stats: LearnStats::default(),
         })
     }
@@ -636,6 +645,7 @@ impl Learner {
             PeerMessage::Mix { round, payload } => return self.take_mix(sender, round, &payload),
             PeerMessage::Status { contributing } => return Ok(Received::Status { contributing }),
             PeerMessage::Receipt(r) => return self.take_receipt(&r),
+            PeerMessage::Head(h) => return self.take_head(&h),
             PeerMessage::Update(u) => u,
         };
         if u.key == self.id.public() {
@@ -690,6 +700,32 @@ impl Learner {
             Ok(_) | Err(ReceiptError::Malformed(_)) => Err(self.stats.reject(Rejection::Malformed)),
             Err(ReceiptError::BadSignature) => Err(self.stats.reject(Rejection::BadSignature)),
         }
+    }
+
+    /// A neighbour's ledger head: kept when it is newer than every head held and signed
+    /// by the server this peer knows. A head of another server, or one that comes before
+    /// this peer knows its server's key, is no evidence about this ledger and is passed
+    /// over; a malformed or badly signed one is refused.
+    fn take_head(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
+        use crate::trust::head::HeadError;
+        match self.witness.heard(bytes) {
+            Ok(h) => Ok(Received::Head { count: h.count }),
+            Err(HeadError::OtherServer) => Ok(Received::Head { count: 0 }),
+            Err(HeadError::BadSignature) => Err(self.stats.reject(Rejection::BadSignature)),
+            Err(HeadError::Malformed(_) | HeadError::OtherTask) => {
+                Err(self.stats.reject(Rejection::Malformed))
+            }
+        }
+    }
+
+    /// The heads of the task's ledger this peer holds (see [`crate::trust::head`]).
+    pub fn witness(&self) -> &crate::trust::head::Witness {
+        &self.witness
+    }
+
+    /// The witness, for the driver to hand it the server's heads.
+    pub fn witness_mut(&mut self) -> &mut crate::trust::head::Witness {
+        &mut self.witness
     }
 
     fn take_mix(&mut self, sender: u64, round: u64, payload: &[u8]) -> Result<Received, Rejection> {

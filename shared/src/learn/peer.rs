@@ -262,6 +262,8 @@ struct Neighbour {
     /// It broke the protocol as no honest peer does (see the module's rules): nothing it
     /// sends counts any more.
     shunned: bool,
+    /// The entry count of the newest ledger head we sent it.
+    head_sent: u64,
 }
 
 /// Rounds in time: the training toward our next update.
@@ -557,6 +559,33 @@ impl Peer {
                 self.send(p, u.clone());
             }
         }
+        self.gossip_head();
+    }
+
+    /// Sends the newest ledger head we hold to each greeted neighbour that has not had
+    /// it (or a newer one) from us: a few hundred bytes per neighbour when the ledger
+    /// grew, at most once a round.
+    fn gossip_head(&mut self) {
+        let Some(head) = self.learner.witness().newest() else {
+            return;
+        };
+        let count = head.count;
+        let due: Vec<PeerId> = self
+            .nbrs
+            .iter()
+            .filter(|(_, n)| n.greeted && !n.shunned && n.head_sent < count)
+            .map(|(p, _)| *p)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let msg = PeerMessage::Head(head.encode()).encode();
+        for p in due {
+            if let Some(n) = self.nbrs.get_mut(&p) {
+                n.head_sent = count;
+            }
+            self.send(p, msg.clone());
+        }
     }
 
     /// Whether our update for the current round went out and the round is still open.
@@ -671,6 +700,12 @@ impl Peer {
             }
             Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
                 self.shun(from, now_ms);
+            }
+            // It holds that head: no need to send it ours unless ours is newer.
+            Ok(Received::Head { count }) => {
+                if let Some(n) = self.nbrs.get_mut(&from) {
+                    n.head_sent = n.head_sent.max(count);
+                }
             }
             Ok(Received::Mix | Received::Receipt) | Err(_) => {} // held or counted by the learner
         }
@@ -1045,6 +1080,7 @@ impl Peer {
                 self.send(to, msg.clone());
             }
         }
+        self.gossip_head();
         for r in &summary.receipts {
             let bytes = r.encode();
             let to = self

@@ -10,6 +10,7 @@
 //! kind 4   mix:      round:u64 payload          — int8 weights for gossip averaging
 //! kind 5   status:   flags:u8 (bit 0: contributing; other bits 0)
 //! kind 6   receipt:  receipt (see `trust::receipt`) — for an update of the recipient's
+//! kind 7   head:     signed ledger head (see `trust::head`) — the newest the sender holds
 //! ```
 //! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
 //! message up to the signature, so an update cannot be replayed into another task.
@@ -113,6 +114,9 @@ pub enum PeerMessage {
     /// A receipt a neighbour signed for one of our updates it used (its bytes; the
     /// receiver of this message decodes and verifies them).
     Receipt(Vec<u8>),
+    /// The newest ledger head the sender holds, as the server signed it (its bytes; the
+    /// receiver decodes and verifies them).
+    Head(Vec<u8>),
 }
 
 fn header(kind: u8) -> Vec<u8> {
@@ -212,6 +216,11 @@ impl PeerMessage {
                 v.extend_from_slice(r);
                 v
             }
+            Self::Head(h) => {
+                let mut v = header(7);
+                v.extend_from_slice(h);
+                v
+            }
         }
     }
 
@@ -291,6 +300,13 @@ impl PeerMessage {
                 }
                 Self::Receipt(r.to_vec())
             }
+            7 => {
+                let h = r.rest();
+                if h.len() > crate::trust::head::MAX_HEAD_BYTES {
+                    return Err(WireError::Malformed("a ledger head longer than any"));
+                }
+                Self::Head(h.to_vec())
+            }
             k => return Err(WireError::Kind(k)),
         };
         if !r.is_empty() {
@@ -300,7 +316,7 @@ impl PeerMessage {
             Self::Update(u) => u.round,
             Self::Model(s) => s.round,
             Self::Mix { round, .. } => *round,
-            Self::ModelRequest | Self::Status { .. } | Self::Receipt(_) => 0,
+            Self::ModelRequest | Self::Status { .. } | Self::Receipt(_) | Self::Head(_) => 0,
         };
         if round >= MAX_ROUND {
             return Err(WireError::Round(round));

@@ -149,6 +149,15 @@ pub enum Verdict {
     },
 }
 
+/// A valid head of this peer's server, as a neighbour sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heard {
+    /// Its entry count.
+    pub count: u64,
+    /// Whether it was newer than every head held, and kept.
+    pub kept: bool,
+}
+
 /// The heads one peer holds for one task: the newest it checked against the server, and
 /// the newest a neighbour gossiped that it has not checked yet. Sans-IO: the driver asks
 /// [`Witness::lookups`], fetches those entries and the server's current head, and hands
@@ -167,13 +176,41 @@ pub struct Witness {
 impl Witness {
     /// A witness for `task`, with the head it checked on an earlier visit if any.
     pub fn new(task: &str, remembered: Option<SignedHead>) -> Self {
-        let remembered = remembered.filter(|h| h.task == task);
-        Self {
+        let mut w = Self {
             task: task.to_string(),
-            server: remembered.as_ref().map(|h| h.server),
-            heard: remembered,
             ..Self::default()
+        };
+        if let Some(h) = remembered.filter(|h| h.task == task) {
+            w.server = Some(h.server);
+            w.heard = Some(h);
         }
+        w
+    }
+
+    /// Decodes a head of this task, signed by the server whose key this peer knows (or,
+    /// when it knows none yet, learns it from this head).
+    fn of_our_server(&mut self, bytes: &[u8]) -> Result<SignedHead, HeadError> {
+        let h = SignedHead::decode(bytes)?;
+        if h.task != self.task {
+            return Err(HeadError::OtherTask);
+        }
+        match self.server {
+            None => self.server = Some(h.server),
+            Some(k) if k != h.server => return Err(HeadError::OtherServer),
+            Some(_) => {}
+        }
+        Ok(h)
+    }
+
+    /// Takes a head this peer checked on an earlier visit (its bytes, as the page kept
+    /// them): it names the server's key if none is known yet, and is checked again at
+    /// the next [`Witness::check`] like a gossiped one.
+    pub fn remember(&mut self, bytes: &[u8]) -> Result<(), HeadError> {
+        let h = self.of_our_server(bytes)?;
+        if self.newest().is_none_or(|n| n.count < h.count) {
+            self.heard = Some(h);
+        }
+        Ok(())
     }
 
     /// The newest head held, checked or not (what a peer gossips).
@@ -191,10 +228,10 @@ impl Witness {
     }
 
     /// Takes a head a neighbour sent (its bytes): kept when it is the task's, signed by
-    /// the server this peer knows, and newer than every head held. Returns whether it
-    /// was kept; a head before the server's key is known is refused (nothing to check
-    /// its signer against).
-    pub fn heard(&mut self, bytes: &[u8]) -> Result<bool, HeadError> {
+    /// the server this peer knows, and newer than every head held. Returns the head and
+    /// whether it was kept; a head before the server's key is known is refused (nothing
+    /// to check its signer against).
+    pub fn heard(&mut self, bytes: &[u8]) -> Result<Heard, HeadError> {
         let h = SignedHead::decode(bytes)?;
         if h.task != self.task {
             return Err(HeadError::OtherTask);
@@ -202,11 +239,12 @@ impl Witness {
         if self.server != Some(h.server) {
             return Err(HeadError::OtherServer);
         }
-        if self.newest().is_some_and(|n| n.count >= h.count) {
-            return Ok(false);
+        let count = h.count;
+        if self.newest().is_some_and(|n| n.count >= count) {
+            return Ok(Heard { count, kept: false });
         }
         self.heard = Some(h);
-        Ok(true)
+        Ok(Heard { count, kept: true })
     }
 
     /// The entry indexes whose hashes a check needs (at most two).
@@ -224,15 +262,7 @@ impl Witness {
     /// and the hashes it shows at [`Witness::lookups`] (`entries`: index and hash; an
     /// index missing means the server has no such entry).
     pub fn check(&mut self, now: &[u8], entries: &[(u64, [u8; 32])]) -> Result<Verdict, HeadError> {
-        let now = SignedHead::decode(now)?;
-        if now.task != self.task {
-            return Err(HeadError::OtherTask);
-        }
-        match self.server {
-            None => self.server = Some(now.server),
-            Some(k) if k != now.server => return Err(HeadError::OtherServer),
-            Some(_) => {}
-        }
+        let now = self.of_our_server(now)?;
         if let Some((head, found)) = &self.caught {
             return Ok(Verdict::Rewritten {
                 head: head.clone(),
@@ -312,10 +342,13 @@ mod tests {
             w.check(&head(5, 1).encode(), &[]),
             Ok(Verdict::Intact { count: 5 })
         );
-        assert_eq!(w.heard(&head(9, 2).encode()), Ok(true));
+        assert_eq!(w.heard(&head(9, 2).encode()).map(|h| h.kept), Ok(true));
         assert_eq!(
             w.heard(&head(8, 3).encode()),
-            Ok(false),
+            Ok(Heard {
+                count: 8,
+                kept: false
+            }),
             "older than the newest"
         );
         assert_eq!(w.newest().map(|h| h.count), Some(9));

@@ -9,7 +9,10 @@
 //!
 //! It prints one progress line per round: `round R loss L acc A% peers N up U down D
 //! used K rejected X`, and for a text task ` bits/byte B` after it (the held-out loss of
-//! the current model on a fixed subset of the held-out split). With `--echo` it does not train: every message is sent back to its
+//! the current model on a fixed subset of the held-out split). It witnesses the task's
+//! ledger every 15 s (docs/protocol.md, "Signed heads and gossip") and prints `ledger
+//! intact N` the first time its head checks out, `ledger changed: ...` if the server is
+//! caught rewriting it. With `--echo` it does not train: every message is sent back to its
 //! sender and events are printed as `up <id>`, `peer-up <id>`, `message <from> <bytes>
 //! <sha256>`, ... (the transport tests use this).
 
@@ -33,7 +36,9 @@ mod peer {
     use sha2::{Digest, Sha256};
     use shoal_shared::engine::train::Samples;
     use shoal_shared::learn::Identity;
+    use shoal_shared::protocol::from_hex;
     use shoal_shared::task::TaskSpec;
+    use shoal_shared::trust::head::{Verdict, Witness};
     use shoal_web_client::keeper::Keeper;
     use shoal_web_client::learning::SwarmTrainer;
     use shoal_web_client::native::{NativeOptions, NativeSwarm};
@@ -176,6 +181,81 @@ mod peer {
         Ok(task)
     }
 
+    /// How often the heads held are checked against the server's ledger.
+    const WITNESS_EVERY_MS: f64 = 15_000.0;
+
+    /// Checks the ledger heads `w` holds against the server's ledger of `task` (see
+    /// docs/protocol.md, "Signed heads and gossip"); `None` while the ledger is empty or
+    /// the server signs no heads.
+    async fn witness(server: &str, task: &str, w: &mut Witness) -> Result<Option<Verdict>> {
+        let at = w.lookups();
+        let base = format!("/api/tasks/{task}/ledger");
+        let mut now = None;
+        let mut entries = Vec::new();
+        let paths: Vec<(Option<u64>, String)> = if at.is_empty() {
+            vec![(None, format!("{base}?limit=1"))]
+        } else {
+            at.iter()
+                .map(|i| (Some(*i), format!("{base}?from={i}&limit=1")))
+                .collect()
+        };
+        for (i, path) in paths {
+            let page = http_get_json(server, &path).await?;
+            now = page["signed_head"].as_str().map(str::to_string);
+            let hash = page["entries"]
+                .as_array()
+                .and_then(|e| e.first())
+                .filter(|e| e["index"].as_u64() == i)
+                .and_then(|e| e["hash"].as_str())
+                .and_then(from_hex)
+                .and_then(|h| <[u8; 32]>::try_from(h).ok());
+            if let (Some(i), Some(h)) = (i, hash) {
+                entries.push((i, h));
+            }
+        }
+        let Some(now) = now.as_deref().and_then(from_hex) else {
+            return Ok(None);
+        };
+        Ok(Some(w.check(&now, &entries)?))
+    }
+
+    /// `GET path` from the server of the signaling URL `server` (`ws://host:port`; a
+    /// `wss://` server needs TLS, which this small client does not speak), as JSON: a
+    /// plain HTTP/1.1 request, at most 64 KiB of answer, in at most 5 s.
+    async fn http_get_json(server: &str, path: &str) -> Result<serde_json::Value> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = server
+            .strip_prefix("ws://")
+            .ok_or_else(|| anyhow::anyhow!("only ws:// servers are witnessed (not {server})"))?;
+        let host = host.split('/').next().unwrap_or(host);
+        let fetch = async {
+            let mut conn = tokio::net::TcpStream::connect(host).await?;
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            conn.write_all(req.as_bytes()).await?;
+            let mut answer = Vec::new();
+            conn.take(64 << 10).read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .map_err(|_| anyhow::anyhow!("GET {path}: no answer in 5 s"))??;
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow::anyhow!("GET {path}: not an HTTP answer"))?;
+        let status = head.lines().next().unwrap_or("");
+        if !status.starts_with("HTTP/1.1 200") {
+            anyhow::bail!("GET {path}: {status}");
+        }
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            anyhow::bail!("GET {path}: a chunked answer");
+        }
+        serde_json::from_str(body).with_context(|| format!("GET {path}"))
+    }
+
     /// The model as safetensors, with the held-out loss and accuracy Shoal measured for
     /// it.
     fn export(peer: &mut SwarmTrainer) -> Result<Vec<u8>> {
@@ -228,6 +308,10 @@ mod peer {
             }
             None => None,
         };
+        // The ledger's witness (docs/protocol.md, "Signed heads and gossip").
+        let mut witnessed_at = f64::NEG_INFINITY;
+        let mut witnessed_count = 0;
+        let mut caught = false;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
@@ -279,6 +363,30 @@ mod peer {
                 eprintln!("rejected by reason: {:?}", p.rejected);
             }
             let round = p.round;
+            if now() - witnessed_at >= WITNESS_EVERY_MS {
+                witnessed_at = now();
+                let name = peer.task().name.clone();
+                match witness(&args.server, &name, peer.witness_mut()).await {
+                    Ok(Some(Verdict::Intact { count })) if !caught => {
+                        if witnessed_count == 0 {
+                            println!("ledger intact {count}");
+                        }
+                        witnessed_count = count;
+                    }
+                    Ok(Some(Verdict::Rewritten { head, found })) if !caught => {
+                        caught = true;
+                        println!(
+                            "ledger changed: the server signed {} receipts, and {found} (signed head {})",
+                            head.count,
+                            shoal_shared::learn::identity::hex(&head.encode())
+                        );
+                    }
+                    // An empty ledger: look again next round.
+                    Ok(None) => witnessed_at = f64::NEG_INFINITY,
+                    Ok(_) => {}
+                    Err(e) => eprintln!("ledger witness: {e:#}"),
+                }
+            }
             if let Some(k) = &keeper
                 && round.is_multiple_of(args.checkpoint_every)
             {

@@ -13,7 +13,7 @@ use shoal_shared::engine::train::Samples;
 use shoal_shared::gpu::Gpu;
 use shoal_shared::learn::Identity;
 use shoal_shared::learn::identity::{hex, parse_seed};
-use shoal_shared::protocol::{PeerId, PeerReport};
+use shoal_shared::protocol::{PeerId, PeerReport, from_hex};
 use wasm_bindgen::prelude::*;
 
 use super::now_ms;
@@ -199,6 +199,74 @@ impl SwarmPeer {
             }
         }
         Ok(())
+    }
+
+    /// A ledger head this browser checked on an earlier visit (hex, as the page kept
+    /// it): checked again, and gossiped to neighbours. Call between ticks.
+    #[wasm_bindgen(js_name = rememberHead)]
+    pub fn remember_head(&self, head: &str) -> Result<(), JsError> {
+        let bytes = from_hex(head).ok_or_else(|| JsError::new("the head is not hex"))?;
+        self.with_witness(|w| w.remember(&bytes).map_err(|e| JsError::new(&e.to_string())))
+    }
+
+    /// The ledger entries a check needs the hashes of (indexes; at most two).
+    #[wasm_bindgen(js_name = ledgerLookups)]
+    pub fn ledger_lookups(&self) -> Result<Vec<f64>, JsError> {
+        self.with_witness(|w| Ok(w.lookups().into_iter().map(|i| i as f64).collect()))
+    }
+
+    /// Checks the heads held against the server's: `now` its current signed head (hex,
+    /// `signed_head` of a ledger page), `indexes` and `hashes` (hex) the entries at
+    /// [`ledgerLookups`](Self::ledger_lookups) as the server shows them (an index it has
+    /// no entry at is left out). JSON `{"ok": true, "count", "head"}` (`head`: the signed
+    /// head to keep for the next visit) or `{"ok": false, "count", "reason", "evidence"}`
+    /// (`evidence`: the head the server signed and no longer holds). Call between ticks.
+    #[wasm_bindgen(js_name = checkLedger)]
+    pub fn check_ledger(
+        &self,
+        now: &str,
+        indexes: Vec<f64>,
+        hashes: Vec<String>,
+    ) -> Result<String, JsError> {
+        use shoal_shared::trust::head::Verdict;
+        let now = from_hex(now).ok_or_else(|| JsError::new("the server's head is not hex"))?;
+        let mut entries = Vec::with_capacity(indexes.len());
+        for (i, h) in indexes.iter().zip(&hashes) {
+            let h: [u8; 32] = from_hex(h)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| JsError::new("an entry hash is not 64 hex digits"))?;
+            entries.push((*i as u64, h));
+        }
+        self.with_witness(|w| {
+            let v = w
+                .check(&now, &entries)
+                .map_err(|e| JsError::new(&e.to_string()))?;
+            let json = match v {
+                Verdict::Intact { count } => serde_json::json!({
+                    "ok": true,
+                    "count": count,
+                    "head": w.newest().map(|h| hex(&h.encode())),
+                }),
+                Verdict::Rewritten { head, found } => serde_json::json!({
+                    "ok": false,
+                    "count": head.count,
+                    "reason": format!("the server signed {} receipts ending in {}…, and {found}", head.count, &hex(&head.hash)[..16]),
+                    "evidence": hex(&head.encode()),
+                }),
+            };
+            Ok(json.to_string())
+        })
+    }
+
+    fn with_witness<T>(
+        &self,
+        f: impl FnOnce(&mut shoal_shared::trust::head::Witness) -> Result<T, JsError>,
+    ) -> Result<T, JsError> {
+        let mut inner = self.inner.borrow_mut();
+        let peer = inner
+            .as_mut()
+            .ok_or_else(|| JsError::new("the peer is busy with a tick"))?;
+        f(peer.witness_mut())
     }
 
     /// The messages to send, as `[peer, Uint8Array]` pairs, oldest first.

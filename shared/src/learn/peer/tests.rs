@@ -840,3 +840,68 @@ fn in_rounds_sized_in_time_a_broken_chunk_restarts_the_run_toward_the_next_updat
     assert_eq!(trains(&drain(&mut p)), vec![(6, false)]);
     assert!(p.train_from().iter().all(|w| (w - 0.5).abs() < 1e-6));
 }
+
+/// A head the server (key seed 99) signed for task "t" at `count` entries.
+fn signed_head(count: u64, hash: u8) -> Vec<u8> {
+    crate::trust::head::SignedHead::sign(&id(99), "t", count, [hash; 32], 0).encode()
+}
+
+/// The ledger heads a peer sent, by neighbour.
+fn heads_sent(outs: &[Output]) -> Vec<(u64, u64)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send { to, data } => match PeerMessage::decode(data, N) {
+                Ok(PeerMessage::Head(h)) => {
+                    let h = crate::trust::head::SignedHead::decode(&h).expect("valid");
+                    Some((to.0, h.count))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn ledger_heads_are_gossiped_once_each_and_only_the_servers_newer_ones_kept() {
+    let mut p = running(3);
+    // Nothing to gossip until the driver hands it a head the server signed.
+    assert!(heads_sent(&drain(&mut p)).is_empty());
+    let v = p.learner_mut().witness_mut().check(&signed_head(5, 1), &[]);
+    assert_eq!(v, Ok(crate::trust::head::Verdict::Intact { count: 5 }));
+    p.tick(GREET_AFTER_MS + 1.0);
+    let mut sent = heads_sent(&drain(&mut p));
+    sent.sort_unstable();
+    assert_eq!(sent, vec![(10, 5), (11, 5), (12, 5)], "each neighbour once");
+    p.tick(GREET_AFTER_MS + 2.0);
+    assert!(
+        heads_sent(&drain(&mut p)).is_empty(),
+        "not again for the same head"
+    );
+
+    // A neighbour's newer head of the same server is kept and passed on to the others.
+    p.handle(msg(10, PeerMessage::Head(signed_head(9, 2)).encode()), 10.0);
+    assert_eq!(p.learner().witness().newest().map(|h| h.count), Some(9));
+    p.tick(GREET_AFTER_MS + 3.0);
+    let mut sent = heads_sent(&drain(&mut p));
+    sent.sort_unstable();
+    assert_eq!(
+        sent,
+        vec![(11, 9), (12, 9)],
+        "not back to the one it came from"
+    );
+
+    // A forged head (a byte of its count changed) is refused and counted; another
+    // server's head and an older one are passed over.
+    let mut forged = signed_head(50, 3);
+    forged[10] ^= 1;
+    p.handle(msg(11, PeerMessage::Head(forged).encode()), 11.0);
+    assert_eq!(rejected(&p, Rejection::BadSignature), 1);
+    let other = crate::trust::head::SignedHead::sign(&id(98), "t", 60, [4; 32], 0).encode();
+    p.handle(msg(11, PeerMessage::Head(other).encode()), 12.0);
+    p.handle(msg(12, PeerMessage::Head(signed_head(7, 5)).encode()), 13.0);
+    assert_eq!(p.learner().witness().newest().map(|h| h.count), Some(9));
+    // Garbage after the header is malformed.
+    p.handle(msg(12, PeerMessage::Head(vec![1, 2, 3]).encode()), 14.0);
+    assert_eq!(rejected(&p, Rejection::Malformed), 1);
+}
