@@ -125,7 +125,14 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     }
   };
   function witnessed(v) {
-    if (v.ok) {
+    if (v.stale) {
+      ledger = `not checked yet: ${v.reason}`;
+      try {
+        localStorage.removeItem(headSlot);
+      } catch {
+        // As below.
+      }
+    } else if (v.ok) {
       ledger = `${v.count.toLocaleString('en')} receipts, history intact`;
       try {
         if (v.head) localStorage.setItem(headSlot, v.head);

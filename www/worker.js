@@ -67,24 +67,18 @@ async function witness(task) {
   try {
     const at = Array.from(peer.ledgerLookups());
     const base = `/api/tasks/${encodeURIComponent(task)}/ledger`;
-    const pages = await Promise.all((at.length ? at : [null]).map(async (i) => {
-      const r = await fetch(i === null ? `${base}?limit=1` : `${base}?from=${i}&limit=1`);
+    // A hung request must not stop training: each has 5 s.
+    const get = async (query) => {
+      const r = await fetch(`${base}?${query}`, { signal: AbortSignal.timeout(5000) });
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
       return r.json();
-    }));
-    // The server's head now, signed (none while its ledger is empty).
-    const now = pages.at(-1).signed_head;
-    if (!now || !peer) return;
-    const indexes = [];
-    const hashes = [];
-    at.forEach((i, k) => {
-      const e = pages[k].entries.find((x) => x.index === i);
-      if (e) {
-        indexes.push(i);
-        hashes.push(e.hash);
-      }
-    });
-    post({ type: 'ledger', verdict: JSON.parse(peer.checkLedger(now, indexes, hashes)) });
+    };
+    const pages = await Promise.all((at.length ? at : [null]).map((i) => get(i === null ? 'limit=1' : `from=${i}&limit=1`)));
+    if (!peer) return;
+    // What the server shows at each index looked up ("" where it has no entry).
+    const hashes = at.map((i, k) => pages[k].entries.find((x) => x.index === i)?.hash ?? '');
+    const verdict = JSON.parse(peer.checkLedger(pages.at(-1).signed_head ?? null, at, hashes));
+    if (verdict) post({ type: 'ledger', verdict });
   } catch {
     // The server is unreachable or busy: the next check will tell.
   }
@@ -102,7 +96,8 @@ async function contribute(task, secret, head) {
     try {
       peer.rememberHead(head);
     } catch (e) {
-      post({ type: 'ledger', verdict: { ok: false, reason: `the head kept from an earlier visit was refused: ${errorText(e)}` } });
+      // Not evidence of anything: storage from another version or damaged. Forget it.
+      post({ type: 'ledger', verdict: { stale: true, reason: `the head kept from an earlier visit was unreadable (${errorText(e)})` } });
     }
   }
   let witnessed = -Infinity;

@@ -523,9 +523,10 @@ fn inflated_claims_earn_at_most_twice_a_median_round_and_replayed_receipts_nothi
         r.receipts.len() - r.replayed,
         "every replayed receipt is refused by the ledger"
     );
-    // Claims of 10x are cut to twice the round's median claim: at most 2x what they did.
+    // Claims of 10x are cut to twice the round's median claim: at most 2x what they did
+    // (and more than they did: the inflated claims did reach the ledger).
     assert!(
-        s.attacker_ratio <= 2.0 + 1e-9,
+        s.attacker_ratio > 1.5 && s.attacker_ratio <= 2.0 + 1e-9,
         "inflators credited {:.2} times their samples",
         s.attacker_ratio
     );

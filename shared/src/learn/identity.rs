@@ -80,14 +80,31 @@ pub fn load_or_create(
     match std::fs::read_to_string(path) {
         Ok(text) => Ok((Identity::from_key_file(&text).map_err(invalid)?, false)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Written whole and synced under another name, then linked into place (which
+            // fails if another process made one meanwhile: that one is used), then the
+            // folder synced: a crash never leaves an empty or half-written key file.
             let id = Identity::from_seed(seed()?);
+            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
             let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
+            opts.write(true).create(true).truncate(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            let mut f = opts.open(path)?;
+            let mut f = opts.open(&tmp)?;
             std::io::Write::write_all(&mut f, id.to_key_file().as_bytes())?;
             f.sync_all()?;
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let text = std::fs::read_to_string(path)?;
+                    return Ok((Identity::from_key_file(&text).map_err(invalid)?, false));
+                }
+                Err(e) => return Err(e),
+            }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
             Ok((id, true))
         }
         Err(e) => Err(e),

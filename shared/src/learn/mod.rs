@@ -374,11 +374,11 @@ pub enum Received {
     },
     /// A valid receipt for one of our updates (counted in [`LearnStats::receipts`]).
     Receipt,
-    /// A ledger head (kept by [`Learner::witness`] when it is newer than any held):
-    /// the sender holds a head of `count` entries (0 for another server's).
+    /// A ledger head (kept by [`Learner::witness`] when it is new to this peer): the
+    /// sender holds the head `id` (`None` for another server's).
     Head {
-        /// The head's entry count.
-        count: u64,
+        /// What the head says.
+        id: Option<crate::trust::head::HeadId>,
     },
 }
 
@@ -645,7 +645,7 @@ impl Learner {
             PeerMessage::Mix { round, payload } => return self.take_mix(sender, round, &payload),
             PeerMessage::Status { contributing } => return Ok(Received::Status { contributing }),
             PeerMessage::Receipt(r) => return self.take_receipt(&r),
-            PeerMessage::Head(h) => return self.take_head(&h),
+            PeerMessage::Head(h) => return self.take_head(sender, &h),
             PeerMessage::Update(u) => u,
         };
         if u.key == self.id.public() {
@@ -702,15 +702,16 @@ impl Learner {
         }
     }
 
-    /// A neighbour's ledger head: kept when it is newer than every head held and signed
-    /// by the server this peer knows. A head of another server, or one that comes before
-    /// this peer knows its server's key, is no evidence about this ledger and is passed
-    /// over; a malformed or badly signed one is refused.
-    fn take_head(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
+    /// A neighbour's ledger head: kept for the next check when it is signed by the
+    /// server this peer knows and not one it holds (see [`crate::trust::head::Witness`]).
+    /// A head of another server, or one that comes before this peer knows its server's
+    /// key, is no evidence about this ledger and is passed over; a malformed or badly
+    /// signed one is refused.
+    fn take_head(&mut self, sender: u64, bytes: &[u8]) -> Result<Received, Rejection> {
         use crate::trust::head::HeadError;
-        match self.witness.heard(bytes) {
-            Ok(h) => Ok(Received::Head { count: h.count }),
-            Err(HeadError::OtherServer) => Ok(Received::Head { count: 0 }),
+        match self.witness.heard(sender, bytes) {
+            Ok(h) => Ok(Received::Head { id: Some(h.id) }),
+            Err(HeadError::OtherServer) => Ok(Received::Head { id: None }),
             Err(HeadError::BadSignature) => Err(self.stats.reject(Rejection::BadSignature)),
             Err(HeadError::Malformed(_) | HeadError::OtherTask) => {
                 Err(self.stats.reject(Rejection::Malformed))
@@ -959,13 +960,17 @@ impl Learner {
         let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
         let mut noise: Vec<f32> = Vec::with_capacity(held.len() + 1);
+        // The median ignores weights: a liar that claims few samples would keep a full
+        // vote while its distance is forgiven, so under it every update is judged alike.
+        let median = self.cfg.aggregation == Aggregation::Median;
+        let noise_of = |w: f32| if median { 1.0 } else { w.sqrt().recip() };
         // The signer of each update; none for our own.
         let mut signers: Vec<Option<PublicKey>> = Vec::with_capacity(held.len() + 1);
         // Which held update each is (none for our own).
         let mut sources: Vec<Option<usize>> = Vec::with_capacity(held.len() + 1);
         if let Some(d) = &own {
             updates.push((d, own_weight));
-            noise.push(own_weight.sqrt().recip());
+            noise.push(noise_of(own_weight));
             signers.push(None);
             sources.push(None);
         }
@@ -977,7 +982,7 @@ impl Learner {
             }
             let late = self.round.saturating_sub(p.round);
             updates.push((&p.delta, weight / (1.0 + late as f32)));
-            noise.push(weight.sqrt().recip());
+            noise.push(noise_of(weight));
             signers.push(Some(p.key));
             sources.push(Some(i));
             summary.used += 1;

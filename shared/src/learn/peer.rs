@@ -262,8 +262,8 @@ struct Neighbour {
     /// It broke the protocol as no honest peer does (see the module's rules): nothing it
     /// sends counts any more.
     shunned: bool,
-    /// The entry count of the newest ledger head we sent it.
-    head_sent: u64,
+    /// The ledger head it holds as far as we know: the last we sent it or it sent us.
+    head_sent: Option<crate::trust::head::HeadId>,
 }
 
 /// Rounds in time: the training toward our next update.
@@ -562,18 +562,18 @@ impl Peer {
         self.gossip_head();
     }
 
-    /// Sends the newest ledger head we hold to each greeted neighbour that has not had
-    /// it (or a newer one) from us: a few hundred bytes per neighbour when the ledger
-    /// grew, at most once a round.
+    /// Sends the ledger head we gossip (the newest checked, or the evidence once the
+    /// server was caught) to each greeted neighbour that does not hold it as far as we
+    /// know: a few hundred bytes per neighbour each time it changes (a check every 15 s).
     fn gossip_head(&mut self) {
-        let Some(head) = self.learner.witness().newest() else {
+        let Some(head) = self.learner.witness().gossip() else {
             return;
         };
-        let count = head.count;
+        let id = head.id();
         let due: Vec<PeerId> = self
             .nbrs
             .iter()
-            .filter(|(_, n)| n.greeted && !n.shunned && n.head_sent < count)
+            .filter(|(_, n)| n.greeted && !n.shunned && n.head_sent != Some(id))
             .map(|(p, _)| *p)
             .collect();
         if due.is_empty() {
@@ -582,7 +582,7 @@ impl Peer {
         let msg = PeerMessage::Head(head.encode()).encode();
         for p in due {
             if let Some(n) = self.nbrs.get_mut(&p) {
-                n.head_sent = count;
+                n.head_sent = Some(id);
             }
             self.send(p, msg.clone());
         }
@@ -702,12 +702,12 @@ impl Peer {
                 self.shun(from, now_ms);
             }
             // It holds that head: no need to send it ours unless ours is newer.
-            Ok(Received::Head { count }) => {
+            Ok(Received::Head { id: Some(id) }) => {
                 if let Some(n) = self.nbrs.get_mut(&from) {
-                    n.head_sent = n.head_sent.max(count);
+                    n.head_sent = Some(id);
                 }
             }
-            Ok(Received::Mix | Received::Receipt) | Err(_) => {} // held or counted by the learner
+            Ok(Received::Mix | Received::Receipt | Received::Head { id: None }) | Err(_) => {} // held or counted by the learner
         }
     }
 

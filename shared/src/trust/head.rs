@@ -93,8 +93,8 @@ impl SignedHead {
         b
     }
 
-    /// Decodes and checks every field and the signature.
-    pub fn decode(bytes: &[u8]) -> Result<Self, HeadError> {
+    /// Decodes every field, without the signature (cheap checks come first).
+    fn parse(bytes: &[u8]) -> Result<Self, HeadError> {
         let mut c = Cursor::new(bytes, HeadError::Malformed("truncated"));
         if c.array::<8>()? != MAGIC {
             return Err(HeadError::Malformed("not a Shoal v1 ledger head"));
@@ -117,30 +117,52 @@ impl SignedHead {
         if !c.is_empty() {
             return Err(HeadError::Malformed("trailing bytes"));
         }
-        let h = Self {
+        Ok(Self {
             task,
             count,
             hash,
             time_ms,
             server,
             signature,
-        };
-        if !verify(&h.server, &h.signed_bytes(), &h.signature) {
-            return Err(HeadError::BadSignature);
-        }
+        })
+    }
+
+    /// Decodes and checks every field and the signature.
+    pub fn decode(bytes: &[u8]) -> Result<Self, HeadError> {
+        let h = Self::parse(bytes)?;
+        h.verify()?;
         Ok(h)
     }
+
+    /// Checks the signature (after [`SignedHead::parse`]).
+    fn verify(&self) -> Result<(), HeadError> {
+        if verify(&self.server, &self.signed_bytes(), &self.signature) {
+            Ok(())
+        } else {
+            Err(HeadError::BadSignature)
+        }
+    }
+
+    /// What the head says: its entry count and last hash.
+    pub fn id(&self) -> HeadId {
+        (self.count, self.hash)
+    }
 }
+
+/// A head's entry count and last hash.
+pub type HeadId = (u64, [u8; 32]);
 
 /// What a check of the heads a peer holds against the server's ledger found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Every head held is in the server's ledger as signed; the newest is now `count`.
+    /// Every head judged is in the server's ledger as signed; the server's head now has
+    /// `count` entries.
     Intact {
-        /// Entries in the newest head held.
+        /// Entries in the server's current head.
         count: u64,
     },
-    /// The server signed `head`, and its ledger no longer holds it.
+    /// The server signed `head`, and its ledger no longer holds it (or the server no
+    /// longer signs, or signs with another key).
     Rewritten {
         /// The head the server signed (its bytes are the evidence).
         head: SignedHead,
@@ -152,23 +174,33 @@ pub enum Verdict {
 /// A valid head of this peer's server, as a neighbour sent it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heard {
-    /// Its entry count.
-    pub count: u64,
-    /// Whether it was newer than every head held, and kept.
+    /// What it says.
+    pub id: HeadId,
+    /// Whether it was new to this peer, and kept for the next check.
     pub kept: bool,
 }
 
-/// The heads one peer holds for one task: the newest it checked against the server, and
-/// the newest a neighbour gossiped that it has not checked yet. Sans-IO: the driver asks
-/// [`Witness::lookups`], fetches those entries and the server's current head, and hands
-/// them to [`Witness::check`].
+/// Senders whose unchecked heads are held at once (one each: the last it sent).
+pub const MAX_PENDING: usize = 16;
+/// Entries one check looks up at most (the other heads wait for the next check).
+pub const MAX_LOOKUPS: usize = 8;
+/// The sender of the head kept from an earlier visit.
+const REMEMBERED: u64 = u64::MAX;
+
+/// The heads one peer holds for one task: the newest it checked against the server,
+/// the heads neighbours sent that it has not checked yet (any count: a head from before
+/// a cut is evidence even after the ledger has grown past it), and the evidence once the
+/// server is caught. Sans-IO: the driver asks [`Witness::lookups`], fetches those entries
+/// and the server's current head, and hands them to [`Witness::check`].
 #[derive(Clone, Debug, Default)]
 pub struct Witness {
     task: String,
-    /// The server's key, once known (the first head the server itself gave).
+    /// The server's key, once known (the first head the server itself gave, or the head
+    /// kept from an earlier visit).
     server: Option<PublicKey>,
     checked: Option<SignedHead>,
-    heard: Option<SignedHead>,
+    /// Unchecked heads by sender, oldest first.
+    pending: Vec<(u64, SignedHead)>,
     /// Set once the server was caught: later heads from it prove nothing more.
     caught: Option<(SignedHead, String)>,
 }
@@ -180,16 +212,17 @@ impl Witness {
             task: task.to_string(),
             ..Self::default()
         };
-        if let Some(h) = remembered.filter(|h| h.task == task) {
+        if let Some(h) = remembered.filter(|h| h.task == task && h.count > 0) {
             w.server = Some(h.server);
-            w.heard = Some(h);
+            w.pending.push((REMEMBERED, h));
         }
         w
     }
 
-    /// Decodes a head of this task, signed by the server whose key this peer knows (or,
-    /// when it knows none yet, learns it from this head).
-    fn of_our_server(&mut self, bytes: &[u8]) -> Result<SignedHead, HeadError> {
+    /// Takes a head this peer checked on an earlier visit (its bytes, as the page kept
+    /// them): it names the server's key if none is known yet, and is checked at the next
+    /// [`Witness::check`] like a gossiped one.
+    pub fn remember(&mut self, bytes: &[u8]) -> Result<(), HeadError> {
         let h = SignedHead::decode(bytes)?;
         if h.task != self.task {
             return Err(HeadError::OtherTask);
@@ -199,27 +232,26 @@ impl Witness {
             Some(k) if k != h.server => return Err(HeadError::OtherServer),
             Some(_) => {}
         }
-        Ok(h)
-    }
-
-    /// Takes a head this peer checked on an earlier visit (its bytes, as the page kept
-    /// them): it names the server's key if none is known yet, and is checked again at
-    /// the next [`Witness::check`] like a gossiped one.
-    pub fn remember(&mut self, bytes: &[u8]) -> Result<(), HeadError> {
-        let h = self.of_our_server(bytes)?;
-        if self.newest().is_none_or(|n| n.count < h.count) {
-            self.heard = Some(h);
-        }
+        self.hold(REMEMBERED, h);
         Ok(())
     }
 
-    /// The newest head held, checked or not (what a peer gossips).
-    pub fn newest(&self) -> Option<&SignedHead> {
-        match (&self.checked, &self.heard) {
-            (Some(c), Some(h)) if h.count > c.count => Some(h),
-            (Some(c), _) => Some(c),
-            (None, h) => h.as_ref(),
+    /// The head to send neighbours: the evidence once the server is caught, otherwise
+    /// the newest checked one (or, before any check, the one kept from an earlier visit).
+    pub fn gossip(&self) -> Option<&SignedHead> {
+        match (&self.caught, &self.checked) {
+            (Some((h, _)), _) | (None, Some(h)) => Some(h),
+            (None, None) => self
+                .pending
+                .iter()
+                .find(|(s, _)| *s == REMEMBERED)
+                .map(|(_, h)| h),
         }
+    }
+
+    /// The newest head checked against the server.
+    pub fn checked(&self) -> Option<&SignedHead> {
+        self.checked.as_ref()
     }
 
     /// The server was caught rewriting history: the head it signed and what it shows.
@@ -227,50 +259,121 @@ impl Witness {
         self.caught.as_ref()
     }
 
-    /// Takes a head a neighbour sent (its bytes): kept when it is the task's, signed by
-    /// the server this peer knows, and newer than every head held. Returns the head and
-    /// whether it was kept; a head before the server's key is known is refused (nothing
-    /// to check its signer against).
-    pub fn heard(&mut self, bytes: &[u8]) -> Result<Heard, HeadError> {
-        let h = SignedHead::decode(bytes)?;
+    /// Takes a head the neighbour `sender` sent (its bytes): kept for the next check when
+    /// it is the task's, signed by the server this peer knows, and not one this peer
+    /// holds already (whatever its count). The cheap checks come before the signature's.
+    /// A head of another server, or one that comes before this peer knows its server's
+    /// key, says nothing about this ledger (`OtherServer`). One head per sender is held
+    /// (its latest), from at most [`MAX_PENDING`] senders.
+    pub fn heard(&mut self, sender: u64, bytes: &[u8]) -> Result<Heard, HeadError> {
+        let h = SignedHead::parse(bytes)?;
         if h.task != self.task {
             return Err(HeadError::OtherTask);
         }
         if self.server != Some(h.server) {
             return Err(HeadError::OtherServer);
         }
-        let count = h.count;
-        if self.newest().is_some_and(|n| n.count >= count) {
-            return Ok(Heard { count, kept: false });
+        let id = h.id();
+        let held = self.checked.iter().map(SignedHead::id).any(|c| c == id)
+            || self.pending.iter().any(|(_, p)| p.id() == id)
+            || self.caught.as_ref().is_some_and(|(c, _)| c.id() == id);
+        if held || self.caught.is_some() {
+            return Ok(Heard { id, kept: false });
         }
-        self.heard = Some(h);
-        Ok(Heard { count, kept: true })
+        if self.pending.len() >= MAX_PENDING && !self.pending.iter().any(|(s, _)| *s == sender) {
+            return Ok(Heard { id, kept: false });
+        }
+        h.verify()?;
+        self.hold(sender, h);
+        Ok(Heard { id, kept: true })
     }
 
-    /// The entry indexes whose hashes a check needs (at most two).
+    fn hold(&mut self, sender: u64, h: SignedHead) {
+        self.pending.retain(|(s, _)| *s != sender);
+        self.pending.push((sender, h));
+    }
+
+    /// The entry indexes whose hashes the next check needs: the checked head's and
+    /// those of the oldest unchecked heads, at most [`MAX_LOOKUPS`], each once.
     pub fn lookups(&self) -> Vec<u64> {
-        let mut at: Vec<u64> = [&self.checked, &self.heard]
-            .into_iter()
-            .flatten()
-            .map(|h| h.count - 1)
-            .collect();
-        at.dedup();
+        let mut at: Vec<u64> = Vec::new();
+        for h in self
+            .checked
+            .iter()
+            .chain(self.pending.iter().map(|(_, h)| h))
+        {
+            let i = h.count - 1;
+            if !at.contains(&i) {
+                if at.len() == MAX_LOOKUPS {
+                    break;
+                }
+                at.push(i);
+            }
+        }
         at
     }
 
-    /// Checks the heads held against the server's current signed head (`now`, its bytes)
-    /// and the hashes it shows at [`Witness::lookups`] (`entries`: index and hash; an
-    /// index missing means the server has no such entry).
-    pub fn check(&mut self, now: &[u8], entries: &[(u64, [u8; 32])]) -> Result<Verdict, HeadError> {
-        let now = self.of_our_server(now)?;
+    /// Checks the heads held against what the server shows: `now`, its current signed
+    /// head (its bytes; `None` when it shows none, as with an empty ledger), and
+    /// `entries`, the hash it shows at each index looked up ([`Witness::lookups`]; `None`
+    /// where it has no entry there). Heads whose index was not looked up wait for the
+    /// next check. `None` when there is nothing to judge (nothing held, nothing shown).
+    pub fn check(
+        &mut self,
+        now: Option<&[u8]>,
+        entries: &[(u64, Option<[u8; 32]>)],
+    ) -> Result<Option<Verdict>, HeadError> {
         if let Some((head, found)) = &self.caught {
-            return Ok(Verdict::Rewritten {
+            return Ok(Some(Verdict::Rewritten {
                 head: head.clone(),
                 found: found.clone(),
-            });
+            }));
         }
-        for held in [&self.checked, &self.heard].into_iter().flatten() {
-            let at = held.count - 1;
+        let now = match now {
+            Some(bytes) => Some(SignedHead::decode(bytes)?),
+            None => None,
+        };
+        if let Some(n) = &now
+            && n.task != self.task
+        {
+            return Err(HeadError::OtherTask);
+        }
+        // The newest head held: what a server that stopped signing, or changed its key,
+        // is caught by.
+        let newest = self
+            .checked
+            .iter()
+            .chain(self.pending.iter().map(|(_, h)| h))
+            .max_by_key(|h| h.count)
+            .cloned();
+        let now = match (now, newest) {
+            (None, None) => return Ok(None),
+            (None, Some(held)) => {
+                return Ok(Some(
+                    self.catch(held, "it shows no signed head any more".into()),
+                ));
+            }
+            (Some(n), held) => match (self.server, held) {
+                (Some(k), Some(held)) if k != n.server => {
+                    let found = format!("it now signs with another key, {}", hex(&n.server));
+                    return Ok(Some(self.catch(held, found)));
+                }
+                _ => {
+                    self.server = Some(n.server);
+                    n
+                }
+            },
+        };
+        let judged = |h: &SignedHead| entries.iter().find(|(i, _)| *i == h.count - 1);
+        let mut cleared = Vec::new();
+        for held in self
+            .checked
+            .iter()
+            .chain(self.pending.iter().map(|(_, h)| h))
+        {
+            let Some((at, shown)) = judged(held) else {
+                continue;
+            };
             let found = if now.count < held.count {
                 Some(format!(
                     "its ledger now has {} entries, after it signed {}",
@@ -283,24 +386,27 @@ impl Witness {
                     hex(&now.hash)
                 ))
             } else {
-                match entries.iter().find(|(i, _)| *i == at) {
-                    Some((_, hash)) if *hash == held.hash => None,
-                    Some((_, hash)) => Some(format!("entry {at} is now {}", hex(hash))),
+                match shown {
+                    Some(hash) if *hash == held.hash => None,
+                    Some(hash) => Some(format!("entry {at} is now {}", hex(hash))),
                     None => Some(format!("entry {at} is missing")),
                 }
             };
             if let Some(found) = found {
-                self.caught = Some((held.clone(), found.clone()));
-                return Ok(Verdict::Rewritten {
-                    head: held.clone(),
-                    found,
-                });
+                let held = held.clone();
+                return Ok(Some(self.catch(held, found)));
             }
+            cleared.push(held.id());
         }
+        self.pending.retain(|(_, h)| !cleared.contains(&h.id()));
         let count = now.count;
         self.checked = Some(now);
-        self.heard = None;
-        Ok(Verdict::Intact { count })
+        Ok(Some(Verdict::Intact { count }))
+    }
+
+    fn catch(&mut self, head: SignedHead, found: String) -> Verdict {
+        self.caught = Some((head.clone(), found.clone()));
+        Verdict::Rewritten { head, found }
     }
 }
 
@@ -333,72 +439,118 @@ mod tests {
         assert!(SignedHead::decode(&long).is_err());
     }
 
+    /// The hashes a server shows at `at`: `(index, hash)` for those it has.
+    fn shown(at: &[u64], has: &[(u64, u8)]) -> Vec<(u64, Option<[u8; 32]>)> {
+        at.iter()
+            .map(|i| (*i, has.iter().find(|(j, _)| j == i).map(|(_, h)| [*h; 32])))
+            .collect()
+    }
+
     #[test]
-    fn a_witness_keeps_newer_heads_of_its_server_only() {
+    fn a_witness_keeps_any_unheld_head_of_its_server_one_per_sender() {
         let mut w = Witness::new("digits", None);
         // Before the server's key is known, a neighbour's head proves nothing.
-        assert_eq!(w.heard(&head(5, 1).encode()), Err(HeadError::OtherServer));
         assert_eq!(
-            w.check(&head(5, 1).encode(), &[]),
-            Ok(Verdict::Intact { count: 5 })
+            w.heard(1, &head(5, 1).encode()),
+            Err(HeadError::OtherServer)
         );
-        assert_eq!(w.heard(&head(9, 2).encode()).map(|h| h.kept), Ok(true));
+        assert_eq!(w.check(None, &[]), Ok(None), "nothing held, nothing shown");
         assert_eq!(
-            w.heard(&head(8, 3).encode()),
-            Ok(Heard {
-                count: 8,
-                kept: false
-            }),
-            "older than the newest"
+            w.check(Some(&head(5, 1).encode()), &[]),
+            Ok(Some(Verdict::Intact { count: 5 }))
         );
-        assert_eq!(w.newest().map(|h| h.count), Some(9));
+        assert_eq!(w.heard(1, &head(9, 2).encode()).map(|h| h.kept), Ok(true));
+        // Older heads are kept too (evidence from before a cut), but not one held.
+        assert_eq!(w.heard(2, &head(3, 3).encode()).map(|h| h.kept), Ok(true));
+        assert_eq!(w.heard(3, &head(5, 1).encode()).map(|h| h.kept), Ok(false));
+        // One per sender: its latest replaces its earlier one.
+        assert_eq!(w.heard(2, &head(4, 3).encode()).map(|h| h.kept), Ok(true));
+        assert_eq!(w.lookups(), vec![4, 8, 3]);
         let other = SignedHead::sign(&Identity::from_seed([1; 32]), "digits", 20, [0; 32], 0);
-        assert_eq!(w.heard(&other.encode()), Err(HeadError::OtherServer));
+        assert_eq!(w.heard(4, &other.encode()), Err(HeadError::OtherServer));
         let task = SignedHead::sign(&server(), "fortunes", 20, [0; 32], 0);
-        assert_eq!(w.heard(&task.encode()), Err(HeadError::OtherTask));
+        assert_eq!(w.heard(4, &task.encode()), Err(HeadError::OtherTask));
         let mut forged = head(30, 4).encode();
         forged[20] ^= 1;
-        assert!(w.heard(&forged).is_err());
-        assert_eq!(w.lookups(), vec![4, 8]);
+        assert_eq!(w.heard(4, &forged), Err(HeadError::BadSignature));
+        // At most MAX_PENDING senders; the evidence of the first ones stays.
+        for s in 10..10 + MAX_PENDING as u64 {
+            let _ = w.heard(s, &head(100 + s, 5).encode());
+        }
+        assert!(w.pending.iter().any(|(s, h)| *s == 2 && h.count == 4));
+        assert_eq!(w.pending.len(), MAX_PENDING);
+        assert_eq!(w.lookups().len(), MAX_LOOKUPS);
     }
 
     #[test]
     fn a_server_that_rewrote_or_cut_its_ledger_is_caught_by_a_head_it_signed() {
         // Consistent: the entries at the heads held still have their hashes.
         let mut w = Witness::new("digits", Some(head(5, 1)));
-        w.heard(&head(9, 2).encode()).expect("kept");
+        w.check(Some(&head(5, 1).encode()), &shown(&[4], &[(4, 1)]))
+            .expect("checked");
+        w.heard(7, &head(9, 2).encode()).expect("kept");
+        assert_eq!(w.lookups(), vec![4, 8]);
         assert_eq!(
-            w.check(&head(12, 3).encode(), &[(4, [1; 32]), (8, [2; 32])]),
-            Ok(Verdict::Intact { count: 12 })
+            w.check(
+                Some(&head(12, 3).encode()),
+                &shown(&[4, 8], &[(4, 1), (8, 2)])
+            ),
+            Ok(Some(Verdict::Intact { count: 12 }))
         );
         assert_eq!(w.lookups(), vec![11]);
+        assert_eq!(w.gossip().map(|h| h.count), Some(12));
         // Entry 8 changed under a head a neighbour gossiped.
         let mut w = Witness::new("digits", Some(head(5, 1)));
-        w.heard(&head(9, 2).encode()).expect("kept");
-        let v = w.check(&head(12, 3).encode(), &[(4, [1; 32]), (8, [6; 32])]);
+        w.check(Some(&head(5, 1).encode()), &shown(&[4], &[(4, 1)]))
+            .expect("checked");
+        w.heard(7, &head(9, 2).encode()).expect("kept");
+        let v = w.check(
+            Some(&head(12, 3).encode()),
+            &shown(&[4, 8], &[(4, 1), (8, 6)]),
+        );
         assert!(
-            matches!(&v, Ok(Verdict::Rewritten { head, found }) if head.count == 9 && found.contains("entry 8")),
+            matches!(&v, Ok(Some(Verdict::Rewritten { head, found })) if head.count == 9 && found.contains("entry 8")),
             "{v:?}"
         );
-        // Once caught, always caught (a later consistent answer does not clear it).
+        // The evidence is what it gossips now, and it stays caught.
+        assert_eq!(w.gossip().map(|h| h.count), Some(9));
         assert!(matches!(
-            w.check(&head(13, 3).encode(), &[(8, [2; 32])]),
-            Ok(Verdict::Rewritten { .. })
+            w.check(Some(&head(13, 3).encode()), &shown(&[12], &[(12, 3)])),
+            Ok(Some(Verdict::Rewritten { .. }))
         ));
+        // A head from before a cut still catches it after the ledger grew past it.
+        let mut w = Witness::new("digits", None);
+        w.check(Some(&head(20, 9).encode()), &[]).expect("first");
+        w.heard(7, &head(9, 2).encode())
+            .expect("kept although older");
+        let v = w.check(
+            Some(&head(25, 9).encode()),
+            &shown(&[19, 8], &[(19, 9), (8, 5)]),
+        );
+        assert!(matches!(v, Ok(Some(Verdict::Rewritten { head, .. })) if head.count == 9));
+        // A head whose entry was not looked up waits for the next check.
+        let mut w = Witness::new("digits", Some(head(9, 2)));
+        assert_eq!(
+            w.check(Some(&head(12, 3).encode()), &[]),
+            Ok(Some(Verdict::Intact { count: 12 }))
+        );
+        assert_eq!(w.lookups(), vec![11, 8]);
         // Cut back below a head it signed, or the same count with another hash.
         let mut w = Witness::new("digits", Some(head(9, 2)));
-        assert!(matches!(
-            w.check(&head(7, 3).encode(), &[]),
-            Ok(Verdict::Rewritten { .. })
-        ));
+        let v = w.check(Some(&head(7, 3).encode()), &shown(&[8], &[]));
+        assert!(matches!(v, Ok(Some(Verdict::Rewritten { .. }))));
         let mut w = Witness::new("digits", Some(head(9, 2)));
-        assert!(matches!(
-            w.check(&head(9, 3).encode(), &[]),
-            Ok(Verdict::Rewritten { .. })
-        ));
-        // A server answering with another key is not this ledger's server.
+        let v = w.check(Some(&head(9, 3).encode()), &shown(&[8], &[(8, 3)]));
+        assert!(matches!(v, Ok(Some(Verdict::Rewritten { .. }))));
+        // A server that shows no signed head any more, or signs with another key.
+        let mut w = Witness::new("digits", Some(head(9, 2)));
+        assert!(
+            matches!(w.check(None, &[]), Ok(Some(Verdict::Rewritten { found, .. })) if found.contains("no signed head"))
+        );
         let mut w = Witness::new("digits", Some(head(9, 2)));
         let other = SignedHead::sign(&Identity::from_seed([1; 32]), "digits", 20, [0; 32], 0);
-        assert_eq!(w.check(&other.encode(), &[]), Err(HeadError::OtherServer));
+        assert!(
+            matches!(w.check(Some(&other.encode()), &[]), Ok(Some(Verdict::Rewritten { found, .. })) if found.contains("another key"))
+        );
     }
 }

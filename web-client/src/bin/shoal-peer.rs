@@ -38,7 +38,7 @@ mod peer {
     use shoal_shared::learn::Identity;
     use shoal_shared::protocol::from_hex;
     use shoal_shared::task::TaskSpec;
-    use shoal_shared::trust::head::{Verdict, Witness};
+    use shoal_shared::trust::head::Verdict;
     use shoal_web_client::keeper::Keeper;
     use shoal_web_client::learning::SwarmTrainer;
     use shoal_web_client::native::{NativeOptions, NativeSwarm};
@@ -184,39 +184,38 @@ mod peer {
     /// How often the heads held are checked against the server's ledger.
     const WITNESS_EVERY_MS: f64 = 15_000.0;
 
-    /// Checks the ledger heads `w` holds against the server's ledger of `task` (see
-    /// docs/protocol.md, "Signed heads and gossip"); `None` while the ledger is empty or
-    /// the server signs no heads.
-    async fn witness(server: &str, task: &str, w: &mut Witness) -> Result<Option<Verdict>> {
-        let at = w.lookups();
+    /// What a witness check needs from the server's ledger of `task` (see
+    /// docs/protocol.md, "Signed heads and gossip"): its current signed head (`None`
+    /// while it shows none) and the hash at each index of `at` (`None` where it has no
+    /// entry).
+    type Shown = (Option<Vec<u8>>, Vec<(u64, Option<[u8; 32]>)>);
+
+    async fn fetch_ledger(server: String, task: String, at: Vec<u64>) -> Result<Shown> {
         let base = format!("/api/tasks/{task}/ledger");
-        let mut now = None;
-        let mut entries = Vec::new();
-        let paths: Vec<(Option<u64>, String)> = if at.is_empty() {
+        let queries: Vec<(Option<u64>, String)> = if at.is_empty() {
             vec![(None, format!("{base}?limit=1"))]
         } else {
             at.iter()
                 .map(|i| (Some(*i), format!("{base}?from={i}&limit=1")))
                 .collect()
         };
-        for (i, path) in paths {
-            let page = http_get_json(server, &path).await?;
-            now = page["signed_head"].as_str().map(str::to_string);
-            let hash = page["entries"]
-                .as_array()
-                .and_then(|e| e.first())
-                .filter(|e| e["index"].as_u64() == i)
-                .and_then(|e| e["hash"].as_str())
-                .and_then(from_hex)
-                .and_then(|h| <[u8; 32]>::try_from(h).ok());
-            if let (Some(i), Some(h)) = (i, hash) {
-                entries.push((i, h));
+        let mut now = None;
+        let mut entries = Vec::new();
+        for (i, path) in queries {
+            let page = http_get_json(&server, &path).await?;
+            now = page["signed_head"].as_str().and_then(from_hex);
+            if let Some(i) = i {
+                let hash = page["entries"]
+                    .as_array()
+                    .and_then(|e| e.first())
+                    .filter(|e| e["index"].as_u64() == Some(i))
+                    .and_then(|e| e["hash"].as_str())
+                    .and_then(from_hex)
+                    .and_then(|h| <[u8; 32]>::try_from(h).ok());
+                entries.push((i, hash));
             }
         }
-        let Some(now) = now.as_deref().and_then(from_hex) else {
-            return Ok(None);
-        };
-        Ok(Some(w.check(&now, &entries)?))
+        Ok((now, entries))
     }
 
     /// `GET path` from the server of the signaling URL `server` (`ws://host:port`; a
@@ -312,6 +311,7 @@ mod peer {
         let mut witnessed_at = f64::NEG_INFINITY;
         let mut witnessed_count = 0;
         let mut caught = false;
+        let mut witness_fetch: Option<tokio::task::JoinHandle<Result<Shown>>> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
@@ -363,10 +363,18 @@ mod peer {
                 eprintln!("rejected by reason: {:?}", p.rejected);
             }
             let round = p.round;
-            if now() - witnessed_at >= WITNESS_EVERY_MS {
-                witnessed_at = now();
-                let name = peer.task().name.clone();
-                match witness(&args.server, &name, peer.witness_mut()).await {
+            // The witness: the server's answers are fetched off the training loop and
+            // judged here, between rounds.
+            if let Some(fetch) = witness_fetch.take_if(|f| f.is_finished()) {
+                let judged = match fetch.await {
+                    Ok(Ok((shown, entries))) => peer
+                        .witness_mut()
+                        .check(shown.as_deref(), &entries)
+                        .map_err(anyhow::Error::from),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                };
+                match judged {
                     Ok(Some(Verdict::Intact { count })) if !caught => {
                         if witnessed_count == 0 {
                             println!("ledger intact {count}");
@@ -386,6 +394,12 @@ mod peer {
                     Ok(_) => {}
                     Err(e) => eprintln!("ledger witness: {e:#}"),
                 }
+            }
+            if witness_fetch.is_none() && now() - witnessed_at >= WITNESS_EVERY_MS {
+                witnessed_at = now();
+                let at = peer.witness_mut().lookups();
+                let name = peer.task().name.clone();
+                witness_fetch = Some(tokio::spawn(fetch_ledger(args.server.clone(), name, at)));
             }
             if let Some(k) = &keeper
                 && round.is_multiple_of(args.checkpoint_every)

@@ -216,38 +216,50 @@ impl SwarmPeer {
     }
 
     /// Checks the heads held against the server's: `now` its current signed head (hex,
-    /// `signed_head` of a ledger page), `indexes` and `hashes` (hex) the entries at
-    /// [`ledgerLookups`](Self::ledger_lookups) as the server shows them (an index it has
-    /// no entry at is left out). JSON `{"ok": true, "count", "head"}` (`head`: the signed
-    /// head to keep for the next visit) or `{"ok": false, "count", "reason", "evidence"}`
+    /// `signed_head` of a ledger page; null when it shows none), `indexes` the entries
+    /// looked up ([`ledgerLookups`](Self::ledger_lookups)) and `hashes` the hash the
+    /// server shows at each (hex; "" where it has no entry there). JSON `null` when there
+    /// is nothing to judge, `{"ok": true, "count", "head"}` (`head`: the signed head to
+    /// keep for the next visit) or `{"ok": false, "count", "reason", "evidence"}`
     /// (`evidence`: the head the server signed and no longer holds). Call between ticks.
     #[wasm_bindgen(js_name = checkLedger)]
     pub fn check_ledger(
         &self,
-        now: &str,
+        now: Option<String>,
         indexes: Vec<f64>,
         hashes: Vec<String>,
     ) -> Result<String, JsError> {
         use shoal_shared::trust::head::Verdict;
-        let now = from_hex(now).ok_or_else(|| JsError::new("the server's head is not hex"))?;
+        let now = match now {
+            Some(h) => {
+                Some(from_hex(&h).ok_or_else(|| JsError::new("the server's head is not hex"))?)
+            }
+            None => None,
+        };
         let mut entries = Vec::with_capacity(indexes.len());
         for (i, h) in indexes.iter().zip(&hashes) {
-            let h: [u8; 32] = from_hex(h)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| JsError::new("an entry hash is not 64 hex digits"))?;
-            entries.push((*i as u64, h));
+            let hash = match h.as_str() {
+                "" => None,
+                h => Some(
+                    from_hex(h)
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .ok_or_else(|| JsError::new("an entry hash is not 64 hex digits"))?,
+                ),
+            };
+            entries.push((*i as u64, hash));
         }
         self.with_witness(|w| {
             let v = w
-                .check(&now, &entries)
+                .check(now.as_deref(), &entries)
                 .map_err(|e| JsError::new(&e.to_string()))?;
             let json = match v {
-                Verdict::Intact { count } => serde_json::json!({
+                None => serde_json::Value::Null,
+                Some(Verdict::Intact { count }) => serde_json::json!({
                     "ok": true,
                     "count": count,
-                    "head": w.newest().map(|h| hex(&h.encode())),
+                    "head": w.checked().map(|h| hex(&h.encode())),
                 }),
-                Verdict::Rewritten { head, found } => serde_json::json!({
+                Some(Verdict::Rewritten { head, found }) => serde_json::json!({
                     "ok": false,
                     "count": head.count,
                     "reason": format!("the server signed {} receipts ending in {}…, and {found}", head.count, &hex(&head.hash)[..16]),

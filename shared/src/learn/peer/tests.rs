@@ -863,12 +863,18 @@ fn heads_sent(outs: &[Output]) -> Vec<(u64, u64)> {
 }
 
 #[test]
-fn ledger_heads_are_gossiped_once_each_and_only_the_servers_newer_ones_kept() {
+fn ledger_heads_are_gossiped_once_each_and_only_the_servers_kept() {
     let mut p = running(3);
     // Nothing to gossip until the driver hands it a head the server signed.
     assert!(heads_sent(&drain(&mut p)).is_empty());
-    let v = p.learner_mut().witness_mut().check(&signed_head(5, 1), &[]);
-    assert_eq!(v, Ok(crate::trust::head::Verdict::Intact { count: 5 }));
+    let v = p
+        .learner_mut()
+        .witness_mut()
+        .check(Some(&signed_head(5, 1)), &[]);
+    assert_eq!(
+        v,
+        Ok(Some(crate::trust::head::Verdict::Intact { count: 5 }))
+    );
     p.tick(GREET_AFTER_MS + 1.0);
     let mut sent = heads_sent(&drain(&mut p));
     sent.sort_unstable();
@@ -879,9 +885,18 @@ fn ledger_heads_are_gossiped_once_each_and_only_the_servers_newer_ones_kept() {
         "not again for the same head"
     );
 
-    // A neighbour's newer head of the same server is kept and passed on to the others.
+    // A neighbour's head of the same server is kept for the next check; once it checks
+    // out, the server's head then goes to the neighbours, not back to one that holds it.
     p.handle(msg(10, PeerMessage::Head(signed_head(9, 2)).encode()), 10.0);
-    assert_eq!(p.learner().witness().newest().map(|h| h.count), Some(9));
+    assert_eq!(p.learner().witness().lookups(), vec![4, 8]);
+    let v = p.learner_mut().witness_mut().check(
+        Some(&signed_head(9, 2)),
+        &[(4, Some([1; 32])), (8, Some([2; 32]))],
+    );
+    assert_eq!(
+        v,
+        Ok(Some(crate::trust::head::Verdict::Intact { count: 9 }))
+    );
     p.tick(GREET_AFTER_MS + 3.0);
     let mut sent = heads_sent(&drain(&mut p));
     sent.sort_unstable();
@@ -892,15 +907,15 @@ fn ledger_heads_are_gossiped_once_each_and_only_the_servers_newer_ones_kept() {
     );
 
     // A forged head (a byte of its count changed) is refused and counted; another
-    // server's head and an older one are passed over.
+    // server's head and one already checked are passed over.
     let mut forged = signed_head(50, 3);
     forged[10] ^= 1;
     p.handle(msg(11, PeerMessage::Head(forged).encode()), 11.0);
     assert_eq!(rejected(&p, Rejection::BadSignature), 1);
     let other = crate::trust::head::SignedHead::sign(&id(98), "t", 60, [4; 32], 0).encode();
     p.handle(msg(11, PeerMessage::Head(other).encode()), 12.0);
-    p.handle(msg(12, PeerMessage::Head(signed_head(7, 5)).encode()), 13.0);
-    assert_eq!(p.learner().witness().newest().map(|h| h.count), Some(9));
+    p.handle(msg(12, PeerMessage::Head(signed_head(9, 2)).encode()), 13.0);
+    assert_eq!(p.learner().witness().lookups(), vec![8], "nothing new held");
     // Garbage after the header is malformed.
     p.handle(msg(12, PeerMessage::Head(vec![1, 2, 3]).encode()), 14.0);
     assert_eq!(rejected(&p, Rejection::Malformed), 1);
