@@ -147,12 +147,8 @@ pub async fn file(State(s): State<LedgerState>, Path(task): Path<String>) -> Res
         Err(r) => return *r,
     };
     let read = tokio::task::spawn_blocking(move || {
-        let l = lock(&ledger);
-        let len = l.byte_len();
-        let mut bytes = std::fs::read(l.path())?;
-        // Only what the ledger wrote and synced (an append may be under way).
-        bytes.truncate(usize::try_from(len).unwrap_or(usize::MAX));
-        Ok::<_, std::io::Error>(bytes)
+        // Every segment as one file: what was written and synced so far.
+        lock(&ledger).file_bytes()
     })
     .await;
     match read {

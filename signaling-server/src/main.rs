@@ -101,6 +101,10 @@ struct Args {
     /// hash-chained; created when missing).
     #[arg(long, env = "SHOAL_LEDGER_DIR", default_value = "ledger")]
     ledger_dir: PathBuf,
+    /// The size (MB) at which a ledger file is sealed as `{task}.ledger.NNNNNN` and a new
+    /// one continues its chain.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    ledger_segment_mb: u64,
     /// STUN URL handed to peers (repeatable).
     #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
     stun: Vec<String>,
@@ -238,6 +242,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         allowed_origins: args.allowed_origins,
         ice,
         ledger_dir: Some(args.ledger_dir.clone()),
+        ledger_segment_bytes: args.ledger_segment_mb << 20,
     };
     // A ledger folder that cannot be made stops the start: receipts would be lost.
     std::fs::create_dir_all(&args.ledger_dir)

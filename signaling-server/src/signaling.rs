@@ -103,6 +103,8 @@ pub struct SignalingConfig {
     /// Where each task's ledger of receipts is kept (`{dir}/{task}.ledger`); `None`
     /// keeps none, and receipts are refused.
     pub ledger_dir: Option<std::path::PathBuf>,
+    /// The size at which a ledger's live segment is sealed and the next begun.
+    pub ledger_segment_bytes: u64,
 }
 
 impl Default for SignalingConfig {
@@ -116,6 +118,7 @@ impl Default for SignalingConfig {
                 ..IceConfig::default()
             },
             ledger_dir: None,
+            ledger_segment_bytes: shoal_shared::trust::ledger::DEFAULT_SEGMENT_BYTES,
         }
     }
 }
@@ -493,7 +496,8 @@ impl Hub {
             }
             for t in tasks {
                 match LedgerFile::open(dir, t, unix_ms()) {
-                    Ok((ledger, note)) => {
+                    Ok((mut ledger, note)) => {
+                        ledger.set_segment_limit(config.ledger_segment_bytes);
                         if let Some(note) = note {
                             tracing::error!("the ledger of {t:?}: {note}");
                         }

@@ -1327,6 +1327,70 @@ async fn refused(ws: &mut Ws, code: &str, reason: &str) {
     );
 }
 
+#[tokio::test]
+async fn a_ledger_in_sealed_segments_is_reopened_and_served_as_one_file() {
+    use shoal_shared::trust::ledger::{LedgerFile, verify};
+    let dir = std::env::temp_dir().join(format!("shoal-ledger-segments-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A ledger of 7 receipts, sealed every ~2 entries, as a server with a small
+    // `--ledger-segment-mb` leaves it.
+    let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
+    l.set_segment_limit(600);
+    let sender = Identity::from_seed([9; 32]).public();
+    for round in 1..=7u64 {
+        let rx = Identity::from_seed([round as u8; 32]);
+        let r = Receipt::sign(&rx, "digits", round, sender, 160, sha256(b"u"), 0);
+        l.append(1000 + round, 2, "", &r.encode()).expect("append");
+    }
+    assert!(l.sealed().len() >= 2, "{} sealed", l.sealed().len());
+    let head = hex(&l.head());
+    drop(l);
+    let mut s = start_config(base(
+        SignalingConfig {
+            ledger_dir: Some(dir.clone()),
+            ledger_segment_bytes: 600,
+            ..SignalingConfig::default()
+        },
+        None,
+        &["digits"],
+    ))
+    .await;
+    let page = http_get(s.addr, "/api/tasks/digits/ledger?from=0&limit=10").await;
+    let page: Value =
+        serde_json::from_str(page.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    assert_eq!(
+        (page["count"].clone(), page["head"].clone()),
+        (json!(7), json!(head))
+    );
+    assert_eq!(
+        page["entries"][0]["round"], 1,
+        "the first segment's entries are served"
+    );
+    // The file endpoint: every segment as one ledger file, which verifies whole.
+    let raw = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = TcpStream::connect(s.addr).await.expect("connect");
+        let req = format!(
+            "GET /api/tasks/digits/ledger/file HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            s.addr
+        );
+        c.write_all(req.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.expect("read");
+        out
+    };
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
+    assert!(raw.starts_with(b"HTTP/1.1 200"));
+    let v = verify(&raw[at..]).expect("the served file verifies");
+    assert_eq!((v.entries.len(), hex(&v.head)), (7, head));
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The server's signed head now (its bytes) and the hash of entry `at`, if it has one.
 async fn ledger_now(s: &Server, at: u64) -> (Vec<u8>, Vec<(u64, Option<[u8; 32]>)>) {
     let page = http_get(

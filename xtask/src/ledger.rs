@@ -63,6 +63,15 @@ pub(crate) fn verify(path: &Path, with_credits: bool) -> Result<String> {
         v.task,
         bytes.len()
     );
+    if v.start > 0 {
+        // One segment of a longer ledger: its chain is checked from where it continues.
+        let _ = writeln!(
+            out,
+            "  a segment: entries {} to {}, continuing the ledger before it (credits cover this segment only)",
+            v.start,
+            v.start + v.entries.len() as u64 - u64::from(!v.entries.is_empty())
+        );
+    }
     if with_credits {
         let start = Instant::now();
         let c = credits::compute(&v.entries);

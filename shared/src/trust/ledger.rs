@@ -3,14 +3,18 @@
 //! docs/protocol.md). Integers little-endian:
 //!
 //! ```text
-//! file   = "shoal-ledger-v1 " task "\n" entry*
+//! file   = "shoal-ledger-v1 " task "\n" [ "continues " index " " prev_hex "\n" ] entry*
 //! entry  = len:u32 body[len] hash[32]
 //! body   = time_ms:u64 links:u8 site_len:u8 site[site_len] receipt
 //! hash   = SHA-256(prev || body)
 //! ```
 //!
-//! [`read`] and [`verify`] check a ledger's bytes (anyone can, with `cargo xtask ledger
-//! verify FILE`); [`LedgerFile`] is the server's appender, which keeps its file valid.
+//! The server keeps a ledger in segments: when the live file `{task}.ledger` reaches its
+//! size limit it is sealed as `{task}.ledger.NNNNNN` and a new live file continues the
+//! chain (its `continues` line names its first entry's index and the hash before it).
+//! [`read`] and [`verify`] check a ledger's bytes, one file or one segment (anyone can,
+//! with `cargo xtask ledger verify FILE`); [`LedgerFile`] is the server's appender, which
+//! keeps its files valid and serves them as one.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +29,10 @@ use crate::learn::identity::{PublicKey, hex};
 
 /// The first bytes of a ledger file, and of the genesis hash's input.
 const MAGIC: &[u8] = b"shoal-ledger-v1";
+/// The start of a segment's second header line, after the first segment.
+const CONTINUES: &[u8] = b"continues ";
+/// The size at which the server seals a segment and starts the next, by default.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// The longest site name an entry carries.
 pub const MAX_SITE_BYTES: usize = 253;
 /// The bytes of an entry body before its site: `time_ms`, `links` and `site_len`.
@@ -52,6 +60,12 @@ pub fn header(task: &str) -> Vec<u8> {
     b.extend_from_slice(task.as_bytes());
     b.push(b'\n');
     b
+}
+
+/// The second header line of a segment whose first entry is `index`, chained to `prev`
+/// (the last hash of the segment before): `"continues " index " " prev_hex "\n"`.
+pub fn continuation(index: u64, prev: &[u8; 32]) -> Vec<u8> {
+    format!("continues {index} {}\n", hex(prev)).into_bytes()
 }
 
 /// Whether `site` may be an entry's site: 0 to 253 bytes of lowercase ASCII letters,
@@ -127,6 +141,8 @@ fn chain(prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
 pub struct Verified {
     /// The task its header names (empty when the header itself is bad).
     pub task: String,
+    /// The index of its first entry: 0, or what a segment's `continues` line says.
+    pub start: u64,
     /// Its entries, in order.
     pub entries: Vec<Entry>,
     /// The last entry's hash; the [`genesis`] while there are none (all zeros when the
@@ -148,8 +164,16 @@ pub struct LedgerError {
     pub reason: String,
 }
 
-/// The task named by a ledger's header, and the header's length.
-fn parse_header(bytes: &[u8]) -> Result<(String, usize), String> {
+/// What a ledger's header says: the task, its length in bytes, and for a later segment
+/// the index of its first entry and the hash before it.
+struct Header {
+    task: String,
+    len: usize,
+    continues: Option<(u64, [u8; 32])>,
+}
+
+/// Reads a ledger's header.
+fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     let prefix_len = MAGIC.len() + 1;
     if bytes.len() < prefix_len || &bytes[..MAGIC.len()] != MAGIC || bytes[MAGIC.len()] != b' ' {
         return Err("bad header: not a Shoal v1 ledger (expected \"shoal-ledger-v1 \")".into());
@@ -163,7 +187,40 @@ fn parse_header(bytes: &[u8]) -> Result<(String, usize), String> {
     }
     let task = std::str::from_utf8(&window[..n])
         .map_err(|_| "bad header: the task name is not UTF-8".to_string())?;
-    Ok((task.to_string(), prefix_len + n + 1))
+    let len = prefix_len + n + 1;
+    // No entry starts with "continues ": as a length, "cont" is far above any entry's.
+    if !bytes[len..].starts_with(CONTINUES) {
+        return Ok(Header {
+            task: task.to_string(),
+            len,
+            continues: None,
+        });
+    }
+    let rest = &bytes[len + CONTINUES.len()..];
+    let line = &rest[..rest.len().min(20 + 1 + 64 + 1)];
+    let bad = || "bad header: the continues line is not \"continues INDEX HASH\"".to_string();
+    let end = line.iter().position(|&b| b == b'\n').ok_or_else(bad)?;
+    let text = std::str::from_utf8(&line[..end]).map_err(|_| bad())?;
+    let (index, prev) = text.split_once(' ').ok_or_else(bad)?;
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let index: u64 = index.parse().map_err(|_| bad())?;
+    let prev: [u8; 32] = crate::protocol::from_hex(prev)
+        .filter(|_| {
+            prev.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(bad)?;
+    if index == 0 {
+        return Err("bad header: a segment continuing from entry 0".into());
+    }
+    Ok(Header {
+        task: task.to_string(),
+        len: len + CONTINUES.len() + end + 1,
+        continues: Some((index, prev)),
+    })
 }
 
 /// What a reader has seen so far, to check the next entry against.
@@ -172,6 +229,8 @@ struct Chain {
     head: [u8; 32],
     last_time: u64,
     seen: HashSet<(PublicKey, PublicKey, u64)>,
+    /// The index the next entry has.
+    next: u64,
 }
 
 impl Chain {
@@ -181,6 +240,7 @@ impl Chain {
             head: genesis(task),
             last_time: 0,
             seen: HashSet::new(),
+            next: 0,
         }
     }
 
@@ -284,61 +344,112 @@ impl Chain {
     fn accept(&mut self, entry: &Entry) {
         self.head = entry.hash;
         self.last_time = entry.time_ms;
+        self.next = entry.index + 1;
         let r = &entry.receipt;
         self.seen.insert((r.sender, r.receiver, r.round));
     }
+
+    /// Reads one file (a whole ledger or one segment) on from this chain: `None` when
+    /// reading a file alone (its header sets the task and, for a segment, where it
+    /// starts), otherwise it must be this chain's task and continue exactly where the
+    /// chain ends. Returns the entries of its longest valid prefix, that prefix's length
+    /// (0 when the header is bad), and where and why the rest is not valid.
+    fn read_on(
+        chain: Option<&mut Chain>,
+        bytes: &[u8],
+    ) -> (Chain, Vec<Entry>, usize, Option<LedgerError>) {
+        let fail = |reason: String| LedgerError {
+            index: 0,
+            offset: 0,
+            reason,
+        };
+        let header = match parse_header(bytes) {
+            Ok(h) => h,
+            Err(reason) => {
+                let chain =
+                    chain.map_or_else(|| Chain::new(""), |c| std::mem::replace(c, Chain::new("")));
+                return (chain, Vec::new(), 0, Some(fail(reason)));
+            }
+        };
+        let mut chain = match chain {
+            None => {
+                let mut c = Chain::new(&header.task);
+                if let Some((index, prev)) = header.continues {
+                    c.next = index;
+                    c.head = prev;
+                }
+                c
+            }
+            Some(c) => {
+                let c = std::mem::replace(c, Chain::new(""));
+                let wrong = if header.task != c.task {
+                    Some(format!("the header names task {:?}", header.task))
+                } else {
+                    match header.continues {
+                        None if c.next > 0 => Some(format!(
+                            "a segment after entry {} without a continues line",
+                            c.next - 1
+                        )),
+                        Some((index, prev)) if index != c.next || prev != c.head => Some(format!(
+                            "it continues from entry {index} after {}, but the ledger before it ends at entry {} with {}",
+                            hex(&prev),
+                            c.next,
+                            hex(&c.head)
+                        )),
+                        _ => None,
+                    }
+                };
+                if let Some(reason) = wrong {
+                    return (
+                        c,
+                        Vec::new(),
+                        0,
+                        Some(fail(format!("bad header: {reason}"))),
+                    );
+                }
+                c
+            }
+        };
+        let mut entries = Vec::new();
+        let mut offset = header.len;
+        let mut error = None;
+        while offset < bytes.len() {
+            let index = chain.next;
+            match chain.parse(&bytes[offset..], index) {
+                Ok((entry, len)) => {
+                    chain.accept(&entry);
+                    entries.push(entry);
+                    offset += len;
+                }
+                Err(reason) => {
+                    error = Some(LedgerError {
+                        index,
+                        offset,
+                        reason,
+                    });
+                    break;
+                }
+            }
+        }
+        (chain, entries, offset, error)
+    }
 }
 
-/// Reads a ledger's bytes: always its longest valid prefix, and where and why the rest is
-/// not valid, if there is a rest. Valid: the header names a task of 1 to 64 bytes, and
-/// every entry has a length in bounds, a hash that chains, a valid site, a receipt that
-/// decodes and verifies and is for the header's task, a time no earlier than the previous
-/// entry's, and a `(sender, receiver, round)` no earlier entry has.
+/// Reads a ledger's bytes (a whole ledger, or one segment of it): always its longest
+/// valid prefix, and where and why the rest is not valid, if there is a rest. Valid: the
+/// header names a task of 1 to 64 bytes (and, for a segment after the first, the index
+/// and hash it continues from), and every entry has a length in bounds, a hash that
+/// chains, a valid site, a receipt that decodes and verifies and is for the header's
+/// task, a time no earlier than the previous entry's, and a `(sender, receiver, round)` no
+/// earlier entry (of this file) has.
 pub fn read(bytes: &[u8]) -> (Verified, Option<LedgerError>) {
-    let (task, header_len) = match parse_header(bytes) {
-        Ok(h) => h,
-        Err(reason) => {
-            let empty = Verified {
-                task: String::new(),
-                entries: Vec::new(),
-                head: [0; 32],
-                good_len: 0,
-            };
-            let error = LedgerError {
-                index: 0,
-                offset: 0,
-                reason,
-            };
-            return (empty, Some(error));
-        }
-    };
-    let mut chain = Chain::new(&task);
-    let mut entries = Vec::new();
-    let mut offset = header_len;
-    let mut error = None;
-    while offset < bytes.len() {
-        let index = entries.len() as u64;
-        match chain.parse(&bytes[offset..], index) {
-            Ok((entry, len)) => {
-                chain.accept(&entry);
-                entries.push(entry);
-                offset += len;
-            }
-            Err(reason) => {
-                error = Some(LedgerError {
-                    index,
-                    offset,
-                    reason,
-                });
-                break;
-            }
-        }
-    }
+    let (chain, entries, good_len, error) = Chain::read_on(None, bytes);
     let verified = Verified {
-        task,
+        start: entries.first().map_or(chain.next, |e| e.index),
+        task: chain.task,
         entries,
-        head: chain.head,
-        good_len: offset,
+        head: if good_len == 0 { [0; 32] } else { chain.head },
+        good_len,
     };
     (verified, error)
 }
@@ -378,16 +489,26 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
-/// The server's ledger of one task: `{dir}/{task}.ledger`, opened for appending. Every
+/// The server's ledger of one task: sealed segments `{dir}/{task}.ledger.NNNNNN` (never
+/// written again) and the live segment `{dir}/{task}.ledger`, opened for appending. Every
 /// entry it appends is checked as [`read`] checks it and is on disk (`fsync`) before
-/// [`append`](Self::append) returns, so the file stays valid.
+/// [`append`](Self::append) returns, so the files stay valid; when the live segment would
+/// pass its size limit it is sealed and a new one continues the chain (see
+/// [`LedgerFile::append`]).
 #[derive(Debug)]
 pub struct LedgerFile {
+    dir: PathBuf,
     path: PathBuf,
     file: File,
     task: String,
-    /// The file's length: the header and every entry written.
+    /// The sealed segments, in order.
+    sealed: Vec<PathBuf>,
+    /// The live segment's length: its header and every entry written.
     len: u64,
+    /// The live segment's header length.
+    header_len: u64,
+    /// The size at which the live segment is sealed.
+    segment_limit: u64,
     head: [u8; 32],
     entries: Vec<Entry>,
     seen: HashSet<(PublicKey, PublicKey, u64)>,
@@ -397,12 +518,15 @@ pub struct LedgerFile {
 }
 
 impl LedgerFile {
-    /// Opens `{dir}/{task}.ledger`, creating `dir` and the file (with its header, synced
-    /// with its directory) when missing. An existing file is read; if it is not valid to
-    /// its end (or its header names another task), the whole file is first copied to
-    /// `{task}.ledger.bad-{now_ms}` and then cut to its longest valid prefix, both synced,
-    /// and the second value says so (where it broke, what was kept, where the original
-    /// went) for the log.
+    /// Opens the ledger of `task` in `dir`, creating `dir` and the live segment (with its
+    /// header, synced with its directory) when missing. A rotation that a crash
+    /// interrupted is finished or undone first. The sealed segments must be valid to
+    /// their ends and continue each other (a damaged one is an error: history is never
+    /// cut silently). The live segment is read on from them; if it is not valid to its
+    /// end (or its header names another task or does not continue them), the whole file
+    /// is first copied to `{task}.ledger.bad-{now_ms}` and then cut to its longest valid
+    /// prefix, both synced, and the second value says so (where it broke, what was kept,
+    /// where the original went) for the log.
     pub fn open(dir: &Path, task: &str, now_ms: u64) -> io::Result<(Self, Option<String>)> {
         if !valid_file_task(task) {
             return Err(invalid(format!(
@@ -411,76 +535,210 @@ impl LedgerFile {
         }
         fs::create_dir_all(dir)?;
         let path = dir.join(format!("{task}.ledger"));
-        let fresh = || Verified {
-            task: task.to_string(),
-            entries: Vec::new(),
-            head: genesis(task),
-            good_len: header(task).len(),
-        };
+        let next = dir.join(format!("{task}.ledger.next"));
+        if next.exists() {
+            if path.exists() {
+                // Sealing had not begun: the rotation never happened.
+                fs::remove_file(&next)?;
+            } else {
+                // The live segment was sealed; its successor was not in place yet.
+                fs::rename(&next, &path)?;
+            }
+            sync_dir(dir)?;
+        }
+        let sealed = Self::sealed_segments(dir, task)?;
+        let mut chain = Chain::new(task);
+        let mut entries = Vec::new();
+        for seg in &sealed {
+            let bytes = fs::read(seg)?;
+            let (c, mut e, _, error) = Chain::read_on(Some(&mut chain), &bytes);
+            chain = c;
+            if let Some(error) = error {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "sealed segment {} broke at {error}; the ledger stays closed (restore the segment from a copy)",
+                        seg.display()
+                    ),
+                ));
+            }
+            entries.append(&mut e);
+        }
+        // The header a live segment starts with after what is sealed.
+        let mut fresh_header = header(task);
+        if chain.next > 0 {
+            fresh_header.extend_from_slice(&continuation(chain.next, &chain.head));
+        }
         let mut note = None;
-        let verified = match fs::read(&path) {
+        let good_len = match fs::read(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Written aside and renamed, so that the ledger never exists without its
                 // whole header.
                 let tmp = dir.join(format!("{task}.ledger.new"));
                 {
                     let mut f = File::create(&tmp)?;
-                    f.write_all(&header(task))?;
+                    f.write_all(&fresh_header)?;
                     f.sync_all()?;
                 }
                 fs::rename(&tmp, &path)?;
                 sync_dir(dir)?;
-                fresh()
+                fresh_header.len()
             }
             Err(e) => return Err(e),
             Ok(bytes) => {
-                let (mut verified, mut error) = read(&bytes);
-                if error.is_none() && verified.task != task {
-                    error = Some(LedgerError {
-                        index: 0,
-                        offset: 0,
-                        reason: format!("the header names task {:?}", verified.task),
-                    });
-                    verified.good_len = 0;
-                }
-                if let Some(error) = error {
-                    let bad = Self::quarantine(dir, task, now_ms, &bytes)?;
-                    let f = OpenOptions::new().write(true).open(&path)?;
-                    f.set_len(verified.good_len as u64)?;
-                    if verified.good_len == 0 {
-                        verified = fresh();
-                        (&f).write_all(&header(task))?;
+                let before = (chain.next, chain.head);
+                let (c, mut e, good_len, error) = Chain::read_on(Some(&mut chain), &bytes);
+                chain = c;
+                let count = e.len();
+                entries.append(&mut e);
+                match error {
+                    None => good_len,
+                    Some(error) => {
+                        let bad = Self::quarantine(dir, task, now_ms, &bytes)?;
+                        let f = OpenOptions::new().write(true).open(&path)?;
+                        f.set_len(good_len as u64)?;
+                        let kept = if good_len == 0 {
+                            (&f).write_all(&fresh_header)?;
+                            (chain.next, chain.head) = before;
+                            fresh_header.len()
+                        } else {
+                            good_len
+                        };
+                        f.sync_all()?;
+                        note = Some(format!(
+                            "ledger {} broke at {error}; kept {count} entries ({kept} of {} bytes), \
+                             moved the original to {}",
+                            path.display(),
+                            bytes.len(),
+                            bad.display()
+                        ));
+                        kept
                     }
-                    f.sync_all()?;
-                    note = Some(format!(
-                        "ledger {} broke at {error}; kept {} entries ({} of {} bytes), \
-                         moved the original to {}",
-                        path.display(),
-                        verified.entries.len(),
-                        verified.good_len,
-                        bytes.len(),
-                        bad.display()
-                    ));
                 }
-                verified
             }
+        };
+        let header_len = match fs::read(&path) {
+            Ok(bytes) => parse_header(&bytes).map_or(0, |h| h.len) as u64,
+            Err(e) => return Err(e),
         };
         let file = OpenOptions::new().append(true).open(&path)?;
         let mut ledger = Self {
+            dir: dir.to_path_buf(),
             path,
             file,
             task: task.to_string(),
-            len: verified.good_len as u64,
-            head: verified.head,
-            entries: Vec::with_capacity(verified.entries.len()),
+            sealed,
+            len: good_len as u64,
+            header_len,
+            segment_limit: DEFAULT_SEGMENT_BYTES,
+            head: chain.head,
+            entries: Vec::with_capacity(entries.len()),
             seen: HashSet::new(),
             last_rounds: HashMap::new(),
             broken: false,
         };
-        for entry in verified.entries {
+        for entry in entries {
             ledger.remember(entry);
         }
         Ok((ledger, note))
+    }
+
+    /// The sealed segments of `task` in `dir` (`{task}.ledger.` and six digits), in order.
+    fn sealed_segments(dir: &Path, task: &str) -> io::Result<Vec<PathBuf>> {
+        let prefix = format!("{task}.ledger.");
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(n) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+                continue;
+            };
+            if n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()) {
+                found.push((n.parse().unwrap_or(0), e.path()));
+            }
+        }
+        found.sort();
+        for (k, (n, p)) in found.iter().enumerate() {
+            if *n != k as u64 + 1 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "sealed segment {} is out of sequence (expected number {})",
+                        p.display(),
+                        k + 1
+                    ),
+                ));
+            }
+        }
+        Ok(found.into_iter().map(|(_, p)| p).collect())
+    }
+
+    /// Sets the size at which the live segment is sealed (at least one entry stays in
+    /// each segment).
+    pub fn set_segment_limit(&mut self, bytes: u64) {
+        self.segment_limit = bytes;
+    }
+
+    /// Seals the live segment and starts the next: the next one's header is written and
+    /// synced aside (`{task}.ledger.next`), the live file renamed to the next sealed name,
+    /// the new one renamed into place, the directory synced. A crash in between is
+    /// finished or undone by [`LedgerFile::open`].
+    fn rotate(&mut self) -> io::Result<()> {
+        let task = self.task.clone();
+        let next = self.dir.join(format!("{task}.ledger.next"));
+        let mut h = header(&task);
+        h.extend_from_slice(&continuation(self.count(), &self.head));
+        {
+            let mut f = File::create(&next)?;
+            f.write_all(&h)?;
+            f.sync_all()?;
+        }
+        let sealed = self
+            .dir
+            .join(format!("{task}.ledger.{:06}", self.sealed.len() + 1));
+        if let Err(e) = fs::rename(&self.path, &sealed) {
+            let _ = fs::remove_file(&next);
+            return Err(e);
+        }
+        if let Err(e) = fs::rename(&next, &self.path).and_then(|()| sync_dir(&self.dir)) {
+            // Finished by the next open.
+            self.broken = true;
+            return Err(e);
+        }
+        self.sealed.push(sealed);
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.len = h.len() as u64;
+        self.header_len = h.len() as u64;
+        Ok(())
+    }
+
+    /// The whole ledger as one file, as [`read`] reads it: the first segment, then every
+    /// later one without its header (what was written and synced so far).
+    pub fn file_bytes(&self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut add = |bytes: &[u8], first: bool| -> io::Result<()> {
+            let skip = if first {
+                0
+            } else {
+                parse_header(bytes)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+                    .len
+            };
+            out.extend_from_slice(&bytes[skip..]);
+            Ok(())
+        };
+        for (k, seg) in self.sealed.iter().enumerate() {
+            add(&fs::read(seg)?, k == 0)?;
+        }
+        let mut live = fs::read(&self.path)?;
+        live.truncate(usize::try_from(self.len).unwrap_or(usize::MAX));
+        add(&live, self.sealed.is_empty())?;
+        Ok(out)
+    }
+
+    /// The sealed segments' paths, in order.
+    pub fn sealed(&self) -> &[PathBuf] {
+        &self.sealed
     }
 
     /// Copies `bytes` (a whole ledger file) to `{task}.ledger.bad-{now_ms}` (with `-N`
@@ -565,6 +823,9 @@ impl LedgerFile {
         }
         let time_ms = time_ms.max(self.entries.last().map_or(0, |e| e.time_ms));
         let (bytes, hash) = encode_entry(&self.head, time_ms, links, site, receipt_bytes);
+        if self.len > self.header_len && self.len + bytes.len() as u64 > self.segment_limit {
+            self.rotate()?;
+        }
         if let Err(e) = self.file.write_all(&bytes) {
             // Cut back any part of the entry that made it, so that the file stays valid.
             let undone = self
@@ -612,7 +873,7 @@ impl LedgerFile {
         &self.entries
     }
 
-    /// The file's path.
+    /// The live segment's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -622,7 +883,8 @@ impl LedgerFile {
         &self.task
     }
 
-    /// The file's length in bytes: its header and every entry appended (and synced).
+    /// The live segment's length in bytes: its header and every entry appended (and
+    /// synced).
     pub fn byte_len(&self) -> u64 {
         self.len
     }
@@ -942,6 +1204,157 @@ mod tests {
             &"a".repeat(254),
         ] {
             assert!(!valid_site(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_full_segment_is_sealed_and_the_chain_goes_on_across_segments() {
+        let temp = Temp::new("segments");
+        let dir = temp.0.clone();
+        let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
+        // Room for two entries per segment.
+        let entry = encode_entry(
+            &genesis("digits"),
+            0,
+            0,
+            "",
+            &receipt("digits", 1, 9, 1, 160),
+        )
+        .0;
+        let limit = (header("digits").len() + 90 + 2 * entry.len()) as u64;
+        l.set_segment_limit(limit);
+        fill_from(&mut l, 1, 7);
+        assert_eq!(
+            l.sealed().len(),
+            3,
+            "7 entries, 2 a segment: 3 sealed and the live one"
+        );
+        // Each segment verifies alone, from where it continues.
+        let mut next = 0;
+        for seg in l.sealed().iter().chain([&l.path().to_path_buf()]) {
+            let v = verify(&fs::read(seg).expect("segment")).expect("each segment verifies");
+            assert_eq!(v.start, next, "{}", seg.display());
+            next += v.entries.len() as u64;
+        }
+        assert_eq!(next, 7);
+        // Served as one file, it is the ledger a single file would have been.
+        let whole = l.file_bytes().expect("whole");
+        let v = verify(&whole).expect("the whole verifies");
+        assert_eq!(
+            (v.entries.as_slice(), v.head, v.start),
+            (l.entries(), l.head(), 0)
+        );
+        let mut single = header("digits");
+        let mut head = genesis("digits");
+        for e in l.entries() {
+            let (b, h) = encode_entry(&head, e.time_ms, e.links, &e.site, &e.receipt_bytes);
+            single.extend_from_slice(&b);
+            head = h;
+        }
+        assert_eq!(whole, single);
+        // Reopened, the chain and the duplicate rule span the segments.
+        let head = l.head();
+        drop(l);
+        let (mut l, note) = LedgerFile::open(&dir, "digits", 2).expect("reopen");
+        assert_eq!((note, l.count(), l.head()), (None, 7, head));
+        l.set_segment_limit(limit);
+        let dup = l
+            .append(2000, 0, "", &receipt("digits", 2, 9, 1, 160))
+            .expect_err("dup");
+        assert_eq!(
+            dup.kind(),
+            io::ErrorKind::AlreadyExists,
+            "round 1 is in the first segment"
+        );
+        fill_from(&mut l, 8, 2);
+        assert_eq!((l.count(), l.sealed().len()), (9, 4));
+        assert!(verify(&l.file_bytes().expect("whole")).is_ok());
+    }
+
+    /// Appends receipts of sender 9 for rounds `from..from + n` (receivers 1 to 3) to `l`.
+    fn fill_from(l: &mut LedgerFile, from: u64, n: u64) {
+        for round in from..from + n {
+            let r = receipt("digits", 1 + (round % 3) as u8, 9, round, 160);
+            l.append(5000 + round, 4, "", &r).expect("append");
+        }
+    }
+
+    #[test]
+    fn a_rotation_cut_short_by_a_crash_is_finished_or_undone_at_open() {
+        let temp = Temp::new("rotation-crash");
+        let dir = temp.0.clone();
+        let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
+        fill_from(&mut l, 1, 3);
+        let (count, head) = (l.count(), l.head());
+        drop(l);
+        let live = dir.join("digits.ledger");
+        let next = dir.join("digits.ledger.next");
+        let mut h = header("digits");
+        h.extend_from_slice(&continuation(count, &head));
+        // Crash before sealing: the successor's header is there, the live file too.
+        fs::write(&next, &h).expect("next");
+        let (l, note) = LedgerFile::open(&dir, "digits", 2).expect("open");
+        assert_eq!(
+            (note, l.count(), l.sealed().len(), next.exists()),
+            (None, 3, 0, false)
+        );
+        drop(l);
+        // Crash between the two renames: sealed, and the successor not in place yet.
+        fs::write(&next, &h).expect("next");
+        fs::rename(&live, dir.join("digits.ledger.000001")).expect("seal");
+        let (mut l, note) = LedgerFile::open(&dir, "digits", 3).expect("open");
+        assert_eq!(
+            (note, l.count(), l.sealed().len(), l.head()),
+            (None, 3, 1, head)
+        );
+        fill_from(&mut l, 10, 2);
+        assert_eq!(
+            verify(&l.file_bytes().expect("whole"))
+                .expect("valid")
+                .entries
+                .len(),
+            5
+        );
+        drop(l);
+        // A damaged sealed segment is an error: history is never cut silently.
+        let sealed = dir.join("digits.ledger.000001");
+        let mut bytes = fs::read(&sealed).expect("sealed");
+        let at = bytes.len() - 40;
+        bytes[at] ^= 1;
+        fs::write(&sealed, &bytes).expect("damage");
+        let e = LedgerFile::open(&dir, "digits", 4).expect_err("refused");
+        assert!(e.to_string().contains("sealed segment"), "{e}");
+        // So is a live segment that does not continue the sealed ones: it is quarantined
+        // and started again from them.
+        bytes[at] ^= 1;
+        fs::write(&sealed, &bytes).expect("mend");
+        fs::write(&live, header("digits")).expect("a live file without its continues line");
+        let (l, note) = LedgerFile::open(&dir, "digits", 5).expect("open");
+        assert!(note.is_some_and(|n| n.contains("without a continues line")));
+        assert_eq!((l.count(), l.head()), (3, head));
+    }
+
+    #[test]
+    fn continues_lines_are_checked() {
+        let mut h = header("digits");
+        h.extend_from_slice(&continuation(5, &[7; 32]));
+        let (v, e) = read(&h);
+        assert_eq!((e, v.start, v.head, v.entries.len()), (None, 5, [7; 32], 0));
+        for bad in [
+            "continues 0 0707070707070707070707070707070707070707070707070707070707070707\n",
+            "continues 5 07\n",
+            "continues x 0707070707070707070707070707070707070707070707070707070707070707\n",
+            "continues 5 0707070707070707070707070707070707070707070707070707070707070707",
+            "continues +5 0707070707070707070707070707070707070707070707070707070707070707\n",
+            "continues 5 0707070707070707070707070707070707070707070707070707070707070G07\n",
+        ] {
+            let mut b = header("digits");
+            b.extend_from_slice(bad.as_bytes());
+            let (_, e) = read(&b);
+            assert!(
+                e.is_some_and(|e| e.reason.starts_with("bad header")),
+                "{bad:?}"
+            );
         }
     }
 
