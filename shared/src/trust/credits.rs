@@ -5,8 +5,9 @@
 //!    `max(`[`QUORUM`]`, ceil(L / 2))` distinct receivers are in it, `L` being the
 //!    largest `links` (the sender's identified neighbours) among its entries.
 //! 2. Its claim is the lower median of its receipts' `samples`.
-//! 3. Per round, with `m` the lower median of the counted groups' claims, a group is
-//!    credited `min(claim, 2 m)` samples.
+//! 3. Per round, with `m` the lower median of the counted groups' claims and `t` the
+//!    largest claim once the `floor(n / 4)` largest of its `n` claims are set aside, a
+//!    group is credited `min(claim, 2 m, t)` samples.
 //! 4. A key's credit is the sum over its groups; a site's, the sum over groups whose first
 //!    entry carries that site. Rank: by credit, then key.
 //!
@@ -120,7 +121,13 @@ pub fn compute(entries: &[Entry]) -> Credits {
     let mut sites: HashMap<&str, u64> = HashMap::new();
     for counted in rounds.values() {
         let mut claims: Vec<u64> = counted.iter().map(|&(_, _, claim)| claim).collect();
-        let cap = lower_median(&mut claims).saturating_mul(2);
+        // Twice the median, and no more than the largest claim once the top quarter is
+        // set aside: where fewer than a quarter of a round's groups inflate their claims,
+        // the cap is an honest claim, and in rounds where honest claims agree (rounds of
+        // steps) an inflated one gains nothing.
+        let n = claims.len();
+        let median = lower_median(&mut claims);
+        let cap = median.saturating_mul(2).min(claims[n - 1 - n / 4]);
         for &(sender, site, claim) in counted {
             let credit = claim.min(cap);
             let k = keys.entry(sender).or_default();
@@ -266,6 +273,45 @@ mod tests {
         let order: Vec<PublicKey> = c.by_key.iter().map(|k| k.key).collect();
         assert_eq!(order, [key(3), key(2), key(1)]);
         assert_eq!(c.rank_of(&key(2)), Some(2));
+    }
+
+    #[test]
+    fn a_quarter_of_inflated_claims_is_cut_to_an_honest_one() {
+        // Six honest groups claim 160, two claim ten times that: the top quarter set
+        // aside, the cap is 160, and inflating gained nothing.
+        let mut entries = Vec::new();
+        for (sender, samples) in [
+            (1, 160),
+            (2, 160),
+            (3, 160),
+            (4, 160),
+            (5, 160),
+            (6, 160),
+            (7, 1600),
+            (8, 1600),
+        ] {
+            for receiver in [20, 21] {
+                entries.push(entry("", sender, receiver, 5, samples));
+            }
+        }
+        let c = compute(&entries);
+        assert_eq!(credit_of(&c, 7), Some((160, 1)));
+        assert_eq!(credit_of(&c, 1), Some((160, 1)));
+        // Three of eight are more than a quarter: the cap is then twice the median.
+        for receiver in [20, 21] {
+            entries.push(entry("", 6, receiver, 6, 1600));
+            for sender in [1, 2, 3, 4, 5, 7, 8] {
+                entries.push(entry(
+                    "",
+                    sender,
+                    receiver,
+                    6,
+                    if sender > 6 { 1600 } else { 160 },
+                ));
+            }
+        }
+        let c = compute(&entries);
+        assert_eq!(credit_of(&c, 7), Some((160 + 320, 2)));
     }
 
     #[test]
