@@ -570,7 +570,8 @@ impl LedgerFile {
             fresh_header.extend_from_slice(&continuation(chain.next, &chain.head));
         }
         let mut note = None;
-        let good_len = match fs::read(&path) {
+        // The live segment's valid length and its header's length.
+        let (good_len, header_len) = match fs::read(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Written aside and renamed, so that the ledger never exists without its
                 // whole header.
@@ -582,7 +583,7 @@ impl LedgerFile {
                 }
                 fs::rename(&tmp, &path)?;
                 sync_dir(dir)?;
-                fresh_header.len()
+                (fresh_header.len(), fresh_header.len())
             }
             Err(e) => return Err(e),
             Ok(bytes) => {
@@ -591,18 +592,20 @@ impl LedgerFile {
                 chain = c;
                 let count = e.len();
                 entries.append(&mut e);
+                // The header as read (a bad one is replaced by the fresh one below).
+                let read_header = parse_header(&bytes).map_or(0, |h| h.len);
                 match error {
-                    None => good_len,
+                    None => (good_len, read_header),
                     Some(error) => {
                         let bad = Self::quarantine(dir, task, now_ms, &bytes)?;
                         let f = OpenOptions::new().write(true).open(&path)?;
                         f.set_len(good_len as u64)?;
-                        let kept = if good_len == 0 {
+                        let (kept, header_len) = if good_len == 0 {
                             (&f).write_all(&fresh_header)?;
                             (chain.next, chain.head) = before;
-                            fresh_header.len()
+                            (fresh_header.len(), fresh_header.len())
                         } else {
-                            good_len
+                            (good_len, read_header)
                         };
                         f.sync_all()?;
                         note = Some(format!(
@@ -612,15 +615,12 @@ impl LedgerFile {
                             bytes.len(),
                             bad.display()
                         ));
-                        kept
+                        (kept, header_len)
                     }
                 }
             }
         };
-        let header_len = match fs::read(&path) {
-            Ok(bytes) => parse_header(&bytes).map_or(0, |h| h.len) as u64,
-            Err(e) => return Err(e),
-        };
+        let header_len = header_len as u64;
         let file = OpenOptions::new().append(true).open(&path)?;
         let mut ledger = Self {
             dir: dir.to_path_buf(),
