@@ -11,6 +11,7 @@ use crate::dataset::Dataset;
 use crate::engine::{Model, ModelSpec, Optimizer, WEBGPU_MAX_BINDING};
 use crate::idx::IdxLimits;
 use crate::learn::LearnConfig;
+pub use crate::privacy::PrivacySpec;
 
 /// Largest CSV data file accepted, in bytes.
 pub const MAX_CSV_BYTES: usize = 256 << 20;
@@ -36,16 +37,10 @@ pub struct TaskSpec {
     /// The swarm's settings (rounds, aggregation, compression, deadlines).
     #[serde(default)]
     pub learn: LearnConfig,
-    /// Reserved for privacy settings (differential privacy, secure aggregation); no
-    /// knob exists yet, so the table must be empty.
+    /// Differential privacy (empty: none); see [`crate::privacy`].
     #[serde(default)]
     pub privacy: PrivacySpec,
 }
-
-/// Reserved: privacy knobs to come.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrivacySpec {}
 
 /// The task's data: grey-scale images with integer labels, or text for a language model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -306,7 +301,7 @@ impl TaskSpec {
                 round_ms: 1_000,
                 ..LearnConfig::default()
             },
-            privacy: PrivacySpec {},
+            privacy: PrivacySpec::default(),
         }
     }
 
@@ -461,7 +456,10 @@ impl TaskSpec {
         self.learn.validate().map_err(|e| {
             let (field, problem) = e.split_once(": ").unwrap_or(("", &e));
             err(&format!("learn.{field}"), problem)
-        })
+        })?;
+        self.privacy
+            .validate()
+            .map_err(|(field, problem)| err(&field, problem))
     }
 
     /// The checks of a text task: bytes as tokens (vocabulary 256), no image settings, a
@@ -709,8 +707,160 @@ mod tests {
         );
         let e = with("batch = 8", "batch = \"eight\"").expect_err("type");
         assert!(e.problem.contains("line"), "{e}");
-        let e = with("[privacy]", "[privacy]\nepsilon = 1.0").expect_err("reserved");
-        assert!(e.problem.contains("epsilon"), "{e}");
+        let e = with("[privacy]", "[privacy]\nepsilom = 1.0").expect_err("typo");
+        assert!(e.problem.contains("epsilom"), "{e}");
+    }
+
+    #[test]
+    fn impossible_privacy_settings_are_refused_naming_the_field() {
+        use crate::privacy::{OnBudget, PrivacySpec};
+        let good = PrivacySpec {
+            clip: Some(1.0),
+            noise_multiplier: Some(1.1),
+            delta: Some(1e-5),
+            rounds: Some(100),
+            ..PrivacySpec::default()
+        };
+        let check = |p: PrivacySpec| {
+            let mut t = TaskSpec::digits();
+            t.privacy = p;
+            t.validate()
+        };
+        assert!(check(PrivacySpec::default()).is_ok());
+        assert!(check(good.clone()).is_ok());
+        let cases: Vec<(PrivacySpec, &str, &str)> = vec![
+            (
+                PrivacySpec {
+                    clip: None,
+                    ..good.clone()
+                },
+                "privacy.clip",
+                "missing",
+            ),
+            (
+                PrivacySpec {
+                    clip: Some(-1.0),
+                    ..good.clone()
+                },
+                "privacy.clip",
+                "outside",
+            ),
+            (
+                PrivacySpec {
+                    clip: Some(f32::NAN),
+                    ..good.clone()
+                },
+                "privacy.clip",
+                "outside",
+            ),
+            (
+                PrivacySpec {
+                    delta: Some(0.0),
+                    ..good.clone()
+                },
+                "privacy.delta",
+                "outside",
+            ),
+            (
+                PrivacySpec {
+                    delta: Some(0.5),
+                    ..good.clone()
+                },
+                "privacy.delta",
+                "promises",
+            ),
+            (
+                PrivacySpec {
+                    delta: None,
+                    ..good.clone()
+                },
+                "privacy.delta",
+                "missing",
+            ),
+            (
+                PrivacySpec {
+                    rounds: Some(0),
+                    ..good.clone()
+                },
+                "privacy.rounds",
+                "outside",
+            ),
+            (
+                PrivacySpec {
+                    noise_multiplier: Some(0.0),
+                    ..good.clone()
+                },
+                "privacy.noise_multiplier",
+                "outside",
+            ),
+            (
+                PrivacySpec {
+                    noise_multiplier: None,
+                    ..good.clone()
+                },
+                "privacy.noise_multiplier",
+                "missing",
+            ),
+            (
+                PrivacySpec {
+                    epsilon: Some(4.0),
+                    ..good.clone()
+                },
+                "privacy.epsilon",
+                "not both",
+            ),
+            (
+                PrivacySpec {
+                    noise_multiplier: None,
+                    epsilon: Some(-2.0),
+                    ..good.clone()
+                },
+                "privacy.epsilon",
+                "outside",
+            ),
+            (
+                PrivacySpec {
+                    noise_multiplier: None,
+                    epsilon: Some(1e-6),
+                    rounds: Some(1_000_000),
+                    ..good.clone()
+                },
+                "privacy.epsilon",
+                "cannot be met",
+            ),
+        ];
+        for (p, field, problem) in cases {
+            let e = check(p.clone()).expect_err(&format!("{p:?}"));
+            assert_eq!(e.field, field, "{p:?}: {e}");
+            assert!(e.problem.contains(problem), "{p:?}: {e}");
+        }
+        // A target epsilon is met with the smallest noise that meets it.
+        let dp = PrivacySpec {
+            noise_multiplier: None,
+            epsilon: Some(8.0),
+            ..good.clone()
+        }
+        .resolve()
+        .expect("valid")
+        .expect("on");
+        assert!(dp.epsilon <= 8.0 && dp.epsilon > 7.9, "{dp:?}");
+        assert_eq!(dp.on_budget, OnBudget::Stop);
+        // From TOML, with the field names the README gives.
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml"))
+            .expect("demo task")
+            .replace(
+                "[privacy]",
+                "[privacy]\nclip = 0.5\nepsilon = 8.0\ndelta = 1e-5\nrounds = 300\non_budget = \"warn\"",
+            );
+        let t = TaskSpec::from_toml(&text).expect("valid privacy table");
+        let dp = t.privacy.resolve().expect("valid").expect("on");
+        assert_eq!(
+            (dp.clip, dp.rounds, dp.on_budget),
+            (0.5, 300, OnBudget::Warn)
+        );
+        let e =
+            TaskSpec::from_toml(&text.replace("delta = 1e-5", "delta = 2.0")).expect_err("delta 2");
+        assert_eq!(e.field, "privacy.delta", "{e}");
     }
 
     #[test]

@@ -66,13 +66,16 @@ impl SwarmTrainer {
     /// A peer that will join the swarm: it downloads the current model from its
     /// neighbours and starts from the task's initial weights if it finds itself alone.
     /// It trains on `train` (on the GPU when `gpu` is given), in an order of its own drawn
-    /// from its key; `test`, when given, is evaluated after every round (CPU).
+    /// from its key; `test`, when given, is evaluated after every round (CPU). Where the
+    /// task asks for differential privacy, every update is clipped and noised with noise
+    /// drawn from `noise_key`: 32 secret bytes from the platform's secure generator.
     pub fn new(
         task: TaskSpec,
         id: Identity,
         gpu: Option<&Gpu>,
         train: Samples,
         test: Option<Samples>,
+        noise_key: [u8; 32],
         now_ms: f64,
     ) -> Result<Self, String> {
         let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
@@ -89,7 +92,7 @@ impl SwarmTrainer {
         let trainer = Trainer::new(backend, train, task.train.batch, own_seed)
             .map_err(|e| e.to_string())?
             .with_shift(task.train.shift);
-        let peer = Peer::new(
+        let mut peer = Peer::new(
             task.learn.clone(),
             &task.name,
             id,
@@ -98,6 +101,13 @@ impl SwarmTrainer {
             now_ms,
         )
         .map_err(|e| e.to_string())?;
+        if let Some(dp) = task
+            .privacy
+            .resolve()
+            .map_err(|(f, e)| format!("{f}: {e}"))?
+        {
+            peer.learner_mut().enable_privacy(dp, noise_key, 0);
+        }
         let eval = match test {
             Some(full) => Some(Eval {
                 cpu: CpuBackend::new(model, Optimizer::adam(task.train.lr), init)
@@ -131,6 +141,12 @@ impl SwarmTrainer {
     /// The ledger heads this peer holds (see `shoal_shared::trust::head`).
     pub fn witness_mut(&mut self) -> &mut shoal_shared::trust::head::Witness {
         self.peer.learner_mut().witness_mut()
+    }
+
+    /// Counts updates this visitor sent under the task's privacy budget on earlier visits
+    /// (kept by the page or beside the native peer's key); it can only raise the count.
+    pub fn note_privacy_sent(&mut self, rounds: u64) {
+        self.peer.learner_mut().note_privacy_sent(rounds);
     }
 
     /// The task.

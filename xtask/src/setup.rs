@@ -35,14 +35,14 @@ pub(crate) fn ensure_bench_web(root: &Path) -> Result<()> {
     )
 }
 
-/// A Python with `safetensors` and `numpy` from PyPI, in `target/py`, for the test that
-/// loads an exported model without Shoal. Returns its interpreter.
+/// A Python with `safetensors`, `numpy` and `dp-accounting` from PyPI, in `target/py`, for
+/// the tests that load an exported model without Shoal and check the privacy accountant. Returns its interpreter.
 pub(crate) fn ensure_python(root: &Path) -> Result<std::path::PathBuf> {
     let venv = root.join("target/py");
     let python = venv.join("bin/python");
     let ready = || {
         Command::new(&python)
-            .args(["-c", "import safetensors, numpy"])
+            .args(["-c", "import safetensors, numpy, dp_accounting"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
@@ -50,13 +50,22 @@ pub(crate) fn ensure_python(root: &Path) -> Result<std::path::PathBuf> {
         return Ok(python);
     }
     eprintln!(
-        "xtask: installing safetensors and numpy into {}",
+        "xtask: installing safetensors, numpy and dp-accounting into {}",
         venv.display()
     );
     run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "-q", "safetensors", "numpy"]))?;
+    run_cmd(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        "safetensors",
+        "numpy",
+        "dp-accounting",
+    ]))?;
     if !ready() {
-        bail!("{} cannot import safetensors and numpy", python.display());
+        bail!(
+            "{} cannot import safetensors, numpy and dp-accounting",
+            python.display()
+        );
     }
     Ok(python)
 }

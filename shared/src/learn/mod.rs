@@ -412,6 +412,40 @@ pub enum LearnError {
     /// model is left as it was.
     #[error("local weights rejected: {0}")]
     BadLocal(String),
+    /// The task's privacy budget is spent (`on_budget = "stop"`): no more updates leave.
+    #[error("privacy budget spent: {0} rounds sent")]
+    BudgetSpent(u64),
+}
+
+/// Differential privacy applied to our own updates (see [`crate::privacy`]).
+struct DpState {
+    dp: crate::privacy::Dp,
+    noise: crate::privacy::NoiseSource,
+    /// Updates sent under it, this visit and earlier ones.
+    sent: u64,
+}
+
+/// Where a peer stands with its privacy budget.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PrivacyProgress {
+    /// Epsilon spent so far (for `delta`).
+    pub epsilon: f64,
+    /// The guarantee's delta.
+    pub delta: f64,
+    /// Updates sent under differential privacy.
+    pub rounds: u64,
+    /// The budget in rounds.
+    pub budget_rounds: u64,
+    /// Epsilon once the budget is spent.
+    pub budget_epsilon: f64,
+    /// Clipping norm and noise multiplier.
+    pub clip: f32,
+    /// Noise standard deviation per coordinate, in units of `clip`.
+    pub noise_multiplier: f64,
+    /// The budget is spent.
+    pub spent: bool,
+    /// And no more updates leave (`on_budget = "stop"`).
+    pub stopped: bool,
 }
 
 /// Gossip mixes held at once.
@@ -501,6 +535,8 @@ pub struct Learner {
     mixes: Vec<Mix>,
     /// The ledger heads held: checked against the server, or gossiped by neighbours.
     witness: crate::trust::head::Witness,
+    /// Differential privacy, when the task asks for it.
+    dp: Option<DpState>,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -531,8 +567,51 @@ impl Learner {
             started: false,
             mixes: Vec::new(),
             witness: crate::trust::head::Witness::new(task, None),
+            dp: None,
             stats: LearnStats::default(),
         })
+    }
+
+    /// Clips and noises every update we send from now on (the task's `[privacy]`):
+    /// `noise_key` is 32 secret random bytes from the platform's secure generator, and
+    /// `sent` the updates this visitor already sent under it (kept across visits).
+    pub fn enable_privacy(&mut self, dp: crate::privacy::Dp, noise_key: [u8; 32], sent: u64) {
+        self.dp = Some(DpState {
+            dp,
+            noise: crate::privacy::NoiseSource::new(noise_key),
+            sent,
+        });
+    }
+
+    /// Counts `rounds` updates already sent under the budget (on earlier visits): the count
+    /// only ever rises.
+    pub fn note_privacy_sent(&mut self, rounds: u64) {
+        if let Some(s) = self.dp.as_mut() {
+            s.sent = s.sent.max(rounds);
+        }
+    }
+
+    /// Where we stand with the privacy budget (`None` without differential privacy).
+    pub fn privacy(&self) -> Option<PrivacyProgress> {
+        let s = self.dp.as_ref()?;
+        let spent = s.sent >= s.dp.rounds;
+        Some(PrivacyProgress {
+            epsilon: s.dp.epsilon_after(s.sent),
+            delta: s.dp.delta,
+            rounds: s.sent,
+            budget_rounds: s.dp.rounds,
+            budget_epsilon: s.dp.epsilon,
+            clip: s.dp.clip,
+            noise_multiplier: s.dp.noise_multiplier,
+            spent,
+            stopped: spent && s.dp.on_budget == crate::privacy::OnBudget::Stop,
+        })
+    }
+
+    /// Whether we may send updates (false once a budget with `on_budget = "stop"` is
+    /// spent).
+    pub fn may_send(&self) -> bool {
+        !self.privacy().is_some_and(|p| p.stopped)
     }
 
     /// Our public key.
@@ -566,6 +645,23 @@ impl Learner {
             )));
         }
         check_finite(local).map_err(LearnError::BadLocal)?;
+        if let Some(state) = self.dp.as_mut() {
+            if state.sent >= state.dp.rounds && state.dp.on_budget == crate::privacy::OnBudget::Stop
+            {
+                return Err(LearnError::BudgetSpent(state.sent));
+            }
+            // The round's pseudo-gradient, clipped and noised before anything of it
+            // leaves; the loss describes the data, so none is sent.
+            let mut delta: Vec<f32> = self.weights.iter().zip(local).map(|(w, l)| w - l).collect();
+            crate::privacy::clip_and_noise(
+                &mut delta,
+                state.dp.clip,
+                state.dp.noise_multiplier as f32,
+                &mut state.noise,
+            );
+            state.sent += 1;
+            return Ok(self.update_from_delta(&delta, samples, 0.0));
+        }
         Ok(match self.cfg.exchange {
             Exchange::Delta => {
                 let delta: Vec<f32> = self.weights.iter().zip(local).map(|(w, l)| w - l).collect();

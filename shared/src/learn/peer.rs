@@ -195,6 +195,8 @@ pub struct Progress {
     pub paused: bool,
     /// Paused by the researcher (the whole task).
     pub task_paused: bool,
+    /// Differential privacy: epsilon spent and the budget (`None` without it).
+    pub privacy: Option<super::PrivacyProgress>,
 }
 
 impl Progress {
@@ -432,9 +434,10 @@ impl Peer {
         self.progress.accuracy = evaluation.map(|e| e.1);
     }
 
-    /// Whether training is paused (by the visitor or the researcher).
+    /// Whether training is paused (by the visitor or the researcher, or because the
+    /// privacy budget is spent and the task says stop).
     pub fn is_paused(&self) -> bool {
-        self.progress.paused || self.progress.task_paused
+        self.progress.paused || self.progress.task_paused || !self.learner.may_send()
     }
 
     /// Whether the peer holds a model (trained, adopted or started from the seed).
@@ -1146,6 +1149,7 @@ impl Peer {
             self.send(p, msg.clone());
         }
         self.sent_update = Some((round, msg));
+        self.budget_check();
         self.progress.loss = loss;
         self.progress.local_steps += u64::from(steps);
         self.progress.samples += u64::from(samples);
@@ -1284,11 +1288,20 @@ impl Peer {
             self.send(p, msg.clone());
         }
         self.sent_update = Some((round, msg));
+        self.budget_check();
         self.open_since = Some(now_ms);
         // After a rebase in this chunk the trainer does not hold `work` yet (`reload`).
         let carry = Some(work.clone());
         self.run = Some(Run::new(round + 1, now_ms, work, carry, reload));
         Ok(())
+    }
+
+    /// Once the privacy budget stops our updates, neighbours are told we no longer
+    /// contribute (so they stop waiting for us).
+    fn budget_check(&mut self) {
+        if !self.learner.may_send() {
+            self.announce();
+        }
     }
 
     /// The learner's counters into what people see.
@@ -1306,9 +1319,15 @@ impl Peer {
             .map(|(k, v)| (k.as_str().to_string(), *v))
             .collect();
         let paused = p.paused || p.task_paused;
+        p.privacy = self.learner.privacy();
+        if p.privacy.is_some() {
+            p.loss = 0.0; // it describes the visitor's data: neither shown nor reported
+        }
+        let spent = p.privacy.is_some_and(|d| d.stopped);
         p.phase = match self.phase {
             Phase::Joining { .. } => "joining",
             Phase::Ready if paused => "paused",
+            Phase::Ready if spent => "budget spent",
             Phase::Ready | Phase::Training { .. } => "training",
             Phase::Waiting { .. } => "waiting",
             Phase::Observing => "observing",

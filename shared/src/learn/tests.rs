@@ -565,3 +565,76 @@ fn a_receipt_is_signed_for_each_update_used_and_only_its_sender_counts_it() {
     assert_eq!(b.stats.receipts, 1);
     assert!(Receipt::decode(&rb.encode()).is_ok());
 }
+
+fn private(z: f64, rounds: u64, on_budget: crate::privacy::OnBudget, n: usize) -> Learner {
+    let mut l = peer(3, vec![0.0; n]);
+    let dp = crate::privacy::Dp {
+        clip: 1.0,
+        noise_multiplier: z,
+        delta: 1e-5,
+        rounds,
+        epsilon: crate::privacy::epsilon(z, 1.0, rounds, 1e-5),
+        on_budget,
+    };
+    l.enable_privacy(dp, [5; 32], 0);
+    l
+}
+
+#[test]
+fn with_privacy_an_update_is_clipped_noised_and_carries_no_loss() {
+    use crate::privacy::OnBudget;
+    let n = 10_000;
+    // Trained far (every coordinate moved by 1: norm 100): what leaves is clipped to 1.
+    let mut quiet = private(1e-3, 10, OnBudget::Stop, n);
+    let msg = quiet.local_update(&vec![-1.0; n], 64, 0.7).expect("finite");
+    let PeerMessage::Update(u) = PeerMessage::decode(&msg, n).expect("valid") else {
+        panic!("not an update");
+    };
+    assert_eq!(u.loss, 0.0, "the local loss describes the data");
+    assert_eq!(u.samples, 64);
+    let own = quiet.own.clone().expect("sent");
+    let norm = own.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 0.02, "clipped to 1, got {norm}");
+    // With noise multiplier 0.5 each coordinate carries noise of sd 0.5 around 0.01.
+    let mut noisy = private(0.5, 10, OnBudget::Stop, n);
+    noisy.local_update(&vec![-1.0; n], 64, 0.7).expect("finite");
+    let own = noisy.own.clone().expect("sent");
+    let sd = (own.iter().map(|x| (x - 0.01) * (x - 0.01)).sum::<f32>() / n as f32).sqrt();
+    assert!((sd - 0.5).abs() < 0.02, "noise sd {sd}");
+    // Without privacy the same training leaves whole.
+    let mut plain = peer(3, vec![0.0; n]);
+    plain.local_update(&vec![-1.0; n], 64, 0.7).expect("finite");
+    assert!(plain.own.expect("sent").iter().all(|x| *x == 1.0));
+}
+
+#[test]
+fn a_spent_privacy_budget_stops_updates_or_warns_as_the_task_says() {
+    use crate::privacy::OnBudget;
+    let mut stop = private(1.0, 2, OnBudget::Stop, 8);
+    for _ in 0..2 {
+        assert!(stop.may_send());
+        stop.local_update(&[0.1; 8], 8, 0.0)
+            .expect("within the budget");
+    }
+    let p = stop.privacy().expect("on");
+    assert!(p.spent && p.stopped && !stop.may_send(), "{p:?}");
+    assert_eq!(p.epsilon, p.budget_epsilon);
+    assert_eq!(
+        stop.local_update(&[0.1; 8], 8, 0.0),
+        Err(LearnError::BudgetSpent(2))
+    );
+    let mut warn = private(1.0, 2, OnBudget::Warn, 8);
+    for _ in 0..3 {
+        warn.local_update(&[0.1; 8], 8, 0.0)
+            .expect("warn keeps sending");
+    }
+    let p = warn.privacy().expect("on");
+    assert!(p.spent && !p.stopped && warn.may_send(), "{p:?}");
+    assert!(p.epsilon > p.budget_epsilon, "{p:?}");
+    // Rounds sent on earlier visits count, and the count never goes down.
+    let mut back = private(1.0, 2, OnBudget::Stop, 8);
+    back.note_privacy_sent(2);
+    back.note_privacy_sent(0);
+    assert!(!back.may_send());
+    assert_eq!(back.privacy().expect("on").rounds, 2);
+}

@@ -145,6 +145,35 @@ mod peer {
         Ok(())
     }
 
+    /// Where the updates a key sent under a task's privacy budget are counted: beside
+    /// the key file, one per task.
+    fn privacy_file(identity: &Path, task: &str) -> PathBuf {
+        let mut name = identity.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".privacy-{task}"));
+        identity.with_file_name(name)
+    }
+
+    /// The count kept in `path` (0 when there is none yet).
+    fn read_privacy_sent(path: &Path) -> Result<u64> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .with_context(|| format!("{}: not a count of rounds", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+        }
+    }
+
+    /// Replaces the count in `path` whole (written aside, then renamed into place).
+    fn write_privacy_sent(path: &Path, rounds: u64) -> Result<()> {
+        let mut aside = path.as_os_str().to_os_string();
+        aside.push(".new");
+        std::fs::write(&aside, format!("{rounds}\n"))
+            .and_then(|()| std::fs::rename(&aside, path))
+            .with_context(|| format!("{}", path.display()))
+    }
+
     /// Reads the key file, or creates one from the OS's random generator.
     fn identity(path: &Path) -> Result<Identity> {
         let (id, created) = shoal_shared::learn::identity::load_or_create(path, || {
@@ -285,8 +314,19 @@ mod peer {
             .load_datasets(&args.data)
             .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?;
         let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
-        let mut peer = SwarmTrainer::new(task, id, gpu.as_ref(), train, Some(test), now())
-            .map_err(anyhow::Error::msg)?;
+        let mut noise_key = [0u8; 32];
+        getrandom::fill(&mut noise_key)
+            .map_err(|e| anyhow::anyhow!("no secure random numbers for the privacy noise: {e}"))?;
+        let mut peer =
+            SwarmTrainer::new(task, id, gpu.as_ref(), train, Some(test), noise_key, now())
+                .map_err(anyhow::Error::msg)?;
+        // The updates this key already sent under the task's privacy budget.
+        let budget_file = privacy_file(&args.identity, &peer.task().name);
+        let mut dp_sent = 0;
+        if peer.learner().privacy().is_some() {
+            dp_sent = read_privacy_sent(&budget_file)?;
+            peer.note_privacy_sent(dp_sent);
+        }
         let keeper = match &args.keeper {
             Some(dir) => {
                 let mut k = Keeper::open(dir)
@@ -359,6 +399,27 @@ mod peer {
                 p.receipts
             );
 
+            if let Some(dp) = peer.learner().privacy() {
+                println!(
+                    "privacy epsilon {:.3} delta {:e} rounds {} of {}{}",
+                    dp.epsilon,
+                    dp.delta,
+                    dp.rounds,
+                    dp.budget_rounds,
+                    if dp.stopped {
+                        " (budget spent: no more updates)"
+                    } else if dp.spent {
+                        " (budget spent)"
+                    } else {
+                        ""
+                    }
+                );
+                if dp.rounds != dp_sent {
+                    dp_sent = dp.rounds;
+                    write_privacy_sent(&budget_file, dp_sent)?;
+                }
+            }
+            let p = peer.progress();
             if !p.rejected.is_empty() && std::env::var_os("SHOAL_VERBOSE").is_some() {
                 eprintln!("rejected by reason: {:?}", p.rejected);
             }

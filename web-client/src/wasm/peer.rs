@@ -157,13 +157,37 @@ impl SwarmPeer {
             .map_err(|e| JsError::new(&e.to_string()))?;
         let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
         let key = hex(&id.public());
-        let peer = SwarmTrainer::new(task, id, gpu.as_ref(), train, Some(test), now_ms())
-            .map_err(|e| JsError::new(&e))?;
+        let peer = SwarmTrainer::new(
+            task,
+            id,
+            gpu.as_ref(),
+            train,
+            Some(test),
+            secure_random()?,
+            now_ms(),
+        )
+        .map_err(|e| JsError::new(&e))?;
         Ok(Self {
             relay: Rc::new(Relay::default()),
             inner: Rc::new(RefCell::new(Some(peer))),
             key,
         })
+    }
+
+    /// Counts the updates this visitor sent under the task's privacy budget on earlier
+    /// visits (the page keeps the count); it can only raise it.
+    #[wasm_bindgen(js_name = notePrivacySent)]
+    pub fn note_privacy_sent(&self, rounds: f64) -> Result<(), JsError> {
+        if !(rounds >= 0.0 && rounds.is_finite()) {
+            return Err(JsError::new(&format!("rounds {rounds} is not a count")));
+        }
+        match self.inner.borrow_mut().as_mut() {
+            Some(peer) => {
+                peer.note_privacy_sent(rounds as u64);
+                Ok(())
+            }
+            None => Err(JsError::new("the peer is busy: call before the first tick")),
+        }
     }
 
     /// This peer's public key (hex).
@@ -360,4 +384,21 @@ impl SwarmPeer {
             Ok(JsValue::from_str(&progress.to_string()))
         })
     }
+}
+
+/// 32 bytes from the platform's secure generator (`crypto.getRandomValues`, in a page
+/// or a worker): the key of this peer's privacy noise.
+fn secure_random() -> Result<[u8; 32], JsError> {
+    use wasm_bindgen::JsCast;
+    let missing = |_| JsError::new("crypto.getRandomValues is not available");
+    let crypto = js_sys::Reflect::get(&js_sys::global(), &"crypto".into()).map_err(missing)?;
+    let fill = js_sys::Reflect::get(&crypto, &"getRandomValues".into())
+        .map_err(missing)?
+        .dyn_into::<js_sys::Function>()
+        .map_err(missing)?;
+    let bytes = Uint8Array::new_with_length(32);
+    fill.call1(&crypto, &bytes).map_err(missing)?;
+    let mut out = [0u8; 32];
+    bytes.copy_to(&mut out);
+    Ok(out)
 }

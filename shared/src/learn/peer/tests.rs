@@ -920,3 +920,45 @@ fn ledger_heads_are_gossiped_once_each_and_only_the_servers_kept() {
     p.handle(msg(12, PeerMessage::Head(vec![1, 2, 3]).encode()), 14.0);
     assert_eq!(rejected(&p, Rejection::Malformed), 1);
 }
+
+#[test]
+fn a_peer_whose_privacy_budget_is_spent_stops_training_and_says_so() {
+    let mut p = running(5);
+    let dp = crate::privacy::Dp {
+        clip: 1.0,
+        noise_multiplier: 1.0,
+        delta: 1e-5,
+        rounds: 1,
+        epsilon: crate::privacy::epsilon(1.0, 1.0, 1, 1e-5),
+        on_budget: crate::privacy::OnBudget::Stop,
+    };
+    p.learner_mut().enable_privacy(dp, [4; 32], 0);
+    p.trained(5, &[0.49; N], 0.3, 8, 50.0)
+        .expect("within the budget");
+    assert_eq!(p.progress().loss, 0.0, "no loss shown or reported");
+    let sent = drain(&mut p);
+    p.tick(50.0 + HOLD_FACTOR * 1_000.0); // no neighbour sent: the longer limit closes it
+    assert_eq!(p.learner().round(), 6);
+    p.tick(3_100.0);
+    p.tick(3_200.0);
+    let outs = drain(&mut p);
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Train { .. })),
+        "{outs:?}"
+    );
+    // With its last update, neighbours are told it no longer contributes.
+    let stopped = PeerMessage::Status {
+        contributing: false,
+    }
+    .encode();
+    assert_eq!(
+        sent.iter()
+            .filter(|o| matches!(o, Output::Send { data, .. } if *data == stopped))
+            .count(),
+        3,
+        "{sent:?}"
+    );
+    assert_eq!(p.progress().phase, "budget spent");
+    let dp = p.progress().privacy.expect("shown");
+    assert!(dp.stopped && dp.rounds == 1, "{dp:?}");
+}
