@@ -124,6 +124,30 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       return null; // a browser that denies storage witnesses this visit only
     }
   };
+  // Updates this browser's key sent under the task's privacy budget, across visits: the
+  // worker counts on from it, and stops (or warns) at the budget.
+  const privacySlot = `shoal-privacy-${task}`;
+  const storedPrivacy = () => {
+    try {
+      return Number(localStorage.getItem(privacySlot)) || 0;
+    } catch {
+      return 0;
+    }
+  };
+  function privacyRow(dp) {
+    if (!dp) return 'none: updates leave as trained';
+    if (lasting && dp.rounds > storedPrivacy()) {
+      try {
+        localStorage.setItem(privacySlot, String(dp.rounds));
+      } catch {
+        // A browser that denies storage counts this visit only (and its key lasts as long).
+      }
+    }
+    const spent = `epsilon ${dp.epsilon.toFixed(2)} of ${dp.budget_epsilon.toFixed(2)} (${dp.rounds} of ${dp.budget_rounds} rounds)`;
+    if (dp.stopped) return `${spent}: budget spent, no more updates leave this device`;
+    return dp.spent ? `${spent}: budget passed` : spent;
+  }
+
   function witnessed(v) {
     if (v.stale) {
       ledger = `not checked yet: ${v.reason}`;
@@ -170,14 +194,17 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       ? ['held-out bits per byte', p.test_loss == null ? '–' : (p.test_loss / Math.LN2).toFixed(3)]
       : ['held-out accuracy', p.accuracy == null ? '–' : `${(p.accuracy * 100).toFixed(2)}%`];
     const rows = compact
-      ? { round: p.round, 'samples/s': p.samples_per_s.toFixed(0), [qualityKey]: quality, peers: p.peers, credits }
+      ? {
+        round: p.round, 'samples/s': p.samples_per_s.toFixed(0), [qualityKey]: quality, peers: p.peers, credits,
+        ...(p.privacy ? { privacy: privacyRow(p.privacy) } : {}),
+      }
       : {
         round: p.round, phase: p.phase, 'local steps': p.local_steps,
         'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
-        loss: p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
+        loss: p.privacy ? 'kept on this device' : p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
         'data per hour': perHour(p),
-        receipts: p.receipts, credits, ledger,
+        receipts: p.receipts, credits, ledger, privacy: privacyRow(p.privacy),
       };
     for (const [k, v] of Object.entries(rows)) {
       let dd = cells.get(k);
@@ -207,7 +234,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       lasting = id.lasting;
       // `?backend=cpu` trains on the CPU even where WebGPU exists (slow software adapters).
       const only = new URLSearchParams(location.search).get('backend');
-      worker.postMessage({ type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty, head: storedHead() });
+      worker.postMessage({
+        type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty, head: storedHead(),
+        privacySent: id.lasting ? storedPrivacy() : 0,
+      });
       applyPause();
       relaySwarm(worker, task, {
         secret: id.secret,
@@ -270,7 +300,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         applyPause();
       }
       if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
-        used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes });
+        used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes, phase: p.phase, samples: p.samples, privacy: p.privacy });
       render(p);
     } else if (msg.type === 'ledger') {
       witnessed(msg.verdict);
@@ -303,6 +333,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           + `from two contributors every 10 seconds: about ${fmtBytes(c.observer_bytes_per_hour)} an hour more from you. ` : '')
         + 'Use the throttle to train less often.';
     }
+    const privacy = $('privacy');
+    if (privacy) privacy.textContent = privacyText(d.privacy);
     tryTheModel(worker, d);
     if (consent) consent.disabled = !probed;
     if (autoStart) start();
@@ -339,4 +371,22 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     battery.addEventListener('chargingchange', onBattery);
     onBattery();
   }).catch(() => {});
+}
+
+/** What the task's differential privacy means for the visitor, in plain words. */
+export function privacyText(dp) {
+  if (!dp) {
+    return 'Privacy: this task adds no noise to updates. You train on the task\'s own public data, '
+      + 'not on anything of yours; your updates go to a few other visitors as trained.';
+  }
+  const after = dp.on_budget === 'stop'
+    ? 'then this page stops sending updates for this task (it can still follow the model)'
+    : 'after that the page keeps contributing and says that the budget has passed';
+  return `Privacy: before an update leaves your device it is clipped (L2 norm ${dp.clip}) and `
+    + `random noise is added (${dp.noise_multiplier.toFixed(2)} times that norm, on every number). This `
+    + 'bounds what the visitors who receive your updates, and anyone who sees the model, can learn '
+    + 'about what you trained on (differential privacy; a smaller epsilon is stronger). Over at most '
+    + `${dp.rounds.toLocaleString('en')} rounds this holds with epsilon ${dp.epsilon.toFixed(2)} `
+    + `and delta ${dp.delta} for everything this browser contributes; ${after}. `
+    + 'Clearing this site\'s data starts a new identity and a new count.';
 }

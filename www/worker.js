@@ -84,12 +84,14 @@ async function witness(task) {
   }
 }
 
-async function contribute(task, secret, head) {
+async function contribute(task, secret, head, privacySent) {
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
   const files = await Promise.all(desc.files.map(fetchBytes));
   peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files);
+  // Rounds this visitor already sent under the task's privacy budget (kept by the page).
+  if (privacySent > 0) peer.notePrivacySent(privacySent);
   for (const m of early) netEvent(m);
   early = [];
   if (head) {
@@ -154,7 +156,7 @@ self.addEventListener('message', (event) => {
     if (msg.type === 'start' && !peer) {
       if (msg.backend === 'cpu') backend = 'cpu';
       if (msg.duty) duty = msg.duty;
-      contribute(msg.task, msg.secret, msg.head).catch((e) => {
+      contribute(msg.task, msg.secret, msg.head, Number(msg.privacySent) || 0).catch((e) => {
         peer = null;
         if (tryRequest) {
           post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });

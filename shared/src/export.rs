@@ -129,6 +129,38 @@ pub fn task_model(
             meta.insert("test_bits_per_byte".to_string(), bits.to_string());
         }
     }
+    // What protected the contributors' data (differential privacy, or none).
+    match task
+        .privacy
+        .resolve()
+        .map_err(|(f, e)| format!("{f}: {e}"))?
+    {
+        Some(dp) => meta.extend([
+            (
+                "privacy".to_string(),
+                "differential privacy per contributor: each update clipped and noised on the \
+                 contributor's device before it left (Gaussian mechanism, RDP accountant)"
+                    .to_string(),
+            ),
+            ("dp_epsilon".to_string(), dp.epsilon.to_string()),
+            ("dp_delta".to_string(), dp.delta.to_string()),
+            ("dp_clip".to_string(), dp.clip.to_string()),
+            (
+                "dp_noise_multiplier".to_string(),
+                dp.noise_multiplier.to_string(),
+            ),
+            (
+                "dp_rounds_per_contributor".to_string(),
+                dp.rounds.to_string(),
+            ),
+        ]),
+        None => {
+            meta.insert(
+                "privacy".to_string(),
+                "none: updates were sent as trained".to_string(),
+            );
+        }
+    }
     if let Some(head) = ledger_head {
         // Provenance: the task's ledger (receipts of the contributions) as it stood.
         if head.len() != 64 || !head.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -170,5 +202,41 @@ mod tests {
         }
         assert_eq!(end, data.len(), "no gaps, nothing after");
         assert!(safetensors(&model, &params[1..], &meta).is_err());
+    }
+
+    #[test]
+    fn the_export_states_the_privacy_it_was_trained_under() {
+        let mut task = crate::task::TaskSpec::digits();
+        let weights = Model::new(task.model.clone())
+            .expect("model")
+            .init_params(1);
+        let meta = |task: &crate::task::TaskSpec| {
+            let out = task_model(task, &weights, 3, None, None).expect("export");
+            let n = u64::from_le_bytes(out[..8].try_into().expect("8 bytes")) as usize;
+            let header: Value = serde_json::from_slice(&out[8..8 + n]).expect("json header");
+            header["__metadata__"].clone()
+        };
+        assert!(
+            meta(&task)["privacy"]
+                .as_str()
+                .expect("stated")
+                .starts_with("none")
+        );
+        task.privacy = crate::privacy::PrivacySpec {
+            clip: Some(0.5),
+            epsilon: Some(8.0),
+            delta: Some(1e-5),
+            rounds: Some(300),
+            ..Default::default()
+        };
+        let m = meta(&task);
+        let eps: f64 = m["dp_epsilon"]
+            .as_str()
+            .expect("epsilon")
+            .parse()
+            .expect("number");
+        assert!(eps <= 8.0 && eps > 7.9, "{m}");
+        assert_eq!(m["dp_delta"], "0.00001");
+        assert_eq!(m["dp_rounds_per_contributor"], "300");
     }
 }

@@ -547,3 +547,35 @@ fn honest_credit_tracks_samples(s: &sim::CreditStudy) {
         s.honest_range
     );
 }
+
+#[test]
+fn privacy_noise_reaches_the_swarm_with_the_stated_cost_and_no_honest_update_is_screened() {
+    // `scenarios/privacy-8.toml` (trimmed mean, int8, weights) for 12 rounds: without
+    // privacy the swarm learns; at epsilon 8 (the noise each peer's 12 updates need) the
+    // noise every honest peer adds keeps it near chance, as the README's table states,
+    // and the robust rules still take every honest update (none screened as an outlier).
+    let mut sc = scenario("privacy-8");
+    sc.rounds = 12;
+    let points = {
+        let (train, test) = digits();
+        sim::privacy_sweep(&sc, train, test, &[8.0]).expect("runs")
+    };
+    println!("{points:?}");
+    let (noised, clean) = (&points[0], &points[1]);
+    assert!(
+        clean.epsilon.is_none() && clean.final_accuracy > 0.85,
+        "{clean:?}"
+    );
+    let z = noised.noise_multiplier.expect("noised");
+    assert!(
+        z > 2.0 && z < 4.0,
+        "noise multiplier for epsilon 8 over 12 rounds: {z}"
+    );
+    assert!(noised.final_accuracy < 0.4, "{noised:?}");
+    sc.privacy.epsilon = Some(8.0);
+    sc.privacy.noise_multiplier = None;
+    sc.privacy.rounds = Some(sc.rounds);
+    let r = run(&sc);
+    assert_eq!(r.rejected(Rejection::Outlier), 0, "{:?}", r.rejected);
+    assert_eq!(r.rejected(Rejection::Norm), 0, "{:?}", r.rejected);
+}

@@ -239,6 +239,9 @@ async fn task_description(
         Json(serde_json::json!({
             "task": task,
             "files": files,
+            // Differential privacy as peers apply it (`null`: none): the noise solved from
+            // a target epsilon, and the epsilon a peer reaches at its budget.
+            "privacy": task.privacy.resolve().ok().flatten(),
             "cost": with_observers(
                 with_pace(cost(task, &data, max_neighbours), task, hub.pace(&name)),
                 hub.roles(&name),
@@ -331,9 +334,12 @@ fn embed_script(config: &Config) -> Option<String> {
         .iter()
         .map(|t| {
             let c = cost(t, &config.data, max_neighbours);
+            let dp = t.privacy.resolve().ok().flatten();
             let brief = serde_json::json!({
                 "download_bytes": c["download_bytes"],
                 "bytes_per_round": c["bytes_per_round"],
+                "epsilon": dp.map(|d| d.epsilon),
+                "delta": dp.map(|d| d.delta),
             });
             (t.name.clone(), brief)
         })

@@ -1636,3 +1636,49 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     s.stop.take().expect("stop").send(()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_task_with_differential_privacy_states_its_epsilon_before_consent() {
+    let www = std::env::temp_dir().join(format!("shoal-dp-www-{}", std::process::id()));
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("embed.js"), "(function () { var COSTS = {}; })();").expect("embed");
+    let mut config = base(config(), None, &["digits", "private"]);
+    config.www = www.clone();
+    config.tasks[1].privacy = shoal_shared::privacy::PrivacySpec {
+        clip: Some(0.5),
+        epsilon: Some(8.0),
+        delta: Some(1e-5),
+        rounds: Some(300),
+        ..Default::default()
+    };
+    let s = start_config(config).await;
+    let described = |body: String| -> Value {
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON")
+    };
+    let plain = described(http_get(s.addr, "/api/tasks/digits").await);
+    assert_eq!(plain["privacy"], Value::Null, "{plain}");
+    let private = described(http_get(s.addr, "/api/tasks/private").await);
+    let dp = &private["privacy"];
+    let eps = dp["epsilon"].as_f64().expect("epsilon");
+    assert!(eps <= 8.0 && eps > 7.9, "{dp}");
+    assert!(
+        dp["noise_multiplier"].as_f64().expect("noise") > 0.0,
+        "{dp}"
+    );
+    assert_eq!(dp["rounds"], 300);
+    assert_eq!(dp["on_budget"], "stop");
+    // The embed's consent card gets it without a second request.
+    let script = http_get(s.addr, "/embed.js").await;
+    let costs = script
+        .split("var COSTS = ")
+        .nth(1)
+        .and_then(|t| t.split(";").next())
+        .expect("costs written in");
+    let costs: Value = serde_json::from_str(costs).expect("costs JSON");
+    assert!(
+        (costs["private"]["epsilon"].as_f64().expect("epsilon") - eps).abs() < 1e-9,
+        "{costs}"
+    );
+    assert_eq!(costs["digits"]["epsilon"], Value::Null);
+    std::fs::remove_dir_all(&www).expect("cleanup");
+}

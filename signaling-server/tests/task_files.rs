@@ -59,6 +59,20 @@ fn a_broken_task_file_stops_the_server_naming_the_field() {
         "{err}"
     );
 
+    // Differential privacy with an impossible delta.
+    let (ok, err) = start_with(
+        &demo().replace(
+            "[privacy]",
+            "[privacy]\nclip = 1.0\nnoise_multiplier = 1.0\ndelta = 2.0\nrounds = 100",
+        ),
+        &data(),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("privacy.delta") && err.contains("promises nothing"),
+        "{err}"
+    );
+
     // A data file that is not there.
     let (ok, err) = start_with(&demo().replace("train-labels.idx", "no-such.idx"), &data());
     assert!(!ok);

@@ -206,6 +206,13 @@ fetchTask(TASK).then((d) => {
     state.target = d.task.train.target_accuracy;
     $('task-title').textContent = `${d.task.title}: target held-out accuracy ${pct(state.target)}`;
   }
+  // Differential privacy: the epsilon each contributor reaches at the task's budget.
+  const dp = d.privacy;
+  $('n-privacy').textContent = dp ? `ε ${dp.epsilon.toFixed(2)}` : 'none';
+  $('n-privacy').title = dp
+    ? `clip ${dp.clip}, noise multiplier ${dp.noise_multiplier.toFixed(3)}, delta ${dp.delta}, `
+      + `at most ${dp.rounds} rounds per contributor (then ${dp.on_budget})`
+    : 'updates are not noised';
   drawModel();
 }).catch((e) => setState('error', `Cannot load the task: ${e.message}`));
 

@@ -6,6 +6,7 @@
 //! cargo xtask peer [ARGS...]                           the native peer from the release build
 //! cargo xtask bench NAME                               run a benchmark, write target/bench/NAME.json
 //! cargo xtask sim SCENARIO                             run a swarm scenario in the simulator
+//! cargo xtask sim privacy                              accuracy against epsilon (differential privacy)
 //! cargo xtask ledger verify FILE [--credits]           check a task's ledger, recompute credits
 //! ```
 //!
@@ -62,7 +63,8 @@ const COMMANDS: &[(&str, &str, &str)] = &[
         "sim",
         "sim SCENARIO",
         "Runs a swarm scenario (scenarios/SCENARIO.toml) in the simulator and writes \
-         target/sim/SCENARIO.json.",
+         target/sim/SCENARIO.json. `sim privacy` runs scenarios/privacy-8.toml at several \
+         epsilons and without privacy, and writes target/sim/privacy.json.",
     ),
     (
         "ledger",

@@ -62,6 +62,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         );
     };
     let root = root();
+    if arg == "privacy" {
+        return privacy(&root);
+    }
     let path = scenario_path(&root, arg);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -149,6 +152,53 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     });
     let file = out.join(format!("{}.json", sc.name));
     std::fs::write(&file, serde_json::to_string_pretty(&summary)?)?;
+    println!("wrote {}", file.display());
+    Ok(())
+}
+
+/// `cargo xtask sim privacy`: `scenarios/privacy-8.toml` at epsilon 1, 4, 8, 64, 1,024 and
+/// 10,000 (the
+/// noise each needs over the scenario's rounds) and without privacy; prints accuracy
+/// against epsilon and writes `target/sim/privacy.json`.
+fn privacy(root: &Path) -> Result<()> {
+    let path = root.join("scenarios/privacy-8.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let sc = Scenario::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (train, test) = digits(root)?;
+    let epsilons = [1.0, 4.0, 8.0, 64.0, 1024.0, 10_000.0];
+    println!(
+        "{}: {} peers, {} rounds, clip {}, delta {:e}; epsilon per peer over all its rounds",
+        sc.name,
+        sc.peers,
+        sc.rounds,
+        sc.privacy.clip.unwrap_or(0.0),
+        sc.privacy.delta.unwrap_or(0.0)
+    );
+    let points = sim::privacy_sweep(&sc, &train, &test, &epsilons).map_err(anyhow::Error::msg)?;
+    println!("  epsilon  noise multiplier  final accuracy  best accuracy");
+    for p in &points {
+        println!(
+            "  {:>7}  {:>16}  {:>13.2}%  {:>12.2}%",
+            p.epsilon.map_or("inf".into(), |e| format!("{e}")),
+            p.noise_multiplier.map_or("-".into(), |z| format!("{z:.3}")),
+            p.final_accuracy * 100.0,
+            p.best_accuracy * 100.0
+        );
+    }
+    let out = root.join("target/sim");
+    std::fs::create_dir_all(&out)?;
+    let file = out.join("privacy.json");
+    std::fs::write(
+        &file,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "scenario": sc.name,
+            "clip": sc.privacy.clip,
+            "delta": sc.privacy.delta,
+            "rounds": sc.rounds,
+            "points": points,
+        }))?,
+    )?;
     println!("wrote {}", file.display());
     Ok(())
 }

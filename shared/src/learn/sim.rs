@@ -79,6 +79,10 @@ pub struct Scenario {
     /// Malicious peers.
     #[serde(default)]
     pub attack: AttackSettings,
+    /// Differential privacy, as a task's `[privacy]` table: every honest peer clips and
+    /// noises its updates (attackers do not).
+    #[serde(default)]
+    pub privacy: crate::privacy::PrivacySpec,
 }
 
 /// How the training data is spread over peers.
@@ -274,6 +278,9 @@ impl Scenario {
             return Err(format!("rounds: {} outside 1..=100000", self.rounds));
         }
         self.learn.validate().map_err(|e| format!("learn.{e}"))?;
+        self.privacy
+            .validate()
+            .map_err(|(f, e)| format!("{f}: {e}"))?;
         if self.train.batch == 0 || self.train.batch > 4096 {
             return Err(format!(
                 "train.batch: {} outside 1..=4096",
@@ -519,6 +526,51 @@ impl Report {
             attacker_ratio: ratio(ac, asamples),
         }
     }
+}
+
+/// Accuracy at one privacy level ([`privacy_sweep`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacyPoint {
+    /// Target epsilon (`None`: no differential privacy).
+    pub epsilon: Option<f64>,
+    /// The noise multiplier that meets it over the scenario's rounds.
+    pub noise_multiplier: Option<f64>,
+    /// Held-out accuracy at the end.
+    pub final_accuracy: f32,
+    /// Best held-out accuracy of any evaluated round.
+    pub best_accuracy: f32,
+}
+
+/// Runs `sc` with differential privacy at each target epsilon (the scenario's `clip`
+/// and `delta`, a budget of its `rounds`), then without: accuracy against epsilon.
+pub fn privacy_sweep(
+    sc: &Scenario,
+    train: &Samples,
+    test: &Samples,
+    epsilons: &[f64],
+) -> Result<Vec<PrivacyPoint>, String> {
+    let mut out = Vec::new();
+    for eps in epsilons.iter().map(|e| Some(*e)).chain([None]) {
+        let mut s = sc.clone();
+        s.privacy = match eps {
+            Some(e) => crate::privacy::PrivacySpec {
+                epsilon: Some(e),
+                noise_multiplier: None,
+                rounds: Some(sc.rounds),
+                ..sc.privacy.clone()
+            },
+            None => crate::privacy::PrivacySpec::default(),
+        };
+        let dp = s.privacy.resolve().map_err(|(f, e)| format!("{f}: {e}"))?;
+        let report = run(&s, train, test)?;
+        out.push(PrivacyPoint {
+            epsilon: eps,
+            noise_multiplier: dp.map(|d| d.noise_multiplier),
+            final_accuracy: report.final_accuracy(),
+            best_accuracy: report.rows.iter().map(|r| r.accuracy).fold(0.0, f32::max),
+        });
+    }
+    Ok(out)
 }
 
 impl Report {
@@ -813,7 +865,7 @@ impl Sim<'_> {
         seed[8..16].copy_from_slice(&(slot as u64).to_le_bytes());
         seed[16..24].copy_from_slice(&epoch.to_le_bytes());
         let id = Identity::from_seed(seed);
-        let peer = Peer::new(
+        let mut peer = Peer::new(
             self.sc.learn.clone(),
             &self.sc.name,
             id.clone(),
@@ -822,6 +874,16 @@ impl Sim<'_> {
             self.now_ms(),
         )
         .map_err(|e| e.to_string())?;
+        if let Some(dp) = self
+            .sc
+            .privacy
+            .resolve()
+            .map_err(|(f, e)| format!("{f}: {e}"))?
+            && !self.is_attacker(slot)
+        {
+            let key = crate::privacy::simulated_noise_key(self.sc.seed ^ epoch, slot);
+            peer.learner_mut().enable_privacy(dp, key, 0);
+        }
         let backend = CpuBackend::new(
             self.model.clone(),
             self.sc.train.optimizer()?,

@@ -1,0 +1,81 @@
+// Differential privacy as a visitor meets it: a task with a `[privacy]` table states its
+// epsilon on the contributor page before consent; once the visitor contributes, the page
+// shows the epsilon spent so far; at the budget (here 4 rounds, `on_budget = "stop"`) the
+// page stops sending updates and says so, and a visitor who comes back is still at the
+// budget (the count is kept in the browser across visits).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startServer, launchBrowser, webrtcPage } from './harness.mjs';
+
+const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
+const BUDGET = 4;
+
+let server;
+let browser;
+
+before(async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'shoal-dp-'));
+  const taskFile = join(dir, 'private.toml');
+  writeFileSync(taskFile, readFileSync(join(root, 'tasks/digits.toml'), 'utf8')
+    .replace('name = "digits"', 'name = "private"')
+    .replace('[privacy]', `[privacy]\nclip = 1.0\nepsilon = 8.0\ndelta = 1e-5\nrounds = ${BUDGET}\non_budget = "stop"`));
+  server = await startServer(['--task-file', taskFile]);
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+test('the page states epsilon before consent, counts it while contributing and stops at the budget', async () => {
+  const described = await (await fetch(`${server.url}/api/tasks/private`)).json();
+  const dp = described.privacy;
+  assert.ok(dp && dp.epsilon <= 8 && dp.epsilon > 7.9, JSON.stringify(dp));
+  const plain = await (await fetch(`${server.url}/api/tasks/digits`)).json();
+  assert.equal(plain.privacy, null);
+
+  const page = await webrtcPage(browser, `${server.url}/?task=private&backend=cpu`);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  const before = await page.textContent('#privacy');
+  console.log(`before consent: ${before}`);
+  assert.match(before, new RegExp(`epsilon ${dp.epsilon.toFixed(2)} and delta 0\\.00001`));
+  assert.match(before, /stops sending updates/);
+  await page.click('#consent');
+
+  // Alone, it sends an update every second of training: 4 rounds spend the budget.
+  await page.waitForFunction(() => window.shoalProgress.some((e) => e.privacy?.stopped), null,
+    { timeout: 300_000, polling: 500 });
+  const spentAt = await page.evaluate(() => window.shoalProgress.find((e) => e.privacy?.stopped));
+  assert.equal(spentAt.privacy.rounds, 4);
+  assert.ok(Math.abs(spentAt.privacy.epsilon - dp.epsilon) < 1e-9, JSON.stringify(spentAt.privacy));
+  // Its progress along the way: epsilon rose with each round sent.
+  const along = await page.evaluate(() => window.shoalProgress.filter((e) => e.privacy).map((e) => e.privacy.epsilon));
+  assert.ok(along.length >= 2 && along.every((e, i) => i === 0 || e >= along[i - 1]), JSON.stringify(along));
+  await page.waitForFunction(() => document.querySelector('dd[data-key="privacy"]')?.textContent.includes('budget spent'),
+    null, { timeout: 30_000 });
+  const row = await page.textContent('dd[data-key="privacy"]');
+  console.log(`after: ${row}`);
+  assert.match(row, new RegExp(`^epsilon ${dp.epsilon.toFixed(2)} of ${dp.epsilon.toFixed(2)} \\(4 of 4 rounds\\)`));
+  assert.equal(await page.textContent('dd[data-key="loss"]'), 'kept on this device');
+  // No more training once spent: the sample count stands still.
+  const samples = await page.evaluate(() => window.shoalProgress.at(-1).samples);
+  await page.waitForTimeout(3_000);
+  const phase = await page.textContent('dd[data-key="phase"]');
+  assert.equal(phase, 'budget spent');
+  assert.equal(await page.evaluate(() => window.shoalProgress.at(-1).samples), samples);
+
+  // The visitor comes back: same browser storage, same key, the budget still spent.
+  await page.reload();
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await page.click('#consent');
+  await page.waitForFunction(() => document.querySelector('dd[data-key="phase"]')?.textContent === 'budget spent',
+    null, { timeout: 120_000, polling: 500 });
+  await page.waitForTimeout(2_000);
+  assert.match(await page.textContent('dd[data-key="privacy"]'), /\(4 of 4 rounds\): budget spent/);
+  assert.equal(await page.textContent('dd[data-key="samples contributed"]'), '0', 'nothing trained on the return visit');
+  await page.close();
+});
