@@ -128,21 +128,32 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   // worker counts on from it, and stops (or warns) at the budget.
   const privacySlot = `shoal-privacy-${task}`;
   const storedPrivacy = () => {
+    let kept = null;
     try {
-      return Number(localStorage.getItem(privacySlot)) || 0;
+      kept = localStorage.getItem(privacySlot);
     } catch {
-      return 0;
+      return null; // a browser that denies storage counts this visit only (its key lasts as long)
     }
+    if (kept === null) return null;
+    try {
+      const v = JSON.parse(kept);
+      if (Number.isSafeInteger(v.rounds) && v.rounds >= 0 && v.z > 0) return { rounds: v.rounds, z: v.z };
+    } catch {
+      // Below.
+    }
+    // Damaged: count the budget as spent rather than start it again.
+    return { rounds: 1e12, z: 1 };
   };
+  function keepPrivacy(rounds, z) {
+    if (!lasting) return;
+    try {
+      localStorage.setItem(privacySlot, JSON.stringify({ rounds, z }));
+    } catch {
+      // As above.
+    }
+  }
   function privacyRow(dp) {
     if (!dp) return 'none: updates leave as trained';
-    if (lasting && dp.rounds > storedPrivacy()) {
-      try {
-        localStorage.setItem(privacySlot, String(dp.rounds));
-      } catch {
-        // A browser that denies storage counts this visit only (and its key lasts as long).
-      }
-    }
     const spent = `epsilon ${dp.epsilon.toFixed(2)} of ${dp.budget_epsilon.toFixed(2)} (${dp.rounds} of ${dp.budget_rounds} rounds)`;
     if (dp.stopped) return `${spent}: budget spent, no more updates leave this device`;
     return dp.spent ? `${spent}: budget passed` : spent;
@@ -229,6 +240,22 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       consent.textContent = 'Joining the swarm…';
     }
     if (pauseButton) pauseButton.hidden = false;
+    // A privacy budget is counted per browser: one tab at a time spends it.
+    if (description.privacy && navigator.locks) {
+      navigator.locks.request(`shoal-privacy-${task}`, { ifAvailable: true }, (lock) => {
+        if (!lock) {
+          say('error', 'Another tab of this browser already contributes to this task, which counts a privacy budget per browser. Contribute from that tab, or close it and reload this one.');
+          return undefined;
+        }
+        begin();
+        return new Promise(() => {}); // held while this page lives
+      });
+    } else {
+      begin();
+    }
+  }
+
+  function begin() {
     try {
       const id = identity();
       lasting = id.lasting;
@@ -236,7 +263,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       const only = new URLSearchParams(location.search).get('backend');
       worker.postMessage({
         type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty, head: storedHead(),
-        privacySent: id.lasting ? storedPrivacy() : 0,
+        privacySent: id.lasting ? storedPrivacy() : null, consented: description.privacy ?? null,
       });
       applyPause();
       relaySwarm(worker, task, {
@@ -302,6 +329,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
         used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes, phase: p.phase, samples: p.samples, privacy: p.privacy });
       render(p);
+    } else if (msg.type === 'privacy-sent') {
+      keepPrivacy(msg.rounds, msg.z);
     } else if (msg.type === 'ledger') {
       witnessed(msg.verdict);
     } else if (msg.type === 'error') {

@@ -55,7 +55,8 @@
       (cost ? 'It downloads ' + mb(cost.download_bytes) + ' once, then sends and receives up to ' +
         mb(cost.bytes_per_round) + ' per training round. ' : 'It downloads the training data once, then exchanges small updates. ') +
       (cost && cost.epsilon != null ? 'Updates are noised on your device before they leave (differential privacy, ' +
-        'epsilon ' + cost.epsilon.toFixed(2) + ' at delta ' + cost.delta + ' at most). ' : '') +
+        'epsilon ' + cost.epsilon.toFixed(2) + ' at delta ' + cost.delta +
+        (cost.on_budget === 'stop' ? ' at most). ' : ' at its budget, which it may pass). ') : '') +
       'Nothing about you or this page is shared.';
     var more = document.createElement('a');
     more.href = origin + '/?task=' + task;

@@ -84,14 +84,20 @@ async function witness(task) {
   }
 }
 
-async function contribute(task, secret, head, privacySent) {
+async function contribute(task, secret, head, privacySent, consented) {
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
+  // The visitor agreed to the privacy the page showed them: train under exactly that.
+  if (JSON.stringify(desc.privacy ?? null) !== JSON.stringify(consented ?? null)) {
+    throw new Error('the task\'s privacy settings changed since you agreed to them; reload the page to see the new ones');
+  }
   const files = await Promise.all(desc.files.map(fetchBytes));
   peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files);
-  // Rounds this visitor already sent under the task's privacy budget (kept by the page).
-  if (privacySent > 0) peer.notePrivacySent(privacySent);
+  // Rounds this visitor already sent under the task's privacy budget, and the noise they
+  // were sent with (kept by the page).
+  if (privacySent?.rounds > 0) peer.notePrivacySent(privacySent.rounds, privacySent.z);
+  let counted = privacySent?.rounds ?? 0;
   for (const m of early) netEvent(m);
   early = [];
   if (head) {
@@ -112,6 +118,11 @@ async function contribute(task, secret, head, privacySent) {
     const started = performance.now();
     const p = JSON.parse(await peer.tick());
     const spent = performance.now() - started;
+    // The page keeps the privacy count before it relays the update that raised it.
+    if (p.privacy && p.privacy.rounds !== counted) {
+      counted = p.privacy.rounds;
+      post({ type: 'privacy-sent', rounds: counted, z: p.privacy.noise_multiplier });
+    }
     for (const [to, data] of peer.outgoing()) post({ type: 'send', peer: to, data }, [data.buffer]);
     if (p.report) {
       post({ type: 'report', report: JSON.stringify(p.report) });
@@ -156,7 +167,7 @@ self.addEventListener('message', (event) => {
     if (msg.type === 'start' && !peer) {
       if (msg.backend === 'cpu') backend = 'cpu';
       if (msg.duty) duty = msg.duty;
-      contribute(msg.task, msg.secret, msg.head, Number(msg.privacySent) || 0).catch((e) => {
+      contribute(msg.task, msg.secret, msg.head, msg.privacySent, msg.consented).catch((e) => {
         peer = null;
         if (tryRequest) {
           post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });

@@ -153,6 +153,18 @@ pub fn task_model(
                 "dp_rounds_per_contributor".to_string(),
                 dp.rounds.to_string(),
             ),
+            (
+                "dp_on_budget".to_string(),
+                match dp.on_budget {
+                    crate::privacy::OnBudget::Stop => {
+                        "stop: no contributor sent more rounds; dp_epsilon bounds each".into()
+                    }
+                    crate::privacy::OnBudget::Warn => {
+                        "warn: contributors may have sent more rounds and passed dp_epsilon"
+                            .to_string()
+                    }
+                },
+            ),
         ]),
         None => {
             meta.insert(
@@ -238,5 +250,11 @@ mod tests {
         assert!(eps <= 8.0 && eps > 7.9, "{m}");
         assert_eq!(m["dp_delta"], "0.00001");
         assert_eq!(m["dp_rounds_per_contributor"], "300");
+        assert!(
+            m["dp_on_budget"]
+                .as_str()
+                .expect("stated")
+                .starts_with("stop")
+        );
     }
 }

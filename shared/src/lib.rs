@@ -12,6 +12,7 @@ pub mod framing;
 pub mod gpu;
 pub mod idx;
 pub mod learn;
+pub mod local;
 pub mod privacy;
 pub mod protocol;
 pub mod rng;

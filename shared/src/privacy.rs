@@ -132,8 +132,8 @@ impl PrivacySpec {
                 );
             }
             (Some(z), None) => {
-                if !(z > 0.0 && z <= 10_000.0) {
-                    return bad("noise_multiplier", format!("{z} outside (0, 10000]"));
+                if !(MIN_NOISE_MULTIPLIER..=10_000.0).contains(&z) {
+                    return bad("noise_multiplier", format!("{z} outside [0.01, 10000]"));
                 }
                 z
             }
@@ -155,12 +155,19 @@ impl PrivacySpec {
                 }
             }
         };
+        let eps = epsilon(z, 1.0, rounds, delta);
+        if !eps.is_finite() {
+            return bad(
+                "noise_multiplier",
+                format!("{z} over {rounds} rounds gives no finite epsilon"),
+            );
+        }
         Ok(Some(Dp {
             clip,
             noise_multiplier: z,
             delta,
             rounds,
-            epsilon: epsilon(z, 1.0, rounds, delta),
+            epsilon: eps,
             on_budget: self.on_budget.unwrap_or_default(),
         }))
     }
@@ -343,10 +350,15 @@ pub fn epsilon(z: f64, q: f64, rounds: u64, delta: f64) -> f64 {
     epsilon_from_rdp(&orders, &curve, delta)
 }
 
-/// The smallest noise multiplier (to 0.1%) whose epsilon after `rounds` rounds at rate
-/// `q` is at most `target`; `None` when even a multiplier of 10,000 is not enough.
+/// The smallest noise multiplier a task may use (below it the noise is no protection
+/// worth stating, and epsilon runs to infinity in floating point).
+pub const MIN_NOISE_MULTIPLIER: f64 = 0.01;
+
+/// The smallest noise multiplier (to 0.1%, at least [`MIN_NOISE_MULTIPLIER`]) whose
+/// epsilon after `rounds` rounds at rate `q` is at most `target`; `None` when even a
+/// multiplier of 10,000 is not enough.
 pub fn noise_for_epsilon(target: f64, q: f64, rounds: u64, delta: f64) -> Option<f64> {
-    let (mut lo, mut hi) = (1e-3, 1e4);
+    let (mut lo, mut hi) = (MIN_NOISE_MULTIPLIER, 1e4);
     if epsilon(hi, q, rounds, delta) > target {
         return None;
     }
@@ -434,7 +446,12 @@ pub fn clip_and_noise(update: &mut [f32], clip: f32, z: f32, noise: &mut NoiseSo
         .map(|x| f64::from(*x) * f64::from(*x))
         .sum::<f64>()
         .sqrt() as f32;
-    let scale = if norm > clip { clip / norm } else { 1.0 };
+    // A hair under clip / norm, so that rounding never leaves the norm above `clip`.
+    let scale = if norm > clip {
+        clip / norm * (1.0 - 1e-6)
+    } else {
+        1.0
+    };
     let sd = f64::from(z) * f64::from(clip);
     for x in update.iter_mut() {
         *x = (f64::from(*x * scale) + sd * noise.normal()) as f32;

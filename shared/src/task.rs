@@ -50,14 +50,39 @@ pub struct DataSpec {
     /// have this many units. Text is bytes: 256, which may be left out.
     #[serde(default)]
     pub classes: usize,
-    /// The training split.
+    /// Where training data comes from: the server's files (`train`), or files each
+    /// visitor chooses on their own device (`local`), which never leave it.
+    #[serde(default, skip_serializing_if = "DataSource::is_server")]
+    pub source: DataSource,
+    /// The training split (server data).
+    #[serde(default)]
     pub train: Files,
+    /// What visitors bring (local data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<crate::local::LocalSpec>,
     /// The held-out split; without it, the last `holdout` fraction of `train` is held out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test: Option<Files>,
     /// Fraction of `train` held out when `test` is absent (0 < holdout < 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holdout: Option<f32>,
+}
+
+/// Where a task's training data comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// The server's files, downloaded by every peer.
+    #[default]
+    Server,
+    /// Files each visitor chooses, read on their device only (`[data.local]`).
+    Local,
+}
+
+impl DataSource {
+    fn is_server(&self) -> bool {
+        *self == Self::Server
+    }
 }
 
 /// One split's files, relative to the server's data folder (served under `/data/`):
@@ -280,6 +305,8 @@ impl TaskSpec {
             model: ModelSpec::mlp_digits(),
             data: DataSpec {
                 classes: 10,
+                source: DataSource::Server,
+                local: None,
                 train: files("train"),
                 test: Some(files("test")),
                 holdout: None,
@@ -353,7 +380,15 @@ impl TaskSpec {
         }
         let model = Model::new(self.model.clone()).map_err(|e| err("model", e.to_string()))?;
         let d = &self.data;
-        let text = d.train.text.is_some();
+        let text = self.is_text();
+        if d.source == DataSource::Local {
+            self.validate_local(&model)?;
+        } else if d.local.is_some() {
+            return Err(err(
+                "data.local",
+                "only with source = \"local\" (visitors' own files)",
+            ));
+        }
         if text != model.is_language_model() {
             return Err(err(
                 "data.train",
@@ -396,7 +431,9 @@ impl TaskSpec {
                 "the data are grey-scale images: the input must have 1 channel",
             ));
         }
-        d.train.validate("data.train")?;
+        if d.source == DataSource::Server {
+            d.train.validate("data.train")?;
+        }
         match (&d.test, d.holdout) {
             (Some(t), None) => t.validate("data.test")?,
             (None, Some(h)) if h > 0.0 && h < 1.0 => {}
@@ -502,7 +539,88 @@ impl TaskSpec {
 
     /// Whether this is a text task (a language model on bytes).
     pub fn is_text(&self) -> bool {
-        self.data.train.text.is_some()
+        match &self.data.local {
+            Some(l) if self.data.source == DataSource::Local => {
+                l.kind == crate::local::LocalKind::Text
+            }
+            _ => self.data.train.text.is_some(),
+        }
+    }
+
+    /// Whether visitors train on their own files (`source = "local"`).
+    pub fn is_local(&self) -> bool {
+        self.data.source == DataSource::Local
+    }
+
+    /// The checks of a task on visitors' own files: a `[data.local]` table that fits the
+    /// model, no server training files, and a server-side test split to measure on.
+    fn validate_local(&self, model: &Model) -> Result<(), TaskError> {
+        let d = &self.data;
+        let Some(local) = &d.local else {
+            return Err(err(
+                "data.local",
+                "missing: source = \"local\" needs [data.local] (kind = \"images\", \"csv\" or \"text\")",
+            ));
+        };
+        if d.train != Files::default() {
+            return Err(err(
+                "data.train",
+                "a task on visitors' own files has no server training files",
+            ));
+        }
+        if d.test.is_none() {
+            return Err(err(
+                "data.test",
+                "missing: a task on visitors' own files measures on a test split of the server's",
+            ));
+        }
+        if d.holdout.is_some() {
+            return Err(err(
+                "data.holdout",
+                "a task on visitors' own files holds out nothing of theirs: give test files",
+            ));
+        }
+        local
+            .validate(d.classes, model.is_language_model())
+            .map_err(|(field, problem)| err(&field, problem))
+    }
+
+    /// The held-out set of a task on visitors' own files, from the bytes of its test
+    /// files (in the order of [`Files::paths`]).
+    pub fn test_dataset(&self, files: &[&[u8]]) -> Result<Dataset, TaskError> {
+        let mut server = self.clone();
+        let test = self
+            .data
+            .test
+            .clone()
+            .ok_or_else(|| err("data.test", "missing"))?;
+        // The server-data rules, with the test files standing in for both splits.
+        server.data.source = DataSource::Server;
+        server.data.local = None;
+        server.data.train = test;
+        let twice: Vec<&[u8]> = files.iter().chain(files).copied().collect();
+        server.datasets(&twice).map(|(_, test)| test)
+    }
+
+    /// Loads a local task's held-out set from the server's data folder `dir`.
+    pub fn load_test_dataset(&self, dir: &std::path::Path) -> Result<Dataset, TaskError> {
+        let test = self
+            .data
+            .test
+            .as_ref()
+            .ok_or_else(|| err("data.test", "missing"))?;
+        let mut bytes = Vec::new();
+        for (field, path) in test.fields().iter().zip(test.paths()) {
+            let full = dir.join(path);
+            bytes.push(std::fs::read(&full).map_err(|e| {
+                err(
+                    &format!("data.test.{field}"),
+                    format!("{}: {e}", full.display()),
+                )
+            })?);
+        }
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        self.test_dataset(&refs)
     }
 
     /// The inner optimizer at the learning rate of `round`.
@@ -521,6 +639,12 @@ impl TaskSpec {
     /// Builds the train and held-out data sets from the bytes of the files, in the order
     /// of [`Files::paths`] for `data.train` and then `data.test` (when present).
     pub fn datasets(&self, files: &[&[u8]]) -> Result<(Dataset, Dataset), TaskError> {
+        if self.is_local() {
+            return Err(err(
+                "data.source",
+                "the training data are each visitor's own files (see test_dataset)",
+            ));
+        }
         let [h, w, _] = self.model.input;
         let d = &self.data;
         let train_n = d.train.paths().len();
@@ -574,6 +698,12 @@ impl TaskSpec {
 
     /// Reads, validates and loads the task's data from `dir` (the server's data folder).
     pub fn load_datasets(&self, dir: &std::path::Path) -> Result<(Dataset, Dataset), TaskError> {
+        if self.is_local() {
+            return Err(err(
+                "data.source",
+                "the training data are each visitor's own files (see load_test_dataset)",
+            ));
+        }
         let mut named: Vec<(String, &str)> = Vec::new();
         for (split, f) in std::iter::once(("data.train", &self.data.train))
             .chain(self.data.test.as_ref().map(|t| ("data.test", t)))
@@ -788,6 +918,14 @@ mod tests {
             (
                 PrivacySpec {
                     noise_multiplier: Some(0.0),
+                    ..good.clone()
+                },
+                "privacy.noise_multiplier",
+                "outside",
+            ),
+            (
+                PrivacySpec {
+                    noise_multiplier: Some(1e-200),
                     ..good.clone()
                 },
                 "privacy.noise_multiplier",

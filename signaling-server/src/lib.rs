@@ -340,6 +340,7 @@ fn embed_script(config: &Config) -> Option<String> {
                 "bytes_per_round": c["bytes_per_round"],
                 "epsilon": dp.map(|d| d.epsilon),
                 "delta": dp.map(|d| d.delta),
+                "on_budget": dp.map(|d| d.on_budget),
             });
             (t.name.clone(), brief)
         })

@@ -2,7 +2,8 @@
 // epsilon on the contributor page before consent; once the visitor contributes, the page
 // shows the epsilon spent so far; at the budget (here 4 rounds, `on_budget = "stop"`) the
 // page stops sending updates and says so, and a visitor who comes back is still at the
-// budget (the count is kept in the browser across visits).
+// budget (the count is kept in the browser across visits); a second tab cannot spend
+// the budget alongside the first.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
@@ -67,6 +68,15 @@ test('the page states epsilon before consent, counts it while contributing and s
   const phase = await page.textContent('dd[data-key="phase"]');
   assert.equal(phase, 'budget spent');
   assert.equal(await page.evaluate(() => window.shoalProgress.at(-1).samples), samples);
+
+  // A second tab of the same browser may not spend the budget alongside (a Web Lock).
+  const second = await page.context().newPage();
+  await second.goto(`${server.url}/?task=private&backend=cpu`);
+  await second.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await second.click('#consent');
+  await second.waitForFunction(() => document.getElementById('status').textContent.includes('Another tab'),
+    null, { timeout: 30_000 });
+  await second.close();
 
   // The visitor comes back: same browser storage, same key, the budget still spent.
   await page.reload();

@@ -42,7 +42,16 @@ pub struct SwarmTrainer {
     pending: Vec<Output>,
     /// When the last report went to the server.
     reported_ms: f64,
+    /// Where the count of updates sent under the privacy budget is kept (natively, a
+    /// file beside the key), told before any message leaves once the count rose.
+    privacy_sink: Option<PrivacySink>,
+    /// The count the sink last kept.
+    privacy_kept: u64,
 }
+
+/// Keeps the count of updates sent under the privacy budget (and the noise multiplier
+/// they were sent with).
+pub type PrivacySink = Box<dyn FnMut(u64, f64)>;
 
 /// The held-out evaluation: the whole split, and the fixed subset a peer measures after
 /// every round.
@@ -125,6 +134,8 @@ impl SwarmTrainer {
             backend: gpu.map_or("cpu".to_string(), |g| g.adapter.description.clone()),
             pending: Vec::new(),
             reported_ms: f64::NEG_INFINITY,
+            privacy_sink: None,
+            privacy_kept: 0,
         })
     }
 
@@ -144,9 +155,12 @@ impl SwarmTrainer {
     }
 
     /// Counts updates this visitor sent under the task's privacy budget on earlier visits
-    /// (kept by the page or beside the native peer's key); it can only raise the count.
-    pub fn note_privacy_sent(&mut self, rounds: u64) {
-        self.peer.learner_mut().note_privacy_sent(rounds);
+    /// (kept by the page or beside the native peer's key), sent with noise multiplier
+    /// `noise_multiplier`; it can only raise the count.
+    pub fn note_privacy_sent(&mut self, rounds: u64, noise_multiplier: f64) {
+        self.peer
+            .learner_mut()
+            .note_privacy_sent(rounds, noise_multiplier);
     }
 
     /// The task.
@@ -196,8 +210,22 @@ impl SwarmTrainer {
         }
     }
 
+    /// Keeps the privacy count with `sink` from now on: it is called with the count and
+    /// the noise multiplier before a message leaves whenever the count rose, so that an
+    /// update is never out before its round is counted.
+    pub fn keep_privacy_count(&mut self, sink: PrivacySink) {
+        self.privacy_kept = self.peer.learner().privacy().map_or(0, |p| p.rounds);
+        self.privacy_sink = Some(sink);
+    }
+
     /// Sends what the peer queued; anything else it asked for waits for `tick`.
     fn flush(&mut self, net: &impl Transport) -> Vec<Output> {
+        if let (Some(sink), Some(p)) = (self.privacy_sink.as_mut(), self.peer.learner().privacy())
+            && p.rounds > self.privacy_kept
+        {
+            sink(p.rounds, p.noise_multiplier);
+            self.privacy_kept = p.rounds;
+        }
         let mut rest = Vec::new();
         while let Some(o) = self.peer.poll_output() {
             match o {

@@ -147,7 +147,8 @@ function drawSwarm(view) {
   $('peers').tBodies[0].replaceChildren(...trainers.map((p) => {
     const r = p.report;
     const cells = r
-      ? [short(p.id), r.backend, r.version, r.samples_per_s.toFixed(0), r.samples, r.loss.toFixed(3),
+      ? [short(p.id), r.backend, r.version, r.samples_per_s.toFixed(0), r.samples,
+        state.privacy ? '– (private)' : r.loss.toFixed(3),
         r.accuracy == null ? '–' : pct(r.accuracy), fmtBytes(r.bytes_up), fmtBytes(r.bytes_down),
         outliers.has(p.id) ? `outlier (claims over ${OUTLIER}x the median peer)` : (r.paused ? 'paused' : 'training')]
       : [short(p.id), '–', '–', '–', '–', '–', '–', '–', '–', 'joining'];
@@ -208,10 +209,13 @@ fetchTask(TASK).then((d) => {
   }
   // Differential privacy: the epsilon each contributor reaches at the task's budget.
   const dp = d.privacy;
-  $('n-privacy').textContent = dp ? `ε ${dp.epsilon.toFixed(2)}` : 'none';
+  state.privacy = dp;
+  $('n-privacy').textContent = dp
+    ? `ε ${dp.epsilon.toFixed(2)}${dp.on_budget === 'warn' ? ' at the budget (may pass)' : ''}`
+    : 'none';
   $('n-privacy').title = dp
-    ? `clip ${dp.clip}, noise multiplier ${dp.noise_multiplier.toFixed(3)}, delta ${dp.delta}, `
-      + `at most ${dp.rounds} rounds per contributor (then ${dp.on_budget})`
+    ? `clip ${dp.clip}, noise multiplier ${dp.noise_multiplier.toFixed(3)}, delta ${dp.delta}; `
+      + `each contributor's epsilon after ${dp.rounds} rounds, when it ${dp.on_budget === 'stop' ? 'stops' : 'is warned and may go on'}`
     : 'updates are not noised';
   drawModel();
 }).catch((e) => setState('error', `Cannot load the task: ${e.message}`));

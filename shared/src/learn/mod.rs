@@ -583,11 +583,25 @@ impl Learner {
         });
     }
 
-    /// Counts `rounds` updates already sent under the budget (on earlier visits): the count
-    /// only ever rises.
-    pub fn note_privacy_sent(&mut self, rounds: u64) {
+    /// Counts `rounds` updates already sent under the budget (on earlier visits) with
+    /// noise multiplier `noise_multiplier`: priced at today's noise (with every update
+    /// using the data, a round at `z'` spends what `(z / z')^2` rounds at `z` do), rounded
+    /// up. The count only ever rises.
+    pub fn note_privacy_sent(&mut self, rounds: u64, noise_multiplier: f64) {
         if let Some(s) = self.dp.as_mut() {
-            s.sent = s.sent.max(rounds);
+            let then = if noise_multiplier.is_finite() && noise_multiplier > 0.0 {
+                noise_multiplier
+            } else {
+                s.dp.noise_multiplier.min(f64::MIN_POSITIVE)
+            };
+            let ratio = (s.dp.noise_multiplier / then).powi(2);
+            let now = (rounds as f64 * ratio).ceil();
+            let now = if now.is_finite() && now < 1e15 {
+                now as u64
+            } else {
+                u64::MAX / 2
+            };
+            s.sent = s.sent.max(now);
         }
     }
 

@@ -633,8 +633,19 @@ fn a_spent_privacy_budget_stops_updates_or_warns_as_the_task_says() {
     assert!(p.epsilon > p.budget_epsilon, "{p:?}");
     // Rounds sent on earlier visits count, and the count never goes down.
     let mut back = private(1.0, 2, OnBudget::Stop, 8);
-    back.note_privacy_sent(2);
-    back.note_privacy_sent(0);
+    back.note_privacy_sent(2, 1.0);
+    back.note_privacy_sent(0, 1.0);
     assert!(!back.may_send());
     assert_eq!(back.privacy().expect("on").rounds, 2);
+    // Rounds sent with less noise cost more at today's noise: one round at z = 0.5 is
+    // four at z = 1.
+    let mut cheaper = private(1.0, 10, OnBudget::Stop, 8);
+    cheaper.note_privacy_sent(1, 0.5);
+    assert_eq!(cheaper.privacy().expect("on").rounds, 4);
+    let mut unknown = private(1.0, 10, OnBudget::Stop, 8);
+    unknown.note_privacy_sent(1, f64::NAN);
+    assert!(
+        !unknown.may_send(),
+        "an unreadable noise counts as the whole budget"
+    );
 }

@@ -153,23 +153,32 @@ mod peer {
         identity.with_file_name(name)
     }
 
-    /// The count kept in `path` (0 when there is none yet).
-    fn read_privacy_sent(path: &Path) -> Result<u64> {
+    /// The count kept in `path` and the noise multiplier it was spent at (`0 1` when
+    /// there is none yet).
+    fn read_privacy_sent(path: &Path) -> Result<(u64, f64)> {
         match std::fs::read_to_string(path) {
-            Ok(text) => text
-                .trim()
-                .parse()
-                .with_context(|| format!("{}: not a count of rounds", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Ok(text) => {
+                let mut parts = text.split_whitespace();
+                let rounds = parts.next().and_then(|r| r.parse().ok());
+                let z = parts.next().and_then(|z| z.parse().ok());
+                match (rounds, z, parts.next()) {
+                    (Some(r), Some(z), None) => Ok((r, z)),
+                    _ => anyhow::bail!(
+                        "{}: not `ROUNDS NOISE_MULTIPLIER`; it counts this key's privacy budget",
+                        path.display()
+                    ),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((0, 1.0)),
             Err(e) => Err(e).with_context(|| format!("{}", path.display())),
         }
     }
 
     /// Replaces the count in `path` whole (written aside, then renamed into place).
-    fn write_privacy_sent(path: &Path, rounds: u64) -> Result<()> {
+    fn write_privacy_sent(path: &Path, rounds: u64, z: f64) -> Result<()> {
         let mut aside = path.as_os_str().to_os_string();
         aside.push(".new");
-        std::fs::write(&aside, format!("{rounds}\n"))
+        std::fs::write(&aside, format!("{rounds} {z}\n"))
             .and_then(|()| std::fs::rename(&aside, path))
             .with_context(|| format!("{}", path.display()))
     }
@@ -322,10 +331,16 @@ mod peer {
                 .map_err(anyhow::Error::msg)?;
         // The updates this key already sent under the task's privacy budget.
         let budget_file = privacy_file(&args.identity, &peer.task().name);
-        let mut dp_sent = 0;
         if peer.learner().privacy().is_some() {
-            dp_sent = read_privacy_sent(&budget_file)?;
-            peer.note_privacy_sent(dp_sent);
+            let (sent, z) = read_privacy_sent(&budget_file)?;
+            peer.note_privacy_sent(sent, z);
+            // Kept before any message leaves once the count rose.
+            let file = budget_file.clone();
+            peer.keep_privacy_count(Box::new(move |rounds, z| {
+                if let Err(e) = write_privacy_sent(&file, rounds, z) {
+                    eprintln!("privacy count: {e:#}");
+                }
+            }));
         }
         let keeper = match &args.keeper {
             Some(dir) => {
@@ -414,10 +429,6 @@ mod peer {
                         ""
                     }
                 );
-                if dp.rounds != dp_sent {
-                    dp_sent = dp.rounds;
-                    write_privacy_sent(&budget_file, dp_sent)?;
-                }
             }
             let p = peer.progress();
             if !p.rejected.is_empty() && std::env::var_os("SHOAL_VERBOSE").is_some() {

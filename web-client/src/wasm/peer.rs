@@ -175,15 +175,16 @@ impl SwarmPeer {
     }
 
     /// Counts the updates this visitor sent under the task's privacy budget on earlier
-    /// visits (the page keeps the count); it can only raise it.
+    /// visits, with the noise multiplier they were sent with (the page keeps both); it
+    /// can only raise the count.
     #[wasm_bindgen(js_name = notePrivacySent)]
-    pub fn note_privacy_sent(&self, rounds: f64) -> Result<(), JsError> {
+    pub fn note_privacy_sent(&self, rounds: f64, noise_multiplier: f64) -> Result<(), JsError> {
         if !(rounds >= 0.0 && rounds.is_finite()) {
             return Err(JsError::new(&format!("rounds {rounds} is not a count")));
         }
         match self.inner.borrow_mut().as_mut() {
             Some(peer) => {
-                peer.note_privacy_sent(rounds as u64);
+                peer.note_privacy_sent(rounds as u64, noise_multiplier);
                 Ok(())
             }
             None => Err(JsError::new("the peer is busy: call before the first tick")),
