@@ -62,6 +62,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   const paused = new Set();
   let started = false;
   let probed = false;
+  // A task on the visitor's own files: what the worker made of the files chosen.
+  let localSummary = null;
+  const isLocal = () => description?.task?.data?.source === 'local';
+  const ready = () => probed && Boolean(description) && (!isLocal() || localSummary?.samples > 0);
   let description = null;
 
   const show = (state, text, more = '') => {
@@ -159,6 +163,104 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     return dp.spent ? `${spent}: budget passed` : spent;
   }
 
+  // The visitor's own files (a task on local data): chosen with a picker or dropped,
+  // checked in the worker, summarised here before anything trains.
+  function localFiles(d) {
+    const card = $('local-card');
+    if (!card) return;
+    card.hidden = false;
+    const kinds = {
+      images: 'PNG or JPEG images, in folders named after their class (or listed in a labels.csv of "file name,label" lines)',
+      csv: 'CSV files of rows: a label, then the pixel values 0-255',
+      text: 'UTF-8 text files',
+    };
+    const l = d.task.data.local;
+    const classes = l.label_names?.length ? l.label_names.join(', ') : `0 to ${d.task.data.classes - 1}`;
+    $('local-about').textContent = `This task trains on files you choose: ${kinds[l.kind]}`
+      + (l.kind === 'text' ? '' : ` (classes: ${classes})`)
+      + `; at most ${l.max_files.toLocaleString('en')} files of ${fmtBytes(l.max_file_bytes)} each. `
+      + 'They are read here, in your browser, and never uploaded: only model updates leave it.';
+    const send = (files) => {
+      if (started) return;
+      $('local-summary').textContent = `Reading ${files.length} files…`;
+      worker.postMessage({ type: 'local-files', task, entries: files });
+    };
+    const picked = (input) => input?.addEventListener('change', () => {
+      send(Array.from(input.files, (file) => ({ file, path: file.webkitRelativePath || file.name })));
+    });
+    picked($('local-files'));
+    picked($('local-folder'));
+    const drop = $('local-drop');
+    drop?.addEventListener('dragover', (e) => { e.preventDefault(); drop.dataset.over = 'true'; });
+    drop?.addEventListener('dragleave', () => { delete drop.dataset.over; });
+    drop?.addEventListener('drop', async (e) => {
+      e.preventDefault();
+      delete drop.dataset.over;
+      const entries = [];
+      const walk = async (entry, prefix) => {
+        if (entries.length > 100_000) return;
+        if (entry.isFile) {
+          const file = await new Promise((res, rej) => entry.file(res, rej));
+          entries.push({ file, path: prefix + file.name });
+        } else if (entry.isDirectory) {
+          const reader = entry.createReader();
+          for (;;) {
+            const batch = await new Promise((res, rej) => reader.readEntries(res, rej));
+            if (!batch.length) break;
+            for (const child of batch) await walk(child, `${prefix}${entry.name}/`);
+          }
+        }
+      };
+      for (const item of Array.from(e.dataTransfer.items)) {
+        const entry = item.webkitGetAsEntry?.();
+        if (entry) await walk(entry, '');
+        else if (item.kind === 'file') entries.push({ file: item.getAsFile(), path: item.getAsFile().name });
+      }
+      send(entries);
+    });
+  }
+
+  function showLocal(msg) {
+    const out = $('local-summary');
+    if (msg.error) {
+      if (out) out.textContent = `Your files could not be read: ${msg.error}`;
+      return;
+    }
+    const s = msg.summary;
+    localSummary = s;
+    window.shoalLocal = s;
+    const counts = s.per_class.filter(([, n]) => n > 0).map(([name, n]) => `${name}: ${n}`).join(', ');
+    if (out) {
+      out.textContent = s.samples > 0
+        ? `${s.files} files, ${s.samples.toLocaleString('en')} ${msg.kind === 'text' ? 'windows of text' : 'samples'}`
+          + `${counts ? ` (${counts})` : ''}. Nothing of them leaves this browser.`
+        : 'None of these files can be used (see below).';
+    }
+    const list = $('local-skipped');
+    if (list) {
+      list.replaceChildren(...s.skipped.slice(0, 200).map((k) => {
+        const li = document.createElement('li');
+        li.textContent = `${k.file}: ${k.reason}`;
+        return li;
+      }));
+      if (s.skipped.length > 200) list.append(`… and ${s.skipped.length - 200} more`);
+    }
+    const shelf = $('local-previews');
+    if (shelf) {
+      shelf.replaceChildren(...(msg.previews ?? []).map((p) => {
+        const canvas = document.createElement('canvas');
+        canvas.width = p.width;
+        canvas.height = p.height;
+        canvas.title = p.name;
+        const img = canvas.getContext('2d').createImageData(p.width, p.height);
+        p.grey.forEach((v, i) => img.data.set([v, v, v, 255], 4 * i));
+        canvas.getContext('2d').putImageData(img, 0, 0);
+        return canvas;
+      }));
+    }
+    if (consent) consent.disabled = !ready() || started;
+  }
+
   function witnessed(v) {
     if (v.stale) {
       ledger = `not checked yet: ${v.reason}`;
@@ -233,7 +335,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   }
 
   function start() {
-    if (started || !probed || !description) return;
+    if (started || !ready()) return;
     started = true;
     if (consent) {
       consent.disabled = true;
@@ -307,7 +409,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         show('cpu', 'Training on your CPU.', `${found}but this page was opened with ?backend=cpu.`);
       }
       probed = true;
-      if (consent) consent.disabled = !description;
+      if (consent) consent.disabled = !ready();
       if (autoStart) start();
     } else if (msg.type === 'joined') {
       if (consent) consent.textContent = 'Contributing — thank you';
@@ -329,6 +431,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
         used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes, phase: p.phase, samples: p.samples, privacy: p.privacy });
       render(p);
+    } else if (msg.type === 'local-summary') {
+      showLocal(msg);
     } else if (msg.type === 'privacy-sent') {
       keepPrivacy(msg.rounds, msg.z);
     } else if (msg.type === 'ledger') {
@@ -363,9 +467,13 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         + 'Use the throttle to train less often.';
     }
     const privacy = $('privacy');
-    if (privacy) privacy.textContent = privacyText(d.privacy);
+    if (privacy) privacy.textContent = privacyText(d.privacy, isLocal());
+    if (isLocal()) {
+      if (cost) cost.textContent = cost.textContent.replace(/^Joining downloads (\S+ \S+) of training data once\./, 'Joining downloads $1 of test data once; you train on your own files.');
+      localFiles(d);
+    }
     tryTheModel(worker, d);
-    if (consent) consent.disabled = !probed;
+    if (consent) consent.disabled = !ready();
     if (autoStart) start();
   }).catch((e) => {
     if (consent) consent.disabled = true;
@@ -402,8 +510,14 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   }).catch(() => {});
 }
 
-/** What the task's differential privacy means for the visitor, in plain words. */
-export function privacyText(dp) {
+/** What the task's differential privacy means for the visitor, in plain words; `local`:
+ *  the visitor trains on their own files. */
+export function privacyText(dp, local = false) {
+  if (!dp && local) {
+    return 'Privacy: your files never leave this browser, but the model updates trained on them do, '
+      + 'to a few other visitors, as trained: this task adds no noise to them, and an update says '
+      + 'something about the data it was trained on.';
+  }
   if (!dp) {
     return 'Privacy: this task adds no noise to updates. You train on the task\'s own public data, '
       + 'not on anything of yours; your updates go to a few other visitors as trained.';

@@ -2,7 +2,7 @@
 // thread: the WebGPU probe, then (after the visitor's consent) the swarm peer's training
 // loop. The WebRTC connections live on the page's main thread (browsers have none in
 // workers); messages pass through `postMessage`.
-import init, { probe, SwarmPeer } from './pkg/shoal_web_client.js';
+import init, { probe, SwarmPeer, LocalFiles } from './pkg/shoal_web_client.js';
 
 let backend = 'cpu';
 let peer = null;
@@ -21,9 +21,14 @@ let tryRequest = null;
 const post = (m, transfer) => self.postMessage(m, transfer ?? []);
 const errorText = (e) => String(e && e.message ? e.message : e);
 
+// The visitor's own files, checked (a task on local data): read and decoded here, in the
+// worker; nothing of them leaves it.
+let local = null;
+let loading = Promise.resolve();
+
 async function main() {
   try {
-    await init();
+    await (loading = init());
     const result = JSON.parse(await probe());
     backend = result.backend === 'gpu' && result.check === 'ok' ? 'webgpu' : 'cpu';
     post({ type: 'probe', result });
@@ -51,6 +56,69 @@ const yieldToMessages = () => new Promise((resolve) => {
 function netEvent(m) {
   if (m.kind === 'task_state') peer.setPaused('task', m.paused);
   else peer.event(m.kind, m.peer, m.data);
+}
+
+/** Reads and checks the visitor's files (`entries`: `{ file, path }`), one at a time: a
+ *  bad one is skipped with its reason. Images are decoded with the browser's codecs,
+ *  scaled to the model's input and turned grey. Posts a summary and a few previews. */
+async function chooseLocal(task, entries) {
+  await loading;
+  const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
+  if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
+  const desc = await r.json();
+  const set = new LocalFiles(JSON.stringify(desc.task));
+  const kind = set.kind();
+  const [w, h] = set.imageSize();
+  const previews = [];
+  const canvas = kind === 'images' ? new OffscreenCanvas(w, h) : null;
+  const ctx = canvas?.getContext('2d', { willReadFrequently: true });
+  // A labels.csv first: the images after it take their labels from it.
+  const isTable = (e) => kind === 'images' && e.file.name.toLowerCase() === 'labels.csv';
+  const ordered = [...entries.filter(isTable), ...entries.filter((e) => !isTable(e))];
+  for (const { file, path } of ordered) {
+    const name = path || file.name;
+    if (!set.admit(name, file.size)) continue;
+    try {
+      if (isTable({ file })) {
+        set.labelTable(name, new Uint8Array(await file.arrayBuffer()));
+      } else if (kind === 'images') {
+        if (!/\.(png|jpe?g)$/i.test(file.name)) {
+          set.skip(name, 'not a PNG or JPEG image');
+          continue;
+        }
+        let bitmap;
+        try {
+          bitmap = await createImageBitmap(file);
+        } catch (e) {
+          set.skip(name, `not a readable image (${errorText(e)})`);
+          continue;
+        }
+        ctx.fillStyle = 'black';
+        ctx.fillRect(0, 0, w, h);
+        ctx.drawImage(bitmap, 0, 0, w, h);
+        bitmap.close();
+        const rgba = ctx.getImageData(0, 0, w, h).data;
+        const grey = new Uint8Array(w * h);
+        for (let i = 0; i < grey.length; i++) {
+          grey[i] = Math.round(0.299 * rgba[4 * i] + 0.587 * rgba[4 * i + 1] + 0.114 * rgba[4 * i + 2]);
+        }
+        const parts = name.split('/');
+        const folder = parts.length > 1 ? parts[parts.length - 2] : undefined;
+        if (!set.addImage(name, folder, grey, w, h) && previews.length < 12) {
+          previews.push({ name, grey, width: w, height: h });
+        }
+      } else {
+        const bytes = new Uint8Array(await file.arrayBuffer());
+        if (kind === 'csv') set.addCsv(name, bytes);
+        else set.addText(name, bytes);
+      }
+    } catch (e) {
+      set.skip(name, `could not be read (${errorText(e)})`);
+    }
+  }
+  local?.free();
+  local = set;
+  post({ type: 'local-summary', summary: JSON.parse(set.summary()), kind, previews });
 }
 
 // Joins the swarm and trains until the page says stop. Each tick either trains (a round,
@@ -93,7 +161,10 @@ async function contribute(task, secret, head, privacySent, consented) {
     throw new Error('the task\'s privacy settings changed since you agreed to them; reload the page to see the new ones');
   }
   const files = await Promise.all(desc.files.map(fetchBytes));
-  peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files);
+  // A task on local data trains on the files the visitor chose (consumed here).
+  const mine = local;
+  local = null;
+  peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files, mine ?? undefined);
   // Rounds this visitor already sent under the task's privacy budget, and the noise they
   // were sent with (kept by the page).
   if (privacySent?.rounds > 0) peer.notePrivacySent(privacySent.rounds, privacySent.z);
@@ -175,6 +246,8 @@ self.addEventListener('message', (event) => {
         }
         post({ type: 'error', message: errorText(e) });
       });
+    } else if (msg.type === 'local-files' && !peer) {
+      chooseLocal(msg.task, msg.entries ?? []).catch((e) => post({ type: 'local-summary', error: errorText(e) }));
     } else if (msg.type === 'net') {
       if (peer) netEvent(msg);
       else if (msg.kind === 'task_state') taskPaused = msg.paused;

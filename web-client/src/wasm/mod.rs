@@ -12,9 +12,11 @@ use shoal_shared::rng::SplitMix64;
 use shoal_shared::task::TaskSpec;
 use wasm_bindgen::prelude::*;
 
+mod local;
 mod observer;
 mod peer;
 mod transport;
+pub use local::LocalFiles;
 pub use observer::SwarmObserver;
 pub use peer::SwarmPeer;
 pub use transport::Swarm;

@@ -34,9 +34,12 @@ impl SwarmObserver {
         let task = TaskSpec::from_json(&task).map_err(|e| JsError::new(&e.to_string()))?;
         let bytes: Vec<Vec<u8>> = files.iter().map(Uint8Array::to_vec).collect();
         let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
-        let (_, test) = task
-            .datasets(&refs)
-            .map_err(|e| JsError::new(&e.to_string()))?;
+        let test = if task.is_local() {
+            task.test_dataset(&refs)
+        } else {
+            task.datasets(&refs).map(|(_, test)| test)
+        }
+        .map_err(|e| JsError::new(&e.to_string()))?;
         let inner = Observer::new(task, Samples::from_dataset(&test), every_ms.max(500.0))
             .map_err(|e| JsError::new(&e))?;
         Ok(Self {

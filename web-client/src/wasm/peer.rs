@@ -135,12 +135,15 @@ impl SwarmPeer {
     /// the bytes of its data files in the order the description lists them (`files.train`
     /// then `files.test`). `secret` is this visitor's identity: 64 hex digits kept in
     /// browser storage (the page makes them with `crypto.getRandomValues` on the first
-    /// visit). `backend` is "webgpu" or "cpu".
+    /// visit). `backend` is "webgpu" or "cpu". A task on visitors' own files trains on
+    /// `local` (checked by [`LocalFiles`](super::LocalFiles)); `files` are then its test
+    /// files only.
     pub async fn create(
         backend: String,
         secret: String,
         task: String,
         files: Vec<Uint8Array>,
+        local: Option<super::LocalFiles>,
     ) -> Result<SwarmPeer, JsError> {
         let task = TaskSpec::from_json(&task).map_err(|e| JsError::new(&e.to_string()))?;
         let id =
@@ -152,9 +155,21 @@ impl SwarmPeer {
         };
         let bytes: Vec<Vec<u8>> = files.iter().map(Uint8Array::to_vec).collect();
         let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
-        let (train, test) = task
-            .datasets(&refs)
-            .map_err(|e| JsError::new(&e.to_string()))?;
+        let (train, test) = match (task.is_local(), local) {
+            (false, _) => task
+                .datasets(&refs)
+                .map_err(|e| JsError::new(&e.to_string()))?,
+            (true, Some(local)) => (
+                local.inner.dataset().map_err(|e| JsError::new(&e))?,
+                task.test_dataset(&refs)
+                    .map_err(|e| JsError::new(&e.to_string()))?,
+            ),
+            (true, None) => {
+                return Err(JsError::new(
+                    "this task trains on your own files: choose them first",
+                ));
+            }
+        };
         let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
         let key = hex(&id.public());
         let peer = SwarmTrainer::new(
