@@ -98,4 +98,38 @@ fn a_broken_task_file_stops_the_server_naming_the_field() {
     let (ok, err) = start_with(&demo(), &data());
     assert!(!ok);
     assert!(err.contains("could not listen"), "validation passed: {err}");
+
+    // A task on visitors' own files: only its test split is on the server.
+    let local = demo().replace(
+        "[data]\nclasses = 10\n",
+        "[data]\nclasses = 10\nsource = \"local\"\n\n[data.local]\nkind = \"images\"\n",
+    );
+    let (ok, err) = start_with(&local, &data());
+    assert!(!ok);
+    assert!(
+        err.contains("data.train") && err.contains("no server training files"),
+        "{err}"
+    );
+    let local = local.replace(
+        "[data.train]\nimages = \"digits/train-images.idx\"\nlabels = \"digits/train-labels.idx\"\n",
+        "",
+    );
+    let (ok, err) = start_with(&local, &data());
+    assert!(!ok);
+    assert!(
+        err.contains("could not listen"),
+        "a local task is valid: {err}"
+    );
+    let (ok, err) = start_with(
+        &local.replace("kind = \"images\"", "kind = \"text\""),
+        &data(),
+    );
+    assert!(!ok);
+    assert!(err.contains("data.local.kind"), "{err}");
+    let (ok, err) = start_with(&local.replace("test-labels.idx", "no-such.idx"), &data());
+    assert!(!ok);
+    assert!(
+        err.contains("data.test.labels") && err.contains("no-such.idx"),
+        "{err}"
+    );
 }

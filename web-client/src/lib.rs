@@ -13,6 +13,8 @@ use shoal_shared::idx::IdxLimits;
 pub mod keeper;
 pub mod learning;
 pub mod links;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod local_folder;
 pub mod mesh;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;

@@ -440,3 +440,136 @@ fn a_training_peer_stops_on_ctrl_c() {
     assert!(status.success(), "{status}");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// Writes a PNG: `channels` 1 (grey) or 4 (RGBA), 8 bits.
+fn write_png(path: &Path, pixels: &[u8], w: u32, h: u32, channels: usize) {
+    std::fs::create_dir_all(path.parent().expect("folder")).expect("folder");
+    let file = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut e = png::Encoder::new(file, w, h);
+    e.set_color(if channels == 4 {
+        png::ColorType::Rgba
+    } else {
+        png::ColorType::Grayscale
+    });
+    e.set_depth(png::BitDepth::Eight);
+    let mut writer = e.write_header().expect("header");
+    writer.write_image_data(pixels).expect("pixels");
+}
+
+#[test]
+fn a_native_peer_trains_on_a_local_folder_and_names_the_files_it_skips() {
+    // A task on local data (the demo's model and test split): 300 digits as PNG files in
+    // folders named after their class, one colour PNG at twice the size, and four bad
+    // files. The peer, alone, reads the folder, says what it skipped and why, and learns.
+    let dir = temp("local-folder");
+    let demo =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml"))
+            .expect("demo task");
+    let task = demo
+        .replace("name = \"digits\"", "name = \"mine\"")
+        .replace(
+            "[data.train]\nimages = \"digits/train-images.idx\"\nlabels = \"digits/train-labels.idx\"\n",
+            "",
+        )
+        .replace(
+            "[data]\nclasses = 10\n",
+            "[data]\nclasses = 10\nsource = \"local\"\n\n[data.local]\nkind = \"images\"\n",
+        );
+    assert!(task.contains("source = \"local\"") && !task.contains("train-images"));
+    let task_file = dir.join("mine.toml");
+    std::fs::write(&task_file, task).expect("task file");
+    let images = std::fs::read(format!("{}/digits/train-images.idx", data_dir())).expect("idx");
+    let labels = std::fs::read(format!("{}/digits/train-labels.idx", data_dir())).expect("idx");
+    let files = dir.join("mine");
+    for i in 0..300 {
+        let px = &images[16 + i * 784..16 + (i + 1) * 784];
+        write_png(
+            &files.join(format!("{}/{i}.png", labels[8 + i])),
+            px,
+            28,
+            28,
+            1,
+        );
+    }
+    // A colour image at 56x56: read as grey and scaled to the model's 28x28.
+    let mut rgba = Vec::new();
+    for y in 0..56 {
+        for x in 0..56 {
+            let v = images[16 + (y / 2) * 28 + x / 2];
+            rgba.extend_from_slice(&[v, v, v, 255]);
+        }
+    }
+    write_png(
+        &files.join(format!("{}/big.png", labels[8])),
+        &rgba,
+        56,
+        56,
+        4,
+    );
+    write_png(
+        &files.join("11/eleven.png"),
+        &images[16..16 + 784],
+        28,
+        28,
+        1,
+    );
+    std::fs::write(files.join("notes.txt"), "my notes").expect("write");
+    std::fs::write(files.join("3/broken.png"), "not a PNG").expect("write");
+    std::fs::write(files.join("4/photo.jpg"), [0xff, 0xd8, 0xff]).expect("write");
+
+    let (mut child, rx) = spawn(
+        "ws://127.0.0.1:9",
+        &dir.join("k.key"),
+        &[
+            "--task",
+            "mine",
+            "--task-file",
+            task_file.to_str().expect("utf-8"),
+            "--local-data",
+            files.to_str().expect("utf-8"),
+            "--rounds",
+            "10",
+        ],
+    );
+    let summary = expect_line(&rx, 60, "the local data line", |l| {
+        l.starts_with("local data ").then(|| l.to_string())
+    });
+    assert!(
+        summary.ends_with(": 301 files, 301 samples, 4 skipped"),
+        "{summary}"
+    );
+    let mut skipped = Vec::new();
+    while skipped.len() < 4 {
+        skipped.push(expect_line(&rx, 10, "a skipped line", |l| {
+            l.strip_prefix("skipped ").map(str::to_string)
+        }));
+    }
+    skipped.sort();
+    println!("{summary}\n{}", skipped.join("\n"));
+    assert!(
+        skipped[0].starts_with("11/eleven.png: label \"11\" is not a class"),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped[1].starts_with("3/broken.png: not a readable PNG"),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped[2].starts_with("4/photo.jpg: JPEG is read in the browser"),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped[3].starts_with("notes.txt: not a PNG or JPEG"),
+        "{skipped:?}"
+    );
+    let acc = expect_line(&rx, 180, "round 10", |l| {
+        round_line(l).and_then(|(r, a)| (r >= 10).then_some(a))
+    });
+    let acc = acc.expect("evaluated on the server's test split");
+    assert!(
+        acc > 0.6,
+        "accuracy {acc} after 10 rounds on 301 local images"
+    );
+    assert!(child.wait().expect("exits").success());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -63,6 +63,11 @@ mod peer {
         /// Directory with the task's data (the task file's paths are relative to it).
         #[arg(long, env = "SHOAL_DATA", default_value = "data")]
         data: PathBuf,
+        /// A task on local data (`source = "local"`): train on the files under this folder
+        /// (PNG images in folders named after their class or listed in a labels.csv, CSV
+        /// rows, or text files, as the task says). They never leave this machine.
+        #[arg(long, env = "SHOAL_LOCAL_DATA")]
+        local_data: Option<PathBuf>,
         /// This peer's ed25519 key file; created (mode 0600) when missing.
         #[arg(long, env = "SHOAL_IDENTITY", default_value = "shoal-peer.key")]
         identity: PathBuf,
@@ -319,9 +324,41 @@ mod peer {
         );
         let clock = Instant::now();
         let now = || clock.elapsed().as_secs_f64() * 1e3;
-        let (train, test) = task
-            .load_datasets(&args.data)
-            .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?;
+        let (train, test) = if task.is_local() {
+            let Some(dir) = &args.local_data else {
+                anyhow::bail!(
+                    "the task {} trains on local data: give --local-data DIR",
+                    task.name
+                );
+            };
+            let local = shoal_web_client::local_folder::read_folder(&task, dir)
+                .map_err(anyhow::Error::msg)?;
+            let s = local.summary();
+            println!(
+                "local data {}: {} files, {} samples, {} skipped",
+                dir.display(),
+                s.files,
+                s.samples,
+                s.skipped.len()
+            );
+            for k in &s.skipped {
+                println!("skipped {}: {}", k.file, k.reason);
+            }
+            let train = local.dataset().map_err(anyhow::Error::msg)?;
+            let test = task
+                .load_test_dataset(&args.data)
+                .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?;
+            (train, test)
+        } else {
+            if args.local_data.is_some() {
+                anyhow::bail!(
+                    "the task {} trains on the server's data, not --local-data",
+                    task.name
+                );
+            }
+            task.load_datasets(&args.data)
+                .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?
+        };
         let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
         let mut noise_key = [0u8; 32];
         getrandom::fill(&mut noise_key)

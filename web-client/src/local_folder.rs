@@ -1,0 +1,147 @@
+//! `shoal-peer --local-data DIR`: a task on local data, trained on the files of a folder
+//! of this machine, read and checked as the browser worker does — PNG images (labelled
+//! by their folder's name or a `labels.csv`), CSV rows or UTF-8 text. A bad file is
+//! skipped with its reason; nothing of the files leaves the machine.
+
+use std::path::{Path, PathBuf};
+
+use shoal_shared::local::{LocalData, LocalKind};
+use shoal_shared::task::TaskSpec;
+
+/// Deepest folder nesting read.
+const MAX_DEPTH: usize = 8;
+
+/// Reads every file under `dir` into the task's local data set.
+pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
+    let mut data = LocalData::new(task)?;
+    let mut files = Vec::new();
+    walk(dir, 0, &mut files).map_err(|e| format!("{}: {e}", dir.display()))?;
+    files.sort();
+    let name_of = |p: &Path| {
+        p.strip_prefix(dir)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .replace('\\', "/")
+    };
+    let images = data.kind() == LocalKind::Images;
+    let is_table = |p: &Path| {
+        images
+            && p.file_name()
+                .is_some_and(|n| n.to_string_lossy().eq_ignore_ascii_case("labels.csv"))
+    };
+    let (tables, rest): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| is_table(p));
+    let (w, h) = data.image_size();
+    for path in tables.iter().chain(&rest) {
+        let name = name_of(path);
+        let size = std::fs::metadata(path).map_or(usize::MAX, |m| m.len() as usize);
+        if !data.admit(&name, size) {
+            continue;
+        }
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                data.skip(&name, format!("could not be read ({e})"));
+                continue;
+            }
+        };
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        // Each call records its own outcome (a skipped file and its reason).
+        let _ = match data.kind() {
+            LocalKind::Images if is_table(path) => data.label_table(&name, &bytes).map(|_| ()),
+            LocalKind::Images if ext == "png" => match grey_png(&bytes, w, h) {
+                Ok(grey) => {
+                    let folder = name
+                        .rsplit_once('/')
+                        .and_then(|(f, _)| f.rsplit('/').next());
+                    data.add_image(&name, folder, &grey, w, h)
+                }
+                Err(e) => {
+                    data.skip(&name, format!("not a readable PNG image ({e})"));
+                    Ok(())
+                }
+            },
+            LocalKind::Images if ext == "jpg" || ext == "jpeg" => {
+                data.skip(
+                    &name,
+                    "JPEG is read in the browser; the native peer reads PNG (convert it)",
+                );
+                Ok(())
+            }
+            LocalKind::Images => {
+                data.skip(&name, "not a PNG or JPEG image");
+                Ok(())
+            }
+            LocalKind::Csv => data.add_csv(&name, &bytes),
+            LocalKind::Text => data.add_text(&name, &bytes),
+        };
+    }
+    Ok(data)
+}
+
+fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() && depth < MAX_DEPTH {
+            walk(&entry.path(), depth + 1, out)?;
+        } else if kind.is_file() {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// A PNG as grey values at `width x height`: colour to luma, transparency over black
+/// (as the browser's canvas does), then resampled bilinearly when its size differs.
+fn grey_png(bytes: &[u8], width: usize, height: usize) -> Result<Vec<u8>, String> {
+    let mut decoder =
+        png::Decoder::new_with_limits(std::io::Cursor::new(bytes), png::Limits { bytes: 64 << 20 });
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().map_err(|e| e.to_string())?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).map_err(|e| e.to_string())?;
+    let (sw, sh) = (info.width as usize, info.height as usize);
+    let channels = info.color_type.samples();
+    let luma = |p: &[u8]| -> f32 {
+        let (v, a) = match p {
+            [g] => (f32::from(*g), 255.0),
+            [g, a] => (f32::from(*g), f32::from(*a)),
+            [r, g, b] => (
+                0.299 * f32::from(*r) + 0.587 * f32::from(*g) + 0.114 * f32::from(*b),
+                255.0,
+            ),
+            [r, g, b, a, ..] => (
+                0.299 * f32::from(*r) + 0.587 * f32::from(*g) + 0.114 * f32::from(*b),
+                f32::from(*a),
+            ),
+            _ => (0.0, 255.0),
+        };
+        v * a / 255.0
+    };
+    let src: Vec<f32> = buf[..sw * sh * channels]
+        .chunks_exact(channels)
+        .map(luma)
+        .collect();
+    if sw == 0 || sh == 0 {
+        return Err("an empty image".into());
+    }
+    let mut out = Vec::with_capacity(width * height);
+    for y in 0..height {
+        let fy = ((y as f32 + 0.5) * sh as f32 / height as f32 - 0.5).clamp(0.0, (sh - 1) as f32);
+        let (y0, ty) = (fy.floor() as usize, fy.fract());
+        let y1 = (y0 + 1).min(sh - 1);
+        for x in 0..width {
+            let fx =
+                ((x as f32 + 0.5) * sw as f32 / width as f32 - 0.5).clamp(0.0, (sw - 1) as f32);
+            let (x0, tx) = (fx.floor() as usize, fx.fract());
+            let x1 = (x0 + 1).min(sw - 1);
+            let top = src[y0 * sw + x0] * (1.0 - tx) + src[y0 * sw + x1] * tx;
+            let bottom = src[y1 * sw + x0] * (1.0 - tx) + src[y1 * sw + x1] * tx;
+            out.push((top * (1.0 - ty) + bottom * ty).round().clamp(0.0, 255.0) as u8);
+        }
+    }
+    Ok(out)
+}
