@@ -64,8 +64,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   let probed = false;
   // A task on the visitor's own files: what the worker made of the files chosen.
   let localSummary = null;
+  let readings = 0;
   const isLocal = () => description?.task?.data?.source === 'local';
-  const ready = () => probed && Boolean(description) && (!isLocal() || localSummary?.samples > 0);
+  const ready = () => probed && Boolean(description)
+    && (!isLocal() || (localSummary !== null && localSummary.samples >= localSummary.min_samples));
   let description = null;
 
   const show = (state, text, more = '') => {
@@ -111,7 +113,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     return hours < 1 / 360 ? '–' : `${fmtBytes((p.bytes_up + p.bytes_down - since.bytes) / hours)}`;
   }
 
-  const text = () => Boolean(description?.task?.data?.train?.text);
+  const text = () => Boolean(description?.task?.data?.train?.text) || description?.task?.data?.local?.kind === 'text';
 
   // The visitor's credits, from the task's ledger: samples of theirs that neighbours the
   // server drew at random receipted (not what this page counts itself).
@@ -167,7 +169,12 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   // checked in the worker, summarised here before anything trains.
   function localFiles(d) {
     const card = $('local-card');
-    if (!card) return;
+    if (!card) {
+      // The embedded widget has no room to choose files: the full page has.
+      say('error', 'This task trains on files you choose, which this widget cannot do: open the full page to contribute.');
+      if (consent) consent.disabled = true;
+      return;
+    }
     card.hidden = false;
     const kinds = {
       images: 'PNG or JPEG images, in folders named after their class (or listed in a labels.csv of "file name,label" lines)',
@@ -182,8 +189,13 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       + 'They are read here, in your browser, and never uploaded: only model updates leave it.';
     const send = (files) => {
       if (started) return;
+      // Until the worker has read these, nothing is ready to train (an earlier choice
+      // is replaced, not added to).
+      localSummary = null;
+      readings += 1;
+      if (consent) consent.disabled = true;
       $('local-summary').textContent = `Reading ${files.length} files…`;
-      worker.postMessage({ type: 'local-files', task, entries: files });
+      worker.postMessage({ type: 'local-files', task: JSON.stringify(d.task), reading: readings, entries: files });
     };
     const picked = (input) => input?.addEventListener('change', () => {
       send(Array.from(input.files, (file) => ({ file, path: file.webkitRelativePath || file.name })));
@@ -197,8 +209,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       e.preventDefault();
       delete drop.dataset.over;
       const entries = [];
-      const walk = async (entry, prefix) => {
-        if (entries.length > 100_000) return;
+      // Every dropped item is taken before the first await: the list empties after it.
+      const items = Array.from(e.dataTransfer.items, (item) => ({ entry: item.webkitGetAsEntry?.(), file: item.kind === 'file' ? item.getAsFile() : null }));
+      const walk = async (entry, prefix, depth) => {
+        if (entries.length > 100_000 || depth > 8) return;
         if (entry.isFile) {
           const file = await new Promise((res, rej) => entry.file(res, rej));
           entries.push({ file, path: prefix + file.name });
@@ -207,20 +221,20 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           for (;;) {
             const batch = await new Promise((res, rej) => reader.readEntries(res, rej));
             if (!batch.length) break;
-            for (const child of batch) await walk(child, `${prefix}${entry.name}/`);
+            for (const child of batch) await walk(child, `${prefix}${entry.name}/`, depth + 1);
           }
         }
       };
-      for (const item of Array.from(e.dataTransfer.items)) {
-        const entry = item.webkitGetAsEntry?.();
-        if (entry) await walk(entry, '');
-        else if (item.kind === 'file') entries.push({ file: item.getAsFile(), path: item.getAsFile().name });
+      for (const { entry, file } of items) {
+        if (entry) await walk(entry, '', 0);
+        else if (file) entries.push({ file, path: file.name });
       }
       send(entries);
     });
   }
 
   function showLocal(msg) {
+    if (msg.reading !== readings) return; // an earlier choice, replaced since
     const out = $('local-summary');
     if (msg.error) {
       if (out) out.textContent = `Your files could not be read: ${msg.error}`;
@@ -234,6 +248,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       out.textContent = s.samples > 0
         ? `${s.files} files, ${s.samples.toLocaleString('en')} ${msg.kind === 'text' ? 'windows of text' : 'samples'}`
           + `${counts ? ` (${counts})` : ''}. Nothing of them leaves this browser.`
+          + (s.samples < s.min_samples ? ` Training takes at least ${s.min_samples}: choose more.` : '')
         : 'None of these files can be used (see below).';
     }
     const list = $('local-skipped');
@@ -243,7 +258,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         li.textContent = `${k.file}: ${k.reason}`;
         return li;
       }));
-      if (s.skipped.length > 200) list.append(`… and ${s.skipped.length - 200} more`);
+      const more = s.skipped.length - 200 + s.more_skipped;
+      if (more > 0) list.append(`… and ${more} more`);
     }
     const shelf = $('local-previews');
     if (shelf) {
@@ -314,7 +330,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       : {
         round: p.round, phase: p.phase, 'local steps': p.local_steps,
         'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
-        loss: p.privacy ? 'kept on this device' : p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
+        loss: p.privacy || isLocal() ? 'kept on this device' : p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
         'data per hour': perHour(p),
         receipts: p.receipts, credits, ledger, privacy: privacyRow(p.privacy),

@@ -50,7 +50,11 @@
     text.style.margin = '6px 0 10px';
     var cost = COSTS[task];
     var mb = function (n) { return (n / 1e6).toFixed(n < 1e7 ? 1 : 0) + ' MB'; };
-    text.textContent = 'While you read, your browser can train a small model together with other ' +
+    var local = Boolean(cost && cost.local);
+    text.textContent = local
+      ? 'This model trains on files you choose (they never leave your browser), on its own page: ' +
+        '"Contribute" opens it in a new tab.'
+      : 'While you read, your browser can train a small model together with other ' +
       'visitors (about ' + throttle + '% of the time, paused when the tab is hidden). ' +
       (cost ? 'It downloads ' + mb(cost.download_bytes) + ' once, then sends and receives up to ' +
         mb(cost.bytes_per_round) + ' per training round. ' : 'It downloads the training data once, then exchanges small updates. ') +
@@ -78,6 +82,11 @@
       host.remove();
     });
     yes.addEventListener('click', function () {
+      if (local) {
+        window.open(origin + '/?task=' + task, '_blank', 'noopener');
+        host.remove();
+        return;
+      }
       var frame = document.createElement('iframe');
       frame.title = 'Shoal contributor';
       frame.src = origin + '/embed.html?task=' + task + '&throttle=' + throttle + '&theme=' + theme;

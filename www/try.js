@@ -11,7 +11,7 @@ export function tryTheModel(worker, description) {
   if (!card) return;
   const task = description.task;
   const [h, w, channels] = task.model.input;
-  const text = Boolean(task.data?.train?.text);
+  const text = Boolean(task.data?.train?.text) || task.data?.local?.kind === 'text';
   if (!text && channels !== 1) return; // nothing to draw colour pictures with, yet
   card.hidden = false;
   const status = $('try-status');

@@ -25,6 +25,8 @@ const errorText = (e) => String(e && e.message ? e.message : e);
 // worker; nothing of them leaves it.
 let local = null;
 let loading = Promise.resolve();
+// The page's latest choice of files: an earlier reading still in progress gives way.
+let readingNow = 0;
 
 async function main() {
   try {
@@ -58,15 +60,37 @@ function netEvent(m) {
   else peer.event(m.kind, m.peer, m.data);
 }
 
+/** The width and height a PNG or JPEG file declares (read from its first 64 KiB), or
+ *  null: checked before decoding, so that a small file cannot claim gigabytes. */
+async function declaredSize(file) {
+  const b = new Uint8Array(await file.slice(0, 65536).arrayBuffer());
+  const v = new DataView(b.buffer);
+  if (b.length >= 24 && b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4e && b[3] === 0x47) {
+    return [v.getUint32(16), v.getUint32(20)];
+  }
+  if (b.length >= 4 && b[0] === 0xff && b[1] === 0xd8) {
+    // JPEG: walk the segments to a start-of-frame (C0-CF but C4, C8, CC).
+    for (let i = 2; i + 9 < b.length;) {
+      if (b[i] !== 0xff) return null;
+      const m = b[i + 1];
+      if (m >= 0xc0 && m <= 0xcf && m !== 0xc4 && m !== 0xc8 && m !== 0xcc) {
+        return [v.getUint16(i + 7), v.getUint16(i + 5)];
+      }
+      i += 2 + v.getUint16(i + 2);
+    }
+  }
+  return null;
+}
+
+const MAX_IMAGE_PIXELS = 1 << 24;
+
 /** Reads and checks the visitor's files (`entries`: `{ file, path }`), one at a time: a
  *  bad one is skipped with its reason. Images are decoded with the browser's codecs,
- *  scaled to the model's input and turned grey. Posts a summary and a few previews. */
-async function chooseLocal(task, entries) {
+ *  scaled to the model's input and turned grey. Posts a summary and a few previews
+ *  (`reading` tells the page which of its choices this answers). */
+async function chooseLocal(taskJson, reading, entries) {
   await loading;
-  const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
-  if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
-  const desc = await r.json();
-  const set = new LocalFiles(JSON.stringify(desc.task));
+  const set = new LocalFiles(taskJson);
   const kind = set.kind();
   const [w, h] = set.imageSize();
   const previews = [];
@@ -75,7 +99,15 @@ async function chooseLocal(task, entries) {
   // A labels.csv first: the images after it take their labels from it.
   const isTable = (e) => kind === 'images' && e.file.name.toLowerCase() === 'labels.csv';
   const ordered = [...entries.filter(isTable), ...entries.filter((e) => !isTable(e))];
-  for (const { file, path } of ordered) {
+  for (const [i, { file, path }] of ordered.entries()) {
+    if (reading !== readingNow) {
+      set.free();
+      return; // the visitor chose other files meanwhile
+    }
+    if (set.full()) {
+      set.notRead(ordered.length - i);
+      break;
+    }
     const name = path || file.name;
     if (!set.admit(name, file.size)) continue;
     try {
@@ -86,9 +118,15 @@ async function chooseLocal(task, entries) {
           set.skip(name, 'not a PNG or JPEG image');
           continue;
         }
+        const size = await declaredSize(file);
+        if (size && size[0] * size[1] > MAX_IMAGE_PIXELS) {
+          set.skip(name, `${size[0]}x${size[1]} pixels, more than ${MAX_IMAGE_PIXELS} (4096x4096)`);
+          continue;
+        }
         let bitmap;
         try {
-          bitmap = await createImageBitmap(file);
+          if (!size) throw new Error('no image header');
+          bitmap = await createImageBitmap(file, { colorSpaceConversion: 'none' });
         } catch (e) {
           set.skip(name, `not a readable image (${errorText(e)})`);
           continue;
@@ -99,8 +137,8 @@ async function chooseLocal(task, entries) {
         bitmap.close();
         const rgba = ctx.getImageData(0, 0, w, h).data;
         const grey = new Uint8Array(w * h);
-        for (let i = 0; i < grey.length; i++) {
-          grey[i] = Math.round(0.299 * rgba[4 * i] + 0.587 * rgba[4 * i + 1] + 0.114 * rgba[4 * i + 2]);
+        for (let k = 0; k < grey.length; k++) {
+          grey[k] = Math.round(0.299 * rgba[4 * k] + 0.587 * rgba[4 * k + 1] + 0.114 * rgba[4 * k + 2]);
         }
         const parts = name.split('/');
         const folder = parts.length > 1 ? parts[parts.length - 2] : undefined;
@@ -116,9 +154,13 @@ async function chooseLocal(task, entries) {
       set.skip(name, `could not be read (${errorText(e)})`);
     }
   }
+  if (reading !== readingNow) {
+    set.free();
+    return;
+  }
   local?.free();
   local = set;
-  post({ type: 'local-summary', summary: JSON.parse(set.summary()), kind, previews });
+  post({ type: 'local-summary', reading, summary: JSON.parse(set.summary()), kind, previews });
 }
 
 // Joins the swarm and trains until the page says stop. Each tick either trains (a round,
@@ -152,7 +194,7 @@ async function witness(task) {
   }
 }
 
-async function contribute(task, secret, head, privacySent, consented) {
+async function contribute(task, secret, head, privacySent, consented, mine) {
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
@@ -161,9 +203,8 @@ async function contribute(task, secret, head, privacySent, consented) {
     throw new Error('the task\'s privacy settings changed since you agreed to them; reload the page to see the new ones');
   }
   const files = await Promise.all(desc.files.map(fetchBytes));
-  // A task on local data trains on the files the visitor chose (consumed here).
-  const mine = local;
-  local = null;
+  // A task on local data trains on the files the visitor chose (the set summarised when
+  // they consented).
   peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files, mine ?? undefined);
   // Rounds this visitor already sent under the task's privacy budget, and the noise they
   // were sent with (kept by the page).
@@ -238,7 +279,10 @@ self.addEventListener('message', (event) => {
     if (msg.type === 'start' && !peer) {
       if (msg.backend === 'cpu') backend = 'cpu';
       if (msg.duty) duty = msg.duty;
-      contribute(msg.task, msg.secret, msg.head, msg.privacySent, msg.consented).catch((e) => {
+      const mine = local;
+      local = null;
+      readingNow = -1; // no later reading replaces the set in training
+      contribute(msg.task, msg.secret, msg.head, msg.privacySent, msg.consented, mine).catch((e) => {
         peer = null;
         if (tryRequest) {
           post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });
@@ -247,7 +291,9 @@ self.addEventListener('message', (event) => {
         post({ type: 'error', message: errorText(e) });
       });
     } else if (msg.type === 'local-files' && !peer) {
-      chooseLocal(msg.task, msg.entries ?? []).catch((e) => post({ type: 'local-summary', error: errorText(e) }));
+      readingNow = msg.reading;
+      chooseLocal(msg.task, msg.reading, msg.entries ?? [])
+        .catch((e) => post({ type: 'local-summary', reading: msg.reading, error: errorText(e) }));
     } else if (msg.type === 'net') {
       if (peer) netEvent(msg);
       else if (msg.kind === 'task_state') taskPaused = msg.paused;

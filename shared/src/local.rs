@@ -54,8 +54,26 @@ fn default_max_file_bytes() -> usize {
     8 << 20
 }
 
-/// Most pixel (or text) bytes one visitor's files may add up to.
-pub const MAX_LOCAL_BYTES: usize = 256 << 20;
+/// Most pixel (or text) bytes one visitor's files may add up to (a training set becomes
+/// 4 bytes per value in memory: 256 MiB).
+pub const MAX_LOCAL_BYTES: usize = 64 << 20;
+
+/// Most pixels an image may declare (4096 x 4096): decoders refuse larger ones before
+/// decoding, so a small file cannot claim gigabytes.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 24;
+
+/// Skipped files listed by name; beyond, they are only counted.
+const MAX_LISTED: usize = 1000;
+
+/// A label as shown in a message: at most 40 characters of it.
+fn shown(label: &str) -> String {
+    let short: String = label.chars().take(40).collect();
+    if short.len() < label.len() {
+        format!("{short:?}...")
+    } else {
+        format!("{short:?}")
+    }
+}
 
 impl LocalSpec {
     /// Checks the table against the task's classes and model; the field and the problem.
@@ -127,8 +145,12 @@ pub struct LocalSummary {
     pub samples: usize,
     /// Samples per class, by class name (images and CSV).
     pub per_class: Vec<(String, usize)>,
-    /// Files not used, with the reason.
+    /// Files not used, with the reason (the first 1,000).
     pub skipped: Vec<Skipped>,
+    /// Files not used beyond those listed.
+    pub more_skipped: usize,
+    /// The fewest samples training takes (one batch; two windows of text).
+    pub min_samples: usize,
 }
 
 /// The visitor's files, checked one by one into a data set.
@@ -140,11 +162,19 @@ pub struct LocalData {
     pixels: Vec<u8>,
     labels: Vec<u8>,
     text: Vec<u8>,
-    /// File name -> label, from a `labels.csv` among the files.
+    /// Path as written in a `labels.csv` among the files -> label.
     table: HashMap<String, String>,
+    /// File name (the path's last part) -> label, for names the tables hold once.
+    by_name: HashMap<String, String>,
+    /// File names the tables hold more than once (they match by path only).
+    ambiguous: std::collections::HashSet<String>,
     files: usize,
     offered: usize,
     skipped: Vec<Skipped>,
+    more_skipped: usize,
+    batch: usize,
+    /// Bytes of label tables held.
+    text_bytes_of_tables: usize,
 }
 
 impl LocalData {
@@ -165,10 +195,26 @@ impl LocalData {
             labels: Vec::new(),
             text: Vec::new(),
             table: HashMap::new(),
+            by_name: HashMap::new(),
+            ambiguous: std::collections::HashSet::new(),
             files: 0,
             offered: 0,
             skipped: Vec::new(),
+            more_skipped: 0,
+            batch: task.train.batch.max(1),
+            text_bytes_of_tables: 0,
         })
+    }
+
+    fn note_skip(&mut self, file: &str, reason: String) {
+        if self.skipped.len() < MAX_LISTED {
+            self.skipped.push(Skipped {
+                file: file.to_string(),
+                reason,
+            });
+        } else {
+            self.more_skipped += 1;
+        }
     }
 
     /// The kind of files the task takes.
@@ -184,10 +230,25 @@ impl LocalData {
     /// Records that `file` was not used (the driver could not read or decode it).
     pub fn skip(&mut self, file: &str, reason: impl Into<String>) {
         self.offered += 1;
-        self.skipped.push(Skipped {
-            file: file.to_string(),
-            reason: reason.into(),
-        });
+        self.note_skip(file, reason.into());
+    }
+
+    /// Whether the task's file limit is reached (drivers stop reading there).
+    pub fn full(&self) -> bool {
+        self.offered >= self.spec.max_files
+    }
+
+    /// Counts `n` files that were not read because the limit was reached.
+    pub fn not_read(&mut self, n: usize) {
+        if n > 0 {
+            self.note_skip(
+                &format!("{n} more files"),
+                format!(
+                    "not read: the task takes at most {} files",
+                    self.spec.max_files
+                ),
+            );
+        }
     }
 
     /// Whether one more file of `size` bytes may be added; the driver asks before it
@@ -215,9 +276,17 @@ impl LocalData {
     }
 
     /// Takes a `labels.csv`: lines of `file name,label` (a header line is allowed); images
-    /// named there get that label. Returns how many names it holds.
+    /// named there get that label, whatever folder they are in. A name is matched as the
+    /// path written (from the folder chosen) or, where it is the only entry with that
+    /// file name, by file name. Returns how many names it holds.
     pub fn label_table(&mut self, file: &str, bytes: &[u8]) -> Result<usize, String> {
         let result = (|| {
+            if self.spec.kind != LocalKind::Images {
+                return Err("a label table is for images".to_string());
+            }
+            if self.bytes_held() + bytes.len() > MAX_LOCAL_BYTES {
+                return Err(format!("more than {MAX_LOCAL_BYTES} bytes of data in all"));
+            }
             let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
             let mut n = 0;
             for (i, line) in text.lines().enumerate() {
@@ -228,22 +297,29 @@ impl LocalData {
                 let Some((name, label)) = line.rsplit_once(',') else {
                     return Err(format!("line {}: expected `file name,label`", i + 1));
                 };
-                let (name, label) = (name.trim(), label.trim());
+                let (name, label) = (name.trim().trim_start_matches("./"), label.trim());
                 if i == 0 && self.class_of(label).is_err() {
                     continue; // a header
+                }
+                let base = name.rsplit(['/', '\\']).next().unwrap_or(name).to_string();
+                match self.by_name.entry(base) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        self.ambiguous.insert(e.key().clone());
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(label.to_string());
+                    }
                 }
                 self.table.insert(name.to_string(), label.to_string());
                 n += 1;
             }
+            self.text_bytes_of_tables += bytes.len();
             Ok(n)
         })();
         self.offered += 1;
         match &result {
             Ok(_) => self.files += 1,
-            Err(e) => self.skipped.push(Skipped {
-                file: file.to_string(),
-                reason: e.clone(),
-            }),
+            Err(e) => self.note_skip(file, e.clone()),
         }
         result
     }
@@ -259,32 +335,31 @@ impl LocalData {
                 .map(|i| i as u8)
                 .ok_or_else(|| {
                     format!(
-                        "label {label:?} is not one of the task's classes ({})",
+                        "label {} is not one of the task's classes ({})",
+                        shown(label),
                         self.spec.label_names.join(", ")
                     )
                 });
         }
         match label.parse::<usize>() {
-            Ok(c) if c < self.classes => Ok(c as u8),
+            Ok(c) if c < self.classes && c <= usize::from(u8::MAX) => Ok(c as u8),
             _ => Err(format!(
-                "label {label:?} is not a class of this task (0 to {})",
-                self.classes - 1
+                "label {} is not a class of this task (0 to {})",
+                shown(label),
+                self.classes.saturating_sub(1)
             )),
         }
     }
 
     fn bytes_held(&self) -> usize {
-        self.pixels.len() + self.text.len()
+        self.pixels.len() + self.text.len() + self.text_bytes_of_tables
     }
 
     fn outcome(&mut self, file: &str, result: Result<(), String>) -> Result<(), String> {
         self.offered += 1;
         match &result {
             Ok(()) => self.files += 1,
-            Err(e) => self.skipped.push(Skipped {
-                file: file.to_string(),
-                reason: e.clone(),
-            }),
+            Err(e) => self.note_skip(file, e.clone()),
         }
         result
     }
@@ -311,8 +386,23 @@ impl LocalData {
                     self.rows
                 ));
             }
-            let base = file.rsplit(['/', '\\']).next().unwrap_or(file);
-            let label = match (self.table.get(base), folder) {
+            let path = file.trim_start_matches("./");
+            let base = path.rsplit(['/', '\\']).next().unwrap_or(path);
+            // The table by the path as chosen (or below the folder chosen), else by file
+            // name where that is unique in it.
+            let listed = self
+                .table
+                .get(path)
+                .or_else(|| {
+                    path.split_once('/')
+                        .and_then(|(_, below)| self.table.get(below))
+                })
+                .or_else(|| {
+                    (!self.ambiguous.contains(base))
+                        .then(|| self.by_name.get(base))
+                        .flatten()
+                });
+            let label = match (listed, folder) {
                 (Some(l), _) => l.clone(),
                 (None, Some(f)) if !f.is_empty() => f.to_string(),
                 _ => {
@@ -434,23 +524,37 @@ impl LocalData {
                 names.into_iter().zip(counts).collect()
             },
             skipped: self.skipped.clone(),
+            more_skipped: self.more_skipped,
+            min_samples: self.min_samples(),
         }
     }
 
-    /// The training set the files make.
-    pub fn dataset(&self) -> Result<Dataset, String> {
+    fn min_samples(&self) -> usize {
+        if self.spec.kind == LocalKind::Text {
+            2
+        } else {
+            self.batch
+        }
+    }
+
+    /// The training set the files make (at least [`LocalSummary::min_samples`]).
+    pub fn into_dataset(self) -> Result<Dataset, String> {
+        let min = self.min_samples();
         if self.spec.kind == LocalKind::Text {
             return Dataset::from_text(&self.text, self.cols).map_err(|e| format!("your text {e}"));
         }
-        if self.labels.is_empty() {
-            return Err("none of the files could be used".into());
+        if self.labels.len() < min {
+            return Err(format!(
+                "{} usable samples; training takes at least {min} (one batch)",
+                self.labels.len()
+            ));
         }
         Ok(Dataset {
             rows: self.rows,
             cols: self.cols,
             classes: self.classes,
-            pixels: self.pixels.clone(),
-            labels: self.labels.clone(),
+            pixels: self.pixels,
+            labels: self.labels,
             text: false,
         })
     }
@@ -460,13 +564,14 @@ impl LocalData {
 mod tests {
     use super::*;
 
-    fn task(kind: LocalKind, names: &[&str]) -> TaskSpec {
+    fn task(kind: LocalKind, names: &[&str], max_files: usize) -> TaskSpec {
         let mut t = TaskSpec::digits();
         t.data.source = crate::task::DataSource::Local;
         t.data.train = crate::task::Files::default();
+        t.train.batch = 2;
         t.data.local = Some(LocalSpec {
             kind,
-            max_files: 5,
+            max_files,
             max_file_bytes: 4000,
             label_names: names.iter().map(|s| s.to_string()).collect(),
         });
@@ -475,16 +580,30 @@ mod tests {
 
     #[test]
     fn images_are_labelled_by_folder_or_table_and_bad_ones_are_skipped_by_name() {
-        let t = task(LocalKind::Images, &[]);
+        let t = task(LocalKind::Images, &[], 20);
         t.validate().expect("a valid local task");
         let mut d = LocalData::new(&t).expect("local");
         let img = vec![7u8; 28 * 28];
         d.add_image("3/a.png", Some("3"), &img, 28, 28)
             .expect("folder 3");
-        d.label_table("labels.csv", b"file,label\nb.png,5\nc.png,12\n")
-            .expect("table");
+        d.label_table(
+            "labels.csv",
+            b"file,label\nb.png,5\nc.png,12\nx/1.png,1\ny/1.png,2\n",
+        )
+        .expect("table");
         d.add_image("b.png", None, &img, 28, 28)
             .expect("from the table");
+        // The table wins over the folder; a file name it holds twice matches by path.
+        d.add_image("9/b.png", Some("9"), &img, 28, 28)
+            .expect("table");
+        d.add_image("x/1.png", Some("x"), &img, 28, 28)
+            .expect("by path");
+        d.add_image("pick/y/1.png", Some("y"), &img, 28, 28)
+            .expect("below the folder chosen");
+        let e = d
+            .add_image("z/1.png", Some("z"), &img, 28, 28)
+            .expect_err("ambiguous");
+        assert!(e.contains("\"z\" is not a class"), "{e}");
         let e = d.add_image("c.png", None, &img, 28, 28).expect_err("12");
         assert!(e.contains("\"12\""), "{e}");
         let e = d
@@ -495,24 +614,67 @@ mod tests {
             .add_image("cats/e.png", Some("cats"), &img, 28, 28)
             .expect_err("name");
         assert!(e.contains("not a class"), "{e}");
+        let long = "w".repeat(500);
         let e = d
-            .add_image("7/f.png", Some("7"), &img[..100], 10, 10)
+            .add_image("f.png", Some(&long), &img, 28, 28)
+            .expect_err("long label");
+        assert!(e.len() < 120, "labels are shortened in messages: {e}");
+        let e = d
+            .add_image("7/g.png", Some("7"), &img[..100], 10, 10)
             .expect_err("size");
         assert!(e.contains("28x28"), "{e}");
-        assert!(!d.admit("huge.png", 5000));
+        assert!(!d.admit("huge.png", 5000), "over max_file_bytes");
+        assert!(d.admit("ok.png", 10));
         let s = d.summary();
-        assert_eq!((s.files, s.samples), (3, 2), "{s:?}");
+        assert_eq!((s.files, s.samples), (6, 5), "{s:?}");
         assert_eq!(s.per_class[3], ("3".to_string(), 1));
-        assert_eq!(s.per_class[5], ("5".to_string(), 1));
+        assert_eq!(s.per_class[5], ("5".to_string(), 2));
+        assert_eq!((s.per_class[1].1, s.per_class[2].1), (1, 1));
         let skipped: Vec<&str> = s.skipped.iter().map(|k| k.file.as_str()).collect();
         assert_eq!(
             skipped,
-            ["c.png", "d.png", "cats/e.png", "7/f.png", "huge.png"]
+            [
+                "z/1.png",
+                "c.png",
+                "d.png",
+                "cats/e.png",
+                "f.png",
+                "7/g.png",
+                "huge.png"
+            ]
         );
-        // The max_files limit counts every file offered.
-        assert!(!d.admit("g.png", 10));
-        let set = d.dataset().expect("two images");
-        assert_eq!((set.len(), set.labels.clone()), (2, vec![3, 5]));
+        assert!(
+            s.skipped[6].reason.contains("limit of 4000"),
+            "{:?}",
+            s.skipped[6]
+        );
+        let set = d.into_dataset().expect("five images");
+        assert_eq!(set.labels, vec![3, 5, 5, 1, 2]);
+    }
+
+    #[test]
+    fn the_file_limit_counts_every_file_offered_and_training_needs_a_batch() {
+        let t = task(LocalKind::Images, &[], 3);
+        let mut d = LocalData::new(&t).expect("local");
+        let img = vec![7u8; 28 * 28];
+        d.add_image("3/a.png", Some("3"), &img, 28, 28)
+            .expect("one");
+        d.skip("bad.png", "unreadable");
+        assert!(!d.full());
+        assert!(d.admit("3/b.png", 10));
+        d.add_image("3/b.png", Some("3"), &img, 28, 28)
+            .expect("two");
+        assert!(d.full());
+        assert!(!d.admit("3/c.png", 10), "over max_files");
+        d.not_read(7);
+        let s = d.summary();
+        assert_eq!(s.min_samples, 2);
+        assert_eq!(s.skipped.last().expect("counted").file, "7 more files");
+        let mut one = LocalData::new(&t).expect("local");
+        one.add_image("3/a.png", Some("3"), &img, 28, 28)
+            .expect("one");
+        let e = one.into_dataset().expect_err("below a batch");
+        assert!(e.contains("at least 2"), "{e}");
     }
 
     #[test]
@@ -520,7 +682,7 @@ mod tests {
         let names = [
             "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
         ];
-        let t = task(LocalKind::Csv, &names);
+        let t = task(LocalKind::Csv, &names, 20);
         t.validate().expect("valid");
         let mut d = LocalData::new(&t).expect("local");
         let row = |label: &str| format!("{label},{}\n", vec!["9"; 784].join(","));
@@ -532,7 +694,11 @@ mod tests {
         assert!(e.contains("eleven"), "{e}");
         let e = d.add_csv("c.csv", b"two,1,2,3\n").expect_err("short row");
         assert!(e.contains("pixels"), "{e}");
-        assert_eq!(d.dataset().expect("rows").labels, vec![2, 9]);
+        let e = d
+            .label_table("labels.csv", b"a.png,two\n")
+            .expect_err("not images");
+        assert!(e.contains("for images"), "{e}");
+        assert_eq!(d.into_dataset().expect("rows").labels, vec![2, 9]);
 
         let mut lm = TaskSpec::from_toml(
             &std::fs::read_to_string(concat!(
@@ -556,11 +722,12 @@ mod tests {
             label_names: Vec::new(),
         });
         lm.validate().expect("a local text task");
+        assert!(lm.is_text() && lm.is_local());
         let mut d = LocalData::new(&lm).expect("local");
         d.add_text("a.txt", "hello world. ".repeat(100).as_bytes())
             .expect("text");
         let e = d.add_text("b.txt", &[0xff, 0xfe]).expect_err("not utf-8");
         assert!(e.contains("UTF-8"), "{e}");
-        assert!(d.dataset().expect("windows").len() >= 2);
+        assert!(d.into_dataset().expect("windows").len() >= 2);
     }
 }

@@ -346,6 +346,7 @@ fn embed_script(config: &Config) -> Option<String> {
                 "epsilon": dp.map(|d| d.epsilon),
                 "delta": dp.map(|d| d.delta),
                 "on_budget": dp.map(|d| d.on_budget),
+                "local": t.is_local(),
             });
             (t.name.clone(), brief)
         })

@@ -1680,5 +1680,9 @@ async fn a_task_with_differential_privacy_states_its_epsilon_before_consent() {
         "{costs}"
     );
     assert_eq!(costs["digits"]["epsilon"], Value::Null);
+    assert_eq!(
+        costs["digits"]["local"], false,
+        "the card knows a task on local data"
+    );
     std::fs::remove_dir_all(&www).expect("cleanup");
 }

@@ -1,6 +1,7 @@
 // Visitors' own data: a task with `[data] source = "local"`. Two visitors each choose
-// PNG files (MNIST digits this test writes, each carrying a secret marker in a text chunk)
-// and a labels.csv with the page's file picker; bad files among them are named and
+// PNG files (MNIST digits this test writes, each carrying a secret marker in a text chunk;
+// one also in its pixels, one in its file name, so in labels.csv) and a labels.csv with
+// the page's file picker; bad files among them are named and
 // skipped; the page shows a summary before consent; the two train together over WebRTC
 // and the model learns (held-out accuracy on the server's test split). Everything the
 // pages send — HTTP request bodies, websocket frames and data channel messages — is
@@ -85,8 +86,13 @@ function filesOf(v) {
   const files = [];
   const csv = ['file,label'];
   for (let i = v * PER_VISITOR; i < (v + 1) * PER_VISITOR; i++) {
-    const name = `digit-${v}-${i}.png`;
-    files.push({ name, mimeType: 'image/png', buffer: png(images.subarray(16 + i * 784, 16 + (i + 1) * 784), 28, 28) });
+    const first = i === v * PER_VISITOR;
+    // The first digit's file is named with the marker, and its top row (blank in MNIST)
+    // holds the marker as grey values: the decoded pixels carry it too.
+    const name = first ? `${MARKER}-${v}.png` : `digit-${v}-${i}.png`;
+    const pixels = Buffer.from(images.subarray(16 + i * 784, 16 + (i + 1) * 784));
+    if (first) pixels.write(MARKER.slice(0, 28), 0, 'latin1');
+    files.push({ name, mimeType: 'image/png', buffer: png(pixels, 28, 28) });
     csv.push(`${name},${labels[8 + i]}`);
   }
   const one = png(images.subarray(16, 16 + 784), 28, 28);
@@ -104,7 +110,8 @@ function filesOf(v) {
  *  websocket holds the marker (searching across message boundaries), and how much it
  *  sends that way. */
 function watchSends(marker) {
-  const needle = new TextEncoder().encode(marker);
+  // The first 28 bytes: what one image's top row holds as pixels.
+  const needle = new TextEncoder().encode(marker.slice(0, 28));
   window.shoalSent = { channel: 0, websocket: 0, markerSeen: false };
   const tails = new WeakMap();
   const bytesOf = (data) => {
@@ -147,8 +154,11 @@ function watchSends(marker) {
 async function visitor(v, bodies) {
   const context = await browser.newContext();
   await context.grantPermissions(['microphone', 'camera']);
-  // Every HTTP request of the page and its worker, with its body.
-  context.on('request', (r) => bodies.push(r.postDataBuffer() ?? Buffer.alloc(0)));
+  // Every HTTP request of the page and its worker: its URL, headers and body.
+  context.on('request', (r) => bodies.push({
+    url: r.url(),
+    bytes: Buffer.concat([Buffer.from(r.url()), Buffer.from(JSON.stringify(r.headers())), r.postDataBuffer() ?? Buffer.alloc(0)]),
+  }));
   await context.addInitScript(watchSends, MARKER);
   const page = await context.newPage();
   page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
@@ -196,9 +206,12 @@ test('visitors train on files they choose, and no byte of those files leaves the
     assert.ok(sent.channel > 100_000, 'model updates did leave');
     assert.ok(last.used >= 5, 'each used the other\'s updates');
   }
+  // The capture sees the worker's requests (the test split only the worker fetches).
+  assert.ok(bodies.some((b) => b.url.endsWith('/data/digits/test-images.idx')), 'worker requests are captured');
   const marker = Buffer.from(MARKER);
-  assert.ok(bodies.length > 0);
-  assert.ok(bodies.every((b) => !b.includes(marker)), 'no file byte in any HTTP request body');
+  const inPixels = Buffer.from(MARKER.slice(0, 28), 'latin1');
+  assert.ok(bodies.every((b) => !b.bytes.includes(marker) && !b.bytes.includes(inPixels)),
+    'no file byte in any HTTP request URL, header or body');
   // The watch works: the marker is in the files the visitors chose.
   assert.ok(filesOf(0).some((f) => f.buffer.includes(marker)));
 });

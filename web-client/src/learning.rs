@@ -117,6 +117,9 @@ impl SwarmTrainer {
         {
             peer.learner_mut().enable_privacy(dp, noise_key, 0);
         }
+        if task.is_local() {
+            peer.learner_mut().keep_loss_local();
+        }
         let eval = match test {
             Some(full) => Some(Eval {
                 cpu: CpuBackend::new(model, Optimizer::adam(task.train.lr), init)

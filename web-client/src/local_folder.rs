@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use shoal_shared::local::{LocalData, LocalKind};
+use shoal_shared::local::{LocalData, LocalKind, MAX_IMAGE_PIXELS};
 use shoal_shared::task::TaskSpec;
 
 /// Deepest folder nesting read.
@@ -15,7 +15,8 @@ const MAX_DEPTH: usize = 8;
 pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
     let mut data = LocalData::new(task)?;
     let mut files = Vec::new();
-    walk(dir, 0, &mut files).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut passed = Vec::new();
+    walk(dir, 0, &mut files, &mut passed).map_err(|e| format!("{}: {e}", dir.display()))?;
     files.sort();
     let name_of = |p: &Path| {
         p.strip_prefix(dir)
@@ -31,7 +32,15 @@ pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
     };
     let (tables, rest): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| is_table(p));
     let (w, h) = data.image_size();
-    for path in tables.iter().chain(&rest) {
+    for (path, why) in &passed {
+        data.skip(&name_of(path), why.clone());
+    }
+    let all: Vec<&PathBuf> = tables.iter().chain(&rest).collect();
+    for (i, path) in all.iter().enumerate() {
+        if data.full() {
+            data.not_read(all.len() - i);
+            break;
+        }
         let name = name_of(path);
         let size = std::fs::metadata(path).map_or(usize::MAX, |m| m.len() as usize);
         if !data.admit(&name, size) {
@@ -81,14 +90,31 @@ pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
     Ok(data)
 }
 
-fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Lists the files under `dir` into `out`, and what it passed over (links, folders too
+/// deep or unreadable) with the reason into `passed`. Only `dir` itself must be readable.
+fn walk(
+    dir: &Path,
+    depth: usize,
+    out: &mut Vec<PathBuf>,
+    passed: &mut Vec<(PathBuf, String)>,
+) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() && depth < MAX_DEPTH {
-            walk(&entry.path(), depth + 1, out)?;
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            passed.push((path, "could not be read".into()));
+            continue;
+        };
+        if kind.is_symlink() {
+            passed.push((path, "a link: not followed".into()));
+        } else if kind.is_dir() && depth >= MAX_DEPTH {
+            passed.push((path, format!("a folder deeper than {MAX_DEPTH}: not read")));
+        } else if kind.is_dir() {
+            if let Err(e) = walk(&path, depth + 1, out, passed) {
+                passed.push((path, format!("a folder that could not be read ({e})")));
+            }
         } else if kind.is_file() {
-            out.push(entry.path());
+            out.push(path);
         }
     }
     Ok(())
@@ -101,6 +127,13 @@ fn grey_png(bytes: &[u8], width: usize, height: usize) -> Result<Vec<u8>, String
         png::Decoder::new_with_limits(std::io::Cursor::new(bytes), png::Limits { bytes: 64 << 20 });
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(|e| e.to_string())?;
+    // The header's size is a claim: checked before anything that size is allocated.
+    let (sw, sh) = reader.info().size();
+    if u64::from(sw) * u64::from(sh) > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "{sw}x{sh} pixels, more than {MAX_IMAGE_PIXELS} (4096x4096)"
+        ));
+    }
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).map_err(|e| e.to_string())?;
     let (sw, sh) = (info.width as usize, info.height as usize);
@@ -144,4 +177,66 @@ fn grey_png(bytes: &[u8], width: usize, height: usize) -> Result<Vec<u8>, String
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(pixels: &[u8], w: u32, h: u32, color: png::ColorType) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = png::Encoder::new(&mut out, w, h);
+        e.set_color(color);
+        e.set_depth(png::BitDepth::Eight);
+        e.write_header()
+            .expect("header")
+            .write_image_data(pixels)
+            .expect("pixels");
+        out
+    }
+
+    #[test]
+    fn colour_and_transparency_become_grey_and_a_double_size_image_scales_back_exactly() {
+        let grey: Vec<u8> = (0..28 * 28).map(|i| (i * 7 % 256) as u8).collect();
+        // Each pixel doubled in both directions, as opaque RGBA.
+        let mut rgba = Vec::new();
+        for y in 0..56 {
+            for x in 0..56 {
+                let v = grey[(y / 2) * 28 + x / 2];
+                rgba.extend_from_slice(&[v, v, v, 255]);
+            }
+        }
+        let back = grey_png(&png(&rgba, 56, 56, png::ColorType::Rgba), 28, 28).expect("decodes");
+        assert_eq!(back, grey);
+        // Pure red at half transparency, over black: luma 0.299 * 255 * 0.5.
+        let red =
+            grey_png(&png(&[255, 0, 0, 128], 1, 1, png::ColorType::Rgba), 1, 1).expect("decodes");
+        assert_eq!(red, vec![(0.299f32 * 255.0 * 128.0 / 255.0).round() as u8]);
+    }
+
+    #[test]
+    fn a_png_claiming_a_huge_size_is_refused_before_it_is_decoded() {
+        // A valid header claiming 100,000 x 100,000 pixels, then nothing.
+        let mut small = png(&[0], 1, 1, png::ColorType::Grayscale);
+        // IHDR data starts at byte 16: width, height (big-endian), then its CRC at 29.
+        small[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        small[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = {
+            let mut c = 0xffff_ffffu32;
+            for b in &small[12..29] {
+                c ^= u32::from(*b);
+                for _ in 0..8 {
+                    c = if c & 1 == 1 {
+                        0xedb8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        };
+        small[29..33].copy_from_slice(&crc.to_be_bytes());
+        let e = grey_png(&small, 28, 28).expect_err("too large");
+        assert!(e.contains("more than"), "{e}");
+    }
 }

@@ -537,6 +537,9 @@ pub struct Learner {
     witness: crate::trust::head::Witness,
     /// Differential privacy, when the task asks for it.
     dp: Option<DpState>,
+    /// Our training loss stays with us (it describes data that is the visitor's own, or
+    /// protected): updates carry 0.
+    loss_kept: bool,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -568,6 +571,7 @@ impl Learner {
             mixes: Vec::new(),
             witness: crate::trust::head::Witness::new(task, None),
             dp: None,
+            loss_kept: false,
             stats: LearnStats::default(),
         })
     }
@@ -576,6 +580,7 @@ impl Learner {
     /// `noise_key` is 32 secret random bytes from the platform's secure generator, and
     /// `sent` the updates this visitor already sent under it (kept across visits).
     pub fn enable_privacy(&mut self, dp: crate::privacy::Dp, noise_key: [u8; 32], sent: u64) {
+        self.loss_kept = true;
         self.dp = Some(DpState {
             dp,
             noise: crate::privacy::NoiseSource::new(noise_key),
@@ -603,6 +608,17 @@ impl Learner {
             };
             s.sent = s.sent.max(now);
         }
+    }
+
+    /// Keeps our training loss to ourselves: updates carry 0 (a task on the visitor's own
+    /// files, or under differential privacy).
+    pub fn keep_loss_local(&mut self) {
+        self.loss_kept = true;
+    }
+
+    /// Whether our training loss stays with us.
+    pub fn loss_kept(&self) -> bool {
+        self.loss_kept
     }
 
     /// Where we stand with the privacy budget (`None` without differential privacy).
@@ -659,6 +675,7 @@ impl Learner {
             )));
         }
         check_finite(local).map_err(LearnError::BadLocal)?;
+        let loss = if self.loss_kept { 0.0 } else { loss };
         if let Some(state) = self.dp.as_mut() {
             if state.sent >= state.dp.rounds && state.dp.on_budget == crate::privacy::OnBudget::Stop
             {

@@ -1320,7 +1320,7 @@ impl Peer {
             .collect();
         let paused = p.paused || p.task_paused;
         p.privacy = self.learner.privacy();
-        if p.privacy.is_some() {
+        if self.learner.loss_kept() {
             p.loss = 0.0; // it describes the visitor's data: neither shown nor reported
         }
         let spent = p.privacy.is_some_and(|d| d.stopped);

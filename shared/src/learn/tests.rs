@@ -649,3 +649,20 @@ fn a_spent_privacy_budget_stops_updates_or_warns_as_the_task_says() {
         "an unreadable noise counts as the whole budget"
     );
 }
+
+#[test]
+fn a_loss_kept_local_is_not_in_the_update() {
+    let mut l = peer(3, vec![0.0; 4]);
+    l.keep_loss_local();
+    let msg = l.local_update(&[0.1; 4], 8, 0.7).expect("finite");
+    let PeerMessage::Update(u) = PeerMessage::decode(&msg, 4).expect("valid") else {
+        panic!("not an update");
+    };
+    assert_eq!(u.loss, 0.0);
+    let mut shown = peer(3, vec![0.0; 4]);
+    let msg = shown.local_update(&[0.1; 4], 8, 0.7).expect("finite");
+    let PeerMessage::Update(u) = PeerMessage::decode(&msg, 4).expect("valid") else {
+        panic!("not an update");
+    };
+    assert_eq!(u.loss, 0.7);
+}

@@ -344,7 +344,7 @@ mod peer {
             for k in &s.skipped {
                 println!("skipped {}: {}", k.file, k.reason);
             }
-            let train = local.dataset().map_err(anyhow::Error::msg)?;
+            let train = local.into_dataset().map_err(anyhow::Error::msg)?;
             let test = task
                 .load_test_dataset(&args.data)
                 .map_err(|e| anyhow::anyhow!("{e} (run `cargo xtask data` first)"))?;

@@ -51,6 +51,17 @@ impl LocalFiles {
         self.inner.admit(file, size)
     }
 
+    /// Whether the task's file limit is reached (read no more).
+    pub fn full(&self) -> bool {
+        self.inner.full()
+    }
+
+    /// Counts `n` files left unread at the limit.
+    #[wasm_bindgen(js_name = notRead)]
+    pub fn not_read(&mut self, n: u32) {
+        self.inner.not_read(n as usize);
+    }
+
     /// Records that `file` could not be read or decoded, and why.
     pub fn skip(&mut self, file: &str, reason: &str) {
         self.inner.skip(file, reason);
@@ -97,7 +108,7 @@ impl LocalFiles {
     }
 
     /// What the files amount to, as JSON: `{files, samples, per_class: [[name, count]],
-    /// skipped: [{file, reason}]}`.
+    /// skipped: [{file, reason}], more_skipped, min_samples}`.
     pub fn summary(&self) -> String {
         serde_json::to_string(&self.inner.summary()).unwrap_or_default()
     }

@@ -160,7 +160,7 @@ impl SwarmPeer {
                 .datasets(&refs)
                 .map_err(|e| JsError::new(&e.to_string()))?,
             (true, Some(local)) => (
-                local.inner.dataset().map_err(|e| JsError::new(&e))?,
+                local.inner.into_dataset().map_err(|e| JsError::new(&e))?,
                 task.test_dataset(&refs)
                     .map_err(|e| JsError::new(&e.to_string()))?,
             ),
