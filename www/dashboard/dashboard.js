@@ -148,7 +148,7 @@ function drawSwarm(view) {
     const r = p.report;
     const cells = r
       ? [short(p.id), r.backend, r.version, r.samples_per_s.toFixed(0), r.samples,
-        state.privacy ? '– (private)' : r.loss.toFixed(3),
+        state.privacy || state.local ? '– (private)' : r.loss.toFixed(3),
         r.accuracy == null ? '–' : pct(r.accuracy), fmtBytes(r.bytes_up), fmtBytes(r.bytes_down),
         outliers.has(p.id) ? `outlier (claims over ${OUTLIER}x the median peer)` : (r.paused ? 'paused' : 'training')]
       : [short(p.id), '–', '–', '–', '–', '–', '–', '–', '–', 'joining'];
@@ -210,6 +210,7 @@ fetchTask(TASK).then((d) => {
   // Differential privacy: the epsilon each contributor reaches at the task's budget.
   const dp = d.privacy;
   state.privacy = dp;
+  state.local = d.task.data.source === 'local';
   $('n-privacy').textContent = dp
     ? `ε ${dp.epsilon.toFixed(2)}${dp.on_budget === 'warn' ? ' at the budget (may pass)' : ''}`
     : 'none';

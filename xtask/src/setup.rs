@@ -59,7 +59,7 @@ pub(crate) fn ensure_python(root: &Path) -> Result<std::path::PathBuf> {
         "-q",
         "safetensors",
         "numpy",
-        "dp-accounting",
+        "dp-accounting==0.6.0",
     ]))?;
     if !ready() {
         bail!(
