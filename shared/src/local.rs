@@ -316,12 +316,9 @@ impl LocalData {
             self.text_bytes_of_tables += bytes.len();
             Ok(n)
         })();
-        self.offered += 1;
-        match &result {
-            Ok(_) => self.files += 1,
-            Err(e) => self.note_skip(file, e.clone()),
-        }
-        result
+        let n = result.as_ref().map_or(0, |n| *n);
+        self.outcome(file, result.map(|_| ()))?;
+        Ok(n)
     }
 
     /// The class a label names.

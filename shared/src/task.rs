@@ -588,18 +588,12 @@ impl TaskSpec {
     /// The held-out set of a task on visitors' own files, from the bytes of its test
     /// files (in the order of [`Files::paths`]).
     pub fn test_dataset(&self, files: &[&[u8]]) -> Result<Dataset, TaskError> {
-        let mut server = self.clone();
         let test = self
             .data
             .test
-            .clone()
+            .as_ref()
             .ok_or_else(|| err("data.test", "missing"))?;
-        // The server-data rules, with the test files standing in for both splits.
-        server.data.source = DataSource::Server;
-        server.data.local = None;
-        server.data.train = test;
-        let twice: Vec<&[u8]> = files.iter().chain(files).copied().collect();
-        server.datasets(&twice).map(|(_, test)| test)
+        self.split("data.test", test, files)
     }
 
     /// Loads a local task's held-out set from the server's data folder `dir`.
@@ -609,16 +603,7 @@ impl TaskSpec {
             .test
             .as_ref()
             .ok_or_else(|| err("data.test", "missing"))?;
-        let mut bytes = Vec::new();
-        for (field, path) in test.fields().iter().zip(test.paths()) {
-            let full = dir.join(path);
-            bytes.push(std::fs::read(&full).map_err(|e| {
-                err(
-                    &format!("data.test.{field}"),
-                    format!("{}: {e}", full.display()),
-                )
-            })?);
-        }
+        let bytes = Self::read_split(dir, "data.test", test)?;
         let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
         self.test_dataset(&refs)
     }
@@ -636,6 +621,60 @@ impl TaskSpec {
         crate::engine::train::swarm_lr(self.train.lr, round, self.train.lr_decay_rounds)
     }
 
+    /// One split's data set from the bytes of its files (`f`'s paths, in order).
+    fn split(&self, field: &str, f: &Files, bytes: &[&[u8]]) -> Result<Dataset, TaskError> {
+        let [h, w, _] = self.model.input;
+        let classes = self.data.classes;
+        if let (Some(path), [text]) = (&f.text, bytes) {
+            return Dataset::from_text(text, w)
+                .map_err(|e| err(&format!("{field}.text"), format!("{path} {e}")));
+        }
+        let set = match (f.csv.is_some(), bytes) {
+            (false, [images, labels]) => {
+                Dataset::from_idx(images, labels, classes, &IdxLimits::default())
+                    .map_err(|e| err(field, e.to_string()))?
+            }
+            (true, [csv]) => Dataset::from_csv(csv, h, w, classes, MAX_CSV_BYTES)
+                .map_err(|e| err(&format!("{field}.csv"), e))?,
+            _ => return Err(err(field, "wrong number of files")),
+        };
+        if (set.rows, set.cols) != (h, w) {
+            return Err(err(
+                field,
+                format!(
+                    "images are {}x{} but model.input is {h}x{w}",
+                    set.rows, set.cols
+                ),
+            ));
+        }
+        if set.is_empty() {
+            return Err(err(field, "holds no samples"));
+        }
+        Ok(set)
+    }
+
+    /// Reads `f`'s files from `dir` (the server's data folder), naming the field
+    /// (`{split}.{field}`) of one that cannot be read.
+    fn read_split(
+        dir: &std::path::Path,
+        split: &str,
+        f: &Files,
+    ) -> Result<Vec<Vec<u8>>, TaskError> {
+        f.fields()
+            .iter()
+            .zip(f.paths())
+            .map(|(field, path)| {
+                let full = dir.join(path);
+                std::fs::read(&full).map_err(|e| {
+                    err(
+                        &format!("{split}.{field}"),
+                        format!("{}: {e}", full.display()),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Builds the train and held-out data sets from the bytes of the files, in the order
     /// of [`Files::paths`] for `data.train` and then `data.test` (when present).
     pub fn datasets(&self, files: &[&[u8]]) -> Result<(Dataset, Dataset), TaskError> {
@@ -645,37 +684,9 @@ impl TaskSpec {
                 "the training data are each visitor's own files (see test_dataset)",
             ));
         }
-        let [h, w, _] = self.model.input;
         let d = &self.data;
         let train_n = d.train.paths().len();
-        let one = |field: &str, f: &Files, bytes: &[&[u8]]| -> Result<Dataset, TaskError> {
-            if let (Some(path), [text]) = (&f.text, bytes) {
-                return Dataset::from_text(text, w)
-                    .map_err(|e| err(&format!("{field}.text"), format!("{path} {e}")));
-            }
-            let set = match (f.csv.is_some(), bytes) {
-                (false, [images, labels]) => {
-                    Dataset::from_idx(images, labels, d.classes, &IdxLimits::default())
-                        .map_err(|e| err(field, e.to_string()))?
-                }
-                (true, [csv]) => Dataset::from_csv(csv, h, w, d.classes, MAX_CSV_BYTES)
-                    .map_err(|e| err(&format!("{field}.csv"), e))?,
-                _ => return Err(err(field, "wrong number of files")),
-            };
-            if (set.rows, set.cols) != (h, w) {
-                return Err(err(
-                    field,
-                    format!(
-                        "images are {}x{} but model.input is {h}x{w}",
-                        set.rows, set.cols
-                    ),
-                ));
-            }
-            if set.is_empty() {
-                return Err(err(field, "holds no samples"));
-            }
-            Ok(set)
-        };
+        let one = |field: &str, f: &Files, bytes: &[&[u8]]| self.split(field, f, bytes);
         if files.len() < train_n {
             return Err(err("data.train", "wrong number of files"));
         }
@@ -704,20 +715,9 @@ impl TaskSpec {
                 "the training data are each visitor's own files (see load_test_dataset)",
             ));
         }
-        let mut named: Vec<(String, &str)> = Vec::new();
-        for (split, f) in std::iter::once(("data.train", &self.data.train))
-            .chain(self.data.test.as_ref().map(|t| ("data.test", t)))
-        {
-            for (field, path) in f.fields().iter().zip(f.paths()) {
-                named.push((format!("{split}.{field}"), path));
-            }
-        }
-        let mut bytes = Vec::new();
-        for (field, path) in &named {
-            let full = dir.join(path);
-            bytes.push(
-                std::fs::read(&full).map_err(|e| err(field, format!("{}: {e}", full.display())))?,
-            );
+        let mut bytes = Self::read_split(dir, "data.train", &self.data.train)?;
+        if let Some(t) = &self.data.test {
+            bytes.extend(Self::read_split(dir, "data.test", t)?);
         }
         let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
         self.datasets(&refs)
