@@ -478,8 +478,9 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         + `updates to up to ${c.max_neighbours} other visitors and receives as much`
         + (c.bytes_per_hour == null ? '; the page shows the data per hour once it runs. '
           : ` (${c.round_ms > 0 ? 'at most' : "at the swarm's current pace, up to"} ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
-        + (c.observers > 0 ? `Open dashboards (${c.observers} now) download the whole model (${fmtBytes(c.model_bytes)}) `
-          + `from two contributors every 10 seconds: about ${fmtBytes(c.observer_bytes_per_hour)} an hour more from you. ` : '')
+        + (c.observers > 0 ? `Open dashboards (${c.observers} now) download the model from two contributors every 10 seconds, `
+          + `as the change since their last download (about ${fmtBytes(c.observe_bytes)} each): `
+          + `up to ${fmtBytes(c.observer_bytes_per_hour)} an hour more from you while they ask you. ` : '')
         + 'Use the throttle to train less often.';
     }
     const privacy = $('privacy');

@@ -284,22 +284,31 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         "batch": task.train.batch,
         // A `model` message: header, round, count, weights and momentum, digest.
         "model_bytes": 5 + 8 + 4 + 8 * params + 32,
+        // What an observer takes per answer: an `observed` message (header, round, base,
+        // digest) carrying the change in int8 (tag, count, block, scales, values), or the
+        // whole weights in fp32 (tag, count, values).
+        "observe_bytes": 77 + 9 + 4 * params.div_ceil(256) + params,
+        "observe_whole_bytes": 77 + 5 + 4 * params,
     })
 }
 
-/// Adds what open dashboards take from each training peer: every observer asks
-/// [`OBSERVE_ASK`](shoal_shared::learn::peer::OBSERVE_ASK) trainers for the whole model
-/// every [`OBSERVE_EVERY_MS`](shoal_shared::learn::peer::OBSERVE_EVERY_MS), spread over
-/// the trainers (`observers` and `observer_bytes_per_hour`, per trainer).
+/// Adds what open dashboards can take from a training peer: every observer asks
+/// [`OBSERVE_ASK`](shoal_shared::learn::peer::OBSERVE_ASK) trainers every
+/// [`OBSERVE_EVERY_MS`](shoal_shared::learn::peer::OBSERVE_EVERY_MS), the same ones each
+/// time, for the change since its last download (`observe_bytes`), with whole weights
+/// when it draws one anew (every
+/// [`OBSERVE_REDRAW`](shoal_shared::learn::peer::OBSERVE_REDRAW) downloads): a trainer
+/// every observer asks sends `observer_bytes_per_hour`.
 fn with_observers(
     mut cost: serde_json::Value,
-    (trainers, observers): (usize, usize),
+    (_trainers, observers): (usize, usize),
 ) -> serde_json::Value {
-    use shoal_shared::learn::peer::{OBSERVE_ASK, OBSERVE_EVERY_MS};
-    let model = cost["model_bytes"].as_f64().unwrap_or(0.0);
-    let asks = (OBSERVE_ASK.min(trainers.max(1))) as f64;
+    use shoal_shared::learn::peer::{OBSERVE_EVERY_MS, OBSERVE_REDRAW};
+    let change = cost["observe_bytes"].as_f64().unwrap_or(0.0);
+    let whole = cost["observe_whole_bytes"].as_f64().unwrap_or(0.0);
+    let answers = 3_600_000.0 / OBSERVE_EVERY_MS;
     let per_hour =
-        observers as f64 * asks * model * (3_600_000.0 / OBSERVE_EVERY_MS) / trainers.max(1) as f64;
+        observers as f64 * (answers * change + answers / OBSERVE_REDRAW as f64 * (whole - change));
     cost["observers"] = serde_json::json!(observers);
     cost["observer_bytes_per_hour"] = serde_json::json!(per_hour.round());
     cost

@@ -1242,13 +1242,21 @@ async fn the_cost_states_what_open_dashboards_take_from_each_trainer() {
     // The demo MLP: a model message is 8 bytes per parameter and 49 more.
     assert_eq!(cost["model_bytes"], 8 * 109_386 + 49);
     assert_eq!(cost["observers"], 1);
-    // One dashboard asks two trainers every 10 s: 360 models an hour each, here all
-    // from these two.
-    let model = cost["model_bytes"].as_f64().expect("bytes");
+    // One dashboard asks two trainers every 10 s for the change since its last download
+    // (int8: a byte per parameter, a scale per 256, 86 bytes of header and digests), and
+    // draws one anew (whole fp32 weights) every 30 downloads: 360 answers an hour from
+    // each trainer it asks, 12 of them whole.
+    assert_eq!(cost["observe_bytes"], 109_386 + 4 * 428 + 86);
+    assert_eq!(cost["observe_whole_bytes"], 4 * 109_386 + 82);
+    let per_hour = 348.0 * 111_184.0 + 12.0 * 437_626.0;
     assert_eq!(
         cost["observer_bytes_per_hour"].as_f64(),
-        Some((2.0 * model * 360.0 / 2.0).round()),
+        Some(per_hour),
         "{cost}"
+    );
+    assert!(
+        per_hour < 45e6,
+        "{per_hour}: an eighth of what whole models cost"
     );
 }
 

@@ -221,7 +221,7 @@ fetchTask(TASK).then((d) => {
   drawModel();
 }).catch((e) => setState('error', `Cannot load the task: ${e.message}`));
 
-// The model every 10 s (each download is the whole model, uploaded by two volunteers).
+// The model every 10 s (each download is the change since the last one, int8, uploaded by two volunteers).
 observer.postMessage({ type: 'start', task: TASK, everyMs: 10_000 });
 relaySwarm(observer, TASK, { onSignaling: (up) => { if (!up) setState('error', 'Lost the signaling server; reconnecting…'); } })
   .catch((e) => setState('error', `Cannot join the swarm: ${e.message}`));

@@ -48,7 +48,7 @@ pub use aggregate::Aggregation;
 pub use compress::{CodecError, Compression, Compressor};
 pub use identity::{Identity, PublicKey};
 pub use peer::{Event, Output, Peer, PeerRole, Progress};
-pub use wire::{PeerMessage, Snapshot, Update, WireError};
+pub use wire::{Observed, PeerMessage, Snapshot, Update, WireError, weights_hash};
 
 /// The swarm-learning settings of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -275,6 +275,9 @@ pub enum Rejection {
     /// step).
     #[error("samples")]
     Samples,
+    /// Observed weights sent as a change from weights we do not hold from that sender.
+    #[error("base")]
+    Base,
 }
 
 impl From<&WireError> for Rejection {
@@ -291,7 +294,7 @@ impl From<&WireError> for Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 22] = [
         Self::Malformed,
         Self::BadSignature,
         Self::Replay,
@@ -313,6 +316,7 @@ impl Rejection {
         Self::MixOverflow,
         Self::Shunned,
         Self::Samples,
+        Self::Base,
     ];
 
     /// The reason named `name` ([`Rejection::as_str`]), if there is one.
@@ -344,6 +348,7 @@ impl Rejection {
             Self::MixOverflow => "mix_overflow",
             Self::Shunned => "shunned",
             Self::Samples => "samples",
+            Self::Base => "base",
         }
     }
 }
@@ -367,6 +372,15 @@ pub enum Received {
     Model(Snapshot),
     /// A neighbour's weights, held for averaging at the end of this round.
     Mix,
+    /// An observer wants our weights, as a change from the ones it holds from us (their
+    /// [`weights_hash`]; `None`: it holds none): reply with [`Learner::observed`].
+    Observe {
+        /// The hash of the weights it holds from us.
+        base: Option<[u8; 32]>,
+    },
+    /// Weights an observer asked for: it passes them to [`Learner::take_observed`] with
+    /// the weights it holds from the sender.
+    Observed(Observed),
     /// Whether the sender will send updates (observers and paused peers will not).
     Status {
         /// It contributes.
@@ -769,6 +783,12 @@ impl Learner {
         let u = match msg {
             PeerMessage::ModelRequest => return Ok(Received::ModelRequest),
             PeerMessage::Model(s) => return Ok(Received::Model(s)),
+            PeerMessage::Observe { base } => {
+                return Ok(Received::Observe {
+                    base: (base != [0; 32]).then_some(base),
+                });
+            }
+            PeerMessage::Observed(o) => return Ok(Received::Observed(o)),
             PeerMessage::Mix { round, payload } => return self.take_mix(sender, round, &payload),
             PeerMessage::Status { contributing } => return Ok(Received::Status { contributing }),
             PeerMessage::Receipt(r) => return self.take_receipt(&r),
@@ -1224,6 +1244,68 @@ impl Learner {
             momentum: self.momentum.clone(),
         })
         .encode()
+    }
+
+    /// The answer to an observer: our weights (no momentum: an observer never trains),
+    /// whole in fp32 when it holds none of ours (`base` is `None`), else as their change
+    /// from `base` — the weights it holds from us — in block-wise int8. Returns the message
+    /// and the weights the observer holds once it has applied it: what the next answer
+    /// to it is a change from (so what int8 left out this time goes out the next).
+    pub fn observed(&self, base: Option<&[f32]>) -> (Vec<u8>, Vec<f32>) {
+        let (base_hash, payload, result) = match base.filter(|b| b.len() == self.weights.len()) {
+            None => {
+                let (payload, _) = Compressor::new(Compression::None, 0).encode(&self.weights);
+                ([0; 32], payload, self.weights.clone())
+            }
+            Some(b) => {
+                let change: Vec<f32> = self.weights.iter().zip(b).map(|(w, b)| w - b).collect();
+                let codec = Compression::Int8 { block: 256 };
+                let (payload, decoded) = Compressor::new(codec, 0).encode(&change);
+                let result: Vec<f32> = b.iter().zip(&decoded).map(|(b, d)| b + d).collect();
+                (weights_hash(b), payload, result)
+            }
+        };
+        let msg = PeerMessage::Observed(Observed {
+            round: self.round,
+            base: base_hash,
+            payload,
+            result: weights_hash(&result),
+        });
+        (msg.encode(), result)
+    }
+
+    /// Rebuilds the weights of an [`Observed`] answer from `base`, the weights we hold
+    /// from its sender (with their [`weights_hash`]), checking every field: a change from
+    /// weights we do not hold is `base`, a payload of the wrong length `shape`, non-finite
+    /// values `non_finite`, a result whose hash is not the one announced `malformed`.
+    /// The model has no momentum (zeros): an observer never trains.
+    pub fn take_observed(
+        &mut self,
+        o: &Observed,
+        base: Option<(&[f32], [u8; 32])>,
+    ) -> Result<Snapshot, Rejection> {
+        let n = self.weights.len();
+        let weights = if o.base == [0; 32] {
+            self.decode_payload(&o.payload, Compression::None)?
+        } else {
+            let Some((b, _)) = base.filter(|(b, h)| *h == o.base && b.len() == n) else {
+                return Err(self.stats.reject(Rejection::Base));
+            };
+            let change = self.decode_payload(&o.payload, Compression::Int8 { block: 256 })?;
+            let w: Vec<f32> = b.iter().zip(&change).map(|(b, d)| b + d).collect();
+            if !w.iter().all(|x| x.is_finite()) {
+                return Err(self.stats.reject(Rejection::NonFinite));
+            }
+            w
+        };
+        if weights_hash(&weights) != o.result {
+            return Err(self.stats.reject(Rejection::Malformed));
+        }
+        Ok(Snapshot {
+            round: o.round,
+            weights,
+            momentum: vec![0.0; n],
+        })
     }
 
     /// Replaces our model with a downloaded one (already validated by decoding) when it

@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 
-use super::wire::{PeerMessage, Snapshot};
+use super::wire::{Observed, PeerMessage, Snapshot, weights_hash};
 use super::{
     Identity, LearnConfig, LearnError, Learner, PublicKey, Received, Rejection, RoundSummary,
 };
@@ -61,14 +61,23 @@ pub const MODEL_WAIT_MS: f64 = 10_000.0;
 /// majority of those asked is honest whenever fewer than a third of the neighbours lie.
 pub const FETCH_ASK: usize = 5;
 /// Neighbours an observer asks each time: it holds a model already (the one of two
-/// answers nearer it wins), and every answer is a whole model a volunteer's page uploads
-/// every few seconds.
+/// answers nearer it wins), and every answer is an upload from a volunteer.
 pub const OBSERVE_ASK: usize = 2;
-/// How often Shoal's dashboard asks for the model: each time [`OBSERVE_ASK`] volunteers
-/// upload the whole model (weights and outer momentum, fp32) to it, so an open dashboard
-/// costs the swarm `OBSERVE_ASK * model bytes` per interval. Any neighbour may ask more
-/// often; a peer answers one neighbour at most once per [`ANSWER_INTERVAL_MS`].
+/// How often Shoal's dashboard asks for the model. An observer asks for weights only, and
+/// asks the neighbours it asked before (whose weights it holds) first: each answers with
+/// the change from the weights the observer holds from it, in block-wise int8 (about a
+/// quarter of the fp32 weights, an eighth of a trainer's model answer). Any neighbour
+/// may ask more often; a peer answers one neighbour at most once per
+/// [`ANSWER_INTERVAL_MS`].
 pub const OBSERVE_EVERY_MS: f64 = 10_000.0;
+/// Every this many downloads an observer draws one of the neighbours it asks at random
+/// instead of one it holds weights from (and after a download that adopted nothing
+/// although an answer was newer than its model, both): two neighbours that agree on a
+/// model of their own cannot keep an observer for longer than that.
+pub const OBSERVE_REDRAW: u64 = 30;
+/// Observers a peer keeps the weights of (what it last sent each, so that the next
+/// answer is a change from them); a further observer gets whole weights each time.
+pub const MAX_OBSERVED: usize = 4;
 /// Pause after a model download that found nothing to adopt.
 pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
@@ -266,6 +275,11 @@ struct Neighbour {
     shunned: bool,
     /// The ledger head it holds as far as we know: the last we sent it or it sent us.
     head_sent: Option<crate::trust::head::HeadId>,
+    /// It observes: the weights it holds from us (as our last answer left them) and their
+    /// hash.
+    gave: Option<(Vec<f32>, [u8; 32])>,
+    /// We observe: the weights we hold from it and their hash.
+    held: Option<(Vec<f32>, [u8; 32])>,
 }
 
 /// Rounds in time: the training toward our next update.
@@ -323,6 +337,11 @@ pub struct Peer {
     /// No new download before this time.
     next_fetch_at: f64,
     join_attempts: u32,
+    /// An observer's downloads so far (every [`OBSERVE_REDRAW`]th draws a neighbour at
+    /// random).
+    observed: u64,
+    /// The next observer download asks neighbours drawn at random only.
+    observe_redraw: bool,
     rng: SplitMix64,
     out: VecDeque<Output>,
     progress: Progress,
@@ -367,6 +386,8 @@ impl Peer {
             fetch: None,
             next_fetch_at: f64::NEG_INFINITY,
             join_attempts: 0,
+            observed: 0,
+            observe_redraw: false,
             rng: SplitMix64::new(seed ^ 0x9e37_79b9),
             out: VecDeque::new(),
             progress: Progress {
@@ -682,6 +703,8 @@ impl Peer {
             }
             Ok(Received::ModelRequest) => self.answer(from, now_ms),
             Ok(Received::Model(s)) => self.model_answer(from, s, now_ms),
+            Ok(Received::Observe { base }) => self.answer_observer(from, base, now_ms),
+            Ok(Received::Observed(o)) => self.observed_answer(from, &o, now_ms),
             Ok(Received::Status { contributing }) => {
                 let was_idle = self.nbrs.get(&from).is_some_and(|n| n.idle);
                 if let Some(n) = self.nbrs.get_mut(&from) {
@@ -775,7 +798,9 @@ impl Peer {
         }
     }
 
-    fn answer(&mut self, from: PeerId, now_ms: f64) {
+    /// Whether we answer `from`'s request for our model now: we hold one to give (else we
+    /// tell it we do not) and it did not ask too soon.
+    fn may_answer(&mut self, from: PeerId, now_ms: f64) -> bool {
         if self.role != PeerRole::Trainer || !self.learner.is_started() {
             // Nothing to give: say so, so that the asker stops waiting for us.
             let msg = PeerMessage::Status {
@@ -783,31 +808,107 @@ impl Peer {
             }
             .encode();
             self.send(from, msg);
-            return;
+            return false;
         }
         let n = self.nbrs.entry(from).or_default();
         if n.answered_at
             .is_some_and(|t| now_ms - t < ANSWER_INTERVAL_MS)
         {
             self.learner.reject(Rejection::RequestRate);
-            return;
+            return false;
         }
         n.answered_at = Some(now_ms);
-        let snap = self.learner.snapshot();
-        self.send(from, snap);
+        true
+    }
+
+    fn answer(&mut self, from: PeerId, now_ms: f64) {
+        if self.may_answer(from, now_ms) {
+            let snap = self.learner.snapshot();
+            self.send(from, snap);
+        }
+    }
+
+    /// Answers an observer: our weights as a change from those it holds from us when it
+    /// names them (`base`, their hash), else whole; remembers what it then holds.
+    fn answer_observer(&mut self, from: PeerId, base: Option<[u8; 32]>, now_ms: f64) {
+        if !self.may_answer(from, now_ms) {
+            return;
+        }
+        let gave = self
+            .nbrs
+            .get(&from)
+            .and_then(|n| n.gave.as_ref())
+            .filter(|(_, h)| Some(*h) == base)
+            .map(|(w, _)| w.as_slice());
+        let keep = gave.is_some()
+            || self.nbrs.values().filter(|n| n.gave.is_some()).count() < MAX_OBSERVED;
+        let (msg, result) = self.learner.observed(gave);
+        if let Some(n) = self.nbrs.get_mut(&from) {
+            n.gave = keep.then(|| {
+                let h = weights_hash(&result);
+                (result, h)
+            });
+        }
+        self.send(from, msg);
+    }
+
+    /// Whether `from` owes an answer to the download in progress.
+    fn is_asked(&self, from: PeerId) -> bool {
+        self.fetch
+            .as_ref()
+            .is_some_and(|f| f.asked.contains(&from) && !f.answers.contains_key(&from))
+    }
+
+    /// A model nobody asked `from` for: a late answer to an earlier request of ours
+    /// (counted), or a push (the connection is shunned).
+    fn unasked(&mut self, from: PeerId, now_ms: f64) {
+        self.learner.reject(Rejection::Unasked);
+        match self.nbrs.get_mut(&from) {
+            Some(n) if n.owed > 0 => n.owed -= 1,
+            _ => self.shun(from, now_ms),
+        }
+    }
+
+    /// Weights an observer asked for: rebuilt from the ones we hold from `from`, then
+    /// judged as a model answer. An answer that cannot be used counts as no answer.
+    fn observed_answer(&mut self, from: PeerId, o: &Observed, now_ms: f64) {
+        if !self.is_asked(from) {
+            self.unasked(from, now_ms);
+            return;
+        }
+        let held = self
+            .nbrs
+            .get(&from)
+            .and_then(|n| n.held.as_ref())
+            .map(|(w, h)| (w.as_slice(), *h));
+        match self.learner.take_observed(o, held) {
+            Ok(s) => {
+                if let Some(n) = self.nbrs.get_mut(&from) {
+                    n.held = Some((s.weights.clone(), o.result));
+                }
+                self.model_answer(from, s, now_ms);
+            }
+            Err(_) => {
+                if let Some(n) = self.nbrs.get_mut(&from) {
+                    n.held = None;
+                    n.owed = n.owed.saturating_sub(1);
+                }
+                if let Some(f) = self.fetch.as_mut() {
+                    f.asked.remove(&from);
+                    if f.answers.len() == f.asked.len() {
+                        self.conclude(now_ms);
+                    }
+                }
+            }
+        }
     }
 
     fn model_answer(&mut self, from: PeerId, s: Snapshot, now_ms: f64) {
-        let Some(f) = self
-            .fetch
-            .as_mut()
-            .filter(|f| f.asked.contains(&from) && !f.answers.contains_key(&from))
-        else {
-            self.learner.reject(Rejection::Unasked);
-            match self.nbrs.get_mut(&from) {
-                Some(n) if n.owed > 0 => n.owed -= 1,
-                _ => self.shun(from, now_ms),
-            }
+        if !self.is_asked(from) {
+            self.unasked(from, now_ms);
+            return;
+        }
+        let Some(f) = self.fetch.as_mut() else {
             return;
         };
         if let Some(n) = self.nbrs.get_mut(&from) {
@@ -864,14 +965,46 @@ impl Peer {
     /// observer), drawn at random.
     fn start_fetch(&mut self, purpose: Purpose, mut from: Vec<PeerId>, now_ms: f64) {
         self.rng.shuffle(&mut from);
-        from.truncate(if purpose == Purpose::Observe {
-            OBSERVE_ASK
+        if purpose == Purpose::Observe {
+            // Neighbours whose weights we hold first (they send a change from them), but
+            // one drawn at random every `OBSERVE_REDRAW` downloads, and both after a
+            // download that failed.
+            let fresh = if self.observe_redraw {
+                OBSERVE_ASK
+            } else {
+                usize::from(self.observed.is_multiple_of(OBSERVE_REDRAW))
+            };
+            let held = |p: &PeerId| self.nbrs.get(p).is_some_and(|n| n.held.is_some());
+            from.sort_by_key(|p| !held(p));
+            let keep = OBSERVE_ASK
+                .saturating_sub(fresh)
+                .min(from.iter().filter(|p| held(p)).count());
+            let mut rest = from.split_off(keep);
+            self.rng.shuffle(&mut rest);
+            from.extend(rest);
+            from.truncate(OBSERVE_ASK);
+            self.observed += 1;
+            self.observe_redraw = false;
+            for (p, n) in self.nbrs.iter_mut() {
+                if !from.contains(p) {
+                    n.held = None;
+                }
+            }
         } else {
-            FETCH_ASK
-        });
-        let req = PeerMessage::ModelRequest.encode();
+            from.truncate(FETCH_ASK);
+        }
         for &p in &from {
-            self.send(p, req.clone());
+            let req = match purpose {
+                Purpose::Observe => PeerMessage::Observe {
+                    base: self
+                        .nbrs
+                        .get(&p)
+                        .and_then(|n| n.held.as_ref())
+                        .map_or([0; 32], |(_, h)| *h),
+                },
+                Purpose::Join | Purpose::Lag => PeerMessage::ModelRequest,
+            };
+            self.send(p, req.encode());
             if let Some(n) = self.nbrs.get_mut(&p) {
                 n.owed = n.owed.saturating_add(1);
             }
@@ -929,8 +1062,14 @@ impl Peer {
                 }
                 // An observer already holding the newest model has nothing to adopt:
                 // that is no failure.
+                let nothing_newer = f.answers.values().all(|s| s.round <= self.learner.round())
+                    && self.learner.is_started();
                 if !(f.purpose == Purpose::Observe && answered && why == Rejection::NoQuorum) {
                     self.learner.reject(why);
+                }
+                let silent = f.asked.iter().any(|p| !f.answers.contains_key(p));
+                if f.purpose == Purpose::Observe && (silent || !nothing_newer) {
+                    self.observe_redraw = true;
                 }
                 self.next_fetch_at = now_ms + FETCH_RETRY_MS;
                 if f.purpose == Purpose::Join {

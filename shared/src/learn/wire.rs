@@ -11,6 +11,11 @@
 //! kind 5   status:   flags:u8 (bit 0: contributing; other bits 0)
 //! kind 6   receipt:  receipt (see `trust::receipt`) — for an update of the recipient's
 //! kind 7   head:     signed ledger head (see `trust::head`) — the newest the sender holds
+//! kind 8   observe:  base[32]                   — "send me your weights, as a change
+//!                                                 from these" (zero: I hold none of yours)
+//! kind 9   observed: round:u64 base[32] payload result[32]
+//!                    — weights: `payload` (fp32) when `base` is zero, else the base the
+//!                      asker holds plus `payload` (int8); `result` is their SHA-256
 //! ```
 //! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
 //! message up to the signature, so an update cannot be replayed into another task.
@@ -117,6 +122,39 @@ pub enum PeerMessage {
     /// The newest ledger head the sender holds, as the server signed it (its bytes; the
     /// receiver decodes and verifies them).
     Head(Vec<u8>),
+    /// An observer's request for the current weights (no momentum), as a change from the
+    /// weights it holds from the recipient, named by their SHA-256 ([`weights_hash`]);
+    /// all zeros when it holds none.
+    Observe {
+        /// The hash of the weights the asker holds from the recipient, or zeros.
+        base: [u8; 32],
+    },
+    /// The answer to [`Observe`](Self::Observe).
+    Observed(Observed),
+}
+
+/// The weights an observer asked for: whole, or as a change from weights it holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    /// The sender's model version.
+    pub round: u64,
+    /// [`weights_hash`] of the weights the change applies to; zeros for whole weights.
+    pub base: [u8; 32],
+    /// Whole weights in fp32 (codec 0) when `base` is zeros, else the change from the
+    /// base in block-wise int8 (codec 1); see `compress`.
+    pub payload: Vec<u8>,
+    /// [`weights_hash`] of the weights the receiver ends up with.
+    pub result: [u8; 32],
+}
+
+/// SHA-256 of weights as their little-endian f32 bytes: how an observer and the peer it
+/// asks name one set of weights.
+pub fn weights_hash(w: &[f32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for x in w {
+        h.update(x.to_le_bytes());
+    }
+    h.finalize().into()
 }
 
 fn header(kind: u8) -> Vec<u8> {
@@ -221,6 +259,19 @@ impl PeerMessage {
                 v.extend_from_slice(h);
                 v
             }
+            Self::Observe { base } => {
+                let mut v = header(8);
+                v.extend_from_slice(base);
+                v
+            }
+            Self::Observed(o) => {
+                let mut v = header(9);
+                v.extend_from_slice(&o.round.to_le_bytes());
+                v.extend_from_slice(&o.base);
+                v.extend_from_slice(&o.payload);
+                v.extend_from_slice(&o.result);
+                v
+            }
         }
     }
 
@@ -307,6 +358,29 @@ impl PeerMessage {
                 }
                 Self::Head(h.to_vec())
             }
+            8 => Self::Observe { base: r.array()? },
+            9 => {
+                let round = r.u64()?;
+                let base: [u8; 32] = r.array()?;
+                let rest = r.rest();
+                let Some(cut) = rest.len().checked_sub(32) else {
+                    return Err(WireError::Malformed("truncated"));
+                };
+                let (payload, result) = rest.split_at(cut);
+                // Whole weights in fp32, a change in int8: nothing else is accepted.
+                let tag = if base == [0; 32] { 0 } else { 1 };
+                if payload.first() != Some(&tag) {
+                    return Err(WireError::Malformed("observed model in another codec"));
+                }
+                Self::Observed(Observed {
+                    round,
+                    base,
+                    payload: payload.to_vec(),
+                    result: result
+                        .try_into()
+                        .map_err(|_| WireError::Malformed("truncated"))?,
+                })
+            }
             k => return Err(WireError::Kind(k)),
         };
         if !r.is_empty() {
@@ -316,7 +390,12 @@ impl PeerMessage {
             Self::Update(u) => u.round,
             Self::Model(s) => s.round,
             Self::Mix { round, .. } => *round,
-            Self::ModelRequest | Self::Status { .. } | Self::Receipt(_) | Self::Head(_) => 0,
+            Self::Observed(o) => o.round,
+            Self::ModelRequest
+            | Self::Status { .. }
+            | Self::Receipt(_)
+            | Self::Head(_)
+            | Self::Observe { .. } => 0,
         };
         if round >= MAX_ROUND {
             return Err(WireError::Round(round));
@@ -407,8 +486,8 @@ mod tests {
         long.push(0);
         assert!(PeerMessage::decode(&long, 2).is_err());
         let mut kind = bytes.clone();
-        kind[4] = 9;
-        assert_eq!(PeerMessage::decode(&kind, 2), Err(WireError::Kind(9)));
+        kind[4] = 10;
+        assert_eq!(PeerMessage::decode(&kind, 2), Err(WireError::Kind(10)));
         assert_eq!(
             PeerMessage::decode(b"GET / HTTP/1.1", 2),
             Err(WireError::Magic)
@@ -438,5 +517,42 @@ mod tests {
         })
         .encode();
         assert_eq!(PeerMessage::decode(&nan, 3), Err(WireError::NonFinite));
+    }
+
+    #[test]
+    fn observer_messages_round_trip_and_carry_only_their_codecs() {
+        let ask = PeerMessage::Observe { base: [4; 32] };
+        assert_eq!(PeerMessage::decode(&ask.encode(), 2), Ok(ask));
+        let whole = |base: [u8; 32], tag: u8, round: u64| {
+            PeerMessage::Observed(Observed {
+                round,
+                base,
+                payload: vec![tag, 2, 0, 0, 0],
+                result: [9; 32],
+            })
+        };
+        for m in [whole([0; 32], 0, 3), whole([1; 32], 1, 3)] {
+            assert_eq!(PeerMessage::decode(&m.encode(), 2), Ok(m));
+        }
+        // Whole weights in int8 or a change in fp32: refused.
+        for m in [
+            whole([0; 32], 1, 3),
+            whole([1; 32], 0, 3),
+            whole([1; 32], 2, 3),
+        ] {
+            assert!(PeerMessage::decode(&m.encode(), 2).is_err(), "{m:?}");
+        }
+        assert_eq!(
+            PeerMessage::decode(&whole([0; 32], 0, MAX_ROUND).encode(), 2),
+            Err(WireError::Round(MAX_ROUND))
+        );
+        let short = &whole([0; 32], 0, 3).encode()[..5 + 8 + 32 + 20];
+        assert!(PeerMessage::decode(short, 2).is_err());
+        let mut ask = PeerMessage::Observe { base: [4; 32] }.encode();
+        ask.push(0);
+        assert!(
+            PeerMessage::decode(&ask, 2).is_err(),
+            "longer than its fields"
+        );
     }
 }

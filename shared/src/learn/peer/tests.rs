@@ -962,3 +962,240 @@ fn a_peer_whose_privacy_budget_is_spent_stops_training_and_says_so() {
     let dp = p.progress().privacy.expect("shown");
     assert!(dp.stopped && dp.rounds == 1, "{dp:?}");
 }
+
+const BIG: usize = 4096;
+
+/// A ramp of weights that int8 cannot carry exactly.
+fn ramp(round: u64, shift: f32) -> Snapshot {
+    Snapshot {
+        round,
+        weights: (0..BIG).map(|i| (i as f32 * 0.37).sin() + shift).collect(),
+        momentum: vec![0.1; BIG],
+    }
+}
+
+/// Delivers messages between an observer (known to the trainers as peer 10) and the
+/// trainers (known to it as 20, 21, ...) until none is left; returns the answers it got
+/// (sender, bytes), which `tamper` may change on the way.
+fn route(
+    o: &mut Peer,
+    trainers: &mut [Peer],
+    now: f64,
+    tamper: &mut dyn FnMut(u64, &mut Vec<u8>),
+) -> Vec<(u64, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let mut moved = false;
+        for out in drain(o) {
+            if let Output::Send { to, data } = out {
+                trainers[(to.0 - 20) as usize].handle(msg(10, data), now);
+                moved = true;
+            }
+        }
+        for (i, t) in trainers.iter_mut().enumerate() {
+            for out in drain(t) {
+                if let Output::Send { to, mut data } = out
+                    && to == PeerId(10)
+                {
+                    let from = 20 + i as u64;
+                    if data.get(4) == Some(&9) {
+                        tamper(from, &mut data);
+                        got.push((from, data.clone()));
+                    }
+                    o.handle(msg(from, data), now);
+                    moved = true;
+                }
+            }
+        }
+        if !moved {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn an_observer_downloads_changes_from_the_weights_it_holds_not_whole_models() {
+    let observer = PeerRole::Observer { every_ms: 10_000.0 };
+    let mut o = Peer::new(cfg(), "t", id(9), vec![0.0; BIG], observer, 0.0).expect("valid");
+    let mut trainers: Vec<Peer> = (0..4u8)
+        .map(|k| {
+            let mut t = Peer::new(
+                cfg(),
+                "t",
+                id(2 + k),
+                vec![0.0; BIG],
+                PeerRole::Trainer,
+                0.0,
+            )
+            .expect("valid");
+            assert!(t.resume(ramp(5, 0.0)));
+            t.handle(Event::Up(PeerId(10)), 0.0);
+            t
+        })
+        .collect();
+    for k in 0..4 {
+        o.handle(Event::Up(PeerId(20 + k)), 0.0);
+    }
+    let whole = PeerMessage::Model(ramp(5, 0.0)).encode().len();
+    let mut now = 2.0 * GREET_AFTER_MS;
+    for t in &mut trainers {
+        t.tick(now);
+    }
+    let mut asked_before: Vec<u64> = Vec::new();
+    for download in 0..8u64 {
+        // The swarm moves on between two downloads.
+        let round = 5 + 3 * download;
+        if download > 0 {
+            for t in &mut trainers {
+                assert!(t.learner_mut().adopt(ramp(round, 0.01 * download as f32)));
+            }
+        }
+        o.tick(now);
+        let got = route(&mut o, &mut trainers, now, &mut |_, _| {});
+        let senders: Vec<u64> = got.iter().map(|(f, _)| *f).collect();
+        assert_eq!(
+            senders.len(),
+            OBSERVE_ASK,
+            "download {download}: {senders:?}"
+        );
+        assert_eq!(
+            o.learner().round(),
+            round,
+            "download {download} adopted the new model"
+        );
+        let gap = super::super::aggregate::distance(o.weights(), trainers[0].weights());
+        for (_, bytes) in &got {
+            if download == 0 {
+                // Whole weights, fp32, without the momentum a trainer's answer carries.
+                assert_eq!(bytes.len(), 77 + 5 + 4 * BIG, "of {whole}");
+                assert_eq!(gap, 0.0, "whole weights are exact");
+            } else {
+                // A change from what it holds: int8, an eighth of a trainer's answer.
+                assert_eq!(
+                    bytes.len(),
+                    77 + 9 + 4 * BIG.div_ceil(256) + BIG,
+                    "of {whole}"
+                );
+                assert!(bytes.len() < whole / 7);
+            }
+        }
+        // int8 leaves a small error, and it does not pile up: each change carries what
+        // the last one left out.
+        let norm = super::super::aggregate::norm(trainers[0].weights());
+        assert!(gap < 2e-3 * norm, "download {download}: {gap} vs {norm}");
+        let mut now_asked = senders.clone();
+        now_asked.sort_unstable();
+        if download > 0 {
+            assert_eq!(
+                now_asked, asked_before,
+                "it asks the neighbours it holds weights of"
+            );
+        }
+        asked_before = now_asked;
+        now += 10_000.0;
+    }
+    assert_eq!(rejected(&o, Rejection::Base), 0);
+    assert_eq!(rejected(&o, Rejection::Malformed), 0);
+
+    // A neighbour that lies about the weights it sends (their hash is not the one it
+    // announced) is not heard, and the observer forgets what it held from it.
+    for t in &mut trainers {
+        assert!(t.learner_mut().adopt(ramp(40, 0.5)));
+    }
+    o.tick(now);
+    let liar = asked_before[0];
+    route(&mut o, &mut trainers, now, &mut |from, data| {
+        if from == liar {
+            let last = data.len() - 1;
+            data[last] ^= 1;
+        }
+    });
+    assert_eq!(rejected(&o, Rejection::Malformed), 1);
+    assert!(o.learner().round() < 40, "one answer of two is no majority");
+    // The next download draws both at random, and the liar gets no delta: whatever it
+    // holds of ours is forgotten.
+    now += 10_000.0;
+    o.tick(now + MODEL_WAIT_MS);
+    route(&mut o, &mut trainers, now + MODEL_WAIT_MS, &mut |_, _| {});
+    now += 10_000.0 + MODEL_WAIT_MS;
+    o.tick(now);
+    route(&mut o, &mut trainers, now, &mut |_, _| {});
+    assert_eq!(o.learner().round(), 40);
+
+    // An answer that is a change from weights the observer does not hold is refused.
+    now += 10_000.0;
+    o.tick(now);
+    let asked_now: Vec<u64> = drain(&mut o)
+        .into_iter()
+        .filter_map(|out| match out {
+            Output::Send { to, data } if data.get(4) == Some(&8) => Some(to.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked_now.len(), OBSERVE_ASK);
+    let forged = PeerMessage::Observed(Observed {
+        round: 41,
+        base: [7; 32],
+        payload: Compressor::new(Compression::Int8 { block: 256 }, 0)
+            .encode(&[0.0; BIG])
+            .0,
+        result: [0; 32],
+    })
+    .encode();
+    o.handle(msg(asked_now[0], forged), now);
+    assert_eq!(rejected(&o, Rejection::Base), 1);
+    assert_eq!(o.learner().round(), 40);
+}
+
+#[test]
+fn a_trainer_keeps_what_at_most_max_observed_observers_hold() {
+    let mut t =
+        Peer::new(cfg(), "t", id(2), vec![0.0; BIG], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(t.resume(ramp(5, 0.0)));
+    let observers: Vec<u64> = (30..30 + MAX_OBSERVED as u64 + 1).collect();
+    for &p in &observers {
+        t.handle(Event::Up(PeerId(p)), 0.0);
+    }
+    let ask = |t: &mut Peer, p: u64, base: [u8; 32], now: f64| -> Observed {
+        t.handle(msg(p, PeerMessage::Observe { base }.encode()), now);
+        drain(t)
+            .into_iter()
+            .find_map(|out| match out {
+                Output::Send { to, data } if to == PeerId(p) && data.get(4) == Some(&9) => {
+                    match PeerMessage::decode(&data, BIG) {
+                        Ok(PeerMessage::Observed(o)) => Some(o),
+                        other => panic!("{other:?}"),
+                    }
+                }
+                _ => None,
+            })
+            .expect("an answer")
+    };
+    let first: Vec<Observed> = observers
+        .iter()
+        .map(|&p| ask(&mut t, p, [0; 32], 0.0))
+        .collect();
+    assert!(
+        first.iter().all(|o| o.base == [0; 32]),
+        "whole weights first"
+    );
+    assert!(t.learner_mut().adopt(ramp(6, 0.2)));
+    let now = ANSWER_INTERVAL_MS;
+    for (i, &p) in observers.iter().enumerate() {
+        let again = ask(&mut t, p, first[i].result, now);
+        if i < MAX_OBSERVED {
+            assert_eq!(
+                again.base, first[i].result,
+                "a change from what observer {p} holds"
+            );
+        } else {
+            assert_eq!(
+                again.base, [0; 32],
+                "one observer too many: whole weights again"
+            );
+        }
+    }
+    // A base it does not know (the observer missed an answer) gets whole weights.
+    let lost = ask(&mut t, observers[0], [3; 32], 2.0 * ANSWER_INTERVAL_MS);
+    assert_eq!(lost.base, [0; 32]);
+}
