@@ -76,6 +76,24 @@ pub fn models() -> Vec<(&'static str, ModelSpec)> {
             },
         ),
         (
+            // Eight channels and more: the CPU's specialised patch rows (3 x 8 values) and
+            // its pooling eight channels at a time, with two left over.
+            "conv8+pool+conv10+pool",
+            ModelSpec {
+                input: [6, 6, 1],
+                layers: vec![
+                    conv(8, 3, 1, 1),
+                    Relu,
+                    MaxPool { size: 2 },
+                    conv(10, 3, 1, 1),
+                    Relu,
+                    MaxPool { size: 2 },
+                    Flatten,
+                    Dense { units: 3 },
+                ],
+            },
+        ),
+        (
             "pool+relu",
             ModelSpec {
                 input: [4, 4, 2],

@@ -152,7 +152,12 @@ impl CpuBackend {
                     let rows = n * output[0] * output[1];
                     let cols = &mut ws.cols[i];
                     cols.resize(rows * kkc, 0.0);
-                    im2col(x, n, input, output, kernel, stride, padding, cols);
+                    let patches = match kernel * input[2] {
+                        3 => im2col::<3>,
+                        24 => im2col::<24>,
+                        _ => im2col::<0>,
+                    };
+                    patches(x, n, input, output, kernel, stride, padding, cols);
                     let w = &params[model.tensors[weight].range()];
                     let b = &params[model.tensors[weight + 1].range()];
                     gemm(
@@ -632,17 +637,42 @@ fn bias_act(y: &mut [f32], b: &[f32], relu: bool) {
 }
 
 fn mask_relu(grad: &mut [f32], y: &[f32]) {
+    // A select, not a conditional store: it vectorizes.
     for (g, &v) in grad.iter_mut().zip(y) {
-        if v <= 0.0 {
-            *g = 0.0;
-        }
+        *g = if v > 0.0 { *g } else { 0.0 };
     }
+}
+
+/// Copies `src[..dst.len()]` into `dst` without a call to memcpy: the runs here (a few
+/// channels, one kernel row) are so short that the call costs more than the copy, and
+/// LLVM turns a copy loop into that call.
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    let src = &src[..n];
+    let mut i = 0;
+    // Constant lengths: LLVM copies them with a few moves, no call.
+    while i + 8 <= n {
+        dst[i..i + 8].copy_from_slice(&src[i..i + 8]);
+        i += 8;
+    }
+    macro_rules! tail {
+        ($($len:literal)*) => {
+            match n - i {
+                $($len => dst[i..i + $len].copy_from_slice(&src[i..i + $len]),)*
+                _ => {}
+            }
+        };
+    }
+    tail!(1 2 3 4 5 6 7);
 }
 
 /// Gathers convolution patches: row `(s, oy, ox)` holds `x[s, oy*stride+ky-pad,
 /// ox*stride+kx-pad, c]` at column `(ky*k + kx)*c_in + c`, zero outside the image.
+/// `KC` is a kernel row's length (`k * c_in`) when known at compile time, else 0: the
+/// usual 3x3 kernels on 1 or 8 channels then copy an inner patch row in a few moves.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn im2col(
+pub(crate) fn im2col<const KC: usize>(
     x: &[f32],
     n: usize,
     input: [usize; 3],
@@ -654,27 +684,32 @@ pub(crate) fn im2col(
 ) {
     let [ih, iw, ic] = input;
     let [oh, ow, _] = output;
-    let kkc = k * k * ic;
+    let kc = if KC > 0 { KC } else { k * ic };
+    let kkc = k * kc;
     for s in 0..n {
         for oy in 0..oh {
             for ox in 0..ow {
                 let row = &mut cols[((s * oh + oy) * ow + ox) * kkc..][..kkc];
-                for ky in 0..k {
+                // The kernel's columns that fall inside the image: `kx` in `lo..hi`.
+                let x0 = (ox * stride) as isize - pad as isize;
+                let lo = (-x0).clamp(0, k as isize) as usize;
+                let hi = (iw as isize - x0).clamp(lo as isize, k as isize) as usize;
+                for (ky, dst) in row.chunks_exact_mut(kc).enumerate() {
                     let iy = (oy * stride + ky) as isize - pad as isize;
-                    for kx in 0..k {
-                        let ix = (ox * stride + kx) as isize - pad as isize;
-                        let dst = &mut row[(ky * k + kx) * ic..][..ic];
-                        if iy < 0 || ix < 0 || iy as usize >= ih || ix as usize >= iw {
-                            dst.fill(0.0);
-                        } else {
-                            let src = ((s * ih + iy as usize) * iw + ix as usize) * ic;
-                            // An element loop: for the few channels of early layers it
-                            // beats a memcpy call per pixel.
-                            for (d, &v) in dst.iter_mut().zip(&x[src..src + ic]) {
-                                *d = v;
-                            }
-                        }
+                    if iy < 0 || iy as usize >= ih {
+                        dst.fill(0.0);
+                        continue;
                     }
+                    // One kernel row is `k * ic` consecutive values in the input row.
+                    let src = ((s * ih + iy as usize) * iw) as isize + x0 + lo as isize;
+                    let src = src as usize * ic;
+                    if KC > 0 && lo == 0 && hi == k {
+                        dst.copy_from_slice(&x[src..src + KC]);
+                        continue;
+                    }
+                    dst[..lo * ic].fill(0.0);
+                    dst[hi * ic..].fill(0.0);
+                    copy_short(&mut dst[lo * ic..hi * ic], &x[src..]);
                 }
             }
         }
@@ -734,32 +769,45 @@ fn max_pool(
     let [ih, iw, c] = input;
     let [oh, ow, _] = output;
     // Channels are contiguous in NHWC: compare whole channel vectors, window position by
-    // window position; the first maximum wins, as on the GPU.
+    // window position; the first maximum wins, as on the GPU. Eight channels at a time
+    // are kept in locals (registers), so that the maximum and its index are selects that
+    // vectorize rather than conditional stores.
+    const L: usize = 8;
+    let window = |s: usize, oy: usize, ox: usize, w: usize| {
+        ((s * ih + oy * size + w / size) * iw + ox * size + w % size) * c
+    };
     for s in 0..n {
         for oy in 0..oh {
             for ox in 0..ow {
                 let o = ((s * oh + oy) * ow + ox) * c;
-                let (yo, io) = (&mut y[o..o + c], &mut idx[o..o + c]);
-                for ky in 0..size {
-                    for kx in 0..size {
-                        let i = ((s * ih + oy * size + ky) * iw + ox * size + kx) * c;
-                        let xs = &x[i..i + c];
-                        if ky == 0 && kx == 0 {
-                            yo.copy_from_slice(xs);
-                            for (ch, slot) in io.iter_mut().enumerate() {
-                                *slot = (i + ch) as u32;
-                            }
-                            continue;
-                        }
-                        for (ch, ((best, at), &v)) in
-                            yo.iter_mut().zip(io.iter_mut()).zip(xs).enumerate()
-                        {
-                            if v > *best {
-                                *best = v;
-                                *at = (i + ch) as u32;
-                            }
+                let mut ch = 0;
+                while ch + L <= c {
+                    let first = window(s, oy, ox, 0) + ch;
+                    let mut best: [f32; L] = std::array::from_fn(|j| x[first + j]);
+                    let mut at: [u32; L] = std::array::from_fn(|j| (first + j) as u32);
+                    for w in 1..size * size {
+                        let i = window(s, oy, ox, w) + ch;
+                        let xs = &x[i..i + L];
+                        for j in 0..L {
+                            let more = xs[j] > best[j];
+                            best[j] = if more { xs[j] } else { best[j] };
+                            at[j] = if more { (i + j) as u32 } else { at[j] };
                         }
                     }
+                    y[o + ch..o + ch + L].copy_from_slice(&best);
+                    idx[o + ch..o + ch + L].copy_from_slice(&at);
+                    ch += L;
+                }
+                for ch in ch..c {
+                    let mut at = window(s, oy, ox, 0) + ch;
+                    for w in 1..size * size {
+                        let i = window(s, oy, ox, w) + ch;
+                        if x[i] > x[at] {
+                            at = i;
+                        }
+                    }
+                    y[o + ch] = x[at];
+                    idx[o + ch] = at as u32;
                 }
             }
         }

@@ -9,8 +9,12 @@
 
 /// Rows of C per micro-kernel call.
 const MR: usize = 6;
-/// Columns of C per micro-kernel call (two 8-wide AVX registers).
+/// Columns of C per micro-kernel call (two 8-wide AVX registers); products with at most
+/// [`NR_NARROW`] columns (a convolution with 8 filters) use that many instead, so that
+/// half of every register is not spent on zero padding.
 const NR: usize = 16;
+/// The micro-kernel's width for narrow products.
+const NR_NARROW: usize = 8;
 /// Depth of one packed panel (keeps an `NR x KC` B sliver in L1).
 const KC: usize = 256;
 /// Rows of A packed at once (an `MC x KC` block lives in L2).
@@ -109,25 +113,38 @@ pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is the only
             // requirement `gemm_avx2_fma` adds to the safe `gemm_blocked`.
             unsafe {
-                gemm_avx2_fma(a, b, c, accumulate);
+                if n <= NR_NARROW {
+                    gemm_avx2_fma::<NR_NARROW>(a, b, c, accumulate);
+                } else {
+                    gemm_avx2_fma::<NR>(a, b, c, accumulate);
+                }
             }
             return;
         }
     }
-    gemm_blocked::<false>(a, b, c, accumulate);
+    if n <= NR_NARROW {
+        gemm_blocked::<false, NR_NARROW>(a, b, c, accumulate);
+    } else {
+        gemm_blocked::<false, NR>(a, b, c, accumulate);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gemm_avx2_fma(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
-    gemm_blocked::<true>(a, b, c, accumulate);
+fn gemm_avx2_fma<const NR: usize>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
+    gemm_blocked::<true, NR>(a, b, c, accumulate);
 }
 
 /// The blocked loop nest; `FMA` selects fused multiply-add in the micro-kernel (only
 /// worth it where the target has a hardware FMA instruction). Unless `accumulate`, the
 /// first depth block stores into `c` instead of adding (no separate zeroing pass).
 #[inline(always)]
-fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
+fn gemm_blocked<const FMA: bool, const NR: usize>(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     // Packing buffers sized to this product, not to the largest block: zeroing a full
     // `NC x KC` panel (2 MiB) per call cost more than the arithmetic of a small batch.
@@ -138,7 +155,7 @@ fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ac
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            pack_b(b, pc, kc, jc, nc, &mut pb);
+            pack_b::<NR>(b, pc, kc, jc, nc, &mut pb);
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
                 pack_a(a, ic, mc, pc, kc, &mut pa);
@@ -148,7 +165,7 @@ fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ac
                     for ir in (0..mc).step_by(MR) {
                         let mr = MR.min(mc - ir);
                         let ap = &pa[ir * kc..(ir + MR) * kc];
-                        let acc = micro::<FMA>(ap, bp, kc);
+                        let acc = micro::<FMA, NR>(ap, bp, kc);
                         let store = pc == 0 && !accumulate;
                         for (i, row) in acc.iter().enumerate().take(mr) {
                             let off = (ic + ir + i) * n + jc + jr;
@@ -170,7 +187,7 @@ fn gemm_blocked<const FMA: bool>(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ac
 
 /// The `MR x NR` register block over one packed panel pair.
 #[inline(always)]
-fn micro<const FMA: bool>(ap: &[f32], bp: &[f32], kc: usize) -> [[f32; NR]; MR] {
+fn micro<const FMA: bool, const NR: usize>(ap: &[f32], bp: &[f32], kc: usize) -> [[f32; NR]; MR] {
     let mut acc = [[0.0f32; NR]; MR];
     for (a, b) in ap.chunks_exact(MR).zip(bp.chunks_exact(NR)).take(kc) {
         let b: &[f32; NR] = b.try_into().expect("chunk of NR");
@@ -212,6 +229,15 @@ fn pack_a(a: MatRef<'_>, ic: usize, mc: usize, pc: usize, kc: usize, out: &mut [
             }
             continue;
         }
+        if a.rs == 1 && rows == MR {
+            // A transposed (columns contiguous): the sliver's `MR` values at each depth
+            // are consecutive in memory.
+            for p in 0..kc {
+                let start = (pc + p) * a.cs + ic + ir;
+                sliver[p * MR..(p + 1) * MR].copy_from_slice(&a.data[start..start + MR]);
+            }
+            continue;
+        }
         for p in 0..kc {
             for i in 0..MR {
                 sliver[p * MR + i] = if i < rows {
@@ -227,7 +253,14 @@ fn pack_a(a: MatRef<'_>, ic: usize, mc: usize, pc: usize, kc: usize, out: &mut [
 /// Packs depth `pc..pc+kc`, columns `jc..jc+nc` of B as `NR`-column slivers, depth-major,
 /// zero padded to a multiple of `NR` columns.
 #[inline(always)]
-fn pack_b(b: MatRef<'_>, pc: usize, kc: usize, jc: usize, nc: usize, out: &mut [f32]) {
+fn pack_b<const NR: usize>(
+    b: MatRef<'_>,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+    out: &mut [f32],
+) {
     for (s, jr) in (0..nc).step_by(NR).enumerate() {
         let sliver = &mut out[s * NR * kc..(s + 1) * NR * kc];
         let cols = NR.min(nc - jr);
@@ -292,6 +325,10 @@ mod tests {
             (97, 257, 18),
             (6, 16, 16),
             (200, 40, 3),
+            // The narrow kernel (at most 8 columns) across MC and KC blocks.
+            (130, 9, 8),
+            (13, 300, 8),
+            (97, 257, 5),
         ] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a_data = random(m * k, 1);
