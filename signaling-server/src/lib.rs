@@ -298,17 +298,21 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
 /// time, for the change since its last download (`observe_bytes`), with whole weights
 /// when it draws one anew (every
 /// [`OBSERVE_REDRAW`](shoal_shared::learn::peer::OBSERVE_REDRAW) downloads): a trainer
-/// every observer asks sends `observer_bytes_per_hour`.
+/// every observer asks sends `observer_bytes_per_hour` (whole weights every time to
+/// observers beyond the [`MAX_OBSERVED`](shoal_shared::learn::peer::MAX_OBSERVED) it
+/// keeps the weights of).
 fn with_observers(
     mut cost: serde_json::Value,
     (_trainers, observers): (usize, usize),
 ) -> serde_json::Value {
-    use shoal_shared::learn::peer::{OBSERVE_EVERY_MS, OBSERVE_REDRAW};
+    use shoal_shared::learn::peer::{MAX_OBSERVED, OBSERVE_EVERY_MS, OBSERVE_REDRAW};
     let change = cost["observe_bytes"].as_f64().unwrap_or(0.0);
     let whole = cost["observe_whole_bytes"].as_f64().unwrap_or(0.0);
     let answers = 3_600_000.0 / OBSERVE_EVERY_MS;
-    let per_hour =
-        observers as f64 * (answers * change + answers / OBSERVE_REDRAW as f64 * (whole - change));
+    let kept = observers.min(MAX_OBSERVED) as f64;
+    let beyond = observers.saturating_sub(MAX_OBSERVED) as f64;
+    let per_hour = kept * (answers * change + answers / OBSERVE_REDRAW as f64 * (whole - change))
+        + beyond * answers * whole;
     cost["observers"] = serde_json::json!(observers);
     cost["observer_bytes_per_hour"] = serde_json::json!(per_hour.round());
     cost

@@ -1249,9 +1249,10 @@ impl Learner {
     /// The answer to an observer: our weights (no momentum: an observer never trains),
     /// whole in fp32 when it holds none of ours (`base` is `None`), else as their change
     /// from `base` — the weights it holds from us — in block-wise int8. Returns the message
-    /// and the weights the observer holds once it has applied it: what the next answer
-    /// to it is a change from (so what int8 left out this time goes out the next).
-    pub fn observed(&self, base: Option<&[f32]>) -> (Vec<u8>, Vec<f32>) {
+    /// and the weights the observer holds once it has applied it, with their hash: what
+    /// the next answer to it is a change from (so what int8 left out this time goes out
+    /// the next).
+    pub fn observed(&self, base: Option<&[f32]>) -> (Vec<u8>, Vec<f32>, [u8; 32]) {
         let (base_hash, payload, result) = match base.filter(|b| b.len() == self.weights.len()) {
             None => {
                 let (payload, _) = Compressor::new(Compression::None, 0).encode(&self.weights);
@@ -1265,13 +1266,14 @@ impl Learner {
                 (weights_hash(b), payload, result)
             }
         };
+        let hash = weights_hash(&result);
         let msg = PeerMessage::Observed(Observed {
             round: self.round,
             base: base_hash,
             payload,
-            result: weights_hash(&result),
+            result: hash,
         });
-        (msg.encode(), result)
+        (msg.encode(), result, hash)
     }
 
     /// Rebuilds the weights of an [`Observed`] answer from `base`, the weights we hold

@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 
-use super::wire::{Observed, PeerMessage, Snapshot, weights_hash};
+use super::wire::{Observed, PeerMessage, Snapshot};
 use super::{
     Identity, LearnConfig, LearnError, Learner, PublicKey, Received, Rejection, RoundSummary,
 };
@@ -71,13 +71,18 @@ pub const OBSERVE_ASK: usize = 2;
 /// [`ANSWER_INTERVAL_MS`].
 pub const OBSERVE_EVERY_MS: f64 = 10_000.0;
 /// Every this many downloads an observer draws one of the neighbours it asks at random
-/// instead of one it holds weights from (and after a download that adopted nothing
-/// although an answer was newer than its model, both): two neighbours that agree on a
-/// model of their own cannot keep an observer for longer than that.
+/// among those it holds no weights from, instead of one it does (and both after a
+/// download in which an asked neighbour stayed silent, or that adopted nothing although
+/// an answer was newer than its model). The price of asking the same two: two colluders
+/// drawn together, agreeing on a model of their own, are what an observer shows until
+/// then (it only shows and exports; it never trains on it).
 pub const OBSERVE_REDRAW: u64 = 30;
 /// Observers a peer keeps the weights of (what it last sent each, so that the next
 /// answer is a change from them); a further observer gets whole weights each time.
 pub const MAX_OBSERVED: usize = 4;
+/// An observer that has not asked for this long no longer holds a place among the
+/// [`MAX_OBSERVED`] (three of Shoal's dashboard's intervals).
+pub const OBSERVED_IDLE_MS: f64 = 3.0 * OBSERVE_EVERY_MS;
 /// Pause after a model download that found nothing to adopt.
 pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
@@ -746,6 +751,8 @@ impl Peer {
         n.shunned = true;
         n.idle = true;
         n.claim = None;
+        n.gave = None;
+        n.held = None;
         // Never to be greeted: no greeting is due to it (nor a wake-up for one).
         n.greeted = true;
         let key = n.key;
@@ -840,14 +847,22 @@ impl Peer {
             .and_then(|n| n.gave.as_ref())
             .filter(|(_, h)| Some(*h) == base)
             .map(|(w, _)| w.as_slice());
-        let keep = gave.is_some()
-            || self.nbrs.values().filter(|n| n.gave.is_some()).count() < MAX_OBSERVED;
-        let (msg, result) = self.learner.observed(gave);
+        let (msg, result, hash) = self.learner.observed(gave);
+        // At most `MAX_OBSERVED` observers' weights kept: one that has not asked for
+        // `OBSERVED_IDLE_MS` (it asks others now) gives its place up to a new one; while
+        // all of them still ask, a further observer gets whole weights each time.
+        for n in self.nbrs.values_mut() {
+            if n.answered_at.is_none_or(|t| now_ms - t >= OBSERVED_IDLE_MS) {
+                n.gave = None;
+            }
+        }
+        let kept = self
+            .nbrs
+            .iter()
+            .filter(|(p, n)| **p != from && n.gave.is_some())
+            .count();
         if let Some(n) = self.nbrs.get_mut(&from) {
-            n.gave = keep.then(|| {
-                let h = weights_hash(&result);
-                (result, h)
-            });
+            n.gave = (kept < MAX_OBSERVED).then_some((result, hash));
         }
         self.send(from, msg);
     }
@@ -872,7 +887,12 @@ impl Peer {
     /// Weights an observer asked for: rebuilt from the ones we hold from `from`, then
     /// judged as a model answer. An answer that cannot be used counts as no answer.
     fn observed_answer(&mut self, from: PeerId, o: &Observed, now_ms: f64) {
-        if !self.is_asked(from) {
+        // Only an observer's download asks with `observe`.
+        let observing = self
+            .fetch
+            .as_ref()
+            .is_some_and(|f| f.purpose == Purpose::Observe);
+        if !observing || !self.is_asked(from) {
             self.unasked(from, now_ms);
             return;
         }
@@ -980,7 +1000,10 @@ impl Peer {
                 .saturating_sub(fresh)
                 .min(from.iter().filter(|p| held(p)).count());
             let mut rest = from.split_off(keep);
+            // Those drawn anew are neighbours it holds no weights from, where there are
+            // enough (the one set aside must not simply be drawn again).
             self.rng.shuffle(&mut rest);
+            rest.sort_by_key(|p| held(p));
             from.extend(rest);
             from.truncate(OBSERVE_ASK);
             self.observed += 1;
