@@ -271,10 +271,11 @@ fn print_rows(sc: &Scenario, report: &sim::Report) {
 /// `cargo xtask bench communication`: bytes each peer sends until the swarm reaches the
 /// target accuracy (the `iid-8` scenario), Shoal's DiLoCo rounds with int8 and with
 /// top-k 1% updates against exchanging full fp32 weights after every step, as DISCO
-/// does (the same swarm with one local step per round and plain averaging).
+/// does (the same swarm with one local step per round and plain averaging); and the same
+/// swarm in rounds sized in time with the demo task's exchange (int8 weights, 1 s).
 pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
     use serde_json::json;
-    use shoal_shared::learn::{Aggregation, Compression};
+    use shoal_shared::learn::{Aggregation, Compression, Exchange};
 
     let text = std::fs::read_to_string(root.join("scenarios/iid-8.toml"))?;
     let mut base = Scenario::from_toml(&text).map_err(anyhow::Error::msg)?;
@@ -297,6 +298,12 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
     let mut topk = base.clone();
     topk.name = "shoal-diloco-topk1%".into();
     topk.learn.compression = Compression::TopK { fraction: 0.01 };
+    let mut timed = base.clone();
+    timed.name = "shoal-time-int8-weights".into();
+    timed.learn.compression = Compression::Int8 { block: 256 };
+    timed.learn.exchange = Exchange::Weights;
+    timed.learn.round_ms = 1_000;
+    timed.rounds = 30;
 
     let mut out = serde_json::Map::new();
     let mut bytes = Vec::new();
@@ -304,7 +311,7 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
         "{:<24} {:>12} {:>16} {:>10}",
         "", "samples", "bytes/peer", "accuracy"
     );
-    for sc in [&disco, &int8, &topk] {
+    for sc in [&disco, &int8, &topk, &timed] {
         let r = sim::run(sc, &train, &test).map_err(anyhow::Error::msg)?;
         let b = r.bytes_to_target;
         println!(
@@ -325,7 +332,7 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
             }),
         );
     }
-    let best = bytes[1..]
+    let best = bytes[1..3]
         .iter()
         .flatten()
         .copied()
@@ -339,5 +346,12 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
             "DISCO-style exchange sends {d:.0} bytes per peer to the target; Shoal's best {best:.0}"
         );
     }
-    Ok(json!({ "ratios": { "bytes-to-target-best": ratio }, "runs": out }))
+    let timed_ratio = match (bytes[0], bytes[3]) {
+        (Some(d), Some(t)) => json!(d / t),
+        _ => serde_json::Value::Null,
+    };
+    Ok(json!({
+        "ratios": { "bytes-to-target-best": ratio, "bytes-to-target-time": timed_ratio },
+        "runs": out,
+    }))
 }
