@@ -270,9 +270,11 @@ fn print_rows(sc: &Scenario, report: &sim::Report) {
 
 /// `cargo xtask bench communication`: bytes each peer sends until the swarm reaches the
 /// target accuracy (the `iid-8` scenario), Shoal's DiLoCo rounds with int8 and with
-/// top-k 1% updates against exchanging full fp32 weights after every step, as DISCO
-/// does (the same swarm with one local step per round and plain averaging); and the same
-/// swarm in rounds sized in time with the demo task's exchange (int8 weights, 1 s).
+/// top-k 1% updates (int8 values; 2-bit values, as SparseLoCo sends them, at 1% and at
+/// 2%: about the bytes of top-k 1% with int8) against exchanging full fp32 weights after
+/// every step, as DISCO does (the same swarm with one local step per round and plain
+/// averaging); and the same swarm in rounds sized in time with the demo task's exchange
+/// (int8 weights, 1 s).
 pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
     use serde_json::json;
     use shoal_shared::learn::{Aggregation, Compression, Exchange};
@@ -298,6 +300,16 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
     let mut topk = base.clone();
     topk.name = "shoal-diloco-topk1%".into();
     topk.learn.compression = Compression::TopK { fraction: 0.01 };
+    let two_bit = |fraction: f32, name: &str| {
+        let mut sc = base.clone();
+        sc.name = name.into();
+        sc.learn.compression = Compression::TopK2Bit { fraction };
+        sc
+    };
+    let (sparse1, sparse2) = (
+        two_bit(0.01, "shoal-diloco-topk1%-2bit"),
+        two_bit(0.02, "shoal-diloco-topk2%-2bit"),
+    );
     let mut timed = base.clone();
     timed.name = "shoal-time-int8-weights".into();
     timed.learn.compression = Compression::Int8 { block: 256 };
@@ -311,7 +323,7 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
         "{:<24} {:>12} {:>16} {:>10}",
         "", "samples", "bytes/peer", "accuracy"
     );
-    for sc in [&disco, &int8, &topk, &timed] {
+    for sc in [&disco, &int8, &topk, &sparse1, &sparse2, &timed] {
         let r = sim::run(sc, &train, &test).map_err(anyhow::Error::msg)?;
         let b = r.bytes_to_target;
         println!(
@@ -332,7 +344,7 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
             }),
         );
     }
-    let best = bytes[1..3]
+    let best = bytes[1..5]
         .iter()
         .flatten()
         .copied()
@@ -346,12 +358,26 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
             "DISCO-style exchange sends {d:.0} bytes per peer to the target; Shoal's best {best:.0}"
         );
     }
-    let timed_ratio = match (bytes[0], bytes[3]) {
+    let timed_ratio = match (bytes[0], bytes[5]) {
         (Some(d), Some(t)) => json!(d / t),
         _ => serde_json::Value::Null,
     };
+    // Top-k with int8 values against the better of the 2-bit forms, to the same target.
+    let two_bit_best = bytes[3..5]
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    let two_bit_ratio = match bytes[2] {
+        Some(t) if two_bit_best.is_finite() => json!(t / two_bit_best),
+        _ => serde_json::Value::Null,
+    };
     Ok(json!({
-        "ratios": { "bytes-to-target-best": ratio, "bytes-to-target-time": timed_ratio },
+        "ratios": {
+            "bytes-to-target-best": ratio,
+            "bytes-to-target-time": timed_ratio,
+            "topk-2bit-vs-int8": two_bit_ratio,
+        },
         "runs": out,
     }))
 }

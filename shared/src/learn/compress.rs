@@ -1,6 +1,7 @@
-//! Compression of pseudo-gradients for the wire: none (fp32), block-wise int8, and top-k
-//! with int8 values. Lossy codecs keep an error-feedback residual, so what one round
-//! leaves out is added back the next round instead of being lost.
+//! Compression of pseudo-gradients for the wire: none (fp32), block-wise int8, top-k
+//! with int8 values, and top-k with 2-bit values (as SparseLoCo sends). Lossy codecs keep
+//! an error-feedback residual, so what one round leaves out is added back the next round
+//! instead of being lost.
 //!
 //! Payload layout (little-endian), validated field by field by [`decode`]:
 //! - tag `0` fp32: `u32 n`, then `n` f32.
@@ -8,6 +9,11 @@
 //! - tag `2` top-k: `u32 n`, `u32 k`, `u32 block`, `ceil(k / block)` f32 scales, `k` i8
 //!   values, then `k` indices as LEB128 gaps (the first from 0, each later one from the
 //!   previous index plus one), strictly increasing and below `n`.
+//! - tag `3` top-k 2-bit: `u32 n`, `u32 k`, `u32 block`, `ceil(k / block)` f32 scales,
+//!   `ceil(k / 4)` bytes of 2-bit codes (four per byte, the first in the lowest bits;
+//!   unused bits 0), then the `k` indices as for tag 2. Code `q` is the value
+//!   `(q - 1.5) x scale`: the levels -1.5, -0.5, 0.5 and 1.5 scales, the scale being the
+//!   block's largest magnitude / 1.5.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -32,6 +38,13 @@ pub enum Compression {
         /// Share of coordinates sent, in `(0, 1]`.
         fraction: f32,
     },
+    /// Chosen as [`TopK`](Self::TopK) does, their values in 2 bits (four levels per
+    /// block scale): a quarter of the bytes per value, the error fed back.
+    #[serde(rename = "top_k_2bit")]
+    TopK2Bit {
+        /// Share of coordinates sent, in `(0, 1]`.
+        fraction: f32,
+    },
 }
 
 /// Smallest and largest int8 block a payload may declare.
@@ -44,17 +57,20 @@ impl Compression {
             Self::None => 0,
             Self::Int8 { .. } => 1,
             Self::TopK { .. } => 2,
+            Self::TopK2Bit { .. } => 3,
         }
     }
 
     /// About how many bytes one update of `params` parameters takes (for telling
-    /// contributors what a round costs; top-k counts about 2.5 bytes per kept value).
+    /// contributors what a round costs; top-k counts about 2.5 bytes per kept value, its
+    /// 2-bit form about 1.5).
     pub fn approx_bytes(&self, params: usize) -> usize {
         let p = params as f64;
         let b = match *self {
             Self::None => 4.0 * p,
             Self::Int8 { block } => p * (1.0 + 4.0 / block.max(1) as f64),
             Self::TopK { fraction } => p * f64::from(fraction) * 2.5,
+            Self::TopK2Bit { fraction } => p * f64::from(fraction) * 1.5,
         };
         b.ceil() as usize + 16
     }
@@ -69,8 +85,14 @@ impl Compression {
                 BLOCK_RANGE.start(),
                 BLOCK_RANGE.end()
             )),
-            Self::TopK { fraction } if fraction > 0.0 && fraction <= 1.0 => Ok(()),
-            Self::TopK { fraction } => Err(format!("top-k fraction {fraction} outside (0, 1]")),
+            Self::TopK { fraction } | Self::TopK2Bit { fraction }
+                if fraction > 0.0 && fraction <= 1.0 =>
+            {
+                Ok(())
+            }
+            Self::TopK { fraction } | Self::TopK2Bit { fraction } => {
+                Err(format!("top-k fraction {fraction} outside (0, 1]"))
+            }
         }
     }
 }
@@ -134,7 +156,8 @@ impl Compressor {
         let bytes = match self.kind {
             Compression::None => encode_fp32(&input),
             Compression::Int8 { block } => encode_int8(&input, block),
-            Compression::TopK { fraction } => encode_topk(&input, fraction),
+            Compression::TopK { fraction } => encode_topk(&input, fraction, false),
+            Compression::TopK2Bit { fraction } => encode_topk(&input, fraction, true),
         };
         // Only a non-finite input fails to decode; it then counts as sending nothing.
         let decoded = decode(&bytes, input.len()).unwrap_or_else(|_| vec![0.0; input.len()]);
@@ -194,7 +217,33 @@ const TOPK_BLOCK: usize = 256;
 /// Top-k selects within chunks of this many coordinates.
 const TOPK_CHUNK: usize = 1024;
 
-fn encode_topk(x: &[f32], fraction: f32) -> Vec<u8> {
+/// Appends block scales (largest magnitude / 1.5), then the 2-bit codes of `x`, four per
+/// byte.
+fn put_2bit(out: &mut Vec<u8>, x: &[f32], block: usize) {
+    let scales: Vec<f32> = x
+        .chunks(block)
+        .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 1.5)
+        .collect();
+    for s in &scales {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    let codes: Vec<u8> = x
+        .chunks(block)
+        .zip(&scales)
+        .flat_map(|(b, &s)| {
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            b.iter()
+                .map(move |v| (v * inv + 1.5).round().clamp(0.0, 3.0) as u8)
+        })
+        .collect();
+    out.extend(
+        codes
+            .chunks(4)
+            .map(|c| c.iter().rev().fold(0u8, |byte, &q| byte << 2 | q)),
+    );
+}
+
+fn encode_topk(x: &[f32], fraction: f32, two_bit: bool) -> Vec<u8> {
     let n = x.len();
     let k = ((n as f64 * f64::from(fraction)).ceil() as usize).clamp(1.min(n), n);
     // The largest values of each chunk of the vector, `k` spread over the chunks in
@@ -219,11 +268,15 @@ fn encode_topk(x: &[f32], fraction: f32) -> Vec<u8> {
     }
     let values: Vec<f32> = idx.iter().map(|&i| x[i as usize]).collect();
     let mut out = Vec::with_capacity(13 + 3 * k);
-    out.push(2);
+    out.push(if two_bit { 3 } else { 2 });
     put_u32(&mut out, n);
     put_u32(&mut out, k);
     put_u32(&mut out, TOPK_BLOCK);
-    put_int8(&mut out, &values, TOPK_BLOCK);
+    if two_bit {
+        put_2bit(&mut out, &values, TOPK_BLOCK);
+    } else {
+        put_int8(&mut out, &values, TOPK_BLOCK);
+    }
     let mut next = 0u32;
     for &i in &idx {
         let mut gap = i - next;
@@ -255,14 +308,36 @@ fn block(r: &mut Reader<'_>) -> Result<usize, CodecError> {
 
 /// `count` int8 values with their block scales.
 fn int8(r: &mut Reader<'_>, count: usize, block: usize) -> Result<Vec<f32>, CodecError> {
-    let scales = r.f32s(count.div_ceil(block))?;
-    if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
-        return Err(CodecError::NonFinite);
-    }
+    let scales = scales(r, count, block)?;
     let q = r.take(count)?;
     Ok(q.chunks(block)
         .zip(&scales)
         .flat_map(|(b, &s)| b.iter().map(move |&v| f32::from(v as i8) * s))
+        .collect())
+}
+
+/// Block scales for `count` values, each finite and not negative.
+fn scales(r: &mut Reader<'_>, count: usize, block: usize) -> Result<Vec<f32>, CodecError> {
+    let scales = r.f32s(count.div_ceil(block))?;
+    if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
+        return Err(CodecError::NonFinite);
+    }
+    Ok(scales)
+}
+
+/// `count` 2-bit values with their block scales; the unused bits of the last byte must
+/// be 0.
+fn two_bit(r: &mut Reader<'_>, count: usize, block: usize) -> Result<Vec<f32>, CodecError> {
+    let scales = scales(r, count, block)?;
+    let packed = r.take(count.div_ceil(4))?;
+    if !count.is_multiple_of(4) && packed.last().is_some_and(|b| b >> (2 * (count % 4)) != 0) {
+        return Err(CodecError::Malformed("holding bits past its last value"));
+    }
+    Ok((0..count)
+        .map(|i| {
+            let q = (packed[i / 4] >> (2 * (i % 4))) & 3;
+            (f32::from(q) - 1.5) * scales[i / block]
+        })
         .collect())
 }
 
@@ -271,7 +346,7 @@ fn int8(r: &mut Reader<'_>, count: usize, block: usize) -> Result<Vec<f32>, Code
 pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
     let mut r = Reader::new(bytes, CodecError::Malformed("truncated"));
     let tag = r.take(1)?[0];
-    if tag > 2 {
+    if tag > 3 {
         return Err(CodecError::UnknownCodec(tag));
     }
     let n = r.u32()? as usize;
@@ -296,7 +371,11 @@ pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
                 return Err(CodecError::Malformed("selecting more values than exist"));
             }
             let block = block(&mut r)?;
-            let values = int8(&mut r, k, block)?;
+            let values = if tag == 3 {
+                two_bit(&mut r, k, block)?
+            } else {
+                int8(&mut r, k, block)?
+            };
             let mut out = vec![0.0; n];
             let mut next: u64 = 0;
             for v in values {
@@ -405,6 +484,7 @@ mod tests {
             Compression::None,
             Compression::Int8 { block: 64 },
             Compression::TopK { fraction: 0.1 },
+            Compression::TopK2Bit { fraction: 0.1 },
         ] {
             let (bytes, _) = Compressor::new(kind, x.len()).encode(&x);
             for cut in [0, 1, 5, bytes.len() / 2, bytes.len() - 1] {
@@ -441,6 +521,58 @@ mod tests {
         let mut zero_block = vec![1, 4, 0, 0, 0];
         zero_block.extend_from_slice(&0u32.to_le_bytes());
         assert!(decode(&zero_block, 4).is_err());
+        // 2-bit codes: bits set past the last value (three values, one byte).
+        let (mut bytes, _) =
+            Compressor::new(Compression::TopK2Bit { fraction: 1.0 }, 3).encode(&[1.0, 2.0, 3.0]);
+        assert!(decode(&bytes, 3).is_ok());
+        let codes = 13 + 4;
+        bytes[codes] |= 0b1100_0000;
+        assert_eq!(
+            decode(&bytes, 3),
+            Err(CodecError::Malformed("holding bits past its last value"))
+        );
+    }
+
+    #[test]
+    fn two_bit_top_k_sends_signs_and_scale_and_feeds_the_rest_back() {
+        let mut x = noise(10_000, 5);
+        x[17] = 5.0;
+        x[9_999] = -4.0;
+        let mut c = Compressor::new(Compression::TopK2Bit { fraction: 0.01 }, x.len());
+        let (bytes, dec) = c.encode(&x);
+        let (int8, _) = Compressor::new(Compression::TopK { fraction: 0.01 }, x.len()).encode(&x);
+        // 100 values: a quarter byte each instead of one.
+        assert_eq!(
+            int8.len() - bytes.len(),
+            100 - 25,
+            "{} vs {}",
+            bytes.len(),
+            int8.len()
+        );
+        assert_eq!(dec.iter().filter(|v| **v != 0.0).count(), 100);
+        // The largest of its block is exact (the levels are +-1.5 and +-0.5 of a third
+        // of it); the others keep their sign.
+        assert!((dec[17] - 5.0).abs() < 1e-5, "{}", dec[17]);
+        assert!(dec[9_999] < 0.0, "{}", dec[9_999]);
+        for (a, b) in x.iter().zip(&dec) {
+            assert!(*b == 0.0 || a.signum() == b.signum(), "{a} sent as {b}");
+        }
+        assert_eq!(decode(&bytes, x.len()).as_deref(), Ok(&dec[..]));
+        // Error feedback: what 2 bits leave out goes out later.
+        let zeros = vec![0.0; x.len()];
+        let mut sent = dec.clone();
+        for _ in 0..400 {
+            let (_, d) = c.encode(&zeros);
+            for (s, v) in sent.iter_mut().zip(&d) {
+                *s += v;
+            }
+        }
+        let err: f32 = sent
+            .iter()
+            .zip(&x)
+            .map(|(s, v)| (s - v).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 0.01, "largest difference after feedback {err}");
     }
 
     #[test]
@@ -449,5 +581,7 @@ mod tests {
         assert!(Compression::TopK { fraction: 0.0 }.validate().is_err());
         assert!(Compression::TopK { fraction: f32::NAN }.validate().is_err());
         assert!(Compression::TopK { fraction: 0.01 }.validate().is_ok());
+        assert!(Compression::TopK2Bit { fraction: 1.5 }.validate().is_err());
+        assert!(Compression::TopK2Bit { fraction: 0.01 }.validate().is_ok());
     }
 }

@@ -184,7 +184,10 @@ impl LearnConfig {
         )?;
         check(
             !(self.exchange == Exchange::Weights
-                && matches!(self.compression, Compression::TopK { .. })),
+                && matches!(
+                    self.compression,
+                    Compression::TopK { .. } | Compression::TopK2Bit { .. }
+                )),
             "exchange",
             "weights cannot be sent top-k compressed".into(),
         )?;
