@@ -684,6 +684,11 @@ pub(crate) fn im2col<const KC: usize>(
 ) {
     let [ih, iw, ic] = input;
     let [oh, ow, _] = output;
+    debug_assert!(
+        KC == 0 || KC == k * ic,
+        "a kernel row is k x channels values"
+    );
+    debug_assert!(pad < k, "the model's checks keep padding below the kernel");
     let kc = if KC > 0 { KC } else { k * ic };
     let kkc = k * kc;
     for s in 0..n {
@@ -874,5 +879,112 @@ impl CpuBackend {
             text.push(next as u8);
         }
         Ok(text.split_off(start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The patch matrix by its definition, one value at a time.
+    fn patches(
+        x: &[f32],
+        n: usize,
+        input: [usize; 3],
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Vec<f32> {
+        let [ih, iw, ic] = input;
+        let (oh, ow) = (
+            (ih + 2 * pad - k) / stride + 1,
+            (iw + 2 * pad - k) / stride + 1,
+        );
+        let mut out = Vec::new();
+        for s in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            for c in 0..ic {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                let inside =
+                                    iy >= 0 && ix >= 0 && (iy as usize) < ih && (ix as usize) < iw;
+                                out.push(if inside {
+                                    x[((s * ih + iy as usize) * iw + ix as usize) * ic + c]
+                                } else {
+                                    0.0
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn im2col_matches_its_definition_for_every_kernel_row_length() {
+        // Kernel rows of 3 and 24 values take the constant-length copies (3x3 on one
+        // channel, 3x3 on 8, and other shapes that make the same lengths); the rest the
+        // general path. Strides 1 to 3, every padding below the kernel, kernels larger
+        // than the image.
+        let mut checked = 0;
+        for (k, ic) in [
+            (3, 1),
+            (3, 8),
+            (1, 3),
+            (2, 12),
+            (1, 24),
+            (5, 1),
+            (4, 2),
+            (3, 3),
+        ] {
+            for stride in 1..=3 {
+                for pad in 0..k {
+                    for (ih, iw) in [(5, 6), (2, 3), (7, 7)] {
+                        if ih + 2 * pad < k || iw + 2 * pad < k {
+                            continue;
+                        }
+                        let oh = (ih + 2 * pad - k) / stride + 1;
+                        let ow = (iw + 2 * pad - k) / stride + 1;
+                        let n = 2;
+                        let x: Vec<f32> = (0..n * ih * iw * ic).map(|i| i as f32 + 1.0).collect();
+                        let want = patches(&x, n, [ih, iw, ic], k, stride, pad);
+                        let mut got = vec![f32::NAN; want.len()];
+                        let args = (&x[..], n, [ih, iw, ic], [oh, ow, 1], k, stride, pad);
+                        let gather = match k * ic {
+                            3 => im2col::<3>,
+                            24 => im2col::<24>,
+                            _ => im2col::<0>,
+                        };
+                        gather(
+                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &mut got,
+                        );
+                        assert_eq!(
+                            got, want,
+                            "k {k}, ic {ic}, stride {stride}, pad {pad}, {ih}x{iw}"
+                        );
+                        // The general path agrees on the same shapes.
+                        let mut general = vec![f32::NAN; want.len()];
+                        im2col::<0>(
+                            args.0,
+                            args.1,
+                            args.2,
+                            args.3,
+                            args.4,
+                            args.5,
+                            args.6,
+                            &mut general,
+                        );
+                        assert_eq!(general, want);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 100, "{checked} shapes");
     }
 }

@@ -159,7 +159,8 @@ impl Compressor {
             Compression::TopK { fraction } => encode_topk(&input, fraction, false),
             Compression::TopK2Bit { fraction } => encode_topk(&input, fraction, true),
         };
-        // Only a non-finite input fails to decode; it then counts as sending nothing.
+        // A non-finite input can fail to decode (its scales or values are not finite);
+        // it then counts as sending nothing. Callers check their input first.
         let decoded = decode(&bytes, input.len()).unwrap_or_else(|_| vec![0.0; input.len()]);
         if self.residual.len() == input.len() {
             for ((r, x), d) in self.residual.iter_mut().zip(&input).zip(&decoded) {
@@ -227,13 +228,18 @@ fn put_2bit(out: &mut Vec<u8>, x: &[f32], block: usize) {
     for s in &scales {
         out.extend_from_slice(&s.to_le_bytes());
     }
+    // The nearest level, chosen by comparison so that a value keeps its sign however
+    // small it is next to the scale (rounding `v / s + 1.5` would not).
     let codes: Vec<u8> = x
         .chunks(block)
         .zip(&scales)
         .flat_map(|(b, &s)| {
-            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-            b.iter()
-                .map(move |v| (v * inv + 1.5).round().clamp(0.0, 3.0) as u8)
+            b.iter().map(move |&v| match v {
+                v if v <= -s && s > 0.0 => 0,
+                v if v < 0.0 => 1,
+                v if v >= s && s > 0.0 => 3,
+                _ => 2,
+            })
         })
         .collect();
     out.extend(
@@ -403,6 +409,11 @@ pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
     if !r.is_empty() {
         return Err(CodecError::Malformed("longer than its header says"));
     }
+    // Finite scales can still make an infinite value (a level times a scale near the
+    // largest float, or an int8 -128 no encoder writes).
+    if out.iter().any(|x| !x.is_finite()) {
+        return Err(CodecError::NonFinite);
+    }
     Ok(out)
 }
 
@@ -531,6 +542,17 @@ mod tests {
             decode(&bytes, 3),
             Err(CodecError::Malformed("holding bits past its last value"))
         );
+        // Finite scales that make infinite values: the largest float times 1.5 (2-bit),
+        // times -128 (int8).
+        let (mut bytes, _) =
+            Compressor::new(Compression::TopK2Bit { fraction: 1.0 }, 3).encode(&[1.0, 2.0, 3.0]);
+        bytes[13..17].copy_from_slice(&f32::MAX.to_le_bytes());
+        assert_eq!(decode(&bytes, 3), Err(CodecError::NonFinite));
+        let (mut bytes, _) = Compressor::new(Compression::Int8 { block: 64 }, 600).encode(&x);
+        bytes[9..13].copy_from_slice(&f32::MAX.to_le_bytes());
+        let values = 9 + 4 * 600_usize.div_ceil(64);
+        bytes[values] = 0x80;
+        assert_eq!(decode(&bytes, 600), Err(CodecError::NonFinite));
     }
 
     #[test]
@@ -557,6 +579,10 @@ mod tests {
         for (a, b) in x.iter().zip(&dec) {
             assert!(*b == 0.0 || a.signum() == b.signum(), "{a} sent as {b}");
         }
+        // However small next to its block's largest.
+        let (_, tiny) =
+            Compressor::new(Compression::TopK2Bit { fraction: 1.0 }, 2).encode(&[1.0, -1e-9]);
+        assert!(tiny[1] < 0.0, "{tiny:?}");
         assert_eq!(decode(&bytes, x.len()).as_deref(), Ok(&dec[..]));
         // Error feedback: what 2 bits leave out goes out later.
         let zeros = vec![0.0; x.len()];

@@ -341,13 +341,18 @@ fn a_neighbour_far_ahead_holds_at_most_two_updates_in_the_inbox() {
 
 #[test]
 fn weights_cannot_be_sent_top_k() {
-    let c = LearnConfig {
-        exchange: Exchange::Weights,
-        compression: Compression::TopK { fraction: 0.01 },
-        ..cfg()
-    };
-    let err = c.validate().expect_err("top-k weights");
-    assert!(err.starts_with("exchange"), "{err}");
+    for compression in [
+        Compression::TopK { fraction: 0.01 },
+        Compression::TopK2Bit { fraction: 0.01 },
+    ] {
+        let c = LearnConfig {
+            exchange: Exchange::Weights,
+            compression,
+            ..cfg()
+        };
+        let err = c.validate().expect_err("top-k weights");
+        assert!(err.starts_with("exchange"), "{err}");
+    }
 }
 
 #[test]
