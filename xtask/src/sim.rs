@@ -344,39 +344,28 @@ pub(crate) fn communication(root: &Path) -> Result<serde_json::Value> {
             }),
         );
     }
-    let best = bytes[1..5]
-        .iter()
-        .flatten()
-        .copied()
-        .fold(f64::INFINITY, f64::min);
-    let ratio = match bytes[0] {
-        Some(d) if best.is_finite() => json!(d / best),
-        _ => serde_json::Value::Null,
+    // The fewest bytes of `runs` that reached the target, and `reference`'s over those.
+    let fewest =
+        |runs: &[Option<f64>]| runs.iter().flatten().copied().fold(f64::INFINITY, f64::min);
+    let ratio_to_best = |reference: Option<f64>, runs: &[Option<f64>]| {
+        let best = fewest(runs);
+        match reference {
+            Some(r) if best.is_finite() => json!(r / best),
+            _ => serde_json::Value::Null,
+        }
     };
     if let Some(d) = bytes[0] {
+        let best = fewest(&bytes[1..5]);
         println!(
             "DISCO-style exchange sends {d:.0} bytes per peer to the target; Shoal's best {best:.0}"
         );
     }
-    let timed_ratio = match (bytes[0], bytes[5]) {
-        (Some(d), Some(t)) => json!(d / t),
-        _ => serde_json::Value::Null,
-    };
-    // Top-k with int8 values against the better of the 2-bit forms, to the same target.
-    let two_bit_best = bytes[3..5]
-        .iter()
-        .flatten()
-        .copied()
-        .fold(f64::INFINITY, f64::min);
-    let two_bit_ratio = match bytes[2] {
-        Some(t) if two_bit_best.is_finite() => json!(t / two_bit_best),
-        _ => serde_json::Value::Null,
-    };
     Ok(json!({
         "ratios": {
-            "bytes-to-target-best": ratio,
-            "bytes-to-target-time": timed_ratio,
-            "topk-2bit-vs-int8": two_bit_ratio,
+            "bytes-to-target-best": ratio_to_best(bytes[0], &bytes[1..5]),
+            "bytes-to-target-time": ratio_to_best(bytes[0], &bytes[5..6]),
+            // Top-k with int8 values against the better of the 2-bit forms.
+            "topk-2bit-vs-int8": ratio_to_best(bytes[2], &bytes[3..5]),
         },
         "runs": out,
     }))

@@ -152,12 +152,8 @@ impl CpuBackend {
                     let rows = n * output[0] * output[1];
                     let cols = &mut ws.cols[i];
                     cols.resize(rows * kkc, 0.0);
-                    let patches = match kernel * input[2] {
-                        3 => im2col::<3>,
-                        24 => im2col::<24>,
-                        _ => im2col::<0>,
-                    };
-                    patches(x, n, input, output, kernel, stride, padding, cols);
+                    let gather = im2col_for(kernel * input[2]);
+                    gather(x, n, input, output, kernel, stride, padding, cols);
                     let w = &params[model.tensors[weight].range()];
                     let b = &params[model.tensors[weight + 1].range()];
                     gemm(
@@ -667,6 +663,19 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
     tail!(1 2 3 4 5 6 7);
 }
 
+/// An [`im2col`]: input, batch, input and output shapes, kernel, stride, padding, out.
+type Gather = fn(&[f32], usize, [usize; 3], [usize; 3], usize, usize, usize, &mut [f32]);
+
+/// The [`im2col`] for kernel rows of `row` (`k * c_in`) values: constant-length copies
+/// for the usual 3x3 kernels on 1 or 8 channels, the general one otherwise.
+fn im2col_for(row: usize) -> Gather {
+    match row {
+        3 => im2col::<3>,
+        24 => im2col::<24>,
+        _ => im2col::<0>,
+    }
+}
+
 /// Gathers convolution patches: row `(s, oy, ox)` holds `x[s, oy*stride+ky-pad,
 /// ox*stride+kx-pad, c]` at column `(ky*k + kx)*c_in + c`, zero outside the image.
 /// `KC` is a kernel row's length (`k * c_in`) when known at compile time, else 0: the
@@ -953,33 +962,16 @@ mod tests {
                         let n = 2;
                         let x: Vec<f32> = (0..n * ih * iw * ic).map(|i| i as f32 + 1.0).collect();
                         let want = patches(&x, n, [ih, iw, ic], k, stride, pad);
-                        let mut got = vec![f32::NAN; want.len()];
-                        let args = (&x[..], n, [ih, iw, ic], [oh, ow, 1], k, stride, pad);
-                        let gather = match k * ic {
-                            3 => im2col::<3>,
-                            24 => im2col::<24>,
-                            _ => im2col::<0>,
+                        let gathered = |gather: Gather| {
+                            let mut out = vec![f32::NAN; want.len()];
+                            gather(&x, n, [ih, iw, ic], [oh, ow, 1], k, stride, pad, &mut out);
+                            out
                         };
-                        gather(
-                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &mut got,
-                        );
-                        assert_eq!(
-                            got, want,
-                            "k {k}, ic {ic}, stride {stride}, pad {pad}, {ih}x{iw}"
-                        );
+                        let shape =
+                            format!("k {k}, ic {ic}, stride {stride}, pad {pad}, {ih}x{iw}");
+                        assert_eq!(gathered(im2col_for(k * ic)), want, "{shape}");
                         // The general path agrees on the same shapes.
-                        let mut general = vec![f32::NAN; want.len()];
-                        im2col::<0>(
-                            args.0,
-                            args.1,
-                            args.2,
-                            args.3,
-                            args.4,
-                            args.5,
-                            args.6,
-                            &mut general,
-                        );
-                        assert_eq!(general, want);
+                        assert_eq!(gathered(im2col::<0>), want, "{shape}");
                         checked += 1;
                     }
                 }

@@ -360,13 +360,7 @@ pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
         return Err(CodecError::WrongLength { got: n, want: len });
     }
     let out = match tag {
-        0 => {
-            let v = r.f32s(n)?;
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(CodecError::NonFinite);
-            }
-            v
-        }
+        0 => r.f32s(n)?,
         1 => {
             let block = block(&mut r)?;
             int8(&mut r, n, block)?
@@ -409,8 +403,9 @@ pub fn decode(bytes: &[u8], len: usize) -> Result<Vec<f32>, CodecError> {
     if !r.is_empty() {
         return Err(CodecError::Malformed("longer than its header says"));
     }
-    // Finite scales can still make an infinite value (a level times a scale near the
-    // largest float, or an int8 -128 no encoder writes).
+    // Checked once for every codec: fp32 values, and the infinite values finite scales
+    // can still make (a level times a scale near the largest float, or an int8 -128 no
+    // encoder writes).
     if out.iter().any(|x| !x.is_finite()) {
         return Err(CodecError::NonFinite);
     }

@@ -1251,22 +1251,24 @@ impl Learner {
 
     /// The answer to an observer: our weights (no momentum: an observer never trains),
     /// whole in fp32 when it holds none of ours (`base` is `None`), else as their change
-    /// from `base` — the weights it holds from us — in block-wise int8. Returns the message
+    /// from `base` — the weights it holds from us, with their [`weights_hash`] — in
+    /// block-wise int8. Returns the message
     /// and the weights the observer holds once it has applied it, with their hash: what
     /// the next answer to it is a change from (so what int8 left out this time goes out
     /// the next).
-    pub fn observed(&self, base: Option<&[f32]>) -> (Vec<u8>, Vec<f32>, [u8; 32]) {
-        let (base_hash, payload, result) = match base.filter(|b| b.len() == self.weights.len()) {
+    pub fn observed(&self, base: Option<(&[f32], [u8; 32])>) -> (Vec<u8>, Vec<f32>, [u8; 32]) {
+        let n = self.weights.len();
+        let (base_hash, payload, result) = match base.filter(|(b, _)| b.len() == n) {
             None => {
                 let (payload, _) = Compressor::new(Compression::None, 0).encode(&self.weights);
                 ([0; 32], payload, self.weights.clone())
             }
-            Some(b) => {
+            Some((b, hash)) => {
                 let change: Vec<f32> = self.weights.iter().zip(b).map(|(w, b)| w - b).collect();
                 let codec = Compression::Int8 { block: 256 };
                 let (payload, decoded) = Compressor::new(codec, 0).encode(&change);
                 let result: Vec<f32> = b.iter().zip(&decoded).map(|(b, d)| b + d).collect();
-                (weights_hash(b), payload, result)
+                (hash, payload, result)
             }
         };
         let hash = weights_hash(&result);

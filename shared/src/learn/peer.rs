@@ -846,7 +846,7 @@ impl Peer {
             .get(&from)
             .and_then(|n| n.gave.as_ref())
             .filter(|(_, h)| Some(*h) == base)
-            .map(|(w, _)| w.as_slice());
+            .map(|(w, h)| (w.as_slice(), *h));
         let (msg, result, hash) = self.learner.observed(gave);
         // At most `MAX_OBSERVED` observers' weights kept: one that has not asked for
         // `OBSERVED_IDLE_MS` (it asks others now) gives its place up to a new one; while
@@ -913,12 +913,7 @@ impl Peer {
                     n.held = None;
                     n.owed = n.owed.saturating_sub(1);
                 }
-                if let Some(f) = self.fetch.as_mut() {
-                    f.asked.remove(&from);
-                    if f.answers.len() == f.asked.len() {
-                        self.conclude(now_ms);
-                    }
-                }
+                self.stop_waiting_for(from, false, now_ms);
             }
         }
     }
