@@ -56,8 +56,10 @@
         '"Contribute" opens it in a new tab.'
       : 'While you read, your browser can train a small model together with other ' +
       'visitors (about ' + throttle + '% of the time, paused when the tab is hidden). ' +
-      (cost ? 'It downloads ' + mb(cost.download_bytes) + ' once, then sends and receives up to ' +
-        mb(cost.bytes_per_round) + ' per training round. ' : 'It downloads the training data once, then exchanges small updates. ') +
+      (cost ? 'It downloads ' + mb(cost.download_bytes) + ' once, then ' +
+        (cost.upload_mb_per_hour > 0 ? 'sends at most ' + cost.upload_mb_per_hour + ' MB an hour of updates and receives about as much. '
+          : 'sends and receives up to ' + mb(cost.bytes_per_round) + ' per training round. ')
+        : 'It downloads the training data once, then exchanges small updates. ') +
       (cost && cost.epsilon != null ? 'Updates are noised on your device before they leave (differential privacy, ' +
         'epsilon ' + cost.epsilon.toFixed(2) + ' at delta ' + cost.delta +
         (cost.on_budget === 'stop' ? ' at most). ' : ' at its budget, which it may pass). ') : '') +

@@ -326,6 +326,8 @@ impl TaskSpec {
             },
             learn: LearnConfig {
                 round_ms: 1_000,
+                compression: crate::learn::Compression::TopK2Bit { fraction: 0.1 },
+                upload_mb_per_hour: 80,
                 ..LearnConfig::default()
             },
             privacy: PrivacySpec::default(),

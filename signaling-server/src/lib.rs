@@ -27,6 +27,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use shoal_shared::engine::Model;
+use shoal_shared::learn::Compression;
 use shoal_shared::task::TaskSpec;
 use tower_http::compression::CompressionLayer;
 use tower_http::services::{ServeDir, ServeFile};
@@ -273,12 +274,22 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         .sum();
     let params = Model::new(task.model.clone()).map_or(0, |m| m.param_len());
     let update = task.learn.compression.approx_bytes(params);
+    // With weights changes, every 30th round's update is a keyframe (whole weights in
+    // int8): a round costs `update + (keyframe - update) / 30` on average.
+    let keyframe = task
+        .learn
+        .weights_changes()
+        .then(|| Compression::Int8 { block: 256 }.approx_bytes(params));
+    let per_round = keyframe.map_or(update, |k| {
+        update + (k - update).div_ceil(shoal_shared::learn::KEYFRAME_EVERY as usize)
+    });
     serde_json::json!({
         "parameters": params,
         "download_bytes": download,
         "update_bytes": update,
+        "keyframe_bytes": keyframe,
         "max_neighbours": max_neighbours,
-        "bytes_per_round": update * max_neighbours,
+        "bytes_per_round": per_round * max_neighbours,
         "local_steps_per_round": task.learn.local_steps,
         "round_ms": task.learn.round_ms,
         "batch": task.train.batch,
@@ -333,9 +344,22 @@ fn with_pace(
     } else {
         samples_per_s.map(|r| (3600.0 * r / per_round).round())
     };
+    // The upload budget bounds both: a peer's updates wait until they are paid at its
+    // rate (what a round's copies to every neighbour cost, in time).
+    let budget =
+        (task.learn.upload_mb_per_hour > 0).then(|| f64::from(task.learn.upload_mb_per_hour) * 1e6);
+    let rounds = match (rounds, budget, cost["bytes_per_round"].as_f64()) {
+        (Some(n), Some(b), Some(per)) if per > 0.0 => Some(n.min((b / per).floor().max(1.0))),
+        (n, ..) => n,
+    };
     let bytes = rounds
         .zip(cost["bytes_per_round"].as_f64())
         .map(|(n, b)| (n * b).round());
+    let bytes = match (bytes, budget) {
+        (Some(x), Some(b)) => Some(x.min(b)),
+        (x, _) => x,
+    };
+    cost["upload_mb_per_hour"] = serde_json::json!(task.learn.upload_mb_per_hour);
     cost["rounds_per_hour"] = serde_json::json!(rounds);
     cost["bytes_per_hour"] = serde_json::json!(bytes);
     cost
@@ -356,6 +380,7 @@ fn embed_script(config: &Config) -> Option<String> {
             let brief = serde_json::json!({
                 "download_bytes": c["download_bytes"],
                 "bytes_per_round": c["bytes_per_round"],
+                "upload_mb_per_hour": t.learn.upload_mb_per_hour,
                 "epsilon": dp.map(|d| d.epsilon),
                 "delta": dp.map(|d| d.delta),
                 "on_budget": dp.map(|d| d.on_budget),

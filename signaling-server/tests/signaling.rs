@@ -1175,6 +1175,7 @@ async fn the_task_description_states_the_swarms_pace() {
     // The demo task in rounds of 20 steps: its pace is the swarm's.
     let mut c = base(config(), None, &["digits"]);
     c.tasks[0].learn.round_ms = 0;
+    c.tasks[0].learn.upload_mb_per_hour = 0;
     let s = start_config(c).await;
     let cost = |body: String| -> Value {
         let json: Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body"))
@@ -1218,9 +1219,33 @@ async fn rounds_sized_in_time_bound_the_cost_per_hour_before_anyone_trains() {
         serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON");
     let cost = &json["cost"];
     assert_eq!(cost["round_ms"], 1000);
-    assert_eq!(cost["rounds_per_hour"].as_f64(), Some(3600.0), "{cost}");
+    // The demo exchanges weights changes (top-k 10%, 2-bit values: 1.5 bytes per value
+    // sent and 16) with a keyframe (int8: a byte per parameter, 4 per 256 and 16) every
+    // 30th round, to each neighbour it may hold: a round costs each a change and a
+    // thirtieth of the difference.
+    let params = 109_386.0_f64;
+    let change = (params * 0.1 * 1.5).ceil() + 16.0;
+    let keyframe = (params * (1.0 + 4.0 / 256.0)).ceil() + 16.0;
+    assert_eq!(cost["update_bytes"].as_f64(), Some(change), "{cost}");
+    assert_eq!(cost["keyframe_bytes"].as_f64(), Some(keyframe), "{cost}");
     let per_round = cost["bytes_per_round"].as_f64().expect("bytes per round");
-    assert_eq!(cost["bytes_per_hour"].as_f64(), Some(3600.0 * per_round));
+    let neighbours = cost["max_neighbours"].as_f64().expect("max neighbours");
+    assert_eq!(
+        per_round,
+        neighbours * (change + ((keyframe - change) / 30.0).ceil())
+    );
+    // At most 3,600 rounds an hour, and at most the upload budget (80 MB an hour) of
+    // updates: the budget binds, and rounds last longer instead.
+    assert_eq!(cost["upload_mb_per_hour"], 80);
+    assert!(3600.0 * per_round > 80e6);
+    assert_eq!(
+        cost["rounds_per_hour"].as_f64(),
+        Some((80e6 / per_round).floor()),
+        "{cost}"
+    );
+    let bytes = cost["bytes_per_hour"].as_f64().expect("bytes per hour");
+    assert_eq!(bytes, (80e6 / per_round).floor() * per_round);
+    assert!(bytes <= 80e6 && bytes > 80e6 - per_round, "{bytes}");
 }
 
 #[tokio::test]

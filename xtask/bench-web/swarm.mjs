@@ -77,9 +77,16 @@ async function stop(child) {
   await Promise.race([once(child, 'exit'), sleep(5_000).then(() => child.kill('SIGKILL'))]);
 }
 
+/** Bytes per hour between the first and the last of `lines` (`key`: up or down). */
+function perHour(lines, key) {
+  const [a, b] = [lines[0], lines.at(-1)];
+  return a && b && b.t > a.t ? ((b[key] - a[key]) / (b.t - a.t)) * 3600 : 0;
+}
+
 /** One peer's numbers over the phase. */
 function measure(p) {
   const after = p.lines.filter((l) => l.t >= WARMUP_S);
+  const late = p.lines.filter((l) => l.t >= SECONDS / 2);
   const [a, b] = [after[0], after.at(-1)];
   const rate = a && b && b.t > a.t ? (b.samples - a.samples) / (b.t - a.t) : 0;
   const hit = p.lines.find((l) => l.accuracy !== null && l.accuracy >= target);
@@ -89,9 +96,16 @@ function measure(p) {
     rounds: last?.round ?? 0,
     accuracy: last?.accuracy ?? null,
     time_to_target_s: hit ? hit.t : null,
-    bytes_up_per_hour: last && last.t > 0 ? (last.up / last.t) * 3600 : 0,
-    bytes_down_per_hour: last && last.t > 0 ? (last.down / last.t) * 3600 : 0,
+    // Over the phase's second half: what a peer sends while it trains, once joining,
+    // its first keyframe, the models it hands joiners and the upload budget's burst
+    // allowance are behind it.
+    bytes_up_per_hour: perHour(late, 'up'),
+    bytes_down_per_hour: perHour(late, 'down'),
+    // The whole phase, from start.
+    bytes_up_per_hour_from_start: last && last.t > 0 ? (last.up / last.t) * 3600 : 0,
     neighbours: Math.max(0, ...p.lines.map((l) => l.peers)),
+    accuracy_by_time: p.lines.filter((l) => l.accuracy !== null)
+      .map((l) => [Math.round(l.t * 10) / 10, l.accuracy]),
   };
 }
 

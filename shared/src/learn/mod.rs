@@ -87,6 +87,13 @@ pub struct LearnConfig {
     /// See `docs/protocol.md`, "Rounds in time".
     #[serde(default)]
     pub round_ms: u32,
+    /// The most a peer's updates may send in an hour, in megabytes (10^6 bytes; 0: no
+    /// bound; needs `round_ms`). A peer sends its next update no earlier than its updates
+    /// so far allow at this rate (every copy counts: one per neighbour it goes to), and
+    /// trains on meanwhile: its rounds last longer instead. See `docs/protocol.md`,
+    /// "Upload budget".
+    #[serde(default)]
+    pub upload_mb_per_hour: u32,
 }
 
 /// What peers put in their updates.
@@ -103,7 +110,12 @@ pub enum Exchange {
     /// `own round-start weights - theirs`, which is the sender's pseudo-gradient plus the
     /// distance between the two models, so the outer step also pulls neighbours' models
     /// together. Needed in a partial mesh, where neighbourhoods differ and models drift
-    /// apart without it. Not with top-k (a few coordinates cannot carry weights).
+    /// apart without it. With a top-k codec (`top_k`, `top_k_2bit`) an update carries
+    /// the top-k change of the sender's **public copy** — the weights its neighbours hold
+    /// of it — toward its local weights, and every tenth round (a round number that is a
+    /// multiple of [`KEYFRAME_EVERY`], and the first update after a start or a download)
+    /// the whole weights in int8, which set the copy: see `docs/protocol.md`, "Weights
+    /// changes".
     Weights,
 }
 
@@ -132,6 +144,7 @@ impl Default for LearnConfig {
             sync_every: default_sync_every(),
             exchange: Exchange::Weights,
             round_ms: 0,
+            upload_mb_per_hour: 0,
         }
     }
 }
@@ -183,15 +196,6 @@ impl LearnConfig {
             format!("{} below 1", self.max_norm_ratio),
         )?;
         check(
-            !(self.exchange == Exchange::Weights
-                && matches!(
-                    self.compression,
-                    Compression::TopK { .. } | Compression::TopK2Bit { .. }
-                )),
-            "exchange",
-            "weights cannot be sent top-k compressed".into(),
-        )?;
-        check(
             (100..=3_600_000).contains(&self.round_deadline_ms),
             "round_deadline_ms",
             format!("{} outside 100..=3600000", self.round_deadline_ms),
@@ -200,7 +204,32 @@ impl LearnConfig {
             self.round_ms == 0 || (100..=3_600_000).contains(&self.round_ms),
             "round_ms",
             format!("{} is neither 0 nor within 100..=3600000", self.round_ms),
+        )?;
+        check(
+            self.upload_mb_per_hour <= 1_000_000,
+            "upload_mb_per_hour",
+            format!("{} above 1000000", self.upload_mb_per_hour),
+        )?;
+        check(
+            self.upload_mb_per_hour == 0 || self.timed(),
+            "upload_mb_per_hour",
+            "needs rounds sized in time (round_ms > 0)".into(),
         )
+    }
+
+    /// Whether updates carry changes of public copies: weights exchanged with a top-k
+    /// codec (see [`Exchange::Weights`]).
+    pub fn weights_changes(&self) -> bool {
+        self.exchange == Exchange::Weights
+            && matches!(
+                self.compression,
+                Compression::TopK { .. } | Compression::TopK2Bit { .. }
+            )
+    }
+
+    /// The upload budget in bytes per millisecond (`None`: no bound).
+    pub fn upload_bytes_per_ms(&self) -> Option<f64> {
+        (self.upload_mb_per_hour > 0).then(|| f64::from(self.upload_mb_per_hour) * 1e6 / 3.6e6)
     }
 
     /// Whether rounds are sized in time (`round_ms` > 0).
@@ -278,7 +307,8 @@ pub enum Rejection {
     /// step).
     #[error("samples")]
     Samples,
-    /// Observed weights sent as a change from weights we do not hold from that sender.
+    /// Observed weights, or a neighbour's weights update (see [`Exchange::Weights`] with
+    /// top-k), sent as a change from weights we do not hold from that sender.
     #[error("base")]
     Base,
 }
@@ -468,6 +498,30 @@ pub struct PrivacyProgress {
 /// Gossip mixes held at once.
 const MAX_MIXES: usize = 16;
 
+/// With `exchange = "weights"` and a top-k codec, updates for rounds that are multiples
+/// of this carry whole weights (int8): a keyframe, which sets the sender's public copy
+/// for every neighbour (one that joined or missed a change since uses the sender's
+/// updates again from there).
+pub const KEYFRAME_EVERY: u64 = 30;
+
+/// The neighbours' public copies a peer keeps at most (least recently updated go first).
+pub const MAX_COPIES: usize = 32;
+
+/// The payload tag of a change of the sender's public copy: the tag, the round of the
+/// update the change applies to (u64 LE), then the task's top-k payload.
+pub const CHANGE_TAG: u8 = 0x10;
+
+/// What a peer holds of a neighbour's weights with `exchange = "weights"` and top-k (or
+/// of its own, as its neighbours hold them).
+#[derive(Clone, Debug)]
+struct PublicCopy {
+    /// The round of the update that last set or changed it.
+    round: u64,
+    weights: Vec<f32>,
+    /// Whether that update was a change (else it set the copy).
+    change: bool,
+}
+
 /// A neighbour's round-start weights, held until our own round reaches theirs.
 struct Mix {
     sender: u64,
@@ -540,8 +594,9 @@ pub struct Learner {
     momentum: Vec<f32>,
     compressor: Compressor,
     own: Option<Vec<f32>>,
-    /// The samples our own update claims.
+    /// The samples our own update claims, and the loss it carries.
     own_samples: u32,
+    own_loss: f32,
     inbox: Vec<Pending>,
     /// Per signer: the last round taken from it, and its recent screening record.
     seen: HashMap<PublicKey, Seen>,
@@ -557,6 +612,10 @@ pub struct Learner {
     /// Our training loss stays with us (it describes data that is the visitor's own, or
     /// protected): updates carry 0.
     loss_kept: bool,
+    /// Weights changes (top-k with `exchange = "weights"`): our public copy, and our
+    /// neighbours', by signer.
+    public: Option<PublicCopy>,
+    copies: HashMap<PublicKey, PublicCopy>,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -582,6 +641,7 @@ impl Learner {
             weights,
             own: None,
             own_samples: 0,
+            own_loss: 0.0,
             inbox: Vec::new(),
             seen: HashMap::new(),
             started: false,
@@ -589,6 +649,8 @@ impl Learner {
             witness: crate::trust::head::Witness::new(task, None),
             dp: None,
             loss_kept: false,
+            public: None,
+            copies: HashMap::new(),
             stats: LearnStats::default(),
         })
     }
@@ -736,10 +798,19 @@ impl Learner {
         }
     }
 
+    /// Whether updates carry changes of public copies (weights with a top-k codec).
+    fn changes(&self) -> bool {
+        self.cfg.weights_changes()
+    }
+
     /// Compresses and signs local weights (`exchange = "weights"`); our own part in the
     /// aggregate is what neighbours will compute from them.
     fn update_from_local(&mut self, local: &[f32], samples: u32, loss: f32) -> Vec<u8> {
-        let (payload, decoded) = self.compressor.encode(local);
+        let (payload, decoded) = if self.changes() {
+            self.public_update(local)
+        } else {
+            self.compressor.encode(local)
+        };
         self.own = Some(
             self.weights
                 .iter()
@@ -750,8 +821,118 @@ impl Learner {
         self.sign(payload, samples, loss)
     }
 
+    /// Weights changes: the payload that moves our public copy toward `local` — a
+    /// keyframe (whole weights in int8) when the round calls for one or no copy is out,
+    /// else the top-k change from the copy (whatever top-k leaves out stays in the next
+    /// change: the copy's distance to our weights is the error feedback) — and the copy
+    /// it leaves our neighbours holding.
+    fn public_update(&mut self, local: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        let keyframe = self.round.is_multiple_of(KEYFRAME_EVERY);
+        let mut change = false;
+        let (payload, weights) = match self.public.take() {
+            Some(copy) if !keyframe && copy.round < self.round => {
+                change = true;
+                let change: Vec<f32> = local
+                    .iter()
+                    .zip(&copy.weights)
+                    .map(|(l, c)| l - c)
+                    .collect();
+                let (inner, decoded) = Compressor::new(self.cfg.compression, 0).encode(&change);
+                let weights: Vec<f32> = copy
+                    .weights
+                    .iter()
+                    .zip(&decoded)
+                    .map(|(c, d)| c + d)
+                    .collect();
+                let mut payload = Vec::with_capacity(9 + inner.len());
+                payload.push(CHANGE_TAG);
+                payload.extend_from_slice(&copy.round.to_le_bytes());
+                payload.extend_from_slice(&inner);
+                (payload, weights)
+            }
+            _ => Compressor::new(Compression::Int8 { block: 256 }, 0).encode(local),
+        };
+        self.public = Some(PublicCopy {
+            round: self.round,
+            weights: weights.clone(),
+            change,
+        });
+        (payload, weights)
+    }
+
+    /// Whether our latest update is a change of our public copy (a neighbour that does
+    /// not hold the copy needs [`whole_public`](Self::whole_public) instead).
+    pub fn sent_change(&self) -> bool {
+        self.changes()
+            && self
+                .public
+                .as_ref()
+                .is_some_and(|c| c.change && c.round == self.round)
+    }
+
+    /// Our latest update as the whole public copy it leaves (fp32, signed for the same
+    /// round, samples and loss): for a neighbour that does not hold the copy it changes.
+    pub fn whole_public(&self) -> Option<Vec<u8>> {
+        let copy = self.public.as_ref().filter(|c| c.round == self.round)?;
+        let (payload, _) = Compressor::new(Compression::None, 0).encode(&copy.weights);
+        Some(
+            PeerMessage::Update(Update::signed(
+                &self.id,
+                &self.task,
+                copy.round,
+                self.own_samples,
+                self.own_loss,
+                payload,
+            ))
+            .encode(),
+        )
+    }
+
+    /// Weights changes: a neighbour's update applied to our copy of its weights, which
+    /// it replaces; returns the weights. A keyframe sets the copy; a change applies only
+    /// to the copy of the round it names (else `base`: we missed one, and wait for the
+    /// next keyframe).
+    fn apply_change(
+        &mut self,
+        key: PublicKey,
+        round: u64,
+        payload: &[u8],
+    ) -> Result<Vec<f32>, Rejection> {
+        let weights = if payload.first() == Some(&CHANGE_TAG) {
+            let Some(base) = payload.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                return Err(self.stats.reject(Rejection::Malformed));
+            };
+            let base = u64::from_le_bytes(base);
+            let Some(copy) = self.copies.get(&key).filter(|c| c.round == base) else {
+                return Err(self.stats.reject(Rejection::Base));
+            };
+            let from = copy.weights.clone();
+            let change = self.decode_payload(&payload[9..], self.cfg.compression)?;
+            let w: Vec<f32> = from.iter().zip(&change).map(|(c, d)| c + d).collect();
+            if !w.iter().all(|x| x.is_finite()) {
+                return Err(self.stats.reject(Rejection::NonFinite));
+            }
+            w
+        } else if payload.first() == Some(&Compression::None.tag()) {
+            self.decode_payload(payload, Compression::None)?
+        } else {
+            self.decode_payload(payload, Compression::Int8 { block: 256 })?
+        };
+        make_room(&mut self.copies, &key, MAX_COPIES, |c| c.round);
+        self.copies.insert(
+            key,
+            PublicCopy {
+                round,
+                weights: weights.clone(),
+                change: false,
+            },
+        );
+        Ok(weights)
+    }
+
     fn sign(&mut self, payload: Vec<u8>, samples: u32, loss: f32) -> Vec<u8> {
         self.own_samples = samples;
+        self.own_loss = loss;
         PeerMessage::Update(Update::signed(
             &self.id, &self.task, self.round, samples, loss, payload,
         ))
@@ -763,6 +944,12 @@ impl Learner {
         self.inbox
             .iter()
             .any(|p| &p.key == key && p.round >= self.round)
+            || self.changes() && self.seen.get(key).is_some_and(|s| s.round >= self.round)
+    }
+
+    /// The latest round of an authentic update heard from `key` (used or not).
+    pub fn heard_round(&self, key: &PublicKey) -> Option<u64> {
+        self.seen.get(key).map(|s| s.round)
     }
 
     /// Whether updates signed by `key` are distrusted: the screen dropped at least half
@@ -810,11 +997,27 @@ impl Learner {
         if self.seen.get(&u.key).is_some_and(|s| u.round <= s.round) {
             return Err(self.stats.reject(Rejection::Replay));
         }
-        if u.round + u64::from(self.cfg.max_staleness) < self.round {
-            return Err(self.stats.reject(Rejection::Stale));
-        }
-        let delta = self.decode_payload(&u.payload, self.cfg.compression)?;
-        self.remember(u.key, u.round);
+        let delta = if self.changes() {
+            // A change applies to our copy whether or not the update still counts, so
+            // that the sender's next one applies too; one we cannot apply was still
+            // heard (a round does not wait for its sender).
+            let applied = self.apply_change(u.key, u.round, &u.payload);
+            if matches!(applied, Ok(_) | Err(Rejection::Base)) {
+                self.remember(u.key, u.round);
+            }
+            let w = applied?;
+            if u.round + u64::from(self.cfg.max_staleness) < self.round {
+                return Err(self.stats.reject(Rejection::Stale));
+            }
+            w
+        } else {
+            if u.round + u64::from(self.cfg.max_staleness) < self.round {
+                return Err(self.stats.reject(Rejection::Stale));
+            }
+            let delta = self.decode_payload(&u.payload, self.cfg.compression)?;
+            self.remember(u.key, u.round);
+            delta
+        };
         match self.cfg.exchange {
             Exchange::Delta => self.inbox.retain(|p| p.key != u.key),
             // Weights are used in the round they belong to: a neighbour that is ahead
@@ -996,16 +1199,7 @@ impl Learner {
     }
 
     fn remember(&mut self, key: PublicKey, round: u64) {
-        if self.seen.len() >= MAX_REMEMBERED && !self.seen.contains_key(&key) {
-            let oldest = self
-                .seen
-                .iter()
-                .min_by_key(|(_, s)| s.round)
-                .map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                self.seen.remove(&k);
-            }
-        }
+        make_room(&mut self.seen, &key, MAX_REMEMBERED, |s| s.round);
         self.seen.entry(key).or_default().round = round;
     }
 
@@ -1328,6 +1522,7 @@ impl Learner {
         self.weights = s.weights;
         self.momentum = s.momentum;
         self.own = None;
+        self.public = None;
         self.compressor = Compressor::new(self.cfg.compression, self.weights.len());
         let window = u64::from(self.cfg.max_staleness);
         self.inbox.retain(|p| p.round + window >= s.round);
@@ -1388,6 +1583,22 @@ fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
     s.sort_by(f32::total_cmp);
     let median = s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
     own.map_or(median, |d| aggregate::norm(d).max(median))
+}
+
+/// Before `key` goes into `map`, which holds at most `cap` entries: drops the entry with
+/// the lowest round when `key` is new and the map is full.
+fn make_room<V>(
+    map: &mut HashMap<PublicKey, V>,
+    key: &PublicKey,
+    cap: usize,
+    round: impl Fn(&V) -> u64,
+) {
+    if map.len() >= cap && !map.contains_key(key) {
+        let oldest = map.iter().min_by_key(|(_, v)| round(v)).map(|(k, _)| *k);
+        if let Some(k) = oldest {
+            map.remove(&k);
+        }
+    }
 }
 
 fn check_finite(v: &[f32]) -> Result<(), String> {

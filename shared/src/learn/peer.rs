@@ -108,6 +108,12 @@ pub const HOLD_FACTOR: f64 = 3.0;
 /// closed or its run is done, and at which a driver may rest between chunks.
 pub const CHUNK_MS: f64 = 200.0;
 
+/// The upload budget's allowance for bursts: a peer may be this far ahead of its budget
+/// (a keyframe to two neighbours at the demo's 90 MB an hour) before its updates wait.
+/// Over any hour its updates send at most the budget and 10 s of it more (0.3%), plus
+/// one update's copies.
+pub const UPLOAD_BURST_MS: f64 = 10_000.0;
+
 /// What a peer is for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum PeerRole {
@@ -285,6 +291,9 @@ struct Neighbour {
     gave: Option<(Vec<f32>, [u8; 32])>,
     /// We observe: the weights we hold from it and their hash.
     held: Option<(Vec<f32>, [u8; 32])>,
+    /// Weights changes: it holds our public copy as our last update left it (it got
+    /// every update of ours since one that set the copy).
+    keyed: bool,
 }
 
 /// Rounds in time: the training toward our next update.
@@ -363,6 +372,10 @@ pub struct Peer {
     open_since: Option<f64>,
     /// Rounds in time: measured inner steps per millisecond.
     step_rate: Option<f64>,
+    /// The upload budget (`upload_mb_per_hour`): when the bytes our updates sent so far
+    /// are paid at the budget's rate. The next update goes out once that is at most
+    /// [`UPLOAD_BURST_MS`] ahead.
+    upload_free_at: f64,
 }
 
 impl Peer {
@@ -409,6 +422,7 @@ impl Peer {
             run: None,
             open_since: None,
             step_rate: None,
+            upload_free_at: f64::NEG_INFINITY,
         })
     }
 
@@ -726,7 +740,21 @@ impl Peer {
                     // it gets it too, or it would wait for it until its deadline and the
                     // two of us would stay a round apart.
                     let msg = msg.clone();
-                    self.send(from, msg);
+                    self.send_update(&[from], &msg, false, now_ms);
+                }
+            }
+            // A weights change from a copy we do not hold (we joined or missed one since
+            // its last keyframe): authentic, and its round is heard, so the round does
+            // not wait for it; its weights count again from its next keyframe.
+            Err(Rejection::Base) => {
+                if let Some(key) = update_key(data) {
+                    let round = self.learner.heard_round(&key);
+                    let n = self.nbrs.entry(from).or_default();
+                    n.key = Some(key);
+                    if let Some(round) = round {
+                        n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
+                    }
+                    n.idle = false;
                 }
             }
             Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
@@ -1302,9 +1330,8 @@ impl Peer {
                 return Err(e);
             }
         };
-        for p in self.contributors() {
-            self.send(p, msg.clone());
-        }
+        let to = self.contributors();
+        self.send_update(&to, &msg, true, now_ms);
         self.sent_update = Some((round, msg));
         self.budget_check();
         self.progress.loss = loss;
@@ -1433,6 +1460,7 @@ impl Peer {
             && run.carry_from.is_none()
             && run.round == self.learner.round()
             && now_ms - run.started >= f64::from(self.cfg.round_ms)
+            && now_ms + UPLOAD_BURST_MS >= self.upload_free_at
             && run.samples > 0;
         if !due {
             return Ok(());
@@ -1441,9 +1469,8 @@ impl Peer {
         let mean_loss = (run.loss / run.steps.max(1) as f64) as f32;
         let (work, reload) = (run.work.clone(), run.reload);
         let msg = self.learner.local_update(&work, claim, mean_loss)?;
-        for p in self.contributors() {
-            self.send(p, msg.clone());
-        }
+        let to = self.contributors();
+        self.send_update(&to, &msg, true, now_ms);
         self.sent_update = Some((round, msg));
         self.budget_check();
         self.open_since = Some(now_ms);
@@ -1451,6 +1478,49 @@ impl Peer {
         let carry = Some(work.clone());
         self.run = Some(Run::new(round + 1, now_ms, work, carry, reload));
         Ok(())
+    }
+
+    /// Sends our update `msg` to `to` (every contributor when `all`; neighbours left out
+    /// then miss it). With weights changes, a neighbour that does not hold our public copy
+    /// gets the copy after this update whole instead (fp32, the same round: it stands for
+    /// the update), and holds it from then on. Counts it all against the upload budget.
+    fn send_update(&mut self, to: &[PeerId], msg: &[u8], all: bool, now_ms: f64) {
+        let change = self.learner.sent_change();
+        let mut whole = None;
+        let mut bytes = 0;
+        for p in to {
+            let keyed = self.nbrs.get(p).is_some_and(|n| n.keyed);
+            let data = if change && !keyed {
+                whole
+                    .get_or_insert_with(|| self.learner.whole_public())
+                    .clone()
+            } else {
+                Some(msg.to_vec())
+            };
+            let Some(data) = data else { continue };
+            if let Some(n) = self.nbrs.get_mut(p) {
+                n.keyed = true;
+            }
+            bytes += data.len();
+            self.send(*p, data);
+        }
+        if all {
+            for (p, n) in &mut self.nbrs {
+                if !to.contains(p) {
+                    n.keyed = false;
+                }
+            }
+        }
+        self.spend_upload(bytes, now_ms);
+    }
+
+    /// Counts `bytes` of updates sent now against the upload budget: the next update
+    /// waits until they are paid at the budget's rate (from now, or from when the
+    /// previous ones are paid, whichever is later).
+    fn spend_upload(&mut self, bytes: usize, now_ms: f64) {
+        if let Some(rate) = self.cfg.upload_bytes_per_ms() {
+            self.upload_free_at = self.upload_free_at.max(now_ms) + bytes as f64 / rate;
+        }
     }
 
     /// Once the privacy budget stops our updates, neighbours are told we no longer

@@ -339,20 +339,184 @@ fn a_neighbour_far_ahead_holds_at_most_two_updates_in_the_inbox() {
     assert_eq!(rounds, [0, 10], "this round's and the newest");
 }
 
-#[test]
-fn weights_cannot_be_sent_top_k() {
-    for compression in [
-        Compression::TopK { fraction: 0.01 },
-        Compression::TopK2Bit { fraction: 0.01 },
-    ] {
-        let c = LearnConfig {
-            exchange: Exchange::Weights,
-            compression,
-            ..cfg()
-        };
-        let err = c.validate().expect_err("top-k weights");
-        assert!(err.starts_with("exchange"), "{err}");
+fn changes_peer(seed: u8, weights: Vec<f32>) -> Learner {
+    let c = LearnConfig {
+        exchange: Exchange::Weights,
+        compression: Compression::TopK2Bit { fraction: 0.125 },
+        sync_every: 0,
+        ..cfg()
+    };
+    Learner::new(c, "digits", Identity::from_seed([seed; 32]), weights).expect("valid")
+}
+
+/// The payload of an update message.
+fn payload_of(msg: &[u8], n: usize) -> Vec<u8> {
+    match PeerMessage::decode(msg, n) {
+        Ok(PeerMessage::Update(u)) => u.payload,
+        other => panic!("not an update: {other:?}"),
     }
+}
+
+#[test]
+fn weights_changes_keep_every_neighbours_copy_equal_to_the_senders_public_copy() {
+    let n = 512;
+    let start: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut a = changes_peer(1, start.clone());
+    let mut b = changes_peer(2, start.clone());
+    // a's local weights: far from the start in every coordinate, fixed from here on.
+    let local: Vec<f32> = start.iter().map(|w| w + 0.5).collect();
+    let mut sizes = Vec::new();
+    let mut errors = Vec::new();
+    for r in 0..=KEYFRAME_EVERY {
+        assert_eq!(a.round(), r);
+        let u = a.local_update(&local, 8, 0.0).expect("finite");
+        let payload = payload_of(&u, n);
+        sizes.push((payload[0], payload.len()));
+        b.receive(&u).expect("applies");
+        let copy = &b.copies[&a.public_key()].weights;
+        assert_eq!(copy, &a.public.as_ref().expect("sent").weights, "round {r}");
+        errors.push(aggregate::distance(copy, &local));
+        // Both close the round without using it: only the copies are under test.
+        a.own = None;
+        a.finish_round();
+        b.inbox.clear();
+        b.finish_round();
+        a.weights = start.clone();
+    }
+    // Round 0 is a keyframe (int8 whole weights), rounds 1-9 changes, round 10 again.
+    let int8 = Compression::Int8 { block: 256 }.tag();
+    assert_eq!(sizes[0].0, int8);
+    assert_eq!(sizes[KEYFRAME_EVERY as usize].0, int8);
+    for &(tag, len) in &sizes[1..KEYFRAME_EVERY as usize] {
+        assert_eq!(tag, CHANGE_TAG);
+        assert!(
+            4 * len < sizes[0].1,
+            "a change {len} vs a keyframe {}",
+            sizes[0].1
+        );
+    }
+    // The copy closes in on the weights: whatever a change leaves out goes out later.
+    assert!(errors[9] < 0.2 * errors[0], "{errors:?}");
+}
+
+#[test]
+fn a_change_from_a_copy_not_held_is_heard_but_waits_for_the_next_keyframe() {
+    let n = 256;
+    let mut a = changes_peer(1, vec![0.0; n]);
+    let mut b = changes_peer(2, vec![0.0; n]);
+    let local = vec![0.25; n];
+    // b's keyframe (round 0) never reaches a; its change (round 1) does.
+    b.local_update(&local, 8, 0.0).expect("finite");
+    b.finish_round();
+    a.local_update(&local, 8, 0.0).expect("finite");
+    a.finish_round();
+    let change = b.local_update(&local, 8, 0.0).expect("finite");
+    assert_eq!(payload_of(&change, n)[0], CHANGE_TAG);
+    assert_eq!(a.receive(&change), Err(Rejection::Base));
+    assert_eq!(a.stats.rejected[&Rejection::Base], 1);
+    assert!(
+        a.has_fresh_from(&b.public_key()),
+        "heard: the round does not wait for it"
+    );
+    assert_eq!(a.heard_round(&b.public_key()), Some(1));
+    assert!(!a.copies.contains_key(&b.public_key()));
+    assert_eq!(a.finish_round().used, 0);
+    // At b's next keyframe a holds its copy again, and its changes apply.
+    while !b.round().is_multiple_of(KEYFRAME_EVERY) {
+        b.finish_round();
+    }
+    while a.round() < b.round() {
+        a.finish_round();
+    }
+    let key = b.local_update(&local, 8, 0.0).expect("finite");
+    assert!(a.receive(&key).is_ok());
+    b.finish_round();
+    a.finish_round();
+    let next = b.local_update(&local, 8, 0.0).expect("finite");
+    assert_eq!(payload_of(&next, n)[0], CHANGE_TAG);
+    assert!(a.receive(&next).is_ok());
+    assert_eq!(
+        a.copies[&b.public_key()].weights,
+        b.public.as_ref().expect("sent").weights
+    );
+}
+
+#[test]
+fn a_stale_change_still_moves_the_copy_and_a_replayed_one_moves_nothing() {
+    let n = 256;
+    let mut a = changes_peer(1, vec![0.0; n]);
+    let mut b = changes_peer(2, vec![0.0; n]);
+    let key = b.local_update(&vec![0.25; n], 8, 0.0).expect("finite");
+    a.receive(&key).expect("keyframe");
+    b.finish_round();
+    // a runs ahead alone, beyond the staleness window.
+    for _ in 0..5 {
+        a.finish_round();
+    }
+    let c1 = b.local_update(&vec![0.5; n], 8, 0.0).expect("finite");
+    assert_eq!(a.receive(&c1), Err(Rejection::Stale));
+    assert_eq!(a.copies[&b.public_key()].round, 1, "the chain goes on");
+    let held = a.copies[&b.public_key()].weights.clone();
+    assert_eq!(held, b.public.as_ref().expect("sent").weights);
+    assert_eq!(a.receive(&c1), Err(Rejection::Replay));
+    assert_eq!(a.copies[&b.public_key()].weights, held, "applied once");
+    b.finish_round();
+    let c2 = b.local_update(&vec![0.75; n], 8, 0.0).expect("finite");
+    assert_eq!(a.receive(&c2), Err(Rejection::Stale));
+    assert_eq!(
+        a.copies[&b.public_key()].weights,
+        b.public.as_ref().expect("sent").weights
+    );
+}
+
+#[test]
+fn a_malformed_or_non_finite_change_is_refused_and_leaves_the_copy() {
+    let n = 256;
+    let id = Identity::from_seed([2; 32]);
+    let mut a = changes_peer(1, vec![0.0; n]);
+    let mut b = changes_peer(2, vec![0.0; n]);
+    a.receive(&b.local_update(&vec![0.25; n], 8, 0.0).expect("finite"))
+        .expect("keyframe");
+    let held = a.copies[&b.public_key()].clone();
+    let signed = |round: u64, payload: Vec<u8>| {
+        PeerMessage::Update(Update::signed(&id, "digits", round, 8, 0.0, payload)).encode()
+    };
+    // The base round cut short.
+    assert_eq!(
+        a.receive(&signed(1, vec![CHANGE_TAG, 0, 0])),
+        Err(Rejection::Malformed)
+    );
+    // A change in another codec than the task's.
+    let (int8, _) = Compressor::new(Compression::Int8 { block: 256 }, 0).encode(&[0.1; 256]);
+    let mut other = vec![CHANGE_TAG];
+    other.extend_from_slice(&0u64.to_le_bytes());
+    other.extend_from_slice(&int8);
+    assert_eq!(a.receive(&signed(2, other)), Err(Rejection::Shape));
+    // A change that makes a value infinite.
+    let mut big = vec![0.0; n];
+    big[3] = f32::MAX;
+    let (topk, _) = Compressor::new(Compression::TopK2Bit { fraction: 0.125 }, 0).encode(&big);
+    let mut change = vec![CHANGE_TAG];
+    change.extend_from_slice(&0u64.to_le_bytes());
+    change.extend_from_slice(&topk);
+    a.copies.get_mut(&b.public_key()).expect("held").weights[3] = f32::MAX;
+    assert_eq!(a.receive(&signed(3, change)), Err(Rejection::NonFinite));
+    a.copies.get_mut(&b.public_key()).expect("held").weights[3] = held.weights[3];
+    assert_eq!(a.copies[&b.public_key()].weights, held.weights);
+    assert_eq!(a.copies[&b.public_key()].round, held.round);
+    b.finish_round();
+}
+
+#[test]
+fn at_most_max_copies_neighbours_copies_are_kept() {
+    let n = 64;
+    let mut a = changes_peer(1, vec![0.0; n]);
+    for seed in 0..(MAX_COPIES as u8 + 5) {
+        let mut b = changes_peer(100 + seed, vec![0.0; n]);
+        a.receive(&b.local_update(&vec![0.1; n], 8, 0.0).expect("finite"))
+            .expect("keyframe");
+    }
+    assert_eq!(a.copies.len(), MAX_COPIES);
 }
 
 #[test]

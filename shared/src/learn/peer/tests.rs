@@ -684,8 +684,14 @@ fn the_deadline_drops_a_minority_of_stragglers_not_most_of_the_neighbours() {
 
 /// A peer in rounds sized in time (1 s), at `round`, with neighbours 10, 11 and 12.
 fn timed_running(round: u64) -> Peer {
+    timed_running_with(round, 0)
+}
+
+/// The same, with an upload budget of `upload_mb_per_hour` (0: none).
+fn timed_running_with(round: u64, upload_mb_per_hour: u32) -> Peer {
     let c = LearnConfig {
         round_ms: 1_000,
+        upload_mb_per_hour,
         ..cfg()
     };
     let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
@@ -774,6 +780,81 @@ fn in_rounds_sized_in_time_a_peer_trains_on_while_its_round_is_open_and_carries_
         trains(&drain(&mut p)),
         vec![(7, false)],
         "the trainer loads the rebased weights"
+    );
+}
+
+/// The bytes of the updates among `outs`.
+fn update_bytes(outs: &[Output]) -> usize {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send { data, .. } => {
+                matches!(PeerMessage::decode(data, N), Ok(PeerMessage::Update(_)))
+                    .then_some(data.len())
+            }
+            _ => None,
+        })
+        .sum()
+}
+
+#[test]
+fn with_an_upload_budget_a_peer_trains_on_until_its_updates_are_paid_for() {
+    // 1 MB an hour, a byte every 3.6 ms; each round's update to 3 neighbours costs
+    // more than a second of that, so after the burst allowance rounds grow longer.
+    let per_byte_ms = 3.6;
+    let mut p = timed_running_with(5, 1);
+    p.tick(500.0);
+    drain(&mut p);
+    let (mut t, mut sent, mut updates, mut waited) = (500.0, 0usize, 0u32, 0u32);
+    let mut since_update = 0.0;
+    while t < 400_000.0 {
+        t += 250.0;
+        since_update += 250.0;
+        let round = p.learner().round();
+        let run = if p.open_since.is_some() {
+            round + 1
+        } else {
+            round
+        };
+        p.trained(run, &[0.45; N], 0.3, 8, t).expect("finite");
+        let outs = drain(&mut p);
+        let bytes = update_bytes(&outs);
+        if bytes > 0 {
+            sent += bytes;
+            updates += 1;
+            if since_update > 1_250.0 {
+                waited += 1;
+            }
+            since_update = 0.0;
+            // Every bound stated in the docs holds at each send: the budget's rate over
+            // the time so far, a minute of it, and this update's copies.
+            let allowed = (t - 500.0) / per_byte_ms + UPLOAD_BURST_MS / per_byte_ms;
+            assert!(
+                (sent - bytes) as f64 <= allowed,
+                "{sent} bytes by {t} ms, {allowed} allowed"
+            );
+            for n in [10u8, 11, 12] {
+                p.handle(msg(u64::from(n), update_w(n + 10, run, 0.46)), t);
+            }
+        }
+        p.tick(t);
+        let trains = trains(&drain(&mut p));
+        assert!(
+            trains.len() <= 1 && p.progress().phase != "waiting",
+            "never idles"
+        );
+    }
+    // The burst goes out at a round a second; then the budget sets the pace.
+    let per_round = sent as f64 / f64::from(updates);
+    assert!(per_round * 3.6 > 1_000.0, "a round costs {per_round} bytes");
+    assert!(
+        2 * waited > updates,
+        "{waited} of {updates} rounds waited for the budget"
+    );
+    let paced = 400_000.0 / per_byte_ms + UPLOAD_BURST_MS / per_byte_ms + per_round;
+    assert!(sent as f64 <= paced, "{sent} bytes, {paced} allowed");
+    assert!(
+        sent as f64 >= 0.9 * 400_000.0 / per_byte_ms,
+        "{sent}: the budget is used"
     );
 }
 
@@ -1216,4 +1297,129 @@ fn a_trainer_keeps_what_at_most_max_observed_observers_hold() {
     let again = ask(&mut t, fifth, [0; 32], later);
     let then = ask(&mut t, fifth, again.result, later + ANSWER_INTERVAL_MS);
     assert_eq!(then.base, again.result, "a change from what it holds");
+}
+
+#[test]
+fn a_weights_change_from_a_copy_not_held_does_not_hold_the_round() {
+    let c = LearnConfig {
+        compression: Compression::TopK2Bit { fraction: 0.125 },
+        ..cfg()
+    };
+    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(snapshot(5, 0.5)));
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(GREET_AFTER_MS);
+    drain(&mut p);
+    // Our update for round 5, then the neighbours' changes from copies (their round-4
+    // updates) we never received: authentic, not usable.
+    p.trained(5, &[0.49; N], 0.3, 8, 600.0).expect("finite");
+    let (inner, _) =
+        Compressor::new(Compression::TopK2Bit { fraction: 0.125 }, 0).encode(&[0.01; N]);
+    for n in [10u8, 11, 12] {
+        let mut payload = vec![crate::learn::CHANGE_TAG];
+        payload.extend_from_slice(&4u64.to_le_bytes());
+        payload.extend_from_slice(&inner);
+        let u = PeerMessage::Update(Update::signed(&id(n + 10), "t", 5, 8, 0.1, payload));
+        p.handle(msg(u64::from(n), u.encode()), 650.0);
+    }
+    assert_eq!(rejected(&p, Rejection::Base), 3);
+    // Every neighbour was heard for round 5: the round closes now, not at the deadline
+    // (1 s after our update), and on our own update alone.
+    p.tick(700.0);
+    assert_eq!(p.learner().round(), 6);
+    let used: Vec<usize> = drain(&mut p)
+        .iter()
+        .filter_map(|o| match o {
+            Output::RoundClosed(s) => Some(s.used),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(used, vec![0]);
+}
+
+/// Each update among `outs`: (to, round, the payload's first byte).
+fn update_payloads(outs: &[Output]) -> Vec<(u64, u64, u8)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send { to, data } => match PeerMessage::decode(data, N) {
+                Ok(PeerMessage::Update(u)) => Some((to.0, u.round, u.payload[0])),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes() {
+    let c = LearnConfig {
+        compression: Compression::TopK2Bit { fraction: 0.125 },
+        ..cfg()
+    };
+    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(snapshot(5, 0.5)));
+    for n in [10, 11] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
+    let mut t = GREET_AFTER_MS;
+    let mut round = |p: &mut Peer, r: u64, t: f64, from: &[u8]| {
+        p.tick(t);
+        drain(p);
+        p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
+            .expect("finite");
+        let sent = update_payloads(&drain(p));
+        for &n in from {
+            p.handle(msg(u64::from(n), update_w(n + 10, r, 0.46)), t + 2.0);
+        }
+        p.tick(t + 3.0);
+        assert_eq!(p.learner().round(), r + 1);
+        sent
+    };
+    // After the download, the first update sets the copy: a keyframe to both.
+    assert_eq!(
+        round(&mut p, 5, t, &[10, 11]),
+        vec![(10, 5, int8), (11, 5, int8)]
+    );
+    // A third neighbour connects: it gets the copy whole, the others the change.
+    p.handle(Event::Up(PeerId(12)), t + 10.0);
+    t += 10.0 + GREET_AFTER_MS;
+    assert_eq!(
+        round(&mut p, 6, t, &[10, 11, 12]),
+        vec![(10, 6, change), (11, 6, change), (12, 6, fp32)]
+    );
+    // From then on every neighbour gets changes.
+    t += 100.0;
+    assert_eq!(
+        round(&mut p, 7, t, &[10, 11, 12]),
+        vec![(10, 7, change), (11, 7, change), (12, 7, change)]
+    );
+    // A neighbour that is left out of an update (it paused) no longer holds the copy:
+    // when it contributes again it gets the copy whole.
+    p.handle(
+        msg(
+            11,
+            PeerMessage::Status {
+                contributing: false,
+            }
+            .encode(),
+        ),
+        t + 50.0,
+    );
+    t += 100.0;
+    assert_eq!(
+        round(&mut p, 8, t, &[10, 12]),
+        vec![(10, 8, change), (12, 8, change)]
+    );
+    p.handle(
+        msg(11, PeerMessage::Status { contributing: true }.encode()),
+        t + 50.0,
+    );
+    t += 100.0;
+    assert_eq!(
+        round(&mut p, 9, t, &[10, 11, 12]),
+        vec![(10, 9, change), (11, 9, fp32), (12, 9, change)]
+    );
 }
