@@ -1365,7 +1365,7 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
     }
     let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
     let mut t = GREET_AFTER_MS;
-    let mut round = |p: &mut Peer, r: u64, t: f64, from: &[u8]| {
+    let round = |p: &mut Peer, r: u64, t: f64, from: &[u8]| {
         p.tick(t);
         drain(p);
         p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
