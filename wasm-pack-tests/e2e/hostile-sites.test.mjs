@@ -136,7 +136,7 @@ test('on a phone the consent card states the cost and its buttons are on screen'
   const widget = phone.locator('[data-shoal-widget="digits"]');
   await widget.waitFor();
   // The cost, from the server, in the script itself (before consent nothing else loads).
-  assert.match(await widget.locator('[role="dialog"]').textContent(), /downloads \d+(\.\d)? MB once, then sends and receives up to \d+(\.\d)? MB per training round/);
+  assert.match(await widget.locator('[role="dialog"]').textContent(), /downloads \d+(\.\d)? MB once, then sends at most 80 MB an hour of updates and receives about as much/);
   for (const name of ['Contribute', 'No thanks']) {
     const box = await widget.getByRole('button', { name }).boundingBox();
     assert.ok(box && box.x >= 0 && box.y >= 0 && box.x + box.width <= 390 && box.y + box.height <= 844,
