@@ -281,7 +281,9 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         .weights_changes()
         .then(|| Compression::Int8 { block: 256 }.approx_bytes(params));
     let per_round = keyframe.map_or(update, |k| {
-        update + (k - update).div_ceil(shoal_shared::learn::KEYFRAME_EVERY as usize)
+        update
+            + k.saturating_sub(update)
+                .div_ceil(shoal_shared::learn::KEYFRAME_EVERY as usize)
     });
     serde_json::json!({
         "parameters": params,

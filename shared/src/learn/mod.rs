@@ -112,7 +112,7 @@ pub enum Exchange {
     /// together. Needed in a partial mesh, where neighbourhoods differ and models drift
     /// apart without it. With a top-k codec (`top_k`, `top_k_2bit`) an update carries
     /// the top-k change of the sender's **public copy** — the weights its neighbours hold
-    /// of it — toward its local weights, and every tenth round (a round number that is a
+    /// of it — toward its local weights, and every 30th round (a round number that is a
     /// multiple of [`KEYFRAME_EVERY`], and the first update after a start or a download)
     /// the whole weights in int8, which set the copy: see `docs/protocol.md`, "Weights
     /// changes".
@@ -517,6 +517,9 @@ pub const CHANGE_TAG: u8 = 0x10;
 struct PublicCopy {
     /// The round of the update that last set or changed it.
     round: u64,
+    /// When we last set or changed it, on our own count of copies taken (which one goes
+    /// first when [`MAX_COPIES`] are held: never a claim of the sender's).
+    touched: u64,
     weights: Vec<f32>,
     /// Whether that update was a change (else it set the copy).
     change: bool,
@@ -616,6 +619,10 @@ pub struct Learner {
     /// neighbours', by signer.
     public: Option<PublicCopy>,
     copies: HashMap<PublicKey, PublicCopy>,
+    /// Our next update is a keyframe (the peer asks when many neighbours lack the copy).
+    keyframe_next: bool,
+    /// Copies taken so far (the clock of [`PublicCopy::touched`]).
+    copies_taken: u64,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -651,6 +658,8 @@ impl Learner {
             loss_kept: false,
             public: None,
             copies: HashMap::new(),
+            keyframe_next: false,
+            copies_taken: 0,
             stats: LearnStats::default(),
         })
     }
@@ -827,7 +836,8 @@ impl Learner {
     /// change: the copy's distance to our weights is the error feedback) — and the copy
     /// it leaves our neighbours holding.
     fn public_update(&mut self, local: &[f32]) -> (Vec<u8>, Vec<f32>) {
-        let keyframe = self.round.is_multiple_of(KEYFRAME_EVERY);
+        let keyframe =
+            self.round.is_multiple_of(KEYFRAME_EVERY) || std::mem::take(&mut self.keyframe_next);
         let mut change = false;
         let (payload, weights) = match self.public.take() {
             Some(copy) if !keyframe && copy.round < self.round => {
@@ -854,10 +864,22 @@ impl Learner {
         };
         self.public = Some(PublicCopy {
             round: self.round,
+            touched: 0,
             weights: weights.clone(),
             change,
         });
         (payload, weights)
+    }
+
+    /// Drops the copy we hold of `key`'s weights (its connection closed).
+    pub fn forget_copy(&mut self, key: &PublicKey) {
+        self.copies.remove(key);
+    }
+
+    /// Makes our next update a keyframe (with weights changes): cheaper than whole copies
+    /// when many of the neighbours it goes to do not hold ours.
+    pub fn keyframe_next(&mut self) {
+        self.keyframe_next = true;
     }
 
     /// Whether our latest update is a change of our public copy (a neighbour that does
@@ -918,11 +940,13 @@ impl Learner {
         } else {
             self.decode_payload(payload, Compression::Int8 { block: 256 })?
         };
-        make_room(&mut self.copies, &key, MAX_COPIES, |c| c.round);
+        make_room(&mut self.copies, &key, MAX_COPIES, |c| c.touched);
+        self.copies_taken += 1;
         self.copies.insert(
             key,
             PublicCopy {
                 round,
+                touched: self.copies_taken,
                 weights: weights.clone(),
                 change: false,
             },
@@ -1586,15 +1610,15 @@ fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
 }
 
 /// Before `key` goes into `map`, which holds at most `cap` entries: drops the entry with
-/// the lowest round when `key` is new and the map is full.
+/// the lowest `order` when `key` is new and the map is full.
 fn make_room<V>(
     map: &mut HashMap<PublicKey, V>,
     key: &PublicKey,
     cap: usize,
-    round: impl Fn(&V) -> u64,
+    order: impl Fn(&V) -> u64,
 ) {
     if map.len() >= cap && !map.contains_key(key) {
-        let oldest = map.iter().min_by_key(|(_, v)| round(v)).map(|(k, _)| *k);
+        let oldest = map.iter().min_by_key(|(_, v)| order(v)).map(|(k, _)| *k);
         if let Some(k) = oldest {
             map.remove(&k);
         }

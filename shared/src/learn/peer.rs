@@ -108,10 +108,11 @@ pub const HOLD_FACTOR: f64 = 3.0;
 /// closed or its run is done, and at which a driver may rest between chunks.
 pub const CHUNK_MS: f64 = 200.0;
 
-/// The upload budget's allowance for bursts: a peer may be this far ahead of its budget
-/// (a keyframe to two neighbours at the demo's 90 MB an hour) before its updates wait.
-/// Over any hour its updates send at most the budget and 10 s of it more (0.3%), plus
-/// one update's copies.
+/// The upload budget's least allowance for bursts: a peer may be this far ahead of its
+/// budget before its updates wait, or further where one keyframe to every neighbour its
+/// updates go to takes longer to pay for (see `Peer::upload_burst_ms`). Over any hour
+/// its updates send at most the budget and that allowance more, plus one round's
+/// copies.
 pub const UPLOAD_BURST_MS: f64 = 10_000.0;
 
 /// What a peer is for.
@@ -294,6 +295,11 @@ struct Neighbour {
     /// Weights changes: it holds our public copy as our last update left it (it got
     /// every update of ours since one that set the copy).
     keyed: bool,
+    /// The round of the last update of ours it was sent (each goes to it once).
+    sent_round: Option<u64>,
+    /// Weights changes: the round of the last whole copy it was sent (at most one per
+    /// [`KEYFRAME_EVERY`] rounds; otherwise it waits for the next keyframe).
+    whole_round: Option<u64>,
 }
 
 /// Rounds in time: the training toward our next update.
@@ -599,7 +605,7 @@ impl Peer {
             // Our update for the round in progress, if it went out before this channel
             // settled.
             if let Some(u) = update.as_ref().filter(|_| !idle) {
-                self.send(p, u.clone());
+                self.send_update(&[p], u, false, now_ms);
             }
         }
         self.gossip_head();
@@ -685,7 +691,11 @@ impl Peer {
                 }
             }
             Event::Down(p) => {
-                self.nbrs.remove(&p);
+                if let Some(key) = self.nbrs.remove(&p).and_then(|n| n.key) {
+                    // Its next connection starts from a keyframe or a whole copy: a copy
+                    // kept across connections could take a change meant for another.
+                    self.learner.forget_copy(&key);
+                }
                 self.stop_waiting_for(p, true, now_ms);
             }
             Event::TaskPaused(paused) => {
@@ -1323,6 +1333,7 @@ impl Peer {
             self.phase = Phase::Ready; // adopted a model meanwhile: train from it
             return Ok(());
         }
+        self.plan_keyframe(now_ms);
         let msg = match self.learner.local_update(local, samples, loss) {
             Ok(m) => m,
             Err(e) => {
@@ -1460,7 +1471,7 @@ impl Peer {
             && run.carry_from.is_none()
             && run.round == self.learner.round()
             && now_ms - run.started >= f64::from(self.cfg.round_ms)
-            && now_ms + UPLOAD_BURST_MS >= self.upload_free_at
+            && now_ms + self.upload_burst_ms() >= self.upload_free_at
             && run.samples > 0;
         if !due {
             return Ok(());
@@ -1468,6 +1479,7 @@ impl Peer {
         let claim = u32::try_from(run.samples).unwrap_or(u32::MAX);
         let mean_loss = (run.loss / run.steps.max(1) as f64) as f32;
         let (work, reload) = (run.work.clone(), run.reload);
+        self.plan_keyframe(now_ms);
         let msg = self.learner.local_update(&work, claim, mean_loss)?;
         let to = self.contributors();
         self.send_update(&to, &msg, true, now_ms);
@@ -1480,17 +1492,59 @@ impl Peer {
         Ok(())
     }
 
+    /// With weights changes: when at least a quarter of the neighbours our update goes to
+    /// do not hold our public copy, it is a keyframe for all (110 KB each for the demo, where
+    /// a whole copy is 437 KB: no dearer than whole copies to that quarter).
+    /// Only where the upload budget's allowance has room for it: otherwise they wait for
+    /// the next scheduled keyframe.
+    fn plan_keyframe(&mut self, now_ms: f64) {
+        if !self.cfg.weights_changes() {
+            return;
+        }
+        let to = self.contributors();
+        let lacking = to
+            .iter()
+            .filter(|p| self.nbrs.get(p).is_some_and(|n| !n.keyed))
+            .count();
+        let n = self.learner.weights().len();
+        let keyframe = crate::learn::Compression::Int8 { block: 256 }.approx_bytes(n);
+        if lacking > 0 && 4 * lacking >= to.len() && self.affordable(keyframe * to.len(), now_ms) {
+            self.learner.keyframe_next();
+        }
+    }
+
+    /// Whether sending `bytes` more of updates now keeps us within the upload budget's
+    /// burst allowance (always, without a budget).
+    fn affordable(&self, bytes: usize, now_ms: f64) -> bool {
+        self.cfg.upload_bytes_per_ms().is_none_or(|rate| {
+            self.upload_free_at.max(now_ms) + bytes as f64 / rate - now_ms <= self.upload_burst_ms()
+        })
+    }
+
     /// Sends our update `msg` to `to` (every contributor when `all`; neighbours left out
-    /// then miss it). With weights changes, a neighbour that does not hold our public copy
-    /// gets the copy after this update whole instead (fp32, the same round: it stands for
-    /// the update), and holds it from then on. Counts it all against the upload budget.
+    /// then miss it), each at most once. With weights changes, a neighbour that does not
+    /// hold our public copy gets the copy after this update whole instead (fp32, the same
+    /// round: it stands for the update) and holds it from then on — at most once per
+    /// [`KEYFRAME_EVERY`] rounds; beyond that it gets the change (which it cannot use) and
+    /// waits for our next keyframe. Counts it all against the upload budget.
     fn send_update(&mut self, to: &[PeerId], msg: &[u8], all: bool, now_ms: f64) {
+        let round = self.learner.round();
         let change = self.learner.sent_change();
         let mut whole = None;
         let mut bytes = 0;
         for p in to {
-            let keyed = self.nbrs.get(p).is_some_and(|n| n.keyed);
-            let data = if change && !keyed {
+            let Some(n) = self.nbrs.get(p) else { continue };
+            if n.sent_round == Some(round) {
+                continue;
+            }
+            let may_whole = n
+                .whole_round
+                .is_none_or(|w| round >= w + crate::learn::KEYFRAME_EVERY);
+            let whole_now = change
+                && !n.keyed
+                && may_whole
+                && self.affordable(bytes + 4 * self.learner.weights().len(), now_ms);
+            let data = if whole_now {
                 whole
                     .get_or_insert_with(|| self.learner.whole_public())
                     .clone()
@@ -1499,7 +1553,13 @@ impl Peer {
             };
             let Some(data) = data else { continue };
             if let Some(n) = self.nbrs.get_mut(p) {
-                n.keyed = true;
+                n.sent_round = Some(round);
+                // A keyframe or a whole copy gives it the copy; a change keeps it only
+                // where it had it.
+                n.keyed = !change || whole_now || n.keyed;
+                if whole_now {
+                    n.whole_round = Some(round);
+                }
             }
             bytes += data.len();
             self.send(*p, data);
@@ -1512,6 +1572,20 @@ impl Peer {
             }
         }
         self.spend_upload(bytes, now_ms);
+    }
+
+    /// How far ahead of its budget a peer may be before its next update waits: 10 s of
+    /// it, or what a keyframe to every neighbour our updates go to takes to pay for,
+    /// whichever is longer (so that a keyframe or a download never stalls a peer past
+    /// its neighbours' deadlines).
+    fn upload_burst_ms(&self) -> f64 {
+        let Some(rate) = self.cfg.upload_bytes_per_ms() else {
+            return f64::INFINITY;
+        };
+        let n = self.learner.weights().len();
+        let keyframe = crate::learn::Compression::Int8 { block: 256 }.approx_bytes(n);
+        let to = self.contributors().len().max(self.cfg.neighbours);
+        UPLOAD_BURST_MS.max((keyframe * to) as f64 / rate)
     }
 
     /// Counts `bytes` of updates sent now against the upload budget: the next update

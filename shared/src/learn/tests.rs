@@ -383,7 +383,8 @@ fn weights_changes_keep_every_neighbours_copy_equal_to_the_senders_public_copy()
         b.finish_round();
         a.weights = start.clone();
     }
-    // Round 0 is a keyframe (int8 whole weights), rounds 1-9 changes, round 10 again.
+    // Round 0 is a keyframe (int8 whole weights), the rounds up to the next multiple of
+    // KEYFRAME_EVERY changes, and that one a keyframe again.
     let int8 = Compression::Int8 { block: 256 }.tag();
     assert_eq!(sizes[0].0, int8);
     assert_eq!(sizes[KEYFRAME_EVERY as usize].0, int8);
@@ -494,7 +495,7 @@ fn a_malformed_or_non_finite_change_is_refused_and_leaves_the_copy() {
     assert_eq!(a.receive(&signed(2, other)), Err(Rejection::Shape));
     // A change that makes a value infinite.
     let mut big = vec![0.0; n];
-    big[3] = f32::MAX;
+    big[3] = f32::MAX / 2.0;
     let (topk, _) = Compressor::new(Compression::TopK2Bit { fraction: 0.125 }, 0).encode(&big);
     let mut change = vec![CHANGE_TAG];
     change.extend_from_slice(&0u64.to_le_bytes());
@@ -508,15 +509,75 @@ fn a_malformed_or_non_finite_change_is_refused_and_leaves_the_copy() {
 }
 
 #[test]
-fn at_most_max_copies_neighbours_copies_are_kept() {
+fn at_most_max_copies_are_kept_and_the_one_taken_longest_ago_goes() {
     let n = 64;
     let mut a = changes_peer(1, vec![0.0; n]);
-    for seed in 0..(MAX_COPIES as u8 + 5) {
-        let mut b = changes_peer(100 + seed, vec![0.0; n]);
+    let mut senders: Vec<Learner> = (0..MAX_COPIES as u8)
+        .map(|i| changes_peer(100 + i, vec![0.0; n]))
+        .collect();
+    for b in &mut senders {
         a.receive(&b.local_update(&vec![0.1; n], 8, 0.0).expect("finite"))
             .expect("keyframe");
     }
+    // The first sender's copy is taken again (its next update); then a new sender comes.
+    let first = &mut senders[0];
+    first.finish_round();
+    a.receive(&first.local_update(&vec![0.2; n], 8, 0.0).expect("finite"))
+        .expect("a change");
+    let mut late = changes_peer(200, vec![0.0; n]);
+    a.receive(&late.local_update(&vec![0.1; n], 8, 0.0).expect("finite"))
+        .expect("keyframe");
     assert_eq!(a.copies.len(), MAX_COPIES);
+    assert!(
+        a.copies.contains_key(&senders[0].public_key()),
+        "taken last"
+    );
+    assert!(
+        !a.copies.contains_key(&senders[1].public_key()),
+        "taken longest ago"
+    );
+    assert!(a.copies.contains_key(&late.public_key()));
+}
+
+#[test]
+fn a_whole_copy_sets_the_copy_exactly_and_the_changes_after_it_apply() {
+    let n = 300;
+    let mut a = changes_peer(1, vec![0.0; n]);
+    let mut b = changes_peer(2, vec![0.0; n]);
+    let local = |r: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7 + r) as f32).sin()).collect() };
+    // a never gets b's keyframe; b's change then cannot apply.
+    b.local_update(&local(0), 8, 0.0).expect("finite");
+    b.finish_round();
+    a.finish_round();
+    assert_eq!(
+        a.receive(&b.local_update(&local(1), 8, 0.0).expect("finite")),
+        Err(Rejection::Base)
+    );
+    b.finish_round();
+    a.finish_round();
+    // The next round b sends a the copy whole (what its peer does for a neighbour that
+    // lacks it): fp32, exact.
+    b.local_update(&local(2), 8, 0.0).expect("finite");
+    assert!(b.sent_change());
+    let whole = b.whole_public().expect("a change went out");
+    assert_eq!(payload_of(&whole, n)[0], Compression::None.tag());
+    assert!(a.receive(&whole).is_ok());
+    assert_eq!(
+        a.copies[&b.public_key()].weights,
+        b.public.as_ref().expect("sent").weights
+    );
+    for r in 3..6 {
+        b.finish_round();
+        a.finish_round();
+        let change = b.local_update(&local(r), 8, 0.0).expect("finite");
+        assert_eq!(payload_of(&change, n)[0], CHANGE_TAG);
+        assert!(a.receive(&change).is_ok(), "round {r}");
+        assert_eq!(
+            a.copies[&b.public_key()].weights,
+            b.public.as_ref().expect("sent").weights,
+            "round {r}"
+        );
+    }
 }
 
 #[test]

@@ -826,7 +826,7 @@ fn with_an_upload_budget_a_peer_trains_on_until_its_updates_are_paid_for() {
             }
             since_update = 0.0;
             // Every bound stated in the docs holds at each send: the budget's rate over
-            // the time so far, a minute of it, and this update's copies.
+            // the time so far, the burst allowance, and this update's copies.
             let allowed = (t - 500.0) / per_byte_ms + UPLOAD_BURST_MS / per_byte_ms;
             assert!(
                 (sent - bytes) as f64 <= allowed,
@@ -1360,7 +1360,7 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
     };
     let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
     assert!(p.resume(snapshot(5, 0.5)));
-    for n in [10, 11] {
+    for n in 10..15 {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
     let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
@@ -1378,48 +1378,109 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
         assert_eq!(p.learner().round(), r + 1);
         sent
     };
-    // After the download, the first update sets the copy: a keyframe to both.
-    assert_eq!(
-        round(&mut p, 5, t, &[10, 11]),
-        vec![(10, 5, int8), (11, 5, int8)]
-    );
-    // A third neighbour connects: it gets the copy whole, the others the change.
-    p.handle(Event::Up(PeerId(12)), t + 10.0);
+    let all = |r: u64, kinds: &[(u64, u8)]| -> Vec<(u64, u64, u8)> {
+        kinds.iter().map(|&(n, k)| (n, r, k)).collect()
+    };
+    // After the download, the first update sets the copy: a keyframe to all five.
+    let five = [10u8, 11, 12, 13, 14];
+    let keyframes: Vec<(u64, u8)> = (10..15).map(|n| (n, int8)).collect();
+    assert_eq!(round(&mut p, 5, t, &five), all(5, &keyframes));
+    // A sixth neighbour connects: it gets the copy whole, the others the change.
+    p.handle(Event::Up(PeerId(15)), t + 10.0);
     t += 10.0 + GREET_AFTER_MS;
-    assert_eq!(
-        round(&mut p, 6, t, &[10, 11, 12]),
-        vec![(10, 6, change), (11, 6, change), (12, 6, fp32)]
-    );
+    let six = [10u8, 11, 12, 13, 14, 15];
+    let mut kinds: Vec<(u64, u8)> = (10..15).map(|n| (n, change)).collect();
+    kinds.push((15, fp32));
+    assert_eq!(round(&mut p, 6, t, &six), all(6, &kinds));
     // From then on every neighbour gets changes.
     t += 100.0;
-    assert_eq!(
-        round(&mut p, 7, t, &[10, 11, 12]),
-        vec![(10, 7, change), (11, 7, change), (12, 7, change)]
-    );
+    let changes: Vec<(u64, u8)> = (10..16).map(|n| (n, change)).collect();
+    assert_eq!(round(&mut p, 7, t, &six), all(7, &changes));
     // A neighbour that is left out of an update (it paused) no longer holds the copy:
     // when it contributes again it gets the copy whole.
-    p.handle(
-        msg(
-            11,
-            PeerMessage::Status {
-                contributing: false,
-            }
-            .encode(),
-        ),
-        t + 50.0,
-    );
+    let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
+    p.handle(msg(11, status(false)), t + 50.0);
     t += 100.0;
-    assert_eq!(
-        round(&mut p, 8, t, &[10, 12]),
-        vec![(10, 8, change), (12, 8, change)]
-    );
-    p.handle(
-        msg(11, PeerMessage::Status { contributing: true }.encode()),
-        t + 50.0,
-    );
+    let without: Vec<(u64, u8)> = [10, 12, 13, 14, 15].iter().map(|&n| (n, change)).collect();
+    assert_eq!(round(&mut p, 8, t, &[10, 12, 13, 14, 15]), all(8, &without));
+    p.handle(msg(11, status(true)), t + 50.0);
     t += 100.0;
-    assert_eq!(
-        round(&mut p, 9, t, &[10, 11, 12]),
-        vec![(10, 9, change), (11, 9, fp32), (12, 9, change)]
-    );
+    let mut back = changes.clone();
+    back[1] = (11, fp32);
+    assert_eq!(round(&mut p, 9, t, &six), all(9, &back));
+    // Where a quarter or more lack it, a keyframe to all costs no more than the copies
+    // whole: two of six paused, and both come back.
+    for n in [12, 13] {
+        p.handle(msg(n, status(false)), t + 50.0);
+    }
+    t += 100.0;
+    assert_eq!(round(&mut p, 10, t, &[10, 11, 14, 15]).len(), 4);
+    for n in [12, 13] {
+        p.handle(msg(n, status(true)), t + 50.0);
+    }
+    t += 100.0;
+    let keyframes: Vec<(u64, u8)> = (10..16).map(|n| (n, int8)).collect();
+    assert_eq!(round(&mut p, 11, t, &six), all(11, &keyframes));
+}
+
+#[test]
+fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() {
+    let c = LearnConfig {
+        compression: Compression::TopK2Bit { fraction: 0.125 },
+        ..cfg()
+    };
+    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(snapshot(5, 0.5)));
+    for n in 10..15 {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
+    let clock = std::cell::Cell::new(GREET_AFTER_MS);
+    // One round: our update (11 paused first if `paused`), then `flips` off-and-on
+    // status pairs from 11 while the round is open, then the others' updates close it.
+    // Returns what went to 11.
+    let round = |p: &mut Peer, r: u64, flips: usize, paused: bool| {
+        let t = clock.get();
+        p.tick(t);
+        drain(p);
+        if paused {
+            p.handle(msg(11, status(false)), t);
+        }
+        p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
+            .expect("finite");
+        let mut outs = drain(p);
+        for _ in 0..flips {
+            p.handle(msg(11, status(false)), t + 2.0);
+            p.handle(msg(11, status(true)), t + 2.0);
+            outs.extend(drain(p));
+        }
+        for n in [10u8, 12, 13, 14] {
+            p.handle(msg(u64::from(n), update_w(n + 10, r, 0.46)), t + 3.0);
+        }
+        if !paused {
+            p.handle(msg(11, update_w(21, r, 0.46)), t + 3.0);
+        }
+        p.tick(t + 4.0);
+        assert_eq!(p.learner().round(), r + 1);
+        clock.set(t + 100.0);
+        let to_11: Vec<u8> = update_payloads(&outs)
+            .into_iter()
+            .filter(|u| u.0 == 11)
+            .map(|u| u.2)
+            .collect();
+        to_11
+    };
+    let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
+    assert_eq!(round(&mut p, 5, 0, false), vec![int8]);
+    // Ten flips while round 6 is open: it still has round 6's update once.
+    assert_eq!(round(&mut p, 6, 10, false), vec![change]);
+    // It pauses through round 7: back in round 8 it gets the copy whole.
+    assert!(round(&mut p, 7, 0, true).is_empty());
+    p.handle(msg(11, status(true)), clock.get());
+    assert_eq!(round(&mut p, 8, 0, false), vec![fp32]);
+    // Again through round 9: in round 10 no second whole copy so soon, only the change
+    // (it waits for our next keyframe).
+    assert!(round(&mut p, 9, 0, true).is_empty());
+    p.handle(msg(11, status(true)), clock.get());
+    assert_eq!(round(&mut p, 10, 0, false), vec![change]);
 }
