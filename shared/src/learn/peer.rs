@@ -1584,8 +1584,7 @@ impl Peer {
         };
         let n = self.learner.weights().len();
         let keyframe = crate::learn::Compression::Int8 { block: 256 }.approx_bytes(n);
-        let to = self.contributors().len().max(self.cfg.neighbours);
-        UPLOAD_BURST_MS.max((keyframe * to) as f64 / rate)
+        UPLOAD_BURST_MS.max((keyframe * self.contributors().len()) as f64 / rate)
     }
 
     /// Counts `bytes` of updates sent now against the upload budget: the next update
