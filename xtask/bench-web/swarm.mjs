@@ -19,7 +19,7 @@ const serverBin = join(root, 'target/release/shoal-signaling-server');
 const peerBin = join(root, 'target/release/shoal-peer');
 const taskFile = process.env.SHOAL_BENCH_TASK ?? join(root, 'tasks/digits.toml');
 const PEERS = Number(process.env.SHOAL_BENCH_PEERS ?? 3);
-const SECONDS = Number(process.env.SHOAL_BENCH_SECONDS ?? 60);
+const SECONDS = Number(process.env.SHOAL_BENCH_SECONDS ?? 150);
 const WARMUP_S = 10;
 
 const taskText = readFileSync(taskFile, 'utf8');

@@ -520,7 +520,7 @@ fn swarm(root: &Path) -> Result<Value> {
     setup::ensure_debs(&setup::TEST_PACKAGES)?;
     data::prepare(root)?;
     crate::build_server_with(root, &["--bin", "shoal-peer"])?;
-    println!("swarm: 3 native peers, 60 s alone (each its own server) then 60 s together");
+    println!("swarm: 3 native peers, 150 s alone (each its own server) then 150 s together");
     let v = json_in_namespace(root, "node xtask/bench-web/swarm.mjs", "swarm benchmark")?;
     let f = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
     let r = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
