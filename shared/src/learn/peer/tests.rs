@@ -1299,17 +1299,24 @@ fn a_trainer_keeps_what_at_most_max_observed_observers_hold() {
     assert_eq!(then.base, again.result, "a change from what it holds");
 }
 
-#[test]
-fn a_weights_change_from_a_copy_not_held_does_not_hold_the_round() {
+/// A peer exchanging weights changes (top-k 12.5%, 2-bit values) that holds the model at
+/// round 5, with `neighbours` connected.
+fn changes_peer_at_5(neighbours: &[u64]) -> Peer {
     let c = LearnConfig {
         compression: Compression::TopK2Bit { fraction: 0.125 },
         ..cfg()
     };
     let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
     assert!(p.resume(snapshot(5, 0.5)));
-    for n in [10, 11, 12] {
+    for &n in neighbours {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
+    p
+}
+
+#[test]
+fn a_weights_change_from_a_copy_not_held_does_not_hold_the_round() {
+    let mut p = changes_peer_at_5(&[10, 11, 12]);
     p.tick(GREET_AFTER_MS);
     drain(&mut p);
     // Our update for round 5, then the neighbours' changes from copies (their round-4
@@ -1354,15 +1361,7 @@ fn update_payloads(outs: &[Output]) -> Vec<(u64, u64, u8)> {
 
 #[test]
 fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes() {
-    let c = LearnConfig {
-        compression: Compression::TopK2Bit { fraction: 0.125 },
-        ..cfg()
-    };
-    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
-    assert!(p.resume(snapshot(5, 0.5)));
-    for n in 10..15 {
-        p.handle(Event::Up(PeerId(n)), 0.0);
-    }
+    let mut p = changes_peer_at_5(&[10, 11, 12, 13, 14]);
     let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
     let mut t = GREET_AFTER_MS;
     let round = |p: &mut Peer, r: u64, t: f64, from: &[u8]| {
@@ -1425,15 +1424,7 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
 
 #[test]
 fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() {
-    let c = LearnConfig {
-        compression: Compression::TopK2Bit { fraction: 0.125 },
-        ..cfg()
-    };
-    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
-    assert!(p.resume(snapshot(5, 0.5)));
-    for n in 10..15 {
-        p.handle(Event::Up(PeerId(n)), 0.0);
-    }
+    let mut p = changes_peer_at_5(&[10, 11, 12, 13, 14]);
     let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
     let clock = std::cell::Cell::new(GREET_AFTER_MS);
     // One round: our update (11 paused first if `paused`), then `flips` off-and-on
