@@ -925,12 +925,14 @@ impl Learner {
                 return Err(self.stats.reject(Rejection::Malformed));
             };
             let base = u64::from_le_bytes(base);
-            let Some(copy) = self.copies.get(&key).filter(|c| c.round == base) else {
+            if self.copies.get(&key).is_none_or(|c| c.round != base) {
                 return Err(self.stats.reject(Rejection::Base));
-            };
-            let from = copy.weights.clone();
-            let change = self.decode_payload(&payload[9..], self.cfg.compression)?;
-            let w: Vec<f32> = from.iter().zip(&change).map(|(c, d)| c + d).collect();
+            }
+            let mut w = self.decode_payload(&payload[9..], self.cfg.compression)?;
+            // The copy plus the change: the sender's f32 add (commutative, so bit-exact).
+            for (d, c) in w.iter_mut().zip(&self.copies[&key].weights) {
+                *d += c;
+            }
             if !w.iter().all(|x| x.is_finite()) {
                 return Err(self.stats.reject(Rejection::NonFinite));
             }
