@@ -108,11 +108,12 @@ pub const HOLD_FACTOR: f64 = 3.0;
 /// closed or its run is done, and at which a driver may rest between chunks.
 pub const CHUNK_MS: f64 = 200.0;
 
-/// The upload budget's least allowance for bursts: a peer may be this far ahead of its
-/// budget before its updates wait, or further where one keyframe to every neighbour its
-/// updates go to takes longer to pay for (see `Peer::upload_burst_ms`). Over any hour
-/// its updates send at most the budget and that allowance more, plus one round's
-/// copies.
+/// The upload budget's least allowance for bursts: an update goes out once what was sent
+/// before is paid at the budget's rate, and may then run this far ahead of the budget
+/// (or further where one keyframe to every neighbour it goes to takes longer to pay for,
+/// see `Peer::upload_burst_ms`) with the keyframe or whole copies that neighbours who
+/// lack our copy need. Over any hour updates send at most the budget and that allowance
+/// more, plus one round's copies.
 pub const UPLOAD_BURST_MS: f64 = 10_000.0;
 
 /// What a peer is for.
@@ -379,8 +380,9 @@ pub struct Peer {
     /// Rounds in time: measured inner steps per millisecond.
     step_rate: Option<f64>,
     /// The upload budget (`upload_mb_per_hour`): when the bytes our updates sent so far
-    /// are paid at the budget's rate. The next update goes out once that is at most
-    /// [`UPLOAD_BURST_MS`] ahead.
+    /// are paid at the budget's rate. The next update goes out once they are paid; the
+    /// burst allowance ([`UPLOAD_BURST_MS`] or more) is for the keyframe or whole copies
+    /// that update may need, so that neighbours who lack our copy get it at once.
     upload_free_at: f64,
 }
 
@@ -1471,7 +1473,7 @@ impl Peer {
             && run.carry_from.is_none()
             && run.round == self.learner.round()
             && now_ms - run.started >= f64::from(self.cfg.round_ms)
-            && now_ms + self.upload_burst_ms() >= self.upload_free_at
+            && now_ms >= self.upload_free_at
             && run.samples > 0;
         if !due {
             return Ok(());
@@ -1574,10 +1576,10 @@ impl Peer {
         self.spend_upload(bytes, now_ms);
     }
 
-    /// How far ahead of its budget a peer may be before its next update waits: 10 s of
-    /// it, or what a keyframe to every neighbour our updates go to takes to pay for,
-    /// whichever is longer (so that a keyframe or a download never stalls a peer past
-    /// its neighbours' deadlines).
+    /// How far ahead of its budget an update's keyframe or whole copies may take a peer:
+    /// 10 s of it, or what a keyframe to every neighbour our updates go to takes to pay
+    /// for, whichever is longer (an update goes out only once the budget is paid up, so
+    /// there is always room to give every neighbour our copy).
     fn upload_burst_ms(&self) -> f64 {
         let Some(rate) = self.cfg.upload_bytes_per_ms() else {
             return f64::INFINITY;

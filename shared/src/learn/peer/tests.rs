@@ -843,7 +843,7 @@ fn with_an_upload_budget_a_peer_trains_on_until_its_updates_are_paid_for() {
             "never idles"
         );
     }
-    // The burst goes out at a round a second; then the budget sets the pace.
+    // Updates go out as the budget pays for them, not a round a second.
     let per_round = sent as f64 / f64::from(updates);
     assert!(per_round * 3.6 > 1_000.0, "a round costs {per_round} bytes");
     assert!(
@@ -1420,6 +1420,63 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
     t += 100.0;
     let keyframes: Vec<(u64, u8)> = (10..16).map(|n| (n, int8)).collect();
     assert_eq!(round(&mut p, 11, t, &six), all(11, &keyframes));
+}
+
+#[test]
+fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_update() {
+    // Weights changes with updates that cost more than the budget pays in a round: the
+    // budget sets the pace. A neighbour that connects after a minute of that gets our
+    // copy (whole, or a keyframe to all) with our next update — not changes it cannot
+    // use until our keyframe 30 rounds on, as when updates ran at the edge of the
+    // allowance and left it no room.
+    let c = LearnConfig {
+        round_ms: 1_000,
+        upload_mb_per_hour: 1,
+        compression: Compression::TopK2Bit { fraction: 0.125 },
+        ..cfg()
+    };
+    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(snapshot(5, 0.5)));
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    let mut t = 500.0;
+    p.tick(t);
+    drain(&mut p);
+    let mut to_13 = Vec::new();
+    let mut sends = 0;
+    while t < 120_000.0 && to_13.is_empty() {
+        t += 250.0;
+        if t == 60_000.0 {
+            p.handle(Event::Up(PeerId(13)), t);
+        }
+        let round = p.learner().round();
+        let run = if p.open_since.is_some() {
+            round + 1
+        } else {
+            round
+        };
+        p.trained(run, &[0.5 - 0.001 * run as f32; N], 0.3, 8, t)
+            .expect("finite");
+        let mut sent = update_payloads(&drain(&mut p));
+        if sent.iter().any(|u| u.0 == 10) {
+            sends += 1;
+            for n in [10u8, 11, 12] {
+                p.handle(msg(u64::from(n), update_w(n + 10, run, 0.46)), t);
+            }
+        }
+        p.tick(t);
+        // The open round's update goes to a neighbour once it has greeted it.
+        sent.extend(update_payloads(&drain(&mut p)));
+        to_13 = sent.iter().filter(|u| u.0 == 13).map(|u| u.2).collect();
+    }
+    assert!(sends > 10, "{sends} updates before the new neighbour");
+    assert_eq!(to_13.len(), 1, "an update goes to the new neighbour");
+    assert_ne!(
+        to_13[0],
+        crate::learn::CHANGE_TAG,
+        "it gets our copy, not a change from a copy it lacks"
+    );
 }
 
 #[test]
