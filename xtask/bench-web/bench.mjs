@@ -19,6 +19,7 @@ const mounts = {
   '/pkg/': join(root, 'www/pkg'),
   '/data/': join(root, 'data'),
   '/tasks/': join(root, 'tasks'),
+  '/bench/': join(root, 'target/bench'),
   '/tfjs/': join(here, 'node_modules/@tensorflow/tfjs/dist'),
   '/tfjs-wasm/': join(here, 'node_modules/@tensorflow/tfjs-backend-wasm/dist'),
   '/tfjs-webgpu/': join(here, 'node_modules/@tensorflow/tfjs-backend-webgpu/dist'),
@@ -97,17 +98,18 @@ const result = await page.evaluate(async ({ kind }) => {
   }
 
   if (kind === 'lm') {
-    // The demo language model (tasks/fortunes.toml) on its own data, batch and AdamW:
-    // training tokens per second on Shoal's wasm CPU backend and its WebGPU backend, and
-    // the module's linear memory (its peak: wasm memory only grows) after the CPU run.
-    const taskToml = await (await fetch('/tasks/fortunes.toml')).text();
+    // The demo language model (tasks/fortunes.toml, as JSON: the browser reads no TOML) on
+    // its own data, batch and AdamW: training tokens per second on Shoal's wasm CPU backend
+    // and its WebGPU backend, and the module's linear memory (its peak: wasm memory only
+    // grows) after the CPU run.
+    const taskJson = await (await fetch('/bench/fortunes.task.json')).text();
     const text = new Uint8Array(await (await fetch('/data/text/fortunes.txt')).arrayBuffer());
     const plan = { cpu: [2, 5, 3], webgpu: [1, 1, 2] };
     for (const backend of ['cpu', 'webgpu']) {
       const before = shoal.wasmMemoryBytes();
       try {
         const [warm, steps, runs] = plan[backend];
-        const t = await shoal.BenchTrainer.task(taskToml, backend, [text]);
+        const t = await shoal.BenchTrainer.task(taskJson, backend, [text]);
         const tokens = t.predictionsPerStep();
         t.run(warm); await t.loss();
         const rates = [];

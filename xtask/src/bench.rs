@@ -315,15 +315,18 @@ fn train_throughput(root: &Path) -> Result<Value> {
     }))
 }
 
+/// The demo language model's task (`tasks/fortunes.toml`).
+fn fortunes_task(root: &Path) -> Result<shoal_shared::task::TaskSpec> {
+    let text = std::fs::read_to_string(root.join("tasks/fortunes.toml"))?;
+    Ok(shoal_shared::task::TaskSpec::from_toml(&text)?)
+}
+
 /// `train-lm`: training tokens/s of the demo language model (`tasks/fortunes.toml`) at
 /// its batch and context with its AdamW recipe, Shoal's CPU backend natively against
 /// PyTorch on the CPU, both on one thread (Shoal's CPU backend uses one).
 fn train_lm(root: &Path) -> Result<Value> {
     let corpus = crate::text::prepare(root)?;
-    let task = shoal_shared::task::TaskSpec::from_toml(&std::fs::read_to_string(
-        root.join("tasks/fortunes.toml"),
-    )?)
-    .map_err(anyhow::Error::msg)?;
+    let task = fortunes_task(root)?;
     let model = shoal_shared::engine::Model::new(task.model.clone())?;
     let bytes = std::fs::read(&corpus)?;
     let ctx = model.positions();
@@ -451,6 +454,11 @@ fn browser_bench(root: &Path, kind: &str) -> Result<Value> {
     setup::ensure_bench_web(root)?;
     web::build(root)?;
     data::prepare(root)?;
+    // The demo LM's task as the browser gets tasks: JSON (the wasm carries no TOML parser).
+    let task = fortunes_task(root)?;
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("fortunes.task.json"), serde_json::to_vec(&task)?)?;
     json_in_namespace(
         root,
         &format!("node xtask/bench-web/bench.mjs {kind}"),

@@ -138,6 +138,22 @@ pub(crate) fn ensure_node() -> Result<()> {
     ensure_debs(&["nodejs", "npm"])
 }
 
+/// Installs binaryen's npm build (its `wasm-opt`, which the bundle build runs) into
+/// `xtask/web-build/node_modules` from the committed lock file. Returns `wasm-opt`'s path.
+pub(crate) fn ensure_wasm_opt(root: &Path) -> Result<std::path::PathBuf> {
+    let dir = root.join("xtask/web-build");
+    let bin = dir.join("node_modules/binaryen/bin/wasm-opt");
+    if !bin.exists() {
+        ensure_node()?;
+        run_cmd(
+            Command::new("npm")
+                .current_dir(&dir)
+                .args(["ci", "--no-audit", "--no-fund"]),
+        )?;
+    }
+    Ok(bin)
+}
+
 /// Installs the end-to-end tests' npm packages (Playwright's driver, no browser download)
 /// into `wasm-pack-tests/node_modules` from the committed lock file.
 pub(crate) fn ensure_npm_packages(root: &Path) -> Result<()> {

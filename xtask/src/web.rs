@@ -3,15 +3,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::run_cmd;
 
 /// Builds the release wasm and generates its glue with the wasm-bindgen that Cargo.lock
 /// pins (linked into xtask, so no separately installed binary can drift), without the
 /// name and producers sections (the name section alone was 237 KB of 1.6 MB: function
-/// names for stack traces, which a visitor's browser does not need). Skips the glue step
-/// when `www/pkg` is newer than the wasm. Prints the bundle's size, raw and gzipped at
+/// names for stack traces, which a visitor's browser does not need), then shrinks it with
+/// binaryen's `wasm-opt -Oz` (the npm build; Debian's binaryen 108 breaks wgpu's output).
+/// Skips both steps when `www/pkg` is newer than the wasm. Prints the bundle's size, raw and gzipped at
 /// the best level. Returns the path of the final `.wasm`.
 pub(crate) fn build(root: &Path) -> Result<PathBuf> {
     let out_wasm = build_quietly(root)?;
@@ -68,7 +69,39 @@ fn build_quietly(root: &Path) -> Result<PathBuf> {
         wasm.clone().into_os_string(),
     ];
     wasm_bindgen_cli::wasm_bindgen::run_cli_with_args(args).context("wasm-bindgen failed")?;
+    optimize(root, &out_wasm)?;
     Ok(out_wasm)
+}
+
+/// `wasm-opt -Oz` in place, with the features the wasm was built with (Rust's defaults for
+/// wasm32 and the SIMD that `.cargo/config.toml` turns on); on failure the unoptimized
+/// file is removed, so that the next build does not skip the step.
+fn optimize(root: &Path, wasm: &Path) -> Result<()> {
+    let wasm_opt = crate::setup::ensure_wasm_opt(root)?;
+    let tmp = wasm.with_extension("opt.wasm");
+    let status = Command::new("node")
+        .arg(&wasm_opt)
+        .args([
+            "-Oz",
+            "--enable-simd",
+            "--enable-bulk-memory",
+            "--enable-sign-ext",
+            "--enable-mutable-globals",
+            "--enable-nontrapping-float-to-int",
+            "--enable-multivalue",
+            "--enable-reference-types",
+        ])
+        .arg(wasm)
+        .arg("-o")
+        .arg(&tmp)
+        .status()
+        .context("running wasm-opt (node)")?;
+    if !status.success() {
+        let _ = std::fs::remove_file(wasm);
+        bail!("wasm-opt failed ({status}) on {}", wasm.display());
+    }
+    std::fs::rename(&tmp, wasm)?;
+    Ok(())
 }
 
 fn is_newer(a: &Path, b: &Path) -> bool {

@@ -131,7 +131,8 @@ impl BenchTrainer {
         })
     }
 
-    /// A task file's model, data, batch and optimizer: `task` is the file's TOML, `files`
+    /// A task's model, data, batch and optimizer: `task` is its JSON (as `/api/tasks/{name}`
+    /// serves it; `cargo xtask bench` writes the demo LM's), `files`
     /// the bytes of its data files in the order the task lists them (`data.train`, then
     /// `data.test`). The GPU backend falls back to the CPU for what WGSL does not cover,
     /// as a peer does; `backend()` says which ran.
@@ -140,7 +141,7 @@ impl BenchTrainer {
         backend: String,
         files: Vec<js_sys::Uint8Array>,
     ) -> Result<BenchTrainer, JsError> {
-        let task = TaskSpec::from_toml(&task).map_err(|e| JsError::new(&e.to_string()))?;
+        let task = TaskSpec::from_json(&task).map_err(|e| JsError::new(&e.to_string()))?;
         let gpu = bench_gpu(&backend).await?;
         let bytes: Vec<Vec<u8>> = files.iter().map(js_sys::Uint8Array::to_vec).collect();
         let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
