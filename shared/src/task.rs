@@ -334,8 +334,7 @@ impl TaskSpec {
         }
     }
 
-    /// Parses and validates a task file's text (native only: the browser gets JSON).
-    #[cfg(not(target_arch = "wasm32"))]
+    /// Parses and validates a task file's text.
     pub fn from_toml(text: &str) -> Result<Self, TaskError> {
         let spec: Self = toml::from_str(text).map_err(|e| {
             // toml names the key and the line; keep its message on one line.

@@ -143,7 +143,17 @@ pub(crate) fn ensure_node() -> Result<()> {
 pub(crate) fn ensure_wasm_opt(root: &Path) -> Result<std::path::PathBuf> {
     let dir = root.join("xtask/web-build");
     let bin = dir.join("node_modules/binaryen/bin/wasm-opt");
-    if !bin.exists() {
+    // Installed, and the version the lock file names (a bumped lock reinstalls).
+    let version = |p: &Path, pointer: &str| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+        v.pointer(pointer)?.as_str().map(str::to_owned)
+    };
+    let locked = version(
+        &dir.join("package-lock.json"),
+        "/packages/node_modules~1binaryen/version",
+    );
+    let installed = version(&dir.join("node_modules/binaryen/package.json"), "/version");
+    if !bin.exists() || locked.is_none() || installed != locked {
         ensure_node()?;
         run_cmd(
             Command::new("npm")

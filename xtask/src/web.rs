@@ -56,7 +56,12 @@ fn build_quietly(root: &Path) -> Result<PathBuf> {
     if is_newer(&out_wasm, &wasm) {
         return Ok(out_wasm);
     }
-    std::fs::create_dir_all(&out_dir)?;
+    // Glue and wasm are made and optimized in a staging folder and move into `www/pkg`
+    // only when both steps succeeded (the wasm last): an interrupted or failed build
+    // leaves the previous bundle, older than cargo's output, so the next build redoes it.
+    let stage = root.join("target/web-pkg");
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage)?;
     let args = [
         "wasm-bindgen".into(),
         "--target".into(),
@@ -65,20 +70,26 @@ fn build_quietly(root: &Path) -> Result<PathBuf> {
         "--remove-name-section".into(),
         "--remove-producers-section".into(),
         "--out-dir".into(),
-        out_dir.clone().into_os_string(),
+        stage.clone().into_os_string(),
         wasm.clone().into_os_string(),
     ];
     wasm_bindgen_cli::wasm_bindgen::run_cli_with_args(args).context("wasm-bindgen failed")?;
-    optimize(root, &out_wasm)?;
+    let staged = stage.join("shoal_web_client_bg.wasm");
+    let optimized = stage.join("optimized.wasm");
+    optimize(root, &staged, &optimized)?;
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::rename(
+        stage.join("shoal_web_client.js"),
+        out_dir.join("shoal_web_client.js"),
+    )?;
+    std::fs::rename(&optimized, &out_wasm)?;
     Ok(out_wasm)
 }
 
-/// `wasm-opt -Oz` in place, with the features the wasm was built with (Rust's defaults for
-/// wasm32 and the SIMD that `.cargo/config.toml` turns on); on failure the unoptimized
-/// file is removed, so that the next build does not skip the step.
-fn optimize(root: &Path, wasm: &Path) -> Result<()> {
+/// `wasm-opt -Oz` from `wasm` into `out`, with the features the wasm was built with
+/// (Rust's defaults for wasm32 and the SIMD that `.cargo/config.toml` turns on).
+fn optimize(root: &Path, wasm: &Path, out: &Path) -> Result<()> {
     let wasm_opt = crate::setup::ensure_wasm_opt(root)?;
-    let tmp = wasm.with_extension("opt.wasm");
     let status = Command::new("node")
         .arg(&wasm_opt)
         .args([
@@ -93,14 +104,12 @@ fn optimize(root: &Path, wasm: &Path) -> Result<()> {
         ])
         .arg(wasm)
         .arg("-o")
-        .arg(&tmp)
+        .arg(out)
         .status()
         .context("running wasm-opt (node)")?;
     if !status.success() {
-        let _ = std::fs::remove_file(wasm);
         bail!("wasm-opt failed ({status}) on {}", wasm.display());
     }
-    std::fs::rename(&tmp, wasm)?;
     Ok(())
 }
 

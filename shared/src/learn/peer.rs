@@ -382,7 +382,7 @@ pub struct Peer {
     /// The upload budget (`upload_mb_per_hour`): when the bytes our updates sent so far
     /// are paid at the budget's rate. The next update goes out once they are paid; the
     /// burst allowance ([`UPLOAD_BURST_MS`] or more) is for the keyframe or whole copies
-    /// that update may need, so that neighbours who lack our copy get it at once.
+    /// that update may need, so that neighbours who lack our copy get it with it.
     upload_free_at: f64,
 }
 
@@ -1494,11 +1494,12 @@ impl Peer {
         Ok(())
     }
 
-    /// With weights changes: when at least a quarter of the neighbours our update goes to
-    /// do not hold our public copy, it is a keyframe for all (110 KB each for the demo, where
-    /// a whole copy is 437 KB: no dearer than whole copies to that quarter).
-    /// Only where the upload budget's allowance has room for it: otherwise they wait for
-    /// the next scheduled keyframe.
+    /// With weights changes: when neighbours our update goes to do not hold our public
+    /// copy, it is a keyframe for all where at least a quarter of them lack it (110 KB
+    /// each for the demo, where a whole copy is 437 KB: no dearer than whole copies to
+    /// that quarter) or where whole copies to them would not fit the upload budget's
+    /// allowance. Only where the keyframe fits it: otherwise whole copies go where they
+    /// fit (`send_update`), and the rest get the change and wait for our next update.
     fn plan_keyframe(&mut self, now_ms: f64) {
         if !self.cfg.weights_changes() {
             return;
@@ -1508,9 +1509,15 @@ impl Peer {
             .iter()
             .filter(|p| self.nbrs.get(p).is_some_and(|n| !n.keyed))
             .count();
+        if lacking == 0 {
+            return;
+        }
         let n = self.learner.weights().len();
         let keyframe = crate::learn::Compression::Int8 { block: 256 }.approx_bytes(n);
-        if lacking > 0 && 4 * lacking >= to.len() && self.affordable(keyframe * to.len(), now_ms) {
+        let change = self.cfg.compression.approx_bytes(n);
+        let wholes_fit = self.affordable(4 * n * lacking + change * (to.len() - lacking), now_ms);
+        if (4 * lacking >= to.len() || !wholes_fit) && self.affordable(keyframe * to.len(), now_ms)
+        {
             self.learner.keyframe_next();
         }
     }
@@ -1518,8 +1525,10 @@ impl Peer {
     /// Whether sending `bytes` more of updates now keeps us within the upload budget's
     /// burst allowance (always, without a budget).
     fn affordable(&self, bytes: usize, now_ms: f64) -> bool {
+        // Ahead of the budget now, plus the new bytes (in this order: `f - now` is exactly
+        // 0 when the budget is paid up, so a keyframe sized to the allowance fits).
         self.cfg.upload_bytes_per_ms().is_none_or(|rate| {
-            self.upload_free_at.max(now_ms) + bytes as f64 / rate - now_ms <= self.upload_burst_ms()
+            (self.upload_free_at - now_ms).max(0.0) + bytes as f64 / rate <= self.upload_burst_ms()
         })
     }
 
@@ -1534,7 +1543,12 @@ impl Peer {
         let change = self.learner.sent_change();
         let mut whole = None;
         let mut bytes = 0;
-        for p in to {
+        // Those that lack our copy first, so that their whole copies are weighed against
+        // the allowance before the changes to the others spend it.
+        let keyed = |p: &PeerId| self.nbrs.get(p).is_some_and(|n| n.keyed);
+        let mut to = to.to_vec();
+        to.sort_by_key(keyed);
+        for p in &to {
             let Some(n) = self.nbrs.get(p) else { continue };
             if n.sent_round == Some(round) {
                 continue;
@@ -1579,7 +1593,7 @@ impl Peer {
     /// How far ahead of its budget an update's keyframe or whole copies may take a peer:
     /// 10 s of it, or what a keyframe to every neighbour our updates go to takes to pay
     /// for, whichever is longer (an update goes out only once the budget is paid up, so
-    /// there is always room to give every neighbour our copy).
+    /// there is always room for a keyframe to all with it).
     fn upload_burst_ms(&self) -> f64 {
         let Some(rate) = self.cfg.upload_bytes_per_ms() else {
             return f64::INFINITY;

@@ -262,8 +262,7 @@ pub enum AttackKind {
 }
 
 impl Scenario {
-    /// Parses a scenario file and checks it (native only).
-    #[cfg(not(target_arch = "wasm32"))]
+    /// Parses a scenario file and checks it.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let s: Self = toml::from_str(text).map_err(|e| e.to_string())?;
         s.validate()?;

@@ -799,7 +799,7 @@ fn update_bytes(outs: &[Output]) -> usize {
 #[test]
 fn with_an_upload_budget_a_peer_trains_on_until_its_updates_are_paid_for() {
     // 1 MB an hour, a byte every 3.6 ms; each round's update to 3 neighbours costs
-    // more than a second of that, so after the burst allowance rounds grow longer.
+    // more than a second of that, so rounds grow longer.
     let per_byte_ms = 3.6;
     let mut p = timed_running_with(5, 1);
     p.tick(500.0);
@@ -1369,7 +1369,9 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
         drain(p);
         p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
             .expect("finite");
-        let sent = update_payloads(&drain(p));
+        // By neighbour (whole copies go out first).
+        let mut sent = update_payloads(&drain(p));
+        sent.sort_unstable();
         for &n in from {
             p.handle(msg(u64::from(n), update_w(n + 10, r, 0.46)), t + 2.0);
         }
@@ -1468,12 +1470,25 @@ fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_
         p.tick(t);
         // The open round's update goes to a neighbour once it has greeted it.
         sent.extend(update_payloads(&drain(&mut p)));
-        to_13 = sent.iter().filter(|u| u.0 == 13).map(|u| u.2).collect();
+        to_13 = sent
+            .iter()
+            .filter(|u| u.0 == 13)
+            .map(|u| (t, u.1, u.2))
+            .collect();
     }
     assert!(sends > 10, "{sends} updates before the new neighbour");
     assert_eq!(to_13.len(), 1, "an update goes to the new neighbour");
+    let (at, round, kind) = to_13[0];
+    assert!(
+        at <= 60_000.0 + GREET_AFTER_MS + 500.0,
+        "it gets the open round's update once greeted, at {at} ms"
+    );
+    assert!(
+        !round.is_multiple_of(crate::learn::KEYFRAME_EVERY),
+        "round {round} is no scheduled keyframe"
+    );
     assert_ne!(
-        to_13[0],
+        kind,
         crate::learn::CHANGE_TAG,
         "it gets our copy, not a change from a copy it lacks"
     );
