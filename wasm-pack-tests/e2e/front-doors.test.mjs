@@ -155,11 +155,14 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
     }).catch(() => null);
     if (s) console.log(`dashboard: ${JSON.stringify(s)}`);
   }, 15_000);
-  const done = await dash.waitForFunction((target) => {
+  // Past the target, and on past the round seen before the pause (the swarm can pass
+  // the target within the first few rounds, before the pause).
+  const done = await dash.waitForFunction(([target, before]) => {
     const s = window.shoalDashboard;
     const last = s.evals.at(-1);
-    return last && last.accuracy >= target ? { version: last.version, accuracy: last.accuracy, evals: s.evals.length, round: s.round } : false;
-  }, TARGET, { timeout: 480_000, polling: 2000 }).then((h) => h.jsonValue()).finally(() => clearInterval(watch));
+    return last && last.accuracy >= target && s.round > before
+      ? { version: last.version, accuracy: last.accuracy, evals: s.evals.length, round: s.round } : false;
+  }, [TARGET, seen.round], { timeout: 480_000, polling: 2000 }).then((h) => h.jsonValue()).finally(() => clearInterval(watch));
   console.log(`dashboard: held-out ${(done.accuracy * 100).toFixed(2)}% at version ${done.version} (${done.evals} evaluations)`);
   assert.ok(done.round > seen.round, `the round advanced (${seen.round} -> ${done.round})`);
   const evals = await dash.evaluate(() => window.shoalDashboard.evals);

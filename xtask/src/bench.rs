@@ -455,10 +455,12 @@ fn browser_bench(root: &Path, kind: &str) -> Result<Value> {
     web::build(root)?;
     data::prepare(root)?;
     // The demo LM's task as the browser gets tasks: JSON (the wasm carries no TOML parser).
-    let task = fortunes_task(root)?;
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("fortunes.task.json"), serde_json::to_vec(&task)?)?;
+    if kind == "lm" {
+        let task = fortunes_task(root)?;
+        let dir = root.join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("fortunes.task.json"), serde_json::to_vec(&task)?)?;
+    }
     json_in_namespace(
         root,
         &format!("node xtask/bench-web/bench.mjs {kind}"),

@@ -28,9 +28,14 @@ pub(crate) fn ensure_bench_web(root: &Path) -> Result<()> {
     {
         return Ok(());
     }
+    npm_ci(&root.join("xtask/bench-web"))
+}
+
+/// `npm ci` in `dir`: the packages its committed lock file names, exactly.
+fn npm_ci(dir: &Path) -> Result<()> {
     run_cmd(
         Command::new("npm")
-            .current_dir(root.join("xtask/bench-web"))
+            .current_dir(dir)
             .args(["ci", "--no-audit", "--no-fund"]),
     )
 }
@@ -155,11 +160,7 @@ pub(crate) fn ensure_wasm_opt(root: &Path) -> Result<std::path::PathBuf> {
     let installed = version(&dir.join("node_modules/binaryen/package.json"), "/version");
     if !bin.exists() || locked.is_none() || installed != locked {
         ensure_node()?;
-        run_cmd(
-            Command::new("npm")
-                .current_dir(&dir)
-                .args(["ci", "--no-audit", "--no-fund"]),
-        )?;
+        npm_ci(&dir)?;
     }
     Ok(bin)
 }
@@ -174,9 +175,5 @@ pub(crate) fn ensure_npm_packages(root: &Path) -> Result<()> {
     {
         return Ok(());
     }
-    run_cmd(
-        Command::new("npm")
-            .current_dir(&dir)
-            .args(["ci", "--no-audit", "--no-fund"]),
-    )
+    npm_ci(&dir)
 }

@@ -79,12 +79,13 @@ pub const SCREEN_MIN: usize = 3;
 ///
 /// `noise[i]` is how much noisier update `i` is expected to be than a typical one, and
 /// its distance is divided by it (all 1 where every update stands for the same work).
-/// With rounds in time an update of `c` samples is scaled to the round's median claim
-/// `rho` before it is judged; its sampling noise grows like `sqrt(rho / c)` while its
+/// With rounds in time and deltas exchanged, an update of `c` samples is scaled to the
+/// round's median claim `rho` before it is judged; its sampling noise grows like `sqrt(rho / c)` while its
 /// signal does not, so a slow, honest peer's scaled-up update lies farther from the
 /// median and would be screened out every round for being slow (in `hetero-8`, the
 /// slowest two of eight got no receipt in 15 rounds). The learner passes
-/// `sqrt(rho / c)` with `c` the bounded claim (so at most 2, at least `1/sqrt(2)`).
+/// `sqrt(rho / c)` with `c` the bounded claim (so at most 2, at least `1/sqrt(2)`);
+/// exchanging weights nothing is scaled, and it passes 1.
 pub fn screen(
     rule: Aggregation,
     updates: &[(&[f32], f32)],

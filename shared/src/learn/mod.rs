@@ -576,14 +576,15 @@ struct Pending {
 }
 
 /// In rounds sized in time, how far below the round's lower median claim `rho` a sample
-/// claim counts: down to `rho / SAMPLE_SPREAD_DOWN` (a claim below makes the update no
-/// longer: it is scaled up at most this much before the norm bound and the screen).
+/// claim counts: down to `rho / SAMPLE_SPREAD_DOWN` (a claim below weighs no less and,
+/// exchanging deltas, makes the update no longer: it is scaled up at most this much
+/// before the norm bound and the screen).
 pub const SAMPLE_SPREAD_DOWN: f32 = 4.0;
 /// And how far above: up to `rho * SAMPLE_SPREAD_UP`, so that no update weighs more than
-/// twice a median one, whatever it claims. A liar that claims this much may send an
-/// update up to this many times the norm bound (it is scaled down before it is judged):
-/// its part in the weighted sum is then at most `SAMPLE_SPREAD_UP` times the bound, over
-/// a total weight that its claim also raises.
+/// twice a median one, whatever it claims. A liar that claims this much (exchanging
+/// deltas, may send an update up to this many times the norm bound, scaled down before
+/// it is judged) has a part in the weighted sum of at most `SAMPLE_SPREAD_UP` times the
+/// bound, over a total weight that its claim also raises.
 pub const SAMPLE_SPREAD_UP: f32 = 2.0;
 
 /// One peer's state of the swarm's model and its learning protocol. Platform-neutral:
@@ -1292,11 +1293,11 @@ impl Learner {
             }
             fresh
         });
-        // Rounds in time: each update in units of the round's median claim, weighed by
-        // its claim (both bounded); in steps every weight is 1.
+        // Rounds in time: each update weighed by its claim (bounded) and, exchanging
+        // deltas, scaled to the round's median claim; in steps every weight is 1.
         let mut bounded = vec![false; held.len()];
-        // Each update's weight is its bounded claim in units of the median claim; its
-        // expected noise relative to a median run, for the screen, `1 / sqrt(weight)`.
+        // Each update's weight is its bounded claim in units of the median claim; scaled,
+        // its expected noise relative to a median run, for the screen, `1 / sqrt(weight)`.
         let (own_weight, weights) = if self.cfg.timed() {
             let own_claim = own.as_ref().map(|_| self.own_samples);
             let claims: Vec<u32> = own_claim
@@ -1304,9 +1305,16 @@ impl Learner {
                 .chain(held.iter().map(|p| p.samples))
                 .collect();
             let weigh = sample_weigher(&claims);
+            // Only a pseudo-gradient is scaled to a median run. Exchanging weights, a held
+            // update is our start minus the sender's weights: its run plus the distance
+            // between the two models, which no claim makes longer or shorter (scaled,
+            // a slow peer's small drift grew up to four times past the norm bound).
+            let scaled = self.cfg.exchange == Exchange::Delta;
             let scale = |d: &mut [f32], samples: u32| {
                 let (s, w, capped) = weigh(samples);
-                d.iter_mut().for_each(|x| *x *= s);
+                if scaled {
+                    d.iter_mut().for_each(|x| *x *= s);
+                }
                 (w, capped)
             };
             let own_weight = match own.as_mut() {
@@ -1332,8 +1340,10 @@ impl Learner {
         let mut noise: Vec<f32> = Vec::with_capacity(held.len() + 1);
         // The median ignores weights: a liar that claims few samples would keep a full
         // vote while its distance is forgiven, so under it every update is judged alike.
-        let median = self.cfg.aggregation == Aggregation::Median;
-        let noise_of = |w: f32| if median { 1.0 } else { w.sqrt().recip() };
+        // Unscaled (weights), a shorter run is no noisier than a median one.
+        let even =
+            self.cfg.aggregation == Aggregation::Median || self.cfg.exchange == Exchange::Weights;
+        let noise_of = |w: f32| if even { 1.0 } else { w.sqrt().recip() };
         // The signer of each update; none for our own.
         let mut signers: Vec<Option<PublicKey>> = Vec::with_capacity(held.len() + 1);
         // Which held update each is (none for our own).
@@ -1578,9 +1588,9 @@ pub struct RoundSummary {
 /// For the sample claims of one round (own and held), a function from a claim to the
 /// factor its update is scaled by and its weight: with `rho` the lower median claim and
 /// `c` the claim clamped to `[rho / SAMPLE_SPREAD_DOWN, rho * SAMPLE_SPREAD_UP]`, the
-/// update is scaled by `rho / c` (to the progress of a median run) and weighs `c / rho`,
-/// so that the weighted mean is the sum of the runs' progress over their (bounded) sample
-/// counts.
+/// update is scaled by `rho / c` (to the progress of a median run; the caller applies it
+/// only to deltas) and weighs `c / rho`, so that the weighted mean is the sum of the
+/// runs' progress over their (bounded) sample counts.
 /// The third value says whether the claim was cut down (it said more than it counts for).
 fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32, bool) {
     let mut sorted = claims.to_vec();

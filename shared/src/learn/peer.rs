@@ -1512,11 +1512,16 @@ impl Peer {
         if lacking == 0 {
             return;
         }
-        let n = self.learner.weights().len();
-        let keyframe = crate::learn::Compression::Int8 { block: 256 }.approx_bytes(n);
-        let change = self.cfg.compression.approx_bytes(n);
-        let wholes_fit = self.affordable(4 * n * lacking + change * (to.len() - lacking), now_ms);
-        if (4 * lacking >= to.len() || !wholes_fit) && self.affordable(keyframe * to.len(), now_ms)
+        let change = self
+            .cfg
+            .compression
+            .approx_bytes(self.learner.weights().len());
+        let wholes_fit = self.affordable(
+            self.whole_bytes() * lacking + change * (to.len() - lacking),
+            now_ms,
+        );
+        if (4 * lacking >= to.len() || !wholes_fit)
+            && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
         {
             self.learner.keyframe_next();
         }
@@ -1559,7 +1564,7 @@ impl Peer {
             let whole_now = change
                 && !n.keyed
                 && may_whole
-                && self.affordable(bytes + 4 * self.learner.weights().len(), now_ms);
+                && self.affordable(bytes + self.whole_bytes(), now_ms);
             let data = if whole_now {
                 whole
                     .get_or_insert_with(|| self.learner.whole_public())
@@ -1598,9 +1603,17 @@ impl Peer {
         let Some(rate) = self.cfg.upload_bytes_per_ms() else {
             return f64::INFINITY;
         };
-        let n = self.learner.weights().len();
-        let keyframe = crate::learn::Compression::Int8 { block: 256 }.approx_bytes(n);
-        UPLOAD_BURST_MS.max((keyframe * self.contributors().len()) as f64 / rate)
+        UPLOAD_BURST_MS.max((self.keyframe_bytes() * self.contributors().len()) as f64 / rate)
+    }
+
+    /// About the bytes of a keyframe of our weights (int8 in blocks of 256).
+    fn keyframe_bytes(&self) -> usize {
+        crate::learn::Compression::Int8 { block: 256 }.approx_bytes(self.learner.weights().len())
+    }
+
+    /// About the bytes of a whole copy of our weights (fp32).
+    fn whole_bytes(&self) -> usize {
+        4 * self.learner.weights().len()
     }
 
     /// Counts `bytes` of updates sent now against the upload budget: the next update

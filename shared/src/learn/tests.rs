@@ -734,6 +734,49 @@ fn in_rounds_sized_in_time_updates_weigh_by_their_bounded_sample_claims() {
     assert!((tiny - 0.8 / 3.25).abs() < 1e-6, "{tiny}");
 }
 
+/// Exchanging weights in rounds sized in time: a held update is our start minus the
+/// sender's weights, its run plus the distance between the models, so it is weighed by
+/// its claim but never scaled by it. Scaled, a slow peer's update (a quarter of the median
+/// claim) grew four times and was refused at the norm bound (3 times the others' norm),
+/// unreceipted: in the five-peer e2e the browsers were credited for 6 of 35 rounds.
+#[test]
+fn exchanging_weights_a_slow_peers_update_is_weighed_by_its_claim_and_not_scaled() {
+    let c = LearnConfig {
+        exchange: Exchange::Weights,
+        sync_every: 0,
+        round_ms: 1_000,
+        max_norm_ratio: 3.0,
+        ..cfg()
+    };
+    let learner = |seed: u8| {
+        Learner::new(c.clone(), "t", Identity::from_seed([seed; 32]), vec![1.0]).expect("valid")
+    };
+    let mut a = learner(1);
+    a.local_update(&[0.9], 400, 0.0).expect("finite");
+    for (seed, local, samples) in [(2, 0.9, 400), (3, 0.9, 400), (4, 0.7, 100)] {
+        let update = learner(seed)
+            .local_update(&[local], samples, 0.0)
+            .expect("finite");
+        a.receive(&update).expect("valid update");
+    }
+    let s = a.finish_round();
+    assert_eq!(
+        (s.used, s.rejected),
+        (3, 0),
+        "the slow peer's update is used"
+    );
+    assert_eq!(a.stats.rejected.get(&Rejection::Norm), None);
+    let slow = learner(4).public_key();
+    assert!(
+        s.receipts
+            .iter()
+            .any(|r| r.sender == slow && r.samples == 100)
+    );
+    // The weighted mean of the unscaled updates: (0.1 + 0.1 + 0.1 + 0.3 / 4) / 3.25.
+    let step = 1.0 - a.weights()[0];
+    assert!((step - 0.375 / 3.25).abs() < 1e-6, "{step}");
+}
+
 #[test]
 fn a_receipt_is_signed_for_each_update_used_and_only_its_sender_counts_it() {
     use crate::trust::receipt::{Receipt, sha256};
