@@ -877,6 +877,15 @@ impl Learner {
         self.copies.remove(key);
     }
 
+    /// Whether our next update will be a keyframe (with weights changes): the round calls
+    /// for one, the peer asked for one, or no copy of ours is out.
+    pub fn next_is_keyframe(&self) -> bool {
+        self.changes()
+            && (self.round.is_multiple_of(KEYFRAME_EVERY)
+                || self.keyframe_next
+                || self.public.as_ref().is_none_or(|c| c.round >= self.round))
+    }
+
     /// Makes our next update a keyframe (with weights changes): cheaper than whole copies
     /// when many of the neighbours it goes to do not hold ours.
     pub fn keyframe_next(&mut self) {

@@ -108,12 +108,12 @@ pub const HOLD_FACTOR: f64 = 3.0;
 /// closed or its run is done, and at which a driver may rest between chunks.
 pub const CHUNK_MS: f64 = 200.0;
 
-/// The upload budget's least allowance for bursts: an update goes out once what was sent
-/// before is paid at the budget's rate, and may then run this far ahead of the budget
-/// (or further where one keyframe to every neighbour it goes to takes longer to pay for,
-/// see `Peer::upload_burst_ms`) with the keyframe or whole copies that neighbours who
-/// lack our copy need. Over any hour updates send at most the budget and that allowance
-/// more, plus one round's copies.
+/// The upload budget's least allowance for bursts: an update goes out once it fits in
+/// this much budget ahead of the budget's rate — all of it: the keyframe or the whole
+/// copies that neighbours who lack our copy need with it (or further where one keyframe
+/// to every neighbour it goes to takes longer to pay for, see `Peer::upload_burst_ms`).
+/// Once what was sent before is paid, an update goes out in any case. Over any hour
+/// updates send at most the budget and that allowance more, plus one round's copies.
 pub const UPLOAD_BURST_MS: f64 = 10_000.0;
 
 /// What a peer is for.
@@ -380,9 +380,9 @@ pub struct Peer {
     /// Rounds in time: measured inner steps per millisecond.
     step_rate: Option<f64>,
     /// The upload budget (`upload_mb_per_hour`): when the bytes our updates sent so far
-    /// are paid at the budget's rate. The next update goes out once they are paid; the
-    /// burst allowance ([`UPLOAD_BURST_MS`] or more) is for the keyframe or whole copies
-    /// that update may need, so that neighbours who lack our copy get it with it.
+    /// are paid at the budget's rate. The next update goes out once it, with the keyframe
+    /// or whole copies it must carry to neighbours who lack our copy, fits in the burst
+    /// allowance ([`UPLOAD_BURST_MS`] or more) ahead of that, or once they are paid.
     upload_free_at: f64,
 }
 
@@ -1473,7 +1473,8 @@ impl Peer {
             && run.carry_from.is_none()
             && run.round == self.learner.round()
             && now_ms - run.started >= f64::from(self.cfg.round_ms)
-            && now_ms >= self.upload_free_at
+            && (now_ms >= self.upload_free_at
+                || self.affordable(self.next_update_bytes(&self.contributors()), now_ms))
             && run.samples > 0;
         if !due {
             return Ok(());
@@ -1525,6 +1526,39 @@ impl Peer {
         {
             self.learner.keyframe_next();
         }
+    }
+
+    /// About what our next update costs to send to `to`: with weights changes, the
+    /// keyframe, whole copies and changes that `plan_keyframe` and `send_update` will
+    /// choose (whole copies to the neighbours that lack our copy and may have one, where
+    /// that is cheaper than a keyframe to all).
+    fn next_update_bytes(&self, to: &[PeerId]) -> usize {
+        let change = self
+            .cfg
+            .compression
+            .approx_bytes(self.learner.weights().len());
+        if !self.cfg.weights_changes() {
+            return change * to.len();
+        }
+        let keyframes = self.keyframe_bytes() * to.len();
+        if self.learner.next_is_keyframe() {
+            return keyframes;
+        }
+        let round = self.learner.round();
+        let (mut lacking, mut wholes) = (0, 0);
+        for n in to.iter().filter_map(|p| self.nbrs.get(p)) {
+            if !n.keyed {
+                lacking += 1;
+                let may_whole = n
+                    .whole_round
+                    .is_none_or(|w| round >= w + crate::learn::KEYFRAME_EVERY);
+                wholes += usize::from(may_whole);
+            }
+        }
+        if 4 * lacking >= to.len() && lacking > 0 {
+            return keyframes;
+        }
+        (self.whole_bytes() * wholes + change * (to.len() - wholes)).min(keyframes)
     }
 
     /// Whether sending `bytes` more of updates now keeps us within the upload budget's
@@ -1595,10 +1629,9 @@ impl Peer {
         self.spend_upload(bytes, now_ms);
     }
 
-    /// How far ahead of its budget an update's keyframe or whole copies may take a peer:
-    /// 10 s of it, or what a keyframe to every neighbour our updates go to takes to pay
-    /// for, whichever is longer (an update goes out only once the budget is paid up, so
-    /// there is always room for a keyframe to all with it).
+    /// How far ahead of its budget an update may take a peer: 10 s of it, or what a
+    /// keyframe to every neighbour our updates go to takes to pay for, whichever is
+    /// longer (so that, paid up, there is always room for a keyframe to all).
     fn upload_burst_ms(&self) -> f64 {
         let Some(rate) = self.cfg.upload_bytes_per_ms() else {
             return f64::INFINITY;
