@@ -303,6 +303,15 @@ struct Neighbour {
     whole_round: Option<u64>,
 }
 
+impl Neighbour {
+    /// Whether it may get a whole copy of ours with our update for `round`: at most one
+    /// per [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY) rounds.
+    fn may_get_whole(&self, round: u64) -> bool {
+        self.whole_round
+            .is_none_or(|w| round >= w + crate::learn::KEYFRAME_EVERY)
+    }
+}
+
 /// Rounds in time: the training toward our next update.
 struct Run {
     /// The round its update is for.
@@ -1513,10 +1522,7 @@ impl Peer {
         if lacking == 0 {
             return;
         }
-        let change = self
-            .cfg
-            .compression
-            .approx_bytes(self.learner.weights().len());
+        let change = self.change_bytes();
         let wholes_fit = self.affordable(
             self.whole_bytes() * lacking + change * (to.len() - lacking),
             now_ms,
@@ -1533,10 +1539,7 @@ impl Peer {
     /// choose (whole copies to the neighbours that lack our copy and may have one, where
     /// that is cheaper than a keyframe to all).
     fn next_update_bytes(&self, to: &[PeerId]) -> usize {
-        let change = self
-            .cfg
-            .compression
-            .approx_bytes(self.learner.weights().len());
+        let change = self.change_bytes();
         if !self.cfg.weights_changes() {
             return change * to.len();
         }
@@ -1549,10 +1552,7 @@ impl Peer {
         for n in to.iter().filter_map(|p| self.nbrs.get(p)) {
             if !n.keyed {
                 lacking += 1;
-                let may_whole = n
-                    .whole_round
-                    .is_none_or(|w| round >= w + crate::learn::KEYFRAME_EVERY);
-                wholes += usize::from(may_whole);
+                wholes += usize::from(n.may_get_whole(round));
             }
         }
         if 4 * lacking >= to.len() && lacking > 0 {
@@ -1592,9 +1592,7 @@ impl Peer {
             if n.sent_round == Some(round) {
                 continue;
             }
-            let may_whole = n
-                .whole_round
-                .is_none_or(|w| round >= w + crate::learn::KEYFRAME_EVERY);
+            let may_whole = n.may_get_whole(round);
             let whole_now = change
                 && !n.keyed
                 && may_whole
@@ -1642,6 +1640,13 @@ impl Peer {
     /// About the bytes of a keyframe of our weights (int8 in blocks of 256).
     fn keyframe_bytes(&self) -> usize {
         crate::learn::Compression::Int8 { block: 256 }.approx_bytes(self.learner.weights().len())
+    }
+
+    /// About the bytes of an update in the task's codec (a change, with weights changes).
+    fn change_bytes(&self) -> usize {
+        self.cfg
+            .compression
+            .approx_bytes(self.learner.weights().len())
     }
 
     /// About the bytes of a whole copy of our weights (fp32).
