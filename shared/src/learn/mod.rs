@@ -564,6 +564,15 @@ impl Seen {
 /// Updates per signer the screening record covers.
 const SCREEN_HISTORY: u32 = 4;
 
+/// Updates a screen needs to go on the signers' records (one of three still drops an
+/// update for its round). Not three: the median of three distances is one of them, so
+/// of three honest updates the one whose model drifted furthest is "the outlier"
+/// whenever it lies 1.5 times as far as the middle one; in a three-peer swarm that
+/// record made an honest peer distrusted, no longer waited for, its updates then late
+/// and stale and never judged again: no credit in 20 rounds (a CI run of the native
+/// three-peer test).
+const RECORD_MIN: usize = 4;
+
 #[derive(Clone, Debug)]
 struct Pending {
     key: PublicKey,
@@ -1381,13 +1390,14 @@ impl Learner {
             let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &noise, &mut g);
             let robust = self.cfg.aggregation != Aggregation::Mean;
             let ran = robust && updates.len() >= aggregate::SCREEN_MIN;
+            let on_record = ran && updates.len() >= RECORD_MIN;
             for (i, signer) in signers.iter().enumerate() {
                 let Some(key) = signer else { continue };
                 let out = dropped.contains(&i);
-                // Only a screen that ran is on the record; a distrusted signer is
-                // dropped either way (with own and one update held, the robust rules
-                // would average a lie in).
-                let distrusted = if ran {
+                // Only a screen of `RECORD_MIN` or more updates is on the record; a
+                // distrusted signer is dropped either way (with own and one update
+                // held, the robust rules would average a lie in).
+                let distrusted = if on_record {
                     self.screened(key, out)
                 } else {
                     robust && self.distrusts(key)

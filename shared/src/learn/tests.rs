@@ -581,6 +581,44 @@ fn a_whole_copy_sets_the_copy_exactly_and_the_changes_after_it_apply() {
 }
 
 #[test]
+fn a_screen_of_three_updates_leaves_no_record() {
+    // A three-peer swarm: our own update and two neighbours'. One neighbour's model has
+    // drifted (its update lies 6.7 times as far from the coordinate-wise median as the
+    // other two): the screen drops it for the round, but three updates are too few for
+    // a verdict on its signer; on the record it would be distrusted and, at the peer,
+    // no longer waited for.
+    let mut c = cfg();
+    c.aggregation = Aggregation::TrimmedMean { trim: 0.2 };
+    let mut a =
+        Learner::new(c, "digits", Identity::from_seed([1; 32]), vec![0.0; 4]).expect("valid");
+    let mut near = peer(2, vec![0.0; 4]);
+    let mut drifted = peer(3, vec![0.0; 4]);
+    let near_key = near.public_key();
+    let drifted_key = drifted.public_key();
+    let mut round = |d: [f32; 4]| {
+        a.update_from_delta(&[1.0, 0.1, 0.0, 0.0], 1, 0.0);
+        a.receive(&near.update_from_delta(&[1.0, 0.0, 0.1, 0.0], 1, 0.0))
+            .expect("valid");
+        a.receive(&drifted.update_from_delta(&d, 1, 0.0))
+            .expect("valid");
+        near.finish_round();
+        drifted.finish_round();
+        let s = a.finish_round();
+        let senders: Vec<PublicKey> = s.receipts.iter().map(|r| r.sender).collect();
+        (s.used, senders, a.distrusts(&drifted_key))
+    };
+    for r in 0..4 {
+        let (used, senders, distrusted) = round([1.6, 0.0, 0.0, 0.3]);
+        assert_eq!(used, 1, "round {r}: screened out");
+        assert_eq!(senders, vec![near_key], "round {r}");
+        assert!(!distrusted, "round {r}: distrusted on a screen of three");
+    }
+    // Back near the others, it is used (and receipted) at once.
+    let (used, senders, _) = round([1.0, 0.0, -0.1, 0.0]);
+    assert_eq!((used, senders.len()), (2, 2));
+}
+
+#[test]
 fn a_signer_screened_in_half_of_its_recent_updates_is_dropped_until_it_behaves() {
     // Trimmed mean with nothing trimmed: the screen alone decides, and what it keeps is
     // averaged.
