@@ -1483,7 +1483,10 @@ impl Peer {
             && run.round == self.learner.round()
             && now_ms - run.started >= f64::from(self.cfg.round_ms)
             && (now_ms >= self.upload_free_at
-                || self.affordable(self.next_update_bytes(&self.contributors()), now_ms))
+                || self.affordable(
+                    self.next_update_bytes(&self.contributors(), &run.work),
+                    now_ms,
+                ))
             && run.samples > 0;
         if !due {
             return Ok(());
@@ -1538,13 +1541,13 @@ impl Peer {
     /// keyframe, whole copies and changes that `plan_keyframe` and `send_update` will
     /// choose (whole copies to the neighbours that lack our copy and may have one, where
     /// that is cheaper than a keyframe to all).
-    fn next_update_bytes(&self, to: &[PeerId]) -> usize {
+    fn next_update_bytes(&self, to: &[PeerId], local: &[f32]) -> usize {
         let change = self.change_bytes();
         if !self.cfg.weights_changes() {
             return change * to.len();
         }
         let keyframes = self.keyframe_bytes() * to.len();
-        if self.learner.next_is_keyframe() {
+        if self.learner.next_is_keyframe(local) {
             return keyframes;
         }
         let round = self.learner.round();

@@ -540,6 +540,52 @@ fn at_most_max_copies_are_kept_and_the_one_taken_longest_ago_goes() {
 }
 
 #[test]
+fn a_public_copy_left_far_behind_by_a_move_of_the_model_is_caught_up_by_a_keyframe() {
+    let n = 512;
+    let start: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut a = changes_peer(1, start.clone());
+    let mut b = changes_peer(2, start);
+    // A run: a small step from the round-start weights (norm 0.16).
+    let run = |w: &[f32], r: usize| -> Vec<f32> {
+        w.iter()
+            .enumerate()
+            .map(|(i, x)| x - 0.01 * ((i * 3 + r) as f32).cos())
+            .collect()
+    };
+    let int8 = Compression::Int8 { block: 256 }.tag();
+    for r in 0..6 {
+        if r == 3 {
+            // The model moves far in one round (a peer catching up with the swarm): 70
+            // times a run's length.
+            b.weights.iter_mut().for_each(|w| *w += 0.5);
+        }
+        let local = run(b.weights(), r);
+        let keyframe = b.next_is_keyframe(&local);
+        let msg = b.local_update(&local, 8, 0.0).expect("finite");
+        let tag = payload_of(&msg, n)[0];
+        // Round 0's keyframe starts the copy; then changes, but for the round after the
+        // move, when a change would carry a tenth of the gap and leave the copy lagging.
+        let want = r == 0 || r == 3;
+        assert_eq!((keyframe, tag == int8), (want, want), "round {r}");
+        assert_ne!(tag == CHANGE_TAG, want, "round {r}");
+        assert!(a.receive(&msg).is_ok(), "round {r}");
+        let copy = &a.copies[&b.public_key()].weights;
+        assert_eq!(copy, &b.public.as_ref().expect("sent").weights);
+        if r == 3 {
+            // From 11.3 (the move) to int8's rounding, under the run's own length.
+            let lag = aggregate::distance(copy, &local);
+            let length = aggregate::distance(b.weights(), &local);
+            assert!(
+                lag < length,
+                "the copy lags the weights by {lag}, the run is {length}"
+            );
+        }
+        b.finish_round();
+        a.finish_round();
+    }
+}
+
+#[test]
 fn a_whole_copy_sets_the_copy_exactly_and_the_changes_after_it_apply() {
     let n = 300;
     let mut a = changes_peer(1, vec![0.0; n]);
