@@ -851,8 +851,9 @@ impl Learner {
     }
 
     /// Weights changes: the payload that moves our public copy toward `local` — a
-    /// keyframe (whole weights in int8) when the round calls for one or no copy is out,
-    /// else the top-k change from the copy (whatever top-k leaves out stays in the next
+    /// keyframe (whole weights in int8) when [`next_is_keyframe`](Self::next_is_keyframe)
+    /// says so (the round calls for one, no copy is out, or the copy lags), else the top-k
+    /// change from the copy (whatever top-k leaves out stays in the next
     /// change: the copy's distance to our weights is the error feedback) — and the copy
     /// it leaves our neighbours holding.
     fn public_update(&mut self, local: &[f32]) -> (Vec<u8>, Vec<f32>) {
