@@ -861,7 +861,8 @@ impl Learner {
         self.keyframe_next = false;
         let mut change = false;
         let (payload, weights) = match self.public.take() {
-            Some(copy) if !keyframe && copy.round < self.round => {
+            // `next_is_keyframe` says keyframe where the copy is this round's.
+            Some(copy) if !keyframe => {
                 change = true;
                 let change: Vec<f32> = local
                     .iter()

@@ -312,6 +312,13 @@ impl Neighbour {
     }
 }
 
+/// Whether a keyframe to all `to` recipients is the way to give our copy to the
+/// `lacking` of them that do not hold it: a quarter or more (a keyframe is about a
+/// quarter of a whole copy, so it costs no more than their whole copies).
+fn keyframe_for_lacking(lacking: usize, to: usize) -> bool {
+    lacking > 0 && 4 * lacking >= to
+}
+
 /// Rounds in time: the training toward our next update.
 struct Run {
     /// The round its update is for.
@@ -1530,7 +1537,7 @@ impl Peer {
             self.whole_bytes() * lacking + change * (to.len() - lacking),
             now_ms,
         );
-        if (4 * lacking >= to.len() || !wholes_fit)
+        if (keyframe_for_lacking(lacking, to.len()) || !wholes_fit)
             && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
         {
             self.learner.keyframe_next();
@@ -1558,7 +1565,7 @@ impl Peer {
                 wholes += usize::from(n.may_get_whole(round));
             }
         }
-        if 4 * lacking >= to.len() && lacking > 0 {
+        if keyframe_for_lacking(lacking, to.len()) {
             return keyframes;
         }
         (self.whole_bytes() * wholes + change * (to.len() - wholes)).min(keyframes)
