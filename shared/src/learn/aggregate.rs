@@ -105,7 +105,7 @@ pub fn screen(
         .map(|((u, _), &n)| distance(u, scratch) / n.max(f32::MIN_POSITIVE))
         .collect();
     let mut sorted = dist.clone();
-    sorted.sort_by(f32::total_cmp);
+    sorted.sort_unstable_by(f32::total_cmp);
     let limit = SCREEN_RADIUS * sorted[(m - 1) / 2];
     dist.iter()
         .enumerate()
@@ -154,7 +154,7 @@ fn combine_all(rule: Aggregation, updates: &[(&[f32], f32)], out: &mut [f32]) {
             for _ in 0..iters {
                 let dist: Vec<f32> = updates.iter().map(|(u, _)| distance(u, out)).collect();
                 let mut sorted = dist.clone();
-                sorted.sort_by(f32::total_cmp);
+                sorted.sort_unstable_by(f32::total_cmp);
                 let radius = tau * sorted[m / 2];
                 if radius <= 0.0 {
                     break;

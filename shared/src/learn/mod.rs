@@ -1652,7 +1652,7 @@ fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32, bool) {
 /// norm.
 fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
     let mut s = held.to_vec();
-    s.sort_by(f32::total_cmp);
+    s.sort_unstable_by(f32::total_cmp);
     let median = s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
     own.map_or(median, |d| aggregate::norm(d).max(median))
 }

@@ -312,6 +312,15 @@ impl Neighbour {
     }
 }
 
+/// Moves the peers for which `first` holds to the front, both groups in their order (a
+/// stable sort on a yes/no key, without instantiating the standard library's sort for
+/// each key: the browser's bundle carries every such copy).
+fn front_first(v: &mut Vec<PeerId>, first: &dyn Fn(&PeerId) -> bool) {
+    let (mut front, back): (Vec<PeerId>, Vec<PeerId>) = v.drain(..).partition(|p| first(p));
+    front.extend(back);
+    *v = front;
+}
+
 /// Whether a keyframe to all `to` recipients is the way to give our copy to the
 /// `lacking` of them that do not hold it: a quarter or more (a keyframe is about a
 /// quarter of a whole copy, so it costs no more than their whole copies).
@@ -1046,7 +1055,7 @@ impl Peer {
                 usize::from(self.observed.is_multiple_of(OBSERVE_REDRAW))
             };
             let held = |p: &PeerId| self.nbrs.get(p).is_some_and(|n| n.held.is_some());
-            from.sort_by_key(|p| !held(p));
+            front_first(&mut from, &held);
             let keep = OBSERVE_ASK
                 .saturating_sub(fresh)
                 .min(from.iter().filter(|p| held(p)).count());
@@ -1054,7 +1063,7 @@ impl Peer {
             // Those drawn anew are neighbours it holds no weights from, where there are
             // enough (the one set aside must not simply be drawn again).
             self.rng.shuffle(&mut rest);
-            rest.sort_by_key(|p| held(p));
+            front_first(&mut rest, &|p| !held(p));
             from.extend(rest);
             from.truncate(OBSERVE_ASK);
             self.observed += 1;
@@ -1596,7 +1605,7 @@ impl Peer {
         // the allowance before the changes to the others spend it.
         let keyed = |p: &PeerId| self.nbrs.get(p).is_some_and(|n| n.keyed);
         let mut to = to.to_vec();
-        to.sort_by_key(keyed);
+        front_first(&mut to, &|p| !keyed(p));
         for p in &to {
             let Some(n) = self.nbrs.get(p) else { continue };
             if n.sent_round == Some(round) {
@@ -1807,7 +1816,7 @@ fn coordinate_median<'a>(vs: impl Iterator<Item = &'a [f32]>) -> Vec<f32> {
         .map(|i| {
             col.clear();
             col.extend(vs.iter().map(|v| v[i]));
-            col.sort_by(f32::total_cmp);
+            col.sort_unstable_by(f32::total_cmp);
             let m = col.len();
             if m % 2 == 1 {
                 col[m / 2]
