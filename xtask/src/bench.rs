@@ -49,6 +49,8 @@ pub(crate) const NAMES: [&str; 7] = [
 ];
 
 const BATCH: usize = 64;
+/// Turns each side takes in `train-throughput`'s native comparison.
+const TURNS: usize = 3;
 const LR: f32 = 1e-3;
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
@@ -280,18 +282,49 @@ pub(crate) fn native_gpu_train(data: &Samples) -> Value {
 
 fn train_throughput(root: &Path) -> Result<Value> {
     let data = load_train(root)?;
-    let mut shoal = serde_json::Map::new();
-    for (name, spec) in models() {
-        let mut t = trainer(spec, None, &data)?;
-        let (warm, steps) = if name == "mlp" { (20, 100) } else { (10, 30) };
-        let r = samples_per_s(&mut t, warm, steps, 5)?;
-        println!("Shoal CPU native {name}: {r:.0} samples/s");
-        shoal.insert(name.into(), json!(r));
-    }
+    // Shoal and PyTorch take turns, three times each, and each side's figure is the
+    // median of its three: this shared machine's speed drifts by 25% between runs, and
+    // one measurement of each, a minute apart, swung the CNN's ratio from 0.88 to 1.24.
     let digits = root.join("data/digits").display().to_string();
-    let torch = torch_bench(root, "xtask/bench/torch_train.py", &[digits])
+    let mut trainers = Vec::new();
+    for (name, spec) in models() {
+        trainers.push((name, trainer(spec, None, &data)?));
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for turn in 0..TURNS {
+        let mut shoal = serde_json::Map::new();
+        for (name, t) in &mut trainers {
+            let (warm, steps) = if *name == "mlp" { (20, 100) } else { (10, 30) };
+            let r = samples_per_s(t, warm, steps, 5)?;
+            println!("Shoal CPU native {name} (turn {turn}): {r:.0} samples/s");
+            shoal.insert((*name).into(), json!(r));
+        }
+        ours.push(Value::Object(shoal));
+        let torch = torch_bench(
+            root,
+            "xtask/bench/torch_train.py",
+            std::slice::from_ref(&digits),
+        )
         .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
-    println!("PyTorch CPU (1 thread): {torch}");
+        println!("PyTorch CPU (1 thread, turn {turn}): {torch}");
+        theirs.push(torch);
+    }
+    let medians = |runs: &[Value]| {
+        let mut m = serde_json::Map::new();
+        for (name, _) in models() {
+            let xs: Vec<f64> = runs.iter().filter_map(|r| r[name].as_f64()).collect();
+            if xs.len() == runs.len() {
+                m.insert(name.into(), json!(median(xs)));
+            }
+        }
+        m
+    };
+    let shoal = medians(&ours);
+    let mut torch = Value::Object(medians(&theirs));
+    if let Some(e) = theirs.iter().find(|r| r.get("error").is_some()) {
+        torch = e.clone();
+    }
+    println!("medians: Shoal {shoal:?}, PyTorch {torch}");
     let gpu = native_gpu_train(&data);
     let browser =
         browser_bench(root, "train").unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
@@ -309,7 +342,7 @@ fn train_throughput(root: &Path) -> Result<Value> {
         "ratios": ratios,
         "batch": BATCH,
         "unit": "training samples per second (median)",
-        "native_cpu": { "shoal": shoal, "pytorch": torch, "threads": 1 },
+        "native_cpu": { "shoal": shoal, "pytorch": torch, "threads": 1, "turns": { "shoal": ours, "pytorch": theirs } },
         "native_gpu": gpu,
         "browser": browser,
     }))
