@@ -39,9 +39,7 @@
 //!   weights), with the coordinate-wise median of the momenta of the answers that agree
 //!   with it.
 //! - Round numbers at or above [`MAX_ROUND`](super::wire::MAX_ROUND) are refused on
-//!   decode; every other round is only ever a claim that moves nothing on its own. A
-//!   round closes early (it still advances by one) only on more than half of the
-//!   awaited neighbours' claims, two at least: catching up, [`Peer::behind`].
+//!   decode; every other round is only ever a claim that moves nothing on its own.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -348,8 +346,6 @@ struct Run {
     carry_from: Option<Vec<f32>>,
     /// The trainer must load `work` before the next chunk.
     reload: bool,
-    /// It skipped a round to catch up with the neighbours (at most once per run).
-    skipped: bool,
 }
 
 impl Run {
@@ -372,7 +368,6 @@ impl Run {
             work,
             carry_from,
             reload,
-            skipped: false,
         }
     }
 }
@@ -1497,9 +1492,10 @@ impl Peer {
         }
         self.rebase();
         if self.open_since.is_none()
-            && self.run.as_ref().is_some_and(|r| {
-                r.carry_from.is_none() && r.round == self.learner.round() && !r.skipped
-            })
+            && self
+                .run
+                .as_ref()
+                .is_some_and(|r| r.carry_from.is_none() && r.round == self.learner.round())
             && self.behind()
         {
             self.skip_round();
@@ -1544,15 +1540,7 @@ impl Peer {
     /// A peer one round behind its neighbours stays there, each of its updates wasted
     /// (with the demo's upload budget, 12 peers: one peer credited for 1% of what it
     /// trained, its every update stale at all six neighbours).
-    ///
-    /// Never while a model download is under way or due (further behind than
-    /// `max_staleness`, [`lagging`](Self::lagging)): rounds closed to catch up would
-    /// lift our round past the answers the download adopts from, on a model without
-    /// the rounds' aggregates.
     fn behind(&self) -> bool {
-        if self.fetch.is_some() || self.lagging().is_some() {
-            return false;
-        }
         let round = self.learner.round();
         let awaited = self.awaited();
         let ahead = awaited
@@ -1573,7 +1561,6 @@ impl Peer {
         if let Some(run) = self.run.as_mut() {
             run.round = round;
             run.carry_from = Some(from);
-            run.skipped = true;
         }
         self.rebase();
     }

@@ -823,32 +823,6 @@ fn in_rounds_sized_in_time_a_peer_a_round_behind_its_neighbours_skips_to_their_r
     q.trained(5, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
     assert_eq!(q.learner().round(), 5);
     assert_eq!(updates_sent(&drain(&mut q)), vec![(5, 16); 3]);
-
-    // Two rounds behind: one round skipped per update of its own, not one per chunk.
-    let mut r = timed_running(5);
-    r.tick(500.0);
-    drain(&mut r);
-    for n in [10u8, 11, 12] {
-        for round in 5..=7 {
-            r.handle(msg(u64::from(n), update_w(n + 10, round, 0.46)), 600.0);
-        }
-    }
-    r.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
-    r.tick(700.0);
-    drain(&mut r);
-    r.trained(6, &[0.48; N], 0.3, 8, 900.0).expect("finite");
-    assert_eq!(r.learner().round(), 6, "one skip in this run");
-
-    // Further behind than `max_staleness`: the model is downloaded (Model adoption),
-    // and rounds closed meanwhile would lift its round past the answers.
-    let mut l = timed_running(5);
-    l.tick(500.0);
-    drain(&mut l);
-    for n in [10u8, 11, 12] {
-        l.handle(msg(u64::from(n), update_w(n + 10, 9, 0.46)), 600.0);
-    }
-    l.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
-    assert_eq!(l.learner().round(), 5, "no skip while lagging");
 }
 
 /// The bytes of the updates among `outs`.
