@@ -1491,19 +1491,9 @@ impl Peer {
             self.progress.note_rate(f64::from(samples) / (dt / 1e3));
         }
         self.rebase();
-        if self.open_since.is_none()
-            && self
-                .run
-                .as_ref()
-                .is_some_and(|r| r.carry_from.is_none() && r.round == self.learner.round())
-            && self.behind()
-        {
-            self.skip_round();
-        }
         let Some(run) = self.run.as_ref() else {
             return Ok(());
         };
-        let round = run.round;
         let due = self.open_since.is_none()
             && run.carry_from.is_none()
             && run.round == self.learner.round()
@@ -1531,38 +1521,6 @@ impl Peer {
         let carry = Some(work.clone());
         self.run = Some(Run::new(round + 1, now_ms, work, carry, reload));
         Ok(())
-    }
-
-    /// Rounds in time: whether more than half of the neighbours our round waits for, and
-    /// at least two, have sent updates for a later round than ours. They closed our
-    /// round (no update for `r + 1` is signed before round `r` closed), so our update
-    /// for it would reach them stale: with `weights` unused, with `delta` at half weight.
-    /// A peer one round behind its neighbours stays there, each of its updates wasted
-    /// (with the demo's upload budget, 12 peers: one peer credited for 1% of what it
-    /// trained, its every update stale at all six neighbours).
-    fn behind(&self) -> bool {
-        let round = self.learner.round();
-        let awaited = self.awaited();
-        let ahead = awaited
-            .iter()
-            .filter(|n| n.claim.is_some_and(|c| c > round))
-            .count();
-        ahead >= 2 && 2 * ahead > awaited.len()
-    }
-
-    /// Rounds in time, [`behind`](Self::behind): closes our round without an update of
-    /// ours (with the neighbours' updates for it that we hold) and carries the run onto
-    /// the new model, so that its work goes out as the update for the next round, in
-    /// step with the neighbours, instead of stale.
-    fn skip_round(&mut self) {
-        let from = self.learner.weights().to_vec();
-        self.close_round();
-        let round = self.learner.round();
-        if let Some(run) = self.run.as_mut() {
-            run.round = round;
-            run.carry_from = Some(from);
-        }
-        self.rebase();
     }
 
     /// With weights changes: when neighbours our update goes to do not hold our public

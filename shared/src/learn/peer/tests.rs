@@ -783,48 +783,6 @@ fn in_rounds_sized_in_time_a_peer_trains_on_while_its_round_is_open_and_carries_
     );
 }
 
-#[test]
-fn in_rounds_sized_in_time_a_peer_a_round_behind_its_neighbours_skips_to_their_round() {
-    // Most of its neighbours already sent updates for round 6: they closed round 5, so
-    // its update for round 5 would reach them stale (unused with weights). It closes
-    // round 5 with their updates and no update of its own, and the run's work goes out
-    // as its update for round 6.
-    let mut p = timed_running(5);
-    p.tick(500.0);
-    drain(&mut p);
-    for n in [10u8, 11, 12] {
-        p.handle(msg(u64::from(n), update_w(n + 10, 5, 0.46)), 600.0);
-        p.handle(msg(u64::from(n), update_w(n + 10, 6, 0.45)), 650.0);
-    }
-    p.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
-    assert_eq!(p.learner().round(), 6, "round 5 closed at once");
-    assert_closed_using(&mut p, 3);
-    p.tick(700.0);
-    drain(&mut p);
-    p.trained(6, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
-    assert_eq!(
-        updates_sent(&drain(&mut p)),
-        vec![(6, 16); 3],
-        "the whole run, in step with the neighbours"
-    );
-    // Their round-6 updates are in: round 6 closes with ours and theirs.
-    p.tick(1_500.0);
-    assert_eq!(p.learner().round(), 7);
-
-    // One neighbour of three ahead is no reason: a minority cannot make it skip.
-    let mut q = timed_running(5);
-    q.tick(500.0);
-    drain(&mut q);
-    q.handle(msg(10, update_w(20, 5, 0.46)), 600.0);
-    q.handle(msg(10, update_w(20, 6, 0.45)), 650.0);
-    q.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
-    q.tick(700.0);
-    drain(&mut q);
-    q.trained(5, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
-    assert_eq!(q.learner().round(), 5);
-    assert_eq!(updates_sent(&drain(&mut q)), vec![(5, 16); 3]);
-}
-
 /// The bytes of the updates among `outs`.
 fn update_bytes(outs: &[Output]) -> usize {
     outs.iter()
