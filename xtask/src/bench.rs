@@ -282,8 +282,8 @@ pub(crate) fn native_gpu_train(data: &Samples) -> Value {
 
 fn train_throughput(root: &Path) -> Result<Value> {
     let data = load_train(root)?;
-    // Shoal and PyTorch take turns, three times each, and each side's figure is the
-    // median of its three: this shared machine's speed drifts by 25% between runs, and
+    // Shoal and PyTorch take turns, `TURNS` times each, and each side's figure is the
+    // median of its turns: this shared machine's speed drifts by 25% between runs, and
     // one measurement of each, a minute apart, swung the CNN's ratio from 0.88 to 1.24.
     let digits = root.join("data/digits").display().to_string();
     let mut trainers = Vec::new();
@@ -319,12 +319,14 @@ fn train_throughput(root: &Path) -> Result<Value> {
         }
         m
     };
-    let shoal = medians(&ours);
-    let mut torch = Value::Object(medians(&theirs));
-    if let Some(e) = theirs.iter().find(|r| r.get("error").is_some()) {
-        torch = e.clone();
-    }
-    println!("medians: Shoal {shoal:?}, PyTorch {torch}");
+    let shoal = Value::Object(medians(&ours));
+    // A failed turn stands for PyTorch's figures: its error, not a median of the rest.
+    let torch = theirs
+        .iter()
+        .find(|r| r.get("error").is_some())
+        .cloned()
+        .unwrap_or_else(|| Value::Object(medians(&theirs)));
+    println!("medians: Shoal {shoal}, PyTorch {torch}");
     let gpu = native_gpu_train(&data);
     let browser =
         browser_bench(root, "train").unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
