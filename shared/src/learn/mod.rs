@@ -1009,6 +1009,14 @@ impl Learner {
             || self.changes() && self.seen.get(key).is_some_and(|s| s.round >= self.round)
     }
 
+    /// Whether an update signed by `key` for our current round is held, decoded, for the
+    /// round's close (a change whose base we lack, a stale or refused one is not).
+    pub fn holds_current_from(&self, key: &PublicKey) -> bool {
+        self.inbox
+            .iter()
+            .any(|p| &p.key == key && p.round == self.round)
+    }
+
     /// The latest round of an authentic update heard from `key` (used or not).
     pub fn heard_round(&self, key: &PublicKey) -> Option<u64> {
         self.seen.get(key).map(|s| s.round)

@@ -39,7 +39,9 @@
 //!   weights), with the coordinate-wise median of the momenta of the answers that agree
 //!   with it.
 //! - Round numbers at or above [`MAX_ROUND`](super::wire::MAX_ROUND) are refused on
-//!   decode; every other round is only ever a claim that moves nothing on its own.
+//!   decode; every other round is only ever a claim that moves nothing on its own. A
+//!   round closes early (it still advances by one) only on more than half of the
+//!   awaited neighbours' claims, two at least: catching up, [`Peer::behind`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -87,6 +89,22 @@ pub const OBSERVED_IDLE_MS: f64 = 3.0 * OBSERVE_EVERY_MS;
 pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
 pub const JOIN_ATTEMPTS: u32 = 3;
+/// With weights changes, when more than half of the neighbours our updates go to (two at
+/// least) sent no receipt for this many of our updates in a row (they used none of
+/// them, and none of them is a round ahead of ours, which makes ours stale there), our
+/// next update is a keyframe, where the upload budget's allowance has room for it: the
+/// copy they hold may be off, and each change of ours then lands there as an outlier. Three native
+/// peers, one a joiner whose model had moved several runs' length to catch up with the
+/// swarm: both neighbours screened its updates out for 13 rounds in a row while its copy
+/// followed (its model scored as theirs from the sixth), and credited it for 6 of 20
+/// rounds. Twice as many updates each time in a row this is so (up to
+/// [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)): a peer whose updates arrive stale,
+/// or neighbours that withhold receipts, cost a keyframe now and then, not every few
+/// rounds; one neighbour's receipts count only for itself. A minority is passed over:
+/// counted one by one (each silent neighbour then treated as lacking our copy, and sent
+/// it whole where a keyframe did not fit the budget), `hetero-12-budget` took twice the
+/// time for its 20 rounds.
+pub const UNHEARD_UPDATES: u32 = 2;
 /// Two model answers agree when their weights are within this share of the smaller of
 /// their norms (honest models of one swarm differ by a few percent; a model that far
 /// from the others is another model).
@@ -301,9 +319,24 @@ struct Neighbour {
     /// Weights changes: the round of the last whole copy it was sent (at most one per
     /// [`KEYFRAME_EVERY`] rounds; otherwise it waits for the next keyframe).
     whole_round: Option<u64>,
+    /// Weights changes: our updates sent to it since its last receipt for one of ours,
+    /// and how many times in a row that made us count it as lacking our copy
+    /// ([`UNHEARD_UPDATES`]).
+    unheard: u32,
+    unheard_times: u32,
 }
 
 impl Neighbour {
+    /// Weights changes: whether it used none of our last updates (no receipt from it
+    /// after [`UNHEARD_UPDATES`] of them, twice as many for each time in a row this was
+    /// so, at most [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)).
+    fn unheard(&self) -> bool {
+        let limit = UNHEARD_UPDATES
+            .saturating_mul(1 << self.unheard_times.min(8))
+            .min(crate::learn::KEYFRAME_EVERY as u32);
+        self.unheard >= limit
+    }
+
     /// Whether it may get a whole copy of ours with our update for `round`: at most one
     /// per [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY) rounds.
     fn may_get_whole(&self, round: u64) -> bool {
@@ -346,6 +379,8 @@ struct Run {
     carry_from: Option<Vec<f32>>,
     /// The trainer must load `work` before the next chunk.
     reload: bool,
+    /// It skipped a round to catch up with the neighbours (at most once per run).
+    skipped: bool,
 }
 
 impl Run {
@@ -368,6 +403,7 @@ impl Run {
             work,
             carry_from,
             reload,
+            skipped: false,
         }
     }
 }
@@ -803,7 +839,14 @@ impl Peer {
                     n.head_sent = Some(id);
                 }
             }
-            Ok(Received::Mix | Received::Receipt | Received::Head { id: None }) | Err(_) => {} // held or counted by the learner
+            // It used an update of ours: it holds our copy as we think.
+            Ok(Received::Receipt) => {
+                if let Some(n) = self.nbrs.get_mut(&from) {
+                    n.unheard = 0;
+                    n.unheard_times = 0;
+                }
+            }
+            Ok(Received::Mix | Received::Head { id: None }) | Err(_) => {} // held or counted by the learner
         }
     }
 
@@ -1491,9 +1534,18 @@ impl Peer {
             self.progress.note_rate(f64::from(samples) / (dt / 1e3));
         }
         self.rebase();
+        if self.open_since.is_none()
+            && self.run.as_ref().is_some_and(|r| {
+                r.carry_from.is_none() && r.round == self.learner.round() && !r.skipped
+            })
+            && self.behind()
+        {
+            self.skip_round();
+        }
         let Some(run) = self.run.as_ref() else {
             return Ok(());
         };
+        let round = run.round;
         let due = self.open_since.is_none()
             && run.carry_from.is_none()
             && run.round == self.learner.round()
@@ -1523,6 +1575,58 @@ impl Peer {
         Ok(())
     }
 
+    /// Rounds in time: whether more than half of the neighbours our round waits for, and
+    /// at least two, have sent updates for a later round than ours. They closed our
+    /// round (no update for `r + 1` is signed before round `r` closed), so our update
+    /// for it would reach them stale: with `weights` unused, with `delta` at half weight.
+    /// A peer one round behind its neighbours stays there, each of its updates wasted
+    /// (with the demo's upload budget, 12 peers: one peer credited for 1% of what it
+    /// trained, its every update stale at all six neighbours).
+    ///
+    /// Only when it holds the updates for our round of more than half of them (two at
+    /// least): the round closes on those, so our model stays theirs. Closed on fewer
+    /// (a joiner that lacks their copies holds none, its changes refused for their base)
+    /// it would take an outer step of its own that no neighbour took, and its later
+    /// updates would be screened out as outliers.
+    ///
+    /// Never while a model download is under way or due (further behind than
+    /// `max_staleness`, [`lagging`](Self::lagging)): rounds closed to catch up would
+    /// lift our round past the answers the download adopts from, on a model without
+    /// the rounds' aggregates.
+    fn behind(&self) -> bool {
+        if self.fetch.is_some() || self.lagging().is_some() {
+            return false;
+        }
+        let round = self.learner.round();
+        let awaited = self.awaited();
+        let majority = |k: usize| k >= 2 && 2 * k > awaited.len();
+        let ahead = awaited
+            .iter()
+            .filter(|n| n.claim.is_some_and(|c| c > round))
+            .count();
+        let held = awaited
+            .iter()
+            .filter(|n| n.key.is_some_and(|k| self.learner.holds_current_from(&k)))
+            .count();
+        majority(ahead) && majority(held)
+    }
+
+    /// Rounds in time, [`behind`](Self::behind): closes our round without an update of
+    /// ours (with the neighbours' updates for it that we hold) and carries the run onto
+    /// the new model, so that its work goes out as the update for the next round, in
+    /// step with the neighbours, instead of stale.
+    fn skip_round(&mut self) {
+        let from = self.learner.weights().to_vec();
+        self.close_round();
+        let round = self.learner.round();
+        if let Some(run) = self.run.as_mut() {
+            run.round = round;
+            run.carry_from = Some(from);
+            run.skipped = true;
+        }
+        self.rebase();
+    }
+
     /// With weights changes: when neighbours our update goes to do not hold our public
     /// copy, it is a keyframe for all where at least a quarter of them lack it (110 KB
     /// each for the demo, where a whole copy is 437 KB: no dearer than whole copies to
@@ -1534,6 +1638,27 @@ impl Peer {
             return;
         }
         let to = self.contributors();
+        // A neighbour a round ahead of ours is silent for another reason: our updates
+        // reach it stale.
+        let round = self.learner.round();
+        let unheard = to
+            .iter()
+            .filter_map(|p| self.nbrs.get(p))
+            .filter(|n| n.keyed && n.unheard() && n.claim.is_none_or(|c| c <= round))
+            .count();
+        if unheard >= 2
+            && 2 * unheard > to.len()
+            && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
+        {
+            for (_, n) in self.nbrs.iter_mut().filter(|(p, _)| to.contains(p)) {
+                if n.unheard() {
+                    n.unheard = 0;
+                    n.unheard_times += 1;
+                }
+            }
+            self.learner.keyframe_next();
+            return;
+        }
         let lacking = to
             .iter()
             .filter(|p| self.nbrs.get(p).is_some_and(|n| !n.keyed))
@@ -1632,6 +1757,9 @@ impl Peer {
                 if whole_now {
                     n.whole_round = Some(round);
                 }
+            }
+            if let Some(n) = self.nbrs.get_mut(p) {
+                n.unheard = n.unheard.saturating_add(1);
             }
             bytes += data.len();
             self.send(*p, data);

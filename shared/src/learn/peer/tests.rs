@@ -783,6 +783,85 @@ fn in_rounds_sized_in_time_a_peer_trains_on_while_its_round_is_open_and_carries_
     );
 }
 
+#[test]
+fn in_rounds_sized_in_time_a_peer_a_round_behind_its_neighbours_skips_to_their_round() {
+    // Most of its neighbours already sent updates for round 6: they closed round 5, so
+    // its update for round 5 would reach them stale (unused with weights). It closes
+    // round 5 with their updates and no update of its own, and the run's work goes out
+    // as its update for round 6.
+    let mut p = timed_running(5);
+    p.tick(500.0);
+    drain(&mut p);
+    for n in [10u8, 11, 12] {
+        p.handle(msg(u64::from(n), update_w(n + 10, 5, 0.46)), 600.0);
+        p.handle(msg(u64::from(n), update_w(n + 10, 6, 0.45)), 650.0);
+    }
+    p.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
+    assert_eq!(p.learner().round(), 6, "round 5 closed at once");
+    assert_closed_using(&mut p, 3);
+    p.tick(700.0);
+    drain(&mut p);
+    p.trained(6, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
+    assert_eq!(
+        updates_sent(&drain(&mut p)),
+        vec![(6, 16); 3],
+        "the whole run, in step with the neighbours"
+    );
+    // Their round-6 updates are in: round 6 closes with ours and theirs.
+    p.tick(1_500.0);
+    assert_eq!(p.learner().round(), 7);
+
+    // One neighbour of three ahead is no reason: a minority cannot make it skip.
+    stays_in_round_5(&[(10, 5), (10, 6)]);
+    // Most neighbours ahead, but their updates for round 5 are not held (a joiner that
+    // lacked their copies): closing round 5 on nothing would leave a model none of them
+    // has.
+    stays_in_round_5(&[(10, 6), (11, 6), (12, 6)]);
+
+    // Two rounds behind: one round skipped per update of its own, not one per chunk.
+    let all: Vec<(u8, u64)> = [10, 11, 12]
+        .into_iter()
+        .flat_map(|n| (5..=7).map(move |r| (n, r)))
+        .collect();
+    let mut r = at_5_after(&all);
+    r.tick(700.0);
+    drain(&mut r);
+    r.trained(6, &[0.48; N], 0.3, 8, 900.0).expect("finite");
+    assert_eq!(r.learner().round(), 6, "one skip in this run");
+
+    // Further behind than `max_staleness`: the model is downloaded (Model adoption),
+    // and rounds closed meanwhile would lift its round past the answers.
+    let l = at_5_after(&[(10, 9), (11, 9), (12, 9)]);
+    assert_eq!(l.learner().round(), 5, "no skip while lagging");
+}
+
+/// Peer 1 in rounds sized in time at round 5, neighbours 10, 11 and 12, after it took in
+/// their `(neighbour, round)` updates and a chunk of its run came back.
+fn at_5_after(updates: &[(u8, u64)]) -> Peer {
+    let mut q = timed_running(5);
+    q.tick(500.0);
+    drain(&mut q);
+    for &(n, round) in updates {
+        q.handle(msg(u64::from(n), update_w(n + 10, round, 0.46)), 600.0);
+    }
+    q.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
+    q
+}
+
+/// With those updates in, no skip: its update for round 5 goes out as without the rule.
+fn stays_in_round_5(updates: &[(u8, u64)]) {
+    let mut q = at_5_after(updates);
+    q.tick(700.0);
+    drain(&mut q);
+    q.trained(5, &[0.48; N], 0.3, 8, 1_500.0).expect("finite");
+    assert_eq!(q.learner().round(), 5, "{updates:?}");
+    assert_eq!(
+        updates_sent(&drain(&mut q)),
+        vec![(5, 16); 3],
+        "{updates:?}"
+    );
+}
+
 /// The bytes of the updates among `outs`.
 fn update_bytes(outs: &[Output]) -> usize {
     outs.iter()
@@ -1346,6 +1425,41 @@ fn a_weights_change_from_a_copy_not_held_does_not_hold_the_round() {
     assert_eq!(used, vec![0]);
 }
 
+/// Neighbour `signer`'s receipt for our (peer 1's) update for `round`: it used it.
+fn receipt_from(signer: u8, round: u64) -> Vec<u8> {
+    let r = crate::trust::receipt::Receipt::sign(
+        &id(signer),
+        "t",
+        round,
+        id(1).public(),
+        8,
+        [0; 32],
+        0,
+    );
+    PeerMessage::Receipt(r.encode()).encode()
+}
+
+/// One round of a peer with weights changes, from `t`: its update for `r` (returned,
+/// by neighbour: whole copies go out first), the updates of the neighbours `from`, the
+/// round's close, and the receipts of those it went to but `silent`.
+fn changes_round(p: &mut Peer, r: u64, t: f64, from: &[u8], silent: &[u64]) -> Vec<(u64, u64, u8)> {
+    p.tick(t);
+    drain(p);
+    p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
+        .expect("finite");
+    let mut sent = update_payloads(&drain(p));
+    sent.sort_unstable();
+    for &n in from {
+        p.handle(msg(u64::from(n), update_w(n + 10, r, 0.46)), t + 2.0);
+    }
+    p.tick(t + 3.0);
+    assert_eq!(p.learner().round(), r + 1);
+    for &(to, r, _) in sent.iter().filter(|s| !silent.contains(&s.0)) {
+        p.handle(msg(to, receipt_from(to as u8 + 10, r)), t + 4.0);
+    }
+    sent
+}
+
 /// Each update among `outs`: (to, round, the payload's first byte).
 fn update_payloads(outs: &[Output]) -> Vec<(u64, u64, u8)> {
     outs.iter()
@@ -1364,21 +1478,7 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
     let mut p = changes_peer_at_5(&[10, 11, 12, 13, 14]);
     let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
     let mut t = GREET_AFTER_MS;
-    let round = |p: &mut Peer, r: u64, t: f64, from: &[u8]| {
-        p.tick(t);
-        drain(p);
-        p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
-            .expect("finite");
-        // By neighbour (whole copies go out first).
-        let mut sent = update_payloads(&drain(p));
-        sent.sort_unstable();
-        for &n in from {
-            p.handle(msg(u64::from(n), update_w(n + 10, r, 0.46)), t + 2.0);
-        }
-        p.tick(t + 3.0);
-        assert_eq!(p.learner().round(), r + 1);
-        sent
-    };
+    let round = |p: &mut Peer, r: u64, t: f64, from: &[u8]| changes_round(p, r, t, from, &[]);
     let all = |r: u64, kinds: &[(u64, u8)]| -> Vec<(u64, u64, u8)> {
         kinds.iter().map(|&(n, k)| (n, r, k)).collect()
     };
@@ -1422,6 +1522,49 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
     t += 100.0;
     let keyframes: Vec<(u64, u8)> = (10..16).map(|n| (n, int8)).collect();
     assert_eq!(round(&mut p, 11, t, &six), all(11, &keyframes));
+}
+
+#[test]
+fn with_weights_changes_neighbours_that_use_none_of_our_updates_get_our_copy_again() {
+    // Receipts name the updates a neighbour used. When most of the neighbours sent none
+    // for two of ours, the copy they hold may be off (each change then lands there as an
+    // outlier): our next update is a keyframe. While they stay silent, twice as many
+    // updates each time; a receipt resets that. One silent neighbour of three (stale
+    // updates, or a liar) is no reason.
+    let mut p = changes_peer_at_5(&[10, 11, 12]);
+    let (int8, change) = (1u8, crate::learn::CHANGE_TAG);
+    let three = [10u8, 11, 12];
+    let mut t = GREET_AFTER_MS;
+    let mut round = |p: &mut Peer, r: u64, silent: &[u64]| {
+        t += 100.0;
+        let sent = changes_round(p, r, t, &three, silent);
+        let kinds: Vec<u8> = sent.iter().map(|s| s.2).collect();
+        assert_eq!(sent.len(), 3, "round {r}: {sent:?}");
+        assert!(kinds.iter().all(|k| *k == kinds[0]), "round {r}: {sent:?}");
+        kinds[0]
+    };
+    assert_eq!(round(&mut p, 5, &[]), int8);
+    for r in 6..=9 {
+        assert_eq!(
+            round(&mut p, r, &[10]),
+            change,
+            "a minority silent, round {r}"
+        );
+    }
+    // 11 and 12 silent too: keyframes at rounds 12 (after 2 unheard updates) and 16
+    // (after 4 more; the next would come after 8).
+    let mut keyframes = Vec::new();
+    for r in 10..=20 {
+        if round(&mut p, r, &[10, 11, 12]) == int8 {
+            keyframes.push(r);
+        }
+    }
+    assert_eq!(keyframes, vec![12, 16]);
+    // They receipt again: two unheard updates make a keyframe again.
+    assert_eq!(round(&mut p, 21, &[]), change);
+    assert_eq!(round(&mut p, 22, &[11, 12]), change);
+    assert_eq!(round(&mut p, 23, &[11, 12]), change);
+    assert_eq!(round(&mut p, 24, &[]), int8);
 }
 
 #[test]
@@ -1472,6 +1615,7 @@ fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_
             }
             for n in [10u8, 11, 12] {
                 p.handle(msg(u64::from(n), update_w(n + 10, run, 0.46)), t);
+                p.handle(msg(u64::from(n), receipt_from(n + 10, run)), t);
             }
         }
         p.tick(t);
