@@ -419,8 +419,12 @@ pub enum Received {
         /// It contributes.
         contributing: bool,
     },
-    /// A valid receipt for one of our updates (counted in [`LearnStats::receipts`]).
-    Receipt,
+    /// A valid receipt for one of our updates (counted in [`LearnStats::receipts`]),
+    /// signed by `signer`.
+    Receipt {
+        /// The key of the neighbour that used our update.
+        signer: PublicKey,
+    },
     /// A ledger head (kept by [`Learner::witness`] when it is new to this peer): the
     /// sender holds the head `id` (`None` for another server's).
     Head {
@@ -1118,7 +1122,7 @@ impl Learner {
         match Receipt::decode(bytes) {
             Ok(r) if r.sender == self.id.public() && r.task == self.task => {
                 self.stats.receipts += 1;
-                Ok(Received::Receipt)
+                Ok(Received::Receipt { signer: r.receiver })
             }
             Ok(_) | Err(ReceiptError::Malformed(_)) => Err(self.stats.reject(Rejection::Malformed)),
             Err(ReceiptError::BadSignature) => Err(self.stats.reject(Rejection::BadSignature)),

@@ -41,7 +41,8 @@
 //! - Round numbers at or above [`MAX_ROUND`](super::wire::MAX_ROUND) are refused on
 //!   decode; every other round is only ever a claim that moves nothing on its own. A
 //!   round closes early (it still advances by one) only on more than half of the
-//!   awaited neighbours' claims, two at least: catching up, [`Peer::behind`].
+//!   awaited neighbours' claims, three at least, whose updates for it are held:
+//!   catching up, [`Peer::behind`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -90,8 +91,9 @@ pub const FETCH_RETRY_MS: f64 = 5_000.0;
 /// Failed downloads after which a joiner starts from the seed instead.
 pub const JOIN_ATTEMPTS: u32 = 3;
 /// With weights changes, when more than half of the neighbours our updates go to (two at
-/// least) sent no receipt for this many of our updates in a row (they used none of
-/// them, and none of them is a round ahead of ours, which makes ours stale there), our
+/// least) hold our copy and sent no receipt of their own for this many of our updates for
+/// rounds they closed (they used none of them; since the last receipt, keyframe or whole
+/// copy), and none of them is a round ahead of ours (which makes ours stale there), our
 /// next update is a keyframe, where the upload budget's allowance has room for it: the
 /// copy they hold may be off, and each change of ours then lands there as an outlier. Three native
 /// peers, one a joiner whose model had moved several runs' length to catch up with the
@@ -100,11 +102,16 @@ pub const JOIN_ATTEMPTS: u32 = 3;
 /// rounds. Twice as many updates each time in a row this is so (up to
 /// [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)): a peer whose updates arrive stale,
 /// or neighbours that withhold receipts, cost a keyframe now and then, not every few
-/// rounds; one neighbour's receipts count only for itself. A minority is passed over:
+/// rounds (a majority that alternates one receipt with silence gets a keyframe every
+/// third update: bounded by the upload budget where there is one); one neighbour's
+/// receipts count only for itself. A minority is passed over:
 /// counted one by one (each silent neighbour then treated as lacking our copy, and sent
 /// it whole where a keyframe did not fit the budget), `hetero-12-budget` took twice the
 /// time for its 20 rounds.
 pub const UNHEARD_UPDATES: u32 = 2;
+/// The rounds of unreceipted updates a peer keeps per neighbour (the most
+/// [`UNHEARD_UPDATES`] can ask for).
+const UNHEARD_KEPT: usize = crate::learn::KEYFRAME_EVERY as usize;
 /// Two model answers agree when their weights are within this share of the smaller of
 /// their norms (honest models of one swarm differ by a few percent; a model that far
 /// from the others is another model).
@@ -319,22 +326,29 @@ struct Neighbour {
     /// Weights changes: the round of the last whole copy it was sent (at most one per
     /// [`KEYFRAME_EVERY`] rounds; otherwise it waits for the next keyframe).
     whole_round: Option<u64>,
-    /// Weights changes: our updates sent to it since its last receipt for one of ours,
-    /// and how many times in a row that made us count it as lacking our copy
+    /// Weights changes: the rounds of our updates sent to it since its last receipt
+    /// (at most [`UNHEARD_KEPT`], since it last got a keyframe or our copy whole), and
+    /// how many times in a row they made our next update a keyframe
     /// ([`UNHEARD_UPDATES`]).
-    unheard: u32,
+    unheard: Vec<u64>,
     unheard_times: u32,
 }
 
 impl Neighbour {
     /// Weights changes: whether it used none of our last updates (no receipt from it
-    /// after [`UNHEARD_UPDATES`] of them, twice as many for each time in a row this was
-    /// so, at most [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)).
+    /// for [`UNHEARD_UPDATES`] of them for rounds it has closed — it sent an update for a
+    /// later one —, twice as many for each time in a row this was so, at most
+    /// [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)).
     fn unheard(&self) -> bool {
         let limit = UNHEARD_UPDATES
             .saturating_mul(1 << self.unheard_times.min(8))
             .min(crate::learn::KEYFRAME_EVERY as u32);
-        self.unheard >= limit
+        let closed = self
+            .unheard
+            .iter()
+            .filter(|r| self.claim.is_some_and(|c| c > **r))
+            .count();
+        closed >= limit as usize
     }
 
     /// Whether it may get a whole copy of ours with our update for `round`: at most one
@@ -839,10 +853,13 @@ impl Peer {
                     n.head_sent = Some(id);
                 }
             }
-            // It used an update of ours: it holds our copy as we think.
-            Ok(Received::Receipt) => {
-                if let Some(n) = self.nbrs.get_mut(&from) {
-                    n.unheard = 0;
+            // It used an update of ours: it holds our copy as we think. Only its own
+            // receipt says so (a receipt relayed from another key does not).
+            Ok(Received::Receipt { signer }) => {
+                if let Some(n) = self.nbrs.get_mut(&from)
+                    && n.key == Some(signer)
+                {
+                    n.unheard.clear();
                     n.unheard_times = 0;
                 }
             }
@@ -1576,18 +1593,21 @@ impl Peer {
     }
 
     /// Rounds in time: whether more than half of the neighbours our round waits for, and
-    /// at least two, have sent updates for a later round than ours. They closed our
+    /// at least [`SCREEN_MIN`](super::aggregate::SCREEN_MIN), have sent updates for a
+    /// later round than ours and their updates for ours are held. They closed our
     /// round (no update for `r + 1` is signed before round `r` closed), so our update
     /// for it would reach them stale: with `weights` unused, with `delta` at half weight.
     /// A peer one round behind its neighbours stays there, each of its updates wasted
     /// (with the demo's upload budget, 12 peers: one peer credited for 1% of what it
     /// trained, its every update stale at all six neighbours).
     ///
-    /// Only when it holds the updates for our round of more than half of them (two at
-    /// least): the round closes on those, so our model stays theirs. Closed on fewer
-    /// (a joiner that lacks their copies holds none, its changes refused for their base)
-    /// it would take an outer step of its own that no neighbour took, and its later
-    /// updates would be screened out as outliers.
+    /// Their updates for our round must be held: the round closes on those, so our model
+    /// stays theirs. Closed on fewer (a joiner that lacks their copies holds none, its
+    /// changes refused for their base) it would take an outer step of its own that no
+    /// neighbour took, and its later updates would be screened out as outliers. At least
+    /// `SCREEN_MIN` of them, so that the close without our own update still screens them
+    /// (one liar that claims a later round and one honest neighbour ahead do not make us
+    /// average two updates unscreened).
     ///
     /// Never while a model download is under way or due (further behind than
     /// `max_staleness`, [`lagging`](Self::lagging)): rounds closed to catch up would
@@ -1599,16 +1619,12 @@ impl Peer {
         }
         let round = self.learner.round();
         let awaited = self.awaited();
-        let majority = |k: usize| k >= 2 && 2 * k > awaited.len();
-        let ahead = awaited
+        let both = awaited
             .iter()
             .filter(|n| n.claim.is_some_and(|c| c > round))
-            .count();
-        let held = awaited
-            .iter()
             .filter(|n| n.key.is_some_and(|k| self.learner.holds_current_from(&k)))
             .count();
-        majority(ahead) && majority(held)
+        both >= super::aggregate::SCREEN_MIN && 2 * both > awaited.len()
     }
 
     /// Rounds in time, [`behind`](Self::behind): closes our round without an update of
@@ -1641,18 +1657,18 @@ impl Peer {
         // A neighbour a round ahead of ours is silent for another reason: our updates
         // reach it stale.
         let round = self.learner.round();
+        let counted = |n: &Neighbour| n.keyed && n.unheard() && n.claim.is_none_or(|c| c <= round);
         let unheard = to
             .iter()
             .filter_map(|p| self.nbrs.get(p))
-            .filter(|n| n.keyed && n.unheard() && n.claim.is_none_or(|c| c <= round))
+            .filter(|n| counted(n))
             .count();
         if unheard >= 2
             && 2 * unheard > to.len()
             && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
         {
             for (_, n) in self.nbrs.iter_mut().filter(|(p, _)| to.contains(p)) {
-                if n.unheard() {
-                    n.unheard = 0;
+                if counted(n) {
                     n.unheard_times += 1;
                 }
             }
@@ -1759,7 +1775,15 @@ impl Peer {
                 }
             }
             if let Some(n) = self.nbrs.get_mut(p) {
-                n.unheard = n.unheard.saturating_add(1);
+                // A keyframe or a whole copy sets the copy it holds: what it did not use
+                // before no longer tells.
+                if !change || whole_now {
+                    n.unheard.clear();
+                }
+                if n.unheard.len() >= UNHEARD_KEPT {
+                    n.unheard.remove(0);
+                }
+                n.unheard.push(round);
             }
             bytes += data.len();
             self.send(*p, data);

@@ -912,7 +912,12 @@ fn a_receipt_is_signed_for_each_update_used_and_only_its_sender_counts_it() {
     );
     // b counts it; d refuses a receipt that is not for it; a tampered one is refused.
     let msg = PeerMessage::Receipt(rb.encode()).encode();
-    assert_eq!(b.receive(&msg), Ok(Received::Receipt));
+    assert_eq!(
+        b.receive(&msg),
+        Ok(Received::Receipt {
+            signer: a.public_key()
+        })
+    );
     assert_eq!(b.stats.receipts, 1);
     assert_eq!(d.receive(&msg), Err(Rejection::Malformed));
     let mut forged = rb.clone();
