@@ -95,19 +95,19 @@ pub const JOIN_ATTEMPTS: u32 = 3;
 /// rounds they closed (they used none of them; since the last receipt, keyframe or whole
 /// copy), and none of them is a round ahead of ours (which makes ours stale there), our
 /// next update is a keyframe, where the upload budget's allowance has room for it: the
-/// copy they hold may be off, and each change of ours then lands there as an outlier. Three native
-/// peers, one a joiner whose model had moved several runs' length to catch up with the
-/// swarm: both neighbours screened its updates out for 13 rounds in a row while its copy
-/// followed (its model scored as theirs from the sixth), and credited it for 6 of 20
-/// rounds. Twice as many updates each time in a row this is so (up to
-/// [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)): a peer whose updates arrive stale,
-/// or neighbours that withhold receipts, cost a keyframe now and then, not every few
-/// rounds (a majority that alternates one receipt with silence gets a keyframe every
-/// third update: bounded by the upload budget where there is one); one neighbour's
-/// receipts count only for itself. A minority is passed over:
-/// counted one by one (each silent neighbour then treated as lacking our copy, and sent
-/// it whole where a keyframe did not fit the budget), `hetero-12-budget` took twice the
-/// time for its 20 rounds.
+/// copy they hold may be off, and each change of ours then lands there as an outlier.
+/// Three native peers, one a joiner: both neighbours screened its updates out for up to
+/// 13 rounds in a row (its model scored as theirs from the sixth) and credited it for
+/// 6-8 of 20 rounds, in 2 of 16 runs; with this rule 1 of 28 (9 of 20), so a lagging
+/// copy is not the whole cause (README, "Weights changes"). Twice as many updates each
+/// time in a row this is so (up to [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)): a
+/// peer whose updates arrive stale, or neighbours that withhold receipts, cost a
+/// keyframe now and then, not every few rounds (a majority that alternates one receipt
+/// with silence gets a keyframe every third update: bounded by the upload budget where
+/// there is one); one neighbour's receipts count only for itself. A minority is passed
+/// over: counted one by one (each silent neighbour then treated as lacking our copy, and
+/// sent it whole where a keyframe did not fit the budget), `hetero-12-budget` took twice
+/// the time for its 20 rounds.
 pub const UNHEARD_UPDATES: u32 = 2;
 /// The rounds of unreceipted updates a peer keeps per neighbour (the most
 /// [`UNHEARD_UPDATES`] can ask for).
@@ -330,7 +330,7 @@ struct Neighbour {
     /// (at most [`UNHEARD_KEPT`], since it last got a keyframe or our copy whole), and
     /// how many times in a row they made our next update a keyframe
     /// ([`UNHEARD_UPDATES`]).
-    unheard: Vec<u64>,
+    unheard: VecDeque<u64>,
     unheard_times: u32,
 }
 
@@ -1767,23 +1767,20 @@ impl Peer {
             let Some(data) = data else { continue };
             if let Some(n) = self.nbrs.get_mut(p) {
                 n.sent_round = Some(round);
-                // A keyframe or a whole copy gives it the copy; a change keeps it only
-                // where it had it.
-                n.keyed = !change || whole_now || n.keyed;
+                // A keyframe or a whole copy gives it the copy (what it did not use
+                // before no longer tells); a change keeps it only where it had it.
+                let sets_copy = !change || whole_now;
+                n.keyed |= sets_copy;
+                if sets_copy {
+                    n.unheard.clear();
+                }
                 if whole_now {
                     n.whole_round = Some(round);
                 }
-            }
-            if let Some(n) = self.nbrs.get_mut(p) {
-                // A keyframe or a whole copy sets the copy it holds: what it did not use
-                // before no longer tells.
-                if !change || whole_now {
-                    n.unheard.clear();
-                }
                 if n.unheard.len() >= UNHEARD_KEPT {
-                    n.unheard.remove(0);
+                    n.unheard.pop_front();
                 }
-                n.unheard.push(round);
+                n.unheard.push_back(round);
             }
             bytes += data.len();
             self.send(*p, data);
