@@ -645,6 +645,14 @@ pub struct Learner {
     copies: HashMap<PublicKey, PublicCopy>,
     /// Our next update is a keyframe (the peer asks when many neighbours lack the copy).
     keyframe_next: bool,
+    /// Weights changes: when our update this round is a change of our public copy, the
+    /// run itself (`round-start - local`), which the update stands for plus the copy's
+    /// lag.
+    own_run: Option<Vec<f32>>,
+    /// Weights changes: our last round's screen dropped our own update (what neighbours
+    /// compute from our copy) and would have kept our run: the copy's lag made it an
+    /// outlier ([`copy_screened_out`](Self::copy_screened_out)).
+    copy_screened: bool,
     /// Copies taken so far (the clock of [`PublicCopy::touched`]).
     copies_taken: u64,
     /// Traffic and rejection counters.
@@ -683,6 +691,8 @@ impl Learner {
             public: None,
             copies: HashMap::new(),
             keyframe_next: false,
+            own_run: None,
+            copy_screened: false,
             copies_taken: 0,
             stats: LearnStats::default(),
         })
@@ -844,6 +854,11 @@ impl Learner {
         } else {
             self.compressor.encode(local)
         };
+        self.own_run = self
+            .public
+            .as_ref()
+            .is_some_and(|c| c.change)
+            .then(|| self.weights.iter().zip(local).map(|(w, l)| w - l).collect());
         self.own = Some(
             self.weights
                 .iter()
@@ -863,6 +878,7 @@ impl Learner {
     fn public_update(&mut self, local: &[f32]) -> (Vec<u8>, Vec<f32>) {
         let keyframe = self.next_is_keyframe(local);
         self.keyframe_next = false;
+        self.copy_screened = false;
         let mut change = false;
         let (payload, weights) = match self.public.take() {
             // `next_is_keyframe` says keyframe where the copy is this round's.
@@ -914,6 +930,20 @@ impl Learner {
                         || aggregate::distance(local, &c.weights)
                             > CATCH_UP * aggregate::distance(local, &self.weights)
                 }))
+    }
+
+    /// Weights changes: whether our last round's screen dropped our own update — our
+    /// round-start weights minus the public copy our change left, as every neighbour
+    /// computes it — where our run itself (round-start minus our local weights) would
+    /// have passed: our copy lags our weights (a peer whose model moved far, such as a
+    /// joiner catching up, follows with top-k changes over many rounds), and neighbours
+    /// screen us out for it. The peer then makes the next update a keyframe where the
+    /// budget allows ([`crate::learn::Peer`]); our own copy's lag is in no neighbour's
+    /// hands, and a keyframe leaves only int8's rounding of it, so this asks for at most
+    /// one keyframe per lag (a colluding majority, which sets the median, could make it
+    /// fire every other update: within the upload budget, which then slows our updates).
+    pub fn copy_screened_out(&self) -> bool {
+        self.copy_screened
     }
 
     /// Makes our next update a keyframe (with weights changes): cheaper than whole copies
@@ -1305,6 +1335,7 @@ impl Learner {
     /// their staleness weights, applies the outer Nesterov step and advances the round.
     pub fn finish_round(&mut self) -> RoundSummary {
         let mut own = self.own.take();
+        let own_run = self.own_run.take();
         let mut held = std::mem::take(&mut self.inbox);
         if self.cfg.exchange == Exchange::Weights {
             // A neighbour's weights for a later round wait for that round: they already
@@ -1417,6 +1448,17 @@ impl Learner {
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
             let mut dropped = aggregate::screen(self.cfg.aggregation, &updates, &noise, &mut g);
+            // Our own update out, where our run would have passed: our copy lags.
+            if let Some(run) = own_run
+                .as_deref()
+                .filter(|_| own.is_some() && dropped.contains(&0))
+            {
+                let mut instead = updates.clone();
+                instead[0].0 = run;
+                let mut scratch = vec![0.0; g.len()];
+                let again = aggregate::screen(self.cfg.aggregation, &instead, &noise, &mut scratch);
+                self.copy_screened = !again.contains(&0);
+            }
             let robust = self.cfg.aggregation != Aggregation::Mean;
             let ran = robust && updates.len() >= aggregate::SCREEN_MIN;
             let on_record = ran && updates.len() >= RECORD_MIN;
@@ -1606,6 +1648,8 @@ impl Learner {
         self.weights = s.weights;
         self.momentum = s.momentum;
         self.own = None;
+        self.own_run = None;
+        self.copy_screened = false;
         self.public = None;
         self.compressor = Compressor::new(self.cfg.compression, self.weights.len());
         let window = u64::from(self.cfg.max_staleness);

@@ -98,8 +98,9 @@ pub const JOIN_ATTEMPTS: u32 = 3;
 /// copy they hold may be off, and each change of ours then lands there as an outlier.
 /// Three native peers, one a joiner: both neighbours screened its updates out for up to
 /// 13 rounds in a row (its model scored as theirs from the sixth) and credited it for
-/// 6-8 of 20 rounds, in 2 of 16 runs; with this rule 1 of 28 (9 of 20), so a lagging
-/// copy is not the whole cause (README, "Weights changes"). Twice as many updates each
+/// 6-8 of 20 rounds, in 2 of 16 runs; with this rule 1 of 28 (9 of 20); what was left
+/// is the joiner's own copy lagging, which its own screen sees at once
+/// (`Learner::copy_screened_out`). Twice as many updates each
 /// time in a row this is so (up to [`KEYFRAME_EVERY`](crate::learn::KEYFRAME_EVERY)): a
 /// peer whose updates arrive stale, or neighbours that withhold receipts, cost a
 /// keyframe now and then, not every few rounds (a majority that alternates one receipt
@@ -1649,11 +1650,21 @@ impl Peer {
     /// that quarter) or where whole copies to them would not fit the upload budget's
     /// allowance. Only where the keyframe fits it: otherwise whole copies go where they
     /// fit (`send_update`), and the rest get the change and wait for our next update.
+    /// Also a keyframe, where it fits, when our copy's lag made our last update an
+    /// outlier in our own screen ([`Learner::copy_screened_out`]), or when most
+    /// neighbours have stopped using our updates ([`UNHEARD_UPDATES`]).
     fn plan_keyframe(&mut self, now_ms: f64) {
         if !self.cfg.weights_changes() {
             return;
         }
         let to = self.contributors();
+        // Our copy's lag made our last update an outlier (`Learner::copy_screened_out`).
+        if self.learner.copy_screened_out()
+            && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
+        {
+            self.learner.keyframe_next();
+            return;
+        }
         // A neighbour a round ahead of ours is silent for another reason: our updates
         // reach it stale.
         let round = self.learner.round();
@@ -1704,7 +1715,9 @@ impl Peer {
             return change * to.len();
         }
         let keyframes = self.keyframe_bytes() * to.len();
-        if self.learner.next_is_keyframe(local) {
+        // A copy's lag that screened us out (`plan_keyframe`): the update waits for the
+        // keyframe to fit rather than go out as a change every neighbour would drop.
+        if self.learner.next_is_keyframe(local) || self.learner.copy_screened_out() {
             return keyframes;
         }
         let round = self.learner.round();

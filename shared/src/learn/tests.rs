@@ -585,6 +585,72 @@ fn a_public_copy_left_far_behind_by_a_move_of_the_model_is_caught_up_by_a_keyfra
     }
 }
 
+/// One round of three peers with weights changes and a robust rule, from all-zero
+/// weights that every copy holds exactly: each run moves 8 of 64 weights by `size` (as
+/// much as a top-k change carries whole), ours by `own_size`; our public copy lags our
+/// weights by `lag` in every coordinate. Returns whether our screen found that the
+/// copy's lag made our update an outlier.
+fn copy_screened(lag: f32, own_size: f32) -> bool {
+    let n = 64;
+    let make = |seed: u8| {
+        let c = LearnConfig {
+            aggregation: Aggregation::TrimmedMean { trim: 0.2 },
+            exchange: Exchange::Weights,
+            compression: Compression::TopK2Bit { fraction: 0.125 },
+            sync_every: 0,
+            ..cfg()
+        };
+        Learner::new(c, "digits", Identity::from_seed([seed; 32]), vec![0.0; n]).expect("valid")
+    };
+    let (mut a, mut b, mut c) = (make(1), make(2), make(3));
+    // Round 0: keyframes of unchanged weights; every copy is exact, nobody moves.
+    let zero = vec![0.0; n];
+    let kb = b.local_update(&zero, 8, 0.0).expect("finite");
+    let kc = c.local_update(&zero, 8, 0.0).expect("finite");
+    a.local_update(&zero, 8, 0.0).expect("finite");
+    a.receive(&kb).expect("keyframe");
+    a.receive(&kc).expect("keyframe");
+    for l in [&mut a, &mut b, &mut c] {
+        l.finish_round();
+        assert_eq!(l.weights(), &zero[..]);
+    }
+    // Our copy left behind (as a model that moved far leaves it).
+    a.public
+        .as_mut()
+        .expect("sent")
+        .weights
+        .iter_mut()
+        .for_each(|w| *w += lag);
+    let run = |k: usize, size: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| if i / 8 == k { -size } else { 0.0 })
+            .collect()
+    };
+    let local = run(0, own_size);
+    // The lag is under CATCH_UP times the run: no keyframe for it on its own.
+    assert!(!a.next_is_keyframe(&local));
+    a.local_update(&local, 8, 0.0).expect("finite");
+    a.receive(&b.local_update(&run(1, 0.01), 8, 0.0).expect("finite"))
+        .expect("a change");
+    a.receive(&c.local_update(&run(2, 0.01), 8, 0.0).expect("finite"))
+        .expect("a change");
+    let s = a.finish_round();
+    assert_eq!(s.used, 2, "both neighbours used");
+    a.copy_screened_out()
+}
+
+#[test]
+fn an_update_screened_out_for_our_copys_lag_and_not_for_our_run_asks_for_a_keyframe() {
+    // Lagging 0.01 everywhere (3.3 times the run): our update as neighbours see it lies
+    // 2.8 times as far from the median as theirs; our run, as far as theirs.
+    assert!(copy_screened(0.01, 0.01));
+    // No lag: our update passes.
+    assert!(!copy_screened(0.0, 0.01));
+    // Our run itself is the outlier (5 times theirs): a keyframe would not help.
+    assert!(!copy_screened(0.0, 0.05));
+    assert!(!copy_screened(0.005, 0.05));
+}
+
 #[test]
 fn a_whole_copy_sets_the_copy_exactly_and_the_changes_after_it_apply() {
     let n = 300;

@@ -1577,13 +1577,29 @@ fn with_weights_changes_neighbours_that_use_none_of_our_updates_get_our_copy_aga
 }
 
 #[test]
-fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_update() {
-    // Weights changes with updates that cost more than the budget pays in a round: the
-    // budget sets the pace, updates running at the edge of the allowance. A neighbour
-    // that connects after a minute of that gets our copy (whole, or a keyframe to all)
-    // with our next update: that update waits until the copy fits with it — not changes
-    // it cannot use until our keyframe 30 rounds on, as when updates went out whenever
-    // their changes fitted and left the copy no room.
+fn with_weights_changes_an_update_screened_out_for_our_copys_lag_is_followed_by_a_keyframe() {
+    // The learner's screen found our copy's lag made our update an outlier
+    // (`Learner::copy_screened_out`): the next update is a keyframe, once; then changes.
+    let mut p = changes_peer_at_5(&[10, 11, 12]);
+    let (int8, change) = (1u8, crate::learn::CHANGE_TAG);
+    let three = [10u8, 11, 12];
+    let mut t = GREET_AFTER_MS;
+    let mut round = |p: &mut Peer, r: u64| {
+        t += 100.0;
+        let sent = changes_round(p, r, t, &three, &[]);
+        assert_eq!(sent.len(), 3, "round {r}: {sent:?}");
+        sent[0].2
+    };
+    assert_eq!(round(&mut p, 5), int8);
+    assert_eq!(round(&mut p, 6), change);
+    p.learner.copy_screened = true;
+    assert_eq!(round(&mut p, 7), int8);
+    assert_eq!(round(&mut p, 8), change);
+}
+
+/// Weights changes under an upload budget (1 MB an hour) that updates cost more than a
+/// round pays: a peer at round 5 with neighbours 10, 11 and 12, greeted, at 500 ms.
+fn budget_changes_peer() -> Peer {
     let c = LearnConfig {
         round_ms: 1_000,
         upload_mb_per_hour: 1,
@@ -1595,9 +1611,83 @@ fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
-    let mut t = 500.0;
-    p.tick(t);
+    p.tick(500.0);
     drain(&mut p);
+    p
+}
+
+/// A chunk of training that ends at `t`, for the run in progress (the open round's next
+/// when a round is open): the run's round, and the updates sent.
+fn budget_chunk(p: &mut Peer, t: f64) -> (u64, Vec<(u64, u64, u8)>) {
+    let round = p.learner().round();
+    let run = if p.open_since.is_some() {
+        round + 1
+    } else {
+        round
+    };
+    p.trained(run, &[0.5 - 0.001 * run as f32; N], 0.3, 8, t)
+        .expect("finite");
+    (run, update_payloads(&drain(p)))
+}
+
+#[test]
+fn under_an_upload_budget_an_update_screened_out_for_our_copys_lag_waits_for_its_keyframe() {
+    // Updates run at the edge of the budget's allowance, where a keyframe to all does
+    // not fit: once our copy's lag screened us out, the next update waits until the
+    // keyframe fits instead of going out as a change every neighbour would drop.
+    let mut p = budget_changes_peer();
+    let mut t = 500.0;
+    // Our updates: (time, round, payload kind to neighbour 10).
+    let mut sent_at: Vec<(f64, u64, u8)> = Vec::new();
+    let mut flagged_at = None;
+    while t < 240_000.0 {
+        t += 250.0;
+        if t == 60_000.0 {
+            p.learner.copy_screened = true;
+            flagged_at = Some(sent_at.len());
+        }
+        let (run, mut sent) = budget_chunk(&mut p, t);
+        if let Some(u) = sent.iter().find(|u| u.0 == 10) {
+            sent_at.push((t, u.1, u.2));
+            for n in [10u8, 11, 12] {
+                p.handle(msg(u64::from(n), update_w(n + 10, run, 0.46)), t);
+                p.handle(msg(u64::from(n), receipt_from(n + 10, run)), t);
+            }
+        }
+        p.tick(t);
+        sent.extend(update_payloads(&drain(&mut p)));
+        if flagged_at.is_some_and(|f| sent_at.len() > f + 1) {
+            break;
+        }
+    }
+    let f = flagged_at.expect("ran to the flag");
+    assert!(f > 10, "{f} updates before");
+    let change = crate::learn::CHANGE_TAG;
+    assert!(
+        sent_at[1..f]
+            .iter()
+            .all(|u| (u.2 == change) != u.1.is_multiple_of(crate::learn::KEYFRAME_EVERY)),
+        "changes at the budget's edge, but scheduled keyframes: {sent_at:?}"
+    );
+    let (before, (at, _, kind), (_, _, then)) = (sent_at[f - 1].0, sent_at[f], sent_at[f + 1]);
+    assert_eq!(kind, 1, "the next update is a keyframe (int8): {sent_at:?}");
+    assert!(
+        at - before > 2_000.0,
+        "it waited for the keyframe to fit: {before} -> {at} ms"
+    );
+    assert_eq!(then, change, "then changes again");
+}
+
+#[test]
+fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_update() {
+    // Weights changes with updates that cost more than the budget pays in a round: the
+    // budget sets the pace, updates running at the edge of the allowance. A neighbour
+    // that connects after a minute of that gets our copy (whole, or a keyframe to all)
+    // with our next update: that update waits until the copy fits with it — not changes
+    // it cannot use until our keyframe 30 rounds on, as when updates went out whenever
+    // their changes fitted and left the copy no room.
+    let mut p = budget_changes_peer();
+    let mut t = 500.0;
     // Updates to the new neighbour: (time, round, payload kind); and our updates to all
     // before and after it connected.
     let mut to_13: Vec<(f64, u64, u8)> = Vec::new();
@@ -1607,15 +1697,7 @@ fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_
         if t == 60_000.0 {
             p.handle(Event::Up(PeerId(13)), t);
         }
-        let round = p.learner().round();
-        let run = if p.open_since.is_some() {
-            round + 1
-        } else {
-            round
-        };
-        p.trained(run, &[0.5 - 0.001 * run as f32; N], 0.3, 8, t)
-            .expect("finite");
-        let mut sent = update_payloads(&drain(&mut p));
+        let (run, mut sent) = budget_chunk(&mut p, t);
         if sent.iter().any(|u| u.0 == 10) {
             if t < 60_000.0 {
                 before += 1;
