@@ -932,16 +932,19 @@ impl Learner {
                 }))
     }
 
-    /// Weights changes: whether our last round's screen dropped our own update — our
-    /// round-start weights minus the public copy our change left, as every neighbour
-    /// computes it — where our run itself (round-start minus our local weights) would
-    /// have passed: our copy lags our weights (a peer whose model moved far, such as a
-    /// joiner catching up, follows with top-k changes over many rounds), and neighbours
-    /// screen us out for it. The peer then makes the next update a keyframe where the
-    /// budget allows ([`crate::learn::Peer`]); our own copy's lag is in no neighbour's
-    /// hands, and a keyframe leaves only int8's rounding of it, so this asks for at most
-    /// one keyframe per lag (a colluding majority, which sets the median, could make it
-    /// fire every other update: within the upload budget, which then slows our updates).
+    /// Weights changes: whether the screen of the last round closed with our change in
+    /// it dropped our own update — our round-start weights minus the public copy the
+    /// change left, about what each neighbour whose model is ours computes from it —
+    /// where our run itself (round-start minus our local weights) would have passed
+    /// (only a robust rule with two neighbours' updates held screens at all): our copy
+    /// lags our weights (a peer whose model moved far, such as a joiner catching up,
+    /// follows with top-k changes over many rounds), and neighbours likely screen us out
+    /// for it. The peer then makes the next update a keyframe where the budget allows
+    /// ([`crate::learn::Peer`]). A keyframe round has no run to compare, so this fires
+    /// on at most every other update, whoever lies: neighbours (a majority, or even one
+    /// that sits at the median and tightens the screen) could make it fire that often,
+    /// which costs upload (a keyframe is 8 times the demo's change; bounded by the
+    /// budget where there is one, and then our updates slow down) but never stalls us.
     pub fn copy_screened_out(&self) -> bool {
         self.copy_screened
     }
@@ -1262,6 +1265,8 @@ impl Learner {
     pub fn replace_own(&mut self, delta: Vec<f32>) {
         if delta.len() == self.weights.len() {
             self.own = Some(delta);
+            // No longer what the run stands for: its screen says nothing of our copy.
+            self.own_run = None;
         }
     }
 

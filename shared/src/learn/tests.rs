@@ -588,9 +588,8 @@ fn a_public_copy_left_far_behind_by_a_move_of_the_model_is_caught_up_by_a_keyfra
 /// One round of three peers with weights changes and a robust rule, from all-zero
 /// weights that every copy holds exactly: each run moves 8 of 64 weights by `size` (as
 /// much as a top-k change carries whole), ours by `own_size`; our public copy lags our
-/// weights by `lag` in every coordinate. Returns whether our screen found that the
-/// copy's lag made our update an outlier.
-fn copy_screened(lag: f32, own_size: f32) -> bool {
+/// weights by `lag` in every coordinate. Returns our learner once the round closed.
+fn after_lag(lag: f32, own_size: f32) -> Learner {
     let n = 64;
     let make = |seed: u8| {
         let c = LearnConfig {
@@ -636,7 +635,12 @@ fn copy_screened(lag: f32, own_size: f32) -> bool {
         .expect("a change");
     let s = a.finish_round();
     assert_eq!(s.used, 2, "both neighbours used");
-    a.copy_screened_out()
+    a
+}
+
+/// Whether our screen found that the copy's lag made our update an outlier.
+fn copy_screened(lag: f32, own_size: f32) -> bool {
+    after_lag(lag, own_size).copy_screened_out()
 }
 
 #[test]
@@ -649,6 +653,15 @@ fn an_update_screened_out_for_our_copys_lag_and_not_for_our_run_asks_for_a_keyfr
     // Our run itself is the outlier (5 times theirs): a keyframe would not help.
     assert!(!copy_screened(0.0, 0.05));
     assert!(!copy_screened(0.005, 0.05));
+    // A model adopted since has no copy out: nothing to catch up.
+    let mut a = after_lag(0.01, 0.01);
+    let adopted = Snapshot {
+        round: 5,
+        weights: vec![0.0; 64],
+        momentum: vec![0.0; 64],
+    };
+    assert!(a.adopt(adopted));
+    assert!(!a.copy_screened_out());
 }
 
 #[test]
