@@ -46,7 +46,7 @@ struct Args {
     /// they are refused. Prefer the env variable: command lines are visible to others.
     #[arg(long, env = "SHOAL_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// Neighbours per peer (k): each peer keeps about k WebRTC connections.
+    /// Neighbours per peer (k, 1 to 16): each peer keeps about k WebRTC connections.
     #[arg(long, env = "SHOAL_NEIGHBOURS", default_value_t = 6)]
     neighbours: usize,
     /// Origin allowed to open signaling websockets (repeat, or comma-separate in the env
@@ -158,6 +158,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
         anyhow::bail!("--admin-token must be at least 16 characters");
     }
+    if !args.turn.is_empty() && args.turn_secret.is_none() {
+        anyhow::bail!("--turn needs --turn-secret (or SHOAL_TURN_SECRET)");
+    }
+    // A peer holds up to 2k neighbours and keeps the public copies (weights changes) of
+    // at most `MAX_COPIES` signers: with more, copies would be dropped and changes
+    // refused every round.
+    let most = shoal_shared::learn::MAX_COPIES / 2;
+    if !(1..=most).contains(&args.neighbours)
+        || args.max_message_bytes < 1024
+        || args.rate <= 0.0
+        || args.burst < 1.0
+    {
+        anyhow::bail!(
+            "--neighbours must be within 1..={most}, --max-message-bytes >= 1024, --rate > 0, \
+             --burst >= 1"
+        );
+    }
     let mut tasks = Vec::new();
     for path in &args.task_files {
         let task = load_task(path, &args.data).map_err(anyhow::Error::msg)?;
@@ -209,15 +226,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!("Press Ctrl-C to stop.");
-    if !args.turn.is_empty() && args.turn_secret.is_none() {
-        anyhow::bail!("--turn needs --turn-secret (or SHOAL_TURN_SECRET)");
-    }
-    if args.neighbours == 0 || args.max_message_bytes < 1024 || args.rate <= 0.0 || args.burst < 1.0
-    {
-        anyhow::bail!(
-            "--neighbours must be >= 1, --max-message-bytes >= 1024, --rate > 0, --burst >= 1"
-        );
-    }
     let limits = Limits {
         max_message_bytes: args.max_message_bytes,
         max_peers_per_task: args.max_peers_per_task,

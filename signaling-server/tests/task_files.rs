@@ -1,5 +1,5 @@
-//! The server validates its task files at start: a broken one stops it with an error that
-//! names the file, the field and the problem.
+//! The server validates its task files and its limits at start: a broken one stops it
+//! with an error that names the file, the field (or the option) and the problem.
 
 use std::process::Command;
 
@@ -7,7 +7,14 @@ const SERVER: &str = env!("CARGO_BIN_EXE_shoal-signaling-server");
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml");
 
 fn start_with(task: &str, data: &std::path::Path) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("shoal-taskfile-{}", std::process::id()));
+    start_with_args(task, data, &[])
+}
+
+fn start_with_args(task: &str, data: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    // One folder per start: the tests run in parallel, and each removes its own.
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("shoal-taskfile-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("index.html"), "<!doctype html>").expect("www");
     let file = dir.join("task.toml");
@@ -24,6 +31,7 @@ fn start_with(task: &str, data: &std::path::Path) -> (bool, String) {
         // Succeeding would serve forever: a closed stdin is not a stop signal, so give
         // the valid case nothing to do but fail on the port instead.
         .args(["--bind", "203.0.113.1"])
+        .args(extra)
         .output()
         .expect("server runs");
     let _ = std::fs::remove_dir_all(&dir);
@@ -130,6 +138,21 @@ fn a_broken_task_file_stops_the_server_naming_the_field() {
     assert!(!ok);
     assert!(
         err.contains("data.test.labels") && err.contains("no-such.idx"),
+        "{err}"
+    );
+}
+
+#[test]
+fn more_neighbours_than_a_peer_keeps_copies_for_stop_the_server() {
+    // 17 would let a peer hold 34 neighbours, past the 32 public copies it keeps.
+    let (ok, err) = start_with_args(&demo(), &data(), &["--neighbours", "17"]);
+    assert!(!ok);
+    assert!(err.contains("--neighbours must be within 1..=16"), "{err}");
+    // 16 passes the check: the start then fails on the address, not on it.
+    let (ok, err) = start_with_args(&demo(), &data(), &["--neighbours", "16"]);
+    assert!(!ok);
+    assert!(
+        !err.contains("--neighbours") && err.contains("could not listen"),
         "{err}"
     );
 }
