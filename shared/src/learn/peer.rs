@@ -1658,10 +1658,12 @@ impl Peer {
             return;
         }
         let to = self.contributors();
+        // Every reason below asks for a keyframe only where it fits the allowance.
+        if !self.affordable(self.keyframe_bytes() * to.len(), now_ms) {
+            return;
+        }
         // Our copy's lag made our last update an outlier (`Learner::copy_screened_out`).
-        if self.learner.copy_screened_out()
-            && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
-        {
+        if self.learner.copy_screened_out() {
             self.learner.keyframe_next();
             return;
         }
@@ -1674,10 +1676,7 @@ impl Peer {
             .filter_map(|p| self.nbrs.get(p))
             .filter(|n| counted(n))
             .count();
-        if unheard >= 2
-            && 2 * unheard > to.len()
-            && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
-        {
+        if unheard >= 2 && 2 * unheard > to.len() {
             for (_, n) in self.nbrs.iter_mut().filter(|(p, _)| to.contains(p)) {
                 if counted(n) {
                     n.unheard_times += 1;
@@ -1698,9 +1697,7 @@ impl Peer {
             self.whole_bytes() * lacking + change * (to.len() - lacking),
             now_ms,
         );
-        if (keyframe_for_lacking(lacking, to.len()) || !wholes_fit)
-            && self.affordable(self.keyframe_bytes() * to.len(), now_ms)
-        {
+        if keyframe_for_lacking(lacking, to.len()) || !wholes_fit {
             self.learner.keyframe_next();
         }
     }
