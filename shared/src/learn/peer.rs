@@ -1056,12 +1056,14 @@ impl Peer {
             n.owed = n.owed.saturating_sub(1);
         }
         f.answers.insert(from, s);
-        let all = f.answers.len() == f.asked.len();
-        // Once a majority of those asked agree, the rest cannot change the outcome: no
-        // waiting for a neighbour that is slow (or silent on purpose).
-        let verdict = self.judge();
-        if all || (self.adoption_rule().0 > 1 && verdict.is_ok()) {
-            self.conclude_with(verdict, now_ms);
+        // Concluded only once every neighbour asked answered (or the download's time is
+        // up): colluders answer first, and on a part of the answers they can be the
+        // majority that picks the model — two identical answers and one honest one
+        // they stay within `AGREE_RATIO` of have their model as the median, and their
+        // momentum as the agreeing answers' median. A silent neighbour costs at most
+        // `MODEL_WAIT_MS`.
+        if f.answers.len() == f.asked.len() {
+            self.conclude(now_ms);
         }
     }
 

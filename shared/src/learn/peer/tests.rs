@@ -641,6 +641,48 @@ fn colluders_that_agree_are_outvoted_and_silence_counts_against_adoption() {
     assert_eq!(median, vec![-3.0; 4]);
 }
 
+#[test]
+fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() {
+    // Five asked; two colluders answer at once with one model that stays within
+    // AGREE_RATIO of the honest ones (0.42 against 0.30: a distance of 0.96 where half
+    // the smaller norm is 1.2), and a huge momentum.
+    let mut p = joiner();
+    for n in 10..15 {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(GREET_AFTER_MS);
+    p.tick(2.0 * GREET_AFTER_MS);
+    let mut who = asked(&drain(&mut p));
+    who.sort_unstable();
+    assert_eq!(who, [10, 11, 12, 13, 14]);
+    let poisoned = PeerMessage::Model(Snapshot {
+        round: 10,
+        weights: vec![0.42; N],
+        momentum: vec![1e6; N],
+    })
+    .encode();
+    p.handle(msg(10, poisoned.clone()), 600.0);
+    p.handle(msg(11, poisoned), 610.0);
+    p.handle(msg(12, model(10, 0.30)), 620.0);
+    // Three of five agree on the colluders' model, and it is the median of the three:
+    // concluding here would adopt it.
+    assert_eq!(p.learner().round(), 0, "waits for the two still asked");
+    p.handle(msg(13, model(10, 0.31)), 700.0);
+    p.handle(msg(14, model(10, 0.305)), 800.0);
+    assert_eq!(p.learner().round(), 10);
+    assert!(
+        p.weights().iter().all(|w| (0.30..=0.31).contains(w)),
+        "the honest median's model: {:?}",
+        &p.weights()[..2]
+    );
+    let momentum = &p.learner().momentum;
+    assert!(
+        momentum.iter().all(|m| *m == 0.0),
+        "the honest answers' momentum: {:?}",
+        &momentum[..2]
+    );
+}
+
 /// A peer at round 5 whose neighbours 10, 11 and 12 all sent their round-4 updates.
 fn running_with_recent_neighbours() -> Peer {
     let mut p = running(5);
