@@ -271,9 +271,6 @@ pub enum Rejection {
     /// An update signed by another key than the one this connection announced first.
     #[error("key_changed")]
     KeyChanged,
-    /// An update signed by a key another connection already uses.
-    #[error("key_in_use")]
-    KeyInUse,
     /// A round number no swarm can have reached (at or above [`wire::MAX_ROUND`]).
     #[error("implausible_round")]
     ImplausibleRound,
@@ -327,7 +324,7 @@ impl From<&WireError> for Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 21] = [
         Self::Malformed,
         Self::BadSignature,
         Self::Replay,
@@ -338,7 +335,6 @@ impl Rejection {
         Self::Own,
         Self::Unasked,
         Self::KeyChanged,
-        Self::KeyInUse,
         Self::ImplausibleRound,
         Self::RoundOutlier,
         Self::NoQuorum,
@@ -370,7 +366,6 @@ impl Rejection {
             Self::Own => "own",
             Self::Unasked => "unasked",
             Self::KeyChanged => "key_changed",
-            Self::KeyInUse => "key_in_use",
             Self::ImplausibleRound => "implausible_round",
             Self::RoundOutlier => "round_outlier",
             Self::NoQuorum => "no_quorum",

@@ -803,6 +803,17 @@ impl Peer {
         }
         match self.learner.receive_from(from.0, data) {
             Ok(Received::Update { key, round, .. }) => {
+                // A key is bound to one connection at a time: the one its newest update
+                // came on. Another that held it loses it (and may bind a key of its
+                // own): a neighbour reconnected and its old channel has not closed yet,
+                // or the other relayed this signer's updates to take its place — refusing
+                // the key on the second connection let a relay that delivered a peer's
+                // first update before the peer did keep every later one out.
+                for (p, n) in self.nbrs.iter_mut() {
+                    if *p != from && n.key == Some(key) {
+                        n.key = None;
+                    }
+                }
                 let n = self.nbrs.entry(from).or_default();
                 n.key = Some(key);
                 n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
@@ -915,19 +926,12 @@ impl Peer {
         }
     }
 
-    /// A connection signs with one key for its life, and no two connections share one.
+    /// A connection signs with one key for its life (it may take over a key another
+    /// connection held: see the update branch of [`message`](Self::message)).
     fn bind_key(&self, from: PeerId, key: PublicKey) -> Result<(), Rejection> {
         match self.nbrs.get(&from).and_then(|n| n.key) {
             Some(k) if k != key => Err(Rejection::KeyChanged),
-            Some(_) => Ok(()),
-            None if self
-                .nbrs
-                .iter()
-                .any(|(p, n)| *p != from && n.key == Some(key)) =>
-            {
-                Err(Rejection::KeyInUse)
-            }
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 

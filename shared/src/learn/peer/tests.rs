@@ -368,8 +368,15 @@ fn a_connection_signs_with_one_key_for_its_life() {
     p.handle(msg(10, update(20, 5)), 0.0);
     p.handle(msg(10, update(21, 6)), 10.0);
     assert_eq!(rejected(&p, Rejection::KeyChanged), 1);
+    // A key moves to the connection its newest update came on (a neighbour that
+    // reconnected): the old connection no longer holds it, and a replay of an update
+    // already taken moves nothing.
     p.handle(msg(11, update(20, 6)), 20.0);
-    assert_eq!(rejected(&p, Rejection::KeyInUse), 1);
+    assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(20).public()));
+    assert_eq!(p.nbrs[&PeerId(10)].key, None);
+    p.handle(msg(10, update(20, 6)), 25.0);
+    assert_eq!(rejected(&p, Rejection::Replay), 1);
+    assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(20).public()));
     // A bad signature binds nothing: the neighbour's real key still works after it.
     let mut forged = update(22, 5);
     let at = forged.len() - 1;
@@ -378,6 +385,27 @@ fn a_connection_signs_with_one_key_for_its_life() {
     p.handle(msg(12, update(22, 5)), 40.0);
     assert_eq!(rejected(&p, Rejection::KeyChanged), 1);
     assert_eq!(rejected(&p, Rejection::BadSignature), 1);
+}
+
+#[test]
+fn a_neighbour_that_relays_a_peers_first_update_does_not_keep_its_later_ones_out() {
+    // Neighbour 11 relays the first update signed by neighbour 10's key before 10's own
+    // copy arrives; 10's copy is then a replay. 10's next update is taken on its own
+    // connection, which holds the key from then on, and the round counts it.
+    let mut p = running(5);
+    p.handle(msg(11, update(20, 4)), 0.0);
+    p.handle(msg(10, update(20, 4)), 5.0);
+    assert_eq!(rejected(&p, Rejection::Replay), 1);
+    p.handle(msg(10, update(20, 5)), 10.0);
+    assert_eq!(p.nbrs[&PeerId(10)].key, Some(id(20).public()));
+    assert_eq!(p.nbrs[&PeerId(11)].key, None);
+    assert!(p.learner().has_fresh_from(&id(20).public()));
+    // The relay's copies of 10's updates are replays now; 11 may still sign its own.
+    p.handle(msg(11, update(20, 5)), 15.0);
+    assert_eq!(rejected(&p, Rejection::Replay), 2);
+    p.handle(msg(11, update(21, 5)), 20.0);
+    assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(21).public()));
+    assert_eq!(rejected(&p, Rejection::KeyChanged), 0);
 }
 
 #[test]
