@@ -496,6 +496,9 @@ pub struct PrivacyProgress {
 
 /// Gossip mixes held at once.
 const MAX_MIXES: usize = 16;
+/// Gossip mixes held at once from one connection (an honest one sends one per
+/// `sync_every` rounds; a peer a little ahead may have sent the next one too).
+const MIXES_PER_SENDER: usize = 2;
 
 /// With `exchange = "weights"` and a top-k codec, updates for rounds that are multiples
 /// of this carry whole weights (int8): a keyframe, which sets the sender's public copy
@@ -1185,27 +1188,27 @@ impl Learner {
     }
 
     fn take_mix(&mut self, sender: u64, round: u64, payload: &[u8]) -> Result<Received, Rejection> {
-        let window = u64::from(self.cfg.max_staleness);
-        if round + window < self.round || round > self.round + window {
-            return Err(self.stats.reject(Rejection::Stale));
-        }
-        if round < self.round {
-            return Err(self.stats.reject(Rejection::Stale));
-        }
-        // Honest peers send mixes only for rounds that are multiples of `sync_every`, and
-        // none when exchanging weights.
+        // Honest peers send none when exchanging weights, whatever the round.
         let every = self.sync_every();
-        if every == 0 || !round.is_multiple_of(every) {
+        if every == 0 {
             return Err(self.stats.reject(Rejection::OffSchedule));
         }
-        if self
-            .mixes
-            .iter()
-            .any(|m| m.sender == sender && m.round == round)
-        {
+        let window = u64::from(self.cfg.max_staleness);
+        if round < self.round || round > self.round + window {
+            return Err(self.stats.reject(Rejection::Stale));
+        }
+        // Only for rounds that are multiples of `sync_every`.
+        if !round.is_multiple_of(every) {
+            return Err(self.stats.reject(Rejection::OffSchedule));
+        }
+        let from_sender = self.mixes.iter().filter(|m| m.sender == sender);
+        if from_sender.clone().any(|m| m.round == round) {
             return Err(self.stats.reject(Rejection::MixRepeat));
         }
-        if self.mixes.len() >= MAX_MIXES {
+        // A few per connection: one connection must not take every slot (with
+        // `max_staleness` at 16 `sync_every` or more it could send a mix for each round
+        // ahead, and honest mixes would find no room).
+        if from_sender.count() >= MIXES_PER_SENDER || self.mixes.len() >= MAX_MIXES {
             return Err(self.stats.reject(Rejection::MixOverflow));
         }
         let w = self.decode_payload(payload, self.mix_codec())?;

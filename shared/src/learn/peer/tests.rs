@@ -627,6 +627,42 @@ fn of_the_mixes_held_only_the_nearest_pulls_and_only_on_schedule() {
 }
 
 #[test]
+fn one_connection_holds_at_most_two_mix_slots_and_weights_tasks_shun_every_mix() {
+    let mut c = cfg();
+    c.sync_every = 1;
+    c.max_staleness = 20;
+    c.exchange = Exchange::Delta;
+    let mut p = at_round_3(&c);
+    for n in [10, 11] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    let mix_for = |round: u64| {
+        let mut m = Learner::new(c.clone(), "t", id(9), vec![1.05; N])
+            .expect("valid")
+            .mix_message();
+        m[5..13].copy_from_slice(&round.to_le_bytes());
+        m
+    };
+    // One connection sends a mix for each of the next 18 rounds (each on schedule and
+    // within max_staleness): two are held.
+    for round in 4..22 {
+        p.handle(msg(10, mix_for(round)), 0.0);
+    }
+    assert_eq!(rejected(&p, Rejection::MixOverflow), 16);
+    // An honest neighbour's mix still finds room.
+    p.handle(msg(11, mix_for(4)), 0.0);
+    assert_eq!(rejected(&p, Rejection::MixOverflow), 16);
+
+    // Exchanging weights, a mix is off the schedule whatever its round: the connection
+    // is shunned, even for a round far outside the staleness window.
+    let mut w = running(5);
+    w.handle(msg(10, mix_for(900)), 0.0);
+    assert_eq!(rejected(&w, Rejection::OffSchedule), 1);
+    w.handle(msg(10, update(20, 5)), 1.0);
+    assert_eq!(rejected(&w, Rejection::Shunned), 1);
+}
+
+#[test]
 fn colluders_that_agree_are_outvoted_and_silence_counts_against_adoption() {
     // Five neighbours asked; two colluders send one poisoned model.
     let start = |answers: &[(u64, u64, f32)]| {
