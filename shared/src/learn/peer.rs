@@ -60,6 +60,9 @@ use crate::rng::SplitMix64;
 pub const JOIN_GRACE_MS: f64 = 3_000.0;
 /// How long a model download waits for the neighbours it asked.
 pub const MODEL_WAIT_MS: f64 = 10_000.0;
+/// Once a majority of those asked agree, the rest get as long again as that took, at
+/// least this long (and never past [`MODEL_WAIT_MS`]).
+pub const AGREED_GRACE_MS: f64 = 500.0;
 /// Neighbours asked for the model at once: with a task's usual 6 to 8 neighbours, a
 /// majority of those asked is honest whenever fewer than a third of the neighbours lie.
 pub const FETCH_ASK: usize = 5;
@@ -287,6 +290,19 @@ struct Fetch {
     /// need fewer agreeing ones).
     n_asked: usize,
     answers: BTreeMap<PeerId, Snapshot>,
+    /// When the answers first gave a verdict with a majority of those asked agreeing.
+    agreed_at: Option<f64>,
+}
+
+impl Fetch {
+    /// When the download ends without every answer: [`MODEL_WAIT_MS`] after it started,
+    /// or sooner once a majority agreed ([`AGREED_GRACE_MS`]).
+    fn due(&self) -> f64 {
+        let limit = self.started + MODEL_WAIT_MS;
+        self.agreed_at.map_or(limit, |at| {
+            (at + (at - self.started).max(AGREED_GRACE_MS)).min(limit)
+        })
+    }
 }
 
 #[derive(Default)]
@@ -580,7 +596,7 @@ impl Peer {
         let mut t: Option<f64> = None;
         let mut at = |x: f64| t = Some(t.map_or(x, |y: f64| y.min(x)));
         if let Some(f) = &self.fetch {
-            at(f.started + MODEL_WAIT_MS);
+            at(f.due());
         }
         for n in self.nbrs.values().filter(|n| !n.greeted) {
             at(n.up_at + GREET_AFTER_MS);
@@ -898,7 +914,9 @@ impl Peer {
             && f.answers.remove(&p).is_some()
         {
             // Its answer no longer counts; it still counts among those asked, as silent.
+            // Any agreement it was part of is judged anew.
             f.asked.remove(&p);
+            f.agreed_at = None;
             if f.answers.len() == f.asked.len() {
                 self.conclude(now_ms);
             }
@@ -1060,14 +1078,24 @@ impl Peer {
             n.owed = n.owed.saturating_sub(1);
         }
         f.answers.insert(from, s);
-        // Concluded only once every neighbour asked answered (or the download's time is
-        // up): colluders answer first, and on a part of the answers they can be the
-        // majority that picks the model — two identical answers and one honest one
-        // they stay within `AGREE_RATIO` of have their model as the median, and their
-        // momentum as the agreeing answers' median. A silent neighbour costs at most
-        // `MODEL_WAIT_MS`.
         if f.answers.len() == f.asked.len() {
             self.conclude(now_ms);
+            return;
+        }
+        // Not concluded on the first answers that agree: colluders answer first, and on
+        // a part of the answers they can be the majority that picks the model (two
+        // identical answers and one honest one they stay within `AGREE_RATIO` of have
+        // their model as the median, and their momentum as the agreeing answers'). Once
+        // a majority of those asked agree, the others get as long again as that took
+        // (honest answers come at about one pace), and a silent neighbour no longer holds
+        // the download to `MODEL_WAIT_MS`.
+        let agreed = f.agreed_at.is_some();
+        if !agreed
+            && self.adoption_rule().0 > 1
+            && self.judge().is_ok()
+            && let Some(f) = self.fetch.as_mut()
+        {
+            f.agreed_at = Some(now_ms);
         }
     }
 
@@ -1165,6 +1193,7 @@ impl Peer {
             n_asked: from.len(),
             asked: from.into_iter().collect(),
             answers: BTreeMap::new(),
+            agreed_at: None,
         });
     }
 
@@ -1261,11 +1290,7 @@ impl Peer {
     /// Advances time: starts or ends downloads, asks for training, closes rounds.
     pub fn tick(&mut self, now_ms: f64) {
         self.greet(now_ms);
-        if self
-            .fetch
-            .as_ref()
-            .is_some_and(|f| now_ms - f.started >= MODEL_WAIT_MS)
-        {
+        if self.fetch.as_ref().is_some_and(|f| now_ms >= f.due()) {
             self.conclude(now_ms);
         }
         if self.phase == Phase::Observing && self.fetch.is_none() && now_ms >= self.next_fetch_at {

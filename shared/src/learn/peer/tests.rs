@@ -710,29 +710,36 @@ fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() 
     // Five asked; two colluders answer at once with one model that stays within
     // AGREE_RATIO of the honest ones (0.42 against 0.30: a distance of 0.96 where half
     // the smaller norm is 1.2), and a huge momentum.
-    let mut p = joiner();
-    for n in 10..15 {
-        p.handle(Event::Up(PeerId(n)), 0.0);
-    }
-    p.tick(GREET_AFTER_MS);
-    p.tick(2.0 * GREET_AFTER_MS);
-    let mut who = asked(&drain(&mut p));
-    who.sort_unstable();
-    assert_eq!(who, [10, 11, 12, 13, 14]);
+    let ask = |p: &mut Peer| {
+        for n in 10..15 {
+            p.handle(Event::Up(PeerId(n)), 0.0);
+        }
+        p.tick(GREET_AFTER_MS);
+        p.tick(2.0 * GREET_AFTER_MS);
+        let mut who = asked(&drain(p));
+        who.sort_unstable();
+        assert_eq!(who, [10, 11, 12, 13, 14]);
+    };
+    let t0 = 2.0 * GREET_AFTER_MS;
     let poisoned = PeerMessage::Model(Snapshot {
         round: 10,
         weights: vec![0.42; N],
         momentum: vec![1e6; N],
     })
     .encode();
-    p.handle(msg(10, poisoned.clone()), 600.0);
-    p.handle(msg(11, poisoned), 610.0);
-    p.handle(msg(12, model(10, 0.30)), 620.0);
+    let mut p = joiner();
+    ask(&mut p);
+    p.handle(msg(10, poisoned.clone()), t0 + 10.0);
+    p.handle(msg(11, poisoned.clone()), t0 + 20.0);
+    p.handle(msg(12, model(10, 0.30)), t0 + 1_000.0);
     // Three of five agree on the colluders' model, and it is the median of the three:
-    // concluding here would adopt it.
+    // concluding here would adopt it. The other two get as long again as that took.
     assert_eq!(p.learner().round(), 0, "waits for the two still asked");
-    p.handle(msg(13, model(10, 0.31)), 700.0);
-    p.handle(msg(14, model(10, 0.305)), 800.0);
+    assert_eq!(p.next_wake(), Some(t0 + 2_000.0));
+    p.tick(t0 + 1_900.0);
+    assert_eq!(p.learner().round(), 0);
+    p.handle(msg(13, model(10, 0.31)), t0 + 1_500.0);
+    p.handle(msg(14, model(10, 0.305)), t0 + 1_900.0);
     assert_eq!(p.learner().round(), 10);
     assert!(
         p.weights().iter().all(|w| (0.30..=0.31).contains(w)),
@@ -745,6 +752,17 @@ fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() 
         "the honest answers' momentum: {:?}",
         &momentum[..2]
     );
+
+    // Neighbours silent after three agreeing answers do not hold the download for
+    // MODEL_WAIT_MS: it ends AGREED_GRACE_MS (at least) after the agreement.
+    let mut q = joiner();
+    ask(&mut q);
+    q.handle(msg(10, model(10, 0.30)), t0 + 10.0);
+    q.handle(msg(11, model(10, 0.31)), t0 + 20.0);
+    q.handle(msg(12, model(10, 0.305)), t0 + 30.0);
+    assert_eq!(q.next_wake(), Some(t0 + 30.0 + AGREED_GRACE_MS));
+    q.tick(t0 + 30.0 + AGREED_GRACE_MS);
+    assert_eq!(q.learner().round(), 10);
 }
 
 /// A peer at round 5 whose neighbours 10, 11 and 12 all sent their round-4 updates.
