@@ -481,7 +481,7 @@ pub fn decode_client(text: &str) -> Result<ClientMessage, (ErrorCode, String)> {
     match serde_json::from_str::<ClientMessage>(text) {
         Ok(m) => Ok(m),
         Err(e) => {
-            let known = ["signal", "unreachable", "report"];
+            let known = ["signal", "unreachable", "report", "identify", "receipt"];
             let kind = serde_json::from_str::<serde_json::Value>(text)
                 .ok()
                 .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
@@ -537,6 +537,16 @@ mod tests {
             decode_client(r#"{"type":"dance"}"#),
             Err((ErrorCode::UnknownType, _))
         ));
+        // Every type the server knows, with a field missing, is malformed.
+        for t in ["signal", "unreachable", "report", "identify", "receipt"] {
+            assert!(
+                matches!(
+                    decode_client(&format!(r#"{{"type":"{t}"}}"#)),
+                    Err((ErrorCode::Malformed, _))
+                ),
+                "{t}"
+            );
+        }
         assert!(matches!(
             decode_client(r#"{"type":"signal","to":"XYZ","signal":{"kind":"offer","sdp":""}}"#),
             Err((ErrorCode::Malformed, _))

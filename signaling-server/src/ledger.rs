@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +34,35 @@ type Computed = (Instant, u64, Arc<Credits>);
 #[derive(Default)]
 pub struct CreditsCache(Mutex<std::collections::HashMap<String, Computed>>);
 
+/// Ledger file downloads served at once (more get 503): each holds the file's bytes (one
+/// shared copy per build) and a slow reader holds its slot.
+pub const FILE_DOWNLOADS: usize = 4;
+/// The file is built at most this often (a build reads every segment under the ledger's
+/// lock, which receipts wait for); in between, downloads get the last build.
+const FILE_EVERY: Duration = Duration::from_secs(2);
+/// A download is cut when it takes longer than this plus a second per [`FILE_MIN_RATE`]
+/// bytes: a reader that trickles cannot hold a slot (and the bytes) for long.
+const FILE_GRACE: Duration = Duration::from_secs(30);
+/// Bytes a second a download must average, after [`FILE_GRACE`].
+const FILE_MIN_RATE: u64 = 64 * 1024;
+/// Bytes written to the connection at a time.
+const FILE_CHUNK: usize = 64 * 1024;
+
+/// The ledger file of each task as last built, and the download slots.
+pub struct FileCache {
+    built: Mutex<std::collections::HashMap<String, (Instant, u64, Bytes)>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for FileCache {
+    fn default() -> Self {
+        Self {
+            built: Mutex::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(FILE_DOWNLOADS)),
+        }
+    }
+}
+
 /// Shared by the ledger routes.
 #[derive(Clone)]
 pub struct LedgerState {
@@ -40,6 +70,8 @@ pub struct LedgerState {
     pub hub: Arc<Hub>,
     /// Credits computed lately.
     pub cache: Arc<CreditsCache>,
+    /// Ledger files built lately, and the download slots.
+    pub files: Arc<FileCache>,
 }
 
 fn refuse(code: StatusCode, message: &str) -> Response {
@@ -140,31 +172,85 @@ fn page_body(
     })
 }
 
-/// `GET /api/tasks/{task}/ledger/file`: the ledger file as written and synced so far.
+/// `GET /api/tasks/{task}/ledger/file`: the ledger file as written and synced so far (at
+/// most [`FILE_EVERY`] old), to at most [`FILE_DOWNLOADS`] readers at once, each cut when
+/// it reads slower than [`FILE_MIN_RATE`] after [`FILE_GRACE`].
 pub async fn file(State(s): State<LedgerState>, Path(task): Path<String>) -> Response {
     let ledger = match ledger_of(&s, &task) {
         Ok(l) => l,
         Err(r) => return *r,
     };
-    let read = tokio::task::spawn_blocking(move || {
-        // Every segment as one file: what was written and synced so far.
-        lock(&ledger).file_bytes()
-    })
-    .await;
-    match read {
-        Ok(Ok(bytes)) => (
-            [
-                (header::CONTENT_TYPE, "application/octet-stream"),
-                (header::CACHE_CONTROL, "no-store"),
-            ],
-            bytes,
+    let Ok(slot) = Arc::clone(&s.files.slots).try_acquire_owned() else {
+        return (
+            [(header::RETRY_AFTER, "5")],
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many ledger downloads at once; try again shortly",
+            ),
         )
-            .into_response(),
-        _ => refuse(
+            .into_response();
+    };
+    let Some(bytes) = file_bytes(&s.files, &task, ledger).await else {
+        return refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the ledger could not be read",
-        ),
+        );
+    };
+    let len = bytes.len();
+    let deadline = Instant::now() + FILE_GRACE + Duration::from_secs(len as u64 / FILE_MIN_RATE);
+    // The slot goes with the body: freed when the last byte is out or the connection
+    // goes. Past the deadline the body fails, so the reader sees a cut, not a short file.
+    let chunks = futures_util::stream::unfold((bytes, 0, slot), move |(b, at, slot)| async move {
+        if at >= b.len() {
+            return None;
+        }
+        if Instant::now() > deadline {
+            let cut = std::io::Error::new(std::io::ErrorKind::TimedOut, "ledger download too slow");
+            return Some((Err(cut), (b.slice(0..0), 0, slot)));
+        }
+        let end = (at + FILE_CHUNK).min(b.len());
+        Some((Ok(b.slice(at..end)), (b, end, slot)))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response()
+}
+
+/// The task's ledger file: the last build when it is younger than [`FILE_EVERY`] or the
+/// ledger has no entry since, else a new one (every segment as one file).
+async fn file_bytes(
+    files: &FileCache,
+    task: &str,
+    ledger: Arc<Mutex<LedgerFile>>,
+) -> Option<Bytes> {
+    let count = lock(&ledger).count();
+    {
+        let built = files.built.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, n, b)) = built.get(task)
+            && (at.elapsed() < FILE_EVERY || *n == count)
+        {
+            return Some(b.clone());
+        }
     }
+    let (count, bytes) = tokio::task::spawn_blocking(move || {
+        let l = lock(&ledger);
+        l.file_bytes().map(|b| (l.count(), Bytes::from(b)))
+    })
+    .await
+    .ok()?
+    .ok()?;
+    files
+        .built
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(task.to_string(), (Instant::now(), count, bytes.clone()));
+    Some(bytes)
 }
 
 /// `?key=HEX`.

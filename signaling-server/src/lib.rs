@@ -164,6 +164,7 @@ pub fn app(config: &Config) -> App {
                 .with_state(ledger::LedgerState {
                     hub: Arc::clone(&hub),
                     cache: Arc::default(),
+                    files: Arc::default(),
                 }),
         )
         .merge(

@@ -14,7 +14,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use shoal_shared::learn::identity::{PublicKey, verify};
 use shoal_shared::protocol::{
     ClientMessage, ErrorCode, PeerId, PeerReport, ServerMessage, VERSION, decode_client,
@@ -1239,15 +1239,11 @@ fn send_neighbours(t: &Task, to: PeerId, metrics: &Metrics) {
     }
 }
 
-/// Query string of the websocket endpoint.
-#[derive(Deserialize)]
-pub struct WsQuery {
-    /// Protocol version the client speaks.
-    v: Option<u32>,
-    /// The site the peer contributes from (Shoal's widget: the host page's host); one
-    /// that is not a lowercase host name is recorded as none.
-    site: Option<String>,
-}
+/// The websocket endpoint's query string, as pairs: `v` (the protocol version the client
+/// speaks; one that is not a number is no version the server speaks) and `site` (the site
+/// the peer contributes from; one that is not a lowercase host name is recorded as none).
+/// The first of a repeated name counts; other names are ignored.
+type WsQuery = Vec<(String, String)>;
 
 /// `GET /ws/{task}?v=1`: checks the origin, then upgrades with small buffers.
 pub async fn ws_handler(
@@ -1290,11 +1286,13 @@ pub async fn ws_handler(
     // The upgrade is boxed and awaited inside the connection's task, so that the socket
     // lives in that task's state once (not also as a value handed between two futures).
     let upgrading: Cold<'static, Option<Socket>> = Box::pin(upgrade::socket(pending, config));
-    let site = q
-        .site
+    let first = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let version = first("v").map(|v| v.parse::<u32>().unwrap_or(0));
+    let site = first("site")
         .filter(|s| shoal_shared::trust::ledger::valid_site(s))
-        .unwrap_or_default();
-    tokio::spawn(connection(hub2, upgrading, task, q.v, group, site));
+        .unwrap_or_default()
+        .to_string();
+    tokio::spawn(connection(hub2, upgrading, task, version, group, site));
     response
 }
 

@@ -302,11 +302,27 @@ async fn task_and_server_capacity_are_enforced() {
 #[tokio::test]
 async fn wrong_protocol_version_is_refused() {
     let s = start(config()).await;
-    let mut ws = connect_async(format!("ws://{}/ws/digits?v=9", s.addr))
-        .await
-        .expect("connect")
-        .0;
-    assert_eq!(until(&mut ws, "error").await["code"], "bad_version");
+    // Another number, no number, a negative one: each gets the typed error, not HTTP 400.
+    for query in ["v=9", "v=x", "v=-1", "v=", "site=a&site=b"] {
+        let mut ws = connect_async(format!("ws://{}/ws/digits?{query}", s.addr))
+            .await
+            .expect("connect")
+            .0;
+        assert_eq!(
+            until(&mut ws, "error").await["code"],
+            "bad_version",
+            "{query}"
+        );
+    }
+    // A repeated name: the first counts.
+    let mut ws = connect_async(format!(
+        "ws://{}/ws/digits?v=1&v=2&site=a.example&site=b",
+        s.addr
+    ))
+    .await
+    .expect("connect")
+    .0;
+    until(&mut ws, "welcome").await;
 }
 
 #[tokio::test]
@@ -1420,6 +1436,90 @@ async fn a_ledger_in_sealed_segments_is_reopened_and_served_as_one_file() {
     assert!(raw.starts_with(b"HTTP/1.1 200"));
     let v = verify(&raw[at..]).expect("the served file verifies");
     assert_eq!((v.entries.len(), hex(&v.head)), (7, head));
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn ledger_file_downloads_are_limited_and_slow_readers_hold_no_more_than_a_slot() {
+    use shoal_shared::trust::ledger::{LedgerFile, verify};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A ledger of about 9 MB, more than the socket buffers and the server's own hold
+    // (tmpfs where there is one: appends are synced).
+    let base_dir = ["/dev/shm"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base_dir.join(format!("shoal-ledger-slots-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
+    let sender = Identity::from_seed([9; 32]).public();
+    let rx = Identity::from_seed([8; 32]);
+    for round in 1..=40_000u64 {
+        let r = Receipt::sign(&rx, "digits", round, sender, 160, sha256(b"u"), 0);
+        l.append(1000 + round, 2, "", &r.encode()).expect("append");
+    }
+    drop(l);
+    let mut s = start_config(base(
+        SignalingConfig {
+            ledger_dir: Some(dir.clone()),
+            ..SignalingConfig::default()
+        },
+        None,
+        &["digits"],
+    ))
+    .await;
+    let req = format!(
+        "GET /api/tasks/digits/ledger/file HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        s.addr
+    );
+    // Four readers that read the headers and then stop, on small receive buffers: each
+    // holds a download slot while its response waits.
+    let mut stalled = Vec::new();
+    for _ in 0..shoal_signaling_server::ledger::FILE_DOWNLOADS {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("buffer");
+        let mut c = sock.connect(s.addr).await.expect("connect");
+        c.write_all(req.as_bytes()).await.expect("write");
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).await.expect("read");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        stalled.push(c);
+    }
+    // A fifth is told to come back.
+    let busy = http_get(s.addr, "/api/tasks/digits/ledger/file").await;
+    assert!(
+        busy.starts_with("HTTP/1.1 503"),
+        "{}",
+        &busy[..busy.len().min(200)]
+    );
+    assert!(
+        busy.to_ascii_lowercase().contains("retry-after: 5"),
+        "{busy}"
+    );
+    // A reader that reads on gets the whole file, and its slot is free again.
+    let mut raw = Vec::new();
+    stalled[0].read_to_end(&mut raw).await.expect("read");
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
+    let v = verify(&raw[at..]).expect("the served file verifies");
+    assert_eq!(v.entries.len(), 40_000);
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = http_get(s.addr, "/api/tasks/digits/ledger?from=0&limit=1").await;
+    assert!(again.starts_with("HTTP/1.1 200"));
+    let mut c = TcpStream::connect(s.addr).await.expect("connect");
+    c.write_all(req.as_bytes()).await.expect("write");
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).await.expect("read");
+    assert_eq!(
+        &head, b"HTTP/1.1 200",
+        "slots come back when readers finish or leave"
+    );
     s.stop.take().expect("stop").send(()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
