@@ -1,8 +1,10 @@
 // Shoal's embed for site owners:
 //   <script src="https://HOST/embed.js" data-task="digits" async></script>
-// shows a small consent widget. Only after the visitor's click does it load Shoal, in an
-// iframe from Shoal's own origin, isolated from the host page (the host page never
-// touches the model, the worker or the connections). Options as data- attributes:
+// shows a small consent widget: what contributing costs, and a "Contribute" button that
+// is a small iframe from Shoal's own origin, so that the click that starts Shoal is the
+// visitor's and no script of the host page can make it. Only after that click does Shoal
+// load, in that iframe, isolated from the host page (the host page never touches the
+// model, the worker or the connections). Options as data- attributes:
 // data-task, data-position (bottom-right, bottom-left, top-right, top-left),
 // data-throttle (25, 50, 100: share of the time spent training), data-theme (light, dark).
 (function () {
@@ -32,7 +34,8 @@
   }
 
   function mount() {
-    if (declined()) return;
+    // Declined, or the script is on the page twice: one widget.
+    if (declined() || document.querySelector('[data-shoal-widget="' + task + '"]')) return;
     var host = document.createElement('div');
     host.setAttribute('data-shoal-widget', task);
     host.style.cssText = 'position:fixed;z-index:2147483000;' + sides[0] + ':16px;' + sides[1] + ':16px;';
@@ -63,7 +66,8 @@
       (cost && cost.epsilon != null ? 'Updates are noised on your device before they leave (differential privacy, ' +
         'epsilon ' + cost.epsilon.toFixed(2) + ' at delta ' + cost.delta +
         (cost.on_budget === 'stop' ? ' at most). ' : ' at its budget, which it may pass). ') : '') +
-      'Nothing about you or this page is shared.';
+      'Shoal\'s public ledger records an anonymous key for this browser and the site it ' +
+      'contributed from (the site earns credit), nothing else about you.';
     var more = document.createElement('a');
     more.href = origin + '/?task=' + task;
     more.target = '_blank';
@@ -72,8 +76,39 @@
     more.style.color = accent;
     var row = document.createElement('div');
     row.style.cssText = 'display:flex;gap:8px;margin-top:10px';
-    var yes = button('Contribute', true);
     var no = button('No thanks', false);
+    var yes;
+    if (local) {
+      // A task on the visitor's own files runs on Shoal's page, where its consent is.
+      yes = button('Contribute', true);
+      yes.addEventListener('click', function () {
+        window.open(origin + '/?task=' + task, '_blank', 'noopener');
+        host.remove();
+      });
+    } else {
+      yes = document.createElement('iframe');
+      yes.title = 'Shoal contributor';
+      yes.src = origin + '/embed.html?task=' + task + '&throttle=' + throttle + '&theme=' + theme;
+      // WebGPU (and the battery pause) in a cross-origin frame only where the page allows.
+      yes.allow = 'webgpu; battery';
+      yes.style.cssText = 'border:0;width:130px;height:40px;display:block;color-scheme:normal';
+      // The frame says when the visitor clicked its button: it then shows Shoal's status.
+      var consented = false;
+      window.addEventListener('message', function (e) {
+        if (e.origin !== origin || e.source !== yes.contentWindow) return;
+        if (!e.data || e.data.shoal !== 'consented' || consented) return;
+        consented = true;
+        yes.style.width = '280px';
+        yes.style.height = '190px';
+        var stop = button('Stop', false);
+        stop.style.marginTop = '8px';
+        stop.addEventListener('click', function () { host.remove(); });
+        // The frame stays where it is (a frame moved in the page reloads): the rest goes.
+        [title, text, more, no].forEach(function (el) { el.remove(); });
+        row.style.cssText = 'display:block';
+        card.append(stop);
+      });
+    }
     row.append(yes, no);
     card.append(title, text, more, row);
     root.append(card);
@@ -82,21 +117,6 @@
     no.addEventListener('click', function () {
       try { sessionStorage.setItem('shoal-declined', task); } catch (e) { /* see declined() */ }
       host.remove();
-    });
-    yes.addEventListener('click', function () {
-      if (local) {
-        window.open(origin + '/?task=' + task, '_blank', 'noopener');
-        host.remove();
-        return;
-      }
-      var frame = document.createElement('iframe');
-      frame.title = 'Shoal contributor';
-      frame.src = origin + '/embed.html?task=' + task + '&throttle=' + throttle + '&theme=' + theme;
-      frame.style.cssText = 'border:0;width:280px;height:190px;display:block';
-      var stop = button('Stop', false);
-      stop.style.marginTop = '8px';
-      stop.addEventListener('click', function () { host.remove(); });
-      card.replaceChildren(frame, stop);
     });
   }
 

@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import { createPrivateKey, createPublicKey, randomBytes, sign } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startSites, startServer, visitorPage, withoutWebGpu } from './harness.mjs';
+import { consentInFrame, startSites, startServer, visitorPage, withoutWebGpu } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const shots = join(root, 'target/e2e');
@@ -75,8 +75,13 @@ test('before consent the widget costs the host page under 20 KB and starts nothi
   await page.waitForLoadState('networkidle');
   const total = fromShoal.reduce((s, r) => s + r.bytes, 0);
   assert.ok(total > 0 && total < 20 * 1024, `loaded ${total} bytes before consent: ${JSON.stringify(fromShoal)}`);
-  assert.deepEqual(fromShoal.map((r) => new URL(r.url).pathname), ['/embed.js'], 'only the script itself');
-  assert.equal(await page.locator('iframe').count(), 0, 'no frame before consent');
+  // The script, and its consent button: a small frame from Shoal's origin (so that the
+  // click is the visitor's), with its style sheet. No worker, no wasm, no connection.
+  assert.deepEqual(fromShoal.map((r) => new URL(r.url).pathname).sort(), ['/embed.html', '/embed.js', '/style.css'],
+    'only the script and its button');
+  assert.equal(await page.locator('iframe').count(), 1, 'one frame: the button');
+  const button = page.frameLocator('iframe[title="Shoal contributor"]').getByRole('button', { name: 'Contribute' });
+  await button.waitFor();
   // "No thanks" removes it for the session.
   await widget.getByRole('button', { name: 'No thanks' }).click();
   assert.equal(await widget.count(), 0);
@@ -110,8 +115,8 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
   const reader = await newPage();
   await withoutWebGpu(reader);
   await reader.goto(hostUrl);
-  await reader.locator('[data-shoal-widget="digits"]').getByRole('button', { name: 'Contribute' }).click();
   const frame = reader.frameLocator('iframe[title="Shoal contributor"]');
+  await consentInFrame(frame);
   await frame.locator('#backend[data-state="cpu"]').waitFor({ timeout: 60_000 });
   assert.match(await frame.locator('#backend').textContent(), /No WebGPU.*CPU/);
   const frameOrigin = await reader.frames().find((f) => f.url().includes('/embed.html')).evaluate(() => location.origin);

@@ -162,3 +162,17 @@ export async function firstPeer(page, timeout = 60_000) {
   }, null, { timeout, polling: 100 });
   return handle.jsonValue();
 }
+
+/** Clicks "Contribute" in the widget's frame (`frame`: a FrameLocator) until the frame
+ *  takes it as consent. Chromium drops input to a cross-origin frame that moved or
+ *  painted only just now (its own guard against clickjacking), as a visitor's first click
+ *  can be; a visitor clicks again, and so does this. */
+export async function consentInFrame(frame) {
+  const given = frame.locator('body[data-consent="given"]');
+  for (let i = 0; i < 10; i++) {
+    await frame.getByRole('button', { name: 'Contribute' }).click();
+    if (await given.waitFor({ state: 'attached', timeout: 2_000 }).then(() => true, () => false)) return;
+  }
+  const consent = await frame.locator('body').getAttribute('data-consent').catch(() => '?');
+  throw new Error(`ten clicks in the widget's frame were not taken as consent (${consent})`);
+}

@@ -4,7 +4,7 @@
 // the dashboard fed reports by a peer that claims absurd numbers.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startSites, visitorPage, withoutWebGpu } from './harness.mjs';
+import { consentInFrame, startSites, visitorPage, withoutWebGpu } from './harness.mjs';
 
 let server;
 let host;
@@ -46,8 +46,8 @@ test('the widget on another site trains even where the browser denies its frame 
   await withoutWebGpu(reader);
   const port = host.address().port;
   await reader.goto(`http://localhost:${port}/`);
-  await reader.locator('[data-shoal-widget="digits"]').getByRole('button', { name: 'Contribute' }).click();
   const frame = reader.frameLocator('iframe[title="Shoal contributor"]');
+  await consentInFrame(frame);
   await frame.locator('#status').waitFor({ timeout: 30_000 });
   const frameUrl = new URL(await reader.locator('iframe[title="Shoal contributor"]').getAttribute('src'));
   assert.equal(new URL(reader.url()).hostname, 'localhost', 'the host page is on localhost');
@@ -137,10 +137,54 @@ test('on a phone the consent card states the cost and its buttons are on screen'
   await widget.waitFor();
   // The cost, from the server, in the script itself (before consent nothing else loads).
   assert.match(await widget.locator('[role="dialog"]').textContent(), /downloads \d+(\.\d)? MB once, then sends at most 80 MB an hour of updates and receives about as much/);
-  for (const name of ['Contribute', 'No thanks']) {
-    const box = await widget.getByRole('button', { name }).boundingBox();
+  const buttons = {
+    Contribute: phone.frameLocator('iframe[title="Shoal contributor"]').getByRole('button', { name: 'Contribute' }),
+    'No thanks': widget.getByRole('button', { name: 'No thanks' }),
+  };
+  for (const [name, button] of Object.entries(buttons)) {
+    const box = await button.boundingBox();
     assert.ok(box && box.x >= 0 && box.y >= 0 && box.x + box.width <= 390 && box.y + box.height <= 844,
       `${name} is on a 390x844 screen: ${JSON.stringify(box)}`);
   }
   await context.close();
+});
+
+test('a site that frames Shoal itself starts nothing without a visible click in the frame', async () => {
+  // A hostile page on another site frames Shoal's widget page directly (no embed.js, no
+  // consent card), once plainly and once transparent over a decoy button.
+  const page = await newPage();
+  const fromShoal = [];
+  page.on('request', (r) => { if (r.url().startsWith(server.url)) fromShoal.push(new URL(r.url()).pathname); });
+  const sockets = [];
+  page.on('websocket', (w) => sockets.push(w.url()));
+  const evil = `http://localhost:${host.address().port}/evil.html`;
+  const src = `${server.url}/embed.html?task=digits&throttle=100`;
+  await page.route(evil, (route) => route.fulfill({ contentType: 'text/html', body: `<!doctype html>
+    <p>Free video: click play</p>
+    <iframe id="plain" title="plain" src="${src}" style="width:200px;height:40px"></iframe>
+    <div style="position:relative;width:200px;height:40px">
+      <button style="position:absolute;inset:0">Play</button>
+      <iframe id="hidden" title="hidden" src="${src}" style="position:absolute;inset:0;width:200px;height:40px;opacity:0;border:0"></iframe>
+    </div>` }));
+  await page.goto(evil);
+  const plain = page.frameLocator('#plain');
+  const hidden = page.frameLocator('#hidden');
+  await plain.getByRole('button', { name: 'Contribute' }).waitFor();
+  await hidden.getByRole('button', { name: 'Contribute', includeHidden: true }).waitFor({ state: 'attached' });
+  // The host page's own scripts cannot click in the frames (another origin).
+  const reached = await page.evaluate(() => {
+    try { document.getElementById('plain').contentWindow.document.body.click(); return true; } catch { return false; }
+  });
+  assert.equal(reached, false, 'the host page cannot reach into the frame');
+  // The visitor clicks "Play", which the transparent frame covers: the click lands on
+  // Shoal's button, which the browser reports as not visible, and Shoal refuses it.
+  await page.waitForTimeout(500);
+  await page.mouse.click((await page.locator('#hidden').boundingBox()).x + 30, (await page.locator('#hidden').boundingBox()).y + 15);
+  await hidden.locator('#refused').waitFor({ state: 'attached' });
+  assert.match(await hidden.locator('#refused').textContent(), /hides Shoal's button/);
+  await page.waitForTimeout(3_000);
+  const started = fromShoal.filter((p) => p.endsWith('.wasm') || p.endsWith('.js'));
+  assert.deepEqual(started, [], `nothing of Shoal's but its button loaded: ${JSON.stringify(fromShoal)}`);
+  assert.deepEqual(sockets, [], 'no connection to the swarm');
+  await page.context().close();
 });
