@@ -292,10 +292,18 @@ impl Reassembler {
         gone
     }
 
-    /// Makes room for a new message when every slot is taken: the partial message that
-    /// progressed least recently goes (counted as [`FrameError::Evicted`]).
-    fn evict_for_new(&mut self) {
-        while self.partial.len() >= self.max_in_flight {
+    /// Makes room for a new message of `total` bytes when every slot is taken, or when
+    /// the partial messages' lengths and its own would exceed the largest message: the
+    /// partial message that progressed least recently goes (counted as
+    /// [`FrameError::Evicted`]). So a channel holds at most one largest message's bytes
+    /// however its sender interleaves (Shoal's peers send one message after another; a
+    /// sender that opened four largest messages and trickled a chunk into each now and
+    /// then held four times that).
+    fn evict_for_new(&mut self, total: usize) {
+        let held = |r: &Self| r.partial.values().map(|p| p.total as usize).sum::<usize>();
+        while self.partial.len() >= self.max_in_flight
+            || (!self.partial.is_empty() && held(self) + total > self.max_message)
+        {
             let oldest = self
                 .partial
                 .iter()
@@ -337,7 +345,7 @@ impl Reassembler {
                 // A restarted id abandons the older partial message.
                 self.count(FrameError::Inconsistent, 1);
             }
-            self.evict_for_new();
+            self.evict_for_new(h.total as usize);
             let p = Partial {
                 next: 0,
                 count: h.count,
@@ -696,7 +704,26 @@ mod tests {
                 panic!("delivered a corrupted message of {} bytes", m.len());
             }
         }
-        assert!(r.buffered() <= 4 << 16);
+        assert!(r.buffered() <= 1 << 16);
+    }
+
+    #[test]
+    fn partial_messages_together_hold_at_most_the_largest_message() {
+        // Three 400-byte messages fit four slots but not a 1,000-byte limit together:
+        // the third evicts the one that progressed least recently.
+        let mut r = Reassembler::new(1000, 4);
+        let (a, b, c) = (message(400, 1), message(400, 2), message(400, 3));
+        let fa: Vec<_> = split(1, &a, 100).collect();
+        let fb: Vec<_> = split(2, &b, 100).collect();
+        let fc: Vec<_> = split(3, &c, 100).collect();
+        r.push(&fa[0], 0).expect("a starts");
+        r.push(&fb[0], 0).expect("b starts");
+        assert_eq!(r.dropped(FrameError::Evicted), 0, "800 bytes fit");
+        r.push(&fc[0], 0).expect("c starts");
+        assert_eq!(r.dropped(FrameError::Evicted), 1);
+        assert_eq!(r.push(&fa[1], 0), Err(FrameError::Inconsistent), "a went");
+        assert_eq!(deliver(&mut r, fb[1..].iter().cloned()), vec![b]);
+        assert_eq!(deliver(&mut r, fc[1..].iter().cloned()), vec![c]);
     }
 
     #[test]

@@ -225,32 +225,37 @@ pub async fn file(State(s): State<LedgerState>, Path(task): Path<String>) -> Res
 /// The task's ledger file: the last build when it is younger than [`FILE_EVERY`] or the
 /// ledger has no entry since, else a new one (every segment as one file).
 async fn file_bytes(
-    files: &FileCache,
+    files: &Arc<FileCache>,
     task: &str,
     ledger: Arc<Mutex<LedgerFile>>,
 ) -> Option<Bytes> {
-    let count = lock(&ledger).count();
-    {
-        let built = files.built.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, n, b)) = built.get(task)
+    let (files, task) = (Arc::clone(files), task.to_string());
+    // Off the async workers: the ledger's lock waits for a receipt's disk sync, and a
+    // build reads every segment.
+    tokio::task::spawn_blocking(move || {
+        let l = lock(&ledger);
+        let count = l.count();
+        if let Some((at, n, b)) = files
+            .built
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&task)
             && (at.elapsed() < FILE_EVERY || *n == count)
         {
             return Some(b.clone());
         }
-    }
-    let (count, bytes) = tokio::task::spawn_blocking(move || {
-        let l = lock(&ledger);
-        l.file_bytes().map(|b| (l.count(), Bytes::from(b)))
+        let bytes = Bytes::from(l.file_bytes().ok()?);
+        drop(l);
+        files
+            .built
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(task, (Instant::now(), count, bytes.clone()));
+        Some(bytes)
     })
     .await
-    .ok()?
-    .ok()?;
-    files
-        .built
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(task.to_string(), (Instant::now(), count, bytes.clone()));
-    Some(bytes)
+    .ok()
+    .flatten()
 }
 
 /// `?key=HEX`.

@@ -349,6 +349,10 @@ struct Neighbour {
     /// ([`UNHEARD_UPDATES`]).
     unheard: VecDeque<u64>,
     unheard_times: u32,
+    /// Its key moved here from another connection (a reconnected neighbour, or one that
+    /// relays another's updates): closing or shunning it then leaves that key's held
+    /// updates and copy alone (its owner may be on another connection).
+    key_moved_in: bool,
 }
 
 impl Neighbour {
@@ -785,7 +789,11 @@ impl Peer {
                 }
             }
             Event::Down(p) => {
-                if let Some(key) = self.nbrs.remove(&p).and_then(|n| n.key) {
+                if let Some(key) = self
+                    .nbrs
+                    .remove(&p)
+                    .and_then(|n| n.key.filter(|_| !n.key_moved_in))
+                {
                     // Its next connection starts from a keyframe or a whole copy: a copy
                     // kept across connections could take a change meant for another.
                     self.learner.forget_copy(&key);
@@ -819,19 +827,8 @@ impl Peer {
         }
         match self.learner.receive_from(from.0, data) {
             Ok(Received::Update { key, round, .. }) => {
-                // A key is bound to one connection at a time: the one its newest update
-                // came on. Another that held it loses it (and may bind a key of its
-                // own): a neighbour reconnected and its old channel has not closed yet,
-                // or the other relayed this signer's updates to take its place — refusing
-                // the key on the second connection let a relay that delivered a peer's
-                // first update before the peer did keep every later one out.
-                for (p, n) in self.nbrs.iter_mut() {
-                    if *p != from && n.key == Some(key) {
-                        n.key = None;
-                    }
-                }
+                self.take_key(from, key);
                 let n = self.nbrs.entry(from).or_default();
-                n.key = Some(key);
                 n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
                 n.idle = false;
             }
@@ -864,8 +861,8 @@ impl Peer {
             Err(Rejection::Base) => {
                 if let Some(key) = update_key(data) {
                     let round = self.learner.heard_round(&key);
+                    self.take_key(from, key);
                     let n = self.nbrs.entry(from).or_default();
-                    n.key = Some(key);
                     if let Some(round) = round {
                         n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
                     }
@@ -908,7 +905,9 @@ impl Peer {
         n.held = None;
         // Never to be greeted: no greeting is due to it (nor a wake-up for one).
         n.greeted = true;
-        let key = n.key;
+        // A key that moved here may be its owner's on another connection: its updates
+        // held stay (this connection's mixes go).
+        let key = n.key.filter(|_| !n.key_moved_in);
         self.learner.discard(key.as_ref(), p.0);
         if let Some(f) = &mut self.fetch
             && f.answers.remove(&p).is_some()
@@ -942,6 +941,31 @@ impl Peer {
                 self.conclude(now_ms);
             }
         }
+    }
+
+    /// Binds `key` to the connection `from`, whose update signed by it was just taken. A
+    /// key is bound to one connection at a time: the one its newest update came on.
+    /// Another that held it loses it (and may bind a key of its own): a neighbour
+    /// reconnected and its old channel has not closed yet, or the other relayed this
+    /// signer's updates to take its place — refusing the key on the second connection let
+    /// a relay that delivered a peer's first update before the peer did keep every later
+    /// one out. A relay that wins a round's race holds the key until the owner's next
+    /// update comes first, and its shunning or closing then costs the owner nothing
+    /// ([`Neighbour::key_moved_in`]).
+    fn take_key(&mut self, from: PeerId, key: PublicKey) {
+        let mut moved = false;
+        for (p, n) in self.nbrs.iter_mut() {
+            if *p != from && n.key == Some(key) {
+                n.key = None;
+                n.key_moved_in = false;
+                moved = true;
+            }
+        }
+        let n = self.nbrs.entry(from).or_default();
+        if n.key != Some(key) {
+            n.key_moved_in = moved;
+        }
+        n.key = Some(key);
     }
 
     /// A connection signs with one key for its life (it may take over a key another

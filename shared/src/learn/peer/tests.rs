@@ -409,6 +409,31 @@ fn a_neighbour_that_relays_a_peers_first_update_does_not_keep_its_later_ones_out
 }
 
 #[test]
+fn a_relay_that_wins_a_round_and_is_then_shunned_costs_the_signer_nothing() {
+    // Neighbour 10 signs with key 20; 11 relays its round-5 update before 10's own copy
+    // arrives (10's is then a replay), takes the key, and then breaks a rule (a mix in a
+    // weights task) and is shunned: 10's round-5 update stays held for the round.
+    let mut p = running(5);
+    p.handle(msg(10, update(20, 4)), 0.0);
+    p.handle(msg(11, update(20, 5)), 5.0);
+    p.handle(msg(10, update(20, 5)), 6.0);
+    assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(20).public()));
+    let mix = {
+        let mut m = Learner::new(cfg(), "t", id(9), vec![0.5; N])
+            .expect("valid")
+            .mix_message();
+        m[5..13].copy_from_slice(&5u64.to_le_bytes());
+        m
+    };
+    p.handle(msg(11, mix), 7.0);
+    assert_eq!(rejected(&p, Rejection::OffSchedule), 1);
+    assert!(
+        p.learner().has_fresh_from(&id(20).public()),
+        "the signer's update is still held"
+    );
+}
+
+#[test]
 fn model_requests_are_answered_at_a_bounded_rate() {
     let mut p = running(5);
     let req = PeerMessage::ModelRequest.encode();
@@ -736,10 +761,10 @@ fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() 
     // concluding here would adopt it. The other two get as long again as that took.
     assert_eq!(p.learner().round(), 0, "waits for the two still asked");
     assert_eq!(p.next_wake(), Some(t0 + 2_000.0));
+    p.handle(msg(13, model(10, 0.31)), t0 + 1_500.0);
     p.tick(t0 + 1_900.0);
     assert_eq!(p.learner().round(), 0);
-    p.handle(msg(13, model(10, 0.31)), t0 + 1_500.0);
-    p.handle(msg(14, model(10, 0.305)), t0 + 1_900.0);
+    p.handle(msg(14, model(10, 0.305)), t0 + 1_950.0);
     assert_eq!(p.learner().round(), 10);
     assert!(
         p.weights().iter().all(|w| (0.30..=0.31).contains(w)),
