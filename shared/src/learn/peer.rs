@@ -969,7 +969,7 @@ impl Peer {
     }
 
     /// A connection signs with one key for its life (it may take over a key another
-    /// connection held: see the update branch of [`message`](Self::message)).
+    /// connection held: [`take_key`](Self::take_key)).
     fn bind_key(&self, from: PeerId, key: PublicKey) -> Result<(), Rejection> {
         match self.nbrs.get(&from).and_then(|n| n.key) {
             Some(k) if k != key => Err(Rejection::KeyChanged),
@@ -1221,18 +1221,10 @@ impl Peer {
         });
     }
 
-    /// Ends a download: adopts the model the answers agree on, if any.
+    /// Ends a download: adopts the model the answers agree on ([`judge`](Self::judge)),
+    /// if any.
     fn conclude(&mut self, now_ms: f64) {
         let verdict = self.judge();
-        self.conclude_with(verdict, now_ms);
-    }
-
-    /// Ends a download with the verdict [`judge`](Self::judge) gave on its answers.
-    fn conclude_with(
-        &mut self,
-        verdict: Result<(Snapshot, usize), (Rejection, usize)>,
-        now_ms: f64,
-    ) {
         let Some(f) = self.fetch.take() else {
             return;
         };
