@@ -390,10 +390,12 @@ fn front_first(v: &mut Vec<PeerId>, first: &dyn Fn(&PeerId) -> bool) {
 }
 
 /// Whether a keyframe to all `to` recipients is the way to give our copy to the
-/// `lacking` of them that do not hold it: a quarter or more (a keyframe is about a
-/// quarter of a whole copy, so it costs no more than their whole copies).
+/// `lacking` of them that do not hold it: half or more. A whole copy is a keyframe's
+/// size, so the keyframe costs at most twice their whole copies (plus the changes it
+/// replaces) and leaves every neighbour our copy exactly, without the whole copies'
+/// rounding. (With fp32 whole copies, four times a keyframe, a quarter was the line.)
 fn keyframe_for_lacking(lacking: usize, to: usize) -> bool {
-    lacking > 0 && 4 * lacking >= to
+    lacking > 0 && 2 * lacking >= to
 }
 
 /// Rounds in time: the training toward our next update.
@@ -1692,11 +1694,11 @@ impl Peer {
     }
 
     /// With weights changes: when neighbours our update goes to do not hold our public
-    /// copy, it is a keyframe for all where at least a quarter of them lack it (110 KB
-    /// each for the demo, where a whole copy is 437 KB: no dearer than whole copies to
-    /// that quarter) or where whole copies to them would not fit the upload budget's
-    /// allowance. Only where the keyframe fits it: otherwise whole copies go where they
-    /// fit (`send_update`), and the rest get the change and wait for our next update.
+    /// copy, it is a keyframe for all where at least half of them lack it
+    /// ([`keyframe_for_lacking`]; 110 KB each for the demo, as a whole copy is), and only
+    /// where the keyframe fits the upload budget's allowance: otherwise whole copies go
+    /// where they fit (`send_update`), and the rest get the change and wait for our next
+    /// update.
     /// Also a keyframe, where it fits, when our copy's lag made our last update an
     /// outlier in our own screen ([`Learner::copy_screened_out`]), or when most
     /// neighbours have stopped using our updates ([`UNHEARD_UPDATES`]).
@@ -1739,12 +1741,7 @@ impl Peer {
         if lacking == 0 {
             return;
         }
-        let change = self.change_bytes();
-        let wholes_fit = self.affordable(
-            self.whole_bytes() * lacking + change * (to.len() - lacking),
-            now_ms,
-        );
-        if keyframe_for_lacking(lacking, to.len()) || !wholes_fit {
+        if keyframe_for_lacking(lacking, to.len()) {
             self.learner.keyframe_next();
         }
     }
@@ -1775,7 +1772,7 @@ impl Peer {
         if keyframe_for_lacking(lacking, to.len()) {
             return keyframes;
         }
-        (self.whole_bytes() * wholes + change * (to.len() - wholes)).min(keyframes)
+        (self.keyframe_bytes() * wholes + change * (to.len() - wholes)).min(keyframes)
     }
 
     /// Whether sending `bytes` more of updates now keeps us within the upload budget's
@@ -1790,7 +1787,7 @@ impl Peer {
 
     /// Sends our update `msg` to `to` (every contributor when `all`; neighbours left out
     /// then miss it), each at most once. With weights changes, a neighbour that does not
-    /// hold our public copy gets the copy after this update whole instead (fp32, the same
+    /// hold our public copy gets the copy after this update whole instead (int8, the same
     /// round: it stands for the update) and holds it from then on — at most once per
     /// [`KEYFRAME_EVERY`] rounds; beyond that it gets the change (which it cannot use) and
     /// waits for our next keyframe. Counts it all against the upload budget.
@@ -1813,7 +1810,7 @@ impl Peer {
             let whole_now = change
                 && !n.keyed
                 && may_whole
-                && self.affordable(bytes + self.whole_bytes(), now_ms);
+                && self.affordable(bytes + self.keyframe_bytes(), now_ms);
             let data = if whole_now {
                 whole
                     .get_or_insert_with(|| self.learner.whole_public())
@@ -1862,9 +1859,10 @@ impl Peer {
         UPLOAD_BURST_MS.max((self.keyframe_bytes() * self.contributors().len()) as f64 / rate)
     }
 
-    /// About the bytes of a keyframe of our weights (int8 in blocks of 256).
+    /// About the bytes of a keyframe of our weights, or of a whole copy (int8 in blocks
+    /// of 256).
     fn keyframe_bytes(&self) -> usize {
-        crate::learn::Compression::Int8 { block: 256 }.approx_bytes(self.learner.weights().len())
+        crate::learn::KEYFRAME_CODEC.approx_bytes(self.learner.weights().len())
     }
 
     /// About the bytes of an update in the task's codec (a change, with weights changes).
@@ -1872,11 +1870,6 @@ impl Peer {
         self.cfg
             .compression
             .approx_bytes(self.learner.weights().len())
-    }
-
-    /// About the bytes of a whole copy of our weights (fp32).
-    fn whole_bytes(&self) -> usize {
-        4 * self.learner.weights().len()
     }
 
     /// Counts `bytes` of updates sent now against the upload budget: the next update

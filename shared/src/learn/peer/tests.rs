@@ -1629,7 +1629,7 @@ fn update_payloads(outs: &[Output]) -> Vec<(u64, u64, u8)> {
 #[test]
 fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes() {
     let mut p = changes_peer_at_5(&[10, 11, 12, 13, 14]);
-    let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
+    let (int8, change) = (crate::learn::KEYFRAME_CODEC.tag(), crate::learn::CHANGE_TAG);
     let mut t = GREET_AFTER_MS;
     let round = |p: &mut Peer, r: u64, t: f64, from: &[u8]| changes_round(p, r, t, from, &[]);
     let all = |r: u64, kinds: &[(u64, u8)]| -> Vec<(u64, u64, u8)> {
@@ -1639,12 +1639,13 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
     let five = [10u8, 11, 12, 13, 14];
     let keyframes: Vec<(u64, u8)> = (10..15).map(|n| (n, int8)).collect();
     assert_eq!(round(&mut p, 5, t, &five), all(5, &keyframes));
-    // A sixth neighbour connects: it gets the copy whole, the others the change.
+    // A sixth neighbour connects: it gets the copy whole (int8, a keyframe's bytes), the
+    // others the change.
     p.handle(Event::Up(PeerId(15)), t + 10.0);
     t += 10.0 + GREET_AFTER_MS;
     let six = [10u8, 11, 12, 13, 14, 15];
     let mut kinds: Vec<(u64, u8)> = (10..15).map(|n| (n, change)).collect();
-    kinds.push((15, fp32));
+    kinds.push((15, int8));
     assert_eq!(round(&mut p, 6, t, &six), all(6, &kinds));
     // From then on every neighbour gets changes.
     t += 100.0;
@@ -1660,10 +1661,9 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
     p.handle(msg(11, status(true)), t + 50.0);
     t += 100.0;
     let mut back = changes.clone();
-    back[1] = (11, fp32);
+    back[1] = (11, int8);
     assert_eq!(round(&mut p, 9, t, &six), all(9, &back));
-    // Where a quarter or more lack it, a keyframe to all costs no more than the copies
-    // whole: two of six paused, and both come back.
+    // Where fewer than half lack it, they get it whole: two of six paused, both back.
     for n in [12, 13] {
         p.handle(msg(n, status(false)), t + 50.0);
     }
@@ -1673,8 +1673,23 @@ fn with_weights_changes_a_new_neighbour_gets_the_public_copy_whole_then_changes(
         p.handle(msg(n, status(true)), t + 50.0);
     }
     t += 100.0;
+    let mut two = changes.clone();
+    two[2] = (12, int8);
+    two[3] = (13, int8);
+    assert_eq!(round(&mut p, 11, t, &six), all(11, &two));
+    // Where half or more lack it, a keyframe to all (at most twice their whole copies)
+    // leaves every neighbour the copy exactly: three of six paused, and all come back.
+    for n in [12, 13, 14] {
+        p.handle(msg(n, status(false)), t + 50.0);
+    }
+    t += 100.0;
+    assert_eq!(round(&mut p, 12, t, &[10, 11, 15]).len(), 3);
+    for n in [12, 13, 14] {
+        p.handle(msg(n, status(true)), t + 50.0);
+    }
+    t += 100.0;
     let keyframes: Vec<(u64, u8)> = (10..16).map(|n| (n, int8)).collect();
-    assert_eq!(round(&mut p, 11, t, &six), all(11, &keyframes));
+    assert_eq!(round(&mut p, 13, t, &six), all(13, &keyframes));
 }
 
 #[test]
@@ -1928,14 +1943,14 @@ fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() 
             .collect();
         to_11
     };
-    let (int8, fp32, change) = (1u8, 0u8, crate::learn::CHANGE_TAG);
+    let (int8, change) = (crate::learn::KEYFRAME_CODEC.tag(), crate::learn::CHANGE_TAG);
     assert_eq!(round(&mut p, 5, 0, false), vec![int8]);
     // Ten flips while round 6 is open: it still has round 6's update once.
     assert_eq!(round(&mut p, 6, 10, false), vec![change]);
     // It pauses through round 7: back in round 8 it gets the copy whole.
     assert!(round(&mut p, 7, 0, true).is_empty());
     p.handle(msg(11, status(true)), clock.get());
-    assert_eq!(round(&mut p, 8, 0, false), vec![fp32]);
+    assert_eq!(round(&mut p, 8, 0, false), vec![int8]);
     // Again through round 9: in round 10 no second whole copy so soon, only the change
     // (it waits for our next keyframe).
     assert!(round(&mut p, 9, 0, true).is_empty());
