@@ -296,8 +296,9 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         "local_steps_per_round": task.learn.local_steps,
         "round_ms": task.learn.round_ms,
         "batch": task.train.batch,
-        // A `model` message: header, round, count, weights and momentum, digest.
-        "model_bytes": 5 + 8 + 4 + 8 * params + 32,
+        // A `model` answer (kind 10): header, round, count, the weights' length, weights
+        // and momentum in int8 (tag, count, block, scales, values each), digest.
+        "model_bytes": 5 + 8 + 4 + 4 + 2 * (9 + 4 * params.div_ceil(256) + params) + 32,
         // What an observer takes per answer: an `observed` message (header, round, base,
         // digest) carrying the change in int8 (tag, count, block, scales, values), or the
         // whole weights in fp32 (tag, count, values).

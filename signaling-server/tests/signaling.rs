@@ -1280,8 +1280,9 @@ async fn the_cost_states_what_open_dashboards_take_from_each_trainer() {
     let json: Value =
         serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON");
     let cost = &json["cost"];
-    // The demo MLP: a model message is 8 bytes per parameter and 49 more.
-    assert_eq!(cost["model_bytes"], 8 * 109_386 + 49);
+    // The demo MLP: a model answer is int8, 2 bytes per parameter, a scale per 256 of
+    // them for weights and for momentum, and 71 more.
+    assert_eq!(cost["model_bytes"], 2 * (109_386 + 4 * 428) + 71);
     assert_eq!(cost["observers"], 1);
     // One dashboard asks two trainers every 10 s for the change since its last download
     // (int8: a byte per parameter, a scale per 256, 86 bytes of header and digests), and

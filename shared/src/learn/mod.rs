@@ -48,7 +48,7 @@ pub use aggregate::Aggregation;
 pub use compress::{CodecError, Compression, Compressor};
 pub use identity::{Identity, PublicKey};
 pub use peer::{Event, Output, Peer, PeerRole, Progress};
-pub use wire::{Observed, PeerMessage, Snapshot, Update, WireError, weights_hash};
+pub use wire::{MODEL_CODEC, Observed, PeerMessage, Snapshot, Update, WireError, weights_hash};
 
 /// The swarm-learning settings of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1086,7 +1086,7 @@ impl Learner {
         let msg = PeerMessage::decode(bytes, n).map_err(|e| self.stats.reject((&e).into()))?;
         let u = match msg {
             PeerMessage::ModelRequest => return Ok(Received::ModelRequest),
-            PeerMessage::Model(s) => return Ok(Received::Model(s)),
+            PeerMessage::Model(s) | PeerMessage::ModelInt8(s) => return Ok(Received::Model(s)),
             PeerMessage::Observe { base } => {
                 return Ok(Received::Observe {
                     base: (base != [0; 32]).then_some(base),
@@ -1571,14 +1571,26 @@ impl Learner {
         summary
     }
 
-    /// The current model for a joining or lagging neighbour.
+    /// The current model exactly (kind 3, fp32): what a keeper saves to disk.
     pub fn snapshot(&self) -> Vec<u8> {
-        PeerMessage::Model(Snapshot {
+        PeerMessage::Model(self.current()).encode()
+    }
+
+    /// The current model as a joining or lagging neighbour gets it (kind 10: weights and
+    /// momentum in int8, a quarter of [`snapshot`](Self::snapshot)'s bytes). The
+    /// receiver starts from weights within int8's rounding of ours (half a block's
+    /// largest magnitude / 127); it trains from them, and its copies of our weights
+    /// come from our weights changes, so nothing else depends on the rounding.
+    pub fn answer_snapshot(&self) -> Vec<u8> {
+        PeerMessage::ModelInt8(self.current()).encode()
+    }
+
+    fn current(&self) -> Snapshot {
+        Snapshot {
             round: self.round,
             weights: self.weights.clone(),
             momentum: self.momentum.clone(),
-        })
-        .encode()
+        }
     }
 
     /// The answer to an observer: our weights (no momentum: an observer never trains),

@@ -1004,7 +1004,7 @@ impl Peer {
 
     fn answer(&mut self, from: PeerId, now_ms: f64) {
         if self.may_answer(from, now_ms) {
-            let snap = self.learner.snapshot();
+            let snap = self.learner.answer_snapshot();
             self.send(from, snap);
         }
     }

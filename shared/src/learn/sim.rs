@@ -1443,8 +1443,10 @@ impl Sim<'_> {
                 let p = self.peers[slot].as_ref().expect("alive");
                 p.lie.clone().unwrap_or(data)
             }
-            Ok(PeerMessage::Model(s)) if also.contains(&MessageAttack::PoisonAnswers) => {
-                PeerMessage::Model(self.poison(slot, s.round)).encode()
+            Ok(PeerMessage::Model(s) | PeerMessage::ModelInt8(s))
+                if also.contains(&MessageAttack::PoisonAnswers) =>
+            {
+                PeerMessage::ModelInt8(self.poison(slot, s.round)).encode()
             }
             Ok(PeerMessage::Mix { round, .. }) if also.contains(&MessageAttack::PoisonMix) => {
                 let p = self.peers[slot].as_ref().expect("alive");

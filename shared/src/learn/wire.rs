@@ -16,6 +16,9 @@
 //! kind 9   observed: round:u64 base[32] payload result[32]
 //!                    — weights: `payload` (fp32) when `base` is zero, else the base the
 //!                      asker holds plus `payload` (int8); `result` is their SHA-256
+//! kind 10  model (int8): round:u64 n:u32 len:u32 weights[len] momentum sha256[32]
+//!                    — kind 3 with both vectors in block-wise int8 (`MODEL_CODEC`):
+//!                      how peers answer a model request
 //! ```
 //! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
 //! message up to the signature, so an update cannot be replayed into another task.
@@ -24,7 +27,12 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::bytes::Cursor;
+use super::compress::{self, CodecError, Compression, Compressor};
 use super::identity::{Identity, PublicKey};
+
+/// The codec of a kind 10 model's weights and momentum: int8 in blocks of 256, a
+/// quarter of fp32's bytes (the error is at most half a block's largest magnitude / 127).
+pub const MODEL_CODEC: Compression = Compression::Int8 { block: 256 };
 
 const MAGIC: [u8; 3] = *b"SHL";
 
@@ -99,8 +107,11 @@ pub enum PeerMessage {
     Update(Update),
     /// A request for the current model.
     ModelRequest,
-    /// The current model.
+    /// The current model, exactly (fp32): what a keeper saves.
     Model(Snapshot),
+    /// The current model in [`MODEL_CODEC`]: how a peer answers a model request. Decoded,
+    /// it holds the values the int8 payloads stand for.
+    ModelInt8(Snapshot),
     /// The sender's round-start weights for `round`, int8-compressed (see `compress`),
     /// offered for gossip averaging.
     Mix {
@@ -238,6 +249,19 @@ impl PeerMessage {
                 v.extend_from_slice(&digest);
                 v
             }
+            Self::ModelInt8(s) => {
+                let mut v = header(10);
+                v.extend_from_slice(&s.round.to_le_bytes());
+                v.extend_from_slice(&(s.weights.len() as u32).to_le_bytes());
+                let (weights, _) = Compressor::new(MODEL_CODEC, 0).encode(&s.weights);
+                let (momentum, _) = Compressor::new(MODEL_CODEC, 0).encode(&s.momentum);
+                v.extend_from_slice(&(weights.len() as u32).to_le_bytes());
+                v.extend_from_slice(&weights);
+                v.extend_from_slice(&momentum);
+                let digest = Sha256::digest(&v[5..]);
+                v.extend_from_slice(&digest);
+                v
+            }
             Self::Mix { round, payload } => {
                 let mut v = header(4);
                 v.extend_from_slice(&round.to_le_bytes());
@@ -301,21 +325,7 @@ impl PeerMessage {
             }
             2 => Self::ModelRequest,
             3 => {
-                let round = r.u64()?;
-                let n = r.u32()? as usize;
-                if n != params {
-                    return Err(WireError::WrongSize {
-                        got: n,
-                        want: params,
-                    });
-                }
-                let body_end = bytes
-                    .len()
-                    .checked_sub(32)
-                    .ok_or(WireError::Malformed("truncated"))?;
-                if body_end < 5 || Sha256::digest(&bytes[5..body_end])[..] != bytes[body_end..] {
-                    return Err(WireError::Checksum);
-                }
+                let (round, n) = model_head(&mut r, bytes, params)?;
                 let floats = |r: &mut Cursor<'_, WireError>| -> Result<Vec<f32>, WireError> {
                     let v = r.f32s(n)?;
                     if v.iter().all(|x| x.is_finite()) {
@@ -328,6 +338,18 @@ impl PeerMessage {
                 let momentum = floats(&mut r)?;
                 r.take(32)?;
                 Self::Model(Snapshot {
+                    round,
+                    weights,
+                    momentum,
+                })
+            }
+            10 => {
+                let (round, n) = model_head(&mut r, bytes, params)?;
+                let len = r.u32()? as usize;
+                let weights = int8_vector(r.take(len)?, n)?;
+                let rest = r.rest();
+                let momentum = int8_vector(&rest[..rest.len().saturating_sub(32)], n)?;
+                Self::ModelInt8(Snapshot {
                     round,
                     weights,
                     momentum,
@@ -388,7 +410,7 @@ impl PeerMessage {
         }
         let round = match &msg {
             Self::Update(u) => u.round,
-            Self::Model(s) => s.round,
+            Self::Model(s) | Self::ModelInt8(s) => s.round,
             Self::Mix { round, .. } => *round,
             Self::Observed(o) => o.round,
             Self::ModelRequest
@@ -402,6 +424,45 @@ impl PeerMessage {
         }
         Ok(msg)
     }
+}
+
+/// A model's (kind 3 or 10) round and parameter count, read from `r`, once the count is
+/// this task's and the digest at the end of `bytes` matches.
+fn model_head(
+    r: &mut Cursor<'_, WireError>,
+    bytes: &[u8],
+    params: usize,
+) -> Result<(u64, usize), WireError> {
+    let round = r.u64()?;
+    let n = r.u32()? as usize;
+    if n != params {
+        return Err(WireError::WrongSize {
+            got: n,
+            want: params,
+        });
+    }
+    let body_end = bytes
+        .len()
+        .checked_sub(32)
+        .ok_or(WireError::Malformed("truncated"))?;
+    if body_end < 5 || Sha256::digest(&bytes[5..body_end])[..] != bytes[body_end..] {
+        return Err(WireError::Checksum);
+    }
+    Ok((round, n))
+}
+
+/// One vector of a kind 10 model: a payload in [`MODEL_CODEC`]'s codec (int8) only.
+fn int8_vector(payload: &[u8], n: usize) -> Result<Vec<f32>, WireError> {
+    if payload.first() != Some(&MODEL_CODEC.tag()) {
+        return Err(WireError::Malformed("model in another codec"));
+    }
+    compress::decode(payload, n).map_err(|e| match e {
+        CodecError::NonFinite => WireError::NonFinite,
+        CodecError::WrongLength { got, want } => WireError::WrongSize { got, want },
+        CodecError::UnknownCodec(_) | CodecError::Malformed(_) => {
+            WireError::Malformed("model payload malformed")
+        }
+    })
 }
 
 #[cfg(test)]
@@ -459,7 +520,14 @@ mod tests {
             payload: vec![0],
         };
         let update = |round| PeerMessage::Update(Update::signed(&id, "t", round, 1, 0.0, vec![0]));
-        for make in [&snap as &dyn Fn(u64) -> PeerMessage, &mix, &update] {
+        let int8 = |round| {
+            PeerMessage::ModelInt8(Snapshot {
+                round,
+                weights: vec![1.0; 2],
+                momentum: vec![0.0; 2],
+            })
+        };
+        for make in [&snap as &dyn Fn(u64) -> PeerMessage, &int8, &mix, &update] {
             assert!(PeerMessage::decode(&make(MAX_ROUND - 1).encode(), 2).is_ok());
             assert_eq!(
                 PeerMessage::decode(&make(MAX_ROUND).encode(), 2),
@@ -486,8 +554,8 @@ mod tests {
         long.push(0);
         assert!(PeerMessage::decode(&long, 2).is_err());
         let mut kind = bytes.clone();
-        kind[4] = 10;
-        assert_eq!(PeerMessage::decode(&kind, 2), Err(WireError::Kind(10)));
+        kind[4] = 11;
+        assert_eq!(PeerMessage::decode(&kind, 2), Err(WireError::Kind(11)));
         assert_eq!(
             PeerMessage::decode(b"GET / HTTP/1.1", 2),
             Err(WireError::Magic)
@@ -554,5 +622,114 @@ mod tests {
             PeerMessage::decode(&ask, 2).is_err(),
             "longer than its fields"
         );
+    }
+
+    /// A kind 10 model of `n` parameters with the given payloads and a valid checksum.
+    fn int8_model(n: u32, weights: &[u8], momentum: &[u8]) -> Vec<u8> {
+        let mut v = header(10);
+        v.extend_from_slice(&7u64.to_le_bytes());
+        v.extend_from_slice(&n.to_le_bytes());
+        v.extend_from_slice(&(weights.len() as u32).to_le_bytes());
+        v.extend_from_slice(weights);
+        v.extend_from_slice(momentum);
+        let digest = Sha256::digest(&v[5..]);
+        v.extend_from_slice(&digest);
+        v
+    }
+
+    /// An int8 payload (codec 1) of `n` values: one block of `n`, scale `scale`, every
+    /// value `q`.
+    fn int8_payload(n: u32, scale: f32, q: i8) -> Vec<u8> {
+        let mut p = vec![1];
+        p.extend_from_slice(&n.to_le_bytes());
+        p.extend_from_slice(&n.to_le_bytes());
+        p.extend_from_slice(&scale.to_le_bytes());
+        p.extend(std::iter::repeat_n(q as u8, n as usize));
+        p
+    }
+
+    #[test]
+    fn int8_model_answers_round_trip_within_rounding_at_a_quarter_of_the_bytes() {
+        let n = 1000;
+        let weights: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        let momentum: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) / 1e3).collect();
+        let snap = Snapshot {
+            round: 42,
+            weights: weights.clone(),
+            momentum: momentum.clone(),
+        };
+        let fp32 = PeerMessage::Model(snap.clone()).encode();
+        let bytes = PeerMessage::ModelInt8(snap).encode();
+        assert_eq!(bytes[4], 10);
+        assert!(
+            (bytes.len() as f64) < 0.26 * fp32.len() as f64 + 100.0,
+            "{} bytes against fp32's {}",
+            bytes.len(),
+            fp32.len()
+        );
+        let Ok(PeerMessage::ModelInt8(got)) = PeerMessage::decode(&bytes, n) else {
+            panic!("an int8 model decodes");
+        };
+        assert_eq!(got.round, 42);
+        for (sent, got) in [(&weights, &got.weights), (&momentum, &got.momentum)] {
+            let max = sent.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for (a, b) in sent.iter().zip(got) {
+                assert!((a - b).abs() <= max / 254.0 + 1e-6, "{a} came as {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_int8_models_are_refused() {
+        let good = int8_model(8, &int8_payload(8, 0.5, 3), &int8_payload(8, 0.1, -2));
+        assert!(matches!(
+            PeerMessage::decode(&good, 8),
+            Ok(PeerMessage::ModelInt8(_))
+        ));
+        let mut flipped = good.clone();
+        flipped[30] ^= 1;
+        assert_eq!(PeerMessage::decode(&flipped, 8), Err(WireError::Checksum));
+        assert_eq!(
+            PeerMessage::decode(&good, 9),
+            Err(WireError::WrongSize { got: 8, want: 9 })
+        );
+        // Payloads whose count disagrees with the model's.
+        let short = int8_model(8, &int8_payload(16, 0.5, 3), &int8_payload(8, 0.1, -2));
+        assert!(PeerMessage::decode(&short, 8).is_err());
+        // fp32 inside a kind 10: refused, even though it would decode.
+        let mut fp32 = vec![0];
+        fp32.extend_from_slice(&8u32.to_le_bytes());
+        fp32.extend_from_slice(&[0; 32]);
+        assert_eq!(
+            PeerMessage::decode(&int8_model(8, &fp32, &int8_payload(8, 0.1, 1)), 8),
+            Err(WireError::Malformed("model in another codec"))
+        );
+        // A finite scale times -128 (which no encoder writes) overflows.
+        let inf = int8_model(
+            8,
+            &int8_payload(8, f32::MAX, -128),
+            &int8_payload(8, 0.1, 1),
+        );
+        assert_eq!(PeerMessage::decode(&inf, 8), Err(WireError::NonFinite));
+        let nan = int8_model(8, &int8_payload(8, 0.5, 1), &int8_payload(8, f32::NAN, 1));
+        assert_eq!(PeerMessage::decode(&nan, 8), Err(WireError::NonFinite));
+        // A byte more after the momentum, or a weights length past the end.
+        let mut long = int8_payload(8, 0.1, 1);
+        long.push(0);
+        assert!(PeerMessage::decode(&int8_model(8, &int8_payload(8, 0.5, 1), &long), 8).is_err());
+        let mut past = good.clone();
+        past[17..21].copy_from_slice(&u32::MAX.to_le_bytes());
+        let end = past.len() - 32;
+        let digest = Sha256::digest(&past[5..end]);
+        past[end..].copy_from_slice(&digest);
+        assert!(PeerMessage::decode(&past, 8).is_err());
+        for cut in [5, 20, good.len() - 33, good.len() - 1] {
+            assert!(
+                PeerMessage::decode(&good[..cut], 8).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 }

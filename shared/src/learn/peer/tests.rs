@@ -1957,3 +1957,35 @@ fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() 
     p.handle(msg(11, status(true)), clock.get());
     assert_eq!(round(&mut p, 10, 0, false), vec![change]);
 }
+
+#[test]
+fn a_model_answer_is_int8_at_a_quarter_of_fp32_within_rounding_of_the_model() {
+    let mut t =
+        Peer::new(cfg(), "t", id(2), vec![0.0; BIG], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(t.resume(ramp(5, 0.0)));
+    t.handle(Event::Up(PeerId(10)), 0.0);
+    drain(&mut t);
+    t.handle(msg(10, PeerMessage::ModelRequest.encode()), 10.0);
+    let answer = drain(&mut t)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Send { data, .. } if data.len() > 100 => Some(data),
+            _ => None,
+        })
+        .expect("the request is answered");
+    let fp32 = PeerMessage::Model(ramp(5, 0.0)).encode().len();
+    assert!(
+        (answer.len() as f64) < 0.26 * fp32 as f64 + 100.0,
+        "{} bytes against fp32's {fp32}",
+        answer.len()
+    );
+    let Ok(PeerMessage::ModelInt8(got)) = PeerMessage::decode(&answer, BIG) else {
+        panic!("a kind 10 model");
+    };
+    assert_eq!(got.round, 5);
+    let sent = ramp(5, 0.0);
+    for (a, b) in got.weights.iter().zip(&sent.weights) {
+        assert!((a - b).abs() <= 1.0 / 254.0 + 1e-6, "{b} came as {a}");
+    }
+    assert!(got.momentum.iter().all(|m| (m - 0.1).abs() < 1e-6));
+}
