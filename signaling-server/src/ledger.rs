@@ -37,6 +37,9 @@ pub struct CreditsCache(Mutex<std::collections::HashMap<String, Computed>>);
 /// Ledger file downloads served at once (more get 503): each holds the file's bytes (one
 /// shared copy per build) and a slow reader holds its slot.
 pub const FILE_DOWNLOADS: usize = 4;
+/// Ledger file downloads one address (an IPv4 address, an IPv6 /64) runs at once (more
+/// get 429): one address cannot take every slot.
+pub const FILE_DOWNLOADS_PER_ADDRESS: usize = 1;
 /// The file is built at most this often (a build reads every segment under the ledger's
 /// lock, which receipts wait for); in between, downloads get the last build.
 const FILE_EVERY: Duration = Duration::from_secs(2);
@@ -52,6 +55,8 @@ const FILE_CHUNK: usize = 64 * 1024;
 pub struct FileCache {
     built: Mutex<std::collections::HashMap<String, (Instant, u64, Bytes)>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Downloads running per address group (entries at zero are removed).
+    by_address: Arc<Mutex<std::collections::HashMap<u128, usize>>>,
 }
 
 impl Default for FileCache {
@@ -59,6 +64,44 @@ impl Default for FileCache {
         Self {
             built: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(FILE_DOWNLOADS)),
+            by_address: Arc::default(),
+        }
+    }
+}
+
+/// One address's share of the downloads, given back when dropped.
+struct AddressShare {
+    counts: Arc<Mutex<std::collections::HashMap<u128, usize>>>,
+    group: u128,
+}
+
+impl AddressShare {
+    /// Takes one of `group`'s [`FILE_DOWNLOADS_PER_ADDRESS`], if one is free.
+    fn take(
+        counts: &Arc<Mutex<std::collections::HashMap<u128, usize>>>,
+        group: u128,
+    ) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = c.entry(group).or_insert(0);
+        if *n >= FILE_DOWNLOADS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: Arc::clone(counts),
+            group,
+        })
+    }
+}
+
+impl Drop for AddressShare {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = c.get_mut(&self.group) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.group);
+            }
         }
     }
 }
@@ -173,12 +216,33 @@ fn page_body(
 }
 
 /// `GET /api/tasks/{task}/ledger/file`: the ledger file as written and synced so far (at
-/// most [`FILE_EVERY`] old), to at most [`FILE_DOWNLOADS`] readers at once, each cut when
-/// it reads slower than [`FILE_MIN_RATE`] after [`FILE_GRACE`].
-pub async fn file(State(s): State<LedgerState>, Path(task): Path<String>) -> Response {
+/// most [`FILE_EVERY`] old), to at most [`FILE_DOWNLOADS`] readers at once and
+/// [`FILE_DOWNLOADS_PER_ADDRESS`] per address, each cut when it reads slower than
+/// [`FILE_MIN_RATE`] after [`FILE_GRACE`].
+pub async fn file(
+    State(s): State<LedgerState>,
+    Path(task): Path<String>,
+    request: axum::extract::Request,
+) -> Response {
     let ledger = match ledger_of(&s, &task) {
         Ok(l) => l,
         Err(r) => return *r,
+    };
+    // Without the address (a router served by something other than `serve`), every
+    // reader shares one group.
+    let group = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(0, |c| crate::signaling::address_group(c.0.ip()));
+    let Some(share) = AddressShare::take(&s.files.by_address, group) else {
+        return (
+            [(header::RETRY_AFTER, "5")],
+            refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "a ledger download from this address is still running; try again when it ends",
+            ),
+        )
+            .into_response();
     };
     let Ok(slot) = Arc::clone(&s.files.slots).try_acquire_owned() else {
         return (
@@ -198,8 +262,10 @@ pub async fn file(State(s): State<LedgerState>, Path(task): Path<String>) -> Res
     };
     let len = bytes.len();
     let deadline = Instant::now() + FILE_GRACE + Duration::from_secs(len as u64 / FILE_MIN_RATE);
-    // The slot goes with the body: freed when the last byte is out or the connection
-    // goes. Past the deadline the body fails, so the reader sees a cut, not a short file.
+    // The slot and the address's share go with the body: freed when the last byte is
+    // out or the connection goes. Past the deadline the body fails, so the reader sees a
+    // cut, not a short file.
+    let slot = (slot, share);
     let chunks = futures_util::stream::unfold((bytes, 0, slot), move |(b, at, slot)| async move {
         if at >= b.len() {
             return None;

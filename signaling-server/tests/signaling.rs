@@ -1475,20 +1475,37 @@ async fn ledger_file_downloads_are_limited_and_slow_readers_hold_no_more_than_a_
         "GET /api/tasks/digits/ledger/file HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         s.addr
     );
-    // Four readers that read the headers and then stop, on small receive buffers: each
-    // holds a download slot while its response waits.
+    // A reader from 127.0.0.`from` that sends the request and reads the status line, on
+    // a small receive buffer.
+    let addr = s.addr;
+    let request = req.clone();
+    let reader = move |from: u8| {
+        let req = request.clone();
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.set_recv_buffer_size(4096).expect("buffer");
+            sock.bind(std::net::SocketAddr::from(([127, 0, 0, from], 0)))
+                .expect("bind");
+            let mut c = sock.connect(addr).await.expect("connect");
+            c.write_all(req.as_bytes()).await.expect("write");
+            let mut head = [0u8; 12];
+            c.read_exact(&mut head).await.expect("read");
+            (c, head)
+        }
+    };
+    // Four readers from four addresses that read the headers and then stop: each holds
+    // a download slot while its response waits.
     let mut stalled = Vec::new();
-    for _ in 0..shoal_signaling_server::ledger::FILE_DOWNLOADS {
-        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-        sock.set_recv_buffer_size(4096).expect("buffer");
-        let mut c = sock.connect(s.addr).await.expect("connect");
-        c.write_all(req.as_bytes()).await.expect("write");
-        let mut head = [0u8; 12];
-        c.read_exact(&mut head).await.expect("read");
+    for from in 0..shoal_signaling_server::ledger::FILE_DOWNLOADS as u8 {
+        let (c, head) = reader(11 + from).await;
         assert_eq!(&head, b"HTTP/1.1 200");
         stalled.push(c);
     }
-    // A fifth is told to come back.
+    // One address holds one of them: its second download is refused while the first
+    // runs, before it could take another's slot.
+    let (_, head) = reader(11).await;
+    assert_eq!(&head, b"HTTP/1.1 429", "a second download from one address");
+    // A fifth address is told to come back.
     let busy = http_get(s.addr, "/api/tasks/digits/ledger/file").await;
     assert!(
         busy.starts_with("HTTP/1.1 503"),
@@ -1513,13 +1530,10 @@ async fn ledger_file_downloads_are_limited_and_slow_readers_hold_no_more_than_a_
     tokio::time::sleep(Duration::from_millis(200)).await;
     let again = http_get(s.addr, "/api/tasks/digits/ledger?from=0&limit=1").await;
     assert!(again.starts_with("HTTP/1.1 200"));
-    let mut c = TcpStream::connect(s.addr).await.expect("connect");
-    c.write_all(req.as_bytes()).await.expect("write");
-    let mut head = [0u8; 12];
-    c.read_exact(&mut head).await.expect("read");
+    let (_c, head) = reader(11).await;
     assert_eq!(
         &head, b"HTTP/1.1 200",
-        "slots come back when readers finish or leave"
+        "slots and an address's share come back when readers finish or leave"
     );
     s.stop.take().expect("stop").send(()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
