@@ -105,6 +105,12 @@ struct Args {
     /// one continues its chain.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     ledger_segment_mb: u64,
+    /// Entries a task's ledger takes in all; receipts beyond are refused (`full`). Each
+    /// entry costs about 700 bytes of memory and 250 of disk.
+    #[arg(long, env = "SHOAL_LEDGER_MAX_ENTRIES",
+          default_value_t = shoal_signaling_server::signaling::DEFAULT_LEDGER_MAX_ENTRIES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    ledger_max_entries: u64,
     /// STUN URL handed to peers (repeatable).
     #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
     stun: Vec<String>,
@@ -251,6 +257,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ice,
         ledger_dir: Some(args.ledger_dir.clone()),
         ledger_segment_bytes: args.ledger_segment_mb << 20,
+        ledger_max_entries: args.ledger_max_entries,
     };
     // A ledger folder that cannot be made stops the start: receipts would be lost.
     std::fs::create_dir_all(&args.ledger_dir)

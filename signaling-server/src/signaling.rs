@@ -105,7 +105,14 @@ pub struct SignalingConfig {
     pub ledger_dir: Option<std::path::PathBuf>,
     /// The size at which a ledger's live segment is sealed and the next begun.
     pub ledger_segment_bytes: u64,
+    /// Entries a task's ledger takes in all; receipts beyond are refused (`full`). The
+    /// server holds every entry in memory (about 700 bytes each) and on disk (about 250).
+    pub ledger_max_entries: u64,
 }
+
+/// [`SignalingConfig::ledger_max_entries`] by default: about 700 MB of memory and 250 MB
+/// of disk per task.
+pub const DEFAULT_LEDGER_MAX_ENTRIES: u64 = 1_000_000;
 
 impl Default for SignalingConfig {
     fn default() -> Self {
@@ -119,6 +126,7 @@ impl Default for SignalingConfig {
             },
             ledger_dir: None,
             ledger_segment_bytes: shoal_shared::trust::ledger::DEFAULT_SEGMENT_BYTES,
+            ledger_max_entries: DEFAULT_LEDGER_MAX_ENTRIES,
         }
     }
 }
@@ -372,11 +380,13 @@ pub enum ReceiptOutcome {
     TooMany,
     /// The server keeps no ledger for the task, or could not write it.
     Unavailable,
+    /// The task's ledger holds [`SignalingConfig::ledger_max_entries`] entries.
+    Full,
 }
 
 impl ReceiptOutcome {
     /// Every outcome, in `/metrics` order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Appended,
         Self::Malformed,
         Self::NotYours,
@@ -386,6 +396,7 @@ impl ReceiptOutcome {
         Self::Implausible,
         Self::TooMany,
         Self::Unavailable,
+        Self::Full,
     ];
 
     /// The label.
@@ -400,6 +411,7 @@ impl ReceiptOutcome {
             Self::Implausible => "implausible_round",
             Self::TooMany => "too_many",
             Self::Unavailable => "unavailable",
+            Self::Full => "full",
         }
     }
 }
@@ -500,6 +512,14 @@ impl Hub {
                         ledger.set_segment_limit(config.ledger_segment_bytes);
                         if let Some(note) = note {
                             tracing::error!("the ledger of {t:?}: {note}");
+                        }
+                        if ledger.count() >= config.ledger_max_entries {
+                            tracing::warn!(
+                                "the ledger of {t:?} is full ({} entries, \
+                                 --ledger-max-entries {}): receipts are refused",
+                                ledger.count(),
+                                config.ledger_max_entries
+                            );
                         }
                         tracing::info!(
                             "ledger {}: {} entries",
@@ -912,6 +932,13 @@ impl Hub {
         let mut ledger = ledger
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let max = self.config.ledger_max_entries;
+        if ledger.count() >= max {
+            return Err((
+                O::Full,
+                format!("the task's ledger is full ({max} entries); receipts are not recorded"),
+            ));
+        }
         if ledger
             .last_round(&r.sender, &r.receiver)
             .is_some_and(|last| r.round <= last)
@@ -925,6 +952,12 @@ impl Hub {
             tracing::error!("the ledger of {task:?}: {e}");
             (O::Unavailable, "the ledger could not be written".into())
         })?;
+        if ledger.count() == max {
+            tracing::warn!(
+                "the ledger of {task:?} is full ({max} entries, --ledger-max-entries): \
+                 further receipts are refused"
+            );
+        }
         Ok(())
     }
 

@@ -1561,19 +1561,67 @@ async fn ledger_now(s: &Server, at: u64) -> (Vec<u8>, Vec<(u64, Option<[u8; 32]>
     (now, vec![(at, hash)])
 }
 
+/// A server of the digits task with k = 2 that keeps its ledgers in `dir`, at most
+/// `max_entries` entries each.
+fn ledger_server(dir: &std::path::Path, max_entries: u64) -> Config {
+    base(
+        SignalingConfig {
+            neighbours: 2,
+            ledger_dir: Some(dir.to_path_buf()),
+            ledger_max_entries: max_entries,
+            ..SignalingConfig::default()
+        },
+        None,
+        &["digits"],
+    )
+}
+
+#[tokio::test]
+async fn a_ledger_takes_at_most_its_entries_and_then_refuses_receipts_as_full() {
+    let dir = std::env::temp_dir().join(format!("shoal-ledger-full-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = || ledger_server(&dir, 2);
+    let mut s = start_config(cfg()).await;
+    let mut a = member(&s, 1, true).await;
+    let b = member(&s, 2, true).await;
+    let mut c = member(&s, 3, true).await;
+    for m in [&mut a, &mut c] {
+        send(&mut m.ws, report(2, 0.5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
+    send(&mut c.ws, receipt(&c.id, &b.id, 1, 640)).await;
+    appended(&s, 2).await;
+    // A third valid receipt: the ledger is full, and says so.
+    send(&mut a.ws, receipt(&a.id, &b.id, 2, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "full").await;
+    let page = http_get(s.addr, "/api/tasks/digits/ledger?from=0&limit=5").await;
+    let page: Value =
+        serde_json::from_str(page.split("\r\n\r\n").nth(1).expect("body")).expect("json");
+    assert_eq!(page["count"], 2);
+    // A restart reads the full ledger and goes on refusing.
+    drop((a, b, c));
+    s.stop.take().expect("stop").send(()).expect("stop");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut s = start_config(cfg()).await;
+    let mut a = member(&s, 1, true).await;
+    let b = member(&s, 2, true).await;
+    send(&mut a.ws, report(2, 0.5)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut a.ws, receipt(&a.id, &b.id, 3, 640)).await;
+    refused(&mut a.ws, "bad_receipt", "full").await;
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_restart() {
     let dir = std::env::temp_dir().join(format!("shoal-ledger-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = || {
-        base(
-            SignalingConfig {
-                neighbours: 2,
-                ledger_dir: Some(dir.clone()),
-                ..SignalingConfig::default()
-            },
-            None,
-            &["digits"],
+        ledger_server(
+            &dir,
+            shoal_signaling_server::signaling::DEFAULT_LEDGER_MAX_ENTRIES,
         )
     };
     let mut s = start_config(cfg()).await;
