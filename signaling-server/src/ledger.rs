@@ -37,9 +37,6 @@ pub struct CreditsCache(Mutex<std::collections::HashMap<String, Computed>>);
 /// Ledger file downloads served at once (more get 503): each holds the file's bytes (one
 /// shared copy per build) and a slow reader holds its slot.
 pub const FILE_DOWNLOADS: usize = 4;
-/// Ledger file downloads one address (an IPv4 address, an IPv6 /64) runs at once (more
-/// get 429): one address cannot take every slot.
-pub const FILE_DOWNLOADS_PER_ADDRESS: usize = 1;
 /// The file is built at most this often (a build reads every segment under the ledger's
 /// lock, which receipts wait for); in between, downloads get the last build.
 const FILE_EVERY: Duration = Duration::from_secs(2);
@@ -76,14 +73,15 @@ struct AddressShare {
 }
 
 impl AddressShare {
-    /// Takes one of `group`'s [`FILE_DOWNLOADS_PER_ADDRESS`], if one is free.
+    /// Takes one of `group`'s `share` downloads, if one is free (0: no share).
     fn take(
         counts: &Arc<Mutex<std::collections::HashMap<u128, usize>>>,
         group: u128,
+        share: usize,
     ) -> Option<Self> {
         let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
         let n = c.entry(group).or_insert(0);
-        if *n >= FILE_DOWNLOADS_PER_ADDRESS {
+        if share > 0 && *n >= share {
             return None;
         }
         *n += 1;
@@ -216,9 +214,9 @@ fn page_body(
 }
 
 /// `GET /api/tasks/{task}/ledger/file`: the ledger file as written and synced so far (at
-/// most [`FILE_EVERY`] old), to at most [`FILE_DOWNLOADS`] readers at once and
-/// [`FILE_DOWNLOADS_PER_ADDRESS`] per address, each cut when it reads slower than
-/// [`FILE_MIN_RATE`] after [`FILE_GRACE`].
+/// most [`FILE_EVERY`] old), to at most [`FILE_DOWNLOADS`] readers at once and the
+/// configured share per address, each cut when it reads slower than [`FILE_MIN_RATE`]
+/// after [`FILE_GRACE`].
 pub async fn file(
     State(s): State<LedgerState>,
     Path(task): Path<String>,
@@ -234,7 +232,8 @@ pub async fn file(
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map_or(0, |c| crate::signaling::address_group(c.0.ip()));
-    let Some(share) = AddressShare::take(&s.files.by_address, group) else {
+    let per_address = s.hub.config().ledger_downloads_per_address;
+    let Some(share) = AddressShare::take(&s.files.by_address, group, per_address) else {
         return (
             [(header::RETRY_AFTER, "5")],
             refuse(

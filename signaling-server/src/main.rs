@@ -111,6 +111,10 @@ struct Args {
           default_value_t = shoal_signaling_server::signaling::DEFAULT_LEDGER_MAX_ENTRIES,
           value_parser = clap::value_parser!(u64).range(1..))]
     ledger_max_entries: u64,
+    /// Ledger file downloads one address (IPv4 address, IPv6 /64) may run at once; 0 for
+    /// no share (behind a reverse proxy every reader has the proxy's address).
+    #[arg(long, env = "SHOAL_LEDGER_DOWNLOADS_PER_ADDRESS", default_value_t = 1)]
+    ledger_downloads_per_address: usize,
     /// STUN URL handed to peers (repeatable).
     #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
     stun: Vec<String>,
@@ -258,6 +262,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ledger_dir: Some(args.ledger_dir.clone()),
         ledger_segment_bytes: args.ledger_segment_mb << 20,
         ledger_max_entries: args.ledger_max_entries,
+        ledger_downloads_per_address: args.ledger_downloads_per_address,
     };
     // A ledger folder that cannot be made stops the start: receipts would be lost.
     std::fs::create_dir_all(&args.ledger_dir)

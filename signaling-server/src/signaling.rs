@@ -108,6 +108,9 @@ pub struct SignalingConfig {
     /// Entries a task's ledger takes in all; receipts beyond are refused (`full`). The
     /// server holds every entry in memory (about 700 bytes each) and on disk (about 250).
     pub ledger_max_entries: u64,
+    /// Ledger file downloads one address (an IPv4 address, an IPv6 /64) may run at once;
+    /// 0 for no share (behind a reverse proxy every reader has the proxy's address).
+    pub ledger_downloads_per_address: usize,
 }
 
 /// [`SignalingConfig::ledger_max_entries`] by default: about 700 MB of memory and 250 MB
@@ -127,6 +130,7 @@ impl Default for SignalingConfig {
             ledger_dir: None,
             ledger_segment_bytes: shoal_shared::trust::ledger::DEFAULT_SEGMENT_BYTES,
             ledger_max_entries: DEFAULT_LEDGER_MAX_ENTRIES,
+            ledger_downloads_per_address: 1,
         }
     }
 }
@@ -959,6 +963,11 @@ impl Hub {
             );
         }
         Ok(())
+    }
+
+    /// The configuration the hub runs with.
+    pub fn config(&self) -> &SignalingConfig {
+        &self.config
     }
 
     /// Peers of `task` that reported in the last 30 s as training (not paused) and as

@@ -1441,10 +1441,25 @@ async fn a_ledger_in_sealed_segments_is_reopened_and_served_as_one_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Sends the ledger file request `req` to `addr` from 127.0.0.`from` on a small receive
+/// buffer and reads the status line: the connection and its first 12 bytes.
+async fn ledger_reader(addr: std::net::SocketAddr, req: String, from: u8) -> (TcpStream, [u8; 12]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("buffer");
+    sock.bind(std::net::SocketAddr::from(([127, 0, 0, from], 0)))
+        .expect("bind");
+    let mut c = sock.connect(addr).await.expect("connect");
+    c.write_all(req.as_bytes()).await.expect("write");
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).await.expect("read");
+    (c, head)
+}
+
 #[tokio::test]
 async fn ledger_file_downloads_are_limited_and_slow_readers_hold_no_more_than_a_slot() {
     use shoal_shared::trust::ledger::{LedgerFile, verify};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     // A ledger of about 9 MB, more than the socket buffers and the server's own hold
     // (tmpfs where there is one: appends are synced).
     let base_dir = ["/dev/shm"]
@@ -1475,24 +1490,8 @@ async fn ledger_file_downloads_are_limited_and_slow_readers_hold_no_more_than_a_
         "GET /api/tasks/digits/ledger/file HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         s.addr
     );
-    // A reader from 127.0.0.`from` that sends the request and reads the status line, on
-    // a small receive buffer.
     let addr = s.addr;
-    let request = req.clone();
-    let reader = move |from: u8| {
-        let req = request.clone();
-        async move {
-            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-            sock.set_recv_buffer_size(4096).expect("buffer");
-            sock.bind(std::net::SocketAddr::from(([127, 0, 0, from], 0)))
-                .expect("bind");
-            let mut c = sock.connect(addr).await.expect("connect");
-            c.write_all(req.as_bytes()).await.expect("write");
-            let mut head = [0u8; 12];
-            c.read_exact(&mut head).await.expect("read");
-            (c, head)
-        }
-    };
+    let reader = |from: u8| ledger_reader(addr, req.clone(), from);
     // Four readers from four addresses that read the headers and then stop: each holds
     // a download slot while its response waits.
     let mut stalled = Vec::new();
@@ -1535,6 +1534,25 @@ async fn ledger_file_downloads_are_limited_and_slow_readers_hold_no_more_than_a_
         &head, b"HTTP/1.1 200",
         "slots and an address's share come back when readers finish or leave"
     );
+    drop(_c);
+    s.stop.take().expect("stop").send(()).expect("stop");
+    // Without the share (a server behind a reverse proxy), one address runs two.
+    let mut s = start_config(base(
+        SignalingConfig {
+            ledger_dir: Some(dir.clone()),
+            ledger_downloads_per_address: 0,
+            ..SignalingConfig::default()
+        },
+        None,
+        &["digits"],
+    ))
+    .await;
+    let addr = s.addr;
+    let reader = |from: u8| ledger_reader(addr, req.clone(), from);
+    let (_first, head) = reader(11).await;
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let (_second, head) = reader(11).await;
+    assert_eq!(&head, b"HTTP/1.1 200", "no share per address");
     s.stop.take().expect("stop").send(()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }

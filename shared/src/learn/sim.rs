@@ -1446,7 +1446,9 @@ impl Sim<'_> {
             Ok(PeerMessage::Model(s) | PeerMessage::ModelInt8(s))
                 if also.contains(&MessageAttack::PoisonAnswers) =>
             {
-                PeerMessage::ModelInt8(self.poison(slot, s.round)).encode()
+                // fp32, which every peer accepts too: the liar is not held to int8's
+                // rounding.
+                PeerMessage::Model(self.poison(slot, s.round)).encode()
             }
             Ok(PeerMessage::Mix { round, .. }) if also.contains(&MessageAttack::PoisonMix) => {
                 let p = self.peers[slot].as_ref().expect("alive");
