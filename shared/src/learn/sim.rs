@@ -429,7 +429,9 @@ pub struct Report {
     pub time_to_target_s: Option<f64>,
     /// Utilization over the whole run (time training / time online, honest peers).
     pub utilization: f64,
-    /// Each honest peer online at the end: its speed (samples/s) and utilization.
+    /// Each honest peer online at the end that has been online for a tenth of the run or
+    /// more (one that joined a moment ago has trained for none of its time yet): its
+    /// speed (samples/s) and utilization.
     pub utilization_by_peer: Vec<(f64, f64)>,
     /// Every receipt a peer signed, in order, with the virtual time (ms) it was signed at
     /// and how many neighbours its sender had: what a server would append to the task's
@@ -1617,7 +1619,7 @@ impl Sim<'_> {
                 .peers
                 .iter()
                 .flatten()
-                .filter(|p| !p.attacker)
+                .filter(|p| !p.attacker && 10 * (self.t - p.born) >= self.t)
                 .map(|p| {
                     let online = (self.t - p.born).max(1) as f64;
                     (p.speed, p.busy_at(self.t) as f64 / online)
