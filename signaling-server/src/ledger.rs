@@ -119,6 +119,11 @@ fn refuse(code: StatusCode, message: &str) -> Response {
     (code, Json(json!({ "error": message }))).into_response()
 }
 
+/// [`refuse`], asking the client to try again in 5 seconds.
+fn retry_later(code: StatusCode, message: &str) -> Response {
+    ([(header::RETRY_AFTER, "5")], refuse(code, message)).into_response()
+}
+
 fn ledger_of(s: &LedgerState, task: &str) -> Result<Arc<Mutex<LedgerFile>>, Box<Response>> {
     s.hub.ledgers.get(task).cloned().ok_or_else(|| {
         Box::new(refuse(
@@ -226,32 +231,19 @@ pub async fn file(
         Ok(l) => l,
         Err(r) => return *r,
     };
-    // Without the address (a router served by something other than `serve`), every
-    // reader shares one group.
-    let group = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(0, |c| crate::signaling::address_group(c.0.ip()));
+    let group = crate::signaling::request_group(request.extensions());
     let per_address = s.hub.config().ledger_downloads_per_address;
     let Some(share) = AddressShare::take(&s.files.by_address, group, per_address) else {
-        return (
-            [(header::RETRY_AFTER, "5")],
-            refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "a ledger download from this address is still running; try again when it ends",
-            ),
-        )
-            .into_response();
+        return retry_later(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a ledger download from this address is still running; try again when it ends",
+        );
     };
     let Ok(slot) = Arc::clone(&s.files.slots).try_acquire_owned() else {
-        return (
-            [(header::RETRY_AFTER, "5")],
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many ledger downloads at once; try again shortly",
-            ),
-        )
-            .into_response();
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many ledger downloads at once; try again shortly",
+        );
     };
     let Some(bytes) = file_bytes(&s.files, &task, ledger).await else {
         return refuse(

@@ -1226,6 +1226,14 @@ pub(crate) fn address_group(ip: std::net::IpAddr) -> u128 {
     }
 }
 
+/// The [`address_group`] a request came from. Without the address (a router served by
+/// something other than `serve`), every request is in one group.
+pub(crate) fn request_group(extensions: &axum::http::Extensions) -> u128 {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(0, |c| address_group(c.0.ip()))
+}
+
 /// Links `q` to one random peer other than itself and `avoid` that is not yet its
 /// neighbour and has room (fewer than 2k), if one is found in a few draws.
 fn relink(
@@ -1295,12 +1303,7 @@ pub async fn ws_handler(
     request: Request,
 ) -> Response {
     let (mut parts, _) = request.into_parts();
-    // Without the address (a router served by something other than `serve`), all such
-    // peers share one group.
-    let group = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(0, |c| address_group(c.0.ip()));
+    let group = request_group(&parts.extensions);
     if !hub.origin_allowed(&parts.headers) {
         hub.metrics.reject(ErrorCode::ForbiddenOrigin);
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();

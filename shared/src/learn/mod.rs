@@ -48,7 +48,7 @@ pub use aggregate::Aggregation;
 pub use compress::{CodecError, Compression, Compressor};
 pub use identity::{Identity, PublicKey};
 pub use peer::{Event, Output, Peer, PeerRole, Progress};
-pub use wire::{MODEL_CODEC, Observed, PeerMessage, Snapshot, Update, WireError, weights_hash};
+pub use wire::{Observed, PeerMessage, Snapshot, Update, WireError, weights_hash};
 
 /// The swarm-learning settings of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -506,8 +506,9 @@ const MIXES_PER_SENDER: usize = 2;
 /// updates again from there).
 pub const KEYFRAME_EVERY: u64 = 30;
 
-/// The codec of whole weights in updates with weights changes: keyframes, and the whole
-/// copies a neighbour that lacks our copy gets instead of a change.
+/// The codec of whole weights in updates with weights changes (keyframes, and the whole
+/// copies a neighbour that lacks our copy gets instead of a change) and of the weights
+/// and momentum in a model answer (data channel kind 10).
 pub const KEYFRAME_CODEC: Compression = Compression::Int8 { block: 256 };
 
 /// With weights changes, an update is a keyframe too when our public copy lags our

@@ -17,7 +17,7 @@
 //!                    — weights: `payload` (fp32) when `base` is zero, else the base the
 //!                      asker holds plus `payload` (int8); `result` is their SHA-256
 //! kind 10  model (int8): round:u64 n:u32 len:u32 weights[len] momentum sha256[32]
-//!                    — kind 3 with both vectors in block-wise int8 (`MODEL_CODEC`):
+//!                    — kind 3 with both vectors in block-wise int8 (`KEYFRAME_CODEC`):
 //!                      how peers answer a model request
 //! ```
 //! The update's signature covers `"shoal-update-v1" task_len:u32 task` followed by the
@@ -26,13 +26,10 @@
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use super::KEYFRAME_CODEC;
 use super::bytes::Cursor;
-use super::compress::{self, CodecError, Compression, Compressor};
+use super::compress::{self, CodecError, Compressor};
 use super::identity::{Identity, PublicKey};
-
-/// The codec of a kind 10 model's weights and momentum: int8 in blocks of 256, a
-/// quarter of fp32's bytes (the error is at most half a block's largest magnitude / 127).
-pub const MODEL_CODEC: Compression = Compression::Int8 { block: 256 };
 
 const MAGIC: [u8; 3] = *b"SHL";
 
@@ -109,7 +106,8 @@ pub enum PeerMessage {
     ModelRequest,
     /// The current model, exactly (fp32): what a keeper saves.
     Model(Snapshot),
-    /// The current model in [`MODEL_CODEC`]: how a peer answers a model request. Decoded,
+    /// The current model, weights and momentum in [`KEYFRAME_CODEC`] (int8, a quarter of
+    /// fp32's bytes): how a peer answers a model request. Decoded,
     /// it holds the values the int8 payloads stand for.
     ModelInt8(Snapshot),
     /// The sender's round-start weights for `round`, int8-compressed (see `compress`),
@@ -253,8 +251,8 @@ impl PeerMessage {
                 let mut v = header(10);
                 v.extend_from_slice(&s.round.to_le_bytes());
                 v.extend_from_slice(&(s.weights.len() as u32).to_le_bytes());
-                let (weights, _) = Compressor::new(MODEL_CODEC, 0).encode(&s.weights);
-                let (momentum, _) = Compressor::new(MODEL_CODEC, 0).encode(&s.momentum);
+                let (weights, _) = Compressor::new(KEYFRAME_CODEC, 0).encode(&s.weights);
+                let (momentum, _) = Compressor::new(KEYFRAME_CODEC, 0).encode(&s.momentum);
                 v.extend_from_slice(&(weights.len() as u32).to_le_bytes());
                 v.extend_from_slice(&weights);
                 v.extend_from_slice(&momentum);
@@ -451,9 +449,9 @@ fn model_head(
     Ok((round, n))
 }
 
-/// One vector of a kind 10 model: a payload in [`MODEL_CODEC`]'s codec (int8) only.
+/// One vector of a kind 10 model: a payload in [`KEYFRAME_CODEC`]'s codec (int8) only.
 fn int8_vector(payload: &[u8], n: usize) -> Result<Vec<f32>, WireError> {
-    if payload.first() != Some(&MODEL_CODEC.tag()) {
+    if payload.first() != Some(&KEYFRAME_CODEC.tag()) {
         return Err(WireError::Malformed("model in another codec"));
     }
     compress::decode(payload, n).map_err(|e| match e {
