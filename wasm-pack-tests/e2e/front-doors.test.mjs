@@ -270,6 +270,9 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
   await pngIsReal(join(shots, 'contributor.png'), 30_000);
   await pngIsReal(join(shots, 'widget.png'), 20_000);
   await pngIsReal(join(shots, 'dashboard.png'), 80_000);
+  // The observer evaluates a newer model every 10 s while the swarm trains on: a fast run
+  // can reach this point with two evaluations (the seed and the one past the target).
+  await dash.waitForFunction(() => window.shoalDashboard.evals.length >= 3, null, { timeout: 60_000 });
   const charts = await dash.evaluate(() => ({
     accuracy: document.querySelector('#chart-accuracy polyline[data-series="held-out accuracy"]')?.getAttribute('points').split(' ').length ?? 0,
     rate: document.querySelector('#chart-rate polyline')?.getAttribute('points').split(' ').length ?? 0,
