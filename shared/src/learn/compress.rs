@@ -119,6 +119,17 @@ pub enum CodecError {
     NonFinite,
 }
 
+/// Encodes `values` once, with no residual kept: for whole weights or a change whose
+/// decoded values the sender does not need (a keyframe, a model answer, a mix offer).
+pub fn encode_once(kind: Compression, values: &[f32]) -> Vec<u8> {
+    match kind {
+        Compression::None => encode_fp32(values),
+        Compression::Int8 { block } => encode_int8(values, block),
+        Compression::TopK { fraction } => encode_topk(values, fraction, false),
+        Compression::TopK2Bit { fraction } => encode_topk(values, fraction, true),
+    }
+}
+
 /// A codec with its error-feedback residual: one per peer, kept across rounds.
 #[derive(Clone, Debug)]
 pub struct Compressor {
@@ -153,12 +164,7 @@ impl Compressor {
         } else {
             delta.to_vec()
         };
-        let bytes = match self.kind {
-            Compression::None => encode_fp32(&input),
-            Compression::Int8 { block } => encode_int8(&input, block),
-            Compression::TopK { fraction } => encode_topk(&input, fraction, false),
-            Compression::TopK2Bit { fraction } => encode_topk(&input, fraction, true),
-        };
+        let bytes = encode_once(self.kind, &input);
         // A non-finite input can fail to decode (its scales or values are not finite);
         // it then counts as sending nothing. Callers check their input first.
         let decoded = decode(&bytes, input.len()).unwrap_or_else(|_| vec![0.0; input.len()]);
@@ -481,6 +487,22 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(err < 1e-3, "max error after feedback {err}");
+    }
+
+    #[test]
+    fn one_shot_encoding_is_what_a_fresh_compressor_sends() {
+        let x = noise(600, 9);
+        for kind in [
+            Compression::None,
+            Compression::Int8 { block: 64 },
+            Compression::TopK { fraction: 0.1 },
+            Compression::TopK2Bit { fraction: 0.1 },
+        ] {
+            let (bytes, decoded) = Compressor::new(kind, x.len()).encode(&x);
+            let once = encode_once(kind, &x);
+            assert_eq!(once, bytes, "{kind:?}");
+            assert_eq!(decode(&once, x.len()).unwrap(), decoded, "{kind:?}");
+        }
     }
 
     #[test]

@@ -977,7 +977,7 @@ impl Learner {
     /// 0.27 against 0.47).
     pub fn whole_public(&self) -> Option<Vec<u8>> {
         let copy = self.public.as_ref().filter(|c| c.round == self.round)?;
-        let (payload, _) = Compressor::new(KEYFRAME_CODEC, 0).encode(&copy.weights);
+        let payload = compress::encode_once(KEYFRAME_CODEC, &copy.weights);
         Some(
             PeerMessage::Update(Update::signed(
                 &self.id,
@@ -1307,7 +1307,7 @@ impl Learner {
 
     /// The gossip-averaging message for this round: our round-start weights.
     pub fn mix_message(&self) -> Vec<u8> {
-        let (payload, _) = Compressor::new(self.mix_codec(), 0).encode(&self.weights);
+        let payload = compress::encode_once(self.mix_codec(), &self.weights);
         PeerMessage::Mix {
             round: self.round,
             payload,
@@ -1605,7 +1605,7 @@ impl Learner {
         let n = self.weights.len();
         let (base_hash, payload, result) = match base.filter(|(b, _)| b.len() == n) {
             None => {
-                let (payload, _) = Compressor::new(Compression::None, 0).encode(&self.weights);
+                let payload = compress::encode_once(Compression::None, &self.weights);
                 ([0; 32], payload, self.weights.clone())
             }
             Some((b, hash)) => {

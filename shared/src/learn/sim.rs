@@ -1456,8 +1456,8 @@ impl Sim<'_> {
                 let p = self.peers[slot].as_ref().expect("alive");
                 // Toward zero, just inside a quarter of the weights' norm.
                 let w: Vec<f32> = p.peer.weights().iter().map(|x| 0.76 * x).collect();
-                let (payload, _) =
-                    Compressor::new(super::Compression::Int8 { block: 256 }, 0).encode(&w);
+                let payload =
+                    super::compress::encode_once(super::Compression::Int8 { block: 256 }, &w);
                 PeerMessage::Mix { round, payload }.encode()
             }
             _ => data,

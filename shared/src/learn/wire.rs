@@ -28,7 +28,7 @@ use thiserror::Error;
 
 use super::KEYFRAME_CODEC;
 use super::bytes::Cursor;
-use super::compress::{self, CodecError, Compressor};
+use super::compress::{self, CodecError};
 use super::identity::{Identity, PublicKey};
 
 const MAGIC: [u8; 3] = *b"SHL";
@@ -251,8 +251,8 @@ impl PeerMessage {
                 let mut v = header(10);
                 v.extend_from_slice(&s.round.to_le_bytes());
                 v.extend_from_slice(&(s.weights.len() as u32).to_le_bytes());
-                let (weights, _) = Compressor::new(KEYFRAME_CODEC, 0).encode(&s.weights);
-                let (momentum, _) = Compressor::new(KEYFRAME_CODEC, 0).encode(&s.momentum);
+                let weights = compress::encode_once(KEYFRAME_CODEC, &s.weights);
+                let momentum = compress::encode_once(KEYFRAME_CODEC, &s.momentum);
                 v.extend_from_slice(&(weights.len() as u32).to_le_bytes());
                 v.extend_from_slice(&weights);
                 v.extend_from_slice(&momentum);
