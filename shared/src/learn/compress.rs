@@ -489,15 +489,18 @@ mod tests {
         assert!(err < 1e-3, "max error after feedback {err}");
     }
 
+    /// One of each codec.
+    const KINDS: [Compression; 4] = [
+        Compression::None,
+        Compression::Int8 { block: 64 },
+        Compression::TopK { fraction: 0.1 },
+        Compression::TopK2Bit { fraction: 0.1 },
+    ];
+
     #[test]
     fn one_shot_encoding_is_what_a_fresh_compressor_sends() {
         let x = noise(600, 9);
-        for kind in [
-            Compression::None,
-            Compression::Int8 { block: 64 },
-            Compression::TopK { fraction: 0.1 },
-            Compression::TopK2Bit { fraction: 0.1 },
-        ] {
+        for kind in KINDS {
             let (bytes, decoded) = Compressor::new(kind, x.len()).encode(&x);
             let once = encode_once(kind, &x);
             assert_eq!(once, bytes, "{kind:?}");
@@ -508,12 +511,7 @@ mod tests {
     #[test]
     fn malformed_payloads_are_refused_not_trusted() {
         let x = noise(600, 4);
-        for kind in [
-            Compression::None,
-            Compression::Int8 { block: 64 },
-            Compression::TopK { fraction: 0.1 },
-            Compression::TopK2Bit { fraction: 0.1 },
-        ] {
+        for kind in KINDS {
             let (bytes, _) = Compressor::new(kind, x.len()).encode(&x);
             for cut in [0, 1, 5, bytes.len() / 2, bytes.len() - 1] {
                 assert!(decode(&bytes[..cut], 600).is_err(), "{kind:?} cut at {cut}");
