@@ -285,9 +285,10 @@ struct Fetch {
     started: f64,
     /// Asked and still expected to answer.
     asked: BTreeSet<PeerId>,
-    /// How many were asked: the count a majority is taken of (one that then left or said
-    /// it holds no model still counts, or a download that lost its honest answers would
-    /// need fewer agreeing ones).
+    /// How many were asked: the count a majority is taken of. One that said it holds no
+    /// model or was shunned still counts (or a download that lost its honest answers
+    /// would need fewer agreeing ones); one whose channel closed does not (it is gone,
+    /// see `stop_waiting_for`).
     n_asked: usize,
     answers: BTreeMap<PeerId, Snapshot>,
     /// When the answers first gave a verdict with a majority of those asked agreeing.
