@@ -1,5 +1,7 @@
 //! The server's TCP and HTTP layer, bounded below the websocket: every connection counts
-//! against one cap (set below the open-file limit), a request's head must arrive within
+//! against one cap (set below the open-file limit) and against its network address's
+//! share of it (so that a few addresses cannot hold every connection), a request's head
+//! must arrive within
 //! a deadline (slow headers and idle keep-alive connections are closed), and a write that
 //! makes no progress for too long ends its connection (a download nobody reads).
 //!
@@ -7,11 +9,12 @@
 //! connection with its header-read timer, over a socket wrapper that keeps the
 //! connection's slot for as long as the socket lives, upgraded to a websocket or not.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -36,7 +39,17 @@ pub struct HttpLimits {
     /// Most TCP connections open at once, websockets included. Past it a connection is
     /// answered `503` and closed at once; keep it below the open-file limit.
     pub max_connections: usize,
+    /// Most TCP connections open at once from one network address (an IPv4 address or an
+    /// IPv6 /64); past it a connection is answered `429` and closed at once. 0: no share
+    /// (behind a reverse proxy every client has the proxy's address).
+    pub max_connections_per_address: usize,
 }
+
+/// [`HttpLimits::max_connections_per_address`] by default: room for 32 visitors behind
+/// one address (a campus or carrier NAT; the signaling's own share of peers per task)
+/// with a websocket and a browser's six page connections each, and far below any
+/// server's total, so that holding every connection takes hundreds of addresses.
+pub const DEFAULT_CONNECTIONS_PER_ADDRESS: usize = 256;
 
 impl Default for HttpLimits {
     fn default() -> Self {
@@ -44,6 +57,7 @@ impl Default for HttpLimits {
             header_read_timeout: Duration::from_secs(10),
             write_stall_timeout: Duration::from_secs(10),
             max_connections: 20_000,
+            max_connections_per_address: DEFAULT_CONNECTIONS_PER_ADDRESS,
         }
     }
 }
@@ -82,13 +96,57 @@ impl Drop for Slot {
     }
 }
 
+/// Open connections per network address ([`crate::signaling::address_group`]).
+type Shares = Arc<Mutex<HashMap<u128, usize>>>;
+
+/// One connection's place in its address's share, given back when dropped.
+struct Share {
+    shares: Shares,
+    group: u128,
+}
+
+impl Share {
+    /// A place for one more connection from `group`, if it holds fewer than `max`.
+    fn take(shares: &Shares, group: u128, max: usize) -> Option<Self> {
+        let mut map = shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(group).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            shares: Arc::clone(shares),
+            group,
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut map = self
+            .shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.group) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.group);
+            }
+        }
+    }
+}
+
 /// A TCP stream whose writes must make progress: one pending longer than `stall` fails
-/// with `TimedOut`. It holds its connection's slot for as long as it lives.
+/// with `TimedOut`. It holds its connection's slot, and its place in its address's
+/// share, for as long as it lives.
 struct Guarded {
     inner: TcpStream,
     stall: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
     _slot: Slot,
+    _share: Option<Share>,
 }
 
 impl Guarded {
@@ -167,14 +225,18 @@ impl AsyncWrite for Guarded {
 const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
 content-length: 27\r\nretry-after: 5\r\nconnection: close\r\n\r\nserver at connection limit\n";
 
+/// The answer to a connection past its address's share.
+const BUSY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n\
+content-length: 39\r\nretry-after: 5\r\nconnection: close\r\n\r\ntoo many connections from your address\n";
+
 /// Connections past the cap that are being answered at once; past this many more are
 /// closed without an answer.
 const MAX_REFUSING: usize = 64;
 
-/// Answers a connection past the cap with `503` and closes it. Closing a socket with the
-/// client's request still unread would reset the connection and could destroy the
-/// answer, so the request is read and dropped first, for at most a second.
-fn refuse(stream: TcpStream, refusing: &Arc<AtomicUsize>) {
+/// Answers a connection past a cap with `answer` (`503` or `429`) and closes it. Closing
+/// a socket with the client's request still unread would reset the connection and could
+/// destroy the answer, so the request is read and dropped first, for at most a second.
+fn refuse(stream: TcpStream, refusing: &Arc<AtomicUsize>, answer: &'static [u8]) {
     if refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
         refusing.fetch_sub(1, Ordering::Relaxed);
         return;
@@ -185,7 +247,7 @@ fn refuse(stream: TcpStream, refusing: &Arc<AtomicUsize>) {
         let _slot = slot;
         let mut stream = stream;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            stream.write_all(FULL).await?;
+            stream.write_all(answer).await?;
             stream.shutdown().await?;
             let mut sink = [0u8; 1024];
             while stream.read(&mut sink).await? > 0 {}
@@ -207,6 +269,7 @@ pub(crate) async fn serve(
     grace: Duration,
 ) -> io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
+    let shares: Shares = Arc::default();
     let refusing = Arc::new(AtomicUsize::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut shutdown = pin!(shutdown);
@@ -226,7 +289,7 @@ pub(crate) async fn serve(
             },
         };
         if open.load(Ordering::Relaxed) >= limits.max_connections {
-            refuse(stream, &refusing);
+            refuse(stream, &refusing, FULL);
             hub.metrics
                 .refused_connections
                 .fetch_add(1, Ordering::Relaxed);
@@ -241,6 +304,20 @@ pub(crate) async fn serve(
             }
             continue;
         }
+        let share = match limits.max_connections_per_address {
+            0 => None,
+            max => {
+                let group = crate::signaling::address_group(addr.ip());
+                let Some(share) = Share::take(&shares, group, max) else {
+                    refuse(stream, &refusing, BUSY);
+                    hub.metrics
+                        .refused_connections_per_address
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                Some(share)
+            }
+        };
         open.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let io = Guarded {
@@ -248,6 +325,7 @@ pub(crate) async fn serve(
             stall: limits.write_stall_timeout,
             stalled: None,
             _slot: Slot(Arc::clone(&open)),
+            _share: share,
         };
         let router = router.clone();
         let mut stopped = stopped.clone();

@@ -84,6 +84,12 @@ struct Args {
     /// connection is answered 503 and closed.
     #[arg(long, env = "SHOAL_MAX_TCP_CONNECTIONS")]
     max_tcp_connections: Option<usize>,
+    /// Most TCP connections open at once from one network address (IPv4 address or IPv6
+    /// /64); past it a connection is answered 429 and closed. 0 for no share: behind a
+    /// reverse proxy every client has the proxy's address.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS_PER_ADDRESS",
+          default_value_t = shoal_signaling_server::http::DEFAULT_CONNECTIONS_PER_ADDRESS)]
+    max_connections_per_address: usize,
     /// Close a connection whose request head (or next request, kept alive) does not
     /// arrive within this many seconds.
     #[arg(long, env = "SHOAL_HEADER_TIMEOUT", default_value_t = 10)]
@@ -285,6 +291,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         header_read_timeout: Duration::from_secs(args.header_timeout.max(1)),
         write_stall_timeout: Duration::from_secs(args.write_timeout.max(1)),
         max_connections: max_tcp,
+        max_connections_per_address: args.max_connections_per_address,
     };
     let config = Config {
         www: args.www,

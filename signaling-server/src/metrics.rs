@@ -23,6 +23,8 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// TCP connections refused at the connection cap.
     pub refused_connections: AtomicU64,
+    /// TCP connections refused at their address's share.
+    pub refused_connections_per_address: AtomicU64,
     rejected: [AtomicU64; ErrorCode::ALL.len()],
     disconnects: [AtomicU64; Disconnect::ALL.len()],
     receipts: [AtomicU64; ReceiptOutcome::ALL.len()],
@@ -144,7 +146,7 @@ impl Metrics {
         for (task, n) in peers {
             let _ = writeln!(s, "shoal_peers_online{{task=\"{}\"}} {n}", escape(task));
         }
-        let simple: [(&str, &str, &str, u64); 7] = [
+        let simple: [(&str, &str, &str, u64); 8] = [
             (
                 "shoal_connections",
                 "gauge",
@@ -162,6 +164,12 @@ impl Metrics {
                 "counter",
                 "TCP connections refused at the connection cap.",
                 self.refused_connections.load(Relaxed),
+            ),
+            (
+                "shoal_connections_refused_per_address_total",
+                "counter",
+                "TCP connections refused at their address's share (--max-connections-per-address).",
+                self.refused_connections_per_address.load(Relaxed),
             ),
             (
                 "shoal_messages_relayed_total",

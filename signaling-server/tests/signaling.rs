@@ -1084,6 +1084,53 @@ async fn connections_past_the_cap_get_503_and_the_server_stays_up() {
     drop(idle);
 }
 
+/// A plain `GET /healthz` from 127.0.0.`from`, on a connection that stays open until
+/// it is dropped (the server's answer is read first); returns the connection and the
+/// status line.
+async fn health_from(addr: SocketAddr, from: u8) -> (TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::from(([127, 0, 0, from], 0)))
+        .expect("bind");
+    let mut c = sock.connect(addr).await.expect("connect");
+    c.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut head = vec![0u8; 12];
+    c.read_exact(&mut head).await.expect("read");
+    (c, String::from_utf8_lossy(&head).into_owned())
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection() {
+    let mut config = base(config(), None, &["digits"]);
+    config.http.max_connections = 20;
+    config.http.max_connections_per_address = 4;
+    let s = start_config(config).await;
+    // One address keeps four connections open (kept alive after their answers)...
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (c, status) = health_from(s.addr, 7).await;
+        assert_eq!(status, "HTTP/1.1 200", "within the share");
+        held.push(c);
+    }
+    // ...its fifth is refused with 429, while another address is served.
+    let (_, status) = health_from(s.addr, 7).await;
+    assert_eq!(status, "HTTP/1.1 429", "past the share");
+    let (_, status) = health_from(s.addr, 8).await;
+    assert_eq!(status, "HTTP/1.1 200", "another address");
+    // A closed connection gives its place back.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, status) = health_from(s.addr, 7).await;
+    assert_eq!(status, "HTTP/1.1 200", "a place given back");
+    let metrics = http_get(s.addr, "/metrics").await;
+    assert!(
+        metrics.contains("shoal_connections_refused_per_address_total 1"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1172,7 +1219,10 @@ async fn the_swarm_view_is_bounded() {
         max_peers_per_address: 0,
         ..Limits::default()
     };
-    let s = start(SignalingConfig { limits, ..config() }).await;
+    // Every peer here connects from 127.0.0.1: no share per address, at either layer.
+    let mut c = base(SignalingConfig { limits, ..config() }, None, &["digits"]);
+    c.http.max_connections_per_address = 0;
+    let s = start_config(c).await;
     let mut peers = Vec::new();
     for _ in 0..300 {
         peers.push(connect(&s, "digits").await);

@@ -107,6 +107,8 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
                     // Every load client connects from 127.0.0.1.
                     "--max-peers-per-address",
                     "0",
+                    "--max-connections-per-address",
+                    "0",
                     "--state-file",
                     "target/bench/shoal-state.json",
                     "--ledger-dir",

@@ -14,6 +14,10 @@
 //!   unused bits 0), then the `k` indices as for tag 2. Code `q` is the value
 //!   `(q - 1.5) x scale`: the levels -1.5, -0.5, 0.5 and 1.5 scales, the scale being the
 //!   block's largest magnitude / 1.5.
+//!
+//! Every scale (tags 1 to 3) must be finite and not negative (`-0.0` counts as 0): a NaN,
+//! infinite or negative scale is [`CodecError::NonFinite`] (`non_finite`), as is any
+//! decoded value that is not finite.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
