@@ -9,12 +9,11 @@
 //! connection with its header-read timer, over a socket wrapper that keeps the
 //! connection's slot for as long as the socket lives, upgraded to a websocket or not.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::Hub;
+use crate::signaling::{AddressCounts, AddressShare};
 
 /// Bounds on every TCP connection, whatever it carries.
 #[derive(Clone, Debug)]
@@ -96,48 +96,6 @@ impl Drop for Slot {
     }
 }
 
-/// Open connections per network address ([`crate::signaling::address_group`]).
-type Shares = Arc<Mutex<HashMap<u128, usize>>>;
-
-/// One connection's place in its address's share, given back when dropped.
-struct Share {
-    shares: Shares,
-    group: u128,
-}
-
-impl Share {
-    /// A place for one more connection from `group`, if it holds fewer than `max`.
-    fn take(shares: &Shares, group: u128, max: usize) -> Option<Self> {
-        let mut map = shares
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = map.entry(group).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            shares: Arc::clone(shares),
-            group,
-        })
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let mut map = self
-            .shares
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.group) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.group);
-            }
-        }
-    }
-}
-
 /// A TCP stream whose writes must make progress: one pending longer than `stall` fails
 /// with `TimedOut`. It holds its connection's slot, and its place in its address's
 /// share, for as long as it lives.
@@ -146,7 +104,7 @@ struct Guarded {
     stall: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
     _slot: Slot,
-    _share: Option<Share>,
+    _share: Option<AddressShare>,
 }
 
 impl Guarded {
@@ -269,7 +227,7 @@ pub(crate) async fn serve(
     grace: Duration,
 ) -> io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
-    let shares: Shares = Arc::default();
+    let shares: AddressCounts = Arc::default();
     let refusing = Arc::new(AtomicUsize::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut shutdown = pin!(shutdown);
@@ -308,7 +266,7 @@ pub(crate) async fn serve(
             0 => None,
             max => {
                 let group = crate::signaling::address_group(addr.ip());
-                let Some(share) = Share::take(&shares, group, max) else {
+                let Some(share) = AddressShare::take(&shares, group, max) else {
                     refuse(stream, &refusing, BUSY);
                     hub.metrics
                         .refused_connections_per_address

@@ -18,7 +18,7 @@ use shoal_shared::trust::credits::{self, Credits};
 use shoal_shared::trust::head::SignedHead;
 use shoal_shared::trust::ledger::LedgerFile;
 
-use crate::signaling::Hub;
+use crate::signaling::{AddressCounts, AddressShare, Hub};
 
 /// Most entries on one page.
 pub const MAX_PAGE: usize = 500;
@@ -53,7 +53,7 @@ pub struct FileCache {
     built: Mutex<std::collections::HashMap<String, (Instant, u64, Bytes)>>,
     slots: Arc<tokio::sync::Semaphore>,
     /// Downloads running per address group (entries at zero are removed).
-    by_address: Arc<Mutex<std::collections::HashMap<u128, usize>>>,
+    by_address: AddressCounts,
 }
 
 impl Default for FileCache {
@@ -62,44 +62,6 @@ impl Default for FileCache {
             built: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(FILE_DOWNLOADS)),
             by_address: Arc::default(),
-        }
-    }
-}
-
-/// One address's share of the downloads, given back when dropped.
-struct AddressShare {
-    counts: Arc<Mutex<std::collections::HashMap<u128, usize>>>,
-    group: u128,
-}
-
-impl AddressShare {
-    /// Takes one of `group`'s `share` downloads, if one is free (0: no share).
-    fn take(
-        counts: &Arc<Mutex<std::collections::HashMap<u128, usize>>>,
-        group: u128,
-        share: usize,
-    ) -> Option<Self> {
-        let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = c.entry(group).or_insert(0);
-        if share > 0 && *n >= share {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            counts: Arc::clone(counts),
-            group,
-        })
-    }
-}
-
-impl Drop for AddressShare {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = c.get_mut(&self.group) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&self.group);
-            }
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, Request, State};
@@ -1223,6 +1223,44 @@ pub(crate) fn address_group(ip: std::net::IpAddr) -> u128 {
             Some(v4) => u128::from(v4.to_ipv6_mapped()),
             None => u128::from(a) & !((1u128 << 64) - 1),
         },
+    }
+}
+
+/// Something held per [`address_group`] (connections, downloads): how many each group
+/// holds now (groups at zero are removed).
+pub(crate) type AddressCounts = Arc<Mutex<HashMap<u128, usize>>>;
+
+/// One group's place in an [`AddressCounts`], given back when dropped.
+pub(crate) struct AddressShare {
+    counts: AddressCounts,
+    group: u128,
+}
+
+impl AddressShare {
+    /// Takes one of `group`'s `share` places, if one is free (0: no share, always).
+    pub(crate) fn take(counts: &AddressCounts, group: u128, share: usize) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = c.entry(group).or_insert(0);
+        if share > 0 && *n >= share {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: Arc::clone(counts),
+            group,
+        })
+    }
+}
+
+impl Drop for AddressShare {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = c.get_mut(&self.group) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.group);
+            }
+        }
     }
 }
 
