@@ -244,6 +244,51 @@ struct Task {
     per_group: HashMap<u128, usize>,
     /// Paused by the researcher.
     paused: bool,
+    /// The swarm's numbers from its peers' reports, and when they were counted.
+    summary: Option<(Instant, Summary)>,
+    /// A report came since.
+    reported: bool,
+}
+
+/// What a task's recent reports say, counted in one pass over its peers: anew once a
+/// report came (but not within [`SUMMARY_MIN`] of the last count), else once per
+/// [`SUMMARY_EVERY`] (reports age out). Receipts and task descriptions ask for it on
+/// every request, and a pass costs time linear in the task's peers under the lock every
+/// task shares.
+#[derive(Clone, Copy, Debug, Default)]
+struct Summary {
+    /// [`median_version`].
+    round: Option<u64>,
+    /// See [`Hub::pace`].
+    pace: Option<f64>,
+    /// See [`Hub::roles`].
+    roles: (usize, usize),
+}
+
+/// How long a task's [`Summary`] stands when no report came.
+const SUMMARY_EVERY: Duration = Duration::from_secs(1);
+/// How long it stands however many reports come.
+const SUMMARY_MIN: Duration = Duration::from_millis(20);
+
+impl Task {
+    /// The task's [`Summary`], counted anew when it no longer stands.
+    fn summary(&mut self) -> Summary {
+        let now = Instant::now();
+        if let Some((at, s)) = self.summary {
+            let age = now.duration_since(at);
+            if age < SUMMARY_MIN || (age < SUMMARY_EVERY && !self.reported) {
+                return s;
+            }
+        }
+        self.reported = false;
+        let s = Summary {
+            round: median_version(self),
+            pace: pace(self),
+            roles: roles(self),
+        };
+        self.summary = Some((now, s));
+        s
+    }
 }
 
 /// One peer as the dashboard sees it.
@@ -433,6 +478,33 @@ fn median_version(t: &Task) -> Option<u64> {
     }
     v.sort_unstable();
     Some(v[(v.len() - 1) / 2])
+}
+
+/// See [`Hub::roles`].
+fn roles(t: &Task) -> (usize, usize) {
+    let recent = t
+        .peers
+        .values()
+        .filter_map(|p| p.report.as_deref())
+        .filter(|(at, _)| at.elapsed() < Duration::from_secs(30));
+    recent.fold((0, 0), |(tr, ob), (_, r)| match r.role {
+        shoal_shared::protocol::Role::Trainer if !r.paused => (tr + 1, ob),
+        shoal_shared::protocol::Role::Observer => (tr, ob + 1),
+        shoal_shared::protocol::Role::Trainer => (tr, ob),
+    })
+}
+
+/// See [`Hub::pace`].
+fn pace(t: &Task) -> Option<f64> {
+    let mut rates: Vec<f64> = trainer_reports(t)
+        .filter(|r| !r.paused && r.samples_per_s > 0.0)
+        .map(|r| f64::from(r.samples_per_s))
+        .collect();
+    if rates.is_empty() {
+        return None;
+    }
+    rates.sort_by(f64::total_cmp);
+    Some(rates[rates.len() / 2])
 }
 
 /// The reports of the last 30 s from peers that said they train.
@@ -661,8 +733,11 @@ impl Hub {
     fn store_report(&self, task: &str, id: PeerId, report: PeerReport) -> Result<(), String> {
         report.validate()?;
         let mut st = self.lock();
-        if let Some(p) = st.tasks.get_mut(task).and_then(|t| t.peers.get_mut(&id)) {
+        if let Some(t) = st.tasks.get_mut(task)
+            && let Some(p) = t.peers.get_mut(&id)
+        {
             p.report = Some(Box::new((Instant::now(), report)));
+            t.reported = true;
         }
         Ok(())
     }
@@ -874,11 +949,16 @@ impl Hub {
         if r.task != task {
             return Err((O::Malformed, format!("a receipt for task {:?}", r.task)));
         }
-        let st = self.lock();
+        let mut st = self.lock();
         let t = st
             .tasks
-            .get(task)
+            .get_mut(task)
             .ok_or((O::Malformed, "no such task".into()))?;
+        // Only rounds near the swarm's: a round nobody else is in would let colluders set
+        // the round's median claim (the credit cap) themselves. (The swarm's round is
+        // counted at most once a second: receipts come at up to 2k a second per
+        // connection, and counting costs a pass over the task's peers.)
+        let swarm = t.summary().round;
         let p = t.peers.get(&id).ok_or((O::NotYours, "not joined".into()))?;
         if p.key != Some(r.receiver) {
             return Err((
@@ -886,9 +966,7 @@ impl Hub {
                 "its receiver is not the key this connection identified with".into(),
             ));
         }
-        // Only rounds near the swarm's: a round nobody else is in would let colluders set
-        // the round's median claim (the credit cap) themselves.
-        let swarm = median_version(t).ok_or((
+        let swarm = swarm.ok_or((
             O::Implausible,
             "no peer of the task has reported its round yet".into(),
         ))?;
@@ -971,38 +1049,18 @@ impl Hub {
     }
 
     /// Peers of `task` that reported in the last 30 s as training (not paused) and as
-    /// observing: `(trainers, observers)`.
+    /// observing: `(trainers, observers)` (counted at most once a second).
     pub fn roles(&self, task: &str) -> (usize, usize) {
-        let st = self.lock();
-        let Some(t) = st.tasks.get(task) else {
-            return (0, 0);
-        };
-        let recent = t
-            .peers
-            .values()
-            .filter_map(|p| p.report.as_deref())
-            .filter(|(at, _)| at.elapsed() < Duration::from_secs(30));
-        recent.fold((0, 0), |(tr, ob), (_, r)| match r.role {
-            shoal_shared::protocol::Role::Trainer if !r.paused => (tr + 1, ob),
-            shoal_shared::protocol::Role::Observer => (tr, ob + 1),
-            shoal_shared::protocol::Role::Trainer => (tr, ob),
-        })
+        let mut st = self.lock();
+        st.tasks.get_mut(task).map_or((0, 0), |t| t.summary().roles)
     }
 
     /// The current pace of `task`: the median training throughput (samples per second)
-    /// of the peers that reported as training in the last 30 s; `None` without any.
+    /// of the peers that reported as training in the last 30 s; `None` without any
+    /// (counted at most once a second).
     pub fn pace(&self, task: &str) -> Option<f64> {
-        let st = self.lock();
-        let t = st.tasks.get(task)?;
-        let mut rates: Vec<f64> = trainer_reports(t)
-            .filter(|r| !r.paused && r.samples_per_s > 0.0)
-            .map(|r| f64::from(r.samples_per_s))
-            .collect();
-        if rates.is_empty() {
-            return None;
-        }
-        rates.sort_by(f64::total_cmp);
-        Some(rates[rates.len() / 2])
+        let mut st = self.lock();
+        st.tasks.get_mut(task)?.summary().pace
     }
 
     /// Removes a peer, tells its neighbours, and gives each neighbour left with fewer
@@ -1739,5 +1797,53 @@ fn broken(hub: &Hub, e: &tokio_tungstenite::tungstenite::Error) -> Disconnect {
         | Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Disconnect::Gone,
         Error::WriteBufferFull(_) => Disconnect::SendFailed,
         _ => Disconnect::FrameError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Receipts and task descriptions read the swarm's round, pace and roles from a
+    /// summary counted once per report burst, not from a pass over every peer each.
+    #[test]
+    fn a_tasks_summary_is_counted_again_only_after_a_report() {
+        let config = SignalingConfig {
+            ledger_dir: None,
+            ..SignalingConfig::default()
+        };
+        let hub = Hub::new(config, &["digits".into()], &[], None);
+        let report = |samples_per_s| PeerReport {
+            version: 5,
+            samples_per_s,
+            ..PeerReport::default()
+        };
+        let mut ids = Vec::new();
+        for rate in [100.0, 100.0, 300.0] {
+            let (id, _) = hub
+                .join("digits", Arc::new(Outbox::new(8)), 1, "")
+                .expect("join");
+            hub.store_report("digits", id, report(rate))
+                .expect("report");
+            ids.push(id);
+        }
+        assert_eq!(hub.pace("digits"), Some(100.0));
+        assert_eq!(hub.roles("digits"), (3, 0));
+        // A report that bypasses `store_report` (which marks the task) is not seen: the
+        // summary stands, no pass over the peers is made.
+        {
+            let mut st = hub.lock();
+            let t = st.tasks.get_mut("digits").expect("task");
+            for id in &ids[..2] {
+                t.peers.get_mut(id).expect("peer").report =
+                    Some(Box::new((Instant::now(), report(500.0))));
+            }
+        }
+        assert_eq!(hub.pace("digits"), Some(100.0), "the summary stands");
+        // A report counts it again (once it is `SUMMARY_MIN` old).
+        std::thread::sleep(SUMMARY_MIN + Duration::from_millis(5));
+        hub.store_report("digits", ids[2], report(300.0))
+            .expect("report");
+        assert_eq!(hub.pace("digits"), Some(500.0), "counted again");
     }
 }
