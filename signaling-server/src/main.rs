@@ -99,6 +99,16 @@ struct Args {
     /// or set 0 there.
     #[arg(long, env = "SHOAL_MAX_PEERS_PER_ADDRESS", default_value_t = 32)]
     max_peers_per_address: usize,
+    /// New websocket connections one network address (IPv4 address or IPv6 /64) may
+    /// open per second, sustained, after a burst of --join-burst; past it the upgrade
+    /// gets 429. 0 for no limit (behind a reverse proxy every peer has the proxy's
+    /// address).
+    #[arg(long, env = "SHOAL_JOINS_PER_ADDRESS", default_value_t = 1.0)]
+    joins_per_address: f64,
+    /// New websocket connections one address may open at once before
+    /// --joins-per-address applies.
+    #[arg(long, env = "SHOAL_JOIN_BURST", default_value_t = 32.0)]
+    join_burst: f64,
     /// The file where the researcher's pauses are kept across restarts (written
     /// atomically on every change).
     #[arg(long, env = "SHOAL_STATE_FILE", default_value = "shoal-state.json")]
@@ -251,6 +261,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         write_timeout: Duration::from_secs(args.write_timeout.max(1)),
         max_peers_per_address: args.max_peers_per_address,
+        joins_per_address_per_sec: args.joins_per_address,
+        join_burst: args.join_burst.max(1.0),
         ping_interval: Duration::from_secs((args.idle_timeout / 3).max(1)),
         ..Limits::default()
     };

@@ -64,6 +64,14 @@ pub struct Limits {
     /// Most peers in one task from one network address (an IPv4 address or an IPv6
     /// /64); 0 for no cap (a server behind a proxy sees one address for everyone).
     pub max_peers_per_address: usize,
+    /// Websocket connections one network address may open per second, sustained (0: no
+    /// limit); past it (and [`join_burst`](Self::join_burst)) the upgrade is answered
+    /// `429`. Every join draws neighbours and tells them, every leave relinks them: an
+    /// address that reconnects in a loop would flood honest peers' queues with `joined`
+    /// and `left` and crowd out their signals.
+    pub joins_per_address_per_sec: f64,
+    /// Connections an address may open at once before that rate applies.
+    pub join_burst: f64,
     /// A peer that has sent nothing this long after joining (no signal, no report) is
     /// not given to newcomers as a neighbour: it is dead or pretending.
     pub quiet_after: Duration,
@@ -84,6 +92,8 @@ impl Default for Limits {
             read_buffer: 256,
             queue: 64,
             max_peers_per_address: 32,
+            joins_per_address_per_sec: 1.0,
+            join_burst: 32.0,
             quiet_after: Duration::from_secs(10),
         }
     }
@@ -217,6 +227,10 @@ struct Peer {
     receipt_tokens: f64,
     receipt_refilled: Instant,
 }
+
+/// Addresses whose allowance of new connections is tracked at once: beyond, only those
+/// still short of a whole burst are kept (each entry is a few dozen bytes).
+const MAX_JOIN_BUCKETS: usize = 100_000;
 
 /// Failed `identify` messages a connection may send; later ones are refused unchecked.
 const MAX_IDENTIFY_FAILURES: u8 = 3;
@@ -400,6 +414,9 @@ pub struct Hub {
     state_file: Option<std::path::PathBuf>,
     /// Held while a state change is saved.
     saving: Mutex<()>,
+    /// Each network address's allowance of new connections (a token bucket), and when
+    /// it was last refilled.
+    joins: Mutex<HashMap<u128, (f64, Instant)>>,
     /// Each task's ledger of receipts (tasks whose ledger could not be opened have none).
     pub(crate) ledgers: HashMap<String, Arc<Mutex<LedgerFile>>>,
     /// The key the server signs its ledgers' heads with (`{ledger_dir}/server.key`).
@@ -634,7 +651,42 @@ impl Hub {
             shutdown: watch::channel(false).0,
             state_file,
             saving: Mutex::new(()),
+            joins: Mutex::default(),
         })
+    }
+
+    /// Takes one of `group`'s new connections, if its allowance has one
+    /// ([`Limits::joins_per_address_per_sec`]).
+    fn may_connect(&self, group: u128) -> bool {
+        let Limits {
+            joins_per_address_per_sec: rate,
+            join_burst: burst,
+            ..
+        } = self.config.limits;
+        if rate <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut joins = self.joins.lock().unwrap_or_else(PoisonError::into_inner);
+        if joins.len() >= MAX_JOIN_BUCKETS {
+            // Addresses whose allowance is whole again need no entry.
+            joins.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        if joins.len() >= MAX_JOIN_BUCKETS && !joins.contains_key(&group) {
+            // Every one of them connected within the last burst's worth of seconds: the
+            // server is under attack from many addresses, and the newest wait.
+            return false;
+        }
+        let (tokens, at) = joins.entry(group).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -1403,6 +1455,15 @@ pub async fn ws_handler(
     if !hub.origin_allowed(&parts.headers) {
         hub.metrics.reject(ErrorCode::ForbiddenOrigin);
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    if !hub.may_connect(group) {
+        hub.metrics.reject(ErrorCode::RateLimited);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "5")],
+            "too many new connections from your address\n",
+        )
+            .into_response();
     }
     let limits = &hub.config.limits;
     // Frames past this hard cap fail in the codec without being buffered; between the

@@ -1102,6 +1102,44 @@ async fn health_from(addr: SocketAddr, from: u8) -> (TcpStream, String) {
 }
 
 #[tokio::test]
+async fn an_address_that_reconnects_in_a_loop_is_slowed_to_its_rate() {
+    let limits = Limits {
+        joins_per_address_per_sec: 2.0,
+        join_burst: 3.0,
+        ..Limits::default()
+    };
+    let s = start(SignalingConfig { limits, ..config() }).await;
+    let url = format!("ws://{}/ws/digits?v=1", s.addr);
+    // Connecting and leaving at once, as fast as it can: the burst, then 429.
+    let mut refused = None;
+    for n in 0..10 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 21], 0)))
+            .expect("bind");
+        let tcp = socket.connect(s.addr).await.expect("connect");
+        match tokio_tungstenite::client_async(&url, MaybeTlsStream::Plain(tcp)).await {
+            Ok((ws, _)) => drop(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 429);
+                assert_eq!(r.headers()["retry-after"], "5");
+                refused = Some(n);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(refused, Some(3), "three connections, then refused");
+    // Another address is not held back by it.
+    let mut other = connect_from(&s, [127, 0, 0, 22]).await;
+    until(&mut other, "welcome").await;
+    // Half a second later the first address has one connection again.
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let mut again = connect_from(&s, [127, 0, 0, 21]).await;
+    until(&mut again, "welcome").await;
+}
+
+#[tokio::test]
 async fn one_address_cannot_hold_every_connection() {
     let mut config = base(config(), None, &["digits"]);
     config.http.max_connections = 20;
@@ -1217,9 +1255,10 @@ async fn a_pause_survives_a_restart_and_a_resume_reaches_everyone() {
 async fn the_swarm_view_is_bounded() {
     let limits = Limits {
         max_peers_per_address: 0,
+        joins_per_address_per_sec: 0.0,
         ..Limits::default()
     };
-    // Every peer here connects from 127.0.0.1: no share per address, at either layer.
+    // Every peer here connects from 127.0.0.1: no share per address, at any layer.
     let mut c = base(SignalingConfig { limits, ..config() }, None, &["digits"]);
     c.http.max_connections_per_address = 0;
     let s = start_config(c).await;

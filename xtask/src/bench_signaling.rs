@@ -109,6 +109,8 @@ pub(crate) fn signaling(root: &Path) -> Result<Value> {
                     "0",
                     "--max-connections-per-address",
                     "0",
+                    "--joins-per-address",
+                    "0",
                     "--state-file",
                     "target/bench/shoal-state.json",
                     "--ledger-dir",
