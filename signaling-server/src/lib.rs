@@ -113,11 +113,19 @@ pub fn app(config: &Config) -> App {
     // Only the widget's frame may be framed (by any site: that is its job). Every other
     // page refuses to be, so no site can lay its own content over Shoal's consent button
     // or controls (clickjacking).
-    let site = SetResponseHeader::overriding(
-        ServeDir::new(&config.www).append_index_html_on_directories(true),
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("frame-ancestors 'self'"),
-    );
+    // The site's `.gz` siblings too (written at start), unless the file changed since.
+    let site = Router::new()
+        .fallback_service(SetResponseHeader::overriding(
+            ServeDir::new(&config.www)
+                .append_index_html_on_directories(true)
+                .precompressed_gzip(),
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'self'"),
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(config.www.clone()),
+            precompress::fresh_gzip_only,
+        ));
     let embed: Router = match embed_script(config) {
         Some(script) => Router::new().route(
             "/embed.js",

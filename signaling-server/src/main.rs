@@ -219,8 +219,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
              localhost; list the origin your visitors use (e.g. https://shoal.example.org)"
         );
     }
-    // Data downloads cost no compression: the files are compressed once, here.
-    let written = precompress(&args.data);
+    // Data and site downloads cost no compression: the files are compressed once, here.
+    let written = precompress(&args.data) + precompress(&args.www);
     if written > 0 {
         tracing::info!("compressed {written} static file(s) once for gzip downloads");
     }

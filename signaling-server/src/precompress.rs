@@ -1,8 +1,12 @@
-//! Task data gzip-compressed once, not per request: the demo's training images are
-//! 6.3 MB, and compressing them for every download cost about 145 ms of CPU each, enough
-//! for 16 downloading clients to delay every peer's signaling. At start the server writes
-//! `NAME.gz` beside each file that lacks an up-to-date one; the file service sends it to
-//! clients that accept gzip, with its length, and the compression layer leaves it alone.
+//! Task data and the site gzip-compressed once, not per request: the demo's training
+//! images are 6.3 MB, and compressing them for every download cost about 145 ms of CPU
+//! each, enough for 16 downloading clients to delay every peer's signaling; the site's
+//! wasm bundle is 1.2 MB, and anyone could make the server compress it again and again.
+//! At start the server writes `NAME.gz` beside each file that lacks an up-to-date one;
+//! the file service sends it to clients that accept gzip, with its length, and the
+//! compression layer leaves it alone. A site file changed while the server runs (a
+//! rebuilt bundle) is newer than its `.gz`: [`fresh_gzip_only`] keeps that `.gz` from
+//! being sent, and the file is compressed per request until the next start.
 
 use std::io::Write;
 use std::path::Path;
@@ -73,4 +77,47 @@ fn compress(src: &Path, dst: &Path) -> std::io::Result<()> {
         enc.finish()?.sync_all()?;
     }
     std::fs::rename(&tmp, dst)
+}
+
+/// Middleware for a directory served with its precompressed `.gz` files under `root`:
+/// where the requested file is newer than its `.gz` (it changed since the server
+/// started), the request goes on without `Accept-Encoding`, so the stale `.gz` is not
+/// what the client gets (the compression layer outside still compresses the file).
+pub async fn fresh_gzip_only(
+    axum::extract::State(root): axum::extract::State<std::sync::Arc<std::path::PathBuf>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request
+        .headers()
+        .contains_key(axum::http::header::ACCEPT_ENCODING)
+        && !gz_is_fresh(&root, request.uri().path())
+    {
+        request
+            .headers_mut()
+            .remove(axum::http::header::ACCEPT_ENCODING);
+    }
+    next.run(request).await
+}
+
+/// Whether the `.gz` of the file at URL `path` under `root`, if there is one, is at least
+/// as new as the file. A path this cannot map plainly (escapes, `..`) counts as stale:
+/// the file service decides what it is, and sends it uncompressed at worst.
+fn gz_is_fresh(root: &Path, path: &str) -> bool {
+    let rel = path.trim_start_matches('/');
+    if rel.contains('%') || rel.split('/').any(|c| c == ".." || c == ".") {
+        return false;
+    }
+    let mut file = root.join(rel);
+    if path.ends_with('/') || file.is_dir() {
+        file = file.join("index.html");
+    }
+    let mut gz = file.as_os_str().to_owned();
+    gz.push(".gz");
+    match std::fs::metadata(&gz) {
+        Err(_) => true,
+        Ok(g) => std::fs::metadata(&file)
+            .and_then(|f| Ok(g.modified()? >= f.modified()?))
+            .unwrap_or(false),
+    }
 }

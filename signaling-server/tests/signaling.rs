@@ -671,6 +671,11 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, headers: &str) -> String {
+    String::from_utf8(http_response(addr, method, path, headers).await).expect("a text response")
+}
+
+/// A request of `method` for `path` with extra `headers`, the whole raw response.
+async fn http_response(addr: SocketAddr, method: &str, path: &str, headers: &str) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(
@@ -681,8 +686,8 @@ async fn http(addr: SocketAddr, method: &str, path: &str, headers: &str) -> Stri
     )
     .await
     .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
     out
 }
 
@@ -1170,6 +1175,86 @@ async fn one_address_cannot_hold_every_connection() {
 }
 
 #[tokio::test]
+async fn the_site_is_compressed_once_and_a_file_changed_since_is_never_sent_stale() {
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(format!("shoal-site-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("pkg")).expect("dir");
+    let old = "const bundle = 1;\n".repeat(400);
+    std::fs::write(dir.join("pkg/app.js"), &old).expect("write");
+    assert_eq!(shoal_signaling_server::precompress::precompress(&dir), 1);
+    let gz_len = std::fs::metadata(dir.join("pkg/app.js.gz"))
+        .expect("gz")
+        .len();
+    let mut config = base(config(), None, &["digits"]);
+    config.www = dir.clone();
+    let s = start_config(config).await;
+    // Gzip clients get the `.gz` written at start, with its length: no compression per
+    // request.
+    sends_its_gz(s.addr, "/pkg/app.js", gz_len).await;
+    // The bundle is rebuilt while the server runs: its `.gz` is older than the file and
+    // is not sent; the new file is (compressed per request).
+    let new = "const bundle = 2;\n".repeat(400);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(dir.join("pkg/app.js"))
+        .expect("open");
+    std::io::Write::write_all(&mut &file, new.as_bytes()).expect("write");
+    file.set_modified(std::time::SystemTime::now() + Duration::from_secs(2))
+        .expect("mtime");
+    drop(file);
+    let got = http_response(s.addr, "GET", "/pkg/app.js", "Accept-Encoding: gzip\r\n").await;
+    let split = got.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let head = String::from_utf8_lossy(&got[..split]).to_ascii_lowercase();
+    let body = &got[split + 4..];
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    let text = if head.contains("content-encoding: gzip") {
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(body.as_slice())
+            .read_to_string(&mut out)
+            .expect("gzip");
+        out
+    } else {
+        String::from_utf8(body).expect("text")
+    };
+    assert!(
+        text == new,
+        "the stale .gz was sent: {:?}",
+        text.lines().next()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Asserts that a gzip client gets `path` as its `.gz` of `gz_len` bytes.
+async fn sends_its_gz(addr: SocketAddr, path: &str, gz_len: u64) {
+    let head = http(addr, "HEAD", path, "Accept-Encoding: gzip\r\n").await;
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {gz_len}")),
+        "{head}"
+    );
+}
+
+/// The body of a chunked HTTP/1.1 response.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = b.windows(2).position(|w| w == b"\r\n").expect("chunk size");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..line]).expect("hex"), 16).expect("hex");
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[line + 2..line + 2 + size]);
+        b = &b[line + 2 + size + 2..];
+    }
+}
+
+#[tokio::test]
 async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = std::env::temp_dir().join(format!("shoal-http-test-{}", std::process::id()));
@@ -1190,12 +1275,7 @@ async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
     let s = start_config(config).await;
     // Gzip clients get the file compressed once, with its length (not compressed again
     // per request, which streams without one).
-    let head = http(s.addr, "HEAD", "/data/big.bin", "Accept-Encoding: gzip\r\n").await;
-    assert!(head.contains("content-encoding: gzip"), "{head}");
-    assert!(
-        head.contains(&format!("content-length: {gz_len}")),
-        "{head}"
-    );
+    sends_its_gz(s.addr, "/data/big.bin", gz_len).await;
     // A client that asks for the whole file and never reads: dropped.
     let mut stuck = TcpStream::connect(s.addr).await.expect("connect");
     stuck

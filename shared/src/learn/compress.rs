@@ -508,7 +508,11 @@ mod tests {
             let (bytes, decoded) = Compressor::new(kind, x.len()).encode(&x);
             let once = encode_once(kind, &x);
             assert_eq!(once, bytes, "{kind:?}");
-            assert_eq!(decode(&once, x.len()).expect("decodes"), decoded, "{kind:?}");
+            assert_eq!(
+                decode(&once, x.len()).expect("decodes"),
+                decoded,
+                "{kind:?}"
+            );
         }
     }
 
