@@ -5,9 +5,12 @@
 //! Without a configured token every control action is refused: a server is never
 //! controllable by default.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +20,10 @@ use crate::signaling::Hub;
 
 /// Most peers listed in one swarm view (about 300 KB); `total` says how many there are.
 const VIEW_LIMIT: usize = 256;
+/// How long a task's swarm view, once written, is what every request gets: building it
+/// walks the task's peers under the lock every task shares and writes up to 300 KB, and
+/// anyone may ask (a dashboard asks every few seconds).
+const VIEW_EVERY: Duration = Duration::from_secs(1);
 
 /// Shared by the admin routes.
 #[derive(Clone)]
@@ -25,6 +32,8 @@ pub struct AdminState {
     pub hub: Arc<Hub>,
     /// The token control actions need; `None` disables them.
     pub token: Option<Arc<str>>,
+    /// Each task's swarm view as last written, and when (configured tasks only).
+    pub views: Arc<Mutex<HashMap<String, (Instant, Bytes)>>>,
 }
 
 /// Compares in time independent of where the strings differ.
@@ -63,11 +72,21 @@ fn unknown(task: &str) -> Response {
 }
 
 /// `GET /api/tasks/{task}/swarm`: peers, neighbour graph, latest reports.
+/// Written at most once per [`VIEW_EVERY`] per task.
 pub async fn swarm(State(s): State<AdminState>, Path(task): Path<String>) -> Response {
-    match s.hub.swarm_view(&task, VIEW_LIMIT) {
-        Some(v) => Json(v).into_response(),
-        None => unknown(&task),
+    let json = |bytes: Bytes| ([(header::CONTENT_TYPE, "application/json")], bytes).into_response();
+    let mut views = s.views.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((at, bytes)) = views.get(&task)
+        && at.elapsed() < VIEW_EVERY
+    {
+        return json(bytes.clone());
     }
+    let Some(view) = s.hub.swarm_view(&task, VIEW_LIMIT) else {
+        return unknown(&task);
+    };
+    let bytes = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
+    views.insert(task, (Instant::now(), bytes.clone()));
+    json(bytes)
 }
 
 /// `POST /api/tasks/{task}/pause` and `/resume`.

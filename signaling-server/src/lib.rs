@@ -182,6 +182,7 @@ pub fn app(config: &Config) -> App {
                 .with_state(admin::AdminState {
                     hub: Arc::clone(&hub),
                     token: config.admin_token.as_deref().map(Arc::from),
+                    views: Arc::default(),
                 }),
         )
         .merge(files)

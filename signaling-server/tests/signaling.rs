@@ -788,6 +788,25 @@ fn report(version: u64, accuracy: f64) -> Value {
 }
 
 #[tokio::test]
+async fn the_swarm_view_is_written_once_a_second_whoever_asks() {
+    let s = start(config()).await;
+    let (mut a, _) = join(&s).await;
+    let reported = || async {
+        let body = http_get(s.addr, "/api/tasks/digits/swarm").await;
+        let json: Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body"))
+            .expect("swarm view is JSON");
+        json["peers"][0]["report"]["version"].as_u64()
+    };
+    assert_eq!(reported().await, None);
+    send(&mut a, report(7, 0.93)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Asked again at once: the view written a moment ago, not built again.
+    assert_eq!(reported().await, None, "the view of a moment ago");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(reported().await, Some(7), "a second later, the view anew");
+}
+
+#[tokio::test]
 async fn reports_reach_the_swarm_view_and_bad_ones_are_refused() {
     let s = start(config()).await;
     let (mut a, ida) = join(&s).await;
