@@ -34,6 +34,11 @@ type Computed = (Instant, u64, Arc<Credits>);
 #[derive(Default)]
 pub struct CreditsCache(Mutex<std::collections::HashMap<String, Computed>>);
 
+/// Pages and credits computed at once, each on a blocking thread that may wait for the
+/// ledger's lock behind an append's fsync; more get 503 (so that a flood of requests
+/// cannot take the blocking threads the file service also uses).
+pub const LEDGER_READS: usize = 8;
+
 /// Ledger file downloads served at once (more get 503): each holds the file's bytes (one
 /// shared copy per build) and a slow reader holds its slot.
 pub const FILE_DOWNLOADS: usize = 4;
@@ -75,6 +80,30 @@ pub struct LedgerState {
     pub cache: Arc<CreditsCache>,
     /// Ledger files built lately, and the download slots.
     pub files: Arc<FileCache>,
+    /// Pages and credits being computed ([`LEDGER_READS`] at once).
+    pub reads: Arc<tokio::sync::Semaphore>,
+}
+
+impl LedgerState {
+    /// The routes' state over `hub`'s ledgers.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self {
+            hub,
+            cache: Arc::default(),
+            files: Arc::default(),
+            reads: Arc::new(tokio::sync::Semaphore::new(LEDGER_READS)),
+        }
+    }
+
+    /// One of the [`LEDGER_READS`] places, or the answer to give without one.
+    fn read_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
+        Arc::clone(&self.reads).try_acquire_owned().map_err(|_| {
+            Box::new(retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many ledger requests at once; try again shortly",
+            ))
+        })
+    }
 }
 
 fn refuse(code: StatusCode, message: &str) -> Response {
@@ -120,10 +149,15 @@ pub async fn page(
     if limit == 0 || limit > MAX_PAGE {
         return refuse(StatusCode::BAD_REQUEST, &format!("limit: 1..={MAX_PAGE}"));
     }
+    let place = match s.read_place() {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     // The ledger's lock may be held by an append's fsync: wait for it off the async
     // threads.
     let key = s.hub.head_key.clone();
     let body = tokio::task::spawn_blocking(move || {
+        let _place = place;
         page_body(&task, &lock(&ledger), key.as_ref(), q.from, limit)
     })
     .await;
@@ -299,11 +333,16 @@ pub async fn credits(
         Some(Some(k)) if k.len() == 32 => Some(<[u8; 32]>::try_from(k).unwrap_or([0; 32])),
         Some(_) => return refuse(StatusCode::BAD_REQUEST, "key: 64 hex digits"),
     };
+    let place = match s.read_place() {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     // Off the async threads: the ledger's lock may be held by an fsync. The cache's lock
     // is held while credits are computed, so concurrent requests wait for one
     // computation instead of each running its own.
     let (cache, task2) = (Arc::clone(&s.cache), task.clone());
     let computed = tokio::task::spawn_blocking(move || {
+        let _place = place;
         let mut cache = cache.0.lock().unwrap_or_else(PoisonError::into_inner);
         let (count, head) = {
             let l = lock(&ledger);
@@ -353,4 +392,42 @@ pub async fn credits(
         });
     }
     Json(body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every place taken (slow pages and credits waiting for the ledger's lock),
+    /// a further request is answered at once, not queued on a blocking thread.
+    #[tokio::test]
+    async fn ledger_reads_past_their_places_get_503_at_once() {
+        let dir = std::env::temp_dir().join(format!("shoal-ledger-reads-{}", std::process::id()));
+        let config = crate::SignalingConfig {
+            ledger_dir: Some(dir.clone()),
+            ..crate::SignalingConfig::default()
+        };
+        let s = LedgerState::new(Hub::new(config, &["digits".into()], &[], None));
+        let held: Vec<_> = (0..LEDGER_READS)
+            .map(|_| s.read_place().expect("a place"))
+            .collect();
+        let task = || Path("digits".to_string());
+        let r = credits(State(s.clone()), task(), Query(Who { key: None })).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+        let page_of = || {
+            Query(Page {
+                from: None,
+                limit: None,
+            })
+        };
+        let r = page(State(s.clone()), task(), page_of()).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(held);
+        let r = page(State(s.clone()), task(), page_of()).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = credits(State(s), task(), Query(Who { key: None })).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

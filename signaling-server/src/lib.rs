@@ -169,11 +169,7 @@ pub fn app(config: &Config) -> App {
                 .route("/api/tasks/{task}/ledger", get(ledger::page))
                 .route("/api/tasks/{task}/ledger/file", get(ledger::file))
                 .route("/api/tasks/{task}/credits", get(ledger::credits))
-                .with_state(ledger::LedgerState {
-                    hub: Arc::clone(&hub),
-                    cache: Arc::default(),
-                    files: Arc::default(),
-                }),
+                .with_state(ledger::LedgerState::new(Arc::clone(&hub))),
         )
         .merge(
             Router::new()
