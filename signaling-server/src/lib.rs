@@ -148,6 +148,12 @@ pub fn app(config: &Config) -> App {
         .route_service("/embed.html", ServeFile::new(config.www.join("embed.html")))
         .fallback_service(site)
         .layer(revalidate)
+        // A `.gz` sent as it is differs by `Accept-Encoding` too: caches between must
+        // key on it (the compression layer says so for what it compresses).
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::VARY,
+            HeaderValue::from_static("accept-encoding"),
+        ))
         .layer(CompressionLayer::new());
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -1248,10 +1248,12 @@ async fn the_site_is_compressed_once_and_a_file_changed_since_is_never_sent_stal
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Asserts that a gzip client gets `path` as its `.gz` of `gz_len` bytes.
+/// Asserts that a gzip client gets `path` as its `.gz` of `gz_len` bytes, marked as
+/// varying by `Accept-Encoding` (for caches between).
 async fn sends_its_gz(addr: SocketAddr, path: &str, gz_len: u64) {
     let head = http(addr, "HEAD", path, "Accept-Encoding: gzip\r\n").await;
     assert!(head.contains("content-encoding: gzip"), "{head}");
+    assert_eq!(head.matches("vary: accept-encoding").count(), 1, "{head}");
     assert!(
         head.contains(&format!("content-length: {gz_len}")),
         "{head}"
