@@ -113,6 +113,11 @@ pub async fn pause(
         }
         other => return refuse(StatusCode::NOT_FOUND, &format!("no action {other:?}")),
     };
+    // The dashboard asks for the view right after: it must see the change.
+    s.views
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&task);
     match s.hub.set_paused(&task, paused) {
         Ok(true) => {}
         Ok(false) => return unknown(&task),

@@ -114,18 +114,13 @@ pub fn app(config: &Config) -> App {
     // page refuses to be, so no site can lay its own content over Shoal's consent button
     // or controls (clickjacking).
     // The site's `.gz` siblings too (written at start), unless the file changed since.
-    let site = Router::new()
-        .fallback_service(SetResponseHeader::overriding(
-            ServeDir::new(&config.www)
-                .append_index_html_on_directories(true)
-                .precompressed_gzip(),
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static("frame-ancestors 'self'"),
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(config.www.clone()),
-            precompress::fresh_gzip_only,
-        ));
+    let site = SetResponseHeader::overriding(
+        ServeDir::new(&config.www)
+            .append_index_html_on_directories(true)
+            .precompressed_gzip(),
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'self'"),
+    );
     let embed: Router = match embed_script(config) {
         Some(script) => Router::new().route(
             "/embed.js",
@@ -154,7 +149,13 @@ pub fn app(config: &Config) -> App {
             header::VARY,
             HeaderValue::from_static("accept-encoding"),
         ))
-        .layer(CompressionLayer::new());
+        .layer(CompressionLayer::new())
+        // Outside the compression layer: a site file changed since its `.gz` was made
+        // goes uncompressed (`fresh_gzip_only`).
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(config.www.clone()),
+            precompress::fresh_gzip_only,
+        ));
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))

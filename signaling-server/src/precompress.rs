@@ -49,10 +49,7 @@ fn walk(dir: &Path, depth: usize, written: &mut usize) {
         let mut gz_name = path.as_os_str().to_owned();
         gz_name.push(".gz");
         let gz = std::path::PathBuf::from(gz_name);
-        let fresh = std::fs::metadata(&gz)
-            .and_then(|g| Ok(g.modified()? >= meta.modified()?))
-            .unwrap_or(false);
-        if fresh {
+        if is_fresh(&path, &gz) {
             continue;
         }
         match compress(&path, &gz) {
@@ -65,33 +62,60 @@ fn walk(dir: &Path, depth: usize, written: &mut usize) {
     }
 }
 
-/// Compresses `src` into `dst` through a temporary file and a rename, so that a client
-/// never gets half a file.
+/// Whether `gz` is the compressed copy of `file` as it is now: a `.gz` takes its file's
+/// modification time when written, and any other time (older or newer: a file put in
+/// place with its own earlier time by `rsync -t`, `cp -p`, `tar` or a rename) means
+/// the file changed since.
+fn is_fresh(file: &Path, gz: &Path) -> bool {
+    let time = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified());
+    matches!((time(file), time(gz)), (Ok(f), Ok(g)) if f == g)
+}
+
+/// Compresses `src` into `dst` through a temporary file (named for this process and
+/// write: two servers starting on one folder do not write into each other's) and a
+/// rename, so that a client never gets half a file; `dst` takes `src`'s modification
+/// time ([`is_fresh`]).
 fn compress(src: &Path, dst: &Path) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let modified = std::fs::metadata(src)?.modified()?;
     let data = std::fs::read(src)?;
-    let tmp = dst.with_extension("gz.tmp");
-    {
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dst.with_extension(format!("gz.{}-{n}.tmp", std::process::id()));
+    let written = (|| {
         let file = std::fs::File::create(&tmp)?;
         let mut enc = flate2::write::GzEncoder::new(file, flate2::Compression::best());
         enc.write_all(&data)?;
-        enc.finish()?.sync_all()?;
+        let file = enc.finish()?;
+        file.set_modified(modified)?;
+        file.sync_all()
+    })();
+    match written.and_then(|()| std::fs::rename(&tmp, dst)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    std::fs::rename(&tmp, dst)
 }
 
-/// Middleware for a directory served with its precompressed `.gz` files under `root`:
-/// where the requested file is newer than its `.gz` (it changed since the server
-/// started), the request goes on without `Accept-Encoding`, so the stale `.gz` is not
-/// what the client gets (the compression layer outside still compresses the file).
+/// Middleware for the site, served with its precompressed `.gz` files under `root`,
+/// placed outside the compression layer: where the requested file is not exactly as its
+/// `.gz` was made ([`is_fresh`]: it changed since the server started), or the path is
+/// not one this maps plainly to a file (escapes, `.` or `..`, a trailing `/` after a
+/// file), the request goes on without `Accept-Encoding`: the client gets the file as it
+/// is, uncompressed, never a stale `.gz`, and the server compresses nothing for it.
+/// The data (`/data/`, which does not change while the server runs) is left alone.
 pub async fn fresh_gzip_only(
     axum::extract::State(root): axum::extract::State<std::sync::Arc<std::path::PathBuf>>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let path = request.uri().path();
     if request
         .headers()
         .contains_key(axum::http::header::ACCEPT_ENCODING)
-        && !gz_is_fresh(&root, request.uri().path())
+        && !path.starts_with("/data/")
+        && !gz_is_fresh(&root, path)
     {
         request
             .headers_mut()
@@ -100,24 +124,22 @@ pub async fn fresh_gzip_only(
     next.run(request).await
 }
 
-/// Whether the `.gz` of the file at URL `path` under `root`, if there is one, is at least
-/// as new as the file. A path this cannot map plainly (escapes, `..`) counts as stale:
-/// the file service decides what it is, and sends it uncompressed at worst.
+/// Whether the `.gz` of the file at URL `path` under `root`, if there is one, is its
+/// file as it is now; a file without one is fresh (small files are compressed per
+/// request, cheaply).
 fn gz_is_fresh(root: &Path, path: &str) -> bool {
     let rel = path.trim_start_matches('/');
     if rel.contains('%') || rel.split('/').any(|c| c == ".." || c == ".") {
         return false;
     }
-    let mut file = root.join(rel);
-    if path.ends_with('/') || file.is_dir() {
+    let mut file = root.join(rel.trim_end_matches('/'));
+    if file.is_dir() {
         file = file.join("index.html");
+    } else if path.ends_with('/') {
+        return false;
     }
     let mut gz = file.as_os_str().to_owned();
     gz.push(".gz");
-    match std::fs::metadata(&gz) {
-        Err(_) => true,
-        Ok(g) => std::fs::metadata(&file)
-            .and_then(|f| Ok(g.modified()? >= f.modified()?))
-            .unwrap_or(false),
-    }
+    let gz = std::path::PathBuf::from(gz);
+    !gz.exists() || is_fresh(&file, &gz)
 }

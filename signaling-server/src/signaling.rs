@@ -228,6 +228,9 @@ struct Peer {
     receipt_refilled: Instant,
 }
 
+/// Each address's allowance of new connections and when it was last refilled.
+type JoinBuckets = HashMap<u128, (f64, Instant)>;
+
 /// Addresses whose allowance of new connections is tracked at once: beyond, only those
 /// still short of a whole burst are kept (each entry is a few dozen bytes).
 const MAX_JOIN_BUCKETS: usize = 100_000;
@@ -414,9 +417,9 @@ pub struct Hub {
     state_file: Option<std::path::PathBuf>,
     /// Held while a state change is saved.
     saving: Mutex<()>,
-    /// Each network address's allowance of new connections (a token bucket), and when
-    /// it was last refilled.
-    joins: Mutex<HashMap<u128, (f64, Instant)>>,
+    /// Each network address's allowance of new connections (a token bucket) and when it
+    /// was last refilled; and when the full ones were last dropped.
+    joins: Mutex<(JoinBuckets, Option<Instant>)>,
     /// Each task's ledger of receipts (tasks whose ledger could not be opened have none).
     pub(crate) ledgers: HashMap<String, Arc<Mutex<LedgerFile>>>,
     /// The key the server signs its ledgers' heads with (`{ledger_dir}/server.key`).
@@ -667,12 +670,18 @@ impl Hub {
             return true;
         }
         let now = Instant::now();
-        let mut joins = self.joins.lock().unwrap_or_else(PoisonError::into_inner);
-        if joins.len() >= MAX_JOIN_BUCKETS {
-            // Addresses whose allowance is whole again need no entry.
+        let mut guard = self.joins.lock().unwrap_or_else(PoisonError::into_inner);
+        let (joins, pruned) = &mut *guard;
+        if joins.len() >= MAX_JOIN_BUCKETS
+            && pruned.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            // Addresses whose allowance is whole again need no entry (looked for at most
+            // once a second: under a flood from many addresses a pass per connection
+            // would cost more than the flood).
             joins.retain(|_, (tokens, at)| {
                 *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
             });
+            *pruned = Some(now);
         }
         if joins.len() >= MAX_JOIN_BUCKETS && !joins.contains_key(&group) {
             // Every one of them connected within the last burst's worth of seconds: the
@@ -1007,8 +1016,8 @@ impl Hub {
             .get_mut(task)
             .ok_or((O::Malformed, "no such task".into()))?;
         // Only rounds near the swarm's: a round nobody else is in would let colluders set
-        // the round's median claim (the credit cap) themselves. (The swarm's round is
-        // counted at most once a second: receipts come at up to 2k a second per
+        // the round's median claim (the credit cap) themselves. (The swarm's round is not
+        // counted per receipt, see `Summary`: receipts come at up to 2k a second per
         // connection, and counting costs a pass over the task's peers.)
         let swarm = t.summary().round;
         let p = t.peers.get(&id).ok_or((O::NotYours, "not joined".into()))?;
@@ -1101,7 +1110,7 @@ impl Hub {
     }
 
     /// Peers of `task` that reported in the last 30 s as training (not paused) and as
-    /// observing: `(trainers, observers)` (counted at most once a second).
+    /// observing: `(trainers, observers)` (see [`Summary`] for when it is counted).
     pub fn roles(&self, task: &str) -> (usize, usize) {
         let mut st = self.lock();
         st.tasks.get_mut(task).map_or((0, 0), |t| t.summary().roles)
@@ -1109,7 +1118,7 @@ impl Hub {
 
     /// The current pace of `task`: the median training throughput (samples per second)
     /// of the peers that reported as training in the last 30 s; `None` without any
-    /// (counted at most once a second).
+    /// (see [`Summary`] for when it is counted).
     pub fn pace(&self, task: &str) -> Option<f64> {
         let mut st = self.lock();
         st.tasks.get_mut(task)?.summary().pace
@@ -1456,15 +1465,6 @@ pub async fn ws_handler(
         hub.metrics.reject(ErrorCode::ForbiddenOrigin);
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
-    if !hub.may_connect(group) {
-        hub.metrics.reject(ErrorCode::RateLimited);
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, "5")],
-            "too many new connections from your address\n",
-        )
-            .into_response();
-    }
     let limits = &hub.config.limits;
     // Frames past this hard cap fail in the codec without being buffered; between the
     // soft limit and the cap the peer gets a typed `too_large` error first.
@@ -1484,6 +1484,16 @@ pub async fn ws_handler(
             return refusal.into_response();
         }
     };
+    // Only a request that would become a websocket takes one of its address's joins.
+    if !hub.may_connect(group) {
+        hub.metrics.reject(ErrorCode::RateLimited);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "5")],
+            "too many new connections from your address\n",
+        )
+            .into_response();
+    }
     let hub2 = Arc::clone(&hub);
     // The upgrade is boxed and awaited inside the connection's task, so that the socket
     // lives in that task's state once (not also as a value handed between two futures).
