@@ -104,7 +104,7 @@ struct Guarded {
     stall: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
     _slot: Slot,
-    _share: Option<AddressShare>,
+    _share: AddressShare,
 }
 
 impl Guarded {
@@ -262,19 +262,15 @@ pub(crate) async fn serve(
             }
             continue;
         }
-        let share = match limits.max_connections_per_address {
-            0 => None,
-            max => {
-                let group = crate::signaling::address_group(addr.ip());
-                let Some(share) = AddressShare::take(&shares, group, max) else {
-                    refuse(stream, &refusing, BUSY);
-                    hub.metrics
-                        .refused_connections_per_address
-                        .fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                Some(share)
-            }
+        // (A share of 0 is no share: `take` always gives a place.)
+        let group = crate::signaling::address_group(addr.ip());
+        let Some(share) = AddressShare::take(&shares, group, limits.max_connections_per_address)
+        else {
+            refuse(stream, &refusing, BUSY);
+            hub.metrics
+                .refused_connections_per_address
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
         };
         open.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);

@@ -4,9 +4,9 @@
 //! wasm bundle is 1.2 MB, and anyone could make the server compress it again and again.
 //! At start the server writes `NAME.gz` beside each file that lacks an up-to-date one;
 //! the file service sends it to clients that accept gzip, with its length, and the
-//! compression layer leaves it alone. A site file changed while the server runs (a
-//! rebuilt bundle) is newer than its `.gz`: [`fresh_gzip_only`] keeps that `.gz` from
-//! being sent, and the file is compressed per request until the next start.
+//! compression layer leaves it alone. Each `.gz` takes its file's modification time; a
+//! site file whose time differs since (a rebuilt bundle) goes uncompressed until the
+//! next start ([`fresh_gzip_only`]), never from its stale `.gz`.
 
 use std::io::Write;
 use std::path::Path;
@@ -67,8 +67,16 @@ fn walk(dir: &Path, depth: usize, written: &mut usize) {
 /// place with its own earlier time by `rsync -t`, `cp -p`, `tar` or a rename) means
 /// the file changed since.
 fn is_fresh(file: &Path, gz: &Path) -> bool {
-    let time = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified());
-    matches!((time(file), time(gz)), (Ok(f), Ok(g)) if f == g)
+    modified(gz).is_ok_and(|g| same_time(file, g))
+}
+
+fn modified(p: &Path) -> std::io::Result<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified())
+}
+
+/// Whether `file`'s modification time is `time`.
+fn same_time(file: &Path, time: std::time::SystemTime) -> bool {
+    modified(file).is_ok_and(|f| f == time)
 }
 
 /// Compresses `src` into `dst` through a temporary file (named for this process and
@@ -140,6 +148,5 @@ fn gz_is_fresh(root: &Path, path: &str) -> bool {
     }
     let mut gz = file.as_os_str().to_owned();
     gz.push(".gz");
-    let gz = std::path::PathBuf::from(gz);
-    !gz.exists() || is_fresh(&file, &gz)
+    modified(Path::new(&gz)).map_or(true, |g| same_time(&file, g))
 }
