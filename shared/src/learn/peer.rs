@@ -132,6 +132,15 @@ pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
 /// waits for have not sent their update for it (see [`Peer::round_wait`]).
 pub const HOLD_FACTOR: f64 = 3.0;
 
+/// Once most awaited neighbours have sent, a round waits for the rest this many times
+/// the median of the awaited neighbours' measured lateness (see [`Peer::round_wait`]).
+pub const LATE_FACTOR: f32 = 2.0;
+/// ... but never less than this share of `round_deadline_ms`.
+pub const LATE_FLOOR: f32 = 0.25;
+/// How fast a neighbour's lateness comes down: a measurement below it moves it this share
+/// of the way (one above it takes its place at once).
+const LATE_DECAY: f32 = 0.25;
+
 /// In rounds sized in time (`round_ms` > 0), how long one chunk of local training lasts
 /// at the peer's measured step rate: the granularity at which it notices that its round
 /// closed or its run is done, and at which a driver may rest between chunks.
@@ -354,6 +363,13 @@ struct Neighbour {
     /// relays another's updates): closing or shunning it then leaves that key's held
     /// updates and copy alone (its owner may be on another connection).
     key_moved_in: bool,
+    /// How long after our round opened its update for that round arrives, in
+    /// milliseconds (0 when it came before), late ones included: the latest
+    /// measurement when it is the largest yet, else coming down toward the new ones by
+    /// [`LATE_DECAY`] each. `None` until measured.
+    lateness: Option<f32>,
+    /// The round of its latest update and when that arrived.
+    arrived: Option<(u64, f64)>,
 }
 
 impl Neighbour {
@@ -476,6 +492,9 @@ pub struct Peer {
     /// Rounds in time: when our update for the open round went out (`None`: no round
     /// open). In steps, `Phase::Waiting` holds this.
     open_since: Option<f64>,
+    /// The last round we opened (sent our update for) and when, kept after it closes:
+    /// what neighbours' lateness is measured against.
+    opened: Option<(u64, f64)>,
     /// Rounds in time: measured inner steps per millisecond.
     step_rate: Option<f64>,
     /// The upload budget (`upload_mb_per_hour`): when the bytes our updates sent so far
@@ -528,6 +547,7 @@ impl Peer {
             sent_update: None,
             run: None,
             open_since: None,
+            opened: None,
             step_rate: None,
             upload_free_at: f64::NEG_INFINITY,
         })
@@ -651,23 +671,73 @@ impl Peer {
     /// neighbours would get their updates for rounds it has left (stale, with weights),
     /// train alone and drift away from the swarm.
     ///
+    /// Once most are in, the deadline adapts to each straggler's measured lateness: the
+    /// round waits [`LATE_FACTOR`] times the usual lateness of the latest of the missing
+    /// neighbours (one not measured yet counts as `round_deadline_ms`), and at least
+    /// [`LATE_FLOOR`] of `round_deadline_ms` past the arrival that made most of them in
+    /// (a round whose updates all come late gives the rest as long), at most
+    /// `round_deadline_ms` (from the round's opening, as every limit). A neighbour slow but
+    /// steady (a thin uplink) is still waited for, so its work counts; one that stalls
+    /// (a throttled tab, a peer gone without a word) costs each round twice its usual
+    /// wait, not the whole deadline. A liar's lateness buys it no longer a wait than the
+    /// fixed deadline did.
+    ///
     /// Returns whether every awaited neighbour's update is in (none awaited counts as
     /// not: a round with neighbours none of which contributes yet waits its limit), or
     /// there are no neighbours at all, and that limit.
     fn round_wait(&self) -> (bool, f64) {
-        let deadline = f64::from(self.cfg.round_deadline_ms);
+        let deadline = self.cfg.round_deadline_ms as f32;
         let awaited = self.awaited();
-        let missing = awaited
+        let missing: Vec<&&Neighbour> = awaited
             .iter()
             .filter(|n| !n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
-            .count();
-        let all_in = !awaited.is_empty() && missing == 0 || self.nbrs.is_empty();
-        let limit = if 2 * missing > awaited.len() {
-            HOLD_FACTOR * deadline
+            .collect();
+        let all_in = !awaited.is_empty() && missing.is_empty() || self.nbrs.is_empty();
+        let limit = if 2 * missing.len() > awaited.len() {
+            HOLD_FACTOR as f32 * deadline
         } else {
-            deadline
+            // When most were in: the arrival (after the round opened) that made them most.
+            let open = match self.phase {
+                Phase::Waiting { since } => Some(since),
+                _ => self.open_since,
+            };
+            let round = self.learner.round();
+            let mut arrivals: Vec<f32> = awaited
+                .iter()
+                .filter(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
+                .map(|n| match (n.arrived, open) {
+                    (Some((r, t)), Some(o)) if r >= round => (t - o).max(0.0) as f32,
+                    _ => 0.0,
+                })
+                .collect();
+            arrivals.sort_unstable_by(f32::total_cmp);
+            let most = arrivals
+                .get((awaited.len() - awaited.len() / 2).saturating_sub(1))
+                .copied()
+                .unwrap_or(0.0);
+            missing
+                .iter()
+                .map(|n| n.lateness.map_or(deadline, |l| LATE_FACTOR * l))
+                .fold(most + LATE_FLOOR * deadline, f32::max)
+                .min(deadline)
         };
-        (all_in, limit)
+        (all_in, f64::from(limit))
+    }
+
+    /// How late an update for `round` arriving now is against our round `round`: from
+    /// when we opened it, or 0 when we have not yet (it came first); `None` for a round
+    /// older than our last opened one (nothing to measure it against).
+    fn lateness_of(&self, round: u64, now_ms: f64) -> Option<f32> {
+        match self.opened {
+            Some((r, at)) if r == round => Some((now_ms - at).max(0.0) as f32),
+            Some((r, _)) if round < r => None,
+            _ if round > self.learner.round()
+                || round == self.learner.round() && !self.round_open() =>
+            {
+                Some(0.0)
+            }
+            _ => None,
+        }
     }
 
     /// Neighbours with a settled channel that send updates.
@@ -831,7 +901,17 @@ impl Peer {
         match self.learner.receive_from(from.0, data) {
             Ok(Received::Update { key, round, .. }) => {
                 self.take_key(from, key);
+                let late = self.lateness_of(round, now_ms);
                 let n = self.nbrs.entry(from).or_default();
+                if n.arrived.is_none_or(|(r, _)| round > r) {
+                    n.arrived = Some((round, now_ms));
+                }
+                if let Some(x) = late {
+                    n.lateness = Some(match n.lateness {
+                        Some(l) if x < l => l + LATE_DECAY * (x - l),
+                        _ => x,
+                    });
+                }
                 n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
                 n.idle = false;
             }
@@ -1494,6 +1574,7 @@ impl Peer {
         }
         self.last_train_at = Some(since);
         self.phase = Phase::Waiting { since: now_ms };
+        self.opened = Some((round, now_ms));
         self.refresh();
         Ok(())
     }
@@ -1637,6 +1718,7 @@ impl Peer {
         self.sent_update = Some((round, msg));
         self.budget_check();
         self.open_since = Some(now_ms);
+        self.opened = Some((round, now_ms));
         // After a rebase in this chunk the trainer does not hold `work` yet (`reload`).
         let carry = Some(work.clone());
         self.run = Some(Run::new(round + 1, now_ms, work, carry, reload));

@@ -190,6 +190,11 @@ impl Default for NetworkSettings {
 pub struct ChurnSettings {
     /// Share of peers that leave (and as many new ones that join) each swarm round.
     pub per_round: f32,
+    /// A leaver's neighbours learn that it is gone only this long after it went (0: at
+    /// once, as when its page closes). A browser that loses its network ends its
+    /// connections without a word; the other side notices when ICE's consent checks
+    /// fail, about 30 s later in Chromium.
+    pub silent_ms: f64,
 }
 
 /// Attackers.
@@ -312,6 +317,12 @@ impl Scenario {
             return Err(format!(
                 "churn.per_round: {} outside [0, 0.9]",
                 self.churn.per_round
+            ));
+        }
+        if !(0.0..=600_000.0).contains(&self.churn.silent_ms) {
+            return Err(format!(
+                "churn.silent_ms: {} outside [0, 600000]",
+                self.churn.silent_ms
             ));
         }
         if self.attack.sybil_every > 100_000 {
@@ -658,6 +669,12 @@ enum Ev {
         from: usize,
         from_epoch: u64,
         bytes: Rc<Vec<u8>>,
+    },
+    /// `to` notices that the connection to `gone` ended.
+    Down {
+        to: usize,
+        epoch: u64,
+        gone: PeerId,
     },
 }
 
@@ -1045,6 +1062,11 @@ impl Sim<'_> {
                 );
                 self.drive(to)
             }
+            Ev::Down { to, epoch, gone } if self.alive(to, epoch) => {
+                let now = self.now_ms();
+                self.peer_mut(to).handle(Event::Down(gone), now);
+                self.drive(to)
+            }
             _ => Ok(()), // for a peer (or a channel) that is gone
         }
     }
@@ -1359,7 +1381,14 @@ impl Sim<'_> {
     /// rounds, every attacker with a fresh one), who download the model from their
     /// neighbours through the peer protocol before they train.
     fn churn(&mut self) -> Result<(), String> {
-        let n = (self.sc.churn.per_round * self.sc.peers as f32).round() as usize;
+        // Leavers in expectation: a share below one peer a round leaves one now and then.
+        // (To a thousandth: 0.3 of 10 peers is 3, without a draw that would change the
+        // random sequence of every scenario with a whole number of leavers.)
+        let expected = (self.sc.churn.per_round * self.sc.peers as f32 * 1e3).round() / 1e3;
+        let mut n = expected.floor() as usize;
+        if expected.fract() > 0.0 && self.rng.unit_f32() < expected.fract() {
+            n += 1;
+        }
         let mut leaving: Vec<usize> = (0..self.sc.peers).collect();
         self.rng.shuffle(&mut leaving);
         leaving.truncate(if self.sc.peers < 2 { 0 } else { n });
@@ -1387,9 +1416,15 @@ impl Sim<'_> {
                 *self.rejected.entry(why.as_str().to_string()).or_default() += n;
             }
             let gone = peer_id(slot, old.epoch);
+            let silent = self.sc.churn.silent_ms;
             for o in std::mem::take(&mut self.links[slot]) {
                 self.links[o].remove(&slot);
-                if self.peers[o].is_some() {
+                if silent > 0.0 {
+                    if let Some(p) = &self.peers[o] {
+                        let epoch = p.epoch;
+                        self.at(silent / 1e3, Ev::Down { to: o, epoch, gone });
+                    }
+                } else if self.peers[o].is_some() {
                     self.peer_mut(o).handle(Event::Down(gone), now);
                 }
             }

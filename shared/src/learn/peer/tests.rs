@@ -515,13 +515,15 @@ fn a_round_closes_when_every_contributor_sent_or_at_the_deadline() {
             .iter()
             .any(|o| matches!(o, Output::RoundClosed(s) if s.used == 2))
     );
-    // The next round: only 12 sends, the deadline closes it without 10.
+    // The next round: only 12 sends, 10 ms after ours; 10, whose update came 10 ms after
+    // ours last time, is waited for twice that, but at least a quarter of the deadline
+    // past 12's arrival (see the next test).
     p.tick(100.0);
     p.trained(6, &[0.49; N], 0.3, 8, 110.0).expect("finite");
     p.handle(msg(12, update(22, 6)), 120.0);
-    p.tick(110.0 + 999.0);
+    p.tick(120.0 + 249.0);
     assert_eq!(p.learner().round(), 6);
-    p.tick(110.0 + 1_000.0);
+    p.tick(120.0 + 250.0);
     assert_eq!(p.learner().round(), 7);
     // A training result for a round the peer has left is dropped.
     p.tick(1_200.0);
@@ -829,6 +831,55 @@ fn the_deadline_drops_a_minority_of_stragglers_not_most_of_the_neighbours() {
     assert_eq!(q.learner().round(), 5);
     q.tick(10.0 + HOLD_FACTOR * deadline);
     assert_eq!(q.learner().round(), 6);
+}
+
+/// Opens `round` at `at` (our update goes out) and delivers 10's and 11's updates for it
+/// at `quick`; 12 sends nothing. Then checks that the round is still open 1 ms before
+/// `closes` (from `at`) and closed at it without 12.
+fn round_without_12(p: &mut Peer, round: u64, at: f64, quick: f64, closes: f64) {
+    p.tick(at);
+    p.trained(round, &[0.49; N], 0.3, 8, at).expect("finite");
+    p.handle(msg(10, update(20, round)), quick);
+    p.handle(msg(11, update(21, round)), quick);
+    p.tick(at + closes - 1.0);
+    assert_eq!(p.learner().round(), round);
+    p.tick(at + closes);
+    assert_eq!(p.learner().round(), round + 1);
+    assert_closed_using(p, 2);
+}
+
+#[test]
+fn a_straggler_is_waited_for_twice_its_usual_lateness_not_the_whole_deadline() {
+    let mut p = running(5);
+    // Round 5 opens at 50: 10 and 11 send 10 ms later, 12 (a thin uplink) 400 ms later.
+    p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
+    p.handle(msg(10, update(20, 5)), 60.0);
+    p.handle(msg(11, update(21, 5)), 60.0);
+    p.tick(449.0);
+    assert_eq!(p.learner().round(), 5, "all in only when 12's update is");
+    p.handle(msg(12, update(22, 5)), 450.0);
+    p.tick(450.0);
+    assert_closed_using(&mut p, 3);
+    // Round 6 opens at 500. 12, slow but steady, is waited for (2 x 400 ms) and counts:
+    // a deadline set by the quick neighbours would drop its every update.
+    p.tick(500.0);
+    p.trained(6, &[0.49; N], 0.3, 8, 500.0).expect("finite");
+    p.handle(msg(10, update(20, 6)), 510.0);
+    p.handle(msg(11, update(21, 6)), 510.0);
+    assert_eq!(p.next_wake(), Some(500.0 + 800.0));
+    p.tick(799.0);
+    assert_eq!(p.learner().round(), 6);
+    p.handle(msg(12, update(22, 6)), 800.0);
+    p.tick(800.0);
+    assert_closed_using(&mut p, 3);
+    // Round 7 opens at 1,300 and 12 stalls (a throttled tab, a peer gone without a
+    // word): the round waits twice its usual lateness (400 + (300 - 400) / 4 = 375 ms),
+    // not the whole deadline (1,000 ms), every round until it is heard again or its
+    // connection ends.
+    round_without_12(&mut p, 7, 1_300.0, 1_310.0, 750.0);
+    // Round 8: 10 and 11 come late this time (600 ms, their usual 10): the round then
+    // gives 12 at least a quarter of the deadline past them, not 750 ms from its start.
+    round_without_12(&mut p, 8, 2_100.0, 2_700.0, 850.0);
 }
 
 /// A peer in rounds sized in time (1 s), at `round`, with neighbours 10, 11 and 12.
