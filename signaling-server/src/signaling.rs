@@ -265,10 +265,15 @@ struct Task {
     summary: Option<(Instant, Summary)>,
     /// A report came since.
     reported: bool,
+    /// A trainer's report came since: while the summary knows no round, it counts at
+    /// once (see [`Task::summary`]).
+    trainer_reported: bool,
 }
 
 /// What a task's recent reports say, counted in one pass over its peers: anew once a
-/// report came (but not within [`SUMMARY_MIN`] of the last count), else once per
+/// report came (but not within [`SUMMARY_MIN`] of the last count, unless the count knew
+/// no round and a trainer reported: a peer's first receipts come right behind its first
+/// report, and a round just reported must not be refused as unknown), else once per
 /// [`SUMMARY_EVERY`] (reports age out). Receipts and task descriptions ask for it on
 /// every request, and a pass costs time linear in the task's peers under the lock every
 /// task shares.
@@ -293,11 +298,13 @@ impl Task {
         let now = Instant::now();
         if let Some((at, s)) = self.summary {
             let age = now.duration_since(at);
-            if age < SUMMARY_MIN || (age < SUMMARY_EVERY && !self.reported) {
+            let first_round = s.round.is_none() && self.trainer_reported;
+            if age < SUMMARY_MIN && !first_round || age < SUMMARY_EVERY && !self.reported {
                 return s;
             }
         }
         self.reported = false;
+        self.trainer_reported = false;
         let s = Summary {
             round: median_version(self),
             pace: pace(self),
@@ -797,6 +804,7 @@ impl Hub {
         if let Some(t) = st.tasks.get_mut(task)
             && let Some(p) = t.peers.get_mut(&id)
         {
+            t.trainer_reported |= report.role == shoal_shared::protocol::Role::Trainer;
             p.report = Some(Box::new((Instant::now(), report)));
             t.reported = true;
         }
@@ -1875,15 +1883,20 @@ fn broken(hub: &Hub, e: &tokio_tungstenite::tungstenite::Error) -> Disconnect {
 mod tests {
     use super::*;
 
-    /// Receipts and task descriptions read the swarm's round, pace and roles from a
-    /// summary counted once per report burst, not from a pass over every peer each.
-    #[test]
-    fn a_tasks_summary_is_counted_again_only_after_a_report() {
+    /// A hub with the task `digits` and no ledger.
+    fn digits_hub() -> Arc<Hub> {
         let config = SignalingConfig {
             ledger_dir: None,
             ..SignalingConfig::default()
         };
-        let hub = Hub::new(config, &["digits".into()], &[], None);
+        Hub::new(config, &["digits".into()], &[], None)
+    }
+
+    /// Receipts and task descriptions read the swarm's round, pace and roles from a
+    /// summary counted once per report burst, not from a pass over every peer each.
+    #[test]
+    fn a_tasks_summary_is_counted_again_only_after_a_report() {
+        let hub = digits_hub();
         let report = |samples_per_s| PeerReport {
             version: 5,
             samples_per_s,
@@ -1916,5 +1929,37 @@ mod tests {
         hub.store_report("digits", ids[2], report(300.0))
             .expect("report");
         assert_eq!(hub.pace("digits"), Some(500.0), "counted again");
+    }
+
+    /// A peer's first receipts come right behind its first report: while the summary
+    /// knows no round, a trainer's report counts at once (within `SUMMARY_MIN` too).
+    #[test]
+    fn the_first_trainers_report_gives_the_task_its_round_at_once() {
+        let hub = digits_hub();
+        let round = || {
+            hub.lock()
+                .tasks
+                .get_mut("digits")
+                .expect("task")
+                .summary()
+                .round
+        };
+        let (id, _) = hub
+            .join("digits", Arc::new(Outbox::new(8)), 1, "")
+            .expect("join");
+        let observer = PeerReport {
+            role: shoal_shared::protocol::Role::Observer,
+            version: 3,
+            ..PeerReport::default()
+        };
+        assert_eq!(round(), None, "no report yet");
+        hub.store_report("digits", id, observer).expect("report");
+        assert_eq!(round(), None, "an observer's report gives no round");
+        let trainer = PeerReport {
+            version: 7,
+            ..PeerReport::default()
+        };
+        hub.store_report("digits", id, trainer).expect("report");
+        assert_eq!(round(), Some(7), "counted at once");
     }
 }

@@ -186,7 +186,7 @@ impl SwarmTrainer {
     /// requests, and tells its neighbours not to wait for its updates.
     pub fn set_paused(&mut self, net: &impl Transport, paused: bool) {
         self.peer.handle(Event::Paused(paused), 0.0);
-        let pending = self.flush(net);
+        let pending = self.flush(net, 0.0);
         self.pending.extend(pending);
     }
 
@@ -222,7 +222,7 @@ impl SwarmTrainer {
     }
 
     /// Sends what the peer queued; anything else it asked for waits for `tick`.
-    fn flush(&mut self, net: &impl Transport) -> Vec<Output> {
+    fn flush(&mut self, net: &impl Transport, now_ms: f64) -> Vec<Output> {
         if let (Some(sink), Some(p)) = (self.privacy_sink.as_mut(), self.peer.learner().privacy())
             && p.rounds > self.privacy_kept
         {
@@ -237,7 +237,15 @@ impl SwarmTrainer {
                     // copes (deadlines, the next round's update), as with a lost link.
                     let _ = net.send(to, data);
                 }
-                Output::Receipt(r) => net.receipt(&r),
+                Output::Receipt(r) => {
+                    // The server judges a receipt's round against the swarm's reported
+                    // ones: the first goes right behind our first report.
+                    if self.reported_ms == f64::NEG_INFINITY {
+                        net.report(&self.report());
+                        self.reported_ms = now_ms;
+                    }
+                    net.receipt(&r);
+                }
                 other => rest.push(other),
             }
         }
@@ -249,7 +257,7 @@ impl SwarmTrainer {
         if let Some(ev) = peer_event(ev) {
             self.peer.handle(ev, now_ms);
         }
-        let pending = self.flush(net);
+        let pending = self.flush(net, now_ms);
         self.pending.extend(pending);
     }
 
@@ -264,7 +272,7 @@ impl SwarmTrainer {
         let now_ms = clock();
         self.peer.tick(now_ms);
         let mut todo: Vec<Output> = std::mem::take(&mut self.pending);
-        todo.extend(self.flush(net));
+        todo.extend(self.flush(net, now_ms));
         let mut closed = None;
         while !todo.is_empty() {
             for o in std::mem::take(&mut todo) {
@@ -291,7 +299,7 @@ impl SwarmTrainer {
                     Output::Send { .. } | Output::Receipt(_) => {}
                 }
             }
-            todo = self.flush(net);
+            todo = self.flush(net, clock());
         }
         Ok(closed)
     }

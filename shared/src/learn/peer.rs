@@ -133,7 +133,7 @@ pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
 pub const HOLD_FACTOR: f64 = 3.0;
 
 /// Once most awaited neighbours have sent, a round waits for the rest this many times
-/// the median of the awaited neighbours' measured lateness (see [`Peer::round_wait`]).
+/// the largest measured lateness among them (see [`Peer::round_wait`]).
 pub const LATE_FACTOR: f32 = 2.0;
 /// ... but never less than this share of `round_deadline_ms`.
 pub const LATE_FLOOR: f32 = 0.25;
@@ -373,6 +373,15 @@ struct Neighbour {
 }
 
 impl Neighbour {
+    /// Notes that its update for `round` arrived at `now_ms`, unless one for our
+    /// `current` round (or later) is already noted: what `round_wait` reads is when its
+    /// update for our open round came.
+    fn note_arrival(&mut self, round: u64, current: u64, now_ms: f64) {
+        if self.arrived.is_none_or(|(r, _)| round > r && r < current) {
+            self.arrived = Some((round, now_ms));
+        }
+    }
+
     /// Weights changes: whether it used none of our last updates (no receipt from it
     /// for [`UNHEARD_UPDATES`] of them for rounds it has closed — it sent an update for a
     /// later one —, twice as many for each time in a row this was so, at most
@@ -492,9 +501,10 @@ pub struct Peer {
     /// Rounds in time: when our update for the open round went out (`None`: no round
     /// open). In steps, `Phase::Waiting` holds this.
     open_since: Option<f64>,
-    /// The last round we opened (sent our update for) and when, kept after it closes:
-    /// what neighbours' lateness is measured against.
-    opened: Option<(u64, f64)>,
+    /// Our last rounds opened (our update sent), oldest first, and when, kept after
+    /// they close (at most `max_staleness + 1`, 8 at most): what neighbours' lateness
+    /// is measured against, a late update's against its own round.
+    opened: VecDeque<(u64, f64)>,
     /// Rounds in time: measured inner steps per millisecond.
     step_rate: Option<f64>,
     /// The upload budget (`upload_mb_per_hour`): when the bytes our updates sent so far
@@ -547,7 +557,7 @@ impl Peer {
             sent_update: None,
             run: None,
             open_since: None,
-            opened: None,
+            opened: VecDeque::new(),
             step_rate: None,
             upload_free_at: f64::NEG_INFINITY,
         })
@@ -693,7 +703,9 @@ impl Peer {
             .filter(|n| !n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
             .collect();
         let all_in = !awaited.is_empty() && missing.is_empty() || self.nbrs.is_empty();
-        let limit = if 2 * missing.len() > awaited.len() {
+        let limit = if awaited.is_empty() {
+            deadline
+        } else if 2 * missing.len() > awaited.len() {
             HOLD_FACTOR as f32 * deadline
         } else {
             // When most were in: the arrival (after the round opened) that made them most.
@@ -724,20 +736,25 @@ impl Peer {
         (all_in, f64::from(limit))
     }
 
-    /// How late an update for `round` arriving now is against our round `round`: from
-    /// when we opened it, or 0 when we have not yet (it came first); `None` for a round
-    /// older than our last opened one (nothing to measure it against).
+    /// How late an update for `round` arriving now is: from when we opened that round,
+    /// if it is one of our last ones (`opened`); 0 when it is for a later round than
+    /// ours, or for ours before we opened it (it came first); else `None` (nothing to
+    /// measure it against).
     fn lateness_of(&self, round: u64, now_ms: f64) -> Option<f32> {
-        match self.opened {
-            Some((r, at)) if r == round => Some((now_ms - at).max(0.0) as f32),
-            Some((r, _)) if round < r => None,
-            _ if round > self.learner.round()
-                || round == self.learner.round() && !self.round_open() =>
-            {
-                Some(0.0)
-            }
-            _ => None,
+        if let Some((_, at)) = self.opened.iter().rev().find(|(r, _)| *r == round) {
+            return Some((now_ms - at).max(0.0) as f32);
         }
+        let current = self.learner.round();
+        (round > current || round == current && !self.round_open()).then_some(0.0)
+    }
+
+    /// Notes that we opened `round` at `now_ms` (see `opened`).
+    fn note_opened(&mut self, round: u64, now_ms: f64) {
+        let keep = (self.cfg.max_staleness as usize + 1).min(8);
+        while self.opened.len() >= keep {
+            self.opened.pop_front();
+        }
+        self.opened.push_back((round, now_ms));
     }
 
     /// Neighbours with a settled channel that send updates.
@@ -902,10 +919,9 @@ impl Peer {
             Ok(Received::Update { key, round, .. }) => {
                 self.take_key(from, key);
                 let late = self.lateness_of(round, now_ms);
+                let current = self.learner.round();
                 let n = self.nbrs.entry(from).or_default();
-                if n.arrived.is_none_or(|(r, _)| round > r) {
-                    n.arrived = Some((round, now_ms));
-                }
+                n.note_arrival(round, current, now_ms);
                 if let Some(x) = late {
                     n.lateness = Some(match n.lateness {
                         Some(l) if x < l => l + LATE_DECAY * (x - l),
@@ -945,9 +961,11 @@ impl Peer {
                 if let Some(key) = update_key(data) {
                     let round = self.learner.heard_round(&key);
                     self.take_key(from, key);
+                    let current = self.learner.round();
                     let n = self.nbrs.entry(from).or_default();
                     if let Some(round) = round {
                         n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
+                        n.note_arrival(round, current, now_ms);
                     }
                     n.idle = false;
                 }
@@ -1574,7 +1592,7 @@ impl Peer {
         }
         self.last_train_at = Some(since);
         self.phase = Phase::Waiting { since: now_ms };
-        self.opened = Some((round, now_ms));
+        self.note_opened(round, now_ms);
         self.refresh();
         Ok(())
     }
@@ -1718,7 +1736,7 @@ impl Peer {
         self.sent_update = Some((round, msg));
         self.budget_check();
         self.open_since = Some(now_ms);
-        self.opened = Some((round, now_ms));
+        self.note_opened(round, now_ms);
         // After a rebase in this chunk the trainer does not hold `work` yet (`reload`).
         let carry = Some(work.clone());
         self.run = Some(Run::new(round + 1, now_ms, work, carry, reload));

@@ -1113,6 +1113,11 @@ impl Sim<'_> {
 
     fn act(&mut self, slot: usize, o: Output) -> Result<(), String> {
         match o {
+            Output::Send { to, data } if !self.is_current(to) => {
+                // To a peer that left silently (its slot may hold a newcomer by now): the
+                // uplink carries it into the dead connection, nobody gets it.
+                self.uplink(slot, data.len());
+            }
             Output::Send { to, data } => {
                 let data = if self.is_attacker(slot) {
                     self.tamper(slot, data)
@@ -1250,6 +1255,24 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// Whether `p` is the peer now in its slot (not one that left).
+    fn is_current(&self, p: PeerId) -> bool {
+        self.peers[slot_of(p)]
+            .as_ref()
+            .is_some_and(|q| peer_id(slot_of(p), q.epoch) == p)
+    }
+
+    /// Puts `len` bytes on `from`'s uplink after what it is already sending; returns when
+    /// the last byte is out.
+    fn uplink(&mut self, from: usize, len: usize) -> u64 {
+        let wire = len as f64 * 8.0 / (self.uplink_mbps[from] * 1e6);
+        let start = self.uplink_free[from].max(self.t);
+        let done = start + (wire * US) as u64;
+        self.uplink_free[from] = done;
+        self.sent[from] += len as u64;
+        done
+    }
+
     /// Sends `bytes` over the sender's uplink, after what it is already sending.
     fn send(&mut self, from: usize, to: usize, bytes: Rc<Vec<u8>>) {
         let (Some(epoch), Some(from_epoch)) = (
@@ -1259,11 +1282,7 @@ impl Sim<'_> {
             return;
         };
         let net = self.sc.network;
-        let wire = bytes.len() as f64 * 8.0 / (self.uplink_mbps[from] * 1e6);
-        let start = self.uplink_free[from].max(self.t);
-        let done = start + (wire * US) as u64;
-        self.uplink_free[from] = done;
-        self.sent[from] += bytes.len() as u64;
+        let done = self.uplink(from, bytes.len());
         let mut latency = net.latency_ms + net.jitter_ms * f64::from(self.rng.unit_f32());
         if f64::from(self.rng.unit_f32()) < net.loss {
             latency += 3.0 * net.latency_ms; // a retransmission
@@ -1381,14 +1400,14 @@ impl Sim<'_> {
     /// rounds, every attacker with a fresh one), who download the model from their
     /// neighbours through the peer protocol before they train.
     fn churn(&mut self) -> Result<(), String> {
-        // Leavers in expectation: a share below one peer a round leaves one now and then.
-        // (To a thousandth: 0.3 of 10 peers is 3, without a draw that would change the
-        // random sequence of every scenario with a whole number of leavers.)
-        let expected = (self.sc.churn.per_round * self.sc.peers as f32 * 1e3).round() / 1e3;
-        let mut n = expected.floor() as usize;
-        if expected.fract() > 0.0 && self.rng.unit_f32() < expected.fract() {
-            n += 1;
-        }
+        // The share of the peers, rounded; a share below one peer a round makes one
+        // leave with that probability.
+        let expected = self.sc.churn.per_round * self.sc.peers as f32;
+        let n = if expected >= 1.0 {
+            expected.round() as usize
+        } else {
+            usize::from(expected > 0.0 && self.rng.unit_f32() < expected)
+        };
         let mut leaving: Vec<usize> = (0..self.sc.peers).collect();
         self.rng.shuffle(&mut leaving);
         leaving.truncate(if self.sc.peers < 2 { 0 } else { n });

@@ -483,7 +483,7 @@ fn a_lone_joiner_starts_from_the_seed_after_the_grace() {
 }
 
 #[test]
-fn a_round_closes_when_every_contributor_sent_or_at_the_deadline() {
+fn a_round_closes_when_every_contributor_sent_or_at_its_straggler_deadline() {
     let mut p = running(5);
     p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
     let sent = drain(&mut p);
@@ -880,6 +880,54 @@ fn a_straggler_is_waited_for_twice_its_usual_lateness_not_the_whole_deadline() {
     // Round 8: 10 and 11 come late this time (600 ms, their usual 10): the round then
     // gives 12 at least a quarter of the deadline past them, not 750 ms from its start.
     round_without_12(&mut p, 8, 2_100.0, 2_700.0, 850.0);
+}
+
+#[test]
+fn a_round_with_no_neighbour_to_wait_for_waits_the_whole_deadline() {
+    // All three neighbours say they do not contribute (joining, paused): the round
+    // waits its deadline rather than racing ahead alone.
+    let deadline = f64::from(cfg().round_deadline_ms);
+    let mut p = running(5);
+    for n in [10, 11, 12] {
+        let idle = PeerMessage::Status {
+            contributing: false,
+        };
+        p.handle(msg(n, idle.encode()), 10.0);
+    }
+    p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
+    assert_eq!(p.next_wake(), Some(50.0 + deadline));
+    p.tick(50.0 + deadline - 1.0);
+    assert_eq!(p.learner().round(), 5);
+    p.tick(50.0 + deadline);
+    assert_eq!(p.learner().round(), 6);
+}
+
+#[test]
+fn an_update_later_than_its_round_raises_its_senders_lateness_at_once() {
+    let mut p = running(5);
+    // Round 5: everyone 50 ms after we opened.
+    p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
+    for (n, k) in [(10, 20), (11, 21), (12, 22)] {
+        p.handle(msg(n, update(k, 5)), 100.0);
+    }
+    p.tick(100.0);
+    assert_closed_using(&mut p, 3);
+    // Round 6 opens at 200; 12 is missing: 10 + 250 ms past 10's and 11's arrival.
+    round_without_12(&mut p, 6, 200.0, 210.0, 260.0);
+    // Round 7 opens at 500, before 12's update for round 6 comes, 500 ms after that
+    // round opened (at 700): measured against round 6, 12's lateness is 500 ms now, and
+    // round 7 waits twice that for it, up to the deadline (measured against round 7
+    // only, it would still be 50 ms and the round would close at 260 ms again).
+    p.tick(500.0);
+    p.trained(7, &[0.49; N], 0.3, 8, 500.0).expect("finite");
+    p.handle(msg(10, update(20, 7)), 510.0);
+    p.handle(msg(11, update(21, 7)), 510.0);
+    p.handle(msg(12, update(22, 6)), 700.0);
+    p.tick(500.0 + 999.0);
+    assert_eq!(p.learner().round(), 7);
+    p.tick(500.0 + 1_000.0);
+    assert_eq!(p.learner().round(), 8);
+    assert_closed_using(&mut p, 2);
 }
 
 /// A peer in rounds sized in time (1 s), at `round`, with neighbours 10, 11 and 12.
