@@ -265,16 +265,13 @@ struct Task {
     summary: Option<(Instant, Summary)>,
     /// A report came since.
     reported: bool,
-    /// A trainer's report came since: while the summary knows no round, it counts at
-    /// once (see [`Task::summary`]).
-    trainer_reported: bool,
 }
 
 /// What a task's recent reports say, counted in one pass over its peers: anew once a
-/// report came (but not within [`SUMMARY_MIN`] of the last count, unless the count knew
-/// no round and a trainer reported: a peer's first receipts come right behind its first
-/// report, and a round just reported must not be refused as unknown), else once per
-/// [`SUMMARY_EVERY`] (reports age out). Receipts and task descriptions ask for it on
+/// report came (but not within [`SUMMARY_MIN`] of the last count), else once per
+/// [`SUMMARY_EVERY`] (reports age out). While it knows no round, a trainer's report
+/// gives it its own (the median of the one trainer report) at once, without a count: a
+/// peer's first receipts come right behind its first report. Receipts and task descriptions ask for it on
 /// every request, and a pass costs time linear in the task's peers under the lock every
 /// task shares.
 #[derive(Clone, Copy, Debug, Default)]
@@ -298,13 +295,11 @@ impl Task {
         let now = Instant::now();
         if let Some((at, s)) = self.summary {
             let age = now.duration_since(at);
-            let first_round = s.round.is_none() && self.trainer_reported;
-            if age < SUMMARY_MIN && !first_round || age < SUMMARY_EVERY && !self.reported {
+            if age < SUMMARY_MIN || (age < SUMMARY_EVERY && !self.reported) {
                 return s;
             }
         }
         self.reported = false;
-        self.trainer_reported = false;
         let s = Summary {
             round: median_version(self),
             pace: pace(self),
@@ -804,7 +799,12 @@ impl Hub {
         if let Some(t) = st.tasks.get_mut(task)
             && let Some(p) = t.peers.get_mut(&id)
         {
-            t.trainer_reported |= report.role == shoal_shared::protocol::Role::Trainer;
+            if report.role == shoal_shared::protocol::Role::Trainer
+                && let Some((_, s)) = t.summary.as_mut()
+                && s.round.is_none()
+            {
+                s.round = Some(report.version);
+            }
             p.report = Some(Box::new((Instant::now(), report)));
             t.reported = true;
         }
@@ -1932,7 +1932,8 @@ mod tests {
     }
 
     /// A peer's first receipts come right behind its first report: while the summary
-    /// knows no round, a trainer's report counts at once (within `SUMMARY_MIN` too).
+    /// knows no round, a trainer's report gives it its round at once (within
+    /// `SUMMARY_MIN` too).
     #[test]
     fn the_first_trainers_report_gives_the_task_its_round_at_once() {
         let hub = digits_hub();
@@ -1960,6 +1961,6 @@ mod tests {
             ..PeerReport::default()
         };
         hub.store_report("digits", id, trainer).expect("report");
-        assert_eq!(round(), Some(7), "counted at once");
+        assert_eq!(round(), Some(7), "known at once, without a count");
     }
 }

@@ -238,9 +238,10 @@ impl SwarmTrainer {
                     let _ = net.send(to, data);
                 }
                 Output::Receipt(r) => {
-                    // The server judges a receipt's round against the swarm's reported
-                    // ones: the first goes right behind our first report.
-                    if self.reported_ms == f64::NEG_INFINITY {
+                    // The server judges a receipt's round against the swarm's recent
+                    // reports: a report that is due goes first (our very first, and one
+                    // after a pause long enough for our last to age out).
+                    if now_ms - self.reported_ms >= REPORT_EVERY_MS {
                         net.report(&self.report());
                         self.reported_ms = now_ms;
                     }

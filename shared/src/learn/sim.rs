@@ -1401,8 +1401,8 @@ impl Sim<'_> {
     /// neighbours through the peer protocol before they train.
     fn churn(&mut self) -> Result<(), String> {
         // The share of the peers, rounded; a share below one peer a round makes one
-        // leave with that probability.
-        let expected = self.sc.churn.per_round * self.sc.peers as f32;
+        // leave with that probability. (To a thousandth first: 1/7 of 7 peers is one.)
+        let expected = (self.sc.churn.per_round * self.sc.peers as f32 * 1e3).round() / 1e3;
         let n = if expected >= 1.0 {
             expected.round() as usize
         } else {
