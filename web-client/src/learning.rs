@@ -221,6 +221,14 @@ impl SwarmTrainer {
         self.privacy_sink = Some(sink);
     }
 
+    /// Sends our report to the server unless one went out within [`REPORT_EVERY_MS`].
+    fn report_if_due(&mut self, net: &impl Transport, now_ms: f64) {
+        if now_ms - self.reported_ms >= REPORT_EVERY_MS {
+            net.report(&self.report());
+            self.reported_ms = now_ms;
+        }
+    }
+
     /// Sends what the peer queued; anything else it asked for waits for `tick`.
     fn flush(&mut self, net: &impl Transport, now_ms: f64) -> Vec<Output> {
         if let (Some(sink), Some(p)) = (self.privacy_sink.as_mut(), self.peer.learner().privacy())
@@ -241,10 +249,7 @@ impl SwarmTrainer {
                     // The server judges a receipt's round against the swarm's recent
                     // reports: a report that is due goes first (our very first, and one
                     // after a pause long enough for our last to age out).
-                    if now_ms - self.reported_ms >= REPORT_EVERY_MS {
-                        net.report(&self.report());
-                        self.reported_ms = now_ms;
-                    }
+                    self.report_if_due(net, now_ms);
                     net.receipt(&r);
                 }
                 other => rest.push(other),
@@ -290,10 +295,7 @@ impl SwarmTrainer {
                     }
                     Output::RoundClosed(summary) => {
                         self.evaluate();
-                        if now_ms - self.reported_ms >= REPORT_EVERY_MS {
-                            net.report(&self.report());
-                            self.reported_ms = now_ms;
-                        }
+                        self.report_if_due(net, now_ms);
                         closed = Some(summary);
                     }
                     Output::Adopted { .. } => self.evaluate(),

@@ -698,10 +698,9 @@ impl Peer {
     fn round_wait(&self) -> (bool, f64) {
         let deadline = self.cfg.round_deadline_ms as f32;
         let awaited = self.awaited();
-        let missing: Vec<&&Neighbour> = awaited
+        let (ins, missing): (Vec<&Neighbour>, Vec<&Neighbour>) = awaited
             .iter()
-            .filter(|n| !n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
-            .collect();
+            .partition(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)));
         let all_in = !awaited.is_empty() && missing.is_empty() || self.nbrs.is_empty();
         let limit = if awaited.is_empty() {
             deadline
@@ -709,14 +708,10 @@ impl Peer {
             HOLD_FACTOR as f32 * deadline
         } else {
             // When most were in: the arrival (after the round opened) that made them most.
-            let open = match self.phase {
-                Phase::Waiting { since } => Some(since),
-                _ => self.open_since,
-            };
+            let open = self.open_at();
             let round = self.learner.round();
-            let mut arrivals: Vec<f32> = awaited
+            let mut arrivals: Vec<f32> = ins
                 .iter()
-                .filter(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)))
                 .map(|n| match (n.arrived, open) {
                     (Some((r, t)), Some(o)) if r >= round => (t - o).max(0.0) as f32,
                     _ => 0.0,
@@ -827,7 +822,16 @@ impl Peer {
 
     /// Whether our update for the current round went out and the round is still open.
     fn round_open(&self) -> bool {
-        matches!(self.phase, Phase::Waiting { .. }) || self.open_since.is_some()
+        self.open_at().is_some()
+    }
+
+    /// When our open round opened (our update for it went out), if one is open: in
+    /// steps `Phase::Waiting` holds it, in time `open_since`.
+    fn open_at(&self) -> Option<f64> {
+        match self.phase {
+            Phase::Waiting { since } => Some(since),
+            _ => self.open_since,
+        }
     }
 
     fn send(&mut self, to: PeerId, data: Vec<u8>) {
@@ -1444,11 +1448,7 @@ impl Peer {
         // volunteer's CPU between ticks (the browser worker's duty cycle), and a tick that
         // did both would never let it rest.
         let mut closed = false;
-        let open = match self.phase {
-            Phase::Waiting { since } => Some(since),
-            _ => self.open_since,
-        };
-        if let Some(since) = open {
+        if let Some(since) = self.open_at() {
             // Done when every awaited neighbour's update for this round (or a later one)
             // is held, else at the limit (see `round_wait`). With neighbours but none
             // contributing yet (they are joining), it waits the deadline rather than
