@@ -5,16 +5,13 @@
 //! knows nothing of browsers, sockets, axum or tokio: platform code lives in
 //! `web-client` and `signaling-server`.
 
-pub mod dataset;
-pub mod engine;
 pub mod export;
 pub mod framing;
-pub mod gpu;
-pub mod idx;
 pub mod learn;
 pub mod local;
 pub mod privacy;
 pub mod protocol;
-pub mod rng;
 pub mod task;
 pub mod trust;
+
+pub use shoal_engine::{dataset, engine, gpu, idx, rng};

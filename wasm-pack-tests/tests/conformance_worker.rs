@@ -1,5 +1,5 @@
 //! The engine's conformance suite on the browser's WebGPU, in a dedicated Web Worker
-//! (where Shoal trains): the same checks as `shared/tests/conformance.rs` natively.
+//! (where Shoal trains): the same checks as `engine/tests/conformance.rs` natively.
 #![cfg(target_arch = "wasm32")]
 
 use shoal_shared::engine::conformance as suite;

@@ -203,6 +203,8 @@ fn checks(root: &Path, t: &mut Tally) {
             "--target",
             "wasm32-unknown-unknown",
             "-p",
+            "shoal-engine",
+            "-p",
             "shoal-shared",
             "-p",
             "shoal-web-client",

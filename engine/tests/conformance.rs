@@ -2,8 +2,8 @@
 //! lavapipe where there is no GPU; `cargo xtask test` installs it) against the CPU
 //! reference. The same suite runs in headless Chromium from `wasm-pack-tests`.
 
-use shoal_shared::engine::conformance as suite;
-use shoal_shared::gpu::Gpu;
+use shoal_engine::engine::conformance as suite;
+use shoal_engine::gpu::Gpu;
 
 fn gpu() -> Gpu {
     pollster::block_on(Gpu::new())

@@ -1,8 +1,8 @@
 //! Training really learns: the demo models on the demo digits (8,000 train / 2,000
 //! held-out test), CPU backend, natively. The data comes from `cargo xtask data`.
 
-use shoal_shared::engine::ModelSpec;
-use shoal_shared::engine::train::{Samples, cpu_accuracy, gpu_mlp_one_epoch_accuracy};
+use shoal_engine::engine::ModelSpec;
+use shoal_engine::engine::train::{Samples, cpu_accuracy, gpu_mlp_one_epoch_accuracy};
 
 fn load(split: &str) -> Samples {
     let dir: String = std::env::var("SHOAL_DATA")
@@ -36,7 +36,7 @@ fn cnn_reaches_97_5_percent_on_held_out_digits() {
 fn gpu_backend_mlp_reaches_90_percent_after_one_epoch() {
     let (train, test) = (load("train"), load("test"));
     let gpu =
-        pollster::block_on(shoal_shared::gpu::Gpu::new()).expect("a wgpu adapter (lavapipe in CI)");
+        pollster::block_on(shoal_engine::gpu::Gpu::new()).expect("a wgpu adapter (lavapipe in CI)");
     let t = std::time::Instant::now();
     let acc = pollster::block_on(gpu_mlp_one_epoch_accuracy(&gpu, &train, &test))
         .expect("training does not diverge");
