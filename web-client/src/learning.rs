@@ -399,3 +399,120 @@ impl SwarmTrainer {
         e.cpu.evaluate(&e.full.inputs, &e.full.labels, 64).ok()
     }
 }
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::future::Future;
+
+    use shoal_shared::protocol::PeerId;
+
+    use super::*;
+    use crate::swarm::SendError;
+
+    /// A transport that keeps what a driver hands it: the messages, to deliver by hand,
+    /// and the order of its reports and receipts for the server.
+    struct Recorder {
+        me: PeerId,
+        other: PeerId,
+        sent: RefCell<Vec<Vec<u8>>>,
+        server: RefCell<Vec<&'static str>>,
+    }
+
+    impl Transport for Recorder {
+        fn id(&self) -> Option<PeerId> {
+            Some(self.me)
+        }
+        fn peers(&self) -> Vec<PeerId> {
+            vec![self.other]
+        }
+        fn send(&self, _: PeerId, data: Vec<u8>) -> Result<(), SendError> {
+            self.sent.borrow_mut().push(data);
+            Ok(())
+        }
+        fn next_event(&mut self) -> impl Future<Output = Option<SwarmEvent>> {
+            std::future::ready(None)
+        }
+        fn report(&self, _: &PeerReport) {
+            self.server.borrow_mut().push("report");
+        }
+        fn receipt(&self, _: &[u8]) {
+            self.server.borrow_mut().push("receipt");
+        }
+    }
+
+    /// 64 made-up 28x28 images, enough for the demo task's model to train on.
+    fn samples() -> Samples {
+        let n = 64;
+        Samples {
+            inputs: (0..n * 784)
+                .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+                .collect(),
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            dim: 784,
+            shape: [28, 28, 1],
+            positions: 1,
+        }
+    }
+
+    /// The server judges a receipt's round against the task's reports: a peer's first
+    /// receipt must not reach it before the peer's first report (it was refused
+    /// `implausible_round` while no peer of the task had reported). Two peers of the
+    /// demo task train together here, their messages carried by hand, until both have
+    /// sent receipts.
+    #[test]
+    fn a_peer_sends_its_first_report_before_its_first_receipt() {
+        let mut task =
+            TaskSpec::from_toml(include_str!("../../tasks/digits.toml")).expect("the demo task");
+        // Rounds of steps: a round's training does not depend on how fast the clock
+        // below says it went.
+        task.learn.round_ms = 0;
+        task.learn.upload_mb_per_hour = 0;
+        let ids = [PeerId(1), PeerId(2)];
+        let nets: Vec<Recorder> = (0..2)
+            .map(|i| Recorder {
+                me: ids[i],
+                other: ids[1 - i],
+                sent: RefCell::default(),
+                server: RefCell::default(),
+            })
+            .collect();
+        let mut peers: Vec<SwarmTrainer> = (0..2u8)
+            .map(|i| {
+                let id = Identity::from_seed([i + 1; 32]);
+                SwarmTrainer::new(task.clone(), id, None, samples(), None, [9; 32], 0.0)
+                    .expect("a peer of the demo task")
+            })
+            .collect();
+        // Each read of the clock moves it on 5 ms.
+        let now = Cell::new(0.0);
+        let clock = || {
+            now.set(now.get() + 5.0);
+            now.get()
+        };
+        for i in 0..2 {
+            peers[i].handle(SwarmEvent::PeerUp(ids[1 - i]), &nets[i], 0.0);
+        }
+        let both_sent_receipts = || nets.iter().all(|n| n.server.borrow().contains(&"receipt"));
+        while !both_sent_receipts() && now.get() < 120_000.0 {
+            now.set(now.get() + 20.0);
+            for i in 0..2 {
+                pollster::block_on(peers[i].tick(&nets[i], clock)).expect("a tick");
+                let sent = std::mem::take(&mut *nets[i].sent.borrow_mut());
+                for data in sent {
+                    let ev = SwarmEvent::Message { from: ids[i], data };
+                    peers[1 - i].handle(ev, &nets[1 - i], now.get());
+                }
+            }
+        }
+        for n in &nets {
+            let calls = n.server.borrow();
+            let first = |what: &str| calls.iter().position(|c| *c == what);
+            assert!(
+                matches!((first("report"), first("receipt")), (Some(r), Some(c)) if r < c),
+                "peer {}: the server got {calls:?}",
+                n.me
+            );
+        }
+    }
+}
