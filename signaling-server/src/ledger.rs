@@ -30,6 +30,9 @@ const CREDITS_EVERY: Duration = Duration::from_secs(2);
 /// Credits as computed at a time, at an entry count.
 type Computed = (Instant, u64, Arc<Credits>);
 
+/// A place among the [`LEDGER_READS`] and its address's share, given back when dropped.
+type ReadPlace = (tokio::sync::OwnedSemaphorePermit, AddressShare);
+
 /// The credits of each task, as last computed.
 #[derive(Default)]
 pub struct CreditsCache(Mutex<std::collections::HashMap<String, Computed>>);
@@ -38,6 +41,10 @@ pub struct CreditsCache(Mutex<std::collections::HashMap<String, Computed>>);
 /// ledger's lock behind an append's fsync; more get 503 (so that a flood of requests
 /// cannot take the blocking threads the file service also uses).
 pub const LEDGER_READS: usize = 8;
+/// Of the [`LEDGER_READS`] places, how many one address group may hold by default (the
+/// server's `--ledger-reads-per-address`): a client with many connections cannot take
+/// them all and leave every other reader `503`.
+pub const LEDGER_READS_PER_ADDRESS: usize = 2;
 
 /// Ledger file downloads served at once (more get 503): each holds the file's bytes (one
 /// shared copy per build) and a slow reader holds its slot.
@@ -82,6 +89,8 @@ pub struct LedgerState {
     pub files: Arc<FileCache>,
     /// Pages and credits being computed ([`LEDGER_READS`] at once).
     pub reads: Arc<tokio::sync::Semaphore>,
+    /// Places held per address group (entries at zero are removed).
+    reads_by_address: AddressCounts,
 }
 
 impl LedgerState {
@@ -92,17 +101,27 @@ impl LedgerState {
             cache: Arc::default(),
             files: Arc::default(),
             reads: Arc::new(tokio::sync::Semaphore::new(LEDGER_READS)),
+            reads_by_address: AddressCounts::default(),
         }
     }
 
-    /// One of the [`LEDGER_READS`] places, or the answer to give without one.
-    fn read_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
-        Arc::clone(&self.reads).try_acquire_owned().map_err(|_| {
+    /// One of the [`LEDGER_READS`] places for a request from address `group`, within
+    /// the group's share, or the answer to give without one.
+    fn read_place(&self, group: u128) -> Result<ReadPlace, Box<Response>> {
+        let share = self.hub.config().ledger_reads_per_address;
+        let Some(share) = AddressShare::take(&self.reads_by_address, group, share) else {
+            return Err(Box::new(retry_later(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many ledger requests from this address at once; try again shortly",
+            )));
+        };
+        let permit = Arc::clone(&self.reads).try_acquire_owned().map_err(|_| {
             Box::new(retry_later(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many ledger requests at once; try again shortly",
             ))
-        })
+        })?;
+        Ok((permit, share))
     }
 }
 
@@ -140,6 +159,7 @@ pub async fn page(
     State(s): State<LedgerState>,
     Path(task): Path<String>,
     Query(q): Query<Page>,
+    request: axum::extract::Request,
 ) -> Response {
     let ledger = match ledger_of(&s, &task) {
         Ok(l) => l,
@@ -149,7 +169,7 @@ pub async fn page(
     if limit == 0 || limit > MAX_PAGE {
         return refuse(StatusCode::BAD_REQUEST, &format!("limit: 1..={MAX_PAGE}"));
     }
-    let place = match s.read_place() {
+    let place = match s.read_place(crate::signaling::request_group(request.extensions())) {
         Ok(p) => p,
         Err(r) => return *r,
     };
@@ -323,6 +343,7 @@ pub async fn credits(
     State(s): State<LedgerState>,
     Path(task): Path<String>,
     Query(q): Query<Who>,
+    request: axum::extract::Request,
 ) -> Response {
     let ledger = match ledger_of(&s, &task) {
         Ok(l) => l,
@@ -333,7 +354,7 @@ pub async fn credits(
         Some(Some(k)) if k.len() == 32 => Some(<[u8; 32]>::try_from(k).unwrap_or([0; 32])),
         Some(_) => return refuse(StatusCode::BAD_REQUEST, "key: 64 hex digits"),
     };
-    let place = match s.read_place() {
+    let place = match s.read_place(crate::signaling::request_group(request.extensions())) {
         Ok(p) => p,
         Err(r) => return *r,
     };
@@ -398,35 +419,91 @@ pub async fn credits(
 mod tests {
     use super::*;
 
-    /// With every place taken (slow pages and credits waiting for the ledger's lock),
-    /// a further request is answered at once, not queued on a blocking thread.
-    #[tokio::test]
-    async fn ledger_reads_past_their_places_get_503_at_once() {
-        let dir = std::env::temp_dir().join(format!("shoal-ledger-reads-{}", std::process::id()));
+    fn state(name: &str) -> (LedgerState, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("shoal-ledger-{name}-{}", std::process::id()));
         let config = crate::SignalingConfig {
             ledger_dir: Some(dir.clone()),
             ..crate::SignalingConfig::default()
         };
-        let s = LedgerState::new(Hub::new(config, &["digits".into()], &[], None));
-        let held: Vec<_> = (0..LEDGER_READS)
-            .map(|_| s.read_place().expect("a place"))
+        (
+            LedgerState::new(Hub::new(config, &["digits".into()], &[], None)),
+            dir,
+        )
+    }
+
+    fn task() -> Path<String> {
+        Path("digits".to_string())
+    }
+
+    fn first_page() -> Query<Page> {
+        Query(Page {
+            from: None,
+            limit: None,
+        })
+    }
+
+    /// A request as `serve` hands it on: with the address it came from.
+    fn from(ip: [u8; 4]) -> axum::extract::Request {
+        let mut r = axum::extract::Request::new(Body::empty());
+        let addr = std::net::SocketAddr::from((ip, 40000));
+        r.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+        r
+    }
+
+    fn group(ip: [u8; 4]) -> u128 {
+        crate::signaling::address_group(std::net::IpAddr::from(ip))
+    }
+
+    /// With every place taken (slow pages and credits waiting for the ledger's lock),
+    /// a further request is answered at once, not queued on a blocking thread.
+    #[tokio::test]
+    async fn ledger_reads_past_their_places_get_503_at_once() {
+        let (s, dir) = state("reads");
+        let held: Vec<_> = (0..LEDGER_READS as u8)
+            .map(|i| s.read_place(group([10, 0, 0, i])).expect("a place"))
             .collect();
-        let task = || Path("digits".to_string());
-        let r = credits(State(s.clone()), task(), Query(Who { key: None })).await;
+        let me = [192, 0, 2, 1];
+        let r = credits(State(s.clone()), task(), Query(Who { key: None }), from(me)).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "5");
-        let page_of = || {
-            Query(Page {
-                from: None,
-                limit: None,
-            })
-        };
-        let r = page(State(s.clone()), task(), page_of()).await;
+        let r = page(State(s.clone()), task(), first_page(), from(me)).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         drop(held);
-        let r = page(State(s.clone()), task(), page_of()).await;
+        let r = page(State(s.clone()), task(), first_page(), from(me)).await;
         assert_eq!(r.status(), StatusCode::OK);
-        let r = credits(State(s), task(), Query(Who { key: None })).await;
+        let r = credits(State(s), task(), Query(Who { key: None }), from(me)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// One address (a client with many connections) holds at most its share of the
+    /// places: its next request is refused `429` while another address is served.
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_of_the_ledger_reads() {
+        let (s, dir) = state("shares");
+        let greedy = [192, 0, 2, 1];
+        let held: Vec<_> = (0..LEDGER_READS_PER_ADDRESS)
+            .map(|_| {
+                s.read_place(group(greedy))
+                    .expect("a place within the share")
+            })
+            .collect();
+        let r = page(State(s.clone()), task(), first_page(), from(greedy)).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+        let r = credits(
+            State(s.clone()),
+            task(),
+            Query(Who { key: None }),
+            from(greedy),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let other = [198, 51, 100, 7];
+        let r = page(State(s.clone()), task(), first_page(), from(other)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        drop(held);
+        let r = page(State(s), task(), first_page(), from(greedy)).await;
         assert_eq!(r.status(), StatusCode::OK);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -131,6 +131,11 @@ struct Args {
     /// no share (behind a reverse proxy every reader has the proxy's address).
     #[arg(long, env = "SHOAL_LEDGER_DOWNLOADS_PER_ADDRESS", default_value_t = 1)]
     ledger_downloads_per_address: usize,
+    /// Ledger pages and credits one address (IPv4 address, IPv6 /64) may have computed
+    /// at once, of the 8 the server computes; 0 for no share.
+    #[arg(long, env = "SHOAL_LEDGER_READS_PER_ADDRESS",
+          default_value_t = shoal_signaling_server::ledger::LEDGER_READS_PER_ADDRESS)]
+    ledger_reads_per_address: usize,
     /// STUN URL handed to peers (repeatable).
     #[arg(long, env = "SHOAL_STUN", value_delimiter = ',')]
     stun: Vec<String>,
@@ -281,6 +286,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ledger_segment_bytes: args.ledger_segment_mb << 20,
         ledger_max_entries: args.ledger_max_entries,
         ledger_downloads_per_address: args.ledger_downloads_per_address,
+        ledger_reads_per_address: args.ledger_reads_per_address,
     };
     // A ledger folder that cannot be made stops the start: receipts would be lost.
     std::fs::create_dir_all(&args.ledger_dir)

@@ -121,6 +121,9 @@ pub struct SignalingConfig {
     /// Ledger file downloads one address (an IPv4 address, an IPv6 /64) may run at once;
     /// 0 for no share (behind a reverse proxy every reader has the proxy's address).
     pub ledger_downloads_per_address: usize,
+    /// Ledger pages and credits one address (an IPv4 address, an IPv6 /64) may have
+    /// computed at once, of the server's [`crate::ledger::LEDGER_READS`]; 0 for no share.
+    pub ledger_reads_per_address: usize,
 }
 
 /// [`SignalingConfig::ledger_max_entries`] by default: about 700 MB of memory and 250 MB
@@ -141,6 +144,7 @@ impl Default for SignalingConfig {
             ledger_segment_bytes: shoal_shared::trust::ledger::DEFAULT_SEGMENT_BYTES,
             ledger_max_entries: DEFAULT_LEDGER_MAX_ENTRIES,
             ledger_downloads_per_address: 1,
+            ledger_reads_per_address: crate::ledger::LEDGER_READS_PER_ADDRESS,
         }
     }
 }
