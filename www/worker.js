@@ -183,7 +183,10 @@ async function witness(task) {
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
       return r.json();
     };
-    const pages = await Promise.all((at.length ? at : [null]).map((i) => get(i === null ? 'limit=1' : `from=${i}&limit=1`)));
+    // One lookup at a time: the server computes at most 2 ledger requests at once for an
+    // address, and the page's credits are one of them.
+    const pages = [];
+    for (const i of (at.length ? at : [null])) pages.push(await get(i === null ? 'limit=1' : `from=${i}&limit=1`));
     if (!peer) return;
     // What the server shows at each index looked up ("" where it has no entry).
     const hashes = at.map((i, k) => pages[k].entries.find((x) => x.index === i)?.hash ?? '');

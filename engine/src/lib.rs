@@ -4,7 +4,8 @@
 //!
 //! A crate of its own so that the browser build can compile it for speed while the rest of
 //! the client is compiled for size (the workspace's `wasm-release` profile): the CPU
-//! backend's kernels are the only code in the bundle whose speed a visitor notices.
+//! backend's kernels carry a visitor's training (what runs once a round outside this
+//! crate — aggregation, compression, framing, hashes — is compiled for size).
 //! `shoal-shared` re-exports every module under the same name, so `shoal_shared::engine`
 //! is this crate's `engine`.
 

@@ -1,5 +1,7 @@
-//! Shoal's core library: data formats, the GPU context and (as the engine grows) the
-//! model, training engine, protocol types and learning algorithm.
+//! Shoal's core library: protocol types, tasks, the learning algorithm and the peer,
+//! trust and privacy. The training engine, the GPU context and the data formats live in
+//! `shoal-engine` and are re-exported here under their names (`engine`, `gpu`, `dataset`,
+//! `idx`, `rng`).
 //!
 //! This crate compiles for `wasm32-unknown-unknown` and natively from the same code. It
 //! knows nothing of browsers, sockets, axum or tokio: platform code lives in
