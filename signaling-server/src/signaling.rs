@@ -275,9 +275,9 @@ struct Task {
 /// report came (but not within [`SUMMARY_MIN`] of the last count), else once per
 /// [`SUMMARY_EVERY`] (reports age out). While it knows no round, a trainer's report
 /// gives it its own (the median of the one trainer report) at once, without a count: a
-/// peer's first receipts come right behind its first report. Receipts and task descriptions ask for it on
-/// every request, and a pass costs time linear in the task's peers under the lock every
-/// task shares.
+/// peer's first receipts come right behind its first report. Receipts and task
+/// descriptions ask for it on every request, and a pass costs time linear in the task's
+/// peers under the lock every task shares.
 #[derive(Clone, Copy, Debug, Default)]
 struct Summary {
     /// [`median_version`].
