@@ -1,7 +1,8 @@
 // The dashboard's worker: an observer peer of the swarm. It downloads the current model
 // from a neighbour every few seconds, evaluates it on the task's held-out split, and
 // writes the safetensors export on request. It never trains or sends updates.
-import init, { SwarmObserver } from './pkg/shoal_web_client.js';
+// The researcher's bundle: the contributor's plus the observer (visitors never load it).
+import init, { SwarmObserver } from './pkg/shoal_dashboard_client.js';
 
 let observer = null;
 let early = [];

@@ -2,7 +2,9 @@
 // thread, so the page holds the swarm connection and relays bytes between it and the
 // worker that trains (or observes). Nothing here computes; it only moves bytes.
 
-const pkg = new URL('./pkg/shoal_web_client.js', import.meta.url).href;
+// The contributor's bundle; the dashboard passes its own (`bundle`), which holds the same
+// transport, so that its page and its worker share one download.
+const CONTRIBUTOR_BUNDLE = new URL('./pkg/shoal_web_client.js', import.meta.url).href;
 
 /**
  * Joins `task`'s swarm and wires it to `worker`: transport events go to the worker as
@@ -11,9 +13,10 @@ const pkg = new URL('./pkg/shoal_web_client.js', import.meta.url).href;
  * `onSignaling(up)` is told when the signaling server connection comes and goes. With
  * `secret` (the visitor's key, 64 hex digits) the connection proves that key to the
  * server, so that the receipts the visitor signs and earns count in the task's ledger.
+ * `bundle` is the URL of the wasm bundle's JS glue to run the transport with.
  */
-export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null } = {}) {
-  const shoal = await import(pkg);
+export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE } = {}) {
+  const shoal = await import(bundle);
   await shoal.default();
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}`);

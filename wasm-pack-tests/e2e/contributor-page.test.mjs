@@ -32,6 +32,20 @@ test('server answers health checks and serves the bundle with the right MIME typ
   assert.equal((await fetch(`${server.url}/no-such-file.js`)).status, 404);
 });
 
+test('visitors get the contributor bundle; the dashboard\'s observer is in a bundle of its own', async () => {
+  const contributor = await (await fetch(`${server.url}/pkg/shoal_web_client.js`)).text();
+  assert.match(contributor, /export class SwarmPeer\b/);
+  assert.doesNotMatch(contributor, /SwarmObserver/, 'the observer is not in what visitors download');
+  const dashboard = await (await fetch(`${server.url}/pkg/shoal_dashboard_client.js`)).text();
+  assert.match(dashboard, /export class SwarmObserver\b/);
+  assert.match(dashboard, /export class Swarm\b/, 'the dashboard bundle carries the transport for its page');
+  const wasm = await fetch(`${server.url}/pkg/shoal_dashboard_client_bg.wasm`);
+  assert.equal(wasm.status, 200);
+  assert.equal(wasm.headers.get('content-type'), 'application/wasm');
+  const worker = await (await fetch(`${server.url}/worker.js`)).text();
+  assert.doesNotMatch(worker, /shoal_dashboard_client/, 'the contributor\'s worker loads only the contributor bundle');
+});
+
 test('the demo data is served as IDX files', async () => {
   const res = await fetch(`${server.url}/data/digits/test-labels.idx`);
   assert.equal(res.status, 200);

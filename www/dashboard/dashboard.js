@@ -223,7 +223,9 @@ fetchTask(TASK).then((d) => {
 
 // The model every 10 s (each download is the change since the last one, int8, uploaded by two volunteers).
 observer.postMessage({ type: 'start', task: TASK, everyMs: 10_000 });
-relaySwarm(observer, TASK, { onSignaling: (up) => { if (!up) setState('error', 'Lost the signaling server; reconnecting…'); } })
+relaySwarm(observer, TASK, {
+  bundle: new URL('../pkg/shoal_dashboard_client.js', import.meta.url).href,
+  onSignaling: (up) => { if (!up) setState('error', 'Lost the signaling server; reconnecting…'); } })
   .catch((e) => setState('error', `Cannot join the swarm: ${e.message}`));
 // The leaderboard: credits per visitor key and per site, from the ledger.
 async function pollCredits() {

@@ -79,7 +79,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     (
         "build-web",
         "build-web",
-        "Builds the wasm bundle into www/pkg only.",
+        "Builds the wasm bundles (the contributor's and the dashboard's) into www/pkg only.",
     ),
 ];
 

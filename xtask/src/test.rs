@@ -209,6 +209,8 @@ fn checks(root: &Path, t: &mut Tally) {
             "-p",
             "shoal-web-client",
             "-p",
+            "shoal-dashboard-client",
+            "-p",
             "shoal-wasm-pack-tests",
             "--all-targets",
             "--",

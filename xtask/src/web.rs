@@ -1,4 +1,7 @@
-//! Builds the web-client wasm bundle and its JS glue into `www/pkg`.
+//! Builds the web client's two wasm bundles and their JS glue into `www/pkg`: the
+//! contributor's (`shoal_web_client`, what every visitor downloads) and the researcher's
+//! (`shoal_dashboard_client`: the same plus the dashboard's observer and the benchmark
+//! page's trainers).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,28 +10,52 @@ use anyhow::{Context, Result, bail};
 
 use crate::run_cmd;
 
-/// Builds the release wasm and generates its glue with the wasm-bindgen that Cargo.lock
-/// pins (linked into xtask, so no separately installed binary can drift), without the
-/// name and producers sections (the name section alone was 237 KB of 1.6 MB: function
-/// names for stack traces, which a visitor's browser does not need), then shrinks it with
-/// binaryen's `wasm-opt -Oz` (the npm build; Debian's binaryen 108 breaks wgpu's output).
-/// Skips both steps when `www/pkg` is newer than the wasm. Prints the bundle's size, raw and gzipped at
-/// the best level. Returns the path of the final `.wasm`.
+/// The bundles: cargo package, and the crate name that names its wasm and glue.
+const BUNDLES: [(&str, &str); 2] = [
+    ("shoal-web-client", "shoal_web_client"),
+    ("shoal-dashboard-client", "shoal_dashboard_client"),
+];
+
+/// Builds both bundles (one cargo run, so the crates they share compile once) and
+/// generates each one's glue with the wasm-bindgen that Cargo.lock pins (linked into
+/// xtask, so no separately installed binary can drift), without the name and producers
+/// sections (the name section alone was 237 KB of 1.6 MB: function names for stack
+/// traces, which a visitor's browser does not need), then shrinks each with binaryen's
+/// `wasm-opt -Oz` (the npm build; Debian's binaryen 108 breaks wgpu's output). Skips a
+/// bundle's two steps when its files in `www/pkg` are newer than its wasm. Prints each
+/// bundle's size, raw and gzipped at the best level: the contributor's is what a visitor
+/// downloads. Returns the path of the contributor's final `.wasm`.
 pub(crate) fn build(root: &Path) -> Result<PathBuf> {
-    let out_wasm = build_quietly(root)?;
-    let out_dir = root.join("www/pkg");
-    let (mut raw, mut gz) = (0, 0);
-    for name in ["shoal_web_client_bg.wasm", "shoal_web_client.js"] {
-        let bytes = std::fs::read(out_dir.join(name))?;
-        raw += bytes.len();
-        gz += gzipped_len(&bytes)?;
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "--profile",
+        "wasm-release",
+        "--target",
+        "wasm32-unknown-unknown",
+    ];
+    for (package, _) in BUNDLES {
+        args.extend(["-p", package]);
     }
-    eprintln!(
-        "xtask: the web client (wasm and its glue) is {} KB, {} KB gzipped",
-        raw / 1000,
-        gz / 1000
-    );
-    Ok(out_wasm)
+    run_cmd(Command::new("cargo").current_dir(root).args(args))?;
+    let out_dir = root.join("www/pkg");
+    let mut contributor = None;
+    for (package, name) in BUNDLES {
+        let out_wasm = bindgen_and_optimize(root, name)?;
+        let (mut raw, mut gz) = (0, 0);
+        for file in [format!("{name}_bg.wasm"), format!("{name}.js")] {
+            let bytes = std::fs::read(out_dir.join(file))?;
+            raw += bytes.len();
+            gz += gzipped_len(&bytes)?;
+        }
+        eprintln!(
+            "xtask: {package} (wasm and its glue, www/pkg/{name}.js) is {} KB, {} KB gzipped",
+            raw / 1000,
+            gz / 1000
+        );
+        contributor.get_or_insert(out_wasm);
+    }
+    contributor.context("no bundles")
 }
 
 /// The length of `bytes` gzipped at the best compression.
@@ -39,27 +66,20 @@ fn gzipped_len(bytes: &[u8]) -> Result<usize> {
     Ok(gz.finish()?.len())
 }
 
-fn build_quietly(root: &Path) -> Result<PathBuf> {
-    run_cmd(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--quiet",
-        "--profile",
-        "wasm-release",
-        "--target",
-        "wasm32-unknown-unknown",
-        "-p",
-        "shoal-web-client",
-    ]))?;
-    let wasm = root.join("target/wasm32-unknown-unknown/wasm-release/shoal_web_client.wasm");
+/// wasm-bindgen and wasm-opt for the bundle `name`, unless `www/pkg` holds a newer one.
+fn bindgen_and_optimize(root: &Path, name: &str) -> Result<PathBuf> {
+    let wasm = root.join(format!(
+        "target/wasm32-unknown-unknown/wasm-release/{name}.wasm"
+    ));
     let out_dir = root.join("www/pkg");
-    let out_wasm = out_dir.join("shoal_web_client_bg.wasm");
+    let out_wasm = out_dir.join(format!("{name}_bg.wasm"));
     if is_newer(&out_wasm, &wasm) {
         return Ok(out_wasm);
     }
     // Glue and wasm are made and optimized in a staging folder and move into `www/pkg`
     // only when both steps succeeded (the wasm last): an interrupted or failed build
     // leaves the previous bundle, older than cargo's output, so the next build redoes it.
-    let stage = root.join("target/web-pkg");
+    let stage = root.join("target/web-pkg").join(name);
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(&stage)?;
     let args = [
@@ -74,13 +94,13 @@ fn build_quietly(root: &Path) -> Result<PathBuf> {
         wasm.clone().into_os_string(),
     ];
     wasm_bindgen_cli::wasm_bindgen::run_cli_with_args(args).context("wasm-bindgen failed")?;
-    let staged = stage.join("shoal_web_client_bg.wasm");
+    let staged = stage.join(format!("{name}_bg.wasm"));
     let optimized = stage.join("optimized.wasm");
     optimize(root, &staged, &optimized)?;
     std::fs::create_dir_all(&out_dir)?;
     std::fs::rename(
-        stage.join("shoal_web_client.js"),
-        out_dir.join("shoal_web_client.js"),
+        stage.join(format!("{name}.js")),
+        out_dir.join(format!("{name}.js")),
     )?;
     std::fs::rename(&optimized, &out_wasm)?;
     Ok(out_wasm)

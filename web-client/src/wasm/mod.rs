@@ -1,5 +1,7 @@
 //! The browser side of the peer: the functions and classes the contributor page's Web
-//! Worker (and the benchmark page) call.
+//! Worker and its relay call, and the benchmark page's trainers (so that the benchmarks
+//! measure the bundle visitors run). The dashboard's observer is in a bundle of its own
+//! (`shoal-dashboard-client`), built on [`Relay`] and [`now_ms`] from here.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -13,11 +15,10 @@ use shoal_shared::task::TaskSpec;
 use wasm_bindgen::prelude::*;
 
 mod local;
-mod observer;
 mod peer;
 mod transport;
 pub use local::LocalFiles;
-pub use observer::SwarmObserver;
+pub use peer::Relay;
 pub use peer::SwarmPeer;
 pub use transport::Swarm;
 
@@ -25,7 +26,7 @@ pub use transport::Swarm;
 /// (`timeOrigin + now()`, in the range of `Date.now()`), where the wall clock can jump
 /// (a synchronization, a suspended laptop) and would fire or hold every deadline the
 /// peer and the mesh keep. `Date.now()` only where there is no `performance`.
-pub(crate) fn now_ms() -> f64 {
+pub fn now_ms() -> f64 {
     let global = js_sys::global();
     let perf = js_sys::Reflect::get(&global, &"performance".into()).ok();
     let read = |name: &str| -> Option<f64> {

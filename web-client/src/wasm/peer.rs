@@ -22,9 +22,9 @@ use crate::learning::SwarmTrainer;
 use crate::swarm::{MAX_MESSAGE, MAX_QUEUED, SendError, SwarmEvent, Transport};
 use shoal_shared::task::TaskSpec;
 
-/// The worker's side of the transport.
+/// The worker's side of the transport (the training peer's and the dashboard observer's).
 #[derive(Default)]
-pub(super) struct Relay {
+pub struct Relay {
     pub(super) peers: RefCell<BTreeSet<PeerId>>,
     pub(super) events: RefCell<VecDeque<SwarmEvent>>,
     pub(super) outbox: RefCell<VecDeque<(PeerId, Vec<u8>)>>,
@@ -43,12 +43,7 @@ impl Relay {
 
     /// Queues a transport event from the page: `kind` is "peer_up", "peer_down" or
     /// "message" (with `data`). Unknown kinds and bad peer ids are refused.
-    pub(super) fn event(
-        &self,
-        kind: &str,
-        peer: &str,
-        data: Option<Vec<u8>>,
-    ) -> Result<(), JsError> {
+    pub fn event(&self, kind: &str, peer: &str, data: Option<Vec<u8>>) -> Result<(), JsError> {
         let p = parse_peer(peer)?;
         let ev = match (kind, data) {
             ("peer_up", _) => {
@@ -67,8 +62,18 @@ impl Relay {
         Ok(())
     }
 
+    /// The oldest event not yet taken.
+    pub fn pop_event(&self) -> Option<SwarmEvent> {
+        self.events.borrow_mut().pop_front()
+    }
+
+    /// The latest report for the server, if a new one was made since the last call.
+    pub fn take_report(&self) -> Option<PeerReport> {
+        self.report.borrow_mut().take()
+    }
+
     /// The messages to send, as `[peer, Uint8Array]` pairs, oldest first.
-    pub(super) fn drain(&self) -> Array {
+    pub fn drain(&self) -> Array {
         self.outbox
             .borrow_mut()
             .drain(..)
@@ -372,7 +377,7 @@ impl SwarmPeer {
                 peer.set_paused(&*relay, p);
             }
             loop {
-                let ev = relay.events.borrow_mut().pop_front();
+                let ev = relay.pop_event();
                 let Some(ev) = ev else { break };
                 peer.handle(ev, &*relay, now_ms());
             }
@@ -391,7 +396,7 @@ impl SwarmPeer {
             if !receipts.is_empty() {
                 progress["signed_receipts"] = serde_json::to_value(receipts).unwrap_or_default();
             }
-            if let Some(r) = relay.report.borrow_mut().take() {
+            if let Some(r) = relay.take_report() {
                 progress["report"] = serde_json::to_value(r).unwrap_or_default();
             }
             *inner.borrow_mut() = Some(peer);

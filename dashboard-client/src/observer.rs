@@ -8,10 +8,9 @@ use shoal_shared::engine::train::Samples;
 use shoal_shared::task::TaskSpec;
 use wasm_bindgen::prelude::*;
 
-use super::now_ms;
-use super::peer::Relay;
-use crate::observe::Observer;
-use crate::swarm::Transport;
+use shoal_web_client::observe::Observer;
+use shoal_web_client::swarm::Transport;
+use shoal_web_client::wasm::{Relay, now_ms};
 
 /// An observer of a task's swarm, driven from JavaScript.
 #[wasm_bindgen]
@@ -59,7 +58,7 @@ impl SwarmObserver {
     pub fn tick(&mut self) -> String {
         let mut points = Vec::new();
         loop {
-            let ev = self.relay.events.borrow_mut().pop_front();
+            let ev = self.relay.pop_event();
             let Some(ev) = ev else { break };
             if let Some(p) = self.inner.handle(ev, &*self.relay, now_ms()) {
                 points.push(p);
@@ -85,7 +84,7 @@ impl SwarmObserver {
     /// The latest report for the server as JSON, if a new one is due.
     #[wasm_bindgen(js_name = takeReport)]
     pub fn take_report(&self) -> Option<String> {
-        let r = self.relay.report.borrow_mut().take()?;
+        let r = self.relay.take_report()?;
         serde_json::to_string(&r).ok()
     }
 
