@@ -2,10 +2,12 @@
 // from a neighbour every few seconds, evaluates it on the task's held-out split, and
 // writes the safetensors export on request. It never trains or sends updates.
 // The researcher's bundle: the contributor's plus the observer (visitors never load it).
-import init, { SwarmObserver } from './pkg/shoal_dashboard_client.js';
+import init, { SwarmObserver, EarlyEvents } from './pkg/shoal_dashboard_client.js';
 
 let observer = null;
-let early = [];
+// Transport events before the observer exists (bounded per neighbour, as its inbox).
+let early = null;
+const loading = init();
 const post = (m, transfer) => self.postMessage(m, transfer ?? []);
 const errorText = (e) => String(e && e.message ? e.message : e);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -17,14 +19,15 @@ async function fetchBytes(path) {
 }
 
 async function observe(task, everyMs) {
-  await init();
+  await loading;
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
   const files = await Promise.all(desc.files.map(fetchBytes));
   observer = SwarmObserver.create(JSON.stringify(desc.task), files, everyMs);
-  for (const m of early) observer.event(m.kind, m.peer, m.data);
-  early = [];
+  if (early) observer.adopt(early);
+  early?.free();
+  early = null;
   post({ type: 'ready' });
   for (;;) {
     const points = JSON.parse(observer.tick());
@@ -43,7 +46,13 @@ self.addEventListener('message', (event) => {
       observe(m.task, m.everyMs ?? 10_000).catch((e) => post({ type: 'error', message: errorText(e) }));
     } else if (m.type === 'net' && m.kind !== 'task_state') {
       if (observer) observer.event(m.kind, m.peer, m.data);
-      else early.push(m);
+      else {
+        loading.then(() => {
+          if (observer) return observer.event(m.kind, m.peer, m.data);
+          early ??= new EarlyEvents();
+          early.event(m.kind, m.peer, m.data);
+        }).catch((e) => post({ type: 'error', message: errorText(e) }));
+      }
     } else if (m.type === 'export') {
       const bytes = observer.exportSafetensors(m.ledgerHead ?? undefined);
       post({ type: 'exported', bytes, version: observer.version() }, [bytes.buffer]);

@@ -2,12 +2,13 @@
 // thread: the WebGPU probe, then (after the visitor's consent) the swarm peer's training
 // loop. The WebRTC connections live on the page's main thread (browsers have none in
 // workers); messages pass through `postMessage`.
-import init, { probe, SwarmPeer, LocalFiles } from './pkg/shoal_web_client.js';
+import init, { probe, SwarmPeer, LocalFiles, EarlyEvents } from './pkg/shoal_web_client.js';
 
 let backend = 'cpu';
 let peer = null;
-// Transport events that arrive while the peer is still being created.
-let early = [];
+// Transport events that arrive while the peer is still being created (an `EarlyEvents`
+// once the module is loaded: bounded per neighbour, as the peer's own inbox).
+let early = null;
 // Share of wall time spent training (the visitor's throttle), and pause states that
 // arrive before the peer exists.
 let duty = 1;
@@ -58,6 +59,16 @@ const yieldToMessages = () => new Promise((resolve) => {
 function netEvent(m) {
   if (m.kind === 'task_state') peer.setPaused('task', m.paused);
   else peer.event(m.kind, m.peer, m.data);
+}
+
+// An event before the peer exists: kept (within bounds) for the peer to adopt. Until the
+// module has loaded it waits on the loading, in order.
+function earlyEvent(m) {
+  loading.then(() => {
+    if (peer) return netEvent(m);
+    early ??= new EarlyEvents();
+    early.event(m.kind, m.peer, m.data);
+  }).catch((e) => post({ type: 'error', message: errorText(e) }));
 }
 
 /** The width and height a PNG or JPEG file declares (read from its first 64 KiB), or
@@ -213,8 +224,9 @@ async function contribute(task, secret, head, privacySent, consented, mine) {
   // were sent with (kept by the page).
   if (privacySent?.rounds > 0) peer.notePrivacySent(privacySent.rounds, privacySent.z);
   let counted = privacySent?.rounds ?? 0;
-  for (const m of early) netEvent(m);
-  early = [];
+  if (early) peer.adopt(early);
+  early?.free();
+  early = null;
   if (head) {
     try {
       peer.rememberHead(head);
@@ -300,7 +312,7 @@ self.addEventListener('message', (event) => {
     } else if (msg.type === 'net') {
       if (peer) netEvent(msg);
       else if (msg.kind === 'task_state') taskPaused = msg.paused;
-      else early.push(msg);
+      else earlyEvent(msg);
     } else if (msg.type === 'try') {
       if (!(msg.input instanceof Uint8Array) || msg.input.length > 1 << 20) {
         post({ type: 'tried', id: msg.id, error: 'the input is not bytes, or longer than 1 MiB' });

@@ -10,7 +10,7 @@ use wasm_bindgen::prelude::*;
 
 use shoal_web_client::observe::Observer;
 use shoal_web_client::swarm::Transport;
-use shoal_web_client::wasm::{Relay, now_ms};
+use shoal_web_client::wasm::{EarlyEvents, Relay, now_ms};
 
 /// An observer of a task's swarm, driven from JavaScript.
 #[wasm_bindgen]
@@ -51,6 +51,12 @@ impl SwarmObserver {
     /// A transport event from the page (as for `SwarmPeer.event`).
     pub fn event(&self, kind: &str, peer: &str, data: Option<Vec<u8>>) -> Result<(), JsError> {
         self.relay.event(kind, peer, data)
+    }
+
+    /// Takes over the events that arrived before this observer existed (as for
+    /// `SwarmPeer.adopt`).
+    pub fn adopt(&self, early: &EarlyEvents) {
+        self.relay.adopt(early);
     }
 
     /// Takes in the events so far and asks for the model when due. Returns the new

@@ -46,6 +46,29 @@ test('visitors get the contributor bundle; the dashboard\'s observer is in a bun
   assert.doesNotMatch(worker, /shoal_dashboard_client/, 'the contributor\'s worker loads only the contributor bundle');
 });
 
+test('a neighbour flooding a worker that is busy fills only its own share of the inbox', async () => {
+  // What the worker keeps of a neighbour's messages while its peer is being created (and,
+  // through the same code, between two training ticks): 200 messages of 1 MiB from one
+  // neighbour, then an honest neighbour's update.
+  const page = await browser.newPage();
+  await page.goto(server.url);
+  const got = await page.evaluate(async () => {
+    const shoal = await import('/pkg/shoal_web_client.js');
+    await shoal.default();
+    const before = shoal.wasmMemoryBytes();
+    const early = new shoal.EarlyEvents();
+    early.event('peer_up', '00000000000000aa', undefined);
+    for (let i = 0; i < 200; i++) early.event('message', '00000000000000aa', new Uint8Array(1 << 20));
+    const flooded = early.dropped();
+    early.event('message', '00000000000000bb', new Uint8Array(40_000));
+    return { flooded, after: early.dropped(), grew: shoal.wasmMemoryBytes() - before };
+  });
+  await page.close();
+  assert.equal(got.flooded, 200 - 64, 'past 64 MiB waiting, the flooder\'s messages are dropped');
+  assert.equal(got.after, got.flooded, 'another neighbour\'s message still goes in');
+  assert.ok(got.grew < 80 * 2 ** 20, `the worker's memory grew by ${got.grew} bytes`);
+});
+
 test('the demo data is served as IDX files', async () => {
   const res = await fetch(`${server.url}/data/digits/test-labels.idx`);
   assert.equal(res.status, 200);

@@ -26,7 +26,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::mesh::{Action, Mesh};
-use crate::swarm::{SendError, SwarmEvent, Transport};
+use crate::swarm::{Inbox, SendError, SwarmEvent, Transport};
 
 /// How a native peer connects.
 #[derive(Clone, Debug)]
@@ -64,7 +64,11 @@ struct Shared {
     opts: NativeOptions,
     state: Mutex<State>,
     clock: Instant,
-    events: mpsc::UnboundedSender<SwarmEvent>,
+    /// Events for the peer, bounded per neighbour (see [`Inbox`]): the peer takes them
+    /// between training chunks.
+    inbox: Mutex<Inbox>,
+    /// Woken when an event goes into the inbox.
+    arrived: Notify,
     /// The mesh's actions, carried out one at a time in order by one task (a candidate
     /// must not be applied before the description it belongs to).
     actions: mpsc::UnboundedSender<Action>,
@@ -123,7 +127,6 @@ impl Shared {
 /// A native member of a swarm.
 pub struct NativeSwarm {
     shared: Arc<Shared>,
-    events: mpsc::UnboundedReceiver<SwarmEvent>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -131,7 +134,6 @@ impl NativeSwarm {
     /// Starts connecting (and reconnecting, with backoff) to the signaling server.
     /// Must be called inside a tokio runtime.
     pub fn connect(opts: NativeOptions) -> Self {
-        let (events, rx) = mpsc::unbounded_channel();
         let (actions, actions_rx) = mpsc::unbounded_channel();
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -149,18 +151,38 @@ impl NativeSwarm {
                 next_generation: 0,
             }),
             clock: Instant::now(),
-            events,
+            inbox: Mutex::new(Inbox::default()),
+            arrived: Notify::new(),
             actions,
         });
         let tasks = vec![
             tokio::spawn(execute(Arc::downgrade(&shared), actions_rx)),
             tokio::spawn(signaling_loop(Arc::clone(&shared))),
         ];
-        Self {
-            shared,
-            events: rx,
-            tasks,
-        }
+        Self { shared, tasks }
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.shared
+            .inbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next event if one waits, without waiting.
+    pub fn try_next_event(&self) -> Option<SwarmEvent> {
+        self.inbox().pop()
+    }
+
+    /// Events waiting.
+    pub fn waiting(&self) -> usize {
+        self.inbox().len()
+    }
+
+    /// Messages from neighbours dropped so far because their sender was past its share
+    /// of the inbox.
+    pub fn dropped(&self) -> u64 {
+        self.inbox().dropped()
     }
 
     /// Leaves the swarm.
@@ -200,9 +222,15 @@ impl Transport for NativeSwarm {
         self.shared.with_mesh(|mesh, _| mesh.send(peer, &data))
     }
 
-    /// The next event, or `None` once the swarm is closed.
+    /// The next event, when one comes (the swarm is open until `close`, which takes it).
     async fn next_event(&mut self) -> Option<SwarmEvent> {
-        self.events.recv().await
+        loop {
+            if let Some(ev) = self.try_next_event() {
+                return Some(ev);
+            }
+            // A permit stored by an event that came after the check wakes this at once.
+            self.shared.arrived.notified().await;
+        }
     }
 
     fn report(&self, report: &PeerReport) {
@@ -280,7 +308,12 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                 }
             }
             Action::Emit(e) => {
-                let _ = shared.events.send(e);
+                shared
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(e);
+                shared.arrived.notify_one();
             }
             Action::Connect { peer, offer } => {
                 if let Err(e) = bounded("connecting", connect(&shared, peer, offer)).await {

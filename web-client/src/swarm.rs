@@ -2,6 +2,7 @@
 //! implementations alike: who makes the WebRTC offer, how reconnection backs off, and the
 //! sizes that bound every queue.
 
+use std::collections::VecDeque;
 use std::future::Future;
 
 use shoal_shared::protocol::{PeerId, PeerReport};
@@ -20,6 +21,94 @@ pub const CONNECT_DEADLINE_SECS: u32 = 20;
 /// Local ICE candidates held per connection until its offer or answer has been sent
 /// (a candidate must not reach the other side before the description it belongs to).
 pub const MAX_HELD_CANDIDATES: usize = 64;
+
+/// Bytes of messages from one neighbour that may wait, received and not yet handled, in
+/// the browser worker's inbox (one message of the largest size always fits).
+pub const MAX_INBOX_PER_PEER: usize = MAX_MESSAGE;
+/// Messages from one neighbour that may wait there.
+pub const MAX_INBOX_MESSAGES_PER_PEER: usize = 1024;
+/// Bytes of messages from all neighbours together that may wait there.
+pub const MAX_INBOX: usize = 2 * MAX_MESSAGE;
+
+/// Events received and not yet handled, bounded per neighbour: the browser worker takes
+/// its events in between training ticks (and before its peer exists, while the task's
+/// data downloads), so what a neighbour sends waits here meanwhile. A neighbour past its
+/// share ([`MAX_INBOX_PER_PEER`] bytes, [`MAX_INBOX_MESSAGES_PER_PEER`] messages) or all
+/// of them past [`MAX_INBOX`] bytes have their messages dropped and counted: a flooding
+/// neighbour loses its own messages, not another's, and the worker's memory stays
+/// bounded. Events of the local transport (neighbours up and down, the signaling
+/// connection, the task's state) always go in; the transport makes them at its own pace.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    events: VecDeque<SwarmEvent>,
+    /// Bytes and messages waiting per sender (a few neighbours: a list).
+    waiting: Vec<(PeerId, usize, usize)>,
+    bytes: usize,
+    dropped: u64,
+}
+
+impl Inbox {
+    /// Queues `ev`; false when it was a message past its sender's share (dropped).
+    pub fn push(&mut self, ev: SwarmEvent) -> bool {
+        if let SwarmEvent::Message { from, data } = &ev {
+            let i = match self.waiting.iter().position(|w| w.0 == *from) {
+                Some(i) => i,
+                None => {
+                    self.waiting.push((*from, 0, 0));
+                    self.waiting.len() - 1
+                }
+            };
+            let (_, bytes, count) = &mut self.waiting[i];
+            if *bytes + data.len() > MAX_INBOX_PER_PEER
+                || *count + 1 > MAX_INBOX_MESSAGES_PER_PEER
+                || self.bytes + data.len() > MAX_INBOX
+            {
+                if *count == 0 {
+                    self.waiting.swap_remove(i);
+                }
+                self.dropped += 1;
+                return false;
+            }
+            *bytes += data.len();
+            *count += 1;
+            self.bytes += data.len();
+        }
+        self.events.push_back(ev);
+        true
+    }
+
+    /// The oldest waiting event.
+    pub fn pop(&mut self) -> Option<SwarmEvent> {
+        let ev = self.events.pop_front()?;
+        if let SwarmEvent::Message { from, data } = &ev {
+            self.bytes -= data.len();
+            if let Some(i) = self.waiting.iter().position(|w| w.0 == *from) {
+                let w = &mut self.waiting[i];
+                w.1 -= data.len();
+                w.2 -= 1;
+                if w.2 == 0 {
+                    self.waiting.swap_remove(i);
+                }
+            }
+        }
+        Some(ev)
+    }
+
+    /// Messages dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Events waiting.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether no event waits.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
 
 /// What a swarm transport reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +214,61 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(from: u64, len: usize) -> SwarmEvent {
+        SwarmEvent::Message {
+            from: PeerId(from),
+            data: vec![0; len],
+        }
+    }
+
+    #[test]
+    fn a_flooding_neighbour_fills_only_its_own_share_of_the_inbox() {
+        let mut inbox = Inbox::default();
+        // Neighbour 1 sends as fast as it can while the worker trains: 1 MiB messages.
+        let mut admitted = 0;
+        for _ in 0..200 {
+            admitted += usize::from(inbox.push(message(1, 1 << 20)));
+        }
+        assert_eq!(
+            admitted,
+            MAX_INBOX_PER_PEER >> 20,
+            "at most its share waits"
+        );
+        assert_eq!(inbox.dropped(), 200 - admitted as u64);
+        // An honest neighbour's update and the transport's own events still go in.
+        assert!(inbox.push(message(2, 40_000)));
+        assert!(inbox.push(SwarmEvent::PeerDown(PeerId(3))));
+        // Tiny messages are bounded by count.
+        let tiny = (0..5000).filter(|_| inbox.push(message(4, 1))).count();
+        assert_eq!(tiny, MAX_INBOX_MESSAGES_PER_PEER);
+        // Handling frees the share: the flooder gets room again, in order.
+        let first = inbox.pop().expect("an event waits");
+        assert_eq!(first, message(1, 1 << 20));
+        assert!(inbox.push(message(1, 1 << 20)));
+        assert!(!inbox.push(message(1, 1)));
+        let mut left = 0;
+        while inbox.pop().is_some() {
+            left += 1;
+        }
+        assert_eq!(left, admitted + 2 + tiny);
+        assert!(inbox.is_empty());
+        assert!(
+            inbox.push(message(1, MAX_MESSAGE)),
+            "one largest message always fits"
+        );
+    }
+
+    #[test]
+    fn all_neighbours_together_are_bounded_too() {
+        let mut inbox = Inbox::default();
+        let big = MAX_INBOX_PER_PEER;
+        assert!(inbox.push(message(1, big)));
+        assert!(inbox.push(message(2, big)));
+        assert!(!inbox.push(message(3, 1)), "past the total");
+        assert!(inbox.pop().is_some());
+        assert!(inbox.push(message(3, 1)));
+    }
 
     #[test]
     fn exactly_one_side_of_each_pair_offers() {

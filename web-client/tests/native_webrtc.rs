@@ -1,7 +1,8 @@
 //! Native to native over real WebRTC (the `webrtc` crate) through the real signaling
 //! server: two peers move a 10 MB message and check its hash, and a second transfer
 //! completes although the server is stopped mid-way; a message sent the moment a channel
-//! opens arrives, after `PeerUp`, over many fresh connections.
+//! opens arrives, after `PeerUp`, over many fresh connections; a neighbour flooding a peer
+//! that reads nothing fills only its share of that peer's inbox.
 //!
 //! WebRTC tests must only ever see loopback: this test re-runs itself inside a fresh
 //! network namespace whose only interface is `lo` (`unshare -n`, or `unshare -rn` when
@@ -46,6 +47,24 @@ async fn until<T>(
     }
 }
 
+/// Two peers of one swarm, once each has the other's channel up: `(a, b, b's id as a
+/// knows it, a's id as b knows it)`.
+async fn pair(url: &str) -> (NativeSwarm, NativeSwarm, PeerId, PeerId) {
+    let mut a = peer(url);
+    let mut b = peer(url);
+    let b_of_a: PeerId = until(&mut a, "a's channel", |e| match e {
+        SwarmEvent::PeerUp(p) => Some(p),
+        _ => None,
+    })
+    .await;
+    let a_of_b: PeerId = until(&mut b, "b's channel", |e| match e {
+        SwarmEvent::PeerUp(p) => Some(p),
+        _ => None,
+    })
+    .await;
+    (a, b, b_of_a, a_of_b)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,18 +85,7 @@ fn two_native_peers_move_10_mb_even_while_the_server_dies() {
     runtime().block_on(async {
         let (url, stop) = start_server().await;
         let mut stop = Some(stop);
-        let mut a = peer(&url);
-        let mut b = peer(&url);
-        let b_of_a: PeerId = until(&mut a, "a's channel", |e| match e {
-            SwarmEvent::PeerUp(p) => Some(p),
-            _ => None,
-        })
-        .await;
-        let a_of_b: PeerId = until(&mut b, "b's channel", |e| match e {
-            SwarmEvent::PeerUp(p) => Some(p),
-            _ => None,
-        })
-        .await;
+        let (mut a, mut b, b_of_a, a_of_b) = pair(&url).await;
         assert_eq!(Some(b_of_a), b.id());
         assert_eq!(Some(a_of_b), a.id());
 
@@ -160,6 +168,54 @@ fn a_message_sent_the_moment_a_channel_opens_arrives_after_peer_up() {
             a.close().await;
             b.close().await;
         }
+    });
+}
+
+#[test]
+fn a_neighbour_flooding_a_busy_peer_fills_only_its_share_of_the_inbox() {
+    if reexec_in_netns(common::test_name!()) {
+        return;
+    }
+    runtime().block_on(async {
+        let (url, _stop) = start_server().await;
+        let (a, mut b, b_of_a, _) = pair(&url).await;
+        // b is busy (it reads nothing) while a sends 100 messages of 1 MiB.
+        for i in 0..100 {
+            a.send(b_of_a, random(1 << 20, i)).expect("queued");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while b.dropped() + (b.waiting() as u64) < 100 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} dropped, {} waiting",
+                b.dropped(),
+                b.waiting()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(b.waiting(), 64, "64 MiB of a's messages wait, no more");
+        assert_eq!(b.dropped(), 36);
+        // Once b has handled them, a's next message goes in again.
+        let mut first = None;
+        while let Some(ev) = b.try_next_event() {
+            if let (None, SwarmEvent::Message { data, .. }) = (&first, ev) {
+                first = Some(data);
+            }
+        }
+        assert_eq!(
+            first,
+            Some(random(1 << 20, 0)),
+            "the oldest waited, in order"
+        );
+        a.send(b_of_a, b"after".to_vec()).expect("queued");
+        let got = until(&mut b, "the message after", |e| match e {
+            SwarmEvent::Message { data, .. } => Some(data),
+            _ => None,
+        })
+        .await;
+        assert_eq!(got, b"after");
+        a.close().await;
+        b.close().await;
     });
 }
 

@@ -404,6 +404,7 @@ mod peer {
         let mut witnessed_count = 0;
         let mut caught = false;
         let mut witness_fetch: Option<tokio::task::JoinHandle<Result<Shown>>> = None;
+        let mut dropped = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
@@ -416,13 +417,20 @@ mod peer {
                 _ = &mut ctrl_c => break,
                 ev = swarm.next_event() => {
                     let Some(ev) = ev else { break };
-                    if std::env::var_os("SHOAL_VERBOSE").is_some() {
-                        match &ev {
-                            SwarmEvent::Message { from, data } => eprintln!("{:.0} msg {from} {} kind {:?}", now(), data.len(), data.get(4)),
-                            other => eprintln!("{:.0} {other:?}", now()),
+                    // This one and those that waited with it (they wait while the peer
+                    // trains a chunk), but not those that keep coming meanwhile: a
+                    // flooding neighbour must not keep the peer from training.
+                    let waiting = swarm.waiting();
+                    let verbose = std::env::var_os("SHOAL_VERBOSE").is_some();
+                    for ev in std::iter::once(ev).chain((0..waiting).map_while(|_| swarm.try_next_event())) {
+                        if verbose {
+                            match &ev {
+                                SwarmEvent::Message { from, data } => eprintln!("{:.0} msg {from} {} kind {:?}", now(), data.len(), data.get(4)),
+                                other => eprintln!("{:.0} {other:?}", now()),
+                            }
                         }
+                        peer.handle(ev, &swarm, now());
                     }
-                    peer.handle(ev, &swarm, now());
                     continue;
                 }
                 _ = tick.tick() => {}
@@ -431,6 +439,12 @@ mod peer {
                 continue;
             };
             let p = peer.progress();
+            if swarm.dropped() > dropped {
+                dropped = swarm.dropped();
+                eprintln!(
+                    "shoal: {dropped} messages from neighbours dropped so far (their senders were past their share of the inbox)"
+                );
+            }
             // A language model's held-out loss, in bits per byte.
             let bits = match (peer.task().is_text(), p.test_loss) {
                 (true, Some(l)) => format!(" bits/byte {:.4}", l / std::f32::consts::LN_2),

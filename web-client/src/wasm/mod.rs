@@ -18,8 +18,7 @@ mod local;
 mod peer;
 mod transport;
 pub use local::LocalFiles;
-pub use peer::Relay;
-pub use peer::SwarmPeer;
+pub use peer::{EarlyEvents, Relay, SwarmPeer};
 pub use transport::Swarm;
 
 /// Milliseconds on a clock that only moves forward: the global `performance` clock

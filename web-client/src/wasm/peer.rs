@@ -19,14 +19,15 @@ use wasm_bindgen::prelude::*;
 use super::now_ms;
 use super::transport::parse_peer;
 use crate::learning::SwarmTrainer;
-use crate::swarm::{MAX_MESSAGE, MAX_QUEUED, SendError, SwarmEvent, Transport};
+use crate::swarm::{Inbox, MAX_MESSAGE, MAX_QUEUED, SendError, SwarmEvent, Transport};
 use shoal_shared::task::TaskSpec;
 
 /// The worker's side of the transport (the training peer's and the dashboard observer's).
 #[derive(Default)]
 pub struct Relay {
     pub(super) peers: RefCell<BTreeSet<PeerId>>,
-    pub(super) events: RefCell<VecDeque<SwarmEvent>>,
+    /// Events from the page not yet handled, bounded per neighbour.
+    inbox: RefCell<Inbox>,
     pub(super) outbox: RefCell<VecDeque<(PeerId, Vec<u8>)>>,
     /// A visitor's pause that arrived while a tick held the peer.
     pending_pause: std::cell::Cell<Option<bool>>,
@@ -58,13 +59,38 @@ impl Relay {
             ("message", Some(data)) => SwarmEvent::Message { from: p, data },
             _ => return Err(JsError::new(&format!("unknown event {kind:?}"))),
         };
-        self.events.borrow_mut().push_back(ev);
+        // A message past its sender's share of the inbox is dropped (and counted): the
+        // swarm's deadlines make sure nobody waits for it.
+        self.inbox.borrow_mut().push(ev);
         Ok(())
     }
 
     /// The oldest event not yet taken.
     pub fn pop_event(&self) -> Option<SwarmEvent> {
-        self.events.borrow_mut().pop_front()
+        self.inbox.borrow_mut().pop()
+    }
+
+    /// Queues an event made on this side (a pause of the task), through the same inbox.
+    fn push_event(&self, ev: SwarmEvent) {
+        self.inbox.borrow_mut().push(ev);
+    }
+
+    /// Messages from neighbours dropped so far because their sender was past its share
+    /// of the inbox.
+    pub fn dropped(&self) -> u64 {
+        self.inbox.borrow().dropped()
+    }
+
+    /// Takes over what arrived before this relay's peer or observer existed: the
+    /// neighbours that are up, and the events in order.
+    pub fn adopt(&self, early: &EarlyEvents) {
+        self.peers
+            .borrow_mut()
+            .extend(early.relay.peers.borrow_mut().iter().copied());
+        let mut inbox = self.inbox.borrow_mut();
+        while let Some(ev) = early.relay.pop_event() {
+            inbox.push(ev);
+        }
     }
 
     /// The latest report for the server, if a new one was made since the last call.
@@ -120,7 +146,35 @@ impl Transport for Relay {
     }
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {
-        self.events.borrow_mut().pop_front()
+        self.pop_event()
+    }
+}
+
+/// Transport events that arrive from the page before the worker's peer (or observer)
+/// exists, while the task's data downloads: queued with the same bounds as the peer's own
+/// inbox (see [`Inbox`]) and handed over by `adopt`.
+#[wasm_bindgen]
+#[derive(Default)]
+pub struct EarlyEvents {
+    relay: Relay,
+}
+
+#[wasm_bindgen]
+impl EarlyEvents {
+    /// An empty queue.
+    #[wasm_bindgen(constructor)]
+    pub fn new() -> EarlyEvents {
+        Self::default()
+    }
+
+    /// A transport event from the page (as for `SwarmPeer.event`).
+    pub fn event(&self, kind: &str, peer: &str, data: Option<Vec<u8>>) -> Result<(), JsError> {
+        self.relay.event(kind, peer, data)
+    }
+
+    /// Messages dropped so far (their sender was past its share).
+    pub fn dropped(&self) -> f64 {
+        self.relay.dropped() as f64
     }
 }
 
@@ -218,9 +272,16 @@ impl SwarmPeer {
     }
 
     /// A transport event from the page: `kind` is "peer_up", "peer_down" or "message"
-    /// (with `data`). Unknown kinds and bad peer ids are refused.
+    /// (with `data`). Unknown kinds and bad peer ids are refused; a message past its
+    /// sender's share of the inbox is dropped (`inbox_dropped` in the progress counts them).
     pub fn event(&self, kind: &str, peer: &str, data: Option<Vec<u8>>) -> Result<(), JsError> {
         self.relay.event(kind, peer, data)
+    }
+
+    /// Takes over the events that arrived before this peer existed (call it right after
+    /// `create` resolves, before the next event).
+    pub fn adopt(&self, early: &EarlyEvents) {
+        self.relay.adopt(early);
     }
 
     /// Pauses or resumes training: `by` is "visitor" (a button, a hidden tab, a battery)
@@ -234,7 +295,7 @@ impl SwarmPeer {
         };
         match ev {
             // Through the event queue, so that a tick in progress sees it next.
-            Some(ev) => self.relay.events.borrow_mut().push_back(ev),
+            Some(ev) => self.relay.push_event(ev),
             None => {
                 let mut inner = self.inner.borrow_mut();
                 match inner.as_mut() {
@@ -387,6 +448,7 @@ impl SwarmPeer {
             // Whether this tick trained (the worker's throttle rests after training).
             progress["trained"] = (peer.progress().local_steps > steps).into();
             progress["wasm_memory_bytes"] = super::wasm_memory_bytes().into();
+            progress["inbox_dropped"] = relay.dropped().into();
             let receipts: Vec<String> = relay
                 .receipts
                 .borrow_mut()
