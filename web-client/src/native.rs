@@ -118,7 +118,20 @@ impl Shared {
         }
         let r = f(&mut st.mesh, now);
         while let Some(a) = st.mesh.poll_action() {
-            let _ = self.actions.send(a);
+            match a {
+                // Straight into the bounded inbox, not behind the executor's queue (which
+                // can wait seconds on a connection step while messages keep coming).
+                Action::Emit(e) => {
+                    self.inbox
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(e);
+                    self.arrived.notify_one();
+                }
+                a => {
+                    let _ = self.actions.send(a);
+                }
+            }
         }
         Some(r)
     }
@@ -307,14 +320,8 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                     let _ = ws.send(text);
                 }
             }
-            Action::Emit(e) => {
-                shared
-                    .inbox
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(e);
-                shared.arrived.notify_one();
-            }
+            // `feed` puts them in the inbox itself.
+            Action::Emit(_) => {}
             Action::Connect { peer, offer } => {
                 if let Err(e) = bounded("connecting", connect(&shared, peer, offer)).await {
                     eprintln!("shoal: connection to {peer} failed: {e}");

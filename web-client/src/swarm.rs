@@ -22,21 +22,27 @@ pub const CONNECT_DEADLINE_SECS: u32 = 20;
 /// (a candidate must not reach the other side before the description it belongs to).
 pub const MAX_HELD_CANDIDATES: usize = 64;
 
-/// Bytes of messages from one neighbour that may wait, received and not yet handled, in
-/// the browser worker's inbox (one message of the largest size always fits).
+/// Bytes of messages from one neighbour that may wait in a peer's [`Inbox`], received and
+/// not yet handled (one message of the largest size always fits).
 pub const MAX_INBOX_PER_PEER: usize = MAX_MESSAGE;
 /// Messages from one neighbour that may wait there.
 pub const MAX_INBOX_MESSAGES_PER_PEER: usize = 1024;
-/// Bytes of messages from all neighbours together that may wait there.
+/// Bytes of messages from all neighbours together that may wait there, beyond each
+/// neighbour's [`INBOX_FLOOR`].
 pub const MAX_INBOX: usize = 2 * MAX_MESSAGE;
+/// Bytes a neighbour may always have waiting, however full the inbox is with others'
+/// messages: room for its updates and greetings when others flood.
+pub const INBOX_FLOOR: usize = 4 << 20;
 
-/// Events received and not yet handled, bounded per neighbour: the browser worker takes
-/// its events in between training ticks (and before its peer exists, while the task's
-/// data downloads), so what a neighbour sends waits here meanwhile. A neighbour past its
-/// share ([`MAX_INBOX_PER_PEER`] bytes, [`MAX_INBOX_MESSAGES_PER_PEER`] messages) or all
-/// of them past [`MAX_INBOX`] bytes have their messages dropped and counted: a flooding
-/// neighbour loses its own messages, not another's, and the worker's memory stays
-/// bounded. Events of the local transport (neighbours up and down, the signaling
+/// Events received and not yet handled, bounded per neighbour: a peer takes its events in
+/// between chunks of training (the browser worker also before its peer exists, while the
+/// task's data downloads), so what a neighbour sends waits here meanwhile. A message goes
+/// in while its sender has less than [`MAX_INBOX_PER_PEER`] bytes and
+/// [`MAX_INBOX_MESSAGES_PER_PEER`] messages waiting, and either all senders together less
+/// than [`MAX_INBOX`] bytes or its sender less than [`INBOX_FLOOR`]; otherwise it is
+/// dropped and counted. So flooding neighbours lose their own messages, another's
+/// updates still go in, and the inbox holds at most [`MAX_INBOX`] plus a floor per
+/// neighbour. Events of the local transport (neighbours up and down, the signaling
 /// connection, the task's state) always go in; the transport makes them at its own pace.
 #[derive(Debug, Default)]
 pub struct Inbox {
@@ -59,9 +65,10 @@ impl Inbox {
                 }
             };
             let (_, bytes, count) = &mut self.waiting[i];
-            if *bytes + data.len() > MAX_INBOX_PER_PEER
+            let after = *bytes + data.len();
+            if after > MAX_INBOX_PER_PEER
                 || *count + 1 > MAX_INBOX_MESSAGES_PER_PEER
-                || self.bytes + data.len() > MAX_INBOX
+                || (self.bytes + data.len() > MAX_INBOX && after > INBOX_FLOOR)
             {
                 if *count == 0 {
                     self.waiting.swap_remove(i);
@@ -97,6 +104,16 @@ impl Inbox {
     /// Messages dropped so far.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Takes over `earlier`'s events, in order and within this inbox's bounds, and its
+    /// count of drops.
+    pub fn adopt(&mut self, earlier: &mut Inbox) {
+        self.dropped += earlier.dropped;
+        earlier.dropped = 0;
+        while let Some(ev) = earlier.pop() {
+            self.push(ev);
+        }
     }
 
     /// Events waiting.
@@ -260,14 +277,48 @@ mod tests {
     }
 
     #[test]
-    fn all_neighbours_together_are_bounded_too() {
+    fn two_flooders_fill_the_inbox_and_another_neighbour_still_gets_its_floor() {
         let mut inbox = Inbox::default();
         let big = MAX_INBOX_PER_PEER;
         assert!(inbox.push(message(1, big)));
         assert!(inbox.push(message(2, big)));
-        assert!(!inbox.push(message(3, 1)), "past the total");
-        assert!(inbox.pop().is_some());
-        assert!(inbox.push(message(3, 1)));
+        // Within the floor: an honest update goes in past the total.
+        assert!(inbox.push(message(3, 1 << 20)));
+        assert!(inbox.push(message(3, INBOX_FLOOR - (1 << 20))));
+        assert!(!inbox.push(message(3, 1)), "past the total and its floor");
+        assert!(
+            !inbox.push(message(4, INBOX_FLOOR + 1)),
+            "larger than a floor"
+        );
+        assert!(!inbox.push(message(1, 1)), "a flooder has no floor left");
+        assert_eq!(inbox.dropped(), 3);
+        // Handling a flooder's message makes room in the total again.
+        assert_eq!(inbox.pop(), Some(message(1, big)));
+        assert!(inbox.push(message(4, INBOX_FLOOR + 1)));
+    }
+
+    #[test]
+    fn adopting_keeps_the_order_and_the_count_of_drops() {
+        let mut early = Inbox::default();
+        early.push(SwarmEvent::PeerUp(PeerId(1)));
+        early.push(message(1, MAX_INBOX_PER_PEER));
+        early.push(message(1, 1));
+        early.push(message(2, 7));
+        let mut inbox = Inbox::default();
+        inbox.push(message(3, 1));
+        inbox.adopt(&mut early);
+        assert!(early.is_empty());
+        assert_eq!(inbox.dropped(), 1);
+        let order: Vec<SwarmEvent> = std::iter::from_fn(|| inbox.pop()).collect();
+        assert_eq!(
+            order,
+            vec![
+                message(3, 1),
+                SwarmEvent::PeerUp(PeerId(1)),
+                message(1, MAX_INBOX_PER_PEER),
+                message(2, 7)
+            ]
+        );
     }
 
     #[test]

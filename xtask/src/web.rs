@@ -1,7 +1,6 @@
 //! Builds the web client's two wasm bundles and their JS glue into `www/pkg`: the
 //! contributor's (`shoal_web_client`, what every visitor downloads) and the researcher's
-//! (`shoal_dashboard_client`: the same plus the dashboard's observer and the benchmark
-//! page's trainers).
+//! (`shoal_dashboard_client`: the same plus the dashboard's observer).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

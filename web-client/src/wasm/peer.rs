@@ -82,15 +82,14 @@ impl Relay {
     }
 
     /// Takes over what arrived before this relay's peer or observer existed: the
-    /// neighbours that are up, and the events in order.
+    /// neighbours that are up, the events in order, and the count of drops.
     pub fn adopt(&self, early: &EarlyEvents) {
         self.peers
             .borrow_mut()
             .extend(early.relay.peers.borrow_mut().iter().copied());
-        let mut inbox = self.inbox.borrow_mut();
-        while let Some(ev) = early.relay.pop_event() {
-            inbox.push(ev);
-        }
+        self.inbox
+            .borrow_mut()
+            .adopt(&mut early.relay.inbox.borrow_mut());
     }
 
     /// The latest report for the server, if a new one was made since the last call.
