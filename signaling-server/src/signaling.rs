@@ -496,14 +496,38 @@ impl ReceiptOutcome {
 type CheckedReceipt = (Vec<u8>, Receipt, Arc<str>, u8);
 
 /// The swarm's round: the median model version that training peers reported in the last
-/// 30 s (reports are claims; a minority cannot move the median far).
+/// 30 s (reports are claims), one vote per network (see [`median_over_networks`]).
 fn median_version(t: &Task) -> Option<u64> {
-    let mut v: Vec<u64> = trainer_reports(t).map(|r| r.version).collect();
-    if v.is_empty() {
+    median_over_networks(t, |r| Some(r.version), u64::cmp)
+}
+
+/// The median over networks of what `value` reads from the training peers' reports of the
+/// last 30 s: each network (IPv4 address or IPv6 /64, see [`address_group`]) votes the
+/// median of its own peers' values, and the median vote counts. Peers from one network
+/// (up to `max_peers_per_address` of them) are one vote, so that one address cannot set
+/// the swarm's round (which bounds the rounds receipts may name, and so how fast colluding
+/// keys can fill the ledger) or its pace, however many peers it joins; behind a reverse
+/// proxy, where every peer has the proxy's address, this is the plain median.
+fn median_over_networks<T: Copy>(
+    t: &Task,
+    value: impl Fn(&PeerReport) -> Option<T>,
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Option<T> {
+    let mut by_network: Vec<(u128, T)> = t
+        .peers
+        .values()
+        .filter_map(|p| Some((p.group, value(recent_trainer_report(p)?)?)))
+        .collect();
+    by_network.sort_by(|a, b| a.0.cmp(&b.0).then(cmp(&a.1, &b.1)));
+    let mut votes: Vec<T> = by_network
+        .chunk_by(|a, b| a.0 == b.0)
+        .map(|g| g[(g.len() - 1) / 2].1)
+        .collect();
+    if votes.is_empty() {
         return None;
     }
-    v.sort_unstable();
-    Some(v[(v.len() - 1) / 2])
+    votes.sort_by(&cmp);
+    Some(votes[(votes.len() - 1) / 2])
 }
 
 /// See [`Hub::roles`].
@@ -522,20 +546,11 @@ fn roles(t: &Task) -> (usize, usize) {
 
 /// See [`Hub::pace`].
 fn pace(t: &Task) -> Option<f64> {
-    let mut rates: Vec<f64> = trainer_reports(t)
-        .filter(|r| !r.paused && r.samples_per_s > 0.0)
-        .map(|r| f64::from(r.samples_per_s))
-        .collect();
-    if rates.is_empty() {
-        return None;
-    }
-    rates.sort_by(f64::total_cmp);
-    Some(rates[rates.len() / 2])
-}
-
-/// The reports of the last 30 s from peers that said they train.
-fn trainer_reports(t: &Task) -> impl Iterator<Item = &PeerReport> {
-    t.peers.values().filter_map(|p| recent_trainer_report(p))
+    median_over_networks(
+        t,
+        |r| (!r.paused && r.samples_per_s > 0.0).then_some(f64::from(r.samples_per_s)),
+        f64::total_cmp,
+    )
 }
 
 /// `p`'s report if it came in the last 30 s and says it trains.
@@ -1129,8 +1144,9 @@ impl Hub {
     }
 
     /// The current pace of `task`: the median training throughput (samples per second)
-    /// of the peers that reported as training in the last 30 s; `None` without any
-    /// (see [`Summary`] for when it is counted).
+    /// of the peers that reported as training in the last 30 s, one vote per network
+    /// (see `median_over_networks`); `None` without any (see [`Summary`] for when it is
+    /// counted).
     pub fn pace(&self, task: &str) -> Option<f64> {
         let mut st = self.lock();
         st.tasks.get_mut(task)?.summary().pace
@@ -1933,6 +1949,53 @@ mod tests {
         hub.store_report("digits", ids[2], report(300.0))
             .expect("report");
         assert_eq!(hub.pace("digits"), Some(500.0), "counted again");
+    }
+
+    /// One address with many peers (sybils, up to `max_peers_per_address`) is one vote in
+    /// the swarm's round and pace: it cannot lift the round (and with it the rounds that
+    /// receipts may name) or the pace by joining more peers than the honest networks.
+    #[test]
+    fn one_network_is_one_vote_in_the_swarms_round_and_pace() {
+        let hub = digits_hub();
+        let report = |version, samples_per_s| PeerReport {
+            version,
+            samples_per_s,
+            ..PeerReport::default()
+        };
+        let join = |group| {
+            hub.join("digits", Arc::new(Outbox::new(8)), group, "")
+                .expect("join")
+                .0
+        };
+        for (group, version) in [(1, 10), (2, 11), (3, 12)] {
+            let id = join(group);
+            hub.store_report("digits", id, report(version, 100.0))
+                .expect("report");
+        }
+        // Twenty peers from one address claim a far round and a huge pace.
+        for _ in 0..20 {
+            let id = join(9);
+            hub.store_report("digits", id, report(1_000_000, 1e7))
+                .expect("report");
+        }
+        std::thread::sleep(SUMMARY_MIN + Duration::from_millis(5));
+        let id = join(4);
+        hub.store_report("digits", id, report(12, 100.0))
+            .expect("report");
+        let round = hub
+            .lock()
+            .tasks
+            .get_mut("digits")
+            .expect("task")
+            .summary()
+            .round;
+        assert_eq!(round, Some(12), "the honest networks' median");
+        assert_eq!(hub.pace("digits"), Some(100.0));
+        assert_eq!(
+            hub.roles("digits"),
+            (24, 0),
+            "every peer still counts as a trainer"
+        );
     }
 
     /// A peer's first receipts come right behind its first report: while the summary
