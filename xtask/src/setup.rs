@@ -143,26 +143,45 @@ pub(crate) fn ensure_node() -> Result<()> {
     ensure_debs(&["nodejs", "npm"])
 }
 
-/// Installs binaryen's npm build (its `wasm-opt`, which the bundle build runs) into
-/// `xtask/web-build/node_modules` from the committed lock file. Returns `wasm-opt`'s path.
-pub(crate) fn ensure_wasm_opt(root: &Path) -> Result<std::path::PathBuf> {
+/// The bundle build's npm tools, run with node.
+pub(crate) struct WebTools {
+    /// binaryen's `wasm-opt`.
+    pub(crate) wasm_opt: std::path::PathBuf,
+    /// terser, which minifies the JS glue.
+    pub(crate) terser: std::path::PathBuf,
+}
+
+/// Installs the bundle build's npm tools (binaryen's `wasm-opt` and terser) into
+/// `xtask/web-build/node_modules` from the committed lock file, unless each is installed
+/// at the version the lock file names (a bumped lock reinstalls).
+pub(crate) fn ensure_web_tools(root: &Path) -> Result<WebTools> {
     let dir = root.join("xtask/web-build");
-    let bin = dir.join("node_modules/binaryen/bin/wasm-opt");
-    // Installed, and the version the lock file names (a bumped lock reinstalls).
     let version = |p: &Path, pointer: &str| -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
         v.pointer(pointer)?.as_str().map(str::to_owned)
     };
-    let locked = version(
-        &dir.join("package-lock.json"),
-        "/packages/node_modules~1binaryen/version",
-    );
-    let installed = version(&dir.join("node_modules/binaryen/package.json"), "/version");
-    if !bin.exists() || locked.is_none() || installed != locked {
+    let tools = WebTools {
+        wasm_opt: dir.join("node_modules/binaryen/bin/wasm-opt"),
+        terser: dir.join("node_modules/terser/bin/terser"),
+    };
+    let current = [("binaryen", &tools.wasm_opt), ("terser", &tools.terser)]
+        .into_iter()
+        .all(|(package, bin)| {
+            let locked = version(
+                &dir.join("package-lock.json"),
+                &format!("/packages/node_modules~1{package}/version"),
+            );
+            let installed = version(
+                &dir.join(format!("node_modules/{package}/package.json")),
+                "/version",
+            );
+            bin.exists() && locked.is_some() && installed == locked
+        });
+    if !current {
         ensure_node()?;
         npm_ci(&dir)?;
     }
-    Ok(bin)
+    Ok(tools)
 }
 
 /// Installs the end-to-end tests' npm packages (Playwright's driver, no browser download)
