@@ -16,8 +16,15 @@ use wgpu::util::DeviceExt;
 use super::{Backend, EngineError, Model, Op, Optimizer, check_batch, check_params};
 use crate::gpu::Gpu;
 
-const MATMUL: &str = include_str!("kernels/matmul.wgsl");
-const PRELUDE: &str = include_str!("kernels/ops.wgsl");
+/// A WGSL kernel's text as `build.rs` leaves it (without comments and indentation).
+macro_rules! kernel {
+    ($($name:tt)*) => {
+        include_str!(concat!(env!("OUT_DIR"), "/kernels/", $($name)*, ".wgsl"))
+    };
+}
+
+const MATMUL: &str = kernel!("matmul");
+const PRELUDE: &str = kernel!("ops");
 
 /// Which way each matrix-product operand is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -152,11 +159,7 @@ struct LmKernels {
 /// The kernel `kernels/NAME.wgsl` after the shared prelude, labelled NAME.
 macro_rules! prelude_kernel {
     ($device:expr, $name:ident) => {
-        prelude_pipeline(
-            $device,
-            stringify!($name),
-            include_str!(concat!("kernels/", stringify!($name), ".wgsl")),
-        )
+        prelude_pipeline($device, stringify!($name), kernel!(stringify!($name)))
     };
 }
 
@@ -222,7 +225,7 @@ impl Kernels {
             colsum: prelude_kernel!(device, colsum),
             softmax_ce: prelude_kernel!(device, softmax_ce),
             finite_check: prelude_kernel!(device, finite_check),
-            optimizer: pipeline(device, "optimizer", include_str!("kernels/optimizer.wgsl")),
+            optimizer: pipeline(device, "optimizer", kernel!("optimizer")),
             lm: None,
             matmul: HashMap::new(),
             attention: HashMap::new(),
@@ -242,15 +245,15 @@ impl Kernels {
         self.attention
             .entry((kind, head_dim))
             .or_insert_with(|| {
-                const STAGE_KV: &str = include_str!("kernels/attn_stage_kv.wgsl");
+                const STAGE_KV: &str = kernel!("attn_stage_kv");
                 let body = match kind {
                     Attention::Forward => {
-                        format!("{}\n{STAGE_KV}", include_str!("kernels/attn_fwd.wgsl"))
+                        format!("{}\n{STAGE_KV}", kernel!("attn_fwd"))
                     }
                     Attention::BackwardQ => {
-                        format!("{}\n{STAGE_KV}", include_str!("kernels/attn_bwd_dq.wgsl"))
+                        format!("{}\n{STAGE_KV}", kernel!("attn_bwd_dq"))
                     }
-                    Attention::BackwardKv => include_str!("kernels/attn_bwd_dkv.wgsl").into(),
+                    Attention::BackwardKv => kernel!("attn_bwd_dkv").into(),
                 };
                 // Rows of keys (or queries) staged per tile: two tiles of KT x HD floats
                 // stay within WebGPU's default 16 KiB of workgroup memory.
