@@ -1,7 +1,8 @@
 //! Copies the WGSL kernels into `OUT_DIR` without their comments and indentation, which
 //! the GPU does not need and every visitor would download (the kernels are text in the
 //! wasm bundle: 32 KB as written, about 3 KB of it gzipped in comments and spaces).
-//! A line keeps its number, so a shader error names the same line as the source file.
+//! Each line keeps its number in its file (a kernel's shader errors count the lines of
+//! what `gpu.rs` puts before it, such as the shared prelude, too).
 
 use std::path::Path;
 

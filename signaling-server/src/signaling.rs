@@ -496,18 +496,24 @@ impl ReceiptOutcome {
 type CheckedReceipt = (Vec<u8>, Receipt, Arc<str>, u8);
 
 /// The swarm's round: the median model version that training peers reported in the last
-/// 30 s (reports are claims), one vote per network (see [`median_over_networks`]).
+/// 30 s (reports are claims), by network (see [`median_over_networks`]).
 fn median_version(t: &Task) -> Option<u64> {
     median_over_networks(t, |r| Some(r.version), u64::cmp)
 }
 
-/// The median over networks of what `value` reads from the training peers' reports of the
-/// last 30 s: each network (IPv4 address or IPv6 /64, see [`address_group`]) votes the
-/// median of its own peers' values, and the median vote counts. Peers from one network
-/// (up to `max_peers_per_address` of them) are one vote, so that one address cannot set
-/// the swarm's round (which bounds the rounds receipts may name, and so how fast colluding
-/// keys can fill the ledger) or its pace, however many peers it joins; behind a reverse
-/// proxy, where every peer has the proxy's address, this is the plain median.
+/// The most peers' worth one network weighs in [`median_over_networks`].
+const NETWORK_WEIGHT: usize = 4;
+
+/// The lower weighted median over networks of what `value` reads from the training peers'
+/// reports of the last 30 s: the peers of one network (IPv4 address or IPv6 /64, see
+/// [`address_group`]) count as one value, their own lower median, weighing as many peers
+/// as they are up to [`NETWORK_WEIGHT`]. One address's many peers (up to
+/// `max_peers_per_address`) then weigh no more than four lone peers, so it cannot set the
+/// swarm's round (which bounds the rounds receipts may name, and so how fast colluding
+/// keys can fill the ledger) or its pace in any swarm of more than a few networks; and
+/// peers behind one NAT still outweigh a lone outsider, as in a plain median. Where no
+/// network has more than four peers (or behind a reverse proxy, one network) it is close
+/// to the plain lower median.
 fn median_over_networks<T: Copy>(
     t: &Task,
     value: impl Fn(&PeerReport) -> Option<T>,
@@ -519,15 +525,17 @@ fn median_over_networks<T: Copy>(
         .filter_map(|p| Some((p.group, value(recent_trainer_report(p)?)?)))
         .collect();
     by_network.sort_by(|a, b| a.0.cmp(&b.0).then(cmp(&a.1, &b.1)));
-    let mut votes: Vec<T> = by_network
+    let mut votes: Vec<(T, usize)> = by_network
         .chunk_by(|a, b| a.0 == b.0)
-        .map(|g| g[(g.len() - 1) / 2].1)
+        .map(|g| (g[(g.len() - 1) / 2].1, g.len().min(NETWORK_WEIGHT)))
         .collect();
-    if votes.is_empty() {
-        return None;
-    }
-    votes.sort_by(&cmp);
-    Some(votes[(votes.len() - 1) / 2])
+    votes.sort_by(|a, b| cmp(&a.0, &b.0));
+    let total: usize = votes.iter().map(|v| v.1).sum();
+    let mut below = 0;
+    votes.into_iter().find_map(|(v, w)| {
+        below += w;
+        (2 * below >= total).then_some(v)
+    })
 }
 
 /// See [`Hub::roles`].
@@ -1903,6 +1911,16 @@ fn broken(hub: &Hub, e: &tokio_tungstenite::tungstenite::Error) -> Disconnect {
 mod tests {
     use super::*;
 
+    /// The swarm's round of `digits` as receipts are judged against it.
+    fn swarm_round(hub: &Hub) -> Option<u64> {
+        hub.lock()
+            .tasks
+            .get_mut("digits")
+            .expect("task")
+            .summary()
+            .round
+    }
+
     /// A hub with the task `digits` and no ledger.
     fn digits_hub() -> Arc<Hub> {
         let config = SignalingConfig {
@@ -1951,11 +1969,13 @@ mod tests {
         assert_eq!(hub.pace("digits"), Some(500.0), "counted again");
     }
 
-    /// One address with many peers (sybils, up to `max_peers_per_address`) is one vote in
-    /// the swarm's round and pace: it cannot lift the round (and with it the rounds that
-    /// receipts may name) or the pace by joining more peers than the honest networks.
+    /// One address with many peers (sybils, up to `max_peers_per_address`) weighs at most
+    /// four peers in the swarm's round and pace: it cannot set the round (and with it the
+    /// rounds that receipts may name) or the pace by joining more peers than the honest
+    /// networks have; and many honest peers behind one address still outweigh a lone
+    /// outsider.
     #[test]
-    fn one_network_is_one_vote_in_the_swarms_round_and_pace() {
+    fn one_network_weighs_at_most_four_peers_in_the_swarms_round_and_pace() {
         let hub = digits_hub();
         let report = |version, samples_per_s| PeerReport {
             version,
@@ -1967,7 +1987,8 @@ mod tests {
                 .expect("join")
                 .0
         };
-        for (group, version) in [(1, 10), (2, 11), (3, 12)] {
+        let round = || swarm_round(&hub);
+        for (group, version) in [(1, 10), (2, 11), (3, 12), (4, 12), (5, 13)] {
             let id = join(group);
             hub.store_report("digits", id, report(version, 100.0))
                 .expect("report");
@@ -1978,24 +1999,33 @@ mod tests {
             hub.store_report("digits", id, report(1_000_000, 1e7))
                 .expect("report");
         }
-        std::thread::sleep(SUMMARY_MIN + Duration::from_millis(5));
-        let id = join(4);
-        hub.store_report("digits", id, report(12, 100.0))
-            .expect("report");
-        let round = hub
-            .lock()
-            .tasks
-            .get_mut("digits")
-            .expect("task")
-            .summary()
-            .round;
-        assert_eq!(round, Some(12), "the honest networks' median");
+        assert_eq!(round(), Some(13), "an honest network's round, not theirs");
         assert_eq!(hub.pace("digits"), Some(100.0));
         assert_eq!(
             hub.roles("digits"),
-            (24, 0),
+            (25, 0),
             "every peer still counts as a trainer"
         );
+
+        // A classroom of twelve behind one address and one outsider claiming round 0: the
+        // classroom's round (a vote per network alone would make it a tie, and the lower
+        // median the outsider's).
+        let hub = digits_hub();
+        let join = |group| {
+            hub.join("digits", Arc::new(Outbox::new(8)), group, "")
+                .expect("join")
+                .0
+        };
+        for _ in 0..12 {
+            let id = join(7);
+            hub.store_report("digits", id, report(40, 100.0))
+                .expect("report");
+        }
+        let id = join(8);
+        hub.store_report("digits", id, report(0, 1.0))
+            .expect("report");
+        assert_eq!(swarm_round(&hub), Some(40));
+        assert_eq!(hub.pace("digits"), Some(100.0));
     }
 
     /// A peer's first receipts come right behind its first report: while the summary
@@ -2004,14 +2034,7 @@ mod tests {
     #[test]
     fn the_first_trainers_report_gives_the_task_its_round_at_once() {
         let hub = digits_hub();
-        let round = || {
-            hub.lock()
-                .tasks
-                .get_mut("digits")
-                .expect("task")
-                .summary()
-                .round
-        };
+        let round = || swarm_round(&hub);
         let (id, _) = hub
             .join("digits", Arc::new(Outbox::new(8)), 1, "")
             .expect("join");
