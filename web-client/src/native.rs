@@ -81,6 +81,12 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
     }
@@ -122,10 +128,7 @@ impl Shared {
                 // Straight into the bounded inbox, not behind the executor's queue (which
                 // can wait seconds on a connection step while messages keep coming).
                 Action::Emit(e) => {
-                    self.inbox
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(e);
+                    self.inbox().push(e);
                     self.arrived.notify_one();
                 }
                 a => {
@@ -175,27 +178,20 @@ impl NativeSwarm {
         Self { shared, tasks }
     }
 
-    fn inbox(&self) -> MutexGuard<'_, Inbox> {
-        self.shared
-            .inbox
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// The next event if one waits, without waiting.
     pub fn try_next_event(&self) -> Option<SwarmEvent> {
-        self.inbox().pop()
+        self.shared.inbox().pop()
     }
 
     /// Events waiting.
     pub fn waiting(&self) -> usize {
-        self.inbox().len()
+        self.shared.inbox().len()
     }
 
     /// Messages from neighbours dropped so far because their sender was past its share
     /// of the inbox.
     pub fn dropped(&self) -> u64 {
-        self.inbox().dropped()
+        self.shared.inbox().dropped()
     }
 
     /// Leaves the swarm.

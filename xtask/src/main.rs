@@ -143,9 +143,7 @@ fn main() {
             data::prepare(&root())?;
             text::prepare(&root()).map(|_| ())
         }),
-        Some("build-web") => {
-            no_args("build-web", &args[1..]).and_then(|()| web::build(&root()).map(|_| ()))
-        }
+        Some("build-web") => no_args("build-web", &args[1..]).and_then(|()| web::build(&root())),
         // Used by `cargo test --target wasm32-unknown-unknown` as its runner, so that the
         // browser tests use exactly the wasm-bindgen that Cargo.lock pins.
         Some("wasm-test-runner") => {

@@ -263,7 +263,7 @@ fn browser(root: &Path, runner: &Path, t: &mut Tally) {
 fn e2e(root: &Path, python: &Path, t: &mut Tally) {
     let start = std::time::Instant::now();
     let built =
-        web::build(root).and_then(|_| crate::build_server_with(root, &["--bin", "shoal-peer"]));
+        web::build(root).and_then(|()| crate::build_server_with(root, &["--bin", "shoal-peer"]));
     t.took
         .push(("end-to-end build".into(), start.elapsed().as_secs_f64()));
     match built {

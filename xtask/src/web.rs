@@ -2,7 +2,7 @@
 //! contributor's (`shoal_web_client`, what every visitor downloads) and the researcher's
 //! (`shoal_dashboard_client`: the same plus the dashboard's observer).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -21,11 +21,10 @@ const BUNDLES: [(&str, &str); 2] = [
 /// sections (the name section alone was 237 KB of 1.6 MB: function names for stack
 /// traces, which a visitor's browser does not need), then shrinks each with binaryen's
 /// `wasm-opt -Oz` (the npm build; Debian's binaryen 108 breaks wgpu's output) and its
-/// glue with terser. Skips a
-/// bundle's two steps when its files in `www/pkg` are newer than its wasm. Prints each
-/// bundle's size, raw and gzipped at the best level: the contributor's is what a visitor
-/// downloads. Returns the path of the contributor's final `.wasm`.
-pub(crate) fn build(root: &Path) -> Result<PathBuf> {
+/// glue with terser. Skips those steps for a bundle whose files in `www/pkg` are newer
+/// than its wasm. Prints each bundle's size, raw and gzipped at the best level: the
+/// contributor's is what a visitor downloads.
+pub(crate) fn build(root: &Path) -> Result<()> {
     let mut args = vec![
         "build",
         "--quiet",
@@ -39,9 +38,8 @@ pub(crate) fn build(root: &Path) -> Result<PathBuf> {
     }
     run_cmd(Command::new("cargo").current_dir(root).args(args))?;
     let out_dir = root.join("www/pkg");
-    let mut contributor = None;
     for (package, name) in BUNDLES {
-        let out_wasm = bindgen_and_optimize(root, name)?;
+        bindgen_and_optimize(root, name)?;
         let (mut raw, mut gz) = (0, 0);
         for file in [format!("{name}_bg.wasm"), format!("{name}.js")] {
             let bytes = std::fs::read(out_dir.join(file))?;
@@ -53,9 +51,8 @@ pub(crate) fn build(root: &Path) -> Result<PathBuf> {
             raw / 1000,
             gz / 1000
         );
-        contributor.get_or_insert(out_wasm);
     }
-    contributor.context("no bundles")
+    Ok(())
 }
 
 /// The length of `bytes` gzipped at the best compression.
@@ -66,18 +63,19 @@ fn gzipped_len(bytes: &[u8]) -> Result<usize> {
     Ok(gz.finish()?.len())
 }
 
-/// wasm-bindgen and wasm-opt for the bundle `name`, unless `www/pkg` holds a newer one.
-fn bindgen_and_optimize(root: &Path, name: &str) -> Result<PathBuf> {
+/// wasm-bindgen, wasm-opt and terser for the bundle `name`, unless `www/pkg` holds a
+/// newer one.
+fn bindgen_and_optimize(root: &Path, name: &str) -> Result<()> {
     let wasm = root.join(format!(
         "target/wasm32-unknown-unknown/wasm-release/{name}.wasm"
     ));
     let out_dir = root.join("www/pkg");
     let out_wasm = out_dir.join(format!("{name}_bg.wasm"));
     if is_newer(&out_wasm, &wasm) {
-        return Ok(out_wasm);
+        return Ok(());
     }
     // Glue and wasm are made and optimized in a staging folder and move into `www/pkg`
-    // only when both steps succeeded (the wasm last): an interrupted or failed build
+    // only when every step succeeded (the wasm last): an interrupted or failed build
     // leaves the previous bundle, older than cargo's output, so the next build redoes it.
     let stage = root.join("target/web-pkg").join(name);
     let _ = std::fs::remove_dir_all(&stage);
@@ -103,7 +101,7 @@ fn bindgen_and_optimize(root: &Path, name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&out_dir)?;
     std::fs::rename(&glue, out_dir.join(format!("{name}.js")))?;
     std::fs::rename(&optimized, &out_wasm)?;
-    Ok(out_wasm)
+    Ok(())
 }
 
 /// terser on the JS glue `js` into `out`: compressed and with local names shortened, as
