@@ -20,6 +20,9 @@ try {
 
 // Every closed round's progress, for anyone who wants the history.
 window.shoalProgress = [];
+// The relay between the swarm and the worker: bytes handed on and not yet taken, the
+// most ever, and the page's inbox drops (relay.js).
+window.shoalRelay = {};
 
 // The visitor's identity: an ed25519 secret made once and kept in this browser, so that
 // contributions across visits are signed by the same key. A browser may deny a frame on
@@ -386,6 +389,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       applyPause();
       relaySwarm(worker, task, {
         secret: id.secret,
+        stats: window.shoalRelay,
         onSignaling: (up) => {
           if (up) {
             if (status.dataset.state === 'offline') applyPause();

@@ -11,6 +11,8 @@ const loading = init();
 const post = (m, transfer) => self.postMessage(m, transfer ?? []);
 const errorText = (e) => String(e && e.message ? e.message : e);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+// Tells the page a message is in the observer's bounded inbox (relay.js, `MAX_UNTAKEN`).
+const taken = (m) => { if (m.data) post({ type: 'taken', bytes: m.data.length }); };
 
 async function fetchBytes(path) {
   const r = await fetch(new URL(path, self.location.origin));
@@ -45,13 +47,18 @@ self.addEventListener('message', (event) => {
     if (m.type === 'start' && !observer) {
       observe(m.task, m.everyMs ?? 10_000).catch((e) => post({ type: 'error', message: errorText(e) }));
     } else if (m.type === 'net' && m.kind !== 'task_state') {
-      if (observer) observer.event(m.kind, m.peer, m.data);
-      else {
+      if (observer) {
+        try {
+          observer.event(m.kind, m.peer, m.data);
+        } finally {
+          taken(m);
+        }
+      } else {
         loading.then(() => {
           if (observer) return observer.event(m.kind, m.peer, m.data);
           early ??= new EarlyEvents();
           early.event(m.kind, m.peer, m.data);
-        }).catch((e) => post({ type: 'error', message: errorText(e) }));
+        }).catch((e) => post({ type: 'error', message: errorText(e) })).finally(() => taken(m));
       }
     } else if (m.type === 'export') {
       const bytes = observer.exportSafetensors(m.ledgerHead ?? undefined);

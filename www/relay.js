@@ -6,6 +6,14 @@
 // transport, so that its page and its worker share one download.
 const CONTRIBUTOR_BUNDLE = new URL('./pkg/shoal_web_client.js', import.meta.url).href;
 
+// Bytes of neighbours' messages handed to the worker and not yet taken by it (the worker
+// answers `{type:'taken', bytes}` once a message is in its peer's bounded inbox). A worker
+// reads its messages only between two ticks of training, so without this bound a
+// neighbour could fill the browser's message queue for as long as a tick lasts. Past it
+// the relay stops reading the swarm, whose own inbox then bounds (and counts) what waits:
+// one message of any size goes through when nothing is untaken.
+export const MAX_UNTAKEN = 16 << 20;
+
 /**
  * Joins `task`'s swarm and wires it to `worker`: transport events go to the worker as
  * `{type:'net', kind, peer, data}` (and `{type:'net', kind:'task_state', paused}`); the
@@ -13,9 +21,12 @@ const CONTRIBUTOR_BUNDLE = new URL('./pkg/shoal_web_client.js', import.meta.url)
  * `onSignaling(up)` is told when the signaling server connection comes and goes. With
  * `secret` (the visitor's key, 64 hex digits) the connection proves that key to the
  * server, so that the receipts the visitor signs and earns count in the task's ledger.
- * `bundle` is the URL of the wasm bundle's JS glue to run the transport with.
+ * `bundle` is the URL of the wasm bundle's JS glue to run the transport with. The worker
+ * answers each `net` message's bytes with `{type:'taken', bytes}` (`MAX_UNTAKEN`).
+ * `stats` (an object) is kept up to date: `untaken` and `mostUntaken` bytes, and
+ * `dropped()`, the neighbours' messages the page's inbox dropped.
  */
-export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE } = {}) {
+export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {} } = {}) {
   const shoal = await import(bundle);
   await shoal.default();
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
@@ -23,10 +34,16 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
   // Before any message is read (this task has not yielded yet): the welcome's nonce is
   // signed as soon as it arrives.
   if (secret) swarm.setIdentity(Uint8Array.from(secret.match(/../g), (h) => parseInt(h, 16)));
+  Object.assign(stats, { untaken: 0, mostUntaken: 0, dropped: () => swarm.inboxDropped() });
+  let taken = null;
   worker.addEventListener('message', (event) => {
     const m = event.data;
     try {
-      if (m.type === 'send') swarm.send(m.peer, m.data);
+      if (m.type === 'taken') {
+        stats.untaken = Math.max(0, stats.untaken - m.bytes);
+        taken?.();
+        taken = null;
+      } else if (m.type === 'send') swarm.send(m.peer, m.data);
       else if (m.type === 'report') swarm.report(m.report);
       else if (m.type === 'receipt') swarm.receipt(m.receipt);
     } catch {
@@ -44,6 +61,12 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
         else if (e.type === 'peer_up' || e.type === 'peer_down') {
           worker.postMessage({ type: 'net', kind: e.type, peer: e.peer });
         } else if (e.type === 'message') {
+          const n = e.data.length;
+          while (stats.untaken > 0 && stats.untaken + n > MAX_UNTAKEN) {
+            await new Promise((resolve) => { taken = resolve; });
+          }
+          stats.untaken += n;
+          stats.mostUntaken = Math.max(stats.mostUntaken, stats.untaken);
           worker.postMessage({ type: 'net', kind: 'message', peer: e.from, data: e.data }, [e.data.buffer]);
         } else if (e.type === 'task_state') {
           worker.postMessage({ type: 'net', kind: 'task_state', paused: e.paused });

@@ -61,6 +61,10 @@ function netEvent(m) {
   else peer.event(m.kind, m.peer, m.data);
 }
 
+// Tells the page a message is in the peer's bounded inbox (or dropped by it): the page
+// hands on only so many bytes that the worker has not taken (relay.js, `MAX_UNTAKEN`).
+const taken = (m) => { if (m.data) post({ type: 'taken', bytes: m.data.length }); };
+
 // An event before the peer exists: kept (within bounds) for the peer to adopt. Until the
 // module has loaded it waits on the loading, in order.
 function earlyEvent(m) {
@@ -68,7 +72,7 @@ function earlyEvent(m) {
     if (peer) return netEvent(m);
     early ??= new EarlyEvents();
     early.event(m.kind, m.peer, m.data);
-  }).catch((e) => post({ type: 'error', message: errorText(e) }));
+  }).catch((e) => post({ type: 'error', message: errorText(e) })).finally(() => taken(m));
 }
 
 /** The width and height a PNG or JPEG file declares (read from its first 64 KiB), or
@@ -310,8 +314,13 @@ self.addEventListener('message', (event) => {
       chooseLocal(msg.task, msg.reading, msg.entries ?? [])
         .catch((e) => post({ type: 'local-summary', reading: msg.reading, error: errorText(e) }));
     } else if (msg.type === 'net') {
-      if (peer) netEvent(msg);
-      else if (msg.kind === 'task_state') taskPaused = msg.paused;
+      if (peer) {
+        try {
+          netEvent(msg);
+        } finally {
+          taken(msg);
+        }
+      } else if (msg.kind === 'task_state') taskPaused = msg.paused;
       else earlyEvent(msg);
     } else if (msg.type === 'try') {
       if (!(msg.input instanceof Uint8Array) || msg.input.length > 1 << 20) {

@@ -3,7 +3,7 @@
 // a visitor tries the model their browser trains on the drawing pad.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, webrtcPage } from './harness.mjs';
+import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer } from './harness.mjs';
 
 let server;
 let browser;
@@ -67,6 +67,95 @@ test('a neighbour flooding a worker that is busy fills only its own share of the
   assert.equal(got.flooded, 200 - 64, 'past 64 MiB waiting, the flooder\'s messages are dropped');
   assert.equal(got.after, got.flooded, 'another neighbour\'s message still goes in');
   assert.ok(got.grew < 80 * 2 ** 20, `the worker's memory grew by ${got.grew} bytes`);
+});
+
+test('a neighbour flooding a contributor over WebRTC cannot fill the worker\'s message queue', async () => {
+  // A contributor page on a slow device (its worker takes 200 ms for each neighbour's
+  // message, so 5 MiB/s at most) and a hostile neighbour that sends it 1 MiB of garbage
+  // after another for 8 s, as fast as the data channel goes. What waits in the browser's
+  // queue between page and worker is measured from outside Shoal's code: the page counts
+  // what it posts, the worker what it receives. Without the relay's bound it grows with
+  // the flood (about the channel's rate minus 5 MiB/s, for 8 s), and
+  // without the page's own inbox bound the rest would wait in the page instead.
+  const own = await startServer();
+  const context = await browser.newContext();
+  await context.grantPermissions(['microphone', 'camera']);
+  await context.addInitScript(() => {
+    const Worker0 = window.Worker;
+    window.queueTest = { posted: 0, received: 0, most: 0 };
+    window.Worker = class extends Worker0 {
+      constructor(...args) {
+        super(...args);
+        this.addEventListener('message', (e) => {
+          if (e.data?.type !== 'test-received') return;
+          const q = window.queueTest;
+          q.received = e.data.bytes;
+          // Posted until now, less what the worker had received when it told: what waits.
+          q.most = Math.max(q.most, q.posted - q.received);
+        });
+      }
+      postMessage(m, transfer) {
+        if (m?.type === 'net' && m.data) window.queueTest.posted += m.data.length;
+        return super.postMessage(m, transfer);
+      }
+    };
+  });
+  await context.route('**/worker.js', async (route) => {
+    const res = await route.fetch();
+    const slow = `let testGot = 0;
+self.addEventListener('message', (e) => {
+  if (e.data?.type !== 'net' || !e.data.data) return;
+  testGot += e.data.data.length;
+  self.postMessage({ type: 'test-received', bytes: testGot });
+  const t = performance.now();
+  while (performance.now() - t < 200);
+});
+`;
+    await route.fulfill({ response: res, body: slow + await res.text() });
+  });
+  try {
+    const page = await context.newPage();
+    page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
+    await page.goto(`${own.url}/?backend=cpu`);
+    await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+    await page.click('#consent');
+    await page.waitForFunction(() => window.shoalProgress.length >= 1, null, { timeout: 120_000, polling: 200 });
+
+    const hostile = await webrtcPage(browser, own.url);
+    await joinSwarm(hostile, own.ws);
+    const victim = await firstPeer(hostile);
+    const sent = await hostile.evaluate(async (victim) => {
+      const junk = new Uint8Array(1 << 20);
+      for (let i = 0; i < junk.length; i += 65536) crypto.getRandomValues(junk.subarray(i, i + 65536));
+      let sent = 0;
+      const end = performance.now() + 8_000;
+      while (performance.now() < end) {
+        try {
+          window.swarm.send(victim, junk);
+          sent += 1;
+        } catch {
+          await new Promise((r) => setTimeout(r, 5)); // the channel's queue is full
+        }
+      }
+      return sent;
+    }, victim);
+    const rounds = await page.evaluate(() => window.shoalProgress.length);
+    // Whatever the worker has left to take, it takes; then it trains on.
+    await page.waitForFunction((n) => window.shoalProgress.length > n + 2, rounds, { timeout: 120_000, polling: 200 });
+    const got = await page.evaluate(() => ({ ...window.queueTest, untaken: window.shoalRelay.mostUntaken,
+      dropped: window.shoalRelay.dropped(), phase: window.shoalProgress.at(-1).phase }));
+    console.log(`flood of ${sent} MiB: ${(got.posted / 2 ** 20).toFixed(0)} MiB posted to the worker, the queue at most `
+      + `${(got.most / 2 ** 20).toFixed(1)} MiB (the relay counted ${(got.untaken / 2 ** 20).toFixed(1)}), ${got.dropped} dropped by the page`);
+    assert.ok(sent >= 100, `the flood sent ${sent} MiB`);
+    assert.ok(got.posted + got.dropped * 2 ** 20 >= 90 * 2 ** 20, 'the flood reached the page');
+    assert.ok(got.most <= 17 * 2 ** 20, `the queue between page and worker held ${got.most} bytes`);
+    assert.ok(got.most > 0 && got.untaken >= got.most, 'the relay counts what waits');
+    assert.ok(got.dropped > 0, 'past its share, the page\'s inbox drops the flooder\'s messages');
+    await hostile.context().close();
+  } finally {
+    await context.close();
+    await own.stop();
+  }
 });
 
 test('the demo data is served as IDX files', async () => {

@@ -12,9 +12,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
+use std::task::{Context, Poll, Waker};
 
-use futures_channel::mpsc;
-use futures_core::Stream;
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use shoal_shared::framing::LOW_WATER;
 use shoal_shared::protocol::{PeerId, PeerReport, ServerMessage, Signal};
@@ -28,7 +27,7 @@ use web_sys::{
 };
 
 use crate::mesh::{Action, Mesh};
-use crate::swarm::{SendError, SwarmEvent, Transport};
+use crate::swarm::{Inbox, SendError, SwarmEvent, Transport};
 
 type Shared = Rc<RefCell<Inner>>;
 
@@ -66,7 +65,37 @@ struct Inner {
     conns: HashMap<PeerId, Conn>,
     /// The generation the next connection gets.
     next_generation: u64,
-    events: mpsc::UnboundedSender<SwarmEvent>,
+    /// What `next()` has not taken yet: bounded per neighbour, as a peer's own inbox, so
+    /// that a page whose worker is busy (the relay waits for it) holds at most the
+    /// inbox's bounds of a flooding neighbour's messages.
+    events: Inbox,
+    /// The pending `next()`, woken by the next event (or when the swarm is dropped).
+    waiting: Option<Waker>,
+    /// A `next()` is pending (one at a time).
+    next_pending: bool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(w) = self.waiting.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The next event for the pending `next()`: `None` once the swarm is gone.
+fn poll_event(shared: &Weak<RefCell<Inner>>, cx: &mut Context<'_>) -> Poll<Option<SwarmEvent>> {
+    let Some(shared) = shared.upgrade() else {
+        return Poll::Ready(None);
+    };
+    let mut inner = shared.borrow_mut();
+    match inner.events.pop() {
+        Some(ev) => Poll::Ready(Some(ev)),
+        None => {
+            inner.waiting = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
 }
 
 /// Whether `peer`'s connection is still the one of `generation`.
@@ -120,7 +149,14 @@ fn act(shared: &Shared, action: Action) {
             }
         }
         Action::Emit(e) => {
-            let _ = shared.borrow().events.unbounded_send(e);
+            let waiting = {
+                let mut inner = shared.borrow_mut();
+                inner.events.push(e);
+                inner.waiting.take()
+            };
+            if let Some(w) = waiting {
+                w.wake();
+            }
         }
         Action::Connect { peer, offer } => connect(shared, peer, offer),
         Action::Answer { peer, sdp } => {
@@ -244,7 +280,6 @@ fn set_timeout(f: &Function, ms: u32) {
 #[wasm_bindgen]
 pub struct Swarm {
     inner: Shared,
-    events: Rc<RefCell<Option<mpsc::UnboundedReceiver<SwarmEvent>>>>,
 }
 
 #[wasm_bindgen]
@@ -254,7 +289,6 @@ impl Swarm {
     /// `{type:"peer_down", peer}`, `{type:"message", from, data: Uint8Array}`,
     /// `{type:"task_state", paused}`.
     pub fn connect(url: String) -> Swarm {
-        let (tx, rx) = mpsc::unbounded();
         let seed = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let inner = Rc::new(RefCell::new(Inner {
             url,
@@ -263,13 +297,12 @@ impl Swarm {
             ws_handlers: Vec::new(),
             conns: HashMap::new(),
             next_generation: 0,
-            events: tx,
+            events: Inbox::default(),
+            waiting: None,
+            next_pending: false,
         }));
         open_signaling(&inner);
-        Swarm {
-            inner,
-            events: Rc::new(RefCell::new(Some(rx))),
-        }
+        Swarm { inner }
     }
 
     /// This peer's id in the current signaling session, if connected.
@@ -330,17 +363,33 @@ impl Swarm {
         Ok(())
     }
 
-    /// Resolves to the next event.
+    /// Resolves to the next event. Messages wait for it within the bounds of a peer's
+    /// inbox (docs/protocol.md); past them a neighbour's messages are dropped and counted
+    /// (`inboxDropped()`).
     pub fn next(&self) -> js_sys::Promise {
-        let slot = Rc::clone(&self.events);
+        let weak = Rc::downgrade(&self.inner);
         wasm_bindgen_futures::future_to_promise(async move {
-            let taken = slot.borrow_mut().take();
-            let mut rx = taken.ok_or_else(|| JsError::new("next() is already pending"))?;
-            let ev = std::future::poll_fn(|cx| std::pin::Pin::new(&mut rx).poll_next(cx)).await;
-            *slot.borrow_mut() = Some(rx);
+            if let Some(shared) = weak.upgrade() {
+                let mut inner = shared.borrow_mut();
+                if inner.next_pending {
+                    return Err(JsError::new("next() is already pending").into());
+                }
+                inner.next_pending = true;
+            }
+            let ev = std::future::poll_fn(|cx| poll_event(&weak, cx)).await;
+            if let Some(shared) = weak.upgrade() {
+                shared.borrow_mut().next_pending = false;
+            }
             ev.map(to_js)
                 .ok_or_else(|| JsError::new("swarm closed").into())
         })
+    }
+
+    /// Neighbours' messages dropped because `next()` did not take them in time (past a
+    /// neighbour's share of the inbox).
+    #[wasm_bindgen(js_name = inboxDropped)]
+    pub fn inbox_dropped(&self) -> f64 {
+        self.inner.borrow().events.dropped() as f64
     }
 
     /// Leaves the swarm: closes every connection and the websocket.
@@ -382,10 +431,8 @@ impl Transport for Swarm {
     }
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {
-        let mut rx = self.events.borrow_mut().take()?;
-        let ev = std::future::poll_fn(|cx| std::pin::Pin::new(&mut rx).poll_next(cx)).await;
-        *self.events.borrow_mut() = Some(rx);
-        ev
+        let weak = Rc::downgrade(&self.inner);
+        std::future::poll_fn(|cx| poll_event(&weak, cx)).await
     }
 }
 
