@@ -449,7 +449,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         applyPause();
       }
       if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
-        used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes, phase: p.phase, samples: p.samples, privacy: p.privacy });
+        used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes, phase: p.phase, samples: p.samples, privacy: p.privacy,
+        bytes_up: p.bytes_up, bytes_down: p.bytes_down, at: performance.now() });
       render(p);
     } else if (msg.type === 'local-summary') {
       showLocal(msg);

@@ -1,24 +1,29 @@
 // `cargo xtask bench swarm`: how much of its volunteers' compute the real swarm uses.
 // Run inside a network namespace with only loopback (xtask does that). Native peers
-// (`shoal-peer`, WebRTC on the `webrtc` crate, CPU backend) on a task file:
+// (`shoal-peer`, WebRTC on the `webrtc` crate, CPU backend) and contributor pages in
+// headless Chromium (the visitor's page after one consent click: the wasm peer in its
+// worker, CPU backend, WebRTC in the browser) on a task file:
 //   1. solo: each peer alone with its own signaling server, all training at once for a
 //      fixed time (same batch, same contention for the machine's cores);
 //   2. swarm: the same peers on one server, training together for the same time.
 // Prints one JSON line: per phase each peer's samples/s (after a warm-up), the time to
 // the task's target accuracy, bytes sent per hour; and the ratios
-// `swarm-utilization` (swarm samples/s over solo samples/s) and `time-to-target` (solo
+// `swarm-utilization` (swarm samples/s over solo samples/s, all peers),
+// `swarm-utilization-browser` (the contributor pages' alone) and `time-to-target` (solo
 // time over the swarm's: above 1, the swarm is faster).
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { chromium } from 'playwright-core';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const serverBin = join(root, 'target/release/shoal-signaling-server');
 const peerBin = join(root, 'target/release/shoal-peer');
 const taskFile = process.env.SHOAL_BENCH_TASK ?? join(root, 'tasks/digits.toml');
 const PEERS = Number(process.env.SHOAL_BENCH_PEERS ?? 3);
+const BROWSERS = Number(process.env.SHOAL_BENCH_BROWSERS ?? 2);
 const SECONDS = Number(process.env.SHOAL_BENCH_SECONDS ?? 150);
 const WARMUP_S = 10;
 
@@ -71,6 +76,40 @@ function startPeer(server, dir, name) {
   return p;
 }
 
+/** A contributor page on `server`, training after the visitor's consent; its closed
+ *  rounds are read from the page (`window.shoalProgress`) twice a second. */
+async function startPage(browser, server) {
+  const context = await browser.newContext();
+  // Chromium gathers loopback candidates only with a media permission (a harness need).
+  await context.grantPermissions(['microphone', 'camera']);
+  const page = await context.newPage();
+  page.on('pageerror', (e) => process.stderr.write(`[page error] ${e.message}\n`));
+  const p = { context, page, started: performance.now(), lines: [], origin: 0, seen: 0, browser: true };
+  await page.goto(`${server.url}/?backend=cpu`);
+  // The page's clock against this script's: progress entries carry the page's time.
+  p.origin = await page.evaluate(() => performance.timeOrigin);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await page.click('#consent');
+  p.poll = setInterval(async () => {
+    try {
+      const fresh = await page.evaluate((n) => window.shoalProgress.slice(n), p.seen);
+      p.seen += fresh.length;
+      for (const e of fresh) {
+        p.lines.push({ t: (p.origin + e.at - performance.timeOrigin - p.started) / 1e3, round: e.round,
+          accuracy: e.accuracy ?? null, peers: e.peers, up: e.bytes_up, down: e.bytes_down, samples: e.samples });
+      }
+    } catch {
+      // The page is closing.
+    }
+  }, 500);
+  return p;
+}
+
+async function stopPage(p) {
+  clearInterval(p.poll);
+  await p.context.close();
+}
+
 async function stop(child) {
   if (child.exitCode !== null || child.signalCode !== null) return;
   child.kill('SIGINT');
@@ -104,20 +143,33 @@ function measure(p) {
     // The whole phase, from start.
     bytes_up_per_hour_from_start: last && last.t > 0 ? (last.up / last.t) * 3600 : 0,
     neighbours: Math.max(0, ...p.lines.map((l) => l.peers)),
+    kind: p.browser ? 'browser' : 'native',
     accuracy_by_time: p.lines.filter((l) => l.accuracy !== null)
       .map((l) => [Math.round(l.t * 10) / 10, l.accuracy]),
   };
 }
 
-async function phase(kind, dir) {
+async function phase(kind, dir, browser) {
   const servers = [];
-  for (let i = 0; i < (kind === 'solo' ? PEERS : 1); i++) servers.push(await startServer(dir, `${kind}${i}`));
+  const n = PEERS + BROWSERS;
+  for (let i = 0; i < (kind === 'solo' ? n : 1); i++) servers.push(await startServer(dir, `${kind}${i}`));
+  const serverOf = (i) => servers[kind === 'solo' ? i : 0];
+  const pages = [];
+  for (let i = 0; i < BROWSERS; i++) pages.push(await startPage(browser, serverOf(PEERS + i)));
   const peers = [];
-  for (let i = 0; i < PEERS; i++) peers.push(startPeer(servers[kind === 'solo' ? i : 0], dir, `${kind}${i}`));
+  for (let i = 0; i < PEERS; i++) peers.push(startPeer(serverOf(i), dir, `${kind}${i}`));
+  // Every peer's clock starts with the natives (the pages, loaded first, count from there).
+  const t0 = performance.now();
+  for (const p of pages) {
+    const shift = (t0 - p.started) / 1e3;
+    p.started = t0;
+    p.lines = p.lines.map((l) => ({ ...l, t: l.t - shift }));
+  }
   await sleep(SECONDS * 1e3);
   for (const p of peers) await stop(p.child);
+  for (const p of pages) await stopPage(p);
   for (const s of servers) await stop(s.child);
-  return peers.map(measure);
+  return [...peers, ...pages].map(measure);
 }
 
 const median = (xs) => {
@@ -126,23 +178,34 @@ const median = (xs) => {
 };
 
 const dir = mkdtempSync(join(tmpdir(), 'shoal-bench-swarm-'));
+const browser = BROWSERS > 0 ? await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--allow-loopback-in-peer-connection'],
+}) : null;
 try {
-  const solo = await phase('solo', dir);
-  const swarm = await phase('swarm', dir);
+  const solo = await phase('solo', dir, browser);
+  const swarm = await phase('swarm', dir, browser);
   const sum = (ps) => ps.reduce((s, p) => s + p.samples_per_s, 0);
+  const pagesOf = (ps) => ps.filter((p) => p.kind === 'browser');
   const soloT = median(solo.map((p) => p.time_to_target_s));
   const swarmT = median(swarm.map((p) => p.time_to_target_s));
   console.log(JSON.stringify({
-    task: taskName, peers: PEERS, seconds: SECONDS, warmup_s: WARMUP_S, target,
+    task: taskName, peers: PEERS, browsers: BROWSERS, seconds: SECONDS, warmup_s: WARMUP_S, target,
     solo, swarm,
     solo_samples_per_s: sum(solo), swarm_samples_per_s: sum(swarm),
     solo_time_to_target_s: soloT, swarm_time_to_target_s: swarmT,
     swarm_bytes_up_per_hour: median(swarm.map((p) => p.bytes_up_per_hour)),
+    browser_solo_samples_per_s: sum(pagesOf(solo)), browser_swarm_samples_per_s: sum(pagesOf(swarm)),
+    browser_bytes_up_per_hour: median(pagesOf(swarm).map((p) => p.bytes_up_per_hour)),
     ratios: {
       'swarm-utilization': sum(solo) > 0 ? sum(swarm) / sum(solo) : 0,
+      'swarm-utilization-browser': sum(pagesOf(solo)) > 0 ? sum(pagesOf(swarm)) / sum(pagesOf(solo)) : null,
       'time-to-target': soloT !== null && swarmT !== null ? soloT / swarmT : null,
     },
   }));
 } finally {
+  await browser?.close();
   rmSync(dir, { recursive: true, force: true });
 }

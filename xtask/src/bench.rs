@@ -17,10 +17,11 @@
 //!   datachannel_bench.rs`) and in Chromium (`bench-web/datachannel.mjs`), both on
 //!   loopback inside a network namespace (`framing-vs-raw-native`, `framing-vs-raw-browser`).
 //! - `swarm`: how much of its peers' compute the real swarm uses (`bench-web/swarm.mjs`):
-//!   native peers on the demo task, first each alone (its own server) all at once, then
-//!   together; `swarm-utilization` (swarm samples/s over solo samples/s) and
-//!   `time-to-target` (one peer's time to the task's target over the swarm's), with
-//!   bytes per peer per hour.
+//!   native peers and contributor pages in Chromium on the demo task, first each alone
+//!   (its own server) all at once, then together; `swarm-utilization` (swarm samples/s
+//!   over solo samples/s), `swarm-utilization-browser` (the pages') and `time-to-target`
+//!   (one peer's time to the task's target over the swarm's), with bytes per peer per
+//!   hour.
 
 use std::path::Path;
 use std::process::Command;
@@ -563,12 +564,18 @@ fn datachannel(root: &Path) -> Result<Value> {
 
 fn swarm(root: &Path) -> Result<Value> {
     setup::ensure_debs(&setup::TEST_PACKAGES)?;
+    setup::ensure_bench_web(root)?;
+    web::build(root)?;
     data::prepare(root)?;
     crate::build_server_with(root, &["--bin", "shoal-peer"])?;
-    println!("swarm: 3 native peers, 150 s alone (each its own server) then 150 s together");
+    let secs = std::env::var("SHOAL_BENCH_SECONDS").unwrap_or_else(|_| "150".into());
+    println!(
+        "swarm: 3 native peers and 2 contributor pages (Chromium, CPU), {secs} s alone (each its own server) then {secs} s together"
+    );
     let v = json_in_namespace(root, "node xtask/bench-web/swarm.mjs", "swarm benchmark")?;
     let f = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
     let r = |x: &Value| x.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
+    let mb = |x: &Value| x.as_f64().map_or("-".into(), |b| format!("{:.0}", b / 1e6));
     println!(
         "  solo  {:>9} samples/s in all   time to {} {:>6} s",
         f(&v["solo_samples_per_s"]),
@@ -580,13 +587,18 @@ fn swarm(root: &Path) -> Result<Value> {
         f(&v["swarm_samples_per_s"]),
         v["target"],
         f(&v["swarm_time_to_target_s"]),
-        v["swarm_bytes_up_per_hour"]
-            .as_f64()
-            .map_or("-".into(), |b| format!("{:.0}", b / 1e6))
+        mb(&v["swarm_bytes_up_per_hour"])
     );
     println!(
-        "  swarm-utilization {}   time-to-target {}",
+        "  pages {:>9} samples/s alone, {:>9} together   {} MB up per page-hour",
+        f(&v["browser_solo_samples_per_s"]),
+        f(&v["browser_swarm_samples_per_s"]),
+        mb(&v["browser_bytes_up_per_hour"])
+    );
+    println!(
+        "  swarm-utilization {} (pages {})   time-to-target {}",
         r(&v["ratios"]["swarm-utilization"]),
+        r(&v["ratios"]["swarm-utilization-browser"]),
         r(&v["ratios"]["time-to-target"])
     );
     Ok(v)
