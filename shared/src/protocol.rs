@@ -165,8 +165,8 @@ impl PeerReport {
                 "samples_per_s: must be finite, 0..={MAX_REPORT_RATE}"
             ));
         }
-        if !finite(self.loss) || self.loss > 1e6 {
-            return Err("loss: must be finite, 0..1e6".into());
+        if !finite(self.loss) || self.loss >= 1e6 {
+            return Err("loss: must be finite, at least 0 and below 1e6".into());
         }
         if self.accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
             return Err("accuracy: must be within 0..=1".into());
@@ -635,6 +635,14 @@ mod tests {
                 "loss",
                 PeerReport {
                     loss: f32::NAN,
+                    ..report.clone()
+                },
+            ),
+            // The bound is exclusive, as the docs say ("below 10^6").
+            (
+                "loss",
+                PeerReport {
+                    loss: 1e6,
                     ..report.clone()
                 },
             ),

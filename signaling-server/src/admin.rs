@@ -52,7 +52,7 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), (StatusCode,
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer);
     match given {
         Some(g) if same(g.as_bytes(), token.as_bytes()) => Ok(()),
         Some(_) => Err((StatusCode::UNAUTHORIZED, "wrong admin token")),
@@ -61,6 +61,15 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), (StatusCode,
             "this action needs the admin token (Authorization: Bearer TOKEN)",
         )),
     }
+}
+
+/// The token of `Bearer TOKEN`, the scheme in any case (RFC 9110: schemes are
+/// case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 fn refuse(code: StatusCode, message: &str) -> Response {
@@ -137,7 +146,16 @@ pub async fn pause(
 
 #[cfg(test)]
 mod tests {
-    use super::same;
+    use super::{bearer, same};
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        assert_eq!(bearer("Bearer tok"), Some("tok"));
+        assert_eq!(bearer("bearer tok"), Some("tok"));
+        assert_eq!(bearer("BEARER  tok"), Some("tok"));
+        assert_eq!(bearer("Basic tok"), None);
+        assert_eq!(bearer("Bearertok"), None);
+    }
 
     #[test]
     fn token_comparison_is_exact() {

@@ -179,7 +179,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(mut args: Args) -> anyhow::Result<()> {
     if !args.www.join("index.html").exists() {
         anyhow::bail!(
             "{} has no index.html (run `cargo xtask run` to build the site)",
@@ -200,12 +200,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         || args.max_message_bytes < 1024
         || args.rate <= 0.0
         || args.burst < 1.0
+        || args.idle_timeout < 3
+        || args.write_timeout < 1
+        || args.join_burst < 1.0
     {
         anyhow::bail!(
             "--neighbours must be within 1..={most}, --max-message-bytes >= 1024, --rate > 0, \
-             --burst >= 1"
+             --burst >= 1, --idle-timeout >= 3, --write-timeout >= 1, --join-burst >= 1"
         );
     }
+    // `a.example, b.example` lists two origins, not one with a leading space.
+    args.allowed_origins = args
+        .allowed_origins
+        .iter()
+        .map(|o| o.trim().to_string())
+        .filter(|o| !o.is_empty())
+        .collect();
     let mut tasks = Vec::new();
     for path in &args.task_files {
         let task = load_task(path, &args.data).map_err(anyhow::Error::msg)?;
@@ -264,10 +274,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate_per_sec: args.rate,
         burst: args.burst,
         idle_timeout: Duration::from_secs(args.idle_timeout),
-        write_timeout: Duration::from_secs(args.write_timeout.max(1)),
+        write_timeout: Duration::from_secs(args.write_timeout),
         max_peers_per_address: args.max_peers_per_address,
         joins_per_address_per_sec: args.joins_per_address,
-        join_burst: args.join_burst.max(1.0),
+        join_burst: args.join_burst,
         ping_interval: Duration::from_secs((args.idle_timeout / 3).max(1)),
         ..Limits::default()
     };

@@ -40,10 +40,13 @@ fn walk(dir: &Path, depth: usize, written: &mut usize) {
         let compressed = path.extension().is_some_and(|e| {
             ["gz", "tgz", "zip", "png", "jpg", "br"].contains(&e.to_string_lossy().as_ref())
         });
+        // A file being written (this server's or another's temporary, or a download's)
+        // is not served compressed: its `.gz` would outlive it.
+        let partial = path.extension().is_some_and(|e| e == "tmp");
         let hidden = path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if compressed || hidden || meta.len() < MIN_BYTES {
+        if compressed || hidden || partial || meta.len() < MIN_BYTES {
             continue;
         }
         let mut gz_name = path.as_os_str().to_owned();

@@ -1644,9 +1644,21 @@ fn close(
             code: code.into(),
             reason: reason.into(),
         };
-        write(&mut socket, within, Message::Close(Some(frame))).await;
+        if !write(&mut socket, within, Message::Close(Some(frame))).await {
+            return;
+        }
+        // Reads on (and discards) until the peer's close answers ours, for at most
+        // `LINGER`: a socket closed with bytes unread — a flooder's — is reset by the
+        // kernel, and the peer would lose what was just sent, the close frame included.
+        let _ = tokio::time::timeout(LINGER.min(within), async {
+            while let Some(Ok(_)) = socket.next().await {}
+        })
+        .await;
     })
 }
+
+/// How long a closing connection reads on for the peer's close.
+const LINGER: Duration = Duration::from_secs(2);
 
 async fn connection(
     hub: Arc<Hub>,
@@ -1663,7 +1675,9 @@ async fn connection(
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
     let open = hub.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    let _slot = ConnectionSlot(&hub.connections);
+    // Held while the peer is served; given back before the closing handshake, which may
+    // read on for a while (`LINGER`) after the peer is gone from the swarm.
+    let slot = ConnectionSlot(&hub.connections);
     let limits = &hub.config.limits;
     if open > limits.max_connections {
         refuse(
@@ -1673,12 +1687,14 @@ async fn connection(
             "server is at its connection limit".into(),
         )
         .await;
+        drop(slot);
         return close(socket, limits.write_timeout, 1013, "server full").await;
     }
     if version != Some(VERSION) {
         let msg =
             format!("this server speaks protocol version {VERSION}; connect with ?v={VERSION}");
         refuse(&mut socket, &hub, ErrorCode::BadVersion, msg).await;
+        drop(slot);
         return close(socket, limits.write_timeout, 1002, "bad version").await;
     }
     let outbox = Arc::new(Outbox::new(limits.queue));
@@ -1692,6 +1708,7 @@ async fn connection(
                 format!("cannot join task {task:?}"),
             )
             .await;
+            drop(slot);
             return close(socket, limits.write_timeout, 1008, "refused").await;
         }
     };
@@ -1845,7 +1862,18 @@ async fn connection(
     hub.leave(&task, id);
     hub.metrics.disconnected(reason);
     tracing::debug!(task, peer = %id, reason = reason.label(), "peer disconnected");
-    if let Some((code, text)) = reason.close_frame() {
+    drop(slot);
+    if reason == Disconnect::Bye {
+        // The peer closed first: its close is answered (tungstenite queued the reply, the
+        // peer's code echoed, when it read it; RFC 6455, section 5.5.1). tungstenite hands
+        // a server's last frame to the stream without flushing it, so the write buffer
+        // is flushed here, or the reply would be dropped with it.
+        let _ = tokio::time::timeout(limits.write_timeout, async {
+            let _ = SinkExt::close(&mut socket).await;
+            tokio::io::AsyncWriteExt::flush(socket.get_mut()).await
+        })
+        .await;
+    } else if let Some((code, text)) = reason.close_frame() {
         close(socket, limits.write_timeout, code, text).await;
     }
 }

@@ -10,6 +10,7 @@ use shoal_signaling_server::{Config, Limits, SignalingConfig, app, serve};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -520,6 +521,70 @@ async fn close_codes_say_why_and_vanished_peers_are_counted_as_gone() {
     for reason in ["invalid_text", "too_large", "frame_error", "gone"] {
         assert_eq!(disconnects(&s, reason).await, 1, "{reason}");
     }
+}
+
+#[tokio::test]
+async fn closes_complete_their_handshake_and_a_flooder_gets_its_errors_before_the_close() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let s = start(config()).await;
+    // The peer closes: the server answers with its own close frame (RFC 6455 5.5.1), not
+    // by dropping the connection.
+    let (mut a, _) = join(&s).await;
+    a.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .expect("close");
+    let mut answered = None;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), a.next()).await {
+        if let Ok(Message::Close(frame)) = m {
+            answered = frame.map(|f| f.code);
+            break;
+        }
+    }
+    assert_eq!(
+        answered,
+        Some(CloseCode::Normal),
+        "the server answers a close"
+    );
+    // 1,000 messages in one write, past the burst of 200, read only 300 ms later (a raw
+    // client, as an outsider's): the server refuses each excess message until the 20th
+    // strike, then closes with 1008. It reads on until the peer's close answers its own,
+    // so the socket is not reset with the flood unread, which would discard the errors
+    // and the close frame waiting at the peer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = TcpStream::connect(s.addr).await.expect("connect");
+    let mut flood = b"GET /ws/digits?v=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    let text = br#"{"type":"foo"}"#;
+    for _ in 0..1000 {
+        // A masked text frame (mask 0: the payload as it is).
+        flood.extend_from_slice(&[0x81, 0x80 | text.len() as u8, 0, 0, 0, 0]);
+        flood.extend_from_slice(text);
+    }
+    raw.write_all(&flood).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got)).await;
+    assert!(
+        matches!(end, Ok(Ok(_))),
+        "the connection ended with {end:?} after {} bytes",
+        got.len()
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(
+        text.matches("rate_limited").count(),
+        19,
+        "every refusal arrives"
+    );
+    let close = [&[0x88, 12, 0x03, 0xf0][..], b"rate limit"].concat();
+    assert!(
+        got.windows(close.len()).any(|w| w == close),
+        "the close frame, 1008"
+    );
 }
 
 #[tokio::test]
