@@ -415,6 +415,12 @@ impl Mesh {
                 self.actions
                     .push_back(Action::Warn(format!("dropping neighbour {peer}: {e}")));
                 self.failed(peer);
+                // The server still links the pair: told, it gives each side another
+                // neighbour (else both would be a neighbour short for good).
+                if self.me.is_some() {
+                    self.actions
+                        .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
+                }
             }
         }
     }
@@ -953,7 +959,9 @@ mod tests {
             acts[1..],
             [
                 Action::Emit(SwarmEvent::PeerDown(PeerId(2))),
-                Action::Close(PeerId(2))
+                Action::Close(PeerId(2)),
+                // So that the server unlinks the pair and draws each a replacement.
+                Action::Signal(ClientMessage::Unreachable { peer: PeerId(2) }),
             ]
         );
         assert_eq!(m.frame_errors(), crate::links::STRIKE_LIMIT as u64);

@@ -429,7 +429,9 @@ impl PeerConnectionEventHandler for Handler {
         if let Ok(init) = event.candidate.to_json() {
             let signal = Signal::Candidate {
                 candidate: init.candidate,
-                sdp_mid: init.sdp_mid,
+                // The `webrtc` crate names no media section as "" (not a mid any SDP
+                // has): left out, as the protocol allows; the line index says it.
+                sdp_mid: init.sdp_mid.filter(|mid| !mid.is_empty()),
                 sdp_m_line_index: init.sdp_mline_index,
             };
             shared.with_conn(self.peer, self.generation, |mesh, _| {

@@ -317,7 +317,7 @@ mod peer {
             shoal_shared::gpu::Gpu::new().await.ok()
         };
         eprintln!(
-            "peer {} training on {}",
+            "key {} training on {}",
             &key[..16],
             gpu.as_ref()
                 .map_or("the CPU".to_string(), |g| g.adapter.description.clone())
@@ -423,6 +423,11 @@ mod peer {
                     let waiting = swarm.waiting();
                     let verbose = std::env::var_os("SHOAL_VERBOSE").is_some();
                     for ev in std::iter::once(ev).chain((0..waiting).map_while(|_| swarm.try_next_event())) {
+                        // The id the server gave this session (neighbours' logs and the
+                        // dashboard name peers by it, not by their keys).
+                        if let SwarmEvent::Signaling { me: Some(me) } = &ev {
+                            eprintln!("signaling up: peer {me} in the swarm");
+                        }
                         if verbose {
                             match &ev {
                                 SwarmEvent::Message { from, data } => eprintln!("{:.0} msg {from} {} kind {:?}", now(), data.len(), data.get(4)),
