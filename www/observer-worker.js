@@ -34,6 +34,7 @@ async function observe(task, everyMs) {
   for (;;) {
     const points = JSON.parse(observer.tick());
     for (const [to, data] of observer.outgoing()) post({ type: 'send', peer: to, data }, [data.buffer]);
+    for (const to of observer.takeDrops()) post({ type: 'drop', peer: to });
     const report = observer.takeReport();
     if (report) post({ type: 'report', report });
     if (points.length) post({ type: 'eval', points });

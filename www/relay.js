@@ -17,7 +17,8 @@ export const MAX_UNTAKEN = 16 << 20;
 /**
  * Joins `task`'s swarm and wires it to `worker`: transport events go to the worker as
  * `{type:'net', kind, peer, data}` (and `{type:'net', kind:'task_state', paused}`); the
- * worker's `{type:'send'}`, `{type:'report'}` and `{type:'receipt'}` messages go out.
+ * worker's `{type:'send'}`, `{type:'report'}` and `{type:'receipt'}` messages go out,
+ * and `{type:'drop', peer}` closes a neighbour that broke the protocol.
  * `onSignaling(up)` is told when the signaling server connection comes and goes. With
  * `secret` (the visitor's key, 64 hex digits) the connection proves that key to the
  * server, so that the receipts the visitor signs and earns count in the task's ledger.
@@ -46,6 +47,7 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
       } else if (m.type === 'send') swarm.send(m.peer, m.data);
       else if (m.type === 'report') swarm.report(m.report);
       else if (m.type === 'receipt') swarm.receipt(m.receipt);
+      else if (m.type === 'drop') swarm.dropNeighbour(m.peer);
     } catch {
       // A full queue or a neighbour that just left: the message is dropped, and the
       // swarm's deadlines make sure nobody waits for it.

@@ -255,6 +255,8 @@ async function contribute(task, secret, head, privacySent, consented, mine) {
       post({ type: 'privacy-sent', rounds: counted, z: p.privacy.noise_multiplier });
     }
     for (const [to, data] of peer.outgoing()) post({ type: 'send', peer: to, data }, [data.buffer]);
+    // Neighbours that broke the protocol: the page closes them and asks for others.
+    for (const to of peer.takeDrops()) post({ type: 'drop', peer: to });
     if (p.report) {
       post({ type: 'report', report: JSON.stringify(p.report) });
       delete p.report;

@@ -87,6 +87,13 @@ impl SwarmObserver {
         self.relay.drain()
     }
 
+    /// Neighbours that broke the protocol, for the page to close and report
+    /// `unreachable` (`Swarm.dropNeighbour`), since the last call.
+    #[wasm_bindgen(js_name = takeDrops)]
+    pub fn take_drops(&self) -> Vec<String> {
+        self.relay.take_drops()
+    }
+
     /// The latest report for the server as JSON, if a new one is due.
     #[wasm_bindgen(js_name = takeReport)]
     pub fn take_report(&self) -> Option<String> {

@@ -245,6 +245,7 @@ impl SwarmTrainer {
                     // copes (deadlines, the next round's update), as with a lost link.
                     let _ = net.send(to, data);
                 }
+                Output::Drop(peer) => net.drop_neighbour(peer),
                 Output::Receipt(r) => {
                     // The server judges a receipt's round against the swarm's recent
                     // reports: a report that is due goes first (our very first, and one
@@ -299,7 +300,8 @@ impl SwarmTrainer {
                         closed = Some(summary);
                     }
                     Output::Adopted { .. } => self.evaluate(),
-                    Output::Send { .. } | Output::Receipt(_) => {}
+                    // Carried out by `flush`.
+                    Output::Send { .. } | Output::Receipt(_) | Output::Drop(_) => {}
                 }
             }
             todo = self.flush(net, clock());
@@ -439,6 +441,9 @@ mod tests {
         fn receipt(&self, _: &[u8]) {
             self.server.borrow_mut().push("receipt");
         }
+        fn drop_neighbour(&self, _: PeerId) {
+            self.server.borrow_mut().push("drop");
+        }
     }
 
     /// 64 made-up 28x28 images, enough for the demo task's model to train on.
@@ -453,6 +458,39 @@ mod tests {
             shape: [28, 28, 1],
             positions: 1,
         }
+    }
+
+    /// A neighbour that breaks the protocol as no honest peer does (here a gossip mix,
+    /// in a task that exchanges weights) is handed to the transport to close and report
+    /// `unreachable`, once: it must not keep one of the peer's few neighbour slots.
+    #[test]
+    fn a_neighbour_that_breaks_the_protocol_is_dropped_through_the_transport() {
+        let task =
+            TaskSpec::from_toml(include_str!("../../tasks/digits.toml")).expect("the demo task");
+        let net = Recorder {
+            me: PeerId(1),
+            other: PeerId(2),
+            sent: RefCell::default(),
+            server: RefCell::default(),
+        };
+        let id = Identity::from_seed([1; 32]);
+        let mut peer = SwarmTrainer::new(task, id, None, samples(), None, [9; 32], 0.0)
+            .expect("a peer of the demo task");
+        peer.handle(SwarmEvent::PeerUp(PeerId(2)), &net, 0.0);
+        let n = peer.peer.weights().len();
+        let payload = shoal_shared::learn::compress::encode_once(
+            shoal_shared::learn::Compression::Int8 { block: 256 },
+            &vec![0.0; n],
+        );
+        let mix = shoal_shared::learn::wire::PeerMessage::Mix { round: 0, payload }.encode();
+        for t in [10.0, 20.0] {
+            let ev = SwarmEvent::Message {
+                from: PeerId(2),
+                data: mix.clone(),
+            };
+            peer.handle(ev, &net, t);
+        }
+        assert_eq!(*net.server.borrow(), ["drop"]);
     }
 
     /// The server judges a receipt's round against the task's reports: a peer's first

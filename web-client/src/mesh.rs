@@ -411,17 +411,24 @@ impl Mesh {
             // A bad frame drops its message (counted), not the neighbour...
             Ok(None) => {}
             // ...unless that keeps happening.
-            Err(e) => {
-                self.actions
-                    .push_back(Action::Warn(format!("dropping neighbour {peer}: {e}")));
-                self.failed(peer);
-                // The server still links the pair: told, it gives each side another
-                // neighbour (else both would be a neighbour short for good).
-                if self.me.is_some() {
-                    self.actions
-                        .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
-                }
-            }
+            Err(e) => self.drop_for_cause(peer, &e.to_string()),
+        }
+    }
+
+    /// Closes the connection to `peer`, which broke the protocol (`why`), and reports it
+    /// `unreachable`: the server still links the pair, and told, it gives each side
+    /// another neighbour (else both would be a neighbour short for good).
+    pub fn drop_for_cause(&mut self, peer: PeerId, why: &str) {
+        let Some(pending) = self.links.get(&peer).map(|l| l.is_pending()) else {
+            return;
+        };
+        self.actions
+            .push_back(Action::Warn(format!("dropping neighbour {peer}: {why}")));
+        // (`failed` reports a connection that never opened itself.)
+        self.failed(peer);
+        if !pending && self.me.is_some() {
+            self.actions
+                .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
         }
     }
 
@@ -953,19 +960,37 @@ mod tests {
         for i in 0..crate::links::STRIKE_LIMIT {
             m.frame(PeerId(2), &broken, i as u64);
         }
-        let acts = drain(&mut m);
+        assert_dropped_for_cause(&mut m, 2);
+        assert_eq!(m.frame_errors(), crate::links::STRIKE_LIMIT as u64);
+        assert!(!m.has(PeerId(2)));
+    }
+
+    /// What dropping neighbour `p` for cause does: a warning, the neighbour down, its
+    /// connection closed, and `unreachable` so that the server unlinks the pair and draws
+    /// each side a replacement.
+    fn assert_dropped_for_cause(m: &mut Mesh, p: u64) {
+        let acts = drain(m);
         assert!(matches!(acts[0], Action::Warn(_)), "{acts:?}");
         assert_eq!(
             acts[1..],
             [
-                Action::Emit(SwarmEvent::PeerDown(PeerId(2))),
-                Action::Close(PeerId(2)),
-                // So that the server unlinks the pair and draws each a replacement.
-                Action::Signal(ClientMessage::Unreachable { peer: PeerId(2) }),
+                Action::Emit(SwarmEvent::PeerDown(PeerId(p))),
+                Action::Close(PeerId(p)),
+                Action::Signal(ClientMessage::Unreachable { peer: PeerId(p) }),
             ]
         );
-        assert_eq!(m.frame_errors(), crate::links::STRIKE_LIMIT as u64);
-        assert!(!m.has(PeerId(2)));
+    }
+
+    #[test]
+    fn a_neighbour_the_peer_shuns_is_closed_and_reported_unreachable() {
+        let mut m = member(1, &[2, 3]);
+        up(&mut m, 2);
+        drain(&mut m);
+        m.drop_for_cause(PeerId(2), "it broke the protocol");
+        assert_dropped_for_cause(&mut m, 2);
+        // A neighbour already gone is not reported again.
+        m.drop_for_cause(PeerId(2), "again");
+        assert!(drain(&mut m).is_empty());
     }
 
     #[test]

@@ -249,6 +249,11 @@ impl Transport for NativeSwarm {
     fn receipt(&self, receipt: &[u8]) {
         self.shared.with_mesh(|mesh, _| mesh.receipt(receipt));
     }
+
+    fn drop_neighbour(&self, peer: PeerId) {
+        self.shared
+            .with_mesh(|mesh, _| mesh.drop_for_cause(peer, "it broke the protocol"));
+    }
 }
 
 async fn signaling_loop(shared: Arc<Shared>) {

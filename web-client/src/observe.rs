@@ -104,6 +104,7 @@ impl Observer {
                 Output::Send { to, data } => {
                     let _ = net.send(to, data);
                 }
+                Output::Drop(peer) => net.drop_neighbour(peer),
                 Output::Adopted { round } => point = self.evaluate(round, now_ms),
                 // Never for an observer.
                 Output::Train { .. } | Output::RoundClosed(_) | Output::Receipt(_) => {}

@@ -185,6 +185,9 @@ pub trait Transport {
     /// Sends a receipt this peer signed (see `trust::receipt`) to the server for the
     /// task's ledger (dropped while the server is unreachable).
     fn receipt(&self, receipt: &[u8]);
+    /// Closes the connection to a neighbour that broke the protocol and reports it
+    /// `unreachable`, so that the server links each side to another peer.
+    fn drop_neighbour(&self, peer: PeerId);
 }
 
 /// For each pair of neighbours, the one with the smaller id offers.

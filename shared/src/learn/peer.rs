@@ -217,6 +217,11 @@ pub enum Output {
         /// Its round.
         round: u64,
     },
+    /// Close the connection to this neighbour and report it `unreachable` to the
+    /// server (which then links each side to another peer): it broke the protocol in a
+    /// way no honest peer does, and the connection is shunned (the peer ignores it from
+    /// now on either way).
+    Drop(PeerId),
 }
 
 /// What the person running a peer sees.
@@ -1003,6 +1008,10 @@ impl Peer {
         let Some(n) = self.nbrs.get_mut(&p) else {
             return;
         };
+        if !n.shunned {
+            // A slot of this peer's few neighbours is not left to a liar.
+            self.out.push_back(Output::Drop(p));
+        }
         n.shunned = true;
         n.idle = true;
         n.claim = None;

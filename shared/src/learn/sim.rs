@@ -1113,6 +1113,9 @@ impl Sim<'_> {
 
     fn act(&mut self, slot: usize, o: Output) -> Result<(), String> {
         match o {
+            // The simulator's graph is drawn once: a shunned link stays (ignored by the
+            // peer, as before real transports closed it).
+            Output::Drop(_) => {}
             Output::Send { to, data } if !self.is_current(to) => {
                 // To a peer that left silently (its slot may hold a newcomer by now): the
                 // uplink carries it into the dead connection, nobody gets it.

@@ -35,6 +35,9 @@ pub struct Relay {
     pub(super) report: RefCell<Option<PeerReport>>,
     /// Receipts for the server, until the page takes them.
     pub(super) receipts: RefCell<Vec<Vec<u8>>>,
+    /// Neighbours the page is to close and report `unreachable` (they broke the
+    /// protocol), until it takes them.
+    drops: RefCell<Vec<PeerId>>,
 }
 
 impl Relay {
@@ -105,6 +108,15 @@ impl Relay {
             .map(|(p, d)| Array::of2(&p.to_string().into(), &Uint8Array::from(&d[..])))
             .collect()
     }
+
+    /// The neighbours to close and report `unreachable`, since the last call.
+    pub fn take_drops(&self) -> Vec<String> {
+        self.drops
+            .borrow_mut()
+            .drain(..)
+            .map(|p| p.to_string())
+            .collect()
+    }
 }
 
 impl Transport for Relay {
@@ -146,6 +158,15 @@ impl Transport for Relay {
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {
         self.pop_event()
+    }
+
+    fn drop_neighbour(&self, peer: PeerId) {
+        // Nothing more goes to it; the page closes the connection.
+        self.outbox.borrow_mut().retain(|(to, _)| *to != peer);
+        let mut drops = self.drops.borrow_mut();
+        if !drops.contains(&peer) {
+            drops.push(peer);
+        }
     }
 }
 
@@ -389,6 +410,13 @@ impl SwarmPeer {
     /// The messages to send, as `[peer, Uint8Array]` pairs, oldest first.
     pub fn outgoing(&self) -> Array {
         self.relay.drain()
+    }
+
+    /// Neighbours that broke the protocol, for the page to close and report
+    /// `unreachable` (`Swarm.dropNeighbour`), since the last call.
+    #[wasm_bindgen(js_name = takeDrops)]
+    pub fn take_drops(&self) -> Vec<String> {
+        self.relay.take_drops()
     }
 
     /// Tries the current model on a visitor's input, here in the worker (call it between

@@ -385,6 +385,15 @@ impl Swarm {
         })
     }
 
+    /// Closes the connection to a neighbour that broke the protocol (the worker's peer
+    /// says which: `takeDrops()`) and reports it `unreachable`, so that the server links
+    /// each side to another peer.
+    #[wasm_bindgen(js_name = dropNeighbour)]
+    pub fn drop_neighbour_js(&self, peer: String) -> Result<(), JsError> {
+        Transport::drop_neighbour(self, parse_peer(&peer)?);
+        Ok(())
+    }
+
     /// Neighbours' messages dropped because `next()` did not take them in time (past a
     /// neighbour's share of the inbox).
     #[wasm_bindgen(js_name = inboxDropped)]
@@ -428,6 +437,12 @@ impl Transport for Swarm {
 
     fn receipt(&self, receipt: &[u8]) {
         with_mesh(&self.inner, |mesh, _| mesh.receipt(receipt));
+    }
+
+    fn drop_neighbour(&self, peer: PeerId) {
+        with_mesh(&self.inner, |mesh, _| {
+            mesh.drop_for_cause(peer, "it broke the protocol");
+        });
     }
 
     async fn next_event(&mut self) -> Option<SwarmEvent> {

@@ -144,6 +144,9 @@ fn a_neighbour_that_breaks_the_protocol_is_shunned_for_the_life_of_its_connectio
     p.handle(msg(12, update(22, 5)), 8.0);
     p.handle(msg(12, model(5, 0.5)), 10.0);
     assert_eq!(rejected(&p, Rejection::Unasked), 1);
+    // The driver is told to close the connection (and report it to the server, which
+    // gives this peer another neighbour): once.
+    assert_eq!(drain(&mut p), [Output::Drop(PeerId(12))]);
     let (mix, _) = Compressor::new(Compression::None, N).encode(&[0.5; N]);
     p.handle(
         msg(
@@ -157,6 +160,7 @@ fn a_neighbour_that_breaks_the_protocol_is_shunned_for_the_life_of_its_connectio
         12.0,
     );
     assert_eq!(rejected(&p, Rejection::OffSchedule), 1);
+    assert_eq!(drain(&mut p), [Output::Drop(PeerId(11))]);
     // The round then closes on 10's update alone, without waiting for 11 or 12 until
     // the deadline, and uses neither.
     p.handle(msg(10, update(20, 5)), 40.0);
@@ -182,6 +186,10 @@ fn a_neighbour_that_breaks_the_protocol_is_shunned_for_the_life_of_its_connectio
             .iter()
             .any(|o| matches!(o, Output::Send { to, .. } if to.0 == 11)),
         "a shunned neighbour's request is not answered: {outs:?}"
+    );
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Drop(_))),
+        "a connection is dropped once: {outs:?}"
     );
     p.handle(msg(10, update(20, 6)), 80.0);
     p.tick(90.0);
