@@ -11,8 +11,11 @@ const CONTRIBUTOR_BUNDLE = new URL('./pkg/shoal_web_client.js', import.meta.url)
 // reads its messages only between two ticks of training, so without this bound a
 // neighbour could fill the browser's message queue for as long as a tick lasts. Past it
 // the relay stops reading the swarm, whose own inbox then bounds (and counts) what waits:
-// one message of any size goes through when nothing is untaken.
+// one message of any size goes through when nothing is untaken. Each message is charged
+// `MESSAGE_COST` bytes beyond its length (what posting it costs, however short it is), so
+// a flood of empty or tiny messages is bounded too: at most 16,384 wait.
 export const MAX_UNTAKEN = 16 << 20;
+export const MESSAGE_COST = 1024;
 
 /**
  * Joins `task`'s swarm and wires it to `worker`: transport events go to the worker as
@@ -41,7 +44,7 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
     const m = event.data;
     try {
       if (m.type === 'taken') {
-        stats.untaken = Math.max(0, stats.untaken - m.bytes);
+        stats.untaken = Math.max(0, stats.untaken - m.bytes - MESSAGE_COST);
         taken?.();
         taken = null;
       } else if (m.type === 'send') swarm.send(m.peer, m.data);
@@ -63,7 +66,7 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
         else if (e.type === 'peer_up' || e.type === 'peer_down') {
           worker.postMessage({ type: 'net', kind: e.type, peer: e.peer });
         } else if (e.type === 'message') {
-          const n = e.data.length;
+          const n = e.data.length + MESSAGE_COST;
           while (stats.untaken > 0 && stats.untaken + n > MAX_UNTAKEN) {
             await new Promise((resolve) => { taken = resolve; });
           }

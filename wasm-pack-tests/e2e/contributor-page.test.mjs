@@ -71,18 +71,20 @@ test('a neighbour flooding a worker that is busy fills only its own share of the
 
 test('a neighbour flooding a contributor over WebRTC cannot fill the worker\'s message queue', async () => {
   // A contributor page on a slow device (its worker takes 200 ms for each neighbour's
-  // message, so 5 MiB/s at most) and a hostile neighbour that sends it 1 MiB of garbage
-  // after another for 8 s, as fast as the data channel goes. What waits in the browser's
+  // message of 1 MiB or more, so 5 MiB/s at most, and 1 ms for a smaller one) and a
+  // hostile neighbour that sends it 1 MiB of garbage after another for 8 s, as fast as
+  // the data channel goes, then empty messages for 5 s. What waits in the browser's
   // queue between page and worker is measured from outside Shoal's code: the page counts
   // what it posts, the worker what it receives. Without the relay's bound it grows with
-  // the flood (about the channel's rate minus 5 MiB/s, for 8 s), and
-  // without the page's own inbox bound the rest would wait in the page instead.
+  // the flood (about the channel's rate minus 5 MiB/s, for 8 s: 218 MiB here), without
+  // its charge per message empty messages pass it uncounted, and without the page's own
+  // inbox bound the rest would wait in the page instead.
   const own = await startServer();
   const context = await browser.newContext();
   await context.grantPermissions(['microphone', 'camera']);
   await context.addInitScript(() => {
     const Worker0 = window.Worker;
-    window.queueTest = { posted: 0, received: 0, most: 0 };
+    window.queueTest = { posted: 0, received: 0, most: 0, postedCount: 0, receivedCount: 0, mostCount: 0 };
     window.Worker = class extends Worker0 {
       constructor(...args) {
         super(...args);
@@ -90,12 +92,17 @@ test('a neighbour flooding a contributor over WebRTC cannot fill the worker\'s m
           if (e.data?.type !== 'test-received') return;
           const q = window.queueTest;
           q.received = e.data.bytes;
+          q.receivedCount = e.data.count;
           // Posted until now, less what the worker had received when it told: what waits.
           q.most = Math.max(q.most, q.posted - q.received);
+          q.mostCount = Math.max(q.mostCount, q.postedCount - q.receivedCount);
         });
       }
       postMessage(m, transfer) {
-        if (m?.type === 'net' && m.data) window.queueTest.posted += m.data.length;
+        if (m?.type === 'net' && m.data) {
+          window.queueTest.posted += m.data.length;
+          window.queueTest.postedCount += 1;
+        }
         return super.postMessage(m, transfer);
       }
     };
@@ -103,12 +110,15 @@ test('a neighbour flooding a contributor over WebRTC cannot fill the worker\'s m
   await context.route('**/worker.js', async (route) => {
     const res = await route.fetch();
     const slow = `let testGot = 0;
+let testCount = 0;
 self.addEventListener('message', (e) => {
   if (e.data?.type !== 'net' || !e.data.data) return;
   testGot += e.data.data.length;
-  self.postMessage({ type: 'test-received', bytes: testGot });
+  testCount += 1;
+  self.postMessage({ type: 'test-received', bytes: testGot, count: testCount });
   const t = performance.now();
-  while (performance.now() - t < 200);
+  const busy = e.data.data.length >= 1 << 20 ? 200 : 1;
+  while (performance.now() - t < busy);
 });
 `;
     await route.fulfill({ response: res, body: slow + await res.text() });
@@ -124,26 +134,29 @@ self.addEventListener('message', (e) => {
     const hostile = await webrtcPage(browser, own.url);
     await joinSwarm(hostile, own.ws);
     const victim = await firstPeer(hostile);
-    const sent = await hostile.evaluate(async (victim) => {
-      const junk = new Uint8Array(1 << 20);
+    // Sends `data` to the victim again and again for `ms`; returns how many went.
+    const flood = (size, ms) => hostile.evaluate(async ({ victim, size, ms }) => {
+      const junk = new Uint8Array(size);
       for (let i = 0; i < junk.length; i += 65536) crypto.getRandomValues(junk.subarray(i, i + 65536));
       let sent = 0;
-      const end = performance.now() + 8_000;
+      const end = performance.now() + ms;
       while (performance.now() < end) {
         try {
           window.swarm.send(victim, junk);
           sent += 1;
+          if (sent % 256 === 0) await new Promise((r) => setTimeout(r, 0));
         } catch {
           await new Promise((r) => setTimeout(r, 5)); // the channel's queue is full
         }
       }
       return sent;
-    }, victim);
+    }, { victim, size, ms });
+    const sent = await flood(1 << 20, 8_000);
     const rounds = await page.evaluate(() => window.shoalProgress.length);
     // Whatever the worker has left to take, it takes; then it trains on.
     await page.waitForFunction((n) => window.shoalProgress.length > n + 2, rounds, { timeout: 120_000, polling: 200 });
     const got = await page.evaluate(() => ({ ...window.queueTest, untaken: window.shoalRelay.mostUntaken,
-      dropped: window.shoalRelay.dropped(), phase: window.shoalProgress.at(-1).phase }));
+      dropped: window.shoalRelay.dropped() }));
     console.log(`flood of ${sent} MiB: ${(got.posted / 2 ** 20).toFixed(0)} MiB posted to the worker, the queue at most `
       + `${(got.most / 2 ** 20).toFixed(1)} MiB (the relay counted ${(got.untaken / 2 ** 20).toFixed(1)}), ${got.dropped} dropped by the page`);
     assert.ok(sent >= 100, `the flood sent ${sent} MiB`);
@@ -151,6 +164,19 @@ self.addEventListener('message', (e) => {
     assert.ok(got.most <= 17 * 2 ** 20, `the queue between page and worker held ${got.most} bytes`);
     assert.ok(got.most > 0 && got.untaken >= got.most, 'the relay counts what waits');
     assert.ok(got.dropped > 0, 'past its share, the page\'s inbox drops the flooder\'s messages');
+
+    // Empty messages: each is charged 1 KiB, so at most 16,384 wait.
+    const empties = await flood(0, 5_000);
+    await page.waitForFunction(() => window.shoalRelay.untaken === 0, null, { timeout: 120_000, polling: 200 });
+    const tiny = await page.evaluate(() => ({ ...window.queueTest, dropped: window.shoalRelay.dropped() }));
+    console.log(`${empties} empty messages: at most ${tiny.mostCount} waited between page and worker, `
+      + `${tiny.dropped - got.dropped} dropped by the page`);
+    assert.ok(tiny.mostCount <= 16_385, `${tiny.mostCount} messages waited`);
+
+    // And the relay goes on: a neighbour's next message reaches the worker.
+    const before = tiny.receivedCount;
+    await hostile.evaluate((victim) => window.swarm.send(victim, new Uint8Array(100)), victim);
+    await page.waitForFunction((n) => window.queueTest.receivedCount > n, before, { timeout: 30_000, polling: 100 });
     await hostile.context().close();
   } finally {
     await context.close();
