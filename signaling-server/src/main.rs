@@ -198,15 +198,21 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     let most = shoal_shared::learn::MAX_COPIES / 2;
     if !(1..=most).contains(&args.neighbours)
         || args.max_message_bytes < 1024
+        // NaN, which clap parses, fails too.
+        || args.rate.is_nan()
         || args.rate <= 0.0
+        || args.burst.is_nan()
         || args.burst < 1.0
         || args.idle_timeout < 3
         || args.write_timeout < 1
+        || args.join_burst.is_nan()
         || args.join_burst < 1.0
+        || args.joins_per_address.is_nan()
     {
         anyhow::bail!(
             "--neighbours must be within 1..={most}, --max-message-bytes >= 1024, --rate > 0, \
-             --burst >= 1, --idle-timeout >= 3, --write-timeout >= 1, --join-burst >= 1"
+             --burst >= 1, --idle-timeout >= 3, --write-timeout >= 1, --join-burst >= 1, \
+             --joins-per-address a number"
         );
     }
     // `a.example, b.example` lists two origins, not one with a leading space.

@@ -1651,7 +1651,11 @@ fn close(
         // `LINGER`: a socket closed with bytes unread — a flooder's — is reset by the
         // kernel, and the peer would lose what was just sent, the close frame included.
         let _ = tokio::time::timeout(LINGER.min(within), async {
-            while let Some(Ok(_)) = socket.next().await {}
+            while let Some(Ok(m)) = socket.next().await {
+                if let Message::Close(_) = m {
+                    return;
+                }
+            }
         })
         .await;
     })

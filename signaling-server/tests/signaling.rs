@@ -554,11 +554,12 @@ async fn closes_complete_their_handshake_and_a_flooder_gets_its_errors_before_th
     // so the socket is not reset with the flood unread, which would discard the errors
     // and the close frame waiting at the peer.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut raw = TcpStream::connect(s.addr).await.expect("connect");
-    let mut flood = b"GET /ws/digits?v=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    // A websocket upgrade, as a raw client sends it.
+    const UPGRADE: &[u8] = b"GET /ws/digits?v=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-        Sec-WebSocket-Version: 13\r\n\r\n"
-        .to_vec();
+        Sec-WebSocket-Version: 13\r\n\r\n";
+    let mut raw = TcpStream::connect(s.addr).await.expect("connect");
+    let mut flood = UPGRADE.to_vec();
     let text = br#"{"type":"foo"}"#;
     for _ in 0..1000 {
         // A masked text frame (mask 0: the payload as it is).
@@ -584,6 +585,37 @@ async fn closes_complete_their_handshake_and_a_flooder_gets_its_errors_before_th
     assert!(
         got.windows(close.len()).any(|w| w == close),
         "the close frame, 1008"
+    );
+
+    // A frame that declares 8 MiB, far past the size cap, with its payload still being
+    // streamed when the codec refuses it at its header: the 1009 close arrives, and the
+    // connection ends without a reset.
+    let mut raw = TcpStream::connect(s.addr).await.expect("connect");
+    let mut big = UPGRADE.to_vec();
+    big.extend_from_slice(&[0x81, 0x80 | 127]);
+    big.extend_from_slice(&(8u64 << 20).to_be_bytes());
+    big.extend_from_slice(&[0, 0, 0, 0]);
+    big.resize(big.len() + (8 << 20), b'x');
+    let (mut rd, mut wr) = raw.split();
+    let write = async {
+        let _ = wr.write_all(&big).await;
+    };
+    let read = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
+        (end, got)
+    };
+    let ((), (end, got)) = tokio::join!(write, read);
+    assert!(
+        matches!(end, Ok(Ok(_))),
+        "the connection ended with {end:?} after {} bytes",
+        got.len()
+    );
+    let close = [&[0x88, 19, 0x03, 0xf1][..], b"message too large"].concat();
+    assert!(
+        got.windows(close.len()).any(|w| w == close),
+        "the close frame, 1009"
     );
 }
 

@@ -76,21 +76,28 @@ function startPeer(server, dir, name) {
   return p;
 }
 
-/** A contributor page on `server`, training after the visitor's consent; its closed
- *  rounds are read from the page (`window.shoalProgress`) twice a second. */
-async function startPage(browser, server) {
+/** A contributor page on `server`, loaded up to the visitor's consent. */
+async function loadPage(browser, server) {
   const context = await browser.newContext();
   // Chromium gathers loopback candidates only with a media permission (a harness need).
   await context.grantPermissions(['microphone', 'camera']);
   const page = await context.newPage();
   page.on('pageerror', (e) => process.stderr.write(`[page error] ${e.message}\n`));
-  const p = { context, page, started: performance.now(), lines: [], origin: 0, seen: 0, browser: true };
+  const p = { context, page, started: 0, lines: [], origin: 0, seen: 0, browser: true };
   await page.goto(`${server.url}/?backend=cpu`);
   // The page's clock against this script's: progress entries carry the page's time.
   p.origin = await page.evaluate(() => performance.timeOrigin);
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await page.click('#consent');
+  return p;
+}
+
+/** The visitor consents (at `t0`, when the native peers start too); the page's closed
+ *  rounds are read from it (`window.shoalProgress`) twice a second. */
+async function startPage(p, t0) {
+  p.started = t0;
+  await p.page.click('#consent');
   p.poll = setInterval(async () => {
+    const page = p.page;
     try {
       const fresh = await page.evaluate((n) => window.shoalProgress.slice(n), p.seen);
       p.seen += fresh.length;
@@ -154,17 +161,14 @@ async function phase(kind, dir, browser) {
   const n = PEERS + BROWSERS;
   for (let i = 0; i < (kind === 'solo' ? n : 1); i++) servers.push(await startServer(dir, `${kind}${i}`));
   const serverOf = (i) => servers[kind === 'solo' ? i : 0];
+  // Every page loaded up to its consent first; then all start at once, natives and
+  // pages, on one clock.
   const pages = [];
-  for (let i = 0; i < BROWSERS; i++) pages.push(await startPage(browser, serverOf(PEERS + i)));
+  for (let i = 0; i < BROWSERS; i++) pages.push(await loadPage(browser, serverOf(PEERS + i)));
+  const t0 = performance.now();
+  await Promise.all(pages.map((p) => startPage(p, t0)));
   const peers = [];
   for (let i = 0; i < PEERS; i++) peers.push(startPeer(serverOf(i), dir, `${kind}${i}`));
-  // Every peer's clock starts with the natives (the pages, loaded first, count from there).
-  const t0 = performance.now();
-  for (const p of pages) {
-    const shift = (t0 - p.started) / 1e3;
-    p.started = t0;
-    p.lines = p.lines.map((l) => ({ ...l, t: l.t - shift }));
-  }
   await sleep(SECONDS * 1e3);
   for (const p of peers) await stop(p.child);
   for (const p of pages) await stopPage(p);
