@@ -419,14 +419,13 @@ impl Mesh {
     /// `unreachable`: the server still links the pair, and told, it gives each side
     /// another neighbour (else both would be a neighbour short for good).
     pub fn drop_for_cause(&mut self, peer: PeerId, why: &str) {
-        let Some(pending) = self.links.get(&peer).map(|l| l.is_pending()) else {
+        if !self.links.contains_key(&peer) {
             return;
-        };
+        }
         self.actions
             .push_back(Action::Warn(format!("dropping neighbour {peer}: {why}")));
-        // (`failed` reports a connection that never opened itself.)
-        self.failed(peer);
-        if !pending && self.me.is_some() {
+        self.forget(peer);
+        if self.me.is_some() {
             self.actions
                 .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
         }

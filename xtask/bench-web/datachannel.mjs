@@ -6,7 +6,7 @@
 // bytes). Runs inside a loopback-only network namespace. Prints one JSON line.
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchWebrtcBrowser } from './chromium.mjs';
 
 const root = new URL('../..', import.meta.url).pathname;
 const serverBin = process.env.SHOAL_SERVER_BIN ?? join(root, 'target/release/shoal-signaling-server');
@@ -25,12 +25,7 @@ const url = await new Promise((resolve, reject) => {
   server.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
 });
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--allow-loopback-in-peer-connection'],
-});
+const browser = await launchWebrtcBrowser();
 try {
   const context = await browser.newContext();
   // Chromium gathers loopback candidates only with a media permission (a harness need).

@@ -16,7 +16,7 @@ import { once } from 'node:events';
 import { mkdtempSync, rmSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchWebrtcBrowser } from './chromium.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const serverBin = join(root, 'target/release/shoal-signaling-server');
@@ -97,9 +97,8 @@ async function startPage(p, t0) {
   p.started = t0;
   await p.page.click('#consent');
   p.poll = setInterval(async () => {
-    const page = p.page;
     try {
-      const fresh = await page.evaluate((n) => window.shoalProgress.slice(n), p.seen);
+      const fresh = await p.page.evaluate((n) => window.shoalProgress.slice(n), p.seen);
       p.seen += fresh.length;
       for (const e of fresh) {
         p.lines.push({ t: (p.origin + e.at - performance.timeOrigin - p.started) / 1e3, round: e.round,
@@ -109,7 +108,6 @@ async function startPage(p, t0) {
       // The page is closing.
     }
   }, 500);
-  return p;
 }
 
 async function stopPage(p) {
@@ -182,12 +180,7 @@ const median = (xs) => {
 };
 
 const dir = mkdtempSync(join(tmpdir(), 'shoal-bench-swarm-'));
-const browser = BROWSERS > 0 ? await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--allow-loopback-in-peer-connection'],
-}) : null;
+const browser = BROWSERS > 0 ? await launchWebrtcBrowser() : null;
 try {
   const solo = await phase('solo', dir, browser);
   const swarm = await phase('swarm', dir, browser);
