@@ -389,6 +389,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       applyPause();
       relaySwarm(worker, task, {
         secret: id.secret,
+        parameters: description?.cost?.parameters,
         stats: window.shoalRelay,
         onSignaling: (up) => {
           if (up) {

@@ -28,13 +28,17 @@ export const MESSAGE_COST = 1024;
  * `bundle` is the URL of the wasm bundle's JS glue to run the transport with. The worker
  * answers each `net` message's bytes with `{type:'taken', bytes}` (`MAX_UNTAKEN`).
  * `stats` (an object) is kept up to date: `untaken` and `mostUntaken` bytes, and
- * `dropped()`, the neighbours' messages the page's inbox dropped.
+ * `dropped()`, the neighbours' messages the page's inbox dropped. `parameters`: the
+ * task's parameter count (its description's `cost.parameters`; fetched when not given),
+ * which bounds the messages the page takes from neighbours (docs/protocol.md, "Framing").
  */
-export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {} } = {}) {
+export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {}, parameters } = {}) {
   const shoal = await import(bundle);
   await shoal.default();
+  const params = parameters ?? (await fetchTask(task).catch(() => null))?.cost?.parameters;
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}`);
+  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}`,
+    Number.isSafeInteger(params) && params > 0 ? params : undefined);
   // Before any message is read (this task has not yielded yet): the welcome's nonce is
   // signed as soon as it arrives.
   if (secret) swarm.setIdentity(Uint8Array.from(secret.match(/../g), (h) => parseInt(h, 16)));

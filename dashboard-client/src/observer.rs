@@ -39,10 +39,11 @@ impl SwarmObserver {
             task.datasets(&refs).map(|(_, test)| test)
         }
         .map_err(|e| JsError::new(&e.to_string()))?;
+        let relay = Rc::new(Relay::for_task(&task));
         let inner = Observer::new(task, Samples::from_dataset(&test), every_ms.max(500.0))
             .map_err(|e| JsError::new(&e))?;
         Ok(Self {
-            relay: Rc::new(Relay::default()),
+            relay,
             inner,
             last_report: f64::NEG_INFINITY,
         })

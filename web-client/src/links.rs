@@ -84,6 +84,11 @@ impl InboundLink {
         self.open
     }
 
+    /// Bytes held in partially received messages.
+    pub fn buffered(&self) -> usize {
+        self.rx.buffered()
+    }
+
     /// Messages dropped so far, for any reason.
     pub fn dropped(&self) -> u64 {
         self.rx.dropped_total()

@@ -118,13 +118,14 @@ struct Link {
 }
 
 impl Link {
-    fn new(now_ms: u64) -> Self {
+    /// A link for messages up to `max_message` bytes each way.
+    fn new(now_ms: u64, max_message: usize) -> Self {
         Self {
             started_ms: now_ms,
             opened_ms: None,
             heard: false,
-            inbound: InboundLink::new(MAX_MESSAGE, MAX_IN_FLIGHT),
-            queue: SendQueue::new(DEFAULT_CHUNK, MAX_MESSAGE, MAX_QUEUED),
+            inbound: InboundLink::new(max_message, MAX_IN_FLIGHT),
+            queue: SendQueue::new(DEFAULT_CHUNK, max_message, MAX_QUEUED),
             held: Some(Vec::new()),
         }
     }
@@ -152,6 +153,9 @@ pub struct Mesh {
     /// The key this member signs updates with: proven to the server on each `welcome`
     /// (`identify`), so that its receipts count. `None`: an observer, or receipts off.
     identity: Option<Identity>,
+    /// The largest message a link carries either way (the task's, see
+    /// [`max_message_for`](crate::swarm::max_message_for)).
+    max_message: usize,
 }
 
 impl Mesh {
@@ -166,7 +170,16 @@ impl Mesh {
             frame_errors: 0,
             closed: false,
             identity: None,
+            max_message: MAX_MESSAGE,
         }
+    }
+
+    /// Carries messages up to `bytes` (at most [`MAX_MESSAGE`]) on links made from now
+    /// on: a neighbour's longer message is dropped as too large before it is reassembled.
+    /// Drivers set the task's ([`max_message_for`](crate::swarm::max_message_for)) before
+    /// connecting.
+    pub fn set_max_message(&mut self, bytes: usize) {
+        self.max_message = bytes.min(MAX_MESSAGE);
     }
 
     /// Proves `identity` to the server on every (re)connection, so that the receipts
@@ -527,7 +540,7 @@ impl Mesh {
 
     /// A connection to `peer` begins (the deadline counts from now).
     fn start(&mut self, peer: PeerId, now_ms: u64, offer: bool) {
-        self.links.insert(peer, Link::new(now_ms));
+        self.links.insert(peer, Link::new(now_ms, self.max_message));
         self.actions.push_back(Action::Connect { peer, offer });
         self.actions
             .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
@@ -899,6 +912,47 @@ mod tests {
         drain(&mut m);
         m.failed(PeerId(2));
         assert_eq!(drain(&mut m), [Action::Close(PeerId(2))]);
+    }
+
+    #[test]
+    fn a_message_longer_than_the_tasks_largest_is_dropped_before_it_is_reassembled() {
+        let limit = crate::swarm::max_message_for(109_386);
+        let mut m = Mesh::new(1);
+        m.set_max_message(limit);
+        m.on_server(welcome(1), 0);
+        m.on_server(
+            ServerMessage::Neighbours {
+                peers: vec![PeerId(2)],
+            },
+            0,
+        );
+        up(&mut m, 2);
+        drain(&mut m);
+        // The largest message of the task goes through...
+        let largest = vec![3u8; limit];
+        for f in split(1, &largest, 16 << 10) {
+            m.frame(PeerId(2), &f, SETTLE_MS);
+        }
+        assert_eq!(
+            drain(&mut m),
+            [Action::Emit(SwarmEvent::Message {
+                from: PeerId(2),
+                data: largest
+            })]
+        );
+        assert_eq!(m.frame_errors(), 0);
+        // ...one byte more is refused at its first frame, and nothing of it is held.
+        let longer = vec![3u8; limit + 1];
+        let first = split(2, &longer, 16 << 10).next().expect("a frame");
+        m.frame(PeerId(2), &first, SETTLE_MS);
+        assert_eq!(m.frame_errors(), 1);
+        assert_eq!(m.links[&PeerId(2)].inbound.buffered(), 0);
+        assert!(drain(&mut m).is_empty(), "nothing delivered");
+        // A sender of the same task cannot queue it either.
+        assert_eq!(
+            m.send(PeerId(2), &vec![0u8; limit + 1]),
+            Err(SendError::TooLarge)
+        );
     }
 
     #[test]

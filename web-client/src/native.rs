@@ -41,6 +41,10 @@ pub struct NativeOptions {
     /// The key the peer signs updates with, proven to the server on every connection
     /// (`identify`) so that its receipts count; `None` for a peer that signs nothing.
     pub identity: Option<shoal_shared::learn::Identity>,
+    /// The largest message taken from a neighbour: the task's
+    /// ([`max_message_for`](crate::swarm::max_message_for) of its parameter count), or
+    /// [`MAX_MESSAGE`](crate::swarm::MAX_MESSAGE) for a transport that carries any task.
+    pub max_message: usize,
 }
 
 /// One live connection's platform objects.
@@ -155,6 +159,8 @@ impl NativeSwarm {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let mut mesh = Mesh::new(seed);
+        mesh.set_max_message(opts.max_message);
+        let inbox = Inbox::new(opts.max_message);
         if let Some(id) = opts.identity.clone() {
             mesh.set_identity(id);
         }
@@ -167,7 +173,7 @@ impl NativeSwarm {
                 next_generation: 0,
             }),
             clock: Instant::now(),
-            inbox: Mutex::new(Inbox::default()),
+            inbox: Mutex::new(inbox),
             arrived: Notify::new(),
             actions,
         });

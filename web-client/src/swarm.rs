@@ -9,8 +9,31 @@ use shoal_shared::protocol::{PeerId, PeerReport};
 use shoal_shared::rng::SplitMix64;
 
 /// Largest message a peer sends or accepts over a data channel (a model of a few million
-/// parameters in fp32, with room to spare).
+/// parameters in fp32, with room to spare), whatever the task.
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// Bytes beyond eight per parameter that a task's largest message may take (headers,
+/// signatures, receipts, ledger heads).
+pub const MESSAGE_SLACK: usize = 64 << 10;
+
+/// The largest message a peer of a task whose model has `params` parameters accepts:
+/// `8 params + 65,536` bytes, at most [`MAX_MESSAGE`]. The largest message such a peer
+/// has reason to send is a model in fp32 with its momentum (kind 3: `8 params + 49`);
+/// every other kind is smaller (docs/protocol.md, "Framing"). Its transport reassembles
+/// and queues no more from one neighbour, so a hostile neighbour's memory on a peer of a
+/// small model is that model's size, not [`MAX_MESSAGE`].
+pub fn max_message_for(params: usize) -> usize {
+    params
+        .saturating_mul(8)
+        .saturating_add(MESSAGE_SLACK)
+        .min(MAX_MESSAGE)
+}
+
+/// [`max_message_for`] the model of `task` ([`MAX_MESSAGE`] if it has none: a task is
+/// validated before any peer runs it).
+pub fn max_message_for_task(task: &shoal_shared::task::TaskSpec) -> usize {
+    shoal_shared::engine::Model::new(task.model.clone())
+        .map_or(MAX_MESSAGE, |m| max_message_for(m.param_len()))
+}
 /// Messages a receiver reassembles at once per channel.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// Bytes one channel's send queue may hold.
@@ -22,38 +45,60 @@ pub const CONNECT_DEADLINE_SECS: u32 = 20;
 /// (a candidate must not reach the other side before the description it belongs to).
 pub const MAX_HELD_CANDIDATES: usize = 64;
 
-/// Bytes of messages from one neighbour that may wait in a peer's [`Inbox`], received and
-/// not yet handled (one message of the largest size always fits).
-pub const MAX_INBOX_PER_PEER: usize = MAX_MESSAGE;
-/// Messages from one neighbour that may wait there.
+/// Messages from one neighbour that may wait in a peer's [`Inbox`], received and not yet
+/// handled.
 pub const MAX_INBOX_MESSAGES_PER_PEER: usize = 1024;
-/// Bytes of messages from all neighbours together that may wait there, beyond each
-/// neighbour's [`INBOX_FLOOR`].
-pub const MAX_INBOX: usize = 2 * MAX_MESSAGE;
 /// Bytes a neighbour may always have waiting, however full the inbox is with others'
 /// messages: room for its updates and greetings when others flood.
 pub const INBOX_FLOOR: usize = 4 << 20;
 
 /// Events received and not yet handled, bounded per neighbour: a peer takes its events in
 /// between chunks of training (the browser worker also before its peer exists, while the
-/// task's data downloads), so what a neighbour sends waits here meanwhile. A message goes
-/// in while its sender has less than [`MAX_INBOX_PER_PEER`] bytes and
-/// [`MAX_INBOX_MESSAGES_PER_PEER`] messages waiting, and either all senders together less
-/// than [`MAX_INBOX`] bytes or its sender less than [`INBOX_FLOOR`]; otherwise it is
-/// dropped and counted. So flooding neighbours lose their own messages, another's
-/// updates still go in, and the inbox holds at most [`MAX_INBOX`] plus a floor per
-/// neighbour. Events of the local transport (neighbours up and down, the signaling
-/// connection, the task's state) always go in; the transport makes them at its own pace.
-#[derive(Debug, Default)]
+/// task's data downloads), so what a neighbour sends waits here meanwhile. With `limit`
+/// the largest message (the task's, [`max_message_for`]) and `share` the larger of
+/// `limit` and [`INBOX_FLOOR`], a message goes in if it is at most `limit` bytes, its
+/// sender has at most `share` bytes (with it) and [`MAX_INBOX_MESSAGES_PER_PEER`]
+/// messages waiting, and either all senders together at most `2 share` bytes or its
+/// sender at most [`INBOX_FLOOR`]; otherwise it is dropped and counted. So flooding
+/// neighbours lose their own messages, another's updates still go in, and the inbox holds
+/// at most `2 share` plus a floor per neighbour. Events of the local transport
+/// (neighbours up and down, the signaling connection, the task's state) always go in;
+/// the transport makes them at its own pace.
+#[derive(Debug)]
 pub struct Inbox {
     events: VecDeque<SwarmEvent>,
     /// Bytes and messages waiting per sender (a few neighbours: a list).
     waiting: Vec<(PeerId, usize, usize)>,
     bytes: usize,
     dropped: u64,
+    /// The largest message, from which the bounds follow.
+    limit: usize,
+}
+
+impl Default for Inbox {
+    /// An inbox for messages up to [`MAX_MESSAGE`] (before the task is known).
+    fn default() -> Self {
+        Self::new(MAX_MESSAGE)
+    }
 }
 
 impl Inbox {
+    /// An inbox for messages up to `limit` bytes (see [`max_message_for`]).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            events: VecDeque::new(),
+            waiting: Vec::new(),
+            bytes: 0,
+            dropped: 0,
+            limit: limit.min(MAX_MESSAGE),
+        }
+    }
+
+    /// The largest message it takes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Queues `ev`; false when it was a message past its sender's share (dropped).
     pub fn push(&mut self, ev: SwarmEvent) -> bool {
         if let SwarmEvent::Message { from, data } = &ev {
@@ -66,9 +111,11 @@ impl Inbox {
             };
             let (_, bytes, count) = &mut self.waiting[i];
             let after = *bytes + data.len();
-            if after > MAX_INBOX_PER_PEER
+            let share = self.limit.max(INBOX_FLOOR);
+            if data.len() > self.limit
+                || after > share
                 || *count + 1 > MAX_INBOX_MESSAGES_PER_PEER
-                || (self.bytes + data.len() > MAX_INBOX && after > INBOX_FLOOR)
+                || (self.bytes + data.len() > 2 * share && after > INBOX_FLOOR)
             {
                 if *count == 0 {
                     self.waiting.swap_remove(i);
@@ -250,11 +297,7 @@ mod tests {
         for _ in 0..200 {
             admitted += usize::from(inbox.push(message(1, 1 << 20)));
         }
-        assert_eq!(
-            admitted,
-            MAX_INBOX_PER_PEER >> 20,
-            "at most its share waits"
-        );
+        assert_eq!(admitted, MAX_MESSAGE >> 20, "at most its share waits");
         assert_eq!(inbox.dropped(), 200 - admitted as u64);
         // An honest neighbour's update and the transport's own events still go in.
         assert!(inbox.push(message(2, 40_000)));
@@ -282,7 +325,7 @@ mod tests {
     #[test]
     fn two_flooders_fill_the_inbox_and_another_neighbour_still_gets_its_floor() {
         let mut inbox = Inbox::default();
-        let big = MAX_INBOX_PER_PEER;
+        let big = MAX_MESSAGE;
         assert!(inbox.push(message(1, big)));
         assert!(inbox.push(message(2, big)));
         // Within the floor: an honest update goes in past the total.
@@ -301,10 +344,47 @@ mod tests {
     }
 
     #[test]
+    fn a_task_of_a_small_model_bounds_each_neighbour_by_its_largest_message() {
+        // The demo MLP: 109,386 parameters, so at most 940,624 bytes a message.
+        let limit = max_message_for(109_386);
+        assert_eq!(limit, 8 * 109_386 + 65_536);
+        assert_eq!(max_message_for(20_000_000), MAX_MESSAGE, "capped");
+        let mut inbox = Inbox::new(limit);
+        // A model in fp32 with its momentum, the largest message such a peer sends, fits;
+        // a longer one does not.
+        assert!(inbox.push(message(1, 8 * 109_386 + 49)));
+        assert!(
+            !inbox.push(message(2, limit + 1)),
+            "longer than any message"
+        );
+        inbox.pop();
+        // A flooder holds at most a floor's bytes (4 MiB), not 64 MiB.
+        let admitted = (0..200).filter(|_| inbox.push(message(1, 100_000))).count();
+        assert_eq!(admitted, INBOX_FLOOR / 100_000);
+        // Two more flooders: each holds as much, past the total of 2 floors only within
+        // its floor.
+        for flooder in [2, 3] {
+            let n = (0..200)
+                .filter(|_| inbox.push(message(flooder, 100_000)))
+                .count();
+            assert_eq!(n, admitted);
+        }
+        // An honest neighbour's update still goes in.
+        assert!(inbox.push(message(4, 15_000)));
+        let waiting: usize = std::iter::from_fn(|| inbox.pop())
+            .map(|e| match e {
+                SwarmEvent::Message { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(waiting, 3 * admitted * 100_000 + 15_000);
+    }
+
+    #[test]
     fn adopting_keeps_the_order_and_the_count_of_drops() {
         let mut early = Inbox::default();
         early.push(SwarmEvent::PeerUp(PeerId(1)));
-        early.push(message(1, MAX_INBOX_PER_PEER));
+        early.push(message(1, MAX_MESSAGE));
         early.push(message(1, 1));
         early.push(message(2, 7));
         let mut inbox = Inbox::default();
@@ -318,7 +398,7 @@ mod tests {
             vec![
                 message(3, 1),
                 SwarmEvent::PeerUp(PeerId(1)),
-                message(1, MAX_INBOX_PER_PEER),
+                message(1, MAX_MESSAGE),
                 message(2, 7)
             ]
         );

@@ -27,6 +27,7 @@ fn peer(url: &str) -> NativeSwarm {
         udp_addrs: vec!["127.0.0.1:0".into()],
         mdns: false,
         identity: None,
+        max_message: shoal_web_client::swarm::MAX_MESSAGE,
     })
 }
 

@@ -42,7 +42,7 @@ mod peer {
     use shoal_web_client::keeper::Keeper;
     use shoal_web_client::learning::SwarmTrainer;
     use shoal_web_client::native::{NativeOptions, NativeSwarm};
-    use shoal_web_client::swarm::{SwarmEvent, Transport};
+    use shoal_web_client::swarm::{MAX_MESSAGE, SwarmEvent, Transport};
 
     /// A native Shoal peer.
     #[derive(Parser, Debug)]
@@ -106,16 +106,21 @@ mod peer {
         } else {
             Some(identity(&args.identity)?)
         };
+        // A training peer takes no message longer than its task's largest; the echo
+        // peer (a test tool) takes any.
+        let task = if args.echo { None } else { Some(task(&args)?) };
         let swarm = NativeSwarm::connect(NativeOptions {
             url,
             udp_addrs: vec![format!("{}:0", args.bind)],
             mdns: false,
             identity,
+            max_message: task
+                .as_ref()
+                .map_or(MAX_MESSAGE, shoal_web_client::swarm::max_message_for_task),
         });
-        if args.echo {
-            echo(swarm).await
-        } else {
-            train(&args, swarm).await
+        match task {
+            Some(task) => train(&args, task, swarm).await,
+            None => echo(swarm).await,
         }
     }
 
@@ -307,8 +312,7 @@ mod peer {
             .map_err(anyhow::Error::msg)
     }
 
-    async fn train(args: &Args, mut swarm: NativeSwarm) -> Result<()> {
-        let task = task(args)?;
+    async fn train(args: &Args, task: TaskSpec, mut swarm: NativeSwarm) -> Result<()> {
         let id = identity(&args.identity)?;
         let key = shoal_shared::learn::identity::hex(&id.public());
         let gpu = if args.cpu {

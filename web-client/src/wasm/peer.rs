@@ -41,6 +41,15 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A relay for `task`'s peer or observer: it takes no message longer than the task's
+    /// largest (see [`max_message_for_task`](crate::swarm::max_message_for_task)).
+    pub fn for_task(task: &TaskSpec) -> Self {
+        Self {
+            inbox: RefCell::new(Inbox::new(crate::swarm::max_message_for_task(task))),
+            ..Self::default()
+        }
+    }
+
     fn queued(&self) -> usize {
         self.outbox.borrow().iter().map(|(_, d)| d.len()).sum()
     }
@@ -251,6 +260,7 @@ impl SwarmPeer {
         };
         let (train, test) = (Samples::from_dataset(&train), Samples::from_dataset(&test));
         let key = hex(&id.public());
+        let relay = Rc::new(Relay::for_task(&task));
         let peer = SwarmTrainer::new(
             task,
             id,
@@ -262,7 +272,7 @@ impl SwarmPeer {
         )
         .map_err(|e| JsError::new(&e))?;
         Ok(Self {
-            relay: Rc::new(Relay::default()),
+            relay,
             inner: Rc::new(RefCell::new(Some(peer))),
             key,
         })

@@ -27,7 +27,7 @@ use web_sys::{
 };
 
 use crate::mesh::{Action, Mesh};
-use crate::swarm::{Inbox, SendError, SwarmEvent, Transport};
+use crate::swarm::{Inbox, MAX_MESSAGE, SendError, SwarmEvent, Transport, max_message_for};
 
 type Shared = Rc<RefCell<Inner>>;
 
@@ -287,17 +287,24 @@ impl Swarm {
     /// Connects to `url` (`ws://host/ws/TASK?v=1`). Events arrive through `next()`:
     /// `{type:"signaling", state:"up"|"down", peer?}`, `{type:"peer_up", peer}`,
     /// `{type:"peer_down", peer}`, `{type:"message", from, data: Uint8Array}`,
-    /// `{type:"task_state", paused}`.
-    pub fn connect(url: String) -> Swarm {
+    /// `{type:"task_state", paused}`. `parameters`: the task's parameter count (its
+    /// description's `cost.parameters`), which bounds the messages taken from neighbours
+    /// (`8 parameters + 65,536` bytes, docs/protocol.md); without it, any up to 64 MiB.
+    pub fn connect(url: String, parameters: Option<f64>) -> Swarm {
         let seed = (js_sys::Math::random() * 2f64.powi(53)) as u64;
+        let limit = parameters
+            .filter(|p| p.is_finite() && *p >= 0.0)
+            .map_or(MAX_MESSAGE, |p| max_message_for(p as usize));
+        let mut mesh = Mesh::new(seed);
+        mesh.set_max_message(limit);
         let inner = Rc::new(RefCell::new(Inner {
             url,
-            mesh: Mesh::new(seed),
+            mesh,
             ws: None,
             ws_handlers: Vec::new(),
             conns: HashMap::new(),
             next_generation: 0,
-            events: Inbox::default(),
+            events: Inbox::new(limit),
             waiting: None,
             next_pending: false,
         }));
