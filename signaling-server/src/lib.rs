@@ -167,7 +167,6 @@ pub fn app(config: &Config) -> App {
                 .with_state((
                     Arc::new(config.tasks.clone()),
                     Arc::new(config.data.clone()),
-                    2 * config.signaling.neighbours,
                     Arc::clone(&hub),
                 )),
         )
@@ -232,15 +231,15 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     )
 }
 
-/// What `/api/tasks/{task}` needs: the tasks, the data folder, the most neighbours a peer
-/// holds, and the hub (for the swarm's pace).
-type TaskState = (Arc<Vec<TaskSpec>>, Arc<PathBuf>, usize, Arc<Hub>);
+/// What `/api/tasks/{task}` needs: the tasks, the data folder, and the hub (for each
+/// task's neighbours and the swarm's pace).
+type TaskState = (Arc<Vec<TaskSpec>>, Arc<PathBuf>, Arc<Hub>);
 
 /// What a peer needs to know to train on a task: the task as its file describes it, the
 /// URLs of its data files in the order `TaskSpec::datasets` takes them, and what
 /// contributing costs.
 async fn task_description(
-    State((tasks, data, max_neighbours, hub)): State<TaskState>,
+    State((tasks, data, hub)): State<TaskState>,
     Path(name): Path<String>,
 ) -> impl IntoResponse {
     let Some(task) = tasks.iter().find(|t| t.name == name) else {
@@ -262,7 +261,11 @@ async fn task_description(
             // a target epsilon, and the epsilon a peer reaches at its budget.
             "privacy": task.privacy.resolve().ok().flatten(),
             "cost": with_observers(
-                with_pace(cost(task, &data, max_neighbours), task, hub.pace(&name)),
+                with_pace(
+                    cost(task, &data, 2 * hub.config.neighbours_for(&name)),
+                    task,
+                    hub.pace(&name),
+                ),
                 hub.roles(&name),
             ),
         })),
@@ -386,12 +389,15 @@ fn with_pace(
 /// without a second request. `None` if the file cannot be read.
 fn embed_script(config: &Config) -> Option<String> {
     let text = std::fs::read_to_string(config.www.join("embed.js")).ok()?;
-    let max_neighbours = 2 * config.signaling.neighbours;
     let costs: serde_json::Map<String, serde_json::Value> = config
         .tasks
         .iter()
         .map(|t| {
-            let c = cost(t, &config.data, max_neighbours);
+            let c = cost(
+                t,
+                &config.data,
+                2 * config.signaling.neighbours_for(&t.name),
+            );
             let dp = t.privacy.resolve().ok().flatten();
             let brief = serde_json::json!({
                 "download_bytes": c["download_bytes"],

@@ -46,9 +46,10 @@ struct Args {
     /// they are refused. Prefer the env variable: command lines are visible to others.
     #[arg(long, env = "SHOAL_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// Neighbours per peer (k, 1 to 16): each peer keeps about k WebRTC connections.
-    #[arg(long, env = "SHOAL_NEIGHBOURS", default_value_t = 6)]
-    neighbours: usize,
+    /// Neighbours per peer (k, 1 to 16) for every task: each peer keeps about k WebRTC
+    /// connections. Without it, each task's own `learn.neighbours`
+    #[arg(long, env = "SHOAL_NEIGHBOURS")]
+    neighbours: Option<usize>,
     /// Origin allowed to open signaling websockets (repeat, or comma-separate in the env
     /// variable); `*` allows any. Without one, only pages from this server may connect.
     #[arg(
@@ -196,7 +197,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     // at most `MAX_COPIES` signers: with more, copies would be dropped and changes
     // refused every round.
     let most = shoal_shared::learn::MAX_COPIES / 2;
-    if !(1..=most).contains(&args.neighbours)
+    if args.neighbours.is_some_and(|k| !(1..=most).contains(&k))
         || args.max_message_bytes < 1024
         // NaN, which clap parses, fails too.
         || args.rate.is_nan()
@@ -234,6 +235,20 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         }
         tasks.push(task);
     }
+    // Each task's k: its own `learn.neighbours`, unless --neighbours sets every task's.
+    let mut task_neighbours = std::collections::HashMap::new();
+    for (task, path) in tasks.iter().zip(&args.task_files) {
+        let k = args.neighbours.unwrap_or(task.learn.neighbours);
+        if !(1..=most).contains(&k) {
+            anyhow::bail!(
+                "{}: learn.neighbours: {k} outside 1..={most} (a peer keeps the public \
+                 copies of at most {} neighbours, and holds up to 2k); or pass --neighbours",
+                path.display(),
+                2 * most
+            );
+        }
+        task_neighbours.insert(task.name.clone(), k);
+    }
     if args.allowed_origins.is_empty() && !args.bind.is_loopback() {
         tracing::warn!(
             "no --allowed-origin: browsers may connect only from pages addressed by IP or as \
@@ -259,18 +274,18 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
     println!("Shoal is listening on {base}");
-    println!("  contributor page: {base}/");
-    println!("  dashboard:        {base}/dashboard/");
-    println!(
-        "  embed snippet:    <script src=\"{base}/embed.js\" data-task=\"digits\" async></script>"
-    );
     println!("  health:           {base}/healthz");
     println!("  metrics:          {base}/metrics");
     for t in &tasks {
+        let name = &t.name;
+        println!("  task {name}:");
+        println!("    contributor page: {base}/?task={name}");
+        println!("    dashboard:        {base}/dashboard/?task={name}");
         println!(
-            "  task {:<12} {base}/api/tasks/{}  ws://{addr}/ws/{}?v=1",
-            t.name, t.name, t.name
+            "    embed snippet:    <script src=\"{base}/embed.js\" data-task=\"{name}\" async></script>"
         );
+        println!("    description:      {base}/api/tasks/{name}");
+        println!("    signaling:        ws://{addr}/ws/{name}?v=1");
     }
     println!("Press Ctrl-C to stop.");
     let limits = Limits {
@@ -295,7 +310,8 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     };
     let signaling = SignalingConfig {
         limits,
-        neighbours: args.neighbours,
+        neighbours: args.neighbours.unwrap_or(6),
+        task_neighbours,
         allowed_origins: args.allowed_origins,
         ice,
         ledger_dir: Some(args.ledger_dir.clone()),

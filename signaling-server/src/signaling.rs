@@ -104,8 +104,11 @@ impl Default for Limits {
 pub struct SignalingConfig {
     /// Bounds.
     pub limits: Limits,
-    /// Neighbours per peer (k); a peer may temporarily hold up to 2k.
+    /// Neighbours per peer (k) of a task not in `task_neighbours`; a peer may
+    /// temporarily hold up to 2k.
     pub neighbours: usize,
+    /// Each task's k (its `learn.neighbours`, unless the server overrides it).
+    pub task_neighbours: HashMap<String, usize>,
     /// Origins whose pages may connect. Empty: same origin only. `*`: any.
     pub allowed_origins: Vec<String>,
     /// ICE servers handed to peers.
@@ -126,6 +129,16 @@ pub struct SignalingConfig {
     pub ledger_reads_per_address: usize,
 }
 
+impl SignalingConfig {
+    /// The k of `task`: its own, else [`neighbours`](Self::neighbours).
+    pub fn neighbours_for(&self, task: &str) -> usize {
+        self.task_neighbours
+            .get(task)
+            .copied()
+            .unwrap_or(self.neighbours)
+    }
+}
+
 /// [`SignalingConfig::ledger_max_entries`] by default: about 700 MB of memory and 250 MB
 /// of disk per task.
 pub const DEFAULT_LEDGER_MAX_ENTRIES: u64 = 1_000_000;
@@ -135,6 +148,7 @@ impl Default for SignalingConfig {
         Self {
             limits: Limits::default(),
             neighbours: 6,
+            task_neighbours: HashMap::new(),
             allowed_origins: Vec::new(),
             ice: IceConfig {
                 turn_ttl_secs: 3600,
@@ -413,7 +427,7 @@ impl Draws {
 
 /// The shared state of the signaling server.
 pub struct Hub {
-    config: SignalingConfig,
+    pub(crate) config: SignalingConfig,
     state: Mutex<HubState>,
     connections: AtomicUsize,
     /// Counters for `/metrics`.
@@ -894,7 +908,7 @@ impl Hub {
         group: u128,
         site: &str,
     ) -> Result<(PeerId, [u8; 32]), ErrorCode> {
-        let k = self.config.neighbours;
+        let k = self.config.neighbours_for(task);
         let limits = &self.config.limits;
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -1015,7 +1029,7 @@ impl Hub {
         // At most 2k receipts a second per connection, in bursts of 4k (an honest peer
         // signs one per neighbour per round): every one costs the server an fsync.
         {
-            let k = self.config.neighbours as f64;
+            let k = self.config.neighbours_for(task) as f64;
             let mut st = self.lock();
             let p = st
                 .tasks
@@ -1164,7 +1178,7 @@ impl Hub {
     /// than k a replacement. During shutdown nobody is told: the peers have not left,
     /// the server has, and their WebRTC connections carry on without it.
     fn leave(&self, task: &str, id: PeerId) {
-        let k = self.config.neighbours;
+        let k = self.config.neighbours_for(task);
         let quiet = *self.shutdown.borrow();
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -1209,7 +1223,7 @@ impl Hub {
     /// Unlinks a pair that could not connect and gives each side a replacement (never
     /// each other).
     fn unreachable(&self, task: &str, from: PeerId, to: PeerId) -> Result<(), ErrorCode> {
-        let k = self.config.neighbours;
+        let k = self.config.neighbours_for(task);
         let mut guard = self.lock();
         let st = &mut *guard;
         let t = st.tasks.get_mut(task).ok_or(ErrorCode::UnknownTask)?;
@@ -1833,7 +1847,7 @@ async fn connection(
                             hub.unreachable(&task, id, peer).map_err(|c| match c {
                                 ErrorCode::RateLimited => (c, format!(
                                     "at most {} unreachable reports per connection",
-                                    2 * hub.config.neighbours
+                                    2 * hub.config.neighbours_for(&task)
                                 )),
                                 c => not_neighbour(peer)(c),
                             })
@@ -1960,6 +1974,32 @@ mod tests {
             ..SignalingConfig::default()
         };
         Hub::new(config, &["digits".into()], &[], None)
+    }
+
+    /// A task's `learn.neighbours` is its k: a researcher's task of 2 neighbours is not
+    /// given the server's 6.
+    #[test]
+    fn each_task_links_its_peers_to_its_own_number_of_neighbours() {
+        let config = SignalingConfig {
+            ledger_dir: None,
+            task_neighbours: HashMap::from([("small".to_string(), 2)]),
+            ..SignalingConfig::default()
+        };
+        let hub = Hub::new(config, &["digits".into(), "small".into()], &[], None);
+        for (task, k) in [("digits", 6), ("small", 2)] {
+            let mut ids = Vec::new();
+            for group in 1..=10u128 {
+                let (id, _) = hub
+                    .join(task, Arc::new(Outbox::new(256)), group, "")
+                    .expect("join");
+                hub.store_report(task, id, PeerReport::default())
+                    .expect("report");
+                ids.push(id);
+            }
+            let held = |id: &PeerId| hub.neighbours_of(task, *id).expect("a peer").len();
+            assert_eq!(held(&ids[9]), k, "{task}: the newcomer gets k");
+            assert!(ids.iter().all(|id| held(id) <= 2 * k), "{task}: at most 2k");
+        }
     }
 
     /// Receipts and task descriptions read the swarm's round, pace and roles from a

@@ -1567,6 +1567,17 @@ async fn rounds_sized_in_time_bound_the_cost_per_hour_before_anyone_trains() {
     let bytes = cost["bytes_per_hour"].as_f64().expect("bytes per hour");
     assert_eq!(bytes, (80e6 / per_round).floor() * per_round);
     assert!(bytes <= 80e6 && bytes > 80e6 - per_round, "{bytes}");
+    assert_eq!(neighbours, 4.0, "up to 2k, k the tests' server's 2");
+    // A task of its own k (its `learn.neighbours`) states its own.
+    let s = start(SignalingConfig {
+        task_neighbours: std::collections::HashMap::from([("digits".to_string(), 5)]),
+        ..config()
+    })
+    .await;
+    let body = http_get(s.addr, "/api/tasks/digits").await;
+    let json: Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON");
+    assert_eq!(json["cost"]["max_neighbours"], 10);
 }
 
 #[tokio::test]

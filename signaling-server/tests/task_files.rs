@@ -156,3 +156,22 @@ fn more_neighbours_than_a_peer_keeps_copies_for_stop_the_server() {
         "{err}"
     );
 }
+
+#[test]
+fn a_task_asking_more_neighbours_than_a_peer_keeps_copies_for_stops_the_server() {
+    let many = demo().replace("neighbours = 6", "neighbours = 17");
+    assert_ne!(many, demo(), "the demo task names its neighbours");
+    let (ok, err) = start_with(&many, &data());
+    assert!(!ok);
+    assert!(
+        err.contains("task.toml: learn.neighbours: 17 outside 1..=16"),
+        "{err}"
+    );
+    // --neighbours sets every task's k, so the same file then passes the check.
+    let (ok, err) = start_with_args(&many, &data(), &["--neighbours", "6"]);
+    assert!(!ok);
+    assert!(
+        !err.contains("neighbours") && err.contains("could not listen"),
+        "{err}"
+    );
+}

@@ -60,7 +60,8 @@ pub struct LearnConfig {
     pub outer_lr: f32,
     /// Outer Nesterov momentum, in `[0, 1)`.
     pub outer_momentum: f32,
-    /// WebRTC neighbours per peer (the signaling server's k).
+    /// WebRTC neighbours per peer: the signaling server's k for this task (unless its
+    /// `--neighbours` sets every task's).
     pub neighbours: usize,
     /// How updates are combined.
     pub aggregation: Aggregation,
