@@ -573,3 +573,59 @@ fn a_native_peer_trains_on_a_local_folder_and_names_the_files_it_skips() {
     assert!(child.wait().expect("exits").success());
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// A peer takes the server's description of its task, and one given a task file that
+/// differs from it stops with the field named, instead of training a model whose every
+/// update its neighbours would refuse (an outsider's run: a researcher's peer with a
+/// stale task file sat silent).
+#[test]
+fn a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs() {
+    if reexec_in_netns("a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = temp("task-check");
+    let demo =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/digits.toml"))
+            .expect("the demo task file");
+    let text = demo.replace("name = \"digits\"", "name = \"small\"");
+    let file = dir.join("small.toml");
+    std::fs::write(&file, &text).expect("task file");
+    // The server's `small`: the file's, at batch 16.
+    let mut served = shoal_shared::task::TaskSpec::from_toml(&text).expect("a task");
+    served.train.batch = 16;
+    let (url, stop) = rt.block_on(common::start_server_with(None, vec![served]));
+    let server = url.split("/ws/").next().expect("ws url").to_string();
+    let key = dir.join("peer.key");
+    let out = Command::new(PEER)
+        .args([
+            "--server",
+            &server,
+            "--task",
+            "small",
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--cpu", "--data", &data_dir(), "--identity"])
+        .arg(&key)
+        .arg("--task-file")
+        .arg(&file)
+        .output()
+        .expect("shoal-peer runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("differs from the task \"small\" the server describes, at train.batch: 8 here, 16 at the server"),
+        "{err}"
+    );
+    // Without a task file it trains the server's task (not only the built-in demo).
+    let (mut child, rx) = spawn(&server, &key, &["--task", "small"]);
+    expect_line(&rx, 120, "a round of the server's task", round_line);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+}

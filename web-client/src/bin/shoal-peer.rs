@@ -108,7 +108,11 @@ mod peer {
         };
         // A training peer takes no message longer than its task's largest; the echo
         // peer (a test tool) takes any.
-        let task = if args.echo { None } else { Some(task(&args)?) };
+        let task = if args.echo {
+            None
+        } else {
+            Some(task(&args).await?)
+        };
         let swarm = NativeSwarm::connect(NativeOptions {
             url,
             udp_addrs: vec![format!("{}:0", args.bind)],
@@ -208,16 +212,54 @@ mod peer {
         Ok(id)
     }
 
-    /// The task: from `--task-file`, or the built-in demo for `--task digits`.
-    fn task(args: &Args) -> Result<TaskSpec> {
-        let task = match &args.task_file {
-            Some(path) => {
+    /// The task: the server's (its description at `/api/tasks/{task}`), checked against
+    /// `--task-file` when one is given (a peer training another model than its
+    /// neighbours' would have every update refused, silently). Without the server's, the
+    /// task file's, or the built-in demo for `--task digits`.
+    async fn task(args: &Args) -> Result<TaskSpec> {
+        let path = format!("/api/tasks/{}", args.task);
+        let served = match http_get_json(&args.server, &path).await {
+            Ok(d) => serde_json::to_string(&d["task"])
+                .map_err(anyhow::Error::from)
+                .and_then(|t| TaskSpec::from_json(&t).map_err(anyhow::Error::msg))
+                .with_context(|| format!("the server's task {:?}", args.task)),
+            Err(e) => Err(e),
+        };
+        let task = match (&args.task_file, served) {
+            (Some(file), served) => {
                 let text =
-                    std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-                TaskSpec::from_toml(&text).with_context(|| format!("{}", path.display()))?
+                    std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+                let task =
+                    TaskSpec::from_toml(&text).with_context(|| format!("{}", file.display()))?;
+                match served {
+                    Ok(served) => {
+                        if let Some(diff) = first_difference(
+                            &serde_json::to_value(&task)?,
+                            &serde_json::to_value(&served)?,
+                            String::new(),
+                        ) {
+                            bail!(
+                                "{}: differs from the task {:?} the server describes, at {diff}; \
+                                 its neighbours would refuse every update. Leave out \
+                                 --task-file to train the server's",
+                                file.display(),
+                                served.name
+                            );
+                        }
+                    }
+                    Err(e) => eprintln!(
+                        "not checked against the server's task ({e:#}): training {}",
+                        file.display()
+                    ),
+                }
+                task
             }
-            None if args.task == "digits" => TaskSpec::digits(),
-            None => bail!("no task file for {:?}: pass --task-file", args.task),
+            (None, Ok(served)) => served,
+            (None, Err(e)) if args.task == "digits" => {
+                eprintln!("the server's task: {e:#}; training the built-in demo");
+                TaskSpec::digits()
+            }
+            (None, Err(e)) => bail!("{e:#} (or pass --task-file)"),
         };
         if task.name != args.task {
             bail!(
@@ -227,6 +269,48 @@ mod peer {
             );
         }
         Ok(task)
+    }
+
+    /// The first place where `a` (ours) and `b` (the server's) differ: its path and both
+    /// values.
+    fn first_difference(
+        a: &serde_json::Value,
+        b: &serde_json::Value,
+        at: String,
+    ) -> Option<String> {
+        use serde_json::Value;
+        let here = || {
+            let at = if at.is_empty() { "the top" } else { &at };
+            Some(format!("{at}: {a} here, {b} at the server"))
+        };
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                keys.into_iter().find_map(|k| {
+                    let (u, v) = (x.get(k), y.get(k));
+                    let path = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    match (u, v) {
+                        (Some(u), Some(v)) => first_difference(u, v, path),
+                        _ => Some(format!(
+                            "{path}: {} here, {} at the server",
+                            u.map_or("nothing".into(), Value::to_string),
+                            v.map_or("nothing".into(), Value::to_string)
+                        )),
+                    }
+                })
+            }
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (u, v))| first_difference(u, v, format!("{at}[{i}]"))),
+            _ if a == b => None,
+            _ => here(),
+        }
     }
 
     /// How often the heads held are checked against the server's ledger.

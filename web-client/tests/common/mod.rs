@@ -80,6 +80,17 @@ pub async fn start_server() -> (String, tokio::sync::oneshot::Sender<()>) {
 pub async fn start_server_with_ledger(
     ledger_dir: Option<std::path::PathBuf>,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
+    start_server_with(ledger_dir, vec![shoal_shared::task::TaskSpec::digits()]).await
+}
+
+/// A server of `tasks` (the first one's signaling URL is returned) that keeps their
+/// ledgers of receipts in `ledger_dir`.
+#[allow(dead_code)] // not every test file uses each helper
+pub async fn start_server_with(
+    ledger_dir: Option<std::path::PathBuf>,
+    tasks: Vec<shoal_shared::task::TaskSpec>,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let first = tasks.first().map(|t| t.name.clone()).unwrap_or_default();
     let dir = std::env::temp_dir();
     let config = Config {
         www: dir.clone(),
@@ -88,7 +99,7 @@ pub async fn start_server_with_ledger(
             ledger_dir,
             ..SignalingConfig::default()
         },
-        tasks: vec![shoal_shared::task::TaskSpec::digits()],
+        tasks,
         admin_token: None,
         http: shoal_signaling_server::HttpLimits::default(),
         state_file: None,
@@ -106,5 +117,5 @@ pub async fn start_server_with_ledger(
         },
         Duration::from_millis(200),
     ));
-    (format!("ws://{addr}/ws/digits?v=1"), stop)
+    (format!("ws://{addr}/ws/{first}?v=1"), stop)
 }
