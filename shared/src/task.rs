@@ -250,6 +250,36 @@ fn err(field: &str, problem: impl Into<String>) -> TaskError {
     }
 }
 
+/// The dotted field of a task file at byte `start`, e.g. `train.learning_rate`: the
+/// table whose header comes last before it, and the key of its line (empty if neither).
+fn toml_field(text: &str, start: usize) -> String {
+    let before = &text[..start];
+    let table = before.lines().rev().find_map(|l| {
+        let l = l.split('#').next().unwrap_or("").trim();
+        let name = l.strip_prefix('[')?.strip_suffix(']')?;
+        let name = name.trim_start_matches('[').trim_end_matches(']').trim();
+        name.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .then(|| name.to_string())
+    });
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        });
+    [table.as_deref(), key]
+        .into_iter()
+        .flatten()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// Whether `p` is a safe relative path inside the data folder.
 fn check_path(field: &str, p: &str) -> Result<(), TaskError> {
     let ok_chars = p
@@ -337,16 +367,25 @@ impl TaskSpec {
     /// Parses and validates a task file's text.
     pub fn from_toml(text: &str) -> Result<Self, TaskError> {
         let spec: Self = toml::from_str(text).map_err(|e| {
-            // toml names the key and the line; keep its message on one line.
+            // toml gives the problem and where it is; keep its message on one line, and
+            // name the field as the checks below do.
             let msg = e.message().to_string();
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].lines().count().max(1);
-                    format!(" (line {line})")
-                })
-                .unwrap_or_default();
-            err("task file", format!("{msg}{at}"))
+            match e.span() {
+                Some(s) => {
+                    let start = s.start.min(text.len());
+                    let line = text[..start].lines().count().max(1);
+                    let field = toml_field(text, start);
+                    err(
+                        if field.is_empty() {
+                            "task file"
+                        } else {
+                            &field
+                        },
+                        format!("{msg} (line {line})"),
+                    )
+                }
+                None => err("task file", msg),
+            }
         })?;
         spec.validate()?;
         Ok(spec)
@@ -751,6 +790,31 @@ mod tests {
         let text = demo_file();
         assert!(text.contains(find), "{find:?} not in the demo file");
         TaskSpec::from_toml(&text.replacen(find, replace, 1))
+    }
+
+    /// A mistake toml finds (a misspelt key, a missing one, a wrong type) names the field
+    /// as the checks do, not only a line.
+    #[test]
+    fn a_malformed_task_file_names_the_field() {
+        let field = |find: &str, replace: &str| with(find, replace).map_err(|e| e.field);
+        assert_eq!(
+            field("lr = 0.001", "learning_rate = 0.001"),
+            Err("train.learning_rate".into())
+        );
+        assert_eq!(
+            field("lr = 0.001", "lr = \"0.001\""),
+            Err("train.lr".into())
+        );
+        assert_eq!(field("trim = 0.2 }", "}"), Err("learn.aggregation".into()));
+        assert_eq!(
+            field("optimizer = \"adam\"", "optimizer = \"Adam\""),
+            Err("train.optimizer".into())
+        );
+        let e = with("lr = 0.001", "learning_rate = 0.001").expect_err("refused");
+        assert!(
+            e.problem.contains("unknown field `learning_rate`") && e.problem.contains("(line "),
+            "{e}"
+        );
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl ModelSpec {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SpecError {
     /// The model has no layers, or its last layer is not dense.
-    #[error("the last layer must be dense (its units are the classes); found {0}")]
+    #[error("the last layer must be dense (its units are the classes) or an lm_head; found {0}")]
     BadHead(String),
     /// A layer's arguments are zero or out of range.
     #[error("layer {layer} ({kind}): {problem}")]
@@ -361,7 +361,12 @@ impl Model {
         }
         match spec.layers.last() {
             Some(LayerSpec::Dense { .. } | LayerSpec::LmHead { .. }) => {}
-            other => return Err(SpecError::BadHead(format!("{other:?}"))),
+            other => {
+                return Err(SpecError::BadHead(match other {
+                    Some(layer) => format!("a {} layer", layer.kind()),
+                    None => "no layers".into(),
+                }));
+            }
         }
         let blocks = spec
             .layers
@@ -893,7 +898,13 @@ mod tests {
         ));
         let mut s = ModelSpec::mlp_digits();
         s.layers.push(LayerSpec::Relu);
-        assert!(matches!(Model::new(s), Err(SpecError::BadHead(_))));
+        assert_eq!(
+            Model::new(s).err().map(|e| e.to_string()).as_deref(),
+            Some(
+                "the last layer must be dense (its units are the classes) or an lm_head; \
+                 found a relu layer"
+            )
+        );
         let s = ModelSpec {
             input: [28, 28, 1],
             layers: vec![
