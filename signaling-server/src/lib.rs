@@ -150,10 +150,13 @@ pub fn app(config: &Config) -> App {
             HeaderValue::from_static("accept-encoding"),
         ))
         .layer(CompressionLayer::new())
-        // Outside the compression layer: a site file changed since its `.gz` was made
-        // goes uncompressed (`fresh_gzip_only`).
+        // Outside the compression layer: a site or data file changed (or gone) since its
+        // `.gz` was made goes uncompressed (`fresh_gzip_only`).
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(config.www.clone()),
+            Arc::new(precompress::Roots {
+                www: config.www.clone(),
+                data: config.data.clone(),
+            }),
             precompress::fresh_gzip_only,
         ));
     let router = Router::new()

@@ -109,24 +109,37 @@ fn compress(src: &Path, dst: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Middleware for the site, served with its precompressed `.gz` files under `root`,
+/// The folders whose precompressed `.gz` files are served: the site's, at `/`, and the
+/// data's, at `/data/`.
+#[derive(Clone, Debug)]
+pub struct Roots {
+    /// The site (`--www`).
+    pub www: std::path::PathBuf,
+    /// The task data (`--data`).
+    pub data: std::path::PathBuf,
+}
+
+/// Middleware for the site and the data, served with their precompressed `.gz` files,
 /// placed outside the compression layer: where the requested file is not exactly as its
-/// `.gz` was made ([`is_fresh`]: it changed since the server started), or the path is
-/// not one this maps plainly to a file (escapes, `.` or `..`, a trailing `/` after a
-/// file), the request goes on without `Accept-Encoding`: the client gets the file as it
-/// is, uncompressed, never a stale `.gz`, and the server compresses nothing for it.
-/// The data (`/data/`, which does not change while the server runs) is left alone.
+/// `.gz` was made ([`is_fresh`]: it changed since the server started, or it is gone and
+/// only a stray `.gz` is left), or the path is not one this maps plainly to a file
+/// (escapes, `.` or `..`, a trailing `/` after a file), the request goes on without
+/// `Accept-Encoding`: the client gets the file as it is, uncompressed (or a 404 for a
+/// file that is not there), never a stale `.gz`, and the server compresses nothing for it.
 pub async fn fresh_gzip_only(
-    axum::extract::State(root): axum::extract::State<std::sync::Arc<std::path::PathBuf>>,
+    axum::extract::State(roots): axum::extract::State<std::sync::Arc<Roots>>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let path = request.uri().path();
+    let fresh = match path.strip_prefix("/data/") {
+        Some(rest) => gz_is_fresh(&roots.data, rest),
+        None => gz_is_fresh(&roots.www, path),
+    };
     if request
         .headers()
         .contains_key(axum::http::header::ACCEPT_ENCODING)
-        && !path.starts_with("/data/")
-        && !gz_is_fresh(&root, path)
+        && !fresh
     {
         request
             .headers_mut()

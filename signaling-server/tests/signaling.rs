@@ -1426,6 +1426,20 @@ async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
         "the server waited for a reader that never read ({} bytes came)",
         got.len()
     );
+    // A `.gz` whose file is gone (a stray one, or its file removed since the start) is
+    // not served in the file's place.
+    std::fs::remove_file(dir.join("big.bin")).expect("remove");
+    let mut c = TcpStream::connect(s.addr).await.expect("connect");
+    c.write_all(b"GET /data/big.bin HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let head = String::from_utf8_lossy(&answer[..answer.len().min(200)]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -16,6 +16,12 @@ pub const STRIKE_WINDOW_MS: u64 = 60_000;
 /// Whole messages held while a channel is not yet announced as open; a neighbour that
 /// sends more before its channel opens is dropped.
 pub const MAX_EARLY_MESSAGES: usize = 64;
+/// Messages a neighbour may send a second, sustained (an honest peer sends a few per
+/// round: its update, a status, receipts, a ledger head, now and then a mix or a model).
+pub const MESSAGE_RATE: u64 = 200;
+/// Messages it may send at once beyond [`MESSAGE_RATE`]; one more is a flood, and the
+/// neighbour is dropped.
+pub const MESSAGE_BURST: u64 = 2_000;
 
 /// Why a neighbour's channel is given up.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -31,6 +37,10 @@ pub enum LinkError {
         /// Why the last of them was dropped.
         last: FrameError,
     },
+    /// It sent messages faster than [`MESSAGE_RATE`] a second beyond a burst of
+    /// [`MESSAGE_BURST`] (each costs its receiver work however small it is).
+    #[error("more than {MESSAGE_BURST} messages beyond {MESSAGE_RATE} a second")]
+    Flooding,
     /// It sent more than can be held before its channel was announced.
     #[error(
         "more than {MAX_EARLY_MESSAGES} messages or {max_bytes} bytes before the channel opened"
@@ -61,6 +71,9 @@ pub struct InboundLink {
     /// Set once an error was returned: the neighbour is being dropped, and what it still
     /// sends is ignored.
     failed: bool,
+    /// Messages it may still send now, in thousandths ([`MESSAGE_RATE`] a second
+    /// refilled, up to [`MESSAGE_BURST`]), and when they were counted.
+    allowance: (u64, u64),
 }
 
 impl InboundLink {
@@ -76,6 +89,7 @@ impl InboundLink {
             early_bytes: 0,
             max_early_bytes: max_message,
             failed: false,
+            allowance: (MESSAGE_BURST * 1000, 0),
         }
     }
 
@@ -125,6 +139,12 @@ impl InboundLink {
         let Ok(Some(message)) = result else {
             return Ok(None);
         };
+        let (left, at) = self.allowance;
+        let left = (left + now_ms.saturating_sub(at) * MESSAGE_RATE).min(MESSAGE_BURST * 1000);
+        if left < 1000 {
+            return Err(LinkError::Flooding);
+        }
+        self.allowance = (left - 1000, now_ms.max(at));
         if self.open {
             return Ok(Some(message));
         }
@@ -184,6 +204,39 @@ mod tests {
         let mut link = InboundLink::new(1 << 20, 4);
         assert!(link.on_open().is_empty());
         link
+    }
+
+    #[test]
+    fn a_neighbour_flooding_small_messages_is_dropped_past_its_burst() {
+        let mut link = opened();
+        let one = frames(1, 5);
+        // An honest pace (here 150 a second for a minute) goes through.
+        for i in 0..9_000u64 {
+            assert!(matches!(
+                link.on_frame(&one[0], i * 1000 / 150),
+                Ok(Some(_))
+            ));
+        }
+        // A burst of 2,000 at once too, then one more is a flood.
+        let now = 61_000;
+        for _ in 0..MESSAGE_BURST {
+            assert!(matches!(link.on_frame(&one[0], now), Ok(Some(_))));
+        }
+        assert_eq!(link.on_frame(&one[0], now), Err(LinkError::Flooding));
+        assert_eq!(
+            link.on_frame(&one[0], now + 60_000),
+            Ok(None),
+            "ignored since"
+        );
+        // A link that waited gets its allowance back at 200 a second.
+        let mut link = opened();
+        for _ in 0..MESSAGE_BURST {
+            assert!(matches!(link.on_frame(&one[0], 0), Ok(Some(_))));
+        }
+        for _ in 0..200 {
+            assert!(matches!(link.on_frame(&one[0], 1000), Ok(Some(_))));
+        }
+        assert_eq!(link.on_frame(&one[0], 1000), Err(LinkError::Flooding));
     }
 
     #[test]
