@@ -26,6 +26,11 @@ fn training_steps_match_cpu() {
 }
 
 #[test]
+fn peer_rounds_match_cpu() {
+    pollster::block_on(suite::peer_rounds_match_cpu(&gpu()));
+}
+
+#[test]
 fn gpu_never_lets_non_finite_values_pass() {
     pollster::block_on(suite::gpu_non_finite_never_passes(&gpu()));
 }

@@ -30,6 +30,11 @@ async fn training_steps_match_cpu() {
 }
 
 #[wasm_bindgen_test]
+async fn peer_rounds_match_cpu() {
+    suite::peer_rounds_match_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
 async fn gpu_never_lets_non_finite_values_pass() {
     suite::gpu_non_finite_never_passes(&gpu().await).await;
 }

@@ -303,33 +303,77 @@ pub async fn training_steps_match_cpu(gpu: &Gpu) {
         let mut cpu = CpuBackend::new(model.clone(), opt, params.clone()).expect("cpu backend");
         let mut gpu_b =
             GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
-        for s in 0..5 {
-            let (x, y) = batch_for(&model, 100 + s);
-            cpu.step(&x, &y).expect("cpu step");
-            gpu_b.step(&x, &y).expect("gpu step");
-        }
-        let (cl, gl) = (
-            cpu.loss().await.expect("cpu loss"),
-            gpu_b.loss().await.expect("gpu loss"),
-        );
-        assert!(
-            (cl - gl).abs() / cl.abs().max(1e-6) < 1e-3,
-            "{opt:?}: last loss cpu {cl} gpu {gl}"
-        );
-        let (cp, gp) = (
-            cpu.params().await.expect("cpu params"),
-            gpu_b.params().await.expect("gpu params"),
-        );
+        let cp = steps_agree(&mut cpu, &mut gpu_b, &model, 100..105, &format!("{opt:?}")).await;
         let moved = rel_err(&cp, &params);
         assert!(
             moved > 1e-3,
             "{opt:?}: training did not move the parameters"
         );
-        let err = rel_err(&gp, &cp);
-        assert!(
-            err < 1e-3,
-            "{opt:?}: parameters after 5 steps differ, relative error {err}"
-        );
+    }
+}
+
+/// Runs the batches `seeds` on both backends, checks that the last loss and the weights
+/// agree (relative error below 1e-3), and returns the CPU's weights.
+async fn steps_agree(
+    cpu: &mut CpuBackend,
+    gpu: &mut GpuBackend,
+    model: &Model,
+    seeds: std::ops::Range<u64>,
+    what: &str,
+) -> Vec<f32> {
+    for s in seeds {
+        let (x, y) = batch_for(model, s);
+        cpu.step(&x, &y).expect("cpu step");
+        gpu.step(&x, &y).expect("gpu step");
+    }
+    let (cl, gl) = (
+        cpu.loss().await.expect("cpu loss"),
+        gpu.loss().await.expect("gpu loss"),
+    );
+    assert!(
+        (cl - gl).abs() / cl.abs().max(1e-6) < 1e-3,
+        "{what}: last loss cpu {cl} gpu {gl}"
+    );
+    let (cp, gp) = (
+        cpu.params().await.expect("cpu params"),
+        gpu.params().await.expect("gpu params"),
+    );
+    let err = rel_err(&gp, &cp);
+    assert!(err < 1e-3, "{what}: weights differ, relative error {err}");
+    cp
+}
+
+/// What a swarm peer does to its backend round after round — load the round's weights,
+/// set the round's learning rate, a few steps, read the loss and the weights — gives the
+/// same weights on both backends, round after round (the optimizer's state carries on
+/// across loads on both).
+pub async fn peer_rounds_match_cpu(gpu: &Gpu) {
+    let model = Model::new(ModelSpec::mlp_digits()).expect("valid model");
+    let opt = Optimizer::adam(1e-3);
+    let params = model.init_params(3);
+    let mut cpu = CpuBackend::new(model.clone(), opt, params.clone()).expect("cpu backend");
+    let mut gpu_b = GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
+    let mut weights = params;
+    for round in 0..6u64 {
+        // The round's weights: what the last round trained, moved a little (the outer
+        // step), loaded on both.
+        for (i, w) in weights.iter_mut().enumerate() {
+            *w *= 1.0 - 0.01 * ((i as u64 + round) % 3) as f32;
+        }
+        cpu.load_weights(&weights).expect("cpu load");
+        gpu_b.load_weights(&weights).expect("gpu load");
+        let lr = 1e-3 * (1.0 - 0.1 * round as f32);
+        cpu.set_learning_rate(lr).expect("cpu lr");
+        gpu_b.set_learning_rate(lr).expect("gpu lr");
+        let cp = steps_agree(
+            &mut cpu,
+            &mut gpu_b,
+            &model,
+            10 * round..10 * round + 3,
+            &format!("round {round}"),
+        )
+        .await;
+        weights = cp;
     }
 }
 
