@@ -7,6 +7,8 @@ import init, { SwarmObserver, EarlyEvents } from './pkg/shoal_dashboard_client.j
 let observer = null;
 // Transport events before the observer exists (bounded per neighbour, as its inbox).
 let early = null;
+// The task's parameter count, once its description is in (bounds `early`).
+let parameters = NaN;
 const loading = init();
 const post = (m, transfer) => self.postMessage(m, transfer ?? []);
 const errorText = (e) => String(e && e.message ? e.message : e);
@@ -25,6 +27,9 @@ async function observe(task, everyMs) {
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
+  // What neighbours send meanwhile is bounded by the task's largest message.
+  parameters = desc.cost?.parameters ?? NaN;
+  early?.setParameters(parameters);
   const files = await Promise.all(desc.files.map(fetchBytes));
   observer = SwarmObserver.create(JSON.stringify(desc.task), files, everyMs);
   if (early) observer.adopt(early);
@@ -57,7 +62,10 @@ self.addEventListener('message', (event) => {
       } else {
         loading.then(() => {
           if (observer) return observer.event(m.kind, m.peer, m.data);
-          early ??= new EarlyEvents();
+          if (!early) {
+            early = new EarlyEvents();
+            early.setParameters(parameters);
+          }
           early.event(m.kind, m.peer, m.data);
         }).catch((e) => post({ type: 'error', message: errorText(e) })).finally(() => taken(m));
       }

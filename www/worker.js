@@ -9,6 +9,8 @@ let peer = null;
 // Transport events that arrive while the peer is still being created (an `EarlyEvents`
 // once the module is loaded: bounded per neighbour, as the peer's own inbox).
 let early = null;
+// The task's parameter count, once its description is in (bounds `early`).
+let parameters = NaN;
 // Share of wall time spent training (the visitor's throttle), and pause states that
 // arrive before the peer exists.
 let duty = 1;
@@ -70,7 +72,10 @@ const taken = (m) => { if (m.data) post({ type: 'taken', bytes: m.data.length })
 function earlyEvent(m) {
   loading.then(() => {
     if (peer) return netEvent(m);
-    early ??= new EarlyEvents();
+    if (!early) {
+      early = new EarlyEvents();
+      early.setParameters(parameters);
+    }
     early.event(m.kind, m.peer, m.data);
   }).catch((e) => post({ type: 'error', message: errorText(e) })).finally(() => taken(m));
 }
@@ -216,6 +221,9 @@ async function contribute(task, secret, head, privacySent, consented, mine) {
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
+  // What neighbours send meanwhile is bounded by the task's largest message.
+  parameters = desc.cost?.parameters ?? NaN;
+  early?.setParameters(parameters);
   // The visitor agreed to the privacy the page showed them: train under exactly that.
   if (JSON.stringify(desc.privacy ?? null) !== JSON.stringify(consented ?? null)) {
     throw new Error('the task\'s privacy settings changed since you agreed to them; reload the page to see the new ones');

@@ -251,10 +251,12 @@ fn err(field: &str, problem: impl Into<String>) -> TaskError {
 }
 
 /// The dotted field of a task file at byte `start`, e.g. `train.learning_rate`: the
-/// table whose header comes last before it, and the key of its line (empty if neither).
+/// table whose header is on its line or comes last before it (toml puts a missing key
+/// on its table's header), and the key of its line (empty if neither).
 fn toml_field(text: &str, start: usize) -> String {
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
     let before = &text[..start];
-    let table = before.lines().rev().find_map(|l| {
+    let table = text[..line_end].lines().rev().find_map(|l| {
         let l = l.split('#').next().unwrap_or("").trim();
         let name = l.strip_prefix('[')?.strip_suffix(']')?;
         let name = name.trim_start_matches('[').trim_end_matches(']').trim();
@@ -373,7 +375,7 @@ impl TaskSpec {
             match e.span() {
                 Some(s) => {
                     let start = s.start.min(text.len());
-                    let line = text[..start].lines().count().max(1);
+                    let line = text[..start].matches('\n').count() + 1;
                     let field = toml_field(text, start);
                     err(
                         if field.is_empty() {
@@ -810,10 +812,18 @@ mod tests {
             field("optimizer = \"adam\"", "optimizer = \"Adam\""),
             Err("train.optimizer".into())
         );
+        // A key missing from a table: toml points at the table's header.
+        assert_eq!(field("batch = 8\n", ""), Err("train".into()));
         let e = with("lr = 0.001", "learning_rate = 0.001").expect_err("refused");
+        let line = demo_file()
+            .lines()
+            .position(|l| l.starts_with("lr = 0.001"))
+            .expect("the demo's lr")
+            + 1;
         assert!(
-            e.problem.contains("unknown field `learning_rate`") && e.problem.contains("(line "),
-            "{e}"
+            e.problem.contains("unknown field `learning_rate`")
+                && e.problem.ends_with(&format!("(line {line})")),
+            "{e} (line {line})"
         );
     }
 

@@ -255,17 +255,21 @@ async fn task_description(
         .iter()
         .map(|p| format!("/data/{p}"))
         .collect();
+    // The task as this server runs it: its k is `--neighbours` where that overrides it.
+    let k = hub.config.neighbours_for(&name);
+    let mut served = task.clone();
+    served.learn.neighbours = k;
     (
         StatusCode::OK,
         Json(serde_json::json!({
-            "task": task,
+            "task": served,
             "files": files,
             // Differential privacy as peers apply it (`null`: none): the noise solved from
             // a target epsilon, and the epsilon a peer reaches at its budget.
             "privacy": task.privacy.resolve().ok().flatten(),
             "cost": with_observers(
                 with_pace(
-                    cost(task, &data, 2 * hub.config.neighbours_for(&name)),
+                    cost(task, &data, 2 * k),
                     task,
                     hub.pace(&name),
                 ),

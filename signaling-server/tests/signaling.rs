@@ -1592,6 +1592,10 @@ async fn rounds_sized_in_time_bound_the_cost_per_hour_before_anyone_trains() {
     let json: Value =
         serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON");
     assert_eq!(json["cost"]["max_neighbours"], 10);
+    assert_eq!(
+        json["task"]["learn"]["neighbours"], 5,
+        "the task as the server runs it"
+    );
 }
 
 #[tokio::test]

@@ -61,9 +61,19 @@ test('a neighbour flooding a worker that is busy fills only its own share of the
     for (let i = 0; i < 200; i++) early.event('message', '00000000000000aa', new Uint8Array(1 << 20));
     const flooded = early.dropped();
     early.event('message', '00000000000000bb', new Uint8Array(40_000));
-    return { flooded, after: early.dropped(), grew: shoal.wasmMemoryBytes() - before };
+    // Once the worker knows its task (the demo MLP's 109,386 parameters), a message
+    // longer than the task's largest goes nowhere, and a flooder holds 4 MiB.
+    const bounded = new shoal.EarlyEvents();
+    bounded.setParameters(109_386);
+    bounded.event('message', '00000000000000aa', new Uint8Array(940_625));
+    const tooLong = bounded.dropped();
+    for (let i = 0; i < 20; i++) bounded.event('message', '00000000000000aa', new Uint8Array(900_000));
+    return { flooded, after: early.dropped(), grew: shoal.wasmMemoryBytes() - before, tooLong,
+      boundedDropped: bounded.dropped() - tooLong };
   });
   await page.close();
+  assert.equal(got.tooLong, 1, 'longer than the task\'s largest message');
+  assert.equal(got.boundedDropped, 20 - 4, 'a flooder of a demo worker holds 4 MiB');
   assert.equal(got.flooded, 200 - 64, 'past 64 MiB waiting, the flooder\'s messages are dropped');
   assert.equal(got.after, got.flooded, 'another neighbour\'s message still goes in');
   assert.ok(got.grew < 80 * 2 ** 20, `the worker's memory grew by ${got.grew} bytes`);

@@ -48,6 +48,9 @@ pub const MAX_HELD_CANDIDATES: usize = 64;
 /// Messages from one neighbour that may wait in a peer's [`Inbox`], received and not yet
 /// handled.
 pub const MAX_INBOX_MESSAGES_PER_PEER: usize = 1024;
+/// Bytes of messages from all neighbours together that may wait in an [`Inbox`], beyond
+/// each neighbour's [`INBOX_FLOOR`].
+pub const MAX_INBOX: usize = 2 * MAX_MESSAGE;
 /// Bytes a neighbour may always have waiting, however full the inbox is with others'
 /// messages: room for its updates and greetings when others flood.
 pub const INBOX_FLOOR: usize = 4 << 20;
@@ -58,10 +61,11 @@ pub const INBOX_FLOOR: usize = 4 << 20;
 /// the largest message (the task's, [`max_message_for`]) and `share` the larger of
 /// `limit` and [`INBOX_FLOOR`], a message goes in if it is at most `limit` bytes, its
 /// sender has at most `share` bytes (with it) and [`MAX_INBOX_MESSAGES_PER_PEER`]
-/// messages waiting, and either all senders together at most `2 share` bytes or its
+/// messages waiting, and either all senders together at most [`MAX_INBOX`] bytes or its
 /// sender at most [`INBOX_FLOOR`]; otherwise it is dropped and counted. So flooding
 /// neighbours lose their own messages, another's updates still go in, and the inbox holds
-/// at most `2 share` plus a floor per neighbour. Events of the local transport
+/// at most a share per neighbour (and [`MAX_INBOX`] plus a floor per neighbour: a task
+/// of a large model with uncompressed updates still gets each neighbour's update in). Events of the local transport
 /// (neighbours up and down, the signaling connection, the task's state) always go in;
 /// the transport makes them at its own pace.
 #[derive(Debug)]
@@ -99,6 +103,12 @@ impl Inbox {
         self.limit
     }
 
+    /// Takes messages up to `limit` bytes from now on (see [`Inbox::new`]); what waits
+    /// stays.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_MESSAGE);
+    }
+
     /// Queues `ev`; false when it was a message past its sender's share (dropped).
     pub fn push(&mut self, ev: SwarmEvent) -> bool {
         if let SwarmEvent::Message { from, data } = &ev {
@@ -115,7 +125,7 @@ impl Inbox {
             if data.len() > self.limit
                 || after > share
                 || *count + 1 > MAX_INBOX_MESSAGES_PER_PEER
-                || (self.bytes + data.len() > 2 * share && after > INBOX_FLOOR)
+                || (self.bytes + data.len() > MAX_INBOX && after > INBOX_FLOOR)
             {
                 if *count == 0 {
                     self.waiting.swap_remove(i);
@@ -361,8 +371,7 @@ mod tests {
         // A flooder holds at most a floor's bytes (4 MiB), not 64 MiB.
         let admitted = (0..200).filter(|_| inbox.push(message(1, 100_000))).count();
         assert_eq!(admitted, INBOX_FLOOR / 100_000);
-        // Two more flooders: each holds as much, past the total of 2 floors only within
-        // its floor.
+        // Two more flooders: each holds as much.
         for flooder in [2, 3] {
             let n = (0..200)
                 .filter(|_| inbox.push(message(flooder, 100_000)))

@@ -54,7 +54,8 @@ mod peer {
         /// The task to join.
         #[arg(long, env = "SHOAL_TASK", default_value = "digits")]
         task: String,
-        /// The task file (TOML, as the server's); without it, the built-in demo `digits`.
+        /// A task file (TOML) to train instead of the server's description of the task;
+        /// it must describe the same task (checked against the server's).
         #[arg(long, env = "SHOAL_TASK_FILE")]
         task_file: Option<PathBuf>,
         /// Local address for WebRTC (ICE) sockets; 0.0.0.0 uses every interface.
@@ -218,7 +219,16 @@ mod peer {
     /// task file's, or the built-in demo for `--task digits`.
     async fn task(args: &Args) -> Result<TaskSpec> {
         let path = format!("/api/tasks/{}", args.task);
-        let served = match http_get_json(&args.server, &path).await {
+        // A server just starting may not answer yet: three tries, a second apart.
+        let mut fetched = http_get_json(&args.server, &path, 1 << 20).await;
+        for _ in 0..2 {
+            if fetched.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            fetched = http_get_json(&args.server, &path, 1 << 20).await;
+        }
+        let served = match fetched {
             Ok(d) => serde_json::to_string(&d["task"])
                 .map_err(anyhow::Error::from)
                 .and_then(|t| TaskSpec::from_json(&t).map_err(anyhow::Error::msg))
@@ -231,11 +241,35 @@ mod peer {
                     std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
                 let task =
                     TaskSpec::from_toml(&text).with_context(|| format!("{}", file.display()))?;
+                if task.name != args.task {
+                    bail!(
+                        "the task file describes {:?}, not --task {:?}",
+                        task.name,
+                        args.task
+                    );
+                }
                 match served {
                     Ok(served) => {
+                        // Both sides as the server's JSON gives them (its floats parse back
+                        // the same way), without the texts for people and the server's k
+                        // (`--neighbours` may set it; peers do not use it).
+                        let comparable = |t: &TaskSpec| -> Result<serde_json::Value> {
+                            let json = serde_json::to_string(t)?;
+                            let t = TaskSpec::from_json(&json).map_err(anyhow::Error::msg)?;
+                            let mut v = serde_json::to_value(&t)?;
+                            if let Some(o) = v.as_object_mut() {
+                                o.remove("title");
+                                o.remove("description");
+                            }
+                            if let Some(learn) = v.get_mut("learn").and_then(|l| l.as_object_mut())
+                            {
+                                learn.remove("neighbours");
+                            }
+                            Ok(v)
+                        };
                         if let Some(diff) = first_difference(
-                            &serde_json::to_value(&task)?,
-                            &serde_json::to_value(&served)?,
+                            &comparable(&task)?,
+                            &comparable(&served)?,
                             String::new(),
                         ) {
                             bail!(
@@ -334,7 +368,7 @@ mod peer {
         let mut now = None;
         let mut entries = Vec::new();
         for (i, path) in queries {
-            let page = http_get_json(&server, &path).await?;
+            let page = http_get_json(&server, &path, 64 << 10).await?;
             now = page["signed_head"].as_str().and_then(from_hex);
             if let Some(i) = i {
                 let hash = page["entries"]
@@ -352,8 +386,8 @@ mod peer {
 
     /// `GET path` from the server of the signaling URL `server` (`ws://host:port`; a
     /// `wss://` server needs TLS, which this small client does not speak), as JSON: a
-    /// plain HTTP/1.1 request, at most 64 KiB of answer, in at most 5 s.
-    async fn http_get_json(server: &str, path: &str) -> Result<serde_json::Value> {
+    /// plain HTTP/1.1 request, an answer of less than `most` bytes, in at most 5 s.
+    async fn http_get_json(server: &str, path: &str, most: u64) -> Result<serde_json::Value> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let host = server
             .strip_prefix("ws://")
@@ -364,12 +398,15 @@ mod peer {
             let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
             conn.write_all(req.as_bytes()).await?;
             let mut answer = Vec::new();
-            conn.take(64 << 10).read_to_end(&mut answer).await?;
+            conn.take(most).read_to_end(&mut answer).await?;
             Ok::<_, std::io::Error>(answer)
         };
         let answer = tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .map_err(|_| anyhow::anyhow!("GET {path}: no answer in 5 s"))??;
+        if answer.len() as u64 >= most {
+            anyhow::bail!("GET {path}: an answer of {most} bytes or more");
+        }
         let text = String::from_utf8_lossy(&answer);
         let (head, body) = text
             .split_once("\r\n\r\n")

@@ -205,6 +205,19 @@ impl EarlyEvents {
     pub fn dropped(&self) -> f64 {
         self.relay.dropped() as f64
     }
+
+    /// Bounds what it takes by the task's largest message once the task's parameter
+    /// count is known (its description's `cost.parameters`), while the data downloads;
+    /// until then by the largest of any task.
+    #[wasm_bindgen(js_name = setParameters)]
+    pub fn set_parameters(&self, parameters: f64) {
+        if parameters.is_finite() && parameters >= 0.0 {
+            self.relay
+                .inbox
+                .borrow_mut()
+                .set_limit(crate::swarm::max_message_for(parameters as usize));
+        }
+    }
 }
 
 /// A swarm member that trains: downloads the current model from a neighbour, then trains
