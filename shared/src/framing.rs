@@ -34,6 +34,27 @@ pub const HEADER: usize = 24;
 pub const DEFAULT_CHUNK: usize = 16 * 1024 - HEADER;
 /// Largest chunk payload a sender may configure.
 pub const MAX_CHUNK: usize = 256 * 1024;
+/// Largest message a peer sends or accepts over a data channel, whatever the task (a model
+/// of about 8 million parameters in fp32 with its momentum).
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Bytes beyond eight per parameter that a task's largest message may take (headers,
+/// signatures, receipts, ledger heads).
+pub const MESSAGE_SLACK: usize = 64 << 10;
+
+/// The largest message a peer of a task whose model has `params` parameters accepts:
+/// `8 params + 65,536` bytes, at most [`MAX_MESSAGE`]. The largest message such a peer
+/// has reason to send is a model in fp32 with its momentum (kind 3: `8 params + 49`);
+/// every other kind is smaller (docs/protocol.md, "Framing"). Transports reassemble and
+/// queue no more from one neighbour, so a hostile neighbour's memory on a peer of a
+/// small model is that model's size, not [`MAX_MESSAGE`]. A task whose model would need
+/// more than [`MAX_MESSAGE`] is refused (`TaskSpec::validate`).
+pub fn max_message_for(params: usize) -> usize {
+    params
+        .saturating_mul(8)
+        .saturating_add(MESSAGE_SLACK)
+        .min(MAX_MESSAGE)
+}
+
 /// A partially received message that got no new chunk for this long is dropped
 /// ([`FrameError::Expired`]). Frames of one message arrive back to back on an ordered,
 /// reliable channel, so a pause this long means its sender gave up on it (or never meant

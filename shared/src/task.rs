@@ -422,6 +422,24 @@ impl TaskSpec {
             return Err(err("description", "longer than 2000 characters"));
         }
         let model = Model::new(self.model.clone()).map_err(|e| err("model", e.to_string()))?;
+        // A model in fp32 with its momentum must fit one message (keepers' models, and
+        // fp32 updates, mixes and observers' answers at half that).
+        let n = model.param_len();
+        if n.saturating_mul(8)
+            .saturating_add(crate::framing::MESSAGE_SLACK)
+            > crate::framing::MAX_MESSAGE
+        {
+            return Err(err(
+                "model",
+                format!(
+                    "{n} parameters: a model in fp32 with its momentum ({} bytes) must fit \
+                     one message of at most {} bytes (at most {} parameters)",
+                    n.saturating_mul(8).saturating_add(49),
+                    crate::framing::MAX_MESSAGE,
+                    (crate::framing::MAX_MESSAGE - crate::framing::MESSAGE_SLACK) / 8
+                ),
+            ));
+        }
         let d = &self.data;
         let text = self.is_text();
         if d.source == DataSource::Local {
@@ -792,6 +810,18 @@ mod tests {
         let text = demo_file();
         assert!(text.contains(find), "{find:?} not in the demo file");
         TaskSpec::from_toml(&text.replacen(find, replace, 1))
+    }
+
+    /// A model whose fp32 weights and momentum could not cross the wire in one message is
+    /// refused when the task is loaded, not when its first keeper or observer fails.
+    #[test]
+    fn a_model_too_large_for_one_message_is_refused() {
+        // 784 x 11,000 + 11,000 x 64 + ...: about 9.3 million parameters.
+        let e = with("units = 128", "units = 11000").expect_err("refused");
+        assert_eq!(e.field, "model");
+        assert!(e.problem.contains("at most 8380416 parameters"), "{e}");
+        let fits = with("units = 128", "units = 9000");
+        assert!(fits.is_ok(), "7.6M parameters fit: {fits:?}");
     }
 
     /// A mistake toml finds (a misspelt key, a missing one, a wrong type) names the field

@@ -8,25 +8,7 @@ use std::future::Future;
 use shoal_shared::protocol::{PeerId, PeerReport};
 use shoal_shared::rng::SplitMix64;
 
-/// Largest message a peer sends or accepts over a data channel (a model of a few million
-/// parameters in fp32, with room to spare), whatever the task.
-pub const MAX_MESSAGE: usize = 64 << 20;
-/// Bytes beyond eight per parameter that a task's largest message may take (headers,
-/// signatures, receipts, ledger heads).
-pub const MESSAGE_SLACK: usize = 64 << 10;
-
-/// The largest message a peer of a task whose model has `params` parameters accepts:
-/// `8 params + 65,536` bytes, at most [`MAX_MESSAGE`]. The largest message such a peer
-/// has reason to send is a model in fp32 with its momentum (kind 3: `8 params + 49`);
-/// every other kind is smaller (docs/protocol.md, "Framing"). Its transport reassembles
-/// and queues no more from one neighbour, so a hostile neighbour's memory on a peer of a
-/// small model is that model's size, not [`MAX_MESSAGE`].
-pub fn max_message_for(params: usize) -> usize {
-    params
-        .saturating_mul(8)
-        .saturating_add(MESSAGE_SLACK)
-        .min(MAX_MESSAGE)
-}
+pub use shoal_shared::framing::{MAX_MESSAGE, MESSAGE_SLACK, max_message_for};
 
 /// [`max_message_for`] the model of `task` ([`MAX_MESSAGE`] if it has none: a task is
 /// validated before any peer runs it).
