@@ -281,6 +281,8 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
     bars: document.querySelectorAll('#chart-contrib rect').length,
     peers: Number(document.getElementById('n-peers').textContent),
     accuracyText: document.getElementById('n-accuracy').textContent,
+    targetText: document.getElementById('n-target').textContent,
+    firstMet: window.shoalDashboard.evals.find((p) => p.accuracy >= 0.95)?.version,
     rows: document.querySelectorAll('#peers tbody tr').length,
   }));
   assert.ok(charts.accuracy >= 3, `accuracy chart has a line: ${JSON.stringify(charts)}`);
@@ -288,6 +290,8 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
   assert.ok(charts.nodes >= 5 && charts.edges >= 4, `graph shows peers and links: ${JSON.stringify(charts)}`);
   assert.ok(charts.bars >= 4 && charts.rows >= 4 && charts.peers >= 4, JSON.stringify(charts));
   assert.match(charts.accuracyText, /^\d+\.\d\d%$/);
+  // The researcher sees when the swarm reached the task's target (95%).
+  assert.equal(charts.targetText, charts.firstMet == null ? 'not yet' : `reached at version ${charts.firstMet}`);
   const widgetText = await frame.locator('#stats').textContent();
   assert.match(widgetText, /round\d+/);
 

@@ -64,6 +64,10 @@ function drawModel() {
   lineChart($('chart-loss'), [
     { name: 'held-out loss', points: state.evals.map((p) => [p.version, p.loss]), color: COLORS[2] },
   ], { xLabel: 'model version (rounds)', yLabel: 'cross-entropy', yMin: 0, format: (v) => v.toFixed(2) });
+  // The first model version evaluated at or past the task's target.
+  const met = (p) => (state.text ? p.bits_per_byte != null && p.bits_per_byte <= target : p.accuracy >= target);
+  const first = state.target == null ? null : state.evals.find(met);
+  $('n-target').textContent = state.target == null ? '–' : first ? `reached at version ${first.version}` : 'not yet';
   const last = state.evals.at(-1);
   if (last) {
     $('n-accuracy').textContent = last.bits_per_byte != null ? last.bits_per_byte.toFixed(3) : pct(last.accuracy);
