@@ -256,24 +256,22 @@ fn err(field: &str, problem: impl Into<String>) -> TaskError {
 fn toml_field(text: &str, start: usize) -> String {
     let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
     let before = &text[..start];
+    let dotted = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
     let table = text[..line_end].lines().rev().find_map(|l| {
         let l = l.split('#').next().unwrap_or("").trim();
         let name = l.strip_prefix('[')?.strip_suffix(']')?;
         let name = name.trim_start_matches('[').trim_end_matches(']').trim();
-        name.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-            .then(|| name.to_string())
+        dotted(name).then(|| name.to_string())
     });
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
     let key = line
         .split_once('=')
         .map(|(k, _)| k.trim().trim_matches('"'))
-        .filter(|k| {
-            !k.is_empty()
-                && k.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        });
+        .filter(|k| !k.is_empty() && dotted(k));
     [table.as_deref(), key]
         .into_iter()
         .flatten()
@@ -425,18 +423,15 @@ impl TaskSpec {
         // A model in fp32 with its momentum must fit one message (keepers' models, and
         // fp32 updates, mixes and observers' answers at half that).
         let n = model.param_len();
-        if n.saturating_mul(8)
-            .saturating_add(crate::framing::MESSAGE_SLACK)
-            > crate::framing::MAX_MESSAGE
-        {
+        let most = (crate::framing::MAX_MESSAGE - crate::framing::MESSAGE_SLACK) / 8;
+        if n > most {
             return Err(err(
                 "model",
                 format!(
                     "{n} parameters: a model in fp32 with its momentum ({} bytes) must fit \
-                     one message of at most {} bytes (at most {} parameters)",
+                     one message of at most {} bytes (at most {most} parameters)",
                     n.saturating_mul(8).saturating_add(49),
                     crate::framing::MAX_MESSAGE,
-                    (crate::framing::MAX_MESSAGE - crate::framing::MESSAGE_SLACK) / 8
                 ),
             ));
         }

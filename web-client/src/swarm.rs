@@ -10,6 +10,12 @@ use shoal_shared::rng::SplitMix64;
 
 pub use shoal_shared::framing::{MAX_MESSAGE, MESSAGE_SLACK, max_message_for};
 
+/// [`max_message_for`] a parameter count given by a page (a task description's
+/// `cost.parameters`); `None` for one that is not a count.
+pub fn max_message_for_count(parameters: f64) -> Option<usize> {
+    (parameters.is_finite() && parameters >= 0.0).then(|| max_message_for(parameters as usize))
+}
+
 /// [`max_message_for`] the model of `task` ([`MAX_MESSAGE`] if it has none: a task is
 /// validated before any peer runs it).
 pub fn max_message_for_task(task: &shoal_shared::task::TaskSpec) -> usize {

@@ -600,6 +600,7 @@ fn a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs() {
     let (url, stop) = rt.block_on(common::start_server_with(None, vec![served]));
     let server = url.split("/ws/").next().expect("ws url").to_string();
     let key = dir.join("peer.key");
+    // (One round at most: without the check it would train the file and end, not hang.)
     let out = Command::new(PEER)
         .args([
             "--server",
@@ -609,6 +610,7 @@ fn a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs() {
             "--bind",
             "127.0.0.1",
         ])
+        .args(["--rounds", "1"])
         .args(["--cpu", "--data", &data_dir(), "--identity"])
         .arg(&key)
         .arg("--task-file")

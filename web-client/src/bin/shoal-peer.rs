@@ -220,21 +220,22 @@ mod peer {
     async fn task(args: &Args) -> Result<TaskSpec> {
         let path = format!("/api/tasks/{}", args.task);
         // A server just starting may not answer yet: three tries, a second apart.
-        let mut fetched = http_get_json(&args.server, &path, 1 << 20).await;
-        for _ in 0..2 {
+        let mut fetched = Err(anyhow::anyhow!("GET {path}: not tried"));
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            fetched = http_get_json(&args.server, &path, 1 << 20).await;
             if fetched.is_ok() {
                 break;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            fetched = http_get_json(&args.server, &path, 1 << 20).await;
         }
-        let served = match fetched {
-            Ok(d) => serde_json::to_string(&d["task"])
-                .map_err(anyhow::Error::from)
-                .and_then(|t| TaskSpec::from_json(&t).map_err(anyhow::Error::msg))
-                .with_context(|| format!("the server's task {:?}", args.task)),
-            Err(e) => Err(e),
-        };
+        let served = fetched.and_then(|d| {
+            let t = serde_json::to_string(&d["task"])?;
+            TaskSpec::from_json(&t)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("the server's task {:?}", args.task))
+        });
         let task = match (&args.task_file, served) {
             (Some(file), served) => {
                 let text =
@@ -288,20 +289,18 @@ mod peer {
                 }
                 task
             }
-            (None, Ok(served)) => served,
+            (None, Ok(served)) if served.name == args.task => served,
+            (None, Ok(served)) => bail!(
+                "the server describes {:?} for --task {:?}",
+                served.name,
+                args.task
+            ),
             (None, Err(e)) if args.task == "digits" => {
                 eprintln!("the server's task: {e:#}; training the built-in demo");
                 TaskSpec::digits()
             }
             (None, Err(e)) => bail!("{e:#} (or pass --task-file)"),
         };
-        if task.name != args.task {
-            bail!(
-                "the task file describes {:?}, not --task {:?}",
-                task.name,
-                args.task
-            );
-        }
         Ok(task)
     }
 
@@ -313,9 +312,14 @@ mod peer {
         at: String,
     ) -> Option<String> {
         use serde_json::Value;
-        let here = || {
-            let at = if at.is_empty() { "the top" } else { &at };
-            Some(format!("{at}: {a} here, {b} at the server"))
+        let differs = |at: &str, here: Option<&Value>, there: Option<&Value>| {
+            let show = |v: Option<&Value>| v.map_or("nothing".into(), Value::to_string);
+            let at = if at.is_empty() { "the top" } else { at };
+            Some(format!(
+                "{at}: {} here, {} at the server",
+                show(here),
+                show(there)
+            ))
         };
         match (a, b) {
             (Value::Object(x), Value::Object(y)) => {
@@ -329,11 +333,7 @@ mod peer {
                     };
                     match (u, v) {
                         (Some(u), Some(v)) => first_difference(u, v, path),
-                        _ => Some(format!(
-                            "{path}: {} here, {} at the server",
-                            u.map_or("nothing".into(), Value::to_string),
-                            v.map_or("nothing".into(), Value::to_string)
-                        )),
+                        _ => differs(&path, u, v),
                     }
                 })
             }
@@ -343,7 +343,7 @@ mod peer {
                 .enumerate()
                 .find_map(|(i, (u, v))| first_difference(u, v, format!("{at}[{i}]"))),
             _ if a == b => None,
-            _ => here(),
+            _ => differs(&at, Some(a), Some(b)),
         }
     }
 

@@ -211,11 +211,8 @@ impl EarlyEvents {
     /// until then by the largest of any task.
     #[wasm_bindgen(js_name = setParameters)]
     pub fn set_parameters(&self, parameters: f64) {
-        if parameters.is_finite() && parameters >= 0.0 {
-            self.relay
-                .inbox
-                .borrow_mut()
-                .set_limit(crate::swarm::max_message_for(parameters as usize));
+        if let Some(limit) = crate::swarm::max_message_for_count(parameters) {
+            self.relay.inbox.borrow_mut().set_limit(limit);
         }
     }
 }

@@ -27,7 +27,7 @@ use web_sys::{
 };
 
 use crate::mesh::{Action, Mesh};
-use crate::swarm::{Inbox, MAX_MESSAGE, SendError, SwarmEvent, Transport, max_message_for};
+use crate::swarm::{Inbox, MAX_MESSAGE, SendError, SwarmEvent, Transport, max_message_for_count};
 
 type Shared = Rc<RefCell<Inner>>;
 
@@ -293,8 +293,8 @@ impl Swarm {
     pub fn connect(url: String, parameters: Option<f64>) -> Swarm {
         let seed = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let limit = parameters
-            .filter(|p| p.is_finite() && *p >= 0.0)
-            .map_or(MAX_MESSAGE, |p| max_message_for(p as usize));
+            .and_then(max_message_for_count)
+            .unwrap_or(MAX_MESSAGE);
         let mut mesh = Mesh::new(seed);
         mesh.set_max_message(limit);
         let inner = Rc::new(RefCell::new(Inner {
