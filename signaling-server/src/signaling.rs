@@ -238,12 +238,39 @@ struct Peer {
     /// `identify` messages that failed (after [`MAX_IDENTIFY_FAILURES`] no more are
     /// checked).
     identify_failures: u8,
-    /// `unreachable` reports taken (at most `2k` per connection).
+    /// `unreachable` reports taken that redrew a neighbour (at most `2k` per
+    /// connection; later ones only unlink).
     unreachable: usize,
+    /// The networks ([`address_group`]) of the peers it has been linked to, and of those
+    /// that reported it `unreachable` (each at most [`MAX_GROUPS_KEPT`]): see
+    /// [`Peer::drawable`].
+    linked_groups: BTreeSet<u128>,
+    unreachable_from: BTreeSet<u128>,
     /// Receipts this connection may still send now (a token bucket), and when it was
     /// last refilled.
     receipt_tokens: f64,
     receipt_refilled: Instant,
+}
+
+/// Networks that must have reported a peer `unreachable`, and more than half of those it
+/// was linked to, before it is no longer drawn as anyone's neighbour.
+pub const UNREACHABLE_NETWORKS: usize = 3;
+/// Networks kept per peer for that count.
+const MAX_GROUPS_KEPT: usize = 256;
+
+impl Peer {
+    /// Whether the peer may be drawn as a new neighbour: it is live (it spoke, or it
+    /// joined less than `quiet_after` ago), and it is not unreachable for most of the
+    /// networks it was linked to — at least [`UNREACHABLE_NETWORKS`] of them reported it
+    /// (a peer that never opens a WebRTC connection: honest neighbours report it, and
+    /// without this it would be handed to every newcomer in their place). Colluders can
+    /// report an honest peer only from the networks they hold among its links; while
+    /// those are at most half, it is drawn as before.
+    fn drawable(&self, quiet_after: Duration) -> bool {
+        let live = self.spoke || self.joined.elapsed() < quiet_after;
+        let n = self.unreachable_from.len();
+        live && !(n >= UNREACHABLE_NETWORKS && 2 * n > self.linked_groups.len())
+    }
 }
 
 /// Each address's allowance of new connections and when it was last refilled.
@@ -948,6 +975,8 @@ impl Hub {
                 former: VecDeque::new(),
                 identify_failures: 0,
                 unreachable: 0,
+                linked_groups: BTreeSet::new(),
+                unreachable_from: BTreeSet::new(),
                 receipt_tokens: 4.0 * k as f64,
                 receipt_refilled: Instant::now(),
             },
@@ -1005,8 +1034,21 @@ impl Hub {
         // A fresh proof takes the key over from an older connection (a peer that
         // reconnected while its old connection has not timed out yet): only the key's
         // holder can make one.
-        for q in t.peers.values_mut() {
-            if q.key == Some(key) {
+        // Its neighbours' receipts for the updates it sent there still count.
+        let held: Vec<PeerId> = t
+            .peers
+            .iter()
+            .filter(|(_, q)| q.key == Some(key))
+            .map(|(&q, _)| q)
+            .collect();
+        let now = Instant::now();
+        for old in held {
+            let Some(q) = t.peers.get(&old) else { continue };
+            let (links, site) = (identified_links(t, q), q.site.clone());
+            for n in q.neighbours.clone() {
+                remember(t, n, (now, key, site.clone(), links));
+            }
+            if let Some(q) = t.peers.get_mut(&old) {
                 q.key = None;
             }
         }
@@ -1197,12 +1239,7 @@ impl Hub {
             };
             qp.neighbours.remove(&id);
             if let Some(key) = gone.key {
-                qp.former
-                    .retain(|(at, _, _, _)| now.duration_since(*at) < LINK_MEMORY);
-                if qp.former.len() >= MAX_FORMER {
-                    qp.former.pop_front();
-                }
-                qp.former.push_back((now, key, gone.site.clone(), links));
+                remember(t, q, (now, key, gone.site.clone(), links));
             }
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
             if t.peers[&q].neighbours.len() < k {
@@ -1234,19 +1271,50 @@ impl Hub {
         {
             return Err(ErrorCode::NotNeighbour);
         }
-        // Each report redraws a neighbour: a connection gets 2k of them, or it could
-        // redraw until colluders are most of its neighbours.
-        match t.peers.get_mut(&from) {
-            Some(p) if p.unreachable < 2 * k => p.unreachable += 1,
-            _ => return Err(ErrorCode::RateLimited),
+        // Each report unlinks the pair; the first 2k of a connection also redraw a
+        // neighbour for it: with more it could redraw until colluders are most of its
+        // neighbours. Later ones only free the slot (a peer that many dead links reach
+        // must not keep them).
+        let Some(p) = t.peers.get_mut(&from) else {
+            return Err(ErrorCode::NotNeighbour);
+        };
+        let redraw = p.unreachable < 2 * k;
+        if redraw {
+            p.unreachable += 1;
         }
+        let from_group = p.group;
+        // Each side's receipts for the other's last updates still count (`former`).
+        let now = Instant::now();
         for (a, b) in [(from, to), (to, from)] {
+            let links = t.peers.get(&b).map_or(0, |p| identified_links(t, p));
             if let Some(p) = t.peers.get_mut(&a) {
                 p.neighbours.remove(&b);
             }
+            if let Some(bp) = t.peers.get(&b)
+                && let Some(key) = bp.key
+            {
+                let site = bp.site.clone();
+                remember(t, a, (now, key, site, links));
+            }
         }
+        if let Some(p) = t.peers.get_mut(&to)
+            && p.unreachable_from.len() < MAX_GROUPS_KEPT
+        {
+            p.unreachable_from.insert(from_group);
+        }
+        let quiet_after = self.config.limits.quiet_after;
         for (q, avoid) in [(from, to), (to, from)] {
-            if t.peers.get(&q).is_some_and(|p| p.neighbours.len() < k) {
+            // The reported side is given a replacement only while most networks reach
+            // it; the reporter, for its first 2k reports.
+            let wanted = |p: &Peer| {
+                p.neighbours.len() < k
+                    && if q == from {
+                        redraw
+                    } else {
+                        p.drawable(quiet_after)
+                    }
+            };
+            if t.peers.get(&q).is_some_and(wanted) {
                 relink(
                     t,
                     &mut st.rng,
@@ -1363,19 +1431,27 @@ fn choose_neighbours(
     }
     let per_group_cap = (k / 3).max(1);
     let mut per_group: HashMap<u128, usize> = HashMap::new();
-    // Capped draws are many (a few peers of other addresses among a crowd must not be
-    // missed by chance); the fill draws are the usual few.
-    for (capped, draws) in [(true, 32 * k.max(1)), (false, 8 * k.max(1))] {
+    // First one peer per network, each network as likely as any other however many
+    // peers it has (a draw is kept with odds one in its peer count); then up to a third
+    // of k per network; then any. Many peers from a few addresses then take about their
+    // networks' share of a newcomer's neighbours, not their peers' share, and colluders
+    // need k networks, not three, to fill them while others have room. Capped draws are
+    // many (a few peers of other addresses among a crowd must not be missed by chance);
+    // the fill draws are the usual few.
+    let k1 = k.max(1);
+    for (pass, draws) in [(0, 64 * k1), (1, 32 * k1), (2, 8 * k1)] {
+        let cap = [Some(1), Some(per_group_cap), None][pass];
         for _ in 0..draws {
             if chosen.len() >= k {
                 return chosen;
             }
             let cand = t.ids[rng.below(t.ids.len())];
             let p = &t.peers[&cand];
-            let live = p.spoke || p.joined.elapsed() < quiet_after;
             let room = p.neighbours.len() < 2 * k;
-            let crowded = capped && per_group.get(&p.group).is_some_and(|&n| n >= per_group_cap);
-            if live && room && !crowded && chosen.insert(cand) {
+            let crowded = cap.is_some_and(|c| per_group.get(&p.group).is_some_and(|&n| n >= c));
+            let peers_of_group = t.per_group.get(&p.group).copied().unwrap_or(1).max(1);
+            let kept = pass > 0 || rng.below(peers_of_group) == 0;
+            if kept && p.drawable(quiet_after) && room && !crowded && chosen.insert(cand) {
                 *per_group.entry(p.group).or_default() += 1;
             }
         }
@@ -1455,10 +1531,9 @@ fn relink(
     for _ in 0..8 * k.max(1) {
         let r = t.ids[rng.below(t.ids.len())];
         let rp = &t.peers[&r];
-        let live = rp.spoke || rp.joined.elapsed() < quiet_after;
         if r != q
             && r != avoid
-            && live
+            && rp.drawable(quiet_after)
             && !rp.neighbours.contains(&q)
             && rp.neighbours.len() < 2 * k
         {
@@ -1471,11 +1546,31 @@ fn relink(
 }
 
 fn link(t: &mut Task, a: PeerId, b: PeerId) {
-    if let Some(p) = t.peers.get_mut(&a) {
-        p.neighbours.insert(b);
+    let group = |id| t.peers.get(&id).map(|p: &Peer| p.group);
+    let (ga, gb) = (group(a), group(b));
+    for (p, q, gq) in [(a, b, gb), (b, a, ga)] {
+        if let Some(p) = t.peers.get_mut(&p) {
+            p.neighbours.insert(q);
+            if let Some(g) = gq
+                && p.linked_groups.len() < MAX_GROUPS_KEPT
+            {
+                p.linked_groups.insert(g);
+            }
+        }
     }
-    if let Some(p) = t.peers.get_mut(&b) {
-        p.neighbours.insert(a);
+}
+
+/// Keeps a former neighbour of `holder` (its key, site and identified links) for
+/// [`LINK_MEMORY`]: receipts for its last updates still count.
+fn remember(t: &mut Task, holder: PeerId, former: Former) {
+    if let Some(p) = t.peers.get_mut(&holder) {
+        let now = former.0;
+        p.former
+            .retain(|(at, _, _, _)| now.duration_since(*at) < LINK_MEMORY);
+        if p.former.len() >= MAX_FORMER {
+            p.former.pop_front();
+        }
+        p.former.push_back(former);
     }
 }
 
@@ -2000,6 +2095,99 @@ mod tests {
             assert_eq!(held(&ids[9]), k, "{task}: the newcomer gets k");
             assert!(ids.iter().all(|id| held(id) <= 2 * k), "{task}: at most 2k");
         }
+    }
+
+    /// A peer of `digits` from the network `group` that has sent a report.
+    fn reporting_peer(hub: &Hub, group: u128) -> PeerId {
+        let (id, _) = hub
+            .join("digits", Arc::new(Outbox::new(4096)), group, "")
+            .expect("join");
+        hub.store_report("digits", id, PeerReport::default())
+            .expect("report");
+        id
+    }
+
+    /// Peers that never open a WebRTC connection, 96 of them from three addresses, do not
+    /// take a newcomer's neighbours from the eight honest peers (each on its own
+    /// network), which report every such neighbour `unreachable`: the honest peers shed
+    /// those links even past their budget of redraws, a peer most of its networks cannot
+    /// reach is no longer drawn, and a newcomer takes one peer per network first.
+    #[test]
+    fn peers_nobody_reaches_do_not_crowd_out_a_newcomers_honest_neighbours() {
+        let hub = digits_hub();
+        let k = 6;
+        let join = |group| reporting_peer(&hub, group);
+        let honest: Vec<PeerId> = (1..=8u128).map(join).collect();
+        let sybils: BTreeSet<PeerId> = (0..96u128).map(|i| join(100 + i % 3)).collect();
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        // Each honest peer reports its dead neighbours, as its 20 s attempts fail, until
+        // none is left (or 50 passes).
+        for _ in 0..50 {
+            let mut reported = false;
+            for &h in &honest {
+                for n in of(h) {
+                    if sybils.contains(&n) {
+                        hub.unreachable("digits", h, n).expect("a neighbour");
+                        reported = true;
+                    }
+                }
+            }
+            if !reported {
+                break;
+            }
+        }
+        for &h in &honest {
+            let dead = of(h).iter().filter(|n| sybils.contains(n)).count();
+            assert_eq!(dead, 0, "an honest peer keeps {dead} dead links");
+        }
+        // Twenty newcomers, each on its own network: each gets k neighbours, and about
+        // the three sybil networks' share of the networks (three of 11 to 30), not 92%.
+        let (mut held, mut dead) = (0, 0);
+        for group in 50..70u128 {
+            let got = of(join(group));
+            assert_eq!(got.len(), k, "a newcomer gets k neighbours");
+            held += got.len();
+            dead += got.iter().filter(|n| sybils.contains(n)).count();
+        }
+        assert!(
+            dead * 10 < held * 3,
+            "{dead} of the newcomers' {held} neighbours never connect"
+        );
+
+        // A lone peer nobody reaches (it spoke, and never opens a connection): once most
+        // of the networks it was linked to reported it, it is not drawn again.
+        let hub = digits_hub();
+        let join = |group| reporting_peer(&hub, group);
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        let honest: Vec<PeerId> = (1..=8u128).map(join).collect();
+        let dead = join(200);
+        for _ in 0..10 {
+            for &h in &honest {
+                if of(h).contains(&dead) {
+                    hub.unreachable("digits", h, dead).expect("a neighbour");
+                }
+            }
+        }
+        for group in 300..310u128 {
+            assert!(
+                !of(join(group)).contains(&dead),
+                "a newcomer got the dead peer"
+            );
+        }
+
+        // A peer's first 2k reports each redraw a neighbour for it; later ones still
+        // unlink the pair (it must not keep dead links), without a redraw.
+        let a = honest[0];
+        for _ in 0..2 * k {
+            let n = of(a)[0];
+            hub.unreachable("digits", a, n).expect("a neighbour");
+        }
+        let before = of(a);
+        hub.unreachable("digits", a, before[0])
+            .expect("unlinked past the budget");
+        let after = of(a);
+        assert!(!after.contains(&before[0]), "the pair is unlinked");
+        assert_eq!(after.len(), before.len() - 1, "and no neighbour is redrawn");
     }
 
     /// Receipts and task descriptions read the swarm's round, pace and roles from a

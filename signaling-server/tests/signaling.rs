@@ -1640,6 +1640,8 @@ async fn the_cost_states_what_open_dashboards_take_from_each_trainer() {
 struct Member {
     ws: Ws,
     id: Identity,
+    /// Its connection's id (the welcome's `peer`).
+    peer: String,
 }
 
 use shoal_shared::learn::Identity;
@@ -1655,7 +1657,8 @@ async fn member(s: &Server, seed: u8, prove: bool) -> Member {
     if prove {
         identify(&mut ws, &w, &id).await;
     }
-    Member { ws, id }
+    let peer = w["peer"].as_str().expect("peer").to_string();
+    Member { ws, id, peer }
 }
 
 async fn identify(ws: &mut Ws, welcome: &Value, id: &Identity) {
@@ -2183,6 +2186,32 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
         matches!(witness.check(Some(&now), &at), Ok(Some(Verdict::Rewritten { head, .. })) if head.count == 4),
         "the cut is caught"
     );
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pair unlinked as `unreachable` (a connection that broke after an update came
+/// through) is still a link for receipts for a while: each side's receipt for the
+/// other's update counts.
+#[tokio::test]
+async fn receipts_across_a_pair_reported_unreachable_still_count() {
+    let dir = std::env::temp_dir().join(format!("shoal-unreachable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut s = start_config(ledger_server(
+        &dir,
+        shoal_signaling_server::signaling::DEFAULT_LEDGER_MAX_ENTRIES,
+    ))
+    .await;
+    let mut a = member(&s, 1, true).await;
+    let mut b = member(&s, 2, true).await;
+    send(&mut a.ws, report(2, 0.5)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut a.ws, json!({"type": "unreachable", "peer": b.peer})).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut a.ws, receipt(&a.id, &b.id, 2, 640)).await;
+    appended(&s, 1).await;
+    send(&mut b.ws, receipt(&b.id, &a.id, 2, 640)).await;
+    appended(&s, 2).await;
     s.stop.take().expect("stop").send(()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
