@@ -120,7 +120,7 @@ struct Args {
     ledger_dir: PathBuf,
     /// The size (MB) at which a ledger file is sealed as `{task}.ledger.NNNNNN` and a new
     /// one continues its chain.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "SHOAL_LEDGER_SEGMENT_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     ledger_segment_mb: u64,
     /// Entries a task's ledger takes in all; receipts beyond are refused (`full`). Each
     /// entry costs about 700 bytes of memory and 250 of disk.
@@ -187,8 +187,17 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             args.www.display()
         );
     }
-    if args.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
-        anyhow::bail!("--admin-token must be at least 16 characters");
+    // A header value carries the token: visible ASCII only (a space or a control
+    // character could never be presented, and the actions would be silently unusable).
+    if args
+        .admin_token
+        .as_ref()
+        .is_some_and(|t| t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        anyhow::bail!(
+            "--admin-token must be at least 16 visible ASCII characters, no spaces (make it \
+             random: `openssl rand -hex 16`)"
+        );
     }
     if !args.turn.is_empty() && args.turn_secret.is_none() {
         anyhow::bail!("--turn needs --turn-secret (or SHOAL_TURN_SECRET)");
@@ -268,26 +277,6 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             tracing::warn!("the state file pauses {task:?}, which no task file describes");
         }
     }
-    let listener = tokio::net::TcpListener::bind((args.bind, args.port))
-        .await
-        .with_context(|| format!("could not listen on {}:{}", args.bind, args.port))?;
-    let addr = listener.local_addr()?;
-    let base = format!("http://{addr}");
-    println!("Shoal is listening on {base}");
-    println!("  health:           {base}/healthz");
-    println!("  metrics:          {base}/metrics");
-    for t in &tasks {
-        let name = &t.name;
-        println!("  task {name}:");
-        println!("    contributor page: {base}/?task={name}");
-        println!("    dashboard:        {base}/dashboard/?task={name}");
-        println!(
-            "    embed snippet:    <script src=\"{base}/embed.js\" data-task=\"{name}\" async></script>"
-        );
-        println!("    description:      {base}/api/tasks/{name}");
-        println!("    signaling:        ws://{addr}/ws/{name}?v=1");
-    }
-    println!("Press Ctrl-C to stop.");
     let limits = Limits {
         max_message_bytes: args.max_message_bytes,
         max_peers_per_task: args.max_peers_per_task,
@@ -352,13 +341,31 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         http,
         state_file: Some(args.state_file),
     };
-    serve(
-        listener,
-        app(&config),
-        shutdown_signal(),
-        Duration::from_secs(5),
-    )
-    .await?;
+    // Ledgers are read and verified here, before the port opens: a server that said it
+    // listens would otherwise leave connections hanging for as long (a minute or so for
+    // a million entries).
+    let router = app(&config);
+    let listener = tokio::net::TcpListener::bind((args.bind, args.port))
+        .await
+        .with_context(|| format!("could not listen on {}:{}", args.bind, args.port))?;
+    let addr = listener.local_addr()?;
+    let base = format!("http://{addr}");
+    println!("Shoal is listening on {base}");
+    println!("  health:           {base}/healthz");
+    println!("  metrics:          {base}/metrics");
+    for t in &config.tasks {
+        let name = &t.name;
+        println!("  task {name}:");
+        println!("    contributor page: {base}/?task={name}");
+        println!("    dashboard:        {base}/dashboard/?task={name}");
+        println!(
+            "    embed snippet:    <script src=\"{base}/embed.js\" data-task=\"{name}\" async></script>"
+        );
+        println!("    description:      {base}/api/tasks/{name}");
+        println!("    signaling:        ws://{addr}/ws/{name}?v=1");
+    }
+    println!("Press Ctrl-C to stop.");
+    serve(listener, router, shutdown_signal(), Duration::from_secs(5)).await?;
     Ok(())
 }
 

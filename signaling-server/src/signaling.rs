@@ -997,18 +997,21 @@ impl Hub {
 
     /// `identify`: binds the key `key` proves to the connection `id`.
     fn identify(&self, task: &str, id: PeerId, key: &str, signature: &str) -> Result<(), String> {
-        let key: PublicKey = shoal_shared::protocol::from_hex(key)
-            .and_then(|k| k.try_into().ok())
-            .ok_or("key: 64 hex digits")?;
-        let sig: [u8; 64] = shoal_shared::protocol::from_hex(signature)
-            .and_then(|s| s.try_into().ok())
-            .ok_or("signature: 128 hex digits")?;
-        let nonce = {
-            let st = self.lock();
+        let parsed = shoal_shared::protocol::from_hex(key)
+            .and_then(|k| PublicKey::try_from(k).ok())
+            .ok_or("key: 64 hex digits")
+            .and_then(|key| {
+                shoal_shared::protocol::from_hex(signature)
+                    .and_then(|s| <[u8; 64]>::try_from(s).ok())
+                    .map(|sig| (key, sig))
+                    .ok_or("signature: 128 hex digits")
+            });
+        let (nonce, key, sig) = {
+            let mut st = self.lock();
             let p = st
                 .tasks
-                .get(task)
-                .and_then(|t| t.peers.get(&id))
+                .get_mut(task)
+                .and_then(|t| t.peers.get_mut(&id))
                 .ok_or("not joined")?;
             if p.key.is_some() {
                 return Err("this connection identified already".into());
@@ -1018,7 +1021,9 @@ impl Hub {
                     "{MAX_IDENTIFY_FAILURES} failed already; no more are checked on this connection"
                 ));
             }
-            p.nonce
+            // A malformed proof is a failed one.
+            let (key, sig) = parsed.inspect_err(|_| p.identify_failures += 1)?;
+            (p.nonce, key, sig)
         };
         // The signature is checked without holding the hub's lock.
         let msg = shoal_shared::protocol::identify_message(task, id, &nonce);
@@ -1033,8 +1038,8 @@ impl Hub {
         }
         // A fresh proof takes the key over from an older connection (a peer that
         // reconnected while its old connection has not timed out yet): only the key's
-        // holder can make one.
-        // Its neighbours' receipts for the updates it sent there still count.
+        // holder can make one. The old connection's neighbours' receipts for the updates
+        // it sent them still count.
         let held: Vec<PeerId> = t
             .peers
             .iter()
@@ -1939,13 +1944,7 @@ async fn connection(
                             hub.relay(&task, id, to, &raw).map_err(not_neighbour(to))
                         }
                         Ok(ClientMessage::Unreachable { peer }) => {
-                            hub.unreachable(&task, id, peer).map_err(|c| match c {
-                                ErrorCode::RateLimited => (c, format!(
-                                    "at most {} unreachable reports per connection",
-                                    2 * hub.config.neighbours_for(&task)
-                                )),
-                                c => not_neighbour(peer)(c),
-                            })
+                            hub.unreachable(&task, id, peer).map_err(not_neighbour(peer))
                         }
                         Ok(ClientMessage::Report { report }) => hub
                             .store_report(&task, id, report)

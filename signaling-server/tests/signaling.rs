@@ -1993,11 +1993,13 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     let w = json!({"nonce": hex(&[0u8; 32]), "peer": "0000000000000001"});
     identify(&mut a.ws, &w, &a.id).await;
     refused(&mut a.ws, "bad_identity", "does not prove").await;
-    // After three failures no more proofs are checked on that connection.
-    for _ in 0..2 {
-        identify(&mut a.ws, &w, &a.id).await;
-        refused(&mut a.ws, "bad_identity", "does not prove").await;
-    }
+    // After three failures no more proofs are checked on that connection; a malformed
+    // proof is a failure too.
+    let malformed = json!({"type": "identify", "key": "zz", "signature": "zz"});
+    send(&mut a.ws, malformed).await;
+    refused(&mut a.ws, "bad_identity", "64 hex digits").await;
+    identify(&mut a.ws, &w, &a.id).await;
+    refused(&mut a.ws, "bad_identity", "does not prove").await;
     identify(&mut a.ws, &w, &a.id).await;
     refused(&mut a.ws, "bad_identity", "no more are checked").await;
     // a identifies properly now (its welcome is long read: reconnect).

@@ -175,3 +175,27 @@ fn a_task_asking_more_neighbours_than_a_peer_keeps_copies_for_stops_the_server()
         "{err}"
     );
 }
+
+#[test]
+fn an_admin_token_that_no_header_can_carry_stops_the_server() {
+    // Sixteen spaces: long enough, but a request could never present it.
+    let bad: [String; 3] = [
+        " ".repeat(16),
+        "short-token".into(),
+        "tab\tinside-a-long-token".into(),
+    ];
+    for bad in bad {
+        let (ok, err) = start_with_args(&demo(), &data(), &["--admin-token", &bad]);
+        assert!(!ok);
+        assert!(
+            err.contains("--admin-token must be at least 16 visible ASCII characters"),
+            "{bad:?}: {err}"
+        );
+    }
+    let (ok, err) = start_with_args(&demo(), &data(), &["--admin-token", "0123456789abcdef"]);
+    assert!(!ok);
+    assert!(
+        !err.contains("--admin-token") && err.contains("could not listen"),
+        "{err}"
+    );
+}
