@@ -455,6 +455,9 @@ pub fn decode_signal(text: &str) -> Option<SignalRef<'_>> {
         #[serde(default, deserialize_with = "present")]
         sdp_m_line_index: Option<Option<u16>>,
     }
+    if has_array(text) {
+        return None;
+    }
     let e: Envelope<'_> = serde_json::from_str(text).ok()?;
     if e.kind != "signal" {
         return None;
@@ -476,8 +479,32 @@ pub fn decode_signal(text: &str) -> Option<SignalRef<'_>> {
     })
 }
 
+/// Whether the JSON `text` holds an array anywhere (outside strings). No client message
+/// has one, and serde's derived structs would take an array of their fields in order
+/// where the protocol says object.
+fn has_array(text: &str) -> bool {
+    let (mut in_string, mut escaped) = (false, false);
+    for b in text.bytes() {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[') => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Decodes a client message, telling an unknown `type` apart from other malformations.
 pub fn decode_client(text: &str) -> Result<ClientMessage, (ErrorCode, String)> {
+    if has_array(text) {
+        return Err((
+            ErrorCode::Malformed,
+            "an array where the protocol has objects and strings only".into(),
+        ));
+    }
     match serde_json::from_str::<ClientMessage>(text) {
         Ok(m) => Ok(m),
         Err(e) => {
@@ -499,6 +526,33 @@ pub fn decode_client(text: &str) -> Result<ClientMessage, (ErrorCode, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Messages are JSON objects: the fields of a report, a signal or a whole message
+    /// given as an array, in order (which serde's derived structs take), are refused.
+    #[test]
+    fn arrays_in_place_of_objects_are_refused() {
+        let report =
+            r#"{"type":"report","report":["trainer",7,100,10.0,1.0,null,0,0,0,{},false,"cpu"]}"#;
+        assert_eq!(
+            decode_client(report).map_err(|e| e.0),
+            Err(ErrorCode::Malformed)
+        );
+        let whole = r#"["unreachable","0000000000000001"]"#;
+        assert_eq!(
+            decode_client(whole).map_err(|e| e.0),
+            Err(ErrorCode::Malformed)
+        );
+        let signal = r#"{"type":"signal","to":"0000000000000001","signal":["offer","v=0"]}"#;
+        assert!(decode_signal(signal).is_none());
+        assert_eq!(
+            decode_client(signal).map_err(|e| e.0),
+            Err(ErrorCode::Malformed)
+        );
+        // A bracket inside a string is text, as in an SDP or a backend's name.
+        let fine = r#"{"type":"signal","to":"0000000000000001","signal":{"kind":"offer","sdp":"a=[x] \"[\" ["}}"#;
+        assert!(decode_signal(fine).is_some());
+        assert!(decode_client(fine).is_ok());
+    }
 
     #[test]
     fn messages_have_the_documented_wire_form() {
