@@ -262,7 +262,7 @@ async fn task_description(
     (
         StatusCode::OK,
         Json(serde_json::json!({
-            "task": served,
+            "task": shortest(&served),
             "files": files,
             // Differential privacy as peers apply it (`null`: none): the noise solved from
             // a target epsilon, and the epsilon a peer reaches at its budget.
@@ -277,6 +277,15 @@ async fn task_description(
             ),
         })),
     )
+}
+
+/// `value` as JSON with each `f32` written as its shortest form (0.8, where a
+/// `serde_json::Value` holds it as the f64 0.800000011920929): serialized as text first,
+/// where serde_json writes an f32 as one, then read back.
+fn shortest(value: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_string(value)
+        .and_then(|text| serde_json::from_str(&text))
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// The task's data files, relative to the data folder, in the order peers read them.

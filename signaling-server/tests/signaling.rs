@@ -1596,6 +1596,13 @@ async fn rounds_sized_in_time_bound_the_cost_per_hour_before_anyone_trains() {
         json["task"]["learn"]["neighbours"], 5,
         "the task as the server runs it"
     );
+    // Settings read as the task file writes them (f32 values, not their f64 expansion
+    // such as 0.0010000000474974513).
+    let text = body.split("\r\n\r\n").nth(1).expect("body");
+    assert!(
+        text.contains(r#""lr":0.001,"#) && text.contains(r#""outer_lr":0.8,"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
