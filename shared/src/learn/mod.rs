@@ -653,6 +653,12 @@ pub struct Learner {
     /// run itself (`round-start - local`), which the update stands for plus the copy's
     /// lag.
     own_run: Option<Vec<f32>>,
+    /// Our run uncompressed (`round-start - local`; none with differential privacy): our
+    /// part in a round's aggregate where no neighbour's update is in it. Alone, the
+    /// compressed part (a top-k change of our copy, or a keyframe's int8 rounding of the
+    /// whole weights) is noise that the outer momentum carries on: a lone peer of 100
+    /// samples/s in the simulator sat at 80% instead of 90%.
+    own_exact: Option<Vec<f32>>,
     /// Weights changes: our last round's screen dropped our own update (what neighbours
     /// compute from our copy) and would have kept our run: the copy's lag made it an
     /// outlier ([`copy_screened_out`](Self::copy_screened_out)).
@@ -696,6 +702,7 @@ impl Learner {
             copies: HashMap::new(),
             keyframe_next: false,
             own_run: None,
+            own_exact: None,
             copy_screened: false,
             copies_taken: 0,
             stats: LearnStats::default(),
@@ -817,8 +824,11 @@ impl Learner {
                 &mut state.noise,
             );
             state.sent += 1;
+            // What a neighbour downloads of our model must be made of noised updates only.
+            self.own_exact = None;
             return Ok(self.update_from_delta(&delta, samples, 0.0));
         }
+        self.own_exact = Some(self.weights.iter().zip(local).map(|(w, l)| w - l).collect());
         Ok(match self.cfg.exchange {
             Exchange::Delta => {
                 let delta: Vec<f32> = self.weights.iter().zip(local).map(|(w, l)| w - l).collect();
@@ -1276,6 +1286,7 @@ impl Learner {
             self.own = Some(delta);
             // No longer what the run stands for: its screen says nothing of our copy.
             self.own_run = None;
+            self.own_exact = None;
         }
     }
 
@@ -1350,6 +1361,7 @@ impl Learner {
     pub fn finish_round(&mut self) -> RoundSummary {
         let mut own = self.own.take();
         let own_run = self.own_run.take();
+        let own_exact = self.own_exact.take();
         let mut held = std::mem::take(&mut self.inbox);
         if self.cfg.exchange == Exchange::Weights {
             // A neighbour's weights for a later round wait for that round: they already
@@ -1458,6 +1470,11 @@ impl Learner {
             signers.push(Some(p.key));
             sources.push(Some(i));
             summary.used += 1;
+        }
+        // Alone in the aggregate (no neighbour's update used this round): our run as it
+        // was, not as compressed for neighbours.
+        if let ([only], Some(exact), Some(_)) = (updates.as_mut_slice(), &own_exact, &own) {
+            only.0 = exact;
         }
         if !updates.is_empty() {
             let mut g = vec![0.0; self.weights.len()];
@@ -1675,6 +1692,7 @@ impl Learner {
         self.momentum = s.momentum;
         self.own = None;
         self.own_run = None;
+        self.own_exact = None;
         self.copy_screened = false;
         self.public = None;
         self.compressor = Compressor::new(self.cfg.compression, self.weights.len());

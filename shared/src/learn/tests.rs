@@ -1117,3 +1117,35 @@ fn a_loss_kept_local_is_not_in_the_update() {
     };
     assert_eq!(u.loss, 0.7);
 }
+
+/// A peer alone in a round's aggregate (no neighbour's update used) steps by its run as
+/// it was, not by the compressed part it sends (a keyframe's int8 rounding of the whole
+/// weights, or a top-k change of its copy): with outer lr 1 and no momentum its model is
+/// its local weights, round after round. With differential privacy it still steps by
+/// what it sent (clipped and noised): a neighbour may download its model.
+#[test]
+fn a_peer_alone_steps_by_its_whole_run() {
+    let n = 512;
+    let start: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut a = changes_peer(1, start);
+    for r in 0..4 {
+        let local: Vec<f32> = a
+            .weights()
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w + 0.01 * ((i * 7 + r) as f32).cos())
+            .collect();
+        a.local_update(&local, 8, 0.0).expect("finite");
+        a.finish_round();
+        let off = aggregate::distance(a.weights(), &local);
+        assert!(off < 1e-5, "round {r}: {off} from its local weights");
+    }
+    let mut p = private(1e-3, 10, crate::privacy::OnBudget::Stop, n);
+    let local = vec![-1.0; n];
+    p.local_update(&local, 64, 0.0).expect("finite");
+    p.finish_round();
+    assert!(
+        aggregate::distance(p.weights(), &local) > 1.0,
+        "a private peer took its unclipped run"
+    );
+}
