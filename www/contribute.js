@@ -317,6 +317,9 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     }
   }
 
+  // Neighbours that train, and those connected besides (joining, paused, observing).
+  const peersText = (p) => (p.connected > p.peers ? `${p.peers} training, ${p.connected} connected` : String(p.peers));
+
   function draw() {
     const p = pending;
     pending = null;
@@ -327,13 +330,13 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       : ['held-out accuracy', p.accuracy == null ? '–' : `${(p.accuracy * 100).toFixed(2)}%`];
     const rows = compact
       ? {
-        round: p.round, 'samples/s': p.samples_per_s.toFixed(0), [qualityKey]: quality, peers: p.peers, credits,
+        round: p.round, 'samples/s': p.samples_per_s.toFixed(0), [qualityKey]: quality, peers: peersText(p), credits,
         ...(p.privacy ? { privacy: privacyRow(p.privacy) } : {}),
       }
       : {
         round: p.round, phase: p.phase, 'local steps': p.local_steps,
         'samples/s': p.samples_per_s.toFixed(0), 'samples contributed': p.samples,
-        loss: p.privacy || isLocal() ? 'kept on this device' : p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: p.peers,
+        loss: p.privacy || isLocal() ? 'kept on this device' : p.samples > 0 ? p.loss.toFixed(4) : '–', [qualityKey]: quality, peers: peersText(p),
         'bytes up': fmtBytes(p.bytes_up), 'bytes down': fmtBytes(p.bytes_down),
         'data per hour': perHour(p),
         receipts: p.receipts, credits, ledger, privacy: privacyRow(p.privacy),

@@ -242,6 +242,8 @@ pub struct Progress {
     pub test_loss: Option<f32>,
     /// Neighbours with an open channel that contribute updates.
     pub peers: usize,
+    /// Neighbours with an open channel, contributing or not (joining, paused, observing).
+    pub connected: usize,
     /// Bytes sent over data channels.
     pub bytes_up: u64,
     /// Bytes received.
@@ -2004,6 +2006,7 @@ impl Peer {
         let p = &mut self.progress;
         p.round = self.learner.round();
         p.peers = self.nbrs.values().filter(|n| !n.idle).count();
+        p.connected = self.nbrs.len();
         p.used = self.learner.stats.used;
         p.receipts = self.learner.stats.receipts;
         p.rejected = self

@@ -1230,6 +1230,9 @@ fn in_rounds_sized_in_time_a_neighbour_that_starts_contributing_gets_the_open_ro
         })
         .collect();
     assert_eq!(to, vec![10, 11], "not to the idle neighbour");
+    // The visitor's page counts it connected, not training.
+    let shown = p.progress();
+    assert_eq!((shown.peers, shown.connected), (2, 3));
     // Round 5 is open (training goes on) when 12 resumes: it gets our update for it.
     p.tick(1_500.0);
     drain(&mut p);
