@@ -165,7 +165,14 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
     <div style="position:relative;width:200px;height:40px">
       <button style="position:absolute;inset:0">Play</button>
       <iframe id="hidden" title="hidden" src="${src}" style="position:absolute;inset:0;width:200px;height:40px;opacity:0;border:0"></iframe>
-    </div>` }));
+    </div>
+    <div style="position:relative;width:200px;height:40px">
+      <button style="position:absolute;inset:0">Win</button>
+      <div id="peephole" style="position:absolute;left:30px;top:10px;width:20px;height:10px;overflow:hidden">
+        <iframe id="window" title="window" src="${src}" style="position:absolute;left:-30px;top:-10px;width:200px;height:40px;border:0"></iframe>
+      </div>
+    </div>
+    <iframe id="sandboxed" title="sandboxed" sandbox="allow-scripts" src="${src}" style="width:200px;height:60px"></iframe>` }));
   await page.goto(evil);
   const plain = page.frameLocator('#plain');
   const hidden = page.frameLocator('#hidden');
@@ -182,6 +189,20 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   await page.mouse.click((await page.locator('#hidden').boundingBox()).x + 30, (await page.locator('#hidden').boundingBox()).y + 15);
   await hidden.locator('#refused').waitFor({ state: 'attached' });
   assert.match(await hidden.locator('#refused').textContent(), /hides Shoal's button/);
+  // "Win" shows a 20x10 speck of an opaque frame through a window (no transparency, no
+  // cover): a click there lands on the button, which is not shown whole, and is refused.
+  const peep = page.frameLocator('#window');
+  await peep.getByRole('button', { name: 'Contribute', includeHidden: true }).waitFor({ state: 'attached' });
+  await page.waitForTimeout(800);
+  const speck = await page.locator('#peephole').boundingBox();
+  await page.mouse.click(speck.x + 5, speck.y + 5);
+  await peep.locator('#refused').waitFor({ state: 'attached' });
+  assert.match(await peep.locator('#refused').textContent(), /hides Shoal's button/);
+  // A frame without an origin of its own (a sandbox) cannot load Shoal: it says so, and
+  // offers no button that would start and hang.
+  const boxed = page.frameLocator('#sandboxed');
+  await boxed.locator('#refused:not([hidden])').waitFor({ state: 'attached' });
+  assert.match(await boxed.locator('#refused').textContent(), /sandbox that stops it/);
   await page.waitForTimeout(3_000);
   const started = fromShoal.filter((p) => p.endsWith('.wasm') || p.endsWith('.js'));
   assert.deepEqual(started, [], `nothing of Shoal's but its button loaded: ${JSON.stringify(fromShoal)}`);
