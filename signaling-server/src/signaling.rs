@@ -255,8 +255,9 @@ struct Peer {
 /// Networks that must have reported a peer `unreachable`, and more than half of those it
 /// was linked to, before it is no longer drawn as anyone's neighbour.
 pub const UNREACHABLE_NETWORKS: usize = 3;
-/// Networks kept per peer for that count.
-const MAX_GROUPS_KEPT: usize = 256;
+/// Networks kept per peer for that count (two sets of at most 64: a few KB per peer at
+/// most, in a large swarm's long-lived peers).
+const MAX_GROUPS_KEPT: usize = 64;
 
 impl Peer {
     /// Whether the peer may be drawn as a new neighbour: it is live (it spoke, or it
