@@ -341,13 +341,14 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         http,
         state_file: Some(args.state_file),
     };
-    // Ledgers are read and verified here, before the port opens: a server that said it
-    // listens would otherwise leave connections hanging for as long (a minute or so for
-    // a million entries).
-    let router = app(&config);
     let listener = tokio::net::TcpListener::bind((args.bind, args.port))
         .await
         .with_context(|| format!("could not listen on {}:{}", args.bind, args.port))?;
+    // The port first (a second server on the same port stops here, before it touches the
+    // ledgers the first one writes), then the ledgers are read and verified, and only
+    // then does the server say it listens: connections made meanwhile wait in the backlog
+    // (a minute or so for a million entries).
+    let router = app(&config);
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
     println!("Shoal is listening on {base}");

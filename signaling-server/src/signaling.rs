@@ -226,8 +226,11 @@ struct Peer {
     joined: Instant,
     /// Whether it has sent anything since (a live peer signals its neighbours at once).
     spoke: bool,
-    /// The key it proved with `identify`, if it did.
+    /// The key it proved with `identify`, if it did and no newer connection took it over.
     key: Option<PublicKey>,
+    /// Whether it ever identified: a connection signs with one key for its life, so one
+    /// whose key was taken over may not identify again.
+    identified: bool,
     /// The site it said it contributes from (`site` in the websocket URL; empty: none).
     site: Arc<str>,
     /// The welcome's nonce, for `identify` to sign.
@@ -971,6 +974,7 @@ impl Hub {
                 joined: Instant::now(),
                 spoke: false,
                 key: None,
+                identified: false,
                 site: site.into(),
                 nonce,
                 former: VecDeque::new(),
@@ -1014,7 +1018,7 @@ impl Hub {
                 .get_mut(task)
                 .and_then(|t| t.peers.get_mut(&id))
                 .ok_or("not joined")?;
-            if p.key.is_some() {
+            if p.key.is_some() || p.identified {
                 return Err("this connection identified already".into());
             }
             if p.identify_failures >= MAX_IDENTIFY_FAILURES {
@@ -1060,6 +1064,7 @@ impl Hub {
         }
         if let Some(p) = t.peers.get_mut(&id) {
             p.key = Some(key);
+            p.identified = true;
         }
         Ok(())
     }
@@ -1277,16 +1282,21 @@ impl Hub {
         {
             return Err(ErrorCode::NotNeighbour);
         }
-        // Each report unlinks the pair; the first 2k of a connection also redraw a
-        // neighbour for it: with more it could redraw until colluders are most of its
-        // neighbours. Later ones only free the slot (a peer that many dead links reach
-        // must not keep them).
+        // A connection's first 2k reports unlink the pair and redraw a neighbour for it:
+        // with more it could redraw until colluders are most of its neighbours. Later
+        // ones only unlink, and only a peer no longer drawn (most networks linked to it
+        // cannot reach it): a peer must not keep dead links, and must not shed honest
+        // neighbours until colluders are most of those left (its receipts' quorum).
+        let quiet_after = self.config.limits.quiet_after;
+        let reported_dead = t.peers.get(&to).is_some_and(|p| !p.drawable(quiet_after));
         let Some(p) = t.peers.get_mut(&from) else {
             return Err(ErrorCode::NotNeighbour);
         };
         let redraw = p.unreachable < 2 * k;
         if redraw {
             p.unreachable += 1;
+        } else if !reported_dead {
+            return Err(ErrorCode::RateLimited);
         }
         let from_group = p.group;
         // Each side's receipts for the other's last updates still count (`former`).
@@ -1303,12 +1313,13 @@ impl Hub {
                 remember(t, a, (now, key, site, links));
             }
         }
+        // Only networks it is known to have been linked to count against it: the reports
+        // can never outnumber them.
         if let Some(p) = t.peers.get_mut(&to)
-            && p.unreachable_from.len() < MAX_GROUPS_KEPT
+            && p.linked_groups.contains(&from_group)
         {
             p.unreachable_from.insert(from_group);
         }
-        let quiet_after = self.config.limits.quiet_after;
         for (q, avoid) in [(from, to), (to, from)] {
             // The reported side is given a replacement only while most networks reach
             // it; the reporter, for its first 2k reports.
@@ -1571,8 +1582,10 @@ fn link(t: &mut Task, a: PeerId, b: PeerId) {
 fn remember(t: &mut Task, holder: PeerId, former: Former) {
     if let Some(p) = t.peers.get_mut(&holder) {
         let now = former.0;
+        // One entry per key (the newest): a key moved between connections again and
+        // again must not push other former neighbours out.
         p.former
-            .retain(|(at, _, _, _)| now.duration_since(*at) < LINK_MEMORY);
+            .retain(|(at, key, _, _)| now.duration_since(*at) < LINK_MEMORY && *key != former.1);
         if p.former.len() >= MAX_FORMER {
             p.former.pop_front();
         }
@@ -2121,13 +2134,12 @@ mod tests {
         let sybils: BTreeSet<PeerId> = (0..96u128).map(|i| join(100 + i % 3)).collect();
         let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
         // Each honest peer reports its dead neighbours, as its 20 s attempts fail, until
-        // none is left (or 50 passes).
+        // none is left or it has no report left (50 passes).
         for _ in 0..50 {
             let mut reported = false;
             for &h in &honest {
                 for n in of(h) {
-                    if sybils.contains(&n) {
-                        hub.unreachable("digits", h, n).expect("a neighbour");
+                    if sybils.contains(&n) && hub.unreachable("digits", h, n).is_ok() {
                         reported = true;
                     }
                 }
@@ -2136,10 +2148,14 @@ mod tests {
                 break;
             }
         }
-        for &h in &honest {
-            let dead = of(h).iter().filter(|n| sybils.contains(n)).count();
-            assert_eq!(dead, 0, "an honest peer keeps {dead} dead links");
-        }
+        let dead: usize = honest
+            .iter()
+            .map(|&h| of(h).iter().filter(|n| sybils.contains(n)).count())
+            .sum();
+        assert!(
+            dead <= honest.len(),
+            "the honest peers keep {dead} dead links"
+        );
         // Twenty newcomers, each on its own network: each gets k neighbours, and about
         // the three sybil networks' share of the networks (three of 11 to 30), not 92%.
         let (mut held, mut dead) = (0, 0);
@@ -2175,19 +2191,36 @@ mod tests {
             );
         }
 
-        // A peer's first 2k reports each redraw a neighbour for it; later ones still
-        // unlink the pair (it must not keep dead links), without a redraw.
+        // A peer's first 2k reports each redraw a neighbour for it; later ones unlink
+        // only a peer that is no longer drawn, without a redraw: a peer must not shed
+        // honest neighbours until colluders are most of those it keeps.
         let a = honest[0];
-        for _ in 0..2 * k {
+        let spent = hub.lock().tasks["digits"].peers[&a].unreachable;
+        for _ in spent..2 * k {
             let n = of(a)[0];
             hub.unreachable("digits", a, n).expect("a neighbour");
         }
         let before = of(a);
-        hub.unreachable("digits", a, before[0])
-            .expect("unlinked past the budget");
+        assert_eq!(
+            hub.unreachable("digits", a, before[0]),
+            Err(ErrorCode::RateLimited),
+            "a peer others reach stays linked past the budget"
+        );
+        assert_eq!(of(a), before);
+        let gone = reporting_peer(&hub, 400);
+        {
+            let mut st = hub.lock();
+            let t = st.tasks.get_mut("digits").expect("task");
+            link(t, a, gone);
+            let g = t.peers.get_mut(&gone).expect("peer");
+            g.linked_groups = (1..=4).collect();
+            g.unreachable_from = (1..=3).collect();
+        }
+        hub.unreachable("digits", a, gone)
+            .expect("a dead neighbour is unlinked past the budget");
         let after = of(a);
-        assert!(!after.contains(&before[0]), "the pair is unlinked");
-        assert_eq!(after.len(), before.len() - 1, "and no neighbour is redrawn");
+        assert!(!after.contains(&gone), "the pair is unlinked");
+        assert_eq!(after, before, "and no neighbour is redrawn");
     }
 
     /// Receipts and task descriptions read the swarm's round, pace and roles from a

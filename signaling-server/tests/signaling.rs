@@ -1649,6 +1649,8 @@ struct Member {
     id: Identity,
     /// Its connection's id (the welcome's `peer`).
     peer: String,
+    /// The welcome it got (its nonce, for `identify`).
+    welcome: Value,
 }
 
 use shoal_shared::learn::Identity;
@@ -1665,7 +1667,12 @@ async fn member(s: &Server, seed: u8, prove: bool) -> Member {
         identify(&mut ws, &w, &id).await;
     }
     let peer = w["peer"].as_str().expect("peer").to_string();
-    Member { ws, id, peer }
+    Member {
+        ws,
+        id,
+        peer,
+        welcome: w,
+    }
 }
 
 async fn identify(ws: &mut Ws, welcome: &Value, id: &Identity) {
@@ -2133,6 +2140,11 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     tokio::time::sleep(Duration::from_millis(100)).await;
     send(&mut c.ws, receipt(&c.id, &a.id, 2, 640)).await;
     refused(&mut c.ws, "bad_receipt", "not_yours").await;
+    // A connection signs with one key for its life: the old one may not identify again
+    // (else two connections could pass a key to and fro).
+    let welcome = c.welcome.clone();
+    identify(&mut c.ws, &welcome, &c.id).await;
+    refused(&mut c.ws, "bad_identity", "identified already").await;
     drop(c2);
 
     // The file verifies offline, then the server restarts and the chain goes on.

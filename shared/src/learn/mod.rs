@@ -828,7 +828,11 @@ impl Learner {
             self.own_exact = None;
             return Ok(self.update_from_delta(&delta, samples, 0.0));
         }
-        self.own_exact = Some(self.weights.iter().zip(local).map(|(w, l)| w - l).collect());
+        // Only where no codec keeps a remainder of the run for later rounds (weights
+        // changes keep theirs in the public copy): with one, the remainder would be
+        // applied now and again when it is sent.
+        self.own_exact = (self.changes() || self.cfg.compression == Compression::None)
+            .then(|| self.weights.iter().zip(local).map(|(w, l)| w - l).collect());
         Ok(match self.cfg.exchange {
             Exchange::Delta => {
                 let delta: Vec<f32> = self.weights.iter().zip(local).map(|(w, l)| w - l).collect();

@@ -1140,6 +1140,20 @@ fn a_peer_alone_steps_by_its_whole_run() {
         let off = aggregate::distance(a.weights(), &local);
         assert!(off < 1e-5, "round {r}: {off} from its local weights");
     }
+    // Exchanging deltas, a top-k codec keeps the rest of the run for later rounds: alone,
+    // the peer steps by what it sent, or that rest would be applied twice.
+    let c = LearnConfig {
+        compression: Compression::TopK { fraction: 0.1 },
+        ..cfg()
+    };
+    let mut d =
+        Learner::new(c, "digits", Identity::from_seed([4; 32]), vec![0.0; n]).expect("valid");
+    let local: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
+    d.local_update(&local, 8, 0.0).expect("finite");
+    assert!(
+        d.own_exact.is_none(),
+        "no whole run with a codec that keeps a rest"
+    );
     let mut p = private(1e-3, 10, crate::privacy::OnBudget::Stop, n);
     let local = vec![-1.0; n];
     p.local_update(&local, 64, 0.0).expect("finite");
