@@ -242,7 +242,7 @@ struct Peer {
     /// checked).
     identify_failures: u8,
     /// `unreachable` reports taken that redrew a neighbour (at most `2k` per
-    /// connection; later ones only unlink).
+    /// connection; later ones are refused, except of a peer no longer drawn).
     unreachable: usize,
     /// The networks ([`address_group`]) of the peers it has been linked to, and of those
     /// that reported it `unreachable` (each at most [`MAX_GROUPS_KEPT`]): see
@@ -1301,17 +1301,22 @@ impl Hub {
         let from_group = p.group;
         // Each side's receipts for the other's last updates still count (`former`).
         let now = Instant::now();
+        // Each side as it was while linked (its key, site and identified links), before
+        // the pair is unlinked.
+        let formers: Vec<(PeerId, Former)> = [(from, to), (to, from)]
+            .into_iter()
+            .filter_map(|(a, b)| {
+                let bp = t.peers.get(&b)?;
+                Some((a, (now, bp.key?, bp.site.clone(), identified_links(t, bp))))
+            })
+            .collect();
         for (a, b) in [(from, to), (to, from)] {
-            let links = t.peers.get(&b).map_or(0, |p| identified_links(t, p));
             if let Some(p) = t.peers.get_mut(&a) {
                 p.neighbours.remove(&b);
             }
-            if let Some(bp) = t.peers.get(&b)
-                && let Some(key) = bp.key
-            {
-                let site = bp.site.clone();
-                remember(t, a, (now, key, site, links));
-            }
+        }
+        for (a, former) in formers {
+            remember(t, a, former);
         }
         // Only networks it is known to have been linked to count against it: the reports
         // can never outnumber them.
@@ -1958,7 +1963,14 @@ async fn connection(
                             hub.relay(&task, id, to, &raw).map_err(not_neighbour(to))
                         }
                         Ok(ClientMessage::Unreachable { peer }) => {
-                            hub.unreachable(&task, id, peer).map_err(not_neighbour(peer))
+                            hub.unreachable(&task, id, peer).map_err(|c| match c {
+                                ErrorCode::RateLimited => (c, format!(
+                                    "at most {} unreachable reports per connection, past them only of a peer \
+                                     most networks cannot reach",
+                                    2 * hub.config.neighbours_for(&task)
+                                )),
+                                c => not_neighbour(peer)(c),
+                            })
                         }
                         Ok(ClientMessage::Report { report }) => hub
                             .store_report(&task, id, report)
@@ -2122,9 +2134,9 @@ mod tests {
 
     /// Peers that never open a WebRTC connection, 96 of them from three addresses, do not
     /// take a newcomer's neighbours from the eight honest peers (each on its own
-    /// network), which report every such neighbour `unreachable`: the honest peers shed
-    /// those links even past their budget of redraws, a peer most of its networks cannot
-    /// reach is no longer drawn, and a newcomer takes one peer per network first.
+    /// network), which report every such neighbour `unreachable` within their budget:
+    /// a peer most of its networks cannot reach is no longer drawn (and past the budget
+    /// is still unlinked), and a newcomer takes one peer per network first.
     #[test]
     fn peers_nobody_reaches_do_not_crowd_out_a_newcomers_honest_neighbours() {
         let hub = digits_hub();
