@@ -242,8 +242,12 @@ struct Peer {
     /// checked).
     identify_failures: u8,
     /// `unreachable` reports taken that redrew a neighbour (at most `2k` per
-    /// connection; later ones are refused, except of a peer no longer drawn).
+    /// connection; later ones unlink without a redraw).
     unreachable: usize,
+    /// The neighbours it unlinked past that budget (at most [`MAX_SHED`] still
+    /// connected): they still count among its identified links ([`identified_links`]),
+    /// so shedding neighbours cannot lower the quorum its receipts need.
+    shed: Vec<PeerId>,
     /// The networks ([`address_group`]) of the peers it has been linked to, and of those
     /// that reported it `unreachable` (each at most [`MAX_GROUPS_KEPT`]): see
     /// [`Peer::drawable`].
@@ -261,6 +265,9 @@ pub const UNREACHABLE_NETWORKS: usize = 3;
 /// Networks kept per peer for that count (two sets of at most 64: a few KB per peer at
 /// most, in a large swarm's long-lived peers).
 const MAX_GROUPS_KEPT: usize = 64;
+/// Neighbours a connection may have unlinked past its `unreachable` budget and still
+/// connected ([`Peer::shed`]); past that its reports are refused `rate_limited`.
+const MAX_SHED: usize = 64;
 
 impl Peer {
     /// Whether the peer may be drawn as a new neighbour: it is live (it spoke, or it
@@ -272,8 +279,14 @@ impl Peer {
     /// those are at most half, it is drawn as before.
     fn drawable(&self, quiet_after: Duration) -> bool {
         let live = self.spoke || self.joined.elapsed() < quiet_after;
+        live && !self.unreachable_for_most()
+    }
+
+    /// Whether at least [`UNREACHABLE_NETWORKS`] networks, and most of those it was
+    /// linked to, reported it `unreachable`.
+    fn unreachable_for_most(&self) -> bool {
         let n = self.unreachable_from.len();
-        live && !(n >= UNREACHABLE_NETWORKS && 2 * n > self.linked_groups.len())
+        n >= UNREACHABLE_NETWORKS && 2 * n > self.linked_groups.len()
     }
 }
 
@@ -615,15 +628,30 @@ fn recent_trainer_report(p: &Peer) -> Option<&PeerReport> {
 
 /// How many of `p`'s neighbours proved a key and contribute (their report in the last
 /// 30 s says training, not paused): the `links` of a ledger entry. Joiners, observers and
-/// paused visitors sign no receipts and do not raise the quorum.
-fn identified_links(t: &Task, p: &Peer) -> u8 {
+/// paused visitors sign no receipts and do not raise the quorum. Neighbours `p` unlinked
+/// past its `unreachable` budget ([`Peer::shed`]) count as if still linked, unless most
+/// networks cannot reach them either, and all together at most `2k` (the most
+/// neighbours it may hold at once: more would deny an honest peer that dropped many
+/// dead ones its credit).
+fn identified_links(t: &Task, p: &Peer, k: usize) -> u8 {
     let contributing =
         |q: &Peer| q.key.is_some() && recent_trainer_report(q).is_some_and(|r| !r.paused);
-    let n = p
+    let linked = p
         .neighbours
         .iter()
         .filter(|q| t.peers.get(q).is_some_and(contributing))
         .count();
+    let shed = p
+        .shed
+        .iter()
+        .filter(|q| !p.neighbours.contains(q))
+        .filter(|q| {
+            t.peers
+                .get(q)
+                .is_some_and(|q| contributing(q) && !q.unreachable_for_most())
+        })
+        .count();
+    let n = linked.max((linked + shed).min(2 * k));
     u8::try_from(n).unwrap_or(u8::MAX)
 }
 
@@ -980,6 +1008,7 @@ impl Hub {
                 former: VecDeque::new(),
                 identify_failures: 0,
                 unreachable: 0,
+                shed: Vec::new(),
                 linked_groups: BTreeSet::new(),
                 unreachable_from: BTreeSet::new(),
                 receipt_tokens: 4.0 * k as f64,
@@ -1052,9 +1081,10 @@ impl Hub {
             .map(|(&q, _)| q)
             .collect();
         let now = Instant::now();
+        let k = self.config.neighbours_for(task);
         for old in held {
             let Some(q) = t.peers.get(&old) else { continue };
-            let (links, site) = (identified_links(t, q), q.site.clone());
+            let (links, site) = (identified_links(t, q, k), q.site.clone());
             for n in q.neighbours.clone() {
                 remember(t, n, (now, key, site.clone(), links));
             }
@@ -1140,12 +1170,13 @@ impl Hub {
             ));
         }
         let now = Instant::now();
+        let k = self.config.neighbours_for(task);
         let (site, links) = p
             .neighbours
             .iter()
             .filter_map(|n| t.peers.get(n))
             .find(|n| n.key == Some(r.sender))
-            .map(|n| (n.site.clone(), identified_links(t, n)))
+            .map(|n| (n.site.clone(), identified_links(t, n, k)))
             .or_else(|| {
                 p.former
                     .iter()
@@ -1243,7 +1274,7 @@ impl Hub {
             return;
         }
         let now = Instant::now();
-        let links = identified_links(t, &gone);
+        let links = identified_links(t, &gone, k);
         for q in gone.neighbours.clone() {
             let Some(qp) = t.peers.get_mut(&q) else {
                 continue;
@@ -1284,19 +1315,31 @@ impl Hub {
         }
         // A connection's first 2k reports unlink the pair and redraw a neighbour for it:
         // with more it could redraw until colluders are most of its neighbours. Later
-        // ones only unlink, and only a peer no longer drawn (most networks linked to it
-        // cannot reach it): a peer must not keep dead links, and must not shed honest
-        // neighbours until colluders are most of those left (its receipts' quorum).
+        // ones only unlink (a peer must not stay full of dead links, which keeps
+        // newcomers from its room), and what they unlink still counts among its
+        // identified links: shedding honest neighbours until colluders are most of
+        // those left does not lower its receipts' quorum.
         let quiet_after = self.config.limits.quiet_after;
-        let reported_dead = t.peers.get(&to).is_some_and(|p| !p.drawable(quiet_after));
-        let Some(p) = t.peers.get_mut(&from) else {
+        let Some(p) = t.peers.get(&from) else {
             return Err(ErrorCode::NotNeighbour);
         };
         let redraw = p.unreachable < 2 * k;
+        let mut shed = Vec::new();
+        if !redraw {
+            // Those that left count no more, and are forgotten.
+            shed.extend(p.shed.iter().filter(|q| t.peers.contains_key(q)));
+            if shed.len() >= MAX_SHED {
+                return Err(ErrorCode::RateLimited);
+            }
+            shed.push(to);
+        }
+        let Some(p) = t.peers.get_mut(&from) else {
+            return Err(ErrorCode::NotNeighbour);
+        };
         if redraw {
             p.unreachable += 1;
-        } else if !reported_dead {
-            return Err(ErrorCode::RateLimited);
+        } else {
+            p.shed = shed;
         }
         let from_group = p.group;
         // Each side's receipts for the other's last updates still count (`former`).
@@ -1307,7 +1350,10 @@ impl Hub {
             .into_iter()
             .filter_map(|(a, b)| {
                 let bp = t.peers.get(&b)?;
-                Some((a, (now, bp.key?, bp.site.clone(), identified_links(t, bp))))
+                Some((
+                    a,
+                    (now, bp.key?, bp.site.clone(), identified_links(t, bp, k)),
+                ))
             })
             .collect();
         for (a, b) in [(from, to), (to, from)] {
@@ -2132,26 +2178,16 @@ mod tests {
         id
     }
 
-    /// Peers that never open a WebRTC connection, 96 of them from three addresses, do not
-    /// take a newcomer's neighbours from the eight honest peers (each on its own
-    /// network), which report every such neighbour `unreachable` within their budget:
-    /// a peer most of its networks cannot reach is no longer drawn (and past the budget
-    /// is still unlinked), and a newcomer takes one peer per network first.
-    #[test]
-    fn peers_nobody_reaches_do_not_crowd_out_a_newcomers_honest_neighbours() {
-        let hub = digits_hub();
-        let k = 6;
-        let join = |group| reporting_peer(&hub, group);
-        let honest: Vec<PeerId> = (1..=8u128).map(join).collect();
-        let sybils: BTreeSet<PeerId> = (0..96u128).map(|i| join(100 + i % 3)).collect();
+    /// Each honest peer reports its dead neighbours, as its 20 s attempts fail, until
+    /// none is left or no report is taken (at most 50 passes); returns the dead links
+    /// the honest peers keep.
+    fn report_dead(hub: &Hub, honest: &[PeerId], dead: &BTreeSet<PeerId>) -> usize {
         let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
-        // Each honest peer reports its dead neighbours, as its 20 s attempts fail, until
-        // none is left or it has no report left (50 passes).
         for _ in 0..50 {
             let mut reported = false;
-            for &h in &honest {
+            for &h in honest {
                 for n in of(h) {
-                    if sybils.contains(&n) && hub.unreachable("digits", h, n).is_ok() {
+                    if dead.contains(&n) && hub.unreachable("digits", h, n).is_ok() {
                         reported = true;
                     }
                 }
@@ -2160,14 +2196,29 @@ mod tests {
                 break;
             }
         }
-        let dead: usize = honest
+        honest
             .iter()
-            .map(|&h| of(h).iter().filter(|n| sybils.contains(n)).count())
-            .sum();
-        assert!(
-            dead <= honest.len(),
-            "the honest peers keep {dead} dead links"
-        );
+            .map(|&h| of(h).iter().filter(|n| dead.contains(n)).count())
+            .sum()
+    }
+
+    /// Peers that never open a WebRTC connection, 96 of them from three addresses, do not
+    /// take a newcomer's neighbours from the eight honest peers, which report every such
+    /// neighbour `unreachable`: a peer most of its networks cannot reach is no longer
+    /// drawn, reports past the budget still unlink (honest peers keep room for
+    /// newcomers, also all behind one address), and a newcomer takes one peer per
+    /// network first. What a sender unlinks past its budget still counts for its
+    /// receipts' quorum.
+    #[test]
+    fn peers_nobody_reaches_do_not_crowd_out_a_newcomers_honest_neighbours() {
+        let hub = digits_hub();
+        let k = 6;
+        let join = |group| reporting_peer(&hub, group);
+        let honest: Vec<PeerId> = (1..=8u128).map(join).collect();
+        let sybils: BTreeSet<PeerId> = (0..96u128).map(|i| join(100 + i % 3)).collect();
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        let dead = report_dead(&hub, &honest, &sybils);
+        assert_eq!(dead, 0, "the honest peers keep {dead} dead links");
         // Twenty newcomers, each on its own network: each gets k neighbours, and about
         // the three sybil networks' share of the networks (three of 11 to 30), not 92%.
         let (mut held, mut dead) = (0, 0);
@@ -2180,6 +2231,33 @@ mod tests {
         assert!(
             dead * 10 < held * 3,
             "{dead} of the newcomers' {held} neighbours never connect"
+        );
+
+        // The same with every honest peer behind one address (one network, as on
+        // loopback): nobody's reports make the sybils undrawn, yet the honest peers shed
+        // every dead link past their budget and keep room for newcomers.
+        let hub = digits_hub();
+        let join = |group| reporting_peer(&hub, group);
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        let honest: Vec<PeerId> = (0..8).map(|_| join(1)).collect();
+        let mut sybils = BTreeSet::new();
+        // They come eight at a time, each batch reported (its connections failed) before
+        // the next.
+        for batch in 0..12u128 {
+            sybils.extend((0..8u128).map(|i| join(100 + (batch * 8 + i) % 3)));
+            report_dead(&hub, &honest, &sybils);
+        }
+        let dead = report_dead(&hub, &honest, &sybils);
+        let (mut held, mut dead_new) = (0, 0);
+        for group in 50..70u128 {
+            let got = of(join(group));
+            held += got.len();
+            dead_new += got.iter().filter(|n| sybils.contains(n)).count();
+        }
+        assert_eq!(dead, 0, "the honest peers keep {dead} dead links");
+        assert!(
+            dead_new * 10 < held * 3,
+            "{dead_new} of the newcomers' {held} neighbours never connect"
         );
 
         // A lone peer nobody reaches (it spoke, and never opens a connection): once most
@@ -2204,35 +2282,85 @@ mod tests {
         }
 
         // A peer's first 2k reports each redraw a neighbour for it; later ones unlink
-        // only a peer that is no longer drawn, without a redraw: a peer must not shed
-        // honest neighbours until colluders are most of those it keeps.
-        let a = honest[0];
+        // without a redraw, any neighbour, and what they unlink still counts among its
+        // identified links while it is connected: a sender that sheds its honest
+        // neighbours until only colluders are left keeps its receipts' quorum.
+        let hub = digits_hub();
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        let peers: Vec<PeerId> = (1..=30u128).map(|g| reporting_peer(&hub, g)).collect();
+        let contributing = |ids: &[PeerId]| {
+            let mut st = hub.lock();
+            let t = st.tasks.get_mut("digits").expect("task");
+            for (i, id) in ids.iter().enumerate() {
+                t.peers.get_mut(id).expect("peer").key = Some([i as u8 + 1; 32]);
+            }
+        };
+        contributing(&peers);
+        let links = |id: PeerId| {
+            let st = hub.lock();
+            let t = &st.tasks["digits"];
+            identified_links(t, &t.peers[&id], k)
+        };
+        let a = peers[0];
         let spent = hub.lock().tasks["digits"].peers[&a].unreachable;
         for _ in spent..2 * k {
             let n = of(a)[0];
             hub.unreachable("digits", a, n).expect("a neighbour");
         }
         let before = of(a);
+        let quorum_before = links(a);
+        assert!(quorum_before >= 6, "{quorum_before} identified links");
+        for &n in &before[1..] {
+            hub.unreachable("digits", a, n)
+                .expect("a neighbour is unlinked past the budget");
+        }
+        assert_eq!(of(a), before[..1], "unlinked, and no neighbour is redrawn");
         assert_eq!(
-            hub.unreachable("digits", a, before[0]),
-            Err(ErrorCode::RateLimited),
-            "a peer others reach stays linked past the budget"
+            links(a),
+            quorum_before,
+            "the neighbours it shed still count for its receipts' quorum"
         );
-        assert_eq!(of(a), before);
-        let gone = reporting_peer(&hub, 400);
+        // Those that leave count no more, nor those most networks cannot reach.
+        hub.leave("digits", before[1]);
+        assert_eq!(links(a), quorum_before - 1);
         {
             let mut st = hub.lock();
             let t = st.tasks.get_mut("digits").expect("task");
-            link(t, a, gone);
-            let g = t.peers.get_mut(&gone).expect("peer");
-            g.linked_groups = (1..=4).collect();
-            g.unreachable_from = (1..=3).collect();
+            let d = t.peers.get_mut(&before[2]).expect("peer");
+            d.linked_groups = (1..=4).collect();
+            d.unreachable_from = (1..=3).collect();
         }
-        hub.unreachable("digits", a, gone)
-            .expect("a dead neighbour is unlinked past the budget");
-        let after = of(a);
-        assert!(!after.contains(&gone), "the pair is unlinked");
-        assert_eq!(after, before, "and no neighbour is redrawn");
+        assert_eq!(links(a), quorum_before - 2);
+        // And all together at most 2k: an honest peer that dropped many dead ones that
+        // report keeps a quorum it can meet.
+        let many: Vec<PeerId> = peers[1..]
+            .iter()
+            .copied()
+            .filter(|q| !before.contains(q))
+            .collect();
+        assert!(many.len() > 2 * k);
+        hub.lock()
+            .tasks
+            .get_mut("digits")
+            .expect("task")
+            .peers
+            .get_mut(&a)
+            .expect("peer")
+            .shed = many;
+        assert_eq!(usize::from(links(a)), 2 * k);
+        // At most `MAX_SHED` shed neighbours are kept; past them reports are refused.
+        {
+            let mut st = hub.lock();
+            let t = st.tasks.get_mut("digits").expect("task");
+            let p = t.peers.get_mut(&a).expect("peer");
+            let live = peers[1..].iter().copied().filter(|&q| q != before[1]);
+            p.shed = live.cycle().take(MAX_SHED).collect();
+        }
+        assert_eq!(
+            hub.unreachable("digits", a, before[0]),
+            Err(ErrorCode::RateLimited)
+        );
+        assert_eq!(of(a), before[..1], "and stays linked");
     }
 
     /// Receipts and task descriptions read the swarm's round, pace and roles from a
