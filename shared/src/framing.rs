@@ -372,7 +372,10 @@ impl Reassembler {
                 count: h.count,
                 total: h.total,
                 crc: h.crc,
-                data: Vec::new(),
+                // Its declared size, already counted against what partial messages may
+                // hold (`evict_for_new`): grown chunk by chunk, the buffer would double
+                // past it, up to twice the bytes counted.
+                data: Vec::with_capacity(h.total as usize),
                 touched_ms: now_ms,
                 touched_seq: 0,
             };
@@ -505,6 +508,21 @@ mod tests {
             .into_iter()
             .filter_map(|f| r.push(&f, 0).ok().flatten())
             .collect()
+    }
+
+    /// A reassembled message holds about its own size, not twice it: its buffer is
+    /// its declared size from the first chunk (what the limits count), not grown.
+    #[test]
+    fn a_reassembled_message_holds_no_more_than_its_size() {
+        let m = message(DEFAULT_CHUNK * 64 + 1, 3);
+        let mut r = Reassembler::new(2 << 20, 4);
+        let got = deliver(&mut r, split(1, &m, DEFAULT_CHUNK));
+        assert_eq!(got, std::slice::from_ref(&m));
+        assert!(
+            got[0].capacity() <= m.len() + MAX_CHUNK,
+            "{}",
+            got[0].capacity()
+        );
     }
 
     #[test]

@@ -288,7 +288,9 @@ impl LocalData {
                 return Err(format!("more than {MAX_LOCAL_BYTES} bytes of data in all"));
             }
             let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
-            let mut n = 0;
+            // The whole table is read before any of it is taken: a table refused for a
+            // bad line labels nothing.
+            let mut rows = Vec::new();
             for (i, line) in text.lines().enumerate() {
                 let line = line.trim();
                 if line.is_empty() {
@@ -301,6 +303,10 @@ impl LocalData {
                 if i == 0 && self.class_of(label).is_err() {
                     continue; // a header
                 }
+                rows.push((name, label));
+            }
+            let n = rows.len();
+            for (name, label) in rows {
                 let base = name.rsplit(['/', '\\']).next().unwrap_or(name).to_string();
                 match self.by_name.entry(base) {
                     std::collections::hash_map::Entry::Occupied(e) => {
@@ -311,7 +317,6 @@ impl LocalData {
                     }
                 }
                 self.table.insert(name.to_string(), label.to_string());
-                n += 1;
             }
             self.text_bytes_of_tables += bytes.len();
             Ok(n)
@@ -573,6 +578,20 @@ mod tests {
             label_names: names.iter().map(|s| s.to_string()).collect(),
         });
         t
+    }
+
+    #[test]
+    fn a_label_table_refused_for_a_bad_line_labels_nothing() {
+        let t = task(LocalKind::Images, &[], 20);
+        let mut d = LocalData::new(&t).expect("local");
+        let e = d
+            .label_table("labels.csv", b"a.png,3\nstray line\n")
+            .expect_err("line 2");
+        assert!(e.contains("line 2"), "{e}");
+        let e = d
+            .add_image("a.png", None, &[0; 784], 28, 28)
+            .expect_err("no label");
+        assert!(e.contains("no label"), "{e}");
     }
 
     #[test]

@@ -525,9 +525,9 @@ impl TaskSpec {
             return Err(err(
                 "train.batch",
                 format!(
-                    "a batch of {} needs a {} MiB buffer (parameters, an activation or a \
-                     block's attention), more than WebGPU's default maxStorageBufferBindingSize \
-                     of 128 MiB",
+                    "a batch of {} needs a {} MiB buffer (parameters, an activation, a \
+                     convolution's unfolded input or a block's attention), more than WebGPU's \
+                     default maxStorageBufferBindingSize of 128 MiB",
                     t.batch,
                     binding >> 20
                 ),
@@ -817,6 +817,38 @@ mod tests {
         assert!(e.problem.contains("at most 8380416 parameters"), "{e}");
         let fits = with("units = 128", "units = 9000");
         assert!(fits.is_ok(), "7.6M parameters fit: {fits:?}");
+    }
+
+    /// A convolution's unfolded input (im2col) and a block's queries, keys and values
+    /// count for the binding limit like any other buffer of a training batch.
+    #[test]
+    fn a_convolutions_unfolded_input_counts_for_the_binding_limit() {
+        use crate::engine::LayerSpec;
+        let conv = LayerSpec::Conv2d {
+            filters: 64,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let mut t = TaskSpec::digits();
+        t.model = ModelSpec {
+            input: [28, 28, 1],
+            layers: vec![
+                conv,
+                LayerSpec::Relu,
+                conv,
+                LayerSpec::Relu,
+                LayerSpec::Flatten,
+                LayerSpec::Dense { units: 10 },
+            ],
+        };
+        // The second convolution unfolds 28 x 28 x 9 x 64 values a sample: 882 MiB at a
+        // batch of 512, where its output is 98 MiB.
+        t.train.batch = 512;
+        let e = t.validate().expect_err("882 MiB im2col");
+        assert_eq!(e.field, "train.batch", "{e}");
+        t.train.batch = 32;
+        assert!(t.validate().is_ok(), "55 MiB fits");
     }
 
     /// A mistake toml finds (a misspelt key, a missing one, a wrong type) names the field

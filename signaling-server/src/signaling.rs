@@ -244,9 +244,11 @@ struct Peer {
     /// `unreachable` reports taken that redrew a neighbour (at most `2k` per
     /// connection; later ones unlink without a redraw).
     unreachable: usize,
-    /// The neighbours it unlinked past that budget (at most [`MAX_SHED`] still
-    /// connected): they still count among its identified links ([`identified_links`]),
-    /// so shedding neighbours cannot lower the quorum its receipts need.
+    /// Its lost links: the neighbours an `unreachable` report unlinked from it, whichever
+    /// side sent it (at most [`MAX_SHED`] still connected). While connected they still
+    /// count among its identified links ([`identified_links`], up to k in all), so
+    /// neither shedding its honest neighbours nor refusing to connect to them lowers
+    /// the quorum its receipts need.
     shed: Vec<PeerId>,
     /// The networks ([`address_group`]) of the peers it has been linked to, and of those
     /// that reported it `unreachable` (each at most [`MAX_GROUPS_KEPT`]): see
@@ -265,8 +267,9 @@ pub const UNREACHABLE_NETWORKS: usize = 3;
 /// Networks kept per peer for that count (two sets of at most 64: a few KB per peer at
 /// most, in a large swarm's long-lived peers).
 const MAX_GROUPS_KEPT: usize = 64;
-/// Neighbours a connection may have unlinked past its `unreachable` budget and still
-/// connected ([`Peer::shed`]); past that its reports are refused `rate_limited`.
+/// Lost links a connection keeps ([`Peer::shed`]) of peers still connected; past that
+/// its `unreachable` reports beyond its redraw budget are refused `rate_limited`, and
+/// links others' reports unlink are not kept.
 const MAX_SHED: usize = 64;
 
 impl Peer {
@@ -628,11 +631,10 @@ fn recent_trainer_report(p: &Peer) -> Option<&PeerReport> {
 
 /// How many of `p`'s neighbours proved a key and contribute (their report in the last
 /// 30 s says training, not paused): the `links` of a ledger entry. Joiners, observers and
-/// paused visitors sign no receipts and do not raise the quorum. Neighbours `p` unlinked
-/// past its `unreachable` budget ([`Peer::shed`]) count as if still linked, unless most
-/// networks cannot reach them either, and all together at most `2k` (the most
-/// neighbours it may hold at once: more would deny an honest peer that dropped many
-/// dead ones its credit).
+/// paused visitors sign no receipts and do not raise the quorum. Its lost links
+/// ([`Peer::shed`]) count as if still linked, unless most networks cannot reach them
+/// either, up to `k` with the linked ones (more would deny an honest peer that dropped
+/// many dead ones, or that many could not reach, its credit).
 fn identified_links(t: &Task, p: &Peer, k: usize) -> u8 {
     let contributing =
         |q: &Peer| q.key.is_some() && recent_trainer_report(q).is_some_and(|r| !r.paused);
@@ -651,7 +653,7 @@ fn identified_links(t: &Task, p: &Peer, k: usize) -> u8 {
                 .is_some_and(|q| contributing(q) && !q.unreachable_for_most())
         })
         .count();
-    let n = linked.max((linked + shed).min(2 * k));
+    let n = linked.max((linked + shed).min(k));
     u8::try_from(n).unwrap_or(u8::MAX)
 }
 
@@ -1317,30 +1319,45 @@ impl Hub {
         // with more it could redraw until colluders are most of its neighbours. Later
         // ones only unlink (a peer must not stay full of dead links, which keeps
         // newcomers from its room), and what they unlink still counts among its
-        // identified links: shedding honest neighbours until colluders are most of
-        // those left does not lower its receipts' quorum.
+        // identified links (up to k): shedding honest neighbours until colluders are most
+        // of those left does not lower its receipts' quorum.
         let quiet_after = self.config.limits.quiet_after;
         let Some(p) = t.peers.get(&from) else {
             return Err(ErrorCode::NotNeighbour);
         };
         let redraw = p.unreachable < 2 * k;
-        let mut shed = Vec::new();
-        if !redraw {
-            // Those that left count no more, and are forgotten.
-            shed.extend(p.shed.iter().filter(|q| t.peers.contains_key(q)));
-            if shed.len() >= MAX_SHED {
-                return Err(ErrorCode::RateLimited);
+        // Each side keeps the other among its lost links (`Peer::shed`): a sender that
+        // refuses WebRTC to its honest neighbours, until only colluders are left, keeps
+        // its quorum too. Those that left count no more, and are forgotten.
+        let kept = |p: &Peer| -> Vec<PeerId> {
+            p.shed
+                .iter()
+                .copied()
+                .filter(|q| t.peers.contains_key(q))
+                .collect()
+        };
+        let mut from_shed = kept(p);
+        if !redraw && from_shed.len() >= MAX_SHED && !from_shed.contains(&to) {
+            return Err(ErrorCode::RateLimited);
+        }
+        let mut to_shed = t.peers.get(&to).map(kept).unwrap_or_default();
+        let record = |list: &mut Vec<PeerId>, id: PeerId| {
+            if !list.contains(&id) && list.len() < MAX_SHED {
+                list.push(id);
             }
-            shed.push(to);
+        };
+        record(&mut from_shed, to);
+        record(&mut to_shed, from);
+        if let Some(q) = t.peers.get_mut(&to) {
+            q.shed = to_shed;
         }
         let Some(p) = t.peers.get_mut(&from) else {
             return Err(ErrorCode::NotNeighbour);
         };
         if redraw {
             p.unreachable += 1;
-        } else {
-            p.shed = shed;
         }
+        p.shed = from_shed;
         let from_group = p.group;
         // Each side's receipts for the other's last updates still count (`former`).
         let now = Instant::now();
@@ -2283,30 +2300,37 @@ mod tests {
 
         // A peer's first 2k reports each redraw a neighbour for it; later ones unlink
         // without a redraw, any neighbour, and what they unlink still counts among its
-        // identified links while it is connected: a sender that sheds its honest
-        // neighbours until only colluders are left keeps its receipts' quorum.
+        // identified links (up to k) while it is connected: a sender that sheds its
+        // honest neighbours until only colluders are left keeps its receipts' quorum.
         let hub = digits_hub();
         let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
         let peers: Vec<PeerId> = (1..=30u128).map(|g| reporting_peer(&hub, g)).collect();
-        let contributing = |ids: &[PeerId]| {
+        let with = |id: PeerId, f: &dyn Fn(&mut Peer)| {
             let mut st = hub.lock();
-            let t = st.tasks.get_mut("digits").expect("task");
-            for (i, id) in ids.iter().enumerate() {
-                t.peers.get_mut(id).expect("peer").key = Some([i as u8 + 1; 32]);
-            }
+            f(st.tasks
+                .get_mut("digits")
+                .expect("task")
+                .peers
+                .get_mut(&id)
+                .expect("peer"));
         };
-        contributing(&peers);
+        for (i, &id) in peers.iter().enumerate() {
+            with(id, &|p| p.key = Some([i as u8 + 1; 32]));
+        }
         let links = |id: PeerId| {
             let st = hub.lock();
             let t = &st.tasks["digits"];
             identified_links(t, &t.peers[&id], k)
         };
+        let shed = |id: PeerId| {
+            let st = hub.lock();
+            st.tasks["digits"].peers[&id].shed.clone()
+        };
         let a = peers[0];
-        let spent = hub.lock().tasks["digits"].peers[&a].unreachable;
-        for _ in spent..2 * k {
-            let n = of(a)[0];
-            hub.unreachable("digits", a, n).expect("a neighbour");
-        }
+        with(a, &|p| {
+            p.unreachable = 2 * k;
+            p.shed.clear();
+        });
         let before = of(a);
         let quorum_before = links(a);
         assert!(quorum_before >= 6, "{quorum_before} identified links");
@@ -2316,51 +2340,51 @@ mod tests {
         }
         assert_eq!(of(a), before[..1], "unlinked, and no neighbour is redrawn");
         assert_eq!(
-            links(a),
-            quorum_before,
-            "the neighbours it shed still count for its receipts' quorum"
+            usize::from(links(a)),
+            usize::from(quorum_before).min(k),
+            "the neighbours it shed still count for its receipts' quorum, up to k"
         );
         // Those that leave count no more, nor those most networks cannot reach.
-        hub.leave("digits", before[1]);
-        assert_eq!(links(a), quorum_before - 1);
-        {
-            let mut st = hub.lock();
-            let t = st.tasks.get_mut("digits").expect("task");
-            let d = t.peers.get_mut(&before[2]).expect("peer");
+        let three = before[1..4].to_vec();
+        with(a, &|p| p.shed = three.clone());
+        assert_eq!(links(a), 4);
+        hub.leave("digits", three[0]);
+        assert_eq!(links(a), 3);
+        with(three[1], &|d| {
             d.linked_groups = (1..=4).collect();
             d.unreachable_from = (1..=3).collect();
-        }
-        assert_eq!(links(a), quorum_before - 2);
-        // And all together at most 2k: an honest peer that dropped many dead ones that
-        // report keeps a quorum it can meet.
-        let many: Vec<PeerId> = peers[1..]
+        });
+        assert_eq!(links(a), 2);
+        // At most `MAX_SHED` lost links are kept; past them reports past the budget are
+        // refused.
+        let live: Vec<PeerId> = peers[1..]
             .iter()
             .copied()
-            .filter(|q| !before.contains(q))
+            .filter(|&q| q != three[0] && q != before[0])
+            .cycle()
+            .take(MAX_SHED)
             .collect();
-        assert!(many.len() > 2 * k);
-        hub.lock()
-            .tasks
-            .get_mut("digits")
-            .expect("task")
-            .peers
-            .get_mut(&a)
-            .expect("peer")
-            .shed = many;
-        assert_eq!(usize::from(links(a)), 2 * k);
-        // At most `MAX_SHED` shed neighbours are kept; past them reports are refused.
-        {
-            let mut st = hub.lock();
-            let t = st.tasks.get_mut("digits").expect("task");
-            let p = t.peers.get_mut(&a).expect("peer");
-            let live = peers[1..].iter().copied().filter(|&q| q != before[1]);
-            p.shed = live.cycle().take(MAX_SHED).collect();
-        }
+        with(a, &|p| p.shed = live.clone());
         assert_eq!(
             hub.unreachable("digits", a, before[0]),
             Err(ErrorCode::RateLimited)
         );
         assert_eq!(of(a), before[..1], "and stays linked");
+
+        // The reported side keeps its reporter among its lost links too (a sender that
+        // will not connect to its honest neighbours keeps its quorum), once each.
+        let b = peers[5];
+        let c = of(b)[0];
+        with(b, &|p| p.shed.clear());
+        with(c, &|p| p.shed.clear());
+        hub.unreachable("digits", c, b).expect("a neighbour");
+        assert_eq!((shed(b), shed(c)), (vec![c], vec![b]));
+        {
+            let mut st = hub.lock();
+            link(st.tasks.get_mut("digits").expect("task"), b, c);
+        }
+        hub.unreachable("digits", b, c).expect("a neighbour");
+        assert_eq!((shed(b), shed(c)), (vec![c], vec![b]), "kept once");
     }
 
     /// Receipts and task descriptions read the swarm's round, pace and roles from a

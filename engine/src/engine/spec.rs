@@ -384,13 +384,18 @@ impl Model {
         let mut tensors: Vec<ParamTensor> = Vec::new();
         let mut offset = 0usize;
         let mut add = |name: String, shape: Vec<usize>, tensors: &mut Vec<ParamTensor>| {
-            let len: usize = shape.iter().product();
+            // Saturating: in a 32-bit build (the browser's) a product past 2^32 must not
+            // wrap to a small size that passes the parameter limit.
+            let len = shape.iter().copied().fold(1usize, usize::saturating_mul);
             tensors.push(ParamTensor {
                 name,
                 shape,
                 offset,
             });
-            offset = (offset + len).div_ceil(PARAM_ALIGN) * PARAM_ALIGN;
+            offset = offset
+                .saturating_add(len)
+                .div_ceil(PARAM_ALIGN)
+                .saturating_mul(PARAM_ALIGN);
             offset
         };
         // Current activation shape; `flat` once flattened (or after a dense layer).
@@ -552,7 +557,7 @@ impl Model {
                             format!("units must be in 1..={MAX_ACTIVATION}"),
                         ));
                     }
-                    let inp: usize = shape.iter().product();
+                    let inp = shape.iter().copied().fold(1usize, usize::saturating_mul);
                     let weight = tensors.len();
                     add(format!("layer{i}.weight"), vec![inp, units], &mut tensors);
                     let end = add(format!("layer{i}.bias"), vec![units], &mut tensors);
@@ -704,17 +709,38 @@ impl Model {
     }
 
     /// The largest single buffer, in bytes, that training a batch of `batch` samples
-    /// binds on a GPU: the parameters, one activation, or the attention probabilities of
-    /// a block. A task refuses a model and batch where this exceeds
-    /// [`WEBGPU_MAX_BINDING`].
+    /// binds on a GPU (and the CPU backend allocates): the parameters, one activation, a
+    /// convolution's unfolded input (im2col), or a block's attention probabilities, MLP
+    /// activations or queries, keys and values. A task refuses a model and batch where
+    /// this exceeds [`WEBGPU_MAX_BINDING`].
     pub fn largest_binding(&self, batch: usize) -> usize {
         let params = self.param_len;
         let mut largest = params.max(batch.saturating_mul(self.input_len()));
         for op in &self.ops {
             let per_sample = match *op {
                 Op::Block {
-                    ctx, heads, hidden, ..
-                } => (heads * ctx * ctx).max(ctx * hidden),
+                    ctx,
+                    dim,
+                    heads,
+                    hidden,
+                    ..
+                } => [
+                    heads.saturating_mul(ctx).saturating_mul(ctx),
+                    ctx.saturating_mul(hidden),
+                    ctx.saturating_mul(dim).saturating_mul(3),
+                ]
+                .into_iter()
+                .max()
+                .unwrap_or(0),
+                Op::Conv {
+                    input,
+                    output,
+                    kernel,
+                    ..
+                } => [output[0], output[1], kernel, kernel, input[2]]
+                    .into_iter()
+                    .fold(1usize, usize::saturating_mul)
+                    .max(op.out_len()),
                 _ => op.out_len(),
             };
             largest = largest.max(batch.saturating_mul(per_sample));

@@ -931,9 +931,15 @@ impl Learner {
         (payload, weights)
     }
 
-    /// Drops the copy we hold of `key`'s weights (its connection closed).
+    /// Drops the copy we hold of `key`'s weights (its connection closed), and, exchanging
+    /// weights, its weights held for a later round than ours (they would wait for that
+    /// round; a delta counts in ours).
     pub fn forget_copy(&mut self, key: &PublicKey) {
         self.copies.remove(key);
+        if self.cfg.exchange == Exchange::Weights {
+            let round = self.round;
+            self.inbox.retain(|p| p.key != *key || p.round <= round);
+        }
     }
 
     /// Whether our next update, of our `local` weights, will be a keyframe (with weights
@@ -1061,12 +1067,14 @@ impl Learner {
         .encode()
     }
 
-    /// Whether an update from `key` for this round or later is held.
+    /// Whether an update from `key` for this round or later is held (exchanging weights,
+    /// or heard: weights far ahead are not held, nor changes we could not apply).
     pub fn has_fresh_from(&self, key: &PublicKey) -> bool {
         self.inbox
             .iter()
             .any(|p| &p.key == key && p.round >= self.round)
-            || self.changes() && self.seen.get(key).is_some_and(|s| s.round >= self.round)
+            || self.cfg.exchange == Exchange::Weights
+                && self.seen.get(key).is_some_and(|s| s.round >= self.round)
     }
 
     /// Whether an update signed by `key` for our current round is held, decoded, for the
@@ -1127,27 +1135,45 @@ impl Learner {
         if self.seen.get(&u.key).is_some_and(|s| u.round <= s.round) {
             return Err(self.stats.reject(Rejection::Replay));
         }
+        let stale = u.round + u64::from(self.cfg.max_staleness) < self.round;
         let delta = if self.changes() {
             // A change applies to our copy whether or not the update still counts, so
             // that the sender's next one applies too; one we cannot apply was still
-            // heard (a round does not wait for its sender).
+            // heard (a round does not wait for its sender). A stale one from a key we
+            // hold no copy of makes none: copies of throwaway keys would push our honest
+            // neighbours' copies out (`MAX_COPIES`), and their changes then apply to
+            // nothing.
+            if stale && !self.copies.contains_key(&u.key) {
+                return Err(self.stats.reject(Rejection::Stale));
+            }
             let applied = self.apply_change(u.key, u.round, &u.payload);
             if matches!(applied, Ok(_) | Err(Rejection::Base)) {
                 self.remember(u.key, u.round);
             }
             let w = applied?;
-            if u.round + u64::from(self.cfg.max_staleness) < self.round {
+            if stale {
                 return Err(self.stats.reject(Rejection::Stale));
             }
             w
         } else {
-            if u.round + u64::from(self.cfg.max_staleness) < self.round {
+            if stale {
                 return Err(self.stats.reject(Rejection::Stale));
             }
             let delta = self.decode_payload(&u.payload, self.cfg.compression)?;
             self.remember(u.key, u.round);
             delta
         };
+        let lagging = u.round > self.round + u64::from(self.cfg.max_staleness);
+        if lagging && self.cfg.exchange == Exchange::Weights {
+            // Weights for a round this far ahead would wait for it, a whole model each
+            // (one per key: many keys, many models); we are behind, and catch up by a
+            // download instead.
+            return Ok(Received::Update {
+                key: u.key,
+                round: u.round,
+                lagging,
+            });
+        }
         match self.cfg.exchange {
             Exchange::Delta => self.inbox.retain(|p| p.key != u.key),
             // Weights are used in the round they belong to: a neighbour that is ahead
@@ -1167,7 +1193,7 @@ impl Learner {
         Ok(Received::Update {
             key: u.key,
             round: u.round,
-            lagging: u.round > self.round + u64::from(self.cfg.max_staleness),
+            lagging,
         })
     }
 
@@ -1401,6 +1427,22 @@ impl Learner {
             }
             fresh
         });
+        // An update that repeats our own (an echo: what we sent, signed again by another
+        // key) is refused: it is no one's work, would earn its signer a receipt, and
+        // would add a vote where ours already is (two echoes among three neighbours put
+        // our own update at the screen's median and screened the honest ones out).
+        // Honest runs from one start are never this close to ours.
+        if let Some(d) = own.as_deref() {
+            let reference = ECHO_RATIO * aggregate::norm(d);
+            held.retain(|p| {
+                let echo = aggregate::distance(&p.delta, d) <= reference;
+                if echo {
+                    self.stats.reject(Rejection::Own);
+                    summary.rejected += 1;
+                }
+                !echo
+            });
+        }
         // Rounds in time: each update weighed by its claim (bounded) and, exchanging
         // deltas, scaled to the round's median claim; in steps every weight is 1.
         let mut bounded = vec![false; held.len()];
@@ -1442,6 +1484,18 @@ impl Learner {
         } else {
             (1.0, vec![1.0; held.len()])
         };
+        // One held update alone is no median of held norms (it would bound itself, and a
+        // liar heard alone could take the model anywhere): it is clipped to
+        // `max_norm_ratio` times our own run's norm. Not refused: our own alone is too
+        // strict a reference for an honest neighbour's (see `norm_reference`).
+        if let (Some(d), [p]) = (own.as_deref(), held.as_mut_slice()) {
+            let cap = aggregate::norm(d) * self.cfg.max_norm_ratio;
+            let n = aggregate::norm(&p.delta);
+            if n > cap {
+                let f = if n > 0.0 { cap / n } else { 0.0 };
+                p.delta.iter_mut().for_each(|x| *x *= f);
+            }
+        }
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
         let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
@@ -1747,13 +1801,18 @@ fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32, bool) {
     }
 }
 
+/// How near a held update may be to our own, relative to our own's norm, before it
+/// counts as an echo of it ([`Learner::finish_round`]).
+const ECHO_RATIO: f32 = 1e-3;
+
 /// The norm updates are bounded relative to: the larger of our own update's norm and
 /// the lower median of the held updates' norms. Our own alone fails where peers' data
 /// differ: a peer whose classes the model already fits moves little (plain SGD scales
 /// its step with its gradient) and would refuse its neighbours' honest, larger updates,
 /// dropping whole classes. The median of the held ones alone could be raised by
 /// attackers among few neighbours; while they are fewer than half it stays an honest
-/// norm.
+/// norm. One held update alone is no median (it would bound itself): it is clipped
+/// before (see [`Learner::finish_round`]).
 fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
     let mut s = held.to_vec();
     s.sort_unstable_by(f32::total_cmp);

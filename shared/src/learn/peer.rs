@@ -127,6 +127,12 @@ pub const GREET_AFTER_MS: f64 = 500.0;
 /// The shortest interval between two model answers to the same neighbour (a request
 /// is a few bytes, the answer the whole model).
 pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
+/// Under an upload budget, model answers (to joiners, lagging peers and observers) may
+/// send at most this share of the budget's rate besides it, in bursts of 10 s of that
+/// rate or one model whole (fp32) if that is more: a neighbour asking every 2 s for our
+/// whole weights would take a visitor 10 times the demo's budget. A connection's first
+/// request is answered in any case (counted).
+pub const ANSWER_SHARE: f64 = 0.25;
 
 /// How many times `round_deadline_ms` a round waits while most of the neighbours it
 /// waits for have not sent their update for it (see [`Peer::round_wait`]).
@@ -519,6 +525,8 @@ pub struct Peer {
     /// or whole copies it must carry to neighbours who lack our copy, fits in the burst
     /// allowance ([`UPLOAD_BURST_MS`] or more) ahead of that, or once they are paid.
     upload_free_at: f64,
+    /// The same for model answers, at [`ANSWER_SHARE`] of the budget's rate.
+    answers_free_at: f64,
 }
 
 impl Peer {
@@ -567,6 +575,7 @@ impl Peer {
             opened: VecDeque::new(),
             step_rate: None,
             upload_free_at: f64::NEG_INFINITY,
+            answers_free_at: f64::NEG_INFINITY,
         })
     }
 
@@ -1105,9 +1114,15 @@ impl Peer {
             self.send(from, msg);
             return false;
         }
+        let over_budget = self
+            .answer_rate()
+            .is_some_and(|(_, burst_ms)| self.answers_free_at - now_ms > burst_ms);
         let n = self.nbrs.entry(from).or_default();
-        if n.answered_at
-            .is_some_and(|t| now_ms - t < ANSWER_INTERVAL_MS)
+        // A connection's first request is answered whatever the budget (still counted
+        // against it): others asking again and again must not starve a joiner.
+        if over_budget && n.answered_at.is_some()
+            || n.answered_at
+                .is_some_and(|t| now_ms - t < ANSWER_INTERVAL_MS)
         {
             self.learner.reject(Rejection::RequestRate);
             return false;
@@ -1116,10 +1131,26 @@ impl Peer {
         true
     }
 
+    /// Under an upload budget: the bytes per millisecond model answers may send, and how
+    /// far ahead of that they may go (see [`ANSWER_SHARE`]).
+    fn answer_rate(&self) -> Option<(f64, f64)> {
+        let rate = self.cfg.upload_bytes_per_ms()? * ANSWER_SHARE;
+        let whole = (8 * self.learner.weights().len()) as f64;
+        Some((rate, UPLOAD_BURST_MS.max(whole / rate)))
+    }
+
+    /// Sends a model answer, counted against the answers' share of the upload budget.
+    fn send_answer(&mut self, to: PeerId, data: Vec<u8>, now_ms: f64) {
+        if let Some((rate, _)) = self.answer_rate() {
+            self.answers_free_at = self.answers_free_at.max(now_ms) + data.len() as f64 / rate;
+        }
+        self.send(to, data);
+    }
+
     fn answer(&mut self, from: PeerId, now_ms: f64) {
         if self.may_answer(from, now_ms) {
             let snap = self.learner.answer_snapshot();
-            self.send(from, snap);
+            self.send_answer(from, snap, now_ms);
         }
     }
 
@@ -1152,7 +1183,7 @@ impl Peer {
         if let Some(n) = self.nbrs.get_mut(&from) {
             n.gave = (kept < MAX_OBSERVED).then_some((result, hash));
         }
-        self.send(from, msg);
+        self.send_answer(from, msg, now_ms);
     }
 
     /// Whether `from` owes an answer to the download in progress.
@@ -1402,21 +1433,24 @@ impl Peer {
         self.announce();
     }
 
-    /// Whether enough contributing neighbours witness that the swarm is far ahead.
+    /// Whether enough contributing neighbours witness that the swarm is far ahead: two
+    /// at least, and most of the contributing neighbours, those that have claimed no
+    /// round yet included (a joiner's honest neighbours send it no update before it
+    /// holds the model, and two liars' claims alone must not make it download theirs).
     fn lagging(&self) -> Option<Vec<PeerId>> {
         let ahead_of = self.learner.round() + u64::from(self.cfg.max_staleness);
-        let known: Vec<(PeerId, u64)> = self
+        let voters: Vec<(PeerId, Option<u64>)> = self
             .nbrs
             .iter()
-            .filter(|(_, n)| !n.idle)
-            .filter_map(|(p, n)| Some((*p, n.claim?)))
+            .filter(|(_, n)| !n.idle && !n.shunned && (n.claim.is_some() || n.greeted))
+            .map(|(p, n)| (*p, n.claim))
             .collect();
-        let ahead: Vec<PeerId> = known
+        let ahead: Vec<PeerId> = voters
             .iter()
-            .filter(|(_, c)| *c > ahead_of)
+            .filter(|(_, c)| c.is_some_and(|c| c > ahead_of))
             .map(|(p, _)| *p)
             .collect();
-        (ahead.len() >= 2 && 2 * ahead.len() > known.len()).then_some(ahead)
+        (ahead.len() >= 2 && 2 * ahead.len() > voters.len()).then_some(ahead)
     }
 
     /// Advances time: starts or ends downloads, asks for training, closes rounds.
@@ -2105,10 +2139,11 @@ fn choose(
             best = i;
         }
     }
-    let momentum = coordinate_median(
-        (0..kept.len())
+    let momentum = momentum_median(
+        &(0..kept.len())
             .filter(|&j| agree(best, j))
-            .map(|j| kept[j].momentum.as_slice()),
+            .map(|j| kept[j].momentum.as_slice())
+            .collect::<Vec<_>>(),
     );
     let s = Snapshot {
         round: kept[best].round,
@@ -2116,6 +2151,39 @@ fn choose(
         momentum,
     };
     Ok((s, outliers))
+}
+
+/// The momentum a downloaded model starts with, from the momenta of the answers that
+/// agree with it (agreeing on weights says nothing of momentum): coordinate-wise their
+/// median, for an even count the middle value nearer zero (the mean of the middle two
+/// would let two liars of four set half of it), then clipped to the lower median of
+/// their norms. Liars fewer than half of them move it no further than an honest
+/// answer's.
+fn momentum_median(vs: &[&[f32]]) -> Vec<f32> {
+    let n = vs.first().map_or(0, |v| v.len());
+    let mut col = Vec::with_capacity(vs.len());
+    let mut m: Vec<f32> = (0..n)
+        .map(|i| {
+            col.clear();
+            col.extend(vs.iter().map(|v| v[i]));
+            col.sort_unstable_by(f32::total_cmp);
+            let k = col.len();
+            let (a, b) = (col[(k - 1) / 2], col[k / 2]);
+            if a.abs() <= b.abs() { a } else { b }
+        })
+        .collect();
+    let mut norms: Vec<f32> = vs.iter().map(|v| super::aggregate::norm(v)).collect();
+    norms.sort_unstable_by(f32::total_cmp);
+    let cap = norms
+        .get(norms.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(0.0);
+    let norm = super::aggregate::norm(&m);
+    if norm > cap {
+        let f = if norm > 0.0 { cap / norm } else { 0.0 };
+        m.iter_mut().for_each(|x| *x *= f);
+    }
+    m
 }
 
 /// The coordinate-wise median of equally long vectors (the mean of the middle two for an

@@ -323,20 +323,66 @@ fn a_neighbours_weights_for_a_later_round_wait_for_that_round() {
 }
 
 #[test]
-fn a_neighbour_far_ahead_holds_at_most_two_updates_in_the_inbox() {
+fn a_neighbour_ahead_holds_at_most_two_updates_in_the_inbox_and_none_far_ahead() {
     let mut a = weights_peer(1, vec![0.0; 64]);
     let mut b = weights_peer(2, vec![0.0; 64]);
     let ub = b.local_update(&[0.0; 64], 1, 0.0).expect("finite");
     a.receive(&ub).expect("this round's");
+    let rounds = |a: &Learner| a.inbox.iter().map(|p| p.round).collect::<Vec<u64>>();
     // b races ahead (alone), each round sending a later round's weights to a.
-    for _ in 0..10 {
+    for _ in 0..2 {
         b.finish_round();
         let later = b.local_update(&[0.0; 64], 1, 0.0).expect("finite");
         a.receive(&later).expect("a later round");
     }
+    assert_eq!(rounds(&a), [0, 2], "this round's and the newest");
+    // Past the staleness window ahead, a is lagging: it will download a model, and
+    // holds none of those weights (a whole model each, one per key).
+    for _ in 0..8 {
+        b.finish_round();
+        let far = b.local_update(&[0.0; 64], 1, 0.0).expect("finite");
+        assert!(matches!(
+            a.receive(&far),
+            Ok(Received::Update { lagging: true, .. })
+        ));
+    }
     assert_eq!(b.round(), 10);
-    let rounds: Vec<u64> = a.inbox.iter().map(|p| p.round).collect();
-    assert_eq!(rounds, [0, 10], "this round's and the newest");
+    assert_eq!(rounds(&a), [0, 2]);
+    let mut others: Vec<Learner> = (0..100)
+        .map(|i| weights_peer(10 + i, vec![0.0; 64]))
+        .collect();
+    for o in &mut others {
+        for _ in 0..5 {
+            o.finish_round();
+        }
+        a.receive(&o.local_update(&[0.0; 64], 1, 0.0).expect("finite"))
+            .expect("a later round");
+    }
+    assert_eq!(rounds(&a), [0, 2], "a hundred keys far ahead hold nothing");
+    // A neighbour that leaves takes its later rounds' updates with it.
+    a.forget_copy(&b.public_key());
+    assert_eq!(rounds(&a), [0]);
+}
+
+#[test]
+fn stale_keyframes_of_throwaway_keys_do_not_push_out_a_neighbours_copy() {
+    let n = 64;
+    let mut a = changes_peer(1, vec![0.0; n]);
+    let mut b = changes_peer(2, vec![0.0; n]);
+    a.receive(&b.local_update(&vec![0.1; n], 8, 0.0).expect("finite"))
+        .expect("b's keyframe");
+    for _ in 0..5 {
+        a.local_update(&vec![0.0; n], 8, 0.0).expect("finite");
+        a.finish_round();
+    }
+    // Keyframes of round 0, each from a new key: stale at round 5, refused, no copy.
+    for i in 0..MAX_COPIES as u8 {
+        let mut x = changes_peer(100 + i, vec![0.0; n]);
+        let stale = x.local_update(&vec![0.3; n], 8, 0.0).expect("finite");
+        assert_eq!(a.receive(&stale), Err(Rejection::Stale));
+    }
+    assert!(a.copies.contains_key(&b.public_key()), "b's copy stays");
+    assert_eq!(a.copies.len(), 1);
 }
 
 fn changes_peer(seed: u8, weights: Vec<f32>) -> Learner {
@@ -885,24 +931,25 @@ fn timed_step(own: (f32, u32), others: &[(f32, u32)]) -> f32 {
 
 #[test]
 fn in_rounds_sized_in_time_updates_weigh_by_their_bounded_sample_claims() {
-    // Equal claims: the plain mean, as in rounds sized in steps.
-    let even = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 100)]);
+    // Equal claims: the plain mean, as in rounds sized in steps. (No neighbour's run
+    // equals ours: that would be an echo of ours.)
+    let even = timed_step((0.1, 100), &[(0.11, 100), (0.09, 100), (0.5, 100)]);
     assert!((even - 0.2).abs() < 1e-6, "{even}");
     // A peer that trained twice as many samples (and moved twice as far) counts fully:
     // the step is the runs' summed progress over their summed samples, in units of the
-    // median run (100 samples): (0.1 + 0.1 + 0.1 + 0.2) / (1 + 1 + 1 + 2) = 0.1 ...
-    let fast = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.2, 200)]);
+    // median run (100 samples): (0.1 + 0.11 + 0.09 + 0.2) / (1 + 1 + 1 + 2) = 0.1 ...
+    let fast = timed_step((0.1, 100), &[(0.11, 100), (0.09, 100), (0.2, 200)]);
     assert!((fast - 0.1).abs() < 1e-6, "{fast}");
     // ... and a claim counts at most twice the median one: claiming 4e9 samples does
     // exactly what claiming 200 does.
-    let huge = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, u32::MAX)]);
-    let capped = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 200)]);
+    let huge = timed_step((0.1, 100), &[(0.11, 100), (0.09, 100), (0.5, u32::MAX)]);
+    let capped = timed_step((0.1, 100), &[(0.11, 100), (0.09, 100), (0.5, 200)]);
     assert!((huge - capped).abs() < 1e-6, "{huge} vs {capped}");
     assert!(huge < even, "{huge} vs {even}");
     // Claiming 1 sample makes its update at most 4 times longer (for the norm bound and
     // the screen to judge) and shrinks the total weight by at most 3/4.
-    let tiny = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 1)]);
-    let quarter = timed_step((0.1, 100), &[(0.1, 100), (0.1, 100), (0.5, 25)]);
+    let tiny = timed_step((0.1, 100), &[(0.11, 100), (0.09, 100), (0.5, 1)]);
+    let quarter = timed_step((0.1, 100), &[(0.11, 100), (0.09, 100), (0.5, 25)]);
     assert!((tiny - quarter).abs() < 1e-6, "{tiny} vs {quarter}");
     assert!((tiny - 0.8 / 3.25).abs() < 1e-6, "{tiny}");
 }
@@ -926,7 +973,7 @@ fn exchanging_weights_a_slow_peers_update_is_weighed_by_its_claim_and_not_scaled
     };
     let mut a = learner(1);
     a.local_update(&[0.9], 400, 0.0).expect("finite");
-    for (seed, local, samples) in [(2, 0.9, 400), (3, 0.9, 400), (4, 0.7, 100)] {
+    for (seed, local, samples) in [(2, 0.89, 400), (3, 0.91, 400), (4, 0.7, 100)] {
         let update = learner(seed)
             .local_update(&[local], samples, 0.0)
             .expect("finite");
@@ -945,7 +992,7 @@ fn exchanging_weights_a_slow_peers_update_is_weighed_by_its_claim_and_not_scaled
             .iter()
             .any(|r| r.sender == slow && r.samples == 100)
     );
-    // The weighted mean of the unscaled updates: (0.1 + 0.1 + 0.1 + 0.3 / 4) / 3.25.
+    // The weighted mean of the unscaled updates: (0.1 + 0.11 + 0.09 + 0.3 / 4) / 3.25.
     let step = 1.0 - a.weights()[0];
     assert!((step - 0.375 / 3.25).abs() < 1e-6, "{step}");
 }
@@ -1162,4 +1209,102 @@ fn a_peer_alone_steps_by_its_whole_run() {
         aggregate::distance(p.weights(), &local) > 1.0,
         "a private peer took its unclipped run"
     );
+}
+
+/// A learner of `digits` with settings `c`, key seed `seed` and `n` zero weights.
+fn with(c: &LearnConfig, seed: u8, n: usize) -> Learner {
+    Learner::new(
+        c.clone(),
+        "digits",
+        Identity::from_seed([seed; 32]),
+        vec![0.0; n],
+    )
+    .expect("valid")
+}
+
+#[test]
+fn a_lone_held_update_is_clipped_to_our_own_norm() {
+    // Exchanging weights: our run moves 0.01 a coordinate; the one neighbour heard this
+    // round sends weights a hundred away. Alone among the held updates it is no median:
+    // it is clipped to three times our run's norm, and our model stays near our run.
+    let c = LearnConfig {
+        exchange: Exchange::Weights,
+        aggregation: Aggregation::TrimmedMean { trim: 0.2 },
+        sync_every: 0,
+        ..cfg()
+    };
+    let mut a = with(&c, 1, 4);
+    let mut x = with(&c, 2, 4);
+    a.receive(&x.local_update(&[100.0; 4], 64, 0.0).expect("finite"))
+        .expect("taken in");
+    a.local_update(&[0.01; 4], 8, 0.0).expect("finite");
+    let s = a.finish_round();
+    assert_eq!((s.used, s.rejected), (1, 0));
+    // The mean of our run (norm 0.02) and the clipped one (0.06): 0.04 at most.
+    assert!(
+        aggregate::norm(a.weights()) <= 0.04 + 1e-6,
+        "{:?}",
+        a.weights()
+    );
+    // Two held updates still bound each other: an honest one of 0.02 and the liar's.
+    let c = LearnConfig {
+        exchange: Exchange::Weights,
+        sync_every: 0,
+        ..cfg()
+    };
+    let mut a = with(&c, 1, 4);
+    for (seed, to) in [(2, 100.0), (3, 0.02)] {
+        let mut o = with(&c, seed, 4);
+        a.receive(&o.local_update(&[to; 4], 8, 0.0).expect("finite"))
+            .expect("taken in");
+    }
+    a.local_update(&[0.01; 4], 8, 0.0).expect("finite");
+    let s = a.finish_round();
+    assert_eq!((s.used, s.rejected), (1, 1));
+}
+
+#[test]
+fn our_own_update_echoed_under_another_key_is_refused_and_earns_nothing() {
+    let n = 256;
+    let mut c = cfg();
+    c.aggregation = Aggregation::TrimmedMean { trim: 0.25 };
+    let learner = |seed: u8| with(&c, seed, n);
+    // Runs of independent noise, one per peer.
+    let mut state = 0x2545_f491_u32;
+    let mut run = || -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let mut a = learner(1);
+    let mine = a.local_update(&run(), 8, 0.0).expect("finite");
+    let honest: Vec<Learner> = (2..4).map(learner).collect();
+    for mut h in honest {
+        a.receive(&h.local_update(&run(), 8, 0.0).expect("finite"))
+            .expect("valid");
+    }
+    // Two liars send our update back, each signed with its own key.
+    for seed in [8, 9] {
+        let echo = Update::signed(
+            &Identity::from_seed([seed; 32]),
+            "digits",
+            0,
+            8,
+            0.0,
+            payload_of(&mine, n),
+        );
+        a.receive(&PeerMessage::Update(echo).encode())
+            .expect("taken in");
+    }
+    let s = a.finish_round();
+    assert_eq!((s.used, s.rejected), (2, 2));
+    assert_eq!(a.stats.rejected[&Rejection::Own], 2);
+    let receipted: Vec<PublicKey> = s.receipts.iter().map(|r| r.sender).collect();
+    for seed in [2u8, 3] {
+        assert!(receipted.contains(&Identity::from_seed([seed; 32]).public()));
+    }
+    assert_eq!(receipted.len(), 2, "no receipt for an echo");
 }

@@ -216,6 +216,12 @@ fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     if index == 0 {
         return Err("bad header: a segment continuing from entry 0".into());
     }
+    // No ledger reaches 2^63 entries; an index near 2^64 would wrap the count.
+    if index >= 1 << 63 {
+        return Err(format!(
+            "bad header: a segment continuing from entry {index}"
+        ));
+    }
     Ok(Header {
         task: task.to_string(),
         len: len + CONTINUES.len() + end + 1,
@@ -1347,6 +1353,9 @@ mod tests {
             "continues 5 0707070707070707070707070707070707070707070707070707070707070707",
             "continues +5 0707070707070707070707070707070707070707070707070707070707070707\n",
             "continues 5 0707070707070707070707070707070707070707070707070707070707070G07\n",
+            // An index whose count would wrap.
+            "continues 18446744073709551615 0707070707070707070707070707070707070707070707070707070707070707\n",
+            "continues 9223372036854775808 0707070707070707070707070707070707070707070707070707070707070707\n",
         ] {
             let mut b = header("digits");
             b.extend_from_slice(bad.as_bytes());

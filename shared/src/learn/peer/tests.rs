@@ -370,6 +370,46 @@ fn one_far_ahead_round_claim_moves_nothing_and_a_majority_starts_a_checked_downl
     );
 }
 
+/// A joiner with neighbours 10 to 14, once it has asked all five for the model.
+fn joiner_asking_five() -> Peer {
+    let mut p = joiner();
+    for n in 10..15 {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(GREET_AFTER_MS);
+    p.tick(2.0 * GREET_AFTER_MS);
+    assert_eq!(asked(&drain(&mut p)).len(), 5);
+    p
+}
+
+#[test]
+fn two_liars_far_ahead_do_not_make_a_joiner_download_their_model() {
+    // A joiner with five neighbours adopts the model at round 10 from all five; two
+    // liars claimed round 5,000 while it joined. Its three honest neighbours have sent
+    // it no update yet: two of five are not most of them.
+    let mut p = joiner_asking_five();
+    p.handle(msg(10, update(20, 5_000)), 300.0);
+    p.handle(msg(11, update(21, 5_000)), 300.0);
+    for n in 10..15 {
+        p.handle(msg(n, model(10, 0.3)), 600.0);
+    }
+    p.tick(700.0);
+    assert_eq!(p.learner().round(), 10, "adopted from the five");
+    for at in [700.0, 700.0 + MODEL_WAIT_MS] {
+        p.tick(at);
+        assert!(
+            asked(&drain(&mut p)).is_empty(),
+            "two liars' claims are not lagging"
+        );
+    }
+    // A third neighbour's claim makes it most of them.
+    p.handle(msg(12, update(22, 5_000)), 800.0 + MODEL_WAIT_MS);
+    p.tick(900.0 + MODEL_WAIT_MS);
+    let mut who = asked(&drain(&mut p));
+    who.sort_unstable();
+    assert_eq!(who, [10, 11, 12]);
+}
+
 #[test]
 fn a_connection_signs_with_one_key_for_its_life() {
     let mut p = running(5);
@@ -439,6 +479,51 @@ fn a_relay_that_wins_a_round_and_is_then_shunned_costs_the_signer_nothing() {
         p.learner().has_fresh_from(&id(20).public()),
         "the signer's update is still held"
     );
+}
+
+#[test]
+fn under_an_upload_budget_model_answers_take_at_most_their_share() {
+    // 1 MB an hour: answers may send a quarter of it (69 bytes a second) besides the
+    // updates, in bursts of 10 s of that; three neighbours ask every 2 s for a minute.
+    let answer_bytes = |p: &mut Peer| {
+        drain(p)
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send { data, .. } if data.len() > 100 => Some(data.len()),
+                _ => None,
+            })
+            .sum::<usize>()
+    };
+    let req = PeerMessage::ModelRequest.encode();
+    let answered = |upload_mb_per_hour| {
+        let mut p = timed_running_with(5, upload_mb_per_hour);
+        drain(&mut p);
+        let mut bytes = 0;
+        for i in 0..30 {
+            let t = f64::from(i) * ANSWER_INTERVAL_MS + 1.0;
+            for n in [10, 11, 12] {
+                p.handle(msg(n, req.clone()), t);
+            }
+            bytes += answer_bytes(&mut p);
+        }
+        (p, bytes)
+    };
+    let share = 1e6 / 3.6e6 * ANSWER_SHARE;
+    // Each connection's first answer goes out whatever the budget (about 210 bytes).
+    let bound = share * (UPLOAD_BURST_MS + 60_000.0) + 3.0 * 210.0;
+    let (mut p, budgeted) = answered(1);
+    assert!(
+        budgeted as f64 <= bound,
+        "{budgeted} bytes, {bound} at most"
+    );
+    // Without a budget each neighbour is answered every 2 s: 90 answers.
+    let (_, free) = answered(0);
+    assert!(free > 3 * budgeted, "{free} against {budgeted}");
+    // A joiner's first request is answered even while the others keep the budget spent.
+    p.handle(Event::Up(PeerId(13)), 60_000.0);
+    drain(&mut p);
+    p.handle(msg(13, req.clone()), 60_001.0);
+    assert!(answer_bytes(&mut p) > 100, "the joiner is answered");
 }
 
 #[test]
@@ -556,13 +641,13 @@ fn a_neighbour_the_screen_distrusts_no_longer_sets_the_pace() {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
     let mut t = GREET_AFTER_MS;
-    // Our pseudo-gradient is 0.01 per coordinate, 10's too, 11's -0.01; 12's -0.025 is
+    // Our pseudo-gradient is 0.01 per coordinate, 10's 0.009, 11's -0.01; 12's -0.025 is
     // within the norm bound but 2.5 times the median distance from the median: screened.
     for r in 5..7 {
         p.tick(t);
         drain(&mut p);
         p.trained(r, &[0.49; N], 0.3, 8, t).expect("finite");
-        p.handle(msg(10, update_w(20, r, 0.49)), t);
+        p.handle(msg(10, update_w(20, r, 0.491)), t);
         p.handle(msg(11, update_w(21, r, 0.51)), t);
         p.handle(msg(12, update_w(22, r, 0.525)), t);
         p.tick(t + 1.0);
@@ -574,7 +659,7 @@ fn a_neighbour_the_screen_distrusts_no_longer_sets_the_pace() {
     p.tick(t);
     drain(&mut p);
     p.trained(7, &[0.49; N], 0.3, 8, t).expect("finite");
-    p.handle(msg(10, update_w(20, 7, 0.49)), t);
+    p.handle(msg(10, update_w(20, 7, 0.491)), t);
     p.handle(msg(11, update_w(21, 7, 0.51)), t);
     p.tick(t + 1.0);
     assert_eq!(p.learner().round(), 8, "12 was not waited for");
@@ -738,6 +823,29 @@ fn colluders_that_agree_are_outvoted_and_silence_counts_against_adoption() {
     // median, which two identical answers of three always are.
     let median = coordinate_median([[-3.0f32; 4], [-3.0; 4], [0.3; 4]].iter().map(|v| &v[..]));
     assert_eq!(median, vec![-3.0; 4]);
+}
+
+#[test]
+fn colluders_that_agree_on_the_weights_do_not_set_the_momentum() {
+    // Five asked, four answer with the same weights; two of them with a huge momentum.
+    let mut p = joiner_asking_five();
+    for (from, momentum) in [(10, 1e6), (11, 1e6), (12, 0.01), (13, 0.02)] {
+        let s = Snapshot {
+            momentum: vec![momentum; N],
+            ..snapshot(10, 0.3)
+        };
+        p.handle(msg(from, PeerMessage::Model(s).encode()), 600.0);
+    }
+    p.tick(2.0 * GREET_AFTER_MS + MODEL_WAIT_MS);
+    assert_eq!(p.learner().round(), 10, "adopted");
+    let Ok(PeerMessage::Model(s)) = PeerMessage::decode(&p.learner().snapshot(), N) else {
+        panic!("a snapshot");
+    };
+    assert!(
+        s.momentum.iter().all(|m| m.abs() <= 0.02),
+        "{:?}",
+        &s.momentum[..2]
+    );
 }
 
 #[test]
