@@ -43,7 +43,15 @@ impl Keeper {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
             .collect();
-        v.sort(); // names carry the zero-padded round
+        // By the round in the name, as a number: rounds go up to 2^40, 13 digits, past
+        // the names' zero padding of 12.
+        let round = |p: &PathBuf| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.strip_prefix("model-"))
+                .and_then(|r| r.parse::<u64>().ok())
+        };
+        v.sort_by_key(|p| (round(p), p.clone()));
         Ok(v)
     }
 
@@ -118,6 +126,22 @@ mod tests {
             weights: vec![round as f32; 4],
             momentum: vec![0.5; 4],
         }
+    }
+
+    /// Rounds go up to 2^40, 13 digits, past the names' padding of 12: the newest is
+    /// still the highest round.
+    #[test]
+    fn checkpoints_order_by_round_past_twelve_digits() {
+        let dir = std::env::temp_dir().join(format!("shoal-keeper-13-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let k = Keeper::open(&dir).expect("dir");
+        for r in [999_999_999_999, 1_000_000_000_000] {
+            k.save(r, &PeerMessage::Model(snap(r)).encode())
+                .expect("saved");
+        }
+        let latest = k.latest(4).expect("readable").0.expect("a model");
+        assert_eq!(latest.round, 1_000_000_000_000);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

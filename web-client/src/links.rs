@@ -22,6 +22,11 @@ pub const MESSAGE_RATE: u64 = 200;
 /// Messages it may send at once beyond [`MESSAGE_RATE`]; one more is a flood, and the
 /// neighbour is dropped.
 pub const MESSAGE_BURST: u64 = 2_000;
+/// What a frame that does not end a message costs of that allowance, in thousandths of
+/// a message: a message cut into frames of a byte each must not cost its receiver a
+/// frame's work per byte for one message's allowance (an honest 64 MiB message, 4,096
+/// frames, costs 66 messages' worth).
+pub const FRAME_COST: u64 = 16;
 
 /// Why a neighbour's channel is given up.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -136,15 +141,21 @@ impl InboundLink {
         now_ms: u64,
     ) -> Result<Option<Vec<u8>>, LinkError> {
         self.count_strikes(now_ms)?;
+        let (left, at) = self.allowance;
+        let left = (left + now_ms.saturating_sub(at) * MESSAGE_RATE).min(MESSAGE_BURST * 1000);
+        // A whole message costs 1000; a frame that does not end one, `FRAME_COST`.
+        let cost = if matches!(result, Ok(Some(_))) {
+            1000
+        } else {
+            FRAME_COST
+        };
+        if left < cost {
+            return Err(LinkError::Flooding);
+        }
+        self.allowance = (left - cost, now_ms.max(at));
         let Ok(Some(message)) = result else {
             return Ok(None);
         };
-        let (left, at) = self.allowance;
-        let left = (left + now_ms.saturating_sub(at) * MESSAGE_RATE).min(MESSAGE_BURST * 1000);
-        if left < 1000 {
-            return Err(LinkError::Flooding);
-        }
-        self.allowance = (left - 1000, now_ms.max(at));
         if self.open {
             return Ok(Some(message));
         }
@@ -237,6 +248,31 @@ mod tests {
             assert!(matches!(link.on_frame(&one[0], 1000), Ok(Some(_))));
         }
         assert_eq!(link.on_frame(&one[0], 1000), Err(LinkError::Flooding));
+    }
+
+    /// A message cut into frames of a byte each costs its frames: sent at once, it is a
+    /// flood (each frame is a receiver's work, however few messages it makes).
+    #[test]
+    fn a_message_cut_into_tiny_frames_is_a_flood() {
+        let mut link = InboundLink::new(1 << 20, 4);
+        assert!(link.on_open().is_empty());
+        let msg = vec![7u8; 200_000];
+        let mut verdict = Ok(None);
+        for f in split(0, &msg, 1) {
+            verdict = link.on_frame(&f, 0);
+            if verdict.is_err() {
+                break;
+            }
+        }
+        assert_eq!(verdict, Err(LinkError::Flooding));
+        // Honest frames of 16 KiB: a 1 MiB message is one message's allowance and a
+        // little more.
+        let mut link = opened();
+        let big = vec![7u8; 1 << 20];
+        let got: Vec<_> = split(0, &big, shoal_shared::framing::DEFAULT_CHUNK)
+            .filter_map(|f| link.on_frame(&f, 0).expect("no flood"))
+            .collect();
+        assert_eq!(got.len(), 1);
     }
 
     #[test]

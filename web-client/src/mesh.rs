@@ -50,6 +50,9 @@ use crate::swarm::{
 /// How long after its channel opened a neighbour is announced (`peer_up`) if it has sent
 /// nothing meanwhile.
 pub const SETTLE_MS: u64 = 500;
+/// The most connections a peer keeps: twice the largest `k` a server gives (16), the
+/// most neighbours it may link to one peer.
+pub const MAX_LINKS: usize = 32;
 /// [`CONNECT_DEADLINE_SECS`] in the mesh's unit of time.
 const CONNECT_DEADLINE_MS: u64 = CONNECT_DEADLINE_SECS as u64 * 1000;
 
@@ -115,6 +118,8 @@ struct Link {
     /// Local candidates gathered before this side's description was sent (`None` once
     /// it was).
     held: Option<Vec<Signal>>,
+    /// The other side's candidates taken (at most [`MAX_HELD_CANDIDATES`]).
+    remote_candidates: usize,
 }
 
 impl Link {
@@ -127,6 +132,7 @@ impl Link {
             inbound: InboundLink::new(max_message, MAX_IN_FLIGHT),
             queue: SendQueue::new(DEFAULT_CHUNK, max_message, MAX_QUEUED),
             held: Some(Vec::new()),
+            remote_candidates: 0,
         }
     }
 
@@ -268,13 +274,12 @@ impl Mesh {
                 self.emit(SwarmEvent::Signaling { me: Some(peer) });
             }
             ServerMessage::Neighbours { peers } => self.on_neighbours(peers, now_ms),
-            ServerMessage::Left { peer } => {
-                // Its websocket is gone; its channel may not be (the server may be
-                // restarting). An open channel stays until it closes by itself.
-                if self.links.get(&peer).is_some_and(Link::is_pending) {
-                    self.forget(peer);
-                }
-            }
+            // Its websocket is gone while ours is up: the server no longer links us, and
+            // its channel goes too, open or not. (Kept, a neighbour could rejoin under a
+            // new id again and again and pile up channels the server knows nothing of:
+            // "ghost" neighbours that outnumber the drawn ones.) Channels outlive only
+            // our own signaling connection's loss, until its next `neighbours`.
+            ServerMessage::Left { peer } => self.forget(peer),
             ServerMessage::Joined { .. } => {}
             ServerMessage::Signal { from, signal } => self.on_signal(from, signal, now_ms),
             ServerMessage::TaskState { paused } => self.emit(SwarmEvent::TaskState { paused }),
@@ -292,12 +297,18 @@ impl Mesh {
 
     fn on_neighbours(&mut self, peers: Vec<PeerId>, now_ms: u64) {
         let Some(me) = self.me else { return };
-        let neighbours: BTreeSet<PeerId> = peers.into_iter().filter(|&p| p != me).collect();
+        let neighbours: BTreeSet<PeerId> = peers
+            .into_iter()
+            .filter(|&p| p != me)
+            .take(MAX_LINKS)
+            .collect();
+        // The list is the server's whole view of our neighbours: a link to anyone else
+        // goes, open or not.
         let stale: Vec<PeerId> = self
             .links
-            .iter()
-            .filter(|(p, l)| !neighbours.contains(p) && l.is_pending())
-            .map(|(p, _)| *p)
+            .keys()
+            .filter(|p| !neighbours.contains(p))
+            .copied()
             .collect();
         for p in stale {
             self.forget(p);
@@ -323,6 +334,12 @@ impl Mesh {
                     // Glare or a repeat: the live connection stands.
                     return;
                 }
+                if self.links.len() >= MAX_LINKS {
+                    self.actions.push_back(Action::Warn(format!(
+                        "an offer from {from} past {MAX_LINKS} connections: ignored"
+                    )));
+                    return;
+                }
                 self.start(from, now_ms, false);
                 self.actions.push_back(Action::Answer { peer: from, sdp });
             }
@@ -332,7 +349,12 @@ impl Mesh {
                 }
             }
             candidate @ Signal::Candidate { .. } => {
-                if self.links.contains_key(&from) {
+                // At most `MAX_HELD_CANDIDATES` from one neighbour per connection: each
+                // is paired with every local one and probed (at addresses it names).
+                if let Some(link) = self.links.get_mut(&from)
+                    && link.remote_candidates < MAX_HELD_CANDIDATES
+                {
+                    link.remote_candidates += 1;
                     self.actions.push_back(Action::AddCandidate {
                         peer: from,
                         candidate,
@@ -706,8 +728,8 @@ mod tests {
                 deadline.clone(),
             ]
         );
-        // 9 leaves the set before its channel opened: abandoned. 7 opened and stays
-        // though it left the set too; 11 is new.
+        // 9 leaves the set before its channel opened, 7 after: both are closed; 11 is
+        // new.
         up(&mut m, 7);
         drain(&mut m);
         m.on_server(
@@ -719,6 +741,8 @@ mod tests {
         assert_eq!(
             drain(&mut m),
             [
+                Action::Emit(SwarmEvent::PeerDown(PeerId(7))),
+                Action::Close(PeerId(7)),
                 Action::Close(PeerId(9)),
                 Action::Connect {
                     peer: PeerId(11),
@@ -727,7 +751,7 @@ mod tests {
                 deadline,
             ]
         );
-        assert_eq!(m.peers(), [PeerId(7)]);
+        assert!(m.peers().is_empty());
     }
 
     #[test]
@@ -761,6 +785,83 @@ mod tests {
             2 + 1 + 1 + MAX_HELD_CANDIDATES,
             "welcome, connect, its deadline, offer, held"
         );
+    }
+
+    /// A neighbour that left, or is no longer listed, loses its channel, open or not: a
+    /// hostile peer rejoining under new ids again and again piled up open channels the
+    /// server knew nothing of (ghosts that outnumbered the drawn neighbours).
+    #[test]
+    fn channels_go_with_the_neighbours_the_server_lists_and_ghosts_do_not_pile_up() {
+        let mut m = member(1, &[2]);
+        up(&mut m, 2);
+        drain(&mut m);
+        m.on_server(ServerMessage::Left { peer: PeerId(2) }, 10);
+        assert!(drain(&mut m).contains(&Action::Close(PeerId(2))));
+        assert!(m.peers().is_empty());
+        for i in 3..103 {
+            m.on_server(
+                ServerMessage::Neighbours {
+                    peers: vec![PeerId(i)],
+                },
+                10,
+            );
+            up(&mut m, i);
+            m.on_server(ServerMessage::Left { peer: PeerId(i) }, 10);
+            m.on_server(
+                ServerMessage::Neighbours {
+                    peers: vec![PeerId(1000 + i)],
+                },
+                10,
+            );
+        }
+        assert!(m.peers().is_empty(), "{:?}", m.peers());
+        assert_eq!(m.links.len(), 1, "the one listed");
+        // However long a list the server sends, at most `MAX_LINKS` connections.
+        m.on_server(
+            ServerMessage::Neighbours {
+                peers: (2000..2100).map(PeerId).collect(),
+            },
+            20,
+        );
+        assert_eq!(m.links.len(), MAX_LINKS);
+        // And an offer past them is ignored.
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(5),
+                signal: Signal::Offer { sdp: "o".into() },
+            },
+            20,
+        );
+        assert!(!m.links.contains_key(&PeerId(5)));
+    }
+
+    /// A neighbour's candidates are taken up to `MAX_HELD_CANDIDATES` per connection:
+    /// each is probed at the address it names.
+    #[test]
+    fn a_neighbours_candidates_are_bounded() {
+        let mut m = member(9, &[3]);
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(3),
+                signal: Signal::Offer { sdp: "o".into() },
+            },
+            0,
+        );
+        drain(&mut m);
+        for n in 0..1000 {
+            m.on_server(
+                ServerMessage::Signal {
+                    from: PeerId(3),
+                    signal: candidate(n),
+                },
+                0,
+            );
+        }
+        let added = drain(&mut m)
+            .iter()
+            .filter(|a| matches!(a, Action::AddCandidate { .. }))
+            .count();
+        assert_eq!(added, MAX_HELD_CANDIDATES);
     }
 
     #[test]
@@ -1047,18 +1148,24 @@ mod tests {
     }
 
     #[test]
-    fn signaling_down_keeps_open_channels_and_left_drops_pending_ones() {
+    fn signaling_down_keeps_open_channels_until_the_server_says_otherwise() {
         let mut m = member(1, &[2, 3]);
         up(&mut m, 2);
         drain(&mut m);
         m.signaling_down();
         assert_eq!(m.peers(), [PeerId(2)]);
         m.on_server(welcome(1), 0);
+        assert_eq!(
+            m.peers(),
+            [PeerId(2)],
+            "kept until the server lists or drops it"
+        );
         m.on_server(ServerMessage::Left { peer: PeerId(3) }, 0);
         m.on_server(ServerMessage::Left { peer: PeerId(2) }, 0);
         let acts = drain(&mut m);
         assert!(acts.contains(&Action::Close(PeerId(3))));
-        assert!(!acts.contains(&Action::Close(PeerId(2))));
+        assert!(acts.contains(&Action::Close(PeerId(2))));
+        assert!(m.peers().is_empty());
         // No unreachable while signaling is down.
         let mut m = member(1, &[2]);
         drain(&mut m);

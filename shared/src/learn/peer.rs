@@ -130,8 +130,8 @@ pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
 /// Under an upload budget, model answers (to joiners, lagging peers and observers) may
 /// send at most this share of the budget's rate besides it, in bursts of 10 s of that
 /// rate or one model whole (fp32) if that is more: a neighbour asking every 2 s for our
-/// whole weights would take a visitor 10 times the demo's budget. A connection's first
-/// request is answered in any case (counted).
+/// whole weights would take a visitor 10 times the demo's budget. `observe` requests
+/// may use half that burst, so that dashboards leave room for joiners.
 pub const ANSWER_SHARE: f64 = 0.25;
 
 /// How many times `round_deadline_ms` a round waits while most of the neighbours it
@@ -527,6 +527,9 @@ pub struct Peer {
     upload_free_at: f64,
     /// The same for model answers, at [`ANSWER_SHARE`] of the budget's rate.
     answers_free_at: f64,
+    /// Model answers sent in the last [`ANSWER_INTERVAL_MS`], and to whom (kept when a
+    /// neighbour's connection closes; at most one per neighbour in that time).
+    answered: VecDeque<(PeerId, f64)>,
 }
 
 impl Peer {
@@ -576,6 +579,7 @@ impl Peer {
             step_rate: None,
             upload_free_at: f64::NEG_INFINITY,
             answers_free_at: f64::NEG_INFINITY,
+            answered: VecDeque::new(),
         })
     }
 
@@ -1104,7 +1108,7 @@ impl Peer {
 
     /// Whether we answer `from`'s request for our model now: we hold one to give (else we
     /// tell it we do not) and it did not ask too soon.
-    fn may_answer(&mut self, from: PeerId, now_ms: f64) -> bool {
+    fn may_answer(&mut self, from: PeerId, observe: bool, now_ms: f64) -> bool {
         if self.role != PeerRole::Trainer || !self.learner.is_started() {
             // Nothing to give: say so, so that the asker stops waiting for us.
             let msg = PeerMessage::Status {
@@ -1114,20 +1118,28 @@ impl Peer {
             self.send(from, msg);
             return false;
         }
+        // Observers may take half the burst at most: dashboards asking often must not
+        // leave no room for a joiner's model.
+        let share = if observe { 0.5 } else { 1.0 };
         let over_budget = self
             .answer_rate()
-            .is_some_and(|(_, burst_ms)| self.answers_free_at - now_ms > burst_ms);
+            .is_some_and(|(_, burst_ms)| self.answers_free_at - now_ms > share * burst_ms);
+        // Answers of the last `ANSWER_INTERVAL_MS` by neighbour, kept across reconnects:
+        // a neighbour that closes its channel and opens another must not be answered
+        // again sooner.
+        self.answered
+            .retain(|(_, t)| now_ms - t < ANSWER_INTERVAL_MS && *t <= now_ms);
         let n = self.nbrs.entry(from).or_default();
-        // A connection's first request is answered whatever the budget (still counted
-        // against it): others asking again and again must not starve a joiner.
-        if over_budget && n.answered_at.is_some()
-            || n.answered_at
-                .is_some_and(|t| now_ms - t < ANSWER_INTERVAL_MS)
-        {
+        let too_soon = n
+            .answered_at
+            .is_some_and(|t| now_ms - t < ANSWER_INTERVAL_MS)
+            || self.answered.iter().any(|(p, _)| *p == from);
+        if over_budget || too_soon {
             self.learner.reject(Rejection::RequestRate);
             return false;
         }
         n.answered_at = Some(now_ms);
+        self.answered.push_back((from, now_ms));
         true
     }
 
@@ -1148,7 +1160,7 @@ impl Peer {
     }
 
     fn answer(&mut self, from: PeerId, now_ms: f64) {
-        if self.may_answer(from, now_ms) {
+        if self.may_answer(from, false, now_ms) {
             let snap = self.learner.answer_snapshot();
             self.send_answer(from, snap, now_ms);
         }
@@ -1157,7 +1169,7 @@ impl Peer {
     /// Answers an observer: our weights as a change from those it holds from us when it
     /// names them (`base`, their hash), else whole; remembers what it then holds.
     fn answer_observer(&mut self, from: PeerId, base: Option<[u8; 32]>, now_ms: f64) {
-        if !self.may_answer(from, now_ms) {
+        if !self.may_answer(from, true, now_ms) {
             return;
         }
         let gave = self
