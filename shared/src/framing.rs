@@ -372,10 +372,8 @@ impl Reassembler {
                 count: h.count,
                 total: h.total,
                 crc: h.crc,
-                // Its declared size, already counted against what partial messages may
-                // hold (`evict_for_new`): grown chunk by chunk, the buffer would double
-                // past it, up to twice the bytes counted.
-                data: Vec::with_capacity(h.total as usize),
+                // Grown as chunks come, never past the declared size (`push` below).
+                data: Vec::new(),
                 touched_ms: now_ms,
                 touched_seq: 0,
             };
@@ -391,6 +389,15 @@ impl Reassembler {
         {
             self.partial.remove(&h.id);
             return Err(FrameError::Inconsistent);
+        }
+        // Doubling, but never past the declared size (already counted against what
+        // partial messages may hold, `evict_for_new`): left to itself the buffer would
+        // double past it, up to twice the bytes counted; reserved whole at the first
+        // chunk, one small frame would take the whole size.
+        let need = p.data.len() + body.len();
+        if need > p.data.capacity() {
+            let target = (p.data.capacity() * 2).max(need).min(p.total as usize);
+            p.data.reserve_exact(target - p.data.len());
         }
         p.data.extend_from_slice(body);
         p.next += 1;
@@ -523,6 +530,12 @@ mod tests {
             "{}",
             got[0].capacity()
         );
+        // Nor does its first small frame take its whole declared size.
+        let mut frames = split(2, &m, DEFAULT_CHUNK);
+        let first = frames.next().expect("a frame");
+        assert_eq!(r.push(&first, 0), Ok(None));
+        let held = r.partial.values().map(|p| p.data.capacity()).sum::<usize>();
+        assert!(held <= 2 * DEFAULT_CHUNK, "{held}");
     }
 
     #[test]

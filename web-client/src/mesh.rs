@@ -7,8 +7,12 @@
 //! What it decides:
 //! - **Neighbour set reconciliation.** Each `neighbours` message replaces the set: a
 //!   connection is started to every new neighbour this side offers to ([`should_offer`]);
-//!   pending connections to former neighbours are abandoned; open channels stay until
-//!   they close by themselves (they may predate a signaling reconnect).
+//!   connections to peers no longer listed, or that `left`, are closed, open or not (a
+//!   hostile peer rejoining under new ids would otherwise pile up channels the server
+//!   knows nothing of). Open channels made before a signaling reconnect (under our
+//!   previous id) stay for [`SESSION_GRACE_MS`] after the new `welcome`, or for good
+//!   while the server is unreachable; one to a peer the new session lists again is
+//!   replaced by a new connection. At most [`MAX_LINKS`] connections.
 //! - **Who offers:** the smaller id. An offer from a peer this side should offer to is
 //!   still answered when no connection to it exists yet (the two sides may disagree
 //!   about the neighbour set for a moment); a second offer on a live connection is
@@ -20,7 +24,8 @@
 //!   [`CONNECT_DEADLINE_SECS`] after it started is dropped and the neighbour reported
 //!   `unreachable` (the server then gives both sides others); so is one whose setup fails
 //!   before it opened. Nothing is retried: the neighbour set brings another peer.
-//! - **Reconnect:** signaling reconnects with [`Backoff`]; open channels survive it.
+//! - **Reconnect:** signaling reconnects with [`Backoff`]; open channels survive it for
+//!   [`SESSION_GRACE_MS`] (above).
 //! - **When a channel is up:** `peer_up` (and with it the right to send) comes
 //!   [`SETTLE_MS`] after this side's channel opened, or as soon as the other side's first
 //!   frame arrives, whichever is first. A WebRTC stack can drop a message that arrives
@@ -53,6 +58,9 @@ pub const SETTLE_MS: u64 = 500;
 /// The most connections a peer keeps: twice the largest `k` a server gives (16), the
 /// most neighbours it may link to one peer.
 pub const MAX_LINKS: usize = 32;
+/// How long open channels of a previous signaling session stay once a new one began
+/// (a server restart: training goes on over them while the new neighbours connect).
+pub const SESSION_GRACE_MS: u64 = 60_000;
 /// [`CONNECT_DEADLINE_SECS`] in the mesh's unit of time.
 const CONNECT_DEADLINE_MS: u64 = CONNECT_DEADLINE_SECS as u64 * 1000;
 
@@ -120,6 +128,8 @@ struct Link {
     held: Option<Vec<Signal>>,
     /// The other side's candidates taken (at most [`MAX_HELD_CANDIDATES`]).
     remote_candidates: usize,
+    /// Our id in the signaling session it was made in.
+    session: Option<PeerId>,
 }
 
 impl Link {
@@ -133,6 +143,7 @@ impl Link {
             queue: SendQueue::new(DEFAULT_CHUNK, max_message, MAX_QUEUED),
             held: Some(Vec::new()),
             remote_candidates: 0,
+            session: None,
         }
     }
 
@@ -162,6 +173,9 @@ pub struct Mesh {
     /// The largest message a link carries either way (the task's, see
     /// [`max_message_for`](crate::swarm::max_message_for)).
     max_message: usize,
+    /// When open channels of a previous signaling session go ([`SESSION_GRACE_MS`]
+    /// after the latest `welcome`).
+    grace_until: u64,
 }
 
 impl Mesh {
@@ -177,6 +191,7 @@ impl Mesh {
             closed: false,
             identity: None,
             max_message: MAX_MESSAGE,
+            grace_until: 0,
         }
     }
 
@@ -260,6 +275,7 @@ impl Mesh {
                 ..
             } => {
                 self.me = Some(peer);
+                self.grace_until = now_ms + SESSION_GRACE_MS;
                 self.ice_servers = ice_servers;
                 self.backoff.reset();
                 let nonce = from_hex(&nonce).and_then(|n| <[u8; 32]>::try_from(n).ok());
@@ -302,13 +318,22 @@ impl Mesh {
             .filter(|&p| p != me)
             .take(MAX_LINKS)
             .collect();
-        // The list is the server's whole view of our neighbours: a link to anyone else
-        // goes, open or not.
+        // The list is the server's whole view of our neighbours: a link of this session
+        // to anyone else goes, open or not. One of a previous session goes if it is
+        // listed (the other side knows us by our new id: it is made again) or not yet
+        // open; else it stays until the grace ends (`tick`).
         let stale: Vec<PeerId> = self
             .links
-            .keys()
-            .filter(|p| !neighbours.contains(p))
-            .copied()
+            .iter()
+            .filter(|(p, l)| {
+                let listed = neighbours.contains(p);
+                if l.session == Some(me) {
+                    !listed
+                } else {
+                    listed || l.is_pending()
+                }
+            })
+            .map(|(p, _)| *p)
             .collect();
         for p in stale {
             self.forget(p);
@@ -319,6 +344,9 @@ impl Mesh {
             .filter(|p| !self.links.contains_key(p) && should_offer(me, *p))
             .collect();
         for p in new {
+            if self.links.len() >= MAX_LINKS {
+                break;
+            }
             self.start(p, now_ms, true);
         }
     }
@@ -330,6 +358,11 @@ impl Mesh {
         }
         match signal {
             Signal::Offer { sdp } => {
+                if self.links.get(&from).is_some_and(|l| l.session != Some(me)) {
+                    // A connection of our previous session: the other side makes a new
+                    // one, to our new id.
+                    self.forget(from);
+                }
                 if self.links.contains_key(&from) {
                     // Glare or a repeat: the live connection stands.
                     return;
@@ -507,6 +540,21 @@ impl Mesh {
         for p in settled {
             self.up(p);
         }
+        // Channels of a previous session, once the grace is over (kept while the server
+        // is unreachable).
+        if let Some(me) = self.me
+            && now_ms >= self.grace_until
+        {
+            let old: Vec<PeerId> = self
+                .links
+                .iter()
+                .filter(|(_, l)| l.session != Some(me))
+                .map(|(p, _)| *p)
+                .collect();
+            for p in old {
+                self.forget(p);
+            }
+        }
     }
 
     /// Queues a whole message for an open neighbour.
@@ -562,7 +610,9 @@ impl Mesh {
 
     /// A connection to `peer` begins (the deadline counts from now).
     fn start(&mut self, peer: PeerId, now_ms: u64, offer: bool) {
-        self.links.insert(peer, Link::new(now_ms, self.max_message));
+        let mut link = Link::new(now_ms, self.max_message);
+        link.session = self.me;
+        self.links.insert(peer, link);
         self.actions.push_back(Action::Connect { peer, offer });
         self.actions
             .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
@@ -833,6 +883,62 @@ mod tests {
             20,
         );
         assert!(!m.links.contains_key(&PeerId(5)));
+    }
+
+    /// After our own signaling reconnects (a new id), a channel to a peer the new session
+    /// lists again is made anew (the other side knows us by our new id and offers to it),
+    /// and one to a peer it does not list stays for the grace, then goes.
+    #[test]
+    fn channels_of_a_previous_session_are_replaced_or_kept_for_the_grace() {
+        let mut m = member(3, &[2, 4]);
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(2),
+                signal: Signal::Offer { sdp: "o".into() },
+            },
+            0,
+        );
+        up(&mut m, 2);
+        up(&mut m, 4);
+        m.signaling_down();
+        drain(&mut m);
+        m.tick(100_000);
+        assert_eq!(
+            m.peers(),
+            [PeerId(2), PeerId(4)],
+            "kept while the server is gone"
+        );
+        m.on_server(welcome(5), 100_000);
+        m.on_server(
+            ServerMessage::Neighbours {
+                peers: vec![PeerId(2)],
+            },
+            100_000,
+        );
+        let acts = drain(&mut m);
+        assert!(acts.contains(&Action::Close(PeerId(2))), "{acts:?}");
+        assert_eq!(m.peers(), [PeerId(4)], "4 stays for the grace");
+        // 2 offers to our new id: answered.
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(2),
+                signal: Signal::Offer { sdp: "o2".into() },
+            },
+            100_010,
+        );
+        assert!(drain(&mut m).contains(&Action::Answer {
+            peer: PeerId(2),
+            sdp: "o2".into()
+        }));
+        m.channel_open(PeerId(2), 100_020);
+        m.tick(100_000 + SESSION_GRACE_MS - 1);
+        assert!(m.peers().contains(&PeerId(4)));
+        m.tick(100_000 + SESSION_GRACE_MS);
+        assert!(drain(&mut m).contains(&Action::Close(PeerId(4))));
+        assert!(
+            m.links.contains_key(&PeerId(2)),
+            "this session's link stays"
+        );
     }
 
     /// A neighbour's candidates are taken up to `MAX_HELD_CANDIDATES` per connection:
