@@ -2028,8 +2028,9 @@ async fn connection(
                         Ok(ClientMessage::Unreachable { peer }) => {
                             hub.unreachable(&task, id, peer).map_err(|c| match c {
                                 ErrorCode::RateLimited => (c, format!(
-                                    "at most {} unreachable reports per connection, past them only of a peer \
-                                     most networks cannot reach",
+                                    "{} unreachable reports per connection redraw a neighbour; past them a \
+                                     report unlinks only while fewer than {MAX_SHED} lost links are still \
+                                     connected",
                                     2 * hub.config.neighbours_for(&task)
                                 )),
                                 c => not_neighbour(peer)(c),
