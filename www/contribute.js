@@ -489,7 +489,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           ? `, within the task's upload budget: at most ${fmtBytes(c.bytes_per_hour)} of updates an hour up `
             + '(with more neighbours your device sends its updates less often, never more), about as much down; '
             + 'a new neighbour also gets the model once, and the models your device sends to neighbours '
-            + 'and dashboards that ask are held to a quarter of that budget more. '
+            + 'and dashboards that ask are held to half that budget more. '
           : c.bytes_per_hour == null ? '; the page shows the data per hour once it runs. '
           : ` (${c.round_ms > 0 ? 'at most' : "at the swarm's current pace, up to"} ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
         + (c.observers > 0 ? `Open dashboards (${c.observers} now) download the model from two contributors every 10 seconds, `

@@ -130,10 +130,11 @@ pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
 /// Under an upload budget, model answers (to joiners, lagging peers and observers) may
 /// send at most this share of the budget's rate besides it, in bursts of 10 s of that
 /// rate or one model whole (fp32) if that is more: a neighbour asking every 2 s for our
-/// whole weights would take a visitor 10 times the demo's budget. `observe` requests
-/// may use half that burst, so that dashboards leave room for joiners, and a
-/// connection's first model request twice it (joiners come in bursts).
-pub const ANSWER_SHARE: f64 = 0.25;
+/// whole weights would take a visitor 10 times the demo's budget. A model request on a
+/// connection not yet answered may use twice that burst (joiners come in bursts). A
+/// quarter starved the demo's dashboard (a first answer of whole weights, then a change
+/// every 20 s or so from each contributor).
+pub const ANSWER_SHARE: f64 = 0.5;
 
 /// How many times `round_deadline_ms` a round waits while most of the neighbours it
 /// waits for have not sent their update for it (see [`Peer::round_wait`]).
@@ -1119,15 +1120,11 @@ impl Peer {
             self.send(from, msg);
             return false;
         }
-        // Observers may take half the burst at most (dashboards asking often must leave
-        // room for a joiner's model); a connection's first model request, twice it (a
-        // burst of joiners; sustained, answers still send at most the share's rate).
+        // A model request on a connection not yet answered may take twice the burst
+        // (joiners come in bursts, and dashboards may have used the rest; sustained,
+        // answers still send at most the share's rate).
         let first = self.nbrs.get(&from).is_none_or(|n| n.answered_at.is_none());
-        let share = match (observe, first) {
-            (true, _) => 0.5,
-            (false, true) => 2.0,
-            (false, false) => 1.0,
-        };
+        let share = if first && !observe { 2.0 } else { 1.0 };
         let over_budget = self
             .answer_rate()
             .is_some_and(|(_, burst_ms)| self.answers_free_at - now_ms > share * burst_ms);
