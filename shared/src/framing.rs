@@ -32,6 +32,12 @@ pub const HEADER: usize = 24;
 /// Default chunk payload: with its header a frame is exactly 16 KiB, the message size
 /// every browser's data channel sends and receives without trouble.
 pub const DEFAULT_CHUNK: usize = 16 * 1024 - HEADER;
+/// Bytes a message of `len` bytes takes on the wire in `chunk`-byte chunks, headers
+/// included (an empty message is one frame).
+pub fn framed_len(len: usize, chunk: usize) -> usize {
+    len.saturating_add(HEADER.saturating_mul(len.div_ceil(chunk.max(1)).max(1)))
+}
+
 /// Largest chunk payload a sender may configure.
 pub const MAX_CHUNK: usize = 256 * 1024;
 /// Largest message a peer sends or accepts over a data channel, whatever the task (a model
@@ -467,7 +473,7 @@ impl SendQueue {
         if msg.len() > self.max_message {
             return Err(QueueError::TooLarge);
         }
-        let framed = msg.len() + HEADER * msg.len().div_ceil(self.chunk).max(1);
+        let framed = framed_len(msg.len(), self.chunk);
         if self.queued + framed > self.max_queued {
             return Err(QueueError::Full);
         }

@@ -441,20 +441,10 @@ impl NoiseSource {
 /// Clips `update` to L2 norm `clip` and adds Gaussian noise of standard deviation
 /// `z * clip` to every coordinate. Returns the norm before clipping.
 pub fn clip_and_noise(update: &mut [f32], clip: f32, z: f32, noise: &mut NoiseSource) -> f32 {
-    let norm = update
-        .iter()
-        .map(|x| f64::from(*x) * f64::from(*x))
-        .sum::<f64>()
-        .sqrt() as f32;
-    // A hair under clip / norm, so that rounding never leaves the norm above `clip`.
-    let scale = if norm > clip {
-        clip / norm * (1.0 - 1e-6)
-    } else {
-        1.0
-    };
+    let norm = crate::learn::aggregate::clip_norm(update, clip);
     let sd = f64::from(z) * f64::from(clip);
     for x in update.iter_mut() {
-        *x = (f64::from(*x * scale) + sd * noise.normal()) as f32;
+        *x = (f64::from(*x) + sd * noise.normal()) as f32;
     }
     norm
 }

@@ -48,8 +48,8 @@ use shoal_shared::protocol::{
 
 use crate::links::InboundLink;
 use crate::swarm::{
-    Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, MAX_QUEUED,
-    SendError, SwarmEvent, should_offer,
+    Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, SendError,
+    SwarmEvent, max_queued_for, should_offer,
 };
 
 /// How long after its channel opened a neighbour is announced (`peer_up`) if it has sent
@@ -140,7 +140,7 @@ impl Link {
             opened_ms: None,
             heard: false,
             inbound: InboundLink::new(max_message, MAX_IN_FLIGHT),
-            queue: SendQueue::new(DEFAULT_CHUNK, max_message, MAX_QUEUED),
+            queue: SendQueue::new(DEFAULT_CHUNK, max_message, max_queued_for(max_message)),
             held: Some(Vec::new()),
             remote_candidates: 0,
             session: None,
@@ -1121,8 +1121,8 @@ mod tests {
         assert_eq!(drain(&mut m), [Action::Close(PeerId(2))]);
     }
 
-    #[test]
-    fn a_message_longer_than_the_tasks_largest_is_dropped_before_it_is_reassembled() {
+    /// Peer 1 of the demo MLP's task (largest message `limit`), linked to peer 2.
+    fn demo_member() -> (Mesh, usize) {
         let limit = crate::swarm::max_message_for(109_386);
         let mut m = Mesh::new(1);
         m.set_max_message(limit);
@@ -1135,6 +1135,32 @@ mod tests {
         );
         up(&mut m, 2);
         drain(&mut m);
+        (m, limit)
+    }
+
+    #[test]
+    fn a_neighbour_that_stops_reading_holds_two_of_the_tasks_largest_messages() {
+        let (mut m, limit) = demo_member();
+        let largest = vec![5u8; limit];
+        assert_eq!(m.send(PeerId(2), &largest), Ok(()));
+        assert_eq!(m.send(PeerId(2), &largest), Ok(()));
+        // The channel took nothing: a third waits for nothing, it is refused, and so is
+        // the smallest message.
+        assert_eq!(m.send(PeerId(2), &largest), Err(SendError::Full(PeerId(2))));
+        assert_eq!(m.send(PeerId(2), b"x"), Err(SendError::Full(PeerId(2))));
+        let held = m.links[&PeerId(2)].queue.queued();
+        assert!(held <= 2 * limit + 4096, "{held} bytes held");
+        // Once the channel takes one message's frames, there is room for one again.
+        let frames = limit.div_ceil(DEFAULT_CHUNK);
+        for _ in 0..frames {
+            assert!(m.next_frame(PeerId(2), 0).is_some());
+        }
+        assert_eq!(m.send(PeerId(2), &largest), Ok(()));
+    }
+
+    #[test]
+    fn a_message_longer_than_the_tasks_largest_is_dropped_before_it_is_reassembled() {
+        let (mut m, limit) = demo_member();
         // The largest message of the task goes through...
         let largest = vec![3u8; limit];
         for f in split(1, &largest, 16 << 10) {

@@ -24,8 +24,18 @@ pub fn max_message_for_task(task: &shoal_shared::task::TaskSpec) -> usize {
 }
 /// Messages a receiver reassembles at once per channel.
 pub const MAX_IN_FLIGHT: usize = 4;
-/// Bytes one channel's send queue may hold.
+/// Bytes a browser worker's messages to all its neighbours may take while the page has
+/// not taken them.
 pub const MAX_QUEUED: usize = 2 * MAX_MESSAGE;
+
+/// Bytes one channel's send queue may hold for a task whose largest message is
+/// `max_message` bytes: two such messages, framed (an update and a model answer waiting
+/// behind it). A neighbour that stops reading holds no more of a peer's memory than
+/// that (1.9 MB for the demo MLP); before, every channel could hold 128 MiB.
+pub fn max_queued_for(max_message: usize) -> usize {
+    shoal_shared::framing::framed_len(max_message, shoal_shared::framing::DEFAULT_CHUNK)
+        .saturating_mul(2)
+}
 /// Seconds a new peer connection has to open its channel before it is dropped (and the
 /// neighbour reported `unreachable`).
 pub const CONNECT_DEADLINE_SECS: u32 = 20;

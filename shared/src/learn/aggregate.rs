@@ -218,9 +218,39 @@ pub fn norm(a: &[f32]) -> f32 {
     a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt() as f32
 }
 
+/// Scales `v` down to Euclidean norm `cap` when it is longer (a hair under, so that
+/// rounding never leaves it above `cap`; a negative or NaN cap zeroes it). Returns the
+/// norm before.
+pub fn clip_norm(v: &mut [f32], cap: f32) -> f32 {
+    let n = norm(v);
+    if n > cap || n.is_nan() || cap.is_nan() {
+        let f = if n > 0.0 && cap > 0.0 {
+            cap / n * (1.0 - 1e-6)
+        } else {
+            0.0
+        };
+        v.iter_mut().for_each(|x| *x *= f);
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipping_bounds_the_norm_and_keeps_the_direction() {
+        let mut v = vec![3.0, 4.0];
+        assert_eq!(clip_norm(&mut v, 1.0), 5.0);
+        assert!(norm(&v) <= 1.0 && norm(&v) > 0.999, "{v:?}");
+        assert!((v[0] / v[1] - 0.75).abs() < 1e-6);
+        let mut short = vec![0.3, 0.4];
+        clip_norm(&mut short, 1.0);
+        assert_eq!(short, [0.3, 0.4]);
+        let mut any = vec![1.0, 1.0];
+        clip_norm(&mut any, 0.0);
+        assert_eq!(any, [0.0, 0.0]);
+    }
 
     fn run(rule: Aggregation, ups: &[Vec<f32>]) -> Vec<f32> {
         let pairs: Vec<(&[f32], f32)> = ups.iter().map(|u| (&u[..], 1.0)).collect();

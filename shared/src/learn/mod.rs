@@ -1489,12 +1489,7 @@ impl Learner {
         // `max_norm_ratio` times our own run's norm. Not refused: our own alone is too
         // strict a reference for an honest neighbour's (see `norm_reference`).
         if let (Some(d), [p]) = (own.as_deref(), held.as_mut_slice()) {
-            let cap = aggregate::norm(d) * self.cfg.max_norm_ratio;
-            let n = aggregate::norm(&p.delta);
-            if n > cap {
-                let f = if n > 0.0 { cap / n } else { 0.0 };
-                p.delta.iter_mut().for_each(|x| *x *= f);
-            }
+            aggregate::clip_norm(&mut p.delta, aggregate::norm(d) * self.cfg.max_norm_ratio);
         }
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
         let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
@@ -1814,10 +1809,15 @@ const ECHO_RATIO: f32 = 1e-3;
 /// norm. One held update alone is no median (it would bound itself): it is clipped
 /// before (see [`Learner::finish_round`]).
 fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
-    let mut s = held.to_vec();
-    s.sort_unstable_by(f32::total_cmp);
-    let median = s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
+    let median = lower_median(held);
     own.map_or(median, |d| aggregate::norm(d).max(median))
+}
+
+/// The lower median of `values` (of an even count the smaller middle one; 0 for none).
+pub(crate) fn lower_median(values: &[f32]) -> f32 {
+    let mut s = values.to_vec();
+    s.sort_unstable_by(f32::total_cmp);
+    s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
 }
 
 /// Before `key` goes into `map`, which holds at most `cap` entries: drops the entry with

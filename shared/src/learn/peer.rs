@@ -1133,16 +1133,12 @@ impl Peer {
         // again sooner.
         self.answered
             .retain(|(_, t)| now_ms - t < ANSWER_INTERVAL_MS && *t <= now_ms);
-        let n = self.nbrs.entry(from).or_default();
-        let too_soon = n
-            .answered_at
-            .is_some_and(|t| now_ms - t < ANSWER_INTERVAL_MS)
-            || self.answered.iter().any(|(p, _)| *p == from);
+        let too_soon = self.answered.iter().any(|(p, _)| *p == from);
         if over_budget || too_soon {
             self.learner.reject(Rejection::RequestRate);
             return false;
         }
-        n.answered_at = Some(now_ms);
+        self.nbrs.entry(from).or_default().answered_at = Some(now_ms);
         self.answered.push_back((from, now_ms));
         true
     }
@@ -2176,29 +2172,13 @@ fn choose(
 /// their norms. Liars fewer than half of them move it no further than an honest
 /// answer's.
 fn momentum_median(vs: &[&[f32]]) -> Vec<f32> {
-    let n = vs.first().map_or(0, |v| v.len());
-    let mut col = Vec::with_capacity(vs.len());
-    let mut m: Vec<f32> = (0..n)
-        .map(|i| {
-            col.clear();
-            col.extend(vs.iter().map(|v| v[i]));
-            col.sort_unstable_by(f32::total_cmp);
-            let k = col.len();
-            let (a, b) = (col[(k - 1) / 2], col[k / 2]);
-            if a.abs() <= b.abs() { a } else { b }
-        })
-        .collect();
-    let mut norms: Vec<f32> = vs.iter().map(|v| super::aggregate::norm(v)).collect();
-    norms.sort_unstable_by(f32::total_cmp);
-    let cap = norms
-        .get(norms.len().saturating_sub(1) / 2)
-        .copied()
-        .unwrap_or(0.0);
-    let norm = super::aggregate::norm(&m);
-    if norm > cap {
-        let f = if norm > 0.0 { cap / norm } else { 0.0 };
-        m.iter_mut().for_each(|x| *x *= f);
-    }
+    let mut m = columns(vs, |col| {
+        let k = col.len();
+        let (a, b) = (col[(k - 1) / 2], col[k / 2]);
+        if a.abs() <= b.abs() { a } else { b }
+    });
+    let norms: Vec<f32> = vs.iter().map(|v| super::aggregate::norm(v)).collect();
+    super::aggregate::clip_norm(&mut m, super::lower_median(&norms));
     m
 }
 
@@ -2206,6 +2186,19 @@ fn momentum_median(vs: &[&[f32]]) -> Vec<f32> {
 /// even count).
 fn coordinate_median<'a>(vs: impl Iterator<Item = &'a [f32]>) -> Vec<f32> {
     let vs: Vec<&[f32]> = vs.collect();
+    columns(&vs, |col| {
+        let m = col.len();
+        if m % 2 == 1 {
+            col[m / 2]
+        } else {
+            0.5 * (col[m / 2 - 1] + col[m / 2])
+        }
+    })
+}
+
+/// `pick` of each coordinate's values across equally long vectors, sorted (never empty:
+/// no vectors give an empty result).
+fn columns(vs: &[&[f32]], pick: impl Fn(&[f32]) -> f32) -> Vec<f32> {
     let n = vs.first().map_or(0, |v| v.len());
     let mut col = Vec::with_capacity(vs.len());
     (0..n)
@@ -2213,12 +2206,7 @@ fn coordinate_median<'a>(vs: impl Iterator<Item = &'a [f32]>) -> Vec<f32> {
             col.clear();
             col.extend(vs.iter().map(|v| v[i]));
             col.sort_unstable_by(f32::total_cmp);
-            let m = col.len();
-            if m % 2 == 1 {
-                col[m / 2]
-            } else {
-                0.5 * (col[m / 2 - 1] + col[m / 2])
-            }
+            pick(&col)
         })
         .collect()
 }
