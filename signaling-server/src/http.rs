@@ -45,6 +45,12 @@ pub struct HttpLimits {
     pub max_connections_per_address: usize,
 }
 
+/// Bytes of a request's head (request line and headers) a connection buffers: a longer
+/// one is answered `431` and the connection closed. hyper's own default is about 400
+/// KB, which an address's 256 connections could hold for the head's 10 s (about 100 MB);
+/// a browser's heads are a few KB.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 /// [`HttpLimits::max_connections_per_address`] by default: room for 32 visitors behind
 /// one address (a campus or carrier NAT; the signaling's own share of peers per task)
 /// with a websocket and a browser's six page connections each, and far below any
@@ -294,6 +300,8 @@ pub(crate) async fn serve(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .max_header_size(MAX_HEAD_BYTES)
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             let mut connection = pin!(connection);

@@ -149,8 +149,11 @@ pub async fn fresh_gzip_only(
 }
 
 /// Whether the `.gz` of the file at URL `path` under `root`, if there is one, is its
-/// file as it is now; a file without one is fresh (small files are compressed per
-/// request, cheaply).
+/// file as it is now. A file without one is fresh only when it is smaller than
+/// [`MIN_BYTES`] (compressed per request, cheaply) or missing (a short 404): a larger
+/// one is either compressed already (an image, an archive, a `.gz` asked for by name),
+/// or came after the start, and compressing it per request is the work anyone could
+/// make the server do again and again.
 fn gz_is_fresh(root: &Path, path: &str) -> bool {
     let rel = path.trim_start_matches('/');
     if rel.contains('%') || rel.split('/').any(|c| c == ".." || c == ".") {
@@ -164,5 +167,8 @@ fn gz_is_fresh(root: &Path, path: &str) -> bool {
     }
     let mut gz = file.as_os_str().to_owned();
     gz.push(".gz");
-    modified(Path::new(&gz)).map_or(true, |g| same_time(&file, g))
+    match modified(Path::new(&gz)) {
+        Ok(g) => same_time(&file, g),
+        Err(_) => std::fs::metadata(&file).map_or(true, |m| m.len() < MIN_BYTES),
+    }
 }

@@ -505,6 +505,10 @@ pub enum ReceiptOutcome {
     NotYours,
     /// The receiver's signature fails.
     BadSignature,
+    /// Its receiver's connection has not said in the last 30 s that it trains (no
+    /// `report` of a trainer that is not paused): observers, joiners and paused peers
+    /// sign no receipts, and do not count in a sender's `links` either.
+    NotContributing,
     /// Its sender's key was not on a connection linked to this one (now or within
     /// [`LINK_MEMORY`]).
     NotLinked,
@@ -522,11 +526,12 @@ pub enum ReceiptOutcome {
 
 impl ReceiptOutcome {
     /// Every outcome, in `/metrics` order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Appended,
         Self::Malformed,
         Self::NotYours,
         Self::BadSignature,
+        Self::NotContributing,
         Self::NotLinked,
         Self::Replay,
         Self::Implausible,
@@ -541,6 +546,7 @@ impl ReceiptOutcome {
             Self::Appended => "appended",
             Self::Malformed => "malformed",
             Self::NotYours => "not_yours",
+            Self::NotContributing => "not_contributing",
             Self::BadSignature => "bad_signature",
             Self::NotLinked => "not_linked",
             Self::Replay => "replay",
@@ -1171,6 +1177,15 @@ impl Hub {
                 format!("round {} is far from the swarm's ({swarm})", r.round),
             ));
         }
+        // A receiver the sender's `links` would not count (it sent no report, or says it
+        // observes or is paused) signs nothing: else colluders that never report lower a
+        // sender's quorum and still make it.
+        if recent_trainer_report(p).is_none_or(|r| r.paused) {
+            return Err((
+                O::NotContributing,
+                "this connection has not reported training (not paused) in the last 30 s".into(),
+            ));
+        }
         let now = Instant::now();
         let k = self.config.neighbours_for(task);
         let (site, links) = p
@@ -1603,7 +1618,12 @@ pub(crate) fn request_group(extensions: &axum::http::Extensions) -> u128 {
 }
 
 /// Links `q` to one random peer other than itself and `avoid` that is not yet its
-/// neighbour and has room (fewer than 2k), if one is found in a few draws.
+/// neighbour and has room (fewer than 2k), if one is found in a few draws: first each
+/// network as likely as any other, however many peers it has (as a newcomer's first
+/// neighbours, [`choose_neighbours`]), then any peer. Drawn by peer, one address's 32
+/// peers among 40 lone honest ones were nearly half of every redraw: a sender that
+/// spent its redraws surrounded itself with its colluders, who then made its receipts'
+/// quorum.
 fn relink(
     t: &mut Task,
     rng: &mut Draws,
@@ -1613,19 +1633,26 @@ fn relink(
     quiet_after: Duration,
     metrics: &Metrics,
 ) {
-    for _ in 0..8 * k.max(1) {
-        let r = t.ids[rng.below(t.ids.len())];
-        let rp = &t.peers[&r];
-        if r != q
-            && r != avoid
-            && rp.drawable(quiet_after)
-            && !rp.neighbours.contains(&q)
-            && rp.neighbours.len() < 2 * k
-        {
-            link(t, q, r);
-            notify(t, r, &ServerMessage::Joined { peer: q }, metrics);
-            send_neighbours(t, r, metrics);
-            return;
+    let k1 = k.max(1);
+    for (by_network, draws) in [(true, 32 * k1), (false, 8 * k1)] {
+        for _ in 0..draws {
+            let r = t.ids[rng.below(t.ids.len())];
+            let rp = &t.peers[&r];
+            let peers_of_group = t.per_group.get(&rp.group).copied().unwrap_or(1).max(1);
+            if by_network && rng.below(peers_of_group) != 0 {
+                continue;
+            }
+            if r != q
+                && r != avoid
+                && rp.drawable(quiet_after)
+                && !rp.neighbours.contains(&q)
+                && rp.neighbours.len() < 2 * k
+            {
+                link(t, q, r);
+                notify(t, r, &ServerMessage::Joined { peer: q }, metrics);
+                send_neighbours(t, r, metrics);
+                return;
+            }
         }
     }
 }
@@ -2386,6 +2413,49 @@ mod tests {
         }
         hub.unreachable("digits", b, c).expect("a neighbour");
         assert_eq!((shed(b), shed(c)), (vec![c], vec![b]), "kept once");
+    }
+
+    /// A peer's redraws take each network as likely as any other: one address's 32
+    /// peers among 40 lone ones are not nearly half of what a sender that spends its
+    /// redraws gets (its colluders would make its receipts' quorum).
+    #[test]
+    fn redraws_take_networks_not_peers() {
+        let hub = digits_hub();
+        let k = 6;
+        let lone: Vec<PeerId> = (1..=40u128).map(|g| reporting_peer(&hub, g)).collect();
+        let crowd: BTreeSet<PeerId> = (0..32).map(|_| reporting_peer(&hub, 100)).collect();
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        // Everyone with room (else whoever joined last, here the crowd, is what has it).
+        for p in hub
+            .lock()
+            .tasks
+            .get_mut("digits")
+            .expect("task")
+            .peers
+            .values_mut()
+        {
+            p.neighbours.clear();
+        }
+        let (mut drawn, mut of_crowd) = (0, 0);
+        for sender in 0..8u128 {
+            let s = reporting_peer(&hub, 200 + sender);
+            // It reports every neighbour it gets, within its budget of 2k redraws.
+            for _ in 0..2 * k {
+                let before = of(s);
+                let Some(&n) = before.first() else { break };
+                hub.unreachable("digits", s, n).expect("a neighbour");
+                for p in of(s).iter().filter(|p| !before.contains(p)) {
+                    drawn += 1;
+                    of_crowd += usize::from(crowd.contains(p));
+                }
+            }
+        }
+        assert!(lone.len() == 40 && drawn > 80, "{drawn} drawn");
+        // One network of 41: a few percent by chance; by peer it was about 44%.
+        assert!(
+            of_crowd * 5 < drawn,
+            "{of_crowd} of {drawn} redrawn neighbours are the crowd's"
+        );
     }
 
     /// Receipts and task descriptions read the swarm's round, pace and roles from a

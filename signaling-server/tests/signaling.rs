@@ -620,14 +620,27 @@ async fn closes_complete_their_handshake_and_a_flooder_gets_its_errors_before_th
 }
 
 #[tokio::test]
-async fn long_request_targets_get_414_not_an_error() {
+async fn long_request_targets_get_414_and_long_heads_431_not_an_error() {
     let s = start(config()).await;
-    for len in [8 << 10, 64 << 10] {
+    // Past 2,048 bytes the target is refused; past the head's 32 KiB, the whole head.
+    for (len, status) in [(8 << 10, "414"), (64 << 10, "431")] {
         let path = format!("/{}", "a".repeat(len));
         let answer = http_get(s.addr, &path).await;
         assert!(
-            answer.starts_with("HTTP/1.1 414"),
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
             "{len}: {}",
+            &answer[..answer.len().min(200)]
+        );
+    }
+    // Headers of 40 KiB are refused, whole or still coming: an unfinished head is not
+    // held until the head's deadline (hyper's default held about 400 KB of it).
+    let padding = format!("X-Pad: {}\r\n", "p".repeat(1000)).repeat(40);
+    for end in ["Connection: close\r\n\r\n", ""] {
+        let head = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{padding}{end}");
+        let answer = http_raw(s.addr, &head).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 431"),
+            "{end:?}: {}",
             &answer[..answer.len().min(200)]
         );
     }
@@ -1334,6 +1347,27 @@ async fn the_site_is_compressed_once_and_a_file_changed_since_is_never_sent_stal
             String::from_utf8_lossy(&body[..body.len().min(20)])
         );
     }
+    // A file that is compressed already (no `.gz` is written for it), or one put there
+    // after the start, goes as it is: the server never compresses a large file per
+    // request; a small one it may.
+    std::fs::write(dir.join("pkg/model.zip"), vec![7u8; 4096]).expect("write");
+    std::fs::write(dir.join("pkg/later.js"), "let later = 1;\n".repeat(400)).expect("write");
+    std::fs::write(dir.join("pkg/small.js"), "let small = 1;\n".repeat(40)).expect("write");
+    for (path, compressed) in [
+        ("/pkg/model.zip", false),
+        ("/pkg/later.js", false),
+        ("/pkg/small.js", true),
+    ] {
+        let raw = http_response(s.addr, "GET", path, "Accept-Encoding: gzip\r\n").await;
+        let head = String::from_utf8_lossy(&raw);
+        let head = head.split("\r\n\r\n").next().unwrap_or_default();
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert_eq!(
+            head.contains("content-encoding"),
+            compressed,
+            "{path}: {head}"
+        );
+    }
     // Paths the file service maps to the same file by another spelling, or a file asked
     // for as a folder: never the stale `.gz`, never compressed per request.
     for odd in [
@@ -2030,6 +2064,15 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     send(&mut a.ws, report(2, 0.5)).await;
     send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
     appended(&s, 1).await;
+    // A receiver that has not reported training signs nothing (it would not count in
+    // b's links): no report yet, then a paused one.
+    send(&mut c.ws, receipt(&c.id, &b.id, 1, 640)).await;
+    refused(&mut c.ws, "bad_receipt", "not_contributing").await;
+    let mut paused = report(2, 0.5);
+    paused["report"]["paused"] = json!(true);
+    send(&mut c.ws, paused).await;
+    send(&mut c.ws, receipt(&c.id, &b.id, 1, 640)).await;
+    refused(&mut c.ws, "bad_receipt", "not_contributing").await;
     send(&mut c.ws, report(2, 0.5)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     send(&mut a.ws, receipt(&a.id, &b.id, 40, 640)).await;
@@ -2180,6 +2223,7 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
     let mut a = member(&s, 1, true).await;
     let mut c = member(&s, 3, true).await;
     send(&mut c.ws, report(6, 0.5)).await;
+    send(&mut a.ws, report(6, 0.5)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     send(&mut a.ws, receipt(&a.id, &c.id, 7, 320)).await;
     appended(&s, 1).await;
@@ -2226,6 +2270,7 @@ async fn receipts_across_a_pair_reported_unreachable_still_count() {
     let mut a = member(&s, 1, true).await;
     let mut b = member(&s, 2, true).await;
     send(&mut a.ws, report(2, 0.5)).await;
+    send(&mut b.ws, report(2, 0.5)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     send(&mut a.ws, json!({"type": "unreachable", "peer": b.peer})).await;
     tokio::time::sleep(Duration::from_millis(100)).await;

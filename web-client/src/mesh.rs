@@ -176,6 +176,10 @@ pub struct Mesh {
     /// When open channels of a previous signaling session go ([`SESSION_GRACE_MS`]
     /// after the latest `welcome`).
     grace_until: u64,
+    /// The last report sent: sent again right after each `welcome`'s `identify`, ahead
+    /// of any receipt (the server takes receipts only from a connection that reported
+    /// training in the last 30 s, and a new session has reported nothing yet).
+    last_report: Option<PeerReport>,
 }
 
 impl Mesh {
@@ -192,6 +196,7 @@ impl Mesh {
             identity: None,
             max_message: MAX_MESSAGE,
             grace_until: 0,
+            last_report: None,
         }
     }
 
@@ -286,6 +291,10 @@ impl Mesh {
                             key: hex(&id.public()),
                             signature: hex(&sig),
                         }));
+                    if let Some(report) = self.last_report.clone() {
+                        self.actions
+                            .push_back(Action::Signal(ClientMessage::Report { report }));
+                    }
                 }
                 self.emit(SwarmEvent::Signaling { me: Some(peer) });
             }
@@ -588,11 +597,13 @@ impl Mesh {
     /// dropped with a warning).
     pub fn report(&mut self, report: &PeerReport) {
         match report.validate() {
-            Ok(()) => self
-                .actions
-                .push_back(Action::Signal(ClientMessage::Report {
-                    report: report.clone(),
-                })),
+            Ok(()) => {
+                self.last_report = Some(report.clone());
+                self.actions
+                    .push_back(Action::Signal(ClientMessage::Report {
+                        report: report.clone(),
+                    }));
+            }
             Err(e) => self
                 .actions
                 .push_back(Action::Warn(format!("report not sent: {e}"))),
@@ -660,6 +671,12 @@ mod tests {
         let id = Identity::from_seed([7; 32]);
         let mut m = Mesh::new(1);
         m.set_identity(id.clone());
+        let report = PeerReport {
+            version: 12,
+            ..PeerReport::default()
+        };
+        m.report(&report);
+        drain(&mut m);
         // No nonce (a server without receipts): nothing to prove.
         m.on_server(welcome(5), 0);
         assert!(
@@ -689,12 +706,24 @@ mod tests {
                 },
                 0,
             );
-            let proof = drain(&mut m).into_iter().find_map(|a| match a {
+            let actions = drain(&mut m);
+            let proof = actions.iter().find_map(|a| match a {
                 Action::Signal(ClientMessage::Identify { key, signature }) => {
-                    Some((key, signature))
+                    Some((key.clone(), signature.clone()))
                 }
                 _ => None,
             });
+            // Right behind the proof, the last report again: the new session's receipts
+            // come from a connection that has reported training.
+            let at = actions
+                .iter()
+                .position(|a| matches!(a, Action::Signal(ClientMessage::Identify { .. })));
+            assert_eq!(
+                at.and_then(|i| actions.get(i + 1)),
+                Some(&Action::Signal(ClientMessage::Report {
+                    report: report.clone()
+                }))
+            );
             let (key, sig) = proof.expect("identify sent");
             assert_eq!(key, hex(&id.public()));
             let sig: [u8; 64] = from_hex(&sig).expect("hex").try_into().expect("64 bytes");
