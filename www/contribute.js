@@ -88,6 +88,11 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   // The visitor is told "contributing" only once this device has trained: before that it
   // is joining (downloading the task, the model, waiting for its first round).
   let working = false;
+  // The swarm connection, once asked for: closed when the worker stops for good (it
+  // failed to load, or its task's data or model could not be had), so that a peer that
+  // does not train holds no neighbour's place.
+  let relaying = null;
+  const leave = () => relaying?.then((swarm) => swarm.close()).catch(() => {});
   let lasting = true;
   function applyPause() {
     worker.postMessage({ type: 'pause', paused: [...paused].some((r) => r !== 'task') });
@@ -390,10 +395,11 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         privacySent: id.lasting ? storedPrivacy() : null, consented: description.privacy ?? null,
       });
       applyPause();
-      relaySwarm(worker, task, {
+      relaying = relaySwarm(worker, task, {
         secret: id.secret,
         parameters: description?.cost?.parameters,
         stats: window.shoalRelay,
+        onStopped: (why) => say('error', `Shoal stopped: ${why}. Reload the page to try again.`),
         onSignaling: (up) => {
           if (up) {
             if (status.dataset.state === 'offline') applyPause();
@@ -401,7 +407,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
             say('offline', 'Lost the connection to the Shoal server; reconnecting. Peers already connected keep training together.');
           }
         },
-      }).catch((e) => say('error', `Shoal could not join the swarm: ${e.message ?? e}`));
+      });
+      relaying.catch((e) => say('error', `Shoal could not join the swarm: ${e.message ?? e}`));
     } catch (e) {
       say('error', `Shoal could not start here: ${e.message ?? e}`);
       return;
@@ -464,9 +471,14 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       witnessed(msg.verdict);
     } else if (msg.type === 'error') {
       say('error', `Shoal stopped: ${msg.message}`);
+      if (msg.fatal) leave();
     }
   });
-  worker.addEventListener('error', (e) => show('error', 'Shoal could not start in this browser.', e.message));
+  worker.addEventListener('error', (e) => {
+    show('error', 'Shoal could not start in this browser.', e.message);
+    say('error', 'Shoal stopped: its worker failed to load. Reload the page to try again.');
+    leave();
+  });
 
   // What the task is and what contributing costs.
   fetchTask(task).then((d) => {

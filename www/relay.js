@@ -16,13 +16,20 @@ const CONTRIBUTOR_BUNDLE = new URL('./pkg/shoal_web_client.js', import.meta.url)
 // a flood of empty or tiny messages is bounded too: at most 16,384 wait.
 export const MAX_UNTAKEN = 16 << 20;
 export const MESSAGE_COST = 1024;
+// A worker that takes nothing for this long while messages wait has stopped (it failed
+// to load, or died): the relay then leaves the swarm rather than hold neighbours' places
+// with a peer that does not train. A working worker takes messages between ticks of
+// training, a few seconds apart at most.
+export const TAKEN_DEADLINE_MS = 60_000;
 
 /**
  * Joins `task`'s swarm and wires it to `worker`: transport events go to the worker as
  * `{type:'net', kind, peer, data}` (and `{type:'net', kind:'task_state', paused}`); the
  * worker's `{type:'send'}`, `{type:'report'}` and `{type:'receipt'}` messages go out,
  * and `{type:'drop', peer}` closes a neighbour that broke the protocol.
- * `onSignaling(up)` is told when the signaling server connection comes and goes. With
+ * `onSignaling(up)` is told when the signaling server connection comes and goes, and
+ * `onStopped(why)` once the relay leaves the swarm because its worker failed (an `error`
+ * event) or took no message for `TAKEN_DEADLINE_MS`. With
  * `secret` (the visitor's key, 64 hex digits) the connection proves that key to the
  * server, so that the receipts the visitor signs and earns count in the task's ledger.
  * `bundle` is the URL of the wasm bundle's JS glue to run the transport with. The worker
@@ -32,7 +39,7 @@ export const MESSAGE_COST = 1024;
  * task's parameter count (its description's `cost.parameters`; fetched when not given),
  * which bounds the messages the page takes from neighbours (docs/protocol.md, "Framing").
  */
-export async function relaySwarm(worker, task, { onSignaling = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {}, parameters } = {}) {
+export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopped = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {}, parameters } = {}) {
   const shoal = await import(bundle);
   await shoal.default();
   const params = parameters ?? (await fetchTask(task).catch(() => null))?.cost?.parameters;
@@ -44,6 +51,18 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
   if (secret) swarm.setIdentity(Uint8Array.from(secret.match(/../g), (h) => parseInt(h, 16)));
   Object.assign(stats, { untaken: 0, mostUntaken: 0, dropped: () => swarm.inboxDropped() });
   let taken = null;
+  let stopped = false;
+  const stop = (why) => {
+    if (stopped) return;
+    stopped = true;
+    try {
+      swarm.close();
+    } catch {
+      // Closed already.
+    }
+    onStopped(why);
+  };
+  worker.addEventListener('error', () => stop('its worker failed'));
   worker.addEventListener('message', (event) => {
     const m = event.data;
     try {
@@ -61,8 +80,9 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
     }
   });
   (async () => {
-    for (;;) {
+    while (!stopped) {
       const e = await swarm.next();
+      if (stopped) return;
       // One event that cannot be handed on must not stop the relay: the worker would
       // train on alone, hearing nothing more from its neighbours.
       try {
@@ -72,7 +92,14 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, secret 
         } else if (e.type === 'message') {
           const n = e.data.length + MESSAGE_COST;
           while (stats.untaken > 0 && stats.untaken + n > MAX_UNTAKEN) {
-            await new Promise((resolve) => { taken = resolve; });
+            const answered = await Promise.race([
+              new Promise((resolve) => { taken = () => resolve(true); }),
+              new Promise((resolve) => setTimeout(resolve, TAKEN_DEADLINE_MS, false)),
+            ]);
+            if (!answered) {
+              stop(`its worker took no message for ${TAKEN_DEADLINE_MS / 1000} s`);
+              return;
+            }
           }
           stats.untaken += n;
           stats.mostUntaken = Math.max(stats.mostUntaken, stats.untaken);

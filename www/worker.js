@@ -38,7 +38,7 @@ async function main() {
     backend = result.backend === 'gpu' && result.check === 'ok' ? 'webgpu' : 'cpu';
     post({ type: 'probe', result });
   } catch (e) {
-    post({ type: 'error', message: errorText(e) });
+    post({ type: 'error', message: errorText(e), fatal: true });
   }
 }
 
@@ -317,7 +317,7 @@ self.addEventListener('message', (event) => {
           post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });
           tryRequest = null;
         }
-        post({ type: 'error', message: errorText(e) });
+        post({ type: 'error', message: errorText(e), fatal: true });
       });
     } else if (msg.type === 'local-files' && !peer) {
       readingNow = msg.reading;

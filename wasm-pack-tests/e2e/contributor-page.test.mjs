@@ -271,6 +271,29 @@ test('without WebGPU the page says it will train on the CPU', async () => {
   await page.close();
 });
 
+test('a worker that cannot get its task\'s data says so and leaves the swarm', async () => {
+  // The task's data cannot be had (a server or network failing mid-visit): the worker
+  // stops for good, and the page closes the swarm connection it had opened, rather than
+  // hold neighbours' places with a peer that does not train.
+  const page = await browser.newPage();
+  const sockets = [];
+  page.on('websocket', (ws) => sockets.push(ws));
+  await page.context().route('**/data/**', (route) => route.fulfill({ status: 503, body: 'down' }));
+  await page.goto(server.url);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await page.click('#consent');
+  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
+    null, { timeout: 60_000 });
+  assert.match(await page.textContent('#status'), /Shoal stopped: .*HTTP 503/);
+  const deadline = Date.now() + 10_000;
+  while (!(sockets.length > 0 && sockets.every((ws) => ws.isClosed())) && Date.now() < deadline) {
+    await page.waitForTimeout(200);
+  }
+  assert.ok(sockets.length > 0, 'the page had joined the swarm');
+  assert.ok(sockets.every((ws) => ws.isClosed()), 'the swarm connection is closed');
+  await page.close();
+});
+
 /** Draws a stroke through `points` (fractions of the pad) with the mouse. */
 async function stroke(page, points) {
   const pad = page.locator('#pad');

@@ -170,11 +170,16 @@ export async function firstPeer(page, timeout = 60_000) {
 /** Clicks "Contribute" in the widget's frame (`frame`: a FrameLocator) until the frame
  *  takes it as consent. Chromium drops input to a cross-origin frame that moved or
  *  painted only just now (its own guard against clickjacking), as a visitor's first click
- *  can be; a visitor clicks again, and so does this. */
+ *  can be; a visitor clicks again, and so does this. Like a visitor, it looks at the
+ *  button before it clicks: the frame refuses a click on a button shown for less than
+ *  half a second. */
 export async function consentInFrame(frame) {
   const given = frame.locator('body[data-consent="given"]');
+  const button = frame.getByRole('button', { name: 'Contribute' });
   for (let i = 0; i < 10; i++) {
-    await frame.getByRole('button', { name: 'Contribute' }).click();
+    await button.waitFor({ state: 'visible' });
+    await new Promise((r) => setTimeout(r, 800));
+    await button.click();
     if (await given.waitFor({ state: 'attached', timeout: 2_000 }).then(() => true, () => false)) return;
   }
   const consent = await frame.locator('body').getAttribute('data-consent').catch(() => '?');

@@ -172,7 +172,14 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
         <iframe id="window" title="window" src="${src}" style="position:absolute;left:-30px;top:-10px;width:200px;height:40px;border:0"></iframe>
       </div>
     </div>
-    <iframe id="sandboxed" title="sandboxed" sandbox="allow-scripts" src="${src}" style="width:200px;height:60px"></iframe>` }));
+    <iframe id="sandboxed" title="sandboxed" sandbox="allow-scripts" src="${src}" style="width:200px;height:60px"></iframe>
+    <div style="position:relative;width:200px;height:40px">
+      <iframe id="uncovered" title="uncovered" src="${src}" style="position:absolute;inset:0;width:200px;height:40px;border:0"></iframe>
+      <button id="decoy" style="position:absolute;inset:0;background:#fff">Double-click to play</button>
+    </div>
+    <script>
+      document.getElementById('decoy').addEventListener('mousedown', (e) => { e.target.style.display = 'none'; });
+    </script>` }));
   await page.goto(evil);
   const plain = page.frameLocator('#plain');
   const hidden = page.frameLocator('#hidden');
@@ -187,7 +194,7 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   // Shoal's button, which the browser reports as not visible, and Shoal refuses it.
   await page.waitForTimeout(500);
   await page.mouse.click((await page.locator('#hidden').boundingBox()).x + 30, (await page.locator('#hidden').boundingBox()).y + 15);
-  await hidden.locator('#refused').waitFor({ state: 'attached' });
+  await hidden.locator('#refused:not([hidden])').waitFor({ state: 'attached' });
   assert.match(await hidden.locator('#refused').textContent(), /hides Shoal's button/);
   // "Win" shows a 20x10 speck of an opaque frame through a window (no transparency, no
   // cover): a click there lands on the button, which is not shown whole, and is refused.
@@ -196,8 +203,20 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   await page.waitForTimeout(800);
   const speck = await page.locator('#peephole').boundingBox();
   await page.mouse.click(speck.x + 5, speck.y + 5);
-  await peep.locator('#refused').waitFor({ state: 'attached' });
+  await peep.locator('#refused:not([hidden])').waitFor({ state: 'attached' });
   assert.match(await peep.locator('#refused').textContent(), /hides Shoal's button/);
+  // "Double-click to play" covers an opaque frame and vanishes at the first press: the
+  // second click lands on Shoal's button, uncovered a moment before. Judged by the
+  // click's time, it was not visible long enough, and is refused.
+  const uncovered = page.frameLocator('#uncovered');
+  await uncovered.getByRole('button', { name: 'Contribute', includeHidden: true }).waitFor({ state: 'attached' });
+  await page.waitForTimeout(800);
+  const decoy = await page.locator('#decoy').boundingBox();
+  await page.mouse.click(decoy.x + 30, decoy.y + 15);
+  await page.waitForTimeout(150);
+  await page.mouse.click(decoy.x + 30, decoy.y + 15);
+  await uncovered.locator('body[data-consent="refused"]').waitFor({ state: 'attached', timeout: 5_000 });
+  assert.match(await uncovered.locator('#refused').textContent(), /clicked as it appeared/);
   // A frame without an origin of its own (a sandbox) cannot load Shoal: it says so, and
   // offers no button that would start and hang.
   const boxed = page.frameLocator('#sandboxed');

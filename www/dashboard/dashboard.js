@@ -227,8 +227,11 @@ fetchTask(TASK).then((d) => {
 
 // The model every 10 s (each download is the change since the last one, int8, uploaded by two volunteers).
 observer.postMessage({ type: 'start', task: TASK, everyMs: 10_000 });
+// An observer worker that fails to load, or stops taking messages, takes the swarm
+// connection with it (relaySwarm's `onStopped`): it would hold neighbours' places.
 relaySwarm(observer, TASK, {
   bundle: new URL('../pkg/shoal_dashboard_client.js', import.meta.url).href,
+  onStopped: (why) => setState('error', `The model view stopped: ${why}. Reload the page to try again.`),
   onSignaling: (up) => { if (!up) setState('error', 'Lost the signaling server; reconnecting…'); } })
   .catch((e) => setState('error', `Cannot join the swarm: ${e.message}`));
 // The leaderboard: credits per visitor key and per site, from the ledger.
