@@ -47,7 +47,12 @@ const SLOW_JOIN_MS = 60_000;
 
 const $ = (id) => document.getElementById(id);
 
-const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery: 'on battery', task: 'the researcher paused the task' };
+const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery: 'on battery', task: 'the researcher paused the task',
+  unseen: 'Shoal is not shown on this page' };
+// In a frame (the widget), Shoal trains only while the visitor can see its status and its
+// Pause button: hidden, covered, made transparent or moved off screen by the page around
+// it for this long, it pauses, and it resumes once shown again.
+const UNSEEN_MS = 2000;
 
 /**
  * Runs the contributor UI. `task`: the task's name; `autoStart`: consent was already
@@ -534,6 +539,25 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       duty = Number(throttle.value) / 100;
       worker.postMessage({ type: 'throttle', duty });
     });
+  }
+
+  // In a frame, a page that hides the frame after consent (or lays a false "Paused" over
+  // it) pauses Shoal: where the browser reports visibility as painted (Chromium's
+  // IntersectionObserver v2), covered, transparent or transformed counts as hidden;
+  // elsewhere, out of the viewport or not displayed.
+  if (window !== window.top && typeof IntersectionObserver !== 'undefined') {
+    const painted = typeof IntersectionObserverEntry !== 'undefined' && 'isVisible' in IntersectionObserverEntry.prototype;
+    let timer = null;
+    new IntersectionObserver((entries) => {
+      const e = entries[entries.length - 1];
+      const seen = painted ? e.isVisible : e.intersectionRatio > 0;
+      clearTimeout(timer);
+      if (seen) {
+        if (paused.delete('unseen')) applyPause();
+      } else {
+        timer = setTimeout(() => { paused.add('unseen'); applyPause(); }, UNSEEN_MS);
+      }
+    }, painted ? { trackVisibility: true, delay: 100, threshold: [0, 1] } : { threshold: [0, 0.01] }).observe(status);
   }
 
   // Automatic pauses: a hidden tab, and a battery that is discharging.

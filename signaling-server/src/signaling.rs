@@ -215,6 +215,9 @@ impl Outbox {
 struct Peer {
     tx: Arc<Outbox>,
     neighbours: BTreeSet<PeerId>,
+    /// The swarm's round when each neighbour was linked (0: none was known): receipts
+    /// between the two count only from a few rounds before it ([`link_span_holds`]).
+    since: HashMap<PeerId, u64>,
     /// Index in `Task::ids`.
     slot: usize,
     /// The peer's latest numbers for the dashboard (boxed: most idle connections never
@@ -310,7 +313,28 @@ pub const RECEIPT_ROUNDS_AHEAD: u64 = 4;
 
 /// A neighbour that left: when, its key, its site and how many identified neighbours it
 /// had then.
-type Former = (Instant, PublicKey, Arc<str>, u8);
+/// A former neighbour: when it was unlinked, its key, site and identified links, and the
+/// swarm's rounds when the pair was linked and unlinked.
+type Former = (Instant, PublicKey, Arc<str>, u8, (u64, u64));
+
+/// Whether a receipt of `round` falls in the rounds `(linked, unlinked)` of a pair, give
+/// or take [`RECEIPT_ROUNDS_AHEAD`] (a peer's own round runs a little ahead of or behind
+/// the swarm's median): a pair linked at round 1,000 cannot receipt round 970, nor a
+/// former neighbour rounds long after it left. Before, any pair could receipt the 32
+/// rounds behind the swarm's however new it was, and any neighbour of the last 10
+/// minutes every round since, so colluders that had passed through an honest peer's
+/// neighbours signed its rounds by the dozen (with claims of their own).
+fn link_span_holds(round: u64, (linked, unlinked): (u64, u64)) -> bool {
+    round.saturating_add(RECEIPT_ROUNDS_AHEAD) >= linked
+        && round <= unlinked.saturating_add(RECEIPT_ROUNDS_AHEAD)
+}
+
+/// The swarm's round as links are stamped with it: as last counted (receipts and task
+/// descriptions count it at most every second; stamping a link does not recount it), 0
+/// while none is known.
+fn link_round(t: &Task) -> u64 {
+    t.summary.and_then(|(_, s)| s.round).unwrap_or(0)
+}
 
 /// How long after a neighbour left a receipt for its update still counts as linked.
 pub const LINK_MEMORY: Duration = Duration::from_secs(600);
@@ -1004,6 +1028,7 @@ impl Hub {
             Peer {
                 tx,
                 neighbours: BTreeSet::new(),
+                since: HashMap::new(),
                 slot: t.ids.len() - 1,
                 report: None,
                 group,
@@ -1090,11 +1115,14 @@ impl Hub {
             .collect();
         let now = Instant::now();
         let k = self.config.neighbours_for(task);
+        let round = link_round(t);
         for old in held {
             let Some(q) = t.peers.get(&old) else { continue };
             let (links, site) = (identified_links(t, q, k), q.site.clone());
+            let since = q.since.clone();
             for n in q.neighbours.clone() {
-                remember(t, n, (now, key, site.clone(), links));
+                let span = (since.get(&n).copied().unwrap_or(0), round);
+                remember(t, n, (now, key, site.clone(), links, span));
             }
             if let Some(q) = t.peers.get_mut(&old) {
                 q.key = None;
@@ -1188,22 +1216,41 @@ impl Hub {
         }
         let now = Instant::now();
         let k = self.config.neighbours_for(task);
-        let (site, links) = p
+        let (site, links, span) = p
             .neighbours
             .iter()
-            .filter_map(|n| t.peers.get(n))
-            .find(|n| n.key == Some(r.sender))
-            .map(|n| (n.site.clone(), identified_links(t, n, k)))
+            .filter_map(|n| Some((n, t.peers.get(n)?)))
+            .find(|(_, q)| q.key == Some(r.sender))
+            .map(|(n, q)| {
+                let since = p.since.get(n).copied().unwrap_or(0);
+                (q.site.clone(), identified_links(t, q, k), (since, u64::MAX))
+            })
             .or_else(|| {
                 p.former
                     .iter()
-                    .find(|(at, k, _, _)| *k == r.sender && now.duration_since(*at) < LINK_MEMORY)
-                    .map(|(_, _, site, links)| (site.clone(), *links))
+                    .find(|(at, k, ..)| *k == r.sender && now.duration_since(*at) < LINK_MEMORY)
+                    .map(|(_, _, site, links, span)| (site.clone(), *links, *span))
             })
             .ok_or((
                 O::NotLinked,
                 "its sender's key is on no connection linked to this one".into(),
             ))?;
+        if !link_span_holds(r.round, span) {
+            let (from, until) = span;
+            let until = if until == u64::MAX {
+                "now".to_string()
+            } else {
+                until.to_string()
+            };
+            return Err((
+                O::NotLinked,
+                format!(
+                    "round {} is not one its sender was linked to this connection in (from the \
+                     swarm's round {from} to {until}, give or take {RECEIPT_ROUNDS_AHEAD})",
+                    r.round
+                ),
+            ));
+        }
         Ok((bytes, r, site, links))
     }
 
@@ -1292,13 +1339,16 @@ impl Hub {
         }
         let now = Instant::now();
         let links = identified_links(t, &gone, k);
+        let round = link_round(t);
         for q in gone.neighbours.clone() {
             let Some(qp) = t.peers.get_mut(&q) else {
                 continue;
             };
             qp.neighbours.remove(&id);
+            qp.since.remove(&id);
             if let Some(key) = gone.key {
-                remember(t, q, (now, key, gone.site.clone(), links));
+                let span = (gone.since.get(&q).copied().unwrap_or(0), round);
+                remember(t, q, (now, key, gone.site.clone(), links, span));
             }
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
             if t.peers[&q].neighbours.len() < k {
@@ -1376,21 +1426,30 @@ impl Hub {
         let from_group = p.group;
         // Each side's receipts for the other's last updates still count (`former`).
         let now = Instant::now();
-        // Each side as it was while linked (its key, site and identified links), before
-        // the pair is unlinked.
+        let round = link_round(t);
+        // Each side as it was while linked (its key, site and identified links, and the
+        // rounds of the link), before the pair is unlinked.
         let formers: Vec<(PeerId, Former)> = [(from, to), (to, from)]
             .into_iter()
             .filter_map(|(a, b)| {
                 let bp = t.peers.get(&b)?;
+                let span = (bp.since.get(&a).copied().unwrap_or(0), round);
                 Some((
                     a,
-                    (now, bp.key?, bp.site.clone(), identified_links(t, bp, k)),
+                    (
+                        now,
+                        bp.key?,
+                        bp.site.clone(),
+                        identified_links(t, bp, k),
+                        span,
+                    ),
                 ))
             })
             .collect();
         for (a, b) in [(from, to), (to, from)] {
             if let Some(p) = t.peers.get_mut(&a) {
                 p.neighbours.remove(&b);
+                p.since.remove(&b);
             }
         }
         for (a, former) in formers {
@@ -1658,11 +1717,13 @@ fn relink(
 }
 
 fn link(t: &mut Task, a: PeerId, b: PeerId) {
+    let round = link_round(t);
     let group = |id| t.peers.get(&id).map(|p: &Peer| p.group);
     let (ga, gb) = (group(a), group(b));
     for (p, q, gq) in [(a, b, gb), (b, a, ga)] {
         if let Some(p) = t.peers.get_mut(&p) {
             p.neighbours.insert(q);
+            p.since.insert(q, round);
             if let Some(g) = gq
                 && p.linked_groups.len() < MAX_GROUPS_KEPT
             {
@@ -1680,7 +1741,7 @@ fn remember(t: &mut Task, holder: PeerId, former: Former) {
         // One entry per key (the newest): a key moved between connections again and
         // again must not push other former neighbours out.
         p.former
-            .retain(|(at, key, _, _)| now.duration_since(*at) < LINK_MEMORY && *key != former.1);
+            .retain(|(at, key, ..)| now.duration_since(*at) < LINK_MEMORY && *key != former.1);
         if p.former.len() >= MAX_FORMER {
             p.former.pop_front();
         }
@@ -2401,7 +2462,12 @@ mod tests {
 
         // The reported side keeps its reporter among its lost links too (a sender that
         // will not connect to its honest neighbours keeps its quorum), once each.
-        let b = peers[5];
+        // A peer still here and untouched above (one of `three` left or was changed).
+        let b = peers[1..]
+            .iter()
+            .copied()
+            .find(|q| !three.contains(q))
+            .expect("a peer not among the three");
         let c = of(b)[0];
         with(b, &|p| p.shed.clear());
         with(c, &|p| p.shed.clear());
@@ -2413,6 +2479,84 @@ mod tests {
         }
         hub.unreachable("digits", b, c).expect("a neighbour");
         assert_eq!((shed(b), shed(c)), (vec![c], vec![b]), "kept once");
+    }
+
+    /// Receipts count only for the rounds a pair was linked in, give or take four: a
+    /// pair linked at round 100 cannot receipt round 90, nor a neighbour that left at
+    /// round 100 round 110.
+    #[test]
+    fn receipts_count_only_for_rounds_the_pair_was_linked_in() {
+        use shoal_shared::learn::Identity;
+        use shoal_shared::trust::receipt::{Receipt, sha256};
+        let hub = digits_hub();
+        let at = |group, version| {
+            let (id, _) = hub
+                .join("digits", Arc::new(Outbox::new(4096)), group, "")
+                .expect("join");
+            hub.store_report(
+                "digits",
+                id,
+                PeerReport {
+                    version,
+                    ..PeerReport::default()
+                },
+            )
+            .expect("report");
+            id
+        };
+        let x = at(1, 100);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(swarm_round(&hub), Some(100));
+        let (a, b) = (at(2, 100), at(3, 100));
+        assert!(hub.neighbours_of("digits", a).expect("a").contains(&b));
+        let (ia, ib) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+        for (id, key) in [(a, ia.public()), (b, ib.public())] {
+            hub.lock()
+                .tasks
+                .get_mut("digits")
+                .expect("task")
+                .peers
+                .get_mut(&id)
+                .expect("peer")
+                .key = Some(key);
+        }
+        let receipt = |round: u64| {
+            let r = Receipt::sign(&ia, "digits", round, ib.public(), 640, sha256(&[1]), 0);
+            shoal_shared::learn::identity::hex(&r.encode())
+        };
+        let outcome = |round| {
+            hub.check_receipt("digits", a, &receipt(round))
+                .map(|_| ())
+                .map_err(|e| e.0)
+        };
+        assert_eq!(
+            outcome(90),
+            Err(ReceiptOutcome::NotLinked),
+            "before the link"
+        );
+        assert_eq!(outcome(97), Ok(()));
+        assert_eq!(outcome(101), Ok(()));
+        // Unlinked at round 100; the swarm goes on to round 120.
+        hub.unreachable("digits", a, b).expect("a neighbour");
+        for id in [x, a, b] {
+            hub.store_report(
+                "digits",
+                id,
+                PeerReport {
+                    version: 120,
+                    ..PeerReport::default()
+                },
+            )
+            .expect("report");
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(swarm_round(&hub), Some(120));
+        assert_eq!(outcome(103), Ok(()), "its last updates still count");
+        assert_eq!(
+            outcome(110),
+            Err(ReceiptOutcome::NotLinked),
+            "after it left"
+        );
     }
 
     /// A peer's redraws take each network as likely as any other: one address's 32

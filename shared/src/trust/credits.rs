@@ -4,7 +4,10 @@
 //! 1. Group entries by `(sender, round)`. A group counts when receipts from at least
 //!    `max(`[`QUORUM`]`, ceil(L / 2))` distinct receivers are in it, `L` being the
 //!    largest `links` (the sender's identified neighbours) among its entries.
-//! 2. Its claim is the lower median of its receipts' `samples`.
+//! 2. Its claim is the `q`-th largest of its receipts' `samples`, `q` being that quorum:
+//!    the most that a quorum of its receivers vouch for. (The lower median let receivers
+//!    that signed a claim of 1 sample, as many as the honest ones, take an honest
+//!    sender's credit to nothing; now they would have to be a quorum themselves.)
 //! 3. Per round, with `m` the lower median of the counted groups' claims and `t` the
 //!    largest claim once the `floor(n / 4)` largest of its `n` claims are set aside, a
 //!    group is credited `min(claim, 2 m, t)` samples.
@@ -78,6 +81,13 @@ fn lower_median(values: &mut [u64]) -> u64 {
     values[(values.len() - 1) / 2]
 }
 
+/// The `q`-th largest of `values` (the smallest if there are fewer than `q`): the most
+/// that `q` of them reach.
+fn vouched(values: &mut [u64], q: usize) -> u64 {
+    values.sort_unstable_by(|a, b| b.cmp(a));
+    values[q.clamp(1, values.len()) - 1]
+}
+
 /// One `(sender, round)` group of entries.
 struct Group<'a> {
     /// The site of its first entry.
@@ -109,8 +119,9 @@ pub fn compute(entries: &[Entry]) -> Credits {
     // The counted groups' claims, per round.
     let mut rounds: BTreeMap<u64, Vec<(PublicKey, &str, u64)>> = BTreeMap::new();
     for ((round, sender), mut g) in groups {
-        if g.receivers.len() >= quorum(g.links) {
-            let claim = lower_median(&mut g.samples);
+        let q = quorum(g.links);
+        if g.receivers.len() >= q {
+            let claim = vouched(&mut g.samples, q);
             rounds
                 .entry(round)
                 .or_default()
@@ -237,6 +248,21 @@ mod tests {
             entry("", 1, 4, 5, 600),
         ]);
         assert_eq!(credit_of(&c, 1), Some((700, 1)));
+    }
+
+    #[test]
+    fn receivers_that_sign_a_low_claim_do_not_lower_an_honest_senders_below_a_quorum() {
+        // Eight links (a quorum of 4): four honest receivers sign the sender's claim of
+        // 640, four colluders a claim of 1. The lower median was 1; four receivers vouch
+        // for 640.
+        let mut entries: Vec<Entry> = (2..6).map(|rx| linked(8, "", 1, rx, 5, 640)).collect();
+        entries.extend((10..14).map(|rx| linked(8, "", 1, rx, 5, 1)));
+        assert_eq!(credit_of(&compute(&entries), 1), Some((640, 1)));
+        // Colluders as many as a quorum and more than the honest receivers do set it: a
+        // quorum of liars could credit anything anyway.
+        entries.push(linked(8, "", 1, 14, 5, 1));
+        entries.remove(0);
+        assert_eq!(credit_of(&compute(&entries), 1), Some((1, 1)));
     }
 
     #[test]
