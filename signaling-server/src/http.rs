@@ -111,6 +111,8 @@ struct Guarded {
     stalled: Option<Pin<Box<Sleep>>>,
     _slot: Slot,
     _share: AddressShare,
+    /// Its IPv6 /48's place ([`crate::signaling::take_shares`]).
+    _wide: Option<AddressShare>,
 }
 
 impl Guarded {
@@ -270,7 +272,8 @@ pub(crate) async fn serve(
         }
         // (A share of 0 is no share: `take` always gives a place.)
         let group = crate::signaling::address_group(addr.ip());
-        let Some(share) = AddressShare::take(&shares, group, limits.max_connections_per_address)
+        let Some((share, wide)) =
+            crate::signaling::take_shares(&shares, group, limits.max_connections_per_address)
         else {
             refuse(stream, &refusing, BUSY);
             hub.metrics
@@ -286,6 +289,7 @@ pub(crate) async fn serve(
             stalled: None,
             _slot: Slot(Arc::clone(&open)),
             _share: share,
+            _wide: wide,
         };
         let router = router.clone();
         let mut stopped = stopped.clone();

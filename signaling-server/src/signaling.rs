@@ -346,7 +346,7 @@ struct Task {
     peers: HashMap<PeerId, Peer>,
     /// Every peer id, for O(1) random draws.
     ids: Vec<PeerId>,
-    /// Peers per network address.
+    /// Peers per network address, and per IPv6 /48 under [`wide_group`] keys.
     per_group: HashMap<u128, usize>,
     /// Paused by the researcher.
     paused: bool,
@@ -432,10 +432,12 @@ impl Task {
     /// Removes a peer, keeping `ids` dense (the last id moves into the freed slot).
     fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let gone = self.peers.remove(&id)?;
-        if let Some(n) = self.per_group.get_mut(&gone.group) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_group.remove(&gone.group);
+        for g in std::iter::once(gone.group).chain(wide_group(gone.group)) {
+            if let Some(n) = self.per_group.get_mut(&g) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_group.remove(&g);
+                }
             }
         }
         self.ids.swap_remove(gone.slot);
@@ -1008,7 +1010,9 @@ impl Hub {
             return Err(ErrorCode::TaskFull);
         }
         let from_group = t.per_group.get(&group).copied().unwrap_or(0);
-        if limits.max_peers_per_address > 0 && from_group >= limits.max_peers_per_address {
+        let from_wide = wide_group(group).map_or(0, |w| t.per_group.get(&w).copied().unwrap_or(0));
+        let cap = limits.max_peers_per_address;
+        if cap > 0 && (from_group >= cap || from_wide >= cap.saturating_mul(WIDE_SHARES)) {
             return Err(ErrorCode::AddressFull);
         }
         let id = loop {
@@ -1048,7 +1052,11 @@ impl Hub {
                 receipt_refilled: Instant::now(),
             },
         );
+        // Each /48 counts beside its /64s, under its own key (`wide_group`).
         *t.per_group.entry(group).or_default() += 1;
+        if let Some(w) = wide_group(group) {
+            *t.per_group.entry(w).or_default() += 1;
+        }
         // Every newcomer hears the task's state, running or paused: a peer that was
         // paused before a server restart learns that it may train again.
         let paused = t.paused;
@@ -1628,6 +1636,39 @@ pub(crate) fn address_group(ip: std::net::IpAddr) -> u128 {
             None => u128::from(a) & !((1u128 << 64) - 1),
         },
     }
+}
+
+/// How many times an address's share (peers in a task, TCP connections) one IPv6 /48 may
+/// hold in all: a /48 is 65,536 /64s, each of which counts as an address, and tunnel
+/// brokers hand them out free (a /55 filled a task of 10,000 peers at 32 per /64).
+pub const WIDE_SHARES: usize = 4;
+
+/// The IPv6 /48 that the [`address_group`] `group` is in, as a key of its own (its lowest
+/// bit set, which no /64 group has); `None` for IPv4 (an address is already scarce; its
+/// group's low 64 bits are the mapped address) and for the one group of a router served
+/// without addresses (0).
+pub(crate) fn wide_group(group: u128) -> Option<u128> {
+    let v6 = group != 0 && group & ((1u128 << 64) - 1) == 0;
+    v6.then_some((group & !((1u128 << 80) - 1)) | 1)
+}
+
+/// Takes `group`'s place among at most `share` (0: no share) and, for IPv6, its /48's
+/// among at most [`WIDE_SHARES`] times that; `None` if either is full.
+pub(crate) fn take_shares(
+    counts: &AddressCounts,
+    group: u128,
+    share: usize,
+) -> Option<(AddressShare, Option<AddressShare>)> {
+    let own = AddressShare::take(counts, group, share)?;
+    let wide = match wide_group(group) {
+        Some(w) => Some(AddressShare::take(
+            counts,
+            w,
+            share.saturating_mul(WIDE_SHARES),
+        )?),
+        None => None,
+    };
+    Some((own, wide))
 }
 
 /// Something held per [`address_group`] (connections, downloads): how many each group
@@ -2557,6 +2598,55 @@ mod tests {
             Err(ReceiptOutcome::NotLinked),
             "after it left"
         );
+    }
+
+    /// One IPv6 /48 (65,536 /64s, each an address of its own) holds at most four
+    /// addresses' shares, of a task's peers and of the server's connections; IPv4
+    /// addresses and other /48s are not held back by it.
+    #[test]
+    fn an_ipv6_48_holds_four_addresses_shares() {
+        let hub = digits_hub();
+        let v6 = |net48: u128, net64: u128| (net48 << 80) | (net64 << 64);
+        let join = |group| {
+            hub.join("digits", Arc::new(Outbox::new(64)), group, "")
+                .map(|(id, _)| id)
+        };
+        // 32 per /64 as before; 128 across the /48's /64s.
+        let mut held = Vec::new();
+        for i in 0..128u128 {
+            held.push(join(v6(0x2001_0db8_0001, i)).expect("within the /48's share"));
+        }
+        assert_eq!(
+            join(v6(0x2001_0db8_0001, 500)),
+            Err(ErrorCode::AddressFull),
+            "a 129th /64 of the same /48"
+        );
+        assert!(join(v6(0x2001_0db8_0002, 0)).is_ok(), "another /48");
+        let v4 = u128::from(std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        assert!(join(v4).is_ok(), "an IPv4 address");
+        // One leaves: one more may join.
+        hub.leave("digits", held[0]);
+        assert!(join(v6(0x2001_0db8_0001, 500)).is_ok());
+        // Connections: the same four shares per /48.
+        let counts = AddressCounts::default();
+        let taken: Vec<_> = (0..4u128)
+            .map(|i| take_shares(&counts, v6(0x2001_0db8_0003, i), 1).expect("a place"))
+            .collect();
+        assert!(
+            take_shares(&counts, v6(0x2001_0db8_0003, 4), 1).is_none(),
+            "a fifth /64 of the /48"
+        );
+        assert!(
+            take_shares(&counts, v6(0x2001_0db8_0004, 0), 1).is_some(),
+            "another /48"
+        );
+        assert!(take_shares(&counts, v4, 1).is_some(), "an IPv4 address");
+        drop(taken);
+        assert!(
+            take_shares(&counts, v6(0x2001_0db8_0003, 4), 1).is_some(),
+            "places given back"
+        );
+        assert!(counts.lock().expect("counts").is_empty(), "nothing held");
     }
 
     /// A peer's redraws take each network as likely as any other: one address's 32
