@@ -50,9 +50,11 @@ const $ = (id) => document.getElementById(id);
 const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery: 'on battery', task: 'the researcher paused the task',
   unseen: 'Shoal is not shown on this page' };
 // In a frame (the widget), Shoal trains only while the visitor can see its status and its
-// Pause button: hidden, covered, made transparent or moved off screen by the page around
-// it for this long, it pauses, and it resumes once shown again.
+// Pause button: hidden, covered, made transparent or out of view for this long, it
+// pauses, and it resumes once shown again for `SEEN_AGAIN_MS` without a break (a page
+// that flashes it into view now and then does not keep it training).
 const UNSEEN_MS = 2000;
+const SEEN_AGAIN_MS = 1000;
 
 /**
  * Runs the contributor UI. `task`: the task's name; `autoStart`: consent was already
@@ -547,15 +549,26 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   // elsewhere, out of the viewport or not displayed.
   if (window !== window.top && typeof IntersectionObserver !== 'undefined') {
     const painted = typeof IntersectionObserverEntry !== 'undefined' && 'isVisible' in IntersectionObserverEntry.prototype;
-    let timer = null;
+    let hiding = null;
+    let showing = null;
     new IntersectionObserver((entries) => {
       const e = entries[entries.length - 1];
       const seen = painted ? e.isVisible : e.intersectionRatio > 0;
-      clearTimeout(timer);
       if (seen) {
-        if (paused.delete('unseen')) applyPause();
+        showing ??= setTimeout(() => {
+          showing = null;
+          clearTimeout(hiding);
+          hiding = null;
+          if (paused.delete('unseen')) applyPause();
+        }, SEEN_AGAIN_MS);
       } else {
-        timer = setTimeout(() => { paused.add('unseen'); applyPause(); }, UNSEEN_MS);
+        clearTimeout(showing);
+        showing = null;
+        hiding ??= setTimeout(() => {
+          hiding = null;
+          paused.add('unseen');
+          applyPause();
+        }, UNSEEN_MS);
       }
     }, painted ? { trackVisibility: true, delay: 100, threshold: [0, 1] } : { threshold: [0, 0.01] }).observe(status);
   }

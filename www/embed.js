@@ -58,7 +58,7 @@
       ? 'This model trains on files you choose (they never leave your browser), on its own page: ' +
         '"Contribute" opens it in a new tab.'
       : 'While you read, your browser can train a small model together with other ' +
-      'visitors (about ' + throttle + '% of the time, paused when the tab is hidden). ' +
+      'visitors (about ' + throttle + '% of the time, paused when the tab is hidden or Shoal is not in view). ' +
       (cost ? 'It downloads ' + mb(cost.download_bytes) + ' once, then ' +
         (cost.upload_mb_per_hour > 0 ? 'sends at most ' + cost.upload_mb_per_hour + ' MB an hour of updates and receives about as much, ' +
           'plus up to ' + Math.round(cost.upload_mb_per_hour / 2) + ' MB an hour of the model for other visitors and dashboards that ask. '

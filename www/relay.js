@@ -60,6 +60,8 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopp
     } catch {
       // Closed already.
     }
+    // A worker that comes back later must not train on alone, unseen.
+    worker.terminate();
     onStopped(why);
   };
   worker.addEventListener('error', () => stop('its worker failed'));
@@ -112,6 +114,7 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopp
       }
     }
   })().catch((err) => {
+    if (stopped) return;
     console.error(`shoal: the relay stopped: ${err?.message ?? err}`);
     onSignaling(false);
   });
@@ -121,16 +124,20 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopp
 /**
  * In the widget's frame, the site it is embedded in, as the browser reports it (not as
  * the host page says): `&site=HOST` for the server's ledger; nothing on Shoal's own page.
+ * A frame whose embedder the browser does not name (Firefox, or a page that wraps the
+ * frame in an origin-less `data:` frame to go unnamed) says `site=unknown`: never Shoal's
+ * own page.
  */
 function siteParam() {
   if (window === window.top) return '';
   const parent = location.ancestorOrigins?.[0];
   try {
     const host = new URL(parent).host.toLowerCase();
-    return /^[a-z0-9.:-]{1,253}$/.test(host) ? `&site=${encodeURIComponent(host)}` : '';
+    if (/^[a-z0-9.:-]{1,253}$/.test(host)) return `&site=${encodeURIComponent(host)}`;
   } catch {
-    return '';
+    // No origin to name: below.
   }
+  return '&site=unknown';
 }
 
 /** Fetches a task's description (`{task, files, cost}`) with a clear error. */

@@ -17,7 +17,7 @@ const MIN_BYTES: u64 = 1024;
 /// Writes an up-to-date `.gz` beside every file of at least 1 KiB under `dir`
 /// (recursively, at most 4 levels), except files that are already compressed. Returns
 /// how many were written. Files it cannot write are skipped with a warning (they are then
-/// compressed per request, as before).
+/// sent uncompressed: [`fresh_gzip_only`]).
 pub fn precompress(dir: &Path) -> usize {
     let mut written = 0;
     walk(dir, 4, &mut written);

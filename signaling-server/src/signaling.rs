@@ -215,9 +215,12 @@ impl Outbox {
 struct Peer {
     tx: Arc<Outbox>,
     neighbours: BTreeSet<PeerId>,
-    /// The swarm's round when each neighbour was linked (0: none was known): receipts
-    /// between the two count only from a few rounds before it ([`link_span_holds`]).
-    since: HashMap<PeerId, u64>,
+    /// The swarm's round when each neighbour was linked (`None`: none was known):
+    /// receipts between the two count only from a few rounds before it
+    /// ([`link_span_holds`]).
+    since: HashMap<PeerId, Option<u64>>,
+    /// When it last reported training, not paused ([`training_recently`]).
+    trained_at: Option<Instant>,
     /// Index in `Task::ids`.
     slot: usize,
     /// The peer's latest numbers for the dashboard (boxed: most idle connections never
@@ -311,11 +314,13 @@ pub const RECEIPT_ROUNDS_BEHIND: u64 = 32;
 /// And how far ahead.
 pub const RECEIPT_ROUNDS_AHEAD: u64 = 4;
 
-/// A neighbour that left: when, its key, its site and how many identified neighbours it
-/// had then.
 /// A former neighbour: when it was unlinked, its key, site and identified links, and the
 /// swarm's rounds when the pair was linked and unlinked.
-type Former = (Instant, PublicKey, Arc<str>, u8, (u64, u64));
+type Former = (Instant, PublicKey, Arc<str>, u8, Span);
+
+/// The swarm's rounds when a pair was linked and unlinked (`None`: not known then, no
+/// bound that side).
+type Span = (Option<u64>, Option<u64>);
 
 /// Whether a receipt of `round` falls in the rounds `(linked, unlinked)` of a pair, give
 /// or take [`RECEIPT_ROUNDS_AHEAD`] (a peer's own round runs a little ahead of or behind
@@ -324,16 +329,16 @@ type Former = (Instant, PublicKey, Arc<str>, u8, (u64, u64));
 /// rounds behind the swarm's however new it was, and any neighbour of the last 10
 /// minutes every round since, so colluders that had passed through an honest peer's
 /// neighbours signed its rounds by the dozen (with claims of their own).
-fn link_span_holds(round: u64, (linked, unlinked): (u64, u64)) -> bool {
-    round.saturating_add(RECEIPT_ROUNDS_AHEAD) >= linked
-        && round <= unlinked.saturating_add(RECEIPT_ROUNDS_AHEAD)
+fn link_span_holds(round: u64, (linked, unlinked): Span) -> bool {
+    linked.is_none_or(|l| round.saturating_add(RECEIPT_ROUNDS_AHEAD) >= l)
+        && unlinked.is_none_or(|u| round <= u.saturating_add(RECEIPT_ROUNDS_AHEAD))
 }
 
-/// The swarm's round as links are stamped with it: as last counted (receipts and task
-/// descriptions count it at most every second; stamping a link does not recount it), 0
-/// while none is known.
-fn link_round(t: &Task) -> u64 {
-    t.summary.and_then(|(_, s)| s.round).unwrap_or(0)
+/// The swarm's round as links are stamped with it: as last counted (receipts, which
+/// come every round while a swarm trains, and task descriptions count it at most every
+/// second; stamping a link does not recount it); `None` while none is known.
+fn link_round(t: &Task) -> Option<u64> {
+    t.summary.and_then(|(_, s)| s.round)
 }
 
 /// How long after a neighbour left a receipt for its update still counts as linked.
@@ -654,6 +659,14 @@ fn pace(t: &Task) -> Option<f64> {
     )
 }
 
+/// Whether `p` reported training, not paused, in the last 30 s (its latest report may
+/// say paused: a peer that pauses still closes the round it was in, and signs its
+/// receipts). The one rule for who signs receipts and who counts in `links`.
+fn training_recently(p: &Peer) -> bool {
+    p.trained_at
+        .is_some_and(|at| at.elapsed() < Duration::from_secs(30))
+}
+
 /// `p`'s report if it came in the last 30 s and says it trains.
 fn recent_trainer_report(p: &Peer) -> Option<&PeerReport> {
     let (at, r) = p.report.as_deref()?;
@@ -668,8 +681,7 @@ fn recent_trainer_report(p: &Peer) -> Option<&PeerReport> {
 /// either, up to `k` with the linked ones (more would deny an honest peer that dropped
 /// many dead ones, or that many could not reach, its credit).
 fn identified_links(t: &Task, p: &Peer, k: usize) -> u8 {
-    let contributing =
-        |q: &Peer| q.key.is_some() && recent_trainer_report(q).is_some_and(|r| !r.paused);
+    let contributing = |q: &Peer| q.key.is_some() && training_recently(q);
     let linked = p
         .neighbours
         .iter()
@@ -939,6 +951,9 @@ impl Hub {
             {
                 s.round = Some(report.version);
             }
+            if report.role == shoal_shared::protocol::Role::Trainer && !report.paused {
+                p.trained_at = Some(Instant::now());
+            }
             p.report = Some(Box::new((Instant::now(), report)));
             t.reported = true;
         }
@@ -1033,6 +1048,7 @@ impl Hub {
                 tx,
                 neighbours: BTreeSet::new(),
                 since: HashMap::new(),
+                trained_at: None,
                 slot: t.ids.len() - 1,
                 report: None,
                 group,
@@ -1129,7 +1145,7 @@ impl Hub {
             let (links, site) = (identified_links(t, q, k), q.site.clone());
             let since = q.since.clone();
             for n in q.neighbours.clone() {
-                let span = (since.get(&n).copied().unwrap_or(0), round);
+                let span = (since.get(&n).copied().flatten(), round);
                 remember(t, n, (now, key, site.clone(), links, span));
             }
             if let Some(q) = t.peers.get_mut(&old) {
@@ -1216,7 +1232,7 @@ impl Hub {
         // A receiver the sender's `links` would not count (it sent no report, or says it
         // observes or is paused) signs nothing: else colluders that never report lower a
         // sender's quorum and still make it.
-        if recent_trainer_report(p).is_none_or(|r| r.paused) {
+        if !training_recently(p) {
             return Err((
                 O::NotContributing,
                 "this connection has not reported training (not paused) in the last 30 s".into(),
@@ -1224,41 +1240,43 @@ impl Hub {
         }
         let now = Instant::now();
         let k = self.config.neighbours_for(task);
-        let (site, links, span) = p
+        // The sender now linked, and as a former neighbour (a pair linked again: a late
+        // receipt for the earlier link's rounds still counts).
+        let current = p
             .neighbours
             .iter()
             .filter_map(|n| Some((n, t.peers.get(n)?)))
             .find(|(_, q)| q.key == Some(r.sender))
             .map(|(n, q)| {
-                let since = p.since.get(n).copied().unwrap_or(0);
-                (q.site.clone(), identified_links(t, q, k), (since, u64::MAX))
-            })
-            .or_else(|| {
-                p.former
-                    .iter()
-                    .find(|(at, k, ..)| *k == r.sender && now.duration_since(*at) < LINK_MEMORY)
-                    .map(|(_, _, site, links, span)| (site.clone(), *links, *span))
-            })
-            .ok_or((
-                O::NotLinked,
-                "its sender's key is on no connection linked to this one".into(),
-            ))?;
-        if !link_span_holds(r.round, span) {
-            let (from, until) = span;
-            let until = if until == u64::MAX {
-                "now".to_string()
-            } else {
-                until.to_string()
-            };
+                let since = p.since.get(n).copied().flatten();
+                (q.site.clone(), identified_links(t, q, k), (since, None))
+            });
+        let former = p
+            .former
+            .iter()
+            .find(|(at, k, ..)| *k == r.sender && now.duration_since(*at) < LINK_MEMORY)
+            .map(|(_, _, site, links, span)| (site.clone(), *links, *span));
+        if current.is_none() && former.is_none() {
             return Err((
                 O::NotLinked,
-                format!(
-                    "round {} is not one its sender was linked to this connection in (from the \
-                     swarm's round {from} to {until}, give or take {RECEIPT_ROUNDS_AHEAD})",
-                    r.round
-                ),
+                "its sender's key is on no connection linked to this one".into(),
             ));
         }
+        let (site, links, _) = current
+            .into_iter()
+            .chain(former)
+            .find(|(_, _, span)| link_span_holds(r.round, *span))
+            .ok_or_else(|| {
+                (
+                    O::NotLinked,
+                    format!(
+                        "round {} is not one its sender was linked to this connection in \
+                         (from {RECEIPT_ROUNDS_AHEAD} rounds before the swarm's round when \
+                         they were linked to {RECEIPT_ROUNDS_AHEAD} after it when unlinked)",
+                        r.round
+                    ),
+                )
+            })?;
         Ok((bytes, r, site, links))
     }
 
@@ -1355,7 +1373,7 @@ impl Hub {
             qp.neighbours.remove(&id);
             qp.since.remove(&id);
             if let Some(key) = gone.key {
-                let span = (gone.since.get(&q).copied().unwrap_or(0), round);
+                let span = (gone.since.get(&q).copied().flatten(), round);
                 remember(t, q, (now, key, gone.site.clone(), links, span));
             }
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
@@ -1441,7 +1459,7 @@ impl Hub {
             .into_iter()
             .filter_map(|(a, b)| {
                 let bp = t.peers.get(&b)?;
-                let span = (bp.since.get(&a).copied().unwrap_or(0), round);
+                let span = (bp.since.get(&a).copied().flatten(), round);
                 Some((
                     a,
                     (
@@ -2576,6 +2594,19 @@ mod tests {
             "before the link"
         );
         assert_eq!(outcome(97), Ok(()));
+        assert_eq!(outcome(101), Ok(()));
+        // Paused now: the round it was in still closes, and its receipts count (it
+        // reported training within 30 s).
+        hub.store_report(
+            "digits",
+            a,
+            PeerReport {
+                version: 101,
+                paused: true,
+                ..PeerReport::default()
+            },
+        )
+        .expect("report");
         assert_eq!(outcome(101), Ok(()));
         // Unlinked at round 100; the swarm goes on to round 120.
         hub.unreachable("digits", a, b).expect("a neighbour");

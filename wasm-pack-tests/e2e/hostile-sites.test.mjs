@@ -88,6 +88,29 @@ test('the widget on another site trains even where the browser denies its frame 
   console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}, ${await peers.textContent()} neighbour(s)`);
 });
 
+test('a page that wraps the widget in an origin-less frame to go unnamed is named unknown', async (t) => {
+  // The browser names a frame's embedder in \`ancestorOrigins\`; inside a \`data:\` frame
+  // that name is "null". The widget then says \`site=unknown\`, never nothing (which the
+  // ledger counts as Shoal's own page).
+  const page = await newPage();
+  t.after(() => page.context().close());
+  const sockets = [];
+  page.on('websocket', (w) => sockets.push(w.url()));
+  const src = `${server.url}/embed.html?task=digits&throttle=25`;
+  const inner = `<!doctype html><iframe title="inner" src="${src}" style="width:200px;height:60px;border:0"></iframe>`;
+  const wrapper = `http://localhost:${host.address().port}/wrapper.html`;
+  await page.route(wrapper, (route) => route.fulfill({ contentType: 'text/html', body: `<!doctype html>
+    <iframe id="wrap" title="wrap" style="width:240px;height:100px;border:0" src="data:text/html,${encodeURIComponent(inner)}"></iframe>` }));
+  await withoutWebGpu(page);
+  await page.goto(wrapper);
+  await consentInFrame(page.frameLocator('#wrap').frameLocator('iframe[title="inner"]'));
+  const deadline = Date.now() + 30_000;
+  while (!sockets.some((u) => u.includes('/ws/')) && Date.now() < deadline) await page.waitForTimeout(200);
+  const ws = sockets.find((u) => u.includes('/ws/'));
+  assert.ok(ws, 'the widget joined the swarm');
+  assert.equal(new URL(ws).searchParams.get('site'), 'unknown', ws);
+});
+
 test('a peer that lies in its reports cannot inflate the dashboard', async (t) => {
   const dash = await newPage();
   t.after(() => dash.context().close());

@@ -176,11 +176,18 @@ pub struct Mesh {
     /// When open channels of a previous signaling session go ([`SESSION_GRACE_MS`]
     /// after the latest `welcome`).
     grace_until: u64,
-    /// The last report sent: sent again right after each `welcome`'s `identify`, ahead
-    /// of any receipt (the server takes receipts only from a connection that reported
-    /// training in the last 30 s, and a new session has reported nothing yet).
-    last_report: Option<PeerReport>,
+    /// The last report sent, and when (by the latest time this member was given): sent
+    /// again right after each `welcome`'s `identify`, ahead of any receipt, while under
+    /// [`REPORT_RESEND_MS`] old (the server takes receipts only from a connection that
+    /// reported training in the last 30 s, and a new session has reported nothing yet;
+    /// an older report would claim training this peer no longer does).
+    last_report: Option<(PeerReport, u64)>,
+    /// The latest time this member was given (`on_server`, `tick`).
+    clock_ms: u64,
 }
+
+/// How old the last report may be to be sent again on a new session.
+pub const REPORT_RESEND_MS: u64 = 25_000;
 
 impl Mesh {
     /// A member not yet connected; `seed` jitters its reconnect backoff.
@@ -197,6 +204,7 @@ impl Mesh {
             max_message: MAX_MESSAGE,
             grace_until: 0,
             last_report: None,
+            clock_ms: 0,
         }
     }
 
@@ -271,6 +279,7 @@ impl Mesh {
 
     /// A message from the signaling server.
     pub fn on_server(&mut self, m: ServerMessage, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
         match m {
             ServerMessage::Welcome {
                 peer,
@@ -291,7 +300,9 @@ impl Mesh {
                             key: hex(&id.public()),
                             signature: hex(&sig),
                         }));
-                    if let Some(report) = self.last_report.clone() {
+                    if let Some((report, at)) = self.last_report.clone()
+                        && now_ms.saturating_sub(at) < REPORT_RESEND_MS
+                    {
                         self.actions
                             .push_back(Action::Signal(ClientMessage::Report { report }));
                     }
@@ -525,6 +536,7 @@ impl Mesh {
     /// Drops every pending connection past its deadline and announces every open one
     /// that has settled.
     pub fn tick(&mut self, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let late: Vec<PeerId> = self
             .links
             .iter()
@@ -598,7 +610,7 @@ impl Mesh {
     pub fn report(&mut self, report: &PeerReport) {
         match report.validate() {
             Ok(()) => {
-                self.last_report = Some(report.clone());
+                self.last_report = Some((report.clone(), self.clock_ms));
                 self.actions
                     .push_back(Action::Signal(ClientMessage::Report {
                         report: report.clone(),
@@ -741,6 +753,41 @@ mod tests {
                 "bound to the session's id"
             );
         }
+        // A report older than `REPORT_RESEND_MS` is not sent again: it would claim
+        // training this peer may no longer do.
+        let ServerMessage::Welcome {
+            version,
+            task,
+            ice_servers,
+            max_message_bytes,
+            ..
+        } = welcome(11)
+        else {
+            unreachable!()
+        };
+        m.on_server(
+            ServerMessage::Welcome {
+                version,
+                peer: PeerId(11),
+                task,
+                ice_servers,
+                max_message_bytes,
+                nonce: hex(&[3; 32]),
+            },
+            REPORT_RESEND_MS,
+        );
+        let actions = drain(&mut m);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Signal(ClientMessage::Identify { .. })))
+        );
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::Signal(ClientMessage::Report { .. }))),
+            "{actions:?}"
+        );
         m.receipt(&[1, 2, 3]);
         assert_eq!(
             drain(&mut m),
