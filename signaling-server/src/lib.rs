@@ -158,7 +158,8 @@ pub fn app(config: &Config) -> App {
                 data: config.data.clone(),
             }),
             precompress::fresh_gzip_only,
-        ));
+        ))
+        .layer(axum::middleware::from_fn(cross_origin_headers));
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -198,6 +199,35 @@ pub fn app(config: &Config) -> App {
         hub,
         http: config.http.clone(),
     }
+}
+
+/// Lets a page that isolates itself (`Cross-Origin-Embedder-Policy: require-corp`, as
+/// sites that need `SharedArrayBuffer` do) load the widget: every file here may be loaded
+/// by another origin (`Cross-Origin-Resource-Policy: cross-origin`; they are public), and
+/// the widget's frame and the workers a page starts say `require-corp` themselves, as a
+/// frame in such a page, and a worker it starts, must (all they load is Shoal's own).
+/// Without these such a page got no card at all: its browser blocked `embed.js`.
+async fn cross_origin_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let isolated = matches!(
+        request.uri().path(),
+        "/embed.html" | "/worker.js" | "/observer-worker.js"
+    );
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("cross-origin"),
+    );
+    if isolated {
+        headers.insert(
+            header::HeaderName::from_static("cross-origin-embedder-policy"),
+            HeaderValue::from_static("require-corp"),
+        );
+    }
+    response
 }
 
 /// The longest request target (path and query) served; no Shoal URL comes near it.

@@ -1058,6 +1058,37 @@ async fn only_the_widget_frame_may_be_framed_by_other_sites() {
     assert!(!widget.contains("frame-ancestors"), "{widget}");
 }
 
+#[tokio::test]
+async fn a_site_that_isolates_itself_may_load_the_widget() {
+    // A page with COEP require-corp loads a script or frames a page of another origin only
+    // if it says it may be (CORP), and frames only documents that isolate themselves.
+    let www = std::env::temp_dir().join(format!("shoal-isolated-www-{}", std::process::id()));
+    std::fs::create_dir_all(&www).expect("www");
+    for file in ["embed.html", "worker.js", "style.css"] {
+        std::fs::write(www.join(file), "/* a site file */").expect("write");
+    }
+    std::fs::write(www.join("embed.js"), "(function () { var COSTS = {}; })();").expect("embed");
+    let mut config = base(config(), None, &["digits"]);
+    config.www = www.clone();
+    let s = start_config(config).await;
+    for path in ["/embed.js", "/embed.html", "/style.css", "/worker.js"] {
+        let head = http_get(s.addr, path).await.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        assert!(
+            head.contains("cross-origin-resource-policy: cross-origin"),
+            "{path}: {head}"
+        );
+        // The widget's frame and the worker it starts isolate themselves too.
+        let isolates = matches!(path, "/embed.html" | "/worker.js");
+        assert_eq!(
+            head.contains("cross-origin-embedder-policy: require-corp"),
+            isolates,
+            "{path}: {head}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&www);
+}
+
 /// A client connection from a loopback address of our choosing (127.0.0.0/8 is all
 /// loopback on Linux): a peer from another network address.
 async fn connect_from(s: &Server, from: [u8; 4]) -> Ws {

@@ -111,6 +111,27 @@ test('a page that wraps the widget in an origin-less frame to go unnamed is name
   assert.equal(new URL(ws).searchParams.get('site'), 'unknown', ws);
 });
 
+test('a site that isolates itself (COEP require-corp) still shows the widget, and Shoal runs in it', async (t) => {
+  // Sites that need SharedArrayBuffer send Cross-Origin-Embedder-Policy: require-corp;
+  // their browser then loads a script or frame from another origin only if it says it
+  // may be (CORP), and frames only documents that isolate themselves too.
+  const page = await newPage();
+  t.after(() => page.context().close());
+  const isolated = `http://localhost:${host.address().port}/isolated.html`;
+  await page.route(isolated, (route) => route.fulfill({
+    contentType: 'text/html',
+    headers: { 'Cross-Origin-Embedder-Policy': 'require-corp', 'Cross-Origin-Opener-Policy': 'same-origin' },
+    body: `<!doctype html><p>An isolated page.</p><script src="${server.url}/embed.js" data-task="digits" async></script>`,
+  }));
+  await withoutWebGpu(page);
+  await page.goto(isolated);
+  assert.equal(await page.evaluate(() => self.crossOriginIsolated), true, 'the host page is isolated');
+  const frame = page.frameLocator('iframe[title="Shoal contributor"]');
+  await consentInFrame(frame);
+  // It trains: its worker (which isolates itself too) started and took the task.
+  await frame.locator('#status[data-state="running"]').waitFor({ timeout: 120_000 });
+});
+
 test('a peer that lies in its reports cannot inflate the dashboard', async (t) => {
   const dash = await newPage();
   t.after(() => dash.context().close());
