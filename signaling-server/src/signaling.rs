@@ -279,6 +279,11 @@ const MAX_GROUPS_KEPT: usize = 64;
 const MAX_SHED: usize = 64;
 
 impl Peer {
+    /// The swarm's round when neighbour `n` was linked to it, if one was known.
+    fn linked_round(&self, n: PeerId) -> Option<u64> {
+        self.since.get(&n).copied().flatten()
+    }
+
     /// Whether the peer may be drawn as a new neighbour: it is live (it spoke, or it
     /// joined less than `quiet_after` ago), and it is not unreachable for most of the
     /// networks it was linked to — at least [`UNREACHABLE_NETWORKS`] of them reported it
@@ -437,7 +442,7 @@ impl Task {
     /// Removes a peer, keeping `ids` dense (the last id moves into the freed slot).
     fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let gone = self.peers.remove(&id)?;
-        for g in std::iter::once(gone.group).chain(wide_group(gone.group)) {
+        for g in counted_groups(gone.group) {
             if let Some(n) = self.per_group.get_mut(&g) {
                 *n -= 1;
                 if *n == 0 {
@@ -1068,10 +1073,8 @@ impl Hub {
                 receipt_refilled: Instant::now(),
             },
         );
-        // Each /48 counts beside its /64s, under its own key (`wide_group`).
-        *t.per_group.entry(group).or_default() += 1;
-        if let Some(w) = wide_group(group) {
-            *t.per_group.entry(w).or_default() += 1;
+        for g in counted_groups(group) {
+            *t.per_group.entry(g).or_default() += 1;
         }
         // Every newcomer hears the task's state, running or paused: a peer that was
         // paused before a server restart learns that it may train again.
@@ -1143,9 +1146,12 @@ impl Hub {
         for old in held {
             let Some(q) = t.peers.get(&old) else { continue };
             let (links, site) = (identified_links(t, q, k), q.site.clone());
-            let since = q.since.clone();
-            for n in q.neighbours.clone() {
-                let span = (since.get(&n).copied().flatten(), round);
+            let spans: Vec<(PeerId, Span)> = q
+                .neighbours
+                .iter()
+                .map(|&n| (n, (q.linked_round(n), round)))
+                .collect();
+            for (n, span) in spans {
                 remember(t, n, (now, key, site.clone(), links, span));
             }
             if let Some(q) = t.peers.get_mut(&old) {
@@ -1248,8 +1254,8 @@ impl Hub {
             .filter_map(|n| Some((n, t.peers.get(n)?)))
             .find(|(_, q)| q.key == Some(r.sender))
             .map(|(n, q)| {
-                let since = p.since.get(n).copied().flatten();
-                (q.site.clone(), identified_links(t, q, k), (since, None))
+                let span = (p.linked_round(*n), None);
+                (q.site.clone(), identified_links(t, q, k), span)
             });
         let former = p
             .former
@@ -1373,7 +1379,7 @@ impl Hub {
             qp.neighbours.remove(&id);
             qp.since.remove(&id);
             if let Some(key) = gone.key {
-                let span = (gone.since.get(&q).copied().flatten(), round);
+                let span = (gone.linked_round(q), round);
                 remember(t, q, (now, key, gone.site.clone(), links, span));
             }
             notify(t, q, &ServerMessage::Left { peer: id }, &self.metrics);
@@ -1459,7 +1465,7 @@ impl Hub {
             .into_iter()
             .filter_map(|(a, b)| {
                 let bp = t.peers.get(&b)?;
-                let span = (bp.since.get(&a).copied().flatten(), round);
+                let span = (bp.linked_round(a), round);
                 Some((
                     a,
                     (
@@ -1634,8 +1640,7 @@ fn choose_neighbours(
             let p = &t.peers[&cand];
             let room = p.neighbours.len() < 2 * k;
             let crowded = cap.is_some_and(|c| per_group.get(&p.group).is_some_and(|&n| n >= c));
-            let peers_of_group = t.per_group.get(&p.group).copied().unwrap_or(1).max(1);
-            let kept = pass > 0 || rng.below(peers_of_group) == 0;
+            let kept = pass > 0 || network_draw(t, rng, p.group);
             if kept && p.drawable(quiet_after) && room && !crowded && chosen.insert(cand) {
                 *per_group.entry(p.group).or_default() += 1;
             }
@@ -1668,6 +1673,12 @@ pub const WIDE_SHARES: usize = 4;
 pub(crate) fn wide_group(group: u128) -> Option<u128> {
     let v6 = group != 0 && group & ((1u128 << 64) - 1) == 0;
     v6.then_some((group & !((1u128 << 80) - 1)) | 1)
+}
+
+/// The keys a peer of `group` counts under in a task's `per_group`: its own, and its
+/// IPv6 /48's (`wide_group`).
+fn counted_groups(group: u128) -> impl Iterator<Item = u128> {
+    std::iter::once(group).chain(wide_group(group))
 }
 
 /// Takes `group`'s place among at most `share` (0: no share) and, for IPv6, its /48's
@@ -1735,6 +1746,14 @@ pub(crate) fn request_group(extensions: &axum::http::Extensions) -> u128 {
         .map_or(0, |c| address_group(c.0.ip()))
 }
 
+/// Whether a peer of network `group`, drawn uniformly among all peers, is kept: with odds
+/// one in its network's peer count, so that each network is as likely as any other
+/// however many peers it has.
+fn network_draw(t: &Task, rng: &mut Draws, group: u128) -> bool {
+    let peers_of_group = t.per_group.get(&group).copied().unwrap_or(1).max(1);
+    rng.below(peers_of_group) == 0
+}
+
 /// Links `q` to one random peer other than itself and `avoid` that is not yet its
 /// neighbour and has room (fewer than 2k), if one is found in a few draws: first each
 /// network as likely as any other, however many peers it has (as a newcomer's first
@@ -1756,8 +1775,7 @@ fn relink(
         for _ in 0..draws {
             let r = t.ids[rng.below(t.ids.len())];
             let rp = &t.peers[&r];
-            let peers_of_group = t.per_group.get(&rp.group).copied().unwrap_or(1).max(1);
-            if by_network && rng.below(peers_of_group) != 0 {
+            if by_network && !network_draw(t, rng, rp.group) {
                 continue;
             }
             if r != q

@@ -667,13 +667,18 @@ mod tests {
     use super::*;
 
     fn welcome(peer: u64) -> ServerMessage {
+        welcome_with(peer, String::new())
+    }
+
+    /// [`welcome`] with a nonce to sign (hex; empty: none).
+    fn welcome_with(peer: u64, nonce: String) -> ServerMessage {
         ServerMessage::Welcome {
             version: 1,
             peer: PeerId(peer),
             task: "t".into(),
             ice_servers: Vec::new(),
             max_message_bytes: 1 << 16,
-            nonce: String::new(),
+            nonce,
         }
     }
 
@@ -697,27 +702,7 @@ mod tests {
                 .any(|a| matches!(a, Action::Signal(ClientMessage::Identify { .. })))
         );
         for (peer, nonce) in [(5u64, [1u8; 32]), (9, [2; 32])] {
-            let ServerMessage::Welcome {
-                version,
-                task,
-                ice_servers,
-                max_message_bytes,
-                ..
-            } = welcome(peer)
-            else {
-                unreachable!()
-            };
-            m.on_server(
-                ServerMessage::Welcome {
-                    version,
-                    peer: PeerId(peer),
-                    task,
-                    ice_servers,
-                    max_message_bytes,
-                    nonce: hex(&nonce),
-                },
-                0,
-            );
+            m.on_server(welcome_with(peer, hex(&nonce)), 0);
             let actions = drain(&mut m);
             let proof = actions.iter().find_map(|a| match a {
                 Action::Signal(ClientMessage::Identify { key, signature }) => {
@@ -755,27 +740,7 @@ mod tests {
         }
         // A report older than `REPORT_RESEND_MS` is not sent again: it would claim
         // training this peer may no longer do.
-        let ServerMessage::Welcome {
-            version,
-            task,
-            ice_servers,
-            max_message_bytes,
-            ..
-        } = welcome(11)
-        else {
-            unreachable!()
-        };
-        m.on_server(
-            ServerMessage::Welcome {
-                version,
-                peer: PeerId(11),
-                task,
-                ice_servers,
-                max_message_bytes,
-                nonce: hex(&[3; 32]),
-            },
-            REPORT_RESEND_MS,
-        );
+        m.on_server(welcome_with(11, hex(&[3; 32])), REPORT_RESEND_MS);
         let actions = drain(&mut m);
         assert!(
             actions
