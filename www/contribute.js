@@ -5,13 +5,21 @@
 import { relaySwarm, fetchTask, fmtBytes } from './relay.js';
 import { tryTheModel } from './try.js';
 
+// The most entries the page's histories below keep (the oldest go first): an hour of
+// rounds a second, so a tab left open for days holds no more.
+const HISTORY = 3600;
+const remember = (list, entry) => {
+  if (list.length >= HISTORY) list.shift();
+  list.push(entry);
+};
+
 // Long main-thread tasks (over 50 ms), for anyone (and the end-to-end test) who wants to
 // check that Shoal keeps the page responsive.
 window.shoalLongTasks = [];
 try {
   new PerformanceObserver((list) => {
     for (const e of list.getEntries()) {
-      window.shoalLongTasks.push({ start: e.startTime, duration: e.duration, name: e.name });
+      remember(window.shoalLongTasks, { start: e.startTime, duration: e.duration, name: e.name });
     }
   }).observe({ type: 'longtask', buffered: true });
 } catch {
@@ -47,11 +55,17 @@ const SLOW_JOIN_MS = 60_000;
 
 const $ = (id) => document.getElementById(id);
 
+// Whether the page was opened with `?backend=cpu`: Shoal's own pages only, not the widget's
+// frame, whose address the embedding site writes (a site must not choose the visitor's
+// device for them).
+const cpuAsked = () => window === window.top && new URLSearchParams(location.search).get('backend') === 'cpu';
+
 const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery: 'on battery', task: 'the researcher paused the task',
   unseen: 'Shoal is not shown on this page' };
 // In a frame (the widget), Shoal trains only while the visitor can see its status and its
-// Pause button: hidden, covered, made transparent or out of view for this long, it
-// pauses, and it resumes once shown again for `SEEN_AGAIN_MS` without a break (a page
+// Pause button, whole: hidden, covered, made transparent, or out of view even in part
+// (a page that keeps the frame so small, or so far off the edge, that a sliver of the
+// status shows) for this long, it pauses, and it resumes once shown again for `SEEN_AGAIN_MS` without a break (a page
 // that flashes it into view now and then does not keep it training).
 const UNSEEN_MS = 2000;
 const SEEN_AGAIN_MS = 1000;
@@ -396,9 +410,9 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       const id = identity();
       lasting = id.lasting;
       // `?backend=cpu` trains on the CPU even where WebGPU exists (slow software adapters).
-      const only = new URLSearchParams(location.search).get('backend');
+      const only = cpuAsked() ? 'cpu' : null;
       worker.postMessage({
-        type: 'start', task, secret: id.secret, backend: only === 'cpu' ? 'cpu' : null, duty, head: storedHead(),
+        type: 'start', task, secret: id.secret, backend: only, duty, head: storedHead(),
         privacySent: id.lasting ? storedPrivacy() : null, consented: description.privacy ?? null,
       });
       applyPause();
@@ -442,7 +456,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       }
       // The headline says where training runs: on the CPU when the page asks for it,
       // whatever adapter exists.
-      if (new URLSearchParams(location.search).get('backend') === 'cpu' && r.backend === 'gpu') {
+      if (cpuAsked() && r.backend === 'gpu') {
         const found = r.check === 'ok' ? `WebGPU adapter found (${r.adapter.description}), ` : '';
         show('cpu', 'Training on your CPU.', `${found}but this page was opened with ?backend=cpu.`);
       }
@@ -466,7 +480,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         working = true;
         applyPause();
       }
-      if (p.closed) window.shoalProgress.push({ round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
+      if (p.closed) remember(window.shoalProgress, { round: p.round, accuracy: p.accuracy, test_loss: p.test_loss, peers: p.peers, samples_per_s: p.samples_per_s,
         used: p.used, rejected: p.rejected, wasm_memory_bytes: p.wasm_memory_bytes, phase: p.phase, samples: p.samples, privacy: p.privacy,
         bytes_up: p.bytes_up, bytes_down: p.bytes_down, at: performance.now() });
       render(p);
@@ -544,16 +558,20 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   }
 
   // In a frame, a page that hides the frame after consent (or lays a false "Paused" over
-  // it) pauses Shoal: where the browser reports visibility as painted (Chromium's
-  // IntersectionObserver v2), covered, transparent or transformed counts as hidden;
-  // elsewhere, out of the viewport or not displayed.
+  // it) pauses Shoal: the status and the Pause button (once shown) must each be whole in
+  // view, and where the browser reports visibility as painted (Chromium's
+  // IntersectionObserver v2), neither covered, transparent nor transformed.
   if (window !== window.top && typeof IntersectionObserver !== 'undefined') {
     const painted = typeof IntersectionObserverEntry !== 'undefined' && 'isVisible' in IntersectionObserverEntry.prototype;
     let hiding = null;
     let showing = null;
-    new IntersectionObserver((entries) => {
-      const e = entries[entries.length - 1];
-      const seen = painted ? e.isVisible : e.intersectionRatio > 0;
+    // Each watched element's latest report: seen whole (and painted so) or not.
+    const whole = new Map();
+    const watched = [status, pauseButton].filter(Boolean);
+    const observer = new IntersectionObserver((entries) => {
+      for (const e of entries) whole.set(e.target, e.intersectionRatio >= 0.99 && (!painted || e.isVisible));
+      // The Pause button counts once shown (it is hidden until training starts).
+      const seen = watched.every((el) => (el === pauseButton && el.hidden) || whole.get(el) === true);
       if (seen) {
         showing ??= setTimeout(() => {
           showing = null;
@@ -570,7 +588,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           applyPause();
         }, UNSEEN_MS);
       }
-    }, painted ? { trackVisibility: true, delay: 100, threshold: [0, 1] } : { threshold: [0, 0.01] }).observe(status);
+    }, { threshold: [0, 0.99, 1], ...(painted ? { trackVisibility: true, delay: 100 } : {}) });
+    for (const el of watched) observer.observe(el);
   }
 
   // Automatic pauses: a hidden tab, and a battery that is discharging.

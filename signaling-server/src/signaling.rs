@@ -812,7 +812,9 @@ impl Hub {
     }
 
     /// Takes one of `group`'s new connections, if its allowance has one
-    /// ([`Limits::joins_per_address_per_sec`]).
+    /// ([`Limits::joins_per_address_per_sec`]) and, for IPv6, its /48's too ([`WIDE_SHARES`]
+    /// times the rate and burst: else a /48's 65,536 /64s would each reconnect at an
+    /// address's rate, and churn floods honest peers with `joined` and `left`).
     fn may_connect(&self, group: u128) -> bool {
         let Limits {
             joins_per_address_per_sec: rate,
@@ -831,24 +833,38 @@ impl Hub {
             // Addresses whose allowance is whole again need no entry (looked for at most
             // once a second: under a flood from many addresses a pass per connection
             // would cost more than the flood).
-            joins.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            joins.retain(|&key, (tokens, at)| {
+                let scale = join_scale(key);
+                *tokens + now.duration_since(*at).as_secs_f64() * rate * scale < burst * scale
             });
             *pruned = Some(now);
         }
-        if joins.len() >= MAX_JOIN_BUCKETS && !joins.contains_key(&group) {
+        let keys: Vec<u128> = counted_groups(group).collect();
+        if joins.len() + keys.len() > MAX_JOIN_BUCKETS
+            && keys.iter().any(|k| !joins.contains_key(k))
+        {
             // Every one of them connected within the last burst's worth of seconds: the
             // server is under attack from many addresses, and the newest wait.
             return false;
         }
-        let (tokens, at) = joins.entry(group).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *tokens < 1.0 {
-            return false;
+        // Both allowances refilled; a connection takes from both or neither.
+        let mut allowed = true;
+        for &key in &keys {
+            let scale = join_scale(key);
+            let (tokens, at) = joins.entry(key).or_insert((burst * scale, now));
+            *tokens =
+                (*tokens + now.duration_since(*at).as_secs_f64() * rate * scale).min(burst * scale);
+            *at = now;
+            allowed &= *tokens >= 1.0;
         }
-        *tokens -= 1.0;
-        true
+        if allowed {
+            for key in &keys {
+                if let Some((tokens, _)) = joins.get_mut(key) {
+                    *tokens -= 1.0;
+                }
+            }
+        }
+        allowed
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -1673,6 +1689,17 @@ pub const WIDE_SHARES: usize = 4;
 pub(crate) fn wide_group(group: u128) -> Option<u128> {
     let v6 = group != 0 && group & ((1u128 << 64) - 1) == 0;
     v6.then_some((group & !((1u128 << 80) - 1)) | 1)
+}
+
+/// How many addresses' join allowance the key `key` of the join buckets has: an IPv6
+/// /48's ([`wide_group`]: its low 80 bits are 1, which no /64 and no IPv4-mapped address
+/// has) [`WIDE_SHARES`], an address's 1.
+fn join_scale(key: u128) -> f64 {
+    if key & ((1u128 << 80) - 1) == 1 {
+        WIDE_SHARES as f64
+    } else {
+        1.0
+    }
 }
 
 /// The keys a peer of `group` counts under in a task's `per_group`: its own, and its
@@ -2696,6 +2723,37 @@ mod tests {
             "places given back"
         );
         assert!(counts.lock().expect("counts").is_empty(), "nothing held");
+    }
+
+    /// New connections: a /48's /64s reconnect at four addresses' rate in all (each its
+    /// own burst of 32 made 2 million at once and 65,536 a second), IPv4 addresses and
+    /// other /48s unaffected.
+    #[test]
+    fn an_ipv6_48_reconnects_at_four_addresses_rate() {
+        let hub = digits_hub();
+        let v6 = |net48: u128, net64: u128| (net48 << 80) | (net64 << 64);
+        let burst = hub.config.limits.join_burst as usize;
+        let allowed = (0..20 * burst as u128)
+            .filter(|&i| hub.may_connect(v6(0x2001_0db8_0001, i % 16)))
+            .count();
+        assert!(
+            (4 * burst..4 * burst + 4).contains(&allowed),
+            "{allowed} connections from 16 /64s of one /48"
+        );
+        assert!(
+            !hub.may_connect(v6(0x2001_0db8_0001, 99)),
+            "a fresh /64 of the same /48"
+        );
+        assert!(hub.may_connect(v6(0x2001_0db8_0002, 0)), "another /48");
+        let v4 = u128::from(std::net::Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        let from_v4 = (0..2 * burst).filter(|_| hub.may_connect(v4)).count();
+        assert!(
+            (burst..burst + 2).contains(&from_v4),
+            "{from_v4} from one IPv4 address"
+        );
+        // An address whose last byte is 1 is an address, not a /48.
+        assert_eq!(join_scale(v4), 1.0);
+        assert_eq!(join_scale(wide_group(v6(7, 3)).expect("a /48")), 4.0);
     }
 
     /// A peer's redraws take each network as likely as any other: one address's 32

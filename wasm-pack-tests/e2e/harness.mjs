@@ -146,7 +146,8 @@ export async function webrtcPage(browser, url) {
 export async function joinSwarm(page, ws) {
   await page.evaluate(async (ws) => {
     const shoal = await import('/pkg/shoal_web_client.js');
-    await shoal.default();
+    // The module's exports, its memory among them (a test measures what a peer holds).
+    window.shoalWasm = await shoal.default();
     window.shoalEvents = [];
     window.swarm = shoal.Swarm.connect(ws);
     (async () => {

@@ -85,6 +85,16 @@ test('the widget on another site trains even where the browser denies its frame 
   assert.match(await status.textContent(), /not shown on this page/);
   await reader.evaluate(() => { document.body.style.opacity = ''; });
   await frame.locator('#status[data-state="running"]').waitFor({ timeout: 10_000 });
+  // So does a page that cuts the frame down to a sliver of the status line (the Pause
+  // button out of view): painted, unobscured and opaque, but not seen whole.
+  const shoalFrame = reader.frames().find((f) => f.url().includes('/embed.html'));
+  const sliver = await shoalFrame.evaluate(() => Math.ceil(document.getElementById('status').getBoundingClientRect().top) + 3);
+  const frameHeight = (h) => reader.locator('iframe[title="Shoal contributor"]')
+    .evaluate((el, h) => { el.style.height = h; }, h);
+  await frameHeight(`${sliver}px`);
+  await frame.locator('#status[data-state="paused"]').waitFor({ timeout: 10_000 });
+  await frameHeight('190px');
+  await frame.locator('#status[data-state="running"]').waitFor({ timeout: 10_000 });
   console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}, ${await peers.textContent()} neighbour(s)`);
 });
 

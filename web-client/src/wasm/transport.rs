@@ -98,6 +98,21 @@ fn poll_event(shared: &Weak<RefCell<Inner>>, cx: &mut Context<'_>) -> Poll<Optio
     }
 }
 
+/// A received message's bytes, for the reassembler, without ever copying more than one
+/// frame can be: a binary message longer than a frame's limit yields its first
+/// `HEADER + MAX_CHUNK + 1` bytes (refused as too large), and a text message, which the
+/// protocol never sends, yields nothing (refused as shorter than a header). Both count
+/// as the neighbour's bad frames. (`new Uint8Array(data)` on a text message of "2e9"
+/// would allocate two gigabytes: a string converts to a length.)
+fn frame_bytes(data: &JsValue) -> Vec<u8> {
+    let Some(buffer) = data.dyn_ref::<js_sys::ArrayBuffer>() else {
+        return Vec::new();
+    };
+    let longest = (shoal_shared::framing::HEADER + shoal_shared::framing::MAX_CHUNK + 1) as u32;
+    Uint8Array::new_with_byte_offset_and_length(buffer, 0, buffer.byte_length().min(longest))
+        .to_vec()
+}
+
 /// Whether `peer`'s connection is still the one of `generation`.
 fn current(shared: &Shared, peer: PeerId, generation: u64) -> bool {
     shared
@@ -648,7 +663,7 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
         let Ok(e) = e.dyn_into::<MessageEvent>() else {
             return;
         };
-        let frame = Uint8Array::new(&e.data()).to_vec();
+        let frame = frame_bytes(&e.data());
         if let Some(shared) = weak.upgrade()
             && current(&shared, peer, generation)
         {
