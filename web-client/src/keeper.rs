@@ -76,8 +76,14 @@ impl Keeper {
     pub fn save(&self, round: u64, bytes: &[u8]) -> io::Result<PathBuf> {
         let dst = self.dir.join(format!("model-{round:012}.ckpt"));
         self.write_atomic(&dst, bytes, round)?;
-        let all = self.checkpoints()?;
-        for old in all.iter().take(all.len().saturating_sub(KEEP)) {
+        // The oldest by round go, never the one just written: older files of higher
+        // rounds (a model changed, or newer checkpoints unreadable) would take it.
+        let all: Vec<PathBuf> = self
+            .checkpoints()?
+            .into_iter()
+            .filter(|p| *p != dst)
+            .collect();
+        for old in all.iter().take((all.len() + 1).saturating_sub(KEEP)) {
             fs::remove_file(old)?;
         }
         Ok(dst)
@@ -142,6 +148,26 @@ mod tests {
         let latest = k.latest(4).expect("readable").0.expect("a model");
         assert_eq!(latest.round, 1_000_000_000_000);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_checkpoint_just_written_is_kept_beside_older_ones_of_higher_rounds() {
+        // A folder of a task whose model has changed: its three checkpoints (rounds 980
+        // to 1000) do not fit, so the keeper starts again from round 0; its round-10
+        // checkpoint sorted first and was the one pruned, every time.
+        let dir = std::env::temp_dir().join(format!("shoal-keeper-old-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let k = Keeper::open(&dir).expect("dir");
+        for r in [980, 990, 1_000] {
+            k.save(r, &PeerMessage::Model(snap(r)).encode())
+                .expect("saved");
+        }
+        let written = k
+            .save(10, &PeerMessage::Model(snap(10)).encode())
+            .expect("saved");
+        assert!(written.exists(), "the new checkpoint stays");
+        assert_eq!(k.checkpoints().expect("list").len(), KEEP);
+        fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

@@ -47,11 +47,14 @@ pub struct SwarmTrainer {
     privacy_sink: Option<PrivacySink>,
     /// The count the sink last kept.
     privacy_kept: u64,
+    /// Why the sink failed, once it did: from then on nothing is sent (an update out
+    /// before its round is counted would let a restart spend the budget again).
+    privacy_failed: Option<String>,
 }
 
 /// Keeps the count of updates sent under the privacy budget (and the noise multiplier
-/// they were sent with).
-pub type PrivacySink = Box<dyn FnMut(u64, f64)>;
+/// they were sent with), or says why it could not.
+pub type PrivacySink = Box<dyn FnMut(u64, f64) -> Result<(), String>>;
 
 /// The held-out evaluation: the whole split, and the fixed subset a peer measures after
 /// every round.
@@ -138,6 +141,7 @@ impl SwarmTrainer {
             pending: Vec::new(),
             reported_ms: f64::NEG_INFINITY,
             privacy_sink: None,
+            privacy_failed: None,
             privacy_kept: 0,
         })
     }
@@ -233,13 +237,18 @@ impl SwarmTrainer {
     fn flush(&mut self, net: &impl Transport, now_ms: f64) -> Vec<Output> {
         if let (Some(sink), Some(p)) = (self.privacy_sink.as_mut(), self.peer.learner().privacy())
             && p.rounds > self.privacy_kept
+            && self.privacy_failed.is_none()
         {
-            sink(p.rounds, p.noise_multiplier);
-            self.privacy_kept = p.rounds;
+            match sink(p.rounds, p.noise_multiplier) {
+                Ok(()) => self.privacy_kept = p.rounds,
+                Err(e) => self.privacy_failed = Some(e),
+            }
         }
         let mut rest = Vec::new();
         while let Some(o) = self.peer.poll_output() {
             match o {
+                // Fail closed: the count could not be kept.
+                Output::Send { .. } | Output::Receipt(_) if self.privacy_failed.is_some() => {}
                 Output::Send { to, data } => {
                     // A full queue or a closed channel loses this message: the protocol
                     // copes (deadlines, the next round's update), as with a lost link.
@@ -257,6 +266,12 @@ impl SwarmTrainer {
             }
         }
         rest
+    }
+
+    /// Why the privacy count could not be kept, if it could not: the trainer sends
+    /// nothing since, and its driver should stop.
+    pub fn privacy_failed(&self) -> Option<&str> {
+        self.privacy_failed.as_deref()
     }
 
     /// Takes in one transport event.
@@ -460,6 +475,31 @@ mod tests {
         }
     }
 
+    /// Two peers 1 and 2 of `task`, each told the other is up, and their transports
+    /// (messages carried by hand).
+    fn two_peers(task: &TaskSpec) -> ([PeerId; 2], Vec<Recorder>, Vec<SwarmTrainer>) {
+        let ids = [PeerId(1), PeerId(2)];
+        let nets: Vec<Recorder> = (0..2)
+            .map(|i| Recorder {
+                me: ids[i],
+                other: ids[1 - i],
+                sent: RefCell::default(),
+                server: RefCell::default(),
+            })
+            .collect();
+        let mut peers: Vec<SwarmTrainer> = (0..2u8)
+            .map(|i| {
+                let id = Identity::from_seed([i + 1; 32]);
+                SwarmTrainer::new(task.clone(), id, None, samples(), None, [9; 32], 0.0)
+                    .expect("a peer of the task")
+            })
+            .collect();
+        for (i, peer) in peers.iter_mut().enumerate() {
+            peer.handle(SwarmEvent::PeerUp(ids[1 - i]), &nets[i], 0.0);
+        }
+        (ids, nets, peers)
+    }
+
     /// A neighbour that breaks the protocol as no honest peer does (here a gossip mix,
     /// in a task that exchanges weights) is handed to the transport to close and report
     /// `unreachable`, once: it must not keep one of the peer's few neighbour slots.
@@ -506,31 +546,13 @@ mod tests {
         // below says it went.
         task.learn.round_ms = 0;
         task.learn.upload_mb_per_hour = 0;
-        let ids = [PeerId(1), PeerId(2)];
-        let nets: Vec<Recorder> = (0..2)
-            .map(|i| Recorder {
-                me: ids[i],
-                other: ids[1 - i],
-                sent: RefCell::default(),
-                server: RefCell::default(),
-            })
-            .collect();
-        let mut peers: Vec<SwarmTrainer> = (0..2u8)
-            .map(|i| {
-                let id = Identity::from_seed([i + 1; 32]);
-                SwarmTrainer::new(task.clone(), id, None, samples(), None, [9; 32], 0.0)
-                    .expect("a peer of the demo task")
-            })
-            .collect();
+        let (ids, nets, mut peers) = two_peers(&task);
         // Each read of the clock moves it on 5 ms.
         let now = Cell::new(0.0);
         let clock = || {
             now.set(now.get() + 5.0);
             now.get()
         };
-        for i in 0..2 {
-            peers[i].handle(SwarmEvent::PeerUp(ids[1 - i]), &nets[i], 0.0);
-        }
         let both_sent_receipts = || nets.iter().all(|n| n.server.borrow().contains(&"receipt"));
         while !both_sent_receipts() && now.get() < 120_000.0 {
             now.set(now.get() + 20.0);
@@ -553,5 +575,56 @@ mod tests {
                 n.me
             );
         }
+    }
+
+    /// A peer whose privacy count cannot be kept (a read-only folder, a full disk) sends
+    /// no update: before, the failure was only logged and the update went out, so a
+    /// restart (which reads no count) spent the budget again.
+    #[test]
+    fn a_peer_whose_privacy_count_cannot_be_kept_sends_no_update() {
+        let private = include_str!("../../tasks/digits.toml").replace(
+            "[privacy]",
+            "[privacy]\nclip = 1.0\nepsilon = 8.0\ndelta = 1e-5\nrounds = 50\non_budget = \"stop\"",
+        );
+        let mut task = TaskSpec::from_toml(&private).expect("a private task");
+        task.learn.round_ms = 0;
+        task.learn.upload_mb_per_hour = 0;
+        let (ids, nets, mut peers) = two_peers(&task);
+        let tried = std::rc::Rc::new(Cell::new(0u64));
+        let seen = std::rc::Rc::clone(&tried);
+        peers[0].keep_privacy_count(Box::new(move |rounds, _| {
+            seen.set(rounds);
+            Err("read-only file system".into())
+        }));
+        peers[1].keep_privacy_count(Box::new(|_, _| Ok(())));
+        let now = Cell::new(0.0);
+        let clock = || {
+            now.set(now.get() + 5.0);
+            now.get()
+        };
+        let n = peers[0].peer.weights().len();
+        let mut updates = [0; 2];
+        while now.get() < 60_000.0 && updates[1] < 2 {
+            now.set(now.get() + 20.0);
+            for i in 0..2 {
+                pollster::block_on(peers[i].tick(&nets[i], clock)).expect("a tick");
+                let sent = std::mem::take(&mut *nets[i].sent.borrow_mut());
+                for data in sent {
+                    if matches!(
+                        shoal_shared::learn::wire::PeerMessage::decode(&data, n),
+                        Ok(shoal_shared::learn::wire::PeerMessage::Update(_))
+                    ) {
+                        updates[i] += 1;
+                    }
+                    let ev = SwarmEvent::Message { from: ids[i], data };
+                    peers[1 - i].handle(ev, &nets[1 - i], now.get());
+                }
+            }
+        }
+        assert_eq!(updates[1], 2, "the other peer trains and sends");
+        assert!(tried.get() >= 1, "the count was to be kept");
+        assert_eq!(updates[0], 0, "no update left uncounted");
+        assert_eq!(peers[0].privacy_failed(), Some("read-only file system"));
+        assert!(peers[1].privacy_failed().is_none());
     }
 }

@@ -184,7 +184,29 @@ pub struct Mesh {
     last_report: Option<(PeerReport, u64)>,
     /// The latest time this member was given (`on_server`, `tick`).
     clock_ms: u64,
+    /// Listed neighbours that offer to us (the smaller id offers) and have not yet, and
+    /// since when: past [`CONNECT_DEADLINE_MS`] without an offer they are reported
+    /// `unreachable`, as a connection of ours that did not open is (else a peer that
+    /// never offers holds its place among our neighbours for good).
+    awaiting: BTreeMap<PeerId, u64>,
+    /// When each neighbour's recent connections that opened were closed (the last
+    /// minute's): one that closes its channel and offers again and again is refused
+    /// past [`MAX_RECONNECTS`] (each connection starts its limits afresh, and costs
+    /// sockets and a handshake).
+    reconnects: BTreeMap<PeerId, VecDeque<u64>>,
 }
+
+/// Whether the ICE candidate line `c` is for UDP (its third field, after the foundation
+/// and the component), or says nothing of it (the empty end-of-candidates line).
+fn udp_candidate(c: &str) -> bool {
+    c.split_whitespace()
+        .nth(2)
+        .is_none_or(|t| t.eq_ignore_ascii_case("udp"))
+}
+
+/// The most connections one neighbour may open and close within a minute before its
+/// offers are refused and it is reported `unreachable`.
+pub const MAX_RECONNECTS: usize = 4;
 
 /// How old the last report may be to be sent again on a new session.
 pub const REPORT_RESEND_MS: u64 = 25_000;
@@ -204,6 +226,8 @@ impl Mesh {
             max_message: MAX_MESSAGE,
             grace_until: 0,
             last_report: None,
+            awaiting: BTreeMap::new(),
+            reconnects: BTreeMap::new(),
             clock_ms: 0,
         }
     }
@@ -289,6 +313,7 @@ impl Mesh {
                 ..
             } => {
                 self.me = Some(peer);
+                self.awaiting.clear();
                 self.grace_until = now_ms + SESSION_GRACE_MS;
                 self.ice_servers = ice_servers;
                 self.backoff.reset();
@@ -369,6 +394,20 @@ impl Mesh {
             }
             self.start(p, now_ms, true);
         }
+        self.awaiting.retain(|p, _| neighbours.contains(p));
+        let offering: Vec<PeerId> = neighbours
+            .iter()
+            .copied()
+            .filter(|p| !self.links.contains_key(p) && !should_offer(me, *p))
+            .filter(|p| !self.awaiting.contains_key(p))
+            .collect();
+        if !offering.is_empty() {
+            self.actions
+                .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
+        }
+        for p in offering {
+            self.awaiting.insert(p, now_ms);
+        }
     }
 
     fn on_signal(&mut self, from: PeerId, signal: Signal, now_ms: u64) {
@@ -393,6 +432,24 @@ impl Mesh {
                     )));
                     return;
                 }
+                if let Some(times) = self.reconnects.get_mut(&from) {
+                    times.retain(|&t| now_ms.saturating_sub(t) < 60_000);
+                    if times.len() >= MAX_RECONNECTS {
+                        // Told once: its later offers are dropped quietly until the
+                        // minute has passed (the server links us to another peer).
+                        if times.len() == MAX_RECONNECTS {
+                            times.push_back(now_ms);
+                            self.actions.push_back(Action::Warn(format!(
+                                "{from} opened and closed {MAX_RECONNECTS} connections within a minute: its offers are refused"
+                            )));
+                            self.actions
+                                .push_back(Action::Signal(ClientMessage::Unreachable {
+                                    peer: from,
+                                }));
+                        }
+                        return;
+                    }
+                }
                 self.start(from, now_ms, false);
                 self.actions.push_back(Action::Answer { peer: from, sdp });
             }
@@ -404,6 +461,15 @@ impl Mesh {
             candidate @ Signal::Candidate { .. } => {
                 // At most `MAX_HELD_CANDIDATES` from one neighbour per connection: each
                 // is paired with every local one and probed (at addresses it names).
+                // Only UDP ones: Shoal gathers no other, and a TCP candidate makes the
+                // native stack open a TCP connection to any address it names, with no
+                // timeout (a neighbour's 64 of them, connection after connection, ran a
+                // peer out of file descriptors).
+                if let Signal::Candidate { candidate: c, .. } = &candidate
+                    && !udp_candidate(c)
+                {
+                    return;
+                }
                 if let Some(link) = self.links.get_mut(&from)
                     && link.remote_candidates < MAX_HELD_CANDIDATES
                 {
@@ -548,6 +614,23 @@ impl Mesh {
         for p in late {
             self.failed(p);
         }
+        // Neighbours that were to offer and did not.
+        let silent: Vec<PeerId> = self
+            .awaiting
+            .iter()
+            .filter(|(_, t)| now_ms.saturating_sub(**t) >= CONNECT_DEADLINE_MS)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in silent {
+            self.awaiting.remove(&p);
+            if !self.links.contains_key(&p) && self.me.is_some() {
+                self.actions.push_back(Action::Warn(format!(
+                    "neighbour {p} sent no offer in {CONNECT_DEADLINE_SECS} s"
+                )));
+                self.actions
+                    .push_back(Action::Signal(ClientMessage::Unreachable { peer: p }));
+            }
+        }
         let settled: Vec<PeerId> = self
             .links
             .iter()
@@ -633,6 +716,7 @@ impl Mesh {
 
     /// A connection to `peer` begins (the deadline counts from now).
     fn start(&mut self, peer: PeerId, now_ms: u64, offer: bool) {
+        self.awaiting.remove(&peer);
         let mut link = Link::new(now_ms, self.max_message);
         link.session = self.me;
         self.links.insert(peer, link);
@@ -643,6 +727,17 @@ impl Mesh {
 
     fn forget(&mut self, peer: PeerId) {
         if let Some(link) = self.links.remove(&peer) {
+            if link.opened_ms.is_some() {
+                let clock = self.clock_ms;
+                self.reconnects.retain(|_, times| {
+                    times.retain(|&t| clock.saturating_sub(t) < 60_000);
+                    !times.is_empty()
+                });
+                let times = self.reconnects.entry(peer).or_default();
+                if times.len() < MAX_RECONNECTS + 1 {
+                    times.push_back(clock);
+                }
+            }
             if link.is_up() {
                 self.emit(SwarmEvent::PeerDown(peer));
             }
@@ -799,6 +894,96 @@ mod tests {
         m
     }
 
+    /// The unreachable reports among `acts`.
+    fn unreachable(acts: &[Action]) -> Vec<u64> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Signal(ClientMessage::Unreachable { peer }) => Some(peer.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn offer_from(m: &mut Mesh, from: u64, now_ms: u64) {
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(from),
+                signal: Signal::Offer { sdp: "o".into() },
+            },
+            now_ms,
+        );
+    }
+
+    #[test]
+    fn a_neighbour_that_never_offers_is_reported_unreachable() {
+        // 5 answers 3 and 4 (the smaller id offers). 3 offers in time; 4 never does: it
+        // held one of 5's neighbour places for good, since only its own connection
+        // attempts had a deadline.
+        let mut m = member(5, &[3, 4, 7]);
+        up(&mut m, 7);
+        drain(&mut m);
+        offer_from(&mut m, 3, 1_000);
+        m.channel_open(PeerId(3), 1_100);
+        m.tick(CONNECT_DEADLINE_MS - 1);
+        assert!(unreachable(&drain(&mut m)).is_empty());
+        m.tick(CONNECT_DEADLINE_MS);
+        assert_eq!(unreachable(&drain(&mut m)), [4]);
+        m.tick(2 * CONNECT_DEADLINE_MS);
+        assert!(unreachable(&drain(&mut m)).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn only_udp_candidates_reach_the_connection() {
+        let mut m = member(9, &[3]);
+        offer_from(&mut m, 3, 0);
+        drain(&mut m);
+        let tcp = Signal::Candidate {
+            candidate: "candidate:1 1 TCP 1 10.0.0.1 9 typ host tcptype passive".into(),
+            sdp_mid: Some("0".into()),
+            sdp_m_line_index: Some(0),
+        };
+        for c in [tcp, candidate(2)] {
+            m.on_server(
+                ServerMessage::Signal {
+                    from: PeerId(3),
+                    signal: c,
+                },
+                10,
+            );
+        }
+        assert_eq!(
+            drain(&mut m),
+            [Action::AddCandidate {
+                peer: PeerId(3),
+                candidate: candidate(2)
+            }]
+        );
+    }
+
+    #[test]
+    fn a_neighbour_that_reconnects_again_and_again_is_refused() {
+        // Each connection starts its limits (strikes, rates, candidates) afresh: 3
+        // closes its channel and offers again, every second.
+        let mut m = member(9, &[3]);
+        drain(&mut m);
+        for i in 0..MAX_RECONNECTS as u64 {
+            let t = i * 1_000;
+            offer_from(&mut m, 3, t);
+            m.channel_open(PeerId(3), t + 10);
+            m.failed(PeerId(3));
+            drain(&mut m);
+        }
+        offer_from(&mut m, 3, 5_000);
+        let acts = drain(&mut m);
+        assert!(!m.links.contains_key(&PeerId(3)), "{acts:?}");
+        assert_eq!(unreachable(&acts), [3]);
+        offer_from(&mut m, 3, 6_000);
+        assert!(drain(&mut m).is_empty(), "later offers are dropped quietly");
+        // A minute after, it may connect again.
+        offer_from(&mut m, 3, 70_000);
+        assert!(m.links.contains_key(&PeerId(3)));
+    }
+
     #[test]
     fn the_smaller_id_offers_and_the_set_is_reconciled() {
         let mut m = member(5, &[3, 7, 9]);
@@ -816,6 +1001,8 @@ mod tests {
                     peer: PeerId(9),
                     offer: true
                 },
+                deadline.clone(),
+                // 3's offer is awaited until then.
                 deadline.clone(),
             ]
         );

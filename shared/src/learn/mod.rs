@@ -559,6 +559,11 @@ const MAX_REMEMBERED: usize = 65_536;
 struct Seen {
     /// The last round taken from it (replay protection).
     round: u64,
+    /// That round's update was a change we could not apply (`base`): one of the same
+    /// round that applies (the signer's keyframe or whole copy) may still come and
+    /// count. Else a neighbour relaying a signer's changes to us while we lack its copy
+    /// used up each round, and the signer's own whole copy was refused as a replay.
+    base_only: bool,
     /// One bit per update of its that went through the screen, newest lowest: set when
     /// the screen dropped it.
     screened: u8,
@@ -1126,14 +1131,24 @@ impl Learner {
         if u.key == self.id.public() {
             return Err(self.stats.reject(Rejection::Own));
         }
-        if !u.verify(&self.task) {
-            return Err(self.stats.reject(Rejection::BadSignature));
-        }
+        // The checks that read claims and change nothing come before the signature's
+        // (an ed25519 verification and a hash of the whole update): a neighbour that
+        // resends one valid update again and again costs a lookup each time.
         if u.samples == 0 {
             return Err(self.stats.reject(Rejection::Samples));
         }
-        if self.seen.get(&u.key).is_some_and(|s| u.round <= s.round) {
+        // A round taken only as `base` stays open to that round's keyframe or whole copy
+        // (not to another change: it could not apply either).
+        let whole = u.payload.first() != Some(&CHANGE_TAG);
+        if self
+            .seen
+            .get(&u.key)
+            .is_some_and(|s| u.round < s.round || (u.round == s.round && !(s.base_only && whole)))
+        {
             return Err(self.stats.reject(Rejection::Replay));
+        }
+        if !u.verify(&self.task) {
+            return Err(self.stats.reject(Rejection::BadSignature));
         }
         let stale = u.round + u64::from(self.cfg.max_staleness) < self.round;
         let delta = if self.changes() {
@@ -1148,7 +1163,7 @@ impl Learner {
             }
             let applied = self.apply_change(u.key, u.round, &u.payload);
             if matches!(applied, Ok(_) | Err(Rejection::Base)) {
-                self.remember(u.key, u.round);
+                self.remember(u.key, u.round, applied.is_err());
             }
             let w = applied?;
             if stale {
@@ -1160,7 +1175,7 @@ impl Learner {
                 return Err(self.stats.reject(Rejection::Stale));
             }
             let delta = self.decode_payload(&u.payload, self.cfg.compression)?;
-            self.remember(u.key, u.round);
+            self.remember(u.key, u.round, false);
             delta
         };
         let lagging = u.round > self.round + u64::from(self.cfg.max_staleness);
@@ -1357,9 +1372,11 @@ impl Learner {
         .encode()
     }
 
-    fn remember(&mut self, key: PublicKey, round: u64) {
+    fn remember(&mut self, key: PublicKey, round: u64, base_only: bool) {
         make_room(&mut self.seen, &key, MAX_REMEMBERED, |s| s.round);
-        self.seen.entry(key).or_default().round = round;
+        let s = self.seen.entry(key).or_default();
+        s.round = round;
+        s.base_only = base_only;
     }
 
     /// Records whether the screen dropped `key`'s update this round and says whether

@@ -16,8 +16,12 @@
 //! normatively):
 //! - A peer downloads a model only while it is joining, lagging or observing, and only
 //!   from neighbours it asked: it asks up to [`FETCH_ASK`] contributing neighbours at
-//!   once, drawn at random (so that arriving first buys nothing). A model nobody asked
-//!   for is dropped and counted `unasked`.
+//!   once, drawn at random (so that arriving first buys nothing). Its first download
+//!   (a joiner's, or an observer's before it holds a model) waits until every
+//!   neighbour whose channel is up has settled and at least [`FETCH_ASK`] have, or
+//!   until [`JOIN_GRACE_MS`] after its first neighbour came up: a neighbour that writes
+//!   the instant its channel opens settles first, and asked alone it would be the whole
+//!   quorum. A model nobody asked for is dropped and counted `unasked`.
 //! - A connection that breaks the protocol in a way no honest peer does is shunned for
 //!   the rest of its life: a model it was neither asked for nor owed as a late answer,
 //!   an update whose signature does not verify, a gossip mix off the schedule (any mix
@@ -34,7 +38,9 @@
 //!   Two answers agree when their weights are within [`AGREE_RATIO`] of the smaller
 //!   norm. It takes only an answer that more than half of the neighbours it asked (a
 //!   silent one counts against; one answer after failed tries to join), and more than
-//!   half of the kept answers, agree with (itself included): of those, the one nearest
+//!   half of all the answers (those dropped for their round count against: colluders
+//!   that set the median round must not drop the honest answers and then be the
+//!   majority of the rest), agree with (itself included): of those, the one nearest
 //!   the coordinate-wise median of all kept answers' weights (ties: nearest its own
 //!   weights), with the coordinate-wise median of the momenta of the answers that agree
 //!   with it.
@@ -60,6 +66,10 @@ use crate::rng::SplitMix64;
 pub const JOIN_GRACE_MS: f64 = 3_000.0;
 /// How long a model download waits for the neighbours it asked.
 pub const MODEL_WAIT_MS: f64 = 10_000.0;
+/// How long what a closed connection was sent is remembered by peer id ([`Former`]).
+pub const FORMER_KEPT_MS: f64 = 600_000.0;
+/// The most closed connections remembered at once (the oldest are forgotten first).
+pub const MAX_FORMERS: usize = 256;
 /// Once a majority of those asked agree, the rest get as long again as that took, at
 /// least this long (and never past [`MODEL_WAIT_MS`]).
 pub const AGREED_GRACE_MS: f64 = 500.0;
@@ -330,6 +340,20 @@ impl Fetch {
     }
 }
 
+/// What a neighbour's closed connection had been sent, kept by peer id for
+/// [`FORMER_KEPT_MS`]: a neighbour that closes its channel and opens another at once
+/// (no server needed) must not be sent again what it just got — our update for the
+/// round (the greeting re-sends it), a whole copy (one per [`KEYFRAME_EVERY`] rounds),
+/// the model answers' first-request allowance — each reconnect would spend our upload
+/// budget.
+#[derive(Clone, Copy)]
+struct Former {
+    sent_round: Option<u64>,
+    whole_round: Option<u64>,
+    answered_at: Option<f64>,
+    closed_at: f64,
+}
+
 #[derive(Default)]
 struct Neighbour {
     /// The key this connection signs updates with, fixed by its first valid update.
@@ -532,6 +556,8 @@ pub struct Peer {
     /// Model answers sent in the last [`ANSWER_INTERVAL_MS`], and to whom (kept when a
     /// neighbour's connection closes; at most one per neighbour in that time).
     answered: VecDeque<(PeerId, f64)>,
+    /// Closed connections' [`Former`] records, by peer id.
+    formers: BTreeMap<PeerId, Former>,
 }
 
 impl Peer {
@@ -582,6 +608,7 @@ impl Peer {
             upload_free_at: f64::NEG_INFINITY,
             answers_free_at: f64::NEG_INFINITY,
             answered: VecDeque::new(),
+            formers: BTreeMap::new(),
         })
     }
 
@@ -662,9 +689,13 @@ impl Peer {
         }
         match self.phase {
             Phase::Joining { since } => {
-                at((since + JOIN_GRACE_MS).max(self.next_fetch_at));
-                for n in self.nbrs.values().filter(|n| !n.settled && !n.idle) {
-                    at((n.up_at + 2.0 * GREET_AFTER_MS).max(self.next_fetch_at));
+                if self.fetch.is_none() {
+                    let first = self
+                        .first_download_wake()
+                        .filter(|_| self.join_attempts == 0);
+                    at(first
+                        .unwrap_or(since + JOIN_GRACE_MS)
+                        .max(self.next_fetch_at));
                 }
             }
             Phase::Waiting { since } => at(since + self.round_wait().1),
@@ -673,7 +704,10 @@ impl Peer {
             }
             Phase::Observing => {
                 if let PeerRole::Observer { .. } = self.role {
-                    at(self.next_fetch_at);
+                    let first = self
+                        .first_download_wake()
+                        .filter(|_| !self.learner.is_started());
+                    at(first.map_or(self.next_fetch_at, |w| w.max(self.next_fetch_at)));
                 }
             }
             Phase::Ready | Phase::Training { .. } => {}
@@ -775,6 +809,62 @@ impl Peer {
     }
 
     /// Neighbours with a settled channel that send updates.
+    /// Keeps what the closed connection to `p` was sent ([`Former`]), within
+    /// [`MAX_FORMERS`].
+    fn remember_former(&mut self, p: PeerId, n: &Neighbour, now_ms: f64) {
+        if self.formers.len() >= MAX_FORMERS {
+            self.formers
+                .retain(|_, f| now_ms - f.closed_at < FORMER_KEPT_MS);
+            if self.formers.len() >= MAX_FORMERS
+                && let Some(oldest) = self
+                    .formers
+                    .iter()
+                    .min_by(|a, b| a.1.closed_at.total_cmp(&b.1.closed_at))
+                    .map(|(q, _)| *q)
+            {
+                self.formers.remove(&oldest);
+            }
+        }
+        self.formers.insert(
+            p,
+            Former {
+                sent_round: n.sent_round,
+                whole_round: n.whole_round,
+                answered_at: n.answered_at,
+                closed_at: now_ms,
+            },
+        );
+    }
+
+    /// When [`first_download_due`](Self::first_download_due) may next turn true: the
+    /// next neighbour to settle, or [`JOIN_GRACE_MS`] after the first came up; `None`
+    /// without neighbours.
+    fn first_download_wake(&self) -> Option<f64> {
+        let live = || self.nbrs.values().filter(|n| !n.shunned);
+        let first_up = live().map(|n| n.up_at).reduce(f64::min)?;
+        let settles = live()
+            .filter(|n| !n.settled)
+            .map(|n| n.up_at + 2.0 * GREET_AFTER_MS)
+            .reduce(f64::min);
+        Some(settles.map_or(first_up + JOIN_GRACE_MS, |t| {
+            t.min(first_up + JOIN_GRACE_MS)
+        }))
+    }
+
+    /// Whether the first model download may start (see the module's rule): every
+    /// neighbour whose channel is up has settled and [`FETCH_ASK`] have, or
+    /// [`JOIN_GRACE_MS`] passed since the first came up; and one has settled.
+    fn first_download_due(&mut self, now_ms: f64) -> bool {
+        for n in self.nbrs.values_mut() {
+            n.settled |= now_ms - n.up_at >= 2.0 * GREET_AFTER_MS;
+        }
+        let live = || self.nbrs.values().filter(|n| !n.shunned);
+        let settled = live().filter(|n| n.settled && !n.idle).count();
+        let waiting = live().any(|n| !n.settled);
+        let first_up = live().map(|n| n.up_at).fold(f64::INFINITY, f64::min);
+        settled > 0 && ((!waiting && settled >= FETCH_ASK) || now_ms - first_up >= JOIN_GRACE_MS)
+    }
+
     fn contributors(&self) -> Vec<PeerId> {
         self.nbrs
             .iter()
@@ -896,20 +986,30 @@ impl Peer {
                 // Until it says otherwise, a neighbour is expected to contribute; we say
                 // what we do (a joiner, an observer or a paused peer does not) once the
                 // channel has settled (see `GREET_AFTER_MS`).
+                let fresh = !self.nbrs.contains_key(&p);
+                let former = self
+                    .formers
+                    .remove(&p)
+                    .filter(|f| fresh && now_ms - f.closed_at < FORMER_KEPT_MS);
                 let n = self.nbrs.entry(p).or_default();
                 n.up_at = now_ms;
                 n.greeted = false;
                 n.settled = false;
+                if let Some(f) = former {
+                    n.sent_round = f.sent_round;
+                    n.whole_round = f.whole_round;
+                    n.answered_at = f.answered_at;
+                }
                 if self.announced.is_none() {
                     self.announced = Some(self.contributing());
                 }
             }
             Event::Down(p) => {
-                if let Some(key) = self
-                    .nbrs
-                    .remove(&p)
-                    .and_then(|n| n.key.filter(|_| !n.key_moved_in))
-                {
+                let gone = self.nbrs.remove(&p);
+                if let Some(n) = &gone {
+                    self.remember_former(p, n, now_ms);
+                }
+                if let Some(key) = gone.and_then(|n| n.key.filter(|_| !n.key_moved_in)) {
                     // Its next connection starts from a keyframe or a whole copy: a copy
                     // kept across connections could take a change meant for another.
                     self.learner.forget_copy(&key);
@@ -1471,7 +1571,11 @@ impl Peer {
         if self.fetch.as_ref().is_some_and(|f| now_ms >= f.due()) {
             self.conclude(now_ms);
         }
-        if self.phase == Phase::Observing && self.fetch.is_none() && now_ms >= self.next_fetch_at {
+        if self.phase == Phase::Observing
+            && self.fetch.is_none()
+            && now_ms >= self.next_fetch_at
+            && (self.learner.is_started() || self.first_download_due(now_ms))
+        {
             let peers = self.contributors();
             if !peers.is_empty() {
                 self.start_fetch(Purpose::Observe, peers, now_ms);
@@ -1480,14 +1584,12 @@ impl Peer {
         if let Phase::Joining { since } = self.phase
             && self.fetch.is_none()
         {
+            let due = self.first_download_due(now_ms) || self.join_attempts > 0;
             let peers = self.contributors();
             // Asked only once their own status had time to arrive (they greet
             // `GREET_AFTER_MS` after the channel opens, as we do): a joiner among them
             // would otherwise be asked, say it holds no model, and leave the answers to
             // whoever was quickest.
-            for n in self.nbrs.values_mut() {
-                n.settled |= now_ms - n.up_at >= 2.0 * GREET_AFTER_MS;
-            }
             let settled: Vec<PeerId> = peers
                 .iter()
                 .copied()
@@ -1497,7 +1599,7 @@ impl Peer {
                 if now_ms - since >= JOIN_GRACE_MS {
                     self.start_from_seed(); // first in the swarm
                 }
-            } else if now_ms >= self.next_fetch_at && !settled.is_empty() {
+            } else if now_ms >= self.next_fetch_at && !settled.is_empty() && due {
                 self.start_fetch(Purpose::Join, settled, now_ms);
             }
         }
@@ -2113,6 +2215,8 @@ fn choose(
     if let Some(min) = min_round {
         kept.retain(|s| s.round >= min);
     }
+    // The answers counted: all but those not ahead (which count neither way).
+    let counted = outliers + kept.len();
     if kept.len() < quorum {
         return Err((Rejection::NoQuorum, outliers));
     }
@@ -2129,8 +2233,9 @@ fn choose(
     let support: Vec<usize> = (0..kept.len())
         .map(|i| (0..kept.len()).filter(|&j| agree(i, j)).count())
         .collect();
+    // More than half of the answers counted, round outliers too.
     let eligible: Vec<usize> = (0..kept.len())
-        .filter(|&i| 2 * support[i] > kept.len() && support[i] >= quorum)
+        .filter(|&i| 2 * support[i] > counted && support[i] >= quorum)
         .collect();
     if eligible.is_empty() {
         return Err((Rejection::NoQuorum, outliers));

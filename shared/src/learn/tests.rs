@@ -72,9 +72,16 @@ fn forged_replayed_stale_and_poisoned_updates_are_rejected_and_counted() {
         "the same update twice"
     );
 
+    // A forged copy of a round already taken is a replay (checked before the
+    // signature: it costs no verification)...
     let mut forged = good.clone();
     let last = forged.len() - 70;
     forged[last] ^= 0x40; // a payload byte
+    assert_eq!(a.receive(&forged), Err(Rejection::Replay));
+    // ...and a forged update of a new round fails its signature.
+    b.finish_round();
+    let mut forged = b.local_update(&[0.1; 4], 1, 0.0).expect("finite");
+    forged[last] ^= 0x40;
     assert_eq!(a.receive(&forged), Err(Rejection::BadSignature));
 
     // Signed for another task.
@@ -124,8 +131,8 @@ fn forged_replayed_stale_and_poisoned_updates_are_rejected_and_counted() {
     let old = late.local_update(&[0.0; 4], 1, 0.0).expect("finite");
     assert_eq!(a.receive(&old), Err(Rejection::Stale));
     let r = &a.stats.rejected;
+    assert_eq!(r.get(&Rejection::Replay), Some(&2));
     for why in [
-        Rejection::Replay,
         Rejection::NonFinite,
         Rejection::Shape,
         Rejection::Malformed,
@@ -446,13 +453,13 @@ fn weights_changes_keep_every_neighbours_copy_equal_to_the_senders_public_copy()
     assert!(errors[9] < 0.2 * errors[0], "{errors:?}");
 }
 
-#[test]
-fn a_change_from_a_copy_not_held_is_heard_but_waits_for_the_next_keyframe() {
-    let n = 256;
+/// Peers `a` and `b` exchanging weights changes of `n` parameters, where b's keyframe
+/// (round 0) never reached a and its change for round 1, which a refused as `base`:
+/// `(a, b, the local weights both trained to, that change)`.
+fn base_refused(n: usize) -> (Learner, Learner, Vec<f32>, Vec<u8>) {
     let mut a = changes_peer(1, vec![0.0; n]);
     let mut b = changes_peer(2, vec![0.0; n]);
     let local = vec![0.25; n];
-    // b's keyframe (round 0) never reaches a; its change (round 1) does.
     b.local_update(&local, 8, 0.0).expect("finite");
     b.finish_round();
     a.local_update(&local, 8, 0.0).expect("finite");
@@ -460,6 +467,13 @@ fn a_change_from_a_copy_not_held_is_heard_but_waits_for_the_next_keyframe() {
     let change = b.local_update(&local, 8, 0.0).expect("finite");
     assert_eq!(payload_of(&change, n)[0], CHANGE_TAG);
     assert_eq!(a.receive(&change), Err(Rejection::Base));
+    (a, b, local, change)
+}
+
+#[test]
+fn a_change_from_a_copy_not_held_is_heard_but_waits_for_the_next_keyframe() {
+    let n = 256;
+    let (mut a, mut b, local, _) = base_refused(n);
     assert_eq!(a.stats.rejected[&Rejection::Base], 1);
     assert!(
         a.has_fresh_from(&b.public_key()),
@@ -583,6 +597,34 @@ fn at_most_max_copies_are_kept_and_the_one_taken_longest_ago_goes() {
         "taken longest ago"
     );
     assert!(a.copies.contains_key(&late.public_key()));
+}
+
+#[test]
+fn a_change_refused_for_its_base_does_not_use_up_its_round_for_the_whole_copy() {
+    // b's change for round 1 reaches a (relayed by a third peer, say) while a holds no
+    // copy of b: refused as `base`. b's own whole copy of round 1 then comes: before, it
+    // was refused as a replay of round 1, and a ignored b until its next keyframe.
+    let n = 256;
+    let (mut a, mut b, local, change) = base_refused(n);
+    assert_eq!(
+        a.receive(&change),
+        Err(Rejection::Replay),
+        "the same change again is a replay"
+    );
+    let whole = b.whole_public().expect("b's copy of round 1");
+    assert!(
+        a.receive(&whole).is_ok(),
+        "the whole copy of the same round counts"
+    );
+    assert!(a.copies.contains_key(&b.public_key()));
+    assert_eq!(a.finish_round().used, 1);
+    // Applied once: the same round again is a replay, the change and the copy alike.
+    assert_eq!(a.receive(&whole), Err(Rejection::Replay));
+    assert_eq!(a.receive(&change), Err(Rejection::Replay));
+    // And b's next change applies to the copy.
+    b.finish_round();
+    let next = b.local_update(&local, 8, 0.0).expect("finite");
+    assert!(a.receive(&next).is_ok());
 }
 
 #[test]

@@ -495,13 +495,20 @@ mod peer {
         let budget_file = privacy_file(&args.identity, &peer.task().name);
         if peer.learner().privacy().is_some() {
             let (sent, z) = read_privacy_sent(&budget_file)?;
+            // Written once now: a place where the count cannot be kept (a read-only
+            // folder) stops the peer before it trains, not after it sent.
+            write_privacy_sent(&budget_file, sent, z).with_context(|| {
+                format!(
+                    "the privacy count cannot be kept at {}",
+                    budget_file.display()
+                )
+            })?;
             peer.note_privacy_sent(sent, z);
-            // Kept before any message leaves once the count rose.
+            // Kept before any message leaves once the count rose; a failure stops the
+            // peer, with nothing sent uncounted (`privacy_failed`).
             let file = budget_file.clone();
             peer.keep_privacy_count(Box::new(move |rounds, z| {
-                if let Err(e) = write_privacy_sent(&file, rounds, z) {
-                    eprintln!("privacy count: {e:#}");
-                }
+                write_privacy_sent(&file, rounds, z).map_err(|e| format!("{e:#}"))
             }));
         }
         let keeper = match &args.keeper {
@@ -565,7 +572,13 @@ mod peer {
                 }
                 _ = tick.tick() => {}
             }
-            let Some(summary) = peer.tick(&swarm, now).await? else {
+            let ticked = peer.tick(&swarm, now).await?;
+            if let Some(e) = peer.privacy_failed() {
+                anyhow::bail!(
+                    "the privacy count could not be kept ({e}): stopped, with no update sent uncounted"
+                );
+            }
+            let Some(summary) = ticked else {
                 continue;
             };
             let p = peer.progress();

@@ -49,14 +49,14 @@ fn running(round: u64) -> Peer {
     p
 }
 
-/// A joiner with neighbours 10, 11 and 12 once it has asked them for the model, and
-/// whom it asked.
+/// A joiner with neighbours 10, 11 and 12 once it has asked them for the model (fewer
+/// than `FETCH_ASK` up: it waits `JOIN_GRACE_MS` for more), and whom it asked.
 fn asking_joiner() -> (Peer, Vec<u64>) {
     let mut p = joiner();
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
-    p.tick(2.0 * GREET_AFTER_MS);
+    p.tick(JOIN_GRACE_MS);
     let who = asked(&drain(&mut p));
     (p, who)
 }
@@ -225,12 +225,13 @@ fn a_neighbour_caught_lying_loses_its_answer_to_the_download_in_progress() {
     // nothing.
     let (mut p, asked_all) = asking_joiner();
     assert_eq!(asked_all.len(), 3, "{asked_all:?}");
-    p.handle(msg(12, model(5, -3.0)), 1_100.0);
-    p.handle(msg(12, model(5, -3.0)), 1_150.0);
+    let t = JOIN_GRACE_MS;
+    p.handle(msg(12, model(5, -3.0)), t + 100.0);
+    p.handle(msg(12, model(5, -3.0)), t + 150.0);
     assert!(p.nbrs[&PeerId(12)].shunned);
-    p.handle(msg(11, model(5, -3.0)), 1_200.0);
-    p.handle(msg(10, model(5, 0.5)), 1_200.0);
-    p.tick(1_300.0);
+    p.handle(msg(11, model(5, -3.0)), t + 200.0);
+    p.handle(msg(10, model(5, 0.5)), t + 200.0);
+    p.tick(t + 300.0);
     assert!(!p.learner().is_started(), "nothing adopted");
     assert_eq!(rejected(&p, Rejection::NoQuorum), 1);
 }
@@ -241,7 +242,7 @@ fn a_neighbour_asked_twice_may_answer_twice() {
     // answers are answers (the first one late); only a third model is a push.
     let (mut p, first) = asking_joiner();
     assert!(first.contains(&10));
-    let t = 2.0 * GREET_AFTER_MS + MODEL_WAIT_MS;
+    let t = JOIN_GRACE_MS + MODEL_WAIT_MS;
     p.tick(t);
     p.tick(t + FETCH_RETRY_MS);
     let again = asked(&drain(&mut p));
@@ -277,7 +278,7 @@ fn a_poisoned_model_answer_loses_to_the_answers_that_agree() {
         "their status has not had time to come"
     );
     // Once it has, it asks.
-    p.tick(2.0 * GREET_AFTER_MS);
+    p.tick(JOIN_GRACE_MS);
     outs.extend(drain(&mut p));
     // While joining it tells its neighbours it does not contribute yet.
     let idle = PeerMessage::Status {
@@ -1593,7 +1594,7 @@ fn an_observer_downloads_changes_from_the_weights_it_holds_not_whole_models() {
         o.handle(Event::Up(PeerId(20 + k)), 0.0);
     }
     let whole = PeerMessage::Model(ramp(5, 0.0)).encode().len();
-    let mut now = 2.0 * GREET_AFTER_MS;
+    let mut now = JOIN_GRACE_MS;
     for t in &mut trainers {
         t.tick(now);
     }
@@ -2230,4 +2231,147 @@ fn a_model_answer_is_int8_at_a_quarter_of_fp32_within_rounding_of_the_model() {
         assert!((a - b).abs() <= 1.0 / 254.0 + 1e-6, "{b} came as {a}");
     }
     assert!(got.momentum.iter().all(|m| (m - 0.1).abs() < 1e-6));
+}
+
+#[test]
+fn a_neighbour_that_settles_first_is_not_asked_alone() {
+    // A neighbour that writes the instant its channel opens is up 500 ms before honest
+    // ones (they wait to settle), so it settled first. Asked alone, it was the whole
+    // quorum: a joiner (or the dashboard) took its model, round and momentum.
+    let liar = PeerMessage::Model(Snapshot {
+        round: 1 << 39,
+        weights: vec![-3.0; N],
+        momentum: vec![1e6; N],
+    })
+    .encode();
+    let mut p = joiner();
+    p.handle(Event::Up(PeerId(10)), 0.0);
+    for n in 11..15 {
+        p.handle(Event::Up(PeerId(n)), 400.0);
+    }
+    p.tick(GREET_AFTER_MS);
+    p.tick(2.0 * GREET_AFTER_MS);
+    assert!(
+        asked(&drain(&mut p)).is_empty(),
+        "the first settled is not asked while the others settle"
+    );
+    p.tick(400.0 + 2.0 * GREET_AFTER_MS);
+    let mut who = asked(&drain(&mut p));
+    who.sort_unstable();
+    assert_eq!(who, [10, 11, 12, 13, 14], "all five, once settled");
+    let t = 400.0 + 2.0 * GREET_AFTER_MS;
+    p.handle(msg(10, liar.clone()), t + 10.0);
+    for n in 11..15 {
+        p.handle(msg(n, model(10, 0.3)), t + 20.0);
+    }
+    p.tick(t + MODEL_WAIT_MS);
+    assert_eq!(p.learner().round(), 10);
+    assert!(p.weights().iter().all(|w| (w - 0.3).abs() < 1e-6));
+
+    // Fewer than five neighbours: the first download waits JOIN_GRACE_MS after the
+    // first came up, for the others' channels to open.
+    let mut q = joiner();
+    q.handle(Event::Up(PeerId(10)), 0.0);
+    q.handle(Event::Up(PeerId(11)), 1_500.0);
+    q.tick(2.0 * GREET_AFTER_MS);
+    assert!(asked(&drain(&mut q)).is_empty());
+    q.tick(JOIN_GRACE_MS - 1.0);
+    assert!(asked(&drain(&mut q)).is_empty());
+    q.tick(JOIN_GRACE_MS);
+    let mut who = asked(&drain(&mut q));
+    who.sort_unstable();
+    assert_eq!(who, [10, 11]);
+
+    // An observer's first download waits the same way.
+    let observer = PeerRole::Observer { every_ms: 10_000.0 };
+    let mut o = Peer::new(cfg(), "t", id(9), vec![0.5; N], observer, 0.0).expect("valid");
+    o.handle(Event::Up(PeerId(10)), 0.0);
+    o.handle(Event::Up(PeerId(11)), 400.0);
+    o.tick(GREET_AFTER_MS);
+    o.tick(2.0 * GREET_AFTER_MS);
+    assert!(asked(&drain(&mut o)).is_empty(), "the observer waits too");
+    o.tick(JOIN_GRACE_MS);
+    let observe = |outs: &[Output]| {
+        outs.iter()
+            .filter(|o| {
+                matches!(o, Output::Send { data, .. }
+                    if matches!(PeerMessage::decode(data, N), Ok(PeerMessage::Observe { .. })))
+            })
+            .count()
+    };
+    assert_eq!(observe(&drain(&mut o)), 2, "both asked");
+}
+
+#[test]
+fn a_neighbour_that_reopens_its_channel_is_not_sent_our_update_again() {
+    // Each new connection started from nothing: the greeting re-sent the round's update
+    // (a whole copy where the budget allowed), and the model answers' first-request
+    // allowance came back, so a neighbour that closed its channel and opened another
+    // every second spent most of our upload budget.
+    let mut p = timed_running_with(5, 1);
+    p.tick(500.0);
+    drain(&mut p);
+    p.trained(5, &[0.49; N], 0.3, 8, 1_500.0).expect("finite");
+    assert_eq!(updates_sent(&drain(&mut p)), vec![(5, 8); 3]);
+    let req = PeerMessage::ModelRequest.encode();
+    p.handle(msg(10, req), 1_600.0);
+    drain(&mut p);
+    assert!(p.nbrs[&PeerId(10)].answered_at.is_some());
+    // It closes its channel and opens another while round 5 is open; a new neighbour
+    // comes up at the same time.
+    p.handle(Event::Down(PeerId(10)), 1_650.0);
+    p.handle(Event::Up(PeerId(10)), 1_651.0);
+    p.handle(Event::Up(PeerId(13)), 1_651.0);
+    p.tick(1_651.0 + GREET_AFTER_MS);
+    let to: Vec<u64> = drain(&mut p)
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send { to, data } => match PeerMessage::decode(data, N) {
+                Ok(PeerMessage::Update(u)) if u.round == 5 => Some(to.0),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        to,
+        [13],
+        "round 5's update goes to the new neighbour, not again to 10"
+    );
+    assert!(
+        p.nbrs[&PeerId(10)].answered_at.is_some(),
+        "its first model request is behind it"
+    );
+}
+
+#[test]
+fn colluders_that_set_the_median_round_do_not_win_the_third_try() {
+    // Five asked; two colluders answer with one model at round 1, two honest neighbours
+    // at round 10, one stays silent. The lower median round is the colluders', so the
+    // honest answers were dropped as outliers, and on the third try (a quorum of one)
+    // the colluders were all that was kept: their model was adopted.
+    let mut p = joiner_asking_five();
+    let answer = |p: &mut Peer, at: f64| {
+        for (n, round, w) in [(10, 1, -3.0), (11, 1, -3.0), (12, 10, 0.3), (13, 10, 0.3)] {
+            p.handle(msg(n, model(round, w)), at);
+        }
+    };
+    let mut now = 2.0 * GREET_AFTER_MS;
+    answer(&mut p, now + 10.0);
+    let mut tries = 1;
+    while now < 8.0 * MODEL_WAIT_MS {
+        now += 100.0;
+        p.tick(now);
+        if !asked(&drain(&mut p)).is_empty() {
+            tries += 1;
+            answer(&mut p, now + 10.0);
+        }
+    }
+    assert!(tries >= JOIN_ATTEMPTS, "{tries} tries");
+    assert!(
+        p.weights().iter().all(|w| *w >= 0.0),
+        "the colluders' model was not adopted: {:?}",
+        &p.weights()[..2]
+    );
+    assert!(rejected(&p, Rejection::RoundOutlier) >= 2 * u64::from(JOIN_ATTEMPTS));
 }
