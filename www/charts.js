@@ -49,10 +49,14 @@ export function lineChart(svg, series, opts = {}) {
     svg.append(el('text', { x: width / 2, y: height / 2, 'text-anchor': 'middle', class: 'empty' }, 'waiting for data…'));
     return;
   }
-  let [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
+  // Not Math.min(...points): spread into arguments, a long series passes the engine's
+  // limit on them and throws.
+  const least = (i) => all.reduce((m, p) => Math.min(m, p[i]), Infinity);
+  const most = (i) => all.reduce((m, p) => Math.max(m, p[i]), -Infinity);
+  let [x0, x1] = [least(0), most(0)];
   if (x1 === x0) x1 = x0 + 1;
-  let y0 = opts.yMin ?? Math.min(...all.map((p) => p[1]));
-  let y1 = opts.yMax ?? Math.max(...all.map((p) => p[1]));
+  let y0 = opts.yMin ?? least(1);
+  let y1 = opts.yMax ?? most(1);
   if (y1 === y0) { y0 -= 1; y1 += 1; }
   const sx = (x) => m.l + ((x - x0) / (x1 - x0)) * (width - m.l - m.r);
   const sy = (y) => height - m.b - ((y - y0) / (y1 - y0)) * (height - m.t - m.b);

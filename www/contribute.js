@@ -80,6 +80,8 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   const detail = $('detail');
   const consent = $('consent');
   const pauseButton = $('pause');
+  // Re-observes an element for the frame's visibility watch (below; none outside a frame).
+  let rewatch = null;
   const throttle = $('throttle');
   const status = $('status');
   const stats = $('stats');
@@ -389,7 +391,12 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       consent.disabled = true;
       consent.textContent = 'Joining the swarm…';
     }
-    if (pauseButton) pauseButton.hidden = false;
+    if (pauseButton) {
+      pauseButton.hidden = false;
+      // Observed afresh: shown out of view it crosses no threshold, and would never be
+      // reported unseen.
+      rewatch?.(pauseButton);
+    }
     // A privacy budget is counted per browser: one tab at a time spends it.
     if (description.privacy && navigator.locks) {
       navigator.locks.request(`shoal-privacy-${task}`, { ifAvailable: true }, (lock) => {
@@ -590,6 +597,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       }
     }, { threshold: [0, 0.99, 1], ...(painted ? { trackVisibility: true, delay: 100 } : {}) });
     for (const el of watched) observer.observe(el);
+    rewatch = (el) => {
+      observer.unobserve(el);
+      observer.observe(el);
+    };
   }
 
   // Automatic pauses: a hidden tab, and a battery that is discharging.

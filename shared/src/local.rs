@@ -57,6 +57,10 @@ fn default_max_file_bytes() -> usize {
 /// Most pixel (or text) bytes one visitor's files may add up to (a training set becomes
 /// 4 bytes per value in memory: 256 MiB).
 pub const MAX_LOCAL_BYTES: usize = 64 << 20;
+/// What one row of a label table is counted as, toward [`MAX_LOCAL_BYTES`], besides its
+/// bytes: held in two maps of two strings each, a row of 10 bytes took 150 to 290 in
+/// memory (tables of short names within the limit held about 1.5 GB).
+pub const TABLE_ROW_BYTES: usize = 256;
 
 /// Most pixels an image may declare (4096 x 4096): decoders refuse larger ones before
 /// decoding, so a small file cannot claim gigabytes.
@@ -306,6 +310,12 @@ impl LocalData {
                 rows.push((name, label));
             }
             let n = rows.len();
+            let cost = bytes.len() + n * TABLE_ROW_BYTES;
+            if self.bytes_held() + cost > MAX_LOCAL_BYTES {
+                return Err(format!(
+                    "more than {MAX_LOCAL_BYTES} bytes of data in all (a label table's row counts {TABLE_ROW_BYTES} bytes besides its text)"
+                ));
+            }
             for (name, label) in rows {
                 let base = name.rsplit(['/', '\\']).next().unwrap_or(name).to_string();
                 match self.by_name.entry(base) {
@@ -318,7 +328,7 @@ impl LocalData {
                 }
                 self.table.insert(name.to_string(), label.to_string());
             }
-            self.text_bytes_of_tables += bytes.len();
+            self.text_bytes_of_tables += cost;
             Ok(n)
         })();
         let n = result.as_ref().map_or(0, |n| *n);
@@ -578,6 +588,22 @@ mod tests {
             label_names: names.iter().map(|s| s.to_string()).collect(),
         });
         t
+    }
+
+    #[test]
+    fn a_label_table_of_many_short_rows_counts_what_it_holds() {
+        // 400,000 rows of 10 bytes: 4 MB of text, well within the 64 MiB, but about
+        // 100 MB held in the two maps. Counted at its rows' cost it is refused; a table
+        // of 1,000 rows is taken.
+        let t = task(LocalKind::Images, &[], 20);
+        let mut d = LocalData::new(&t).expect("local");
+        let big: String = (0..400_000).map(|i| format!("{i:06}.png,3\n")).collect();
+        let e = d
+            .label_table("labels.csv", big.as_bytes())
+            .expect_err("too much held");
+        assert!(e.contains("bytes of data in all"), "{e}");
+        let small: String = (0..1_000).map(|i| format!("{i:06}.png,3\n")).collect();
+        assert_eq!(d.label_table("labels.csv", small.as_bytes()), Ok(1_000));
     }
 
     #[test]

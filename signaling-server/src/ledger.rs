@@ -50,8 +50,19 @@ impl Ranked {
     }
 }
 
-/// A place among the [`LEDGER_READS`] and its address's share, given back when dropped.
-type ReadPlace = (tokio::sync::OwnedSemaphorePermit, AddressShare);
+/// A place among the [`LEDGER_READS`] and its address's (and IPv6 /48's) share, given
+/// back when dropped.
+type ReadPlace = (tokio::sync::OwnedSemaphorePermit, Shares);
+
+/// A group's share of something scarce, and its IPv6 /48's.
+type Shares = (AddressShare, Option<AddressShare>);
+
+/// Takes `group`'s place among at most `share`, counting one IPv6 /48 as one address:
+/// the ledger's places are few (8 reads, 4 downloads), and a /48's 65,536 /64s would
+/// otherwise each have an address's share of them.
+fn network_share(counts: &AddressCounts, group: u128, share: usize) -> Option<Shares> {
+    crate::signaling::take_shares_of(counts, group, share, share)
+}
 
 /// The credits of each task, as last computed.
 #[derive(Default)]
@@ -80,9 +91,13 @@ const FILE_MIN_RATE: u64 = 64 * 1024;
 /// Bytes written to the connection at a time.
 const FILE_CHUNK: usize = 64 * 1024;
 
+/// A ledger file as built: when, at what entry count, its bytes, and a token that each
+/// download of it holds.
+type Built = (Instant, u64, Bytes, Arc<()>);
+
 /// The ledger file of each task as last built, and the download slots.
 pub struct FileCache {
-    built: Mutex<std::collections::HashMap<String, (Instant, u64, Bytes)>>,
+    built: Mutex<std::collections::HashMap<String, Built>>,
     slots: Arc<tokio::sync::Semaphore>,
     /// Downloads running per address group (entries at zero are removed).
     by_address: AddressCounts,
@@ -129,7 +144,7 @@ impl LedgerState {
     /// the group's share, or the answer to give without one.
     fn read_place(&self, group: u128) -> Result<ReadPlace, Box<Response>> {
         let share = self.hub.config().ledger_reads_per_address;
-        let Some(share) = AddressShare::take(&self.reads_by_address, group, share) else {
+        let Some(share) = network_share(&self.reads_by_address, group, share) else {
             return Err(Box::new(retry_later(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many ledger requests from this address at once; try again shortly",
@@ -269,7 +284,7 @@ pub async fn file(
     };
     let group = crate::signaling::request_group(request.extensions());
     let per_address = s.hub.config().ledger_downloads_per_address;
-    let Some(share) = AddressShare::take(&s.files.by_address, group, per_address) else {
+    let Some(share) = network_share(&s.files.by_address, group, per_address) else {
         return retry_later(
             StatusCode::TOO_MANY_REQUESTS,
             "a ledger download from this address is still running; try again when it ends",
@@ -281,7 +296,7 @@ pub async fn file(
             "too many ledger downloads at once; try again shortly",
         );
     };
-    let Some(bytes) = file_bytes(&s.files, &task, ledger).await else {
+    let Some((bytes, build)) = file_bytes(&s.files, &task, ledger).await else {
         return refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the ledger could not be read",
@@ -292,7 +307,7 @@ pub async fn file(
     // The slot and the address's share go with the body: freed when the last byte is
     // out or the connection goes. Past the deadline the body fails, so the reader sees a
     // cut, not a short file.
-    let slot = (slot, share);
+    let slot = (slot, share, build);
     let chunks = futures_util::stream::unfold((bytes, 0, slot), move |(b, at, slot)| async move {
         if at >= b.len() {
             return None;
@@ -315,36 +330,43 @@ pub async fn file(
         .into_response()
 }
 
-/// The task's ledger file: the last build when it is younger than [`FILE_EVERY`] or the
-/// ledger has no entry since, else a new one (every segment as one file).
+/// The task's ledger file, and the token a download of it holds: the last build when it
+/// is younger than [`FILE_EVERY`], the ledger has no entry since, or a download of it is
+/// still running; else a new one (every segment as one file). So the server holds one
+/// build at a time, not one per download (four slow downloads that each started after
+/// an append pinned four copies of the file).
 async fn file_bytes(
     files: &Arc<FileCache>,
     task: &str,
     ledger: Arc<Mutex<LedgerFile>>,
-) -> Option<Bytes> {
+) -> Option<(Bytes, Arc<()>)> {
     let (files, task) = (Arc::clone(files), task.to_string());
     // Off the async workers: the ledger's lock waits for a receipt's disk sync, and a
     // build reads every segment.
     tokio::task::spawn_blocking(move || {
         let l = lock(&ledger);
         let count = l.count();
-        if let Some((at, n, b)) = files
+        if let Some((at, n, b, token)) = files
             .built
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&task)
-            && (at.elapsed() < FILE_EVERY || *n == count)
+            && (at.elapsed() < FILE_EVERY || *n == count || Arc::strong_count(token) > 1)
         {
-            return Some(b.clone());
+            return Some((b.clone(), Arc::clone(token)));
         }
         let bytes = Bytes::from(l.file_bytes().ok()?);
         drop(l);
+        let token = Arc::new(());
         files
             .built
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(task, (Instant::now(), count, bytes.clone()));
-        Some(bytes)
+            .insert(
+                task,
+                (Instant::now(), count, bytes.clone(), Arc::clone(&token)),
+            );
+        Some((bytes, token))
     })
     .await
     .ok()
@@ -505,6 +527,66 @@ mod tests {
             }
         }
         (p.status(), c.status())
+    }
+
+    /// One IPv6 /48 holds one address's share of the places, not one per /64 (its /64s
+    /// took every place, each within its own share).
+    #[tokio::test]
+    async fn an_ipv6_48_holds_one_addresss_share_of_the_ledger_reads() {
+        let (s, dir) = state("reads48");
+        let v6 = |net48: u128, net64: u128| (net48 << 80) | (net64 << 64);
+        let held: Vec<_> = (0..LEDGER_READS_PER_ADDRESS as u128)
+            .map(|i| {
+                s.read_place(v6(0x2001_0db8_0001, i))
+                    .expect("a place within the share")
+            })
+            .collect();
+        let refused = s.read_place(v6(0x2001_0db8_0001, 99)).map(|_| ());
+        assert_eq!(
+            refused.map_err(|r| r.status()),
+            Err(StatusCode::TOO_MANY_REQUESTS),
+            "another /64 of the same /48"
+        );
+        assert!(s.read_place(v6(0x2001_0db8_0002, 0)).is_ok(), "another /48");
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// While a download of the ledger file runs, later downloads get the same build,
+    /// whatever was appended since: the server holds one copy, not one per download.
+    #[tokio::test]
+    async fn a_file_build_in_use_is_served_again_not_built_anew() {
+        use shoal_shared::learn::identity::Identity;
+        use shoal_shared::trust::receipt::Receipt;
+        let (s, dir) = state("builds");
+        let ledger = ledger_of(&s, "digits").unwrap_or_else(|_| panic!("a ledger"));
+        let append = |round: u64| {
+            let rx = Identity::from_seed([round as u8; 32]);
+            let sender = Identity::from_seed([99; 32]).public();
+            let r = Receipt::sign(&rx, "digits", round, sender, 160, [7; 32], 0);
+            lock(&ledger)
+                .append(1000 + round, 2, "", &r.encode())
+                .expect("append");
+        };
+        append(1);
+        let (first, running) = file_bytes(&s.files, "digits", Arc::clone(&ledger))
+            .await
+            .expect("a build");
+        append(2);
+        tokio::time::sleep(FILE_EVERY + Duration::from_millis(100)).await;
+        let (again, token) = file_bytes(&s.files, "digits", Arc::clone(&ledger))
+            .await
+            .expect("a build");
+        assert_eq!(again, first, "the build a download still reads");
+        drop((running, token));
+        let (fresh, _) = file_bytes(&s.files, "digits", Arc::clone(&ledger))
+            .await
+            .expect("a build");
+        assert!(
+            fresh.len() > first.len(),
+            "built anew once no download holds it"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// One address (a client with many connections) holds at most its share of the

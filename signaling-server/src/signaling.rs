@@ -1715,13 +1715,20 @@ pub(crate) fn take_shares(
     group: u128,
     share: usize,
 ) -> Option<(AddressShare, Option<AddressShare>)> {
+    take_shares_of(counts, group, share, share.saturating_mul(WIDE_SHARES))
+}
+
+/// Takes `group`'s place among at most `share` and, for IPv6, its /48's among at most
+/// `wide` (0: no share); `None` if either is full.
+pub(crate) fn take_shares_of(
+    counts: &AddressCounts,
+    group: u128,
+    share: usize,
+    wide: usize,
+) -> Option<(AddressShare, Option<AddressShare>)> {
     let own = AddressShare::take(counts, group, share)?;
     let wide = match wide_group(group) {
-        Some(w) => Some(AddressShare::take(
-            counts,
-            w,
-            share.saturating_mul(WIDE_SHARES),
-        )?),
+        Some(w) => Some(AddressShare::take(counts, w, wide)?),
         None => None,
     };
     Some((own, wide))

@@ -22,6 +22,14 @@ pub struct Keeper {
     pub pause_mid_write: Duration,
 }
 
+/// The round a checkpoint's file name says (`model-ROUND.ckpt`).
+fn round_of(p: &Path) -> Option<u64> {
+    p.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.strip_prefix("model-"))
+        .and_then(|r| r.parse::<u64>().ok())
+}
+
 impl Keeper {
     /// Opens (creating) `dir` and removes temporary files a crash left behind.
     pub fn open(dir: &Path) -> io::Result<Self> {
@@ -45,12 +53,7 @@ impl Keeper {
             .collect();
         // By the round in the name, as a number: rounds go up to 2^40, 13 digits, past
         // the names' zero padding of 12.
-        let round = |p: &PathBuf| {
-            p.file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.strip_prefix("model-"))
-                .and_then(|r| r.parse::<u64>().ok())
-        };
+        let round = |p: &PathBuf| round_of(p);
         v.sort_by_key(|p| (round(p), p.clone()));
         Ok(v)
     }
@@ -76,14 +79,16 @@ impl Keeper {
     pub fn save(&self, round: u64, bytes: &[u8]) -> io::Result<PathBuf> {
         let dst = self.dir.join(format!("model-{round:012}.ckpt"));
         self.write_atomic(&dst, bytes, round)?;
-        // The oldest by round go, never the one just written: older files of higher
-        // rounds (a model changed, or newer checkpoints unreadable) would take it.
-        let all: Vec<PathBuf> = self
+        // Never the one just written; first any of a higher round than it (left by a
+        // model that changed, or past newer checkpoints that were unreadable: this run
+        // started below them), then the oldest.
+        let (mut higher, lower): (Vec<PathBuf>, Vec<PathBuf>) = self
             .checkpoints()?
             .into_iter()
             .filter(|p| *p != dst)
-            .collect();
-        for old in all.iter().take((all.len() + 1).saturating_sub(KEEP)) {
+            .partition(|p| round_of(p).is_some_and(|r| r > round));
+        higher.extend(lower);
+        for old in higher.iter().take((higher.len() + 1).saturating_sub(KEEP)) {
             fs::remove_file(old)?;
         }
         Ok(dst)
@@ -167,6 +172,27 @@ mod tests {
             .expect("saved");
         assert!(written.exists(), "the new checkpoint stays");
         assert_eq!(k.checkpoints().expect("list").len(), KEEP);
+        // The stale ones of higher rounds go first: after two more saves the run's three
+        // are what is left, and the newest is what a restart reads.
+        for r in [20, 30] {
+            k.save(r, &PeerMessage::Model(snap(r)).encode())
+                .expect("saved");
+        }
+        let names: Vec<String> = k
+            .checkpoints()
+            .expect("list")
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model-000000000010.ckpt",
+                "model-000000000020.ckpt",
+                "model-000000000030.ckpt"
+            ]
+        );
+        assert_eq!(k.latest(4).expect("readable").0, Some(snap(30)));
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 

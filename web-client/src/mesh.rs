@@ -188,12 +188,12 @@ pub struct Mesh {
     /// since when: past [`CONNECT_DEADLINE_MS`] without an offer they are reported
     /// `unreachable`, as a connection of ours that did not open is (else a peer that
     /// never offers holds its place among our neighbours for good).
-    awaiting: BTreeMap<PeerId, u64>,
+    awaiting: Vec<(PeerId, u64)>,
     /// When each neighbour's recent connections that opened were closed (the last
     /// minute's): one that closes its channel and offers again and again is refused
     /// past [`MAX_RECONNECTS`] (each connection starts its limits afresh, and costs
     /// sockets and a handshake).
-    reconnects: BTreeMap<PeerId, VecDeque<u64>>,
+    reconnects: Vec<(PeerId, u64)>,
 }
 
 /// Whether the ICE candidate line `c` is for UDP (its third field, after the foundation
@@ -226,8 +226,8 @@ impl Mesh {
             max_message: MAX_MESSAGE,
             grace_until: 0,
             last_report: None,
-            awaiting: BTreeMap::new(),
-            reconnects: BTreeMap::new(),
+            awaiting: Vec::new(),
+            reconnects: Vec::new(),
             clock_ms: 0,
         }
     }
@@ -394,19 +394,19 @@ impl Mesh {
             }
             self.start(p, now_ms, true);
         }
-        self.awaiting.retain(|p, _| neighbours.contains(p));
+        self.awaiting.retain(|(p, _)| neighbours.contains(p));
         let offering: Vec<PeerId> = neighbours
             .iter()
             .copied()
             .filter(|p| !self.links.contains_key(p) && !should_offer(me, *p))
-            .filter(|p| !self.awaiting.contains_key(p))
+            .filter(|p| !self.awaiting.iter().any(|(q, _)| q == p))
             .collect();
         if !offering.is_empty() {
             self.actions
                 .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
         }
         for p in offering {
-            self.awaiting.insert(p, now_ms);
+            self.awaiting.push((p, now_ms));
         }
     }
 
@@ -432,23 +432,21 @@ impl Mesh {
                     )));
                     return;
                 }
-                if let Some(times) = self.reconnects.get_mut(&from) {
-                    times.retain(|&t| now_ms.saturating_sub(t) < 60_000);
-                    if times.len() >= MAX_RECONNECTS {
-                        // Told once: its later offers are dropped quietly until the
-                        // minute has passed (the server links us to another peer).
-                        if times.len() == MAX_RECONNECTS {
-                            times.push_back(now_ms);
-                            self.actions.push_back(Action::Warn(format!(
-                                "{from} opened and closed {MAX_RECONNECTS} connections within a minute: its offers are refused"
-                            )));
-                            self.actions
-                                .push_back(Action::Signal(ClientMessage::Unreachable {
-                                    peer: from,
-                                }));
-                        }
-                        return;
+                self.reconnects
+                    .retain(|(_, t)| now_ms.saturating_sub(*t) < 60_000);
+                let closes = self.reconnects.iter().filter(|(p, _)| *p == from).count();
+                if closes >= MAX_RECONNECTS {
+                    // Told once: its later offers are dropped quietly until the minute
+                    // has passed (the server links us to another peer).
+                    if closes == MAX_RECONNECTS {
+                        self.reconnects.push((from, now_ms));
+                        self.actions.push_back(Action::Warn(format!(
+                            "{from} opened and closed {MAX_RECONNECTS} connections within a minute: its offers are refused"
+                        )));
+                        self.actions
+                            .push_back(Action::Signal(ClientMessage::Unreachable { peer: from }));
                     }
+                    return;
                 }
                 self.start(from, now_ms, false);
                 self.actions.push_back(Action::Answer { peer: from, sdp });
@@ -592,6 +590,19 @@ impl Mesh {
             return;
         };
         let pending = link.is_pending();
+        // A connection of this session that opened and then closed from the other side
+        // (or its transport): counted toward `MAX_RECONNECTS` (closes this side decides,
+        // a neighbours list, a new session, count for nothing).
+        if link.opened_ms.is_some() && link.session == self.me {
+            let clock = self.clock_ms;
+            self.reconnects
+                .retain(|(_, t)| clock.saturating_sub(*t) < 60_000);
+            let closes = self.reconnects.iter().filter(|(p, _)| *p == peer).count();
+            // At most a minute's worth per neighbour, and a bounded list.
+            if closes <= MAX_RECONNECTS && self.reconnects.len() < 64 * MAX_LINKS {
+                self.reconnects.push((peer, clock));
+            }
+        }
         self.forget(peer);
         if pending && self.me.is_some() {
             self.actions
@@ -618,11 +629,11 @@ impl Mesh {
         let silent: Vec<PeerId> = self
             .awaiting
             .iter()
-            .filter(|(_, t)| now_ms.saturating_sub(**t) >= CONNECT_DEADLINE_MS)
+            .filter(|(_, t)| now_ms.saturating_sub(*t) >= CONNECT_DEADLINE_MS)
             .map(|(p, _)| *p)
             .collect();
         for p in silent {
-            self.awaiting.remove(&p);
+            self.awaiting.retain(|(q, _)| *q != p);
             if !self.links.contains_key(&p) && self.me.is_some() {
                 self.actions.push_back(Action::Warn(format!(
                     "neighbour {p} sent no offer in {CONNECT_DEADLINE_SECS} s"
@@ -716,7 +727,7 @@ impl Mesh {
 
     /// A connection to `peer` begins (the deadline counts from now).
     fn start(&mut self, peer: PeerId, now_ms: u64, offer: bool) {
-        self.awaiting.remove(&peer);
+        self.awaiting.retain(|(q, _)| *q != peer);
         let mut link = Link::new(now_ms, self.max_message);
         link.session = self.me;
         self.links.insert(peer, link);
@@ -727,17 +738,6 @@ impl Mesh {
 
     fn forget(&mut self, peer: PeerId) {
         if let Some(link) = self.links.remove(&peer) {
-            if link.opened_ms.is_some() {
-                let clock = self.clock_ms;
-                self.reconnects.retain(|_, times| {
-                    times.retain(|&t| clock.saturating_sub(t) < 60_000);
-                    !times.is_empty()
-                });
-                let times = self.reconnects.entry(peer).or_default();
-                if times.len() < MAX_RECONNECTS + 1 {
-                    times.push_back(clock);
-                }
-            }
             if link.is_up() {
                 self.emit(SwarmEvent::PeerDown(peer));
             }
@@ -962,6 +962,20 @@ mod tests {
 
     #[test]
     fn a_neighbour_that_reconnects_again_and_again_is_refused() {
+        // Closes this side decides (the server's list drops 3, then lists it again) do
+        // not count: 3 is not refused for them.
+        let mut m = member(9, &[3]);
+        drain(&mut m);
+        for i in 0..2 * MAX_RECONNECTS as u64 {
+            let t = i * 1_000;
+            offer_from(&mut m, 3, t);
+            assert!(m.links.contains_key(&PeerId(3)), "offer {i}");
+            m.channel_open(PeerId(3), t + 10);
+            for peers in [vec![], vec![PeerId(3)]] {
+                m.on_server(ServerMessage::Neighbours { peers }, t + 20);
+            }
+            drain(&mut m);
+        }
         // Each connection starts its limits (strikes, rates, candidates) afresh: 3
         // closes its channel and offers again, every second.
         let mut m = member(9, &[3]);

@@ -11,6 +11,7 @@ const short = (id) => id.slice(0, 6);
 const pct = (v) => `${(v * 100).toFixed(2)}%`;
 
 // What the page shows, also read by the end-to-end test.
+const MAX_EVALS = 4000;
 const state = { evals: [], rate: [], peers: [], version: null, round: null, target: null, text: false, started: performance.now(), ledger: null };
 window.shoalDashboard = state;
 
@@ -18,8 +19,16 @@ const observer = new Worker(new URL('../observer-worker.js', import.meta.url), {
 observer.addEventListener('message', (e) => {
   const m = e.data;
   if (m.type === 'eval') {
-    state.evals.push(...m.points);
+    for (const p of m.points) state.evals.push(p);
     state.evals.sort((a, b) => a.version - b.version);
+    // Past MAX_EVALS, every other point of the older half goes: the whole history stays
+    // drawn, at a coarser grain the older it is (an open dashboard gets one every 10 s).
+    // The first version that met the target is kept whatever goes.
+    if (state.evals.length > MAX_EVALS) {
+      const half = state.evals.length >> 1;
+      const first = state.target == null ? null : state.evals.find(metTarget);
+      state.evals = state.evals.filter((p, i) => i >= half || i % 2 === 0 || p === first);
+    }
     drawModel();
   } else if (m.type === 'exported') {
     const blob = new Blob([m.bytes], { type: 'application/octet-stream' });
@@ -34,6 +43,12 @@ observer.addEventListener('message', (e) => {
   }
 });
 
+/** Whether the evaluation `p` is at or past the task's target. */
+function metTarget(p) {
+  const target = state.target ?? 0;
+  return state.text ? p.bits_per_byte != null && p.bits_per_byte <= target : p.accuracy >= target;
+}
+
 function setState(kind, text) {
   $('state').dataset.state = kind;
   $('state').textContent = text;
@@ -47,7 +62,7 @@ function result(kind, text) {
 function drawModel() {
   const target = state.target ?? 0;
   const x = state.evals.map((p) => p.version);
-  const line = (y) => (x.length ? [[Math.min(...x), y], [Math.max(...x), y]] : []);
+  const line = (y) => (x.length ? [[x[0], y], [x[x.length - 1], y]] : []);
   if (state.text) {
     // A language model: its held-out loss in bits per byte, against the task's target.
     const bits = state.evals.filter((p) => p.bits_per_byte != null).map((p) => [p.version, p.bits_per_byte]);
@@ -64,9 +79,7 @@ function drawModel() {
   lineChart($('chart-loss'), [
     { name: 'held-out loss', points: state.evals.map((p) => [p.version, p.loss]), color: COLORS[2] },
   ], { xLabel: 'model version (rounds)', yLabel: 'cross-entropy', yMin: 0, format: (v) => v.toFixed(2) });
-  // The first model version evaluated at or past the task's target.
-  const met = (p) => (state.text ? p.bits_per_byte != null && p.bits_per_byte <= target : p.accuracy >= target);
-  const first = state.target == null ? null : state.evals.find(met);
+  const first = state.target == null ? null : state.evals.find(metTarget);
   $('n-target').textContent = state.target == null ? '–' : first ? `reached at version ${first.version}` : 'not yet';
   const last = state.evals.at(-1);
   if (last) {

@@ -941,6 +941,12 @@ impl Learner {
     /// round; a delta counts in ours).
     pub fn forget_copy(&mut self, key: &PublicKey) {
         self.copies.remove(key);
+        // Its next connection starts from the whole copy of its current round, which
+        // must not be refused as a replay of that round's change (taken once: the inbox
+        // keeps one update per key and round).
+        if let Some(s) = self.seen.get_mut(key) {
+            s.base_only = true;
+        }
         if self.cfg.exchange == Exchange::Weights {
             let round = self.round;
             self.inbox.retain(|p| p.key != *key || p.round <= round);
@@ -1196,7 +1202,7 @@ impl Learner {
             // per signer: this round's and the newest later one.
             Exchange::Weights => self
                 .inbox
-                .retain(|p| p.key != u.key || p.round == self.round),
+                .retain(|p| p.key != u.key || (p.round == self.round && p.round != u.round)),
         }
         self.inbox.push(Pending {
             key: u.key,

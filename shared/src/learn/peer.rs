@@ -341,17 +341,21 @@ impl Fetch {
 }
 
 /// What a neighbour's closed connection had been sent, kept by peer id for
-/// [`FORMER_KEPT_MS`]: a neighbour that closes its channel and opens another at once
-/// (no server needed) must not be sent again what it just got — our update for the
-/// round (the greeting re-sends it), a whole copy (one per [`KEYFRAME_EVERY`] rounds),
-/// the model answers' first-request allowance — each reconnect would spend our upload
-/// budget.
+/// [`FORMER_KEPT_MS`]: a neighbour that closes its channel and opens another again and
+/// again (no server needed) must not be sent each time what it just got — our update
+/// for the round (the greeting re-sends it), a whole copy (one per [`KEYFRAME_EVERY`]
+/// rounds), the model answers' first-request allowance — each reconnect would spend our
+/// upload budget. Its first reconnect in that time starts afresh but for the answers'
+/// allowance (a network blip must not leave an honest neighbour without our copy for 30
+/// rounds); later ones take up where the last left off.
 #[derive(Clone, Copy)]
 struct Former {
     sent_round: Option<u64>,
     whole_round: Option<u64>,
     answered_at: Option<f64>,
     closed_at: f64,
+    /// Connections it reopened within [`FORMER_KEPT_MS`] of the one before.
+    reconnects: u32,
 }
 
 #[derive(Default)]
@@ -402,6 +406,9 @@ struct Neighbour {
     /// relays another's updates): closing or shunning it then leaves that key's held
     /// updates and copy alone (its owner may be on another connection).
     key_moved_in: bool,
+    /// Connections this neighbour reopened in a row, each within [`FORMER_KEPT_MS`] of
+    /// the last ([`Former`]).
+    reconnects: u32,
     /// How long after our round opened its update for that round arrives, in
     /// milliseconds (0 when it came before), late ones included: the latest
     /// measurement when it is the largest yet, else coming down toward the new ones by
@@ -557,7 +564,7 @@ pub struct Peer {
     /// neighbour's connection closes; at most one per neighbour in that time).
     answered: VecDeque<(PeerId, f64)>,
     /// Closed connections' [`Former`] records, by peer id.
-    formers: BTreeMap<PeerId, Former>,
+    formers: Vec<(PeerId, Former)>,
 }
 
 impl Peer {
@@ -608,7 +615,7 @@ impl Peer {
             upload_free_at: f64::NEG_INFINITY,
             answers_free_at: f64::NEG_INFINITY,
             answered: VecDeque::new(),
-            formers: BTreeMap::new(),
+            formers: Vec::new(),
         })
     }
 
@@ -808,32 +815,31 @@ impl Peer {
         self.opened.push_back((round, now_ms));
     }
 
-    /// Neighbours with a settled channel that send updates.
     /// Keeps what the closed connection to `p` was sent ([`Former`]), within
     /// [`MAX_FORMERS`].
     fn remember_former(&mut self, p: PeerId, n: &Neighbour, now_ms: f64) {
-        if self.formers.len() >= MAX_FORMERS {
-            self.formers
-                .retain(|_, f| now_ms - f.closed_at < FORMER_KEPT_MS);
-            if self.formers.len() >= MAX_FORMERS
-                && let Some(oldest) = self
-                    .formers
-                    .iter()
-                    .min_by(|a, b| a.1.closed_at.total_cmp(&b.1.closed_at))
-                    .map(|(q, _)| *q)
-            {
-                self.formers.remove(&oldest);
-            }
+        self.formers
+            .retain(|(q, f)| *q != p && now_ms - f.closed_at < FORMER_KEPT_MS);
+        if self.formers.len() >= MAX_FORMERS
+            && let Some(oldest) = (0..self.formers.len()).min_by(|&a, &b| {
+                self.formers[a]
+                    .1
+                    .closed_at
+                    .total_cmp(&self.formers[b].1.closed_at)
+            })
+        {
+            self.formers.swap_remove(oldest);
         }
-        self.formers.insert(
+        self.formers.push((
             p,
             Former {
                 sent_round: n.sent_round,
                 whole_round: n.whole_round,
                 answered_at: n.answered_at,
                 closed_at: now_ms,
+                reconnects: n.reconnects,
             },
-        );
+        ));
     }
 
     /// When [`first_download_due`](Self::first_download_due) may next turn true: the
@@ -846,9 +852,15 @@ impl Peer {
             .filter(|n| !n.settled)
             .map(|n| n.up_at + 2.0 * GREET_AFTER_MS)
             .reduce(f64::min);
-        Some(settles.map_or(first_up + JOIN_GRACE_MS, |t| {
-            t.min(first_up + JOIN_GRACE_MS)
-        }))
+        // With no contributing neighbour settled, nothing can start before the next
+        // settles (the grace alone, once past, would be a wake-up in the past).
+        let any = live().any(|n| n.settled && !n.idle);
+        let grace = first_up + JOIN_GRACE_MS;
+        Some(match settles {
+            Some(t) if !any => t,
+            Some(t) => t.min(grace),
+            None => grace,
+        })
     }
 
     /// Whether the first model download may start (see the module's rule): every
@@ -865,6 +877,7 @@ impl Peer {
         settled > 0 && ((!waiting && settled >= FETCH_ASK) || now_ms - first_up >= JOIN_GRACE_MS)
     }
 
+    /// Neighbours with a settled channel that send updates.
     fn contributors(&self) -> Vec<PeerId> {
         self.nbrs
             .iter()
@@ -989,16 +1002,21 @@ impl Peer {
                 let fresh = !self.nbrs.contains_key(&p);
                 let former = self
                     .formers
-                    .remove(&p)
+                    .iter()
+                    .position(|(q, _)| *q == p)
+                    .map(|at| self.formers.swap_remove(at).1)
                     .filter(|f| fresh && now_ms - f.closed_at < FORMER_KEPT_MS);
                 let n = self.nbrs.entry(p).or_default();
                 n.up_at = now_ms;
                 n.greeted = false;
                 n.settled = false;
                 if let Some(f) = former {
-                    n.sent_round = f.sent_round;
-                    n.whole_round = f.whole_round;
+                    n.reconnects = f.reconnects + 1;
                     n.answered_at = f.answered_at;
+                    if f.reconnects >= 1 {
+                        n.sent_round = f.sent_round;
+                        n.whole_round = f.whole_round;
+                    }
                 }
                 if self.announced.is_none() {
                     self.announced = Some(self.contributing());

@@ -628,6 +628,36 @@ fn a_change_refused_for_its_base_does_not_use_up_its_round_for_the_whole_copy() 
 }
 
 #[test]
+fn after_a_signers_connection_closes_its_whole_copy_of_the_same_round_is_taken_once() {
+    // a took b's change for round 1; b's connection closes (a drops b's copy), and b's
+    // next connection starts with its whole copy of round 1: before, a refused it as a
+    // replay of round 1, and every later change of b's as `base`, until b's keyframe.
+    let n = 256;
+    let mut a = changes_peer(1, vec![0.0; n]);
+    let mut b = changes_peer(2, vec![0.0; n]);
+    let local = vec![0.25; n];
+    let key = b.local_update(&local, 8, 0.0).expect("finite");
+    assert!(a.receive(&key).is_ok());
+    b.finish_round();
+    a.local_update(&local, 8, 0.0).expect("finite");
+    a.finish_round();
+    let change = b.local_update(&local, 8, 0.0).expect("finite");
+    assert_eq!(payload_of(&change, n)[0], CHANGE_TAG);
+    assert!(a.receive(&change).is_ok(), "a holds b's copy");
+    a.forget_copy(&b.public_key());
+    let whole = b.whole_public().expect("b's copy of round 1");
+    assert!(
+        a.receive(&whole).is_ok(),
+        "the whole copy sets the copy again"
+    );
+    assert!(a.copies.contains_key(&b.public_key()));
+    assert_eq!(a.finish_round().used, 1, "round 1 of b's counted once");
+    b.finish_round();
+    let next = b.local_update(&local, 8, 0.0).expect("finite");
+    assert!(a.receive(&next).is_ok(), "b's next change applies");
+}
+
+#[test]
 fn a_public_copy_left_far_behind_by_a_move_of_the_model_is_caught_up_by_a_keyframe() {
     let n = 512;
     let start: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();

@@ -34,7 +34,8 @@ use super::identity::{Identity, PublicKey};
 const MAGIC: [u8; 3] = *b"SHL";
 
 /// Rounds at or above this (2^40: a round a second for 35,000 years) are implausible
-/// claims: a message carrying one is refused before anything else reads it.
+/// claims: a message carrying one is refused once it has decoded (one with another
+/// defect is refused for that).
 pub const MAX_ROUND: u64 = 1 << 40;
 const VERSION: u8 = 1;
 
