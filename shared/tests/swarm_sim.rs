@@ -44,6 +44,17 @@ fn run(sc: &Scenario) -> Report {
     r
 }
 
+/// Runs the scenarios each on a thread of its own: a test's runs then fill the cores
+/// while the harness has fewer tests left than cores (the longest tests end the run).
+fn run_all(scs: &[Scenario]) -> Vec<Report> {
+    std::thread::scope(|s| {
+        let runs: Vec<_> = scs.iter().map(|sc| s.spawn(|| run(sc))).collect();
+        runs.into_iter()
+            .map(|h| h.join().expect("a scenario's run"))
+            .collect()
+    })
+}
+
 /// Mean accuracy over the last three rounds (one round's evaluation is noisy).
 fn settled(r: &Report) -> f32 {
     let tail = &r.rows[r.rows.len().saturating_sub(3)..];
@@ -112,12 +123,16 @@ fn under_attack(stealthy: bool, plain_mean: bool) -> (f32, Option<f32>, f32, f32
     };
     // The clean run is the same for both tests: computed once.
     static CLEAN: std::sync::OnceLock<f32> = std::sync::OnceLock::new();
-    let r = (
-        *CLEAN.get_or_init(|| with(Aggregation::Mean, false)),
-        plain_mean.then(|| with(Aggregation::Mean, true)),
-        with(Aggregation::TrimmedMean { trim: 0.25 }, true),
-        with(Aggregation::CenteredClip { tau: 1.0, iters: 3 }, true),
-    );
+    // The runs on threads of their own (see `run_all`).
+    let with = &with;
+    let r = std::thread::scope(|s| {
+        let clean = s.spawn(|| *CLEAN.get_or_init(|| with(Aggregation::Mean, false)));
+        let mean = plain_mean.then(|| s.spawn(|| with(Aggregation::Mean, true)));
+        let trimmed = s.spawn(|| with(Aggregation::TrimmedMean { trim: 0.25 }, true));
+        let clipped = with(Aggregation::CenteredClip { tau: 1.0, iters: 3 }, true);
+        let join = |h: std::thread::ScopedJoinHandle<'_, f32>| h.join().expect("a run");
+        (join(clean), mean.map(join), join(trimmed), clipped)
+    });
     println!(
         "stealthy {stealthy}: clean {:.4}, attacked: mean {:?}, trimmed {:.4}, clipped {:.4}",
         r.0, r.1, r.2, r.3
@@ -171,22 +186,28 @@ fn stealthy_attackers_cost_the_robust_rules_under_a_point() {
 #[test]
 fn nan_scaled_noise_and_replayed_updates_are_rejected_or_outvoted() {
     let base = scenario("attack-25");
-    for (kind, reason) in [
+    let cases = [
         (AttackKind::Nan, Some(Rejection::NonFinite)),
         (AttackKind::Scaled, Some(Rejection::Norm)),
         (AttackKind::Replay, Some(Rejection::Replay)),
         (AttackKind::Noise, None),
-    ] {
-        let mut sc = base.clone();
-        sc.attack.kind = kind;
-        sc.attack.scale = if kind == AttackKind::Scaled {
-            20.0
-        } else {
-            2.5
-        };
-        sc.learn.aggregation = Aggregation::TrimmedMean { trim: 0.25 };
-        sc.name = format!("attack-{kind:?}");
-        let r = run(&sc);
+    ];
+    let scs: Vec<Scenario> = cases
+        .iter()
+        .map(|&(kind, _)| {
+            let mut sc = base.clone();
+            sc.attack.kind = kind;
+            sc.attack.scale = if kind == AttackKind::Scaled {
+                20.0
+            } else {
+                2.5
+            };
+            sc.learn.aggregation = Aggregation::TrimmedMean { trim: 0.25 };
+            sc.name = format!("attack-{kind:?}");
+            sc
+        })
+        .collect();
+    for (((kind, reason), sc), r) in cases.into_iter().zip(&scs).zip(run_all(&scs)) {
         if let Some(why) = reason {
             assert!(
                 r.rejected(why) > 0,
@@ -209,16 +230,26 @@ fn int8_and_top_k_cut_the_bytes_and_keep_the_accuracy() {
     let mut base = scenario("iid-8");
     // Compared near convergence, where what compression costs shows.
     base.rounds = 150;
-    let with = |c: Compression| {
+    let scs: Vec<Scenario> = [
+        Compression::None,
+        Compression::Int8 { block: 256 },
+        Compression::TopK { fraction: 0.01 },
+    ]
+    .into_iter()
+    .map(|c| {
         let mut sc = base.clone();
         sc.learn.compression = c;
         sc.name = format!("compress-{c:?}");
-        let r = run(&sc);
-        (settled(&r), r.final_bytes_per_peer())
+        sc
+    })
+    .collect();
+    let got: Vec<(f32, f64)> = run_all(&scs)
+        .iter()
+        .map(|r| (settled(r), r.final_bytes_per_peer()))
+        .collect();
+    let [(acc32, bytes32), (acc8, bytes8), (acck, bytesk)] = got[..] else {
+        panic!("three runs");
     };
-    let (acc32, bytes32) = with(Compression::None);
-    let (acc8, bytes8) = with(Compression::Int8 { block: 256 });
-    let (acck, bytesk) = with(Compression::TopK { fraction: 0.01 });
     println!(
         "fp32 {acc32:.4} {bytes32:.0} B; int8 {acc8:.4} {bytes8:.0} B ({:.2}x); top-k 1% {acck:.4} {bytesk:.0} B ({:.1}x)",
         bytes32 / bytes8,
@@ -325,7 +356,8 @@ fn in_a_partial_mesh_exchanging_weights_keeps_one_model_and_deltas_fall_apart() 
     let mut deltas = weights.clone();
     deltas.learn.exchange = Exchange::Delta;
     deltas.name = "mesh-50-delta".into();
-    let (w, d) = (run(&weights), run(&deltas));
+    let [w, d] =
+        <[Report; 2]>::try_from(run_all(&[weights, deltas])).unwrap_or_else(|_| panic!("two runs"));
     let apart = |r: &Report| r.rows.last().map_or(f32::NAN, |row| row.disagreement);
     println!(
         "weights: {:.2}%, models {:.2}% apart; deltas: {:.2}%, {:.2}% apart",
