@@ -941,10 +941,13 @@ impl Learner {
     /// round; a delta counts in ours).
     pub fn forget_copy(&mut self, key: &PublicKey) {
         self.copies.remove(key);
-        // Its next connection starts from the whole copy of its current round, which
-        // must not be refused as a replay of that round's change (taken once: the inbox
-        // keeps one update per key and round).
-        if let Some(s) = self.seen.get_mut(key) {
+        // With weights changes its next connection starts from the whole copy of its
+        // current round, which must not be refused as a replay of that round's change
+        // (taken once: the inbox keeps one update per key and round). Not otherwise: a
+        // pseudo-gradient of a round already taken would be used again.
+        if self.changes()
+            && let Some(s) = self.seen.get_mut(key)
+        {
             s.base_only = true;
         }
         if self.cfg.exchange == Exchange::Weights {

@@ -71,6 +71,14 @@ fn forged_replayed_stale_and_poisoned_updates_are_rejected_and_counted() {
         Err(Rejection::Replay),
         "the same update twice"
     );
+    // Also after its signer's connection closed: pseudo-gradients have no copy to set
+    // again, and one taken twice would be used twice.
+    a.forget_copy(&b.public_key());
+    assert_eq!(
+        a.receive(&good),
+        Err(Rejection::Replay),
+        "after a reconnect"
+    );
 
     // A forged copy of a round already taken is a replay (checked before the
     // signature: it costs no verification)...
@@ -131,7 +139,7 @@ fn forged_replayed_stale_and_poisoned_updates_are_rejected_and_counted() {
     let old = late.local_update(&[0.0; 4], 1, 0.0).expect("finite");
     assert_eq!(a.receive(&old), Err(Rejection::Stale));
     let r = &a.stats.rejected;
-    assert_eq!(r.get(&Rejection::Replay), Some(&2));
+    assert_eq!(r.get(&Rejection::Replay), Some(&3));
     for why in [
         Rejection::NonFinite,
         Rejection::Shape,
