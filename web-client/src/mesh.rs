@@ -432,9 +432,7 @@ impl Mesh {
                     )));
                     return;
                 }
-                self.reconnects
-                    .retain(|(_, t)| now_ms.saturating_sub(*t) < 60_000);
-                let closes = self.reconnects.iter().filter(|(p, _)| *p == from).count();
+                let closes = self.recent_closes(from, now_ms);
                 if closes >= MAX_RECONNECTS {
                     // Told once: its later offers are dropped quietly until the minute
                     // has passed (the server links us to another peer).
@@ -443,8 +441,7 @@ impl Mesh {
                         self.actions.push_back(Action::Warn(format!(
                             "{from} opened and closed {MAX_RECONNECTS} connections within a minute: its offers are refused"
                         )));
-                        self.actions
-                            .push_back(Action::Signal(ClientMessage::Unreachable { peer: from }));
+                        self.report_unreachable(from);
                     }
                     return;
                 }
@@ -578,8 +575,7 @@ impl Mesh {
             .push_back(Action::Warn(format!("dropping neighbour {peer}: {why}")));
         self.forget(peer);
         if self.me.is_some() {
-            self.actions
-                .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
+            self.report_unreachable(peer);
         }
     }
 
@@ -595,9 +591,7 @@ impl Mesh {
         // a neighbours list, a new session, count for nothing).
         if link.opened_ms.is_some() && link.session == self.me {
             let clock = self.clock_ms;
-            self.reconnects
-                .retain(|(_, t)| clock.saturating_sub(*t) < 60_000);
-            let closes = self.reconnects.iter().filter(|(p, _)| *p == peer).count();
+            let closes = self.recent_closes(peer, clock);
             // At most a minute's worth per neighbour, and a bounded list.
             if closes <= MAX_RECONNECTS && self.reconnects.len() < 64 * MAX_LINKS {
                 self.reconnects.push((peer, clock));
@@ -605,8 +599,7 @@ impl Mesh {
         }
         self.forget(peer);
         if pending && self.me.is_some() {
-            self.actions
-                .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
+            self.report_unreachable(peer);
         }
     }
 
@@ -638,8 +631,7 @@ impl Mesh {
                 self.actions.push_back(Action::Warn(format!(
                     "neighbour {p} sent no offer in {CONNECT_DEADLINE_SECS} s"
                 )));
-                self.actions
-                    .push_back(Action::Signal(ClientMessage::Unreachable { peer: p }));
+                self.report_unreachable(p);
             }
         }
         let settled: Vec<PeerId> = self
@@ -734,6 +726,20 @@ impl Mesh {
         self.actions.push_back(Action::Connect { peer, offer });
         self.actions
             .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
+    }
+
+    /// Asks the server to link us to another peer in `peer`'s place.
+    fn report_unreachable(&mut self, peer: PeerId) {
+        self.actions
+            .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
+    }
+
+    /// How many of `peer`'s connections closed (or its offers were refused) within the
+    /// last minute by `now_ms`, once older entries are dropped.
+    fn recent_closes(&mut self, peer: PeerId, now_ms: u64) -> usize {
+        self.reconnects
+            .retain(|(_, t)| now_ms.saturating_sub(*t) < 60_000);
+        self.reconnects.iter().filter(|(p, _)| *p == peer).count()
     }
 
     fn forget(&mut self, peer: PeerId) {

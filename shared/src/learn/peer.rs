@@ -847,7 +847,7 @@ impl Peer {
     /// without neighbours.
     fn first_download_wake(&self) -> Option<f64> {
         let live = || self.nbrs.values().filter(|n| !n.shunned);
-        let first_up = live().map(|n| n.up_at).reduce(f64::min)?;
+        let first_up = self.first_up()?;
         let settles = live()
             .filter(|n| !n.settled)
             .map(|n| n.up_at + 2.0 * GREET_AFTER_MS)
@@ -863,6 +863,15 @@ impl Peer {
         })
     }
 
+    /// When the earliest of the neighbours still connected (and not shunned) came up.
+    fn first_up(&self) -> Option<f64> {
+        self.nbrs
+            .values()
+            .filter(|n| !n.shunned)
+            .map(|n| n.up_at)
+            .reduce(f64::min)
+    }
+
     /// Whether the first model download may start (see the module's rule): every
     /// neighbour whose channel is up has settled and [`FETCH_ASK`] have, or
     /// [`JOIN_GRACE_MS`] passed since the first came up; and one has settled.
@@ -873,8 +882,8 @@ impl Peer {
         let live = || self.nbrs.values().filter(|n| !n.shunned);
         let settled = live().filter(|n| n.settled && !n.idle).count();
         let waiting = live().any(|n| !n.settled);
-        let first_up = live().map(|n| n.up_at).fold(f64::INFINITY, f64::min);
-        settled > 0 && ((!waiting && settled >= FETCH_ASK) || now_ms - first_up >= JOIN_GRACE_MS)
+        let graced = self.first_up().is_some_and(|t| now_ms - t >= JOIN_GRACE_MS);
+        settled > 0 && ((!waiting && settled >= FETCH_ASK) || graced)
     }
 
     /// Neighbours with a settled channel that send updates.
