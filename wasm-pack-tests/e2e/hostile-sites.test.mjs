@@ -222,6 +222,7 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   const src = `${server.url}/embed.html?task=digits&throttle=100`;
   await page.route(evil, (route) => route.fulfill({ contentType: 'text/html', body: `<!doctype html>
     <p>Free video: click play</p>
+    <input id="name" aria-label="Your name">
     <iframe id="plain" title="plain" src="${src}" style="width:200px;height:40px"></iframe>
     <div style="position:relative;width:200px;height:40px">
       <button style="position:absolute;inset:0">Play</button>
@@ -278,6 +279,15 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   await page.mouse.click(decoy.x + 30, decoy.y + 15);
   await uncovered.locator('body[data-consent="refused"]').waitFor({ state: 'attached', timeout: 5_000 });
   assert.match(await uncovered.locator('#refused').textContent(), /clicked as it appeared/);
+  // The visitor types their name in the page's field and presses Tab, which moves the
+  // focus onto Shoal's button in the next frame, and types on: the Space bar presses the
+  // button as it took the focus, and that is refused.
+  await page.locator('#name').focus();
+  await page.keyboard.type('Ada');
+  await page.keyboard.press('Tab');
+  await page.keyboard.type(' Lovelace');
+  await plain.locator('body[data-consent="refused"]').waitFor({ state: 'attached', timeout: 5_000 });
+  assert.match(await plain.locator('#refused').textContent(), /pressed as it took the focus/);
   // A frame without an origin of its own (a sandbox) cannot load Shoal: it says so, and
   // offers no button that would start and hang.
   const boxed = page.frameLocator('#sandboxed');
@@ -287,5 +297,12 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   const started = fromShoal.filter((p) => p.endsWith('.wasm') || p.endsWith('.js'));
   assert.deepEqual(started, [], `nothing of Shoal's but its button loaded: ${JSON.stringify(fromShoal)}`);
   assert.deepEqual(sockets, [], 'no connection to the swarm');
+  // A visitor who consents with the keyboard (Tab to the button, then Enter) still can.
+  await plain.locator('#contribute:not([hidden])').waitFor();
+  await page.locator('#name').focus();
+  await page.keyboard.press('Tab');
+  await page.waitForTimeout(700);
+  await page.keyboard.press('Enter');
+  await plain.locator('body[data-consent="given"]').waitFor({ state: 'attached', timeout: 5_000 });
   await page.context().close();
 });
