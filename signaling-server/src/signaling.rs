@@ -256,7 +256,7 @@ struct Peer {
     /// neither shedding its honest neighbours nor refusing to connect to them lowers
     /// the quorum its receipts need.
     shed: Vec<PeerId>,
-    /// The networks ([`address_group`]) of the peers it has been linked to, and of those
+    /// The networks ([`network`]) of the peers it has been linked to, and of those
     /// that reported it `unreachable` (each at most [`MAX_GROUPS_KEPT`]): see
     /// [`Peer::drawable`].
     linked_groups: BTreeSet<u128>,
@@ -608,8 +608,8 @@ fn median_version(t: &Task) -> Option<u64> {
 const NETWORK_WEIGHT: usize = 4;
 
 /// The lower weighted median over networks of what `value` reads from the training peers'
-/// reports of the last 30 s: the peers of one network (IPv4 address or IPv6 /64, see
-/// [`address_group`]) count as one value, their own lower median, weighing as many peers
+/// reports of the last 30 s: the peers of one network (IPv4 address or IPv6 /48, see
+/// [`network`]) count as one value, their own lower median, weighing as many peers
 /// as they are up to [`NETWORK_WEIGHT`]. One address's many peers (up to
 /// `max_peers_per_address`) then weigh no more than four lone peers, so it cannot set the
 /// swarm's round (which bounds the rounds receipts may name, and so how fast colluding
@@ -625,7 +625,7 @@ fn median_over_networks<T: Copy>(
     let mut by_network: Vec<(u128, T)> = t
         .peers
         .values()
-        .filter_map(|p| Some((p.group, value(recent_trainer_report(p)?)?)))
+        .filter_map(|p| Some((network(p.group), value(recent_trainer_report(p)?)?)))
         .collect();
     by_network.sort_by(|a, b| a.0.cmp(&b.0).then(cmp(&a.1, &b.1)));
     let mut votes: Vec<(T, usize)> = by_network
@@ -1471,7 +1471,7 @@ impl Hub {
             p.unreachable += 1;
         }
         p.shed = from_shed;
-        let from_group = p.group;
+        let from_group = network(p.group);
         // Each side's receipts for the other's last updates still count (`former`).
         let now = Instant::now();
         let round = link_round(t);
@@ -1623,7 +1623,7 @@ impl Origin {
 
 /// Up to `k` random neighbours for a newcomer to `t`: peers with room (fewer than 2k
 /// neighbours) that are live (they have sent something, or joined less than
-/// `quiet_after` ago). First at most a third of `k` from any one network address, so
+/// `quiet_after` ago). First at most a third of `k` from any one [`network`], so
 /// that one client with many peers cannot surround a newcomer; then, if slots are left
 /// (few addresses in the task), from any.
 fn choose_neighbours(
@@ -1655,10 +1655,11 @@ fn choose_neighbours(
             let cand = t.ids[rng.below(t.ids.len())];
             let p = &t.peers[&cand];
             let room = p.neighbours.len() < 2 * k;
-            let crowded = cap.is_some_and(|c| per_group.get(&p.group).is_some_and(|&n| n >= c));
-            let kept = pass > 0 || network_draw(t, rng, p.group);
+            let net = network(p.group);
+            let crowded = cap.is_some_and(|c| per_group.get(&net).is_some_and(|&n| n >= c));
+            let kept = pass > 0 || network_draw(t, rng, net);
             if kept && p.drawable(quiet_after) && room && !crowded && chosen.insert(cand) {
-                *per_group.entry(p.group).or_default() += 1;
+                *per_group.entry(net).or_default() += 1;
             }
         }
     }
@@ -1780,11 +1781,20 @@ pub(crate) fn request_group(extensions: &axum::http::Extensions) -> u128 {
         .map_or(0, |c| address_group(c.0.ip()))
 }
 
-/// Whether a peer of network `group`, drawn uniformly among all peers, is kept: with odds
-/// one in its network's peer count, so that each network is as likely as any other
-/// however many peers it has.
-fn network_draw(t: &Task, rng: &mut Draws, group: u128) -> bool {
-    let peers_of_group = t.per_group.get(&group).copied().unwrap_or(1).max(1);
+/// The network of a peer of [`address_group`] `group`, where many peers weigh as one (the
+/// swarm's round and pace, neighbour draws, `unreachable` reports): its IPv4 address, or
+/// its IPv6 /48 (under its [`wide_group`] key). A /48's 65,536 /64s are each an address
+/// for the caps on peers and connections (which its /48 shares then bound), but counted
+/// as networks they were 128 votes for the price of one free tunnel-broker prefix.
+fn network(group: u128) -> u128 {
+    wide_group(group).unwrap_or(group)
+}
+
+/// Whether a peer of `net` (a [`network`]), drawn uniformly among all peers, is kept:
+/// with odds one in its network's peer count, so that each network is as likely as any
+/// other however many peers it has.
+fn network_draw(t: &Task, rng: &mut Draws, net: u128) -> bool {
+    let peers_of_group = t.per_group.get(&net).copied().unwrap_or(1).max(1);
     rng.below(peers_of_group) == 0
 }
 
@@ -1809,7 +1819,7 @@ fn relink(
         for _ in 0..draws {
             let r = t.ids[rng.below(t.ids.len())];
             let rp = &t.peers[&r];
-            if by_network && !network_draw(t, rng, rp.group) {
+            if by_network && !network_draw(t, rng, network(rp.group)) {
                 continue;
             }
             if r != q
@@ -1829,7 +1839,7 @@ fn relink(
 
 fn link(t: &mut Task, a: PeerId, b: PeerId) {
     let round = link_round(t);
-    let group = |id| t.peers.get(&id).map(|p: &Peer| p.group);
+    let group = |id| t.peers.get(&id).map(|p: &Peer| network(p.group));
     let (ga, gb) = (group(a), group(b));
     for (p, q, gq) in [(a, b, gb), (b, a, ga)] {
         if let Some(p) = t.peers.get_mut(&p) {
@@ -2907,6 +2917,85 @@ mod tests {
             .expect("report");
         assert_eq!(swarm_round(&hub), Some(40));
         assert_eq!(hub.pace("digits"), Some(100.0));
+    }
+
+    /// One IPv6 /48 is one network, whatever /64s its peers connect from (tunnel brokers
+    /// hand out /48s free, each 65,536 /64s): its 128 peers (its share of a task) weigh
+    /// four peers in the swarm's round, take a network's share of a newcomer's
+    /// neighbours, and report a peer `unreachable` as one network.
+    #[test]
+    fn an_ipv6_48_is_one_network_for_the_round_the_draws_and_reports() {
+        let hub = digits_hub();
+        let k = 6;
+        let report = |version| PeerReport {
+            version,
+            ..PeerReport::default()
+        };
+        let join = |group| {
+            hub.join("digits", Arc::new(Outbox::new(4096)), group, "")
+                .expect("join")
+                .0
+        };
+        let victim = join(1);
+        for (group, version) in [(1, 10), (2, 11), (3, 12), (4, 12), (5, 13)] {
+            let id = if group == 1 { victim } else { join(group) };
+            hub.store_report("digits", id, report(version))
+                .expect("report");
+        }
+        // 128 peers, each on a /64 of its own in one /48, claim a far round.
+        let v6 = |net64: u128| (0x2001_0db8_0001u128 << 80) | (net64 << 64);
+        let sybils: BTreeSet<PeerId> = (0..128).map(|i| join(v6(i))).collect();
+        for &id in &sybils {
+            hub.store_report("digits", id, report(1_000_000))
+                .expect("report");
+        }
+        assert_eq!(
+            swarm_round(&hub),
+            Some(13),
+            "an honest round (the /48 weighs four)"
+        );
+
+        // Those linked to the victim report it unreachable: one network, not three.
+        let mut reported = 0;
+        for &s in &sybils {
+            if hub
+                .neighbours_of("digits", s)
+                .is_some_and(|n| n.contains(&victim))
+            {
+                hub.unreachable("digits", s, victim).expect("a neighbour");
+                reported += 1;
+            }
+        }
+        assert!(reported >= 3, "{reported} of the /48 were linked to it");
+        {
+            let st = hub.lock();
+            let v = &st.tasks["digits"].peers[&victim];
+            assert_eq!(v.unreachable_from.len(), 1, "one network reported it");
+            assert!(v.drawable(Duration::from_secs(60)), "still drawn");
+        }
+
+        // Newcomers from other networks take at most a third of k from the /48 (everyone
+        // with room, as in a swarm that has it).
+        for p in hub
+            .lock()
+            .tasks
+            .get_mut("digits")
+            .expect("task")
+            .peers
+            .values_mut()
+        {
+            p.neighbours.clear();
+        }
+        for g in 0..10u128 {
+            let newcomer = join(100 + g);
+            let n = hub.neighbours_of("digits", newcomer).expect("a peer");
+            let of_48 = n.iter().filter(|p| sybils.contains(p)).count();
+            assert!(
+                n.len() == k && of_48 <= k / 3,
+                "{of_48} of {} from the /48",
+                n.len()
+            );
+        }
     }
 
     /// A peer's first receipts come right behind its first report: while the summary

@@ -3,7 +3,10 @@
 //!
 //! 1. Group entries by `(sender, round)`. A group counts when receipts from at least
 //!    `max(`[`QUORUM`]`, ceil(L / 2))` distinct receivers are in it, `L` being the
-//!    largest `links` (the sender's identified neighbours) among its entries.
+//!    upper median of its entries' `links` (the sender's identified neighbours as each
+//!    receipt was taken; of `n` sorted ascending, the `floor(n / 2)`-th from 0). (The
+//!    largest let one receiver that held its receipts until the sender's links peaked
+//!    raise the quorum past its honest receipts: a minority of one voided them.)
 //! 2. Its claim is the `q`-th largest of its receipts' `samples`, `q` being that quorum:
 //!    the most that a quorum of its receivers vouch for. (The lower median let receivers
 //!    that signed a claim of 1 sample, as many as the honest ones, take an honest
@@ -29,8 +32,8 @@ use crate::learn::identity::PublicKey;
 /// The fewest distinct receivers a `(sender, round)` group needs to count.
 pub const QUORUM: usize = 2;
 
-/// The distinct receivers a `(sender, round)` group needs to count when the largest
-/// `links` among its entries is `links`: `max(QUORUM, ceil(links / 2))`.
+/// The distinct receivers a `(sender, round)` group needs to count when the upper median
+/// of its entries' `links` is `links`: `max(QUORUM, ceil(links / 2))`.
 pub fn quorum(links: u8) -> usize {
     QUORUM.max(usize::from(links).div_ceil(2))
 }
@@ -94,8 +97,8 @@ struct Group<'a> {
     site: &'a str,
     samples: Vec<u64>,
     receivers: Vec<PublicKey>,
-    /// The largest `links` among its entries.
-    links: u8,
+    /// Its entries' `links`.
+    links: Vec<u8>,
 }
 
 /// The credits of a ledger's entries (in ledger order; see the module's rule).
@@ -108,10 +111,10 @@ pub fn compute(entries: &[Entry]) -> Credits {
             site: &e.site,
             samples: Vec::new(),
             receivers: Vec::new(),
-            links: 0,
+            links: Vec::new(),
         });
         g.samples.push(u64::from(r.samples));
-        g.links = g.links.max(e.links);
+        g.links.push(e.links);
         if !g.receivers.contains(&r.receiver) {
             g.receivers.push(r.receiver);
         }
@@ -119,7 +122,10 @@ pub fn compute(entries: &[Entry]) -> Credits {
     // The counted groups' claims, per round.
     let mut rounds: BTreeMap<u64, Vec<(PublicKey, &str, u64)>> = BTreeMap::new();
     for ((round, sender), mut g) in groups {
-        let q = quorum(g.links);
+        // The upper median: a minority that submits its receipts when the sender's links
+        // are many (or few) does not move it.
+        g.links.sort_unstable();
+        let q = quorum(g.links[g.links.len() / 2]);
         if g.receivers.len() >= q {
             let claim = vouched(&mut g.samples, q);
             rounds
@@ -401,12 +407,22 @@ mod tests {
             linked(6, "", 1, 4, 5, 640),
         ];
         assert_eq!(credit_of(&compute(&three), 1), Some((640, 1)));
-        // The largest links among the group's entries sets its quorum, wherever it is.
+        // The upper median of the group's entries' links sets its quorum, wherever they
+        // are: links [6, 8, 8, 8, 6, 6] need four receivers (three do not count), and
+        // with an entry at 0 more ([0, 6, 6, 6, 8, 8, 8]: 6) three do.
         let mut more = three.to_vec();
-        more.insert(1, linked(8, "", 1, 3, 5, 640));
+        for rx in [2, 3, 4] {
+            more.insert(1, linked(8, "", 1, rx, 5, 640));
+        }
         assert_eq!(compute(&more), Credits::default());
-        more.push(linked(0, "", 1, 5, 5, 640));
+        more.push(linked(0, "", 1, 3, 5, 640));
         assert_eq!(credit_of(&compute(&more), 1), Some((640, 1)));
+        // One receiver that holds back its receipt until the sender's links peak (12, a
+        // quorum of 6) does not void the five honest ones (links 6, a quorum of 3), nor
+        // take the claim down to its 1 sample.
+        let mut late: Vec<Entry> = (2..=6).map(|rx| linked(6, "", 1, rx, 5, 640)).collect();
+        late.push(linked(12, "", 1, 99, 5, 1));
+        assert_eq!(credit_of(&compute(&late), 1), Some((640, 1)));
         // An odd count rounds up: five links need three receivers.
         let five = [linked(5, "", 1, 2, 5, 640), linked(5, "", 1, 3, 5, 640)];
         assert_eq!(compute(&five), Credits::default());
