@@ -2360,6 +2360,14 @@ mod tests {
             .round
     }
 
+    /// Unlinks every peer of `digits` (their links' other records stay): all have room.
+    fn give_everyone_room(hub: &Hub) {
+        let mut st = hub.lock();
+        for p in st.tasks.get_mut("digits").expect("task").peers.values_mut() {
+            p.neighbours.clear();
+        }
+    }
+
     /// A hub with the task `digits` and no ledger.
     fn digits_hub() -> Arc<Hub> {
         let config = SignalingConfig {
@@ -2789,16 +2797,7 @@ mod tests {
         let crowd: BTreeSet<PeerId> = (0..32).map(|_| reporting_peer(&hub, 100)).collect();
         let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
         // Everyone with room (else whoever joined last, here the crowd, is what has it).
-        for p in hub
-            .lock()
-            .tasks
-            .get_mut("digits")
-            .expect("task")
-            .peers
-            .values_mut()
-        {
-            p.neighbours.clear();
-        }
+        give_everyone_room(&hub);
         let (mut drawn, mut of_crowd) = (0, 0);
         for sender in 0..8u128 {
             let s = reporting_peer(&hub, 200 + sender);
@@ -2976,16 +2975,7 @@ mod tests {
 
         // Newcomers from other networks take at most a third of k from the /48 (everyone
         // with room, as in a swarm that has it).
-        for p in hub
-            .lock()
-            .tasks
-            .get_mut("digits")
-            .expect("task")
-            .peers
-            .values_mut()
-        {
-            p.neighbours.clear();
-        }
+        give_everyone_room(&hub);
         for g in 0..10u128 {
             let newcomer = join(100 + g);
             let n = hub.neighbours_of("digits", newcomer).expect("a peer");
