@@ -233,8 +233,14 @@ async fn cross_origin_headers(
 /// The longest request target (path and query) served; no Shoal URL comes near it.
 pub const MAX_URI_BYTES: usize = 2048;
 
-/// Answers a request target longer than [`MAX_URI_BYTES`] with 414 before any handler
-/// (or the file system) sees it.
+/// The longest segment of a path (between slashes, as sent) served: longer names than
+/// a file system's 255 bytes made the file services fail to open them with an error
+/// that they answer 500 to and log at ERROR, a line per request for anyone to send.
+pub const MAX_SEGMENT_BYTES: usize = 255;
+
+/// Answers a request target longer than [`MAX_URI_BYTES`] with 414, and a path with a
+/// segment longer than [`MAX_SEGMENT_BYTES`] with 404, before any handler (or the file
+/// system) sees it.
 async fn refuse_long_uris(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -249,6 +255,14 @@ async fn refuse_long_uris(
             format!("request target of {len} bytes; the limit is {MAX_URI_BYTES}\n"),
         )
             .into_response();
+    }
+    if request
+        .uri()
+        .path()
+        .split('/')
+        .any(|s| s.len() > MAX_SEGMENT_BYTES)
+    {
+        return (StatusCode::NOT_FOUND, "no such file\n").into_response();
     }
     next.run(request).await
 }

@@ -163,11 +163,22 @@ impl Default for SignalingConfig {
     }
 }
 
+/// Signals from one neighbour that may wait in a peer's queue at once, and their bytes
+/// (an honest negotiation is an offer or answer and a few candidates, sent as they come):
+/// a neighbour sending large signals faster than the peer reads them took its whole
+/// queue, and the peer got no other neighbour's offers nor the server's own messages.
+pub const SIGNALS_PER_SENDER: usize = 16;
+/// See [`SIGNALS_PER_SENDER`].
+pub const SIGNAL_BYTES_PER_SENDER: usize = 64 * 1024;
+/// Bytes of relayed signals one peer's queue holds, from all its neighbours.
+pub const SIGNAL_BYTES_QUEUED: usize = 256 * 1024;
+
 /// A connection's queue of outgoing messages. Lighter than a channel for the common case
 /// of an idle peer: the queue allocates nothing until a message is waiting, and the
 /// connection's task sleeps on the `Notify`.
 pub(crate) struct Outbox {
-    queue: Mutex<VecDeque<String>>,
+    /// Each message, with the neighbour that sent it if it is a relayed signal.
+    queue: Mutex<VecDeque<(String, Option<PeerId>)>>,
     ready: Notify,
     cap: usize,
 }
@@ -181,20 +192,45 @@ impl Outbox {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<String>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<(String, Option<PeerId>)>> {
         self.queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues a message, or refuses it when `cap` are already waiting.
+    /// Queues a message of the server's, or refuses it when `cap` are already waiting.
     fn push(&self, text: String) -> Result<(), String> {
+        self.push_from(text, None)
+    }
+
+    /// Queues a message, relayed from neighbour `from` if it is a signal; refuses it when
+    /// `cap` are already waiting or, for a signal, when it would pass its sender's share
+    /// ([`SIGNALS_PER_SENDER`], [`SIGNAL_BYTES_PER_SENDER`]) or [`SIGNAL_BYTES_QUEUED`].
+    fn push_from(&self, text: String, from: Option<PeerId>) -> Result<(), String> {
         {
             let mut q = self.lock();
             if q.len() >= self.cap {
                 return Err(text);
             }
-            q.push_back(text);
+            if let Some(f) = from {
+                let (mut theirs, mut their_bytes, mut relayed_bytes) = (0, text.len(), text.len());
+                for (m, by) in q.iter() {
+                    if let Some(by) = by {
+                        relayed_bytes += m.len();
+                        if *by == f {
+                            theirs += 1;
+                            their_bytes += m.len();
+                        }
+                    }
+                }
+                if theirs >= SIGNALS_PER_SENDER
+                    || their_bytes > SIGNAL_BYTES_PER_SENDER
+                    || relayed_bytes > SIGNAL_BYTES_QUEUED
+                {
+                    return Err(text);
+                }
+            }
+            q.push_back((text, from));
         }
         self.ready.notify_one();
         Ok(())
@@ -203,7 +239,7 @@ impl Outbox {
     /// The oldest waiting message.
     fn pop(&self) -> Option<String> {
         let mut q = self.lock();
-        let m = q.pop_front();
+        let m = q.pop_front().map(|(m, _)| m);
         if q.is_empty() && q.capacity() > 8 {
             // A burst is over: give its memory back.
             *q = VecDeque::new();
@@ -847,15 +883,20 @@ impl Hub {
             // server is under attack from many addresses, and the newest wait.
             return false;
         }
-        // Both allowances refilled; a connection takes from both or neither.
+        // Both allowances refilled, the /48's first; a connection takes from both or
+        // neither. A /64 whose /48 has none left gets no entry: the /48's refused
+        // connections from ever new /64s filled the table, and every address was refused.
         let mut allowed = true;
-        for &key in &keys {
+        for &key in keys.iter().rev() {
             let scale = join_scale(key);
             let (tokens, at) = joins.entry(key).or_insert((burst * scale, now));
             *tokens =
                 (*tokens + now.duration_since(*at).as_secs_f64() * rate * scale).min(burst * scale);
             *at = now;
-            allowed &= *tokens >= 1.0;
+            if *tokens < 1.0 {
+                allowed = false;
+                break;
+            }
         }
         if allowed {
             for key in &keys {
@@ -1556,7 +1597,7 @@ impl Hub {
             return Err(ErrorCode::NotNeighbour);
         }
         let target = t.peers.get(&to).ok_or(ErrorCode::NotNeighbour)?;
-        match target.tx.push(text) {
+        match target.tx.push_from(text, Some(from)) {
             Ok(()) => {
                 self.metrics.relayed.fetch_add(1, Ordering::Relaxed);
             }
@@ -2916,6 +2957,72 @@ mod tests {
             .expect("report");
         assert_eq!(swarm_round(&hub), Some(40));
         assert_eq!(hub.pace("digits"), Some(100.0));
+    }
+
+    /// Connections refused because their /48 has no allowance left leave no entry for
+    /// their /64s: ever new /64s of a few /48s cannot fill the table of allowances, after
+    /// which every new address is refused.
+    #[test]
+    fn refused_64s_do_not_fill_the_join_allowances() {
+        let mut config = SignalingConfig::default();
+        config.limits.joins_per_address_per_sec = 0.001;
+        config.limits.join_burst = 1.0;
+        let hub = Hub::new(config, &["digits".into()], &[], None);
+        let v6 = |net48: u128, net64: u128| (net48 << 80) | (net64 << 64);
+        // Eight /48s, each 37,500 of its /64s (in all three times the table's bound), in
+        // two waves, each followed by new IPv4 addresses (the first full table is pruned
+        // of the allowances that are whole again, a second within the second is not).
+        let per_48 = 3 * MAX_JOIN_BUCKETS as u128 / 8;
+        let mut allowed = 0;
+        for wave in 0..2u8 {
+            let half = per_48 * 8 / 2;
+            let first = u128::from(wave) * half;
+            allowed += (first..first + half)
+                .filter(|&i| hub.may_connect(v6(0x2001_0db8_0000 + i % 8, i / 8)))
+                .count();
+            for last in 1..=3 {
+                let v4 = std::net::Ipv4Addr::new(192, 0, 2, 10 * wave + last).to_ipv6_mapped();
+                assert!(
+                    hub.may_connect(u128::from(v4)),
+                    "a new address, wave {wave}"
+                );
+            }
+        }
+        assert_eq!(allowed, 8 * WIDE_SHARES, "each /48's burst");
+    }
+
+    /// A neighbour that sends large signals faster than a peer reads them fills only its
+    /// share of the peer's queue: another neighbour's offer and the server's own
+    /// messages still get in, and the queue holds at most 256 KiB of signals.
+    #[test]
+    fn one_neighbours_signals_take_only_their_share_of_a_peers_queue() {
+        let hub = digits_hub();
+        let inbox = Arc::new(Outbox::new(64));
+        let join = |group, tx| hub.join("digits", tx, group, "").expect("join").0;
+        let victim = join(1, Arc::clone(&inbox));
+        let flooder = join(2, Arc::new(Outbox::new(64)));
+        let honest = join(3, Arc::new(Outbox::new(64)));
+        let of = hub.neighbours_of("digits", victim).expect("a peer");
+        assert!(of.contains(&flooder) && of.contains(&honest));
+        while inbox.pop().is_some() {}
+        let big = format!(r#"{{"sdp":"{}"}}"#, "x".repeat(15_000));
+        for _ in 0..200 {
+            hub.relay("digits", flooder, victim, &big).expect("linked");
+        }
+        hub.relay("digits", honest, victim, r#"{"sdp":"offer"}"#)
+            .expect("linked");
+        let (mut queued, mut from_honest, mut from_flooder) = (0, 0, 0);
+        while let Some(m) = inbox.pop() {
+            queued += m.len();
+            from_honest += usize::from(m.contains(&format!(r#""from":"{honest}""#)));
+            from_flooder += usize::from(m.contains(&format!(r#""from":"{flooder}""#)));
+        }
+        assert_eq!(from_honest, 1, "the other neighbour's offer got in");
+        assert!(
+            from_flooder <= SIGNALS_PER_SENDER,
+            "{from_flooder} of the flood"
+        );
+        assert!(queued <= SIGNAL_BYTES_QUEUED, "{queued} bytes queued");
     }
 
     /// One IPv6 /48 is one network, whatever /64s its peers connect from (tunnel brokers
