@@ -185,8 +185,14 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     if (!lasting) return;
     try {
       localStorage.setItem(privacySlot, JSON.stringify({ rounds, z }));
-    } catch {
-      // As above.
+    } catch (e) {
+      // The count did not keep (storage full, or taken away): a later visit under the
+      // same key would spend these rounds again. Nothing more leaves: the worker stops
+      // here, and the swarm closes before this tick's updates (posted after the count)
+      // are handed to it.
+      worker.terminate();
+      leave();
+      say('error', `Shoal stopped: this browser could not store how much of the privacy budget is spent (${e?.name ?? e}), so no more updates leave it. Free some of this site's storage and reload to contribute again.`);
     }
   }
   function privacyRow(dp) {
@@ -397,8 +403,14 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       // reported unseen.
       rewatch?.(pauseButton);
     }
-    // A privacy budget is counted per browser: one tab at a time spends it.
-    if (description.privacy && navigator.locks) {
+    // A privacy budget is counted per browser: one tab at a time spends it. Without Web
+    // Locks (a page not served over HTTPS or from localhost) no tab could tell another
+    // spends it too, and each would spend the whole budget.
+    if (description.privacy && !navigator.locks) {
+      say('error', 'This task counts a privacy budget per browser, and this page cannot make sure that only one of its tabs spends it (the browser offers no Web Locks to a page not served over HTTPS). Contribute from the HTTPS address of this site.');
+      return;
+    }
+    if (description.privacy) {
       navigator.locks.request(`shoal-privacy-${task}`, { ifAvailable: true }, (lock) => {
         if (!lock) {
           say('error', 'Another tab of this browser already contributes to this task, which counts a privacy budget per browser. Contribute from that tab, or close it and reload this one.');

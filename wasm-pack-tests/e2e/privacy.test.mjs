@@ -89,3 +89,42 @@ test('the page states epsilon before consent, counts it while contributing and s
   assert.equal(await page.textContent('dd[data-key="samples contributed"]'), '0', 'nothing trained on the return visit');
   await page.close();
 });
+
+test('a browser that cannot keep the budget\'s count, or keep it to one tab, sends nothing uncounted', async () => {
+  // Without Web Locks (a page served over plain HTTP from another address) every tab
+  // would spend the whole budget: it does not start.
+  const unlocked = await webrtcPage(browser, 'about:blank');
+  await unlocked.addInitScript(() => { delete Navigator.prototype.locks; });
+  await unlocked.goto(`${server.url}/?task=private&backend=cpu`);
+  await unlocked.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await unlocked.click('#consent');
+  await unlocked.waitForFunction(() => document.getElementById('status').textContent.includes('Web Locks'),
+    null, { timeout: 30_000 });
+  await unlocked.waitForTimeout(2_000);
+  assert.deepEqual(await unlocked.evaluate(() => window.shoalProgress ?? []), [], 'no worker trained');
+  await unlocked.context().close();
+
+  // Storage that refuses the count (full): the worker stops at its first counted round,
+  // and the page says why. Its key is kept, so a later visit would have spent the
+  // uncounted rounds again.
+  const full = await webrtcPage(browser, 'about:blank');
+  await full.addInitScript(() => {
+    const set = Storage.prototype.setItem;
+    Storage.prototype.setItem = function (key, value) {
+      if (String(key).startsWith('shoal-privacy-')) throw new DOMException('full', 'QuotaExceededError');
+      return set.call(this, key, value);
+    };
+  });
+  await full.goto(`${server.url}/?task=private&backend=cpu`);
+  await full.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await full.click('#consent');
+  await full.waitForFunction(() => document.getElementById('status').textContent.includes('could not store'),
+    null, { timeout: 120_000, polling: 250 });
+  const progress = () => full.evaluate(() => window.shoalProgress.length);
+  const seen = await progress();
+  await full.waitForTimeout(3_000);
+  assert.equal(await progress(), seen, 'the worker stopped');
+  const rounds = await full.evaluate(() => Math.max(0, ...window.shoalProgress.map((e) => e.privacy?.rounds ?? 0)));
+  assert.ok(rounds <= 1, `no round after the one whose count did not keep: ${rounds}`);
+  await full.context().close();
+});
