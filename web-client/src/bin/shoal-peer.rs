@@ -189,13 +189,48 @@ mod peer {
         }
     }
 
-    /// Replaces the count in `path` whole (written aside, then renamed into place).
+    /// Replaces the count in `path` whole (written aside, then renamed into place), and
+    /// makes it durable before it returns: the update that raised it leaves next, and a
+    /// count that a power cut rolled back would let a restart spend the budget again.
     fn write_privacy_sent(path: &Path, rounds: u64, z: f64) -> Result<()> {
+        use std::io::Write;
         let mut aside = path.as_os_str().to_os_string();
         aside.push(".new");
-        std::fs::write(&aside, format!("{rounds} {z}\n"))
-            .and_then(|()| std::fs::rename(&aside, path))
-            .with_context(|| format!("{}", path.display()))
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&aside)?;
+            f.write_all(format!("{rounds} {z}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&aside, path)?;
+            // The rename itself, in its folder.
+            let folder = path.parent().filter(|p| !p.as_os_str().is_empty());
+            std::fs::File::open(folder.unwrap_or(Path::new(".")))?.sync_all()
+        };
+        write().with_context(|| format!("{}", path.display()))
+    }
+
+    /// Locks the privacy count at `path` (through `PATH.lock`) for as long as the returned
+    /// file is held: two peers with one key and task would each count from the same
+    /// number and spend the budget twice.
+    fn lock_privacy_count(path: &Path) -> Result<std::fs::File> {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&name)
+            .with_context(|| format!("{}", Path::new(&name).display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "{}: another shoal-peer counts this key's privacy budget for this task \
+                 (run one peer per key and task, or give this one its own --identity)",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("{}", Path::new(&name).display()))
+            }
+        }
     }
 
     /// Reads the key file, or creates one from the OS's random generator.
@@ -493,7 +528,10 @@ mod peer {
                 .map_err(anyhow::Error::msg)?;
         // The updates this key already sent under the task's privacy budget.
         let budget_file = privacy_file(&args.identity, &peer.task().name);
+        // Held while the peer runs.
+        let mut _budget_lock = None;
         if peer.learner().privacy().is_some() {
+            _budget_lock = Some(lock_privacy_count(&budget_file)?);
             let (sent, z) = read_privacy_sent(&budget_file)?;
             // Written once now: a place where the count cannot be kept (a read-only
             // folder) stops the peer before it trains, not after it sent.
@@ -683,5 +721,49 @@ mod peer {
         }
         swarm.close().await;
         Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A folder of its own under the system's temporary one.
+        fn folder(name: &str) -> PathBuf {
+            let dir =
+                std::env::temp_dir().join(format!("shoal-peer-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a temporary folder");
+            dir
+        }
+
+        /// A second peer with the same key and task does not start while the first
+        /// holds the count; once it is gone, one may.
+        #[test]
+        fn one_peer_at_a_time_counts_a_keys_privacy_budget() {
+            let dir = folder("lock");
+            let count = privacy_file(&dir.join("peer.key"), "private");
+            let first = lock_privacy_count(&count).expect("the first peer takes it");
+            let second = lock_privacy_count(&count).expect_err("held");
+            assert!(
+                format!("{second:#}").contains("another shoal-peer counts"),
+                "{second:#}"
+            );
+            drop(first);
+            lock_privacy_count(&count).expect("free again");
+            let other_task = privacy_file(&dir.join("peer.key"), "digits");
+            let _held = lock_privacy_count(&count).expect("free again");
+            lock_privacy_count(&other_task).expect("another task's count is its own");
+            let _ = std::fs::remove_dir_all(dir);
+        }
+
+        /// The count is written whole, and read back as written.
+        #[test]
+        fn the_privacy_count_reads_back_as_written() {
+            let dir = folder("count");
+            let count = privacy_file(&dir.join("peer.key"), "private");
+            assert_eq!(read_privacy_sent(&count).expect("none yet"), (0, 1.0));
+            write_privacy_sent(&count, 17, 1.25).expect("written");
+            assert_eq!(read_privacy_sent(&count).expect("kept"), (17, 1.25));
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
