@@ -89,10 +89,22 @@ async function declaredSize(file) {
     return [v.getUint32(16), v.getUint32(20)];
   }
   if (b.length >= 4 && b[0] === 0xff && b[1] === 0xd8) {
-    // JPEG: walk the segments to a start-of-frame (C0-CF but C4, C8, CC).
+    // JPEG: walk the segments to a start-of-frame (C0-CF but C4, C8, CC), as decoders
+    // do: fill bytes (0xFF) before a marker, and markers without a length (01, D0-D7),
+    // are stepped over (read as lengths, a file could send the walk past its real frame
+    // to a small one the decoder never reads). No frame before the scan: none.
     for (let i = 2; i + 9 < b.length;) {
       if (b[i] !== 0xff) return null;
       const m = b[i + 1];
+      if (m === 0xff) {
+        i += 1;
+        continue;
+      }
+      if (m === 0x01 || (m >= 0xd0 && m <= 0xd7)) {
+        i += 2;
+        continue;
+      }
+      if (m === 0x00 || m === 0xd8 || m === 0xd9 || m === 0xda) return null;
       if (m >= 0xc0 && m <= 0xcf && m !== 0xc4 && m !== 0xc8 && m !== 0xcc) {
         return [v.getUint16(i + 7), v.getUint16(i + 5)];
       }

@@ -62,6 +62,13 @@ pub const MAX_LOCAL_BYTES: usize = 64 << 20;
 /// memory (tables of short names within the limit held about 1.5 GB).
 pub const TABLE_ROW_BYTES: usize = 256;
 
+/// A label table refused for its rows' cost.
+fn too_many_rows() -> String {
+    format!(
+        "more than {MAX_LOCAL_BYTES} bytes of data in all (a label table's row counts {TABLE_ROW_BYTES} bytes besides its text)"
+    )
+}
+
 /// Most pixels an image may declare (4096 x 4096): decoders refuse larger ones before
 /// decoding, so a small file cannot claim gigabytes.
 pub const MAX_IMAGE_PIXELS: u64 = 1 << 24;
@@ -307,15 +314,18 @@ impl LocalData {
                 if i == 0 && self.class_of(label).is_err() {
                     continue; // a header
                 }
+                // Refused as soon as the rows so far pass the limit: the rows read are
+                // held (16-32 bytes each), and a 64 MiB table of empty names is 33
+                // million of them.
+                if self.bytes_held() + bytes.len() + (rows.len() + 1) * TABLE_ROW_BYTES
+                    > MAX_LOCAL_BYTES
+                {
+                    return Err(too_many_rows());
+                }
                 rows.push((name, label));
             }
             let n = rows.len();
             let cost = bytes.len() + n * TABLE_ROW_BYTES;
-            if self.bytes_held() + cost > MAX_LOCAL_BYTES {
-                return Err(format!(
-                    "more than {MAX_LOCAL_BYTES} bytes of data in all (a label table's row counts {TABLE_ROW_BYTES} bytes besides its text)"
-                ));
-            }
             for (name, label) in rows {
                 let base = name.rsplit(['/', '\\']).next().unwrap_or(name).to_string();
                 match self.by_name.entry(base) {
@@ -604,6 +614,14 @@ mod tests {
         assert!(e.contains("bytes of data in all"), "{e}");
         let small: String = (0..1_000).map(|i| format!("{i:06}.png,3\n")).collect();
         assert_eq!(d.label_table("labels.csv", small.as_bytes()), Ok(1_000));
+        // Refused as the rows pass the limit, not once all are held: a table whose last
+        // line is bad is refused for its rows (read to its end, it would be for the line).
+        let mut long = "a.png,3\n".repeat(300_000);
+        long.push_str("stray line\n");
+        let e = d
+            .label_table("labels.csv", long.as_bytes())
+            .expect_err("too much held");
+        assert!(e.contains("bytes of data in all"), "{e}");
     }
 
     #[test]

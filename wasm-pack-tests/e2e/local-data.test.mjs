@@ -102,6 +102,10 @@ function filesOf(v) {
   files.push({ name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from(`my notes ${MARKER}`) });
   files.push({ name: 'broken.png', mimeType: 'image/png', buffer: Buffer.from(`not really a PNG ${MARKER}`) });
   files.push({ name: 'huge.png', mimeType: 'image/png', buffer: Buffer.concat([one, Buffer.alloc(30_000)]) });
+  // A JPEG whose frame (30000x30000) follows a fill byte: decoders skip it, and so must
+  // the size check (reading it as a length it jumped past the frame).
+  files.push({ name: 'filled.jpg', mimeType: 'image/jpeg', buffer: Buffer.from([0xff, 0xd8, 0xff, 0xff, 0xc0, 0x00, 0x0b, 0x08,
+    0x75, 0x30, 0x75, 0x30, 0x01, 0x01, 0x11, 0x00, 0xff, 0xd9]) });
   files.push({ name: 'labels.csv', mimeType: 'text/csv', buffer: Buffer.from(`${csv.join('\n')}\n`) });
   return files;
 }
@@ -172,7 +176,8 @@ async function visitor(v, bodies) {
   const s = await page.evaluate(() => window.shoalLocal);
   assert.equal(s.samples, PER_VISITOR, JSON.stringify(s.skipped));
   const reasons = Object.fromEntries(s.skipped.map((k) => [k.file, k.reason]));
-  assert.deepEqual(Object.keys(reasons).sort(), ['broken.png', 'eleven.png', 'huge.png', 'notes.txt', 'unlabelled.png']);
+  assert.deepEqual(Object.keys(reasons).sort(), ['broken.png', 'eleven.png', 'filled.jpg', 'huge.png', 'notes.txt', 'unlabelled.png']);
+  assert.match(reasons['filled.jpg'], /^30000x30000 pixels, more than/);
   assert.match(reasons['notes.txt'], /not a PNG or JPEG/);
   assert.match(reasons['broken.png'], /not a readable image/);
   assert.match(reasons['huge.png'], /more than the task's limit of 20000/);
@@ -181,7 +186,7 @@ async function visitor(v, bodies) {
   const summary = await page.textContent('#local-summary');
   console.log(`visitor ${v}: ${summary}`);
   assert.match(summary, new RegExp(`^${PER_VISITOR + 1} files, ${PER_VISITOR} samples \\(0: \\d+`));
-  assert.equal(await page.locator('#local-skipped li').count(), 5);
+  assert.equal(await page.locator('#local-skipped li').count(), 6);
   assert.ok(await page.locator('#local-previews canvas').count() > 0, 'previews of the images');
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
   await page.click('#consent');
