@@ -28,7 +28,7 @@ const CREDITS_LISTED: usize = 100;
 const CREDITS_EVERY: Duration = Duration::from_secs(2);
 
 /// Credits as computed at a time, at an entry count.
-type Computed = (Instant, u64, Arc<Ranked>);
+type Computed = (Instant, u64, [u8; 32], Arc<Ranked>);
 
 /// Credits and each credited key's place among them: a `?key=` lookup is then one hash
 /// lookup, not two passes over every credited key on an async thread (a few ms each at
@@ -407,19 +407,23 @@ pub async fn credits(
     let computed = tokio::task::spawn_blocking(move || {
         let _place = place;
         let mut cache = cache.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (count, head) = {
-            let l = lock(&ledger);
-            (l.count(), l.head())
-        };
-        let c = match cache.get(&task2) {
-            Some((at, n, c)) if *n == count || at.elapsed() < CREDITS_EVERY => Arc::clone(c),
-            _ => {
-                let c = Arc::new(Ranked::new(credits::compute(lock(&ledger).entries())));
-                cache.insert(task2, (Instant::now(), count, Arc::clone(&c)));
-                c
+        // The count and head answered are those of the entries the credits were
+        // computed from (a cached computation's, not the ledger's now): anyone rerunning
+        // the rule on that many entries gets the same numbers.
+        let count = lock(&ledger).count();
+        match cache.get(&task2) {
+            Some((at, n, head, c)) if *n == count || at.elapsed() < CREDITS_EVERY => {
+                (*n, *head, Arc::clone(c))
             }
-        };
-        (count, head, c)
+            _ => {
+                let l = lock(&ledger);
+                let (count, head) = (l.count(), l.head());
+                let c = Arc::new(Ranked::new(credits::compute(l.entries())));
+                drop(l);
+                cache.insert(task2, (Instant::now(), count, head, Arc::clone(&c)));
+                (count, head, c)
+            }
+        }
     })
     .await;
     let Ok((count, head, ranked)) = computed else {
@@ -473,6 +477,18 @@ mod tests {
             LedgerState::new(Hub::new(config, &["digits".into()], &[], None)),
             dir,
         )
+    }
+
+    /// Appends a receipt of round `round` (its receiver's key from the round) to `ledger`.
+    fn append_receipt(ledger: &Mutex<LedgerFile>, round: u64) {
+        use shoal_shared::learn::identity::Identity;
+        use shoal_shared::trust::receipt::Receipt;
+        let rx = Identity::from_seed([round as u8; 32]);
+        let sender = Identity::from_seed([99; 32]).public();
+        let r = Receipt::sign(&rx, "digits", round, sender, 160, [7; 32], 0);
+        lock(ledger)
+            .append(1000 + round, 2, "", &r.encode())
+            .expect("append");
     }
 
     fn task() -> Path<String> {
@@ -556,18 +572,9 @@ mod tests {
     /// whatever was appended since: the server holds one copy, not one per download.
     #[tokio::test]
     async fn a_file_build_in_use_is_served_again_not_built_anew() {
-        use shoal_shared::learn::identity::Identity;
-        use shoal_shared::trust::receipt::Receipt;
         let (s, dir) = state("builds");
         let ledger = ledger_of(&s, "digits").unwrap_or_else(|_| panic!("a ledger"));
-        let append = |round: u64| {
-            let rx = Identity::from_seed([round as u8; 32]);
-            let sender = Identity::from_seed([99; 32]).public();
-            let r = Receipt::sign(&rx, "digits", round, sender, 160, [7; 32], 0);
-            lock(&ledger)
-                .append(1000 + round, 2, "", &r.encode())
-                .expect("append");
-        };
+        let append = |round: u64| append_receipt(&ledger, round);
         append(1);
         let (first, running) = file_bytes(&s.files, "digits", Arc::clone(&ledger))
             .await
@@ -586,6 +593,32 @@ mod tests {
             fresh.len() > first.len(),
             "built anew once no download holds it"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The credits answer the count and head of the entries they were computed from:
+    /// served from the cache after an append, they say the count before it (they said
+    /// the ledger's count now, with numbers of fewer entries).
+    #[tokio::test]
+    async fn credits_name_the_entries_they_were_computed_from() {
+        let (s, dir) = state("credits-count");
+        let ledger = ledger_of(&s, "digits").unwrap_or_else(|_| panic!("a ledger"));
+        let append = |round: u64| append_receipt(&ledger, round);
+        let count = || async {
+            let who = Query(Who { key: None });
+            let r = credits(State(s.clone()), task(), who, from([192, 0, 2, 1])).await;
+            let body = axum::body::to_bytes(r.into_body(), 1 << 20)
+                .await
+                .expect("a body");
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            v["count"].as_u64().expect("a count")
+        };
+        append(1);
+        assert_eq!(count().await, 1);
+        append(2);
+        assert_eq!(count().await, 1, "the cached computation's count");
+        tokio::time::sleep(CREDITS_EVERY + Duration::from_millis(100)).await;
+        assert_eq!(count().await, 2, "computed anew");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -128,11 +128,11 @@ struct Args {
           default_value_t = shoal_signaling_server::signaling::DEFAULT_LEDGER_MAX_ENTRIES,
           value_parser = clap::value_parser!(u64).range(1..))]
     ledger_max_entries: u64,
-    /// Ledger file downloads one address (IPv4 address, IPv6 /64) may run at once; 0 for
+    /// Ledger file downloads one address (IPv4 address, IPv6 /48) may run at once; 0 for
     /// no share (behind a reverse proxy every reader has the proxy's address).
     #[arg(long, env = "SHOAL_LEDGER_DOWNLOADS_PER_ADDRESS", default_value_t = 1)]
     ledger_downloads_per_address: usize,
-    /// Ledger pages and credits one address (IPv4 address, IPv6 /64) may have computed
+    /// Ledger pages and credits one address (IPv4 address, IPv6 /48) may have computed
     /// at once, of the 8 the server computes; 0 for no share.
     #[arg(long, env = "SHOAL_LEDGER_READS_PER_ADDRESS",
           default_value_t = shoal_signaling_server::ledger::LEDGER_READS_PER_ADDRESS)]

@@ -121,10 +121,10 @@ pub struct SignalingConfig {
     /// Entries a task's ledger takes in all; receipts beyond are refused (`full`). The
     /// server holds every entry in memory (about 700 bytes each) and on disk (about 250).
     pub ledger_max_entries: u64,
-    /// Ledger file downloads one address (an IPv4 address, an IPv6 /64) may run at once;
+    /// Ledger file downloads one address (an IPv4 address, an IPv6 /48) may run at once;
     /// 0 for no share (behind a reverse proxy every reader has the proxy's address).
     pub ledger_downloads_per_address: usize,
-    /// Ledger pages and credits one address (an IPv4 address, an IPv6 /64) may have
+    /// Ledger pages and credits one address (an IPv4 address, an IPv6 /48) may have
     /// computed at once, of the server's [`crate::ledger::LEDGER_READS`]; 0 for no share.
     pub ledger_reads_per_address: usize,
 }
