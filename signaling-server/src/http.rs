@@ -36,6 +36,14 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// A write that makes no progress for this long fails and ends its connection.
     pub write_stall_timeout: Duration,
+    /// Bytes a second a connection's writes must average while they wait for its reader
+    /// (from the first write that had to wait, until one does not), once they have waited
+    /// [`HttpLimits::slow_grace`]; slower, the connection ends. 0: no floor. A reader that
+    /// took a few KB every few seconds held its connection, and a file's buffers, for
+    /// hours: 256 such connections an address.
+    pub min_write_rate: u64,
+    /// See [`HttpLimits::min_write_rate`].
+    pub slow_grace: Duration,
     /// Most TCP connections open at once, websockets included. Past it a connection is
     /// answered `503` and closed at once; keep it below the open-file limit.
     pub max_connections: usize,
@@ -51,6 +59,10 @@ pub struct HttpLimits {
 /// a browser's heads are a few KB.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 
+/// [`HttpLimits::min_write_rate`] by default, 8 KiB/s (64 kbit/s): a slow mobile link
+/// downloads the bundle at a few times that.
+pub const MIN_WRITE_RATE: u64 = 8 * 1024;
+
 /// [`HttpLimits::max_connections_per_address`] by default: room for 32 visitors behind
 /// one address (a campus or carrier NAT; the signaling's own share of peers per task)
 /// with a websocket and a browser's six page connections each, and far below any
@@ -62,6 +74,8 @@ impl Default for HttpLimits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             write_stall_timeout: Duration::from_secs(10),
+            min_write_rate: MIN_WRITE_RATE,
+            slow_grace: Duration::from_secs(30),
             max_connections: 20_000,
             max_connections_per_address: DEFAULT_CONNECTIONS_PER_ADDRESS,
         }
@@ -108,7 +122,17 @@ impl Drop for Slot {
 struct Guarded {
     inner: TcpStream,
     stall: Duration,
+    /// When the pending write fails: at its stall deadline, or sooner where the writes
+    /// behind the reader fall below the rate floor.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// [`HttpLimits::min_write_rate`] and [`HttpLimits::slow_grace`].
+    min_rate: u64,
+    slow_grace: Duration,
+    /// Writes behind the reader: since when, and the bytes written since by writes that
+    /// had to wait. Ends at a write that did not wait (the reader keeps up).
+    behind: Option<(Instant, u64)>,
+    /// Whether the write under way had to wait.
+    waited: bool,
     _slot: Slot,
     _share: AddressShare,
     /// Its IPv6 /48's place ([`crate::signaling::take_shares`]).
@@ -116,24 +140,45 @@ struct Guarded {
 }
 
 impl Guarded {
-    /// What a write that returned `result` means once the stall rule is applied.
+    /// What a write (or, without `written`, a flush) that returned `result` means once
+    /// the stall rule and the rate floor are applied.
     fn progress<T>(
         &mut self,
         cx: &mut Context<'_>,
         result: Poll<io::Result<T>>,
+        written: Option<fn(&T) -> usize>,
     ) -> Poll<io::Result<T>> {
-        if result.is_ready() {
+        if let Poll::Ready(r) = &result {
+            if let (Ok(v), Some(written)) = (r, written) {
+                match (&mut self.behind, self.waited) {
+                    (Some((_, bytes)), true) => *bytes += written(v) as u64,
+                    _ => self.behind = None,
+                }
+                self.waited = false;
+            }
             self.stalled = None;
             return result;
         }
-        let stall = self.stall;
-        let timer = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        let now = Instant::now();
+        if written.is_some() {
+            self.waited = true;
+        }
+        let (since, bytes) = *self.behind.get_or_insert((now, 0));
+        let (stall, grace, min_rate) = (self.stall, self.slow_grace, self.min_rate);
+        let timer = self.stalled.get_or_insert_with(|| {
+            let mut at = now + stall;
+            if min_rate > 0 {
+                // When the average since `since` falls below the floor, if no byte more
+                // goes out.
+                let floor = grace.max(Duration::from_secs_f64(bytes as f64 / min_rate as f64));
+                at = at.min(since + floor);
+            }
+            Box::pin(tokio::time::sleep_until(at.into()))
+        });
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the peer read nothing for the write-stall timeout",
+                "the peer read nothing for the write-stall timeout, or too slowly",
             ))),
             Poll::Pending => Poll::Pending,
         }
@@ -158,7 +203,7 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.progress(cx, r)
+        this.progress(cx, r, Some(|n| *n))
     }
 
     fn poll_write_vectored(
@@ -168,7 +213,7 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.progress(cx, r)
+        this.progress(cx, r, Some(|n| *n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -178,7 +223,7 @@ impl AsyncWrite for Guarded {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_flush(cx);
-        this.progress(cx, r)
+        this.progress(cx, r, None)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -287,6 +332,10 @@ pub(crate) async fn serve(
             inner: stream,
             stall: limits.write_stall_timeout,
             stalled: None,
+            min_rate: limits.min_write_rate,
+            slow_grace: limits.slow_grace,
+            behind: None,
+            waited: false,
             _slot: Slot(Arc::clone(&open)),
             _share: share,
             _wide: wide,

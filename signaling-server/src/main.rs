@@ -80,6 +80,12 @@ struct Args {
     /// reading).
     #[arg(long, env = "SHOAL_WRITE_TIMEOUT", default_value_t = 10)]
     write_timeout: u64,
+    /// Bytes a second a connection's writes must average while they wait for a slow
+    /// reader, after 30 s of it (a download trickled out holds its connection and
+    /// buffers); 0 for no floor.
+    #[arg(long, env = "SHOAL_MIN_WRITE_RATE",
+          default_value_t = shoal_signaling_server::http::MIN_WRITE_RATE)]
+    min_write_rate: u64,
     /// Most TCP connections open at once, websockets and downloads included (default:
     /// the open-file limit, raised to its hard maximum at start, less 64). Past it a
     /// connection is answered 503 and closed.
@@ -329,8 +335,10 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     let http = HttpLimits {
         header_read_timeout: Duration::from_secs(args.header_timeout.max(1)),
         write_stall_timeout: Duration::from_secs(args.write_timeout.max(1)),
+        min_write_rate: args.min_write_rate,
         max_connections: max_tcp,
         max_connections_per_address: args.max_connections_per_address,
+        ..HttpLimits::default()
     };
     let config = Config {
         www: args.www,

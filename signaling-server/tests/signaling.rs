@@ -1529,6 +1529,59 @@ async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A download read a little at a time (a few KB every moment, enough that no write
+/// stalls) is ended once its writes have waited past the grace at less than the rate
+/// floor: it held its connection, and the file's buffers, for as long as it liked.
+#[tokio::test]
+async fn a_download_trickled_out_is_ended_at_the_rate_floor() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = std::env::temp_dir().join(format!("shoal-slow-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("big.bin"), vec![7u8; 16 << 20]).expect("write");
+    let mut config = base(config(), None, &["digits"]);
+    config.data = dir.clone();
+    config.http.write_stall_timeout = Duration::from_secs(30);
+    config.http.slow_grace = Duration::from_secs(1);
+    config.http.min_write_rate = 64 * 1024;
+    // One connection an address: while the download holds it, others get 429.
+    config.http.max_connections_per_address = 1;
+    let s = start_config(config).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("a small window");
+    let mut slow = socket.connect(s.addr).await.expect("connect");
+    slow.write_all(b"GET /data/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        for _ in 0..300 {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        http_get(s.addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 429"),
+        "the download holds the address's connection"
+    );
+    let freed = tokio::time::timeout(Duration::from_secs(10), async {
+        while !http_get(s.addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(freed.is_ok(), "the trickled download was not ended");
+    reader.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn a_pause_survives_a_restart_and_a_resume_reaches_everyone() {
     let dir = std::env::temp_dir().join(format!("shoal-state-it-{}", std::process::id()));
