@@ -40,8 +40,14 @@ impl SwarmObserver {
         }
         .map_err(|e| JsError::new(&e.to_string()))?;
         let relay = Rc::new(Relay::for_task(&task));
-        let inner = Observer::new(task, Samples::from_dataset(&test), every_ms.max(500.0))
-            .map_err(|e| JsError::new(&e))?;
+        let seed = shoal_web_client::wasm::secure_random()?;
+        let inner = Observer::new(
+            task,
+            Samples::from_dataset(&test),
+            every_ms.max(500.0),
+            seed,
+        )
+        .map_err(|e| JsError::new(&e))?;
         Ok(Self {
             relay,
             inner,

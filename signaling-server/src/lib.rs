@@ -233,10 +233,11 @@ async fn cross_origin_headers(
 /// The longest request target (path and query) served; no Shoal URL comes near it.
 pub const MAX_URI_BYTES: usize = 2048;
 
-/// The longest segment of a path (between slashes, as sent) served: longer names than
-/// a file system's 255 bytes made the file services fail to open them with an error
-/// that they answer 500 to and log at ERROR, a line per request for anyone to send.
-pub const MAX_SEGMENT_BYTES: usize = 255;
+/// The longest segment of a path (between slashes, as sent) served: names longer than a
+/// file system takes (255 bytes, with the `.gz` the file services look for first) made
+/// them fail to open the file with an error that they answer 500 to and log at ERROR, a
+/// line per request for anyone to send.
+pub const MAX_SEGMENT_BYTES: usize = 255 - ".gz".len();
 
 /// Answers a request target longer than [`MAX_URI_BYTES`] with 414, and a path with a
 /// segment longer than [`MAX_SEGMENT_BYTES`] with 404, before any handler (or the file

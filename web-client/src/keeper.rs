@@ -2,7 +2,10 @@
 //! browser has left. Each checkpoint is a model message (weights, outer momentum, round,
 //! SHA-256), written atomically: a temporary file, fsync, rename, fsync of the directory.
 //! A crash mid-write leaves a `.tmp` file that is ignored and removed; a damaged
-//! checkpoint fails its checksum and the next older one is used.
+//! checkpoint fails its checksum and the next older one is used. The keeper touches
+//! only its own files (`model-ROUND.ckpt`, `model.safetensors`, their `.tmp`, and
+//! `shoal-keeper`, which binds the folder to one task's model): a folder it shares with
+//! other programs keeps their files, and a folder of another task is refused.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -22,21 +25,56 @@ pub struct Keeper {
     pub pause_mid_write: Duration,
 }
 
-/// The round a checkpoint's file name says (`model-ROUND.ckpt`).
+/// The round a checkpoint's file name says (`model-ROUND.ckpt`; `None` for any other
+/// name).
 fn round_of(p: &Path) -> Option<u64> {
-    p.file_stem()
+    p.file_name()
         .and_then(|s| s.to_str())
         .and_then(|s| s.strip_prefix("model-"))
+        .and_then(|s| s.strip_suffix(".ckpt"))
+        .filter(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|r| r.parse::<u64>().ok())
 }
 
+/// Whether `p` is a temporary file of the keeper's own (a checkpoint's or the export's).
+fn own_temporary(p: &Path) -> bool {
+    let Some(name) = p.file_name().and_then(|s| s.to_str()) else {
+        return false;
+    };
+    name.strip_suffix(".tmp")
+        .is_some_and(|f| f == "model.safetensors" || round_of(Path::new(f)).is_some())
+}
+
+/// The file that binds a keeper's folder to one task's model.
+const BINDING: &str = "shoal-keeper";
+
 impl Keeper {
-    /// Opens (creating) `dir` and removes temporary files a crash left behind.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    /// Opens (creating) `dir` for the model `binding` names (a task's name and a hash of
+    /// its model: see [`binding`]), and removes temporary files of its own a crash left
+    /// behind. A folder bound to another model is refused: its checkpoints, of the same
+    /// size, would be resumed and exported as this task's.
+    pub fn open(dir: &Path, binding: &str) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
+        let bound = dir.join(BINDING);
+        match fs::read_to_string(&bound) {
+            Ok(b) if b.trim_end() == binding => {}
+            Ok(b) => {
+                return Err(io::Error::other(format!(
+                    "{} keeps the checkpoints of another model ({}; this one is {binding}): \
+                     give each task a keeper folder of its own",
+                    dir.display(),
+                    b.trim_end()
+                )));
+            }
+            // A folder of its own, new or from before folders were bound.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::write(&bound, format!("{binding}\n"))?;
+            }
+            Err(e) => return Err(e),
+        }
         for e in fs::read_dir(dir)? {
             let p = e?.path();
-            if p.extension().is_some_and(|x| x == "tmp") {
+            if own_temporary(&p) {
                 fs::remove_file(&p)?;
             }
         }
@@ -49,7 +87,7 @@ impl Keeper {
     fn checkpoints(&self) -> io::Result<Vec<PathBuf>> {
         let mut v: Vec<PathBuf> = fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
+            .filter(|p| round_of(p).is_some())
             .collect();
         // By the round in the name, as a number: rounds go up to 2^40, 13 digits, past
         // the names' zero padding of 12.
@@ -127,9 +165,54 @@ impl Keeper {
     }
 }
 
+/// What binds a keeper's folder to `task`: its name and a SHA-256 of its model (the
+/// model's description and the seed its weights start from).
+pub fn binding(task: &shoal_shared::task::TaskSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let model = serde_json::to_string(&task.model).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(model.as_bytes());
+    h.update(task.train.seed.to_le_bytes());
+    let hash: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{} {hash}", task.name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BOUND: &str = "digits 0123456789abcdef";
+
+    /// Other programs' files in the folder are left alone: their checkpoints are not
+    /// pruned or read, their temporary files not removed; a folder bound to another
+    /// model is refused.
+    #[test]
+    fn a_keeper_touches_only_its_own_files_of_its_own_model() {
+        let dir = std::env::temp_dir().join(format!("shoal-keeper-own-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("dir");
+        for other in ["last.ckpt", "epoch=3.ckpt", "notes.tmp", "model-x.ckpt"] {
+            fs::write(dir.join(other), b"not Shoal's").expect("write");
+        }
+        let k = Keeper::open(&dir, BOUND).expect("dir");
+        for r in 1..=5 {
+            k.save(r, &PeerMessage::Model(snap(r)).encode())
+                .expect("saved");
+        }
+        assert_eq!(k.latest(4).expect("readable"), (Some(snap(5)), Vec::new()));
+        for other in ["last.ckpt", "epoch=3.ckpt", "notes.tmp", "model-x.ckpt"] {
+            assert!(dir.join(other).exists(), "{other} kept");
+        }
+        let e = Keeper::open(&dir, "digits fedcba9876543210")
+            .err()
+            .expect("another model's folder");
+        assert!(e.to_string().contains("another model"), "{e}");
+        assert!(Keeper::open(&dir, BOUND).is_ok(), "its own");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     fn snap(round: u64) -> Snapshot {
         Snapshot {
@@ -145,7 +228,7 @@ mod tests {
     fn checkpoints_order_by_round_past_twelve_digits() {
         let dir = std::env::temp_dir().join(format!("shoal-keeper-13-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let k = Keeper::open(&dir).expect("dir");
+        let k = Keeper::open(&dir, BOUND).expect("dir");
         for r in [999_999_999_999, 1_000_000_000_000] {
             k.save(r, &PeerMessage::Model(snap(r)).encode())
                 .expect("saved");
@@ -162,7 +245,7 @@ mod tests {
         // checkpoint sorted first and was the one pruned, every time.
         let dir = std::env::temp_dir().join(format!("shoal-keeper-old-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let k = Keeper::open(&dir).expect("dir");
+        let k = Keeper::open(&dir, BOUND).expect("dir");
         for r in [980, 990, 1_000] {
             k.save(r, &PeerMessage::Model(snap(r)).encode())
                 .expect("saved");
@@ -200,7 +283,7 @@ mod tests {
     fn newest_valid_checkpoint_wins_and_damage_is_skipped() {
         let dir = std::env::temp_dir().join(format!("shoal-keeper-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let k = Keeper::open(&dir).expect("dir");
+        let k = Keeper::open(&dir, BOUND).expect("dir");
         assert_eq!(k.latest(4).expect("readable").0, None);
         for r in 1..=5 {
             k.save(r, &PeerMessage::Model(snap(r)).encode())
@@ -222,7 +305,7 @@ mod tests {
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         // A leftover temporary file is removed on open and never read.
         fs::write(dir.join("model-000000000009.ckpt.tmp"), b"half").expect("write");
-        let k = Keeper::open(&dir).expect("dir");
+        let k = Keeper::open(&dir, BOUND).expect("dir");
         assert!(!dir.join("model-000000000009.ckpt.tmp").exists());
         assert_eq!(k.latest(4).expect("readable").0, Some(snap(4)));
         // Another model size is refused.

@@ -38,6 +38,9 @@ pub struct EvalPoint {
     pub sample: Option<SampleText>,
     /// When (the platform's clock, milliseconds).
     pub at_ms: f64,
+    /// The model is older than the one evaluated before it (the observer stepped back to
+    /// what its neighbours agree on): evaluations of later versions no longer stand.
+    pub back: bool,
 }
 
 /// A prompt and the model's continuation of it.
@@ -60,8 +63,12 @@ pub struct Observer {
     peer: Peer,
     eval: CpuBackend,
     test: Samples,
-    /// The newest model's held-out `(loss, accuracy)`.
-    latest: Option<(f32, f32)>,
+    /// The held-out `(loss, accuracy)` of the model held, and its version; `None` when
+    /// it could not be evaluated (an export then carries no numbers, not an older
+    /// model's).
+    latest: Option<(u64, f32, f32)>,
+    /// The version of the model last adopted (evaluated or not).
+    shown: Option<u64>,
     /// Whether the starting point (the seed model every peer starts from, version 0) is
     /// still to be evaluated: the chart then shows where training began even when the
     /// swarm is far along before the first download.
@@ -69,14 +76,22 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// An observer of `task` that downloads the model every `every_ms`.
-    pub fn new(task: TaskSpec, test: Samples, every_ms: f64) -> Result<Self, String> {
+    /// An observer of `task` that downloads the model every `every_ms`; `seed` (from the
+    /// platform's secure generator) keys its draws of whom to ask.
+    pub fn new(
+        task: TaskSpec,
+        test: Samples,
+        every_ms: f64,
+        seed: [u8; 32],
+    ) -> Result<Self, String> {
         let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
         let init = model.init_params(task.train.seed);
         let eval = CpuBackend::new(model, Optimizer::adam(task.train.lr), init.clone())
             .map_err(|e| e.to_string())?;
-        // An observer signs nothing; its key only tells its own messages apart.
-        let id = Identity::from_seed(*b"shoal observer: never signs.....");
+        // An observer signs nothing; its key tells its own messages apart and seeds its
+        // draws of whom to ask, which must not be foreseeable (a fixed key made every
+        // dashboard ask the neighbours an attacker could compute).
+        let id = Identity::from_seed(seed);
         let peer = Peer::new(
             task.learn.clone(),
             &task.name,
@@ -92,6 +107,7 @@ impl Observer {
             eval,
             test,
             latest: None,
+            shown: None,
             baseline_due: true,
         })
     }
@@ -114,8 +130,12 @@ impl Observer {
     }
 
     fn evaluate(&mut self, version: u64, now_ms: f64) -> Option<EvalPoint> {
-        let point = self.evaluate_weights(self.peer.weights().to_vec(), version, now_ms)?;
-        self.latest = Some((point.loss, point.accuracy));
+        let back = self.shown.is_some_and(|v| version < v);
+        self.shown = Some(version);
+        let point = self.evaluate_weights(self.peer.weights().to_vec(), version, now_ms);
+        self.latest = point.as_ref().map(|p| (version, p.loss, p.accuracy));
+        let mut point = point?;
+        point.back = back;
         Some(point)
     }
 
@@ -158,6 +178,7 @@ impl Observer {
             bits_per_byte: text.then_some(loss / std::f32::consts::LN_2),
             sample,
             at_ms: now_ms,
+            back: false,
         })
     }
 
@@ -201,7 +222,7 @@ impl Observer {
         PeerReport {
             role: Role::Observer,
             version: self.version().unwrap_or(0),
-            accuracy: self.latest.map(|e| e.1),
+            accuracy: self.latest.map(|e| e.2),
             bytes_up: p.bytes_up,
             bytes_down: p.bytes_down,
             rejected: p.rejected.clone(),
@@ -219,8 +240,67 @@ impl Observer {
             &self.task,
             self.peer.weights(),
             round,
-            self.latest,
+            self.latest
+                .filter(|&(v, ..)| v == round)
+                .map(|(_, loss, accuracy)| (loss, accuracy)),
             ledger_head,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_shared::learn::Snapshot;
+
+    /// An export carries the held-out numbers of exactly the weights it holds, or none: a
+    /// model whose evaluation failed (its loss not finite) went out with the accuracy of
+    /// the model before it.
+    #[test]
+    fn an_export_carries_the_numbers_of_its_own_weights_or_none() {
+        let task = TaskSpec::digits();
+        let test = Samples {
+            inputs: vec![0.5; 8 * 784],
+            labels: vec![3; 8],
+            dim: 784,
+            shape: [28, 28, 1],
+            positions: 1,
+        };
+        let mut o = Observer::new(task, test, 10_000.0, [7; 32]).expect("an observer");
+        let n = o.peer.weights().len();
+        let adopt = |o: &mut Observer, round: u64, w: Vec<f32>| {
+            let s = Snapshot {
+                round,
+                weights: w,
+                momentum: vec![0.0; n],
+            };
+            assert!(o.peer.learner_mut().adopt(s));
+            o.evaluate(round, 0.0)
+        };
+        let good = o.peer.weights().to_vec();
+        let first = adopt(&mut o, 5, good.clone()).expect("evaluated");
+        assert!(!first.back);
+        let meta = |bytes: &[u8]| {
+            let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+            let header: serde_json::Value =
+                serde_json::from_slice(&bytes[8..8 + len]).expect("a header");
+            header["__metadata__"].clone()
+        };
+        let exported = meta(&o.export(None).expect("an export"));
+        assert!(exported.get("test_accuracy").is_some(), "{exported}");
+        // Weights whose logits overflow: not evaluated, and exported without numbers.
+        let huge: Vec<f32> = good.iter().map(|_| 3e38).collect();
+        assert!(adopt(&mut o, 6, huge).is_none());
+        let exported = meta(&o.export(None).expect("an export"));
+        assert_eq!(exported["version"], "6");
+        assert!(exported.get("test_accuracy").is_none(), "{exported}");
+        assert!(o.report().accuracy.is_none(), "nor reported");
+        // A model older than the one held (a step back) is marked as such.
+        assert!(o.peer.learner_mut().adopt_older(Snapshot {
+            round: 2,
+            weights: good,
+            momentum: vec![0.0; n],
+        }));
+        assert!(o.evaluate(2, 0.0).expect("evaluated").back);
     }
 }

@@ -19,7 +19,12 @@ const observer = new Worker(new URL('../observer-worker.js', import.meta.url), {
 observer.addEventListener('message', (e) => {
   const m = e.data;
   if (m.type === 'eval') {
-    for (const p of m.points) state.evals.push(p);
+    for (const p of m.points) {
+      // The observer stepped back to the model its neighbours agree on (the one it held
+      // was far ahead of theirs): what it showed of later versions no longer stands.
+      if (p.back) state.evals = state.evals.filter((e) => e.version < p.version);
+      state.evals.push(p);
+    }
     state.evals.sort((a, b) => a.version - b.version);
     // Past MAX_EVALS, every other point of the older half goes: the whole history stays
     // drawn, at a coarser grain the older it is (an open dashboard gets one every 10 s).
@@ -96,14 +101,16 @@ function drawModel() {
   }
 }
 
-// Reports are claims by peers, some of which may lie. The round shown is the median
-// peer's; in the totals no peer counts for more than OUTLIER times the median peer, and
-// the table marks those that claim more.
+// Reports are claims by peers, some of which may lie. The round and the count of
+// trainers shown are the server's (the median by network of recent reports); in the
+// totals no peer counts for more than OUTLIER times the median peer, and the table marks
+// those that claim more.
 const OUTLIER = 10;
+// The lower median: liars that are half of the reporting peers do not set it.
 const median = (xs) => {
   if (!xs.length) return null;
   const sorted = [...xs].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)];
+  return sorted[Math.floor((sorted.length - 1) / 2)];
 };
 const capAt = (xs) => OUTLIER * Math.max(median(xs) ?? 0, 1);
 const num = (v) => (Number.isFinite(v) && v >= 0 ? v : 0);
@@ -119,13 +126,16 @@ function drawSwarm(view) {
   const rateOf = (p) => (fresh(p) && !p.report.paused ? num(p.report.samples_per_s) : 0);
   const bytesOf = (p) => num(p.report.bytes_up) + num(p.report.bytes_down);
   const samplesOf = (p) => num(p.report.samples);
+  const rejectedOf = (p) => Object.values(p.report.rejected ?? {}).reduce((s, v) => s + num(v), 0);
   const caps = {
     rate: capAt(reporting.filter((p) => rateOf(p) > 0).map(rateOf)),
     bytes: capAt(reporting.map(bytesOf)),
     samples: capAt(reporting.map(samplesOf)),
+    rejected: capAt(reporting.map(rejectedOf)),
   };
   const outliers = new Set(reporting
-    .filter((p) => rateOf(p) > caps.rate || bytesOf(p) > caps.bytes || samplesOf(p) > caps.samples)
+    .filter((p) => rateOf(p) > caps.rate || bytesOf(p) > caps.bytes || samplesOf(p) > caps.samples
+      || rejectedOf(p) > caps.rejected)
     .map((p) => p.id));
   state.outliers = [...outliers];
   const rate = reporting.reduce((s, p) => s + Math.min(rateOf(p), caps.rate), 0);
@@ -133,19 +143,22 @@ function drawSwarm(view) {
   // Reason names are text from peers: a Map, never an object's keys.
   const rejected = new Map();
   for (const p of reporting) {
-    for (const [k, v] of Object.entries(p.report.rejected ?? {})) rejected.set(k, (rejected.get(k) ?? 0) + num(v));
+    // A peer's counts scaled down to the cap on its total, as its other numbers are.
+    const all = rejectedOf(p);
+    const scale = all > caps.rejected ? caps.rejected / all : 1;
+    for (const [k, v] of Object.entries(p.report.rejected ?? {})) rejected.set(k, (rejected.get(k) ?? 0) + num(v) * scale);
   }
-  state.round = median(reporting.map((p) => num(p.report.version)));
+  state.round = Number.isSafeInteger(view.round) ? view.round : null;
   const t = (performance.now() - state.started) / 1000;
   state.rate.push([Math.round(t), Math.round(rate)]);
   if (state.rate.length > 600) state.rate.shift();
 
   setState(view.paused ? 'paused' : 'running', view.paused ? 'Task paused' : 'Task running');
-  $('n-peers').textContent = String(trainers.length);
+  $('n-peers').textContent = String(Number.isSafeInteger(view.trainers) ? view.trainers : trainers.length);
   $('n-round').textContent = state.round == null ? '–' : String(state.round);
   $('n-rate').textContent = rate.toFixed(0);
   $('n-bytes').textContent = fmtBytes(bytes);
-  $('n-rejected').textContent = String([...rejected.values()].reduce((a, b) => a + b, 0));
+  $('n-rejected').textContent = String(Math.round([...rejected.values()].reduce((a, b) => a + b, 0)));
 
   lineChart($('chart-rate'), [{ name: 'samples/s, all peers', points: state.rate }],
     { xLabel: 'seconds since this page opened', yLabel: 'samples/s', yMin: 0 });

@@ -1757,6 +1757,16 @@ impl Learner {
         })
     }
 
+    /// Replaces our model with a downloaded one whatever its round (an observer's step
+    /// back to the swarm's model, see `Peer::step_back`); returns whether it was adopted.
+    pub fn adopt_older(&mut self, s: Snapshot) -> bool {
+        if s.weights.len() != self.weights.len() {
+            return false;
+        }
+        self.started = false;
+        self.adopt(s)
+    }
+
     /// Replaces our model with a downloaded one (already validated by decoding) when it
     /// is newer than ours; returns whether it was adopted. Held updates older than the
     /// new round's window are dropped; the compressor's residual is cleared.

@@ -93,6 +93,12 @@ pub const OBSERVE_EVERY_MS: f64 = 10_000.0;
 /// drawn together, agreeing on a model of their own, are what an observer shows until
 /// then (it only shows and exports; it never trains on it).
 pub const OBSERVE_REDRAW: u64 = 30;
+/// How far behind the model it holds an observer takes one that most of those asked
+/// agree on (see `Peer::step_back`): further than any honest neighbour lags (one more than
+/// `max_staleness` behind downloads the model), not merely a slow neighbour.
+pub const OBSERVE_BACK_ROUNDS: u64 = 30;
+/// Downloads in a row that must agree on such a model before an observer takes it.
+pub const OBSERVE_BEHIND: u8 = 2;
 /// Observers a peer keeps the weights of (what it last sent each, so that the next
 /// answer is a change from them); a further observer gets whole weights each time.
 pub const MAX_OBSERVED: usize = 4;
@@ -533,6 +539,9 @@ pub struct Peer {
     observed: u64,
     /// The next observer download asks neighbours drawn at random only.
     observe_redraw: bool,
+    /// An observer's downloads in a row whose answers agreed on a model far behind the
+    /// one it holds ([`OBSERVE_BACK_ROUNDS`]).
+    observed_behind: u8,
     rng: SplitMix64,
     out: VecDeque<Output>,
     progress: Progress,
@@ -595,6 +604,7 @@ impl Peer {
             join_attempts: 0,
             observed: 0,
             observe_redraw: false,
+            observed_behind: 0,
             rng: SplitMix64::new(seed ^ 0x9e37_79b9),
             out: VecDeque::new(),
             progress: Progress {
@@ -1522,6 +1532,7 @@ impl Peer {
                 }
                 let round = s.round;
                 if self.learner.adopt(s) {
+                    self.observed_behind = 0;
                     self.out.push_back(Output::Adopted { round });
                     if let Phase::Joining { .. } | Phase::Waiting { .. } = self.phase {
                         self.phase = Phase::Ready;
@@ -1552,6 +1563,9 @@ impl Peer {
                 if f.purpose == Purpose::Observe && (silent || !nothing_newer) {
                     self.observe_redraw = true;
                 }
+                if f.purpose == Purpose::Observe {
+                    self.step_back(&f, nothing_newer);
+                }
                 self.next_fetch_at = now_ms + FETCH_RETRY_MS;
                 if f.purpose == Purpose::Join {
                     self.join_attempts += 1;
@@ -1563,6 +1577,38 @@ impl Peer {
         }
         if let PeerRole::Observer { every_ms } = self.role {
             self.next_fetch_at = self.next_fetch_at.max(f.started + every_ms);
+        }
+    }
+
+    /// An observer whose download found nothing newer than the model it holds, where
+    /// the answers agree on one more than [`OBSERVE_BACK_ROUNDS`] behind it: after
+    /// [`OBSERVE_BEHIND`] such downloads in a row (the next one drawn anew), it takes that
+    /// model. A round it holds that is far ahead of the swarm's (two colluders agreeing on
+    /// a made-up round near 2^40, or a swarm started again from an older checkpoint) held
+    /// it for good: only newer answers were taken, and none would come.
+    fn step_back(&mut self, f: &Fetch, nothing_newer: bool) {
+        let window = u64::from(self.cfg.max_staleness);
+        let answers: Vec<&Snapshot> = f.answers.values().collect();
+        let quorum = (f.n_asked / 2 + 1).max(2);
+        // Answers that agree on nothing (or a silent download) tell nothing either way.
+        let Some((s, _)) = nothing_newer
+            .then(|| choose(&answers, quorum, None, window, self.learner.weights()).ok())
+            .flatten()
+        else {
+            return;
+        };
+        if s.round.saturating_add(OBSERVE_BACK_ROUNDS) >= self.learner.round() {
+            self.observed_behind = 0;
+            return;
+        }
+        self.observed_behind += 1;
+        self.observe_redraw = true;
+        if self.observed_behind >= OBSERVE_BEHIND {
+            self.observed_behind = 0;
+            let round = s.round;
+            if self.learner.adopt_older(s) {
+                self.out.push_back(Output::Adopted { round });
+            }
         }
     }
 
@@ -2043,9 +2089,15 @@ impl Peer {
             return change * to.len();
         }
         let keyframes = self.keyframe_bytes() * to.len();
+        // Under differential privacy the size is not judged from our run, which is not
+        // noised yet (how far it moved from our copy would show in when the update
+        // leaves, where the upload budget makes it wait): a keyframe's, the most it is.
         // A copy's lag that screened us out (`plan_keyframe`): the update waits for the
         // keyframe to fit rather than go out as a change every neighbour would drop.
-        if self.learner.next_is_keyframe(local) || self.learner.copy_screened_out() {
+        if self.learner.privacy().is_some()
+            || self.learner.next_is_keyframe(local)
+            || self.learner.copy_screened_out()
+        {
             return keyframes;
         }
         let round = self.learner.round();

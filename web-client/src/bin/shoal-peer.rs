@@ -551,7 +551,8 @@ mod peer {
         }
         let keeper = match &args.keeper {
             Some(dir) => {
-                let mut k = Keeper::open(dir)
+                let binding = shoal_web_client::keeper::binding(peer.task());
+                let mut k = Keeper::open(dir, &binding)
                     .with_context(|| format!("keeper directory {}", dir.display()))?;
                 k.pause_mid_write = Duration::from_millis(args.pause_mid_checkpoint_ms);
                 let params = peer.learner().weights().len();

@@ -18,6 +18,7 @@ mod local;
 mod peer;
 mod transport;
 pub use local::LocalFiles;
+pub use peer::secure_random;
 pub use peer::{EarlyEvents, Relay, SwarmPeer};
 pub use transport::Swarm;
 

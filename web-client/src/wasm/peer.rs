@@ -517,8 +517,8 @@ impl SwarmPeer {
 }
 
 /// 32 bytes from the platform's secure generator (`crypto.getRandomValues`, in a page
-/// or a worker): the key of this peer's privacy noise.
-fn secure_random() -> Result<[u8; 32], JsError> {
+/// or a worker): the key of a peer's privacy noise, an observer's draws.
+pub fn secure_random() -> Result<[u8; 32], JsError> {
     use wasm_bindgen::JsCast;
     let missing = |_| JsError::new("crypto.getRandomValues is not available");
     let crypto = js_sys::Reflect::get(&js_sys::global(), &"crypto".into()).map_err(missing)?;

@@ -1477,18 +1477,22 @@ fn ledger_heads_are_gossiped_once_each_and_only_the_servers_kept() {
     assert_eq!(rejected(&p, Rejection::Malformed), 1);
 }
 
-#[test]
-fn a_peer_whose_privacy_budget_is_spent_stops_training_and_says_so() {
-    let mut p = running(5);
-    let dp = crate::privacy::Dp {
+/// Differential privacy at clip 1 and noise multiplier 1, stopping after `rounds`.
+fn stop_after(rounds: u64) -> crate::privacy::Dp {
+    crate::privacy::Dp {
         clip: 1.0,
         noise_multiplier: 1.0,
         delta: 1e-5,
-        rounds: 1,
-        epsilon: crate::privacy::epsilon(1.0, 1.0, 1, 1e-5),
+        rounds,
+        epsilon: crate::privacy::epsilon(1.0, 1.0, rounds, 1e-5),
         on_budget: crate::privacy::OnBudget::Stop,
-    };
-    p.learner_mut().enable_privacy(dp, [4; 32], 0);
+    }
+}
+
+#[test]
+fn a_peer_whose_privacy_budget_is_spent_stops_training_and_says_so() {
+    let mut p = running(5);
+    p.learner_mut().enable_privacy(stop_after(1), [4; 32], 0);
     p.trained(5, &[0.49; N], 0.3, 8, 50.0)
         .expect("within the budget");
     assert_eq!(p.progress().loss, 0.0, "no loss shown or reported");
@@ -1570,11 +1574,12 @@ fn route(
     }
 }
 
-#[test]
-fn an_observer_downloads_changes_from_the_weights_it_holds_not_whole_models() {
+/// An observer (peer 10 to them) and four trainers at round 5 (peers 20 to 23 to it),
+/// linked.
+fn observer_and_trainers() -> (Peer, Vec<Peer>) {
     let observer = PeerRole::Observer { every_ms: 10_000.0 };
     let mut o = Peer::new(cfg(), "t", id(9), vec![0.0; BIG], observer, 0.0).expect("valid");
-    let mut trainers: Vec<Peer> = (0..4u8)
+    let trainers: Vec<Peer> = (0..4u8)
         .map(|k| {
             let mut t = Peer::new(
                 cfg(),
@@ -1593,6 +1598,46 @@ fn an_observer_downloads_changes_from_the_weights_it_holds_not_whole_models() {
     for k in 0..4 {
         o.handle(Event::Up(PeerId(20 + k)), 0.0);
     }
+    (o, trainers)
+}
+
+/// An observer that holds a round far ahead of its neighbours' (two colluders agreed on
+/// a made-up round near 2^40, or the swarm started again from an older checkpoint) takes
+/// the model they agree on after two downloads in a row; it took only newer models, and
+/// none would come: the dashboard and its export kept the lie.
+#[test]
+fn an_observer_far_ahead_of_its_neighbours_steps_back_to_their_model() {
+    let (mut o, mut trainers) = observer_and_trainers();
+    assert!(o.learner_mut().adopt(ramp((1 << 40) - 1, 0.9)));
+    let mut now = JOIN_GRACE_MS;
+    for t in &mut trainers {
+        t.tick(now);
+    }
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        o.tick(now);
+        route(&mut o, &mut trainers, now, &mut |_, _| {});
+        rounds.push(o.learner().round());
+        now += 10_000.0;
+    }
+    assert_eq!(rounds, [(1 << 40) - 1, 5, 5], "confirmed once, then taken");
+    assert!(
+        super::super::aggregate::distance(o.weights(), trainers[0].weights()) < 1e-3,
+        "the neighbours' model"
+    );
+    // Neighbours merely a few rounds behind (slower ones) do not set it back.
+    assert!(o.learner_mut().adopt(ramp(20, 0.3)));
+    for _ in 0..3 {
+        o.tick(now);
+        route(&mut o, &mut trainers, now, &mut |_, _| {});
+        now += 10_000.0;
+    }
+    assert_eq!(o.learner().round(), 20);
+}
+
+#[test]
+fn an_observer_downloads_changes_from_the_weights_it_holds_not_whole_models() {
+    let (mut o, mut trainers) = observer_and_trainers();
     let whole = PeerMessage::Model(ramp(5, 0.0)).encode().len();
     let mut now = JOIN_GRACE_MS;
     for t in &mut trainers {
@@ -1787,6 +1832,38 @@ fn changes_peer_at_5(neighbours: &[u64]) -> Peer {
         p.handle(Event::Up(PeerId(n)), 0.0);
     }
     p
+}
+
+/// Under differential privacy, when an update leaves (it waits for the upload budget to
+/// afford its size) does not depend on the run before its noise: sized from the run, a
+/// run that stayed near our copy went out as a change at once, and one that moved far
+/// waited for a keyframe's bytes, and a neighbour timing the update learnt which.
+#[test]
+fn under_differential_privacy_an_updates_size_is_not_judged_from_the_run() {
+    let sizes = |private: bool| {
+        let mut p = changes_peer_at_5(&[10, 11, 12]);
+        if private {
+            p.learner_mut().enable_privacy(stop_after(100), [4; 32], 0);
+        }
+        p.tick(GREET_AFTER_MS);
+        drain(&mut p);
+        // Round 5's update sets our copy; the round closes on it alone.
+        p.trained(5, &[0.49; N], 0.3, 8, 600.0).expect("finite");
+        p.tick(600.0 + HOLD_FACTOR * 1_000.0);
+        assert_eq!(p.learner().round(), 6);
+        let w = p.learner().weights().to_vec();
+        let to = p.contributors();
+        // A run that did not move (our copy lags it) and one that moved far.
+        let far: Vec<f32> = w.iter().map(|x| x + 1.0).collect();
+        (p.next_update_bytes(&to, &w), p.next_update_bytes(&to, &far))
+    };
+    let (still, moved) = sizes(false);
+    assert!(
+        still > moved,
+        "without privacy the run sets the size: {still} {moved}"
+    );
+    let (still, moved) = sizes(true);
+    assert_eq!(still, moved, "under privacy it does not");
 }
 
 #[test]
