@@ -168,7 +168,7 @@ impl Default for SignalingConfig {
 /// a neighbour sending large signals faster than the peer reads them took its whole
 /// queue, and the peer got no other neighbour's offers nor the server's own messages. A
 /// neighbour with none waiting always gets its next signal in while the queue has room.
-pub const SIGNALS_PER_SENDER: usize = 32;
+pub const SIGNALS_PER_SENDER: usize = 12;
 /// See [`SIGNALS_PER_SENDER`].
 pub const SIGNAL_BYTES_PER_SENDER: usize = 64 * 1024;
 /// Bytes of relayed signals one peer's queue holds, from all its neighbours (besides
@@ -3015,20 +3015,29 @@ mod tests {
         );
     }
 
+    /// A hub of `digits` with a peer (its queue of 64 returned, emptied) and `n`
+    /// neighbours of it, each from a network of its own.
+    fn victim_and_neighbours(n: u128) -> (Arc<Hub>, Arc<Outbox>, PeerId, Vec<PeerId>) {
+        let hub = digits_hub();
+        let inbox = Arc::new(Outbox::new(64));
+        let join = |group, tx| hub.join("digits", tx, group, "").expect("join").0;
+        let victim = join(1, Arc::clone(&inbox));
+        let others: Vec<PeerId> = (2..2 + n)
+            .map(|g| join(g, Arc::new(Outbox::new(64))))
+            .collect();
+        let of = hub.neighbours_of("digits", victim).expect("a peer");
+        assert!(others.iter().all(|p| of.contains(p)));
+        while inbox.pop().is_some() {}
+        (hub, inbox, victim, others)
+    }
+
     /// Neighbours that send large signals faster than a peer reads them fill only their
     /// share of the peer's queue: another neighbour's offer and the server's own messages
     /// still get in, and the queue holds about 256 KiB of signals at most.
     #[test]
     fn one_neighbours_signals_take_only_their_share_of_a_peers_queue() {
-        let hub = digits_hub();
-        let inbox = Arc::new(Outbox::new(64));
-        let join = |group, tx| hub.join("digits", tx, group, "").expect("join").0;
-        let victim = join(1, Arc::clone(&inbox));
-        let flooders: Vec<PeerId> = (2..6).map(|g| join(g, Arc::new(Outbox::new(64)))).collect();
-        let honest = join(9, Arc::new(Outbox::new(64)));
-        let of = hub.neighbours_of("digits", victim).expect("a peer");
-        assert!(flooders.iter().chain([&honest]).all(|p| of.contains(p)));
-        while inbox.pop().is_some() {}
+        let (hub, inbox, victim, mut flooders) = victim_and_neighbours(5);
+        let honest = flooders.pop().expect("five");
         // Four neighbours flood: large signals, then small ones.
         let big = format!(r#"{{"sdp":"{}"}}"#, "x".repeat(15_000));
         for signal in [big.as_str(), r#"{"candidate":"c"}"#] {
@@ -3056,6 +3065,39 @@ mod tests {
         assert!(
             queued <= SIGNAL_BYTES_QUEUED + 64 * 1024,
             "{queued} bytes queued"
+        );
+    }
+
+    /// A neighbour's signals take at most its share of places, and signals at most their
+    /// share of bytes, however many neighbours send.
+    #[test]
+    fn a_neighbours_places_and_all_signals_bytes_are_bounded() {
+        let (hub, inbox, victim, senders) = victim_and_neighbours(6);
+        let drain = || {
+            let (mut n, mut bytes) = (0, 0);
+            while let Some(m) = inbox.pop() {
+                n += 1;
+                bytes += m.len();
+            }
+            (n, bytes)
+        };
+        // One neighbour's small signals: its places.
+        for _ in 0..100 {
+            hub.relay("digits", senders[0], victim, r#"{"candidate":"c"}"#)
+                .expect("linked");
+        }
+        assert_eq!(drain().0, SIGNALS_PER_SENDER);
+        // Six neighbours' large ones: the bytes of all signals, besides each one's first.
+        let big = format!(r#"{{"sdp":"{}"}}"#, "x".repeat(15_000));
+        for _ in 0..20 {
+            for &f in &senders {
+                hub.relay("digits", f, victim, &big).expect("linked");
+            }
+        }
+        let (n, bytes) = drain();
+        assert!(
+            bytes <= SIGNAL_BYTES_QUEUED + big.len() + 64 && n >= 16,
+            "{n} signals, {bytes} bytes"
         );
     }
 

@@ -56,21 +56,33 @@ impl Keeper {
     pub fn open(dir: &Path, binding: &str) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let bound = dir.join(BINDING);
-        match fs::read_to_string(&bound) {
-            Ok(b) if b.trim_end() == binding => {}
-            Ok(b) => {
-                return Err(io::Error::other(format!(
-                    "{} keeps the checkpoints of another model ({}; this one is {binding}): \
-                     give each task a keeper folder of its own",
-                    dir.display(),
-                    b.trim_end()
-                )));
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", bound.display()));
+        // A folder of its own, new or from before folders were bound: claimed at once (of
+        // two keepers starting together, one writes and the other reads it).
+        let claimed = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&bound)
+            .and_then(|mut f| {
+                f.write_all(format!("{binding}\n").as_bytes())?;
+                f.sync_all()
+            });
+        match claimed {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let b = fs::read_to_string(&bound).map_err(named)?;
+                if b.trim_end() != binding {
+                    return Err(io::Error::other(format!(
+                        "{} keeps the checkpoints of another model ({:?}; this one is {binding}): \
+                         give each task a keeper folder of its own; where this task's model \
+                         changed (its layers or seed), move its model-*.ckpt and {BINDING} \
+                         away to start afresh",
+                        dir.display(),
+                        b.trim_end()
+                    )));
+                }
             }
-            // A folder of its own, new or from before folders were bound.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::write(&bound, format!("{binding}\n"))?;
-            }
-            Err(e) => return Err(e),
+            Err(e) => return Err(named(e)),
         }
         for e in fs::read_dir(dir)? {
             let p = e?.path();

@@ -67,7 +67,7 @@ pub struct Observer {
     /// it could not be evaluated (an export then carries no numbers, not an older
     /// model's).
     latest: Option<(u64, f32, f32)>,
-    /// The version of the model last adopted (evaluated or not).
+    /// The version of the last evaluation sent.
     shown: Option<u64>,
     /// Whether the starting point (the seed model every peer starts from, version 0) is
     /// still to be evaluated: the chart then shows where training began even when the
@@ -130,12 +130,13 @@ impl Observer {
     }
 
     fn evaluate(&mut self, version: u64, now_ms: f64) -> Option<EvalPoint> {
-        let back = self.shown.is_some_and(|v| version < v);
-        self.shown = Some(version);
         let point = self.evaluate_weights(self.peer.weights().to_vec(), version, now_ms);
         self.latest = point.as_ref().map(|p| (version, p.loss, p.accuracy));
         let mut point = point?;
-        point.back = back;
+        // Against the last point sent: a step back whose model could not be evaluated
+        // is still one for the next that can.
+        point.back = self.shown.is_some_and(|v| version < v);
+        self.shown = Some(version);
         Some(point)
     }
 

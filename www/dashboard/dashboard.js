@@ -127,15 +127,17 @@ function drawSwarm(view) {
   const bytesOf = (p) => num(p.report.bytes_up) + num(p.report.bytes_down);
   const samplesOf = (p) => num(p.report.samples);
   const rejectedOf = (p) => Object.values(p.report.rejected ?? {}).reduce((s, v) => s + num(v), 0);
+  // Rejections are capped against the median peer's updates handled (used or rejected):
+  // a long-running peer's count grows with its rounds, and a peer under attack may show
+  // many (not marked an outlier for it); a made-up 10^15 does not count.
   const caps = {
     rate: capAt(reporting.filter((p) => rateOf(p) > 0).map(rateOf)),
     bytes: capAt(reporting.map(bytesOf)),
     samples: capAt(reporting.map(samplesOf)),
-    rejected: capAt(reporting.map(rejectedOf)),
+    rejected: capAt(reporting.map((p) => rejectedOf(p) + num(p.report.used))),
   };
   const outliers = new Set(reporting
-    .filter((p) => rateOf(p) > caps.rate || bytesOf(p) > caps.bytes || samplesOf(p) > caps.samples
-      || rejectedOf(p) > caps.rejected)
+    .filter((p) => rateOf(p) > caps.rate || bytesOf(p) > caps.bytes || samplesOf(p) > caps.samples)
     .map((p) => p.id));
   state.outliers = [...outliers];
   const rate = reporting.reduce((s, p) => s + Math.min(rateOf(p), caps.rate), 0);
