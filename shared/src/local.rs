@@ -62,13 +62,6 @@ pub const MAX_LOCAL_BYTES: usize = 64 << 20;
 /// memory (tables of short names within the limit held about 1.5 GB).
 pub const TABLE_ROW_BYTES: usize = 256;
 
-/// A label table refused for its rows' cost.
-fn too_many_rows() -> String {
-    format!(
-        "more than {MAX_LOCAL_BYTES} bytes of data in all (a label table's row counts {TABLE_ROW_BYTES} bytes besides its text)"
-    )
-}
-
 /// Most pixels an image may declare (4096 x 4096): decoders refuse larger ones before
 /// decoding, so a small file cannot claim gigabytes.
 pub const MAX_IMAGE_PIXELS: u64 = 1 << 24;
@@ -320,7 +313,9 @@ impl LocalData {
                 if self.bytes_held() + bytes.len() + (rows.len() + 1) * TABLE_ROW_BYTES
                     > MAX_LOCAL_BYTES
                 {
-                    return Err(too_many_rows());
+                    return Err(format!(
+                        "more than {MAX_LOCAL_BYTES} bytes of data in all (a label table's row counts {TABLE_ROW_BYTES} bytes besides its text)"
+                    ));
                 }
                 rows.push((name, label));
             }

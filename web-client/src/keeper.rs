@@ -151,17 +151,9 @@ impl Keeper {
         Ok(dst)
     }
 
-    /// Temporary file, fsync, rename, fsync of the directory.
+    /// [`replace_durably`], with the test hook's pause half-way.
     fn write_atomic(&self, dst: &Path, bytes: &[u8], round: u64) -> io::Result<()> {
-        let mut tmp = dst.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+        replace_durably(dst, |f| {
             let half = bytes.len() / 2;
             f.write_all(&bytes[..half])?;
             if !self.pause_mid_write.is_zero() && round > 0 {
@@ -169,12 +161,33 @@ impl Keeper {
                 println!("checkpoint-writing {round}");
                 std::thread::sleep(self.pause_mid_write);
             }
-            f.write_all(&bytes[half..])?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, dst)?;
-        File::open(&self.dir)?.sync_all()
+            f.write_all(&bytes[half..])
+        })
     }
+}
+
+/// Replaces `dst` whole and durably: `write` fills a temporary file beside it
+/// (`DST.tmp`), which is synced, renamed into place, and its folder synced. A crash
+/// leaves the old file or the new one, never part of either.
+pub fn replace_durably(
+    dst: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut tmp = dst.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        write(&mut f)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dst)?;
+    let folder = dst.parent().filter(|p| !p.as_os_str().is_empty());
+    File::open(folder.unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// What binds a keeper's folder to `task`: its name and a SHA-256 of its model (the

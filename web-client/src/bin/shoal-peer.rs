@@ -194,18 +194,10 @@ mod peer {
     /// count that a power cut rolled back would let a restart spend the budget again.
     fn write_privacy_sent(path: &Path, rounds: u64, z: f64) -> Result<()> {
         use std::io::Write;
-        let mut aside = path.as_os_str().to_os_string();
-        aside.push(".new");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&aside)?;
-            f.write_all(format!("{rounds} {z}\n").as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&aside, path)?;
-            // The rename itself, in its folder.
-            let folder = path.parent().filter(|p| !p.as_os_str().is_empty());
-            std::fs::File::open(folder.unwrap_or(Path::new(".")))?.sync_all()
-        };
-        write().with_context(|| format!("{}", path.display()))
+        shoal_web_client::keeper::replace_durably(path, |f| {
+            f.write_all(format!("{rounds} {z}\n").as_bytes())
+        })
+        .with_context(|| format!("{}", path.display()))
     }
 
     /// Locks the privacy count at `path` (through `PATH.lock`) for as long as the returned
