@@ -240,6 +240,11 @@ fn parse(frame: &[u8]) -> Result<(Header, &[u8]), FrameError> {
     if h.count == 0 || h.index >= h.count || h.count > h.total.max(1) {
         return Err(FrameError::Inconsistent);
     }
+    // A chunk is at most `MAX_CHUNK` bytes: the message rate a link allows then bounds
+    // its bytes too (one frame of a whole 64 MiB message was one message of the rate).
+    if frame.len() - HEADER > MAX_CHUNK {
+        return Err(FrameError::TooLarge);
+    }
     Ok((h, &frame[HEADER..]))
 }
 
@@ -297,6 +302,15 @@ impl Reassembler {
     /// Messages partially received right now.
     pub fn in_flight(&self) -> usize {
         self.partial.len()
+    }
+
+    /// When the partial message that progressed least recently expires, if one is held:
+    /// the time to call [`expire`](Self::expire) from a timer.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.partial
+            .values()
+            .map(|p| p.touched_ms.saturating_add(PARTIAL_EXPIRY_MS))
+            .min()
     }
 
     fn count(&mut self, reason: FrameError, n: u64) {
@@ -542,6 +556,22 @@ mod tests {
         assert_eq!(r.push(&first, 0), Ok(None));
         let held = r.partial.values().map(|p| p.data.capacity()).sum::<usize>();
         assert!(held <= 2 * DEFAULT_CHUNK, "{held}");
+    }
+
+    #[test]
+    fn a_chunk_longer_than_max_chunk_is_refused() {
+        let mut r = Reassembler::new(4 * MAX_CHUNK, 4);
+        let m = message(MAX_CHUNK + 1, 5);
+        // One frame for the whole message (`split` refuses to make it).
+        let mut f = b"SH\x01\x00".to_vec();
+        for v in [1, 0, 1, m.len() as u32, Crc32::of(&m)] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(&m);
+        assert_eq!(r.push(&f, 0), Err(FrameError::TooLarge));
+        assert_eq!(r.dropped(FrameError::TooLarge), 1);
+        // The same message in chunks of the limit passes.
+        assert_eq!(deliver(&mut r, split(2, &m, MAX_CHUNK)), vec![m]);
     }
 
     #[test]

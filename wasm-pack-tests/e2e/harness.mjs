@@ -159,6 +159,46 @@ export async function joinSwarm(page, ws) {
   }, ws);
 }
 
+/** In the page, before it joins: records each connection Shoal makes and its channel
+ *  (`window.connections`, `window.channels`), for a test to act as a hostile neighbour
+ *  on them. */
+export async function recordConnections(page) {
+  await page.evaluate(() => {
+    const make = RTCPeerConnection.prototype.createDataChannel;
+    window.connections = [];
+    window.channels = [];
+    RTCPeerConnection.prototype.createDataChannel = function (...args) {
+      const dc = make.apply(this, args);
+      window.connections.push(this);
+      window.channels.push(dc);
+      return dc;
+    };
+  });
+}
+
+/** In a page whose connections are recorded: opens a data channel of its own on each
+ *  (Shoal's one channel is negotiated, so the other side's `ondatachannel` fires) and
+ *  sends 300 messages of 16 KiB on it as it opens. Returns how many it opened. */
+export async function openChannelsOfItsOwn(page) {
+  return page.evaluate(() => {
+    const connections = [...window.connections];
+    for (const pc of connections) {
+      const x = pc.createDataChannel('x');
+      x.onopen = () => {
+        const junk = new Uint8Array(16 << 10);
+        for (let i = 0; i < 300; i++) x.send(junk);
+      };
+    }
+    return connections.length;
+  });
+}
+
+/** Waits until `peer` is reported down in the page. */
+export async function peerDown(page, peer, timeout = 15_000) {
+  await page.waitForFunction((p) => window.shoalEvents.some((e) => e.type === 'peer_down' && e.peer === p),
+    peer, { timeout, polling: 100 });
+}
+
 /** Waits until the page's swarm has an open channel and returns that peer's id. */
 export async function firstPeer(page, timeout = 60_000) {
   const handle = await page.waitForFunction(() => {

@@ -3,10 +3,12 @@
 // through Shoal's framing, checked by SHA-256 on both sides. A second transfer (40 MB)
 // runs while the signaling server is killed, and a third starts after: the connection
 // that is up carries on. A neighbour that sends text, which Shoal never sends, costs
-// the peer nothing and is dropped.
+// the peer nothing and is dropped; so is one that opens a data channel of its own.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer } from './harness.mjs';
+import {
+  startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer, recordConnections, openChannelsOfItsOwn, peerDown,
+} from './harness.mjs';
 
 let server;
 let browser;
@@ -66,28 +68,31 @@ test('two browsers connect through the server and move 10 MB intact', async () =
   assert.equal(await b.evaluate(() => window.swarm.frameErrors()), 0);
 });
 
+/** Runs `body(victim, hostile, idH)` with two pages of a server of their own, connected
+ *  (the hostile page's connections recorded; `idH`: its id as the victim knows it). */
+async function againstAHostileNeighbour(body) {
+  const own = await startServer();
+  const victim = await webrtcPage(browser, own.url);
+  const hostile = await webrtcPage(browser, own.url);
+  try {
+    await recordConnections(hostile);
+    await joinSwarm(victim, own.ws);
+    await joinSwarm(hostile, own.ws);
+    await firstPeer(hostile);
+    await body(victim, hostile, await firstPeer(victim));
+  } finally {
+    await victim.context().close();
+    await hostile.context().close();
+    await own.stop();
+  }
+}
+
 test('a neighbour that sends text on the channel costs a browser peer nothing and is dropped', async () => {
   // Shoal's frames are binary. Read as bytes the way binary messages are, a text message
   // "3e8" became a zero-filled buffer of 300 million bytes (a string converts to a
   // length), copied into the peer's wasm memory, which never shrinks: three bytes sent
   // for 600 MB held. Each is now a bad frame, and ten in a row drop the neighbour.
-  const own = await startServer();
-  const victim = await webrtcPage(browser, own.url);
-  const hostile = await webrtcPage(browser, own.url);
-  try {
-    await hostile.evaluate(() => {
-      const make = RTCPeerConnection.prototype.createDataChannel;
-      window.channels = [];
-      RTCPeerConnection.prototype.createDataChannel = function (...args) {
-        const dc = make.apply(this, args);
-        window.channels.push(dc);
-        return dc;
-      };
-    });
-    await joinSwarm(victim, own.ws);
-    await joinSwarm(hostile, own.ws);
-    await firstPeer(hostile);
-    const idH = await firstPeer(victim);
+  await againstAHostileNeighbour(async (victim, hostile, idH) => {
     const memory = () => victim.evaluate(() => window.shoalWasm.memory.buffer.byteLength);
     const before = await memory();
     const sent = await hostile.evaluate(() => {
@@ -100,18 +105,23 @@ test('a neighbour that sends text on the channel costs a browser peer nothing an
       return sent;
     });
     assert.equal(sent, 10, 'the hostile page has one open channel');
-    await victim.waitForFunction((h) => window.shoalEvents.some((e) => e.type === 'peer_down' && e.peer === h),
-      idH, { timeout: 60_000, polling: 100 });
+    await peerDown(victim, idH, 60_000);
     const grew = (await memory()) - before;
     const errors = await victim.evaluate(() => window.swarm.frameErrors());
     console.log(`ten text messages: the peer's wasm memory grew by ${grew} bytes, ${errors} bad frames counted`);
     assert.ok(errors >= 8, `${errors} bad frames`);
     assert.ok(grew < 16 << 20, `the wasm memory grew by ${grew} bytes`);
-  } finally {
-    await victim.context().close();
-    await hostile.context().close();
-    await own.stop();
-  }
+  });
+});
+
+test('a neighbour that opens a data channel of its own is dropped', async () => {
+  // Shoal's one channel is negotiated (id 0): a channel the other side opens is not
+  // Shoal's, and nothing reads it (a native peer's stack held up to 256 of its messages
+  // for the connection's life, past every limit of Shoal's).
+  await againstAHostileNeighbour(async (victim, hostile, idH) => {
+    assert.equal(await openChannelsOfItsOwn(hostile), 1, 'the hostile page has one connection');
+    await peerDown(victim, idH);
+  });
 });
 
 test('a transfer completes while the signaling server is killed', async () => {

@@ -1,13 +1,16 @@
 // Browser to native over real WebRTC: a headless Chromium page and the native peer
 // binary (`shoal-peer --echo`, on the `webrtc` crate) meet through the real signaling
 // server. The page sends 10 MB; the native peer checks it arrived whole (its SHA-256)
-// and sends it back; the page checks the echo's SHA-256. Both directions, one test.
+// and sends it back; the page checks the echo's SHA-256. Both directions, one test. A
+// page that opens a data channel of its own beside Shoal's is dropped by the native peer.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { join } from 'node:path';
-import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer } from './harness.mjs';
+import {
+  startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer, recordConnections, openChannelsOfItsOwn, peerDown,
+} from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const peerBin = process.env.SHOAL_PEER_BIN ?? join(root, 'target/release/shoal-peer');
@@ -58,4 +61,22 @@ test('a browser and a native peer exchange 10 MB both ways', async () => {
   assert.equal(echoed.from, nativeId);
   assert.equal(echoed.length, 10 * 1024 * 1024);
   assert.equal(echoed.hash, sent, 'the echo came back intact');
+  await page.context().close();
+});
+
+test('a neighbour that opens a data channel of its own is dropped by a native peer', async () => {
+  // Shoal's one channel is negotiated (id 0). The `webrtc` crate announces a channel the
+  // other side opens, and holds up to 256 of its messages that nobody reads for the
+  // connection's life: the native peer drops such a neighbour.
+  const page = await webrtcPage(browser, server.url);
+  try {
+    await recordConnections(page);
+    await joinSwarm(page, server.ws);
+    const nativeId = await firstPeer(page);
+    assert.equal(await openChannelsOfItsOwn(page), 1, 'the page is connected to the native peer alone');
+    await peerDown(page, nativeId);
+    assert.equal(native.exitCode, null, 'the native peer runs on');
+  } finally {
+    await page.context().close();
+  }
 });

@@ -169,6 +169,26 @@ impl InboundLink {
         Ok(None)
     }
 
+    /// From a timer: drops the partial messages that got no frame for
+    /// [`PARTIAL_EXPIRY_MS`](shoal_shared::framing::PARTIAL_EXPIRY_MS) (a neighbour that
+    /// sends all of a message but its last frame and then nothing else is otherwise never
+    /// judged), each a strike. Returns the reason to drop the neighbour, once, as
+    /// [`on_frame`](Self::on_frame) does.
+    pub fn tick(&mut self, now_ms: u64) -> Result<(), LinkError> {
+        if self.failed {
+            return Ok(());
+        }
+        self.rx.expire(now_ms);
+        let verdict = self.count_strikes(now_ms);
+        self.failed = verdict.is_err();
+        verdict
+    }
+
+    /// When [`tick`](Self::tick) next has a partial message to expire.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.rx.next_expiry().filter(|_| !self.failed)
+    }
+
     /// Turns messages the reassembler dropped since the last call into strikes.
     fn count_strikes(&mut self, now_ms: u64) -> Result<(), LinkError> {
         let mut last = None;

@@ -184,6 +184,8 @@ pub struct Mesh {
     last_report: Option<(PeerReport, u64)>,
     /// The latest time this member was given (`on_server`, `tick`).
     clock_ms: u64,
+    /// When a wake-up asked for to expire partial messages is due (`None`: none asked).
+    expiry_wake: Option<u64>,
     /// Listed neighbours that offer to us (the smaller id offers) and have not yet, and
     /// since when: past [`CONNECT_DEADLINE_MS`] without an offer they are reported
     /// `unreachable`, as a connection of ours that did not open is (else a peer that
@@ -229,6 +231,7 @@ impl Mesh {
             awaiting: Vec::new(),
             reconnects: Vec::new(),
             clock_ms: 0,
+            expiry_wake: None,
         }
     }
 
@@ -410,6 +413,29 @@ impl Mesh {
         }
     }
 
+    /// `from`'s offer or answer with the candidates in its SDP held to the rule of
+    /// trickled ones (below): UDP ones only, counted against the connection's
+    /// `MAX_HELD_CANDIDATES` (WebRTC stacks probe every `a=candidate` line of a remote
+    /// description as they do a trickled candidate: a 16 KiB offer holds about 350).
+    fn hold_candidates(&mut self, from: PeerId, sdp: &str) -> String {
+        let Some(link) = self.links.get_mut(&from) else {
+            return sdp.to_owned();
+        };
+        let mut kept = String::with_capacity(sdp.len());
+        for line in sdp.split_inclusive('\n') {
+            if let Some(c) = line.trim_start().strip_prefix("a=")
+                && c.starts_with("candidate:")
+            {
+                if !udp_candidate(c) || link.remote_candidates >= MAX_HELD_CANDIDATES {
+                    continue;
+                }
+                link.remote_candidates += 1;
+            }
+            kept.push_str(line);
+        }
+        kept
+    }
+
     fn on_signal(&mut self, from: PeerId, signal: Signal, now_ms: u64) {
         let Some(me) = self.me else { return };
         if from == me {
@@ -446,10 +472,12 @@ impl Mesh {
                     return;
                 }
                 self.start(from, now_ms, false);
+                let sdp = self.hold_candidates(from, &sdp);
                 self.actions.push_back(Action::Answer { peer: from, sdp });
             }
             Signal::Answer { sdp } => {
                 if self.links.contains_key(&from) {
+                    let sdp = self.hold_candidates(from, &sdp);
                     self.actions.push_back(Action::Accept { peer: from, sdp });
                 }
             }
@@ -562,6 +590,49 @@ impl Mesh {
             // ...unless that keeps happening.
             Err(e) => self.drop_for_cause(peer, &e.to_string()),
         }
+        self.wake_for_expiry(now_ms);
+    }
+
+    /// Partial messages that got no frame for `PARTIAL_EXPIRY_MS` are dropped, each a
+    /// strike, also when their sender sends nothing more.
+    fn expire_partials(&mut self, now_ms: u64) {
+        if self.expiry_wake.is_some_and(|at| at <= now_ms) {
+            self.expiry_wake = None;
+        }
+        let mut broke = Vec::new();
+        for (p, link) in &mut self.links {
+            if link.inbound.next_expiry().is_some_and(|at| at <= now_ms) {
+                let before = link.inbound.dropped();
+                let verdict = link.inbound.tick(now_ms);
+                self.frame_errors += link.inbound.dropped() - before;
+                if let Err(e) = verdict {
+                    broke.push((*p, e));
+                }
+            }
+        }
+        for (p, e) in broke {
+            self.drop_for_cause(p, &e.to_string());
+        }
+        self.wake_for_expiry(now_ms);
+    }
+
+    /// Asks for a wake-up when the next partial message expires, unless one as early is
+    /// asked for already (and not overdue: a timer a millisecond early leaves none).
+    fn wake_for_expiry(&mut self, now_ms: u64) {
+        let Some(at) = self
+            .links
+            .values()
+            .filter_map(|l| l.inbound.next_expiry())
+            .min()
+        else {
+            return;
+        };
+        if self.expiry_wake.is_none_or(|w| at < w || w < now_ms) {
+            self.expiry_wake = Some(at);
+            // A millisecond late, for clocks read in whole milliseconds.
+            self.actions
+                .push_back(Action::WakeIn(at.saturating_sub(now_ms) + 1));
+        }
     }
 
     /// Closes the connection to `peer`, which broke the protocol (`why`), and reports it
@@ -647,6 +718,7 @@ impl Mesh {
         for p in settled {
             self.up(p);
         }
+        self.expire_partials(now_ms);
         // Channels of a previous session, once the grace is over (kept while the server
         // is unreachable).
         if let Some(me) = self.me
@@ -865,6 +937,13 @@ mod tests {
 
     fn drain(m: &mut Mesh) -> Vec<Action> {
         std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    /// The actions but wake-ups (a partial message asks for one, to expire it).
+    fn drain_but_wakes(m: &mut Mesh) -> Vec<Action> {
+        let mut acts = drain(m);
+        acts.retain(|a| !matches!(a, Action::WakeIn(_)));
+        acts
     }
 
     fn candidate(n: u32) -> Signal {
@@ -1218,6 +1297,67 @@ mod tests {
         assert_eq!(added, MAX_HELD_CANDIDATES);
     }
 
+    /// Candidates inside an offer's or answer's SDP obey the rule of trickled ones: only
+    /// UDP ones, and they count against the connection's `MAX_HELD_CANDIDATES`.
+    #[test]
+    fn candidates_in_a_description_are_held_to_the_trickled_rule() {
+        let lines = |n: u32, transport: &str| -> String {
+            (0..n)
+                .map(|i| format!("a=candidate:{i} 1 {transport} 1 10.0.0.1 {i} typ host\r\n"))
+                .collect()
+        };
+        let sdp = format!(
+            "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n{}{}a=mid:0\r\n",
+            lines(1, "tcp"),
+            lines(100, "udp")
+        );
+        let described = |actions: &[Action]| -> String {
+            actions
+                .iter()
+                .find_map(|a| match a {
+                    Action::Answer { sdp, .. } | Action::Accept { sdp, .. } => Some(sdp.clone()),
+                    _ => None,
+                })
+                .expect("a description")
+        };
+        let count = |sdp: &str| sdp.matches("a=candidate:").count();
+        // An offer: 64 UDP lines stay, the TCP one and the rest go, the other lines stay.
+        let mut m = member(9, &[3]);
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(3),
+                signal: Signal::Offer { sdp: sdp.clone() },
+            },
+            0,
+        );
+        let answered = described(&drain(&mut m));
+        assert_eq!(count(&answered), MAX_HELD_CANDIDATES);
+        assert!(!answered.contains(" tcp "), "{answered}");
+        assert!(answered.starts_with("v=0\r\nm=application") && answered.ends_with("a=mid:0\r\n"));
+        // ...and no trickled one is added after them.
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(3),
+                signal: candidate(1),
+            },
+            0,
+        );
+        assert!(drain(&mut m).is_empty());
+        // An answer (we offered to 11) likewise, and it passes whole when it fits.
+        let mut m = member(1, &[11]);
+        drain(&mut m);
+        let answer = |sdp: String| ServerMessage::Signal {
+            from: PeerId(11),
+            signal: Signal::Answer { sdp },
+        };
+        m.on_server(answer(sdp.clone()), 0);
+        assert_eq!(count(&described(&drain(&mut m))), MAX_HELD_CANDIDATES);
+        let mut m = member(1, &[11]);
+        drain(&mut m);
+        m.on_server(answer(lines(3, "udp")), 0);
+        assert_eq!(described(&drain(&mut m)), lines(3, "udp"));
+    }
+
     #[test]
     fn an_offer_is_answered_once_and_remote_signals_need_a_connection() {
         let mut m = member(9, &[]);
@@ -1297,7 +1437,7 @@ mod tests {
         for f in split(0, &msg, 8) {
             m.frame(PeerId(2), &f, 5);
         }
-        assert!(drain(&mut m).is_empty(), "nothing before peer_up");
+        assert!(drain_but_wakes(&mut m).is_empty(), "nothing before peer_up");
         assert_eq!(
             m.send(PeerId(2), b"x"),
             Err(SendError::NoSuchPeer(PeerId(2)))
@@ -1305,7 +1445,7 @@ mod tests {
         // Those frames prove the other side's end is attached: up at once.
         m.channel_open(PeerId(2), 6);
         assert_eq!(
-            drain(&mut m),
+            drain_but_wakes(&mut m),
             [
                 Action::Emit(SwarmEvent::PeerUp(PeerId(2))),
                 Action::Emit(SwarmEvent::Message {
@@ -1415,7 +1555,7 @@ mod tests {
             m.frame(PeerId(2), &f, SETTLE_MS);
         }
         assert_eq!(
-            drain(&mut m),
+            drain_but_wakes(&mut m),
             [Action::Emit(SwarmEvent::Message {
                 from: PeerId(2),
                 data: largest
@@ -1434,6 +1574,31 @@ mod tests {
             m.send(PeerId(2), &vec![0u8; limit + 1]),
             Err(SendError::TooLarge)
         );
+    }
+
+    /// A neighbour that sends all of a message but its last frame and then nothing more
+    /// has it dropped (a strike) `PARTIAL_EXPIRY_MS` after its last frame: the mesh asks
+    /// its driver for the wake-up.
+    #[test]
+    fn a_message_left_unfinished_is_dropped_when_its_sender_goes_quiet() {
+        let mut m = member(1, &[2]);
+        up(&mut m, 2);
+        drain(&mut m);
+        let msg = vec![5u8; 3 * DEFAULT_CHUNK];
+        let frames: Vec<_> = split(1, &msg, DEFAULT_CHUNK).collect();
+        m.frame(PeerId(2), &frames[0], 1_000);
+        m.frame(PeerId(2), &frames[1], 2_000);
+        let expiry = shoal_shared::framing::PARTIAL_EXPIRY_MS;
+        assert_eq!(drain(&mut m), [Action::WakeIn(expiry + 1)], "one wake-up");
+        // Due at the first frame's expiry, the wake-up finds the message still moving and
+        // asks for its own.
+        m.tick(1_000 + expiry + 1);
+        assert!(m.links[&PeerId(2)].inbound.buffered() > 0);
+        assert_eq!(drain(&mut m), [Action::WakeIn(1_000)]);
+        m.tick(2_000 + expiry + 1);
+        assert_eq!(m.links[&PeerId(2)].inbound.buffered(), 0);
+        assert_eq!(m.frame_errors(), 1);
+        assert!(drain(&mut m).is_empty(), "nothing left to wake for");
     }
 
     #[test]
@@ -1464,7 +1629,7 @@ mod tests {
             other.frame(PeerId(1), f, 0);
         }
         assert_eq!(
-            drain(&mut other),
+            drain_but_wakes(&mut other),
             [Action::Emit(SwarmEvent::Message {
                 from: PeerId(1),
                 data: msg

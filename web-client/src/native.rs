@@ -460,6 +460,18 @@ impl PeerConnectionEventHandler for Handler {
             shared.with_conn(self.peer, self.generation, |mesh, _| mesh.failed(self.peer));
         }
     }
+
+    async fn on_data_channel(&self, _channel: Arc<dyn DataChannel>) {
+        // Shoal's one channel is negotiated (id 0) and never announced here: a channel
+        // that is, the neighbour opened itself. The stack holds up to 256 messages of each
+        // such channel that nobody reads, for the connection's life, past every limit of
+        // ours: the neighbour is dropped (docs/protocol.md, "The channel").
+        if let Some(shared) = self.shared.upgrade() {
+            shared.with_conn(self.peer, self.generation, |mesh, _| {
+                mesh.drop_for_cause(self.peer, "it opened a data channel of its own");
+            });
+        }
+    }
 }
 
 /// Creates the connection to `peer` with its channel; as the offerer, also its offer.

@@ -19,9 +19,9 @@
 //!   once, drawn at random (so that arriving first buys nothing). Its first download
 //!   (a joiner's, or an observer's before it holds a model) waits until every
 //!   neighbour whose channel is up has settled and at least [`FETCH_ASK`] have, or
-//!   until [`JOIN_GRACE_MS`] after its first neighbour came up: a neighbour that writes
-//!   the instant its channel opens settles first, and asked alone it would be the whole
-//!   quorum. A model nobody asked for is dropped and counted `unasked`.
+//!   until [`JOIN_GRACE_MS`] after its first neighbour came up and then until two have
+//!   settled or every one that is up: a neighbour that writes the instant its channel
+//!   opens settles first, and asked alone it would be the whole quorum. A model nobody asked for is dropped and counted `unasked`.
 //! - A connection that breaks the protocol in a way no honest peer does is shunned for
 //!   the rest of its life: a model it was neither asked for nor owed as a late answer,
 //!   an update whose signature does not verify, a gossip mix off the schedule (any mix
@@ -864,10 +864,11 @@ impl Peer {
             .reduce(f64::min);
         // With no contributing neighbour settled, nothing can start before the next
         // settles (the grace alone, once past, would be a wake-up in the past).
-        let any = live().any(|n| n.settled && !n.idle);
+        // Past the grace, one settled neighbour waits for the next while any is up.
+        let settled = live().filter(|n| n.settled && !n.idle).count();
         let grace = first_up + JOIN_GRACE_MS;
         Some(match settles {
-            Some(t) if !any => t,
+            Some(t) if settled < 2 => t,
             Some(t) => t.min(grace),
             None => grace,
         })
@@ -884,7 +885,8 @@ impl Peer {
 
     /// Whether the first model download may start (see the module's rule): every
     /// neighbour whose channel is up has settled and [`FETCH_ASK`] have, or
-    /// [`JOIN_GRACE_MS`] passed since the first came up; and one has settled.
+    /// [`JOIN_GRACE_MS`] passed since the first came up and two have settled or every
+    /// one that is up; and one has settled.
     fn first_download_due(&mut self, now_ms: f64) -> bool {
         for n in self.nbrs.values_mut() {
             n.settled |= now_ms - n.up_at >= 2.0 * GREET_AFTER_MS;
@@ -893,7 +895,11 @@ impl Peer {
         let settled = live().filter(|n| n.settled && !n.idle).count();
         let waiting = live().any(|n| !n.settled);
         let graced = self.first_up().is_some_and(|t| now_ms - t >= JOIN_GRACE_MS);
-        settled > 0 && ((!waiting && settled >= FETCH_ASK) || graced)
+        // One settled neighbour asked alone is the whole quorum: past the grace it is
+        // asked alone only when no other is up (one that came up late, honest ones do
+        // when the first is a liar that wrote at once, settles within a second).
+        settled > 0
+            && ((!waiting && settled >= FETCH_ASK) || (graced && (settled >= 2 || !waiting)))
     }
 
     /// Neighbours with a settled channel that send updates.

@@ -48,6 +48,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.pc.set_onicecandidate(None);
         self.pc.set_onconnectionstatechange(None);
+        self.pc.set_ondatachannel(None);
         self.dc.set_onopen(None);
         self.dc.set_onclose(None);
         self.dc.set_onmessage(None);
@@ -628,6 +629,17 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
     });
     pc.set_onconnectionstatechange(Some(on_state.as_ref().unchecked_ref()));
     handlers.push(on_state);
+
+    // Shoal's one channel is negotiated and never announced: a channel that is, the
+    // neighbour opened itself (docs/protocol.md, "The channel").
+    let weak = Rc::downgrade(shared);
+    let on_channel = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {
+        later(&weak, peer, generation, move |mesh, _| {
+            mesh.drop_for_cause(peer, "it opened a data channel of its own");
+        });
+    });
+    pc.set_ondatachannel(Some(on_channel.as_ref().unchecked_ref()));
+    handlers.push(on_channel);
 
     let weak = Rc::downgrade(shared);
     let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_e: JsValue| {

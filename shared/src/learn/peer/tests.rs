@@ -2359,6 +2359,22 @@ fn a_neighbour_that_settles_first_is_not_asked_alone() {
     who.sort_unstable();
     assert_eq!(who, [10, 11]);
 
+    // Past the grace, the first is not asked alone while another is up: a liar whose
+    // channel opened well before the honest ones' (they came up at 2.5 s) waits for them
+    // to settle.
+    let mut r = joiner();
+    r.handle(Event::Up(PeerId(10)), 0.0);
+    for n in 11..15 {
+        r.handle(Event::Up(PeerId(n)), 2_500.0);
+    }
+    r.tick(2.0 * GREET_AFTER_MS);
+    r.tick(JOIN_GRACE_MS);
+    assert!(asked(&drain(&mut r)).is_empty(), "10 is not asked alone");
+    r.tick(2_500.0 + 2.0 * GREET_AFTER_MS);
+    let mut who = asked(&drain(&mut r));
+    who.sort_unstable();
+    assert_eq!(who, [10, 11, 12, 13, 14]);
+
     // An observer's first download waits the same way.
     let observer = PeerRole::Observer { every_ms: 10_000.0 };
     let mut o = Peer::new(cfg(), "t", id(9), vec![0.5; N], observer, 0.0).expect("valid");
