@@ -1091,6 +1091,19 @@ impl Learner {
                 && self.seen.get(key).is_some_and(|s| s.round >= self.round)
     }
 
+    /// The round of the update signed by `key` held for a round's close whose message was
+    /// `bytes`, byte for byte (hashed only when one from `key` is held).
+    pub fn held_copy(&self, key: &PublicKey, bytes: &[u8]) -> Option<u64> {
+        if !self.inbox.iter().any(|p| &p.key == key) {
+            return None;
+        }
+        let hash = crate::trust::receipt::sha256(bytes);
+        self.inbox
+            .iter()
+            .find(|p| &p.key == key && p.hash == hash)
+            .map(|p| p.round)
+    }
+
     /// Whether an update signed by `key` for our current round is held, decoded, for the
     /// round's close (a change whose base we lack, a stale or refused one is not).
     pub fn holds_current_from(&self, key: &PublicKey) -> bool {
@@ -1311,9 +1324,14 @@ impl Learner {
     /// `sender` not yet used (it was caught breaking the protocol).
     pub fn discard(&mut self, key: Option<&PublicKey>, sender: u64) {
         if let Some(key) = key {
-            self.inbox.retain(|p| &p.key != key);
+            self.drop_updates_of(key);
         }
         self.mixes.retain(|m| m.sender != sender);
+    }
+
+    /// Drops the updates signed by `key` held for a round's close.
+    pub fn drop_updates_of(&mut self, key: &PublicKey) {
+        self.inbox.retain(|p| &p.key != key);
     }
 
     /// Counts a message the caller refused for `why` (the peer's own rules: unasked

@@ -362,6 +362,8 @@ struct Former {
     closed_at: f64,
     /// Connections it reopened within [`FORMER_KEPT_MS`] of the one before.
     reconnects: u32,
+    /// The key it signed with (not one that moved in from another connection).
+    key: Option<PublicKey>,
 }
 
 #[derive(Default)]
@@ -412,6 +414,15 @@ struct Neighbour {
     /// relays another's updates): closing or shunning it then leaves that key's held
     /// updates and copy alone (its owner may be on another connection).
     key_moved_in: bool,
+    /// The key of an update it delivered byte for byte after another connection had
+    /// (the signer's own copy, when a relay won the race): it is heard for that key's
+    /// updates and gets their receipts, though the key stays bound where it went.
+    copy_of: Option<PublicKey>,
+    /// The key its previous connection signed with ([`Former::key`]): should this one
+    /// sign with another, the updates of that key still held are dropped (one neighbour,
+    /// one vote: else it reconnected under a fresh key, again and again, each update of
+    /// the round held counting).
+    former_key: Option<PublicKey>,
     /// Connections this neighbour reopened in a row, each within [`FORMER_KEPT_MS`] of
     /// the last ([`Former`]).
     reconnects: u32,
@@ -425,6 +436,17 @@ struct Neighbour {
 }
 
 impl Neighbour {
+    /// Whether it delivered an update signed by `key`: the key is bound to it, or it sent
+    /// that key's update byte for byte after a relay did ([`Neighbour::copy_of`]).
+    fn delivers(&self, key: &PublicKey) -> bool {
+        self.key.as_ref() == Some(key) || self.copy_of.as_ref() == Some(key)
+    }
+
+    /// Whether `fresh` holds for a key it delivers updates of.
+    fn delivers_any(&self, fresh: impl Fn(&PublicKey) -> bool) -> bool {
+        self.key.iter().chain(&self.copy_of).any(fresh)
+    }
+
     /// Notes that its update for `round` arrived at `now_ms`, unless one for our
     /// `current` round (or later) is already noted: what `round_wait` reads is when its
     /// update for our open round came.
@@ -773,7 +795,7 @@ impl Peer {
         let awaited = self.awaited();
         let (ins, missing): (Vec<&Neighbour>, Vec<&Neighbour>) = awaited
             .iter()
-            .partition(|n| n.key.is_some_and(|k| self.learner.has_fresh_from(&k)));
+            .partition(|n| n.delivers_any(|k| self.learner.has_fresh_from(k)));
         let all_in = !awaited.is_empty() && missing.is_empty() || self.nbrs.is_empty();
         let limit = if awaited.is_empty() {
             deadline
@@ -848,6 +870,7 @@ impl Peer {
                 answered_at: n.answered_at,
                 closed_at: now_ms,
                 reconnects: n.reconnects,
+                key: n.key.filter(|_| !n.key_moved_in).or(n.former_key),
             },
         ));
     }
@@ -1038,6 +1061,7 @@ impl Peer {
                 if let Some(f) = former {
                     n.reconnects = f.reconnects + 1;
                     n.answered_at = f.answered_at;
+                    n.former_key = f.key;
                     if f.reconnects >= 1 {
                         n.sent_round = f.sent_round;
                         n.whole_round = f.whole_round;
@@ -1087,6 +1111,11 @@ impl Peer {
         match self.learner.receive_from(from.0, data) {
             Ok(Received::Update { key, round, .. }) => {
                 self.take_key(from, key);
+                if let Some(old) = self.nbrs.get_mut(&from).and_then(|n| n.former_key.take())
+                    && old != key
+                {
+                    self.learner.drop_updates_of(&old);
+                }
                 let late = self.lateness_of(round, now_ms);
                 let current = self.learner.round();
                 let n = self.nbrs.entry(from).or_default();
@@ -1142,6 +1171,21 @@ impl Peer {
             Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
                 self.shun(from, now_ms);
             }
+            // A relay delivered this update first: this copy, byte for byte the one held,
+            // is most likely its signer's own. Its connection is heard for the round (a
+            // relay that wins every race made the signer's connection a straggler the
+            // round waited for, and took its receipts).
+            Err(Rejection::Replay) => {
+                if let Some(key) = update_key(data)
+                    && self.nbrs.get(&from).is_some_and(|n| n.key != Some(key))
+                    && let Some(round) = self.learner.held_copy(&key, data)
+                {
+                    let current = self.learner.round();
+                    let n = self.nbrs.entry(from).or_default();
+                    n.copy_of = Some(key);
+                    n.note_arrival(round, current, now_ms);
+                }
+            }
             // It holds that head: no need to send it ours unless ours is newer.
             Ok(Received::Head { id: Some(id) }) => {
                 if let Some(n) = self.nbrs.get_mut(&from) {
@@ -1152,7 +1196,7 @@ impl Peer {
             // receipt says so (a receipt relayed from another key does not).
             Ok(Received::Receipt { signer }) => {
                 if let Some(n) = self.nbrs.get_mut(&from)
-                    && n.key == Some(signer)
+                    && n.delivers(&signer)
                 {
                     n.unheard.clear();
                     n.unheard_times = 0;
@@ -1240,6 +1284,7 @@ impl Peer {
             n.key_moved_in = moved;
         }
         n.key = Some(key);
+        n.copy_of = None;
     }
 
     /// A connection signs with one key for its life (it may take over a key another
@@ -1755,12 +1800,15 @@ impl Peer {
         self.gossip_head();
         for r in &summary.receipts {
             let bytes = r.encode();
-            let to = self
+            // To the connection its key is bound to, and to one that delivered the
+            // signer's own copy after a relay (which might keep the receipt back).
+            let to: Vec<PeerId> = self
                 .nbrs
                 .iter()
-                .find(|(_, n)| n.key == Some(r.sender))
-                .map(|(p, _)| *p);
-            if let Some(to) = to {
+                .filter(|(_, n)| n.delivers(&r.sender))
+                .map(|(p, _)| *p)
+                .collect();
+            for to in to {
                 self.send(to, PeerMessage::Receipt(bytes.clone()).encode());
             }
             self.out.push_back(Output::Receipt(bytes));
@@ -2011,7 +2059,7 @@ impl Peer {
         let both = awaited
             .iter()
             .filter(|n| n.claim.is_some_and(|c| c > round))
-            .filter(|n| n.key.is_some_and(|k| self.learner.holds_current_from(&k)))
+            .filter(|n| n.delivers_any(|k| self.learner.holds_current_from(k)))
             .count();
         both >= super::aggregate::SCREEN_MIN && 2 * both > awaited.len()
     }

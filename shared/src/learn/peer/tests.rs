@@ -458,6 +458,71 @@ fn a_neighbour_that_relays_a_peers_first_update_does_not_keep_its_later_ones_out
 }
 
 #[test]
+fn a_relay_that_wins_every_race_neither_holds_the_round_nor_gets_the_signers_receipts() {
+    // 10 signs with key 20; 11 relays each of its updates before 10's own copy arrives.
+    // 10's copy, byte for byte the update held, counts its connection as heard: the
+    // round closes once 12's update is in, and the receipt for 20 goes to 10 too.
+    let mut p = running(5);
+    p.handle(msg(10, update(20, 4)), 0.0);
+    p.trained(5, &[0.49; N], 0.3, 8, 10.0).expect("finite");
+    drain(&mut p);
+    p.handle(msg(11, update(20, 5)), 20.0);
+    p.handle(msg(10, update(20, 5)), 21.0);
+    assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(20).public()));
+    p.handle(msg(12, update(22, 5)), 30.0);
+    p.tick(31.0);
+    let outs = drain(&mut p);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::RoundClosed(s) if s.used == 2)),
+        "closed once 12 was in: {outs:?}"
+    );
+    let kind = PeerMessage::Receipt(Vec::new()).encode()[4];
+    let receipt_to = |to: u64| {
+        outs.iter().any(
+            |o| matches!(o, Output::Send { to: t, data } if t.0 == to && data.get(4) == Some(&kind)),
+        )
+    };
+    assert!(receipt_to(10), "the signer's connection gets its receipt");
+    // A copy that differs from the update held (another signature) counts nothing.
+    let mut q = running(5);
+    q.handle(msg(11, update(20, 5)), 20.0);
+    let mut forged = update(20, 5);
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    q.handle(msg(10, forged), 21.0);
+    assert_eq!(q.nbrs[&PeerId(10)].copy_of, None);
+}
+
+#[test]
+fn a_neighbour_that_reconnects_under_fresh_keys_keeps_one_vote() {
+    // 10 sends an update for round 5 signed by 30, closes its channel, opens another and
+    // sends one signed by 31, and again with 32: only the last counts. Reconnecting
+    // under the same key keeps that key's update.
+    let mut p = running(5);
+    p.trained(5, &[0.49; N], 0.3, 8, 5.0).expect("finite");
+    for (i, signer) in [30u8, 31, 32].into_iter().enumerate() {
+        let t = 100.0 * i as f64;
+        if i > 0 {
+            p.handle(Event::Down(PeerId(10)), t);
+            p.handle(Event::Up(PeerId(10)), t + 10.0);
+        }
+        p.handle(msg(10, update(signer, 5)), t + 20.0);
+    }
+    for k in [30, 31] {
+        assert!(!p.learner().holds_current_from(&id(k).public()), "{k}");
+    }
+    assert!(p.learner().holds_current_from(&id(32).public()));
+    p.handle(Event::Down(PeerId(10)), 400.0);
+    p.handle(Event::Up(PeerId(10)), 410.0);
+    p.handle(msg(10, update(32, 6)), 420.0);
+    assert!(p.learner().holds_current_from(&id(32).public()));
+    p.handle(msg(11, update(21, 5)), 430.0);
+    p.tick(440.0 + 2.0 * f64::from(cfg().round_deadline_ms));
+    assert_closed_using(&mut p, 2);
+}
+
+#[test]
 fn a_relay_that_wins_a_round_and_is_then_shunned_costs_the_signer_nothing() {
     // Neighbour 10 signs with key 20; 11 relays its round-5 update before 10's own copy
     // arrives (10's is then a replay), takes the key, and then breaks a rule (a mix in a
