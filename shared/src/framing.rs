@@ -240,11 +240,6 @@ fn parse(frame: &[u8]) -> Result<(Header, &[u8]), FrameError> {
     if h.count == 0 || h.index >= h.count || h.count > h.total.max(1) {
         return Err(FrameError::Inconsistent);
     }
-    // A chunk is at most `MAX_CHUNK` bytes: the message rate a link allows then bounds
-    // its bytes too (one frame of a whole 64 MiB message was one message of the rate).
-    if frame.len() - HEADER > MAX_CHUNK {
-        return Err(FrameError::TooLarge);
-    }
     Ok((h, &frame[HEADER..]))
 }
 
@@ -377,7 +372,9 @@ impl Reassembler {
 
     fn accept(&mut self, frame: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, FrameError> {
         let (h, body) = parse(frame)?;
-        if h.total as usize > self.max_message {
+        // A chunk is at most `MAX_CHUNK` bytes: the message rate a link allows then bounds
+        // its bytes too (one frame of a whole 64 MiB message was one message of the rate).
+        if h.total as usize > self.max_message || body.len() > MAX_CHUNK {
             self.partial.remove(&h.id);
             return Err(FrameError::TooLarge);
         }

@@ -288,7 +288,15 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   // button as it took the focus, and that is refused.
   await page.locator('#name').focus();
   await page.keyboard.type('Ada');
+  // The focus crosses into the frame (another process) a moment after the Tab: the typing
+  // goes on as it lands there. (Typed at once, under load the space could reach the page
+  // before the focus reached the frame, and nothing was pressed at all.)
+  const focused = plain.locator('#contribute').evaluate((b) => new Promise((ok) => {
+    if (document.activeElement === b) ok();
+    else b.addEventListener('focus', () => ok(), { once: true });
+  }));
   await page.keyboard.press('Tab');
+  await focused;
   await page.keyboard.type(' Lovelace');
   await plain.locator('body[data-consent="refused"]').waitFor({ state: 'attached', timeout: 5_000 })
     .catch(async (e) => {

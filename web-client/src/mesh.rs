@@ -199,7 +199,8 @@ pub struct Mesh {
 }
 
 /// Whether the ICE candidate line `c` is for UDP (its third field, after the foundation
-/// and the component), or says nothing of it (the empty end-of-candidates line).
+/// and the component; `c` with its `candidate:` or without), or says nothing of it (the
+/// empty end-of-candidates line).
 fn udp_candidate(c: &str) -> bool {
     c.split_whitespace()
         .nth(2)
@@ -423,10 +424,15 @@ impl Mesh {
         };
         let mut kept = String::with_capacity(sdp.len());
         for line in sdp.split_inclusive('\n') {
-            if let Some(c) = line.trim_start().strip_prefix("a=")
-                && c.starts_with("candidate:")
+            // As the `webrtc` crate's SDP parser reads an attribute: its name is what comes
+            // before the first `:`, both trimmed (`a= candidate:` is a candidate to it).
+            if let Some((name, value)) = line
+                .trim_start()
+                .strip_prefix("a=")
+                .and_then(|a| a.split_once(':'))
+                && name.trim() == "candidate"
             {
-                if !udp_candidate(c) || link.remote_candidates >= MAX_HELD_CANDIDATES {
+                if !udp_candidate(value) || link.remote_candidates >= MAX_HELD_CANDIDATES {
                     continue;
                 }
                 link.remote_candidates += 1;
@@ -590,7 +596,9 @@ impl Mesh {
             // ...unless that keeps happening.
             Err(e) => self.drop_for_cause(peer, &e.to_string()),
         }
-        self.wake_for_expiry(now_ms);
+        // Expiries already due are handled now (a wake-up can wait behind a slow
+        // connection step), and the next one asked for.
+        self.expire_partials(now_ms);
     }
 
     /// Partial messages that got no frame for `PARTIAL_EXPIRY_MS` are dropped, each a
@@ -1356,6 +1364,25 @@ mod tests {
         drain(&mut m);
         m.on_server(answer(lines(3, "udp")), 0);
         assert_eq!(described(&drain(&mut m)), lines(3, "udp"));
+        // As the native stack's SDP parser reads them: `a= candidate:` and
+        // `a=\tcandidate :` are candidates too.
+        let mut m = member(1, &[11]);
+        drain(&mut m);
+        let odd: String = (0..100)
+            .map(|i| {
+                let t = if i % 2 == 0 { "tcp" } else { "udp" };
+                let sp = if i % 3 == 0 {
+                    "a= candidate:"
+                } else {
+                    "a=\tcandidate :"
+                };
+                format!("{sp}{i} 1 {t} 1 10.0.0.1 {i} typ host\r\n")
+            })
+            .collect();
+        m.on_server(answer(odd), 0);
+        let kept = described(&drain(&mut m));
+        assert_eq!(kept.lines().count(), 50, "the UDP ones, 50 of 64: {kept}");
+        assert!(!kept.contains(" tcp "));
     }
 
     #[test]
@@ -1599,6 +1626,29 @@ mod tests {
         assert_eq!(m.links[&PeerId(2)].inbound.buffered(), 0);
         assert_eq!(m.frame_errors(), 1);
         assert!(drain(&mut m).is_empty(), "nothing left to wake for");
+        // A wake-up that comes late (a driver busy with a slow connection step): a frame
+        // from another link, past the due time, expires the message at once and asks for
+        // no other wake-up.
+        let mut m = member(1, &[2, 3]);
+        up(&mut m, 2);
+        up(&mut m, 3);
+        drain(&mut m);
+        m.frame(PeerId(2), &frames[0], 1_000);
+        assert_eq!(drain(&mut m), [Action::WakeIn(expiry + 1)]);
+        for t in 0..100 {
+            m.frame(
+                PeerId(3),
+                &split(t as u32, b"x", 8).next().expect("a frame"),
+                1_000 + expiry + t,
+            );
+        }
+        assert_eq!(m.frame_errors(), 1);
+        assert_eq!(m.links[&PeerId(2)].inbound.buffered(), 0);
+        let wakes = drain(&mut m)
+            .iter()
+            .filter(|a| matches!(a, Action::WakeIn(_)))
+            .count();
+        assert_eq!(wakes, 0);
     }
 
     #[test]

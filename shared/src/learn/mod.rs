@@ -623,6 +623,9 @@ pub const SAMPLE_SPREAD_UP: f32 = 2.0;
 /// the simulator, the native peer and the browser worker all drive this.
 pub struct Learner {
     cfg: LearnConfig,
+    /// The key and round of the update the last message was, when it was refused as
+    /// stale after its signature verified ([`Learner::stale_update`]).
+    last_stale: Option<(PublicKey, u64)>,
     task: String,
     id: Identity,
     round: u64,
@@ -688,6 +691,7 @@ impl Learner {
         Ok(Self {
             compressor: Compressor::new(cfg.compression, n),
             cfg,
+            last_stale: None,
             task: task.to_string(),
             id,
             round: 0,
@@ -1091,17 +1095,19 @@ impl Learner {
                 && self.seen.get(key).is_some_and(|s| s.round >= self.round)
     }
 
-    /// The round of the update signed by `key` held for a round's close whose message was
-    /// `bytes`, byte for byte (hashed only when one from `key` is held).
-    pub fn held_copy(&self, key: &PublicKey, bytes: &[u8]) -> Option<u64> {
-        if !self.inbox.iter().any(|p| &p.key == key) {
-            return None;
+    /// Whether the update signed by `key` for `round` held for a round's close was the
+    /// message `bytes`, byte for byte (hashed only when one is held).
+    pub fn held_copy(&self, key: &PublicKey, round: u64, bytes: &[u8]) -> bool {
+        let held = || {
+            self.inbox
+                .iter()
+                .filter(|p| &p.key == key && p.round == round)
+        };
+        if held().next().is_none() {
+            return false;
         }
         let hash = crate::trust::receipt::sha256(bytes);
-        self.inbox
-            .iter()
-            .find(|p| &p.key == key && p.hash == hash)
-            .map(|p| p.round)
+        held().any(|p| p.hash == hash)
     }
 
     /// Whether an update signed by `key` for our current round is held, decoded, for the
@@ -1133,6 +1139,7 @@ impl Learner {
     /// `sender` (its connection: gossip mixes are unsigned, and each sender gets one per
     /// round).
     pub fn receive_from(&mut self, sender: u64, bytes: &[u8]) -> Result<Received, Rejection> {
+        self.last_stale = None;
         let n = self.weights.len();
         let msg = PeerMessage::decode(bytes, n).map_err(|e| self.stats.reject((&e).into()))?;
         let u = match msg {
@@ -1173,6 +1180,9 @@ impl Learner {
             return Err(self.stats.reject(Rejection::BadSignature));
         }
         let stale = u.round + u64::from(self.cfg.max_staleness) < self.round;
+        if stale {
+            self.last_stale = Some((u.key, u.round));
+        }
         let delta = if self.changes() {
             // A change applies to our copy whether or not the update still counts, so
             // that the sender's next one applies too; one we cannot apply was still
@@ -1775,14 +1785,23 @@ impl Learner {
         })
     }
 
-    /// Replaces our model with a downloaded one whatever its round (an observer's step
-    /// back to the swarm's model, see `Peer::step_back`); returns whether it was adopted.
+    /// Replaces our model with a downloaded one whatever its round (a step back to the
+    /// swarm's model, see `Peer::step_back`); returns whether it was adopted. Updates
+    /// held for rounds past the new one's window go.
     pub fn adopt_older(&mut self, s: Snapshot) -> bool {
         if s.weights.len() != self.weights.len() {
             return false;
         }
+        let last = s.round.saturating_add(u64::from(self.cfg.max_staleness));
         self.started = false;
+        self.inbox.retain(|p| p.round <= last);
         self.adopt(s)
+    }
+
+    /// When the message just received was a validly signed update refused as stale: its
+    /// key and round (a witness that its signer is far behind us).
+    pub fn stale_update(&self) -> Option<(PublicKey, u64)> {
+        self.last_stale
     }
 
     /// Replaces our model with a downloaded one (already validated by decoding) when it

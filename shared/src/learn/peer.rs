@@ -14,7 +14,8 @@
 //!
 //! Model adoption, the rule no minority may abuse (docs/protocol.md states it
 //! normatively):
-//! - A peer downloads a model only while it is joining, lagging or observing, and only
+//! - A peer downloads a model only while it is joining, lagging, observing or stepping
+//!   back ([`Peer::far_ahead`]), and only
 //!   from neighbours it asked: it asks up to [`FETCH_ASK`] contributing neighbours at
 //!   once, drawn at random (so that arriving first buys nothing). Its first download
 //!   (a joiner's, or an observer's before it holds a model) waits until every
@@ -318,6 +319,8 @@ enum Purpose {
     Join,
     Lag,
     Observe,
+    /// A trainer far ahead of its neighbours' rounds ([`Peer::far_ahead`]).
+    StepBack,
 }
 
 struct Fetch {
@@ -418,11 +421,17 @@ struct Neighbour {
     /// (the signer's own copy, when a relay won the race): it is heard for that key's
     /// updates and gets their receipts, though the key stays bound where it went.
     copy_of: Option<PublicKey>,
+    /// The key and round of the last replay checked against the updates held
+    /// ([`Neighbour::copy_of`]): each is hashed once per connection.
+    copy_checked: Option<(PublicKey, u64)>,
     /// The key its previous connection signed with ([`Former::key`]): should this one
     /// sign with another, the updates of that key still held are dropped (one neighbour,
     /// one vote: else it reconnected under a fresh key, again and again, each update of
     /// the round held counting).
     former_key: Option<PublicKey>,
+    /// The round of its latest validly signed update refused as stale, while it sent
+    /// none we took since: a witness that we are far ahead ([`Peer::far_ahead`]).
+    behind: Option<u64>,
     /// Connections this neighbour reopened in a row, each within [`FORMER_KEPT_MS`] of
     /// the last ([`Former`]).
     reconnects: u32,
@@ -1113,6 +1122,9 @@ impl Peer {
                 self.take_key(from, key);
                 if let Some(old) = self.nbrs.get_mut(&from).and_then(|n| n.former_key.take())
                     && old != key
+                    // Not where another connection delivers that key's updates: it was
+                    // a key this neighbour relayed, its signer's own.
+                    && !self.nbrs.iter().any(|(p, n)| *p != from && n.delivers(&old))
                 {
                     self.learner.drop_updates_of(&old);
                 }
@@ -1128,6 +1140,7 @@ impl Peer {
                 }
                 n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
                 n.idle = false;
+                n.behind = None;
             }
             Ok(Received::ModelRequest) => self.answer(from, now_ms),
             Ok(Received::Model(s)) => self.model_answer(from, s, now_ms),
@@ -1171,19 +1184,36 @@ impl Peer {
             Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
                 self.shun(from, now_ms);
             }
+            Err(Rejection::Stale) => {
+                if let Some((_, round)) = self.learner.stale_update()
+                    && let Some(n) = self.nbrs.get_mut(&from)
+                {
+                    n.behind = Some(round);
+                }
+            }
             // A relay delivered this update first: this copy, byte for byte the one held,
             // is most likely its signer's own. Its connection is heard for the round (a
             // relay that wins every race made the signer's connection a straggler the
             // round waited for, and took its receipts).
             Err(Rejection::Replay) => {
-                if let Some(key) = update_key(data)
-                    && self.nbrs.get(&from).is_some_and(|n| n.key != Some(key))
-                    && let Some(round) = self.learner.held_copy(&key, data)
+                if let (Some(key), Some(round)) = (update_key(data), update_round(data))
+                    && let Some(n) = self.nbrs.get_mut(&from)
+                    && n.key != Some(key)
+                    && n.copy_checked != Some((key, round))
                 {
-                    let current = self.learner.round();
-                    let n = self.nbrs.entry(from).or_default();
-                    n.copy_of = Some(key);
-                    n.note_arrival(round, current, now_ms);
+                    n.copy_checked = Some((key, round));
+                    if self.learner.held_copy(&key, round, data) {
+                        let current = self.learner.round();
+                        n.copy_of = Some(key);
+                        n.note_arrival(round, current, now_ms);
+                        // The key's holder may be a relay: closing or shunning it must
+                        // not cost the signer its updates held.
+                        for (p, h) in self.nbrs.iter_mut() {
+                            if *p != from && h.key == Some(key) {
+                                h.key_moved_in = true;
+                            }
+                        }
+                    }
                 }
             }
             // It holds that head: no need to send it ours unless ours is newer.
@@ -1504,6 +1534,7 @@ impl Peer {
             Purpose::Join => (majority, None),
             Purpose::Lag => (majority, ahead),
             Purpose::Observe => (majority, ahead.filter(|_| self.learner.is_started())),
+            Purpose::StepBack => (majority.max(2), None),
         }
     }
 
@@ -1551,7 +1582,7 @@ impl Peer {
                         .and_then(|n| n.held.as_ref())
                         .map_or([0; 32], |(_, h)| *h),
                 },
-                Purpose::Join | Purpose::Lag => PeerMessage::ModelRequest,
+                Purpose::Join | Purpose::Lag | Purpose::StepBack => PeerMessage::ModelRequest,
             };
             self.send(p, req.encode());
             if let Some(n) = self.nbrs.get_mut(&p) {
@@ -1582,7 +1613,17 @@ impl Peer {
                     self.learner.reject(Rejection::RoundOutlier);
                 }
                 let round = s.round;
-                if self.learner.adopt(s) {
+                let adopted = if f.purpose == Purpose::StepBack {
+                    // Only a model far behind ours: the step back it was for.
+                    round.saturating_add(OBSERVE_BACK_ROUNDS) < self.learner.round()
+                        && self.learner.adopt_older(s)
+                } else {
+                    self.learner.adopt(s)
+                };
+                if adopted {
+                    for n in self.nbrs.values_mut() {
+                        n.behind = None;
+                    }
                     self.observed_behind = 0;
                     self.out.push_back(Output::Adopted { round });
                     if let Phase::Joining { .. } | Phase::Waiting { .. } = self.phase {
@@ -1667,6 +1708,32 @@ impl Peer {
         self.learner.start();
         self.phase = Phase::Ready;
         self.announce();
+    }
+
+    /// Whether enough contributing neighbours witness that we are far ahead of the swarm
+    /// (a made-up round taken when a liar was all a joiner could ask, or a swarm started
+    /// again from an older checkpoint: a trainer takes only newer models otherwise, and
+    /// would train alone for good): two at least, and most of the contributing neighbours
+    /// (as for [`lagging`](Self::lagging)), sent a validly signed update more than
+    /// [`OBSERVE_BACK_ROUNDS`] behind our round, and none we took since. Returns them.
+    fn far_ahead(&self) -> Option<Vec<PeerId>> {
+        let round = self.learner.round();
+        let voters: Vec<(&PeerId, &Neighbour)> = self
+            .nbrs
+            .iter()
+            .filter(|(_, n)| {
+                !n.idle && !n.shunned && (n.claim.is_some() || n.greeted || n.behind.is_some())
+            })
+            .collect();
+        let behind: Vec<PeerId> = voters
+            .iter()
+            .filter(|(_, n)| {
+                n.behind
+                    .is_some_and(|b| b.saturating_add(OBSERVE_BACK_ROUNDS) < round)
+            })
+            .map(|(p, _)| **p)
+            .collect();
+        (behind.len() >= 2 && 2 * behind.len() > voters.len()).then_some(behind)
     }
 
     /// Whether enough contributing neighbours witness that the swarm is far ahead: two
@@ -1769,6 +1836,17 @@ impl Peer {
             && let Some(ahead) = self.lagging()
         {
             self.start_fetch(Purpose::Lag, ahead, now_ms);
+        }
+        if self.fetch.is_none()
+            && now_ms >= self.next_fetch_at
+            && self.role == PeerRole::Trainer
+            && matches!(
+                self.phase,
+                Phase::Ready | Phase::Training { .. } | Phase::Waiting { .. }
+            )
+            && let Some(behind) = self.far_ahead()
+        {
+            self.start_fetch(Purpose::StepBack, behind, now_ms);
         }
         self.refresh();
     }
@@ -2320,6 +2398,12 @@ fn update_key(data: &[u8]) -> Option<PublicKey> {
         return None;
     }
     data[5..37].try_into().ok()
+}
+
+/// The round field of an update message, read as [`update_key`] reads its key.
+fn update_round(data: &[u8]) -> Option<u64> {
+    update_key(data)?;
+    Some(u64::from_le_bytes(data.get(37..45)?.try_into().ok()?))
 }
 
 /// Picks the model to adopt from the answers of one download (see the module's rule).
