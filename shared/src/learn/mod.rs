@@ -623,9 +623,6 @@ pub const SAMPLE_SPREAD_UP: f32 = 2.0;
 /// the simulator, the native peer and the browser worker all drive this.
 pub struct Learner {
     cfg: LearnConfig,
-    /// The key and round of the update the last message was, when it was refused as
-    /// stale after its signature verified ([`Learner::stale_update`]).
-    last_stale: Option<(PublicKey, u64)>,
     task: String,
     id: Identity,
     round: u64,
@@ -691,7 +688,6 @@ impl Learner {
         Ok(Self {
             compressor: Compressor::new(cfg.compression, n),
             cfg,
-            last_stale: None,
             task: task.to_string(),
             id,
             round: 0,
@@ -1139,7 +1135,6 @@ impl Learner {
     /// `sender` (its connection: gossip mixes are unsigned, and each sender gets one per
     /// round).
     pub fn receive_from(&mut self, sender: u64, bytes: &[u8]) -> Result<Received, Rejection> {
-        self.last_stale = None;
         let n = self.weights.len();
         let msg = PeerMessage::decode(bytes, n).map_err(|e| self.stats.reject((&e).into()))?;
         let u = match msg {
@@ -1180,9 +1175,6 @@ impl Learner {
             return Err(self.stats.reject(Rejection::BadSignature));
         }
         let stale = u.round + u64::from(self.cfg.max_staleness) < self.round;
-        if stale {
-            self.last_stale = Some((u.key, u.round));
-        }
         let delta = if self.changes() {
             // A change applies to our copy whether or not the update still counts, so
             // that the sender's next one applies too; one we cannot apply was still
@@ -1785,23 +1777,14 @@ impl Learner {
         })
     }
 
-    /// Replaces our model with a downloaded one whatever its round (a step back to the
-    /// swarm's model, see `Peer::step_back`); returns whether it was adopted. Updates
-    /// held for rounds past the new one's window go.
+    /// Replaces our model with a downloaded one whatever its round (an observer's step
+    /// back to the swarm's model, see `Peer::step_back`); returns whether it was adopted.
     pub fn adopt_older(&mut self, s: Snapshot) -> bool {
         if s.weights.len() != self.weights.len() {
             return false;
         }
-        let last = s.round.saturating_add(u64::from(self.cfg.max_staleness));
         self.started = false;
-        self.inbox.retain(|p| p.round <= last);
         self.adopt(s)
-    }
-
-    /// When the message just received was a validly signed update refused as stale: its
-    /// key and round (a witness that its signer is far behind us).
-    pub fn stale_update(&self) -> Option<(PublicKey, u64)> {
-        self.last_stale
     }
 
     /// Replaces our model with a downloaded one (already validated by decoding) when it

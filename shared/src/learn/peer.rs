@@ -14,8 +14,7 @@
 //!
 //! Model adoption, the rule no minority may abuse (docs/protocol.md states it
 //! normatively):
-//! - A peer downloads a model only while it is joining, lagging, observing or stepping
-//!   back ([`Peer::far_ahead`]), and only
+//! - A peer downloads a model only while it is joining, lagging or observing, and only
 //!   from neighbours it asked: it asks up to [`FETCH_ASK`] contributing neighbours at
 //!   once, drawn at random (so that arriving first buys nothing). Its first download
 //!   (a joiner's, or an observer's before it holds a model) waits until every
@@ -319,8 +318,6 @@ enum Purpose {
     Join,
     Lag,
     Observe,
-    /// A trainer far ahead of its neighbours' rounds ([`Peer::far_ahead`]).
-    StepBack,
 }
 
 struct Fetch {
@@ -429,9 +426,6 @@ struct Neighbour {
     /// one vote: else it reconnected under a fresh key, again and again, each update of
     /// the round held counting).
     former_key: Option<PublicKey>,
-    /// The round of its latest validly signed update refused as stale, while it sent
-    /// none we took since: a witness that we are far ahead ([`Peer::far_ahead`]).
-    behind: Option<u64>,
     /// Connections this neighbour reopened in a row, each within [`FORMER_KEPT_MS`] of
     /// the last ([`Former`]).
     reconnects: u32,
@@ -1122,9 +1116,6 @@ impl Peer {
                 self.take_key(from, key);
                 if let Some(old) = self.nbrs.get_mut(&from).and_then(|n| n.former_key.take())
                     && old != key
-                    // Not where another connection delivers that key's updates: it was
-                    // a key this neighbour relayed, its signer's own.
-                    && !self.nbrs.iter().any(|(p, n)| *p != from && n.delivers(&old))
                 {
                     self.learner.drop_updates_of(&old);
                 }
@@ -1140,7 +1131,6 @@ impl Peer {
                 }
                 n.claim = Some(n.claim.map_or(round, |c| c.max(round)));
                 n.idle = false;
-                n.behind = None;
             }
             Ok(Received::ModelRequest) => self.answer(from, now_ms),
             Ok(Received::Model(s)) => self.model_answer(from, s, now_ms),
@@ -1184,13 +1174,6 @@ impl Peer {
             Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
                 self.shun(from, now_ms);
             }
-            Err(Rejection::Stale) => {
-                if let Some((_, round)) = self.learner.stale_update()
-                    && let Some(n) = self.nbrs.get_mut(&from)
-                {
-                    n.behind = Some(round);
-                }
-            }
             // A relay delivered this update first: this copy, byte for byte the one held,
             // is most likely its signer's own. Its connection is heard for the round (a
             // relay that wins every race made the signer's connection a straggler the
@@ -1206,13 +1189,6 @@ impl Peer {
                         let current = self.learner.round();
                         n.copy_of = Some(key);
                         n.note_arrival(round, current, now_ms);
-                        // The key's holder may be a relay: closing or shunning it must
-                        // not cost the signer its updates held.
-                        for (p, h) in self.nbrs.iter_mut() {
-                            if *p != from && h.key == Some(key) {
-                                h.key_moved_in = true;
-                            }
-                        }
                     }
                 }
             }
@@ -1308,6 +1284,10 @@ impl Peer {
                 n.key_moved_in = false;
                 moved = true;
             }
+            // Another connection delivers that key's own copies: its owner is there, and
+            // this one relays (its closing or shunning must not cost the owner its
+            // updates held, nor a key of its own later drop them).
+            moved |= *p != from && n.copy_of == Some(key);
         }
         let n = self.nbrs.entry(from).or_default();
         if n.key != Some(key) {
@@ -1534,7 +1514,6 @@ impl Peer {
             Purpose::Join => (majority, None),
             Purpose::Lag => (majority, ahead),
             Purpose::Observe => (majority, ahead.filter(|_| self.learner.is_started())),
-            Purpose::StepBack => (majority.max(2), None),
         }
     }
 
@@ -1582,7 +1561,7 @@ impl Peer {
                         .and_then(|n| n.held.as_ref())
                         .map_or([0; 32], |(_, h)| *h),
                 },
-                Purpose::Join | Purpose::Lag | Purpose::StepBack => PeerMessage::ModelRequest,
+                Purpose::Join | Purpose::Lag => PeerMessage::ModelRequest,
             };
             self.send(p, req.encode());
             if let Some(n) = self.nbrs.get_mut(&p) {
@@ -1613,17 +1592,7 @@ impl Peer {
                     self.learner.reject(Rejection::RoundOutlier);
                 }
                 let round = s.round;
-                let adopted = if f.purpose == Purpose::StepBack {
-                    // Only a model far behind ours: the step back it was for.
-                    round.saturating_add(OBSERVE_BACK_ROUNDS) < self.learner.round()
-                        && self.learner.adopt_older(s)
-                } else {
-                    self.learner.adopt(s)
-                };
-                if adopted {
-                    for n in self.nbrs.values_mut() {
-                        n.behind = None;
-                    }
+                if self.learner.adopt(s) {
                     self.observed_behind = 0;
                     self.out.push_back(Output::Adopted { round });
                     if let Phase::Joining { .. } | Phase::Waiting { .. } = self.phase {
@@ -1708,32 +1677,6 @@ impl Peer {
         self.learner.start();
         self.phase = Phase::Ready;
         self.announce();
-    }
-
-    /// Whether enough contributing neighbours witness that we are far ahead of the swarm
-    /// (a made-up round taken when a liar was all a joiner could ask, or a swarm started
-    /// again from an older checkpoint: a trainer takes only newer models otherwise, and
-    /// would train alone for good): two at least, and most of the contributing neighbours
-    /// (as for [`lagging`](Self::lagging)), sent a validly signed update more than
-    /// [`OBSERVE_BACK_ROUNDS`] behind our round, and none we took since. Returns them.
-    fn far_ahead(&self) -> Option<Vec<PeerId>> {
-        let round = self.learner.round();
-        let voters: Vec<(&PeerId, &Neighbour)> = self
-            .nbrs
-            .iter()
-            .filter(|(_, n)| {
-                !n.idle && !n.shunned && (n.claim.is_some() || n.greeted || n.behind.is_some())
-            })
-            .collect();
-        let behind: Vec<PeerId> = voters
-            .iter()
-            .filter(|(_, n)| {
-                n.behind
-                    .is_some_and(|b| b.saturating_add(OBSERVE_BACK_ROUNDS) < round)
-            })
-            .map(|(p, _)| **p)
-            .collect();
-        (behind.len() >= 2 && 2 * behind.len() > voters.len()).then_some(behind)
     }
 
     /// Whether enough contributing neighbours witness that the swarm is far ahead: two
@@ -1836,17 +1779,6 @@ impl Peer {
             && let Some(ahead) = self.lagging()
         {
             self.start_fetch(Purpose::Lag, ahead, now_ms);
-        }
-        if self.fetch.is_none()
-            && now_ms >= self.next_fetch_at
-            && self.role == PeerRole::Trainer
-            && matches!(
-                self.phase,
-                Phase::Ready | Phase::Training { .. } | Phase::Waiting { .. }
-            )
-            && let Some(behind) = self.far_ahead()
-        {
-            self.start_fetch(Purpose::StepBack, behind, now_ms);
         }
         self.refresh();
     }

@@ -495,38 +495,6 @@ fn a_relay_that_wins_every_race_neither_holds_the_round_nor_gets_the_signers_rec
 }
 
 #[test]
-fn a_trainer_far_ahead_of_its_neighbours_rounds_steps_back_to_their_model() {
-    // A trainer that took a made-up round (a liar was all it could ask when it joined)
-    // hears its neighbours' validly signed updates from far behind: once two of its
-    // three are, it asks them and takes the model they agree on.
-    let mut p = running(1 << 39);
-    p.handle(msg(10, update(20, 5)), 100.0);
-    p.tick(110.0);
-    assert!(
-        asked(&drain(&mut p)).is_empty(),
-        "one witness is not enough"
-    );
-    p.handle(msg(11, update(21, 5)), 120.0);
-    p.tick(130.0);
-    let mut who = asked(&drain(&mut p));
-    who.sort_unstable();
-    assert_eq!(who, [10, 11]);
-    for n in [10, 11] {
-        p.handle(msg(n, model(5, 0.3)), 140.0);
-    }
-    p.tick(150.0);
-    assert_eq!(p.learner().round(), 5);
-    assert!(p.weights().iter().all(|w| (w - 0.3).abs() < 1e-6));
-    // Near its round, their updates are no witnesses: nothing is asked.
-    let mut q = running(30);
-    for (n, k) in [(10, 20), (11, 21), (12, 22)] {
-        q.handle(msg(n, update(k, 5)), 100.0);
-    }
-    q.tick(110.0);
-    assert!(asked(&drain(&mut q)).is_empty());
-}
-
-#[test]
 fn a_relay_that_reconnects_and_signs_its_own_does_not_cost_the_signer_its_updates() {
     // 11 relays signer 20's updates (10 signs with 20) before 10's own copies arrive,
     // closes and reopens its channel, relays again when no connection holds the key,
