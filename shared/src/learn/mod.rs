@@ -604,6 +604,8 @@ struct Pending {
     samples: u32,
     /// SHA-256 of the update message as it arrived (what a receipt names).
     hash: [u8; 32],
+    /// Its signature (a replay is hashed only when it carries this one).
+    signature: [u8; 64],
     delta: Vec<f32>,
 }
 
@@ -1091,19 +1093,20 @@ impl Learner {
                 && self.seen.get(key).is_some_and(|s| s.round >= self.round)
     }
 
-    /// Whether the update signed by `key` for `round` held for a round's close was the
-    /// message `bytes`, byte for byte (hashed only when one is held).
-    pub fn held_copy(&self, key: &PublicKey, round: u64, bytes: &[u8]) -> bool {
+    /// Whether the update message `bytes`, signed by `key` for `round`, is a copy of one
+    /// held for a round's close: `None` when none held carries its signature (its last 64
+    /// bytes), else whether it is that update byte for byte (`false`: the signature of
+    /// one over other bytes, a forgery). Hashed only when the signature matches.
+    pub fn held_copy(&self, key: &PublicKey, round: u64, bytes: &[u8]) -> Option<bool> {
+        let sig = bytes.get(bytes.len().checked_sub(64)?..)?;
         let held = || {
             self.inbox
                 .iter()
-                .filter(|p| &p.key == key && p.round == round)
+                .filter(|p| &p.key == key && p.round == round && p.signature[..] == *sig)
         };
-        if held().next().is_none() {
-            return false;
-        }
+        held().next()?;
         let hash = crate::trust::receipt::sha256(bytes);
-        held().any(|p| p.hash == hash)
+        Some(held().any(|p| p.hash == hash))
     }
 
     /// Whether an update signed by `key` for our current round is held, decoded, for the
@@ -1227,6 +1230,7 @@ impl Learner {
             round: u.round,
             samples: u.samples,
             hash: crate::trust::receipt::sha256(bytes),
+            signature: u.signature,
             delta,
         });
         Ok(Received::Update {

@@ -18,13 +18,14 @@
 //!   from neighbours it asked: it asks up to [`FETCH_ASK`] contributing neighbours at
 //!   once, drawn at random (so that arriving first buys nothing). Its first download
 //!   (a joiner's, or an observer's before it holds a model) waits until every
-//!   neighbour whose channel is up has settled and at least [`FETCH_ASK`] have, or
-//!   until [`JOIN_GRACE_MS`] after its first neighbour came up and then until two have
-//!   settled or every one that is up: a neighbour that writes the instant its channel
-//!   opens settles first, and asked alone it would be the whole quorum. A model nobody asked for is dropped and counted `unasked`.
+//!   neighbour whose channel is up has settled, and at least [`FETCH_ASK`] have or
+//!   [`JOIN_GRACE_MS`] passed since its first neighbour came up (at most
+//!   [`JOIN_CAP_MS`]): a neighbour that writes the instant its channel opens settles
+//!   first, and asked alone it would be the whole quorum. A model nobody asked for is dropped and counted `unasked`.
 //! - A connection that breaks the protocol in a way no honest peer does is shunned for
 //!   the rest of its life: a model it was neither asked for nor owed as a late answer,
-//!   an update whose signature does not verify, a gossip mix off the schedule (any mix
+//!   an update whose signature does not verify (or a replay with a held update's
+//!   signature over other bytes), a gossip mix off the schedule (any mix
 //!   when the task exchanges weights) or a second one for a round. Everything it sends
 //!   afterwards is dropped unread (counted `shunned`), its updates and mixes not yet
 //!   used are discarded, its answer to a download in progress no longer counts (it is
@@ -64,6 +65,9 @@ use crate::rng::SplitMix64;
 /// How long a joiner waits for any contributing neighbour before it starts the swarm
 /// from the task's seed.
 pub const JOIN_GRACE_MS: f64 = 3_000.0;
+/// The longest a first download waits past the first neighbour's coming up for those up
+/// to settle ([`JOIN_GRACE_MS`]).
+pub const JOIN_CAP_MS: f64 = 6_000.0;
 /// How long a model download waits for the neighbours it asked.
 pub const MODEL_WAIT_MS: f64 = 10_000.0;
 /// How long what a closed connection was sent is remembered by peer id ([`Former`]).
@@ -418,9 +422,9 @@ struct Neighbour {
     /// (the signer's own copy, when a relay won the race): it is heard for that key's
     /// updates and gets their receipts, though the key stays bound where it went.
     copy_of: Option<PublicKey>,
-    /// The key and round of the last replay checked against the updates held
-    /// ([`Neighbour::copy_of`]): each is hashed once per connection.
-    copy_checked: Option<(PublicKey, u64)>,
+    /// The keys and rounds of the replays checked against the updates held
+    /// ([`Neighbour::copy_of`]), at most [`COPIES_CHECKED`]: each is hashed once.
+    copy_checked: Vec<(PublicKey, u64)>,
     /// The key its previous connection signed with ([`Former::key`]): should this one
     /// sign with another, the updates of that key still held are dropped (one neighbour,
     /// one vote: else it reconnected under a fresh key, again and again, each update of
@@ -889,14 +893,13 @@ impl Peer {
             .map(|n| n.up_at + 2.0 * GREET_AFTER_MS)
             .reduce(f64::min);
         // With no contributing neighbour settled, nothing can start before the next
-        // settles (the grace alone, once past, would be a wake-up in the past).
-        // Past the grace, one settled neighbour waits for the next while any is up.
-        let settled = live().filter(|n| n.settled && !n.idle).count();
-        let grace = first_up + JOIN_GRACE_MS;
+        // settles (the cap alone, once past, would be a wake-up in the past). While one
+        // that is up has not settled, only the cap starts a download sooner.
+        let any = live().any(|n| n.settled && !n.idle);
         Some(match settles {
-            Some(t) if settled < 2 => t,
-            Some(t) => t.min(grace),
-            None => grace,
+            Some(t) if !any => t,
+            Some(t) => t.min(first_up + JOIN_CAP_MS),
+            None => first_up + JOIN_GRACE_MS,
         })
     }
 
@@ -910,9 +913,9 @@ impl Peer {
     }
 
     /// Whether the first model download may start (see the module's rule): every
-    /// neighbour whose channel is up has settled and [`FETCH_ASK`] have, or
-    /// [`JOIN_GRACE_MS`] passed since the first came up and two have settled or every
-    /// one that is up; and one has settled.
+    /// neighbour whose channel is up has settled, and [`FETCH_ASK`] have or
+    /// [`JOIN_GRACE_MS`] passed since the first came up; or [`JOIN_CAP_MS`] passed; and
+    /// one has settled.
     fn first_download_due(&mut self, now_ms: f64) -> bool {
         for n in self.nbrs.values_mut() {
             n.settled |= now_ms - n.up_at >= 2.0 * GREET_AFTER_MS;
@@ -920,12 +923,13 @@ impl Peer {
         let live = || self.nbrs.values().filter(|n| !n.shunned);
         let settled = live().filter(|n| n.settled && !n.idle).count();
         let waiting = live().any(|n| !n.settled);
-        let graced = self.first_up().is_some_and(|t| now_ms - t >= JOIN_GRACE_MS);
-        // One settled neighbour asked alone is the whole quorum: past the grace it is
-        // asked alone only when no other is up (one that came up late, honest ones do
-        // when the first is a liar that wrote at once, settles within a second).
+        let since = self.first_up().map_or(0.0, |t| now_ms - t);
+        // Liars that wrote at once settle first: asked alone they are the whole quorum.
+        // Past the grace the download still waits for every neighbour that is up to
+        // settle (each does within a second), up to the cap (new ones could keep coming).
         settled > 0
-            && ((!waiting && settled >= FETCH_ASK) || (graced && (settled >= 2 || !waiting)))
+            && (!waiting && (settled >= FETCH_ASK || since >= JOIN_GRACE_MS)
+                || since >= JOIN_CAP_MS)
     }
 
     /// Neighbours with a settled channel that send updates.
@@ -1114,11 +1118,6 @@ impl Peer {
         match self.learner.receive_from(from.0, data) {
             Ok(Received::Update { key, round, .. }) => {
                 self.take_key(from, key);
-                if let Some(old) = self.nbrs.get_mut(&from).and_then(|n| n.former_key.take())
-                    && old != key
-                {
-                    self.learner.drop_updates_of(&old);
-                }
                 let late = self.lateness_of(round, now_ms);
                 let current = self.learner.round();
                 let n = self.nbrs.entry(from).or_default();
@@ -1182,13 +1181,24 @@ impl Peer {
                 if let (Some(key), Some(round)) = (update_key(data), update_round(data))
                     && let Some(n) = self.nbrs.get_mut(&from)
                     && n.key != Some(key)
-                    && n.copy_checked != Some((key, round))
+                    && !n.copy_checked.contains(&(key, round))
                 {
-                    n.copy_checked = Some((key, round));
-                    if self.learner.held_copy(&key, round, data) {
-                        let current = self.learner.round();
-                        n.copy_of = Some(key);
-                        n.note_arrival(round, current, now_ms);
+                    if n.copy_checked.len() >= COPIES_CHECKED {
+                        n.copy_checked.remove(0);
+                    }
+                    n.copy_checked.push((key, round));
+                    match self.learner.held_copy(&key, round, data) {
+                        Some(true) => {
+                            let current = self.learner.round();
+                            n.copy_of = Some(key);
+                            n.note_arrival(round, current, now_ms);
+                        }
+                        // The held update's signature over other bytes: a forgery.
+                        Some(false) => {
+                            self.learner.reject(Rejection::BadSignature);
+                            self.shun(from, now_ms);
+                        }
+                        None => {}
                     }
                 }
             }
@@ -1295,6 +1305,15 @@ impl Peer {
         }
         n.key = Some(key);
         n.copy_of = None;
+        // One neighbour, one vote: its previous connection's key loses its updates held,
+        // unless another open connection holds that key now (its owner, whose updates a
+        // relay once delivered first).
+        if let Some(old) = n.former_key.take()
+            && old != key
+            && !self.nbrs.values().any(|o| o.key == Some(old))
+        {
+            self.learner.drop_updates_of(&old);
+        }
     }
 
     /// A connection signs with one key for its life (it may take over a key another
@@ -2331,6 +2350,10 @@ fn update_key(data: &[u8]) -> Option<PublicKey> {
     }
     data[5..37].try_into().ok()
 }
+
+/// How many replays of updates held one connection has checked at most (a relay's copies
+/// of its neighbours' updates for a round or two).
+const COPIES_CHECKED: usize = 32;
 
 /// The round field of an update message, read as [`update_key`] reads its key.
 fn update_round(data: &[u8]) -> Option<u64> {

@@ -492,6 +492,27 @@ fn a_relay_that_wins_every_race_neither_holds_the_round_nor_gets_the_signers_rec
     forged[last] ^= 1;
     q.handle(msg(10, forged), 21.0);
     assert_eq!(q.nbrs[&PeerId(10)].copy_of, None);
+    assert!(!q.nbrs[&PeerId(10)].shunned);
+    // The held update's signature over other bytes is a forgery: shunned.
+    let mut forged = update(20, 5);
+    let at = forged.len() - 65;
+    forged[at] ^= 1;
+    q.handle(msg(12, forged), 22.0);
+    assert!(q.nbrs[&PeerId(12)].shunned);
+}
+
+#[test]
+fn a_relay_that_took_a_signers_first_update_cannot_drop_its_later_ones_under_its_own_key() {
+    // 11 relays signer 20's first update before 10 (the signer) sends it, so 11 binds 20,
+    // and closes; 10's next update binds 20 to 10; 11 reopens and signs with 21: 20's
+    // updates, now bound to 10's connection, stay held.
+    let mut p = running(5);
+    p.handle(msg(11, update(20, 5)), 0.0);
+    p.handle(Event::Down(PeerId(11)), 10.0);
+    p.handle(msg(10, update(20, 6)), 20.0);
+    p.handle(Event::Up(PeerId(11)), 30.0);
+    p.handle(msg(11, update(21, 5)), 40.0);
+    assert!(p.learner().holds_current_from(&id(20).public()));
 }
 
 #[test]
@@ -2443,21 +2464,36 @@ fn a_neighbour_that_settles_first_is_not_asked_alone() {
     who.sort_unstable();
     assert_eq!(who, [10, 11]);
 
-    // Past the grace, the first is not asked alone while another is up: a liar whose
-    // channel opened well before the honest ones' (they came up at 2.5 s) waits for them
+    // Past the grace, the first are not asked alone while others are up: two liars whose
+    // channels opened well before the honest ones' (they came up at 2.5 s) wait for them
     // to settle.
     let mut r = joiner();
-    r.handle(Event::Up(PeerId(10)), 0.0);
-    for n in 11..15 {
+    for n in [10, 11] {
+        r.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    for n in 12..15 {
         r.handle(Event::Up(PeerId(n)), 2_500.0);
     }
     r.tick(2.0 * GREET_AFTER_MS);
     r.tick(JOIN_GRACE_MS);
-    assert!(asked(&drain(&mut r)).is_empty(), "10 is not asked alone");
+    assert!(
+        asked(&drain(&mut r)).is_empty(),
+        "10 and 11 are not asked alone"
+    );
     r.tick(2_500.0 + 2.0 * GREET_AFTER_MS);
     let mut who = asked(&drain(&mut r));
     who.sort_unstable();
     assert_eq!(who, [10, 11, 12, 13, 14]);
+    // Neighbours that keep coming up hold it back no longer than the cap.
+    let mut c = joiner();
+    c.handle(Event::Up(PeerId(10)), 0.0);
+    for (i, n) in (11..30).enumerate() {
+        c.handle(Event::Up(PeerId(n)), 500.0 * (i + 1) as f64);
+    }
+    c.tick(JOIN_CAP_MS - 1.0);
+    assert!(asked(&drain(&mut c)).is_empty());
+    c.tick(JOIN_CAP_MS);
+    assert!(!asked(&drain(&mut c)).is_empty(), "asked at the cap");
 
     // An observer's first download waits the same way.
     let observer = PeerRole::Observer { every_ms: 10_000.0 };
