@@ -62,7 +62,8 @@
       (cost ? 'It downloads ' + mb(cost.download_bytes) + ' once, then ' +
         (cost.upload_mb_per_hour > 0 ? 'sends at most ' + cost.upload_mb_per_hour + ' MB an hour of updates and receives about as much, ' +
           'plus up to ' + Math.round(cost.upload_mb_per_hour / 2) + ' MB an hour of the model for other visitors and dashboards that ask. '
-          : 'sends and receives up to ' + mb(cost.bytes_per_round) + ' per training round. ')
+          : 'sends and receives up to ' + mb(cost.bytes_per_round) + ' per training round, ' +
+            'plus up to ' + mb(cost.answer_bytes_per_hour) + ' an hour of the model for other visitors and dashboards that ask. ')
         : 'It downloads the training data once, then exchanges small updates. ') +
       (cost && cost.epsilon != null ? 'Updates are noised on your device before they leave (differential privacy, ' +
         'epsilon ' + cost.epsilon.toFixed(2) + ' at delta ' + cost.delta +

@@ -380,6 +380,13 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
         // whole weights in fp32 (tag, count, values).
         "observe_bytes": 77 + 9 + 4 * params.div_ceil(256) + params,
         "observe_whole_bytes": 77 + 5 + 4 * params,
+        // The most model answers (to joiners, lagging peers and observers together) send
+        // an hour, sustained.
+        "answer_bytes_per_hour": (shoal_shared::learn::peer::answer_bytes_per_ms(
+            params,
+            task.learn.upload_bytes_per_ms(),
+        ) * 3.6e6)
+            .round(),
     })
 }
 
@@ -492,4 +499,29 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     http::serve(listener, app.router, app.hub, app.http, shutdown, grace).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_an_upload_budget_the_cost_states_the_model_answers_rate() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tasks/fortunes.toml"
+        ))
+        .expect("the text task");
+        let task = TaskSpec::from_toml(&text).expect("valid");
+        assert_eq!(task.learn.upload_mb_per_hour, 0);
+        let c = cost(&task, std::path::Path::new("/nonexistent"), 12);
+        let params = c["parameters"].as_f64().expect("parameters");
+        assert!(params > 50_000.0, "{c}");
+        // One whole fp32 model and 64 KiB every 20 s: 180 of them an hour.
+        assert_eq!(
+            c["answer_bytes_per_hour"].as_f64(),
+            Some((8.0 * params + 65_536.0) * 180.0),
+            "{c}"
+        );
+    }
 }

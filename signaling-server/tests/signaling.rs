@@ -1779,6 +1779,8 @@ async fn the_cost_states_what_open_dashboards_take_from_each_trainer() {
         per_hour < 45e6,
         "{per_hour}: an eighth of what whole models cost"
     );
+    // All model answers together: half the demo's upload budget of 80 MB an hour.
+    assert_eq!(cost["answer_bytes_per_hour"].as_f64(), Some(40e6), "{cost}");
 }
 
 /// A client that joined and proved a key: its socket, id and identity.

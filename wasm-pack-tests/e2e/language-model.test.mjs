@@ -91,6 +91,9 @@ test('native and browser peers train the text task to its target on one version;
   const visitor = await webrtcPage(browser, `${server.url}/?task=fortunes&backend=cpu`);
   visitor.on('pageerror', (e) => errors.push(String(e)));
   await visitor.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  // The task has no upload budget: the page still says what model answers may take.
+  assert.match(await visitor.locator('#cost').textContent(),
+    /models your device sends to neighbours and dashboards that ask are held to \d+(\.\d+)? MB an hour more/);
   await visitor.click('#consent');
   startPeers();
 

@@ -155,6 +155,26 @@ pub const ANSWER_INTERVAL_MS: f64 = 2_000.0;
 /// quarter starved the demo's dashboard (a first answer of whole weights, then a change
 /// every 20 s or so from each contributor).
 pub const ANSWER_SHARE: f64 = 0.5;
+/// Without an upload budget, model answers (to all neighbours together) send at most the
+/// bytes of one whole fp32 model (8 per parameter) and [`ANSWER_LEAST_BYTES`] every this
+/// many milliseconds, in bursts of up to that much (twice for a first request), as under a
+/// budget: about four model answers (kind 10, 2 bytes a parameter) at once and one every
+/// 5 s after. Without it six neighbours asking every 2 s took a volunteer 6 kind 10
+/// models every 2 s (the text task's: 0.7 MB/s, twelve times what its own updates send).
+pub const ANSWER_MODEL_MS: f64 = 20_000.0;
+/// What [`ANSWER_MODEL_MS`] adds to a model's bytes: a small model's answers are mostly
+/// their headers.
+pub const ANSWER_LEAST_BYTES: f64 = 65_536.0;
+
+/// The bytes per millisecond a peer's model answers (to all neighbours together) may send
+/// for a model of `params` parameters: [`ANSWER_SHARE`] of an upload budget of `budget`
+/// bytes per millisecond, else [`ANSWER_MODEL_MS`]'s rate.
+pub fn answer_bytes_per_ms(params: usize, budget: Option<f64>) -> f64 {
+    budget.map_or(
+        ((8 * params) as f64 + ANSWER_LEAST_BYTES) / ANSWER_MODEL_MS,
+        |b| b * ANSWER_SHARE,
+    )
+}
 
 /// How many times `round_deadline_ms` a round waits while most of the neighbours it
 /// waits for have not sent their update for it (see [`Peer::round_wait`]).
@@ -443,6 +463,11 @@ struct Neighbour {
 }
 
 impl Neighbour {
+    /// Whether it is one to ask for the model: greeted, says it contributes, not shunned.
+    fn contributes(&self) -> bool {
+        !self.idle && self.greeted && !self.shunned
+    }
+
     /// Whether it delivered an update signed by `key`: the key is bound to it, or it sent
     /// that key's update byte for byte after a relay did ([`Neighbour::copy_of`]).
     fn delivers(&self, key: &PublicKey) -> bool {
@@ -596,7 +621,8 @@ pub struct Peer {
     /// or whole copies it must carry to neighbours who lack our copy, fits in the burst
     /// allowance ([`UPLOAD_BURST_MS`] or more) ahead of that, or once they are paid.
     upload_free_at: f64,
-    /// The same for model answers, at [`ANSWER_SHARE`] of the budget's rate.
+    /// The same for model answers, at [`ANSWER_SHARE`] of the budget's rate (or
+    /// [`ANSWER_MODEL_MS`]'s without one).
     answers_free_at: f64,
     /// Model answers sent in the last [`ANSWER_INTERVAL_MS`], and to whom (kept when a
     /// neighbour's connection closes; at most one per neighbour in that time).
@@ -749,7 +775,11 @@ impl Peer {
                 at(self.open_since.unwrap_or_default() + self.round_wait().1)
             }
             Phase::Observing => {
-                if let PeerRole::Observer { .. } = self.role {
+                // With no neighbour to ask, nothing is due until one comes up or says it
+                // contributes (events): a wake-up now would be one in the past.
+                if let PeerRole::Observer { .. } = self.role
+                    && self.nbrs.values().any(Neighbour::contributes)
+                {
                     let first = self
                         .first_download_wake()
                         .filter(|_| !self.learner.is_started());
@@ -936,7 +966,7 @@ impl Peer {
     fn contributors(&self) -> Vec<PeerId> {
         self.nbrs
             .iter()
-            .filter(|(_, n)| !n.idle && n.greeted && !n.shunned)
+            .filter(|(_, n)| n.contributes())
             .map(|(p, _)| *p)
             .collect()
     }
@@ -1342,9 +1372,8 @@ impl Peer {
         // answers still send at most the share's rate).
         let first = self.nbrs.get(&from).is_none_or(|n| n.answered_at.is_none());
         let share = if first && !observe { 2.0 } else { 1.0 };
-        let over_budget = self
-            .answer_rate()
-            .is_some_and(|(_, burst_ms)| self.answers_free_at - now_ms > share * burst_ms);
+        let (_, burst_ms) = self.answer_rate();
+        let over_budget = self.answers_free_at - now_ms > share * burst_ms;
         // Answers of the last `ANSWER_INTERVAL_MS` by neighbour, kept across reconnects:
         // a neighbour that closes its channel and opens another must not be answered
         // again sooner.
@@ -1360,19 +1389,18 @@ impl Peer {
         true
     }
 
-    /// Under an upload budget: the bytes per millisecond model answers may send, and how
-    /// far ahead of that they may go (see [`ANSWER_SHARE`]).
-    fn answer_rate(&self) -> Option<(f64, f64)> {
-        let rate = self.cfg.upload_bytes_per_ms()? * ANSWER_SHARE;
-        let whole = (8 * self.learner.weights().len()) as f64;
-        Some((rate, UPLOAD_BURST_MS.max(whole / rate)))
+    /// The bytes per millisecond model answers may send, and how far ahead of that they
+    /// may go: [`ANSWER_SHARE`] of the upload budget, else [`ANSWER_MODEL_MS`].
+    fn answer_rate(&self) -> (f64, f64) {
+        let n = self.learner.weights().len();
+        let rate = answer_bytes_per_ms(n, self.cfg.upload_bytes_per_ms());
+        (rate, UPLOAD_BURST_MS.max((8 * n) as f64 / rate))
     }
 
     /// Sends a model answer, counted against the answers' share of the upload budget.
     fn send_answer(&mut self, to: PeerId, data: Vec<u8>, now_ms: f64) {
-        if let Some((rate, _)) = self.answer_rate() {
-            self.answers_free_at = self.answers_free_at.max(now_ms) + data.len() as f64 / rate;
-        }
+        let (rate, _) = self.answer_rate();
+        self.answers_free_at = self.answers_free_at.max(now_ms) + data.len() as f64 / rate;
         self.send(to, data);
     }
 

@@ -622,7 +622,7 @@ fn under_an_upload_budget_model_answers_take_at_most_their_share() {
         budgeted as f64 <= bound,
         "{budgeted} bytes, {bound} at most"
     );
-    // Without a budget each neighbour is answered every 2 s: 90 answers.
+    // Without a budget each neighbour of this small model is answered every 2 s.
     let (_, free) = answered(0);
     assert!(2 * free > 3 * budgeted, "{free} against {budgeted}");
 
@@ -654,6 +654,47 @@ fn under_an_upload_budget_model_answers_take_at_most_their_share() {
     p.handle(msg(13, req.clone()), 60_004.0);
     assert_eq!(answer_bytes(&mut p), 0);
     assert_eq!(rejected(&p, Rejection::RequestRate), refused + 1);
+}
+
+#[test]
+fn without_an_upload_budget_model_answers_send_one_model_every_20_s() {
+    // A model of 50,000 parameters (an answer of about 100 KB), rounds of steps, no
+    // budget: three neighbours ask every 2 s for a minute (90 requests).
+    let n = 50_000;
+    let mut p = Peer::new(cfg(), "t", id(1), vec![0.5; n], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(Snapshot {
+        round: 5,
+        weights: vec![0.5; n],
+        momentum: vec![0.0; n],
+    }));
+    for nb in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(nb)), 0.0);
+    }
+    drain(&mut p);
+    let req = PeerMessage::ModelRequest.encode();
+    let mut answers = Vec::new();
+    for i in 0..30 {
+        let t = f64::from(i) * ANSWER_INTERVAL_MS + 1.0;
+        for nb in [10, 11, 12] {
+            p.handle(msg(nb, req.clone()), t);
+        }
+        answers.extend(drain(&mut p).into_iter().filter_map(|o| match o {
+            Output::Send { data, .. } if data.len() > 1_000 => Some(data.len()),
+            _ => None,
+        }));
+    }
+    // At most one whole fp32 model (and 64 KiB) every 20 s, in bursts of up to that much
+    // (twice for each neighbour's first request): the last answer may pass it by its size.
+    let whole = (8 * n) as f64 + ANSWER_LEAST_BYTES;
+    let bound = whole / ANSWER_MODEL_MS * 60_000.0 + 2.0 * 8.0 * n as f64 + answers[0] as f64;
+    let sent: usize = answers.iter().sum();
+    assert!(
+        sent as f64 <= bound,
+        "{sent} bytes in {} answers, {bound} at most",
+        answers.len()
+    );
+    assert!(answers.len() >= 10, "{} answers", answers.len());
+    assert!(rejected(&p, Rejection::RequestRate) >= 60);
 }
 
 #[test]
@@ -1866,6 +1907,46 @@ fn an_observer_downloads_changes_from_the_weights_it_holds_not_whole_models() {
 }
 
 #[test]
+fn an_observer_with_only_idle_neighbours_asks_for_no_wake_up() {
+    let observer = PeerRole::Observer { every_ms: 10_000.0 };
+    let mut o = Peer::new(cfg(), "t", id(9), vec![0.0; BIG], observer, 0.0).expect("valid");
+    for k in [20, 21] {
+        o.handle(Event::Up(PeerId(k)), 0.0);
+    }
+    o.tick(GREET_AFTER_MS);
+    let idle = PeerMessage::Status {
+        contributing: false,
+    }
+    .encode();
+    for k in [20, 21] {
+        o.handle(msg(k, idle.clone()), GREET_AFTER_MS);
+    }
+    // Past its grace, with nobody to ask: no wake-up (one in the past would make a
+    // driver that sleeps until it spin).
+    let now = 2.0 * JOIN_GRACE_MS;
+    o.tick(now);
+    drain(&mut o);
+    assert!(
+        o.next_wake().is_none_or(|w| w >= now),
+        "{:?}",
+        o.next_wake()
+    );
+    // A neighbour that starts contributing is asked as soon as it is due.
+    o.handle(
+        msg(21, PeerMessage::Status { contributing: true }.encode()),
+        now,
+    );
+    let wake = o.next_wake().expect("a wake-up");
+    o.tick(wake.max(now));
+    assert!(
+        drain(&mut o)
+            .iter()
+            .any(|out| matches!(out, Output::Send { to, data } if *to == PeerId(21) && data.get(4) == Some(&8))),
+        "asks the neighbour that contributes"
+    );
+}
+
+#[test]
 fn a_trainer_keeps_what_at_most_max_observed_observers_hold() {
     let mut t =
         Peer::new(cfg(), "t", id(2), vec![0.0; BIG], PeerRole::Trainer, 0.0).expect("valid");
@@ -1889,18 +1970,21 @@ fn a_trainer_keeps_what_at_most_max_observed_observers_hold() {
             })
             .expect("an answer")
     };
+    // Asks 4 s apart: answers (16 KB whole, 4 KB a change) stay within their rate.
+    let gap = 4_000.0;
     let first: Vec<Observed> = observers
         .iter()
-        .map(|&p| ask(&mut t, p, [0; 32], 0.0))
+        .enumerate()
+        .map(|(i, &p)| ask(&mut t, p, [0; 32], i as f64 * gap))
         .collect();
     assert!(
         first.iter().all(|o| o.base == [0; 32]),
         "whole weights first"
     );
     assert!(t.learner_mut().adopt(ramp(6, 0.2)));
-    let now = ANSWER_INTERVAL_MS;
+    let now = observers.len() as f64 * gap;
     for (i, &p) in observers.iter().enumerate() {
-        let again = ask(&mut t, p, first[i].result, now);
+        let again = ask(&mut t, p, first[i].result, now + i as f64 * gap);
         if i < MAX_OBSERVED {
             assert_eq!(
                 again.base, first[i].result,
@@ -1914,10 +1998,11 @@ fn a_trainer_keeps_what_at_most_max_observed_observers_hold() {
         }
     }
     // A base it does not know (the observer missed an answer) gets whole weights.
-    let lost = ask(&mut t, observers[0], [3; 32], 2.0 * ANSWER_INTERVAL_MS);
+    let last = 2.0 * observers.len() as f64 * gap;
+    let lost = ask(&mut t, observers[0], [3; 32], last);
     assert_eq!(lost.base, [0; 32]);
     // Observers that stopped asking give their places up: the fifth gets one.
-    let later = 2.0 * ANSWER_INTERVAL_MS + OBSERVED_IDLE_MS;
+    let later = last + OBSERVED_IDLE_MS;
     let fifth = observers[MAX_OBSERVED];
     let again = ask(&mut t, fifth, [0; 32], later);
     let then = ask(&mut t, fifth, again.result, later + ANSWER_INTERVAL_MS);
