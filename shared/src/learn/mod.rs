@@ -309,6 +309,10 @@ pub enum Rejection {
     /// top-k), sent as a change from weights we do not hold from that sender.
     #[error("base")]
     Base,
+    /// An update beyond the one each connection counts for in a round (see
+    /// `one_vote_each`).
+    #[error("extra_vote")]
+    ExtraVote,
 }
 
 impl From<&WireError> for Rejection {
@@ -325,7 +329,7 @@ impl From<&WireError> for Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 22] = [
         Self::Malformed,
         Self::BadSignature,
         Self::Replay,
@@ -347,6 +351,7 @@ impl Rejection {
         Self::Shunned,
         Self::Samples,
         Self::Base,
+        Self::ExtraVote,
     ];
 
     /// The reason named `name` ([`Rejection::as_str`]), if there is one.
@@ -378,6 +383,7 @@ impl Rejection {
             Self::Shunned => "shunned",
             Self::Samples => "samples",
             Self::Base => "base",
+            Self::ExtraVote => "extra_vote",
         }
     }
 }
@@ -606,7 +612,58 @@ struct Pending {
     hash: [u8; 32],
     /// Its signature (a replay is hashed only when it carries this one).
     signature: [u8; 64],
+    /// The connections (the transport's ids) that delivered it: the first, and any that
+    /// then sent a byte-for-byte copy (its signer's own, when a relay came first); at
+    /// most [`WITNESSES`]. 0 is no connection in particular (see [`Learner::receive`]).
+    from: Vec<u64>,
     delta: Vec<f32>,
+}
+
+/// The connections recorded as having delivered one held update.
+const WITNESSES: usize = 8;
+
+/// One vote per connection and round: keeps the most held updates that can each be
+/// matched to a distinct connection among those that delivered it (a maximum matching,
+/// found by augmenting paths in the order the updates came), and returns the rest. An
+/// update whose connections delivered nothing else always keeps its place (a matched
+/// update stays matched while others are matched), so a neighbour that hands keys
+/// between its connections, or delivers another's update as well as its own, gains no
+/// vote, and an honest signer's update always counts. An update of connection 0 stands
+/// alone.
+fn one_vote_each(held: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
+    fn augment(
+        i: usize,
+        held: &[Pending],
+        owner: &mut HashMap<u64, usize>,
+        tried: &mut Vec<u64>,
+    ) -> bool {
+        for &c in &held[i].from {
+            if c == 0 || tried.contains(&c) {
+                continue;
+            }
+            tried.push(c);
+            let free = match owner.get(&c) {
+                None => true,
+                Some(&j) => augment(j, held, owner, tried),
+            };
+            if free {
+                owner.insert(c, i);
+                return true;
+            }
+        }
+        false
+    }
+    let mut owner: HashMap<u64, usize> = HashMap::new();
+    let mut keep = vec![false; held.len()];
+    for i in 0..held.len() {
+        keep[i] = held[i].from.contains(&0) || augment(i, &held, &mut owner, &mut Vec::new());
+    }
+    let mut kept = Vec::with_capacity(held.len());
+    let mut extra = Vec::new();
+    for (p, k) in held.into_iter().zip(keep) {
+        if k { kept.push(p) } else { extra.push(p) }
+    }
+    (kept, extra)
 }
 
 /// In rounds sized in time, how far below the round's lower median claim `rho` a sample
@@ -1093,20 +1150,34 @@ impl Learner {
                 && self.seen.get(key).is_some_and(|s| s.round >= self.round)
     }
 
-    /// Whether the update message `bytes`, signed by `key` for `round`, is a copy of one
-    /// held for a round's close: `None` when none held carries its signature (its last 64
-    /// bytes), else whether it is that update byte for byte (`false`: the signature of
-    /// one over other bytes, a forgery). Hashed only when the signature matches.
-    pub fn held_copy(&self, key: &PublicKey, round: u64, bytes: &[u8]) -> Option<bool> {
+    /// Whether the update message `bytes`, signed by `key` for `round`, that the
+    /// connection `sender` delivered is a copy of one held for a round's close: `None`
+    /// when none held carries its signature (its last 64 bytes), else whether it is that
+    /// update byte for byte (`false`: the signature of one over other bytes, a forgery).
+    /// Hashed only when the signature matches. A copy records `sender` among the
+    /// connections that delivered the update (one vote each per round: `one_vote_each`).
+    pub fn held_copy(
+        &mut self,
+        sender: u64,
+        key: &PublicKey,
+        round: u64,
+        bytes: &[u8],
+    ) -> Option<bool> {
         let sig = bytes.get(bytes.len().checked_sub(64)?..)?;
-        let held = || {
-            self.inbox
-                .iter()
-                .filter(|p| &p.key == key && p.round == round && p.signature[..] == *sig)
-        };
-        held().next()?;
+        let held = |p: &Pending| &p.key == key && p.round == round && p.signature[..] == *sig;
+        if !self.inbox.iter().any(held) {
+            return None;
+        }
         let hash = crate::trust::receipt::sha256(bytes);
-        Some(held().any(|p| p.hash == hash))
+        let copy = self.inbox.iter_mut().find(|p| held(p) && p.hash == hash);
+        let found = copy.is_some();
+        if let Some(p) = copy
+            && !p.from.contains(&sender)
+            && p.from.len() < WITNESSES
+        {
+            p.from.push(sender);
+        }
+        Some(found)
     }
 
     /// Whether an update signed by `key` for our current round is held, decoded, for the
@@ -1128,8 +1199,9 @@ impl Learner {
         self.seen.get(key).is_some_and(|s| s.distrusted(self.round))
     }
 
-    /// Validates and takes in one message from a neighbour (a mix counts as sender 0:
-    /// see [`receive_from`](Self::receive_from)).
+    /// Validates and takes in one message from a neighbour (as sender 0: see
+    /// [`receive_from`](Self::receive_from); its updates each count alone in the one vote
+    /// per connection and round).
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
         self.receive_from(0, bytes)
     }
@@ -1231,6 +1303,7 @@ impl Learner {
             samples: u.samples,
             hash: crate::trust::receipt::sha256(bytes),
             signature: u.signature,
+            from: vec![sender],
             delta,
         });
         Ok(Received::Update {
@@ -1492,6 +1565,14 @@ impl Learner {
                 }
                 !echo
             });
+        }
+        // One vote per connection: a neighbour that hands keys between its connections
+        // (each reconnect under a fresh key) gains no update for the round.
+        let extra;
+        (held, extra) = one_vote_each(held);
+        for _ in &extra {
+            self.stats.reject(Rejection::ExtraVote);
+            summary.rejected += 1;
         }
         // Rounds in time: each update weighed by its claim (bounded) and, exchanging
         // deltas, scaled to the round's median claim; in steps every weight is 1.

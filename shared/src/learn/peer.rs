@@ -1217,7 +1217,7 @@ impl Peer {
                         n.copy_checked.remove(0);
                     }
                     n.copy_checked.push((key, round));
-                    match self.learner.held_copy(&key, round, data) {
+                    match self.learner.held_copy(from.0, &key, round, data) {
                         Some(true) => {
                             let current = self.learner.round();
                             n.copy_of = Some(key);

@@ -42,6 +42,32 @@ fn two_peers_average_their_pseudo_gradients() {
 }
 
 #[test]
+fn each_connection_counts_for_one_update_a_round() {
+    // Connection 11 delivers signer 2's update and signer 3's; 2's own connection (10)
+    // then sends its copy, byte for byte: each connection stands for one, both count.
+    let round = |copy: bool| {
+        let mut a = peer(1, vec![0.0; 4]);
+        let ub = peer(2, vec![0.0; 4])
+            .local_update(&[0.1; 4], 1, 0.0)
+            .expect("finite");
+        let uc = peer(3, vec![0.0; 4])
+            .local_update(&[0.2; 4], 1, 0.0)
+            .expect("finite");
+        a.receive_from(11, &ub).expect("valid");
+        a.receive_from(11, &uc).expect("valid");
+        let key = Identity::from_seed([2; 32]).public();
+        if copy {
+            assert_eq!(a.held_copy(10, &key, 0, &ub), Some(true));
+        }
+        let s = a.finish_round();
+        (s.used, a.stats.rejected.get(&Rejection::ExtraVote).copied())
+    };
+    assert_eq!(round(true), (2, None));
+    // Without the copy, connection 11 delivered both: one counts.
+    assert_eq!(round(false), (1, Some(1)));
+}
+
+#[test]
 fn nesterov_momentum_accumulates_across_rounds() {
     let mut c = cfg();
     c.outer_lr = 0.5;

@@ -563,6 +563,28 @@ fn a_neighbour_that_reconnects_under_fresh_keys_keeps_one_vote() {
 }
 
 #[test]
+fn two_neighbours_handing_a_key_between_them_keep_one_vote_each() {
+    // 10 delivers an update signed by 30 for round 5; 11, holding no key yet, takes key
+    // 30 with its round-6 update; 10 reconnects and signs round 5 again with 31. Both
+    // round-5 updates are held (30's key is bound to 11's open connection), but 10's
+    // connection delivered both: one vote. 12 is honest.
+    let mut p = running(5);
+    p.trained(5, &[0.49; N], 0.3, 8, 5.0).expect("finite");
+    p.handle(msg(10, update(30, 5)), 10.0);
+    p.handle(msg(11, update(30, 6)), 20.0);
+    p.handle(Event::Down(PeerId(10)), 30.0);
+    p.handle(Event::Up(PeerId(10)), 40.0);
+    p.handle(msg(10, update(31, 5)), 50.0);
+    for k in [30, 31] {
+        assert!(p.learner().holds_current_from(&id(k).public()), "{k}");
+    }
+    p.handle(msg(12, update(32, 5)), 60.0);
+    p.tick(10_000.0);
+    assert_closed_using(&mut p, 2);
+    assert_eq!(rejected(&p, Rejection::ExtraVote), 1);
+}
+
+#[test]
 fn a_relay_that_wins_a_round_and_is_then_shunned_costs_the_signer_nothing() {
     // Neighbour 10 signs with key 20; 11 relays its round-5 update before 10's own copy
     // arrives (10's is then a replay), takes the key, and then breaks a rule (a mix in a
