@@ -398,7 +398,7 @@ fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde
 /// [`OBSERVE_REDRAW`](shoal_shared::learn::peer::OBSERVE_REDRAW) downloads): a trainer
 /// every observer asks sends `observer_bytes_per_hour` (whole weights every time to
 /// observers beyond the [`MAX_OBSERVED`](shoal_shared::learn::peer::MAX_OBSERVED) it
-/// keeps the weights of).
+/// keeps the weights of), at most `answer_bytes_per_hour`.
 fn with_observers(
     mut cost: serde_json::Value,
     (_trainers, observers): (usize, usize),
@@ -409,8 +409,14 @@ fn with_observers(
     let answers = 3_600_000.0 / OBSERVE_EVERY_MS;
     let kept = observers.min(MAX_OBSERVED) as f64;
     let beyond = observers.saturating_sub(MAX_OBSERVED) as f64;
-    let per_hour = kept * (answers * change + answers / OBSERVE_REDRAW as f64 * (whole - change))
-        + beyond * answers * whole;
+    // Observers' answers are model answers: never more than those may send.
+    let per_hour = (kept * (answers * change + answers / OBSERVE_REDRAW as f64 * (whole - change))
+        + beyond * answers * whole)
+        .min(
+            cost["answer_bytes_per_hour"]
+                .as_f64()
+                .unwrap_or(f64::INFINITY),
+        );
     cost["observers"] = serde_json::json!(observers);
     cost["observer_bytes_per_hour"] = serde_json::json!(per_hour.round());
     cost
@@ -471,6 +477,7 @@ fn embed_script(config: &Config) -> Option<String> {
                 "download_bytes": c["download_bytes"],
                 "bytes_per_round": c["bytes_per_round"],
                 "upload_mb_per_hour": t.learn.upload_mb_per_hour,
+                "answer_bytes_per_hour": c["answer_bytes_per_hour"],
                 "epsilon": dp.map(|d| d.epsilon),
                 "delta": dp.map(|d| d.delta),
                 "on_budget": dp.map(|d| d.on_budget),
@@ -504,6 +511,25 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn observers_take_at_most_what_model_answers_may_send() {
+        let cost = serde_json::json!({
+            "observe_bytes": 100.0,
+            "observe_whole_bytes": 400.0,
+            "answer_bytes_per_hour": 1e9,
+        });
+        // One observer: 360 answers an hour, 12 of them whole weights.
+        let one = with_observers(cost.clone(), (2, 1));
+        assert_eq!(
+            one["observer_bytes_per_hour"].as_f64(),
+            Some(348.0 * 100.0 + 12.0 * 400.0)
+        );
+        let mut held = cost;
+        held["answer_bytes_per_hour"] = serde_json::json!(1_000.0);
+        let capped = with_observers(held, (2, 1));
+        assert_eq!(capped["observer_bytes_per_hour"].as_f64(), Some(1_000.0));
+    }
 
     #[test]
     fn without_an_upload_budget_the_cost_states_the_model_answers_rate() {

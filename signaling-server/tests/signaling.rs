@@ -1769,18 +1769,19 @@ async fn the_cost_states_what_open_dashboards_take_from_each_trainer() {
     // each trainer it asks, 12 of them whole.
     assert_eq!(cost["observe_bytes"], 109_386 + 4 * 428 + 86);
     assert_eq!(cost["observe_whole_bytes"], 4 * 109_386 + 82);
-    let per_hour = 348.0 * 111_184.0 + 12.0 * 437_626.0;
-    assert_eq!(
-        cost["observer_bytes_per_hour"].as_f64(),
-        Some(per_hour),
-        "{cost}"
-    );
+    let per_hour: f64 = 348.0 * 111_184.0 + 12.0 * 437_626.0;
     assert!(
         per_hour < 45e6,
         "{per_hour}: an eighth of what whole models cost"
     );
-    // All model answers together: half the demo's upload budget of 80 MB an hour.
+    // All model answers together: half the demo's upload budget of 80 MB an hour, which
+    // bounds what observers take too.
     assert_eq!(cost["answer_bytes_per_hour"].as_f64(), Some(40e6), "{cost}");
+    assert_eq!(
+        cost["observer_bytes_per_hour"].as_f64(),
+        Some(per_hour.min(40e6)),
+        "{cost}"
+    );
 }
 
 /// A client that joined and proved a key: its socket, id and identity.
@@ -2431,6 +2432,11 @@ async fn a_task_with_differential_privacy_states_its_epsilon_before_consent() {
         "{costs}"
     );
     assert_eq!(costs["digits"]["epsilon"], Value::Null);
+    assert_eq!(
+        costs["digits"]["answer_bytes_per_hour"].as_f64(),
+        Some(40e6),
+        "what model answers may send: the card states it for tasks without a budget"
+    );
     assert_eq!(
         costs["digits"]["local"], false,
         "the card knows a task on local data"

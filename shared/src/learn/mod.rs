@@ -309,7 +309,7 @@ pub enum Rejection {
     /// top-k), sent as a change from weights we do not hold from that sender.
     #[error("base")]
     Base,
-    /// An update beyond the one each connection counts for in a round (see
+    /// An update beyond the one each neighbour counts for in a round (see
     /// `one_vote_each`).
     #[error("extra_vote")]
     ExtraVote,
@@ -612,24 +612,29 @@ struct Pending {
     hash: [u8; 32],
     /// Its signature (a replay is hashed only when it carries this one).
     signature: [u8; 64],
-    /// The connections (the transport's ids) that delivered it: the first, and any that
-    /// then sent a byte-for-byte copy (its signer's own, when a relay came first); at
-    /// most [`WITNESSES`]. 0 is no connection in particular (see [`Learner::receive`]).
+    /// The neighbours (the transport's peer ids, the same across a neighbour's
+    /// connections) that delivered it: the first, and any that then sent a byte-for-byte
+    /// copy (its signer's own, when a relay came first); at most [`WITNESSES`].
+    /// [`NO_SENDER`] is no neighbour in particular (see [`Learner::receive`]).
     from: Vec<u64>,
     delta: Vec<f32>,
 }
 
-/// The connections recorded as having delivered one held update.
-const WITNESSES: usize = 8;
+/// The neighbours recorded as having delivered one held update (a peer holds at most 2k
+/// = 32 neighbours at once; more are recorded in case some came and went).
+const WITNESSES: usize = 64;
 
-/// One vote per connection and round: keeps the most held updates that can each be
-/// matched to a distinct connection among those that delivered it (a maximum matching,
-/// found by augmenting paths in the order the updates came), and returns the rest. An
-/// update whose connections delivered nothing else always keeps its place (a matched
-/// update stays matched while others are matched), so a neighbour that hands keys
-/// between its connections, or delivers another's update as well as its own, gains no
-/// vote, and an honest signer's update always counts. An update of connection 0 stands
-/// alone.
+/// The sender of a message that came from no neighbour in particular
+/// ([`Learner::receive`]): each of its updates stands alone in [`one_vote_each`].
+pub const NO_SENDER: u64 = u64::MAX;
+
+/// One vote per neighbour and round: keeps the most held updates that can each be
+/// matched to a distinct neighbour among those that delivered it (a maximum matching,
+/// found by augmenting paths in the order the updates came; a matched update stays
+/// matched), and returns the rest. An update that a neighbour delivering no other held
+/// update delivered always keeps its place (its signer's own copy, once recorded), so a
+/// neighbour that hands keys between its connections, or delivers another's update as
+/// well as its own, gains no vote. An update of [`NO_SENDER`] stands alone.
 fn one_vote_each(held: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
     fn augment(
         i: usize,
@@ -638,7 +643,7 @@ fn one_vote_each(held: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
         tried: &mut Vec<u64>,
     ) -> bool {
         for &c in &held[i].from {
-            if c == 0 || tried.contains(&c) {
+            if c == NO_SENDER || tried.contains(&c) {
                 continue;
             }
             tried.push(c);
@@ -656,7 +661,8 @@ fn one_vote_each(held: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
     let mut owner: HashMap<u64, usize> = HashMap::new();
     let mut keep = vec![false; held.len()];
     for i in 0..held.len() {
-        keep[i] = held[i].from.contains(&0) || augment(i, &held, &mut owner, &mut Vec::new());
+        keep[i] =
+            held[i].from.contains(&NO_SENDER) || augment(i, &held, &mut owner, &mut Vec::new());
     }
     let mut kept = Vec::with_capacity(held.len());
     let mut extra = Vec::new();
@@ -1199,11 +1205,11 @@ impl Learner {
         self.seen.get(key).is_some_and(|s| s.distrusted(self.round))
     }
 
-    /// Validates and takes in one message from a neighbour (as sender 0: see
+    /// Validates and takes in one message from a neighbour (as [`NO_SENDER`]: see
     /// [`receive_from`](Self::receive_from); its updates each count alone in the one vote
-    /// per connection and round).
+    /// per neighbour and round).
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
-        self.receive_from(0, bytes)
+        self.receive_from(NO_SENDER, bytes)
     }
 
     /// Validates and takes in one message from the neighbour the transport knows as
@@ -1413,6 +1419,13 @@ impl Learner {
         self.inbox.retain(|p| &p.key != key);
     }
 
+    /// Drops the updates signed by `key` held for a round's close, except those that a
+    /// neighbour for which `spare` holds delivered too.
+    pub fn drop_updates_of_except(&mut self, key: &PublicKey, spare: impl Fn(u64) -> bool) {
+        self.inbox
+            .retain(|p| &p.key != key || p.from.iter().any(|&c| spare(c)));
+    }
+
     /// Counts a message the caller refused for `why` (the peer's own rules: unasked
     /// models, key changes, request rates).
     pub fn reject(&mut self, why: Rejection) -> Rejection {
@@ -1566,8 +1579,8 @@ impl Learner {
                 !echo
             });
         }
-        // One vote per connection: a neighbour that hands keys between its connections
-        // (each reconnect under a fresh key) gains no update for the round.
+        // One vote per neighbour: one that hands keys between its connections (each
+        // reconnect under a fresh key) gains no update for the round.
         let extra;
         (held, extra) = one_vote_each(held);
         for _ in &extra {

@@ -1342,7 +1342,16 @@ impl Peer {
             && old != key
             && !self.nbrs.values().any(|o| o.key == Some(old))
         {
-            self.learner.drop_updates_of(&old);
+            // Spared: an update another open neighbour delivered too (its signer's own
+            // copy, after this one relayed it first): one vote each still holds.
+            let others: Vec<u64> = self
+                .nbrs
+                .iter()
+                .filter(|(p, o)| **p != from && !o.shunned)
+                .map(|(p, _)| p.0)
+                .collect();
+            self.learner
+                .drop_updates_of_except(&old, |c| others.contains(&c));
         }
     }
 

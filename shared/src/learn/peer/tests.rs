@@ -585,6 +585,25 @@ fn two_neighbours_handing_a_key_between_them_keep_one_vote_each() {
 }
 
 #[test]
+fn a_relay_that_took_a_signers_key_and_reconnects_under_its_own_drops_nothing() {
+    // 11 relays signer 20's first update (round 5) before 10 (the signer) sends its
+    // copy, which is recorded; 11 closes, reopens and signs round 5 with 21. 20's update stays held
+    // (10 delivered it too) and the round counts three: 20's, 21's and 12's.
+    let mut p = running(5);
+    p.trained(5, &[0.49; N], 0.3, 8, 5.0).expect("finite");
+    p.handle(msg(11, update(20, 5)), 10.0);
+    p.handle(msg(10, update(20, 5)), 11.0);
+    assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(20).public()));
+    p.handle(Event::Down(PeerId(11)), 20.0);
+    p.handle(Event::Up(PeerId(11)), 30.0);
+    p.handle(msg(11, update(21, 5)), 40.0);
+    assert!(p.learner().holds_current_from(&id(20).public()));
+    p.handle(msg(12, update(22, 5)), 50.0);
+    p.tick(10_000.0);
+    assert_closed_using(&mut p, 3);
+}
+
+#[test]
 fn a_relay_that_wins_a_round_and_is_then_shunned_costs_the_signer_nothing() {
     // Neighbour 10 signs with key 20; 11 relays its round-5 update before 10's own copy
     // arrives (10's is then a replay), takes the key, and then breaks a rule (a mix in a
