@@ -75,6 +75,12 @@ pub struct Limits {
     /// A peer that has sent nothing this long after joining (no signal, no report) is
     /// not given to newcomers as a neighbour: it is dead or pretending.
     pub quiet_after: Duration,
+    /// Bytes of signals (as the sender wrote them) one connection may send to one
+    /// neighbour at once, and again every [`LINK_REFILL`] (a token bucket per link): an
+    /// honest negotiation is an offer or answer of a few KiB and its candidates (at most
+    /// 64 of a few hundred bytes); without it one neighbour could have the server push
+    /// about 0.8 MB/s of signals into a volunteer, at the connection's message rate.
+    pub link_signal_bytes: f64,
 }
 
 impl Default for Limits {
@@ -95,6 +101,7 @@ impl Default for Limits {
             joins_per_address_per_sec: 1.0,
             join_burst: 32.0,
             quiet_after: Duration::from_secs(10),
+            link_signal_bytes: 96.0 * 1024.0,
         }
     }
 }
@@ -174,6 +181,37 @@ pub const SIGNAL_BYTES_PER_SENDER: usize = 64 * 1024;
 /// Bytes of relayed signals one peer's queue holds, from all its neighbours (besides
 /// the first waiting of each).
 pub const SIGNAL_BYTES_QUEUED: usize = 256 * 1024;
+
+/// How long a link's signal budget ([`Limits::link_signal_bytes`]) takes to come back.
+pub const LINK_REFILL: Duration = Duration::from_secs(30);
+
+/// The signal budget of one connection's links ([`Limits::link_signal_bytes`]), by
+/// neighbour: bytes left and when they were counted.
+struct LinkBudgets {
+    full: f64,
+    links: HashMap<PeerId, (f64, Instant)>,
+}
+
+impl LinkBudgets {
+    /// Takes `bytes` from the link to `to` if it has them left.
+    fn take(&mut self, to: PeerId, bytes: usize, now: Instant) -> bool {
+        let full = self.full;
+        let refill = |(left, at): (f64, Instant)| {
+            let since = now.saturating_duration_since(at).as_secs_f64();
+            (left + since / LINK_REFILL.as_secs_f64() * full).min(full)
+        };
+        // Links whose budget came back whole are forgotten (a peer holds at most 2k
+        // neighbours, but may name others).
+        if self.links.len() >= 64 {
+            self.links.retain(|_, b| refill(*b) < full);
+        }
+        let left = self.links.get(&to).copied().map_or(full, refill);
+        let ok = left >= bytes as f64;
+        self.links
+            .insert(to, (if ok { left - bytes as f64 } else { left }, now));
+        ok
+    }
+}
 
 /// A connection's queue of outgoing messages. Lighter than a channel for the common case
 /// of an idle peer: the queue allocates nothing until a message is waiting, and the
@@ -2201,6 +2239,13 @@ async fn connection(
     let mut strikes = 0u32;
     let mut last_seen = Instant::now();
     let mut spoke = false;
+    let mut links = LinkBudgets {
+        // Two of the largest messages fit, whatever the operator set.
+        full: limits
+            .link_signal_bytes
+            .max(2.0 * limits.max_message_bytes as f64),
+        links: HashMap::new(),
+    };
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
     // Waiting for shutdown and for queued messages are kept across iterations: only the
@@ -2258,6 +2303,17 @@ async fn connection(
                         continue;
                     }
                     tokens -= 1.0;
+                    // Any message over the limit, text or binary, closes the connection.
+                    let size = match &msg {
+                        Message::Text(t) => t.len(),
+                        Message::Binary(b) => b.len(),
+                        _ => 0,
+                    };
+                    if size > limits.max_message_bytes {
+                        let msg = format!("{size} bytes; the limit is {}", limits.max_message_bytes);
+                        refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
+                        break Disconnect::TooLarge;
+                    }
                     let text = match msg {
                         Message::Text(t) => t,
                         Message::Binary(_) => {
@@ -2268,14 +2324,17 @@ async fn connection(
                         _ => continue,
                     };
                     hub.metrics.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
-                    if text.len() > limits.max_message_bytes {
-                        let msg = format!("{} bytes; the limit is {}", text.len(), limits.max_message_bytes);
-                        refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
-                        break Disconnect::TooLarge;
-                    }
                     let not_neighbour = |to: PeerId| move |c| (c, format!("{to} is not your neighbour"));
+                    let link_bytes = links.full;
+                    let over_budget = move |to: PeerId| (ErrorCode::RateLimited, format!(
+                        "signals to {to}: more than {link_bytes} bytes in {} s", LINK_REFILL.as_secs()));
                     if let Some(s) = decode_signal(&text) {
-                        match hub.relay(&task, id, s.to, s.signal).map_err(not_neighbour(s.to)) {
+                        let relayed = if links.take(s.to, text.len(), now) {
+                            hub.relay(&task, id, s.to, s.signal).map_err(not_neighbour(s.to))
+                        } else {
+                            Err(over_budget(s.to))
+                        };
+                        match relayed {
                             Err(e) => {
                                 refuse(&mut socket, &hub, e.0, e.1).await;
                             }
@@ -2292,7 +2351,11 @@ async fn connection(
                             // decode_signal takes every valid signal (a test checks);
                             // should one slip past it, relay the re-encoded form.
                             let raw = serde_json::to_string(&signal).unwrap_or_default();
-                            hub.relay(&task, id, to, &raw).map_err(not_neighbour(to))
+                            if links.take(to, text.len(), now) {
+                                hub.relay(&task, id, to, &raw).map_err(not_neighbour(to))
+                            } else {
+                                Err(over_budget(to))
+                            }
                         }
                         Ok(ClientMessage::Unreachable { peer }) => {
                             hub.unreachable(&task, id, peer).map_err(|c| match c {

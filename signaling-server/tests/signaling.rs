@@ -243,6 +243,42 @@ async fn oversize_messages_are_refused_and_the_sender_disconnected() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.hub.connections(), 1, "only the well-behaved peer remains");
+    // A binary message over the limit too (a small one gets `binary` and stays open).
+    let (mut d, _) = join(&s).await;
+    let _ = d.send(Message::Binary(vec![0u8; 100].into())).await;
+    assert_eq!(until(&mut d, "error").await["code"], "binary");
+    let _ = d.send(Message::Binary(vec![0u8; 20_000].into())).await;
+    assert_eq!(until(&mut d, "error").await["code"], "too_large");
+    assert!(next(&mut d).await.is_none(), "closes after too_large");
+}
+
+#[tokio::test]
+async fn signals_to_one_neighbour_have_a_byte_budget() {
+    // b sends a's link 150 signals of about 1 KB at once, within its message rate: about
+    // 96 KiB go through, the rest are refused with `rate_limited` (the server pushed them
+    // all into a before, at whatever rate b sent).
+    let s = start(config()).await;
+    let (mut a, ida) = join(&s).await;
+    let (mut b, _) = join(&s).await;
+    let sdp = "x".repeat(1_000);
+    let signal = json!({"type": "signal", "to": ida, "signal": {"kind": "offer", "sdp": sdp}});
+    for _ in 0..150 {
+        send(&mut b, signal.clone()).await;
+    }
+    let mut refused = 0;
+    while let Some(m) = next(&mut b).await {
+        if m["type"] == "error" {
+            assert_eq!(m["code"], "rate_limited", "{m}");
+            refused += 1;
+        }
+        if refused >= 50 {
+            break;
+        }
+    }
+    assert!(refused >= 50, "{refused} refused");
+    // Those within the budget reached a.
+    let got = until(&mut a, "signal").await;
+    assert_eq!(got["signal"]["kind"], "offer");
 }
 
 #[tokio::test]
@@ -685,6 +721,7 @@ async fn a_peer_that_stops_reading_is_dropped_and_its_neighbour_told() {
         ping_interval: Duration::from_millis(250),
         rate_per_sec: 1e6,
         burst: 1e6,
+        link_signal_bytes: 1e12,
         ..Limits::default()
     };
     let s = start(SignalingConfig { limits, ..config() }).await;
