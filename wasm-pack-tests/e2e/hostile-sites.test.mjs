@@ -304,6 +304,36 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
       throw new Error(`${e.message}; the frame's consent stands at ${now}`);
     });
   assert.match(await plain.locator('#refused').textContent(), /pressed as it took the focus/);
+  // The button comes back. The visitor tabs onto it again, pauses, and types on: the
+  // Space is typed onto the button among other keys, not a press of it.
+  const focusOnButton = () => plain.locator('#contribute').evaluate((b) => new Promise((ok) => {
+    if (document.activeElement === b) ok();
+    else b.addEventListener('focus', () => ok(), { once: true });
+  }));
+  await plain.locator('#contribute:not([hidden])').waitFor();
+  await page.locator('#name').focus();
+  const onButton = focusOnButton();
+  await page.keyboard.press('Tab');
+  await onButton;
+  await page.waitForTimeout(700);
+  await page.keyboard.type('Ada Lovelace');
+  await plain.locator('#refused:not([hidden])').waitFor({ state: 'attached', timeout: 5_000 });
+  assert.match(await plain.locator('#refused').textContent(), /keys typed onto it/);
+  // The page focuses the frame and names the button in the frame's address (its `src`
+  // with a fragment, which focuses the element it names): the visitor's next Space, to
+  // scroll, must not press it.
+  await plain.locator('#contribute:not([hidden])').waitFor();
+  await page.evaluate(() => {
+    const f = document.getElementById('plain');
+    f.contentWindow.focus();
+    f.src = `${f.src.split('#')[0]}#contribute`;
+  });
+  await page.waitForTimeout(700);
+  await page.keyboard.press(' ');
+  await page.waitForTimeout(1_500);
+  assert.equal(await plain.locator('body').getAttribute('data-consent'), 'refused',
+    'a Space after the page named the button in the frame\'s address pressed nothing');
+  assert.equal(await plain.locator('#refused').isHidden(), true);
   // A frame without an origin of its own (a sandbox) cannot load Shoal: it says so, and
   // offers no button that would start and hang.
   const boxed = page.frameLocator('#sandboxed');

@@ -165,6 +165,14 @@ pub const ANSWER_MODEL_MS: f64 = 20_000.0;
 /// What [`ANSWER_MODEL_MS`] adds to a model's bytes: a small model's answers are mostly
 /// their headers.
 pub const ANSWER_LEAST_BYTES: f64 = 65_536.0;
+/// While more than half of the answers' allowance is spent, a neighbour is answered only
+/// while the answers it was sent in the last this many milliseconds total less than an
+/// equal share of that time's rate among the neighbours that asked in it: one neighbour
+/// asking every 2 s for whole models kept the allowance spent, and a dashboard's or a
+/// lagging peer's request found it so about four times in five.
+pub const ANSWER_FAIR_MS: f64 = 30_000.0;
+/// Requests (and answers) remembered for [`ANSWER_FAIR_MS`], at most.
+const ANSWER_ASKS_KEPT: usize = 256;
 
 /// The bytes per millisecond a peer's model answers (to all neighbours together) may send
 /// for a model of `params` parameters: [`ANSWER_SHARE`] of an upload budget of `budget`
@@ -627,6 +635,9 @@ pub struct Peer {
     /// Model answers sent in the last [`ANSWER_INTERVAL_MS`], and to whom (kept when a
     /// neighbour's connection closes; at most one per neighbour in that time).
     answered: VecDeque<(PeerId, f64)>,
+    /// Requests of the last [`ANSWER_FAIR_MS`] (bytes 0) and answers sent (their bytes),
+    /// by neighbour: the equal shares of a spent allowance.
+    asks: VecDeque<(PeerId, f64, usize)>,
     /// Closed connections' [`Former`] records, by peer id.
     formers: Vec<(PeerId, Former)>,
 }
@@ -680,6 +691,7 @@ impl Peer {
             upload_free_at: f64::NEG_INFINITY,
             answers_free_at: f64::NEG_INFINITY,
             answered: VecDeque::new(),
+            asks: VecDeque::new(),
             formers: Vec::new(),
         })
     }
@@ -1381,15 +1393,35 @@ impl Peer {
         // answers still send at most the share's rate).
         let first = self.nbrs.get(&from).is_none_or(|n| n.answered_at.is_none());
         let share = if first && !observe { 2.0 } else { 1.0 };
-        let (_, burst_ms) = self.answer_rate();
-        let over_budget = self.answers_free_at - now_ms > share * burst_ms;
+        let (rate, burst_ms) = self.answer_rate();
+        let spent = self.answers_free_at - now_ms;
+        let over_budget = spent > share * burst_ms;
+        // Past half the allowance, each neighbour that asked lately gets an equal share.
+        self.asks
+            .retain(|(_, t, _)| now_ms - t < ANSWER_FAIR_MS && *t <= now_ms);
+        if self.asks.len() >= ANSWER_ASKS_KEPT {
+            self.asks.pop_front();
+        }
+        self.asks.push_back((from, now_ms, 0));
+        let over_share = spent > 0.5 * burst_ms && {
+            let mut askers: Vec<PeerId> = self.asks.iter().map(|(p, _, _)| *p).collect();
+            askers.sort_unstable_by_key(|p| p.0);
+            askers.dedup();
+            let got: usize = self
+                .asks
+                .iter()
+                .filter(|(p, _, _)| *p == from)
+                .map(|(_, _, b)| b)
+                .sum();
+            got as f64 >= rate * ANSWER_FAIR_MS / askers.len() as f64
+        };
         // Answers of the last `ANSWER_INTERVAL_MS` by neighbour, kept across reconnects:
         // a neighbour that closes its channel and opens another must not be answered
         // again sooner.
         self.answered
             .retain(|(_, t)| now_ms - t < ANSWER_INTERVAL_MS && *t <= now_ms);
         let too_soon = self.answered.iter().any(|(p, _)| *p == from);
-        if over_budget || too_soon {
+        if over_budget || over_share || too_soon {
             self.learner.reject(Rejection::RequestRate);
             return false;
         }
@@ -1410,6 +1442,9 @@ impl Peer {
     fn send_answer(&mut self, to: PeerId, data: Vec<u8>, now_ms: f64) {
         let (rate, _) = self.answer_rate();
         self.answers_free_at = self.answers_free_at.max(now_ms) + data.len() as f64 / rate;
+        if let Some(a) = self.asks.iter_mut().rev().find(|(p, _, _)| *p == to) {
+            a.2 += data.len();
+        }
         self.send(to, data);
     }
 

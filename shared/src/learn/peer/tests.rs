@@ -697,21 +697,29 @@ fn under_an_upload_budget_model_answers_take_at_most_their_share() {
     assert_eq!(rejected(&p, Rejection::RequestRate), refused + 1);
 }
 
+/// A trainer at round 5 holding `weights` (no budget, rounds of steps), with `neighbours`
+/// up.
+fn big_trainer(weights: Vec<f32>, neighbours: &[u64]) -> Peer {
+    let n = weights.len();
+    let mut p = Peer::new(cfg(), "t", id(1), vec![0.5; n], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(Snapshot {
+        round: 5,
+        weights,
+        momentum: vec![0.0; n],
+    }));
+    for &nb in neighbours {
+        p.handle(Event::Up(PeerId(nb)), 0.0);
+    }
+    drain(&mut p);
+    p
+}
+
 #[test]
 fn without_an_upload_budget_model_answers_send_one_model_every_20_s() {
     // A model of 50,000 parameters (an answer of about 100 KB), rounds of steps, no
     // budget: three neighbours ask every 2 s for a minute (90 requests).
     let n = 50_000;
-    let mut p = Peer::new(cfg(), "t", id(1), vec![0.5; n], PeerRole::Trainer, 0.0).expect("valid");
-    assert!(p.resume(Snapshot {
-        round: 5,
-        weights: vec![0.5; n],
-        momentum: vec![0.0; n],
-    }));
-    for nb in [10, 11, 12] {
-        p.handle(Event::Up(PeerId(nb)), 0.0);
-    }
-    drain(&mut p);
+    let mut p = big_trainer(vec![0.5; n], &[10, 11, 12]);
     let req = PeerMessage::ModelRequest.encode();
     let mut answers = Vec::new();
     for i in 0..30 {
@@ -736,6 +744,33 @@ fn without_an_upload_budget_model_answers_send_one_model_every_20_s() {
     );
     assert!(answers.len() >= 10, "{} answers", answers.len());
     assert!(rejected(&p, Rejection::RequestRate) >= 60);
+}
+
+#[test]
+fn a_neighbour_asking_as_often_as_it_may_leaves_a_dashboard_its_share() {
+    // No budget, a model of 50,000 parameters: 10 asks for the model every 2 s, 11 (a
+    // dashboard) for the change since its last answer every 10 s, for two minutes.
+    let n = 50_000;
+    let mut p = big_trainer((0..n).map(|i| (i as f32 * 0.37).sin()).collect(), &[10, 11]);
+    let (mut base, mut asked, mut answered) = ([0; 32], 0, 0);
+    for i in 0..60 {
+        let t = f64::from(i) * ANSWER_INTERVAL_MS + 1.0;
+        p.handle(msg(10, PeerMessage::ModelRequest.encode()), t);
+        if i % 5 == 0 {
+            asked += 1;
+            p.handle(msg(11, PeerMessage::Observe { base }.encode()), t + 1.0);
+        }
+        for o in drain(&mut p) {
+            if let Output::Send { to, data } = o
+                && to == PeerId(11)
+                && let Ok(PeerMessage::Observed(obs)) = PeerMessage::decode(&data, n)
+            {
+                answered += 1;
+                base = obs.result;
+            }
+        }
+    }
+    assert!(answered + 1 >= asked, "{answered} of {asked} answered");
 }
 
 #[test]
