@@ -616,7 +616,19 @@ pub struct Hub {
     pub(crate) ledgers: HashMap<String, Arc<Mutex<LedgerFile>>>,
     /// The key the server signs its ledgers' heads with (`{ledger_dir}/server.key`).
     pub(crate) head_key: Option<shoal_shared::learn::identity::Identity>,
+    /// Receipts being appended at once, from all connections ([`RECEIPTS_AT_ONCE`]).
+    receipt_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Receipts one connection may have waiting to be appended; past them a receipt is
+/// refused (`bad_receipt`, `unavailable`). A connection's receipts are appended in the
+/// order they came, off its loop: the ledger's lock may wait for a disk sync, or for
+/// credits or a ledger file built for an anonymous request, and a receipt waited for
+/// inline held its connection's pings, signals and queue meanwhile.
+pub const RECEIPTS_WAITING: usize = 32;
+/// Receipts appended at once, from all connections: each takes a blocking thread while
+/// it waits for the ledger's lock, and the server's file downloads need them too.
+pub const RECEIPTS_AT_ONCE: usize = 64;
 
 /// Why a receipt was refused, or `Appended`: the `reason` label of
 /// `shoal_receipts_total`.
@@ -886,6 +898,7 @@ impl Hub {
         Arc::new(Self {
             ledgers,
             head_key,
+            receipt_slots: Arc::new(tokio::sync::Semaphore::new(RECEIPTS_AT_ONCE)),
             config,
             state: Mutex::new(HubState {
                 tasks,
@@ -2239,6 +2252,9 @@ async fn connection(
     let mut strikes = 0u32;
     let mut last_seen = Instant::now();
     let mut spoke = false;
+    // This connection's receipts, appended in order by a task of their own (started with
+    // the first).
+    let mut receipts: Option<tokio::sync::mpsc::Sender<String>> = None;
     let mut links = LinkBudgets {
         // Two of the largest messages fit, whatever the operator set.
         full: limits
@@ -2375,7 +2391,16 @@ async fn connection(
                             .identify(&task, id, &key, &signature)
                             .map_err(|e| (ErrorCode::BadIdentity, format!("identify: {e}"))),
                         Ok(ClientMessage::Receipt { receipt }) => {
-                            Box::pin(take_receipt(&hub, &task, id, &receipt)).await
+                            let queue = receipts.get_or_insert_with(|| {
+                                let (tx, rx) = tokio::sync::mpsc::channel(RECEIPTS_WAITING);
+                                tokio::spawn(append_receipts(Arc::clone(&hub), task.clone(), id, rx, Arc::clone(&outbox)));
+                                tx
+                            });
+                            queue.try_send(receipt).map_err(|_| {
+                                hub.metrics.receipt(ReceiptOutcome::Unavailable);
+                                (ErrorCode::BadReceipt, format!(
+                                    "unavailable: {RECEIPTS_WAITING} receipts of this connection wait for the ledger already; this one was not recorded"))
+                            })
                         }
                         Err(e) => Err(e),
                     };
@@ -2410,6 +2435,41 @@ async fn connection(
     } else if let Some((code, text)) = reason.close_frame() {
         close(socket, limits.write_timeout, code, text).await;
     }
+}
+
+/// Appends a connection's receipts (`queue`) in order, each once one of the server's
+/// [`RECEIPTS_AT_ONCE`] slots is free; a refusal goes to the connection's `outbox`.
+async fn append_receipts(
+    hub: Arc<Hub>,
+    task: String,
+    id: PeerId,
+    mut queue: tokio::sync::mpsc::Receiver<String>,
+    outbox: Arc<Outbox>,
+) {
+    while let Some(receipt) = queue.recv().await {
+        let Ok(_slot) = Arc::clone(&hub.receipt_slots).acquire_owned().await else {
+            return;
+        };
+        if let Err((code, message)) = Box::pin(take_receipt(&hub, &task, id, &receipt)).await {
+            hub.metrics.reject(code);
+            let _ = outbox.push_from(encode(&ServerMessage::Error { code, message }), None);
+        }
+    }
+}
+
+/// Holds `task`'s ledger lock for `hold` on a thread of its own, as a slow disk's sync
+/// or a long credits computation would (for tests); returns once it is held.
+#[doc(hidden)]
+pub fn hold_ledger(hub: &Hub, task: &str, hold: Duration) -> Option<std::thread::JoinHandle<()>> {
+    let ledger = Arc::clone(hub.ledgers.get(task)?);
+    let (held, taken) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _guard = ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = held.send(());
+        std::thread::sleep(hold);
+    });
+    taken.recv().ok()?;
+    Some(thread)
 }
 
 /// Checks a receipt and appends it to the task's ledger (the write and its `fsync` on a

@@ -2161,6 +2161,46 @@ async fn a_ledger_takes_at_most_its_entries_and_then_refuses_receipts_as_full() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A server with a ledger in a fresh folder (`shoal-{name}-PID`), and two members of
+/// its task that proved their keys.
+async fn ledger_pair(name: &str) -> (std::path::PathBuf, Server, Member, Member) {
+    let dir = std::env::temp_dir().join(format!("shoal-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = start_config(ledger_server(
+        &dir,
+        shoal_signaling_server::signaling::DEFAULT_LEDGER_MAX_ENTRIES,
+    ))
+    .await;
+    let a = member(&s, 1, true).await;
+    let b = member(&s, 2, true).await;
+    (dir, s, a, b)
+}
+
+#[tokio::test]
+async fn a_receipt_waiting_for_the_ledger_holds_up_nothing_else_of_its_connection() {
+    let (dir, mut s, mut a, mut b) = ledger_pair("busy").await;
+    send(&mut a.ws, report(2, 0.5)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The ledger is busy for 3 s (a slow disk's sync, credits computed for an anonymous
+    // request): a's receipt waits, and its signal to b right after it does not.
+    let busy =
+        shoal_signaling_server::signaling::hold_ledger(&s.hub, "digits", Duration::from_secs(3))
+            .expect("a ledger");
+    send(&mut a.ws, receipt(&a.id, &b.id, 1, 640)).await;
+    let sent = std::time::Instant::now();
+    send(&mut a.ws, offer(&b.peer)).await;
+    until(&mut b.ws, "signal").await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "the signal came after {:?}",
+        sent.elapsed()
+    );
+    busy.join().expect("held");
+    appended(&s, 1).await;
+    s.stop.take().expect("stop").send(()).expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_restart() {
     let dir = std::env::temp_dir().join(format!("shoal-ledger-test-{}", std::process::id()));
@@ -2404,15 +2444,7 @@ async fn receipts_from_linked_keys_are_chained_into_a_ledger_that_survives_a_res
 /// other's update counts.
 #[tokio::test]
 async fn receipts_across_a_pair_reported_unreachable_still_count() {
-    let dir = std::env::temp_dir().join(format!("shoal-unreachable-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut s = start_config(ledger_server(
-        &dir,
-        shoal_signaling_server::signaling::DEFAULT_LEDGER_MAX_ENTRIES,
-    ))
-    .await;
-    let mut a = member(&s, 1, true).await;
-    let mut b = member(&s, 2, true).await;
+    let (dir, mut s, mut a, mut b) = ledger_pair("unreachable").await;
     send(&mut a.ws, report(2, 0.5)).await;
     send(&mut b.ws, report(2, 0.5)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -213,14 +213,16 @@ export async function firstPeer(page, timeout = 60_000) {
  *  painted only just now (its own guard against clickjacking), as a visitor's first click
  *  can be; a visitor clicks again, and so does this. Like a visitor, it looks at the
  *  button before it clicks: the frame refuses a click on a button shown for less than
- *  half a second. */
+ *  half a second, and moves the pointer onto it before pressing. */
 export async function consentInFrame(frame) {
   const given = frame.locator('body[data-consent="given"]');
   const button = frame.getByRole('button', { name: 'Contribute' });
   for (let i = 0; i < 10; i++) {
     await button.waitFor({ state: 'visible' });
+    // Onto the button, and across it (a press counts once the pointer moved over it).
+    await button.hover();
     await new Promise((r) => setTimeout(r, 800));
-    await button.click();
+    await button.click({ position: { x: 12, y: 10 } });
     if (await given.waitFor({ state: 'attached', timeout: 2_000 }).then(() => true, () => false)) return;
   }
   const consent = await frame.locator('body').getAttribute('data-consent').catch(() => '?');

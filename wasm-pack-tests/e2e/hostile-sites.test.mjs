@@ -243,6 +243,10 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
       <iframe id="uncovered" title="uncovered" src="${src}" style="position:absolute;inset:0;width:200px;height:40px;border:0"></iframe>
       <button id="decoy" style="position:absolute;inset:0;background:#fff">Double-click to play</button>
     </div>
+    <div style="position:relative;width:200px;height:40px">
+      <iframe id="resting" title="resting" src="${src}" style="position:absolute;inset:0;width:200px;height:40px;border:0"></iframe>
+      <div id="popup" style="position:absolute;inset:0;background:#fff">Double-click to continue</div>
+    </div>
     <script>
       document.getElementById('decoy').addEventListener('mousedown', (e) => { e.target.style.display = 'none'; });
     </script>` }));
@@ -334,6 +338,23 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   assert.equal(await plain.locator('body').getAttribute('data-consent'), 'refused',
     'a Space after the page named the button in the frame\'s address pressed nothing');
   assert.equal(await plain.locator('#refused').isHidden(), true);
+  // "Double-click to continue" in a window of the page's own over the button, closed as
+  // the visitor presses: the second press lands on a button visible all along, where
+  // the pointer rests and never moved onto it. (Here the window is a cover that the page
+  // removes while the pointer rests on it, long enough before the press.)
+  const resting = page.frameLocator('#resting');
+  await resting.getByRole('button', { name: 'Contribute', includeHidden: true }).waitFor({ state: 'attached' });
+  const popup = await page.locator('#popup').boundingBox();
+  await page.mouse.move(popup.x + 30, popup.y + 15, { steps: 3 });
+  await page.evaluate(() => document.getElementById('popup').remove());
+  await page.waitForTimeout(900);
+  await page.mouse.down();
+  await page.mouse.up();
+  await resting.locator('body[data-consent="refused"]').waitFor({ state: 'attached', timeout: 5_000 })
+    .catch(async (e) => {
+      throw new Error(`${e.message}; the frame's consent stands at ${await resting.locator('body').getAttribute('data-consent')}`);
+    });
+  assert.match(await resting.locator('#refused').textContent(), /had not moved onto it/);
   // A frame without an origin of its own (a sandbox) cannot load Shoal: it says so, and
   // offers no button that would start and hang.
   const boxed = page.frameLocator('#sandboxed');
