@@ -2252,9 +2252,9 @@ async fn connection(
     let mut strikes = 0u32;
     let mut last_seen = Instant::now();
     let mut spoke = false;
-    // This connection's receipts, appended in order by a task of their own (started with
-    // the first).
-    let mut receipts: Option<tokio::sync::mpsc::Sender<String>> = None;
+    // This connection's checked receipts, appended in order by a task of their own
+    // (started with the first).
+    let mut receipts: Option<tokio::sync::mpsc::Sender<CheckedReceipt>> = None;
     let mut links = LinkBudgets {
         // Two of the largest messages fit, whatever the operator set.
         full: limits
@@ -2326,6 +2326,7 @@ async fn connection(
                         _ => 0,
                     };
                     if size > limits.max_message_bytes {
+                        hub.metrics.bytes_in.fetch_add(size as u64, Ordering::Relaxed);
                         let msg = format!("{size} bytes; the limit is {}", limits.max_message_bytes);
                         refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
                         break Disconnect::TooLarge;
@@ -2391,15 +2392,20 @@ async fn connection(
                             .identify(&task, id, &key, &signature)
                             .map_err(|e| (ErrorCode::BadIdentity, format!("identify: {e}"))),
                         Ok(ClientMessage::Receipt { receipt }) => {
-                            let queue = receipts.get_or_insert_with(|| {
-                                let (tx, rx) = tokio::sync::mpsc::channel(RECEIPTS_WAITING);
-                                tokio::spawn(append_receipts(Arc::clone(&hub), task.clone(), id, rx, Arc::clone(&outbox)));
-                                tx
+                            // Checked here, in order with the connection's other
+                            // messages; appended by the connection's receipt task.
+                            let checked = hub.check_receipt(&task, id, &receipt).and_then(|c| {
+                                let queue = receipts.get_or_insert_with(|| {
+                                    let (tx, rx) = tokio::sync::mpsc::channel(RECEIPTS_WAITING);
+                                    tokio::spawn(append_receipts(Arc::clone(&hub), task.clone(), rx, Arc::clone(&outbox)));
+                                    tx
+                                });
+                                queue.try_send(c).map_err(|_| (ReceiptOutcome::Unavailable, format!(
+                                    "{RECEIPTS_WAITING} receipts of this connection wait for the ledger already; this one was not recorded")))
                             });
-                            queue.try_send(receipt).map_err(|_| {
-                                hub.metrics.receipt(ReceiptOutcome::Unavailable);
-                                (ErrorCode::BadReceipt, format!(
-                                    "unavailable: {RECEIPTS_WAITING} receipts of this connection wait for the ledger already; this one was not recorded"))
+                            checked.map_err(|(why, detail)| {
+                                hub.metrics.receipt(why);
+                                (ErrorCode::BadReceipt, format!("{}: {detail}", why.label()))
                             })
                         }
                         Err(e) => Err(e),
@@ -2437,22 +2443,40 @@ async fn connection(
     }
 }
 
-/// Appends a connection's receipts (`queue`) in order, each once one of the server's
-/// [`RECEIPTS_AT_ONCE`] slots is free; a refusal goes to the connection's `outbox`.
+/// Appends a connection's checked receipts (`queue`) in order, each once one of the
+/// server's [`RECEIPTS_AT_ONCE`] slots is free (the write and its `fsync` on a blocking
+/// thread), and counts the outcome; a refusal goes to the connection's `outbox`. A
+/// receipt checked before its connection closed is still appended.
 async fn append_receipts(
     hub: Arc<Hub>,
     task: String,
-    id: PeerId,
-    mut queue: tokio::sync::mpsc::Receiver<String>,
+    mut queue: tokio::sync::mpsc::Receiver<CheckedReceipt>,
     outbox: Arc<Outbox>,
 ) {
-    while let Some(receipt) = queue.recv().await {
+    while let Some((bytes, r, site, links)) = queue.recv().await {
         let Ok(_slot) = Arc::clone(&hub.receipt_slots).acquire_owned().await else {
             return;
         };
-        if let Err((code, message)) = Box::pin(take_receipt(&hub, &task, id, &receipt)).await {
-            hub.metrics.reject(code);
-            let _ = outbox.push_from(encode(&ServerMessage::Error { code, message }), None);
+        let (hub2, task2) = (Arc::clone(&hub), task.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            hub2.append_receipt(&task2, &bytes, &r, &site, links)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err((
+                ReceiptOutcome::Unavailable,
+                "the ledger write failed".into(),
+            ))
+        });
+        match outcome {
+            Ok(()) => hub.metrics.receipt(ReceiptOutcome::Appended),
+            Err((why, detail)) => {
+                hub.metrics.receipt(why);
+                let code = ErrorCode::BadReceipt;
+                hub.metrics.reject(code);
+                let message = format!("{}: {detail}", why.label());
+                let _ = outbox.push_from(encode(&ServerMessage::Error { code, message }), None);
+            }
         }
     }
 }
@@ -2470,43 +2494,6 @@ pub fn hold_ledger(hub: &Hub, task: &str, hold: Duration) -> Option<std::thread:
     });
     taken.recv().ok()?;
     Some(thread)
-}
-
-/// Checks a receipt and appends it to the task's ledger (the write and its `fsync` on a
-/// blocking thread); counts the outcome.
-async fn take_receipt(
-    hub: &Arc<Hub>,
-    task: &str,
-    id: PeerId,
-    hex: &str,
-) -> Result<(), (ErrorCode, String)> {
-    let checked = hub.check_receipt(task, id, hex);
-    let outcome = match checked {
-        Err(e) => Err(e),
-        Ok((bytes, r, site, links)) => {
-            let (hub2, task2) = (Arc::clone(hub), task.to_string());
-            tokio::task::spawn_blocking(move || {
-                hub2.append_receipt(&task2, &bytes, &r, &site, links)
-            })
-            .await
-            .unwrap_or_else(|_| {
-                Err((
-                    ReceiptOutcome::Unavailable,
-                    "the ledger write failed".into(),
-                ))
-            })
-        }
-    };
-    match outcome {
-        Ok(()) => {
-            hub.metrics.receipt(ReceiptOutcome::Appended);
-            Ok(())
-        }
-        Err((why, detail)) => {
-            hub.metrics.receipt(why);
-            Err((ErrorCode::BadReceipt, format!("{}: {detail}", why.label())))
-        }
-    }
 }
 
 /// Why a read failed, as a disconnect reason.

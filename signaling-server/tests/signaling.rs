@@ -2195,8 +2195,13 @@ async fn a_receipt_waiting_for_the_ledger_holds_up_nothing_else_of_its_connectio
         "the signal came after {:?}",
         sent.elapsed()
     );
+    // A second receipt waits behind the first; a leaves before the ledger is free: both,
+    // checked as they came, are appended anyway.
+    send(&mut a.ws, receipt(&a.id, &b.id, 2, 640)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(a);
     busy.join().expect("held");
-    appended(&s, 1).await;
+    appended(&s, 2).await;
     s.stop.take().expect("stop").send(()).expect("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }

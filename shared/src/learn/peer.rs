@@ -171,8 +171,9 @@ pub const ANSWER_LEAST_BYTES: f64 = 65_536.0;
 /// asking every 2 s for whole models kept the allowance spent, and a dashboard's or a
 /// lagging peer's request found it so about four times in five.
 pub const ANSWER_FAIR_MS: f64 = 30_000.0;
-/// Requests (and answers) remembered for [`ANSWER_FAIR_MS`], at most.
-const ANSWER_ASKS_KEPT: usize = 256;
+/// Requests (and answers) remembered for [`ANSWER_FAIR_MS`], at most: one per neighbour
+/// per [`ANSWER_INTERVAL_MS`] is recorded, so 32 neighbours fit.
+const ANSWER_ASKS_KEPT: usize = 1024;
 
 /// The bytes per millisecond a peer's model answers (to all neighbours together) may send
 /// for a model of `params` parameters: [`ANSWER_SHARE`] of an upload budget of `budget`
@@ -1399,10 +1400,18 @@ impl Peer {
         // Past half the allowance, each neighbour that asked lately gets an equal share.
         self.asks
             .retain(|(_, t, _)| now_ms - t < ANSWER_FAIR_MS && *t <= now_ms);
-        if self.asks.len() >= ANSWER_ASKS_KEPT {
-            self.asks.pop_front();
+        // One record per neighbour per `ANSWER_INTERVAL_MS`: requests sent faster (they
+        // get no answer) must not push the others', nor its own bytes, out.
+        let recorded = self
+            .asks
+            .iter()
+            .any(|(p, t, _)| *p == from && now_ms - t < ANSWER_INTERVAL_MS);
+        if !recorded {
+            if self.asks.len() >= ANSWER_ASKS_KEPT {
+                self.asks.pop_front();
+            }
+            self.asks.push_back((from, now_ms, 0));
         }
-        self.asks.push_back((from, now_ms, 0));
         let over_share = spent > 0.5 * burst_ms && {
             let mut askers: Vec<PeerId> = self.asks.iter().map(|(p, _, _)| *p).collect();
             askers.sort_unstable_by_key(|p| p.0);
