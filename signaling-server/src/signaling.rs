@@ -2326,7 +2326,9 @@ async fn connection(
                         _ => 0,
                     };
                     if size > limits.max_message_bytes {
-                        hub.metrics.bytes_in.fetch_add(size as u64, Ordering::Relaxed);
+                        if matches!(msg, Message::Text(_)) {
+                            hub.metrics.bytes_in.fetch_add(size as u64, Ordering::Relaxed);
+                        }
                         let msg = format!("{size} bytes; the limit is {}", limits.max_message_bytes);
                         refuse(&mut socket, &hub, ErrorCode::TooLarge, msg).await;
                         break Disconnect::TooLarge;
