@@ -2344,16 +2344,17 @@ async fn connection(
                     };
                     hub.metrics.bytes_in.fetch_add(text.len() as u64, Ordering::Relaxed);
                     let not_neighbour = |to: PeerId| move |c| (c, format!("{to} is not your neighbour"));
-                    let link_bytes = links.full;
-                    let over_budget = move |to: PeerId| (ErrorCode::RateLimited, format!(
-                        "signals to {to}: more than {link_bytes} bytes in {} s", LINK_REFILL.as_secs()));
-                    if let Some(s) = decode_signal(&text) {
-                        let relayed = if links.take(s.to, text.len(), now) {
-                            hub.relay(&task, id, s.to, s.signal).map_err(not_neighbour(s.to))
+                    // A signal to `to` (`signal` as relayed), within its link's budget.
+                    let mut relay = |to: PeerId, signal: &str| {
+                        if links.take(to, text.len(), now) {
+                            hub.relay(&task, id, to, signal).map_err(not_neighbour(to))
                         } else {
-                            Err(over_budget(s.to))
-                        };
-                        match relayed {
+                            Err((ErrorCode::RateLimited, format!(
+                                "signals to {to}: more than {} bytes in {} s", links.full, LINK_REFILL.as_secs())))
+                        }
+                    };
+                    if let Some(s) = decode_signal(&text) {
+                        match relay(s.to, s.signal) {
                             Err(e) => {
                                 refuse(&mut socket, &hub, e.0, e.1).await;
                             }
@@ -2370,11 +2371,7 @@ async fn connection(
                             // decode_signal takes every valid signal (a test checks);
                             // should one slip past it, relay the re-encoded form.
                             let raw = serde_json::to_string(&signal).unwrap_or_default();
-                            if links.take(to, text.len(), now) {
-                                hub.relay(&task, id, to, &raw).map_err(not_neighbour(to))
-                            } else {
-                                Err(over_budget(to))
-                            }
+                            relay(to, &raw)
                         }
                         Ok(ClientMessage::Unreachable { peer }) => {
                             hub.unreachable(&task, id, peer).map_err(|c| match c {
@@ -2405,10 +2402,7 @@ async fn connection(
                                 queue.try_send(c).map_err(|_| (ReceiptOutcome::Unavailable, format!(
                                     "{RECEIPTS_WAITING} receipts of this connection wait for the ledger already; this one was not recorded")))
                             });
-                            checked.map_err(|(why, detail)| {
-                                hub.metrics.receipt(why);
-                                (ErrorCode::BadReceipt, format!("{}: {detail}", why.label()))
-                            })
+                            checked.map_err(|(why, detail)| refused_receipt(&hub, why, &detail))
                         }
                         Err(e) => Err(e),
                     };
@@ -2445,6 +2439,12 @@ async fn connection(
     }
 }
 
+/// A refused receipt, counted under `why`: the error its sender gets.
+fn refused_receipt(hub: &Hub, why: ReceiptOutcome, detail: &str) -> (ErrorCode, String) {
+    hub.metrics.receipt(why);
+    (ErrorCode::BadReceipt, format!("{}: {detail}", why.label()))
+}
+
 /// Appends a connection's checked receipts (`queue`) in order, each once one of the
 /// server's [`RECEIPTS_AT_ONCE`] slots is free (the write and its `fsync` on a blocking
 /// thread), and counts the outcome; a refusal goes to the connection's `outbox`. A
@@ -2473,10 +2473,8 @@ async fn append_receipts(
         match outcome {
             Ok(()) => hub.metrics.receipt(ReceiptOutcome::Appended),
             Err((why, detail)) => {
-                hub.metrics.receipt(why);
-                let code = ErrorCode::BadReceipt;
+                let (code, message) = refused_receipt(&hub, why, &detail);
                 hub.metrics.reject(code);
-                let message = format!("{}: {detail}", why.label());
                 let _ = outbox.push_from(encode(&ServerMessage::Error { code, message }), None);
             }
         }

@@ -1416,7 +1416,7 @@ impl Learner {
 
     /// Drops the updates signed by `key` held for a round's close.
     pub fn drop_updates_of(&mut self, key: &PublicKey) {
-        self.inbox.retain(|p| &p.key != key);
+        self.drop_updates_of_except(key, |_| false);
     }
 
     /// Drops the updates signed by `key` held for a round's close, except those that a
