@@ -186,8 +186,8 @@ impl SwarmTrainer {
     }
 
     /// Pauses or resumes this peer (the visitor's choice: a button, a hidden tab, a
-    /// battery). A paused peer finishes nothing new, keeps its connections, answers model
-    /// requests, and tells its neighbours not to wait for its updates.
+    /// battery). A paused peer finishes nothing new, keeps its connections, tells its
+    /// neighbours not to wait for its updates, and answers no model request.
     pub fn set_paused(&mut self, net: &impl Transport, paused: bool) {
         self.peer.handle(Event::Paused(paused), 0.0);
         let pending = self.flush(net, 0.0);

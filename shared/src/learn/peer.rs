@@ -1377,10 +1377,13 @@ impl Peer {
         }
     }
 
-    /// Whether we answer `from`'s request for our model now: we hold one to give (else we
-    /// tell it we do not) and it did not ask too soon.
+    /// Whether we answer `from`'s request for our model now: we hold one to give and our
+    /// visitor has not paused us (else we tell it we give nothing), and it did not ask too
+    /// soon.
     fn may_answer(&mut self, from: PeerId, observe: bool, now_ms: f64) -> bool {
-        if self.role != PeerRole::Trainer || !self.learner.is_started() {
+        // A visitor who paused (a button, a hidden tab, a battery) gives no upload either:
+        // honest neighbours know we are idle and do not ask.
+        if self.role != PeerRole::Trainer || !self.learner.is_started() || self.progress.paused {
             // Nothing to give: say so, so that the asker stops waiting for us.
             let msg = PeerMessage::Status {
                 contributing: false,

@@ -823,6 +823,42 @@ fn model_requests_are_answered_at_a_bounded_rate() {
 }
 
 #[test]
+fn a_peer_its_visitor_paused_uploads_no_model() {
+    let mut p = running(5);
+    p.handle(Event::Paused(true), 100.0);
+    drain(&mut p);
+    let idle = PeerMessage::Status {
+        contributing: false,
+    }
+    .encode();
+    // Neither a model nor an observer's weights: only that it gives nothing.
+    p.handle(msg(10, PeerMessage::ModelRequest.encode()), 200.0);
+    p.handle(
+        msg(11, PeerMessage::Observe { base: [0; 32] }.encode()),
+        300.0,
+    );
+    let outs = drain(&mut p);
+    assert_eq!(
+        outs,
+        [10, 11].map(|n| Output::Send {
+            to: PeerId(n),
+            data: idle.clone()
+        }),
+    );
+    // Resumed, it answers again; a task the researcher paused still answers.
+    p.handle(Event::Paused(false), 400.0);
+    p.handle(Event::TaskPaused(true), 400.0);
+    drain(&mut p);
+    p.handle(msg(10, PeerMessage::ModelRequest.encode()), 500.0);
+    let outs = drain(&mut p);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Send { to: PeerId(10), data } if data.len() > 100)),
+        "{outs:?}"
+    );
+}
+
+#[test]
 fn a_lone_joiner_starts_from_the_seed_after_the_grace() {
     let mut p = joiner();
     p.tick(JOIN_GRACE_MS - 1.0);
