@@ -735,6 +735,8 @@ pub struct Learner {
     copy_screened: bool,
     /// Copies taken so far (the clock of [`PublicCopy::touched`]).
     copies_taken: u64,
+    /// The neighbours the round waits for ([`set_awaited`](Self::set_awaited)).
+    awaited: usize,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -775,8 +777,19 @@ impl Learner {
             own_exact: None,
             copy_screened: false,
             copies_taken: 0,
+            awaited: 0,
             stats: LearnStats::default(),
         })
+    }
+
+    /// How many neighbours the round about to close waited for (the peer sets it before
+    /// [`finish_round`](Self::finish_round)): each of them whose update is not held counts
+    /// in the norm bound's median as our own run's norm ([`norm_reference`]), and a held
+    /// update above that bound is scaled down to it. Without that, two colluders whose
+    /// updates were the only ones held (the honest ones late, or pushed out by their next
+    /// round's) were the median themselves, and their update of any size was taken.
+    pub fn set_awaited(&mut self, neighbours: usize) {
+        self.awaited = neighbours;
     }
 
     /// Clips and noises every update we send from now on (the task's `[privacy]`):
@@ -1636,7 +1649,19 @@ impl Learner {
             aggregate::clip_norm(&mut p.delta, aggregate::norm(d) * self.cfg.max_norm_ratio);
         }
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
-        let bound = norm_reference(own.as_deref(), &norms) * self.cfg.max_norm_ratio;
+        let ratio = self.cfg.max_norm_ratio;
+        let refused_above = norm_reference(own.as_deref(), &norms, 0) * ratio;
+        // Each awaited neighbour whose update is not held counts as our own norm: a held
+        // update above that bound but within the one of the held alone is scaled down to
+        // it, not refused (an honest neighbour's larger update still counts, a round that
+        // held few updates no longer lets the few set the bound).
+        let missing = self.awaited.saturating_sub(held.len());
+        let bound = norm_reference(own.as_deref(), &norms, missing) * ratio;
+        for (p, &norm) in held.iter_mut().zip(&norms) {
+            if norm > bound && norm <= refused_above {
+                aggregate::clip_norm(&mut p.delta, bound);
+            }
+        }
         let mut updates: Vec<(&[f32], f32)> = Vec::with_capacity(held.len() + 1);
         let mut noise: Vec<f32> = Vec::with_capacity(held.len() + 1);
         // The median ignores weights: a liar that claims few samples would keep a full
@@ -1656,7 +1681,7 @@ impl Learner {
             sources.push(None);
         }
         for (i, ((p, &norm), &weight)) in held.iter().zip(&norms).zip(&weights).enumerate() {
-            if norm > bound {
+            if norm > refused_above {
                 self.stats.reject(Rejection::Norm);
                 summary.rejected += 1;
                 continue;
@@ -1955,16 +1980,23 @@ fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32, bool) {
 const ECHO_RATIO: f32 = 1e-3;
 
 /// The norm updates are bounded relative to: the larger of our own update's norm and
-/// the lower median of the held updates' norms. Our own alone fails where peers' data
-/// differ: a peer whose classes the model already fits moves little (plain SGD scales
-/// its step with its gradient) and would refuse its neighbours' honest, larger updates,
-/// dropping whole classes. The median of the held ones alone could be raised by
-/// attackers among few neighbours; while they are fewer than half it stays an honest
-/// norm. One held update alone is no median (it would bound itself): it is clipped
-/// before (see [`Learner::finish_round`]).
-fn norm_reference(own: Option<&[f32]>, held: &[f32]) -> f32 {
-    let median = lower_median(held);
-    own.map_or(median, |d| aggregate::norm(d).max(median))
+/// the lower median of the held updates' norms, with our own norm in the place of each of
+/// the `missing` awaited neighbours' updates not held (with them, a held update above
+/// the bound is scaled down to it rather than refused). Our own alone fails where peers'
+/// data differ: a peer whose classes the model already fits moves little (plain SGD
+/// scales its step with its gradient) and would refuse its neighbours' honest, larger
+/// updates, dropping whole classes. The median of the held ones alone could be raised by
+/// attackers among few neighbours; while they are fewer than half of the neighbours
+/// awaited it stays an honest norm (counting only those held, two liars were the median
+/// of a round that held nothing else). One held update alone is no median (it would
+/// bound itself): it is clipped before (see [`Learner::finish_round`]).
+fn norm_reference(own: Option<&[f32]>, held: &[f32], missing: usize) -> f32 {
+    let Some(own) = own.map(aggregate::norm) else {
+        return lower_median(held);
+    };
+    let mut norms = held.to_vec();
+    norms.extend(std::iter::repeat_n(own, missing));
+    own.max(lower_median(&norms))
 }
 
 /// The lower median of `values` (of an even count the smaller middle one; 0 for none).

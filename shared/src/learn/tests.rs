@@ -1370,6 +1370,40 @@ fn a_lone_held_update_is_clipped_to_our_own_norm() {
 }
 
 #[test]
+fn two_colluders_held_alone_are_bounded_by_the_neighbours_awaited() {
+    // Exchanging weights: of five neighbours awaited, only two colluders' updates are
+    // held this round (the honest ones late, or pushed out by their next round's), both
+    // weights a hundred away. They were each other's median and were taken whole; the
+    // three missing count as our own run's norm, and both are scaled down to three times
+    // it (0.06).
+    let c = LearnConfig {
+        exchange: Exchange::Weights,
+        sync_every: 0,
+        ..cfg()
+    };
+    let round = |awaited: usize| {
+        let mut a = with(&c, 1, 4);
+        for seed in [2, 3] {
+            let mut o = with(&c, seed, 4);
+            a.receive(&o.local_update(&[100.0; 4], 8, 0.0).expect("finite"))
+                .expect("taken in");
+        }
+        a.local_update(&[0.01; 4], 8, 0.0).expect("finite");
+        a.set_awaited(awaited);
+        let s = a.finish_round();
+        (s.used, s.rejected, aggregate::norm(a.weights()))
+    };
+    let (used, rejected, norm) = round(5);
+    assert_eq!((used, rejected), (2, 0));
+    // The mean of our run (0.02) and the two scaled ones.
+    assert!(norm <= (0.02 + 2.0 * 0.06) / 3.0 + 1e-6, "{norm}");
+    // Counting only what is held (or where they are most of those awaited), they are.
+    let (used, _, norm) = round(2);
+    assert_eq!(used, 2);
+    assert!(norm > 100.0, "{norm}");
+}
+
+#[test]
 fn our_own_update_echoed_under_another_key_is_refused_and_earns_nothing() {
     let n = 256;
     let mut c = cfg();

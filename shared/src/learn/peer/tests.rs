@@ -75,7 +75,12 @@ fn model(round: u64, w: f32) -> Vec<u8> {
 
 /// A validly signed update by `signer` for `round` (weights 0.5 everywhere).
 fn update(signer: u8, round: u64) -> Vec<u8> {
-    let (payload, _) = Compressor::new(Compression::None, N).encode(&[0.5; N]);
+    update_of(signer, round, 0.5)
+}
+
+/// A validly signed update by `signer` for `round`: weights `w` everywhere.
+fn update_of(signer: u8, round: u64, w: f32) -> Vec<u8> {
+    let (payload, _) = Compressor::new(Compression::None, N).encode(&[w; N]);
     PeerMessage::Update(Update::signed(&id(signer), "t", round, 8, 0.1, payload)).encode()
 }
 
@@ -823,6 +828,34 @@ fn model_requests_are_answered_at_a_bounded_rate() {
 }
 
 #[test]
+fn two_colluders_whose_updates_alone_are_in_at_the_round_limit_are_bounded() {
+    // Five neighbours; 10 and 11 collude and send weights a hundred away, the other three
+    // send nothing this round. The round closes at its limit with only the colluders'
+    // updates held: they must not be each other's norm reference.
+    let mut p = joiner();
+    assert!(p.resume(snapshot(5, 0.5)));
+    for n in 10..15 {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(GREET_AFTER_MS);
+    drain(&mut p);
+    for (from, signer) in [(10, 20), (11, 21)] {
+        p.handle(msg(from, update_of(signer, 5, 100.5)), GREET_AFTER_MS + 1.0);
+    }
+    p.trained(5, &[0.49; N], 0.3, 8, GREET_AFTER_MS + 2.0)
+        .expect("finite");
+    p.tick(GREET_AFTER_MS + 60_000.0);
+    assert_eq!(p.learner().round(), 6, "the round closed");
+    let far = p
+        .learner()
+        .weights()
+        .iter()
+        .map(|w| (w - 0.5).abs())
+        .fold(0.0, f32::max);
+    assert!(far < 0.1, "moved {far} from the round's start");
+}
+
+#[test]
 fn a_peer_its_visitor_paused_uploads_no_model() {
     let mut p = running(5);
     p.handle(Event::Paused(true), 100.0);
@@ -1149,21 +1182,46 @@ fn colluders_that_agree_on_the_weights_do_not_set_the_momentum() {
     );
 }
 
+/// A joiner with neighbours 10 to 14 asks all five for the model (at `2 *
+/// GREET_AFTER_MS`).
+fn ask_five(p: &mut Peer) {
+    for n in 10..15 {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(GREET_AFTER_MS);
+    p.tick(2.0 * GREET_AFTER_MS);
+    let mut who = asked(&drain(p));
+    who.sort_unstable();
+    assert_eq!(who, [10, 11, 12, 13, 14]);
+}
+
+#[test]
+fn colluders_whose_model_is_the_median_do_not_choose_its_round() {
+    // Five asked: the honest answers at rounds 10, 10 and 11; two colluders send one
+    // model between them (the coordinate-wise median, so it is taken) at round 8, two
+    // rounds behind, within the window.
+    let mut p = joiner();
+    ask_five(&mut p);
+    let t0 = 2.0 * GREET_AFTER_MS;
+    p.handle(msg(10, model(8, 0.306)), t0 + 10.0);
+    p.handle(msg(11, model(8, 0.306)), t0 + 20.0);
+    p.handle(msg(12, model(10, 0.30)), t0 + 30.0);
+    p.handle(msg(13, model(10, 0.31)), t0 + 40.0);
+    p.handle(msg(14, model(11, 0.305)), t0 + 50.0);
+    assert!(p.has_model());
+    assert_eq!(
+        p.learner().round(),
+        10,
+        "the agreeing answers' median round"
+    );
+}
+
 #[test]
 fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() {
     // Five asked; two colluders answer at once with one model that stays within
     // AGREE_RATIO of the honest ones (0.42 against 0.30: a distance of 0.96 where half
     // the smaller norm is 1.2), and a huge momentum.
-    let ask = |p: &mut Peer| {
-        for n in 10..15 {
-            p.handle(Event::Up(PeerId(n)), 0.0);
-        }
-        p.tick(GREET_AFTER_MS);
-        p.tick(2.0 * GREET_AFTER_MS);
-        let mut who = asked(&drain(p));
-        who.sort_unstable();
-        assert_eq!(who, [10, 11, 12, 13, 14]);
-    };
+    let ask = ask_five;
     let t0 = 2.0 * GREET_AFTER_MS;
     let poisoned = PeerMessage::Model(Snapshot {
         round: 10,
