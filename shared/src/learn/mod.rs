@@ -735,8 +735,9 @@ pub struct Learner {
     copy_screened: bool,
     /// Copies taken so far (the clock of [`PublicCopy::touched`]).
     copies_taken: u64,
-    /// The neighbours the round waits for ([`set_awaited`](Self::set_awaited)).
-    awaited: usize,
+    /// The neighbours the round waits for, each by the keys it delivers
+    /// ([`set_awaited`](Self::set_awaited)).
+    awaited: Vec<Vec<PublicKey>>,
     /// Traffic and rejection counters.
     pub stats: LearnStats,
 }
@@ -777,18 +778,20 @@ impl Learner {
             own_exact: None,
             copy_screened: false,
             copies_taken: 0,
-            awaited: 0,
+            awaited: Vec::new(),
             stats: LearnStats::default(),
         })
     }
 
-    /// How many neighbours the round about to close waited for (the peer sets it before
-    /// [`finish_round`](Self::finish_round)): each of them whose update is not held counts
-    /// in the norm bound's median as our own run's norm ([`norm_reference`]), and a held
-    /// update above that bound is scaled down to it. Without that, two colluders whose
-    /// updates were the only ones held (the honest ones late, or pushed out by their next
-    /// round's) were the median themselves, and their update of any size was taken.
-    pub fn set_awaited(&mut self, neighbours: usize) {
+    /// The neighbours the round about to close waited for, each by the keys its updates
+    /// come under (the peer sets it before [`finish_round`](Self::finish_round), which
+    /// forgets it): each of them none of whose keys has an update among those the round
+    /// uses counts in the norm bound's median as our own run's norm ([`norm_reference`]),
+    /// and a held update above that bound is scaled down to it. Without that, two
+    /// colluders whose updates were the only ones held (the honest ones late, or pushed
+    /// out by their next round's; the colluders still connected or not) were the median
+    /// themselves, and their update of any size was taken.
+    pub fn set_awaited(&mut self, neighbours: Vec<Vec<PublicKey>>) {
         self.awaited = neighbours;
     }
 
@@ -1655,7 +1658,10 @@ impl Learner {
         // update above that bound but within the one of the held alone is scaled down to
         // it, not refused (an honest neighbour's larger update still counts, a round that
         // held few updates no longer lets the few set the bound).
-        let missing = self.awaited.saturating_sub(held.len());
+        let missing = std::mem::take(&mut self.awaited)
+            .iter()
+            .filter(|keys| !held.iter().any(|p| keys.contains(&p.key)))
+            .count();
         let bound = norm_reference(own.as_deref(), &norms, missing) * ratio;
         for (p, &norm) in held.iter_mut().zip(&norms) {
             if norm > bound && norm <= refused_above {
@@ -1980,9 +1986,10 @@ fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32, bool) {
 const ECHO_RATIO: f32 = 1e-3;
 
 /// The norm updates are bounded relative to: the larger of our own update's norm and
-/// the lower median of the held updates' norms, with our own norm in the place of each of
-/// the `missing` awaited neighbours' updates not held (with them, a held update above
-/// the bound is scaled down to it rather than refused). Our own alone fails where peers'
+/// the lower median of the held updates' norms, with our own norm (0 when we have no
+/// update this round) in the place of each of the `missing` awaited neighbours' updates
+/// not held (with them, a held update above the bound is scaled down to it rather than
+/// refused). Our own alone fails where peers'
 /// data differ: a peer whose classes the model already fits moves little (plain SGD
 /// scales its step with its gradient) and would refuse its neighbours' honest, larger
 /// updates, dropping whole classes. The median of the held ones alone could be raised by
@@ -1991,9 +1998,7 @@ const ECHO_RATIO: f32 = 1e-3;
 /// of a round that held nothing else). One held update alone is no median (it would
 /// bound itself): it is clipped before (see [`Learner::finish_round`]).
 fn norm_reference(own: Option<&[f32]>, held: &[f32], missing: usize) -> f32 {
-    let Some(own) = own.map(aggregate::norm) else {
-        return lower_median(held);
-    };
+    let own = own.map_or(0.0, aggregate::norm);
     let mut norms = held.to_vec();
     norms.extend(std::iter::repeat_n(own, missing));
     own.max(lower_median(&norms))

@@ -1902,7 +1902,11 @@ impl Peer {
                 self.send(p, msg.clone());
             }
         }
-        let awaited = self.awaited().len();
+        let awaited = self
+            .awaited()
+            .iter()
+            .map(|n| n.key.iter().chain(&n.copy_of).copied().collect())
+            .collect();
         self.learner.set_awaited(awaited);
         let summary = self.learner.finish_round();
         if let Some(msg) = &summary.sync {

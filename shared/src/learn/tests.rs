@@ -1371,34 +1371,43 @@ fn a_lone_held_update_is_clipped_to_our_own_norm() {
 
 #[test]
 fn two_colluders_held_alone_are_bounded_by_the_neighbours_awaited() {
-    // Exchanging weights: of five neighbours awaited, only two colluders' updates are
-    // held this round (the honest ones late, or pushed out by their next round's), both
-    // weights a hundred away. They were each other's median and were taken whole; the
-    // three missing count as our own run's norm, and both are scaled down to three times
-    // it (0.06).
+    // Exchanging weights: only two colluders' updates are held this round, both weights
+    // a hundred away, and three honest neighbours awaited sent none for it (late, or
+    // pushed out by their next round's). The colluders were each other's median and were
+    // taken whole; the three missing count as our own run's norm, and both are scaled
+    // down to three times it (0.06).
     let c = LearnConfig {
         exchange: Exchange::Weights,
         sync_every: 0,
         ..cfg()
     };
-    let round = |awaited: usize| {
+    let round = |missing: u8, own: bool| {
         let mut a = with(&c, 1, 4);
+        // Neighbours 4, 5, ... whose updates are not held; the colluders are not awaited
+        // (gone, say): what they delivered still counts, not they.
+        let missing = (4..4 + missing).map(|s| vec![Identity::from_seed([s; 32]).public()]);
         for seed in [2, 3] {
             let mut o = with(&c, seed, 4);
             a.receive(&o.local_update(&[100.0; 4], 8, 0.0).expect("finite"))
                 .expect("taken in");
         }
-        a.local_update(&[0.01; 4], 8, 0.0).expect("finite");
-        a.set_awaited(awaited);
+        if own {
+            a.local_update(&[0.01; 4], 8, 0.0).expect("finite");
+        }
+        a.set_awaited(missing.collect());
         let s = a.finish_round();
         (s.used, s.rejected, aggregate::norm(a.weights()))
     };
-    let (used, rejected, norm) = round(5);
+    let (used, rejected, norm) = round(3, true);
     assert_eq!((used, rejected), (2, 0));
     // The mean of our run (0.02) and the two scaled ones.
     assert!(norm <= (0.02 + 2.0 * 0.06) / 3.0 + 1e-6, "{norm}");
-    // Counting only what is held (or where they are most of those awaited), they are.
-    let (used, _, norm) = round(2);
+    // A round closed without our own update (caught up to the swarm): the missing count
+    // as nothing, and the colluders move us nowhere.
+    let (_, _, norm) = round(3, false);
+    assert!(norm <= 1e-6, "{norm}");
+    // Where they are most of those the round used and awaited, they are taken.
+    let (used, _, norm) = round(1, true);
     assert_eq!(used, 2);
     assert!(norm > 100.0, "{norm}");
 }

@@ -842,6 +842,9 @@ fn two_colluders_whose_updates_alone_are_in_at_the_round_limit_are_bounded() {
     for (from, signer) in [(10, 20), (11, 21)] {
         p.handle(msg(from, update_of(signer, 5, 100.5)), GREET_AFTER_MS + 1.0);
     }
+    // And they leave: their updates stay held, they are no longer awaited.
+    p.handle(Event::Down(PeerId(10)), GREET_AFTER_MS + 1.5);
+    p.handle(Event::Down(PeerId(11)), GREET_AFTER_MS + 1.5);
     p.trained(5, &[0.49; N], 0.3, 8, GREET_AFTER_MS + 2.0)
         .expect("finite");
     p.tick(GREET_AFTER_MS + 60_000.0);
