@@ -483,9 +483,14 @@ impl Neighbour {
         self.key.as_ref() == Some(key) || self.copy_of.as_ref() == Some(key)
     }
 
+    /// The keys it delivers updates of (see [`delivers`](Self::delivers)).
+    fn keys(&self) -> impl Iterator<Item = &PublicKey> {
+        self.key.iter().chain(&self.copy_of)
+    }
+
     /// Whether `fresh` holds for a key it delivers updates of.
     fn delivers_any(&self, fresh: impl Fn(&PublicKey) -> bool) -> bool {
-        self.key.iter().chain(&self.copy_of).any(fresh)
+        self.keys().any(fresh)
     }
 
     /// Notes that its update for `round` arrived at `now_ms`, unless one for our
@@ -1905,7 +1910,7 @@ impl Peer {
         let awaited = self
             .awaited()
             .iter()
-            .map(|n| n.key.iter().chain(&n.copy_of).copied().collect())
+            .map(|n| n.keys().copied().collect())
             .collect();
         self.learner.set_awaited(awaited);
         let summary = self.learner.finish_round();

@@ -1224,7 +1224,6 @@ fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() 
     // Five asked; two colluders answer at once with one model that stays within
     // AGREE_RATIO of the honest ones (0.42 against 0.30: a distance of 0.96 where half
     // the smaller norm is 1.2), and a huge momentum.
-    let ask = ask_five;
     let t0 = 2.0 * GREET_AFTER_MS;
     let poisoned = PeerMessage::Model(Snapshot {
         round: 10,
@@ -1233,7 +1232,7 @@ fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() 
     })
     .encode();
     let mut p = joiner();
-    ask(&mut p);
+    ask_five(&mut p);
     p.handle(msg(10, poisoned.clone()), t0 + 10.0);
     p.handle(msg(11, poisoned.clone()), t0 + 20.0);
     p.handle(msg(12, model(10, 0.30)), t0 + 1_000.0);
@@ -1261,7 +1260,7 @@ fn colluders_that_answer_first_do_not_pick_the_model_from_part_of_the_answers() 
     // Neighbours silent after three agreeing answers do not hold the download for
     // MODEL_WAIT_MS: it ends AGREED_GRACE_MS (at least) after the agreement.
     let mut q = joiner();
-    ask(&mut q);
+    ask_five(&mut q);
     q.handle(msg(10, model(10, 0.30)), t0 + 10.0);
     q.handle(msg(11, model(10, 0.31)), t0 + 20.0);
     q.handle(msg(12, model(10, 0.305)), t0 + 30.0);
