@@ -735,6 +735,9 @@ pub struct Learner {
     copy_screened: bool,
     /// Copies taken so far (the clock of [`PublicCopy::touched`]).
     copies_taken: u64,
+    /// The last message [`receive_from`](Self::receive_from) refused was an update whose
+    /// signature verified and whose payload did not decode ([`signed_junk`](Self::signed_junk)).
+    signed_junk: bool,
     /// The neighbours the round waits for, each by the keys it delivers
     /// ([`set_awaited`](Self::set_awaited)).
     awaited: Vec<Vec<PublicKey>>,
@@ -778,6 +781,7 @@ impl Learner {
             own_exact: None,
             copy_screened: false,
             copies_taken: 0,
+            signed_junk: false,
             awaited: Vec::new(),
             stats: LearnStats::default(),
         })
@@ -1232,6 +1236,7 @@ impl Learner {
     /// `sender` (its connection: gossip mixes are unsigned, and each sender gets one per
     /// round).
     pub fn receive_from(&mut self, sender: u64, bytes: &[u8]) -> Result<Received, Rejection> {
+        self.signed_junk = false;
         let n = self.weights.len();
         let msg = PeerMessage::decode(bytes, n).map_err(|e| self.stats.reject((&e).into()))?;
         let u = match msg {
@@ -1285,6 +1290,8 @@ impl Learner {
             let applied = self.apply_change(u.key, u.round, &u.payload);
             if matches!(applied, Ok(_) | Err(Rejection::Base)) {
                 self.remember(u.key, u.round, applied.is_err());
+            } else {
+                self.signed_junk = true;
             }
             let w = applied?;
             if stale {
@@ -1295,7 +1302,9 @@ impl Learner {
             if stale {
                 return Err(self.stats.reject(Rejection::Stale));
             }
-            let delta = self.decode_payload(&u.payload, self.cfg.compression)?;
+            let delta = self
+                .decode_payload(&u.payload, self.cfg.compression)
+                .inspect_err(|_| self.signed_junk = true)?;
             self.remember(u.key, u.round, false);
             delta
         };
@@ -1440,6 +1449,15 @@ impl Learner {
     pub fn drop_updates_of_except(&mut self, key: &PublicKey, spare: impl Fn(u64) -> bool) {
         self.inbox
             .retain(|p| &p.key != key || p.from.iter().any(|&c| spare(c)));
+    }
+
+    /// Whether the last message [`receive_from`](Self::receive_from) refused was an update
+    /// signed by its key (the signature verified) whose payload does not decode in the
+    /// task's codec and model size, or to finite values (`malformed`, `shape`,
+    /// `non_finite`): no honest peer signs one, so the connection that delivered it is a
+    /// liar or relays one (the peer shuns it; else each resend cost a verification).
+    pub fn signed_junk(&self) -> bool {
+        self.signed_junk
     }
 
     /// Counts a message the caller refused for `why` (the peer's own rules: unasked

@@ -25,7 +25,8 @@
 //! - A connection that breaks the protocol in a way no honest peer does is shunned for
 //!   the rest of its life: a model it was neither asked for nor owed as a late answer,
 //!   an update whose signature does not verify (or a replay with a held update's
-//!   signature over other bytes), a gossip mix off the schedule (any mix
+//!   signature over other bytes) or whose signature verifies over a payload that does
+//!   not decode, a gossip mix off the schedule (any mix
 //!   when the task exchanges weights) or a second one for a round. Everything it sends
 //!   afterwards is dropped unread (counted `shunned`), its updates and mixes not yet
 //!   used are discarded, its answer to a download in progress no longer counts (it is
@@ -1219,6 +1220,11 @@ impl Peer {
                 }
             }
             Err(Rejection::BadSignature | Rejection::OffSchedule | Rejection::MixRepeat) => {
+                self.shun(from, now_ms);
+            }
+            Err(Rejection::Malformed | Rejection::Shape | Rejection::NonFinite)
+                if self.learner.signed_junk() =>
+            {
                 self.shun(from, now_ms);
             }
             // A relay delivered this update first: this copy, byte for byte the one held,

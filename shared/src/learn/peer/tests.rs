@@ -2872,3 +2872,45 @@ fn colluders_that_set_the_median_round_do_not_win_the_third_try() {
     );
     assert!(rejected(&p, Rejection::RoundOutlier) >= 2 * u64::from(JOIN_ATTEMPTS));
 }
+
+/// A validly signed update by `signer` for `round` carrying `payload` as it is.
+fn signed_payload(signer: u8, round: u64, payload: Vec<u8>) -> Vec<u8> {
+    PeerMessage::Update(Update::signed(&id(signer), "t", round, 8, 0.1, payload)).encode()
+}
+
+#[test]
+fn a_connection_that_delivers_a_signed_update_whose_payload_does_not_decode_is_shunned() {
+    // No honest peer signs a payload of another size or with a NaN in it. Left open, the
+    // connection could resend it and have its signature verified (a hash of the whole
+    // update and an ed25519 check) each time.
+    let mut p = running(5);
+    let short = Compressor::new(Compression::None, N - 1)
+        .encode(&[0.5; N - 1])
+        .0;
+    let mut nan = Compressor::new(Compression::None, N).encode(&[0.5; N]).0;
+    let at = nan.len() - 4;
+    nan[at..].copy_from_slice(&f32::NAN.to_le_bytes());
+    p.handle(msg(12, signed_payload(22, 5, short.clone())), 5.0);
+    assert_eq!(rejected(&p, Rejection::Shape), 1);
+    assert_eq!(drain(&mut p), [Output::Drop(PeerId(12))]);
+    p.handle(msg(11, signed_payload(21, 5, nan)), 6.0);
+    assert_eq!(rejected(&p, Rejection::NonFinite), 1);
+    assert_eq!(drain(&mut p), [Output::Drop(PeerId(11))]);
+    // What they send then is dropped unread, their next honest-looking update too.
+    p.handle(msg(12, signed_payload(22, 5, short)), 7.0);
+    p.handle(msg(11, update(21, 5)), 8.0);
+    assert_eq!(rejected(&p, Rejection::Shunned), 2);
+    assert_eq!(rejected(&p, Rejection::Shape), 1);
+    // A message that does not decode, before any signature is checked, shuns nobody.
+    let mut cut = update(20, 5);
+    cut.truncate(cut.len() - 10);
+    p.handle(msg(10, cut), 9.0);
+    assert_eq!(rejected(&p, Rejection::Malformed), 1);
+    assert_eq!(drain(&mut p), []);
+    // 10 is still heard: its round's update closes the round with ours.
+    p.trained(5, &[0.49; N], 0.3, 8, 10.0).expect("finite");
+    drain(&mut p);
+    p.handle(msg(10, update(20, 5)), 11.0);
+    p.tick(20.0);
+    assert_eq!(p.learner().round(), 6);
+}
