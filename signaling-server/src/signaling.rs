@@ -332,12 +332,16 @@ struct Peer {
     /// `unreachable` reports taken that redrew a neighbour (at most `2k` per
     /// connection; later ones unlink without a redraw).
     unreachable: usize,
-    /// Its lost links: the neighbours an `unreachable` report unlinked from it, whichever
-    /// side sent it (at most [`MAX_SHED`] still connected). While connected they still
+    /// Its lost links: the neighbours its own `unreachable` reports unlinked from it
+    /// (`shed`), and those whose reports unlinked it (`shed_by`), at most [`MAX_SHED`]
+    /// each still connected and reached by most networks. While connected they still
     /// count among its identified links ([`identified_links`], up to k in all), so
     /// neither shedding its honest neighbours nor refusing to connect to them lowers
-    /// the quorum its receipts need.
+    /// the quorum its receipts need. Kept apart so that others' reports never use up
+    /// the places its own need: sybils that reported it fast enough kept it from
+    /// dropping its dead neighbours.
     shed: Vec<PeerId>,
+    shed_by: Vec<PeerId>,
     /// The networks ([`network`]) of the peers it has been linked to, and of those
     /// that reported it `unreachable` (each at most [`MAX_GROUPS_KEPT`]): see
     /// [`Peer::drawable`].
@@ -355,9 +359,10 @@ pub const UNREACHABLE_NETWORKS: usize = 3;
 /// Networks kept per peer for that count (two sets of at most 64: a few KB per peer at
 /// most, in a large swarm's long-lived peers).
 const MAX_GROUPS_KEPT: usize = 64;
-/// Lost links a connection keeps ([`Peer::shed`]) of peers still connected; past that
-/// its `unreachable` reports beyond its redraw budget are refused `rate_limited`, and
-/// links others' reports unlink are not kept.
+/// Lost links a connection keeps of peers still connected (and reached by most
+/// networks), of its own reports and of others' each ([`Peer::shed`]): past that its
+/// `unreachable` reports beyond its redraw budget are refused `rate_limited`, and links
+/// others' reports unlink are not kept.
 const MAX_SHED: usize = 64;
 
 impl Peer {
@@ -793,9 +798,11 @@ fn identified_links(t: &Task, p: &Peer, k: usize) -> u8 {
         .iter()
         .filter(|q| t.peers.get(q).is_some_and(contributing))
         .count();
-    let shed = p
-        .shed
-        .iter()
+    let mut lost: Vec<&PeerId> = p.shed.iter().chain(&p.shed_by).collect();
+    lost.sort_unstable();
+    lost.dedup();
+    let shed = lost
+        .into_iter()
         .filter(|q| !p.neighbours.contains(q))
         .filter(|q| {
             t.peers
@@ -1193,6 +1200,7 @@ impl Hub {
                 identify_failures: 0,
                 unreachable: 0,
                 shed: Vec::new(),
+                shed_by: Vec::new(),
                 linked_groups: BTreeSet::new(),
                 unreachable_from: BTreeSet::new(),
                 receipt_tokens: 4.0 * k as f64,
@@ -1551,19 +1559,23 @@ impl Hub {
         let redraw = p.unreachable < 2 * k;
         // Each side keeps the other among its lost links (`Peer::shed`): a sender that
         // refuses WebRTC to its honest neighbours, until only colluders are left, keeps
-        // its quorum too. Those that left count no more, and are forgotten.
-        let kept = |p: &Peer| -> Vec<PeerId> {
-            p.shed
-                .iter()
+        // its quorum too. Those that left count no more, nor those most networks cannot
+        // reach, and are forgotten.
+        let kept = |list: &[PeerId]| -> Vec<PeerId> {
+            list.iter()
                 .copied()
-                .filter(|q| t.peers.contains_key(q))
+                .filter(|q| t.peers.get(q).is_some_and(|q| !q.unreachable_for_most()))
                 .collect()
         };
-        let mut from_shed = kept(p);
+        let mut from_shed = kept(&p.shed);
         if !redraw && from_shed.len() >= MAX_SHED && !from_shed.contains(&to) {
             return Err(ErrorCode::RateLimited);
         }
-        let mut to_shed = t.peers.get(&to).map(kept).unwrap_or_default();
+        let mut to_shed = t
+            .peers
+            .get(&to)
+            .map(|q| kept(&q.shed_by))
+            .unwrap_or_default();
         let record = |list: &mut Vec<PeerId>, id: PeerId| {
             if !list.contains(&id) && list.len() < MAX_SHED {
                 list.push(id);
@@ -1572,7 +1584,7 @@ impl Hub {
         record(&mut from_shed, to);
         record(&mut to_shed, from);
         if let Some(q) = t.peers.get_mut(&to) {
-            q.shed = to_shed;
+            q.shed_by = to_shed;
         }
         let Some(p) = t.peers.get_mut(&from) else {
             return Err(ErrorCode::NotNeighbour);
@@ -2377,8 +2389,8 @@ async fn connection(
                             hub.unreachable(&task, id, peer).map_err(|c| match c {
                                 ErrorCode::RateLimited => (c, format!(
                                     "{} unreachable reports per connection redraw a neighbour; past them a \
-                                     report unlinks only while fewer than {MAX_SHED} lost links are still \
-                                     connected",
+                                     report unlinks only while fewer than {MAX_SHED} links its own reports lost \
+                                     are still connected",
                                     2 * hub.config.neighbours_for(&task)
                                 )),
                                 c => not_neighbour(peer)(c),
@@ -2710,9 +2722,11 @@ mod tests {
             let t = &st.tasks["digits"];
             identified_links(t, &t.peers[&id], k)
         };
+        // Its lost links: those its own reports shed, and those whose reports shed it.
         let shed = |id: PeerId| {
             let st = hub.lock();
-            st.tasks["digits"].peers[&id].shed.clone()
+            let p = &st.tasks["digits"].peers[&id];
+            (p.shed.clone(), p.shed_by.clone())
         };
         let a = peers[0];
         with(a, &|p| {
@@ -2746,12 +2760,12 @@ mod tests {
             d.unreachable_from = (1..=3).collect();
         });
         assert_eq!(usize::from(links(a)), (2 + gained).min(k));
-        // At most `MAX_SHED` lost links are kept; past them reports past the budget are
-        // refused.
+        // At most `MAX_SHED` lost links are kept (of peers still here that most networks
+        // reach); past them reports past the budget are refused.
         let live: Vec<PeerId> = peers[1..]
             .iter()
             .copied()
-            .filter(|&q| q != three[0] && q != before[0])
+            .filter(|&q| q != three[0] && q != three[1] && q != before[0])
             .cycle()
             .take(MAX_SHED)
             .collect();
@@ -2773,16 +2787,53 @@ mod tests {
             .find(|q| !three.contains(q))
             .expect("a peer not among the three");
         let c = of(b)[0];
-        with(b, &|p| p.shed.clear());
-        with(c, &|p| p.shed.clear());
+        let forget = |p: &mut Peer| {
+            p.shed.clear();
+            p.shed_by.clear();
+        };
+        with(b, &forget);
+        with(c, &forget);
         hub.unreachable("digits", c, b).expect("a neighbour");
-        assert_eq!((shed(b), shed(c)), (vec![c], vec![b]));
+        assert_eq!((shed(b), shed(c)), ((vec![], vec![c]), (vec![b], vec![])));
         {
             let mut st = hub.lock();
             link(st.tasks.get_mut("digits").expect("task"), b, c);
         }
         hub.unreachable("digits", b, c).expect("a neighbour");
-        assert_eq!((shed(b), shed(c)), (vec![c], vec![b]), "kept once");
+        assert_eq!(
+            (shed(b), shed(c)),
+            ((vec![c], vec![c]), (vec![b], vec![b])),
+            "kept once in each list"
+        );
+
+        // Others' reports never use up the places a peer's own reports need: sybils
+        // that reported `d` as fast as they were drawn to it (64 of them) kept it from
+        // dropping its dead neighbours once its redraws were spent.
+        let d = peers[1..]
+            .iter()
+            .copied()
+            .find(|q| !three.contains(q) && *q != b && *q != c)
+            .expect("a fourth peer");
+        with(d, &forget);
+        let sybils: Vec<PeerId> = (0..MAX_SHED as u128)
+            .map(|i| reporting_peer(&hub, 1_000 + i))
+            .collect();
+        for &s in &sybils {
+            {
+                let mut st = hub.lock();
+                link(st.tasks.get_mut("digits").expect("task"), s, d);
+            }
+            hub.unreachable("digits", s, d).expect("a neighbour");
+        }
+        assert_eq!(shed(d).1.len(), MAX_SHED);
+        with(d, &|p| p.unreachable = 2 * k);
+        let dead = reporting_peer(&hub, 2_000);
+        {
+            let mut st = hub.lock();
+            link(st.tasks.get_mut("digits").expect("task"), d, dead);
+        }
+        assert_eq!(hub.unreachable("digits", d, dead), Ok(()));
+        assert!(!of(d).contains(&dead), "the dead neighbour is unlinked");
     }
 
     /// Receipts count only for the rounds a pair was linked in, give or take four: a

@@ -1621,17 +1621,21 @@ impl Learner {
             self.stats.reject(Rejection::ExtraVote);
             summary.rejected += 1;
         }
+        let claims: Vec<u32> = own
+            .as_ref()
+            .map(|_| self.own_samples)
+            .into_iter()
+            .chain(held.iter().map(|p| p.samples))
+            .collect();
+        // A receipt vouches for a claim as it counted, in either mode: at most
+        // `SAMPLE_SPREAD_UP` times the lower median of the claims (a sender that claimed
+        // billions was credited billions where its group was a round's only one counted).
+        let vouch_cap = claim_cap(&claims);
         // Rounds in time: each update weighed by its claim (bounded) and, exchanging
         // deltas, scaled to the round's median claim; in steps every weight is 1.
-        let mut bounded = vec![false; held.len()];
         // Each update's weight is its bounded claim in units of the median claim; scaled,
         // its expected noise relative to a median run, for the screen, `1 / sqrt(weight)`.
         let (own_weight, weights) = if self.cfg.timed() {
-            let own_claim = own.as_ref().map(|_| self.own_samples);
-            let claims: Vec<u32> = own_claim
-                .into_iter()
-                .chain(held.iter().map(|p| p.samples))
-                .collect();
             let weigh = sample_weigher(&claims);
             // Only a pseudo-gradient is scaled to a median run. Exchanging weights, a held
             // update is our start minus the sender's weights: its run plus the distance
@@ -1639,24 +1643,19 @@ impl Learner {
             // a slow peer's small drift grew up to four times past the norm bound).
             let scaled = self.cfg.exchange == Exchange::Delta;
             let scale = |d: &mut [f32], samples: u32| {
-                let (s, w, capped) = weigh(samples);
+                let (s, w) = weigh(samples);
                 if scaled {
                     d.iter_mut().for_each(|x| *x *= s);
                 }
-                (w, capped)
+                w
             };
             let own_weight = match own.as_mut() {
-                Some(d) => scale(d, self.own_samples).0,
+                Some(d) => scale(d, self.own_samples),
                 None => 1.0,
             };
             let weights: Vec<f32> = held
                 .iter_mut()
-                .zip(&mut bounded)
-                .map(|(p, b)| {
-                    let (w, capped) = scale(&mut p.delta, p.samples);
-                    *b = capped;
-                    w
-                })
+                .map(|p| scale(&mut p.delta, p.samples))
                 .collect();
             (own_weight, weights)
         } else {
@@ -1770,13 +1769,17 @@ impl Learner {
                     continue;
                 }
                 let p = &held[h];
-                let bounded = if bounded[h] { FLAG_CLAIM_BOUNDED } else { 0 };
+                let bounded = if p.samples > vouch_cap {
+                    FLAG_CLAIM_BOUNDED
+                } else {
+                    0
+                };
                 summary.receipts.push(Receipt::sign(
                     &self.id,
                     &self.task,
                     p.round,
                     p.key,
-                    p.samples,
+                    p.samples.min(vouch_cap),
                     p.hash,
                     flags | bounded,
                 ));
@@ -1983,20 +1986,29 @@ pub struct RoundSummary {
 /// update is scaled by `rho / c` (to the progress of a median run; the caller applies it
 /// only to deltas) and weighs `c / rho`, so that the weighted mean is the sum of the
 /// runs' progress over their (bounded) sample counts.
-/// The third value says whether the claim was cut down (it said more than it counts for).
-fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32, bool) {
+fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32) {
+    let rho = median_claim(claims) as f32;
+    move |c: u32| {
+        let c = (c.max(1) as f32).clamp(rho / SAMPLE_SPREAD_DOWN, rho * SAMPLE_SPREAD_UP);
+        (rho / c, c / rho)
+    }
+}
+
+/// The lower median of `claims` (1 for none; at least 1).
+fn median_claim(claims: &[u32]) -> u32 {
     let mut sorted = claims.to_vec();
     sorted.sort_unstable();
-    let rho = sorted
+    sorted
         .get(sorted.len().saturating_sub(1) / 2)
         .copied()
         .unwrap_or(1)
-        .max(1) as f32;
-    move |c: u32| {
-        let claimed = c.max(1) as f32;
-        let c = claimed.clamp(rho / SAMPLE_SPREAD_DOWN, rho * SAMPLE_SPREAD_UP);
-        (rho / c, c / rho, claimed > c)
-    }
+        .max(1)
+}
+
+/// The most samples a receipt vouches for in a round whose claims (our own included)
+/// are `claims`: `SAMPLE_SPREAD_UP` times their lower median (at least 1 each).
+fn claim_cap(claims: &[u32]) -> u32 {
+    (f64::from(median_claim(claims)) * f64::from(SAMPLE_SPREAD_UP)).min(f64::from(u32::MAX)) as u32
 }
 
 /// How near a held update may be to our own, relative to our own's norm, before it

@@ -1457,3 +1457,57 @@ fn our_own_update_echoed_under_another_key_is_refused_and_earns_nothing() {
     }
     assert_eq!(receipted.len(), 2, "no receipt for an echo");
 }
+
+#[test]
+fn a_receipt_vouches_for_at_most_twice_the_rounds_median_claim() {
+    // Rounds of steps (the default) weigh every update alike, but receipts carried the
+    // claims as said: in a swarm of three whose liar signs no receipts, the liar's group
+    // is the round's only one counted, and the ledger credited it 4,294,967,295.
+    use crate::trust::ledger::Entry;
+    use crate::trust::receipt::FLAG_CLAIM_BOUNDED;
+    let mut a = peer(1, vec![0.0; 4]);
+    let mut b = peer(2, vec![0.0; 4]);
+    let mut liar = peer(3, vec![0.0; 4]);
+    let ua = a.local_update(&[-0.1; 4], 64, 0.0).expect("finite");
+    let ub = b.local_update(&[-0.11; 4], 64, 0.0).expect("finite");
+    let ul = liar
+        .local_update(&[-0.09; 4], u32::MAX, 0.0)
+        .expect("finite");
+    a.receive(&ub).expect("valid");
+    a.receive(&ul).expect("valid");
+    b.receive(&ua).expect("valid");
+    b.receive(&ul).expect("valid");
+    let (sa, sb) = (a.finish_round(), b.finish_round());
+    assert_eq!((sa.used, sb.used), (2, 2));
+    let vouched = |k: PublicKey| {
+        let r = sa
+            .receipts
+            .iter()
+            .find(|r| r.sender == k)
+            .expect("receipted");
+        (r.samples, r.flags & FLAG_CLAIM_BOUNDED)
+    };
+    assert_eq!(vouched(b.public_key()), (64, 0));
+    assert_eq!(vouched(liar.public_key()), (128, FLAG_CLAIM_BOUNDED));
+    // The ledger's rule credits the liar's group, the round's only one with a quorum,
+    // what its receipts vouch for: twice an honest claim, not its own.
+    let entries: Vec<Entry> = sa
+        .receipts
+        .iter()
+        .chain(&sb.receipts)
+        .enumerate()
+        .map(|(i, r)| Entry {
+            index: i as u64,
+            time_ms: 0,
+            links: 2,
+            site: String::new(),
+            receipt: r.clone(),
+            receipt_bytes: r.encode(),
+            hash: [0; 32],
+        })
+        .collect();
+    let credits = crate::trust::credits::compute(&entries);
+    assert_eq!(credits.by_key.len(), 1);
+    assert_eq!(credits.by_key[0].key, liar.public_key());
+    assert_eq!(credits.by_key[0].credit, 128);
+}

@@ -49,7 +49,9 @@ pub struct Receipt {
     pub sender: PublicKey,
     /// The key that used it and signs this receipt.
     pub receiver: PublicKey,
-    /// The update's sample claim.
+    /// The update's sample claim as the receiver vouches for it: at most twice the lower
+    /// median claim of the round's updates it aggregated ([`FLAG_CLAIM_BOUNDED`] when
+    /// that is less than the update said).
     pub samples: u32,
     /// SHA-256 of the update message as it arrived.
     pub update_sha256: [u8; 32],
