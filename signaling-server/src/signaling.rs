@@ -1402,10 +1402,15 @@ impl Hub {
                 "its sender's key is on no connection linked to this one".into(),
             ));
         }
+        // A link's stamp is the swarm's round as last counted; a stamp past the swarm's
+        // round now (one trainer's report set it before any count) would have refused
+        // every receipt on that link for its life.
         let (site, links, _) = current
             .into_iter()
             .chain(former)
-            .find(|(_, _, span)| link_span_holds(r.round, *span))
+            .find(|(_, _, (linked, unlinked))| {
+                link_span_holds(r.round, (linked.map(|l| l.min(swarm)), *unlinked))
+            })
             .ok_or_else(|| {
                 (
                     O::NotLinked,
@@ -2924,6 +2929,57 @@ mod tests {
             outcome(110),
             Err(ReceiptOutcome::NotLinked),
             "after it left"
+        );
+    }
+
+    /// A trainer that reports a round far ahead before the server has counted one (just
+    /// after a restart, or in a task quiet for 30 s) sets the stamp of the links made
+    /// until the next count; their receipts still count once the swarm's round is known.
+    #[test]
+    fn a_link_stamped_with_a_made_up_round_still_counts_its_receipts() {
+        use shoal_shared::learn::Identity;
+        use shoal_shared::trust::receipt::{Receipt, sha256};
+        let hub = digits_hub();
+        assert_eq!(swarm_round(&hub), None);
+        let at = |group, version| {
+            let (id, _) = hub
+                .join("digits", Arc::new(Outbox::new(4096)), group, "")
+                .expect("join");
+            hub.store_report(
+                "digits",
+                id,
+                PeerReport {
+                    version,
+                    ..PeerReport::default()
+                },
+            )
+            .expect("report");
+            id
+        };
+        at(9, shoal_shared::learn::wire::MAX_ROUND - 1);
+        let (a, b) = (at(1, 10), at(2, 10));
+        assert!(hub.neighbours_of("digits", a).expect("a").contains(&b));
+        let (ia, ib) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+        for (id, key) in [(a, ia.public()), (b, ib.public())] {
+            hub.lock()
+                .tasks
+                .get_mut("digits")
+                .expect("task")
+                .peers
+                .get_mut(&id)
+                .expect("peer")
+                .key = Some(key);
+        }
+        at(3, 10);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(swarm_round(&hub), Some(10));
+        let r = Receipt::sign(&ia, "digits", 10, ib.public(), 640, sha256(&[1]), 0);
+        let hex = shoal_shared::learn::identity::hex(&r.encode());
+        assert_eq!(
+            hub.check_receipt("digits", a, &hex)
+                .map(|_| ())
+                .map_err(|e| e.0),
+            Ok(())
         );
     }
 
