@@ -2600,6 +2600,26 @@ mod tests {
         id
     }
 
+    /// A peer of `digits` from `group` that reported training at round `version`.
+    fn trainer_at(hub: &Hub, group: u128, version: u64) -> PeerId {
+        let (id, _) = hub
+            .join("digits", Arc::new(Outbox::new(4096)), group, "")
+            .expect("join");
+        let report = PeerReport {
+            version,
+            ..PeerReport::default()
+        };
+        hub.store_report("digits", id, report).expect("report");
+        id
+    }
+
+    /// Records `key` as the one `id` proved (as `identify` does).
+    fn give_key(hub: &Hub, id: PeerId, key: shoal_shared::learn::identity::PublicKey) {
+        let mut st = hub.lock();
+        let t = st.tasks.get_mut("digits").expect("task");
+        t.peers.get_mut(&id).expect("peer").key = Some(key);
+    }
+
     /// Each honest peer reports its dead neighbours, as its 20 s attempts fail, until
     /// none is left or no report is taken (at most 50 passes); returns the dead links
     /// the honest peers keep.
@@ -2849,21 +2869,7 @@ mod tests {
         use shoal_shared::learn::Identity;
         use shoal_shared::trust::receipt::{Receipt, sha256};
         let hub = digits_hub();
-        let at = |group, version| {
-            let (id, _) = hub
-                .join("digits", Arc::new(Outbox::new(4096)), group, "")
-                .expect("join");
-            hub.store_report(
-                "digits",
-                id,
-                PeerReport {
-                    version,
-                    ..PeerReport::default()
-                },
-            )
-            .expect("report");
-            id
-        };
+        let at = |group, version| trainer_at(&hub, group, version);
         let x = at(1, 100);
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(swarm_round(&hub), Some(100));
@@ -2871,14 +2877,7 @@ mod tests {
         assert!(hub.neighbours_of("digits", a).expect("a").contains(&b));
         let (ia, ib) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
         for (id, key) in [(a, ia.public()), (b, ib.public())] {
-            hub.lock()
-                .tasks
-                .get_mut("digits")
-                .expect("task")
-                .peers
-                .get_mut(&id)
-                .expect("peer")
-                .key = Some(key);
+            give_key(&hub, id, key);
         }
         let receipt = |round: u64| {
             let r = Receipt::sign(&ia, "digits", round, ib.public(), 640, sha256(&[1]), 0);
@@ -2941,34 +2940,13 @@ mod tests {
         use shoal_shared::trust::receipt::{Receipt, sha256};
         let hub = digits_hub();
         assert_eq!(swarm_round(&hub), None);
-        let at = |group, version| {
-            let (id, _) = hub
-                .join("digits", Arc::new(Outbox::new(4096)), group, "")
-                .expect("join");
-            hub.store_report(
-                "digits",
-                id,
-                PeerReport {
-                    version,
-                    ..PeerReport::default()
-                },
-            )
-            .expect("report");
-            id
-        };
+        let at = |group, version| trainer_at(&hub, group, version);
         at(9, shoal_shared::learn::wire::MAX_ROUND - 1);
         let (a, b) = (at(1, 10), at(2, 10));
         assert!(hub.neighbours_of("digits", a).expect("a").contains(&b));
         let (ia, ib) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
         for (id, key) in [(a, ia.public()), (b, ib.public())] {
-            hub.lock()
-                .tasks
-                .get_mut("digits")
-                .expect("task")
-                .peers
-                .get_mut(&id)
-                .expect("peer")
-                .key = Some(key);
+            give_key(&hub, id, key);
         }
         at(3, 10);
         std::thread::sleep(Duration::from_millis(30));
