@@ -338,6 +338,34 @@ test('a site that frames Shoal itself starts nothing without a visible click in 
   assert.equal(await plain.locator('body').getAttribute('data-consent'), 'refused',
     'a Space after the page named the button in the frame\'s address pressed nothing');
   assert.equal(await plain.locator('#refused').isHidden(), true);
+  // The visitor presses on the button and drags off it (a slider of the page's that
+  // starts over the frame): no click, but in Chromium a press focuses a button. Their
+  // Space a moment later, for the page, must not press it.
+  const pressAt = await plain.locator('#contribute').boundingBox();
+  await page.mouse.move(pressAt.x + 10, pressAt.y + 10, { steps: 3 });
+  await page.mouse.down();
+  await page.mouse.move(pressAt.x + 600, pressAt.y + 200, { steps: 5 });
+  await page.mouse.up();
+  await page.waitForTimeout(700);
+  await page.keyboard.press(' ');
+  await page.waitForTimeout(1_500);
+  assert.equal(await plain.locator('body').getAttribute('data-consent'), 'refused',
+    'a Space after a press dragged off the button pressed it');
+  // The visitor Tabs onto the button, then clicks elsewhere on the page; later the page
+  // gives the frame the focus back (its script may): the Space that follows, for the
+  // page, must not press the button either.
+  await page.locator('#name').focus();
+  const onItAgain = focusOnButton();
+  await page.keyboard.press('Tab');
+  await onItAgain;
+  await page.mouse.click(5, 5);
+  await page.waitForTimeout(300);
+  await page.evaluate(() => document.getElementById('plain').contentWindow.focus());
+  await page.waitForTimeout(700);
+  await page.keyboard.press(' ');
+  await page.waitForTimeout(1_500);
+  assert.equal(await plain.locator('body').getAttribute('data-consent'), 'refused',
+    'a Space after the page gave the frame its focus back pressed the button');
   // "Double-click to continue" in a window of the page's own over the button, closed as
   // the visitor presses: the second press lands on a button visible all along, where
   // the pointer rests and never moved onto it. (Here the window is a cover that the page
