@@ -66,9 +66,13 @@ const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery
 // Pause button, whole: hidden, covered, made transparent, or out of view even in part
 // (a page that keeps the frame so small, or so far off the edge, that a sliver of the
 // status shows) for this long, it pauses, and it resumes once shown again for `SEEN_AGAIN_MS` without a break (a page
-// that flashes it into view now and then does not keep it training).
+// that flashes it into view now and then does not keep it training). Once it paused so, it
+// pauses at once when next unseen, until seen for `FORGIVEN_MS` without a break: a page that
+// hid it for just under 2 s and showed it for over 1 s, again and again, kept it training
+// unseen and showed "Paused" when seen.
 const UNSEEN_MS = 2000;
 const SEEN_AGAIN_MS = 1000;
+const FORGIVEN_MS = 30000;
 
 /**
  * Runs the contributor UI. `task`: the task's name; `autoStart`: consent was already
@@ -585,6 +589,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     const painted = typeof IntersectionObserverEntry !== 'undefined' && 'isVisible' in IntersectionObserverEntry.prototype;
     let hiding = null;
     let showing = null;
+    // Paused as unseen, and not seen without a break for `FORGIVEN_MS` since; since when
+    // it has been seen without a break.
+    let struck = false;
+    let seenAt = null;
     // Each watched element's latest report: seen whole (and painted so) or not.
     const whole = new Map();
     const watched = [status, pauseButton].filter(Boolean);
@@ -593,6 +601,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       // The Pause button counts once shown (it is hidden until training starts).
       const seen = watched.every((el) => (el === pauseButton && el.hidden) || whole.get(el) === true);
       if (seen) {
+        seenAt ??= performance.now();
         showing ??= setTimeout(() => {
           showing = null;
           clearTimeout(hiding);
@@ -600,13 +609,16 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           if (paused.delete('unseen')) applyPause();
         }, SEEN_AGAIN_MS);
       } else {
+        if (seenAt !== null && performance.now() - seenAt >= FORGIVEN_MS) struck = false;
+        seenAt = null;
         clearTimeout(showing);
         showing = null;
         hiding ??= setTimeout(() => {
           hiding = null;
+          struck = true;
           paused.add('unseen');
           applyPause();
-        }, UNSEEN_MS);
+        }, struck ? 0 : UNSEEN_MS);
       }
     }, { threshold: [0, 0.99, 1], ...(painted ? { trackVisibility: true, delay: 100 } : {}) });
     for (const el of watched) observer.observe(el);

@@ -95,7 +95,34 @@ test('the widget on another site trains even where the browser denies its frame 
   await frame.locator('#status[data-state="paused"]').waitFor({ timeout: 10_000 });
   await frameHeight('190px');
   await frame.locator('#status[data-state="running"]').waitFor({ timeout: 10_000 });
-  console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}, ${await peers.textContent()} neighbour(s)`);
+  // A page that hides the widget for just under 2 s and shows it for over 1 s, again
+  // and again (a carousel): Shoal is paused for most of the time it is hidden.
+  await reader.evaluate(() => {
+    const flip = () => {
+      if (window.stopFlipping) return;
+      const cover = document.body.style.opacity === '';
+      document.body.style.opacity = cover ? '0.02' : '';
+      setTimeout(flip, cover ? 1_800 : 1_300);
+    };
+    flip();
+  });
+  const cycleStart = Date.now();
+  let hidden = 0;
+  let pausedHidden = 0;
+  while (Date.now() - cycleStart < 18_600) {
+    const covered = await reader.evaluate(() => document.body.style.opacity !== '');
+    const state = await status.getAttribute('data-state');
+    if (covered && Date.now() - cycleStart > 3_100) {
+      hidden += 1;
+      if (state === 'paused') pausedHidden += 1;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await reader.evaluate(() => { window.stopFlipping = true; document.body.style.opacity = ''; });
+  assert.ok(hidden > 20 && pausedHidden * 2 > hidden,
+    `paused in ${pausedHidden} of ${hidden} looks while the page hid it`);
+  await frame.locator('#status[data-state="running"]').waitFor({ timeout: 35_000 });
+  console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}, ${await peers.textContent()} neighbour(s); paused in ${pausedHidden} of ${hidden} looks while hidden by a carousel`);
 });
 
 test('a page that wraps the widget in an origin-less frame to go unnamed is named unknown', async (t) => {
