@@ -310,8 +310,9 @@ struct Peer {
     report: Option<Box<(Instant, PeerReport)>>,
     /// The network it connects from ([`address_group`]).
     group: u128,
-    /// When it joined.
+    /// When it joined, and the swarm's round then (as links are stamped).
     joined: Instant,
+    joined_round: Option<u64>,
     /// Whether it has sent anything since (a live peer signals its neighbours at once).
     spoke: bool,
     /// The key it proved with `identify`, if it did and no newer connection took it over.
@@ -435,6 +436,75 @@ fn link_round(t: &Task) -> Option<u64> {
 
 /// How long after a neighbour left a receipt for its update still counts as linked.
 pub const LINK_MEMORY: Duration = Duration::from_secs(600);
+
+/// A connection a key was proved on that ended (it left, or a newer proof took its key
+/// over): when, the swarm's rounds when it joined and ended, and its identified links
+/// then ([`sender_links`]).
+type KeySpan = (Instant, Span, u8);
+/// Ended connections remembered per key (the oldest forgotten first).
+const MAX_KEY_SPANS: usize = 32;
+/// Keys whose ended connections a task remembers: when full, those with none in the
+/// last [`LINK_MEMORY`] are forgotten, and then, if still full, any (a few dozen bytes
+/// each; filling it takes as many `identify`s within 10 minutes).
+const MAX_KEYS_SPANNED: usize = 262_144;
+
+/// The identified neighbours of every connection `key` was proved on whose rounds (from
+/// its joining to its end, give or take [`RECEIPT_ROUNDS_AHEAD`]) hold `round`: the one
+/// that holds it now and those that ended in the last [`LINK_MEMORY`]. A key that moved
+/// from connection to connection within a round or two gathered receivers from all of
+/// them, while each receipt's `links` named one connection's: colluders drawn to any of
+/// them made up the quorum together. Rounds past the swarm's (`swarm`) count as it.
+fn sender_links(
+    t: &Task,
+    key: &PublicKey,
+    round: u64,
+    k: usize,
+    swarm: u64,
+    now: Instant,
+) -> usize {
+    let holds =
+        |(joined, ended): Span| link_span_holds(round, (joined.map(|j| j.min(swarm)), ended));
+    let live = t
+        .key_owner
+        .get(key)
+        .and_then(|id| t.peers.get(id))
+        .filter(|q| q.key == Some(*key) && holds((q.joined_round, None)))
+        .map_or(0, |q| usize::from(identified_links(t, q, k)));
+    let ended: usize = t.key_spans.get(key).map_or(0, |spans| {
+        spans
+            .iter()
+            .filter(|(at, span, _)| now.duration_since(*at) < LINK_MEMORY && holds(*span))
+            .map(|&(_, _, links)| usize::from(links))
+            .sum()
+    });
+    live + ended
+}
+
+/// Records that a connection which held `key` ended, with its rounds (joined, ended) and
+/// its identified links then.
+fn key_ended(t: &mut Task, key: PublicKey, span: Span, links: u8) {
+    let now = Instant::now();
+    if t.key_spans.len() >= MAX_KEYS_SPANNED && !t.key_spans.contains_key(&key) {
+        t.key_spans.retain(|_, s| {
+            s.back()
+                .is_some_and(|(at, ..)| now.duration_since(*at) < LINK_MEMORY)
+        });
+        if t.key_spans.len() >= MAX_KEYS_SPANNED
+            && let Some(any) = t.key_spans.keys().next().copied()
+        {
+            t.key_spans.remove(&any);
+        }
+    }
+    let spans = t.key_spans.entry(key).or_default();
+    while spans.len() >= MAX_KEY_SPANS
+        || spans
+            .front()
+            .is_some_and(|(at, ..)| now.duration_since(*at) >= LINK_MEMORY)
+    {
+        spans.pop_front();
+    }
+    spans.push_back((now, span, links));
+}
 /// Former neighbours remembered per peer (the oldest are forgotten first).
 const MAX_FORMER: usize = 64;
 
@@ -451,6 +521,10 @@ struct Task {
     summary: Option<(Instant, Summary)>,
     /// A report came since.
     reported: bool,
+    /// Per key, its ended connections ([`key_ended`], [`sender_links`]).
+    key_spans: HashMap<PublicKey, VecDeque<KeySpan>>,
+    /// The connection that proved each key last (it holds the key while its `key` says so).
+    key_owner: HashMap<PublicKey, PeerId>,
 }
 
 /// What a task's recent reports say, counted in one pass over its peers: anew once a
@@ -1191,6 +1265,7 @@ impl Hub {
                 report: None,
                 group,
                 joined: Instant::now(),
+                joined_round: link_round(t),
                 spoke: false,
                 key: None,
                 identified: false,
@@ -1280,6 +1355,9 @@ impl Hub {
         for old in held {
             let Some(q) = t.peers.get(&old) else { continue };
             let (links, site) = (identified_links(t, q, k), q.site.clone());
+            let joined_round = q.joined_round;
+            key_ended(t, key, (joined_round, round), links);
+            let Some(q) = t.peers.get(&old) else { continue };
             let spans: Vec<(PeerId, Span)> = q
                 .neighbours
                 .iter()
@@ -1296,6 +1374,7 @@ impl Hub {
             p.key = Some(key);
             p.identified = true;
         }
+        t.key_owner.insert(key, id);
         Ok(())
     }
 
@@ -1422,6 +1501,9 @@ impl Hub {
                     ),
                 )
             })?;
+        // The quorum counts the neighbours of every connection its sender held then.
+        let all = sender_links(t, &r.sender, r.round, k, swarm, now);
+        let links = links.max(u8::try_from(all).unwrap_or(u8::MAX));
         Ok((bytes, r, site, links))
     }
 
@@ -1511,6 +1593,12 @@ impl Hub {
         let now = Instant::now();
         let links = identified_links(t, &gone, k);
         let round = link_round(t);
+        if let Some(key) = gone.key {
+            if t.key_owner.get(&key) == Some(&id) {
+                t.key_owner.remove(&key);
+            }
+            key_ended(t, key, (gone.joined_round, round), links);
+        }
         for q in gone.neighbours.clone() {
             let Some(qp) = t.peers.get_mut(&q) else {
                 continue;
@@ -2929,6 +3017,86 @@ mod tests {
             Err(ReceiptOutcome::NotLinked),
             "after it left"
         );
+    }
+
+    /// A key that moves from connection to connection (each `identify` takes it over)
+    /// gathers receivers from all of them: its receipts' `links` count the neighbours of
+    /// every connection it held in their round, so one colluder drawn to each of three
+    /// connections is no quorum (with each connection's links alone, three were).
+    #[test]
+    fn a_key_that_hops_connections_needs_half_of_all_their_neighbours() {
+        use shoal_shared::learn::Identity;
+        use shoal_shared::trust::ledger::Entry;
+        use shoal_shared::trust::receipt::{Receipt, sha256};
+        let hub = digits_hub();
+        let k = hub.config.neighbours_for("digits");
+        let ids: Vec<Identity> = (0..30u8)
+            .map(|i| Identity::from_seed([i + 10; 32]))
+            .collect();
+        let peers: Vec<PeerId> = (0..30u128).map(|g| trainer_at(&hub, g + 1, 10)).collect();
+        for (p, id) in peers.iter().zip(&ids) {
+            give_key(&hub, *p, id.public());
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(swarm_round(&hub), Some(10));
+        let sender = Identity::from_seed([99; 32]);
+        let prove = |conn: PeerId| {
+            let nonce = hub.lock().tasks["digits"].peers[&conn].nonce;
+            let sig = sender.sign(&shoal_shared::protocol::identify_message(
+                "digits", conn, &nonce,
+            ));
+            let hex = shoal_shared::learn::identity::hex;
+            hub.identify("digits", conn, &hex(&sender.public()), &hex(&sig))
+                .expect("a proof");
+        };
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        // One colluder among each connection's neighbours.
+        let mut colluders = Vec::new();
+        for _ in 0..3 {
+            let conn = trainer_at(&hub, 500, 10);
+            prove(conn);
+            let mine = of(conn);
+            assert!(mine.len() >= k - 1, "{} neighbours", mine.len());
+            let c = *mine
+                .iter()
+                .find(|n| !colluders.contains(*n))
+                .expect("a new neighbour");
+            colluders.push(c);
+        }
+        let entries: Vec<Entry> = colluders
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let at = peers.iter().position(|p| p == c).expect("a trainer");
+                let r = Receipt::sign(
+                    &ids[at],
+                    "digits",
+                    10,
+                    sender.public(),
+                    640,
+                    sha256(&[1]),
+                    0,
+                );
+                let hex = shoal_shared::learn::identity::hex(&r.encode());
+                let (bytes, receipt, site, links) = hub
+                    .check_receipt("digits", *c, &hex)
+                    .expect("a colluder's receipt");
+                Entry {
+                    index: i as u64,
+                    time_ms: 0,
+                    links,
+                    site: site.to_string(),
+                    receipt,
+                    receipt_bytes: bytes,
+                    hash: [0; 32],
+                }
+            })
+            .collect();
+        for e in &entries {
+            assert!(usize::from(e.links) >= 2 * k, "{} links", e.links);
+        }
+        let credits = shoal_shared::trust::credits::compute(&entries);
+        assert_eq!(credits.rank_of(&sender.public()), None, "{credits:?}");
     }
 
     /// A trainer that reports a round far ahead before the server has counted one (just
