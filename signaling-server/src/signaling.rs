@@ -441,11 +441,14 @@ pub const LINK_MEMORY: Duration = Duration::from_secs(600);
 /// over): when, the swarm's rounds when it joined and ended, and its identified links
 /// then ([`sender_links`]).
 type KeySpan = (Instant, Span, u8);
-/// Ended connections remembered per key (the oldest forgotten first).
+/// Ended connections remembered per key: past that the two oldest are merged into one
+/// that spans both and counts the links of both (dropped, a key that hopped 32 more times
+/// had its earlier connections forgotten, and their colluders made a quorum again).
 const MAX_KEY_SPANS: usize = 32;
 /// Keys whose ended connections a task remembers: when full, those with none in the
-/// last [`LINK_MEMORY`] are forgotten, and then, if still full, any (a few dozen bytes
-/// each; filling it takes as many `identify`s within 10 minutes).
+/// last [`LINK_MEMORY`] are forgotten, and then, if still full, any, down to nine tenths
+/// (so that one pass serves many new keys). About 300 bytes each: 80 MB at most per
+/// task, and filling it takes as many `identify`s within 10 minutes.
 const MAX_KEYS_SPANNED: usize = 262_144;
 
 /// The identified neighbours of every connection `key` was proved on whose rounds (from
@@ -481,30 +484,41 @@ fn sender_links(
 }
 
 /// Records that a connection which held `key` ended, with its rounds (joined, ended) and
-/// its identified links then.
-fn key_ended(t: &mut Task, key: PublicKey, span: Span, links: u8) {
+/// its identified links then. Ended while the server knew no round (`ended` is `None`), a connection counts as
+/// ended at the round it joined: unbounded, an honest peer that reconnected in a quiet
+/// spell had both connections' links counted for every round for 10 minutes.
+fn key_ended(t: &mut Task, key: PublicKey, (joined, ended): Span, links: u8) {
     let now = Instant::now();
+    let fresh = |s: &VecDeque<KeySpan>| {
+        s.back()
+            .is_some_and(|(at, ..)| now.duration_since(*at) < LINK_MEMORY)
+    };
     if t.key_spans.len() >= MAX_KEYS_SPANNED && !t.key_spans.contains_key(&key) {
-        t.key_spans.retain(|_, s| {
-            s.back()
-                .is_some_and(|(at, ..)| now.duration_since(*at) < LINK_MEMORY)
-        });
-        if t.key_spans.len() >= MAX_KEYS_SPANNED
-            && let Some(any) = t.key_spans.keys().next().copied()
-        {
-            t.key_spans.remove(&any);
+        t.key_spans.retain(|_, s| fresh(s));
+        let over = t.key_spans.len().saturating_sub(MAX_KEYS_SPANNED * 9 / 10);
+        let gone: Vec<PublicKey> = t.key_spans.keys().take(over).copied().collect();
+        for k in gone {
+            t.key_spans.remove(&k);
         }
     }
     let spans = t.key_spans.entry(key).or_default();
-    while spans.len() >= MAX_KEY_SPANS
-        || spans
-            .front()
-            .is_some_and(|(at, ..)| now.duration_since(*at) >= LINK_MEMORY)
+    while spans
+        .front()
+        .is_some_and(|(at, ..)| now.duration_since(*at) >= LINK_MEMORY)
     {
         spans.pop_front();
     }
-    spans.push_back((now, span, links));
+    if spans.len() >= MAX_KEY_SPANS
+        && let (Some(a), Some(b)) = (spans.pop_front(), spans.pop_front())
+    {
+        let both =
+            |x: Option<u64>, y: Option<u64>, f: fn(u64, u64) -> u64| x.zip(y).map(|(x, y)| f(x, y));
+        let span = (both(a.1.0, b.1.0, u64::min), both(a.1.1, b.1.1, u64::max));
+        spans.push_front((b.0, span, a.2.saturating_add(b.2)));
+    }
+    spans.push_back((now, (joined, ended.or(joined)), links));
 }
+
 /// Former neighbours remembered per peer (the oldest are forgotten first).
 const MAX_FORMER: usize = 64;
 
@@ -3097,6 +3111,41 @@ mod tests {
         }
         let credits = shoal_shared::trust::credits::compute(&entries);
         assert_eq!(credits.rank_of(&sender.public()), None, "{credits:?}");
+        // Hopping 40 times more, rounds later, does not push those connections out of
+        // the key's record: receipts for round 10 still need half of all their links.
+        for p in &peers {
+            let report = PeerReport {
+                version: 20,
+                ..PeerReport::default()
+            };
+            hub.store_report("digits", *p, report).expect("report");
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(swarm_round(&hub), Some(20));
+        for g in 0..40u128 {
+            prove(trainer_at(&hub, 600 + g, 20));
+        }
+        let st = hub.lock();
+        let round_10 = sender_links(
+            &st.tasks["digits"],
+            &sender.public(),
+            10,
+            k,
+            20,
+            Instant::now(),
+        );
+        assert!(round_10 >= 2 * k, "{round_10} links");
+    }
+
+    /// A connection that ended while no round was known counts for the round it joined
+    /// only, not for every round of the next 10 minutes.
+    #[test]
+    fn a_connection_that_ended_in_a_quiet_spell_counts_for_its_round_only() {
+        let mut t = Task::default();
+        let key = [7; 32];
+        key_ended(&mut t, key, (Some(50), None), 6);
+        let links = |round| sender_links(&t, &key, round, 6, 200, Instant::now());
+        assert_eq!((links(50), links(54), links(55), links(150)), (6, 6, 0, 0));
     }
 
     /// A trainer that reports a round far ahead before the server has counted one (just
