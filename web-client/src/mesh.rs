@@ -186,6 +186,8 @@ pub struct Mesh {
     clock_ms: u64,
     /// When a wake-up asked for to expire partial messages is due (`None`: none asked).
     expiry_wake: Option<u64>,
+    /// When a wake-up asked for a connection deadline is due (`None`: none asked).
+    deadline_wake: Option<u64>,
     /// Listed neighbours that offer to us (the smaller id offers) and have not yet, and
     /// since when: past [`CONNECT_DEADLINE_MS`] without an offer they are reported
     /// `unreachable`, as a connection of ours that did not open is (else a peer that
@@ -233,6 +235,7 @@ impl Mesh {
             reconnects: Vec::new(),
             clock_ms: 0,
             expiry_wake: None,
+            deadline_wake: None,
         }
     }
 
@@ -319,7 +322,7 @@ impl Mesh {
                 self.me = Some(peer);
                 self.awaiting.clear();
                 self.grace_until = now_ms + SESSION_GRACE_MS;
-                self.ice_servers = ice_servers;
+                self.ice_servers = usable_ice_servers(ice_servers);
                 self.backoff.reset();
                 let nonce = from_hex(&nonce).and_then(|n| <[u8; 32]>::try_from(n).ok());
                 if let (Some(id), Some(nonce)) = (&self.identity, nonce) {
@@ -405,13 +408,10 @@ impl Mesh {
             .filter(|p| !self.links.contains_key(p) && !should_offer(me, *p))
             .filter(|p| !self.awaiting.iter().any(|(q, _)| q == p))
             .collect();
-        if !offering.is_empty() {
-            self.actions
-                .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
-        }
         for p in offering {
             self.awaiting.push((p, now_ms));
         }
+        self.wake_for_deadline(now_ms);
     }
 
     /// `from`'s offer or answer with the candidates in its SDP held to the rule of
@@ -627,20 +627,12 @@ impl Mesh {
     /// Asks for a wake-up when the next partial message expires, unless one as early is
     /// asked for already (and not overdue: a timer a millisecond early leaves none).
     fn wake_for_expiry(&mut self, now_ms: u64) {
-        let Some(at) = self
+        let at = self
             .links
             .values()
             .filter_map(|l| l.inbound.next_expiry())
-            .min()
-        else {
-            return;
-        };
-        if self.expiry_wake.is_none_or(|w| at < w || w < now_ms) {
-            self.expiry_wake = Some(at);
-            // A millisecond late, for clocks read in whole milliseconds.
-            self.actions
-                .push_back(Action::WakeIn(at.saturating_sub(now_ms) + 1));
-        }
+            .min();
+        ask_wake(&mut self.expiry_wake, &mut self.actions, at, now_ms);
     }
 
     /// Closes the connection to `peer`, which broke the protocol (`why`), and reports it
@@ -686,6 +678,9 @@ impl Mesh {
     /// that has settled.
     pub fn tick(&mut self, now_ms: u64) {
         self.clock_ms = self.clock_ms.max(now_ms);
+        if self.deadline_wake.is_some_and(|at| at <= now_ms) {
+            self.deadline_wake = None;
+        }
         let late: Vec<PeerId> = self
             .links
             .iter()
@@ -726,6 +721,7 @@ impl Mesh {
         for p in settled {
             self.up(p);
         }
+        self.wake_for_deadline(now_ms);
         self.expire_partials(now_ms);
         // Channels of a previous session, once the grace is over (kept while the server
         // is unreachable).
@@ -804,8 +800,23 @@ impl Mesh {
         link.session = self.me;
         self.links.insert(peer, link);
         self.actions.push_back(Action::Connect { peer, offer });
-        self.actions
-            .push_back(Action::WakeIn(CONNECT_DEADLINE_MS + 1));
+        self.wake_for_deadline(now_ms);
+    }
+
+    /// Asks for a wake-up at the next connection deadline (of a connection not open yet,
+    /// or of a neighbour that was to offer), unless one as early is asked for already
+    /// and not overdue: a server that listed other neighbours again and again had a
+    /// timer started for each list (20 s each, millions at its message rate).
+    fn wake_for_deadline(&mut self, now_ms: u64) {
+        let at = self
+            .links
+            .values()
+            .filter(|l| l.is_pending())
+            .map(|l| l.started_ms)
+            .chain(self.awaiting.iter().map(|(_, t)| *t))
+            .min()
+            .map(|t| t + CONNECT_DEADLINE_MS);
+        ask_wake(&mut self.deadline_wake, &mut self.actions, at, now_ms);
     }
 
     /// Asks the server to link us to another peer in `peer`'s place.
@@ -841,6 +852,50 @@ impl Mesh {
     }
 }
 
+/// Asks for a wake-up at `at` (if any), recorded in `asked`, unless one as early is asked
+/// for already and not overdue (a timer a millisecond early leaves none).
+fn ask_wake(asked: &mut Option<u64>, actions: &mut VecDeque<Action>, at: Option<u64>, now_ms: u64) {
+    let Some(at) = at else { return };
+    if asked.is_none_or(|w| at < w || w < now_ms) {
+        *asked = Some(at);
+        // A millisecond late, for clocks read in whole milliseconds.
+        actions.push_back(Action::WakeIn(at.saturating_sub(now_ms) + 1));
+    }
+}
+
+/// The most STUN and TURN URLs a peer takes from the server's `ice_servers`, in all.
+pub const MAX_ICE_URLS: usize = 8;
+/// The longest URL, user name or credential taken.
+const MAX_ICE_FIELD: usize = 256;
+
+/// What of the server's `ice_servers` a peer uses: the first [`MAX_ICE_URLS`] URLs whose
+/// scheme is `stun:`, `turn:` or `turns:` (of at most [`MAX_ICE_FIELD`] bytes, as are a
+/// user name and credential; an entry with a longer one is dropped whole), in order.
+/// The list goes into every connection the peer makes: a server that sent thousands of
+/// URLs had each native peer send STUN and TURN requests to every host they named, for
+/// every neighbour, and a browser refuses a configuration with a URL of another scheme,
+/// so no connection could be made at all.
+fn usable_ice_servers(list: Vec<IceServer>) -> Vec<IceServer> {
+    let mut left = MAX_ICE_URLS;
+    let mut kept = Vec::new();
+    for mut s in list {
+        let short = |f: &Option<String>| f.as_ref().is_none_or(|f| f.len() <= MAX_ICE_FIELD);
+        if left == 0 || !short(&s.username) || !short(&s.credential) {
+            continue;
+        }
+        s.urls.retain(|u| {
+            let scheme = u.split(':').next().unwrap_or("").to_ascii_lowercase();
+            u.len() <= MAX_ICE_FIELD && matches!(scheme.as_str(), "stun" | "turn" | "turns")
+        });
+        s.urls.truncate(left);
+        left -= s.urls.len();
+        if !s.urls.is_empty() {
+            kept.push(s);
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use shoal_shared::framing::split;
@@ -861,6 +916,83 @@ mod tests {
             max_message_bytes: 1 << 16,
             nonce,
         }
+    }
+
+    #[test]
+    fn neighbour_lists_from_the_server_ask_for_one_deadline_wake_up_at_a_time() {
+        // A hostile server alternates two lists of one neighbour that is to offer: each
+        // list forgets the other's, and each asked for a 20 s timer of its own.
+        let mut m = member(9, &[]);
+        drain(&mut m);
+        for i in 0..10_000u64 {
+            m.on_server(
+                ServerMessage::Neighbours {
+                    peers: vec![PeerId(1 + i % 2)],
+                },
+                i / 100,
+            );
+        }
+        let wakes = drain(&mut m)
+            .into_iter()
+            .filter(|a| matches!(a, Action::WakeIn(_)))
+            .count();
+        assert_eq!(wakes, 1);
+        // Due, it asks for the next deadline's: the last listed neighbour's, which is
+        // then reported unreachable.
+        m.tick(CONNECT_DEADLINE_MS + 98);
+        let acts = drain(&mut m);
+        assert!(unreachable(&acts).is_empty(), "{acts:?}");
+        assert!(acts.contains(&Action::WakeIn(2)), "{acts:?}");
+        m.tick(CONNECT_DEADLINE_MS + 99);
+        assert_eq!(unreachable(&drain(&mut m)), [2]);
+    }
+
+    #[test]
+    fn a_member_takes_at_most_eight_stun_or_turn_urls_from_the_server() {
+        let many = |n: usize, scheme: &str| IceServer {
+            urls: (0..n)
+                .map(|i| format!("{scheme}:10.0.0.{i}:3478"))
+                .collect(),
+            username: None,
+            credential: None,
+        };
+        let mut m = Mesh::new(1);
+        let list = vec![
+            many(3, "http"),
+            IceServer {
+                username: Some("u".repeat(MAX_ICE_FIELD + 1)),
+                ..many(2, "turn")
+            },
+            many(2, "STUN"),
+            many(1000, "turn"),
+            many(5, "stun"),
+        ];
+        m.on_server(
+            ServerMessage::Welcome {
+                version: 1,
+                peer: PeerId(5),
+                task: "t".into(),
+                ice_servers: list,
+                max_message_bytes: 1 << 16,
+                nonce: String::new(),
+            },
+            0,
+        );
+        let urls: Vec<&str> = m
+            .ice_servers()
+            .iter()
+            .flat_map(|s| s.urls.iter().map(String::as_str))
+            .collect();
+        assert_eq!(urls.len(), MAX_ICE_URLS, "{urls:?}");
+        assert_eq!(
+            &urls[..3],
+            [
+                "STUN:10.0.0.0:3478",
+                "STUN:10.0.0.1:3478",
+                "turn:10.0.0.0:3478"
+            ]
+        );
+        assert!(urls[2..].iter().all(|u| u.starts_with("turn:")));
     }
 
     #[test]
@@ -1104,13 +1236,12 @@ mod tests {
                     offer: true
                 },
                 deadline.clone(),
+                // 9's deadline and 3's offer (awaited until then) are due with 7's: one
+                // wake-up.
                 Action::Connect {
                     peer: PeerId(9),
                     offer: true
                 },
-                deadline.clone(),
-                // 3's offer is awaited until then.
-                deadline.clone(),
             ]
         );
         // 9 leaves the set before its channel opened, 7 after: both are closed; 11 is
@@ -1133,10 +1264,13 @@ mod tests {
                     peer: PeerId(11),
                     offer: true
                 },
-                deadline,
+                // 3's offer is due before 11's connection: the wake-up asked for it
+                // serves, and asks for the next.
             ]
         );
         assert!(m.peers().is_empty());
+        m.tick(CONNECT_DEADLINE_MS);
+        assert!(drain(&mut m).contains(&Action::WakeIn(11)));
     }
 
     #[test]

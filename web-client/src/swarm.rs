@@ -64,8 +64,10 @@ pub const INBOX_FLOOR: usize = 4 << 20;
 /// neighbours lose their own messages, another's updates still go in, and the inbox holds
 /// at most a share per neighbour (and [`MAX_INBOX`] plus a floor per neighbour: a task
 /// of a large model with uncompressed updates still gets each neighbour's update in). Events of the local transport
-/// (neighbours up and down, the signaling connection, the task's state) always go in;
-/// the transport makes them at its own pace.
+/// (neighbours up and down, the signaling connection) always go in, at the pace of
+/// connections; the task's state comes at the server's pace, so a state replaces one
+/// queued right before it (a server that sent `task_state` thousands of times a second
+/// queued each one).
 #[derive(Debug)]
 pub struct Inbox {
     events: VecDeque<SwarmEvent>,
@@ -109,6 +111,14 @@ impl Inbox {
 
     /// Queues `ev`; false when it was a message past its sender's share (dropped).
     pub fn push(&mut self, ev: SwarmEvent) -> bool {
+        // The newest state replaces one right before it (the rest of the queue is
+        // bounded, so the states between its events are too).
+        if matches!(ev, SwarmEvent::TaskState { .. })
+            && let Some(last @ SwarmEvent::TaskState { .. }) = self.events.back_mut()
+        {
+            *last = ev;
+            return true;
+        }
         if let SwarmEvent::Message { from, data } = &ev {
             let i = match self.waiting.iter().position(|w| w.0 == *from) {
                 Some(i) => i,
@@ -327,6 +337,25 @@ mod tests {
         assert!(
             inbox.push(message(1, MAX_MESSAGE)),
             "one largest message always fits"
+        );
+    }
+
+    #[test]
+    fn only_the_latest_task_state_waits() {
+        let mut inbox = Inbox::default();
+        assert!(inbox.push(message(1, 10)));
+        for i in 0..100_000 {
+            assert!(inbox.push(SwarmEvent::TaskState { paused: i % 2 == 0 }));
+        }
+        assert!(inbox.push(message(1, 10)));
+        let all: Vec<SwarmEvent> = std::iter::from_fn(|| inbox.pop()).collect();
+        assert_eq!(
+            all,
+            [
+                message(1, 10),
+                SwarmEvent::TaskState { paused: false },
+                message(1, 10)
+            ]
         );
     }
 
