@@ -157,7 +157,9 @@ pub fn task_model(
                 "dp_on_budget".to_string(),
                 match dp.on_budget {
                     crate::privacy::OnBudget::Stop => {
-                        "stop: no contributor sent more rounds; dp_epsilon bounds each".into()
+                        "stop: no contributor key sent more rounds; dp_epsilon bounds each key's \
+                         updates"
+                            .into()
                     }
                     crate::privacy::OnBudget::Warn => {
                         "warn: contributors may have sent more rounds and passed dp_epsilon"

@@ -546,9 +546,11 @@ impl LocalData {
         }
     }
 
+    /// One batch: of samples, or of windows of text (two at least). With fewer, training
+    /// cannot start, and the page must not take a consent it would fail after.
     fn min_samples(&self) -> usize {
         if self.spec.kind == LocalKind::Text {
-            2
+            self.batch.max(2)
         } else {
             self.batch
         }
@@ -558,7 +560,17 @@ impl LocalData {
     pub fn into_dataset(self) -> Result<Dataset, String> {
         let min = self.min_samples();
         if self.spec.kind == LocalKind::Text {
-            return Dataset::from_text(&self.text, self.cols).map_err(|e| format!("your text {e}"));
+            let set =
+                Dataset::from_text(&self.text, self.cols).map_err(|e| format!("your text {e}"))?;
+            if set.len() < min {
+                return Err(format!(
+                    "your text makes {} windows of {} bytes; training takes at least {min} \
+                     (one batch)",
+                    set.len(),
+                    self.cols
+                ));
+            }
+            return Ok(set);
         }
         if self.labels.len() < min {
             return Err(format!(
@@ -784,5 +796,17 @@ mod tests {
         let e = d.add_text("b.txt", &[0xff, 0xfe]).expect_err("not utf-8");
         assert!(e.contains("UTF-8"), "{e}");
         assert!(d.into_dataset().expect("windows").len() >= 2);
+        // Text for fewer windows than a batch: the page says so before consent, and no
+        // dataset is made (before, consent was taken and the worker failed at its start).
+        let batch = lm.train.batch;
+        let mut short = LocalData::new(&lm).expect("local");
+        let cols = short.image_size().0;
+        short
+            .add_text("a.txt", "x".repeat((batch - 1) * cols + 1).as_bytes())
+            .expect("text");
+        let s = short.summary();
+        assert_eq!((s.samples, s.min_samples), (batch - 1, batch.max(2)));
+        let e = short.into_dataset().expect_err("under a batch");
+        assert!(e.contains("one batch"), "{e}");
     }
 }

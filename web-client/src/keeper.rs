@@ -191,13 +191,22 @@ pub fn replace_durably(
 }
 
 /// What binds a keeper's folder to `task`: its name and a SHA-256 of its model (the
-/// model's description and the seed its weights start from).
+/// model's description and the seed its weights start from) and, where the task has
+/// differential privacy, of its `[privacy]` table: checkpoints trained without it (or
+/// under another budget) are not resumed, and so not exported as trained under it.
 pub fn binding(task: &shoal_shared::task::TaskSpec) -> String {
     use sha2::{Digest, Sha256};
     let model = serde_json::to_string(&task.model).unwrap_or_default();
     let mut h = Sha256::new();
     h.update(model.as_bytes());
     h.update(task.train.seed.to_le_bytes());
+    if task.privacy.is_on() {
+        h.update(
+            serde_json::to_string(&task.privacy)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+    }
     let hash: String = h.finalize()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -210,6 +219,31 @@ mod tests {
     use super::*;
 
     const BOUND: &str = "digits 0123456789abcdef";
+
+    /// A task that adds differential privacy (or changes its budget) binds its folder
+    /// anew: the checkpoints trained without it would be resumed, and exported as
+    /// trained under it. Without privacy the binding is what it always was.
+    #[test]
+    fn privacy_is_part_of_a_folders_binding() {
+        let plain = shoal_shared::task::TaskSpec::digits();
+        let mut private = plain.clone();
+        private.privacy.clip = Some(1.0);
+        private.privacy.noise_multiplier = Some(1.0);
+        private.privacy.rounds = Some(100);
+        private.privacy.delta = Some(1e-5);
+        assert!(private.privacy.is_on() && private.privacy.validate().is_ok());
+        let mut tighter = private.clone();
+        tighter.privacy.rounds = Some(50);
+        let all = [binding(&plain), binding(&private), binding(&tighter)];
+        assert!(
+            all[0] != all[1] && all[1] != all[2] && all[0] != all[2],
+            "{all:?}"
+        );
+        assert_eq!(
+            binding(&plain),
+            binding(&shoal_shared::task::TaskSpec::digits())
+        );
+    }
 
     /// Other programs' files in the folder are left alone: their checkpoints are not
     /// pruned or read, their temporary files not removed; a folder bound to another
