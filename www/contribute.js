@@ -67,11 +67,12 @@ const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery
 // (a page that keeps the frame so small, or so far off the edge, that a sliver of the
 // status shows) for this long, it pauses, and it resumes once shown again for `SEEN_AGAIN_MS` without a break (a page
 // that flashes it into view now and then does not keep it training). Once it paused so, it
-// pauses at once when next unseen, until seen for `FORGIVEN_MS` without a break: a page that
-// hid it for just under 2 s and showed it for over 1 s, again and again, kept it training
-// unseen and showed "Paused" when seen.
+// pauses after `STRUCK_MS` unseen (a menu or a toast passing over it does not), until seen
+// for `FORGIVEN_MS` without a break: a page that hid it for just under 2 s and showed it
+// for over 1 s, again and again, kept it training unseen and showed "Paused" when seen.
 const UNSEEN_MS = 2000;
 const SEEN_AGAIN_MS = 1000;
+const STRUCK_MS = 300;
 const FORGIVEN_MS = 30000;
 
 /**
@@ -618,7 +619,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           struck = true;
           paused.add('unseen');
           applyPause();
-        }, struck ? 0 : UNSEEN_MS);
+        }, struck ? STRUCK_MS : UNSEEN_MS);
       }
     }, { threshold: [0, 0.99, 1], ...(painted ? { trackVisibility: true, delay: 100 } : {}) });
     for (const el of watched) observer.observe(el);
