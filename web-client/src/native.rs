@@ -45,7 +45,19 @@ pub struct NativeOptions {
     /// ([`max_message_for`](crate::swarm::max_message_for) of its parameter count), or
     /// [`MAX_MESSAGE`](crate::swarm::MAX_MESSAGE) for a transport that carries any task.
     pub max_message: usize,
+    /// The longest wait for the signaling server's handshake, or for its next message
+    /// once connected (the peer pings it every third of this, and it answers): past it
+    /// the connection counts as dead and the peer reconnects. [`SIGNALING_TIMEOUT`] for peers; without it a
+    /// server that hung, or a path that died without a word (a NAT that forgot the
+    /// connection), held the peer out of its swarm for good.
+    pub signaling_timeout: Duration,
 }
+
+/// [`NativeOptions::signaling_timeout`] for peers.
+pub const SIGNALING_TIMEOUT: Duration = Duration::from_secs(60);
+/// Signaling messages queued for the server at most (a server that stops reading leaves
+/// them unsent; past this they are dropped).
+const MAX_SIGNALING_QUEUED: usize = 1024;
 
 /// One live connection's platform objects.
 struct Conn {
@@ -59,7 +71,7 @@ struct Conn {
 
 struct State {
     mesh: Mesh,
-    ws: Option<mpsc::UnboundedSender<String>>,
+    ws: Option<mpsc::Sender<String>>,
     conns: HashMap<PeerId, Conn>,
     next_generation: u64,
 }
@@ -263,19 +275,32 @@ impl Transport for NativeSwarm {
 }
 
 async fn signaling_loop(shared: Arc<Shared>) {
+    let wait = shared.opts.signaling_timeout;
     loop {
-        if let Ok((ws, _)) = tokio_tungstenite::connect_async(&shared.opts.url).await {
+        let connecting = tokio_tungstenite::connect_async(&shared.opts.url);
+        if let Ok(Ok((ws, _))) = tokio::time::timeout(wait, connecting).await {
             let (mut sink, mut stream) = ws.split();
-            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+            let (tx, mut rx) = mpsc::channel::<String>(MAX_SIGNALING_QUEUED);
             shared.lock().ws = Some(tx);
+            // Pinged by us too, the server answers within a third of the wait whatever
+            // its own ping interval (`--idle-timeout`).
+            let mut ping = tokio::time::interval(wait / 3);
             let writer = tokio::spawn(async move {
-                while let Some(text) = rx.recv().await {
-                    if sink.send(Message::Text(text.into())).await.is_err() {
+                ping.tick().await;
+                loop {
+                    let msg = tokio::select! {
+                        text = rx.recv() => match text {
+                            Some(text) => Message::Text(text.into()),
+                            None => break,
+                        },
+                        _ = ping.tick() => Message::Ping(Vec::new().into()),
+                    };
+                    if sink.send(msg).await.is_err() {
                         break;
                     }
                 }
             });
-            while let Some(Ok(msg)) = stream.next().await {
+            while let Ok(Some(Ok(msg))) = tokio::time::timeout(wait, stream.next()).await {
                 if let Message::Text(text) = msg {
                     match serde_json::from_str::<ServerMessage>(&text) {
                         Ok(m) => shared.with_mesh(|mesh, now| mesh.on_server(m, now)),
@@ -324,7 +349,7 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
             Action::Signal(m) => {
                 let text = serde_json::to_string(&m).unwrap_or_default();
                 if let Some(ws) = &shared.lock().ws {
-                    let _ = ws.send(text);
+                    let _ = ws.try_send(text);
                 }
             }
             // `feed` puts them in the inbox itself.

@@ -21,14 +21,19 @@ mod common;
 
 use common::{reexec_in_netns, start_server};
 
-fn peer(url: &str) -> NativeSwarm {
-    NativeSwarm::connect(NativeOptions {
+fn options(url: &str) -> NativeOptions {
+    NativeOptions {
         url: url.into(),
         udp_addrs: vec!["127.0.0.1:0".into()],
         mdns: false,
         identity: None,
         max_message: shoal_web_client::swarm::MAX_MESSAGE,
-    })
+        signaling_timeout: shoal_web_client::native::SIGNALING_TIMEOUT,
+    }
+}
+
+fn peer(url: &str) -> NativeSwarm {
+    NativeSwarm::connect(options(url))
 }
 
 async fn until<T>(
@@ -217,6 +222,50 @@ fn a_neighbour_flooding_a_busy_peer_fills_only_its_share_of_the_inbox() {
         assert_eq!(got, b"after");
         a.close().await;
         b.close().await;
+    });
+}
+
+/// A signaling server that takes the connection and then says nothing (it hung, or the
+/// path died without a word, as when a NAT forgets the connection) is given up after
+/// `signaling_timeout` and connected to again: the peer waited for it for good, out of
+/// its swarm. Both before the handshake and after it.
+#[test]
+fn a_silent_signaling_server_is_left_and_connected_to_again() {
+    if reexec_in_netns(common::test_name!()) {
+        return;
+    }
+    runtime().block_on(async {
+        for handshake in [false, true] {
+            let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("ws://{}/ws/digits?v=1", server.local_addr().expect("addr"));
+            let swarm = NativeSwarm::connect(NativeOptions {
+                signaling_timeout: Duration::from_millis(500),
+                ..options(&url)
+            });
+            let started = std::time::Instant::now();
+            let mut held = Vec::new();
+            let mut sockets = Vec::new();
+            for _ in 0..3 {
+                let (s, _) = tokio::time::timeout(Duration::from_secs(10), server.accept())
+                    .await
+                    .expect("the peer tries again")
+                    .expect("accept");
+                if handshake {
+                    // Upgraded, then silent: no ping, no message.
+                    held.push(tokio_tungstenite::accept_async(s).await.expect("upgrade"));
+                } else {
+                    sockets.push(s);
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(8),
+                "three tries took {:?}",
+                started.elapsed()
+            );
+            swarm.close().await;
+        }
     });
 }
 

@@ -122,6 +122,7 @@ mod peer {
             max_message: task
                 .as_ref()
                 .map_or(MAX_MESSAGE, shoal_web_client::swarm::max_message_for_task),
+            signaling_timeout: shoal_web_client::native::SIGNALING_TIMEOUT,
         });
         match task {
             Some(task) => train(&args, task, swarm).await,
