@@ -53,6 +53,32 @@ pub struct NativeOptions {
     pub signaling_timeout: Duration,
 }
 
+/// The most characters of one logged line that come from others.
+const LOGGED_CHARS: usize = 500;
+
+/// `what` (text a neighbour's SDP or the server's messages can put words in) as one line
+/// safe for an operator's terminal: control characters escaped (an escape sequence
+/// could rewrite the screen or forge lines), at most [`LOGGED_CHARS`] characters.
+fn printable(what: &impl std::fmt::Display) -> String {
+    let text = what.to_string();
+    let mut out: String = text
+        .chars()
+        .take(LOGGED_CHARS)
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_unicode().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
+    if text.chars().nth(LOGGED_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// [`NativeOptions::signaling_timeout`] for peers.
 pub const SIGNALING_TIMEOUT: Duration = Duration::from_secs(60);
 /// Signaling messages queued for the server at most (a server that stops reading leaves
@@ -304,7 +330,7 @@ async fn signaling_loop(shared: Arc<Shared>) {
                 if let Message::Text(text) = msg {
                     match serde_json::from_str::<ServerMessage>(&text) {
                         Ok(m) => shared.with_mesh(|mesh, now| mesh.on_server(m, now)),
-                        Err(e) => eprintln!("shoal: bad signaling message: {e}"),
+                        Err(e) => eprintln!("shoal: bad signaling message: {}", printable(&e)),
                     }
                 }
             }
@@ -356,7 +382,7 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
             Action::Emit(_) => {}
             Action::Connect { peer, offer } => {
                 if let Err(e) = bounded("connecting", connect(&shared, peer, offer)).await {
-                    eprintln!("shoal: connection to {peer} failed: {e}");
+                    eprintln!("shoal: connection to {peer} failed: {}", printable(&e));
                     shared.with_mesh(|mesh, _| mesh.failed(peer));
                 }
             }
@@ -370,7 +396,7 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                         mesh.described(peer, Signal::Answer { sdp })
                     }),
                     Err(e) => {
-                        eprintln!("shoal: answering {peer} failed: {e}");
+                        eprintln!("shoal: answering {peer} failed: {}", printable(&e));
                         shared.with_conn(peer, generation, |mesh, _| mesh.failed(peer));
                     }
                 }
@@ -437,7 +463,7 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
                     }
                 });
             }
-            Action::Warn(w) => eprintln!("shoal: {w}"),
+            Action::Warn(w) => eprintln!("shoal: {}", printable(&w)),
         }
     }
 }
@@ -649,5 +675,27 @@ async fn write_channel(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LOGGED_CHARS, printable};
+
+    #[test]
+    fn what_others_wrote_is_logged_as_one_harmless_line() {
+        // An error of the SDP parser quotes the neighbour's field as it came.
+        let quoted = "SdpInvalidValue(\"\u{1b}]0;owned\u{7}\nshoal: all is fine\")";
+        let line = printable(&quoted);
+        assert!(!line.chars().any(char::is_control), "{line}");
+        assert!(
+            line.contains("\\u{1b}") && line.contains("\\u{a}"),
+            "{line}"
+        );
+        assert_eq!(
+            printable(&"x".repeat(10_000)).chars().count(),
+            LOGGED_CHARS + 1
+        );
+        assert_eq!(printable(&"neighbour 3 left"), "neighbour 3 left");
     }
 }
