@@ -3071,9 +3071,10 @@ mod tests {
             prove(conn);
             let mine = of(conn);
             assert!(mine.len() >= k - 1, "{} neighbours", mine.len());
+            // A trainer (the key's earlier connections may be among them too).
             let c = *mine
                 .iter()
-                .find(|n| !colluders.contains(*n))
+                .find(|n| peers.contains(*n) && !colluders.contains(*n))
                 .expect("a new neighbour");
             colluders.push(c);
         }
