@@ -36,6 +36,16 @@ fn gpu_never_lets_non_finite_values_pass() {
 }
 
 #[test]
+fn gpu_refuses_grids_past_its_limits() {
+    pollster::block_on(suite::gpu_refuses_grids_past_its_limits(&gpu()));
+}
+
+#[test]
+fn specs_past_32_bits_are_refused() {
+    pollster::block_on(suite::specs_past_32_bits_are_refused());
+}
+
+#[test]
 fn cpu_never_lets_non_finite_values_pass() {
     pollster::block_on(suite::cpu_non_finite_never_passes());
 }

@@ -40,6 +40,17 @@ async fn gpu_never_lets_non_finite_values_pass() {
 }
 
 #[wasm_bindgen_test]
+async fn gpu_refuses_grids_past_its_limits() {
+    suite::gpu_refuses_grids_past_its_limits(&gpu().await).await;
+}
+
+/// Here in 32 bits, where sizes past 2^32 wrapped.
+#[wasm_bindgen_test]
+async fn specs_past_32_bits_are_refused() {
+    suite::specs_past_32_bits_are_refused().await;
+}
+
+#[wasm_bindgen_test]
 async fn cpu_never_lets_non_finite_values_pass() {
     suite::cpu_non_finite_never_passes().await;
 }

@@ -421,6 +421,68 @@ pub async fn gpu_non_finite_never_passes(gpu: &Gpu) {
     non_finite_never_passes(&mut b).await;
 }
 
+/// A model whose grid is wider in one dimension than the device takes is not built on
+/// it, and [`crate::engine::train::backend`] trains it on the CPU: a dense layer of one
+/// unit more than the device's workgroups per dimension (its bias gradient has a
+/// workgroup per unit). Where the device takes more than a layer may have units, there is
+/// nothing to check.
+pub async fn gpu_refuses_grids_past_its_limits(gpu: &Gpu) {
+    let most = gpu.device.limits().max_compute_workgroups_per_dimension as usize;
+    let units = most + 1;
+    if units > super::MAX_ACTIVATION {
+        return;
+    }
+    let spec = ModelSpec {
+        input: [1, 1, 1],
+        layers: vec![LayerSpec::Dense { units }, LayerSpec::Dense { units: 1 }],
+    };
+    let model = Model::new(spec).expect("valid model");
+    let params = model.init_params(5);
+    let built = GpuBackend::new(gpu, model.clone(), Optimizer::adam(1e-3), &params, 1);
+    assert!(
+        matches!(built, Err(EngineError::Unsupported(_))),
+        "a grid of {units} workgroups was built"
+    );
+    let b = super::train::backend(model, Some(gpu), Optimizer::adam(1e-3), params, 1)
+        .expect("a backend");
+    assert_eq!(b.name(), "cpu", "it trains on the CPU instead");
+}
+
+/// Specs whose sizes multiply past 2^32 are refused in every build (the browser's is 32
+/// bits: there they wrapped to small sizes that passed).
+pub async fn specs_past_32_bits_are_refused() {
+    use LayerSpec::{Conv2d, Embedding, LmHead, TransformerBlock};
+    let mut layers = vec![Embedding {
+        vocab: 256,
+        dim: 4096,
+    }];
+    layers.extend((0..16).map(|_| TransformerBlock {
+        heads: 1,
+        mlp_ratio: 8,
+    }));
+    layers.push(LmHead { tied: true });
+    let lm = ModelSpec {
+        input: [1, 1, 1],
+        layers,
+    };
+    let conv = ModelSpec {
+        input: [2048, 2048, 1],
+        layers: vec![
+            Conv2d {
+                filters: 1024,
+                kernel: 1,
+                stride: 1,
+                padding: 0,
+            },
+            LayerSpec::Flatten,
+            LayerSpec::Dense { units: 2 },
+        ],
+    };
+    for spec in [lm, conv] {
+        assert!(Model::new(spec.clone()).is_err(), "{spec:?} was taken");
+    }
+}
+
 /// The CPU side of [`non_finite_never_passes`].
 pub async fn cpu_non_finite_never_passes() {
     let (_, spec) = models().into_iter().nth(2).expect("conv model");

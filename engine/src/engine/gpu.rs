@@ -1188,6 +1188,20 @@ impl GpuBackend {
             bind: opt_bind,
             groups: grid(plen),
         });
+        // A grid wider in one dimension than the device takes (WebGPU's default and most
+        // drivers': 65,535 workgroups) made the whole step invalid, natively a panic: the
+        // bias gradient of a dense layer of 65,536 units, or the im2col product of a
+        // convolution over more than 4 million rows. The caller trains on the CPU instead.
+        let most = device.limits().max_compute_workgroups_per_dimension;
+        if pass
+            .iter()
+            .chain(&opt_dispatch)
+            .any(|d| d.groups.iter().any(|&g| g > most))
+        {
+            return Err(EngineError::Unsupported(
+                "a grid past the device's workgroups per dimension",
+            ));
+        }
         let input = acts[0].clone();
         let mut scratch = acts;
         scratch.extend(g);

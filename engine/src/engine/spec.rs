@@ -607,7 +607,9 @@ impl Model {
                     }
                     let oh = (ih + 2 * padding - kernel) / stride + 1;
                     let ow = (iw + 2 * padding - kernel) / stride + 1;
-                    if oh * ow * filters > MAX_ACTIVATION {
+                    // Saturating, as everywhere sizes multiply: in the browser's 32-bit
+                    // build a product past 2^32 wrapped to a small one that passed.
+                    if oh.saturating_mul(ow).saturating_mul(filters) > MAX_ACTIVATION {
                         return Err(bad("conv2d", "output too large".into()));
                     }
                     let weight = tensors.len();
@@ -663,7 +665,12 @@ impl Model {
                 flat = true;
             }
         }
-        let param_len = tensors.last().map_or(0, |t| t.offset + t.len());
+        // Saturating too: sixteen wide transformer blocks summed past 2^32 and wrapped to
+        // 4,095 parameters in the browser, which then panicked drawing their weights.
+        let param_len = tensors.last().map_or(0, |t| {
+            let len = t.shape.iter().copied().fold(1usize, usize::saturating_mul);
+            t.offset.saturating_add(len)
+        });
         if param_len > MAX_PARAMS {
             return Err(SpecError::TooLarge(param_len));
         }
