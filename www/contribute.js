@@ -67,7 +67,7 @@ const REASONS = { button: 'you paused it', hidden: 'this tab is hidden', battery
 // (a page that keeps the frame so small, or so far off the edge, that a sliver of the
 // status shows) for this long, it pauses, and it resumes once shown again for `SEEN_AGAIN_MS` without a break (a page
 // that flashes it into view now and then does not keep it training). Once it paused so, it
-// pauses after `STRUCK_MS` unseen (a menu or a toast passing over it does not), until seen
+// pauses within `STRUCK_MS` of being unseen (for a second at least: it resumes once seen again for `SEEN_AGAIN_MS`), until seen
 // for `FORGIVEN_MS` without a break: a page that hid it for just under 2 s and showed it
 // for over 1 s, again and again, kept it training unseen and showed "Paused" when seen.
 const UNSEEN_MS = 2000;

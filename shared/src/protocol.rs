@@ -77,6 +77,19 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
+/// The most STUN and TURN URLs a peer takes from `welcome`'s `ice_servers`, in all (the
+/// server refuses to start with more).
+pub const MAX_ICE_URLS: usize = 8;
+/// The longest ICE URL, user name or credential a peer takes.
+pub const MAX_ICE_FIELD: usize = 256;
+
+/// Whether a peer takes `url` among its ICE servers: a `stun:`, `turn:` or `turns:` URL
+/// (any case) of at most [`MAX_ICE_FIELD`] bytes.
+pub fn usable_ice_url(url: &str) -> bool {
+    let scheme = url.split(':').next().unwrap_or("").to_ascii_lowercase();
+    url.len() <= MAX_ICE_FIELD && matches!(scheme.as_str(), "stun" | "turn" | "turns")
+}
+
 /// What one WebRTC peer tells another through the server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]

@@ -208,6 +208,16 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     if !args.turn.is_empty() && args.turn_secret.is_none() {
         anyhow::bail!("--turn needs --turn-secret (or SHOAL_TURN_SECRET)");
     }
+    // Peers take no more, and no other: an operator's ninth URL (TURN comes after STUN)
+    // would be dropped by every peer without a word.
+    use shoal_shared::protocol::{MAX_ICE_FIELD, MAX_ICE_URLS, usable_ice_url};
+    let ice = args.stun.iter().chain(&args.turn);
+    if ice.clone().count() > MAX_ICE_URLS || !ice.clone().all(|u| usable_ice_url(u)) {
+        anyhow::bail!(
+            "--stun and --turn: at most {MAX_ICE_URLS} URLs in all, each stun:, turn: or \
+             turns: and at most {MAX_ICE_FIELD} bytes (peers use no others)"
+        );
+    }
     // A peer holds up to 2k neighbours and keeps the public copies (weights changes) of
     // at most `MAX_COPIES` signers: with more, copies would be dropped and changes
     // refused every round.

@@ -177,6 +177,25 @@ fn a_task_asking_more_neighbours_than_a_peer_keeps_copies_for_stops_the_server()
 }
 
 #[test]
+fn ice_urls_peers_would_not_use_stop_the_server() {
+    let nine: Vec<String> = (0..9)
+        .flat_map(|i| ["--stun".to_string(), format!("stun:10.0.0.{i}:3478")])
+        .collect();
+    let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+    for args in [&nine[..], &["--stun", "http://stun.example.org"]] {
+        let (ok, err) = start_with_args(&demo(), &data(), args);
+        assert!(!ok);
+        assert!(err.contains("at most 8 URLs in all"), "{args:?}: {err}");
+    }
+    let (ok, err) = start_with_args(&demo(), &data(), &nine[..16]);
+    assert!(!ok);
+    assert!(
+        !err.contains("--stun") && err.contains("could not listen"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_admin_token_that_no_header_can_carry_stops_the_server() {
     // Sixteen spaces: long enough, but a request could never present it.
     let bad: [String; 3] = [

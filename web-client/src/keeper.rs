@@ -192,7 +192,7 @@ pub fn replace_durably(
 
 /// What binds a keeper's folder to `task`: its name and a SHA-256 of its model (the
 /// model's description and the seed its weights start from) and, where the task has
-/// differential privacy, of its `[privacy]` table: checkpoints trained without it (or
+/// differential privacy, of its resolved `[privacy]` numbers: checkpoints trained without it (or
 /// under another budget) are not resumed, and so not exported as trained under it.
 pub fn binding(task: &shoal_shared::task::TaskSpec) -> String {
     use sha2::{Digest, Sha256};
@@ -200,12 +200,13 @@ pub fn binding(task: &shoal_shared::task::TaskSpec) -> String {
     let mut h = Sha256::new();
     h.update(model.as_bytes());
     h.update(task.train.seed.to_le_bytes());
-    if task.privacy.is_on() {
-        h.update(
-            serde_json::to_string(&task.privacy)
-                .unwrap_or_default()
-                .as_bytes(),
+    // The numbers the guarantee rests on, as resolved (not how the table gives them).
+    if let Ok(Some(dp)) = task.privacy.resolve() {
+        let numbers = format!(
+            "{} {} {} {}",
+            dp.clip, dp.noise_multiplier, dp.delta, dp.rounds
         );
+        h.update(numbers.as_bytes());
     }
     let hash: String = h.finalize()[..8]
         .iter()

@@ -43,7 +43,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use shoal_shared::framing::{DEFAULT_CHUNK, QueueError, SendQueue};
 use shoal_shared::learn::identity::{Identity, hex};
 use shoal_shared::protocol::{
-    ClientMessage, IceServer, PeerId, PeerReport, ServerMessage, Signal, from_hex, identify_message,
+    ClientMessage, IceServer, MAX_ICE_FIELD, MAX_ICE_URLS, PeerId, PeerReport, ServerMessage,
+    Signal, from_hex, identify_message, usable_ice_url,
 };
 
 use crate::links::InboundLink;
@@ -863,11 +864,6 @@ fn ask_wake(asked: &mut Option<u64>, actions: &mut VecDeque<Action>, at: Option<
     }
 }
 
-/// The most STUN and TURN URLs a peer takes from the server's `ice_servers`, in all.
-pub const MAX_ICE_URLS: usize = 8;
-/// The longest URL, user name or credential taken.
-const MAX_ICE_FIELD: usize = 256;
-
 /// What of the server's `ice_servers` a peer uses: the first [`MAX_ICE_URLS`] URLs whose
 /// scheme is `stun:`, `turn:` or `turns:` (of at most [`MAX_ICE_FIELD`] bytes, as are a
 /// user name and credential; an entry with a longer one is dropped whole), in order.
@@ -883,10 +879,7 @@ fn usable_ice_servers(list: Vec<IceServer>) -> Vec<IceServer> {
         if left == 0 || !short(&s.username) || !short(&s.credential) {
             continue;
         }
-        s.urls.retain(|u| {
-            let scheme = u.split(':').next().unwrap_or("").to_ascii_lowercase();
-            u.len() <= MAX_ICE_FIELD && matches!(scheme.as_str(), "stun" | "turn" | "turns")
-        });
+        s.urls.retain(|u| usable_ice_url(u));
         s.urls.truncate(left);
         left -= s.urls.len();
         if !s.urls.is_empty() {

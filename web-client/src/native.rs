@@ -98,6 +98,8 @@ struct Conn {
 struct State {
     mesh: Mesh,
     ws: Option<mpsc::Sender<String>>,
+    /// Messages for the server dropped on this connection (its queue was full).
+    ws_dropped: u64,
     conns: HashMap<PeerId, Conn>,
     next_generation: u64,
 }
@@ -207,6 +209,7 @@ impl NativeSwarm {
             state: Mutex::new(State {
                 mesh,
                 ws: None,
+                ws_dropped: 0,
                 conns: HashMap::new(),
                 next_generation: 0,
             }),
@@ -307,10 +310,14 @@ async fn signaling_loop(shared: Arc<Shared>) {
         if let Ok(Ok((ws, _))) = tokio::time::timeout(wait, connecting).await {
             let (mut sink, mut stream) = ws.split();
             let (tx, mut rx) = mpsc::channel::<String>(MAX_SIGNALING_QUEUED);
-            shared.lock().ws = Some(tx);
+            {
+                let mut st = shared.lock();
+                st.ws = Some(tx);
+                st.ws_dropped = 0;
+            }
             // Pinged by us too, the server answers within a third of the wait whatever
             // its own ping interval (`--idle-timeout`).
-            let mut ping = tokio::time::interval(wait / 3);
+            let mut ping = tokio::time::interval((wait / 3).max(Duration::from_millis(1)));
             let writer = tokio::spawn(async move {
                 ping.tick().await;
                 loop {
@@ -374,8 +381,19 @@ async fn execute(shared: std::sync::Weak<Shared>, mut actions: mpsc::UnboundedRe
         match action {
             Action::Signal(m) => {
                 let text = serde_json::to_string(&m).unwrap_or_default();
-                if let Some(ws) = &shared.lock().ws {
-                    let _ = ws.try_send(text);
+                let mut st = shared.lock();
+                if let Some(ws) = &st.ws
+                    && ws.try_send(text).is_err()
+                {
+                    // Said once per connection: the server reads nothing (the idle timeout
+                    // ends it).
+                    st.ws_dropped += 1;
+                    if st.ws_dropped == 1 {
+                        eprintln!(
+                            "shoal: {MAX_SIGNALING_QUEUED} messages wait for the signaling \
+                             server; dropping the newest"
+                        );
+                    }
                 }
             }
             // `feed` puts them in the inbox itself.

@@ -64,13 +64,16 @@ pub const INBOX_FLOOR: usize = 4 << 20;
 /// neighbours lose their own messages, another's updates still go in, and the inbox holds
 /// at most a share per neighbour (and [`MAX_INBOX`] plus a floor per neighbour: a task
 /// of a large model with uncompressed updates still gets each neighbour's update in). Events of the local transport
-/// (neighbours up and down, the signaling connection) always go in, at the pace of
-/// connections; the task's state comes at the server's pace, so a state replaces one
-/// queued right before it (a server that sent `task_state` thousands of times a second
-/// queued each one).
+/// (neighbours up and down) always go in, at the pace of connections; the signaling
+/// connection's state and the task's come at the server's pace, so only the latest of
+/// each waits, taken before the rest.
 #[derive(Debug)]
 pub struct Inbox {
     events: VecDeque<SwarmEvent>,
+    /// The latest signaling event and task state not yet taken, outside the queue: each
+    /// replaces the one before it, and they are taken first. They come at the server's
+    /// pace (a server that alternated `welcome` and `task_state` queued each one).
+    latest: [Option<SwarmEvent>; 2],
     /// Bytes and messages waiting per sender (a few neighbours: a list).
     waiting: Vec<(PeerId, usize, usize)>,
     bytes: usize,
@@ -91,6 +94,7 @@ impl Inbox {
     pub fn new(limit: usize) -> Self {
         Self {
             events: VecDeque::new(),
+            latest: [None, None],
             waiting: Vec::new(),
             bytes: 0,
             dropped: 0,
@@ -111,13 +115,16 @@ impl Inbox {
 
     /// Queues `ev`; false when it was a message past its sender's share (dropped).
     pub fn push(&mut self, ev: SwarmEvent) -> bool {
-        // The newest state replaces one right before it (the rest of the queue is
-        // bounded, so the states between its events are too).
-        if matches!(ev, SwarmEvent::TaskState { .. })
-            && let Some(last @ SwarmEvent::TaskState { .. }) = self.events.back_mut()
-        {
-            *last = ev;
-            return true;
+        match ev {
+            SwarmEvent::Signaling { .. } => {
+                self.latest[0] = Some(ev);
+                return true;
+            }
+            SwarmEvent::TaskState { .. } => {
+                self.latest[1] = Some(ev);
+                return true;
+            }
+            _ => {}
         }
         if let SwarmEvent::Message { from, data } = &ev {
             let i = match self.waiting.iter().position(|w| w.0 == *from) {
@@ -151,6 +158,9 @@ impl Inbox {
 
     /// The oldest waiting event.
     pub fn pop(&mut self) -> Option<SwarmEvent> {
+        if let Some(ev) = self.latest.iter_mut().find_map(Option::take) {
+            return Some(ev);
+        }
         let ev = self.events.pop_front()?;
         if let SwarmEvent::Message { from, data } = &ev {
             self.bytes -= data.len();
@@ -183,12 +193,12 @@ impl Inbox {
 
     /// Events waiting.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.events.len() + self.latest.iter().flatten().count()
     }
 
     /// Whether no event waits.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.events.is_empty() && self.latest.iter().all(Option::is_none)
     }
 }
 
@@ -341,22 +351,31 @@ mod tests {
     }
 
     #[test]
-    fn only_the_latest_task_state_waits() {
+    fn only_the_latest_signaling_and_task_state_wait() {
+        // A server that alternates `welcome` and `task_state` while the peer trains.
         let mut inbox = Inbox::default();
         assert!(inbox.push(message(1, 10)));
-        for i in 0..100_000 {
+        for i in 0..100_000u64 {
+            assert!(inbox.push(SwarmEvent::Signaling {
+                me: Some(PeerId(i))
+            }));
             assert!(inbox.push(SwarmEvent::TaskState { paused: i % 2 == 0 }));
         }
         assert!(inbox.push(message(1, 10)));
+        assert_eq!(inbox.len(), 4);
         let all: Vec<SwarmEvent> = std::iter::from_fn(|| inbox.pop()).collect();
         assert_eq!(
             all,
             [
-                message(1, 10),
+                SwarmEvent::Signaling {
+                    me: Some(PeerId(99_999))
+                },
                 SwarmEvent::TaskState { paused: false },
+                message(1, 10),
                 message(1, 10)
             ]
         );
+        assert!(inbox.is_empty());
     }
 
     #[test]
