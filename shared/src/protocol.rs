@@ -84,10 +84,15 @@ pub const MAX_ICE_URLS: usize = 8;
 pub const MAX_ICE_FIELD: usize = 256;
 
 /// Whether a peer takes `url` among its ICE servers: a `stun:`, `turn:` or `turns:` URL
-/// (any case) of at most [`MAX_ICE_FIELD`] bytes.
+/// (the scheme in any case, the colon required) of at most [`MAX_ICE_FIELD`] bytes.
 pub fn usable_ice_url(url: &str) -> bool {
-    let scheme = url.split(':').next().unwrap_or("").to_ascii_lowercase();
-    url.len() <= MAX_ICE_FIELD && matches!(scheme.as_str(), "stun" | "turn" | "turns")
+    url.len() <= MAX_ICE_FIELD
+        && url.split_once(':').is_some_and(|(scheme, _)| {
+            matches!(
+                scheme.to_ascii_lowercase().as_str(),
+                "stun" | "turn" | "turns"
+            )
+        })
 }
 
 /// What one WebRTC peer tells another through the server.

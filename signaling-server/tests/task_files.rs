@@ -182,7 +182,11 @@ fn ice_urls_peers_would_not_use_stop_the_server() {
         .flat_map(|i| ["--stun".to_string(), format!("stun:10.0.0.{i}:3478")])
         .collect();
     let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
-    for args in [&nine[..], &["--stun", "http://stun.example.org"]] {
+    for args in [
+        &nine[..],
+        &["--stun", "http://stun.example.org"],
+        &["--turn-secret", "s", "--turn", "turn"],
+    ] {
         let (ok, err) = start_with_args(&demo(), &data(), args);
         assert!(!ok);
         assert!(err.contains("at most 8 URLs in all"), "{args:?}: {err}");

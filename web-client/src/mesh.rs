@@ -953,6 +953,12 @@ mod tests {
         let list = vec![
             many(3, "http"),
             IceServer {
+                // A bare scheme is no URL (a browser refuses the whole list).
+                urls: vec!["turn".into(), "stun".into()],
+                username: None,
+                credential: None,
+            },
+            IceServer {
                 username: Some("u".repeat(MAX_ICE_FIELD + 1)),
                 ..many(2, "turn")
             },
