@@ -3,10 +3,10 @@
 //! evaluates it on the task's held-out split. It never trains and never sends an update;
 //! the model it holds is what the dashboard exports.
 //!
-//! The protocol is the sans-IO [`Peer`] in its observer role: it downloads from several
+//! The protocol is the sans-IO [`Peer`] in its observer role: it downloads from three
 //! neighbours at once and keeps the answer they agree on (the same adoption rule as a
-//! joining peer), so one lying neighbour cannot put its model on the researcher's
-//! dashboard or into the export. Platform-neutral like the training loop: the browser
+//! joining peer), so one lying neighbour among three that answer cannot put its model on
+//! the researcher's dashboard or into the export. Platform-neutral like the training loop: the browser
 //! worker drives it through `wasm/observer.rs`, and a native test can drive it over the
 //! native transport.
 

@@ -81,9 +81,13 @@ pub const AGREED_GRACE_MS: f64 = 500.0;
 /// Neighbours asked for the model at once: with a task's usual 6 to 8 neighbours, a
 /// majority of those asked is honest whenever fewer than a third of the neighbours lie.
 pub const FETCH_ASK: usize = 5;
-/// Neighbours an observer asks each time: it holds a model already (the one of two
-/// answers nearer it wins), and every answer is an upload from a volunteer.
-pub const OBSERVE_ASK: usize = 2;
+/// Neighbours an observer asks each time. Three, not two: of two answers that agree the
+/// one nearer the weights the observer holds wins (their median is their midpoint), so
+/// one liar of two that answered with those weights plus a little of its own, download
+/// after download, walked the dashboard (and its export) to a model of its own within
+/// [`AGREE_RATIO`] of the swarm's. Of three, the coordinate-wise median lies among the
+/// two honest answers. Every answer is an upload from a volunteer: three, not five.
+pub const OBSERVE_ASK: usize = 3;
 /// How often Shoal's dashboard asks for the model. An observer asks for weights only, and
 /// asks the neighbours it asked before (whose weights it holds) first: each answers with
 /// the change from the weights the observer holds from it, in block-wise int8 (about a
@@ -92,11 +96,11 @@ pub const OBSERVE_ASK: usize = 2;
 /// [`ANSWER_INTERVAL_MS`].
 pub const OBSERVE_EVERY_MS: f64 = 10_000.0;
 /// Every this many downloads an observer draws one of the neighbours it asks at random
-/// among those it holds no weights from, instead of one it does (and both after a
+/// among those it holds no weights from, instead of one it does (and all after a
 /// download in which an asked neighbour stayed silent, or that adopted nothing although
-/// an answer was newer than its model). The price of asking the same two: two colluders
-/// drawn together, agreeing on a model of their own, are what an observer shows until
-/// then (it only shows and exports; it never trains on it).
+/// an answer was newer than its model). The price of asking the same three: two
+/// colluders drawn among them, agreeing on a model of their own, are what an observer
+/// shows until then (it only shows and exports; it never trains on it).
 pub const OBSERVE_REDRAW: u64 = 30;
 /// How far behind the model it holds an observer takes one that most of those asked
 /// agree on (see `Peer::step_back`): further than any honest neighbour lags (one more than
@@ -1637,7 +1641,7 @@ impl Peer {
         self.rng.shuffle(&mut from);
         if purpose == Purpose::Observe {
             // Neighbours whose weights we hold first (they send a change from them), but
-            // one drawn at random every `OBSERVE_REDRAW` downloads, and both after a
+            // one drawn at random every `OBSERVE_REDRAW` downloads, and all after a
             // download that failed.
             let fresh = if self.observe_redraw {
                 OBSERVE_ASK

@@ -1913,9 +1913,15 @@ fn route(
 /// An observer (peer 10 to them) and four trainers at round 5 (peers 20 to 23 to it),
 /// linked.
 fn observer_and_trainers() -> (Peer, Vec<Peer>) {
+    observer_and(4)
+}
+
+/// An observer (peer 10 to them) and `n` trainers at round 5 (peers 20 and on to it),
+/// linked.
+fn observer_and(n: u8) -> (Peer, Vec<Peer>) {
     let observer = PeerRole::Observer { every_ms: 10_000.0 };
     let mut o = Peer::new(cfg(), "t", id(9), vec![0.0; BIG], observer, 0.0).expect("valid");
-    let trainers: Vec<Peer> = (0..4u8)
+    let trainers: Vec<Peer> = (0..n)
         .map(|k| {
             let mut t = Peer::new(
                 cfg(),
@@ -1931,10 +1937,68 @@ fn observer_and_trainers() -> (Peer, Vec<Peer>) {
             t
         })
         .collect();
-    for k in 0..4 {
+    for k in 0..u64::from(n) {
         o.handle(Event::Up(PeerId(20 + k)), 0.0);
     }
     (o, trainers)
+}
+
+/// One liar among an observer's neighbours answers each download with the weights the
+/// observer shows, moved toward a model of its own by a little less than the swarm's
+/// model is from them (so the swarm's progress makes room for a larger step each time,
+/// within `AGREE_RATIO` of the swarm's model). Asking two, the observer took it whenever
+/// it was one of them (of two answers that agree, the one nearer the weights it holds),
+/// and the dashboard and its export walked to the liar's model; asking three, the median
+/// is the honest answers'.
+#[test]
+fn one_liar_among_an_observers_neighbours_cannot_walk_its_model_away() {
+    let target = ramp(0, 0.3).weights;
+    for liar in 0..3usize {
+        let (mut o, mut trainers) = observer_and(3);
+        let mut now = JOIN_GRACE_MS;
+        for t in &mut trainers {
+            t.tick(now);
+        }
+        for download in 0..29u64 {
+            let round = 5 + download;
+            let honest = ramp(round, 0.005 * download as f32);
+            let own = o.weights();
+            let step = 0.9 * super::super::aggregate::distance(&honest.weights, own)
+                / super::super::aggregate::distance(&target, own).max(1e-6);
+            let lie: Vec<f32> = own
+                .iter()
+                .zip(&target)
+                .map(|(o, t)| o + step.min(1.0) * (t - o))
+                .collect();
+            for (k, t) in trainers.iter_mut().enumerate() {
+                let s = if k == liar && download > 0 {
+                    Snapshot {
+                        round,
+                        weights: lie.clone(),
+                        momentum: honest.momentum.clone(),
+                    }
+                } else {
+                    honest.clone()
+                };
+                assert!(download == 0 || t.learner_mut().adopt(s));
+            }
+            o.tick(now);
+            route(&mut o, &mut trainers, now, &mut |_, _| {});
+            assert_eq!(
+                o.learner().round(),
+                round,
+                "liar {liar}, download {download}"
+            );
+            now += 10_000.0;
+        }
+        let honest = trainers[(liar + 1) % 3].weights();
+        let gap = super::super::aggregate::distance(o.weights(), honest);
+        let reach = super::super::aggregate::distance(&target, honest);
+        assert!(
+            gap < 0.01 * reach,
+            "liar {liar}: the observer is {gap} from the swarm's model, the lie {reach}"
+        );
+    }
 }
 
 /// An observer that holds a round far ahead of its neighbours' (two colluders agreed on
@@ -2060,8 +2124,8 @@ fn an_observer_downloads_changes_from_the_weights_it_holds_not_whole_models() {
         }
     });
     assert_eq!(rejected(&o, Rejection::Malformed), 1);
-    assert!(o.learner().round() < 40, "one answer of two is no majority");
-    // The next download draws both at random, and the liar gets no delta: whatever it
+    assert_eq!(o.learner().round(), 40, "two answers of three agree");
+    // The next download draws all at random, and the liar gets no delta: whatever it
     // holds of ours is forgotten.
     now += 10_000.0;
     o.tick(now + MODEL_WAIT_MS);
