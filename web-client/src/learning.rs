@@ -10,7 +10,7 @@ use shoal_shared::engine::train::{self, Samples, Trainer};
 use shoal_shared::engine::{AnyBackend, Backend, EngineError, Model, Optimizer};
 use shoal_shared::gpu::Gpu;
 use shoal_shared::learn::{
-    Event, Identity, Learner, Output, Peer, PeerRole, RoundSummary, Snapshot,
+    Event, Identity, LearnError, Learner, Output, Peer, PeerRole, RoundSummary, Snapshot,
 };
 use shoal_shared::protocol::{PeerReport, Role};
 use shoal_shared::task::TaskSpec;
@@ -50,6 +50,8 @@ pub struct SwarmTrainer {
     /// Why the sink failed, once it did: from then on nothing is sent (an update out
     /// before its round is counted would let a restart spend the budget again).
     privacy_failed: Option<String>,
+    /// Local runs that broke (a non-finite loss or gradient), and why the last one did.
+    broken: (u64, Option<String>),
 }
 
 /// Keeps the count of updates sent under the privacy budget (and the noise multiplier
@@ -143,7 +145,14 @@ impl SwarmTrainer {
             privacy_sink: None,
             privacy_failed: None,
             privacy_kept: 0,
+            broken: (0, None),
         })
+    }
+
+    /// Local runs that broke so far (a non-finite loss or gradient: nothing of them was
+    /// sent, and the peer trained again from its model), and why the last one did.
+    pub fn broken_runs(&self) -> (u64, Option<&str>) {
+        (self.broken.0, self.broken.1.as_deref())
     }
 
     /// Starts from a saved model (a keeper's checkpoint) instead of joining.
@@ -304,9 +313,26 @@ impl SwarmTrainer {
                         steps,
                         resume,
                     } => {
-                        let (local, loss, samples) = self.train(round, steps, resume).await?;
-                        if let Err(e) = self.peer.trained(round, &local, loss, samples, clock()) {
-                            return Err(EngineError::BadParams(e.to_string()));
+                        // A run that breaks (a non-finite loss or gradient: a batch of
+                        // the visitor's data, or a model the swarm or a download led to)
+                        // is the peer's to drop: it sends nothing of it and trains again
+                        // from its model. Before, the error ended the page's training
+                        // (and the native peer) for good.
+                        let trained = match self.train(round, steps, resume).await {
+                            Ok((local, loss, samples)) => {
+                                self.peer.trained(round, &local, loss, samples, clock())
+                            }
+                            // Told as a run of no values, which the peer drops as broken (its
+                            // own error says only that).
+                            Err(EngineError::NonFinite(what)) => {
+                                let _ = self.peer.trained(round, &[], f32::NAN, 0, clock());
+                                Err(LearnError::BadLocal(format!("non-finite {what}")))
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        if let Err(e) = trained {
+                            self.broken.0 += 1;
+                            self.broken.1 = Some(e.to_string());
                         }
                     }
                     Output::RoundClosed(summary) => {
@@ -478,6 +504,14 @@ mod tests {
     /// Two peers 1 and 2 of `task`, each told the other is up, and their transports
     /// (messages carried by hand).
     fn two_peers(task: &TaskSpec) -> ([PeerId; 2], Vec<Recorder>, Vec<SwarmTrainer>) {
+        two_peers_on(task, [samples(), samples()])
+    }
+
+    /// [`two_peers`], training on `data`.
+    fn two_peers_on(
+        task: &TaskSpec,
+        data: [Samples; 2],
+    ) -> ([PeerId; 2], Vec<Recorder>, Vec<SwarmTrainer>) {
         let ids = [PeerId(1), PeerId(2)];
         let nets: Vec<Recorder> = (0..2)
             .map(|i| Recorder {
@@ -487,10 +521,12 @@ mod tests {
                 server: RefCell::default(),
             })
             .collect();
-        let mut peers: Vec<SwarmTrainer> = (0..2u8)
-            .map(|i| {
-                let id = Identity::from_seed([i + 1; 32]);
-                SwarmTrainer::new(task.clone(), id, None, samples(), None, [9; 32], 0.0)
+        let mut peers: Vec<SwarmTrainer> = data
+            .into_iter()
+            .zip(1u8..)
+            .map(|(data, i)| {
+                let id = Identity::from_seed([i; 32]);
+                SwarmTrainer::new(task.clone(), id, None, data, None, [9; 32], 0.0)
                     .expect("a peer of the task")
             })
             .collect();
@@ -498,6 +534,42 @@ mod tests {
             peer.handle(SwarmEvent::PeerUp(ids[1 - i]), &nets[i], 0.0);
         }
         (ids, nets, peers)
+    }
+
+    /// Ticks the two peers in turn every 20 ms of a clock that each read moves on
+    /// `per_read` ms, carrying what each sends to the other, until the second has sent two
+    /// updates (or a minute has passed); returns how many updates each sent.
+    fn until_two_updates(
+        ids: &[PeerId; 2],
+        nets: &[Recorder],
+        peers: &mut [SwarmTrainer],
+        per_read: f64,
+    ) -> [u32; 2] {
+        let now = Cell::new(0.0);
+        let clock = || {
+            now.set(now.get() + per_read);
+            now.get()
+        };
+        let n = peers[0].peer.weights().len();
+        let mut updates = [0; 2];
+        while now.get() < 60_000.0 && updates[1] < 2 {
+            now.set(now.get() + 20.0);
+            for i in 0..2 {
+                pollster::block_on(peers[i].tick(&nets[i], clock)).expect("a tick");
+                let sent = std::mem::take(&mut *nets[i].sent.borrow_mut());
+                for data in sent {
+                    if matches!(
+                        shoal_shared::learn::wire::PeerMessage::decode(&data, n),
+                        Ok(shoal_shared::learn::wire::PeerMessage::Update(_))
+                    ) {
+                        updates[i] += 1;
+                    }
+                    let ev = SwarmEvent::Message { from: ids[i], data };
+                    peers[1 - i].handle(ev, &nets[1 - i], now.get());
+                }
+            }
+        }
+        updates
     }
 
     /// A neighbour that breaks the protocol as no honest peer does (here a gossip mix,
@@ -577,6 +649,36 @@ mod tests {
         }
     }
 
+    /// A local run that breaks (here every batch holds a non-finite value) sends nothing
+    /// and the peer trains again from its model, in both kinds of round; the page's
+    /// training (and the native peer) used to end for good at the first.
+    #[test]
+    fn a_run_that_breaks_sends_nothing_and_the_peer_trains_on() {
+        for round_ms in [0, 1000] {
+            let mut task = TaskSpec::from_toml(include_str!("../../tasks/digits.toml"))
+                .expect("the demo task");
+            task.learn.round_ms = round_ms;
+            task.learn.upload_mb_per_hour = 0;
+            let mut bad = samples();
+            for x in bad.inputs.iter_mut().step_by(784) {
+                *x = f32::NAN;
+            }
+            let (ids, nets, mut peers) = two_peers_on(&task, [bad, samples()]);
+            // Rounds in time size their runs by the speed the clock shows: each read of it
+            // moves it on as a real run of a few steps would.
+            let per_read = if round_ms == 0 { 5.0 } else { 200.0 };
+            let updates = until_two_updates(&ids, &nets, &mut peers, per_read);
+            assert_eq!(updates, [0, 2], "round_ms {round_ms}");
+            let (broken, why) = peers[0].broken_runs();
+            assert!(
+                broken >= 2,
+                "round_ms {round_ms}: it trained again ({broken})"
+            );
+            assert!(why.is_some_and(|w| w.contains("non-finite")), "{why:?}");
+            assert_eq!(peers[1].broken_runs().0, 0);
+        }
+    }
+
     /// A peer whose privacy count cannot be kept (a read-only folder, a full disk) sends
     /// no update: before, the failure was only logged and the update went out, so a
     /// restart (which reads no count) spent the budget again.
@@ -597,30 +699,7 @@ mod tests {
             Err("read-only file system".into())
         }));
         peers[1].keep_privacy_count(Box::new(|_, _| Ok(())));
-        let now = Cell::new(0.0);
-        let clock = || {
-            now.set(now.get() + 5.0);
-            now.get()
-        };
-        let n = peers[0].peer.weights().len();
-        let mut updates = [0; 2];
-        while now.get() < 60_000.0 && updates[1] < 2 {
-            now.set(now.get() + 20.0);
-            for i in 0..2 {
-                pollster::block_on(peers[i].tick(&nets[i], clock)).expect("a tick");
-                let sent = std::mem::take(&mut *nets[i].sent.borrow_mut());
-                for data in sent {
-                    if matches!(
-                        shoal_shared::learn::wire::PeerMessage::decode(&data, n),
-                        Ok(shoal_shared::learn::wire::PeerMessage::Update(_))
-                    ) {
-                        updates[i] += 1;
-                    }
-                    let ev = SwarmEvent::Message { from: ids[i], data };
-                    peers[1 - i].handle(ev, &nets[1 - i], now.get());
-                }
-            }
-        }
+        let updates = until_two_updates(&ids, &nets, &mut peers, 5.0);
         assert_eq!(updates[1], 2, "the other peer trains and sends");
         assert!(tried.get() >= 1, "the count was to be kept");
         assert_eq!(updates[0], 0, "no update left uncounted");

@@ -408,6 +408,28 @@ pub async fn non_finite_never_passes<B: Backend>(backend: &mut B) {
             "{}: a {poison} input changed the weights",
             backend.name()
         );
+        // A bad step followed by a good one before the loss is read: still reported (the
+        // GPU cleared its flag at each step, and only a bad last step was).
+        let bad = backend.step(&x, &y);
+        let (gx, gy) = batch_for(&model, 10);
+        let good = backend.step(&gx, &gy);
+        let loss = backend.loss().await;
+        assert!(
+            matches!(bad, Err(EngineError::NonFinite(_)))
+                || matches!(loss, Err(EngineError::NonFinite(_))),
+            "{}: a {poison} step followed by a good one passed silently (good {good:?}, loss \
+             {loss:?})",
+            backend.name()
+        );
+        backend.set_params(&before).expect("finite weights");
+        // And once reported, it is over: the next run reads its own loss.
+        backend.step(&gx, &gy).expect("a good step");
+        assert!(
+            backend.loss().await.is_ok_and(f32::is_finite),
+            "{}: the flag outlived its readback",
+            backend.name()
+        );
+        backend.set_params(&before).expect("finite weights");
     }
 }
 

@@ -97,7 +97,7 @@ impl CpuBackend {
             self.model.classes(),
             self.model.positions(),
         );
-        let batch = batch.max(1);
+        let batch = evaluation_batch(&self.model, batch);
         let (mut loss, mut correct) = (0.0f64, 0usize);
         for (xs, ys) in inputs.chunks(batch * d).zip(labels.chunks(batch * per)) {
             self.forward(xs, ys.len() / per);
@@ -891,9 +891,77 @@ impl CpuBackend {
     }
 }
 
+/// The largest batch, up to `batch` (1 at least), whose buffers stay within what a task
+/// lets training bind ([`WEBGPU_MAX_BINDING`](super::WEBGPU_MAX_BINDING) for its largest
+/// buffer): an evaluation in batches of 500 (the dashboard's) of a language model whose
+/// attention probabilities a task admits at its training batch of 4 asked for gigabytes
+/// in one buffer, past what a wasm32 page can hold, and the module aborted.
+fn evaluation_batch(model: &Model, batch: usize) -> usize {
+    let fits = |b: usize| model.largest_binding(b) <= super::WEBGPU_MAX_BINDING;
+    let (mut lo, mut hi) = (1, batch.max(1));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Evaluating in batches of 500 holds no more than training may: a language model of
+    /// context 1024 holds 16 MiB of attention probabilities per window, so batches of 8
+    /// at most (its task could train at 8 and no more). In one batch of its 24 windows
+    /// evaluation held over 400 MiB (the dashboard's 500 windows, 8 GiB: past what a
+    /// wasm32 page can hold).
+    #[test]
+    fn evaluation_holds_no_more_than_training_may() {
+        use super::super::{LayerSpec, ModelSpec};
+        let spec = ModelSpec {
+            input: [1, 1024, 1],
+            layers: vec![
+                LayerSpec::Embedding { vocab: 32, dim: 16 },
+                LayerSpec::TransformerBlock {
+                    heads: 4,
+                    mlp_ratio: 2,
+                },
+                LayerSpec::LayerNorm,
+                LayerSpec::LmHead { tied: true },
+            ],
+        };
+        let model = Model::new(spec).expect("valid");
+        assert_eq!(evaluation_batch(&model, 500), 8);
+        assert_eq!(evaluation_batch(&model, 7), 7);
+        let params = model.init_params(1);
+        let sgd = Optimizer::Sgd {
+            lr: 0.1,
+            momentum: 0.0,
+        };
+        let mut cpu = CpuBackend::new(model, sgd, params).expect("valid");
+        let windows = 24;
+        let inputs: Vec<f32> = (0..windows * 1024).map(|i| (i % 31) as f32).collect();
+        let labels: Vec<u8> = (0..windows * 1024).map(|i| ((i + 1) % 31) as u8).collect();
+        let (loss, _) = cpu.evaluate(&inputs, &labels, 500).expect("finite");
+        assert!(loss.is_finite() && loss > 0.0);
+        let ws = &cpu.ws;
+        let held: usize = ws
+            .acts
+            .iter()
+            .chain(&ws.saved)
+            .chain(&ws.cols)
+            .map(|b| b.capacity() * 4)
+            .sum();
+        assert!(
+            held <= 2 * super::super::WEBGPU_MAX_BINDING,
+            "{} MiB",
+            held >> 20
+        );
+    }
 
     /// The patch matrix by its definition, one value at a time.
     fn patches(

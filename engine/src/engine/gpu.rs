@@ -1256,7 +1256,11 @@ impl GpuBackend {
             q.write_buffer(&self.opt_uniform, 0, &self.opt_words());
         }
         let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-        encoder.clear_buffer(&self.loss, 0, None);
+        // The loss rows only: the flag (word 0) stays raised from a skipped step until the
+        // loss is read (or weights are loaded), so every later step of the run is skipped
+        // too and the readback reports it, as the CPU backend stops at the first. Cleared
+        // each step, it was reported only when the last step before the readback was bad.
+        encoder.clear_buffer(&self.loss, 4, None);
         {
             let mut cpass = encoder.begin_compute_pass(&Default::default());
             let tail: &[Dispatch] = if update { &self.opt_dispatch } else { &[] };
@@ -1268,6 +1272,11 @@ impl GpuBackend {
         }
         q.submit([encoder.finish()]);
         Ok(())
+    }
+
+    /// Clears the skipped-step flag (word 0 of the loss buffer).
+    fn lower_flag(&self) {
+        self.gpu.queue.write_buffer(&self.loss, 0, &[0; 4]);
     }
 
     fn opt_words(&self) -> [u8; 48] {
@@ -1332,6 +1341,7 @@ impl Backend for GpuBackend {
         let v = self.gpu.read_f32(&self.loss, rows + 1).await?;
         let mean = v[1..].iter().map(|&l| f64::from(l)).sum::<f64>() / rows as f64;
         if v[0] != 0.0 || !mean.is_finite() {
+            self.lower_flag();
             return Err(EngineError::NonFinite("loss"));
         }
         Ok(mean as f32)
@@ -1354,6 +1364,7 @@ impl Backend for GpuBackend {
         self.gpu
             .queue
             .write_buffer(&self.params, 0, bytemuck::cast_slice(params));
+        self.lower_flag();
         let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
         encoder.clear_buffer(&self.m, 0, None);
         encoder.clear_buffer(&self.v, 0, None);
@@ -1367,6 +1378,7 @@ impl Backend for GpuBackend {
         self.gpu
             .queue
             .write_buffer(&self.params, 0, bytemuck::cast_slice(params));
+        self.lower_flag();
         Ok(())
     }
 

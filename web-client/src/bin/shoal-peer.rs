@@ -569,6 +569,7 @@ mod peer {
         let mut caught = false;
         let mut witness_fetch: Option<tokio::task::JoinHandle<Result<Shown>>> = None;
         let mut dropped = 0;
+        let mut broken = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
@@ -614,6 +615,14 @@ mod peer {
                 continue;
             };
             let p = peer.progress();
+            if let (n, Some(why)) = peer.broken_runs()
+                && n > broken
+            {
+                broken = n;
+                eprintln!(
+                    "shoal: {n} local runs broke so far (the last: {why}); nothing of them was sent, and training went on from the model"
+                );
+            }
             if swarm.dropped() > dropped {
                 dropped = swarm.dropped();
                 eprintln!(

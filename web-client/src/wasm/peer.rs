@@ -496,6 +496,8 @@ impl SwarmPeer {
             progress["trained"] = (peer.progress().local_steps > steps).into();
             progress["wasm_memory_bytes"] = super::wasm_memory_bytes().into();
             progress["inbox_dropped"] = relay.dropped().into();
+            // Local runs that broke (non-finite): dropped, and training went on.
+            progress["broken_runs"] = peer.broken_runs().0.into();
             let receipts: Vec<String> = relay
                 .receipts
                 .borrow_mut()
