@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,8 +50,35 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Most TCP connections open at once from one network address (an IPv4 address or an
     /// IPv6 /64); past it a connection is answered `429` and closed at once. 0: no share
-    /// (behind a reverse proxy every client has the proxy's address).
+    /// (a trusted proxy's connections take none: [`HttpLimits::trusted_proxies`]).
     pub max_connections_per_address: usize,
+    /// Reverse proxies in front of the server: a connection from one of these addresses
+    /// takes no per-address share (it carries many clients; the total still bounds it),
+    /// and each request on it is from the address its `X-Forwarded-For` ends with (the
+    /// one the proxy appended), for every per-address rule: caps, rates, neighbour draws,
+    /// the swarm's networks. A request from one without that header is the proxy's own.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+/// The client a request on a connection from `peer` came from: `peer`, unless it is a
+/// trusted proxy and the request's last `X-Forwarded-For` entry is an address (the
+/// entries before it are whatever the client sent, and count for nothing).
+pub fn client_address(
+    peer: SocketAddr,
+    trusted: &[IpAddr],
+    headers: &axum::http::HeaderMap,
+) -> SocketAddr {
+    if !trusted.contains(&peer.ip()) {
+        return peer;
+    }
+    let last = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.trim().parse::<IpAddr>().ok());
+    last.map_or(peer, |ip| SocketAddr::new(ip, 0))
 }
 
 /// Bytes of a request's head (request line and headers) a connection buffers: a longer
@@ -78,6 +106,7 @@ impl Default for HttpLimits {
             slow_grace: Duration::from_secs(30),
             max_connections: 20_000,
             max_connections_per_address: DEFAULT_CONNECTIONS_PER_ADDRESS,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -280,6 +309,7 @@ pub(crate) async fn serve(
     grace: Duration,
 ) -> io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
+    let trusted: Arc<[IpAddr]> = limits.trusted_proxies.clone().into();
     let shares: AddressCounts = Arc::default();
     let refusing = Arc::new(AtomicUsize::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -315,11 +345,14 @@ pub(crate) async fn serve(
             }
             continue;
         }
-        // (A share of 0 is no share: `take` always gives a place.)
+        // (A share of 0 is no share: `take` always gives a place; a proxy takes none.)
         let group = crate::signaling::address_group(addr.ip());
-        let Some((share, wide)) =
-            crate::signaling::take_shares(&shares, group, limits.max_connections_per_address)
-        else {
+        let per_address = if limits.trusted_proxies.contains(&addr.ip()) {
+            0
+        } else {
+            limits.max_connections_per_address
+        };
+        let Some((share, wide)) = crate::signaling::take_shares(&shares, group, per_address) else {
             refuse(stream, &refusing, BUSY);
             hub.metrics
                 .refused_connections_per_address
@@ -343,10 +376,12 @@ pub(crate) async fn serve(
         let router = router.clone();
         let mut stopped = stopped.clone();
         let header_timeout = limits.header_read_timeout;
+        let trusted = Arc::clone(&trusted);
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(addr));
+                    let client = client_address(addr, &trusted, request.headers());
+                    request.extensions_mut().insert(ConnectInfo(client));
                     let mut router = router.clone();
                     async move { tower_service::Service::call(&mut router, request).await }
                 });

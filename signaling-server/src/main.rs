@@ -58,6 +58,16 @@ struct Args {
         value_delimiter = ','
     )]
     allowed_origins: Vec<String>,
+    /// Address of a reverse proxy in front of the server (repeat, or comma-separate in
+    /// the env variable). A request on a connection from it is from the address its
+    /// `X-Forwarded-For` header ends with (the one the proxy appends), for every
+    /// per-address limit and rule; the proxy's connections take no per-address share.
+    #[arg(
+        long = "trusted-proxy",
+        env = "SHOAL_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<std::net::IpAddr>,
     /// Largest signaling message, in bytes.
     #[arg(long, env = "SHOAL_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024)]
     max_message_bytes: usize,
@@ -92,8 +102,8 @@ struct Args {
     #[arg(long, env = "SHOAL_MAX_TCP_CONNECTIONS")]
     max_tcp_connections: Option<usize>,
     /// Most TCP connections open at once from one network address (IPv4 address or IPv6
-    /// /64); past it a connection is answered 429 and closed. 0 for no share: behind a
-    /// reverse proxy every client has the proxy's address.
+    /// /64); past it a connection is answered 429 and closed. 0 for no share. A proxy
+    /// named by --trusted-proxy takes none.
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS_PER_ADDRESS",
           default_value_t = shoal_signaling_server::http::DEFAULT_CONNECTIONS_PER_ADDRESS)]
     max_connections_per_address: usize,
@@ -102,14 +112,12 @@ struct Args {
     #[arg(long, env = "SHOAL_HEADER_TIMEOUT", default_value_t = 10)]
     header_timeout: u64,
     /// Most peers in one task from one network address (IPv4 address or IPv6 /64); 0
-    /// for no cap. Behind a reverse proxy every peer has the proxy's address: raise it
-    /// or set 0 there.
+    /// for no cap. Behind a reverse proxy, name it with --trusted-proxy.
     #[arg(long, env = "SHOAL_MAX_PEERS_PER_ADDRESS", default_value_t = 32)]
     max_peers_per_address: usize,
     /// New websocket connections one network address (IPv4 address or IPv6 /64) may
     /// open per second, sustained, after a burst of --join-burst; past it the upgrade
-    /// gets 429. 0 for no limit (behind a reverse proxy every peer has the proxy's
-    /// address).
+    /// gets 429. 0 for no limit.
     #[arg(long, env = "SHOAL_JOINS_PER_ADDRESS", default_value_t = 1.0)]
     joins_per_address: f64,
     /// New websocket connections one address may open at once before
@@ -135,7 +143,7 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     ledger_max_entries: u64,
     /// Ledger file downloads one address (IPv4 address, IPv6 /48) may run at once; 0 for
-    /// no share (behind a reverse proxy every reader has the proxy's address).
+    /// no share.
     #[arg(long, env = "SHOAL_LEDGER_DOWNLOADS_PER_ADDRESS", default_value_t = 1)]
     ledger_downloads_per_address: usize,
     /// Ledger pages and credits one address (IPv4 address, IPv6 /48) may have computed
@@ -348,6 +356,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         min_write_rate: args.min_write_rate,
         max_connections: max_tcp,
         max_connections_per_address: args.max_connections_per_address,
+        trusted_proxies: args.trusted_proxies,
         ..HttpLimits::default()
     };
     let config = Config {

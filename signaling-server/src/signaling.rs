@@ -129,7 +129,7 @@ pub struct SignalingConfig {
     /// server holds every entry in memory (about 700 bytes each) and on disk (about 250).
     pub ledger_max_entries: u64,
     /// Ledger file downloads one address (an IPv4 address, an IPv6 /48) may run at once;
-    /// 0 for no share (behind a reverse proxy every reader has the proxy's address).
+    /// 0 for no share.
     pub ledger_downloads_per_address: usize,
     /// Ledger pages and credits one address (an IPv4 address, an IPv6 /48) may have
     /// computed at once, of the server's [`crate::ledger::LEDGER_READS`]; 0 for no share.
@@ -809,7 +809,7 @@ const NETWORK_WEIGHT: usize = 4;
 /// swarm's round (which bounds the rounds receipts may name, and so how fast colluding
 /// keys can fill the ledger) or its pace in any swarm of more than a few networks; and
 /// peers behind one NAT still outweigh a lone outsider, as in a plain median. Where no
-/// network has more than four peers (or behind a reverse proxy, one network) it is close
+/// network has more than four peers (or behind an untrusted reverse proxy, one network) it is close
 /// to the plain lower median.
 fn median_over_networks<T: Copy>(
     t: &Task,

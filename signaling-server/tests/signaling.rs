@@ -1149,16 +1149,61 @@ async fn a_site_that_isolates_itself_may_load_the_widget() {
 /// A client connection from a loopback address of our choosing (127.0.0.0/8 is all
 /// loopback on Linux): a peer from another network address.
 async fn connect_from(s: &Server, from: [u8; 4]) -> Ws {
+    connect_forwarded(s, from, None).await
+}
+
+/// [`connect_from`], its upgrade request carrying `X-Forwarded-For: forwarded` (as a
+/// reverse proxy's does, or a client's that makes one up).
+async fn connect_forwarded(s: &Server, from: [u8; 4], forwarded: Option<&str>) -> Ws {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .bind(SocketAddr::from((from, 0)))
         .expect("bind a loopback address");
     let tcp = socket.connect(s.addr).await.expect("connect");
-    let url = format!("ws://{}/ws/digits?v=1", s.addr);
-    tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+    let mut request = format!("ws://{}/ws/digits?v=1", s.addr)
+        .into_client_request()
+        .expect("a request");
+    if let Some(f) = forwarded {
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", f.parse().expect("a header value"));
+    }
+    tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp))
         .await
         .expect("upgrade")
         .0
+}
+
+/// Behind a trusted reverse proxy each client is the address the proxy appended to
+/// `X-Forwarded-For`, for every per-address rule (here one peer per address), and the
+/// proxy's own connections take no share of one address; anyone else's header counts for
+/// nothing. Without this every client behind the proxy was one address: the caps either
+/// had to go (the README said to set them to 0) or refused all but the first visitors.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_is_its_own_address() {
+    let limits = Limits {
+        max_peers_per_address: 1,
+        ..Limits::default()
+    };
+    let mut config = base(SignalingConfig { limits, ..config() }, None, &["digits"]);
+    config.http.max_connections_per_address = 2;
+    config.http.trusted_proxies = vec![[127, 0, 0, 9].into()];
+    let s = start_config(config).await;
+    let proxy = [127, 0, 0, 9];
+    let mut a = connect_forwarded(&s, proxy, Some("10.0.0.1")).await;
+    until(&mut a, "welcome").await;
+    let mut b = connect_forwarded(&s, proxy, Some("10.0.0.2")).await;
+    until(&mut b, "welcome").await;
+    // What a client put before the proxy's entry is not its address.
+    let mut again = connect_forwarded(&s, proxy, Some("198.51.100.7, 10.0.0.1")).await;
+    assert_eq!(until(&mut again, "error").await["code"], "address_full");
+    let mut c = connect_forwarded(&s, proxy, Some("10.0.0.3")).await;
+    until(&mut c, "welcome").await;
+    // A client that is not the proxy is its own address, whatever it says.
+    let mut d = connect_forwarded(&s, [127, 0, 0, 5], Some("10.0.0.4")).await;
+    until(&mut d, "welcome").await;
+    let mut e = connect_forwarded(&s, [127, 0, 0, 5], Some("10.0.0.5")).await;
+    assert_eq!(until(&mut e, "error").await["code"], "address_full");
 }
 
 /// Joins from `from` and says something (a report), as a live peer does.

@@ -631,3 +631,27 @@ fn a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs() {
     let _ = stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `wss://` server is refused at once with what to do instead: the peer speaks no TLS,
+/// and it used to retry the connection in silence forever.
+#[test]
+fn a_server_this_peer_cannot_reach_is_refused_at_start_with_the_reason() {
+    let mut child = Command::new(PEER)
+        .args(["--server", "wss://127.0.0.1:9", "--task", "digits"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("shoal-peer runs");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("a status").is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("its output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("a ws:// URL is needed"), "{err}");
+}

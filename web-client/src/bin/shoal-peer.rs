@@ -95,6 +95,14 @@ mod peer {
     #[tokio::main]
     pub(crate) async fn main() -> Result<()> {
         let args = Args::parse();
+        // This peer speaks no TLS: a `wss://` server (or anything else) is refused now,
+        // not retried in silence forever.
+        if !args.server.starts_with("ws://") {
+            anyhow::bail!(
+                "--server {}: a ws:// URL is needed (this peer speaks no TLS; reach the server's plain port, e.g. ws://HOST:8080, over a network you trust)",
+                args.server
+            );
+        }
         let url = format!(
             "{}/ws/{}?v={}",
             args.server.trim_end_matches('/'),
