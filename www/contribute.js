@@ -475,6 +475,9 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           `Backend ${r.adapter.backend}, device type ${r.adapter.device_type}; compute check: ${r.check}.`);
       } else if (r.backend === 'gpu') {
         show('cpu', 'Your GPU failed a compute check: Shoal will train on your CPU.', r.check);
+      } else if (!self.isSecureContext) {
+        // Browsers give WebGPU only to secure pages: the server, not the browser, is why.
+        show('cpu', 'This page is not served over HTTPS, and browsers give WebGPU only to secure pages: Shoal will train on your CPU instead.', r.reason);
       } else {
         show('cpu', 'No WebGPU in this browser: Shoal will train on your CPU instead.', r.reason);
       }

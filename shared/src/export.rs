@@ -83,7 +83,26 @@ pub fn task_model(
         ("version".to_string(), version.to_string()),
     ]);
     let text = model.is_language_model();
-    let entries: Vec<(&str, String)> = if text {
+    // A text task with a test file holds out every window of that file; one without, the
+    // last windows of its text (a `holdout` of 0 for the first stated none at all).
+    let (held_out, holdout) = match task.data.test.as_ref().and_then(|f| f.text.as_deref()) {
+        Some(file) => (
+            format!(
+                "every window of the task's test file {file}; window i holds bytes \
+                 i*context .. (i+1)*context, its labels the same positions shifted by one \
+                 byte"
+            ),
+            None,
+        ),
+        None => (
+            "the last round(holdout * windows) windows of the text; window i holds \
+             bytes i*context .. (i+1)*context, its labels the same positions shifted \
+             by one byte"
+                .to_string(),
+            Some(task.data.holdout.unwrap_or(0.0).to_string()),
+        ),
+    };
+    let mut entries: Vec<(&str, String)> = if text {
         vec![
             (
                 "input_scale",
@@ -91,14 +110,7 @@ pub fn task_model(
             ),
             ("classes", "256".into()),
             ("context", model.positions().to_string()),
-            (
-                "held_out",
-                "the last round(holdout * windows) windows of the text; window i holds \
-                 bytes i*context .. (i+1)*context, its labels the same positions shifted \
-                 by one byte"
-                    .into(),
-            ),
-            ("holdout", task.data.holdout.unwrap_or(0.0).to_string()),
+            ("held_out", held_out),
             (
                 "layer_norm_eps",
                 crate::engine::transformer::LN_EPS.to_string(),
@@ -120,6 +132,22 @@ pub fn task_model(
             ("classes", task.data.classes.to_string()),
         ]
     };
+    if let (true, Some(h)) = (text, holdout) {
+        entries.push(("holdout", h));
+    }
+    // The classes' names where the task gives them (a local image task's), in class order.
+    if let Some(names) = task
+        .data
+        .local
+        .as_ref()
+        .map(|l| &l.label_names)
+        .filter(|n| !n.is_empty())
+    {
+        entries.push((
+            "label_names",
+            serde_json::to_string(names).map_err(|e| e.to_string())?,
+        ));
+    }
     meta.extend(entries.into_iter().map(|(k, v)| (k.to_string(), v)));
     if let Some((loss, accuracy)) = evaluation {
         meta.insert("test_accuracy".to_string(), accuracy.to_string());
@@ -218,18 +246,71 @@ mod tests {
         assert!(safetensors(&model, &params[1..], &meta).is_err());
     }
 
-    #[test]
-    fn the_export_states_the_privacy_it_was_trained_under() {
-        let mut task = crate::task::TaskSpec::digits();
+    /// The first `__metadata__` of an export of `task`'s initial weights.
+    fn metadata(task: &crate::task::TaskSpec) -> Value {
         let weights = Model::new(task.model.clone())
             .expect("model")
             .init_params(1);
-        let meta = |task: &crate::task::TaskSpec| {
-            let out = task_model(task, &weights, 3, None, None).expect("export");
-            let n = u64::from_le_bytes(out[..8].try_into().expect("8 bytes")) as usize;
-            let header: Value = serde_json::from_slice(&out[8..8 + n]).expect("json header");
-            header["__metadata__"].clone()
-        };
+        let out = task_model(task, &weights, 3, None, None).expect("export");
+        let n = u64::from_le_bytes(out[..8].try_into().expect("8 bytes")) as usize;
+        let header: Value = serde_json::from_slice(&out[8..8 + n]).expect("json header");
+        header["__metadata__"].clone()
+    }
+
+    /// What was held out, as the task holds it out: the last windows of the text, or a
+    /// test file whole (an export said `holdout = 0`, none at all, for the second); and
+    /// the classes' names where the task names them.
+    #[test]
+    fn the_export_states_the_held_out_split_and_the_class_names() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/fortunes.toml");
+        let mut lm =
+            crate::task::TaskSpec::from_toml(&std::fs::read_to_string(file).expect("read"))
+                .expect("the demo language model");
+        let m = metadata(&lm);
+        assert_eq!(m["holdout"], "0.05", "{m}");
+        assert!(
+            m["held_out"]
+                .as_str()
+                .expect("stated")
+                .starts_with("the last")
+        );
+        lm.data.holdout = None;
+        lm.data.test = Some(crate::task::Files {
+            text: Some("text/held-out.txt".into()),
+            ..Default::default()
+        });
+        let m = metadata(&lm);
+        assert!(m.get("holdout").is_none(), "{m}");
+        assert!(
+            m["held_out"]
+                .as_str()
+                .expect("stated")
+                .contains("test file text/held-out.txt"),
+            "{m}"
+        );
+        let mut local = crate::task::TaskSpec::digits();
+        let names: Vec<String> = (0..10).map(|i| format!("class {i}")).collect();
+        local.data.local = Some(crate::local::LocalSpec {
+            kind: crate::local::LocalKind::Images,
+            max_files: 10,
+            max_file_bytes: 1 << 20,
+            label_names: names.clone(),
+        });
+        let m = metadata(&local);
+        let back: Vec<String> =
+            serde_json::from_str(m["label_names"].as_str().expect("stated")).expect("json");
+        assert_eq!(back, names);
+        assert!(
+            metadata(&crate::task::TaskSpec::digits())
+                .get("label_names")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_export_states_the_privacy_it_was_trained_under() {
+        let mut task = crate::task::TaskSpec::digits();
+        let meta = metadata;
         assert!(
             meta(&task)["privacy"]
                 .as_str()

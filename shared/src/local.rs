@@ -267,6 +267,12 @@ impl LocalData {
             ))
         } else if size == 0 {
             Some("empty".into())
+        } else if self.spec.kind == LocalKind::Text
+            && self.text.len().saturating_add(size).saturating_add(1) > MAX_TEXT_BYTES
+        {
+            // Known from its size: the driver need not read it (a folder of large text
+            // files was read whole, file after file, once the total was reached).
+            Some(format!("more than {MAX_TEXT_BYTES} bytes of text in all"))
         } else {
             None
         };
@@ -808,5 +814,13 @@ mod tests {
         assert_eq!((s.samples, s.min_samples), (batch - 1, batch.max(2)));
         let e = short.into_dataset().expect_err("under a batch");
         assert!(e.contains("one batch"), "{e}");
+        // A file that would take the text past its total is refused by its size, before
+        // the driver reads it.
+        let mut full = LocalData::new(&lm).expect("local");
+        full.text = vec![b'x'; MAX_TEXT_BYTES - 50];
+        assert!(full.admit("small.txt", 40));
+        assert!(!full.admit("big.txt", 100));
+        let skipped = format!("{:?}", full.summary());
+        assert!(skipped.contains("bytes of text in all"), "{skipped}");
     }
 }

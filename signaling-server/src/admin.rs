@@ -122,12 +122,15 @@ pub async fn pause(
         }
         other => return refuse(StatusCode::NOT_FOUND, &format!("no action {other:?}")),
     };
-    // The dashboard asks for the view right after: it must see the change.
+    let set = s.hub.set_paused(&task, paused);
+    // The dashboard asks for the view right after: it must see the change. Dropped once
+    // the change is made (dropped before, a view read meanwhile kept the old state for a
+    // second).
     s.views
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .remove(&task);
-    match s.hub.set_paused(&task, paused) {
+    match set {
         Ok(true) => {}
         Ok(false) => return unknown(&task),
         Err(e) => {

@@ -111,8 +111,12 @@ def check_language_model(meta, model, tensors, text_path):
     ctx = int(meta["context"])
     data = np.frombuffer(open(text_path, "rb").read(), dtype=np.uint8)
     windows = (len(data) - 1) // ctx
-    # The fraction as Shoal holds it (an f32), rounded half away from zero as Rust does.
-    held = int(np.floor(windows * float(np.float32(meta["holdout"])) + 0.5))
+    # The fraction as Shoal holds it (an f32), rounded half away from zero as Rust does;
+    # without one, the text is the task's test file, held out whole.
+    if "holdout" in meta:
+        held = int(np.floor(windows * float(np.float32(meta["holdout"])) + 0.5))
+    else:
+        held = windows
     x = data[: windows * ctx].reshape(windows, ctx)[-held:]
     y = data[1 : windows * ctx + 1].reshape(windows, ctx)[-held:]
     t = {k: v.astype(np.float64) for k, v in tensors.items()}
