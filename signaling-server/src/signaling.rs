@@ -616,8 +616,87 @@ pub struct SwarmView {
     /// Trainers that reported in the last 30 s and are not paused, of all peers (not
     /// only those listed).
     pub trainers: usize,
-    /// Up to the view's limit of them.
+    /// The totals of all trainers' reports (not only those listed).
+    pub totals: SwarmTotals,
+    /// Up to the view's limit of them: those with the smallest ids (ids are drawn at
+    /// random, so a random sample that stays put while its peers stay).
     pub peers: Vec<PeerView>,
+}
+
+/// How many times the lower-median trainer a trainer's claim counts at most in the
+/// swarm's totals.
+pub const OUTLIER_TIMES: f64 = 10.0;
+
+/// A task's totals over every trainer that reported, each trainer's claim counted at
+/// most [`OUTLIER_TIMES`] the lower-median trainer's (of samples/s: of those training),
+/// or 1: liars fewer than half of the reporting trainers set no cap.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SwarmTotals {
+    /// Trainers whose reports are counted.
+    pub reporting: usize,
+    /// Samples a second: of reports of the last 30 s from unpaused trainers.
+    pub samples_per_s: f64,
+    /// Bytes sent and received.
+    pub bytes: f64,
+    /// Samples trained.
+    pub samples: f64,
+    /// Updates rejected, by reason: each trainer's counts scaled down together to at most
+    /// [`OUTLIER_TIMES`] the lower-median trainer's updates handled (used and rejected).
+    pub rejected: std::collections::BTreeMap<String, f64>,
+    /// Trainers that claim more samples/s, bytes or samples than the caps.
+    pub outliers: usize,
+}
+
+/// [`SwarmTotals`] of the latest reports (each with its age), of trainers only.
+fn swarm_totals<'a>(reports: impl Iterator<Item = (&'a PeerReport, Duration)>) -> SwarmTotals {
+    let trainers: Vec<(&PeerReport, Duration)> = reports
+        .filter(|(r, _)| r.role == shoal_shared::protocol::Role::Trainer)
+        .collect();
+    let rate = |(r, age): &(&PeerReport, Duration)| {
+        if *age < Duration::from_secs(30) && !r.paused {
+            f64::from(r.samples_per_s)
+        } else {
+            0.0
+        }
+    };
+    let bytes = |(r, _): &(&PeerReport, Duration)| r.bytes_up as f64 + r.bytes_down as f64;
+    let samples = |(r, _): &(&PeerReport, Duration)| r.samples as f64;
+    let rejected = |(r, _): &(&PeerReport, Duration)| r.rejected.values().sum::<u64>() as f64;
+    let cap = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        let median = xs
+            .get(xs.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(0.0);
+        OUTLIER_TIMES * median.max(1.0)
+    };
+    let caps = (
+        cap(trainers.iter().map(rate).filter(|&r| r > 0.0).collect()),
+        cap(trainers.iter().map(bytes).collect()),
+        cap(trainers.iter().map(samples).collect()),
+        cap(trainers
+            .iter()
+            .map(|t| rejected(t) + t.0.used as f64)
+            .collect()),
+    );
+    let mut totals = SwarmTotals {
+        reporting: trainers.len(),
+        ..SwarmTotals::default()
+    };
+    for t in &trainers {
+        totals.samples_per_s += rate(t).min(caps.0);
+        totals.bytes += bytes(t).min(caps.1);
+        totals.samples += samples(t).min(caps.2);
+        if rate(t) > caps.0 || bytes(t) > caps.1 || samples(t) > caps.2 {
+            totals.outliers += 1;
+        }
+        let all = rejected(t);
+        let scale = if all > caps.3 { caps.3 / all } else { 1.0 };
+        for (reason, n) in &t.0.rejected {
+            *totals.rejected.entry(reason.clone()).or_default() += *n as f64 * scale;
+        }
+    }
+    totals
 }
 
 impl Task {
@@ -1104,10 +1183,20 @@ impl Hub {
         let mut st = self.lock();
         let t = st.tasks.get_mut(task)?;
         let summary = t.summary();
-        let mut peers: Vec<PeerView> = t
-            .ids
+        let totals = swarm_totals(
+            t.peers
+                .values()
+                .filter_map(|p| p.report.as_ref().map(|r| (&r.1, r.0.elapsed()))),
+        );
+        // The peers with the smallest ids: by join order, peers that joined first (and
+        // stayed) were the only ones listed.
+        let mut listed: Vec<PeerId> = t.ids.clone();
+        if listed.len() > limit {
+            listed.select_nth_unstable(limit);
+            listed.truncate(limit);
+        }
+        let mut peers: Vec<PeerView> = listed
             .iter()
-            .take(limit)
             .filter_map(|id| {
                 let p = t.peers.get(id)?;
                 Some(PeerView {
@@ -1125,6 +1214,7 @@ impl Hub {
             total: t.ids.len(),
             round: summary.round,
             trainers: summary.roles.0,
+            totals,
             peers,
         })
     }
@@ -2713,6 +2803,43 @@ mod tests {
         };
         hub.store_report("digits", id, report).expect("report");
         id
+    }
+
+    /// The dashboard's totals count every trainer, not only the 256 listed (those with
+    /// the smallest ids, not the first to join): 300 trainers of 100 samples/s each made
+    /// 25,600 when the dashboard added up the listed ones, and 256 peers that joined
+    /// first (and stayed) were all it saw. A liar's claim counts at the cap.
+    #[test]
+    fn the_swarms_totals_count_every_trainer_and_the_listed_ones_are_a_sample() {
+        let hub = digits_hub();
+        let mut ids = Vec::new();
+        for i in 0..300u128 {
+            let (id, _) = hub
+                .join("digits", Arc::new(Outbox::new(64)), 1000 + i, "")
+                .expect("join");
+            let report = PeerReport {
+                samples_per_s: if i == 0 { 1e7 } else { 100.0 },
+                samples: 5_000,
+                ..PeerReport::default()
+            };
+            hub.store_report("digits", id, report).expect("report");
+            ids.push(id);
+        }
+        let view = hub.swarm_view("digits", 256).expect("the task");
+        assert_eq!(view.totals.reporting, 300);
+        assert_eq!(view.totals.samples_per_s, 299.0 * 100.0 + 1000.0);
+        assert_eq!(view.totals.samples, 300.0 * 5_000.0);
+        assert_eq!(view.totals.outliers, 1);
+        assert_eq!(view.peers.len(), 256);
+        let mut smallest = ids.clone();
+        smallest.sort_unstable();
+        let listed: Vec<PeerId> = view.peers.iter().map(|p| p.id).collect();
+        assert_eq!(listed, smallest[..256], "the smallest ids, in order");
+        assert_ne!(listed, {
+            let mut first = ids[..256].to_vec();
+            first.sort_unstable();
+            first
+        });
     }
 
     /// Records `key` as the one `id` proved (as `identify` does).

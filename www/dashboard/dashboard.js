@@ -140,15 +140,22 @@ function drawSwarm(view) {
     .filter((p) => rateOf(p) > caps.rate || bytesOf(p) > caps.bytes || samplesOf(p) > caps.samples)
     .map((p) => p.id));
   state.outliers = [...outliers];
-  const rate = reporting.reduce((s, p) => s + Math.min(rateOf(p), caps.rate), 0);
-  const bytes = reporting.reduce((s, p) => s + Math.min(bytesOf(p), caps.bytes), 0);
+  // The totals are the server's, over every trainer that reported (at most 256 peers are
+  // listed), capped by the same rule; the listed peers' own sums where it sends none.
+  const all = view.totals;
+  const rate = all ? num(all.samples_per_s) : reporting.reduce((s, p) => s + Math.min(rateOf(p), caps.rate), 0);
+  const bytes = all ? num(all.bytes) : reporting.reduce((s, p) => s + Math.min(bytesOf(p), caps.bytes), 0);
   // Reason names are text from peers: a Map, never an object's keys.
   const rejected = new Map();
-  for (const p of reporting) {
-    // A peer's counts scaled down to the cap on its total, as its other numbers are.
-    const all = rejectedOf(p);
-    const scale = all > caps.rejected ? caps.rejected / all : 1;
-    for (const [k, v] of Object.entries(p.report.rejected ?? {})) rejected.set(k, (rejected.get(k) ?? 0) + num(v) * scale);
+  if (all) {
+    for (const [k, v] of Object.entries(all.rejected ?? {})) rejected.set(k, num(v));
+  } else {
+    for (const p of reporting) {
+      // A peer's counts scaled down to the cap on its total, as its other numbers are.
+      const sum = rejectedOf(p);
+      const scale = sum > caps.rejected ? caps.rejected / sum : 1;
+      for (const [k, v] of Object.entries(p.report.rejected ?? {})) rejected.set(k, (rejected.get(k) ?? 0) + num(v) * scale);
+    }
   }
   state.round = Number.isSafeInteger(view.round) ? view.round : null;
   const t = (performance.now() - state.started) / 1000;
@@ -164,6 +171,9 @@ function drawSwarm(view) {
 
   lineChart($('chart-rate'), [{ name: 'samples/s, all peers', points: state.rate }],
     { xLabel: 'seconds since this page opened', yLabel: 'samples/s', yMin: 0 });
+  // Which peers the graph and the per-peer charts show, where not all.
+  $('listed').textContent = Number.isSafeInteger(view.total) && view.total > view.peers.length
+    ? ` (${view.peers.length} of ${view.total} peers, drawn at random)` : '';
   graphChart($('chart-graph'),
     view.peers.map((p) => ({
       id: p.id, label: short(p.id), kind: observers.has(p.id) ? 'observer' : (p.report?.paused ? 'paused' : 'trainer'),
