@@ -304,6 +304,9 @@ fn run(args: &[String]) -> Result<()> {
                 "data",
                 "--task-file",
                 "tasks/digits.toml",
+                // The demo language model too (its text is fetched above).
+                "--task-file",
+                "tasks/fortunes.toml",
                 // The researcher's pauses survive a restart of `cargo xtask run`.
                 "--state-file",
                 "target/shoal-state.json",
