@@ -553,7 +553,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           : (c.bytes_per_hour == null ? '; the page shows the data per hour once it runs. '
             : ` (${c.round_ms > 0 ? 'at most' : "at the swarm's current pace, up to"} ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
             + `A new neighbour also gets the model once; the models your device sends to neighbours and dashboards that ask are held to ${fmtBytes(c.answer_bytes_per_hour)} an hour more. `)
-        + (c.observers > 0 ? `Open dashboards (${c.observers} now) download the model from two contributors every 10 seconds, `
+        + (c.observers > 0 ? `Open dashboards (${c.observers} now) download the model from three contributors every 10 seconds, `
           + `as the change since their last download (about ${fmtBytes(c.observe_bytes)} each): `
           + `up to ${fmtBytes(c.observer_bytes_per_hour)} an hour more from you while they ask you. ` : '')
         + 'Use the throttle to train less often.';

@@ -61,24 +61,43 @@ pub struct HttpLimits {
 }
 
 /// The client a request on a connection from `peer` came from: `peer`, unless it is a
-/// trusted proxy and the request's last `X-Forwarded-For` entry is an address (the
-/// entries before it are whatever the client sent, and count for nothing).
+/// trusted proxy; then the `X-Forwarded-For` entries (of every such header, in order)
+/// are read from the last back, past those of trusted proxies (a chain of them), and the
+/// first other one is the client. Entries before it are whatever the client sent and
+/// count for nothing; one that is not an address ends the walk at the last trusted
+/// proxy's. Addresses compare canonically: on a server listening on `::` an IPv4 proxy
+/// connects as `::ffff:a.b.c.d`.
 pub fn client_address(
     peer: SocketAddr,
     trusted: &[IpAddr],
     headers: &axum::http::HeaderMap,
 ) -> SocketAddr {
-    if !trusted.contains(&peer.ip()) {
+    let is_trusted = |ip: IpAddr| {
+        trusted
+            .iter()
+            .any(|t| t.to_canonical() == ip.to_canonical())
+    };
+    if !is_trusted(peer.ip()) {
         return peer;
     }
-    let last = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|v| v.trim().parse::<IpAddr>().ok());
-    last.map_or(peer, |ip| SocketAddr::new(ip, 0))
+    let mut client = peer;
+    let headers: Vec<&axum::http::HeaderValue> =
+        headers.get_all("x-forwarded-for").iter().collect();
+    for value in headers.iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for entry in text.rsplit(',') {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = SocketAddr::new(ip.to_canonical(), 0);
+            if !is_trusted(ip) {
+                return client;
+            }
+        }
+    }
+    client
 }
 
 /// Bytes of a request's head (request line and headers) a connection buffers: a longer
@@ -347,7 +366,10 @@ pub(crate) async fn serve(
         }
         // (A share of 0 is no share: `take` always gives a place; a proxy takes none.)
         let group = crate::signaling::address_group(addr.ip());
-        let per_address = if limits.trusted_proxies.contains(&addr.ip()) {
+        let per_address = if trusted
+            .iter()
+            .any(|t| t.to_canonical() == addr.ip().to_canonical())
+        {
             0
         } else {
             limits.max_connections_per_address
@@ -413,4 +435,48 @@ pub(crate) async fn serve(
         tracing::warn!("{left} connection(s) still open after {grace:?}; closing them");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(values: &[&str]) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().expect("a header value"));
+        }
+        h
+    }
+
+    /// Behind a chain of trusted proxies the client is the last entry none of them added;
+    /// an IPv4 proxy seen as IPv6-mapped (a server on `::`) is still trusted; an entry that
+    /// is not an address stops the walk at the last trusted hop.
+    #[test]
+    fn the_client_is_the_last_forwarded_address_no_trusted_proxy_added() {
+        let lb: IpAddr = [10, 0, 0, 2].into();
+        let nginx: IpAddr = [127, 0, 0, 1].into();
+        let trusted = [lb, nginx];
+        let at = |ip: IpAddr| SocketAddr::new(ip, 40_000);
+        let client =
+            |peer, values: &[&str]| client_address(peer, &trusted, &forwarded(values)).ip();
+        let user: IpAddr = [203, 0, 113, 5].into();
+        assert_eq!(client(at(nginx), &["203.0.113.5"]), user);
+        assert_eq!(
+            client(at(nginx), &["198.51.100.1, 203.0.113.5, 10.0.0.2"]),
+            user
+        );
+        assert_eq!(
+            client(at(nginx), &["198.51.100.1, 203.0.113.5", "10.0.0.2"]),
+            user
+        );
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().expect("an address");
+        assert_eq!(client(at(mapped), &["203.0.113.5"]), user);
+        assert_eq!(client(at(nginx), &["203.0.113.5, unknown"]), nginx);
+        assert_eq!(client(at(nginx), &["203.0.113.5, junk, 10.0.0.2"]), lb);
+        assert_eq!(client(at(nginx), &[]), nginx);
+        // Anyone else's header counts for nothing.
+        let other: IpAddr = [192, 0, 2, 7].into();
+        assert_eq!(client(at(other), &["203.0.113.5"]), other);
+    }
 }

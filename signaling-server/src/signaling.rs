@@ -1178,7 +1178,7 @@ impl Hub {
     }
 
     /// The swarm of `task` for the dashboard, or `None` for an unknown task. Peers are
-    /// listed at most `limit` (the largest swarms are summarized by their first peers).
+    /// listed at most `limit` (those with the smallest ids; the totals count them all).
     pub fn swarm_view(&self, task: &str, limit: usize) -> Option<SwarmView> {
         let mut st = self.lock();
         let t = st.tasks.get_mut(task)?;

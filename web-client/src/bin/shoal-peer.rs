@@ -578,6 +578,7 @@ mod peer {
         let mut witness_fetch: Option<tokio::task::JoinHandle<Result<Shown>>> = None;
         let mut dropped = 0;
         let mut broken = 0;
+        let mut broken_said = None;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
@@ -619,18 +620,22 @@ mod peer {
                     "the privacy count could not be kept ({e}): stopped, with no update sent uncounted"
                 );
             }
-            let Some(summary) = ticked else {
-                continue;
-            };
-            let p = peer.progress();
+            // Said when it happens (a peer whose every run breaks closes no round), at
+            // most every 30 s.
             if let (n, Some(why)) = peer.broken_runs()
                 && n > broken
+                && broken_said.is_none_or(|t: std::time::Instant| t.elapsed().as_secs() >= 30)
             {
                 broken = n;
+                broken_said = Some(std::time::Instant::now());
                 eprintln!(
                     "shoal: {n} local runs broke so far (the last: {why}); nothing of them was sent, and training went on from the model"
                 );
             }
+            let Some(summary) = ticked else {
+                continue;
+            };
+            let p = peer.progress();
             if swarm.dropped() > dropped {
                 dropped = swarm.dropped();
                 eprintln!(

@@ -490,10 +490,14 @@ impl SwarmPeer {
                 peer.handle(ev, &*relay, now_ms());
             }
             let steps = peer.progress().local_steps;
+            let broken = peer.broken_runs().0;
             let closed = peer.tick(&*relay, now_ms).await;
             let mut progress = serde_json::to_value(peer.progress()).unwrap_or_default();
-            // Whether this tick trained (the worker's throttle rests after training).
-            progress["trained"] = (peer.progress().local_steps > steps).into();
+            // Whether this tick trained (the worker's throttle rests after training): a run
+            // that broke took its time as well (without it, runs that kept breaking ran
+            // back to back whatever the visitor's throttle).
+            let trained = peer.progress().local_steps > steps || peer.broken_runs().0 > broken;
+            progress["trained"] = trained.into();
             progress["wasm_memory_bytes"] = super::wasm_memory_bytes().into();
             progress["inbox_dropped"] = relay.dropped().into();
             // Local runs that broke (non-finite): dropped, and training went on.
