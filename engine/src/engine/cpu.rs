@@ -847,6 +847,7 @@ impl CpuBackend {
                 "only a language model generates text".into(),
             ));
         };
+        let n = generation_bytes(&self.model, n)?;
         let ctx = self.model.positions();
         let mut rng = crate::rng::SplitMix64::new(seed);
         let mut text: Vec<u8> = prompt.to_vec();
@@ -891,6 +892,43 @@ impl CpuBackend {
     }
 }
 
+/// Multiply-adds a generation may take in all: a few seconds of a browser's CPU. Each
+/// byte is a whole forward pass over the context (no cache of earlier positions), and a
+/// large valid model's 240 bytes held the page's worker (and its training, and the
+/// swarm's rounds) for minutes.
+pub const GENERATE_MACS: u64 = 20_000_000_000;
+
+/// How many of `n` bytes a generation with `model` makes within [`GENERATE_MACS`], or why
+/// none: the multiply-adds of one forward pass of a language model, about (its blocks'
+/// and head's matrix products and its attention; the rest is small beside them).
+fn generation_bytes(model: &Model, n: usize) -> Result<usize, EngineError> {
+    let per_byte = model
+        .ops
+        .iter()
+        .map(|op| match *op {
+            Op::Block {
+                ctx, dim, hidden, ..
+            } => [
+                ctx.saturating_mul(4 * dim * dim + 2 * dim * hidden),
+                ctx.saturating_mul(ctx).saturating_mul(2 * dim),
+            ]
+            .into_iter()
+            .fold(0usize, usize::saturating_add),
+            Op::Head {
+                ctx, dim, vocab, ..
+            } => ctx.saturating_mul(dim).saturating_mul(vocab),
+            _ => 0,
+        })
+        .fold(0u64, |s, m| s.saturating_add(m as u64))
+        .max(1);
+    match usize::try_from(GENERATE_MACS / per_byte).unwrap_or(usize::MAX) {
+        0 => Err(EngineError::Unsupported(
+            "text from a model this large: over 20 billion multiply-adds a byte",
+        )),
+        most => Ok(n.min(most)),
+    }
+}
+
 /// The largest batch, up to `batch` (1 at least), whose buffers stay within what a task
 /// lets training bind ([`WEBGPU_MAX_BINDING`](super::WEBGPU_MAX_BINDING) for its largest
 /// buffer): an evaluation in batches of 500 (the dashboard's) of a language model whose
@@ -913,6 +951,31 @@ fn evaluation_batch(model: &Model, batch: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A generation stays within its budget of multiply-adds: the demo-sized model makes
+    /// all its bytes, a context of 1,024 fewer, one far larger none (with a reason).
+    #[test]
+    fn generation_takes_what_its_budget_allows() {
+        use super::super::{LayerSpec, ModelSpec};
+        let lm = |ctx: usize, dim: usize, blocks: usize| {
+            let mut layers = vec![LayerSpec::Embedding { vocab: 256, dim }];
+            layers.extend((0..blocks).map(|_| LayerSpec::TransformerBlock {
+                heads: 4,
+                mlp_ratio: 4,
+            }));
+            layers.extend([LayerSpec::LayerNorm, LayerSpec::LmHead { tied: true }]);
+            Model::new(ModelSpec {
+                input: [1, ctx, 1],
+                layers,
+            })
+            .expect("valid")
+        };
+        assert_eq!(generation_bytes(&lm(64, 64, 2), 240).expect("small"), 240);
+        let some = generation_bytes(&lm(1024, 256, 4), 240).expect("some");
+        assert!((1..240).contains(&some), "{some}");
+        let e = generation_bytes(&lm(2048, 1024, 2), 240).expect_err("too large");
+        assert!(e.to_string().contains("multiply-adds a byte"), "{e}");
+    }
 
     /// Evaluating in batches of 500 holds no more than training may: a language model of
     /// context 1024 holds 16 MiB of attention probabilities per window, so batches of 8
