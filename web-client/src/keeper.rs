@@ -20,6 +20,8 @@ const KEEP: usize = 3;
 /// A directory of checkpoints.
 pub struct Keeper {
     dir: PathBuf,
+    /// The folder's lock (`shoal-keeper.lock`), held while the keeper lives.
+    _lock: fs::File,
     /// Test hook: pause this long half-way through writing (so that a test can kill the
     /// process mid-write). Zero in normal use.
     pub pause_mid_write: Duration,
@@ -55,6 +57,27 @@ impl Keeper {
     /// size, would be resumed and exported as this task's.
     pub fn open(dir: &Path, binding: &str) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
+        // One keeper a folder: a second one removed the first's checkpoint being written
+        // (as a crash's leftover) and its rename failed, ending that peer.
+        let lock_path = dir.join(format!("{BINDING}.lock"));
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "another shoal-peer keeps its checkpoints in {}: give each keeper a folder of its own",
+                        dir.display()
+                    ),
+                ));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
         let bound = dir.join(BINDING);
         let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", bound.display()));
         // A folder of its own, new or from before folders were bound: claimed at once (of
@@ -92,6 +115,7 @@ impl Keeper {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            _lock: lock,
             pause_mid_write: Duration::ZERO,
         })
     }
@@ -246,6 +270,23 @@ mod tests {
         );
     }
 
+    /// One keeper a folder: a second one is refused while the first lives (it removed
+    /// the first's checkpoint being written, and the first's rename then failed), and
+    /// the folder is free again once the first is gone.
+    #[test]
+    fn a_second_keeper_of_one_folder_is_refused_while_the_first_lives() {
+        let dir = std::env::temp_dir().join(format!("shoal-keeper-two-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let first = Keeper::open(&dir, BOUND).expect("the first");
+        let e = Keeper::open(&dir, BOUND)
+            .map(|_| ())
+            .expect_err("a second, at once");
+        assert!(e.to_string().contains("another shoal-peer keeps"), "{e}");
+        drop(first);
+        Keeper::open(&dir, BOUND).expect("free again");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     /// Other programs' files in the folder are left alone: their checkpoints are not
     /// pruned or read, their temporary files not removed; a folder bound to another
     /// model is refused.
@@ -266,6 +307,7 @@ mod tests {
         for other in ["last.ckpt", "epoch=3.ckpt", "notes.tmp", "model-x.ckpt"] {
             assert!(dir.join(other).exists(), "{other} kept");
         }
+        drop(k);
         let e = Keeper::open(&dir, "digits fedcba9876543210")
             .err()
             .expect("another model's folder");
@@ -365,6 +407,7 @@ mod tests {
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         // A leftover temporary file is removed on open and never read.
         fs::write(dir.join("model-000000000009.ckpt.tmp"), b"half").expect("write");
+        drop(k);
         let k = Keeper::open(&dir, BOUND).expect("dir");
         assert!(!dir.join("model-000000000009.ckpt.tmp").exists());
         assert_eq!(k.latest(4).expect("readable").0, Some(snap(4)));

@@ -129,10 +129,13 @@ function perHour(lines, key) {
 
 /** One peer's numbers over the phase. */
 function measure(p) {
-  const after = p.lines.filter((l) => l.t >= WARMUP_S);
   const late = p.lines.filter((l) => l.t >= SECONDS / 2);
-  const [a, b] = [after[0], after.at(-1)];
-  const rate = a && b && b.t > a.t ? (b.samples - a.samples) / (b.t - a.t) : 0;
+  // Samples trained by time t: the count of its last line (a closed round) at or before t.
+  // Over one window for every peer and both phases: between its own first and last lines
+  // after the warm-up, a peer that stalled, or joined late, kept the rate of the rounds it
+  // did close.
+  const trainedBy = (t) => p.lines.reduce((s, l) => (l.t <= t ? l.samples : s), 0);
+  const rate = (trainedBy(SECONDS) - trainedBy(WARMUP_S)) / (SECONDS - WARMUP_S);
   const hit = p.lines.find((l) => l.accuracy !== null && l.accuracy >= target);
   const last = p.lines.at(-1);
   return {
@@ -178,6 +181,13 @@ const median = (xs) => {
   const s = xs.filter((x) => x !== null).sort((a, b) => a - b);
   return s.length ? s[(s.length - 1) >> 1] : null;
 };
+/** The median peer's time, a peer that never got there counted as never (null when the
+ *  median peer did not): dropped, the peers that did were the median. */
+const medianTime = (xs) => {
+  const s = xs.map((x) => x ?? Infinity).sort((a, b) => a - b);
+  const m = s.length ? s[(s.length - 1) >> 1] : Infinity;
+  return Number.isFinite(m) ? m : null;
+};
 
 const dir = mkdtempSync(join(tmpdir(), 'shoal-bench-swarm-'));
 const browser = BROWSERS > 0 ? await launchWebrtcBrowser() : null;
@@ -186,8 +196,8 @@ try {
   const swarm = await phase('swarm', dir, browser);
   const sum = (ps) => ps.reduce((s, p) => s + p.samples_per_s, 0);
   const pagesOf = (ps) => ps.filter((p) => p.kind === 'browser');
-  const soloT = median(solo.map((p) => p.time_to_target_s));
-  const swarmT = median(swarm.map((p) => p.time_to_target_s));
+  const soloT = medianTime(solo.map((p) => p.time_to_target_s));
+  const swarmT = medianTime(swarm.map((p) => p.time_to_target_s));
   console.log(JSON.stringify({
     task: taskName, peers: PEERS, browsers: BROWSERS, seconds: SECONDS, warmup_s: WARMUP_S, target,
     solo, swarm,

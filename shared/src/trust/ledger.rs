@@ -593,6 +593,28 @@ impl LedgerFile {
             }
             Err(e) => return Err(e),
             Ok(bytes) => {
+                // A live header of this task that continues from anywhere but the sealed
+                // segments' end is no crash's doing (it is written aside and renamed into
+                // place): a sealed segment is missing or was replaced. Cut and started
+                // again, the live file reused the lost entries' numbers and their credits
+                // were gone.
+                if let Ok(h) = parse_header(&bytes)
+                    && h.task == task
+                    && h.continues
+                        .is_some_and(|(index, prev)| (index, prev) != (chain.next, chain.head))
+                {
+                    let from = h.continues.map_or(0, |(index, _)| index);
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{} continues from entry {from}, but the sealed segments end at entry {}: \
+                             a sealed segment is missing or was replaced; the ledger stays closed \
+                             (restore the segments from a copy)",
+                            path.display(),
+                            chain.next
+                        ),
+                    ));
+                }
                 let before = (chain.next, chain.head);
                 let (c, mut e, good_len, error) = Chain::read_on(Some(&mut chain), &bytes);
                 chain = c;
@@ -1217,19 +1239,7 @@ mod tests {
     fn a_full_segment_is_sealed_and_the_chain_goes_on_across_segments() {
         let temp = Temp::new("segments");
         let dir = temp.0.clone();
-        let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
-        // Room for two entries per segment.
-        let entry = encode_entry(
-            &genesis("digits"),
-            0,
-            0,
-            "",
-            &receipt("digits", 1, 9, 1, 160),
-        )
-        .0;
-        let limit = (header("digits").len() + 90 + 2 * entry.len()) as u64;
-        l.set_segment_limit(limit);
-        fill_from(&mut l, 1, 7);
+        let (l, limit) = seven_in_segments_of_two(&dir);
         assert_eq!(
             l.sealed().len(),
             3,
@@ -1275,6 +1285,51 @@ mod tests {
         fill_from(&mut l, 8, 2);
         assert_eq!((l.count(), l.sealed().len()), (9, 4));
         assert!(verify(&l.file_bytes().expect("whole")).is_ok());
+    }
+
+    /// A sealed segment gone (a partial copy of the folder): the live file continues from
+    /// an entry the sealed ones do not reach, and the ledger stays closed. It was cut and
+    /// started again from the sealed end, reusing the lost entries' numbers.
+    #[test]
+    fn a_missing_sealed_segment_keeps_the_ledger_closed() {
+        let temp = Temp::new("segment-gone");
+        let dir = temp.0.clone();
+        let (l, _) = seven_in_segments_of_two(&dir);
+        let sealed = l.sealed().to_vec();
+        assert_eq!(sealed.len(), 3);
+        drop(l);
+        fs::remove_file(&sealed[2]).expect("remove the last sealed segment");
+        let e = LedgerFile::open(&dir, "digits", 2)
+            .map(|(l, _)| l.count())
+            .expect_err("closed");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("missing or was replaced"), "{e}");
+        assert!(
+            fs::read_dir(&dir).expect("dir").all(|f| !f
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .contains(".bad-")),
+            "nothing quarantined"
+        );
+    }
+
+    /// A ledger of `digits` in `dir` with room for two entries per segment (the limit is
+    /// returned), holding seven entries: three sealed segments and the live one.
+    fn seven_in_segments_of_two(dir: &Path) -> (LedgerFile, u64) {
+        let (mut l, _) = LedgerFile::open(dir, "digits", 1).expect("open");
+        let entry = encode_entry(
+            &genesis("digits"),
+            0,
+            0,
+            "",
+            &receipt("digits", 1, 9, 1, 160),
+        )
+        .0;
+        let limit = (header("digits").len() + 90 + 2 * entry.len()) as u64;
+        l.set_segment_limit(limit);
+        fill_from(&mut l, 1, 7);
+        (l, limit)
     }
 
     /// Appends receipts of sender 9 for rounds `from..from + n` (receivers 1 to 3) to `l`.

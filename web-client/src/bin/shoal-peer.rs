@@ -579,6 +579,8 @@ mod peer {
         let mut dropped = 0;
         let mut broken = 0;
         let mut broken_said = None;
+        // The round of the last checkpoint (the one resumed from, at start).
+        let mut saved_at = peer.progress().round;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
@@ -721,13 +723,13 @@ mod peer {
                 let name = peer.task().name.clone();
                 witness_fetch = Some(tokio::spawn(fetch_ledger(args.server.clone(), name, at)));
             }
+            // Due `--checkpoint-every` rounds after the last one, not at its multiples: a
+            // keeper that catches up by a download jumps rounds, past them.
             if let Some(k) = &keeper
-                && round.is_multiple_of(args.checkpoint_every)
+                && round >= saved_at.saturating_add(args.checkpoint_every)
             {
-                let path = k.save(round, &peer.learner().snapshot())?;
-                println!("checkpoint {} {}", round, path.display());
-                let path = k.save_export(&export(&mut peer)?)?;
-                println!("exported {}", path.display());
+                checkpoint(k, &mut peer)?;
+                saved_at = round;
             }
             if args.rounds > 0 && round >= args.rounds {
                 // Where neighbours' updates went unused, and why.
@@ -735,7 +737,28 @@ mod peer {
                 break;
             }
         }
+        // Stopped (Ctrl-C, or --rounds reached): what was trained since the last checkpoint
+        // is kept too.
+        if let Some(k) = &keeper
+            && peer.progress().round > saved_at
+        {
+            checkpoint(k, &mut peer)?;
+        }
         swarm.close().await;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of `peer`'s model and replaces the export beside it.
+    fn checkpoint(k: &Keeper, peer: &mut SwarmTrainer) -> Result<()> {
+        let round = peer.progress().round;
+        let path = k
+            .save(round, &peer.learner().snapshot())
+            .with_context(|| format!("checkpoint of round {round}"))?;
+        println!("checkpoint {} {}", round, path.display());
+        let path = k
+            .save_export(&export(peer)?)
+            .context("the export beside the checkpoints")?;
+        println!("exported {}", path.display());
         Ok(())
     }
 
