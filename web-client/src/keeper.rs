@@ -94,7 +94,18 @@ impl Keeper {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let b = fs::read_to_string(&bound).map_err(named)?;
-                if b.trim_end() != binding {
+                if b.trim().is_empty() {
+                    // Claimed by a keeper killed before it wrote the binding (the lock makes
+                    // this the only keeper here): claimed again, written aside and renamed.
+                    // Refused, the folder's checkpoints were to be moved away.
+                    let tmp = dir.join(format!("{BINDING}.tmp"));
+                    let mut f = fs::File::create(&tmp).map_err(named)?;
+                    f.write_all(format!("{binding}\n").as_bytes())
+                        .and_then(|()| f.sync_all())
+                        .map_err(named)?;
+                    fs::rename(&tmp, &bound).map_err(named)?;
+                    fs::File::open(dir)?.sync_all()?;
+                } else if b.trim_end() != binding {
                     return Err(io::Error::other(format!(
                         "{} keeps the checkpoints of another model ({:?}; this one is {binding}): \
                          give each task a keeper folder of its own; where this task's model \
@@ -284,6 +295,27 @@ mod tests {
         assert!(e.to_string().contains("another shoal-peer keeps"), "{e}");
         drop(first);
         Keeper::open(&dir, BOUND).expect("free again");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A binding left empty (a keeper killed as it claimed the folder) is claimed again:
+    /// refused, the operator was told to move the checkpoints away.
+    #[test]
+    fn an_empty_binding_is_claimed_again() {
+        let dir = std::env::temp_dir().join(format!("shoal-keeper-empty-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("dir");
+        fs::write(dir.join(BINDING), b"").expect("an empty binding");
+        let k = Keeper::open(&dir, BOUND).expect("claimed");
+        assert_eq!(
+            fs::read_to_string(dir.join(BINDING)).expect("read"),
+            format!("{BOUND}\n")
+        );
+        drop(k);
+        assert!(
+            Keeper::open(&dir, "digits fedcba9876543210").is_err(),
+            "bound now"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -63,13 +63,20 @@ pub(crate) fn verify(path: &Path, with_credits: bool) -> Result<String> {
         v.task,
         bytes.len()
     );
-    if v.start > 0 {
+    if v.start > 0 && v.entries.is_empty() {
+        // A segment just begun (the live file right after a rotation).
+        let _ = writeln!(
+            out,
+            "  a segment with no entries yet, continuing the ledger after entry {}",
+            v.start - 1
+        );
+    } else if v.start > 0 {
         // One segment of a longer ledger: its chain is checked from where it continues.
         let _ = writeln!(
             out,
             "  a segment: entries {} to {}, continuing the ledger before it (credits cover this segment only)",
             v.start,
-            v.start + v.entries.len() as u64 - u64::from(!v.entries.is_empty())
+            v.start + v.entries.len() as u64 - 1
         );
     }
     if with_credits {
