@@ -85,20 +85,15 @@ pub fn task_model(
     let text = model.is_language_model();
     // A text task with a test file holds out every window of that file; one without, the
     // last windows of its text (a `holdout` of 0 for the first stated none at all).
+    const WINDOWS: &str = "window i holds bytes i*context .. (i+1)*context, its labels the \
+                           same positions shifted by one byte";
     let (held_out, holdout) = match task.data.test.as_ref().and_then(|f| f.text.as_deref()) {
         Some(file) => (
-            format!(
-                "every window of the task's test file {file}; window i holds bytes \
-                 i*context .. (i+1)*context, its labels the same positions shifted by one \
-                 byte"
-            ),
+            format!("every window of the task's test file {file}; {WINDOWS}"),
             None,
         ),
         None => (
-            "the last round(holdout * windows) windows of the text; window i holds \
-             bytes i*context .. (i+1)*context, its labels the same positions shifted \
-             by one byte"
-                .to_string(),
+            format!("the last round(holdout * windows) windows of the text; {WINDOWS}"),
             Some(task.data.holdout.unwrap_or(0.0).to_string()),
         ),
     };

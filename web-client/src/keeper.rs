@@ -98,13 +98,8 @@ impl Keeper {
                     // Claimed by a keeper killed before it wrote the binding (the lock makes
                     // this the only keeper here): claimed again, written aside and renamed.
                     // Refused, the folder's checkpoints were to be moved away.
-                    let tmp = dir.join(format!("{BINDING}.tmp"));
-                    let mut f = fs::File::create(&tmp).map_err(named)?;
-                    f.write_all(format!("{binding}\n").as_bytes())
-                        .and_then(|()| f.sync_all())
+                    replace_durably(&bound, |f| f.write_all(format!("{binding}\n").as_bytes()))
                         .map_err(named)?;
-                    fs::rename(&tmp, &bound).map_err(named)?;
-                    fs::File::open(dir)?.sync_all()?;
                 } else if b.trim_end() != binding {
                     return Err(io::Error::other(format!(
                         "{} keeps the checkpoints of another model ({:?}; this one is {binding}): \
@@ -281,13 +276,20 @@ mod tests {
         );
     }
 
+    /// An empty folder of this test process's own, named after `name`.
+    fn fresh_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-keeper-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
     /// One keeper a folder: a second one is refused while the first lives (it removed
     /// the first's checkpoint being written, and the first's rename then failed), and
     /// the folder is free again once the first is gone.
     #[test]
     fn a_second_keeper_of_one_folder_is_refused_while_the_first_lives() {
-        let dir = std::env::temp_dir().join(format!("shoal-keeper-two-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = fresh_dir("two");
         let first = Keeper::open(&dir, BOUND).expect("the first");
         let e = Keeper::open(&dir, BOUND)
             .map(|_| ())
@@ -302,9 +304,7 @@ mod tests {
     /// refused, the operator was told to move the checkpoints away.
     #[test]
     fn an_empty_binding_is_claimed_again() {
-        let dir = std::env::temp_dir().join(format!("shoal-keeper-empty-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("dir");
+        let dir = fresh_dir("empty");
         fs::write(dir.join(BINDING), b"").expect("an empty binding");
         let k = Keeper::open(&dir, BOUND).expect("claimed");
         assert_eq!(

@@ -126,37 +126,24 @@ function drawSwarm(view) {
   const rateOf = (p) => (fresh(p) && !p.report.paused ? num(p.report.samples_per_s) : 0);
   const bytesOf = (p) => num(p.report.bytes_up) + num(p.report.bytes_down);
   const samplesOf = (p) => num(p.report.samples);
-  const rejectedOf = (p) => Object.values(p.report.rejected ?? {}).reduce((s, v) => s + num(v), 0);
-  // Rejections are capped against the median peer's updates handled (used or rejected):
-  // a long-running peer's count grows with its rounds, and a peer under attack may show
-  // many (not marked an outlier for it); a made-up 10^15 does not count.
+  // The listed peers' caps, for marking them and for their own bars.
   const caps = {
     rate: capAt(reporting.filter((p) => rateOf(p) > 0).map(rateOf)),
     bytes: capAt(reporting.map(bytesOf)),
     samples: capAt(reporting.map(samplesOf)),
-    rejected: capAt(reporting.map((p) => rejectedOf(p) + num(p.report.used))),
   };
   const outliers = new Set(reporting
     .filter((p) => rateOf(p) > caps.rate || bytesOf(p) > caps.bytes || samplesOf(p) > caps.samples)
     .map((p) => p.id));
   state.outliers = [...outliers];
   // The totals are the server's, over every trainer that reported (at most 256 peers are
-  // listed), capped by the same rule; the listed peers' own sums where it sends none.
-  const all = view.totals;
-  const rate = all ? num(all.samples_per_s) : reporting.reduce((s, p) => s + Math.min(rateOf(p), caps.rate), 0);
-  const bytes = all ? num(all.bytes) : reporting.reduce((s, p) => s + Math.min(bytesOf(p), caps.bytes), 0);
+  // listed), each capped at 10 times the lower-median trainer, its rejections at 10 times
+  // the lower-median trainer's updates handled.
+  const all = view.totals ?? {};
+  const rate = num(all.samples_per_s);
+  const bytes = num(all.bytes);
   // Reason names are text from peers: a Map, never an object's keys.
-  const rejected = new Map();
-  if (all) {
-    for (const [k, v] of Object.entries(all.rejected ?? {})) rejected.set(k, num(v));
-  } else {
-    for (const p of reporting) {
-      // A peer's counts scaled down to the cap on its total, as its other numbers are.
-      const sum = rejectedOf(p);
-      const scale = sum > caps.rejected ? caps.rejected / sum : 1;
-      for (const [k, v] of Object.entries(p.report.rejected ?? {})) rejected.set(k, (rejected.get(k) ?? 0) + num(v) * scale);
-    }
-  }
+  const rejected = new Map(Object.entries(all.rejected ?? {}).map(([k, v]) => [k, num(v)]));
   state.round = Number.isSafeInteger(view.round) ? view.round : null;
   const t = (performance.now() - state.started) / 1000;
   state.rate.push([Math.round(t), Math.round(rate)]);
