@@ -7,9 +7,15 @@ use std::process::{Command, Stdio};
 const SERVER: &str = env!("CARGO_BIN_EXE_shoal-signaling-server");
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
+/// The folder a server with `threads` serves (and keeps its ledger in); each test removes
+/// its own.
+fn www(threads: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("shoal-threads-{}-{threads}", std::process::id()))
+}
+
 fn server(threads: &str) -> Command {
     let data = std::env::var("SHOAL_DATA").unwrap_or_else(|_| format!("{ROOT}/data"));
-    let www = std::env::temp_dir().join(format!("shoal-threads-{}-{threads}", std::process::id()));
+    let www = www(threads);
     std::fs::create_dir_all(&www).expect("www");
     std::fs::write(www.join("index.html"), "<!doctype html>").expect("index");
     let mut c = Command::new(SERVER);
@@ -26,6 +32,7 @@ fn server(threads: &str) -> Command {
 #[test]
 fn zero_threads_is_refused() {
     let out = server("0").output().expect("server runs");
+    let _ = std::fs::remove_dir_all(www("0"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--threads must be at least 1"), "{err}");
@@ -59,6 +66,7 @@ fn one_or_several_threads_serve() {
         let _ = child.kill();
         let _ = child.wait();
         drop(lines);
+        let _ = std::fs::remove_dir_all(www(threads));
         assert!(
             body.starts_with("HTTP/1.1 200"),
             "{threads} threads: {body}"

@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import http from 'node:http';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -12,10 +12,24 @@ import { chromium } from 'playwright-core';
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const serverBin = process.env.SHOAL_SERVER_BIN ?? join(root, 'target/release/shoal-signaling-server');
 
+const made = [];
+// Node runs each test file in a process of its own: what a file made is removed when it
+// ends, passed or failed (the ledgers, keys and task files of every run piled up in /tmp).
+process.on('exit', () => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true });
+});
+
+/** A fresh folder under the system's temporary one, removed when this test file ends. */
+export function tempDir(prefix) {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  made.push(dir);
+  return dir;
+}
+
 /** Starts the server on 127.0.0.1:0 and resolves once it prints its address. */
 export async function startServer(extraArgs = []) {
   // Each server remembers its own pauses: a test never inherits another's.
-  const dir = mkdtempSync(join(tmpdir(), 'shoal-e2e-'));
+  const dir = tempDir('shoal-e2e-');
   const state = join(dir, 'state.json');
   const ledgerDir = join(dir, 'ledger');
   const child = spawn(serverBin, ['--bind', '127.0.0.1', '--port', '0',

@@ -9,10 +9,9 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser, visitorPage, webrtcPage } from './harness.mjs';
+import { startServer, launchBrowser, visitorPage, webrtcPage, tempDir } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const peerBin = process.env.SHOAL_PEER_BIN ?? join(root, 'target/release/shoal-peer');
@@ -40,7 +39,7 @@ function roundLine(line) {
 }
 
 function startPeers() {
-  const keys = mkdtempSync(join(tmpdir(), 'shoal-lm-'));
+  const keys = tempDir('shoal-lm-');
   for (const name of ['a', 'b']) {
     const child = spawn(peerBin, ['--server', server.url.replace('http://', 'ws://'), '--task', 'fortunes',
       '--task-file', taskFile, '--data', join(root, 'data'), '--bind', '127.0.0.1', '--cpu',

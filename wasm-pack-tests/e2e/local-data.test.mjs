@@ -9,10 +9,9 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { deflateSync } from 'node:zlib';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser } from './harness.mjs';
+import { startServer, launchBrowser, tempDir } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const MARKER = `SHOAL-PRIVATE-${Math.random().toString(36).slice(2)}-MARKER`;
@@ -23,7 +22,7 @@ let server;
 let browser;
 
 before(async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'shoal-local-'));
+  const dir = tempDir('shoal-local-');
   const taskFile = join(dir, 'mine.toml');
   const demo = readFileSync(join(root, 'tasks/digits.toml'), 'utf8');
   const local = demo

@@ -6,10 +6,9 @@
 // the budget alongside the first.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser, webrtcPage } from './harness.mjs';
+import { startServer, launchBrowser, webrtcPage, tempDir } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const BUDGET = 4;
@@ -18,7 +17,7 @@ let server;
 let browser;
 
 before(async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'shoal-dp-'));
+  const dir = tempDir('shoal-dp-');
   const taskFile = join(dir, 'private.toml');
   writeFileSync(taskFile, readFileSync(join(root, 'tasks/digits.toml'), 'utf8')
     .replace('name = "digits"', 'name = "private"')
