@@ -628,8 +628,12 @@ pub struct SwarmView {
 pub const OUTLIER_TIMES: f64 = 10.0;
 
 /// A task's totals over every trainer that reported, each trainer's claim counted at
-/// most [`OUTLIER_TIMES`] the lower-median trainer's (of samples/s: of those training),
-/// or 1: liars fewer than half of the reporting trainers set no cap.
+/// most [`OUTLIER_TIMES`] the lower median by network (see [`network_median`]; of
+/// samples/s: of those training), or 1, and each network's trainers together at most
+/// [`NETWORK_WEIGHT`] times that: liars fewer than half of the networks' weight set no
+/// cap, and one address's many sockets weigh as four peers (one address with 32 sockets
+/// reporting 0.5 samples/s capped every honest trainer of a twelve-peer swarm at 5 and
+/// flagged them all as outliers; reporting the most, it raised the totals 27-fold).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SwarmTotals {
     /// Trainers whose reports are counted.
@@ -648,52 +652,85 @@ pub struct SwarmTotals {
 }
 
 /// [`SwarmTotals`] of the latest reports (each with its age), of trainers only.
-fn swarm_totals<'a>(reports: impl Iterator<Item = (&'a PeerReport, Duration)>) -> SwarmTotals {
-    let trainers: Vec<(&PeerReport, Duration)> = reports
-        .filter(|(r, _)| r.role == shoal_shared::protocol::Role::Trainer)
+/// `reports` are each peer's latest report, with its age and the peer's [`network`].
+fn swarm_totals<'a>(
+    reports: impl Iterator<Item = (&'a PeerReport, Duration, u128)>,
+) -> SwarmTotals {
+    type Report<'a> = (&'a PeerReport, Duration, u128);
+    let mut trainers: Vec<Report<'a>> = reports
+        .filter(|(r, _, _)| r.role == shoal_shared::protocol::Role::Trainer)
         .collect();
-    let rate = |(r, age): &(&PeerReport, Duration)| {
+    // By network, so that each network's trainers are together.
+    trainers.sort_by_key(|t| t.2);
+    let rate = |(r, age, _): &Report<'_>| {
         if *age < Duration::from_secs(30) && !r.paused {
             f64::from(r.samples_per_s)
         } else {
             0.0
         }
     };
-    let bytes = |(r, _): &(&PeerReport, Duration)| r.bytes_up as f64 + r.bytes_down as f64;
-    let samples = |(r, _): &(&PeerReport, Duration)| r.samples as f64;
-    let rejected = |(r, _): &(&PeerReport, Duration)| r.rejected.values().sum::<u64>() as f64;
-    let cap = |mut xs: Vec<f64>| {
-        xs.sort_by(f64::total_cmp);
-        let median = xs
-            .get(xs.len().saturating_sub(1) / 2)
-            .copied()
-            .unwrap_or(0.0);
-        OUTLIER_TIMES * median.max(1.0)
+    let bytes = |(r, _, _): &Report<'_>| r.bytes_up as f64 + r.bytes_down as f64;
+    let samples = |(r, _, _): &Report<'_>| r.samples as f64;
+    let rejected = |(r, _, _): &Report<'_>| r.rejected.values().sum::<u64>() as f64;
+    let handled = |t: &Report<'_>| rejected(t) + t.0.used as f64;
+    let cap = |value: &dyn Fn(&Report<'_>) -> f64, training_only: bool| {
+        let by_network = trainers
+            .iter()
+            .map(|t| (t.2, value(t)))
+            .filter(|&(_, v)| !training_only || v > 0.0)
+            .collect();
+        OUTLIER_TIMES
+            * network_median(by_network, f64::total_cmp)
+                .unwrap_or(0.0)
+                .max(1.0)
     };
     let caps = (
-        cap(trainers.iter().map(rate).filter(|&r| r > 0.0).collect()),
-        cap(trainers.iter().map(bytes).collect()),
-        cap(trainers.iter().map(samples).collect()),
-        cap(trainers
-            .iter()
-            .map(|t| rejected(t) + t.0.used as f64)
-            .collect()),
+        cap(&rate, true),
+        cap(&bytes, false),
+        cap(&samples, false),
+        cap(&handled, false),
     );
     let mut totals = SwarmTotals {
         reporting: trainers.len(),
         ..SwarmTotals::default()
     };
-    for t in &trainers {
-        totals.samples_per_s += rate(t).min(caps.0);
-        totals.bytes += bytes(t).min(caps.1);
-        totals.samples += samples(t).min(caps.2);
-        if rate(t) > caps.0 || bytes(t) > caps.1 || samples(t) > caps.2 {
-            totals.outliers += 1;
+    let most = NETWORK_WEIGHT as f64;
+    for network in trainers.chunk_by(|a, b| a.2 == b.2) {
+        let sum = |value: &dyn Fn(&Report<'_>) -> f64, cap: f64| {
+            let all: f64 = network.iter().map(|t| value(t).min(cap)).sum();
+            all.min(most * cap)
+        };
+        totals.samples_per_s += sum(&rate, caps.0);
+        totals.bytes += sum(&bytes, caps.1);
+        totals.samples += sum(&samples, caps.2);
+        for t in network {
+            if rate(t) > caps.0 || bytes(t) > caps.1 || samples(t) > caps.2 {
+                totals.outliers += 1;
+            }
         }
-        let all = rejected(t);
-        let scale = if all > caps.3 { caps.3 / all } else { 1.0 };
-        for (reason, n) in &t.0.rejected {
-            *totals.rejected.entry(reason.clone()).or_default() += *n as f64 * scale;
+        // Each trainer's rejections scaled to the cap of updates handled, and the
+        // network's together to its weight's.
+        let scales: Vec<f64> = network
+            .iter()
+            .map(|t| {
+                let all = rejected(t);
+                if all > caps.3 { caps.3 / all } else { 1.0 }
+            })
+            .collect();
+        let counted: f64 = network
+            .iter()
+            .zip(&scales)
+            .map(|(t, s)| rejected(t) * s)
+            .sum();
+        let whole = if counted > most * caps.3 {
+            most * caps.3 / counted
+        } else {
+            1.0
+        };
+        for (t, s) in network.iter().zip(&scales) {
+            for (reason, n) in &t.0.rejected {
+                *totals.rejected.entry(reason.clone()).or_default() += *n as f64 * s * whole;
+            }
         }
     }
     totals
@@ -895,11 +932,20 @@ fn median_over_networks<T: Copy>(
     value: impl Fn(&PeerReport) -> Option<T>,
     cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
 ) -> Option<T> {
-    let mut by_network: Vec<(u128, T)> = t
+    let by_network: Vec<(u128, T)> = t
         .peers
         .values()
         .filter_map(|p| Some((network(p.group), value(recent_trainer_report(p)?)?)))
         .collect();
+    network_median(by_network, cmp)
+}
+
+/// The lower weighted median of values each of a [`network`]: each network one value,
+/// its own lower median, weighing as many peers as it has up to [`NETWORK_WEIGHT`].
+fn network_median<T: Copy>(
+    mut by_network: Vec<(u128, T)>,
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Option<T> {
     by_network.sort_by(|a, b| a.0.cmp(&b.0).then(cmp(&a.1, &b.1)));
     let mut votes: Vec<(T, usize)> = by_network
         .chunk_by(|a, b| a.0 == b.0)
@@ -1183,11 +1229,11 @@ impl Hub {
         let mut st = self.lock();
         let t = st.tasks.get_mut(task)?;
         let summary = t.summary();
-        let totals = swarm_totals(
-            t.peers
-                .values()
-                .filter_map(|p| p.report.as_ref().map(|r| (&r.1, r.0.elapsed()))),
-        );
+        let totals = swarm_totals(t.peers.values().filter_map(|p| {
+            p.report
+                .as_ref()
+                .map(|r| (&r.1, r.0.elapsed(), network(p.group)))
+        }));
         // The peers with the smallest ids: by join order, peers that joined first (and
         // stayed) were the only ones listed.
         let mut listed: Vec<PeerId> = t.ids.clone();
@@ -2840,6 +2886,63 @@ mod tests {
             first.sort_unstable();
             first
         });
+    }
+
+    /// One address's many sockets weigh as four peers in the totals' caps and sums: 32
+    /// sockets of one address reporting 0.5 samples/s (and nothing else) set every cap
+    /// to its floor and flagged all twelve honest trainers as outliers (the totals read
+    /// 136 samples/s for 7,200), and reporting the most they multiplied the totals.
+    #[test]
+    fn one_addresss_many_trainers_neither_cap_the_honest_nor_swell_the_totals() {
+        for liar_rate in [0.5, 1e7] {
+            let hub = digits_hub();
+            let report = |samples_per_s: f32, samples: u64| PeerReport {
+                samples_per_s,
+                samples,
+                bytes_up: samples,
+                used: samples / 100,
+                rejected: [("stale".to_string(), samples / 100)].into(),
+                ..PeerReport::default()
+            };
+            for g in 1..=12u128 {
+                let (id, _) = hub
+                    .join("digits", Arc::new(Outbox::new(64)), g, "")
+                    .expect("join");
+                hub.store_report("digits", id, report(600.0, 6_000))
+                    .expect("report");
+            }
+            let liar = if liar_rate < 1.0 { 0 } else { 1 << 40 };
+            for _ in 0..32 {
+                let (id, _) = hub
+                    .join("digits", Arc::new(Outbox::new(64)), 99, "")
+                    .expect("join");
+                hub.store_report("digits", id, report(liar_rate, liar))
+                    .expect("report");
+            }
+            let t = hub.swarm_view("digits", 256).expect("the task").totals;
+            assert_eq!(t.reporting, 44, "{liar_rate}");
+            assert_eq!(t.outliers, if liar < 1 { 0 } else { 32 }, "{liar_rate}");
+            // The honest twelve in full; one address at most four peers at the cap.
+            let honest = 12.0 * 600.0;
+            assert!(t.samples_per_s >= honest, "{liar_rate}: {t:?}");
+            assert!(
+                t.samples_per_s <= honest + 4.0 * OUTLIER_TIMES * 600.0,
+                "{liar_rate}: {t:?}"
+            );
+            assert!(
+                t.samples <= 12.0 * 6_000.0 + 4.0 * OUTLIER_TIMES * 6_000.0,
+                "{t:?}"
+            );
+            assert!(
+                t.bytes <= 12.0 * 6_000.0 + 4.0 * OUTLIER_TIMES * 6_000.0,
+                "{t:?}"
+            );
+            let stale = t.rejected.get("stale").copied().unwrap_or(0.0);
+            assert!(
+                stale >= 12.0 * 60.0 && stale <= 12.0 * 60.0 + 4.0 * OUTLIER_TIMES * 120.0,
+                "{t:?}"
+            );
+        }
     }
 
     /// Records `key` as the one `id` proved (as `identify` does).
