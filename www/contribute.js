@@ -443,6 +443,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       relaying = relaySwarm(worker, task, {
         secret: id.secret,
         parameters: description?.cost?.parameters,
+        uploadMbPerHour: description?.task?.learn?.upload_mb_per_hour,
         stats: window.shoalRelay,
         onStopped: (why) => say('error', `Shoal stopped: ${why}. Reload the page to try again.`),
         onSignaling: (up) => {

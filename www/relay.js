@@ -37,15 +37,20 @@ export const TAKEN_DEADLINE_MS = 60_000;
  * `stats` (an object) is kept up to date: `untaken` and `mostUntaken` bytes, and
  * `dropped()`, the neighbours' messages the page's inbox dropped. `parameters`: the
  * task's parameter count (its description's `cost.parameters`; fetched when not given),
- * which bounds the messages the page takes from neighbours (docs/protocol.md, "Framing").
+ * which bounds the messages the page takes from neighbours (docs/protocol.md, "Framing"),
+ * and `uploadMbPerHour` (its `task.learn.upload_mb_per_hour`), which with it bounds the
+ * bytes each neighbour may send (both fetched when `parameters` is not given).
  */
-export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopped = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {}, parameters } = {}) {
+export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopped = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {}, parameters, uploadMbPerHour } = {}) {
   const shoal = await import(bundle);
   await shoal.default();
-  const params = parameters ?? (await fetchTask(task).catch(() => null))?.cost?.parameters;
+  const described = parameters === undefined ? await fetchTask(task).catch(() => null) : null;
+  const params = parameters ?? described?.cost?.parameters;
+  const budget = uploadMbPerHour ?? described?.task?.learn?.upload_mb_per_hour;
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}`,
-    Number.isSafeInteger(params) && params > 0 ? params : undefined);
+    Number.isSafeInteger(params) && params > 0 ? params : undefined,
+    Number.isSafeInteger(budget) && budget > 0 ? budget : undefined);
   // Before any message is read (this task has not yielded yet): the welcome's nonce is
   // signed as soon as it arrives.
   if (secret) swarm.setIdentity(Uint8Array.from(secret.match(/../g), (h) => parseInt(h, 16)));

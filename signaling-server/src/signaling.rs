@@ -2939,7 +2939,7 @@ mod tests {
             );
             let stale = t.rejected.get("stale").copied().unwrap_or(0.0);
             assert!(
-                stale >= 12.0 * 60.0 && stale <= 12.0 * 60.0 + 4.0 * OUTLIER_TIMES * 120.0,
+                (12.0 * 60.0..=12.0 * 60.0 + 4.0 * OUTLIER_TIMES * 120.0).contains(&stale),
                 "{t:?}"
             );
         }

@@ -3,7 +3,11 @@
 // a visitor tries the model their browser trains on the drawing pad.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer } from './harness.mjs';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer, tempDir } from './harness.mjs';
+
+const root = new URL('../..', import.meta.url).pathname;
 
 let server;
 let browser;
@@ -90,8 +94,15 @@ test('a neighbour flooding a contributor over WebRTC cannot fill the worker\'s m
   // the relay's bound it grows with the flood (about the channel's rate minus 5 MiB/s,
   // for 8 s: 218 MiB here), without the page's own inbox bound the rest would wait in
   // the page instead, without the task's largest message the longer ones reach the
-  // worker, and without the links' message rate the empty messages flow for 5 s.
-  const own = await startServer();
+  // worker, and without the links' message rate the empty messages flow for 5 s. The
+  // task is the demo without its upload budget: with one, a link takes no more bytes
+  // than the budget justifies and the flood ends at its sixth message (the next test).
+  const taskFile = join(tempDir('shoal-nobudget-'), 'digits.toml');
+  const demo = readFileSync(join(root, 'tasks/digits.toml'), 'utf8');
+  assert.match(demo, /\nupload_mb_per_hour = 80\n/);
+  writeFileSync(taskFile, demo.replace(/\nupload_mb_per_hour = 80\n/, '\n').replace('name = "digits"', 'name = "nobudget"'));
+  const own = await startServer(['--task-file', taskFile]);
+  const ws = own.ws.replace('/ws/digits', '/ws/nobudget');
   const context = await browser.newContext();
   await context.grantPermissions(['microphone', 'camera']);
   await context.addInitScript(() => {
@@ -138,13 +149,13 @@ self.addEventListener('message', (e) => {
   try {
     const page = await context.newPage();
     page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
-    await page.goto(`${own.url}/?backend=cpu`);
+    await page.goto(`${own.url}/?task=nobudget&backend=cpu`);
     await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
     await page.click('#consent');
     await page.waitForFunction(() => window.shoalProgress.length >= 1, null, { timeout: 120_000, polling: 200 });
 
     const hostile = await webrtcPage(browser, own.url);
-    await joinSwarm(hostile, own.ws);
+    await joinSwarm(hostile, ws);
     const victim = await firstPeer(hostile);
     // Sends `data` to the victim again and again for `ms`; returns how many went.
     const flood = (size, ms) => hostile.evaluate(async ({ victim, size, ms }) => {
@@ -200,7 +211,7 @@ self.addEventListener('message', (e) => {
     // in meanwhile is bounded by the relay too (each message charged 1 KiB: at most
     // 16,384 wait).
     const second = await webrtcPage(browser, own.url);
-    await joinSwarm(second, own.ws);
+    await joinSwarm(second, ws);
     assert.equal(await firstPeer(second), victim);
     const sentEmpty = await second.evaluate(async (victim) => {
       let sent = 0;
@@ -227,6 +238,66 @@ self.addEventListener('message', (e) => {
   } finally {
     await context.close();
     await own.stop();
+  }
+});
+
+test('a neighbour sending a contributor more bytes than the task\'s upload budget justifies is dropped', async () => {
+  // The demo task's budget (80 MB an hour) lets a link take about 71 KB/s beyond a burst
+  // of 5.9 MB: a neighbour sending 900 KB of junk after another, as fast as the channel
+  // goes, is dropped within a few of them. Without the bound it sent 100 MiB in 8 s and
+  // stayed (the test above, on a task without a budget). What reaches the page is
+  // counted as the page hands it to its worker.
+  const context = await browser.newContext();
+  await context.grantPermissions(['microphone', 'camera']);
+  await context.addInitScript(() => {
+    const Worker0 = window.Worker;
+    window.netPosted = 0;
+    window.Worker = class extends Worker0 {
+      postMessage(m, transfer) {
+        if (m?.type === 'net' && m.data) window.netPosted += m.data.length;
+        return super.postMessage(m, transfer);
+      }
+    };
+  });
+  try {
+    const page = await context.newPage();
+    page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
+    await page.goto(`${server.url}/?backend=cpu`);
+    await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+    await page.click('#consent');
+    await page.waitForFunction(() => window.shoalProgress.length >= 1, null, { timeout: 120_000, polling: 200 });
+    const hostile = await webrtcPage(browser, server.url);
+    await joinSwarm(hostile, server.ws);
+    const victim = await firstPeer(hostile);
+    const { sent, ms } = await hostile.evaluate(async (victim) => {
+      const junk = new Uint8Array(900_000);
+      for (let i = 0; i < junk.length; i += 65536) crypto.getRandomValues(junk.subarray(i, i + 65536));
+      const gone = () => window.shoalEvents.some((e) => e.type === 'peer_down' && e.peer === victim);
+      let sent = 0;
+      const start = performance.now();
+      while (performance.now() - start < 8_000 && !gone()) {
+        try {
+          window.swarm.send(victim, junk);
+          sent += 1;
+        } catch {
+          // The channel's queue is full.
+        }
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      return { sent, ms: performance.now() - start };
+    }, victim);
+    await hostile.waitForFunction((v) => window.shoalEvents.some((e) => e.type === 'peer_down' && e.peer === v),
+      victim, { timeout: 30_000, polling: 100 });
+    const posted = await page.evaluate(() => window.netPosted);
+    console.log(`the flooder queued ${sent} messages of 900 KB in ${ms.toFixed(0)} ms; `
+      + `${(posted / 1e6).toFixed(1)} MB reached the page's worker before it was dropped`);
+    // Its burst is six such messages; the victim's own messages to its worker (its
+    // other neighbours') are few and small.
+    assert.ok(posted <= 7 * 900_000, `${posted} bytes reached the worker`);
+    assert.ok(posted >= 900_000, 'the flood reached the page');
+    await hostile.context().close();
+  } finally {
+    await context.close();
   }
 });
 

@@ -46,6 +46,15 @@ pub enum LinkError {
     /// [`MESSAGE_BURST`] (each costs its receiver work however small it is).
     #[error("more than {MESSAGE_BURST} messages beyond {MESSAGE_RATE} a second")]
     Flooding,
+    /// It sent more bytes than its link takes (see
+    /// [`link_bytes_for`](crate::swarm::link_bytes_for)).
+    #[error("more than {per_s} bytes a second beyond a burst of {burst}")]
+    TooManyBytes {
+        /// The sustained rate.
+        per_s: u64,
+        /// The burst beyond it.
+        burst: u64,
+    },
     /// It sent more than can be held before its channel was announced.
     #[error(
         "more than {MAX_EARLY_MESSAGES} messages or {max_bytes} bytes before the channel opened"
@@ -79,6 +88,17 @@ pub struct InboundLink {
     /// Messages it may still send now, in thousandths ([`MESSAGE_RATE`] a second
     /// refilled, up to [`MESSAGE_BURST`]), and when they were counted.
     allowance: (u64, u64),
+    /// Bytes it may still send now, refilled at the rate up to the burst, when they were
+    /// counted, the rate (a millisecond) and the burst; `None`: not bounded in bytes.
+    bytes: Option<ByteAllowance>,
+}
+
+#[derive(Clone, Copy)]
+struct ByteAllowance {
+    left: f64,
+    at: u64,
+    rate: f64,
+    burst: f64,
 }
 
 impl InboundLink {
@@ -95,7 +115,20 @@ impl InboundLink {
             max_early_bytes: max_message,
             failed: false,
             allowance: (MESSAGE_BURST * 1000, 0),
+            bytes: None,
         }
+    }
+
+    /// Takes at most `rate` bytes a millisecond, sustained, beyond a `burst` (see
+    /// [`link_bytes_for`](crate::swarm::link_bytes_for)); frames past that drop the
+    /// neighbour, whatever they carry.
+    pub fn limit_bytes(&mut self, rate: f64, burst: f64) {
+        self.bytes = Some(ByteAllowance {
+            left: burst,
+            at: 0,
+            rate,
+            burst,
+        });
     }
 
     /// Whether [`on_open`](Self::on_open) has run.
@@ -128,6 +161,10 @@ impl InboundLink {
     pub fn on_frame(&mut self, frame: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, LinkError> {
         if self.failed {
             return Ok(None);
+        }
+        if let Err(e) = self.charge_bytes(frame.len(), now_ms) {
+            self.failed = true;
+            return Err(e);
         }
         let result = self.rx.push(frame, now_ms);
         let verdict = self.judge(result, now_ms);
@@ -167,6 +204,22 @@ impl InboundLink {
         }
         self.early.push(message);
         Ok(None)
+    }
+
+    fn charge_bytes(&mut self, len: usize, now_ms: u64) -> Result<(), LinkError> {
+        let Some(b) = &mut self.bytes else {
+            return Ok(());
+        };
+        let left = (b.left + now_ms.saturating_sub(b.at) as f64 * b.rate).min(b.burst);
+        if left < len as f64 {
+            return Err(LinkError::TooManyBytes {
+                per_s: (b.rate * 1000.0) as u64,
+                burst: b.burst as u64,
+            });
+        }
+        b.left = left - len as f64;
+        b.at = b.at.max(now_ms);
+        Ok(())
     }
 
     /// From a timer: drops the partial messages that got no frame for
@@ -395,5 +448,76 @@ mod tests {
         let late = slow.on_frame(&frames(9, 5)[0], PARTIAL_EXPIRY_MS);
         assert_eq!(late.map(|m| m.map(|m| m.len())), Ok(Some(5)));
         assert_eq!(slow.dropped(), 4, "the four expired, below the limit");
+    }
+
+    /// A neighbour that sends more bytes than its link takes is dropped, whatever the
+    /// bytes are: junk messages just within the demo task's largest, as fast as the
+    /// channel goes, passed the message rate (200 of 900 KB a second) for as long as the
+    /// neighbour stayed. An honest neighbour's pace, its budget's updates and answers
+    /// after a burst of models, is never cut.
+    #[test]
+    fn a_neighbour_sending_more_bytes_than_its_budget_allows_is_dropped() {
+        let params = 109_386;
+        let max = crate::swarm::max_message_for(params);
+        let (rate, burst) = crate::swarm::link_bytes_for(params, 80).expect("a budget");
+        let budget = 80e6 / 3.6e6;
+        let answers = shoal_shared::learn::peer::answer_bytes_per_ms(params, Some(budget));
+        let chunked = |id: u32, len: usize| -> Vec<Vec<u8>> {
+            let msg: Vec<u8> = (0..len).map(|i| (i * 7 + id as usize) as u8).collect();
+            split(id, &msg, shoal_shared::framing::DEFAULT_CHUNK).collect()
+        };
+        let limited = || {
+            let mut link = InboundLink::new(max, 4);
+            link.limit_bytes(rate, burst);
+            assert!(link.on_open().is_empty());
+            link
+        };
+        // Honest: three whole models at once, then its budget's rate of updates and
+        // answers for ten minutes, in messages of 20 KB.
+        let mut honest = limited();
+        let mut id = 0;
+        for _ in 0..3 {
+            id += 1;
+            for f in chunked(id, max) {
+                assert!(honest.on_frame(&f, 0).is_ok(), "a burst of models");
+            }
+        }
+        let every = (20_000.0 / (budget + answers)) as u64;
+        for t in (every..600_000).step_by(every as usize) {
+            id += 1;
+            for f in chunked(id, 20_000) {
+                assert!(honest.on_frame(&f, t).is_ok(), "at {t} ms");
+            }
+        }
+        // A flood of 900 KB junk messages, 200 a second: dropped within its burst and
+        // the first second's rate.
+        let mut flood = limited();
+        let junk = chunked(1, 900_000);
+        let mut taken = 0usize;
+        let mut verdict = Ok(None);
+        'sent: for i in 0..2_000u64 {
+            for f in &junk {
+                verdict = flood.on_frame(f, i * 5);
+                if verdict.is_err() {
+                    break 'sent;
+                }
+                taken += f.len();
+            }
+        }
+        assert!(
+            matches!(verdict, Err(LinkError::TooManyBytes { .. })),
+            "{verdict:?}"
+        );
+        assert!(taken as f64 <= burst + 1000.0 * rate, "took {taken} bytes");
+        assert_eq!(flood.on_frame(&junk[0], 10_000), Ok(None), "ignored since");
+        // Without a bound in bytes (a task without an upload budget), the same flood
+        // passes, as before.
+        let mut open = InboundLink::new(max, 4);
+        assert!(open.on_open().is_empty());
+        for i in 0..100u64 {
+            for f in &junk {
+                assert!(open.on_frame(f, i * 5).is_ok());
+            }
+        }
     }
 }

@@ -134,13 +134,18 @@ struct Link {
 }
 
 impl Link {
-    /// A link for messages up to `max_message` bytes each way.
-    fn new(now_ms: u64, max_message: usize) -> Self {
+    /// A link for messages up to `max_message` bytes each way, taking `bytes` (a rate a
+    /// millisecond and a burst) if given.
+    fn new(now_ms: u64, max_message: usize, bytes: Option<(f64, f64)>) -> Self {
+        let mut inbound = InboundLink::new(max_message, MAX_IN_FLIGHT);
+        if let Some((rate, burst)) = bytes {
+            inbound.limit_bytes(rate, burst);
+        }
         Self {
             started_ms: now_ms,
             opened_ms: None,
             heard: false,
-            inbound: InboundLink::new(max_message, MAX_IN_FLIGHT),
+            inbound,
             queue: SendQueue::new(DEFAULT_CHUNK, max_message, max_queued_for(max_message)),
             held: Some(Vec::new()),
             remote_candidates: 0,
@@ -174,6 +179,8 @@ pub struct Mesh {
     /// The largest message a link carries either way (the task's, see
     /// [`max_message_for`](crate::swarm::max_message_for)).
     max_message: usize,
+    /// What a link takes from its neighbour in bytes (see [`Mesh::set_link_bytes`]).
+    link_bytes: Option<(f64, f64)>,
     /// When open channels of a previous signaling session go ([`SESSION_GRACE_MS`]
     /// after the latest `welcome`).
     grace_until: u64,
@@ -230,6 +237,7 @@ impl Mesh {
             closed: false,
             identity: None,
             max_message: MAX_MESSAGE,
+            link_bytes: None,
             grace_until: 0,
             last_report: None,
             awaiting: Vec::new(),
@@ -246,6 +254,13 @@ impl Mesh {
     /// connecting.
     pub fn set_max_message(&mut self, bytes: usize) {
         self.max_message = bytes.min(MAX_MESSAGE);
+    }
+
+    /// Takes from each neighbour at most `bytes` (a rate a millisecond and a burst, the
+    /// task's [`link_bytes_for`](crate::swarm::link_bytes_for)) on links made from now
+    /// on; `None`: no bound in bytes.
+    pub fn set_link_bytes(&mut self, bytes: Option<(f64, f64)>) {
+        self.link_bytes = bytes;
     }
 
     /// Proves `identity` to the server on every (re)connection, so that the receipts
@@ -797,7 +812,7 @@ impl Mesh {
     /// A connection to `peer` begins (the deadline counts from now).
     fn start(&mut self, peer: PeerId, now_ms: u64, offer: bool) {
         self.awaiting.retain(|(q, _)| *q != peer);
-        let mut link = Link::new(now_ms, self.max_message);
+        let mut link = Link::new(now_ms, self.max_message, self.link_bytes);
         link.session = self.me;
         self.links.insert(peer, link);
         self.actions.push_back(Action::Connect { peer, offer });
@@ -1671,9 +1686,15 @@ mod tests {
 
     /// Peer 1 of the demo MLP's task (largest message `limit`), linked to peer 2.
     fn demo_member() -> (Mesh, usize) {
+        demo_member_taking(None)
+    }
+
+    /// [`demo_member`] whose links take `bytes` (see [`Mesh::set_link_bytes`]).
+    fn demo_member_taking(bytes: Option<(f64, f64)>) -> (Mesh, usize) {
         let limit = crate::swarm::max_message_for(109_386);
         let mut m = Mesh::new(1);
         m.set_max_message(limit);
+        m.set_link_bytes(bytes);
         m.on_server(welcome(1), 0);
         m.on_server(
             ServerMessage::Neighbours {
@@ -1704,6 +1725,31 @@ mod tests {
             assert!(m.next_frame(PeerId(2), 0).is_some());
         }
         assert_eq!(m.send(PeerId(2), &largest), Ok(()));
+    }
+
+    /// The task's bound in bytes reaches every link the mesh makes: a neighbour that
+    /// floods it with messages of the task's largest size is closed.
+    #[test]
+    fn a_neighbour_past_its_links_bytes_is_closed() {
+        let (mut m, limit) = demo_member_taking(crate::swarm::link_bytes_for(109_386, 80));
+        let largest = vec![3u8; limit];
+        let mut delivered = 0;
+        for i in 0..20u64 {
+            for f in split(i as u32 + 1, &largest, 16 << 10) {
+                m.frame(PeerId(2), &f, SETTLE_MS + i);
+            }
+            let acts = drain_but_wakes(&mut m);
+            delivered += acts
+                .iter()
+                .filter(|a| matches!(a, Action::Emit(SwarmEvent::Message { .. })))
+                .count();
+            if acts.contains(&Action::Close(PeerId(2))) {
+                break;
+            }
+        }
+        assert!(!m.links.contains_key(&PeerId(2)), "closed");
+        // Four of the task's largest and 30 s of its rate (5.9 MB): six messages.
+        assert_eq!(delivered, 6);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct NativeOptions {
     /// ([`max_message_for`](crate::swarm::max_message_for) of its parameter count), or
     /// [`MAX_MESSAGE`](crate::swarm::MAX_MESSAGE) for a transport that carries any task.
     pub max_message: usize,
+    /// What a link takes from its neighbour in bytes: a rate a millisecond and a burst,
+    /// the task's ([`link_bytes_for_task`](crate::swarm::link_bytes_for_task)), or `None`
+    /// for no bound in bytes.
+    pub link_bytes: Option<(f64, f64)>,
     /// The longest wait for the signaling server's handshake, or for its next message
     /// once connected (the peer pings it every third of this, and it answers): past it
     /// the connection counts as dead and the peer reconnects. [`SIGNALING_TIMEOUT`] for peers; without it a
@@ -200,6 +204,7 @@ impl NativeSwarm {
             .map_or(1, |d| d.as_nanos() as u64);
         let mut mesh = Mesh::new(seed);
         mesh.set_max_message(opts.max_message);
+        mesh.set_link_bytes(opts.link_bytes);
         let inbox = Inbox::new(opts.max_message);
         if let Some(id) = opts.identity.clone() {
             mesh.set_identity(id);

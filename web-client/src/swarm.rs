@@ -22,6 +22,48 @@ pub fn max_message_for_task(task: &shoal_shared::task::TaskSpec) -> usize {
     shoal_shared::engine::Model::new(task.model.clone())
         .map_or(MAX_MESSAGE, |m| max_message_for(m.param_len()))
 }
+/// How many times what an honest neighbour may send us in bytes a link takes from it
+/// (see [`link_bytes_for`]): room for clocks that disagree and for the allowances'
+/// own bursts.
+pub const LINK_BYTES_SLACK: f64 = 2.0;
+/// What a link takes besides updates and model answers, in bytes a millisecond (4 KB/s):
+/// statuses, receipts, ledger heads, requests.
+pub const LINK_SMALL_BYTES_PER_MS: f64 = 4.0;
+/// A link's burst of bytes: this many of the task's largest messages (a keyframe, a model
+/// answer, a catch-up's model) plus [`LINK_BURST_MS`] of its rate.
+pub const LINK_BURST_MESSAGES: usize = 4;
+/// See [`LINK_BURST_MESSAGES`].
+pub const LINK_BURST_MS: f64 = 30_000.0;
+
+/// The bytes one neighbour's link takes from it, for a task of `params` parameters with
+/// an upload budget of `upload_mb_per_hour` (0: none): `(bytes a millisecond, burst)`,
+/// or `None` without a budget. An honest neighbour sends us at most its budget's rate of
+/// updates and [`ANSWER_SHARE`](shoal_shared::learn::peer::ANSWER_SHARE) of it of model
+/// answers ([`Peer`](shoal_shared::learn::peer::Peer) keeps both); a link takes
+/// [`LINK_BYTES_SLACK`] times that plus [`LINK_SMALL_BYTES_PER_MS`], and a neighbour
+/// that sends more is dropped. Without it, a neighbour could make a visitor download as
+/// fast as the channel goes, paused or not (a message rate bounds only the count: 200
+/// junk messages of 900 KB a second passed), and what a page's inbox then dropped
+/// counted nowhere. For the demo task: 71 KB/s (254 MB an hour) and a burst of 5.9 MB,
+/// against a budget of 22 KB/s.
+pub fn link_bytes_for(params: usize, upload_mb_per_hour: u32) -> Option<(f64, f64)> {
+    (upload_mb_per_hour > 0).then(|| {
+        let budget = f64::from(upload_mb_per_hour) * 1e6 / 3.6e6;
+        let answers = shoal_shared::learn::peer::answer_bytes_per_ms(params, Some(budget));
+        let rate = LINK_BYTES_SLACK * (budget + answers) + LINK_SMALL_BYTES_PER_MS;
+        let burst = (LINK_BURST_MESSAGES * max_message_for(params)) as f64 + LINK_BURST_MS * rate;
+        (rate, burst)
+    })
+}
+
+/// [`link_bytes_for`] the model and budget of `task`.
+pub fn link_bytes_for_task(task: &shoal_shared::task::TaskSpec) -> Option<(f64, f64)> {
+    let params = shoal_shared::engine::Model::new(task.model.clone())
+        .ok()?
+        .param_len();
+    link_bytes_for(params, task.learn.upload_mb_per_hour)
+}
+
 /// Messages a receiver reassembles at once per channel.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// Bytes a browser worker's messages to all its neighbours may take while the page has

@@ -28,6 +28,7 @@ fn options(url: &str) -> NativeOptions {
         mdns: false,
         identity: None,
         max_message: shoal_web_client::swarm::MAX_MESSAGE,
+        link_bytes: None,
         signaling_timeout: shoal_web_client::native::SIGNALING_TIMEOUT,
     }
 }

@@ -130,6 +130,9 @@ mod peer {
             max_message: task
                 .as_ref()
                 .map_or(MAX_MESSAGE, shoal_web_client::swarm::max_message_for_task),
+            link_bytes: task
+                .as_ref()
+                .and_then(shoal_web_client::swarm::link_bytes_for_task),
             signaling_timeout: shoal_web_client::native::SIGNALING_TIMEOUT,
         });
         match task {

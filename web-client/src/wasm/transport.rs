@@ -27,7 +27,9 @@ use web_sys::{
 };
 
 use crate::mesh::{Action, Mesh};
-use crate::swarm::{Inbox, MAX_MESSAGE, SendError, SwarmEvent, Transport, max_message_for_count};
+use crate::swarm::{
+    Inbox, MAX_MESSAGE, SendError, SwarmEvent, Transport, link_bytes_for, max_message_for_count,
+};
 
 type Shared = Rc<RefCell<Inner>>;
 
@@ -306,13 +308,19 @@ impl Swarm {
     /// `{type:"task_state", paused}`. `parameters`: the task's parameter count (its
     /// description's `cost.parameters`), which bounds the messages taken from neighbours
     /// (`8 parameters + 65,536` bytes, docs/protocol.md); without it, any up to 64 MiB.
-    pub fn connect(url: String, parameters: Option<f64>) -> Swarm {
+    /// `upload_mb_per_hour`: the task's upload budget, which with `parameters` bounds the
+    /// bytes each neighbour may send (docs/protocol.md, "Framing"); without it, none.
+    pub fn connect(url: String, parameters: Option<f64>, upload_mb_per_hour: Option<f64>) -> Swarm {
         let seed = (js_sys::Math::random() * 2f64.powi(53)) as u64;
         let limit = parameters
             .and_then(max_message_for_count)
             .unwrap_or(MAX_MESSAGE);
         let mut mesh = Mesh::new(seed);
         mesh.set_max_message(limit);
+        let budget = upload_mb_per_hour.filter(|b| b.is_finite() && *b >= 1.0 && *b <= 1e6);
+        if let (Some(p), Some(b)) = (parameters.filter(|p| p.is_finite() && *p >= 0.0), budget) {
+            mesh.set_link_bytes(link_bytes_for(p as usize, b as u32));
+        }
         let inner = Rc::new(RefCell::new(Inner {
             url,
             mesh,
