@@ -405,13 +405,20 @@ fn a_neighbour_ahead_holds_at_most_two_updates_in_the_inbox_and_none_far_ahead()
     assert_eq!(rounds(&a), [0]);
 }
 
+/// Peers `a` (seed 1) and `b` (seed `b_seed`) of `n` zero weights, `a` holding `b`'s
+/// keyframe of its local weights `value` everywhere.
+fn holding_keyframe(n: usize, b_seed: u8, value: f32) -> (Learner, Learner) {
+    let mut a = changes_peer(1, vec![0.0; n]);
+    let mut b = changes_peer(b_seed, vec![0.0; n]);
+    a.receive(&b.local_update(&vec![value; n], 8, 0.0).expect("finite"))
+        .expect("b's keyframe");
+    (a, b)
+}
+
 #[test]
 fn stale_keyframes_of_throwaway_keys_do_not_push_out_a_neighbours_copy() {
     let n = 64;
-    let mut a = changes_peer(1, vec![0.0; n]);
-    let mut b = changes_peer(2, vec![0.0; n]);
-    a.receive(&b.local_update(&vec![0.1; n], 8, 0.0).expect("finite"))
-        .expect("b's keyframe");
+    let (mut a, b) = holding_keyframe(n, 2, 0.1);
     for _ in 0..5 {
         a.local_update(&vec![0.0; n], 8, 0.0).expect("finite");
         a.finish_round();
@@ -610,10 +617,7 @@ fn a_malformed_or_non_finite_change_is_refused_and_leaves_the_copy() {
 #[test]
 fn changes_far_ahead_of_our_round_are_heard_but_not_decoded() {
     let n = 4096;
-    let mut a = changes_peer(1, vec![0.0; n]);
-    let mut b = changes_peer(9, vec![0.0; n]);
-    a.receive(&b.local_update(&vec![0.25; n], 8, 0.0).expect("finite"))
-        .expect("keyframe");
+    let (mut a, b) = holding_keyframe(n, 9, 0.25);
     let key = b.public_key();
     let id = Identity::from_seed([9; 32]);
     let (tiny, _) =
