@@ -5,7 +5,7 @@
 //! outgoing messages; all shared state sits behind one mutex that is held only for
 //! bookkeeping (never across an await).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -344,10 +344,11 @@ struct Peer {
     shed: Vec<PeerId>,
     shed_by: Vec<PeerId>,
     /// The networks ([`network`]) of the peers it has been linked to, and of those
-    /// that reported it `unreachable` (each at most [`MAX_GROUPS_KEPT`]): see
+    /// that reported it `unreachable`, each with when it last was (each at most
+    /// [`MAX_GROUPS_KEPT`]; only those of the last [`VOTE_WINDOW`] count): see
     /// [`Peer::drawable`].
-    linked_groups: BTreeSet<u128>,
-    unreachable_from: BTreeSet<u128>,
+    linked_groups: BTreeMap<u128, Instant>,
+    unreachable_from: BTreeMap<u128, Instant>,
     /// Receipts this connection may still send now (a token bucket), and when it was
     /// last refilled.
     receipt_tokens: f64,
@@ -360,6 +361,20 @@ pub const UNREACHABLE_NETWORKS: usize = 3;
 /// Networks kept per peer for that count (two sets of at most 64: a few KB per peer at
 /// most, in a large swarm's long-lived peers).
 const MAX_GROUPS_KEPT: usize = 64;
+/// How long a link and an `unreachable` report count toward [`Peer::drawable`]: votes
+/// never expired, so a network's reports piled up on every peer it was ever drawn.
+pub const VOTE_WINDOW: Duration = Duration::from_secs(600);
+/// Networks whose peers one network's connections together may count `unreachable`
+/// reports against per [`VOTE_WINDOW`] (any number of peers of each). Beyond, a report
+/// still unlinks (and redraws within the reporter's budget) but counts against no one: a
+/// dozen networks, each joining again and again and reporting every honest peer it was
+/// drawn, made every honest peer of a swarm undrawable in turn, so that newcomers were
+/// handed only them. Peers that never connect come from few networks (a flood of them
+/// from three addresses is three), and their honest neighbours' reports all count.
+pub const VOTED_NETWORKS: usize = 4;
+/// Networks whose recent reports a task tracks (a few dozen bytes each); past it, a
+/// report from a network not tracked counts against no one.
+const MAX_VOTERS: usize = 65_536;
 /// Lost links a connection keeps of peers still connected (and reached by most
 /// networks), of its own reports and of others' each ([`Peer::shed`]): past that its
 /// `unreachable` reports beyond its redraw budget are refused `rate_limited`, and links
@@ -385,10 +400,15 @@ impl Peer {
     }
 
     /// Whether at least [`UNREACHABLE_NETWORKS`] networks, and most of those it was
-    /// linked to, reported it `unreachable`.
+    /// linked to, reported it `unreachable` within the last [`VOTE_WINDOW`] (links and
+    /// reports age out alike: a peer that nobody could reach is tried again a window
+    /// later).
     fn unreachable_for_most(&self) -> bool {
-        let n = self.unreachable_from.len();
-        n >= UNREACHABLE_NETWORKS && 2 * n > self.linked_groups.len()
+        let recent = |m: &BTreeMap<u128, Instant>| {
+            m.values().filter(|at| at.elapsed() < VOTE_WINDOW).count()
+        };
+        let n = recent(&self.unreachable_from);
+        n >= UNREACHABLE_NETWORKS && 2 * n > recent(&self.linked_groups)
     }
 }
 
@@ -539,6 +559,10 @@ struct Task {
     key_spans: HashMap<PublicKey, VecDeque<KeySpan>>,
     /// The connection that proved each key last (it holds the key while its `key` says so).
     key_owner: HashMap<PublicKey, PeerId>,
+    /// Per network, the networks its counted `unreachable` reports of the last
+    /// [`VOTE_WINDOW`] were against, each with when it was first (at most
+    /// [`MAX_VOTERS`] networks).
+    votes: HashMap<u128, VecDeque<(Instant, u128)>>,
 }
 
 /// What a task's recent reports say, counted in one pass over its peers: anew once a
@@ -1426,8 +1450,8 @@ impl Hub {
                 unreachable: 0,
                 shed: Vec::new(),
                 shed_by: Vec::new(),
-                linked_groups: BTreeSet::new(),
-                unreachable_from: BTreeSet::new(),
+                linked_groups: BTreeMap::new(),
+                unreachable_from: BTreeMap::new(),
                 receipt_tokens: 4.0 * k as f64,
                 receipt_refilled: Instant::now(),
             },
@@ -1837,6 +1861,7 @@ impl Hub {
         }
         p.shed = from_shed;
         let from_group = network(p.group);
+        let to_group = t.peers.get(&to).map_or(0, |q| network(q.group));
         // Each side's receipts for the other's last updates still count (`former`).
         let now = Instant::now();
         let round = link_round(t);
@@ -1868,12 +1893,15 @@ impl Hub {
         for (a, former) in formers {
             remember(t, a, former);
         }
-        // Only networks it is known to have been linked to count against it: the reports
-        // can never outnumber them.
-        if let Some(p) = t.peers.get_mut(&to)
-            && p.linked_groups.contains(&from_group)
+        // Only networks it is known to have been linked to count against it (the reports
+        // can never outnumber them), and each network's reports only up to its allowance.
+        if t.peers
+            .get(&to)
+            .is_some_and(|p| p.linked_groups.contains_key(&from_group))
+            && take_vote(&mut t.votes, from_group, to_group)
+            && let Some(p) = t.peers.get_mut(&to)
         {
-            p.unreachable_from.insert(from_group);
+            keep_recent(&mut p.unreachable_from, from_group);
         }
         for (q, avoid) in [(from, to), (to, from)] {
             // The reported side is given a replacement only while most networks reach
@@ -2211,13 +2239,58 @@ fn link(t: &mut Task, a: PeerId, b: PeerId) {
         if let Some(p) = t.peers.get_mut(&p) {
             p.neighbours.insert(q);
             p.since.insert(q, round);
-            if let Some(g) = gq
-                && p.linked_groups.len() < MAX_GROUPS_KEPT
-            {
-                p.linked_groups.insert(g);
+            if let Some(g) = gq {
+                keep_recent(&mut p.linked_groups, g);
             }
         }
     }
+}
+
+/// Notes `network` in `kept` as of now, unless it is full ([`MAX_GROUPS_KEPT`]) of
+/// networks noted within [`VOTE_WINDOW`] (older ones make room).
+fn keep_recent(kept: &mut BTreeMap<u128, Instant>, network: u128) {
+    if kept.len() >= MAX_GROUPS_KEPT && !kept.contains_key(&network) {
+        kept.retain(|_, at| at.elapsed() < VOTE_WINDOW);
+        if kept.len() >= MAX_GROUPS_KEPT {
+            return;
+        }
+    }
+    kept.insert(network, Instant::now());
+}
+
+/// Whether a report of network `voter` against a peer of network `target` counts: it
+/// does while `voter` counted reports against at most [`VOTED_NETWORKS`] networks in the
+/// last [`VOTE_WINDOW`], `target` among them (or [`MAX_VOTERS`] other networks are
+/// tracked).
+fn take_vote(
+    votes: &mut HashMap<u128, VecDeque<(Instant, u128)>>,
+    voter: u128,
+    target: u128,
+) -> bool {
+    let fresh = |q: &mut VecDeque<(Instant, u128)>| {
+        while q.front().is_some_and(|(at, _)| at.elapsed() >= VOTE_WINDOW) {
+            q.pop_front();
+        }
+    };
+    if votes.len() >= MAX_VOTERS && !votes.contains_key(&voter) {
+        votes.retain(|_, q| {
+            fresh(q);
+            !q.is_empty()
+        });
+        if votes.len() >= MAX_VOTERS {
+            return false;
+        }
+    }
+    let q = votes.entry(voter).or_default();
+    fresh(q);
+    if q.iter().any(|&(_, g)| g == target) {
+        return true;
+    }
+    if q.len() >= VOTED_NETWORKS {
+        return false;
+    }
+    q.push_back((Instant::now(), target));
+    true
 }
 
 /// Keeps a former neighbour of `holder` (its key, site and identified links) for
@@ -2952,6 +3025,47 @@ mod tests {
         t.peers.get_mut(&id).expect("peer").key = Some(key);
     }
 
+    /// Sixteen networks that join again and again and report every honest peer they are
+    /// drawn as `unreachable` make few of forty honest peers undrawable: each network's
+    /// reports count against at most `VOTED_NETWORKS` networks a window. Before, every
+    /// honest peer was reported by more of them than it had honest links, and a newcomer
+    /// was handed only their peers.
+    #[test]
+    fn networks_reporting_every_honest_peer_unreachable_cannot_hide_them() {
+        let hub = digits_hub();
+        // Draws from a fixed seed: the same ids and neighbours every run.
+        hub.lock().rng = Draws {
+            seed: [7; 32],
+            counter: 0,
+        };
+        let honest: Vec<PeerId> = (1..=40u128).map(|g| reporting_peer(&hub, g)).collect();
+        let quiet = hub.config.limits.quiet_after;
+        for cycle in 0..20 {
+            for g in 1000..1016u128 {
+                let liar = reporting_peer(&hub, g);
+                // Its neighbours, and the one each report draws in its place.
+                while let Some(h) = hub
+                    .neighbours_of("digits", liar)
+                    .expect("a peer")
+                    .into_iter()
+                    .find(|n| honest.contains(n))
+                {
+                    if hub.unreachable("digits", liar, h).is_err() {
+                        break;
+                    }
+                }
+                if cycle < 19 {
+                    hub.leave("digits", liar);
+                }
+            }
+        }
+        let st = hub.lock();
+        let t = &st.tasks["digits"];
+        let drawable = honest.iter().filter(|h| t.peers[h].drawable(quiet)).count();
+        drop(st);
+        assert!(drawable >= 32, "{drawable} of 40 honest peers still drawn");
+    }
+
     /// Each honest peer reports its dead neighbours, as its 20 s attempts fail, until
     /// none is left or no report is taken (at most 50 passes); returns the dead links
     /// the honest peers keep.
@@ -3113,8 +3227,8 @@ mod tests {
         let gained = of(a).len() - 1;
         assert_eq!(usize::from(links(a)), (3 + gained).min(k));
         with(three[1], &|d| {
-            d.linked_groups = (1..=4).collect();
-            d.unreachable_from = (1..=3).collect();
+            d.linked_groups = (1..=4).map(|g| (g, Instant::now())).collect();
+            d.unreachable_from = (1..=3).map(|g| (g, Instant::now())).collect();
         });
         assert_eq!(usize::from(links(a)), (2 + gained).min(k));
         // At most `MAX_SHED` lost links are kept (of peers still here that most networks

@@ -199,6 +199,10 @@ pub const HOLD_FACTOR: f64 = 3.0;
 pub const LATE_FACTOR: f32 = 2.0;
 /// ... but never less than this share of `round_deadline_ms`.
 pub const LATE_FLOOR: f32 = 0.25;
+/// Rounds a neighbour that says it contributes is waited for before its first update
+/// arrives: after that many closed without one, rounds no longer wait for it until one
+/// comes (see [`Peer::awaited`]).
+pub const SILENT_ROUNDS: u32 = 3;
 /// How fast a neighbour's lateness comes down: a measurement below it moves it this share
 /// of the way (one above it takes its place at once).
 const LATE_DECAY: f32 = 0.25;
@@ -474,6 +478,9 @@ struct Neighbour {
     lateness: Option<f32>,
     /// The round of its latest update and when that arrived.
     arrived: Option<(u64, f64)>,
+    /// Rounds closed while it was awaited and had sent no update yet (see
+    /// [`SILENT_ROUNDS`]).
+    silent_rounds: u32,
 }
 
 impl Neighbour {
@@ -815,12 +822,17 @@ impl Peer {
     }
 
     /// The neighbours a round waits for: contributing ones, except one whose updates the
-    /// screen distrusts (a liar must not set the pace) and a shunned one (it counts as
-    /// idle).
+    /// screen distrusts (a liar must not set the pace), a shunned one (it counts as
+    /// idle), and one that has sent no update in the [`SILENT_ROUNDS`] rounds it was
+    /// waited for (until its first comes): with no lateness measured it was waited for
+    /// the whole `round_deadline_ms` every round, so a neighbour that said it contributes
+    /// and never sent held each of its neighbours' rounds that long for as long as it
+    /// stayed.
     fn awaited(&self) -> Vec<&Neighbour> {
         self.nbrs
             .values()
             .filter(|n| !n.idle)
+            .filter(|n| n.arrived.is_some() || n.silent_rounds < SILENT_ROUNDS)
             .filter(|n| !n.key.is_some_and(|k| self.learner.distrusts(&k)))
             .collect()
     }
@@ -1923,6 +1935,12 @@ impl Peer {
             .map(|n| n.keys().copied().collect())
             .collect();
         self.learner.set_awaited(awaited);
+        let learner = &self.learner;
+        for n in self.nbrs.values_mut() {
+            if !n.idle && n.arrived.is_none() && !n.key.is_some_and(|k| learner.distrusts(&k)) {
+                n.silent_rounds = n.silent_rounds.saturating_add(1);
+            }
+        }
         let summary = self.learner.finish_round();
         if let Some(msg) = &summary.sync {
             let peers = self.contributors();

@@ -1359,6 +1359,48 @@ fn a_straggler_is_waited_for_twice_its_usual_lateness_not_the_whole_deadline() {
     round_without_12(&mut p, 8, 2_100.0, 2_700.0, 850.0);
 }
 
+/// A neighbour that says it contributes and sends nothing has no lateness to measure: it
+/// was waited for the whole deadline every round, for as long as it stayed. Now for
+/// `SILENT_ROUNDS` rounds; then rounds close without it, and its first update makes it
+/// one to wait for again.
+#[test]
+fn a_neighbour_that_never_sends_holds_only_its_first_rounds() {
+    let deadline = f64::from(cfg().round_deadline_ms);
+    let mut p = running(5);
+    let mut at = 50.0;
+    let silent = u64::from(SILENT_ROUNDS);
+    for round in 5..5 + silent {
+        round_without_12(&mut p, round, at, at + 10.0, deadline);
+        at += deadline + 100.0;
+    }
+    // From now on a round closes as soon as 10 and 11 are in.
+    let round = 5 + silent;
+    p.tick(at);
+    p.trained(round, &[0.49; N], 0.3, 8, at).expect("finite");
+    p.handle(msg(10, update(20, round)), at + 10.0);
+    p.handle(msg(11, update(21, round)), at + 10.0);
+    p.tick(at + 10.0);
+    assert_eq!(
+        p.learner().round(),
+        round + 1,
+        "closed when 10 and 11 were in"
+    );
+    assert_closed_using(&mut p, 2);
+    // 12's first update (it came first this round) makes it awaited again: measured, a
+    // round without it waits for it past 10's and 11's arrival.
+    at += 100.0;
+    p.tick(at);
+    p.trained(round + 1, &[0.49; N], 0.3, 8, at)
+        .expect("finite");
+    p.handle(msg(12, update(22, round + 1)), at + 5.0);
+    p.handle(msg(10, update(20, round + 1)), at + 10.0);
+    p.handle(msg(11, update(21, round + 1)), at + 10.0);
+    p.tick(at + 10.0);
+    assert_closed_using(&mut p, 3);
+    at += 100.0;
+    round_without_12(&mut p, round + 2, at, at + 10.0, 10.0 + 0.25 * deadline);
+}
+
 #[test]
 fn a_round_with_no_neighbour_to_wait_for_waits_the_whole_deadline() {
     // All three neighbours say they do not contribute (joining, paused): the round
