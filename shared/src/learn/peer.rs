@@ -400,6 +400,7 @@ impl Fetch {
 struct Former {
     sent_round: Option<u64>,
     whole_round: Option<u64>,
+    keyframe_round: Option<u64>,
     answered_at: Option<f64>,
     closed_at: f64,
     /// Connections it reopened within [`FORMER_KEPT_MS`] of the one before.
@@ -446,6 +447,11 @@ struct Neighbour {
     /// Weights changes: the round of the last whole copy it was sent (at most one per
     /// [`KEYFRAME_EVERY`] rounds; otherwise it waits for the next keyframe).
     whole_round: Option<u64>,
+    /// Weights changes: it has held our copy (a keyframe or a whole copy reached it).
+    had_copy: bool,
+    /// Weights changes: the round of the last keyframe to all that its lacking our copy,
+    /// after it had held it, helped call for (see [`Peer::lacking_for_keyframe`]).
+    keyframe_round: Option<u64>,
     /// Weights changes: the rounds of our updates sent to it since its last receipt
     /// (at most [`UNHEARD_KEPT`], since it last got a keyframe or our copy whole), and
     /// how many times in a row they made our next update a keyframe
@@ -939,6 +945,7 @@ impl Peer {
             Former {
                 sent_round: n.sent_round,
                 whole_round: n.whole_round,
+                keyframe_round: n.keyframe_round,
                 answered_at: n.answered_at,
                 closed_at: now_ms,
                 reconnects: n.reconnects,
@@ -1137,6 +1144,8 @@ impl Peer {
                     if f.reconnects >= 1 {
                         n.sent_round = f.sent_round;
                         n.whole_round = f.whole_round;
+                        n.keyframe_round = f.keyframe_round;
+                        n.had_copy = f.keyframe_round.is_some();
                     }
                 }
                 if self.announced.is_none() {
@@ -2273,16 +2282,39 @@ impl Peer {
             self.learner.keyframe_next();
             return;
         }
-        let lacking = to
-            .iter()
-            .filter(|p| self.nbrs.get(p).is_some_and(|n| !n.keyed))
-            .count();
+        let lacking = self.lacking_for_keyframe(&to);
         if lacking == 0 {
             return;
         }
         if keyframe_for_lacking(lacking, to.len()) {
+            let round = self.learner.round();
+            for (_, n) in self.nbrs.iter_mut().filter(|(p, _)| to.contains(p)) {
+                if !n.keyed && n.had_copy {
+                    n.keyframe_round = Some(round);
+                }
+            }
             self.learner.keyframe_next();
         }
+    }
+
+    /// How many of `to` lack our public copy and count toward a keyframe to all: one that
+    /// lost it after holding it (it paused, and was left out of an update) counts once per
+    /// [`KEYFRAME_EVERY`] rounds. Otherwise a neighbour pausing through every other update
+    /// of ours, where it is half of those they go to, made every other one a keyframe to
+    /// all (eight times a change): under an upload budget the updates went out about four
+    /// times less often. Past that it gets a whole copy where it may, else waits for our
+    /// next keyframe, as it would among more neighbours.
+    fn lacking_for_keyframe(&self, to: &[PeerId]) -> usize {
+        let round = self.learner.round();
+        let counts = |n: &Neighbour| {
+            !n.keyed
+                && (!n.had_copy
+                    || n.keyframe_round
+                        .is_none_or(|r| round >= r + crate::learn::KEYFRAME_EVERY))
+        };
+        to.iter()
+            .filter(|p| self.nbrs.get(p).is_some_and(counts))
+            .count()
     }
 
     /// About what our next update costs to send to `to`: with weights changes, the
@@ -2307,14 +2339,12 @@ impl Peer {
             return keyframes;
         }
         let round = self.learner.round();
-        let (mut lacking, mut wholes) = (0, 0);
-        for n in to.iter().filter_map(|p| self.nbrs.get(p)) {
-            if !n.keyed {
-                lacking += 1;
-                wholes += usize::from(n.may_get_whole(round));
-            }
-        }
-        if keyframe_for_lacking(lacking, to.len()) {
+        let wholes = to
+            .iter()
+            .filter_map(|p| self.nbrs.get(p))
+            .filter(|n| !n.keyed && n.may_get_whole(round))
+            .count();
+        if keyframe_for_lacking(self.lacking_for_keyframe(to), to.len()) {
             return keyframes;
         }
         (self.keyframe_bytes() * wholes + change * (to.len() - wholes)).min(keyframes)
@@ -2370,6 +2400,7 @@ impl Peer {
                 // before no longer tells); a change keeps it only where it had it.
                 let sets_copy = !change || whole_now;
                 n.keyed |= sets_copy;
+                n.had_copy |= sets_copy;
                 if sets_copy {
                     n.unheard.clear();
                 }

@@ -2706,48 +2706,59 @@ fn under_an_upload_budget_a_neighbour_that_lacks_our_copy_gets_it_with_our_next_
     );
 }
 
+/// One round of a peer whose neighbour 11 flips its status: our update (11 paused first
+/// if `paused`), then `flips` off-and-on status pairs from 11 while the round is open,
+/// then the `others`' updates (and 11's, unless paused) close it, and every neighbour it
+/// went to sends its receipt. Returns the codec tag of what went to `to`.
+fn flipping_round(
+    p: &mut Peer,
+    clock: &std::cell::Cell<f64>,
+    (r, flips, paused): (u64, usize, bool),
+    others: &[u8],
+    to: u64,
+) -> Vec<u8> {
+    let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
+    let t = clock.get();
+    p.tick(t);
+    drain(p);
+    if paused {
+        p.handle(msg(11, status(false)), t);
+    }
+    p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
+        .expect("finite");
+    let mut outs = drain(p);
+    for _ in 0..flips {
+        p.handle(msg(11, status(false)), t + 2.0);
+        p.handle(msg(11, status(true)), t + 2.0);
+        outs.extend(drain(p));
+    }
+    for &n in others {
+        p.handle(msg(u64::from(n), update_w(n + 10, r, 0.46)), t + 3.0);
+    }
+    if !paused {
+        p.handle(msg(11, update_w(21, r, 0.46)), t + 3.0);
+    }
+    p.tick(t + 4.0);
+    assert_eq!(p.learner().round(), r + 1);
+    // Those it went to used it.
+    for (to, r, _) in update_payloads(&outs) {
+        p.handle(msg(to, receipt_from(to as u8 + 10, r)), t + 5.0);
+    }
+    clock.set(t + 100.0);
+    update_payloads(&outs)
+        .into_iter()
+        .filter(|u| u.0 == to)
+        .map(|u| u.2)
+        .collect()
+}
+
 #[test]
 fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() {
     let mut p = changes_peer_at_5(&[10, 11, 12, 13, 14]);
     let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
     let clock = std::cell::Cell::new(GREET_AFTER_MS);
-    // One round: our update (11 paused first if `paused`), then `flips` off-and-on
-    // status pairs from 11 while the round is open, then the others' updates close it.
-    // Returns what went to 11.
     let round = |p: &mut Peer, r: u64, flips: usize, paused: bool| {
-        let t = clock.get();
-        p.tick(t);
-        drain(p);
-        if paused {
-            p.handle(msg(11, status(false)), t);
-        }
-        p.trained(r, &[0.5 - 0.01 * r as f32; N], 0.3, 8, t + 1.0)
-            .expect("finite");
-        let mut outs = drain(p);
-        for _ in 0..flips {
-            p.handle(msg(11, status(false)), t + 2.0);
-            p.handle(msg(11, status(true)), t + 2.0);
-            outs.extend(drain(p));
-        }
-        for n in [10u8, 12, 13, 14] {
-            p.handle(msg(u64::from(n), update_w(n + 10, r, 0.46)), t + 3.0);
-        }
-        if !paused {
-            p.handle(msg(11, update_w(21, r, 0.46)), t + 3.0);
-        }
-        p.tick(t + 4.0);
-        assert_eq!(p.learner().round(), r + 1);
-        // Those it went to used it.
-        for (to, r, _) in update_payloads(&outs) {
-            p.handle(msg(to, receipt_from(to as u8 + 10, r)), t + 5.0);
-        }
-        clock.set(t + 100.0);
-        let to_11: Vec<u8> = update_payloads(&outs)
-            .into_iter()
-            .filter(|u| u.0 == 11)
-            .map(|u| u.2)
-            .collect();
-        to_11
+        flipping_round(p, &clock, (r, flips, paused), &[10, 12, 13, 14], 11)
     };
     let (int8, change) = (crate::learn::KEYFRAME_CODEC.tag(), crate::learn::CHANGE_TAG);
     assert_eq!(round(&mut p, 5, 0, false), vec![int8]);
@@ -2762,6 +2773,39 @@ fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() 
     assert!(round(&mut p, 9, 0, true).is_empty());
     p.handle(msg(11, status(true)), clock.get());
     assert_eq!(round(&mut p, 10, 0, false), vec![change]);
+}
+
+/// A neighbour that pauses through every other update of ours, where it is half of
+/// those our updates go to, does not make every other one a keyframe to all: it lacks
+/// our copy, but may have no whole copy so soon, so it waits for our next keyframe as it
+/// would alone. (A keyframe is about eight changes: under the upload budget the updates
+/// went out about four times less often.)
+#[test]
+fn a_neighbour_pausing_through_every_other_update_forces_one_keyframe_in_30_rounds() {
+    let mut p = changes_peer_at_5(&[10, 11]);
+    let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
+    let clock = std::cell::Cell::new(GREET_AFTER_MS);
+    let (int8, change) = (crate::learn::KEYFRAME_CODEC.tag(), crate::learn::CHANGE_TAG);
+    let mut to_10 = Vec::new();
+    for r in 5..20u64 {
+        let paused = r % 2 == 1;
+        to_10.push(flipping_round(&mut p, &clock, (r, 0, paused), &[10], 10));
+        if paused {
+            p.handle(msg(11, status(true)), clock.get());
+        }
+    }
+    // Round 5 (11 paused) sets the copy, round 6 gives it to 11 as it first comes, and
+    // the first time 11 comes back lacking it (round 8), a keyframe to both; from then
+    // on only changes to 10 (11 has a whole copy once, then waits for our next
+    // keyframe). Before, every round 11 came back was a keyframe to both.
+    let keyframes: Vec<usize> = (0..to_10.len())
+        .filter(|&i| to_10[i] == vec![int8])
+        .collect();
+    assert_eq!(keyframes, [0, 1, 3], "{to_10:?}");
+    assert!(
+        to_10.iter().all(|t| t == &vec![int8] || t == &vec![change]),
+        "{to_10:?}"
+    );
 }
 
 #[test]
