@@ -4,6 +4,7 @@
 // computation happens in the worker, so the page stays responsive.
 import { relaySwarm, fetchTask, fmtBytes } from './relay.js';
 import { tryTheModel } from './try.js';
+import { guardPresses, REFUSED } from './consent.js';
 
 // The most entries the page's histories below keep (the oldest go first): an hour of
 // rounds a second, so a tab left open for days holds no more.
@@ -140,13 +141,24 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     if (!pending) requestAnimationFrame(draw);
     pending = p;
   }
-  // Data exchanged per hour, measured since this device started training.
-  let since = null;
+  // Data exchanged per hour while contributing: over the last 10 minutes of time not
+  // paused, once this device has trained (the figure was the average since it started,
+  // paused time included, so it shrank while paused and read a third of the rate for a
+  // while after). `points`: [time not paused (ms), bytes], at most one a second.
+  const points = [];
+  let running = 0;
+  let lastAt = null;
   function perHour(p) {
     if (p.samples === 0) return '–';
-    since ??= { t: performance.now(), bytes: p.bytes_up + p.bytes_down };
-    const hours = (performance.now() - since.t) / 3.6e6;
-    return hours < 1 / 360 ? '–' : `${fmtBytes((p.bytes_up + p.bytes_down - since.bytes) / hours)}`;
+    const now = performance.now();
+    if (lastAt !== null && !paused.size) running += now - lastAt;
+    lastAt = now;
+    const bytes = p.bytes_up + p.bytes_down;
+    if (!points.length || running - points[points.length - 1][0] >= 1000) points.push([running, bytes]);
+    while (points.length > 2 && running - points[1][0] >= 600_000) points.shift();
+    const [from, before] = points[0];
+    const ms = running - from;
+    return ms < 10_000 ? '–' : fmtBytes((bytes - before) / (ms / 3.6e6));
   }
 
   const text = () => Boolean(description?.task?.data?.train?.text) || description?.task?.data?.local?.kind === 'text';
@@ -573,7 +585,20 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     say('error', `Cannot start: ${e.message}. Please try again later.`);
   });
 
-  consent?.addEventListener('click', start);
+  // A press arranged by another page's window (a popup closed at the first click of a
+  // "double-click" over the button, a Space after a moved focus) starts nothing, as in
+  // the widget's frame (./consent.js).
+  const presses = consent ? guardPresses(consent) : null;
+  consent?.addEventListener('click', (event) => {
+    if (!event.isTrusted) return;
+    const press = presses.judge(event);
+    const refused = ['keyTooSoon', 'typed', 'unmoved'].find((why) => press[why]);
+    if (refused) {
+      say('refused', REFUSED[refused]);
+      return;
+    }
+    start();
+  });
   pauseButton?.addEventListener('click', () => {
     if (paused.has('button')) paused.delete('button'); else paused.add('button');
     applyPause();

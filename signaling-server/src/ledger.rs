@@ -26,9 +26,20 @@ pub const MAX_PAGE: usize = 500;
 const CREDITS_LISTED: usize = 100;
 /// Credits are recomputed at most this often (they cost a pass over the ledger).
 const CREDITS_EVERY: Duration = Duration::from_secs(2);
+/// ... and at most once per this many times as long as the last computation took: a
+/// computation (and a ledger file's build) holds the ledger's lock, which receipts and
+/// pages wait for, for about a second at a million entries, so a request every 2 s from
+/// anyone held it half the time.
+pub const BUSY_SHARE: u32 = 10;
 
-/// Credits as computed at a time, at an entry count.
-type Computed = (Instant, u64, [u8; 32], Arc<Ranked>);
+/// How long a computation (or build) that took `took` stands: `least`, or
+/// [`BUSY_SHARE`] times `took`, whichever is longer.
+pub fn stands_for(least: Duration, took: Duration) -> Duration {
+    least.max(took.saturating_mul(BUSY_SHARE))
+}
+
+/// Credits as computed at a time (and how long that took), at an entry count.
+type Computed = (Instant, Duration, u64, [u8; 32], Arc<Ranked>);
 
 /// Credits and each credited key's place among them: a `?key=` lookup is then one hash
 /// lookup, not two passes over every credited key on an async thread (a few ms each at
@@ -77,9 +88,12 @@ pub const LEDGER_READS: usize = 8;
 /// them all and leave every other reader `503`.
 pub const LEDGER_READS_PER_ADDRESS: usize = 2;
 
-/// Ledger file downloads served at once (more get 503): each holds the file's bytes (one
-/// shared copy per build) and a slow reader holds its slot.
-pub const FILE_DOWNLOADS: usize = 4;
+/// Ledger file downloads served at once (more get 503). Downloads share one copy of the
+/// file's bytes (a build is kept while any download of it runs), so a slot costs a
+/// connection, not memory; a slow reader holds its slot up to the rate floor's deadline
+/// (about an hour for a full ledger's 245 MB), so with 4 slots four addresses reading
+/// just above the floor kept every auditor out for that long, again and again.
+pub const FILE_DOWNLOADS: usize = 32;
 /// The file is built at most this often (a build reads every segment under the ledger's
 /// lock, which receipts wait for); in between, downloads get the last build.
 const FILE_EVERY: Duration = Duration::from_secs(2);
@@ -91,9 +105,9 @@ const FILE_MIN_RATE: u64 = 64 * 1024;
 /// Bytes written to the connection at a time.
 const FILE_CHUNK: usize = 64 * 1024;
 
-/// A ledger file as built: when, at what entry count, its bytes, and a token that each
-/// download of it holds.
-type Built = (Instant, u64, Bytes, Arc<()>);
+/// A ledger file as built: when (and how long the build took), at what entry count, its
+/// bytes, and a token that each download of it holds.
+type Built = (Instant, Duration, u64, Bytes, Arc<()>);
 
 /// The ledger file of each task as last built, and the download slots.
 pub struct FileCache {
@@ -331,7 +345,8 @@ pub async fn file(
 }
 
 /// The task's ledger file, and the token a download of it holds: the last build when it
-/// is younger than [`FILE_EVERY`], the ledger has no entry since, or a download of it is
+/// is younger than [`FILE_EVERY`] (or [`BUSY_SHARE`] times as long as it took to build,
+/// see [`stands_for`]), the ledger has no entry since, or a download of it is
 /// still running; else a new one (every segment as one file). So the server holds one
 /// build at a time, not one per download (four slow downloads that each started after
 /// an append pinned four copies of the file).
@@ -346,17 +361,21 @@ async fn file_bytes(
     tokio::task::spawn_blocking(move || {
         let l = lock(&ledger);
         let count = l.count();
-        if let Some((at, n, b, token)) = files
+        if let Some((at, took, n, b, token)) = files
             .built
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&task)
-            && (at.elapsed() < FILE_EVERY || *n == count || Arc::strong_count(token) > 1)
+            && (at.elapsed() < stands_for(FILE_EVERY, *took)
+                || *n == count
+                || Arc::strong_count(token) > 1)
         {
             return Some((b.clone(), Arc::clone(token)));
         }
+        let started = Instant::now();
         let bytes = Bytes::from(l.file_bytes().ok()?);
         drop(l);
+        let took = started.elapsed();
         let token = Arc::new(());
         files
             .built
@@ -364,7 +383,13 @@ async fn file_bytes(
             .unwrap_or_else(PoisonError::into_inner)
             .insert(
                 task,
-                (Instant::now(), count, bytes.clone(), Arc::clone(&token)),
+                (
+                    Instant::now(),
+                    took,
+                    count,
+                    bytes.clone(),
+                    Arc::clone(&token),
+                ),
             );
         Some((bytes, token))
     })
@@ -412,15 +437,19 @@ pub async fn credits(
         // the rule on that many entries gets the same numbers.
         let count = lock(&ledger).count();
         match cache.get(&task2) {
-            Some((at, n, head, c)) if *n == count || at.elapsed() < CREDITS_EVERY => {
+            Some((at, took, n, head, c))
+                if *n == count || at.elapsed() < stands_for(CREDITS_EVERY, *took) =>
+            {
                 (*n, *head, Arc::clone(c))
             }
             _ => {
+                let started = Instant::now();
                 let l = lock(&ledger);
                 let (count, head) = (l.count(), l.head());
                 let c = Arc::new(Ranked::new(credits::compute(l.entries())));
                 drop(l);
-                cache.insert(task2, (Instant::now(), count, head, Arc::clone(&c)));
+                let took = started.elapsed();
+                cache.insert(task2, (Instant::now(), took, count, head, Arc::clone(&c)));
                 (count, head, c)
             }
         }
@@ -619,6 +648,18 @@ mod tests {
         assert_eq!(count().await, 1, "the cached computation's count");
         tokio::time::sleep(CREDITS_EVERY + Duration::from_millis(100)).await;
         assert_eq!(count().await, 2, "computed anew");
+        // A computation that took a second (a million entries: the ledger's lock held
+        // that long) stands ten: anyone asking every 2 s held the lock half the time.
+        s.cache
+            .0
+            .lock()
+            .expect("the cache")
+            .get_mut("digits")
+            .expect("computed")
+            .1 = Duration::from_secs(1);
+        append(3);
+        tokio::time::sleep(CREDITS_EVERY + Duration::from_millis(100)).await;
+        assert_eq!(count().await, 2, "a slow computation stands longer");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -5,7 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer, tempDir } from './harness.mjs';
+import { startServer, launchBrowser, webrtcPage, joinSwarm, firstPeer, tempDir, pressConsent } from './harness.mjs';
 
 const root = new URL('../..', import.meta.url).pathname;
 
@@ -151,7 +151,7 @@ self.addEventListener('message', (e) => {
     page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
     await page.goto(`${own.url}/?task=nobudget&backend=cpu`);
     await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-    await page.click('#consent');
+    await pressConsent(page);
     await page.waitForFunction(() => window.shoalProgress.length >= 1, null, { timeout: 120_000, polling: 200 });
 
     const hostile = await webrtcPage(browser, own.url);
@@ -264,7 +264,7 @@ test('a neighbour sending a contributor more bytes than the task\'s upload budge
     page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
     await page.goto(`${server.url}/?backend=cpu`);
     await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-    await page.click('#consent');
+    await pressConsent(page);
     await page.waitForFunction(() => window.shoalProgress.length >= 1, null, { timeout: 120_000, polling: 200 });
     const hostile = await webrtcPage(browser, server.url);
     await joinSwarm(hostile, server.ws);
@@ -296,6 +296,47 @@ test('a neighbour sending a contributor more bytes than the task\'s upload budge
     assert.ok(posted <= 7 * 900_000, `${posted} bytes reached the worker`);
     assert.ok(posted >= 900_000, 'the flood reached the page');
     await hostile.context().close();
+  } finally {
+    await context.close();
+  }
+});
+
+test('the contributor page refuses a press where the pointer never moved onto its consent button', async () => {
+  // "Double-click to continue" in another site's window over Shoal's page, closed as the
+  // visitor presses: the second press lands on the consent button, where the pointer
+  // rests and never moved onto it. (Here the window is a cover laid over the button and
+  // removed while the pointer rests on it.) Nothing starts; a press after the pointer
+  // moved onto the button does. The widget's frame refused it already; the page did not.
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    const sockets = [];
+    page.on('websocket', (ws) => sockets.push(ws.url()));
+    await page.goto(`${server.url}/?backend=cpu`);
+    await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+    await page.locator('#consent').scrollIntoViewIfNeeded();
+    const box = await page.locator('#consent').boundingBox();
+    await page.evaluate(({ x, y, width, height }) => {
+      const cover = document.createElement('div');
+      cover.id = 'cover';
+      Object.assign(cover.style, { position: 'fixed', left: `${x - 20}px`, top: `${y - 20}px`,
+        width: `${width + 40}px`, height: `${height + 40}px`, background: '#fff', zIndex: 9999 });
+      document.body.append(cover);
+    }, box);
+    await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2, { steps: 3 });
+    await page.evaluate(() => document.getElementById('cover').remove());
+    await page.waitForTimeout(500);
+    await page.mouse.down();
+    await page.mouse.up();
+    await page.waitForTimeout(1_000);
+    assert.match(await page.locator('#status').textContent(), /had not moved onto it/);
+    assert.equal(await page.locator('#consent').isDisabled(), false, 'nothing started');
+    assert.deepEqual(sockets.filter((u) => u.includes('/ws/')), [], 'no swarm connection');
+    // Moved onto it, the press is the visitor's.
+    await page.mouse.move(box.x + box.width / 2 + 4, box.y + box.height / 2 + 2, { steps: 2 });
+    await page.mouse.down();
+    await page.mouse.up();
+    await page.waitForFunction(() => document.getElementById('consent').disabled, null, { timeout: 10_000 });
   } finally {
     await context.close();
   }
@@ -352,7 +393,7 @@ test('a worker that cannot get its task\'s data says so and leaves the swarm', a
   await page.context().route('**/data/**', (route) => route.fulfill({ status: 503, body: 'down' }));
   await page.goto(server.url);
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await page.click('#consent');
+  await pressConsent(page);
   await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
     null, { timeout: 60_000 });
   assert.match(await page.textContent('#status'), /Shoal stopped: .*HTTP 503/);
@@ -382,7 +423,7 @@ test('a visitor draws digits on the pad and the model their browser trains reads
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
   assert.equal(await page.$eval('#try-card', (e) => e.hidden), false, 'an image task offers the pad');
   assert.equal(await page.$eval('#try-text', (e) => e.hidden), true, 'and no prompt box');
-  await page.click('#consent');
+  await pressConsent(page);
   // Alone, the visitor's peer trains the digits by itself; 5 rounds (5 s of training)
   // reach about 90%.
   await page.waitForFunction(() => window.shoalProgress.some((e) => e.round >= 5), null,

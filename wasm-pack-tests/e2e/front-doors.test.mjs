@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import { createPrivateKey, createPublicKey, randomBytes, sign } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { consentInFrame, startSites, startServer, visitorPage, withoutWebGpu } from './harness.mjs';
+import { consentInFrame, startSites, startServer, visitorPage, withoutWebGpu, pressConsent } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const shots = join(root, 'target/e2e');
@@ -106,7 +106,7 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
     // The page says what the task is and what contributing costs.
     assert.match(await page.locator('#task-title').textContent(), /digits/i);
     assert.match(await page.locator('#cost').textContent(), /parameters.*sends up to .* to up to 12 other visitors/);
-    await page.click('#consent');
+    await pressConsent(page);
     pages.push(page);
   }
 
@@ -247,7 +247,7 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
   await returning.goto(`${server.url}/?backend=cpu`);
   await returning.evaluate((h) => localStorage.setItem('shoal-ledger-signed-digits', h), cut);
   await returning.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await returning.click('#consent');
+  await pressConsent(returning);
   const changed = () => /^history changed: the server signed 1000000 receipts/.test(document.querySelector('#stats [data-key="ledger"]')?.textContent ?? '');
   await returning.waitForFunction(changed, null, { timeout: 90_000 });
   await pages[0].waitForFunction(changed, null, { timeout: 90_000 });
@@ -345,7 +345,7 @@ test('on battery the page pauses itself and says so', async () => {
   });
   await page.goto(`${server.url}/?backend=cpu`);
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await page.click('#consent');
+  await pressConsent(page);
   await page.waitForFunction(() => /Paused: on battery/.test(document.getElementById('status').textContent), null, { timeout: 30_000 });
   await page.waitForFunction(() => document.querySelector('#stats [data-key="phase"]')?.textContent === 'paused', null, { timeout: 30_000 });
   await page.waitForTimeout(3000);
@@ -368,7 +368,7 @@ test('the page says so when the server cannot be reached', async () => {
   const visitor = await newPage();
   await visitor.goto(`${own.url}/?backend=cpu`);
   await visitor.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await visitor.click('#consent');
+  await pressConsent(visitor);
   await visitor.waitForFunction(() => document.querySelector('#stats [data-key="round"]'), null, { timeout: 60_000 });
   await own.kill();
   await visitor.waitForFunction(() => document.getElementById('status').dataset.state === 'offline', null, { timeout: 30_000 });

@@ -222,6 +222,16 @@ export async function firstPeer(page, timeout = 60_000) {
   return handle.jsonValue();
 }
 
+/** Clicks the contributor page's consent button as a visitor does: the pointer comes onto
+ *  it and moves across it before the press (the page refuses a press where the pointer
+ *  rests on the button without having moved there: another site's window closed at the
+ *  first click of a "double-click" leaves it so). */
+export async function pressConsent(page) {
+  const button = page.locator('#consent');
+  await button.hover();
+  await button.click({ position: { x: 12, y: 10 } });
+}
+
 /** Clicks "Contribute" in the widget's frame (`frame`: a FrameLocator) until the frame
  *  takes it as consent. Chromium drops input to a cross-origin frame that moved or
  *  painted only just now (its own guard against clickjacking), as a visitor's first click

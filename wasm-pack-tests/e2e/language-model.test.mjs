@@ -11,7 +11,7 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser, visitorPage, webrtcPage, tempDir } from './harness.mjs';
+import { startServer, launchBrowser, visitorPage, webrtcPage, tempDir, pressConsent } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const peerBin = process.env.SHOAL_PEER_BIN ?? join(root, 'target/release/shoal-peer');
@@ -93,7 +93,7 @@ test('native and browser peers train the text task to its target on one version;
   // The task has no upload budget: the page still says what model answers may take.
   assert.match(await visitor.locator('#cost').textContent(),
     /models your device sends to neighbours and dashboards that ask are held to \d+(\.\d+)? MB an hour more/);
-  await visitor.click('#consent');
+  await pressConsent(visitor);
   startPeers();
 
   const read = () => dash.evaluate(() => ({

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { deflateSync } from 'node:zlib';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser, tempDir } from './harness.mjs';
+import { startServer, launchBrowser, tempDir, pressConsent } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const MARKER = `SHOAL-PRIVATE-${Math.random().toString(36).slice(2)}-MARKER`;
@@ -188,7 +188,7 @@ async function visitor(v, bodies) {
   assert.equal(await page.locator('#local-skipped li').count(), 6);
   assert.ok(await page.locator('#local-previews canvas').count() > 0, 'previews of the images');
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await page.click('#consent');
+  await pressConsent(page);
   return page;
 }
 

@@ -8,7 +8,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchBrowser, webrtcPage, tempDir } from './harness.mjs';
+import { startServer, launchBrowser, webrtcPage, tempDir, pressConsent } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const BUDGET = 4;
@@ -44,7 +44,7 @@ test('the page states epsilon before consent, counts it while contributing and s
   console.log(`before consent: ${before}`);
   assert.match(before, new RegExp(`epsilon ${dp.epsilon.toFixed(2)} and delta 0\\.00001`));
   assert.match(before, /stops sending updates/);
-  await page.click('#consent');
+  await pressConsent(page);
 
   // Alone, it sends an update every second of training: 4 rounds spend the budget.
   await page.waitForFunction(() => window.shoalProgress.some((e) => e.privacy?.stopped), null,
@@ -72,7 +72,7 @@ test('the page states epsilon before consent, counts it while contributing and s
   const second = await page.context().newPage();
   await second.goto(`${server.url}/?task=private&backend=cpu`);
   await second.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await second.click('#consent');
+  await pressConsent(second);
   await second.waitForFunction(() => document.getElementById('status').textContent.includes('Another tab'),
     null, { timeout: 30_000 });
   await second.close();
@@ -80,7 +80,7 @@ test('the page states epsilon before consent, counts it while contributing and s
   // The visitor comes back: same browser storage, same key, the budget still spent.
   await page.reload();
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await page.click('#consent');
+  await pressConsent(page);
   await page.waitForFunction(() => document.querySelector('dd[data-key="phase"]')?.textContent === 'budget spent',
     null, { timeout: 120_000, polling: 500 });
   await page.waitForTimeout(2_000);
@@ -96,7 +96,7 @@ test('a browser that cannot keep the budget\'s count, or keep it to one tab, sen
   await unlocked.addInitScript(() => { delete Navigator.prototype.locks; });
   await unlocked.goto(`${server.url}/?task=private&backend=cpu`);
   await unlocked.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await unlocked.click('#consent');
+  await pressConsent(unlocked);
   await unlocked.waitForFunction(() => document.getElementById('status').textContent.includes('Web Locks'),
     null, { timeout: 30_000 });
   await unlocked.waitForTimeout(2_000);
@@ -116,7 +116,7 @@ test('a browser that cannot keep the budget\'s count, or keep it to one tab, sen
   });
   await full.goto(`${server.url}/?task=private&backend=cpu`);
   await full.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await full.click('#consent');
+  await pressConsent(full);
   await full.waitForFunction(() => document.getElementById('status').textContent.includes('could not store'),
     null, { timeout: 120_000, polling: 250 });
   const progress = () => full.evaluate(() => window.shoalProgress.length);

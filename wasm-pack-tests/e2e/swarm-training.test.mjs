@@ -9,7 +9,7 @@ import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startServer, launchBrowser, webrtcPage } from './harness.mjs';
+import { startServer, launchBrowser, webrtcPage, pressConsent } from './harness.mjs';
 
 const root = process.env.SHOAL_ROOT ?? new URL('../..', import.meta.url).pathname;
 const peerBin = process.env.SHOAL_PEER_BIN ?? join(root, 'target/release/shoal-peer');
@@ -73,7 +73,7 @@ test('three native and two browser peers train the digits past the target on one
     // 100+ rounds in a test (the WebGPU backend has its own browser tests).
     const page = await webrtcPage(browser, `${server.url}/?backend=cpu`);
     await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-    await page.click('#consent');
+    await pressConsent(page);
     pages.push(page);
   }
   for (let i = 0; i < 3; i++) startNative(i);

@@ -95,7 +95,9 @@ async function loadPage(browser, server) {
  *  rounds are read from it (`window.shoalProgress`) twice a second. */
 async function startPage(p, t0) {
   p.started = t0;
-  await p.page.click('#consent');
+  // Onto the button and across it: the page refuses a press where the pointer never moved.
+  await p.page.hover('#consent');
+  await p.page.click('#consent', { position: { x: 12, y: 10 } });
   p.poll = setInterval(async () => {
     try {
       const fresh = await p.page.evaluate((n) => window.shoalProgress.slice(n), p.seen);
