@@ -1,48 +1,29 @@
-// How a consent button tells a press the visitor meant from one a page arranged for them,
-// for the widget's frame (embed.html) and the contributor page (contribute.js): a key
-// press must come a while after the button took the focus, with no other keys typed onto
-// it; a mouse press must come after the pointer moved onto the button; and an address
-// fragment (`#contribute`, `#consent`), which focuses the button for the visitor's next
-// Space, is dropped with that focus.
+// The consent button's guard for the widget's frame and the contributor page (README,
+// "Site owners": keys after SEEN_MS of focus, none typed on; pointer moved onto it).
 
-/** How long the button must have held the focus (or, in the widget, been visible) before
- *  a press counts. */
 export const SEEN_MS = 500;
 
-/** What the visitor is told of a refused press, by reason. */
 export const REFUSED = {
   keyTooSoon: 'Shoal\'s button was pressed as it took the focus: press it again in a moment.',
   typed: 'Shoal\'s button had keys typed onto it: Tab back to it to press it.',
   unmoved: 'Shoal\'s button was clicked where the pointer had not moved onto it: move onto it and click again.',
 };
 
-/**
- * Watches `button`'s focus, keys and pointer and the page's address fragment. Returns
- * `judge(click)`, to call once at each trusted click: `{keyTooSoon, typed, unmoved}`,
- * each true when that reason refuses the press; and `forget()`, for a click that is not
- * judged (it clears what the last press left).
- */
+/** Watches `button`; returns `judge(click)` ({keyTooSoon, typed, unmoved}, called once at
+ *  each trusted click) and `forget()` (for a click not judged). */
 export function guardPresses(button) {
-  // A key (Enter, Space) presses it only once it has held the focus SEEN_MS: the Tab out
-  // of a field of the page's own lands here, and the next keystroke is no consent. Nor
-  // after other keys typed onto it, nor a key held down.
   let focusedSince = null;
   let keyAt = null;
   let typedOn = false;
-  button.addEventListener('focus', (event) => { focusedSince = event.timeStamp; typedOn = false; });
+  button.addEventListener('focus', (e) => { focusedSince = e.timeStamp; typedOn = false; });
   button.addEventListener('blur', () => { focusedSince = null; keyAt = null; });
-  // A press never focuses it (Chromium's would: pressed and dragged off, no click, the
-  // next Space pressed it).
-  button.addEventListener('mousedown', (event) => event.preventDefault());
-  // Nor does the window's focus coming back (a page may hand it back): a Space then,
-  // meant for the page, is no consent. They Tab to it again.
+  // A press never focuses it, nor does the window's focus coming back.
+  button.addEventListener('mousedown', (e) => e.preventDefault());
   addEventListener('blur', () => { if (document.activeElement === button) button.blur(); });
-  button.addEventListener('keydown', (event) => {
-    if ((event.key === 'Enter' || event.key === ' ') && !event.repeat) keyAt = event.timeStamp;
-    else if (event.repeat || event.key.length === 1) typedOn = true;
+  button.addEventListener('keydown', (e) => {
+    if ((e.key === 'Enter' || e.key === ' ') && !e.repeat) keyAt = e.timeStamp;
+    else if (e.repeat || e.key.length === 1) typedOn = true;
   });
-  // A fragment put in our address focuses the button: drop it and that focus, or the
-  // visitor's next Space presses it.
   const unfocus = () => {
     if (!location.hash) return;
     history.replaceState(null, '', location.pathname + location.search);
@@ -50,36 +31,31 @@ export function guardPresses(button) {
   };
   addEventListener('hashchange', unfocus);
   unfocus();
-  // A mouse press where the pointer came over the button without moving there does not
-  // count: a window of another page's, closed at the first press of a "double-click",
-  // leaves it resting on the button. (Assistive tools' presses come with no pointer over
-  // the button at all, and count.)
+  // A window closed at a "double-click"'s first press leaves the pointer resting there.
   let over = false;
-  let movedOver = false;
-  let lastMove = null;
-  let pressedUnmoved = false;
-  button.addEventListener('pointerover', (event) => { if (event.isTrusted) over = true; });
-  button.addEventListener('pointermove', (event) => {
-    if (!event.isTrusted) return;
-    const at = [event.screenX, event.screenY];
-    if (event.movementX || event.movementY || (lastMove && (lastMove[0] !== at[0] || lastMove[1] !== at[1]))) movedOver = true;
-    lastMove = at;
+  let moved = false;
+  let last = null;
+  let unmoved = false;
+  button.addEventListener('pointerover', (e) => { if (e.isTrusted) over = true; });
+  button.addEventListener('pointermove', (e) => {
+    if (!e.isTrusted) return;
+    if (e.movementX || e.movementY || (last && (last[0] !== e.screenX || last[1] !== e.screenY))) moved = true;
+    last = [e.screenX, e.screenY];
   });
-  button.addEventListener('pointerleave', () => { over = false; movedOver = false; lastMove = null; pressedUnmoved = false; });
-  button.addEventListener('pointercancel', () => { pressedUnmoved = false; });
-  button.addEventListener('pointerdown', (event) => {
-    pressedUnmoved = event.pointerType === 'mouse' && over && !movedOver;
-  });
-  const forget = () => { keyAt = null; pressedUnmoved = false; };
-  const judge = (event) => {
-    // A click of a key, not of a pointer (which focuses the button as it presses).
-    const pressedAt = event.detail === 0 ? keyAt : null;
-    const keyTooSoon = pressedAt !== null
-      && (focusedSince === null || pressedAt - focusedSince < SEEN_MS);
-    const typed = (pressedAt !== null || event.detail === 0) && typedOn;
-    const unmoved = event.detail > 0 && pressedUnmoved;
+  button.addEventListener('pointerleave', () => { over = false; moved = false; last = null; unmoved = false; });
+  button.addEventListener('pointercancel', () => { unmoved = false; });
+  button.addEventListener('pointerdown', (e) => { unmoved = e.pointerType === 'mouse' && over && !moved; });
+  const forget = () => { keyAt = null; unmoved = false; };
+  const judge = (e) => {
+    // A key's click has no pointer detail.
+    const pressedAt = e.detail === 0 ? keyAt : null;
+    const verdict = {
+      keyTooSoon: pressedAt !== null && (focusedSince === null || pressedAt - focusedSince < SEEN_MS),
+      typed: (pressedAt !== null || e.detail === 0) && typedOn,
+      unmoved: e.detail > 0 && unmoved,
+    };
     forget();
-    return { keyTooSoon, typed, unmoved };
+    return verdict;
   };
   return { judge, forget };
 }

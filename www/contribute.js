@@ -148,11 +148,17 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   const points = [];
   let running = 0;
   let lastAt = null;
+  // Counted every second, a second at most each time (progress is drawn only while the
+  // tab shows: counted there, a tab hidden for an hour added that hour on its return).
+  function countRunning() {
+    const now = performance.now();
+    if (lastAt !== null && !paused.size && !document.hidden) running += Math.min(now - lastAt, 1000);
+    lastAt = now;
+  }
+  setInterval(countRunning, 1000);
   function perHour(p) {
     if (p.samples === 0) return '–';
-    const now = performance.now();
-    if (lastAt !== null && !paused.size) running += now - lastAt;
-    lastAt = now;
+    countRunning();
     const bytes = p.bytes_up + p.bytes_down;
     if (!points.length || running - points[points.length - 1][0] >= 1000) points.push([running, bytes]);
     while (points.length > 2 && running - points[1][0] >= 600_000) points.shift();

@@ -443,8 +443,8 @@ pub async fn credits(
                 (*n, *head, Arc::clone(c))
             }
             _ => {
-                let started = Instant::now();
                 let l = lock(&ledger);
+                let started = Instant::now();
                 let (count, head) = (l.count(), l.head());
                 let c = Arc::new(Ranked::new(credits::compute(l.entries())));
                 drop(l);

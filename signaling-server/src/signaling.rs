@@ -1899,9 +1899,22 @@ impl Hub {
             .get(&to)
             .is_some_and(|p| p.linked_groups.contains_key(&from_group))
             && take_vote(&mut t.votes, from_group, to_group)
-            && let Some(p) = t.peers.get_mut(&to)
         {
-            keep_recent(&mut p.unreachable_from, from_group);
+            // Its links still open count as made now, and so does the reporter's: a link
+            // counts for VOTE_WINDOW from when it was last made, and a peer's long-open
+            // links aged out while reports against it were new.
+            let current: Vec<u128> = t.peers.get(&to).map_or_else(Vec::new, |p| {
+                p.neighbours
+                    .iter()
+                    .filter_map(|q| t.peers.get(q).map(|q| network(q.group)))
+                    .collect()
+            });
+            if let Some(p) = t.peers.get_mut(&to) {
+                for g in current.into_iter().chain([from_group]) {
+                    keep_recent(&mut p.linked_groups, g);
+                }
+                keep_recent(&mut p.unreachable_from, from_group);
+            }
         }
         for (q, avoid) in [(from, to), (to, from)] {
             // The reported side is given a replacement only while most networks reach
@@ -3064,6 +3077,48 @@ mod tests {
         let drawable = honest.iter().filter(|h| t.peers[h].drawable(quiet)).count();
         drop(st);
         assert!(drawable >= 32, "{drawable} of 40 honest peers still drawn");
+    }
+
+    /// A peer's links still open count against reports as new ones do: its long-open
+    /// links aged out of the window while three new networks' reports were fresh, and
+    /// three reports made a peer with six honest neighbours undrawable.
+    #[test]
+    fn long_open_links_still_count_against_new_reports() {
+        let hub = digits_hub();
+        let p = reporting_peer(&hub, 1);
+        for g in 2..=7u128 {
+            reporting_peer(&hub, g);
+        }
+        let old = Instant::now()
+            .checked_sub(VOTE_WINDOW + Duration::from_secs(60))
+            .expect("an old instant");
+        let reporters: Vec<PeerId> = (100..103u128).map(|g| reporting_peer(&hub, g)).collect();
+        {
+            let mut st = hub.lock();
+            let t = st.tasks.get_mut("digits").expect("the task");
+            for &r in &reporters {
+                if !t.peers[&r].neighbours.contains(&p) {
+                    link(t, r, p);
+                }
+            }
+            // Every link but the reporters' was made long ago.
+            let p = t.peers.get_mut(&p).expect("p");
+            for (g, at) in p.linked_groups.iter_mut() {
+                if *g < 100 {
+                    *at = old;
+                }
+            }
+        }
+        assert!(hub.neighbours_of("digits", p).expect("p").len() >= 6 + 3);
+        for r in reporters {
+            hub.unreachable("digits", r, p).expect("a neighbour");
+        }
+        let st = hub.lock();
+        let quiet = hub.config.limits.quiet_after;
+        assert!(
+            st.tasks["digits"].peers[&p].drawable(quiet),
+            "three of nine networks"
+        );
     }
 
     /// Each honest peer reports its dead neighbours, as its 20 s attempts fail, until

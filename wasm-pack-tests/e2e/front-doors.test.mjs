@@ -76,8 +76,9 @@ test('before consent the widget costs the host page under 20 KB and starts nothi
   const total = fromShoal.reduce((s, r) => s + r.bytes, 0);
   assert.ok(total > 0 && total < 20 * 1024, `loaded ${total} bytes before consent: ${JSON.stringify(fromShoal)}`);
   // The script, and its consent button: a small frame from Shoal's origin (so that the
-  // click is the visitor's), with its style sheet. No worker, no wasm, no connection.
-  assert.deepEqual(fromShoal.map((r) => new URL(r.url).pathname).sort(), ['/embed.html', '/embed.js', '/style.css'],
+  // click is the visitor's), with its style sheet and its guard against presses the
+  // visitor did not mean (consent.js). No worker, no wasm, no connection.
+  assert.deepEqual(fromShoal.map((r) => new URL(r.url).pathname).sort(), ['/consent.js', '/embed.html', '/embed.js', '/style.css'],
     'only the script and its button');
   assert.equal(await page.locator('iframe').count(), 1, 'one frame: the button');
   const button = page.frameLocator('iframe[title="Shoal contributor"]').getByRole('button', { name: 'Contribute' });

@@ -239,12 +239,6 @@ impl LearnConfig {
     }
 }
 
-/// Rounds beyond `max_staleness` ahead of a receiver's that an update's payload is still
-/// decoded for (a change applied to its sender's copy, so that the sender's next one
-/// applies too); an update further ahead is only heard (docs/protocol.md, "Catching
-/// up"): a receiver that far behind catches up by a download.
-pub const AHEAD_DECODED: u64 = 8;
-
 /// Why an incoming message was not used. Each is counted in [`LearnStats::rejected`].
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Rejection {
@@ -1283,20 +1277,6 @@ impl Learner {
             return Err(self.stats.reject(Rejection::BadSignature));
         }
         let stale = u.round + u64::from(self.cfg.max_staleness) < self.round;
-        // Far ahead of ours: heard (its round counts toward catching up, and a key's
-        // rounds only rise), never decoded. One neighbour's tiny changes, each for a
-        // later round than the last, each cost a pass over the whole model (decoded, added
-        // to its copy, checked, stored): 200 a second of 160 bytes took most of a browser
-        // worker's time. Now each costs a signature check once it is this far ahead; the
-        // copy stays where the last one decoded left it (a later change misses its base).
-        if u.round > self.round + u64::from(self.cfg.max_staleness) + AHEAD_DECODED {
-            self.remember(u.key, u.round, true);
-            return Ok(Received::Update {
-                key: u.key,
-                round: u.round,
-                lagging: true,
-            });
-        }
         let delta = if self.changes() {
             // A change applies to our copy whether or not the update still counts, so
             // that the sender's next one applies too; one we cannot apply was still

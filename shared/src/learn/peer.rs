@@ -401,6 +401,10 @@ struct Former {
     sent_round: Option<u64>,
     whole_round: Option<u64>,
     keyframe_round: Option<u64>,
+    had_copy: bool,
+    /// Its [`Neighbour::silent_rounds`] if it never sent an update, else 0: a neighbour
+    /// that never sends does not get its first rounds' wait again by reconnecting.
+    silent_rounds: u32,
     answered_at: Option<f64>,
     closed_at: f64,
     /// Connections it reopened within [`FORMER_KEPT_MS`] of the one before.
@@ -487,6 +491,50 @@ struct Neighbour {
     /// Rounds closed while it was awaited and had sent no update yet (see
     /// [`SILENT_ROUNDS`]).
     silent_rounds: u32,
+    /// Updates it may still send now (see [`UPDATE_RATE`]).
+    update_allowance: Allowance,
+}
+
+/// Updates one connection may send a second, sustained, beyond a burst of
+/// [`UPDATE_BURST`]; past that they are dropped unread (`request_rate`). An honest
+/// neighbour sends one a round (rounds of steps of a small model on a fast machine: a
+/// few a second). One neighbour's tiny changes, each for a later round than the last (a
+/// valid signature each, and a pass over the whole model to take in), 200 a second, took
+/// most of a browser worker's time.
+pub const UPDATE_RATE: f64 = 50.0;
+/// See [`UPDATE_RATE`].
+pub const UPDATE_BURST: f64 = 100.0;
+
+/// A token bucket of [`UPDATE_RATE`] a second up to [`UPDATE_BURST`].
+#[derive(Clone, Copy)]
+struct Allowance {
+    left: f64,
+    at: f64,
+}
+
+impl Default for Allowance {
+    fn default() -> Self {
+        Self {
+            left: UPDATE_BURST,
+            at: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl Allowance {
+    /// Takes one if one is left at `now_ms`.
+    fn take(&mut self, now_ms: f64) -> bool {
+        if self.at.is_finite() {
+            let refill = (now_ms - self.at).max(0.0) * UPDATE_RATE / 1000.0;
+            self.left = (self.left + refill).min(UPDATE_BURST);
+        }
+        self.at = self.at.max(now_ms);
+        if self.left < 1.0 {
+            return false;
+        }
+        self.left -= 1.0;
+        true
+    }
 }
 
 impl Neighbour {
@@ -946,6 +994,12 @@ impl Peer {
                 sent_round: n.sent_round,
                 whole_round: n.whole_round,
                 keyframe_round: n.keyframe_round,
+                had_copy: n.had_copy,
+                silent_rounds: if n.arrived.is_some() {
+                    0
+                } else {
+                    n.silent_rounds
+                },
                 answered_at: n.answered_at,
                 closed_at: now_ms,
                 reconnects: n.reconnects,
@@ -1141,11 +1195,12 @@ impl Peer {
                     n.reconnects = f.reconnects + 1;
                     n.answered_at = f.answered_at;
                     n.former_key = f.key;
+                    n.silent_rounds = f.silent_rounds;
                     if f.reconnects >= 1 {
                         n.sent_round = f.sent_round;
                         n.whole_round = f.whole_round;
                         n.keyframe_round = f.keyframe_round;
-                        n.had_copy = f.keyframe_round.is_some();
+                        n.had_copy = f.had_copy;
                     }
                 }
                 if self.announced.is_none() {
@@ -1181,6 +1236,16 @@ impl Peer {
         self.progress.bytes_down += data.len() as u64;
         if self.nbrs.entry(from).or_default().shunned {
             self.learner.reject(Rejection::Shunned);
+            return;
+        }
+        // Updates past the connection's rate are dropped unread (each is a signature
+        // check and a pass over the model to take in; an honest neighbour sends one a
+        // round).
+        if update_key(data).is_some()
+            && let Some(n) = self.nbrs.get_mut(&from)
+            && !n.update_allowance.take(now_ms)
+        {
+            self.learner.reject(Rejection::RequestRate);
             return;
         }
         if let Some(key) = update_key(data)
@@ -1887,7 +1952,7 @@ impl Peer {
             // racing ahead alone.
             let (all, limit) = self.round_wait();
             if all || now_ms - since >= limit {
-                self.close_round();
+                self.close_round(now_ms);
                 closed = true;
             }
         }
@@ -1922,7 +1987,7 @@ impl Peer {
         self.refresh();
     }
 
-    fn close_round(&mut self) {
+    fn close_round(&mut self, now_ms: f64) {
         // Every round we say again that we contribute, to neighbours that think we do
         // not: a status lost at a channel's opening must not leave two peers each
         // waiting for the other to speak first.
@@ -1956,6 +2021,9 @@ impl Peer {
             if !peers.is_empty() {
                 let to = peers[self.rng.below(peers.len())];
                 self.send(to, msg.clone());
+                // A mix is an upload like an update: counted against the budget (a
+                // neighbour's link takes no more than the budget justifies).
+                self.spend_upload(msg.len(), now_ms);
             }
         }
         self.gossip_head();
@@ -2154,7 +2222,7 @@ impl Peer {
             })
             && self.behind()
         {
-            self.skip_round();
+            self.skip_round(now_ms);
         }
         let Some(run) = self.run.as_ref() else {
             return Ok(());
@@ -2229,9 +2297,9 @@ impl Peer {
     /// ours (with the neighbours' updates for it that we hold) and carries the run onto
     /// the new model, so that its work goes out as the update for the next round, in
     /// step with the neighbours, instead of stale.
-    fn skip_round(&mut self) {
+    fn skip_round(&mut self, now_ms: f64) {
         let from = self.learner.weights().to_vec();
-        self.close_round();
+        self.close_round(now_ms);
         let round = self.learner.round();
         if let Some(run) = self.run.as_mut() {
             run.round = round;

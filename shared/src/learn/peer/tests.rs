@@ -1366,26 +1366,7 @@ fn a_straggler_is_waited_for_twice_its_usual_lateness_not_the_whole_deadline() {
 #[test]
 fn a_neighbour_that_never_sends_holds_only_its_first_rounds() {
     let deadline = f64::from(cfg().round_deadline_ms);
-    let mut p = running(5);
-    let mut at = 50.0;
-    let silent = u64::from(SILENT_ROUNDS);
-    for round in 5..5 + silent {
-        round_without_12(&mut p, round, at, at + 10.0, deadline);
-        at += deadline + 100.0;
-    }
-    // From now on a round closes as soon as 10 and 11 are in.
-    let round = 5 + silent;
-    p.tick(at);
-    p.trained(round, &[0.49; N], 0.3, 8, at).expect("finite");
-    p.handle(msg(10, update(20, round)), at + 10.0);
-    p.handle(msg(11, update(21, round)), at + 10.0);
-    p.tick(at + 10.0);
-    assert_eq!(
-        p.learner().round(),
-        round + 1,
-        "closed when 10 and 11 were in"
-    );
-    assert_closed_using(&mut p, 2);
+    let (mut p, mut at, round) = past_silent_rounds(false);
     // 12's first update (it came first this round) makes it awaited again: measured, a
     // round without it waits for it past 10's and 11's arrival.
     at += 100.0;
@@ -1399,6 +1380,69 @@ fn a_neighbour_that_never_sends_holds_only_its_first_rounds() {
     assert_closed_using(&mut p, 3);
     at += 100.0;
     round_without_12(&mut p, round + 2, at, at + 10.0, 10.0 + 0.25 * deadline);
+}
+
+/// Peer 5 whose neighbour 12 says it contributes and sends nothing for `SILENT_ROUNDS`
+/// rounds (each waits the whole deadline for it), then, if `reconnect`, closes its
+/// connection and opens a new one; the next round closes as soon as 10 and 11 are in.
+/// Returns the peer, the time and that round.
+fn past_silent_rounds(reconnect: bool) -> (Peer, f64, u64) {
+    let deadline = f64::from(cfg().round_deadline_ms);
+    let mut p = running(5);
+    let mut at = 50.0;
+    let silent = u64::from(SILENT_ROUNDS);
+    for round in 5..5 + silent {
+        round_without_12(&mut p, round, at, at + 10.0, deadline);
+        at += deadline + 100.0;
+    }
+    if reconnect {
+        p.handle(Event::Down(PeerId(12)), at);
+        p.handle(Event::Up(PeerId(12)), at + 1.0);
+        at += 100.0;
+    }
+    let round = 5 + silent;
+    p.tick(at);
+    p.trained(round, &[0.49; N], 0.3, 8, at).expect("finite");
+    p.handle(msg(10, update(20, round)), at + 10.0);
+    p.handle(msg(11, update(21, round)), at + 10.0);
+    p.tick(at + 10.0);
+    assert_eq!(
+        p.learner().round(),
+        round + 1,
+        "closed when 10 and 11 were in"
+    );
+    assert_closed_using(&mut p, 2);
+    (p, at, round)
+}
+
+/// Reconnecting does not give a neighbour that never sent its first rounds' wait again.
+#[test]
+fn a_silent_neighbour_that_reconnects_is_not_waited_for_again() {
+    past_silent_rounds(true);
+}
+
+/// A neighbour's updates past its connection's rate are dropped unread: 1,000 valid
+/// updates for ever later rounds at once (each a signature check and a pass over the
+/// model) all reached the learner, 200 a second taking most of a browser worker's time.
+#[test]
+fn a_neighbours_updates_past_its_rate_are_dropped_unread() {
+    let mut p = running(5);
+    let before = rejected(&p, Rejection::RequestRate);
+    for r in 0..1000u64 {
+        p.handle(msg(10, update(20, 6 + r)), 100.0);
+    }
+    let dropped = rejected(&p, Rejection::RequestRate) - before;
+    assert_eq!(dropped, 1000 - UPDATE_BURST as u64);
+    // The rate comes back with time: a second later, 50 more.
+    for r in 1000..1100u64 {
+        p.handle(msg(10, update(20, 6 + r)), 1_100.0);
+    }
+    let later = rejected(&p, Rejection::RequestRate) - before;
+    assert_eq!(later - dropped, 100 - UPDATE_RATE as u64);
+    // Another neighbour's are its own.
+    p.handle(msg(11, update(21, 6)), 1_100.0);
+    let other = rejected(&p, Rejection::RequestRate) - before;
+    assert_eq!(other, later);
 }
 
 #[test]
