@@ -1513,6 +1513,47 @@ fn timed_running_with(round: u64, upload_mb_per_hour: u32) -> Peer {
     p
 }
 
+/// A gossip mix counts against the upload budget as an update does: it went out free, so
+/// an honest peer of a delta task with few neighbours sent a link more than the budget
+/// justifies, and the link's byte allowance dropped it.
+#[test]
+fn a_gossip_mix_counts_against_the_upload_budget() {
+    let c = LearnConfig {
+        round_ms: 1_000,
+        upload_mb_per_hour: 80,
+        exchange: Exchange::Delta,
+        sync_every: 1,
+        ..cfg()
+    };
+    let mut p = Peer::new(c, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid");
+    assert!(p.resume(snapshot(5, 0.5)));
+    for n in [10, 11, 12] {
+        p.handle(Event::Up(PeerId(n)), 0.0);
+    }
+    p.tick(GREET_AFTER_MS);
+    drain(&mut p);
+    let (before, now) = (p.upload_free_at, GREET_AFTER_MS + 1.0);
+    p.close_round(now);
+    let mix: usize = drain(&mut p)
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send { data, .. }
+                if matches!(PeerMessage::decode(data, N), Ok(PeerMessage::Mix { .. })) =>
+            {
+                Some(data.len())
+            }
+            _ => None,
+        })
+        .sum();
+    assert!(mix > 0, "a mix went out");
+    let rate = 80e6 / 3.6e6;
+    let paid = p.upload_free_at - before.max(now);
+    assert!(
+        (paid - mix as f64 / rate).abs() < 1e-6,
+        "{paid} ms for {mix} bytes"
+    );
+}
+
 fn trains(outs: &[Output]) -> Vec<(u64, bool)> {
     outs.iter()
         .filter_map(|o| match o {
