@@ -13,6 +13,7 @@ pub mod learn;
 pub mod local;
 pub mod privacy;
 pub mod protocol;
+pub mod rate;
 pub mod task;
 pub mod trust;
 

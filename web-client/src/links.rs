@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 
 use shoal_shared::framing::{FrameError, Reassembler};
+use shoal_shared::rate::Allowance;
 use thiserror::Error;
 
 /// A neighbour whose channel drops this many messages (corrupt, inconsistent, oversized,
@@ -90,15 +91,7 @@ pub struct InboundLink {
     allowance: (u64, u64),
     /// Bytes it may still send now, refilled at the rate up to the burst, when they were
     /// counted, the rate (a millisecond) and the burst; `None`: not bounded in bytes.
-    bytes: Option<ByteAllowance>,
-}
-
-#[derive(Clone, Copy)]
-struct ByteAllowance {
-    left: f64,
-    at: u64,
-    rate: f64,
-    burst: f64,
+    bytes: Option<Allowance>,
 }
 
 impl InboundLink {
@@ -123,12 +116,7 @@ impl InboundLink {
     /// [`link_bytes_for`](crate::swarm::link_bytes_for)); frames past that drop the
     /// neighbour, whatever they carry.
     pub fn limit_bytes(&mut self, rate: f64, burst: f64) {
-        self.bytes = Some(ByteAllowance {
-            left: burst,
-            at: 0,
-            rate,
-            burst,
-        });
+        self.bytes = Some(Allowance::new(rate, burst));
     }
 
     /// Whether [`on_open`](Self::on_open) has run.
@@ -210,16 +198,13 @@ impl InboundLink {
         let Some(b) = &mut self.bytes else {
             return Ok(());
         };
-        let left = (b.left + now_ms.saturating_sub(b.at) as f64 * b.rate).min(b.burst);
-        if left < len as f64 {
-            return Err(LinkError::TooManyBytes {
-                per_s: (b.rate * 1000.0) as u64,
-                burst: b.burst as u64,
-            });
+        if b.take(len as f64, now_ms as f64) {
+            return Ok(());
         }
-        b.left = left - len as f64;
-        b.at = b.at.max(now_ms);
-        Ok(())
+        Err(LinkError::TooManyBytes {
+            per_s: (b.rate() * 1000.0) as u64,
+            burst: b.burst() as u64,
+        })
     }
 
     /// From a timer: drops the partial messages that got no frame for

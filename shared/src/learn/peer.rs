@@ -61,6 +61,7 @@ use super::{
     Identity, LearnConfig, LearnError, Learner, PublicKey, Received, Rejection, RoundSummary,
 };
 use crate::protocol::PeerId;
+use crate::rate::Allowance;
 use crate::rng::SplitMix64;
 
 /// How long a joiner waits for any contributing neighbour before it starts the swarm
@@ -491,8 +492,8 @@ struct Neighbour {
     /// Rounds closed while it was awaited and had sent no update yet (see
     /// [`SILENT_ROUNDS`]).
     silent_rounds: u32,
-    /// Updates it may still send now (see [`UPDATE_RATE`]).
-    update_allowance: Allowance,
+    /// Updates it may still send now (see [`UPDATE_RATE`]; `None` until its first).
+    update_allowance: Option<Allowance>,
 }
 
 /// Updates one connection may send a second, sustained, beyond a burst of
@@ -504,38 +505,6 @@ struct Neighbour {
 pub const UPDATE_RATE: f64 = 50.0;
 /// See [`UPDATE_RATE`].
 pub const UPDATE_BURST: f64 = 100.0;
-
-/// A token bucket of [`UPDATE_RATE`] a second up to [`UPDATE_BURST`].
-#[derive(Clone, Copy)]
-struct Allowance {
-    left: f64,
-    at: f64,
-}
-
-impl Default for Allowance {
-    fn default() -> Self {
-        Self {
-            left: UPDATE_BURST,
-            at: f64::NEG_INFINITY,
-        }
-    }
-}
-
-impl Allowance {
-    /// Takes one if one is left at `now_ms`.
-    fn take(&mut self, now_ms: f64) -> bool {
-        if self.at.is_finite() {
-            let refill = (now_ms - self.at).max(0.0) * UPDATE_RATE / 1000.0;
-            self.left = (self.left + refill).min(UPDATE_BURST);
-        }
-        self.at = self.at.max(now_ms);
-        if self.left < 1.0 {
-            return false;
-        }
-        self.left -= 1.0;
-        true
-    }
-}
 
 impl Neighbour {
     /// Whether it is one to ask for the model: greeted, says it contributes, not shunned.
@@ -590,6 +559,12 @@ impl Neighbour {
         self.whole_round
             .is_none_or(|w| round >= w + crate::learn::KEYFRAME_EVERY)
     }
+}
+
+/// Whether a round may wait for `n`: it says it contributes (not idle, not shunned), and
+/// the screen does not distrust its updates (a liar must not set the pace).
+fn contributes_to_rounds(learner: &Learner, n: &Neighbour) -> bool {
+    !n.idle && !n.key.is_some_and(|k| learner.distrusts(&k))
 }
 
 /// Moves the peers for which `first` holds to the front, both groups in their order (a
@@ -885,9 +860,8 @@ impl Peer {
     fn awaited(&self) -> Vec<&Neighbour> {
         self.nbrs
             .values()
-            .filter(|n| !n.idle)
+            .filter(|n| contributes_to_rounds(&self.learner, n))
             .filter(|n| n.arrived.is_some() || n.silent_rounds < SILENT_ROUNDS)
-            .filter(|n| !n.key.is_some_and(|k| self.learner.distrusts(&k)))
             .collect()
     }
 
@@ -1243,7 +1217,10 @@ impl Peer {
         // round).
         if update_key(data).is_some()
             && let Some(n) = self.nbrs.get_mut(&from)
-            && !n.update_allowance.take(now_ms)
+            && !n
+                .update_allowance
+                .get_or_insert_with(|| Allowance::new(UPDATE_RATE / 1000.0, UPDATE_BURST))
+                .take(1.0, now_ms)
         {
             self.learner.reject(Rejection::RequestRate);
             return;
@@ -2011,7 +1988,7 @@ impl Peer {
         self.learner.set_awaited(awaited);
         let learner = &self.learner;
         for n in self.nbrs.values_mut() {
-            if !n.idle && n.arrived.is_none() && !n.key.is_some_and(|k| learner.distrusts(&k)) {
+            if n.arrived.is_none() && contributes_to_rounds(learner, n) {
                 n.silent_rounds = n.silent_rounds.saturating_add(1);
             }
         }
