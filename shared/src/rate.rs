@@ -46,3 +46,34 @@ impl Allowance {
         self.burst
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Allowance;
+
+    #[test]
+    fn starts_full_refills_at_its_rate_and_never_past_its_burst() {
+        let mut a = Allowance::new(0.01, 5.0);
+        assert!(a.take(5.0, 0.0), "a full burst at once");
+        assert!(!a.take(1.0, 0.0), "then nothing left");
+        assert!(!a.take(1.0, 99.0), "0.99 refilled, short of 1");
+        assert!(a.take(1.0, 100.0), "one a hundred milliseconds");
+        // An hour idle refills the burst, no more.
+        assert!(a.take(5.0, 3_600_100.0));
+        assert!(!a.take(0.5, 3_600_100.0));
+    }
+
+    #[test]
+    fn a_refused_take_takes_nothing_and_a_clock_going_back_refills_nothing() {
+        let mut a = Allowance::new(0.01, 10.0);
+        assert!(a.take(8.0, 1_000.0));
+        assert!(!a.take(3.0, 1_000.0), "2 left");
+        assert!(a.take(2.0, 1_000.0), "the refusal took nothing");
+        // A time before the last counts as the last: going back and forth across the
+        // same 100 ms refills it once.
+        assert!(a.take(1.0, 1_100.0));
+        assert!(!a.take(1.0, 900.0));
+        assert!(!a.take(1.0, 1_100.0));
+        assert!(a.take(1.0, 1_200.0));
+    }
+}

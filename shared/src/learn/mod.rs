@@ -298,7 +298,8 @@ pub enum Rejection {
     #[error("mix_overflow")]
     MixOverflow,
     /// Anything from a connection that broke the protocol in a way no honest peer does
-    /// (see [`peer`]): it is ignored for the rest of the connection.
+    /// (see [`peer`]): it is ignored for the rest of the connection. Also anything a
+    /// driver delivers from a connection not up (after its end or before its start).
     #[error("shunned")]
     Shunned,
     /// An update that claims to have trained on no sample (every run has at least one

@@ -1208,7 +1208,15 @@ impl Peer {
 
     fn message(&mut self, from: PeerId, data: &[u8], now_ms: f64) {
         self.progress.bytes_down += data.len() as u64;
-        if self.nbrs.entry(from).or_default().shunned {
+        // Only a connection that is up speaks: a message a driver delivers after the
+        // connection's end (or before its start) would otherwise bring back a
+        // neighbour with a fresh state, greeted later and waited for as a contributor,
+        // and never ended.
+        let Some(n) = self.nbrs.get(&from) else {
+            self.learner.reject(Rejection::Shunned);
+            return;
+        };
+        if n.shunned {
             self.learner.reject(Rejection::Shunned);
             return;
         }

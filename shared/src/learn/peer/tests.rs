@@ -2860,6 +2860,42 @@ fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() 
     assert_eq!(round(&mut p, 10, 0, false), vec![change]);
 }
 
+/// Rounds 5 to 19 of a peer whose neighbours are 10 and 11, where 11 is away through
+/// every other update of ours (paused, or its connection down if `reconnect`). Returns
+/// the indices of the rounds whose update went to 10 as a keyframe (every other one a
+/// change).
+fn keyframes_to_10_with_11_away_every_other_round(reconnect: bool) -> Vec<usize> {
+    let mut p = changes_peer_at_5(&[10, 11]);
+    let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
+    let clock = std::cell::Cell::new(GREET_AFTER_MS);
+    let (int8, change) = (crate::learn::KEYFRAME_CODEC.tag(), crate::learn::CHANGE_TAG);
+    let mut to_10 = Vec::new();
+    for r in 5..20u64 {
+        let away = r % 2 == 1;
+        if away && reconnect {
+            p.handle(Event::Down(PeerId(11)), clock.get());
+        }
+        to_10.push(flipping_round(&mut p, &clock, (r, 0, away), &[10], 10));
+        if away && reconnect {
+            // Back, and settled, before our next update.
+            let t = clock.get();
+            p.handle(Event::Up(PeerId(11)), t);
+            p.tick(t + GREET_AFTER_MS);
+            drain(&mut p);
+            clock.set(t + GREET_AFTER_MS + 100.0);
+        } else if away {
+            p.handle(msg(11, status(true)), clock.get());
+        }
+    }
+    assert!(
+        to_10.iter().all(|t| t == &vec![int8] || t == &vec![change]),
+        "{to_10:?}"
+    );
+    (0..to_10.len())
+        .filter(|&i| to_10[i] == vec![int8])
+        .collect()
+}
+
 /// A neighbour that pauses through every other update of ours, where it is half of
 /// those our updates go to, does not make every other one a keyframe to all: it lacks
 /// our copy, but may have no whole copy so soon, so it waits for our next keyframe as it
@@ -2867,30 +2903,54 @@ fn status_flips_get_no_second_copy_of_an_update_and_whole_copies_are_rationed() 
 /// went out about four times less often.)
 #[test]
 fn a_neighbour_pausing_through_every_other_update_forces_one_keyframe_in_30_rounds() {
-    let mut p = changes_peer_at_5(&[10, 11]);
-    let status = |on: bool| PeerMessage::Status { contributing: on }.encode();
-    let clock = std::cell::Cell::new(GREET_AFTER_MS);
-    let (int8, change) = (crate::learn::KEYFRAME_CODEC.tag(), crate::learn::CHANGE_TAG);
-    let mut to_10 = Vec::new();
-    for r in 5..20u64 {
-        let paused = r % 2 == 1;
-        to_10.push(flipping_round(&mut p, &clock, (r, 0, paused), &[10], 10));
-        if paused {
-            p.handle(msg(11, status(true)), clock.get());
-        }
-    }
     // Round 5 (11 paused) sets the copy, round 6 gives it to 11 as it first comes, and
     // the first time 11 comes back lacking it (round 8), a keyframe to both; from then
     // on only changes to 10 (11 has a whole copy once, then waits for our next
     // keyframe). Before, every round 11 came back was a keyframe to both.
-    let keyframes: Vec<usize> = (0..to_10.len())
-        .filter(|&i| to_10[i] == vec![int8])
-        .collect();
-    assert_eq!(keyframes, [0, 1, 3], "{to_10:?}");
-    assert!(
-        to_10.iter().all(|t| t == &vec![int8] || t == &vec![change]),
-        "{to_10:?}"
+    assert_eq!(
+        keyframes_to_10_with_11_away_every_other_round(false),
+        [0, 1, 3]
     );
+}
+
+/// The same through reconnects: a neighbour that drops its connection through every
+/// other update of ours comes back lacking our copy each time, and what it held is
+/// carried across its reconnects, so it counts toward a keyframe to all once per 30
+/// rounds as a pausing one does. Before, each reconnect forgot that it held our copy,
+/// and every other update was a keyframe to both.
+#[test]
+fn a_neighbour_reconnecting_through_every_other_update_forces_one_keyframe_in_30_rounds() {
+    let keyframes = keyframes_to_10_with_11_away_every_other_round(true);
+    assert!(
+        keyframes.len() <= 3 && keyframes.iter().all(|&i| i <= 3),
+        "keyframes at {keyframes:?}"
+    );
+}
+
+/// A message a driver delivers after the connection's end (one queued behind it) brings
+/// back no neighbour: before, it made a fresh one, greeted it later (a send to a closed
+/// connection) and waited for its update as a contributor's, each round until its
+/// silent rounds ran out, and it never ended.
+#[test]
+fn a_message_after_a_connections_end_brings_back_no_neighbour() {
+    let mut p = changes_peer_at_5(&[10, 11]);
+    p.tick(GREET_AFTER_MS);
+    drain(&mut p);
+    p.handle(Event::Down(PeerId(11)), 600.0);
+    let status = PeerMessage::Status { contributing: true }.encode();
+    p.handle(msg(11, status), 600.0);
+    p.trained(5, &[0.49; N], 0.3, 8, 700.0).expect("finite");
+    p.handle(msg(10, update_w(20, 5, 0.46)), 710.0);
+    p.tick(1_200.0);
+    let outs = drain(&mut p);
+    assert_eq!(p.learner().round(), 6, "the round closed on 10's update");
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Output::Send { to, .. } if to.0 == 11)),
+        "nothing goes to the closed connection"
+    );
+    assert_eq!(rejected(&p, Rejection::Shunned), 1);
 }
 
 #[test]
