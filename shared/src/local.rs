@@ -231,6 +231,13 @@ impl LocalData {
         (self.cols, self.rows)
     }
 
+    /// Records an entry of a folder that is no file to offer (a link, a folder too deep
+    /// or unreadable), with the reason: listed among the skipped, and not counted toward
+    /// the task's file limit (a folder of links used it up before any file was read).
+    pub fn pass_over(&mut self, entry: &str, reason: impl Into<String>) {
+        self.note_skip(entry, reason.into());
+    }
+
     /// Records that `file` was not used (the driver could not read or decode it).
     pub fn skip(&mut self, file: &str, reason: impl Into<String>) {
         self.offered += 1;

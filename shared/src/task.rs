@@ -8,13 +8,35 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
-use crate::engine::{Model, ModelSpec, Optimizer, WEBGPU_MAX_BINDING};
+use crate::engine::{MAX_TRAINING_BYTES, Model, ModelSpec, Optimizer, WEBGPU_MAX_BINDING};
 use crate::idx::IdxLimits;
 use crate::learn::LearnConfig;
 pub use crate::privacy::PrivacySpec;
 
 /// Largest CSV data file accepted, in bytes.
 pub const MAX_CSV_BYTES: usize = 256 << 20;
+/// The most bytes a task's data files (training and test, on the server) may have in
+/// all: 64 MiB, as a visitor's own files ([`crate::local::MAX_LOCAL_BYTES`]). Every
+/// visitor downloads them, and holds them several times over while loading them (the
+/// downloads, the parsed set, 4 bytes a value).
+pub const MAX_DATA_BYTES: usize = 64 << 20;
+
+/// Refuses a task's files past [`MAX_DATA_BYTES`] in all, before any is parsed.
+fn within_data_limit(files: &[&[u8]]) -> Result<(), TaskError> {
+    let total: usize = files.iter().map(|f| f.len()).sum();
+    if total > MAX_DATA_BYTES {
+        return Err(err(
+            "data",
+            format!(
+                "the task's files are {} MiB in all, more than the {} MiB every visitor \
+                 downloads and holds (several times over while loading them)",
+                total >> 20,
+                MAX_DATA_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// A whole task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -533,6 +555,21 @@ impl TaskSpec {
                 ),
             ));
         }
+        let held = model.training_bytes(t.batch);
+        if held > MAX_TRAINING_BYTES {
+            return Err(err(
+                "train.batch",
+                format!(
+                    "training this model at a batch of {} holds about {} MiB (parameters, \
+                     their gradient and optimizer moments, and every layer's buffers and \
+                     their gradients), more than {} MiB: fewer or smaller layers, or a \
+                     smaller batch",
+                    t.batch,
+                    held >> 20,
+                    MAX_TRAINING_BYTES >> 20
+                ),
+            ));
+        }
         if t.lr_decay_rounds > 1_000_000 {
             return Err(err(
                 "train.lr_decay_rounds",
@@ -649,6 +686,7 @@ impl TaskSpec {
             .test
             .as_ref()
             .ok_or_else(|| err("data.test", "missing"))?;
+        within_data_limit(files)?;
         self.split("data.test", test, files)
     }
 
@@ -740,6 +778,7 @@ impl TaskSpec {
                 "the training data are each visitor's own files (see test_dataset)",
             ));
         }
+        within_data_limit(files)?;
         let d = &self.data;
         let train_n = d.train.paths().len();
         let one = |field: &str, f: &Files, bytes: &[&[u8]]| self.split(field, f, bytes);
@@ -849,6 +888,48 @@ mod tests {
         assert_eq!(e.field, "train.batch", "{e}");
         t.train.batch = 32;
         assert!(t.validate().is_ok(), "55 MiB fits");
+    }
+
+    /// The server's data are bounded in all as a visitor's own are: two IDX files of up
+    /// to 256 Mi values each passed, and every visitor's tab held about six times their
+    /// bytes while loading them (the downloads, the parsed set, 4 bytes a value).
+    #[test]
+    fn a_tasks_files_past_the_data_limit_are_refused_before_parsing() {
+        let t = TaskSpec::digits();
+        let big = vec![0u8; MAX_DATA_BYTES - 100];
+        let e = t
+            .datasets(&[&big, &[0u8; 101], &[], &[]])
+            .expect_err("past the limit");
+        assert_eq!(e.field, "data", "{e}");
+        // Within it, the files are parsed (and these, all zeros, refused as IDX).
+        let e = t
+            .datasets(&[&big, &[0u8; 100], &[], &[]])
+            .expect_err("not IDX");
+        assert_eq!(e.field, "data.train", "{e}");
+    }
+
+    /// Each buffer within WebGPU's binding limit is not enough: 400 rectifiers after a
+    /// wide layer are 400 activations of 64 MiB at a batch of 2,048 (25 GiB for every
+    /// visitor), and were accepted.
+    #[test]
+    fn a_model_that_holds_too_much_in_all_is_refused() {
+        use crate::engine::LayerSpec;
+        let mut t = TaskSpec::digits();
+        let mut layers = vec![LayerSpec::Flatten, LayerSpec::Dense { units: 8192 }];
+        layers.extend(std::iter::repeat_n(LayerSpec::Relu, 400));
+        layers.push(LayerSpec::Dense { units: 10 });
+        t.model = ModelSpec {
+            input: [28, 28, 1],
+            layers,
+        };
+        t.train.batch = 2048;
+        let model = Model::new(t.model.clone()).expect("a valid model");
+        assert!(model.largest_binding(2048) <= WEBGPU_MAX_BINDING);
+        let e = t.validate().expect_err("25 GiB in all");
+        assert_eq!(e.field, "train.batch", "{e}");
+        assert!(e.to_string().contains("MiB"), "{e}");
+        t.train.batch = 2;
+        assert!(t.validate().is_ok(), "{:?}", t.validate());
     }
 
     /// A mistake toml finds (a misspelt key, a missing one, a wrong type) names the field

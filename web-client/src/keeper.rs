@@ -222,8 +222,9 @@ pub fn replace_durably(
 
 /// What binds a keeper's folder to `task`: its name and a SHA-256 of its model (the
 /// model's description and the seed its weights start from) and, where the task has
-/// differential privacy, of its resolved `[privacy]` numbers: checkpoints trained without it (or
-/// under another budget) are not resumed, and so not exported as trained under it.
+/// differential privacy, of its resolved `[privacy]` numbers and whether a key may pass
+/// the budget: checkpoints trained without it (or under another budget, or under `warn`)
+/// are not resumed, and so not exported as trained under it.
 pub fn binding(task: &shoal_shared::task::TaskSpec) -> String {
     use sha2::{Digest, Sha256};
     let model = serde_json::to_string(&task.model).unwrap_or_default();
@@ -237,6 +238,11 @@ pub fn binding(task: &shoal_shared::task::TaskSpec) -> String {
             dp.clip, dp.noise_multiplier, dp.delta, dp.rounds
         );
         h.update(numbers.as_bytes());
+        // Under `warn` a contributor's key may pass the budget: a folder trained so is
+        // not exported as trained under `stop` (whose binding is what it always was).
+        if dp.on_budget == shoal_shared::privacy::OnBudget::Warn {
+            h.update(b" warn");
+        }
     }
     let hash: String = h.finalize()[..8]
         .iter()
@@ -265,11 +271,17 @@ mod tests {
         assert!(private.privacy.is_on() && private.privacy.validate().is_ok());
         let mut tighter = private.clone();
         tighter.privacy.rounds = Some(50);
-        let all = [binding(&plain), binding(&private), binding(&tighter)];
-        assert!(
-            all[0] != all[1] && all[1] != all[2] && all[0] != all[2],
-            "{all:?}"
-        );
+        let mut warn = private.clone();
+        warn.privacy.on_budget = Some(shoal_shared::privacy::OnBudget::Warn);
+        let all = [
+            binding(&plain),
+            binding(&private),
+            binding(&tighter),
+            binding(&warn),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(all[i + 1..].iter().all(|b| a != b), "{all:?}");
+        }
         assert_eq!(
             binding(&plain),
             binding(&shoal_shared::task::TaskSpec::digits())

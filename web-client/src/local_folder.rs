@@ -10,6 +10,10 @@ use shoal_shared::task::TaskSpec;
 
 /// Deepest folder nesting read.
 const MAX_DEPTH: usize = 8;
+/// Most entries (files, and links and folders passed over) listed from a folder: a
+/// task's file limit is at most 100,000, and a peer pointed at a home folder must not
+/// list the whole tree into memory first.
+const MAX_ENTRIES: usize = 250_000;
 
 /// Reads every file under `dir` into the task's local data set.
 pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
@@ -17,6 +21,12 @@ pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
     let mut files = Vec::new();
     let mut passed = Vec::new();
     walk(dir, 0, &mut files, &mut passed).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if files.len() + passed.len() >= MAX_ENTRIES {
+        passed.push((
+            dir.to_path_buf(),
+            format!("more than {MAX_ENTRIES} entries: the rest not listed"),
+        ));
+    }
     files.sort();
     let name_of = |p: &Path| {
         p.strip_prefix(dir)
@@ -33,7 +43,7 @@ pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
     let (tables, rest): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| is_table(p));
     let (w, h) = data.image_size();
     for (path, why) in &passed {
-        data.skip(&name_of(path), why.clone());
+        data.pass_over(&name_of(path), why.clone());
     }
     let all: Vec<&PathBuf> = tables.iter().chain(&rest).collect();
     for (i, path) in all.iter().enumerate() {
@@ -91,7 +101,8 @@ pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
 }
 
 /// Lists the files under `dir` into `out`, and what it passed over (links, folders too
-/// deep or unreadable) with the reason into `passed`. Only `dir` itself must be readable.
+/// deep or unreadable) with the reason into `passed`, up to [`MAX_ENTRIES`] of both.
+/// Only `dir` itself must be readable.
 fn walk(
     dir: &Path,
     depth: usize,
@@ -99,6 +110,9 @@ fn walk(
     passed: &mut Vec<(PathBuf, String)>,
 ) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
+        if out.len() + passed.len() >= MAX_ENTRIES {
+            break;
+        }
         let Ok(entry) = entry else { continue };
         let path = entry.path();
         let Ok(kind) = entry.file_type() else {
@@ -212,6 +226,49 @@ mod tests {
         let red =
             grey_png(&png(&[255, 0, 0, 128], 1, 1, png::ColorType::Rgba), 1, 1).expect("decodes");
         assert_eq!(red, vec![(0.299f32 * 255.0 * 128.0 / 255.0).round() as u8]);
+    }
+
+    /// Links (and folders too deep) are listed as skipped but are no files offered: a
+    /// folder of as many links as the task's file limit used the limit up before the
+    /// first real file was read, and nothing was trained on.
+    #[cfg(unix)]
+    #[test]
+    fn links_in_a_folder_do_not_use_up_the_file_limit() {
+        use shoal_shared::local::{LocalKind, LocalSpec};
+        let dir = std::env::temp_dir().join(format!("shoal-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("3")).expect("dir");
+        let grey = vec![128u8; 28 * 28];
+        for name in ["a.png", "b.png"] {
+            let bytes = png(&grey, 28, 28, png::ColorType::Grayscale);
+            std::fs::write(dir.join("3").join(name), bytes).expect("png");
+        }
+        for i in 0..3 {
+            std::os::unix::fs::symlink(dir.join("3/a.png"), dir.join(format!("0link{i}.png")))
+                .expect("link");
+        }
+        let mut task = TaskSpec::digits();
+        task.data.source = shoal_shared::task::DataSource::Local;
+        task.data.train = shoal_shared::task::Files::default();
+        task.data.local = Some(LocalSpec {
+            kind: LocalKind::Images,
+            max_files: 3,
+            max_file_bytes: 4000,
+            label_names: Vec::new(),
+        });
+        let data = read_folder(&task, &dir).expect("read");
+        let summary = data.summary();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(summary.samples, 2, "{summary:?}");
+        assert_eq!(
+            summary
+                .skipped
+                .iter()
+                .filter(|s| s.reason.contains("a link"))
+                .count(),
+            3,
+            "{summary:?}"
+        );
     }
 
     #[test]

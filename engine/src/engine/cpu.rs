@@ -933,9 +933,13 @@ fn generation_bytes(model: &Model, n: usize) -> Result<usize, EngineError> {
 /// lets training bind ([`WEBGPU_MAX_BINDING`](super::WEBGPU_MAX_BINDING) for its largest
 /// buffer): an evaluation in batches of 500 (the dashboard's) of a language model whose
 /// attention probabilities a task admits at its training batch of 4 asked for gigabytes
-/// in one buffer, past what a wasm32 page can hold, and the module aborted.
+/// in one buffer, past what a wasm32 page can hold, and the module aborted. Nor more
+/// than a task lets training hold in all ([`MAX_TRAINING_BYTES`](super::MAX_TRAINING_BYTES)).
 fn evaluation_batch(model: &Model, batch: usize) -> usize {
-    let fits = |b: usize| model.largest_binding(b) <= super::WEBGPU_MAX_BINDING;
+    let fits = |b: usize| {
+        model.largest_binding(b) <= super::WEBGPU_MAX_BINDING
+            && model.training_bytes(b) <= super::MAX_TRAINING_BYTES
+    };
     let (mut lo, mut hi) = (1, batch.max(1));
     while lo < hi {
         let mid = lo + (hi - lo).div_ceil(2);

@@ -17,6 +17,38 @@ pub const MAX_PARAMS: usize = 32 << 20;
 /// Largest activation, in values per sample, that a layer may produce.
 pub const MAX_ACTIVATION: usize = 1 << 22;
 
+/// The values a sample that `op` makes in its buffers: its output, and a convolution's
+/// unfolded input or a block's attention probabilities, MLP activations and queries,
+/// keys and values.
+fn op_buffers(op: &Op) -> [usize; 3] {
+    match *op {
+        Op::Block {
+            ctx,
+            dim,
+            heads,
+            hidden,
+            ..
+        } => [
+            heads.saturating_mul(ctx).saturating_mul(ctx),
+            ctx.saturating_mul(hidden),
+            ctx.saturating_mul(dim).saturating_mul(3).max(op.out_len()),
+        ],
+        Op::Conv {
+            input,
+            output,
+            kernel,
+            ..
+        } => [
+            [output[0], output[1], kernel, kernel, input[2]]
+                .into_iter()
+                .fold(1usize, usize::saturating_mul),
+            op.out_len(),
+            0,
+        ],
+        _ => [op.out_len(), 0, 0],
+    }
+}
+
 /// One layer of a sequential model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -112,6 +144,12 @@ pub const MAX_WIDTH: usize = 4096;
 /// Largest storage buffer binding that WebGPU guarantees (`maxStorageBufferBindingSize`,
 /// 128 MiB): no single parameter tensor or per-layer activation of a batch may exceed it.
 pub const WEBGPU_MAX_BINDING: usize = 128 << 20;
+/// The most memory, in bytes, that training a task's model at its batch may hold
+/// ([`Model::training_bytes`]): 1 GiB, a quarter of what a wasm32 page can address and
+/// what a laptop's GPU spares a tab. Each buffer within WebGPU's binding limit is not
+/// enough: a few hundred layers of one 64 MiB activation each passed that check and
+/// asked every visitor for 25 GiB.
+pub const MAX_TRAINING_BYTES: usize = 1 << 30;
 /// Largest number of transformer blocks.
 pub const MAX_BLOCKS: usize = 64;
 
@@ -724,35 +762,27 @@ impl Model {
         let params = self.param_len;
         let mut largest = params.max(batch.saturating_mul(self.input_len()));
         for op in &self.ops {
-            let per_sample = match *op {
-                Op::Block {
-                    ctx,
-                    dim,
-                    heads,
-                    hidden,
-                    ..
-                } => [
-                    heads.saturating_mul(ctx).saturating_mul(ctx),
-                    ctx.saturating_mul(hidden),
-                    ctx.saturating_mul(dim).saturating_mul(3),
-                ]
-                .into_iter()
-                .max()
-                .unwrap_or(0),
-                Op::Conv {
-                    input,
-                    output,
-                    kernel,
-                    ..
-                } => [output[0], output[1], kernel, kernel, input[2]]
-                    .into_iter()
-                    .fold(1usize, usize::saturating_mul)
-                    .max(op.out_len()),
-                _ => op.out_len(),
-            };
+            let per_sample = op_buffers(op).into_iter().max().unwrap_or(0);
             largest = largest.max(batch.saturating_mul(per_sample));
         }
         largest.saturating_mul(4)
+    }
+
+    /// About the bytes that training a batch of `batch` holds at once, on a GPU or in
+    /// the CPU backend: the parameters with their gradient and two optimizer moments,
+    /// and for every layer each buffer it makes a sample (its output, a convolution's
+    /// unfolded input, a block's saved attention, MLP and query/key/value rows) twice,
+    /// once more for its gradient. A task refuses a model and batch where this exceeds
+    /// [`MAX_TRAINING_BYTES`]; an evaluation batch stays within it.
+    pub fn training_bytes(&self, batch: usize) -> usize {
+        let per_sample = self
+            .ops
+            .iter()
+            .flat_map(op_buffers)
+            .fold(self.input_len(), usize::saturating_add);
+        self.param_len
+            .saturating_mul(16)
+            .saturating_add(batch.saturating_mul(per_sample).saturating_mul(8))
     }
 
     /// Length of the flat parameter buffer (including alignment padding, which stays 0).
