@@ -227,7 +227,7 @@ pub async fn page(
     let key = s.hub.head_key.clone();
     let body = tokio::task::spawn_blocking(move || {
         let _place = place;
-        page_body(&task, &lock(&ledger), key.as_ref(), q.from, limit)
+        page_body(&task, &mut lock(&ledger), key.as_ref(), q.from, limit)
     })
     .await;
     match body {
@@ -241,7 +241,7 @@ pub async fn page(
 
 fn page_body(
     task: &str,
-    l: &LedgerFile,
+    l: &mut LedgerFile,
     key: Option<&Identity>,
     from: Option<u64>,
     limit: usize,
@@ -267,12 +267,19 @@ fn page_body(
         })
         .collect();
     // The head, signed by the server's key: what peers remember and gossip.
-    let signed = key.filter(|_| l.count() > 0).map(|k| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        hex(&SignedHead::sign(k, task, l.count(), l.head(), now).encode())
-    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let signed = key
+        .filter(|_| l.count() > 0)
+        .map(|k| hex(&SignedHead::sign(k, task, l.count(), l.head(), now).encode()));
+    // What it signs is marked beside the ledger, so that a ledger cut below it (or put
+    // back to an older copy) stays closed at the next start.
+    if signed.is_some()
+        && let Err(e) = l.mark_signed(now)
+    {
+        tracing::warn!(task, "could not mark the signed head: {e}");
+    }
     json!({
         "task": task,
         "count": l.count(),

@@ -521,6 +521,24 @@ pub struct LedgerFile {
     last_rounds: HashMap<(PublicKey, PublicKey), u64>,
     /// A write failed and could not be undone: refuse further appends.
     broken: bool,
+    /// The count of the last head recorded in the mark file ([`LedgerFile::mark_signed`]),
+    /// and when it was written (milliseconds).
+    marked: (u64, u64),
+}
+
+/// Least time between two writes of the mark file, in milliseconds.
+const MARK_EVERY_MS: u64 = 1_000;
+
+/// The mark file's text: the count and hash of the last head the server signed.
+fn mark_text(count: u64, head: &[u8; 32]) -> String {
+    format!("{count} {}\n", hex(head))
+}
+
+/// The count and hash a mark file's text records; `None` when it is not one.
+fn parse_mark(text: &str) -> Option<(u64, [u8; 32])> {
+    let (count, head) = text.trim_end().split_once(' ')?;
+    let head = crate::protocol::from_hex(head)?.try_into().ok()?;
+    Some((count.parse().ok()?, head))
 }
 
 impl LedgerFile {
@@ -664,11 +682,78 @@ impl LedgerFile {
             seen: HashSet::new(),
             last_rounds: HashMap::new(),
             broken: false,
+            marked: (0, 0),
         };
         for entry in entries {
             ledger.remember(entry);
         }
+        ledger.check_mark()?;
         Ok((ledger, note))
+    }
+
+    /// The mark file: the count and hash of the last head the server signed.
+    fn mark_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.ledger.mark", self.task))
+    }
+
+    /// Refuses a ledger that no longer holds the last head the server signed (the mark
+    /// file): cut at an entry's end, or restored from an older copy, it reads as valid,
+    /// and its next entries would reuse the lost ones' numbers, their credits gone with
+    /// no word (witnesses catch it only where one holds a head past the cut).
+    fn check_mark(&mut self) -> io::Result<()> {
+        let path = self.mark_path();
+        let text = match fs::read_to_string(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        let closed = |why: String| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{why}; the ledger stays closed (restore it from a copy that holds that \
+                     head, or move {} away to accept the loss)",
+                    path.display()
+                ),
+            ))
+        };
+        let Some((count, head)) = parse_mark(&text) else {
+            return closed(format!("{} is no mark of a signed head", path.display()));
+        };
+        let held = count
+            .checked_sub(1)
+            .and_then(|i| self.entries.get(i as usize))
+            .map(|e| e.hash);
+        if count > 0 && held != Some(head) {
+            return closed(format!(
+                "the server signed a head at {count} entries that this ledger of {} does not \
+                 hold: it was cut or replaced by an older copy",
+                self.count()
+            ));
+        }
+        self.marked = (count, 0);
+        Ok(())
+    }
+
+    /// Records the head the server signs now (its count and hash) in the mark file,
+    /// written aside and renamed, at most once a [`MARK_EVERY_MS`]: the next
+    /// [`open`](Self::open) refuses a ledger that no longer holds it. A head signed
+    /// within the last second before a cut may go unmarked (witnesses holding it still
+    /// catch the cut).
+    pub fn mark_signed(&mut self, now_ms: u64) -> io::Result<()> {
+        let (count, at) = self.marked;
+        if self.count() <= count || now_ms < at.saturating_add(MARK_EVERY_MS) {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!("{}.ledger.mark.new", self.task));
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(mark_text(self.count(), &self.head).as_bytes())?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, self.mark_path())?;
+        sync_dir(&self.dir)?;
+        self.marked = (self.count(), now_ms);
+        Ok(())
     }
 
     /// The sealed segments of `task` in `dir` (`{task}.ledger.` and six digits), in order.
@@ -1420,6 +1505,75 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// A ledger cut at an entry's end, or put back to an older copy, below the last head
+    /// the server signed is refused at open, naming the head; before, it opened as valid
+    /// and its next entries reused the lost ones' numbers. Appends past the mark open.
+    #[test]
+    fn a_ledger_that_lost_a_signed_head_stays_closed() {
+        let temp = Temp::new("mark");
+        let dir = temp.0.clone();
+        let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
+        l.append(500, 3, "", &receipt("digits", 1, 2, 5, 640))
+            .expect("a");
+        l.append(500, 3, "", &receipt("digits", 3, 2, 5, 640))
+            .expect("b");
+        let two = l.byte_len();
+        let older = fs::read(l.path()).expect("file");
+        l.append(600, 3, "", &receipt("digits", 1, 2, 6, 640))
+            .expect("c");
+        l.mark_signed(10_000).expect("marked at 3");
+        // Another head within the second is not written; past it, it is.
+        l.append(600, 3, "", &receipt("digits", 3, 2, 6, 640))
+            .expect("d");
+        l.mark_signed(10_500).expect("not yet");
+        assert!(
+            fs::read_to_string(l.mark_path())
+                .expect("mark")
+                .starts_with("3 ")
+        );
+        l.mark_signed(11_000).expect("marked at 4");
+        assert!(
+            fs::read_to_string(l.mark_path())
+                .expect("mark")
+                .starts_with("4 ")
+        );
+        let live = l.path().to_path_buf();
+        drop(l);
+        // Reopened whole, and one entry more later: open.
+        let (mut l, _) = LedgerFile::open(&dir, "digits", 2).expect("whole");
+        l.append(700, 3, "", &receipt("digits", 1, 2, 7, 640))
+            .expect("e");
+        drop(l);
+        LedgerFile::open(&dir, "digits", 3).expect("past the mark");
+        // Cut at the end of entry 2.
+        OpenOptions::new()
+            .write(true)
+            .open(&live)
+            .expect("live")
+            .set_len(two)
+            .expect("cut");
+        let e = LedgerFile::open(&dir, "digits", 4).expect_err("cut below the mark");
+        assert!(e.to_string().contains("signed a head at 4 entries"), "{e}");
+        // An older copy of two entries, then two other entries: as long as the mark, not
+        // the history it names.
+        fs::write(&live, &older).expect("older copy");
+        let (mut l, _) = {
+            let mark = dir.join("digits.ledger.mark");
+            let kept = fs::read(&mark).expect("mark");
+            fs::remove_file(&mark).expect("moved away");
+            let opened = LedgerFile::open(&dir, "digits", 5).expect("without the mark");
+            fs::write(&mark, kept).expect("mark back");
+            opened
+        };
+        l.append(800, 3, "", &receipt("digits", 1, 2, 9, 640))
+            .expect("x");
+        l.append(800, 3, "", &receipt("digits", 3, 2, 9, 640))
+            .expect("y");
+        drop(l);
+        let e = LedgerFile::open(&dir, "digits", 6).expect_err("another history");
+        assert!(e.to_string().contains("does not hold"), "{e}");
     }
 
     #[test]
