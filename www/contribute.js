@@ -456,12 +456,14 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       worker.postMessage({
         type: 'start', task, secret: id.secret, backend: only, duty, head: storedHead(),
         privacySent: id.lasting ? storedPrivacy() : null, consented: description.privacy ?? null,
+        revision: description.revision ?? null,
       });
       applyPause();
       relaying = relaySwarm(worker, task, {
         secret: id.secret,
         parameters: description?.cost?.parameters,
         uploadMbPerHour: description?.task?.learn?.upload_mb_per_hour,
+        revision: description?.revision,
         stats: window.shoalRelay,
         onStopped: (why) => say('error', `Shoal stopped: ${why}. Reload the page to try again.`),
         onSignaling: (up) => {

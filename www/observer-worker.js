@@ -3,6 +3,7 @@
 // writes the safetensors export on request. It never trains or sends updates.
 // The researcher's bundle: the contributor's plus the observer (visitors never load it).
 import init, { SwarmObserver, EarlyEvents } from './pkg/shoal_dashboard_client.js';
+import { fetchTaskFiles } from './data.js';
 
 let observer = null;
 // Transport events before the observer exists (bounded per neighbour, as its inbox).
@@ -16,12 +17,6 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 // Tells the page a message is in the observer's bounded inbox (relay.js, `MAX_UNTAKEN`).
 const taken = (m) => { if (m.data) post({ type: 'taken', bytes: m.data.length }); };
 
-async function fetchBytes(path) {
-  const r = await fetch(new URL(path, self.location.origin));
-  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
-  return new Uint8Array(await r.arrayBuffer());
-}
-
 async function observe(task, everyMs) {
   await loading;
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
@@ -30,7 +25,7 @@ async function observe(task, everyMs) {
   // What neighbours send meanwhile is bounded by the task's largest message.
   parameters = desc.cost?.parameters ?? NaN;
   early?.setParameters(parameters);
-  const files = await Promise.all(desc.files.map(fetchBytes));
+  const files = await fetchTaskFiles(desc);
   observer = SwarmObserver.create(JSON.stringify(desc.task), files, everyMs);
   if (early) observer.adopt(early);
   early?.free();

@@ -40,15 +40,21 @@ export const TAKEN_DEADLINE_MS = 60_000;
  * which bounds the messages the page takes from neighbours (docs/protocol.md, "Framing"),
  * and `uploadMbPerHour` (its `task.learn.upload_mb_per_hour`), which with it bounds the
  * bytes each neighbour may send (both fetched when `parameters` is not given).
+ * `revision`: the task's revision the worker trains (its description's `revision`; also
+ * fetched when `parameters` is not given). The connection names it, and once the server
+ * runs another (the task or its data changed, and it restarted) it refuses the
+ * connection with `task_changed` and the relay stops.
  */
-export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopped = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {}, parameters, uploadMbPerHour } = {}) {
+export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopped = () => {}, secret = null, bundle = CONTRIBUTOR_BUNDLE, stats = {}, parameters, uploadMbPerHour, revision } = {}) {
   const shoal = await import(bundle);
   await shoal.default();
   const described = parameters === undefined ? await fetchTask(task).catch(() => null) : null;
   const params = parameters ?? described?.cost?.parameters;
   const budget = uploadMbPerHour ?? described?.task?.learn?.upload_mb_per_hour;
+  const rev = revision ?? described?.revision;
+  const revParam = typeof rev === 'string' && /^[0-9a-f]{32}$/.test(rev) ? `&revision=${rev}` : '';
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}`,
+  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}${revParam}`,
     Number.isSafeInteger(params) && params > 0 ? params : undefined,
     Number.isSafeInteger(budget) && budget > 0 ? budget : undefined);
   // Before any message is read (this task has not yielded yet): the welcome's nonce is
@@ -113,6 +119,11 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopp
           worker.postMessage({ type: 'net', kind: 'message', peer: e.from, data: e.data }, [e.data.buffer]);
         } else if (e.type === 'task_state') {
           worker.postMessage({ type: 'net', kind: 'task_state', paused: e.paused });
+        } else if (e.type === 'task_changed') {
+          // Training on would put updates of the old task among peers of the new one
+          // (under other privacy settings, say): the visitor must see the new one first.
+          stop('the task changed on the server since this page loaded it (see what it asks now)');
+          return;
         }
       } catch (err) {
         console.error(`shoal: relaying a ${e.type} event failed: ${err?.message ?? err}`);

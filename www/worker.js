@@ -3,6 +3,7 @@
 // loop. The WebRTC connections live on the page's main thread (browsers have none in
 // workers); messages pass through `postMessage`.
 import init, { probe, SwarmPeer, LocalFiles, EarlyEvents } from './pkg/shoal_web_client.js';
+import { fetchTaskFiles } from './data.js';
 
 let backend = 'cpu';
 let peer = null;
@@ -40,12 +41,6 @@ async function main() {
   } catch (e) {
     post({ type: 'error', message: errorText(e), fatal: true });
   }
-}
-
-async function fetchBytes(path) {
-  const r = await fetch(new URL(path, self.location.origin));
-  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
-  return new Uint8Array(await r.arrayBuffer());
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -229,7 +224,7 @@ async function witness(task) {
   }
 }
 
-async function contribute(task, secret, head, privacySent, consented, mine) {
+async function contribute(task, secret, head, privacySent, consented, mine, revision) {
   const r = await fetch(`/api/tasks/${encodeURIComponent(task)}`);
   if (!r.ok) throw new Error(`the server does not offer the task "${task}" (HTTP ${r.status})`);
   const desc = await r.json();
@@ -240,7 +235,11 @@ async function contribute(task, secret, head, privacySent, consented, mine) {
   if (JSON.stringify(desc.privacy ?? null) !== JSON.stringify(consented ?? null)) {
     throw new Error('the task\'s privacy settings changed since you agreed to them; reload the page to see the new ones');
   }
-  const files = await Promise.all(desc.files.map(fetchBytes));
+  // The task the visitor agreed to, as a whole: its model, data and settings.
+  if (revision && desc.revision !== revision) {
+    throw new Error('the task changed on the server since you agreed to it; reload the page to see what it asks now');
+  }
+  const files = await fetchTaskFiles(desc);
   // A task on local data trains on the files the visitor chose (the set summarised when
   // they consented).
   peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files, mine ?? undefined);
@@ -323,7 +322,7 @@ self.addEventListener('message', (event) => {
       const mine = local;
       local = null;
       readingNow = -1; // no later reading replaces the set in training
-      contribute(msg.task, msg.secret, msg.head, msg.privacySent, msg.consented, mine).catch((e) => {
+      contribute(msg.task, msg.secret, msg.head, msg.privacySent, msg.consented, mine, msg.revision).catch((e) => {
         peer = null;
         if (tryRequest) {
           post({ type: 'tried', id: tryRequest.id, error: 'Shoal stopped: there is no model to try.' });

@@ -379,6 +379,9 @@ pub enum ErrorCode {
     BadIdentity,
     /// A `receipt` the server refused (the message names the reason).
     BadReceipt,
+    /// The connection named a `revision` of the task other than the one the server runs
+    /// (the task or its data changed since the client loaded it); the connection closes.
+    TaskChanged,
 }
 
 impl ErrorCode {
@@ -399,11 +402,12 @@ impl ErrorCode {
             Self::ForbiddenOrigin => "forbidden_origin",
             Self::BadIdentity => "bad_identity",
             Self::BadReceipt => "bad_receipt",
+            Self::TaskChanged => "task_changed",
         }
     }
 
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         Self::Malformed,
         Self::UnknownType,
         Self::NotNeighbour,
@@ -418,6 +422,7 @@ impl ErrorCode {
         Self::ForbiddenOrigin,
         Self::BadIdentity,
         Self::BadReceipt,
+        Self::TaskChanged,
     ];
 }
 

@@ -17,6 +17,7 @@ pub mod signaling;
 pub mod state;
 mod upgrade;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,6 +101,22 @@ pub fn app(config: &Config) -> App {
         &paused,
         config.state_file.clone(),
     );
+    let revisions: Arc<HashMap<String, Revision>> = Arc::new(
+        config
+            .tasks
+            .iter()
+            .map(|t| {
+                let k = config.signaling.neighbours_for(&t.name);
+                (t.name.clone(), revision(&served(t, k), t, &config.data))
+            })
+            .collect(),
+    );
+    hub.set_revisions(
+        revisions
+            .iter()
+            .map(|(name, r)| (name.clone(), r.revision.clone()))
+            .collect(),
+    );
     // Bundle file names carry no content hash, so browsers must revalidate every time
     // (cheap: ServeDir answers conditional requests with 304).
     let revalidate = SetResponseHeaderLayer::overriding(
@@ -168,11 +185,12 @@ pub fn app(config: &Config) -> App {
         .merge(
             Router::new()
                 .route("/api/tasks/{task}", get(task_description))
-                .with_state((
-                    Arc::new(config.tasks.clone()),
-                    Arc::new(config.data.clone()),
-                    Arc::clone(&hub),
-                )),
+                .with_state(TaskState {
+                    tasks: Arc::new(config.tasks.clone()),
+                    data: Arc::new(config.data.clone()),
+                    hub: Arc::clone(&hub),
+                    revisions,
+                }),
         )
         .merge(
             Router::new()
@@ -291,15 +309,65 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     )
 }
 
-/// What `/api/tasks/{task}` needs: the tasks, the data folder, and the hub (for each
-/// task's neighbours and the swarm's pace).
-type TaskState = (Arc<Vec<TaskSpec>>, Arc<PathBuf>, Arc<Hub>);
+/// What `/api/tasks/{task}` needs: the tasks, the data folder, the hub (for each task's
+/// neighbours and the swarm's pace) and each task's revision.
+#[derive(Clone)]
+struct TaskState {
+    tasks: Arc<Vec<TaskSpec>>,
+    data: Arc<PathBuf>,
+    hub: Arc<Hub>,
+    revisions: Arc<HashMap<String, Revision>>,
+}
+
+/// What identifies the task a server runs: each data file's SHA-256 (hex, in the order
+/// of the description's `files`), as read at start, and the revision, a SHA-256 of the
+/// task as served and those digests (32 hex digits). Peers check the files they download
+/// against the digests (a file changed on the server since is refused), and name the
+/// revision when they connect (a client that loaded the task before it changed is
+/// refused with `task_changed`).
+#[derive(Clone, Debug, Default)]
+struct Revision {
+    files_sha256: Vec<String>,
+    revision: String,
+}
+
+/// The task as this server runs it: its k is `--neighbours` (`k`) where that overrides
+/// it.
+fn served(task: &TaskSpec, k: usize) -> serde_json::Value {
+    let mut served = task.clone();
+    served.learn.neighbours = k;
+    shortest(&served)
+}
+
+/// `task`'s [`Revision`], as served (`served`) with its data files in `data`.
+fn revision(served: &serde_json::Value, task: &TaskSpec, data: &std::path::Path) -> Revision {
+    use shoal_shared::learn::identity::hex;
+    use shoal_shared::trust::receipt::sha256;
+    let files_sha256: Vec<String> = task_paths(task)
+        .iter()
+        .map(|p| std::fs::read(data.join(p)).map_or_else(|_| String::new(), |b| hex(&sha256(&b))))
+        .collect();
+    let mut text = format!("shoal-task-revision-v1\n{served}\n");
+    for d in &files_sha256 {
+        text.push_str(d);
+        text.push('\n');
+    }
+    Revision {
+        revision: hex(&sha256(text.as_bytes())[..16]),
+        files_sha256,
+    }
+}
 
 /// What a peer needs to know to train on a task: the task as its file describes it, the
 /// URLs of its data files in the order `TaskSpec::datasets` takes them, and what
 /// contributing costs.
 async fn task_description(
-    State((tasks, data, hub)): State<TaskState>,
+    State(TaskState {
+        tasks,
+        data,
+        hub,
+        revisions,
+    }): State<TaskState>,
     Path(name): Path<String>,
 ) -> impl IntoResponse {
     let Some(task) = tasks.iter().find(|t| t.name == name) else {
@@ -312,15 +380,15 @@ async fn task_description(
         .iter()
         .map(|p| format!("/data/{p}"))
         .collect();
-    // The task as this server runs it: its k is `--neighbours` where that overrides it.
     let k = hub.config.neighbours_for(&name);
-    let mut served = task.clone();
-    served.learn.neighbours = k;
+    let revision = revisions.get(&name).cloned().unwrap_or_default();
     (
         StatusCode::OK,
         Json(serde_json::json!({
-            "task": shortest(&served),
+            "task": served(task, k),
             "files": files,
+            "files_sha256": revision.files_sha256,
+            "revision": revision.revision,
             // Differential privacy as peers apply it (`null`: none): the noise solved from
             // a target epsilon, and the epsilon a peer reaches at its budget.
             "privacy": task.privacy.resolve().ok().flatten(),

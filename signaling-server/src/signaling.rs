@@ -851,6 +851,8 @@ pub struct Hub {
     pub(crate) head_key: Option<shoal_shared::learn::identity::Identity>,
     /// Receipts being appended at once, from all connections ([`RECEIPTS_AT_ONCE`]).
     receipt_slots: Arc<tokio::sync::Semaphore>,
+    /// Each task's revision, set once by [`crate::app`] (see [`Hub::set_revisions`]).
+    revisions: std::sync::OnceLock<HashMap<String, String>>,
 }
 
 /// Receipts one connection may have waiting to be appended; past them a receipt is
@@ -1064,6 +1066,17 @@ fn encode(m: &ServerMessage) -> String {
 }
 
 impl Hub {
+    /// Sets each task's revision (what `/api/tasks/{task}` says; a websocket that names
+    /// another is refused with `task_changed`). Only the first call counts.
+    pub fn set_revisions(&self, revisions: HashMap<String, String>) {
+        let _ = self.revisions.set(revisions);
+    }
+
+    /// The revision of `task` the server runs, once set.
+    pub fn revision_of(&self, task: &str) -> Option<&str> {
+        self.revisions.get()?.get(task).map(String::as_str)
+    }
+
     /// A hub for `config`, where peers may join the tasks named `tasks`; those named in
     /// `paused` start paused, and changes are saved to `state_file` when there is one.
     pub fn new(
@@ -1143,6 +1156,7 @@ impl Hub {
             ledgers,
             head_key,
             receipt_slots: Arc::new(tokio::sync::Semaphore::new(RECEIPTS_AT_ONCE)),
+            revisions: std::sync::OnceLock::new(),
             config,
             state: Mutex::new(HubState {
                 tasks,
@@ -2397,7 +2411,15 @@ pub async fn ws_handler(
         .filter(|s| shoal_shared::trust::ledger::valid_site(s))
         .unwrap_or_default()
         .to_string();
-    tokio::spawn(connection(hub2, upgrading, task, version, group, site));
+    let revision = first("revision").map(str::to_string);
+    let join = Join {
+        task,
+        version,
+        revision,
+        group,
+        site,
+    };
+    tokio::spawn(connection(hub2, upgrading, join));
     response
 }
 
@@ -2521,14 +2543,25 @@ fn close(
 /// How long a closing connection reads on for the peer's close.
 const LINGER: Duration = Duration::from_secs(2);
 
-async fn connection(
-    hub: Arc<Hub>,
-    upgrading: Cold<'static, Option<Socket>>,
+/// What a websocket request asked to join with: the task, the protocol version, the
+/// task's revision the client loaded (`revision`, if it named one), its address group
+/// and the site it contributes from.
+struct Join {
     task: String,
     version: Option<u32>,
+    revision: Option<String>,
     group: u128,
     site: String,
-) {
+}
+
+async fn connection(hub: Arc<Hub>, upgrading: Cold<'static, Option<Socket>>, join: Join) {
+    let Join {
+        task,
+        version,
+        revision,
+        group,
+        site,
+    } = join;
     let Some(mut socket) = upgrading.await else {
         return;
     };
@@ -2557,6 +2590,20 @@ async fn connection(
         refuse(&mut socket, &hub, ErrorCode::BadVersion, msg).await;
         drop(slot);
         return close(socket, limits.write_timeout, 1002, "bad version").await;
+    }
+    // A client that loaded the task before it (or its data) changed must not train on
+    // with the old one among peers of the new: under other privacy settings its updates
+    // would enter a swarm whose model says every update was noised.
+    if let (Some(asked), Some(runs)) = (&revision, hub.revision_of(&task))
+        && asked != runs
+    {
+        let msg = format!(
+            "task {task:?} changed since this client loaded it (revision {asked}, now {runs}): \
+             load it again"
+        );
+        refuse(&mut socket, &hub, ErrorCode::TaskChanged, msg).await;
+        drop(slot);
+        return close(socket, limits.write_timeout, 1008, "task changed").await;
     }
     let outbox = Arc::new(Outbox::new(limits.queue));
     let (id, nonce) = match hub.join(&task, Arc::clone(&outbox), group, &site) {

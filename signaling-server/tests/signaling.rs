@@ -362,6 +362,67 @@ async fn wrong_protocol_version_is_refused() {
     until(&mut ws, "welcome").await;
 }
 
+/// The description gives each data file's SHA-256 and the task's revision; a client that
+/// names the revision it loaded is refused with `task_changed` once the task or its data
+/// changed (a tab that loaded the task before the server restarted with `[privacy]`
+/// added trained on without noise among the new peers), and joins while it has not.
+#[tokio::test]
+async fn a_client_of_another_revision_of_the_task_is_refused() {
+    use shoal_shared::trust::receipt::sha256;
+    let data = std::env::temp_dir().join(format!("shoal-revision-{}", std::process::id()));
+    std::fs::create_dir_all(data.join("digits")).expect("data dir");
+    let names = [
+        "train-images.idx",
+        "train-labels.idx",
+        "test-images.idx",
+        "test-labels.idx",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(data.join("digits").join(n), [i as u8; 10]).expect("file");
+    }
+    let run = |data: &std::path::Path| {
+        let mut c = base(config(), None, &["digits"]);
+        c.data = data.to_path_buf();
+        start_config(c)
+    };
+    let describe = |s: SocketAddr| async move {
+        let body = http_get(s, "/api/tasks/digits").await;
+        serde_json::from_str::<Value>(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON")
+    };
+    let join = |s: SocketAddr, revision: String| async move {
+        let url = format!("ws://{s}/ws/digits?v=1&revision={revision}");
+        let mut ws = connect_async(url).await.expect("connect").0;
+        next(&mut ws).await.expect("an answer")
+    };
+    let first = run(&data).await;
+    let desc = describe(first.addr).await;
+    assert_eq!(desc["files_sha256"][0], hex(&sha256(&[0u8; 10])), "{desc}");
+    assert_eq!(desc["files_sha256"].as_array().map(Vec::len), Some(4));
+    let revision = desc["revision"].as_str().expect("a revision").to_string();
+    assert_eq!(revision.len(), 32);
+    assert_eq!(join(first.addr, revision.clone()).await["type"], "welcome");
+    // The server restarted with one data file changed: the old revision is refused.
+    std::fs::write(data.join("digits/test-labels.idx"), [9u8; 10]).expect("changed");
+    let second = run(&data).await;
+    let now = describe(second.addr).await;
+    assert_ne!(now["revision"], desc["revision"]);
+    let refused = join(second.addr, revision.clone()).await;
+    assert_eq!(refused["code"], "task_changed", "{refused}");
+    // And with the task changed (another learning rate) on the same data.
+    let mut c = base(config(), None, &["digits"]);
+    c.data = data.clone();
+    c.tasks[0].train.lr *= 0.5;
+    let third = start_config(c).await;
+    let now3 = describe(third.addr).await;
+    assert_ne!(now3["revision"], now["revision"]);
+    let stale = now["revision"].as_str().expect("revision").to_string();
+    assert_eq!(join(third.addr, stale).await["code"], "task_changed");
+    // A client that names no revision joins as before.
+    let mut plain = connect(&third, "digits").await;
+    until(&mut plain, "welcome").await;
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[tokio::test]
 async fn origins_off_the_allowlist_are_refused() {
     let s = start(SignalingConfig {

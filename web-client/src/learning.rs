@@ -27,6 +27,7 @@ pub(crate) fn peer_event(ev: SwarmEvent) -> Option<Event> {
         SwarmEvent::PeerDown(p) => Some(Event::Down(p)),
         SwarmEvent::Message { from, data } => Some(Event::Message { from, data }),
         SwarmEvent::TaskState { paused } => Some(Event::TaskPaused(paused)),
+        SwarmEvent::TaskChanged => None,
     }
 }
 
@@ -50,6 +51,8 @@ pub struct SwarmTrainer {
     /// Why the sink failed, once it did: from then on nothing is sent (an update out
     /// before its round is counted would let a restart spend the budget again).
     privacy_failed: Option<String>,
+    /// The server runs another revision of the task ([`SwarmEvent::TaskChanged`]).
+    task_changed: bool,
     /// Local runs that broke (a non-finite loss or gradient), and why the last one did.
     broken: (u64, Option<String>),
 }
@@ -144,6 +147,7 @@ impl SwarmTrainer {
             reported_ms: f64::NEG_INFINITY,
             privacy_sink: None,
             privacy_failed: None,
+            task_changed: false,
             privacy_kept: 0,
             broken: (0, None),
         })
@@ -256,8 +260,10 @@ impl SwarmTrainer {
         let mut rest = Vec::new();
         while let Some(o) = self.peer.poll_output() {
             match o {
-                // Fail closed: the count could not be kept.
-                Output::Send { .. } | Output::Receipt(_) if self.privacy_failed.is_some() => {}
+                // Fail closed: the count could not be kept, or the task is no longer the
+                // server's.
+                Output::Send { .. } | Output::Receipt(_)
+                    if self.privacy_failed.is_some() || self.task_changed => {}
                 Output::Send { to, data } => {
                     // A full queue or a closed channel loses this message: the protocol
                     // copes (deadlines, the next round's update), as with a lost link.
@@ -283,8 +289,17 @@ impl SwarmTrainer {
         self.privacy_failed.as_deref()
     }
 
+    /// Whether the server said it runs another revision of the task than this peer
+    /// loaded: the trainer sends nothing since, and its driver should stop.
+    pub fn task_changed(&self) -> bool {
+        self.task_changed
+    }
+
     /// Takes in one transport event.
     pub fn handle(&mut self, ev: SwarmEvent, net: &impl Transport, now_ms: f64) {
+        if matches!(ev, SwarmEvent::TaskChanged) {
+            self.task_changed = true;
+        }
         if let Some(ev) = peer_event(ev) {
             self.peer.handle(ev, now_ms);
         }
@@ -503,6 +518,16 @@ mod tests {
 
     /// Two peers 1 and 2 of `task`, each told the other is up, and their transports
     /// (messages carried by hand).
+    /// The demo task in rounds of steps (a round's training does not depend on how fast
+    /// a test's clock says it went) and without an upload budget.
+    fn demo_in_rounds_of_steps() -> TaskSpec {
+        let mut task =
+            TaskSpec::from_toml(include_str!("../../tasks/digits.toml")).expect("the demo task");
+        task.learn.round_ms = 0;
+        task.learn.upload_mb_per_hour = 0;
+        task
+    }
+
     fn two_peers(task: &TaskSpec) -> ([PeerId; 2], Vec<Recorder>, Vec<SwarmTrainer>) {
         two_peers_on(task, [samples(), samples()])
     }
@@ -612,13 +637,7 @@ mod tests {
     /// sent receipts.
     #[test]
     fn a_peer_sends_its_first_report_before_its_first_receipt() {
-        let mut task =
-            TaskSpec::from_toml(include_str!("../../tasks/digits.toml")).expect("the demo task");
-        // Rounds of steps: a round's training does not depend on how fast the clock
-        // below says it went.
-        task.learn.round_ms = 0;
-        task.learn.upload_mb_per_hour = 0;
-        let (ids, nets, mut peers) = two_peers(&task);
+        let (ids, nets, mut peers) = two_peers(&demo_in_rounds_of_steps());
         // Each read of the clock moves it on 5 ms.
         let now = Cell::new(0.0);
         let clock = || {
@@ -705,5 +724,18 @@ mod tests {
         assert_eq!(updates[0], 0, "no update left uncounted");
         assert_eq!(peers[0].privacy_failed(), Some("read-only file system"));
         assert!(peers[1].privacy_failed().is_none());
+    }
+
+    /// A peer told that the server runs another revision of the task (`task_changed`:
+    /// it restarted with the task or its data changed) sends nothing since: before, a
+    /// tab loaded before the change trained on among the new task's peers (under other
+    /// privacy settings, unnoised updates in a swarm said to be noised).
+    #[test]
+    fn a_peer_told_the_task_changed_sends_nothing_more() {
+        let (ids, nets, mut peers) = two_peers(&demo_in_rounds_of_steps());
+        peers[0].handle(SwarmEvent::TaskChanged, &nets[0], 0.0);
+        let updates = until_two_updates(&ids, &nets, &mut peers, 5.0);
+        assert_eq!(updates, [0, 2], "only the other peer sends");
+        assert!(peers[0].task_changed() && !peers[1].task_changed());
     }
 }

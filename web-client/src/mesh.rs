@@ -43,8 +43,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use shoal_shared::framing::{DEFAULT_CHUNK, QueueError, SendQueue};
 use shoal_shared::learn::identity::{Identity, hex};
 use shoal_shared::protocol::{
-    ClientMessage, IceServer, MAX_ICE_FIELD, MAX_ICE_URLS, PeerId, PeerReport, ServerMessage,
-    Signal, from_hex, identify_message, usable_ice_url,
+    ClientMessage, ErrorCode, IceServer, MAX_ICE_FIELD, MAX_ICE_URLS, PeerId, PeerReport,
+    ServerMessage, Signal, from_hex, identify_message, usable_ice_url,
 };
 
 use crate::links::InboundLink;
@@ -367,9 +367,15 @@ impl Mesh {
             ServerMessage::Joined { .. } => {}
             ServerMessage::Signal { from, signal } => self.on_signal(from, signal, now_ms),
             ServerMessage::TaskState { paused } => self.emit(SwarmEvent::TaskState { paused }),
-            ServerMessage::Error { code, message } => self.actions.push_back(Action::Warn(
-                format!("signaling error {}: {message}", code.as_str()),
-            )),
+            ServerMessage::Error { code, message } => {
+                if code == ErrorCode::TaskChanged {
+                    self.emit(SwarmEvent::TaskChanged);
+                }
+                self.actions.push_back(Action::Warn(format!(
+                    "signaling error {}: {message}",
+                    code.as_str()
+                )));
+            }
         }
     }
 
@@ -924,6 +930,27 @@ mod tests {
             max_message_bytes: 1 << 16,
             nonce,
         }
+    }
+
+    /// The server's `task_changed` refusal reaches the driver as an event (it stops);
+    /// other errors only warn.
+    #[test]
+    fn a_task_changed_refusal_becomes_an_event_and_other_errors_do_not() {
+        let mut m = member(9, &[]);
+        drain(&mut m);
+        let error = |code| ServerMessage::Error {
+            code,
+            message: "x".into(),
+        };
+        m.on_server(error(ErrorCode::RateLimited), 0);
+        let emitted = |acts: Vec<Action>| {
+            acts.into_iter()
+                .filter(|a| matches!(a, Action::Emit(SwarmEvent::TaskChanged)))
+                .count()
+        };
+        assert_eq!(emitted(drain(&mut m)), 0);
+        m.on_server(error(ErrorCode::TaskChanged), 0);
+        assert_eq!(emitted(drain(&mut m)), 1);
     }
 
     #[test]

@@ -112,10 +112,11 @@ pub const INBOX_FLOOR: usize = 4 << 20;
 #[derive(Debug)]
 pub struct Inbox {
     events: VecDeque<SwarmEvent>,
-    /// The latest signaling event and task state not yet taken, outside the queue: each
-    /// replaces the one before it, and they are taken first. They come at the server's
-    /// pace (a server that alternated `welcome` and `task_state` queued each one).
-    latest: [Option<SwarmEvent>; 2],
+    /// The latest signaling event, task state and `task_changed` not yet taken, outside
+    /// the queue: each replaces the one before it, and they are taken first. They come
+    /// at the server's pace (a server that alternated `welcome` and `task_state` queued
+    /// each one).
+    latest: [Option<SwarmEvent>; 3],
     /// Bytes and messages waiting per sender (a few neighbours: a list).
     waiting: Vec<(PeerId, usize, usize)>,
     bytes: usize,
@@ -136,7 +137,7 @@ impl Inbox {
     pub fn new(limit: usize) -> Self {
         Self {
             events: VecDeque::new(),
-            latest: [None, None],
+            latest: [None, None, None],
             waiting: Vec::new(),
             bytes: 0,
             dropped: 0,
@@ -164,6 +165,10 @@ impl Inbox {
             }
             SwarmEvent::TaskState { .. } => {
                 self.latest[1] = Some(ev);
+                return true;
+            }
+            SwarmEvent::TaskChanged => {
+                self.latest[2] = Some(ev);
                 return true;
             }
             _ => {}
@@ -268,6 +273,9 @@ pub enum SwarmEvent {
         /// Paused.
         paused: bool,
     },
+    /// The server refused the connection with `task_changed`: it runs another revision
+    /// of the task than the one this client loaded and named. Its driver stops.
+    TaskChanged,
 }
 
 /// Why a message could not be sent.

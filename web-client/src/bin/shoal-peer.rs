@@ -103,7 +103,7 @@ mod peer {
                 args.server
             );
         }
-        let url = format!(
+        let mut url = format!(
             "{}/ws/{}?v={}",
             args.server.trim_end_matches('/'),
             args.task,
@@ -120,7 +120,14 @@ mod peer {
         let task = if args.echo {
             None
         } else {
-            Some(task(&args).await?)
+            let (task, revision) = task(&args).await?;
+            // The connection names the server's revision of the task it trains: once the
+            // server runs another (restarted with the task or its data changed), it is
+            // refused (`task_changed`) and this peer stops.
+            if let Some(r) = revision {
+                url.push_str(&format!("&revision={r}"));
+            }
+            Some(task)
         };
         let swarm = NativeSwarm::connect(NativeOptions {
             url,
@@ -157,6 +164,7 @@ mod peer {
                         SwarmEvent::PeerUp(p) => println!("peer-up {p}"),
                         SwarmEvent::PeerDown(p) => println!("peer-down {p}"),
                         SwarmEvent::TaskState { paused } => println!("task-state {paused}"),
+                        SwarmEvent::TaskChanged => println!("task-changed"),
                         SwarmEvent::Message { from, data } => {
                             let hash: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
                             println!("message {from} {} {hash}", data.len());
@@ -255,8 +263,9 @@ mod peer {
     /// The task: the server's (its description at `/api/tasks/{task}`), checked against
     /// `--task-file` when one is given (a peer training another model than its
     /// neighbours' would have every update refused, silently). Without the server's, the
-    /// task file's, or the built-in demo for `--task digits`.
-    async fn task(args: &Args) -> Result<TaskSpec> {
+    /// task file's, or the built-in demo for `--task digits`. With it, the server's
+    /// revision of the task, where the server gave one.
+    async fn task(args: &Args) -> Result<(TaskSpec, Option<String>)> {
         let path = format!("/api/tasks/{}", args.task);
         // A server just starting may not answer yet: three tries, a second apart.
         let mut fetched = Err(anyhow::anyhow!("GET {path}: not tried"));
@@ -269,6 +278,12 @@ mod peer {
                 break;
             }
         }
+        let revision = fetched.as_ref().ok().and_then(|d| {
+            d["revision"]
+                .as_str()
+                .filter(|r| r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(str::to_string)
+        });
         let served = fetched.and_then(|d| {
             let t = serde_json::to_string(&d["task"])?;
             TaskSpec::from_json(&t)
@@ -340,7 +355,7 @@ mod peer {
             }
             (None, Err(e)) => bail!("{e:#} (or pass --task-file)"),
         };
-        Ok(task)
+        Ok((task, revision))
     }
 
     /// The first place where `a` (ours) and `b` (the server's) differ: its path and both
@@ -623,6 +638,11 @@ mod peer {
             if let Some(e) = peer.privacy_failed() {
                 anyhow::bail!(
                     "the privacy count could not be kept ({e}): stopped, with no update sent uncounted"
+                );
+            }
+            if peer.task_changed() {
+                anyhow::bail!(
+                    "the task changed on the server since this peer loaded it (task_changed): stopped; start again to load the new one"
                 );
             }
             // Said when it happens (a peer whose every run breaks closes no round), at

@@ -275,6 +275,7 @@ fn to_js(ev: SwarmEvent) -> JsValue {
         SwarmEvent::PeerUp(p) => event("peer_up", &[("peer", p.to_string().into())]),
         SwarmEvent::PeerDown(p) => event("peer_down", &[("peer", p.to_string().into())]),
         SwarmEvent::TaskState { paused } => event("task_state", &[("paused", paused.into())]),
+        SwarmEvent::TaskChanged => event("task_changed", &[]),
         SwarmEvent::Message { from, data } => event(
             "message",
             &[
