@@ -406,6 +406,53 @@ test('a worker that cannot get its task\'s data says so and leaves the swarm', a
   await page.close();
 });
 
+test('a data file that changed on the server since the task started is refused, not trained on', async () => {
+  // The server checked its files at start and gives their SHA-256; a file replaced since
+  // (here: the test labels, as the browser receives them) must not be trained or
+  // evaluated on by later joiners only.
+  const page = await browser.newPage();
+  await page.context().route('**/data/digits/test-labels.idx', async (route) => {
+    const real = await route.fetch();
+    const bytes = Buffer.from(await real.body());
+    bytes[bytes.length - 1] ^= 1;
+    await route.fulfill({ response: real, body: bytes });
+  });
+  await page.goto(server.url);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await pressConsent(page);
+  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
+    null, { timeout: 60_000 });
+  assert.match(await page.textContent('#status'), /test-labels\.idx changed on the server since the task started/);
+  await page.close();
+});
+
+test('a page that loaded another revision of the task is refused by the server and stops', async () => {
+  // As after the server restarted with the task changed (privacy added, say) while the
+  // page was open: the page's description names a revision the server no longer runs.
+  const page = await browser.newPage();
+  const sockets = [];
+  page.on('websocket', (ws) => sockets.push(ws));
+  await page.context().route('**/api/tasks/digits', async (route) => {
+    const real = await route.fetch();
+    const desc = await real.json();
+    assert.match(desc.revision, /^[0-9a-f]{32}$/);
+    desc.revision = '0'.repeat(32);
+    await route.fulfill({ response: real, json: desc });
+  });
+  await page.goto(server.url);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await pressConsent(page);
+  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
+    null, { timeout: 60_000 });
+  assert.match(await page.textContent('#status'), /the task changed on the server since this page loaded it/);
+  const deadline = Date.now() + 10_000;
+  while (!(sockets.length > 0 && sockets.every((ws) => ws.isClosed())) && Date.now() < deadline) {
+    await page.waitForTimeout(200);
+  }
+  assert.ok(sockets.every((ws) => ws.isClosed()), 'no swarm connection stays open');
+  await page.close();
+});
+
 /** Draws a stroke through `points` (fractions of the pad) with the mouse. */
 async function stroke(page, points) {
   const pad = page.locator('#pad');
