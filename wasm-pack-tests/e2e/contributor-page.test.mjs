@@ -383,6 +383,15 @@ test('without WebGPU the page says it will train on the CPU', async () => {
   await page.close();
 });
 
+/** Opens the contributor page, consents, and waits until it shows an error. */
+async function consentUntilStopped(page) {
+  await page.goto(server.url);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await pressConsent(page);
+  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
+    null, { timeout: 60_000 });
+}
+
 test('a worker that cannot get its task\'s data says so and leaves the swarm', async () => {
   // The task's data cannot be had (a server or network failing mid-visit): the worker
   // stops for good, and the page closes the swarm connection it had opened, rather than
@@ -391,11 +400,7 @@ test('a worker that cannot get its task\'s data says so and leaves the swarm', a
   const sockets = [];
   page.on('websocket', (ws) => sockets.push(ws));
   await page.context().route('**/data/**', (route) => route.fulfill({ status: 503, body: 'down' }));
-  await page.goto(server.url);
-  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await pressConsent(page);
-  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
-    null, { timeout: 60_000 });
+  await consentUntilStopped(page);
   assert.match(await page.textContent('#status'), /Shoal stopped: .*HTTP 503/);
   const deadline = Date.now() + 10_000;
   while (!(sockets.length > 0 && sockets.every((ws) => ws.isClosed())) && Date.now() < deadline) {
@@ -417,11 +422,7 @@ test('a data file that changed on the server since the task started is refused, 
     bytes[bytes.length - 1] ^= 1;
     await route.fulfill({ response: real, body: bytes });
   });
-  await page.goto(server.url);
-  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await pressConsent(page);
-  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
-    null, { timeout: 60_000 });
+  await consentUntilStopped(page);
   assert.match(await page.textContent('#status'), /test-labels\.idx changed on the server since the task started/);
   await page.close();
 });
@@ -439,11 +440,7 @@ test('a page that loaded another revision of the task is refused by the server a
     desc.revision = '0'.repeat(32);
     await route.fulfill({ response: real, json: desc });
   });
-  await page.goto(server.url);
-  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await pressConsent(page);
-  await page.waitForFunction(() => document.getElementById('status').dataset.state === 'error',
-    null, { timeout: 60_000 });
+  await consentUntilStopped(page);
   assert.match(await page.textContent('#status'), /the task changed on the server since this page loaded it/);
   const deadline = Date.now() + 10_000;
   while (!(sockets.length > 0 && sockets.every((ws) => ws.isClosed())) && Date.now() < deadline) {
