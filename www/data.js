@@ -10,17 +10,17 @@ async function fetchBytes(path) {
 /** Downloads the files of a task's description `desc` (`files`, in order) and checks each
  * against the SHA-256 the description gives (`files_sha256`, as the server read them at
  * start): a file changed on the server since (replaced mid-run, or cut by a copy in
- * progress) is refused, not trained or evaluated on. */
-export async function fetchTaskFiles(desc) {
+ * progress) is refused, not trained or evaluated on. `sha256Hex` is the worker's bundle's
+ * (WebCrypto's digest exists only on secure pages, and Shoal is served over plain HTTP
+ * too). */
+export async function fetchTaskFiles(desc, sha256Hex) {
   const files = await Promise.all(desc.files.map(fetchBytes));
   const want = desc.files_sha256;
   if (!Array.isArray(want)) return files;
-  for (let i = 0; i < files.length; i++) {
-    const got = new Uint8Array(await crypto.subtle.digest('SHA-256', files[i]));
-    const hex = Array.from(got, (b) => b.toString(16).padStart(2, '0')).join('');
-    if (hex !== want[i]) {
+  files.forEach((bytes, i) => {
+    if (sha256Hex(bytes) !== want[i]) {
       throw new Error(`${desc.files[i]} changed on the server since the task started (its SHA-256 is not the one the task gives); the server must be restarted with it`);
     }
-  }
+  });
   return files;
 }

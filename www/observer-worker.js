@@ -2,7 +2,7 @@
 // from a neighbour every few seconds, evaluates it on the task's held-out split, and
 // writes the safetensors export on request. It never trains or sends updates.
 // The researcher's bundle: the contributor's plus the observer (visitors never load it).
-import init, { SwarmObserver, EarlyEvents } from './pkg/shoal_dashboard_client.js';
+import init, { SwarmObserver, EarlyEvents, sha256Hex } from './pkg/shoal_dashboard_client.js';
 import { fetchTaskFiles } from './data.js';
 
 let observer = null;
@@ -25,7 +25,7 @@ async function observe(task, everyMs) {
   // What neighbours send meanwhile is bounded by the task's largest message.
   parameters = desc.cost?.parameters ?? NaN;
   early?.setParameters(parameters);
-  const files = await fetchTaskFiles(desc);
+  const files = await fetchTaskFiles(desc, sha256Hex);
   observer = SwarmObserver.create(JSON.stringify(desc.task), files, everyMs);
   if (early) observer.adopt(early);
   early?.free();

@@ -2,7 +2,7 @@
 // thread: the WebGPU probe, then (after the visitor's consent) the swarm peer's training
 // loop. The WebRTC connections live on the page's main thread (browsers have none in
 // workers); messages pass through `postMessage`.
-import init, { probe, SwarmPeer, LocalFiles, EarlyEvents } from './pkg/shoal_web_client.js';
+import init, { probe, SwarmPeer, LocalFiles, EarlyEvents, sha256Hex } from './pkg/shoal_web_client.js';
 import { fetchTaskFiles } from './data.js';
 
 let backend = 'cpu';
@@ -239,7 +239,7 @@ async function contribute(task, secret, head, privacySent, consented, mine, revi
   if (revision && desc.revision !== revision) {
     throw new Error('the task changed on the server since you agreed to it; reload the page to see what it asks now');
   }
-  const files = await fetchTaskFiles(desc);
+  const files = await fetchTaskFiles(desc, sha256Hex);
   // A task on local data trains on the files the visitor chose (the set summarised when
   // they consented).
   peer = await SwarmPeer.create(backend, secret, JSON.stringify(desc.task), files, mine ?? undefined);

@@ -21,6 +21,23 @@ pub const MAX_CSV_BYTES: usize = 256 << 20;
 /// downloads, the parsed set, 4 bytes a value).
 pub const MAX_DATA_BYTES: usize = 64 << 20;
 
+/// The bytes of the file at `path`, refused once past `limit`: read up to one byte more,
+/// so that a file of many gigabytes (or a device that never ends) is never read whole.
+pub fn read_at_most(path: &std::path::Path, limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {} MiB", limit >> 20),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Refuses a task's files past [`MAX_DATA_BYTES`] in all, before any is parsed.
 fn within_data_limit(files: &[&[u8]]) -> Result<(), TaskError> {
     let total: usize = files.iter().map(|f| f.len()).sum();
@@ -759,7 +776,7 @@ impl TaskSpec {
             .zip(f.paths())
             .map(|(field, path)| {
                 let full = dir.join(path);
-                std::fs::read(&full).map_err(|e| {
+                read_at_most(&full, MAX_DATA_BYTES).map_err(|e| {
                     err(
                         &format!("{split}.{field}"),
                         format!("{}: {e}", full.display()),
@@ -888,6 +905,23 @@ mod tests {
         assert_eq!(e.field, "train.batch", "{e}");
         t.train.batch = 32;
         assert!(t.validate().is_ok(), "55 MiB fits");
+    }
+
+    /// A data file is read up to the limit and a byte, never whole: a file of gigabytes
+    /// (or a link to a device that never ends) was read into memory before the limit
+    /// was checked.
+    #[cfg(unix)]
+    #[test]
+    fn a_data_file_is_never_read_past_the_limit() {
+        let e = read_at_most(std::path::Path::new("/dev/zero"), 1 << 20).expect_err("endless");
+        assert!(e.to_string().contains("more than 1 MiB"), "{e}");
+        let dir = std::env::temp_dir().join(format!("shoal-read-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("digits")).expect("dir");
+        std::os::unix::fs::symlink("/dev/zero", dir.join("digits/train-images.idx")).expect("link");
+        let e = TaskSpec::digits().load_datasets(&dir).expect_err("refused");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(e.field, "data.train.images", "{e}");
+        assert!(e.to_string().contains("more than 64 MiB"), "{e}");
     }
 
     /// The server's data are bounded in all as a visitor's own are: two IDX files of up

@@ -207,11 +207,14 @@ pub fn replace_durably(
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        // Made anew: whatever is at that name goes first (a link planted there, followed,
+        // had the keeper overwrite the file it pointed to, outside the folder), and
+        // `create_new` never follows a link made meanwhile.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         write(&mut f)?;
         f.sync_all()?;
     }
@@ -286,6 +289,23 @@ mod tests {
             binding(&plain),
             binding(&shoal_shared::task::TaskSpec::digits())
         );
+    }
+
+    /// A link planted at a checkpoint's temporary name is replaced, not followed: the
+    /// keeper wrote through it, over the file it pointed to, outside its folder.
+    #[cfg(unix)]
+    #[test]
+    fn a_link_at_a_temporary_name_is_not_written_through() {
+        let dir = fresh_dir("link");
+        let outside = dir.with_extension("outside");
+        fs::write(&outside, "keep").expect("outside file");
+        let dst = dir.join("model.safetensors");
+        std::os::unix::fs::symlink(&outside, dir.join("model.safetensors.tmp")).expect("link");
+        replace_durably(&dst, |f| f.write_all(b"new")).expect("replaced");
+        assert_eq!(fs::read_to_string(&outside).expect("outside"), "keep");
+        assert_eq!(fs::read_to_string(&dst).expect("written"), "new");
+        let _ = fs::remove_file(&outside);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// An empty folder of this test process's own, named after `name`.

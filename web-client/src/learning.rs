@@ -516,8 +516,6 @@ mod tests {
         }
     }
 
-    /// Two peers 1 and 2 of `task`, each told the other is up, and their transports
-    /// (messages carried by hand).
     /// The demo task in rounds of steps (a round's training does not depend on how fast
     /// a test's clock says it went) and without an upload budget.
     fn demo_in_rounds_of_steps() -> TaskSpec {
@@ -528,6 +526,8 @@ mod tests {
         task
     }
 
+    /// Two peers 1 and 2 of `task`, each told the other is up, and their transports
+    /// (messages carried by hand).
     fn two_peers(task: &TaskSpec) -> ([PeerId; 2], Vec<Recorder>, Vec<SwarmTrainer>) {
         two_peers_on(task, [samples(), samples()])
     }

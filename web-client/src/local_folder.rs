@@ -21,7 +21,8 @@ pub fn read_folder(task: &TaskSpec, dir: &Path) -> Result<LocalData, String> {
     let mut files = Vec::new();
     let mut passed = Vec::new();
     walk(dir, 0, &mut files, &mut passed).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if files.len() + passed.len() >= MAX_ENTRIES {
+    if files.len() + passed.len() > MAX_ENTRIES {
+        files.truncate(MAX_ENTRIES.saturating_sub(passed.len()));
         passed.push((
             dir.to_path_buf(),
             format!("more than {MAX_ENTRIES} entries: the rest not listed"),
@@ -110,7 +111,8 @@ fn walk(
     passed: &mut Vec<(PathBuf, String)>,
 ) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
-        if out.len() + passed.len() >= MAX_ENTRIES {
+        // One past the limit tells that the rest was left out.
+        if out.len() + passed.len() > MAX_ENTRIES {
             break;
         }
         let Ok(entry) = entry else { continue };

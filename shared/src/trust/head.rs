@@ -24,6 +24,9 @@ const MAGIC: [u8; 8] = *b"SHOALHD1";
 pub const FIXED_BYTES: usize = 8 + 1 + 8 + 32 + 8 + 32 + 64;
 /// The longest head.
 pub const MAX_HEAD_BYTES: usize = FIXED_BYTES + MAX_TASK_BYTES;
+/// The largest count a head may give: 2^53, what JavaScript's numbers hold exactly (the
+/// browser's witness passes entry numbers through them).
+pub const MAX_HEAD_COUNT: u64 = 1 << 53;
 
 /// Why head bytes were refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -109,6 +112,12 @@ impl SignedHead {
         let count = c.u64()?;
         if count == 0 {
             return Err(HeadError::Malformed("a head of an empty ledger"));
+        }
+        // Entry numbers pass through JavaScript's numbers in the browser's witness: past
+        // 2^53 an entry's number rounds to another, its lookup never matches, and the
+        // head stayed unchecked (and held a lookup slot) for good.
+        if count > MAX_HEAD_COUNT {
+            return Err(HeadError::Malformed("a count past 2^53 entries"));
         }
         let hash = c.array::<32>()?;
         let time_ms = c.u64()?;
@@ -420,6 +429,17 @@ mod tests {
 
     fn head(count: u64, hash: u8) -> SignedHead {
         SignedHead::sign(&server(), "digits", count, [hash; 32], 1_000 + count)
+    }
+
+    /// A count past 2^53 is refused: the browser's witness passes entry numbers through
+    /// JavaScript's numbers, where such an entry's number rounds to another, its lookup
+    /// never matched, and the head stayed unchecked while every check said intact.
+    #[test]
+    fn a_head_counting_past_what_a_browser_holds_exactly_is_refused() {
+        let at = |count: u64| SignedHead::sign(&server(), "digits", count, [1; 32], 0).encode();
+        assert!(SignedHead::decode(&at(MAX_HEAD_COUNT)).is_ok());
+        assert!(SignedHead::decode(&at(MAX_HEAD_COUNT + 2)).is_err());
+        assert!(SignedHead::decode(&at(u64::MAX)).is_err());
     }
 
     #[test]

@@ -687,7 +687,14 @@ impl LedgerFile {
         for entry in entries {
             ledger.remember(entry);
         }
-        ledger.check_mark()?;
+        if let Err(e) = ledger.check_mark() {
+            // The file may have just been cut to its valid prefix: say where the whole
+            // original went, or the operator restores the cut one.
+            return Err(match note {
+                Some(note) => io::Error::new(e.kind(), format!("{e}; before that, {note}")),
+                None => e,
+            });
+        }
         Ok((ledger, note))
     }
 

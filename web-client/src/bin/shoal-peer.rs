@@ -121,6 +121,11 @@ mod peer {
             None
         } else {
             let (task, revision) = task(&args).await?;
+            if revision.is_none() {
+                eprintln!(
+                    "shoal: the server gave no revision of the task: this peer is not told if the task changes on the server (a restart with other settings) and would train on with this one"
+                );
+            }
             // The connection names the server's revision of the task it trains: once the
             // server runs another (restarted with the task or its data changed), it is
             // refused (`task_changed`) and this peer stops.
@@ -267,9 +272,10 @@ mod peer {
     /// revision of the task, where the server gave one.
     async fn task(args: &Args) -> Result<(TaskSpec, Option<String>)> {
         let path = format!("/api/tasks/{}", args.task);
-        // A server just starting may not answer yet: three tries, a second apart.
+        // A server just starting may not answer yet (it hashes its data files first): ten
+        // tries, a second apart.
         let mut fetched = Err(anyhow::anyhow!("GET {path}: not tried"));
-        for attempt in 0..3 {
+        for attempt in 0..10 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

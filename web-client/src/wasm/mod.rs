@@ -91,6 +91,14 @@ pub async fn probe() -> String {
     value.to_string()
 }
 
+/// The SHA-256 of `bytes` as 64 lowercase hex digits: the workers check the task's data
+/// files with it (`www/data.js`). WebCrypto's digest exists only on secure pages (HTTPS
+/// or localhost), and a page served over plain HTTP from a LAN address failed there.
+#[wasm_bindgen(js_name = sha256Hex)]
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    shoal_shared::learn::identity::hex(&shoal_shared::trust::receipt::sha256(bytes))
+}
+
 /// A training loop for benchmarks, driven from JavaScript: `run(steps)` enqueues steps,
 /// `loss()` waits for them and reads the loss back.
 #[wasm_bindgen]
