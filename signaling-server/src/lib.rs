@@ -156,7 +156,22 @@ pub fn app(config: &Config) -> App {
     let files = embed
         // The data's `.gz` siblings, written once at start (`precompress`), go to
         // clients that accept gzip: downloads cost no compression.
-        .nest_service("/data", ServeDir::new(&config.data).precompressed_gzip())
+        .nest(
+            "/data",
+            Router::new()
+                .fallback_service(ServeDir::new(&config.data).precompressed_gzip())
+                .layer(axum::middleware::from_fn_with_state(
+                    Arc::new(
+                        config
+                            .tasks
+                            .iter()
+                            .flat_map(task_paths)
+                            .map(str::to_string)
+                            .collect::<std::collections::HashSet<String>>(),
+                    ),
+                    only_task_files,
+                )),
+        )
         .route_service("/embed.html", ServeFile::new(config.www.join("embed.html")))
         .fallback_service(site)
         .layer(revalidate)
@@ -225,6 +240,21 @@ pub fn app(config: &Config) -> App {
 /// the widget's frame and the workers a page starts say `require-corp` themselves, as a
 /// frame in such a page, and a worker it starts, must (all they load is Shoal's own).
 /// Without these such a page got no card at all: its browser blocked `embed.js`.
+/// Serves from the data folder only the files the tasks name (their paths relative to
+/// it, as `/api/tasks/{task}` lists them): the folder may hold others (a researcher's raw
+/// data, files of a task not run), and `/data/` served every one.
+async fn only_task_files(
+    State(allowed): State<Arc<std::collections::HashSet<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if allowed.contains(request.uri().path().trim_start_matches('/')) {
+        next.run(request).await
+    } else {
+        (StatusCode::NOT_FOUND, "no such data file\n").into_response()
+    }
+}
+
 async fn cross_origin_headers(
     request: axum::extract::Request,
     next: axum::middleware::Next,

@@ -362,7 +362,8 @@ async fn wrong_protocol_version_is_refused() {
     until(&mut ws, "welcome").await;
 }
 
-/// The description gives each data file's SHA-256 and the task's revision; a client that
+/// Only the data files tasks name are served. The description gives each one's SHA-256
+/// and the task's revision; a client that
 /// names the revision it loaded is refused with `task_changed` once the task or its data
 /// changed (a tab that loaded the task before the server restarted with `[privacy]`
 /// added trained on without noise among the new peers), and joins while it has not.
@@ -395,6 +396,23 @@ async fn a_client_of_another_revision_of_the_task_is_refused() {
         next(&mut ws).await.expect("an answer")
     };
     let first = run(&data).await;
+    // Only the files tasks name are served from the data folder; it served every one.
+    std::fs::write(data.join("digits/private.csv"), "not for visitors").expect("file");
+    std::fs::write(data.join("notes.txt"), "nor this").expect("file");
+    for (path, status) in [
+        ("/data/digits/test-labels.idx", "200"),
+        ("/data/digits/private.csv", "404"),
+        ("/data/notes.txt", "404"),
+        ("/data/digits/../digits/test-labels.idx", "404"),
+        ("/data/", "404"),
+    ] {
+        let answer = http_get(first.addr, path).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {}",
+            answer.lines().next().unwrap_or("")
+        );
+    }
     let desc = describe(first.addr).await;
     assert_eq!(desc["files_sha256"][0], hex(&sha256(&[0u8; 10])), "{desc}");
     assert_eq!(desc["files_sha256"].as_array().map(Vec::len), Some(4));
