@@ -1,7 +1,10 @@
-//! `cargo xtask ledger verify FILE [--credits]`: checks a task's ledger file (from the
-//! server's `--ledger-dir`, or `GET /api/tasks/{task}/ledger/file`) as docs/protocol.md
-//! ("The ledger file") defines it, and with `--credits` recomputes the credits from it
-//! ("Credits"), so that nobody has to trust the server's numbers.
+//! `cargo xtask ledger verify FILE [--credits] [--head HEX]`: checks a task's ledger file
+//! (from the server's `--ledger-dir`, or `GET /api/tasks/{task}/ledger/file`) as
+//! docs/protocol.md ("The ledger file") defines it, and with `--credits` recomputes the
+//! credits from it ("Credits"), so that nobody has to trust the server's numbers. With
+//! `--head`, a head the server signed (a ledger page's `signed_head`, or one a peer
+//! kept) must be in the file: a file served with history cut or rebuilt is valid on its
+//! own, and only a head signed before tells.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -11,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use shoal_shared::learn::identity::hex;
 use shoal_shared::trust::{credits, ledger};
 
-const USAGE: &str = "usage: cargo xtask ledger verify FILE [--credits]";
+const USAGE: &str = "usage: cargo xtask ledger verify FILE [--credits] [--head HEX]";
 /// How many keys and sites `--credits` lists.
 const TOP: usize = 20;
 
@@ -23,17 +26,74 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     let mut file: Option<PathBuf> = None;
     let mut with_credits = false;
-    for a in &args[1..] {
+    let mut head: Option<String> = None;
+    let mut rest = args[1..].iter();
+    while let Some(a) = rest.next() {
         match a.as_str() {
             "--credits" => with_credits = true,
-            o if o.starts_with('-') => bail!("unknown option {o} (expected --credits)"),
+            "--head" => {
+                head = Some(
+                    rest.next()
+                        .context("--head needs a signed head (hex)")?
+                        .clone(),
+                )
+            }
+            o if o.starts_with('-') => bail!("unknown option {o} (expected --credits or --head)"),
             f if file.is_none() => file = Some(f.into()),
             f => bail!("one FILE only (got {f:?} too; {USAGE})"),
         }
     }
     let file = file.context(USAGE)?;
-    print!("{}", verify(&file, with_credits)?);
+    let mut out = verify(&file, with_credits)?;
+    if let Some(head) = head {
+        out.push_str(&holds_head(&file, &head)?);
+    }
+    print!("{out}");
     Ok(())
+}
+
+/// Checks that the ledger at `path` (already verified) holds the signed head `head_hex`:
+/// the signature is the server's (the key it names, printed for the auditor to compare
+/// with the one they expect), the task is the file's, and the file's entry `count - 1`
+/// has the head's hash. The report line, or an error saying what is missing.
+pub(crate) fn holds_head(path: &Path, head_hex: &str) -> Result<String> {
+    use shoal_shared::trust::head::SignedHead;
+    let bytes = shoal_shared::protocol::from_hex(head_hex.trim())
+        .context("--head: not hex (a ledger page's signed_head)")?;
+    let h = SignedHead::decode(&bytes).map_err(|e| anyhow::anyhow!("--head: {e}"))?;
+    let file = std::fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
+    let (v, _) = ledger::read(&file);
+    if h.task != v.task {
+        bail!("--head is of task {:?}, the file of {:?}", h.task, v.task);
+    }
+    let index = h.count - 1;
+    let end = v.start + v.entries.len() as u64;
+    let held = index
+        .checked_sub(v.start)
+        .and_then(|i| v.entries.get(i as usize))
+        .map(|e| e.hash);
+    match held {
+        Some(hash) if hash == h.hash => Ok(format!(
+            "  holds the head server {} signed at {} entries (at {} ms)\n",
+            hex(&h.server),
+            h.count,
+            h.time_ms
+        )),
+        Some(_) => bail!(
+            "{}: entry {index} is not the one server {} signed (another hash): the history \
+             was rewritten after it signed it",
+            path.display(),
+            hex(&h.server)
+        ),
+        None => bail!(
+            "{}: holds entries {} to {} (end {end}), not entry {index} that server {} signed \
+             a head at: the history was cut (or this is another segment)",
+            path.display(),
+            v.start,
+            end.saturating_sub(1),
+            hex(&h.server)
+        ),
+    }
 }
 
 /// Verifies the ledger at `path`: the report to print when it is valid to its end, or an
@@ -162,6 +222,64 @@ mod tests {
         let offset = ledger::header("digits").len() + 2 * entry_len;
         assert!(e.contains(&format!("entry 2 at byte {offset}")), "{e}");
         assert!(e.contains("the 2 entries before it are valid"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file that verifies on its own but was cut, or rebuilt, after the server signed
+    /// a head is caught with `--head`; the whole one holds it.
+    #[test]
+    fn a_cut_or_rebuilt_ledger_does_not_hold_the_head_the_server_signed() {
+        let dir = std::env::temp_dir().join(format!("shoal-xtask-head-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let key = |seed: u8| Identity::from_seed([seed; 32]);
+        let write = |dir: &Path, rounds: &[u64]| {
+            let (mut l, _) = LedgerFile::open(dir, "digits", 1).expect("open");
+            for &round in rounds {
+                let r = Receipt::sign(
+                    &key(1),
+                    "digits",
+                    round,
+                    key(2).public(),
+                    640,
+                    sha256(b"u"),
+                    0,
+                );
+                l.append(round * 100, 4, "", &r.encode()).expect("append");
+            }
+            (l.path().to_path_buf(), l.count(), l.head())
+        };
+        let (path, count, hash) = write(&dir, &[5, 6, 7, 8]);
+        let server = key(9);
+        let signed = |count, hash| {
+            hex(
+                &shoal_shared::trust::head::SignedHead::sign(&server, "digits", count, hash, 1)
+                    .encode(),
+            )
+        };
+        let head = signed(count, hash);
+        assert!(
+            holds_head(&path, &head)
+                .expect("held")
+                .contains("at 4 entries")
+        );
+        // Cut to three entries: valid alone, and not holding the head.
+        let cut = dir.join("cut");
+        let (cut_path, ..) = write(&cut, &[5, 6, 7]);
+        verify(&cut_path, false).expect("valid alone");
+        let e = holds_head(&cut_path, &head).expect_err("cut").to_string();
+        assert!(e.contains("the history was cut"), "{e}");
+        // Rebuilt with another fourth entry.
+        let other = dir.join("other");
+        let (other_path, ..) = write(&other, &[5, 6, 7, 9]);
+        let e = holds_head(&other_path, &head)
+            .expect_err("rewritten")
+            .to_string();
+        assert!(e.contains("was rewritten"), "{e}");
+        // A head whose signature does not hold is refused.
+        let mut forged = shoal_shared::protocol::from_hex(&head).expect("hex");
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(holds_head(&path, &hex(&forged)).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
