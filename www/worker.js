@@ -194,13 +194,32 @@ async function chooseLocal(taskJson, reading, entries) {
 // or a chunk of a round sized in time), closes a round, or finds nothing to do (then the
 // worker sleeps briefly). After each tick that trained, the throttle rests for the time
 // the duty cycle asks.
-// The ledger's witness (docs/protocol.md, "Signed heads and gossip"): every 15 s, between
-// two ticks, the heads this peer holds (kept from an earlier visit, or gossiped by a
-// neighbour) are checked against the server's ledger; the page shows the verdict and
-// keeps the newest head that checked out.
+// The ledger's witness (docs/protocol.md, "Signed heads and gossip"): every 15 s the heads
+// this peer holds (kept from an earlier visit, or gossiped by a neighbour) are checked
+// against the server's ledger; the page shows the verdict and keeps the newest head that
+// checked out. The server's answers are awaited beside training, not in its loop: a
+// server slow to answer (each lookup may take 5 s) froze the worker's training, its
+// neighbours' messages and the visitor's tries for up to 10 s in every 15. The peer is
+// asked only between two ticks (what to look up, then the verdict).
 const WITNESS_EVERY_MS = 15_000;
+let witnessing = false;
+let witnessAnswer = null;
+
+function judgeLedger({ at, pages }) {
+  witnessAnswer = null;
+  if (!peer) return;
+  try {
+    // What the server shows at each index looked up ("" where it has no entry).
+    const hashes = at.map((i, k) => pages[k].entries.find((x) => x.index === i)?.hash ?? '');
+    const verdict = JSON.parse(peer.checkLedger(pages.at(-1).signed_head ?? null, at, hashes));
+    if (verdict) post({ type: 'ledger', verdict });
+  } catch {
+    // A malformed answer: the next check will tell.
+  }
+}
 
 async function witness(task) {
+  witnessing = true;
   try {
     const at = Array.from(peer.ledgerLookups());
     const base = `/api/tasks/${encodeURIComponent(task)}/ledger`;
@@ -214,13 +233,11 @@ async function witness(task) {
     // address, and the page's credits are one of them.
     const pages = [];
     for (const i of (at.length ? at : [null])) pages.push(await get(i === null ? 'limit=1' : `from=${i}&limit=1`));
-    if (!peer) return;
-    // What the server shows at each index looked up ("" where it has no entry).
-    const hashes = at.map((i, k) => pages[k].entries.find((x) => x.index === i)?.hash ?? '');
-    const verdict = JSON.parse(peer.checkLedger(pages.at(-1).signed_head ?? null, at, hashes));
-    if (verdict) post({ type: 'ledger', verdict });
+    witnessAnswer = { at, pages };
   } catch {
     // The server is unreachable or busy: the next check will tell.
+  } finally {
+    witnessing = false;
   }
 }
 
@@ -290,9 +307,11 @@ async function contribute(task, secret, head, privacySent, consented, mine, revi
       shown = now;
     }
     if (tryRequest) answerTry();
-    if (now - witnessed >= WITNESS_EVERY_MS) {
+    // The lookups go on beside training; their verdict is taken between two ticks.
+    if (witnessAnswer) judgeLedger(witnessAnswer);
+    if (now - witnessed >= WITNESS_EVERY_MS && !witnessing) {
       witnessed = now;
-      await witness(task);
+      witness(task);
     }
     phase = p.phase;
     if (p.trained && duty < 1) await sleep(spent * (1 / duty - 1));

@@ -462,6 +462,31 @@ async function stroke(page, points) {
   await page.mouse.up();
 }
 
+test('a server slow to answer the ledger\'s lookups does not stall the visitor\'s training', async () => {
+  // The witness looks a head up every 15 s; each answer here takes 4.5 s (a busy or
+  // hostile server). Awaited in the training loop, it froze the worker that long: no
+  // round closed, no neighbour's message was taken.
+  const page = await webrtcPage(browser, `${server.url}/?backend=cpu`);
+  let lookups = 0;
+  await page.context().route('**/ledger?**', async (route) => {
+    lookups += 1;
+    await new Promise((resolve) => setTimeout(resolve, 4_500));
+    await route.continue().catch(() => {});
+  });
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await pressConsent(page);
+  await page.waitForFunction(() => window.shoalProgress.some((e) => e.round >= 3), null,
+    { timeout: 300_000, polling: 500 });
+  const from = await page.evaluate(() => performance.now());
+  await page.waitForTimeout(32_000);
+  const at = await page.evaluate((t) => window.shoalProgress.map((e) => e.at).filter((x) => x >= t), from);
+  assert.ok(lookups >= 2, `the witness looked up the ledger ${lookups} times`);
+  assert.ok(at.length >= 10, `${at.length} rounds closed in 32 s`);
+  const gaps = at.slice(1).map((x, i) => x - at[i]);
+  assert.ok(Math.max(...gaps) < 3_000, `rounds closed ${Math.round(Math.max(...gaps))} ms apart at most`);
+  await page.close();
+});
+
 test('a visitor draws digits on the pad and the model their browser trains reads them', async () => {
   const page = await webrtcPage(browser, `${server.url}/?backend=cpu`);
   await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
