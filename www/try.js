@@ -34,15 +34,21 @@ export function tryTheModel(worker, description) {
     else showClasses(m.result);
   });
 
+  // The prompt last sent.
+  let sent = '';
   if (text) {
     $('try-text').hidden = false;
     const prompt = $('try-prompt');
     $('try-go').addEventListener('click', () => {
-      ask('text', new TextEncoder().encode(prompt.value).slice(-1024));
+      const bytes = new TextEncoder().encode(prompt.value).slice(-1024);
+      // What the model continues: the prompt as sent (its last 1,024 bytes), not the box
+      // as it reads when the answer comes (the visitor may have typed on meanwhile).
+      sent = new TextDecoder().decode(bytes);
+      ask('text', bytes);
     });
   }
   function showText(r) {
-    $('try-output-prompt').textContent = $('try-prompt').value;
+    $('try-output-prompt').textContent = sent;
     $('try-output-text').textContent = r.text;
   }
   function showClasses(r) {

@@ -425,10 +425,12 @@ impl SwarmTrainer {
         }
         let x = shoal_shared::engine::normalize_pixels(pixels);
         let logits = cpu.logits(&x, 1);
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() {
+        // Every output finite, not only the largest (`f32::max` passes over a NaN, and
+        // one NaN made every probability NaN, shown as 0%).
+        if !logits.iter().all(|l| l.is_finite()) {
             return Err("the model's outputs are not finite".into());
         }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
         let total: f32 = exp.iter().sum();
         Ok(exp.iter().map(|e| e / total).collect())

@@ -900,17 +900,26 @@ pub const GENERATE_MACS: u64 = 20_000_000_000;
 
 /// How many of `n` bytes a generation with `model` makes within [`GENERATE_MACS`], or why
 /// none: the multiply-adds of one forward pass of a language model, about (its blocks'
-/// and head's matrix products and its attention; the rest is small beside them).
+/// and head's matrix products, its attention, and its softmax over `heads x ctx^2`
+/// scores at about 8 each, an exponential and the sums: with as many heads as width it
+/// is several times the attention's products, and was not counted; the rest is small
+/// beside them).
 fn generation_bytes(model: &Model, n: usize) -> Result<usize, EngineError> {
     let per_byte = model
         .ops
         .iter()
         .map(|op| match *op {
             Op::Block {
-                ctx, dim, hidden, ..
+                ctx,
+                dim,
+                hidden,
+                heads,
+                ..
             } => [
                 ctx.saturating_mul(4 * dim * dim + 2 * dim * hidden),
                 ctx.saturating_mul(ctx).saturating_mul(2 * dim),
+                ctx.saturating_mul(ctx)
+                    .saturating_mul(heads.saturating_mul(8)),
             ]
             .into_iter()
             .fold(0usize, usize::saturating_add),
@@ -961,10 +970,10 @@ mod tests {
     #[test]
     fn generation_takes_what_its_budget_allows() {
         use super::super::{LayerSpec, ModelSpec};
-        let lm = |ctx: usize, dim: usize, blocks: usize| {
+        let lm_heads = |ctx: usize, dim: usize, blocks: usize, heads: usize| {
             let mut layers = vec![LayerSpec::Embedding { vocab: 256, dim }];
             layers.extend((0..blocks).map(|_| LayerSpec::TransformerBlock {
-                heads: 4,
+                heads,
                 mlp_ratio: 4,
             }));
             layers.extend([LayerSpec::LayerNorm, LayerSpec::LmHead { tied: true }]);
@@ -974,7 +983,16 @@ mod tests {
             })
             .expect("valid")
         };
+        let lm = |ctx, dim, blocks| lm_heads(ctx, dim, blocks, 4);
         assert_eq!(generation_bytes(&lm(64, 64, 2), 240).expect("small"), 240);
+        // The softmax over every head's scores counts: as many heads as width is several
+        // times the work of four heads of the same shape, and makes fewer bytes.
+        let narrow = generation_bytes(&lm(1024, 32, 7), 240).expect("four heads");
+        let wide = generation_bytes(&lm_heads(1024, 32, 7, 32), 240).expect("32 heads");
+        assert!(
+            3 * wide <= narrow,
+            "{wide} bytes with 32 heads, {narrow} with 4"
+        );
         let some = generation_bytes(&lm(1024, 256, 4), 240).expect("some");
         assert!((1..240).contains(&some), "{some}");
         let e = generation_bytes(&lm(2048, 1024, 2), 240).expect_err("too large");
