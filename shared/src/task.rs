@@ -330,10 +330,15 @@ fn check_path(field: &str, p: &str) -> Result<(), TaskError> {
             format!("{p:?} must be 1 to 200 characters of letters, digits, '.', '_', '-', '/'"),
         ));
     }
-    if p.starts_with('/') || p.split('/').any(|part| part.is_empty() || part == "..") {
+    // Without `.` parts too: a browser removes them from the URL it fetches, so the
+    // server would be asked for another path than the one the task names.
+    if p.starts_with('/')
+        || p.split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+    {
         return Err(err(
             field,
-            format!("{p:?} must be relative to the data folder, without '..' or empty parts"),
+            format!("{p:?} must be relative to the data folder, without '.', '..' or empty parts"),
         ));
     }
     Ok(())
@@ -1063,6 +1068,14 @@ mod tests {
                 "images = \"../etc/passwd\"",
                 "data.train.images",
                 "'..'",
+            ),
+            // A browser drops `.` parts from the URL it fetches: the server, serving only
+            // the paths tasks name, would not find it.
+            (
+                "images = \"digits/train-images.idx\"",
+                "images = \"./digits/train-images.idx\"",
+                "data.train.images",
+                "without '.'",
             ),
             (
                 "local_steps = 20",

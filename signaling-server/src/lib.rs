@@ -234,12 +234,6 @@ pub fn app(config: &Config) -> App {
     }
 }
 
-/// Lets a page that isolates itself (`Cross-Origin-Embedder-Policy: require-corp`, as
-/// sites that need `SharedArrayBuffer` do) load the widget: every file here may be loaded
-/// by another origin (`Cross-Origin-Resource-Policy: cross-origin`; they are public), and
-/// the widget's frame and the workers a page starts say `require-corp` themselves, as a
-/// frame in such a page, and a worker it starts, must (all they load is Shoal's own).
-/// Without these such a page got no card at all: its browser blocked `embed.js`.
 /// Serves from the data folder only the files the tasks name (their paths relative to
 /// it, as `/api/tasks/{task}` lists them): the folder may hold others (a researcher's raw
 /// data, files of a task not run), and `/data/` served every one.
@@ -255,6 +249,12 @@ async fn only_task_files(
     }
 }
 
+/// Lets a page that isolates itself (`Cross-Origin-Embedder-Policy: require-corp`, as
+/// sites that need `SharedArrayBuffer` do) load the widget: every file here may be loaded
+/// by another origin (`Cross-Origin-Resource-Policy: cross-origin`; they are public), and
+/// the widget's frame and the workers a page starts say `require-corp` themselves, as a
+/// frame in such a page, and a worker it starts, must (all they load is Shoal's own).
+/// Without these such a page got no card at all: its browser blocked `embed.js`.
 async fn cross_origin_headers(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -444,7 +444,7 @@ fn shortest(value: &impl serde::Serialize) -> serde_json::Value {
 }
 
 /// The task's data files, relative to the data folder, in the order peers read them.
-fn task_paths(task: &TaskSpec) -> Vec<&str> {
+pub fn task_paths(task: &TaskSpec) -> Vec<&str> {
     std::iter::once(&task.data.train)
         .chain(task.data.test.as_ref())
         .flat_map(|f| f.paths())

@@ -24,6 +24,24 @@ pub fn precompress(dir: &Path) -> usize {
     written
 }
 
+/// Writes the `.gz` of each of `files` (paths relative to `root`) where it is missing or
+/// stale, as [`precompress`] does for a whole folder; returns how many it wrote. The
+/// data folder's: only the files tasks name are served from it, so only those are read
+/// and compressed (a researcher's other files there, of any size, were read whole and
+/// compressed at every start).
+pub fn precompress_files(root: &Path, files: &[&str]) -> usize {
+    let mut written = 0;
+    for f in files {
+        let path = root.join(f);
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.is_file()
+        {
+            compress_one(&path, &meta, &mut written);
+        }
+    }
+    written
+}
+
 fn walk(dir: &Path, depth: usize, written: &mut usize) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -37,31 +55,37 @@ fn walk(dir: &Path, depth: usize, written: &mut usize) {
             }
             continue;
         }
-        let compressed = path.extension().is_some_and(|e| {
-            ["gz", "tgz", "zip", "png", "jpg", "br"].contains(&e.to_string_lossy().as_ref())
-        });
-        // A file being written (this server's or another's temporary, or a download's)
-        // is not served compressed: its `.gz` would outlive it.
-        let partial = path.extension().is_some_and(|e| e == "tmp");
-        let hidden = path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if compressed || hidden || partial || meta.len() < MIN_BYTES {
-            continue;
-        }
-        let mut gz_name = path.as_os_str().to_owned();
-        gz_name.push(".gz");
-        let gz = std::path::PathBuf::from(gz_name);
-        if is_fresh(&path, &gz) {
-            continue;
-        }
-        match compress(&path, &gz) {
-            Ok(()) => *written += 1,
-            Err(e) => tracing::warn!(
-                "could not write {}: {e} (it will be compressed per request)",
-                gz.display()
-            ),
-        }
+        compress_one(&path, &meta, written);
+    }
+}
+
+/// Writes the `.gz` of the file at `path` unless it is compressed already, hidden,
+/// partial, small, or its `.gz` is fresh.
+fn compress_one(path: &Path, meta: &std::fs::Metadata, written: &mut usize) {
+    let compressed = path.extension().is_some_and(|e| {
+        ["gz", "tgz", "zip", "png", "jpg", "br"].contains(&e.to_string_lossy().as_ref())
+    });
+    // A file being written (this server's or another's temporary, or a download's) is
+    // not served compressed: its `.gz` would outlive it.
+    let partial = path.extension().is_some_and(|e| e == "tmp");
+    let hidden = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    if compressed || hidden || partial || meta.len() < MIN_BYTES {
+        return;
+    }
+    let mut gz_name = path.as_os_str().to_owned();
+    gz_name.push(".gz");
+    let gz = std::path::PathBuf::from(gz_name);
+    if is_fresh(path, &gz) {
+        return;
+    }
+    match compress(path, &gz) {
+        Ok(()) => *written += 1,
+        Err(e) => tracing::warn!(
+            "could not write {}: {e} (it will be compressed per request)",
+            gz.display()
+        ),
     }
 }
 

