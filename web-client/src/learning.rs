@@ -31,6 +31,19 @@ pub(crate) fn peer_event(ev: SwarmEvent) -> Option<Event> {
     }
 }
 
+/// The softmax of a classifier's outputs; an error unless every output is finite (not
+/// only the largest: `f32::max` passes over a NaN, and one NaN made every probability
+/// NaN, shown to the visitor as 0%).
+fn class_probabilities(logits: &[f32]) -> Result<Vec<f32>, String> {
+    if !logits.iter().all(|l| l.is_finite()) {
+        return Err("the model's outputs are not finite".into());
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f32 = exp.iter().sum();
+    Ok(exp.iter().map(|e| e / total).collect())
+}
+
 /// One swarm peer's training loop.
 pub struct SwarmTrainer {
     task: TaskSpec,
@@ -424,16 +437,7 @@ impl SwarmTrainer {
             ));
         }
         let x = shoal_shared::engine::normalize_pixels(pixels);
-        let logits = cpu.logits(&x, 1);
-        // Every output finite, not only the largest (`f32::max` passes over a NaN, and
-        // one NaN made every probability NaN, shown as 0%).
-        if !logits.iter().all(|l| l.is_finite()) {
-            return Err("the model's outputs are not finite".into());
-        }
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-        let total: f32 = exp.iter().sum();
-        Ok(exp.iter().map(|e| e / total).collect())
+        class_probabilities(cpu.logits(&x, 1))
     }
 
     /// The CPU backend loaded with the current model.
@@ -739,5 +743,18 @@ mod tests {
         let updates = until_two_updates(&ids, &nets, &mut peers, 5.0);
         assert_eq!(updates, [0, 2], "only the other peer sends");
         assert!(peers[0].task_changed() && !peers[1].task_changed());
+    }
+
+    /// An image's class probabilities need every output finite: one NaN beside finite
+    /// ones passed (only the largest was checked) and every class read 0%.
+    #[test]
+    fn class_probabilities_refuse_any_output_that_is_not_finite() {
+        assert!(class_probabilities(&[f32::NAN, 2.0]).is_err());
+        assert!(class_probabilities(&[1.0, f32::NEG_INFINITY]).is_err());
+        let p = class_probabilities(&[0.0, 0.0, 2.0f32.ln()]).expect("finite");
+        assert!(
+            (p[2] - 0.5).abs() < 1e-6 && (p[0] - 0.25).abs() < 1e-6,
+            "{p:?}"
+        );
     }
 }
