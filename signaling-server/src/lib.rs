@@ -372,10 +372,14 @@ fn served(task: &TaskSpec, k: usize) -> serde_json::Value {
 /// `task`'s [`Revision`], as served (`served`) with its data files in `data`.
 fn revision(served: &serde_json::Value, task: &TaskSpec, data: &std::path::Path) -> Revision {
     use shoal_shared::learn::identity::hex;
+    use shoal_shared::task::{MAX_DATA_BYTES, read_at_most};
     use shoal_shared::trust::receipt::sha256;
     let files_sha256: Vec<String> = task_paths(task)
         .iter()
-        .map(|p| std::fs::read(data.join(p)).map_or_else(|_| String::new(), |b| hex(&sha256(&b))))
+        .map(|p| {
+            read_at_most(&data.join(p), MAX_DATA_BYTES)
+                .map_or_else(|_| String::new(), |b| hex(&sha256(&b)))
+        })
         .collect();
     let mut text = format!("shoal-task-revision-v1\n{served}\n");
     for d in &files_sha256 {
