@@ -84,11 +84,14 @@ pub fn client_address(
     let headers: Vec<&axum::http::HeaderValue> =
         headers.get_all("x-forwarded-for").iter().collect();
     for value in headers.iter().rev() {
-        let Ok(text) = value.to_str() else {
-            return client;
-        };
-        for entry in text.rsplit(',') {
-            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+        // Entry by entry, not the header's whole value as text: a client's byte that is
+        // not ASCII before the proxy's entry made the whole value unreadable, and the
+        // client counted as the proxy itself.
+        for entry in value.as_bytes().rsplit(|&b| b == b',') {
+            let Some(ip) = std::str::from_utf8(entry)
+                .ok()
+                .and_then(|e| e.trim().parse::<IpAddr>().ok())
+            else {
                 return client;
             };
             client = SocketAddr::new(ip.to_canonical(), 0);
@@ -478,5 +481,13 @@ mod tests {
         // Anyone else's header counts for nothing.
         let other: IpAddr = [192, 0, 2, 7].into();
         assert_eq!(client(at(other), &["203.0.113.5"]), other);
+        // A byte that is not ASCII in what the client sent ends the walk there, after the
+        // proxy's entry (it made the whole header unreadable: the client was the proxy).
+        let mut h = axum::http::HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            axum::http::HeaderValue::from_bytes(b"\xff, 203.0.113.5").expect("a header value"),
+        );
+        assert_eq!(client_address(at(nginx), &trusted, &h).ip(), user);
     }
 }

@@ -88,17 +88,11 @@ pub const LEDGER_READS: usize = 8;
 /// them all and leave every other reader `503`.
 pub const LEDGER_READS_PER_ADDRESS: usize = 2;
 
-/// Ledger file downloads served at once (more get 503). Downloads share one copy of the
-/// file's bytes (a build is kept while any download of it runs), so a slot costs a
-/// connection, not memory; a slow reader holds its slot up to the rate floor's deadline
-/// (about an hour for a full ledger's 245 MB), so with 4 slots four addresses reading
-/// just above the floor kept every auditor out for that long, again and again.
-pub const FILE_DOWNLOADS: usize = 32;
 /// The file is built at most this often (a build reads every segment under the ledger's
 /// lock, which receipts wait for); in between, downloads get the last build.
 const FILE_EVERY: Duration = Duration::from_secs(2);
 /// A download is cut when it takes longer than this plus a second per [`FILE_MIN_RATE`]
-/// bytes: a reader that trickles cannot hold a slot (and the bytes) for long.
+/// bytes: a reader that trickles cannot hold its address's share (and the bytes) for long.
 const FILE_GRACE: Duration = Duration::from_secs(30);
 /// Bytes a second a download must average, after [`FILE_GRACE`].
 const FILE_MIN_RATE: u64 = 64 * 1024;
@@ -109,22 +103,19 @@ const FILE_CHUNK: usize = 64 * 1024;
 /// bytes, and a token that each download of it holds.
 type Built = (Instant, Duration, u64, Bytes, Arc<()>);
 
-/// The ledger file of each task as last built, and the download slots.
+/// The ledger file of each task as last built, and the downloads running per address.
+///
+/// No bound on downloads in all: they share one copy of the file's bytes (a build is kept
+/// while any download of it runs), so a download costs a connection, which the server
+/// bounds per address and in all, not memory. A global bound let a few addresses reading
+/// just above the connections' rate floor (a download's deadline is about an hour for a
+/// full ledger's 245 MB) keep every auditor out for that long, again and again: 32
+/// slots, 32 addresses.
+#[derive(Default)]
 pub struct FileCache {
     built: Mutex<std::collections::HashMap<String, Built>>,
-    slots: Arc<tokio::sync::Semaphore>,
     /// Downloads running per address group (entries at zero are removed).
     by_address: AddressCounts,
-}
-
-impl Default for FileCache {
-    fn default() -> Self {
-        Self {
-            built: Mutex::default(),
-            slots: Arc::new(tokio::sync::Semaphore::new(FILE_DOWNLOADS)),
-            by_address: Arc::default(),
-        }
-    }
 }
 
 /// Shared by the ledger routes.
@@ -134,7 +125,7 @@ pub struct LedgerState {
     pub hub: Arc<Hub>,
     /// Credits computed lately.
     pub cache: Arc<CreditsCache>,
-    /// Ledger files built lately, and the download slots.
+    /// Ledger files built lately, and the downloads per address.
     pub files: Arc<FileCache>,
     /// Pages and credits being computed ([`LEDGER_READS`] at once).
     pub reads: Arc<tokio::sync::Semaphore>,
@@ -291,8 +282,7 @@ fn page_body(
 }
 
 /// `GET /api/tasks/{task}/ledger/file`: the ledger file as written and synced so far (at
-/// most [`FILE_EVERY`] old), to at most [`FILE_DOWNLOADS`] readers at once and the
-/// configured share per address, each cut when it reads slower than [`FILE_MIN_RATE`]
+/// most [`FILE_EVERY`] old), to the configured share of readers per address, each cut when it reads slower than [`FILE_MIN_RATE`]
 /// after [`FILE_GRACE`].
 pub async fn file(
     State(s): State<LedgerState>,
@@ -311,12 +301,6 @@ pub async fn file(
             "a ledger download from this address is still running; try again when it ends",
         );
     };
-    let Ok(slot) = Arc::clone(&s.files.slots).try_acquire_owned() else {
-        return retry_later(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many ledger downloads at once; try again shortly",
-        );
-    };
     let Some((bytes, build)) = file_bytes(&s.files, &task, ledger).await else {
         return refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -325,10 +309,10 @@ pub async fn file(
     };
     let len = bytes.len();
     let deadline = Instant::now() + FILE_GRACE + Duration::from_secs(len as u64 / FILE_MIN_RATE);
-    // The slot and the address's share go with the body: freed when the last byte is
+    // The address's share goes with the body: freed when the last byte is
     // out or the connection goes. Past the deadline the body fails, so the reader sees a
     // cut, not a short file.
-    let slot = (slot, share, build);
+    let slot = (share, build);
     let chunks = futures_util::stream::unfold((bytes, 0, slot), move |(b, at, slot)| async move {
         if at >= b.len() {
             return None;

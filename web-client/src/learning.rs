@@ -7,7 +7,7 @@
 
 use shoal_shared::engine::cpu::CpuBackend;
 use shoal_shared::engine::train::{self, Samples, Trainer};
-use shoal_shared::engine::{AnyBackend, Backend, EngineError, Model, Optimizer};
+use shoal_shared::engine::{AnyBackend, Backend, EngineError, Model};
 use shoal_shared::gpu::Gpu;
 use shoal_shared::learn::{
     Event, Identity, LearnError, Learner, Output, Peer, PeerRole, RoundSummary, Snapshot,
@@ -78,6 +78,9 @@ pub type PrivacySink = Box<dyn FnMut(u64, f64) -> Result<(), String>>;
 /// every round.
 struct Eval {
     cpu: CpuBackend,
+    /// Its batch: at most 64, within a training step's working memory (what the task's
+    /// memory budget counts, `Model::evaluation_batch`).
+    batch: usize,
     full: Samples,
     each_round: Samples,
 }
@@ -143,8 +146,8 @@ impl SwarmTrainer {
         }
         let eval = match test {
             Some(full) => Some(Eval {
-                cpu: CpuBackend::new(model, Optimizer::adam(task.train.lr), init)
-                    .map_err(|e| e.to_string())?,
+                batch: model.evaluation_batch(64, task.train.batch),
+                cpu: CpuBackend::for_evaluation(model, init).map_err(|e| e.to_string())?,
                 each_round: full.round_eval_subset(),
                 full,
             }),
@@ -405,7 +408,7 @@ impl SwarmTrainer {
             && e.cpu.set_params(self.peer.weights()).is_ok()
         {
             let t = &e.each_round;
-            let eval = e.cpu.evaluate(&t.inputs, &t.labels, 64).ok();
+            let eval = e.cpu.evaluate(&t.inputs, &t.labels, e.batch).ok();
             self.peer.set_evaluation(eval);
         }
     }
@@ -460,7 +463,7 @@ impl SwarmTrainer {
     pub fn evaluate_all(&mut self) -> Option<(f32, f32)> {
         let e = self.eval.as_mut()?;
         e.cpu.set_params(self.peer.weights()).ok()?;
-        e.cpu.evaluate(&e.full.inputs, &e.full.labels, 64).ok()
+        e.cpu.evaluate(&e.full.inputs, &e.full.labels, e.batch).ok()
     }
 }
 

@@ -665,7 +665,7 @@ async fn read_channel(
             }
             DataChannelEvent::OnMessage(msg) => {
                 shared.with_conn(peer, generation, |mesh, now| {
-                    mesh.frame(peer, &msg.data, now);
+                    mesh.frame(peer, frame_bytes(&msg), now);
                 });
             }
             DataChannelEvent::OnClose => break,
@@ -675,6 +675,14 @@ async fn read_channel(
     if let Some(shared) = shared.upgrade() {
         shared.with_conn(peer, generation, |mesh, _| mesh.failed(peer));
     }
+}
+
+/// A received message's bytes as a frame: a text message is none (docs/protocol.md,
+/// "Framing"), so nothing of it is taken and it counts as one of the neighbour's bad
+/// frames, as browser peers count it (else a peer sending its frames as text got on with
+/// native peers and was dropped by browsers).
+fn frame_bytes(msg: &webrtc::data_channel::RTCDataChannelMessage) -> &[u8] {
+    if msg.is_string { &[] } else { &msg.data }
 }
 
 /// Sends the mesh's queued frames for `peer` whenever woken; the channel's send-buffer
@@ -703,7 +711,26 @@ async fn write_channel(
 
 #[cfg(test)]
 mod tests {
-    use super::{LOGGED_CHARS, printable};
+    use super::{LOGGED_CHARS, frame_bytes, printable};
+    use shoal_shared::framing::{Reassembler, SendQueue};
+    use webrtc::data_channel::RTCDataChannelMessage;
+
+    #[test]
+    fn a_frame_sent_as_text_is_not_taken() {
+        let mut q = SendQueue::new(1024, 1 << 20, 1 << 20);
+        q.push(b"hello").expect("queued");
+        let frame = q.next_frame(0).expect("one frame");
+        let message = |is_string| RTCDataChannelMessage {
+            is_string,
+            data: frame.as_slice().into(),
+        };
+        let mut r = Reassembler::new(1 << 20, 4);
+        assert!(r.push(frame_bytes(&message(true)), 0).is_err());
+        assert_eq!(
+            r.push(frame_bytes(&message(false)), 0).expect("a frame"),
+            Some(b"hello".to_vec())
+        );
+    }
 
     #[test]
     fn what_others_wrote_is_logged_as_one_harmless_line() {

@@ -13,7 +13,7 @@
 use serde::Serialize;
 use shoal_shared::engine::cpu::CpuBackend;
 use shoal_shared::engine::train::Samples;
-use shoal_shared::engine::{Backend, Model, Optimizer};
+use shoal_shared::engine::{Backend, Model};
 use shoal_shared::learn::{Identity, Output, Peer, PeerRole};
 use shoal_shared::protocol::{PeerReport, Role};
 use shoal_shared::task::TaskSpec;
@@ -86,8 +86,7 @@ impl Observer {
     ) -> Result<Self, String> {
         let model = Model::new(task.model.clone()).map_err(|e| e.to_string())?;
         let init = model.init_params(task.train.seed);
-        let eval = CpuBackend::new(model, Optimizer::adam(task.train.lr), init.clone())
-            .map_err(|e| e.to_string())?;
+        let eval = CpuBackend::for_evaluation(model, init.clone()).map_err(|e| e.to_string())?;
         // An observer signs nothing; its key tells its own messages apart and seeds its
         // draws of whom to ask, which must not be foreseeable (a fixed key made every
         // dashboard ask the neighbours an attacker could compute).

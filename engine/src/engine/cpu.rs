@@ -45,12 +45,46 @@ struct Workspace {
     block: BlockScratch,
 }
 
+impl Workspace {
+    /// An empty workspace for a model of `n_ops` operations.
+    fn for_ops(n_ops: usize) -> Self {
+        Self {
+            acts: vec![Vec::new(); n_ops + 1],
+            cols: vec![Vec::new(); n_ops],
+            argmax: vec![Vec::new(); n_ops],
+            saved: vec![Vec::new(); n_ops],
+            ..Self::default()
+        }
+    }
+}
+
 impl CpuBackend {
     /// A backend for `model` with the given optimizer and initial parameters.
     pub fn new(model: Model, opt: Optimizer, params: Vec<f32>) -> Result<Self, EngineError> {
         opt.validate()?;
-        check_params(&model, &params)?;
         let len = model.param_len();
+        Self::with_state(model, opt, params, len)
+    }
+
+    /// A backend that only evaluates `params` (an observer's, or a contributor's test of
+    /// the swarm's model beside training): no gradient or optimizer moments, so that it
+    /// holds one parameter-sized buffer, not four. Its `step` fails.
+    pub fn for_evaluation(model: Model, params: Vec<f32>) -> Result<Self, EngineError> {
+        let none = Optimizer::Sgd {
+            lr: 0.0,
+            momentum: 0.0,
+        };
+        Self::with_state(model, none, params, 0)
+    }
+
+    /// A backend whose gradient and optimizer moments have `len` values each.
+    fn with_state(
+        model: Model,
+        opt: Optimizer,
+        params: Vec<f32>,
+        len: usize,
+    ) -> Result<Self, EngineError> {
+        check_params(&model, &params)?;
         let n_ops = model.ops.len();
         Ok(Self {
             model,
@@ -60,13 +94,7 @@ impl CpuBackend {
             m: vec![0.0; len],
             v: vec![0.0; len],
             t: 0,
-            ws: Workspace {
-                acts: vec![Vec::new(); n_ops + 1],
-                cols: vec![Vec::new(); n_ops],
-                argmax: vec![Vec::new(); n_ops],
-                saved: vec![Vec::new(); n_ops],
-                ..Workspace::default()
-            },
+            ws: Workspace::for_ops(n_ops),
             last_loss: f32::NAN,
         })
     }
@@ -460,6 +488,11 @@ impl Backend for CpuBackend {
     }
 
     fn step(&mut self, inputs: &[f32], labels: &[u8]) -> Result<(), EngineError> {
+        if self.grads.len() != self.params.len() {
+            return Err(EngineError::Unsupported(
+                "training a backend made for evaluation",
+            ));
+        }
         check_batch(&self.model, inputs, labels)?;
         let loss = self.forward_backward(inputs, labels);
         self.last_loss = loss;
@@ -964,6 +997,82 @@ fn evaluation_batch(model: &Model, batch: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes `b` holds: its parameter-sized buffers and every buffer of its workspace.
+    fn held_bytes(b: &CpuBackend) -> usize {
+        let ws = &b.ws;
+        let lists = ws.acts.iter().chain(&ws.cols).chain(&ws.saved);
+        4 * (b.params.len()
+            + b.grads.len()
+            + b.m.len()
+            + b.v.len()
+            + lists.map(Vec::len).sum::<usize>()
+            + ws.argmax.iter().map(Vec::len).sum::<usize>()
+            + ws.grad.len()
+            + ws.grad_next.len()
+            + ws.dcols.len()
+            + ws.block.held())
+    }
+
+    /// What a task's budget counts ([`Model::training_bytes`]) bounds what a contributor
+    /// holds: a training step at the task's batch and an evaluation beside it. A stack of
+    /// narrow blocks of one head held about 1.25 times the count (a block's two layer
+    /// norms, attention output and residual went uncounted), and the evaluation's backend
+    /// four more parameter-sized buffers and a batch of 64 the count did not know of.
+    #[test]
+    fn a_step_and_an_evaluation_beside_it_hold_at_most_the_counted_bytes() {
+        use super::super::{LayerSpec, ModelSpec};
+        let text = |blocks: usize, dim: usize, heads: usize| {
+            let mut layers = vec![LayerSpec::Embedding { vocab: 256, dim }];
+            layers.extend((0..blocks).map(|_| LayerSpec::TransformerBlock {
+                heads,
+                mlp_ratio: 1,
+            }));
+            layers.extend([LayerSpec::LayerNorm, LayerSpec::LmHead { tied: true }]);
+            layers
+        };
+        let image = vec![
+            LayerSpec::Conv2d {
+                filters: 8,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+            LayerSpec::Relu,
+            LayerSpec::MaxPool { size: 2 },
+            LayerSpec::Flatten,
+            LayerSpec::Dense { units: 10 },
+        ];
+        for (input, layers, batch) in [
+            ([1, 8, 1], text(8, 128, 1), 16),
+            ([1, 32, 1], text(2, 64, 4), 4),
+            ([28, 28, 1], image, 32),
+        ] {
+            let model = Model::new(ModelSpec { input, layers }).expect("valid");
+            let params = model.init_params(1);
+            let (d, per) = (model.input_len(), model.positions());
+            let classes = model.classes();
+            let xs = |n: usize| -> Vec<f32> { (0..n * d).map(|i| (i % 200) as f32).collect() };
+            let ys = |n: usize| -> Vec<u8> { (0..n * per).map(|i| (i % classes) as u8).collect() };
+            let mut train =
+                CpuBackend::new(model.clone(), Optimizer::adam(1e-3), params.clone()).expect("cpu");
+            train.step(&xs(batch), &ys(batch)).expect("a step");
+            let mut eval = CpuBackend::for_evaluation(model.clone(), params).expect("cpu");
+            let test = 200;
+            eval.evaluate(&xs(test), &ys(test), model.evaluation_batch(64, batch))
+                .expect("evaluated");
+            let held = held_bytes(&train) + held_bytes(&eval);
+            let counted = model.training_bytes(batch);
+            assert!(
+                held <= counted,
+                "{input:?}: {held} bytes held, {counted} counted"
+            );
+            assert!(
+                eval.step(&xs(1), &ys(1)).is_err(),
+                "an evaluation backend does not train"
+            );
+        }
+    }
 
     /// A generation stays within its budget of multiply-adds: the demo-sized model makes
     /// all its bytes, a context of 1,024 fewer, one far larger none (with a reason).

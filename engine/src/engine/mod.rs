@@ -16,9 +16,9 @@ pub mod train;
 pub mod transformer;
 
 pub use spec::{
-    BLOCK_TENSORS, LayerSpec, MAX_ACTIVATION, MAX_BLOCKS, MAX_CONTEXT, MAX_PARAMS,
-    MAX_TRAINING_BYTES, MAX_VOCAB, MAX_WIDTH, Model, ModelSpec, Op, PARAM_ALIGN, ParamTensor,
-    SpecError, WEBGPU_MAX_BINDING,
+    BLOCK_TENSORS, EVALUATION_VALUES, LayerSpec, MAX_ACTIVATION, MAX_BLOCKS, MAX_CONTEXT,
+    MAX_LAYERS, MAX_PARAMS, MAX_TRAINING_BYTES, MAX_VOCAB, MAX_WIDTH, Model, ModelSpec, Op,
+    PARAM_ALIGN, ParamTensor, SpecError, WEBGPU_MAX_BINDING,
 };
 
 use std::future::Future;

@@ -49,6 +49,43 @@ fn op_buffers(op: &Op) -> [usize; 3] {
     }
 }
 
+/// The values a sample works in for `op` in training, in the backend that holds more
+/// (the CPU's, which keeps a block's attention probabilities): what it keeps from its
+/// forward pass to its backward — its output and what its backward reads again: a
+/// convolution's unfolded input, a pool's arg-max indices, a layer norm's two statistics a
+/// row, a block's two layer norms with their statistics, queries, keys and values,
+/// attention output and probabilities, residual and both MLP rows — and its backward's
+/// scratch beyond that: a block's gradients of its queries, keys and values, attention
+/// probabilities and MLP rows, or a convolution's gradient of its unfolded input (one
+/// op's backward runs at a time, so only the largest scratch counts).
+fn op_working(op: &Op) -> (usize, usize) {
+    let out = op.out_len();
+    let sum = |v: &[usize]| v.iter().copied().fold(0, usize::saturating_add);
+    // A block's: its attention probabilities and one set of MLP rows; a convolution's:
+    // its unfolded input.
+    let [first, second, _] = op_buffers(op);
+    match *op {
+        Op::Block { ctx, .. } => (
+            sum(&[
+                first,
+                second.saturating_mul(2),
+                out.saturating_mul(8),
+                ctx.saturating_mul(4),
+            ]),
+            sum(&[first, second, out.saturating_mul(5)]),
+        ),
+        Op::Conv { .. } => (first.saturating_add(out), first),
+        Op::Pool { .. } => (out.saturating_mul(2), 0),
+        Op::Norm { rows, .. } => (out.saturating_add(rows.saturating_mul(2)), 0),
+        _ => (out, 0),
+    }
+}
+
+/// Most layers a model may have: a deep stack of cheap layers (a million rectifiers
+/// passed every size check) costs every visitor a GPU buffer, a bind group and two
+/// dispatches a layer each step, beyond any byte count.
+pub const MAX_LAYERS: usize = 256;
+
 /// One layer of a sequential model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -150,6 +187,9 @@ pub const WEBGPU_MAX_BINDING: usize = 128 << 20;
 /// enough: a few hundred layers of one 64 MiB activation each passed that check and
 /// asked every visitor for 25 GiB.
 pub const MAX_TRAINING_BYTES: usize = 1 << 30;
+/// The working values an evaluation may always hold, whatever the training batch (16 MiB):
+/// see [`Model::evaluation_batch`].
+pub const EVALUATION_VALUES: usize = 4 << 20;
 /// Largest number of transformer blocks.
 pub const MAX_BLOCKS: usize = 64;
 
@@ -405,6 +445,13 @@ impl Model {
                     None => "no layers".into(),
                 }));
             }
+        }
+        if spec.layers.len() > MAX_LAYERS {
+            return Err(SpecError::BadLayer {
+                layer: MAX_LAYERS,
+                kind: spec.layers[MAX_LAYERS].kind(),
+                problem: format!("{} layers, more than {MAX_LAYERS}", spec.layers.len()),
+            });
         }
         let blocks = spec
             .layers
@@ -768,21 +815,55 @@ impl Model {
         largest.saturating_mul(4)
     }
 
-    /// About the bytes that training a batch of `batch` holds at once, on a GPU or in
-    /// the CPU backend: the parameters with their gradient and two optimizer moments,
-    /// and for every layer each buffer it makes a sample (its output, a convolution's
-    /// unfolded input, a block's saved attention, MLP and query/key/value rows) twice,
-    /// once more for its gradient. A task refuses a model and batch where this exceeds
-    /// [`MAX_TRAINING_BYTES`]; an evaluation batch stays within it.
-    pub fn training_bytes(&self, batch: usize) -> usize {
+    /// The values one step at a batch of `batch` works in beyond the parameter-sized
+    /// buffers: the input, what every layer keeps for the backward pass, the gradient
+    /// flowing back and the buffer it swaps with (each as large as the largest
+    /// activation), and the largest op's backward scratch (`op_working`).
+    pub fn step_values(&self, batch: usize) -> usize {
+        let widest = self
+            .ops
+            .iter()
+            .map(Op::out_len)
+            .fold(self.input_len(), usize::max);
+        let scratch = self
+            .ops
+            .iter()
+            .map(|op| op_working(op).1)
+            .max()
+            .unwrap_or(0);
         let per_sample = self
             .ops
             .iter()
-            .flat_map(op_buffers)
-            .fold(self.input_len(), usize::saturating_add);
+            .map(|op| op_working(op).0)
+            .fold(self.input_len(), usize::saturating_add)
+            .saturating_add(widest.saturating_mul(2))
+            .saturating_add(scratch);
+        batch.saturating_mul(per_sample)
+    }
+
+    /// About the bytes that contributing at a batch of `batch` holds at once, on a GPU
+    /// and in the page: six parameter-sized buffers (the parameters, their gradient, two
+    /// optimizer moments, the GPU's weight-decay mask or a read-back copy, and the
+    /// evaluation's copy of the parameters), one step's working values
+    /// ([`Model::step_values`]) and as many again for evaluating the model, whose batch
+    /// stays within them ([`Model::evaluation_batch`]). A task refuses a model and batch
+    /// where this exceeds [`MAX_TRAINING_BYTES`].
+    pub fn training_bytes(&self, batch: usize) -> usize {
         self.param_len
-            .saturating_mul(16)
-            .saturating_add(batch.saturating_mul(per_sample).saturating_mul(8))
+            .saturating_mul(24)
+            .saturating_add(self.step_values(batch).saturating_mul(8))
+    }
+
+    /// The largest evaluation batch, up to `asked` (1 at least), whose working values stay
+    /// within those of a training step at `batch` (or 4 Mi values, 16 MiB, where those
+    /// are fewer: a small model's evaluation need not go in the training batch's steps).
+    pub fn evaluation_batch(&self, asked: usize, batch: usize) -> usize {
+        let room = self.step_values(batch).max(EVALUATION_VALUES);
+        let mut fits = asked.max(1);
+        while fits > 1 && self.step_values(fits) > room {
+            fits = fits.div_ceil(2).min(fits - 1);
+        }
+        fits
     }
 
     /// Length of the flat parameter buffer (including alignment padding, which stays 0).
@@ -945,6 +1026,23 @@ mod tests {
         let real: usize = m.tensors.iter().map(ParamTensor::len).sum();
         assert_eq!(real, 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10);
         assert!(m.param_len() >= real && m.param_len() < real + 6 * PARAM_ALIGN);
+    }
+
+    #[test]
+    fn a_model_has_at_most_max_layers_layers() {
+        // A million rectifiers passed every size check: each is a buffer, a bind group
+        // and two dispatches a step on a visitor's GPU.
+        let deep = |relus: usize| {
+            let mut layers = vec![LayerSpec::Relu; relus];
+            layers.push(LayerSpec::Dense { units: 2 });
+            Model::new(ModelSpec {
+                input: [1, 1, 1],
+                layers,
+            })
+        };
+        assert!(deep(MAX_LAYERS - 1).is_ok());
+        let e = deep(MAX_LAYERS).expect_err("too deep");
+        assert!(e.to_string().contains("257 layers, more than 256"), "{e}");
     }
 
     #[test]

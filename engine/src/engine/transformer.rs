@@ -117,6 +117,24 @@ pub(crate) struct BlockScratch {
     head: Vec<f32>,
 }
 
+#[cfg(test)]
+impl BlockScratch {
+    /// The values it holds.
+    pub(crate) fn held(&self) -> usize {
+        [
+            &self.wide,
+            &self.narrow,
+            &self.dh1,
+            &self.dqkv,
+            &self.dp,
+            &self.head,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum()
+    }
+}
+
 /// Layer norm of each `dim`-wide row of `x` into `y`, keeping `(mean, rstd)` per row.
 pub(crate) fn layer_norm(
     x: &[f32],

@@ -1705,7 +1705,10 @@ impl Learner {
             sources.push(None);
         }
         for (i, ((p, &norm), &weight)) in held.iter().zip(&norms).zip(&weights).enumerate() {
-            if norm > refused_above {
+            // Not `norm > refused_above`: a norm that is NaN (finite values near f32::MAX
+            // scaled up to a median run overflow, and clipped alone, turn NaN) is refused
+            // too, and one such update no longer turns the model into NaN for good.
+            if norm.is_nan() || norm > refused_above {
                 self.stats.reject(Rejection::Norm);
                 summary.rejected += 1;
                 continue;

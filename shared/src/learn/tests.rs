@@ -1377,6 +1377,34 @@ fn a_lone_held_update_is_clipped_to_our_own_norm() {
 }
 
 #[test]
+fn a_finite_update_that_overflows_when_scaled_to_the_median_claim_is_refused() {
+    // Rounds in time exchanging deltas: a liar sends finite values near f32::MAX and
+    // claims 1 sample; scaled up to a quarter of the median claim (times 4) they overflow
+    // to infinity. Taken, one update would turn our whole model into NaN for good. (Heard
+    // alone it is not scaled up: with our own claim, the lower median is its own.)
+    let c = LearnConfig {
+        round_ms: 1_000,
+        aggregation: Aggregation::TrimmedMean { trim: 0.2 },
+        ..cfg()
+    };
+    let mut a = with(&c, 1, 4);
+    for (seed, to, samples) in [(2, -f32::MAX, 1), (3, 0.011, 100), (4, 0.009, 100)] {
+        let mut o = with(&c, seed, 4);
+        a.receive(&o.local_update(&[to; 4], samples, 0.0).expect("finite"))
+            .expect("taken in");
+    }
+    a.local_update(&[0.01; 4], 100, 0.0).expect("finite");
+    let s = a.finish_round();
+    assert_eq!((s.used, s.rejected), (2, 1));
+    assert!(
+        a.weights().iter().all(|w| w.is_finite()),
+        "{:?}",
+        a.weights()
+    );
+    assert_eq!(a.stats.rejected.get(&Rejection::Norm), Some(&1));
+}
+
+#[test]
 fn two_colluders_held_alone_are_bounded_by_the_neighbours_awaited() {
     // Exchanging weights: only two colluders' updates are held this round, both weights
     // a hundred away, and three honest neighbours awaited sent none for it (late, or
