@@ -474,7 +474,12 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
           }
         },
       });
-      relaying.catch((e) => say('error', `Shoal could not join the swarm: ${e.message ?? e}`));
+      relaying.catch((e) => {
+        // Alone, the worker would train on from the seed, unseen, for as long as the tab
+        // stays open.
+        worker.terminate();
+        say('error', `Shoal could not join the swarm: ${e.message ?? e}`);
+      });
     } catch (e) {
       say('error', `Shoal could not start here: ${e.message ?? e}`);
       return;
@@ -516,7 +521,11 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       // The visitor's public key, for anyone who wants to look it up in the ledger.
       window.shoalKey = msg.key;
       fetchCredits(msg.key);
-      setInterval(() => fetchCredits(msg.key), 15_000);
+      // Asked on until Shoal stops on this page (it asked on for as long as the tab lived).
+      const credits = setInterval(() => {
+        if (status.dataset.state === 'error') clearInterval(credits);
+        else fetchCredits(msg.key);
+      }, 15_000);
       applyPause();
     } else if (msg.type === 'progress') {
       const p = msg.progress;

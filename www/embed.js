@@ -68,8 +68,8 @@
       (cost && cost.epsilon != null ? 'Updates are noised on your device before they leave (differential privacy, ' +
         'epsilon ' + cost.epsilon.toFixed(2) + ' at delta ' + cost.delta +
         (cost.on_budget === 'stop' ? ' at most). ' : ' at its budget, which it may pass). ') : '') +
-      'Shoal\'s public ledger records an anonymous key for this browser and the site it ' +
-      'contributed from (the site earns credit), nothing else about you.';
+      'Shoal\'s public ledger records an anonymous key for this browser, the site (it earns ' +
+      'credit), and when and with which keys it trained; other visitors see your IP address.';
     var more = document.createElement('a');
     more.href = origin + '/?task=' + task;
     more.target = '_blank';

@@ -138,17 +138,20 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopp
 }
 
 /**
- * In the widget's frame, the site it is embedded in, as the browser reports it (not as
+ * In the widget's frame, the site the visitor is on, as the browser reports it (not as
  * the host page says): `&site=HOST` for the server's ledger; nothing on Shoal's own page.
- * A frame whose embedder the browser does not name (Firefox, or a page that wraps the
- * frame in an origin-less `data:` frame to go unnamed) says `site=unknown`: never Shoal's
- * own page.
+ * The top-level site, the one in the address bar, not the frame's embedder: a site that
+ * frames another site's page with the widget (and hides the frame) is named itself, and
+ * one that wraps the widget in an origin-less `data:` frame to go unnamed is named too. A
+ * frame whose ancestors the browser does not name (Firefox) says `site=unknown`: never
+ * Shoal's own page.
  */
 function siteParam() {
   if (window === window.top) return '';
-  const parent = location.ancestorOrigins?.[0];
+  const ancestors = location.ancestorOrigins;
+  const top = ancestors?.[ancestors.length - 1];
   try {
-    const host = new URL(parent).host.toLowerCase();
+    const host = new URL(top).host.toLowerCase();
     if (/^[a-z0-9.:-]{1,253}$/.test(host)) return `&site=${encodeURIComponent(host)}`;
   } catch {
     // No origin to name: below.

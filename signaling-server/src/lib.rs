@@ -263,24 +263,22 @@ async fn cross_origin_headers(
         request.uri().path(),
         "/embed.html" | "/worker.js" | "/observer-worker.js"
     );
-    let widget = request.uri().path() == "/embed.html";
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
     headers.insert(
         header::HeaderName::from_static("cross-origin-resource-policy"),
         HeaderValue::from_static("cross-origin"),
     );
-    // Every page but the widget's frame opens in a browsing context group of its own: a
-    // window of another site that opened it, or that it replaced (a site that sends its
-    // own tab to Shoal's page and keeps a popup), holds no reference to it, so cannot
-    // move its address to `#consent` (which focuses the button for the visitor's next
-    // Space) nor anything else.
-    if !widget {
-        headers.insert(
-            header::HeaderName::from_static("cross-origin-opener-policy"),
-            HeaderValue::from_static("same-origin"),
-        );
-    }
+    // Every page opens in a browsing context group of its own: a window of another site
+    // that opened it, or that it replaced (a site that sends its own tab to Shoal's page
+    // and keeps a popup), holds no reference to it, so cannot move its address to
+    // `#consent` (which focuses the button for the visitor's next Space) nor anything
+    // else. (A framed document's is ignored: the widget's frame is as before; opened as a
+    // popup, it was the one page its opener kept a hold of.)
+    headers.insert(
+        header::HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
     if isolated {
         headers.insert(
             header::HeaderName::from_static("cross-origin-embedder-policy"),

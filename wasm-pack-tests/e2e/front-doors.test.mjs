@@ -83,6 +83,11 @@ test('before consent the widget costs the host page under 20 KB and starts nothi
   assert.equal(await page.locator('iframe').count(), 1, 'one frame: the button');
   const button = page.frameLocator('iframe[title="Shoal contributor"]').getByRole('button', { name: 'Contribute' });
   await button.waitFor();
+  // The card says what the ledger keeps and who sees the visitor's address (it said
+  // "nothing else about you", and the ledger keeps when and with whom each key trained).
+  const card = await widget.locator('[role="dialog"]').textContent();
+  assert.match(card, /when and with which keys it trained/);
+  assert.match(card, /see your IP address/);
   // "No thanks" removes it for the session.
   await widget.getByRole('button', { name: 'No thanks' }).click();
   assert.equal(await widget.count(), 0);
@@ -375,4 +380,22 @@ test('the page says so when the server cannot be reached', async () => {
   await visitor.waitForFunction(() => document.getElementById('status').dataset.state === 'offline', null, { timeout: 30_000 });
   assert.match(await visitor.locator('#status').textContent(), /Lost the connection to the Shoal server/);
   await visitor.context().close();
+});
+
+test('a page that cannot join the swarm stops its worker, which trains nothing alone', async () => {
+  // The page's own load of the bundle fails once the visitor has consented (the worker
+  // loaded it before): the worker, told to start, trained alone from the seed, unseen,
+  // for as long as the tab stayed open.
+  const page = await newPage();
+  let refuse = false;
+  await page.route('**/pkg/shoal_web_client.js', (route) => (refuse ? route.abort('connectionrefused') : route.continue()));
+  await page.goto(`${server.url}/?backend=cpu`);
+  await page.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  refuse = true;
+  await pressConsent(page);
+  await page.waitForFunction(() => /could not join the swarm/.test(document.getElementById('status').textContent), null, { timeout: 30_000 });
+  // Past the worker's wait for neighbours (3 s), it would have trained alone.
+  await page.waitForTimeout(6_000);
+  assert.equal(await page.evaluate(() => window.shoalProgress.length), 0, 'no progress after the page stopped');
+  await page.context().close();
 });

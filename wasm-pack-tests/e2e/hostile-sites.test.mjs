@@ -125,10 +125,11 @@ test('the widget on another site trains even where the browser denies its frame 
   console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}, ${await peers.textContent()} neighbour(s); paused in ${pausedHidden} of ${hidden} looks while hidden by a carousel`);
 });
 
-test('a page that wraps the widget in an origin-less frame to go unnamed is named unknown', async (t) => {
-  // The browser names a frame's embedder in \`ancestorOrigins\`; inside a \`data:\` frame
-  // that name is "null". The widget then says \`site=unknown\`, never nothing (which the
-  // ledger counts as Shoal's own page).
+test('a page that wraps the widget in a frame of another origin to go unnamed is named itself', async (t) => {
+  // The browser names a frame's ancestors in \`ancestorOrigins\`, the embedder first; a
+  // \`data:\` frame's is "null". The widget names the last, the site in the visitor's
+  // address bar: before, it named the embedder (here "unknown"; a site that framed another
+  // site's page with the widget, and hid it, had the other site named).
   const page = await newPage();
   t.after(() => page.context().close());
   const sockets = [];
@@ -145,7 +146,28 @@ test('a page that wraps the widget in an origin-less frame to go unnamed is name
   while (!sockets.some((u) => u.includes('/ws/')) && Date.now() < deadline) await page.waitForTimeout(200);
   const ws = sockets.find((u) => u.includes('/ws/'));
   assert.ok(ws, 'the widget joined the swarm');
-  assert.equal(new URL(ws).searchParams.get('site'), 'unknown', ws);
+  assert.equal(new URL(ws).searchParams.get('site'), `localhost:${host.address().port}`, ws);
+});
+
+test('a site that opens the widget as a popup gets the contributor page, which states the costs', async (t) => {
+  // The bare widget in a small popup asked for its one click without the costs, with the
+  // opener's backend and throttle, and named no site; its opener kept a hold of it.
+  const page = await newPage();
+  t.after(() => page.context().close());
+  const opener = `http://localhost:${host.address().port}/opener.html`;
+  await page.route(opener, (route) => route.fulfill({ contentType: 'text/html', body: '<!doctype html><p>A site.</p>' }));
+  await page.goto(opener);
+  const [popup] = await Promise.all([
+    page.context().waitForEvent('page'),
+    page.evaluate((src) => { window.opened = window.open(src, 'shoal', 'popup,width=320,height=220'); },
+      `${server.url}/embed.html?task=digits&throttle=100&backend=cpu`),
+  ]);
+  await popup.waitForURL((u) => u.pathname === '/', { timeout: 30_000 });
+  assert.equal(new URL(popup.url()).searchParams.get('task'), 'digits');
+  assert.equal(new URL(popup.url()).searchParams.get('backend'), null, 'the opener chose no backend');
+  await popup.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  assert.match(await popup.locator('#cost').textContent(), /MB/);
+  assert.equal(await popup.evaluate(() => window.opener), null, 'the opener holds no reference');
 });
 
 test('a site that isolates itself (COEP require-corp) still shows the widget, and Shoal runs in it', async (t) => {
