@@ -121,7 +121,12 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   // failed to load, or its task's data or model could not be had), so that a peer that
   // does not train holds no neighbour's place.
   let relaying = null;
-  const leave = () => relaying?.then((swarm) => swarm.close()).catch(() => {});
+  // Whether Shoal stopped on this page for good (not an error it goes on after).
+  let halted = false;
+  const leave = () => {
+    halted = true;
+    return relaying?.then((swarm) => swarm.close()).catch(() => {});
+  };
   let lasting = true;
   function applyPause() {
     worker.postMessage({ type: 'pause', paused: [...paused].some((r) => r !== 'task') });
@@ -465,7 +470,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
         uploadMbPerHour: description?.task?.learn?.upload_mb_per_hour,
         revision: description?.revision,
         stats: window.shoalRelay,
-        onStopped: (why) => say('error', `Shoal stopped: ${why}. Reload the page to try again.`),
+        onStopped: (why) => {
+          halted = true;
+          say('error', `Shoal stopped: ${why}. Reload the page to try again.`);
+        },
         onSignaling: (up) => {
           if (up) {
             if (status.dataset.state === 'offline') applyPause();
@@ -477,6 +485,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       relaying.catch((e) => {
         // Alone, the worker would train on from the seed, unseen, for as long as the tab
         // stays open.
+        halted = true;
         worker.terminate();
         say('error', `Shoal could not join the swarm: ${e.message ?? e}`);
       });
@@ -521,9 +530,10 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       // The visitor's public key, for anyone who wants to look it up in the ledger.
       window.shoalKey = msg.key;
       fetchCredits(msg.key);
-      // Asked on until Shoal stops on this page (it asked on for as long as the tab lived).
+      // Asked on until Shoal stops on this page for good (it asked on for as long as the
+      // tab lived; an error it goes on after stops nothing).
       const credits = setInterval(() => {
-        if (status.dataset.state === 'error') clearInterval(credits);
+        if (halted) clearInterval(credits);
         else fetchCredits(msg.key);
       }, 15_000);
       applyPause();

@@ -91,10 +91,8 @@ impl Gpu {
             .await
             .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
         let summary = AdapterSummary::from_info(&adapter.get_info());
-        // The adapter's own limits first (large storage buffers); if a driver refuses
-        // them, the portable defaults.
         let mut last_err = String::new();
-        for limits in [adapter.limits(), wgpu::Limits::downlevel_defaults()] {
+        for limits in device_limits(adapter.limits()) {
             let desc = wgpu::DeviceDescriptor {
                 label: Some("shoal"),
                 required_features: wgpu::Features::empty(),
@@ -238,3 +236,33 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     }
 }
 ";
+
+/// The limits a device is asked for, in order: the adapter's own (large storage buffers),
+/// then, where a driver refuses them, WebGPU's defaults, which every WebGPU device has:
+/// 8 storage buffers a shader stage, as the kernels need (the optimizer binds 7). The
+/// fallback was wgpu's downlevel defaults, of 4: a device opened with them failed every
+/// kernel that binds more.
+fn device_limits(adapter: wgpu::Limits) -> [wgpu::Limits; 2] {
+    [adapter, wgpu::Limits::defaults()]
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::device_limits;
+
+    /// Every limit a device may be opened with holds every kernel's storage buffers.
+    #[test]
+    fn every_device_asked_for_binds_the_kernels_storage_buffers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine/kernels");
+        let most = std::fs::read_dir(&dir)
+            .expect("the kernels")
+            .map(|e| std::fs::read_to_string(e.expect("an entry").path()).expect("a kernel"))
+            .map(|source| source.matches("var<storage").count())
+            .max()
+            .expect("kernels");
+        assert!(most >= 7, "the optimizer binds 7: {most}");
+        for limits in device_limits(wgpu::Limits::defaults()) {
+            assert!(limits.max_storage_buffers_per_shader_stage as usize >= most);
+        }
+    }
+}

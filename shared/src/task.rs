@@ -583,9 +583,9 @@ impl TaskSpec {
                 "train.batch",
                 format!(
                     "training this model at a batch of {} holds about {} MiB (parameters, \
-                     their gradient and optimizer moments, and every layer's buffers and \
-                     their gradients), more than {} MiB: fewer or smaller layers, or a \
-                     smaller batch",
+                     their gradient and optimizer moments, what every layer keeps for its \
+                     backward pass, and as much again for evaluating the model), more than \
+                     {} MiB: fewer or smaller layers, or a smaller batch",
                     t.batch,
                     held >> 20,
                     MAX_TRAINING_BYTES >> 20

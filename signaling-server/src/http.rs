@@ -295,6 +295,18 @@ content-length: 39\r\nretry-after: 5\r\nconnection: close\r\n\r\ntoo many connec
 /// closed without an answer.
 const MAX_REFUSING: usize = 64;
 
+/// The most TCP connections a server whose open-file limit is `open_files` takes by
+/// default: two descriptors each (its socket, and the file a download reads, served
+/// while the connection lasts), less 64 kept for everything else (the ledger, its mark,
+/// the state file, logs) and the [`MAX_REFUSING`] connections being answered past the
+/// cap. One each let slow downloads use the descriptors up at about half the cap, before
+/// any `503`: accepts failed, the ledger's seals and the state file's saves with them.
+pub fn connection_cap(open_files: Option<u64>) -> usize {
+    open_files.map_or(usize::MAX, |n| {
+        usize::try_from(n.saturating_sub(64 + MAX_REFUSING as u64) / 2).unwrap_or(usize::MAX)
+    })
+}
+
 /// Answers a connection past a cap with `answer` (`503` or `429`) and closes it. Closing
 /// a socket with the client's request still unread would reset the connection and could
 /// destroy the answer, so the request is read and dropped first, for at most a second.
@@ -450,6 +462,13 @@ mod tests {
             h.append("x-forwarded-for", v.parse().expect("a header value"));
         }
         h
+    }
+
+    #[test]
+    fn each_connection_is_counted_two_descriptors() {
+        assert_eq!(connection_cap(Some(1024)), (1024 - 128) / 2);
+        assert_eq!(connection_cap(Some(100)), 0);
+        assert_eq!(connection_cap(None), usize::MAX);
     }
 
     /// Behind a chain of trusted proxies the client is the last entry none of them added;

@@ -69,7 +69,7 @@ type ReadPlace = (tokio::sync::OwnedSemaphorePermit, Shares);
 type Shares = (AddressShare, Option<AddressShare>);
 
 /// Takes `group`'s place among at most `share`, counting one IPv6 /48 as one address:
-/// the ledger's places are few (8 reads, 4 downloads), and a /48's 65,536 /64s would
+/// the ledger's places are few (8 reads, one download per address), and a /48's 65,536 /64s would
 /// otherwise each have an address's share of them.
 fn network_share(counts: &AddressCounts, group: u128, share: usize) -> Option<Shares> {
     crate::signaling::take_shares_of(counts, group, share, share)
@@ -114,6 +114,9 @@ type Built = (Instant, Duration, u64, Bytes, Arc<()>);
 #[derive(Default)]
 pub struct FileCache {
     built: Mutex<std::collections::HashMap<String, Built>>,
+    /// Held while a build is looked at or made: requests that find no fresh build wait
+    /// for it here, off the blocking threads, one at a time.
+    building: tokio::sync::Mutex<()>,
     /// Downloads running per address group (entries at zero are removed).
     by_address: AddressCounts,
 }
@@ -346,22 +349,21 @@ async fn file_bytes(
     task: &str,
     ledger: Arc<Mutex<LedgerFile>>,
 ) -> Option<(Bytes, Arc<()>)> {
+    // A build still fresh, or still read by a download, is served as it is: without the
+    // ledger's lock or a blocking thread (each download took both, so one per address
+    // could fill the blocking threads, waiting on the lock receipts' appends take).
+    if let Some(hit) = built(files, task, None) {
+        return Some(hit);
+    }
+    let _building = files.building.lock().await;
     let (files, task) = (Arc::clone(files), task.to_string());
     // Off the async workers: the ledger's lock waits for a receipt's disk sync, and a
     // build reads every segment.
     tokio::task::spawn_blocking(move || {
         let l = lock(&ledger);
         let count = l.count();
-        if let Some((at, took, n, b, token)) = files
-            .built
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&task)
-            && (at.elapsed() < stands_for(FILE_EVERY, *took)
-                || *n == count
-                || Arc::strong_count(token) > 1)
-        {
-            return Some((b.clone(), Arc::clone(token)));
+        if let Some(hit) = built(&files, &task, Some(count)) {
+            return Some(hit);
         }
         let started = Instant::now();
         let bytes = Bytes::from(l.file_bytes().ok()?);
@@ -387,6 +389,18 @@ async fn file_bytes(
     .await
     .ok()
     .flatten()
+}
+
+/// `task`'s last build, if it may be served: built within [`FILE_EVERY`] (or as many
+/// times as long as it took), still read by a download, or (`count`: the ledger's entries
+/// now) of every entry.
+fn built(files: &FileCache, task: &str, count: Option<u64>) -> Option<(Bytes, Arc<()>)> {
+    let built = files.built.lock().unwrap_or_else(PoisonError::into_inner);
+    let (at, took, n, b, token) = built.get(task)?;
+    (at.elapsed() < stands_for(FILE_EVERY, *took)
+        || count == Some(*n)
+        || Arc::strong_count(token) > 1)
+        .then(|| (b.clone(), Arc::clone(token)))
 }
 
 /// `?key=HEX`.
@@ -613,6 +627,40 @@ mod tests {
             fresh.len() > first.len(),
             "built anew once no download holds it"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A download of a build still fresh or in use takes neither the ledger's lock nor a
+    /// blocking thread: with the lock held elsewhere (an append's disk sync, a build of a
+    /// large ledger), it is served at once.
+    #[tokio::test]
+    async fn a_build_in_use_is_served_without_the_ledgers_lock() {
+        let (s, dir) = state("unlocked");
+        let ledger = ledger_of(&s, "digits").unwrap_or_else(|_| panic!("a ledger"));
+        append_receipt(&ledger, 1);
+        let (first, _running) = file_bytes(&s.files, "digits", Arc::clone(&ledger))
+            .await
+            .expect("a build");
+        // The lock held by another thread until told.
+        let (locked, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let holder = {
+            let ledger = Arc::clone(&ledger);
+            std::thread::spawn(move || {
+                let _held = lock(&ledger);
+                locked.0.send(()).expect("the test waits");
+                let _ = release.1.recv();
+            })
+        };
+        locked.1.recv().expect("locked");
+        let served = tokio::time::timeout(
+            Duration::from_secs(2),
+            file_bytes(&s.files, "digits", Arc::clone(&ledger)),
+        )
+        .await;
+        release.0.send(()).expect("the holder waits");
+        holder.join().expect("the holder");
+        let served = served.expect("served while the ledger's lock is held");
+        assert_eq!(served.expect("a build").0, first);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

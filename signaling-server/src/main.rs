@@ -339,11 +339,8 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     // A ledger folder that cannot be made stops the start: receipts would be lost.
     std::fs::create_dir_all(&args.ledger_dir)
         .map_err(|e| anyhow::anyhow!("the ledger folder {}: {e}", args.ledger_dir.display()))?;
-    // Every connection is a file descriptor; keep 64 for everything else.
     let files = raise_open_file_limit();
-    let fd_cap = files.map_or(usize::MAX, |n| {
-        usize::try_from(n.saturating_sub(64)).unwrap_or(usize::MAX)
-    });
+    let fd_cap = shoal_signaling_server::http::connection_cap(files);
     let max_tcp = args.max_tcp_connections.unwrap_or(fd_cap).min(fd_cap);
     if max_tcp == 0 {
         anyhow::bail!("the open-file limit ({files:?}) leaves no room for connections");

@@ -483,7 +483,9 @@ test('a server slow to answer the ledger\'s lookups does not stall the visitor\'
   assert.ok(lookups >= 2, `the witness looked up the ledger ${lookups} times`);
   assert.ok(at.length >= 10, `${at.length} rounds closed in 32 s`);
   const gaps = at.slice(1).map((x, i) => x - at[i]);
-  assert.ok(Math.max(...gaps) < 3_000, `rounds closed ${Math.round(Math.max(...gaps))} ms apart at most`);
+  // Under the lookups' 4.5 s (held in the loop, rounds closed 5.6 s apart), with room
+  // for a slow round on a loaded machine.
+  assert.ok(Math.max(...gaps) < 4_000, `rounds closed ${Math.round(Math.max(...gaps))} ms apart at most`);
   await page.close();
 });
 

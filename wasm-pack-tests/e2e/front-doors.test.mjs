@@ -372,14 +372,18 @@ test('the page says so when the server cannot be reached', async () => {
   // The server goes away while a visitor contributes: the page says it lost the server.
   const own = await startServer();
   const visitor = await newPage();
-  await visitor.goto(`${own.url}/?backend=cpu`);
-  await visitor.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
-  await pressConsent(visitor);
-  await visitor.waitForFunction(() => document.querySelector('#stats [data-key="round"]'), null, { timeout: 60_000 });
-  await own.kill();
-  await visitor.waitForFunction(() => document.getElementById('status').dataset.state === 'offline', null, { timeout: 30_000 });
-  assert.match(await visitor.locator('#status').textContent(), /Lost the connection to the Shoal server/);
-  await visitor.context().close();
+  try {
+    await visitor.goto(`${own.url}/?backend=cpu`);
+    await visitor.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+    await pressConsent(visitor);
+    await visitor.waitForFunction(() => document.querySelector('#stats [data-key="round"]'), null, { timeout: 60_000 });
+    await own.kill();
+    await visitor.waitForFunction(() => document.getElementById('status').dataset.state === 'offline', null, { timeout: 30_000 });
+    assert.match(await visitor.locator('#status').textContent(), /Lost the connection to the Shoal server/);
+  } finally {
+    await own.kill();
+    await visitor.context().close();
+  }
 });
 
 test('a page that cannot join the swarm stops its worker, which trains nothing alone', async () => {

@@ -26,6 +26,13 @@ export function tempDir(prefix) {
   return dir;
 }
 
+/** Every server started, killed when this test process exits however it ends (with
+ *  `--test-force-exit`, a failed test's server would otherwise outlive the run). */
+const servers = new Set();
+process.on('exit', () => {
+  for (const child of servers) child.kill('SIGKILL');
+});
+
 /** Starts the server on 127.0.0.1:0 and resolves once it prints its address. */
 export async function startServer(extraArgs = []) {
   // Each server remembers its own pauses: a test never inherits another's.
@@ -41,9 +48,14 @@ export async function startServer(extraArgs = []) {
     ...(extraArgs.includes('--ledger-reads-per-address') ? [] : ['--ledger-reads-per-address', '0']),
     ...extraArgs],
   { stdio: ['ignore', 'pipe', 'inherit'] });
+  servers.add(child);
+  child.on('exit', () => servers.delete(child));
   let out = '';
   const url = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server did not start: ${out}`)), 30_000);
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`server did not start: ${out}`));
+    }, 30_000);
     child.stdout.on('data', (chunk) => {
       out += chunk;
       const m = out.match(/listening on (http:\/\/[0-9.:]+)/);
@@ -62,10 +74,13 @@ export async function startServer(extraArgs = []) {
       child.kill('SIGKILL');
       await once(child, 'exit');
     },
+    /** Stops the server (SIGTERM; SIGKILL if it has not exited 10 s later). */
     async stop() {
       if (child.exitCode !== null) return child.exitCode;
       child.kill('SIGTERM');
+      const late = setTimeout(() => child.kill('SIGKILL'), 10_000);
       const [code] = await once(child, 'exit');
+      clearTimeout(late);
       return code;
     },
   };

@@ -407,37 +407,44 @@ fn a_language_models_export_recomputes_shoals_held_out_loss_in_numpy() {
 }
 
 #[test]
-fn a_training_peer_stops_on_ctrl_c() {
+fn a_training_peer_stops_on_ctrl_c_or_sigterm_and_keeps_what_it_trained() {
     // Alone (closed signaling port), training the text task's rounds back to back (most
-    // of its time is spent training): a SIGINT that arrives while it trains must stop
-    // it, promptly and cleanly.
+    // of its time is spent training): a SIGINT (Ctrl-C) or SIGTERM (systemd's, docker's
+    // stop) that arrives while it trains must stop it, promptly and cleanly, its keeper
+    // with a last checkpoint (on SIGTERM it died at once, and its keeper lost up to
+    // `--checkpoint-every` rounds).
     let dir = temp("ctrl-c");
     let task_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tasks/fortunes.toml");
-    let (mut child, rx) = spawn(
-        "ws://127.0.0.1:9",
-        &dir.join("k.key"),
-        &["--task", "fortunes", "--task-file", task_file],
-    );
-    expect_line(&rx, 120, "round 2", |l| {
-        round_line(l).filter(|&(r, _)| r >= 2).map(|_| ())
-    });
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(sent.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the peer did not stop within 15 s of Ctrl-C");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status}");
+    for signal in ["INT", "TERM"] {
+        let keeper = dir.join(signal);
+        let keeper = ["--keeper", keeper.to_str().expect("utf-8 path")];
+        let task = ["--task", "fortunes", "--task-file", task_file];
+        let args = [&task[..], &keeper, &["--checkpoint-every", "1000"]].concat();
+        let (mut child, rx) = spawn("ws://127.0.0.1:9", &dir.join("k.key"), &args);
+        expect_line(&rx, 120, "round 2", |l| {
+            round_line(l).filter(|&(r, _)| r >= 2).map(|_| ())
+        });
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the peer did not stop within 15 s of SIG{signal}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "SIG{signal}: {status}");
+        expect_line(&rx, 5, "the last checkpoint", |l| {
+            l.starts_with("checkpoint ").then_some(())
+        });
+    }
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 

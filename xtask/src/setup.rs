@@ -143,6 +143,36 @@ pub(crate) fn ensure_node() -> Result<()> {
     ensure_debs(&["nodejs", "npm"])
 }
 
+/// The oldest Node.js the end-to-end tests run on (`--test-force-exit`, 20.14; Playwright
+/// wants 20 or newer).
+const NODE_AT_LEAST: (u32, u32) = (20, 14);
+
+/// Stops with a clear message where Node.js is older than the end-to-end tests need
+/// (Debian 12's is 18: its `node --test` refused their options with a usage error).
+pub(crate) fn check_node_for_tests() -> Result<()> {
+    let found = Command::new("node")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    match node_version(&found) {
+        Some(v) if v >= NODE_AT_LEAST => Ok(()),
+        _ => bail!(
+            "the end-to-end tests need Node.js {}.{} or newer (found {found:?}; Debian 12's \
+             nodejs is 18): install nodejs from Debian 13, or from NodeSource, and run this \
+             again",
+            NODE_AT_LEAST.0,
+            NODE_AT_LEAST.1
+        ),
+    }
+}
+
+/// `(major, minor)` of `node --version`'s answer (`v20.20.2`).
+fn node_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.strip_prefix('v')?.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 /// The bundle build's npm tools, run with node.
 pub(crate) struct WebTools {
     /// binaryen's `wasm-opt`.
@@ -195,4 +225,18 @@ pub(crate) fn ensure_npm_packages(root: &Path) -> Result<()> {
         return Ok(());
     }
     npm_ci(&dir)
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    #[test]
+    fn node_versions_are_read_and_old_ones_refused() {
+        assert_eq!(node_version("v20.20.2"), Some((20, 20)));
+        assert!(node_version("v18.20.4").is_some_and(|v| v < NODE_AT_LEAST));
+        assert!(node_version("v20.13.1").is_some_and(|v| v < NODE_AT_LEAST));
+        assert!(node_version("v22.1.0").is_some_and(|v| v >= NODE_AT_LEAST));
+        assert_eq!(node_version("20.1"), None);
+    }
 }

@@ -846,15 +846,17 @@ impl Model {
     /// optimizer moments, the GPU's weight-decay mask or a read-back copy, and the
     /// evaluation's copy of the parameters), one step's working values
     /// ([`Model::step_values`]) and as many again for evaluating the model, whose batch
-    /// stays within them ([`Model::evaluation_batch`]). A task refuses a model and batch
-    /// where this exceeds [`MAX_TRAINING_BYTES`].
+    /// stays within them or [`EVALUATION_VALUES`] ([`Model::evaluation_batch`]). A task
+    /// refuses a model and batch where this exceeds [`MAX_TRAINING_BYTES`].
     pub fn training_bytes(&self, batch: usize) -> usize {
+        let step = self.step_values(batch);
         self.param_len
             .saturating_mul(24)
-            .saturating_add(self.step_values(batch).saturating_mul(8))
+            .saturating_add(step.saturating_mul(4))
+            .saturating_add(step.max(EVALUATION_VALUES).saturating_mul(4))
     }
 
-    /// The largest evaluation batch, up to `asked` (1 at least), whose working values stay
+    /// An evaluation batch, up to `asked` (1 at least; halved until it fits), whose working values stay
     /// within those of a training step at `batch` (or 4 Mi values, 16 MiB, where those
     /// are fewer: a small model's evaluation need not go in the training batch's steps).
     pub fn evaluation_batch(&self, asked: usize, batch: usize) -> usize {

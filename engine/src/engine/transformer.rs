@@ -130,7 +130,7 @@ impl BlockScratch {
             &self.head,
         ]
         .iter()
-        .map(|v| v.len())
+        .map(|v| v.capacity())
         .sum()
     }
 }

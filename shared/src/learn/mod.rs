@@ -1666,12 +1666,19 @@ impl Learner {
         // liar heard alone could take the model anywhere): it is clipped to
         // `max_norm_ratio` times our own run's norm. Not refused: our own alone is too
         // strict a reference for an honest neighbour's (see `norm_reference`).
-        if let (Some(d), [p]) = (own.as_deref(), held.as_mut_slice()) {
+        if let (Some(d), [p]) = (own.as_deref(), held.as_mut_slice())
+            && aggregate::norm(&p.delta).is_finite()
+        {
             aggregate::clip_norm(&mut p.delta, aggregate::norm(d) * self.cfg.max_norm_ratio);
         }
         let norms: Vec<f32> = held.iter().map(|p| aggregate::norm(&p.delta)).collect();
+        // A norm past f32's range (values near f32::MAX, or scaled up to a median run
+        // until they overflowed) is refused below and bounds nothing: where such updates
+        // were most of those held (a neighbourhood of liars in a partial mesh), their
+        // lower median was infinite and no bound held.
+        let finite: Vec<f32> = norms.iter().copied().filter(|n| n.is_finite()).collect();
         let ratio = self.cfg.max_norm_ratio;
-        let refused_above = norm_reference(own.as_deref(), &norms, 0) * ratio;
+        let refused_above = norm_reference(own.as_deref(), &finite, 0) * ratio;
         // Each awaited neighbour whose update is not held counts as our own norm: a held
         // update above that bound but within the one of the held alone is scaled down to
         // it, not refused (an honest neighbour's larger update still counts, a round that
@@ -1680,7 +1687,7 @@ impl Learner {
             .iter()
             .filter(|keys| !held.iter().any(|p| keys.contains(&p.key)))
             .count();
-        let bound = norm_reference(own.as_deref(), &norms, missing) * ratio;
+        let bound = norm_reference(own.as_deref(), &finite, missing) * ratio;
         for (p, &norm) in held.iter_mut().zip(&norms) {
             if norm > bound && norm <= refused_above {
                 aggregate::clip_norm(&mut p.delta, bound);
@@ -1705,10 +1712,7 @@ impl Learner {
             sources.push(None);
         }
         for (i, ((p, &norm), &weight)) in held.iter().zip(&norms).zip(&weights).enumerate() {
-            // Not `norm > refused_above`: a norm that is NaN (finite values near f32::MAX
-            // scaled up to a median run overflow, and clipped alone, turn NaN) is refused
-            // too, and one such update no longer turns the model into NaN for good.
-            if norm.is_nan() || norm > refused_above {
+            if !norm.is_finite() || norm > refused_above {
                 self.stats.reject(Rejection::Norm);
                 summary.rejected += 1;
                 continue;

@@ -1702,7 +1702,10 @@ impl Peer {
             Purpose::Join if self.join_attempts + 1 >= JOIN_ATTEMPTS => (1, None),
             Purpose::Join => (majority, None),
             Purpose::Lag => (majority, ahead),
-            Purpose::Observe => (majority, ahead.filter(|_| self.learner.is_started())),
+            // Two at least: with one contributor among its neighbours (the others paused,
+            // joining, or the swarm small), a lone answer was taken on its word, and the
+            // dashboard showed and exported any model at any round a liar sent.
+            Purpose::Observe => (majority.max(2), ahead.filter(|_| self.learner.is_started())),
         }
     }
 

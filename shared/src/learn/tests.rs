@@ -1335,6 +1335,25 @@ fn with(c: &LearnConfig, seed: u8, n: usize) -> Learner {
     .expect("valid")
 }
 
+/// A round of a learner (seed 1, four weights at 0) that holds the updates of `held`
+/// (`(seed, weights sent, samples)`, each from a learner of its own) and ran its own to
+/// `own` (weights, samples): the learner and what the round did.
+fn held_round(
+    c: &LearnConfig,
+    held: &[(u8, f32, u32)],
+    own: (f32, u32),
+) -> (Learner, RoundSummary) {
+    let mut a = with(c, 1, 4);
+    for &(seed, to, samples) in held {
+        let mut o = with(c, seed, 4);
+        a.receive(&o.local_update(&[to; 4], samples, 0.0).expect("finite"))
+            .expect("taken in");
+    }
+    a.local_update(&[own.0; 4], own.1, 0.0).expect("finite");
+    let s = a.finish_round();
+    (a, s)
+}
+
 #[test]
 fn a_lone_held_update_is_clipped_to_our_own_norm() {
     // Exchanging weights: our run moves 0.01 a coordinate; the one neighbour heard this
@@ -1365,14 +1384,7 @@ fn a_lone_held_update_is_clipped_to_our_own_norm() {
         sync_every: 0,
         ..cfg()
     };
-    let mut a = with(&c, 1, 4);
-    for (seed, to) in [(2, 100.0), (3, 0.02)] {
-        let mut o = with(&c, seed, 4);
-        a.receive(&o.local_update(&[to; 4], 8, 0.0).expect("finite"))
-            .expect("taken in");
-    }
-    a.local_update(&[0.01; 4], 8, 0.0).expect("finite");
-    let s = a.finish_round();
+    let (_, s) = held_round(&c, &[(2, 100.0, 8), (3, 0.02, 8)], (0.01, 8));
     assert_eq!((s.used, s.rejected), (1, 1));
 }
 
@@ -1387,14 +1399,8 @@ fn a_finite_update_that_overflows_when_scaled_to_the_median_claim_is_refused() {
         aggregation: Aggregation::TrimmedMean { trim: 0.2 },
         ..cfg()
     };
-    let mut a = with(&c, 1, 4);
-    for (seed, to, samples) in [(2, -f32::MAX, 1), (3, 0.011, 100), (4, 0.009, 100)] {
-        let mut o = with(&c, seed, 4);
-        a.receive(&o.local_update(&[to; 4], samples, 0.0).expect("finite"))
-            .expect("taken in");
-    }
-    a.local_update(&[0.01; 4], 100, 0.0).expect("finite");
-    let s = a.finish_round();
+    let held = [(2, -f32::MAX, 1), (3, 0.011, 100), (4, 0.009, 100)];
+    let (a, s) = held_round(&c, &held, (0.01, 100));
     assert_eq!((s.used, s.rejected), (2, 1));
     assert!(
         a.weights().iter().all(|w| w.is_finite()),
@@ -1402,6 +1408,24 @@ fn a_finite_update_that_overflows_when_scaled_to_the_median_claim_is_refused() {
         a.weights()
     );
     assert_eq!(a.stats.rejected.get(&Rejection::Norm), Some(&1));
+    // Two such among three held (a neighbourhood of liars, in steps: nothing scaled) set
+    // the lower median of the held norms to infinity, and no bound held: they were used,
+    // and our model moved about 1e38.
+    let c = LearnConfig {
+        aggregation: Aggregation::TrimmedMean { trim: 0.2 },
+        ..cfg()
+    };
+    let (a, s) = held_round(
+        &c,
+        &[(2, -2e38, 8), (3, -2e38, 8), (4, 0.011, 8)],
+        (0.01, 8),
+    );
+    assert_eq!((s.used, s.rejected), (1, 2));
+    assert!(
+        a.weights().iter().all(|w| w.abs() < 1.0),
+        "{:?}",
+        a.weights()
+    );
 }
 
 #[test]

@@ -153,10 +153,28 @@ mod peer {
         }
     }
 
+    /// Resolves at the first Ctrl-C (SIGINT) or SIGTERM, the signal service managers
+    /// (systemd, docker) stop a process with: on SIGTERM the peer died at once, its
+    /// keeper without its last checkpoint.
+    async fn stop_signal() {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+
     async fn echo(mut swarm: NativeSwarm) -> Result<()> {
         // One listener for the whole run: a `ctrl_c()` made anew each turn of the loop
         // misses a Ctrl-C that arrives between turns.
-        let ctrl_c = tokio::signal::ctrl_c();
+        let ctrl_c = stop_signal();
         tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
@@ -610,7 +628,7 @@ mod peer {
         // One listener for the whole run: a `ctrl_c()` made anew each turn missed a
         // Ctrl-C that arrived while the peer trained (most of the time), and the peer
         // never stopped.
-        let ctrl_c = tokio::signal::ctrl_c();
+        let ctrl_c = stop_signal();
         tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
@@ -766,7 +784,7 @@ mod peer {
                 break;
             }
         }
-        // Stopped (Ctrl-C, or --rounds reached): what was trained since the last checkpoint
+        // Stopped (Ctrl-C, SIGTERM, or --rounds reached): what was trained since the last checkpoint
         // is kept too.
         if let Some(k) = &keeper
             && peer.progress().round > saved_at

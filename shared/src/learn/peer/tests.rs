@@ -2070,6 +2070,32 @@ fn observer_and(n: u8) -> (Peer, Vec<Peer>) {
     (o, trainers)
 }
 
+/// An observer whose one contributing neighbour is a liar shows no model: a lone answer
+/// (here a model of its own at a round near the largest) was taken on its word. Once a
+/// second contributor answers alike, it adopts.
+#[test]
+fn an_observer_takes_no_model_on_one_contributors_word() {
+    let far = ramp((1 << 40) - 1, 0.9);
+    for contributors in [1u8, 2] {
+        let (mut o, mut trainers) = observer_and(contributors);
+        let mut now = JOIN_GRACE_MS;
+        for t in &mut trainers {
+            assert!(t.learner_mut().adopt(far.clone()));
+            t.tick(now);
+        }
+        for _ in 0..3 {
+            o.tick(now);
+            route(&mut o, &mut trainers, now, &mut |_, _| {});
+            now += 10_000.0;
+        }
+        if contributors == 1 {
+            assert!(!o.has_model(), "round {}", o.learner().round());
+        } else {
+            assert_eq!(o.learner().round(), (1 << 40) - 1, "two answers alike");
+        }
+    }
+}
+
 /// One liar among an observer's neighbours answers each download with the weights the
 /// observer shows, moved toward a model of its own by a little less than the swarm's
 /// model is from them (so the swarm's progress makes room for a larger step each time,
