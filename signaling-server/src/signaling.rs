@@ -1436,7 +1436,7 @@ impl Hub {
                 break id;
             }
         };
-        let chosen = choose_neighbours(t, &mut st.rng, k, limits.quiet_after);
+        let chosen = choose_neighbours(t, &mut st.rng, k, limits.quiet_after, network(group));
         let mut nonce = [0u8; 32];
         for c in nonce.chunks_mut(8) {
             c.copy_from_slice(&st.rng.next_u64().to_le_bytes());
@@ -2058,6 +2058,7 @@ fn choose_neighbours(
     rng: &mut Draws,
     k: usize,
     quiet_after: Duration,
+    own: u128,
 ) -> BTreeSet<PeerId> {
     let mut chosen = BTreeSet::new();
     if t.ids.is_empty() {
@@ -2085,12 +2086,45 @@ fn choose_neighbours(
             let net = network(p.group);
             let crowded = cap.is_some_and(|c| per_group.get(&net).is_some_and(|&n| n >= c));
             let kept = pass > 0 || network_draw(t, rng, net);
-            if kept && p.drawable(quiet_after) && room && !crowded && chosen.insert(cand) {
+            if kept
+                && p.drawable(quiet_after)
+                && room
+                && !crowded
+                && !observer_full(t, p, own, per_group_cap)
+                && chosen.insert(cand)
+            {
                 *per_group.entry(net).or_default() += 1;
             }
         }
     }
     chosen
+}
+
+/// Whether `p` is an observer (a dashboard) that already holds `cap` neighbours of
+/// network `own` and some of another: it takes no more of `own`. One address joining
+/// again and again, keeping the peers linked to a dashboard, filled half of its 2k
+/// places, and its draws of three to ask then held two colluders half the time (they
+/// agree, and the dashboard showed and exported their model). Trainers are not held to
+/// it: a classroom behind one address must link among itself. Nor is a dashboard whose
+/// every neighbour is of `own` (a swarm behind one address).
+fn observer_full(t: &Task, p: &Peer, own: u128, cap: usize) -> bool {
+    let observer = p
+        .report
+        .as_deref()
+        .is_some_and(|(_, r)| r.role == shoal_shared::protocol::Role::Observer);
+    if !observer {
+        return false;
+    }
+    let nets = p
+        .neighbours
+        .iter()
+        .filter_map(|n| t.peers.get(n))
+        .map(|q| network(q.group));
+    let (same, other) = nets.fold(
+        (0, 0),
+        |(s, o), n| if n == own { (s + 1, o) } else { (s, o + 1) },
+    );
+    same >= cap && other > 0
 }
 
 /// The address group a peer connects from, for the per-address caps: its IPv4 address,
@@ -3197,6 +3231,60 @@ mod tests {
             .iter()
             .map(|&h| of(h).iter().filter(|n| dead.contains(n)).count())
             .sum()
+    }
+
+    /// One address that joins again and again, keeping the peers the server links to a
+    /// dashboard and leaving with the rest, holds at most a third of k of its places (it
+    /// held up to k, half of them).
+    #[test]
+    fn one_address_cannot_fill_a_dashboards_neighbours_by_joining_until_drawn() {
+        let hub = digits_hub();
+        let k = 6;
+        let honest: Vec<PeerId> = (2..=11u128).map(|g| reporting_peer(&hub, g)).collect();
+        let (dash, _) = hub
+            .join("digits", Arc::new(Outbox::new(4096)), 1, "")
+            .expect("join");
+        let observing = PeerReport {
+            role: shoal_shared::protocol::Role::Observer,
+            ..PeerReport::default()
+        };
+        hub.store_report("digits", dash, observing.clone())
+            .expect("report");
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        assert!(of(dash).iter().all(|n| honest.contains(n)));
+        let mut kept = BTreeSet::new();
+        for _ in 0..400 {
+            if kept.len() >= 30 {
+                break;
+            }
+            let id = reporting_peer(&hub, 99);
+            if of(dash).contains(&id) {
+                kept.insert(id);
+            } else {
+                hub.leave("digits", id);
+            }
+        }
+        let held = of(dash).iter().filter(|n| kept.contains(n)).count();
+        assert!(
+            held <= k / 3,
+            "{held} of the dashboard's neighbours from one address"
+        );
+        // Behind one address with everyone (a swarm on loopback), it is not held to it.
+        let hub = digits_hub();
+        let (dash, _) = hub
+            .join("digits", Arc::new(Outbox::new(4096)), 1, "")
+            .expect("join");
+        hub.store_report("digits", dash, observing.clone())
+            .expect("report");
+        for _ in 0..6 {
+            reporting_peer(&hub, 1);
+        }
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        assert_eq!(
+            of(dash).len(),
+            6,
+            "every newcomer of its one network links to it"
+        );
     }
 
     /// Peers that never open a WebRTC connection, 96 of them from three addresses, do not

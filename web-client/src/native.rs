@@ -310,9 +310,24 @@ impl Transport for NativeSwarm {
 
 async fn signaling_loop(shared: Arc<Shared>) {
     let wait = shared.opts.signaling_timeout;
+    // Failed tries in a row: the first of a streak is said, then every tenth (a server
+    // down for days, a wrong port, or its 403 or 429 went unsaid, retried in silence).
+    let mut failures = 0u32;
     loop {
         let connecting = tokio_tungstenite::connect_async(&shared.opts.url);
-        if let Ok(Ok((ws, _))) = tokio::time::timeout(wait, connecting).await {
+        let connected = match tokio::time::timeout(wait, connecting).await {
+            Ok(Ok((ws, _))) => Some(ws),
+            Ok(Err(e)) => {
+                said_failure(&mut failures, &e);
+                None
+            }
+            Err(_) => {
+                said_failure(&mut failures, &format!("no answer in {wait:?}"));
+                None
+            }
+        };
+        if let Some(ws) = connected {
+            failures = 0;
             let (mut sink, mut stream) = ws.split();
             let (tx, mut rx) = mpsc::channel::<String>(MAX_SIGNALING_QUEUED);
             {
@@ -359,6 +374,19 @@ async fn signaling_loop(shared: Arc<Shared>) {
         };
         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
     }
+}
+
+/// Counts a failed try to reach the signaling server, and says it (on standard error) when
+/// it is the first of a streak or every tenth after.
+fn said_failure(failures: &mut u32, why: &dyn std::fmt::Display) {
+    if failures.is_multiple_of(10) {
+        eprintln!(
+            "shoal: the signaling server cannot be reached ({} tries so far): {}",
+            *failures + 1,
+            printable(&why)
+        );
+    }
+    *failures = failures.saturating_add(1);
 }
 
 /// The longest one WebRTC step (building a connection with its offer, answering,
@@ -548,6 +576,20 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
+/// A peer connection closed (on the runtime, in a task of its own) when this is dropped
+/// holding it.
+struct CloseOnDrop(Option<Arc<dyn PeerConnection>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let (Some(pc), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                let _ = pc.close().await;
+            });
+        }
+    }
+}
+
 /// Creates the connection to `peer` with its channel; as the offerer, also its offer.
 async fn connect(shared: &Arc<Shared>, peer: PeerId, offer: bool) -> anyhow::Result<()> {
     let (ice, generation) = {
@@ -594,6 +636,10 @@ async fn connect(shared: &Arc<Shared>, peer: PeerId, offer: bool) -> anyhow::Res
         .build()
         .await?;
     let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+    // Closed if this ends before the connection is registered (an error, or the step's
+    // time limit dropping this future): dropped unclosed, its driver task and UDP socket
+    // lived as long as the process.
+    let mut unregistered = CloseOnDrop(Some(Arc::clone(&pc)));
     // One pre-negotiated, reliable, ordered channel (id 0) on both sides.
     let init = RTCDataChannelInit {
         negotiated: Some(0),
@@ -618,6 +664,7 @@ async fn connect(shared: &Arc<Shared>, peer: PeerId, offer: bool) -> anyhow::Res
     let gone = {
         let mut st = shared.lock();
         let gone = st.mesh.is_closed() || !st.mesh.has(peer);
+        unregistered.0 = None;
         if !gone {
             st.conns.insert(
                 peer,

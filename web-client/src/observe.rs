@@ -233,7 +233,9 @@ impl Observer {
 
     /// The newest model as safetensors, with the held-out loss and accuracy measured here.
     /// `ledger_head` (the task's ledger head when exported, 64 hex digits) goes into the
-    /// metadata as `ledger_head`: which receipted contributions built the model.
+    /// metadata as `ledger_head`: the ledger as it stood at the export, which covers the
+    /// receipts that can have built the model (and later ones: README, "Where people see
+    /// it").
     pub fn export(&self, ledger_head: Option<&str>) -> Result<Vec<u8>, String> {
         let round = self.version().ok_or("no model downloaded yet")?;
         shoal_shared::export::task_model(

@@ -45,15 +45,25 @@ fn spawn(server: &str, key: &Path, extra: &[&str]) -> (Child, mpsc::Receiver<Str
         .arg(key)
         .args(extra)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("shoal-peer starts");
     let out = child.stdout.take().expect("piped");
+    let err = child.stderr.take().expect("piped");
     let (tx, rx) = mpsc::channel();
+    let to_err = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
+        }
+    });
+    // Its standard error too, as it comes (and still shown).
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let _ = to_err.send(line);
         }
     });
     (child, rx)
@@ -421,6 +431,11 @@ fn a_training_peer_stops_on_ctrl_c_or_sigterm_and_keeps_what_it_trained() {
         let task = ["--task", "fortunes", "--task-file", task_file];
         let args = [&task[..], &keeper, &["--checkpoint-every", "1000"]].concat();
         let (mut child, rx) = spawn("ws://127.0.0.1:9", &dir.join("k.key"), &args);
+        // Alone because the server cannot be reached, which it says (it said nothing).
+        expect_line(&rx, 30, "the signaling server's failure", |l| {
+            l.contains("the signaling server cannot be reached")
+                .then_some(())
+        });
         expect_line(&rx, 120, "round 2", |l| {
             round_line(l).filter(|&(r, _)| r >= 2).map(|_| ())
         });

@@ -101,10 +101,12 @@ function drawModel() {
   }
 }
 
-// Reports are claims by peers, some of which may lie. The round and the count of
-// trainers shown are the server's (the median by network of recent reports); in the
-// totals no peer counts for more than OUTLIER times the median peer, and the table marks
-// those that claim more.
+// Reports are claims by peers, some of which may lie. The round shown is the server's
+// (the median by network of recent reports); the count of trainers is the server's count
+// of peers whose last report in 30 s says they train, a claim each (one address's many
+// peers each count: a classroom behind one NAT is many trainers); in the totals no peer
+// counts for more than OUTLIER times the median peer, and the table marks those that
+// claim more.
 const OUTLIER = 10;
 // The lower median: liars that are half of the reporting peers do not set it.
 const median = (xs) => {
@@ -250,7 +252,7 @@ fetchTask(TASK).then((d) => {
   drawModel();
 }).catch((e) => setState('error', `Cannot load the task: ${e.message}`));
 
-// The model every 10 s (each download is the change since the last one, int8, uploaded by two volunteers).
+// The model every 10 s (each download is the change since the last one, int8, uploaded by three volunteers).
 observer.postMessage({ type: 'start', task: TASK, everyMs: 10_000 });
 // An observer worker that fails to load, or stops taking messages, takes the swarm
 // connection with it (relaySwarm's `onStopped`): it would hold neighbours' places.

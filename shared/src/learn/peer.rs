@@ -89,6 +89,10 @@ pub const FETCH_ASK: usize = 5;
 /// [`AGREE_RATIO`] of the swarm's. Of three, the coordinate-wise median lies among the
 /// two honest answers. Every answer is an upload from a volunteer: three, not five.
 pub const OBSERVE_ASK: usize = 3;
+/// The most rounds an observer's lone answer (from its one contributing neighbour) may
+/// be ahead of the model it holds: the swarm trains on while the observer waits its 10 s
+/// between downloads, but a round near the largest, on one neighbour's word, is a lie.
+pub const OBSERVE_LONE_AHEAD: u64 = 100;
 /// How often Shoal's dashboard asks for the model. An observer asks for weights only, and
 /// asks the neighbours it asked before (whose weights it holds) first: each answers with
 /// the change from the weights the observer holds from it, in block-wise int8 (about a
@@ -1676,13 +1680,23 @@ impl Peer {
         };
         let (quorum, min_round) = self.adoption_rule();
         let answers: Vec<&Snapshot> = f.answers.values().collect();
-        choose(
-            &answers,
-            quorum,
-            min_round,
-            u64::from(self.cfg.max_staleness),
-            self.learner.weights(),
-        )
+        let window = u64::from(self.cfg.max_staleness);
+        let own = self.learner.weights();
+        let chosen = choose(&answers, quorum, min_round, window, own);
+        // An observer's lone answer continues the model it holds or is not taken: as
+        // near it as two answers must be to each other, at most `OBSERVE_LONE_AHEAD`
+        // rounds on.
+        if let Ok((s, _)) = &chosen
+            && matches!(f.purpose, Purpose::Observe)
+            && quorum == 1
+        {
+            let near = super::aggregate::distance(&s.weights, own)
+                <= AGREE_RATIO * super::aggregate::norm(own);
+            if !near || s.round > self.learner.round().saturating_add(OBSERVE_LONE_AHEAD) {
+                return Err((Rejection::NoQuorum, 0));
+            }
+        }
+        chosen
     }
 
     /// How many answers of the current download must agree, and the lowest round one
@@ -1702,9 +1716,12 @@ impl Peer {
             Purpose::Join if self.join_attempts + 1 >= JOIN_ATTEMPTS => (1, None),
             Purpose::Join => (majority, None),
             Purpose::Lag => (majority, ahead),
-            // Two at least: with one contributor among its neighbours (the others paused,
-            // joining, or the swarm small), a lone answer was taken on its word, and the
+            // With one contributor among its neighbours (the others paused or joining, or
+            // the swarm shrank to one volunteer), an observer that holds a model takes
+            // its answer only as a continuation of that model (see `judge`); one that
+            // holds none needs two alike. A lone answer was taken on its word, and the
             // dashboard showed and exported any model at any round a liar sent.
+            Purpose::Observe if f.n_asked <= 1 && self.learner.is_started() => (1, ahead),
             Purpose::Observe => (majority.max(2), ahead.filter(|_| self.learner.is_started())),
         }
     }

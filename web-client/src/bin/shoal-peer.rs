@@ -465,15 +465,45 @@ mod peer {
     /// `GET path` from the server of the signaling URL `server` (`ws://host:port`; a
     /// `wss://` server needs TLS, which this small client does not speak), as JSON: a
     /// plain HTTP/1.1 request, an answer of less than `most` bytes, in at most 5 s.
+    /// Where HTTP requests to the server of the `ws://` URL `server` go: its host with a
+    /// port (80 where the URL names none, as for its websocket), and the URL's path, which
+    /// prefixes theirs as it does the websocket's (a server behind a proxy's path). Both
+    /// were taken as the text before the first `/`: a URL without a port failed every
+    /// request, and one with a path asked the proxy for paths it does not serve.
+    fn http_target(server: &str) -> Option<(String, String)> {
+        let rest = server.strip_prefix("ws://")?;
+        let (host, prefix) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+        if host.is_empty() {
+            return None;
+        }
+        // A port after the host (after `]` for an IPv6 literal).
+        let has_port = host
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.ends_with('[') && !port.contains(']'));
+        let host = if has_port {
+            host.to_string()
+        } else {
+            format!("{host}:80")
+        };
+        let prefix = prefix.trim_end_matches('/');
+        Some((
+            host,
+            if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("/{prefix}")
+            },
+        ))
+    }
+
     async fn http_get_json(server: &str, path: &str, most: u64) -> Result<serde_json::Value> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let host = server
-            .strip_prefix("ws://")
-            .ok_or_else(|| anyhow::anyhow!("only ws:// servers are witnessed (not {server})"))?;
-        let host = host.split('/').next().unwrap_or(host);
+        let (host, prefix) = http_target(server)
+            .ok_or_else(|| anyhow::anyhow!("only ws:// servers are asked (not {server})"))?;
         let fetch = async {
-            let mut conn = tokio::net::TcpStream::connect(host).await?;
-            let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            let mut conn = tokio::net::TcpStream::connect(&host).await?;
+            let req =
+                format!("GET {prefix}{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
             conn.write_all(req.as_bytes()).await?;
             let mut answer = Vec::new();
             conn.take(most).read_to_end(&mut answer).await?;
@@ -630,11 +660,15 @@ mod peer {
         // never stopped.
         let ctrl_c = stop_signal();
         tokio::pin!(ctrl_c);
-        loop {
+        // How the run ended: an error still gets the last checkpoint and a clean close
+        // (it returned at once, and a keeper lost up to `--checkpoint-every` rounds),
+        // unless writing a checkpoint was the error.
+        let mut saving_failed = false;
+        let outcome: Result<()> = loop {
             tokio::select! {
-                _ = &mut ctrl_c => break,
+                _ = &mut ctrl_c => break Ok(()),
                 ev = swarm.next_event() => {
-                    let Some(ev) = ev else { break };
+                    let Some(ev) = ev else { break Ok(()) };
                     // This one and those that waited with it (they wait while the peer
                     // trains a chunk), but not those that keep coming meanwhile: a
                     // flooding neighbour must not keep the peer from training.
@@ -658,16 +692,19 @@ mod peer {
                 }
                 _ = tick.tick() => {}
             }
-            let ticked = peer.tick(&swarm, now).await?;
+            let ticked = match peer.tick(&swarm, now).await {
+                Ok(ticked) => ticked,
+                Err(e) => break Err(e.into()),
+            };
             if let Some(e) = peer.privacy_failed() {
-                anyhow::bail!(
+                break Err(anyhow::anyhow!(
                     "the privacy count could not be kept ({e}): stopped, with no update sent uncounted"
-                );
+                ));
             }
             if peer.task_changed() {
-                anyhow::bail!(
+                break Err(anyhow::anyhow!(
                     "the task changed on the server since this peer loaded it (task_changed): stopped; start again to load the new one"
-                );
+                ));
             }
             // Said when it happens (a peer whose every run breaks closes no round), at
             // most every 30 s.
@@ -775,24 +812,28 @@ mod peer {
             if let Some(k) = &keeper
                 && round >= saved_at.saturating_add(args.checkpoint_every)
             {
-                checkpoint(k, &mut peer)?;
+                if let Err(e) = checkpoint(k, &mut peer) {
+                    saving_failed = true;
+                    break Err(e);
+                }
                 saved_at = round;
             }
             if args.rounds > 0 && round >= args.rounds {
                 // Where neighbours' updates went unused, and why.
                 eprintln!("rejected by reason: {:?}", peer.progress().rejected);
-                break;
+                break Ok(());
             }
-        }
-        // Stopped (Ctrl-C, SIGTERM, or --rounds reached): what was trained since the last checkpoint
-        // is kept too.
-        if let Some(k) = &keeper
-            && peer.progress().round > saved_at
-        {
-            checkpoint(k, &mut peer)?;
-        }
+        };
+        // Stopped (Ctrl-C, SIGTERM, --rounds reached, or an error): what was trained
+        // since the last checkpoint is kept too.
+        let saved = match &keeper {
+            Some(k) if !saving_failed && peer.progress().round > saved_at => {
+                checkpoint(k, &mut peer)
+            }
+            _ => Ok(()),
+        };
         swarm.close().await;
-        Ok(())
+        outcome.and(saved)
     }
 
     /// Writes a checkpoint of `peer`'s model and replaces the export beside it.
@@ -819,6 +860,20 @@ mod peer {
                 std::env::temp_dir().join(format!("shoal-peer-{name}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("a temporary folder");
             dir
+        }
+
+        #[test]
+        fn http_requests_go_where_the_websocket_does() {
+            let target = http_target;
+            let t = |h: &str, p: &str| Some((h.to_string(), p.to_string()));
+            assert_eq!(target("ws://127.0.0.1:8080"), t("127.0.0.1:8080", ""));
+            assert_eq!(target("ws://example.org"), t("example.org:80", ""));
+            assert_eq!(target("ws://example.org/"), t("example.org:80", ""));
+            assert_eq!(target("ws://h:8080/shoal/"), t("h:8080", "/shoal"));
+            assert_eq!(target("ws://[::1]:8080"), t("[::1]:8080", ""));
+            assert_eq!(target("ws://[::1]"), t("[::1]:80", ""));
+            assert_eq!(target("wss://h:443"), None);
+            assert_eq!(target("ws:///x"), None);
         }
 
         /// A second peer with the same key and task does not start while the first

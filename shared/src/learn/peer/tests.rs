@@ -2094,6 +2094,27 @@ fn an_observer_takes_no_model_on_one_contributors_word() {
             assert_eq!(o.learner().round(), (1 << 40) - 1, "two answers alike");
         }
     }
+    // An observer that holds the swarm's model, left with one contributor (the swarm
+    // shrank to one volunteer), follows it as it trains on, and takes no model far from
+    // the one it holds.
+    let (mut o, mut trainers) = observer_and(2);
+    let mut now = JOIN_GRACE_MS;
+    for t in &mut trainers {
+        t.tick(now);
+    }
+    o.tick(now);
+    route(&mut o, &mut trainers, now, &mut |_, _| {});
+    assert_eq!(o.learner().round(), 5);
+    o.handle(Event::Down(PeerId(21)), now);
+    let one = &mut trainers[..1];
+    let far = 20 + OBSERVE_LONE_AHEAD + 1;
+    for (round, phase, shown) in [(9, 0.005, 9), (12, 2.0, 9), (20, 0.01, 20), (far, 0.01, 20)] {
+        assert!(one[0].learner_mut().adopt(ramp(round, phase)));
+        now += 10_000.0;
+        o.tick(now);
+        route(&mut o, one, now, &mut |_, _| {});
+        assert_eq!(o.learner().round(), shown, "round {round}, phase {phase}");
+    }
 }
 
 /// One liar among an observer's neighbours answers each download with the weights the
