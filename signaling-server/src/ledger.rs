@@ -116,7 +116,7 @@ pub struct FileCache {
     built: Mutex<std::collections::HashMap<String, Built>>,
     /// Held while a build is looked at or made: requests that find no fresh build wait
     /// for it here, off the blocking threads, one at a time.
-    building: tokio::sync::Mutex<()>,
+    building: Arc<tokio::sync::Mutex<()>>,
     /// Downloads running per address group (entries at zero are removed).
     by_address: AddressCounts,
 }
@@ -355,11 +355,17 @@ async fn file_bytes(
     if let Some(hit) = built(files, task, None) {
         return Some(hit);
     }
-    let _building = files.building.lock().await;
+    // Held by the blocking work itself, not by this request: a client that leaves while
+    // a build runs must not let the next one start another beside it.
+    let building = Arc::clone(&files.building).lock_owned().await;
+    if let Some(hit) = built(files, task, None) {
+        return Some(hit);
+    }
     let (files, task) = (Arc::clone(files), task.to_string());
     // Off the async workers: the ledger's lock waits for a receipt's disk sync, and a
     // build reads every segment.
     tokio::task::spawn_blocking(move || {
+        let _building = building;
         let l = lock(&ledger);
         let count = l.count();
         if let Some(hit) = built(&files, &task, Some(count)) {

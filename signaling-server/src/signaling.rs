@@ -2284,11 +2284,13 @@ fn relink(
             if by_network && !network_draw(t, rng, network(rp.group)) {
                 continue;
             }
+            let q_net = t.peers.get(&q).map(|p| network(p.group));
             if r != q
                 && r != avoid
                 && rp.drawable(quiet_after)
                 && !rp.neighbours.contains(&q)
                 && rp.neighbours.len() < 2 * k
+                && q_net.is_none_or(|n| !observer_full(t, rp, n, (k / 3).max(1)))
             {
                 link(t, q, r);
                 notify(t, r, &ServerMessage::Joined { peer: q }, metrics);

@@ -91,8 +91,9 @@ pub const FETCH_ASK: usize = 5;
 pub const OBSERVE_ASK: usize = 3;
 /// The most rounds an observer's lone answer (from its one contributing neighbour) may
 /// be ahead of the model it holds: the swarm trains on while the observer waits its 10 s
-/// between downloads, but a round near the largest, on one neighbour's word, is a lie.
-pub const OBSERVE_LONE_AHEAD: u64 = 100;
+/// between downloads, or while its one neighbour was relinked (about 17 minutes at a
+/// round a second), but a round near the largest, on one neighbour's word, is a lie.
+pub const OBSERVE_LONE_AHEAD: u64 = 1_000;
 /// How often Shoal's dashboard asks for the model. An observer asks for weights only, and
 /// asks the neighbours it asked before (whose weights it holds) first: each answers with
 /// the change from the weights the observer holds from it, in block-wise int8 (about a
