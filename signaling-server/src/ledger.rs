@@ -285,8 +285,8 @@ fn page_body(
 }
 
 /// `GET /api/tasks/{task}/ledger/file`: the ledger file as written and synced so far (at
-/// most [`FILE_EVERY`] old), to the configured share of readers per address, each cut when it reads slower than [`FILE_MIN_RATE`]
-/// after [`FILE_GRACE`].
+/// most [`FILE_EVERY`] old), to the configured share of readers per address, each cut
+/// when it reads slower than [`FILE_MIN_RATE`] after [`FILE_GRACE`].
 pub async fn file(
     State(s): State<LedgerState>,
     Path(task): Path<String>,

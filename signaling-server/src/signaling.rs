@@ -2064,7 +2064,7 @@ fn choose_neighbours(
     if t.ids.is_empty() {
         return chosen;
     }
-    let per_group_cap = (k / 3).max(1);
+    let per_group_cap = per_network_cap(k);
     let mut per_group: HashMap<u128, usize> = HashMap::new();
     // First one peer per network, each network as likely as any other however many
     // peers it has (a draw is kept with odds one in its peer count); then up to a third
@@ -2098,6 +2098,12 @@ fn choose_neighbours(
         }
     }
     chosen
+}
+
+/// The most neighbours of one network a newcomer is given while others have room, and an
+/// observer takes: a third of `k`, at least one.
+fn per_network_cap(k: usize) -> usize {
+    (k / 3).max(1)
 }
 
 /// Whether `p` is an observer (a dashboard) that already holds `cap` neighbours of
@@ -2277,6 +2283,7 @@ fn relink(
     metrics: &Metrics,
 ) {
     let k1 = k.max(1);
+    let q_net = t.peers.get(&q).map(|p| network(p.group));
     for (by_network, draws) in [(true, 32 * k1), (false, 8 * k1)] {
         for _ in 0..draws {
             let r = t.ids[rng.below(t.ids.len())];
@@ -2284,13 +2291,12 @@ fn relink(
             if by_network && !network_draw(t, rng, network(rp.group)) {
                 continue;
             }
-            let q_net = t.peers.get(&q).map(|p| network(p.group));
             if r != q
                 && r != avoid
                 && rp.drawable(quiet_after)
                 && !rp.neighbours.contains(&q)
                 && rp.neighbours.len() < 2 * k
-                && q_net.is_none_or(|n| !observer_full(t, rp, n, (k / 3).max(1)))
+                && q_net.is_none_or(|n| !observer_full(t, rp, n, per_network_cap(k)))
             {
                 link(t, q, r);
                 notify(t, r, &ServerMessage::Joined { peer: q }, metrics);

@@ -978,20 +978,10 @@ fn generation_bytes(model: &Model, n: usize) -> Result<usize, EngineError> {
 /// in one buffer, past what a wasm32 page can hold, and the module aborted. Nor more
 /// than a task lets training hold in all ([`MAX_TRAINING_BYTES`](super::MAX_TRAINING_BYTES)).
 fn evaluation_batch(model: &Model, batch: usize) -> usize {
-    let fits = |b: usize| {
+    super::spec::largest_batch(batch, |b| {
         model.largest_binding(b) <= super::WEBGPU_MAX_BINDING
             && model.training_bytes(b) <= super::MAX_TRAINING_BYTES
-    };
-    let (mut lo, mut hi) = (1, batch.max(1));
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    lo
+    })
 }
 
 #[cfg(test)]

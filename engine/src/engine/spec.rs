@@ -81,6 +81,21 @@ fn op_working(op: &Op) -> (usize, usize) {
     }
 }
 
+/// The largest batch from 1 to `most` (1 at least) that `fits` (which holds for every
+/// batch below one it holds for), found by bisection; 1 where none does.
+pub(crate) fn largest_batch(most: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (1, most.max(1));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
 /// Most layers a model may have: a deep stack of cheap layers (a million rectifiers
 /// passed every size check) costs every visitor a GPU buffer, a bind group and two
 /// dispatches a layer each step, beyond any byte count.
@@ -856,16 +871,12 @@ impl Model {
             .saturating_add(step.max(EVALUATION_VALUES).saturating_mul(4))
     }
 
-    /// An evaluation batch, up to `asked` (1 at least; halved until it fits), whose working values stay
+    /// The largest evaluation batch, up to `asked` (1 at least), whose working values stay
     /// within those of a training step at `batch` (or 4 Mi values, 16 MiB, where those
     /// are fewer: a small model's evaluation need not go in the training batch's steps).
     pub fn evaluation_batch(&self, asked: usize, batch: usize) -> usize {
         let room = self.step_values(batch).max(EVALUATION_VALUES);
-        let mut fits = asked.max(1);
-        while fits > 1 && self.step_values(fits) > room {
-            fits = fits.div_ceil(2).min(fits - 1);
-        }
-        fits
+        largest_batch(asked, |b| self.step_values(b) <= room)
     }
 
     /// Length of the flat parameter buffer (including alignment padding, which stays 0).
