@@ -662,6 +662,16 @@ impl TaskSpec {
         }
     }
 
+    /// The data files the task reads from the server's data folder, relative to it: the
+    /// training split's (none for a task on visitors' own files), then the held-out
+    /// split's, in the order [`datasets`](Self::datasets) takes their bytes.
+    pub fn data_paths(&self) -> Vec<&str> {
+        std::iter::once(&self.data.train)
+            .chain(self.data.test.as_ref())
+            .flat_map(|f| f.paths())
+            .collect()
+    }
+
     /// Whether visitors train on their own files (`source = "local"`).
     pub fn is_local(&self) -> bool {
         self.data.source == DataSource::Local

@@ -165,7 +165,7 @@ pub fn app(config: &Config) -> App {
                         config
                             .tasks
                             .iter()
-                            .flat_map(task_paths)
+                            .flat_map(TaskSpec::data_paths)
                             .map(str::to_string)
                             .collect::<std::collections::HashSet<String>>(),
                     ),
@@ -372,7 +372,8 @@ fn revision(served: &serde_json::Value, task: &TaskSpec, data: &std::path::Path)
     use shoal_shared::learn::identity::hex;
     use shoal_shared::task::{MAX_DATA_BYTES, read_at_most};
     use shoal_shared::trust::receipt::sha256;
-    let files_sha256: Vec<String> = task_paths(task)
+    let files_sha256: Vec<String> = task
+        .data_paths()
         .iter()
         .map(|p| {
             read_at_most(&data.join(p), MAX_DATA_BYTES)
@@ -408,7 +409,8 @@ async fn task_description(
             Json(serde_json::json!({ "error": format!("no task {name:?}") })),
         );
     };
-    let files: Vec<String> = task_paths(task)
+    let files: Vec<String> = task
+        .data_paths()
         .iter()
         .map(|p| format!("/data/{p}"))
         .collect();
@@ -445,18 +447,11 @@ fn shortest(value: &impl serde::Serialize) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-/// The task's data files, relative to the data folder, in the order peers read them.
-pub fn task_paths(task: &TaskSpec) -> Vec<&str> {
-    std::iter::once(&task.data.train)
-        .chain(task.data.test.as_ref())
-        .flat_map(|f| f.paths())
-        .collect()
-}
-
 /// What contributing to `task` costs a visitor, for consent texts: a peer sends its
 /// update to each neighbour, and holds up to `max_neighbours` (2k) of them.
 fn cost(task: &TaskSpec, data: &std::path::Path, max_neighbours: usize) -> serde_json::Value {
-    let download: u64 = task_paths(task)
+    let download: u64 = task
+        .data_paths()
         .iter()
         .filter_map(|p| std::fs::metadata(data.join(p)).ok())
         .map(|m| m.len())

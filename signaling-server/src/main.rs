@@ -15,9 +15,7 @@ use shoal_shared::task::TaskSpec;
 use shoal_signaling_server::http::raise_open_file_limit;
 use shoal_signaling_server::ice::IceConfig;
 use shoal_signaling_server::precompress::{precompress, precompress_files};
-use shoal_signaling_server::{
-    Config, HttpLimits, Limits, SignalingConfig, app, load_task, serve, task_paths,
-};
+use shoal_signaling_server::{Config, HttpLimits, Limits, SignalingConfig, app, load_task, serve};
 
 /// Shoal's signaling server: introduces peers, serves the pages and the task.
 #[derive(Parser, Debug)]
@@ -291,7 +289,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         );
     }
     // Data and site downloads cost no compression: the files are compressed once, here.
-    let data_files: Vec<&str> = tasks.iter().flat_map(task_paths).collect();
+    let data_files: Vec<&str> = tasks.iter().flat_map(TaskSpec::data_paths).collect();
     let written = precompress_files(&args.data, &data_files) + precompress(&args.www);
     if written > 0 {
         tracing::info!("compressed {written} static file(s) once for gzip downloads");

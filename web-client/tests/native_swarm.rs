@@ -600,7 +600,8 @@ fn a_native_peer_trains_on_a_local_folder_and_names_the_files_it_skips() {
 /// A peer takes the server's description of its task, and one given a task file that
 /// differs from it stops with the field named, instead of training a model whose every
 /// update its neighbours would refuse (an outsider's run: a researcher's peer with a
-/// stale task file sat silent).
+/// stale task file sat silent), and one whose copy of the data differs from the server's
+/// stops with the file named.
 #[test]
 fn a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs() {
     if reexec_in_netns("a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs") {
@@ -620,30 +621,60 @@ fn a_peer_trains_the_servers_task_and_refuses_a_task_file_that_differs() {
     // The server's `small`: the file's, at batch 16.
     let mut served = shoal_shared::task::TaskSpec::from_toml(&text).expect("a task");
     served.train.batch = 16;
-    let (url, stop) = rt.block_on(common::start_server_with(None, vec![served]));
+    let (url, stop) = rt.block_on(common::start_server_on(
+        PathBuf::from(data_dir()),
+        None,
+        vec![served],
+    ));
     let server = url.split("/ws/").next().expect("ws url").to_string();
     let key = dir.join("peer.key");
-    // (One round at most: without the check it would train the file and end, not hang.)
-    let out = Command::new(PEER)
-        .args([
-            "--server",
-            &server,
-            "--task",
-            "small",
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args(["--rounds", "1"])
-        .args(["--cpu", "--data", &data_dir(), "--identity"])
-        .arg(&key)
-        .arg("--task-file")
-        .arg(&file)
-        .output()
-        .expect("shoal-peer runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    // One round at most: without the checks it would train one round and end, not hang.
+    // Its standard error, once it failed.
+    let refused = |data: &Path, extra: &[&std::ffi::OsStr]| {
+        let out = Command::new(PEER)
+            .args([
+                "--server",
+                &server,
+                "--task",
+                "small",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--rounds", "1", "--cpu", "--data"])
+            .arg(data)
+            .arg("--identity")
+            .arg(&key)
+            .args(extra)
+            .output()
+            .expect("shoal-peer runs");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{err}");
+        err
+    };
+    let err = refused(
+        Path::new(&data_dir()),
+        &["--task-file".as_ref(), file.as_os_str()],
+    );
     assert!(
         err.contains("differs from the task \"small\" the server describes, at train.batch: 8 here, 16 at the server"),
+        "{err}"
+    );
+    // A copy of the data that differs from the server's (one held-out label changed: a
+    // valid file) is refused with the file named, before it trains.
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("digits")).expect("data dir");
+    for f in ["train-images", "train-labels", "test-images", "test-labels"] {
+        let name = format!("digits/{f}.idx");
+        let mut bytes = std::fs::read(Path::new(&data_dir()).join(&name)).expect("the digits");
+        if f == "test-labels" {
+            let last = bytes.last_mut().expect("labels");
+            *last = (*last + 1) % 10;
+        }
+        std::fs::write(data.join(&name), bytes).expect("a copy");
+    }
+    let err = refused(&data, &[]);
+    assert!(
+        err.contains("test-labels.idx differs from the server's copy of the task's data"),
         "{err}"
     );
     // Without a task file it trains the server's task (not only the built-in demo).

@@ -120,7 +120,8 @@ mod peer {
         let task = if args.echo {
             None
         } else {
-            let (task, revision) = task(&args).await?;
+            let (task, revision, digests) = task(&args).await?;
+            check_data(&task, &args.data, &digests)?;
             if revision.is_none() {
                 eprintln!(
                     "shoal: the server gave no revision of the task: this peer is not told if the task changes on the server (a restart with other settings) and would train on with this one"
@@ -287,8 +288,9 @@ mod peer {
     /// `--task-file` when one is given (a peer training another model than its
     /// neighbours' would have every update refused, silently). Without the server's, the
     /// task file's, or the built-in demo for `--task digits`. With it, the server's
-    /// revision of the task, where the server gave one.
-    async fn task(args: &Args) -> Result<(TaskSpec, Option<String>)> {
+    /// revision of the task, where the server gave one, and its data files' SHA-256
+    /// digests (none without the server's task).
+    async fn task(args: &Args) -> Result<(TaskSpec, Option<String>, Vec<String>)> {
         let path = format!("/api/tasks/{}", args.task);
         // A server just starting may not answer yet (it hashes its data files first): ten
         // tries, a second apart.
@@ -308,6 +310,21 @@ mod peer {
                 .filter(|r| r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit()))
                 .map(str::to_string)
         });
+        let digests: Vec<String> = fetched
+            .as_ref()
+            .ok()
+            .and_then(|d| d["files_sha256"].as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|v| {
+                        v.as_str()
+                            .filter(|s| is_sha256_hex(s))
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let served = fetched.and_then(|d| {
             let t = serde_json::to_string(&d["task"])?;
             TaskSpec::from_json(&t)
@@ -379,7 +396,39 @@ mod peer {
             }
             (None, Err(e)) => bail!("{e:#} (or pass --task-file)"),
         };
-        Ok((task, revision))
+        Ok((task, revision, digests))
+    }
+
+    fn is_sha256_hex(s: &str) -> bool {
+        s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
+    /// Checks the task's data files in `dir` against the server's digests (`digests`, in
+    /// the order of [`TaskSpec::data_paths`]; none, or another count: no check): a copy
+    /// that differs (another version of the data, or a stale or broken copy) would have
+    /// this peer train on other data than its neighbours, unseen. A file that cannot be
+    /// read is left for the loading to name.
+    fn check_data(task: &TaskSpec, dir: &Path, digests: &[String]) -> Result<()> {
+        let paths = task.data_paths();
+        if digests.len() != paths.len() {
+            return Ok(());
+        }
+        for (path, theirs) in paths.iter().zip(digests) {
+            let Ok(bytes) = shoal_shared::task::read_at_most(
+                &dir.join(path),
+                shoal_shared::task::MAX_DATA_BYTES,
+            ) else {
+                continue;
+            };
+            let ours = shoal_shared::learn::identity::hex(&Sha256::digest(&bytes));
+            if !theirs.is_empty() && ours != *theirs {
+                bail!(
+                    "{} differs from the server's copy of the task's data (SHA-256 {ours} here, {theirs} at the server): this peer would train on other data than its neighbours; replace it with the server's /data/{path}",
+                    dir.join(path).display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The first place where `a` (ours) and `b` (the server's) differ: its path and both

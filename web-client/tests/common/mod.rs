@@ -90,11 +90,21 @@ pub async fn start_server_with(
     ledger_dir: Option<std::path::PathBuf>,
     tasks: Vec<shoal_shared::task::TaskSpec>,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
+    start_server_on(std::env::temp_dir(), ledger_dir, tasks).await
+}
+
+/// [`start_server_with`], serving the data files of `data` (and describing their
+/// digests).
+#[allow(dead_code)] // not every test file uses each helper
+pub async fn start_server_on(
+    data: std::path::PathBuf,
+    ledger_dir: Option<std::path::PathBuf>,
+    tasks: Vec<shoal_shared::task::TaskSpec>,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let first = tasks.first().map(|t| t.name.clone()).unwrap_or_default();
-    let dir = std::env::temp_dir();
     let config = Config {
-        www: dir.clone(),
-        data: dir,
+        www: std::env::temp_dir(),
+        data,
         signaling: SignalingConfig {
             ledger_dir,
             ..SignalingConfig::default()
