@@ -2068,14 +2068,15 @@ fn choose_neighbours(
     let mut per_group: HashMap<u128, usize> = HashMap::new();
     // First one peer per network, each network as likely as any other however many
     // peers it has (a draw is kept with odds one in its peer count); then up to a third
-    // of k per network; then any. Many peers from a few addresses then take about their
-    // networks' share of a newcomer's neighbours, not their peers' share, and colluders
-    // need k networks, not three, to fill them while others have room. Capped draws are
-    // many (a few peers of other addresses among a crowd must not be missed by chance);
-    // the fill draws are the usual few.
+    // of k per network; then, filling ([`full_of`]), any network, then any peer. Many
+    // peers from a few addresses then take about their networks' share of a newcomer's
+    // neighbours, not their peers' share, and colluders need k networks, not three, to
+    // fill them while others have room. Capped draws are many (a few peers of other
+    // addresses among a crowd must not be missed by chance); the last fill draws are
+    // the usual few.
     let k1 = k.max(1);
-    for (pass, draws) in [(0, 64 * k1), (1, 32 * k1), (2, 8 * k1)] {
-        let cap = [Some(1), Some(per_group_cap), None][pass];
+    for (pass, draws) in [(0, 64 * k1), (1, 32 * k1), (2, 32 * k1), (3, 8 * k1)] {
+        let cap = [Some(1), Some(per_group_cap), None, None][pass];
         for _ in 0..draws {
             if chosen.len() >= k {
                 return chosen;
@@ -2085,12 +2086,12 @@ fn choose_neighbours(
             let room = p.neighbours.len() < 2 * k;
             let net = network(p.group);
             let crowded = cap.is_some_and(|c| per_group.get(&net).is_some_and(|&n| n >= c));
-            let kept = pass > 0 || network_draw(t, rng, net);
+            let kept = pass % 2 == 1 || network_draw(t, rng, net);
             if kept
                 && p.drawable(quiet_after)
                 && room
                 && !crowded
-                && !full_of(t, p, own, per_group_cap)
+                && !full_of(t, p, own, per_group_cap, pass >= 2)
                 && chosen.insert(cand)
             {
                 *per_group.entry(net).or_default() += 1;
@@ -2111,15 +2112,19 @@ fn per_network_cap(k: usize) -> usize {
 /// linked to a peer and leaving with the rest, filled half of a dashboard's 2k places
 /// (its draws of three to ask then held two colluders half the time, and it showed and
 /// exported their model) and could fill a trainer's up to its aggregation's breaking
-/// point. A trainer is not held to it for its own network (a classroom behind one
-/// address must link among itself); a dashboard is, but neither is when every neighbour
-/// it has is of `own` (a swarm behind one address).
-fn full_of(t: &Task, p: &Peer, own: u128, cap: usize) -> bool {
+/// point. A training peer (any but a dashboard, by its last report) is not held to it in
+/// the draws that fill what the others left (`filling`): held to it in every draw, one
+/// address that took every other network's peers' share of its own left that
+/// network's honest newcomers (a carrier's NAT, an IPv6 /48 they share with it) nothing
+/// but its peers and their own network's, and lone peers among a few crowded networks
+/// stayed short of neighbours. A dashboard is held to it in every draw. Neither is when
+/// every neighbour it has is of `own` (a swarm behind one address).
+fn full_of(t: &Task, p: &Peer, own: u128, cap: usize, filling: bool) -> bool {
     let observer = p
         .report
         .as_deref()
         .is_some_and(|(_, r)| r.role == shoal_shared::protocol::Role::Observer);
-    if !observer && network(p.group) == own {
+    if !observer && filling {
         return false;
     }
     let nets = p
@@ -2300,8 +2305,8 @@ fn relink(
                 && rp.drawable(quiet_after)
                 && !rp.neighbours.contains(&q)
                 && rp.neighbours.len() < 2 * k
-                && !full_of(t, rp, q_net, per_network_cap(k))
-                && !full_of(t, qp, network(rp.group), per_network_cap(k))
+                && !full_of(t, rp, q_net, per_network_cap(k), !by_network)
+                && !full_of(t, qp, network(rp.group), per_network_cap(k), !by_network)
             {
                 link(t, q, r);
                 notify(t, r, &ServerMessage::Joined { peer: q }, metrics);
@@ -3285,8 +3290,7 @@ mod tests {
                 "{held} of the {role}'s neighbours from one address"
             );
         }
-        // Behind one address with everyone (a swarm on loopback, a classroom), neither is
-        // held to it; nor is a trainer among newcomers of its own network beside others.
+        // Behind one address with everyone (a swarm on loopback), neither is held to it.
         for report in [&observing, &PeerReport::default()] {
             let hub = digits_hub();
             let target = joined_as(&hub, 1, report);
@@ -3300,14 +3304,66 @@ mod tests {
                 "every newcomer of its one network links to it"
             );
         }
+    }
+
+    /// The third-of-k rule costs honest peers of a crowded network no neighbours: where
+    /// one address took every other network's peers' share of its network (a carrier's
+    /// NAT, an IPv6 /48 that honest peers share), that network's honest newcomers still
+    /// get other networks' peers (held to it in every draw, they got none: all of their
+    /// neighbours were the address's or their own network's); a lone peer among a
+    /// classroom gets its k neighbours (it had 4), and a peer that loses one of them is
+    /// given another (it stayed a neighbour short).
+    #[test]
+    fn the_per_network_rule_leaves_no_peer_short_of_neighbours() {
+        let k = 6;
         let hub = digits_hub();
-        let trainer = reporting_peer(&hub, 1);
-        reporting_peer(&hub, 2);
-        for _ in 0..6 {
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        let honest: Vec<PeerId> = (2..=11u128).map(|g| reporting_peer(&hub, g)).collect();
+        let mut kept = BTreeSet::new();
+        let held =
+            |kept: &BTreeSet<PeerId>, h: PeerId| of(h).iter().filter(|n| kept.contains(n)).count();
+        for _ in 0..400 {
+            if honest.iter().all(|&h| held(&kept, h) >= k / 3) {
+                break;
+            }
+            let id = reporting_peer(&hub, 1);
+            if honest.iter().any(|&h| of(h).contains(&id)) {
+                kept.insert(id);
+            } else {
+                hub.leave("digits", id);
+            }
+        }
+        assert!(honest.iter().all(|&h| held(&kept, h) >= k / 3));
+        let elsewhere: usize = (0..3)
+            .map(|_| {
+                let newcomer = reporting_peer(&hub, 1);
+                of(newcomer).iter().filter(|n| honest.contains(n)).count()
+            })
+            .sum();
+        assert!(
+            elsewhere >= 6,
+            "three newcomers got {elsewhere} neighbours of other networks"
+        );
+
+        let hub = digits_hub();
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        let lone = reporting_peer(&hub, 2);
+        reporting_peer(&hub, 3);
+        for _ in 0..10 {
             reporting_peer(&hub, 1);
         }
-        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
-        assert_eq!(of(trainer).len(), 7, "a classroom links among itself");
+        assert!(of(lone).len() >= k, "a lone peer holds {}", of(lone).len());
+        let late = reporting_peer(&hub, 4);
+        let classmate = of(late)
+            .into_iter()
+            .find(|n| hub.lock().tasks["digits"].peers[n].group == 1)
+            .expect("a neighbour of the classroom");
+        hub.leave("digits", classmate);
+        assert!(
+            of(late).len() >= k,
+            "{} neighbours after one left",
+            of(late).len()
+        );
     }
 
     /// Peers that never open a WebRTC connection, 96 of them from three addresses, do not
@@ -3336,7 +3392,6 @@ mod tests {
             held += got.len();
             dead += got.iter().filter(|n| sybils.contains(n)).count();
         }
-        eprintln!("DBG1 {dead} {held}");
         assert!(
             dead * 10 < held * 3,
             "{dead} of the newcomers' {held} neighbours never connect"
@@ -3346,8 +3401,9 @@ mod tests {
         // loopback): nobody's reports make the sybils undrawn, yet the honest peers shed
         // every dead link past their budget and keep room for newcomers. The newcomers
         // then get about the three sybil networks' share of the 4 to 23 networks there
-        // are as each comes (34 of 120 expected; each honest peer holds at most a third
-        // of k of each sybil network, so the sybils have room).
+        // are as each comes (34 to 45 of 120 in runs; each honest peer holds at most a
+        // third of k of each sybil network in most draws, so the sybils have room), not
+        // their peers' share (92%).
         let hub = digits_hub();
         let join = |group| reporting_peer(&hub, group);
         let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
@@ -3367,9 +3423,8 @@ mod tests {
             dead_new += got.iter().filter(|n| sybils.contains(n)).count();
         }
         assert_eq!(dead, 0, "the honest peers keep {dead} dead links");
-        eprintln!("DBG2 {dead_new} {held}");
         assert!(
-            dead_new * 5 < held * 2,
+            dead_new * 2 < held,
             "{dead_new} of the newcomers' {held} neighbours never connect"
         );
 

@@ -540,6 +540,25 @@ fn a_native_peer_trains_on_a_local_folder_and_names_the_files_it_skips() {
     std::fs::write(files.join("3/broken.png"), "not a PNG").expect("write");
     std::fs::write(files.join("4/photo.jpg"), [0xff, 0xd8, 0xff]).expect("write");
 
+    // Without the task file it accepts (its privacy above all), it does not start: the
+    // server's task alone could drop the noise.
+    let out = Command::new(PEER)
+        .args([
+            "--server",
+            "ws://127.0.0.1:9",
+            "--task",
+            "mine",
+            "--local-data",
+        ])
+        .arg(&files)
+        .args(["--cpu", "--identity"])
+        .arg(dir.join("k.key"))
+        .output()
+        .expect("shoal-peer runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--local-data needs --task-file"), "{err}");
+
     let (mut child, rx) = spawn(
         "ws://127.0.0.1:9",
         &dir.join("k.key"),

@@ -685,6 +685,10 @@ pub const SAMPLE_SPREAD_DOWN: f32 = 4.0;
 /// bound, over a total weight that its claim also raises.
 pub const SAMPLE_SPREAD_UP: f32 = 2.0;
 
+/// The receipts a peer remembers having counted (the newest rounds kept): 2k
+/// neighbours' receipts for some 32 rounds of its updates.
+const MAX_RECEIPTS_SEEN: usize = 1024;
+
 /// One peer's state of the swarm's model and its learning protocol. Platform-neutral:
 /// the simulator, the native peer and the browser worker all drive this.
 pub struct Learner {
@@ -709,6 +713,9 @@ pub struct Learner {
     mixes: Vec<Mix>,
     /// The ledger heads held: checked against the server, or gossiped by neighbours.
     witness: crate::trust::head::Witness,
+    /// The receipts counted lately, by round and signer ([`MAX_RECEIPTS_SEEN`]): a
+    /// neighbour resending one, or passing on others', counts it once.
+    receipts_seen: std::collections::BTreeSet<(u64, PublicKey)>,
     /// Differential privacy, when the task asks for it.
     dp: Option<DpState>,
     /// Our training loss stays with us (it describes data that is the visitor's own, or
@@ -773,6 +780,7 @@ impl Learner {
             started: false,
             mixes: Vec::new(),
             witness: crate::trust::head::Witness::new(task, None),
+            receipts_seen: Default::default(),
             dp: None,
             loss_kept: false,
             public: None,
@@ -1346,12 +1354,17 @@ impl Learner {
     }
 
     /// A neighbour's receipt for one of our updates: counted when it names us as the
-    /// sender, this task, and its signature verifies.
+    /// sender, this task, and its signature verifies, once per round and signer.
     fn take_receipt(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
         use crate::trust::receipt::{Receipt, ReceiptError};
         match Receipt::decode(bytes) {
             Ok(r) if r.sender == self.id.public() && r.task == self.task => {
-                self.stats.receipts += 1;
+                if self.receipts_seen.insert((r.round, r.receiver)) {
+                    self.stats.receipts += 1;
+                    while self.receipts_seen.len() > MAX_RECEIPTS_SEEN {
+                        self.receipts_seen.pop_first();
+                    }
+                }
                 Ok(Received::Receipt { signer: r.receiver })
             }
             Ok(_) | Err(ReceiptError::Malformed(_)) => Err(self.stats.reject(Rejection::Malformed)),

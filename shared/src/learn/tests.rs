@@ -1168,6 +1168,9 @@ fn a_receipt_is_signed_for_each_update_used_and_only_its_sender_counts_it() {
         })
     );
     assert_eq!(b.stats.receipts, 1);
+    // Sent again (or passed on by another neighbour), it counts once.
+    assert!(b.receive(&msg).is_ok());
+    assert_eq!(b.stats.receipts, 1);
     assert_eq!(d.receive(&msg), Err(Rejection::Malformed));
     let mut forged = rb.clone();
     forged.samples = 8000;

@@ -748,7 +748,9 @@ impl LedgerFile {
     /// catch the cut).
     pub fn mark_signed(&mut self, now_ms: u64) -> io::Result<()> {
         let (count, at) = self.marked;
-        if self.count() <= count || now_ms < at.saturating_add(MARK_EVERY_MS) {
+        // Within a second of the last (a clock stepped back writes at once: held until it
+        // passed the last time again, a cut in between went unnoticed at the next start).
+        if self.count() <= count || (at..at.saturating_add(MARK_EVERY_MS)).contains(&now_ms) {
             return Ok(());
         }
         let tmp = self.dir.join(format!("{}.ledger.mark.new", self.task));
@@ -820,15 +822,20 @@ impl LedgerFile {
             let _ = fs::remove_file(&next);
             return Err(e);
         }
-        if let Err(e) = fs::rename(&next, &self.path).and_then(|()| sync_dir(&self.dir)) {
+        // What the files now hold, whatever fails next: the ledger file served stays
+        // whole (it lacked the segment just sealed while the next stood in place).
+        self.sealed.push(sealed);
+        let moved = fs::rename(&next, &self.path);
+        if moved.is_ok() {
+            self.len = h.len() as u64;
+            self.header_len = h.len() as u64;
+        }
+        if let Err(e) = moved.and_then(|()| sync_dir(&self.dir)) {
             // Finished by the next open.
             self.broken = true;
             return Err(e);
         }
-        self.sealed.push(sealed);
         self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.len = h.len() as u64;
-        self.header_len = h.len() as u64;
         Ok(())
     }
 
@@ -1514,6 +1521,26 @@ mod tests {
         }
     }
 
+    /// What the mark file holds.
+    fn mark_of(l: &LedgerFile) -> String {
+        fs::read_to_string(l.mark_path()).expect("mark")
+    }
+
+    /// A clock stepped back (an NTP correction) does not hold the mark back until it passes
+    /// its last time again.
+    #[test]
+    fn a_clock_stepped_back_does_not_hold_the_mark() {
+        let temp = Temp::new("mark-clock");
+        let (mut l, _) = LedgerFile::open(&temp.0, "digits", 1).expect("open");
+        // Marked at an hour, then the clock goes back to 10 s.
+        for (sender, now_ms) in [(1, 3_600_000), (3, 10_000)] {
+            let r = receipt("digits", sender, 2, 5, 640);
+            l.append(500, 3, "", &r).expect("appended");
+            l.mark_signed(now_ms).expect("marked");
+        }
+        assert!(mark_of(&l).starts_with("2 "));
+    }
+
     /// A ledger cut at an entry's end, or put back to an older copy, below the last head
     /// the server signed is refused at open, naming the head; before, it opened as valid
     /// and its next entries reused the lost ones' numbers. Appends past the mark open.
@@ -1535,17 +1562,9 @@ mod tests {
         l.append(600, 3, "", &receipt("digits", 3, 2, 6, 640))
             .expect("d");
         l.mark_signed(10_500).expect("not yet");
-        assert!(
-            fs::read_to_string(l.mark_path())
-                .expect("mark")
-                .starts_with("3 ")
-        );
+        assert!(mark_of(&l).starts_with("3 "));
         l.mark_signed(11_000).expect("marked at 4");
-        assert!(
-            fs::read_to_string(l.mark_path())
-                .expect("mark")
-                .starts_with("4 ")
-        );
+        assert!(mark_of(&l).starts_with("4 "));
         let live = l.path().to_path_buf();
         drop(l);
         // Reopened whole, and one entry more later: open.

@@ -66,7 +66,8 @@ mod peer {
         data: PathBuf,
         /// A task on local data (`source = "local"`): train on the files under this folder
         /// (PNG images in folders named after their class or listed in a labels.csv, CSV
-        /// rows, or text files, as the task says). They never leave this machine.
+        /// rows, or text files, as the task says). They never leave this machine. Needs
+        /// --task-file: the task as you accept it, its privacy above all.
         #[arg(long, env = "SHOAL_LOCAL_DATA")]
         local_data: Option<PathBuf>,
         /// This peer's ed25519 key file; created (mode 0600) when missing.
@@ -101,6 +102,15 @@ mod peer {
             anyhow::bail!(
                 "--server {}: a ws:// URL is needed (this peer speaks no TLS; reach the server's plain port, e.g. ws://HOST:8080, over a network you trust)",
                 args.server
+            );
+        }
+        // Training on this machine's files, the task (its `[privacy]` above all) is the
+        // one its user keeps: the server's is checked against it. Without it, a server
+        // restarted with the privacy dropped or weakened had this peer send its files'
+        // updates without the noise, saying so only in its progress lines.
+        if args.local_data.is_some() && args.task_file.is_none() {
+            anyhow::bail!(
+                "--local-data needs --task-file: the task as you accept it, its [privacy] table above all (the server's task is checked against it, and a difference stops this peer)"
             );
         }
         let mut url = format!(
@@ -331,6 +341,8 @@ mod peer {
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("the server's task {:?}", args.task))
         });
+        // The digests are of the server's task's files: none for another task.
+        let digests = if served.is_ok() { digests } else { Vec::new() };
         let task = match (&args.task_file, served) {
             (Some(file), served) => {
                 let text =
@@ -411,6 +423,13 @@ mod peer {
     fn check_data(task: &TaskSpec, dir: &Path, digests: &[String]) -> Result<()> {
         let paths = task.data_paths();
         if digests.len() != paths.len() {
+            if !digests.is_empty() {
+                eprintln!(
+                    "shoal: the server gave {} data digests for the task's {} files; the data are not checked",
+                    digests.len(),
+                    paths.len()
+                );
+            }
             return Ok(());
         }
         for (path, theirs) in paths.iter().zip(digests) {
@@ -421,7 +440,9 @@ mod peer {
                 continue;
             };
             let ours = shoal_shared::learn::identity::hex(&Sha256::digest(&bytes));
-            if !theirs.is_empty() && ours != *theirs {
+            if theirs.is_empty() {
+                eprintln!("shoal: the server gave no digest of {path}; it is not checked");
+            } else if ours != *theirs {
                 bail!(
                     "{} differs from the server's copy of the task's data (SHA-256 {ours} here, {theirs} at the server): this peer would train on other data than its neighbours; replace it with the server's /data/{path}",
                     dir.join(path).display()
