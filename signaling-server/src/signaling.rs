@@ -3268,7 +3268,9 @@ mod tests {
             ("trainer", &PeerReport::default()),
         ] {
             let hub = digits_hub();
-            let honest: Vec<PeerId> = (2..=11u128).map(|g| reporting_peer(&hub, g)).collect();
+            // (Enough networks with room that the first draws fill a newcomer's slots: a
+            // trainer is held to it only then.)
+            let honest: Vec<PeerId> = (2..=15u128).map(|g| reporting_peer(&hub, g)).collect();
             let target = joined_as(&hub, 1, report);
             let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
             assert!(of(target).iter().all(|n| honest.contains(n)));

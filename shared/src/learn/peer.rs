@@ -408,8 +408,8 @@ struct Former {
     whole_round: Option<u64>,
     keyframe_round: Option<u64>,
     had_copy: bool,
-    /// Its [`Neighbour::silent_rounds`] if it never sent an update, else 0: a neighbour
-    /// that never sends does not get its first rounds' wait again by reconnecting.
+    /// Its [`Neighbour::silent_rounds`]: a neighbour that does not send does not get its
+    /// rounds' wait again by reconnecting.
     silent_rounds: u32,
     answered_at: Option<f64>,
     closed_at: f64,
@@ -494,9 +494,13 @@ struct Neighbour {
     lateness: Option<f32>,
     /// The round of its latest update and when that arrived.
     arrived: Option<(u64, f64)>,
-    /// Rounds closed while it was awaited and had sent no update yet (see
-    /// [`SILENT_ROUNDS`]).
+    /// Rounds closed without its update for them while it said it contributes (at any
+    /// time in the round), less one for each closed with it and each of its updates that
+    /// came after its round closed (see [`SILENT_ROUNDS`]).
     silent_rounds: u32,
+    /// Whether it said it contributes since the last round closed (a neighbour that says
+    /// so after a round opens and takes it back before the deadline was waited for).
+    said_contributing: bool,
     /// Updates it may still send now (see [`UPDATE_RATE`]; `None` until its first).
     update_allowance: Option<Allowance>,
 }
@@ -857,16 +861,16 @@ impl Peer {
 
     /// The neighbours a round waits for: contributing ones, except one whose updates the
     /// screen distrusts (a liar must not set the pace), a shunned one (it counts as
-    /// idle), and one that has sent no update in the [`SILENT_ROUNDS`] rounds it was
-    /// waited for (until its first comes): with no lateness measured it was waited for
-    /// the whole `round_deadline_ms` every round, so a neighbour that said it contributes
-    /// and never sent held each of its neighbours' rounds that long for as long as it
-    /// stayed.
+    /// idle), and one whose [`Neighbour::silent_rounds`] reached [`SILENT_ROUNDS`] (until
+    /// a round closes with its update): a neighbour that said it contributes and never
+    /// sent, or sent once and then no more, or said so only while rounds were open, held
+    /// each of its neighbours' rounds to the deadline (or twice its last lateness) for as
+    /// long as it stayed. Now each round it holds costs it an update.
     fn awaited(&self) -> Vec<&Neighbour> {
         self.nbrs
             .values()
             .filter(|n| contributes_to_rounds(&self.learner, n))
-            .filter(|n| n.arrived.is_some() || n.silent_rounds < SILENT_ROUNDS)
+            .filter(|n| n.silent_rounds < SILENT_ROUNDS)
             .collect()
     }
 
@@ -974,11 +978,7 @@ impl Peer {
                 whole_round: n.whole_round,
                 keyframe_round: n.keyframe_round,
                 had_copy: n.had_copy,
-                silent_rounds: if n.arrived.is_some() {
-                    0
-                } else {
-                    n.silent_rounds
-                },
+                silent_rounds: n.silent_rounds,
                 answered_at: n.answered_at,
                 closed_at: now_ms,
                 reconnects: n.reconnects,
@@ -1251,6 +1251,11 @@ impl Peer {
                 let current = self.learner.round();
                 let n = self.nbrs.entry(from).or_default();
                 n.note_arrival(round, current, now_ms);
+                if round < current {
+                    // Too late for its round's close, which counted it silent: a slow
+                    // but steady neighbour stays one to wait for.
+                    n.silent_rounds = n.silent_rounds.saturating_sub(1);
+                }
                 if let Some(x) = late {
                     n.lateness = Some(match n.lateness {
                         Some(l) if x < l => l + LATE_DECAY * (x - l),
@@ -1268,6 +1273,7 @@ impl Peer {
                 let was_idle = self.nbrs.get(&from).is_some_and(|n| n.idle);
                 if let Some(n) = self.nbrs.get_mut(&from) {
                     n.idle = !contributing;
+                    n.said_contributing |= contributing;
                 }
                 if !contributing {
                     self.stop_waiting_for(from, false, now_ms);
@@ -2016,10 +2022,14 @@ impl Peer {
             .collect();
         self.learner.set_awaited(awaited);
         let learner = &self.learner;
+        let closing = learner.round();
         for n in self.nbrs.values_mut() {
-            if n.arrived.is_none() && contributes_to_rounds(learner, n) {
-                n.silent_rounds = n.silent_rounds.saturating_add(1);
+            if n.arrived.is_some_and(|(r, _)| r >= closing) {
+                n.silent_rounds = n.silent_rounds.saturating_sub(1);
+            } else if contributes_to_rounds(learner, n) || n.said_contributing {
+                n.silent_rounds = (n.silent_rounds + 1).min(SILENT_ROUNDS);
             }
+            n.said_contributing = false;
         }
         let summary = self.learner.finish_round();
         if let Some(msg) = &summary.sync {

@@ -1325,10 +1325,10 @@ fn round_without_12(p: &mut Peer, round: u64, at: f64, quick: f64, closes: f64) 
     assert_closed_using(p, 2);
 }
 
-#[test]
-fn a_straggler_is_waited_for_twice_its_usual_lateness_not_the_whole_deadline() {
+/// A peer whose round 5 opened at 50: 10 and 11 sent 10 ms later, 12 (a thin uplink)
+/// 400 ms later, and the round closed with all three.
+fn with_12_late_by_400_ms() -> Peer {
     let mut p = running(5);
-    // Round 5 opens at 50: 10 and 11 send 10 ms later, 12 (a thin uplink) 400 ms later.
     p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
     p.handle(msg(10, update(20, 5)), 60.0);
     p.handle(msg(11, update(21, 5)), 60.0);
@@ -1337,6 +1337,12 @@ fn a_straggler_is_waited_for_twice_its_usual_lateness_not_the_whole_deadline() {
     p.handle(msg(12, update(22, 5)), 450.0);
     p.tick(450.0);
     assert_closed_using(&mut p, 3);
+    p
+}
+
+#[test]
+fn a_straggler_is_waited_for_twice_its_usual_lateness_not_the_whole_deadline() {
+    let mut p = with_12_late_by_400_ms();
     // Round 6 opens at 500. 12, slow but steady, is waited for (2 x 400 ms) and counts:
     // a deadline set by the quick neighbours would drop its every update.
     p.tick(500.0);
@@ -1401,6 +1407,13 @@ fn past_silent_rounds(reconnect: bool) -> (Peer, f64, u64) {
         at += 100.0;
     }
     let round = 5 + silent;
+    closes_when_10_and_11_are_in(&mut p, round, at);
+    (p, at, round)
+}
+
+/// Opens `round` at `at` and delivers 10's and 11's updates for it 10 ms later: the round
+/// closes then, without 12.
+fn closes_when_10_and_11_are_in(p: &mut Peer, round: u64, at: f64) {
     p.tick(at);
     p.trained(round, &[0.49; N], 0.3, 8, at).expect("finite");
     p.handle(msg(10, update(20, round)), at + 10.0);
@@ -1411,8 +1424,65 @@ fn past_silent_rounds(reconnect: bool) -> (Peer, f64, u64) {
         round + 1,
         "closed when 10 and 11 were in"
     );
-    assert_closed_using(&mut p, 2);
-    (p, at, round)
+    assert_closed_using(p, 2);
+}
+
+/// A neighbour that sent once (its lateness measured, 400 ms) and then nothing more was
+/// waited for twice that every round for as long as it stayed; now for `SILENT_ROUNDS`
+/// rounds.
+#[test]
+fn a_neighbour_that_sent_once_and_then_no_more_holds_only_a_few_rounds() {
+    let mut p = with_12_late_by_400_ms();
+    let mut at = 500.0;
+    for round in 6..6 + u64::from(SILENT_ROUNDS) {
+        round_without_12(&mut p, round, at, at + 10.0, 800.0);
+        at += 1_000.0;
+    }
+    closes_when_10_and_11_are_in(&mut p, 6 + u64::from(SILENT_ROUNDS), at);
+}
+
+/// A neighbour that says it contributes after each round opened and takes it back just
+/// before the deadline, sending nothing, was idle whenever a round closed: never counted
+/// silent, it held every round to the deadline. Now it holds `SILENT_ROUNDS` of them.
+#[test]
+fn a_neighbour_that_says_it_contributes_only_while_rounds_are_open_holds_a_few() {
+    let deadline = f64::from(cfg().round_deadline_ms);
+    let mut p = running(5);
+    let say = |contributing| msg(12, PeerMessage::Status { contributing }.encode());
+    let mut at = 50.0;
+    for round in 5..5 + u64::from(SILENT_ROUNDS) {
+        p.handle(say(false), at - 1.0);
+        p.tick(at);
+        p.trained(round, &[0.49; N], 0.3, 8, at).expect("finite");
+        p.handle(say(true), at + 1.0);
+        p.handle(msg(10, update(20, round)), at + 10.0);
+        p.handle(msg(11, update(21, round)), at + 10.0);
+        p.tick(at + deadline - 3.0);
+        assert_eq!(p.learner().round(), round, "waited for");
+        p.handle(say(false), at + deadline - 2.0);
+        p.tick(at + deadline - 2.0);
+        assert_eq!(p.learner().round(), round + 1);
+        at += deadline + 100.0;
+    }
+    p.handle(say(true), at - 1.0);
+    closes_when_10_and_11_are_in(&mut p, 5 + u64::from(SILENT_ROUNDS), at);
+}
+
+/// One update claiming a round far ahead counted its signer in for every round until
+/// then: with one other neighbour in, most were, and the round stopped waiting for the
+/// third. It counts for none of them.
+#[test]
+fn an_update_far_ahead_does_not_count_its_signer_in_for_the_rounds_before() {
+    let deadline = f64::from(cfg().round_deadline_ms);
+    let mut p = running(5);
+    p.handle(msg(10, update(20, 1_005)), 1.0);
+    p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
+    p.handle(msg(11, update(21, 5)), 60.0);
+    p.tick(50.0 + deadline);
+    assert_eq!(p.learner().round(), 5, "two of three missing: held");
+    p.handle(msg(12, update(22, 5)), 50.0 + deadline + 10.0);
+    p.tick(50.0 + deadline + 10.0);
+    assert_eq!(p.learner().round(), 6);
 }
 
 /// Reconnecting does not give a neighbour that never sent its first rounds' wait again.
