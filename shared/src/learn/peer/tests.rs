@@ -1468,23 +1468,6 @@ fn a_neighbour_that_says_it_contributes_only_while_rounds_are_open_holds_a_few()
     closes_when_10_and_11_are_in(&mut p, 5 + u64::from(SILENT_ROUNDS), at);
 }
 
-/// One update claiming a round far ahead counted its signer in for every round until
-/// then: with one other neighbour in, most were, and the round stopped waiting for the
-/// third. It counts for none of them.
-#[test]
-fn an_update_far_ahead_does_not_count_its_signer_in_for_the_rounds_before() {
-    let deadline = f64::from(cfg().round_deadline_ms);
-    let mut p = running(5);
-    p.handle(msg(10, update(20, 1_005)), 1.0);
-    p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
-    p.handle(msg(11, update(21, 5)), 60.0);
-    p.tick(50.0 + deadline);
-    assert_eq!(p.learner().round(), 5, "two of three missing: held");
-    p.handle(msg(12, update(22, 5)), 50.0 + deadline + 10.0);
-    p.tick(50.0 + deadline + 10.0);
-    assert_eq!(p.learner().round(), 6);
-}
-
 /// Reconnecting does not give a neighbour that never sent its first rounds' wait again.
 #[test]
 fn a_silent_neighbour_that_reconnects_is_not_waited_for_again() {
