@@ -871,9 +871,14 @@ impl Peer {
         self.nbrs
             .values()
             .filter(|n| contributes_to_rounds(&self.learner, n))
-            .filter(|n| match n.arrived {
-                None => n.silent_rounds < SILENT_ROUNDS,
-                Some((r, _)) => r.saturating_add(u64::from(SILENT_ROUNDS)) >= round,
+            .filter(|n| match (n.arrived, n.claim) {
+                (None, _) => n.silent_rounds < SILENT_ROUNDS,
+                // The highest round it sent for (a relayed copy's arrival where it sent
+                // none itself): `arrived` stays at the first update for our round or
+                // later, so after a model download every neighbour's was old.
+                (Some((r, _)), claim) => {
+                    claim.unwrap_or(r).saturating_add(u64::from(SILENT_ROUNDS)) >= round
+                }
             })
             .collect()
     }

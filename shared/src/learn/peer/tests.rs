@@ -1468,6 +1468,41 @@ fn a_neighbour_that_says_it_contributes_only_while_rounds_are_open_holds_a_few()
     closes_when_10_and_11_are_in(&mut p, 5 + u64::from(SILENT_ROUNDS), at);
 }
 
+/// After a model download that moved our round past the rounds its neighbours' first
+/// updates were noted for, the round still waits for them: it closes when their updates
+/// for it are in (it waited its whole deadline for nobody).
+#[test]
+fn after_a_download_the_neighbours_are_still_waited_for() {
+    let mut p = running(5);
+    for (n, k) in [(10, 20), (11, 21), (12, 22)] {
+        p.handle(msg(n, update(k, 5)), 10.0);
+        p.handle(msg(n, update(k, 9)), 20.0);
+    }
+    p.tick(30.0);
+    let asked_for = asked(&drain(&mut p));
+    for n in &asked_for {
+        p.handle(msg(*n, model(9, 0.5)), 40.0);
+    }
+    p.tick(40.0);
+    assert_eq!(
+        p.learner().round(),
+        9,
+        "caught up by download ({asked_for:?})"
+    );
+    // The step in flight when the model came is for a round left behind.
+    let _ = p.trained(5, &[0.49; N], 0.3, 8, 50.0);
+    p.tick(60.0);
+    let outs = drain(&mut p);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Train { round: 9, .. })),
+        "{outs:?}"
+    );
+    p.trained(9, &[0.49; N], 0.3, 8, 100.0).expect("finite");
+    p.tick(100.0);
+    assert_eq!(p.learner().round(), 10, "closed with the updates held");
+}
+
 /// Reconnecting does not give a neighbour that never sent its first rounds' wait again.
 #[test]
 fn a_silent_neighbour_that_reconnects_is_not_waited_for_again() {
