@@ -2068,15 +2068,16 @@ fn choose_neighbours(
     let mut per_group: HashMap<u128, usize> = HashMap::new();
     // First one peer per network, each network as likely as any other however many
     // peers it has (a draw is kept with odds one in its peer count); then up to a third
-    // of k per network; then, filling ([`full_of`]), any network, then any peer. Many
-    // peers from a few addresses then take about their networks' share of a newcomer's
-    // neighbours, not their peers' share, and colluders need k networks, not three, to
-    // fill them while others have room. Capped draws are many (a few peers of other
-    // addresses among a crowd must not be missed by chance); the last fill draws are
-    // the usual few.
+    // of k per network; then, filling ([`full_of`]), any. Many peers from a few
+    // addresses then take about their networks' share of a newcomer's neighbours, not
+    // their peers' share, and colluders need k networks, not three, to fill them while
+    // others have room. Capped draws are many (a few peers of other addresses among a
+    // crowd must not be missed by chance); the fill draws are the usual few. (Filled by
+    // network first, one honest network among three of peers that never connect was
+    // drawn for a quarter of the fill draws, and its peers ran out of reports.)
     let k1 = k.max(1);
-    for (pass, draws) in [(0, 64 * k1), (1, 32 * k1), (2, 32 * k1), (3, 8 * k1)] {
-        let cap = [Some(1), Some(per_group_cap), None, None][pass];
+    for (pass, draws) in [(0, 64 * k1), (1, 32 * k1), (2, 8 * k1)] {
+        let cap = [Some(1), Some(per_group_cap), None][pass];
         for _ in 0..draws {
             if chosen.len() >= k {
                 return chosen;
@@ -2086,7 +2087,7 @@ fn choose_neighbours(
             let room = p.neighbours.len() < 2 * k;
             let net = network(p.group);
             let crowded = cap.is_some_and(|c| per_group.get(&net).is_some_and(|&n| n >= c));
-            let kept = pass % 2 == 1 || network_draw(t, rng, net);
+            let kept = pass > 0 || network_draw(t, rng, net);
             if kept
                 && p.drawable(quiet_after)
                 && room
@@ -2305,8 +2306,9 @@ fn relink(
                 && rp.drawable(quiet_after)
                 && !rp.neighbours.contains(&q)
                 && rp.neighbours.len() < 2 * k
-                && !full_of(t, rp, q_net, per_network_cap(k), !by_network)
-                && !full_of(t, qp, network(rp.group), per_network_cap(k), !by_network)
+                // (Held to it, trainers' replacement draws drew more of the peers
+                // that never connect, whose reports then ran out.)
+                && !full_of(t, rp, q_net, per_network_cap(k), true)
             {
                 link(t, q, r);
                 notify(t, r, &ServerMessage::Joined { peer: q }, metrics);
@@ -3343,7 +3345,7 @@ mod tests {
             })
             .sum();
         assert!(
-            elsewhere >= 6,
+            elsewhere >= 4,
             "three newcomers got {elsewhere} neighbours of other networks"
         );
 
