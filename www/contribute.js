@@ -79,9 +79,10 @@ const FORGIVEN_MS = 30000;
 /**
  * Runs the contributor UI. `task`: the task's name; `autoStart`: consent was already
  * given (the widget's click); `duty`: the throttle (0.25, 0.5 or 1); `compact`: fewer
- * rows (the widget).
+ * rows (the widget); `agreed`: the revision of the task whose terms the visitor agreed
+ * to elsewhere (the widget's card), which alone it trains.
  */
-export function contributor({ task, autoStart = false, duty = 1, compact = false }) {
+export function contributor({ task, autoStart = false, duty = 1, compact = false, agreed = null }) {
   const backend = $('backend');
   const detail = $('detail');
   const consent = $('consent');
@@ -350,6 +351,9 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
       } catch {
         // As below.
       }
+    } else if (v.unchecked) {
+      // Checks that failed; a catch stays shown (its evidence holds).
+      if (!ledger.startsWith('history changed')) ledger = `not checked: ${v.reason}`;
     } else if (v.ok) {
       ledger = `${v.count.toLocaleString('en')} receipts, history intact`;
       try {
@@ -570,6 +574,15 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
 
   // What the task is and what contributing costs.
   fetchTask(task).then((d) => {
+    // The card stated the terms of the task as it was when the host page loaded: one
+    // that changed since (epsilon 1 became 64, or its privacy went) is not what the
+    // visitor agreed to, and the small frame has no room to state the new terms.
+    if (agreed && d.revision !== agreed) {
+      say('error', 'This task changed since its terms were shown to you: reload the page to see what it asks now.');
+      halted = true;
+      worker.terminate();
+      return;
+    }
     description = d;
     const title = $('task-title');
     if (title) title.textContent = d.task.title;

@@ -1,12 +1,6 @@
-// Shoal's embed for site owners:
-//   <script src="https://HOST/embed.js" data-task="digits" async></script>
-// shows a small consent widget: what contributing costs, and a "Contribute" button that
-// is a small iframe from Shoal's own origin, so that the click that starts Shoal is the
-// visitor's and no script of the host page can make it. Only after that click does Shoal
-// load, in that iframe, isolated from the host page (the host page never touches the
-// model, the worker or the connections). Options as data- attributes:
-// data-task, data-position (bottom-right, bottom-left, top-right, top-left),
-// data-throttle (25, 50, 100: share of the time spent training), data-theme (light, dark).
+// Shoal's embed: <script src="https://HOST/embed.js" data-task="digits" async></script>
+// A consent card whose "Contribute" button is a frame from Shoal's origin: nothing loads
+// before the visitor's click in it. Options (data-): task, position, throttle, theme.
 (function () {
   'use strict';
   // What contributing to each task costs; the Shoal server writes it in when it serves
@@ -90,7 +84,9 @@
     } else {
       yes = document.createElement('iframe');
       yes.title = 'Shoal contributor';
-      yes.src = origin + '/embed.html?task=' + task + '&throttle=' + throttle + '&theme=' + theme;
+      // The revision the card's terms are of: the frame trains only that one.
+      var rev = cost && /^[0-9a-f]{32}$/.test(cost.revision || '') ? '&rev=' + cost.revision : '';
+      yes.src = origin + '/embed.html?task=' + task + '&throttle=' + throttle + '&theme=' + theme + rev;
       // WebGPU (and the battery pause) in a cross-origin frame only where the page allows.
       yes.allow = 'webgpu; battery';
       yes.style.cssText = 'border:0;width:130px;height:40px;display:block;color-scheme:normal';

@@ -204,6 +204,15 @@ async function chooseLocal(taskJson, reading, entries) {
 const WITNESS_EVERY_MS = 15_000;
 let witnessing = false;
 let witnessAnswer = null;
+// Checks failed in a row. From the second (one busy answer, `429`, is not worth a word)
+// the page says the ledger is not checked, not the verdict of the last check that ran:
+// a server that cut its ledger and then answered garbage, or nothing, was shown intact
+// for the rest of the visit.
+let witnessFailures = 0;
+function witnessFailed(reason) {
+  witnessFailures += 1;
+  if (witnessFailures >= 2) post({ type: 'ledger', verdict: { unchecked: true, reason } });
+}
 
 function judgeLedger({ at, pages }) {
   witnessAnswer = null;
@@ -212,9 +221,10 @@ function judgeLedger({ at, pages }) {
     // What the server shows at each index looked up ("" where it has no entry).
     const hashes = at.map((i, k) => pages[k].entries.find((x) => x.index === i)?.hash ?? '');
     const verdict = JSON.parse(peer.checkLedger(pages.at(-1).signed_head ?? null, at, hashes));
+    witnessFailures = 0;
     if (verdict) post({ type: 'ledger', verdict });
-  } catch {
-    // A malformed answer: the next check will tell.
+  } catch (e) {
+    witnessFailed(`its answer could not be checked (${errorText(e)})`);
   }
 }
 
@@ -234,8 +244,9 @@ async function witness(task) {
     const pages = [];
     for (const i of (at.length ? at : [null])) pages.push(await get(i === null ? 'limit=1' : `from=${i}&limit=1`));
     witnessAnswer = { at, pages };
-  } catch {
+  } catch (e) {
     // The server is unreachable or busy: the next check will tell.
+    witnessFailed(`the server did not answer (${errorText(e)})`);
   } finally {
     witnessing = false;
   }

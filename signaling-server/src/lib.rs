@@ -138,7 +138,7 @@ pub fn app(config: &Config) -> App {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("frame-ancestors 'self'"),
     );
-    let embed: Router = match embed_script(config) {
+    let embed: Router = match embed_script(config, &revisions) {
         Some(script) => Router::new().route(
             "/embed.js",
             get(move || {
@@ -567,8 +567,9 @@ fn with_pace(
 
 /// The embed script with every task's cost written into it (its `var COSTS = {};`), so
 /// that the consent card can state the cost before the visitor agrees to anything, and
-/// without a second request. `None` if the file cannot be read.
-fn embed_script(config: &Config) -> Option<String> {
+/// without a second request, with the task's revision: the frame trains only that
+/// revision, the terms the card stated. `None` if the file cannot be read.
+fn embed_script(config: &Config, revisions: &HashMap<String, Revision>) -> Option<String> {
     let text = std::fs::read_to_string(config.www.join("embed.js")).ok()?;
     let costs: serde_json::Map<String, serde_json::Value> = config
         .tasks
@@ -589,6 +590,7 @@ fn embed_script(config: &Config) -> Option<String> {
                 "delta": dp.map(|d| d.delta),
                 "on_budget": dp.map(|d| d.on_budget),
                 "local": t.is_local(),
+                "revision": revisions.get(&t.name).map(|r| r.revision.clone()),
             });
             (t.name.clone(), brief)
         })

@@ -2309,6 +2309,10 @@ fn relink(
                 // (Held to it, trainers' replacement draws drew more of the peers
                 // that never connect, whose reports then ran out.)
                 && !full_of(t, rp, q_net, per_network_cap(k), true)
+                // A dashboard redrawn is held to it too: each neighbour it lost was
+                // replaced by a network-uniform draw, so one address's peers that stayed
+                // while honest ones came and went filled it up to k.
+                && !full_of(t, qp, network(rp.group), per_network_cap(k), true)
             {
                 link(t, q, r);
                 notify(t, r, &ServerMessage::Joined { peer: q }, metrics);
@@ -2465,7 +2469,9 @@ pub async fn ws_handler(
     let hub2 = Arc::clone(&hub);
     // The upgrade is boxed and awaited inside the connection's task, so that the socket
     // lives in that task's state once (not also as a value handed between two futures).
-    let upgrading: Cold<'static, Option<Socket>> = Box::pin(upgrade::socket(pending, config));
+    let read_cap = frame_bytes(hard_cap, limits.read_buffer);
+    let upgrading: Cold<'static, Option<Socket>> =
+        Box::pin(upgrade::socket(pending, config, read_cap));
     let first = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let version = first("v").map(|v| v.parse::<u32>().unwrap_or(0));
     let site = first("site")
@@ -2752,6 +2758,14 @@ async fn connection(hub: Arc<Hub>, upgrading: Cold<'static, Option<Socket>>, joi
                         Some(Err(e)) => break broken(&hub, &e),
                         None => break Disconnect::Gone,
                     };
+                    // A message's frames take its bytes and little more: empty
+                    // continuation frames, joined into one message without a word, cost
+                    // no token, and a pong now and then kept the read cap from ending
+                    // them (a core kept busy at the sender's line rate).
+                    if socket.get_mut().take_read() > frame_bytes(msg.len(), limits.read_buffer) {
+                        hub.metrics.reject(ErrorCode::RateLimited);
+                        break Disconnect::RateLimit;
+                    }
                     // Every frame costs a token, pings and pongs too: a peer that pings
                     // without reading would otherwise pile up pongs at no cost to itself.
                     tokens = (tokens + now.duration_since(refilled).as_secs_f64() * limits.rate_per_sec).min(limits.burst);
@@ -2946,10 +2960,21 @@ pub fn hold_ledger(hub: &Hub, task: &str, hold: Duration) -> Option<std::thread:
 }
 
 /// Why a read failed, as a disconnect reason.
+/// The most bytes of frames a message of `payload` bytes may take, with what the reader
+/// may have read ahead of the next (`read_buffer` each way): its bytes, an eighth more
+/// for frame headers, and 1 KiB.
+fn frame_bytes(payload: usize, read_buffer: usize) -> usize {
+    payload + payload / 8 + 2 * read_buffer + 1024
+}
+
 fn broken(hub: &Hub, e: &tokio_tungstenite::tungstenite::Error) -> Disconnect {
     use tokio_tungstenite::tungstenite::Error;
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     match e {
+        Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<upgrade::FrameFlood>()) => {
+            hub.metrics.reject(ErrorCode::RateLimited);
+            Disconnect::RateLimit
+        }
         Error::Capacity(_) => {
             // Past the hard size cap: the codec refused it without buffering it.
             hub.metrics.reject(ErrorCode::TooLarge);
@@ -3025,6 +3050,14 @@ mod tests {
     /// A peer of `digits` from the network `group` that has sent a report.
     fn reporting_peer(hub: &Hub, group: u128) -> PeerId {
         joined_as(hub, group, &PeerReport::default())
+    }
+
+    /// The report of a dashboard's observer.
+    fn observer_report() -> PeerReport {
+        PeerReport {
+            role: shoal_shared::protocol::Role::Observer,
+            ..PeerReport::default()
+        }
     }
 
     /// A peer of `digits` from `group` that sent `report`.
@@ -3261,10 +3294,7 @@ mod tests {
     #[test]
     fn one_address_cannot_fill_a_peers_neighbours_by_joining_until_drawn() {
         let k = 6;
-        let observing = PeerReport {
-            role: shoal_shared::protocol::Role::Observer,
-            ..PeerReport::default()
-        };
+        let observing = observer_report();
         for (role, report) in [
             ("dashboard", &observing),
             ("trainer", &PeerReport::default()),
@@ -3308,6 +3338,39 @@ mod tests {
                 "every newcomer of its one network links to it"
             );
         }
+    }
+
+    /// A dashboard's replacement draws hold it to the third-of-k rule as its first draws
+    /// do: one address whose peers stay while honest neighbours come and go (each loss
+    /// redrawn with every network as likely as any other) filled the dashboard's places
+    /// up to k, one redraw at a time.
+    #[test]
+    fn one_address_whose_peers_stay_cannot_fill_a_dashboard_through_its_redraws() {
+        let k = 6;
+        let observing = observer_report();
+        let hub = digits_hub();
+        for g in 2..=15u128 {
+            reporting_peer(&hub, g);
+        }
+        let target = joined_as(&hub, 1, &observing);
+        let of = |id: PeerId| hub.neighbours_of("digits", id).expect("a peer");
+        let attacker: BTreeSet<PeerId> = (0..30).map(|_| reporting_peer(&hub, 99)).collect();
+        let held = || of(target).iter().filter(|n| attacker.contains(n)).count();
+        assert!(held() <= k / 3, "{} from one address as it joined", held());
+        let mut most = 0;
+        for i in 0..300u128 {
+            let Some(gone) = of(target).into_iter().find(|n| !attacker.contains(n)) else {
+                break;
+            };
+            hub.leave("digits", gone);
+            reporting_peer(&hub, 2 + i % 14);
+            most = most.max(held());
+        }
+        assert!(
+            most <= k / 3,
+            "{most} of the dashboard's neighbours from one address"
+        );
+        assert!(of(target).len() >= k, "the dashboard keeps its neighbours");
     }
 
     /// The third-of-k rule costs honest peers of a crowded network no neighbours: where

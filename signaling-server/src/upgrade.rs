@@ -32,6 +32,21 @@ pub(crate) const WRITE_BEHIND: usize = 16 * 1024;
 /// A connection's websocket as the signaling code sees it.
 pub(crate) type Socket = WebSocketStream<Buffered<TokioIo<Upgraded>>>;
 
+/// The error a read ends in once more bytes were read since the last message than any
+/// message may take ([`Buffered::with_read_cap`]): frames that carry nothing (empty
+/// continuation frames, which tungstenite joins into one message without a word) are
+/// no message the rate limit could count.
+#[derive(Debug)]
+pub(crate) struct FrameFlood;
+
+impl std::fmt::Display for FrameFlood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("more bytes of frames than any message may take")
+    }
+}
+
+impl std::error::Error for FrameFlood {}
+
 /// Reads the inner stream in chunks of up to `chunk` bytes and hands them out in
 /// whatever sizes the caller asks for; collects writes until a flush or until `batch`
 /// bytes wait. The read buffer is allocated when a read is attempted and freed when the
@@ -46,6 +61,10 @@ pub(crate) struct Buffered<S> {
     chunk: usize,
     out: Vec<u8>,
     batch: usize,
+    /// Bytes handed to the reader since [`Buffered::take_read`].
+    read: usize,
+    /// The most `read` may reach: past it reads fail with [`FrameFlood`].
+    read_cap: usize,
 }
 
 impl<S> Buffered<S> {
@@ -58,7 +77,29 @@ impl<S> Buffered<S> {
             chunk: chunk.max(1),
             out: Vec::new(),
             batch: batch.max(1),
+            read: 0,
+            read_cap: usize::MAX,
         }
+    }
+
+    /// Reads fail once `cap` bytes were handed out since the last [`Buffered::take_read`].
+    pub(crate) fn with_read_cap(mut self, cap: usize) -> Self {
+        self.read_cap = cap;
+        self
+    }
+
+    /// The bytes handed out since the last call.
+    pub(crate) fn take_read(&mut self) -> usize {
+        std::mem::take(&mut self.read)
+    }
+
+    /// Counts `n` bytes handed out: an error past the cap.
+    fn charge(&mut self, n: usize) -> io::Result<()> {
+        self.read = self.read.saturating_add(n);
+        if self.read > self.read_cap {
+            return Err(io::Error::other(FrameFlood));
+        }
+        Ok(())
     }
 
     /// Whether a buffer is held (for tests: an idle connection holds none).
@@ -101,7 +142,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Buffered<S> {
         if this.start == this.end {
             if out.remaining() >= this.chunk {
                 this.buf = None;
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+                let before = out.filled().len();
+                let read = Pin::new(&mut this.inner).poll_read(cx, out);
+                if let Err(e) = this.charge(out.filled().len() - before) {
+                    return Poll::Ready(Err(e));
+                }
+                return read;
             }
             let chunk = this.chunk;
             let buf = this
@@ -124,6 +170,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Buffered<S> {
             let n = out.remaining().min(this.end - this.start);
             out.put_slice(&buf[this.start..this.start + n]);
             this.start += n;
+            return Poll::Ready(this.charge(n));
         }
         Poll::Ready(Ok(()))
     }
@@ -259,10 +306,15 @@ pub(crate) fn accept(parts: &mut Parts) -> Result<(Response, OnUpgrade), Refusal
     Ok((r, upgrade))
 }
 
-/// Completes an accepted upgrade: the websocket over the upgraded connection.
-pub(crate) async fn socket(upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Socket> {
+/// Completes an accepted upgrade: the websocket over the upgraded connection, whose reads
+/// fail past `read_cap` bytes between two messages ([`Buffered::with_read_cap`]).
+pub(crate) async fn socket(
+    upgrade: OnUpgrade,
+    config: WebSocketConfig,
+    read_cap: usize,
+) -> Option<Socket> {
     let io = upgrade.await.ok()?;
-    let io = Buffered::new(TokioIo::new(io), READ_AHEAD, WRITE_BEHIND);
+    let io = Buffered::new(TokioIo::new(io), READ_AHEAD, WRITE_BEHIND).with_read_cap(read_cap);
     Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
 }
 

@@ -570,6 +570,20 @@ async fn http_raw(addr: SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&out[..n]).into_owned()
 }
 
+/// Sends what `next` makes of the count sent so far, for 3 s or until a send waits 500
+/// ms (the server stopped reading); returns the count sent.
+async fn flood(ws: &mut Ws, mut next: impl FnMut(u32) -> Message) -> u32 {
+    let start = std::time::Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        match tokio::time::timeout(Duration::from_millis(500), ws.send(next(sent))).await {
+            Ok(Ok(())) => sent += 1,
+            _ => break,
+        }
+    }
+    sent
+}
+
 #[tokio::test]
 async fn a_ping_flood_is_rate_limited_like_any_message() {
     let s = start(config()).await;
@@ -577,24 +591,45 @@ async fn a_ping_flood_is_rate_limited_like_any_message() {
     // Pings as fast as the socket takes them, never reading: every ping is answered with
     // a pong, and pongs that nobody reads used to pile up in the server's write buffer
     // (1.4-2 GB in 10 s). Pings count against the rate limit like any other message.
-    let flood = std::time::Instant::now();
-    let mut sent = 0;
-    while flood.elapsed() < Duration::from_secs(3) {
-        match tokio::time::timeout(
-            Duration::from_millis(500),
-            a.send(Message::Ping(vec![7u8; 125].into())),
-        )
-        .await
-        {
-            Ok(Ok(())) => sent += 1,
-            _ => break,
-        }
-    }
+    let sent = flood(&mut a, |_| Message::Ping(vec![7u8; 125].into())).await;
     assert!(
         open_connections_fall_to(&s, 0).await,
         "the flooding connection is still open after {sent} pings"
     );
     assert_eq!(disconnects(&s, "rate_limit").await, 1);
+}
+
+/// Frames that carry nothing: a message begun and never ended, then empty continuation
+/// frames, which the websocket library joins into that message without a word. They
+/// cost no token, so a connection kept a core busy at its line rate, also when it ended
+/// a pong now and then. Each message may take its bytes in frames and little more.
+#[tokio::test]
+async fn empty_continuation_frames_are_rate_limited_like_messages() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let s = start(config()).await;
+    for pong_every in [0, 1_000] {
+        let (mut a, _) = join(&s).await;
+        let begun = Frame::message(b"{".to_vec(), OpCode::Data(Data::Text), false);
+        a.send(Message::Frame(begun)).await.expect("send");
+        let sent = flood(&mut a, |sent| {
+            if pong_every > 0 && sent % pong_every == pong_every - 1 {
+                Message::Pong(Vec::new().into())
+            } else {
+                Message::Frame(Frame::message(
+                    Vec::new(),
+                    OpCode::Data(Data::Continue),
+                    false,
+                ))
+            }
+        })
+        .await;
+        assert!(
+            open_connections_fall_to(&s, 0).await,
+            "still open after {sent} empty frames (a pong every {pong_every})"
+        );
+    }
+    assert_eq!(disconnects(&s, "rate_limit").await, 2);
 }
 
 #[tokio::test]

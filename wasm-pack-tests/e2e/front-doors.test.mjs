@@ -244,6 +244,22 @@ test('contributor pages, a cross-origin widget and the dashboard: the swarm trai
     null, { timeout: 30_000 });
   const kept = await pages[0].evaluate(() => localStorage.getItem('shoal-ledger-signed-digits'));
   assert.match(kept ?? '', /^[0-9a-f]{300,}$/, 'the signed head that checked out is kept for the next visit');
+  // A server that cut its ledger and then answers with bytes that are no signed head
+  // (here rewritten on their way to one visitor, who holds a head it signed) is caught
+  // as one that shows none: the check it could not judge left "intact" on the page.
+  const garbled = await newPage();
+  await garbled.context().route(/\/api\/tasks\/digits\/ledger\?/, async (route) => {
+    const res = await route.fetch();
+    const json = await res.json();
+    await route.fulfill({ response: res, json: { ...json, signed_head: '00' } });
+  });
+  await garbled.goto(`${server.url}/?backend=cpu`);
+  await garbled.evaluate((h) => localStorage.setItem('shoal-ledger-signed-digits', h), kept);
+  await garbled.waitForSelector('#consent:not([disabled])', { timeout: 60_000 });
+  await pressConsent(garbled);
+  await garbled.waitForFunction(() => /^history changed: .*does not check out/.test(document.querySelector('#stats [data-key="ledger"]')?.textContent ?? ''),
+    null, { timeout: 90_000 });
+  await garbled.context().close();
   // A server that cut its history: a visitor comes back holding a head the server signed
   // (here with the server's own key, as it would have) for far more receipts than its
   // ledger now has. That visitor sees it; a neighbour that never held that head learns

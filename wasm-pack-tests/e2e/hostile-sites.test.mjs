@@ -191,6 +191,27 @@ test('a site that isolates itself (COEP require-corp) still shows the widget, an
   await frame.locator('#status[data-state="running"]').waitFor({ timeout: 120_000 });
 });
 
+test('a widget whose card stated the terms of a task that changed since trains nothing', async (t) => {
+  // The card states the terms of the task as the server ran it when the host page
+  // loaded. Here the server runs another revision than the card's since (as after a
+  // restart that raised the epsilon): the visitor agreed to the card, not to that. The
+  // frame trained whatever the server ran when clicked.
+  const page = await newPage();
+  t.after(() => page.context().close());
+  await page.route('**/embed.js', async (route) => {
+    const res = await route.fetch();
+    const text = await res.text();
+    assert.match(text, /"revision":"[0-9a-f]{32}"/, "the card carries the task's revision");
+    await route.fulfill({ response: res, body: text.replace(/"revision":"[0-9a-f]{32}"/, `"revision":"${'0'.repeat(32)}"`) });
+  });
+  await withoutWebGpu(page);
+  await page.goto(`http://localhost:${host.address().port}/`);
+  const frame = page.frameLocator('iframe[title="Shoal contributor"]');
+  await consentInFrame(frame);
+  await frame.locator('#status[data-state="error"]').waitFor({ timeout: 30_000 });
+  assert.match(await frame.locator('#status').textContent(), /changed since its terms were shown to you/);
+});
+
 test('a peer that lies in its reports cannot inflate the dashboard', async (t) => {
   const dash = await newPage();
   t.after(() => dash.context().close());

@@ -1697,7 +1697,8 @@ impl Peer {
         let answers: Vec<&Snapshot> = f.answers.values().collect();
         let window = u64::from(self.cfg.max_staleness);
         let own = self.learner.weights();
-        let chosen = choose(&answers, quorum, min_round, window, own);
+        let lag = matches!(f.purpose, Purpose::Lag);
+        let chosen = choose(&answers, quorum, min_round, window, own, lag);
         // An observer's lone answer continues the model it holds or is not taken: as
         // near it as two answers must be to each other, at most `OBSERVE_LONE_AHEAD`
         // rounds on.
@@ -1877,7 +1878,17 @@ impl Peer {
         let quorum = (f.n_asked / 2 + 1).max(2);
         // Answers that agree on nothing (or a silent download) tell nothing either way.
         let Some((s, _)) = nothing_newer
-            .then(|| choose(&answers, quorum, None, window, self.learner.weights()).ok())
+            .then(|| {
+                choose(
+                    &answers,
+                    quorum,
+                    None,
+                    window,
+                    self.learner.weights(),
+                    false,
+                )
+                .ok()
+            })
             .flatten()
         else {
             return;
@@ -1907,6 +1918,12 @@ impl Peer {
     /// at least, and most of the contributing neighbours, those that have claimed no
     /// round yet included (a joiner's honest neighbours send it no update before it
     /// holds the model, and two liars' claims alone must not make it download theirs).
+    ///
+    /// Returns the neighbours to ask: all of those that vote, not only those ahead.
+    /// Asked only among those ahead, colluders that claimed to be ahead were most of
+    /// those asked wherever they outnumbered the honest neighbours truly ahead (two
+    /// liars, one honest neighbour ahead and two level), and chose the model and its
+    /// round; the answers of those not ahead now vote ([`choose`], `behind_vote`).
     fn lagging(&self) -> Option<Vec<PeerId>> {
         let ahead_of = self.learner.round() + u64::from(self.cfg.max_staleness);
         let voters: Vec<(PeerId, Option<u64>)> = self
@@ -1915,12 +1932,12 @@ impl Peer {
             .filter(|(_, n)| !n.idle && !n.shunned && (n.claim.is_some() || n.greeted))
             .map(|(p, n)| (*p, n.claim))
             .collect();
-        let ahead: Vec<PeerId> = voters
+        let ahead = voters
             .iter()
             .filter(|(_, c)| c.is_some_and(|c| c > ahead_of))
-            .map(|(p, _)| *p)
-            .collect();
-        (ahead.len() >= 2 && 2 * ahead.len() > voters.len()).then_some(ahead)
+            .count();
+        (ahead >= 2 && 2 * ahead > voters.len())
+            .then(|| voters.into_iter().map(|(p, _)| p).collect())
     }
 
     /// Advances time: starts or ends downloads, asks for training, closes rounds.
@@ -2000,9 +2017,9 @@ impl Peer {
                 self.phase,
                 Phase::Ready | Phase::Training { .. } | Phase::Waiting { .. }
             )
-            && let Some(ahead) = self.lagging()
+            && let Some(voters) = self.lagging()
         {
-            self.start_fetch(Purpose::Lag, ahead, now_ms);
+            self.start_fetch(Purpose::Lag, voters, now_ms);
         }
         self.refresh();
     }
@@ -2612,25 +2629,39 @@ fn choose(
     min_round: Option<u64>,
     window: u64,
     own: &[f32],
+    behind_vote: bool,
 ) -> Result<(Snapshot, usize), (Rejection, usize)> {
     let quorum = quorum.max(1);
     if answers.len() < quorum {
         return Err((Rejection::NoQuorum, 0));
     }
-    let mut rounds: Vec<u64> = answers.iter().map(|s| s.round).collect();
+    let ahead = |s: &Snapshot| min_round.is_none_or(|m| s.round >= m);
+    // With `behind_vote` (a lagging peer's download, which asks its neighbours behind
+    // too), the answers not ahead are voters: kept whatever their round, counted, their
+    // agreement counts for an answer ahead, and none of them is taken; the round window
+    // is then about the median of the answers ahead.
+    let mut rounds: Vec<u64> = answers
+        .iter()
+        .filter(|s| !behind_vote || ahead(s))
+        .map(|s| s.round)
+        .collect();
+    if rounds.is_empty() {
+        return Err((Rejection::NoQuorum, 0));
+    }
     rounds.sort_unstable();
     let median = rounds[(rounds.len() - 1) / 2];
     let total = answers.len();
     let mut kept: Vec<&Snapshot> = answers
         .iter()
         .copied()
-        .filter(|s| s.round.abs_diff(median) <= window)
+        .filter(|s| s.round.abs_diff(median) <= window || behind_vote && !ahead(s))
         .collect();
     let outliers = total - kept.len();
-    if let Some(min) = min_round {
-        kept.retain(|s| s.round >= min);
+    if !behind_vote {
+        kept.retain(|s| ahead(s));
     }
-    // The answers counted: all but those not ahead (which count neither way).
+    // The answers counted: all but those not ahead (which count neither way, unless
+    // they vote).
     let counted = outliers + kept.len();
     if kept.len() < quorum {
         return Err((Rejection::NoQuorum, outliers));
@@ -2650,7 +2681,7 @@ fn choose(
         .collect();
     // More than half of the answers counted, round outliers too.
     let eligible: Vec<usize> = (0..kept.len())
-        .filter(|&i| 2 * support[i] > counted && support[i] >= quorum)
+        .filter(|&i| ahead(kept[i]) && 2 * support[i] > counted && support[i] >= quorum)
         .collect();
     if eligible.is_empty() {
         return Err((Rejection::NoQuorum, outliers));

@@ -323,7 +323,9 @@ impl Witness {
     }
 
     /// Checks the heads held against what the server shows: `now`, its current signed
-    /// head (its bytes; `None` when it shows none, as with an empty ledger), and
+    /// head (its bytes; `None` when it shows none, as with an empty ledger; one that does
+    /// not decode, verify or name the task counts as none where a head is held, else is
+    /// the error), and
     /// `entries`, the hash it shows at each index looked up ([`Witness::lookups`]; `None`
     /// where it has no entry there). Heads whose index was not looked up wait for the
     /// next check. `None` when there is nothing to judge (nothing held, nothing shown).
@@ -338,15 +340,6 @@ impl Witness {
                 found: found.clone(),
             }));
         }
-        let now = match now {
-            Some(bytes) => Some(SignedHead::decode(bytes)?),
-            None => None,
-        };
-        if let Some(n) = &now
-            && n.task != self.task
-        {
-            return Err(HeadError::OtherTask);
-        }
         // The newest head held: what a server that stopped signing, or changed its key,
         // is caught by.
         let newest = self
@@ -355,6 +348,24 @@ impl Witness {
             .chain(self.pending.iter().map(|(_, h)| h))
             .max_by_key(|h| h.count)
             .cloned();
+        // A head that does not check out (not a head, its signature broken, another
+        // task's) shows no more than none: with a head held the server is caught, as one
+        // that shows none is (answering garbage instead of nothing escaped the check).
+        let now = match now.map(SignedHead::decode) {
+            None => None,
+            Some(Ok(n)) if n.task == self.task => Some(n),
+            Some(shown) => {
+                let why = shown.err().unwrap_or(HeadError::OtherTask);
+                return match newest {
+                    Some(held) => {
+                        let found =
+                            format!("it shows a signed head that does not check out ({why})");
+                        Ok(Some(self.catch(held, found)))
+                    }
+                    None => Err(why),
+                };
+            }
+        };
         let now = match (now, newest) {
             (None, None) => return Ok(None),
             (None, Some(held)) => {
@@ -572,5 +583,32 @@ mod tests {
         assert!(
             matches!(w.check(Some(&other.encode()), &[]), Ok(Some(Verdict::Rewritten { found, .. })) if found.contains("another key"))
         );
+    }
+
+    /// A server that cut its ledger and, asked for its head, answered with bytes that are
+    /// not a head of the task it signs (garbage, a broken signature, another task's) was
+    /// never caught: the check failed, and the page kept saying "intact". It is caught as
+    /// one that shows no head is; with nothing held, such an answer is only an error.
+    #[test]
+    fn a_server_that_shows_a_head_that_does_not_check_out_is_caught() {
+        let mut broken = head(12, 3).encode();
+        broken[20] ^= 1;
+        let other_task = SignedHead::sign(&server(), "text", 12, [3; 32], 0).encode();
+        for bytes in [vec![0], Vec::new(), broken, other_task] {
+            let mut w = Witness::new("digits", Some(head(9, 2)));
+            let v = w.check(Some(&bytes), &[]);
+            assert!(
+                matches!(&v, Ok(Some(Verdict::Rewritten { head, found })) if head.count == 9 && found.contains("does not check out")),
+                "{v:?}"
+            );
+            // Caught for good: a good head later does not clear it.
+            assert!(matches!(
+                w.check(Some(&head(12, 3).encode()), &[]),
+                Ok(Some(Verdict::Rewritten { .. }))
+            ));
+            let mut w = Witness::new("digits", None);
+            assert!(w.check(Some(&bytes), &[]).is_err());
+            assert_eq!(w.check(None, &[]), Ok(None));
+        }
     }
 }

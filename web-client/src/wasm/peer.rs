@@ -364,7 +364,10 @@ impl SwarmPeer {
     /// Checks the heads held against the server's: `now` its current signed head (hex,
     /// `signed_head` of a ledger page; null when it shows none), `indexes` the entries
     /// looked up ([`ledgerLookups`](Self::ledger_lookups)) and `hashes` the hash the
-    /// server shows at each (hex; "" where it has no entry there). JSON `null` when there
+    /// server shows at each (hex; "" where it has no entry there). A head that is not hex
+    /// counts as one that does not check out, and a hash that is not 64 hex digits as no
+    /// entry: a server that cut its ledger must not escape by answering garbage (the
+    /// error of a failed check left the page's last verdict standing). JSON `null` when there
     /// is nothing to judge, `{"ok": true, "count", "head"}` (`head`: the signed head to
     /// keep for the next visit) or `{"ok": false, "count", "reason", "evidence"}`
     /// (`evidence`: the head the server signed and no longer holds). Call between ticks.
@@ -376,24 +379,17 @@ impl SwarmPeer {
         hashes: Vec<String>,
     ) -> Result<String, JsError> {
         use shoal_shared::trust::head::Verdict;
-        let now = match now {
-            Some(h) => {
-                Some(from_hex(&h).ok_or_else(|| JsError::new("the server's head is not hex"))?)
-            }
-            None => None,
-        };
-        let mut entries = Vec::with_capacity(indexes.len());
-        for (i, h) in indexes.iter().zip(&hashes) {
-            let hash = match h.as_str() {
-                "" => None,
-                h => Some(
-                    from_hex(h)
-                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                        .ok_or_else(|| JsError::new("an entry hash is not 64 hex digits"))?,
-                ),
-            };
-            entries.push((*i as u64, hash));
-        }
+        let now = now.map(|h| from_hex(&h).unwrap_or_default());
+        let entries: Vec<(u64, Option<[u8; 32]>)> = indexes
+            .iter()
+            .zip(&hashes)
+            .map(|(i, h)| {
+                (
+                    *i as u64,
+                    from_hex(h).and_then(|b| <[u8; 32]>::try_from(b).ok()),
+                )
+            })
+            .collect();
         self.with_witness(|w| {
             let v = w
                 .check(now.as_deref(), &entries)

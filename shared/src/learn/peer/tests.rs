@@ -355,7 +355,11 @@ fn one_far_ahead_round_claim_moves_nothing_and_a_majority_starts_a_checked_downl
     p.tick(400.0);
     let mut who = asked(&drain(&mut p));
     who.sort_unstable();
-    assert_eq!(who, [10, 11], "two of the three say we lag: ask them");
+    assert_eq!(
+        who,
+        [10, 11, 12],
+        "two of the three say we lag: ask all three"
+    );
     // Only one answers: no quorum, nothing adopted, counted.
     p.handle(msg(10, model(5_000, -1.0)), 500.0);
     p.tick(500.0 + MODEL_WAIT_MS);
@@ -408,12 +412,51 @@ fn two_liars_far_ahead_do_not_make_a_joiner_download_their_model() {
             "two liars' claims are not lagging"
         );
     }
-    // A third neighbour's claim makes it most of them.
+    // A third neighbour's claim makes it most of them: it asks all five.
     p.handle(msg(12, update(22, 5_000)), 800.0 + MODEL_WAIT_MS);
     p.tick(900.0 + MODEL_WAIT_MS);
     let mut who = asked(&drain(&mut p));
     who.sort_unstable();
-    assert_eq!(who, [10, 11, 12]);
+    assert_eq!(who, [10, 11, 12, 13, 14]);
+}
+
+/// A lagging peer asked only the neighbours that claimed to be ahead: two colluders that
+/// claimed so, beside one honest neighbour truly ahead and two level ones, made it
+/// download, were two of the three it asked, and chose the model and its round (a round
+/// near 2^30 left it stale for good). A download now asks every neighbour that votes:
+/// those level answer too, and their agreement counts for an answer ahead (none of
+/// theirs is taken). Colluders far ahead then set the round window of the answers ahead
+/// and can stall the download (nothing is adopted), not steer it.
+#[test]
+fn colluders_that_claim_to_be_ahead_cannot_choose_a_lagging_peers_model() {
+    for liars in [1u64 << 30, 9] {
+        let mut p = running(5);
+        let at = GREET_AFTER_MS + 10.0;
+        p.handle(msg(10, update(20, 9)), at);
+        for n in [13, 14] {
+            p.handle(Event::Up(PeerId(n)), at);
+            p.handle(msg(n, update(n as u8 + 10, liars)), at);
+        }
+        p.tick(at + 10.0);
+        let who = asked(&drain(&mut p));
+        for &n in &who {
+            let answer = match n {
+                10 => model(9, 0.5),
+                13 | 14 => model(liars, -1.0),
+                _ => model(5, 0.5),
+            };
+            p.handle(msg(n, answer), at + 100.0);
+        }
+        p.tick(at + 100.0 + MODEL_WAIT_MS);
+        // Far ahead, the liars stall it; at the honest neighbour's round, it takes the
+        // honest model, which the level answers agree with.
+        let expected = if liars == 9 { 9 } else { 5 };
+        assert_eq!(p.learner().round(), expected, "liars at {liars}");
+        assert!(
+            p.weights().iter().all(|w| *w > 0.0),
+            "the colluders' model was adopted (liars at {liars}, asked {who:?})"
+        );
+    }
 }
 
 #[test]
