@@ -218,9 +218,15 @@ function judgeLedger({ at, pages }) {
   witnessAnswer = null;
   if (!peer) return;
   try {
-    // What the server shows at each index looked up ("" where it has no entry).
-    const hashes = at.map((i, k) => pages[k].entries.find((x) => x.index === i)?.hash ?? '');
-    const verdict = JSON.parse(peer.checkLedger(pages.at(-1).signed_head ?? null, at, hashes));
+    // What the server shows at each index looked up ("" where it has no entry, or one
+    // that is not an entry: as shoal-peer reads it, a catch, not a check that failed).
+    const hashes = at.map((i, k) => {
+      const entries = Array.isArray(pages[k]?.entries) ? pages[k].entries : [];
+      const hash = entries.find((x) => x?.index === i)?.hash;
+      return typeof hash === 'string' ? hash : '';
+    });
+    const head = pages.at(-1)?.signed_head;
+    const verdict = JSON.parse(peer.checkLedger(head == null ? null : String(head), at, hashes));
     witnessFailures = 0;
     if (verdict) post({ type: 'ledger', verdict });
   } catch (e) {

@@ -2440,7 +2440,7 @@ pub async fn ws_handler(
     let limits = &hub.config.limits;
     // Frames past this hard cap fail in the codec without being buffered; between the
     // soft limit and the cap the peer gets a typed `too_large` error first.
-    let hard_cap = limits.max_message_bytes * 2 + 1024;
+    let hard_cap = hard_cap(limits);
     // tungstenite writes each frame at once; `upgrade::Buffered` collects them until the
     // flush that ends a burst (`send_queued`), so a burst leaves in few system calls.
     let config = WebSocketConfig::default()
@@ -2706,6 +2706,10 @@ async fn connection(hub: Arc<Hub>, upgrading: Cold<'static, Option<Socket>>, joi
     let mut refilled = Instant::now();
     let mut strikes = 0u32;
     let mut last_seen = Instant::now();
+    // Bytes of frames read since the last data message, and what the messages since
+    // allow (see `frame_bytes`).
+    let (mut owed, mut allowed) = (0usize, 0usize);
+    let partial_most = frame_bytes(hard_cap(limits), limits.read_buffer);
     let mut spoke = false;
     // This connection's checked receipts, appended in order by a task of their own
     // (started with the first).
@@ -2761,10 +2765,24 @@ async fn connection(hub: Arc<Hub>, upgrading: Cold<'static, Option<Socket>>, joi
                     // A message's frames take its bytes and little more: empty
                     // continuation frames, joined into one message without a word, cost
                     // no token, and a pong now and then kept the read cap from ending
-                    // them (a core kept busy at the sender's line rate).
-                    if socket.get_mut().take_read() > frame_bytes(msg.len(), limits.read_buffer) {
+                    // them (a core kept busy at the sender's line rate). A ping or pong
+                    // may come between the fragments of a message (RFC 6455, 5.4): it
+                    // allows its own bytes, and the fragments before it may be up to a
+                    // whole message's.
+                    owed = owed.saturating_add(socket.get_mut().take_read());
+                    let data = matches!(msg, Message::Text(_) | Message::Binary(_));
+                    let own = if data {
+                        frame_bytes(msg.len(), limits.read_buffer)
+                    } else {
+                        msg.len() + MAX_FRAME_HEAD
+                    };
+                    allowed = allowed.saturating_add(own);
+                    if owed > allowed.saturating_add(if data { 0 } else { partial_most }) {
                         hub.metrics.reject(ErrorCode::RateLimited);
                         break Disconnect::RateLimit;
+                    }
+                    if data {
+                        (owed, allowed) = (0, 0);
                     }
                     // Every frame costs a token, pings and pongs too: a peer that pings
                     // without reading would otherwise pile up pongs at no cost to itself.
@@ -2959,14 +2977,23 @@ pub fn hold_ledger(hub: &Hub, task: &str, hold: Duration) -> Option<std::thread:
     Some(thread)
 }
 
-/// Why a read failed, as a disconnect reason.
 /// The most bytes of frames a message of `payload` bytes may take, with what the reader
 /// may have read ahead of the next (`read_buffer` each way): its bytes, an eighth more
-/// for frame headers, and 1 KiB.
+/// for frame headers, twice `read_buffer` and 1 KiB.
 fn frame_bytes(payload: usize, read_buffer: usize) -> usize {
     payload + payload / 8 + 2 * read_buffer + 1024
 }
 
+/// A websocket frame's head at most: 2 bytes, 8 of length, 4 of mask.
+const MAX_FRAME_HEAD: usize = 14;
+
+/// Past this a message fails in the codec, without being buffered; between the soft
+/// limit and it the peer gets a typed `too_large` error first.
+fn hard_cap(limits: &Limits) -> usize {
+    limits.max_message_bytes * 2 + 1024
+}
+
+/// Why a read failed, as a disconnect reason.
 fn broken(hub: &Hub, e: &tokio_tungstenite::tungstenite::Error) -> Disconnect {
     use tokio_tungstenite::tungstenite::Error;
     use tokio_tungstenite::tungstenite::error::ProtocolError;

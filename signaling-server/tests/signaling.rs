@@ -630,6 +630,25 @@ async fn empty_continuation_frames_are_rate_limited_like_messages() {
         );
     }
     assert_eq!(disconnects(&s, "rate_limit").await, 2);
+    // A pong between the fragments of a message is no flood (RFC 6455 lets control
+    // frames come between them).
+    let (mut a, _) = join(&s).await;
+    let text = json!({"type": "report", "pad": "x".repeat(8_000)}).to_string();
+    let (head, tail) = text.as_bytes().split_at(4_000);
+    let first = Frame::message(head.to_vec(), OpCode::Data(Data::Text), false);
+    a.send(Message::Frame(first)).await.expect("send");
+    a.send(Message::Pong(Vec::new().into()))
+        .await
+        .expect("pong");
+    let last = Frame::message(tail.to_vec(), OpCode::Data(Data::Continue), true);
+    a.send(Message::Frame(last)).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        disconnects(&s, "rate_limit").await,
+        2,
+        "the fragmented message is taken"
+    );
+    assert_eq!(s.hub.connections(), 1, "still open");
 }
 
 #[tokio::test]

@@ -36,7 +36,9 @@
 //!   than half of those whose round we know, must have sent a validly signed update for a
 //!   round more than `max_staleness` ahead of ours.
 //! - From the answers it keeps those whose round is within `max_staleness` of the
-//!   answers' (lower) median round (a lagging peer: only those ahead of its own round).
+//!   answers' (lower) median round (a lagging peer: the median of those more than
+//!   `max_staleness` ahead of its own round and at most that past the lower median of
+//!   its voters' rounds; the others of its own answers vote, and are never taken).
 //!   Two answers agree when their weights are within [`AGREE_RATIO`] of the smaller
 //!   norm. It takes only an answer that more than half of the neighbours it asked (a
 //!   silent one counts against; one answer after failed tries to join), and more than
@@ -1697,7 +1699,7 @@ impl Peer {
         let answers: Vec<&Snapshot> = f.answers.values().collect();
         let window = u64::from(self.cfg.max_staleness);
         let own = self.learner.weights();
-        let lag = matches!(f.purpose, Purpose::Lag);
+        let lag = matches!(f.purpose, Purpose::Lag).then(|| self.plausible_round());
         let chosen = choose(&answers, quorum, min_round, window, own, lag);
         // An observer's lone answer continues the model it holds or is not taken: as
         // near it as two answers must be to each other, at most `OBSERVE_LONE_AHEAD`
@@ -1731,7 +1733,11 @@ impl Peer {
             // must not keep it out of the swarm forever).
             Purpose::Join if self.join_attempts + 1 >= JOIN_ATTEMPTS => (1, None),
             Purpose::Join => (majority, None),
-            Purpose::Lag => (majority, ahead),
+            // Ahead as the lag rule counts it: answers up to `max_staleness` on vote.
+            Purpose::Lag => (
+                majority,
+                Some(self.learner.round() + u64::from(self.cfg.max_staleness) + 1),
+            ),
             // With one contributor among its neighbours (the others paused or joining, or
             // the swarm shrank to one volunteer), an observer that holds a model takes
             // its answer only as a continuation of that model (see `judge`); one that
@@ -1878,17 +1884,7 @@ impl Peer {
         let quorum = (f.n_asked / 2 + 1).max(2);
         // Answers that agree on nothing (or a silent download) tell nothing either way.
         let Some((s, _)) = nothing_newer
-            .then(|| {
-                choose(
-                    &answers,
-                    quorum,
-                    None,
-                    window,
-                    self.learner.weights(),
-                    false,
-                )
-                .ok()
-            })
+            .then(|| choose(&answers, quorum, None, window, self.learner.weights(), None).ok())
             .flatten()
         else {
             return;
@@ -1923,21 +1919,45 @@ impl Peer {
     /// Asked only among those ahead, colluders that claimed to be ahead were most of
     /// those asked wherever they outnumbered the honest neighbours truly ahead (two
     /// liars, one honest neighbour ahead and two level), and chose the model and its
-    /// round; the answers of those not ahead now vote ([`choose`], `behind_vote`).
+    /// round; the answers of those not ahead now vote ([`choose`], `lag`).
     fn lagging(&self) -> Option<Vec<PeerId>> {
         let ahead_of = self.learner.round() + u64::from(self.cfg.max_staleness);
-        let voters: Vec<(PeerId, Option<u64>)> = self
-            .nbrs
-            .iter()
-            .filter(|(_, n)| !n.idle && !n.shunned && (n.claim.is_some() || n.greeted))
-            .map(|(p, n)| (*p, n.claim))
-            .collect();
+        let voters = self.voters();
         let ahead = voters
             .iter()
             .filter(|(_, c)| c.is_some_and(|c| c > ahead_of))
             .count();
         (ahead >= 2 && 2 * ahead > voters.len())
             .then(|| voters.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// The contributing neighbours that count in [`lagging`](Self::lagging), with the
+    /// highest round each sent an update for (`None`: none yet).
+    fn voters(&self) -> Vec<(PeerId, Option<u64>)> {
+        self.nbrs
+            .iter()
+            .filter(|(_, n)| !n.idle && !n.shunned && (n.claim.is_some() || n.greeted))
+            .map(|(p, n)| (*p, n.claim))
+            .collect()
+    }
+
+    /// The latest round a lag download may adopt: `max_staleness` past the lower median
+    /// of the voters' rounds (one that sent no update counts at ours). Colluders that
+    /// answered at a made-up round far ahead were the median of the answers ahead, and
+    /// level voters that agreed with their weights let them set the round for good.
+    fn plausible_round(&self) -> u64 {
+        let own = self.learner.round();
+        let mut rounds: Vec<u64> = self
+            .voters()
+            .iter()
+            .map(|(_, c)| c.unwrap_or(own))
+            .collect();
+        rounds.sort_unstable();
+        let median = rounds
+            .get(rounds.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(own);
+        median.saturating_add(u64::from(self.cfg.max_staleness))
     }
 
     /// Advances time: starts or ends downloads, asks for training, closes rounds.
@@ -2629,24 +2649,28 @@ fn choose(
     min_round: Option<u64>,
     window: u64,
     own: &[f32],
-    behind_vote: bool,
+    lag: Option<u64>,
 ) -> Result<(Snapshot, usize), (Rejection, usize)> {
     let quorum = quorum.max(1);
     if answers.len() < quorum {
         return Err((Rejection::NoQuorum, 0));
     }
     let ahead = |s: &Snapshot| min_round.is_none_or(|m| s.round >= m);
-    // With `behind_vote` (a lagging peer's download, which asks its neighbours behind
-    // too), the answers not ahead are voters: kept whatever their round, counted, their
-    // agreement counts for an answer ahead, and none of them is taken; the round window
-    // is then about the median of the answers ahead.
+    // A lagging peer's download (`lag`: the latest round it may adopt, see
+    // `Peer::plausible_round`) asks its neighbours behind too: the answers not ahead are
+    // voters, kept whatever their round, counted, their agreement counting for an answer
+    // ahead, and none of them taken; the answers past the plausible round are outliers,
+    // and the round window is about the median of the other answers ahead.
+    let behind_vote = lag.is_some();
+    let too_far = |s: &Snapshot| lag.is_some_and(|most| s.round > most);
     let mut rounds: Vec<u64> = answers
         .iter()
-        .filter(|s| !behind_vote || ahead(s))
+        .filter(|s| !behind_vote || ahead(s) && !too_far(s))
         .map(|s| s.round)
         .collect();
     if rounds.is_empty() {
-        return Err((Rejection::NoQuorum, 0));
+        let outliers = answers.iter().filter(|s| too_far(s)).count();
+        return Err((Rejection::NoQuorum, outliers));
     }
     rounds.sort_unstable();
     let median = rounds[(rounds.len() - 1) / 2];
@@ -2654,7 +2678,7 @@ fn choose(
     let mut kept: Vec<&Snapshot> = answers
         .iter()
         .copied()
-        .filter(|s| s.round.abs_diff(median) <= window || behind_vote && !ahead(s))
+        .filter(|s| !too_far(s) && (s.round.abs_diff(median) <= window || behind_vote && !ahead(s)))
         .collect();
     let outliers = total - kept.len();
     if !behind_vote {
