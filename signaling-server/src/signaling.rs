@@ -2469,9 +2469,8 @@ pub async fn ws_handler(
     let hub2 = Arc::clone(&hub);
     // The upgrade is boxed and awaited inside the connection's task, so that the socket
     // lives in that task's state once (not also as a value handed between two futures).
-    let read_cap = frame_bytes(hard_cap, limits.read_buffer);
     let upgrading: Cold<'static, Option<Socket>> =
-        Box::pin(upgrade::socket(pending, config, read_cap));
+        Box::pin(upgrade::socket(pending, config, read_cap(limits)));
     let first = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let version = first("v").map(|v| v.parse::<u32>().unwrap_or(0));
     let site = first("site")
@@ -2709,7 +2708,7 @@ async fn connection(hub: Arc<Hub>, upgrading: Cold<'static, Option<Socket>>, joi
     // Bytes of frames read since the last data message, and what the messages since
     // allow (see `frame_bytes`).
     let (mut owed, mut allowed) = (0usize, 0usize);
-    let partial_most = frame_bytes(hard_cap(limits), limits.read_buffer);
+    let partial_most = read_cap(limits);
     let mut spoke = false;
     // This connection's checked receipts, appended in order by a task of their own
     // (started with the first).
@@ -2991,6 +2990,13 @@ const MAX_FRAME_HEAD: usize = 14;
 /// limit and it the peer gets a typed `too_large` error first.
 fn hard_cap(limits: &Limits) -> usize {
     limits.max_message_bytes * 2 + 1024
+}
+
+/// The most bytes of frames a connection may send between two messages: those of a
+/// message at the hard cap (`upgrade::Buffered` fails its reads past it, and a ping or
+/// pong may come after that many bytes of a message's fragments).
+fn read_cap(limits: &Limits) -> usize {
+    frame_bytes(hard_cap(limits), limits.read_buffer)
 }
 
 /// Why a read failed, as a disconnect reason.
