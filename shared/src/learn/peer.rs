@@ -1206,9 +1206,14 @@ impl Peer {
                 if let Some(n) = &gone {
                     self.remember_former(p, n, now_ms);
                 }
-                if let Some(key) = gone.and_then(|n| n.key.filter(|_| !n.key_moved_in)) {
+                if let Some(key) = gone.and_then(|n| n.key.filter(|_| !n.key_moved_in))
+                    && !self.nbrs.values().any(|o| o.delivers(&key))
+                {
                     // Its next connection starts from a keyframe or a whole copy: a copy
-                    // kept across connections could take a change meant for another.
+                    // kept across connections could take a change meant for another. Not
+                    // where another open connection delivered that key's update too (the
+                    // signer's own, after this one relayed it first): the copy is the
+                    // signer's, and its next change applies to it.
                     self.learner.forget_copy(&key);
                 }
                 self.stop_waiting_for(p, true, now_ms);
@@ -1390,9 +1395,16 @@ impl Peer {
         // Never to be greeted: no greeting is due to it (nor a wake-up for one).
         n.greeted = true;
         // A key that moved here may be its owner's on another connection: its updates
-        // held stay (this connection's mixes go).
+        // held stay (this connection's mixes go). So does an update another open
+        // neighbour delivered too: the signer's own copy, after this one relayed the
+        // signer's first update before it (the key bound here, not moved in).
         let key = n.key.filter(|_| !n.key_moved_in);
-        self.learner.discard(key.as_ref(), p.0);
+        self.learner.discard(None, p.0);
+        if let Some(key) = key {
+            let others = self.other_deliverers(p);
+            self.learner
+                .drop_updates_of_except(&key, |c| others.contains(&c));
+        }
         if let Some(f) = &mut self.fetch
             && f.answers.remove(&p).is_some()
         {
@@ -1464,15 +1476,20 @@ impl Peer {
         {
             // Spared: an update another open neighbour delivered too (its signer's own
             // copy, after this one relayed it first): one vote each still holds.
-            let others: Vec<u64> = self
-                .nbrs
-                .iter()
-                .filter(|(p, o)| **p != from && !o.shunned)
-                .map(|(p, _)| p.0)
-                .collect();
+            let others = self.other_deliverers(from);
             self.learner
                 .drop_updates_of_except(&old, |c| others.contains(&c));
         }
+    }
+
+    /// The open neighbours other than `p` not shunned, whose deliveries of an update
+    /// keep it held when `p`'s key loses its updates.
+    fn other_deliverers(&self, p: PeerId) -> Vec<u64> {
+        self.nbrs
+            .iter()
+            .filter(|(q, o)| **q != p && !o.shunned)
+            .map(|(q, _)| q.0)
+            .collect()
     }
 
     /// A connection signs with one key for its life (it may take over a key another

@@ -704,6 +704,41 @@ fn a_relay_that_wins_a_round_and_is_then_shunned_costs_the_signer_nothing() {
 }
 
 #[test]
+fn a_relay_that_wins_a_signers_first_race_and_is_then_shunned_costs_the_signer_nothing() {
+    // As above, but 11's relay is the first update of key 20 this peer sees: the key is
+    // bound to 11 (it moved from nowhere), and 10's copy of the update is recorded.
+    // Shunned, 11 takes only what it alone delivered: 20's update stays held, and the
+    // round counts it with 12's.
+    let mut p = running(5);
+    p.trained(5, &[0.49; N], 0.3, 8, 1.0).expect("finite");
+    p.handle(msg(11, update(20, 5)), 5.0);
+    p.handle(msg(10, update(20, 5)), 6.0);
+    assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(20).public()));
+    assert!(!p.nbrs[&PeerId(11)].key_moved_in);
+    let forged = |signer: u8, round: u64| {
+        let mut u = update(signer, round);
+        let last = u.len() - 1;
+        u[last] ^= 1;
+        u
+    };
+    p.handle(msg(11, forged(20, 6)), 7.0);
+    assert!(p.nbrs[&PeerId(11)].shunned);
+    assert!(
+        p.learner().holds_current_from(&id(20).public()),
+        "the signer's update is still held"
+    );
+    p.handle(msg(12, update(22, 5)), 8.0);
+    p.tick(10_000.0);
+    assert_closed_using(&mut p, 2);
+    // What the shunned relay alone delivered goes with it.
+    let mut q = running(5);
+    q.handle(msg(11, update(23, 5)), 5.0);
+    q.handle(msg(11, forged(23, 6)), 6.0);
+    assert!(q.nbrs[&PeerId(11)].shunned);
+    assert!(!q.learner().holds_current_from(&id(23).public()));
+}
+
+#[test]
 fn under_an_upload_budget_model_answers_take_at_most_their_share() {
     // 1 MB an hour: answers may send a quarter of it (69 bytes a second) besides the
     // updates, in bursts of 10 s of that; three neighbours ask every 2 s for a minute.
@@ -2640,6 +2675,29 @@ fn under_differential_privacy_an_updates_size_is_not_judged_from_the_run() {
     );
     let (still, moved) = sizes(true);
     assert_eq!(still, moved, "under privacy it does not");
+}
+
+#[test]
+fn a_relay_that_won_a_signers_first_race_and_closes_leaves_the_signers_copy() {
+    // 11 relays signer 20's whole weights for round 5 before 10 (the signer) sends its
+    // own copy; 11's channel then closes. 20's change from that copy, on 10's
+    // connection, applies: the copy went only where no open connection delivered it.
+    let change = |base: u64, round: u64| {
+        let (inner, _) =
+            Compressor::new(Compression::TopK2Bit { fraction: 0.125 }, 0).encode(&[0.01; N]);
+        let mut payload = vec![crate::learn::CHANGE_TAG];
+        payload.extend_from_slice(&base.to_le_bytes());
+        payload.extend_from_slice(&inner);
+        PeerMessage::Update(Update::signed(&id(20), "t", round, 8, 0.1, payload)).encode()
+    };
+    let mut p = changes_peer_at_5(&[10, 11, 12]);
+    p.handle(msg(11, update_of(20, 5, 0.5)), 10.0);
+    p.handle(msg(10, update_of(20, 5, 0.5)), 11.0);
+    assert_eq!(p.nbrs[&PeerId(10)].copy_of, Some(id(20).public()));
+    p.handle(Event::Down(PeerId(11)), 20.0);
+    p.handle(msg(10, change(5, 6)), 30.0);
+    assert_eq!(rejected(&p, Rejection::Base), 0);
+    assert_eq!(p.nbrs[&PeerId(10)].key, Some(id(20).public()));
 }
 
 #[test]
