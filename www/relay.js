@@ -54,7 +54,7 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopp
   const rev = revision ?? described?.revision;
   const revParam = typeof rev === 'string' && /^[0-9a-f]{32}$/.test(rev) ? `&revision=${rev}` : '';
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=1${siteParam()}${revParam}`,
+  const swarm = shoal.Swarm.connect(`${scheme}://${location.host}/ws/${task}?v=2${siteParam()}${revParam}`,
     Number.isSafeInteger(params) && params > 0 ? params : undefined,
     Number.isSafeInteger(budget) && budget > 0 ? budget : undefined);
   // Before any message is read (this task has not yielded yet): the welcome's nonce is

@@ -8,8 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this code speaks; a client asks for it with `?v=1`.
-pub const VERSION: u32 = 1;
+/// The protocol version this code speaks; a client asks for it with `?v=2`. Version 2
+/// signs peers' updates over their SHA-256 (`learn::wire`): a version 1 peer's
+/// signatures do not verify in it, nor its in one.
+pub const VERSION: u32 = 2;
 
 /// Largest signaling message, in bytes, the server accepts (a session description with
 /// many candidates stays far below this).

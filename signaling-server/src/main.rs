@@ -388,7 +388,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             "    embed snippet:    <script src=\"{base}/embed.js\" data-task=\"{name}\" async></script>"
         );
         println!("    description:      {base}/api/tasks/{name}");
-        println!("    signaling:        ws://{addr}/ws/{name}?v=1");
+        println!("    signaling:        ws://{addr}/ws/{name}?v=2");
     }
     println!("Press Ctrl-C to stop.");
     serve(listener, router, shutdown_signal(), Duration::from_secs(5)).await?;

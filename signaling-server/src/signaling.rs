@@ -2424,7 +2424,7 @@ fn send_neighbours(t: &Task, to: PeerId, metrics: &Metrics) {
 /// The first of a repeated name counts; other names are ignored.
 type WsQuery = Vec<(String, String)>;
 
-/// `GET /ws/{task}?v=1`: checks the origin, then upgrades with small buffers.
+/// `GET /ws/{task}?v=2`: checks the origin, then upgrades with small buffers.
 pub async fn ws_handler(
     State(hub): State<Arc<Hub>>,
     Path(task): Path<String>,

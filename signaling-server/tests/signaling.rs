@@ -88,7 +88,7 @@ fn config() -> SignalingConfig {
 }
 
 async fn connect(s: &Server, task: &str) -> Ws {
-    connect_async(format!("ws://{}/ws/{task}?v=1", s.addr))
+    connect_async(format!("ws://{}/ws/{task}?v=2", s.addr))
         .await
         .expect("connect")
         .0
@@ -122,7 +122,7 @@ async fn until(ws: &mut Ws, kind: &str) -> Value {
 async fn join(s: &Server) -> (Ws, String) {
     let mut ws = connect(s, "digits").await;
     let w = until(&mut ws, "welcome").await;
-    assert_eq!(w["version"], 1);
+    assert_eq!(w["version"], 2);
     (ws, w["peer"].as_str().expect("peer id").to_string())
 }
 
@@ -340,7 +340,8 @@ async fn task_and_server_capacity_are_enforced() {
 async fn wrong_protocol_version_is_refused() {
     let s = start(config()).await;
     // Another number, no number, a negative one: each gets the typed error, not HTTP 400.
-    for query in ["v=9", "v=x", "v=-1", "v=", "site=a&site=b"] {
+    // Version 1 (before updates were signed over their SHA-256) included.
+    for query in ["v=1", "v=9", "v=x", "v=-1", "v=", "site=a&site=b"] {
         let mut ws = connect_async(format!("ws://{}/ws/digits?{query}", s.addr))
             .await
             .expect("connect")
@@ -353,7 +354,7 @@ async fn wrong_protocol_version_is_refused() {
     }
     // A repeated name: the first counts.
     let mut ws = connect_async(format!(
-        "ws://{}/ws/digits?v=1&v=2&site=a.example&site=b",
+        "ws://{}/ws/digits?v=2&v=1&site=a.example&site=b",
         s.addr
     ))
     .await
@@ -391,7 +392,7 @@ async fn a_client_of_another_revision_of_the_task_is_refused() {
         serde_json::from_str::<Value>(body.split("\r\n\r\n").nth(1).expect("body")).expect("JSON")
     };
     let join = |s: SocketAddr, revision: String| async move {
-        let url = format!("ws://{s}/ws/digits?v=1&revision={revision}");
+        let url = format!("ws://{s}/ws/digits?v=2&revision={revision}");
         let mut ws = connect_async(url).await.expect("connect").0;
         next(&mut ws).await.expect("an answer")
     };
@@ -448,14 +449,14 @@ async fn origins_off_the_allowlist_are_refused() {
         ..config()
     })
     .await;
-    let mut req = format!("ws://{}/ws/digits?v=1", s.addr)
+    let mut req = format!("ws://{}/ws/digits?v=2", s.addr)
         .into_client_request()
         .expect("request");
     req.headers_mut()
         .insert("origin", "https://evil.example".parse().expect("header"));
     let err = connect_async(req).await.expect_err("refused");
     assert!(err.to_string().contains("403"), "{err}");
-    let mut req = format!("ws://{}/ws/digits?v=1", s.addr)
+    let mut req = format!("ws://{}/ws/digits?v=2", s.addr)
         .into_client_request()
         .expect("request");
     req.headers_mut()
@@ -464,7 +465,7 @@ async fn origins_off_the_allowlist_are_refused() {
     until(&mut ws, "welcome").await;
     // Without an allowlist only same-origin pages may connect.
     let s2 = start(config()).await;
-    let mut req = format!("ws://{}/ws/digits?v=1", s2.addr)
+    let mut req = format!("ws://{}/ws/digits?v=2", s2.addr)
         .into_client_request()
         .expect("request");
     req.headers_mut().insert(
@@ -472,7 +473,7 @@ async fn origins_off_the_allowlist_are_refused() {
         format!("http://{}", s2.addr).parse().expect("header"),
     );
     assert!(connect_async(req).await.is_ok());
-    let mut req = format!("ws://{}/ws/digits?v=1", s2.addr)
+    let mut req = format!("ws://{}/ws/digits?v=2", s2.addr)
         .into_client_request()
         .expect("request");
     req.headers_mut()
@@ -521,7 +522,7 @@ async fn origins_off_the_allowlist_are_refused() {
         let answer = http_raw(
             addr,
             &format!(
-                "GET /ws/digits?v=1 HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n\
+                "GET /ws/digits?v=2 HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n\
                  Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
             ),
@@ -724,7 +725,7 @@ async fn closes_complete_their_handshake_and_a_flooder_gets_its_errors_before_th
     // and the close frame waiting at the peer.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A websocket upgrade, as a raw client sends it.
-    const UPGRADE: &[u8] = b"GET /ws/digits?v=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    const UPGRADE: &[u8] = b"GET /ws/digits?v=2 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
         Sec-WebSocket-Version: 13\r\n\r\n";
     let mut raw = TcpStream::connect(s.addr).await.expect("connect");
@@ -994,7 +995,7 @@ async fn http_response(addr: SocketAddr, method: &str, path: &str, headers: &str
 #[tokio::test]
 async fn malformed_websocket_handshakes_are_refused_with_a_reason() {
     let s = start(config()).await;
-    let ws = "/ws/digits?v=1";
+    let ws = "/ws/digits?v=2";
     let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
     let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
     let cases = [
@@ -1303,7 +1304,7 @@ async fn connect_forwarded(s: &Server, from: [u8; 4], forwarded: Option<&str>) -
         .bind(SocketAddr::from((from, 0)))
         .expect("bind a loopback address");
     let tcp = socket.connect(s.addr).await.expect("connect");
-    let mut request = format!("ws://{}/ws/digits?v=1", s.addr)
+    let mut request = format!("ws://{}/ws/digits?v=2", s.addr)
         .into_client_request()
         .expect("a request");
     if let Some(f) = forwarded {
@@ -1519,7 +1520,7 @@ async fn an_address_that_reconnects_in_a_loop_is_slowed_to_its_rate() {
         ..Limits::default()
     };
     let s = start(SignalingConfig { limits, ..config() }).await;
-    let url = format!("ws://{}/ws/digits?v=1", s.addr);
+    let url = format!("ws://{}/ws/digits?v=2", s.addr);
     // Connecting and leaving at once, as fast as it can: the burst, then 429.
     let mut refused = None;
     for n in 0..10 {

@@ -67,7 +67,7 @@ export async function startServer(extraArgs = []) {
     url,
     /** Where each task's ledger is (`{task}.ledger`). */
     ledgerDir,
-    ws: `${url.replace('http://', 'ws://')}/ws/digits?v=1`,
+    ws: `${url.replace('http://', 'ws://')}/ws/digits?v=2`,
     /** Kills the server abruptly (SIGKILL), as a crash would. */
     async kill() {
       if (child.exitCode !== null || child.signalCode !== null) return;

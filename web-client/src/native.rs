@@ -31,7 +31,7 @@ use crate::swarm::{Inbox, SendError, SwarmEvent, Transport};
 /// How a native peer connects.
 #[derive(Clone, Debug)]
 pub struct NativeOptions {
-    /// Signaling URL, `ws://host:port/ws/TASK?v=1`.
+    /// Signaling URL, `ws://host:port/ws/TASK?v=2`.
     pub url: String,
     /// Local UDP addresses for ICE (`0.0.0.0:0` binds every interface; tests on a
     /// loopback-only network use `127.0.0.1:0`).

@@ -240,7 +240,7 @@ fn a_silent_signaling_server_is_left_and_connected_to_again() {
             let server = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
-            let url = format!("ws://{}/ws/digits?v=1", server.local_addr().expect("addr"));
+            let url = format!("ws://{}/ws/digits?v=2", server.local_addr().expect("addr"));
             let swarm = NativeSwarm::connect(NativeOptions {
                 signaling_timeout: Duration::from_millis(500),
                 ..options(&url)

@@ -115,7 +115,7 @@ try {
     a.close();
     b.close();
     return out;
-  }, { ws: `${url.replace('http://', 'ws://')}/ws/digits?v=1`, size: SIZE, trials: TRIALS });
+  }, { ws: `${url.replace('http://', 'ws://')}/ws/digits?v=2`, size: SIZE, trials: TRIALS });
   console.log(JSON.stringify({ bytes: SIZE, ...result }));
 } finally {
   await browser.close();

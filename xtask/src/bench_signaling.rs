@@ -196,7 +196,7 @@ pub(crate) fn load(args: &[String]) -> Result<()> {
 
 fn url(kind: &str, port: u16, i: usize) -> String {
     if kind == "shoal" {
-        format!("ws://127.0.0.1:{port}/ws/digits?v=1")
+        format!("ws://127.0.0.1:{port}/ws/digits?v=2")
     } else {
         format!("ws://127.0.0.1:{port}/peerjs?key=peerjs&id=p{i}&token=t{i}")
     }

@@ -1101,9 +1101,28 @@ mod tests {
             eps,
             gscale: 1.0,
         };
+        #[cfg(target_arch = "x86_64")]
+        let (w0, m0, v0) = (w.clone(), m.clone(), v.clone());
         adam_update(&step, &mut w, &g, &mut m, &mut v);
         for (i, (a, b)) in w.iter().zip(&expect).enumerate() {
             assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{i}: {a} vs {b}");
+        }
+        // The AVX copy the CPU runs natively gives the same bits, with clipping's scale.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx") {
+            let clipped = AdamStep {
+                gscale: 0.3,
+                ..step
+            };
+            let (mut w1, mut m1, mut v1) = (w0.clone(), m0.clone(), v0.clone());
+            adam_update(&clipped, &mut w1, &g, &mut m1, &mut v1);
+            let (mut w2, mut m2, mut v2) = (w0, m0, v0);
+            #[allow(unsafe_code)]
+            // SAFETY: AVX was detected just above.
+            unsafe {
+                adam_avx(&clipped, &mut w2, &g, &mut m2, &mut v2);
+            }
+            assert_eq!((w1, m1, v1), (w2, m2, v2));
         }
     }
 

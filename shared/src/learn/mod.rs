@@ -1453,6 +1453,15 @@ impl Learner {
         self.mixes.retain(|m| m.sender != sender);
     }
 
+    /// The neighbour `sender` no longer counts as a deliverer of any update held: one it
+    /// alone delivered counts on no neighbour's vote ([`one_vote_each`]) unless another
+    /// delivers it later.
+    pub fn forget_deliverer(&mut self, sender: u64) {
+        for p in &mut self.inbox {
+            p.from.retain(|&c| c != sender);
+        }
+    }
+
     /// Drops the updates signed by `key` held for a round's close.
     pub fn drop_updates_of(&mut self, key: &PublicKey) {
         self.drop_updates_of_except(key, |_| false);

@@ -29,7 +29,8 @@
 //!   not decode, a gossip mix off the schedule (any mix
 //!   when the task exchanges weights) or a second one for a round. Everything it sends
 //!   afterwards is dropped unread (counted `shunned`), its updates and mixes not yet
-//!   used are discarded, its answer to a download in progress no longer counts (it is
+//!   used are discarded (an update another open connection delivered too stays, on that
+//!   one's vote; all of a key that signed junk go), its answer to a download in progress no longer counts (it is
 //!   counted as silent), and it is never again waited for, asked for the model or
 //!   answered.
 //! - Lagging needs several witnesses: at least two contributing neighbours, and more
@@ -1207,7 +1208,7 @@ impl Peer {
                     self.remember_former(p, n, now_ms);
                 }
                 if let Some(key) = gone.and_then(|n| n.key.filter(|_| !n.key_moved_in))
-                    && !self.nbrs.values().any(|o| o.delivers(&key))
+                    && !self.nbrs.values().any(|o| !o.shunned && o.delivers(&key))
                 {
                     // Its next connection starts from a keyframe or a whole copy: a copy
                     // kept across connections could take a change meant for another. Not
@@ -1327,6 +1328,11 @@ impl Peer {
                 if self.learner.signed_junk() =>
             {
                 self.shun(from, now_ms);
+                // Its key signed the junk (no one else can): none of its updates held
+                // counts, whoever delivered them.
+                if let Some(key) = update_key(data) {
+                    self.learner.drop_updates_of(&key);
+                }
             }
             // A relay delivered this update first: this copy, byte for byte the one held,
             // is most likely its signer's own. Its connection is heard for the round (a
@@ -1397,9 +1403,13 @@ impl Peer {
         // A key that moved here may be its owner's on another connection: its updates
         // held stay (this connection's mixes go). So does an update another open
         // neighbour delivered too: the signer's own copy, after this one relayed the
-        // signer's first update before it (the key bound here, not moved in).
+        // signer's first update before it (the key bound here, not moved in). What stays
+        // no longer counts on this connection's vote: only on another deliverer's (else
+        // a colluder that replayed a liar's update kept it held on the shunned one's vote
+        // beside its own).
         let key = n.key.filter(|_| !n.key_moved_in);
         self.learner.discard(None, p.0);
+        self.learner.forget_deliverer(p.0);
         if let Some(key) = key {
             let others = self.other_deliverers(p);
             self.learner

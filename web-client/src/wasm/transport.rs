@@ -303,7 +303,7 @@ pub struct Swarm {
 
 #[wasm_bindgen]
 impl Swarm {
-    /// Connects to `url` (`ws://host/ws/TASK?v=1`). Events arrive through `next()`:
+    /// Connects to `url` (`ws://host/ws/TASK?v=2`). Events arrive through `next()`:
     /// `{type:"signaling", state:"up"|"down", peer?}`, `{type:"peer_up", peer}`,
     /// `{type:"peer_down", peer}`, `{type:"message", from, data: Uint8Array}`,
     /// `{type:"task_state", paused}`. `parameters`: the task's parameter count (its

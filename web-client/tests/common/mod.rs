@@ -127,5 +127,5 @@ pub async fn start_server_on(
         },
         Duration::from_millis(200),
     ));
-    (format!("ws://{addr}/ws/{first}?v=1"), stop)
+    (format!("ws://{addr}/ws/{first}?v=2"), stop)
 }

@@ -739,6 +739,44 @@ fn a_relay_that_wins_a_signers_first_race_and_is_then_shunned_costs_the_signer_n
 }
 
 #[test]
+fn a_colluder_that_replays_a_shunned_liars_update_keeps_one_vote() {
+    // 11 delivers liar 20's update and 13 a copy of it, byte for byte; 11 is shunned,
+    // and 13 then signs an update of its own (23). 20's update, still held (13 delivered
+    // it too), counts on 13's vote only: with honest 12's the round uses two updates,
+    // not three (on the shunned connection's vote, the pair had kept two).
+    let mut p = running(5);
+    p.handle(Event::Up(PeerId(13)), 0.0);
+    p.trained(5, &[0.49; N], 0.3, 8, 1.0).expect("finite");
+    p.handle(msg(11, update(20, 5)), 5.0);
+    p.handle(msg(13, update(20, 5)), 6.0);
+    assert_eq!(p.nbrs[&PeerId(13)].copy_of, Some(id(20).public()));
+    let mut forged = update(20, 6);
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    p.handle(msg(11, forged), 7.0);
+    assert!(p.nbrs[&PeerId(11)].shunned);
+    assert!(p.learner().holds_current_from(&id(20).public()));
+    p.handle(msg(13, update(23, 5)), 8.0);
+    p.handle(msg(12, update(22, 5)), 9.0);
+    p.tick(10_000.0);
+    assert_closed_using(&mut p, 2);
+}
+
+#[test]
+fn a_key_that_signs_junk_loses_every_update_held_whoever_delivered_it() {
+    // 11 relays 20's update, 10 (its signer) delivers its copy; then 20 signs a payload
+    // that does not decode, and 11 delivers it: 20's update held goes, though 10
+    // delivered it too.
+    let mut p = running(5);
+    p.handle(msg(11, update(20, 5)), 5.0);
+    p.handle(msg(10, update(20, 5)), 6.0);
+    let junk = PeerMessage::Update(Update::signed(&id(20), "t", 6, 8, 0.1, vec![0xEE, 1, 2]));
+    p.handle(msg(11, junk.encode()), 7.0);
+    assert!(p.nbrs[&PeerId(11)].shunned);
+    assert!(!p.learner().holds_current_from(&id(20).public()));
+}
+
+#[test]
 fn under_an_upload_budget_model_answers_take_at_most_their_share() {
     // 1 MB an hour: answers may send a quarter of it (69 bytes a second) besides the
     // updates, in bursts of 10 s of that; three neighbours ask every 2 s for a minute.
