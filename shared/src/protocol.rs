@@ -1,4 +1,4 @@
-//! The signaling protocol between peers and the signaling server, version 1: JSON text
+//! The signaling protocol between peers and the signaling server, version 2: JSON text
 //! frames over one websocket per peer. `docs/protocol.md` is the normative description;
 //! these types are its single implementation, shared by the server and every peer.
 //!

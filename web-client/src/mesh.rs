@@ -368,7 +368,9 @@ impl Mesh {
             ServerMessage::Signal { from, signal } => self.on_signal(from, signal, now_ms),
             ServerMessage::TaskState { paused } => self.emit(SwarmEvent::TaskState { paused }),
             ServerMessage::Error { code, message } => {
-                if code == ErrorCode::TaskChanged {
+                // Either way this client's code or task is not the server's: reconnecting
+                // would be refused again and again. Its driver stops.
+                if matches!(code, ErrorCode::TaskChanged | ErrorCode::BadVersion) {
                     self.emit(SwarmEvent::TaskChanged);
                 }
                 self.actions.push_back(Action::Warn(format!(
@@ -923,7 +925,7 @@ mod tests {
     /// [`welcome`] with a nonce to sign (hex; empty: none).
     fn welcome_with(peer: u64, nonce: String) -> ServerMessage {
         ServerMessage::Welcome {
-            version: 1,
+            version: 2,
             peer: PeerId(peer),
             task: "t".into(),
             ice_servers: Vec::new(),
@@ -950,6 +952,9 @@ mod tests {
         };
         assert_eq!(emitted(drain(&mut m)), 0);
         m.on_server(error(ErrorCode::TaskChanged), 0);
+        assert_eq!(emitted(drain(&mut m)), 1);
+        // A server of another protocol version refuses this client as surely.
+        m.on_server(error(ErrorCode::BadVersion), 0);
         assert_eq!(emitted(drain(&mut m)), 1);
     }
 
@@ -1010,7 +1015,7 @@ mod tests {
         ];
         m.on_server(
             ServerMessage::Welcome {
-                version: 1,
+                version: 2,
                 peer: PeerId(5),
                 task: "t".into(),
                 ice_servers: list,

@@ -273,8 +273,9 @@ pub enum SwarmEvent {
         /// Paused.
         paused: bool,
     },
-    /// The server refused the connection with `task_changed`: it runs another revision
-    /// of the task than the one this client loaded and named. Its driver stops.
+    /// The server refused the connection with `task_changed` (it runs another revision
+    /// of the task than the one this client loaded and named) or `bad_version` (it
+    /// speaks another protocol version than this client's code). Its driver stops.
     TaskChanged,
 }
 

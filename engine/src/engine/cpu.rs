@@ -1122,7 +1122,10 @@ mod tests {
             unsafe {
                 adam_avx(&clipped, &mut w2, &g, &mut m2, &mut v2);
             }
-            assert_eq!((w1, m1, v1), (w2, m2, v2));
+            let bits = |xs: &[Vec<f32>]| -> Vec<u32> {
+                xs.iter().flatten().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&[w1, m1, v1]), bits(&[w2, m2, v2]));
         }
     }
 

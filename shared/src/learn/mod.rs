@@ -1453,12 +1453,16 @@ impl Learner {
         self.mixes.retain(|m| m.sender != sender);
     }
 
-    /// The neighbour `sender` no longer counts as a deliverer of any update held: one it
-    /// alone delivered counts on no neighbour's vote ([`one_vote_each`]) unless another
-    /// delivers it later.
+    /// The neighbour `sender` no longer counts as a deliverer of the updates held that
+    /// another neighbour delivered too: they count on another's vote only
+    /// ([`one_vote_each`]). One it alone delivered keeps it (stripped, it would count on
+    /// no vote: an honest signer whose copy came after a relay's, and after the round
+    /// closed, lost its update to the relay's shunning).
     pub fn forget_deliverer(&mut self, sender: u64) {
         for p in &mut self.inbox {
-            p.from.retain(|&c| c != sender);
+            if p.from.iter().any(|&c| c != sender) {
+                p.from.retain(|&c| c != sender);
+            }
         }
     }
 

@@ -29,8 +29,8 @@
 //!   not decode, a gossip mix off the schedule (any mix
 //!   when the task exchanges weights) or a second one for a round. Everything it sends
 //!   afterwards is dropped unread (counted `shunned`), its updates and mixes not yet
-//!   used are discarded (an update another open connection delivered too stays, on that
-//!   one's vote; all of a key that signed junk go), its answer to a download in progress no longer counts (it is
+//!   used are discarded (an update another open connection not shunned delivered too
+//!   stays, on that one's vote; all of a key that signed junk go), its answer to a download in progress no longer counts (it is
 //!   counted as silent), and it is never again waited for, asked for the model or
 //!   answered.
 //! - Lagging needs several witnesses: at least two contributing neighbours, and more

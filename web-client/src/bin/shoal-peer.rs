@@ -773,7 +773,7 @@ mod peer {
             }
             if peer.task_changed() {
                 break Err(anyhow::anyhow!(
-                    "the task changed on the server since this peer loaded it (task_changed): stopped; start again to load the new one"
+                    "the task changed on the server since this peer loaded it, or the server speaks another protocol version (task_changed or bad_version): stopped; start again to load the new task, or update this peer"
                 ));
             }
             // Said when it happens (a peer whose every run breaks closes no round), at

@@ -79,6 +79,14 @@ fn update(signer: u8, round: u64) -> Vec<u8> {
 }
 
 /// A validly signed update by `signer` for `round`: weights `w` everywhere.
+/// `signer`'s update for `round` with its signature's last byte flipped: a forgery.
+fn forged_update(signer: u8, round: u64) -> Vec<u8> {
+    let mut u = update(signer, round);
+    let last = u.len() - 1;
+    u[last] ^= 1;
+    u
+}
+
 fn update_of(signer: u8, round: u64, w: f32) -> Vec<u8> {
     let (payload, _) = Compressor::new(Compression::None, N).encode(&[w; N]);
     PeerMessage::Update(Update::signed(&id(signer), "t", round, 8, 0.1, payload)).encode()
@@ -715,13 +723,7 @@ fn a_relay_that_wins_a_signers_first_race_and_is_then_shunned_costs_the_signer_n
     p.handle(msg(10, update(20, 5)), 6.0);
     assert_eq!(p.nbrs[&PeerId(11)].key, Some(id(20).public()));
     assert!(!p.nbrs[&PeerId(11)].key_moved_in);
-    let forged = |signer: u8, round: u64| {
-        let mut u = update(signer, round);
-        let last = u.len() - 1;
-        u[last] ^= 1;
-        u
-    };
-    p.handle(msg(11, forged(20, 6)), 7.0);
+    p.handle(msg(11, forged_update(20, 6)), 7.0);
     assert!(p.nbrs[&PeerId(11)].shunned);
     assert!(
         p.learner().holds_current_from(&id(20).public()),
@@ -733,7 +735,7 @@ fn a_relay_that_wins_a_signers_first_race_and_is_then_shunned_costs_the_signer_n
     // What the shunned relay alone delivered goes with it.
     let mut q = running(5);
     q.handle(msg(11, update(23, 5)), 5.0);
-    q.handle(msg(11, forged(23, 6)), 6.0);
+    q.handle(msg(11, forged_update(23, 6)), 6.0);
     assert!(q.nbrs[&PeerId(11)].shunned);
     assert!(!q.learner().holds_current_from(&id(23).public()));
 }
@@ -750,16 +752,34 @@ fn a_colluder_that_replays_a_shunned_liars_update_keeps_one_vote() {
     p.handle(msg(11, update(20, 5)), 5.0);
     p.handle(msg(13, update(20, 5)), 6.0);
     assert_eq!(p.nbrs[&PeerId(13)].copy_of, Some(id(20).public()));
-    let mut forged = update(20, 6);
-    let last = forged.len() - 1;
-    forged[last] ^= 1;
-    p.handle(msg(11, forged), 7.0);
+    p.handle(msg(11, forged_update(20, 6)), 7.0);
     assert!(p.nbrs[&PeerId(11)].shunned);
     assert!(p.learner().holds_current_from(&id(20).public()));
     p.handle(msg(13, update(23, 5)), 8.0);
     p.handle(msg(12, update(22, 5)), 9.0);
     p.tick(10_000.0);
     assert_closed_using(&mut p, 2);
+}
+
+#[test]
+fn a_relay_shunned_after_winning_a_race_leaves_the_signers_update_its_vote() {
+    // Signer 23 on connection 13; relay 11 wins round 4's race (13's copy is recorded,
+    // the key moves to 11) and round 5's, then is shunned before 13's round-5 copy comes.
+    // 13 counts as heard for the round (its copy of round 4): the round closes with 23's
+    // update, 10's and 12's.
+    let mut p = running(5);
+    p.handle(Event::Up(PeerId(13)), 0.0);
+    p.trained(5, &[0.49; N], 0.3, 8, 1.0).expect("finite");
+    p.handle(msg(13, update(23, 3)), 2.0);
+    p.handle(msg(11, update(23, 4)), 3.0);
+    p.handle(msg(13, update(23, 4)), 4.0);
+    p.handle(msg(11, update(23, 5)), 5.0);
+    p.handle(msg(11, forged_update(23, 6)), 6.0);
+    assert!(p.nbrs[&PeerId(11)].shunned);
+    p.handle(msg(10, update(20, 5)), 7.0);
+    p.handle(msg(12, update(22, 5)), 8.0);
+    p.tick(10_000.0);
+    assert_closed_using(&mut p, 3);
 }
 
 #[test]
