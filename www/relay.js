@@ -122,7 +122,7 @@ export async function relaySwarm(worker, task, { onSignaling = () => {}, onStopp
         } else if (e.type === 'task_changed') {
           // Training on would put updates of the old task among peers of the new one
           // (under other privacy settings, say): the visitor must see the new one first.
-          stop('the task or Shoal itself changed on the server since this page loaded it (see what it asks now)');
+          stop('the task changed on the server since this page loaded it, or Shoal did (see what it asks now)');
           return;
         }
       } catch (err) {

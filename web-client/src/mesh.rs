@@ -937,7 +937,7 @@ mod tests {
     /// The server's `task_changed` refusal reaches the driver as an event (it stops);
     /// other errors only warn.
     #[test]
-    fn a_task_changed_refusal_becomes_an_event_and_other_errors_do_not() {
+    fn task_changed_and_bad_version_refusals_stop_the_driver_and_other_errors_do_not() {
         let mut m = member(9, &[]);
         drain(&mut m);
         let error = |code| ServerMessage::Error {

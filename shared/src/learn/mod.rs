@@ -427,6 +427,8 @@ pub enum Received {
     Receipt {
         /// The key of the neighbour that used our update.
         signer: PublicKey,
+        /// The round of our update it names.
+        round: u64,
     },
     /// A ledger head (kept by [`Learner::witness`] when it is new to this peer): the
     /// sender holds the head `id` (`None` for another server's).
@@ -685,9 +687,13 @@ pub const SAMPLE_SPREAD_DOWN: f32 = 4.0;
 /// bound, over a total weight that its claim also raises.
 pub const SAMPLE_SPREAD_UP: f32 = 2.0;
 
-/// The receipts a peer remembers having counted (the newest rounds kept): 2k
-/// neighbours' receipts for some 32 rounds of its updates.
-const MAX_RECEIPTS_SEEN: usize = 1024;
+/// The receipts a peer remembers having counted: 2k neighbours' receipts for the last
+/// [`RECEIPT_ROUNDS`] rounds of its updates, and then some.
+const MAX_RECEIPTS_SEEN: usize = 2048;
+
+/// How many rounds back a receipt for our update still counts (a neighbour behind us
+/// closes its rounds later; one far behind used an update too old to matter).
+pub const RECEIPT_ROUNDS: u64 = 32;
 
 /// One peer's state of the swarm's model and its learning protocol. Platform-neutral:
 /// the simulator, the native peer and the browser worker all drive this.
@@ -1358,18 +1364,32 @@ impl Learner {
     fn take_receipt(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
         use crate::trust::receipt::{Receipt, ReceiptError};
         match Receipt::decode(bytes) {
-            Ok(r) if r.sender == self.id.public() && r.task == self.task => {
-                if self.receipts_seen.insert((r.round, r.receiver)) {
-                    self.stats.receipts += 1;
-                    while self.receipts_seen.len() > MAX_RECEIPTS_SEEN {
-                        self.receipts_seen.pop_first();
-                    }
-                }
-                Ok(Received::Receipt { signer: r.receiver })
-            }
+            Ok(r) if r.sender == self.id.public() && r.task == self.task => Ok(Received::Receipt {
+                signer: r.receiver,
+                round: r.round,
+            }),
             Ok(_) | Err(ReceiptError::Malformed(_)) => Err(self.stats.reject(Rejection::Malformed)),
             Err(ReceiptError::BadSignature) => Err(self.stats.reject(Rejection::BadSignature)),
         }
+    }
+
+    /// Counts a receipt for our update for `round` signed by `signer`, which the caller
+    /// checked came from the neighbour that signs with that key; once per signer and
+    /// round, and only for a round of ours from [`RECEIPT_ROUNDS`] back to the current
+    /// one (we sent no update for a later one). Returns whether it counted.
+    pub fn count_receipt(&mut self, round: u64, signer: PublicKey) -> bool {
+        if round > self.round || round + RECEIPT_ROUNDS < self.round {
+            return false;
+        }
+        let oldest = self.round.saturating_sub(RECEIPT_ROUNDS);
+        self.receipts_seen.retain(|&(r, _)| r >= oldest);
+        if self.receipts_seen.len() >= MAX_RECEIPTS_SEEN
+            || !self.receipts_seen.insert((round, signer))
+        {
+            return false;
+        }
+        self.stats.receipts += 1;
+        true
     }
 
     /// A neighbour's ledger head: kept for the next check when it is signed by the
@@ -1453,17 +1473,22 @@ impl Learner {
         self.mixes.retain(|m| m.sender != sender);
     }
 
-    /// The neighbour `sender` no longer counts as a deliverer of the updates held that
-    /// another neighbour delivered too: they count on another's vote only
-    /// ([`one_vote_each`]). One it alone delivered keeps it (stripped, it would count on
-    /// no vote: an honest signer whose copy came after a relay's, and after the round
-    /// closed, lost its update to the relay's shunning).
+    /// The neighbour `sender` (shunned) no longer counts as a deliverer of any update
+    /// held: one it alone delivered counts on no neighbour's vote ([`one_vote_each`])
+    /// until another delivers it (its signer's own copy, which the round waits for:
+    /// [`delivered_fresh`](Self::delivered_fresh)).
     pub fn forget_deliverer(&mut self, sender: u64) {
         for p in &mut self.inbox {
-            if p.from.iter().any(|&c| c != sender) {
-                p.from.retain(|&c| c != sender);
-            }
+            p.from.retain(|&c| c != sender);
         }
+    }
+
+    /// Whether the neighbour `sender` delivered an update signed by `key` for our round
+    /// or later: the update itself, or a copy of it byte for byte.
+    pub fn delivered_fresh(&self, key: &PublicKey, sender: u64) -> bool {
+        self.inbox
+            .iter()
+            .any(|p| &p.key == key && p.round >= self.round && p.from.contains(&sender))
     }
 
     /// Drops the updates signed by `key` held for a round's close.

@@ -869,12 +869,13 @@ impl Peer {
     /// sent held each of its neighbours' rounds that long for as long as it stayed), and
     /// one whose latest update is for a round more than [`SILENT_ROUNDS`] before ours
     /// (one that sent once and then no more held every round twice its last lateness).
-    fn awaited(&self) -> Vec<&Neighbour> {
+    fn awaited(&self) -> Vec<(PeerId, &Neighbour)> {
         let round = self.learner.round();
         self.nbrs
-            .values()
-            .filter(|n| contributes_to_rounds(&self.learner, n))
-            .filter(|n| match (n.arrived, n.claim) {
+            .iter()
+            .map(|(p, n)| (*p, n))
+            .filter(|(_, n)| contributes_to_rounds(&self.learner, n))
+            .filter(|(_, n)| match (n.arrived, n.claim) {
                 (None, _) => n.silent_rounds < SILENT_ROUNDS,
                 // The highest round it sent for (a relayed copy's arrival where it sent
                 // none itself): `arrived` stays at the first update for our round or
@@ -914,9 +915,11 @@ impl Peer {
     fn round_wait(&self) -> (bool, f64) {
         let deadline = self.cfg.round_deadline_ms as f32;
         let awaited = self.awaited();
-        let (ins, missing): (Vec<&Neighbour>, Vec<&Neighbour>) = awaited
+        let (ins, missing): (Vec<&(PeerId, &Neighbour)>, Vec<_>) = awaited
             .iter()
-            .partition(|n| n.delivers_any(|k| self.learner.has_fresh_from(k)));
+            .partition(|&&(p, n)| self.heard_for_round(p, n));
+        let ins: Vec<&Neighbour> = ins.into_iter().map(|&(_, n)| n).collect();
+        let missing: Vec<&Neighbour> = missing.into_iter().map(|&(_, n)| n).collect();
         let all_in = !awaited.is_empty() && missing.is_empty() || self.nbrs.is_empty();
         let limit = if awaited.is_empty() {
             deadline
@@ -945,6 +948,20 @@ impl Peer {
                 .min(deadline)
         };
         (all_in, f64::from(limit))
+    }
+
+    /// Whether neighbour `p` delivered an update for our round: one of the key bound to
+    /// it, or its own copy of an update of the key it delivers copies of. A copy recorded
+    /// in an earlier round does not count for this one: the round waits for this
+    /// round's (a relay that delivered it first and was then shunned counts for no vote,
+    /// and the signer's copy arriving after the close found nothing to count on).
+    fn heard_for_round(&self, p: PeerId, n: &Neighbour) -> bool {
+        n.key
+            .as_ref()
+            .is_some_and(|k| self.learner.has_fresh_from(k))
+            || n.copy_of
+                .as_ref()
+                .is_some_and(|k| self.learner.delivered_fresh(k, p.0))
     }
 
     /// How late an update for `round` arriving now is: from when we opened that round,
@@ -1371,12 +1388,16 @@ impl Peer {
             }
             // It used an update of ours: it holds our copy as we think. Only its own
             // receipt says so (a receipt relayed from another key does not).
-            Ok(Received::Receipt { signer }) => {
+            // Counted only from the neighbour that signs with the receipt's key: receipts
+            // minted under throwaway keys by one neighbour raised the count its visitor
+            // sees, and pushed real ones out of those remembered (counted again then).
+            Ok(Received::Receipt { signer, round }) => {
                 if let Some(n) = self.nbrs.get_mut(&from)
                     && n.delivers(&signer)
                 {
                     n.unheard.clear();
                     n.unheard_times = 0;
+                    self.learner.count_receipt(round, signer);
                 }
             }
             Ok(Received::Mix | Received::Head { id: None }) | Err(_) => {} // held or counted by the learner
@@ -2090,7 +2111,7 @@ impl Peer {
         let awaited = self
             .awaited()
             .iter()
-            .map(|n| n.keys().copied().collect())
+            .map(|(_, n)| n.keys().copied().collect())
             .collect();
         self.learner.set_awaited(awaited);
         let learner = &self.learner;
@@ -2372,8 +2393,8 @@ impl Peer {
         let awaited = self.awaited();
         let both = awaited
             .iter()
-            .filter(|n| n.claim.is_some_and(|c| c > round))
-            .filter(|n| n.delivers_any(|k| self.learner.holds_current_from(k)))
+            .filter(|(_, n)| n.claim.is_some_and(|c| c > round))
+            .filter(|(_, n)| n.delivers_any(|k| self.learner.holds_current_from(k)))
             .count();
         both >= super::aggregate::SCREEN_MIN && 2 * both > awaited.len()
     }

@@ -1164,12 +1164,15 @@ fn a_receipt_is_signed_for_each_update_used_and_only_its_sender_counts_it() {
     assert_eq!(
         b.receive(&msg),
         Ok(Received::Receipt {
-            signer: a.public_key()
+            signer: a.public_key(),
+            round: 0,
         })
     );
+    assert!(b.count_receipt(0, a.public_key()));
     assert_eq!(b.stats.receipts, 1);
     // Sent again (or passed on by another neighbour), it counts once.
     assert!(b.receive(&msg).is_ok());
+    assert!(!b.count_receipt(0, a.public_key()));
     assert_eq!(b.stats.receipts, 1);
     assert_eq!(d.receive(&msg), Err(Rejection::Malformed));
     let mut forged = rb.clone();

@@ -765,8 +765,8 @@ fn a_colluder_that_replays_a_shunned_liars_update_keeps_one_vote() {
 fn a_relay_shunned_after_winning_a_race_leaves_the_signers_update_its_vote() {
     // Signer 23 on connection 13; relay 11 wins round 4's race (13's copy is recorded,
     // the key moves to 11) and round 5's, then is shunned before 13's round-5 copy comes.
-    // 13 counts as heard for the round (its copy of round 4): the round closes with 23's
-    // update, 10's and 12's.
+    // The round waits for 13's copy (its copy of round 4 does not make it heard for
+    // round 5), and closes with 23's update, 10's and 12's.
     let mut p = running(5);
     p.handle(Event::Up(PeerId(13)), 0.0);
     p.trained(5, &[0.49; N], 0.3, 8, 1.0).expect("finite");
@@ -778,6 +778,29 @@ fn a_relay_shunned_after_winning_a_race_leaves_the_signers_update_its_vote() {
     assert!(p.nbrs[&PeerId(11)].shunned);
     p.handle(msg(10, update(20, 5)), 7.0);
     p.handle(msg(12, update(22, 5)), 8.0);
+    p.tick(9.0);
+    assert_eq!(p.learner().round(), 5, "13's copy of round 5 is awaited");
+    p.handle(msg(13, update(23, 5)), 20.0);
+    p.tick(21.0);
+    assert_closed_using(&mut p, 3);
+}
+
+#[test]
+fn a_shunned_relay_counts_for_no_vote() {
+    // 13 signs with 20; 11 takes the key with round 5's update (it moved in) and is
+    // shunned. 20's round-5 update stays held (its owner may send it on 13), but on no
+    // vote: 13's own update (23) and 10's and 12's are the round's three.
+    let mut p = running(5);
+    p.handle(Event::Up(PeerId(13)), 0.0);
+    p.trained(5, &[0.49; N], 0.3, 8, 1.0).expect("finite");
+    p.handle(msg(13, update(20, 4)), 2.0);
+    p.handle(msg(11, update(20, 5)), 3.0);
+    assert!(p.nbrs[&PeerId(11)].key_moved_in);
+    p.handle(msg(11, forged_update(20, 6)), 4.0);
+    assert!(p.nbrs[&PeerId(11)].shunned);
+    p.handle(msg(13, update(23, 5)), 5.0);
+    p.handle(msg(10, update(21, 5)), 6.0);
+    p.handle(msg(12, update(22, 5)), 7.0);
     p.tick(10_000.0);
     assert_closed_using(&mut p, 3);
 }
@@ -2802,6 +2825,36 @@ fn receipt_from(signer: u8, round: u64) -> Vec<u8> {
         0,
     );
     PeerMessage::Receipt(r.encode()).encode()
+}
+
+#[test]
+fn only_a_neighbours_own_receipts_for_our_recent_rounds_count() {
+    // 10 signs its updates with 20; 11 with 21. At round 40, 10's receipt for round 39
+    // counts, once; receipts 11 mints under keys of its making do not, nor does one of
+    // 20 passed on by 11, nor 10's for a round we have not reached or one 33 rounds
+    // back.
+    let mut p = running(40);
+    p.handle(msg(10, update(20, 40)), 1.0);
+    p.handle(msg(11, update(21, 40)), 2.0);
+    let counted = |p: &Peer| p.learner().stats.receipts;
+    p.handle(msg(10, receipt_from(20, 39)), 3.0);
+    p.handle(msg(10, receipt_from(20, 39)), 4.0);
+    assert_eq!(counted(&p), 1);
+    for (i, signer) in (100u8..140).enumerate() {
+        p.handle(msg(11, receipt_from(signer, 39 - i as u64 % 8)), 5.0);
+    }
+    p.handle(msg(11, receipt_from(20, 38)), 6.0);
+    assert_eq!(
+        counted(&p),
+        1,
+        "receipts signed by keys 11 does not sign with"
+    );
+    p.handle(msg(10, receipt_from(20, 41)), 7.0);
+    p.handle(msg(10, receipt_from(20, 7)), 8.0);
+    assert_eq!(counted(&p), 1, "rounds we sent no update for, or too old");
+    p.handle(msg(10, receipt_from(20, 8)), 9.0);
+    p.handle(msg(11, receipt_from(21, 40)), 10.0);
+    assert_eq!(counted(&p), 3);
 }
 
 /// One round of a peer with weights changes, from `t`: its update for `r` (returned,
