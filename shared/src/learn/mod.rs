@@ -691,8 +691,9 @@ pub const SAMPLE_SPREAD_UP: f32 = 2.0;
 /// [`RECEIPT_ROUNDS`] rounds of its updates, and then some.
 const MAX_RECEIPTS_SEEN: usize = 2048;
 
-/// How many rounds back a receipt for our update still counts (a neighbour behind us
-/// closes its rounds later; one far behind used an update too old to matter).
+/// How many of our updates before the last a receipt may still name and count (a
+/// neighbour behind us closes its rounds later; one far behind used an update too old to
+/// matter).
 pub const RECEIPT_ROUNDS: u64 = 32;
 
 /// One peer's state of the swarm's model and its learning protocol. Platform-neutral:
@@ -722,6 +723,9 @@ pub struct Learner {
     /// The receipts counted lately, by round and signer ([`MAX_RECEIPTS_SEEN`]): a
     /// neighbour resending one, or passing on others', counts it once.
     receipts_seen: std::collections::BTreeSet<(u64, PublicKey)>,
+    /// The rounds of our last updates, at most [`RECEIPT_ROUNDS`] + 1: receipts count
+    /// for these only.
+    sent_rounds: std::collections::VecDeque<u64>,
     /// Differential privacy, when the task asks for it.
     dp: Option<DpState>,
     /// Our training loss stays with us (it describes data that is the visitor's own, or
@@ -787,6 +791,7 @@ impl Learner {
             mixes: Vec::new(),
             witness: crate::trust::head::Witness::new(task, None),
             receipts_seen: Default::default(),
+            sent_rounds: Default::default(),
             dp: None,
             loss_kept: false,
             public: None,
@@ -1175,6 +1180,12 @@ impl Learner {
     fn sign(&mut self, payload: Vec<u8>, samples: u32, loss: f32) -> Vec<u8> {
         self.own_samples = samples;
         self.own_loss = loss;
+        if self.sent_rounds.back() != Some(&self.round) {
+            self.sent_rounds.push_back(self.round);
+            while self.sent_rounds.len() > RECEIPT_ROUNDS as usize + 1 {
+                self.sent_rounds.pop_front();
+            }
+        }
         PeerMessage::Update(Update::signed(
             &self.id, &self.task, self.round, samples, loss, payload,
         ))
@@ -1375,18 +1386,21 @@ impl Learner {
 
     /// Counts a receipt for our update for `round` signed by `signer`, which the caller
     /// checked came from the neighbour that signs with that key; once per signer and
-    /// round, and only for a round of ours from [`RECEIPT_ROUNDS`] back to the current
-    /// one (we sent no update for a later one). Returns whether it counted.
+    /// round, and only for one of the last [`RECEIPT_ROUNDS`] + 1 rounds we sent an
+    /// update for (a window on our round counted rounds we never sent, such as those a
+    /// model download skipped). Returns whether it counted.
     pub fn count_receipt(&mut self, round: u64, signer: PublicKey) -> bool {
-        if round > self.round || round + RECEIPT_ROUNDS < self.round {
+        if !self.sent_rounds.contains(&round) {
             return false;
         }
-        let oldest = self.round.saturating_sub(RECEIPT_ROUNDS);
-        self.receipts_seen.retain(|&(r, _)| r >= oldest);
-        if self.receipts_seen.len() >= MAX_RECEIPTS_SEEN
-            || !self.receipts_seen.insert((round, signer))
-        {
+        let sent = &self.sent_rounds;
+        self.receipts_seen.retain(|(r, _)| sent.contains(r));
+        if !self.receipts_seen.insert((round, signer)) {
             return false;
+        }
+        // Full (keys of many connections over 33 rounds), the oldest goes.
+        while self.receipts_seen.len() > MAX_RECEIPTS_SEEN {
+            self.receipts_seen.pop_first();
         }
         self.stats.receipts += 1;
         true
