@@ -1478,12 +1478,10 @@ impl Learner {
         }
     }
 
-    /// Drops every update signed by `key` and every gossip mix from the connection
-    /// `sender` not yet used (it was caught breaking the protocol).
-    pub fn discard(&mut self, key: Option<&PublicKey>, sender: u64) {
-        if let Some(key) = key {
-            self.drop_updates_of(key);
-        }
+    /// Drops every gossip mix from the connection `sender` not yet used (it was caught
+    /// breaking the protocol; its updates are judged by key: see `forget_deliverer` and
+    /// `drop_updates_of_except`).
+    pub fn discard_mixes_of(&mut self, sender: u64) {
         self.mixes.retain(|m| m.sender != sender);
     }
 

@@ -1429,7 +1429,7 @@ impl Peer {
         // a colluder that replayed a liar's update kept it held on the shunned one's vote
         // beside its own).
         let key = n.key.filter(|_| !n.key_moved_in);
-        self.learner.discard(None, p.0);
+        self.learner.discard_mixes_of(p.0);
         self.learner.forget_deliverer(p.0);
         if let Some(key) = key {
             let others = self.other_deliverers(p);
