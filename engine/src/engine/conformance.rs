@@ -106,6 +106,25 @@ pub fn models() -> Vec<(&'static str, ModelSpec)> {
                 ],
             },
         ),
+        (
+            // The CPU's direct convolutions (`conv.rs`) deeper in a model: 4 channels
+            // into 8 filters (direct weights, input gradient through col2im), then 8
+            // channels into 16 filters (the input gradient a transposed convolution).
+            "conv4+conv8+pool+conv16",
+            ModelSpec {
+                input: [6, 6, 1],
+                layers: vec![
+                    conv(4, 3, 1, 1),
+                    Relu,
+                    conv(8, 3, 1, 1),
+                    Relu,
+                    MaxPool { size: 2 },
+                    conv(16, 3, 1, 1),
+                    Flatten,
+                    Dense { units: 3 },
+                ],
+            },
+        ),
     ]
 }
 

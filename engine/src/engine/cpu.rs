@@ -1,7 +1,10 @@
 //! The CPU backend: a clear reference implementation of every op (forward and backward),
 //! fast enough to be the fallback when there is no GPU. Matrix products go through the
-//! blocked [`gemm`](super::gemm); everything else is a plain loop over NHWC data.
+//! blocked [`gemm`](super::gemm), most convolutions through [`conv`](super::conv) (the
+//! others through im2col and the matrix product); everything else is a plain loop over
+//! NHWC data.
 
+use super::conv::{self, Conv};
 use super::gemm::{MatRef, gemm};
 use super::transformer::{
     BlockScratch, BlockShape, block_backward, block_forward, column_sums, embed, embed_backward,
@@ -30,15 +33,19 @@ pub struct CpuBackend {
 struct Workspace {
     /// Activation `i` for the current batch (0 is the input).
     acts: Vec<Vec<f32>>,
-    /// im2col patches per op (convolutions only).
+    /// Per convolution, what its backward pass reads of its input: the zero-bordered
+    /// input where [`conv`] computes it, else the im2col patches.
     cols: Vec<Vec<f32>>,
     /// Arg-max input index per pooled output (pools only).
     argmax: Vec<Vec<u32>>,
     /// Gradient flowing backwards, and a second buffer to swap with.
     grad: Vec<f32>,
     grad_next: Vec<f32>,
-    /// Patch gradients of a convolution, before col2im.
+    /// Patch gradients of a convolution, before col2im (or its zero-bordered output
+    /// gradient, where [`conv`] computes the input gradient).
     dcols: Vec<f32>,
+    /// A convolution's kernel flipped, its input and output channels swapped.
+    flipped: Vec<f32>,
     /// What a transformer block or layer norm keeps for its backward pass, per op.
     saved: Vec<Vec<f32>>,
     /// Scratch of the transformer blocks' backward pass.
@@ -176,14 +183,26 @@ impl CpuBackend {
                     weight,
                     relu,
                 } => {
+                    let w = &params[model.tensors[weight].range()];
+                    let b = &params[model.tensors[weight + 1].range()];
+                    if Conv::direct(stride, kernel, input[2], output[2]) {
+                        let sh = Conv {
+                            n,
+                            input,
+                            output,
+                            k: kernel,
+                            pad: padding,
+                        };
+                        conv::border(x, n, input, padding, &mut ws.cols[i]);
+                        conv::forward(&sh, &ws.cols[i], w, Some(b), relu, y);
+                        continue;
+                    }
                     let kkc = kernel * kernel * input[2];
                     let rows = n * output[0] * output[1];
                     let cols = &mut ws.cols[i];
                     cols.resize(rows * kkc, 0.0);
                     let gather = im2col_for(kernel * input[2]);
                     gather(x, n, input, output, kernel, stride, padding, cols);
-                    let w = &params[model.tensors[weight].range()];
-                    let b = &params[model.tensors[weight + 1].range()];
                     gemm(
                         MatRef::new(cols, rows, kkc),
                         MatRef::new(w, kkc, output[2]),
@@ -302,12 +321,43 @@ impl CpuBackend {
                     let kkc = kernel * kernel * input[2];
                     let rows = n * output[0] * output[1];
                     let (w, gw, gb) = weight_views(model, weight, params, grads);
-                    let mut dcols = std::mem::take(&mut ws.dcols);
-                    let dx = need_dx.then_some(&mut dcols);
-                    linear_backward(&ws.cols[i], &ws.grad, w, (rows, kkc, output[2]), gw, gb, dx);
+                    let sh = Conv {
+                        n,
+                        input,
+                        output,
+                        k: kernel,
+                        pad: padding,
+                    };
+                    let direct = Conv::direct(stride, kernel, input[2], output[2]);
+                    if direct {
+                        conv::weight_grad(&sh, &ws.cols[i], &ws.grad, gw);
+                        column_sums(&ws.grad, output[2], gb);
+                    } else {
+                        let cols = &ws.cols[i];
+                        linear_backward(cols, &ws.grad, w, (rows, kkc, output[2]), gw, gb, None);
+                    }
                     if need_dx {
                         ws.grad_next
                             .resize(n * input.iter().product::<usize>(), 0.0);
+                    }
+                    if need_dx && direct && sh.direct_input_grad() {
+                        conv::input_grad(
+                            &sh,
+                            &ws.grad,
+                            w,
+                            &mut ws.dcols,
+                            &mut ws.flipped,
+                            &mut ws.grad_next,
+                        );
+                    } else if need_dx {
+                        let mut dcols = std::mem::take(&mut ws.dcols);
+                        dcols.resize(rows * kkc, 0.0);
+                        gemm(
+                            MatRef::new(&ws.grad, rows, output[2]),
+                            MatRef::new(w, kkc, output[2]).t(),
+                            &mut dcols,
+                            false,
+                        );
                         col2im(
                             &dcols,
                             n,
@@ -318,8 +368,8 @@ impl CpuBackend {
                             padding,
                             &mut ws.grad_next,
                         );
+                        ws.dcols = dcols;
                     }
-                    ws.dcols = dcols;
                 }
                 Op::Pool { input, .. } => {
                     ws.grad_next.clear();
@@ -668,7 +718,8 @@ fn weight_views<'a>(
 
 /// Backward of `y = a · w + b` over `rows` rows of `inp` inputs and `out` outputs, given
 /// `g = dL/dy`: the weight and bias gradients, and `da = g · wᵀ` when asked for. Dense
-/// layers use it on their input, convolutions on their im2col patches.
+/// layers use it on their input, convolutions outside [`conv`] on their im2col patches
+/// (for the weights only).
 fn linear_backward(
     a: &[f32],
     g: &[f32],
@@ -1143,6 +1194,7 @@ mod tests {
             + ws.grad.capacity()
             + ws.grad_next.capacity()
             + ws.dcols.capacity()
+            + ws.flipped.capacity()
             + ws.block.held())
     }
 

@@ -107,8 +107,7 @@ pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if avx2_fma() {
             #[allow(unsafe_code)]
             // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is the only
             // requirement `gemm_avx2_fma` adds to the safe `gemm_blocked`.
@@ -127,6 +126,12 @@ pub fn gemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
     } else {
         gemm_blocked::<false, NR>(a, b, c, accumulate);
     }
+}
+
+/// Whether this CPU has AVX2 and FMA, for the kernels compiled a second time with them.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]

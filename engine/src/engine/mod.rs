@@ -8,6 +8,7 @@
 //! `[kernel_h, kernel_w, in_channels, filters]` (HWIO); both are row-major.
 
 pub mod conformance;
+mod conv;
 pub mod cpu;
 pub mod gemm;
 pub mod gpu;
