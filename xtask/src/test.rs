@@ -111,6 +111,22 @@ fn cargo(root: &Path) -> Command {
     c
 }
 
+/// `cargo test` of every native crate. The browser tests' crate has no native tests (its
+/// files are wasm32 only): built natively, it only cost CI a build of its dependencies.
+///
+/// The end-to-end tests' server and `shoal-peer` come from this same command (`--no-run`):
+/// cargo builds a package's binaries for its integration tests, with the features that
+/// the whole workspace and its test dependencies turn on. Built on their own (`cargo build
+/// -p ...`), those features differed in low crates such as `libc` and `syn`, and cargo
+/// compiled most of the tree a second time: 170 s of every end-to-end run after a change
+/// here, more on a fresh machine.
+fn native_tests(root: &Path) -> Command {
+    let mut c = cargo(root);
+    c.args(["test", "--release", "--workspace"])
+        .args(["--exclude", "shoal-wasm-pack-tests"]);
+    c
+}
+
 /// The WebDriver settings for wasm-bindgen-test: Debian's Chromium, headless, WebGPU on.
 const WEBDRIVER_JSON: &str = "wasm-pack-tests/webdriver.json";
 
@@ -157,11 +173,8 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     if want("native") {
         t.suite(
             "native unit and integration tests",
-            cargo(&root)
-                // The browser tests' crate has no native tests (its files are wasm32
-                // only): built natively, it only cost CI a build of its dependencies.
-                .args(["test", "--release", "--no-fail-fast", "--workspace"])
-                .args(["--exclude", "shoal-wasm-pack-tests"])
+            native_tests(&root)
+                .arg("--no-fail-fast")
                 .env("SHOAL_DATA", root.join("data"))
                 .env("SHOAL_PYTHON", &python),
         );
@@ -288,8 +301,8 @@ fn toml_string(s: &str) -> String {
 /// a network namespace whose only interface is loopback.
 fn e2e(root: &Path, python: &Path, t: &mut Tally) {
     let start = std::time::Instant::now();
-    let built =
-        web::build(root).and_then(|()| crate::build_server_with(root, &["--bin", "shoal-peer"]));
+    let built = web::build(root)
+        .and_then(|()| crate::run_cmd(native_tests(root).args(["--no-run", "--quiet"])));
     t.took
         .push(("end-to-end build".into(), start.elapsed().as_secs_f64()));
     match built {
