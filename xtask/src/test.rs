@@ -119,7 +119,8 @@ fn cargo(root: &Path) -> Command {
 /// the whole workspace and its test dependencies turn on. Built on their own (`cargo build
 /// -p ...`), those features differed in low crates such as `libc` and `syn`, and cargo
 /// compiled most of the tree a second time: 170 s of every end-to-end run after a change
-/// here, more on a fresh machine.
+/// here, more on a fresh machine. (So `cargo xtask test e2e` alone builds every native
+/// test too.) xtask depends on every native member for the same reason (its Cargo.toml).
 fn native_tests(root: &Path) -> Command {
     let mut c = cargo(root);
     c.args(["test", "--release", "--workspace"])
