@@ -66,6 +66,25 @@ impl Conv {
                 <= MAX_WEIGHTS
     }
 
+    /// The convolution of a model's op over `n` samples, where these kernels compute it
+    /// ([`Conv::direct`]).
+    pub(crate) fn of_op(
+        n: usize,
+        input: [usize; 3],
+        output: [usize; 3],
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Option<Self> {
+        Self::direct(stride, kernel, input[2], output[2]).then_some(Self {
+            n,
+            input,
+            output,
+            k: kernel,
+            pad,
+        })
+    }
+
     /// Whether the input gradient is computed here too: the transposed convolution's
     /// filters are this one's input channels, and its bordered gradient must not be
     /// larger than the patch gradients the general path would write.

@@ -185,14 +185,7 @@ impl CpuBackend {
                 } => {
                     let w = &params[model.tensors[weight].range()];
                     let b = &params[model.tensors[weight + 1].range()];
-                    if Conv::direct(stride, kernel, input[2], output[2]) {
-                        let sh = Conv {
-                            n,
-                            input,
-                            output,
-                            k: kernel,
-                            pad: padding,
-                        };
+                    if let Some(sh) = Conv::of_op(n, input, output, kernel, stride, padding) {
                         conv::border(x, n, input, padding, &mut ws.cols[i]);
                         conv::forward(&sh, &ws.cols[i], w, Some(b), relu, y);
                         continue;
@@ -321,16 +314,9 @@ impl CpuBackend {
                     let kkc = kernel * kernel * input[2];
                     let rows = n * output[0] * output[1];
                     let (w, gw, gb) = weight_views(model, weight, params, grads);
-                    let sh = Conv {
-                        n,
-                        input,
-                        output,
-                        k: kernel,
-                        pad: padding,
-                    };
-                    let direct = Conv::direct(stride, kernel, input[2], output[2]);
-                    if direct {
-                        conv::weight_grad(&sh, &ws.cols[i], &ws.grad, gw);
+                    let direct = Conv::of_op(n, input, output, kernel, stride, padding);
+                    if let Some(sh) = &direct {
+                        conv::weight_grad(sh, &ws.cols[i], &ws.grad, gw);
                         column_sums(&ws.grad, output[2], gb);
                     } else {
                         let cols = &ws.cols[i];
@@ -339,36 +325,28 @@ impl CpuBackend {
                     if need_dx {
                         ws.grad_next
                             .resize(n * input.iter().product::<usize>(), 0.0);
-                    }
-                    if need_dx && direct && sh.direct_input_grad() {
-                        conv::input_grad(
-                            &sh,
-                            &ws.grad,
-                            w,
-                            &mut ws.dcols,
-                            &mut ws.flipped,
-                            &mut ws.grad_next,
-                        );
-                    } else if need_dx {
-                        let mut dcols = std::mem::take(&mut ws.dcols);
-                        dcols.resize(rows * kkc, 0.0);
-                        gemm(
-                            MatRef::new(&ws.grad, rows, output[2]),
-                            MatRef::new(w, kkc, output[2]).t(),
-                            &mut dcols,
-                            false,
-                        );
-                        col2im(
-                            &dcols,
-                            n,
-                            input,
-                            output,
-                            kernel,
-                            stride,
-                            padding,
-                            &mut ws.grad_next,
-                        );
-                        ws.dcols = dcols;
+                        if let Some(sh) = direct.filter(Conv::direct_input_grad) {
+                            conv::input_grad(
+                                &sh,
+                                &ws.grad,
+                                w,
+                                &mut ws.dcols,
+                                &mut ws.flipped,
+                                &mut ws.grad_next,
+                            );
+                        } else {
+                            input_product(&ws.grad, w, (rows, kkc, output[2]), &mut ws.dcols);
+                            col2im(
+                                &ws.dcols,
+                                n,
+                                input,
+                                output,
+                                kernel,
+                                stride,
+                                padding,
+                                &mut ws.grad_next,
+                            );
+                        }
                     }
                 }
                 Op::Pool { input, .. } => {
@@ -737,14 +715,20 @@ fn linear_backward(
     );
     column_sums(g, out, gb);
     if let Some(da) = da {
-        da.resize(rows * inp, 0.0);
-        gemm(
-            MatRef::new(g, rows, out),
-            MatRef::new(w, inp, out).t(),
-            da,
-            false,
-        );
+        input_product(g, w, (rows, inp, out), da);
     }
+}
+
+/// `da = g · wᵀ` over `rows` rows: the gradient of `y = a · w + b` by its input `a`
+/// (`inp` wide), given `g = dL/dy` (`out` wide).
+fn input_product(g: &[f32], w: &[f32], (rows, inp, out): (usize, usize, usize), da: &mut Vec<f32>) {
+    da.resize(rows * inp, 0.0);
+    gemm(
+        MatRef::new(g, rows, out),
+        MatRef::new(w, inp, out).t(),
+        da,
+        false,
+    );
 }
 
 /// Index of the largest value (the first on ties).
