@@ -192,14 +192,11 @@ fn become_program(cmd: &mut Command) -> Result<()> {
 fn peer(args: &[String]) -> Result<()> {
     let root = root();
     eprintln!("xtask: checking the native peer's build (target/release/shoal-peer)");
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "shoal-web-client",
-        "--bin",
-        "shoal-peer",
-    ]))?;
+    cargo_release(
+        &root,
+        &["-p", "shoal-web-client", "--bin", "shoal-peer"],
+        false,
+    )?;
     become_program(Command::new(root.join("target/release/shoal-peer")).args(args))
 }
 
@@ -222,12 +219,25 @@ pub(crate) fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// `cargo build --quiet --release` with `targets` (`-p`, `--bin`, `--example` arguments).
+/// `cargo build --quiet --release` with `targets` (`-p` with `--bin` or `--example`
+/// arguments: name the targets, or cargo would rebuild this running xtask too).
 pub(crate) fn build_release(root: &Path, targets: &[&str]) -> Result<()> {
+    cargo_release(root, targets, true)
+}
+
+/// [`build_release`], showing cargo's progress unless `quiet`.
+///
+/// `-p xtask` joins the selection so that cargo resolves features over the same crates
+/// as `cargo xtask` and `cargo test --workspace` (xtask depends on every native member):
+/// a selection of its own turned on other features of low crates (libc, syn, tokio),
+/// compiled those and everything above them a second time, and replaced the test run's
+/// server and peer binaries with builds of other features.
+fn cargo_release(root: &Path, targets: &[&str], quiet: bool) -> Result<()> {
     run_cmd(
         Command::new("cargo")
             .current_dir(root)
-            .args(["build", "--quiet", "--release"])
+            .args(["build", "--release", "-p", "xtask"])
+            .args(quiet.then_some("--quiet"))
             .args(targets),
     )
 }
@@ -269,12 +279,16 @@ fn run(args: &[String]) -> Result<()> {
     data::prepare(&root)?;
     text::prepare(&root)?;
     eprintln!("xtask: building the signaling server");
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "shoal-signaling-server",
-    ]))?;
+    cargo_release(
+        &root,
+        &[
+            "-p",
+            "shoal-signaling-server",
+            "--bin",
+            "shoal-signaling-server",
+        ],
+        false,
+    )?;
     let server = root.join("target/release/shoal-signaling-server");
     // This process becomes the server (cargo's `run` does the same with us): it prints
     // the URLs it serves, and Ctrl-C or a signal sent to this process reaches it and it

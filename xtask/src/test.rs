@@ -22,14 +22,22 @@ struct Tally {
 impl Tally {
     /// A check that passes or fails as a whole (formatting, lints, a build step).
     fn check(&mut self, name: &str, cmd: &mut Command) {
+        self.verdict(name, || match cmd.status() {
+            Ok(s) if s.success() => Ok(()),
+            other => bail!("{other:?}"),
+        });
+    }
+
+    /// A check computed here: `run` says why it failed.
+    fn verdict(&mut self, name: &str, run: impl FnOnce() -> Result<()>) {
         eprintln!("\n== {name}");
         let start = std::time::Instant::now();
-        let status = cmd.status();
+        let result = run();
         self.took.push((name.into(), start.elapsed().as_secs_f64()));
-        match status {
-            Ok(s) if s.success() => self.passed += 1,
-            other => {
-                eprintln!("xtask: {name} failed: {other:?}");
+        match result {
+            Ok(()) => self.passed += 1,
+            Err(e) => {
+                eprintln!("xtask: {name} failed: {e:#}");
                 self.failed += 1;
                 self.failures.push(name.to_string());
             }
@@ -202,9 +210,21 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     Ok(())
 }
 
-/// Formatting and lints, native and wasm32.
+/// Formatting and lints, native and wasm32; and that the native build is one build.
 fn checks(root: &Path, t: &mut Tally) {
     t.check("rustfmt", cargo(root).args(["fmt", "--all", "--check"]));
+    t.verdict("one native build (cargo tree)", || {
+        let split = feature_split(root)?;
+        if split.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "cargo resolves other features for `cargo xtask` than for the native tests, so a \
+             fresh machine compiles these and every crate above them twice (give xtask the \
+             dependency or the features that the tests bring):\n  {}",
+            split.join("\n  ")
+        )
+    });
     t.check(
         "clippy (native)",
         cargo(root).args([
@@ -240,6 +260,52 @@ fn checks(root: &Path, t: &mut Tally) {
             "warnings",
         ]),
     );
+}
+
+/// The packages whose features cargo resolves one way for `cargo xtask`'s own build
+/// (`--package xtask`, normal and build dependencies) and another for the native tests
+/// ([`native_tests`]: the workspace, dev-dependencies too), each as a line. Cargo hashes
+/// a crate's features into its build, so each such package, and every crate that
+/// depends on it, compiles twice from an empty target dir (once 245 crates, 579 s of
+/// CPU); xtask depends on every native member so that there are none.
+fn feature_split(root: &Path) -> Result<Vec<String>> {
+    use std::collections::{BTreeMap, BTreeSet};
+    // A package can appear more than once with other features (as a build dependency,
+    // and as a normal one): each package's set of feature lists is compared.
+    let tree = |selection: &[&str]| -> Result<BTreeMap<String, BTreeSet<String>>> {
+        let out = cargo(root)
+            .args(["tree", "--quiet", "--prefix", "none", "--format", "{p}|{f}"])
+            .args(selection)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "cargo tree {selection:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((package, features)) = line.trim_end_matches(" (*)").split_once('|') {
+                found
+                    .entry(package.to_string())
+                    .or_default()
+                    .insert(features.to_string());
+            }
+        }
+        Ok(found)
+    };
+    let xtask = tree(&["--package", "xtask", "--edges", "normal,build"])?;
+    let tests = tree(&["--workspace", "--exclude", "shoal-wasm-pack-tests"])?;
+    if xtask.len() < 50 {
+        bail!("cargo tree listed {} packages for xtask", xtask.len());
+    }
+    Ok(xtask
+        .iter()
+        .filter_map(|(package, x)| {
+            let t = tests.get(package)?;
+            (t != x).then(|| format!("{package}: {x:?} for xtask, {t:?} for the tests"))
+        })
+        .collect())
 }
 
 /// The path of this program's binary (without the " (deleted)" Linux appends once the

@@ -1299,9 +1299,9 @@ impl Learner {
         {
             return Err(self.stats.reject(Rejection::Replay));
         }
-        if !u.verify(&self.task) {
+        let Some(hash) = u.verified_hash(&self.task) else {
             return Err(self.stats.reject(Rejection::BadSignature));
-        }
+        };
         let stale = u.round + u64::from(self.cfg.max_staleness) < self.round;
         let delta = if self.changes() {
             // A change applies to our copy whether or not the update still counts, so
@@ -1358,7 +1358,7 @@ impl Learner {
             key: u.key,
             round: u.round,
             samples: u.samples,
-            hash: crate::trust::receipt::sha256(bytes),
+            hash,
             signature: u.signature,
             from: vec![sender],
             delta,
