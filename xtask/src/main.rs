@@ -219,6 +219,30 @@ pub(crate) fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo` in `root`, without the variables that `cargo run` set for this program
+/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts may watch them, and
+/// cargo reruns a build script when a variable it watches changes: ring's watches both,
+/// so each cargo started from here rebuilt ring and the 12 crates above it (rustls, the
+/// WebRTC stack) for its environment, and the next `cargo xtask` from a shell rebuilt
+/// them for its own, on a fresh machine too.
+pub(crate) fn cargo(root: &Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root);
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*k,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+            )
+        {
+            c.env_remove(&key);
+        }
+    }
+    c
+}
+
 /// `cargo build --quiet --release` with `targets` (`-p` with `--bin` or `--example`
 /// arguments: name the targets, or cargo would rebuild this running xtask too).
 pub(crate) fn build_release(root: &Path, targets: &[&str]) -> Result<()> {
@@ -234,8 +258,7 @@ pub(crate) fn build_release(root: &Path, targets: &[&str]) -> Result<()> {
 /// server and peer binaries with builds of other features.
 fn cargo_release(root: &Path, targets: &[&str], quiet: bool) -> Result<()> {
     run_cmd(
-        Command::new("cargo")
-            .current_dir(root)
+        cargo(root)
             .args(["build", "--release", "-p", "xtask"])
             .args(quiet.then_some("--quiet"))
             .args(targets),

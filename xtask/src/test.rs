@@ -107,8 +107,7 @@ fn parse_counts(line: &str) -> (usize, usize) {
 }
 
 fn cargo(root: &Path) -> Command {
-    let mut c = Command::new("cargo");
-    c.current_dir(root);
+    let mut c = crate::cargo(root);
     // Native wgpu (Vulkan) wants a runtime directory; headless machines often lack one.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = root.join("target/xdg-runtime");
@@ -434,5 +433,32 @@ mod tests {
         assert_eq!(parse_counts("# pass 4"), (4, 0));
         assert_eq!(parse_counts("# fail 1"), (0, 1));
         assert_eq!(parse_counts("running 3 tests"), (0, 0));
+    }
+
+    #[test]
+    fn cargo_started_from_xtask_does_not_see_what_cargo_set_for_xtask() {
+        // Cargo sets these for a test as `cargo run` does for xtask; ring's build script
+        // watches both, and a cargo that inherited them rebuilt ring and the crates above.
+        let c = crate::cargo(std::path::Path::new("."));
+        let removed: Vec<String> = c
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for var in [
+            "CARGO_PKG_NAME",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_VERSION_MAJOR",
+        ] {
+            assert!(std::env::var_os(var).is_some(), "cargo set {var}");
+            assert!(
+                removed.iter().any(|k| k == var),
+                "{var} is kept: {removed:?}"
+            );
+        }
+        assert!(
+            !removed.iter().any(|k| k == "CARGO_HOME" || k == "PATH"),
+            "the user's settings stay"
+        );
     }
 }

@@ -36,7 +36,7 @@ pub(crate) fn build(root: &Path) -> Result<()> {
     for (package, _) in BUNDLES {
         args.extend(["-p", package]);
     }
-    run_cmd(Command::new("cargo").current_dir(root).args(args))?;
+    run_cmd(crate::cargo(root).args(args))?;
     let out_dir = root.join("www/pkg");
     for (package, name) in BUNDLES {
         bindgen_and_optimize(root, name)?;
