@@ -42,7 +42,7 @@ const COMMANDS: &[(&str, &str, &str)] = &[
         "test",
         "test [PART...]",
         "Installs what is missing, then runs every check and test suite, ending with \
-         'N passed, N failed'. PART runs only some: checks (rustfmt, clippy), native \
+         'N passed, N failed'. PART runs only some: checks (rustfmt, one native build, clippy), native \
          (cargo test), browser (wasm-bindgen-test in Chromium), e2e (Playwright, loopback \
          namespace). CI runs the bare command.",
     ),

@@ -272,15 +272,14 @@ fn feature_split(root: &Path) -> Result<Vec<String>> {
     // A package can appear more than once with other features (as a build dependency,
     // and as a normal one): each package's set of feature lists is compared.
     let tree = |selection: &[&str]| -> Result<BTreeMap<String, BTreeSet<String>>> {
+        // Its messages (a download, a wait for cargo's lock, an error) show as they come.
         let out = cargo(root)
-            .args(["tree", "--quiet", "--prefix", "none", "--format", "{p}|{f}"])
+            .args(["tree", "--prefix", "none", "--format", "{p}|{f}"])
             .args(selection)
+            .stderr(Stdio::inherit())
             .output()?;
         if !out.status.success() {
-            bail!(
-                "cargo tree {selection:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("cargo tree {selection:?} failed ({})", out.status);
         }
         let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for line in String::from_utf8_lossy(&out.stdout).lines() {

@@ -611,7 +611,11 @@ struct Pending {
     round: u64,
     /// The samples the signer claims (weighs the update in rounds sized in time).
     samples: u32,
-    /// SHA-256 of the update message as it arrived (what a receipt names).
+    /// SHA-256 of the update message as it arrived (what a receipt names), computed from
+    /// the decoded update ([`Update::verified_hash`](wire::Update::verified_hash)): the
+    /// same bytes, since an update decodes only from its one encoding (no trailing
+    /// bytes). `held_copy` hashes a copy's raw bytes against it; were decoding ever to
+    /// take other bytes, honest copies would count as forgeries there.
     hash: [u8; 32],
     /// Its signature (a replay is hashed only when it carries this one).
     signature: [u8; 64],
