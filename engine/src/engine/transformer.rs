@@ -136,7 +136,7 @@ impl BlockScratch {
 }
 
 /// Layer norm of each `dim`-wide row of `x` into `y`, keeping `(mean, rstd)` per row.
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 pub(crate) fn layer_norm(
     x: &[f32],
     dim: usize,
@@ -164,7 +164,7 @@ pub(crate) fn layer_norm(
 /// Backward of [`layer_norm`]: writes the gain and bias gradients, and adds the input
 /// gradient into `dx`.
 #[allow(clippy::too_many_arguments)]
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 pub(crate) fn layer_norm_backward(
     x: &[f32],
     stats: &[f32],
@@ -242,18 +242,18 @@ fn tanh_approx(z: f32) -> f32 {
 }
 
 /// GELU, tanh form.
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 pub fn gelu(u: f32) -> f32 {
     0.5 * u * (1.0 + tanh_approx(GELU_C * (u + GELU_A * u * u * u)))
 }
 
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 fn gelu_grad(u: f32) -> f32 {
     let t = tanh_approx(GELU_C * (u + GELU_A * u * u * u));
     0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * u * u)
 }
 
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 fn add_bias(y: &mut [f32], b: &[f32]) {
     for row in y.chunks_exact_mut(b.len()) {
         for (v, &bb) in row.iter_mut().zip(b) {
@@ -262,14 +262,14 @@ fn add_bias(y: &mut [f32], b: &[f32]) {
     }
 }
 
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 fn add_into(y: &mut [f32], x: &[f32]) {
     for (v, &a) in y.iter_mut().zip(x) {
         *v += a;
     }
 }
 
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 pub(crate) fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
     out.fill(0.0);
     for row in m.chunks_exact(cols) {
@@ -281,7 +281,7 @@ pub(crate) fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
 
 /// Softmax of the scaled scores `row[..=i]` (the positions `i` may attend to); the rest
 /// of the row becomes 0.
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 fn causal_softmax(row: &mut [f32], i: usize, scale: f32) {
     let (live, masked) = row.split_at_mut(i + 1);
     let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
@@ -330,45 +330,8 @@ pub(crate) fn embed_backward(
 
 /// One block forward: `y = h1 + mlp(ln2(h1))` with `h1 = x + attn(ln1(x))`. `p` holds the
 /// block's twelve tensors in [`Op::Block`](super::Op::Block) order.
-///
-/// On x86-64 with AVX2 the block's own loops (layer norms, GELU, softmax, the copies)
-/// run in that build, twice as wide as the baseline's SSE; the products dispatch alike.
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 pub(crate) fn block_forward(
-    sh: &BlockShape,
-    p: &[&[f32]; 12],
-    x: &[f32],
-    saved: &mut [f32],
-    y: &mut [f32],
-    scratch: &mut BlockScratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if super::gemm::avx2_fma() {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only
-        // requirement `block_forward_avx2` adds to the safe `block_forward_body`.
-        unsafe {
-            block_forward_avx2(sh, p, x, saved, y, scratch);
-        }
-        return;
-    }
-    block_forward_body(sh, p, x, saved, y, scratch);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn block_forward_avx2(
-    sh: &BlockShape,
-    p: &[&[f32]; 12],
-    x: &[f32],
-    saved: &mut [f32],
-    y: &mut [f32],
-    scratch: &mut BlockScratch,
-) {
-    block_forward_body(sh, p, x, saved, y, scratch);
-}
-
-#[inline(always)]
-fn block_forward_body(
     sh: &BlockShape,
     p: &[&[f32]; 12],
     x: &[f32],
@@ -408,7 +371,7 @@ fn qkv_views<'a>(sh: &BlockShape, qkv: &'a [f32], s: usize, h: usize) -> [MatRef
     [0, 1, 2].map(|k| MatRef::strided(&qkv[base + k * d..], t, hd, 3 * d))
 }
 
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 fn attention_forward(
     sh: &BlockShape,
     qkv: &[f32],
@@ -436,7 +399,7 @@ fn attention_forward(
 }
 
 /// Gradients of the attention's packed `qkv` from the gradient of its output `d_o`.
-#[inline(always)]
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 fn attention_backward(
     sh: &BlockShape,
     qkv: &[f32],
@@ -484,50 +447,10 @@ fn attention_backward(
 }
 
 /// One block backward: from `dy`, writes the block's twelve gradients `gr` and the input
-/// gradient `dx`. Dispatched as [`block_forward`] is.
+/// gradient `dx`.
+#[cfg_attr(target_arch = "x86_64", inline(always))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn block_backward(
-    sh: &BlockShape,
-    p: &[&[f32]; 12],
-    gr: [&mut [f32]; 12],
-    x: &[f32],
-    saved: &[f32],
-    dy: &[f32],
-    dx: &mut Vec<f32>,
-    scratch: &mut BlockScratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if super::gemm::avx2_fma() {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only
-        // requirement `block_backward_avx2` adds to the safe `block_backward_body`.
-        unsafe {
-            block_backward_avx2(sh, p, gr, x, saved, dy, dx, scratch);
-        }
-        return;
-    }
-    block_backward_body(sh, p, gr, x, saved, dy, dx, scratch);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn block_backward_avx2(
-    sh: &BlockShape,
-    p: &[&[f32]; 12],
-    gr: [&mut [f32]; 12],
-    x: &[f32],
-    saved: &[f32],
-    dy: &[f32],
-    dx: &mut Vec<f32>,
-    scratch: &mut BlockScratch,
-) {
-    block_backward_body(sh, p, gr, x, saved, dy, dx, scratch);
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block_backward_body(
     sh: &BlockShape,
     p: &[&[f32]; 12],
     gr: [&mut [f32]; 12],
