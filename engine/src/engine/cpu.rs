@@ -1229,6 +1229,55 @@ mod tests {
             + ws.block.held())
     }
 
+    /// The AVX2 build of the forward and backward pass (what x86-64 machines run) and
+    /// the baseline one (what the others run) give the same bits: every sum keeps its
+    /// order, and the products and convolutions dispatch alike inside both.
+    #[test]
+    fn the_avx2_pass_and_the_baseline_pass_agree_to_the_bit() {
+        use super::super::{LayerSpec, ModelSpec};
+        let mut lm = vec![LayerSpec::Embedding {
+            vocab: 256,
+            dim: 32,
+        }];
+        lm.extend([
+            LayerSpec::TransformerBlock {
+                heads: 4,
+                mlp_ratio: 4,
+            },
+            LayerSpec::LayerNorm,
+            LayerSpec::LmHead { tied: true },
+        ]);
+        for spec in [
+            ModelSpec {
+                input: [1, 16, 1],
+                layers: lm,
+            },
+            ModelSpec::cnn_digits(),
+            ModelSpec::mlp_digits(),
+        ] {
+            let model = Model::new(spec).expect("valid");
+            let (d, per, classes) = (model.input_len(), model.positions(), model.classes());
+            let n = 6;
+            let xs: Vec<f32> = (0..n * d).map(|i| ((i * 37) % 200) as f32 / 7.0).collect();
+            let ys: Vec<u8> = (0..n * per).map(|i| ((i * 5) % classes) as u8).collect();
+            let backend = || {
+                CpuBackend::new(model.clone(), Optimizer::adam(1e-3), model.init_params(3))
+                    .expect("cpu")
+            };
+            let (mut dispatched, mut baseline) = (backend(), backend());
+            let loss = dispatched.forward_backward(&xs, &ys);
+            let base_loss = baseline.forward_backward_in(&xs, &ys);
+            assert!(loss.is_finite());
+            assert_eq!(loss.to_bits(), base_loss.to_bits(), "loss");
+            let bits = |g: &[f32]| -> Vec<u32> { g.iter().map(|x| x.to_bits()).collect() };
+            assert!(
+                dispatched.grads.iter().any(|&g| g != 0.0),
+                "gradients flowed"
+            );
+            assert_eq!(bits(&dispatched.grads), bits(&baseline.grads), "gradients");
+        }
+    }
+
     /// What a task's budget counts ([`Model::training_bytes`]) bounds what a contributor
     /// holds: a training step at the task's batch and an evaluation beside it. A stack of
     /// narrow blocks of one head held about 1.4 times the count (a block's two layer
