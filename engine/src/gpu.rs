@@ -1,6 +1,8 @@
 //! The GPU context: one wgpu device and queue, a summary of the adapter that a person can
 //! read, and asynchronous readback that never blocks a browser thread.
 
+use std::sync::{Arc, Mutex};
+
 use serde::Serialize;
 use thiserror::Error;
 use wgpu::util::DeviceExt;
@@ -74,6 +76,8 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     /// What the adapter is.
     pub adapter: AdapterSummary,
+    /// The training kernels compiled on this device, passed from one backend to the next.
+    pub(crate) kernels: Arc<Mutex<Option<crate::engine::gpu::Kernels>>>,
 }
 
 impl Gpu {
@@ -105,6 +109,7 @@ impl Gpu {
                         device,
                         queue,
                         adapter: summary,
+                        kernels: Arc::default(),
                     });
                 }
                 Err(e) => last_err = e.to_string(),

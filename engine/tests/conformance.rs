@@ -64,3 +64,8 @@ fn cpu_lm_gradients_match_finite_differences() {
 fn cpu_step_is_deterministic() {
     pollster::block_on(suite::cpu_step_is_deterministic());
 }
+
+#[test]
+fn backends_on_one_device_share_their_kernels() {
+    pollster::block_on(suite::backends_on_one_device_share_their_kernels(&gpu()));
+}

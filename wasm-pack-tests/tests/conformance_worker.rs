@@ -8,10 +8,21 @@ use wasm_bindgen_test::*;
 
 wasm_bindgen_test_configure!(run_in_dedicated_worker);
 
+thread_local! {
+    static GPU: std::cell::RefCell<Option<Gpu>> = const { std::cell::RefCell::new(None) };
+}
+
+/// One device for every test here, as a page has: the kernels one test compiled, the
+/// next reuses (software WebGPU takes seconds to compile a backend's set).
 async fn gpu() -> Gpu {
-    Gpu::new()
+    if let Some(g) = GPU.with_borrow(Clone::clone) {
+        return g;
+    }
+    let g = Gpu::new()
         .await
-        .expect("headless Chromium runs with WebGPU enabled")
+        .expect("headless Chromium runs with WebGPU enabled");
+    GPU.set(Some(g.clone()));
+    g
 }
 
 #[wasm_bindgen_test]
@@ -22,6 +33,11 @@ async fn matmul_kernel_matches_reference() {
 #[wasm_bindgen_test]
 async fn every_op_forward_and_backward_matches_cpu() {
     suite::gradients_match_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn backends_on_one_device_share_their_kernels() {
+    suite::backends_on_one_device_share_their_kernels(&gpu().await).await;
 }
 
 #[wasm_bindgen_test]

@@ -281,6 +281,38 @@ pub async fn gradients_match_cpu(gpu: &Gpu) {
     }
 }
 
+/// A second backend on a device reuses the pipelines the first compiled (a browser
+/// compiles each at its first use: seconds a backend in software), and trains as the
+/// first does.
+pub async fn backends_on_one_device_share_their_kernels(gpu: &Gpu) {
+    let (_, spec) = models().into_iter().nth(4).expect("conv+pool model");
+    let model = Model::new(spec).expect("valid model");
+    let params = model.init_params(3);
+    let held = || {
+        let slot = gpu.kernels.lock().expect("kernels lock");
+        let k = slot
+            .as_ref()
+            .expect("a backend hands its kernels to the device");
+        (k.im2col.clone(), k.optimizer.clone(), k.matmul.clone())
+    };
+    let opt = Optimizer::adam(1e-3);
+    let mut first = GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
+    let compiled = held();
+    assert!(
+        !compiled.2.is_empty(),
+        "the model's matrix products compiled"
+    );
+    let mut second = GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
+    assert!(
+        held() == compiled,
+        "the second backend compiled its kernels again"
+    );
+    let (x, y) = batch_for(&model, 4);
+    let (l1, g1) = first.gradients(&x, &y).await.expect("gradients");
+    let (l2, g2) = second.gradients(&x, &y).await.expect("gradients");
+    assert_eq!((l1.to_bits(), g1), (l2.to_bits(), g2));
+}
+
 /// Several whole training steps, SGD-momentum and Adam on a convolutional model, AdamW
 /// with weight decay and an active gradient clip on a language model: the GPU's
 /// parameters stay with the CPU's.

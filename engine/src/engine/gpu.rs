@@ -121,9 +121,14 @@ impl MatmulVariant {
     }
 }
 
-/// Every compute pipeline the backend uses, compiled once per device.
-struct Kernels {
-    im2col: wgpu::ComputePipeline,
+/// Every compute pipeline the backend uses, compiled once per device: a backend takes
+/// them from its [`Gpu`] and gives them back when it has recorded its passes, so the next
+/// backend on the device reuses them (at most 16 matrix-product variants and three
+/// attention kernels per head width). A browser compiles a pipeline when it first runs:
+/// Chromium's SwiftShader took 3 to 13 s for each new backend's first step, every backend
+/// compiling the same kernels again.
+pub(crate) struct Kernels {
+    pub(crate) im2col: wgpu::ComputePipeline,
     col2im: wgpu::ComputePipeline,
     pool_fwd: wgpu::ComputePipeline,
     pool_bwd: wgpu::ComputePipeline,
@@ -132,11 +137,11 @@ struct Kernels {
     colsum: wgpu::ComputePipeline,
     softmax_ce: wgpu::ComputePipeline,
     finite_check: wgpu::ComputePipeline,
-    optimizer: wgpu::ComputePipeline,
+    pub(crate) optimizer: wgpu::ComputePipeline,
     /// The language models' kernels (and the clip's norm), compiled only when a model or
     /// optimizer needs them.
     lm: Option<LmKernels>,
-    matmul: HashMap<MatmulVariant, wgpu::ComputePipeline>,
+    pub(crate) matmul: HashMap<MatmulVariant, wgpu::ComputePipeline>,
     /// Attention kernels per (kind, head width): forward, dq, dk/dv.
     attention: HashMap<(Attention, usize), wgpu::ComputePipeline>,
 }
@@ -230,6 +235,23 @@ impl Kernels {
             matmul: HashMap::new(),
             attention: HashMap::new(),
         }
+    }
+
+    /// The kernels an earlier backend on `gpu` compiled, or new ones.
+    fn of(gpu: &Gpu) -> Self {
+        let held = gpu
+            .kernels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        held.unwrap_or_else(|| Self::new(&gpu.device))
+    }
+
+    /// Hands these kernels back to `gpu` for the next backend.
+    fn keep(self, gpu: &Gpu) {
+        *gpu.kernels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(self);
     }
 
     fn lm(&mut self, device: &wgpu::Device) -> &LmKernels {
@@ -678,7 +700,7 @@ impl GpuBackend {
         }
         let dcols = storage(device, "dcols", dcols_len);
 
-        let mut kernels = Kernels::new(device);
+        let mut kernels = Kernels::of(gpu);
         let mut rec = Recorder {
             device,
             kernels: &mut kernels,
@@ -1198,6 +1220,7 @@ impl GpuBackend {
             .chain(&opt_dispatch)
             .any(|d| d.groups.iter().any(|&g| g > most))
         {
+            kernels.keep(gpu);
             return Err(EngineError::Unsupported(
                 "a grid past the device's workgroups per dimension",
             ));
@@ -1211,6 +1234,7 @@ impl GpuBackend {
         scratch.extend(saved.into_iter().flatten());
         scratch.extend([wide, narrow, dqkv, row_dots, dh1, partials, gnorm, decay]);
         scratch.push(rec.dummy);
+        kernels.keep(gpu);
         Ok(Self {
             gpu: gpu.clone(),
             model,
@@ -1425,7 +1449,7 @@ impl MatmulRunner {
         );
         gpu.queue.write_buffer(&ab, 0, bytemuck::cast_slice(a));
         gpu.queue.write_buffer(&bb, 0, bytemuck::cast_slice(b));
-        let mut kernels = Kernels::new(device);
+        let mut kernels = Kernels::of(gpu);
         let mut rec = Recorder {
             device,
             kernels: &mut kernels,
@@ -1440,12 +1464,14 @@ impl MatmulRunner {
             (ta, tb),
             false,
         );
+        let dummy = rec.dummy;
+        kernels.keep(gpu);
         Self {
             gpu: gpu.clone(),
             c: cb,
             dispatch,
             len: m * n,
-            _inputs: [ab, bb, rec.dummy],
+            _inputs: [ab, bb, dummy],
         }
     }
 
