@@ -2,18 +2,28 @@
 
 Input: a JSON list of [noise_multiplier, sampling_rate, rounds, delta].
 Output: a JSON list of epsilons, in the same order (null where it is infinite).
+The cases are shared among one process a core (28 s on one core for the test's 300, 19 s
+on two).
 """
 import json
 import math
+import multiprocessing
 import sys
 
 import dp_accounting
 
-out = []
-for z, q, rounds, delta in json.load(sys.stdin):
+
+def epsilon(case):
+    z, q, rounds, delta = case
     acc = dp_accounting.rdp.RdpAccountant()
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
     acc.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     eps = acc.get_epsilon(delta)
-    out.append(None if math.isinf(eps) else eps)
-json.dump(out, sys.stdout)
+    return None if math.isinf(eps) else eps
+
+
+if __name__ == "__main__":
+    cases = json.load(sys.stdin)
+    with multiprocessing.Pool() as pool:
+        out = pool.map(epsilon, cases, chunksize=1)
+    json.dump(out, sys.stdout)
