@@ -13,7 +13,8 @@ thread_local! {
 }
 
 /// One device for every test here, as a page has: the kernels one test compiled, the
-/// next reuses (software WebGPU takes seconds to compile a backend's set).
+/// next reuses (software WebGPU takes seconds to compile a backend's set). A device that
+/// is lost is forgotten, so the next test opens its own rather than failing for it.
 async fn gpu() -> Gpu {
     if let Some(g) = GPU.with_borrow(Clone::clone) {
         return g;
@@ -21,6 +22,9 @@ async fn gpu() -> Gpu {
     let g = Gpu::new()
         .await
         .expect("headless Chromium runs with WebGPU enabled");
+    g.device.set_device_lost_callback(|_, _| {
+        let _ = GPU.try_with(|slot| slot.replace(None));
+    });
     GPU.set(Some(g.clone()));
     g
 }

@@ -247,11 +247,25 @@ impl Kernels {
         held.unwrap_or_else(|| Self::new(&gpu.device))
     }
 
-    /// Hands these kernels back to `gpu` for the next backend.
-    fn keep(self, gpu: &Gpu) {
-        *gpu.kernels
+    /// Hands these kernels back to `gpu` for the next backend, merged with any another
+    /// backend built meanwhile (natively, on another thread) handed back first.
+    fn keep(mut self, gpu: &Gpu) {
+        let mut slot = gpu
+            .kernels
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(self);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(other) = slot.take() {
+            if self.lm.is_none() {
+                self.lm = other.lm;
+            }
+            for (v, p) in other.matmul {
+                self.matmul.entry(v).or_insert(p);
+            }
+            for (a, p) in other.attention {
+                self.attention.entry(a).or_insert(p);
+            }
+        }
+        *slot = Some(self);
     }
 
     fn lm(&mut self, device: &wgpu::Device) -> &LmKernels {

@@ -493,15 +493,26 @@ mod tests {
                 );
             }
         }
+        // Past 16 rows: random zeros and ones of every density, and random keys.
         let mut rng = crate::rng::SplitMix64::new(3);
-        for n in [17, 31, 50, 64, 100] {
-            let mut v: Vec<u64> = (0..n).map(|_| rng.next_u64() % 20).collect();
-            for &(i, j) in &sorting_network(n) {
-                if v[j] < v[i] {
-                    v.swap(i, j);
+        for n in 17..=128usize {
+            let net = sorting_network(n);
+            for trial in 0..200u64 {
+                let mut v: Vec<u64> = if trial % 2 == 0 {
+                    let ones = rng.next_u64() % (n as u64 + 1);
+                    (0..n)
+                        .map(|_| u64::from(rng.next_u64() % (n as u64) < ones))
+                        .collect()
+                } else {
+                    (0..n).map(|_| rng.next_u64() % 20).collect()
+                };
+                for &(i, j) in &net {
+                    if v[j] < v[i] {
+                        v.swap(i, j);
+                    }
                 }
+                assert!(v.windows(2).all(|w| w[0] <= w[1]), "{n} rows: {v:?}");
             }
-            assert!(v.windows(2).all(|w| w[0] <= w[1]), "{n} rows: {v:?}");
         }
     }
 
@@ -519,6 +530,10 @@ mod tests {
             f32::INFINITY,
             f32::NEG_INFINITY,
             1e-40,
+            -1e-40,
+            f32::MIN_POSITIVE,
+            f32::NAN,
+            -f32::NAN,
             -2.0,
         ];
         for (m, len) in [
@@ -529,12 +544,14 @@ mod tests {
             (8, 129),
             (13, 64),
             (40, 70),
+            (64, 70),
+            (100, 65),
         ] {
             let ups: Vec<Vec<f32>> = (0..m)
                 .map(|_| {
                     (0..len)
                         .map(|_| match rng.next_u64() % 3 {
-                            0 => pick[(rng.next_u64() % 8) as usize],
+                            0 => pick[rng.next_u64() as usize % pick.len()],
                             _ => rng.normal_f32(),
                         })
                         .collect()
