@@ -135,111 +135,6 @@ fn native_tests(root: &Path) -> Command {
     c
 }
 
-/// The swarm simulations (`shared/tests/swarm_sim.rs`, `test = false` in its Cargo.toml so
-/// that the native tests' `cargo test` leaves them out): built with the native tests'
-/// selection (so nothing compiles twice), then run as their own process, at the lowest
-/// CPU priority when `beside` other parts (they take only what those leave idle).
-struct Sims {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-    started: std::time::Instant,
-    beside: bool,
-}
-
-/// Their test target's name.
-const SIMS: &str = "swarm_sim";
-
-impl Sims {
-    /// Builds and starts them; a failed build or start counts as a failed step.
-    fn start(root: &Path, beside: bool, t: &mut Tally) -> Option<Self> {
-        let mut started = None;
-        t.verdict("build and start the swarm simulations", || {
-            let out = native_tests(root)
-                .args([
-                    "--no-run",
-                    "--test",
-                    SIMS,
-                    "--message-format=json-render-diagnostics",
-                ])
-                .stderr(Stdio::inherit())
-                .output()?;
-            if !out.status.success() {
-                bail!("cargo test --no-run --test {SIMS}: {}", out.status);
-            }
-            let exe = sims_executable(&String::from_utf8_lossy(&out.stdout))
-                .ok_or_else(|| anyhow::anyhow!("cargo named no executable for {SIMS}"))?;
-            let log = root.join("target/swarm-sim.log");
-            let file = std::fs::File::create(&log)?;
-            let mut cmd = if beside {
-                let mut c = Command::new("nice");
-                c.args(["-n", "19"]).arg(&exe);
-                c
-            } else {
-                Command::new(&exe)
-            };
-            let child = cmd
-                .current_dir(root.join("shared"))
-                .env("SHOAL_DATA", root.join("data"))
-                .stdout(file.try_clone()?)
-                .stderr(file)
-                .spawn()?;
-            started = Some(Self {
-                child,
-                log,
-                started: std::time::Instant::now(),
-                beside,
-            });
-            Ok(())
-        });
-        started
-    }
-
-    /// Waits for them, shows their output and counts their tests.
-    fn finish(mut self, t: &mut Tally) {
-        let name = if self.beside {
-            "swarm simulations (low priority, beside the other parts)"
-        } else {
-            "swarm simulations"
-        };
-        eprintln!("\n== {name}");
-        let waited = std::time::Instant::now();
-        let status = self.child.wait();
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let (mut passed, mut failed) = (0, 0);
-        for line in text.lines() {
-            println!("{line}");
-            let (p, f) = parse_counts(line);
-            passed += p;
-            failed += f;
-        }
-        t.took
-            .push((name.into(), self.started.elapsed().as_secs_f64()));
-        t.took.push((
-            "waiting for the swarm simulations at the end".into(),
-            waited.elapsed().as_secs_f64(),
-        ));
-        t.passed += passed;
-        t.failed += failed;
-        if !matches!(status, Ok(s) if s.success()) || failed > 0 {
-            if failed == 0 {
-                t.failed += 1;
-            }
-            eprintln!("xtask: {name} failed ({status:?})");
-            t.failures.push(name.to_string());
-        }
-    }
-}
-
-/// The executable cargo built for the simulations, from its JSON messages.
-fn sims_executable(json_lines: &str) -> Option<std::path::PathBuf> {
-    json_lines.lines().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        (v["reason"] == "compiler-artifact" && v["target"]["name"] == SIMS)
-            .then(|| v["executable"].as_str().map(Into::into))
-            .flatten()
-    })
-}
-
 /// The WebDriver settings for wasm-bindgen-test: Debian's Chromium, headless, WebGPU on.
 const WEBDRIVER_JSON: &str = "wasm-pack-tests/webdriver.json";
 
@@ -283,14 +178,7 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
     if want("checks") {
         checks(&root, &mut t);
     }
-    let mut sims = None;
-    // Beside the browser and end-to-end tests, which leave a third of the machine idle,
-    // the simulations cost the run little; alone they take six minutes.
-    let beside = want("browser") || want("e2e");
     if want("native") {
-        if beside {
-            sims = Sims::start(&root, true, &mut t);
-        }
         t.suite(
             "native unit and integration tests",
             native_tests(&root)
@@ -298,18 +186,12 @@ fn run_parts(want: &dyn Fn(&str) -> bool) -> Result<()> {
                 .env("SHOAL_DATA", root.join("data"))
                 .env("SHOAL_PYTHON", &python),
         );
-        if !beside {
-            sims = Sims::start(&root, false, &mut t);
-        }
     }
     if want("browser") {
         browser(&root, &runner, &mut t);
     }
     if want("e2e") {
         e2e(&root, &python, &mut t);
-    }
-    if let Some(sims) = sims {
-        sims.finish(&mut t);
     }
 
     eprintln!("\ntime per step:");
@@ -350,9 +232,6 @@ fn checks(root: &Path, t: &mut Tally) {
             "--exclude",
             "shoal-wasm-pack-tests",
             "--all-targets",
-            // Not among `--all-targets`: its `test = false` (see `Sims`).
-            "--test",
-            SIMS,
             "--",
             "-D",
             "warnings",
@@ -538,22 +417,7 @@ pub(crate) fn loopback_namespace(script: &str) -> Command {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_counts, sims_executable};
-
-    #[test]
-    fn finds_the_simulations_executable_in_cargos_messages() {
-        let lines = [
-            r#"{"reason":"compiler-artifact","target":{"name":"shoal_shared","kind":["lib"]},"executable":null}"#,
-            r#"{"reason":"compiler-artifact","target":{"name":"swarm_sim","kind":["test"]},"executable":"/t/release/deps/swarm_sim-1f"}"#,
-            r#"{"reason":"build-finished","success":true}"#,
-        ];
-        assert_eq!(
-            sims_executable(&lines.join("\n")),
-            Some("/t/release/deps/swarm_sim-1f".into())
-        );
-        assert_eq!(sims_executable(&lines[..1].join("\n")), None);
-        assert_eq!(sims_executable("not json\n"), None);
-    }
+    use super::parse_counts;
 
     #[test]
     fn reads_libtest_and_tap_summaries() {
