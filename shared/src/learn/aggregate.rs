@@ -221,16 +221,19 @@ fn per_coordinate(updates: &[(&[f32], f32)], out: &mut [f32], f: impl Fn(&[(f32,
     }
 }
 
-/// An integer whose order is [`f32::total_cmp`]'s order of `x`: negative floats' bits
-/// other than the sign are flipped.
+/// An integer whose order is [`f32::total_cmp`]'s order of `x`.
 fn order_key(x: f32) -> i32 {
-    let b = x.to_bits() as i32;
-    b ^ (((b >> 31) as u32) >> 1) as i32
+    flip_negative(x.to_bits() as i32)
 }
 
-/// The float whose [`order_key`] is `k` (the map is its own inverse).
+/// The float whose [`order_key`] is `k`.
 fn from_order_key(k: i32) -> f32 {
-    f32::from_bits((k ^ (((k >> 31) as u32) >> 1) as i32) as u32)
+    f32::from_bits(flip_negative(k) as u32)
+}
+
+/// Flips every bit but the sign of a negative `b`: its own inverse, since the sign stays.
+fn flip_negative(b: i32) -> i32 {
+    b ^ (((b >> 31) as u32) >> 1) as i32
 }
 
 /// Sorts row `i` and row `j > i` of every column: the smaller key (with its weight) ends
