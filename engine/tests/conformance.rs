@@ -66,6 +66,13 @@ fn cpu_step_is_deterministic() {
 }
 
 #[test]
+fn kernels_are_compiled_for_the_layers_a_model_has() {
+    pollster::block_on(suite::kernels_are_compiled_for_the_layers_a_model_has(
+        &gpu(),
+    ));
+}
+
+#[test]
 fn backends_on_one_device_share_their_kernels() {
     pollster::block_on(suite::backends_on_one_device_share_their_kernels(&gpu()));
 }

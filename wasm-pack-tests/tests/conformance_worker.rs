@@ -45,6 +45,11 @@ async fn backends_on_one_device_share_their_kernels() {
 }
 
 #[wasm_bindgen_test]
+async fn kernels_are_compiled_for_the_layers_a_model_has() {
+    suite::kernels_are_compiled_for_the_layers_a_model_has(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
 async fn training_steps_match_cpu() {
     suite::training_steps_match_cpu(&gpu().await).await;
 }

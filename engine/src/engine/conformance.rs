@@ -293,14 +293,15 @@ pub async fn backends_on_one_device_share_their_kernels(gpu: &Gpu) {
         let k = slot
             .as_ref()
             .expect("a backend hands its kernels to the device");
-        (k.im2col.clone(), k.optimizer.clone(), k.matmul.clone())
+        let im2col = k.conv.as_ref().map(|c| c.im2col.clone());
+        (im2col, k.optimizer.clone(), k.matmul.clone())
     };
     let opt = Optimizer::adam(1e-3);
     let mut first = GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
     let compiled = held();
     assert!(
-        !compiled.2.is_empty(),
-        "the model's matrix products compiled"
+        !compiled.2.is_empty() && compiled.0.is_some(),
+        "the model's matrix products and convolution kernels compiled"
     );
     let mut second = GpuBackend::new(gpu, model.clone(), opt, &params, BATCH).expect("gpu backend");
     assert!(
@@ -311,6 +312,50 @@ pub async fn backends_on_one_device_share_their_kernels(gpu: &Gpu) {
     let (l1, g1) = first.gradients(&x, &y).await.expect("gradients");
     let (l2, g2) = second.gradients(&x, &y).await.expect("gradients");
     assert_eq!((l1.to_bits(), g1), (l2.to_bits(), g2));
+}
+
+/// A backend compiles the kernels of the layers its model has: a multilayer perceptron's
+/// none of the convolutions' and poolings' (a page training one waits for six kernels to
+/// compile, not ten), and a convolutional model's, when it comes, all of them.
+pub async fn kernels_are_compiled_for_the_layers_a_model_has(gpu: &Gpu) {
+    let slot = || {
+        gpu.kernels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    // What earlier backends on this device compiled is set aside, and handed back at the end.
+    let earlier = slot().take();
+    let conv_compiled = || {
+        slot()
+            .as_ref()
+            .expect("a backend hands its kernels to the device")
+            .conv
+            .is_some()
+    };
+    let opt = Optimizer::adam(1e-3);
+    let (_, spec) = models().into_iter().nth(1).expect("dense+relu model");
+    let mlp = Model::new(spec).expect("valid model");
+    let mut backend =
+        GpuBackend::new(gpu, mlp.clone(), opt, &mlp.init_params(3), BATCH).expect("gpu backend");
+    assert!(
+        !conv_compiled(),
+        "a multilayer perceptron's backend compiled the convolution kernels"
+    );
+    let (x, y) = batch_for(&mlp, 4);
+    backend.gradients(&x, &y).await.expect("gradients");
+    let (_, spec) = models().into_iter().nth(4).expect("conv+pool model");
+    let cnn = Model::new(spec).expect("valid model");
+    let mut backend =
+        GpuBackend::new(gpu, cnn.clone(), opt, &cnn.init_params(3), BATCH).expect("gpu backend");
+    assert!(
+        conv_compiled(),
+        "a convolutional model's backend compiled its kernels"
+    );
+    let (x, y) = batch_for(&cnn, 4);
+    backend.gradients(&x, &y).await.expect("gradients");
+    if let Some(k) = earlier {
+        k.keep(gpu);
+    }
 }
 
 /// Several whole training steps, SGD-momentum and Adam on a convolutional model, AdamW
@@ -516,6 +561,14 @@ pub async fn gpu_refuses_grids_past_its_limits(gpu: &Gpu) {
         matches!(built, Err(EngineError::Unsupported(_))),
         "a grid of {units} workgroups was built"
     );
+    // The refused build handed the kernels it took (and compiled) back to the device.
+    let held = gpu
+        .kernels
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+        .is_some_and(|k| !k.matmul.is_empty());
+    assert!(held, "a refused build kept the device's kernels");
     let b = super::train::backend(model, Some(gpu), Optimizer::adam(1e-3), params, 1)
         .expect("a backend");
     assert_eq!(b.name(), "cpu", "it trains on the CPU instead");

@@ -128,22 +128,29 @@ impl MatmulVariant {
 /// Chromium's SwiftShader took 3 to 13 s for each new backend's first step, every backend
 /// compiling the same kernels again.
 pub(crate) struct Kernels {
-    pub(crate) im2col: wgpu::ComputePipeline,
-    col2im: wgpu::ComputePipeline,
-    pool_fwd: wgpu::ComputePipeline,
-    pool_bwd: wgpu::ComputePipeline,
     relu_fwd: wgpu::ComputePipeline,
     relu_mask: wgpu::ComputePipeline,
     colsum: wgpu::ComputePipeline,
     softmax_ce: wgpu::ComputePipeline,
     finite_check: wgpu::ComputePipeline,
     pub(crate) optimizer: wgpu::ComputePipeline,
+    /// The convolutions' and poolings' kernels, compiled only when a model has such a
+    /// layer: a multilayer perceptron's backend compiles six kernels, not ten.
+    pub(crate) conv: Option<ConvKernels>,
     /// The language models' kernels (and the clip's norm), compiled only when a model or
     /// optimizer needs them.
     lm: Option<LmKernels>,
     pub(crate) matmul: HashMap<MatmulVariant, wgpu::ComputePipeline>,
     /// Attention kernels per (kind, head width): forward, dq, dk/dv.
     attention: HashMap<(Attention, usize), wgpu::ComputePipeline>,
+}
+
+/// The kernels of convolutions (as matrix products over im2col's columns) and pooling.
+pub(crate) struct ConvKernels {
+    pub(crate) im2col: wgpu::ComputePipeline,
+    col2im: wgpu::ComputePipeline,
+    pool_fwd: wgpu::ComputePipeline,
+    pool_bwd: wgpu::ComputePipeline,
 }
 
 /// The element-wise and reduction kernels of language models and of AdamW's clip.
@@ -166,6 +173,17 @@ macro_rules! prelude_kernel {
     ($device:expr, $name:ident) => {
         prelude_pipeline($device, stringify!($name), kernel!(stringify!($name)))
     };
+}
+
+impl ConvKernels {
+    fn new(device: &wgpu::Device) -> Self {
+        Self {
+            im2col: prelude_kernel!(device, im2col),
+            col2im: prelude_kernel!(device, col2im),
+            pool_fwd: prelude_kernel!(device, pool_fwd),
+            pool_bwd: prelude_kernel!(device, pool_bwd),
+        }
+    }
 }
 
 impl LmKernels {
@@ -221,40 +239,44 @@ fn prelude_pipeline(device: &wgpu::Device, label: &str, body: &str) -> wgpu::Com
 impl Kernels {
     fn new(device: &wgpu::Device) -> Self {
         Self {
-            im2col: prelude_kernel!(device, im2col),
-            col2im: prelude_kernel!(device, col2im),
-            pool_fwd: prelude_kernel!(device, pool_fwd),
-            pool_bwd: prelude_kernel!(device, pool_bwd),
             relu_fwd: prelude_kernel!(device, relu_fwd),
             relu_mask: prelude_kernel!(device, relu_mask),
             colsum: prelude_kernel!(device, colsum),
             softmax_ce: prelude_kernel!(device, softmax_ce),
             finite_check: prelude_kernel!(device, finite_check),
             optimizer: pipeline(device, "optimizer", kernel!("optimizer")),
+            conv: None,
             lm: None,
             matmul: HashMap::new(),
             attention: HashMap::new(),
         }
     }
 
-    /// The kernels an earlier backend on `gpu` compiled, or new ones.
-    fn of(gpu: &Gpu) -> Self {
+    /// The kernels an earlier backend on `gpu` compiled, or new ones, held until the
+    /// returned guard drops.
+    fn of(gpu: &Gpu) -> Held<'_> {
         let held = gpu
             .kernels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        held.unwrap_or_else(|| Self::new(&gpu.device))
+        Held {
+            gpu,
+            kernels: Some(held.unwrap_or_else(|| Self::new(&gpu.device))),
+        }
     }
 
     /// Hands these kernels back to `gpu` for the next backend, merged with any another
     /// backend built meanwhile (natively, on another thread) handed back first.
-    fn keep(mut self, gpu: &Gpu) {
+    pub(crate) fn keep(mut self, gpu: &Gpu) {
         let mut slot = gpu
             .kernels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(other) = slot.take() {
+            if self.conv.is_none() {
+                self.conv = other.conv;
+            }
             if self.lm.is_none() {
                 self.lm = other.lm;
             }
@@ -270,6 +292,10 @@ impl Kernels {
 
     fn lm(&mut self, device: &wgpu::Device) -> &LmKernels {
         self.lm.get_or_insert_with(|| LmKernels::new(device))
+    }
+
+    fn conv(&mut self, device: &wgpu::Device) -> &ConvKernels {
+        self.conv.get_or_insert_with(|| ConvKernels::new(device))
     }
 
     fn attention(
@@ -308,6 +334,35 @@ impl Kernels {
             .entry(v)
             .or_insert_with(|| pipeline(device, "matmul", &v.source()))
             .clone()
+    }
+}
+
+/// A backend's hold on its device's kernels while it records its passes. They go back to
+/// the device when this drops, so a build that returns early with an error (or, natively,
+/// panics part way) leaves them to the next backend instead of losing them.
+struct Held<'g> {
+    gpu: &'g Gpu,
+    kernels: Option<Kernels>,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Kernels;
+    fn deref(&self) -> &Kernels {
+        self.kernels.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Kernels {
+        self.kernels.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(kernels) = self.kernels.take() {
+            kernels.keep(self.gpu);
+        }
     }
 }
 
@@ -363,6 +418,10 @@ struct Recorder<'d> {
 impl Recorder<'_> {
     fn lm(&mut self) -> &LmKernels {
         self.kernels.lm(self.device)
+    }
+
+    fn conv(&mut self) -> &ConvKernels {
+        self.kernels.conv(self.device)
     }
 
     fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
@@ -759,7 +818,7 @@ impl GpuBackend {
                     let c = View::all(cols[i].as_ref().expect("conv has cols"));
                     let rows = batch * output[0] * output[1];
                     let kkc = kernel * kernel * input[2];
-                    let k = &rec.kernels.im2col.clone();
+                    let k = &rec.conv().im2col.clone();
                     pass.push(rec.op(
                         k,
                         rows * kkc,
@@ -785,7 +844,7 @@ impl GpuBackend {
                     size,
                 } => {
                     let arg = View::all(argmax[i].as_ref().expect("pool has argmax"));
-                    let k = &rec.kernels.pool_fwd.clone();
+                    let k = &rec.conv().pool_fwd.clone();
                     pass.push(rec.op(
                         k,
                         batch * op.out_len(),
@@ -936,7 +995,7 @@ impl GpuBackend {
                     let dx = (i > 0).then_some(dc);
                     pass.extend(rec.linear_backward(c, gc, w, (rows, kkc, f), dx));
                     if i > 0 {
-                        let k = rec.kernels.col2im.clone();
+                        let k = rec.conv().col2im.clone();
                         let n_in = batch * input.iter().product::<usize>();
                         pass.push(rec.op(
                             &k,
@@ -957,7 +1016,7 @@ impl GpuBackend {
                 } => {
                     if i > 0 {
                         let arg = View::all(argmax[i].as_ref().expect("pool has argmax"));
-                        let k = rec.kernels.pool_bwd.clone();
+                        let k = rec.conv().pool_bwd.clone();
                         pass.push(rec.op(
                             &k,
                             batch * input.iter().product::<usize>(),
@@ -1234,7 +1293,6 @@ impl GpuBackend {
             .chain(&opt_dispatch)
             .any(|d| d.groups.iter().any(|&g| g > most))
         {
-            kernels.keep(gpu);
             return Err(EngineError::Unsupported(
                 "a grid past the device's workgroups per dimension",
             ));
@@ -1248,7 +1306,7 @@ impl GpuBackend {
         scratch.extend(saved.into_iter().flatten());
         scratch.extend([wide, narrow, dqkv, row_dots, dh1, partials, gnorm, decay]);
         scratch.push(rec.dummy);
-        kernels.keep(gpu);
+        drop(kernels);
         Ok(Self {
             gpu: gpu.clone(),
             model,
@@ -1479,7 +1537,7 @@ impl MatmulRunner {
             false,
         );
         let dummy = rec.dummy;
-        kernels.keep(gpu);
+        drop(kernels);
         Self {
             gpu: gpu.clone(),
             c: cb,
