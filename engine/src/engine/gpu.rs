@@ -135,7 +135,7 @@ pub(crate) struct Kernels {
     finite_check: wgpu::ComputePipeline,
     pub(crate) optimizer: wgpu::ComputePipeline,
     /// The convolutions' and poolings' kernels, compiled only when a model has such a
-    /// layer: a multilayer perceptron's backend compiles six kernels, not ten.
+    /// layer: a multilayer perceptron's backend compiles four kernels fewer.
     pub(crate) conv: Option<ConvKernels>,
     /// The language models' kernels (and the clip's norm), compiled only when a model or
     /// optimizer needs them.
@@ -268,7 +268,7 @@ impl Kernels {
 
     /// Hands these kernels back to `gpu` for the next backend, merged with any another
     /// backend built meanwhile (natively, on another thread) handed back first.
-    pub(crate) fn keep(mut self, gpu: &Gpu) {
+    fn keep(mut self, gpu: &Gpu) {
         let mut slot = gpu
             .kernels
             .lock()
@@ -1579,4 +1579,31 @@ pub async fn matmul_once(
     let runner = MatmulRunner::new(gpu, a, b, shape, trans);
     runner.run(1);
     runner.result().await
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::Kernels;
+    use crate::gpu::Gpu;
+
+    /// A build that panics while it holds the device's kernels (natively, a wgpu
+    /// validation error panics) hands them back as it unwinds, with what it compiled.
+    #[test]
+    fn kernels_go_back_to_the_device_when_a_build_panics() {
+        let gpu = pollster::block_on(Gpu::new()).expect("a wgpu adapter (lavapipe)");
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut held = Kernels::of(&gpu);
+            held.conv(&gpu.device);
+            panic!("a build that fails part way");
+        }));
+        assert!(unwound.is_err());
+        let slot = gpu
+            .kernels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        assert!(
+            slot.as_ref().is_some_and(|k| k.conv.is_some()),
+            "the device lost its kernels"
+        );
+    }
 }
