@@ -2071,11 +2071,7 @@ fn sample_weigher(claims: &[u32]) -> impl Fn(u32) -> (f32, f32) {
 
 /// The lower median of `claims` (1 for none; at least 1).
 fn median_claim(claims: &[u32]) -> u32 {
-    let mut sorted = claims.to_vec();
-    sorted.sort_unstable();
-    sorted
-        .get(sorted.len().saturating_sub(1) / 2)
-        .copied()
+    lower_median_by(&mut claims.to_vec(), u32::cmp)
         .unwrap_or(1)
         .max(1)
 }
@@ -2111,9 +2107,17 @@ fn norm_reference(own: Option<&[f32]>, held: &[f32], missing: usize) -> f32 {
 
 /// The lower median of `values` (of an even count the smaller middle one; 0 for none).
 pub(crate) fn lower_median(values: &[f32]) -> f32 {
-    let mut s = values.to_vec();
-    s.sort_unstable_by(f32::total_cmp);
-    s.get(s.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+    lower_median_by(&mut values.to_vec(), f32::total_cmp).unwrap_or(0.0)
+}
+
+/// The lower median of `values` in the order `cmp` (of an even count the smaller middle
+/// one; none of none), which sorts them in place.
+pub(crate) fn lower_median_by<T: Copy>(
+    values: &mut [T],
+    cmp: impl FnMut(&T, &T) -> std::cmp::Ordering,
+) -> Option<T> {
+    values.sort_unstable_by(cmp);
+    values.get(values.len().saturating_sub(1) / 2).copied()
 }
 
 /// Before `key` goes into `map`, which holds at most `cap` entries: drops the entry with

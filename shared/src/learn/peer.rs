@@ -2720,8 +2720,7 @@ fn choose(
         let outliers = answers.iter().filter(|s| too_far(s)).count();
         return Err((Rejection::NoQuorum, outliers));
     }
-    rounds.sort_unstable();
-    let median = rounds[(rounds.len() - 1) / 2];
+    let median = super::lower_median_by(&mut rounds, u64::cmp).expect("rounds not empty");
     let total = answers.len();
     let mut kept: Vec<&Snapshot> = answers
         .iter()
@@ -2791,9 +2790,9 @@ fn choose(
     // that median always: a later answer nearest the median is a newer model (and in
     // `byzantine-25` the joiners' accuracy moved with the rule by a point either way).
     let mut rounds: Vec<u64> = agreeing.iter().map(|s| s.round).collect();
-    rounds.sort_unstable();
+    let agreed = super::lower_median_by(&mut rounds, u64::cmp).unwrap_or(0);
     let s = Snapshot {
-        round: rounds[(rounds.len() - 1) / 2].max(kept[best].round),
+        round: agreed.max(kept[best].round),
         weights: kept[best].weights.clone(),
         momentum,
     };

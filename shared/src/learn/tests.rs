@@ -1576,3 +1576,24 @@ fn a_receipt_vouches_for_at_most_twice_the_rounds_median_claim() {
     assert_eq!(credits.by_key[0].key, liar.public_key());
     assert_eq!(credits.by_key[0].credit, 128);
 }
+
+#[test]
+fn the_lower_median_is_the_smaller_middle_value_and_sorts_in_place() {
+    let mut v = [5u64, 1, 4, 2];
+    assert_eq!(lower_median_by(&mut v, u64::cmp), Some(2));
+    assert_eq!(
+        v,
+        [1, 2, 4, 5],
+        "sorted in place (the credits' cap reads the top quarter)"
+    );
+    assert_eq!(lower_median_by(&mut [3u64, 9, 1], u64::cmp), Some(3));
+    assert_eq!(lower_median_by(&mut [0u64; 0], u64::cmp), None);
+    // In total order a NaN sorts last, and -0 before +0.
+    assert_eq!(
+        lower_median(&[f32::NAN, 1.0, 0.0, -0.0]).to_bits(),
+        0.0f32.to_bits()
+    );
+    assert_eq!(lower_median(&[]), 0.0);
+    assert_eq!(median_claim(&[]), 1);
+    assert_eq!(median_claim(&[0, 0, 7]), 1, "at least 1");
+}

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::ledger::Entry;
 use crate::learn::identity::PublicKey;
+use crate::learn::lower_median_by;
 
 /// The fewest distinct receivers a `(sender, round)` group needs to count.
 pub const QUORUM: usize = 2;
@@ -76,12 +77,6 @@ impl Credits {
             .position(|k| &k.key == key)
             .map(|i| i + 1)
     }
-}
-
-/// The lower median of `values` (not empty): the element at `(len - 1) / 2` once sorted.
-fn lower_median(values: &mut [u64]) -> u64 {
-    values.sort_unstable();
-    values[(values.len() - 1) / 2]
 }
 
 /// The `q`-th largest of `values` (the smallest if there are fewer than `q`): the most
@@ -144,7 +139,8 @@ pub fn compute(entries: &[Entry]) -> Credits {
         // the cap is an honest claim, and in rounds where honest claims agree (rounds of
         // steps) an inflated one gains nothing.
         let n = claims.len();
-        let median = lower_median(&mut claims);
+        // (Sorted in place: the top quarter is at the end.)
+        let median = lower_median_by(&mut claims, u64::cmp).unwrap_or(0);
         let cap = median.saturating_mul(2).min(claims[n - 1 - n / 4]);
         for &(sender, site, claim) in counted {
             let credit = claim.min(cap);
