@@ -104,9 +104,7 @@ pub fn screen(
         .zip(noise)
         .map(|((u, _), &n)| distance(u, scratch) / n.max(f32::MIN_POSITIVE))
         .collect();
-    let mut sorted = dist.clone();
-    sorted.sort_unstable_by(f32::total_cmp);
-    let limit = SCREEN_RADIUS * sorted[(m - 1) / 2];
+    let limit = SCREEN_RADIUS * super::lower_median(&dist);
     dist.iter()
         .enumerate()
         .filter(|&(_, &d)| d > limit)

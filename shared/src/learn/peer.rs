@@ -2000,11 +2000,7 @@ impl Peer {
             .iter()
             .map(|(_, c)| c.unwrap_or(own))
             .collect();
-        rounds.sort_unstable();
-        let median = rounds
-            .get(rounds.len().saturating_sub(1) / 2)
-            .copied()
-            .unwrap_or(own);
+        let median = super::lower_median_by(&mut rounds, u64::cmp).unwrap_or(own);
         median.saturating_add(u64::from(self.cfg.max_staleness))
     }
 
@@ -2790,7 +2786,8 @@ fn choose(
     // that median always: a later answer nearest the median is a newer model (and in
     // `byzantine-25` the joiners' accuracy moved with the rule by a point either way).
     let mut rounds: Vec<u64> = agreeing.iter().map(|s| s.round).collect();
-    let agreed = super::lower_median_by(&mut rounds, u64::cmp).unwrap_or(0);
+    let agreed = super::lower_median_by(&mut rounds, u64::cmp)
+        .expect("the best answer agrees with at least a quorum");
     let s = Snapshot {
         round: agreed.max(kept[best].round),
         weights: kept[best].weights.clone(),

@@ -140,7 +140,7 @@ pub fn compute(entries: &[Entry]) -> Credits {
         // steps) an inflated one gains nothing.
         let n = claims.len();
         // (Sorted in place: the top quarter is at the end.)
-        let median = lower_median_by(&mut claims, u64::cmp).unwrap_or(0);
+        let median = lower_median_by(&mut claims, u64::cmp).expect("a counted round has a claim");
         let cap = median.saturating_mul(2).min(claims[n - 1 - n / 4]);
         for &(sender, site, claim) in counted {
             let credit = claim.min(cap);
