@@ -2691,7 +2691,7 @@ async fn connection(hub: Arc<Hub>, upgrading: Cold<'static, Option<Socket>>, joi
         peer: id,
         task: task.clone(),
         ice_servers: hub.config.ice.servers_for(
-            id,
+            network(group),
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

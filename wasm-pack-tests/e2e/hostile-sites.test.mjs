@@ -122,6 +122,19 @@ test('the widget on another site trains even where the browser denies its frame 
   assert.ok(hidden > 10 && pausedHidden * 2 > hidden,
     `paused in ${pausedHidden} of ${hidden} looks while the page hid it`);
   await frame.locator('#status[data-state="running"]').waitFor({ timeout: 35_000 });
+  // What the page paints behind the frame does not show through it: a transparent frame
+  // let a page paint the status text's colour behind the status line and the accent
+  // behind the Pause button, hiding both while Shoal trained (seen, to the browser's
+  // visibility report, since nothing covers them). A corner of the frame, before and
+  // after the page paints black behind it.
+  const shoalElement = reader.locator('iframe[title="Shoal contributor"]');
+  const box = await shoalElement.boundingBox();
+  const corner = { x: Math.floor(box.x + box.width) - 8, y: Math.ceil(box.y) + 2, width: 6, height: 6 };
+  const unpainted = await reader.screenshot({ clip: corner });
+  await shoalElement.evaluate((el) => { el.style.background = '#000'; });
+  const painted = await reader.screenshot({ clip: corner });
+  await shoalElement.evaluate((el) => { el.style.background = ''; });
+  assert.ok(unpainted.equals(painted), 'the page\'s paint behind the frame shows through it');
   console.log(`widget on localhost, Shoal on 127.0.0.1, storage denied: round ${first} -> ${await round.textContent()}, ${await peers.textContent()} neighbour(s); paused in ${pausedHidden} of ${hidden} looks while hidden by a carousel`);
 });
 

@@ -497,6 +497,9 @@ struct Neighbour {
     lateness: Option<f32>,
     /// The round of its latest update and when that arrived.
     arrived: Option<(u64, f64)>,
+    /// Rounds closed since its latest update (or its own copy of one) arrived, whatever
+    /// round that update claimed (see `awaited`).
+    quiet_rounds: u32,
     /// Rounds closed while it had sent no update yet and said it contributes (at any
     /// time in the round: see [`SILENT_ROUNDS`]).
     silent_rounds: u32,
@@ -543,6 +546,7 @@ impl Neighbour {
     /// `current` round (or later) is already noted: what `round_wait` reads is when its
     /// update for our open round came.
     fn note_arrival(&mut self, round: u64, current: u64, now_ms: f64) {
+        self.quiet_rounds = 0;
         if self.arrived.is_none_or(|(r, _)| round > r && r < current) {
             self.arrived = Some((round, now_ms));
         }
@@ -868,7 +872,10 @@ impl Peer {
     /// `round_deadline_ms` every round, so a neighbour that said it contributes and never
     /// sent held each of its neighbours' rounds that long for as long as it stayed), and
     /// one whose latest update is for a round more than [`SILENT_ROUNDS`] before ours
-    /// (one that sent once and then no more held every round twice its last lateness).
+    /// or arrived more than [`SILENT_ROUNDS`] closed rounds ago (one that sent once and
+    /// then no more held every round twice its last lateness; with delta exchange, where
+    /// an update for any later round is taken, one update claiming a round far ahead
+    /// held every round after it for as long as its connection stayed).
     fn awaited(&self) -> Vec<(PeerId, &Neighbour)> {
         let round = self.learner.round();
         self.nbrs
@@ -882,6 +889,7 @@ impl Peer {
                 // later, so after a model download every neighbour's was old.
                 (Some((r, _)), claim) => {
                     claim.unwrap_or(r).saturating_add(u64::from(SILENT_ROUNDS)) >= round
+                        && n.quiet_rounds <= SILENT_ROUNDS
                 }
             })
             .collect()
@@ -2114,6 +2122,9 @@ impl Peer {
         for n in self.nbrs.values_mut() {
             if n.arrived.is_none() && (contributes_to_rounds(learner, n) || n.said_contributing) {
                 n.silent_rounds = n.silent_rounds.saturating_add(1);
+            }
+            if n.arrived.is_some() {
+                n.quiet_rounds = n.quiet_rounds.saturating_add(1);
             }
             n.said_contributing = false;
         }

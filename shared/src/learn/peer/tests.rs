@@ -25,12 +25,21 @@ fn id(seed: u8) -> Identity {
 }
 
 fn joiner() -> Peer {
-    Peer::new(cfg(), "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid")
+    joiner_with(cfg())
+}
+
+fn joiner_with(cfg: LearnConfig) -> Peer {
+    Peer::new(cfg, "t", id(1), vec![0.5; N], PeerRole::Trainer, 0.0).expect("valid")
 }
 
 /// A peer that holds the model at `round`, with neighbours 10, 11 and 12.
 fn running(round: u64) -> Peer {
-    let mut p = joiner();
+    running_with(cfg(), round)
+}
+
+/// [`running`] with the learning configuration `cfg`.
+fn running_with(cfg: LearnConfig, round: u64) -> Peer {
+    let mut p = joiner_with(cfg);
     assert!(p.resume(snapshot(round, 0.5)));
     for n in [10, 11, 12] {
         p.handle(Event::Up(PeerId(n)), 0.0);
@@ -1622,6 +1631,36 @@ fn a_neighbour_that_sent_once_and_then_no_more_holds_only_a_few_rounds() {
     let mut at = 500.0;
     for round in 6..6 + u64::from(SILENT_ROUNDS) {
         round_without_12(&mut p, round, at, at + 10.0, 800.0);
+        at += 1_000.0;
+    }
+    closes_when_10_and_11_are_in(&mut p, 6 + u64::from(SILENT_ROUNDS), at);
+}
+
+/// With delta exchange an update for any later round is taken. One update claiming a
+/// round far ahead (the neighbour then sending nothing more) made that neighbour awaited
+/// in every round after it, for as long as its connection stayed: its claimed round never
+/// fell more than `SILENT_ROUNDS` behind ours. Now it holds `SILENT_ROUNDS` rounds, as
+/// any neighbour's last update does.
+#[test]
+fn one_update_claiming_a_far_round_holds_only_a_few_rounds_with_delta_exchange() {
+    let delta = LearnConfig {
+        exchange: Exchange::Delta,
+        ..cfg()
+    };
+    let mut p = running_with(delta, 5);
+    p.trained(5, &[0.49; N], 0.3, 8, 50.0).expect("finite");
+    p.handle(msg(10, update(20, 5)), 60.0);
+    p.handle(msg(11, update(21, 5)), 60.0);
+    // The highest round the wire takes.
+    p.handle(msg(12, update(22, crate::learn::wire::MAX_ROUND - 1)), 60.0);
+    p.tick(60.0);
+    assert_eq!(p.learner().round(), 6, "closed when all three were in");
+    let _ = drain(&mut p);
+    // 12 is now silent: its last lateness was 0 (it came for a later round), so each
+    // round waits the straggler floor, a quarter of the deadline, past 10's and 11's.
+    let mut at = 500.0;
+    for round in 6..6 + u64::from(SILENT_ROUNDS) {
+        round_without_12(&mut p, round, at, at + 10.0, 260.0);
         at += 1_000.0;
     }
     closes_when_10_and_11_are_in(&mut p, 6 + u64::from(SILENT_ROUNDS), at);
