@@ -589,28 +589,7 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     const about = $('task-description');
     if (about) about.textContent = d.task.description;
     const cost = $('cost');
-    if (cost) {
-      const c = d.cost;
-      const model = `a model of ${c.parameters.toLocaleString('en')} parameters`;
-      const round = c.round_ms > 0
-        ? `Your device trains ${model} without pause, at its own pace, and every ${c.round_ms / 1000} s of training `
-        : `Each round your device runs ${c.local_steps_per_round} training steps of ${c.batch} samples on ${model}, then `;
-      cost.textContent = `Joining downloads ${fmtBytes(c.download_bytes)} of training data once. ${round}`
-        + `sends up to ${fmtBytes(c.bytes_per_round)} of compressed `
-        + `updates to up to ${c.max_neighbours} other visitors and receives as much`
-        + (c.upload_mb_per_hour > 0
-          ? `, within the task's upload budget: at most ${fmtBytes(c.bytes_per_hour)} of updates an hour up `
-            + '(with more neighbours your device sends its updates less often, never more), about as much down; '
-            + 'a new neighbour also gets the model once, and the models your device sends to neighbours '
-            + 'and dashboards that ask are held to half that budget more. '
-          : (c.bytes_per_hour == null ? '; the page shows the data per hour once it runs. '
-            : ` (${c.round_ms > 0 ? 'at most' : "at the swarm's current pace, up to"} ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
-            + `A new neighbour also gets the model once; the models your device sends to neighbours and dashboards that ask are held to ${fmtBytes(c.answer_bytes_per_hour)} an hour more. `)
-        + (c.observers > 0 ? `Open dashboards (${c.observers} now) download the model from three contributors every 10 seconds, `
-          + `as the change since their last download (about ${fmtBytes(c.observe_bytes)} each): `
-          + `up to ${fmtBytes(c.observer_bytes_per_hour)} an hour more from you while they ask you. ` : '')
-        + 'Use the throttle to train less often.';
-    }
+    if (cost) cost.textContent = costText(d.cost);
     const privacy = $('privacy');
     if (privacy) privacy.textContent = privacyText(d.privacy, isLocal());
     if (isLocal()) {
@@ -713,6 +692,30 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
     battery.addEventListener('chargingchange', onBattery);
     onBattery();
   }).catch(() => {});
+}
+
+/** What contributing to a task costs, in words: `c` is its description's `cost` (the
+ *  contributor page and Shoal's consent window for the widget state it). */
+export function costText(c) {
+  const model = `a model of ${c.parameters.toLocaleString('en')} parameters`;
+  const round = c.round_ms > 0
+    ? `Your device trains ${model} without pause, at its own pace, and every ${c.round_ms / 1000} s of training `
+    : `Each round your device runs ${c.local_steps_per_round} training steps of ${c.batch} samples on ${model}, then `;
+  return `Joining downloads ${fmtBytes(c.download_bytes)} of training data once. ${round}`
+    + `sends up to ${fmtBytes(c.bytes_per_round)} of compressed `
+    + `updates to up to ${c.max_neighbours} other visitors and receives as much`
+    + (c.upload_mb_per_hour > 0
+      ? `, within the task's upload budget: at most ${fmtBytes(c.bytes_per_hour)} of updates an hour up `
+        + '(with more neighbours your device sends its updates less often, never more), about as much down; '
+        + 'a new neighbour also gets the model once, and the models your device sends to neighbours '
+        + 'and dashboards that ask are held to half that budget more. '
+      : (c.bytes_per_hour == null ? '; the page shows the data per hour once it runs. '
+        : ` (${c.round_ms > 0 ? 'at most' : "at the swarm's current pace, up to"} ${fmtBytes(c.bytes_per_hour)} an hour each way). `)
+        + `A new neighbour also gets the model once; the models your device sends to neighbours and dashboards that ask are held to ${fmtBytes(c.answer_bytes_per_hour)} an hour more. `)
+    + (c.observers > 0 ? `Open dashboards (${c.observers} now) download the model from three contributors every 10 seconds, `
+      + `as the change since their last download (about ${fmtBytes(c.observe_bytes)} each): `
+      + `up to ${fmtBytes(c.observer_bytes_per_hour)} an hour more from you while they ask you. ` : '')
+    + 'Use the throttle to train less often.';
 }
 
 /** What the task's differential privacy means for the visitor, in plain words; `local`:

@@ -263,6 +263,11 @@ async fn cross_origin_headers(
         request.uri().path(),
         "/embed.html" | "/worker.js" | "/observer-worker.js"
     );
+    // The widget's consent window (`consent.html`) is opened by the widget's frame, inside
+    // another site's page, and tells that frame the visitor's answer: it must stay in the
+    // frame's browsing context group. Only the frame holds it (opened unnamed, no page
+    // can look it up), and it cannot be framed.
+    let opened_by_widget = request.uri().path() == "/consent.html";
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
     headers.insert(
@@ -275,10 +280,12 @@ async fn cross_origin_headers(
     // `#consent` (which focuses the button for the visitor's next Space) nor anything
     // else. (A framed document's is ignored: the widget's frame is as before; opened as a
     // popup, it was the one page its opener kept a hold of.)
-    headers.insert(
-        header::HeaderName::from_static("cross-origin-opener-policy"),
-        HeaderValue::from_static("same-origin"),
-    );
+    if !opened_by_widget {
+        headers.insert(
+            header::HeaderName::from_static("cross-origin-opener-policy"),
+            HeaderValue::from_static("same-origin"),
+        );
+    }
     if isolated {
         headers.insert(
             header::HeaderName::from_static("cross-origin-embedder-policy"),

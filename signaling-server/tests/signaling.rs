@@ -1257,6 +1257,11 @@ async fn only_the_widget_frame_may_be_framed_by_other_sites() {
             "{head}"
         );
     }
+    // The widget's consent window: never framed (a page could lay it over a decoy), and
+    // in its opener's browsing context group (the widget's frame, which it tells).
+    let window = http_get(s.addr, "/consent.html").await.to_ascii_lowercase();
+    assert!(window.contains("frame-ancestors 'self'"), "{window}");
+    assert!(!window.contains("cross-origin-opener-policy"), "{window}");
 }
 
 #[tokio::test]

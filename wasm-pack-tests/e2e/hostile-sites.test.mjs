@@ -297,6 +297,79 @@ test('on a phone the consent card states the cost and its buttons are on screen'
   await context.close();
 });
 
+test('where the browser cannot tell whether its frame is seen, the visitor consents in a window of Shoal\'s own', async (t) => {
+  // Firefox and Safari have no IntersectionObserver v2: a page that lays the frame,
+  // transparent, over a decoy gets the visitor's click on the decoy, and the frame cannot
+  // tell. Chromium without it here (in every frame and window of this visitor).
+  const page = await newPage();
+  t.after(() => page.context().close());
+  await page.context().addInitScript(() => {
+    if (typeof IntersectionObserverEntry !== 'undefined') delete IntersectionObserverEntry.prototype.isVisible;
+  });
+  const sockets = [];
+  page.on('websocket', (w) => sockets.push(w.url()));
+  const port = host.address().port;
+  const decoy = `http://localhost:${port}/decoy.html`;
+  const src = `${server.url}/embed.html?task=digits&throttle=100`;
+  await page.route(decoy, (route) => route.fulfill({ contentType: 'text/html', body: `<!doctype html>
+    <p>Free video: click play</p>
+    <div style="position:relative;width:200px;height:40px">
+      <button style="position:absolute;inset:0">Play</button>
+      <iframe id="hidden" title="hidden" src="${src}" style="position:absolute;inset:0;width:200px;height:40px;opacity:0;border:0"></iframe>
+    </div>` }));
+  await page.goto(decoy);
+  const frame = page.frameLocator('#hidden');
+  const consent = () => frame.locator('body').getAttribute('data-consent');
+  await frame.getByRole('button', { name: 'Contribute', includeHidden: true }).waitFor({ state: 'attached' });
+  // The visitor clicks "Play": the click lands on Shoal's button, which opens Shoal's
+  // window instead of starting.
+  const play = async () => {
+    const box = await page.locator('#hidden').boundingBox();
+    await page.mouse.move(box.x + 10, box.y + 10);
+    await page.mouse.move(box.x + 30, box.y + 15, { steps: 4 });
+    await page.waitForTimeout(700);
+    const opened = page.context().waitForEvent('page', { timeout: 10_000 });
+    await page.mouse.click(box.x + 30, box.y + 15);
+    const popup = await opened;
+    await frame.locator('body[data-consent="window"]').waitFor({ state: 'attached', timeout: 5_000 });
+    await popup.locator('body[data-consent="asked"]').waitFor({ state: 'attached', timeout: 30_000 });
+    return popup;
+  };
+  const first = await play();
+  assert.equal(new URL(first.url()).origin, server.url, 'a window of Shoal\'s own');
+  assert.equal(new URL(first.url()).pathname, '/consent.html');
+  // It names the site the visitor is on (as the browser names it) and states the terms.
+  assert.match(await first.locator('#lede').textContent(), new RegExp(`localhost:${port} asks you to help train`));
+  assert.match(await first.locator('#cost').textContent(), /Joining downloads .* of training data once/);
+  assert.match(await first.locator('#lede').textContent(), /about 100% of the time/);
+  // The visitor says no: the window closes, nothing started, and the button is back.
+  await first.locator('#cancel').click();
+  await frame.locator('body[data-consent="asked"]').waitFor({ state: 'attached', timeout: 5_000 });
+  assert.deepEqual(sockets, [], 'nothing connected');
+  // Again; this time the page posts the answer Shoal's window would, into the frame: it
+  // comes from another origin and another window, and starts nothing.
+  const second = await play();
+  await page.evaluate(() => document.getElementById('hidden').contentWindow
+    .postMessage({ shoal: 'consent', task: 'digits' }, '*'));
+  await page.waitForTimeout(1_000);
+  assert.equal(await consent(), 'window', 'the page consented for the visitor');
+  assert.deepEqual(sockets, [], 'nothing connected');
+  // The visitor clicks Contribute in Shoal's window: it closes, and Shoal starts in the
+  // frame.
+  const closed = second.waitForEvent('close');
+  const yes = second.locator('#contribute:not([disabled])');
+  await yes.hover();
+  await second.waitForTimeout(300);
+  await yes.click({ position: { x: 12, y: 10 } });
+  await closed;
+  await frame.locator('body[data-consent="given"]').waitFor({ state: 'attached', timeout: 5_000 });
+  const deadline = Date.now() + 30_000;
+  while (!sockets.some((u) => u.includes('/ws/digits'))) {
+    assert.ok(Date.now() < deadline, `Shoal connects once consented (${sockets})`);
+    await page.waitForTimeout(200);
+  }
+});
+
 test('a site that frames Shoal itself starts nothing without a visible click in the frame', async () => {
   // A hostile page on another site frames Shoal's widget page directly (no embed.js, no
   // consent card), once plainly and once transparent over a decoy button.
