@@ -1375,17 +1375,29 @@ impl Learner {
     }
 
     /// A neighbour's receipt for one of our updates: counted when it names us as the
-    /// sender, this task, and its signature verifies, once per round and signer.
+    /// sender, this task, and its signature verifies, once per round and signer. The
+    /// signature is checked last, and only for a receipt that would count (for a round we
+    /// sent an update for, not counted from its signer yet): one valid receipt sent again
+    /// and again was a signature check each time. One that would not count is taken
+    /// unchecked: it counts for nothing, and what the peer does with it (the neighbour
+    /// that signs with its key holds our copy) that neighbour could sign itself.
     fn take_receipt(&mut self, bytes: &[u8]) -> Result<Received, Rejection> {
-        use crate::trust::receipt::{Receipt, ReceiptError};
-        match Receipt::decode(bytes) {
-            Ok(r) if r.sender == self.id.public() && r.task == self.task => Ok(Received::Receipt {
-                signer: r.receiver,
-                round: r.round,
-            }),
-            Ok(_) | Err(ReceiptError::Malformed(_)) => Err(self.stats.reject(Rejection::Malformed)),
-            Err(ReceiptError::BadSignature) => Err(self.stats.reject(Rejection::BadSignature)),
+        use crate::trust::receipt::Receipt;
+        let Ok(r) = Receipt::decode_unverified(bytes) else {
+            return Err(self.stats.reject(Rejection::Malformed));
+        };
+        if r.sender != self.id.public() || r.task != self.task {
+            return Err(self.stats.reject(Rejection::Malformed));
         }
+        let counts = self.sent_rounds.contains(&r.round)
+            && !self.receipts_seen.contains(&(r.round, r.receiver));
+        if counts && !r.verifies() {
+            return Err(self.stats.reject(Rejection::BadSignature));
+        }
+        Ok(Received::Receipt {
+            signer: r.receiver,
+            round: r.round,
+        })
     }
 
     /// Counts a receipt for our update for `round` signed by `signer`, which the caller

@@ -1284,6 +1284,15 @@ impl Peer {
             self.learner.reject(Rejection::RequestRate);
             return;
         }
+        // A receipt counts only from the neighbour that signs with its key: one naming
+        // another signer is dropped before its signature is checked, as it was after
+        // (receipts minted under throwaway keys, 200 a second, were a signature check
+        // each). An honest one can come before its sender's first update bound its key.
+        if let Some(signer) = receipt_signer(data)
+            && !self.nbrs.get(&from).is_some_and(|n| n.delivers(&signer))
+        {
+            return;
+        }
         if let Some(key) = update_key(data)
             && let Err(why) = self.bind_key(from, key)
         {
@@ -2684,6 +2693,17 @@ fn update_key(data: &[u8]) -> Option<PublicKey> {
         return None;
     }
     data[5..37].try_into().ok()
+}
+
+/// The signer of a receipt message, read without checking its signature (see
+/// `Learner::take_receipt` for the checks).
+fn receipt_signer(data: &[u8]) -> Option<PublicKey> {
+    if data.len() < 5 || &data[..3] != b"SHL" || data[3] != 1 || data[4] != 6 {
+        return None;
+    }
+    crate::trust::receipt::Receipt::decode_unverified(&data[5..])
+        .ok()
+        .map(|r| r.receiver)
 }
 
 /// How many replays of updates held one connection has checked at most (a relay's copies

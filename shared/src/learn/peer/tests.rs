@@ -2866,16 +2866,23 @@ fn receipt_from(signer: u8, round: u64) -> Vec<u8> {
     PeerMessage::Receipt(r.encode()).encode()
 }
 
+/// A peer at round 40 whose neighbours 10 and 11 (signing with 20 and 21) sent their
+/// updates for it, and which sent its own.
+fn sent_our_update_for_40() -> Peer {
+    let mut p = running(40);
+    p.handle(msg(10, update(20, 40)), 1.0);
+    p.handle(msg(11, update(21, 40)), 2.0);
+    p.trained(40, &[0.49; N], 0.3, 8, 3.0).expect("finite");
+    p
+}
+
 #[test]
 fn only_a_neighbours_own_receipts_for_our_recent_rounds_count() {
     // 10 signs its updates with 20; 11 with 21. We send our update for round 40: 10's
     // receipt for it counts, once; receipts 11 mints under keys of its making do not,
     // nor does one of 20 passed on by 11, nor 10's for a round we sent no update for
     // (before a download, say, or one not reached).
-    let mut p = running(40);
-    p.handle(msg(10, update(20, 40)), 1.0);
-    p.handle(msg(11, update(21, 40)), 2.0);
-    p.trained(40, &[0.49; N], 0.3, 8, 3.0).expect("finite");
+    let mut p = sent_our_update_for_40();
     let counted = |p: &Peer| p.learner().stats.receipts;
     p.handle(msg(11, receipt_from(20, 40)), 4.0);
     for signer in 100u8..140 {
@@ -2894,6 +2901,40 @@ fn only_a_neighbours_own_receipts_for_our_recent_rounds_count() {
     assert_eq!(counted(&p), 1, "rounds we sent no update for");
     p.handle(msg(11, receipt_from(21, 40)), 10.0);
     assert_eq!(counted(&p), 2);
+}
+
+/// Only a receipt that would count has its signature checked (an ed25519 verification):
+/// one naming a key its connection does not sign with, one for a round we sent no update
+/// for, and one already counted are dropped or taken unchecked. Receipts minted under
+/// throwaway keys, or one valid receipt sent again and again, cost a signature check
+/// each, 200 a second. Seen here through forged signatures: only the last is checked.
+#[test]
+fn only_a_receipt_that_would_count_has_its_signature_checked() {
+    let mut p = sent_our_update_for_40();
+    let forged = |signer, round| {
+        let mut r = receipt_from(signer, round);
+        let last = r.len() - 1;
+        r[last] ^= 1;
+        r
+    };
+    let checked = |p: &Peer| rejected(p, Rejection::BadSignature);
+    for signer in 100u8..140 {
+        p.handle(msg(11, forged(signer, 40)), 4.0);
+    }
+    p.handle(msg(10, forged(20, 39)), 5.0);
+    assert_eq!(checked(&p), 0, "receipts that could not count were checked");
+    p.handle(msg(10, receipt_from(20, 40)), 6.0);
+    assert_eq!(p.learner().stats.receipts, 1);
+    p.handle(msg(10, forged(20, 40)), 7.0);
+    assert_eq!(
+        checked(&p),
+        0,
+        "a receipt counted already was checked again"
+    );
+    // 11's own for our round would count: checked, and refused.
+    p.handle(msg(11, forged(21, 40)), 8.0);
+    assert_eq!(checked(&p), 1);
+    assert_eq!(p.learner().stats.receipts, 1);
 }
 
 /// One round of a peer with weights changes, from `t`: its update for `r` (returned,
