@@ -1,10 +1,13 @@
-//! `cargo xtask ledger verify FILE [--credits] [--head HEX]`: checks a task's ledger file
-//! (from the server's `--ledger-dir`, or `GET /api/tasks/{task}/ledger/file`) as
-//! docs/protocol.md ("The ledger file") defines it, and with `--credits` recomputes the
+//! `cargo xtask ledger verify FILE [--credits] [--count N] [--head HEX]`: checks a task's
+//! ledger file (from the server's `--ledger-dir`, or `GET /api/tasks/{task}/ledger/file`)
+//! as docs/protocol.md ("The ledger file") defines it, and with `--credits` recomputes the
 //! credits from it ("Credits"), so that nobody has to trust the server's numbers. With
-//! `--head`, a head the server signed (a ledger page's `signed_head`, or one a peer
-//! kept) must be in the file: a file served with history cut or rebuilt is valid on its
-//! own, and only a head signed before tells.
+//! `--count N`, over the first N entries only, and it prints entry N - 1's hash: the
+//! server's `/credits` answer is computed at a `count` and names its `head`, while the
+//! file downloaded after it holds the receipts that came since. With `--head`, a head the
+//! server signed (a ledger page's `signed_head`, or one a peer kept) must be in the file:
+//! a file served with history cut or rebuilt is valid on its own, and only a head signed
+//! before tells.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use shoal_shared::learn::identity::hex;
 use shoal_shared::trust::{credits, ledger};
 
-const USAGE: &str = "usage: cargo xtask ledger verify FILE [--credits] [--head HEX]";
+const USAGE: &str = "usage: cargo xtask ledger verify FILE [--credits] [--count N] [--head HEX]";
 /// How many keys and sites `--credits` lists.
 const TOP: usize = 20;
 
@@ -27,10 +30,19 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let mut file: Option<PathBuf> = None;
     let mut with_credits = false;
     let mut head: Option<String> = None;
+    let mut count: Option<u64> = None;
     let mut rest = args[1..].iter();
     while let Some(a) = rest.next() {
         match a.as_str() {
             "--credits" => with_credits = true,
+            "--count" => {
+                let n = rest.next().context("--count needs a number of entries")?;
+                count = Some(
+                    n.parse()
+                        .with_context(|| format!("--count {n:?}: not a number of entries"))?,
+                );
+                with_credits = true;
+            }
             "--head" => {
                 head = Some(
                     rest.next()
@@ -38,13 +50,15 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                         .clone(),
                 )
             }
-            o if o.starts_with('-') => bail!("unknown option {o} (expected --credits or --head)"),
+            o if o.starts_with('-') => {
+                bail!("unknown option {o} (expected --credits, --count or --head)")
+            }
             f if file.is_none() => file = Some(f.into()),
             f => bail!("one FILE only (got {f:?} too; {USAGE})"),
         }
     }
     let file = file.context(USAGE)?;
-    let mut out = verify(&file, with_credits)?;
+    let mut out = verify(&file, with_credits.then_some(count))?;
     if let Some(head) = head {
         out.push_str(&holds_head(&file, &head)?);
     }
@@ -103,8 +117,10 @@ pub(crate) fn holds_head(path: &Path, head_hex: &str) -> Result<String> {
 }
 
 /// Verifies the ledger at `path`: the report to print when it is valid to its end, or an
-/// error naming the first bad entry (index, byte offset, reason).
-pub(crate) fn verify(path: &Path, with_credits: bool) -> Result<String> {
+/// error naming the first bad entry (index, byte offset, reason). With `credits`, the
+/// credits too: over the first `N` entries of the ledger for `Some(N)` (with entry
+/// `N - 1`'s hash, the head a `/credits` answer at that count names), else over all.
+pub(crate) fn verify(path: &Path, credits: Option<Option<u64>>) -> Result<String> {
     let bytes =
         std::fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
     let start = Instant::now();
@@ -145,9 +161,31 @@ pub(crate) fn verify(path: &Path, with_credits: bool) -> Result<String> {
             v.start + v.entries.len() as u64 - 1
         );
     }
-    if with_credits {
+    if let Some(count) = credits {
+        let end = v.start + v.entries.len() as u64;
+        let upto = match count {
+            None => v.entries.len(),
+            Some(n) if n > v.start && n <= end => (n - v.start) as usize,
+            Some(n) => bail!(
+                "--count {n}: {} holds entries {} to {} (a count is of the ledger's first \
+                 entries, its last entry's index plus one)",
+                path.display(),
+                v.start,
+                end.saturating_sub(1)
+            ),
+        };
+        if count.is_some()
+            && let Some(last) = v.entries.get(upto.wrapping_sub(1))
+        {
+            let _ = writeln!(
+                out,
+                "  at {} entries the head is {} (a /credits answer with that count must name it)",
+                v.start + upto as u64,
+                hex(&last.hash)
+            );
+        }
         let start = Instant::now();
-        let c = credits::compute(&v.entries);
+        let c = credits::compute(&v.entries[..upto]);
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let _ = writeln!(
             out,
@@ -192,6 +230,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (mut l, _) = LedgerFile::open(&dir, "digits", 1).expect("open");
         let key = |seed: u8| Identity::from_seed([seed; 32]);
+        let mut heads = Vec::new();
         for (round, receiver) in [(5, 1), (5, 3), (6, 1), (6, 3)] {
             let r = Receipt::sign(
                 &key(receiver),
@@ -204,12 +243,13 @@ mod tests {
             );
             l.append(round * 100, 4, "example.org", &r.encode())
                 .expect("append");
+            heads.push(hex(&l.head()));
         }
         let path = l.path().to_path_buf();
         let head = hex(&l.head());
         drop(l);
 
-        let out = verify(&path, true).expect("valid");
+        let out = verify(&path, Some(None)).expect("valid");
         assert!(
             out.contains(&format!("4 entries, head {head}, valid")),
             "{out}"
@@ -217,6 +257,21 @@ mod tests {
         assert!(out.contains(&hex(&key(2).public())[..16]), "{out}");
         assert!(out.contains("example.org"), "{out}");
         assert!(out.contains("1280"), "two rounds of 640: {out}");
+        // A /credits answer computed at 2 entries (round 5 only) is checked against the
+        // file downloaded after it: its credit, and the head it names.
+        let at_two = verify(&path, Some(Some(2))).expect("valid");
+        assert!(
+            at_two.contains(&format!("at 2 entries the head is {}", heads[1])),
+            "{at_two}"
+        );
+        assert!(
+            at_two.contains(" 640 ") && !at_two.contains("1280"),
+            "{at_two}"
+        );
+        for beyond in [0, 5] {
+            let e = verify(&path, Some(Some(beyond))).expect_err("no such count");
+            assert!(e.to_string().contains("holds entries 0 to 3"), "{e}");
+        }
 
         // A byte of the third entry's receipt altered: the error names entry 2.
         let mut bytes = std::fs::read(&path).expect("file");
@@ -224,7 +279,7 @@ mod tests {
         let at = ledger::header("digits").len() + 2 * entry_len + 60;
         bytes[at] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
-        let e = verify(&path, false).expect_err("invalid").to_string();
+        let e = verify(&path, None).expect_err("invalid").to_string();
         let offset = ledger::header("digits").len() + 2 * entry_len;
         assert!(e.contains(&format!("entry 2 at byte {offset}")), "{e}");
         assert!(e.contains("the 2 entries before it are valid"), "{e}");
@@ -271,7 +326,7 @@ mod tests {
         // Cut to three entries: valid alone, and not holding the head.
         let cut = dir.join("cut");
         let (cut_path, ..) = write(&cut, &[5, 6, 7]);
-        verify(&cut_path, false).expect("valid alone");
+        verify(&cut_path, None).expect("valid alone");
         let e = holds_head(&cut_path, &head).expect_err("cut").to_string();
         assert!(e.contains("or the history was cut"), "{e}");
         // Rebuilt with another fourth entry.
