@@ -91,7 +91,9 @@ test('a neighbour that sends text on the channel costs a browser peer nothing an
   // Shoal's frames are binary. Read as bytes the way binary messages are, a text message
   // "3e8" became a zero-filled buffer of 300 million bytes (a string converts to a
   // length), copied into the peer's wasm memory, which never shrinks: three bytes sent
-  // for 600 MB held. Each is now a bad frame, and ten in a row drop the neighbour.
+  // for 600 MB held. Then each was a bad frame, and eight in a minute dropped the
+  // neighbour (seven a minute, each as long as the browser takes, went on for good); now
+  // the first drops it.
   await againstAHostileNeighbour(async (victim, hostile, idH) => {
     const memory = () => victim.evaluate(() => window.shoalWasm.memory.buffer.byteLength);
     const before = await memory();
@@ -109,7 +111,7 @@ test('a neighbour that sends text on the channel costs a browser peer nothing an
     const grew = (await memory()) - before;
     const errors = await victim.evaluate(() => window.swarm.frameErrors());
     console.log(`ten text messages: the peer's wasm memory grew by ${grew} bytes, ${errors} bad frames counted`);
-    assert.ok(errors >= 8, `${errors} bad frames`);
+    assert.ok(errors >= 1, `${errors} bad frames`);
     assert.ok(grew < 16 << 20, `the wasm memory grew by ${grew} bytes`);
   });
 });

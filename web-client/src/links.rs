@@ -64,7 +64,19 @@ pub enum LinkError {
         /// The byte bound that was passed (or would have been).
         max_bytes: usize,
     },
+    /// It sent a message that is no frame of Shoal's: text, or binary longer than a frame
+    /// can be. No honest peer does; each such message was one strike of eight a minute,
+    /// and a browser that accepts messages of up to a gigabyte (Firefox) downloaded and
+    /// held seven such a minute, charged only the bytes it read of them.
+    #[error("a message that is no frame: {}", match .0 {
+        Some(len) => format!("{len} bytes, more than a frame"),
+        None => "text".to_string(),
+    })]
+    NotAFrame(Option<usize>),
 }
+
+/// The longest data-channel message a frame can be: its header and one chunk.
+pub const MAX_FRAME: usize = shoal_shared::framing::HEADER + shoal_shared::framing::MAX_CHUNK;
 
 /// One channel's receiving side: reassembly, the strike count, and the messages that
 /// arrived before the channel's open event.
@@ -147,10 +159,30 @@ impl InboundLink {
     /// channel opens), or the reason to drop this neighbour (once: after that, frames are
     /// ignored while the transport tears the connection down).
     pub fn on_frame(&mut self, frame: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, LinkError> {
+        self.on_message(frame, Some(frame.len()), now_ms)
+    }
+
+    /// [`on_frame`](Self::on_frame) for a data-channel message of `sent` bytes (`None`:
+    /// text) of which the transport read `frame`: a browser hands on no more than a
+    /// frame's bytes of a longer message. A message longer than [`MAX_FRAME`], or text,
+    /// drops the neighbour at once; the bytes charged are those sent.
+    pub fn on_message(
+        &mut self,
+        frame: &[u8],
+        sent: Option<usize>,
+        now_ms: u64,
+    ) -> Result<Option<Vec<u8>>, LinkError> {
         if self.failed {
             return Ok(None);
         }
-        if let Err(e) = self.charge_bytes(frame.len(), now_ms) {
+        let len = match sent {
+            Some(len) if len <= MAX_FRAME => len.max(frame.len()),
+            _ => {
+                self.failed = true;
+                return Err(LinkError::NotAFrame(sent));
+            }
+        };
+        if let Err(e) = self.charge_bytes(len, now_ms) {
             self.failed = true;
             return Err(e);
         }
@@ -261,6 +293,24 @@ impl InboundLink {
 #[cfg(test)]
 mod tests {
     use shoal_shared::framing::{PARTIAL_EXPIRY_MS, split};
+
+    /// A message that is no frame (text, or binary longer than a frame can be) drops its
+    /// neighbour at once: each was one strike of eight a minute, and a browser (Firefox
+    /// takes messages of up to a gigabyte) downloaded seven such a minute, charged only
+    /// the bytes it read of them.
+    #[test]
+    fn a_message_that_is_no_frame_drops_its_neighbour_at_once() {
+        for sent in [None, Some(MAX_FRAME + 1), Some(1 << 30)] {
+            let mut link = InboundLink::new(1 << 20, 4);
+            let _ = link.on_open();
+            assert!(
+                matches!(link.on_message(&[], sent, 0), Err(LinkError::NotAFrame(s)) if s == sent),
+                "{sent:?}"
+            );
+            // Then it is ignored while the transport tears the connection down.
+            assert_eq!(link.on_message(&[], sent, 1).ok(), Some(None));
+        }
+    }
 
     use super::*;
 

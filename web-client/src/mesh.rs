@@ -47,7 +47,7 @@ use shoal_shared::protocol::{
     ServerMessage, Signal, from_hex, identify_message, usable_ice_url,
 };
 
-use crate::links::InboundLink;
+use crate::links::{InboundLink, LinkError};
 use crate::swarm::{
     Backoff, CONNECT_DEADLINE_SECS, MAX_HELD_CANDIDATES, MAX_IN_FLIGHT, MAX_MESSAGE, SendError,
     SwarmEvent, max_queued_for, should_offer,
@@ -206,6 +206,25 @@ pub struct Mesh {
     /// past [`MAX_RECONNECTS`] (each connection starts its limits afresh, and costs
     /// sockets and a handshake).
     reconnects: Vec<(PeerId, u64)>,
+}
+
+/// Whether `sdp` describes no media but Shoal's data channel: at most one media section,
+/// `m=application … webrtc-datachannel` (read as attributes are, leading spaces trimmed).
+/// An offer with audio or video sections had a browser answer them and receive the
+/// neighbour's media streams, which no limit of the link's sees (docs/protocol.md,
+/// "Connections": a connection carries nothing else).
+fn data_only(sdp: &str) -> bool {
+    let mut sections = sdp
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("m="));
+    match (sections.next(), sections.next()) {
+        (None, _) => true,
+        (Some(m), None) => {
+            let mut words = m.split_whitespace();
+            words.next() == Some("application") && words.last() == Some("webrtc-datachannel")
+        }
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// Whether the ICE candidate line `c` is for UDP (its third field, after the foundation
@@ -501,12 +520,26 @@ impl Mesh {
                     }
                     return;
                 }
+                if !data_only(&sdp) {
+                    self.actions.push_back(Action::Warn(format!(
+                        "{from} offered a connection with media besides Shoal's data channel: refused"
+                    )));
+                    self.report_unreachable(from);
+                    return;
+                }
                 self.start(from, now_ms, false);
                 let sdp = self.hold_candidates(from, &sdp);
                 self.actions.push_back(Action::Answer { peer: from, sdp });
             }
             Signal::Answer { sdp } => {
                 if self.links.contains_key(&from) {
+                    if !data_only(&sdp) {
+                        self.drop_for_cause(
+                            from,
+                            "its answer has media besides Shoal's data channel",
+                        );
+                        return;
+                    }
                     let sdp = self.hold_candidates(from, &sdp);
                     self.actions.push_back(Action::Accept { peer: from, sdp });
                 }
@@ -600,6 +633,12 @@ impl Mesh {
 
     /// One frame from `peer`'s channel.
     pub fn frame(&mut self, peer: PeerId, frame: &[u8], now_ms: u64) {
+        self.message(peer, frame, Some(frame.len()), now_ms);
+    }
+
+    /// [`frame`](Self::frame) for a data-channel message of `sent` bytes (`None`: text)
+    /// of which the transport read `frame` (see [`InboundLink::on_message`]).
+    pub fn message(&mut self, peer: PeerId, frame: &[u8], sent: Option<usize>, now_ms: u64) {
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
@@ -611,8 +650,11 @@ impl Mesh {
             return;
         };
         let before = link.inbound.dropped();
-        let outcome = link.inbound.on_frame(frame, now_ms);
+        let outcome = link.inbound.on_message(frame, sent, now_ms);
         self.frame_errors += link.inbound.dropped() - before;
+        if matches!(outcome, Err(LinkError::NotAFrame(_))) {
+            self.frame_errors += 1;
+        }
         match outcome {
             Ok(Some(data)) => self.emit(SwarmEvent::Message { from: peer, data }),
             // A bad frame drops its message (counted), not the neighbour...
@@ -1483,6 +1525,60 @@ mod tests {
             .filter(|a| matches!(a, Action::AddCandidate { .. }))
             .count();
         assert_eq!(added, MAX_HELD_CANDIDATES);
+    }
+
+    /// An offer or answer with media besides the data channel (audio, video, a second
+    /// section) is refused: a browser answered such an offer's sections and received the
+    /// neighbour's media streams, which no limit of the link's sees. The offer's sender is
+    /// reported unreachable; a neighbour that answers so is dropped.
+    #[test]
+    fn a_description_with_media_besides_the_data_channel_is_refused() {
+        let data = "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n";
+        let video = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=recvonly\r\n";
+        let offer = |m: &mut Mesh, sdp: String| {
+            m.on_server(
+                ServerMessage::Signal {
+                    from: PeerId(3),
+                    signal: Signal::Offer { sdp },
+                },
+                0,
+            );
+            drain(m)
+        };
+        for sdp in [
+            format!("v=0\r\n{data}{video}"),
+            format!("v=0\r\n{video}"),
+            format!("v=0\r\n{data} m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"),
+        ] {
+            let mut m = member(9, &[3]);
+            let acts = offer(&mut m, sdp.clone());
+            assert!(
+                !acts.iter().any(|a| matches!(a, Action::Answer { .. })),
+                "{sdp}: {acts:?}"
+            );
+            assert_eq!(unreachable(&acts), [3], "{sdp}");
+        }
+        let mut m = member(9, &[3]);
+        let acts = offer(&mut m, format!("v=0\r\n{data}"));
+        assert!(acts.iter().any(|a| matches!(a, Action::Answer { .. })));
+        // 2 answers our offer with a video section: dropped.
+        let mut m = member(1, &[2]);
+        drain(&mut m);
+        m.on_server(
+            ServerMessage::Signal {
+                from: PeerId(2),
+                signal: Signal::Answer {
+                    sdp: format!("v=0\r\n{data}{video}"),
+                },
+            },
+            10,
+        );
+        let acts = drain(&mut m);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::Accept { .. })),
+            "{acts:?}"
+        );
+        assert!(acts.contains(&Action::Close(PeerId(2))), "{acts:?}");
     }
 
     /// Candidates inside an offer's or answer's SDP obey the rule of trickled ones: only

@@ -712,7 +712,8 @@ async fn read_channel(
             }
             DataChannelEvent::OnMessage(msg) => {
                 shared.with_conn(peer, generation, |mesh, now| {
-                    mesh.frame(peer, frame_bytes(&msg), now);
+                    let (frame, sent) = frame_bytes(&msg);
+                    mesh.message(peer, frame, sent, now);
                 });
             }
             DataChannelEvent::OnClose => break,
@@ -724,12 +725,16 @@ async fn read_channel(
     }
 }
 
-/// A received message's bytes as a frame: a text message is none (docs/protocol.md,
-/// "Framing"), so nothing of it is taken and it counts as one of the neighbour's bad
-/// frames, as browser peers count it (else a peer sending its frames as text got on with
-/// native peers and was dropped by browsers).
-fn frame_bytes(msg: &webrtc::data_channel::RTCDataChannelMessage) -> &[u8] {
-    if msg.is_string { &[] } else { &msg.data }
+/// A received message's bytes as a frame, and its length as sent (`None`: text): a text
+/// message is no frame (docs/protocol.md, "Framing") and drops its neighbour, as browser
+/// peers drop it (else a peer sending its frames as text got on with native peers and was
+/// dropped by browsers).
+fn frame_bytes(msg: &webrtc::data_channel::RTCDataChannelMessage) -> (&[u8], Option<usize>) {
+    if msg.is_string {
+        (&[], None)
+    } else {
+        (&msg.data, Some(msg.data.len()))
+    }
 }
 
 /// Sends the mesh's queued frames for `peer` whenever woken; the channel's send-buffer
@@ -759,11 +764,12 @@ async fn write_channel(
 #[cfg(test)]
 mod tests {
     use super::{LOGGED_CHARS, frame_bytes, printable};
-    use shoal_shared::framing::{Reassembler, SendQueue};
+    use crate::links::{InboundLink, LinkError};
+    use shoal_shared::framing::SendQueue;
     use webrtc::data_channel::RTCDataChannelMessage;
 
     #[test]
-    fn a_frame_sent_as_text_is_not_taken() {
+    fn a_frame_sent_as_text_drops_its_neighbour() {
         let mut q = SendQueue::new(1024, 1 << 20, 1 << 20);
         q.push(b"hello").expect("queued");
         let frame = q.next_frame(0).expect("one frame");
@@ -771,12 +777,19 @@ mod tests {
             is_string,
             data: frame.as_slice().into(),
         };
-        let mut r = Reassembler::new(1 << 20, 4);
-        assert!(r.push(frame_bytes(&message(true)), 0).is_err());
+        let mut link = InboundLink::new(1 << 20, 4);
+        let _ = link.on_open();
+        let (binary, text) = (message(false), message(true));
+        let (bytes, sent) = frame_bytes(&binary);
         assert_eq!(
-            r.push(frame_bytes(&message(false)), 0).expect("a frame"),
+            link.on_message(bytes, sent, 0).expect("a frame"),
             Some(b"hello".to_vec())
         );
+        let (bytes, sent) = frame_bytes(&text);
+        assert!(matches!(
+            link.on_message(bytes, sent, 1),
+            Err(LinkError::NotAFrame(None))
+        ));
     }
 
     #[test]

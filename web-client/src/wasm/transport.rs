@@ -101,19 +101,20 @@ fn poll_event(shared: &Weak<RefCell<Inner>>, cx: &mut Context<'_>) -> Poll<Optio
     }
 }
 
-/// A received message's bytes, for the reassembler, without ever copying more than one
-/// frame can be: a binary message longer than a frame's limit yields its first
-/// `HEADER + MAX_CHUNK + 1` bytes (refused as too large), and a text message, which the
-/// protocol never sends, yields nothing (refused as shorter than a header). Both count
-/// as the neighbour's bad frames. (`new Uint8Array(data)` on a text message of "2e9"
-/// would allocate two gigabytes: a string converts to a length.)
-fn frame_bytes(data: &JsValue) -> Vec<u8> {
+/// A received message's bytes, for the reassembler, and its length as sent (`None`: text,
+/// which the protocol never sends), without ever copying more than a frame can be: a
+/// binary message longer than a frame yields nothing, and drops its neighbour (as text
+/// does). (`new Uint8Array(data)` on a text message of "2e9" would allocate two
+/// gigabytes: a string converts to a length.)
+fn frame_bytes(data: &JsValue) -> (Vec<u8>, Option<usize>) {
     let Some(buffer) = data.dyn_ref::<js_sys::ArrayBuffer>() else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
-    let longest = (shoal_shared::framing::HEADER + shoal_shared::framing::MAX_CHUNK + 1) as u32;
-    Uint8Array::new_with_byte_offset_and_length(buffer, 0, buffer.byte_length().min(longest))
-        .to_vec()
+    let len = buffer.byte_length() as usize;
+    if len > crate::links::MAX_FRAME {
+        return (Vec::new(), Some(len));
+    }
+    (Uint8Array::new(buffer).to_vec(), Some(len))
 }
 
 /// Whether `peer`'s connection is still the one of `generation`.
@@ -684,11 +685,11 @@ fn connect(shared: &Shared, peer: PeerId, offer: bool) {
         let Ok(e) = e.dyn_into::<MessageEvent>() else {
             return;
         };
-        let frame = frame_bytes(&e.data());
+        let (frame, sent) = frame_bytes(&e.data());
         if let Some(shared) = weak.upgrade()
             && current(&shared, peer, generation)
         {
-            with_mesh(&shared, |mesh, now| mesh.frame(peer, &frame, now));
+            with_mesh(&shared, |mesh, now| mesh.message(peer, &frame, sent, now));
         }
     });
     dc.set_onmessage(Some(on_msg.as_ref().unchecked_ref()));
