@@ -201,6 +201,10 @@ pub struct Mesh {
     /// `unreachable`, as a connection of ours that did not open is (else a peer that
     /// never offers holds its place among our neighbours for good).
     awaiting: Vec<(PeerId, u64)>,
+    /// The server's last neighbours list of this session: a listed neighbour whose open
+    /// connection closed is connected again (or awaited, or reported), not left without a
+    /// connection until the list next changes.
+    listed: BTreeSet<PeerId>,
     /// When each neighbour's recent connections that opened were closed (the last
     /// minute's): one that closes its channel and offers again and again is refused
     /// past [`MAX_RECONNECTS`] (each connection starts its limits afresh, and costs
@@ -260,6 +264,7 @@ impl Mesh {
             grace_until: 0,
             last_report: None,
             awaiting: Vec::new(),
+            listed: BTreeSet::new(),
             reconnects: Vec::new(),
             clock_ms: 0,
             expiry_wake: None,
@@ -356,6 +361,7 @@ impl Mesh {
             } => {
                 self.me = Some(peer);
                 self.awaiting.clear();
+                self.listed.clear();
                 self.grace_until = now_ms + SESSION_GRACE_MS;
                 self.ice_servers = usable_ice_servers(ice_servers);
                 self.backoff.reset();
@@ -433,7 +439,17 @@ impl Mesh {
         for p in stale {
             self.forget(p);
         }
-        let new: Vec<PeerId> = neighbours
+        self.awaiting.retain(|(p, _)| neighbours.contains(p));
+        self.listed = neighbours;
+        self.connect_listed(now_ms);
+    }
+
+    /// Connects to the listed neighbours without a connection: offers to those we offer
+    /// to (while there is room), and awaits the others' offers (see `awaiting`).
+    fn connect_listed(&mut self, now_ms: u64) {
+        let Some(me) = self.me else { return };
+        let new: Vec<PeerId> = self
+            .listed
             .iter()
             .copied()
             .filter(|p| !self.links.contains_key(p) && should_offer(me, *p))
@@ -444,8 +460,8 @@ impl Mesh {
             }
             self.start(p, now_ms, true);
         }
-        self.awaiting.retain(|(p, _)| neighbours.contains(p));
-        let offering: Vec<PeerId> = neighbours
+        let offering: Vec<PeerId> = self
+            .listed
             .iter()
             .copied()
             .filter(|p| !self.links.contains_key(p) && !should_offer(me, *p))
@@ -717,26 +733,47 @@ impl Mesh {
     }
 
     /// The connection to `peer` failed, closed, or could not be set up. One that never
-    /// opened is reported `unreachable`; one that was open is reported down.
+    /// opened is reported `unreachable`; one that was open is reported down, and, while
+    /// the server lists it, connected again: we offer again, or await its offer (reported
+    /// `unreachable` if none comes in time), up to [`MAX_RECONNECTS`] closes a minute, and
+    /// then report it. Before, it stayed without a connection until the list changed: a
+    /// neighbour that let the channel open and closed it held the place for good, and one
+    /// lost connection left both sides a neighbour short.
     pub fn failed(&mut self, peer: PeerId) {
         let Some(link) = self.links.get(&peer) else {
             return;
         };
         let pending = link.is_pending();
+        let clock = self.clock_ms;
         // A connection of this session that opened and then closed from the other side
         // (or its transport): counted toward `MAX_RECONNECTS` (closes this side decides,
         // a neighbours list, a new session, count for nothing).
-        if link.opened_ms.is_some() && link.session == self.me {
-            let clock = self.clock_ms;
+        let closed = link.opened_ms.is_some() && link.session == self.me;
+        let closes = if closed {
             let closes = self.recent_closes(peer, clock);
             // At most a minute's worth per neighbour, and a bounded list.
             if closes <= MAX_RECONNECTS && self.reconnects.len() < 64 * MAX_LINKS {
                 self.reconnects.push((peer, clock));
             }
-        }
+            closes + 1
+        } else {
+            0
+        };
         self.forget(peer);
-        if pending && self.me.is_some() {
+        if self.me.is_none() {
+            return;
+        }
+        if pending {
             self.report_unreachable(peer);
+        } else if closed && self.listed.contains(&peer) {
+            if closes >= MAX_RECONNECTS {
+                self.actions.push_back(Action::Warn(format!(
+                    "{peer}'s connections closed {closes} times within a minute: reported unreachable"
+                )));
+                self.report_unreachable(peer);
+            } else {
+                self.connect_listed(clock);
+            }
         }
     }
 
@@ -800,8 +837,12 @@ impl Mesh {
                 .filter(|(_, l)| l.session != Some(me))
                 .map(|(p, _)| *p)
                 .collect();
-            for p in old {
-                self.forget(p);
+            if !old.is_empty() {
+                for p in old {
+                    self.forget(p);
+                }
+                // Their room goes to listed neighbours it kept out.
+                self.connect_listed(now_ms);
             }
         }
     }
@@ -885,8 +926,11 @@ impl Mesh {
         ask_wake(&mut self.deadline_wake, &mut self.actions, at, now_ms);
     }
 
-    /// Asks the server to link us to another peer in `peer`'s place.
+    /// Asks the server to link us to another peer in `peer`'s place (not connected again
+    /// until a list names it again).
     fn report_unreachable(&mut self, peer: PeerId) {
+        self.listed.remove(&peer);
+        self.awaiting.retain(|(q, _)| *q != peer);
         self.actions
             .push_back(Action::Signal(ClientMessage::Unreachable { peer }));
     }
@@ -1721,13 +1765,19 @@ mod tests {
                 Action::Signal(ClientMessage::Unreachable { peer: PeerId(2) })
             ]
         );
-        // An open channel that fails is reported down, not unreachable.
+        // An open channel that fails is reported down, not unreachable, and (the server
+        // still lists it) connected again.
         m.failed(PeerId(3));
         assert_eq!(
             drain(&mut m),
             [
                 Action::Emit(SwarmEvent::PeerDown(PeerId(3))),
-                Action::Close(PeerId(3))
+                Action::Close(PeerId(3)),
+                Action::Connect {
+                    peer: PeerId(3),
+                    offer: true
+                },
+                Action::WakeIn(deadline + 1),
             ]
         );
     }
@@ -1809,7 +1859,58 @@ mod tests {
         m.channel_open(PeerId(2), 0);
         drain(&mut m);
         m.failed(PeerId(2));
-        assert_eq!(drain(&mut m), [Action::Close(PeerId(2))]);
+        assert_eq!(
+            drain(&mut m),
+            [
+                Action::Close(PeerId(2)),
+                Action::Connect {
+                    peer: PeerId(2),
+                    offer: true
+                },
+            ]
+        );
+    }
+
+    /// A listed neighbour whose open connection closes is connected again: the smaller id
+    /// offers again, the larger awaits its offer and reports it if none comes; after
+    /// `MAX_RECONNECTS` closes within a minute it is reported. Before, it stayed without a
+    /// connection until the list changed: a neighbour that let the channel open and
+    /// closed it held its place for good, and one lost connection left both sides a
+    /// neighbour short.
+    #[test]
+    fn a_listed_neighbour_whose_connection_closed_is_connected_again_or_reported() {
+        // 5 awaits 3's offers (the smaller id offers).
+        let mut m = member(5, &[3]);
+        offer_from(&mut m, 3, 0);
+        m.channel_open(PeerId(3), 100);
+        m.tick(100 + SETTLE_MS);
+        drain(&mut m);
+        m.failed(PeerId(3));
+        assert!(unreachable(&drain(&mut m)).is_empty());
+        m.tick(100 + SETTLE_MS + CONNECT_DEADLINE_MS - 1);
+        assert!(unreachable(&drain(&mut m)).is_empty());
+        m.tick(100 + SETTLE_MS + CONNECT_DEADLINE_MS);
+        assert_eq!(unreachable(&drain(&mut m)), [3], "3 did not offer again");
+        // 1 offers to 2 again after each close, up to the limit.
+        let mut m = member(1, &[2]);
+        drain(&mut m);
+        for close in 1..=MAX_RECONNECTS as u64 {
+            let t = close * 1_000;
+            m.channel_open(PeerId(2), t);
+            m.tick(t + SETTLE_MS);
+            drain(&mut m);
+            m.failed(PeerId(2));
+            let acts = drain(&mut m);
+            let again = acts.contains(&Action::Connect {
+                peer: PeerId(2),
+                offer: true,
+            });
+            if close < MAX_RECONNECTS as u64 {
+                assert!(again && unreachable(&acts).is_empty(), "{close}: {acts:?}");
+            } else {
+                assert!(!again && unreachable(&acts) == [2], "{close}: {acts:?}");
+            }
+        }
     }
 
     /// Peer 1 of the demo MLP's task (largest message `limit`), linked to peer 2.
