@@ -343,7 +343,9 @@ test('where the browser cannot tell whether its frame is seen, the visitor conse
   assert.match(await first.locator('#cost').textContent(), /Joining downloads .* of training data once/);
   assert.match(await first.locator('#lede').textContent(), /about 100% of the time/);
   // The visitor says no: the window closes, nothing started, and the button is back.
+  const declined = first.waitForEvent('close');
   await first.locator('#cancel').click();
+  await declined;
   await frame.locator('body[data-consent="asked"]').waitFor({ state: 'attached', timeout: 5_000 });
   assert.deepEqual(sockets, [], 'nothing connected');
   // Again; this time the page posts the answer Shoal's window would, into the frame: it

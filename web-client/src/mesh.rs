@@ -205,6 +205,10 @@ pub struct Mesh {
     /// connection closed is connected again (or awaited, or reported), not left without a
     /// connection until the list next changes.
     listed: BTreeSet<PeerId>,
+    /// Neighbours dropped for breaking the protocol within the last minute, and when:
+    /// their offers are ignored meanwhile (each connection starts its limits afresh: one
+    /// oversized message per connection, connection after connection).
+    dropped: Vec<(PeerId, u64)>,
     /// When each neighbour's recent connections that opened were closed (the last
     /// minute's): one that closes its channel and offers again and again is refused
     /// past [`MAX_RECONNECTS`] (each connection starts its limits afresh, and costs
@@ -213,7 +217,9 @@ pub struct Mesh {
 }
 
 /// Whether `sdp` describes no media but Shoal's data channel: at most one media section,
-/// `m=application … webrtc-datachannel` (read as attributes are, leading spaces trimmed).
+/// `m=application` over SCTP (`… UDP/DTLS/SCTP webrtc-datachannel`, or the older
+/// `… DTLS/SCTP 5000` some stacks still offer), read as attributes are, leading spaces
+/// trimmed.
 /// An offer with audio or video sections had a browser answer them and receive the
 /// neighbour's media streams, which no limit of the link's sees (docs/protocol.md,
 /// "Connections": a connection carries nothing else).
@@ -225,7 +231,10 @@ fn data_only(sdp: &str) -> bool {
         (None, _) => true,
         (Some(m), None) => {
             let mut words = m.split_whitespace();
-            words.next() == Some("application") && words.last() == Some("webrtc-datachannel")
+            words.next() == Some("application")
+                && words
+                    .nth(1)
+                    .is_some_and(|proto| proto.ends_with("DTLS/SCTP"))
         }
         (Some(_), Some(_)) => false,
     }
@@ -265,6 +274,7 @@ impl Mesh {
             last_report: None,
             awaiting: Vec::new(),
             listed: BTreeSet::new(),
+            dropped: Vec::new(),
             reconnects: Vec::new(),
             clock_ms: 0,
             expiry_wake: None,
@@ -513,6 +523,30 @@ impl Mesh {
                     // one, to our new id.
                     self.forget(from);
                 }
+                // One we dropped for breaking the protocol, within the last minute: not
+                // taken again (each connection starts its limits afresh).
+                if self
+                    .dropped
+                    .iter()
+                    .any(|(p, t)| *p == from && now_ms.saturating_sub(*t) < 60_000)
+                {
+                    return;
+                }
+                // The neighbour that offers to us offers again over a connection that was
+                // open: its side saw the connection close first. The new one replaces it,
+                // counted as a close (see `failed`).
+                if should_offer(from, me)
+                    && self
+                        .links
+                        .get(&from)
+                        .is_some_and(|l| l.session == Some(me) && l.opened_ms.is_some())
+                {
+                    let was_listed = self.listed.contains(&from);
+                    self.failed(from);
+                    if was_listed && !self.listed.contains(&from) {
+                        return;
+                    }
+                }
                 if self.links.contains_key(&from) {
                     // Glare or a repeat: the live connection stands.
                     return;
@@ -726,6 +760,12 @@ impl Mesh {
         }
         self.actions
             .push_back(Action::Warn(format!("dropping neighbour {peer}: {why}")));
+        let clock = self.clock_ms;
+        self.dropped
+            .retain(|(p, t)| *p != peer && clock.saturating_sub(*t) < 60_000);
+        if self.dropped.len() < 64 * MAX_LINKS {
+            self.dropped.push((peer, clock));
+        }
         self.forget(peer);
         if self.me.is_some() {
             self.report_unreachable(peer);
@@ -1602,9 +1642,19 @@ mod tests {
             );
             assert_eq!(unreachable(&acts), [3], "{sdp}");
         }
-        let mut m = member(9, &[3]);
-        let acts = offer(&mut m, format!("v=0\r\n{data}"));
-        assert!(acts.iter().any(|a| matches!(a, Action::Answer { .. })));
+        // Data only, as browsers and the `webrtc` crate offer it, or in the older form some
+        // stacks still use: answered.
+        for data in [
+            data,
+            "m=application 9 DTLS/SCTP 5000\r\na=sctpmap:5000 webrtc-datachannel 1024\r\n",
+        ] {
+            let mut m = member(9, &[3]);
+            let acts = offer(&mut m, format!("v=0\r\n{data}"));
+            assert!(
+                acts.iter().any(|a| matches!(a, Action::Answer { .. })),
+                "{data}"
+            );
+        }
         // 2 answers our offer with a video section: dropped.
         let mut m = member(1, &[2]);
         drain(&mut m);
@@ -1891,6 +1941,48 @@ mod tests {
         assert!(unreachable(&drain(&mut m)).is_empty());
         m.tick(100 + SETTLE_MS + CONNECT_DEADLINE_MS);
         assert_eq!(unreachable(&drain(&mut m)), [3], "3 did not offer again");
+        // 3 sees the close first and offers again while 5 still holds the connection
+        // open: the new one replaces it (before, the offer was taken for a repeat and
+        // dropped, and both sides reported the other 20 s later).
+        let mut m = member(5, &[3]);
+        offer_from(&mut m, 3, 0);
+        m.channel_open(PeerId(3), 100);
+        m.tick(100 + SETTLE_MS);
+        drain(&mut m);
+        offer_from(&mut m, 3, 5_000);
+        let acts = drain(&mut m);
+        assert!(
+            acts.contains(&Action::Emit(SwarmEvent::PeerDown(PeerId(3)))),
+            "{acts:?}"
+        );
+        assert!(
+            acts.iter().any(|a| matches!(
+                a,
+                Action::Answer {
+                    peer: PeerId(3),
+                    ..
+                }
+            )),
+            "{acts:?}"
+        );
+        assert!(unreachable(&acts).is_empty(), "{acts:?}");
+        // A neighbour dropped for breaking the protocol is not taken again within the
+        // minute, however often it offers.
+        m.drop_for_cause(PeerId(3), "a test");
+        drain(&mut m);
+        offer_from(&mut m, 3, 6_000);
+        assert!(
+            !drain(&mut m)
+                .iter()
+                .any(|a| matches!(a, Action::Answer { .. }))
+        );
+        offer_from(&mut m, 3, 66_000);
+        assert!(
+            drain(&mut m)
+                .iter()
+                .any(|a| matches!(a, Action::Answer { .. })),
+            "a minute later"
+        );
         // 1 offers to 2 again after each close, up to the limit.
         let mut m = member(1, &[2]);
         drain(&mut m);
