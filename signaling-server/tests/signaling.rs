@@ -2661,7 +2661,11 @@ async fn receipts_across_a_pair_reported_unreachable_still_count() {
 async fn a_task_with_differential_privacy_states_its_epsilon_before_consent() {
     let www = std::env::temp_dir().join(format!("shoal-dp-www-{}", std::process::id()));
     std::fs::create_dir_all(&www).expect("www");
-    std::fs::write(www.join("embed.js"), "(function () { var COSTS = {}; })();").expect("embed");
+    std::fs::write(
+        www.join("embed.js"),
+        "// A note for the reader.\n(function () {\n  // Another.\n  var COSTS = {}; // kept\n})();\n",
+    )
+    .expect("embed");
     let mut config = base(config(), None, &["digits", "private"]);
     config.www = www.clone();
     config.tasks[1].privacy = shoal_shared::privacy::PrivacySpec {
@@ -2687,8 +2691,13 @@ async fn a_task_with_differential_privacy_states_its_epsilon_before_consent() {
     );
     assert_eq!(dp["rounds"], 300);
     assert_eq!(dp["on_budget"], "stop");
-    // The embed's consent card gets it without a second request.
+    // The embed's consent card gets it without a second request, in the script served
+    // without its whole-line comments (every host page loads it before consent).
     let script = http_get(s.addr, "/embed.js").await;
+    assert!(
+        !script.contains("A note") && !script.contains("Another") && script.contains("// kept"),
+        "{script}"
+    );
     let costs = script
         .split("var COSTS = ")
         .nth(1)

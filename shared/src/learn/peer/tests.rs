@@ -1611,12 +1611,6 @@ fn past_silent_rounds(reconnect: bool) -> (Peer, f64, u64) {
 fn closes_when_10_and_11_are_in(p: &mut Peer, round: u64, at: f64) {
     p.tick(at);
     p.trained(round, &[0.49; N], 0.3, 8, at).expect("finite");
-    closes_when_10_and_11_are_in_using(p, round, at, 2);
-}
-
-/// The rest of [`closes_when_10_and_11_are_in`] once we trained: the round closes with
-/// `used` updates.
-fn closes_when_10_and_11_are_in_using(p: &mut Peer, round: u64, at: f64, used: usize) {
     p.handle(msg(10, update(20, round)), at + 10.0);
     p.handle(msg(11, update(21, round)), at + 10.0);
     p.tick(at + 10.0);
@@ -1625,7 +1619,7 @@ fn closes_when_10_and_11_are_in_using(p: &mut Peer, round: u64, at: f64, used: u
         round + 1,
         "closed when 10 and 11 were in"
     );
-    assert_closed_using(p, used);
+    assert_closed_using(p, 2);
 }
 
 /// A neighbour that sent once (its lateness measured, 400 ms) and then nothing more was
@@ -1667,18 +1661,12 @@ fn one_update_claiming_a_far_round_holds_only_a_few_rounds_with_delta_exchange()
     let _ = drain(&mut p);
     // 12 is now silent: its last lateness was 0 (it came for a later round), so each
     // round waits the straggler floor, a quarter of the deadline, past 10's and 11's.
-    round_without_12(&mut p, 6, 500.0, 510.0, 260.0);
-    // Another such update in round 7 (delta takes it for the round) buys it no rounds
-    // more: 8 is the last that waits for it.
-    p.tick(1_500.0);
-    p.trained(7, &[0.49; N], 0.3, 8, 1_500.0).expect("finite");
-    p.handle(
-        msg(12, update(22, crate::learn::wire::MAX_ROUND - 5)),
-        1_505.0,
-    );
-    closes_when_10_and_11_are_in_using(&mut p, 7, 1_500.0, 3);
-    round_without_12(&mut p, 8, 2_500.0, 2_510.0, 260.0);
-    closes_when_10_and_11_are_in(&mut p, 9, 3_500.0);
+    let mut at = 500.0;
+    for round in 6..6 + u64::from(SILENT_ROUNDS) {
+        round_without_12(&mut p, round, at, at + 10.0, 260.0);
+        at += 1_000.0;
+    }
+    closes_when_10_and_11_are_in(&mut p, 6 + u64::from(SILENT_ROUNDS), at);
 }
 
 /// A neighbour that says it contributes after each round opened and takes it back just
