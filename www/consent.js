@@ -9,6 +9,9 @@ export const REFUSED = {
   unmoved: 'Shoal\'s button was clicked where the pointer had not moved onto it: move onto it and click again.',
 };
 
+/** What to tell the visitor about a press `judge` refused, or null if it passed. */
+export const refusal = (verdict) => REFUSED[['keyTooSoon', 'typed', 'unmoved'].find((why) => verdict[why])] ?? null;
+
 /** Watches `button`; returns `judge(click)` ({keyTooSoon, typed, unmoved}, called once at
  *  each trusted click) and `forget()` (for a click not judged). */
 export function guardPresses(button) {

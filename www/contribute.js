@@ -4,7 +4,7 @@
 // computation happens in the worker, so the page stays responsive.
 import { relaySwarm, fetchTask, fmtBytes } from './relay.js';
 import { tryTheModel } from './try.js';
-import { guardPresses, REFUSED } from './consent.js';
+import { guardPresses, refusal } from './consent.js';
 
 // The most entries the page's histories below keep (the oldest go first): an hour of
 // rounds a second, so a tab left open for days holds no more.
@@ -610,10 +610,9 @@ export function contributor({ task, autoStart = false, duty = 1, compact = false
   const presses = consent ? guardPresses(consent) : null;
   consent?.addEventListener('click', (event) => {
     if (!event.isTrusted) return;
-    const press = presses.judge(event);
-    const refused = ['keyTooSoon', 'typed', 'unmoved'].find((why) => press[why]);
+    const refused = refusal(presses.judge(event));
     if (refused) {
-      say('refused', REFUSED[refused]);
+      say('refused', refused);
       return;
     }
     start();

@@ -249,6 +249,10 @@ fn udp_candidate(c: &str) -> bool {
         .is_none_or(|t| t.eq_ignore_ascii_case("udp"))
 }
 
+/// How long a neighbour's closed connections count toward [`MAX_RECONNECTS`], and a drop
+/// for cause keeps its offers refused: a minute.
+const RECENT_MS: u64 = 60_000;
+
 /// The most connections one neighbour may open and close within a minute before its
 /// offers are refused and it is reported `unreachable`.
 pub const MAX_RECONNECTS: usize = 4;
@@ -528,7 +532,7 @@ impl Mesh {
                 if self
                     .dropped
                     .iter()
-                    .any(|(p, t)| *p == from && now_ms.saturating_sub(*t) < 60_000)
+                    .any(|(p, t)| *p == from && now_ms.saturating_sub(*t) < RECENT_MS)
                 {
                     return;
                 }
@@ -762,7 +766,7 @@ impl Mesh {
             .push_back(Action::Warn(format!("dropping neighbour {peer}: {why}")));
         let clock = self.clock_ms;
         self.dropped
-            .retain(|(p, t)| *p != peer && clock.saturating_sub(*t) < 60_000);
+            .retain(|(p, t)| *p != peer && clock.saturating_sub(*t) < RECENT_MS);
         if self.dropped.len() < 64 * MAX_LINKS {
             self.dropped.push((peer, clock));
         }
@@ -979,7 +983,7 @@ impl Mesh {
     /// last minute by `now_ms`, once older entries are dropped.
     fn recent_closes(&mut self, peer: PeerId, now_ms: u64) -> usize {
         self.reconnects
-            .retain(|(_, t)| now_ms.saturating_sub(*t) < 60_000);
+            .retain(|(_, t)| now_ms.saturating_sub(*t) < RECENT_MS);
         self.reconnects.iter().filter(|(p, _)| *p == peer).count()
     }
 

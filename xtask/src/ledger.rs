@@ -58,7 +58,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         }
     }
     let file = file.context(USAGE)?;
-    let mut out = verify(&file, with_credits.then_some(count))?;
+    let mut out = verify(&file, with_credits, count)?;
     if let Some(head) = head {
         out.push_str(&holds_head(&file, &head)?);
     }
@@ -117,10 +117,10 @@ pub(crate) fn holds_head(path: &Path, head_hex: &str) -> Result<String> {
 }
 
 /// Verifies the ledger at `path`: the report to print when it is valid to its end, or an
-/// error naming the first bad entry (index, byte offset, reason). With `credits`, the
-/// credits too: over the first `N` entries of the ledger for `Some(N)` (with entry
-/// `N - 1`'s hash, the head a `/credits` answer at that count names), else over all.
-pub(crate) fn verify(path: &Path, credits: Option<Option<u64>>) -> Result<String> {
+/// error naming the first bad entry (index, byte offset, reason). `with_credits`: the
+/// credits too, over the ledger's first `count` entries where given (with entry
+/// `count - 1`'s hash, the head a `/credits` answer at that count names), else over all.
+pub(crate) fn verify(path: &Path, with_credits: bool, count: Option<u64>) -> Result<String> {
     let bytes =
         std::fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
     let start = Instant::now();
@@ -161,11 +161,19 @@ pub(crate) fn verify(path: &Path, credits: Option<Option<u64>>) -> Result<String
             v.start + v.entries.len() as u64 - 1
         );
     }
-    if let Some(count) = credits {
+    if with_credits {
         let end = v.start + v.entries.len() as u64;
         let upto = match count {
             None => v.entries.len(),
-            Some(n) if n > v.start && n <= end => (n - v.start) as usize,
+            Some(n) if n > v.start && n <= end => {
+                let upto = (n - v.start) as usize;
+                let _ = writeln!(
+                    out,
+                    "  at {n} entries the head is {} (a /credits answer with that count must name it)",
+                    hex(&v.entries[upto - 1].hash)
+                );
+                upto
+            }
             Some(n) => bail!(
                 "--count {n}: {} holds entries {} to {} (a count is of the ledger's first \
                  entries, its last entry's index plus one)",
@@ -174,16 +182,6 @@ pub(crate) fn verify(path: &Path, credits: Option<Option<u64>>) -> Result<String
                 end.saturating_sub(1)
             ),
         };
-        if count.is_some()
-            && let Some(last) = v.entries.get(upto.wrapping_sub(1))
-        {
-            let _ = writeln!(
-                out,
-                "  at {} entries the head is {} (a /credits answer with that count must name it)",
-                v.start + upto as u64,
-                hex(&last.hash)
-            );
-        }
         let start = Instant::now();
         let c = credits::compute(&v.entries[..upto]);
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -249,7 +247,7 @@ mod tests {
         let head = hex(&l.head());
         drop(l);
 
-        let out = verify(&path, Some(None)).expect("valid");
+        let out = verify(&path, true, None).expect("valid");
         assert!(
             out.contains(&format!("4 entries, head {head}, valid")),
             "{out}"
@@ -259,7 +257,7 @@ mod tests {
         assert!(out.contains("1280"), "two rounds of 640: {out}");
         // A /credits answer computed at 2 entries (round 5 only) is checked against the
         // file downloaded after it: its credit, and the head it names.
-        let at_two = verify(&path, Some(Some(2))).expect("valid");
+        let at_two = verify(&path, true, Some(2)).expect("valid");
         assert!(
             at_two.contains(&format!("at 2 entries the head is {}", heads[1])),
             "{at_two}"
@@ -269,7 +267,7 @@ mod tests {
             "{at_two}"
         );
         for beyond in [0, 5] {
-            let e = verify(&path, Some(Some(beyond))).expect_err("no such count");
+            let e = verify(&path, true, Some(beyond)).expect_err("no such count");
             assert!(e.to_string().contains("holds entries 0 to 3"), "{e}");
         }
 
@@ -279,7 +277,7 @@ mod tests {
         let at = ledger::header("digits").len() + 2 * entry_len + 60;
         bytes[at] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
-        let e = verify(&path, None).expect_err("invalid").to_string();
+        let e = verify(&path, false, None).expect_err("invalid").to_string();
         let offset = ledger::header("digits").len() + 2 * entry_len;
         assert!(e.contains(&format!("entry 2 at byte {offset}")), "{e}");
         assert!(e.contains("the 2 entries before it are valid"), "{e}");
@@ -326,7 +324,7 @@ mod tests {
         // Cut to three entries: valid alone, and not holding the head.
         let cut = dir.join("cut");
         let (cut_path, ..) = write(&cut, &[5, 6, 7]);
-        verify(&cut_path, None).expect("valid alone");
+        verify(&cut_path, false, None).expect("valid alone");
         let e = holds_head(&cut_path, &head).expect_err("cut").to_string();
         assert!(e.contains("or the history was cut"), "{e}");
         // Rebuilt with another fourth entry.

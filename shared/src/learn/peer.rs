@@ -2693,19 +2693,14 @@ impl Peer {
 
 /// The signer of an update, read without decoding the rest.
 fn update_key(data: &[u8]) -> Option<PublicKey> {
-    if data.len() < 5 + 32 || &data[..3] != b"SHL" || data[3] != 1 || data[4] != 1 {
-        return None;
-    }
-    data[5..37].try_into().ok()
+    super::wire::body_of(data, 1)?.get(..32)?.try_into().ok()
 }
 
 /// The signer of a receipt message, read without checking its signature (see
 /// `Learner::take_receipt` for the checks).
 fn receipt_signer(data: &[u8]) -> Option<PublicKey> {
-    if data.len() < 5 || &data[..3] != b"SHL" || data[3] != 1 || data[4] != 6 {
-        return None;
-    }
-    crate::trust::receipt::Receipt::decode_unverified(&data[5..])
+    let body = super::wire::body_of(data, 6)?;
+    crate::trust::receipt::Receipt::decode_unverified(body)
         .ok()
         .map(|r| r.receiver)
 }

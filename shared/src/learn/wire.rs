@@ -168,6 +168,13 @@ pub fn weights_hash(w: &[f32]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The body of `bytes` (past its 5-byte header) when it is a message of kind `kind`,
+/// nothing else checked: for a field read before the message is decoded.
+pub(crate) fn body_of(bytes: &[u8], kind: u8) -> Option<&[u8]> {
+    let ours = bytes.len() >= 5 && bytes[..3] == MAGIC && bytes[3] == VERSION;
+    (ours && bytes[4] == kind).then(|| &bytes[5..])
+}
+
 fn header(kind: u8) -> Vec<u8> {
     let mut v = MAGIC.to_vec();
     v.push(VERSION);
